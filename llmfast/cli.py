@@ -1,0 +1,139 @@
+"""The `llmfast` command: one verb per stage, one-line errors, exit code 2 on user error.
+
+Heavy imports (torch, transformers) happen inside the verbs, so `--help` and bad arguments answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from llmfast import __version__
+from llmfast.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse's own usage errors also exit 2, but print a usage block; keep them to one line.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set eval.batch_size=8 (repeatable)")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from llmfast.models import BUILTINS, builtin_gguf_path, cache_dir, describe_model_dir, resolve_model
+
+    if args.prepare:
+        for name in args.prepare:
+            path = resolve_model(name if ":" in name else f"builtin:{name}")
+            info = describe_model_dir(path)
+            print(f"{name}: {path} ({info['architecture']}, {info['layers']} layers, {info['dtype']})")
+        return 0
+    print(f"{'name':<24} {'installed':<10} {'prepared':<9} description")
+    for m in BUILTINS.values():
+        try:
+            builtin_gguf_path(m)
+            installed = "yes"
+        except UserError:
+            installed = "no"
+        prepared = "yes" if (cache_dir() / "models" / "builtin" / m.name / "llmfast.json").is_file() else "no"
+        print(f"{'builtin:' + m.name:<24} {installed:<10} {prepared:<9} {m.description}")
+        print(f"{'':<45} source: {m.source}; license {m.license}")
+    print(f"\ncache: {cache_dir()} (set LLMFAST_CACHE to move it)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmfast.evaluate import format_table, run_eval
+    from llmfast.recipe import EvalRecipe, load_recipe
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.output:
+        overrides.append(f"output={args.output}")
+    recipe = load_recipe(args.recipe, EvalRecipe, overrides)
+    results = run_eval(recipe)
+    print(format_table(results))
+    print(f"results: {recipe.output}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from llmfast.data.tasks import TASKS, write_task
+
+    if not args.task:
+        for t in TASKS.values():
+            print(f"{t.name:<10} {t.description}")
+        return 0
+    names = list(TASKS) if args.task == ["all"] else args.task
+    for name in names:
+        if name not in TASKS:
+            raise UserError(f"unknown task '{name}': choose from {', '.join(TASKS)} or 'all'")
+        out = Path(args.out) / name
+        train, test = write_task(name, out, args.train, args.test, args.seed)
+        print(f"{name}: {train} ({args.train} rows), {test} ({args.test} rows)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmfast", description="Adapt, compress, merge, serve and benchmark LLMs.")
+    parser.add_argument("--version", action="version", version=f"llmfast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the built-in models, or prepare one",
+                       description="List the built-in models. With --prepare, convert one into the cache now.")
+    p.add_argument("--prepare", nargs="+", metavar="MODEL",
+                   help="resolve and cache models (builtin names, GGUF files, hub ids)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("eval", help="perplexity and task accuracy of a model",
+                       description="Evaluate a model: perplexity on held-out text, exact-match accuracy on "
+                       "task test sets. Writes a results JSON (see README) and prints a table.")
+    p.add_argument("recipe", help="eval recipe YAML, e.g. recipes/eval_smollm2.yaml")
+    p.add_argument("--model", help="model to evaluate (overrides the recipe's 'model')")
+    p.add_argument("--output", help="results JSON path (overrides the recipe's 'output')")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tasks", help="list or generate the synthetic tasks",
+                       description="Without arguments, list the synthetic tasks. With task names (or 'all'), "
+                       "write TASK/train.jsonl and TASK/test.jsonl under --out, deterministic by --seed.")
+    p.add_argument("task", nargs="*", help="task names, or 'all'")
+    p.add_argument("--out", default="data/tasks", help="output folder (default: data/tasks)")
+    p.add_argument("--train", type=int, default=2000, help="training rows per task (default 2000)")
+    p.add_argument("--test", type=int, default=200, help="test rows per task (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("LLMFAST_DEBUG"))
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return 2
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"llmfast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmfast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

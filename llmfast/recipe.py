@@ -1,0 +1,228 @@
+"""Recipes: YAML files validated by pydantic schemas, with errors that point at the file and line.
+
+Every stage has a schema (a `StrictModel`: unknown keys are errors, with a did-you-mean). `load_recipe`
+reads the YAML, applies `--set a.b=value` overrides (the value parsed as YAML, so `--set lr=2e-4` is a
+float), validates, and turns the first problem into a one-line `UserError` such as
+
+    recipes/eval.yaml:7: eval.batch_size: Input should be a valid integer (got 'eight')
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, ValidationError
+
+from llmfast.errors import UserError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _existing_file(p: Path) -> Path:
+    if not p.expanduser().is_file():
+        raise ValueError(f"file not found: {p} (paths are relative to the directory you run llmfast from)")
+    return p.expanduser()
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+# ---------------------------------------------------------------- eval
+class PerplexityConfig(StrictModel):
+    text: ExistingFile
+    max_tokens: PositiveInt | None = 16384  # null: the whole text
+    context: PositiveInt = 1024
+    stride: PositiveInt = 512
+
+
+class TaskSetConfig(StrictModel):
+    name: str
+    path: ExistingFile
+    limit: PositiveInt | None = None
+
+
+class EvalConfig(StrictModel):
+    perplexity: PerplexityConfig | None = None
+    tasks: list[TaskSetConfig] = []
+    batch_size: PositiveInt = 16
+    max_new_tokens: PositiveInt = 48
+    dtype: DType = "float32"
+
+
+class EvalRecipe(StrictModel):
+    model: str
+    eval: EvalConfig
+    output: Path = Path("runs/eval/results.json")
+
+
+# ---------------------------------------------------------------- loading
+def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
+    out = []
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.split(".")):
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set eval.batch_size=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> None:
+    for keys, value in overrides:
+        node: Any = data
+        for i, key in enumerate(keys[:-1]):
+            node = _child(node, key, keys[: i + 1], create=True)
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(node, last, keys)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+
+
+def _index(node: list[Any], key: str, keys: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise UserError(f"--set {'.'.join(keys)}: '{key}' is not an index of a list of {len(node)} items")
+    return int(key)
+
+
+def _child(node: Any, key: str, keys: list[str], create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, keys)]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
+
+
+def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map every key path in a composed YAML document to its 1-based line."""
+    lines: dict[tuple[Any, ...], int] = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            lines.update(_line_index(value_node, path))
+            lines[path] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_index(item, prefix + (i,)))
+    return lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: a recipe is a mapping of keys, not a {type(data).__name__}")
+    return data, _line_index(node) if node is not None else {}
+
+
+def load_recipe(path: str | os.PathLike[str], schema: type[T], overrides: list[str] | None = None) -> T:
+    """Read, override and validate a recipe; any problem becomes a one-line UserError."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    parsed = parse_overrides(overrides)
+    apply_overrides(data, parsed)
+    return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed})
+
+
+def validate(
+    data: dict[str, Any],
+    schema: type[T],
+    source: str,
+    lines: dict[tuple[Any, ...], int] | None = None,
+    overridden: set[tuple[str, ...]] | None = None,
+) -> T:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        # A misspelled key also shows up as a missing one; the misspelling is the useful report.
+        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise UserError(_describe(first, schema, data, source, lines or {}, overridden or set())) from None
+
+
+def _describe(
+    err: Any, schema: type[BaseModel], data: Any, source: str, lines: dict[tuple[Any, ...], int], overridden: set
+) -> str:
+    loc = _strip_union_tags(tuple(err["loc"]))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    # An override wins over the file for blame.
+    str_loc = tuple(str(p) for p in loc)
+    if any(str_loc[: len(k)] == k for k in overridden):
+        where = f"{source} (--set {dotted})"
+    else:
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _fields_at(schema, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+        return f"{where}: unknown key '{dotted}'{suggestion}"
+    if kind == "missing":
+        return f"{where}: required key '{dotted}' is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{where}: {dotted}: {msg}{shown}"
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic inserts the member type name ('PerplexityConfig', 'function-after[...]') into union paths.
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-schema at `loc`, for did-you-mean hints."""
+    current: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def recipe_dict(recipe: BaseModel) -> dict[str, Any]:
+    """The validated recipe as plain JSON data, for manifests and results."""
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,62 @@
+"""Session-wide fixtures: one fresh model cache, one converted built-in model, one tiny model.
+
+The cache is new for every test session so the GGUF conversion really runs; set
+LLMFAST_TEST_REUSE_CACHE=1 to use your normal cache instead while iterating.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+if not os.environ.get("LLMFAST_TEST_REUSE_CACHE"):
+    os.environ["LLMFAST_CACHE"] = tempfile.mkdtemp(prefix="llmfast-test-cache-")
+# Nothing in the tests may reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    from llmfast.models import resolve_model
+
+    return resolve_model("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def builtin(builtin_dir: Path):
+    from llmfast.models import load_model, load_tokenizer
+
+    return load_model(builtin_dir), load_tokenizer(builtin_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmfast.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):
+    from llmfast.models import load_model, load_tokenizer
+
+    return load_model(tiny_dir), load_tokenizer(tiny_dir)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from llmfast.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

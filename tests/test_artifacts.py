@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from llmfast.artifacts import atomic_dir, atomic_write_json, read_manifest, write_manifest
+from llmfast.errors import UserError
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_atomic_dir_renames_complete_directory(tmp_path):
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp != final
+        (tmp / "weights.bin").write_text("w")
+        assert not final.exists()  # nothing visible until the block succeeds
+    assert (final / "weights.bin").read_text() == "w"
+    assert _siblings(final) == ["model"]
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert not final.exists()
+    assert _siblings(final) == []
+
+
+def test_atomic_dir_replaces_existing_and_keeps_old_on_failure(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert (final / "old.txt").read_text() == "old"
+    with atomic_dir(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert _siblings(final) == ["model"]
+
+
+def test_atomic_dir_refuses_existing_without_overwrite(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        with atomic_dir(tmp_path / "model", overwrite=False):
+            pass
+
+
+def test_manifest_round_trip(tmp_path):
+    write_manifest(tmp_path, stage="finetune", parents=["builtin:smollm2-135m"], recipe={"lr": 2e-4},
+                   metrics={"loss": 1.5})
+    m = read_manifest(tmp_path)
+    assert m["stage"] == "finetune" and m["parents"] == ["builtin:smollm2-135m"]
+    assert m["recipe"] == {"lr": 2e-4} and m["metrics"] == {"loss": 1.5}
+    assert "created" in m and "llmfast_version" in m
+    assert read_manifest(tmp_path / "nothing") is None
+
+
+def test_corrupt_manifest_is_a_user_error(tmp_path):
+    (tmp_path / "llmfast.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"llmfast.json: not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_atomic_write_json_is_readable(tmp_path):
+    path = atomic_write_json(tmp_path / "sub" / "r.json", {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert _siblings(path) == ["r.json"]

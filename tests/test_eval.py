@@ -1,0 +1,116 @@
+"""Evaluation: perplexity against the model's own loss, batched decoding against one-at-a-time decoding,
+and a real run on the built-in model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from llmfast.data.tasks import check
+from llmfast.evaluate import generate_answers, perplexity, task_accuracy
+
+TEXT = (REPO / "eval" / "text" / "persuasion.txt").read_text()[:4000]
+
+
+def test_single_window_perplexity_equals_model_loss(tiny):
+    model, tok = tiny
+    ids = tok(TEXT[:600], add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = model(ids, labels=ids).loss.item()
+    got = perplexity(model, tok, TEXT[:600], context=2048, stride=2048)
+    assert got["tokens"] == ids.shape[1] - 1
+    assert math.isclose(got["nll"], ref, rel_tol=1e-5) and math.isclose(got["ppl"], math.exp(ref), rel_tol=1e-5)
+
+
+def test_disjoint_windows_equal_mean_of_chunk_losses(tiny):
+    model, tok = tiny
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0][:700]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), 128):
+            chunk = ids[start:start + 128].unsqueeze(0)
+            if chunk.shape[1] < 2:
+                continue
+            total += model(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    got = perplexity(model, tok, TEXT, context=128, stride=128, max_tokens=700)
+    assert got["tokens"] == count
+    assert math.isclose(got["nll"], total / count, rel_tol=1e-5)
+
+
+def test_overlapping_windows_score_every_token_once(tiny):
+    model, tok = tiny
+    got = perplexity(model, tok, TEXT, context=128, stride=48, max_tokens=500)
+    assert got["tokens"] == 499 and math.isfinite(got["ppl"])
+    # More left context cannot hurt a lot on average; a broken offset would show up as a large jump.
+    disjoint = perplexity(model, tok, TEXT, context=128, stride=128, max_tokens=500)
+    assert abs(got["nll"] - disjoint["nll"]) < 0.5
+
+
+def test_batched_greedy_decoding_matches_one_at_a_time(tiny):
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": c}] for c in
+               ["Convert 3 km to m.", "What is 11 Oct 2013 in ISO format (YYYY-MM-DD)? Give only the date.", "Hi"]]
+    side = tok.padding_side
+    batched = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=3)
+    single = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=1)
+    assert batched == single and all(isinstance(x, str) for x in batched)
+    assert tok.padding_side == side  # left padding is only for the duration of the call
+
+
+def test_task_accuracy_counts_what_the_checker_says(tiny, tmp_path):
+    model, tok = tiny
+    rows = [{"messages": [{"role": "user", "content": "Say A"}, {"role": "assistant", "content": "A"}]},
+            {"prompt": "Say B", "completion": "B"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary, records = task_accuracy(model, tok, "custom", path, max_new_tokens=4, batch_size=2)
+    assert summary["n"] == 2 and [r["row"] for r in records] == [1, 2]
+    assert summary["correct"] == sum(check("custom", r["prediction"], r["answer"]) for r in records)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("{bad json", "t.jsonl:1: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "t.jsonl:1: field 'messages' must be a list of at least two"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}', "messages[1] lacks field 'content'"),
+    ('{"prompt": "x"}', "t.jsonl:1: a prompt row needs field 'completion'"),
+    ('{"text": "x"}', "t.jsonl:1: missing field 'messages'"),
+    ("", "t.jsonl: the data set is empty"),
+])
+def test_bad_task_rows_are_named(tiny, tmp_path, line, expected):
+    from llmfast.errors import UserError
+
+    model, tok = tiny
+    path = tmp_path / "t.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(UserError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        task_accuracy(model, tok, "custom", path)
+
+
+@pytest.mark.slow
+def test_eval_cli_on_builtin_model(builtin_dir, tmp_path):
+    out = tmp_path / "res" / "eval.json"
+    code, stdout, err = run_cli(
+        "eval", str(REPO / "recipes" / "eval_smollm2.yaml"), "--output", str(out),
+        "--set", f"eval.perplexity.text={REPO / 'eval/text/persuasion.txt'}",
+        "--set", "eval.perplexity.max_tokens=1500",
+        "--set", f"eval.tasks=[{{name: dates, path: {REPO / 'eval/tasks/dates/test.jsonl'}, limit: 6}},"
+                 f" {{name: extract, path: {REPO / 'eval/tasks/extract/test.jsonl'}, limit: 6}}]",
+        "--set", "eval.batch_size=6",
+    )
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    for key in ["model", "model_path", "dtype", "machine", "perplexity", "tasks", "seconds", "predictions", "recipe"]:
+        assert key in res, key
+    assert res["model_path"] == str(builtin_dir)
+    ppl = res["perplexity"]
+    assert ppl["tokens"] == 1499 and 5 < ppl["ppl"] < 200, ppl
+    preds = [json.loads(x) for x in open(res["predictions"])]
+    assert len(preds) == 12 and all(p["prediction"] for p in preds), "real generations, never empty"
+    for name in ["dates", "extract"]:
+        mine = [p for p in preds if p["task"] == name]
+        assert res["tasks"][name]["correct"] == sum(check(name, p["prediction"], p["answer"]) for p in mine)
+        assert res["tasks"][name]["accuracy"] == res["tasks"][name]["correct"] / 6
+    assert "perplexity" in stdout and "dates accuracy" in stdout

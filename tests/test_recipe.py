@@ -1,0 +1,105 @@
+"""Malformed recipes: each gives one line naming the file (and line or --set) and the key, exit code 2."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from llmfast.errors import UserError
+from llmfast.recipe import EvalRecipe, load_recipe
+
+TEXT = REPO / "eval" / "text" / "persuasion.txt"
+DATES = REPO / "eval" / "tasks" / "dates" / "test.jsonl"
+
+GOOD = f"""\
+model: builtin:smollm2-135m
+eval:
+  perplexity:
+    text: {TEXT}
+    context: 256
+  tasks:
+    - name: dates
+      path: {DATES}
+  batch_size: 4
+output: OUT
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.replace("OUT", str(tmp_path / "out" / "results.json")))
+    return path
+
+
+def test_good_recipe_validates_with_overrides(tmp_path):
+    path = _write(tmp_path, GOOD)
+    recipe = load_recipe(path, EvalRecipe, ["eval.batch_size=2", "eval.perplexity.stride=128", "eval.tasks.0.limit=5"])
+    assert recipe.eval.batch_size == 2 and recipe.eval.perplexity.stride == 128
+    assert recipe.eval.tasks[0].limit == 5 and recipe.eval.perplexity.context == 256
+    assert recipe.eval.max_new_tokens == 48  # default
+
+
+MALFORMED = [
+    # (what, recipe text, extra CLI args, expected pieces of the one-line message)
+    ("misspelled top-level key", GOOD.replace("model:", "modle:"), [], [":1:", "unknown key 'modle'", "did you mean 'model'"]),
+    ("misspelled nested key", GOOD.replace("batch_size", "bach_size"), [], [":9:", "unknown key 'eval.bach_size'", "did you mean 'batch_size'"]),
+    ("misspelled deep key", GOOD.replace("context: 256", "contxt: 256"), [], [":5:", "eval.perplexity.contxt", "did you mean 'context'"]),
+    ("wrong type", GOOD.replace("batch_size: 4", "batch_size: four"), [], [":9:", "eval.batch_size", "valid integer", "'four'"]),
+    ("not positive", GOOD.replace("batch_size: 4", "batch_size: -1"), [], [":9:", "eval.batch_size", "greater than 0"]),
+    ("missing required key", GOOD.replace("model: builtin:smollm2-135m\n", ""), [], ["required key 'model' is missing"]),
+    ("missing text file", GOOD.replace(str(TEXT), "no/such/book.txt"), [], [":4:", "eval.perplexity.text", "file not found: no/such/book.txt"]),
+    ("missing task file", GOOD.replace(str(DATES), "no/such/test.jsonl"), [], [":8:", "eval.tasks.0.path", "file not found"]),
+    ("key at the wrong level", GOOD + "dtype: float32\n", [], [":11:", "unknown key 'dtype'"]),
+    ("bad enum value", GOOD.replace("batch_size: 4", "batch_size: 4\n  dtype: float8"), [], [":10:", "eval.dtype", "'float32', 'bfloat16' or 'float16'"]),
+    ("tasks not a list", GOOD.replace(f"  tasks:\n    - name: dates\n      path: {DATES}\n", "  tasks: dates\n"), [], [":6:", "eval.tasks", "valid list"]),
+    ("YAML syntax error", GOOD.replace("batch_size: 4", "batch_size: [4"), [], ["YAML syntax error"]),
+    ("top level is a list", "- model: x\n", [], [":1:", "a recipe is a mapping"]),
+    ("empty recipe", "", [], ["the recipe is empty"]),
+    ("unknown key via --set", GOOD, ["--set", "eval.bogus=1"], ["(--set eval.bogus)", "unknown key 'eval.bogus'"]),
+    ("bad value via --set", GOOD, ["--set", "eval.max_new_tokens=lots"], ["(--set eval.max_new_tokens)", "valid integer"]),
+    ("malformed --set", GOOD, ["--set", "eval.batch_size"], ["expected KEY=VALUE"]),
+    ("--set index out of range", GOOD, ["--set", "eval.tasks.3.limit=1"], ["not an index of a list of 1 items"]),
+]
+
+
+@pytest.mark.parametrize("what,text,extra,expected", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_recipe_one_line_exit_2(tmp_path, what, text, extra, expected):
+    path = _write(tmp_path, text)
+    code, out, err = run_cli("eval", str(path), *extra)
+    assert code == 2, (what, err)
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    assert err.startswith("llmfast: error: ")
+    for piece in expected:
+        assert piece in err, f"{piece!r} not in {err!r}"
+    if "--set" not in " ".join(extra) and text.strip():
+        assert str(path) in err, "the message names the recipe file"
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "out").exists(), "no partial output on a bad recipe"
+
+
+def test_missing_recipe_file(tmp_path):
+    code, _, err = run_cli("eval", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "nope.yaml not found" in err
+
+
+def test_override_values_are_parsed_as_yaml(tmp_path):
+    path = _write(tmp_path, GOOD)
+    r = load_recipe(path, EvalRecipe, ["eval.perplexity=null", "eval.max_new_tokens=8"])
+    assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
+
+
+def test_recipes_in_repo_validate():
+    """Every shipped eval recipe validates (run from the repo root, as the README does)."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for path in sorted((REPO / "recipes").glob("eval*.yaml")):
+            load_recipe(path, EvalRecipe)
+    finally:
+        os.chdir(cwd)
+
+
+def test_user_error_is_one_line():
+    assert str(UserError("a\nb   c\n")) == "a b c"

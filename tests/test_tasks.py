@@ -1,0 +1,115 @@
+"""Synthetic tasks: deterministic, disjoint, and every answer right by a check written independently."""
+
+import calendar
+import datetime as dt
+import json
+import re
+from fractions import Fraction
+
+import pytest
+
+from conftest import REPO, run_cli
+from llmfast.data.tasks import TASKS, check, exact_match, generate, json_match, split
+
+N = 2000
+
+
+def test_generation_is_deterministic_and_seeded():
+    for name in TASKS:
+        assert generate(name, 50, seed=3) == generate(name, 50, seed=3)
+        assert generate(name, 50, seed=3) != generate(name, 50, seed=4)
+
+
+def test_committed_test_sets_match_the_generator():
+    for name in TASKS:
+        lines = (REPO / "eval" / "tasks" / name / "test.jsonl").read_text().splitlines()
+        assert [json.loads(x) for x in lines] == generate(name, 200, seed=0), name
+
+
+def test_train_and_test_are_disjoint_and_distinct():
+    for name in TASKS:
+        train, test = split(name, 500, 100, seed=0)
+        tr = {r["messages"][0]["content"] for r in train}
+        te = {r["messages"][0]["content"] for r in test}
+        assert len(tr) == 500 and len(te) == 100 and not tr & te
+
+
+# -- independent checks: parse the prompt a different way and recompute the answer --------------------
+_FORMATS = ["%B %d, %Y", "%d %B %Y", "%b %d, %Y", "%d %b %Y", "%A, %B %d, %Y"]
+
+
+def _parse_written_date(text):
+    for fmt in _FORMATS:
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            pass
+    raise AssertionError(f"unparseable date {text!r}")
+
+
+def _rows(name):
+    return generate(name, N, seed=7)
+
+
+def test_dates_answers_are_correct():
+    for row in _rows("dates"):
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        m = re.search(r"'([^']+)'", prompt) or re.search(r"What is (.+) in ISO", prompt)
+        day = _parse_written_date(m.group(1))  # strptime ignores a wrong weekday: checked below
+        if m.group(1).split(",")[0] in calendar.day_name:
+            assert m.group(1).split(",")[0] == calendar.day_name[day.weekday()]
+        assert answer == f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
+
+
+# metres, grams and litres per unit, written out separately from the generator's table
+_SI = {"km": Fraction(1000), "m": Fraction(1), "cm": Fraction(1, 100), "mm": Fraction(1, 1000),
+       "t": Fraction(10**6), "kg": Fraction(1000), "g": Fraction(1), "mg": Fraction(1, 1000),
+       "L": Fraction(1), "mL": Fraction(1, 1000)}
+_DIM = {"km": "len", "m": "len", "cm": "len", "mm": "len", "t": "mass", "kg": "mass", "g": "mass",
+        "mg": "mass", "L": "vol", "mL": "vol"}
+
+
+def test_units_answers_are_correct():
+    for row in _rows("units"):
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        value, src, dst = re.fullmatch(r"Convert (\S+) (\w+) to (\w+)\. Answer with the number only\.", prompt).groups()
+        assert _DIM[src] == _DIM[dst]
+        assert Fraction(answer) == Fraction(value) * _SI[src] / _SI[dst], prompt
+        assert re.fullmatch(r"\d+(\.\d*[1-9])?", answer), f"not plain notation: {answer}"
+
+
+def test_extract_answers_are_correct():
+    for row in _rows("extract"):
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        text = prompt.split("\nText: ", 1)[1]
+        person = json.loads(answer)
+        assert list(person) == ["name", "age", "city", "job"]
+        assert isinstance(person["age"], int) and 18 <= person["age"] <= 90
+        assert re.search(rf"\b{person['age']}\b", text) and len(re.findall(r"\b\d+\b", text)) == 1
+        for key in ("name", "city", "job"):
+            assert re.search(rf"\b{re.escape(person[key])}\b", text), (key, text)
+        assert re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", person["name"])
+        assert person["job"].islower()
+
+
+def test_checkers():
+    assert exact_match(" 2021-03-05\n", "2021-03-05")
+    assert exact_match("`2021-03-05`", "2021-03-05")
+    assert not exact_match("The date is 2021-03-05.", "2021-03-05")
+    assert not exact_match("2021-03-5", "2021-03-05")
+    ref = '{"name": "Ana Silva", "age": 30, "city": "Porto", "job": "chef"}'
+    assert json_match('{\n  "age": 30, "name": "Ana Silva",\n "city": "Porto", "job": "chef"}', ref)
+    assert json_match('```json\n{"name": "Ana Silva", "age": 30, "city": "Porto", "job": "chef"}\n```', ref)
+    assert not json_match('{"name": "Ana Silva", "age": "30", "city": "Porto", "job": "chef"}', ref)
+    assert not json_match('{"name": "Ana Silva", "age": 30, "city": "Porto"}', ref)
+    assert not json_match("not json", ref)
+    assert check("extract", ref, ref) and check("unknown-task", " x ", "x")
+
+
+def test_tasks_cli_writes_files(tmp_path):
+    code, out, _ = run_cli("tasks", "units", "--out", str(tmp_path), "--train", "20", "--test", "5")
+    assert code == 0
+    assert len((tmp_path / "units" / "train.jsonl").read_text().splitlines()) == 20
+    assert len((tmp_path / "units" / "test.jsonl").read_text().splitlines()) == 5
+    code, _, err = run_cli("tasks", "poetry", "--out", str(tmp_path))
+    assert code == 2 and "unknown task 'poetry'" in err
