@@ -92,7 +92,8 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
         if name not in BUILTINS:
             raise UserError(f"unknown built-in model '{name}': `llmfast models` lists them ({', '.join(BUILTINS)})")
         model = BUILTINS[name]
-        return convert_gguf(builtin_gguf_path(model), cache_dir() / "models" / "builtin" / name, dtype=dtype)
+        folder = name if dtype == "float32" else f"{name}-{dtype}"
+        return convert_gguf(builtin_gguf_path(model), cache_dir() / "models" / "builtin" / folder, dtype=dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_model_dir(path):
