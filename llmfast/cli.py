@@ -65,6 +65,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from llmfast.finetune.trainer import run_finetune
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
+    metrics = run_finetune(recipe, resume=args.resume)
+    out = Path(recipe.output)
+    print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {metrics['final_train_loss']:.4f}"
+          f"  eval loss: {metrics['final_eval_loss']}  tokens/s: {metrics['train_tokens_per_s']}"
+          f"  peak memory: {metrics['peak_memory_gib']:.2f} GiB ({metrics['memory_kind']})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmfast.finetune.export import export_merged
+
+    adapter = Path(args.adapter)
+    if (adapter / "adapter").is_dir() and not (adapter / "adapter_config.json").exists():
+        adapter = adapter / "adapter"  # a finetune run directory
+    out = export_merged(adapter, args.output, args.dtype)
+    print(f"merged model: {out}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from llmfast.data.tasks import TASKS, write_task
 
@@ -102,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="results JSON path (overrides the recipe's 'output')")
     _add_set(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="train a LoRA/QLoRA adapter",
+                       description="Train a LoRA or QLoRA adapter from a recipe. Writes OUTPUT/adapter (a PEFT "
+                       "adapter), OUTPUT/metrics.json and OUTPUT/train_log.jsonl. Runs under `accelerate launch` "
+                       "for DDP over several processes.")
+    p.add_argument("recipe", help="finetune recipe YAML, e.g. recipes/lora_smollm2_dates.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    _add_set(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base model",
+                       description="Write a full model with the adapter merged in. A QLoRA adapter's base is "
+                       "dequantized from 4-bit first; merging into 4-bit weights is refused.")
+    p.add_argument("adapter", help="adapter directory (or a finetune output directory)")
+    p.add_argument("output", help="directory for the merged model")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tasks", help="list or generate the synthetic tasks",
                        description="Without arguments, list the synthetic tasks. With task names (or 'all'), "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from llmfast.errors import UserError
 
@@ -62,6 +62,69 @@ class EvalRecipe(StrictModel):
     model: str
     eval: EvalConfig
     output: Path = Path("runs/eval/results.json")
+
+
+# ---------------------------------------------------------------- finetune
+class DataConfig(StrictModel):
+    train: Path  # JSONL (chat `messages` or `prompt`/`completion` rows) or a datasets.save_to_disk directory
+    eval: Path | None = None  # held-out set; without it `eval_fraction` of train is held out
+    eval_fraction: float = Field(0.02, ge=0, lt=1)
+    max_length: PositiveInt = 512
+    too_long: Literal["truncate", "error"] = "truncate"
+    packing: bool = True
+    pack_length: PositiveInt | None = None  # tokens per packed row; null: max_length
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, p: Path | None) -> Path | None:
+        if p is not None and not p.expanduser().exists():
+            raise ValueError(f"not found: {p} (paths are relative to the directory you run llmfast from)")
+        return p
+
+
+class LoraConfig(StrictModel):
+    r: PositiveInt = 16
+    alpha: float = 32
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+
+
+class QuantConfig(StrictModel):
+    bits: Literal[4] = 4
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class TrainConfig(StrictModel):
+    steps: PositiveInt | None = None  # optimizer steps; null: `epochs` passes over the data
+    epochs: float = Field(1.0, gt=0)
+    batch_size: PositiveInt = 8  # rows (packed bins, or examples without packing) per micro-batch
+    grad_accum: PositiveInt = 1
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = 1.0
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
+    gradient_checkpointing: bool = False
+    loss_chunk_size: PositiveInt = 2048
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 0
+    log_every: PositiveInt = 1
+    eval_every: PositiveInt | None = None  # null: only at the end
+    save_every: PositiveInt | None = None  # null: only the final adapter
+    keep_checkpoints: PositiveInt = 2
+
+
+class FinetuneRecipe(StrictModel):
+    model: str
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantConfig | None = None
+    train: TrainConfig = TrainConfig()
+    output: Path
+    export_merged: bool = False  # also write OUTPUT/merged, the full model with the adapter merged in
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,89 @@
+"""LoRA and QLoRA set-up: the base model (16/32-bit or bitsandbytes 4-bit) with PEFT adapters attached.
+
+LoRA: Hu et al., 2021 (arXiv:2106.09685); rsLoRA scaling alpha/sqrt(r): Kalajdzievski, 2023
+(arXiv:2312.03732); DoRA: Liu et al., 2024 (arXiv:2402.09353); QLoRA (NF4, double quantization):
+Dettmers et al., 2023 (arXiv:2305.14314).
+
+For QLoRA we do not call peft's `prepare_model_for_kbit_training`: it upcasts every non-quantized
+parameter (embeddings, head, norms) to float32, which at a 152k vocabulary costs more memory than the
+4-bit body saves. The frozen base stays in the compute dtype; only the adapters train (in float32 where
+the compute dtype is 16-bit, as PEFT keeps them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from llmfast.recipe import FinetuneRecipe
+
+
+def pick_compute_dtype(requested: str) -> str:
+    """bfloat16 on GPUs that have it, float16 on older ones, float32 on CPUs (fast path without AVX512-BF16)."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import torch_dtype
+
+    q = recipe.quantization
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if q is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise UserError("QLoRA needs bitsandbytes: `pip install bitsandbytes`, or remove 'quantization' "
+                            "from the recipe to train plain LoRA") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch_dtype(dtype),
+        )
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if q is None:
+        model.to(device)
+    return model
+
+
+def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lc = recipe.lora
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if recipe.train.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs, so no input-embedding grad hook is needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        use_rslora=lc.rslora, use_dora=lc.dora, bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear")
+                            or "Linear" in type(m).__name__})
+            raise UserError(f"lora.target_modules {lc.target_modules!r} match no layer of the model; "
+                            f"its linear layers are: {', '.join(names)} (or use all-linear)") from None
+        raise
+    return peft_model
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,287 @@
+"""The fine-tuning loop: packed batches, chunked loss, AdamW with cosine warmup, checkpoints and resume.
+
+Readable top to bottom: `run_finetune` validates everything that can be wrong with the input before it
+creates the output directory, then trains. It runs as is on one CPU or GPU and, launched with
+`accelerate launch` (or torchrun), as DDP over several processes: every process builds the same
+deterministic stream of micro-batches and takes its share of each optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_manifest
+from llmfast.data.chat import Encoded, load_examples
+from llmfast.data.packing import Batch, collate, pack
+from llmfast.errors import UserError
+from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
+from llmfast.finetune.loss import causal_lm_loss
+from llmfast.recipe import FinetuneRecipe, recipe_dict
+
+
+class _LossModule(torch.nn.Module):
+    """Wraps the PEFT model so the loss runs inside forward(), which DDP needs to sync gradients."""
+
+    def __init__(self, model: Any, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        total, _ = causal_lm_loss(self.model, {"input_ids": input_ids, "labels": labels, "position_ids": position_ids},
+                                  self.chunk_size)
+        return total
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, cuda: bool) -> Any:
+    if name == "auto":
+        name = "paged_adamw_8bit" if cuda else "adamw_torch"
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cuda or None)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"train.optimizer {name} needs bitsandbytes: install it or use adamw_torch") from None
+    table = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+             "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return table[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def micro_batches(rows: list[list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int) -> list[Batch]:
+    """One epoch's micro-batches, shuffled by (seed, epoch): the same on every process and after a resume."""
+    order = list(range(len(rows)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [collate([rows[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import get_cosine_schedule_with_warmup
+
+    from llmfast.models import load_tokenizer, resolve_model
+
+    tc, dc = recipe.train, recipe.data
+    out = Path(recipe.output)
+    if resume and _latest_checkpoint(out) is None:
+        raise UserError(f"--resume: {out} has no complete checkpoint (set train.save_every to make some)")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = acc.process_index, acc.num_processes
+    torch.manual_seed(tc.seed)
+    with acc.main_process_first():
+        model_path = resolve_model(recipe.model)
+    tokenizer = load_tokenizer(model_path)
+
+    # ---- everything that can be wrong with the input is found before the output directory exists
+    train_ex, warnings = load_examples(dc.train, tokenizer, dc.max_length, dc.too_long)
+    if dc.eval is not None:
+        eval_ex, more = load_examples(dc.eval, tokenizer, dc.max_length, dc.too_long)
+        warnings += more
+    else:
+        train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, tc.seed)
+    for w in warnings:
+        acc.print(f"llmfast: warning: {w}")
+    dtype = pick_compute_dtype(tc.dtype)
+    model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
+    trainable, total_params = trainable_parameters(model)
+
+    pack_length = dc.pack_length or dc.max_length
+    rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
+    eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
+    pad_id = tokenizer.pad_token_id
+    per_epoch = math.ceil(len(rows) / tc.batch_size)
+    micro_per_step = tc.grad_accum * world
+    total_steps = tc.steps or max(1, math.ceil(tc.epochs * per_epoch / micro_per_step))
+    if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
+        acc.print("llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
+
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc.optimizer, tc.lr,
+                               tc.weight_decay, acc.device.type == "cuda")
+    warmup = round(tc.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+    start_step = 0
+    log_path = out / "train_log.jsonl"
+    if resume:
+        ckpt = _latest_checkpoint(out)
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["total_steps"] != total_steps:
+            raise UserError(f"--resume: the recipe now gives {total_steps} steps, the run had {state['total_steps']}: "
+                            "resume with the same recipe")
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(acc.device)))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        start_step = state["step"]
+        if acc.is_main_process and log_path.is_file():  # drop log lines of steps that will run again
+            kept = [l for l in log_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
+            atomic_write_text(log_path, "".join(l + "\n" for l in kept))
+        acc.print(f"llmfast: resuming {out} from step {start_step} of {total_steps}")
+    elif acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "recipe.json", recipe_dict(recipe))
+    acc.wait_for_everyone()
+
+    wrapped = acc.prepare(_LossModule(model, tc.loss_chunk_size))
+    epoch_cache: dict[int, list[Batch]] = {}
+
+    def micro(index: int) -> Batch:
+        epoch, pos = divmod(index, per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = micro_batches(rows, tc.batch_size, tc.seed, epoch, pad_id)
+        return epoch_cache[epoch][pos]
+
+    def evaluate() -> float | None:
+        if not eval_rows:
+            return None
+        wrapped.eval()
+        batches = [collate(eval_rows[s : s + tc.batch_size], pad_id) for s in range(0, len(eval_rows), tc.batch_size)]
+        total = torch.zeros(2, device=acc.device)
+        with torch.no_grad():
+            for b in batches[rank::world]:
+                total[0] += wrapped(**b.tensors(acc.device)).detach().float()
+                total[1] += b.target_tokens
+        total = acc.reduce(total, reduction="sum")
+        wrapped.train()
+        return (total[0] / total[1]).item()
+
+    t_start = time.perf_counter()
+    train_seconds, tokens_seen, last_loss, eval_loss = 0.0, 0, float("nan"), None
+    window_loss, window_tokens = 0.0, 0
+    bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", disable=not acc.is_main_process)
+    wrapped.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        batch_list = [micro(step * micro_per_step + j) for j in range(micro_per_step)]
+        step_targets = sum(b.target_tokens for b in batch_list)
+        mine = batch_list[rank::world]
+        step_loss = torch.zeros((), device=acc.device)
+        for i, b in enumerate(mine):
+            sync = contextlib.nullcontext() if i == len(mine) - 1 else acc.no_sync(wrapped)
+            with sync:
+                loss_sum = wrapped(**b.tensors(acc.device))
+                # DDP averages gradients over processes, hence the factor `world`.
+                acc.backward(loss_sum / step_targets * world)
+            step_loss += loss_sum.detach().float()
+        if tc.max_grad_norm:
+            acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = acc.reduce(step_loss, reduction="sum").item() / step_targets
+        train_seconds += time.perf_counter() - t0
+        tokens_seen += sum(b.real_tokens for b in batch_list)
+        window_loss += step_loss
+        window_tokens += 1
+        done = step + 1
+        mem = peak_memory_gib(acc.device)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}", mem=f"{mem:.2f}GiB")
+        fresh_eval = None
+        if tc.eval_every and done % tc.eval_every == 0 and done != total_steps:
+            fresh_eval = eval_loss = evaluate()
+        if done % tc.log_every == 0 or done == total_steps:
+            last_loss = window_loss / window_tokens
+            if acc.is_main_process:
+                entry = {"step": done, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0],
+                         "tokens_per_s": round(tokens_seen / train_seconds, 1), "peak_mem_gib": round(mem, 3)}
+                if fresh_eval is not None:
+                    entry["eval_loss"] = round(fresh_eval, 6)
+                with log_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            window_loss, window_tokens = 0.0, 0
+        if tc.save_every and done % tc.save_every == 0 and done != total_steps:
+            _save_checkpoint(acc, model, optimizer, scheduler, out, done, total_steps, tc.keep_checkpoints,
+                             get_peft_model_state_dict)
+    bar.close()
+    eval_loss = evaluate()
+    wall = time.perf_counter() - t_start
+    metrics = {
+        "train_tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds else None,
+        "train_tokens": tokens_seen,
+        "peak_memory_gib": round(peak_memory_gib(acc.device), 3),
+        "memory_kind": "cuda max allocated" if acc.device.type == "cuda" else "process peak RSS",
+        "final_train_loss": round(last_loss, 6),
+        "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
+        "wall_seconds": round(wall, 1),
+        "steps": total_steps,
+        "resumed_from_step": start_step if resume else None,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "processes": world,
+        "device": acc.device.type,
+        "dtype": dtype,
+    }
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(wrapped).model
+        with atomic_dir(out / "adapter") as tmp:
+            unwrapped.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(tmp, stage="finetune", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
+                           base_model_path=str(model_path), quantization=recipe.quantization is not None)
+        atomic_write_json(out / "metrics.json", metrics)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    acc.wait_for_everyone()
+    if recipe.export_merged and acc.is_main_process:
+        from llmfast.finetune.export import export_merged
+
+        export_merged(out / "adapter", out / "merged")
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, out: Path, step: int, total: int,
+                     keep: int, state_dict_fn: Any) -> None:
+    from safetensors.torch import save_file
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict_fn(model).items()},
+                      tmp / "adapter.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(torch.get_rng_state(), tmp / "rng.pt")
+            # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
+            atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total})
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
