@@ -57,6 +57,8 @@ def chunked_lm_loss(
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int = 2048) -> tuple[torch.Tensor, int]:
     """Run the decoder of a (PEFT-wrapped) causal LM and return (summed loss, labelled tokens)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # No attention mask and no KV cache: that is when transformers reads restarting position ids as packed
+    # examples and builds a block-diagonal causal mask (see data/packing.py).
     out = base.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                           use_cache=False)
     return chunked_lm_loss(out.last_hidden_state, batch["labels"], base.get_output_embeddings(), chunk_size)

@@ -172,15 +172,18 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     def evaluate() -> float | None:
         if not eval_rows:
             return None
-        wrapped.eval()
+        # The unwrapped module: a DDP forward would sync buffers, a collective that processes with no
+        # eval batch of their own would never join.
+        inner = acc.unwrap_model(wrapped)
+        inner.eval()
         batches = [collate(eval_rows[s : s + tc.batch_size], pad_id) for s in range(0, len(eval_rows), tc.batch_size)]
         total = torch.zeros(2, device=acc.device)
         with torch.no_grad():
             for b in batches[rank::world]:
-                total[0] += wrapped(**b.tensors(acc.device)).detach().float()
+                total[0] += inner(**b.tensors(acc.device)).detach().float()
                 total[1] += b.target_tokens
         total = acc.reduce(total, reduction="sum")
-        wrapped.train()
+        inner.train()
         return (total[0] / total[1]).item()
 
     t_start = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Data: synthetic tasks, chat formatting, packing."""

@@ -1,0 +1,133 @@
+"""Chat examples to token ids with loss only on the assistant's turns.
+
+Each assistant turn's span is found by rendering the conversation through the model's own chat template
+twice, up to the turn with the generation prompt and up to the end of the turn, so the labels cover
+exactly what the model would have to generate (answer and end-of-turn token) whatever the template.
+Pieces are tokenized one by one and concatenated: the ids trained on are the ids labelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmfast.data.jsonl import read_jsonl
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    row: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A chat row, or a prompt/completion row turned into one user and one assistant turn."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            for field in ("role", "content"):
+                if field not in m:
+                    raise UserError(f"{where}: messages[{i}] lacks field '{field}'")
+            out.append({"role": str(m["role"]), "content": str(m["content"])})
+        if not any(m["role"] == "assistant" for m in out):
+            raise UserError(f"{where}: no assistant turn to learn from (a message with role 'assistant')")
+        return out
+    if "prompt" in row or "completion" in row:
+        for field in ("prompt", "completion"):
+            if field not in row:
+                raise UserError(f"{where}: missing field '{field}' (prompt/completion rows need both)")
+        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["completion"])}]
+    raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
+
+
+def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0) -> Encoded:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template: use an instruct model or add a chat_template")
+
+    def render(msgs: list[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], gen=True)
+        upto = render(messages[: i + 1], gen=False)
+        if not prompt.startswith(done) or not upto.startswith(prompt):
+            raise UserError("the chat template does not render conversations as prefixes of each other; "
+                            "completion-only labels need a template like ChatML")
+        for text, learn in ((prompt[len(done):], False), (upto[len(prompt):], True)):
+            piece = tokenizer(text, add_special_tokens=False).input_ids if text else []
+            ids.extend(piece)
+            labels.extend(piece if learn else [IGNORE] * len(piece))
+        done = upto
+    return Encoded(ids, labels, row)
+
+
+def load_examples(
+    path: str | Path,
+    tokenizer: "PreTrainedTokenizerBase",
+    max_length: int,
+    too_long: Literal["truncate", "error"] = "truncate",
+) -> tuple[list[Encoded], list[str]]:
+    """Read and encode a JSONL or a local `datasets` directory; returns examples and warnings."""
+    path = Path(path)
+    rows = _read_rows(path)
+    examples, warnings, truncated = [], [], []
+    for r in rows:
+        where = f"{path}:{r['_row']}" if path.is_file() else f"{path} row {r['_row']}"
+        ex = encode_messages(tokenizer, to_messages(r, where), r["_row"])
+        if len(ex) > max_length:
+            if too_long == "error":
+                raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
+                                "raise max_length, shorten it, or set data.too_long: truncate")
+            ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length], ex.row)
+            truncated.append(r["_row"])
+        if ex.target_tokens == 0:
+            raise UserError(f"{where}: no answer tokens left to learn from (the prompt fills max_length {max_length})")
+        examples.append(ex)
+    if truncated:
+        warnings.append(f"{path}: {len(truncated)} example(s) longer than max_length {max_length} were truncated "
+                        f"(rows {', '.join(map(str, truncated[:5]))}{', ...' if len(truncated) > 5 else ''})")
+    return examples, warnings
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a dataset saved with datasets.save_to_disk ({type(e).__name__})") from None
+        if hasattr(ds, "keys"):  # a DatasetDict: take its train split
+            if "train" not in ds:
+                raise UserError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds.keys())})")
+            ds = ds["train"]
+        rows = [dict(r, _row=i) for i, r in enumerate(ds)]
+        if not rows:
+            raise UserError(f"{path}: the data set is empty")
+        return rows
+    return read_jsonl(path)

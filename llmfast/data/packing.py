@@ -1,0 +1,67 @@
+"""Padding-free packing: short examples share a row, each with its own positions and no cross-attention.
+
+Examples are placed into bins of at most `pack_length` tokens (first-fit decreasing). Inside a bin the
+position ids restart at 0 for every example; transformers turns restarting position ids (with no
+attention mask) into a block-diagonal causal mask, so an example never attends to its neighbours and its
+logits are exactly what they would be on its own. Rows in a batch are right-padded to the longest; the
+padding is one more "example" whose labels are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from llmfast.data.chat import IGNORE, Encoded
+
+
+@dataclass
+class Batch:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    position_ids: list[list[int]]
+    real_tokens: int  # tokens that are not padding: what tokens/s counts
+    target_tokens: int  # tokens with a label
+
+    def tensors(self, device: str = "cpu") -> dict:
+        import torch
+
+        return {k: torch.tensor(getattr(self, k), device=device) for k in ("input_ids", "labels", "position_ids")}
+
+
+def pack(examples: Sequence[Encoded], pack_length: int) -> list[list[Encoded]]:
+    """First-fit-decreasing bins of at most `pack_length` tokens; deterministic for the same input."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+    bins: list[list[Encoded]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(examples[i])
+                room[b] -= n
+                break
+        else:
+            bins.append([examples[i]])
+            room.append(pack_length - n)
+    return bins
+
+
+def collate(rows: Sequence[Sequence[Encoded]], pad_id: int) -> Batch:
+    """Each row is a bin of examples (or a single example, for plain padded batches)."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids, labels, pos = [], [], []
+    real = target = 0
+    for row in rows:
+        r_ids, r_lab, r_pos = [], [], []
+        for e in row:
+            r_ids += e.input_ids
+            r_lab += e.labels
+            r_pos += list(range(len(e)))
+            target += e.target_tokens
+        real += len(r_ids)
+        pad = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        labels.append(r_lab + [IGNORE] * pad)
+        pos.append(r_pos + list(range(pad)))
+    return Batch(ids, labels, pos, real, target)

@@ -1,0 +1,186 @@
+"""Synthetic tasks with exactly checkable answers, deterministic by seed.
+
+They are what the fine-tuning and merging stages train on and what `llmfast eval` scores: each is
+something the small built-in model does badly out of the box and can learn.
+
+- dates:   reformat a written date ("5 March 2021", "Mar 5, 2021", ...) as ISO 8601 (2021-03-05)
+- units:   convert between metric units (3.5 km -> m = 3500), the answer a plain decimal
+- extract: pull name, age, city and job out of a sentence as JSON with fixed keys
+
+Rows are chat examples: {"task", "messages": [user, assistant]}; the assistant turn is the answer.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+from llmfast.artifacts import atomic_write_text
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make: Callable[[random.Random], tuple[str, str]]  # rng -> (prompt, answer)
+    check: Callable[[str, str], bool]  # (prediction, answer) -> correct
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    return text.strip().strip("`").strip()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return _clean(prediction) == answer.strip()
+
+
+def json_match(prediction: str, answer: str) -> bool:
+    try:
+        return json.loads(_clean(prediction)) == json.loads(answer)
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------- dates
+_DATE_STYLES = [
+    lambda d: f"{calendar.month_name[d.month]} {d.day}, {d.year}",
+    lambda d: f"{d.day} {calendar.month_name[d.month]} {d.year}",
+    lambda d: f"{calendar.month_abbr[d.month]} {d.day}, {d.year}",
+    lambda d: f"{d.day} {calendar.month_abbr[d.month]} {d.year}",
+    lambda d: f"{calendar.day_name[d.weekday()]}, {calendar.month_name[d.month]} {d.day}, {d.year}",
+]
+_DATE_PROMPTS = [
+    "Convert the date '{date}' to ISO 8601 format (YYYY-MM-DD). Answer with the date only.",
+    "Rewrite '{date}' as YYYY-MM-DD. Reply with nothing but the date.",
+    "What is {date} in ISO format (YYYY-MM-DD)? Give only the date.",
+]
+
+
+def _make_date(rng: random.Random) -> tuple[str, str]:
+    day = dt.date(1950, 1, 1) + dt.timedelta(days=rng.randrange(365 * 100))
+    shown = rng.choice(_DATE_STYLES)(day)
+    return rng.choice(_DATE_PROMPTS).format(date=shown), day.isoformat()
+
+
+# ---------------------------------------------------------------- units
+# (big unit, small unit, how many small in one big)
+_UNIT_PAIRS = [
+    ("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("m", "mm", 1000),
+    ("kg", "g", 1000), ("g", "mg", 1000), ("L", "mL", 1000), ("t", "kg", 1000),
+]
+
+
+def format_decimal(value: Decimal) -> str:
+    """Plain notation, no exponent, no trailing zeros: 3500, 0.035, 12.5."""
+    text = format(value.normalize(), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _make_units(rng: random.Random) -> tuple[str, str]:
+    big, small, factor = rng.choice(_UNIT_PAIRS)
+    places = rng.choice([0, 0, 1, 2])
+    value = Decimal(rng.randrange(1, 10000 if places else 1000)).scaleb(-places)
+    if rng.random() < 0.5:
+        src, dst, result = big, small, value * factor
+    else:
+        src, dst, result = small, big, value / factor
+    prompt = f"Convert {format_decimal(value)} {src} to {dst}. Answer with the number only."
+    return prompt, format_decimal(result)
+
+
+# ---------------------------------------------------------------- extract
+_FIRST = ["Maria", "James", "Aiko", "Lars", "Fatima", "Diego", "Chen", "Olga", "Kwame", "Priya", "Tomas",
+          "Amara", "Noah", "Ingrid", "Mateo", "Yusuf", "Elena", "Ravi", "Sofia", "Jonas"]
+_LAST = ["Lopez", "Smith", "Tanaka", "Berg", "Haddad", "Silva", "Wang", "Petrova", "Mensah", "Sharma",
+         "Novak", "Okafor", "Keller", "Dubois", "Rossi", "Kaya", "Ivanova", "Patel", "Moreau", "Larsen"]
+_CITIES = ["Lyon", "Osaka", "Bergen", "Lagos", "Porto", "Denver", "Krakow", "Cusco", "Accra", "Pune",
+           "Graz", "Leeds", "Quebec", "Tunis", "Malmo", "Perth", "Bilbao", "Nagoya", "Dakar", "Turin"]
+_JOBS = ["nurse", "engineer", "baker", "teacher", "pilot", "chemist", "carpenter", "lawyer", "farmer", "chef"]
+_SENTENCES = [
+    "{name}, a {age}-year-old {job} from {city}, joined the team last spring.",
+    "Born and raised in {city}, {name} works as {a_job} and just turned {age}.",
+    "The {job} {name} ({age}) moved to {city} after finishing school.",
+    "At {age}, {name} is the youngest {job} ever hired in {city}.",
+    "{name} lives in {city}; the {age}-year-old has been {a_job} for years.",
+]
+_EXTRACT_PROMPT = (
+    'Extract the person\'s name, age, city and job from the text as JSON with the keys "name", "age" '
+    '(a number), "city" and "job" (in lowercase). Reply with the JSON only.\nText: {text}'
+)
+
+
+def _make_extract(rng: random.Random) -> tuple[str, str]:
+    person = {"name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", "age": rng.randrange(18, 91),
+              "city": rng.choice(_CITIES)}
+    person["job"] = rng.choice(_JOBS)
+    a_job = ("an " if person["job"][0] in "aeiou" else "a ") + person["job"]
+    text = rng.choice(_SENTENCES).format(a_job=a_job, **person)
+    return _EXTRACT_PROMPT.format(text=text), json.dumps(person)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("dates", "written date -> ISO 8601 (YYYY-MM-DD)", _make_date, exact_match),
+        Task("units", "metric unit conversion, answer a plain decimal", _make_units, exact_match),
+        Task("extract", "name/age/city/job from a sentence as JSON", _make_extract, json_match),
+    ]
+}
+
+
+def get_task(name: str) -> Task | None:
+    return TASKS.get(name)
+
+
+def check(task: str, prediction: str, answer: str) -> bool:
+    """Score one prediction: the task's own check, or whitespace-trimmed exact match for other task sets."""
+    found = TASKS.get(task)
+    return (found.check if found else exact_match)(prediction, answer)
+
+
+def generate(task: str, n: int, seed: int, exclude: set[str] | None = None) -> list[Row]:
+    """`n` distinct examples of `task`, the same for the same seed; prompts in `exclude` are skipped."""
+    spec = TASKS[task]
+    rng = random.Random(f"{task}:{seed}")
+    seen = set(exclude or ())
+    rows: list[Row] = []
+    for _ in range(n * 50):
+        if len(rows) == n:
+            break
+        prompt, answer = spec.make(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"task": task, "messages": [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": answer}]})
+    if len(rows) < n:
+        raise ValueError(f"task {task} could only make {len(rows)} distinct examples, not {n}")
+    return rows
+
+
+def split(task: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """Disjoint train and test sets: no test prompt appears in train."""
+    test = generate(task, n_test, seed=seed)
+    train = generate(task, n_train, seed=seed + 1, exclude={r["messages"][0]["content"] for r in test})
+    return train, test
+
+
+def write_jsonl(path: str | Path, rows: list[Row]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_task(task: str, out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
+    train, test = split(task, n_train, n_test, seed)
+    out = Path(out_dir)
+    return write_jsonl(out / "train.jsonl", train), write_jsonl(out / "test.jsonl", test)

@@ -1,0 +1,133 @@
+"""Completion-only labels, packing and the chunked loss, each against a reference computed another way."""
+
+import pytest
+import torch
+
+from llmfast.data.chat import IGNORE, Encoded, encode_messages, load_examples
+from llmfast.data.packing import collate, pack
+from llmfast.errors import UserError
+from llmfast.finetune.loss import causal_lm_loss, chunked_lm_loss
+
+CHAT = [{"role": "user", "content": "Convert 3 km to m."}, {"role": "assistant", "content": "3000"}]
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn(tiny):
+    _, tok = tiny
+    ex = encode_messages(tok, CHAT)
+    full = tok.apply_chat_template(CHAT, tokenize=False)
+    assert tok.decode(ex.input_ids) == full
+    learned = [t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE]
+    assert tok.decode(learned) == "3000<|im_end|>\n"
+    first = ex.labels.index(next(l for l in ex.labels if l != IGNORE))
+    assert tok.decode(ex.input_ids[:first]).endswith("<|im_start|>assistant\n")
+
+
+def test_multi_turn_labels_every_assistant_turn(tiny):
+    _, tok = tiny
+    msgs = CHAT + [{"role": "user", "content": "And 2 km?"}, {"role": "assistant", "content": "2000"}]
+    ex = encode_messages(tok, msgs)
+    learned = tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+    assert learned == "3000<|im_end|>\n2000<|im_end|>\n"
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+
+
+def _examples(tok, n=7):
+    rows = []
+    for i in range(n):
+        q = "Convert " + "1" * (1 + 3 * i) + " km to m."
+        rows.append(encode_messages(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": str(i)}], i))
+    return rows
+
+
+def test_packing_bins_respect_the_budget_and_keep_every_example(tiny):
+    _, tok = tiny
+    exs = _examples(tok)
+    bins = pack(exs, pack_length=64)
+    assert all(sum(len(e) for e in b) <= 64 for b in bins)
+    assert sorted(e.row for b in bins for e in b) == list(range(7))
+    assert len(bins) < len(exs)
+    batch = collate(bins, pad_id=tok.pad_token_id)
+    assert batch.real_tokens == sum(len(e) for e in exs)
+    assert batch.target_tokens == sum(e.target_tokens for e in exs)
+
+
+def test_packed_logits_equal_unpacked_logits(tiny):
+    model, tok = tiny
+    exs = _examples(tok, 4)
+    batch = collate([exs], pad_id=tok.pad_token_id)  # all four in one row, positions restarting
+    t = batch.tensors()
+    with torch.no_grad():
+        # use_cache=False as in training: transformers only detects packing when there is no KV cache
+        packed = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits[0]
+        offset = 0
+        for e in exs:
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(packed[offset:offset + len(e)], alone, rtol=1e-4, atol=1e-4)
+            offset += len(e)
+    # and attention really is blocked: without restarting positions the second example's logits differ
+    with torch.no_grad():
+        naive = model(input_ids=t["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(naive[len(exs[0]):len(exs[0]) + len(exs[1])],
+                              packed[len(exs[0]):len(exs[0]) + len(exs[1])], atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunked_loss_equals_full_cross_entropy(tiny, chunk):
+    model, tok = tiny
+    exs = _examples(tok, 5)
+    batch = collate([[e] for e in exs], pad_id=tok.pad_token_id)  # padded rows
+    t = batch.tensors()
+    ref = model(input_ids=t["input_ids"], labels=t["labels"]).loss  # HF's mean over labelled tokens
+    total, count = causal_lm_loss(model, t, chunk_size=chunk)
+    assert count == batch.target_tokens
+    torch.testing.assert_close(total / count, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_gradients_match(tiny):
+    model, tok = tiny
+    head = torch.nn.Linear(128, 50, bias=False)
+    hidden = torch.randn(2, 9, 128, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE
+    total, count = chunked_lm_loss(hidden, labels, head, chunk_size=3)
+    (total / count).backward()
+    g_chunked = hidden.grad.clone()
+    hidden.grad = None
+    logits = head(hidden)[:, :-1].reshape(-1, 50)
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    ref.backward()
+    torch.testing.assert_close(total / count, ref)
+    torch.testing.assert_close(g_chunked, hidden.grad)
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (['{"messages": [{"role": "user", "content": "x"}]}'], "d.jsonl:1: no assistant turn"),
+    (['{"prompt": "x"}'], "d.jsonl:1: missing field 'completion'"),
+    (['{"prompt": "x", "completion": "y"}', '{"text": "x"}'], "d.jsonl:2: missing field 'messages'"),
+    (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}'], "d.jsonl:1: messages[0] lacks field 'content'"),
+    ([], "d.jsonl: the data set is empty"),
+])
+def test_bad_rows_are_named(tiny, tmp_path, rows, expected):
+    _, tok = tiny
+    (tmp_path / "d.jsonl").write_text("".join(r + "\n" for r in rows))
+    with pytest.raises(UserError) as e:
+        load_examples(tmp_path / "d.jsonl", tok, 64)
+    assert expected in str(e.value)
+
+
+def test_too_long_examples_truncate_with_warning_or_refuse(tiny, tmp_path):
+    _, tok = tiny
+    (tmp_path / "d.jsonl").write_text('{"prompt": "short", "completion": "' + "word " * 50 + '"}\n')
+    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, 40)
+    assert len(exs[0]) == 40 and "truncated" in warnings[0] and "rows 1" in warnings[0]
+    with pytest.raises(UserError, match=r"d.jsonl:1: example has \d+ tokens, more than max_length 40"):
+        load_examples(tmp_path / "d.jsonl", tok, 40, too_long="error")
+
+
+def test_local_datasets_directory(tiny, tmp_path):
+    from datasets import Dataset
+
+    _, tok = tiny
+    Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]).save_to_disk(tmp_path / "ds")
+    exs, _ = load_examples(tmp_path / "ds", tok, 64)
+    assert len(exs) == 2 and all(e.target_tokens > 0 for e in exs)
