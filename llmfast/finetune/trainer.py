@@ -138,6 +138,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     start_step = 0
     log_path = out / "train_log.jsonl"
     if resume:
+        if acc.is_main_process:  # checkpoints whose write a kill cut short
+            for stale in (out / "checkpoints").glob(".step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         ckpt = _latest_checkpoint(out)
         state = json.loads((ckpt / "state.json").read_text())
         if state["total_steps"] != total_steps:

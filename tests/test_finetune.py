@@ -1,0 +1,192 @@
+"""`llmfast finetune` end to end on a tiny model: learning, outputs that peft loads, SIGKILL + --resume,
+DDP over two CPU processes, QLoRA with a dequantized export, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+
+TINY_TRAIN = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+              for w in ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"] * 4]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ftdata")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_TRAIN))
+    return d / "train.jsonl"
+
+
+def recipe(tmp_path, tiny_dir, data, out="run", extra=""):
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(f"""
+model: {tiny_dir}
+data: {{train: {data}, max_length: 64, eval_fraction: 0.1}}
+lora: {{r: 8, alpha: 16}}
+train: {{steps: 8, batch_size: 2, lr: 0.003, warmup_ratio: 0.0, seed: 1}}
+output: {tmp_path / out}
+{extra}
+""")
+    return path
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "llmfast.cli", *args]
+
+
+def _adapter(run):
+    return load_file(Path(run) / "adapter" / "adapter_model.safetensors")
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data, extra="export_merged: true")
+    code, out, err = run_cli("finetune", str(path), "--set", "train.steps=30", "--set", "train.lr=0.01")
+    assert code == 0, err
+    run = tmp_path / "run"
+    log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 31))
+    # a random 2-layer model moves slowly; without working updates the drop would be ~0
+    assert sum(e["loss"] for e in log[-5:]) / 5 < sum(e["loss"] for e in log[:5]) / 5 - 0.5, "loss must fall"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ["train_tokens_per_s", "peak_memory_gib", "final_train_loss", "final_eval_loss", "wall_seconds"]:
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 30 and not (run / "checkpoints").exists()
+    manifest = json.loads((run / "adapter" / "llmfast.json").read_text())
+    assert manifest["stage"] == "finetune" and manifest["parents"] == [str(tiny_dir)]
+
+    # the adapter loads in plain peft and gives the same logits as the merged export
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        a, b, c = peft_model(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - c).abs().max() > 1e-2, "the adapter changed the model"
+    assert json.loads((run / "merged" / "llmfast.json").read_text())["stage"] == "export"
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, data):
+    args = ["--set", "train.steps=60", "--set", "train.save_every=10", "--set", "train.keep_checkpoints=1"]
+    assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="ref")), *args)[0] == 0
+    path = recipe(tmp_path, tiny_dir, data, out="killed")
+    proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "killed before the end"
+    # a checkpoint whose write was cut short is a hidden temporary directory, never a step-* one
+    (ckpts / ".step-000099.tmp-half").mkdir(parents=True)
+    code, out, err = run_cli("finetune", str(path), "--resume", *args)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["steps"] == 60 and metrics["resumed_from_step"] % 10 == 0 and metrics["resumed_from_step"] > 0
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61)), "each step logged once"
+    assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
+
+
+def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data)
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 2 and "has no complete checkpoint" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("x")
+    code, _, err = run_cli("finetune", str(path))
+    assert code == 2 and "already exists: pass --resume" in err
+
+
+def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tiny_dir, data):
+    single = recipe(tmp_path, tiny_dir, data, out="single")
+    assert run_cli("finetune", str(single), "--set", "train.grad_accum=2", "--set", "train.steps=4")[0] == 0
+    ddp = recipe(tmp_path, tiny_dir, data, out="ddp")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "llmfast.cli", "finetune", str(ddp),
+                        "--set", "train.steps=4"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["processes"] == 2
+    assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-5
+
+
+def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = recipe(tmp_path, tiny_dir, data, extra="quantization: {type: nf4, double_quant: true}\nexport_merged: true")
+    code, _, err = run_cli("finetune", str(path), "--set", "train.steps=10")
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter" / "llmfast.json").read_text())["quantization"] is True
+    # reference: the trained model as it was trained, 4-bit base + adapter
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=q, dtype=torch.float32,
+                                                 device_map={"": "cpu"})
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base4.modules())
+    trained = PeftModel.from_pretrained(base4, run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, rtol=2e-3, atol=2e-3)
+
+
+def test_export_refuses_4bit(tmp_path):
+    (tmp_path / "ad").mkdir()
+    code, _, err = run_cli("export", str(tmp_path / "ad"), str(tmp_path / "out"), "--dtype", "nf4")
+    assert code == 2 and "merging into nf4 weights is refused" in err and "rounded away" in err
+    assert not (tmp_path / "out").exists()
+
+
+BAD = [
+    ("missing field", '{"prompt": "x"}\n', "", "train.jsonl:1: missing field 'completion'"),
+    ("empty dataset", "", "", "the data set is empty"),
+    ("too long, refused", '{"prompt": "x", "completion": "' + "word " * 80 + '"}\n', "data.too_long=error",
+     "more than max_length 64"),
+    ("targets match nothing", None, "lora.target_modules=[nonexistent_proj]", "match no layer of the model"),
+]
+
+
+@pytest.mark.parametrize("what,rows,override,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_dir, data, what, rows, override, expected):
+    train = data
+    if rows is not None:
+        train = tmp_path / "train.jsonl"
+        train.write_text(rows)
+    path = recipe(tmp_path, tiny_dir, train)
+    code, _, err = run_cli("finetune", str(path), *(["--set", override] if override else []))
+    # progress bars of model loading may come first; the error itself is one line, the last
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("llmfast: error: ") and expected in last, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "no partial output directory"
+
+
+def test_qlora_without_bitsandbytes_is_one_line(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data, extra="quantization: {type: nf4}")
+    code = ("import sys; sys.modules['bitsandbytes'] = None; from llmfast.cli import main; "
+            f"sys.exit(main(['finetune', {str(path)!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "QLoRA needs bitsandbytes" in p.stderr, p.stderr[-1000:]
+    assert not (tmp_path / "run").exists()
