@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from llmfast.data.jsonl import prompt_and_answer, read_jsonl
+from llmfast.data.chat import prompt_and_answer
+from llmfast.data.jsonl import read_jsonl
 from llmfast.data.tasks import check
 from llmfast.errors import UserError
 

@@ -73,9 +73,12 @@ def test_task_accuracy_counts_what_the_checker_says(tiny, tmp_path):
 
 @pytest.mark.parametrize("line,expected", [
     ("{bad json", "t.jsonl:1: not valid JSON"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', "t.jsonl:1: field 'messages' must be a list of at least two"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "t.jsonl:1: no assistant turn"),
+    ('{"messages": []}', "t.jsonl:1: field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     "t.jsonl:1: the last message must be the assistant's answer"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}', "messages[1] lacks field 'content'"),
-    ('{"prompt": "x"}', "t.jsonl:1: a prompt row needs field 'completion'"),
+    ('{"prompt": "x"}', "t.jsonl:1: missing field 'completion'"),
     ('{"text": "x"}', "t.jsonl:1: missing field 'messages'"),
     ("", "t.jsonl: the data set is empty"),
 ])

@@ -60,6 +60,15 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
 
 
+def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
+    """For evaluation: the conversation up to the last turn, and that turn (the assistant's) as the answer."""
+    where = f"{path}:{row.get('_row', '?')}"
+    msgs = to_messages(row, where)
+    if msgs[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
+    return msgs[:-1], msgs[-1]["content"]
+
+
 def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0) -> Encoded:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template: use an instruct model or add a chat_template")

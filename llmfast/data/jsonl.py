@@ -29,24 +29,3 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"{path}: the data set is empty")
     return rows
-
-
-def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
-    """Split a chat row (last turn is the assistant's answer) or a prompt/completion row."""
-    where = f"{path}:{row.get('_row', '?')}"
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs):
-            raise UserError(f"{where}: field 'messages' must be a list of at least two {{role, content}} objects")
-        for i, m in enumerate(msgs):
-            if "role" not in m or "content" not in m:
-                raise UserError(f"{where}: messages[{i}] lacks field '{'role' if 'role' not in m else 'content'}'")
-        if msgs[-1]["role"] != "assistant":
-            raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
-        return [{"role": m["role"], "content": str(m["content"])} for m in msgs[:-1]], str(msgs[-1]["content"])
-    if "prompt" in row:
-        answer = row.get("completion", row.get("answer"))
-        if answer is None:
-            raise UserError(f"{where}: a prompt row needs field 'completion' (or 'answer')")
-        return [{"role": "user", "content": str(row["prompt"])}], str(answer)
-    raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
