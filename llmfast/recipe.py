@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
 
@@ -26,13 +26,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def _existing_file(p: Path) -> Path:
-    if not p.expanduser().is_file():
-        raise ValueError(f"file not found: {p} (paths are relative to the directory you run llmfast from)")
-    return p.expanduser()
+def _must_exist(kind: str) -> Any:
+    """A validator: the path exists (as a file, for kind 'file'), relative to the working directory."""
+
+    def check(p: Path) -> Path:
+        p = p.expanduser()
+        if not (p.is_file() if kind == "file" else p.exists()):
+            raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
+                             "(paths are relative to the directory you run llmfast from)")
+        return p
+
+    return AfterValidator(check)
 
 
-ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+ExistingFile = Annotated[Path, _must_exist("file")]
+ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -66,20 +74,13 @@ class EvalRecipe(StrictModel):
 
 # ---------------------------------------------------------------- finetune
 class DataConfig(StrictModel):
-    train: Path  # JSONL (chat `messages` or `prompt`/`completion` rows) or a datasets.save_to_disk directory
-    eval: Path | None = None  # held-out set; without it `eval_fraction` of train is held out
+    train: ExistingPath  # JSONL (chat `messages` or `prompt`/`completion` rows) or a datasets.save_to_disk dir
+    eval: ExistingPath | None = None  # held-out set; without it `eval_fraction` of train is held out
     eval_fraction: float = Field(0.02, ge=0, lt=1)
     max_length: PositiveInt = 512
     too_long: Literal["truncate", "error"] = "truncate"
     packing: bool = True
     pack_length: PositiveInt | None = None  # tokens per packed row; null: max_length
-
-    @field_validator("train", "eval")
-    @classmethod
-    def _exists(cls, p: Path | None) -> Path | None:
-        if p is not None and not p.expanduser().exists():
-            raise ValueError(f"not found: {p} (paths are relative to the directory you run llmfast from)")
-        return p
 
 
 class LoraConfig(StrictModel):

@@ -139,10 +139,6 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task | None:
-    return TASKS.get(name)
-
-
 def check(task: str, prediction: str, answer: str) -> bool:
     """Score one prediction: the task's own check, or whitespace-trimmed exact match for other task sets."""
     found = TASKS.get(task)

@@ -23,7 +23,7 @@ def _dequantize_4bit(model: Any, dtype: Any) -> None:
     import bitsandbytes as bnb
     import torch
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
@@ -59,12 +59,10 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     quantized = bool(manifest.get("quantization"))
     td = torch_dtype(dtype)
     if quantized:
-        from transformers import BitsAndBytesConfig
+        from llmfast.finetune.lora import bnb_4bit_config
 
         q = manifest.get("recipe", {}).get("quantization") or {}
-        bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.get("type", "nf4"),
-                                     bnb_4bit_use_double_quant=q.get("double_quant", True),
-                                     bnb_4bit_compute_dtype=td, bnb_4bit_quant_storage=td)
+        bnb_cfg = bnb_4bit_config(q.get("type", "nf4"), q.get("double_quant", True), dtype)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_cfg, dtype=td,
                                                      device_map={"": device})

@@ -31,6 +31,22 @@ def pick_compute_dtype(requested: str) -> str:
     return "float32"
 
 
+def bnb_4bit_config(quant_type: str, double_quant: bool, dtype: str) -> Any:
+    """The bitsandbytes 4-bit config used to train QLoRA, and to reload the same base for export."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("QLoRA needs bitsandbytes: `pip install bitsandbytes`, or remove 'quantization' "
+                        "from the recipe to train plain LoRA") from None
+    from llmfast.models import torch_dtype
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch_dtype(dtype),
+    )
+
+
 def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -40,16 +56,7 @@ def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str
     q = recipe.quantization
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if q is not None:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise UserError("QLoRA needs bitsandbytes: `pip install bitsandbytes`, or remove 'quantization' "
-                            "from the recipe to train plain LoRA") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch_dtype(dtype),
-        )
+        kwargs["quantization_config"] = bnb_4bit_config(q.type, q.double_quant, dtype)
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if q is None:
@@ -75,8 +82,7 @@ def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear")
-                            or "Linear" in type(m).__name__})
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__})
             raise UserError(f"lora.target_modules {lc.target_modules!r} match no layer of the model; "
                             f"its linear layers are: {', '.join(names)} (or use all-linear)") from None
         raise

@@ -191,7 +191,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     t_start = time.perf_counter()
     train_seconds, tokens_seen, last_loss, eval_loss = 0.0, 0, float("nan"), None
-    window_loss, window_tokens = 0.0, 0
+    window_loss, window_steps = 0.0, 0
     bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", disable=not acc.is_main_process)
     wrapped.train()
     for step in range(start_step, total_steps):
@@ -216,7 +216,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         train_seconds += time.perf_counter() - t0
         tokens_seen += sum(b.real_tokens for b in batch_list)
         window_loss += step_loss
-        window_tokens += 1
+        window_steps += 1
         done = step + 1
         mem = peak_memory_gib(acc.device)
         bar.update(1)
@@ -225,7 +225,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         if tc.eval_every and done % tc.eval_every == 0 and done != total_steps:
             fresh_eval = eval_loss = evaluate()
         if done % tc.log_every == 0 or done == total_steps:
-            last_loss = window_loss / window_tokens
+            last_loss = window_loss / window_steps
             if acc.is_main_process:
                 entry = {"step": done, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0],
                          "tokens_per_s": round(tokens_seen / train_seconds, 1), "peak_mem_gib": round(mem, 3)}
@@ -233,7 +233,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
                     entry["eval_loss"] = round(fresh_eval, 6)
                 with log_path.open("a") as f:
                     f.write(json.dumps(entry) + "\n")
-            window_loss, window_tokens = 0.0, 0
+            window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != total_steps:
             _save_checkpoint(acc, model, optimizer, scheduler, out, done, total_steps, tc.keep_checkpoints,
                              get_peft_model_state_dict)
