@@ -89,6 +89,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmfast.serve.server import VllmServer, prepare_spec
+
+    spec = prepare_spec(args.model, args.lora, served_name=args.served_model_name, host=args.host, port=args.port,
+                        api_key=args.api_key, dtype=args.dtype, max_model_len=args.max_model_len,
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        pipeline_parallel_size=args.pipeline_parallel_size, extra_args=args.vllm_args)
+    server = VllmServer(spec, log_path=args.log, echo=None if args.quiet else sys.stderr)
+    print(f"starting vLLM on {server.base_url} for {spec.model} (log: {server.log_path})", file=sys.stderr)
+    server.start()
+    try:
+        server.wait_ready(args.timeout)
+        names = [spec.name, *[a.name for a in spec.loras]]
+        print(f"ready: {server.base_url}/v1  models: {', '.join(names)}  (Ctrl-C stops)", flush=True)
+        code = server.proc.wait() if server.proc else 1
+        raise UserError(f"vLLM server exited (code {code}): {server.error_summary()} (log: {server.log_path})")
+    except KeyboardInterrupt:
+        print("stopping vLLM ...", file=sys.stderr)
+        server.stop()
+        return 0
+    finally:
+        server.stop()
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from llmfast.serve.online import bench_serve
+
+    results = bench_serve(args)
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from llmfast.serve.offline import bench_offline
+
+    result = bench_offline(args)
+    return 1 if result["status"] == "failed" else 0
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from llmfast.recipe import BenchRecipe, load_recipe
+    from llmfast.serve.runner import run_bench
+
+    recipe = load_recipe(args.recipe, BenchRecipe, args.overrides)
+    report = run_bench(recipe)
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from llmfast.data.tasks import TASKS, write_task
 
@@ -144,6 +192,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve", help="serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server",
+                       description="Start vLLM's OpenAI-compatible server for a model: builtin:NAME, a model "
+                       "directory, a .gguf or a hub id, with LoRA adapters served by name. Defaults come from the "
+                       "machine (every core bound, float32 on CPUs without fast bf16, a KV cache that fits). "
+                       "Arguments after `--` go to vLLM unchanged.")
+    p.add_argument("model", help="model to serve, e.g. builtin:smollm2-135m or runs/lora-dates/merged")
+    p.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS", help="extra vLLM server flags, after --")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="serve an adapter under NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("LLMFAST_API_KEY"),
+                   help="require this bearer key (default: $LLMFAST_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: its directory name)")
+    p.add_argument("--dtype", help="override the machine's choice (float32, bfloat16, float16, auto)")
+    p.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to vLLM")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="passed to vLLM")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health (default 600)")
+    p.add_argument("--log", help="write the server's output here (default: a temporary file)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the server's output")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmark serving: online load, offline engines, or every variant",
+                       description="Benchmarks: `bench serve` (load an OpenAI-compatible endpoint, flags of "
+                       "`vllm bench serve`), `bench offline` (vLLM or transformers engine in-process), "
+                       "`bench run RECIPE` (every variant of a bench recipe, one report).")
+    bench = p.add_subparsers(dest="bench_verb", metavar="KIND", parser_class=_Parser, required=True)
+    b = bench.add_parser("serve", help="online benchmark of an OpenAI-compatible endpoint",
+                         description="Streaming load against an OpenAI-compatible completions endpoint; metrics "
+                         "and result keys as `vllm bench serve`. Exit code 1 when requests failed.")
+    from llmfast.serve.online import add_arguments as add_serve_bench_arguments  # light: no torch, no vllm
+
+    add_serve_bench_arguments(b)
+    b.set_defaults(func=cmd_bench_serve)
+    b = bench.add_parser("offline", help="offline throughput and latency of vLLM's engine or transformers",
+                         description="All requests at once into vLLM's LLM engine (or transformers generate with "
+                         "--engine hf); per-request TTFT/TPOT/ITL/E2EL, requests/s and tokens/s.")
+    from llmfast.serve.offline import add_arguments as add_offline_arguments
+
+    add_offline_arguments(b)
+    b.set_defaults(func=cmd_bench_offline)
+    b = bench.add_parser("run", help="measure every variant of a bench recipe, one report",
+                         description="Run a bench recipe: each variant (base, LoRA, merged, quantized) served by "
+                         "vLLM where it can be, else by transformers (labelled), against the transformers baseline "
+                         "on the same prompts; writes report.md, PNG plots and results.json.")
+    b.add_argument("recipe", help="bench recipe YAML, e.g. recipes/bench_smollm2.yaml")
+    _add_set(b)
+    b.set_defaults(func=cmd_bench_run)
+
     p = sub.add_parser("tasks", help="list or generate the synthetic tasks",
                        description="Without arguments, list the synthetic tasks. With task names (or 'all'), "
                        "write TASK/train.jsonl and TASK/test.jsonl under --out, deterministic by --seed.")
@@ -153,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=200, help="test rows per task (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tasks)
+
     return parser
 
 

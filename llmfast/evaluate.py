@@ -141,11 +141,18 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     t0 = time.perf_counter()
     path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=cfg.dtype)
+    if recipe.adapter is not None or recipe.quantization is not None:
+        from llmfast.serve.engines import load_hf
+
+        model = load_hf(path, cfg.dtype, recipe.adapter, recipe.quantization)
+    else:
+        model = load_model(path, dtype=cfg.dtype)
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {
         "model": recipe.model,
         "model_path": str(path),
+        "adapter": str(recipe.adapter) if recipe.adapter else None,
+        "quantization": recipe.quantization,
         "dtype": cfg.dtype,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "device": "cpu", "torch": torch.__version__},

@@ -68,6 +68,8 @@ class EvalConfig(StrictModel):
 
 class EvalRecipe(StrictModel):
     model: str
+    adapter: ExistingPath | None = None  # a LoRA adapter applied on top of the model (unmerged)
+    quantization: Literal["nf4", "fp4"] | None = None  # load the model in bitsandbytes 4-bit
     eval: EvalConfig
     output: Path = Path("runs/eval/results.json")
 
@@ -126,6 +128,35 @@ class FinetuneRecipe(StrictModel):
     train: TrainConfig = TrainConfig()
     output: Path
     export_merged: bool = False  # also write OUTPUT/merged, the full model with the adapter merged in
+
+
+# ---------------------------------------------------------------- bench
+class WorkloadConfig(StrictModel):
+    num_prompts: PositiveInt = 64
+    input_len: PositiveInt = 128  # random-token prompts of this many tokens
+    output_len: PositiveInt = 64
+    ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work
+    max_concurrency: list[PositiveInt] = [1, 8, 64]  # a sweep; the transformers engine uses it as batch size
+    request_rate: float | Literal["inf"] = "inf"
+    percentiles: list[float] = [50, 90, 99]
+    seed: int = 0
+
+
+class VariantConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str
+    lora: ExistingPath | None = None
+    quantization: Literal["nf4", "fp4"] | None = None
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM unless it cannot load the variant here
+
+
+class BenchRecipe(StrictModel):
+    variants: list[VariantConfig] = Field(min_length=1)
+    workload: WorkloadConfig = WorkloadConfig()
+    baseline: Literal["first", "all", "none"] = "first"  # transformers on the same prompts as vLLM variants
+    quality: EvalConfig | None = None  # `llmfast eval` settings run on every variant
+    server_timeout: PositiveInt = 600
+    output: Path = Path("runs/bench/report")
 
 
 # ---------------------------------------------------------------- loading

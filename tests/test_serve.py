@@ -1,0 +1,194 @@
+"""Serving pieces that need no running server: metrics by vLLM's definitions, arrivals, prompts, the server's
+command line and defaults, adapter checks and bad input (one line, exit code 2, before anything starts)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from llmfast.errors import UserError
+from llmfast.serve.loadgen import arrival_times, jsonl_requests, random_requests
+from llmfast.serve.machine import Machine, core_ranges, vllm_defaults
+from llmfast.serve.metrics import RequestResult, compute_metrics, parse_goodput, parse_percentiles
+from llmfast.serve.server import ServerSpec, check_lora, max_lora_rank, server_command
+
+# The summary keys `vllm bench serve` writes (vllm/benchmarks/serve.py), for the default metric selection.
+VLLM_KEYS = {"duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
+             "request_goodput", "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms",
+             "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "std_tpot_ms", "p99_tpot_ms",
+             "mean_itl_ms", "median_itl_ms", "std_itl_ms", "p99_itl_ms"}
+
+
+def _req(ttft, itl, n_out, n_in=10, ok=True):
+    return RequestResult(success=ok, prompt_len=n_in, output_tokens=n_out, ttft=ttft, itl=list(itl),
+                         latency=ttft + sum(itl), error="" if ok else "ClientConnectorError: refused")
+
+
+def test_metrics_follow_vllm_definitions():
+    rs = [_req(0.1, [0.02, 0.03], 3), _req(0.3, [0.05] * 4, 5), _req(0.2, [], 1),
+          _req(0, [], 0, ok=False)]
+    m = compute_metrics(rs, duration=2.0, percentiles=[50, 99], metrics=["ttft", "tpot", "itl", "e2el"],
+                        goodput={"ttft": 250, "tpot": 40})
+    assert m["completed"] == 3 and m["failed"] == 1
+    assert m["total_input_tokens"] == 30 and m["total_output_tokens"] == 9  # failed requests count nothing
+    assert m["request_throughput"] == pytest.approx(1.5)
+    assert m["output_throughput"] == pytest.approx(4.5)
+    assert m["total_token_throughput"] == pytest.approx(19.5)
+    # TPOT excludes the first token and is undefined for one-token outputs: (0.05/2, 0.2/4) only.
+    assert m["mean_tpot_ms"] == pytest.approx(np.mean([25.0, 50.0]))
+    assert m["median_ttft_ms"] == pytest.approx(200.0)
+    assert m["p99_itl_ms"] == pytest.approx(np.percentile([20, 30, 50, 50, 50, 50], 99))
+    assert m["mean_e2el_ms"] == pytest.approx(np.mean([150, 500, 200]))
+    # Good: ttft <= 250 ms and tpot <= 40 ms: the first (25 ms) and the one-token one (tpot 0); not the second.
+    assert m["request_goodput"] == pytest.approx(1.0)
+    assert m["error_counts"] == {"ClientConnectorError: refused": 1}
+
+
+def test_metric_keys_are_vllms():
+    m = compute_metrics([_req(0.1, [0.02], 2)], 1.0)
+    assert VLLM_KEYS <= m.keys()
+    assert m["request_goodput"] is None  # as vLLM writes it without --goodput
+
+
+def test_parsers_reject_bad_values():
+    assert parse_percentiles("50,90,99.9") == [50, 90, 99.9]
+    assert parse_goodput(["ttft:500 tpot:50"]) == {"ttft": 500.0, "tpot": 50.0}
+    for bad in ("", "0", "101", "p99"):
+        with pytest.raises(UserError):
+            parse_percentiles(bad)
+    for bad in (["ttft=5"], ["latency:5"], ["ttft:fast"]):
+        with pytest.raises(UserError):
+            parse_goodput(bad)
+
+
+def test_arrivals_poisson_seeded_and_infinite():
+    assert arrival_times(5, math.inf) == [0.0] * 5
+    a = arrival_times(4000, request_rate=8.0, seed=3)
+    assert a == arrival_times(4000, request_rate=8.0, seed=3)
+    gaps = np.diff(a)
+    assert np.mean(gaps) == pytest.approx(1 / 8, rel=0.05)
+    assert np.std(gaps) == pytest.approx(1 / 8, rel=0.08)  # exponential: std equals mean
+    bursty = np.diff(arrival_times(4000, 8.0, burstiness=0.25, seed=3))
+    assert np.std(bursty) > 1.5 * np.std(gaps)
+
+
+def test_random_prompts_have_exact_token_counts(tiny):
+    _, tok = tiny
+    reqs = random_requests(tok, 12, input_len=40, output_len=7, seed=1)
+    assert all(r.prompt_len == 40 and r.output_len == 7 for r in reqs)
+    for r in reqs:
+        assert tok.encode(r.prompt, add_special_tokens=False) == r.prompt_ids
+    assert [r.prompt for r in reqs] == [r.prompt for r in random_requests(tok, 12, 40, 7, seed=1)]
+    assert len({r.prompt for r in reqs}) == 12
+    ranged = random_requests(tok, 50, 40, 8, range_ratio=0.5, seed=2)
+    assert min(r.prompt_len for r in ranged) >= 20 and max(r.prompt_len for r in ranged) <= 60
+    assert len({r.prompt_len for r in ranged}) > 5
+
+
+def test_jsonl_prompts_and_their_errors(tmp_path, tiny):
+    _, tok = tiny
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "hello there"}\n{"prompt": "bye", "output_len": 3}\n')
+    reqs = jsonl_requests(good, tok, output_len=9)
+    assert [r.output_len for r in reqs] == [9, 3]
+    cases = {'{"prompt": "a"}\n{"text": "b"}\n': "p.jsonl:2: needs a non-empty string field 'prompt'",
+             '{"prompt": "a", "output_len": 0}\n': "p.jsonl:1: 'output_len' must be a positive integer",
+             '{"prompt": "a"}\nnot json\n': "p.jsonl:2"}
+    for text, msg in cases.items():
+        good.write_text(text)
+        with pytest.raises(UserError, match=msg.replace(".", r"\.")):
+            jsonl_requests(good, tok, 9)
+
+
+def test_machine_defaults_on_this_kind_of_cpu():
+    avx2 = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset({"avx2"}), available_gib=20.0)
+    env, flags = vllm_defaults(avx2)
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                   "VLLM_CPU_KVCACHE_SPACE": "5"}
+    assert flags == ["--dtype", "float32"]
+    amx = Machine(cuda=False, cores=[0, 1, 2, 5], cpu_flags=frozenset({"amx_bf16"}), available_gib=2.0)
+    env, flags = vllm_defaults(amx)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2,5" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert flags == ["--dtype", "bfloat16"]
+    assert core_ranges([3]) == "3" and core_ranges([0, 2, 4, 5]) == "0,2,4-5"
+
+
+def _adapter(tmp_path, **cfg):
+    d = tmp_path / "adapter"
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, **cfg}))
+    return d
+
+
+def test_server_command(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")  # the user's setting wins over ours
+    ad = check_lora("a", _adapter(tmp_path, r=24))
+    spec = ServerSpec(model=tiny_dir, loras=[ad], port=9001, api_key="s3cret", tensor_parallel_size=2,
+                      extra_args=["--max-num-seqs", "32"])
+    m = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset(), available_gib=8.0)
+    argv, env = server_command(spec, m)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(argv)
+    assert "--host 127.0.0.1 --port 9001" in joined and "--dtype float32" in joined
+    assert "--enable-lora --max-lora-rank 32 --max-loras 1 --lora-modules a=" in joined
+    assert "--tensor-parallel-size 2" in joined and argv[-2:] == ["--max-num-seqs", "32"]
+    assert "s3cret" not in joined and env["VLLM_API_KEY"] == "s3cret"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    (tmp_path / "small").mkdir()
+    assert max_lora_rank([check_lora("b", _adapter(tmp_path / "small", r=1))]) == 1
+    assert max_lora_rank([ad, check_lora("b", _adapter(tmp_path / "small", r=1))]) == 32
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    ({"r": 1024}, "rank 1024 .* not supported by vLLM"),
+    ({"use_dora": True}, "DoRA adapter, which vLLM cannot serve"),
+    ({"peft_type": "IA3"}, "IA3 adapter; vLLM serves LoRA only"),
+])
+def test_serve_refuses_adapters_vllm_cannot_load(tmp_path, tiny_dir, cfg, msg):
+    code, out, err = run_cli("serve", str(tiny_dir), "--lora", f"x={_adapter(tmp_path, **cfg)}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(msg, err), err
+
+
+def test_serve_and_bench_bad_input(tmp_path, tiny_dir):
+    code, _, err = run_cli("serve", str(tmp_path))
+    assert code == 2 and "not a Hugging Face model" in err
+    code, _, err = run_cli("serve", str(tiny_dir), "--lora", f"x={tmp_path}")
+    assert code == 2 and "not a PEFT adapter directory" in err
+    code, _, err = run_cli("bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2")
+    assert code == 2 and "cannot reach http://127.0.0.1:9" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("bench", "serve", "--max-concurrency", "4,x")
+    assert code == 2 and "'x' is not a whole number" in err
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
+    out = tmp_path / "res.json"
+    code, _, err = run_cli("bench", "offline", str(tiny_dir), "--engine", "hf", "--dataset-name", "custom",
+                           "--dataset-path", str(bad), "--output", str(out))
+    assert code == 2 and "prompts.jsonl:2: needs a non-empty string field 'prompt'" in err and not out.exists()
+    code, _, err = run_cli("bench", "offline", str(tiny_dir), "--quantization", "nf4")
+    assert code == 2 and "--engine hf" in err
+
+
+def test_hf_engine_times_every_token(tiny):
+    from llmfast.serve.engines import run_hf
+
+    model, tok = tiny
+    reqs = random_requests(tok, 5, input_len=12, output_len=6, seed=0)
+    results, duration = run_hf(model, tok, reqs, batch_size=2)
+    assert [r.output_tokens for r in results] == [6] * 5 and all(r.success for r in results)
+    for r in results:
+        assert len(r.itl) == 5 and r.latency == pytest.approx(r.ttft + sum(r.itl))
+        assert 0 < r.ttft <= r.latency <= duration
+    # Static batches: the third batch starts after the first two finished.
+    assert results[4].ttft > results[1].latency
+    # Greedy decoding of the same prompt alone gives the same text (batching and padding change nothing).
+    import torch
+
+    ids = torch.tensor([reqs[3].prompt_ids])
+    with torch.inference_mode():
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True) == results[3].generated_text

