@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tasks)
 
+    from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time
+
+    merge_cli.configure(sub.add_parser(
+        "merge", help="merge models or LoRA adapters that share a base (mergekit-style config)",
+        description="Merge full models or LoRA adapters fine-tuned from one base with linear, task_arithmetic, "
+        "ties, dare_linear, dare_ties or magnitude pruning (mergekit's config format). Streams tensors "
+        "one at a time; writes OUTPUT atomically."))
     return parser
 
 

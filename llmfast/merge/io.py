@@ -1,0 +1,216 @@
+"""Lazy tensor IO: read one tensor at a time from safetensors, stream merged tensors into sharded files.
+
+Reading opens the file with `safetensors.safe_open` for each tensor and closes it at once, so the
+mapping and the pages it touched go away with it: a merge holds the few tensors it is combining, never a
+whole model. Writing needs no buffering either: every output tensor's name, shape and dtype are known
+before the first is computed, so each shard's safetensors header is written first and each tensor's
+bytes are appended as it is produced. More than one shard gets `model.safetensors.index.json`, like
+`save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype tags <-> torch dtype names, with their sizes
+_ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2),
+              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+              "BOOL": ("bool", 1)}
+_TAG = {name: tag for tag, (name, _) in _ST_DTYPES.items()}
+
+# Files copied from the reference model next to the merged weights.
+COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "added_tokens.json")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")):
+        raise UserError(f"{model_dir} has only PyTorch .bin weights: merging reads safetensors lazily; "
+                        "re-save the model with save_pretrained(safe_serialization=True)")
+    raise UserError(f"{model_dir} has no model.safetensors (or index): not a model directory llmfast can merge")
+
+
+def tensor_index(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """name -> (shape, safetensors dtype tag, file), from the headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for f in weight_files(Path(model_dir)):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype(), f)
+    return out
+
+
+def model_dtype(model_dir: Path, index: dict[str, tuple[tuple[int, ...], str, Path]]) -> str:
+    """The dtype most of the model's floating-point weights have."""
+    counts: dict[str, int] = {}
+    for shape, tag, _ in index.values():
+        if tag in ("F32", "BF16", "F16", "F64"):
+            n = 1
+            for s in shape:
+                n *= s
+            counts[tag] = counts.get(tag, 0) + n
+    tag = max(counts, key=lambda k: counts[k]) if counts else "F32"
+    name = _ST_DTYPES[tag][0]
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    # embeddings first, then layers by number, then the rest (final norm, head): a readable shard order.
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def ordered(index: dict[str, Any]) -> dict[str, Any]:
+    return {k: index[k] for k in sorted(index, key=_natural_key)}
+
+
+class TensorReader:
+    """One model's tensors, read lazily one at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = Path(model_dir)
+        self.index = tensor_index(self.dir)
+
+    def get(self, name: str) -> "torch.Tensor":
+        from safetensors import safe_open
+
+        _shape, _tag, file = self.index[name]
+        # Open, read, close: the tensor is a private copy and the file mapping is released now.
+        with safe_open(file, framework="pt") as st:
+            return st.get_tensor(name)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(text).upper())
+    if not m:
+        raise UserError(f"shard size '{text}' not understood: write e.g. 500M or 5G")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+
+
+class ShardedWriter:
+    """Stream tensors, in a fixed order known up front, into safetensors shards of at most `max_bytes`."""
+
+    def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], str]], max_bytes: int,
+                 prefix: str = "model", metadata: dict[str, str] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = _numel(shape) * _size_of(dtype)
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape, dtype, nbytes))
+            size += nbytes
+        self.shards = shards
+        n = len(shards)
+        self.files = [f"{prefix}.safetensors"] if n == 1 else \
+            [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.where = {t[0]: i for i, shard in enumerate(shards) for t in shard}
+        self.expected = [t for shard in shards for t in shard]
+        self._next = 0
+        self._fh: BinaryIO | None = None
+        self._shard = -1
+        self.total_bytes = sum(t[3] for t in self.expected)
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        import torch
+
+        exp_name, shape, dtype, nbytes = self.expected[self._next]
+        if name != exp_name:
+            raise RuntimeError(f"tensor {name} written out of order (expected {exp_name})")
+        tensor = tensor.to(getattr(torch, dtype)).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {shape}")
+        shard = self.where[name]
+        if shard != self._shard:
+            self._open(shard)
+        assert self._fh is not None
+        self._fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+        if self._next == len(self.expected) or self.where[self.expected[self._next][0]] != shard:
+            self._fh.close()
+            self._fh = None
+
+    def _open(self, shard: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[shard]:
+            header[name] = {"dtype": _TAG[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._fh = open(self.out_dir / self.files[shard], "wb")
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._shard = shard
+
+    def finish(self) -> list[str]:
+        if self._next != len(self.expected):
+            raise RuntimeError(f"only {self._next} of {len(self.expected)} tensors were written")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: self.files[i] for name, i in self.where.items()}}
+            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return self.files
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _size_of(dtype: str) -> int:
+    for name, size in _ST_DTYPES.values():
+        if name == dtype:
+            return size
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def st_dtype_name(tag: str) -> str:
+    return _ST_DTYPES[tag][0]
+
+
+def copy_model_files(src: Path, dst: Path, out_dtype: str) -> None:
+    """config.json (with the output dtype) and the tokenizer/generation files of `src`."""
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg["dtype"] = out_dtype
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = out_dtype
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    for name in COPY_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
