@@ -75,12 +75,12 @@ def main() -> None:
         run([sys.executable, "-m", "llmfast.cli", "bench", "serve", *common[:-1], "--num-prompts", "8",
              "--result-dir", str(tmp), "--result-filename", "warm.json", "--save-result"], tmp / "warm.json")
         for r in range(a.rounds):
-            ours = tmp / f"ours-{r}.json"
-            runs["llmfast"].append(run([sys.executable, "-m", "llmfast.cli", "bench", "serve", *common,
-                                        "--result-dir", str(tmp), "--result-filename", ours.name], ours))
-            theirs = tmp / f"vllm-{r}.json"
-            runs["vllm"].append(run([sys.executable, "-c", VLLM_DRIVER, *common, "--result-dir", str(tmp),
-                                     "--result-filename", theirs.name], theirs))
+            ours, theirs = tmp / f"ours-{r}.json", tmp / f"vllm-{r}.json"
+            sides = [("llmfast", [sys.executable, "-m", "llmfast.cli", "bench", "serve"], ours),
+                     ("vllm", [sys.executable, "-c", VLLM_DRIVER], theirs)]
+            # Alternate who goes first, so a slow drift of the machine does not favour one side.
+            for side, cmd, path in sides if r % 2 == 0 else sides[::-1]:
+                runs[side].append(run([*cmd, *common, "--result-dir", str(tmp), "--result-filename", path.name], path))
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         load = None
         if a.load_prompts:

@@ -158,7 +158,11 @@ class VllmServer:
         self.spec = spec
         if spec.port == 0:
             spec.port = free_port(spec.host)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
         self._echo_thread: threading.Thread | None = None
