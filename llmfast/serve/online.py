@@ -8,19 +8,19 @@ server that stopped answering during the run is named as the cause.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from llmfast.errors import UserError
-from llmfast.serve.loadgen import Request, jsonl_requests, random_requests, run_load, served_models
-from llmfast.serve.metrics import compute_metrics, format_summary, parse_goodput, parse_metric_names, parse_percentiles
+
+# The load generator and metrics (numpy, asyncio, aiohttp) are imported inside the functions: the CLI builds
+# this verb's parser on every start, and `add_arguments` must stay light.
+if TYPE_CHECKING:
+    from llmfast.serve.loadgen import Request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +89,9 @@ def _tokenizer_for(args: argparse.Namespace, models: list[dict[str, Any]], model
     return AutoTokenizer.from_pretrained(source), str(source)
 
 
-def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[Request]:
+def build_requests(args: argparse.Namespace, tokenizer: Any) -> list["Request"]:
+    from llmfast.serve.loadgen import jsonl_requests, random_requests
+
     if args.num_prompts < 1:
         raise UserError("--num-prompts must be at least 1")
     if args.dataset_name == "custom":
@@ -112,9 +114,16 @@ def _health(base_url: str) -> bool:
         return False
 
 
-def run_point(base_url: str, model: str, requests: list[Request], request_rate: float,
+def run_point(base_url: str, model: str, requests: list["Request"], request_rate: float,
               max_concurrency: int | None, args: argparse.Namespace, desc: str = "requests") -> dict[str, Any]:
     """One load level: send, summarise, and mark the result failed (with the cause) if any request failed."""
+    import asyncio
+
+    from tqdm.auto import tqdm
+
+    from llmfast.serve.loadgen import run_load
+    from llmfast.serve.metrics import compute_metrics, parse_goodput, parse_metric_names, parse_percentiles
+
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
     slos = parse_goodput(args.goodput)
@@ -169,6 +178,8 @@ def result_path(args: argparse.Namespace, result: dict[str, Any], sweep: bool) -
 def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the sweep; print and optionally save each point; return the results."""
     from llmfast.artifacts import atomic_write_json
+    from llmfast.serve.loadgen import served_models
+    from llmfast.serve.metrics import format_summary, parse_goodput, parse_metric_names, parse_percentiles
 
     # Validate every flag before the first request.
     rates = _parse_list(args.request_rate, "request-rate", float)
