@@ -80,11 +80,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llmfast.finetune.export import export_merged
+    from llmfast.models import adapter_dir
 
-    adapter = Path(args.adapter)
-    if (adapter / "adapter").is_dir() and not (adapter / "adapter_config.json").exists():
-        adapter = adapter / "adapter"  # a finetune run directory
-    out = export_merged(adapter, args.output, args.dtype)
+    out = export_merged(adapter_dir(args.adapter), args.output, args.dtype)
     print(f"merged model: {out}")
     return 0
 

@@ -84,6 +84,14 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """A PEFT adapter directory, or a finetune run directory holding one in adapter/: the adapter's path."""
+    p = Path(path).expanduser()
+    if (p / "adapter" / "adapter_config.json").is_file() and not (p / "adapter_config.json").is_file():
+        return p / "adapter"
+    return p
+
+
 def resolve_model(spec: str, dtype: str = "float32") -> Path:
     """Return a local Hugging Face model directory for `spec`, converting or downloading once if needed."""
     spec = str(spec).strip()

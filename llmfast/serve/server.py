@@ -56,9 +56,9 @@ def parse_lora(spec: str) -> tuple[str, str]:
 
 def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None) -> LoraAdapter:
     """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA."""
-    p = Path(path).expanduser()
-    if (p / "adapter" / "adapter_config.json").is_file() and not (p / "adapter_config.json").is_file():
-        p = p / "adapter"  # a finetune output directory
+    from llmfast.models import adapter_dir
+
+    p = adapter_dir(path)
     cfg_path = p / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"LoRA '{name}': {p} is not a PEFT adapter directory (no adapter_config.json)")
