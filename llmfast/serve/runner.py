@@ -52,8 +52,9 @@ def _check(recipe: "BenchRecipe") -> list[dict[str, Any]]:
             model_dir = resolve_model(v.model)
         except UserError as e:
             raise UserError(f"variant '{v.name}': {e}") from None
-        lora = check_lora(v.name, v.lora, base=model_dir).path if v.lora else None
-        plan.append({"cfg": v, "name": v.name, "model_dir": model_dir, "lora": lora, "engine": _engine(v)})
+        adapter = check_lora(v.name, v.lora, base=model_dir) if v.lora else None
+        plan.append({"cfg": v, "name": v.name, "model_dir": model_dir, "adapter": adapter,
+                     "lora": adapter.path if adapter else None, "engine": _engine(v)})
     return plan
 
 
@@ -75,10 +76,10 @@ def _run_vllm_group(recipe: "BenchRecipe", group: list[dict[str, Any]], requests
     """One server for a model and its LoRA variants; every variant through every concurrency."""
     from llmfast.serve.memory import PeakRss
     from llmfast.serve.online import run_point
-    from llmfast.serve.server import LoraAdapter, ServerSpec, VllmServer, check_lora
+    from llmfast.serve.server import ServerSpec, VllmServer
 
     model_dir = group[0]["model_dir"]
-    adapters: list[LoraAdapter] = [check_lora(item["name"], item["lora"]) for item in group if item["lora"]]
+    adapters = [item["adapter"] for item in group if item["adapter"]]  # checked once, in _check
     spec = ServerSpec(model=model_dir, served_name="model", loras=adapters, port=0)
     server = VllmServer(spec, log_path=out / f"server-{group[0]['name']}.log")
     print(f"bench: starting vLLM for {model_dir} ({', '.join(i['name'] for i in group)})", file=sys.stderr)
@@ -219,8 +220,8 @@ def run_bench(recipe: "BenchRecipe") -> Path:
                        f"{'CUDA' if machine.cuda else 'CPU only'}{', fast bf16' if machine.fast_bf16 else ''}",
             "workload": w.model_dump(mode="json"),
             "recipe": recipe_dict(recipe),
-            "variants": [{k: (str(v) if isinstance(v, Path) else v) for k, v in item.items() if k != "cfg"}
-                         for item in variants],
+            "variants": [{k: (str(v) if isinstance(v, Path) else v) for k, v in item.items()
+                          if k not in ("cfg", "adapter")} for item in variants],
             "comparisons": comparisons,
         }
         atomic_write_json(tmp / "results.json", results)
