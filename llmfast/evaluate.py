@@ -141,12 +141,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     t0 = time.perf_counter()
     path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path)
-    if recipe.adapter is not None or recipe.quantization is not None:
-        from llmfast.serve.engines import load_hf
-
-        model = load_hf(path, cfg.dtype, recipe.adapter, recipe.quantization)
-    else:
-        model = load_model(path, dtype=cfg.dtype)
+    model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {
         "model": recipe.model,

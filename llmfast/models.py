@@ -211,10 +211,23 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def load_model(path: str | os.PathLike[str], dtype: str = "float32", **kwargs: Any) -> "PreTrainedModel":
+def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: str | os.PathLike[str] | None = None,
+               quantization: str | None = None, **kwargs: Any) -> "PreTrainedModel":
+    """A transformers model in eval mode: optionally 4-bit (bitsandbytes nf4/fp4) and with a PEFT adapter on top."""
     from transformers import AutoModelForCausalLM
 
+    if quantization:
+        from llmfast.finetune.lora import bnb_4bit_config
+
+        kwargs["quantization_config"] = bnb_4bit_config(quantization, True, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        a = adapter_dir(adapter)
+        if not (a / "adapter_config.json").is_file():
+            raise UserError(f"adapter {a}: not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(a))
     model.eval()
     return model
 

@@ -81,25 +81,6 @@ def run_vllm_offline(model: Path, requests: list[Request], ignore_eos: bool = Tr
     return [results[str(i)] for i in range(len(requests))], duration
 
 
-def load_hf(model: Path, dtype: str = "float32", lora: Path | None = None, quantization: str | None = None) -> Any:
-    """A transformers model for generation: optionally 4-bit (bitsandbytes) and with a LoRA adapter on top."""
-    from llmfast.models import load_model
-
-    kwargs: dict[str, Any] = {}
-    if quantization:
-        from llmfast.finetune.lora import bnb_4bit_config
-
-        kwargs["quantization_config"] = bnb_4bit_config(quantization, True, dtype)
-    m = load_model(model, dtype=dtype, **kwargs)
-    if lora is not None:
-        from peft import PeftModel
-
-        from llmfast.serve.server import check_lora
-
-        m = PeftModel.from_pretrained(m, str(check_lora("lora", lora).path))
-    return m.eval()
-
-
 def run_hf(model: Any, tokenizer: Any, requests: list[Request], batch_size: int = 8,
            ignore_eos: bool = True) -> tuple[list[RequestResult], float]:
     """Greedy `generate` in static batches of `batch_size`, in request order, timing every decode step."""

@@ -50,6 +50,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or vllm_defaults(detect())[1][1]
     if dtype == "auto":
         dtype = "bfloat16"
+    batch = args.batch_size or min(64, len(requests))
     with PeakRss() as mem:
         if args.engine == "vllm":
             from llmfast.serve.engines import run_vllm_offline
@@ -57,10 +58,10 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
             results, duration = run_vllm_offline(model_dir, requests, args.ignore_eos,
                                                  Path(args.lora) if args.lora else None, dtype)
         else:
-            from llmfast.serve.engines import load_hf, run_hf
+            from llmfast.models import load_model
+            from llmfast.serve.engines import run_hf
 
-            model = load_hf(model_dir, dtype, Path(args.lora) if args.lora else None, args.quantization)
-            batch = args.batch_size or min(64, len(requests))
+            model = load_model(model_dir, dtype, adapter=args.lora, quantization=args.quantization)
             results, duration = run_hf(model, tokenizer, requests, batch, args.ignore_eos)
     summary = compute_metrics(results, duration, percentiles, metric_names)
     result: dict[str, Any] = {
@@ -72,6 +73,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": args.quantization,
         "dtype": dtype,
         "num_prompts": len(requests),
+        "batch_size": batch if args.engine == "hf" else None,  # vLLM schedules its own batches
         **summary,
         # vLLM's `bench throughput` names for the same quantities
         "elapsed_time": duration,
