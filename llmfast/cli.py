@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from llmfast import __version__
 from llmfast.errors import UserError
@@ -96,8 +97,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         pipeline_parallel_size=args.pipeline_parallel_size, extra_args=args.vllm_args)
     server = VllmServer(spec, log_path=args.log, echo=None if args.quiet else sys.stderr)
     print(f"starting vLLM on {server.base_url} for {spec.model} (log: {server.log_path})", file=sys.stderr)
-    server.start()
+    # SIGTERM (docker stop, systemd, kill) stops vLLM like Ctrl-C does, instead of orphaning it; and Ctrl-C works
+    # even when started as a shell's background job, which inherits SIGINT ignored.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        server.start()
         server.wait_ready(args.timeout)
         names = [spec.name, *[a.name for a in spec.loras]]
         print(f"ready: {server.base_url}/v1  models: {', '.join(names)}  (Ctrl-C stops)", flush=True)
@@ -109,6 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -259,11 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line. For `serve`, everything after the first `--` goes to vLLM untouched (argparse
+    alone refuses a `--` that follows options, as in `serve MODEL --port 8001 -- --max-num-seqs 128`)."""
+    argv = list(argv)
+    if argv[:1] == ["serve"] and "--" in argv:
+        cut = argv.index("--")
+        args = build_parser().parse_args(argv[:cut])
+        args.vllm_args = argv[cut + 1 :]
+        return args
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LLMFAST_DEBUG"))
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         if not getattr(args, "func", None):
             build_parser().print_help()
             return 2

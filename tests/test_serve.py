@@ -142,6 +142,16 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     assert max_lora_rank([ad, check_lora("b", _adapter(tmp_path / "small", r=1))]) == 32
 
 
+def test_serve_passes_everything_after_double_dash_to_vllm():
+    from llmfast.cli import parse_args
+
+    args = parse_args(["serve", "m", "--port", "8001", "--api-key", "k", "--", "--max-num-seqs", "128", "--port", "9"])
+    assert (args.model, args.port, args.api_key) == ("m", 8001, "k")
+    assert args.vllm_args == ["--max-num-seqs", "128", "--port", "9"]
+    assert parse_args(["serve", "m", "--"]).vllm_args == []
+    assert parse_args(["serve", "m", "--lora", "a=b"]).vllm_args == []
+
+
 @pytest.mark.parametrize("cfg,msg", [
     ({"r": 1024}, "rank 1024 .* not supported by vLLM"),
     ({"use_dora": True}, "DoRA adapter, which vLLM cannot serve"),
