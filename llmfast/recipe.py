@@ -137,6 +137,7 @@ class WorkloadConfig(StrictModel):
     output_len: PositiveInt = 64
     ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work
     max_concurrency: list[PositiveInt] = [1, 8, 64]  # a sweep; the transformers engine uses it as batch size
+    hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: float | Literal["inf"] = "inf"
     percentiles: list[float] = [50, 90, 99]
     seed: int = 0

@@ -13,14 +13,15 @@ def _f(v: Any, fmt: str = ".1f") -> str:
 def markdown(results: dict[str, Any]) -> str:
     """Speed, memory and quality of every variant at every load level, then vLLM against transformers."""
     w = results["workload"]
+    hf_batch = f"batch size {w['hf_batch_size']}" if w.get("hf_batch_size") else "with the concurrency as batch size"
     lines = [
         f"# Bench report: {results['name']}",
         "",
         f"{results['date']} on {results['machine']}. Workload: {w['num_prompts']} prompts of {w['input_len']} random "
         f"tokens, {w['output_len']} output tokens{' (ignore_eos)' if w['ignore_eos'] else ''}, request rate "
         f"{w['request_rate']}; concurrency {', '.join(map(str, w['max_concurrency']))}. vLLM variants are measured "
-        "through its OpenAI server with streaming requests; `hf` rows are transformers `generate` in this machine's "
-        "process with the concurrency as batch size.",
+        "through its OpenAI server with streaming requests; `hf` rows are transformers `generate` (static batches) "
+        f"in a process of its own, {hf_batch}.",
         "",
     ]
     quality_keys: list[str] = []
@@ -46,9 +47,11 @@ def markdown(results: dict[str, Any]) -> str:
                                                     for a in accs]]) + " |")
     if results.get("comparisons"):
         lines += ["", "## vLLM against transformers on the same prompts", "",
-                  "| variant | concurrency | vLLM out tok/s | transformers out tok/s | ratio |", "|---|---|---|---|---|"]
+                  "| variant | vLLM concurrency | vLLM out tok/s | transformers batch | transformers out tok/s | ratio |",
+                  "|---|---|---|---|---|---|"]
         for c in results["comparisons"]:
             lines.append(f"| {c['variant']} | {c['max_concurrency']} | {c['vllm_output_throughput']:.1f} | "
+                         f"{c.get('hf_batch_size', c['max_concurrency'])} | "
                          f"{c['hf_output_throughput']:.1f} | **{c['ratio']:.2f}x** |")
     notes = [n for v in results["variants"] for n in v.get("notes", [])]
     if notes:

@@ -152,6 +152,34 @@ def test_server_killed_mid_run_gives_a_failed_result(tiny_dir, tmp_path):
     assert elapsed < 110  # every request ended on its own: nothing waited for the request timeout
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to a background job"])
+def test_serve_stops_vllm_on_a_signal(tiny_dir, tmp_path, how):
+    """`llmfast serve` stopped by SIGTERM (docker stop, systemd), or by SIGINT when started as a shell's
+    background job (which inherits SIGINT ignored), stops vLLM's whole process group and exits 0."""
+    import subprocess
+    import sys
+    import uuid
+
+    name = f"sig-{uuid.uuid4().hex[:8]}"  # only the vLLM server started here has this in its command line
+    ignore_int = how.startswith("SIGINT")
+    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "serve", str(tiny_dir), "--port", "0", "--quiet",
+                             "--served-model-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_int else None)
+    try:
+        line = proc.stdout.readline()  # "ready: URL/v1 ..." once /health answers
+        assert line.startswith("ready: "), proc.stderr.read()[-2000:]
+        url = line.split()[1]
+        assert subprocess.run(["pgrep", "-f", name], capture_output=True).returncode == 0
+        proc.send_signal(signal.SIGINT if ignore_int else signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert subprocess.run(["pgrep", "-f", name], capture_output=True).returncode == 1, "no vLLM process left"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
+
+
 def test_offline_vllm_engine(tiny_dir, tmp_path):
     import subprocess
     import sys
@@ -181,7 +209,8 @@ variants:
   - {{name: base, model: {tiny_dir}}}
   - {{name: repeat, model: {tiny_dir}, lora: {adapter}}}
   - {{name: base-nf4, model: {tiny_dir}, quantization: nf4}}
-workload: {{num_prompts: 6, input_len: 16, output_len: 4, max_concurrency: [2, 6], percentiles: [50, 99]}}
+workload: {{num_prompts: 6, input_len: 16, output_len: 4, max_concurrency: [2, 6], hf_batch_size: 3,
+            percentiles: [50, 99]}}
 quality:
   perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}
   tasks: [{{name: repeat, path: {task}}}]
@@ -206,10 +235,16 @@ output: {out}
     ppl = {n: by_name[n]["quality"]["perplexity"]["ppl"] for n in ("base", "repeat", "base-nf4")}
     assert len({round(x, 4) for x in ppl.values()}) == 3
     assert [c["max_concurrency"] for c in res["comparisons"]] == [2, 6]
+    # a fixed transformers batch size: one run per transformers variant, reused at every concurrency
+    for n in ("base-nf4", "base (transformers baseline)"):
+        first, second = by_name[n]["points"]
+        assert first["batch_size"] == second["batch_size"] == 3
+        assert first["output_throughput"] == second["output_throughput"]
+    assert all(c["hf_batch_size"] == 3 for c in res["comparisons"])
     assert all(c["ratio"] == pytest.approx(c["vllm_output_throughput"] / c["hf_output_throughput"])
                for c in res["comparisons"])
     report = (out / "report.md").read_text()
-    for needle in ("| base | vllm |", "| repeat | vllm |", "| base-nf4 | hf |", "transformers baseline",
+    for needle in ("| base | vllm |", "| repeat | vllm |", "| base-nf4 | hf |", "transformers baseline", "batch size 3",
                    "vLLM against transformers on the same prompts"):
         assert needle in report
     for png in ("throughput.png", "latency.png"):

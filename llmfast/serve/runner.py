@@ -117,15 +117,21 @@ def _run_vllm_group(recipe: "BenchRecipe", group: list[dict[str, Any]], requests
 
 
 def _run_hf(recipe: "BenchRecipe", item: dict[str, Any], out: Path, label: str) -> dict[str, Any]:
-    """The transformers engine in a child process, once per concurrency (used as the batch size)."""
+    """The transformers engine in a child process, once per concurrency (the batch size unless one is fixed)."""
     w = recipe.workload
     points, peak = [], 0.0
+    done: dict[int, dict[str, Any]] = {}  # batch size -> point: a fixed batch size runs once
     for conc in w.max_concurrency:
+        batch = w.hf_batch_size or conc
+        if batch in done:
+            points.append({**done[batch], "max_concurrency": conc})
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             res_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "llmfast.cli", "bench", "offline", str(item["model_dir"]), "--engine", "hf",
                    "--num-prompts", str(w.num_prompts), "--random-input-len", str(w.input_len),
-                   "--random-output-len", str(w.output_len), "--seed", str(w.seed), "--batch-size", str(conc),
+                   "--random-output-len", str(w.output_len), "--seed", str(w.seed),
+                   "--batch-size", str(batch),
                    "--metric-percentiles", ",".join(str(p) for p in w.percentiles), "--output", str(res_path)]
             if w.ignore_eos:
                 cmd.append("--ignore-eos")
@@ -133,12 +139,13 @@ def _run_hf(recipe: "BenchRecipe", item: dict[str, Any], out: Path, label: str) 
                 cmd += ["--lora", str(item["lora"])]
             if item["cfg"].quantization:
                 cmd += ["--quantization", item["cfg"].quantization]
-            print(f"bench: {label} (hf) c={conc} ...", file=sys.stderr)
+            print(f"bench: {label} (hf) batch {batch} ...", file=sys.stderr)
             with open(out / f"hf-{label}-c{conc}.log", "w") as log:
                 code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             if code != 0 or not res_path.is_file():
                 tail = (out / f"hf-{label}-c{conc}.log").read_text(errors="replace").strip().splitlines()[-1:]
-                pt = {"max_concurrency": conc, "status": "failed", "failed": w.num_prompts,
+                pt = {"max_concurrency": conc, "batch_size": batch, "status": "failed",
+                      "failed": w.num_prompts,
                       "failure_cause": f"transformers engine exited with code {code}: {' '.join(tail)}",
                       "request_throughput": 0.0, "output_throughput": 0.0, "total_token_throughput": 0.0}
             else:
@@ -146,6 +153,7 @@ def _run_hf(recipe: "BenchRecipe", item: dict[str, Any], out: Path, label: str) 
                 pt["max_concurrency"] = conc
                 peak = max(peak, pt.get("peak_rss_gib") or 0.0)
         points.append(pt)
+        done[batch] = pt
     return {"points": points, "peak_rss_gib": round(peak, 3),
             "status": "failed" if any(p["status"] == "failed" for p in points) else "ok",
             "notes": [f"{label} c={p['max_concurrency']}: {p['failure_cause']}" for p in points
@@ -212,6 +220,7 @@ def run_bench(recipe: "BenchRecipe") -> Path:
                         comparisons.append({"variant": item["name"], "max_concurrency": pv["max_concurrency"],
                                             "vllm_output_throughput": pv["output_throughput"],
                                             "hf_output_throughput": ph["output_throughput"],
+                                            "hf_batch_size": ph["batch_size"],
                                             "ratio": pv["output_throughput"] / ph["output_throughput"]})
         results = {
             "name": Path(recipe.output).name,
