@@ -57,17 +57,23 @@ def build_tiny_llama(
     vocab_size: int = 1024,
     seed: int = 0,
     dtype: str = "float32",
+    head_dim: int = 64,
+    model_vocab_size: int | None = None,
 ) -> Path:
-    """Write a random-weight Llama with a real tokenizer to `out_dir` (a normal Hugging Face directory)."""
+    """Write a random-weight Llama with a real tokenizer to `out_dir` (a normal Hugging Face directory).
+
+    `model_vocab_size` gives the embedding and head a real model's vocabulary (say 151,936) while the
+    tokenizer, trained on a small corpus, uses the first `vocab_size` ids: real shapes without a real tokenizer.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    head_dim = 64
     if hidden_size != num_heads * head_dim:
-        raise ValueError(f"hidden_size must be num_heads * 64 (got {hidden_size} with {num_heads} heads)")
+        raise ValueError(f"hidden_size must be num_heads * head_dim (got {hidden_size}, {num_heads} x {head_dim})")
     tokenizer = train_tokenizer(_default_corpus(), vocab_size=vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        vocab_size=max(len(tokenizer), model_vocab_size or 0), hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -14,6 +14,16 @@ eval book as "continue the text" completions (50-400 tokens).
 
     python scripts/bench_finetune.py                       # built-in model, 160 examples
     python scripts/bench_finetune.py --examples 64 --json runs/bench/finetune_cpu.json
+
+On a GPU (scripts/gpu_checks.sh runs these), random weights with real shapes, since no real model fits there:
+
+    python scripts/bench_finetune.py --shape llama-1.5b --data long --max-length 1024 --batch-size 8 \
+        --gradient-checkpointing --quantization nf4 --examples 64
+
+`--data long` makes every example about `--max-length` tokens, so both sides train at the same batch shape
+(8 x 1024 above) and peak memory compares like with like; `mix` shows what packing buys on varied lengths.
+On CUDA both sides use bf16 and report torch.cuda.max_memory_allocated; the baseline's QLoRA is the usual
+recipe (`prepare_model_for_kbit_training`, which upcasts the non-quantized weights to float32).
 """
 
 from __future__ import annotations
@@ -33,7 +43,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_data(path: Path, n: int, seed: int = 0) -> None:
+# Random-weight models of real shapes (Llama architecture): the built-in model's, and a 1.5B one with a
+# 152k vocabulary (Qwen2-1.5B's sizes), where the full-vocabulary logits dominate training memory.
+SHAPES = {
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256),
+    "smollm2": dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                    model_vocab_size=49152),
+    "llama-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                       head_dim=128, model_vocab_size=151936),
+}
+
+
+def make_model(shape: str, work: Path) -> str:
+    """A random-weight model directory of this shape under `work` (reused when already there)."""
+    from llmfast.testing import build_tiny_llama
+
+    out = work / f"random-{shape}"
+    if not (out / "config.json").is_file():
+        build_tiny_llama(out, vocab_size=4096, dtype="float32" if shape == "tiny" else "bfloat16", **SHAPES[shape])
+    return str(out)
+
+
+def make_data(path: Path, n: int, seed: int = 0, kind: str = "mix", max_length: int = 512) -> None:
     from llmfast.data.tasks import TASKS, generate
 
     rng = random.Random(seed)
@@ -41,7 +72,13 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
     short = [r for name in TASKS for r in generate(name, n, seed=seed + 5)]
     rows = []
     for i in range(n):
-        if rng.random() < 0.7:
+        if kind == "long":  # about max_length tokens each (the words are cut to fit; too_long truncates the rest)
+            words = max_length  # ~1.3 tokens per word: longer than max_length, truncated to exactly it
+            start = rng.randrange(0, len(book) - words - 60)
+            rows.append({"messages": [
+                {"role": "user", "content": "Continue the text: " + " ".join(book[start:start + 40])},
+                {"role": "assistant", "content": " ".join(book[start + 40:start + 40 + words])}]})
+        elif rng.random() < 0.7:
             rows.append(rng.choice(short))
         else:
             words = rng.randrange(40, 300)
@@ -58,15 +95,17 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
 model: {args.model}
 data: {{train: {data}, eval_fraction: 0, max_length: {args.max_length}, packing: true}}
 lora: {{r: 16, alpha: 32, target_modules: all-linear}}
-train: {{epochs: 1, batch_size: {args.batch_size}, lr: 2.0e-4, dtype: float32, log_every: 100000}}
+train: {{epochs: 1, batch_size: {args.batch_size}, lr: 2.0e-4, dtype: {"auto" if args.cuda else "float32"},
+        gradient_checkpointing: {str(args.gradient_checkpointing).lower()}, log_every: 100000}}
 output: {work / 'ours'}
-""")
+""" + (f"quantization: {{type: {args.quantization}, double_quant: true}}\n" if args.quantization else ""))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "llmfast.cli", "finetune", str(recipe)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     m = json.loads((work / "ours" / "metrics.json").read_text())
-    return {"tokens_per_s": m["train_tokens_per_s"], "tokens": m["train_tokens"], "peak_rss_gib": m["peak_memory_gib"],
-            "steps": m["steps"], "mean_loss": m["final_train_loss"], "process_seconds": round(time.perf_counter() - t0, 1)}
+    return {"tokens_per_s": m["train_tokens_per_s"], "tokens": m["train_tokens"], "peak_mem_gib": m["peak_memory_gib"],
+            "memory_kind": m["memory_kind"], "steps": m["steps"], "mean_loss": m["final_train_loss"],
+            "process_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def baseline_main(args: argparse.Namespace) -> None:
@@ -82,7 +121,25 @@ def baseline_main(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
     examples, _ = load_examples(args.data, tok, args.max_length)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dev = torch.device("cuda" if args.cuda else "cpu")
+    dtype = torch.bfloat16 if args.cuda else torch.float32
+    kw: dict = {"dtype": dtype}
+    if args.quantization:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantization,
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": dev.index or 0} if args.cuda else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if not args.quantization:
+        model.to(dev)
+    if args.quantization:  # what the PEFT docs tell QLoRA users to do
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     order = list(range(len(examples)))
@@ -93,26 +150,34 @@ def baseline_main(args: argparse.Namespace) -> None:
     for s in range(0, len(order), args.batch_size):
         batch = [examples[i] for i in order[s:s + args.batch_size]]
         width = max(len(e) for e in batch)
-        ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e)) for e in batch])
-        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in batch])
-        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e)) for e in batch])
+        ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e)) for e in batch], device=dev)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in batch], device=dev)
+        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e)) for e in batch], device=dev)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         tokens += sum(len(e) for e in batch)
         losses.append(loss.item())
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0  # loss.item() each step has synchronized CUDA already
+    if args.cuda:
+        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda max allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
     print(json.dumps({"tokens_per_s": round(tokens / wall, 1), "tokens": tokens, "steps": len(losses),
-                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                      "peak_mem_gib": round(peak, 3), "memory_kind": kind,
                       "mean_loss": round(sum(losses) / len(losses), 4)}))
 
 
 def run_baseline(args: argparse.Namespace, data: Path) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--role", "baseline", "--data", str(data), "--model", args.model,
-                        "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)],
-                       check=True, capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--role", "baseline", "--data-file", str(data), "--model", args.model,
+           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+    cmd += ["--quantization", args.quantization] if args.quantization else []
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"baseline failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     out["process_seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -120,41 +185,56 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--model", default="builtin:smollm2-135m", help="with --shape builtin: any model llmfast loads")
     ap.add_argument("--examples", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--json", default="runs/bench/finetune_cpu.json")
+    ap.add_argument("--shape", default="builtin", choices=["builtin", *SHAPES],
+                    help="the built-in model, or random weights with these real shapes")
+    ap.add_argument("--data", dest="data_kind", default="mix", choices=["mix", "long"])
+    ap.add_argument("--quantization", choices=["nf4", "fp4"], help="QLoRA on a bitsandbytes 4-bit base (both sides)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    ap.add_argument("--models-dir", help="keep the random-weight models here for the next run (default: temporary)")
     ap.add_argument("--role", default="both", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--data-file", dest="data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import torch
+
+    args.cuda = torch.cuda.is_available()
     if args.role == "baseline":
         return baseline_main(args)
     from llmfast.artifacts import atomic_write_json
     from llmfast.models import resolve_model
 
-    resolve_model(args.model)  # convert once, outside both timings
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = work / "mix.jsonl"
-        make_data(data, args.examples)
+        if args.shape != "builtin":
+            args.model = make_model(args.shape, Path(args.models_dir) if args.models_dir else work)
+        resolve_model(args.model)  # convert once, outside both timings
+        data = work / "data.jsonl"
+        make_data(data, args.examples, kind=args.data_kind, max_length=args.max_length)
         baseline = run_baseline(args, data)
         ours = run_ours(args, data, work)
     assert ours["tokens"] == baseline["tokens"], "both must train on the same real tokens"
+    machine = torch.cuda.get_device_name() if args.cuda else f"{platform.machine()}, {os.cpu_count()} CPUs"
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "model": args.model, "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine, "model": args.model, "shape": args.shape,
+        "data": args.data_kind, "quantization": args.quantization, "gradient_checkpointing": args.gradient_checkpointing,
+        "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
         "baseline": baseline, "ours": ours,
         "tokens_per_s_ratio": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
-        "peak_rss_ratio": round(ours["peak_rss_gib"] / baseline["peak_rss_gib"], 2),
+        "peak_mem_ratio": round(ours["peak_mem_gib"] / baseline["peak_mem_gib"], 2),
     }
     atomic_write_json(args.json, result)
-    print(f"{'':<22}{'tokens/s':>10}{'peak RSS GiB':>14}{'steps':>7}{'mean loss':>12}")
+    mem = "peak GiB" + (" (CUDA)" if args.cuda else " (RSS)")
+    print(f"{args.shape} {args.quantization or 'lora'} gc={args.gradient_checkpointing} on {machine}")
+    print(f"{'':<22}{'tokens/s':>10}{mem:>18}{'steps':>7}{'mean loss':>12}")
     for name in ("baseline", "ours"):
         r = result[name]
         label = "plain HF + PEFT" if name == "baseline" else "llmfast"
-        print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
-    print(f"ratio (ours/baseline): tokens/s {result['tokens_per_s_ratio']}x, peak RSS {result['peak_rss_ratio']}x")
+        print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_mem_gib']:>18.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
+    print(f"ratio (ours/baseline): tokens/s {result['tokens_per_s_ratio']}x, peak memory {result['peak_mem_ratio']}x")
     print(f"results: {args.json}")
 
 
