@@ -106,7 +106,7 @@ def test_machine_defaults_on_this_kind_of_cpu():
     avx2 = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset({"avx2"}), available_gib=20.0)
     env, flags = vllm_defaults(avx2)
     assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                   "VLLM_CPU_KVCACHE_SPACE": "5"}
+                   "VLLM_CPU_KVCACHE_SPACE": "5", "VLLM_USE_AOT_COMPILE": "0"}
     assert flags == ["--dtype", "float32"]
     amx = Machine(cuda=False, cores=[0, 1, 2, 5], cpu_flags=frozenset({"amx_bf16"}), available_gib=2.0)
     env, flags = vllm_defaults(amx)

@@ -85,5 +85,8 @@ def vllm_defaults(machine: Machine) -> tuple[dict[str, str], list[str]]:
         "VLLM_CPU_OMP_THREADS_BIND": core_ranges(machine.cores),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+        # vllm-cpu 0.32 saves an AOT-compiled model but fails to load it ("'function' object has no attribute
+        # 'finalize_loading'") and compiles again at every start; its older inductor cache loads: 141 s -> 70 s.
+        "VLLM_USE_AOT_COMPILE": "0",
     }
     return env, ["--dtype", "bfloat16" if machine.fast_bf16 else "float32"]
