@@ -40,7 +40,7 @@ def flags(a: argparse.Namespace, base_url: str, model: str, tokenizer: str) -> l
             "--num-prompts", str(a.num_prompts), "--random-input-len", str(a.input_len),
             "--random-output-len", str(a.output_len), "--max-concurrency", str(a.max_concurrency),
             "--request-rate", "inf", "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", "50,99", "--seed", "0", "--save-result"]
+            "--metric-percentiles", "50,99", "--seed", "0", "--temperature", "0", "--save-result"]
 
 
 def run(cmd: list[str], result: Path) -> dict:

@@ -117,10 +117,10 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 async def _one(session: Any, url: str, model: str, req: Request, ignore_eos: bool, api_key: str | None,
-               timeout: float) -> RequestResult:
+               timeout: float, sampling: dict[str, float] | None = None) -> RequestResult:
     import aiohttp
 
-    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
+    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, **(sampling or {}),
                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     res = RequestResult(prompt_len=req.prompt_len)
     start = time.perf_counter()
@@ -176,8 +176,12 @@ async def run_load(base_url: str, model: str, requests: list[Request], request_r
                    max_concurrency: int | None = None, burstiness: float = 1.0, ignore_eos: bool = False,
                    api_key: str | None = None, seed: int = 0, request_timeout: float = 600.0,
                    on_done: Callable[[RequestResult], None] | None = None,
-                   endpoint: str = "/v1/completions") -> tuple[list[RequestResult], float]:
-    """Send every request; return the results in request order and the wall duration in seconds."""
+                   endpoint: str = "/v1/completions",
+                   sampling: dict[str, float] | None = None) -> tuple[list[RequestResult], float]:
+    """Send every request; return the results in request order and the wall duration in seconds.
+
+    `sampling` goes into every request body (e.g. {"temperature": 0.0}); without it the server's defaults apply,
+    as with `vllm bench serve`."""
     import aiohttp
 
     url = base_url.rstrip("/") + endpoint
@@ -192,10 +196,10 @@ async def run_load(base_url: str, model: str, requests: list[Request], request_r
             if delay > 0:
                 await asyncio.sleep(delay)
             if limit is None:
-                r = await _one(session, url, model, requests[i], ignore_eos, api_key, request_timeout)
+                r = await _one(session, url, model, requests[i], ignore_eos, api_key, request_timeout, sampling)
             else:
                 async with limit:
-                    r = await _one(session, url, model, requests[i], ignore_eos, api_key, request_timeout)
+                    r = await _one(session, url, model, requests[i], ignore_eos, api_key, request_timeout, sampling)
             if on_done:
                 on_done(r)
             return r

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", default=None,
                    help="most requests in flight; a comma list sweeps (e.g. 1,8,64)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature sent with every request (default: the server's, as vLLM's benchmark; "
+                   "0 for greedy)")
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl", help="of ttft,tpot,itl,e2el")
     p.add_argument("--metric-percentiles", default="99", help="e.g. 50,90,99")
     p.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="SLOs for goodput, e.g. ttft:500 tpot:50")
@@ -131,7 +134,8 @@ def run_point(base_url: str, model: str, requests: list["Request"], request_rate
     results, duration = asyncio.run(run_load(
         base_url, model, requests, request_rate=request_rate, max_concurrency=max_concurrency,
         burstiness=args.burstiness, ignore_eos=args.ignore_eos, api_key=args.api_key, seed=args.seed,
-        request_timeout=args.request_timeout, on_done=lambda r: bar.update(1), endpoint=args.endpoint))
+        request_timeout=args.request_timeout, on_done=lambda r: bar.update(1), endpoint=args.endpoint,
+        sampling=None if getattr(args, "temperature", None) is None else {"temperature": args.temperature}))
     bar.close()
     result: dict[str, Any] = {
         "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),

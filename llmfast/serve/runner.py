@@ -64,7 +64,7 @@ def _point_args(recipe: "BenchRecipe") -> argparse.Namespace:
                               percentile_metrics="ttft,tpot,itl,e2el", goodput=None, burstiness=1.0,
                               ignore_eos=w.ignore_eos, api_key=None, seed=w.seed, request_timeout=600.0,
                               endpoint="/v1/completions", label="llmfast-bench", save_detailed=False,
-                              tokenizer_id=None)
+                              tokenizer_id=None, temperature=0.0)  # greedy, like the transformers baseline
 
 
 def _rate(recipe: "BenchRecipe") -> float:
