@@ -10,6 +10,11 @@ def _f(v: Any, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _conc(pt: dict[str, Any]) -> str:
+    b = pt.get("batch_size")
+    return f"{pt['max_concurrency']} (batch {b})" if b and b != pt["max_concurrency"] else str(pt["max_concurrency"])
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Speed, memory and quality of every variant at every load level, then vLLM against transformers."""
     w = results["workload"]
@@ -39,7 +44,7 @@ def markdown(results: dict[str, Any]) -> str:
         for i, pt in enumerate(v["points"]):
             first = i == 0
             lines.append("| " + " | ".join([
-                v["name"] if first else "", v["engine"] if first else "", str(pt["max_concurrency"]),
+                v["name"] if first else "", v["engine"] if first else "", _conc(pt),
                 _f(pt["request_throughput"], ".2f"), _f(pt["output_throughput"]), _f(pt["total_token_throughput"]),
                 _f(pt.get("median_ttft_ms")), _f(pt.get("median_tpot_ms")), _f(pt.get("p99_e2el_ms")),
                 str(pt["failed"]), _f(v.get("peak_rss_gib"), ".2f") if first else "",
