@@ -100,8 +100,9 @@ train: {{epochs: 1, batch_size: {args.batch_size}, lr: 2.0e-4, dtype: {"auto" if
 output: {work / 'ours'}
 """ + (f"quantization: {{type: {args.quantization}, double_quant: true}}\n" if args.quantization else ""))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "llmfast.cli", "finetune", str(recipe)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run([sys.executable, "-m", "llmfast.cli", "finetune", str(recipe)], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"llmfast finetune failed:\n{p.stderr[-3000:]}")
     m = json.loads((work / "ours" / "metrics.json").read_text())
     return {"tokens_per_s": m["train_tokens_per_s"], "tokens": m["train_tokens"], "peak_mem_gib": m["peak_memory_gib"],
             "memory_kind": m["memory_kind"], "steps": m["steps"], "mean_loss": m["final_train_loss"],
