@@ -113,6 +113,9 @@ def test_machine_defaults_on_this_kind_of_cpu():
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2,5" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert flags == ["--dtype", "bfloat16"]
     assert core_ranges([3]) == "3" and core_ranges([0, 2, 4, 5]) == "0,2,4-5"
+    # on CUDA vLLM's own defaults: no CPU binding or KV-space variables, dtype auto
+    gpu = Machine(cuda=True, cores=[0, 1], cpu_flags=frozenset({"avx2"}), available_gib=100.0)
+    assert vllm_defaults(gpu) == ({}, ["--dtype", "auto"])
 
 
 def _adapter(tmp_path, **cfg):
