@@ -279,26 +279,31 @@ def _adapter_delta(adapter_dir: Path, name: str) -> torch.Tensor | None:
     return cfg["lora_alpha"] / a.shape[0] * (b @ a)
 
 
+def _weighted_delta(weighted: list[tuple[Path, float]], name: str, like: torch.Tensor) -> torch.Tensor:
+    """sum of weight * (B @ A scaled) over the adapters that touch `name`; zeros where none does."""
+    return sum((w * d for ad, w in weighted if (d := _adapter_delta(ad, name)) is not None), torch.zeros_like(like))
+
+
+def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own merge_and_unload of `adapter` into `base`: the reference for our adapter handling."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().state_dict()
+
+
 def test_adapters_merge_into_full_model(family, adapters, tmp_path):
     cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 0.7}), (adapters["a2"], {"weight": 1.2})],
                   family["base"])
     got = _merge(cfg, tmp_path / "out")
     base = _sd(family["base"])
+    weighted = [(adapters["a1"], 0.7), (adapters["a2"], 1.2)]
     for k in base:
-        ref = base[k].clone()
-        for ad, w in ((adapters["a1"], 0.7), (adapters["a2"], 1.2)):
-            d = _adapter_delta(ad, k)
-            if d is not None:
-                ref += w * d
-        torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[k], base[k] + _weighted_delta(weighted, k, base[k]), rtol=0, atol=1e-6)
     # The same as PEFT's own merge_and_unload for a single adapter.
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0})], family["base"])
     one = _merge(cfg, tmp_path / "one")
-    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family["base"]),
-                                            adapters["a1"]).merge_and_unload().state_dict()
+    peft_merged = _peft_merged(family["base"], adapters["a1"])
     for k in one:
         torch.testing.assert_close(one[k], peft_merged[k], rtol=0, atol=1e-6)
 
@@ -313,16 +318,12 @@ def test_adapter_concat_is_exact_and_loads_in_peft(family, adapters, tmp_path):
     assert acfg["r"] == 12 and set(acfg["target_modules"]) == {"q_proj", "v_proj", "up_proj", "down_proj"}
     full = _merge(cfg, tmp_path / "full")
     base = _sd(family["base"])
+    weighted = [(adapters["a1"], 0.7), (adapters["a2"], 1.2)]
     for k in base:
-        ref = sum((w * d for ad, w in ((adapters["a1"], 0.7), (adapters["a2"], 1.2))
-                   if (d := _adapter_delta(ad, k)) is not None), torch.zeros_like(base[k]))
+        ref = _weighted_delta(weighted, k, base[k])
         got = _adapter_delta(tmp_path / "ad", k)
         torch.testing.assert_close(got if got is not None else torch.zeros_like(ref), ref, rtol=0, atol=1e-6)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family["base"]),
-                                       tmp_path / "ad").merge_and_unload().state_dict()
+    merged = _peft_merged(family["base"], tmp_path / "ad")
     for k in full:
         torch.testing.assert_close(merged[k], full[k], rtol=0, atol=1e-5)
 
