@@ -135,7 +135,7 @@ def run_point(base_url: str, model: str, requests: list["Request"], request_rate
         base_url, model, requests, request_rate=request_rate, max_concurrency=max_concurrency,
         burstiness=args.burstiness, ignore_eos=args.ignore_eos, api_key=args.api_key, seed=args.seed,
         request_timeout=args.request_timeout, on_done=lambda r: bar.update(1), endpoint=args.endpoint,
-        sampling=None if getattr(args, "temperature", None) is None else {"temperature": args.temperature}))
+        sampling=None if args.temperature is None else {"temperature": args.temperature}))
     bar.close()
     result: dict[str, Any] = {
         "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
