@@ -111,7 +111,7 @@ class TrainConfig(StrictModel):
     max_grad_norm: float | None = 1.0
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
     gradient_checkpointing: bool = False
-    loss_chunk_size: PositiveInt = 2048
+    loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
     log_every: PositiveInt = 1

@@ -81,6 +81,37 @@ def test_chunked_loss_equals_full_cross_entropy(tiny, chunk):
     total, count = causal_lm_loss(model, t, chunk_size=chunk)
     assert count == batch.target_tokens
     torch.testing.assert_close(total / count, ref, rtol=1e-5, atol=1e-5)
+    # the host-computed label positions are exactly where the shifted labels are kept
+    found = (t["labels"][:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
+    assert t["label_positions"].tolist() == found.tolist()
+    without = {k: v for k, v in t.items() if k != "label_positions"}
+    total_found, count_found = causal_lm_loss(model, without, chunk_size=chunk)
+    assert count_found == count
+    torch.testing.assert_close(total_found, total)
+
+
+@pytest.mark.parametrize("dtype,bias,chunk", [(torch.float32, False, 3), (torch.float32, True, 100),
+                                               (torch.bfloat16, False, 4)])
+def test_frozen_head_loss_and_gradient_equal_full_cross_entropy(dtype, bias, chunk):
+    """The frozen-head path computes d/d hidden in its forward; it must equal autograd on full logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 70, bias=bias).to(dtype).requires_grad_(False)
+    hidden = torch.randn(3, 11, 32, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 70, (3, 11))
+    labels[1, :5] = IGNORE
+    total, count = chunked_lm_loss(hidden, labels, head, chunk_size=chunk)
+    (total / count * 2.5).backward()
+    g_fused = hidden.grad.clone()
+    hidden.grad = None
+    logits = head(hidden)[:, :-1].reshape(-1, 70).float()
+    ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    (ref / count * 2.5).backward()
+    assert count == int((labels[:, 1:] != IGNORE).sum())
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(total, ref, **tol)
+    torch.testing.assert_close(g_fused, hidden.grad, **tol)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(chunked_lm_loss(hidden, labels, head, chunk_size=chunk)[0], ref.detach(), **tol)
 
 
 def test_chunked_loss_gradients_match(tiny):

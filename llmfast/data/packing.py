@@ -26,7 +26,15 @@ class Batch:
     def tensors(self, device: str = "cpu") -> dict:
         import torch
 
-        return {k: torch.tensor(getattr(self, k), device=device) for k in ("input_ids", "labels", "position_ids")}
+        out = {k: torch.tensor(getattr(self, k), device=device) for k in ("input_ids", "labels", "position_ids")}
+        out["label_positions"] = torch.tensor(label_positions(self.labels), dtype=torch.long, device=device)
+        return out
+
+
+def label_positions(labels: Sequence[Sequence[int]]) -> list[int]:
+    """Where the next token has a label, as flat indices into (rows, width - 1): what the loss predicts from."""
+    width = len(labels[0]) - 1
+    return [r * width + t for r, row in enumerate(labels) for t in range(width) if row[t + 1] != IGNORE]
 
 
 def pack(examples: Sequence[Encoded], pack_length: int) -> list[list[Encoded]]:

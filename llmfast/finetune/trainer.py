@@ -38,9 +38,11 @@ class _LossModule(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        total, _ = causal_lm_loss(self.model, {"input_ids": input_ids, "labels": labels, "position_ids": position_ids},
-                                  self.chunk_size)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                label_positions: torch.Tensor | None = None) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 "label_positions": label_positions}
+        total, _ = causal_lm_loss(self.model, batch, self.chunk_size)
         return total
 
 
