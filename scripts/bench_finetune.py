@@ -109,13 +109,42 @@ output: {work / 'ours'}
             "process_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def baseline_prepare(model, quantization: str | None, gradient_checkpointing: bool):
+    """What a plain HF + PEFT user does with the loaded base: the PEFT docs' recipe for LoRA and QLoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def baseline_batch(batch: list, pad_id: int, device) -> dict:
+    """Examples padded to the longest, with an attention mask and -100 labels on the padding."""
+    import torch
+
+    from llmfast.data.chat import IGNORE
+
+    width = max(len(e) for e in batch)
+    return {
+        "input_ids": torch.tensor([e.input_ids + [pad_id] * (width - len(e)) for e in batch], device=device),
+        "attention_mask": torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in batch], device=device),
+        "labels": torch.tensor([e.labels + [IGNORE] * (width - len(e)) for e in batch], device=device),
+    }
+
+
 def baseline_main(args: argparse.Namespace) -> None:
     """The plain HF + PEFT loop (runs in its own process); prints a JSON line."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llmfast.data.chat import IGNORE, load_examples
+    from llmfast.data.chat import load_examples
     from llmfast.models import load_tokenizer, resolve_model
 
     torch.manual_seed(0)
@@ -134,27 +163,15 @@ def baseline_main(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if not args.quantization:
         model.to(dev)
-    if args.quantization:  # what the PEFT docs tell QLoRA users to do
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = baseline_prepare(model, args.quantization, args.gradient_checkpointing)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     order = list(range(len(examples)))
     random.Random(0).shuffle(order)
-    model.train()
     tokens, losses = 0, []
     t0 = time.perf_counter()
     for s in range(0, len(order), args.batch_size):
         batch = [examples[i] for i in order[s:s + args.batch_size]]
-        width = max(len(e) for e in batch)
-        ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e)) for e in batch], device=dev)
-        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in batch], device=dev)
-        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e)) for e in batch], device=dev)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**baseline_batch(batch, tok.pad_token_id, dev)).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
