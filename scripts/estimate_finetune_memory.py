@@ -38,19 +38,16 @@ import contextlib
 import math
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_finetune as bench  # noqa: E402  (the plain HF + PEFT side and the model shapes)
 
+from llmfast.allocations import AllocationCounter  # noqa: E402
 from llmfast.data.chat import Encoded  # noqa: E402
 from llmfast.data.packing import pack  # noqa: E402
 
@@ -62,36 +59,6 @@ H200_MEASURED = [
     ("smollm2", None, "off", 13.4), ("smollm2", None, "on", 5.2),
     ("llama-1.5b", None, "on", 17.8), ("llama-1.5b", "nf4", "not stated", 67.5),
 ]
-
-
-class AllocationCounter(TorchDispatchMode):
-    """Live and peak bytes of every tensor storage created under it (views share their storage)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.current = 0
-        self.peak = 0
-
-    def _count(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        if storage in self.live:
-            return
-        size = math.ceil(storage.nbytes() / CUDA_BLOCK) * CUDA_BLOCK
-        self.live[storage] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._release, size)
-
-    def _release(self, size: int) -> None:
-        self.current -= size
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._count(t)
-        return out
 
 
 def _sdpa_as_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -201,7 +168,7 @@ def estimate(side: str, shape: str, quantization: str | None, gradient_checkpoin
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = AllocationCounter()
+    counter = AllocationCounter(block=CUDA_BLOCK)
     with counter:
         if side == "ours":
             from llmfast.finetune.lora import attach_lora

@@ -162,3 +162,38 @@ def test_local_datasets_directory(tiny, tmp_path):
     Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]).save_to_disk(tmp_path / "ds")
     exs, _ = load_examples(tmp_path / "ds", tok, 64)
     assert len(exs) == 2 and all(e.target_tokens > 0 for e in exs)
+
+
+def test_allocation_counter_counts_storages_once_and_releases_them():
+    from llmfast.allocations import AllocationCounter
+
+    with AllocationCounter(block=512) as counter:
+        a = torch.empty(1000)  # 4000 bytes, rounded up to 4096
+        view = a[10:20]  # the same storage: not counted again
+        b = torch.empty(10, dtype=torch.float64)  # 80 bytes -> 512
+        assert counter.current == 4096 + 512
+        del a, view
+        assert counter.current == 512
+        c = torch.ones(3)
+        assert counter.current == 1024
+    assert counter.peak == 4096 + 512 and b.numel() + c.numel() == 13
+
+
+def test_fused_loss_never_holds_the_whole_batch_of_logits():
+    """The issue's memory saver: at most one chunk of float32 logits at a time, forward and backward."""
+    from llmfast.allocations import AllocationCounter
+
+    torch.manual_seed(0)
+    n, dim, vocab, chunk = 512, 32, 4000, 64
+    head = torch.nn.Linear(dim, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, n + 1, dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, n + 1))
+    all_logits = n * vocab * 4
+    with AllocationCounter() as fused:
+        total, count = chunked_lm_loss(hidden, labels, head, chunk_size=chunk)
+        (total / count).backward()
+    with AllocationCounter() as plain:
+        logits = head(hidden)[:, :-1].reshape(-1, vocab).float()
+        torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1)).backward()
+    assert plain.peak >= 2 * all_logits  # logits, log-softmax, gradients: several full copies
+    assert fused.peak < 2 * chunk * vocab * 4 + 4 * hidden.numel() * 4  # one chunk (+ its one-hot), hidden-sized grads
