@@ -22,7 +22,8 @@ class AllocationCounter(TorchDispatchMode):
     """`current` and `peak` bytes of the tensor storages created under it (views share their storage).
 
     `block` rounds every allocation up, as an allocator does: 512 bytes is CUDA's caching allocator.
-    Storages that existed before entering are not counted, nor freed from the count.
+    Storages that existed before entering are not counted (nor their views). Temporaries an operator
+    makes and frees inside itself are not seen: only what operators return is.
     """
 
     def __init__(self, block: int = 1) -> None:
@@ -47,7 +48,10 @@ class AllocationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # a view or in-place result of a storage from before entering is not a new allocation
+        older = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.live}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in older:
                 self._count(t)
         return out

@@ -34,6 +34,8 @@ class Batch:
 def label_positions(labels: Sequence[Sequence[int]]) -> list[int]:
     """Where the next token has a label, as flat indices into (rows, width - 1): what the loss predicts from."""
     width = len(labels[0]) - 1
+    if any(len(row) != width + 1 for row in labels):
+        raise ValueError("label_positions needs rows of one width (as collate pads them)")
     return [r * width + t for r, row in enumerate(labels) for t in range(width) if row[t + 1] != IGNORE]
 
 

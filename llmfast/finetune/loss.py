@@ -32,12 +32,19 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             logits = F.linear(hidden[start : start + chunk_size], weight, bias).float()
             y = targets[start : start + chunk_size, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, y)).sum()
-            if grad is not None:  # softmax minus one-hot, in the logits' own memory
-                logits.sub_(lse).exp_().scatter_add_(1, y, logits.new_full(y.shape, -1.0))
-                grad[start : start + chunk_size] = logits.to(weight.dtype) @ weight
-            del logits, lse  # before the next chunk's logits exist
+            picked = logits.gather(1, y)
+            top = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(top).exp_()  # log-sum-exp in place: torch.logsumexp would make a chunk-sized temporary
+            sums = logits.sum(dim=-1, keepdim=True)
+            total += (sums.log() + top - picked).sum()
+            if grad is not None:  # softmax minus one-hot, still in the logits' own memory
+                logits.div_(sums).scatter_add_(1, y, logits.new_full(y.shape, -1.0))
+                rows = grad[start : start + chunk_size]
+                if rows.dtype == weight.dtype:
+                    torch.mm(logits.to(weight.dtype), weight, out=rows)
+                else:
+                    rows.copy_(logits.to(weight.dtype) @ weight)
+            del logits  # before the next chunk's logits exist
         ctx.save_for_backward(grad)
         return total
 
