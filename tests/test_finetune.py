@@ -61,6 +61,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     assert [e["step"] for e in log] == list(range(1, 31))
     # a random 2-layer model moves slowly; without working updates the drop would be ~0
     assert sum(e["loss"] for e in log[-5:]) / 5 < sum(e["loss"] for e in log[:5]) / 5 - 0.5, "loss must fall"
+    assert "loss_scale" not in log[0], "float32 needs no loss scaling"
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ["train_tokens_per_s", "peak_memory_gib", "final_train_loss", "final_eval_loss", "wall_seconds"]:
         assert metrics[key] is not None, key
@@ -83,8 +84,10 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     assert json.loads((run / "merged" / "llmfast.json").read_text())["stage"] == "export"
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, data):
-    args = ["--set", "train.steps=60", "--set", "train.save_every=10", "--set", "train.keep_checkpoints=1"]
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 also resumes its loss scale
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, data, dtype):
+    args = ["--set", "train.steps=60", "--set", "train.save_every=10", "--set", "train.keep_checkpoints=1",
+            "--set", f"train.dtype={dtype}"]
     assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="ref")), *args)[0] == 0
     path = recipe(tmp_path, tiny_dir, data, out="killed")
     proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -95,6 +98,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "adapter").exists(), "killed before the end"
+    saved = sorted(ckpts.glob("step-*/state.json"))[-1].parent
+    assert (saved / "scaler.pt").is_file() == (dtype == "float16"), "the loss scale is part of a float16 checkpoint"
     # a checkpoint whose write was cut short is a hidden temporary directory, never a step-* one
     (ckpts / ".step-000099.tmp-half").mkdir(parents=True)
     code, out, err = run_cli("finetune", str(path), "--resume", *args)
@@ -222,3 +227,14 @@ def test_finetune_with_8bit_adamw_learns(tmp_path, tiny_dir, data):
     assert code == 0, err
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert sum(e["loss"] for e in log[-5:]) / 5 < sum(e["loss"] for e in log[:5]) / 5 - 0.5, "loss must fall"
+
+
+def test_float16_scales_the_loss_and_learns(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data)
+    code, _, err = run_cli("finetune", str(path), "--set", "train.dtype=float16", "--set", "train.steps=30",
+                           "--set", "train.lr=0.01")
+    assert code == 0, err
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss_scale"] == 2.0**16, "float16 starts from torch.amp's loss scale"
+    assert sum(e["loss"] for e in log[-5:]) / 5 < sum(e["loss"] for e in log[:5]) / 5 - 0.5, "loss must fall"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["dtype"] == "float16"

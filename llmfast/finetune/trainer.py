@@ -136,6 +136,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
                                tc.weight_decay, acc.device.type == "cuda")
     warmup = round(tc.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    # float16 (GPUs without bfloat16) cannot hold small gradients: scale the loss up and the gradients back
+    # down, skipping a step whose gradients overflowed, as torch.amp does; bfloat16 and float32 need none.
+    scaler = torch.amp.GradScaler(acc.device.type) if dtype == "float16" else None
 
     start_step = 0
     log_path = out / "train_log.jsonl"
@@ -154,6 +157,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        if scaler is not None:
+            scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
         start_step = state["step"]
         if acc.is_main_process and log_path.is_file():  # drop log lines of steps that will run again
             kept = [l for l in log_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
@@ -207,11 +212,18 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
             with sync:
                 loss_sum = wrapped(**b.tensors(acc.device))
                 # DDP averages gradients over processes, hence the factor `world`.
-                acc.backward(loss_sum / step_targets * world)
+                loss = loss_sum / step_targets * world
+                acc.backward(scaler.scale(loss) if scaler is not None else loss)
             step_loss += loss_sum.detach().float()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # before clipping, so the norm is of the true gradients
         if tc.max_grad_norm:
             acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = acc.reduce(step_loss, reduction="sum").item() / step_targets
@@ -233,11 +245,13 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
                          "tokens_per_s": round(tokens_seen / train_seconds, 1), "peak_mem_gib": round(mem, 3)}
                 if fresh_eval is not None:
                     entry["eval_loss"] = round(fresh_eval, 6)
+                if scaler is not None:
+                    entry["loss_scale"] = scaler.get_scale()
                 with log_path.open("a") as f:
                     f.write(json.dumps(entry) + "\n")
             window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != total_steps:
-            _save_checkpoint(acc, model, optimizer, scheduler, out, done, total_steps, tc.keep_checkpoints,
+            _save_checkpoint(acc, model, optimizer, scheduler, scaler, out, done, total_steps, tc.keep_checkpoints,
                              get_peft_model_state_dict)
     bar.close()
     eval_loss = evaluate()
@@ -276,8 +290,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     return metrics
 
 
-def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, out: Path, step: int, total: int,
-                     keep: int, state_dict_fn: Any) -> None:
+def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int,
+                     total: int, keep: int, state_dict_fn: Any) -> None:
     from safetensors.torch import save_file
 
     acc.wait_for_everyone()
@@ -288,6 +302,8 @@ def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, out: 
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(torch.get_rng_state(), tmp / "rng.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
             atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total})
         for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
