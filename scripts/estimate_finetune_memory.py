@@ -9,7 +9,9 @@ QLoRA); bitsandbytes 4-bit layers run through bitsandbytes' own autograd functio
 A dispatch mode counts every storage the step allocates, rounded up to 512 bytes as CUDA's caching
 allocator rounds, and releases it when Python frees it. The peak is what `torch.cuda.max_memory_allocated`
 reports for a step (weights, adapters, optimizer states, gradients, activations, temporaries); it leaves
-out the CUDA context, kernel workspaces and the optimizer's own temporaries (tens of MiB at these sizes).
+out the CUDA context, kernel workspaces, the optimizer's own temporaries (tens of MiB at these sizes) and
+what an operator allocates and frees inside itself (flash attention's backward with grouped KV heads
+expands dK/dV for a moment: about 0.1 GiB per layer at the 1.5B shape).
 
 Three things the meta device cannot do are answered from the host, as the real run would answer them:
 - transformers asks whether the attention mask is all ones and whether position ids restart (packing):

@@ -5,9 +5,9 @@ loss: at a 152k vocabulary and 8 x 1024 tokens that is 5 GB before the backward 
 Here the head runs only on positions that have a label (prompt tokens are masked anyway), a chunk of
 positions at a time. For the usual frozen head the gradient with respect to the hidden states is computed
 in the same pass (softmax minus one-hot, in place in the chunk's float32 logits, times the head weight),
-so one chunk of logits exists at a time and the backward pass does not compute them again: Liger Kernel's
-fused linear cross-entropy, in plain PyTorch. A head with trainable (LoRA) weights goes through autograd
-per chunk under activation checkpointing instead.
+so one chunk of float32 logits exists at a time and the backward pass does not compute them again:
+Liger Kernel's fused linear cross-entropy, in plain PyTorch. A head with trainable (LoRA) weights goes
+through autograd per chunk under activation checkpointing instead.
 """
 
 from __future__ import annotations
