@@ -157,7 +157,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-        if scaler is not None:
+        if scaler is not None and (ckpt / "scaler.pt").is_file():  # absent in checkpoints of older versions
             scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
         start_step = state["step"]
         if acc.is_main_process and log_path.is_file():  # drop log lines of steps that will run again
