@@ -47,6 +47,20 @@ def _default_corpus() -> list[str]:
     return corpus
 
 
+def llama_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1,
+                 intermediate_size: int = 256, vocab_size: int = 1024, head_dim: int = 64, **extra: Any) -> Any:
+    """The Llama config of these models (tied embeddings, 2048 positions); `extra` goes to LlamaConfig as is."""
+    from transformers import LlamaConfig
+
+    if hidden_size != num_heads * head_dim:
+        raise ValueError(f"hidden_size must be num_heads * head_dim (got {hidden_size}, {num_heads} x {head_dim})")
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True, **extra,
+    )
+
+
 def build_tiny_llama(
     out_dir: str | Path,
     hidden_size: int = 128,
@@ -66,16 +80,12 @@ def build_tiny_llama(
     tokenizer, trained on a small corpus, uses the first `vocab_size` ids: real shapes without a real tokenizer.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
-    if hidden_size != num_heads * head_dim:
-        raise ValueError(f"hidden_size must be num_heads * head_dim (got {hidden_size}, {num_heads} x {head_dim})")
     tokenizer = train_tokenizer(_default_corpus(), vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=max(len(tokenizer), model_vocab_size or 0), hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
+    config = llama_config(
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+        vocab_size=max(len(tokenizer), model_vocab_size or 0), head_dim=head_dim,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

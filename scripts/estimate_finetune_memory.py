@@ -112,15 +112,13 @@ def meta_model(shape: str, quantization: str | None, quant_storage: torch.dtype)
     """The random-weight model of bench_finetune's shape, bf16, on the meta device; 4-bit as transformers
     loads it with a BitsAndBytesConfig (every Linear but the head, double quantization)."""
     import bitsandbytes as bnb
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    s = bench.SHAPES[shape]
-    config = LlamaConfig(
-        vocab_size=s.get("model_vocab_size", 4096), hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"], head_dim=s.get("head_dim", 64),
-        max_position_embeddings=2048, tie_word_embeddings=True, use_cache=False,
-    )
+    from llmfast.testing import llama_config
+
+    shape_kw = dict(bench.SHAPES[shape])
+    vocab = shape_kw.pop("model_vocab_size", 4096)
+    config = llama_config(**shape_kw, vocab_size=vocab, use_cache=False)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -170,11 +168,24 @@ def estimate(side: str, shape: str, quantization: str | None, gradient_checkpoin
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from llmfast.finetune.trainer import micro_batches
+
+    # the batches as each side builds them, on the host (not counted): (tensors, mask, position ids, targets)
+    if side == "ours":
+        host = []
+        for b in micro_batches(pack(examples, length), batch_size, seed=0, epoch=0, pad_id=0):
+            t = b.tensors("cpu")
+            host.append((t, None, t["position_ids"], b.target_tokens))
+    else:
+        order = list(range(len(examples)))
+        random.Random(0).shuffle(order)  # as bench_finetune's plain loop
+        chunks = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        host = [(t, t["attention_mask"], None, 1) for t in (bench.baseline_batch(c, 0, "cpu") for c in chunks)]
     counter = AllocationCounter(block=CUDA_BLOCK)
     with counter:
         if side == "ours":
             from llmfast.finetune.lora import attach_lora
-            from llmfast.finetune.trainer import _LossModule, micro_batches
+            from llmfast.finetune.trainer import _LossModule
             from llmfast.recipe import FinetuneRecipe, LoraConfig, QuantConfig, TrainConfig
 
             # load_base: the compute dtype for everything that is not 4-bit, and as the 4-bit storage dtype
@@ -185,16 +196,11 @@ def estimate(side: str, shape: str, quantization: str | None, gradient_checkpoin
                 train=TrainConfig(gradient_checkpointing=gradient_checkpointing))
             step = _LossModule(attach_lora(model, recipe), chunk_size=loss_chunk_size or TrainConfig().loss_chunk_size)
             step.train()
-            steps = [(b.tensors("meta"), None, b.tensors("cpu")["position_ids"], b.target_tokens)
-                     for b in micro_batches(pack(examples, length), batch_size, seed=0, epoch=0, pad_id=0)]
         else:
             step = bench.baseline_prepare(meta_model(shape, quantization, torch.uint8), quantization,
                                           gradient_checkpointing)
-            order = list(range(len(examples)))
-            random.Random(0).shuffle(order)  # as bench_finetune's plain loop
-            chunks = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-            steps = [(bench.baseline_batch(c, 0, "meta"), bench.baseline_batch(c, 0, "cpu")["attention_mask"], None, 1)
-                     for c in chunks]
+        steps = [({k: v.to("meta") for k, v in t.items()}, mask, positions, targets)
+                 for t, mask, positions, targets in host]
         trainable = [p for p in step.parameters() if p.requires_grad]
         states = _hold_adamw_states(step)  # as after the first optimizer step
         counter.peak = counter.current  # loading transients are not part of a step
