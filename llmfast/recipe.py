@@ -118,6 +118,7 @@ class TrainConfig(StrictModel):
     eval_every: PositiveInt | None = None  # null: only at the end
     save_every: PositiveInt | None = None  # null: only the final adapter
     keep_checkpoints: PositiveInt = 2
+    fsdp: bool = False  # several processes: shard the decoder layers (finetune/fsdp.py) instead of DDP copies
 
 
 class FinetuneRecipe(StrictModel):

@@ -1,5 +1,5 @@
 """`llmfast finetune` end to end on a tiny model: learning, outputs that peft loads, SIGKILL + --resume,
-DDP over two CPU processes, QLoRA with a dequantized export, and bad input."""
+DDP and FSDP over two CPU processes, QLoRA with a dequantized export, and bad input."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -133,6 +134,46 @@ def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tin
     assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-5
 
 
+def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_dir, data):
+    """FSDP over two gloo processes: the same adapter as one process with accumulation, half the layer weights
+    per process, and a SIGKILL + --resume (sharded optimizer state through a whole checkpoint) changes nothing."""
+    args = ["--set", "train.steps=40", "--set", "train.save_every=5", "--set", "train.keep_checkpoints=1"]
+    single = recipe(tmp_path, tiny_dir, data, out="single")
+    assert run_cli("finetune", str(single), "--set", "train.grad_accum=2", *args)[0] == 0
+    path = recipe(tmp_path, tiny_dir, data, out="fsdp")
+    args += ["--set", "train.fsdp=true"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli"]
+    proc = subprocess.Popen([*torchrun, "finetune", str(path), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "fsdp" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *workers]:  # torchrun and both workers, at once
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (tmp_path / "fsdp" / "adapter").exists(), "killed before the end"
+    saved = sorted(ckpts.glob("step-*/state.json"))[-1]
+    assert json.loads(saved.read_text())["fsdp"] is True
+    # one process cannot take over a sharded run's checkpoint
+    code, _, err = run_cli("finetune", str(path), "--resume", *args)
+    assert code == 2 and "written with FSDP over several processes: resume it the same way" in err
+    p = subprocess.run([*torchrun, "finetune", str(path), "--resume", *args], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, [l for l in p.stderr.splitlines() if "error" in l]
+    assert p.stdout.count("adapter: ") == 1, "one summary, from process 0"
+    metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["fsdp"] is True and metrics["resumed_from_step"] > 0
+    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    # the layers are ~2/3 of the tiny model's weights; embedding, norm and head stay whole
+    assert metrics["param_bytes_per_process"] < 0.7 * one["param_bytes_per_process"]
+    assert _max_diff(_adapter(tmp_path / "fsdp"), _adapter(tmp_path / "single")) < 1e-5
+    # held-out loss: one eval batch, so process 1 runs it too (FSDP gathers with every process) and counts none
+    assert abs(metrics["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
+
+
 def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
     import bitsandbytes as bnb
     from peft import PeftModel
@@ -165,11 +206,17 @@ def test_export_refuses_4bit(tmp_path):
 
 
 BAD = [
-    ("missing field", '{"prompt": "x"}\n', "", "train.jsonl:1: missing field 'completion'"),
-    ("empty dataset", "", "", "the data set is empty"),
-    ("too long, refused", '{"prompt": "x", "completion": "' + "word " * 80 + '"}\n', "data.too_long=error",
+    ("missing field", '{"prompt": "x"}\n', [], "train.jsonl:1: missing field 'completion'"),
+    ("empty dataset", "", [], "the data set is empty"),
+    ("too long, refused", '{"prompt": "x", "completion": "' + "word " * 80 + '"}\n', ["data.too_long=error"],
      "more than max_length 64"),
-    ("targets match nothing", None, "lora.target_modules=[nonexistent_proj]", "match no layer of the model"),
+    ("targets match nothing", None, ["lora.target_modules=[nonexistent_proj]"], "match no layer of the model"),
+    ("fsdp with QLoRA", None, ["train.fsdp=true", "quantization={type: nf4}"], "train.fsdp with QLoRA is not"),
+    ("fsdp with float16", None, ["train.fsdp=true", "train.dtype=float16"], "train.fsdp with float16 is not"),
+    ("fsdp with 8-bit AdamW", None, ["train.fsdp=true", "train.optimizer=adamw_8bit"],
+     "train.optimizer adamw_8bit does not work on sharded weights"),
+    ("fsdp with LoRA on lm_head", None, ["train.fsdp=true", "lora.target_modules=[q_proj, lm_head]"],
+     "lm_head.lora_A.default.weight is trainable outside them"),
 ]
 
 
@@ -180,7 +227,7 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_dir, data, what, row
         train = tmp_path / "train.jsonl"
         train.write_text(rows)
     path = recipe(tmp_path, tiny_dir, train)
-    code, _, err = run_cli("finetune", str(path), *(["--set", override] if override else []))
+    code, _, err = run_cli("finetune", str(path), *[a for o in override for a in ("--set", o)])
     # progress bars of model loading may come first; the error itself is one line, the last
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("llmfast: error: ") and expected in last, err

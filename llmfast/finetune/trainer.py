@@ -2,8 +2,9 @@
 
 Readable top to bottom: `run_finetune` validates everything that can be wrong with the input before it
 creates the output directory, then trains. It runs as is on one CPU or GPU and, launched with
-`accelerate launch` (or torchrun), as DDP over several processes: every process builds the same
-deterministic stream of micro-batches and takes its share of each optimizer step.
+`accelerate launch` (or torchrun), over several processes: every process builds the same deterministic
+stream of micro-batches and takes its share of each optimizer step, either as DDP (each process holds the
+whole model) or, with `train.fsdp`, with the decoder layers sharded over the processes (finetune/fsdp.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, 
 from llmfast.data.chat import Encoded, load_examples
 from llmfast.data.packing import Batch, collate, pack
 from llmfast.errors import UserError
+from llmfast.finetune import fsdp as sharding
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.recipe import FinetuneRecipe, recipe_dict
@@ -90,7 +92,8 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from accelerate.utils import DistributedType
+    from peft import set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     from llmfast.models import load_tokenizer, resolve_model
@@ -104,6 +107,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
+    # An accelerate FSDP config (launched with one) means the same as train.fsdp: llmfast shards itself.
+    fsdp = world > 1 and (tc.fsdp or acc.distributed_type == DistributedType.FSDP)
     torch.manual_seed(tc.seed)
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
@@ -119,8 +124,12 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     for w in warnings:
         acc.print(f"llmfast: warning: {w}")
     dtype = pick_compute_dtype(tc.dtype)
+    if tc.fsdp or fsdp:
+        sharding.check_recipe(recipe.quantization is not None, dtype, tc.optimizer)
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
     trainable, total_params = trainable_parameters(model)
+    if tc.fsdp:  # also with one process, so a recipe is refused before it is launched on several
+        sharding.check_model(model)
 
     pack_length = dc.pack_length or dc.max_length
     rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
@@ -132,8 +141,25 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
         acc.print("llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
 
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc.optimizer, tc.lr,
-                               tc.weight_decay, acc.device.type == "cuda")
+    ckpt = _latest_checkpoint(out) if resume else None
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None else {}
+    if ckpt is not None:
+        if state["total_steps"] != total_steps:
+            raise UserError(f"--resume: the recipe now gives {total_steps} steps, the run had {state['total_steps']}: "
+                            "resume with the same recipe")
+        if state.get("fsdp", False) != fsdp:
+            raise UserError(f"--resume: {ckpt} was written {'with' if state.get('fsdp') else 'without'} FSDP over "
+                            "several processes: resume it the same way")
+        from safetensors.torch import load_file
+
+        # Into the whole model, before sharding splits the weights (copied onto the model's device).
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device="cpu"))
+    layers = sharding.shard_decoder_layers(model, acc.device.type, world) if fsdp else []
+
+    # After sharding: the optimizer must hold the sharded parameters.
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                               "adamw_torch" if fsdp and tc.optimizer == "auto" else tc.optimizer, tc.lr,
+                               tc.weight_decay, acc.device.type == "cuda" and not fsdp)
     warmup = round(tc.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     # float16 (GPUs without bfloat16) cannot hold small gradients: scale the loss up and the gradients back
@@ -142,19 +168,14 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     start_step = 0
     log_path = out / "train_log.jsonl"
-    if resume:
+    if ckpt is not None:
         if acc.is_main_process:  # checkpoints whose write a kill cut short
             for stale in (out / "checkpoints").glob(".step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        ckpt = _latest_checkpoint(out)
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["total_steps"] != total_steps:
-            raise UserError(f"--resume: the recipe now gives {total_steps} steps, the run had {state['total_steps']}: "
-                            "resume with the same recipe")
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device=str(acc.device)))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=False))
+        if fsdp:
+            sharding.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=False))
+        else:
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
         if scaler is not None and (ckpt / "scaler.pt").is_file():  # absent in checkpoints of older versions
@@ -169,7 +190,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         atomic_write_json(out / "recipe.json", recipe_dict(recipe))
     acc.wait_for_everyone()
 
-    wrapped = acc.prepare(_LossModule(model, tc.loss_chunk_size))
+    loss_module = _LossModule(model, tc.loss_chunk_size)
+    wrapped = loss_module if fsdp else acc.prepare(loss_module)  # the sharded layers synchronise themselves
     epoch_cache: dict[int, list[Batch]] = {}
 
     def micro(index: int) -> Batch:
@@ -188,10 +210,16 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         inner.eval()
         batches = [collate(eval_rows[s : s + tc.batch_size], pad_id) for s in range(0, len(eval_rows), tc.batch_size)]
         total = torch.zeros(2, device=acc.device)
+        # Under FSDP every process runs as many forwards as the others (each gathers the layers' weights with
+        # them): one without a batch of its own runs the first batch again and counts nothing.
+        n = len(batches)
+        rounds = -(-n // world) * world if fsdp else n
         with torch.no_grad():
-            for b in batches[rank::world]:
-                total[0] += inner(**b.tensors(acc.device)).detach().float()
-                total[1] += b.target_tokens
+            for i in range(rank, rounds, world):
+                loss_sum = inner(**batches[i if i < n else 0].tensors(acc.device)).detach().float()
+                if i < n:
+                    total[0] += loss_sum
+                    total[1] += batches[i].target_tokens
         total = acc.reduce(total, reduction="sum")
         inner.train()
         return (total[0] / total[1]).item()
@@ -208,17 +236,20 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         mine = batch_list[rank::world]
         step_loss = torch.zeros((), device=acc.device)
         for i, b in enumerate(mine):
-            sync = contextlib.nullcontext() if i == len(mine) - 1 else acc.no_sync(wrapped)
+            last = i == len(mine) - 1
+            if fsdp:
+                sharding.set_gradient_sync(layers, last)
+            sync = contextlib.nullcontext() if last or fsdp else acc.no_sync(wrapped)
             with sync:
                 loss_sum = wrapped(**b.tensors(acc.device))
-                # DDP averages gradients over processes, hence the factor `world`.
+                # DDP and FSDP average gradients over processes, hence the factor `world`.
                 loss = loss_sum / step_targets * world
                 acc.backward(scaler.scale(loss) if scaler is not None else loss)
             step_loss += loss_sum.detach().float()
         if scaler is not None:
             scaler.unscale_(optimizer)  # before clipping, so the norm is of the true gradients
         if tc.max_grad_norm:
-            acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)  # sharded ones too
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -252,7 +283,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
             window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != total_steps:
             _save_checkpoint(acc, model, optimizer, scheduler, scaler, out, done, total_steps, tc.keep_checkpoints,
-                             get_peft_model_state_dict)
+                             fsdp)
     bar.close()
     eval_loss = evaluate()
     wall = time.perf_counter() - t_start
@@ -269,13 +300,15 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         "trainable_params": trainable,
         "total_params": total_params,
         "processes": world,
+        "fsdp": fsdp,
+        "param_bytes_per_process": sharding.local_param_bytes(model),
         "device": acc.device.type,
         "dtype": dtype,
     }
+    lora_state = sharding.full_lora_state(model) if fsdp else None  # a collective: every process
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(wrapped).model
         with atomic_dir(out / "adapter") as tmp:
-            unwrapped.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=lora_state)
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp, stage="finetune", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
                            base_model_path=str(model_path), quantization=recipe.quantization is not None)
@@ -291,21 +324,28 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
 
 def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int,
-                     total: int, keep: int, state_dict_fn: Any) -> None:
+                     total: int, keep: int, fsdp: bool) -> None:
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     acc.wait_for_everyone()
+    adapter: dict[str, torch.Tensor] = {}
+    optim: dict[str, Any] = {}
+    if fsdp:  # collectives: every process gathers, process 0 writes
+        adapter = get_peft_model_state_dict(model, state_dict=sharding.full_lora_state(model))
+        optim = sharding.optimizer_state(model, optimizer)
+    elif acc.is_main_process:
+        adapter, optim = get_peft_model_state_dict(model), optimizer.state_dict()
     if acc.is_main_process:
         with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict_fn(model).items()},
-                      tmp / "adapter.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(torch.get_rng_state(), tmp / "rng.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
-            atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total})
+            atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total, "fsdp": fsdp})
         for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
