@@ -174,6 +174,43 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     assert abs(metrics["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-3)])
+def test_fsdp_with_accumulation_clipping_and_checkpointing(tmp_path, tiny_dir, data, dtype, tol):
+    """Gradient sync only on a step's last micro-batch, a global gradient norm over shards, recompute in the
+    backward pass, and (bfloat16) frozen 16-bit weights gathered with float32 LoRA weights."""
+    args = ["--set", "train.steps=6", "--set", "train.max_grad_norm=0.001", "--set", f"train.dtype={dtype}",
+            "--set", "train.gradient_checkpointing=true"]
+    assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="single")), "--set", "train.grad_accum=4",
+                   *args)[0] == 0
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli"]
+    p = subprocess.run([*torchrun, "finetune", str(recipe(tmp_path, tiny_dir, data, out="fsdp")), *args,
+                        "--set", "train.grad_accum=2", "--set", "train.fsdp=true"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    single, fsdp = _adapter(tmp_path / "single"), _adapter(tmp_path / "fsdp")
+    moved = max(v.abs().max().item() for k, v in single.items() if "lora_B" in k)  # B starts at zero
+    assert moved > 1e-3, "the adapter trained"
+    assert _max_diff(fsdp, single) < tol * max(1.0, moved)
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 4, "total_steps": 8, "fsdp": False, "processes": 2}))
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 2 and "was written by 2 processes, this run has 1: resume with as many" in err
+
+
+def test_accelerate_mixed_precision_is_refused(tmp_path, tiny_dir, data):
+    """llmfast picks the dtype: an accelerate launch with mixed precision would scale the loss behind its back."""
+    path = recipe(tmp_path, tiny_dir, data)
+    p = subprocess.run(_cmd("finetune", str(path)), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert p.returncode == 2 and "launched with accelerate mixed precision fp16" in p.stderr, p.stderr[-1000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
     import bitsandbytes as bnb
     from peft import PeftModel

@@ -30,7 +30,8 @@ def check_recipe(quantized: bool, dtype: str, optimizer: str) -> None:
                         "quant_storage handling): remove 'quantization', or run QLoRA with DDP (train.fsdp: false)")
     if dtype == "float16":
         raise UserError("train.fsdp with float16 is not supported (loss scaling over sharded gradients): set "
-                        "train.dtype to bfloat16 or float32, or use DDP (train.fsdp: false)")
+                        "train.dtype to bfloat16 or float32 (auto picks float16 on GPUs without bfloat16), or "
+                        "use DDP (train.fsdp: false)")
     if optimizer in REFUSED_OPTIMIZERS:
         raise UserError(f"train.optimizer {optimizer} does not work on sharded weights under train.fsdp: "
                         "use adamw_torch (or auto)")
@@ -40,7 +41,12 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The model's decoder layers: the modules of the classes transformers says must not be split."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in names]
+    layers: list[torch.nn.Module] = []
+    within: set[int] = set()  # modules inside a layer already found (modules() lists parents first)
+    for m in base.modules():
+        if type(m).__name__ in names and id(m) not in within:
+            layers.append(m)
+            within.update(id(sub) for sub in m.modules())
     if not layers:
         raise UserError(f"train.fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules); "
                         "use DDP (train.fsdp: false)")

@@ -107,8 +107,15 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
-    # An accelerate FSDP config (launched with one) means the same as train.fsdp: llmfast shards itself.
-    fsdp = world > 1 and (tc.fsdp or acc.distributed_type == DistributedType.FSDP)
+    # llmfast shards and picks the dtype itself: an accelerate config that does either would act behind its back
+    # (FSDP's RAM-efficient loading zeroes the base on all but one process, expecting accelerate to broadcast).
+    if acc.distributed_type == DistributedType.FSDP:
+        raise UserError("launched with an accelerate FSDP config: llmfast shards by itself; launch without it "
+                        "(torchrun, or a multi-GPU accelerate config) and set train.fsdp: true")
+    if acc.mixed_precision != "no":
+        raise UserError(f"launched with accelerate mixed precision {acc.mixed_precision}: llmfast picks the dtype "
+                        "itself; launch without it and set train.dtype")
+    fsdp = world > 1 and tc.fsdp
     torch.manual_seed(tc.seed)
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
@@ -150,6 +157,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         if state.get("fsdp", False) != fsdp:
             raise UserError(f"--resume: {ckpt} was written {'with' if state.get('fsdp') else 'without'} FSDP over "
                             "several processes: resume it the same way")
+        if state.get("processes", world) != world:  # each step's share of micro-batches depends on it
+            raise UserError(f"--resume: {ckpt} was written by {state['processes']} processes, this run has {world}: "
+                            "resume with as many")
         from safetensors.torch import load_file
 
         # Into the whole model, before sharding splits the weights (copied onto the model's device).
@@ -283,7 +293,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
             window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != total_steps:
             _save_checkpoint(acc, model, optimizer, scheduler, scaler, out, done, total_steps, tc.keep_checkpoints,
-                             fsdp)
+                             fsdp, world)
     bar.close()
     eval_loss = evaluate()
     wall = time.perf_counter() - t_start
@@ -324,7 +334,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
 
 def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int,
-                     total: int, keep: int, fsdp: bool) -> None:
+                     total: int, keep: int, fsdp: bool, world: int) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -345,7 +355,8 @@ def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scale
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
-            atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total, "fsdp": fsdp})
+            atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total, "fsdp": fsdp,
+                                                   "processes": world})
         for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
