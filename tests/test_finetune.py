@@ -44,6 +44,17 @@ def _cmd(*args):
     return [sys.executable, "-m", "llmfast.cli", *args]
 
 
+def _torchrun(*args):
+    """The CLI over two processes (gloo on a CPU)."""
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli", *args]
+
+
+def _wait_for_a_checkpoint(proc, ckpts):
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.02)
+
+
 def _adapter(run):
     return load_file(Path(run) / "adapter" / "adapter_model.safetensors")
 
@@ -93,9 +104,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     path = recipe(tmp_path, tiny_dir, data, out="killed")
     proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
-        time.sleep(0.02)
+    _wait_for_a_checkpoint(proc, ckpts)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "adapter").exists(), "killed before the end"
@@ -126,9 +135,8 @@ def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tin
     single = recipe(tmp_path, tiny_dir, data, out="single")
     assert run_cli("finetune", str(single), "--set", "train.grad_accum=2", "--set", "train.steps=4")[0] == 0
     ddp = recipe(tmp_path, tiny_dir, data, out="ddp")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    p = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "llmfast.cli", "finetune", str(ddp),
-                        "--set", "train.steps=4"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(_torchrun("finetune", str(ddp), "--set", "train.steps=4"), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["processes"] == 2
     assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-5
@@ -142,13 +150,10 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     assert run_cli("finetune", str(single), "--set", "train.grad_accum=2", *args)[0] == 0
     path = recipe(tmp_path, tiny_dir, data, out="fsdp")
     args += ["--set", "train.fsdp=true"]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli"]
-    proc = subprocess.Popen([*torchrun, "finetune", str(path), *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_torchrun("finetune", str(path), *args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "fsdp" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
-        time.sleep(0.02)
+    _wait_for_a_checkpoint(proc, ckpts)
     workers = psutil.Process(proc.pid).children(recursive=True)
     for p in [psutil.Process(proc.pid), *workers]:  # torchrun and both workers, at once
         p.kill()
@@ -160,7 +165,7 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     # one process cannot take over a sharded run's checkpoint
     code, _, err = run_cli("finetune", str(path), "--resume", *args)
     assert code == 2 and "written with FSDP over several processes: resume it the same way" in err
-    p = subprocess.run([*torchrun, "finetune", str(path), "--resume", *args], capture_output=True, text=True,
+    p = subprocess.run(_torchrun("finetune", str(path), "--resume", *args), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, [l for l in p.stderr.splitlines() if "error" in l]
     assert p.stdout.count("adapter: ") == 1, "one summary, from process 0"
@@ -182,10 +187,9 @@ def test_fsdp_with_accumulation_clipping_and_checkpointing(tmp_path, tiny_dir, d
             "--set", "train.gradient_checkpointing=true"]
     assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="single")), "--set", "train.grad_accum=4",
                    *args)[0] == 0
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli"]
-    p = subprocess.run([*torchrun, "finetune", str(recipe(tmp_path, tiny_dir, data, out="fsdp")), *args,
-                        "--set", "train.grad_accum=2", "--set", "train.fsdp=true"], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(_torchrun("finetune", str(recipe(tmp_path, tiny_dir, data, out="fsdp")), *args,
+                                 "--set", "train.grad_accum=2", "--set", "train.fsdp=true"),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     single, fsdp = _adapter(tmp_path / "single"), _adapter(tmp_path / "fsdp")
     moved = max(v.abs().max().item() for k, v in single.items() if "lora_B" in k)  # B starts at zero

@@ -37,9 +37,14 @@ def check_recipe(quantized: bool, dtype: str, optimizer: str) -> None:
                         "use adamw_torch (or auto)")
 
 
+def _base(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The model's decoder layers: the modules of the classes transformers says must not be split."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers: list[torch.nn.Module] = []
     within: set[int] = set()  # modules inside a layer already found (modules() lists parents first)
@@ -64,22 +69,20 @@ def check_model(model: Any) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_decoder_layers(model: Any, device_type: str, world: int) -> list[Any]:
-    """Shard every decoder layer in place over the default process group; returns the sharded layers."""
+def shard_decoder_layers(model: Any, layers: list[torch.nn.Module], device_type: str, world: int) -> None:
+    """Shard the decoder layers (from `check_model`) in place over the default process group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = check_model(model)
     mesh = init_device_mesh(device_type, (world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     # The decoder around them becomes the root, holding nothing itself (its embedding and norm stay whole):
     # FSDP never reshards a root after its forward, so each layer left a root of its own would keep its
     # gathered weights until the backward pass, all of them at once.
-    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+    decoder = _base(model).base_model
     inside = {id(p) for layer in layers for p in layer.parameters()}
     fully_shard(decoder, mesh=mesh, ignored_params={p for p in decoder.parameters() if id(p) not in inside})
-    return layers
 
 
 def set_gradient_sync(layers: list[Any], sync: bool) -> None:

@@ -131,12 +131,12 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     for w in warnings:
         acc.print(f"llmfast: warning: {w}")
     dtype = pick_compute_dtype(tc.dtype)
-    if tc.fsdp or fsdp:
+    if tc.fsdp:
         sharding.check_recipe(recipe.quantization is not None, dtype, tc.optimizer)
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
     trainable, total_params = trainable_parameters(model)
-    if tc.fsdp:  # also with one process, so a recipe is refused before it is launched on several
-        sharding.check_model(model)
+    # Checked also with one process, so a recipe is refused before it is launched on several.
+    layers = sharding.check_model(model) if tc.fsdp else []
 
     pack_length = dc.pack_length or dc.max_length
     rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
@@ -164,7 +164,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
         # Into the whole model, before sharding splits the weights (copied onto the model's device).
         set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device="cpu"))
-    layers = sharding.shard_decoder_layers(model, acc.device.type, world) if fsdp else []
+    if fsdp:
+        sharding.shard_decoder_layers(model, layers, acc.device.type, world)
 
     # After sharding: the optimizer must hold the sharded parameters.
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
