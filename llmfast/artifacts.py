@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from llmfast import __version__
 from llmfast.errors import UserError
@@ -23,20 +23,101 @@ from llmfast.errors import UserError
 MANIFEST = "llmfast.json"
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; rename it to `final` if the block succeeds, delete it if not."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _temp_prefix(name: str, kind: str) -> str:
+    # The owner's PID is in the name, so a later run can tell a dead process's leftovers from a live writer's.
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def reap_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary siblings of `final` left by processes that died (SIGKILL, power loss); return them.
+
+    Siblings of live processes are left alone: another run may be writing the same output right now.
+    """
     final = Path(final)
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for p in final.parent.glob(f".{glob_escape(final.name)}.{kind}-*"):
+            pid = p.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def check_output(final: str | os.PathLike[str], overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike[str] | None] = (), flag: str = "--overwrite") -> Path:
+    """Refuse an output path that would lose a user's files; return it.
+
+    An existing output is refused unless `overwrite`; an output that is one of the `inputs`, or a folder
+    holding one, is refused always (replacing it would delete the input before it is read); a regular file
+    where a directory is wanted, and a parent that cannot be created, are one-line errors too.
+    """
+    final = Path(final).expanduser()
+    resolved = final.resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        src = Path(i).expanduser().resolve()
+        if resolved == src or resolved in src.parents:
+            raise UserError(f"output {final} is (or holds) the input {i}: writing it would destroy the input; "
+                            "choose another output directory")
+    if final.is_file() or final.is_symlink() and not final.is_dir():
+        raise UserError(f"output {final} is a file, not a directory: choose a directory path")
     if final.exists() and not overwrite:
-        raise UserError(f"{final} already exists: choose another output directory or remove it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the rename stays on one filesystem and is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        raise UserError(f"output {final} already exists: choose another path, or pass {flag} to replace it")
+    parent = final.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output {final}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output {final}: no permission to write in {parent}")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; rename it to `final` if the block succeeds, delete it if not.
+
+    An existing `final` is refused unless `overwrite` (then replaced only once the new one is complete).
+    Leftover temporary siblings of dead processes are removed first.
+    """
+    final = check_output(final, overwrite, inputs)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        reap_stale_temps(final)
+        # A sibling, so the rename stays on one filesystem and is atomic.
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "tmp"), dir=final.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {final}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary directory
         yield tmp
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            if not overwrite:  # appeared while we worked: never replace what we did not check
+                raise UserError(f"output {final} appeared while writing it: left as it is")
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "old"), dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -48,10 +129,16 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterato
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a file through a temporary sibling and a rename."""
+    """Write a file through a temporary sibling and a rename (replacing an existing file: callers check first)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reap_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name, "tmp"), dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

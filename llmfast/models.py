@@ -179,7 +179,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         del loaded
         steps.update()
         steps.set_postfix_str("save")
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite=True) as tmp:
             fresh.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp, stage="convert", parents=[str(gguf)], recipe={"dtype": dtype})

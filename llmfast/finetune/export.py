@@ -75,7 +75,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         model = AutoModelForCausalLM.from_pretrained(base, dtype=td)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged = merged.to("cpu")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
         write_manifest(tmp, stage="export", parents=[str(adapter_dir)], recipe={"dtype": dtype},

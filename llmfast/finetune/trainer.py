@@ -318,7 +318,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     }
     lora_state = sharding.full_lora_state(model) if fsdp else None  # a collective: every process
     if acc.is_main_process:
-        with atomic_dir(out / "adapter") as tmp:
+        with atomic_dir(out / "adapter", overwrite=True) as tmp:
             model.save_pretrained(tmp, state_dict=lora_state)
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp, stage="finetune", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
@@ -348,7 +348,7 @@ def _save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scale
     elif acc.is_main_process:
         adapter, optim = get_peft_model_state_dict(model), optimizer.state_dict()
     if acc.is_main_process:
-        with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+        with atomic_dir(out / "checkpoints" / f"step-{step:06d}", overwrite=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -104,7 +104,7 @@ def _run_merge(plan: MergePlan, out_dir: str | Path, shard_size: str, adapter_ra
     layout = [(n, shape, plan.out_dtype if tag in ("F32", "BF16", "F16", "F64") else mio.st_dtype_name(tag))
               for n, shape, tag in plan.tensors]
     stats: dict[str, Any] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         writer = mio.ShardedWriter(tmp, layout, mio.parse_size(shard_size))
         bar = _progress(len(layout), f"merge ({plan.method.name})", progress)
         try:
@@ -181,7 +181,7 @@ def _run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progre
                    (f"{key}.lora_B.weight", (out_f, rank), plan.out_dtype)]
     tail = total = 0.0
     worst = 0.0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         writer = mio.ShardedWriter(tmp, layout, 2**62, prefix="adapter_model")
         bar = _progress(len(targets), f"merge adapters ({method.name}, rank {'concat' if concat else rank})", progress)
         try:

@@ -186,7 +186,7 @@ def run_bench(recipe: "BenchRecipe") -> Path:
     plan = _check(recipe)
     w = recipe.workload
     machine = detect()
-    with atomic_dir(recipe.output) as tmp:
+    with atomic_dir(recipe.output, overwrite=True) as tmp:
         tokenizer = load_tokenizer(plan[0]["model_dir"])
         requests = random_requests(tokenizer, w.num_prompts, w.input_len, w.output_len, 0.0, w.seed)
         # A model alone gets a server of its own; its LoRA variants share another, with LoRA enabled. (vLLM's
