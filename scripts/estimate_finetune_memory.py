@@ -23,7 +23,7 @@ Three things the meta device cannot do are answered from the host, as the real r
 - llmfast's paged 8-bit AdamW keeps its states outside PyTorch's allocator on a GPU; here both sides hold
   32-bit AdamW states (conservative for ours).
 
-Calibrated against plain HF + PEFT peaks measured on an H200 (../shared/ENVIRONMENT.md); `--calibrate`
+Calibrated against plain HF + PEFT peaks measured on an H200 (docs/environment.md); `--calibrate`
 prints them side by side. The same pass also counts matmul and attention FLOPs (torch's FlopCounterMode):
 their ratio is what each side computes, not a speed (elementwise work, kernel efficiency and launch
 overheads are not in it).
@@ -55,7 +55,7 @@ from llmfast.data.packing import pack  # noqa: E402
 
 CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
 
-# Plain HF + PEFT, r=16 all-linear, bf16, batch 8 x 1024, peaks measured on an H200 (../shared/ENVIRONMENT.md),
+# Plain HF + PEFT, r=16 all-linear, bf16, batch 8 x 1024, peaks measured on an H200 (docs/environment.md),
 # with gradient checkpointing as that file states it (for the QLoRA run it does not say).
 H200_MEASURED = [
     ("smollm2", None, "off", 13.4), ("smollm2", None, "on", 5.2),
