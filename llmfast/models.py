@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmfast.artifacts import atomic_dir, write_manifest
 from llmfast.errors import UserError
+from llmfast.modelfiles import check_adapter_dir, check_model_dir
+
+__all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
 
 if TYPE_CHECKING:
     import torch
@@ -105,13 +108,14 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_model_dir(path):
-            return path
+            return check_model_dir(path)
         if (path / "adapter_config.json").is_file():
             raise UserError(f"{path} is a LoRA adapter, not a full model: pass its base model and the adapter")
         raise UserError(f"{path} is a directory but not a Hugging Face model (no config.json)")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
+        _check_gguf_magic(path)
         for name, model in BUILTINS.items():  # a built-in's own file shares the built-in's cache entry
             try:
                 if builtin_gguf_path(model).resolve() == path.resolve():
@@ -131,17 +135,29 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
     )
 
 
+def _check_gguf_magic(path: Path) -> None:
+    # The first 4 bytes say whether this is a GGUF file at all, before minutes of conversion are tried.
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'): re-download it")
+
+
 def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
     except Exception as e:  # offline, unknown repo, gated: all one line for the user
         raise UserError(
             f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}): "
             "check the id and your connection, or pass a local model directory"
         ) from None
+    return check_model_dir(path)
 
 
 def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
@@ -151,7 +167,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     moved into a fresh model built from the same config (without the quantization config) and saved.
     """
     if is_model_dir(out) and (out / "llmfast.json").is_file():
-        return out
+        try:
+            return check_model_dir(out)
+        except UserError as e:
+            raise UserError(f"the cached conversion of {gguf.name} is damaged ({e}): delete {out} and run again")
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -224,9 +243,7 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     if adapter is not None:
         from peft import PeftModel
 
-        a = adapter_dir(adapter)
-        if not (a / "adapter_config.json").is_file():
-            raise UserError(f"adapter {a}: not a PEFT adapter directory (no adapter_config.json)")
+        a = check_adapter_dir(adapter_dir(adapter))
         model = PeftModel.from_pretrained(model, str(a))
     model.eval()
     return model

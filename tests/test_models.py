@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,89 @@ def test_missing_builtin_package_says_how_to_install(monkeypatch):
 def test_models_cli_lists_builtins():
     code, out, _ = run_cli("models")
     assert code == 0 and "builtin:smollm2-135m" in out and "Apache-2.0" in out
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (lambda d: (d / "config.json").write_text("{not json"), r"config\.json: the model config is not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"hidden_size": 8}'), r"config\.json: no 'model_type'"),
+        (lambda d: (d / "config.json").write_bytes(b'{"model_type": "\xff"}'), r"config\.json: not UTF-8"),
+        (lambda d: _truncate(d / "model.safetensors", 100_000), r"model\.safetensors: truncated: its tensors need"),
+        (lambda d: _truncate(d / "model.safetensors", 5), r"model\.safetensors: 5 bytes, too short"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), r"model\.safetensors: corrupt safetensors"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"garbage!" * 64), r"not a safetensors file, or truncated"),
+        (lambda d: (d / "model.safetensors").open("ab").write(b"extra"), r"5 bytes after the last tensor"),
+    ],
+    ids=["config-not-json", "config-no-model-type", "config-not-utf8", "weights-truncated", "weights-5-bytes",
+         "weights-zero-header", "weights-garbage", "weights-trailing-bytes"],
+)
+def test_damaged_model_directory_is_one_line_naming_the_file(tiny_dir, tmp_path, damage, expected):
+    d = _copy_model(tiny_dir, tmp_path / "m")
+    damage(d)
+    with pytest.raises(UserError, match=expected) as e:
+        resolve_model(str(d))
+    assert str(d) in str(e.value) and "re-download or re-create" in str(e.value)
+
+
+def test_sharded_model_with_a_missing_shard_is_refused(tiny_dir, tmp_path):
+    import json
+
+    d = _copy_model(tiny_dir, tmp_path / "m")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match=r"index\.json: names 2 missing file\(s\)"):
+        resolve_model(str(d))
+
+
+def test_check_model_dir_reads_no_tensors_and_imports_no_torch(tiny_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from llmfast.models import check_model_dir; check_model_dir(sys.argv[1]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tiny_dir)], check=True)
+
+
+def test_damaged_adapter_directory_is_one_line(tmp_path):
+    from llmfast.models import check_adapter_dir
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UserError, match=r"not a PEFT adapter directory \(no adapter_config\.json\)"):
+        check_adapter_dir(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("[1, 2")
+    with pytest.raises(UserError, match=r"adapter_config\.json: the adapter config is not valid JSON"):
+        check_adapter_dir(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match=r"adapter_model\.safetensors: not a safetensors file, or truncated"):
+        check_adapter_dir(tmp_path / "a")
+
+
+def test_corrupt_gguf_is_refused_before_conversion(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(UserError, match=r"bad\.gguf is not a GGUF file"):
+        resolve_model(str(bad))
+
+
+def test_models_prepare_takes_a_directory_a_gguf_and_a_hub_id(tiny_dir, tmp_path, monkeypatch):
+    code, out, err = run_cli("models", "--prepare", str(tiny_dir))
+    assert code == 0 and f"{tiny_dir}: {tiny_dir} (LlamaForCausalLM, 2 layers" in out, err
+    (tmp_path / "x.gguf").write_bytes(b"nope")
+    code, _, err = run_cli("models", "--prepare", str(tmp_path / "x.gguf"))
+    assert code == 2 and "is not a GGUF file" in err and "builtin:" not in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli("models", "--prepare", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert code == 2 and "could not fetch 'HuggingFaceTB/SmolLM2-135M-Instruct'" in err

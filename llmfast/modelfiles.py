@@ -1,0 +1,128 @@
+"""Cheap checks of a model or adapter directory before anything loads it: JSON configs and safetensors headers.
+
+A broken config.json or a truncated download otherwise surfaces deep inside transformers, PEFT or vLLM
+as a traceback, often after minutes of work. These checks read only the config files and the first
+bytes of each safetensors file (an 8-byte header length, then a JSON header naming every tensor's byte
+range), so they take milliseconds whatever the model's size, and import neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from llmfast.errors import UserError
+
+# A safetensors header is a few hundred bytes per tensor; 100 MB is the library's own limit.
+_MAX_HEADER = 100_000_000
+
+
+def read_json_file(path: Path, what: str, fix: str) -> Any:
+    """A JSON file's content, or a one-line error naming the file, what is wrong, and `fix`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): {fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e}): {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: the {what} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
+
+
+def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file's size (a truncated file is refused)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: {size} bytes, too short for a safetensors file (truncated?): {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise UserError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in a file "
+                                f"of {size}): {fix}")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}): {fix}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt safetensors header (not JSON): {fix}") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object): {fix}")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise UserError(f"{path}: corrupt safetensors header (tensor {name} has no valid data_offsets): {fix}")
+        end = max(end, offsets[1])
+    data = size - 8 - n
+    if end > data:
+        raise UserError(f"{path}: truncated: its tensors need {end} bytes of data, the file has {data}: {fix}")
+    if end < data:
+        raise UserError(f"{path}: {data - end} bytes after the last tensor (corrupt or not safetensors): {fix}")
+    return header
+
+
+def _weight_files(path: Path, fix: str) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json_file(index, "safetensors index", fix)
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise UserError(f"{index}: no 'weight_map' of tensor names to files: {fix}")
+        files = sorted({str(v) for v in wmap.values()})
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise UserError(f"{index}: names {len(missing)} missing file(s) ({', '.join(missing[:3])}): {fix}")
+        return [path / f for f in files]
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_model_dir(path: str | os.PathLike[str]) -> Path:
+    """Check a Hugging Face model directory without loading it: config.json is a JSON object with a
+    `model_type`, and every safetensors weight file is complete. Returns the path; raises a one-line UserError.
+
+    Directories with only pickle weights (pytorch_model.bin) are left to the loader, which refuses them.
+    """
+    path = Path(path)
+    fix = f"re-download or re-create the model in {path}"
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+    cfg = read_json_file(cfg_path, "model config", fix)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: the model config must be a JSON object, not {type(cfg).__name__}: {fix}")
+    if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        raise UserError(f"{cfg_path}: no 'model_type' (e.g. \"llama\"): transformers cannot tell the "
+                        f"architecture: {fix}")
+    for f in _weight_files(path, fix):
+        safetensors_header(f, fix)
+    return path
+
+
+def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """Check a PEFT adapter directory: adapter_config.json is a JSON object naming its PEFT type, and
+    adapter_model.safetensors (when present) is complete. Returns the path; raises a one-line UserError."""
+    path = Path(path)
+    fix = f"re-create or re-download the adapter in {path}"
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    cfg = read_json_file(cfg_path, "adapter config", fix)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: the adapter config must be a JSON object, not {type(cfg).__name__}: {fix}")
+    if "peft_type" not in cfg and "r" not in cfg:
+        raise UserError(f"{cfg_path}: neither 'peft_type' nor 'r': not a PEFT LoRA adapter config: {fix}")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        safetensors_header(weights, fix)
+    return path
