@@ -32,7 +32,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.prepare:
         for name in args.prepare:
-            path = resolve_model(name if ":" in name else f"builtin:{name}")
+            # A bare built-in name is a shorthand; anything else (builtin:NAME, a .gguf, a directory, a hub id)
+            # resolves as everywhere else.
+            path = resolve_model(f"builtin:{name}" if name in BUILTINS else name)
             info = describe_model_dir(path)
             print(f"{name}: {path} ({info['architecture']}, {info['layers']} layers, {info['dtype']})")
         return 0
