@@ -146,6 +146,13 @@ def test_chunked_loss_gradients_match(tiny):
     (['{"prompt": "x", "completion": "y"}', '{"text": "x"}'], "d.jsonl:2: missing field 'messages'"),
     (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}'], "d.jsonl:1: messages[0] lacks field 'content'"),
     ([], "d.jsonl: the data set is empty"),
+    (['{"prompt": "x", "completion": "y"}', '{"messages": [{"role": "user", "content": "x"}, '
+      '{"role": "assistant", "content": 5}]}'], "d.jsonl:2: messages[1].content must be a string, not int (5)"),
+    (['{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "y"}]}'],
+     "d.jsonl:1: messages[0].content must be a string, not null"),
+    (['{"prompt": "x", "completion": 2021}'], "d.jsonl:1: field 'completion' must be a string, not int"),
+    (['{"messages": [{"role": 1, "content": "x"}, {"role": "assistant", "content": "y"}]}'],
+     "d.jsonl:1: messages[0].role must be a string"),
 ])
 def test_bad_rows_are_named(tiny, tmp_path, rows, expected):
     _, tok = tiny
@@ -162,6 +169,30 @@ def test_too_long_examples_truncate_with_warning_or_refuse(tiny, tmp_path):
     assert len(exs[0]) == 40 and "truncated" in warnings[0] and "rows 1" in warnings[0]
     with pytest.raises(UserError, match=r"d.jsonl:1: example has \d+ tokens, more than max_length 40"):
         load_examples(tmp_path / "d.jsonl", tok, 40, too_long="error")
+
+
+def test_jsonl_that_is_not_utf8_names_the_file_and_row(tiny, tmp_path):
+    _, tok = tiny
+    rows = ['{"prompt": "a", "completion": "b"}', '{"prompt": "caf\u00e9", "completion": "b"}']
+    (tmp_path / "d.jsonl").write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 text \(byte 16 of the row\): save the file as UTF-8"):
+        load_examples(tmp_path / "d.jsonl", tok, 64)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rows[0].encode() + b"\n")
+    assert len(load_examples(tmp_path / "bom.jsonl", tok, 64)[0]) == 1  # a UTF-8 byte-order mark is fine
+
+
+def test_truncate_drops_a_row_whose_prompt_fills_max_length_and_keeps_the_rest(tiny, tmp_path):
+    _, tok = tiny
+    rows = ['{"prompt": "short", "completion": "yes"}', '{"prompt": "' + "word " * 80 + '", "completion": "no"}',
+            '{"prompt": "short too", "completion": "' + "word " * 50 + '"}']
+    (tmp_path / "d.jsonl").write_text("".join(r + "\n" for r in rows))
+    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, 40)
+    assert [e.row for e in exs] == [1, 3] and len(exs[1]) == 40 and exs[1].target_tokens > 0
+    assert any("1 example(s) dropped" in w and "rows 2" in w for w in warnings)
+    assert any("1 example(s) longer than max_length 40 were truncated (rows 3)" in w for w in warnings)
+    (tmp_path / "all.jsonl").write_text(rows[1] + "\n")
+    with pytest.raises(UserError, match=r"all\.jsonl: every example's prompt fills max_length 40"):
+        load_examples(tmp_path / "all.jsonl", tok, 40)
 
 
 def test_local_datasets_directory(tiny, tmp_path):

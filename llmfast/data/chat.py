@@ -8,6 +8,7 @@ Pieces are tokenized one by one and concatenated: the ids trained on are the ids
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,7 +49,8 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
             for field in ("role", "content"):
                 if field not in m:
                     raise UserError(f"{where}: messages[{i}] lacks field '{field}'")
-            out.append({"role": str(m["role"]), "content": str(m["content"])})
+                _must_be_text(m[field], f"{where}: messages[{i}].{field}")
+            out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise UserError(f"{where}: no assistant turn to learn from (a message with role 'assistant')")
         return out
@@ -56,8 +58,16 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         for field in ("prompt", "completion"):
             if field not in row:
                 raise UserError(f"{where}: missing field '{field}' (prompt/completion rows need both)")
-        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["completion"])}]
+            _must_be_text(row[field], f"{where}: field '{field}'")
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
+
+
+def _must_be_text(value: Any, where: str) -> None:
+    # str(5) or str(None) would train on "5" / "None" silently; a wrong type is a mistake in the data.
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise UserError(f"{where} must be a string, not {kind} ({json.dumps(value)[:40]}): quote it in the data")
 
 
 def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
@@ -101,10 +111,15 @@ def load_examples(
     max_length: int,
     too_long: Literal["truncate", "error"] = "truncate",
 ) -> tuple[list[Encoded], list[str]]:
-    """Read and encode a JSONL or a local `datasets` directory; returns examples and warnings."""
+    """Read and encode a JSONL or a local `datasets` directory; returns examples and warnings.
+
+    With `too_long="truncate"` an example longer than `max_length` keeps its first `max_length` tokens; one
+    whose prompt alone fills `max_length` (no answer token left to learn from) is dropped, with a warning
+    naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
+    """
     path = Path(path)
     rows = _read_rows(path)
-    examples, warnings, truncated = [], [], []
+    examples, warnings, truncated, dropped = [], [], [], []
     for r in rows:
         where = f"{path}:{r['_row']}" if path.is_file() else f"{path} row {r['_row']}"
         ex = encode_messages(tokenizer, to_messages(r, where), r["_row"])
@@ -113,14 +128,24 @@ def load_examples(
                 raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
                                 "raise max_length, shorten it, or set data.too_long: truncate")
             ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length], ex.row)
+            if ex.target_tokens == 0:
+                dropped.append(r["_row"])
+                continue
             truncated.append(r["_row"])
-        if ex.target_tokens == 0:
-            raise UserError(f"{where}: no answer tokens left to learn from (the prompt fills max_length {max_length})")
         examples.append(ex)
     if truncated:
         warnings.append(f"{path}: {len(truncated)} example(s) longer than max_length {max_length} were truncated "
-                        f"(rows {', '.join(map(str, truncated[:5]))}{', ...' if len(truncated) > 5 else ''})")
+                        f"({_rows(truncated)})")
+    if dropped:
+        warnings.append(f"{path}: {len(dropped)} example(s) dropped: the prompt alone fills max_length {max_length}, "
+                        f"no answer left to learn ({_rows(dropped)})")
+    if not examples:
+        raise UserError(f"{path}: every example's prompt fills max_length {max_length}: raise data.max_length")
     return examples, warnings
+
+
+def _rows(numbers: list[int]) -> str:
+    return f"rows {', '.join(map(str, numbers[:5]))}{', ...' if len(numbers) > 5 else ''}"
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
