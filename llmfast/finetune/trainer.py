@@ -15,6 +15,7 @@ import math
 import random
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_manifest
+from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_output, write_manifest
 from llmfast.data.chat import Encoded, load_examples
 from llmfast.data.packing import Batch, collate, pack
 from llmfast.errors import UserError
@@ -90,6 +91,12 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _note(acc: Any, line: str) -> None:
+    # Warnings and progress notices go to stderr, once per run; stdout carries only the summary.
+    if acc.is_main_process:
+        print(line, file=sys.stderr, flush=True)
+
+
 def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -102,8 +109,10 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     out = Path(recipe.output)
     if resume and _latest_checkpoint(out) is None:
         raise UserError(f"--resume: {out} has no complete checkpoint (set train.save_every to make some)")
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
+    if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
+        check_output(out, overwrite=out.is_dir(), inputs=[dc.train, dc.eval])
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
@@ -129,7 +138,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     else:
         train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, tc.seed)
     for w in warnings:
-        acc.print(f"llmfast: warning: {w}")
+        _note(acc, f"llmfast: warning: {w}")
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
         sharding.check_recipe(recipe.quantization is not None, dtype, tc.optimizer)
@@ -146,7 +155,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     micro_per_step = tc.grad_accum * world
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * per_epoch / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
-        acc.print("llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
+        _note(acc, "llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
 
     ckpt = _latest_checkpoint(out) if resume else None
     state = json.loads((ckpt / "state.json").read_text()) if ckpt is not None else {}
@@ -195,7 +204,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
         if acc.is_main_process and log_path.is_file():  # drop log lines of steps that will run again
             kept = [l for l in log_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
             atomic_write_text(log_path, "".join(l + "\n" for l in kept))
-        acc.print(f"llmfast: resuming {out} from step {start_step} of {total_steps}")
+        _note(acc, f"llmfast: resuming {out} from step {start_step} of {total_steps}")
     elif acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", recipe_dict(recipe))
