@@ -152,19 +152,22 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from llmfast.data.tasks import TASKS, write_task
+    from llmfast.artifacts import atomic_write_text
+    from llmfast.data.tasks import TASKS, plan_task_files
 
     if not args.task:
         for t in TASKS.values():
             print(f"{t.name:<10} {t.description}")
         return 0
     names = list(TASKS) if args.task == ["all"] else args.task
-    for name in names:
-        if name not in TASKS:
-            raise UserError(f"unknown task '{name}': choose from {', '.join(TASKS)} or 'all'")
-        out = Path(args.out) / name
-        train, test = write_task(name, out, args.train, args.test, args.seed)
-        print(f"{name}: {train} ({args.train} rows), {test} ({args.test} rows)")
+    # Every file is generated and checked before the first is written: one refusal writes nothing.
+    plan = plan_task_files(names, args.out, args.train, args.test, args.seed, args.overwrite)
+    for path, text, changed in plan:
+        if changed:
+            atomic_write_text(path, text)
+    for name, (train, test) in zip(names, zip(plan[::2], plan[1::2])):
+        same = "" if train[2] or test[2] else " (unchanged)"
+        print(f"{name}: {train[0]} ({args.train} rows), {test[0]} ({args.test} rows){same}")
     return 0
 
 
@@ -263,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000, help="training rows per task (default 2000)")
     p.add_argument("--test", type=int, default=200, help="test rows per task (default 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files that exist with other content (identical files are always left as they are)")
     p.set_defaults(func=cmd_tasks)
 
     from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time

@@ -9,6 +9,7 @@ the task's exact check (llmfast.data.tasks).
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -135,9 +136,15 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     from llmfast.models import load_model, load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
 
+    from llmfast.models import adapter_dir, check_adapter_dir
+
     cfg = recipe.eval
     if cfg.perplexity is None and not cfg.tasks:
         raise UserError("eval: nothing to do: give eval.perplexity and/or eval.tasks")
+    out = Path(recipe.output)
+    pred_path = check_results_paths(out)  # before minutes of work, not after
+    if recipe.adapter is not None:
+        check_adapter_dir(adapter_dir(recipe.adapter))
     t0 = time.perf_counter()
     path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path)
@@ -171,12 +178,52 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         results["tasks"][ts.name] = summary
         predictions.extend(records)
     results["seconds"] = round(time.perf_counter() - t0, 2)
-    out = Path(recipe.output)
-    pred_path = out.with_name(out.stem + ".predictions.jsonl")
     results["predictions"] = str(pred_path)
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     atomic_write_json(out, results)
     return results
+
+
+def is_eval_results(path: Path) -> bool:
+    """Whether `path` is a results JSON that `llmfast eval` wrote (only those are ever replaced)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"llmfast_version", "model", "tasks", "predictions"} <= data.keys()
+
+
+def check_results_paths(out: Path) -> Path:
+    """Refuse a results path that would replace a file llmfast eval did not write; return the predictions path.
+
+    Re-running an eval replaces its own earlier results JSON and the predictions JSONL beside it; any other
+    existing file (the user's data, a recipe, another tool's JSON) is refused, as is a directory.
+    """
+    import json
+
+    pred = out.with_name(out.stem + ".predictions.jsonl")
+    for p in (out, pred):
+        if p.is_dir():
+            raise UserError(f"output {p} is a directory: give a file path for the results, e.g. {p}/results.json")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output {out}: no permission to write in {parent}")
+    ours = out.is_file() and is_eval_results(out)
+    if out.exists() and not ours:
+        raise UserError(f"output {out} exists and is not a results file written by llmfast eval: it is left as it "
+                        "is; choose another --output")
+    if pred.exists():
+        named = ours and Path(json.loads(out.read_text(encoding="utf-8"))["predictions"]).name == pred.name
+        if not named:
+            raise UserError(f"{pred} exists and is not the predictions of an earlier llmfast eval to {out}: it is "
+                            "left as it is; choose another --output")
+    return pred
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ and a real run on the built-in model."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,36 @@ def test_eval_cli_on_builtin_model(builtin_dir, tmp_path):
         assert res["tasks"][name]["correct"] == sum(check(name, p["prediction"], p["answer"]) for p in mine)
         assert res["tasks"][name]["accuracy"] == res["tasks"][name]["correct"] / 6
     assert "perplexity" in stdout and "dates accuracy" in stdout
+
+
+def _tiny_eval_recipe(tmp_path, tiny_dir) -> Path:
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  tasks:\n    - {{name: dates, path: {REPO / 'eval/tasks/dates/test.jsonl'},"
+                      " limit: 2}\n  max_new_tokens: 4\n")
+    return recipe
+
+
+def test_eval_replaces_only_results_it_wrote(tiny_dir, tmp_path):
+    recipe, out = _tiny_eval_recipe(tmp_path, tiny_dir), tmp_path / "res.json"
+    code, _, err = run_cli("eval", str(recipe), "--output", str(out))
+    assert code == 0, err
+    first = json.loads(out.read_text())
+    code, _, err = run_cli("eval", str(recipe), "--output", str(out))  # re-running the same command works
+    assert code == 0 and json.loads(out.read_text())["predictions"] == first["predictions"], err
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}\n')
+    code, stdout, err = run_cli("eval", str(recipe), "--output", str(mine))
+    assert code == 2 and "mine.json exists and is not a results file written by llmfast eval" in err
+    assert mine.read_text() == '{"my": "notes"}\n' and not (tmp_path / "mine.predictions.jsonl").exists()
+    (tmp_path / "other.predictions.jsonl").write_text("keep\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "other.json"))
+    assert code == 2 and "other.predictions.jsonl exists and is not the predictions of an earlier llmfast eval" in err
+    assert (tmp_path / "other.predictions.jsonl").read_text() == "keep\n" and not (tmp_path / "other.json").exists()
+
+
+def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, tmp_path):
+    recipe = _tiny_eval_recipe(tmp_path, tiny_dir)
+    (tmp_path / "f").write_text("x")
+    for out, expected in ((tmp_path, "is a directory: give a file path"), (tmp_path / "f" / "r.json", "is a file")):
+        code, _, err = run_cli("eval", str(recipe), "--output", str(out))
+        assert code == 2 and expected in err and len(err.splitlines()) == 1

@@ -113,3 +113,34 @@ def test_tasks_cli_writes_files(tmp_path):
     assert len((tmp_path / "units" / "test.jsonl").read_text().splitlines()) == 5
     code, _, err = run_cli("tasks", "poetry", "--out", str(tmp_path))
     assert code == 2 and "unknown task 'poetry'" in err
+
+
+@pytest.mark.parametrize("flags", [["--train", "-5"], ["--train", "0"], ["--test", "-1"], ["--test", "0"]])
+def test_tasks_cli_refuses_counts_below_one_and_writes_nothing(tmp_path, flags):
+    code, out, err = run_cli("tasks", "dates", "--out", str(tmp_path / "t"), *flags)
+    assert code == 2 and err.startswith("llmfast: error: --train and --test must be at least 1") and out == ""
+    assert not (tmp_path / "t").exists()
+
+
+def test_tasks_cli_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        code, _, err = run_cli("tasks", "dates", "--out", str(out), "--train", "3", "--test", "2")
+        assert code == 2 and "is a file, not a directory" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_tasks_cli_keeps_identical_files_and_refuses_other_content_without_overwrite(tmp_path):
+    args = ["tasks", "dates", "units", "--out", str(tmp_path), "--train", "20", "--test", "5"]
+    assert run_cli(*args)[0] == 0
+    stamp = (tmp_path / "dates" / "train.jsonl").stat().st_mtime_ns
+    code, out, _ = run_cli(*args)  # the same command again: nothing rewritten
+    assert code == 0 and out.count("(unchanged)") == 2
+    assert (tmp_path / "dates" / "train.jsonl").stat().st_mtime_ns == stamp
+    (tmp_path / "units" / "test.jsonl").write_text('{"my": "data"}\n')
+    code, _, err = run_cli(*args[:-1], "6")  # other content in dates (6 test rows) and the user's own units file
+    assert code == 2 and "dates/test.jsonl exists with other content: pass --overwrite" in err
+    assert (tmp_path / "units" / "test.jsonl").read_text() == '{"my": "data"}\n'
+    assert len((tmp_path / "dates" / "test.jsonl").read_text().splitlines()) == 5  # nothing written
+    code, _, err = run_cli(*args[:-1], "6", "--overwrite")
+    assert code == 0 and len((tmp_path / "units" / "test.jsonl").read_text().splitlines()) == 6

@@ -21,7 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from llmfast.artifacts import atomic_write_text
+from llmfast.artifacts import atomic_write_text, check_output
+from llmfast.errors import UserError
 
 Row = dict[str, Any]
 
@@ -172,11 +173,50 @@ def split(task: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Row
     return train, test
 
 
+def jsonl_text(rows: list[Row]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_jsonl(path: str | Path, rows: list[Row]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return atomic_write_text(path, jsonl_text(rows))
 
 
-def write_task(task: str, out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
-    train, test = split(task, n_train, n_test, seed)
+def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
+                    overwrite: bool = False) -> list[tuple[Path, str, bool]]:
+    """(path, content, changed) of every file `tasks` would write under `out_dir`, checked before any is written.
+
+    A file that already holds exactly the content asked for is left in place (changed=False), so re-running
+    the same command is harmless; a file with other content (another seed or size, or the user's own data)
+    is refused unless `overwrite`.
+    """
+    if n_train < 1 or n_test < 1:
+        raise UserError(f"--train and --test must be at least 1 (got {n_train} and {n_test})")
+    for name in tasks:
+        if name not in TASKS:
+            raise UserError(f"unknown task '{name}': choose from {', '.join(TASKS)} or 'all'")
     out = Path(out_dir)
-    return write_jsonl(out / "train.jsonl", train), write_jsonl(out / "test.jsonl", test)
+    check_output(out, overwrite=True)  # a file, a parent that is a file, no permission: one line
+    plan = []
+    for name in tasks:
+        train, test = split(name, n_train, n_test, seed)
+        for path, rows in ((out / name / "train.jsonl", train), (out / name / "test.jsonl", test)):
+            text = jsonl_text(rows)
+            if path.is_dir() or path.parent.is_file():
+                raise UserError(f"{path if path.is_dir() else path.parent}: in the way of the file {path}: "
+                                "move it, or choose another --out")
+            same = path.is_file() and path.read_bytes() == text.encode("utf-8")
+            if path.exists() and not same and not overwrite:
+                raise UserError(f"{path} exists with other content: pass --overwrite to replace it, or choose "
+                                "another --out")
+            plan.append((path, text, not same))
+    return plan
+
+
+def write_task(task: str, out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
+               overwrite: bool = False) -> tuple[Path, Path]:
+    """Write TASK/train.jsonl and TASK/test.jsonl under `out_dir` (see `plan_task_files` for what is refused)."""
+    plan = plan_task_files([task], out_dir, n_train, n_test, seed, overwrite)
+    for path, text, changed in plan:
+        if changed:
+            atomic_write_text(path, text)
+    return plan[0][0], plan[1][0]
