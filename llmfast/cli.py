@@ -17,9 +17,11 @@ from llmfast.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    # argparse's own usage errors also exit 2, but print a usage block; keep them to one line.
+    # argparse's own usage errors also exit 2, but print a usage block; keep them to one line. main() already
+    # prints "llmfast: error:", so only a sub-verb's name comes before the message ("finetune: ...").
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+        verb = self.prog.removeprefix("llmfast").strip()
+        raise UserError(f"{verb + ': ' if verb else ''}{message} (see {self.prog} --help)")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -69,10 +71,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from llmfast.finetune.trainer import run_finetune
+    from llmfast.preflight import check_finetune_inputs
     from llmfast.recipe import FinetuneRecipe, load_recipe
 
     recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
+    check_finetune_inputs(recipe, args.resume)  # before torch is imported: mistakes answer at once
+    from llmfast.finetune.trainer import run_finetune
+
     metrics = run_finetune(recipe, resume=args.resume)
     out = Path(recipe.output)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary for a run over several processes
@@ -194,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="train a LoRA/QLoRA adapter",
                        description="Train a LoRA or QLoRA adapter from a recipe. Writes OUTPUT/adapter (a PEFT "
-                       "adapter), OUTPUT/metrics.json and OUTPUT/train_log.jsonl. Runs under `accelerate launch` "
-                       "for DDP over several processes.")
+                       "adapter), OUTPUT/metrics.json and OUTPUT/train_log.jsonl. For DDP (or FSDP with "
+                       "train.fsdp: true) over N processes run it as `torchrun --nproc_per_node N -m llmfast.cli "
+                       "finetune RECIPE` (CPUs or GPUs), or under `accelerate launch --multi_gpu` on GPUs.")
     p.add_argument("recipe", help="finetune recipe YAML, e.g. recipes/lora_smollm2_dates.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
     _add_set(p)

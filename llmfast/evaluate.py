@@ -129,24 +129,30 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     """Evaluate the recipe's model; write results JSON and predictions JSONL; return the results."""
     import json
 
-    import torch
-
-    from llmfast import __version__
-    from llmfast.artifacts import atomic_write_json, atomic_write_text
-    from llmfast.models import load_model, load_tokenizer, resolve_model
-    from llmfast.recipe import recipe_dict
-
-    from llmfast.models import adapter_dir, check_adapter_dir
+    from llmfast.models import adapter_dir, check_adapter_dir, resolve_model
 
     cfg = recipe.eval
     if cfg.perplexity is None and not cfg.tasks:
         raise UserError("eval: nothing to do: give eval.perplexity and/or eval.tasks")
+    # Everything a user can get wrong is found here, before torch is imported and the model loads.
     out = Path(recipe.output)
-    pred_path = check_results_paths(out)  # before minutes of work, not after
+    pred_path = check_results_paths(out)
+    text = _read_text(Path(cfg.perplexity.text)) if cfg.perplexity is not None else ""
+    for ts in cfg.tasks:
+        for r in read_jsonl(ts.path)[: ts.limit]:
+            prompt_and_answer(r, ts.path)
     if recipe.adapter is not None:
         check_adapter_dir(adapter_dir(recipe.adapter))
     t0 = time.perf_counter()
     path = resolve_model(recipe.model)
+
+    import torch
+
+    from llmfast import __version__
+    from llmfast.artifacts import atomic_write_json, atomic_write_text
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.recipe import recipe_dict
+
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     load_s = time.perf_counter() - t0
@@ -154,7 +160,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         "model": recipe.model,
         "model_path": str(path),
         "adapter": str(recipe.adapter) if recipe.adapter else None,
-        "quantization": recipe.quantization,
+        "quantization": recipe.quantization.manifest() if recipe.quantization else None,
         "dtype": cfg.dtype,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "device": "cpu", "torch": torch.__version__},
@@ -167,7 +173,6 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     if cfg.perplexity is not None:
         p = cfg.perplexity
         t1 = time.perf_counter()
-        text = Path(p.text).read_text(encoding="utf-8")
         results["perplexity"] = {"text": str(p.text),
                                  **perplexity(model, tokenizer, text, p.context, p.stride, p.max_tokens),
                                  "seconds": round(time.perf_counter() - t1, 2)}
@@ -182,6 +187,14 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     atomic_write_json(out, results)
     return results
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
 
 
 def is_eval_results(path: Path) -> bool:

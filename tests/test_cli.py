@@ -43,3 +43,53 @@ def test_debug_shows_traceback(tmp_path):
 def test_no_verb_prints_help():
     p = _llmfast()
     assert p.returncode == 2 and "VERB" in p.stdout
+
+
+def test_usage_errors_do_not_repeat_llmfast():
+    code, _, err = run_cli("fly")
+    assert err.startswith("llmfast: error: argument VERB: invalid choice: 'fly'") and "llmfast: llmfast" not in err
+    code, _, err = run_cli("finetune")
+    assert code == 2 and err.startswith("llmfast: error: finetune: the following arguments are required: recipe")
+    code, _, err = run_cli("bench", "nope")
+    assert code == 2 and err.startswith("llmfast: error: bench: argument KIND: invalid choice: 'nope'")
+
+
+def test_finetune_help_names_torchrun_for_several_processes():
+    p = _llmfast("finetune", "--help")
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 0 and "torchrun --nproc_per_node N -m llmfast.cli finetune" in text
+
+
+def _errs_without_torch(*args: str) -> str:
+    """Run the CLI in a fresh interpreter; assert exit 2 with torch never imported; return stderr."""
+    code = ("import sys; from llmfast.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'peft') if m in sys.modules]; "
+            "assert rc == 2 and not heavy, (rc, heavy); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    return p.stderr
+
+
+def test_recipe_data_model_and_output_errors_answer_before_torch_is_imported(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{broken")
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": 5}\n')
+    (tmp_path / "out").write_text("a file")
+    recipe = tmp_path / "r.yaml"
+
+    def write(model: str, data: str, out: str) -> str:
+        recipe.write_text(f"model: {model}\ndata: {{train: {data}}}\noutput: {out}\n")
+        return str(recipe)
+
+    assert "lora.rr" in _errs_without_torch("finetune", write("x", tmp_path / "ok.jsonl", tmp_path / "o"),
+                                            "--set", "lora.rr=2")
+    assert "bad.jsonl:1: field 'completion'" in _errs_without_torch(
+        "finetune", write("builtin:smollm2-135m", tmp_path / "bad.jsonl", tmp_path / "o"))
+    assert "config.json: the model config is not valid JSON" in _errs_without_torch(
+        "finetune", write(tmp_path / "model", tmp_path / "ok.jsonl", tmp_path / "o"))
+    assert "is a file, not a directory" in _errs_without_torch(
+        "finetune", write("builtin:smollm2-135m", tmp_path / "ok.jsonl", tmp_path / "out"))
+    (tmp_path / "e.yaml").write_text(f"model: {tmp_path / 'model'}\neval:\n  tasks: [{{name: t, path: "
+                                     f"{tmp_path / 'bad.jsonl'}}}]\noutput: {tmp_path / 'res.json'}\n")
+    assert "bad.jsonl:1: field 'completion'" in _errs_without_torch("eval", str(tmp_path / "e.yaml"))

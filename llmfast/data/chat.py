@@ -63,6 +63,13 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
 
 
+def check_rows(path: str | Path) -> None:
+    """Read a JSONL data set and check every row's shape (no tokenizer needed): the first problem, named."""
+    path = Path(path)
+    for r in read_jsonl(path):
+        to_messages(r, f"{path}:{r['_row']}")
+
+
 def _must_be_text(value: Any, where: str) -> None:
     # str(5) or str(None) would train on "5" / "None" silently; a wrong type is a mistake in the data.
     if not isinstance(value, str):

@@ -1,0 +1,34 @@
+"""Checks a verb runs before importing torch: what a user can get wrong answers in a fraction of a second.
+
+Importing torch, transformers and accelerate takes seconds; a typo in a data path, a broken model directory
+or an output that already exists should not wait for them (and certainly not for a model to load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmfast.artifacts import check_output
+from llmfast.data.chat import check_rows
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from llmfast.recipe import FinetuneRecipe
+
+
+def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
+    """The output, a local model directory and every JSONL row's shape, as the trainer will find them."""
+    from llmfast.models import resolve_model
+
+    out = Path(recipe.output)
+    dc = recipe.data
+    if not resume:
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
+        check_output(out, overwrite=out.is_dir(), inputs=[dc.train, dc.eval])
+    if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
+        resolve_model(recipe.model)
+    for path in (dc.train, dc.eval):
+        if path is not None and Path(path).is_file():
+            check_rows(path)
