@@ -92,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llmfast.finetune.export import export_merged
     from llmfast.models import adapter_dir
 
-    out = export_merged(adapter_dir(args.adapter), args.output, args.dtype)
+    out = export_merged(adapter_dir(args.adapter), args.output, args.dtype, overwrite=args.overwrite)
     print(f"merged model: {out}")
     return 0
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (or a finetune output directory)")
     p.add_argument("output", help="directory for the merged model")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (never the adapter or its base)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server",

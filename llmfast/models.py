@@ -230,16 +230,37 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: str | os.PathLike[str] | None = None,
-               quantization: str | None = None, **kwargs: Any) -> "PreTrainedModel":
-    """A transformers model in eval mode: optionally 4-bit (bitsandbytes nf4/fp4) and with a PEFT adapter on top."""
+def refuse_pickle_weights(path: str | os.PathLike[str]) -> None:
+    """A model whose weights are only pickle files (pytorch_model*.bin) is refused: unpickling can run code."""
+    p = Path(path)
+    if any(p.glob("pytorch_model*.bin")) and not any(p.glob("*.safetensors")):
+        raise UserError(f"{p}: its weights are pickle files (pytorch_model.bin), which llmfast does not load (a pickle "
+                        "can run code): in a trusted environment load it with transformers and save it with "
+                        "save_pretrained(DIR, safe_serialization=True), then use DIR")
+
+
+def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> "PreTrainedModel":
+    """`AutoModelForCausalLM.from_pretrained` for every loader in llmfast: safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
-    if quantization:
-        from llmfast.finetune.lora import bnb_4bit_config
+    refuse_pickle_weights(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
 
-        kwargs["quantization_config"] = bnb_4bit_config(quantization, True, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+
+def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: str | os.PathLike[str] | None = None,
+               quantization: Any = None, **kwargs: Any) -> "PreTrainedModel":
+    """A transformers model in eval mode: optionally quantized and with a PEFT adapter on top.
+
+    `quantization` is anything a recipe's `quantization:` accepts (a QuantSpec, a method name or shorthand,
+    a mapping); without it, the quantization the model's own llmfast.json records, if any.
+    """
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization, parse_quantization
+
+    spec = parse_quantization(quantization) if quantization else manifest_quantization(read_manifest(path))
+    if spec is not None:
+        kwargs.update(spec.quantizer.load_kwargs(spec.config, dtype))
+    model = from_pretrained(path, dtype, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
+from llmfast.quant import QuantSpec, coerce_quantization
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -42,6 +43,9 @@ def _must_exist(kind: str) -> Any:
 ExistingFile = Annotated[Path, _must_exist("file")]
 ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
 DType = Literal["float32", "bfloat16", "float16"]
+# A quantization method and its settings, checked in two steps by llmfast/quant: the method (`method:`, a
+# method name or one of its shorthands), then its own schema. Written `null` or left out: none.
+Quantization = Annotated[QuantSpec | None, BeforeValidator(coerce_quantization)]
 
 
 # ---------------------------------------------------------------- eval
@@ -69,7 +73,7 @@ class EvalConfig(StrictModel):
 class EvalRecipe(StrictModel):
     model: str
     adapter: ExistingPath | None = None  # a LoRA adapter applied on top of the model (unmerged)
-    quantization: Literal["nf4", "fp4"] | None = None  # load the model in bitsandbytes 4-bit
+    quantization: Quantization = None  # load the model quantized (llmfast/quant)
     eval: EvalConfig
     output: Path = Path("runs/eval/results.json")
 
@@ -94,10 +98,14 @@ class LoraConfig(StrictModel):
     dora: bool = False
 
 
-class QuantConfig(StrictModel):
-    bits: Literal[4] = 4
-    type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+def _known_optimizer(name: str) -> str:
+    from llmfast.finetune.optimizers import optimizer_names
+    from llmfast.registry import did_you_mean
+
+    if name not in optimizer_names():
+        raise ValueError(f"unknown optimizer '{name}'{did_you_mean(name, optimizer_names())}; "
+                         f"choose from {', '.join(optimizer_names())}")
+    return name
 
 
 class TrainConfig(StrictModel):
@@ -109,7 +117,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
-    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
+    optimizer: Annotated[str, AfterValidator(_known_optimizer)] = "auto"  # finetune/optimizers.py
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -125,7 +133,7 @@ class FinetuneRecipe(StrictModel):
     model: str
     data: DataConfig
     lora: LoraConfig = LoraConfig()
-    quantization: QuantConfig | None = None
+    quantization: Quantization = None  # QLoRA: train on a quantized base
     train: TrainConfig = TrainConfig()
     output: Path
     export_merged: bool = False  # also write OUTPUT/merged, the full model with the adapter merged in
@@ -148,7 +156,7 @@ class VariantConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str
     lora: ExistingPath | None = None
-    quantization: Literal["nf4", "fp4"] | None = None
+    quantization: Quantization = None
     engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM unless it cannot load the variant here
 
 

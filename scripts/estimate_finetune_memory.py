@@ -186,13 +186,14 @@ def estimate(side: str, shape: str, quantization: str | None, gradient_checkpoin
         if side == "ours":
             from llmfast.finetune.lora import attach_lora
             from llmfast.finetune.trainer import _LossModule
-            from llmfast.recipe import FinetuneRecipe, LoraConfig, QuantConfig, TrainConfig
+            from llmfast.quant import parse_quantization
+            from llmfast.recipe import FinetuneRecipe, LoraConfig, TrainConfig
 
             # load_base: the compute dtype for everything that is not 4-bit, and as the 4-bit storage dtype
             model = meta_model(shape, quantization, torch.bfloat16)
             recipe = FinetuneRecipe.model_construct(
                 lora=LoraConfig(r=16, alpha=32, target_modules="all-linear"),
-                quantization=QuantConfig(type=quantization) if quantization else None,
+                quantization=parse_quantization(quantization),
                 train=TrainConfig(gradient_checkpointing=gradient_checkpointing))
             step = _LossModule(attach_lora(model, recipe), chunk_size=loss_chunk_size or TrainConfig().loss_chunk_size)
             step.train()

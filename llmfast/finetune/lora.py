@@ -1,4 +1,4 @@
-"""LoRA and QLoRA set-up: the base model (16/32-bit or bitsandbytes 4-bit) with PEFT adapters attached.
+"""LoRA and QLoRA set-up: the base model (16/32-bit, or quantized by a method of llmfast/quant) with PEFT adapters.
 
 LoRA: Hu et al., 2021 (arXiv:2106.09685); rsLoRA scaling alpha/sqrt(r): Kalajdzievski, 2023
 (arXiv:2312.03732); DoRA: Liu et al., 2024 (arXiv:2402.09353); QLoRA (NF4, double quantization):
@@ -31,37 +31,14 @@ def pick_compute_dtype(requested: str) -> str:
     return "float32"
 
 
-def bnb_4bit_config(quant_type: str, double_quant: bool, dtype: str) -> Any:
-    """The bitsandbytes 4-bit config used to train QLoRA, and to reload the same base for export."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UserError("QLoRA needs bitsandbytes: `pip install bitsandbytes`, or remove 'quantization' "
-                        "from the recipe to train plain LoRA") from None
-    from llmfast.models import torch_dtype
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch_dtype(dtype),
-    )
-
-
 def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmfast.models import torch_dtype
+    """The frozen base: in `dtype` on `device`, or quantized by the recipe's method (QLoRA) as it loads."""
+    from llmfast.models import from_pretrained
 
     q = recipe.quantization
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
-    if q is not None:
-        kwargs["quantization_config"] = bnb_4bit_config(q.type, q.double_quant, dtype)
-        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if q is None:
-        model.to(device)
-    return model
+        return from_pretrained(model_path, dtype).to(device)
+    return from_pretrained(model_path, dtype, **q.quantizer.training_load_kwargs(q.config, dtype, device))
 
 
 def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:

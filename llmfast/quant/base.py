@@ -1,4 +1,4 @@
-"""What every quantization method provides, and the registry users name methods from.
+"""What every quantization method provides, the registry users name methods from, and the parsed setting.
 
 A method is one module in `llmfast/quant/` that subclasses `Quantizer` and registers itself:
 
@@ -10,25 +10,34 @@ quantized for training (QLoRA today), how a model directory is quantized into an
 artifact is loaded, and which bench engines can serve it on this machine. The artifact's `llmfast.json`
 records `{"quantization": {"method": NAME, "config": {...}}}`, so loaders and engines are chosen from the
 artifact alone. Modules here import torch and the method's library inside functions only.
+
+A recipe's `quantization:` is validated in two steps: the method is looked up (`method:`, default
+`DEFAULT_METHOD`; or a bare method name, or one of a method's `shorthands`), then the
+rest is validated by that method's own `Config`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
 
-from llmfast.registry import Registry
+from llmfast.errors import UserError
+from llmfast.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+# The method a `quantization:` mapping without `method:` means: the one recipes had before there were others.
+DEFAULT_METHOD = "bnb4"
 
 
 class QuantConfigBase(BaseModel):
     """A method's settings; unknown keys are errors (as in recipes)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
 
 
 class Quantizer:
@@ -37,22 +46,24 @@ class Quantizer:
     name: ClassVar[str]
     Config: ClassVar[type[QuantConfigBase]] = QuantConfigBase
     paper: ClassVar[str] = ""
+    # Bare words a recipe may write instead of a mapping, with the settings each stands for.
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def parse(self, raw: dict[str, Any], where: str = "") -> QuantConfigBase:
-        """Validate this method's settings (recipe.py turns pydantic errors into file:line messages)."""
+    def parse(self, raw: dict[str, Any]) -> QuantConfigBase:
+        """Validate this method's settings (pydantic errors are turned into one line by `parse_quantization`)."""
         return self.Config.model_validate(raw)
 
     def training_load_kwargs(self, cfg: QuantConfigBase, dtype: str, device: str) -> dict[str, Any]:
         """`from_pretrained` keyword arguments that load a base quantized for adapter training."""
-        raise NotImplementedError(f"{self.name} cannot train adapters on a quantized base")
+        raise UserError(f"quantization method {self.name} cannot train adapters on a quantized base")
 
     def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
         """`from_pretrained` keyword arguments that load a model in this format for inference."""
-        raise NotImplementedError(f"{self.name} cannot load models")
+        raise UserError(f"quantization method {self.name} cannot load models")
 
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
         """Write the quantized model into `out_dir` (a temporary directory); return metrics."""
-        raise NotImplementedError(f"{self.name} cannot quantize a model into an artifact yet")
+        raise UserError(f"quantization method {self.name} cannot quantize a model into an artifact yet")
 
     def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:
         """Bench engines that can run this format on this machine, preferred first."""
@@ -60,7 +71,120 @@ class Quantizer:
 
     def dequantize_for_merge(self, model: "PreTrainedModel", dtype: str) -> None:
         """Turn a model loaded in this format into plain 16/32-bit layers in place (for exporting adapters)."""
-        raise NotImplementedError(f"{self.name} cannot dequantize")
+        raise UserError(f"quantization method {self.name} cannot dequantize a model for merging")
 
 
-QUANTIZERS: Registry[Quantizer] = Registry("quantization method")
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")
+
+
+class QuantSpec(BaseModel):
+    """A validated `quantization:` setting: the method's name and its settings."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    method: str
+    config: SerializeAsAny[QuantConfigBase]
+
+    @property
+    def quantizer(self) -> Quantizer:
+        return QUANTIZERS.get(self.method)()
+
+    def manifest(self) -> dict[str, Any]:
+        """What an artifact's llmfast.json records; `parse_quantization` reads it back."""
+        return {"method": self.method, "config": self.config.model_dump(mode="json")}
+
+    def as_arg(self) -> str:
+        """One command-line word that `parse_quantization` reads back (a shorthand where one fits, else JSON)."""
+        q = QUANTIZERS.get(self.method)
+        for word, preset in q.shorthands.items():
+            if q.Config.model_validate(preset) == self.config:
+                return word
+        return json.dumps(self.manifest(), separators=(",", ":"))
+
+    def engines(self) -> tuple[str, ...]:
+        return self.quantizer.engines(self.config)
+
+
+def _words() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every bare word a recipe may write: method names (default settings) and their shorthands."""
+    words: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, q in QUANTIZERS.items():
+        words[name] = (name, {})
+        for word, preset in q.shorthands.items():
+            words[word] = (name, dict(preset))
+    return words
+
+
+def _spec(method: str, raw: dict[str, Any]) -> QuantSpec:
+    q = QUANTIZERS.get(method)
+    try:
+        cfg = q().parse(raw)
+    except ValidationError as e:
+        err = min(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = [f for f in q.Config.model_fields]
+            hint = did_you_mean(key, known) or f" (known keys: method, {', '.join(known)})"
+            raise ValueError(f"unknown key '{key}' for quantization method {method}{hint}") from None
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        raise ValueError(f"{key}: {str(err['msg']).removeprefix('Value error, ')}{shown} "
+                         f"(quantization method {method})") from None
+    return QuantSpec(method=method, config=cfg)
+
+
+def coerce_quantization(raw: Any) -> QuantSpec | None:
+    """A recipe's `quantization:` value as a QuantSpec; raises ValueError (pydantic adds file and line)."""
+    if raw is None or isinstance(raw, QuantSpec):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("{"):  # the JSON word of QuantSpec.as_arg
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON: {e.msg}") from None
+        else:
+            words = _words()
+            if text not in words:
+                raise ValueError(f"unknown quantization method '{text}'{did_you_mean(text, list(words))}; "
+                                 f"choose from {', '.join(sorted(words))}")
+            method, preset = words[text]
+            return _spec(method, preset)
+    if not isinstance(raw, dict):
+        raise ValueError("expected a method name (e.g. bnb4) or a mapping with 'method:' and its settings")
+    rest = dict(raw)
+    method = rest.pop("method", DEFAULT_METHOD)
+    if method not in QUANTIZERS:
+        raise ValueError(f"unknown quantization method '{method}'{did_you_mean(str(method), QUANTIZERS.names())}; "
+                         f"choose from {', '.join(QUANTIZERS.names())}")
+    if set(rest) == {"config"} and isinstance(rest["config"], dict):  # the manifest's form
+        rest = rest["config"]
+    return _spec(method, rest)
+
+
+def parse_quantization(raw: Any, where: str = "quantization") -> QuantSpec | None:
+    """`coerce_quantization` for callers outside a recipe: a problem is one UserError line prefixed by `where`."""
+    try:
+        return coerce_quantization(raw)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def engines_for(quant: Any) -> tuple[str, ...]:
+    """Bench engines that can run a model with this quantization (a QuantSpec, word, mapping or None)."""
+    spec = parse_quantization(quant)
+    return ("vllm", "hf") if spec is None else spec.engines()
+
+
+def manifest_quantization(manifest: dict[str, Any] | None) -> QuantSpec | None:
+    """The quantization an artifact's llmfast.json records, also in the form older versions wrote
+    (`quantization: true` beside the recipe's `quantization: {type: ..., double_quant: ...}`)."""
+    if not manifest:
+        return None
+    q = manifest.get("quantization")
+    if q is True:
+        q = (manifest.get("recipe") or {}).get("quantization") or {}
+    if not q:
+        return None
+    return parse_quantization(q, where="llmfast.json: quantization")
