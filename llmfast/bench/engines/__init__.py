@@ -1,0 +1,14 @@
+"""Bench engines behind one registry (see engines/base.py); importing this package registers them all.
+
+    vllm          vLLM's OpenAI server, loaded by the load generator (bench run)
+    vllm-offline  vLLM's engine in this process (bench offline --engine vllm)
+    hf            transformers `generate` in static batches, the baseline (bench offline --engine hf, bench run)
+
+A new engine is one module here that registers an `Engine` subclass instance; vLLM and torch are imported
+inside its methods so listing engines stays instant.
+"""
+
+from llmfast.bench.engines import hf, vllm_offline, vllm_server  # noqa: F401  (registers them)
+from llmfast.bench.engines.base import ENGINES, Engine, OfflineEngine, Variant, engine_families
+
+__all__ = ["ENGINES", "Engine", "OfflineEngine", "Variant", "engine_families"]

@@ -1,0 +1,72 @@
+"""What a bench engine is: a name, the label reports show, and whether it can run a variant here.
+
+A variant is one model as a user benchmarks it (a base model, with a LoRA adapter, quantized); each engine
+says why it cannot run one (`can_run` returns the reason) instead of the runner knowing every engine's
+limits. Engines that generate in this process (`OfflineEngine`) take every request at time 0 and report the
+per-request timings `bench.metrics` summarises; the vLLM server engine is driven by the load generator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfast.registry import Registry
+
+if TYPE_CHECKING:
+    from llmfast.bench.metrics import RequestResult
+    from llmfast.bench.workload import Request
+    from llmfast.serve.lora import ServedLora
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One thing to measure: a resolved model directory, an optional checked adapter, an optional quantization
+    (as a recipe gives it: a word such as nf4, or the quantization package's spec)."""
+
+    name: str
+    model_dir: Path
+    lora: "ServedLora | None" = None
+    quantization: Any = None
+
+    @property
+    def quantization_word(self) -> str | None:
+        """The quantization as reports and command lines write it."""
+        q = self.quantization
+        if q is None or isinstance(q, str):
+            return q
+        return str(q.as_arg()) if hasattr(q, "as_arg") else str(q)
+
+
+def engine_families(quantization: Any) -> tuple[str, ...]:
+    """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
+    quantization method decides (llmfast.quant)."""
+    from llmfast.quant import engines_for
+
+    return tuple(engines_for(quantization))
+
+
+class Engine(ABC):
+    name: str  # the registry name
+    family: str  # "vllm" or "hf": what reports show and what quantization methods name
+
+    def can_run(self, variant: Variant) -> str | None:
+        """None when this engine can run `variant` here, else the reason in a few words."""
+        if self.family not in engine_families(variant.quantization):
+            return (f"{variant.quantization_word} weights cannot run on the {self.family} engine here "
+                    f"(it runs on: {', '.join(engine_families(variant.quantization))})")
+        return None
+
+
+class OfflineEngine(Engine):
+    """Generates in this process: all requests at time 0, per-request timings back."""
+
+    @abstractmethod
+    def generate(self, variant: Variant, requests: list["Request"], *, dtype: str, batch_size: int,
+                 ignore_eos: bool) -> tuple[list["RequestResult"], float]:
+        """Results in request order and the wall duration in seconds."""
+
+
+ENGINES: Registry[Engine] = Registry("bench engine")

@@ -1,0 +1,136 @@
+"""`llmfast bench offline`: throughput and latency of an engine in this process, no server in between."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmfast.errors import UserError
+
+OFFLINE_ENGINES = {"vllm": "vllm-offline", "hf": "hf"}  # --engine word -> registered engine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="builtin:NAME, a model directory, a .gguf or a hub id")
+    p.add_argument("--engine", choices=list(OFFLINE_ENGINES), default="vllm", help="vLLM's engine or transformers")
+    p.add_argument("--lora", help="a LoRA adapter directory to apply")
+    p.add_argument("--quantization", help="e.g. nf4 or fp4 (bitsandbytes 4-bit: transformers engine only)")
+    p.add_argument("--dataset-name", default="random", choices=["random", "custom", "sharegpt"])
+    p.add_argument("--dataset-path", help="the prompt file for custom (JSONL of {\"prompt\": ...}) and sharegpt")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--random-prefix-len", type=int, default=0)
+    p.add_argument("--custom-output-len", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
+    p.add_argument("--batch-size", type=int, default=None, help="transformers batch size (default: all prompts, "
+                   "up to 64)")
+    p.add_argument("--dtype", help="override the machine's choice")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
+    p.add_argument("--metric-percentiles", default="50,90,99")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the result JSON here")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log on stderr (default: a log file, "
+                   "named on failure)")
+
+
+def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) -> "Any":
+    """A checked Variant: the model resolved, the adapter checked, the quantization the artifact records when
+    none is given."""
+    from llmfast.bench.engines import Variant
+    from llmfast.models import resolve_model
+    from llmfast.quant import manifest_quantization, parse_quantization
+    from llmfast.serve.lora import check_lora
+
+    model_dir = resolve_model(model)
+    adapter = check_lora(name, lora, base=model_dir) if lora else None
+    if quantization:
+        quant = parse_quantization(quantization)
+    else:
+        from llmfast.artifacts import read_manifest
+
+        quant = manifest_quantization(read_manifest(model_dir))
+    return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant)
+
+
+def machine_dtype() -> str:
+    from llmfast.serve.machine import detect, vllm_defaults
+
+    dtype = vllm_defaults(detect())[1][1]
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
+    from llmfast.artifacts import atomic_write_json
+    from llmfast.bench.engines import ENGINES
+    from llmfast.bench.logs import engine_output
+    from llmfast.bench.metrics import compute_metrics, format_summary, parse_metric_names, parse_percentiles
+    from llmfast.bench.workload import build_requests
+    from llmfast.models import load_tokenizer
+    from llmfast.serve.memory import PeakRss
+
+    percentiles = parse_percentiles(args.metric_percentiles)
+    metric_names = parse_metric_names(args.percentile_metrics)
+    if args.output and (Path(args.output).is_dir() or Path(args.output).parent.is_file()):
+        raise UserError(f"--output {args.output}: needs a file path in a folder")
+    engine = ENGINES.get(OFFLINE_ENGINES[args.engine], "--engine")
+    variant = resolve_variant("lora", args.model, args.lora, args.quantization)
+    reason = engine.can_run(variant)
+    if reason:
+        raise UserError(f"--engine {args.engine}: {reason}: use --engine hf")
+    tokenizer = load_tokenizer(variant.model_dir)
+    requests = build_requests(tokenizer, dataset_name=args.dataset_name, dataset_path=args.dataset_path,
+                              num_prompts=args.num_prompts, input_len=args.random_input_len,
+                              output_len=args.random_output_len, range_ratio=args.random_range_ratio,
+                              prefix_len=args.random_prefix_len, custom_output_len=args.custom_output_len,
+                              seed=args.seed)
+    dtype = args.dtype or machine_dtype()
+    batch = args.batch_size or min(64, len(requests))
+    log = None
+    if not args.verbose and engine.family == "vllm":
+        fd, name = tempfile.mkstemp(prefix="vllm-offline-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    try:
+        with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext():
+            results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,  # type: ignore[attr-defined]
+                                                ignore_eos=args.ignore_eos)
+    except Exception as e:
+        if log is not None:
+            raise UserError(f"vLLM's engine failed ({type(e).__name__}: {e}); its log: {log}") from e
+        raise
+    if log is not None:
+        log.unlink(missing_ok=True)
+    summary = compute_metrics(results, duration, percentiles, metric_names)
+    result: dict[str, Any] = {
+        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "engine": args.engine,
+        "model_id": args.model,
+        "model_path": str(variant.model_dir),
+        "lora": args.lora,
+        "quantization": variant.quantization_word,
+        "dtype": dtype,
+        "num_prompts": len(requests),
+        "batch_size": batch if args.engine == "hf" else None,  # vLLM schedules its own batches
+        **summary,
+        # vLLM's `bench throughput` names for the same quantities
+        "elapsed_time": duration,
+        "requests_per_second": summary["request_throughput"],
+        "tokens_per_second": summary["total_token_throughput"],
+        "peak_rss_gib": round(mem.peak_gib, 3),
+        "status": "ok" if summary["failed"] == 0 else "failed",
+    }
+    print(format_summary(result, f"Offline ({args.engine}) Benchmark Result"))
+    print(f"{'Peak RSS (GiB):':<44} {result['peak_rss_gib']:.2f}")
+    if args.output:
+        atomic_write_json(args.output, result)
+        print(f"result: {args.output}")
+    sys.stdout.flush()
+    return result

@@ -1,0 +1,272 @@
+"""`llmfast bench serve`: the online benchmark, with the flags and result keys of `vllm bench serve`.
+
+One run is a sweep: every --request-rate times every --max-concurrency (each may be a comma list), one
+result JSON per point. A run whose requests failed is marked `"status": "failed"` with the cause, and a
+server that stopped answering during the run is named as the cause. Everything a user can get wrong (the
+URL, the server, the result folder, a flag) is checked before the first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfast.errors import UserError
+
+# The load generator and metrics (numpy, asyncio, aiohttp) are imported inside the functions: the CLI builds
+# this verb's parser on every start.
+if TYPE_CHECKING:
+    from llmfast.bench.loadgen import RampUp
+    from llmfast.bench.workload import Request
+
+
+def _parse_list(text: str | None, name: str, kind: type) -> list[Any]:
+    if text is None:
+        return [None]
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            value = math.inf if kind is float and item.lower() == "inf" else kind(item)
+        except ValueError:
+            raise UserError(f"--{name} {text!r}: {item!r} is not a {'number' if kind is float else 'whole number'}") from None
+        if value <= 0:
+            raise UserError(f"--{name} {text!r}: values must be positive")
+        out.append(value)
+    return out
+
+
+def _tokenizer_for(source: str | None, models: list[dict[str, Any]], model: str) -> tuple[Any, str]:
+    from transformers import AutoTokenizer
+
+    if not source:
+        by_id = {m.get("id"): m for m in models}
+        entry = by_id.get(model, {})
+        if entry.get("parent") in by_id:  # a LoRA adapter: its base model's tokenizer
+            entry = by_id[entry["parent"]]
+        source = entry.get("root") or model
+    if not Path(source).is_dir():
+        raise UserError(f"cannot load a tokenizer for '{model}' from {source!r}: give --tokenizer DIR")
+    return AutoTokenizer.from_pretrained(source), str(source)
+
+
+def run_point(base_url: str, model: str, requests: list["Request"], *, request_rate: float = math.inf,
+              max_concurrency: int | None = None, burstiness: float = 1.0, ignore_eos: bool = False,
+              api_key: str | None = None, seed: int = 0, request_timeout: float = 600.0, stall_timeout: float = 60.0,
+              backend: str = "openai", endpoint: str = "/v1/completions", extra_body: dict[str, Any] | None = None,
+              extra_headers: dict[str, str] | None = None, lora_modules: list[str] | None = None,
+              lora_assignment: str = "random", ramp_up: "RampUp | None" = None, num_warmups: int = 0,
+              request_id_prefix: str | None = None, percentiles: list[float] | None = None, metrics: list[str] | None = None,
+              goodput: dict[str, float] | None = None, label: str | None = None, model_id: str | None = None,
+              tokenizer_id: str | None = None, save_detailed: bool = False, disable_tqdm: bool = False,
+              desc: str = "requests") -> dict[str, Any]:
+    """One load level: send, summarise in vLLM's result keys, and mark the result failed (with the cause) if
+    any request failed. `model` is the name requests send; `model_id` is what the result records."""
+    import asyncio
+
+    from tqdm.auto import tqdm
+
+    from llmfast.bench.loadgen import run_load
+    from llmfast.bench.metrics import compute_metrics
+    from llmfast.serve.endpoint import healthy
+
+    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, disable=disable_tqdm, file=sys.stderr)
+    results, duration = asyncio.run(run_load(
+        base_url, model, requests, request_rate=request_rate, max_concurrency=max_concurrency,
+        burstiness=burstiness, ignore_eos=ignore_eos, api_key=api_key, seed=seed, request_timeout=request_timeout,
+        stall_timeout=stall_timeout, on_done=lambda r: bar.update(1), backend=backend, endpoint=endpoint,
+        extra_body=extra_body, extra_headers=extra_headers, lora_modules=lora_modules,
+        lora_assignment=lora_assignment, ramp_up=ramp_up, num_warmups=num_warmups,
+        request_id_prefix=request_id_prefix))
+    bar.close()
+    result: dict[str, Any] = {
+        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": backend,
+        "endpoint_type": backend,
+        "label": label or backend,
+        "model_id": model_id or model,
+        "tokenizer_id": tokenizer_id,
+        "num_prompts": len(requests),
+        "request_rate": request_rate if request_rate != math.inf else "inf",
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+        **compute_metrics(results, duration, percentiles or [99.0], metrics or ["ttft", "tpot", "itl"], goodput),
+    }
+    if ramp_up is not None:
+        result.update(ramp_up_strategy=ramp_up.strategy, ramp_up_start_rps=ramp_up.start_rps,
+                      ramp_up_end_rps=ramp_up.end_rps)
+    result["status"] = "ok"
+    if result["failed"]:
+        errors = Counter((r.error or "unknown").strip().splitlines()[-1][:300] for r in results if not r.success)
+        cause, n = errors.most_common(1)[0]
+        if not healthy(base_url):
+            cause = f"the server at {base_url} stopped answering during the run ({n} x {cause})"
+        result["status"] = "failed"
+        result["failure_cause"] = cause
+    if save_detailed:
+        result.update(input_lens=[r.prompt_len for r in results], output_lens=[r.output_tokens for r in results],
+                      ttfts=[r.ttft for r in results], itls=[r.itl for r in results],
+                      latencies=[r.latency for r in results], start_times=[r.start_time for r in results],
+                      generated_texts=[r.generated_text for r in results], errors=[r.error for r in results])
+    return result
+
+
+def result_path(result_dir: str | None, result_filename: str | None, result: dict[str, Any], sweep: bool) -> Path:
+    rate, conc = result["request_rate"], result["max_concurrency"]
+    if result_filename:
+        name = result_filename
+        if sweep:
+            stem, dot, ext = name.rpartition(".")
+            name = f"{stem or ext}-r{rate}-c{conc}.{ext if dot else 'json'}"
+    else:
+        base = Path(str(result["model_id"])).name
+        name = f"{result['label']}-{rate}qps{f'-concurrency{conc}' if conc else ''}-{base}-{result['date']}.json"
+    return Path(result_dir or ".") / name
+
+
+def _check_result_dir(result_dir: str | None) -> None:
+    """Before the run: a result folder that is a file, or that cannot be written, would lose the results."""
+    import os
+
+    d = Path(result_dir or ".")
+    if d.exists() and not d.is_dir():
+        raise UserError(f"--result-dir {d}: is a file, not a folder")
+    existing = next((p for p in [d, *d.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"--result-dir {d}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--result-dir {d}: {existing} is not writable")
+
+
+def _ramp_up(args: argparse.Namespace) -> "RampUp | None":
+    from llmfast.bench.loadgen import RampUp
+
+    given = [args.ramp_up_strategy, args.ramp_up_start_rps, args.ramp_up_end_rps]
+    if all(g is None for g in given):
+        return None
+    if any(g is None for g in given):
+        raise UserError("--ramp-up-strategy, --ramp-up-start-rps and --ramp-up-end-rps go together")
+    if args.ramp_up_start_rps < 0 or args.ramp_up_end_rps <= 0 or args.ramp_up_end_rps < args.ramp_up_start_rps:
+        raise UserError("--ramp-up-start-rps and --ramp-up-end-rps: 0 <= start <= end, end > 0")
+    if args.ramp_up_strategy == "exponential" and args.ramp_up_start_rps == 0:
+        raise UserError("--ramp-up-strategy exponential needs --ramp-up-start-rps above 0")
+    if args.request_rate not in ("inf", None):
+        raise UserError("--ramp-up-* sets the request rate: leave --request-rate out")
+    return RampUp(args.ramp_up_strategy, float(args.ramp_up_start_rps), float(args.ramp_up_end_rps))
+
+
+def _wait_for_models(base_url: str, api_key: str | None, wait: float) -> list[dict[str, Any]]:
+    from llmfast.serve.endpoint import served_models
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return served_models(base_url, api_key)
+        except UserError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    from llmfast.bench.serve_flags import json_object
+
+    names = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+    body = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs
+    if args.chat_template_kwargs is not None:
+        body["chat_template_kwargs"] = json_object(args.chat_template_kwargs, "--chat-template-kwargs")
+    return {**body, **json_object(args.extra_body, "--extra-body")}  # as vLLM: --extra-body wins
+
+
+def _check_choices(args: argparse.Namespace) -> None:
+    from llmfast.bench.loadgen import BACKENDS
+    from llmfast.bench.serve_flags import BACKENDS_REFUSED, DATASET_NAMES_REFUSED
+    from llmfast.bench.workload import DATASETS
+
+    if args.backend not in BACKENDS:
+        raise UserError(f"--backend {args.backend} does not apply to llmfast bench serve: {BACKENDS_REFUSED}")
+    if args.dataset_name in DATASET_NAMES_REFUSED:
+        raise UserError(f"--dataset-name {args.dataset_name} does not apply to llmfast bench serve: "
+                        f"{DATASET_NAMES_REFUSED[args.dataset_name]}")
+    if args.dataset_name not in DATASETS:
+        raise UserError(f"--dataset-name {args.dataset_name}: choose from {', '.join(DATASETS)}")
+    if args.tokenizer_mode not in ("auto", "hf"):
+        raise UserError(f"--tokenizer-mode {args.tokenizer_mode} does not apply to llmfast bench serve: "
+                        "prompts are built with the model's transformers tokenizer (auto or hf)")
+    if args.num_warmups < 0 or args.stall_timeout < 0 or args.request_timeout <= 0:
+        raise UserError("--num-warmups and --stall-timeout must be 0 or more, --request-timeout positive")
+
+
+def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Check every flag, the server and the result folder; run the sweep; print and save each point."""
+    from llmfast.artifacts import atomic_write_json
+    from llmfast.bench.metrics import format_summary, parse_goodput, parse_metric_names, parse_percentiles
+    from llmfast.bench.serve_flags import headers_from, metadata_from
+    from llmfast.bench.workload import build_requests
+    from llmfast.serve.endpoint import check_base_url
+
+    _check_choices(args)
+    rates = _parse_list(args.request_rate, "request-rate", float)
+    concs = _parse_list(args.max_concurrency, "max-concurrency", int)
+    ramp_up = _ramp_up(args)
+    percentiles = parse_percentiles(args.metric_percentiles)
+    metric_names = parse_metric_names(args.percentile_metrics)
+    slos = parse_goodput(args.goodput)
+    extra_body, extra_headers, metadata = _sampling(args), headers_from(args), metadata_from(args)
+    if args.save_result:
+        _check_result_dir(args.result_dir)
+    chat = args.backend == "openai-chat"
+    endpoint = args.endpoint or ("/v1/chat/completions" if chat else "/v1/completions")
+    if chat != endpoint.rstrip("/").endswith("chat/completions"):
+        raise UserError(f"--endpoint {endpoint} does not fit --backend {args.backend}: "
+                        "openai-chat uses /v1/chat/completions, openai and vllm /v1/completions")
+    base_url = check_base_url(args.base_url or f"http://{args.host}:{args.port}")
+    models = _wait_for_models(base_url, args.api_key, args.ready_check_timeout_sec)
+    model_id = args.model or (models[0]["id"] if models else None)
+    if not model_id:
+        raise UserError(f"{base_url} serves no models")
+    sent = args.served_model_name or model_id
+    ids = [m.get("id") for m in models]
+    for name in [sent, *(args.lora_modules or [])]:
+        if name not in ids:
+            raise UserError(f"model {name!r} is not served by {base_url}: it serves {', '.join(map(str, ids))}")
+    tokenizer, tokenizer_id = _tokenizer_for(args.tokenizer, models, model_id if model_id in ids else sent)
+    out_len = args.output_len
+    requests = build_requests(
+        tokenizer, dataset_name=args.dataset_name, dataset_path=args.dataset_path, num_prompts=args.num_prompts,
+        input_len=args.input_len or args.random_input_len, output_len=out_len or args.random_output_len,
+        range_ratio=args.random_range_ratio, prefix_len=args.random_prefix_len,
+        custom_output_len=out_len or args.custom_output_len, sharegpt_output_len=out_len or args.sharegpt_output_len,
+        seed=args.seed, shuffle=not args.disable_shuffle)
+    sweep = len(rates) * len(concs) > 1
+    results = []
+    for rate in rates:
+        for conc in concs:
+            result = run_point(
+                base_url, sent, requests, request_rate=rate, max_concurrency=conc, burstiness=args.burstiness,
+                ignore_eos=args.ignore_eos, api_key=args.api_key, seed=args.seed, request_timeout=args.request_timeout,
+                stall_timeout=args.stall_timeout, backend=args.backend, endpoint=endpoint, extra_body=extra_body,
+                extra_headers=extra_headers, lora_modules=args.lora_modules, lora_assignment=args.lora_assignment,
+                ramp_up=ramp_up, num_warmups=args.num_warmups, request_id_prefix=args.request_id_prefix,
+                percentiles=percentiles, metrics=metric_names,
+                goodput=slos, label=args.label, model_id=model_id, tokenizer_id=tokenizer_id,
+                save_detailed=args.save_detailed, disable_tqdm=args.disable_tqdm,
+                desc=f"rate {rate} conc {conc}" if sweep else "requests")
+            result.update(metadata)
+            print(format_summary(result))
+            if result["status"] == "failed":
+                print(f"FAILED: {result['failure_cause']}")
+            if args.save_result:
+                path = result_path(args.result_dir, args.result_filename, result, sweep)
+                atomic_write_json(path, result)
+                print(f"result: {path}")
+            results.append(result)
+    return results

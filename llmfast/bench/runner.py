@@ -1,0 +1,252 @@
+"""`llmfast bench run RECIPE`: every variant measured the same way, one report.
+
+Each variant runs on the engine the recipe names, or with `engine: auto` on the first engine its
+quantization method allows here (llmfast.quant decides: vLLM for plain weights, transformers for
+bitsandbytes 4-bit). vLLM variants are served (engines/vllm_server.py: a server per model, one more for its
+LoRA variants) and loaded at every concurrency of the sweep by the load generator; transformers variants
+run static batches. The transformers engine is also the baseline: it runs the first (or every) vLLM variant
+on the same prompts, so each report states vLLM's throughput against plain `generate`. Quality comes from
+`llmfast eval` on each variant. Everything lands atomically in the output directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from llmfast.bench.engines import Engine, Variant
+    from llmfast.bench.workload import Request
+    from llmfast.recipe import BenchRecipe, VariantConfig, WorkloadConfig
+
+
+@dataclass
+class Measured:
+    """A variant on its engine: one result per concurrency of the sweep, memory, quality, what went wrong."""
+
+    variant: "Variant"
+    engine: str  # the engine family the report shows: vllm or hf
+    label: str
+    points: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss_gib: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        return "failed" if not self.points or any(p["status"] == "failed" for p in self.points) else "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.variant
+        return {"name": self.label, "model_dir": str(v.model_dir), "lora": str(v.lora.path) if v.lora else None,
+                "quantization": v.quantization_word, "engine": self.engine, "points": self.points,
+                "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
+                "quality": self.quality}
+
+
+def choose_engine(v: "Variant", wanted: str) -> "Engine":
+    """The engine the recipe names (if it can run the variant), or the first one allowed that can."""
+    from llmfast.bench.engines import ENGINES, engine_families
+
+    if wanted != "auto":
+        engine = ENGINES.get(wanted, f"variant '{v.name}': engine")
+        reason = engine.can_run(v)
+        if reason:
+            raise UserError(f"variant '{v.name}': {reason}: use engine: hf or auto")
+        return engine
+    for family in engine_families(v.quantization):
+        if family in ENGINES and ENGINES.get(family).can_run(v) is None:
+            return ENGINES.get(family)
+    raise UserError(f"variant '{v.name}': no bench engine can run it here")
+
+
+def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfig"]]:
+    """Resolve every model and adapter and choose engines before anything starts; a bad variant is one line."""
+    from llmfast.bench.offline import resolve_variant
+
+    names = [v.name for v in recipe.variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"variants: names must differ ({', '.join(dup)} repeated)")
+    out = []
+    for cfg in recipe.variants:
+        try:
+            v = resolve_variant(cfg.name, cfg.model, str(cfg.lora) if cfg.lora else None, cfg.quantization)
+        except UserError as e:
+            raise UserError(f"variant '{cfg.name}': {e}") from None
+        out.append((v, choose_engine(v, cfg.engine), cfg))
+    return out
+
+
+def _rate(w: "WorkloadConfig") -> float:
+    return math.inf if w.request_rate == "inf" else float(w.request_rate)
+
+
+def _measure_vllm(recipe: "BenchRecipe", group: list[Measured], requests: list["Request"], out: Path) -> None:
+    """One server for a model (or its LoRA variants); every variant through every concurrency."""
+    from llmfast.bench.engines import ENGINES
+    from llmfast.bench.online import run_point
+    from llmfast.serve.memory import PeakRss
+
+    w = recipe.workload
+    names = ", ".join(m.label for m in group)
+    print(f"bench: starting vLLM for {group[0].variant.model_dir} ({names})", file=sys.stderr)
+    served = ENGINES.get("vllm").server([m.variant for m in group], out / f"server-{group[0].label}.log",  # type: ignore[attr-defined]
+                                        timeout=recipe.server_timeout)
+    try:
+        served.start()
+    except UserError as e:
+        for m in group:
+            m.notes.append(f"{m.label}: server failed to start: {e}")
+        return
+    try:
+        with PeakRss(served.pid) as mem:
+            for m in group:
+                for conc in w.max_concurrency:
+                    pt = run_point(served.base_url, served.served_name(m.variant), requests, request_rate=_rate(w),
+                                   max_concurrency=conc, ignore_eos=w.ignore_eos, seed=w.seed,
+                                   extra_body={"temperature": 0.0},  # greedy, like the transformers baseline
+                                   percentiles=list(w.percentiles), metrics=["ttft", "tpot", "itl", "e2el"],
+                                   label="llmfast-bench", desc=f"{m.label} c={conc}")
+                    m.points.append(pt)
+                    print(f"bench: {m.label} (vllm) c={conc}: {pt['output_throughput']:.1f} out tok/s, "
+                          f"{pt['failed']} failed", file=sys.stderr)
+                    if pt["status"] == "failed":
+                        m.notes.append(f"{m.label} c={conc}: {pt['failure_cause']}")
+                        if not served.server.alive:
+                            break
+        for m in group:
+            m.peak_rss_gib = round(mem.peak_gib, 3)
+            if len(group) > 1:
+                m.notes.append(f"{m.label}: peak RSS is the server's, shared by {names}")
+    finally:
+        served.stop()
+
+
+def hf_point(variant: "Variant", requests: list["Request"], batch_size: int, ignore_eos: bool, dtype: str,
+             percentiles: list[float], log: Path) -> dict[str, Any]:
+    """One transformers run, summarised; meant to run in a process of its own (see `_measure_hf`)."""
+    from llmfast.bench.engines import ENGINES
+    from llmfast.bench.logs import engine_output
+    from llmfast.bench.metrics import compute_metrics
+    from llmfast.serve.memory import PeakRss
+
+    with engine_output(log), PeakRss() as mem:
+        results, duration = ENGINES.get("hf").generate(variant, requests, dtype=dtype,  # type: ignore[attr-defined]
+                                                       batch_size=batch_size, ignore_eos=ignore_eos)
+    summary = compute_metrics(results, duration, percentiles, ["ttft", "tpot", "itl", "e2el"])
+    return {**summary, "batch_size": batch_size, "peak_rss_gib": round(mem.peak_gib, 3),
+            "status": "ok" if summary["failed"] == 0 else "failed"}
+
+
+def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], out: Path) -> None:
+    """The transformers engine once per concurrency (the batch size, unless the workload fixes one).
+
+    Each run is a fresh process (spawned, calling `hf_point`), so the peak RSS it reports is its own and not
+    that of the models loaded before it in this process."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from llmfast.bench.offline import machine_dtype
+
+    w = recipe.workload
+    done: dict[int, dict[str, Any]] = {}  # batch size -> point: a fixed batch size runs once
+    for conc in w.max_concurrency:
+        batch = w.hf_batch_size or conc
+        if batch not in done:
+            log = out / f"hf-{m.label}-c{conc}.log"
+            print(f"bench: {m.label} (hf) batch {batch} ...", file=sys.stderr)
+            try:
+                with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    done[batch] = pool.submit(hf_point, m.variant, requests, batch, w.ignore_eos, machine_dtype(),
+                                              list(w.percentiles), log).result()
+            except Exception as e:  # noqa: BLE001 - a failed engine run is a failed point with its cause
+                done[batch] = {"batch_size": batch, "status": "failed", "failed": w.num_prompts, "completed": 0,
+                               "failure_cause": f"transformers engine failed: {type(e).__name__}: {e} (log: {log})",
+                               "request_throughput": 0.0, "output_throughput": 0.0, "total_token_throughput": 0.0}
+                m.notes.append(f"{m.label} c={conc}: {done[batch]['failure_cause']}")
+        m.points.append({**done[batch], "max_concurrency": conc})
+    m.peak_rss_gib = round(max(p.get("peak_rss_gib") or 0.0 for p in m.points), 3)
+
+
+def _quality(recipe: "BenchRecipe", m: Measured, cfg: "VariantConfig", out: Path) -> dict[str, Any] | None:
+    from llmfast.evaluate import run_eval
+    from llmfast.recipe import EvalRecipe
+
+    if recipe.quality is None:
+        return None
+    er = EvalRecipe(model=str(m.variant.model_dir), adapter=m.variant.lora.path if m.variant.lora else None,
+                    quantization=cfg.quantization, eval=recipe.quality, output=out / f"quality-{m.label}.json")
+    print(f"bench: quality of {m.label} ...", file=sys.stderr)
+    res = run_eval(er)
+    return {"perplexity": res["perplexity"], "tasks": res["tasks"]}
+
+
+def _comparisons(v: Measured, base: Measured) -> list[dict[str, Any]]:
+    return [{"variant": v.label, "max_concurrency": pv["max_concurrency"],
+             "vllm_output_throughput": pv["output_throughput"], "hf_output_throughput": ph["output_throughput"],
+             "hf_batch_size": ph["batch_size"], "ratio": pv["output_throughput"] / ph["output_throughput"]}
+            for pv, ph in zip(v.points, base.points) if ph.get("output_throughput")]
+
+
+def run_bench(recipe: "BenchRecipe") -> Path:
+    """Measure every variant; write report.md, throughput.png, latency.png and results.json; return report.md."""
+    from llmfast.artifacts import atomic_dir, atomic_write_json, write_manifest
+    from llmfast.bench.report import markdown, plots
+    from llmfast.bench.workload import random_requests
+    from llmfast.models import load_tokenizer
+    from llmfast.recipe import recipe_dict
+    from llmfast.serve.machine import detect
+
+    planned = plan(recipe)
+    w = recipe.workload
+    machine = detect()
+    with atomic_dir(recipe.output, overwrite=True) as tmp:
+        requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
+                                   0.0, w.seed)
+        measured = [Measured(v, engine.family, v.name) for v, engine, _ in planned]
+        groups: dict[tuple[str, bool], list[Measured]] = {}
+        for m in measured:
+            if m.engine == "vllm":
+                groups.setdefault((str(m.variant.model_dir), m.variant.lora is not None), []).append(m)
+        for group in groups.values():
+            _measure_vllm(recipe, group, requests, tmp)
+        for m in measured:
+            if m.engine == "hf":
+                _measure_hf(recipe, m, requests, tmp)
+        rows: list[Measured] = []
+        comparisons: list[dict[str, Any]] = []
+        vllm_done = [m for m in measured if m.engine == "vllm" and m.points]
+        baseline_for = {"first": vllm_done[:1], "all": vllm_done}.get(recipe.baseline, [])
+        for m, (_, _, cfg) in zip(measured, planned):
+            m.quality = _quality(recipe, m, cfg, tmp)
+            rows.append(m)
+            if m in baseline_for:
+                base = Measured(m.variant, "hf", f"{m.label}-baseline")
+                _measure_hf(recipe, base, requests, tmp)
+                base.label = f"{m.label} (transformers baseline)"
+                rows.append(base)
+                comparisons += _comparisons(m, base)
+        results = {
+            "name": Path(recipe.output).name,
+            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {len(machine.cores)} cores, "
+                       f"{'CUDA' if machine.cuda else 'CPU only'}{', fast bf16' if machine.fast_bf16 else ''}",
+            "workload": w.model_dump(mode="json"),
+            "recipe": recipe_dict(recipe),
+            "variants": [m.to_json() for m in rows],
+            "comparisons": comparisons,
+        }
+        atomic_write_json(tmp / "results.json", results)
+        (tmp / "report.md").write_text(markdown(results), encoding="utf-8")
+        plots(results, tmp)
+        write_manifest(tmp, stage="bench", parents=[str(v.model_dir) for v, _, _ in planned],
+                       recipe=recipe_dict(recipe), metrics={"comparisons": comparisons})
+    return Path(recipe.output) / "report.md"

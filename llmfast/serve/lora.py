@@ -1,0 +1,85 @@
+"""LoRA adapters as vLLM serves them: a name, a checked PEFT directory and the rank vLLM must reserve.
+
+vLLM loads adapters only after a minute of start-up; these checks refuse what it cannot serve (another PEFT
+type, DoRA, a rank outside its buckets, an adapter trained on another architecture) before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmfast.errors import UserError
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+@dataclass(frozen=True)
+class ServedLora:
+    """An adapter checked for vLLM: served under `name` from `path`; `rank` is its largest rank."""
+
+    name: str
+    path: Path
+    rank: int
+
+
+def parse_lora(spec: str) -> tuple[str, str]:
+    """'name=path' -> (name, path); a bare path is named after its directory."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path = name
+        name = Path(path.rstrip("/")).name
+        if name == "adapter":  # a finetune run's adapter/: name it after the run
+            name = Path(path.rstrip("/")).parent.name
+    if not name or not path:
+        raise UserError(f"--lora {spec!r}: expected NAME=PATH, e.g. --lora dates=runs/lora-dates/adapter")
+    return name, path
+
+
+def _architecture(model_dir: Path) -> tuple[object, ...]:
+    """What must match between an adapter's base and the served model; () when unreadable."""
+    from llmfast.models import describe_model_dir
+
+    try:
+        d = describe_model_dir(model_dir)
+    except (OSError, ValueError, UserError):
+        return ()
+    return (d["architecture"], d["hidden"], d["layers"], d["vocab"])
+
+
+def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None) -> ServedLora:
+    """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA."""
+    from llmfast.models import adapter_dir
+
+    p = adapter_dir(path)
+    cfg_path = p / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"LoRA '{name}': {p} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"LoRA '{name}': {cfg_path} is a {cfg.get('peft_type')} adapter; vLLM serves LoRA only")
+    ranks = [int(cfg.get("r", 0)), *[int(r) for r in (cfg.get("rank_pattern") or {}).values()]]
+    if max(ranks) > VLLM_LORA_RANKS[-1] or min(ranks) < 1:
+        raise UserError(f"LoRA '{name}': rank {max(ranks)} in {cfg_path} is not supported by vLLM "
+                        f"(ranks 1 to {VLLM_LORA_RANKS[-1]}): retrain with a smaller r or merge it with `llmfast export`")
+    if cfg.get("use_dora"):
+        raise UserError(f"LoRA '{name}': {cfg_path} is a DoRA adapter, which vLLM cannot serve: "
+                        "merge it with `llmfast export` and serve the merged model")
+    if base is not None:
+        want = cfg.get("base_model_name_or_path")
+        if want and Path(want).is_dir() and Path(want).resolve() != base.resolve():
+            a, b = _architecture(Path(want)), _architecture(base)
+            if a != b:
+                raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
+    return ServedLora(name=name, path=p, rank=max(ranks))
+
+
+def max_lora_rank(adapters: list[ServedLora]) -> int:
+    """The smallest rank bucket vLLM accepts that holds every adapter (a larger one wastes memory)."""
+    need = max(a.rank for a in adapters)
+    return next(r for r in VLLM_LORA_RANKS if r >= need)
