@@ -1,0 +1,87 @@
+"""`llmfast export`: outputs that could lose files are refused before anything loads; adapters from plain
+PEFT (no tokenizer, no manifest) and adapters of another base are handled in one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory, tiny_dir):
+    """An adapter as plain PEFT saves it: adapter files only, random B so the merge changes the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    peft.save_pretrained(out)
+    assert not (out / "tokenizer_config.json").exists() and not (out / "llmfast.json").exists()
+    return out
+
+
+def _snapshot(d):
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_plain_peft_adapter_exports_with_the_base_tokenizer(tmp_path, tiny_dir, peft_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, err = run_cli("export", str(peft_adapter), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged_dir = tmp_path / "merged"
+    assert AutoTokenizer.from_pretrained(merged_dir).get_vocab() == AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), peft_adapter).eval()
+    with torch.no_grad():
+        ref, got = peft(ids).logits, AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # float32 rounding of x(W+sBA) vs xW+s(xA)B
+    assert json.loads((merged_dir / "llmfast.json").read_text())["base_quantization"] is None
+
+
+def test_existing_output_needs_overwrite(tmp_path, peft_adapter):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli("export", str(peft_adapter), str(out))
+    assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "mine"
+    code, _, err = run_cli("export", str(peft_adapter), str(out), "--overwrite")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("target", ["adapter", "folder holding the adapter", "base"])
+def test_an_input_is_never_the_output(tmp_path, tiny_dir, peft_adapter, target):
+    adapter = tmp_path / "runs" / "ad"
+    shutil.copytree(peft_adapter, adapter)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    out = {"adapter": adapter, "folder holding the adapter": adapter.parent, "base": base}[target]
+    before = _snapshot(adapter), _snapshot(base)
+    code, _, err = run_cli("export", str(adapter), str(out), "--overwrite")
+    assert code == 2 and "would destroy the input" in err and len(err.strip().splitlines()) == 1, err
+    assert (_snapshot(adapter), _snapshot(base)) == before
+
+
+def test_adapter_of_another_base_is_one_line(tmp_path, peft_adapter):
+    from llmfast.testing import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other", hidden_size=64, num_heads=1, head_dim=64)
+    adapter = tmp_path / "ad"
+    shutil.copytree(peft_adapter, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(other)}))
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "does not fit the base" in last and "has another shape" in last, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
