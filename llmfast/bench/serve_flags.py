@@ -47,6 +47,7 @@ REFUSED: dict[str, str] = {
     "--profile": "profiling needs a server started with vLLM's torch profiler: run vLLM's own benchmark for it",
     "--append-result": "every run writes its own result file (--result-filename)",
     "--skip-tokenizer-init": "prompts are built and counted with the tokenizer",
+    "--insecure": "https certificates are always verified: point SSL_CERT_FILE at the server's certificate",
     "--plot-timeline": _PLOT, "--timeline-itl-thresholds": _PLOT, "--plot-dataset-stats": _PLOT,
 }
 DATASET_NAMES_REFUSED = {"burstgpt": _DATASET, "random-mm": _MM, "random-rerank": _POOL, "hf": _HUB,
