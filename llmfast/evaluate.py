@@ -214,8 +214,6 @@ def check_results_paths(out: Path) -> Path:
     Re-running an eval replaces its own earlier results JSON and the predictions JSONL beside it; any other
     existing file (the user's data, a recipe, another tool's JSON) is refused, as is a directory.
     """
-    import json
-
     pred = out.with_name(out.stem + ".predictions.jsonl")
     for p in (out, pred):
         if p.is_dir():
@@ -227,16 +225,33 @@ def check_results_paths(out: Path) -> Path:
         raise UserError(f"output {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output {out}: no permission to write in {parent}")
-    ours = out.is_file() and is_eval_results(out)
-    if out.exists() and not ours:
+    if out.exists() and not (out.is_file() and is_eval_results(out)):
         raise UserError(f"output {out} exists and is not a results file written by llmfast eval: it is left as it "
                         "is; choose another --output")
-    if pred.exists():
-        named = ours and Path(json.loads(out.read_text(encoding="utf-8"))["predictions"]).name == pred.name
-        if not named:
-            raise UserError(f"{pred} exists and is not the predictions of an earlier llmfast eval to {out}: it is "
-                            "left as it is; choose another --output")
+    if pred.exists() and not _is_predictions(pred):
+        raise UserError(f"{pred} exists and is not the predictions of an earlier llmfast eval: it is left as it "
+                        "is; choose another --output")
     return pred
+
+
+_RECORD_KEYS = {"task", "row", "prompt", "answer", "prediction", "correct"}
+
+
+def _is_predictions(path: Path) -> bool:
+    """Whether `path` is a predictions JSONL that `llmfast eval` wrote (its first row is one of our records).
+
+    Recognised by content, not through the results JSON: a run killed between writing the two files leaves
+    predictions without results, and re-running the same command must still work.
+    """
+    import json
+
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+        row = json.loads(first) if first.strip() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and (not first.strip() or set(row) == _RECORD_KEYS)
 
 
 def format_table(results: dict[str, Any]) -> str:

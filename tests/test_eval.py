@@ -151,3 +151,12 @@ def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, t
     for out, expected in ((tmp_path, "is a directory: give a file path"), (tmp_path / "f" / "r.json", "is a file")):
         code, _, err = run_cli("eval", str(recipe), "--output", str(out))
         assert code == 2 and expected in err and len(err.splitlines()) == 1
+
+
+def test_eval_rerun_after_a_kill_between_predictions_and_results(tiny_dir, tmp_path):
+    # SIGKILL after the predictions were written, before the results: the same command must run again.
+    recipe, out = _tiny_eval_recipe(tmp_path, tiny_dir), tmp_path / "res.json"
+    assert run_cli("eval", str(recipe), "--output", str(out))[0] == 0
+    out.unlink()
+    code, _, err = run_cli("eval", str(recipe), "--output", str(out))
+    assert code == 0 and out.is_file(), err
