@@ -248,11 +248,18 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
 
 def load_recipe(path: str | os.PathLike[str], schema: type[T], overrides: list[str] | None = None) -> T:
     """Read, override and validate a recipe; any problem becomes a one-line UserError."""
+    return load_recipe_with_lines(path, schema, overrides)[0]
+
+
+def load_recipe_with_lines(
+    path: str | os.PathLike[str], schema: type[T], overrides: list[str] | None = None
+) -> tuple[T, dict[tuple[Any, ...], int]]:
+    """`load_recipe`, plus the line of every key path, for checks made after validation to blame file:line."""
     path = Path(path)
     data, lines = read_yaml(path)
     parsed = parse_overrides(overrides)
     apply_overrides(data, parsed)
-    return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed})
+    return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed}), lines
 
 
 def validate(

@@ -455,10 +455,13 @@ def test_streaming_holds_a_few_tensors(family, tmp_path, monkeypatch):
     monkeypatch.setattr(mio.TensorReader, "get", counting_get)
     cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1, "density": 0.5}),
                                      (family["ft2"], {"weight": 1, "density": 0.5})], family["base"])
-    _merge(cfg, tmp_path / "out")
+    _merge(cfg, tmp_path / "out", "--threads", "1")
     n_tensors = len(_sd(family["base"]))
     assert peak["reads"] == 3 * n_tensors  # every tensor read once from each model, lazily
-    assert peak["alive"] <= 3  # one tensor per model at a time
+    # One tensor per model for each tensor in flight (read ahead, merging, being written), not whole models.
+    from llmfast.merge.pipeline import in_flight_limit
+
+    assert peak["alive"] <= 3 * (in_flight_limit(1) + 1) < 3 * n_tensors
 
 
 def _wide_model(tiny_dir: Path, out: Path) -> Path:
@@ -530,16 +533,24 @@ def test_mergekit_plus_syntax_for_adapters(family, adapters, tmp_path):
     assert code == 2 and "LoRA adapter" in err and not (tmp_path / "y").exists()
 
 
-def test_magnitude_mask_breaks_ties_like_a_full_sort():
-    from llmfast.merge.methods import magnitude_mask
+@pytest.mark.parametrize("shape", [(5, 7), (300, 40), (512, 1024)])
+@pytest.mark.parametrize("grid", [2, 6, 1000, 0])
+def test_magnitude_mask_breaks_ties_like_a_full_sort(shape, grid):
+    """The kept set is the first k of torch.argsort (an unstable sort: mergekit's), ties included."""
+    from llmfast.merge.methods.sparsify import magnitude_mask
 
-    # Values on a coarse grid tie a lot at any threshold, like fine-tuned deltas on the weights' ulp grid.
-    g = torch.Generator().manual_seed(0)
-    delta = torch.randint(-6, 7, (300, 40), generator=g).float() * 1e-4
+    # Values on a coarse grid tie a lot at any threshold, like fine-tuned deltas on the weights' ulp grid
+    # (grid 0: continuous values, no ties).
+    g = torch.Generator().manual_seed(grid)
+    delta = (torch.randint(-grid, grid + 1, shape, generator=g).float() * 1e-4 if grid
+             else torch.randn(shape, generator=g))
     for density in (0.1, 0.35, 0.5, 0.9):
         k = max(1, int(density * delta.numel()))
         ref = torch.zeros(delta.numel(), dtype=torch.bool)
         ref[torch.argsort(delta.abs().flatten(), descending=True)[:k]] = True
-        got = magnitude_mask(delta, density)
-        assert int(got.sum()) == k
-        assert torch.equal(got.flatten(), ref)
+        got = magnitude_mask(delta, density).flatten()
+        # Where the k-th largest magnitude is 0, which zeros are "kept" changes nothing: compare the nonzeros.
+        nonzero = delta.flatten() != 0
+        assert torch.equal(got & nonzero, ref & nonzero)
+        if not bool((ref & ~nonzero).any()):
+            assert int(got.sum()) == k

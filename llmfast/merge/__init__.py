@@ -1,7 +1,8 @@
 """Task-vector merging of full models and LoRA adapters that share a base (`llmfast merge`).
 
-Modules: `config` (mergekit-compatible YAML schema and the checks made before any work), `methods`
-(one function per merge method, in a registry), `io` (lazy safetensors reading, sharded writing),
-`adapters` (LoRA task vectors B@A, rank concatenation, SVD re-rank), `merge` (the streaming driver),
-`cli` (the verb's arguments). Nothing here imports torch at import time.
+Modules: `config` (mergekit-compatible YAML schema, parameter values), `plan` (every check made before
+any work), `methods/` (one file per merge method, in a registry), `io` (lazy safetensors reading,
+sharded writing), `pipeline` (tensors merged in parallel, written in order), `adapters` (LoRA task
+vectors B@A, SVD re-rank), `adapter_output` (merged adapters), `merge` (the streaming driver), `cli`
+(the verb's arguments). Nothing here imports torch at import time.
 """

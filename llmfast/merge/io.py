@@ -1,8 +1,8 @@
 """Lazy tensor IO: read one tensor at a time from safetensors, stream merged tensors into sharded files.
 
-Reading opens the file with `safetensors.safe_open` for each tensor and closes it at once, so the
-mapping and the pages it touched go away with it: a merge holds the few tensors it is combining, never a
-whole model. Writing needs no buffering either: every output tensor's name, shape and dtype are known
+Reading copies one tensor's bytes from its file into a fresh tensor (the byte range from the header,
+which is checked against the file's size first): a merge holds the few tensors it is combining, never a
+whole model, and no file mapping stays behind. Writing needs no buffering either: every output tensor's name, shape and dtype are known
 before the first is computed, so each shard's safetensors header is written first and each tensor's
 bytes are appended as it is produced. More than one shard gets `model.safetensors.index.json`, like
 `save_pretrained`.
@@ -11,6 +11,7 @@ bytes are appended as it is produced. More than one shard gets `model.safetensor
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,9 +35,14 @@ COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 
 def weight_files(model_dir: Path) -> list[Path]:
+    from llmfast.modelfiles import read_json_file
+
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        data = read_json_file(index, "safetensors index", f"re-create the model in {model_dir}")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: no 'weight_map' of tensor names to files: re-create the model in {model_dir}")
         return [model_dir / f for f in dict.fromkeys(weight_map.values())]
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -47,16 +53,39 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir} has no model.safetensors (or index): not a model directory llmfast can merge")
 
 
+def _entries(file: Path) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """name -> (shape, dtype tag, first byte, end byte) in `file`, from its header (checked against its size)."""
+    from llmfast.modelfiles import safetensors_header
+
+    header = safetensors_header(file, f"re-create or re-download {file.parent}")
+    with file.open("rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _ST_DTYPES:
+            raise UserError(f"{file}: tensor {name} has dtype {info.get('dtype')}, which merging does not read "
+                            f"(it reads {', '.join(_ST_DTYPES)})")
+        a, b = info["data_offsets"]
+        shape = tuple(int(d) for d in info.get("shape", []))
+        if numel(shape) * _ST_DTYPES[info["dtype"]][1] != b - a:
+            raise UserError(f"{file}: corrupt safetensors header (tensor {name}: shape {list(shape)} does not fit "
+                            f"its {b - a} bytes): re-create or re-download {file.parent}")
+        out[name] = (shape, info["dtype"], start + a, start + b)
+    return out
+
+
 def tensor_index(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
     """name -> (shape, safetensors dtype tag, file), from the headers only."""
-    from safetensors import safe_open
+    return {name: (shape, tag, f) for name, (shape, tag, f, _a, _b) in _locations(Path(model_dir)).items()}
 
-    out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
-    for f in weight_files(Path(model_dir)):
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), sl.get_dtype(), f)
+
+def _locations(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str, Path, int, int]]:
+    out: dict[str, tuple[tuple[int, ...], str, Path, int, int]] = {}
+    for f in weight_files(model_dir):
+        for name, (shape, tag, a, b) in _entries(f).items():
+            out[name] = (shape, tag, f, a, b)
     return out
 
 
@@ -87,26 +116,53 @@ def ordered(index: dict[str, Any]) -> dict[str, Any]:
 
 
 class TensorReader:
-    """One model's tensors, read lazily one at a time."""
+    """One model's tensors, read lazily one at a time.
+
+    Each read copies the tensor's bytes straight from the file into a fresh tensor (`os.preadv`, which
+    releases the GIL, so a reader thread overlaps with the merge): no mapping stays behind, and the
+    tensor is the caller's own, to change in place.
+    """
 
     def __init__(self, model_dir: Path) -> None:
         self.dir = Path(model_dir)
-        self.index = tensor_index(self.dir)
+        self._where = _locations(self.dir)
+        self.index = {name: (shape, tag, f) for name, (shape, tag, f, _a, _b) in self._where.items()}
 
     def get(self, name: str) -> "torch.Tensor":
-        from safetensors import safe_open
+        import torch
 
-        _shape, _tag, file = self.index[name]
-        # Open, read, close: the tensor is a private copy and the file mapping is released now.
-        with safe_open(file, framework="pt") as st:
-            return st.get_tensor(name)
+        shape, tag, file, start, end = self._where[name]
+        t = torch.empty(shape, dtype=getattr(torch, _ST_DTYPES[tag][0]))
+        if end > start:
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                done = 0
+                while done < len(buf):  # one call reads at most ~2 GiB on Linux
+                    got = os.preadv(fd, [buf[done:]], start + done)
+                    if got <= 0:
+                        raise UserError(f"{file}: ended while reading tensor {name} (truncated since it was checked?)")
+                    done += got
+            finally:
+                os.close(fd)
+        return t
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(text).upper())
     if not m:
-        raise UserError(f"shard size '{text}' not understood: write e.g. 500M or 5G")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+        raise UserError(f"--out-shard-size '{text}' not understood: write a positive size, e.g. 500M or 5G")
+    size = int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+    if size <= 0:
+        raise UserError(f"--out-shard-size '{text}': the shard size must be positive, e.g. 500M or 5G")
+    return size
 
 
 class ShardedWriter:
@@ -120,7 +176,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
         size = 0
         for name, shape, dtype in layout:
-            nbytes = _numel(shape) * _size_of(dtype)
+            nbytes = numel(shape) * _size_of(dtype)
             if shards[-1] and size + nbytes > max_bytes:
                 shards.append([])
                 size = 0
@@ -184,13 +240,6 @@ class ShardedWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _size_of(dtype: str) -> int:

@@ -1,0 +1,122 @@
+"""task_arithmetic, and the generalized task arithmetic that TIES, DARE and magnitude pruning build on.
+
+Ilharco et al. 2023, "Editing Models with Task Arithmetic", https://arxiv.org/abs/2212.04089.
+
+Semantics follow mergekit 0.1.5 so configs give the same model: the task-vector methods work on
+delta = model - base, trim or drop each delta (`sparsify`), multiply it by its weight, optionally keep only
+the entries whose sign agrees with the sign of the weighted sum (`consensus`, TIES's election by total
+mass), add, optionally divide by the weight mass that agreed (`normalize`), multiply by `lambda` and add
+the result to the base. The operations and their order are mergekit's, so float32 results agree bit for
+bit. Every computation runs in float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from llmfast.merge.methods.base import MergeMethod, Param, TensorContext, float_work, register
+from llmfast.merge.methods.sparsify import magnitude_mask, random_mask, tensor_generator
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHT = Param("weight", per_input=True, help="scale of this model's task vector")
+DENSITY = Param("density", default=1.0, per_input=True, low=0.0, high=1.0, help="fraction of the task vector kept")
+
+
+def merge_wide(normalize: bool, rescale: bool) -> tuple[Param, ...]:
+    """The merge-wide parameters every task-vector method takes, with this method's defaults."""
+    return (Param("normalize", bool, normalize, help="divide by the weight mass (that agreed, with consensus)"),
+            Param("rescale", bool, rescale, help="scale kept entries so each task vector keeps its L1 norm"),
+            Param("lambda", default=1.0, help="scale of the summed task vectors"),
+            Param("int8_mask", bool, False, help="accepted for mergekit configs; no effect on the result"))
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    """Sparsify, weight, elect signs, add, normalize: subclasses pick `sparsify` and `consensus`."""
+
+    sparsify: ClassVar[Literal["magnitude", "random"] | None] = None
+    consensus: ClassVar[bool] = False
+
+    def merge(self, base: "torch.Tensor | None", inputs: list[Any], params: list[dict[str, Any]],
+              shared: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
+        assert base is not None
+        weighted: list[torch.Tensor] = []
+        weights: list[float] = []
+        for i, (delta, p) in enumerate(zip(inputs, params)):
+            if delta is None:  # a zero task vector (an adapter that does not touch this tensor)
+                continue
+            delta = float_work(delta)
+            self._sparsify(delta, p.get("density", 1.0), bool(shared.get("rescale", False)), ctx, i)
+            weighted.append(delta.mul_(p["weight"]))
+            weights.append(p["weight"])
+        work = float_work(base)
+        if not weighted:
+            return work
+        mixed = weighted[0].clone()
+        for d in weighted[1:]:
+            mixed.add_(d)
+        divisor: Any = None
+        if self.consensus:
+            divisor = _elect_signs(mixed, weighted, weights)
+        if shared["normalize"]:
+            if divisor is None:
+                total = sum(weights)
+                divisor = total if abs(total) >= 1e-8 else 1.0
+            mixed.div_(divisor)
+        if shared["lambda"] != 1:
+            mixed.mul_(shared["lambda"])
+        return mixed.add_(work)
+
+    def _sparsify(self, delta: "torch.Tensor", density: float, rescale: bool, ctx: TensorContext, i: int) -> None:
+        """Trim or drop entries of `delta` in place; count kept/nonzero entries into ctx.stats."""
+        if self.sparsify is None or density >= 1:
+            return
+        if self.sparsify == "magnitude":
+            mask = magnitude_mask(delta, density)
+        else:
+            mask = random_mask(delta.shape, density, tensor_generator(ctx.seed, ctx.name, i))
+        stats = ctx.stats
+        if stats is not None:
+            stats["nonzero"] = stats.get("nonzero", 0) + int(delta.count_nonzero())
+        before = delta.abs().sum() if rescale else None
+        delta.mul_(mask)
+        del mask
+        if stats is not None:
+            stats["kept"] = stats.get("kept", 0) + int(delta.count_nonzero())
+        if rescale:
+            after = delta.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:  # mergekit leaves near-empty deltas unscaled
+                delta.mul_(before / after)
+
+    def coefficients(self, params: list[dict[str, Any]], shared: dict[str, Any],
+                     is_base: list[bool]) -> list[float] | None:
+        if self.sparsify is not None or self.consensus:
+            return None
+        weights = [float(p["weight"]) for p in params]
+        total = sum(weights)
+        norm = total if shared["normalize"] and abs(total) >= 1e-8 else 1.0
+        return [w / norm * shared["lambda"] for w in weights]
+
+
+def _elect_signs(mixed: "torch.Tensor", weighted: list["torch.Tensor"], weights: list[float]) -> "torch.Tensor":
+    """TIES's election by total mass, in place: `mixed` becomes the sum of the entries agreeing with the sign of
+    the weighted sum (0 counts as +); returns the weight mass that agreed per entry (1 where none did)."""
+    import torch
+
+    positive = mixed >= 0
+    mixed.zero_()
+    divisor = torch.zeros_like(mixed)
+    for d, w in zip(weighted, weights):
+        # A zero never agrees (mergekit compares sign(0) = 0 with +-1).
+        agree = torch.where(positive, d > 0, d < 0)
+        mixed.add_(d.mul_(agree))
+        divisor.add_(agree, alpha=w)
+    divisor.masked_fill_(divisor == 0, 1)
+    return divisor
+
+
+@register("task_arithmetic")
+class TaskArithmetic(GeneralizedTaskArithmetic):
+    paper = "Ilharco et al. 2023"
+    params = (WEIGHT, *merge_wide(normalize=False, rescale=False))

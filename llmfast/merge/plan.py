@@ -1,0 +1,236 @@
+"""The merge plan: every model resolved and every check made before any tensor is read or anything written.
+
+`plan_merge` reads the config, then only small JSON files and safetensors headers, and refuses with one
+line: an unknown method or parameter, a parameter out of its range, a missing path, a broken config.json
+or a truncated/corrupt safetensors file of any input, a different architecture or tensor shape, a
+different vocabulary (unless `tokenizer_source: base`), an adapter trained on another base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from llmfast.errors import UserError
+from llmfast.merge.config import (Locator, MergeConfig, check_parameter_names, load_config, resolve_per_input,
+                                  resolve_shared)
+from llmfast.merge.methods import METHODS, MergeMethod
+
+
+@dataclasses.dataclass
+class Source:
+    """One input of the merge: a full model directory or a LoRA adapter on the base."""
+
+    spec: str
+    kind: Literal["model", "adapter"]
+    path: Path
+    parameters: dict[str, Any] | None
+    is_base: bool = False
+    adapter: Any = None  # adapters.LoraAdapter for kind == "adapter"
+    index: int | None = None  # its position under `models:` (None: the base_model added as an input)
+
+    def who(self) -> str:
+        return "base_model" if self.index is None else f"models[{self.index}] ({self.spec})"
+
+
+@dataclasses.dataclass
+class MergePlan:
+    config: MergeConfig
+    config_path: str
+    method: MergeMethod
+    base: Source | None
+    inputs: list[Source]  # in mergekit's order: the models, then the base when a method averages it in
+    tensors: list[tuple[str, tuple[int, ...], str]]  # (name, shape, safetensors dtype) of the reference model
+    reference: Path  # the model dir whose config, tokenizer and tensor names the output takes
+    num_layers: int
+    out_dtype: str  # float32 / bfloat16 / float16
+    shared: dict[str, Any]  # merge-wide parameters without a filter; shared_for(name) gives a tensor's values
+    per_input: list[dict[str, dict[str, Any]]]  # per input: tensor name -> resolved parameters
+    seed: int = 0
+    shared_by_tensor: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def shared_for(self, name: str) -> dict[str, Any]:
+        return self.shared_by_tensor.get(name, self.shared)
+
+    @property
+    def adapters_only(self) -> bool:
+        return all(s.kind == "adapter" for s in self.inputs if not s.is_base)
+
+    def input_paths(self) -> list[Path]:
+        """Every directory the merge reads (for refusing an output that is one of them)."""
+        paths = [s.path for s in self.inputs] + ([self.base.path] if self.base is not None else [])
+        return list(dict.fromkeys(paths))
+
+
+def plan_merge(config_path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> MergePlan:
+    """Read and check everything; return the plan. Nothing is written and no tensor is read."""
+    from llmfast.merge import io as mio
+
+    config_path = str(config_path)
+    cfg, lines = load_config(config_path, overrides)
+    where = Locator(config_path, lines)
+    method = METHODS.get(cfg.merge_method, where("merge_method"))
+    check_parameter_names(method, cfg, where)
+    base = _resolve_base(cfg, method, where)
+    inputs = _arrange(method, base, [_resolve_input(cfg, i, base, where) for i in range(len(cfg.models))],
+                      config_path)
+    reference = base.path if base is not None else inputs[0].path
+    ref_tensors = mio.tensor_index(reference)
+    for src in inputs:
+        _check_input(src, reference, ref_tensors, cfg, where)
+    num_layers = int(_model_config(reference).get("num_hidden_layers") or 0)
+    tensors = [(n, shape, dt) for n, (shape, dt, _f) in mio.ordered(ref_tensors).items()]
+    names = [n for n, _s, _d in tensors]
+    per_input = [resolve_per_input(method, cfg, where, src.parameters, src.index, src.who(), names, num_layers)
+                 for src in inputs]
+    return MergePlan(
+        config=cfg, config_path=config_path, method=method, base=base, inputs=inputs, tensors=tensors,
+        reference=reference, num_layers=num_layers,
+        out_dtype=(cfg.out_dtype or cfg.dtype or mio.model_dtype(reference, ref_tensors)).removeprefix("torch."),
+        shared=resolve_shared(method, cfg, where, "", num_layers), per_input=per_input,
+        seed=0 if seed is None else seed,
+        shared_by_tensor={n: resolve_shared(method, cfg, where, n, num_layers) for n in names})
+
+
+# ---------------------------------------------------------------- resolving the models
+def _resolve_source(spec: str, where: str) -> tuple[Literal["model", "adapter"], Path, str | None]:
+    """(kind, path, base spec for `base+adapter` syntax) of one model reference, its files checked."""
+    from llmfast.modelfiles import check_adapter_dir
+    from llmfast.models import resolve_model
+
+    base_spec = None
+    if "+" in spec and not Path(spec).exists():
+        # mergekit's `model+lora` reference: an adapter applied to a model.
+        base_spec, spec = spec.rsplit("+", 1)
+    p = Path(spec).expanduser()
+    try:
+        if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+            return "adapter", check_adapter_dir(p), base_spec
+        if base_spec is not None:
+            raise UserError(f"'{base_spec}+{spec}': the part after '+' must be a LoRA adapter directory")
+        return "model", resolve_model(spec), None
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _resolve_base(cfg: MergeConfig, method: MergeMethod, where: Locator) -> Source | None:
+    if cfg.base_model is None:
+        if method.needs_base:
+            raise UserError(f"{where.config_path}: merge_method '{method.name}' needs a base_model (task vectors "
+                            "are differences from it)")
+        return None
+    kind, path, _ = _resolve_source(cfg.base_model, f"{where('base_model')}: base_model")
+    if kind != "model":
+        raise UserError(f"{where('base_model')}: base_model {cfg.base_model} is a LoRA adapter; the base must be a "
+                        "full model")
+    return Source(cfg.base_model, "model", path, None, is_base=True)
+
+
+def _resolve_input(cfg: MergeConfig, i: int, base: Source | None, where: Locator) -> Source:
+    from llmfast.merge import adapters as adapters_mod
+
+    m = cfg.models[i]
+    at = f"{where('models', i, 'model')}: models[{i}]"
+    kind, path, plus_base = _resolve_source(m.model, at)
+    params = dict(m.parameters or {})
+    if kind == "model":
+        is_base = base is not None and path.resolve() == base.path.resolve()
+        return Source(m.model, "model", path, params, is_base=is_base, index=i)
+    if base is None:
+        raise UserError(f"{at}: {path} is a LoRA adapter: set base_model to the model it was trained on")
+    if plus_base is not None:
+        _kind, plus_path, _ = _resolve_source(plus_base, at)
+        if plus_path.resolve() != base.path.resolve():
+            raise UserError(f"{at}: '{m.model}' applies the adapter to {plus_base}, which is not base_model "
+                            f"{cfg.base_model}: task vectors must share the base")
+    adapter = adapters_mod.LoraAdapter.open(path)
+    adapters_mod.check_adapter_base(adapter, base.path, cfg.base_model or "", at)
+    return Source(m.model, "adapter", path, params, adapter=adapter, index=i)
+
+
+def _arrange(method: MergeMethod, base: Source | None, inputs: list[Source], config_path: str) -> list[Source]:
+    """mergekit's inputs: a base not among the models joins an average; task-vector methods drop the base."""
+    base_in_models = any(s.is_base for s in inputs)
+    if not method.needs_base and base is not None and not base_in_models:
+        inputs = inputs + [Source(base.spec, "model", base.path, None, is_base=True)]
+    if method.needs_base:
+        inputs = [s for s in inputs if not s.is_base]  # its task vector is zero
+        if not inputs:
+            raise UserError(f"{config_path}: every model is the base_model: nothing to merge")
+    return inputs
+
+
+# ---------------------------------------------------------------- checks
+def _check_input(src: Source, reference: Path, ref_tensors: dict[str, Any], cfg: MergeConfig,
+                 where: Locator) -> None:
+    """Architecture, tensor names and shapes, vocabulary: from config.json and safetensors headers only."""
+    from llmfast.merge import adapters as adapters_mod
+    from llmfast.merge import io as mio
+
+    at = f"{where('models', src.index, 'model')}: models[{src.index}]" if src.index is not None else \
+        f"{where('base_model')}: base_model"
+    if src.kind == "adapter":
+        adapters_mod.check_adapter_shapes(src.adapter, ref_tensors, at)
+        return
+    if src.path.resolve() == reference.resolve():
+        return
+    _check_architecture(reference, src.path, at)
+    _check_vocab(reference, src.path, at, cfg.tokenizer_source)
+    other = mio.tensor_index(src.path)
+    missing = [n for n in ref_tensors if n not in other]
+    extra = [n for n in other if n not in ref_tensors]
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which {reference} lacks"
+        raise UserError(f"{at}: {src.path} {what} ({len(missing)} missing, {len(extra)} extra tensors): "
+                        "the models' tensors must match one for one")
+    for name, (shape, _dt, _f) in ref_tensors.items():
+        if other[name][0] != shape:
+            raise UserError(f"{at}: tensor {name} has shape {list(other[name][0])} in {src.path} but "
+                            f"{list(shape)} in {reference}: merged models must have the same shapes")
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    from llmfast.modelfiles import read_json_file
+
+    return read_json_file(path / "config.json", "model config", f"re-create the model in {path}")
+
+
+_ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def _check_architecture(ref: Path, other: Path, where: str) -> None:
+    a, b = _model_config(ref), _model_config(other)
+    if (a.get("architectures") or [None])[0] != (b.get("architectures") or [None])[0]:
+        raise UserError(f"{where}: {other} is a {(b.get('architectures') or ['?'])[0]}, but {ref} is a "
+                        f"{(a.get('architectures') or ['?'])[0]}: only models of one architecture can be merged")
+    for key in _ARCH_KEYS:
+        if a.get(key) != b.get(key):
+            raise UserError(f"{where}: {other} has {key}={b.get(key)} but {ref} has {key}={a.get(key)}: "
+                            "merged models must share one architecture and shape")
+
+
+def _tokenizer_vocab(path: Path) -> str | None:
+    """A digest of the vocabulary (tokens, ids, added tokens), or None when the directory has no tokenizer.json."""
+    from llmfast.modelfiles import read_json_file
+
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return None
+    tok = read_json_file(f, "tokenizer", f"re-create the tokenizer files in {path}")
+    vocab = (tok.get("model") or {}).get("vocab") if isinstance(tok, dict) else None
+    added = sorted((a.get("id"), a.get("content")) for a in (tok.get("added_tokens") or [] if isinstance(tok, dict)
+                                                              else []))
+    return hashlib.sha256(json.dumps([vocab, added], sort_keys=True).encode()).hexdigest()
+
+
+def _check_vocab(ref: Path, other: Path, where: str, policy: str | None) -> None:
+    if policy == "base":
+        return
+    va, vb = _tokenizer_vocab(ref), _tokenizer_vocab(other)
+    if va is not None and vb is not None and va != vb:
+        raise UserError(f"{where}: {other} has a different tokenizer vocabulary from {ref}: embedding rows would "
+                        "mean different tokens; set 'tokenizer_source: base' to merge anyway with the base's tokenizer")

@@ -1,0 +1,111 @@
+"""The steps of merging one tensor, shared by the model and the adapter outputs: read, merge, record."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmfast.errors import UserError
+from llmfast.merge.methods.base import TensorContext
+from llmfast.merge.plan import MergePlan
+
+
+def peak_rss_gib() -> float:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False, file=sys.stderr)
+
+
+def default_threads() -> int:
+    """The cores this process may use, at most 4 (beyond that the merge is bound by memory bandwidth)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def read_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any]) -> tuple[Any, list[Any]]:
+    """(base, inputs) of one tensor: whole weights for a "raw" method, else task vectors (None: zero)."""
+    import torch
+
+    base = base_reader.get(name) if base_reader is not None else None
+    cast = getattr(torch, plan.config.dtype.removeprefix("torch.")) if plan.config.dtype else None
+    if cast is not None and base is not None:  # mergekit reads every input in `dtype` before merging
+        base = base.to(cast)
+    if plan.method.domain == "raw":
+        tensors = []
+        for src, reader in zip(plan.inputs, readers):
+            if src.kind == "adapter":
+                d = src.adapter.delta(name)
+                t = base.float() if d is None else base.float() + d
+            else:
+                t = reader.get(name)
+            tensors.append(t.to(cast) if cast is not None else t)
+        return base, tensors
+    assert base is not None
+    work_base = base if base.dtype in (torch.float32, torch.float64) else base.float()
+    deltas: list[Any] = []
+    for src, reader in zip(plan.inputs, readers):
+        if src.kind == "adapter":
+            deltas.append(src.adapter.delta(name))  # None: untouched, a zero task vector
+            continue
+        t = reader.get(name)
+        if cast is not None:
+            t = t.to(cast)
+        if torch.equal(t, base):
+            deltas.append(None)  # skip the work for a zero task vector (norms, embeddings of LoRA merges)
+        elif t.dtype in (torch.float32, torch.float64):
+            deltas.append(t.sub_(work_base))  # `t` is our own copy: the delta takes its memory
+        else:
+            deltas.append(t.float().sub_(work_base))
+        del t
+    return base, deltas
+
+
+def merge_tensor(plan: MergePlan, name: str, base: Any, inputs: list[Any], stats: dict[str, Any] | None = None) -> Any:
+    """The merged value of one tensor, in float32 (float64 stays float64)."""
+    import torch
+
+    if plan.method.domain == "delta" and all(d is None for d in inputs):
+        return base if base.dtype in (torch.float32, torch.float64) else base.float()
+    params = [table[name] for table in plan.per_input]
+    ctx = TensorContext(name=name, seed=plan.seed, stats=stats)
+    try:
+        return plan.method.merge(base, inputs, params, plan.shared_for(name), ctx)
+    except ValueError as e:
+        raise UserError(f"{plan.config_path}: tensor {name}: {e}") from None
+
+
+def open_readers(plan: MergePlan) -> tuple[Any, list[Any]]:
+    from llmfast.merge import io as mio
+
+    base_reader = mio.TensorReader(plan.base.path) if plan.base is not None else None
+    readers = [None if s.kind == "adapter" else
+               (base_reader if (s.is_base and base_reader is not None) else mio.TensorReader(s.path))
+               for s in plan.inputs]
+    return base_reader, readers
+
+
+def merge_counting(plan: MergePlan, name: str, got: tuple[Any, list[Any]]) -> tuple[Any, dict[str, int]]:
+    counts: dict[str, int] = {}
+    return merge_tensor(plan, name, got[0], got[1], counts), counts
+
+
+def write_merge_manifest(plan: MergePlan, tmp: Path, metrics: dict[str, Any], kind: str, **extra: Any) -> None:
+    from llmfast.artifacts import write_manifest
+    from llmfast.recipe import recipe_dict
+
+    parents = [s.spec for s in plan.inputs if kind == "model" or s.kind == "adapter"]
+    if kind == "model" and plan.config.base_model and not any(s.is_base for s in plan.inputs):
+        parents.append(plan.config.base_model)
+    write_manifest(tmp, stage="merge", parents=parents, recipe=recipe_dict(plan.config), metrics=metrics,
+                   output_kind=kind, seed=plan.seed, **extra)

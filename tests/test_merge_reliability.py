@@ -1,0 +1,147 @@
+"""`llmfast merge` against bad paths, corrupt inputs, bad flags and SIGKILL: one line, nothing lost or left.
+
+Every refusal here is exit 2 with one stderr line, before any work: no output and no temporary folder
+appear, and no input is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_merge import _config, _merge, _perturb, _wide_model, adapters, family  # noqa: F401  (fixtures)
+
+
+def _refused(cfg: Path, out: Path, *extra: str, needles: tuple[str, ...] = ()) -> str:
+    existed = out.exists()
+    before = sorted(p.name for p in out.iterdir()) if existed else None
+    code, _, err = run_cli("merge", str(cfg), str(out), "--no-progress", *extra)
+    line = err.strip()
+    assert code == 2 and line.startswith("llmfast: error: ") and "\n" not in line, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in line, line
+    assert out.exists() == existed
+    if existed:
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return line
+
+
+def _ties(tmp: Path, fam: dict[str, Path], *models: Path) -> Path:
+    return _config(tmp, "ties", [(m, {"weight": 1.0, "density": 0.5}) for m in (models or (fam["ft1"], fam["ft2"]))],
+                   fam["base"])
+
+
+def test_existing_output_is_refused_unless_overwrite(family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg = _ties(tmp_path, family)
+    _refused(cfg, out, needles=("already exists", "--overwrite"))
+    assert (out / "notes.txt").read_text() == "mine"
+    _merge(cfg, out, "--overwrite")
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+def test_an_input_is_never_the_output(family, tmp_path):
+    cfg = _ties(tmp_path, family)
+    weights = (family["ft1"] / "model.safetensors").read_bytes()
+    _refused(cfg, family["ft1"], "--overwrite", needles=("is (or holds) the input",))
+    _refused(cfg, family["base"], "--overwrite", needles=("is (or holds) the input",))
+    _refused(cfg, family["root"], "--overwrite", needles=("is (or holds) the input",))  # a folder holding inputs
+    assert (family["ft1"] / "model.safetensors").read_bytes() == weights
+
+
+def test_adapter_input_is_never_the_output(family, adapters, tmp_path):
+    cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0})], family["base"])
+    _refused(cfg, adapters["a1"], "--overwrite", "--adapter-rank", "concat", needles=("is (or holds) the input",))
+    assert (adapters["a1"] / "adapter_model.safetensors").is_file()
+
+
+def _broken_copy(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "truncated":
+        f = dst / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "header":
+        f = dst / "model.safetensors"
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    elif how == "config":
+        (dst / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    elif how == "adapter":
+        f = dst / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif how == "adapter_config":
+        (dst / "adapter_config.json").write_bytes(b"\xff\xfe not utf-8")
+    return dst
+
+
+@pytest.mark.parametrize("how,needle", [("truncated", "truncated"), ("header", "corrupt safetensors header"),
+                                        ("config", "config.json")])
+def test_corrupt_model_input_is_one_line_before_any_work(family, tmp_path, how, needle):
+    bad = _broken_copy(family["ft2"], tmp_path / "bad", how)
+    line = _refused(_ties(tmp_path, family, family["ft1"], bad), tmp_path / "out", needles=(needle, "models[1]"))
+    assert str(bad) in line
+
+
+def test_corrupt_base_is_one_line(family, tmp_path):
+    bad = _broken_copy(family["base"], tmp_path / "badbase", "truncated")
+    cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1.0, "density": 0.5})], bad)
+    _refused(cfg, tmp_path / "out", needles=("base_model", "truncated"))
+
+
+@pytest.mark.parametrize("how,needle", [("adapter", "truncated"), ("adapter_config", "not UTF-8")])
+def test_corrupt_adapter_input_is_one_line(family, adapters, tmp_path, how, needle):
+    bad = _broken_copy(adapters["a2"], tmp_path / "badad", how)
+    cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0}), (bad, {"weight": 1.0})],
+                  family["base"])
+    _refused(cfg, tmp_path / "out", needles=(needle, "models[1]"))
+
+
+@pytest.mark.parametrize("flags,needle", [(("--threads", "-1"), "--threads -1"), (("--threads", "0"), "--threads 0"),
+                                          (("--out-shard-size", "0"), "must be positive"),
+                                          (("--out-shard-size", "-5G"), "--out-shard-size"),
+                                          (("--out-shard-size", "lots"), "--out-shard-size"),
+                                          (("--adapter-rank", "-2"), "positive")])
+def test_bad_flags_are_one_line(family, tmp_path, flags, needle):
+    _refused(_ties(tmp_path, family), tmp_path / "out", *flags, needles=(needle,))
+
+
+def test_sigkill_mid_write_leaves_nothing_after_the_next_run(tiny_dir, tmp_path):
+    """A merge killed while writing leaves its temporary sibling; the next run to that output removes it."""
+    base = _wide_model(tiny_dir, tmp_path / "base")
+    ft1, ft2 = _perturb(base, tmp_path / "ft1", 1), _perturb(base, tmp_path / "ft2", 2)
+    cfg = _config(tmp_path, "ties", [(ft1, {"weight": 1, "density": 0.5}), (ft2, {"weight": 1, "density": 0.5})],
+                  base)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from llmfast.cli import main; sys.exit(main())",
+                             "merge", str(cfg), str(out), "--no-progress", "--threads", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    written = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list(tmp_path.glob(".out.tmp-*/model.safetensors"))
+        if temps and temps[0].stat().st_size > 4 * 2**20:  # a few tensors in: mid-write
+            written = temps[0]
+            break
+        time.sleep(0.01)
+    assert written is not None and proc.poll() is None, "the merge ended before it could be killed mid-write"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")] and not out.exists()
+    code, stdout, err = run_cli("merge", str(cfg), str(out), "--no-progress")
+    assert code == 0, err
+    assert not list(tmp_path.glob(".out.*")), "the dead run's temporary folder is still there"
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["metrics"]["tensors"] > 0 and (out / "model.safetensors").is_file()
