@@ -1,0 +1,245 @@
+"""Bench engines and the online benchmark against servers that misbehave, no vLLM start: the engine registry's
+conformance, readiness, bad URLs and ports, a stalled stream, what vLLM's flags send, and vLLM command lines
+(each runs, or names the flag that does not apply)."""
+
+import http.server
+import json
+import socket
+import threading
+
+import pytest
+
+from conftest import run_cli
+from llmfast.bench.engines import ENGINES, OfflineEngine, Variant
+from llmfast.bench.workload import random_requests
+from llmfast.errors import UserError
+from test_serve import VLLM_KEYS
+
+@pytest.mark.parametrize("name", ENGINES.names())
+def test_every_engine_conforms(name, tiny_dir, tiny):
+    """Each registered engine: its name and family, `can_run` deciding 4-bit by the quantization method, and
+    (for engines that need no vLLM start) generation with one result per request in order."""
+    from llmfast.quant import engines_for
+
+    engine = ENGINES.get(name)
+    assert engine.name == name and engine.family in ("vllm", "hf")
+    assert engine.can_run(Variant("plain", tiny_dir)) is None
+    nf4 = engine.can_run(Variant("q", tiny_dir, quantization="nf4"))
+    assert (nf4 is None) == (engine.family in engines_for("nf4"))
+    assert nf4 is None or "nf4" in nf4
+    if isinstance(engine, OfflineEngine) and engine.family != "vllm":  # vLLM engines run in test_serve_vllm.py
+        _, tok = tiny
+        reqs = random_requests(tok, 3, input_len=6, output_len=4, seed=0)
+        results, duration = engine.generate(Variant("plain", tiny_dir), reqs, dtype="float32", batch_size=2,
+                                            ignore_eos=True)
+        assert [r.output_tokens for r in results] == [4, 4, 4] and all(r.success for r in results)
+        assert [r.prompt_len for r in results] == [6, 6, 6] and duration > 0
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server in a thread: /health, /v1/models naming `model`, and streamed completions
+    of `tokens` tokens; with `stall`, one token and then nothing (until the test ends)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _json(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        srv = self.server
+        if self.path == "/health":
+            self._json({})
+        elif self.path == "/v1/models":
+            self._json({"data": [{"id": m, "root": str(srv.root)} for m in srv.models]})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.seen.append((self.path, dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chat = self.path.endswith("chat/completions")
+        n = 1 if srv.stall else body.get("max_tokens") or body.get("max_completion_tokens")
+        for _ in range(n):
+            choice = {"delta": {"content": "a"}} if chat else {"text": "a"}
+            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+            self.wfile.flush()
+        if srv.stall:
+            srv.release.wait(60)
+            return
+        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+
+@pytest.fixture
+def fake_server(tiny_dir):
+    servers = []
+
+    def start(models=("m",), stall=False):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+        srv.daemon_threads = True
+        srv.models, srv.root, srv.stall, srv.seen, srv.release = list(models), tiny_dir, stall, [], threading.Event()
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_serve_refuses_a_port_another_server_answers_on(fake_server, tiny_dir):
+    """Another HTTP server answers /health on the port: no `ready:`, one line naming the port, before vLLM starts."""
+    srv, url = fake_server()
+    port = srv.server_address[1]
+    code, out, err = run_cli("serve", str(tiny_dir), "--port", str(port))
+    assert code == 2 and "ready:" not in out
+    assert f"port {port} on 127.0.0.1 is in use" in err.strip().splitlines()[-1]
+
+
+def test_ready_means_our_model_is_served(fake_server):
+    """/health alone is not ready: the server must list the model asked for, and our process must be alive."""
+    from llmfast.serve.endpoint import wait_ready
+
+    _, url = fake_server(models=("someone-else",))
+    with pytest.raises(TimeoutError, match="did not serve 'tiny'"):
+        wait_ready(url, "tiny", alive=lambda: True, timeout=1.5)
+    with pytest.raises(UserError, match="exited"):
+        wait_ready(url, "someone-else", alive=lambda: False, timeout=5, why_dead=lambda: "it exited")
+    wait_ready(url, "someone-else", alive=lambda: True, timeout=5)
+
+
+def test_bench_serve_bad_urls_servers_and_result_dirs(tmp_path):
+    """Each is one line, exit 2; a result folder that is a file is refused before any request is sent."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def not_http():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            conn.close()
+
+    threading.Thread(target=not_http, daemon=True).start()
+    port = listener.getsockname()[1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {("--base-url", "not a url"): "--base-url 'not a url': expected a URL such as http://127.0.0.1:8000",
+             ("--base-url", "http://127.0.0.1:notaport"): "the port is not a number",
+             ("--base-url", f"http://127.0.0.1:{port}"): "did not answer in HTTP",
+             ("--save-result", "--result-dir", str(a_file)): "is a file, not a folder",
+             ("--save-result", "--result-dir", str(a_file / "sub")): "is a file, not a folder"}
+    try:
+        for argv, msg in cases.items():
+            code, out, err = run_cli("bench", "serve", "--port", "9", *argv, "--num-prompts", "2")
+            assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+            assert "Traceback" not in err
+    finally:
+        listener.close()
+    assert a_file.read_text() == "x"
+
+
+def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
+    """A server that stops sending tokens fails the requests after --stall-timeout, not the request timeout."""
+    _, url = fake_server(stall=True)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                             "--random-output-len", "4", "--stall-timeout", "1", "--request-timeout", "120",
+                             "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert code == 1, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["status"] == "failed" and r["failed"] == 2
+    assert r["error_counts"] == {"no token from the server for 1 s (--stall-timeout)": 2}
+
+
+def test_bench_serve_sends_what_vllm_flags_ask(fake_server, tmp_path):
+    """The chat backend, headers, sampling flags, --extra-body, LoRA modules round-robin, the served name."""
+    srv, url = fake_server(models=("base", "l1", "l2"))
+    code, out, err = run_cli(
+        "bench", "serve", "--base-url", url, "--model", "base", "--backend", "openai-chat", "--num-prompts", "4",
+        "--random-input-len", "8", "--random-output-len", "3", "--header", "x-team=a", "--top-p", "0.5",
+        "--top-k", "7", "--temperature", "0", "--extra-body", '{"top_k": 9, "foo": 1}', "--ignore-eos",
+        "--lora-modules", "l1", "l2", "--lora-assignment", "round-robin", "--num-warmups", "1", "--disable-tqdm",
+        "--metadata", "run=x", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert code == 0, err
+    assert len(srv.seen) == 5  # one warm-up, four measured
+    for path, headers, body in srv.seen:
+        assert path == "/v1/chat/completions" and headers["x-team"] == "a"
+        assert body["messages"][0]["role"] == "user" and body["max_completion_tokens"] == 3
+        assert (body["top_p"], body["top_k"], body["temperature"], body["foo"]) == (0.5, 9, 0, 1)
+        assert body["stream"] is True and body["ignore_eos"] is True
+    assert sorted(b["model"] for _, _, b in srv.seen[1:]) == ["l1", "l1", "l2", "l2"]  # round-robin; any arrival order
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["completed"] == 4 and r["total_output_tokens"] == 12 and r["backend"] == "openai-chat"
+    assert r["model_id"] == "base" and r["run"] == "x" and VLLM_KEYS <= r.keys()
+
+
+# vLLM command lines (as users paste them) and what llmfast answers: None runs (parses), else the error.
+VLLM_LINES = {
+    "--backend vllm --model m --dataset-name random --random-input-len 32 --random-output-len 8 --num-prompts 4": None,
+    "--backend openai-chat --endpoint /v1/chat/completions --served-model-name x --num-warmups 2": None,
+    "--dataset-name sharegpt --dataset-path sg.json --sharegpt-output-len 16 --disable-shuffle": None,
+    "--random-prefix-len 16 --random-range-ratio 0.3 --top-p 0.9 --top-k 5 --min-p 0.1 --seed 3": None,
+    "--ramp-up-strategy linear --ramp-up-start-rps 1 --ramp-up-end-rps 8 --header a=b c=d --disable-tqdm": None,
+    "--extra-body {} --lora-modules a b --tokenizer t --label l --metadata k=v --save-detailed": None,
+    "--no-stream": "--no-stream does not apply to llmfast bench serve: TTFT",
+    "--trust-remote-code --num-prompts 3": "--trust-remote-code does not apply",
+    "--hf-split train": "--hf-split does not apply to llmfast bench serve: datasets are read from local files",
+    "--random-mm-bucket-config {} --num-prompts 3": "--random-mm-bucket-config does not apply",
+    "--profile": "--profile does not apply",
+    "--plot-timeline": "--plot-timeline does not apply",
+}
+
+
+@pytest.mark.parametrize("line", VLLM_LINES)
+def test_vllm_command_lines_parse_or_name_the_flag(line):
+    from llmfast.cli import parse_args
+
+    want = VLLM_LINES[line]
+    if want is None:
+        args = parse_args(["bench", "serve", *line.split()])
+        assert args.func.__name__ == "cmd_bench_serve"
+    else:
+        with pytest.raises(UserError, match=want.replace("(", r"\(")):
+            parse_args(["bench", "serve", *line.split()])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--backend", "openai-embeddings"], "--backend openai-embeddings does not apply to llmfast bench serve"),
+    (["--dataset-name", "hf"], "--dataset-name hf does not apply to llmfast bench serve: datasets are read from"),
+    (["--dataset-name", "burstgpt"], "--dataset-name burstgpt does not apply"),
+    (["--backend", "openai-chat"], None),
+])
+def test_vllm_choices_that_do_not_apply(argv, msg):
+    code, _, err = run_cli("bench", "serve", "--port", "9", "--num-prompts", "2", *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (msg or "cannot reach") in err, err
+
+
+def test_every_vllm_bench_serve_flag_is_known():
+    """Every flag of the installed vLLM's `bench serve` is either honoured or refused by name (none unknown)."""
+    serve = pytest.importorskip("vllm.benchmarks.serve")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from llmfast.cli import build_parser
+
+    theirs = FlexibleArgumentParser()
+    serve.add_cli_args(theirs)
+    ours = build_parser()._subparsers._group_actions[0].choices["bench"]._subparsers._group_actions[0].choices["serve"]
+    known = {o for a in ours._actions for o in a.option_strings}
+    missing = sorted(o for a in theirs._actions for o in a.option_strings if o not in known)
+    assert missing == []
