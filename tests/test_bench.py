@@ -6,6 +6,7 @@ import http.server
 import json
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +107,8 @@ def test_serve_refuses_a_port_another_server_answers_on(fake_server, tiny_dir):
     code, out, err = run_cli("serve", str(tiny_dir), "--port", str(port))
     assert code == 2 and "ready:" not in out
     assert f"port {port} on 127.0.0.1 is in use" in err.strip().splitlines()[-1]
+    log = err.split("(log: ")[1].split(",")[0]
+    assert not Path(log).exists()  # no temporary log left behind
 
 
 def test_ready_means_our_model_is_served(fake_server):

@@ -121,7 +121,11 @@ class VllmServer:
         return f"http://{host}:{self.spec.port}"
 
     def start(self) -> "VllmServer":
-        check_port_free(self.spec.host, self.spec.port)
+        try:
+            check_port_free(self.spec.host, self.spec.port)
+        except UserError:
+            self.discard_log()  # nothing was started: an empty temporary log would be a leftover
+            raise
         argv, env = server_command(self.spec)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
