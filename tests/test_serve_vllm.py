@@ -3,11 +3,13 @@
 engine. Slow: every vLLM start costs about a minute on two cores."""
 
 import json
-import signal
 import os
+import signal
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -119,12 +121,15 @@ def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["NoSuchForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run_cli("serve", str(bad), "--port", "0", "--quiet", "--timeout", "400")
+    code, _, err = run_cli("serve", str(bad), "--port", "0", "--timeout", "400")
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("starting vLLM")  # our start line, then one error line
     assert "vLLM server exited during start-up (exit code 1)" in lines[1]
     assert "Model architectures ['NoSuchForCausalLM'] are not supported" in lines[1]
+    log = lines[1].split("(full log: ")[1].split(")")[0]
+    assert "NoSuchForCausalLM" in Path(log).read_text()  # a failed start keeps its log, and names it
+    Path(log).unlink()
 
 
 def test_server_killed_mid_run_gives_a_failed_result(tiny_dir, tmp_path):
@@ -162,7 +167,7 @@ def test_serve_stops_vllm_on_a_signal(tiny_dir, tmp_path, how):
 
     name = f"sig-{uuid.uuid4().hex[:8]}"  # only the vLLM server started here has this in its command line
     ignore_int = how.startswith("SIGINT")
-    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "serve", str(tiny_dir), "--port", "0", "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "serve", str(tiny_dir), "--port", "0",
                              "--served-model-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_int else None)
     try:
@@ -172,9 +177,16 @@ def test_serve_stops_vllm_on_a_signal(tiny_dir, tmp_path, how):
         assert subprocess.run(["pgrep", "-f", name], capture_output=True).returncode == 0
         proc.send_signal(signal.SIGINT if ignore_int else signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert proc.stdout.read() == ""  # stdout: the ready line only
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+    # vLLM's chatter (and its EngineDeadError on shutdown) stays in the log, which a clean stop removes.
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("starting vLLM") and lines[1:] == ["stopping vLLM ..."], err[-2000:]
+    log = lines[0].split("(log: ")[1].split(",")[0]
+    assert log.startswith(tempfile.gettempdir()) and not Path(log).exists()
     assert subprocess.run(["pgrep", "-f", name], capture_output=True).returncode == 1, "no vLLM process left"
     with pytest.raises(OSError):
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
@@ -189,6 +201,9 @@ def test_offline_vllm_engine(tiny_dir, tmp_path):
                            "--num-prompts", "8", "--random-input-len", "16", "--random-output-len", "5", "--ignore-eos",
                            "--output", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # stdout is our table only: vLLM's log lines went to a log file (removed after the run)
+    assert proc.stdout.startswith("=") and "INFO" not in proc.stdout and "WARNING" not in proc.stdout, proc.stdout
+    assert len(proc.stdout.splitlines()) < 40 and "Traceback" not in proc.stderr
     r = json.loads(out.read_text())
     assert r["engine"] == "vllm" and r["completed"] == 8 and r["total_output_tokens"] == 40
     assert r["total_input_tokens"] == 8 * 16
