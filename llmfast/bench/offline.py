@@ -41,39 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "named on failure)")
 
 
-def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) -> "Any":
-    """A checked Variant: the model resolved, the adapter checked, the quantization the artifact records when
-    none is given."""
-    from llmfast.bench.engines import Variant
-    from llmfast.models import resolve_model
-    from llmfast.quant import manifest_quantization, parse_quantization
-    from llmfast.serve.lora import check_lora
-
-    model_dir = resolve_model(model)
-    adapter = check_lora(name, lora, base=model_dir) if lora else None
-    if quantization:
-        quant = parse_quantization(quantization)
-    else:
-        from llmfast.artifacts import read_manifest
-
-        quant = manifest_quantization(read_manifest(model_dir))
-    return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant)
-
-
-def machine_dtype() -> str:
-    from llmfast.serve.machine import detect, vllm_defaults
-
-    dtype = vllm_defaults(detect())[1][1]
-    return "bfloat16" if dtype == "auto" else dtype
-
-
 def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.artifacts import atomic_write_json
-    from llmfast.bench.engines import ENGINES
+    from llmfast.bench.engines import ENGINES, resolve_variant
     from llmfast.bench.logs import engine_output
     from llmfast.bench.metrics import compute_metrics, format_summary, parse_metric_names, parse_percentiles
     from llmfast.bench.workload import build_requests
     from llmfast.models import load_tokenizer
+    from llmfast.serve.machine import default_dtype
     from llmfast.serve.memory import PeakRss
 
     percentiles = parse_percentiles(args.metric_percentiles)
@@ -91,7 +66,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
                               output_len=args.random_output_len, range_ratio=args.random_range_ratio,
                               prefix_len=args.random_prefix_len, custom_output_len=args.custom_output_len,
                               seed=args.seed)
-    dtype = args.dtype or machine_dtype()
+    dtype = args.dtype or default_dtype()
     batch = args.batch_size or min(64, len(requests))
     log = None
     if not args.verbose and engine.family == "vllm":

@@ -69,7 +69,7 @@ def choose_engine(v: "Variant", wanted: str) -> "Engine":
 
 def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfig"]]:
     """Resolve every model and adapter and choose engines before anything starts; a bad variant is one line."""
-    from llmfast.bench.offline import resolve_variant
+    from llmfast.bench.engines import resolve_variant
 
     names = [v.name for v in recipe.variants]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -154,7 +154,7 @@ def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], o
     import concurrent.futures as cf
     import multiprocessing
 
-    from llmfast.bench.offline import machine_dtype
+    from llmfast.serve.machine import default_dtype
 
     w = recipe.workload
     done: dict[int, dict[str, Any]] = {}  # batch size -> point: a fixed batch size runs once
@@ -165,7 +165,7 @@ def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], o
             print(f"bench: {m.label} (hf) batch {batch} ...", file=sys.stderr)
             try:
                 with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    done[batch] = pool.submit(hf_point, m.variant, requests, batch, w.ignore_eos, machine_dtype(),
+                    done[batch] = pool.submit(hf_point, m.variant, requests, batch, w.ignore_eos, default_dtype(),
                                               list(w.percentiles), log).result()
             except Exception as e:  # noqa: BLE001 - a failed engine run is a failed point with its cause
                 done[batch] = {"batch_size": batch, "status": "failed", "failed": w.num_prompts, "completed": 0,

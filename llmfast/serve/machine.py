@@ -90,3 +90,9 @@ def vllm_defaults(machine: Machine) -> tuple[dict[str, str], list[str]]:
         "VLLM_USE_AOT_COMPILE": "0",
     }
     return env, ["--dtype", "bfloat16" if machine.fast_bf16 else "float32"]
+
+
+def default_dtype(machine: Machine | None = None) -> str:
+    """The dtype an engine in this process uses by default here (vLLM's "auto" means bfloat16 for transformers)."""
+    dtype = vllm_defaults(machine or detect())[1][1]
+    return "bfloat16" if dtype == "auto" else dtype

@@ -9,6 +9,6 @@ inside its methods so listing engines stays instant.
 """
 
 from llmfast.bench.engines import hf, vllm_offline, vllm_server  # noqa: F401  (registers them)
-from llmfast.bench.engines.base import ENGINES, Engine, OfflineEngine, Variant, engine_families
+from llmfast.bench.engines.base import ENGINES, Engine, OfflineEngine, Variant, engine_families, resolve_variant
 
-__all__ = ["ENGINES", "Engine", "OfflineEngine", "Variant", "engine_families"]
+__all__ = ["ENGINES", "Engine", "OfflineEngine", "Variant", "engine_families", "resolve_variant"]

@@ -40,6 +40,24 @@ class Variant:
         return str(q.as_arg()) if hasattr(q, "as_arg") else str(q)
 
 
+def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) -> Variant:
+    """A checked Variant: the model resolved, the adapter checked, the quantization the artifact records when
+    none is given."""
+    from llmfast.models import resolve_model
+    from llmfast.quant import manifest_quantization, parse_quantization
+    from llmfast.serve.lora import check_lora
+
+    model_dir = resolve_model(model)
+    adapter = check_lora(name, lora, base=model_dir) if lora else None
+    if quantization:
+        quant = parse_quantization(quantization)
+    else:
+        from llmfast.artifacts import read_manifest
+
+        quant = manifest_quantization(read_manifest(model_dir))
+    return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant)
+
+
 def engine_families(quantization: Any) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
     quantization method decides (llmfast.quant)."""
