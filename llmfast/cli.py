@@ -179,6 +179,18 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    from llmfast.sparse.run import load_sparsify_recipe, run_sparsify
+
+    recipe, method = load_sparsify_recipe(args.recipe, args.overrides)
+    metrics = run_sparsify(recipe, method, resume=args.resume, overwrite=args.overwrite)
+    held = metrics["heldout_sparsity"]
+    sites = "  ".join(f"{site}: {v['mean']:.1%}" for site, v in held.items())
+    print(f"sparsified model: {recipe.output}  method: {method.name}  held-out sparsity ({held['down_in']['tokens']} "
+          f"tokens) {sites}  wall: {metrics['wall_seconds']}s  peak memory: {metrics['peak_memory_gib']:.2f} GiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmfast", description="Adapt, compress, merge, serve and benchmark LLMs.")
     parser.add_argument("--version", action="version", version=f"llmfast {__version__}")
@@ -284,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace files that exist with other content (identical files are always left as they are)")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("sparsify", help="make a model's MLP activations sparse (TEAL, CATS, ReLU-fication)",
+                       description="Write a model whose MLP activations are mostly zero: training-free thresholds "
+                       "(teal, cats) calibrated to a target sparsity, or ReLU-fication with recovery by distillation "
+                       "(relufy). Writes OUTPUT atomically; `load_model` and `llmfast eval` apply it. See "
+                       "docs/sparsify.md.")
+    p.add_argument("recipe", help="sparsify recipe YAML, e.g. recipes/sparsify_teal_smollm2.yaml")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted relufy run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
+    _add_set(p)
+    p.set_defaults(func=cmd_sparsify)
 
     from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time
 

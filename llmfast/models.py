@@ -261,6 +261,10 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     if spec is not None:
         kwargs.update(spec.quantizer.load_kwargs(spec.config, dtype))
     model = from_pretrained(path, dtype, **kwargs)
+    # A `llmfast sparsify` artifact: its method puts what the weights do not hold (thresholds) back on the MLPs.
+    from llmfast.sparse.base import apply_artifact_sparsity
+
+    apply_artifact_sparsity(model, path)
     if adapter is not None:
         from peft import PeftModel
 

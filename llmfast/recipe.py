@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
@@ -167,6 +168,37 @@ class BenchRecipe(StrictModel):
     quality: EvalConfig | None = None  # `llmfast eval` settings run on every variant
     server_timeout: PositiveInt = 600
     output: Path = Path("runs/bench/report")
+
+
+# ---------------------------------------------------------------- sparsify
+class SparsifyText(StrictModel):
+    """Which tokens of the text are held out and which a method calibrates or trains on (docs/sparsify.md)."""
+
+    text: ExistingFile  # e.g. eval/text/persuasion.txt, the text `llmfast eval` scores the start of
+    skip_tokens: int = Field(16384, ge=0)  # the evaluated span: calibration/training use only tokens after it
+    calibration_tokens: PositiveInt = 8192  # calibrated on (one batch), from the start of the text after the span
+    heldout_tokens: PositiveInt = 4096  # sparsity and KL measured on the first tokens (inside the span)
+    window: PositiveInt = 512  # tokens per row
+
+    @model_validator(mode="after")
+    def _heldout_inside_span(self) -> "SparsifyText":
+        if self.heldout_tokens > self.skip_tokens:
+            raise ValueError(f"heldout_tokens ({self.heldout_tokens}) must not exceed skip_tokens "
+                             f"({self.skip_tokens}): the held-out text would overlap the calibration text")
+        return self
+
+
+class SparsifyMethod(StrictModel):
+    method: str  # a name in llmfast.sparse.SPARSIFIERS; `config` is then checked by the method's own schema
+    config: dict[str, Any] = {}
+
+
+class SparsifyRecipe(StrictModel):
+    model: str
+    sparsify: SparsifyMethod
+    data: SparsifyText
+    dtype: DType = "float32"
+    output: Path
 
 
 # ---------------------------------------------------------------- loading

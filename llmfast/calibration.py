@@ -1,0 +1,49 @@
+"""Calibration and training text that never overlaps what `llmfast eval` scores.
+
+`llmfast eval` measures perplexity on the first `max_tokens` tokens of its text (16,384 by default). A method
+that calibrates (quantizers, sparsity thresholds) or trains on text (distillation) takes its tokens from
+after `skip_tokens` of the same text, so the evaluation never sees tokens the model was fitted to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+EVAL_TOKENS = 16384  # the default perplexity span of `llmfast eval` (recipe.PerplexityConfig.max_tokens)
+
+
+def text_ids(tokenizer: Any, path: str | Path) -> "torch.Tensor":
+    """The whole text as 1-D token ids (no special tokens); a missing or undecodable file is one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"calibration text {path} not found: give an existing UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"calibration text {path}: not UTF-8 (byte {e.start}): give a UTF-8 text file") from None
+    if not text.strip():
+        raise UserError(f"calibration text {path} is empty: give a text with content")
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def windows(ids: "torch.Tensor", window: int, what: str) -> "torch.Tensor":
+    """`ids` cut into full rows of `window` tokens (a short tail is dropped)."""
+    n = ids.numel() // window
+    if n == 0:
+        raise UserError(f"{what}: {ids.numel()} tokens make no full window of {window} tokens: "
+                        "give more tokens or a smaller window")
+    return ids[: n * window].reshape(n, window)
+
+
+def after_eval_span(ids: "torch.Tensor", skip: int, tokens: int, source: str, what: str) -> "torch.Tensor":
+    """`tokens` ids starting after the first `skip` (the evaluated span); too short a text is one line."""
+    if ids.numel() < skip + tokens:
+        raise UserError(f"{source} has {ids.numel()} tokens with this tokenizer; {what} needs {skip + tokens} "
+                        f"({skip} skipped for the evaluation + {tokens}): lower them or give a longer text")
+    return ids[skip: skip + tokens]

@@ -1,0 +1,194 @@
+"""Knowledge distillation from a full-precision teacher: the recovery loop of compressed models.
+
+Used where a model is changed in a way that costs quality and then trained back towards the original:
+1.58-bit quantization-aware training (quant/bitnet) and ReLU-fication (sparse/relufy). The loss is the
+token-level KL divergence KL(teacher || student) of the next-token distributions (Hinton et al. 2015), on
+windows of text. Data can include samples the teacher generates itself, as in data-free QAT (LLM-QAT, Liu et
+al. 2023, arXiv:2305.17888), so no outside data set is needed.
+
+Resumable: every `save_every` steps the trainable weights (safetensors), the optimizer state (tensors only,
+read back with `weights_only=True`) and `state.json` go to `WORK/checkpoints/step-NNNNNN/`; batches are a
+function of the step, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmfast.artifacts import atomic_dir, atomic_write_json
+from llmfast.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    steps: int
+    lr: float = 2e-4
+    batch_size: int = 4
+    warmup_ratio: float = 0.05
+    temperature: float = 1.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    save_every: int = 50
+    log_every: int = 10
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+                  ) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), scaled by T^2 so gradients keep their size across T."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+@torch.no_grad()
+def heldout_kl(student: Any, teacher: Any, rows: torch.Tensor, batch_size: int = 4) -> float:
+    """KL(teacher || student) on held-out windows, for logs and reports."""
+    total, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i: i + batch_size]
+        total += kl_to_teacher(student(batch).logits, teacher(batch).logits).item() * len(batch)
+        n += len(batch)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int) -> torch.Tensor:
+    """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token."""
+    if count == 0:
+        return torch.empty(0, length, dtype=torch.long)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt = torch.full((count, 1), start, dtype=torch.long)
+    with torch.random.fork_rng():  # generate() samples with the global generator: seed it without side effects
+        torch.manual_seed(seed)
+        out = teacher.generate(prompt, do_sample=True, top_k=50, max_new_tokens=length - 1,
+                               min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)
+    return out[:, :length]
+
+
+def lr_at(settings: DistillSettings, step: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warm = max(1, int(settings.warmup_ratio * settings.steps))
+    if step < warm:
+        return settings.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, settings.steps - warm)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_at(rows: torch.Tensor, settings: DistillSettings, step: int) -> torch.Tensor:
+    """The rows of step `step`: a deterministic walk through the data, so resuming repeats nothing."""
+    idx = (torch.arange(settings.batch_size) + step * settings.batch_size) % len(rows)
+    return rows[idx]
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    found = sorted(p for p in (work / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def save_checkpoint(work: Path, student: Any, optimizer: Any, step: int, settings: DistillSettings,
+                    keep: int = 2) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(work / "checkpoints" / f"step-{step:06d}", overwrite=True) as tmp:
+        save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(student).items()},
+                  str(tmp / "student.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        atomic_write_json(tmp / "state.json", {"step": step, "settings": dataclasses.asdict(settings)})
+    for old in sorted((work / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSettings) -> int:
+    """Load the latest checkpoint into student and optimizer; return its step (0 when there is none)."""
+    from safetensors.torch import load_file
+
+    from llmfast.finetune.checkpoint import safe_load
+
+    ckpt = latest_checkpoint(work)
+    if ckpt is None:
+        return 0
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
+        raise UserError(f"--resume: {ckpt} was written with other training settings: resume with the same "
+                        "recipe, or start again with --overwrite")
+    weights = load_file(str(ckpt / "student.safetensors"))
+    params = _trainable(student)
+    if set(weights) != set(params):
+        raise UserError(f"--resume: {ckpt} holds other weights than this model trains: start again with --overwrite")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt"))
+    return int(state["step"])
+
+
+def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSettings, work: Path,
+            resume: bool = False, before_step: Callable[[int], None] | None = None,
+            extra_loss: Callable[[], torch.Tensor] | None = None,
+            log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling") -> dict[str, Any]:
+    """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
+
+    `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term
+    (an L1 pressure on activations); `log_extra()` adds fields to each log line. Returns the final metrics.
+    """
+    from tqdm.auto import tqdm
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    params = list(_trainable(student).values())
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    start = resume_from(work, student, optimizer, settings) if resume else 0
+    if start:
+        print(f"resuming from step {start} of {settings.steps}", file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "train_log.jsonl"
+    if log_path.is_file():  # keep only lines of steps that the checkpoint covers
+        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
+        log_path.write_text("".join(k + "\n" for k in kept))
+    loss_value = float("nan")
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", file=sys.stderr)
+    for step in range(start, settings.steps):
+        if before_step is not None:
+            before_step(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, step)
+        batch = batch_at(rows, settings, step)
+        with torch.no_grad():
+            target = teacher(batch).logits
+        loss = kl_to_teacher(student(batch).logits, target, settings.temperature)
+        total = loss + extra_loss() if extra_loss is not None else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        loss_value = loss.item()
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(kl=f"{loss_value:.4f}")
+        if done % settings.log_every == 0 or done == settings.steps:
+            line = {"step": done, "kl": loss_value, "lr": lr_at(settings, step), **(log_extra() if log_extra else {})}
+            with log_path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        if done % settings.save_every == 0 and done < settings.steps:
+            save_checkpoint(work, student, optimizer, done, settings)
+    bar.close()
+    student.eval()
+    return {"steps": settings.steps, "final_kl": loss_value, "train_tokens": settings.steps * settings.batch_size
+            * rows.shape[1], "resumed_from": start}

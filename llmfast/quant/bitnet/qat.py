@@ -1,0 +1,80 @@
+"""Making a model ternary: post-training rounding, or quantization-aware training distilled from the original."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmfast.errors import UserError
+from llmfast.quant.bitnet.convert import replace_linears, save_ternary, to_bitlinear, to_ternary
+from llmfast.quant.bitnet.layers import BitLinear
+
+if TYPE_CHECKING:
+    from llmfast.quant.bitnet import BitNetConfig
+
+
+def strength_at(cfg: "BitNetConfig", step: int) -> float:
+    """Quantization strength lambda for a step: a linear ramp 0 -> 1 over the warm-up, then 1."""
+    warm = int(cfg.lambda_warmup * cfg.qat_steps)
+    return 1.0 if warm == 0 else min(1.0, step / warm)
+
+
+def set_strength(model: torch.nn.Module, lam: float) -> None:
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.lam = lam
+
+
+def prepare_student(model: Any) -> list[str]:
+    """BitLinear in place of every Linear but the head; embeddings (tied to the head) stay frozen."""
+    names = replace_linears(model, to_bitlinear)
+    for p in model.get_input_embeddings().parameters():
+        p.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(False)
+    return names
+
+
+def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, tokenizer: Any, rows: torch.Tensor | None,
+                    dtype: str = "float32", work_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.distill import DistillSettings, distill, heldout_kl, teacher_samples
+
+    if cfg.qat_steps and rows is None:
+        raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
+                        "data: {text: eval/text/persuasion.txt})")
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    metrics: dict[str, Any] = {"qat_steps": cfg.qat_steps}
+    if cfg.qat_steps:
+        teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
+        data = torch.cat([rows, samples]) if len(samples) else rows
+        converted = prepare_student(model)
+        settings = DistillSettings(steps=cfg.qat_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                                   save_every=cfg.save_every)
+        metrics |= distill(model, teacher, data, settings, work_dir, resume=resume,
+                           before_step=lambda step: set_strength(model, strength_at(cfg, step)),
+                           log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT")
+        set_strength(model, 1.0)
+        metrics["teacher_samples"] = len(samples)
+        for name in converted:  # the trained full-precision weights, rounded for the last time
+            model.set_submodule(name, to_ternary(model.get_submodule(name)))
+        metrics["heldout_kl"] = heldout_kl(model, teacher, rows[: min(len(rows), 8)])
+    else:
+        replace_linears(model, to_ternary)
+    metrics["weights_file_bytes"] = save_ternary(model, tokenizer, out_dir)
+    metrics["ternary_linear_bytes"] = sum(
+        m.weight.numel() // 4 + m.weight_scale.numel() * m.weight_scale.element_size()
+        for m in model.modules() if type(m).__name__ == "TernaryLinear")
+    return metrics
+
+
+def _strength(model: torch.nn.Module) -> float:
+    return next((m.lam for m in model.modules() if isinstance(m, BitLinear)), 1.0)

@@ -1,0 +1,89 @@
+"""`llmfast quantize RECIPE`: check everything, then let the method write a quantized artifact.
+
+Every check that needs no model runs first (the method and its settings, the output, an input that is
+already quantized, the calibration text); the artifact appears only complete (atomic_dir) with
+`llmfast.json` recording `quantization: {method, config}`, so `load_model`, eval and bench pick the loader
+and the engines from the artifact alone. A method that trains keeps its checkpoints in OUTPUT.checkpoints
+until the artifact is complete; `--resume` continues from them.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmfast.errors import UserError
+
+
+def already_quantized(model_dir: Path) -> str | None:
+    """The method an input model is already quantized with (from llmfast.json or config.json), or None."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization
+
+    spec = manifest_quantization(read_manifest(model_dir))
+    if spec is not None:
+        return spec.method
+    try:
+        qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+
+
+def skeleton(model_dir: Path) -> Any:
+    """The model's modules on the meta device: every shape, no weights, nothing read but config.json."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def _rows(recipe: Any, tokenizer: Any) -> Any:
+    from llmfast.calibration import after_eval_span, text_ids, windows
+
+    d = recipe.data
+    ids = text_ids(tokenizer, d.text)
+    span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
+    return windows(span, d.window, "data.calibration_tokens")
+
+
+def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
+    from llmfast.artifacts import atomic_dir, check_output, write_manifest
+    from llmfast.models import load_tokenizer, resolve_model
+
+    spec = recipe.quantization
+    out = check_output(recipe.output, overwrite, inputs=[recipe.model if Path(recipe.model).exists() else None])
+    work = out.with_name(out.name + ".checkpoints")
+    if work.exists() and not (resume or overwrite):
+        raise UserError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, or --overwrite "
+                        "to start again")
+    source = resolve_model(recipe.model)
+    check_output(out, overwrite, inputs=[source])
+    done = already_quantized(source)
+    if done:
+        raise UserError(f"{recipe.model} is already quantized ({done}): quantize the full-precision model it "
+                        "came from")
+    spec.quantizer.check(skeleton(source), spec.config)
+    tokenizer = load_tokenizer(source)
+    rows = _rows(recipe, tokenizer) if recipe.data is not None else None
+    if work.exists() and overwrite and not resume:
+        shutil.rmtree(work)
+    start = time.time()
+    with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
+        metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
+                                          dtype=recipe.dtype, work_dir=work, resume=resume)
+        metrics["wall_seconds"] = round(time.time() - start, 2)
+        metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),
+                       metrics=metrics, quantization=spec.manifest())
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"quantized {recipe.model} with {spec.method} in {metrics['wall_seconds']} s", file=sys.stderr)
+    return out, metrics

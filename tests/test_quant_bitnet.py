@@ -1,0 +1,221 @@
+"""BitNet b1.58: packing and scales pinned against transformers, the layers' arithmetic, QAT, the quantize verb."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmfast.cli import main
+from llmfast.quant.bitnet.layers import BitLinear, TernaryLinear, quantize_activations, ternarize
+from llmfast.quant.bitnet.pack import pack_ternary, unpack_ternary
+from llmfast.testing import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "eval" / "text" / "persuasion.txt"
+
+
+def _transformers_unpack():
+    from transformers.integrations import bitnet
+
+    fn = bitnet.unpack_weights  # torch.compile'd: call the function it wraps (eager, same arithmetic)
+    return getattr(fn, "_torchdynamo_orig_callable", None) or getattr(fn, "__wrapped__", fn)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (12, 5), (192, 64)])
+def test_packing_matches_transformers(shape: tuple[int, int]) -> None:
+    from transformers.integrations.bitnet import pack_weights
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randint(-1, 2, shape, generator=g)
+    packed = pack_ternary(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0] // 4, shape[1])
+    assert torch.equal(packed, pack_weights(w.clone()))
+    assert torch.equal(_transformers_unpack()(packed, torch.float32), w.float())
+    assert torch.equal(unpack_ternary(packed).long(), w)
+
+
+def test_packing_refuses_rows_not_divisible_by_four() -> None:
+    with pytest.raises(ValueError, match="divide by 4"):
+        pack_ternary(torch.zeros(6, 2, dtype=torch.int8))
+
+
+def test_ternarize_is_absmean_rounding() -> None:
+    w = torch.tensor([[0.3, -0.05, 0.1], [-0.6, 0.0, 0.25]])
+    values, scale = ternarize(w)
+    step = w.abs().mean()  # 0.2166...
+    assert torch.allclose(scale, 1 / step.reshape(1))
+    assert values.tolist() == [[1, 0, 0], [-1, 0, 1]]  # round(w / step), clamped to [-1, 1]
+
+
+def test_bitlinear_strength_zero_is_the_dense_layer_and_one_is_ternary() -> None:
+    torch.manual_seed(0)
+    layer = BitLinear(32, 8, bias=True)
+    x = torch.randn(3, 5, 32)
+    layer.lam = 0.0
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer.lam = 1.0
+    values, w_scale = ternarize(layer.weight)
+    codes, a_scale = quantize_activations(x)
+    expected = F.linear(codes / a_scale, values.float() / w_scale, layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+def test_bitlinear_gradient_is_straight_through() -> None:
+    torch.manual_seed(1)
+    layer = BitLinear(16, 8, bias=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    # The reference: the same forward with the quantized tensors as leaves; STE passes their gradients on.
+    values, w_scale = ternarize(layer.weight)
+    codes, a_scale = quantize_activations(x.detach())
+    wq = (values.float() / w_scale).requires_grad_()
+    xq = (codes / a_scale).requires_grad_()
+    F.linear(xq, wq).pow(2).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, wq.grad)
+    torch.testing.assert_close(x.grad, xq.grad)
+
+
+def test_ternary_linear_equals_bitlinear_up_to_rounding_order() -> None:
+    torch.manual_seed(2)
+    dense = BitLinear(64, 12, bias=False)
+    ternary = TernaryLinear(64, 12)
+    values, scale = ternarize(dense.weight)
+    ternary.weight.copy_(values)
+    ternary.weight_scale.copy_(scale)
+    x = torch.randn(2, 7, 64)
+    y1, y2 = dense(x), ternary(x)
+    # Same integer products, scaled before (BitLinear) or after (TernaryLinear) the sum of 64 terms: float32
+    # rounding differs by a few ulps of the largest partial sums.
+    bound = 64 * torch.finfo(torch.float32).eps * (x.abs().max() * dense.weight.abs().mean() * 64).item()
+    assert (y1 - y2).abs().max().item() <= bound
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("bitnet") / "base")
+
+
+def _recipe(tmp: Path, model: Path, out: Path, qat_steps: int = 0, **extra: object) -> Path:
+    q = {"method": "bitnet", "qat_steps": qat_steps, "batch_size": 2, "save_every": 3, **extra}
+    text = {"text": str(TEXT), "skip_tokens": 16384, "calibration_tokens": 2048, "heldout_tokens": 512,
+            "window": 128}
+    path = tmp / f"quantize-{out.name}.yaml"
+    path.write_text(json.dumps({"model": str(model), "quantization": q, "data": text, "output": str(out)}))
+    return path
+
+
+def _logits(model: object, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits  # type: ignore[operator]
+
+
+def test_quantize_writes_an_artifact_llmfast_and_transformers_load_alike(tiny: Path, tmp_path: Path) -> None:
+    from llmfast.models import load_model
+
+    out = tmp_path / "ternary"
+    assert main(["quantize", str(_recipe(tmp_path, tiny, out))]) == 0
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["quantization"]["method"] == "bitnet" and manifest["stage"] == "quantize"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitnet"
+    assert (out / "model.safetensors").stat().st_size < 0.5 * (tiny / "model.safetensors").stat().st_size
+    ours = load_model(out)
+    assert any(isinstance(m, TernaryLinear) for m in ours.modules())
+    ids = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
+    expected = _logits(ours, ids)
+    # transformers alone, no llmfast import, in a fresh interpreter.
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; from safetensors.torch import save_file;"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
+            "assert 'llmfast' not in sys.modules;"
+            f"ids = torch.tensor({ids.tolist()});"
+            "save_file({'logits': m(ids).logits.detach()}, sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "hf.safetensors")], check=True,
+                   capture_output=True, timeout=600)
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(tmp_path / "hf.safetensors"))["logits"]
+    # The same integer matmul and the same scaling in the same order: equal up to float32 rounding.
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def _student_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, tmp_path: Path) -> None:
+    from llmfast.distill import heldout_kl
+    from llmfast.models import load_model
+
+    ptq, qat = tmp_path / "ptq", tmp_path / "qat"
+    assert main(["quantize", str(_recipe(tmp_path, tiny, ptq))]) == 0
+    assert main(["quantize", str(_recipe(tmp_path, tiny, qat, qat_steps=12, lr=1e-3, lambda_warmup=0.25))]) == 0
+    teacher = load_model(tiny)
+    held = torch.randint(3, 900, (4, 64), generator=torch.Generator().manual_seed(0))
+    assert heldout_kl(load_model(qat), teacher, held) < 0.8 * heldout_kl(load_model(ptq), teacher, held)
+    assert not (tmp_path / "qat.checkpoints").exists()  # removed once the artifact is complete
+
+    killed = tmp_path / "killed"
+    recipe = _recipe(tmp_path, tiny, killed, qat_steps=12, lr=1e-3, lambda_warmup=0.25)
+    cmd = [sys.executable, "-m", "llmfast.cli", "quantize", str(recipe)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "killed.checkpoints" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(ckpt.glob("step-*/state.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists()
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # checkpoints are not silently discarded
+    assert main(["quantize", str(recipe), "--resume"]) == 0
+    a, b = _student_weights(qat), _student_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".killed.tmp-*"))
+
+
+@pytest.mark.parametrize("case", ["already quantized", "unknown method", "output exists", "qat without text",
+                                  "rows not divisible by 4"])
+def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    model = tiny
+    if case == "already quantized":
+        assert main(["quantize", str(_recipe(tmp_path, tiny, tmp_path / "first"))]) == 0
+        model = tmp_path / "first"
+    if case == "rows not divisible by 4":
+        model = build_tiny_llama(tmp_path / "odd", intermediate_size=250)
+    recipe = _recipe(tmp_path, model, out)
+    data = json.loads(recipe.read_text())
+    if case == "unknown method":
+        data["quantization"]["method"] = "bitnett"
+    if case == "output exists":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    if case == "qat without text":
+        data["quantization"]["qat_steps"] = 2
+        del data["data"]
+    recipe.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["quantize", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmfast: error:")
+    expected = {"already quantized": "already quantized (bitnet)", "unknown method": "did you mean 'bitnet'",
+                "output exists": "already exists", "qat without text": "data:",
+                "rows not divisible by 4": "multiple of 4"}[case]
+    assert expected in err[0]
+    if case == "output exists":
+        assert (out / "mine.txt").read_text() == "keep me"
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -1,0 +1,105 @@
+"""Calibrated int4 (W4A16 through AutoRound): the packed weights are the rounded originals, transformers loads the
+artifact, shapes the kernels cannot take are refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfast.cli import main
+from llmfast.testing import build_tiny_llama
+
+pytest.importorskip("auto_round")
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "eval" / "text" / "persuasion.txt"
+
+
+def _recipe(tmp: Path, model: Path, out: Path, **quant: object) -> Path:
+    data = {"model": str(model), "output": str(out),
+            "quantization": {"method": "w4", "group_size": 32, **quant},
+            "data": {"text": str(TEXT), "calibration_tokens": 1024, "window": 128}}
+    path = tmp / f"{out.name}.yaml"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """The GPTQ layout, decoded here independently of auto-round: 8 nibbles per int32 along the inputs
+    (qweight: in/8 x out), zero points stored minus one (qzeros: groups x out/8), scales (groups x out)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & 0xF).reshape(-1, qweight.shape[1])  # in x out
+    z = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & 0xF).reshape(qzeros.shape[0], -1) + 1  # groups x out
+    g = torch.arange(q.shape[0]) // group
+    return ((q - z[g]).float() * scales.float()[g]).t()  # out x in
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("w4")
+    base = build_tiny_llama(tmp / "base")
+    out = tmp / "w4"
+    assert main(["quantize", str(_recipe(tmp, base, out))]) == 0
+    return base, out
+
+
+def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Path, Path]) -> None:
+    from safetensors import safe_open
+
+    base, out = quantized
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["quantization"] == {"method": "w4", "config": {"group_size": 32, "sym": True, "iters": 0,
+                                                                   "optimized_rtn": False, "nsamples": 32,
+                                                                   "lr": None}}
+    with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
+        names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
+        assert len(names) == 2 * 7  # every Linear of both layers; the head stays full precision
+        for name in names:
+            w = f.get_tensor(f"{name}.weight")
+            scales = q.get_tensor(f"{name}.scales")
+            approx = _unpack_gptq(q.get_tensor(f"{name}.qweight"), q.get_tensor(f"{name}.qzeros"), scales, 32)
+            step = scales.float().repeat_interleave(32, dim=0).t()  # per weight: its group's scale
+            # Symmetric RTN, recomputed from the stored scale: levels -8..7, so the largest positive weight of a
+            # group (at +8 steps) is clamped to 7. Only a tie at exactly half a step may round either way.
+            expected = (w / step).round().clamp(-8, 7)
+            got = (approx / step).round()
+            tie = ((w / step).frac().abs() - 0.5).abs() < 1e-3
+            assert ((got == expected) | tie).all(), name
+            assert ((got - expected).abs() <= 1).all(), name
+
+
+def test_transformers_loads_the_artifact(quantized: tuple[Path, Path]) -> None:
+    from safetensors import safe_open
+
+    from llmfast.models import load_model
+
+    base, out = quantized
+    model = load_model(out)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    # Reference: the full-precision model with the dequantized weights put in by hand (float32).
+    ref = load_model(base)
+    with safe_open(str(out / "model.safetensors"), "pt") as q, torch.no_grad():
+        for key in q.keys():
+            if key.endswith(".qweight"):
+                name = key[: -len(".qweight")]
+                ref.get_submodule(name).weight.copy_(_unpack_gptq(
+                    q.get_tensor(key), q.get_tensor(f"{name}.qzeros"), q.get_tensor(f"{name}.scales"), 32))
+        want = ref(ids).logits
+    # auto-round runs the model in float16 on a CPU: agreement to float16 rounding through two layers.
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base = build_tiny_llama(tmp_path / "base", intermediate_size=288)  # down_proj has 288 inputs: 288 % 64 = 32
+    out = tmp_path / "w4"
+    capsys.readouterr()
+    assert main(["quantize", str(_recipe(tmp_path, base, out, group_size=64))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "288 inputs" in err[0] and "use group_size 32" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".w4.tmp-*"))
