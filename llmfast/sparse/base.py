@@ -1,0 +1,97 @@
+"""What every activation-sparsity method provides, the registry users name methods from, and the shared helpers.
+
+A method is one module in `llmfast/sparse/` that subclasses `Sparsifier` and registers itself:
+
+    @SPARSIFIERS.register("teal")
+    class Teal(ThresholdSparsifier): ...
+
+It has its own pydantic settings (`Config`, validated under `sparsify.config` of a recipe), writes its
+artifact into the temporary directory `llmfast sparsify` hands it (`sparsify`), and, when its artifact
+needs more than transformers does on load, puts that back on a loaded model (`apply`). The artifact's
+`llmfast.json` records `{"sparsity": {"method": NAME, "config": {...}}}`, so `models.load_model` finds the
+method from the artifact alone. Modules here import torch inside functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from llmfast.errors import UserError
+from llmfast.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class SparseConfigBase(BaseModel):
+    """A method's settings; unknown keys are errors (as in recipes)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclasses.dataclass
+class SparsifyJob:
+    """Everything a method works from, checked and loaded before the output exists."""
+
+    model_spec: str  # as the user wrote it (the manifest's parent)
+    model_path: Path  # the resolved Hugging Face directory
+    model: "PreTrainedModel"  # the original (dense) model, eval mode
+    tokenizer: "PreTrainedTokenizerBase"
+    dtype: str
+    train_ids: "torch.Tensor"  # 1-D token ids of the text after the evaluated span (calibration and training)
+    calibration: "torch.Tensor"  # (windows, window) ids: the first calibration tokens of train_ids
+    heldout: "torch.Tensor"  # (windows, window) ids from the evaluated span, never calibrated or trained on
+    window: int
+    work_dir: Path  # survives a kill: checkpoints and the training log (removed when the artifact is complete)
+    resume: bool = False
+
+
+class Sparsifier:
+    """One sparsity method. Subclasses set `name`, `Config`, `paper` and implement `sparsify`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[SparseConfigBase]] = SparseConfigBase
+    paper: ClassVar[str] = ""
+    trains: ClassVar[bool] = False  # True: it writes checkpoints and honours --resume
+
+    def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
+        """Write the artifact's model files into `out_dir` (a temporary directory); return metrics."""
+        raise NotImplementedError
+
+    def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
+        """Put what the artifact holds beyond the weights back on a freshly loaded model (default: nothing)."""
+
+
+# Holds the classes; callers instantiate the one they look up.
+SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsification method")
+
+
+def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
+    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error."""
+    found = [m for m in model.modules()
+             if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    if not found:
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}{arch} has no gated MLP (gate_proj/up_proj/down_proj with act_fn): activation "
+                        "sparsity supports Llama-style models only")
+    return found
+
+
+def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path) -> None:
+    """If `path` is a `llmfast sparsify` artifact, let its method finish loading `model` (models.load_model)."""
+    from llmfast.artifacts import read_manifest
+
+    manifest = read_manifest(path) or {}
+    spec = manifest.get("sparsity")
+    if not spec:
+        return
+    import llmfast.sparse  # noqa: F401  (registers the methods)
+
+    method = SPARSIFIERS.get(spec.get("method"), where=f"{Path(path) / 'llmfast.json'}: sparsity.method")()
+    method.apply(model, method.Config.model_validate(spec.get("config") or {}), Path(path))

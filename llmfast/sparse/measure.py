@@ -1,0 +1,124 @@
+"""Measuring MLP activation sparsity, and cutting the shipped text into calibration and held-out windows.
+
+The MLP activation of a layer is the input of its down projection, `act(gate(x)) * up(x)` (after any
+threshold a method puts there): a zero in it is a column of `down_proj` (and, for ReLU, a row of
+gate/up) that a sparse kernel can skip. The sparsity is the fraction of its entries that are exactly
+zero (or at most `eps` in magnitude), per layer; the per-token fractions' spread is kept too, so a
+caller can say how precise a measured fraction is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any, Iterator
+
+from llmfast.errors import UserError
+from llmfast.sparse.base import gated_mlps
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+class _Tally:
+    """Per-token zero fractions of one tensor site, summed over everything seen."""
+
+    def __init__(self) -> None:
+        self.zeros = 0
+        self.entries = 0
+        self.tokens = 0
+        self.frac_sum = 0.0
+        self.frac_sq = 0.0
+
+    def add(self, x: "torch.Tensor", eps: float) -> None:
+        zero = (x.detach().abs() <= eps).reshape(-1, x.shape[-1])
+        per_token = zero.float().mean(dim=-1)
+        self.zeros += int(zero.sum())
+        self.entries += zero.numel()
+        self.tokens += per_token.numel()
+        self.frac_sum += float(per_token.sum())
+        self.frac_sq += float((per_token.double() ** 2).sum())
+
+    def summary(self) -> dict[str, float]:
+        mean = self.zeros / max(1, self.entries)
+        var = max(0.0, self.frac_sq / max(1, self.tokens) - (self.frac_sum / max(1, self.tokens)) ** 2)
+        return {"sparsity": mean, "token_std": math.sqrt(var), "tokens": self.tokens}
+
+
+@contextlib.contextmanager
+def record_sparsity(model: "PreTrainedModel", eps: float = 0.0, inputs: bool = True) -> Iterator[dict[str, list]]:
+    """Count zeros entering each MLP's down projection (`down_in`) and, with `inputs`, entering the MLP
+    (`mlp_in`, what TEAL thresholds) while the block runs; yields {site: [_Tally per layer]}.
+
+    Register after any sparsity hooks so the thresholded tensors are the ones counted.
+    """
+    mlps = gated_mlps(model)
+    tallies: dict[str, list[_Tally]] = {"down_in": [_Tally() for _ in mlps]}
+    if inputs:
+        tallies["mlp_in"] = [_Tally() for _ in mlps]
+    handles = []
+    for i, mlp in enumerate(mlps):
+        handles.append(mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, t=tallies["down_in"][i]: t.add(args[0], eps)))
+        if inputs:
+            handles.append(mlp.register_forward_pre_hook(lambda mod, args, t=tallies["mlp_in"][i]: t.add(args[0], eps)))
+    try:
+        yield tallies
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def summarize(tallies: dict[str, list[_Tally]]) -> dict[str, Any]:
+    """Per-layer fractions and their mean over layers, per site (JSON-ready)."""
+    out: dict[str, Any] = {}
+    for site, per_layer in tallies.items():
+        layers = [t.summary() for t in per_layer]
+        out[site] = {
+            "mean": round(sum(l["sparsity"] for l in layers) / len(layers), 6),
+            "per_layer": [round(l["sparsity"], 6) for l in layers],
+            "token_std": [round(l["token_std"], 6) for l in layers],
+            "tokens": layers[0]["tokens"] if layers else 0,
+        }
+    return out
+
+
+def measure_sparsity(model: "PreTrainedModel", windows: "torch.Tensor", eps: float = 0.0,
+                     batch_size: int = 4) -> dict[str, Any]:
+    """MLP activation sparsity of `model` on `windows` (rows of token ids), per layer and site."""
+    import torch
+
+    with record_sparsity(model, eps) as tallies, torch.inference_mode():
+        for s in range(0, windows.shape[0], batch_size):
+            model(windows[s : s + batch_size].to(model.device))
+    return summarize(tallies)
+
+
+def text_ids(tokenizer: Any, text: str) -> "torch.Tensor":
+    """The whole text's token ids, tokenized as `evaluate.perplexity` does (no special tokens)."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def windows(ids: "torch.Tensor", window: int, what: str) -> "torch.Tensor":
+    """`ids` cut into full rows of `window` tokens (a short tail is dropped)."""
+    n = ids.numel() // window
+    if n == 0:
+        raise UserError(f"{what}: {ids.numel()} tokens make no full window of data.window={window} tokens: "
+                        "give more tokens or a smaller window")
+    return ids[: n * window].reshape(n, window)
+
+
+def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, window: int,
+               source: str) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(text after the evaluated span, calibration windows, held-out windows).
+
+    `llmfast eval` scores the first `max_tokens` tokens of the text; everything a method calibrates or
+    trains on comes from after `skip` tokens, and the held-out windows from the first `heldout` tokens.
+    """
+    if ids.numel() < skip + calibration:
+        raise UserError(f"{source} has {ids.numel()} tokens with this tokenizer; data.skip_tokens + "
+                        f"data.calibration_tokens need {skip + calibration}: lower them or give a longer text")
+    train = ids[skip:]
+    return train, windows(train[:calibration], window, "data.calibration_tokens"), \
+        windows(ids[:heldout], window, "data.heldout_tokens")

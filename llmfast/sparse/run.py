@@ -1,0 +1,133 @@
+"""`llmfast sparsify RECIPE`: check everything, load the model and the text, let the method write its artifact.
+
+The recipe's `sparsify.config` is validated in two steps: the method is looked up by name (did-you-mean
+on a typo), then its own schema checks the settings, with errors pointing at the file and line. Every
+check that needs no model runs before the model loads; nothing is written before all checks passed, and
+the artifact appears only complete (atomic_dir). A training method keeps its checkpoints and log in
+OUTPUT.checkpoints beside the output until the artifact is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import create_model
+
+from llmfast.errors import UserError
+from llmfast.recipe import SparsifyRecipe, StrictModel, apply_overrides, parse_overrides, read_yaml, validate
+from llmfast.sparse import base
+
+
+def load_sparsify_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
+                         ) -> tuple[Any, base.Sparsifier]:
+    """The validated recipe (its sparsify.config parsed by the method's own schema) and the method."""
+    import llmfast.sparse  # noqa: F401  (registers the methods)
+
+    path = Path(path)
+    data, lines = read_yaml(path)
+    parsed = parse_overrides(overrides)
+    apply_overrides(data, parsed)
+    overridden = {tuple(k) for k, _ in parsed}
+    generic = validate(data, SparsifyRecipe, str(path), lines, overridden)
+    key = ("sparsify", "method")
+    where = f"{path} (--set sparsify.method)" if key in overridden else f"{path}:{lines.get(key, 1)}"
+    method = base.SPARSIFIERS.get(generic.sparsify.method, where=f"{where}: sparsify.method")()
+    spec = create_model(f"Sparsify_{method.name}", __base__=StrictModel, method=(str, ...),
+                        config=(method.Config, method.Config()))
+    schema = create_model(f"SparsifyRecipe_{method.name}", __base__=SparsifyRecipe, sparsify=(spec, ...))
+    return validate(data, schema, str(path), lines, overridden), method
+
+
+def work_dir_of(output: Path) -> Path:
+    return output.with_name(output.name + ".checkpoints")
+
+
+def _check_outputs(recipe: Any, method: base.Sparsifier, resume: bool, overwrite: bool) -> Path:
+    from llmfast.artifacts import check_output
+
+    out = Path(recipe.output).expanduser()
+    local = Path(recipe.model).expanduser()
+    check_output(out, overwrite, inputs=[local if local.exists() else None])
+    work = work_dir_of(out)
+    if resume and not method.trains:
+        raise UserError(f"--resume: {method.name} does not train, there is nothing to resume: run it without --resume")
+    checkpoints = list(work.glob("checkpoints/step-*/state.json"))
+    if checkpoints and not resume and not overwrite:
+        raise UserError(f"{work} holds checkpoints of an interrupted run: pass --resume to continue it, or "
+                        "--overwrite to start again")
+    if resume and not checkpoints:
+        raise UserError(f"--resume: {work} has no complete checkpoint (set sparsify.config.save_every to make some)")
+    return work
+
+
+def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, overwrite: bool = False
+                 ) -> dict[str, Any]:
+    """Write the sparsified artifact at recipe.output; return its metrics."""
+    import torch
+
+    from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
+    from llmfast.models import load_tokenizer, resolve_model, torch_dtype
+    from llmfast.recipe import recipe_dict
+    from llmfast.sparse.measure import split_text, text_ids
+
+    t0 = time.perf_counter()
+    work = _check_outputs(recipe, method, resume, overwrite)
+    model_path = resolve_model(recipe.model)
+    source = (read_manifest(model_path) or {}).get("sparsity")
+    if source and (model_path / "sparsity.safetensors").exists():  # hooks on hooks would lose the first ones
+        raise UserError(f"{recipe.model} is already a {source.get('method')} threshold artifact: sparsify the "
+                        "model it was made from")
+    _check_architecture(model_path, recipe.model)
+    tokenizer = load_tokenizer(model_path)
+    d = recipe.data
+    ids = text_ids(tokenizer, Path(d.text).read_text(encoding="utf-8"))
+    train_ids, calibration, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens,
+                                                 d.window, str(d.text))
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(recipe.dtype)).to(device).eval()
+    if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
+        shutil.rmtree(work)
+    job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,
+                           dtype=recipe.dtype, train_ids=train_ids, calibration=calibration, heldout=heldout,
+                           window=d.window, work_dir=work, resume=resume)
+    cfg = recipe.sparsify.config
+    with atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
+        metrics = method.sparsify(job, cfg, tmp)
+        metrics.update({
+            "method": method.name, "wall_seconds": round(time.perf_counter() - t0, 1),
+            "peak_memory_gib": round(_peak_memory_gib(device), 3),
+            "memory_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
+            "device": device, "dtype": recipe.dtype,
+            "text": {"path": str(d.text), "tokens": int(ids.numel()), "heldout": [0, int(heldout.numel())],
+                     "calibration_from": d.skip_tokens},
+        })
+        write_manifest(tmp, stage="sparsify", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
+                       base_model_path=str(model_path),
+                       sparsity={"method": method.name, "config": cfg.model_dump(mode="json")})
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def _check_architecture(model_path: Path, spec: str) -> None:
+    """No gated MLP is refused from the config alone: the model is built on the meta device, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    base.gated_mlps(skeleton, where=spec)
+
+
+def _peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

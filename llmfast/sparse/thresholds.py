@@ -1,0 +1,144 @@
+"""Training-free sparsity by magnitude thresholds (TEAL, CATS): where they sit, how they are calibrated, how
+they are saved and put back on a loaded model.
+
+A threshold site is a tensor inside each gated MLP whose entries with |value| <= t are set to zero:
+
+- `mlp_in`   the hidden state entering the MLP (the input of gate_proj and up_proj)    TEAL
+- `down_in`  the intermediate activation act(gate) * up (the input of down_proj)        TEAL
+- `gate_act` the gate activation act(gate_proj(x)), before it multiplies up_proj(x)    CATS
+
+Calibration runs the calibration windows through the model as one batch: when a site is reached its
+threshold is set to the target quantile of |values| over all calibration tokens and applied at once, so
+every later site is calibrated on the activations it will really see (earlier thresholds in place), in
+one forward pass. The thresholds are saved as `sparsity.safetensors` (one float32 vector per site, one
+entry per layer) beside the unchanged weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from llmfast.errors import UserError
+from llmfast.sparse.base import Sparsifier, SparsifyJob, gated_mlps
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+THRESHOLDS_FILE = "sparsity.safetensors"
+SITES = ("mlp_in", "down_in", "gate_act")
+
+
+def _zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    # where() rather than a multiply by a mask: kept entries stay bit-for-bit, so threshold 0 changes nothing.
+    return torch.where(x.abs() > t.to(device=x.device, dtype=x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: float | None) -> "torch.Tensor":
+    """The threshold of layer i: set now from `x` (all calibration tokens) if calibrating and not yet set."""
+    import torch
+
+    if target is not None and torch.isnan(thresholds[i]):
+        flat = x.detach().abs().reshape(-1).float()
+        k = max(1, min(flat.numel(), round(target * flat.numel())))
+        # The k-th smallest |value|: zeroing entries <= it zeroes k of n (fewer only where values tie).
+        thresholds[i] = flat.kthvalue(k).values.to(thresholds.device)
+    return thresholds[i]
+
+
+def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Tensor"],
+                       calibrate: float | None = None) -> list[Any]:
+    """Hook `thresholds` ({site: vector over layers}) into the model's gated MLPs; return the hook handles.
+
+    With `calibrate` (a target fraction), NaN entries are filled from the first batch that reaches them.
+    """
+    mlps = gated_mlps(model)
+    handles = []
+    for site, vec in thresholds.items():
+        if site not in SITES:
+            raise UserError(f"unknown threshold site '{site}' (known: {', '.join(SITES)})")
+        if vec.shape != (len(mlps),):
+            raise UserError(f"{site} thresholds have shape {tuple(vec.shape)}, the model has {len(mlps)} gated MLPs: "
+                            "the thresholds belong to another model")
+        for i, mlp in enumerate(mlps):
+            if site == "mlp_in":
+                hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
+                                                       *args[1:]))
+                handles.append(mlp.register_forward_pre_hook(hook))
+            elif site == "down_in":
+                hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),))
+                handles.append(mlp.down_proj.register_forward_pre_hook(hook))
+            else:
+                hook = lambda mod, args, out, v=vec, i=i: _zero_small(out, _calibrated(out, v, i, calibrate))  # noqa: E731
+                handles.append(mlp.act_fn.register_forward_hook(hook))
+    return handles
+
+
+def link_or_copy_model(src: Path, dst: Path) -> None:
+    """The model directory's files into `dst`, hard-linked where the filesystem allows (weights are unchanged).
+
+    The source's llmfast.json is left out: the artifact writes its own.
+    """
+    for f in sorted(src.iterdir()):
+        if f.name == "llmfast.json" or not f.is_file():
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+class ThresholdSparsifier(Sparsifier):
+    """A method that thresholds `sites` to `cfg.target` sparsity each; subclasses set `sites` and `Config`."""
+
+    sites: ClassVar[tuple[str, ...]]
+
+    def calibrate(self, model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> dict[str, Any]:
+        """Thresholds for every site and layer from one batched pass over the calibration windows."""
+        import torch
+
+        n = len(gated_mlps(model))
+        thresholds = {s: torch.full((n,), float("nan")) for s in self.sites}
+        handles = install_thresholds(model, thresholds, calibrate=target)
+        try:
+            with torch.inference_mode():
+                model(calibration.to(model.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return thresholds
+
+    def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        from llmfast.sparse.measure import measure_sparsity
+
+        thresholds = self.calibrate(job.model, job.calibration, cfg.target)
+        link_or_copy_model(job.model_path, out_dir)
+        save_file({s: v.contiguous() for s, v in thresholds.items()}, out_dir / THRESHOLDS_FILE)
+        handles = install_thresholds(job.model, thresholds)
+        try:
+            heldout = measure_sparsity(job.model, job.heldout)
+        finally:
+            for h in handles:
+                h.remove()
+        return {"heldout_sparsity": heldout, "calibration_tokens": job.calibration.numel(),
+                "thresholds": {s: [round(float(x), 8) for x in v] for s, v in thresholds.items()}}
+
+    def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = artifact / THRESHOLDS_FILE
+        if not path.is_file():
+            raise UserError(f"{artifact}: a {self.name} artifact without {THRESHOLDS_FILE}: rebuild it with "
+                            "`llmfast sparsify`")
+        tensors = load_file(path)
+        missing = [s for s in self.sites if s not in tensors]
+        if missing:
+            raise UserError(f"{path}: no thresholds for {', '.join(missing)}: rebuild it with `llmfast sparsify`")
+        install_thresholds(model, {s: tensors[s].to(model.device) for s in self.sites})
