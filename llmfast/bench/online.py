@@ -238,7 +238,9 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in [sent, *(args.lora_modules or [])]:
         if name not in ids:
             raise UserError(f"model {name!r} is not served by {base_url}: it serves {', '.join(map(str, ids))}")
-    tokenizer, tokenizer_id = _tokenizer_for(args.tokenizer, models, model_id if model_id in ids else sent)
+    # As vLLM: --tokenizer, else --model when it is a local folder, else the served model's own folder.
+    tok_source = args.tokenizer or (model_id if Path(model_id).is_dir() else None)
+    tokenizer, tokenizer_id = _tokenizer_for(tok_source, models, sent)
     out_len = args.output_len
     requests = build_requests(
         tokenizer, dataset_name=args.dataset_name, dataset_path=args.dataset_path, num_prompts=args.num_prompts,
