@@ -1,17 +1,26 @@
 #!/usr/bin/env python
-"""Check `llmfast merge` against mergekit on the same configs: every tensor, the speed and the peak RSS.
+"""`llmfast merge` against mergekit on the same configs: every tensor, the speed and the peak RSS.
 
-mergekit is not a dependency of llmfast: it goes into its own virtual environment (created here when
-missing: `torch==2.13.0` first, so pip takes the local CPU build, then `mergekit==0.1.5`). For each method
-both tools merge the same YAML config, one after the other, each in its own process under
-`/usr/bin/time -v` (wall time and peak RSS). Then every tensor of the two outputs is compared (max abs
-difference). DARE's drop is random in both and cannot match entry for entry, so for dare_linear the
-kept fraction and the rescale factor are compared instead, on a one-model merge where both are visible.
+mergekit is not a dependency of llmfast. It goes into its own virtual environment (created here when
+missing), which sees this environment's packages through a .pth file so both tools run the same torch:
+`pip install --no-deps mergekit==0.1.5 immutables` (mergekit's pins would replace our torch and
+transformers otherwise).
 
-    python scripts/compare_mergekit.py                         # defaults: the built-in model + two fine-tunes
-    python scripts/compare_mergekit.py --methods ties --repeat 3
+The inputs are synthetic fine-tunes of a base: each variant is the base plus a dense rank-16 delta on
+every linear layer (B @ A, like a merged LoRA), so the task vectors look like real ones (float32 deltas
+on the base's rounding grid). `--shape 135m` uses the built-in model as the base (float32); `--shape 1.7b`
+a random base of SmolLM2-1.7B's Llama shape (hidden 2048, 24 layers, vocab 49152: 1.7B parameters) in
+bfloat16. Both tools run each method with the same thread count (`--threads`: our --threads, mergekit's
+torch threads through OMP_NUM_THREADS), in `--rounds` rounds whose tool order alternates, each run its
+own process under /usr/bin/time -v; the medians are compared. Then every tensor of the two outputs is
+compared (max abs difference). DARE's drop is random in both tools, so for dare_linear the kept fraction
+and the rescale factor are compared instead, on a one-model merge where both are visible.
 
-Writes runs/bench/merge_vs_mergekit.json and prints a table.
+    python scripts/compare_mergekit.py                              # 135m, all methods, 3 rounds
+    python scripts/compare_mergekit.py --shape 1.7b --methods ties,task_arithmetic --rounds 2
+
+Prints a table and writes runs/bench/merge_vs_mergekit-SHAPE.json. The "GB/s" column is the bytes read
+(every input once) plus written, per second: the memory-bandwidth bound is a few GB/s per core.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,23 +45,101 @@ METHOD_PARAMS = {
     "ties": ({"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}, {"normalize": True}),
     "dare_ties": ({"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}, None),
 }
+SHAPE_1_7B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "vocab_size": 49152, "tie_word_embeddings": True,
+              "max_position_embeddings": 8192, "rope_theta": 130000.0, "rms_norm_eps": 1e-5}
 
 
 def ensure_mergekit(venv: Path) -> Path:
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
-    print(f"installing mergekit 0.1.5 into {venv} (torch 2.13.0 pinned first)", flush=True)
+    print(f"installing mergekit 0.1.5 into {venv} (over this environment's torch and transformers)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ["mergekit==0.1.5"], check=True)
+    ours = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    theirs = subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    Path(theirs, "llmfast-env.pth").write_text(ours + "\n")
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "mergekit==0.1.5",
+                    "immutables"], check=True)
     return exe
 
 
-def timed(cmd: list[str], log: Path) -> dict:
-    """Run under /usr/bin/time -v; wall seconds and peak RSS (GiB) of the process tree's largest process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# ---------------------------------------------------------------- inputs
+def make_variant(base: Path, out: Path, seed: int, rank: int = 16) -> Path:
+    """base + a dense rank-`rank` delta (std ~ 1e-3 of the entries) on every 2-D layer weight, same dtype."""
+    import torch
+
+    from llmfast.merge.io import ShardedWriter, TensorReader, ordered
+
+    if (out / "llmfast-variant.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    reader = TensorReader(base)
+    layout = [(n, shape, _dtype_name(tag)) for n, (shape, tag, _f) in ordered(reader.index).items()]
+    writer = ShardedWriter(out, layout, 2**62)
+    g = torch.Generator().manual_seed(seed)
+    for name, shape, _dt in layout:
+        t = reader.get(name)
+        if len(shape) == 2 and ".layers." in name:
+            a = torch.randn(rank, shape[1], generator=g) / rank**0.5
+            b = torch.randn(shape[0], rank, generator=g) * (1e-3 * float(t.float().std()))
+            t = (t.float() + b @ a).to(t.dtype)
+        writer.write(name, t)
+    writer.finish()
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".index.json")) and f.name != "llmfast.json":
+            shutil.copy2(f, out / f.name)
+    (out / "llmfast-variant.json").write_text(json.dumps({"base": str(base), "seed": seed, "rank": rank}) + "\n")
+    return out
+
+
+def _dtype_name(tag: str) -> str:
+    from llmfast.merge.io import st_dtype_name
+
+    return st_dtype_name(tag)
+
+
+def make_random_base(out: Path, tokenizer_from: Path) -> Path:
+    """Random weights (std 0.02, norms 1) of SmolLM2-1.7B's shape in bfloat16, with the built-in's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmfast.merge.io import ShardedWriter
+
+    if (out / "llmfast-variant.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    config = AutoConfig.from_pretrained(tokenizer_from)
+    config.update(SHAPE_1_7B)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+                  if k != "lm_head.weight"}
+    config.save_pretrained(out)
+    from llmfast.merge.io import ordered
+
+    names = list(ordered(dict.fromkeys(shapes)))
+    writer = ShardedWriter(out, [(n, shapes[n], "bfloat16") for n in names], 2**62)
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        t = torch.ones(shapes[n]) if "norm" in n else torch.randn(shapes[n], generator=g) * 0.02
+        writer.write(n, t.to(torch.bfloat16))
+    writer.finish()
+    for f in tokenizer_from.glob("tokenizer*"):
+        shutil.copy2(f, out / f.name)
+    (out / "llmfast-variant.json").write_text(json.dumps({"shape": SHAPE_1_7B}) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------- running and comparing
+def timed(cmd: list[str], log: Path, threads: int) -> dict:
+    """Run under /usr/bin/time -v; wall seconds and peak RSS (GiB) of the process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
     log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     if proc.returncode != 0:
@@ -70,36 +158,38 @@ def weights(d: Path) -> dict[str, Path]:
     return {name: f for name, (_s, _t, f) in tensor_index(d).items()}
 
 
+def model_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
 def compare(ours: Path, theirs: Path) -> dict:
     """Max abs difference over every tensor, read one at a time."""
-    from safetensors import safe_open
+    from llmfast.merge.io import TensorReader
 
-    a, b = weights(ours), weights(theirs)
-    if set(a) != set(b):
-        return {"same_tensor_names": False, "only_ours": sorted(set(a) - set(b))[:5],
-                "only_mergekit": sorted(set(b) - set(a))[:5]}
+    a, b = TensorReader(ours), TensorReader(theirs)
+    if set(a.index) != set(b.index):
+        return {"same_tensor_names": False, "only_ours": sorted(set(a.index) - set(b.index))[:5],
+                "only_mergekit": sorted(set(b.index) - set(a.index))[:5]}
     worst, worst_name, dtypes = 0.0, "", set()
-    for name in a:
-        with safe_open(a[name], "pt") as fa, safe_open(b[name], "pt") as fb:
-            ta, tb = fa.get_tensor(name), fb.get_tensor(name)
+    for name in a.index:
+        ta, tb = a.get(name), b.get(name)
         dtypes.add(f"{ta.dtype}/{tb.dtype}")
-        diff = (ta.double() - tb.double()).abs().max().item()
+        diff = (ta.double() - tb.double()).abs().max().item() if ta.numel() else 0.0
         if diff > worst:
             worst, worst_name = diff, name
-    return {"same_tensor_names": True, "tensors": len(a), "max_abs_diff": worst, "worst_tensor": worst_name,
+    return {"same_tensor_names": True, "tensors": len(a.index), "max_abs_diff": worst, "worst_tensor": worst_name,
             "dtypes": sorted(dtypes)}
 
 
 def dare_stats(base: Path, ft: Path, merged: Path) -> dict:
     """Kept fraction and rescale factor of a one-model dare_linear merge (weight 1)."""
-    from safetensors import safe_open
+    from llmfast.merge.io import TensorReader
 
-    bw, fw, mw = weights(base), weights(ft), weights(merged)
+    rb, rf, rm = TensorReader(base), TensorReader(ft), TensorReader(merged)
     kept = nonzero = 0
     factors = []
-    for name in bw:
-        with safe_open(bw[name], "pt") as fb, safe_open(fw[name], "pt") as ff, safe_open(mw[name], "pt") as fm:
-            b, f, m = fb.get_tensor(name).double(), ff.get_tensor(name).double(), fm.get_tensor(name).double()
+    for name in rb.index:
+        b, f, m = rb.get(name).double(), rf.get(name).double(), rm.get(name).double()
         delta, got = f - b, m - b
         nz = delta != 0
         if not nz.any():
@@ -115,11 +205,12 @@ def dare_stats(base: Path, ft: Path, merged: Path) -> dict:
             "rescale_max": round(factors[-1], 4)}
 
 
-def write_config(path: Path, method: str, base: Path, models: list[tuple[Path, dict]], params: dict | None) -> None:
+def write_config(path: Path, method: str, base: Path, models: list[tuple[Path, dict]], params: dict | None,
+                 dtype: str) -> None:
     import yaml
 
     cfg = {"merge_method": method, "base_model": str(base),
-           "models": [{"model": str(m), "parameters": p} for m, p in models], "dtype": "float32"}
+           "models": [{"model": str(m), "parameters": p} for m, p in models], "dtype": dtype}
     if method == "linear":
         del cfg["base_model"]  # a soup of the fine-tunes (with base_model, both tools average it in too)
     if params:
@@ -127,92 +218,111 @@ def write_config(path: Path, method: str, base: Path, models: list[tuple[Path, d
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def commands(tool: str, cfg: Path, out: Path, threads: int, llmfast_exe: str, mergekit: Path) -> list[str]:
+    if tool == "llmfast":
+        return [llmfast_exe, "merge", str(cfg), str(out), "--no-progress", "--threads", str(threads)]
+    return [str(mergekit), str(cfg), str(out), "--quiet", "--random-seed", "0"]
+
+
+def bench_method(method: str, base: Path, ft: list[Path], args: argparse.Namespace, work: Path, exes: dict,
+                 dtype: str) -> dict:
+    p1, p2, shared = METHOD_PARAMS[method]
+    cfg = work / f"{method}.yaml"
+    write_config(cfg, method, base, [(ft[0], p1), (ft[1], p2)], shared, dtype)
+    runs: dict[str, list[dict]] = {"llmfast": [], "mergekit": []}
+    for rnd in range(args.rounds):
+        order = ("llmfast", "mergekit") if rnd % 2 == 0 else ("mergekit", "llmfast")
+        for tool in order:
+            out = work / f"{tool}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = timed(["nice", "-n", "10"] + commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]),
+                      work / f"{tool}-{method}-{rnd}.log", args.threads)
+            print(f"  {method:<16} {tool:<9} round {rnd + 1}: {r['seconds']:7.2f} s  {r['peak_rss_gib']:.2f} GiB  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+            runs[tool].append(r)
+    moved = sum(model_bytes(p) for p in ([base] if method != "linear" else []) + ft) + \
+        model_bytes(work / f"llmfast-{method}")
+    entry: dict = {"rounds": runs}
+    for tool in runs:
+        secs = statistics.median(r["seconds"] for r in runs[tool])
+        entry[tool] = {"median_seconds": secs, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[tool]),
+                       "gb_per_s": round(moved / secs / 1e9, 2)}
+    entry["speedup"] = round(entry["mergekit"]["median_seconds"] / entry["llmfast"]["median_seconds"], 2)
+    entry["rss_ratio"] = round(entry["llmfast"]["peak_rss_gib"] / entry["mergekit"]["peak_rss_gib"], 3)
+    entry["diff"] = compare(work / f"llmfast-{method}", work / f"mergekit-{method}")
+    if method.startswith("dare"):
+        entry["note"] = "random drop: tensors differ by design; see dare_linear_check"
+    return entry
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="builtin:smollm2-135m")
-    ap.add_argument("--ft", nargs=2, default=["runs/lora-dates/merged", "runs/lora-units/merged"],
-                    help="two fine-tuned variants of the base (full model directories)")
-    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties",
-                    help="comma-separated; dare_linear's kept fraction/rescale check always runs unless --no-dare")
-    ap.add_argument("--no-dare", action="store_true")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per tool and method (the best is reported)")
+    ap.add_argument("--shape", choices=["135m", "1.7b"], default="135m")
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
+    ap.add_argument("--no-dare", action="store_true", help="skip dare_linear's kept fraction/rescale check")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per tool and method, alternating the order")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both tools")
     ap.add_argument("--mergekit-venv", default="/tmp/mergekit-venv")
     ap.add_argument("--workdir", default="/tmp/merge-compare")
-    ap.add_argument("--out", default="runs/bench/merge_vs_mergekit.json")
+    ap.add_argument("--out", default=None, help="default runs/bench/merge_vs_mergekit-SHAPE.json")
     args = ap.parse_args()
 
     from llmfast.models import resolve_model
 
-    base = resolve_model(args.base)
-    ft = [Path(p).resolve() for p in args.ft]
-    mergekit = ensure_mergekit(Path(args.mergekit_venv))
-    llmfast_exe = str(Path(sys.executable).parent / "llmfast")
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    results: dict = {"date": dt.date.today().isoformat(), "machine": os.uname().nodename, "cpus": os.cpu_count(),
-                     "loadavg_at_start": os.getloadavg(), "base": str(base), "fine_tuned": [str(p) for p in ft],
-                     "mergekit": "0.1.5", "methods": {}}
-    rows = []
+    work = Path(args.workdir) / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    builtin = resolve_model("builtin:smollm2-135m")
+    base = builtin if args.shape == "135m" else make_random_base(work / "base", builtin)
+    dtype = "float32" if args.shape == "135m" else "bfloat16"
+    ft = [make_variant(base, work / "ft-a", 1), make_variant(base, work / "ft-b", 2)]
+    exes = {"mergekit": ensure_mergekit(Path(args.mergekit_venv)),
+            "llmfast": str(Path(sys.executable).parent / "llmfast")}
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = re.search(r"Model name:\s*(.+)", lscpu)
+    results: dict = {"date": dt.date.today().isoformat(), "cpu": cpu.group(1).strip() if cpu else "?",
+                     "cpus": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
+                     "loadavg_at_start": os.getloadavg(), "shape": args.shape, "dtype": dtype, "base": str(base),
+                     "fine_tuned": [str(p) for p in ft], "mergekit": "0.1.5", "methods": {}}
     for method in [m for m in args.methods.split(",") if m]:
-        p1, p2, shared = METHOD_PARAMS[method]
-        cfg = work / f"{method}.yaml"
-        write_config(cfg, method, base, [(ft[0], p1), (ft[1], p2)], shared)
-        best: dict[str, dict] = {}
-        for rep in range(args.repeat):
-            for tool, cmd in (("llmfast", [llmfast_exe, "merge", str(cfg), str(work / f"ours-{method}"), "--no-progress"]),
-                              ("mergekit", [str(mergekit), str(cfg), str(work / f"mk-{method}"), "--quiet",
-                                            "--random-seed", "0"])):
-                out_dir = Path(cmd[3] if tool == "llmfast" else cmd[2])
-                shutil.rmtree(out_dir, ignore_errors=True)
-                r = timed(["nice", "-n", "10"] + cmd, work / f"{tool}-{method}-{rep}.log")
-                print(f"  {method:<16} {tool:<9} run {rep + 1}: {r['seconds']:7.2f} s  {r['peak_rss_gib']:.2f} GiB", flush=True)
-                if tool not in best or r["seconds"] < best[tool]["seconds"]:
-                    best[tool] = {**r, "peak_rss_gib": max(r["peak_rss_gib"], best.get(tool, {}).get("peak_rss_gib", 0))}
-        entry = {"llmfast": best["llmfast"], "mergekit": best["mergekit"],
-                 "speedup": round(best["mergekit"]["seconds"] / best["llmfast"]["seconds"], 2),
-                 "rss_ratio": round(best["llmfast"]["peak_rss_gib"] / best["mergekit"]["peak_rss_gib"], 3)}
-        if method.startswith("dare"):
-            entry["note"] = "random drop: tensors differ by design; see dare_linear_check"
-            entry["diff"] = compare(work / f"ours-{method}", work / f"mk-{method}")
-        else:
-            entry["diff"] = compare(work / f"ours-{method}", work / f"mk-{method}")
-        results["methods"][method] = entry
-        rows.append((method, entry))
+        results["methods"][method] = bench_method(method, base, ft, args, work, exes, dtype)
+    results["loadavg_at_end"] = os.getloadavg()
     if not args.no_dare:
         cfg = work / "dare_linear.yaml"
-        write_config(cfg, "dare_linear", base, [(ft[0], {"weight": 1.0, "density": 0.5})], None)
-        timed([llmfast_exe, "merge", str(cfg), str(work / "ours-dare"), "--no-progress"], work / "llmfast-dare.log")
-        timed([str(mergekit), str(cfg), str(work / "mk-dare"), "--quiet", "--random-seed", "0"], work / "mk-dare.log")
-        results["dare_linear_check"] = {
-            "density": 0.5,
-            "llmfast": dare_stats(base, ft[0], work / "ours-dare"),
-            "mergekit": dare_stats(base, ft[0], work / "mk-dare"),
-        }
-    out = REPO / args.out
+        write_config(cfg, "dare_linear", base, [(ft[0], {"weight": 1.0, "density": 0.5})], None, dtype)
+        for tool in ("llmfast", "mergekit"):
+            out = work / f"{tool}-dare"
+            shutil.rmtree(out, ignore_errors=True)
+            timed(commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]), work / f"{tool}-dare.log",
+                  args.threads)
+        results["dare_linear_check"] = {"density": 0.5, **{tool: dare_stats(base, ft[0], work / f"{tool}-dare")
+                                                           for tool in ("llmfast", "mergekit")}}
+    out = REPO / (args.out or f"runs/bench/merge_vs_mergekit-{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nresults: {out}")
+    return 0
 
-    print(f"\n{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
-          f"{'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
-    for method, e in rows:
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['shape']} ({results['dtype']}), {results['threads']} threads each, median of "
+          f"{results['rounds']} alternating rounds, load average {results['loadavg_at_start'][0]:.1f} at start")
+    print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
+          f"{'llmfast GB/s':>12} {'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
+    for method, e in results["methods"].items():
         diff = e["diff"].get("max_abs_diff", "names differ")
-        diff_s = f"{diff:.3g}" if isinstance(diff, float) else diff
-        if method.startswith("dare"):
-            diff_s += "*"
-        print(f"{method:<16} {diff_s:>13} {e['llmfast']['seconds']:>10.2f} {e['mergekit']['seconds']:>11.2f} "
-              f"{e['speedup']:>7.2f}x {e['llmfast']['peak_rss_gib']:>10.2f} G {e['mergekit']['peak_rss_gib']:>11.2f} G "
-              f"{e['rss_ratio']:>9.2f}")
+        diff_s = (f"{diff:.3g}" if isinstance(diff, float) else diff) + ("*" if method.startswith("dare") else "")
+        print(f"{method:<16} {diff_s:>13} {e['llmfast']['median_seconds']:>10.2f} "
+              f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {e['llmfast']['gb_per_s']:>12.2f} "
+              f"{e['llmfast']['peak_rss_gib']:>10.2f} G {e['mergekit']['peak_rss_gib']:>11.2f} G {e['rss_ratio']:>9.2f}")
     if "dare_linear_check" in results:
         d = results["dare_linear_check"]
         for tool in ("llmfast", "mergekit"):
             s = d[tool]
             print(f"dare_linear density 0.5, {tool:<8}: kept fraction {s['kept_fraction']:.4f}, rescale median "
                   f"{s['rescale_median']} (min {s['rescale_min']}, max {s['rescale_max']}) over {s['tensors']} tensors")
-    if any(m.startswith("dare") for m, _ in rows):
+    if any(m.startswith("dare") for m in results["methods"]):
         print("* random drop: the two tools draw different masks, so tensors differ by design")
-    print(f"\nresults: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ grid), and the choice shows in the output. To agree bit for bit without paying f
    k-th position (the other ranges fall wholly inside or outside the top k): each partition step is
    vectorized (see `_partition`), so the work is a few linear passes, not n log n.
 
-`select_top_k` is checked against `torch.argsort` on tie-heavy data in the tests; where the replay
+`top_magnitudes` is checked against `torch.argsort` on tie-heavy data in the tests; where the replay
 cannot be exact (NaNs; the sort's depth limit, which switches to heapsort) it sorts like mergekit.
 """
 
@@ -34,42 +34,48 @@ def magnitude_mask(delta: "torch.Tensor", density: float) -> "torch.Tensor | Non
 
     Where the k-th largest magnitude is 0, every zero is marked kept: zeros add nothing either way.
     """
-    import torch
-
-    n = delta.numel()
-    if density >= 1:
-        return None
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * n))
-    mag = delta.abs().reshape(-1)
-    if mag.dtype not in (torch.float32, torch.float64):
-        mag = mag.float()
-    keep = select_top_k(mag, k)
-    if isinstance(keep, float):
-        return (mag >= keep).reshape(delta.shape)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[keep] = True
-    return mask.reshape(delta.shape)
-
-
-def select_top_k(mag: "torch.Tensor", k: int) -> "float | torch.Tensor":
-    """The first k of `torch.argsort(mag, descending=True)` as a set: a threshold (keep `mag >= t`) when the
-    ties do not matter, else the kept indices."""
     import numpy as np
     import torch
 
-    values = mag.numpy()
-    n = values.size
-    threshold = values.dtype.type(np.partition(values, n - k)[n - k])
-    if threshold > 0:
-        above = int(np.count_nonzero(values > threshold))
-        if above + int(np.count_nonzero(values == threshold)) != k:
-            if np.isnan(values).any():
-                return torch.argsort(mag, descending=True)[:k]
-            order = _replay_introsort_prefix(values, k)
-            return torch.argsort(mag, descending=True)[:k] if order is None else torch.from_numpy(order)
-    return float(threshold)
+    if density >= 1:
+        return None
+    values = delta.detach().reshape(-1).float().numpy() if delta.dtype != torch.float64 else delta.reshape(-1).numpy()
+    keep = top_magnitudes(np.abs(values), density)
+    return torch.from_numpy(keep).reshape(delta.shape)
+
+
+def trim(values: "np.ndarray", density: float) -> None:
+    """Zero, in place, all but the `density` fraction of the flat float array `values` largest in magnitude."""
+    import numpy as np
+
+    if density >= 1:
+        return
+    keep = top_magnitudes(np.abs(values), density)
+    np.multiply(values, keep, out=values)  # x * 1 is x exactly; dropped entries become (signed) zeros
+
+
+def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
+    """Boolean mask of the first k = max(1, int(density * n)) entries of `torch.argsort(mag, descending=True)`."""
+    import numpy as np
+
+    n = mag.size
+    if density <= 0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    k = max(1, int(density * n))
+    # numpy's introselect finds the k-th largest magnitude in linear time (np.partition copies `mag`).
+    threshold = np.partition(mag, n - k)[n - k]
+    keep = mag >= threshold
+    if threshold > 0 and np.count_nonzero(keep) != k:
+        # Entries tied at the threshold and not all kept: which ones is the unstable sort's choice.
+        order = None if np.isnan(mag).any() else _replay_introsort_prefix(mag, k)
+        if order is None:
+            import torch
+
+            order = torch.argsort(torch.from_numpy(mag), descending=True)[:k].numpy()
+        keep = np.zeros(n, dtype=bool)
+        keep[order] = True
+    # (Ties at a zero threshold only add zeros, which change nothing.)
+    return keep
 
 
 def _replay_introsort_prefix(values: "np.ndarray", k: int) -> "np.ndarray | None":
@@ -77,14 +83,14 @@ def _replay_introsort_prefix(values: "np.ndarray", k: int) -> "np.ndarray | None
     import numpy as np
 
     vals = values.copy()
-    idx = np.arange(vals.size, dtype=np.int64)
+    idx = np.arange(vals.size, dtype=np.int32 if vals.size < 2**31 else np.int64)
     first, last = 0, vals.size
     depth = 2 * (int(vals.size).bit_length() - 1)
     while last - first > _INSERTION_THRESHOLD:
         if depth == 0:
             return None  # libstdc++ heapsorts this range: not replayed here
         depth -= 1
-        cut = _partition(vals, idx, first, last)
+        cut = first + _partition(vals[first:last], idx[first:last])
         if cut == k:
             return idx[:k]
         if cut < k:
@@ -97,57 +103,63 @@ def _replay_introsort_prefix(values: "np.ndarray", k: int) -> "np.ndarray | None
     return idx[:k]
 
 
-def _partition(vals: "np.ndarray", idx: "np.ndarray", first: int, last: int) -> int:
-    """libstdc++'s __unguarded_partition_pivot on [first, last) for the comparator `a > b`, in place; the cut.
+def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
+    """libstdc++'s __unguarded_partition_pivot on a whole (view of a) range for the comparator `a > b`, in place.
 
-    The median of (first+1, mid, last-1) is swapped to `first` and is the pivot p. The scan from the left
+    The median of (1, mid, last) is swapped to position 0 and is the pivot p. The scan from the left
     stops at entries <= p, the one from the right at entries >= p, and the i-th left stop is swapped
     with the i-th right stop while it lies left of it: so the whole step is two nonzero() passes and one
     fancy-indexed swap. A left scan that runs past its last partner stops at the partner's old place.
+    Returns the cut (the first position of the right part).
     """
     import numpy as np
 
-    mid = first + (last - first) // 2
-    a, b, c = first + 1, mid, last - 1
+    n = vals.size
+    a, b, c = 1, n // 2, n - 1
     va, vb, vc = vals[a], vals[b], vals[c]
     if va > vb:
         m = b if vb > vc else (c if va > vc else a)
     else:
         m = a if va > vc else (c if vb > vc else b)
-    _swap(vals, idx, np.array([first]), np.array([m]))
-    p = vals[first]
-    seg = vals[first + 1:last]
-    lefts = np.flatnonzero(seg <= p) + (first + 1)
-    rights = np.flatnonzero(seg >= p)[::-1] + (first + 1)
-    pairs = min(lefts.size, rights.size)
-    crossed = np.flatnonzero(lefts[:pairs] >= rights[:pairs])
-    m = int(crossed[0]) if crossed.size else pairs
-    cut = int(lefts[m]) if m < lefts.size else last
-    if m > 0:
-        cut = min(cut, int(rights[m - 1]))
-        _swap(vals, idx, lefts[:m], rights[:m])
-    return cut
+    vals[0], vals[m] = vals[m], vals[0]
+    idx[0], idx[m] = idx[m], idx[0]
+    p = vals[0]
+    seg = vals[1:]
+    lefts = np.flatnonzero(seg <= p)
+    rights = np.flatnonzero(seg >= p)[::-1]
+    # lefts rise and rights fall, so the first i with lefts[i] >= rights[i] is found by bisection.
+    lo, hi = 0, min(lefts.size, rights.size)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lefts[mid] >= rights[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    pairs = lo
+    cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
+    if pairs > 0:
+        cut = min(cut, int(rights[pairs - 1]))
+        i, j = lefts[:pairs] + 1, rights[:pairs] + 1
+        vals[i], vals[j] = vals[j], vals[i]
+        idx[i], idx[j] = idx[j], idx[i]
+    return cut + 1
 
 
-def _swap(vals: "np.ndarray", idx: "np.ndarray", i: "np.ndarray", j: "np.ndarray") -> None:
-    vals[i], vals[j] = vals[j], vals[i].copy()
-    idx[i], idx[j] = idx[j], idx[i].copy()
+def drop_at_random(values: "np.ndarray", density: float, seed: int, tensor_name: str, index: int) -> None:
+    """DARE's drop, in place: keep each entry with probability `density`.
 
-
-def random_mask(shape: "torch.Size", density: float, generator: "torch.Generator") -> "torch.Tensor | None":
-    """DARE's drop: keep each entry with probability `density` (None: keep all)."""
-    import torch
+    The stream is seeded per (seed, tensor, input), so the drop does not depend on the order tensors are
+    merged in (numpy's PCG64: several times faster than torch's Mersenne twister on the CPU).
+    """
+    import numpy as np
 
     if density >= 1:
-        return None
-    return torch.rand(shape, generator=generator, dtype=torch.float32) < density
+        return
+    rng = np.random.Generator(np.random.PCG64(_stream_seed(seed, tensor_name, index)))
+    keep = rng.random(values.size, dtype=np.float32) < density
+    np.multiply(values, keep, out=values)
 
 
-def tensor_generator(seed: int, tensor_name: str, index: int) -> "torch.Generator":
-    """A generator per (seed, tensor, input): the same drop whatever order tensors are merged in."""
-    import torch
-
+def _stream_seed(seed: int, tensor_name: str, index: int) -> int:
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{index}".encode()).digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
+    return int.from_bytes(digest[:8], "little")
