@@ -263,7 +263,12 @@ def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     if not path.is_file():
         raise UserError(f"recipe {path} not found")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text: save the recipe as UTF-8") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

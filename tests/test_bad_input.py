@@ -137,6 +137,8 @@ CASES = [
          "not a results file"),
     Case("eval-out-readonly", ("eval", "{W}/recipes/ev.yaml", "--output", "{W}/readonly/r.json"), "no permission"),
     Case("eval-missing-recipe", ("eval", "{W}/recipes/nope.yaml"), "not found"),
+    Case("eval-recipe-not-utf8", ("eval", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),
+    Case("eval-recipe-is-a-dir", ("eval", "{W}/recipes"), "not found"),
     Case("eval-bad-set", ("eval", "{W}/recipes/ev.yaml", "--set", "eval.batch_size=zero"), "eval.batch_size"),
     Case("eval-bad-flag", ("eval", "{W}/recipes/ev.yaml", "--frobnicate"), "unrecognized arguments"),
     # ---- finetune
@@ -163,6 +165,7 @@ CASES = [
     Case("finetune-bad-set", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.lr=-1"), "train.lr"),
     Case("finetune-unknown-key", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.rank=4"), "lora.rank"),
     Case("finetune-no-recipe", ("finetune",), "finetune: the following arguments are required: recipe"),
+    Case("finetune-recipe-not-utf8", ("finetune", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),
     # ---- export (quant + finetune's verb)
     Case("export-adapter-no-config", ("export", "{W}/adapters/no-config", "{W}/runs/x"), "adapter_config.json",
          owner="quant+finetune"),
@@ -310,6 +313,7 @@ def world(tmp_path_factory, tiny_dir) -> Path:
     os.chmod(w / "readonly", 0o555)
     for name, text in RECIPES.items():
         (recipes / f"{name}.yaml").write_text(text.replace("{W}", str(w)))
+    (recipes / "latin1.yaml").write_bytes("# a recipe\nmodel: café\n".encode("latin-1"))
     yield w
     os.chmod(w / "readonly", 0o755)
 
