@@ -1,0 +1,127 @@
+"""A chain recipe as a plan: stages, their parents, the order they run in, and the key of each result.
+
+A chain recipe names stages; each has a `type` (a verb: tasks, finetune, merge, quantize, sparsify, eval,
+bench, report) and `with:`, that verb's own recipe (or config) without its output. A string `${NAME}` inside
+`with:` stands for stage NAME's output directory, which makes NAME a parent. A stage's key is a hash of its
+type, its `with:` section and its parents' keys: a result is reused while its key is unchanged, and a changed
+setting changes the keys of that stage and of everything downstream, and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from llmfast.errors import UserError
+from llmfast.recipe import StrictModel
+from llmfast.registry import did_you_mean
+
+REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class StageConfig(StrictModel):
+    type: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    flags: list[str] = []  # extra command-line flags for the verb, e.g. [--adapter-rank, concat] for merge
+
+
+class ChainRecipe(StrictModel):
+    output: Path  # the run directory: one folder per stage, the report at the top
+    stages: dict[str, StageConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    type: str
+    section: dict[str, Any]
+    flags: tuple[str, ...]
+    parents: tuple[str, ...]
+    key: str
+
+
+def references(value: Any) -> set[str]:
+    """Names of the stages `${NAME}` strings in `value` point at."""
+    if isinstance(value, str):
+        return set(REF.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(references(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(references(v) for v in value)) if value else set()
+    return set()
+
+
+def substitute(value: Any, paths: dict[str, Path]) -> Any:
+    """`value` with every `${NAME}` replaced by stage NAME's output directory."""
+    if isinstance(value, str):
+        return REF.sub(lambda m: str(paths[m.group(1)]), value)
+    if isinstance(value, dict):
+        return {k: substitute(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, paths) for v in value]
+    return value
+
+
+def order(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[str]:
+    """Stage names in an order where every parent comes first; a cycle or an unknown name is one line."""
+    stages = recipe.stages
+    for name, stage in stages.items():
+        if not re.match(NAME, name):
+            raise UserError(f"{where}: stage name '{name}' must be letters, digits, '.', '_' or '-'")
+        if stage.type not in known_types:
+            raise UserError(f"{where}: stages.{name}.type: unknown stage type '{stage.type}'"
+                            f"{did_you_mean(stage.type, known_types)}; choose from {', '.join(known_types)}")
+        for ref in sorted(references(stage.with_) | references(stage.flags)):
+            if ref not in stages:
+                raise UserError(f"{where}: stages.{name} refers to ${{{ref}}}, which is not a stage"
+                                f"{did_you_mean(ref, list(stages))}")
+    done: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            cycle = visiting[visiting.index(name):] + [name]
+            raise UserError(f"{where}: the stages form a cycle: {' -> '.join(cycle)}; a stage cannot depend on "
+                            "its own output")
+        visiting.append(name)
+        stage = stages[name]
+        for parent in sorted(references(stage.with_) | references(stage.flags)):
+            visit(parent)
+        visiting.pop()
+        done.append(name)
+
+    for name in stages:
+        visit(name)
+    return done
+
+
+def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]:
+    """The stages in running order, each with its key."""
+    keys: dict[str, str] = {}
+    planned = []
+    for name in order(recipe, where, known_types):
+        cfg = recipe.stages[name]
+        parents = tuple(sorted(references(cfg.with_) | references(cfg.flags)))
+        blob = json.dumps({"type": cfg.type, "with": cfg.with_, "flags": cfg.flags,
+                           "parents": {p: keys[p] for p in parents}}, sort_keys=True, default=str)
+        keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), parents, keys[name]))
+    return planned
+
+
+def downstream(stages: list[Stage], start: str) -> set[str]:
+    """`start` and every stage that depends on it, directly or not."""
+    found = {start}
+    for stage in stages:  # in running order, so parents are decided first
+        if found & set(stage.parents):
+            found.add(stage.name)
+    return found

@@ -1,0 +1,159 @@
+"""`llmfast run RECIPE`: run a chain's stages in dependency order, reusing every result whose key is unchanged.
+
+State lives in the run directory: `llmfast-run.json` names the recipe that owns the directory (another
+recipe's directory is refused), `.state/NAME.json` records a finished stage's key and `.state/NAME.started`
+the key of a stage that began. A stage whose recorded key matches is reused; one that was killed resumes
+where its verb can (a fine-tune or a training quantize/sparsify from its checkpoint) and otherwise runs again;
+one whose key changed, or that `--from` names or follows, has its old output removed and runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmfast.artifacts import atomic_write_json
+from llmfast.chain.plan import ChainRecipe, Stage, downstream, plan, substitute
+from llmfast.chain.stages import STAGES
+from llmfast.errors import UserError
+
+OWNER = "llmfast-run.json"
+
+
+def _state(out: Path, stage: Stage, suffix: str) -> Path:
+    return out / ".state" / f"{stage.name}.{suffix}"
+
+
+def _recorded_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def decide(out: Path, stages: list[Stage], forced: set[str]) -> dict[str, tuple[str, str]]:
+    """For each stage: (action, why), action one of reuse / resume / run."""
+    decisions: dict[str, tuple[str, str]] = {}
+    rerun: set[str] = set()
+    for stage in stages:
+        stage_dir = out / stage.name
+        done_key = _recorded_key(_state(out, stage, "json"))
+        started_key = _recorded_key(_state(out, stage, "started"))
+        if stage.name in forced:
+            decisions[stage.name] = ("run", "--from")
+        elif set(stage.parents) & rerun:
+            decisions[stage.name] = ("run", "a parent runs again")
+        elif done_key == stage.key and stage_dir.exists():
+            decisions[stage.name] = ("reuse", f"done, key {stage.key}")
+            continue
+        elif started_key == stage.key and STAGES.get(stage.type).resumable(stage_dir):
+            decisions[stage.name] = ("resume", "interrupted; its checkpoint is kept")
+        elif done_key is not None:
+            decisions[stage.name] = ("run", "settings changed")
+        elif started_key is not None:
+            decisions[stage.name] = ("run", "interrupted before a checkpoint")
+        else:
+            decisions[stage.name] = ("run", "new")
+        rerun.add(stage.name)
+    return decisions
+
+
+def _claim(out: Path, recipe_path: Path) -> None:
+    """The run directory belongs to one recipe; another recipe's directory is refused before anything runs."""
+    owner_file = out / OWNER
+    me = str(recipe_path.resolve())
+    if owner_file.is_file():
+        owner = _recorded_owner(owner_file)
+        if owner != me:
+            raise UserError(f"{out} belongs to the chain recipe {owner}: give this recipe another output")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"output {out} exists and was not made by `llmfast run`: choose another output")
+
+
+def _recorded_owner(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _clear(out: Path, stage: Stage) -> None:
+    """Remove a stage's earlier output (the run directory owns it) before it runs from scratch."""
+    target = out / stage.name
+    for path in (target, target.with_name(target.name + ".checkpoints")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    _state(out, stage, "json").unlink(missing_ok=True)
+
+
+def run_stage(out: Path, stage: Stage, resume: bool) -> None:
+    from llmfast.cli import parse_args
+
+    paths = {name: out / name for name in stage.parents}
+    section = substitute(stage.section, paths)
+    flags = substitute(list(stage.flags), paths)
+    argv = STAGES.get(stage.type).argv(section, out / stage.name, out / ".recipes" / f"{stage.name}.yaml", resume)
+    args = parse_args([*argv, *flags])
+    try:
+        code = args.func(args)
+    except UserError as e:
+        raise UserError(f"stage {stage.name} ({stage.type}): {e}") from None
+    if code:
+        raise UserError(f"stage {stage.name} ({stage.type}) failed with exit code {code}: see its output above")
+
+
+def format_plan(stages: list[Stage], decisions: dict[str, tuple[str, str]]) -> str:
+    width = max(len(s.name) for s in stages)
+    lines = []
+    for i, s in enumerate(stages, 1):
+        action, why = decisions[s.name]
+        parents = f" <- {', '.join(s.parents)}" if s.parents else ""
+        lines.append(f"{i:>2}. {action:<7} {s.name:<{width}}  {s.type:<9} {why}{parents}")
+    return "\n".join(lines)
+
+
+def run_chain(recipe: ChainRecipe, recipe_path: Path, dry_run: bool = False, start: str | None = None) -> Path:
+    """Run (or, with dry_run, only show) the chain; return the run directory."""
+    stages = plan(recipe, str(recipe_path), STAGES.names())
+    out = Path(recipe.output).expanduser()
+    if start is not None and start not in recipe.stages:
+        from llmfast.registry import did_you_mean
+
+        raise UserError(f"--from {start}: no such stage{did_you_mean(start, list(recipe.stages))}; the stages are "
+                        f"{', '.join(s.name for s in stages)}")
+    _claim(out, recipe_path)
+    decisions = decide(out, stages, downstream(stages, start) if start else set())
+    if dry_run:
+        print(format_plan(stages, decisions))
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / OWNER, {"recipe": str(recipe_path.resolve())})
+    for i, stage in enumerate(stages, 1):
+        action, why = decisions[stage.name]
+        print(f"[{i}/{len(stages)}] {stage.name} ({stage.type}): {action} ({why})", file=sys.stderr, flush=True)
+        if action == "reuse":
+            continue
+        if action == "run":
+            _clear(out, stage)
+        atomic_write_json(_state(out, stage, "started"), {"key": stage.key})
+        began = time.time()
+        run_stage(out, stage, resume=action == "resume")
+        atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "seconds": round(time.time() - began, 1)})
+    return out
+
+
+def stage_seconds(out: Path) -> dict[str, Any]:
+    """Seconds each finished stage took, from the state files."""
+    found = {}
+    for path in sorted((out / ".state").glob("*.json")):
+        try:
+            found[path.stem] = json.loads(path.read_text()).get("seconds")
+        except (OSError, ValueError):
+            continue
+    return found

@@ -1,0 +1,72 @@
+"""Stage types of a chain: each is an existing verb, called in-process with the arguments it takes.
+
+A stage type knows only how to hand its `with:` section to its verb: as a recipe file (the verb's own
+schema, with `output` set to the stage's directory) or as flags. The verb does all the checking and the work,
+exactly as on the command line, so a chain can do nothing a verb cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from llmfast.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class StageType:
+    """How to call one verb. `argv(section, out, recipe_file, resume)` -> the verb's command line."""
+
+    argv: Callable[[dict[str, Any], Path, Path, bool], list[str]]
+    resumable: Callable[[Path], bool] = lambda out: False  # whether a killed run left something to resume
+
+
+STAGES: Registry[StageType] = Registry("stage type")
+
+
+def write_recipe(path: Path, section: dict[str, Any], **extra: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**section, **extra}, sort_keys=False))
+    return path
+
+
+def _recipe_verb(verb: list[str], output: Callable[[Path], Path], flags: list[str],
+                 resume_flag: bool) -> Callable[[dict[str, Any], Path, Path, bool], list[str]]:
+    def argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:
+        write_recipe(recipe_file, section, output=str(output(out)))
+        return [*verb, str(recipe_file), *flags, *(["--resume"] if resume and resume_flag else [])]
+
+    return argv
+
+
+def _checkpoints_beside(out: Path) -> bool:
+    return any(out.with_name(out.name + ".checkpoints").glob("checkpoints/step-*/state.json"))
+
+
+def _tasks_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:
+    names = section.get("tasks", ["all"])
+    argv = ["tasks", *([names] if isinstance(names, str) else names), "--out", str(out), "--overwrite"]
+    for key in ("train", "test", "seed"):
+        if key in section:
+            argv += [f"--{key}", str(section[key])]
+    return argv
+
+
+def _merge_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:
+    write_recipe(recipe_file, section)
+    return ["merge", str(recipe_file), str(out), "--overwrite", "--no-progress"]
+
+
+STAGES.add("tasks", StageType(_tasks_argv))
+STAGES.add("finetune", StageType(_recipe_verb(["finetune"], lambda out: out, [], True),
+                                 resumable=lambda out: any(out.glob("checkpoints/step-*/state.json"))))
+STAGES.add("merge", StageType(_merge_argv))
+STAGES.add("quantize", StageType(_recipe_verb(["quantize"], lambda out: out, ["--overwrite"], True),
+                                 resumable=_checkpoints_beside))
+STAGES.add("sparsify", StageType(_recipe_verb(["sparsify"], lambda out: out, ["--overwrite"], True),
+                                 resumable=_checkpoints_beside))
+STAGES.add("eval", StageType(_recipe_verb(["eval"], lambda out: out / "results.json", [], False)))
+STAGES.add("bench", StageType(_recipe_verb(["bench", "run"], lambda out: out, [], False)))

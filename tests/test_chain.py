@@ -1,0 +1,139 @@
+"""`llmfast run`: a chain of real stages on a tiny model: plan, reuse, a changed setting, kill and continue, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmfast.cli import main
+from llmfast.testing import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "eval" / "text" / "persuasion.txt"
+
+
+def chain(model: Path, out: Path, qat_steps: int = 0) -> dict:
+    finetune = {
+        "model": str(model),
+        "data": {"train": "${data}/dates/train.jsonl", "max_length": 128, "too_long": "truncate"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 2, "log_every": 1, "eval_every": 100},
+        "export_merged": True,
+    }
+    text = {"text": str(TEXT), "calibration_tokens": 1024, "heldout_tokens": 512, "window": 128}
+    evaluate = {"eval": {"perplexity": {"text": str(TEXT), "max_tokens": 256, "context": 128, "stride": 128},
+                         "tasks": [{"name": "dates", "path": "${data}/dates/test.jsonl", "limit": 4}],
+                         "batch_size": 4, "max_new_tokens": 8}}
+    return {"output": str(out), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 24, "test": 4}},
+        "lora": {"type": "finetune", "with": finetune},
+        "ternary": {"type": "quantize", "with": {"model": "${lora}/merged", "data": text,
+                                                 "quantization": {"method": "bitnet", "qat_steps": qat_steps,
+                                                                  "batch_size": 2, "save_every": 2}}},
+        "eval-merged": {"type": "eval", "with": {"model": "${lora}/merged", **evaluate}},
+        "eval-ternary": {"type": "eval", "with": {"model": "${ternary}", **evaluate}},
+    }}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("chain") / "base")
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def results(out: Path) -> dict:
+    keep = ("perplexity", "tasks")
+    found = {}
+    for name in ("eval-merged", "eval-ternary"):
+        data = json.loads((out / name / "results.json").read_text())
+        found[name] = {k: {kk: vv for kk, vv in (data[k] or {}).items() if kk not in ("seconds", "path")}
+                       for k in keep}
+        found[name]["tasks"] = {t: {kk: vv for kk, vv in v.items() if kk not in ("seconds", "path")}
+                                for t, v in data["tasks"].items()}
+    return found
+
+
+def test_chain_runs_reuses_and_reruns_only_what_changed(tiny: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    recipe = write(tmp_path / "chain.yaml", chain(tiny, out))
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.splitlines()[0].split()[1:4] == ["run", "data", "tasks"] and "new" in plan
+    assert not out.exists()  # a dry run writes nothing
+
+    assert main(["run", str(recipe)]) == 0
+    first = results(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0  # everything reused: no file touched
+    assert "reuse" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and ".state" not in p.parts
+            and p.name != "llmfast-run.json"} == {p: t for p, t in stamps.items() if ".state" not in p.parts
+                                                   and p.name != "llmfast-run.json"}
+
+    # A quantize setting changed: quantize and what follows it run again, nothing else.
+    assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2", "--dry-run"]) == 0
+    lines = {line.split()[2]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines == {"data": "reuse", "lora": "reuse", "eval-merged": "reuse", "ternary": "run",
+                     "eval-ternary": "run"}
+    assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 0
+    assert (out / "lora" / "merged" / "model.safetensors").stat().st_mtime_ns == \
+        stamps[out / "lora" / "merged" / "model.safetensors"]
+    assert results(out)["eval-merged"] == first["eval-merged"]
+
+
+def test_a_chain_killed_anywhere_ends_as_an_uninterrupted_one(tiny: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    assert main(["run", str(write(tmp_path / "whole.yaml", chain(tiny, whole, qat_steps=4)))]) == 0
+    killed = tmp_path / "killed"
+    recipe = write(tmp_path / "killed.yaml", chain(tiny, killed, qat_steps=4))
+    cmd = [sys.executable, "-m", "llmfast.cli", "run", str(recipe)]
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(3, 25))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert main(["run", str(recipe)]) == 0
+    assert results(killed) == results(whole)
+    assert not [p for p in killed.rglob(".*.tmp-*")]
+
+
+@pytest.mark.parametrize("case", ["cycle", "unknown parent", "unknown type", "owned by another recipe"])
+def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    recipe = chain(tiny, out)
+    expected = {"cycle": "cycle: ", "unknown parent": "not a stage", "unknown type": "unknown stage type 'finetun'",
+                "owned by another recipe": "belongs to the chain recipe"}[case]
+    if case == "cycle":
+        recipe["stages"]["data"]["with"]["seed"] = "${eval-ternary}"
+    if case == "unknown parent":
+        recipe["stages"]["lora"]["with"]["model"] = "${basee}"
+    if case == "unknown type":
+        recipe["stages"]["lora"]["type"] = "finetun"
+    if case == "owned by another recipe":
+        out.mkdir()
+        (out / "llmfast-run.json").write_text(json.dumps({"recipe": "/somewhere/else.yaml"}))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    path = write(tmp_path / "bad.yaml", recipe)
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmfast: error:") and expected in err[0]
+    assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, path])
