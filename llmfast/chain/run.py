@@ -45,19 +45,19 @@ def decide(out: Path, stages: list[Stage], forced: set[str]) -> dict[str, tuple[
         started_key = _recorded_key(_state(out, stage, "started"))
         if stage.name in forced:
             decisions[stage.name] = ("run", "--from")
+        elif done_key is None and started_key is None:
+            decisions[stage.name] = ("run", "new")
+        elif started_key == stage.key and done_key != stage.key and STAGES.get(stage.type).resumable(stage_dir):
+            decisions[stage.name] = ("resume", "interrupted; its checkpoint is kept")
         elif set(stage.parents) & rerun:
             decisions[stage.name] = ("run", "a parent runs again")
         elif done_key == stage.key and stage_dir.exists():
             decisions[stage.name] = ("reuse", f"done, key {stage.key}")
             continue
-        elif started_key == stage.key and STAGES.get(stage.type).resumable(stage_dir):
-            decisions[stage.name] = ("resume", "interrupted; its checkpoint is kept")
-        elif done_key is not None:
+        elif done_key is not None and done_key != stage.key:
             decisions[stage.name] = ("run", "settings changed")
-        elif started_key is not None:
-            decisions[stage.name] = ("run", "interrupted before a checkpoint")
         else:
-            decisions[stage.name] = ("run", "new")
+            decisions[stage.name] = ("run", "interrupted before a checkpoint" if done_key is None else "output missing")
         rerun.add(stage.name)
     return decisions
 
