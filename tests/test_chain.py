@@ -137,3 +137,15 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llmfast: error:") and expected in err[0]
     assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, path])
+
+
+def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = chain(tiny, out)
+    stages = {k: recipe["stages"][k] for k in ("data", "lora")}
+    stages["lora"]["launch"] = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    stages["lora"]["with"]["export_merged"] = False
+    path = write(tmp_path / "ddp.yaml", {"output": str(out), "stages": stages})
+    assert main(["run", str(path)]) == 0
+    metrics = json.loads((out / "lora" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and (out / "lora" / "adapter" / "adapter_config.json").is_file()

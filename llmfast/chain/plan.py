@@ -30,6 +30,7 @@ class StageConfig(StrictModel):
     type: str
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
     flags: list[str] = []  # extra command-line flags for the verb, e.g. [--adapter-rank, concat] for merge
+    launch: list[str] = []  # run the verb under a launcher, e.g. [torchrun, --nproc_per_node, "2"] (DDP/FSDP)
 
 
 class ChainRecipe(StrictModel):
@@ -43,6 +44,7 @@ class Stage:
     type: str
     section: dict[str, Any]
     flags: tuple[str, ...]
+    launch: tuple[str, ...]
     parents: tuple[str, ...]
     key: str
 
@@ -114,7 +116,7 @@ def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]
         blob = json.dumps({"type": cfg.type, "with": cfg.with_, "flags": cfg.flags,
                            "parents": {p: keys[p] for p in parents}}, sort_keys=True, default=str)
         keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), parents, keys[name]))
+        planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), tuple(cfg.launch), parents, keys[name]))
     return planned
 
 

@@ -99,6 +99,18 @@ def run_stage(out: Path, stage: Stage, resume: bool) -> None:
     section = substitute(stage.section, paths)
     flags = substitute(list(stage.flags), paths)
     argv = STAGES.get(stage.type).argv(section, out / stage.name, out / ".recipes" / f"{stage.name}.yaml", resume)
+    if stage.launch:  # a launcher (torchrun) starts the verb's processes itself
+        import subprocess
+
+        try:
+            code = subprocess.run([*stage.launch, "-m", "llmfast.cli", *argv, *flags]).returncode
+        except FileNotFoundError:
+            raise UserError(f"stage {stage.name}: launcher '{stage.launch[0]}' not found: install it or give its "
+                            "full path in `launch:`") from None
+        if code:
+            raise UserError(f"stage {stage.name} ({stage.type}) under {' '.join(stage.launch)} failed with exit "
+                            f"code {code}: see its output above")
+        return
     args = parse_args([*argv, *flags])
     try:
         code = args.func(args)
