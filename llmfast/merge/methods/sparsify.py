@@ -125,8 +125,13 @@ def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
     idx[0], idx[m] = idx[m], idx[0]
     p = vals[0]
     seg = vals[1:]
-    lefts = np.flatnonzero(seg <= p)
-    rights = np.flatnonzero(seg >= p)[::-1]
+    # The crossing lies between G and G + E (G entries > p, E equal to p): the left stops that get swapped
+    # are before it and the right ones after it, so each scan is taken over its side's window only.
+    above = int(np.count_nonzero(seg > p))
+    window = above + int(np.count_nonzero(seg == p)) + 1
+    lefts = np.flatnonzero(seg[:window] <= p)
+    start = max(above - 1, 0)
+    rights = np.flatnonzero(seg[start:] >= p)[::-1] + start
     # lefts rise and rights fall, so the first i with lefts[i] >= rights[i] is found by bisection.
     lo, hi = 0, min(lefts.size, rights.size)
     while lo < hi:
@@ -136,12 +141,25 @@ def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
         else:
             lo = mid + 1
     pairs = lo
+    if pairs == lefts.size or pairs == rights.size:  # a window ran out: scan the whole range (exact, slower)
+        lefts = np.flatnonzero(seg <= p)
+        rights = np.flatnonzero(seg >= p)[::-1]
+        lo, hi = 0, min(lefts.size, rights.size)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if lefts[mid] >= rights[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        pairs = lo
     cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
     if pairs > 0:
         cut = min(cut, int(rights[pairs - 1]))
         i, j = lefts[:pairs] + 1, rights[:pairs] + 1
-        vals[i], vals[j] = vals[j], vals[i]
-        idx[i], idx[j] = idx[j], idx[i]
+        vi, vj = np.take(vals, i), np.take(vals, j)
+        vals[i], vals[j] = vj, vi
+        ii, ij = np.take(idx, i), np.take(idx, j)
+        idx[i], idx[j] = ij, ii
     return cut + 1
 
 
