@@ -235,7 +235,8 @@ def bench_method(method: str, base: Path, ft: list[Path], args: argparse.Namespa
         for tool in order:
             out = work / f"{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            r = timed(["nice", "-n", "10"] + commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]),
+            # Not under `nice`: on a shared machine a niced run is starved by everyone else's, whichever tool it is.
+            r = timed(commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]),
                       work / f"{tool}-{method}-{rnd}.log", args.threads)
             print(f"  {method:<16} {tool:<9} round {rnd + 1}: {r['seconds']:7.2f} s  {r['peak_rss_gib']:.2f} GiB  "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
