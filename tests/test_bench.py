@@ -246,3 +246,45 @@ def test_every_vllm_bench_serve_flag_is_known():
     known = {o for a in ours._actions for o in a.option_strings}
     missing = sorted(o for a in theirs._actions for o in a.option_strings if o not in known)
     assert missing == []
+
+
+def test_ramp_up_rates_follow_vllms_schedule():
+    """Linear 1 -> 9 req/s over n requests: the expected total time is the sum of 1/rate_i (gamma gaps, mean
+    1/rate); over 4000 requests the sum's standard deviation is about 2% of it, so 10% is five sigma."""
+    import numpy as np
+
+    from llmfast.bench.loadgen import RampUp, arrival_times
+
+    n, ramp = 4000, RampUp("linear", 1.0, 9.0)
+    assert [ramp.rate(i, 5) for i in range(5)] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    assert RampUp("exponential", 1.0, 16.0).rate(2, 5) == pytest.approx(4.0)  # 1 * 16 ** (2/4)
+    t = arrival_times(n, float("inf"), seed=1, ramp_up=ramp)
+    expected = sum(1 / ramp.rate(i, n) for i in range(1, n))  # the first request goes at 0
+    assert t[-1] == pytest.approx(expected, rel=0.10)
+    gaps = np.diff(t)
+    assert gaps[: n // 5].mean() > 3 * gaps[-n // 5 :].mean()
+
+
+def test_prefix_and_sharegpt_prompts(tmp_path, tiny):
+    from llmfast.bench.workload import build_requests
+
+    _, tok = tiny
+    reqs = build_requests(tok, num_prompts=5, input_len=10, output_len=3, prefix_len=12, seed=2)
+    prefixes = {r.prompt[:20] for r in reqs}
+    assert len(prefixes) == 1 and len({r.prompt for r in reqs}) == 5  # one shared start, different prompts
+    assert all(21 <= r.prompt_len <= 22 for r in reqs)  # 12 + 10 tokens, the seam may merge one pair
+    conv = [{"conversations": [{"from": "human", "value": f"question number {i} " * 3},
+                               {"from": "gpt", "value": "a fairly long answer " * (i + 1)}]} for i in range(6)]
+    conv.append({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})  # too short
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(conv))
+    got = build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=10, seed=0)
+    assert len(got) == 6 and all(r.prompt.startswith("question number") for r in got)
+    assert sorted(r.output_len for r in got) == sorted(
+        len(tok.encode("a fairly long answer " * (i + 1), add_special_tokens=False)) for i in range(6))
+    fixed = build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=3,
+                           sharegpt_output_len=5, shuffle=False)
+    assert [r.output_len for r in fixed] == [5, 5, 5] and fixed[0].prompt.startswith("question number 0")
+    path.write_text('{"not": "a list"}')
+    with pytest.raises(UserError, match="a ShareGPT file is a JSON list"):
+        build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=3)

@@ -130,7 +130,8 @@ def sharegpt_requests(path: str | Path, tokenizer: Any, num: int, output_len: in
     for prompt, reply in pairs:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         n_out = output_len or len(tokenizer.encode(reply, add_special_tokens=False))
-        if output_len is None and (len(ids) < 4 or n_out < 4 or len(ids) > 1024 or len(ids) + n_out > 2048):
+        too_short = len(ids) < 4 or (output_len is None and n_out < 4)  # a fixed length is the user's choice
+        if too_short or len(ids) > 1024 or len(ids) + n_out > 2048:
             continue
         requests.append(Request(prompt=prompt, prompt_len=len(ids), output_len=n_out, prompt_ids=ids))
         if len(requests) == num:
