@@ -99,6 +99,22 @@ def test_ternary_linear_equals_bitlinear_up_to_rounding_order() -> None:
     assert (y1 - y2).abs().max().item() <= bound
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (64,)])
+def test_ternary_fast_cpu_path_is_bit_identical(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    layer = TernaryLinear(64, 20, bias=True)
+    values, scale = ternarize(torch.randn(20, 64))
+    layer.weight.copy_(values)
+    layer.weight_scale.copy_(scale)
+    layer.bias.normal_()
+    x = torch.randn(*shape) * 4
+    fast = layer(x)
+    monkeypatch.setattr(TernaryLinear, "fast", False)
+    layer._dense = None
+    # int8 x ternary sums are exact in int32 and in float32 (|sum| <= 128 * 64 < 2^24): equal bit for bit.
+    assert torch.equal(fast, layer(x))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("bitnet") / "base")

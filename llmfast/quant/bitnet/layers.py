@@ -49,7 +49,15 @@ class BitLinear(nn.Linear):
 
 
 class TernaryLinear(nn.Module):
-    """Inference with ternary weights stored as int8 and transformers' BitLinear arithmetic."""
+    """Inference with ternary weights stored as int8 and transformers' BitLinear arithmetic.
+
+    On a CPU the integer product runs in oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: int8 codes times int8
+    weights, summed in int32, returned as float32 with unit scales). Those sums are exact, and so is the float32
+    matmul of the same small integers (below 2^24), so the fast path gives bit-identical outputs; it reads a
+    quarter of the weight bytes of float32. `TernaryLinear.fast = False` switches it off.
+    """
+
+    fast: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -59,12 +67,26 @@ class TernaryLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(1, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._dense: torch.Tensor | None = None  # the ternary values in the compute dtype, made once
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # oneDNN's int8 layout
+
+    def _integer_product(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes @ W^T for integer-valued codes, exactly."""
+        if self.fast and codes.device.type == "cpu" and codes.dtype == torch.float32 and _onednn_int8():
+            if self._packed is None:
+                self._packed = (torch.ops.onednn.qlinear_prepack(self.weight, None),
+                                torch.ones(self.out_features), torch.zeros(self.out_features, dtype=torch.int32))
+            packed, ones, zeros = self._packed
+            flat = codes.reshape(-1, self.in_features).to(torch.int8)
+            y = torch.ops.onednn.qlinear_pointwise(flat, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                                   "none", [], "")
+            return y.reshape(*codes.shape[:-1], self.out_features)
+        if self._dense is None or self._dense.dtype != codes.dtype or self._dense.device != codes.device:
+            self._dense = self.weight.to(codes.dtype)
+        return F.linear(codes, self._dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
-            self._dense = self.weight.to(x.dtype)
         codes, a_scale = quantize_activations(x)
-        y = F.linear(codes, self._dense)
+        y = self._integer_product(codes)
         y = y / (self.weight_scale * a_scale)
         if self.bias is not None:
             y = y + self.bias
@@ -72,6 +94,10 @@ class TernaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ternary"
+
+
+def _onednn_int8() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
 def linear_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
