@@ -114,7 +114,8 @@ def test_load_model_follows_the_setting_and_the_artifact(tmp_path, tiny_dir):
     # an artifact whose llmfast.json records its quantization loads that way without being told
     art = tmp_path / "art"
     shutil.copytree(tiny_dir, art)
-    (art / "llmfast.json").write_text(json.dumps({"stage": "test", "quantization": parse_quantization("fp4").manifest()}))
+    manifest = {"stage": "test", "quantization": parse_quantization("fp4").manifest()}
+    (art / "llmfast.json").write_text(json.dumps(manifest))
     found = _linear4bit(load_model(art))
     assert found and all(m.weight.quant_state.quant_type == "fp4" for m in found)
 
