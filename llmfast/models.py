@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmfast.artifacts import atomic_dir, write_manifest
 from llmfast.errors import UserError
+from llmfast.loading import from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
 from llmfast.modelfiles import check_adapter_dir, check_model_dir
 
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
@@ -212,15 +213,6 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
-def torch_dtype(name: str) -> "torch.dtype":
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise UserError(f"unknown dtype '{name}': use one of {', '.join(table)}")
-    return table[name]
-
-
 def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
@@ -228,23 +220,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def refuse_pickle_weights(path: str | os.PathLike[str]) -> None:
-    """A model whose weights are only pickle files (pytorch_model*.bin) is refused: unpickling can run code."""
-    p = Path(path)
-    if any(p.glob("pytorch_model*.bin")) and not any(p.glob("*.safetensors")):
-        raise UserError(f"{p}: its weights are pickle files (pytorch_model.bin), which llmfast does not load (a pickle "
-                        "can run code): in a trusted environment load it with transformers and save it with "
-                        "save_pretrained(DIR, safe_serialization=True), then use DIR")
-
-
-def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> "PreTrainedModel":
-    """`AutoModelForCausalLM.from_pretrained` for every loader in llmfast: safetensors weights only."""
-    from transformers import AutoModelForCausalLM
-
-    refuse_pickle_weights(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
 
 
 def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: str | os.PathLike[str] | None = None,

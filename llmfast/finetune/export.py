@@ -64,7 +64,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                   overwrite: bool = False) -> Path:
     from transformers import AutoTokenizer
 
-    from llmfast.models import check_adapter_dir, from_pretrained
+    from llmfast.loading import from_pretrained
+    from llmfast.models import check_adapter_dir
     from llmfast.quant import manifest_quantization
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)

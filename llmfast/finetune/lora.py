@@ -33,7 +33,7 @@ def pick_compute_dtype(requested: str) -> str:
 
 def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str) -> Any:
     """The frozen base: in `dtype` on `device`, or quantized by the recipe's method (QLoRA) as it loads."""
-    from llmfast.models import from_pretrained
+    from llmfast.loading import from_pretrained
 
     q = recipe.quantization
     if q is None:
