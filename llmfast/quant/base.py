@@ -69,6 +69,16 @@ class Quantizer:
         """Bench engines that can run this format on this machine, preferred first."""
         return ("hf",)
 
+    def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
+        """Refuse, with one line, a model this method cannot quantize; `skeleton` is the model on the meta
+        device (shapes, no weights), so this runs before anything is loaded."""
+
+    def load(self, path: Path, cfg: QuantConfigBase, dtype: str, **kwargs: Any) -> "PreTrainedModel":
+        """Load an artifact in this format for inference (default: transformers with `load_kwargs`)."""
+        from llmfast.loading import from_pretrained
+
+        return from_pretrained(path, dtype, **self.load_kwargs(cfg, dtype), **kwargs)
+
     def dequantize_for_merge(self, model: "PreTrainedModel", dtype: str) -> None:
         """Turn a model loaded in this format into plain 16/32-bit layers in place (for exporting adapters)."""
         raise UserError(f"quantization method {self.name} cannot dequantize a model for merging")
