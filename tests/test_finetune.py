@@ -235,7 +235,11 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_dir, dat
     assert code == 2 and last.startswith("llmfast: error: ") and "optimizer.pt: refused" in last, err
     assert "Traceback" not in err
     assert not (tmp_path / "marker").exists(), "the payload ran"
+    assert "weights_only" not in err, "no advice to load it unsafely"
     assert not (tmp_path / "run" / "adapter").exists()
+    (ckpt / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")  # a truncated file is one line too
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 2 and "optimizer.pt: cannot be read as a checkpoint file" in err.strip().splitlines()[-1], err
 
 
 def test_no_unsafe_torch_load_in_the_package():

@@ -51,12 +51,16 @@ def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: b
 
 def safe_load(path: Path, map_location: Any = None) -> Any:
     """torch.load that unpickles only tensors and plain containers: nothing in the file can run code."""
+    fix = "delete that checkpoint folder, or start the run again without --resume"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused, not a checkpoint file llmfast wrote (a safe load found: {first[:120]}); "
-                        "delete that checkpoint folder, or start the run again without --resume") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests loading unsafely; for a file from elsewhere that is the wrong advice.
+        raise UserError(f"{path}: refused: it holds pickled objects other than tensors and plain containers, "
+                        f"which could run code when loaded, so it is not a checkpoint llmfast wrote; {fix}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}; truncated or "
+                        f"corrupt?); {fix}") from None
 
 
 def load_adapter(model: Any, ckpt: Path) -> None:
