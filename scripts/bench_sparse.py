@@ -1,0 +1,120 @@
+"""MLP activation sparsity and perplexity of the sparsity methods against the dense model, in one run.
+
+    .venv/bin/python scripts/bench_sparse.py                      # builtin:smollm2-135m, writes runs/bench_sparse/
+    .venv/bin/python scripts/bench_sparse.py --relufy-steps 50 --ppl-tokens 8192
+
+Variants: the dense base, TEAL at 40% and 50%, CATS at 50%, and ReLU-fication after --relufy-steps recovery
+steps (and, for the curve, after 0 steps: the swap alone). Each is made by `llmfast sparsify` (the same code
+path, through its Python API) and then measured here: the MLP activation sparsity on held-out text (the
+first --heldout-tokens of eval/text/persuasion.txt, inside the evaluated span), the perplexity on the first
+--ppl-tokens of the same text (as `llmfast eval` computes it), and the wall time and peak memory of
+sparsify. Prints a table and writes results.json. Timings depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = REPO / "eval" / "text" / "persuasion.txt"
+
+
+def write_recipe(out: Path, name: str, model: str, method: str, config: dict, args: argparse.Namespace) -> Path:
+    path = out / f"{name}.yaml"
+    data = {"text": str(TEXT), "skip_tokens": args.skip_tokens, "calibration_tokens": args.calibration_tokens,
+            "heldout_tokens": args.heldout_tokens, "window": args.window}
+    path.write_text(json.dumps({"model": model, "sparsify": {"method": method, "config": config}, "data": data,
+                                "dtype": "float32", "output": str(out / name)}))  # JSON is YAML
+    return path
+
+
+def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> dict:
+    import torch
+
+    from llmfast.evaluate import perplexity
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse.measure import measure_sparsity, text_ids, windows
+
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    text = TEXT.read_text(encoding="utf-8")
+    if heldout is None:  # the dense model: measured here the way sparsify measures its artifacts
+        ids = text_ids(tok, text)
+        heldout = measure_sparsity(model, windows(ids[: args.heldout_tokens], args.window, "held-out"))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ppl = perplexity(model, tok, text, args.context, args.stride, args.ppl_tokens)
+    return {"mlp_sparsity": heldout["down_in"]["mean"], "mlp_sparsity_per_layer": heldout["down_in"]["per_layer"],
+            "mlp_input_sparsity": heldout["mlp_in"]["mean"], "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
+            "ppl_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--out", default="runs/bench_sparse")
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--skip-tokens", type=int, default=16384)
+    ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--heldout-tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--relufy-steps", type=int, default=20)
+    ap.add_argument("--relufy-batch", type=int, default=2)
+    ap.add_argument("--relufy-lr", type=float, default=5e-5)
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = ap.parse_args()
+
+    import torch
+
+    from llmfast.models import resolve_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_model(args.model)
+    relufy = {"batch_size": args.relufy_batch, "lr": args.relufy_lr, "log_every": 1}
+    variants = [("base", None, None), ("teal40", "teal", {"target": 0.4}), ("teal50", "teal", {"target": 0.5}),
+                ("cats50", "cats", {"target": 0.5}), ("relu0", "relufy", {**relufy, "steps": 0}),
+                (f"relu{args.relufy_steps}", "relufy", {**relufy, "steps": args.relufy_steps})]
+    rows = []
+    for name, method, config in variants:
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}", file=sys.stderr, flush=True)
+        row: dict = {"variant": name, "method": method, "config": config}
+        if method is None:
+            row.update(measure(base_dir, args, None))
+        else:
+            # A process of its own, so its peak memory is its own.
+            path = write_recipe(out, name, args.model, method, config, args)
+            subprocess.run([sys.executable, "-m", "llmfast.cli", "sparsify", str(path), "--overwrite"], check=True)
+            metrics = json.loads((out / name / "llmfast.json").read_text())["metrics"]
+            row.update({"sparsify_seconds": metrics["wall_seconds"], "peak_memory_gib": metrics["peak_memory_gib"],
+                        "heldout_kl": metrics.get("heldout_kl"), "train_tokens": metrics.get("train_tokens")})
+            row.update(measure(out / name, args, metrics["heldout_sparsity"]))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "mlp_sparsity_per_layer"}), file=sys.stderr)
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__},
+              "command": " ".join(sys.argv), "settings": vars(args), "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    base_ppl = next((r["ppl"] for r in rows if r["variant"] == "base"), None)
+    print(f"{'variant':<10} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'ppl':>8} {'vs base':>8} {'sparsify s':>10}")
+    for r in rows:
+        rel = f"{r['ppl'] / base_ppl - 1:+.1%}" if base_ppl else ""
+        print(f"{r['variant']:<10} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {r['ppl']:>8.2f} "
+              f"{rel:>8} {r.get('sparsify_seconds', ''):>10}")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
