@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmfast.artifacts import atomic_write_json
 from llmfast.chain.plan import ChainRecipe, Stage, downstream, plan, substitute
@@ -92,9 +92,8 @@ def _clear(out: Path, stage: Stage) -> None:
     _state(out, stage, "json").unlink(missing_ok=True)
 
 
-def run_stage(out: Path, stage: Stage, resume: bool) -> None:
-    from llmfast.cli import parse_args
-
+def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[str]], int]) -> None:
+    """Run one stage through `run_verb` (the CLI's own dispatch, handed in so the chain does not import it)."""
     paths = {name: out / name for name in stage.parents}
     section = substitute(stage.section, paths)
     flags = substitute(list(stage.flags), paths)
@@ -111,9 +110,8 @@ def run_stage(out: Path, stage: Stage, resume: bool) -> None:
             raise UserError(f"stage {stage.name} ({stage.type}) under {' '.join(stage.launch)} failed with exit "
                             f"code {code}: see its output above")
         return
-    args = parse_args([*argv, *flags])
     try:
-        code = args.func(args)
+        code = run_verb([*argv, *flags])
     except UserError as e:
         raise UserError(f"stage {stage.name} ({stage.type}): {e}") from None
     if code:
@@ -130,7 +128,8 @@ def format_plan(stages: list[Stage], decisions: dict[str, tuple[str, str]]) -> s
     return "\n".join(lines)
 
 
-def run_chain(recipe: ChainRecipe, recipe_path: Path, dry_run: bool = False, start: str | None = None) -> Path:
+def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[str]], int], dry_run: bool = False,
+              start: str | None = None) -> Path:
     """Run (or, with dry_run, only show) the chain; return the run directory."""
     stages = plan(recipe, str(recipe_path), STAGES.names())
     out = Path(recipe.output).expanduser()
@@ -155,7 +154,7 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, dry_run: bool = False, sta
             _clear(out, stage)
         atomic_write_json(_state(out, stage, "started"), {"key": stage.key})
         began = time.time()
-        run_stage(out, stage, resume=action == "resume")
+        run_stage(out, stage, action == "resume", run_verb)
         atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "seconds": round(time.time() - began, 1)})
     return out
 
