@@ -191,6 +191,35 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llmfast.quant.run import run_quantize
+    from llmfast.recipe import QuantizeRecipe, load_recipe
+
+    recipe = load_recipe(args.recipe, QuantizeRecipe, args.overrides)
+    out, metrics = run_quantize(recipe, resume=args.resume, overwrite=args.overwrite)
+    size = metrics.get("weights_file_bytes")
+    print(f"quantized model: {out}  method: {recipe.quantization.method}"
+          + (f"  weights file: {size / 2**20:.1f} MiB" if size else "")
+          + f"  wall: {metrics['wall_seconds']}s  peak RSS: {metrics['peak_rss_gib']:.2f} GiB")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llmfast.chain.plan import ChainRecipe
+    from llmfast.chain.run import run_chain
+    from llmfast.recipe import load_recipe
+
+    def run_verb(argv: list[str]) -> int:  # a stage: the verb's own parser and function, in this process
+        stage_args = parse_args(argv)
+        return stage_args.func(stage_args)
+
+    recipe = load_recipe(args.recipe, ChainRecipe, args.overrides)
+    out = run_chain(recipe, Path(args.recipe), run_verb, dry_run=args.dry_run, start=args.start)
+    if not args.dry_run:
+        print(f"run: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmfast", description="Adapt, compress, merge, serve and benchmark LLMs.")
     parser.add_argument("--version", action="version", version=f"llmfast {__version__}")
@@ -307,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
     _add_set(p)
     p.set_defaults(func=cmd_sparsify)
+
+    p = sub.add_parser("quantize", help="quantize a model into a smaller artifact (1.58-bit BitNet, ...)",
+                       description="Quantize a full-precision model with a method from llmfast/quant (see "
+                       "docs/quantize.md). Writes OUTPUT atomically with llmfast.json recording the method, so eval, "
+                       "bench and serve pick the loader and the engine from the artifact.")
+    p.add_argument("recipe", help="quantize recipe YAML, e.g. recipes/quantize_bitnet_smollm2.yaml")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training method from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
+    _add_set(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("run", help="run a chain of stages (fine-tune, merge, quantize, sparsify, eval, bench)",
+                       description="Run a chain recipe: stages in dependency order, each result reused while its "
+                       "settings and parents are unchanged; a killed run continues where it stopped.")
+    p.add_argument("recipe", help="chain recipe YAML, e.g. recipes/quickstart.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused, why) and stop")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run STAGE and everything after it again")
+    _add_set(p)
+    p.set_defaults(func=cmd_run)
 
     from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time
 

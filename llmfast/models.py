@@ -234,8 +234,9 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
 
     spec = parse_quantization(quantization) if quantization else manifest_quantization(read_manifest(path))
     if spec is not None:
-        kwargs.update(spec.quantizer.load_kwargs(spec.config, dtype))
-    model = from_pretrained(path, dtype, **kwargs)
+        model = spec.quantizer.load(Path(path), spec.config, dtype, **kwargs)
+    else:
+        model = from_pretrained(path, dtype, **kwargs)
     # A `llmfast sparsify` artifact: its method puts what the weights do not hold (thresholds) back on the MLPs.
     from llmfast.sparse.base import apply_artifact_sparsity
 

@@ -201,6 +201,21 @@ class SparsifyRecipe(StrictModel):
     output: Path
 
 
+# ---------------------------------------------------------------- quantize
+class QuantizeRecipe(StrictModel):
+    model: str  # a full-precision model: builtin:NAME, a directory (a merge, an export), a .gguf
+    quantization: Quantization  # method and settings, checked by the method's own schema (llmfast/quant)
+    data: SparsifyText | None = None  # calibration / training text, for methods that calibrate or train
+    dtype: DType = "float32"
+    output: Path
+
+    @model_validator(mode="after")
+    def _has_method(self) -> "QuantizeRecipe":
+        if self.quantization is None:
+            raise ValueError("quantization: give a method, e.g. {method: bitnet}")
+        return self
+
+
 # ---------------------------------------------------------------- loading
 def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
     out = []

@@ -3,7 +3,7 @@
 Light to import: each method imports torch and its library inside functions.
 """
 
-from llmfast.quant import bnb4  # noqa: F401  (registers the methods)
+from llmfast.quant import bitnet, bnb4, w4  # noqa: F401  (registers the methods)
 from llmfast.quant.base import (
     DEFAULT_METHOD,
     QUANTIZERS,
