@@ -140,12 +140,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
 
 def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
-    code, _, err = run_cli("finetune", str(path), "--resume")
-    assert code == 2 and "has no complete checkpoint" in err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("x")
     code, _, err = run_cli("finetune", str(path))
     assert code == 2 and "already exists: pass --resume" in err
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, tiny_dir, data):
+    path = recipe(tmp_path, tiny_dir, data)
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-000002.tmp-1-x").mkdir(parents=True)  # a checkpoint the kill cut short
+    (run / "recipe.json").write_text("{}")
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 0 and "starting from step 0" in err
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == sorted({e["step"] for e in log}) and log[0]["loss"] != 9.0
+    code, _, err = run_cli("finetune", str(path), "--resume")  # now finished: nothing to resume
+    assert code == 2 and "holds a finished run" in err
 
 
 def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tiny_dir, data):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import shutil
 import sys
@@ -134,15 +135,34 @@ def _note(acc: Any, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _check_output(recipe: FinetuneRecipe, resume: bool) -> Path:
+def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
+    """The output, and whether there is a checkpoint to resume from."""
     out = Path(recipe.output)
     if resume and ckpts.latest_checkpoint(out) is None:
-        raise UserError(f"--resume: {out} has no complete checkpoint (set train.save_every to make some)")
+        if (out / "adapter").exists() or (out / "metrics.json").exists():
+            raise UserError(f"--resume: {out} holds a finished run (adapter/, metrics.json): there is nothing to "
+                            "resume; choose another output")
+        if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
+            raise UserError(f"--resume: {out} has no checkpoint and holds files a run does not write: choose "
+                            "another output")
+        # Killed before its first checkpoint (or before its folder existed): nothing to keep, so it starts again.
+        check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
+        if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+            for name in RUN_FILES:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"llmfast: {out} has no complete checkpoint yet: starting from step 0", file=sys.stderr, flush=True)
+        return out, False
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
         check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
-    return out
+    return out, resume
+
+
+# What a run writes into its output before the first checkpoint is complete.
+RUN_FILES = {"recipe.json", "train_log.jsonl", "checkpoints"}
 
 
 def _accelerator() -> Any:
@@ -179,7 +199,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     from llmfast.models import load_tokenizer, resolve_model
 
     tc, dc = recipe.train, recipe.data
-    out = _check_output(recipe, resume)
+    out, resume = _check_output(recipe, resume)
     acc = _accelerator()
     world = acc.num_processes
     torch.manual_seed(tc.seed)
