@@ -2,10 +2,12 @@
 conformance, readiness, bad URLs and ports, a stalled stream, what vLLM's flags send, and vLLM command lines
 (each runs, or names the flag that does not apply)."""
 
+import contextlib
 import http.server
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,10 +72,12 @@ class _Fake(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         chat = self.path.endswith("chat/completions")
         n = 1 if srv.stall else body.get("max_tokens") or body.get("max_completion_tokens")
-        for _ in range(n):
-            choice = {"delta": {"content": "a"}} if chat else {"text": "a"}
-            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            self.wfile.flush()
+        with srv.lock if srv.gap else contextlib.nullcontext():  # with a gap: one request at a time, slowly
+            for _ in range(n):
+                time.sleep(srv.gap)
+                choice = {"delta": {"content": "a"}} if chat else {"text": "a"}
+                self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                self.wfile.flush()
         if srv.stall:
             srv.release.wait(60)
             return
@@ -85,10 +89,11 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 def fake_server(tiny_dir):
     servers = []
 
-    def start(models=("m",), stall=False):
+    def start(models=("m",), stall=False, gap=0.0):
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
         srv.daemon_threads = True
         srv.models, srv.root, srv.stall, srv.seen, srv.release = list(models), tiny_dir, stall, [], threading.Event()
+        srv.gap, srv.lock = gap, threading.Lock()
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}"
@@ -167,6 +172,18 @@ def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["status"] == "failed" and r["failed"] == 2
     assert r["error_counts"] == {"no token from the server for 1 s (--stall-timeout)": 2}
+
+
+def test_a_queue_is_not_a_stall(fake_server, tmp_path):
+    """A server that serves one request at a time, a token every 0.2 s: the last of four requests waits about
+    2.4 s for its first token, longer than --stall-timeout 2, but the server kept producing tokens: all succeed."""
+    _, url = fake_server(gap=0.2)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "4", "--random-input-len", "8",
+                             "--random-output-len", "4", "--stall-timeout", "2", "--save-result",
+                             "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["completed"] == 4 and r["failed"] == 0
 
 
 def test_bench_serve_sends_what_vllm_flags_ask(fake_server, tmp_path):

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from llmfast.serve.endpoint import headers as _headers
 if TYPE_CHECKING:
     from llmfast.bench.workload import Request
 
-T = TypeVar("T")
 BACKENDS = {"openai": "completions", "vllm": "completions", "openai-chat": "chat"}  # vLLM's names
 
 
@@ -61,35 +60,28 @@ def arrival_times(n: int, request_rate: float, burstiness: float = 1.0, seed: in
     return np.cumsum(gaps).tolist()
 
 
-class Stalled(Exception):
-    pass
-
-
 class Progress:
-    """When the server last produced a token, for any request: the stall clock."""
+    """The stall clock: when the server last produced a token for any request, and a watchdog that cancels
+    every request that has waited `limit` seconds since max(its start, that token). One timestamp per token
+    is all the streaming loop pays; the watchdog wakes a few times a second."""
 
     def __init__(self, stall_timeout: float) -> None:
         self.limit = stall_timeout if stall_timeout > 0 else math.inf
         self.last = time.perf_counter()
+        self.inflight: dict["asyncio.Task[Any]", float] = {}  # request task -> its start time
+        self.stalled: set["asyncio.Task[Any]"] = set()
 
     def token(self) -> None:
         self.last = time.perf_counter()
 
-    async def wait(self, aw: Awaitable[T], since: float) -> T:
-        """`aw`'s result, unless no token came for `limit` seconds since max(since, the server's last token)."""
-        task = asyncio.ensure_future(aw)
-        while True:
-            deadline = max(since, self.last) + self.limit
-            done, _ = await asyncio.wait({task}, timeout=max(0.05, deadline - time.perf_counter()))
-            if done:
-                return task.result()
-            if time.perf_counter() >= max(since, self.last) + self.limit:
-                task.cancel()
-                try:
-                    await task
-                except BaseException:  # noqa: BLE001 - the cancelled read's own error does not matter
-                    pass
-                raise Stalled()
+    async def watch(self) -> None:
+        while self.limit != math.inf:
+            await asyncio.sleep(min(0.25, self.limit / 4))
+            now = time.perf_counter()
+            for task, start in list(self.inflight.items()):
+                if now - max(start, self.last) >= self.limit and task not in self.stalled:
+                    self.stalled.add(task)
+                    task.cancel()
 
 
 def _payload(backend: str, model: str, req: "Request", ignore_eos: bool, extra_body: dict[str, Any]) -> dict[str, Any]:
@@ -115,19 +107,16 @@ async def _one(session: Any, url: str, payload: dict[str, Any], req: "Request", 
     res = RequestResult(prompt_len=req.prompt_len)
     start = time.perf_counter()
     res.start_time = last = start
+    progress.inflight[asyncio.current_task()] = start  # type: ignore[index]
     chunks = 0
     buffer = b""
     try:
-        async with await progress.wait(session.post(url, json=payload, headers=hdrs,
-                                                    timeout=aiohttp.ClientTimeout(total=timeout)), start) as resp:
+        async with session.post(url, json=payload, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:300].replace("\n", " ")
                 res.error = f"HTTP {resp.status}: {body}"
                 return res
-            while True:
-                data = await progress.wait(resp.content.readany(), start)
-                if not data:
-                    break
+            async for data in resp.content.iter_any():
                 buffer += data
                 # Server-sent events are separated by a blank line; a network chunk may hold several or a part.
                 while b"\n\n" in buffer:
@@ -155,12 +144,19 @@ async def _one(session: Any, url: str, payload: dict[str, Any], req: "Request", 
         res.output_tokens = res.output_tokens or chunks
         res.latency = last - start
         res.success = True
-    except Stalled:
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task not in progress.stalled:
+            raise  # not ours: the run itself is being cancelled
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled, the task goes on
+            task.uncancel()
         res.error = f"no token from the server for {progress.limit:.0f} s (--stall-timeout)"
     except asyncio.TimeoutError:
         res.error = f"no complete answer within {timeout:.0f} s (--request-timeout)"
     except Exception as e:  # noqa: BLE001 - every failure becomes a recorded cause, never a crash mid-run
         res.error = f"{type(e).__name__}: {e}".strip()
+    finally:
+        progress.inflight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
     return res
 
 
@@ -209,6 +205,7 @@ async def run_load(base_url: str, model: str, requests: list["Request"], *, requ
 
         if num_warmups:
             await asyncio.gather(*(send(i % len(requests), f"warmup{i}-") for i in range(num_warmups)))
+            progress.stalled.clear()
         t0 = time.perf_counter()
         progress.token()
 
@@ -221,6 +218,10 @@ async def run_load(base_url: str, model: str, requests: list["Request"], *, requ
                 on_done(r)
             return r
 
-        results = await asyncio.gather(*(fire(i) for i in range(len(requests))))
+        watchdog = asyncio.ensure_future(progress.watch())
+        try:
+            results = await asyncio.gather(*(fire(i) for i in range(len(requests))))
+        finally:
+            watchdog.cancel()
         duration = time.perf_counter() - t0
     return list(results), duration
