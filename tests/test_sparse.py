@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 DATA = "{text: %s, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}"
 FAST = {"teal": "{target: 0.5}", "cats": "{target: 0.5}",
-        "relufy": "{steps: 4, batch_size: 2, lr: 1.0e-4, warmup_steps: 0}"}
+        "relufy": "{steps: 4, batch_size: 2, lr: 1.0e-4, samples: 2}"}
 
 
 def recipe(tmp_path, model, method, config, out="out", text=TEXT, name="r"):
@@ -168,7 +168,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
     a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     metrics = json.loads((tmp_path / "killed" / "llmfast.json").read_text())["metrics"]
-    assert metrics["resumed_from_step"] > 0 and metrics["resumed_from_step"] % 5 == 0
+    assert metrics["resumed_from"] > 0 and metrics["resumed_from"] % 5 == 0
     steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41)), "each step logged once"
     assert not (tmp_path / "killed.checkpoints").exists(), "checkpoints go once the artifact is complete"
