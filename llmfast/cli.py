@@ -220,18 +220,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llmfast", description="Adapt, compress, merge, serve and benchmark LLMs.")
-    parser.add_argument("--version", action="version", version=f"llmfast {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-
+def _add_models(sub: Any) -> None:
     p = sub.add_parser("models", help="list the built-in models, or prepare one",
                        description="List the built-in models. With --prepare, convert one into the cache now.")
     p.add_argument("--prepare", nargs="+", metavar="MODEL",
                    help="resolve and cache models (builtin names, GGUF files, hub ids)")
     p.set_defaults(func=cmd_models)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity and task accuracy of a model",
                        description="Evaluate a model: perplexity on held-out text, exact-match accuracy on "
                        "task test sets. Writes a results JSON (see README) and prints a table.")
@@ -241,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="train a LoRA/QLoRA adapter",
                        description="Train a LoRA or QLoRA adapter from a recipe. Writes OUTPUT/adapter (a PEFT "
                        "adapter), OUTPUT/metrics.json and OUTPUT/train_log.jsonl. For DDP (or FSDP with "
@@ -251,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model",
                        description="Write a full model with the adapter merged in. A QLoRA adapter's base is "
                        "dequantized from 4-bit first; merging into 4-bit weights is refused.")
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output directory (never the adapter or its base)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server",
                        description="Start vLLM's OpenAI-compatible server for a model: builtin:NAME, a model "
                        "directory, a .gguf or a hub id, with LoRA adapters served by name. Defaults come from the "
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.set_defaults(func=cmd_serve)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark serving: online load, offline engines, or every variant",
                        description="Benchmarks: `bench serve` (load an OpenAI-compatible endpoint, flags of "
                        "`vllm bench serve`), `bench offline` (vLLM or transformers engine in-process), "
@@ -314,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(b)
     b.set_defaults(func=cmd_bench_run)
 
+
+def _add_tasks(sub: Any) -> None:
     p = sub.add_parser("tasks", help="list or generate the synthetic tasks",
                        description="Without arguments, list the synthetic tasks. With task names (or 'all'), "
                        "write TASK/train.jsonl and TASK/test.jsonl under --out, deterministic by --seed.")
@@ -326,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace files that exist with other content (identical files are always left as they are)")
     p.set_defaults(func=cmd_tasks)
 
+
+def _add_sparsify(sub: Any) -> None:
     p = sub.add_parser("sparsify", help="make a model's MLP activations sparse (TEAL, CATS, ReLU-fication)",
                        description="Write a model whose MLP activations are mostly zero: training-free thresholds "
                        "(teal, cats) calibrated to a target sparsity, or ReLU-fication with recovery by distillation "
@@ -337,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_sparsify)
 
+
+def _add_quantize(sub: Any) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a smaller artifact (1.58-bit BitNet, ...)",
                        description="Quantize a full-precision model with a method from llmfast/quant (see "
                        "docs/quantize.md). Writes OUTPUT atomically with llmfast.json recording the method, so eval, "
@@ -347,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run a chain of stages (fine-tune, merge, quantize, sparsify, eval, bench)",
                        description="Run a chain recipe: stages in dependency order, each result reused while its "
                        "settings and parents are unchanged; a killed run continues where it stopped.")
@@ -356,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_merge(sub: Any) -> None:
     from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time
 
     merge_cli.configure(sub.add_parser(
@@ -363,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge full models or LoRA adapters fine-tuned from one base with linear, task_arithmetic, "
         "ties, dare_linear, dare_ties or magnitude pruning (mergekit's config format). Streams tensors "
         "one at a time; writes OUTPUT atomically."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmfast", description="Adapt, compress, merge, serve and benchmark LLMs.")
+    parser.add_argument("--version", action="version", version=f"llmfast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for add in (_add_models, _add_tasks, _add_finetune, _add_export, _add_merge, _add_quantize, _add_sparsify,
+                _add_eval, _add_serve, _add_bench, _add_run):  # the order of the chain
+        add(sub)
     return parser
 
 
