@@ -373,11 +373,9 @@ def _add_run(sub: Any) -> None:
 def _add_merge(sub: Any) -> None:
     from llmfast.merge import cli as merge_cli  # light import: no torch at parser-build time
 
+    # The description (with the registered methods) is set by merge_cli.configure.
     merge_cli.configure(sub.add_parser(
-        "merge", help="merge models or LoRA adapters that share a base (mergekit-style config)",
-        description="Merge full models or LoRA adapters fine-tuned from one base with linear, task_arithmetic, "
-        "ties, dare_linear, dare_ties or magnitude pruning (mergekit's config format). Streams tensors "
-        "one at a time; writes OUTPUT atomically."))
+        "merge", help="merge models or LoRA adapters that share a base (mergekit-style config)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
