@@ -305,3 +305,73 @@ def test_prefix_and_sharegpt_prompts(tmp_path, tiny):
     path.write_text('{"not": "a list"}')
     with pytest.raises(UserError, match="a ShareGPT file is a JSON list"):
         build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=3)
+
+
+def _result(name, engine, ppl, tok1, tok16, linear, logs=None):
+    pts = [{"max_concurrency": c, "output_throughput": t, "request_throughput": 1.0, "total_token_throughput": t,
+            "median_ttft_ms": 10.0, "median_tpot_ms": 5.0, "p99_e2el_ms": 99.0, "p50_e2el_ms": 50.0,
+            "p90_e2el_ms": 90.0, "failed": 0, "status": "ok"} for c, t in ((1, tok1), (16, tok16))]
+    return {"name": name, "engine": engine, "points": pts, "peak_rss_gib": 1.0, "notes": [],
+            "quality": {"perplexity": {"ppl": ppl}, "tasks": {"dates": {"accuracy": 0.5}}},
+            "size": {"linear_weight_bytes": linear, "file_bytes": 2 * linear},
+            "lineage": [{"stage": "quantize", "path": f"/r/{name}", "parents": ["/r/merged"]}],
+            "training_logs": logs or {}}
+
+
+def test_report_has_one_row_per_variant_a_pareto_front_and_its_plots(tmp_path):
+    from llmfast.bench.report import _pareto, markdown, plots
+
+    assert _pareto([(1, 10), (2, 12), (3, 11), (0.5, 9)]) == [(0.5, 9), (1, 10), (3, 11)]
+    results = {"name": "t", "date": "d", "machine": "m", "comparisons": [],
+               "workload": {"num_prompts": 4, "input_len": 8, "output_len": 8, "ignore_eos": True,
+                            "request_rate": "inf", "max_concurrency": [1, 16], "percentiles": [50, 90]},
+               "variants": [_result("merged", "vllm", 20.0, 30.0, 200.0, 100 * 2**20,
+                                    {"lora-dates": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]}),
+                            _result("int4", "vllm", 21.0, 40.0, 180.0, 25 * 2**20),
+                            _result("ternary", "hf", 90.0, 10.0, 60.0, 7 * 2**20)]}
+    text = markdown(results)
+    summary = text.split("## Variants")[1].split("## Every load level")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["merged", "int4", "ternary"]
+    assert "| quantize of merged | 21.00 | 50% | 40.0 | 180.0 |" in rows[1] and "| 25.0 | 50.0 |" in rows[1]
+    paths = {p.name for p in plots(results, tmp_path)}
+    assert paths == {"throughput.png", "latency.png", "frontier.png", "accuracy.png", "loss.png"}
+    assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
+
+
+def test_model_size_counts_linear_tensors_from_headers(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file
+    import torch
+
+    from llmfast.bench.lineage import lineage, model_size
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(10, 4), "model.layers.0.mlp.up_proj.weight": torch.zeros(8, 4),
+               "model.layers.0.mlp.up_proj.weight_scale": torch.zeros(1), "model.layers.0.input_layernorm.weight":
+               torch.zeros(4), "model.layers.0.self_attn.q_proj.qweight": torch.zeros(2, 4, dtype=torch.int32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    size = model_size(tmp_path)
+    assert size["linear_weight_bytes"] == 8 * 4 * 4 + 4 + 2 * 4 * 4
+    assert size["file_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    (tmp_path / "llmfast.json").write_text(_json.dumps({"stage": "quantize", "parents": [str(tmp_path / "nope")]}))
+    assert lineage(tmp_path) == [{"stage": "quantize", "path": str(tmp_path), "parents": [str(tmp_path / "nope")]}]
+
+
+def test_a_sparse_artifact_runs_on_transformers_and_says_why_not_vllm(tmp_path, tiny_dir):
+    import json as _json
+    import shutil
+
+    from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.bench.runner import choose_engine
+
+    art = tmp_path / "teal"
+    shutil.copytree(tiny_dir, art)
+    (art / "llmfast.json").write_text(_json.dumps({"stage": "sparsify", "parents": [str(tiny_dir)],
+                                                   "sparsity": {"method": "teal", "config": {"target": 0.5}}}))
+    v = resolve_variant("teal", str(art), None, None)
+    assert v.sparsity == "teal" and v.families == ("hf",)
+    assert choose_engine(v, "auto").family == "hf"
+    assert "teal weights cannot run on the vllm engine" in ENGINES.get("vllm").can_run(v)
+    plain = resolve_variant("plain", str(tiny_dir), None, None)
+    assert plain.families[0] == "vllm" and choose_engine(plain, "auto").family == "vllm"

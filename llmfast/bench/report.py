@@ -29,11 +29,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"in a process of its own, {hf_batch}.",
         "",
     ]
-    quality_keys: list[str] = []
-    for v in results["variants"]:
-        for k in (v.get("quality") or {}).get("tasks", {}):
-            if k not in quality_keys:
-                quality_keys.append(k)
+    quality_keys = _task_names(results)
+    lines += _summary(results, quality_keys)
+    lines += ["## Every load level", ""]
     head = ["variant", "engine", "conc.", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TPOT p50 ms",
             "E2EL p99 ms", "failed", "peak RSS GiB", "ppl", *[f"{k} acc" for k in quality_keys]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -61,8 +59,65 @@ def markdown(results: dict[str, Any]) -> str:
     notes = [n for v in results["variants"] for n in v.get("notes", [])]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
-    lines += ["", "![throughput](throughput.png)", "", "![latency](latency.png)", ""]
+    lines += ["", "![quality against speed and size](frontier.png)", "", "![accuracy per task](accuracy.png)", "",
+              "![throughput](throughput.png)", "", "![latency](latency.png)", ""]
+    if any(v.get("training_logs") for v in results["variants"]):
+        lines += ["![fine-tuning loss](loss.png)", ""]
     return "\n".join(lines)
+
+
+def _task_names(results: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for v in results["variants"]:
+        for k in (v.get("quality") or {}).get("tasks", {}):
+            if k not in names:
+                names.append(k)
+    return names
+
+
+def _point(v: dict[str, Any], concurrency: str) -> dict[str, Any]:
+    """The point at concurrency 1 ("low") or at the highest concurrency ("high"); {} when there is none."""
+    pts = sorted(v.get("points") or [], key=lambda p: p["max_concurrency"])
+    return (pts[0] if concurrency == "low" else pts[-1]) if pts else {}
+
+
+def _made_by(v: dict[str, Any]) -> str:
+    chain = v.get("lineage") or []
+    if not chain:
+        return "-"
+    first = chain[0]
+    parents = ", ".join(Path(p).name for p in first["parents"][:3]) or "-"
+    return f"{first['stage']} of {parents}"
+
+
+def _mib(n: Any) -> str:
+    return "-" if not n else f"{n / 2**20:.1f}"
+
+
+def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
+    """One row per variant: quality, speed at the lowest and highest concurrency, size, where it came from."""
+    rows = [v for v in results["variants"] if "baseline" not in v["name"]]
+    if not rows:
+        return []
+    low = min(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
+    high = max(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
+    head = ["variant", "engine", "made by", "ppl", *[f"{t} acc" for t in tasks], f"out tok/s c={low}",
+            f"out tok/s c={high}", f"TTFT p50 ms c={low}", f"TPOT p50 ms c={low}", "linear weights MiB",
+            "files MiB", "peak RSS GiB"]
+    out = ["## Variants", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in rows:
+        q = v.get("quality") or {}
+        a, b = _point(v, "low"), _point(v, "high")
+        size = v.get("size") or {}
+        accs = [(q.get("tasks") or {}).get(t, {}).get("accuracy") for t in tasks]
+        out.append("| " + " | ".join([
+            v["name"], v["engine"], _made_by(v), _f((q.get("perplexity") or {}).get("ppl"), ".2f"),
+            *[_f(x * 100, ".0f") + "%" if x is not None else "-" for x in accs],
+            _f(a.get("output_throughput")), _f(b.get("output_throughput")), _f(a.get("median_ttft_ms")),
+            _f(a.get("median_tpot_ms")), _mib(size.get("linear_weight_bytes")), _mib(size.get("file_bytes")),
+            _f(v.get("peak_rss_gib"), ".2f")]) + " |")
+    return out + ["", "Linear weights: the bytes of the decoder layers' linear maps as stored (quantized parts "
+                  "included); a variant quantized while loading (e.g. `nf4`) shows its full-precision files.", ""]
 
 
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -104,4 +159,89 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "latency.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    paths += _frontier_plot(results, out_dir, plt) + _accuracy_plot(results, out_dir, plt) + _loss_plot(results,
+                                                                                                         out_dir, plt)
     return paths
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (x larger is better, y smaller is better), by x."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(front)
+
+
+def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
+    rows = [v for v in results["variants"] if "baseline" not in v["name"]
+            and (v.get("quality") or {}).get("perplexity")]
+    if not rows:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, xkey, xlabel in ((axes[0], "speed", "output tokens/s at the lowest concurrency (higher is better)"),
+                             (axes[1], "size", "linear weights, MiB (lower is better)")):
+        pts = []
+        for v in rows:
+            ppl = v["quality"]["perplexity"]["ppl"]
+            x = (_point(v, "low").get("output_throughput") if xkey == "speed"
+                 else (v.get("size") or {}).get("linear_weight_bytes", 0) / 2**20)
+            if not x:
+                continue
+            pts.append((x if xkey == "speed" else -x, ppl))
+            ax.scatter([x], [ppl])
+            ax.annotate(f"{v['name']} ({v['engine']})", (x, ppl), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        front = _pareto(pts)
+        if len(front) > 1:
+            ax.plot([abs(x) for x, _ in front], [y for _, y in front], "k--", alpha=0.5, label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Quality against speed and size")
+    fig.tight_layout()
+    path = out_dir / "frontier.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _accuracy_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
+    tasks = _task_names(results)
+    rows = [v for v in results["variants"] if "baseline" not in v["name"] and v.get("quality")]
+    if not tasks or not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows) * len(tasks) / 2), 4.5))
+    width = 0.8 / len(rows)
+    for j, v in enumerate(rows):
+        accs = [100 * ((v["quality"].get("tasks") or {}).get(t, {}).get("accuracy") or 0) for t in tasks]
+        ax.bar([i + j * width for i in range(len(tasks))], accs, width, label=v["name"])
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("exact-match accuracy, %")
+    ax.set_ylim(0, 100)
+    ax.set_title("Task accuracy per variant")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _loss_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for v in results["variants"]:
+        logs.update(v.get("training_logs") or {})
+    if not logs:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in sorted(logs.items()):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Fine-tuning loss of the adapters behind the variants")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -44,16 +44,20 @@ class Measured:
         return "failed" if not self.points or any(p["status"] == "failed" for p in self.points) else "ok"
 
     def to_json(self) -> dict[str, Any]:
+        from llmfast.bench.lineage import lineage, model_size, training_logs
+
         v = self.variant
+        chain = lineage(v.model_dir)
         return {"name": self.label, "model_dir": str(v.model_dir), "lora": str(v.lora.path) if v.lora else None,
-                "quantization": v.quantization_word, "engine": self.engine, "points": self.points,
-                "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
-                "quality": self.quality}
+                "quantization": v.quantization_word, "sparsity": v.sparsity, "engine": self.engine,
+                "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
+                "quality": self.quality, "size": model_size(v.model_dir), "lineage": chain,
+                "training_logs": training_logs(chain)}
 
 
 def choose_engine(v: "Variant", wanted: str) -> "Engine":
     """The engine the recipe names (if it can run the variant), or the first one allowed that can."""
-    from llmfast.bench.engines import ENGINES, engine_families
+    from llmfast.bench.engines import ENGINES
 
     if wanted != "auto":
         engine = ENGINES.get(wanted, f"variant '{v.name}': engine")
@@ -61,7 +65,7 @@ def choose_engine(v: "Variant", wanted: str) -> "Engine":
         if reason:
             raise UserError(f"variant '{v.name}': {reason}: use engine: hf or auto")
         return engine
-    for family in engine_families(v.quantization):
+    for family in v.families:
         if family in ENGINES and ENGINES.get(family).can_run(v) is None:
             return ENGINES.get(family)
     raise UserError(f"variant '{v.name}': no bench engine can run it here")
@@ -199,6 +203,7 @@ def _comparisons(v: Measured, base: Measured) -> list[dict[str, Any]]:
 def run_bench(recipe: "BenchRecipe") -> Path:
     """Measure every variant; write report.md, throughput.png, latency.png and results.json; return report.md."""
     from llmfast.artifacts import atomic_dir, atomic_write_json, write_manifest
+    from llmfast.bench.engines import ENGINES
     from llmfast.bench.report import markdown, plots
     from llmfast.bench.workload import random_requests
     from llmfast.models import load_tokenizer
@@ -212,6 +217,10 @@ def run_bench(recipe: "BenchRecipe") -> Path:
         requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
                                    0.0, w.seed)
         measured = [Measured(v, engine.family, v.name) for v, engine, _ in planned]
+        for m in measured:  # the report says plainly which variants vLLM could not serve, and why
+            reason = ENGINES.get("vllm").can_run(m.variant) if m.engine != "vllm" else None
+            if reason:
+                m.notes.append(f"{m.label}: not served by vLLM here ({reason}); measured with transformers")
         groups: dict[tuple[str, bool], list[Measured]] = {}
         for m in measured:
             if m.engine == "vllm":

@@ -69,6 +69,10 @@ class Quantizer:
         """Bench engines that can run this format on this machine, preferred first."""
         return ("hf",)
 
+    def cpu_serve_dtype(self, cfg: QuantConfigBase) -> str | None:
+        """The dtype vLLM must run this format in on a CPU, when it cannot use the machine's default."""
+        return None
+
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         """Refuse, with one line, a model this method cannot quantize; `skeleton` is the model on the meta
         device (shapes, no weights), so this runs before anything is loaded."""

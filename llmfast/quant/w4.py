@@ -79,6 +79,9 @@ class W4(Quantizer):
 
         return ("vllm", "hf") if torch.cuda.is_available() or cpu_has_w4_kernel() else ("hf",)
 
+    def cpu_serve_dtype(self, cfg: QuantConfigBase) -> str | None:
+        return "bfloat16"  # vLLM refuses float32 for this format ("not supported for quantization method inc")
+
     def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
         try:
             import auto_round  # noqa: F401  (transformers loads the format through it)

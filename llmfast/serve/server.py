@@ -75,6 +75,8 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     env_defaults, flags = vllm_defaults(machine)
     if spec.dtype:
         flags = ["--dtype", spec.dtype]
+    elif not machine.cuda and (needed := _format_dtype(spec.model)):
+        flags = ["--dtype", needed]  # a quantized format vLLM runs only in that dtype on a CPU
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model),
             "--served-model-name", spec.name, "--host", spec.host, "--port", str(spec.port), *flags,
             "--disable-uvicorn-access-log"]
@@ -94,6 +96,15 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     if spec.api_key:
         env["VLLM_API_KEY"] = spec.api_key  # not on the command line, where `ps` would show it
     return argv, env
+
+
+def _format_dtype(model_dir: Path) -> str | None:
+    """The dtype the model's quantization method needs vLLM to run it in on a CPU (llmfast.quant decides)."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization
+
+    spec = manifest_quantization(read_manifest(model_dir))
+    return spec.quantizer.cpu_serve_dtype(spec.config) if spec is not None else None
 
 
 class VllmServer:

@@ -30,6 +30,17 @@ class Variant:
     model_dir: Path
     lora: "ServedLora | None" = None
     quantization: Any = None
+    sparsity: str | None = None  # the sparsification method of a `llmfast sparsify` artifact
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Engine families that can run this variant here, preferred first."""
+        return engine_families(self.quantization, self.sparsity)
+
+    @property
+    def format_word(self) -> str | None:
+        """What makes the variant special, as reports write it (its quantization or sparsity method)."""
+        return self.quantization_word or self.sparsity
 
     @property
     def quantization_word(self) -> str | None:
@@ -47,23 +58,24 @@ def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) 
     from llmfast.quant import manifest_quantization, parse_quantization
     from llmfast.serve.lora import check_lora
 
+    from llmfast.artifacts import read_manifest
+
     model_dir = resolve_model(model)
     adapter = check_lora(name, lora, base=model_dir) if lora else None
-    if quantization:
-        quant = parse_quantization(quantization)
-    else:
-        from llmfast.artifacts import read_manifest
-
-        quant = manifest_quantization(read_manifest(model_dir))
-    return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant)
+    manifest = read_manifest(model_dir)
+    quant = parse_quantization(quantization) if quantization else manifest_quantization(manifest)
+    sparsity = ((manifest or {}).get("sparsity") or {}).get("method")
+    return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant, sparsity=sparsity)
 
 
-def engine_families(quantization: Any) -> tuple[str, ...]:
+def engine_families(quantization: Any, sparsity: str | None = None) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
-    quantization method decides (llmfast.quant)."""
+    quantization method decides (llmfast.quant). A sparse artifact runs on transformers only: vLLM would serve
+    its dense weights (TEAL/CATS thresholds are applied by llmfast's loader) or refuse its ReLU MLPs."""
     from llmfast.quant import engines_for
 
-    return tuple(engines_for(quantization))
+    families = tuple(engines_for(quantization))
+    return tuple(f for f in families if f == "hf") if sparsity else families
 
 
 class Engine(ABC):
@@ -72,9 +84,9 @@ class Engine(ABC):
 
     def can_run(self, variant: Variant) -> str | None:
         """None when this engine can run `variant` here, else the reason in a few words."""
-        if self.family not in engine_families(variant.quantization):
-            return (f"{variant.quantization_word} weights cannot run on the {self.family} engine here "
-                    f"(it runs on: {', '.join(engine_families(variant.quantization))})")
+        if self.family not in variant.families:
+            return (f"{variant.format_word} weights cannot run on the {self.family} engine here "
+                    f"(it runs on: {', '.join(variant.families)})")
         return None
 
 

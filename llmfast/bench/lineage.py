@@ -1,0 +1,64 @@
+"""What a variant is made of and where it came from: weight bytes from the safetensors headers, the chain of
+manifests back to the base, and the fine-tuning logs found on the way (for the report's loss curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Tensors of a decoder layer's linear maps, in full precision or in a quantized format's parts.
+_LINEAR_PARTS = (".weight", ".qweight", ".qzeros", ".scales", ".weight_scale", ".g_idx")
+_NOT_LINEAR = ("norm", "embed", "lm_head")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    from llmfast.modelfiles import safetensors_header
+
+    return safetensors_header(path, "re-create the model")
+
+
+def model_size(model_dir: Path) -> dict[str, int]:
+    """Bytes of the weight files, and of the tensors that belong to decoder-layer linear maps."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    linear = 0
+    for f in files:
+        for name, info in _header(f).items():
+            if name == "__metadata__" or any(w in name for w in _NOT_LINEAR) or ".layers." not in name:
+                continue
+            if name.endswith(_LINEAR_PARTS) and len(info.get("shape", [])) >= 1:
+                start, end = info["data_offsets"]
+                linear += end - start
+    return {"file_bytes": sum(f.stat().st_size for f in files), "linear_weight_bytes": linear}
+
+
+def lineage(model_dir: Path, depth: int = 4) -> list[dict[str, Any]]:
+    """The stages that made this model, newest first: [{stage, path, parents}], following llmfast.json."""
+    from llmfast.artifacts import read_manifest
+
+    chain, todo, seen = [], [model_dir], set()
+    while todo and len(chain) < depth:
+        path = Path(todo.pop(0))
+        if str(path) in seen:
+            continue
+        seen.add(str(path))
+        manifest = read_manifest(path) if path.is_dir() else None
+        if not manifest:
+            continue
+        parents = [str(p) for p in manifest.get("parents", [])]
+        chain.append({"stage": manifest.get("stage"), "path": str(path), "parents": parents})
+        todo += [Path(p) for p in parents]
+    return chain
+
+
+def training_logs(chain: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """train_log.jsonl of every fine-tuning run (an adapter's run folder) in a lineage, by run name."""
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for step in chain:
+        for p in [step["path"], *step["parents"]]:
+            run = Path(p).parent if Path(p).name == "adapter" else Path(p)
+            log = run / "train_log.jsonl"
+            if log.is_file() and run.name not in logs:
+                rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+                logs[run.name] = [r for r in rows if "loss" in r]
+    return logs
