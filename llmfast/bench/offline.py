@@ -49,7 +49,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.bench.workload import build_requests
     from llmfast.models import load_tokenizer
     from llmfast.serve.machine import default_dtype
-    from llmfast.serve.memory import PeakRss
+    from llmfast.memory import PeakRss
 
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)

@@ -97,7 +97,7 @@ def _measure_vllm(recipe: "BenchRecipe", group: list[Measured], requests: list["
     """One server for a model (or its LoRA variants); every variant through every concurrency."""
     from llmfast.bench.engines import ENGINES
     from llmfast.bench.online import run_point
-    from llmfast.serve.memory import PeakRss
+    from llmfast.memory import PeakRss
 
     w = recipe.workload
     names = ", ".join(m.label for m in group)
@@ -140,7 +140,7 @@ def hf_point(variant: "Variant", requests: list["Request"], batch_size: int, ign
     from llmfast.bench.engines import ENGINES
     from llmfast.bench.logs import engine_output
     from llmfast.bench.metrics import compute_metrics
-    from llmfast.serve.memory import PeakRss
+    from llmfast.memory import PeakRss
 
     with engine_output(log), PeakRss() as mem:
         results, duration = ENGINES.get("hf").generate(variant, requests, dtype=dtype,  # type: ignore[attr-defined]

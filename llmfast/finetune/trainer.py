@@ -34,6 +34,7 @@ from llmfast.finetune import fsdp as sharding
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.optimizers import make_optimizer
+from llmfast.memory import peak_memory_gib
 from llmfast.recipe import FinetuneRecipe, recipe_dict
 
 __all__ = ["run_finetune", "train_step", "evaluate", "make_optimizer", "micro_batches", "split_eval"]
@@ -70,14 +71,6 @@ def micro_batches(rows: list[list[Encoded]], batch_size: int, seed: int, epoch: 
     order = list(range(len(rows)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return [collate([rows[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    import resource
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @dataclasses.dataclass
@@ -343,7 +336,7 @@ def _train(run: Run) -> dict[str, Any]:
         window_loss += step_loss
         window_steps += 1
         done = step + 1
-        mem = peak_memory_gib(acc.device)
+        mem = peak_memory_gib(acc.device.type)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}", mem=f"{mem:.2f}GiB")
         fresh_eval = None
@@ -373,7 +366,7 @@ def _metrics(run: Run, loop: dict[str, Any], eval_loss: float | None, wall: floa
     return {
         "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
         "train_tokens": loop["tokens_seen"],
-        "peak_memory_gib": round(peak_memory_gib(device), 3),
+        "peak_memory_gib": round(peak_memory_gib(device.type), 3),
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
         "final_train_loss": round(loop["last_loss"], 6),
         "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,

@@ -21,7 +21,8 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
     from llmfast.artifacts import atomic_dir
     from llmfast.merge import io as mio
     from llmfast.merge.adapters import adapter_config_for
-    from llmfast.merge.steps import peak_rss_gib, progress_bar, write_merge_manifest
+    from llmfast.memory import peak_memory_gib
+    from llmfast.merge.steps import progress_bar, write_merge_manifest
 
     start = time.perf_counter()
     adapters = [s for s in plan.inputs if s.kind == "adapter"]
@@ -67,7 +68,7 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
                                    "seconds": round(time.perf_counter() - start, 2)}
         if not concat:
             metrics.update(errors.metrics())
-        metrics["peak_rss_gib"] = round(peak_rss_gib(), 3)
+        metrics["peak_rss_gib"] = round(peak_memory_gib(), 3)
         write_merge_manifest(plan, tmp, metrics, "adapter", base_model_path=str(plan.base.path))
     return metrics
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from llmfast.errors import UserError
+from llmfast.memory import peak_memory_gib
 from llmfast.merge.plan import MergePlan, plan_merge
-from llmfast.merge.steps import (default_threads, merge_counting, open_readers, peak_rss_gib, progress_bar,
+from llmfast.merge.steps import (default_threads, merge_counting, open_readers, progress_bar,
                                  read_inputs, write_merge_manifest)
 
 
@@ -76,7 +77,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         mio.copy_model_files(plan.reference, tmp, plan.out_dtype)
         metrics = {"method": plan.method.name, "tensors": len(layout), "output_bytes": writer.total_bytes,
                    "shards": len(files), "threads": threads, "seconds": round(time.perf_counter() - start, 2),
-                   "peak_rss_gib": round(peak_rss_gib(), 3)}
+                   "peak_rss_gib": round(peak_memory_gib(), 3)}
         if stats.get("nonzero"):
             metrics["kept_fraction"] = round(stats["kept"] / stats["nonzero"], 5)
         write_merge_manifest(plan, tmp, metrics, "model")

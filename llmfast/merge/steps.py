@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,6 @@ from typing import Any
 from llmfast.errors import UserError
 from llmfast.merge.methods.base import TensorContext
 from llmfast.merge.plan import MergePlan
-
-
-def peak_rss_gib() -> float:
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

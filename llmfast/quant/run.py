@@ -10,7 +10,6 @@ until the artifact is complete; `--resume` continues from them.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import sys
 import time
@@ -56,6 +55,7 @@ def _rows(recipe: Any, tokenizer: Any) -> Any:
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
     from llmfast.artifacts import atomic_dir, check_output, write_manifest
+    from llmfast.memory import peak_memory_gib
     from llmfast.models import load_tokenizer, resolve_model
 
     spec = recipe.quantization
@@ -80,7 +80,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
                                           dtype=recipe.dtype, work_dir=work, resume=resume)
         metrics["wall_seconds"] = round(time.time() - start, 2)
-        metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),
                        metrics=metrics, quantization=spec.manifest())
     if work.exists():

@@ -10,7 +10,6 @@ OUTPUT.checkpoints beside the output until the artifact is complete.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from pydantic import create_model
 
 from llmfast.errors import UserError
+from llmfast.memory import peak_memory_gib
 from llmfast.recipe import SparsifyRecipe, StrictModel, apply_overrides, parse_overrides, read_yaml, validate
 from llmfast.sparse import base
 
@@ -102,7 +102,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
         metrics = method.sparsify(job, cfg, tmp)
         metrics.update({
             "method": method.name, "wall_seconds": round(time.perf_counter() - t0, 1),
-            "peak_memory_gib": round(_peak_memory_gib(device), 3),
+            "peak_memory_gib": round(peak_memory_gib(device), 3),
             "memory_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
             "device": device, "dtype": recipe.dtype,
             "text": {"path": str(d.text), "tokens": int(ids.numel()), "heldout": [0, int(heldout.numel())],
@@ -125,9 +125,3 @@ def _check_architecture(model_path: Path, spec: str) -> None:
     base.gated_mlps(skeleton, where=spec)
 
 
-def _peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,9 +1,24 @@
-"""Peak memory of a process tree, sampled in a thread (vLLM's engine runs in child processes)."""
+"""Peak memory: of this process (every verb's metrics), and of a process tree sampled in a thread (vLLM's engine
+runs in child processes)."""
 
 from __future__ import annotations
 
 import os
+import resource
 import threading
+
+
+def peak_memory_gib(device: str = "cpu") -> float:
+    """Peak GPU memory allocated by torch on CUDA; elsewhere this process's peak resident memory, in GiB.
+
+    The process peak covers the whole process: when `llmfast run` chains stages in one process, a later stage's
+    figure includes the earlier stages' peak.
+    """
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class PeakRss:
