@@ -85,14 +85,19 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         raise UserError(f"output {final} is a file, not a directory: choose a directory path")
     if final.exists() and not overwrite:
         raise UserError(f"output {final} already exists: choose another path, or pass {flag} to replace it")
-    parent = final.parent
+    check_writable_parent(final)
+    return final
+
+
+def check_writable_parent(path: Path) -> None:
+    """The nearest existing folder above `path` is a folder we may write in; else one line naming it."""
+    parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"output {final}: {parent} is a file, not a directory")
+        raise UserError(f"output {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output {final}: no permission to write in {parent}")
-    return final
+        raise UserError(f"output {path}: no permission to write in {parent}")
 
 
 @contextlib.contextmanager

@@ -47,3 +47,16 @@ def after_eval_span(ids: "torch.Tensor", skip: int, tokens: int, source: str, wh
         raise UserError(f"{source} has {ids.numel()} tokens with this tokenizer; {what} needs {skip + tokens} "
                         f"({skip} skipped for the evaluation + {tokens}): lower them or give a longer text")
     return ids[skip: skip + tokens]
+
+
+def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, window: int,
+               source: str) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(the text after the evaluated span, calibration windows from its start, held-out windows).
+
+    Everything a method calibrates or trains on comes from after `skip` tokens; the held-out windows, on which
+    a method's effect is measured, are the first `heldout` tokens, inside the span `llmfast eval` scores.
+    """
+    train = ids[skip:]
+    calib = after_eval_span(ids, skip, calibration, source, "data.skip_tokens + data.calibration_tokens")
+    return train, windows(calib, window, "data.calibration_tokens"), windows(ids[:heldout], window,
+                                                                            "data.heldout_tokens")

@@ -9,7 +9,6 @@ the task's exact check (llmfast.data.tasks).
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from llmfast.artifacts import check_writable_parent
 from llmfast.data.chat import prompt_and_answer
 from llmfast.data.jsonl import read_jsonl
 from llmfast.data.tasks import check
@@ -218,13 +218,7 @@ def check_results_paths(out: Path) -> Path:
     for p in (out, pred):
         if p.is_dir():
             raise UserError(f"output {p} is a directory: give a file path for the results, e.g. {p}/results.json")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"output {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output {out}: no permission to write in {parent}")
+    check_writable_parent(out)
     if out.exists() and not (out.is_file() and is_eval_results(out)):
         raise UserError(f"output {out} exists and is not a results file written by llmfast eval: it is left as it "
                         "is; choose another --output")

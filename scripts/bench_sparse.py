@@ -40,12 +40,13 @@ def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> 
 
     from llmfast.evaluate import perplexity
     from llmfast.models import load_model, load_tokenizer
-    from llmfast.sparse.measure import measure_sparsity, text_ids, windows
+    from llmfast.calibration import windows
+    from llmfast.sparse.measure import measure_sparsity
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     text = TEXT.read_text(encoding="utf-8")
     if heldout is None:  # the dense model: measured here the way sparsify measures its artifacts
-        ids = text_ids(tok, text)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         heldout = measure_sparsity(model, windows(ids[: args.heldout_tokens], args.window, "held-out"))
     t0 = time.perf_counter()
     with torch.inference_mode():

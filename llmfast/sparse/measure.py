@@ -13,7 +13,6 @@ import contextlib
 import math
 from typing import TYPE_CHECKING, Any, Iterator
 
-from llmfast.errors import UserError
 from llmfast.sparse.base import gated_mlps
 
 if TYPE_CHECKING:
@@ -93,32 +92,3 @@ def measure_sparsity(model: "PreTrainedModel", windows: "torch.Tensor", eps: flo
         for s in range(0, windows.shape[0], batch_size):
             model(windows[s : s + batch_size].to(model.device))
     return summarize(tallies)
-
-
-def text_ids(tokenizer: Any, text: str) -> "torch.Tensor":
-    """The whole text's token ids, tokenized as `evaluate.perplexity` does (no special tokens)."""
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-
-
-def windows(ids: "torch.Tensor", window: int, what: str) -> "torch.Tensor":
-    """`ids` cut into full rows of `window` tokens (a short tail is dropped)."""
-    n = ids.numel() // window
-    if n == 0:
-        raise UserError(f"{what}: {ids.numel()} tokens make no full window of data.window={window} tokens: "
-                        "give more tokens or a smaller window")
-    return ids[: n * window].reshape(n, window)
-
-
-def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, window: int,
-               source: str) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """(text after the evaluated span, calibration windows, held-out windows).
-
-    `llmfast eval` scores the first `max_tokens` tokens of the text; everything a method calibrates or
-    trains on comes from after `skip` tokens, and the held-out windows from the first `heldout` tokens.
-    """
-    if ids.numel() < skip + calibration:
-        raise UserError(f"{source} has {ids.numel()} tokens with this tokenizer; data.skip_tokens + "
-                        f"data.calibration_tokens need {skip + calibration}: lower them or give a longer text")
-    train = ids[skip:]
-    return train, windows(train[:calibration], window, "data.calibration_tokens"), \
-        windows(ids[:heldout], window, "data.heldout_tokens")

@@ -73,7 +73,7 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
     import torch
 
     from llmfast.distill import teacher_samples
-    from llmfast.sparse.measure import windows
+    from llmfast.calibration import windows
 
     rows = windows(job.train_ids, job.window, "training text")
     if cfg.samples:

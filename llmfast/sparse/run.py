@@ -73,7 +73,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
     from llmfast.models import load_tokenizer, resolve_model, torch_dtype
     from llmfast.recipe import recipe_dict
-    from llmfast.sparse.measure import split_text, text_ids
+    from llmfast.calibration import split_text, text_ids
 
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
@@ -85,7 +85,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     _check_architecture(model_path, recipe.model)
     tokenizer = load_tokenizer(model_path)
     d = recipe.data
-    ids = text_ids(tokenizer, Path(d.text).read_text(encoding="utf-8"))
+    ids = text_ids(tokenizer, d.text)
     train_ids, calibration, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens,
                                                  d.window, str(d.text))
     from transformers import AutoModelForCausalLM
