@@ -171,8 +171,8 @@ class BenchRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- sparsify
-class SparsifyText(StrictModel):
-    """Which tokens of the text are held out and which a method calibrates or trains on (docs/sparsify.md)."""
+class CalibrationText(StrictModel):
+    """Which tokens of the text are held out and which a method calibrates or trains on (llmfast/calibration.py)."""
 
     text: ExistingFile  # e.g. eval/text/persuasion.txt, the text `llmfast eval` scores the start of
     skip_tokens: int = Field(16384, ge=0)  # the evaluated span: calibration/training use only tokens after it
@@ -181,7 +181,7 @@ class SparsifyText(StrictModel):
     window: PositiveInt = 512  # tokens per row
 
     @model_validator(mode="after")
-    def _heldout_inside_span(self) -> "SparsifyText":
+    def _heldout_inside_span(self) -> "CalibrationText":
         if self.heldout_tokens > self.skip_tokens:
             raise ValueError(f"heldout_tokens ({self.heldout_tokens}) must not exceed skip_tokens "
                              f"({self.skip_tokens}): the held-out text would overlap the calibration text")
@@ -196,7 +196,7 @@ class SparsifyMethod(StrictModel):
 class SparsifyRecipe(StrictModel):
     model: str
     sparsify: SparsifyMethod
-    data: SparsifyText
+    data: CalibrationText
     dtype: DType = "float32"
     output: Path
 
@@ -205,7 +205,7 @@ class SparsifyRecipe(StrictModel):
 class QuantizeRecipe(StrictModel):
     model: str  # a full-precision model: builtin:NAME, a directory (a merge, an export), a .gguf
     quantization: Quantization  # method and settings, checked by the method's own schema (llmfast/quant)
-    data: SparsifyText | None = None  # calibration / training text, for methods that calibrate or train
+    data: CalibrationText | None = None  # calibration / training text, for methods that calibrate or train
     dtype: DType = "float32"
     output: Path
 
