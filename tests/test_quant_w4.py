@@ -90,8 +90,15 @@ def test_transformers_loads_the_artifact(quantized: tuple[Path, Path]) -> None:
                 ref.get_submodule(name).weight.copy_(_unpack_gptq(
                     q.get_tensor(key), q.get_tensor(f"{name}.qzeros"), q.get_tensor(f"{name}.scales"), 32))
         want = ref(ids).logits
-    # auto-round runs the model in float16 on a CPU: agreement to float16 rounding through two layers.
-    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+    # llmfast's loader holds the int4 values in float32: the same weights, so the same logits up to the order
+    # of float32 sums.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # transformers alone (through auto-round, float16 on a CPU): agreement to float16 rounding through two layers.
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out)(ids).logits.float()
+    assert (theirs - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
 def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path,

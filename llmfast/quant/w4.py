@@ -82,12 +82,15 @@ class W4(Quantizer):
     def cpu_serve_dtype(self, cfg: QuantConfigBase) -> str | None:
         return "bfloat16"  # vLLM refuses float32 for this format ("not supported for quantization method inc")
 
-    def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
-        try:
-            import auto_round  # noqa: F401  (transformers loads the format through it)
-        except ImportError:
-            raise UserError("loading a w4 model needs auto-round: `pip install auto-round`") from None
-        return {}
+    def load(self, path: Path, cfg: QuantConfigBase, dtype: str, **kwargs: Any) -> Any:
+        """For the transformers engine and eval: the int4 values dequantized once into plain Linear weights.
+
+        transformers runs this format on a CPU only through auto-round, in float16 and dequantizing at every
+        call (about a minute per 512-token window for the built-in model here); the same values held in
+        `dtype` give the same model at full-precision memory and speed. vLLM serves the packed weights.
+        """
+        assert isinstance(cfg, W4Config)
+        return load_dequantized(path, cfg.group_size, dtype)
 
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         assert isinstance(cfg, W4Config)
@@ -126,3 +129,46 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     return {"group_size": cfg.group_size, "iters": cfg.iters, "calibration_windows": len(samples),
             "weights_file_bytes": weights}
+
+
+def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
+    """(out, in) float32 weights from AutoRound's GPTQ packing: eight 4-bit values per int32 along the inputs
+    (qweight: in/8 x out), zero points stored minus one (qzeros: groups x out/8), scales (groups x out)."""
+    import torch
+
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    levels = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & 0xF).reshape(-1, qweight.shape[1])
+    zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & 0xF).reshape(qzeros.shape[0], -1) + 1
+    group = torch.arange(levels.shape[0]) // group_size
+    return ((levels - zeros[group]).float() * scales.float()[group]).t().contiguous()
+
+
+def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
+    """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmfast.loading import torch_dtype
+
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    state: dict[str, Any] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for key in keys:
+                if key.endswith(".qweight"):
+                    name = key[: -len(".qweight")]
+                    state[f"{name}.weight"] = dequantize_gptq(f.get_tensor(key), f.get_tensor(f"{name}.qzeros"),
+                                                              f.get_tensor(f"{name}.scales"), group_size)
+                elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+                    state[key] = f.get_tensor(key)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{path}: its weights do not match its config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}): quantize the model again")
+    model.tie_weights()
+    return model.to(torch_dtype(dtype)).eval()
