@@ -35,11 +35,11 @@ def test_atomic_dir_replaces_existing_and_keeps_old_on_failure(tmp_path):
     final.mkdir()
     (final / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise KeyboardInterrupt
     assert (final / "old.txt").read_text() == "old"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert _siblings(final) == ["model"]
@@ -48,8 +48,34 @@ def test_atomic_dir_replaces_existing_and_keeps_old_on_failure(tmp_path):
 def test_atomic_dir_refuses_existing_without_overwrite(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(UserError, match="already exists"):
-        with atomic_dir(tmp_path / "model", overwrite=False):
+        with atomic_dir(tmp_path / "model"):  # refusing is the default
             pass
+
+
+def test_atomic_dir_refuses_an_output_that_is_or_holds_an_input(tmp_path):
+    src = tmp_path / "runs" / "adapter"
+    src.mkdir(parents=True)
+    for out in (src, tmp_path / "runs"):
+        with pytest.raises(UserError, match="is \\(or holds\\) the input"):
+            with atomic_dir(out, overwrite=True, inputs=[src]):
+                pass
+    assert src.is_dir()
+
+
+def test_atomic_dir_removes_temporaries_of_dead_writers_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a PID that has exited
+    (tmp_path / f".model.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".model.old-{dead}-def").mkdir()
+    alive = tmp_path / f".model.tmp-{os.getppid()}-ghi"  # our parent is alive: maybe writing right now
+    alive.mkdir()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "x").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", alive.name])
 
 
 def test_manifest_round_trip(tmp_path):
