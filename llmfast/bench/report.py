@@ -86,7 +86,9 @@ def _made_by(v: dict[str, Any]) -> str:
     if not chain:
         return "-"
     first = chain[0]
-    parents = ", ".join(Path(p).name for p in first["parents"][:3]) or "-"
+    # A finetune's adapter is named after its run folder: "lora-dates/adapter", not "adapter".
+    names = [f"{Path(p).parent.name}/adapter" if Path(p).name == "adapter" else Path(p).name for p in first["parents"]]
+    parents = ", ".join(names[:3]) or "-"
     return f"{first['stage']} of {parents}"
 
 

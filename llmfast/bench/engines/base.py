@@ -40,7 +40,7 @@ class Variant:
     @property
     def format_word(self) -> str | None:
         """What makes the variant special, as reports write it (its quantization or sparsity method)."""
-        return self.quantization_word or self.sparsity
+        return getattr(self.quantization, "method", None) or self.quantization_word or self.sparsity
 
     @property
     def quantization_word(self) -> str | None:

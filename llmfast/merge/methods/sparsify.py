@@ -133,25 +133,11 @@ def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
     start = max(above - 1, 0)
     rights = np.flatnonzero(seg[start:] >= p)[::-1] + start
     # lefts rise and rights fall, so the first i with lefts[i] >= rights[i] is found by bisection.
-    lo, hi = 0, min(lefts.size, rights.size)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if lefts[mid] >= rights[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    pairs = lo
+    pairs = _first_crossing(lefts, rights)
     if pairs == lefts.size or pairs == rights.size:  # a window ran out: scan the whole range (exact, slower)
         lefts = np.flatnonzero(seg <= p)
         rights = np.flatnonzero(seg >= p)[::-1]
-        lo, hi = 0, min(lefts.size, rights.size)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if lefts[mid] >= rights[mid]:
-                hi = mid
-            else:
-                lo = mid + 1
-        pairs = lo
+        pairs = _first_crossing(lefts, rights)
     cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
     if pairs > 0:
         cut = min(cut, int(rights[pairs - 1]))
@@ -181,3 +167,15 @@ def drop_at_random(values: "np.ndarray", density: float, seed: int, tensor_name:
 def _stream_seed(seed: int, tensor_name: str, index: int) -> int:
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def _first_crossing(lefts: "np.ndarray", rights: "np.ndarray") -> int:
+    """The first i with lefts[i] >= rights[i] (lefts rise and rights fall), by bisection; their length if none."""
+    lo, hi = 0, min(lefts.size, rights.size)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lefts[mid] >= rights[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
