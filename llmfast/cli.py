@@ -334,29 +334,35 @@ def _add_tasks(sub: Any) -> None:
     p.set_defaults(func=cmd_tasks)
 
 
-def _add_sparsify(sub: Any) -> None:
-    p = sub.add_parser("sparsify", help="make a model's MLP activations sparse (TEAL, CATS, ReLU-fication)",
-                       description="Write a model whose MLP activations are mostly zero: training-free thresholds "
-                       "(teal, cats) calibrated to a target sparsity, or ReLU-fication with recovery by distillation "
-                       "(relufy). Writes OUTPUT atomically; `load_model` and `llmfast eval` apply it. See "
-                       "docs/sparsify.md.")
-    p.add_argument("recipe", help="sparsify recipe YAML, e.g. recipes/sparsify_teal_smollm2.yaml")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted relufy run from its last checkpoint")
+def _add_artifact_verb(sub: Any, name: str, help: str, description: str, example: str, resume_help: str,
+                       func: Callable[[argparse.Namespace], int]) -> None:
+    """A verb that writes one artifact from a recipe, resumable when its method trains (quantize, sparsify)."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("recipe", help=f"{name} recipe YAML, e.g. {example}")
+    p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
     _add_set(p)
-    p.set_defaults(func=cmd_sparsify)
+    p.set_defaults(func=func)
+
+
+def _add_sparsify(sub: Any) -> None:
+    _add_artifact_verb(
+        sub, "sparsify", "make a model's MLP activations sparse (TEAL, CATS, ReLU-fication)",
+        "Write a model whose MLP activations are mostly zero: training-free thresholds (teal, cats) calibrated to a "
+        "target sparsity, or ReLU-fication with recovery by distillation (relufy). Writes OUTPUT atomically; "
+        "`load_model` and `llmfast eval` apply it. See docs/sparsify.md.",
+        "recipes/sparsify_teal_smollm2.yaml", "continue an interrupted relufy run from its last checkpoint",
+        cmd_sparsify)
 
 
 def _add_quantize(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="quantize a model into a smaller artifact (1.58-bit BitNet, ...)",
-                       description="Quantize a full-precision model with a method from llmfast/quant (see "
-                       "docs/quantize.md). Writes OUTPUT atomically with llmfast.json recording the method, so eval, "
-                       "bench and serve pick the loader and the engine from the artifact.")
-    p.add_argument("recipe", help="quantize recipe YAML, e.g. recipes/quantize_bitnet_smollm2.yaml")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted training method from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
-    _add_set(p)
-    p.set_defaults(func=cmd_quantize)
+    _add_artifact_verb(
+        sub, "quantize", "quantize a model into a smaller artifact (int4, 1.58-bit BitNet)",
+        "Quantize a full-precision model with a method from llmfast/quant (see docs/quantize.md). Writes OUTPUT "
+        "atomically with llmfast.json recording the method, so eval, bench and serve pick the loader and the engine "
+        "from the artifact.",
+        "recipes/quantize_bitnet_smollm2.yaml", "continue an interrupted training method from its checkpoint",
+        cmd_quantize)
 
 
 def _add_run(sub: Any) -> None:
