@@ -140,10 +140,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Throughput against concurrency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "throughput.png", plt))
 
     pcts = results["workload"]["percentiles"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -157,13 +154,17 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("end-to-end latency (s)")
     ax.set_title("Latency percentiles at the highest concurrency")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "latency.png", plt))
     paths += _frontier_plot(results, out_dir, plt) + _accuracy_plot(results, out_dir, plt) + _loss_plot(results,
                                                                                                          out_dir, plt)
     return paths
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -199,11 +200,7 @@ def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Pat
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     fig.suptitle("Quality against speed and size")
-    fig.tight_layout()
-    path = out_dir / "frontier.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "frontier.png", plt)]
 
 
 def _accuracy_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
@@ -221,11 +218,7 @@ def _accuracy_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Pat
     ax.set_ylim(0, 100)
     ax.set_title("Task accuracy per variant")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "accuracy.png", plt)]
 
 
 def _loss_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
@@ -242,8 +235,4 @@ def _loss_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
     ax.set_title("Fine-tuning loss of the adapters behind the variants")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "loss.png", plt)]
