@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Tensors of a decoder layer's linear maps, in full precision or in a quantized format's parts.
-_LINEAR_PARTS = (".weight", ".qweight", ".qzeros", ".scales", ".weight_scale", ".g_idx")
+# Tensors of a decoder layer's linear maps, in full precision or in a quantized format's parts (GPTQ packing,
+# BitNet's scale, bitsandbytes 4-bit: block scales, nested scales, code book and its serialized state).
+_LINEAR_PARTS = (".weight", ".qweight", ".qzeros", ".scales", ".weight_scale", ".g_idx", "absmax", "quant_map",
+                 "bitsandbytes__nf4", "bitsandbytes__fp4")
 _NOT_LINEAR = ("norm", "embed", "lm_head")
 
 

@@ -9,15 +9,27 @@ computes in bfloat16 (`Linear4bit.support_avx512bf16_for_cpu`); elsewhere, and a
 dequantizes the weight and multiplies in the compute dtype. At import, that CPU backend also tries to
 fetch a kernel from the Hugging Face hub and logs a warning when it cannot: `quiet_bitsandbytes` hides
 that line (the slower built-in kernel is used, with the same results).
+
+`llmfast quantize` with this method writes what QLoRA users deploy: a transformers 4-bit checkpoint (the
+packed 4-bit weights, their block scales and `quantization_config` in config.json), made by loading the
+model with the same `BitsAndBytesConfig` and saving it, so it holds exactly the weights a model quantized
+while loading has. `AutoModelForCausalLM.from_pretrained(dir)` loads it with no llmfast code.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import field_validator
 
 from llmfast.errors import UserError
 from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.registry import did_you_mean
+
+TYPES = ("nf4", "fp4")
 
 _HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
@@ -44,19 +56,30 @@ class Bnb4Config(QuantConfigBase):
     type: Literal["nf4", "fp4"] = "nf4"  # NF4: levels at normal quantiles (QLoRA); FP4: a 4-bit float
     double_quant: bool = True  # quantize the per-block scales too (~0.4 bit per weight saved)
 
+    @field_validator("type", mode="before")
+    @classmethod
+    def _known_type(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in TYPES:
+            raise ValueError(f"Input should be 'nf4' or 'fp4'{did_you_mean(v, list(TYPES))}")
+        return v
 
-def bnb_config(cfg: Bnb4Config, dtype: str, purpose: str) -> Any:
-    """The `BitsAndBytesConfig` for these settings, computing in `dtype`."""
+
+def bnb_config(cfg: Bnb4Config, dtype: str, purpose: str, for_saving: bool = False) -> Any:
+    """The `BitsAndBytesConfig` for these settings, computing in `dtype`. The packed 4-bit values are held in
+    `dtype` tensors (FSDP needs that to shard a QLoRA base), or for a saved checkpoint in uint8 (the layout
+    transformers writes by default, which every bitsandbytes loader reads)."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise UserError(f"{purpose} needs bitsandbytes: `pip install bitsandbytes`, or remove 'quantization' "
                         "from the recipe") from None
+    import torch
+
     td = _torch_dtype(dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.type, bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=td, bnb_4bit_quant_storage=td,
+        bnb_4bit_compute_dtype=td, bnb_4bit_quant_storage=torch.uint8 if for_saving else td,
     )
 
 
@@ -86,6 +109,27 @@ class Bnb4(Quantizer):
         assert isinstance(cfg, Bnb4Config)
         return {"quantization_config": bnb_config(cfg, dtype, "loading a bitsandbytes 4-bit model")}
 
+    def load(self, path: Path, cfg: QuantConfigBase, dtype: str, **kwargs: Any) -> Any:
+        """A checkpoint saved in 4-bit (`llmfast quantize`) loads as saved; a full-precision model is quantized
+        while it loads."""
+        from llmfast.loading import from_pretrained
+
+        assert isinstance(cfg, Bnb4Config)
+        saved = saved_4bit(path)
+        if saved is None:
+            return super().load(path, cfg, dtype, **kwargs)
+        if saved != (cfg.type, cfg.double_quant):
+            raise UserError(f"{path} is saved in {_describe(*saved)}, not {_describe(cfg.type, cfg.double_quant)}: "
+                            "drop the quantization setting (the checkpoint says how it is quantized)")
+        return from_pretrained(path, dtype, **kwargs)
+
+    def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
+        check_has_linear(skeleton)
+
+    def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:
+        assert isinstance(cfg, Bnb4Config)
+        return save_4bit(model_dir, cfg, out_dir, **job)
+
     def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:
         # vLLM's CPU backend has no bitsandbytes kernels; transformers runs them on CPUs and GPUs.
         return ("hf",)
@@ -113,3 +157,48 @@ class Bnb4(Quantizer):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+
+
+def _describe(kind: str, double_quant: bool) -> str:
+    return f"{kind}{' with' if double_quant else ' without'} double quant"
+
+
+def saved_4bit(path: Path) -> tuple[str, bool] | None:
+    """(type, double_quant) of a transformers bitsandbytes 4-bit checkpoint at `path`, or None for any other."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        return None
+    return str(qc.get("bnb_4bit_quant_type", "fp4")), bool(qc.get("bnb_4bit_use_double_quant", False))
+
+
+def check_has_linear(skeleton: Any) -> None:
+    """bitsandbytes replaces `nn.Linear` (and GPT-2's `Conv1D`) layers, never the head: a model without any
+    has nothing to quantize (a one-line refusal rather than a "quantized" copy of the same weights)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    found = [n for n, m in skeleton.named_modules()
+             if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and not n.endswith("lm_head")]
+    if not found:
+        arch = type(skeleton).__name__
+        raise UserError(f"bnb4: {arch} has no Linear layers besides the head, so bitsandbytes has nothing to "
+                        "quantize: use a model built from nn.Linear layers (Llama, Qwen, Mistral, GPT-2, ...)")
+
+
+def save_4bit(model_dir: Path, cfg: Bnb4Config, out_dir: Path, *, tokenizer: Any, dtype: str = "float32",
+              **_: Any) -> dict[str, Any]:
+    """Quantize while loading (on the CPU, as for eval) and save the 4-bit checkpoint into `out_dir`."""
+    from llmfast.bench.lineage import model_size
+    from llmfast.loading import from_pretrained
+
+    qc = bnb_config(cfg, dtype, "saving a bitsandbytes 4-bit model", for_saving=True)
+    model = from_pretrained(model_dir, dtype, quantization_config=qc, device_map={"": "cpu"})
+    # No forward pass before saving: on AVX512-BF16 CPUs an eval forward repacks the weights for its kernel.
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    size = model_size(out_dir)
+    return {"type": cfg.type, "double_quant": cfg.double_quant, "weights_file_bytes": size["file_bytes"],
+            "linear_weight_bytes": size["linear_weight_bytes"]}

@@ -1,0 +1,192 @@
+"""`llmfast quantize` with bitsandbytes 4-bit: the saved checkpoint holds the NF4 codes of the original weights,
+transformers loads it alone, llmfast loads it from its manifest and evaluates it like the model quantized while
+loading; bad input is one line, exit 2, nothing on disk. bitsandbytes runs for real on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfast.cli import main
+from llmfast.testing import build_tiny_llama
+
+pytest.importorskip("bitsandbytes")
+
+IDS = [[1, 17, 42, 99, 7, 300, 12, 5, 64, 3, 250, 8]]
+BLOCK = 64  # bitsandbytes' 4-bit block size in transformers
+
+
+def _recipe(tmp: Path, model: Path, out: Path, **quant: object) -> Path:
+    path = tmp / f"{out.name}.yaml"
+    path.write_text(json.dumps({"model": str(model), "output": str(out),
+                                "quantization": {"method": "bnb4", **quant}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("bnb4")
+    base = build_tiny_llama(tmp / "base")
+    out = tmp / "nf4"
+    assert main(["quantize", str(_recipe(tmp, base, out, type="nf4", double_quant=True))]) == 0
+    return base, out
+
+
+def _linear4bit(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def _dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each 4-bit layer's weight as bitsandbytes decodes it (read before any eval forward, which may repack it)."""
+    import bitsandbytes as bnb
+
+    return {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+            for n, m in _linear4bit(model).items()}
+
+
+def test_checkpoint_holds_the_nf4_codes_of_the_original_weights(saved: tuple[Path, Path]) -> None:
+    from safetensors import safe_open
+
+    from llmfast.models import load_model
+
+    base, out = saved
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["quantization"] == {"method": "bnb4", "config": {"bits": 4, "type": "nf4", "double_quant": True}}
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    assert qc["bnb_4bit_use_double_quant"] and qc["bnb_4bit_quant_storage"] == "uint8"
+    assert (out / "tokenizer.json").is_file()
+    model = load_model(out)
+    deq = _dequantized(model)
+    assert len(deq) == 2 * 7  # every Linear of both layers; the head stays full precision
+    table = model.model.layers[0].self_attn.q_proj.weight.quant_state.code.float()  # the 16 NF4 levels
+    assert table.min().item() == -1.0 and table.max().item() == 1.0
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for name, dq in deq.items():
+            w = f.get_tensor(f"{name}.weight").float().reshape(-1, BLOCK)
+            dq = dq.reshape(-1, BLOCK)
+            # A block's largest weight lands on level +-1, so max|dq| is the block's stored (double-quantized) scale.
+            scale = dq.abs().amax(dim=1, keepdim=True)
+            got = (dq / scale).unsqueeze(-1).sub(table).abs().argmin(-1)
+            # Reference: NF4 rounds w / max|w| of its block to the nearest level, with the exact scale.
+            x = (w / w.abs().amax(dim=1, keepdim=True)).unsqueeze(-1)
+            dist = x.sub(table).abs()
+            want = dist.argmin(-1)
+            near_tie = (dist.sort(-1).values[..., 1] - dist.min(-1).values) < 1e-4
+            assert ((got == want) | near_tie).all(), name
+            # Double quant stores the scale in 8 bits (blocks of 256 scales): close to the exact one.
+            torch.testing.assert_close(scale, w.abs().amax(dim=1, keepdim=True), rtol=0.02, atol=0.0)
+    size = manifest["metrics"]
+    assert size["weights_file_bytes"] == (out / "model.safetensors").stat().st_size
+    n_linear = sum(t.numel() for t in deq.values())
+    # 4 bits per weight and one 8-bit scale per block, plus per layer at most 2 KiB: the 256 float32 levels of
+    # the scales' own code book, the 16 NF4 levels, one float32 per 256 scales and the serialized state.
+    floor = n_linear / 2 + n_linear / BLOCK
+    assert floor <= size["linear_weight_bytes"] <= floor + len(deq) * 2048
+
+
+_PLAIN = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[3]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(torch.tensor({ids})).logits, sys.argv[2])
+"""
+
+
+def test_transformers_alone_and_llmfast_give_the_logits_of_quantizing_while_loading(
+        saved: tuple[Path, Path], tmp_path: Path) -> None:
+    from llmfast.models import load_model
+
+    base, out = saved
+    code = _PLAIN.format(ids=IDS)
+    # A fresh interpreter that never imports llmfast: transformers reads quantization_config alone.
+    p = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "logits.pt"), str(torch.get_num_threads())],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    theirs = torch.load(tmp_path / "logits.pt")
+    on_the_fly = load_model(base, quantization="nf4")
+    artifact = load_model(out)  # from its manifest alone
+    assert {n: m.weight.quant_state.quant_type for n, m in _linear4bit(artifact).items()} == \
+        {n: "nf4" for n in _linear4bit(on_the_fly)}
+    a, b = _dequantized(on_the_fly), _dequantized(artifact)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the same codes and scales, bit for bit
+    with torch.no_grad():
+        want = on_the_fly(torch.tensor(IDS)).logits
+        ours = artifact(torch.tensor(IDS)).logits
+    # Same weights, both in eval mode, so the same kernel (bfloat16 on AVX512-BF16 CPUs, float32 elsewhere) with the
+    # same thread count: equal up to the order of float32 sums.
+    tol = 1e-5 * want.abs().max().item()
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(theirs, want, rtol=1e-5, atol=tol)
+
+
+def test_eval_scores_the_artifact_like_the_model_quantized_while_loading(saved: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    base, out = saved
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and runs away " * 12)
+    ppl = {}
+    for name, model, quant in (("artifact", out, None), ("on-the-fly", base, "nf4")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(json.dumps({"model": str(model), "quantization": quant, "output": str(tmp_path / name),
+                                      "eval": {"perplexity": {"text": str(text), "context": 32, "stride": 16}}}))
+        assert main(["eval", str(recipe)]) == 0
+        res = json.loads((tmp_path / name).read_text())
+        ppl[name] = res["perplexity"]["ppl"]
+    assert ppl["artifact"] == pytest.approx(ppl["on-the-fly"], rel=1e-5)
+
+
+def test_fp4_without_double_quant(saved: tuple[Path, Path], tmp_path: Path) -> None:
+    from llmfast.errors import UserError
+    from llmfast.models import load_model
+
+    base, nf4 = saved
+    out = tmp_path / "fp4"
+    assert main(["quantize", str(_recipe(tmp_path, base, out, type="fp4", double_quant=False))]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "fp4" and not qc["bnb_4bit_use_double_quant"]
+    a = _dequantized(load_model(out))
+    b = _dequantized(load_model(base, quantization={"type": "fp4", "double_quant": False}))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # the checkpoint says how it is quantized; asking for another setting is refused, not silently ignored
+    with pytest.raises(UserError, match=r"saved in nf4 with double quant, not fp4 with double quant"):
+        load_model(nf4, quantization="fp4")
+
+
+def test_bad_input_is_one_line_and_nothing_on_disk(saved: tuple[Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from llmfast.errors import UserError
+    from llmfast.quant.bnb4 import Bnb4, Bnb4Config
+
+    base, nf4 = saved
+    out = tmp_path / "out"
+    cases = [  # (source, output, settings), what the one line says
+        ((nf4, out, {}), "is already quantized (bnb4)"),
+        ((base, out, {"type": "nf5"}), "type: Input should be 'nf4' or 'fp4' (did you mean 'nf4'?)"),
+        ((base, nf4, {}), "exists"),
+    ]
+    for (model, output, settings), message in cases:
+        capsys.readouterr()
+        assert main(["quantize", str(_recipe(tmp_path, model, output, **settings))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+    class Embedder(torch.nn.Module):  # an architecture with no Linear layers but its head
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4)
+            self.lm_head = torch.nn.Linear(4, 8)
+
+    with pytest.raises(UserError, match=r"^bnb4: Embedder has no Linear layers besides the head"):
+        Bnb4().check(Embedder(), Bnb4Config())
