@@ -30,7 +30,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from llmfast.models import BUILTINS, builtin_gguf_path, cache_dir, describe_model_dir, resolve_model
+    from llmfast.modelfiles import describe_model_dir
+    from llmfast.models import BUILTINS, builtin_gguf_path, cache_dir, resolve_model
 
     if args.prepare:
         for name in args.prepare:
@@ -347,9 +348,10 @@ def _add_artifact_verb(sub: Any, name: str, help: str, description: str, example
 
 def _add_sparsify(sub: Any) -> None:
     _add_artifact_verb(
-        sub, "sparsify", "make a model's MLP activations sparse (TEAL, CATS, ReLU-fication)",
+        sub, "sparsify", "make a model's MLP activations sparse (TEAL, CATS, ReLU-fication, Deja Vu)",
         "Write a model whose MLP activations are mostly zero: training-free thresholds (teal, cats) calibrated to a "
-        "target sparsity, or ReLU-fication with recovery by distillation (relufy). Writes OUTPUT atomically; "
+        "target sparsity, ReLU-fication with recovery by distillation (relufy), or Deja Vu predictors of the active "
+        "neurons (dejavu). Writes OUTPUT atomically; "
         "`load_model` and `llmfast eval` apply it. See docs/sparsify.md.",
         "recipes/sparsify_teal_smollm2.yaml", "continue an interrupted relufy run from its last checkpoint",
         cmd_sparsify)

@@ -34,6 +34,22 @@ def read_json_file(path: Path, what: str, fix: str) -> Any:
         raise UserError(f"{path}: the {what} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
 
 
+def describe_model_dir(path: Path) -> dict[str, Any]:
+    """Architecture facts from a model directory's config.json (the one reader of them): the architecture
+    name and the shapes merges, adapters and listings compare; an unreadable config is a one-line error."""
+    cfg = read_json_file(Path(path) / "config.json", "model config", f"re-create the model in {path}")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{Path(path) / 'config.json'}: the model config is not a JSON object: re-create the model")
+    return {
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden": cfg.get("hidden_size"),
+        "vocab": cfg.get("vocab_size"),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+        "config": cfg,
+    }
+
+
 def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
     """The header of a safetensors file, checked against the file's size (a truncated file is refused)."""
     try:

@@ -250,15 +250,3 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     return model
 
 
-def describe_model_dir(path: Path) -> dict[str, Any]:
-    """Architecture facts from config.json, for listings and reports."""
-    import json
-
-    cfg = json.loads((path / "config.json").read_text())
-    return {
-        "architecture": (cfg.get("architectures") or ["?"])[0],
-        "layers": cfg.get("num_hidden_layers"),
-        "hidden": cfg.get("hidden_size"),
-        "vocab": cfg.get("vocab_size"),
-        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
-    }

@@ -18,6 +18,7 @@ from llmfast.errors import UserError
 from llmfast.merge.config import (Locator, MergeConfig, check_parameter_names, load_config, resolve_per_input,
                                   resolve_shared)
 from llmfast.merge.methods import METHODS, MergeMethod
+from llmfast.modelfiles import describe_model_dir
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ def plan_merge(config_path: str | Path, overrides: list[str] | None = None, seed
     ref_tensors = mio.tensor_index(reference)
     for src in inputs:
         _check_input(src, reference, ref_tensors, cfg, where)
-    num_layers = int(_model_config(reference).get("num_hidden_layers") or 0)
+    num_layers = int(describe_model_dir(reference)["layers"] or 0)
     tensors = [(n, shape, dt) for n, (shape, dt, _f) in mio.ordered(ref_tensors).items()]
     names = [n for n, _s, _d in tensors]
     per_input = [resolve_per_input(method, cfg, where, src.parameters, src.index, src.who(), names, num_layers)
@@ -192,25 +193,19 @@ def _check_input(src: Source, reference: Path, ref_tensors: dict[str, Any], cfg:
                             f"{list(shape)} in {reference}: merged models must have the same shapes")
 
 
-def _model_config(path: Path) -> dict[str, Any]:
-    from llmfast.modelfiles import read_json_file
-
-    return read_json_file(path / "config.json", "model config", f"re-create the model in {path}")
-
-
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
 
 def _check_architecture(ref: Path, other: Path, where: str) -> None:
-    a, b = _model_config(ref), _model_config(other)
-    if (a.get("architectures") or [None])[0] != (b.get("architectures") or [None])[0]:
-        raise UserError(f"{where}: {other} is a {(b.get('architectures') or ['?'])[0]}, but {ref} is a "
-                        f"{(a.get('architectures') or ['?'])[0]}: only models of one architecture can be merged")
+    a, b = describe_model_dir(ref), describe_model_dir(other)
+    if a["architecture"] != b["architecture"]:
+        raise UserError(f"{where}: {other} is a {b['architecture']}, but {ref} is a {a['architecture']}: only "
+                        "models of one architecture can be merged")
     for key in _ARCH_KEYS:
-        if a.get(key) != b.get(key):
-            raise UserError(f"{where}: {other} has {key}={b.get(key)} but {ref} has {key}={a.get(key)}: "
-                            "merged models must share one architecture and shape")
+        if a["config"].get(key) != b["config"].get(key):
+            raise UserError(f"{where}: {other} has {key}={b['config'].get(key)} but {ref} has "
+                            f"{key}={a['config'].get(key)}: merged models must share one architecture and shape")
 
 
 def _tokenizer_vocab(path: Path) -> str | None:
@@ -227,8 +222,21 @@ def _tokenizer_vocab(path: Path) -> str | None:
     return hashlib.sha256(json.dumps([vocab, added], sort_keys=True).encode()).hexdigest()
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (fine-tunes usually copy their base's tokenizer.json verbatim)."""
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 def _check_vocab(ref: Path, other: Path, where: str, policy: str | None) -> None:
     if policy == "base":
+        return
+    # Identical files need no parsing: digesting a 49k-entry vocabulary twice took a second per input.
+    if _same_bytes(ref / "tokenizer.json", other / "tokenizer.json"):
         return
     va, vb = _tokenizer_vocab(ref), _tokenizer_vocab(other)
     if va is not None and vb is not None and va != vb:

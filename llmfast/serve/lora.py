@@ -40,7 +40,7 @@ def parse_lora(spec: str) -> tuple[str, str]:
 
 def _architecture(model_dir: Path) -> tuple[object, ...]:
     """What must match between an adapter's base and the served model; () when unreadable."""
-    from llmfast.models import describe_model_dir
+    from llmfast.modelfiles import describe_model_dir
 
     try:
         d = describe_model_dir(model_dir)
