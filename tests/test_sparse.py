@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 DATA = "{text: %s, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}"
 FAST = {"teal": "{target: 0.5}", "cats": "{target: 0.5}",
-        "relufy": "{steps: 4, batch_size: 2, lr: 1.0e-4, samples: 2}"}
+        "relufy": "{steps: 4, batch_size: 2, lr: 1.0e-4, samples: 2}", "dejavu": "{rank: 8, steps: 20, active_fraction: 0.5}"}
 
 
 def recipe(tmp_path, model, method, config, out="out", text=TEXT, name="r"):

@@ -3,4 +3,4 @@
 Importing the package registers every method in `SPARSIFIERS` (llmfast/sparse/base.py).
 """
 
-from llmfast.sparse import cats, relufy, teal  # noqa: F401  (registration)
+from llmfast.sparse import cats, dejavu, relufy, teal  # noqa: F401  (registration)

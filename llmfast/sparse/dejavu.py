@@ -1,0 +1,115 @@
+"""Deja Vu: low-rank predictors of which MLP neurons a token needs, trained on calibration activations.
+
+Liu, Wang, Dao, Zhou, Yuan, Song, Shrivastava, Zhang, Tian, Re, Chen. "Deja Vu: Contextual Sparsity for
+Efficient LLMs at Inference Time", ICML 2023, arXiv:2310.17157. In a gated MLP `down(act(gate(x)) * up(x))`
+only some entries of the activation (down_proj's input) matter for a given token. Per layer a small
+low-rank net reads the MLP's input (or, with `lookahead`, the previous layer's MLP input, as the paper
+does to run the prediction ahead of the layer) and predicts the set of active neurons; a neuron it calls
+inactive need not be computed (a row of gate/up, a column of down).
+
+The artifact is the source model's files (hard-linked: the weights are unchanged) plus
+`predictors.safetensors` (format: llmfast/sparse/predictors.py, read with `load_predictors`). Loading it
+(`apply`) sets `mlp.llmfast_predictor` on every gated MLP and zeroes the activation entries predicted
+inactive, so outputs and perplexity include every misprediction; the matmuls stay dense here (the
+sparse runtime skips the work). How predictors are trained and measured: predictor_training.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, PositiveInt, model_validator
+
+from llmfast.errors import UserError
+from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob
+from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["Dejavu", "DejavuConfig", "PREDICTORS_FILE", "Predictor", "load_predictors"]
+
+
+class DejavuConfig(SparseConfigBase):
+    rank: PositiveInt = 64  # width of the low-rank bottleneck: A is hidden x rank, B rank x intermediate
+    lookahead: bool = False  # feed layer i's predictor the MLP input of layer i-1 (layer 0: its own)
+    # Only for sources whose activations are never exactly 0 (SiLU): the fraction of each layer's |activation|
+    # entries labelled inactive (null: 0.5). A ReLU source's active neurons are its nonzero ones; refused there.
+    label_sparsity: float | None = Field(None, gt=0, lt=1)
+    # Calibration recall of active neurons each layer's threshold keeps (null: 0.95, unless active_fraction is set).
+    target_recall: float | None = Field(None, gt=0, le=1)
+    active_fraction: float | None = Field(None, gt=0, lt=1)  # instead: this fraction predicted active per layer
+    steps: PositiveInt = 300  # AdamW steps per layer
+    batch_tokens: PositiveInt = 1024  # calibration tokens per step
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    pos_weight: float = Field(1.0, gt=0)  # weight of the active class in the cross-entropy
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_threshold_rule(self) -> "DejavuConfig":
+        if self.active_fraction is not None and self.target_recall is not None:
+            raise ValueError("set target_recall or active_fraction, not both")
+        if self.active_fraction is None and self.target_recall is None:
+            self.target_recall = 0.95  # filled in here so the manifest records the value used
+        return self
+
+
+def is_relu(model: "PreTrainedModel") -> bool:
+    import torch
+
+    from llmfast.sparse.base import gated_mlps
+
+    return all(isinstance(m.act_fn, torch.nn.ReLU) for m in gated_mlps(model))
+
+
+def _check_source(job: SparsifyJob, cfg: DejavuConfig) -> float | None:
+    """The label sparsity to use (None: nonzero = active), after refusing sources that cannot be used."""
+    if (job.model_path / PREDICTORS_FILE).exists():  # predictors on predictors would drop the first ones
+        raise UserError(f"{job.model_spec} is already a dejavu artifact: sparsify the model it was made from")
+    if is_relu(job.model):
+        if cfg.label_sparsity is not None:
+            raise UserError(f"sparsify.config.label_sparsity: {job.model_spec} has ReLU MLPs, whose active neurons are "
+                            "the nonzero activations: remove the key")
+        return None
+    return 0.5 if cfg.label_sparsity is None else cfg.label_sparsity
+
+
+@SPARSIFIERS.register("dejavu")
+class Dejavu(Sparsifier):
+    name = "dejavu"
+    Config = DejavuConfig
+    paper = "Liu et al. 2023, Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time"
+
+    def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
+        import torch
+        from tqdm.auto import tqdm
+
+        from llmfast.sparse import predictor_training as pt
+        from llmfast.sparse.predictors import save_predictors
+        from llmfast.sparse.thresholds import link_or_copy_model
+
+        label_sparsity = _check_source(job, cfg)
+        layers = pt.collect(job.model, job.calibration, cfg.lookahead, label_sparsity)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        predictors, calibration = [], []
+        for data in tqdm(layers, desc="dejavu predictors", unit="layer", leave=False):
+            p = pt.train_layer(data, cfg, generator)
+            p.threshold = pt.pick_threshold(p.logits(data.x), data.active, cfg.target_recall, cfg.active_fraction)
+            recall, frac = pt.calibration_recall(p, data)
+            predictors.append(p)
+            calibration.append({"recall": recall, "predicted_active": frac,
+                                "true_sparsity": 1 - float(data.active.float().mean())})
+        cuts = [d.label_threshold for d in layers]
+        del layers
+        link_or_copy_model(job.model_path, out_dir)
+        save_predictors(predictors, out_dir / PREDICTORS_FILE)
+        metrics = pt.heldout_metrics(job.model, predictors, cuts, job.heldout)
+        metrics.update({"calibration": pt.per_layer_report(calibration), "calibration_tokens": job.calibration.numel(),
+                        "labels": "nonzero" if label_sparsity is None else f"|h| above the {label_sparsity} quantile",
+                        "label_thresholds": cuts})
+        return metrics
+
+    def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
+        install_predictors(model, load_predictors(artifact), where=artifact / PREDICTORS_FILE)

@@ -1,0 +1,193 @@
+"""Training Deja Vu's predictors from calibration activations, choosing their thresholds, and measuring them.
+
+- Data: one batched forward pass over the calibration windows keeps, per layer, the MLP input x (the
+  post-norm hidden state entering gate/up) and the label "active" for every entry of the activation
+  h = act(gate(x)) * up(x): |h| above the layer's label threshold. That threshold is 0 for a ReLU source
+  (active = nonzero) and the `label_sparsity` quantile of |h| otherwise (SiLU is never exactly 0).
+  With look-ahead, layer i's predictor is fed layer i-1's MLP input (layer 0 its own).
+- Training: per layer, logits = (x @ A) @ B + bias by binary cross-entropy (AdamW on random batches of
+  calibration tokens). x is divided by its RMS while training (so one learning rate fits every layer)
+  and the RMS is folded into A afterwards; the bias starts at each neuron's log-odds of being active.
+- Threshold: the largest value at which the recall of active neurons on the calibration tokens still
+  reaches `target_recall` (or, with `active_fraction`, the value leaving that fraction predicted active),
+  computed from the stored predictor's own logits, so calibration recall >= target holds by construction.
+- Held-out metrics per layer, with the predictors applied (so each layer sees the errors of the ones
+  before): recall of active neurons and of activation mass, precision, fraction predicted active, the
+  true activation sparsity, the sparsity left after zeroing, and the KL of the dense model to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+from llmfast.sparse.base import gated_mlps
+from llmfast.sparse.predictors import Predictor, install_predictors
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+@dataclasses.dataclass
+class LayerData:
+    x: "torch.Tensor"  # (tokens, hidden) float32: what the predictor is fed
+    active: "torch.Tensor"  # (tokens, intermediate) bool: the labels
+    label_threshold: float  # |h| above this is active
+
+
+def collect(model: "PreTrainedModel", windows: "torch.Tensor", lookahead: bool,
+            label_sparsity: float | None) -> list[LayerData]:
+    """Predictor inputs and labels for every layer from one forward pass over `windows`."""
+    import torch
+
+    mlps = gated_mlps(model)
+    xs: list[Any] = [None] * len(mlps)
+    labels: list[Any] = [None] * len(mlps)
+    cuts = [0.0] * len(mlps)
+
+    def take_x(i: int) -> Any:
+        return lambda mod, args: xs.__setitem__(i, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+
+    def take_h(i: int) -> Any:
+        def hook(mod: Any, args: tuple) -> None:
+            mag = args[0].detach().reshape(-1, args[0].shape[-1]).abs().float().cpu()
+            if label_sparsity is not None:
+                k = max(1, min(mag.numel(), round(label_sparsity * mag.numel())))
+                cuts[i] = float(mag.reshape(-1).kthvalue(k).values)
+            labels[i] = mag > cuts[i]
+        return hook
+
+    handles = [m.register_forward_pre_hook(take_x(i)) for i, m in enumerate(mlps)]
+    handles += [m.down_proj.register_forward_pre_hook(take_h(i)) for i, m in enumerate(mlps)]
+    try:
+        with torch.inference_mode():
+            model(windows.to(model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    fed = [xs[0], *xs[:-1]] if lookahead else xs
+    return [LayerData(f, a, c) for f, a, c in zip(fed, labels, cuts)]
+
+
+def train_layer(data: LayerData, cfg: Any, generator: "torch.Generator") -> Predictor:
+    """A predictor fitted to one layer's labels (threshold not yet set: +inf)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = data.x, data.active
+    n, hidden = x.shape
+    scale = float(x.pow(2).mean().sqrt().clamp_min(1e-6))
+    rate = y.float().mean(0).clamp(1e-4, 1 - 1e-4)
+    a = (torch.randn(hidden, cfg.rank, generator=generator) / math.sqrt(hidden)).requires_grad_()
+    b = (torch.randn(cfg.rank, y.shape[1], generator=generator) / math.sqrt(cfg.rank)).requires_grad_()
+    bias = torch.log(rate / (1 - rate)).requires_grad_()
+    opt = torch.optim.AdamW([a, b, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pos_weight = torch.tensor(cfg.pos_weight)
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            rows = torch.randint(n, (min(cfg.batch_tokens, n),), generator=generator)
+            logits = (x[rows] / scale) @ a @ b + bias
+            loss = F.binary_cross_entropy_with_logits(logits, y[rows].float(), pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return Predictor((a.detach() / scale).contiguous(), b.detach().contiguous(), bias.detach().contiguous(),
+                     torch.tensor(float("inf")), cfg.lookahead)
+
+
+def pick_threshold(logits: "torch.Tensor", active: "torch.Tensor", target_recall: float,
+                   active_fraction: float | None) -> "torch.Tensor":
+    """The layer's threshold on its calibration logits (a float32 scalar)."""
+    import torch
+
+    if active_fraction is not None:
+        flat = logits.reshape(-1)
+        keep = round(active_fraction * flat.numel())
+        if keep >= flat.numel():
+            return torch.tensor(float("-inf"))
+        # Entries above the (n - keep)-th smallest logit: `keep` of them (fewer only where logits tie).
+        return flat.kthvalue(flat.numel() - keep).values.float() if keep else flat.max().float()
+    pos = logits[active]
+    if pos.numel() == 0:
+        return logits.max().float()  # nothing is active: predict nothing
+    missed = math.floor((1 - target_recall) * pos.numel() + 1e-9)  # positives allowed below the threshold
+    lowest_kept = pos.kthvalue(missed + 1).values.float()
+    # Just below it, so `logits > threshold` keeps every positive >= lowest_kept: at least n - missed of them.
+    return torch.nextafter(lowest_kept, torch.tensor(float("-inf")))
+
+
+def calibration_recall(p: Predictor, data: LayerData) -> tuple[float, float]:
+    """(recall of active neurons, fraction predicted active) of `p` on its own calibration data."""
+    pred = p.active(data.x)
+    return float((pred & data.active).sum() / data.active.sum().clamp_min(1)), float(pred.float().mean())
+
+
+class Tally:
+    """One layer's counts on held-out text: labelled active, predicted active, both, and |h| mass."""
+
+    def __init__(self) -> None:
+        self.entries = self.active = self.predicted = self.hit = 0
+        self.mass = self.mass_kept = 0.0
+
+    def add(self, h: "torch.Tensor", predicted: "torch.Tensor", cut: float) -> None:
+        mag = h.detach().abs().double()
+        active = mag > cut
+        self.entries += h.numel()
+        self.active += int(active.sum())
+        self.predicted += int(predicted.sum())
+        self.hit += int((active & predicted).sum())
+        self.mass += float(mag.sum())
+        self.mass_kept += float(mag[predicted].sum())
+
+    def summary(self) -> dict[str, float]:
+        return {"recall": self.hit / max(1, self.active), "mass_recall": self.mass_kept / max(1e-30, self.mass),
+                "precision": self.hit / max(1, self.predicted), "predicted_active": self.predicted / max(1, self.entries),
+                "true_sparsity": 1 - self.active / max(1, self.entries)}
+
+
+def per_layer_report(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """{metric: {mean, min, max, per_layer}} over layers, rounded for the manifest."""
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        out[key] = {"mean": round(sum(vals) / len(vals), 6), "min": round(min(vals), 6), "max": round(max(vals), 6),
+                    "per_layer": [round(v, 6) for v in vals]}
+    return out
+
+
+def heldout_metrics(model: "PreTrainedModel", predictors: list[Predictor], cuts: list[float],
+                    windows: "torch.Tensor", batch_size: int = 4) -> dict[str, Any]:
+    """Predictor metrics, the MLP sparsity left, and KL(dense || with predictors) on held-out windows."""
+    import torch
+
+    from llmfast.distill import kl_to_teacher
+    from llmfast.sparse.measure import _Tally, summarize  # the sparsity counts every method reports
+
+    tallies = [Tally() for _ in predictors]
+    zeros = {"down_in": [_Tally() for _ in predictors], "mlp_in": [_Tally() for _ in predictors]}
+
+    def observe(i: int, h: "torch.Tensor", predicted: "torch.Tensor") -> None:
+        tallies[i].add(h, predicted, cuts[i])
+        zeros["down_in"][i].add(torch.where(predicted, h, torch.zeros((), dtype=h.dtype, device=h.device)), 0.0)
+
+    hooked = install_predictors(model, predictors, observe=observe)
+    inputs = [m.register_forward_pre_hook(lambda mod, args, i=i: zeros["mlp_in"][i].add(args[0], 0.0)
+                                          if hooked.enabled else None) for i, m in enumerate(hooked.mlps)]
+    kl, rows = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for s in range(0, windows.shape[0], batch_size):
+                batch = windows[s: s + batch_size].to(model.device)
+                hooked.enabled = False
+                dense = model(batch).logits
+                hooked.enabled = True
+                kl += float(kl_to_teacher(model(batch).logits, dense)) * len(batch)
+                rows += len(batch)
+    finally:
+        hooked.remove()
+        for h in inputs:
+            h.remove()
+    return {"predictors": per_layer_report([t.summary() for t in tallies]), "heldout_sparsity": summarize(zeros),
+            "heldout_kl": round(kl / max(1, rows), 6)}

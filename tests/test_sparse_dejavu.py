@@ -1,0 +1,225 @@
+"""Deja Vu predictors (`llmfast sparsify` with method dejavu) on tiny Llama models: calibration recall reaches
+the target by construction, the held-out metrics equal a recomputation with our own hooks, the loaded
+artifact zeroes exactly the predicted-inactive activation entries, all-active predictors give the dense
+model bit for bit, the file round-trips, and bad predictors or sources are one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run_cli
+
+TEXT = REPO / "eval" / "text" / "persuasion.txt"
+DATA = "{text: %s, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}" % TEXT
+
+
+@pytest.fixture(scope="module")
+def relu_dir(tmp_path_factory):
+    from llmfast.testing import build_tiny_llama
+
+    d = build_tiny_llama(tmp_path_factory.mktemp("relu") / "tiny-relu")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    return d
+
+
+def recipe(tmp_path, model, config, out="out", name="r"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"model: {model}\nsparsify:\n  method: dejavu\n  config: {config}\n"
+                    f"data: {DATA}\noutput: {tmp_path / out}\n")
+    return path
+
+
+def split(tok):
+    """Calibration and held-out windows as the recipe defines them (skip 4096, calibrate 2048, hold out 2048)."""
+    ids = tok(TEXT.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids[4096:6144].reshape(-1, 256), ids[:2048].reshape(-1, 256)
+
+
+def capture(model, windows, batch=4):
+    """Per layer: MLP input, gate and up outputs, down_proj input, MLP output, concatenated over batches of 4
+    windows (the batching sparsify measures with, so the activations are the same bit for bit)."""
+    mlps = [l.mlp for l in model.model.layers]
+    seen = {k: [[] for _ in mlps] for k in ("x", "gate", "up", "down", "out")}
+    hooks = []
+    for i, m in enumerate(mlps):
+        hooks.append(m.register_forward_pre_hook(lambda mod, a, i=i: seen["x"][i].append(a[0])))
+        hooks.append(m.register_forward_hook(lambda mod, a, o, i=i: seen["out"][i].append(o)))
+        hooks.append(m.gate_proj.register_forward_hook(lambda mod, a, o, i=i: seen["gate"][i].append(o)))
+        hooks.append(m.up_proj.register_forward_hook(lambda mod, a, o, i=i: seen["up"][i].append(o)))
+        hooks.append(m.down_proj.register_forward_pre_hook(lambda mod, a, i=i: seen["down"][i].append(a[0])))
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            model(windows[s:s + batch])
+    for h in hooks:
+        h.remove()
+    return {k: [torch.cat(v).reshape(-1, v[0].shape[-1]) for v in per] for k, per in seen.items()}
+
+
+@pytest.mark.parametrize("source,config", [
+    ("relu", "{rank: 16, steps: 150, target_recall: 0.9}"),
+    ("relu", "{rank: 16, steps: 150, lookahead: true}"),
+    ("silu", "{rank: 16, steps: 150, label_sparsity: 0.7}"),
+])
+def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_path, relu_dir, tiny_dir, source,
+                                                                          config):
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse.dejavu import load_predictors
+
+    model_dir = relu_dir if source == "relu" else tiny_dir
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, model_dir, config)))
+    assert code == 0, err
+    art = tmp_path / "out"
+    manifest = json.loads((art / "llmfast.json").read_text())
+    cfg, metrics = manifest["sparsity"]["config"], manifest["metrics"]
+    preds = load_predictors(art)
+    assert [p.rank for p in preds] == [16, 16] and all(p.lookahead == cfg["lookahead"] for p in preds)
+    cuts = metrics["label_thresholds"]
+    assert (cuts == [0.0, 0.0]) == (source == "relu")
+    tok = load_tokenizer(art)
+    calib, held = split(tok)
+
+    # Calibration: the dense source's activations, recomputed here; recall >= target on them. (A logit equal to
+    # its threshold to the last bit could flip if our matmul blocked differently: allow 2 entries of slack.)
+    dense = load_model(model_dir)
+    seen = capture(dense, calib, batch=len(calib))
+    for i, p in enumerate(preds):
+        fed = seen["x"][i - 1 if p.lookahead and i else i]
+        h = seen["down"][i]
+        active = h.abs() > cuts[i]
+        hit = (p.active(fed) & active).sum().item()
+        assert hit >= cfg["target_recall"] * active.sum().item() - 2
+        if source == "silu":  # the label quantile: 70% of entries inactive
+            assert (~active).float().mean().item() == pytest.approx(0.7, abs=1e-4)
+
+    # Held-out, on the loaded artifact: down_proj's input is exactly act(gate) * up with the predicted-inactive
+    # entries zeroed, the MLP output is down of that, and the reported metrics are these counts.
+    sparse = load_model(art)
+    assert all(l.mlp.llmfast_predictor is not None for l in sparse.model.layers)
+    seen = capture(sparse, held)
+    report = metrics["predictors"]
+    for i, (p, layer) in enumerate(zip(preds, sparse.model.layers)):
+        fed = seen["x"][i - 1 if p.lookahead and i else i]
+        predicted = p.active(fed)
+        h = layer.mlp.act_fn(seen["gate"][i]) * seen["up"][i]
+        assert torch.equal(seen["down"][i], torch.where(predicted, h, torch.zeros(())))
+        manual = F.linear(torch.where(predicted, h, torch.zeros(())), layer.mlp.down_proj.weight)
+        assert torch.allclose(seen["out"][i], manual, atol=1e-6)
+        active = h.abs() > cuts[i]
+        expect = {"recall": (predicted & active).sum() / active.sum(),
+                  "mass_recall": h.abs().double()[predicted].sum() / h.abs().double().sum(),
+                  "precision": (predicted & active).sum() / predicted.sum(),
+                  "predicted_active": predicted.float().mean(), "true_sparsity": 1 - active.float().mean()}
+        for key, value in expect.items():
+            assert report[key]["per_layer"][i] == pytest.approx(value.item(), abs=2e-6), (i, key)
+        zero = (seen["down"][i] == 0).float().mean().item()
+        assert metrics["heldout_sparsity"]["down_in"]["per_layer"][i] == pytest.approx(zero, abs=2e-6)
+    assert report["recall"]["mean"] == pytest.approx(sum(report["recall"]["per_layer"]) / 2, abs=2e-6)
+    assert 0 < metrics["heldout_kl"] < 1
+    assert {"config.json", "model.safetensors", "predictors.safetensors", "tokenizer.json"} <= {
+        f.name for f in art.iterdir()}
+
+
+def _rewrite(art, **change):
+    from llmfast.sparse.predictors import load_predictors, save_predictors
+
+    preds = load_predictors(art)
+    for p in preds:
+        for k, v in change.items():
+            setattr(p, k, v(p))
+    save_predictors(preds, art / "predictors.safetensors")
+
+
+def test_all_active_predictors_give_the_dense_model_exactly(tmp_path, relu_dir):
+    from llmfast.models import load_model, load_tokenizer
+
+    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 4, steps: 5}")))[0] == 0
+    art = tmp_path / "out"
+    ids = split(load_tokenizer(art))[1][:2]
+    dense = load_model(relu_dir)
+    with torch.no_grad():
+        reference = dense(ids).logits
+        assert not torch.equal(load_model(art)(ids).logits, reference)  # the trained predictors do zero something
+        _rewrite(art, threshold=lambda p: torch.tensor(float("-inf")))
+        assert torch.equal(load_model(art)(ids).logits, reference)
+
+
+def test_save_load_round_trip(tmp_path):
+    from llmfast.sparse.dejavu import Predictor, load_predictors
+    from llmfast.sparse.predictors import save_predictors
+
+    g = torch.Generator().manual_seed(0)
+    preds = [Predictor(torch.randn(8, 3, generator=g), torch.randn(3, 16, generator=g), torch.randn(16, generator=g),
+                       torch.tensor(0.25 * i), lookahead=True) for i in range(3)]
+    save_predictors(preds, tmp_path / "predictors.safetensors")
+    back = load_predictors(tmp_path)
+    x = torch.randn(5, 8, generator=g)
+    for a, b in zip(preds, back):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("A", "B", "bias", "threshold"))
+        assert b.lookahead and torch.equal(a.active(x), b.active(x))
+        assert torch.equal(b.active(x), (x @ a.A @ a.B + a.bias) > a.threshold)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"A": lambda p: p.A[:-1]}, "layer 0's predictor maps 127 -> 256, the model's MLP is 128 -> 256"),
+    ({"B": lambda p: torch.zeros(p.rank, 300), "bias": lambda p: torch.zeros(300)}, "maps 128 -> 300"),
+    ({"B": lambda p: p.B[:-1]}, "layer 0 has shapes A (128, 4), B (3, 256)"),
+    ("one layer", "1 predictors for a model with 2 gated MLPs"),
+    ("missing key", "missing 1.bias: rebuild it"),
+])
+def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, relu_dir, change, expected):
+    from safetensors.torch import load_file, save_file
+
+    from llmfast.errors import UserError
+    from llmfast.models import load_model
+    from llmfast.sparse.predictors import FORMAT
+
+    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 4, steps: 5}")))[0] == 0
+    art = tmp_path / "out"
+    path = art / "predictors.safetensors"
+    if isinstance(change, dict):
+        _rewrite(art, **change)
+    else:
+        tensors = load_file(path)
+        drop = "1." if change == "one layer" else "1.bias"
+        save_file({k: v for k, v in tensors.items() if not k.startswith(drop)}, path,
+                  metadata={"format": FORMAT, "lookahead": "false"})
+    with pytest.raises(UserError) as e:
+        load_model(art)
+    assert str(path) in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("source,config,expected", [
+    ("teal", "{}", "is already a teal threshold artifact"),
+    ("dejavu", "{}", "is already a dejavu artifact"),
+    ("relu", "{label_sparsity: 0.5}", "has ReLU MLPs, whose active neurons are the nonzero activations"),
+    ("relu", "{active_fraction: 0.3, target_recall: 0.9}", "set target_recall or active_fraction, not both"),
+    ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
+    ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
+])
+def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, source, config, expected):
+    model = relu_dir
+    if source in ("teal", "dejavu"):
+        cfg = "{target: 0.5}" if source == "teal" else "{rank: 4, steps: 5}"
+        src = recipe(tmp_path, relu_dir, cfg, out="src", name="src")
+        src.write_text(src.read_text().replace("method: dejavu", f"method: {source}"))
+        assert run_cli("sparsify", str(src))[0] == 0
+        model = tmp_path / "src"
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, model, config)))
+    assert code == 2, err
+    errors = [l for l in err.splitlines() if "error" in l]
+    assert len(errors) == 1 and errors[0].startswith("llmfast: error: ") and expected in errors[0], err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))], "nothing written"
+
+
+def test_heldout_recall_is_near_the_calibration_target(tmp_path, relu_dir):
+    """Thresholds set on calibration text keep most of their recall on other text (a sanity bound, not exact)."""
+    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 32, steps: 200}")))[0] == 0
+    m = json.loads((tmp_path / "out" / "llmfast.json").read_text())["metrics"]
+    assert all(r >= 0.95 - 1e-9 for r in m["calibration"]["recall"]["per_layer"])
+    assert m["predictors"]["recall"]["mean"] > 0.85
+    assert m["predictors"]["predicted_active"]["mean"] < 0.95
+    assert not math.isnan(m["heldout_kl"])
