@@ -398,6 +398,17 @@ def test_refuses_vocabulary_mismatch_unless_base_policy(family, tmp_path):
     _merge(cfg, tmp_path / "ok")
 
 
+def test_same_vocabulary_written_differently_is_accepted(family, tmp_path):
+    # The files differ byte for byte (indented, keys reordered) but name the same tokens: the check parses them.
+    other = tmp_path / "reformatted"
+    shutil.copytree(family["ft1"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps(tok, indent=1, sort_keys=True))
+    assert (other / "tokenizer.json").read_bytes() != (family["base"] / "tokenizer.json").read_bytes()
+    cfg = _config(tmp_path, "task_arithmetic", [(other, {"weight": 1})], family["base"])
+    _merge(cfg, tmp_path / "ok")
+
+
 def test_refuses_adapter_on_another_base(family, tmp_path):
     other_base = _perturb(family["base"], tmp_path / "other-base", 5, only="norm")
     ad = _make_adapter(other_base, tmp_path / "foreign", 3)
