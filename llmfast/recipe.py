@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import model_validator
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
 from llmfast.quant import QuantSpec, coerce_quantization
@@ -151,6 +151,9 @@ class WorkloadConfig(StrictModel):
     request_rate: float | Literal["inf"] = "inf"
     percentiles: list[float] = [50, 90, 99]
     seed: int = 0
+    # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a
+    # fresh server's first requests are slower; as `vllm bench serve --num-warmups`).
+    warmup_batches: NonNegativeInt = 1
 
 
 class VariantConfig(StrictModel):

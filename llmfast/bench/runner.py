@@ -118,7 +118,8 @@ def _measure_vllm(recipe: "BenchRecipe", group: list[Measured], requests: list["
                                    max_concurrency=conc, ignore_eos=w.ignore_eos, seed=w.seed,
                                    extra_body={"temperature": 0.0},  # greedy, like the transformers baseline
                                    percentiles=list(w.percentiles), metrics=["ttft", "tpot", "itl", "e2el"],
-                                   label="llmfast-bench", desc=f"{m.label} c={conc}")
+                                   label="llmfast-bench", desc=f"{m.label} c={conc}",
+                                   num_warmups=w.warmup_batches * conc)
                     m.points.append(pt)
                     print(f"bench: {m.label} (vllm) c={conc}: {pt['output_throughput']:.1f} out tok/s, "
                           f"{pt['failed']} failed", file=sys.stderr)
