@@ -9,7 +9,8 @@ original's logits to the student's) on the text after the evaluated span. Option
 MLP activation, as in ProSparse (Song et al. 2024, arXiv:2402.13516), pushes more of it to zero.
 
 The artifact is a plain Hugging Face Llama directory with `hidden_act: relu`: transformers loads it as it
-is. vLLM's Llama implementation accepts SiLU only, so vLLM refuses it (the transformers engine serves it).
+is (model_type llama). Its config.json names the architecture LlmfastReluLlamaForCausalLM, which our vLLM
+plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts SiLU only), so vLLM serves it too.
 The training loop is llmfast/distill.py's (shared with quantization-aware training): resumable from
 checkpoints (safetensors weights, optimizer state read back with torch.load(weights_only=True)) kept with
 train_log.jsonl in the job's work directory until the artifact is complete. Training windows are the text
@@ -135,6 +136,7 @@ class Relufy(Sparsifier):
 
         from llmfast.distill import heldout_kl
         from llmfast.models import torch_dtype
+        from llmfast.serve.vllm_plugin import mark_relu_architecture
         from llmfast.sparse.measure import measure_sparsity
 
         student = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch_dtype(job.dtype))
@@ -149,6 +151,7 @@ class Relufy(Sparsifier):
                                  "relu_trained": round(heldout_kl(student, job.model, heldout), 6)}
         metrics["heldout_sparsity"] = measure_sparsity(student, job.heldout)
         student.save_pretrained(out_dir, safe_serialization=True)
+        mark_relu_architecture(out_dir)  # vLLM serves it through our plugin; transformers reads model_type
         job.tokenizer.save_pretrained(out_dir)
         log = job.work_dir / "train_log.jsonl"
         if log.is_file():

@@ -68,14 +68,19 @@ def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) 
     return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant, sparsity=sparsity)
 
 
+# Sparsification methods whose artifacts vLLM runs as they are: relufy writes whole ReLU Llama weights, served
+# through our vLLM plugin (llmfast/serve/vllm_plugin.py).
+VLLM_SPARSITY = frozenset({"relufy"})
+
+
 def engine_families(quantization: Any, sparsity: str | None = None) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
-    quantization method decides (llmfast.quant). A sparse artifact runs on transformers only: vLLM would serve
-    its dense weights (TEAL/CATS thresholds are applied by llmfast's loader) or refuse its ReLU MLPs."""
+    quantization method decides (llmfast.quant). Other sparse artifacts run on transformers only: vLLM would
+    serve their dense weights (TEAL/CATS thresholds are applied by llmfast's loader)."""
     from llmfast.quant import engines_for
 
     families = tuple(engines_for(quantization))
-    return tuple(f for f in families if f == "hf") if sparsity else families
+    return tuple(f for f in families if f == "hf") if sparsity and sparsity not in VLLM_SPARSITY else families
 
 
 class Engine(ABC):
