@@ -161,7 +161,8 @@ class VariantConfig(StrictModel):
     model: str
     lora: ExistingPath | None = None
     quantization: Quantization = None
-    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM unless it cannot load the variant here
+    engine: Literal["auto", "vllm", "hf", "hf-sparse"] = "auto"  # auto: vLLM unless it cannot load the variant here
+    # (hf-sparse: transformers with llmfast's sparse MLP, which auto picks for sparse artifacts)
 
 
 class BenchRecipe(StrictModel):

@@ -25,7 +25,10 @@ def test_every_engine_conforms(name, tiny_dir, tiny):
     from llmfast.quant import engines_for
 
     engine = ENGINES.get(name)
-    assert engine.name == name and engine.family in ("vllm", "hf")
+    assert engine.name == name and engine.family in ("vllm", "hf", "hf-sparse")
+    if engine.family == "hf-sparse":  # sparse artifacts only: it generates in tests/test_sparse_runtime.py
+        assert "not a sparse artifact" in engine.can_run(Variant("plain", tiny_dir))
+        return
     assert engine.can_run(Variant("plain", tiny_dir)) is None
     nf4 = engine.can_run(Variant("q", tiny_dir, quantization="nf4"))
     assert (nf4 is None) == (engine.family in engines_for("nf4"))
@@ -370,8 +373,9 @@ def test_a_sparse_artifact_runs_on_transformers_and_says_why_not_vllm(tmp_path, 
     (art / "llmfast.json").write_text(_json.dumps({"stage": "sparsify", "parents": [str(tiny_dir)],
                                                    "sparsity": {"method": "teal", "config": {"target": 0.5}}}))
     v = resolve_variant("teal", str(art), None, None)
-    assert v.sparsity == "teal" and v.families == ("hf",)
-    assert choose_engine(v, "auto").family == "hf"
+    assert v.sparsity == "teal" and v.families == ("hf-sparse", "hf")
+    assert choose_engine(v, "auto").family == "hf-sparse"  # transformers with the sparse MLP
+    assert choose_engine(v, "hf").family == "hf"  # and the dense-with-zeros comparison
     assert "teal weights cannot run on the vllm engine" in ENGINES.get("vllm").can_run(v)
     plain = resolve_variant("plain", str(tiny_dir), None, None)
     assert plain.families[0] == "vllm" and choose_engine(plain, "auto").family == "vllm"

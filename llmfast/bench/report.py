@@ -26,7 +26,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"tokens, {w['output_len']} output tokens{' (ignore_eos)' if w['ignore_eos'] else ''}, request rate "
         f"{w['request_rate']}; concurrency {', '.join(map(str, w['max_concurrency']))}. vLLM variants are measured "
         "through its OpenAI server with streaming requests; `hf` rows are transformers `generate` (static batches) "
-        f"in a process of its own, {hf_batch}.",
+        f"in a process of its own, {hf_batch}."
+        + (" `hf-sparse` rows are the same loop with llmfast's sparse MLP: batch-1 decode computes only the nonzero "
+           "rows/columns, larger batches run the same zeros dense." if any(v["engine"] == "hf-sparse"
+                                                                           for v in results["variants"]) else ""),
         "",
     ]
     quality_keys = _task_names(results)

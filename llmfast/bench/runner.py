@@ -136,16 +136,17 @@ def _measure_vllm(recipe: "BenchRecipe", group: list[Measured], requests: list["
 
 
 def hf_point(variant: "Variant", requests: list["Request"], batch_size: int, ignore_eos: bool, dtype: str,
-             percentiles: list[float], log: Path) -> dict[str, Any]:
-    """One transformers run, summarised; meant to run in a process of its own (see `_measure_hf`)."""
+             percentiles: list[float], log: Path, engine: str = "hf") -> dict[str, Any]:
+    """One run of a transformers engine (hf, hf-sparse), summarised; meant to run in a process of its own (see
+    `_measure_hf`)."""
     from llmfast.bench.engines import ENGINES
     from llmfast.bench.logs import engine_output
     from llmfast.bench.metrics import compute_metrics
     from llmfast.memory import PeakRss
 
     with engine_output(log), PeakRss() as mem:
-        results, duration = ENGINES.get("hf").generate(variant, requests, dtype=dtype,  # type: ignore[attr-defined]
-                                                       batch_size=batch_size, ignore_eos=ignore_eos)
+        results, duration = ENGINES.get(engine).generate(variant, requests, dtype=dtype,  # type: ignore[attr-defined]
+                                                         batch_size=batch_size, ignore_eos=ignore_eos)
     summary = compute_metrics(results, duration, percentiles, ["ttft", "tpot", "itl", "e2el"])
     return {**summary, "batch_size": batch_size, "peak_rss_gib": round(mem.peak_gib, 3),
             "status": "ok" if summary["failed"] == 0 else "failed"}
@@ -167,11 +168,11 @@ def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], o
         batch = w.hf_batch_size or conc
         if batch not in done:
             log = out / f"hf-{m.label}-c{conc}.log"
-            print(f"bench: {m.label} (hf) batch {batch} ...", file=sys.stderr)
+            print(f"bench: {m.label} ({m.engine}) batch {batch} ...", file=sys.stderr)
             try:
                 with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     done[batch] = pool.submit(hf_point, m.variant, requests, batch, w.ignore_eos, default_dtype(),
-                                              list(w.percentiles), log).result()
+                                              list(w.percentiles), log, m.engine).result()
             except Exception as e:  # noqa: BLE001 - a failed engine run is a failed point with its cause
                 done[batch] = {"batch_size": batch, "status": "failed", "failed": w.num_prompts, "completed": 0,
                                "failure_cause": f"transformers engine failed: {type(e).__name__}: {e} (log: {log})",
@@ -229,7 +230,7 @@ def run_bench(recipe: "BenchRecipe") -> Path:
         for group in groups.values():
             _measure_vllm(recipe, group, requests, tmp)
         for m in measured:
-            if m.engine == "hf":
+            if m.engine != "vllm":  # hf, hf-sparse: transformers in a process of its own
                 _measure_hf(recipe, m, requests, tmp)
         rows: list[Measured] = []
         comparisons: list[dict[str, Any]] = []

@@ -76,16 +76,23 @@ VLLM_SPARSITY = frozenset({"relufy"})
 def engine_families(quantization: Any, sparsity: str | None = None) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
     quantization method decides (llmfast.quant). Other sparse artifacts run on transformers only: vLLM would
-    serve their dense weights (TEAL/CATS thresholds are applied by llmfast's loader)."""
+    serve their dense weights (TEAL/CATS thresholds are applied by llmfast's loader). Artifacts the sparse
+    runtime runs get "hf-sparse" (transformers + llmfast's sparse MLP) just before "hf", which stays available
+    for the dense-with-zeros comparison."""
     from llmfast.quant import engines_for
+    from llmfast.sparse.runtime import RUNTIME_METHODS
 
     families = tuple(engines_for(quantization))
-    return tuple(f for f in families if f == "hf") if sparsity and sparsity not in VLLM_SPARSITY else families
+    if sparsity and sparsity not in VLLM_SPARSITY:
+        families = tuple(f for f in families if f == "hf")
+    if sparsity in RUNTIME_METHODS and quantization is None:
+        families = tuple(g for f in families for g in (("hf-sparse", f) if f == "hf" else (f,)))
+    return families
 
 
 class Engine(ABC):
     name: str  # the registry name
-    family: str  # "vllm" or "hf": what reports show and what quantization methods name
+    family: str  # "vllm", "hf" or "hf-sparse": what reports show; quantization methods name vllm and hf
 
     def can_run(self, variant: Variant) -> str | None:
         """None when this engine can run `variant` here, else the reason in a few words."""

@@ -1,0 +1,173 @@
+"""The sparse forward of one gated MLP `down(act(gate(x)) * up(x))` for one token, and its dense fallback.
+
+For a single token (batch-1 decode) only what is nonzero is computed:
+
+- `teal`  the MLP input x is thresholded: gate and up are sums of the columns of W_gate/W_up for the kept
+          entries of x, and down the sum of the columns of W_down for the kept entries of the activation.
+- `cats`  gate is computed dense; where |act(gate)| is above the threshold, the rows of W_up and the columns
+          of W_down of those neurons only.
+- `relu`  as cats with the kept neurons where gate > 0 (relu(gate) is exactly zero elsewhere).
+- `dejavu` a Deja Vu predictor (llmfast/sparse/predictors.py) names the active neurons from the MLP input (or,
+          with look-ahead, the previous layer's): only their rows of W_gate and W_up and columns of W_down.
+
+The weights are laid out so every gather reads contiguous memory: a column of W is a row of W^T, and the
+weighted sum of the rows of W^T for the kept entries is `F.embedding_bag(idx, W^T, per_sample_weights=v[idx],
+mode="sum")` (gather and reduction in one pass, no copy of the rows). The modules' own weights become views
+of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_gate and W_up interleaved
+(dejavu, so one gather reads both), are gathered with `index_select` and one matrix-vector product.
+
+When more than one token is processed (prefill, batched decode), or a layer's kept fraction is above
+`dense_above` (a dense matrix-vector product beats a gather there: scripts/bench_sparse_decode.py measures
+the crossover), the same zeros are applied and the dense matmuls run. Either way the result is the
+dense-with-zeros model's (llmfast/sparse/thresholds.py hooks) up to float summation order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+MODES = ("teal", "cats", "relu", "dejavu")
+# Kept fraction above which the dense matrix-vector product is used: measured on this machine's CPU with
+# scripts/bench_sparse_decode.py (embedding_bag against F.linear at the built-in model's and Llama-8B's shapes).
+DENSE_ABOVE = 0.6
+
+
+def bag_sum(idx: "torch.Tensor", w: "torch.Tensor", wt: "torch.Tensor", bags: int = 0) -> "torch.Tensor":
+    """sum over j of w[j] * wt[idx[j]] (the rows of W^T, columns of W, for the kept entries) in one embedding_bag.
+
+    embedding_bag runs its bags in parallel and each bag on one thread, so with several threads the rows are
+    split into `bags` bags (default: one per thread) whose sums are added.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    k, bags = idx.numel(), bags or torch.get_num_threads()
+    if k == 0:
+        return wt.new_zeros(wt.shape[1])
+    if bags == 1 or k < 2 * bags:
+        return F.embedding_bag(idx.view(1, -1), wt, per_sample_weights=w.view(1, -1), mode="sum").view(-1)
+    offsets = torch.arange(0, k, -(-k // bags))
+    return F.embedding_bag(idx, wt, offsets, per_sample_weights=w, mode="sum").sum(0)
+
+
+class SparseMLP:
+    """Callable that replaces `mlp.forward`; counts which path each gather took in `calls`."""
+
+    def __init__(self, mlp: Any, mode: str, *, t_in: float = 0.0, t_down: float = 0.0, t_gate: float = 0.0,
+                 dense_above: float = DENSE_ABOVE, predictor: Any = None, layer: int = 0,
+                 shared: dict[str, Any] | None = None) -> None:
+        import torch
+
+        if mode not in MODES:
+            raise ValueError(f"unknown sparse MLP mode {mode!r} (known: {', '.join(MODES)})")
+        if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError("the sparse MLP supports bias-free projections only (mlp_bias: false)")
+        self.mode, self.act = mode, mlp.act_fn
+        self.t_in, self.t_down, self.t_gate = float(t_in), float(t_down), float(t_gate)
+        self.dense_above = dense_above
+        # dejavu: the predictor, this MLP's layer, and a dict all layers share for the look-ahead input
+        self.predictor, self.layer, self.shared = predictor, layer, shared if shared is not None else {}
+        self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
+        with torch.no_grad():
+            wg, wu, wd = (getattr(mlp, p).weight.detach() for p in ("gate_proj", "up_proj", "down_proj"))
+            self.inter = wg.shape[0]
+            self.down_t = wd.t().contiguous()  # (inter, hidden): column j of W_down is row j
+            if mode == "teal":
+                self.gate_up_t = torch.cat([wg.t(), wu.t()], dim=1).contiguous()  # (hidden, 2 inter)
+                self.gate_w = self.gate_up_t[:, : self.inter].t()
+                self.up_w = self.gate_up_t[:, self.inter :].t()
+            elif mode == "dejavu":
+                self.gate_up_rows = torch.stack([wg, wu], dim=1).contiguous()  # (inter, 2, hidden)
+                self.gate_w, self.up_w = self.gate_up_rows[:, 0], self.gate_up_rows[:, 1]
+            else:
+                self.gate_w, self.up_w = wg.contiguous(), wu.contiguous()  # rows of W_up are gathered as they are
+            # The modules keep working (and memory stays one copy): their weights become views of our buffers.
+            for name, w in (("gate_proj", self.gate_w), ("up_proj", self.up_w), ("down_proj", self.down_t.t())):
+                getattr(mlp, name).weight = torch.nn.Parameter(w, requires_grad=False)
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        if x.shape[:-1].numel() != 1:
+            self.calls["prefill"] += 1
+            return self.dense(x)
+        v = x.reshape(-1)
+        if self.mode == "dejavu":
+            return self.dejavu_token(x, v).view(x.shape)
+        out = self.teal_token(v) if self.mode == "teal" else self.gated_token(v)
+        return out.view(x.shape)
+
+    # --- one token ---------------------------------------------------------------------------------------
+    def gather_sum(self, keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor") -> "torch.Tensor":
+        """sum over kept i of v[i] * wt[i]: the rows of W^T (columns of W) where v is kept."""
+        import torch
+        import torch.nn.functional as F
+
+        idx = keep.nonzero().view(-1)
+        if idx.numel() > self.dense_above * v.numel():
+            self.calls["dense"] += 1
+            return torch.where(keep, v, 0.0) @ wt
+        self.calls["sparse"] += 1
+        return bag_sum(idx, v.index_select(0, idx), wt)
+
+    def teal_token(self, v: "torch.Tensor") -> "torch.Tensor":
+        gu = self.gather_sum(v.abs() > self.t_in, v, self.gate_up_t)
+        h = self.act(gu[: self.inter]) * gu[self.inter :]
+        return self.gather_sum(h.abs() > self.t_down, h, self.down_t)
+
+    def gated_token(self, v: "torch.Tensor") -> "torch.Tensor":
+        import torch
+        import torch.nn.functional as F
+
+        g = F.linear(v, self.gate_w)
+        a = self.act(g)
+        keep = g > 0 if self.mode == "relu" else a.abs() > self.t_gate
+        idx = keep.nonzero().view(-1)
+        if idx.numel() > self.dense_above * self.inter:
+            self.calls["dense"] += 1
+            return (torch.where(keep, a, 0.0) * F.linear(v, self.up_w)) @ self.down_t
+        self.calls["sparse"] += 1
+        h = a.index_select(0, idx) * (self.up_w.index_select(0, idx) @ v)
+        return bag_sum(idx, h, self.down_t)
+
+    def predicted(self, x: "torch.Tensor") -> "torch.Tensor":
+        """The predictor's active mask for MLP input `x`, fed as install_predictors feeds it (same shapes, so the
+        same float32 logits)."""
+        lookahead = self.predictor.lookahead and self.layer > 0
+        fed = self.shared.get("last_input") if lookahead else x
+        self.shared["last_input"] = x
+        return self.predictor.active(fed)
+
+    def dejavu_token(self, x: "torch.Tensor", v: "torch.Tensor") -> "torch.Tensor":
+        import torch
+        import torch.nn.functional as F
+
+        keep = self.predicted(x).view(-1)
+        idx = keep.nonzero().view(-1)
+        if idx.numel() > self.dense_above * self.inter:
+            self.calls["dense"] += 1
+            h = self.act(F.linear(v, self.gate_w)) * F.linear(v, self.up_w)
+            return torch.where(keep, h, 0.0) @ self.down_t
+        self.calls["sparse"] += 1
+        gu = self.gate_up_rows.index_select(0, idx) @ v  # (kept, 2): gate and up of the kept neurons
+        return bag_sum(idx, self.act(gu[:, 0]) * gu[:, 1], self.down_t)
+
+    # --- many tokens: dense matmuls, the same zeros ---------------------------------------------------------
+    def dense(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+        import torch.nn.functional as F
+
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.mode == "teal":
+            gu = torch.where(x.abs() > self.t_in, x, zero) @ self.gate_up_t
+            h = self.act(gu[..., : self.inter]) * gu[..., self.inter :]
+            return torch.where(h.abs() > self.t_down, h, zero) @ self.down_t
+        if self.mode == "dejavu":
+            keep = self.predicted(x)
+            h = self.act(F.linear(x, self.gate_w)) * F.linear(x, self.up_w)
+            return torch.where(keep, h, zero) @ self.down_t
+        a = self.act(F.linear(x, self.gate_w))
+        if self.mode == "cats":
+            a = torch.where(a.abs() > self.t_gate, a, zero)
+        return (a * F.linear(x, self.up_w)) @ self.down_t

@@ -1,0 +1,198 @@
+"""The sparse runtime (llmfast/sparse/runtime.py, kernels.py) against the hook model `load_model` gives for the same
+artifact: logits on prefill and on token-by-token decode with the KV cache, greedy generations, the dense fallback
+above the crossover, and the hf-sparse bench engine's choice and refusals.
+
+Logits are compared in float64: the runtime and the hook model differ only in the order of float sums (a gather
+of the kept rows against a dense product over zeros), about n * eps * sum|terms| per product (n <= 512 terms
+here, eps 1.1e-16), so 1e-9 of the row norm is far above that and far below what one entry kept on one side and
+zeroed on the other would change. In float64 a value within that distance of a threshold, which could flip a
+decision, is improbable; in float32 it would happen now and then on some CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import pytest
+
+from llmfast.artifacts import write_manifest
+from llmfast.errors import UserError
+
+METHODS = ("teal", "cats", "relufy", "dejavu", "dejavu-lookahead")
+TEXT = "The quick brown fox jumps over the lazy dog while the committee argues about the budget."
+
+
+def make_artifact(src, out, method):
+    """A sparse artifact of the tiny model, built in-process as `llmfast sparsify` would write it."""
+    from safetensors.torch import save_file
+
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse.cats import Cats
+    from llmfast.sparse.relufy import relu_swap
+    from llmfast.sparse.teal import Teal
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE, link_or_copy_model
+
+    out.mkdir()
+    if method.startswith("dejavu"):  # random low-rank predictors, threshold at ~40% predicted active
+        from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, save_predictors
+
+        g = torch.Generator().manual_seed(0)
+        h, i, r = 128, 256, 16  # the tiny model's widths, a rank
+        preds = [Predictor(torch.randn(h, r, generator=g) / h**0.5, torch.randn(r, i, generator=g) / r**0.5,
+                           torch.zeros(i), torch.tensor(0.25), lookahead=method.endswith("lookahead"))
+                 for _ in range(2)]
+        link_or_copy_model(src, out)
+        save_predictors(preds, out / PREDICTORS_FILE)
+        method = "dejavu"
+    elif method == "relufy":
+        model = load_model(src)
+        relu_swap(model)
+        model.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(src).save_pretrained(out)
+    else:
+        model, tok = load_model(src), load_tokenizer(src)
+        ids = tok(TEXT * 8, return_tensors="pt").input_ids[:, :128]
+        thresholds = (Teal if method == "teal" else Cats)().calibrate(model, ids, 0.5)
+        link_or_copy_model(src, out)
+        save_file({s: v.contiguous() for s, v in thresholds.items()}, out / THRESHOLDS_FILE)
+    write_manifest(out, stage="sparsify", parents=[str(src)], sparsity={"method": method, "config": {}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse-rt")
+    return {m: make_artifact(tiny_dir, root / m, m) for m in METHODS}
+
+
+def pair(art, dtype=torch.float64, dense_above=None):
+    """The hook model (load_model) and the runtime model of one artifact, both in `dtype`."""
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_model
+    from llmfast.sparse.runtime import install_sparse_runtime
+
+    hooked = load_model(art).to(dtype)
+    sparse = from_pretrained(art, "float32").to(dtype).eval()
+    install_sparse_runtime(sparse, art, dense_above=dense_above)
+    return hooked, sparse
+
+
+def prompt_ids(art):
+    from llmfast.models import load_tokenizer
+
+    return load_tokenizer(art)(TEXT, return_tensors="pt").input_ids[:, :12]
+
+
+def close(a, b):
+    tol = 1e-9 * b.norm(dim=-1, keepdim=True)
+    return bool(((a - b).abs() <= tol).all())
+
+
+def prefill_and_decode(model, ids, steps=6):
+    """Logits of the prompt (one forward), then of `steps` greedy tokens fed one at a time with the KV cache."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        logits, past = [out.logits[0]], out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(tok, past_key_values=past, use_cache=True)
+            logits.append(out.logits[0])
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_runtime_matches_the_hook_model_on_prefill_and_cached_decode(artifacts, method):
+    from llmfast.sparse.runtime import runtime_calls
+
+    art = artifacts[method]
+    hooked, sparse = pair(art)
+    ids = prompt_ids(art)
+    want, got = prefill_and_decode(hooked, ids), prefill_and_decode(sparse, ids)
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert close(a, b), (method, step, (a - b).abs().max().item())
+    calls = runtime_calls(sparse)
+    assert calls["prefill"] == 2  # the prompt, in both layers, ran the dense path with the same zeros
+    assert calls["sparse"] > 0  # decode steps gathered (at ~50% kept, below the crossover)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_generation_is_identical_in_float32(artifacts, method):
+    art = artifacts[method]
+    hooked, sparse = pair(art, dtype=torch.float32)
+    ids = prompt_ids(art)
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    with torch.no_grad():
+        assert sparse.generate(ids, **kw).tolist() == hooked.generate(ids, **kw).tolist()
+
+
+def test_dense_fallback_above_the_crossover_gives_the_same_numbers(artifacts):
+    from llmfast.sparse.runtime import runtime_calls
+
+    art = artifacts["teal"]
+    ids = prompt_ids(art)
+    hooked, always_dense = pair(art, dense_above=0.0)  # any kept fraction is above 0: the dense product
+    _, never_dense = pair(art, dense_above=1.0)
+    want = prefill_and_decode(hooked, ids)
+    for model in (always_dense, never_dense):
+        for a, b in zip(prefill_and_decode(model, ids), want):
+            assert close(a, b)
+    assert runtime_calls(always_dense)["sparse"] == 0 and runtime_calls(always_dense)["dense"] > 0
+    assert runtime_calls(never_dense)["dense"] == 0 and runtime_calls(never_dense)["sparse"] > 0
+
+
+def test_install_refuses_plain_models_and_hooked_ones(artifacts, tiny_dir):
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_model
+    from llmfast.sparse.runtime import install_sparse_runtime
+
+    with pytest.raises(UserError, match="not a llmfast sparsify artifact"):
+        install_sparse_runtime(from_pretrained(tiny_dir, "float32"), tiny_dir)
+    with pytest.raises(ValueError, match="carry hooks"):  # thresholds applied twice would be a silent mistake
+        install_sparse_runtime(load_model(artifacts["teal"]), artifacts["teal"])
+
+
+def test_hf_sparse_engine_is_chosen_for_sparse_variants_and_says_why_not(artifacts, tiny_dir):
+    from llmfast.bench.engines import ENGINES, Variant, engine_families
+    from llmfast.bench.runner import choose_engine
+
+    engine = ENGINES.get("hf-sparse")
+    teal = Variant("t", artifacts["teal"], sparsity="teal")
+    assert engine_families(None, "teal") == ("hf-sparse", "hf")
+    assert engine_families(None, None) == ("vllm", "hf")
+    assert engine.can_run(teal) is None and choose_engine(teal, "auto") is engine
+    assert ENGINES.get("hf").can_run(teal) is None  # the dense-with-zeros comparison stays available
+    assert "not a sparse artifact" in engine.can_run(Variant("d", tiny_dir))
+    assert "LoRA" in engine.can_run(Variant("l", artifacts["teal"], lora=object(), sparsity="teal"))
+    assert "quantized" in engine.can_run(Variant("q", artifacts["teal"], quantization="nf4", sparsity="teal"))
+    assert "gptq artifacts" in engine.can_run(Variant("p", artifacts["teal"], sparsity="gptq"))
+    assert engine.can_run(Variant("p", artifacts["dejavu"], sparsity="dejavu")) is None
+
+
+def test_hf_sparse_engine_generates_what_hf_generates(artifacts):
+    from llmfast.bench.engines import ENGINES, Variant
+    from llmfast.bench.workload import Request
+    from llmfast.models import load_tokenizer
+
+    art = artifacts["cats"]
+    ids = load_tokenizer(art)(TEXT).input_ids[:10]
+    requests = [Request(prompt="", prompt_len=len(ids), output_len=8, prompt_ids=ids)]
+    v = Variant("c", art, sparsity="cats")
+    texts = {}
+    for name in ("hf", "hf-sparse"):
+        results, _ = ENGINES.get(name).generate(v, requests, dtype="float32", batch_size=1, ignore_eos=True)
+        assert results[0].success and results[0].output_tokens == 8
+        texts[name] = results[0].generated_text
+    assert texts["hf-sparse"] == texts["hf"]
+
+
+def test_bag_sum_is_the_weighted_sum_of_the_kept_rows_in_any_number_of_bags():
+    from llmfast.sparse.kernels import bag_sum
+
+    g = torch.Generator().manual_seed(0)
+    wt, v = torch.randn(300, 40, generator=g, dtype=torch.float64), torch.randn(300, generator=g, dtype=torch.float64)
+    for idx in (torch.tensor([], dtype=torch.long), torch.tensor([7]), torch.arange(0, 300, 3), torch.arange(300)):
+        want = v[idx] @ wt[idx] if idx.numel() else torch.zeros(40, dtype=torch.float64)
+        for bags in (1, 2, 3, 8):
+            got = bag_sum(idx, v.index_select(0, idx), wt, bags=bags)
+            assert got.shape == (40,) and close(got, want), (idx.numel(), bags)
