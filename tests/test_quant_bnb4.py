@@ -190,3 +190,49 @@ def test_bad_input_is_one_line_and_nothing_on_disk(saved: tuple[Path, Path], tmp
 
     with pytest.raises(UserError, match=r"^bnb4: Embedder has no Linear layers besides the head"):
         Bnb4().check(Embedder(), Bnb4Config())
+
+
+def test_requantizing_a_dequantized_nf4_model_gives_back_its_codes(saved: tuple[Path, Path], tmp_path: Path) -> None:
+    """Path (b) of deploying a QLoRA adapter starts from the NF4 base dequantized (what `export` merges into). NF4 of
+    those weights is the base's NF4 again, bit for bit (each block's largest weight sits on level +-1, so its scale
+    comes back, and every weight is already on a level): a merged adapter changes a code only where it moves a
+    weight past the midpoint to the next level (scripts/compare_qlora_deploy.py measures how many)."""
+    from llmfast.models import load_model
+    from llmfast.quant import parse_quantization
+
+    base, _ = saved
+    plain = {"type": "nf4", "double_quant": False}  # double quant would round the scales once more
+    model = load_model(base, quantization=plain)
+    before = _dequantized(model)
+    spec = parse_quantization(plain)
+    spec.quantizer.dequantize_for_merge(model, "float32")
+    model.save_pretrained(tmp_path / "dequantized")
+    (tmp_path / "dequantized" / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    (tmp_path / "dequantized" / "tokenizer_config.json").write_bytes((base / "tokenizer_config.json").read_bytes())
+    out = tmp_path / "again"
+    assert main(["quantize", str(_recipe(tmp_path, tmp_path / "dequantized", out, **plain))]) == 0
+    after = _dequantized(load_model(out))
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_qlora_adapter_exported_then_quantized(saved: tuple[Path, Path], tmp_path: Path) -> None:
+    """The documented path: `finetune` a QLoRA adapter with export_merged (the base dequantized, the adapter merged
+    in float32), then `quantize` the merged model: accepted as full precision, lineage kept, loads in 4 bits."""
+    from llmfast.models import load_model
+
+    base, _ = saved
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["alpha", "bravo", "charlie", "delta"] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "qlora.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(base), "quantization": "nf4", "export_merged": True, "output": str(tmp_path / "run"),
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "eval_fraction": 0.25},
+        "lora": {"r": 4, "alpha": 8}, "train": {"steps": 2, "batch_size": 2, "lr": 0.01, "seed": 1}}))
+    assert main(["finetune", str(recipe)]) == 0
+    merged, out = tmp_path / "run" / "merged", tmp_path / "deployed"
+    assert main(["quantize", str(_recipe(tmp_path, merged, out))]) == 0
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["parents"] == [str(merged)] and manifest["quantization"]["method"] == "bnb4"
+    assert json.loads((merged / "llmfast.json").read_text())["parents"] == [str(tmp_path / "run" / "adapter")]
+    assert len(_linear4bit(load_model(out))) == 2 * 7
