@@ -4,7 +4,7 @@ artifact zeroes exactly the predicted-inactive activation entries, all-active pr
 model bit for bit, the file round-trips, and bad predictors or sources are one-line errors."""
 
 import json
-import math
+import shutil
 
 import pytest
 import torch
@@ -24,6 +24,14 @@ def relu_dir(tmp_path_factory):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
     return d
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, relu_dir):
+    """One small dejavu artifact over the ReLU model, copied by the tests that change it."""
+    tmp = tmp_path_factory.mktemp("small")
+    assert run_cli("sparsify", str(recipe(tmp, relu_dir, "{rank: 4, steps: 5}")))[0] == 0
+    return tmp / "out"
 
 
 def recipe(tmp_path, model, config, out="out", name="r"):
@@ -119,6 +127,9 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
         assert metrics["heldout_sparsity"]["down_in"]["per_layer"][i] == pytest.approx(zero, abs=2e-6)
     assert report["recall"]["mean"] == pytest.approx(sum(report["recall"]["per_layer"]) / 2, abs=2e-6)
     assert 0 < metrics["heldout_kl"] < 1
+    # The manifest's calibration recall is what the thresholds were set for; on held-out text it stays close.
+    assert all(r >= cfg["target_recall"] - 1e-9 for r in metrics["calibration"]["recall"]["per_layer"])
+    assert report["recall"]["mean"] > cfg["target_recall"] - 0.1
     assert {"config.json", "model.safetensors", "predictors.safetensors", "tokenizer.json"} <= {
         f.name for f in art.iterdir()}
 
@@ -133,11 +144,10 @@ def _rewrite(art, **change):
     save_predictors(preds, art / "predictors.safetensors")
 
 
-def test_all_active_predictors_give_the_dense_model_exactly(tmp_path, relu_dir):
+def test_all_active_predictors_give_the_dense_model_exactly(tmp_path, relu_dir, small):
     from llmfast.models import load_model, load_tokenizer
 
-    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 4, steps: 5}")))[0] == 0
-    art = tmp_path / "out"
+    art = shutil.copytree(small, tmp_path / "out")
     ids = split(load_tokenizer(art))[1][:2]
     dense = load_model(relu_dir)
     with torch.no_grad():
@@ -170,15 +180,14 @@ def test_save_load_round_trip(tmp_path):
     ("one layer", "1 predictors for a model with 2 gated MLPs"),
     ("missing key", "missing 1.bias: rebuild it"),
 ])
-def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, relu_dir, change, expected):
+def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change, expected):
     from safetensors.torch import load_file, save_file
 
     from llmfast.errors import UserError
     from llmfast.models import load_model
     from llmfast.sparse.predictors import FORMAT
 
-    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 4, steps: 5}")))[0] == 0
-    art = tmp_path / "out"
+    art = shutil.copytree(small, tmp_path / "out")
     path = art / "predictors.safetensors"
     if isinstance(change, dict):
         _rewrite(art, **change)
@@ -200,12 +209,12 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, relu_dir, chan
     ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
     ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
 ])
-def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, source, config, expected):
-    model = relu_dir
-    if source in ("teal", "dejavu"):
-        cfg = "{target: 0.5}" if source == "teal" else "{rank: 4, steps: 5}"
-        src = recipe(tmp_path, relu_dir, cfg, out="src", name="src")
-        src.write_text(src.read_text().replace("method: dejavu", f"method: {source}"))
+def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
+                                                                     expected):
+    model = small if source == "dejavu" else relu_dir
+    if source == "teal":
+        src = recipe(tmp_path, relu_dir, "{target: 0.5}", out="src", name="src")
+        src.write_text(src.read_text().replace("method: dejavu", "method: teal"))
         assert run_cli("sparsify", str(src))[0] == 0
         model = tmp_path / "src"
     code, _, err = run_cli("sparsify", str(recipe(tmp_path, model, config)))
@@ -214,12 +223,3 @@ def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, 
     assert len(errors) == 1 and errors[0].startswith("llmfast: error: ") and expected in errors[0], err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))], "nothing written"
 
-
-def test_heldout_recall_is_near_the_calibration_target(tmp_path, relu_dir):
-    """Thresholds set on calibration text keep most of their recall on other text (a sanity bound, not exact)."""
-    assert run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 32, steps: 200}")))[0] == 0
-    m = json.loads((tmp_path / "out" / "llmfast.json").read_text())["metrics"]
-    assert all(r >= 0.95 - 1e-9 for r in m["calibration"]["recall"]["per_layer"])
-    assert m["predictors"]["recall"]["mean"] > 0.85
-    assert m["predictors"]["predicted_active"]["mean"] < 0.95
-    assert not math.isnan(m["heldout_kl"])
