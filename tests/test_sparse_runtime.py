@@ -196,3 +196,15 @@ def test_bag_sum_is_the_weighted_sum_of_the_kept_rows_in_any_number_of_bags():
         for bags in (1, 2, 3, 8):
             got = bag_sum(idx, v.index_select(0, idx), wt, bags=bags)
             assert got.shape == (40,) and close(got, want), (idx.numel(), bags)
+
+
+@pytest.mark.parametrize("method", ["cats", "relufy", "dejavu"])
+def test_gathered_rows_of_gate_and_up_give_the_same_numbers(artifacts, method, monkeypatch):
+    """Above ROWS_DENSE_ABOVE the rows of up (and gate) are computed dense, below it gathered: both paths agree."""
+    import llmfast.sparse.kernels as kernels
+
+    monkeypatch.setattr(kernels, "ROWS_DENSE_ABOVE", 1.0)  # every kept fraction gathers its rows
+    hooked, sparse = pair(artifacts[method])
+    ids = prompt_ids(artifacts[method])
+    for step, (a, b) in enumerate(zip(prefill_and_decode(sparse, ids), prefill_and_decode(hooked, ids))):
+        assert close(a, b), (method, step)

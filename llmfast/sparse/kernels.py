@@ -14,7 +14,8 @@ The weights are laid out so every gather reads contiguous memory: a column of W 
 weighted sum of the rows of W^T for the kept entries is `F.embedding_bag(idx, W^T, per_sample_weights=v[idx],
 mode="sum")` (gather and reduction in one pass, no copy of the rows). The modules' own weights become views
 of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_gate and W_up interleaved
-(dejavu, so one gather reads both), are gathered with `index_select` and one matrix-vector product.
+(dejavu, so one gather reads both), are gathered with `index_select` and one matrix-vector product when
+few are kept (ROWS_DENSE_ABOVE); above that they are computed dense and only W_down is gathered.
 
 When more than one token is processed (prefill, batched decode), or a layer's kept fraction is above
 `dense_above` (a dense matrix-vector product beats a gather there: scripts/bench_sparse_decode.py measures
@@ -24,6 +25,7 @@ dense-with-zeros model's (llmfast/sparse/thresholds.py hooks) up to float summat
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +35,9 @@ MODES = ("teal", "cats", "relu", "dejavu")
 # Kept fraction above which the dense matrix-vector product is used: measured on this machine's CPU with
 # scripts/bench_sparse_decode.py (embedding_bag against F.linear at the built-in model's and Llama-8B's shapes).
 DENSE_ABOVE = 0.6
+# Gathering whole rows (index_select copies them before the product) beats the dense product of W_up (and
+# W_gate) only for few rows: above this kept fraction those are computed dense and only W_down is gathered.
+ROWS_DENSE_ABOVE = 0.25
 
 
 def bag_sum(idx: "torch.Tensor", w: "torch.Tensor", wt: "torch.Tensor", bags: int = 0) -> "torch.Tensor":
@@ -42,15 +47,22 @@ def bag_sum(idx: "torch.Tensor", w: "torch.Tensor", wt: "torch.Tensor", bags: in
     split into `bags` bags (default: one per thread) whose sums are added.
     """
     import torch
-    import torch.nn.functional as F
 
     k, bags = idx.numel(), bags or torch.get_num_threads()
     if k == 0:
         return wt.new_zeros(wt.shape[1])
-    if bags == 1 or k < 2 * bags:
-        return F.embedding_bag(idx.view(1, -1), wt, per_sample_weights=w.view(1, -1), mode="sum").view(-1)
-    offsets = torch.arange(0, k, -(-k // bags))
-    return F.embedding_bag(idx, wt, offsets, per_sample_weights=w, mode="sum").sum(0)
+    offsets = _one_bag() if bags == 1 or k < 2 * bags else torch.arange(0, k, -(-k // bags))
+    # The aten op itself: F.embedding_bag's argument checks cost as much as a small gather (mode 0 is "sum").
+    out = torch.embedding_bag(wt, idx, offsets, False, 0, False, w)[0]
+    return out.view(-1) if len(offsets) == 1 else out.sum(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_bag() -> "torch.Tensor":
+    """The offsets of a single bag, made once (torch is imported only when a sparse MLP runs)."""
+    import torch
+
+    return torch.zeros(1, dtype=torch.long)
 
 
 class SparseMLP:
@@ -128,8 +140,11 @@ class SparseMLP:
             self.calls["dense"] += 1
             return (torch.where(keep, a, 0.0) * F.linear(v, self.up_w)) @ self.down_t
         self.calls["sparse"] += 1
-        h = a.index_select(0, idx) * (self.up_w.index_select(0, idx) @ v)
-        return bag_sum(idx, h, self.down_t)
+        if idx.numel() > ROWS_DENSE_ABOVE * self.inter:
+            u = F.linear(v, self.up_w).index_select(0, idx)
+        else:
+            u = self.up_w.index_select(0, idx) @ v
+        return bag_sum(idx, a.index_select(0, idx) * u, self.down_t)
 
     def predicted(self, x: "torch.Tensor") -> "torch.Tensor":
         """The predictor's active mask for MLP input `x`, fed as install_predictors feeds it (same shapes, so the
@@ -150,8 +165,12 @@ class SparseMLP:
             h = self.act(F.linear(v, self.gate_w)) * F.linear(v, self.up_w)
             return torch.where(keep, h, 0.0) @ self.down_t
         self.calls["sparse"] += 1
-        gu = self.gate_up_rows.index_select(0, idx) @ v  # (kept, 2): gate and up of the kept neurons
-        return bag_sum(idx, self.act(gu[:, 0]) * gu[:, 1], self.down_t)
+        if idx.numel() > ROWS_DENSE_ABOVE * self.inter:
+            h = (self.act(F.linear(v, self.gate_w)) * F.linear(v, self.up_w)).index_select(0, idx)
+        else:
+            gu = self.gate_up_rows.index_select(0, idx) @ v  # (kept, 2): gate and up of the kept neurons
+            h = self.act(gu[:, 0]) * gu[:, 1]
+        return bag_sum(idx, h, self.down_t)
 
     # --- many tokens: dense matmuls, the same zeros ---------------------------------------------------------
     def dense(self, x: "torch.Tensor") -> "torch.Tensor":
