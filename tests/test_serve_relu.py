@@ -61,11 +61,12 @@ def test_bench_runs_relufy_on_vllm_and_thresholds_on_transformers(relu_dir):
 
 def test_the_entry_point_is_installed():
     """pip writes it from pyproject.toml at install time: missing means `make install` (or
-    `pip install -e .`) has not run since the entry point was added."""
+    `pip install -e .`) has not run since the entry point was added, or that an older `llmfast.egg-info` in the
+    working directory (ignored by git) comes first on sys.path and hides the installed metadata."""
     from importlib.metadata import entry_points
 
     ours = [e for e in entry_points(group="vllm.general_plugins") if e.name == "llmfast_relu_llama"]
-    assert [e.value for e in ours] == ["llmfast.serve.vllm_plugin:register"], "reinstall llmfast: make install"
+    assert [e.value for e in ours] == ["llmfast.serve.vllm_plugin:register"], "reinstall llmfast (make install), remove a stale ./llmfast.egg-info"
 
 
 @pytest.mark.slow
