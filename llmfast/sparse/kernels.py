@@ -32,9 +32,10 @@ if TYPE_CHECKING:
     import torch
 
 MODES = ("teal", "cats", "relu", "dejavu")
-# Kept fraction above which the dense matrix-vector product is used: measured on this machine's CPU with
-# scripts/bench_sparse_decode.py (embedding_bag against F.linear at the built-in model's and Llama-8B's shapes).
-DENSE_ABOVE = 0.6
+# Kept fraction above which the dense matrix-vector product is used: on this machine's CPU (1 thread, under
+# load) embedding_bag was 1.1-1.2x faster than the dense product at 60% kept and even at 70%, at the built-in
+# model's and at Llama-8B's shapes (scripts/bench_sparse_decode.py, table "gather"; BENCHMARKS.md).
+DENSE_ABOVE = 0.65
 # Gathering whole rows (index_select copies them before the product) beats the dense product of W_up (and
 # W_gate) only for few rows: above this kept fraction those are computed dense and only W_down is gathered.
 ROWS_DENSE_ABOVE = 0.25

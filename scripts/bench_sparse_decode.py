@@ -1,0 +1,237 @@
+"""Batch-1 decode with llmfast's sparse MLP (llmfast/sparse/runtime.py) against the dense model, same run, same threads.
+
+    python scripts/bench_sparse_decode.py                     # everything below, defaults (a few minutes)
+    python scripts/bench_sparse_decode.py --artifact runs/sparse/teal50 --threads 2
+    python scripts/bench_sparse_decode.py --no-8b --rounds 3 --new-tokens 16 --json runs/bench/sparse_decode.json
+
+Three tables, every row the median of alternating rounds (the sides swap order each round):
+
+1. gather: one token through gate|up stacked (hidden -> 2 x intermediate), with a fraction of the input kept:
+   `F.embedding_bag` over the rows of W^T (what the runtime uses; with several threads also split into a bag
+   per thread, as the runtime does), `index_select` + matrix-vector product (built-in model's shape only), and
+   the dense product. Where the dense product wins is the crossover (kernels.DENSE_ABOVE).
+2. mlp: one gated MLP for one token, the model's dense forward against SparseMLP (TEAL with both thresholds at
+   the target sparsity, CATS at 50% and 90%: a ReLU-fied model's sparsity), at the built-in model's shapes (576 -> 1536) and Llama-8B's
+   (4096 -> 14336). Random weights and input; thresholds are quantiles of this input, so the target is met.
+3. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
+   the dense model against TEAL artifacts at each target loaded with the sparse runtime (built in-process
+   from thresholds calibrated as `llmfast sparsify` does, or the --artifact given), all in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmfast.sparse.kernels import SparseMLP, bag_sum
+
+SHAPES = {"smollm2 576->1536": (576, 1536), "llama-8b 4096->14336": (4096, 14336)}
+
+
+def timed(fn: Callable[[], Any], seconds: float) -> float:
+    """Median seconds per call over ~`seconds` of calls, after uncounted warm-up calls."""
+    for _ in range(3):
+        fn()
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(samples) < 5:
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median over rounds of each side's measurement, the order reversed every other round."""
+    got: dict[str, list[float]] = {s: [] for s in sides}
+    for r in range(rounds):
+        for s in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            got[s].append(sides[s]())
+    return {s: statistics.median(v) for s, v in got.items()}
+
+
+def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for label, (h, i) in shapes.items():
+        wt = torch.randn(h, 2 * i)  # gate|up transposed: column c of W is row c here
+        x = torch.randn(h)
+        for kept in (0.1, 0.3, 0.5, 0.6, 0.7):
+            idx = torch.randperm(h)[: int(kept * h)].sort().values
+            keep = torch.zeros(h, dtype=torch.bool)
+            keep[idx] = True
+            sides = {"embedding_bag": lambda: timed(lambda: bag_sum(idx, x.index_select(0, idx), wt, bags=1), seconds),
+                     "dense": lambda: timed(lambda: torch.where(keep, x, 0.0) @ wt, seconds)}
+            if h < 1024:  # copying the rows first is several times slower than dense at 8B's size: not repeated there
+                sides["index_select+mv"] = lambda: timed(lambda: x.index_select(0, idx) @ wt.index_select(0, idx),
+                                                         seconds)
+            if torch.get_num_threads() > 1:  # what the runtime runs with several threads: a bag per thread
+                sides["embedding_bag per thread"] = lambda: timed(lambda: bag_sum(idx, x.index_select(0, idx), wt),
+                                                                  seconds)
+            med = {k: v * 1e6 for k, v in alternate(sides, rounds).items()}
+            rows.append({"case": f"{label} gate|up, {kept:.0%} kept", **{f"{k} us": round(v, 1) for k, v in med.items()},
+                         "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2)})
+    return rows
+
+
+def random_mlp(h: int, i: int) -> Any:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class Cfg:
+        hidden_size, intermediate_size, mlp_bias, hidden_act = h, i, False, "silu"
+
+    mlp = LlamaMLP(Cfg())
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        torch.nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+    return mlp.eval()
+
+
+def quantile_abs(x: torch.Tensor, q: float) -> float:
+    return float(x.abs().flatten().float().kthvalue(max(1, round(q * x.numel()))).values)
+
+
+def sparse_mlp(dense: Any, mode: str, target: float, x: torch.Tensor) -> SparseMLP:
+    """SparseMLP on a copy of `dense` with thresholds at the `target` quantile of this input's values."""
+    h, i = dense.gate_proj.in_features, dense.gate_proj.out_features
+    mlp = random_mlp(h, i) if h < 1024 else dense  # the 8B copy would not fit twice; built from the same weights
+    if mlp is not dense:
+        mlp.load_state_dict(dense.state_dict())
+    g = F.linear(x, dense.gate_proj.weight)
+    if mode == "cats":
+        return SparseMLP(mlp, "cats", t_gate=quantile_abs(F.silu(g), target))
+    t_in = quantile_abs(x, target)
+    xs = torch.where(x.abs() > t_in, x, 0.0)
+    act = F.silu(F.linear(xs, dense.gate_proj.weight)) * F.linear(xs, dense.up_proj.weight)
+    return SparseMLP(mlp, "teal", t_in=t_in, t_down=quantile_abs(act, target))
+
+
+def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: int,
+              seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for label, (h, i) in shapes.items():
+        dense = random_mlp(h, i)
+        x = torch.randn(1, 1, h)
+        plain = {n: getattr(dense, n).weight.detach().clone() for n in ("gate_proj", "up_proj", "down_proj")}
+
+        def dense_fwd() -> torch.Tensor:  # LlamaMLP.forward on contiguous nn.Linear weights
+            return F.linear(F.silu(F.linear(x, plain["gate_proj"])) * F.linear(x, plain["up_proj"]), plain["down_proj"])
+
+        cases = [("teal", t) for t in targets] + [("cats", 0.5), ("cats", 0.9)]
+        for mode, target in cases:
+            rt = sparse_mlp(dense, mode, target, x)
+            med = alternate({"dense": lambda: timed(dense_fwd, seconds), "sparse": lambda: timed(lambda: rt(x), seconds)},
+                            rounds)
+            rows.append({"case": f"{label} MLP, {mode} {target:.0%}", "dense us": round(med["dense"] * 1e6, 1),
+                         "sparse us": round(med["sparse"] * 1e6, 1), "speed-up": round(med["dense"] / med["sparse"], 2)})
+        del dense, plain
+    return rows
+
+
+def teal_artifact(src: Path, out: Path, target: float, calibration: torch.Tensor, model: Any) -> Path:
+    """A TEAL artifact of `src` at `target`, calibrated as `llmfast sparsify` does (one batched pass)."""
+    from safetensors.torch import save_file
+
+    from llmfast.artifacts import write_manifest
+    from llmfast.sparse.teal import Teal
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE, link_or_copy_model
+
+    out.mkdir(parents=True)
+    thresholds = Teal().calibrate(model, calibration, target)
+    link_or_copy_model(src, out)
+    save_file({s: v.contiguous() for s, v in thresholds.items()}, out / THRESHOLDS_FILE)
+    write_manifest(out, stage="sparsify", parents=[str(src)], sparsity={"method": "teal", "config": {"target": target}})
+    return out
+
+
+def bench_decode(targets: list[float], artifact: str | None, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
+    from llmfast.calibration import text_ids
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_tokenizer, resolve_model
+    from llmfast.sparse.runtime import artifact_method, load_sparse_model, runtime_calls
+
+    src = resolve_model("builtin:smollm2-135m")
+    dense = from_pretrained(src, "float32").eval()
+    tok = load_tokenizer(src)
+    ids = text_ids(tok, Path(__file__).resolve().parent.parent / "eval" / "text" / "persuasion.txt")
+    prompt = ids[:32].view(1, -1)
+    sparse: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
+        if artifact:
+            sparse[f"{artifact_method(artifact)} {Path(artifact).name}"] = load_sparse_model(artifact)
+        else:
+            calibration = ids[16384 : 16384 + 2048].view(4, 512)  # after the span llmfast eval scores, as sparsify
+            with torch.inference_mode():
+                for t in targets:
+                    art = teal_artifact(src, Path(tmp) / f"teal{round(t * 100)}", t, calibration, dense)
+                    sparse[f"teal {t:.0%}"] = load_sparse_model(art)
+
+    def decode(model: Any) -> float:
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return new_tokens / (time.perf_counter() - t)
+
+    models = {"dense": dense, **sparse}
+    with torch.inference_mode():
+        for m in models.values():
+            decode(m)  # warm-up
+        for m in sparse.values():
+            for rt in m.modules():
+                if isinstance(rt.__dict__.get("forward"), SparseMLP):
+                    rt.forward.calls = {k: 0 for k in rt.forward.calls}
+        med = alternate({name: (lambda m=m: decode(m)) for name, m in models.items()}, rounds)
+    rows = []
+    for name, m in sparse.items():
+        calls = runtime_calls(m)
+        gathers = calls["sparse"] + calls["dense"]
+        rows.append({"case": f"smollm2-135m decode, {name}, {new_tokens} tokens", "dense tok/s": round(med["dense"], 1),
+                     "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
+                     "dense fallbacks": f"{calls['dense'] / max(1, gathers):.0%} of {gathers} gathers"})
+    return rows
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n{title}\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=0.2, help="timed calls per side and round (tables 1, 2)")
+    p.add_argument("--targets", default="0.4,0.5,0.7,0.9", help="TEAL sparsity targets")
+    p.add_argument("--artifact", help="a teal/cats/relufy artifact to decode with instead of building TEAL ones")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-8b", action="store_true", help="skip the Llama-8B shapes (2.8 GB of random weights)")
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--json", default="runs/bench/sparse_decode.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)  # one setting for the dense and the sparse side alike
+    targets = [float(t) for t in args.targets.split(",")]
+    shapes = {k: v for k, v in SHAPES.items() if not (args.no_8b and "8b" in k)}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        tables = {"gather": bench_gather(shapes, args.rounds, args.seconds),
+                  "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds)}
+    if not args.no_decode:
+        tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens)
+    for name, rows in tables.items():
+        print_table(name, rows)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rounds": args.rounds,
+                               "wall_seconds": round(time.perf_counter() - t0, 1), **tables}, indent=2) + "\n")
+    print(f"\njson: {out} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
