@@ -222,7 +222,8 @@ def run_bench(recipe: "BenchRecipe") -> Path:
         for m in measured:  # the report says plainly which variants vLLM could not serve, and why
             reason = ENGINES.get("vllm").can_run(m.variant) if m.engine != "vllm" else None
             if reason:
-                m.notes.append(f"{m.label}: not served by vLLM here ({reason}); measured with transformers")
+                how = getattr(ENGINES.get(m.engine), "label", "transformers")  # hf-sparse: with llmfast's sparse MLP
+                m.notes.append(f"{m.label}: not served by vLLM here ({reason}); measured with {how}")
         groups: dict[tuple[str, bool], list[Measured]] = {}
         for m in measured:
             if m.engine == "vllm":
