@@ -13,12 +13,13 @@ from typing import Any
 
 from llmfast.errors import UserError
 
-OFFLINE_ENGINES = {"vllm": "vllm-offline", "hf": "hf"}  # --engine word -> registered engine
+OFFLINE_ENGINES = {"vllm": "vllm-offline", "hf": "hf", "hf-sparse": "hf-sparse"}  # --engine word -> registered engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="builtin:NAME, a model directory, a .gguf or a hub id")
-    p.add_argument("--engine", choices=list(OFFLINE_ENGINES), default="vllm", help="vLLM's engine or transformers")
+    p.add_argument("--engine", choices=list(OFFLINE_ENGINES), default="vllm", help="vLLM's engine, transformers, or "
+                   "transformers with llmfast's sparse MLP (sparse artifacts)")
     p.add_argument("--lora", help="a LoRA adapter directory to apply")
     p.add_argument("--quantization", help="e.g. nf4 or fp4 (bitsandbytes 4-bit: transformers engine only)")
     p.add_argument("--dataset-name", default="random", choices=["random", "custom", "sharegpt"])
@@ -93,7 +94,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": variant.quantization_word,
         "dtype": dtype,
         "num_prompts": len(requests),
-        "batch_size": batch if args.engine == "hf" else None,  # vLLM schedules its own batches
+        "batch_size": batch if args.engine != "vllm" else None,  # vLLM schedules its own batches
         **summary,
         # vLLM's `bench throughput` names for the same quantities
         "elapsed_time": duration,

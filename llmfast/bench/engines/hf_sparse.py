@@ -25,9 +25,11 @@ class HfSparseEngine(OfflineEngine):
     def can_run(self, variant: Variant) -> str | None:
         from llmfast.sparse.runtime import RUNTIME_METHODS
 
+        runs = f"the sparse MLP runs {', '.join(RUNTIME_METHODS)} artifacts"
+        if not variant.sparsity:
+            return f"{runs}; this model is not a sparse artifact"
         if variant.sparsity not in RUNTIME_METHODS:
-            what = f"{variant.sparsity} artifacts" if variant.sparsity else "a model that is not a sparse artifact"
-            return f"the sparse MLP runs {', '.join(RUNTIME_METHODS)} artifacts, not {what}"
+            return f"{runs}, not {variant.sparsity} artifacts"
         if variant.lora is not None:
             return "the sparse MLP reads the base weights and would skip the LoRA adapter"
         if variant.quantization is not None:
