@@ -11,7 +11,7 @@ For a single token (batch-1 decode) only what is nonzero is computed:
           with look-ahead, the previous layer's): only their rows of W_gate and W_up and columns of W_down.
 
 The weights are laid out so every gather reads contiguous memory: a column of W is a row of W^T, and the
-weighted sum of the rows of W^T for the kept entries is `F.embedding_bag(idx, W^T, per_sample_weights=v[idx],
+weighted sum of the rows of W^T for the kept entries is `embedding_bag(idx, W^T, per_sample_weights=v[idx],
 mode="sum")` (gather and reduction in one pass, no copy of the rows). The modules' own weights become views
 of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_gate and W_up interleaved
 (dejavu, so one gather reads both), are gathered with `index_select` and one matrix-vector product when
@@ -115,7 +115,6 @@ class SparseMLP:
     def gather_sum(self, keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor") -> "torch.Tensor":
         """sum over kept i of v[i] * wt[i]: the rows of W^T (columns of W) where v is kept."""
         import torch
-        import torch.nn.functional as F
 
         idx = keep.nonzero().view(-1)
         if idx.numel() > self.dense_above * v.numel():
