@@ -3,8 +3,10 @@
     .venv/bin/python scripts/bench_sparse.py                      # builtin:smollm2-135m, writes runs/bench_sparse/
     .venv/bin/python scripts/bench_sparse.py --relufy-steps 50 --ppl-tokens 8192
 
-Variants: the dense base, TEAL at 40% and 50%, CATS at 50%, and ReLU-fication after --relufy-steps recovery
-steps (and, for the curve, after 0 steps: the swap alone). Each is made by `llmfast sparsify` (the same code
+Variants: the dense base, TEAL at 40% and 50%, CATS at 50%, ReLU-fication after --relufy-steps recovery
+steps (and, for the curve, after 0 steps: the swap alone), and Deja Vu predictors over the dense SiLU model
+(`dejavu`, label sparsity 0.5) and over the ReLU-fied model (`reluN-dejavu`: run `reluN` first or with it);
+for these the predictors' held-out recall, precision and fraction predicted active are reported too. Each is made by `llmfast sparsify` (the same code
 path, through its Python API) and then measured here: the MLP activation sparsity on held-out text (the
 first --heldout-tokens of eval/text/persuasion.txt, inside the evaluated span), the perplexity on the first
 --ppl-tokens of the same text (as `llmfast eval` computes it), and the wall time and peak memory of
@@ -70,6 +72,8 @@ def main() -> int:
     ap.add_argument("--relufy-steps", type=int, default=20)
     ap.add_argument("--relufy-batch", type=int, default=2)
     ap.add_argument("--relufy-lr", type=float, default=5e-5)
+    ap.add_argument("--dejavu-rank", type=int, default=64)
+    ap.add_argument("--dejavu-steps", type=int, default=300)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
 
@@ -81,9 +85,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_model(args.model)
     relufy = {"batch_size": args.relufy_batch, "lr": args.relufy_lr, "log_every": 1}
+    dejavu = {"rank": args.dejavu_rank, "steps": args.dejavu_steps}
+    relu = f"relu{args.relufy_steps}"
     variants = [("base", None, None), ("teal40", "teal", {"target": 0.4}), ("teal50", "teal", {"target": 0.5}),
                 ("cats50", "cats", {"target": 0.5}), ("relu0", "relufy", {**relufy, "steps": 0}),
-                (f"relu{args.relufy_steps}", "relufy", {**relufy, "steps": args.relufy_steps})]
+                (relu, "relufy", {**relufy, "steps": args.relufy_steps}), ("dejavu", "dejavu", dejavu),
+                (f"{relu}-dejavu", "dejavu", dejavu)]
+    source = {f"{relu}-dejavu": str(out / relu)}  # made from the ReLU-fied variant, not the base
     rows = []
     for name, method, config in variants:
         if args.only and name not in args.only:
@@ -94,11 +102,14 @@ def main() -> int:
             row.update(measure(base_dir, args, None))
         else:
             # A process of its own, so its peak memory is its own.
-            path = write_recipe(out, name, args.model, method, config, args)
+            path = write_recipe(out, name, source.get(name, args.model), method, config, args)
             subprocess.run([sys.executable, "-m", "llmfast.cli", "sparsify", str(path), "--overwrite"], check=True)
             metrics = json.loads((out / name / "llmfast.json").read_text())["metrics"]
             row.update({"sparsify_seconds": metrics["wall_seconds"], "peak_memory_gib": metrics["peak_memory_gib"],
                         "heldout_kl": metrics.get("heldout_kl"), "train_tokens": metrics.get("train_tokens")})
+            if "predictors" in metrics:  # dejavu: mean, min and max over layers on the held-out text
+                row["predictors"] = {k: {s: v[s] for s in ("mean", "min", "max")}
+                                     for k, v in metrics["predictors"].items()}
             row.update(measure(out / name, args, metrics["heldout_sparsity"]))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "mlp_sparsity_per_layer"}), file=sys.stderr)
@@ -108,11 +119,14 @@ def main() -> int:
               "command": " ".join(sys.argv), "settings": vars(args), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     base_ppl = next((r["ppl"] for r in rows if r["variant"] == "base"), None)
-    print(f"{'variant':<10} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'ppl':>8} {'vs base':>8} {'sparsify s':>10}")
+    print(f"{'variant':<14} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'ppl':>8} {'vs base':>8} {'sparsify s':>10} "
+          f"{'recall':>7} {'precision':>9} {'active':>7}")
     for r in rows:
         rel = f"{r['ppl'] / base_ppl - 1:+.1%}" if base_ppl else ""
-        print(f"{r['variant']:<10} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {r['ppl']:>8.2f} "
-              f"{rel:>8} {r.get('sparsify_seconds', ''):>10}")
+        pred = [f"{r['predictors'][k]['mean']:.1%}" for k in ("recall", "precision", "predicted_active")
+                ] if "predictors" in r else ["", "", ""]
+        print(f"{r['variant']:<14} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {r['ppl']:>8.2f} "
+              f"{rel:>8} {r.get('sparsify_seconds', ''):>10} {pred[0]:>7} {pred[1]:>9} {pred[2]:>7}")
     print(f"results: {out / 'results.json'}")
     return 0
 
