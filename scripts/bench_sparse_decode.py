@@ -1,7 +1,7 @@
 """Batch-1 decode with llmfast's sparse MLP (llmfast/sparse/runtime.py) against the dense model, same run, same threads.
 
     python scripts/bench_sparse_decode.py                     # everything below, defaults (a few minutes)
-    python scripts/bench_sparse_decode.py --artifact runs/sparse/teal50 --threads 2
+    python scripts/bench_sparse_decode.py --decode-only --artifact runs/sparse/relufy --artifact runs/sparse/dejavu
     python scripts/bench_sparse_decode.py --no-8b --rounds 3 --new-tokens 16 --json runs/bench/sparse_decode.json
 
 Three tables, every row the median of alternating rounds (the sides swap order each round):
@@ -11,11 +11,13 @@ Three tables, every row the median of alternating rounds (the sides swap order e
    per thread, as the runtime does), `index_select` + matrix-vector product (built-in model's shape only), and
    the dense product. Where the dense product wins is the crossover (kernels.DENSE_ABOVE).
 2. mlp: one gated MLP for one token, the model's dense forward against SparseMLP (TEAL with both thresholds at
-   the target sparsity, CATS at 50% and 90%: a ReLU-fied model's sparsity), at the built-in model's shapes (576 -> 1536) and Llama-8B's
-   (4096 -> 14336). Random weights and input; thresholds are quantiles of this input, so the target is met.
+   the target sparsity, CATS at 50% and 90%: a ReLU-fied model's sparsity), at the built-in model's shapes
+   (576 -> 1536) and Llama-8B's (4096 -> 14336). Random weights and input; thresholds are quantiles of this
+   input, so the target is met.
 3. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
    the dense model against TEAL artifacts at each target loaded with the sparse runtime (built in-process
-   from thresholds calibrated as `llmfast sparsify` does, or the --artifact given), all in this process.
+   from thresholds calibrated as `llmfast sparsify` does, or the --artifact(s) given), all in this process. The
+   dense side is the built-in model itself: a dense step costs the same whatever the weights.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float
                 sides["embedding_bag per thread"] = lambda: timed(lambda: bag_sum(idx, x.index_select(0, idx), wt),
                                                                   seconds)
             med = {k: v * 1e6 for k, v in alternate(sides, rounds).items()}
-            rows.append({"case": f"{label} gate|up, {kept:.0%} kept", **{f"{k} us": round(v, 1) for k, v in med.items()},
+            rows.append({"case": f"{label} gate|up, {kept:.0%} kept",
+                         **{f"{k} us": round(v, 1) for k, v in med.items()},
                          "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2)})
     return rows
 
@@ -126,10 +129,11 @@ def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: 
         cases = [("teal", t) for t in targets] + [("cats", 0.5), ("cats", 0.9)]
         for mode, target in cases:
             rt = sparse_mlp(dense, mode, target, x)
-            med = alternate({"dense": lambda: timed(dense_fwd, seconds), "sparse": lambda: timed(lambda: rt(x), seconds)},
-                            rounds)
+            med = alternate({"dense": lambda: timed(dense_fwd, seconds),
+                             "sparse": lambda: timed(lambda: rt(x), seconds)}, rounds)
             rows.append({"case": f"{label} MLP, {mode} {target:.0%}", "dense us": round(med["dense"] * 1e6, 1),
-                         "sparse us": round(med["sparse"] * 1e6, 1), "speed-up": round(med["dense"] / med["sparse"], 2)})
+                         "sparse us": round(med["sparse"] * 1e6, 1),
+                         "speed-up": round(med["dense"] / med["sparse"], 2)})
         del dense, plain
     return rows
 
@@ -150,7 +154,8 @@ def teal_artifact(src: Path, out: Path, target: float, calibration: torch.Tensor
     return out
 
 
-def bench_decode(targets: list[float], artifact: str | None, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
+def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
+                 new_tokens: int) -> list[dict[str, Any]]:
     from llmfast.calibration import text_ids
     from llmfast.loading import from_pretrained
     from llmfast.models import load_tokenizer, resolve_model
@@ -163,9 +168,9 @@ def bench_decode(targets: list[float], artifact: str | None, rounds: int, new_to
     prompt = ids[:32].view(1, -1)
     sparse: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
-        if artifact:
+        for artifact in artifacts or []:
             sparse[f"{artifact_method(artifact)} {Path(artifact).name}"] = load_sparse_model(artifact)
-        else:
+        if not artifacts:
             calibration = ids[16384 : 16384 + 2048].view(4, 512)  # after the span llmfast eval scores, as sparsify
             with torch.inference_mode():
                 for t in targets:
@@ -209,7 +214,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=0.2, help="timed calls per side and round (tables 1, 2)")
     p.add_argument("--targets", default="0.4,0.5,0.7,0.9", help="TEAL sparsity targets")
-    p.add_argument("--artifact", help="a teal/cats/relufy artifact to decode with instead of building TEAL ones")
+    p.add_argument("--artifact", action="append", help="a teal/cats/relufy/dejavu artifact to decode with instead "
+                   "of building TEAL ones (repeatable)")
+    p.add_argument("--decode-only", action="store_true", help="skip the gather and MLP tables")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-8b", action="store_true", help="skip the Llama-8B shapes (2.8 GB of random weights)")
     p.add_argument("--no-decode", action="store_true")
@@ -219,9 +226,11 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     shapes = {k: v for k, v in SHAPES.items() if not (args.no_8b and "8b" in k)}
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        tables = {"gather": bench_gather(shapes, args.rounds, args.seconds),
-                  "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds)}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if not args.decode_only:
+        with torch.inference_mode():
+            tables = {"gather": bench_gather(shapes, args.rounds, args.seconds),
+                      "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds)}
     if not args.no_decode:
         tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens)
     for name, rows in tables.items():

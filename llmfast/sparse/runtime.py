@@ -42,7 +42,8 @@ def _thresholds(artifact: Path, method: str, sites: tuple[str, ...]) -> dict[str
 
     path = artifact / THRESHOLDS_FILE
     if not path.is_file():
-        raise UserError(f"{artifact}: a {method} artifact without {THRESHOLDS_FILE}: rebuild it with `llmfast sparsify`")
+        raise UserError(f"{artifact}: a {method} artifact without {THRESHOLDS_FILE}: rebuild it with "
+                        "`llmfast sparsify`")
     tensors = load_file(path)
     missing = [s for s in sites if s not in tensors]
     if missing:
