@@ -162,7 +162,8 @@ class VariantConfig(StrictModel):
     lora: ExistingPath | None = None
     quantization: Quantization = None
     engine: Literal["auto", "vllm", "hf", "hf-sparse"] = "auto"  # auto: vLLM unless it cannot load the variant here
-    # (hf-sparse: transformers with llmfast's sparse MLP, which auto picks for sparse artifacts)
+    # (hf-sparse: transformers with llmfast's sparse MLP, which auto picks for threshold and Deja Vu artifacts;
+    # ReLU-fied ones go to vLLM through llmfast's plugin)
 
 
 class BenchRecipe(StrictModel):

@@ -4,7 +4,8 @@
     vllm-offline  vLLM's engine in this process (bench offline --engine vllm)
     hf            transformers `generate` in static batches, the baseline (bench offline --engine hf, bench run)
     hf-sparse     hf on a sparse artifact with llmfast's sparse MLP (llmfast/sparse/runtime.py): batch-1 decode
-                  skips the zeros (bench run picks it for teal, cats and relufy variants)
+                  skips the zeros (bench run picks it for teal, cats and dejavu variants; relufy ones go to
+                  vLLM through llmfast's plugin first, hf-sparse when vLLM cannot run here)
 
 A new engine is one module here that registers an `Engine` subclass instance; vLLM and torch are imported
 inside its methods so listing engines stays instant.
