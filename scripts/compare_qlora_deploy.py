@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--dates-limit", type=int, default=40)
+    ap.add_argument("--dates-limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=20, help="an ISO date and its end token fit in 20")
     ap.add_argument("--w4-group", type=int, default=64)
     ap.add_argument("--w4-iters", type=int, default=0)
