@@ -110,8 +110,8 @@ def test_transformers_alone_and_llmfast_give_the_logits_of_quantizing_while_load
     base, out = saved
     code = _PLAIN.format(ids=IDS)
     # A fresh interpreter that never imports llmfast: transformers reads quantization_config alone.
-    p = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "logits.pt"), str(torch.get_num_threads())],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    argv = [sys.executable, "-c", code, str(out), str(tmp_path / "logits.pt"), str(torch.get_num_threads())]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert p.returncode == 0, p.stderr[-2000:]
     theirs = torch.load(tmp_path / "logits.pt")
     on_the_fly = load_model(base, quantization="nf4")
