@@ -112,8 +112,8 @@ def codes_changed(base_nf4, merged_nf4) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, help="a QLoRA adapter (bnb4 base) to use instead of training one")
-    # QLoRA runs at a few dozen tokens/s on 2 CPU cores (bitsandbytes dequantizes every layer, forward and
-    # backward): the default is a short run that already moves the dates accuracy; raise it for a real adapter.
+    # A short run (8 s on 2 idle cores, minutes on a loaded machine) that already moves the dates accuracy;
+    # raise it for a real adapter.
     ap.add_argument("--steps", type=int, default=8, help="QLoRA steps when training (rows of 128 tokens)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
