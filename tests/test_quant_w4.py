@@ -173,3 +173,25 @@ def test_vllm_serves_the_artifact_as_quantized(tmp_path: Path) -> None:
     # from both; serving the right values must be at least twice as close to the int4 model as to the source.
     assert to_int4 <= 0.5 * to_source, (to_int4, to_source)
     assert to_int4 <= 0.03 * int4.abs().max().item()
+
+
+def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(tmp_path: Path) -> None:
+    """`sym: false` makes AutoRound pack AWQ-style (along the outputs, nibbles interleaved, zero points as stored):
+    llmfast's loader decodes it, and rounding to nearest moves no weight by more than half its group's step."""
+    from safetensors import safe_open
+
+    from llmfast.models import load_model
+
+    base = build_tiny_llama(tmp_path / "base")
+    out = tmp_path / "w4-asym"
+    assert main(["quantize", str(_recipe(tmp_path, base, out, sym=False))]) == 0
+    model = load_model(out)
+    with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
+        names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
+        assert len(names) == 2 * 7
+        for name in names:
+            w = f.get_tensor(f"{name}.weight")
+            step = q.get_tensor(f"{name}.scales").float().repeat_interleave(32, dim=0).t()
+            got = model.get_submodule(name).weight.detach()
+            # Half a step, plus float16 scales' rounding (2^-11 relative) over at most 15 levels.
+            assert ((got - w).abs() <= step * (0.5 + 16 * 2**-11)).all(), name

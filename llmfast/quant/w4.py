@@ -143,6 +143,37 @@ def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> 
     return ((levels - zeros[group]).float() * scales.float()[group]).t().contiguous()
 
 
+# AWQ packs the eight 4-bit values of an int32 in the order 0, 2, 4, 6, 1, 3, 5, 7 of their output columns:
+# nibble j of a word holds column _AWQ_NIBBLE_COLUMN[j] of its block of eight.
+_AWQ_NIBBLE_COLUMN = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def dequantize_awq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
+    """(out, in) float32 weights from AutoRound's AWQ packing (what it writes for `sym: false`): eight 4-bit values
+    per int32 along the outputs (qweight: in x out/8, qzeros: groups x out/8, nibbles in AWQ's column order,
+    zero points as stored), scales (groups x out)."""
+    import torch
+
+    def unpack(packed: Any) -> Any:
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        nibbles = (packed.unsqueeze(2) >> shifts.view(1, 1, -1)) & 0xF  # rows x out/8 x 8, by nibble
+        columns = torch.empty_like(nibbles)
+        columns[:, :, list(_AWQ_NIBBLE_COLUMN)] = nibbles
+        return columns.reshape(packed.shape[0], -1)
+
+    levels, zeros = unpack(qweight), unpack(qzeros)
+    group = torch.arange(levels.shape[0]) // group_size
+    return ((levels - zeros[group]).float() * scales.float()[group]).t().contiguous()
+
+
+def _packing(path: Path) -> str:
+    """"awq" or "gptq": how AutoRound packed this artifact (its quantization_config says)."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return "awq" if "awq" in str(cfg.get("packing_format", "")) else "gptq"
+
+
 def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
     """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values."""
     import torch
@@ -155,14 +186,15 @@ def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     state: dict[str, Any] = {}
+    unpack = dequantize_awq if _packing(path) == "awq" else dequantize_gptq
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             keys = set(f.keys())
             for key in keys:
                 if key.endswith(".qweight"):
                     name = key[: -len(".qweight")]
-                    state[f"{name}.weight"] = dequantize_gptq(f.get_tensor(key), f.get_tensor(f"{name}.qzeros"),
-                                                              f.get_tensor(f"{name}.scales"), group_size)
+                    state[f"{name}.weight"] = unpack(f.get_tensor(key), f.get_tensor(f"{name}.qzeros"),
+                                                     f.get_tensor(f"{name}.scales"), group_size)
                 elif not key.endswith((".qzeros", ".scales", ".g_idx")):
                     state[key] = f.get_tensor(key)
     missing, unexpected = model.load_state_dict(state, strict=False)
