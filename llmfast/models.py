@@ -227,12 +227,16 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     """A transformers model in eval mode: optionally quantized and with a PEFT adapter on top.
 
     `quantization` is anything a recipe's `quantization:` accepts (a QuantSpec, a method name or shorthand,
-    a mapping); without it, the quantization the model's own llmfast.json records, if any.
+    a mapping); without it, the quantization the model's own llmfast.json records, else the one the adapter's
+    records (a QLoRA adapter's 4-bit base), if any.
     """
     from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization, parse_quantization
 
     spec = parse_quantization(quantization) if quantization else manifest_quantization(read_manifest(path))
+    if spec is None and adapter is not None:
+        # A QLoRA adapter records the 4-bit base it was trained on: put it on that base, not on full precision.
+        spec = manifest_quantization(read_manifest(adapter_dir(adapter)))
     if spec is not None:
         model = spec.quantizer.load(Path(path), spec.config, dtype, **kwargs)
     else:

@@ -314,6 +314,16 @@ def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
     # rounding of dot products of length <= 256, ~256 * 2^-24 ~ 2e-5 of the logits' scale per layer.
     scale = ref.abs().max().item()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+    # llmfast's loader (eval, bench) puts the adapter on the 4-bit base its manifest records, unasked.
+    from llmfast.models import load_model
+
+    via = load_model(tiny_dir, adapter=run / "adapter")
+    via_layers = [m for m in via.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(via_layers) == len(layers4)
+    for m in via_layers:
+        m.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        torch.testing.assert_close(via(ids).logits, ref, rtol=0, atol=0)
 
 
 def test_export_refuses_4bit(tmp_path):
