@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,30 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from llmfast.sparse.kernels import SparseMLP, bag_sum
+from llmfast.timing import alternate, timed
 
 SHAPES = {"smollm2 576->1536": (576, 1536), "llama-8b 4096->14336": (4096, 14336)}
-
-
-def timed(fn: Callable[[], Any], seconds: float) -> float:
-    """Median seconds per call over ~`seconds` of calls, after uncounted warm-up calls."""
-    for _ in range(3):
-        fn()
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 5:
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
-
-
-def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median over rounds of each side's measurement, the order reversed every other round."""
-    got: dict[str, list[float]] = {s: [] for s in sides}
-    for r in range(rounds):
-        for s in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            got[s].append(sides[s]())
-    return {s: statistics.median(v) for s, v in got.items()}
 
 
 def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float) -> list[dict[str, Any]]:

@@ -24,23 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from llmfast.quant.bitnet.layers import TernaryLinear, ternarize
+from llmfast.timing import alternate, timed
 
 SHAPES = {"smollm2 gate/up 576->1536": (576, 1536), "smollm2 down 1536->576": (1536, 576),
           "llama-8b q/o 4096->4096": (4096, 4096), "llama-8b gate/up 4096->14336": (4096, 14336),
           "llama-8b down 14336->4096": (14336, 4096)}
-
-
-def timed(fn: Callable[[], Any], seconds: float) -> float:
-    """Median seconds per call over ~`seconds` of calls, after warm-up calls that are not counted."""
-    for _ in range(5):
-        fn()
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 5:
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def ternary_layer(k: int, n: int, fast: bool) -> TernaryLinear:
@@ -60,12 +48,9 @@ def bench_layers(rounds: int, seconds: float) -> list[dict[str, Any]]:
         fast, slow = ternary_layer(k, n, True), ternary_layer(k, n, False)
         sides: dict[str, Callable[[], Any]] = {"fp32": lambda: F.linear(x, w), "ternary int8": lambda: fast(x),
                                                "ternary float": lambda: slow(x)}
-        times: dict[str, list[float]] = {s: [] for s in sides}
         with torch.no_grad():
-            for r in range(rounds):  # alternate the order every round
-                for s in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-                    times[s].append(timed(sides[s], seconds))
-        med = {s: statistics.median(v) * 1e6 for s, v in times.items()}
+            med = {s: v * 1e6 for s, v in alternate({s: (lambda f=f: timed(f, seconds, warmup=5))
+                                                     for s, f in sides.items()}, rounds).items()}
         rows.append({"case": label, **{f"{s} us": round(v, 1) for s, v in med.items()},
                      "speed-up int8": round(med["fp32"] / med["ternary int8"], 2),
                      "speed-up float": round(med["fp32"] / med["ternary float"], 2)})
@@ -89,7 +74,7 @@ def bench_mlp(rounds: int, seconds: float) -> dict[str, Any]:
         for r in range(rounds):
             pair = [(t32, mlp_fp32), (t3, mlp_ternary)]
             for store, fn in (pair if r % 2 == 0 else pair[::-1]):
-                store.append(timed(fn, seconds))
+                store.append(timed(fn, seconds, warmup=5))
     a, b = statistics.median(t32) * 1e6, statistics.median(t3) * 1e6
     return {"case": "smollm2 MLP (gate, up, down)", "fp32 us": round(a, 1), "ternary int8 us": round(b, 1),
             "speed-up int8": round(a / b, 2)}
