@@ -35,22 +35,6 @@ def artifact_method(artifact: str | os.PathLike[str]) -> str | None:
     return (((read_manifest(artifact) or {}).get("sparsity")) or {}).get("method")
 
 
-def _thresholds(artifact: Path, method: str, sites: tuple[str, ...]) -> dict[str, list[float]]:
-    from safetensors.torch import load_file
-
-    from llmfast.sparse.thresholds import THRESHOLDS_FILE
-
-    path = artifact / THRESHOLDS_FILE
-    if not path.is_file():
-        raise UserError(f"{artifact}: a {method} artifact without {THRESHOLDS_FILE}: rebuild it with "
-                        "`llmfast sparsify`")
-    tensors = load_file(path)
-    missing = [s for s in sites if s not in tensors]
-    if missing:
-        raise UserError(f"{path}: no thresholds for {', '.join(missing)}: rebuild it with `llmfast sparsify`")
-    return {s: [float(t) for t in tensors[s]] for s in sites}
-
-
 def _has_hooks(mlp: Any) -> bool:
     return bool(mlp._forward_pre_hooks or mlp._forward_hooks or mlp.down_proj._forward_pre_hooks
                 or mlp.act_fn._forward_hooks)
@@ -78,9 +62,13 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     limit = DENSE_ABOVE if dense_above is None else dense_above
     kw: list[dict[str, Any]] = [{} for _ in mlps]
     if method in ("teal", "cats"):
-        sites = ("mlp_in", "down_in") if method == "teal" else ("gate_act",)
-        found = _thresholds(artifact, method, sites)
-        for site, values in found.items():
+        import llmfast.sparse  # noqa: F401  (registers the methods)
+        from llmfast.sparse.base import SPARSIFIERS
+        from llmfast.sparse.thresholds import load_thresholds
+
+        sites = SPARSIFIERS.get(method).sites  # type: ignore[attr-defined]  (threshold methods name theirs)
+        for site, vector in load_thresholds(artifact, method, sites).items():
+            values = [float(t) for t in vector]
             if len(values) != len(mlps):
                 raise UserError(f"{artifact}: {site} thresholds for {len(values)} layers, the model has {len(mlps)} "
                                 "gated MLPs: the thresholds belong to another model")

@@ -131,14 +131,21 @@ class ThresholdSparsifier(Sparsifier):
                 "thresholds": {s: [round(float(x), 8) for x in v] for s, v in thresholds.items()}}
 
     def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
-        from safetensors.torch import load_file
+        tensors = load_thresholds(artifact, self.name, self.sites)
+        install_thresholds(model, {s: t.to(model.device) for s, t in tensors.items()})
 
-        path = artifact / THRESHOLDS_FILE
-        if not path.is_file():
-            raise UserError(f"{artifact}: a {self.name} artifact without {THRESHOLDS_FILE}: rebuild it with "
-                            "`llmfast sparsify`")
-        tensors = load_file(path)
-        missing = [s for s in self.sites if s not in tensors]
-        if missing:
-            raise UserError(f"{path}: no thresholds for {', '.join(missing)}: rebuild it with `llmfast sparsify`")
-        install_thresholds(model, {s: tensors[s].to(model.device) for s in self.sites})
+
+def load_thresholds(artifact: Path, method: str, sites: tuple[str, ...]) -> dict[str, "torch.Tensor"]:
+    """{site: vector over layers} of a threshold artifact (the hooks' and the sparse runtime's source);
+    a missing file or site is a one-line error."""
+    from safetensors.torch import load_file
+
+    path = Path(artifact) / THRESHOLDS_FILE
+    if not path.is_file():
+        raise UserError(f"{artifact}: a {method} artifact without {THRESHOLDS_FILE}: rebuild it with "
+                        "`llmfast sparsify`")
+    tensors = load_file(path)
+    missing = [s for s in sites if s not in tensors]
+    if missing:
+        raise UserError(f"{path}: no thresholds for {', '.join(missing)}: rebuild it with `llmfast sparsify`")
+    return {s: tensors[s] for s in sites}
