@@ -168,9 +168,9 @@ def dequantize_awq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> A
 
 def _packing(path: Path) -> str:
     """"awq" or "gptq": how AutoRound packed this artifact (its quantization_config says)."""
-    import json
+    from llmfast.modelfiles import describe_model_dir
 
-    cfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    cfg = describe_model_dir(path)["config"].get("quantization_config") or {}
     return "awq" if "awq" in str(cfg.get("packing_format", "")) else "gptq"
 
 
