@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class _Tally:
+class ZeroTally:
     """Per-token zero fractions of one tensor site, summed over everything seen."""
 
     def __init__(self) -> None:
@@ -48,14 +48,14 @@ class _Tally:
 @contextlib.contextmanager
 def record_sparsity(model: "PreTrainedModel", eps: float = 0.0, inputs: bool = True) -> Iterator[dict[str, list]]:
     """Count zeros entering each MLP's down projection (`down_in`) and, with `inputs`, entering the MLP
-    (`mlp_in`, what TEAL thresholds) while the block runs; yields {site: [_Tally per layer]}.
+    (`mlp_in`, what TEAL thresholds) while the block runs; yields {site: [ZeroTally per layer]}.
 
     Register after any sparsity hooks so the thresholded tensors are the ones counted.
     """
     mlps = gated_mlps(model)
-    tallies: dict[str, list[_Tally]] = {"down_in": [_Tally() for _ in mlps]}
+    tallies: dict[str, list[ZeroTally]] = {"down_in": [ZeroTally() for _ in mlps]}
     if inputs:
-        tallies["mlp_in"] = [_Tally() for _ in mlps]
+        tallies["mlp_in"] = [ZeroTally() for _ in mlps]
     handles = []
     for i, mlp in enumerate(mlps):
         handles.append(mlp.down_proj.register_forward_pre_hook(
@@ -69,7 +69,7 @@ def record_sparsity(model: "PreTrainedModel", eps: float = 0.0, inputs: bool = T
             h.remove()
 
 
-def summarize(tallies: dict[str, list[_Tally]]) -> dict[str, Any]:
+def summarize(tallies: dict[str, list[ZeroTally]]) -> dict[str, Any]:
     """Per-layer fractions and their mean over layers, per site (JSON-ready)."""
     out: dict[str, Any] = {}
     for site, per_layer in tallies.items():

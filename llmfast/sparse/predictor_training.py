@@ -163,10 +163,10 @@ def heldout_metrics(model: "PreTrainedModel", predictors: list[Predictor], cuts:
     import torch
 
     from llmfast.distill import kl_to_teacher
-    from llmfast.sparse.measure import _Tally, summarize  # the sparsity counts every method reports
+    from llmfast.sparse.measure import ZeroTally, summarize  # the sparsity counts every method reports
 
     tallies = [Tally() for _ in predictors]
-    zeros = {"down_in": [_Tally() for _ in predictors], "mlp_in": [_Tally() for _ in predictors]}
+    zeros = {"down_in": [ZeroTally() for _ in predictors], "mlp_in": [ZeroTally() for _ in predictors]}
 
     def observe(i: int, h: "torch.Tensor", predicted: "torch.Tensor") -> None:
         tallies[i].add(h, predicted, cuts[i])
