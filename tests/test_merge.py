@@ -446,16 +446,17 @@ def test_failed_merge_keeps_previous_output(family, tmp_path):
 
 # ---------------------------------------------------------------- streaming
 def test_streaming_holds_a_few_tensors(family, tmp_path, monkeypatch):
-    """At most base + one per input + the result are alive: loading whole models would fail this."""
+    """At most base + one per input + the result are alive (each a mapping of the file that lives as long as its
+    array): loading whole models would fail this."""
     import weakref
 
     from llmfast.merge import io as mio
 
     alive: list[weakref.ref] = []
     peak = {"alive": 0, "reads": 0}
-    original = mio.TensorReader.get
+    original = mio.TensorReader.read_array
 
-    def counting_get(self, name):
+    def counting_read(self, name):
         t = original(self, name)
         alive[:] = [r for r in alive if r() is not None]
         alive.append(weakref.ref(t))
@@ -463,7 +464,7 @@ def test_streaming_holds_a_few_tensors(family, tmp_path, monkeypatch):
         peak["reads"] += 1
         return t
 
-    monkeypatch.setattr(mio.TensorReader, "get", counting_get)
+    monkeypatch.setattr(mio.TensorReader, "read_array", counting_read)
     cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1, "density": 0.5}),
                                      (family["ft2"], {"weight": 1, "density": 0.5})], family["base"])
     _merge(cfg, tmp_path / "out", "--threads", "1")

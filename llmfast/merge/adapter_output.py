@@ -136,9 +136,11 @@ def _svd(plan: MergePlan, n: str, rank: int, base_reader: Any, errors: _SvdError
     from llmfast.merge.adapters import svd_rerank
     from llmfast.merge.steps import merge_tensor, read_inputs
 
+    import torch
+
     base, deltas = read_inputs(plan, n, base_reader, [None] * len(plan.inputs))
     merged = merge_tensor(plan, n, base, deltas)
-    delta = merged - base.to(merged.dtype)
+    delta = torch.from_numpy(merged - base.astype(merged.dtype))
     del merged
     a_out, b_out, tail, total = svd_rerank(delta, rank)
     errors.add(tail, total)

@@ -1,8 +1,13 @@
 """Lazy tensor IO: read one tensor at a time from safetensors, stream merged tensors into sharded files.
 
-Reading copies one tensor's bytes from its file into a fresh tensor (the byte range from the header,
-which is checked against the file's size first): a merge holds the few tensors it is combining, never a
-whole model, and no file mapping stays behind. Writing needs no buffering either: every output tensor's name, shape and dtype are known
+A merge reads a tensor as a numpy array mapped onto its byte range of the file (`read_array`, the range
+from the header, which is checked against the file's size first): the pages come straight from the page
+cache, populated in one call, with no copy and no page faults on fresh memory, which made copying reads
+4-5x slower than the mapping. The mapping lives as long as the array, so a merge maps the few tensors it
+is combining, never a whole model. `get` still gives a torch tensor of one's own (a copy) to the code
+that wants one. bfloat16 has no numpy type: it is widened to float32 on read and rounded to nearest even
+on write, bit for bit as torch does. Nothing here imports torch unless `get` is called or a torch tensor
+is written, so a merge of full models never pays torch's import. Writing needs no buffering either: every output tensor's name, shape and dtype are known
 before the first is computed, so each shard's safetensors header is written first and each tensor's
 bytes are appended as it is produced. More than one shard gets `model.safetensors.index.json`, like
 `save_pretrained`.
@@ -11,6 +16,7 @@ bytes are appended as it is produced. More than one shard gets `model.safetensor
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # safetensors dtype tags <-> torch dtype names, with their sizes
@@ -27,6 +34,9 @@ _ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "BF16": ("bfloat16",
               "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
               "BOOL": ("bool", 1)}
 _TAG = {name: tag for tag, (name, _) in _ST_DTYPES.items()}
+# How each tag is held in numpy: bfloat16 as its raw bits (widened to float32 by `read_array`).
+_NP_STORED = {"F64": "float64", "F32": "float32", "BF16": "uint16", "F16": "float16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 # Files copied from the reference model next to the merged weights.
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -118,9 +128,8 @@ def ordered(index: dict[str, Any]) -> dict[str, Any]:
 class TensorReader:
     """One model's tensors, read lazily one at a time.
 
-    Each read copies the tensor's bytes straight from the file into a fresh tensor (`os.preadv`, which
-    releases the GIL, so a reader thread overlaps with the merge): no mapping stays behind, and the
-    tensor is the caller's own, to change in place.
+    `read_array` maps the tensor's bytes (what merges use); `get` copies them into a torch tensor of the
+    caller's own, to change in place (`os.preadv`, which releases the GIL).
     """
 
     def __init__(self, model_dir: Path) -> None:
@@ -146,6 +155,78 @@ class TensorReader:
             finally:
                 os.close(fd)
         return t
+
+    def read_array(self, name: str) -> "np.ndarray":
+        """The tensor as a numpy array, read-only, mapped onto the file; bfloat16 comes widened to float32 (a copy)."""
+        import numpy as np
+
+        shape, tag, file, start, end = self._where[name]
+        stored = np.dtype(_NP_STORED[tag])
+        raw = _map_range(file, start, end, stored, name).reshape(shape) if end > start else np.zeros(shape, stored)
+        return bf16_bits_to_float32(raw) if tag == "BF16" else raw
+
+
+def _map_range(file: Path, start: int, end: int, dtype: "np.dtype", name: str) -> "np.ndarray":
+    """bytes [start, end) of `file` as a read-only array; unmapped when the last array over it is freed."""
+    import numpy as np
+
+    offset = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    try:
+        with open(file, "rb") as f:
+            if hasattr(mmap, "MAP_SHARED"):  # POSIX: populate every page in one call (they are in the page cache)
+                mapped = mmap.mmap(f.fileno(), end - offset, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                   prot=mmap.PROT_READ, offset=offset)
+            else:
+                mapped = mmap.mmap(f.fileno(), end - offset, access=mmap.ACCESS_READ, offset=offset)
+    except (OSError, ValueError) as e:  # ValueError: the file is shorter than the header said
+        raise UserError(f"{file}: cannot read tensor {name} ({e}): was the file truncated or replaced since "
+                        "it was checked? Re-create it") from None
+    return np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - offset)
+
+
+def bf16_bits_to_float32(bits: "np.ndarray") -> "np.ndarray":
+    """bfloat16 values held as uint16 bits -> float32 (exact: the bits are the float32's upper half)."""
+    import numpy as np
+
+    return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+
+
+def float32_to_bf16_bits(values: "np.ndarray") -> "np.ndarray":
+    """float32 -> bfloat16 bits, rounded to nearest even like torch's `.to(torch.bfloat16)`; a NaN stays a NaN (0x7FC0)."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    lsb = np.right_shift(bits, 16)
+    np.bitwise_and(lsb, 1, out=lsb)
+    lsb += 0x7FFF
+    lsb += bits  # wraps only for NaNs with the sign bit set, which are replaced below
+    out = np.right_shift(lsb, 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan.reshape(out.shape)] = 0x7FC0
+    return out
+
+
+def round_to(values: "np.ndarray", dtype: str) -> "np.ndarray":
+    """`values` rounded to `dtype` ("float32", "bfloat16", "float16") and back to float (float64 stays when asked)."""
+    import numpy as np
+
+    dtype = dtype.removeprefix("torch.")
+    if dtype == "bfloat16":
+        return bf16_bits_to_float32(float32_to_bf16_bits(values))
+    if values.dtype == np.dtype(dtype):
+        return values
+    rounded = values.astype(dtype)
+    return rounded if rounded.dtype in (np.float32, np.float64) else rounded.astype(np.float32)
+
+
+def stored_bytes(values: "np.ndarray", dtype: str) -> "np.ndarray":
+    """`values` as a C-contiguous array of `dtype` (a torch dtype name), as safetensors stores it."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        return float32_to_bf16_bits(values)
+    return np.ascontiguousarray(values, dtype=np.dtype(dtype))
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -193,20 +274,25 @@ class ShardedWriter:
         self._shard = -1
         self.total_bytes = sum(t[3] for t in self.expected)
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
-        import torch
+    def write(self, name: str, tensor: "np.ndarray | torch.Tensor") -> None:
+        import numpy as np
 
         exp_name, shape, dtype, nbytes = self.expected[self._next]
         if name != exp_name:
             raise RuntimeError(f"tensor {name} written out of order (expected {exp_name})")
-        tensor = tensor.to(getattr(torch, dtype)).contiguous()
+        if isinstance(tensor, np.ndarray):
+            data = stored_bytes(tensor, dtype)
+        else:  # a torch tensor (adapter outputs, scripts)
+            import torch
+
+            data = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1).view(torch.uint8).numpy()
         if tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {shape}")
         shard = self.where[name]
         if shard != self._shard:
             self._open(shard)
         assert self._fh is not None
-        self._fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._fh.write(data.reshape(-1).view(np.uint8).data)
         self._next += 1
         if self._next == len(self.expected) or self.where[self.expected[self._next][0]] != shard:
             self._fh.close()

@@ -9,9 +9,10 @@ Peak memory is a few tensors (the base's, one per input, the result, for the ten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmfast.errors import UserError
 from llmfast.memory import peak_memory_gib
@@ -24,24 +25,35 @@ def run_merge(plan: MergePlan, out_dir: str | Path, shard_size: str = "5G", adap
               progress: bool = True, threads: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Merge per `plan` into `out_dir` (atomically); return the metrics written into its manifest.
 
-    `threads` tensors are merged at once, each by one torch thread (None: `default_threads()`).
+    `threads` tensors are merged at once, each on one thread (None: `default_threads()`). Full models merge
+    in numpy alone; LoRA adapters' task vectors (B @ A) and SVDs are torch's, on one torch thread each.
     """
-    import torch
-
     from llmfast.merge.io import parse_size
 
     threads = default_threads() if threads is None else threads
     if threads < 1:
         raise UserError(f"--threads {threads}: give a positive number of threads")
     max_bytes = parse_size(shard_size)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_torch_thread(adapter_rank is not None or any(s.kind == "adapter" for s in plan.inputs)):
         if adapter_rank is not None:
             from llmfast.merge.adapter_output import run_adapter_merge
 
             return run_adapter_merge(plan, Path(out_dir), adapter_rank, progress, overwrite)
         return _run_model_merge(plan, Path(out_dir), max_bytes, progress, threads, overwrite)
+
+
+@contextlib.contextmanager
+def _one_torch_thread(needed: bool) -> Iterator[None]:
+    """torch on one thread while the merge's own threads work across tensors (only when torch is used at all)."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
 

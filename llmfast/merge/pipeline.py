@@ -1,9 +1,9 @@
 """Merging tensors in parallel while keeping the output order and the memory of a few tensors.
 
-A merge is a chain per tensor: read it from every input (file IO, which releases the GIL), merge it
-(torch and numpy, which release the GIL too), write it (in the file's order). One reader thread reads
+A merge is a chain per tensor: read it from every input (mapping the files, which releases the GIL),
+merge it (numpy, which releases the GIL too), write it (in the file's order). One reader thread reads
 ahead while `workers` threads merge and the caller writes, so the cores are used across tensors: on
-mid-size tensors torch's own intra-op threads hand off more than they gain. What is in flight is
+mid-size tensors intra-op threads hand off more than they gain. What is in flight is
 bounded by a count and by elements, so a model's largest tensors (embeddings) are merged one at a time
 and peak memory stays that of a few tensors.
 """

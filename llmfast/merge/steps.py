@@ -28,49 +28,55 @@ def default_threads() -> int:
 
 
 def read_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any]) -> tuple[Any, list[Any]]:
-    """(base, inputs) of one tensor: whole weights for a "raw" method, else task vectors (None: zero)."""
-    import torch
+    """(base, inputs) of one tensor as numpy arrays: whole weights for a "raw" method, else task vectors (None: zero).
 
-    base = base_reader.get(name) if base_reader is not None else None
-    cast = getattr(torch, plan.config.dtype.removeprefix("torch.")) if plan.config.dtype else None
-    if cast is not None and base is not None:  # mergekit reads every input in `dtype` before merging
-        base = base.to(cast)
+    Whole weights are read-only views of the files; task vectors are fresh float arrays the method may change.
+    """
+    import numpy as np
+
+    from llmfast.merge.io import round_to
+    from llmfast.merge.methods.base import float_work
+
+    base = base_reader.read_array(name) if base_reader is not None else None
+    cast = plan.config.dtype  # mergekit reads every input in `dtype` before merging
+    if cast is not None and base is not None:
+        base = round_to(base, cast)
     if plan.method.domain == "raw":
         tensors = []
         for src, reader in zip(plan.inputs, readers):
             if src.kind == "adapter":
                 d = src.adapter.delta(name)
-                t = base.float() if d is None else base.float() + d
+                t = float_work(base) if d is None else float_work(base) + d.numpy()
             else:
-                t = reader.get(name)
-            tensors.append(t.to(cast) if cast is not None else t)
+                t = reader.read_array(name)
+            tensors.append(round_to(t, cast) if cast is not None else t)
         return base, tensors
     assert base is not None
-    work_base = base if base.dtype in (torch.float32, torch.float64) else base.float()
+    work_base = float_work(base)
     deltas: list[Any] = []
     for src, reader in zip(plan.inputs, readers):
         if src.kind == "adapter":
-            deltas.append(src.adapter.delta(name))  # None: untouched, a zero task vector
+            d = src.adapter.delta(name)  # None: untouched, a zero task vector
+            deltas.append(None if d is None else d.numpy())
             continue
-        t = reader.get(name)
+        t = reader.read_array(name)
         if cast is not None:
-            t = t.to(cast)
-        if torch.equal(t, base):
-            deltas.append(None)  # skip the work for a zero task vector (norms, embeddings of LoRA merges)
-        elif t.dtype in (torch.float32, torch.float64):
-            deltas.append(t.sub_(work_base))  # `t` is our own copy: the delta takes its memory
-        else:
-            deltas.append(t.float().sub_(work_base))
-        del t
+            t = round_to(t, cast)
+        t = float_work(t)
+        # Into `t` itself when it is a copy of ours (a widened or rounded read), else a fresh array.
+        delta = np.subtract(t, work_base, out=t if t.flags.writeable and t.dtype == work_base.dtype else None)
+        # A zero task vector (norms, embeddings of LoRA merges) skips the method's work.
+        deltas.append(delta if delta.any() else None)
+        del t, delta
     return base, deltas
 
 
 def merge_tensor(plan: MergePlan, name: str, base: Any, inputs: list[Any], stats: dict[str, Any] | None = None) -> Any:
-    """The merged value of one tensor, in float32 (float64 stays float64)."""
-    import torch
+    """The merged value of one tensor as a numpy array, in float32 (float64 stays float64)."""
+    from llmfast.merge.methods.base import float_work
 
     if plan.method.domain == "delta" and all(d is None for d in inputs):
-        return base if base.dtype in (torch.float32, torch.float64) else base.float()
+        return float_work(base)
     params = [table[name] for table in plan.per_input]
     ctx = TensorContext(name=name, seed=plan.seed, stats=stats)
     try:

@@ -11,7 +11,8 @@ A method is a `MergeMethod` subclass in its own module of this package, register
 
 The package imports every module in it, so adding a method is adding a file. Parameters are declared,
 not checked by name elsewhere: `Param.check` casts a value and enforces its range (mergekit's
-`ConfigParameterDef` plays the same role). Nothing here imports torch at import time.
+`ConfigParameterDef` plays the same role). Tensors are numpy arrays: a merge of full models never
+imports torch (its import alone took longer than merging the built-in model's tensors).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 from llmfast.registry import Registry
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 class _Required:
@@ -108,12 +109,13 @@ class MergeMethod:
     def per_input_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.per_input)
 
-    def merge(self, base: "torch.Tensor | None", inputs: list[Any], params: list[dict[str, Any]],
-              shared: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
-        """The merged tensor, in float32 (float64 stays float64); the caller casts to the output dtype.
+    def merge(self, base: "np.ndarray | None", inputs: list[Any], params: list[dict[str, Any]],
+              shared: dict[str, Any], ctx: TensorContext) -> "np.ndarray":
+        """The merged tensor as a numpy array, in float32 (float64 stays float64); the caller casts to the output dtype.
 
-        `inputs` are whole weights (domain "raw") or task vectors (domain "delta", None for a zero one).
-        A task vector is a fresh tensor made for this call: a method may change it in place.
+        `inputs` are whole weights (domain "raw": read-only arrays, possibly views of the files) or task
+        vectors (domain "delta", None for a zero one). A task vector is a fresh float array made for this
+        call: a method may change it in place. `base` is read-only.
         """
         raise NotImplementedError
 
@@ -141,8 +143,8 @@ def register(name: str) -> Callable[[M], M]:
     return add
 
 
-def float_work(t: "torch.Tensor") -> "torch.Tensor":
+def float_work(t: "np.ndarray") -> "np.ndarray":
     """`t` in the precision merges compute in: float32, or float64 when it is float64 (no copy when it already is)."""
-    import torch
+    import numpy as np
 
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (np.float32, np.float64) else t.astype(np.float32)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from llmfast.merge.methods.base import MergeMethod, Param, TensorContext, register
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 @register("linear")
@@ -25,17 +25,20 @@ class Linear(MergeMethod):
         Param("normalize", bool, True, help="divide by the sum of the weights"),
     )
 
-    def merge(self, base: "torch.Tensor | None", inputs: list[Any], params: list[dict[str, Any]],
-              shared: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
-        import torch
+    def merge(self, base: "np.ndarray | None", inputs: list[Any], params: list[dict[str, Any]],
+              shared: dict[str, Any], ctx: TensorContext) -> "np.ndarray":
+        import numpy as np
 
-        dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+        dtype = np.float64 if inputs[0].dtype == np.float64 else np.float32
         weights = [float(p["weight"]) for p in params]
-        out = torch.zeros(inputs[0].shape, dtype=dtype)
-        for t, w in zip(inputs, weights):
-            out.add_(t.to(dtype), alpha=w)
+        # mergekit: (weights * stacked).sum(0): each product rounded, then summed in input order.
+        out = np.multiply(inputs[0], weights[0], dtype=dtype)
+        scaled = np.empty_like(out) if len(inputs) > 1 else out
+        for t, w in zip(inputs[1:], weights[1:]):
+            np.multiply(t, w, out=scaled, dtype=dtype)
+            np.add(out, scaled, out=out)
         if shared["normalize"]:
-            out.div_(_total(weights))
+            np.divide(out, _total(weights), out=out)
         return out
 
     def coefficients(self, params: list[dict[str, Any]], shared: dict[str, Any],

@@ -7,7 +7,8 @@ delta = model - base, trim or drop each delta (`sparsify`), multiply it by its w
 the entries whose sign agrees with the sign of the weighted sum (`consensus`, TIES's election by total
 mass), add, optionally divide by the weight mass that agreed (`normalize`), multiply by `lambda` and add
 the result to the base. The operations and their order are mergekit's, so float32 results agree bit for
-bit. Every computation runs in float32 (float64 stays float64).
+bit: numpy's element-wise float32 operations round exactly as torch's. Every computation runs in
+float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from llmfast.merge.methods.base import MergeMethod, Param, TensorContext, float_
 from llmfast.merge.methods.sparsify import drop_at_random, trim
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 WEIGHT = Param("weight", per_input=True, help="scale of this model's task vector")
 DENSITY = Param("density", default=1.0, per_input=True, low=0.0, high=1.0, help="fraction of the task vector kept")
@@ -38,24 +39,32 @@ class GeneralizedTaskArithmetic(MergeMethod):
     sparsify: ClassVar[Literal["magnitude", "random"] | None] = None
     consensus: ClassVar[bool] = False
 
-    def merge(self, base: "torch.Tensor | None", inputs: list[Any], params: list[dict[str, Any]],
-              shared: dict[str, Any], ctx: TensorContext) -> "torch.Tensor":
+    def merge(self, base: "np.ndarray | None", inputs: list[Any], params: list[dict[str, Any]],
+              shared: dict[str, Any], ctx: TensorContext) -> "np.ndarray":
+        import numpy as np
+
         assert base is not None
-        weighted: list[torch.Tensor] = []
+        weighted: list[np.ndarray] = []
         weights: list[float] = []
         for i, (delta, p) in enumerate(zip(inputs, params)):
             if delta is None:  # a zero task vector (an adapter that does not touch this tensor)
                 continue
             delta = float_work(delta)
             self._sparsify(delta, p.get("density", 1.0), bool(shared.get("rescale", False)), ctx, i)
-            weighted.append(delta.mul_(p["weight"]))
+            if p["weight"] != 1:  # x * 1 is x exactly: skip the pass
+                np.multiply(delta, p["weight"], out=delta)
+            weighted.append(delta)
             weights.append(p["weight"])
         work = float_work(base)
         if not weighted:
             return work
-        mixed = weighted[0].clone()
-        for d in weighted[1:]:
-            mixed.add_(d)
+        if self.consensus:  # the election needs the weighted task vectors apart from their sum
+            mixed = np.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].copy()
+            rest = weighted[2:]
+        else:  # the sum may take the first task vector's memory
+            mixed, rest = weighted[0], weighted[1:]
+        for d in rest:
+            np.add(mixed, d, out=mixed)
         divisor: Any = None
         if self.consensus:
             divisor = _elect_signs(mixed, weighted, weights)
@@ -63,32 +72,32 @@ class GeneralizedTaskArithmetic(MergeMethod):
             if divisor is None:
                 total = sum(weights)
                 divisor = total if abs(total) >= 1e-8 else 1.0
-            mixed.div_(divisor)
+            np.divide(mixed, divisor, out=mixed)
         if shared["lambda"] != 1:
-            mixed.mul_(shared["lambda"])
-        return mixed.add_(work)
+            np.multiply(mixed, shared["lambda"], out=mixed)
+        return np.add(mixed, work, out=mixed)
 
-    def _sparsify(self, delta: "torch.Tensor", density: float, rescale: bool, ctx: TensorContext, i: int) -> None:
+    def _sparsify(self, delta: "np.ndarray", density: float, rescale: bool, ctx: TensorContext, i: int) -> None:
         """Trim or drop entries of `delta` in place; count kept/nonzero entries into ctx.stats."""
         import numpy as np
 
         if self.sparsify is None or density >= 1:
             return
-        values = delta.view(-1).numpy()  # numpy's elementwise kernels beat torch's on one CPU thread here
+        values = delta.reshape(-1)
         stats = ctx.stats
         if stats is not None:
             stats["nonzero"] = stats.get("nonzero", 0) + int(np.count_nonzero(values))
-        before = delta.abs().sum() if rescale else None
+        before = _l1(values) if rescale else None
         if self.sparsify == "magnitude":
             trim(values, density)
         else:
             drop_at_random(values, density, ctx.seed, ctx.name, i)
         if stats is not None:
             stats["kept"] = stats.get("kept", 0) + int(np.count_nonzero(values))
-        if rescale:
-            after = delta.abs().sum()
+        if before is not None:
+            after = _l1(values)
             if before >= 1e-7 and after >= 1e-7:  # mergekit leaves near-empty deltas unscaled
-                delta.mul_(before / after)
+                np.multiply(values, values.dtype.type(before / after), out=values)
 
     def coefficients(self, params: list[dict[str, Any]], shared: dict[str, Any],
                      is_base: list[bool]) -> list[float] | None:
@@ -100,13 +109,19 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return [w / norm * shared["lambda"] for w in weights]
 
 
-def _elect_signs(mixed: "torch.Tensor", weighted: list["torch.Tensor"], weights: list[float]) -> "torch.Tensor":
+def _l1(values: "np.ndarray") -> float:
+    """The L1 norm, summed in float64 (mergekit sums in float32; DARE's drop differs between the tools anyway)."""
+    import numpy as np
+
+    return float(np.abs(values).sum(dtype=np.float64))
+
+
+def _elect_signs(mixed: "np.ndarray", weighted: list["np.ndarray"], weights: list[float]) -> "np.ndarray":
     """TIES's election by total mass, in place: `mixed` becomes the sum of the entries agreeing with the sign of
     the weighted sum (0 counts as +); returns the weight mass that agreed per entry (1 where none did)."""
     import numpy as np
-    import torch
 
-    m = mixed.view(-1).numpy()
+    m = mixed.reshape(-1)
     majority = (m >= 0).astype(m.dtype)
     majority *= 2
     majority -= 1  # +1 / -1
@@ -114,7 +129,7 @@ def _elect_signs(mixed: "torch.Tensor", weighted: list["torch.Tensor"], weights:
     divisor = np.zeros_like(m)
     agree = np.empty_like(m)
     for d, w in zip(weighted, weights):
-        dv = d.view(-1).numpy()
+        dv = d.reshape(-1)
         np.multiply(dv, majority, out=agree)
         np.greater(agree, 0, out=agree)  # 1 where the signs agree; a zero never does (mergekit: sign(0) = 0)
         dv *= agree
@@ -125,7 +140,7 @@ def _elect_signs(mixed: "torch.Tensor", weighted: list["torch.Tensor"], weights:
             agree *= w
             divisor += agree
     divisor[divisor == 0] = 1
-    return torch.from_numpy(divisor).view(mixed.shape)
+    return divisor.reshape(mixed.shape)
 
 
 @register("task_arithmetic")
