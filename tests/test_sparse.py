@@ -57,7 +57,8 @@ def test_thresholds_reach_the_target_on_heldout_text(tmp_path, tiny_dir, method,
     assert code == 0, err
     art = tmp_path / "out"
     manifest = json.loads((art / "llmfast.json").read_text())
-    assert manifest["sparsity"] == {"method": method, "config": {"target": target}}
+    want = {"target": target, **({"sites": ["mlp"]} if method == "teal" else {})}  # teal's default: MLP sites only
+    assert manifest["sparsity"] == {"method": method, "config": want}
     assert manifest["stage"] == "sparsify" and manifest["parents"] == [str(tiny_dir)]
     assert not (tmp_path / "out.checkpoints").exists()
 
@@ -77,15 +78,57 @@ def test_thresholds_reach_the_target_on_heldout_text(tmp_path, tiny_dir, method,
         se = per_window.std().item() / math.sqrt(len(per_window))
         tol = 4 * math.sqrt(2) * se
         assert abs(per_window.mean().item() - target) < tol, (layer, per_window.mean(), tol)
-    if method == "teal":  # the MLP's input is thresholded to the target too
+    if method == "teal":  # the MLP's input is thresholded to the target too; attention is left alone
         assert abs(manifest["metrics"]["heldout_sparsity"]["mlp_in"]["mean"] - target) < 0.05
+        assert not {"attn_in", "o_in"} & set(manifest["metrics"]["heldout_sparsity"])
+        assert not any(getattr(l.self_attn, p)._forward_pre_hooks for l in model.model.layers
+                       for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
     weights = {f.name for f in art.iterdir()}
     assert {"config.json", "model.safetensors", "sparsity.safetensors", "tokenizer.json"} <= weights
 
 
-@pytest.mark.parametrize("method", ["teal", "cats"])
-def test_zero_thresholds_give_the_dense_model_exactly(tmp_path, tiny_dir, tiny, method):
-    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, method, "{target: 0.5}")))[0] == 0
+@pytest.mark.parametrize("sites", ["[mlp, attention]", "[attention]"])
+def test_teal_attention_sites_reach_the_target_on_heldout_text(tmp_path, tiny_dir, sites):
+    """The inputs of q/k/v (one threshold per layer) and of o_proj are zeroed to the target on held-out text; what
+    sparsify measured is what our own hooks count on the loaded artifact."""
+    target = 0.5
+    code, out, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "teal", f"{{target: {target}, sites: {sites}}}")))
+    assert code == 0, err
+    art = tmp_path / "out"
+    manifest = json.loads((art / "llmfast.json").read_text())
+    chosen = ["mlp", "attention"] if "mlp" in sites else ["attention"]
+    assert manifest["sparsity"] == {"method": "teal", "config": {"target": target, "sites": chosen}}
+    held = manifest["metrics"]["heldout_sparsity"]
+    expected_sites = {"attn_in", "o_in"} | ({"mlp_in", "down_in"} if "mlp" in chosen else set())
+    assert set(load_file(art / "sparsity.safetensors")) == expected_sites
+
+    from llmfast.models import load_model, load_tokenizer
+
+    model, tok = load_model(art), load_tokenizer(art)
+    attns = [l.self_attn for l in model.model.layers]
+    seen = {p: [[] for _ in attns] for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    hooks = [getattr(a, p).register_forward_pre_hook(lambda mod, args, p=p, i=i: seen[p][i].append(args[0]))
+             for p in seen for i, a in enumerate(attns)]
+    with torch.no_grad():
+        for row in heldout_windows(tok):
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    for i in range(len(attns)):
+        q, k, v, o = (torch.cat(seen[p][i]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert torch.equal(q, k) and torch.equal(q, v)  # one threshold, the same zeros for q, k and v
+        for site, x in (("attn_in", q), ("o_in", o)):
+            frac = (x == 0).float().mean().item()
+            assert frac == pytest.approx(held[site]["per_layer"][i], abs=1e-6)
+            assert abs(frac - target) < 0.05, (site, i, frac)
+    if "mlp" not in chosen:  # the MLP keeps its dense input
+        assert held["mlp_in"]["mean"] < 0.01
+
+
+@pytest.mark.parametrize("method,config", [("teal", "{target: 0.5}"), ("cats", "{target: 0.5}"),
+                                           ("teal", "{target: 0.5, sites: [mlp, attention]}")])
+def test_zero_thresholds_give_the_dense_model_exactly(tmp_path, tiny_dir, tiny, method, config):
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, method, config)))[0] == 0
     path = tmp_path / "out" / "sparsity.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, path)
     from llmfast.models import load_model
@@ -212,6 +255,8 @@ def _gpt2_dir(tmp_path, tiny_dir):
     ("target above 1", "teal", "{target: 1.5}", [], "sparsify.config.target: Input should be less than 1"),
     ("target 0", "cats", "{target: 0}", [], "sparsify.config.target: Input should be greater than 0"),
     ("unknown key", "teal", "{targett: 0.5}", [], "unknown key 'sparsify.config.targett' (did you mean 'target'?)"),
+    ("unknown site", "teal", "{sites: [mlp, attn]}", [], "sparsify.config.sites.1: Input should be 'mlp' or 'attention'"),
+    ("no sites", "teal", "{sites: []}", [], "sparsify.config.sites: List should have at least 1 item"),
     ("unknown method", "teel", "{}", [], "sparsify.method: unknown sparsification method 'teel' (did you mean 'teal'?)"),
     ("missing text", "teal", "{}", ["--set", "data.text=nowhere.txt"], "data.text: file not found: nowhere.txt"),
     ("held-out overlaps", "teal", "{}", ["--set", "data.heldout_tokens=5000"], "must not exceed skip_tokens"),

@@ -1,11 +1,13 @@
 """Training-free sparsity by magnitude thresholds (TEAL, CATS): where they sit, how they are calibrated, how
 they are saved and put back on a loaded model.
 
-A threshold site is a tensor inside each gated MLP whose entries with |value| <= t are set to zero:
+A threshold site is a tensor inside each layer whose entries with |value| <= t are set to zero:
 
 - `mlp_in`   the hidden state entering the MLP (the input of gate_proj and up_proj)    TEAL
 - `down_in`  the intermediate activation act(gate) * up (the input of down_proj)        TEAL
 - `gate_act` the gate activation act(gate_proj(x)), before it multiplies up_proj(x)    CATS
+- `attn_in`  the hidden state entering attention (the input of q_proj, k_proj, v_proj) TEAL, `sites: [attention]`
+- `o_in`     the attention heads' output (the input of o_proj)                          TEAL, `sites: [attention]`
 
 Calibration runs the calibration windows through the model as one batch: when a site is reached its
 threshold is set to the target quantile of |values| over all calibration tokens and applied at once, so
@@ -16,10 +18,11 @@ entry per layer) beside the unchanged weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from llmfast.errors import UserError
 from llmfast.sparse.base import Sparsifier, SparsifyJob, gated_mlps
@@ -29,7 +32,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 THRESHOLDS_FILE = "sparsity.safetensors"
-SITES = ("mlp_in", "down_in", "gate_act")
+SITES = ("mlp_in", "down_in", "gate_act", "attn_in", "o_in")
+ATTENTION_SITES = ("attn_in", "o_in")
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def attention_blocks(model: "PreTrainedModel", where: str = "") -> list[Any]:
+    """The attention modules with separate q/k/v/o projections (Llama style), in layer order; none is a
+    one-line error (a fused qkv_proj, as in Phi-3, has no input of its own per projection to hook)."""
+    found = [m for m in model.modules() if all(hasattr(m, a) for a in (*QKV, "o_proj"))]
+    if not found:
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}{arch} has no attention with separate q_proj/k_proj/v_proj/o_proj: TEAL's "
+                        "attention sites support Llama-style attention only (use sites: [mlp])")
+    return found
 
 
 def _zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
@@ -53,11 +70,18 @@ def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: f
 
 def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Tensor"],
                        calibrate: float | None = None) -> list[Any]:
-    """Hook `thresholds` ({site: vector over layers}) into the model's gated MLPs; return the hook handles.
+    """Hook `thresholds` ({site: vector over layers}) into the model's gated MLPs and attention projections;
+    return the hook handles.
 
     With `calibrate` (a target fraction), NaN entries are filled from the first batch that reaches them.
+    `attn_in` is one threshold per layer hooked on each of q_proj, k_proj and v_proj: they read the same
+    tensor, so q_proj's hook (the first to run) calibrates it and all three zero the same entries.
     """
     mlps = gated_mlps(model)
+    attns = attention_blocks(model) if any(s in ATTENTION_SITES for s in thresholds) else []
+    if attns and len(attns) != len(mlps):
+        raise UserError(f"{len(attns)} attention blocks and {len(mlps)} gated MLPs: TEAL's attention sites need one "
+                        "of each per layer")
     handles = []
     for site, vec in thresholds.items():
         if site not in SITES:
@@ -65,6 +89,9 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
         if vec.shape != (len(mlps),):
             raise UserError(f"{site} thresholds have shape {tuple(vec.shape)}, the model has {len(mlps)} gated MLPs: "
                             "the thresholds belong to another model")
+        if site in ATTENTION_SITES:
+            handles += _attention_hooks(attns, site, vec, calibrate)
+            continue
         for i, mlp in enumerate(mlps):
             if site == "mlp_in":
                 hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
@@ -77,6 +104,37 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
                 hook = lambda mod, args, out, v=vec, i=i: _zero_small(out, _calibrated(out, v, i, calibrate))  # noqa: E731
                 handles.append(mlp.act_fn.register_forward_hook(hook))
     return handles
+
+
+def _attention_hooks(attns: list[Any], site: str, vec: "torch.Tensor", calibrate: float | None) -> list[Any]:
+    handles = []
+    for i, attn in enumerate(attns):
+        hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
+                                               *args[1:]))
+        for proj in (QKV if site == "attn_in" else ("o_proj",)):
+            handles.append(getattr(attn, proj).register_forward_pre_hook(hook))
+    return handles
+
+
+@contextlib.contextmanager
+def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
+                              eps: float = 0.0) -> Iterator[dict[str, list[Any]]]:
+    """Zeros entering q_proj (`attn_in`: k_proj and v_proj read the same tensor) and o_proj (`o_in`) while the
+    block runs, for the attention sites among `sites`; yields {site: [ZeroTally per layer]}, as
+    measure.record_sparsity does for the MLP. Register after the threshold hooks."""
+    from llmfast.sparse.measure import ZeroTally
+
+    wanted = [s for s in sites if s in ATTENTION_SITES]
+    attns = attention_blocks(model) if wanted else []
+    tallies = {s: [ZeroTally() for _ in attns] for s in wanted}
+    handles = [getattr(attn, "q_proj" if s == "attn_in" else "o_proj").register_forward_pre_hook(
+                   lambda mod, args, t=tallies[s][i]: t.add(args[0], eps))
+               for s in wanted for i, attn in enumerate(attns)]
+    try:
+        yield tallies
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def link_or_copy_model(src: Path, dst: Path) -> None:
@@ -94,16 +152,23 @@ def link_or_copy_model(src: Path, dst: Path) -> None:
 
 
 class ThresholdSparsifier(Sparsifier):
-    """A method that thresholds `sites` to `cfg.target` sparsity each; subclasses set `sites` and `Config`."""
+    """A method that thresholds `sites` to `cfg.target` sparsity each; subclasses set `sites` and `Config`
+    (and override `sites_for` when the settings choose among them)."""
 
     sites: ClassVar[tuple[str, ...]]
 
-    def calibrate(self, model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> dict[str, Any]:
-        """Thresholds for every site and layer from one batched pass over the calibration windows."""
+    def sites_for(self, cfg: Any) -> tuple[str, ...]:
+        """The sites an artifact made with settings `cfg` thresholds (what its sparsity.safetensors holds)."""
+        return self.sites
+
+    def calibrate(self, model: "PreTrainedModel", calibration: "torch.Tensor", target: float,
+                  sites: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Thresholds for every site (default: the class's `sites`) and layer from one batched pass over the
+        calibration windows."""
         import torch
 
         n = len(gated_mlps(model))
-        thresholds = {s: torch.full((n,), float("nan")) for s in self.sites}
+        thresholds = {s: torch.full((n,), float("nan")) for s in (sites or self.sites)}
         handles = install_thresholds(model, thresholds, calibrate=target)
         try:
             with torch.inference_mode():
@@ -116,22 +181,25 @@ class ThresholdSparsifier(Sparsifier):
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        from llmfast.sparse.measure import measure_sparsity
+        from llmfast.sparse.measure import measure_sparsity, summarize
 
-        thresholds = self.calibrate(job.model, job.calibration, cfg.target)
+        sites = self.sites_for(cfg)
+        thresholds = self.calibrate(job.model, job.calibration, cfg.target, sites)
         link_or_copy_model(job.model_path, out_dir)
         save_file({s: v.contiguous() for s, v in thresholds.items()}, out_dir / THRESHOLDS_FILE)
         handles = install_thresholds(job.model, thresholds)
         try:
-            heldout = measure_sparsity(job.model, job.heldout)
+            with record_attention_sparsity(job.model, sites) as attention:
+                heldout = measure_sparsity(job.model, job.heldout)
         finally:
             for h in handles:
                 h.remove()
+        heldout.update(summarize(attention))
         return {"heldout_sparsity": heldout, "calibration_tokens": job.calibration.numel(),
                 "thresholds": {s: [round(float(x), 8) for x in v] for s, v in thresholds.items()}}
 
     def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
-        tensors = load_thresholds(artifact, self.name, self.sites)
+        tensors = load_thresholds(artifact, self.name, self.sites_for(cfg))
         install_thresholds(model, {s: t.to(model.device) for s, t in tensors.items()})
 
 
