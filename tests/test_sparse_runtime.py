@@ -1,6 +1,7 @@
 """The sparse runtime (llmfast/sparse/runtime.py, kernels.py) against the hook model `load_model` gives for the same
 artifact: logits on prefill and on token-by-token decode with the KV cache, greedy generations, the dense fallback
-above the crossover, and the hf-sparse bench engine's choice and refusals.
+above the crossover, and the hf-sparse bench engine's choice and refusals. TEAL runs with its MLP sites (`teal`),
+with MLP and attention sites (`teal-attention`: q/k/v and o_proj gathered too) and with attention only.
 
 Logits are compared in float64: the runtime and the hook model differ only in the order of float sums (a gather
 of the kept rows against a dense product over zeros), about n * eps * sum|terms| per product (n <= 512 terms
@@ -18,7 +19,8 @@ import pytest
 from llmfast.artifacts import write_manifest
 from llmfast.errors import UserError
 
-METHODS = ("teal", "cats", "relufy", "dejavu", "dejavu-lookahead")
+METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "dejavu", "dejavu-lookahead")
+TEAL_SITES = {"teal": ["mlp"], "teal-attention": ["mlp", "attention"], "teal-attention-only": ["attention"]}
 TEXT = "The quick brown fox jumps over the lazy dog while the committee argues about the budget."
 
 
@@ -52,9 +54,15 @@ def make_artifact(src, out, method):
     else:
         model, tok = load_model(src), load_tokenizer(src)
         ids = tok(TEXT * 8, return_tensors="pt").input_ids[:, :128]
-        thresholds = (Teal if method == "teal" else Cats)().calibrate(model, ids, 0.5)
+        sparsifier = Teal() if method.startswith("teal") else Cats()
+        # plain teal as artifacts made before `sites` existed record it: no sites, read as MLP-only
+        config = {"sites": TEAL_SITES[method]} if method.startswith("teal-") else {}
+        thresholds = sparsifier.calibrate(model, ids, 0.5, sparsifier.sites_for(sparsifier.Config(**config)))
         link_or_copy_model(src, out)
         save_file({s: v.contiguous() for s, v in thresholds.items()}, out / THRESHOLDS_FILE)
+        method = sparsifier.name
+        write_manifest(out, stage="sparsify", parents=[str(src)], sparsity={"method": method, "config": config})
+        return out
     write_manifest(out, stage="sparsify", parents=[str(src)], sparsity={"method": method, "config": {}})
     return out
 
@@ -111,9 +119,18 @@ def test_runtime_matches_the_hook_model_on_prefill_and_cached_decode(artifacts, 
     want, got = prefill_and_decode(hooked, ids), prefill_and_decode(sparse, ids)
     for step, (a, b) in enumerate(zip(got, want)):
         assert close(a, b), (method, step, (a - b).abs().max().item())
-    calls = runtime_calls(sparse)
-    assert calls["prefill"] == 2  # the prompt, in both layers, ran the dense path with the same zeros
-    assert calls["sparse"] > 0  # decode steps gathered (at ~50% kept, below the crossover)
+    mlp, attention = runtime_calls(sparse, "mlp"), runtime_calls(sparse, "attention")
+    if method != "teal-attention-only":
+        assert mlp["prefill"] == 2  # the prompt, in both layers, ran the dense path with the same zeros
+        assert mlp["sparse"] > 0  # decode steps gathered (at ~50% kept, below the crossover)
+    else:
+        assert mlp == {}  # MLP sites not chosen: the MLPs keep their own forward
+    if method.startswith("teal-attention"):
+        assert attention["prefill"] == 4  # q/k/v (one product) and o_proj, in both layers
+        assert attention["sparse"] > 0
+        assert sum(attention.values()) == 2 * 2 * 7  # one product per site, layer and forward: q, k, v share it
+    else:
+        assert attention == {}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -126,10 +143,11 @@ def test_greedy_generation_is_identical_in_float32(artifacts, method):
         assert sparse.generate(ids, **kw).tolist() == hooked.generate(ids, **kw).tolist()
 
 
-def test_dense_fallback_above_the_crossover_gives_the_same_numbers(artifacts):
+@pytest.mark.parametrize("method", ["teal", "teal-attention"])
+def test_dense_fallback_above_the_crossover_gives_the_same_numbers(artifacts, method):
     from llmfast.sparse.runtime import runtime_calls
 
-    art = artifacts["teal"]
+    art = artifacts[method]
     ids = prompt_ids(art)
     hooked, always_dense = pair(art, dense_above=0.0)  # any kept fraction is above 0: the dense product
     _, never_dense = pair(art, dense_above=1.0)
@@ -150,6 +168,51 @@ def test_install_refuses_plain_models_and_hooked_ones(artifacts, tiny_dir):
         install_sparse_runtime(from_pretrained(tiny_dir, "float32"), tiny_dir)
     with pytest.raises(ValueError, match="carry hooks"):  # thresholds applied twice would be a silent mistake
         install_sparse_runtime(load_model(artifacts["teal"]), artifacts["teal"])
+    with pytest.raises(ValueError, match="attention projections carry hooks"):
+        install_sparse_runtime(load_model(artifacts["teal-attention-only"]), artifacts["teal-attention-only"])
+
+
+def test_attention_thresholds_change_the_output_and_the_projections_share_one_buffer(artifacts, tiny_dir):
+    """The attention sites really zero something (the runtime equals the hook model, not merely the dense one), and
+    q/k/v's weights are views of one stacked W^T: no second copy of the weights."""
+    from llmfast.loading import from_pretrained
+    from llmfast.sparse.kernels import SparseProjections
+    from llmfast.sparse.runtime import sparse_forwards
+
+    art = artifacts["teal-attention-only"]
+    _, sparse = pair(art)
+    dense = from_pretrained(tiny_dir, "float32").to(torch.float64).eval()
+    ids = prompt_ids(art)
+    with torch.no_grad():
+        assert not torch.allclose(sparse(ids).logits, dense(ids).logits)
+    found = sparse_forwards(sparse, "attention")
+    assert len(found) == 4 and all(isinstance(f, SparseProjections) for f in found)
+    attn = sparse.model.layers[0].self_attn
+    base = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert all(getattr(attn, p).weight.untyped_storage().data_ptr() == base for p in ("k_proj", "v_proj"))
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):  # the weights are the dense model's, only laid out anew
+        assert torch.equal(getattr(attn, p).weight, getattr(dense.model.layers[0].self_attn, p).weight)
+
+
+def test_sparse_projections_answer_in_any_order_and_for_other_inputs():
+    """The stacked product is shared only by calls on the same tensor: other orders or inputs are computed anew."""
+    from llmfast.sparse.kernels import SparseProjections
+
+    g = torch.Generator().manual_seed(0)
+    lins = [torch.nn.Linear(32, w, bias=b, dtype=torch.float64) for w, b in ((16, False), (8, True), (8, False))]
+    ref = [(l.weight.detach().clone(), None if l.bias is None else l.bias.detach().clone()) for l in lins]
+    rt = SparseProjections(lins, t=0.5, dense_above=1.0)
+    x, y = torch.randn(1, 1, 32, generator=g, dtype=torch.float64), torch.randn(1, 1, 32, generator=g, dtype=torch.float64)
+
+    def want(j, inp):
+        w, b = ref[j]
+        return torch.nn.functional.linear(torch.where(inp.abs() > 0.5, inp, 0.0), w, b)
+
+    with torch.no_grad():
+        for j, inp in ((2, x), (0, x), (1, y), (1, x), (0, y), (2, y), (2, y)):
+            assert close(lins[j](inp), want(j, inp)), (j,)
+        assert close(lins[0](x.expand(1, 3, 32)), want(0, x.expand(1, 3, 32)))  # several tokens: dense
+    assert rt.calls["sparse"] > 0 and rt.calls["prefill"] == 1
 
 
 def test_hf_sparse_engine_is_chosen_for_sparse_variants_and_says_why_not(artifacts, tiny_dir):

@@ -1,4 +1,5 @@
-"""The sparse forward of one gated MLP `down(act(gate(x)) * up(x))` for one token, and its dense fallback.
+"""The sparse forward of one gated MLP `down(act(gate(x)) * up(x))`, and of TEAL's thresholded attention
+projections, for one token, and their dense fallback.
 
 For a single token (batch-1 decode) only what is nonzero is computed:
 
@@ -9,6 +10,10 @@ For a single token (batch-1 decode) only what is nonzero is computed:
 - `relu`  as cats with the kept neurons where gate > 0 (relu(gate) is exactly zero elsewhere).
 - `dejavu` a Deja Vu predictor (llmfast/sparse/predictors.py) names the active neurons from the MLP input (or,
           with look-ahead, the previous layer's): only their rows of W_gate and W_up and columns of W_down.
+
+`SparseProjections` does for linear layers that read one thresholded input (TEAL's `attention` sites: q_proj,
+k_proj and v_proj together, o_proj alone) what `teal` does for gate and up: the sum of the columns of the
+stacked weights for the kept entries of the input.
 
 The weights are laid out so every gather reads contiguous memory: a column of W is a row of W^T, and the
 weighted sum of the rows of W^T for the kept entries is `embedding_bag(idx, W^T, per_sample_weights=v[idx],
@@ -56,6 +61,20 @@ def bag_sum(idx: "torch.Tensor", w: "torch.Tensor", wt: "torch.Tensor", bags: in
     # The aten op itself: F.embedding_bag's argument checks cost as much as a small gather (mode 0 is "sum").
     out = torch.embedding_bag(wt, idx, offsets, False, 0, False, w)[0]
     return out.view(-1) if len(offsets) == 1 else out.sum(0)
+
+
+def gather_sum(keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor", dense_above: float,
+               calls: dict[str, int]) -> "torch.Tensor":
+    """sum over kept i of v[i] * wt[i]: the rows of W^T (columns of W) where v is kept, or the dense product of
+    the zeroed v when more than `dense_above` of it is kept; counts the path taken in `calls`."""
+    import torch
+
+    idx = keep.nonzero().view(-1)
+    if idx.numel() > dense_above * v.numel():
+        calls["dense"] += 1
+        return torch.where(keep, v, 0.0) @ wt
+    calls["sparse"] += 1
+    return bag_sum(idx, v.index_select(0, idx), wt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,15 +132,7 @@ class SparseMLP:
 
     # --- one token ---------------------------------------------------------------------------------------
     def gather_sum(self, keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor") -> "torch.Tensor":
-        """sum over kept i of v[i] * wt[i]: the rows of W^T (columns of W) where v is kept."""
-        import torch
-
-        idx = keep.nonzero().view(-1)
-        if idx.numel() > self.dense_above * v.numel():
-            self.calls["dense"] += 1
-            return torch.where(keep, v, 0.0) @ wt
-        self.calls["sparse"] += 1
-        return bag_sum(idx, v.index_select(0, idx), wt)
+        return gather_sum(keep, v, wt, self.dense_above, self.calls)
 
     def teal_token(self, v: "torch.Tensor") -> "torch.Tensor":
         gu = self.gather_sum(v.abs() > self.t_in, v, self.gate_up_t)
@@ -190,3 +201,56 @@ class SparseMLP:
         if self.mode == "cats":
             a = torch.where(a.abs() > self.t_gate, a, zero)
         return (a * F.linear(x, self.up_w)) @ self.down_t
+
+
+class SparseProjections:
+    """The linear layers of one input thresholded at `t` (q_proj, k_proj, v_proj; or o_proj alone) as one stacked
+    W^T (in, sum of outs): each layer's forward becomes `part(j, x)`, column block j of the stacked product.
+
+    The first of them to see a tensor computes all blocks (gathered for one token, dense for several) and keeps
+    the result until each block was asked for, so q, k and v cost one threshold and one gather; a layer called
+    on a tensor the others have not seen computes the product afresh (correct whatever order or inputs the
+    attention code uses, only slower). Counts which path each product took in `calls`.
+    """
+
+    def __init__(self, linears: list[Any], t: float, dense_above: float = DENSE_ABOVE) -> None:
+        import torch
+
+        self.t, self.dense_above = float(t), dense_above
+        self.calls = {"sparse": 0, "dense": 0, "prefill": 0}
+        widths = [lin.out_features for lin in linears]
+        self.bounds = [(sum(widths[:j]), sum(widths[: j + 1])) for j in range(len(widths))]
+        with torch.no_grad():
+            self.wt = torch.cat([lin.weight.detach().t() for lin in linears], dim=1).contiguous()
+            biases = [lin.bias for lin in linears]
+            self.bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else self.wt.new_zeros(w) for b, w in zip(biases, widths)])
+            for j, lin in enumerate(linears):
+                a, b = self.bounds[j]
+                lin.weight = torch.nn.Parameter(self.wt[:, a:b].t(), requires_grad=False)  # a view: one copy
+                lin.forward = functools.partial(self.part, j)
+        self._x: Any = None
+        self._out: Any = None
+        self._left = 0
+
+    def part(self, j: int, x: "torch.Tensor") -> "torch.Tensor":
+        if self._x is not x or self._left == 0:
+            self._x, self._out, self._left = x, self.product(x), len(self.bounds)
+        a, b = self.bounds[j]
+        out = self._out[..., a:b]
+        self._left -= 1
+        if self._left == 0:  # every block served: drop the references
+            self._x = self._out = None
+        return out
+
+    def product(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if x.shape[:-1].numel() != 1:
+            self.calls["prefill"] += 1
+            out = torch.where(x.abs() > self.t, x, torch.zeros((), dtype=x.dtype, device=x.device)) @ self.wt
+        else:
+            v = x.reshape(-1)
+            out = gather_sum(v.abs() > self.t, v, self.wt, self.dense_above, self.calls)
+            out = out.view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias

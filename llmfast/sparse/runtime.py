@@ -8,7 +8,8 @@ summation order (tests/test_sparse_runtime.py checks logits on prefill and on ca
 
 Which mode a layer runs follows the artifact's `sparsity.method`:
 
-    teal    thresholds of the MLP input and of down_proj's input (sparsity.safetensors)
+    teal    thresholds of the MLP input and of down_proj's input (sparsity.safetensors); with the
+            `attention` sites also of the input of q/k/v and of o_proj (kernels.SparseProjections)
     cats    a threshold of the gate activation (sparsity.safetensors)
     relufy  the exact zeros of relu(gate) (the model's config says hidden_act: relu)
     dejavu  the neurons the artifact's predictors call active (predictors.safetensors)
@@ -40,15 +41,31 @@ def _has_hooks(mlp: Any) -> bool:
                 or mlp.act_fn._forward_hooks)
 
 
+def _attention_has_hooks(attn: Any) -> bool:
+    return any(getattr(attn, p)._forward_pre_hooks for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def _threshold_sites(artifact: Path, method: str) -> tuple[str, ...]:
+    """The sites a teal/cats artifact thresholds, from the settings its llmfast.json records."""
+    from llmfast.artifacts import read_manifest
+    import llmfast.sparse  # noqa: F401  (registers the methods)
+    from llmfast.sparse.base import SPARSIFIERS
+
+    sparsifier = SPARSIFIERS.get(method)()
+    config = (((read_manifest(artifact) or {}).get("sparsity")) or {}).get("config") or {}
+    return sparsifier.sites_for(sparsifier.Config.model_validate(config))  # type: ignore[attr-defined]
+
+
 def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike[str],
                            dense_above: float | None = None) -> list[Any]:
     """Replace each gated MLP's forward of `model` (loaded without the artifact's hooks, e.g. by
-    `llmfast.loading.from_pretrained`) by the sparse one the artifact's method calls for; return them.
+    `llmfast.loading.from_pretrained`) by the sparse one the artifact's method calls for, and for TEAL's
+    attention sites the forwards of q/k/v and o_proj; return the replacements (SparseMLP, SparseProjections).
 
     `dense_above`: the kept fraction above which a layer uses the dense product (default: kernels.DENSE_ABOVE).
     """
     from llmfast.sparse.base import gated_mlps
-    from llmfast.sparse.kernels import DENSE_ABOVE, SparseMLP
+    from llmfast.sparse.kernels import DENSE_ABOVE, SparseMLP, SparseProjections
 
     artifact = Path(artifact)
     method = artifact_method(artifact)
@@ -61,20 +78,29 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
                          "llmfast.loading.from_pretrained, or use load_sparse_model")
     limit = DENSE_ABOVE if dense_above is None else dense_above
     kw: list[dict[str, Any]] = [{} for _ in mlps]
+    attention: dict[str, list[float]] = {}  # attn_in / o_in thresholds per layer (TEAL's attention sites)
+    attns: list[Any] = []
+    sparse_mlps = True
     if method in ("teal", "cats"):
-        import llmfast.sparse  # noqa: F401  (registers the methods)
-        from llmfast.sparse.base import SPARSIFIERS
-        from llmfast.sparse.thresholds import load_thresholds
+        from llmfast.sparse.thresholds import ATTENTION_SITES, attention_blocks, load_thresholds
 
-        sites = SPARSIFIERS.get(method).sites  # type: ignore[attr-defined]  (threshold methods name theirs)
+        sites = _threshold_sites(artifact, method)
+        sparse_mlps = any(s not in ATTENTION_SITES for s in sites)  # teal with sites: [attention] leaves MLPs dense
         for site, vector in load_thresholds(artifact, method, sites).items():
             values = [float(t) for t in vector]
             if len(values) != len(mlps):
                 raise UserError(f"{artifact}: {site} thresholds for {len(values)} layers, the model has {len(mlps)} "
                                 "gated MLPs: the thresholds belong to another model")
+            if site in ATTENTION_SITES:
+                attention[site] = values
+                continue
             key = {"mlp_in": "t_in", "down_in": "t_down", "gate_act": "t_gate"}[site]
             for i, t in enumerate(values):
                 kw[i][key] = t
+        attns = attention_blocks(model, where=str(artifact)) if attention else []
+        if any(_attention_has_hooks(a) for a in attns):
+            raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
+                             "it with llmfast.loading.from_pretrained, or use load_sparse_model")
     elif method == "dejavu":
         from llmfast.sparse.predictors import check_predictors, load_predictors
 
@@ -89,11 +115,17 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
         raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
                         f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
     mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
-    runtimes = []
-    for mlp, k in zip(mlps, kw):
-        rt = SparseMLP(mlp, mode, dense_above=limit, **k)
-        mlp.forward = rt  # an instance attribute: nn.Module.__call__ runs it in place of the class's forward
-        runtimes.append(rt)
+    runtimes: list[Any] = []
+    for i, (mlp, k) in enumerate(zip(mlps, kw)):
+        if attention:
+            for site, projections in (("attn_in", ("q_proj", "k_proj", "v_proj")), ("o_in", ("o_proj",))):
+                if site in attention:
+                    runtimes.append(SparseProjections([getattr(attns[i], p) for p in projections],
+                                                      attention[site][i], dense_above=limit))
+        if sparse_mlps:
+            rt = SparseMLP(mlp, mode, dense_above=limit, **k)
+            mlp.forward = rt  # an instance attribute: nn.Module.__call__ runs it in place of the class's forward
+            runtimes.append(rt)
     return runtimes
 
 
@@ -108,14 +140,25 @@ def load_sparse_model(path: str | os.PathLike[str], dtype: str = "float32",
     return model
 
 
-def runtime_calls(model: "PreTrainedModel") -> dict[str, int]:
-    """How often the installed sparse MLPs took each path (sparse gather, dense product, several tokens)."""
-    from llmfast.sparse.kernels import SparseMLP
+def sparse_forwards(model: "PreTrainedModel", part: str = "all") -> list[Any]:
+    """The installed replacements, once each: `part` "mlp" (SparseMLP), "attention" (SparseProjections) or "all"."""
+    from llmfast.sparse.kernels import SparseMLP, SparseProjections
 
-    total: dict[str, int] = {}
+    kinds = {"mlp": (SparseMLP,), "attention": (SparseProjections,), "all": (SparseMLP, SparseProjections)}[part]
+    found: dict[int, Any] = {}
     for m in model.modules():
-        rt = m.__dict__.get("forward")
-        if isinstance(rt, SparseMLP):
-            for k, n in rt.calls.items():
-                total[k] = total.get(k, 0) + n
+        fwd = m.__dict__.get("forward")
+        owner = getattr(getattr(fwd, "func", None), "__self__", fwd)  # a projection's forward is partial(rt.part, j)
+        if isinstance(owner, kinds):
+            found.setdefault(id(owner), owner)
+    return list(found.values())
+
+
+def runtime_calls(model: "PreTrainedModel", part: str = "all") -> dict[str, int]:
+    """How often the installed sparse forwards (`part`: "mlp", "attention" or "all") took each path: sparse
+    gather, dense product, several tokens. A SparseProjections counts once per product (q, k and v share one)."""
+    total: dict[str, int] = {}
+    for rt in sparse_forwards(model, part):
+        for k, n in rt.calls.items():
+            total[k] = total.get(k, 0) + n
     return total
