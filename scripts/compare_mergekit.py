@@ -67,8 +67,12 @@ def ensure_mergekit(venv: Path) -> Path:
 
 
 # ---------------------------------------------------------------- inputs
-def make_variant(base: Path, out: Path, seed: int, rank: int = 16) -> Path:
-    """base + a dense rank-`rank` delta (std ~ 1e-3 of the entries) on every 2-D layer weight, same dtype."""
+def make_variant(base: Path, out: Path, seed: int, rank: int = 16, scale: float = 1e-3) -> Path:
+    """base + a dense rank-`rank` delta (std ~ `scale` of the entries) on every 2-D layer weight, same dtype.
+
+    In bfloat16 a delta of 1e-3 of an entry is below half its rounding step, so most entries stay as they
+    were (as in a short bfloat16 fine-tune); 1e-2 changes most of them. The share changed is recorded.
+    """
     import torch
 
     from llmfast.merge.io import ShardedWriter, TensorReader, ordered
@@ -81,18 +85,24 @@ def make_variant(base: Path, out: Path, seed: int, rank: int = 16) -> Path:
     layout = [(n, shape, _dtype_name(tag)) for n, (shape, tag, _f) in ordered(reader.index).items()]
     writer = ShardedWriter(out, layout, 2**62)
     g = torch.Generator().manual_seed(seed)
+    changed = total = 0
     for name, shape, _dt in layout:
         t = reader.get(name)
         if len(shape) == 2 and ".layers." in name:
             a = torch.randn(rank, shape[1], generator=g) / rank**0.5
-            b = torch.randn(shape[0], rank, generator=g) * (1e-3 * float(t.float().std()))
-            t = (t.float() + b @ a).to(t.dtype)
+            b = torch.randn(shape[0], rank, generator=g) * (scale * float(t.float().std()))
+            new = (t.float() + b @ a).to(t.dtype)
+            changed += int((new != t).sum())
+            total += t.numel()
+            t = new
         writer.write(name, t)
     writer.finish()
     for f in base.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".index.json")) and f.name != "llmfast.json":
             shutil.copy2(f, out / f.name)
-    (out / "llmfast-variant.json").write_text(json.dumps({"base": str(base), "seed": seed, "rank": rank}) + "\n")
+    info = {"base": str(base), "seed": seed, "rank": rank, "scale": scale,
+            "changed_fraction": round(changed / max(total, 1), 4)}
+    (out / "llmfast-variant.json").write_text(json.dumps(info) + "\n")
     return out
 
 
@@ -263,6 +273,8 @@ def main() -> int:
     ap.add_argument("--no-dare", action="store_true", help="skip dare_linear's kept fraction/rescale check")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per tool and method, alternating the order")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both tools")
+    ap.add_argument("--delta-scale", type=float, default=1e-3,
+                    help="std of the variants' deltas relative to the entries' (bfloat16 keeps most at 1e-3)")
     ap.add_argument("--mergekit-venv", default="/tmp/mergekit-venv")
     ap.add_argument("--workdir", default="/tmp/merge-compare")
     ap.add_argument("--out", default=None, help="default runs/bench/merge_vs_mergekit-SHAPE.json")
@@ -275,7 +287,10 @@ def main() -> int:
     builtin = resolve_model("builtin:smollm2-135m")
     base = builtin if args.shape == "135m" else make_random_base(work / "base", builtin)
     dtype = "float32" if args.shape == "135m" else "bfloat16"
-    ft = [make_variant(base, work / "ft-a", 1), make_variant(base, work / "ft-b", 2)]
+    tag = "" if args.delta_scale == 1e-3 else f"-s{args.delta_scale:g}"
+    ft = [make_variant(base, work / f"ft-a{tag}", 1, scale=args.delta_scale),
+          make_variant(base, work / f"ft-b{tag}", 2, scale=args.delta_scale)]
+    changed = [json.loads((p / "llmfast-variant.json").read_text()).get("changed_fraction") for p in ft]
     exes = {"mergekit": ensure_mergekit(Path(args.mergekit_venv)),
             "llmfast": str(Path(sys.executable).parent / "llmfast")}
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -283,7 +298,8 @@ def main() -> int:
     results: dict = {"date": dt.date.today().isoformat(), "cpu": cpu.group(1).strip() if cpu else "?",
                      "cpus": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
                      "loadavg_at_start": os.getloadavg(), "shape": args.shape, "dtype": dtype, "base": str(base),
-                     "fine_tuned": [str(p) for p in ft], "mergekit": "0.1.5", "methods": {}}
+                     "fine_tuned": [str(p) for p in ft], "delta_scale": args.delta_scale,
+                     "changed_fraction": changed, "mergekit": "0.1.5", "methods": {}}
     for method in [m for m in args.methods.split(",") if m]:
         results["methods"][method] = bench_method(method, base, ft, args, work, exes, dtype)
     results["loadavg_at_end"] = os.getloadavg()
@@ -308,6 +324,9 @@ def main() -> int:
 def print_table(results: dict) -> None:
     print(f"\n{results['shape']} ({results['dtype']}), {results['threads']} threads each, median of "
           f"{results['rounds']} alternating rounds, load average {results['loadavg_at_start'][0]:.1f} at start")
+    if results.get("changed_fraction"):
+        print(f"variants: deltas of std {results.get('delta_scale', 1e-3):g} x the entries'; share of layer entries "
+              f"changed: {', '.join(f'{c:.1%}' for c in results['changed_fraction'])}")
     print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
           f"{'llmfast GB/s':>12} {'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
     for method, e in results["methods"].items():

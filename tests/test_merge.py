@@ -547,15 +547,18 @@ def test_mergekit_plus_syntax_for_adapters(family, adapters, tmp_path):
 
 @pytest.mark.parametrize("shape", [(5, 7), (300, 40), (512, 1024)])
 @pytest.mark.parametrize("grid", [2, 6, 1000, 0])
-def test_magnitude_mask_breaks_ties_like_a_full_sort(shape, grid):
+@pytest.mark.parametrize("unchanged", [0.0, 0.5, 0.9])
+def test_magnitude_mask_breaks_ties_like_a_full_sort(shape, grid, unchanged):
     """The kept set is the first k of torch.argsort (an unstable sort: mergekit's), ties included."""
     from llmfast.merge.methods.sparsify import magnitude_mask
 
     # Values on a coarse grid tie a lot at any threshold, like fine-tuned deltas on the weights' ulp grid
-    # (grid 0: continuous values, no ties).
+    # (grid 0: continuous values, no ties). `unchanged`: the share of entries a bfloat16 fine-tune left
+    # as they were (zero deltas), which the selection sets aside first.
     g = torch.Generator().manual_seed(grid)
     delta = (torch.randint(-grid, grid + 1, shape, generator=g).float() * 1e-4 if grid
              else torch.randn(shape, generator=g))
+    delta[torch.rand(shape, generator=g) < unchanged] = 0
     for density in (0.1, 0.35, 0.5, 0.9):
         k = max(1, int(density * delta.numel()))
         ref = torch.zeros(delta.numel(), dtype=torch.bool)
@@ -566,3 +569,36 @@ def test_magnitude_mask_breaks_ties_like_a_full_sort(shape, grid):
         assert torch.equal(got & nonzero, ref & nonzero)
         if not bool((ref & ~nonzero).any()):
             assert int(got.sum()) == k
+
+
+def test_trim_by_position_keeps_exactly_k_with_the_first_ties():
+    """Where mergekit computes in bfloat16 (its tie sets differ from ours anyway) ties go by position."""
+    import numpy as np
+
+    from llmfast.merge.methods.sparsify import trim
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(-3, 4, 10_000).astype(np.float32)
+    values[rng.random(values.size) < 0.3] = 0  # unchanged entries
+    for density in (0.1, 0.3, 0.5):
+        k = max(1, int(density * values.size))
+        mag = np.abs(values)
+        threshold = np.sort(mag)[::-1][k - 1]
+        got = values.copy()
+        trim(got, density, exact_ties=False)
+        kept = got != 0
+        assert np.count_nonzero(kept) == k
+        assert kept[mag > threshold].all() and not kept[mag < threshold].any()
+        tied = np.flatnonzero(mag == threshold)
+        assert np.array_equal(np.flatnonzero(kept[tied]), np.arange(k - np.count_nonzero(mag > threshold)))
+        assert np.array_equal(got[kept], values[kept])  # kept entries unchanged
+
+
+def test_only_float32_merges_replay_mergekits_tie_order(family, tmp_path):
+    from llmfast.merge.plan import plan_merge
+
+    models = [(family["ft1"], {"weight": 1, "density": 0.5})]
+    f32 = plan_merge(_config(tmp_path, "ties", models, family["base"]))
+    bf16 = plan_merge(_config(tmp_path, "ties", models, family["base"], dtype="bfloat16"))
+    name = next(n for n, shape, _tag in f32.tensors if len(shape) == 2)
+    assert f32.computes_like_mergekit(name) and not bf16.computes_like_mergekit(name)

@@ -56,6 +56,16 @@ class MergePlan:
     def shared_for(self, name: str) -> dict[str, Any]:
         return self.shared_by_tensor.get(name, self.shared)
 
+    def computes_like_mergekit(self, name: str) -> bool:
+        """Whether mergekit computes this tensor's task vectors as we do (float32 or float64 throughout).
+
+        In bfloat16/float16 it subtracts in that dtype, rounding each task vector, where we subtract in
+        float32 exactly: the magnitudes differ, so which entries tie at a trim threshold differs anyway.
+        """
+        tags = self.__dict__.setdefault("_tags", {n: tag for n, _shape, tag in self.tensors})
+        cast = (self.config.dtype or "float32").removeprefix("torch.")
+        return tags.get(name) in ("F32", "F64") and cast in ("float32", "float64")
+
     @property
     def adapters_only(self) -> bool:
         return all(s.kind == "adapter" for s in self.inputs if not s.is_base)

@@ -78,7 +78,7 @@ def merge_tensor(plan: MergePlan, name: str, base: Any, inputs: list[Any], stats
     if plan.method.domain == "delta" and all(d is None for d in inputs):
         return float_work(base)
     params = [table[name] for table in plan.per_input]
-    ctx = TensorContext(name=name, seed=plan.seed, stats=stats)
+    ctx = TensorContext(name=name, seed=plan.seed, stats=stats, exact_ties=plan.computes_like_mergekit(name))
     try:
         return plan.method.merge(base, inputs, params, plan.shared_for(name), ctx)
     except ValueError as e:

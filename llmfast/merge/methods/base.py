@@ -81,11 +81,16 @@ def _fmt(bound: float | None) -> str:
 
 @dataclasses.dataclass
 class TensorContext:
-    """What a method may need beyond the values: the tensor's name, the merge's seed, statistics to fill."""
+    """What a method may need beyond the values: the tensor's name, the merge's seed, statistics to fill.
+
+    `exact_ties`: break ties at a trim threshold exactly as mergekit's sort does (float32 merges, where its
+    outputs are ours bit for bit); otherwise by position, which costs nothing.
+    """
 
     name: str = ""
     seed: int = 0
     stats: dict[str, Any] | None = None
+    exact_ties: bool = True
 
 
 class MergeMethod:

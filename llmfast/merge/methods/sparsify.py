@@ -6,12 +6,18 @@ introsort on the CPU), so *which* of several entries tied at the threshold it ke
 that sort happens to move them. Fine-tuned float32 deltas tie often (they sit on the base weights' ulp
 grid), and the choice shows in the output. To agree bit for bit without paying for a full sort:
 
-1. find the threshold by selection (numpy's introselect, linear time) and count the entries above it;
-   when the tied entries all fit (or the threshold is 0, where ties only add zeros), the mask is
-   `|delta| >= threshold` and no order is needed;
-2. otherwise replay the sort's partitioning, but only along the one path of ranges that contains the
+1. when no more than k entries are nonzero, nothing is trimmed (one count; bfloat16 fine-tunes leave
+   most entries exactly as they were);
+2. find the threshold by selection (numpy's introselect, linear time; over the nonzero entries when
+   zeros are many, as one repeated value slows it ~10x) and count the entries above it; when the
+   tied entries all fit, the mask is `|delta| >= threshold` and no order is needed;
+3. otherwise replay the sort's partitioning, but only along the one path of ranges that contains the
    k-th position (the other ranges fall wholly inside or outside the top k): each partition step is
    vectorized (see `_partition`), so the work is a few linear passes, not n log n.
+
+Step 3 is only worth its cost where mergekit's output is ours bit for bit: float32 merges. In bfloat16
+mergekit subtracts in bfloat16 (rounding each task vector) and we in float32 (exactly), so the tied sets
+differ anyway: there the first tied entries by position are kept (`exact_ties=False`).
 
 `top_magnitudes` is checked against `torch.argsort` on tie-heavy data in the tests; where the replay
 cannot be exact (NaNs; the sort's depth limit, which switches to heapsort) it sorts like mergekit.
@@ -44,28 +50,59 @@ def magnitude_mask(delta: "torch.Tensor", density: float) -> "torch.Tensor | Non
     return torch.from_numpy(keep).reshape(delta.shape)
 
 
-def trim(values: "np.ndarray", density: float) -> None:
-    """Zero, in place, all but the `density` fraction of the flat float array `values` largest in magnitude."""
+def trim(values: "np.ndarray", density: float, exact_ties: bool = True) -> None:
+    """Zero, in place, all but the `density` fraction of the flat float array `values` largest in magnitude.
+
+    Entries tied at the threshold are chosen as mergekit's sort chooses them (`exact_ties`) or by position.
+    """
     import numpy as np
 
     if density >= 1:
         return
-    keep = top_magnitudes(np.abs(values), density)
-    np.multiply(values, keep, out=values)  # x * 1 is x exactly; dropped entries become (signed) zeros
+    keep = _top(np.abs(values), density, exact_ties)
+    if keep is not None:
+        np.multiply(values, keep, out=values)  # x * 1 is x exactly; dropped entries become (signed) zeros
 
 
 def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
-    """Boolean mask of the first k = max(1, int(density * n)) entries of `torch.argsort(mag, descending=True)`."""
+    """Boolean mask of the first k = max(1, int(density * n)) entries of `torch.argsort(mag, descending=True)`.
+
+    Where the k-th largest magnitude is 0, every zero is marked kept: zeros add nothing either way.
+    """
+    import numpy as np
+
+    keep = _top(mag, density)
+    if keep is None:  # every nonzero entry is kept, and the zeros too when there are fewer than k of those
+        keep = mag != 0
+        if np.count_nonzero(keep) < max(1, int(density * mag.size)):
+            keep = mag >= 0
+    return keep
+
+
+def _top(mag: "np.ndarray", density: float, exact_ties: bool = True) -> "np.ndarray | None":
+    """`top_magnitudes`, or None when it keeps every entry that is not 0 (fewer than k are)."""
     import numpy as np
 
     n = mag.size
     if density <= 0 or n == 0:
         return np.zeros(n, dtype=bool)
     k = max(1, int(density * n))
-    # numpy's introselect finds the k-th largest magnitude in linear time (np.partition copies `mag`).
-    threshold = np.partition(mag, n - k)[n - k]
+    nonzero = int(np.count_nonzero(mag))
+    if nonzero <= k:  # no nonzero entry to trim (bfloat16 fine-tunes leave most entries unchanged)
+        return None
+    # numpy's introselect finds the k-th largest magnitude in linear time, but slows down ~10x when one
+    # value fills much of the array: zeros, where a fine-tune left entries unchanged, are left out first.
+    if nonzero < n - n // 4:
+        candidates = mag[mag != 0]
+        threshold = np.partition(candidates, nonzero - k)[nonzero - k]
+        del candidates
+    else:
+        threshold = np.partition(mag, n - k)[n - k]  # (a copy of `mag`)
     keep = mag >= threshold
-    if threshold > 0 and np.count_nonzero(keep) != k:
+    if np.count_nonzero(keep) != k and not exact_ties:  # the first tied entries by position
+        keep = mag > threshold
+        keep[np.flatnonzero(mag == threshold)[: k - int(np.count_nonzero(keep))]] = True
+    elif np.count_nonzero(keep) != k:
         # Entries tied at the threshold and not all kept: which ones is the unstable sort's choice.
         order = None if np.isnan(mag).any() else _replay_introsort_prefix(mag, k)
         if order is None:
@@ -74,7 +111,6 @@ def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
             order = torch.argsort(torch.from_numpy(mag), descending=True)[:k].numpy()
         keep = np.zeros(n, dtype=bool)
         keep[order] = True
-    # (Ties at a zero threshold only add zeros, which change nothing.)
     return keep
 
 

@@ -89,7 +89,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             stats["nonzero"] = stats.get("nonzero", 0) + int(np.count_nonzero(values))
         before = _l1(values) if rescale else None
         if self.sparsify == "magnitude":
-            trim(values, density)
+            trim(values, density, ctx.exact_ties)
         else:
             drop_at_random(values, density, ctx.seed, ctx.name, i)
         if stats is not None:
