@@ -13,7 +13,9 @@ grid), and the choice shows in the output. To agree bit for bit without paying f
    tied entries all fit, the mask is `|delta| >= threshold` and no order is needed;
 3. otherwise replay the sort's partitioning, but only along the one path of ranges that contains the
    k-th position (the other ranges fall wholly inside or outside the top k): each partition step is
-   vectorized (see `_partition`), so the work is a few linear passes, not n log n.
+   vectorized (see `_partition`), so the work is a few linear passes, not n log n. The values move as
+   the sort moves them; of the indices only the tied entries' are followed (2-3x faster than carrying
+   a permutation of every index).
 
 Step 3 is only worth its cost where mergekit's output is ours bit for bit: float32 merges. In bfloat16
 mergekit subtracts in bfloat16 (rounding each task vector) and we in float32 (exactly), so the tied sets
@@ -104,49 +106,83 @@ def _top(mag: "np.ndarray", density: float, exact_ties: bool = True) -> "np.ndar
         keep[np.flatnonzero(mag == threshold)[: k - int(np.count_nonzero(keep))]] = True
     elif np.count_nonzero(keep) != k:
         # Entries tied at the threshold and not all kept: which ones is the unstable sort's choice.
-        order = None if np.isnan(mag).any() else _replay_introsort_prefix(mag, k)
-        if order is None:
+        chosen = None if np.isnan(mag).any() else _replay_introsort_ties(mag, k, threshold)
+        if chosen is None:
             import torch
 
-            order = torch.argsort(torch.from_numpy(mag), descending=True)[:k].numpy()
-        keep = np.zeros(n, dtype=bool)
-        keep[order] = True
+            keep = np.zeros(n, dtype=bool)
+            keep[torch.argsort(torch.from_numpy(mag), descending=True)[:k].numpy()] = True
+        else:
+            keep = mag > threshold
+            keep[chosen] = True
     return keep
 
 
-def _replay_introsort_prefix(values: "np.ndarray", k: int) -> "np.ndarray | None":
-    """The indices std::sort(descending) puts in its first k positions, or None past its depth limit."""
+def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float) -> "np.ndarray | None":
+    """Which entries equal to `threshold` std::sort(descending) puts in its first k positions (their indices),
+    or None past its depth limit.
+
+    The values are moved as the sort moves them, but of the indices only those of the tied entries are
+    followed (every other entry's side of k is settled by its value): a few searches per step, not a
+    permutation of every index.
+    """
     import numpy as np
 
     vals = values.copy()
-    idx = np.arange(vals.size, dtype=np.int32 if vals.size < 2**31 else np.int64)
+    tied = np.flatnonzero(values == threshold)
+    pos = tied.copy()  # where each tied entry is now
     first, last = 0, vals.size
     depth = 2 * (int(vals.size).bit_length() - 1)
     while last - first > _INSERTION_THRESHOLD:
         if depth == 0:
             return None  # libstdc++ heapsorts this range: not replayed here
         depth -= 1
-        cut = first + _partition(vals[first:last], idx[first:last])
+        cut, pivot, lefts, rights = _partition(vals[first:last])
+        inside = np.flatnonzero((pos >= first) & (pos < last))
+        if inside.size:
+            pos[inside] = first + _moved(pos[inside] - first, pivot, lefts, rights)
+        cut += first
         if cut == k:
-            return idx[:k]
+            return tied[pos < k]
         if cut < k:
             first = cut
         else:
             last = cut
     # The final insertion sort moves an entry left only past strictly smaller ones: a stable sort per range.
-    chunk = np.argsort(-vals[first:last], kind="stable")
-    idx[first:last] = idx[first:last][chunk]
-    return idx[:k]
+    order = np.argsort(-vals[first:last], kind="stable")
+    new_place = np.empty_like(order)
+    new_place[order] = np.arange(order.size)
+    inside = np.flatnonzero((pos >= first) & (pos < last))
+    pos[inside] = first + new_place[pos[inside] - first]
+    return tied[pos < k]
 
 
-def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
+def _moved(where: "np.ndarray", pivot: int, lefts: "np.ndarray", rights: "np.ndarray") -> "np.ndarray":
+    """Positions (within the range) after `_partition`'s swaps: the pivot's, then each left/right pair's."""
+    import numpy as np
+
+    where = where.copy()
+    at_0, at_pivot = where == 0, where == pivot
+    where[at_0], where[at_pivot] = pivot, 0
+    if lefts.size:
+        t = np.minimum(np.searchsorted(lefts, where), lefts.size - 1)
+        from_left = lefts[t] == where
+        up = rights[::-1]  # rights fall: searched reversed
+        u = np.minimum(np.searchsorted(up, where), up.size - 1)
+        from_right = up[u] == where
+        where = np.where(from_left, rights[t], np.where(from_right, lefts[lefts.size - 1 - u], where))
+    return where
+
+
+def _partition(vals: "np.ndarray") -> "tuple[int, int, np.ndarray, np.ndarray]":
     """libstdc++'s __unguarded_partition_pivot on a whole (view of a) range for the comparator `a > b`, in place.
 
     The median of (1, mid, last) is swapped to position 0 and is the pivot p. The scan from the left
     stops at entries <= p, the one from the right at entries >= p, and the i-th left stop is swapped
     with the i-th right stop while it lies left of it: so the whole step is two nonzero() passes and one
     fancy-indexed swap. A left scan that runs past its last partner stops at the partner's old place.
-    Returns the cut (the first position of the right part).
+    Returns (the cut: the first position of the right part, where the pivot came from, the swapped left
+    positions rising, their partners falling).
     """
     import numpy as np
 
@@ -158,7 +194,6 @@ def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
     else:
         m = a if va > vc else (c if vb > vc else b)
     vals[0], vals[m] = vals[m], vals[0]
-    idx[0], idx[m] = idx[m], idx[0]
     p = vals[0]
     seg = vals[1:]
     # The crossing lies between G and G + E (G entries > p, E equal to p): the left stops that get swapped
@@ -175,14 +210,12 @@ def _partition(vals: "np.ndarray", idx: "np.ndarray") -> int:
         rights = np.flatnonzero(seg >= p)[::-1]
         pairs = _first_crossing(lefts, rights)
     cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
+    i, j = lefts[:pairs] + 1, rights[:pairs] + 1
     if pairs > 0:
         cut = min(cut, int(rights[pairs - 1]))
-        i, j = lefts[:pairs] + 1, rights[:pairs] + 1
         vi, vj = np.take(vals, i), np.take(vals, j)
         vals[i], vals[j] = vj, vi
-        ii, ij = np.take(idx, i), np.take(idx, j)
-        idx[i], idx[j] = ij, ii
-    return cut + 1
+    return cut + 1, m, i, j
 
 
 def drop_at_random(values: "np.ndarray", density: float, seed: int, tensor_name: str, index: int) -> None:
