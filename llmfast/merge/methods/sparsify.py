@@ -52,16 +52,17 @@ def magnitude_mask(delta: "torch.Tensor", density: float) -> "torch.Tensor | Non
     return torch.from_numpy(keep).reshape(delta.shape)
 
 
-def trim(values: "np.ndarray", density: float, exact_ties: bool = True) -> None:
+def trim(values: "np.ndarray", density: float, exact_ties: bool = True, nonzero: int | None = None) -> None:
     """Zero, in place, all but the `density` fraction of the flat float array `values` largest in magnitude.
 
     Entries tied at the threshold are chosen as mergekit's sort chooses them (`exact_ties`) or by position.
+    `nonzero`: the count of nonzero entries when the caller has it. Afterwards min(nonzero, k) are nonzero.
     """
     import numpy as np
 
     if density >= 1:
         return
-    keep = _top(np.abs(values), density, exact_ties)
+    keep = _top(np.abs(values), density, exact_ties, nonzero)
     if keep is not None:
         np.multiply(values, keep, out=values)  # x * 1 is x exactly; dropped entries become (signed) zeros
 
@@ -81,7 +82,8 @@ def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
     return keep
 
 
-def _top(mag: "np.ndarray", density: float, exact_ties: bool = True) -> "np.ndarray | None":
+def _top(mag: "np.ndarray", density: float, exact_ties: bool = True,
+         nonzero: int | None = None) -> "np.ndarray | None":
     """`top_magnitudes`, or None when it keeps every entry that is not 0 (fewer than k are)."""
     import numpy as np
 
@@ -89,7 +91,7 @@ def _top(mag: "np.ndarray", density: float, exact_ties: bool = True) -> "np.ndar
     if density <= 0 or n == 0:
         return np.zeros(n, dtype=bool)
     k = max(1, int(density * n))
-    nonzero = int(np.count_nonzero(mag))
+    nonzero = int(np.count_nonzero(mag)) if nonzero is None else nonzero
     if nonzero <= k:  # no nonzero entry to trim (bfloat16 fine-tunes leave most entries unchanged)
         return None
     # numpy's introselect finds the k-th largest magnitude in linear time, but slows down ~10x when one
