@@ -602,3 +602,23 @@ def test_only_float32_merges_replay_mergekits_tie_order(family, tmp_path):
     bf16 = plan_merge(_config(tmp_path, "ties", models, family["base"], dtype="bfloat16"))
     name = next(n for n, shape, _tag in f32.tensors if len(shape) == 2)
     assert f32.computes_like_mergekit(name) and not bf16.computes_like_mergekit(name)
+
+
+def test_bfloat16_conversions_match_torch_bit_for_bit():
+    """Merges read and write bfloat16 without torch: widening is exact, narrowing rounds to nearest even."""
+    import numpy as np
+
+    from llmfast.merge.io import bf16_bits_to_float32, float32_to_bf16_bits
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 2**32, 200_003, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 3.4028235e38, -1e-45, 1.0039062, 1.0117188], np.float32)
+    values = np.concatenate([patterns, special]).reshape(-1, 1)  # 2-D: the shape is kept
+    ours = float32_to_bf16_bits(values)
+    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(values)
+    assert ours.shape == values.shape and nan.any()
+    assert np.array_equal(ours[~nan], theirs[~nan])
+    assert np.isnan(bf16_bits_to_float32(ours[nan])).all()  # a NaN stays a NaN
+    widened = bf16_bits_to_float32(theirs)
+    assert np.array_equal(widened[~nan], torch.from_numpy(theirs.view(np.int16)).view(torch.bfloat16).float().numpy()[~nan])

@@ -96,7 +96,7 @@ def _top(mag: "np.ndarray", density: float, exact_ties: bool = True,
         return None
     # numpy's introselect finds the k-th largest magnitude in linear time, but slows down ~10x when one
     # value fills much of the array: zeros, where a fine-tune left entries unchanged, are left out first.
-    if nonzero < n - n // 4:
+    if nonzero < n - n * 3 // 10:
         candidates = mag[mag != 0]
         threshold = np.partition(candidates, nonzero - k)[nonzero - k]
         del candidates
