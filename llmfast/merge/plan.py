@@ -62,7 +62,9 @@ class MergePlan:
         In bfloat16/float16 it subtracts in that dtype, rounding each task vector, where we subtract in
         float32 exactly: the magnitudes differ, so which entries tie at a trim threshold differs anyway.
         """
-        tags = self.__dict__.setdefault("_tags", {n: tag for n, _shape, tag in self.tensors})
+        if "_tags" not in self.__dict__:
+            self.__dict__["_tags"] = {n: tag for n, _shape, tag in self.tensors}
+        tags = self.__dict__["_tags"]
         cast = (self.config.dtype or "float32").removeprefix("torch.")
         return tags.get(name) in ("F32", "F64") and cast in ("float32", "float64")
 
