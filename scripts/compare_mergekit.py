@@ -20,7 +20,8 @@ and the rescale factor are compared instead, on a one-model merge where both are
     python scripts/compare_mergekit.py --shape 1.7b --methods ties,task_arithmetic --rounds 2
 
 Prints a table and writes runs/bench/merge_vs_mergekit-SHAPE.json. The "GB/s" column is the bytes read
-(every input once) plus written, per second: the memory-bandwidth bound is a few GB/s per core.
+(every input once) plus written, per second; "x floor" is llmfast's time over the time one core takes
+to move those bytes at the copy bandwidth measured in the same run (the floor no merge can beat).
 """
 
 from __future__ import annotations
@@ -215,6 +216,22 @@ def dare_stats(base: Path, ft: Path, merged: Path) -> dict:
             "rescale_max": round(factors[-1], 4)}
 
 
+def copy_bandwidth() -> float:
+    """This machine's memory bandwidth in bytes/s (read + written) of one core copying 512 MB, best of 5."""
+    import time
+
+    import numpy as np
+
+    src = np.ones(2**27, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
 def write_config(path: Path, method: str, base: Path, models: list[tuple[Path, dict]], params: dict | None,
                  dtype: str) -> None:
     import yaml
@@ -253,12 +270,15 @@ def bench_method(method: str, base: Path, ft: list[Path], args: argparse.Namespa
             runs[tool].append(r)
     moved = sum(model_bytes(p) for p in ([base] if method != "linear" else []) + ft) + \
         model_bytes(work / f"llmfast-{method}")
-    entry: dict = {"rounds": runs}
+    entry: dict = {"rounds": runs, "bytes_read_and_written": moved}
     for tool in runs:
         secs = statistics.median(r["seconds"] for r in runs[tool])
         entry[tool] = {"median_seconds": secs, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[tool]),
                        "gb_per_s": round(moved / secs / 1e9, 2)}
     entry["speedup"] = round(entry["mergekit"]["median_seconds"] / entry["llmfast"]["median_seconds"], 2)
+    # The floor: every input read once and the output written once at one core's copy bandwidth.
+    entry["bandwidth_floor_seconds"] = round(moved / args.bandwidth, 3)
+    entry["llmfast_over_floor"] = round(entry["llmfast"]["median_seconds"] / entry["bandwidth_floor_seconds"], 1)
     entry["rss_ratio"] = round(entry["llmfast"]["peak_rss_gib"] / entry["mergekit"]["peak_rss_gib"], 3)
     entry["diff"] = compare(work / f"llmfast-{method}", work / f"mergekit-{method}")
     if method.startswith("dare"):
@@ -293,11 +313,13 @@ def main() -> int:
     changed = [json.loads((p / "llmfast-variant.json").read_text()).get("changed_fraction") for p in ft]
     exes = {"mergekit": ensure_mergekit(Path(args.mergekit_venv)),
             "llmfast": str(Path(sys.executable).parent / "llmfast")}
+    args.bandwidth = copy_bandwidth()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = re.search(r"Model name:\s*(.+)", lscpu)
     results: dict = {"date": dt.date.today().isoformat(), "cpu": cpu.group(1).strip() if cpu else "?",
                      "cpus": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
-                     "loadavg_at_start": os.getloadavg(), "shape": args.shape, "dtype": dtype, "base": str(base),
+                     "loadavg_at_start": os.getloadavg(), "copy_bandwidth_gb_s": round(args.bandwidth / 1e9, 2),
+                     "shape": args.shape, "dtype": dtype, "base": str(base),
                      "fine_tuned": [str(p) for p in ft], "delta_scale": args.delta_scale,
                      "changed_fraction": changed, "mergekit": "0.1.5", "methods": {}}
     for method in [m for m in args.methods.split(",") if m]:
@@ -327,13 +349,16 @@ def print_table(results: dict) -> None:
     if results.get("changed_fraction"):
         print(f"variants: deltas of std {results.get('delta_scale', 1e-3):g} x the entries'; share of layer entries "
               f"changed: {', '.join(f'{c:.1%}' for c in results['changed_fraction'])}")
+    print(f"memory bandwidth (one core copying): {results.get('copy_bandwidth_gb_s', '?')} GB/s; 'x floor': llmfast's "
+          "time over reading every input and writing the output once at that bandwidth")
     print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
-          f"{'llmfast GB/s':>12} {'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
+          f"{'llmfast GB/s':>12} {'x floor':>8} {'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
     for method, e in results["methods"].items():
         diff = e["diff"].get("max_abs_diff", "names differ")
         diff_s = (f"{diff:.3g}" if isinstance(diff, float) else diff) + ("*" if method.startswith("dare") else "")
         print(f"{method:<16} {diff_s:>13} {e['llmfast']['median_seconds']:>10.2f} "
               f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {e['llmfast']['gb_per_s']:>12.2f} "
+              f"{e.get('llmfast_over_floor', float('nan')):>8.1f} "
               f"{e['llmfast']['peak_rss_gib']:>10.2f} G {e['mergekit']['peak_rss_gib']:>11.2f} G {e['rss_ratio']:>9.2f}")
     if "dare_linear_check" in results:
         d = results["dare_linear_check"]
