@@ -125,6 +125,29 @@ def test_linear_matches_reference(family, tmp_path):
         torch.testing.assert_close(got[k], (0.7 * a[k] + 0.3 * b[k]) / 1.0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_methods_merge_block_by_block_like_whole_tensors(method, family, tmp_path, monkeypatch):
+    """Block by block (an odd block size, so blocks end mid-row) and in bfloat16: the whole-tensor result."""
+    from llmfast.merge import steps
+    from llmfast.merge.plan import plan_merge
+
+    monkeypatch.setattr(steps, "BLOCK", 777)
+    models = [(family["ft1"], {"weight": 0.7}), (family["ft2"], {"weight": -0.3})]
+    cfg = _config(tmp_path, method, models, None if method == "linear" else family["base"], dtype="bfloat16")
+    assert steps.merges_by_blocks(plan_merge(cfg))
+    got = _merge(cfg, tmp_path / "out")
+    a, b, base = _sd(family["ft1"]), _sd(family["ft2"]), _sd(family["base"])
+    assert any(v.numel() > 3 * 777 for v in got.values())
+    for k in a:
+        x, y, z = (t[k].bfloat16().float() for t in (a, b, base))  # each input read in bfloat16
+        if method == "linear":
+            ref = ((x * 0.7 + y * -0.3) / 0.4)
+        else:
+            ref = z + ((x - z) * 0.7 + (y - z) * -0.3)
+        assert got[k].dtype == torch.bfloat16
+        assert torch.equal(got[k], ref.bfloat16()), k
+
+
 def test_linear_includes_base_model_like_mergekit(family, tmp_path):
     # mergekit adds a base_model that is not among the models as one more averaged input.
     cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1.0})], family["base"],
@@ -454,17 +477,17 @@ def test_streaming_holds_a_few_tensors(family, tmp_path, monkeypatch):
 
     alive: list[weakref.ref] = []
     peak = {"alive": 0, "reads": 0}
-    original = mio.TensorReader.read_array
+    original = mio.TensorReader.stored_array
 
     def counting_read(self, name):
-        t = original(self, name)
+        t, tag = original(self, name)
         alive[:] = [r for r in alive if r() is not None]
         alive.append(weakref.ref(t))
         peak["alive"] = max(peak["alive"], len(alive))
         peak["reads"] += 1
-        return t
+        return t, tag
 
-    monkeypatch.setattr(mio.TensorReader, "read_array", counting_read)
+    monkeypatch.setattr(mio.TensorReader, "stored_array", counting_read)
     cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1, "density": 0.5}),
                                      (family["ft2"], {"weight": 1, "density": 0.5})], family["base"])
     _merge(cfg, tmp_path / "out", "--threads", "1")

@@ -158,12 +158,30 @@ class TensorReader:
 
     def read_array(self, name: str) -> "np.ndarray":
         """The tensor as a numpy array, read-only, mapped onto the file; bfloat16 comes widened to float32 (a copy)."""
+        return stored_values(*self.stored_array(name))
+
+    def stored_array(self, name: str) -> "tuple[np.ndarray, str]":
+        """(the tensor as stored, mapped read-only onto the file: bfloat16 as uint16 bits; its safetensors tag)."""
         import numpy as np
 
         shape, tag, file, start, end = self._where[name]
         stored = np.dtype(_NP_STORED[tag])
         raw = _map_range(file, start, end, stored, name).reshape(shape) if end > start else np.zeros(shape, stored)
-        return bf16_bits_to_float32(raw) if tag == "BF16" else raw
+        return raw, tag
+
+
+def stored_values(raw: "np.ndarray", tag: str, block: slice | None = None) -> "np.ndarray":
+    """A stored array (or a `block` of its flattened entries) as numbers: bfloat16 bits widened to float32."""
+    if block is not None:
+        raw = raw.reshape(-1)[block]
+    return bf16_bits_to_float32(raw) if tag == "BF16" else raw
+
+
+def stored_dtype(dtype: str) -> "np.dtype":
+    """The numpy dtype that holds a torch dtype name's stored bytes (bfloat16: uint16)."""
+    import numpy as np
+
+    return np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
 
 
 def _map_range(file: Path, start: int, end: int, dtype: "np.dtype", name: str) -> "np.ndarray":
@@ -284,13 +302,18 @@ class ShardedWriter:
         self._shard = -1
         self.total_bytes = sum(t[3] for t in self.expected)
 
-    def write(self, name: str, tensor: "np.ndarray | torch.Tensor") -> None:
+    def write(self, name: str, tensor: "np.ndarray | torch.Tensor", stored: bool = False) -> None:
+        """Append the next tensor; `stored`: it is already in the planned dtype's stored form (`stored_dtype`)."""
         import numpy as np
 
         exp_name, shape, dtype, nbytes = self.expected[self._next]
         if name != exp_name:
             raise RuntimeError(f"tensor {name} written out of order (expected {exp_name})")
-        if isinstance(tensor, np.ndarray):
+        if stored:
+            if tensor.dtype != stored_dtype(dtype):
+                raise RuntimeError(f"tensor {name} is stored as {tensor.dtype}, planned {dtype}")
+            data = np.ascontiguousarray(tensor)
+        elif isinstance(tensor, np.ndarray):
             data = stored_bytes(tensor, dtype)
         else:  # a torch tensor (adapter outputs, scripts)
             import torch

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 from llmfast.errors import UserError
 from llmfast.memory import peak_memory_gib
 from llmfast.merge.plan import MergePlan, plan_merge
-from llmfast.merge.steps import (default_threads, merge_counting, open_readers, progress_bar,
-                                 read_inputs, write_merge_manifest)
+from llmfast.merge.steps import (default_threads, map_inputs, merge_blocks, merge_counting, merges_by_blocks,
+                                 open_readers, progress_bar, read_inputs, write_merge_manifest)
 
 
 def run_merge(plan: MergePlan, out_dir: str | Path, shard_size: str = "5G", adapter_rank: str | None = None,
@@ -73,11 +73,16 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         writer = mio.ShardedWriter(tmp, layout, max_bytes)
         bar = progress_bar(len(layout), f"merge ({plan.method.name})", progress)
         items = [(n, mio.numel(shape)) for n, shape, _dt in layout]
+        dtypes = {n: dt for n, _shape, dt in layout}
+        if merges_by_blocks(plan):  # mapping is all the reading; the merge converts block by block
+            read = lambda n: map_inputs(plan, n, base_reader, readers)  # noqa: E731
+            merge = lambda n, got: (merge_blocks(plan, n, got, dtypes[n]), {})  # noqa: E731
+        else:
+            read = lambda n: read_inputs(plan, n, base_reader, readers)  # noqa: E731
+            merge = lambda n, got: merge_counting(plan, n, got)  # noqa: E731
         try:
-            for name, (merged, counts) in ordered_map(
-                    items, lambda n: read_inputs(plan, n, base_reader, readers),
-                    lambda n, got: merge_counting(plan, n, got), threads):
-                writer.write(name, merged)
+            for name, (merged, counts) in ordered_map(items, read, merge, threads):
+                writer.write(name, merged, stored=merges_by_blocks(plan))
                 del merged
                 for key, value in counts.items():  # summed here, in one thread
                     stats[key] = stats.get(key, 0) + value

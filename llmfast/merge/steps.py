@@ -27,40 +27,60 @@ def default_threads() -> int:
     return max(1, min(4, cores))
 
 
+# Entries merged at a time by an element-wise method: its passes then run in the core's cache.
+BLOCK = 1 << 16
+
+
 def read_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any]) -> tuple[Any, list[Any]]:
     """(base, inputs) of one tensor as numpy arrays: whole weights for a "raw" method, else task vectors (None: zero).
 
     Whole weights are read-only views of the files; task vectors are fresh float arrays the method may change.
     """
+    return prepare_inputs(plan, name, *map_inputs(plan, name, base_reader, readers))
+
+
+def map_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any]) -> tuple[Any, list[Any]]:
+    """The tensor as stored in each input, mapped and not yet converted: (array, safetensors tag); None for adapters."""
+    base = base_reader.stored_array(name) if base_reader is not None else None
+    return base, [None if src.kind == "adapter" else reader.stored_array(name)
+                  for src, reader in zip(plan.inputs, readers)]
+
+
+def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[Any],
+                   block: slice | None = None) -> tuple[Any, list[Any]]:
+    """`read_inputs` from mapped arrays, for the whole tensor or a `block` of its flattened entries."""
     import numpy as np
 
-    from llmfast.merge.io import round_to
+    from llmfast.merge.io import round_to, stored_values
     from llmfast.merge.methods.base import float_work
 
-    base = base_reader.read_array(name) if base_reader is not None else None
+    base = stored_values(*base_stored, block) if base_stored is not None else None
     cast = plan.config.dtype  # mergekit reads every input in `dtype` before merging
-    if cast is not None and base is not None:
+    if cast is not None and base is not None and not _stored_as(base_stored[1], cast):
         base = round_to(base, cast)
     if plan.method.domain == "raw":
         tensors = []
-        for src, reader in zip(plan.inputs, readers):
+        for src, st in zip(plan.inputs, stored):
             if src.kind == "adapter":
+                assert block is None, "adapters are merged whole"
                 d = src.adapter.delta(name)
                 t = float_work(base) if d is None else float_work(base) + d.numpy()
+                tensors.append(round_to(t, cast) if cast is not None else t)
             else:
-                t = reader.read_array(name)
-            tensors.append(round_to(t, cast) if cast is not None else t)
+                t = stored_values(*st, block)
+                tensors.append(round_to(t, cast) if cast is not None and not _stored_as(st[1], cast) else t)
         return base, tensors
     assert base is not None
     work_base = float_work(base)
     deltas: list[Any] = []
-    for src, reader in zip(plan.inputs, readers):
+    for src, st in zip(plan.inputs, stored):
         if src.kind == "adapter":
+            assert block is None, "adapters are merged whole"
             d = src.adapter.delta(name)  # None: untouched, a zero task vector
             deltas.append(None if d is None else d.numpy())
             continue
-        t = reader.read_array(name)
-        if cast is not None:
+        t = stored_values(*st, block)
+        if cast is not None and not _stored_as(st[1], cast):
             t = round_to(t, cast)
         t = float_work(t)
         # Into `t` itself when it is a copy of ours (a widened or rounded read), else a fresh array.
@@ -69,6 +89,39 @@ def read_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any]
         deltas.append(delta if delta.any() else None)
         del t, delta
     return base, deltas
+
+
+def _stored_as(tag: str, dtype: str) -> bool:
+    """Whether values stored with safetensors `tag` are already in `dtype` (so rounding to it changes nothing)."""
+    from llmfast.merge.io import st_dtype_name
+
+    return st_dtype_name(tag) == dtype.removeprefix("torch.")
+
+
+def merges_by_blocks(plan: MergePlan) -> bool:
+    """Whether tensors merge block by block: an element-wise method on full models (adapters' B @ A come whole)."""
+    return plan.method.elementwise and not any(s.kind == "adapter" for s in plan.inputs)
+
+
+def merge_blocks(plan: MergePlan, name: str, mapped: tuple[Any, list[Any]], out_dtype: str) -> Any:
+    """The merged tensor already in `out_dtype`'s stored form (bfloat16 as bits), merged `BLOCK` entries at a time.
+
+    For an element-wise method each block of the result is the merge of that block of the inputs, so the
+    conversions, task vectors and sums stay in cache instead of streaming whole tensors through memory.
+    """
+    import numpy as np
+
+    from llmfast.merge.io import numel, stored_bytes, stored_dtype
+
+    base_stored, stored = mapped
+    shape = next(st for st in [base_stored, *stored] if st is not None)[0].shape
+    n = numel(shape)
+    out = np.empty(n, dtype=stored_dtype(out_dtype))
+    for start in range(0, n, BLOCK):
+        block = slice(start, min(start + BLOCK, n))
+        base, inputs = prepare_inputs(plan, name, base_stored, stored, block)
+        out[block] = stored_bytes(merge_tensor(plan, name, base, inputs), out_dtype)
+    return out.reshape(shape)
 
 
 def merge_tensor(plan: MergePlan, name: str, base: Any, inputs: list[Any], stats: dict[str, Any] | None = None) -> Any:

@@ -102,6 +102,9 @@ class MergeMethod:
     domain: ClassVar[Literal["raw", "delta"]] = "delta"
     needs_base: ClassVar[bool] = True
     params: ClassVar[tuple[Param, ...]] = ()
+    # True when any block of entries merges to that block of the whole result (no threshold, norm or
+    # random stream over the tensor): the merge then runs block by block in cache.
+    elementwise: ClassVar[bool] = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

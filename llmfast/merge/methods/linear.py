@@ -20,6 +20,7 @@ class Linear(MergeMethod):
     paper = "Wortsman et al. 2022 (model soups)"
     domain = "raw"
     needs_base = False
+    elementwise = True
     params = (
         Param("weight", per_input=True, help="this model's share of the average"),
         Param("normalize", bool, True, help="divide by the sum of the weights"),

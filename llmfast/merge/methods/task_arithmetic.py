@@ -39,6 +39,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
     sparsify: ClassVar[Literal["magnitude", "random"] | None] = None
     consensus: ClassVar[bool] = False
 
+    @property
+    def elementwise(self) -> bool:  # type: ignore[override]
+        return self.sparsify is None and not self.consensus  # trims, drops and elections look at whole tensors
+
     def merge(self, base: "np.ndarray | None", inputs: list[Any], params: list[dict[str, Any]],
               shared: dict[str, Any], ctx: TensorContext) -> "np.ndarray":
         import numpy as np
