@@ -645,3 +645,12 @@ def test_bfloat16_conversions_match_torch_bit_for_bit():
     assert np.isnan(bf16_bits_to_float32(ours[nan])).all()  # a NaN stays a NaN
     widened = bf16_bits_to_float32(theirs)
     assert np.array_equal(widened[~nan], torch.from_numpy(theirs.view(np.int16)).view(torch.bfloat16).float().numpy()[~nan])
+
+
+def test_malloc_keeps_freed_blocks_in_a_merge_process():
+    """The large-merge setting applies on this (glibc) machine; in its own process, as it lasts the process."""
+    import subprocess
+    import sys
+
+    code = "from llmfast.memory import keep_freed_memory_for_reuse as k; import sys; sys.exit(0 if k() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

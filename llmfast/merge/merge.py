@@ -121,8 +121,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_merge_cli(args: argparse.Namespace) -> int:
     from llmfast.artifacts import check_output
 
+    from llmfast.memory import keep_freed_memory_for_reuse
+
     check_arguments(args)
     plan = plan_merge(args.config, args.overrides, seed=args.seed)
+    from llmfast.merge.io import numel
+
+    if max(numel(shape) for _n, shape, _t in plan.tensors) * 4 > 32 * 2**20:
+        # Tensors past glibc's 32 MB mmap threshold would each get fresh pages; this process only merges.
+        keep_freed_memory_for_reuse()
     check_output(args.output, args.overwrite, plan.input_paths())
     metrics = run_merge(plan, args.output, shard_size=args.out_shard_size, adapter_rank=args.adapter_rank,
                         progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
