@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from llmfast.errors import UserError
 from llmfast.bench.loadgen import arrival_times
 from llmfast.bench.metrics import RequestResult, compute_metrics, parse_goodput, parse_percentiles
@@ -207,3 +207,17 @@ def test_hf_engine_times_every_token(tiny):
         alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                                do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True) == results[3].generated_text
+
+
+def test_serve_refuses_a_sparse_artifact_vllm_would_serve_dense(tmp_path, tiny_dir):
+    """TEAL thresholds live in llmfast's transformers loader: vLLM would silently serve the dense weights."""
+    text = REPO / "eval" / "text" / "persuasion.txt"
+    cfg = tmp_path / "teal.yaml"
+    cfg.write_text(f"model: {tiny_dir}\nsparsify:\n  method: teal\n  config: {{target: 0.5}}\n"
+                   f"data: {{text: {text}, skip_tokens: 4096, calibration_tokens: 1024, heldout_tokens: 1024, "
+                   f"window: 256}}\noutput: {tmp_path / 'teal'}\n")
+    code, _, err = run_cli("sparsify", str(cfg))
+    assert code == 0, err
+    code, _, err = run_cli("serve", str(tmp_path / "teal"), "--port", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "teal artifact" in err and "dense weights" in err and "hf-sparse" in err

@@ -242,8 +242,22 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     from llmfast.models import resolve_model
 
     model_dir = resolve_model(model)
+    _check_servable_sparsity(model_dir)
     adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
     return ServerSpec(model=model_dir, loras=adapters, **kwargs)
+
+
+def _check_servable_sparsity(model_dir: Path) -> None:
+    """Refuse a sparse artifact vLLM would serve as its dense weights (TEAL/CATS thresholds, Deja Vu predictors
+    are applied by llmfast's transformers loader, which vLLM does not run)."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.bench.engines.base import VLLM_SPARSITY
+
+    method = ((read_manifest(model_dir) or {}).get("sparsity") or {}).get("method")
+    if method and method not in VLLM_SPARSITY:
+        raise UserError(f"{model_dir} is a {method} artifact: its sparsity is applied by llmfast's transformers "
+                        "runtime, which vLLM does not load, so vLLM would serve the dense weights. Measure it with "
+                        "`llmfast bench run` (engine hf-sparse) or `llmfast eval`; ReLU-fied models (relufy) serve")
