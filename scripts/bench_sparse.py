@@ -3,8 +3,9 @@
     .venv/bin/python scripts/bench_sparse.py                      # builtin:smollm2-135m, writes runs/bench_sparse/
     .venv/bin/python scripts/bench_sparse.py --relufy-steps 50 --ppl-tokens 8192
 
-Variants: the dense base, TEAL at 40% and 50%, CATS at 50%, ReLU-fication after --relufy-steps recovery
-steps (and, for the curve, after 0 steps: the swap alone), and Deja Vu predictors over the dense SiLU model
+Variants: the dense base, TEAL at 40% and 50% on the MLP (`teal40`, `teal50`) and on the MLP and attention
+(`teal40-attn`, `teal50-attn`: the inputs of q/k/v and o_proj thresholded too), CATS at 50%, ReLU-fication
+after --relufy-steps recovery steps (and, for the curve, after 0 steps: the swap alone), and Deja Vu predictors over the dense SiLU model
 (`dejavu`, label sparsity 0.5) and over the ReLU-fied model (`reluN-dejavu`: run `reluN` first or with it);
 for these the predictors' held-out recall, precision and fraction predicted active are reported too. Each is made by `llmfast sparsify` (the same code
 path, through its Python API) and then measured here: the MLP activation sparsity on held-out text (the
@@ -54,7 +55,9 @@ def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> 
     with torch.inference_mode():
         ppl = perplexity(model, tok, text, args.context, args.stride, args.ppl_tokens)
     return {"mlp_sparsity": heldout["down_in"]["mean"], "mlp_sparsity_per_layer": heldout["down_in"]["per_layer"],
-            "mlp_input_sparsity": heldout["mlp_in"]["mean"], "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
+            "mlp_input_sparsity": heldout["mlp_in"]["mean"],
+            **{f"{site}_sparsity": heldout[site]["mean"] for site in ("attn_in", "o_in") if site in heldout},
+            "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
             "ppl_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -87,7 +90,9 @@ def main() -> int:
     relufy = {"batch_size": args.relufy_batch, "lr": args.relufy_lr, "log_every": 1}
     dejavu = {"rank": args.dejavu_rank, "steps": args.dejavu_steps}
     relu = f"relu{args.relufy_steps}"
+    attn = {"sites": ["mlp", "attention"]}
     variants = [("base", None, None), ("teal40", "teal", {"target": 0.4}), ("teal50", "teal", {"target": 0.5}),
+                ("teal40-attn", "teal", {"target": 0.4, **attn}), ("teal50-attn", "teal", {"target": 0.5, **attn}),
                 ("cats50", "cats", {"target": 0.5}), ("relu0", "relufy", {**relufy, "steps": 0}),
                 (relu, "relufy", {**relufy, "steps": args.relufy_steps}), ("dejavu", "dejavu", dejavu),
                 (f"{relu}-dejavu", "dejavu", dejavu)]
@@ -119,13 +124,15 @@ def main() -> int:
               "command": " ".join(sys.argv), "settings": vars(args), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     base_ppl = next((r["ppl"] for r in rows if r["variant"] == "base"), None)
-    print(f"{'variant':<14} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'ppl':>8} {'vs base':>8} {'sparsify s':>10} "
-          f"{'recall':>7} {'precision':>9} {'active':>7}")
+    print(f"{'variant':<14} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'qkv-in sp.':>10} {'o-in sp.':>8} {'ppl':>8} "
+          f"{'vs base':>8} {'sparsify s':>10} {'recall':>7} {'precision':>9} {'active':>7}")
     for r in rows:
         rel = f"{r['ppl'] / base_ppl - 1:+.1%}" if base_ppl else ""
         pred = [f"{r['predictors'][k]['mean']:.1%}" for k in ("recall", "precision", "predicted_active")
                 ] if "predictors" in r else ["", "", ""]
-        print(f"{r['variant']:<14} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {r['ppl']:>8.2f} "
+        attn = [f"{r[k]:.1%}" if k in r else "" for k in ("attn_in_sparsity", "o_in_sparsity")]
+        print(f"{r['variant']:<14} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {attn[0]:>10} "
+              f"{attn[1]:>8} {r['ppl']:>8.2f} "
               f"{rel:>8} {r.get('sparsify_seconds', ''):>10} {pred[0]:>7} {pred[1]:>9} {pred[2]:>7}")
     print(f"results: {out / 'results.json'}")
     return 0

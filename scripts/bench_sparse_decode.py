@@ -3,21 +3,27 @@
     python scripts/bench_sparse_decode.py                     # everything below, defaults (a few minutes)
     python scripts/bench_sparse_decode.py --decode-only --artifact runs/sparse/relufy --artifact runs/sparse/dejavu
     python scripts/bench_sparse_decode.py --no-8b --rounds 3 --new-tokens 16 --json runs/bench/sparse_decode.json
+    python scripts/bench_sparse_decode.py --decode-only --targets 0.4,0.5 --teal-sites mlp --teal-sites mlp,attention
 
-Three tables, every row the median of alternating rounds (the sides swap order each round):
+Four tables, every row the median of alternating rounds (the sides swap order each round):
 
-1. gather: one token through gate|up stacked (hidden -> 2 x intermediate), with a fraction of the input kept:
+1. gather: one token through gate|up stacked (hidden -> 2 x intermediate), q|k|v stacked and o_proj (TEAL's
+   attention sites), with a fraction of the input kept:
    `F.embedding_bag` over the rows of W^T (what the runtime uses; with several threads also split into a bag
-   per thread, as the runtime does), `index_select` + matrix-vector product (built-in model's shape only), and
+   per thread, as the runtime does), `index_select` + matrix-vector product (built-in model's shapes only), and
    the dense product. Where the dense product wins is the crossover (kernels.DENSE_ABOVE).
 2. mlp: one gated MLP for one token, the model's dense forward against SparseMLP (TEAL with both thresholds at
    the target sparsity, CATS at 50% and 90%: a ReLU-fied model's sparsity), at the built-in model's shapes
    (576 -> 1536) and Llama-8B's (4096 -> 14336). Random weights and input; thresholds are quantiles of this
    input, so the target is met.
-3. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
-   the dense model against TEAL artifacts at each target loaded with the sparse runtime (built in-process
-   from thresholds calibrated as `llmfast sparsify` does, or the --artifact(s) given), all in this process. The
-   dense side is the built-in model itself: a dense step costs the same whatever the weights.
+3. attention: one attention block's projections for one token (TEAL's attention sites), q/k/v and o_proj as
+   four dense products against SparseProjections (q|k|v stacked, one gather; o_proj alone) with the
+   thresholds at the target quantile of this input, at the built-in model's shapes and Llama-8B's.
+4. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
+   the dense model against TEAL artifacts at each target and each --teal-sites choice (`mlp`, `mlp,attention`,
+   `attention`) loaded with the sparse runtime (built in-process from thresholds calibrated as `llmfast
+   sparsify` does, or the --artifact(s) given), all in this process. The dense side is the built-in model
+   itself: a dense step costs the same whatever the weights.
 """
 
 from __future__ import annotations
@@ -32,16 +38,21 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.sparse.kernels import SparseMLP, bag_sum
+from llmfast.sparse.kernels import SparseMLP, SparseProjections, bag_sum
 from llmfast.timing import alternate, timed
 
 SHAPES = {"smollm2 576->1536": (576, 1536), "llama-8b 4096->14336": (4096, 14336)}
+ATTENTION_SHAPES = {"smollm2 576, q 576, k/v 192": (576, 576, 192), "llama-8b 4096, q 4096, k/v 1024": (4096, 4096, 1024)}
+# The stacked W^T (in, out) each gather reads: gate|up, q|k|v (9 heads / 3 kv heads of 64; 32 / 8 of 128), o_proj.
+GATHER_SHAPES = {"smollm2 gate|up": (576, 2 * 1536), "smollm2 q|k|v": (576, 576 + 2 * 192),
+                 "smollm2 o": (576, 576), "llama-8b gate|up": (4096, 2 * 14336),
+                 "llama-8b q|k|v": (4096, 4096 + 2 * 1024), "llama-8b o": (4096, 4096)}
 
 
 def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float) -> list[dict[str, Any]]:
     rows = []
-    for label, (h, i) in shapes.items():
-        wt = torch.randn(h, 2 * i)  # gate|up transposed: column c of W is row c here
+    for label, (h, n) in shapes.items():
+        wt = torch.randn(h, n)  # W transposed: column c of W is row c here
         x = torch.randn(h)
         for kept in (0.1, 0.3, 0.5, 0.6, 0.7):
             idx = torch.randperm(h)[: int(kept * h)].sort().values
@@ -56,7 +67,7 @@ def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float
                 sides["embedding_bag per thread"] = lambda: timed(lambda: bag_sum(idx, x.index_select(0, idx), wt),
                                                                   seconds)
             med = {k: v * 1e6 for k, v in alternate(sides, rounds).items()}
-            rows.append({"case": f"{label} gate|up, {kept:.0%} kept",
+            rows.append({"case": f"{label}, {kept:.0%} kept",
                          **{f"{k} us": round(v, 1) for k, v in med.items()},
                          "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2)})
     return rows
@@ -116,28 +127,56 @@ def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: 
     return rows
 
 
-def teal_artifact(src: Path, out: Path, target: float, calibration: torch.Tensor, model: Any) -> Path:
-    """A TEAL artifact of `src` at `target`, calibrated as `llmfast sparsify` does (one batched pass)."""
+def bench_attention(shapes: dict[str, tuple[int, int, int]], targets: list[float], rounds: int,
+                    seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for label, (h, nq, nkv) in shapes.items():
+        lins = [torch.nn.Linear(h, n, bias=False) for n in (nq, nkv, nkv)]
+        o = torch.nn.Linear(nq, h, bias=False)
+        plain = [lin.weight.detach().clone() for lin in (*lins, o)]  # contiguous, as the dense model has them
+        x, a = torch.randn(1, 1, h), torch.randn(1, 1, nq)
+
+        def dense_fwd() -> Any:
+            return [F.linear(x, w) for w in plain[:3]], F.linear(a, plain[3])
+
+        for target in targets:
+            qkv = SparseProjections(lins, quantile_abs(x, target))
+            op = SparseProjections([o], quantile_abs(a, target))
+            med = alternate({"dense": lambda: timed(dense_fwd, seconds),
+                             "sparse": lambda: timed(lambda: ([qkv.part(j, x) for j in range(3)], op.part(0, a)),
+                                                     seconds)}, rounds)
+            rows.append({"case": f"{label} q/k/v+o, teal {target:.0%}", "dense us": round(med["dense"] * 1e6, 1),
+                         "sparse us": round(med["sparse"] * 1e6, 1),
+                         "speed-up": round(med["dense"] / med["sparse"], 2)})
+        del lins, o, plain
+    return rows
+
+
+def teal_artifact(src: Path, out: Path, target: float, calibration: torch.Tensor, model: Any,
+                  sites: list[str]) -> Path:
+    """A TEAL artifact of `src` at `target` on `sites` (mlp, attention), calibrated as `llmfast sparsify` does."""
     from safetensors.torch import save_file
 
     from llmfast.artifacts import write_manifest
-    from llmfast.sparse.teal import Teal
+    from llmfast.sparse.teal import Teal, TealConfig
     from llmfast.sparse.thresholds import THRESHOLDS_FILE, link_or_copy_model
 
     out.mkdir(parents=True)
-    thresholds = Teal().calibrate(model, calibration, target)
+    cfg = TealConfig(target=target, sites=sites)  # type: ignore[arg-type]  (checked by pydantic)
+    thresholds = Teal().calibrate(model, calibration, target, Teal().sites_for(cfg))
     link_or_copy_model(src, out)
     save_file({s: v.contiguous() for s, v in thresholds.items()}, out / THRESHOLDS_FILE)
-    write_manifest(out, stage="sparsify", parents=[str(src)], sparsity={"method": "teal", "config": {"target": target}})
+    write_manifest(out, stage="sparsify", parents=[str(src)],
+                   sparsity={"method": "teal", "config": cfg.model_dump(mode="json")})
     return out
 
 
 def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
-                 new_tokens: int) -> list[dict[str, Any]]:
+                 new_tokens: int, teal_sites: list[list[str]]) -> list[dict[str, Any]]:
     from llmfast.calibration import text_ids
     from llmfast.loading import from_pretrained
     from llmfast.models import load_tokenizer, resolve_model
-    from llmfast.sparse.runtime import artifact_method, load_sparse_model, runtime_calls
+    from llmfast.sparse.runtime import artifact_method, load_sparse_model, runtime_calls, sparse_forwards
 
     src = resolve_model("builtin:smollm2-135m")
     dense = from_pretrained(src, "float32").eval()
@@ -151,9 +190,11 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
         if not artifacts:
             calibration = ids[16384 : 16384 + 2048].view(4, 512)  # after the span llmfast eval scores, as sparsify
             with torch.inference_mode():
-                for t in targets:
-                    art = teal_artifact(src, Path(tmp) / f"teal{round(t * 100)}", t, calibration, dense)
-                    sparse[f"teal {t:.0%}"] = load_sparse_model(art)
+                for sites in teal_sites:
+                    for t in targets:
+                        name = f"teal{round(t * 100)}-{'+'.join(sites)}"
+                        art = teal_artifact(src, Path(tmp) / name, t, calibration, dense, sites)
+                        sparse[f"teal {t:.0%} {'+'.join(sites)}"] = load_sparse_model(art)
 
     def decode(model: Any) -> float:
         t = time.perf_counter()
@@ -165,17 +206,18 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
         for m in models.values():
             decode(m)  # warm-up
         for m in sparse.values():
-            for rt in m.modules():
-                if isinstance(rt.__dict__.get("forward"), SparseMLP):
-                    rt.forward.calls = {k: 0 for k in rt.forward.calls}
+            for rt in sparse_forwards(m):
+                rt.calls = {k: 0 for k in rt.calls}
         med = alternate({name: (lambda m=m: decode(m)) for name, m in models.items()}, rounds)
     rows = []
     for name, m in sparse.items():
-        calls = runtime_calls(m)
-        gathers = calls["sparse"] + calls["dense"]
-        rows.append({"case": f"smollm2-135m decode, {name}, {new_tokens} tokens", "dense tok/s": round(med["dense"], 1),
-                     "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
-                     "dense fallbacks": f"{calls['dense'] / max(1, gathers):.0%} of {gathers} gathers"})
+        row = {"case": f"smollm2-135m decode, {name}, {new_tokens} tokens", "dense tok/s": round(med["dense"], 1),
+               "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2)}
+        for part in ("mlp", "attention"):
+            calls = runtime_calls(m, part)
+            gathers = calls.get("sparse", 0) + calls.get("dense", 0)
+            row[f"{part} dense fallbacks"] = f"{calls.get('dense', 0) / max(1, gathers):.0%} of {gathers} gathers"
+        rows.append(row)
     return rows
 
 
@@ -192,6 +234,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=0.2, help="timed calls per side and round (tables 1, 2)")
     p.add_argument("--targets", default="0.4,0.5,0.7,0.9", help="TEAL sparsity targets")
+    p.add_argument("--teal-sites", action="append", help="TEAL sites of the built artifacts, comma-separated "
+                   "(mlp, attention; repeatable: one set of artifacts each; default mlp)")
     p.add_argument("--artifact", action="append", help="a teal/cats/relufy/dejavu artifact to decode with instead "
                    "of building TEAL ones (repeatable)")
     p.add_argument("--decode-only", action="store_true", help="skip the gather and MLP tables")
@@ -202,15 +246,21 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # one setting for the dense and the sparse side alike
     targets = [float(t) for t in args.targets.split(",")]
+    teal_sites = [[s.strip() for s in x.split(",") if s.strip()] for x in (args.teal_sites or ["mlp"])]
+    if bad := sorted({s for sites in teal_sites for s in sites} - {"mlp", "attention"}):
+        p.error(f"--teal-sites: unknown site {', '.join(bad)} (known: mlp, attention)")
     shapes = {k: v for k, v in SHAPES.items() if not (args.no_8b and "8b" in k)}
+    gather_shapes = {k: v for k, v in GATHER_SHAPES.items() if not (args.no_8b and "8b" in k)}
+    attention_shapes = {k: v for k, v in ATTENTION_SHAPES.items() if not (args.no_8b and "8b" in k)}
     t0 = time.perf_counter()
     tables: dict[str, list[dict[str, Any]]] = {}
     if not args.decode_only:
         with torch.inference_mode():
-            tables = {"gather": bench_gather(shapes, args.rounds, args.seconds),
-                      "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds)}
+            tables = {"gather": bench_gather(gather_shapes, args.rounds, args.seconds),
+                      "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds),
+                      "attention": bench_attention(attention_shapes, targets, args.rounds, args.seconds)}
     if not args.no_decode:
-        tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens)
+        tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens, teal_sites)
     for name, rows in tables.items():
         print_table(name, rows)
     out = Path(args.json)
