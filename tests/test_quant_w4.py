@@ -53,7 +53,7 @@ def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Pa
     manifest = json.loads((out / "llmfast.json").read_text())
     assert manifest["quantization"] == {"method": "w4", "config": {"group_size": 32, "sym": True, "iters": 0,
                                                                    "optimized_rtn": False, "nsamples": 32,
-                                                                   "lr": None}}
+                                                                   "lr": None, "batch_size": 8}}
     with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
         names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
         assert len(names) == 2 * 7  # every Linear of both layers; the head stays full precision
@@ -195,3 +195,43 @@ def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(tmp_path
             got = model.get_submodule(name).weight.detach()
             # Half a step, plus float16 scales' rounding (2^-11 relative) over at most 15 levels.
             assert ((got - w).abs() <= step * (0.5 + 16 * 2**-11)).all(), name
+
+
+def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:
+    from llmfast.quant.w4 import W4Config, autoround_settings
+
+    got = autoround_settings(W4Config(nsamples=32, batch_size=8, iters=50), windows=16, window=256, cuda=False)
+    assert (got["nsamples"], got["batch_size"], got["seqlen"], got["iters"]) == (16, 8, 256, 50)
+    assert "lr" not in got and got["device_map"] == "cpu"  # AutoRound's own default lr (1/iters)
+    got = autoround_settings(W4Config(nsamples=4, batch_size=8, lr=5e-3), windows=16, window=128, cuda=False)
+    assert (got["nsamples"], got["batch_size"], got["lr"]) == (4, 4, 5e-3)
+
+
+def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """`iters > 0` tunes (AutoRound's signed gradient descent on the calibration windows, `batch_size` per step):
+    the artifact still loads, some weights round differently from round-to-nearest of the same group size, and the
+    manifest says how much calibration ran and what a block-iteration cost."""
+    from safetensors import safe_open
+
+    from llmfast.models import load_model
+
+    base, rtn = quantized
+    out = tmp_path / "w4-tuned"
+    assert main(["quantize", str(_recipe(tmp_path, base, out, iters=4, nsamples=4, batch_size=2, lr=0.05))]) == 0
+    manifest = json.loads((out / "llmfast.json").read_text())
+    assert manifest["quantization"]["config"]["batch_size"] == 2
+    metrics = manifest["metrics"]
+    assert (metrics["iters"], metrics["calibration_windows"], metrics["calibration_tokens"],
+            metrics["batch_size"]) == (4, 4, 4 * 128, 2)
+    assert metrics["seconds_per_block_iter"] > 0
+    moved = total = 0
+    with safe_open(str(rtn / "model.safetensors"), "pt") as r, safe_open(str(out / "model.safetensors"), "pt") as t:
+        for key in (k for k in t.keys() if k.endswith(".qweight")):
+            name = key[: -len(".qweight")]
+            a = _unpack_gptq(r.get_tensor(key), r.get_tensor(f"{name}.qzeros"), r.get_tensor(f"{name}.scales"), 32)
+            b = _unpack_gptq(t.get_tensor(key), t.get_tensor(f"{name}.qzeros"), t.get_tensor(f"{name}.scales"), 32)
+            moved += int((a != b).sum())
+            total += a.numel()
+    assert 0 < moved < total
+    with torch.no_grad():
+        assert torch.isfinite(load_model(out)(torch.tensor([[1, 17, 42, 99]])).logits).all()

@@ -16,6 +16,7 @@ The head and the embeddings stay in full precision. Input sizes must divide by t
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,9 @@ class W4Config(QuantConfigBase):
     optimized_rtn: bool = False  # with iters 0: AutoRound's searched scales instead of plain round-to-nearest
     nsamples: int = Field(32, gt=0)  # calibration windows used (from the recipe's data:)
     lr: float | None = Field(None, gt=0)  # AutoRound's default: 1/iters
+    # Windows per tuning step (AutoRound's default 8). A step's cost is batch_size x window tokens through one
+    # block forward and backward, so on a CPU this, iters and the window set the tuning time.
+    batch_size: int = Field(8, gt=0)
 
 
 def cpu_has_w4_kernel() -> bool:
@@ -114,21 +118,39 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
         raise UserError("w4: calibration text is needed: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    samples = [row.unsqueeze(0) for row in rows[: cfg.nsamples]]
-    extra = {"lr": cfg.lr} if cfg.lr else {}
-    rounder = AutoRound(model, tokenizer=tokenizer, scheme="W4A16", bits=4, group_size=cfg.group_size, sym=cfg.sym,
-                        iters=cfg.iters, device_map="cpu" if not torch.cuda.is_available() else 0, dataset=samples,
-                        nsamples=len(samples), seqlen=rows.shape[1], disable_opt_rtn=not cfg.optimized_rtn, **extra)
+    settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available())
+    samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
+    rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)
     scratch = out_dir / ".autoround"
+    start = time.perf_counter()
     _, folders = rounder.quantize_and_save(str(scratch), format="auto_round")
+    seconds = time.perf_counter() - start
     folder = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)
     for f in folder.iterdir():  # AutoRound writes into a subfolder named after the model; the artifact is flat
         shutil.move(str(f), out_dir / f.name)
         (out_dir / f.name).chmod(0o644)
     shutil.rmtree(scratch, ignore_errors=True)
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
-    return {"group_size": cfg.group_size, "iters": cfg.iters, "calibration_windows": len(samples),
-            "weights_file_bytes": weights}
+    metrics = {"group_size": cfg.group_size, "iters": cfg.iters, "calibration_windows": len(samples),
+               "calibration_tokens": len(samples) * rows.shape[1], "batch_size": settings["batch_size"],
+               "autoround_seconds": round(seconds, 2), "weights_file_bytes": weights}
+    blocks = getattr(model.config, "num_hidden_layers", 0)
+    if cfg.iters and blocks:  # what a tuning budget costs on this machine (the first block includes compiling)
+        metrics["seconds_per_block_iter"] = round(seconds / (blocks * cfg.iters), 4)
+    return metrics
+
+
+def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool) -> dict[str, Any]:
+    """AutoRound's keyword arguments for `cfg` with `windows` calibration rows of `window` tokens available: at
+    most `nsamples` rows, and batches no larger than that (AutoRound clamps too; the metrics then say what ran)."""
+    n = min(cfg.nsamples, windows)
+    settings: dict[str, Any] = {"scheme": "W4A16", "bits": 4, "group_size": cfg.group_size, "sym": cfg.sym,
+                                "iters": cfg.iters, "nsamples": n, "seqlen": window,
+                                "batch_size": min(cfg.batch_size, n), "disable_opt_rtn": not cfg.optimized_rtn,
+                                "device_map": 0 if cuda else "cpu"}
+    if cfg.lr:
+        settings["lr"] = cfg.lr
+    return settings
 
 
 def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
