@@ -346,9 +346,10 @@ def main() -> int:
 def print_table(results: dict) -> None:
     print(f"\n{results['shape']} ({results['dtype']}), {results['threads']} threads each, median of "
           f"{results['rounds']} alternating rounds, load average {results['loadavg_at_start'][0]:.1f} at start")
-    if results.get("changed_fraction"):
+    changed = [c for c in results.get("changed_fraction") or [] if c is not None]
+    if changed:
         print(f"variants: deltas of std {results.get('delta_scale', 1e-3):g} x the entries'; share of layer entries "
-              f"changed: {', '.join(f'{c:.1%}' for c in results['changed_fraction'])}")
+              f"changed: {', '.join(f'{c:.1%}' for c in changed)}")
     print(f"memory bandwidth (one core copying): {results.get('copy_bandwidth_gb_s', '?')} GB/s; 'x floor': llmfast's "
           "time over reading every input and writing the output once at that bandwidth")
     print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
