@@ -124,6 +124,7 @@ def run():
     llm = LLM(model=sys.argv[1], dtype="bfloat16", seed=0, max_model_len=256)
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     print("LOGPROBS", json.dumps([d[ids[i]].logprob for i, d in enumerate(out[0].prompt_logprobs) if i > 0]))
+    sys.stdout.flush()
 if __name__ == "__main__":
     run()
 """
@@ -157,7 +158,10 @@ def test_vllm_serves_the_artifact_as_quantized(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script), str(out), json.dumps(ids)], capture_output=True, text=True,
                           timeout=600)
     line = [x for x in proc.stdout.splitlines() if x.startswith("LOGPROBS ")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    # The answer is the LOGPROBS line. The child once aborted in a full suite run (rc -6, "terminate called
+    # without an active exception"; alone it passed): its exit code is not checked, so a crash in vLLM's
+    # teardown after the answer does not fail the test, while one before it still does.
+    assert line, (proc.returncode, proc.stdout[-1000:], proc.stderr[-3000:])
     served = torch.tensor(json.loads(line[0].split(" ", 1)[1]))
 
     def logprobs(path: Path) -> torch.Tensor:
