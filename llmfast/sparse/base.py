@@ -71,16 +71,21 @@ class Sparsifier:
 SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsification method")
 
 
-def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
-    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error."""
-    found = [m for m in model.modules()
-             if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+def modules_with(model: "PreTrainedModel", attrs: tuple[str, ...], where: str, missing: str) -> list[Any]:
+    """The modules that have every one of `attrs`, in layer order; none is a one-line error: "ARCH has no MISSING"."""
+    found = [m for m in model.modules() if all(hasattr(m, a) for a in attrs)]
     if not found:
         arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
         prefix = f"{where}: " if where else ""
-        raise UserError(f"{prefix}{arch} has no gated MLP (gate_proj/up_proj/down_proj with act_fn): activation "
-                        "sparsity supports Llama-style models only")
+        raise UserError(f"{prefix}{arch} has no {missing}")
     return found
+
+
+def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
+    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error."""
+    return modules_with(model, ("gate_proj", "up_proj", "down_proj", "act_fn"), where,
+                        "gated MLP (gate_proj/up_proj/down_proj with act_fn): activation sparsity supports "
+                        "Llama-style models only")
 
 
 def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from llmfast.errors import UserError
-from llmfast.sparse.base import Sparsifier, SparsifyJob, gated_mlps
+from llmfast.sparse.base import Sparsifier, SparsifyJob, gated_mlps, modules_with
 
 if TYPE_CHECKING:
     import torch
@@ -40,13 +40,8 @@ QKV = ("q_proj", "k_proj", "v_proj")
 def attention_blocks(model: "PreTrainedModel", where: str = "") -> list[Any]:
     """The attention modules with separate q/k/v/o projections (Llama style), in layer order; none is a
     one-line error (a fused qkv_proj, as in Phi-3, has no input of its own per projection to hook)."""
-    found = [m for m in model.modules() if all(hasattr(m, a) for a in (*QKV, "o_proj"))]
-    if not found:
-        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        prefix = f"{where}: " if where else ""
-        raise UserError(f"{prefix}{arch} has no attention with separate q_proj/k_proj/v_proj/o_proj: TEAL's "
-                        "attention sites support Llama-style attention only (use sites: [mlp])")
-    return found
+    return modules_with(model, (*QKV, "o_proj"), where, "attention with separate q_proj/k_proj/v_proj/o_proj: "
+                        "TEAL's attention sites support Llama-style attention only (use sites: [mlp])")
 
 
 def _zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
