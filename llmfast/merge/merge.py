@@ -74,7 +74,8 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         bar = progress_bar(len(layout), f"merge ({plan.method.name})", progress)
         items = [(n, mio.numel(shape)) for n, shape, _dt in layout]
         dtypes = {n: dt for n, _shape, dt in layout}
-        if merges_by_blocks(plan):  # mapping is all the reading; the merge converts block by block
+        blocked = merges_by_blocks(plan)
+        if blocked:  # mapping is all the reading; the merge converts block by block
             read = lambda n: map_inputs(plan, n, base_reader, readers)  # noqa: E731
             merge = lambda n, got: (merge_blocks(plan, n, got, dtypes[n]), {})  # noqa: E731
         else:
@@ -82,7 +83,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
             merge = lambda n, got: merge_counting(plan, n, got)  # noqa: E731
         try:
             for name, (merged, counts) in ordered_map(items, read, merge, threads):
-                writer.write(name, merged, stored=merges_by_blocks(plan))
+                writer.write(name, merged, stored=blocked)
                 del merged
                 for key, value in counts.items():  # summed here, in one thread
                     stats[key] = stats.get(key, 0) + value
