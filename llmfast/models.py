@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfast.artifacts import atomic_dir, write_manifest
+from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
 from llmfast.loading import from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
 from llmfast.modelfiles import check_adapter_dir, check_model_dir
@@ -58,10 +59,6 @@ BUILTINS: dict[str, BuiltinModel] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMFAST_CACHE") or Path.home() / ".cache" / "llmfast").expanduser()
 
 
 def builtin_gguf_path(model: BuiltinModel) -> Path:

@@ -2,13 +2,16 @@
 
     python scripts/bench_ternary.py                    # layers at the built-in model's and Llama-8B's shapes
     python scripts/bench_ternary.py --decode           # also whole-model decode, batch 1, built-in model
+    python scripts/bench_ternary.py --rows 1,2,4,8,16  # where the C kernel stops paying against oneDNN
     python scripts/bench_ternary.py --threads 2 --rounds 5 --json runs/bench/ternary.json
 
-Layer rows: one Linear at batch 1 (a decode step): float32 `F.linear`, llmfast's TernaryLinear on oneDNN's int8
-GEMM (the default), and TernaryLinear's float path (the same arithmetic as transformers' BitLinear, whose
-weights it unpacks once instead of every call). The MLP row is gate, up and down of one decoder layer. Decode
-rows: `generate` at batch 1 with greedy decoding and a fixed number of new tokens, float32 model against its
-post-training ternary version (weights do not matter for speed), both through transformers in this process.
+Layer rows: one Linear at batch 1 (a decode step): float32 `nn.Linear` against llmfast's TernaryLinear three ways:
+its default on a CPU (the fused C kernel, `ternary_gemv.c`), its oneDNN int8 GEMM path (`kernel = False`, what
+it runs for prefill), and its float path (`fast = False`: the arithmetic of transformers' BitLinear, whose
+weights it unpacks once instead of every call). The MLP row is gate, up and down of one decoder layer with the
+SiLU gating between them. Decode rows: `generate` at batch 1 with greedy decoding and a fixed number of new
+tokens, the float32 model against its post-training ternary version (weights do not matter for speed), with and
+without the kernel, all through transformers in this process.
 """
 
 from __future__ import annotations
@@ -23,61 +26,84 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from llmfast.quant.bitnet import cpu_kernel
 from llmfast.quant.bitnet.layers import TernaryLinear, ternarize
 from llmfast.timing import alternate, timed
 
 SHAPES = {"smollm2 gate/up 576->1536": (576, 1536), "smollm2 down 1536->576": (1536, 576),
           "llama-8b q/o 4096->4096": (4096, 4096), "llama-8b gate/up 4096->14336": (4096, 14336),
           "llama-8b down 14336->4096": (14336, 4096)}
+SIDES = ("fp32", "ternary kernel", "ternary onednn", "ternary float")
 
 
-def ternary_layer(k: int, n: int, fast: bool) -> TernaryLinear:
+def ternary_layer(k: int, n: int, side: str) -> TernaryLinear:
     layer = TernaryLinear(k, n)
     values, scale = ternarize(torch.randn(n, k))
     layer.weight.copy_(values)
     layer.weight_scale.copy_(scale)
-    layer.fast = fast
+    layer.fast = side != "ternary float"
+    layer.kernel = side == "ternary kernel"
     return layer
 
 
-def bench_layers(rounds: int, seconds: float) -> list[dict[str, Any]]:
+def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -> dict[str, float]:
+    with torch.no_grad():
+        return {s: v * 1e6 for s, v in alternate({s: (lambda f=f: timed(f, seconds, warmup=5))
+                                                  for s, f in sides.items()}, rounds).items()}
+
+
+def _row(case: str, med: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": case, **{f"{s} us": round(v, 1) for s, v in med.items()}}
+    for s in med:
+        if s != "fp32":
+            row[f"x {s.removeprefix('ternary ')}"] = round(med["fp32"] / med[s], 2)
+    return row
+
+
+def bench_layers(rounds: int, seconds: float, batch: int) -> list[dict[str, Any]]:
     rows = []
     for label, (k, n) in SHAPES.items():
-        w = torch.randn(n, k)
-        x = torch.randn(1, k)
-        fast, slow = ternary_layer(k, n, True), ternary_layer(k, n, False)
-        sides: dict[str, Callable[[], Any]] = {"fp32": lambda: F.linear(x, w), "ternary int8": lambda: fast(x),
-                                               "ternary float": lambda: slow(x)}
-        with torch.no_grad():
-            med = {s: v * 1e6 for s, v in alternate({s: (lambda f=f: timed(f, seconds, warmup=5))
-                                                     for s, f in sides.items()}, rounds).items()}
-        rows.append({"case": label, **{f"{s} us": round(v, 1) for s, v in med.items()},
-                     "speed-up int8": round(med["fp32"] / med["ternary int8"], 2),
-                     "speed-up float": round(med["fp32"] / med["ternary float"], 2)})
+        dense = torch.nn.Linear(k, n, bias=False)  # a module call on both sides, as in a model
+        x = torch.randn(batch, k)
+        layers = {s: ternary_layer(k, n, s) for s in SIDES[1:]}
+        sides: dict[str, Callable[[], Any]] = {"fp32": lambda: dense(x)}
+        sides.update({s: (lambda m=m: m(x)) for s, m in layers.items()})
+        rows.append(_row(label + (f", {batch} rows" if batch > 1 else ""), _medians(sides, rounds, seconds)))
     return rows
+
+
+def bench_rows(rounds: int, seconds: float, counts: list[int]) -> list[dict[str, Any]]:
+    """The kernel against oneDNN as the rows per call grow (the kernel re-reads the weights for every row)."""
+    k, n = SHAPES["smollm2 gate/up 576->1536"]
+    layers = {s: ternary_layer(k, n, s) for s in ("ternary kernel", "ternary onednn")}
+    layers["ternary onednn"].load_state_dict(layers["ternary kernel"].state_dict())
+    out = []
+    for count in counts:
+        x = torch.randn(count, k)
+        before = cpu_kernel.MAX_ROWS
+        cpu_kernel.MAX_ROWS = max(count, before)  # let the kernel take every row count here
+        try:
+            med = _medians({s: (lambda m=m: m(x)) for s, m in layers.items()}, rounds, seconds)
+        finally:
+            cpu_kernel.MAX_ROWS = before
+        out.append({"case": f"smollm2 gate/up, {count} rows", **{f"{s} us": round(v, 1) for s, v in med.items()},
+                    "kernel / onednn": round(med["ternary onednn"] / med["ternary kernel"], 2)})
+    return out
 
 
 def bench_mlp(rounds: int, seconds: float) -> dict[str, Any]:
     dims = {"gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
     dense = {k: torch.randn(n, kk) for k, (kk, n) in dims.items()}
-    tern = {k: ternary_layer(kk, n, True) for k, (kk, n) in dims.items()}
     x = torch.randn(1, 576)
 
     def mlp_fp32() -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, dense["gate"])) * F.linear(x, dense["up"]), dense["down"])
 
-    def mlp_ternary() -> torch.Tensor:
-        return tern["down"](F.silu(tern["gate"](x)) * tern["up"](x))
-
-    t32, t3 = [], []
-    with torch.no_grad():
-        for r in range(rounds):
-            pair = [(t32, mlp_fp32), (t3, mlp_ternary)]
-            for store, fn in (pair if r % 2 == 0 else pair[::-1]):
-                store.append(timed(fn, seconds, warmup=5))
-    a, b = statistics.median(t32) * 1e6, statistics.median(t3) * 1e6
-    return {"case": "smollm2 MLP (gate, up, down)", "fp32 us": round(a, 1), "ternary int8 us": round(b, 1),
-            "speed-up int8": round(a / b, 2)}
+    sides: dict[str, Callable[[], Any]] = {"fp32": mlp_fp32}
+    for side in SIDES[1:]:
+        t = {k: ternary_layer(kk, n, side) for k, (kk, n) in dims.items()}
+        sides[side] = lambda t=t: t["down"](F.silu(t["gate"](x)) * t["up"](x))
+    return _row("smollm2 MLP (gate, up, down)", _medians(sides, rounds, seconds))
 
 
 def bench_decode(rounds: int, new_tokens: int) -> dict[str, Any]:
@@ -92,21 +118,36 @@ def bench_decode(rounds: int, new_tokens: int) -> dict[str, Any]:
     replace_linears(ternary, to_ternary)
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
 
-    def decode(model: Any) -> float:
+    def decode(model: Any, kernel: bool) -> float:
+        TernaryLinear.kernel = kernel
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return new_tokens / (time.perf_counter() - t)
 
-    with torch.no_grad():
-        decode(fp32), decode(ternary)  # warm-up
-        a, b = [], []
-        for r in range(rounds):
-            pair = [(a, fp32), (b, ternary)]
-            for store, model in (pair if r % 2 == 0 else pair[::-1]):
-                store.append(decode(model))
-    return {"case": f"built-in model decode, batch 1, {new_tokens} tokens", "fp32 tok/s": round(statistics.median(a), 1),
-            "ternary int8 tok/s": round(statistics.median(b), 1),
-            "speed-up int8": round(statistics.median(b) / statistics.median(a), 2)}
+    runs = {"fp32": (fp32, False), "ternary kernel": (ternary, True), "ternary onednn": (ternary, False)}
+    got: dict[str, list[float]] = {s: [] for s in runs}
+    try:
+        with torch.no_grad():
+            for s, (model, kernel) in runs.items():
+                decode(model, kernel)  # warm-up
+            for r in range(rounds):
+                for s in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                    got[s].append(decode(*runs[s]))
+    finally:
+        TernaryLinear.kernel = True
+    med = {s: statistics.median(v) for s, v in got.items()}
+    row: dict[str, Any] = {"case": f"built-in model decode, batch 1, {new_tokens} tokens",
+                           **{f"{s} tok/s": round(v, 1) for s, v in med.items()}}
+    for s in ("ternary kernel", "ternary onednn"):
+        row[f"x {s.removeprefix('ternary ')}"] = round(med[s] / med["fp32"], 2)
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
 def main() -> None:
@@ -114,21 +155,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=0.5, help="timed calls per side and round, in seconds")
+    p.add_argument("--batch", type=int, default=1, help="rows per layer call in the layer table")
+    p.add_argument("--rows", default="", help="comma-separated row counts: kernel against oneDNN")
     p.add_argument("--decode", action="store_true", help="also time whole-model decode at batch 1")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", default="runs/bench/ternary.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = bench_layers(args.rounds, args.seconds) + [bench_mlp(args.rounds, args.seconds)]
+    kernel = cpu_kernel.ternary_kernel()
+    if kernel is None:
+        raise SystemExit("the ternary C kernel cannot be built here (see the message above)")
+    print(f"ternary kernel: {kernel.path} path; {args.threads} torch threads\n")
+    tables = [bench_layers(args.rounds, args.seconds, args.batch) + [bench_mlp(args.rounds, args.seconds)]]
     if args.decode:
-        rows.append(bench_decode(args.rounds, args.new_tokens))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+        tables.append([bench_decode(args.rounds, args.new_tokens)])
+    if args.rows:
+        tables.append(bench_rows(args.rounds, args.seconds, [int(c) for c in args.rows.split(",")]))
+    for table in tables:
+        print_table(table)
+        print()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "kernel path": kernel.path,
+                               "rows": [r for t in tables for r in t]}, indent=2) + "\n")
     print(f"json: {out}")
 
 

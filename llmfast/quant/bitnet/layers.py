@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmfast.quant.bitnet import cpu_kernel
+
 ACT_MAX = 127  # int8, symmetric
 SCALE_FLOOR = 1e-5  # as transformers: a zero tensor or token must not divide by zero
 
@@ -51,14 +53,17 @@ class BitLinear(nn.Linear):
 class TernaryLinear(nn.Module):
     """Inference with ternary weights stored as int8 and transformers' BitLinear arithmetic.
 
-    On a CPU the integer product runs in oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: uint8 codes (zero point
-    128) times int8
-    weights, summed in int32, returned as float32 with unit scales). Those sums are exact, and so is the float32
-    matmul of the same small integers (below 2^24), so the fast path gives bit-identical outputs; it reads a
-    quarter of the weight bytes of float32. `TernaryLinear.fast = False` switches it off.
+    On a CPU, float32 inputs of at most `cpu_kernel.MAX_ROWS` rows (decode steps) run through one fused C call
+    (`ternary_gemv.c`: quantize, byte dot products, scale); more rows run the integer product in oneDNN's int8
+    GEMM (`onednn::qlinear_pointwise`: uint8 codes (zero point 128) times int8 weights, summed in int32, returned
+    as float32 with unit scales). Those sums are exact, and so is the float32 matmul of the same small integers
+    (below 2^24), and the kernel repeats torch's float operations in order, so every path gives bit-identical
+    outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a sixteenth.
+    `TernaryLinear.fast = False` switches both off, `TernaryLinear.kernel = False` the C kernel only.
     """
 
     fast: bool = True
+    kernel: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -69,6 +74,29 @@ class TernaryLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._dense: torch.Tensor | None = None  # the ternary values in the compute dtype, made once
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # oneDNN's int8 layout
+        self._kernel_weights: cpu_kernel.PackedTernary | None = None  # the C kernel's layout of the weights
+        self._made_from: tuple[int, int, int] | None = None  # the buffers' versions the caches were made of
+
+    def _fresh(self) -> None:
+        """Drop the caches when the weights changed since they were made (load_state_dict, copy_)."""
+        weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
+        made_from = (weight._version, weight.data_ptr(), scale._version)
+        if made_from != self._made_from:
+            self._dense = self._packed = self._kernel_weights = None
+            self._made_from = made_from
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused C kernel's output, or None where it does not apply or cannot be built here."""
+        if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() <= cpu_kernel.MAX_ROWS * self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        kernel = cpu_kernel.ternary_kernel()
+        if kernel is None:
+            return None
+        if self._kernel_weights is None:
+            self._kernel_weights = kernel.pack(self.weight, float(self.weight_scale.float()))
+        return kernel(x if x.is_contiguous() else x.contiguous(), self._kernel_weights)
 
     def _integer_product(self, codes: torch.Tensor) -> torch.Tensor:
         """codes @ W^T for integer-valued codes, exactly."""
@@ -87,11 +115,15 @@ class TernaryLinear(nn.Module):
         return F.linear(codes, self._dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, a_scale = quantize_activations(x)
-        y = self._integer_product(codes)
-        y = y / (self.weight_scale * a_scale)
-        if self.bias is not None:
-            y = y + self.bias
+        self._fresh()
+        y = self._kernel_forward(x) if self.fast else None
+        if y is None:
+            codes, a_scale = quantize_activations(x)
+            y = self._integer_product(codes)
+            y = y / (self.weight_scale * a_scale)
+        bias = self._buffers["bias"]  # not self.bias: Module.__getattr__ costs a microsecond per decode call
+        if bias is not None:
+            y = y + bias
         return y
 
     def extra_repr(self) -> str:

@@ -1,0 +1,98 @@
+"""Small C kernels compiled on the user's machine at first use, cached, loaded with ctypes.
+
+A kernel is one C file shipped inside the package. It is compiled with the machine's C compiler (`$CC`, else
+`cc`) for this very CPU (`-march=native`), into the llmfast cache (`$LLMFAST_CACHE/kernels`, default
+`~/.cache/llmfast/kernels`), under a name that hashes the source, the flags, the compiler's version and the CPU's
+feature flags, so a home directory shared by different machines never loads code built for another CPU. No
+compiler, a failed build, or `LLMFAST_NATIVE=0`: `load_kernel` returns None once, says why on stderr (unless
+the variable asked for it) and callers keep their torch path. Floating point is compiled strictly (no fast-math,
+no FMA contraction), so a kernel can promise the same bits as torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from llmfast.cache import cache_dir
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _say(message: str) -> None:
+    print(f"llmfast: {message}", file=sys.stderr, flush=True)
+
+
+@lru_cache(maxsize=None)
+def load_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled library of the C file `source`, built once per machine; None where it cannot be built.
+
+    `extra_flags` go after the defaults (tests build the narrower instruction-set paths with `-mno-...`)."""
+    if os.environ.get("LLMFAST_NATIVE", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        _say(f"no C compiler (set CC or install cc): {source.stem} runs on its slower torch path")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        _say(f"{cc} --version failed ({e}): {source.stem} runs on its slower torch path")
+        return None
+    try:
+        text = source.read_bytes()
+    except OSError as e:
+        _say(f"cannot read {source} ({e.strerror}): {source.stem} runs on its slower torch path")
+        return None
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]))
+    target = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: two processes building at once both end with a whole file.
+            fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                      timeout=300)
+                if done.returncode != 0:
+                    first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                    _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
+                    return None
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except (OSError, subprocess.SubprocessError) as e:
+            _say(f"building {source.name} failed ({e}): {source.stem} runs on its slower torch path")
+            return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        _say(f"loading {target} failed ({e}): {source.stem} runs on its slower torch path")
+        return None

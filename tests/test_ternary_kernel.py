@@ -1,0 +1,198 @@
+"""The fused CPU kernel for ternary layers (ternary_gemv.c): the same bits as TernaryLinear's torch path on every
+instruction-set path this machine can build, the dispatch inside TernaryLinear, and the build cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmfast import native
+from llmfast.quant.bitnet import cpu_kernel
+from llmfast.quant.bitnet.layers import TernaryLinear, quantize_activations, ternarize
+from llmfast.testing import build_tiny_llama
+
+# -march=native, then the AVX2 path, then plain C (each -mno-... also turns off what depends on it).
+PATHS = {"native": (), "avx2": ("-mno-avx512f",), "c": ("-mno-avx2", "-mno-avx512f")}
+
+
+def _cpu_has(flag: str) -> bool:
+    return flag in Path("/proc/cpuinfo").read_text().split()
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def kernel(request: pytest.FixtureRequest) -> cpu_kernel.TernaryKernel:
+    k = cpu_kernel.ternary_kernel(PATHS[request.param])
+    assert k is not None, "the test machine has a C compiler: the kernel must build"
+    return k
+
+
+def test_each_build_takes_the_path_its_flags_allow() -> None:
+    paths = {name: cpu_kernel.ternary_kernel(flags).path for name, flags in PATHS.items()}  # type: ignore[union-attr]
+    assert paths["c"] == "c"
+    assert paths["avx2"] == ("avx2" if _cpu_has("avx2") else "c")
+    assert paths["native"] == ("avx512-vnni" if _cpu_has("avx512_vnni") and _cpu_has("avx512bw") else paths["avx2"])
+
+
+def _reference(x: torch.Tensor, values: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """transformers' BitLinear arithmetic in torch: codes @ W^T in float32 (exact: small integers), then scaled."""
+    codes, a_scale = quantize_activations(x)
+    return F.linear(codes, values.float()) / (weight_scale * a_scale)
+
+
+# Sizes off every tiling: inputs not a multiple of 4, outputs not a multiple of 64 (or 16), 1 to 8 rows.
+@pytest.mark.parametrize("k,n,rows", [(64, 20, 1), (576, 1536, 1), (1536, 576, 2), (7, 5, 3), (130, 70, 8),
+                                      (3, 129, 4)])
+def test_kernel_is_bit_identical_to_the_torch_arithmetic(kernel: cpu_kernel.TernaryKernel, k: int, n: int,
+                                                         rows: int) -> None:
+    g = torch.Generator().manual_seed(k * n + rows)
+    values, scale = ternarize(torch.randn(n, k, generator=g))
+    x = torch.randn(rows, k, generator=g) * 3
+    x[0, : k // 2] *= 1e4  # one row with a wide range (most of its codes round to 0)
+    if rows > 2:
+        x[1] = 0.0  # the scale floor: every code 0
+        x[2] *= 1e-9  # below the floor: codes shrink instead of blowing up
+    got = kernel(x, kernel.pack(values, float(scale)))
+    assert got.shape == (rows, n)
+    assert torch.equal(got, _reference(x, values, scale))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_kernel_splits_rows_over_threads_with_the_same_result(threads: int) -> None:
+    kernel = cpu_kernel.ternary_kernel()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(threads)
+    values, scale = ternarize(torch.randn(300, 130, generator=g))  # 5 blocks of 64 rows: uneven shares
+    x = torch.randn(2, 130, generator=g)
+    packed = kernel.pack(values, float(scale))
+    assert torch.equal(kernel(x, packed, threads=threads), _reference(x, values, scale))
+
+
+def test_pack_refuses_values_outside_minus_one_to_one() -> None:
+    kernel = cpu_kernel.ternary_kernel()
+    assert kernel is not None
+    with pytest.raises(ValueError, match="-1, 0 or 1"):
+        kernel.pack(torch.tensor([[0, 2]], dtype=torch.int8), 1.0)
+    with pytest.raises(TypeError, match="int8"):
+        kernel.pack(torch.zeros(2, 2), 1.0)
+
+
+def _layer(k: int, n: int, seed: int, bias: bool = False) -> TernaryLinear:
+    g = torch.Generator().manual_seed(seed)
+    layer = TernaryLinear(k, n, bias=bias)
+    values, scale = ternarize(torch.randn(n, k, generator=g))
+    layer.weight.copy_(values)
+    layer.weight_scale.copy_(scale)
+    if bias:
+        layer.bias.normal_(generator=g)
+    return layer
+
+
+def test_ternary_linear_takes_the_kernel_for_decode_rows_only() -> None:
+    layer = _layer(96, 40, 0, bias=True)
+    reference = _layer(96, 40, 0, bias=True)
+    reference.fast = False
+    decode = torch.randn(1, 1, 96)
+    assert torch.equal(layer(decode), reference(decode))
+    assert layer._kernel_weights is not None  # the kernel ran
+    layer._kernel_weights = None
+    prefill = torch.randn(1, cpu_kernel.MAX_ROWS + 1, 96)
+    assert torch.equal(layer(prefill), reference(prefill))
+    assert layer._kernel_weights is None  # more rows than MAX_ROWS: oneDNN's GEMM, not the kernel
+
+
+def test_ternary_linear_follows_weights_changed_after_its_first_call() -> None:
+    layer, other = _layer(64, 64, 1), _layer(64, 64, 2)
+    x = torch.randn(1, 64)
+    before = layer(x)
+    layer.load_state_dict(other.state_dict())  # copies into the same buffers: the cached layouts must go
+    other.fast = False
+    after = layer(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, other(x))
+    layer.weight_scale.mul_(2)
+    assert torch.equal(layer(x), after / 2)
+
+
+def test_ternary_linear_without_a_compiler_keeps_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernel, "ternary_kernel", lambda *flags: None)  # what no compiler gives
+    layer, reference = _layer(64, 20, 3), _layer(64, 20, 3)
+    reference.fast = False
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), reference(x))
+    assert layer._kernel_weights is None
+
+
+def test_no_compiler_says_so_once_and_builds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.load_kernel.__wrapped__(cpu_kernel.SOURCE) is None  # type: ignore[attr-defined]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no C compiler" in err[0] and "ternary_gemv" in err[0]
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_a_source_that_does_not_compile_is_reported_and_leaves_nothing(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.c"
+    bad.write_text("int f(void) { return }\n")
+    assert native.load_kernel.__wrapped__(bad) is None  # type: ignore[attr-defined]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmfast: building broken.c failed (")
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-built library
+
+
+def test_a_built_kernel_is_reused_and_a_changed_flag_builds_another(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path))
+    build = native.load_kernel.__wrapped__  # type: ignore[attr-defined]
+    assert build(cpu_kernel.SOURCE) is not None
+    (first,) = (tmp_path / "kernels").iterdir()
+    stamp = first.stat().st_mtime_ns
+    assert build(cpu_kernel.SOURCE) is not None
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name] and first.stat().st_mtime_ns == stamp
+    assert build(cpu_kernel.SOURCE, ("-mno-avx512f",)) is not None
+    assert len(list((tmp_path / "kernels").iterdir())) == 2
+
+
+def test_native_off_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLMFAST_NATIVE", "0")
+    assert native.load_kernel.__wrapped__(cpu_kernel.SOURCE) is None  # type: ignore[attr-defined]
+    assert capsys.readouterr().err == ""  # asked for: nothing to report
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_a_ternary_model_decodes_the_same_with_and_without_the_kernel(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.quant.bitnet.convert import replace_linears, to_ternary
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "tiny"), dtype=torch.float32).eval()
+    replace_linears(model, to_ternary)
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 8, 13, 21, 34, 55]])  # more rows than MAX_ROWS: prefill on oneDNN
+    runs = {}
+    try:
+        for kernel in (True, False):
+            TernaryLinear.kernel = kernel
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)
+            runs[kernel] = (out.sequences, torch.stack(out.logits))
+    finally:
+        TernaryLinear.kernel = True
+    assert any(m._kernel_weights is not None for m in model.modules() if isinstance(m, TernaryLinear))
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1], runs[False][1])  # prefill on oneDNN, every decode step on the kernel
+
+
+def test_no_rows_give_an_empty_output() -> None:
+    layer = _layer(32, 8, 4)
+    assert layer(torch.zeros(0, 32)).shape == (0, 8)
+    assert layer(torch.zeros(1, 0, 32)).shape == (1, 0, 8)
