@@ -18,6 +18,7 @@ from llmfast.native import load_kernel
 
 SOURCE = Path(__file__).with_name("ternary_gemv.c")
 MAX_ROWS = 8  # above this oneDNN's GEMM wins (scripts/bench_ternary.py --rows)
+MAX_INPUTS = (1 << 17) - 1  # int32 sums of in * 128 * 128 stay exact below this (ternary_gemv.c)
 THREADED_WEIGHTS = 1 << 21  # weights from which the kernel splits the output rows over torch's threads
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

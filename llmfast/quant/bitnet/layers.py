@@ -88,7 +88,7 @@ class TernaryLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused C kernel's output, or None where it does not apply or cannot be built here."""
         if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() <= cpu_kernel.MAX_ROWS * self.in_features
+                and x.numel() <= cpu_kernel.MAX_ROWS * self.in_features and self.in_features <= cpu_kernel.MAX_INPUTS
                 and not (x.requires_grad and torch.is_grad_enabled())):
             return None
         kernel = cpu_kernel.ternary_kernel()
