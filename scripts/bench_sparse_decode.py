@@ -9,10 +9,12 @@ Four tables, every row the median of alternating rounds (the sides swap order ea
 
 1. gather: one token through gate|up stacked (hidden -> 2 x intermediate), q|k|v stacked and o_proj (TEAL's
    attention sites), with a fraction of the input kept:
-   `F.embedding_bag` over the rows of W^T (what the runtime uses; with several threads also split into a bag
-   per thread, as the runtime does), `index_select` + matrix-vector product (built-in model's shapes only), and
-   the dense product. Where the dense product wins is the crossover (kernels.DENSE_ABOVE).
-2. mlp: one gated MLP for one token, the model's dense forward against SparseMLP (TEAL with both thresholds at
+   `F.embedding_bag` over the rows of W^T (the torch path; with several threads also split into a bag per
+   thread, as that path does), `index_select` + matrix-vector product (built-in model's shapes only), llmfast's
+   C kernel (`gather_gemv.c`, the float32 default), and the dense product. Where the dense product wins is the
+   crossover (kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the kernel).
+2. mlp: one gated MLP for one token, the model's dense forward against SparseMLP on llmfast's C kernel (the
+   float32 default; "torch" columns: the same runtime on torch's gathers) (TEAL with both thresholds at
    the target sparsity, CATS at 50% and 90%: a ReLU-fied model's sparsity), at the built-in model's shapes
    (576 -> 1536) and Llama-8B's (4096 -> 14336). Random weights and input; thresholds are quantiles of this
    input, so the target is met.
@@ -22,8 +24,8 @@ Four tables, every row the median of alternating rounds (the sides swap order ea
 4. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
    the dense model against TEAL artifacts at each target and each --teal-sites choice (`mlp`, `mlp,attention`,
    `attention`) loaded with the sparse runtime (built in-process from thresholds calibrated as `llmfast
-   sparsify` does, or the --artifact(s) given), all in this process. The dense side is the built-in model
-   itself: a dense step costs the same whatever the weights.
+   sparsify` does, or the --artifact(s) given), all in this process, each on the C kernel and on the torch
+   path. The dense side is the built-in model itself: a dense step costs the same whatever the weights.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from llmfast.sparse import cpu_kernel
 from llmfast.sparse.kernels import SparseMLP, SparseProjections, bag_sum
 from llmfast.timing import alternate, timed
 
@@ -50,6 +53,7 @@ GATHER_SHAPES = {"smollm2 gate|up": (576, 2 * 1536), "smollm2 q|k|v": (576, 576 
 
 
 def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float) -> list[dict[str, Any]]:
+    kernel = cpu_kernel.gather_kernel()
     rows = []
     for label, (h, n) in shapes.items():
         wt = torch.randn(h, n)  # W transposed: column c of W is row c here
@@ -63,13 +67,16 @@ def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float
             if h < 1024:  # copying the rows first is several times slower than dense at 8B's size: not repeated there
                 sides["index_select+mv"] = lambda: timed(lambda: x.index_select(0, idx) @ wt.index_select(0, idx),
                                                          seconds)
-            if torch.get_num_threads() > 1:  # what the runtime runs with several threads: a bag per thread
+            if torch.get_num_threads() > 1:  # what the torch path runs with several threads: a bag per thread
                 sides["embedding_bag per thread"] = lambda: timed(lambda: bag_sum(idx, x.index_select(0, idx), wt),
                                                                   seconds)
+            if kernel is not None:  # what the runtime runs in float32 on a CPU: llmfast's C kernel
+                sides["kernel"] = lambda: timed(lambda: kernel.gather(idx, x.index_select(0, idx), wt), seconds)
             med = {k: v * 1e6 for k, v in alternate(sides, rounds).items()}
             rows.append({"case": f"{label}, {kept:.0%} kept",
                          **{f"{k} us": round(v, 1) for k, v in med.items()},
-                         "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2)})
+                         "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2),
+                         **({"dense / kernel": round(med["dense"] / med["kernel"], 2)} if kernel else {})})
     return rows
 
 
@@ -104,6 +111,22 @@ def sparse_mlp(dense: Any, mode: str, target: float, x: torch.Tensor) -> SparseM
     return SparseMLP(mlp, "teal", t_in=t_in, t_down=quantile_abs(act, target))
 
 
+def _torch_path(rt: Any) -> Any:
+    """A shallow copy of a runtime object that takes torch's gathers instead of the C kernel (same weights)."""
+    import copy
+
+    other = copy.copy(rt)
+    other.native = None
+    other.calls = dict(rt.calls)
+    return other
+
+
+def _speed_row(case: str, med: dict[str, float]) -> dict[str, Any]:
+    return {"case": case, "dense us": round(med["dense"] * 1e6, 1), "sparse us": round(med["sparse"] * 1e6, 1),
+            "sparse torch us": round(med["sparse torch"] * 1e6, 1), "speed-up": round(med["dense"] / med["sparse"], 2),
+            "speed-up torch": round(med["dense"] / med["sparse torch"], 2)}
+
+
 def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: int,
               seconds: float) -> list[dict[str, Any]]:
     rows = []
@@ -118,11 +141,11 @@ def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: 
         cases = [("teal", t) for t in targets] + [("cats", 0.5), ("cats", 0.9)]
         for mode, target in cases:
             rt = sparse_mlp(dense, mode, target, x)
+            on_torch = _torch_path(rt)
             med = alternate({"dense": lambda: timed(dense_fwd, seconds),
-                             "sparse": lambda: timed(lambda: rt(x), seconds)}, rounds)
-            rows.append({"case": f"{label} MLP, {mode} {target:.0%}", "dense us": round(med["dense"] * 1e6, 1),
-                         "sparse us": round(med["sparse"] * 1e6, 1),
-                         "speed-up": round(med["dense"] / med["sparse"], 2)})
+                             "sparse": lambda: timed(lambda: rt(x), seconds),
+                             "sparse torch": lambda: timed(lambda: on_torch(x), seconds)}, rounds)
+            rows.append(_speed_row(f"{label} MLP, {mode} {target:.0%}", med))
         del dense, plain
     return rows
 
@@ -142,12 +165,13 @@ def bench_attention(shapes: dict[str, tuple[int, int, int]], targets: list[float
         for target in targets:
             qkv = SparseProjections(lins, quantile_abs(x, target))
             op = SparseProjections([o], quantile_abs(a, target))
+            qkv_t, op_t = _torch_path(qkv), _torch_path(op)
             med = alternate({"dense": lambda: timed(dense_fwd, seconds),
                              "sparse": lambda: timed(lambda: ([qkv.part(j, x) for j in range(3)], op.part(0, a)),
-                                                     seconds)}, rounds)
-            rows.append({"case": f"{label} q/k/v+o, teal {target:.0%}", "dense us": round(med["dense"] * 1e6, 1),
-                         "sparse us": round(med["sparse"] * 1e6, 1),
-                         "speed-up": round(med["dense"] / med["sparse"], 2)})
+                                                     seconds),
+                             "sparse torch": lambda: timed(lambda: ([qkv_t.part(j, x) for j in range(3)],
+                                                                    op_t.part(0, a)), seconds)}, rounds)
+            rows.append(_speed_row(f"{label} q/k/v+o, teal {target:.0%}", med))
         del lins, o, plain
     return rows
 
@@ -176,7 +200,7 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
     from llmfast.calibration import text_ids
     from llmfast.loading import from_pretrained
     from llmfast.models import load_tokenizer, resolve_model
-    from llmfast.sparse.runtime import artifact_method, load_sparse_model, runtime_calls, sparse_forwards
+    from llmfast.sparse.runtime import artifact_method, load_sparse_model, sparse_forwards
 
     src = resolve_model("builtin:smollm2-135m")
     dense = from_pretrained(src, "float32").eval()
@@ -196,27 +220,42 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
                         art = teal_artifact(src, Path(tmp) / name, t, calibration, dense, sites)
                         sparse[f"teal {t:.0%} {'+'.join(sites)}"] = load_sparse_model(art)
 
-    def decode(model: Any) -> float:
+    kernels = {id(rt): rt.native for m in sparse.values() for rt in sparse_forwards(m)}
+    counts: dict[tuple[int, bool], dict[str, int]] = {}  # each runtime object's path counts, per path
+
+    def decode(model: Any, native: bool = True) -> float:
+        """Tokens per second; `native=False`: the runtime's torch path (its C kernel set aside for this run)."""
+        for rt in sparse_forwards(model) if model is not dense else []:
+            rt.native = kernels[id(rt)] if native else None
+            rt.calls = counts.setdefault((id(rt), native), {k: 0 for k in rt.calls})
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return new_tokens / (time.perf_counter() - t)
 
-    models = {"dense": dense, **sparse}
+    sides: dict[str, Callable[[], float]] = {"dense": lambda: decode(dense)}
+    for name, m in sparse.items():
+        sides[name] = lambda m=m: decode(m)
+        sides[f"{name} (torch path)"] = lambda m=m: decode(m, native=False)
     with torch.inference_mode():
-        for m in models.values():
-            decode(m)  # warm-up
-        for m in sparse.values():
-            for rt in sparse_forwards(m):
-                rt.calls = {k: 0 for k in rt.calls}
-        med = alternate({name: (lambda m=m: decode(m)) for name, m in models.items()}, rounds)
+        for side in sides.values():
+            side()  # warm-up
+        for c in counts.values():
+            c.update({k: 0 for k in c})
+        med = alternate(sides, rounds)
     rows = []
     for name, m in sparse.items():
+        torch_path = med[f"{name} (torch path)"]
         row = {"case": f"smollm2-135m decode, {name}, {new_tokens} tokens", "dense tok/s": round(med["dense"], 1),
-               "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2)}
-        for part in ("mlp", "attention"):
-            calls = runtime_calls(m, part)
-            gathers = calls.get("sparse", 0) + calls.get("dense", 0)
-            row[f"{part} dense fallbacks"] = f"{calls.get('dense', 0) / max(1, gathers):.0%} of {gathers} gathers"
+               "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
+               "torch path tok/s": round(torch_path, 1), "speed-up torch path": round(torch_path / med["dense"], 2)}
+        for native, path in ((True, "kernel"), (False, "torch")):
+            for part in ("mlp", "attention"):
+                calls = {"sparse": 0, "dense": 0}
+                for rt in sparse_forwards(m, part):
+                    for k in calls:
+                        calls[k] += counts[(id(rt), native)][k]
+                gathers = calls["sparse"] + calls["dense"]
+                row[f"{part} dense fallbacks, {path}"] = f"{calls['dense'] / max(1, gathers):.0%} of {gathers}"
         rows.append(row)
     return rows
 

@@ -22,10 +22,15 @@ of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_g
 (dejavu, so one gather reads both), are gathered with `index_select` and one matrix-vector product when
 few are kept (ROWS_DENSE_ABOVE); above that they are computed dense and only W_down is gathered.
 
+In float32 on a CPU the gathers run in llmfast's C kernel instead (`cpu_kernel.py`, `gather_gemv.c`: threshold
+and gather in one call, the columns split over torch's threads); float64, other devices and machines without a
+C compiler take the torch path above.
+
 When more than one token is processed (prefill, batched decode), or a layer's kept fraction is above
 `dense_above` (a dense matrix-vector product beats a gather there: scripts/bench_sparse_decode.py measures
-the crossover), the same zeros are applied and the dense matmuls run. Either way the result is the
-dense-with-zeros model's (llmfast/sparse/thresholds.py hooks) up to float summation order.
+the crossover; by default DENSE_ABOVE on the torch path and cpu_kernel.DENSE_ABOVE on the C kernel), the same
+zeros are applied and the dense matmuls run. Either way the result is the dense-with-zeros model's
+(llmfast/sparse/thresholds.py hooks) up to float summation order.
 """
 
 from __future__ import annotations
@@ -77,6 +82,48 @@ def gather_sum(keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor", dens
     return bag_sum(idx, v.index_select(0, idx), wt)
 
 
+def native_for(wt: "torch.Tensor") -> Any:
+    """The C kernel for products with the weights `wt` (float32, on a CPU) where it is built here; else None.
+    Decided once per layout: each call then checks only its vector (`GatherKernel.takes`)."""
+    from llmfast.sparse import cpu_kernel
+
+    kernel = cpu_kernel.gather_kernel()
+    return kernel if kernel is not None and kernel.holds(wt) else None
+
+
+def limit(dense_above: float | None, native: Any) -> float:
+    """The kept fraction above which the dense product runs: as given, else the default of the path taken."""
+    if dense_above is not None:
+        return dense_above
+    if native is not None:
+        from llmfast.sparse import cpu_kernel
+
+        return cpu_kernel.DENSE_ABOVE
+    return DENSE_ABOVE
+
+
+def threshold_sum(v: "torch.Tensor", t: float, wt: "torch.Tensor", dense_above: float | None,
+                  calls: dict[str, int], native: Any = None) -> "torch.Tensor":
+    """sum over i with |v[i]| > t of v[i] * wt[i]: in the C kernel `native` (from `native_for(wt)`) where it takes
+    v, in one call; else the torch path (`gather_sum`). The dense product of the zeroed v above the kept fraction
+    `dense_above`."""
+    import torch
+
+    if native is None or not native.takes(v):
+        return gather_sum(v.abs() > t, v, wt, limit(dense_above, None), calls)
+    y = native.threshold(v, t, wt, int(limit(dense_above, native) * v.numel()))
+    if y is None:
+        calls["dense"] += 1
+        return torch.where(v.abs() > t, v, 0.0) @ wt
+    calls["sparse"] += 1
+    return y
+
+
+def weighted_rows(idx: "torch.Tensor", w: "torch.Tensor", wt: "torch.Tensor", native: Any = None) -> "torch.Tensor":
+    """sum over j of w[j] * wt[idx[j]]: the C kernel `native` where it takes w, else `bag_sum`."""
+    return native.gather(idx, w, wt) if native is not None and native.takes(w) else bag_sum(idx, w, wt)
+
+
 @functools.lru_cache(maxsize=None)
 def _one_bag() -> "torch.Tensor":
     """The offsets of a single bag, made once (torch is imported only when a sparse MLP runs)."""
@@ -89,7 +136,7 @@ class SparseMLP:
     """Callable that replaces `mlp.forward`; counts which path each gather took in `calls`."""
 
     def __init__(self, mlp: Any, mode: str, *, t_in: float = 0.0, t_down: float = 0.0, t_gate: float = 0.0,
-                 dense_above: float = DENSE_ABOVE, predictor: Any = None, layer: int = 0,
+                 dense_above: float | None = None, predictor: Any = None, layer: int = 0,
                  shared: dict[str, Any] | None = None) -> None:
         import torch
 
@@ -116,6 +163,7 @@ class SparseMLP:
                 self.gate_w, self.up_w = self.gate_up_rows[:, 0], self.gate_up_rows[:, 1]
             else:
                 self.gate_w, self.up_w = wg.contiguous(), wu.contiguous()  # rows of W_up are gathered as they are
+            self.native = native_for(self.down_t)  # the C kernel, where it runs these float32 CPU weights
             # The modules keep working (and memory stays one copy): their weights become views of our buffers.
             for name, w in (("gate_proj", self.gate_w), ("up_proj", self.up_w), ("down_proj", self.down_t.t())):
                 getattr(mlp, name).weight = torch.nn.Parameter(w, requires_grad=False)
@@ -131,13 +179,10 @@ class SparseMLP:
         return out.view(x.shape)
 
     # --- one token ---------------------------------------------------------------------------------------
-    def gather_sum(self, keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor") -> "torch.Tensor":
-        return gather_sum(keep, v, wt, self.dense_above, self.calls)
-
     def teal_token(self, v: "torch.Tensor") -> "torch.Tensor":
-        gu = self.gather_sum(v.abs() > self.t_in, v, self.gate_up_t)
+        gu = threshold_sum(v, self.t_in, self.gate_up_t, self.dense_above, self.calls, self.native)
         h = self.act(gu[: self.inter]) * gu[self.inter :]
-        return self.gather_sum(h.abs() > self.t_down, h, self.down_t)
+        return threshold_sum(h, self.t_down, self.down_t, self.dense_above, self.calls, self.native)
 
     def gated_token(self, v: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -147,7 +192,8 @@ class SparseMLP:
         a = self.act(g)
         keep = g > 0 if self.mode == "relu" else a.abs() > self.t_gate
         idx = keep.nonzero().view(-1)
-        if idx.numel() > self.dense_above * self.inter:
+        native = self.native if self.native is not None and self.native.takes(a) else None
+        if idx.numel() > limit(self.dense_above, native) * self.inter:
             self.calls["dense"] += 1
             return (torch.where(keep, a, 0.0) * F.linear(v, self.up_w)) @ self.down_t
         self.calls["sparse"] += 1
@@ -155,7 +201,7 @@ class SparseMLP:
             u = F.linear(v, self.up_w).index_select(0, idx)
         else:
             u = self.up_w.index_select(0, idx) @ v
-        return bag_sum(idx, a.index_select(0, idx) * u, self.down_t)
+        return weighted_rows(idx, a.index_select(0, idx) * u, self.down_t, native)
 
     def predicted(self, x: "torch.Tensor") -> "torch.Tensor":
         """The predictor's active mask for MLP input `x`, fed as install_predictors feeds it (same shapes, so the
@@ -171,7 +217,8 @@ class SparseMLP:
 
         keep = self.predicted(x).view(-1)
         idx = keep.nonzero().view(-1)
-        if idx.numel() > self.dense_above * self.inter:
+        native = self.native if self.native is not None and self.native.takes(v) else None
+        if idx.numel() > limit(self.dense_above, native) * self.inter:
             self.calls["dense"] += 1
             h = self.act(F.linear(v, self.gate_w)) * F.linear(v, self.up_w)
             return torch.where(keep, h, 0.0) @ self.down_t
@@ -181,7 +228,7 @@ class SparseMLP:
         else:
             gu = self.gate_up_rows.index_select(0, idx) @ v  # (kept, 2): gate and up of the kept neurons
             h = self.act(gu[:, 0]) * gu[:, 1]
-        return bag_sum(idx, h, self.down_t)
+        return weighted_rows(idx, h, self.down_t, native)
 
     # --- many tokens: dense matmuls, the same zeros ---------------------------------------------------------
     def dense(self, x: "torch.Tensor") -> "torch.Tensor":
@@ -213,7 +260,7 @@ class SparseProjections:
     attention code uses, only slower). Counts which path each product took in `calls`.
     """
 
-    def __init__(self, linears: list[Any], t: float, dense_above: float = DENSE_ABOVE) -> None:
+    def __init__(self, linears: list[Any], t: float, dense_above: float | None = None) -> None:
         import torch
 
         self.t, self.dense_above = float(t), dense_above
@@ -229,6 +276,7 @@ class SparseProjections:
                 a, b = self.bounds[j]
                 lin.weight = torch.nn.Parameter(self.wt[:, a:b].t(), requires_grad=False)  # a view: one copy
                 lin.forward = functools.partial(self.part, j)
+        self.native = native_for(self.wt)
         self._x: Any = None
         self._out: Any = None
         self._left = 0
@@ -251,6 +299,6 @@ class SparseProjections:
             out = torch.where(x.abs() > self.t, x, torch.zeros((), dtype=x.dtype, device=x.device)) @ self.wt
         else:
             v = x.reshape(-1)
-            out = gather_sum(v.abs() > self.t, v, self.wt, self.dense_above, self.calls)
+            out = threshold_sum(v, self.t, self.wt, self.dense_above, self.calls, self.native)
             out = out.view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias

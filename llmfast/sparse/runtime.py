@@ -62,10 +62,11 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     `llmfast.loading.from_pretrained`) by the sparse one the artifact's method calls for, and for TEAL's
     attention sites the forwards of q/k/v and o_proj; return the replacements (SparseMLP, SparseProjections).
 
-    `dense_above`: the kept fraction above which a layer uses the dense product (default: kernels.DENSE_ABOVE).
+    `dense_above`: the kept fraction above which a layer uses the dense product (default: the crossover of the
+    path that runs, kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the C kernel).
     """
     from llmfast.sparse.base import gated_mlps
-    from llmfast.sparse.kernels import DENSE_ABOVE, SparseMLP, SparseProjections
+    from llmfast.sparse.kernels import SparseMLP, SparseProjections
 
     artifact = Path(artifact)
     method = artifact_method(artifact)
@@ -76,7 +77,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     if any(_has_hooks(m) for m in mlps):
         raise ValueError("the model's MLPs carry hooks (thresholds put on by load_model?): load it with "
                          "llmfast.loading.from_pretrained, or use load_sparse_model")
-    limit = DENSE_ABOVE if dense_above is None else dense_above
+    limit = dense_above
     kw: list[dict[str, Any]] = [{} for _ in mlps]
     attention: dict[str, list[float]] = {}  # attn_in / o_in thresholds per layer (TEAL's attention sites)
     attns: list[Any] = []

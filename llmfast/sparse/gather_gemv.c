@@ -1,0 +1,94 @@
+/* Batch-1 products that read only the weights a sparse vector needs, for llmfast's sparse runtime.
+ *
+ * With W^T stored row-major (wt[j, :] is column j of W), y = W v for a sparse v is the sum of the rows of W^T for
+ * the kept entries, each scaled by its entry: contiguous reads of exactly the bytes needed. `threshold_gemv`
+ * keeps the entries with |v| > t (TEAL's thresholds) and does it in one call; `gather_gemv` takes the kept
+ * indices and values (CATS, ReLU, Deja Vu). The kept rows are split over the threads of torch's OpenMP pool
+ * (the library is loaded after torch, so it binds to torch's libgomp: one pool, no oversubscription), because
+ * one core cannot draw the memory bandwidth two can, and the rows a thread will read next are prefetched.
+ * Results equal the dense product of the zeroed vector up to float32 summation order (each thread sums its
+ * kept rows in index order, then the threads' sums are added).
+ *
+ * Compiled at first use with the machine's C compiler (-march=native -fopenmp) by llmfast/native.py.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREFETCH_AHEAD 4 /* rows: the kept rows are not adjacent, so the hardware prefetcher starts each anew */
+
+/* y[0:out] = sum_k vals[k] * wt[idx[k], 0:out]. The kept rows are split over `threads` threads (whole rows are
+ * the longest contiguous reads), each summing into its own part of `parts`, then the parts are added column-wise.
+ * Returns 0, or -1 when out of memory. */
+static int gather_rows(const int64_t *idx, const float *vals, int64_t kept, const float *wt, int64_t out, float *y,
+                       int64_t threads) {
+    if (threads < 1) threads = 1;
+    if (threads > kept) threads = kept > 0 ? kept : 1;
+    float *parts = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(out * threads)) : y;
+    if (!parts) return -1;
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+    {
+        int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t per = (kept + n - 1) / n, a = id * per < kept ? id * per : kept, b = a + per < kept ? a + per : kept;
+        float *restrict part = parts + id * out;
+        for (int64_t o = 0; o < out; o++) part[o] = 0.0f;
+        for (int64_t k = a; k < b; k++) {
+            if (k + PREFETCH_AHEAD < b) {
+                const char *next = (const char *)(wt + idx[k + PREFETCH_AHEAD] * out);
+                for (int64_t byte = 0; byte < out * (int64_t)sizeof(float); byte += 64)
+                    __builtin_prefetch(next + byte, 0, 3);
+            }
+            const float *restrict w = wt + idx[k] * out;
+            const float v = vals[k];
+            for (int64_t o = 0; o < out; o++) part[o] += v * w[o];
+        }
+        if (n > 1) {
+#pragma omp barrier
+            int64_t cols = ((out + n - 1) / n + 15) / 16 * 16;
+            int64_t c0 = id * cols < out ? id * cols : out, c1 = c0 + cols < out ? c0 + cols : out;
+            for (int64_t o = c0; o < c1; o++) {
+                float sum = parts[o];
+                for (int64_t t = 1; t < n; t++) sum += parts[t * out + o];
+                y[o] = sum;
+            }
+        }
+    }
+    if (parts != y) free(parts);
+    return 0;
+}
+
+/* y = sum over j with |x[j]| > t of x[j] * wt[j, :]. Returns the kept count; when it is above `max_kept`, computes
+ * nothing and returns -(kept + 1) (the caller runs its dense product). -1 - in - 1 when out of memory. */
+int64_t threshold_gemv(const float *x, int64_t in, float t, const float *wt, int64_t out, float *y, int64_t max_kept,
+                       int64_t threads) {
+    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
+    float *vals = (float *)malloc(sizeof(float) * (size_t)(in > 0 ? in : 1));
+    if (!idx || !vals) {
+        free(idx);
+        free(vals);
+        return -in - 2;
+    }
+    int64_t kept = 0;
+    for (int64_t j = 0; j < in; j++)
+        if (fabsf(x[j]) > t) {
+            idx[kept] = j;
+            vals[kept++] = x[j];
+        }
+    if (kept > max_kept) {
+        free(idx);
+        free(vals);
+        return -kept - 1;
+    }
+    int failed = gather_rows(idx, vals, kept, wt, out, y, threads);
+    free(idx);
+    free(vals);
+    return failed ? -in - 2 : kept;
+}
+
+/* y = sum_k vals[k] * wt[idx[k], :]. Returns 0, or -1 when out of memory. */
+int gather_gemv(const int64_t *idx, const float *vals, int64_t kept, const float *wt, int64_t out, float *y,
+                int64_t threads) {
+    return gather_rows(idx, vals, kept, wt, out, y, threads);
+}

@@ -1,0 +1,133 @@
+"""The sparse runtime's C kernel (gather_gemv.c): products against a float64 reference within float32's summation
+error bound, the thresholds' strictness, the dense fallback, one OpenMP runtime, and the runtime using it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfast.sparse import cpu_kernel, kernels
+
+U = 2.0**-24  # float32 unit roundoff
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_kernel.GatherKernel:
+    k = cpu_kernel.gather_kernel()
+    assert k is not None, "the test machine has a C compiler with OpenMP: the kernel must build"
+    return k
+
+
+def _within_summation_bound(got: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, wt: torch.Tensor,
+                            threads: int) -> None:
+    """|got - exact| <= (k + threads) * u * sum_k |vals[k] * wt[idx[k]]|: k float32 products summed in order by each
+    thread, then the threads' partial sums added (each product's own rounding counted as one more term)."""
+    v64, w64 = vals.double(), wt.double()[idx]
+    exact = v64 @ w64
+    bound = (idx.numel() + threads + 1) * U * (v64.abs() @ w64.abs())
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    assert bool(((got.double() - exact).abs() <= bound).all()), float(((got.double() - exact).abs() - bound).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,out", [(576, 3072), (1536, 576), (37, 19), (5, 1)])
+def test_threshold_product_keeps_entries_strictly_above_t(kernel: cpu_kernel.GatherKernel, n: int, out: int,
+                                                          threads: int) -> None:
+    g = torch.Generator().manual_seed(n + out + threads)
+    v, wt = torch.randn(n, generator=g), torch.randn(n, out, generator=g)
+    t = float(v.abs().median())
+    v[0] = t  # on the threshold: dropped (|v| > t, as the hooks and TEAL's paper)
+    v[-1] = -t
+    keep = v.abs() > t
+    torch.set_num_threads(threads)
+    try:
+        got = kernel.threshold(v, t, wt, n)
+    finally:
+        torch.set_num_threads(2)
+    assert got is not None
+    _within_summation_bound(got, keep.nonzero().view(-1), v[keep], wt, threads)
+
+
+def test_threshold_product_leaves_the_dense_fallback_to_the_caller(kernel: cpu_kernel.GatherKernel) -> None:
+    v, wt = torch.tensor([3.0, -2.0, 0.5, 0.1]), torch.randn(4, 8)
+    assert kernel.threshold(v, 0.3, wt, max_kept=2) is None  # 3 kept > 2: nothing computed
+    got = kernel.threshold(v, 0.3, wt, max_kept=3)
+    assert got is not None
+    _within_summation_bound(got, torch.tensor([0, 1, 2]), v[:3], wt, 2)
+    assert torch.equal(kernel.threshold(v, 5.0, wt, max_kept=4), torch.zeros(8))  # nothing kept: exactly zero
+
+
+def test_gather_takes_any_indices_in_any_order(kernel: cpu_kernel.GatherKernel) -> None:
+    g = torch.Generator().manual_seed(7)
+    wt = torch.randn(300, 130, generator=g)
+    idx = torch.tensor([299, 0, 17, 17, 150, 3])  # unsorted, repeated: each term counted once per occurrence
+    vals = torch.randn(6, generator=g)
+    _within_summation_bound(kernel.gather(idx, vals, wt), idx, vals, wt, 2)
+    assert torch.equal(kernel.gather(idx[:0], vals[:0], wt), torch.zeros(130))
+
+
+def test_the_kernel_shares_torch_openmp_runtime(kernel: cpu_kernel.GatherKernel) -> None:
+    runtimes = cpu_kernel._openmp_runtimes()
+    assert len(runtimes) == 1 and "torch" in next(iter(runtimes))  # one pool of threads, torch's own
+
+
+def test_kernel_takes_float32_cpu_inference_only(kernel: cpu_kernel.GatherKernel) -> None:
+    assert kernel.holds(torch.zeros(4, 3)) and not kernel.holds(torch.zeros(4, 3, dtype=torch.float64))
+    assert not kernel.holds(torch.zeros(3, 4).t())  # not contiguous: W^T must be laid out row by row
+    assert kernel.takes(torch.zeros(4)) and not kernel.takes(torch.zeros(4, dtype=torch.float64))
+    assert not kernel.takes(torch.zeros(8)[::2])
+    assert not kernel.takes(torch.zeros(4, requires_grad=True))
+
+
+def test_projections_take_the_kernel_up_to_its_own_crossover(kernel: cpu_kernel.GatherKernel) -> None:
+    g = torch.Generator().manual_seed(3)
+    lins = [torch.nn.Linear(100, 40, bias=False), torch.nn.Linear(100, 24, bias=True)]
+    x = torch.randn(1, 1, 100, generator=g)
+    t = float(x.abs().quantile(0.2))  # ~80% kept: above the torch path's 65%, below the kernel's 90%
+    expected = [torch.nn.functional.linear(torch.where(x.abs() > t, x, 0.0), lin.weight.detach().clone(),
+                                           None if lin.bias is None else lin.bias.detach().clone()) for lin in lins]
+    rt = kernels.SparseProjections(lins, t=t)
+    assert rt.native is kernel
+    with torch.no_grad():
+        got = [lin(x) for lin in lins]
+    assert rt.calls == {"sparse": 1, "dense": 0, "prefill": 0}
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=100 * 2 * U * float(b.abs().max() + 1))
+    explicit = kernels.SparseProjections([torch.nn.Linear(100, 8, bias=False)], t=t, dense_above=0.5)
+    with torch.no_grad():
+        explicit.product(x)
+    assert explicit.calls["dense"] == 1  # a dense_above given is kept as given
+
+
+@pytest.mark.parametrize("method", ["teal-attention", "cats", "dejavu"])
+def test_float32_sparse_model_decodes_as_the_torch_path(method: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime with the kernel against the same runtime on torch's gathers, both float32: the same greedy
+    tokens and logits within float32 rounding of a 2-layer model's sums."""
+    from tests.test_sparse_runtime import make_artifact, prefill_and_decode, prompt_ids
+
+    from llmfast.loading import from_pretrained
+    from llmfast.sparse.runtime import install_sparse_runtime, runtime_calls, sparse_forwards
+    from llmfast.testing import build_tiny_llama
+
+    art = make_artifact(build_tiny_llama(tmp_path / "tiny"), tmp_path / method, method)
+    with_kernel = from_pretrained(art, "float32").eval()
+    install_sparse_runtime(with_kernel, art)
+    assert all(rt.native is not None for rt in sparse_forwards(with_kernel))
+    monkeypatch.setattr(cpu_kernel, "gather_kernel", lambda: None)  # what a machine without a compiler gets
+    torch_path = from_pretrained(art, "float32").eval()
+    install_sparse_runtime(torch_path, art)
+    assert all(rt.native is None for rt in sparse_forwards(torch_path))
+    ids = prompt_ids(art)
+    for a, b in zip(prefill_and_decode(with_kernel, ids), prefill_and_decode(torch_path, ids)):
+        # hidden 128, intermediate 256: sums of at most 256 float32 terms, relative error <= 257 u ~ 1.5e-5 each;
+        # 1e-4 of the logits' norm leaves room for two layers carrying it forward.
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm())
+    assert runtime_calls(with_kernel, "mlp")["sparse"] > 0
+    if method == "teal-attention":
+        assert runtime_calls(with_kernel, "attention")["sparse"] > 0
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        assert with_kernel.generate(ids, **kw).tolist() == torch_path.generate(ids, **kw).tolist()
