@@ -6,7 +6,8 @@ A kernel is one C file shipped inside the package. It is compiled with the machi
 feature flags, so a home directory shared by different machines never loads code built for another CPU. No
 compiler, a failed build, or `LLMFAST_NATIVE=0`: `load_kernel` returns None once, says why on stderr (unless
 the variable asked for it) and callers keep their torch path. Floating point is compiled strictly (no fast-math,
-no FMA contraction), so a kernel can promise the same bits as torch.
+no FMA contraction), so a kernel can promise the same bits as torch. Built and tested with gcc on Linux x86-64;
+elsewhere a build that fails (Apple's clang has no `-fopenmp`) only keeps the torch path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,13 +40,40 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc)
+def _compiler() -> list[str] | None:
+    """The compiler's command line: `$CC` may carry words (`ccache gcc`, `gcc -m64`)."""
+    words = shlex.split(os.environ.get("CC") or "cc")
+    path = shutil.which(words[0]) if words else None
+    return None if path is None else [path, *words[1:]]
 
 
 def _say(message: str) -> None:
     print(f"llmfast: {message}", file=sys.stderr, flush=True)
+
+
+def _build(cc: list[str], flags: tuple[str, ...], source: Path, target: Path) -> bool:
+    """Compile `source` into `target`; says why and returns False when it cannot."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: two processes building at once both end with a whole file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([*cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
+                return False
+            os.chmod(tmp, 0o755)  # mkstemp made it 0600; a shared cache must be loadable by its other users
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, subprocess.SubprocessError) as e:
+        _say(f"building {source.name} failed ({e}): {source.stem} runs on its slower torch path")
+        return False
+    return True
 
 
 @lru_cache(maxsize=None)
@@ -59,9 +88,9 @@ def load_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL 
         _say(f"no C compiler (set CC or install cc): {source.stem} runs on its slower torch path")
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        _say(f"{cc} --version failed ({e}): {source.stem} runs on its slower torch path")
+        _say(f"{cc[0]} --version failed ({e}): {source.stem} runs on its slower torch path")
         return None
     try:
         text = source.read_bytes()
@@ -69,30 +98,20 @@ def load_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL 
         _say(f"cannot read {source} ({e.strerror}): {source.stem} runs on its slower torch path")
         return None
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([text, " ".join([*cc[1:], *flags]).encode(), version.encode(),
+                                      _cpu_flags().encode()]))
     target = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: two processes building at once both end with a whole file.
-            fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                      timeout=300)
-                if done.returncode != 0:
-                    first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                    _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
-                    return None
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        except (OSError, subprocess.SubprocessError) as e:
-            _say(f"building {source.name} failed ({e}): {source.stem} runs on its slower torch path")
-            return None
+    cached = target.exists()
+    if not cached and not _build(cc, flags, source, target):
+        return None
     try:
         return ctypes.CDLL(str(target))
     except OSError as e:
+        # A cached file that does not load (truncated by a full disk, copied from elsewhere) is built again once.
+        if cached and _build(cc, flags, source, target):
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError as again:
+                e = again
         _say(f"loading {target} failed ({e}): {source.stem} runs on its slower torch path")
         return None

@@ -41,11 +41,12 @@ def test_threshold_product_keeps_entries_strictly_above_t(kernel: cpu_kernel.Gat
     v[0] = t  # on the threshold: dropped (|v| > t, as the hooks and TEAL's paper)
     v[-1] = -t
     keep = v.abs() > t
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = kernel.threshold(v, t, wt, n)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(before)
     assert got is not None
     _within_summation_bound(got, keep.nonzero().view(-1), v[keep], wt, threads)
 
@@ -131,3 +132,41 @@ def test_float32_sparse_model_decodes_as_the_torch_path(method: str, tmp_path: P
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
     with torch.no_grad():
         assert with_kernel.generate(ids, **kw).tolist() == torch_path.generate(ids, **kw).tolist()
+
+
+def test_kernel_refuses_vectors_that_do_not_match_the_weights(kernel: cpu_kernel.GatherKernel) -> None:
+    wt = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="5 entries, the weights 6 rows"):
+        kernel.threshold(torch.randn(5), 0.1, wt, 6)
+    with pytest.raises(ValueError, match="one length"):
+        kernel.gather(torch.tensor([0, 1]), torch.randn(3), wt)
+    with pytest.raises(ValueError, match="int64 and float32"):
+        kernel.gather(torch.tensor([0, 1], dtype=torch.int32), torch.randn(2), wt)
+
+
+def test_fewer_openmp_threads_than_asked_still_fill_the_output(tmp_path: Path) -> None:
+    """OMP_THREAD_LIMIT=1 makes OpenMP start one thread where torch asks for 3: that thread must write y itself."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from llmfast.sparse import cpu_kernel\n"
+        "k = cpu_kernel.gather_kernel()\n"
+        "assert k is not None\n"
+        "torch.set_num_threads(3)\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "wt, idx = torch.randn(50, 40, generator=g), torch.arange(0, 50, 2)\n"
+        "vals = torch.randn(25, generator=g)\n"
+        "for _ in range(20):\n"
+        "    torch.empty(40).fill_(float('nan'))  # leave garbage where the output may be allocated\n"
+        "    y = k.gather(idx, vals, wt)\n"
+        "    torch.testing.assert_close(y, vals @ wt[idx], rtol=1e-5, atol=1e-5)\n"
+        "    v = torch.zeros(50)\n"
+        "    v[idx] = vals\n"
+        "    torch.testing.assert_close(k.threshold(v, 0.0, wt, 50), vals @ wt[idx], rtol=1e-5, atol=1e-5)\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

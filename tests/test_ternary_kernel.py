@@ -196,3 +196,78 @@ def test_no_rows_give_an_empty_output() -> None:
     layer = _layer(32, 8, 4)
     assert layer(torch.zeros(0, 32)).shape == (0, 8)
     assert layer(torch.zeros(1, 0, 32)).shape == (1, 0, 8)
+
+
+def test_a_row_with_nan_or_infinity_gives_nan_and_leaves_the_other_rows_alone(
+        kernel: cpu_kernel.TernaryKernel) -> None:
+    values, scale = ternarize(torch.randn(70, 40, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(3, 40)
+    x[0, 7], x[2, 3] = float("nan"), float("inf")
+    got = kernel(x, kernel.pack(values, float(scale)))
+    assert got[0].isnan().all() and got[2].isnan().all()  # torch's codes are NaN there: so is every output
+    assert torch.equal(got[1], _reference(x[1:2], values, scale)[0])
+    assert _reference(x, values, scale)[[0, 2]].isnan().all()  # the reference agrees on those rows
+
+
+def test_kernel_refuses_an_input_of_the_wrong_width_or_dtype() -> None:
+    kernel = cpu_kernel.ternary_kernel()
+    assert kernel is not None
+    packed = kernel.pack(torch.zeros(8, 16, dtype=torch.int8), 1.0)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 16\), got torch.float32 \(1, 15\)"):
+        kernel(torch.zeros(1, 15), packed)
+    with pytest.raises(ValueError, match="float64"):
+        kernel(torch.zeros(1, 16, dtype=torch.float64), packed)
+
+
+def test_ternary_linear_with_a_wrong_width_raises_as_the_torch_path_does() -> None:
+    layer = _layer(32, 8, 6)
+    with pytest.raises(RuntimeError):  # the kernel must not read past the row: the torch path's shape error
+        layer(torch.randn(1, 31))
+
+
+def test_ternary_linear_with_a_float64_scale_keeps_the_torch_path() -> None:
+    layer = _layer(32, 8, 7)
+    layer.weight_scale = layer.weight_scale.double()  # the torch path's output is then float64
+    y = layer(torch.randn(1, 32))
+    assert y.dtype == torch.float64 and layer._kernel_weights is None
+
+
+def test_ternary_linear_follows_a_replaced_buffer_and_runs_in_inference_mode() -> None:
+    layer, other = _layer(64, 16, 8), _layer(64, 16, 9)
+    x = torch.randn(1, 64)
+    layer(x)
+    layer.weight_scale = other.weight_scale.clone()  # a new tensor object: the cached layout must not survive
+    layer.weight = other.weight.clone()
+    other.fast = False
+    assert torch.equal(layer(x), other(x))
+    with torch.inference_mode():
+        fresh = _layer(64, 16, 10)  # inference tensors keep no version counter
+        reference = _layer(64, 16, 10)
+        reference.fast = False
+        assert torch.equal(fresh(x), reference(x))
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path))
+    # Built by another process: this one must not have the library mapped when its file is spoiled.
+    subprocess.run([sys.executable, "-c", "from llmfast import native; from llmfast.quant.bitnet import cpu_kernel; "
+                    "assert native.load_kernel(cpu_kernel.SOURCE)"], check=True, env=os.environ.copy())
+    (library,) = (tmp_path / "kernels").iterdir()
+    library.write_bytes(b"truncated")  # a disk that filled up mid-copy
+    lib = native.load_kernel.__wrapped__(cpu_kernel.SOURCE)  # type: ignore[attr-defined]
+    assert lib is not None and cpu_kernel.TernaryKernel(lib).path in ("avx512-vnni", "avx2", "c")
+    assert library.stat().st_size > 1000 and library.stat().st_mode & 0o777 == 0o755
+    assert capsys.readouterr().err == ""
+
+
+def test_cc_may_carry_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -DLLMFAST_UNUSED=1")
+    assert native.load_kernel.__wrapped__(cpu_kernel.SOURCE) is not None  # type: ignore[attr-defined]

@@ -48,6 +48,8 @@ class GatherKernel:
     def threshold(self, v: torch.Tensor, t: float, wt: torch.Tensor, max_kept: int) -> torch.Tensor | None:
         """sum over j with |v[j]| > t of v[j] * wt[j]; None (nothing computed) when more than `max_kept` are kept."""
         n, out = wt.shape
+        if v.numel() != n:
+            raise ValueError(f"sparse kernel: the vector has {v.numel()} entries, the weights {n} rows")
         y = torch.empty(out, dtype=torch.float32)
         kept = self._threshold(v.data_ptr(), n, t, wt.data_ptr(), out, y.data_ptr(), max_kept,
                                torch.get_num_threads())
@@ -56,7 +58,10 @@ class GatherKernel:
         return None if kept < 0 else y
 
     def gather(self, idx: torch.Tensor, vals: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-        """sum over k of vals[k] * wt[idx[k]] (idx int64, vals float32, both 1-d and contiguous)."""
+        """sum over k of vals[k] * wt[idx[k]] (idx int64 in [0, rows of wt), vals float32, both 1-d)."""
+        if idx.dtype != torch.int64 or vals.dtype != torch.float32 or idx.numel() != vals.numel():
+            raise ValueError(f"sparse kernel: indices ({idx.dtype}, {idx.numel()}) and values ({vals.dtype}, "
+                             f"{vals.numel()}) must be int64 and float32 of one length")
         y = torch.empty(wt.shape[1], dtype=torch.float32)
         idx, vals = idx.contiguous(), vals.contiguous()
         if self._gather(idx.data_ptr(), vals.data_ptr(), idx.numel(), wt.data_ptr(), wt.shape[1], y.data_ptr(),

@@ -32,7 +32,8 @@ static int gather_rows(const int64_t *idx, const float *vals, int64_t kept, cons
     {
         int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
         int64_t per = (kept + n - 1) / n, a = id * per < kept ? id * per : kept, b = a + per < kept ? a + per : kept;
-        float *restrict part = parts + id * out;
+        /* OpenMP may give fewer threads than asked (nested regions, OMP_THREAD_LIMIT): one sums straight into y */
+        float *restrict part = n == 1 ? y : parts + id * out;
         for (int64_t o = 0; o < out; o++) part[o] = 0.0f;
         for (int64_t k = a; k < b; k++) {
             if (k + PREFETCH_AHEAD < b) {

@@ -63,6 +63,9 @@ class TernaryKernel:
     def __call__(self, x: torch.Tensor, w: PackedTernary, threads: int | None = None) -> torch.Tensor:
         """x: contiguous float32 (..., in_features) -> float32 (..., out_features). `threads`: the default is
         torch's thread count for large layers and 1 for small ones (starting threads costs more than they save)."""
+        if x.shape[-1:] != (w.in_features,) or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"ternary kernel: x must be contiguous float32 (..., {w.in_features}), "
+                             f"got {x.dtype} {tuple(x.shape)}")
         if threads is None:
             threads = torch.get_num_threads() if w.threads else 1
         y = torch.empty(x.shape[:-1] + (w.out_features,), dtype=torch.float32)

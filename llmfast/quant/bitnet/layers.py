@@ -75,28 +75,33 @@ class TernaryLinear(nn.Module):
         self._dense: torch.Tensor | None = None  # the ternary values in the compute dtype, made once
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # oneDNN's int8 layout
         self._kernel_weights: cpu_kernel.PackedTernary | None = None  # the C kernel's layout of the weights
-        self._made_from: tuple[int, int, int] | None = None  # the buffers' versions the caches were made of
+        self._made_from: tuple[int, ...] | None = None  # the buffers' versions the caches were made of
 
     def _fresh(self) -> None:
-        """Drop the caches when the weights changed since they were made (load_state_dict, copy_)."""
+        """Drop the caches when the weights changed since they were made (load_state_dict, copy_, a new buffer)."""
         weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
-        made_from = (weight._version, weight.data_ptr(), scale._version)
+        made_from = (id(weight), weight.data_ptr(), _version(weight), id(scale), _version(scale))
         if made_from != self._made_from:
             self._dense = self._packed = self._kernel_weights = None
             self._made_from = made_from
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused C kernel's output, or None where it does not apply or cannot be built here."""
-        if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() <= cpu_kernel.MAX_ROWS * self.in_features and self.in_features <= cpu_kernel.MAX_INPUTS
+        k, weight, scale = self.in_features, self._buffers["weight"], self._buffers["weight_scale"]
+        # The torch path's output is float32 exactly when x is and the (single) weight scale is not float64.
+        if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu" and weight.device.type == "cpu"
+                and x.shape[-1:] == (k,) and 0 < k <= cpu_kernel.MAX_INPUTS
+                and x.numel() <= cpu_kernel.MAX_ROWS * k
+                and scale.numel() == 1 and scale.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and not (x.requires_grad and torch.is_grad_enabled())):
             return None
         kernel = cpu_kernel.ternary_kernel()
         if kernel is None:
             return None
-        if self._kernel_weights is None:
-            self._kernel_weights = kernel.pack(self.weight, float(self.weight_scale.float()))
-        return kernel(x if x.is_contiguous() else x.contiguous(), self._kernel_weights)
+        packed = self._kernel_weights
+        if packed is None:
+            packed = self._kernel_weights = kernel.pack(weight, float(scale.float()))
+        return kernel(x if x.is_contiguous() else x.contiguous(), packed)
 
     def _integer_product(self, codes: torch.Tensor) -> torch.Tensor:
         """codes @ W^T for integer-valued codes, exactly."""
@@ -128,6 +133,15 @@ class TernaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ternary"
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for inference-mode tensors, which keep none (and cannot be
+    changed in place outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _onednn_int8() -> bool:

@@ -66,12 +66,20 @@ void ternary_pack(const int8_t *w, int64_t out, int64_t in, uint8_t *packed) {
         }
 }
 
-/* Codes of one row of x, zero-padded to `padded`; returns the scale and the sum of the codes. */
+/* Codes of one row of x, zero-padded to `padded`; returns the scale and the sum of the codes. A row holding a NaN
+ * or an infinity gives scale NaN and so an all-NaN output row, as torch's path does (its codes are NaN there). */
 static float quantize_row(const float *x, int8_t *c, int64_t n, int64_t padded, int32_t *sum) {
     float amax = 0.0f;
+    int finite = 1;
     for (int64_t j = 0; j < n; j++) {
         float a = fabsf(x[j]);
+        finite &= a <= 3.40282347e38f; /* false for NaN and infinity */
         amax = a > amax ? a : amax;
+    }
+    if (!finite) {
+        memset(c, 0, (size_t)padded);
+        *sum = 0;
+        return NAN;
     }
     if (amax < SCALE_FLOOR) amax = SCALE_FLOOR;
     float scale = (1.0f / amax) * ACT_MAX; /* torch: ACT_MAX / t is t.reciprocal() * ACT_MAX */
