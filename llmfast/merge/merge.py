@@ -17,8 +17,9 @@ from typing import Any, Iterator
 from llmfast.errors import UserError
 from llmfast.memory import peak_memory_gib
 from llmfast.merge.plan import MergePlan, plan_merge
+from llmfast.merge.native_merge import merge_kernel
 from llmfast.merge.steps import (default_threads, map_inputs, merge_blocks, merge_counting, merges_by_blocks,
-                                 open_readers, progress_bar, read_inputs, write_merge_manifest)
+                                 open_readers, prepare_inputs, progress_bar, write_merge_manifest)
 
 
 def run_merge(plan: MergePlan, out_dir: str | Path, shard_size: str = "5G", adapter_rank: str | None = None,
@@ -74,16 +75,23 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         bar = progress_bar(len(layout), f"merge ({plan.method.name})", progress)
         items = [(n, mio.numel(shape)) for n, shape, _dt in layout]
         dtypes = {n: dt for n, _shape, dt in layout}
+        kernel = merge_kernel()
+        native = kernel is not None and kernel.takes_plan(plan)
         blocked = merges_by_blocks(plan)
-        if blocked:  # mapping is all the reading; the merge converts block by block
-            read = lambda n: map_inputs(plan, n, base_reader, readers)  # noqa: E731
-            merge = lambda n, got: (merge_blocks(plan, n, got, dtypes[n]), {})  # noqa: E731
-        else:
-            read = lambda n: read_inputs(plan, n, base_reader, readers)  # noqa: E731
-            merge = lambda n, got: merge_counting(plan, n, got)  # noqa: E731
+
+        def merge(n: str, got: Any) -> tuple[Any, dict[str, int], bool]:
+            """(merged tensor, counts, whether it is already in its stored form)."""
+            if native and kernel.takes(plan, got):  # one C pass over the stored bytes
+                return (*kernel.merge(plan, n, got, dtypes[n]), True)
+            if blocked:  # the merge converts block by block
+                return merge_blocks(plan, n, got, dtypes[n]), {}, True
+            return (*merge_counting(plan, n, prepare_inputs(plan, n, *got)), False)
+
+        # Mapping is all the reading; conversions happen in the merging threads.
+        read = lambda n: map_inputs(plan, n, base_reader, readers)  # noqa: E731
         try:
-            for name, (merged, counts) in ordered_map(items, read, merge, threads):
-                writer.write(name, merged, stored=blocked)
+            for name, (merged, counts, stored) in ordered_map(items, read, merge, threads):
+                writer.write(name, merged, stored=stored)
                 del merged
                 for key, value in counts.items():  # summed here, in one thread
                     stats[key] = stats.get(key, 0) + value
@@ -94,7 +102,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         files = writer.finish()
         mio.copy_model_files(plan.reference, tmp, plan.out_dtype)
         metrics = {"method": plan.method.name, "tensors": len(layout), "output_bytes": writer.total_bytes,
-                   "shards": len(files), "threads": threads, "seconds": round(time.perf_counter() - start, 2),
+                   "shards": len(files), "threads": threads, "native": native, "seconds": round(time.perf_counter() - start, 2),
                    "peak_rss_gib": round(peak_memory_gib(), 3)}
         if stats.get("nonzero"):
             metrics["kept_fraction"] = round(stats["kept"] / stats["nonzero"], 5)
