@@ -106,11 +106,8 @@ static void task_chunk(const merge_job *j, int i, int64_t at, int len, const flo
     load(d, j->in[i], j->in_bf16[i], at, len);
     for (int k = 0; k < len; k++) d[k] = d[k] - base[k];
     if (j->keep[i]) {
-        const uint8_t *bits = j->keep[i];
-        for (int k = 0; k < len; k++) {
-            int64_t e = at + k;
-            d[k] = d[k] * (float)((bits[e >> 3] >> (e & 7)) & 1);
-        }
+        const uint8_t *restrict bits = j->keep[i] + (at >> 3); /* chunks start at multiples of 8 entries */
+        for (int k = 0; k < len; k++) d[k] = d[k] * (float)((bits[k >> 3] >> (k & 7)) & 1);
     }
     if (j->rescale[i])
         for (int k = 0; k < len; k++) d[k] = d[k] * j->scale[i];
@@ -135,21 +132,26 @@ static void merge_task_range(const merge_job *j, int64_t a, int64_t b, const int
             if (j->normalize)
                 for (int k = 0; k < len; k++) mixed[k] = mixed[k] / divisor;
         } else {
+            /* TIES's election by total mass; agreement as 0/1 floats, not branches (random signs mispredict). */
             float majority[CH], mass[CH];
+            if (used > 1)
+                for (int k = 0; k < len; k++) majority[k] = d[0][k] + d[1][k];
+            else
+                memcpy(majority, d[0], sizeof(float) * (size_t)len);
+            for (int u = 2; u < used; u++)
+                for (int k = 0; k < len; k++) majority[k] = majority[k] + d[u][k];
             for (int k = 0; k < len; k++) {
-                float m = used > 1 ? d[0][k] + d[1][k] : d[0][k];
-                for (int u = 2; u < used; u++) m = m + d[u][k];
-                majority[k] = m >= 0.0f ? 1.0f : -1.0f;
+                majority[k] = majority[k] >= 0.0f ? 1.0f : -1.0f;
                 mixed[k] = 0.0f;
                 mass[k] = 0.0f;
             }
             for (int u = 0; u < used; u++) {
-                float w = j->weight[use[u]];
-                int weigh = j->weigh[use[u]];
+                const float w = j->weigh[use[u]] ? j->weight[use[u]] : 1.0f; /* agree * 1 is agree: same bits */
+                const float *restrict du = d[u];
                 for (int k = 0; k < len; k++) {
-                    float agree = d[u][k] * majority[k] > 0.0f ? 1.0f : 0.0f; /* a zero never agrees */
-                    mixed[k] = mixed[k] + d[u][k] * agree;
-                    mass[k] = mass[k] + (weigh ? agree * w : agree);
+                    float agree = (float)(du[k] * majority[k] > 0.0f); /* a zero never agrees */
+                    mixed[k] = mixed[k] + du[k] * agree;
+                    mass[k] = mass[k] + agree * w;
                 }
             }
             if (j->normalize)
@@ -215,36 +217,53 @@ static inline uint64_t pcg64_next(pcg64 *r) {
 /* DARE's drop of one input: entry e is kept when the e-th 32-bit half of numpy's PCG64 raw stream (low half first)
  * is below `below` (llmfast.merge.methods.sparsify.drop_at_random). Writes the keep bits (n / 8 bytes, rounded up)
  * and, of the task vector input - base: its nonzero count, its kept nonzero count, and its L1 norms before and
- * after the drop (float64 sums). state = {state high, state low, inc high, inc low}. keep NULL: no drop, counts
- * only. */
+ * after the drop (float64 sums). state = {state high, state low, inc high, inc low}. */
 void dare_mask(const void *base, int32_t base_bf16, const void *input, int32_t in_bf16, int64_t n,
                const uint64_t *state, uint32_t below, uint8_t *keep, int64_t *nonzero, int64_t *kept, double *before,
                double *after) {
     pcg64 r = {((__uint128_t)state[0] << 64) | state[1], ((__uint128_t)state[2] << 64) | state[3]};
     int64_t nz = 0, kp = 0;
-    double l1 = 0.0, l1_kept = 0.0;
-    uint64_t raw = 0;
-    if (keep) memset(keep, 0, (size_t)((n + 7) / 8));
-    for (int64_t e = 0; e < n; e++) {
-        int k = 1;
-        if (keep) {
-            if ((e & 1) == 0) raw = pcg64_next(&r);
-            uint32_t draw = (e & 1) ? (uint32_t)(raw >> 32) : (uint32_t)raw;
-            k = draw < below;
-            keep[e >> 3] |= (uint8_t)(k << (e & 7));
+    /* Four partial sums per norm, entry k of a chunk into sum k % 4: a fixed order, and four add chains instead
+     * of one (the float64 adder's latency bound the loop). */
+    double l1[4] = {0, 0, 0, 0}, l1_kept[4] = {0, 0, 0, 0};
+    uint32_t draws[CH];
+    float d[CH], b[CH], dk[CH];
+    for (int64_t at = 0; at < n; at += CH) {
+        int len = n - at < CH ? (int)(n - at) : CH;
+        for (int k = 0; k < len; k += 2) { /* one 64-bit output gives two entries, low half first */
+            uint64_t raw = pcg64_next(&r);
+            draws[k] = (uint32_t)raw;
+            draws[k + 1] = (uint32_t)(raw >> 32);
         }
-        float d = widen1(input, in_bf16, e) - widen1(base, base_bf16, e), dk = d * (float)k; /* NaN * 0 is NaN */
-        if (d != 0.0f) {
-            nz++;
-            l1 += fabs((double)d);
+        load(d, input, in_bf16, at, len);
+        load(b, base, base_bf16, at, len);
+        for (int k = 0; k < len; k++) {
+            d[k] = d[k] - b[k];
+            dk[k] = d[k] * (float)(draws[k] < below); /* NaN * 0 is NaN: a dropped NaN still counts, as in numpy */
+            nz += d[k] != 0.0f; /* NaN != 0: counted, as numpy's count_nonzero does */
+            kp += dk[k] != 0.0f;
         }
-        if (dk != 0.0f) { /* numpy's count_nonzero and norm of the dropped vector */
-            kp++;
-            l1_kept += fabs((double)dk);
+        for (int k = len; k < ((len + 7) & ~7); k++) d[k] = dk[k] = 0.0f, draws[k] = below;
+        for (int k = 0; k < len; k += 8) {
+            unsigned byte = 0;
+            for (int t = 0; t < 8; t++) byte |= (unsigned)(draws[k + t] < below) << t;
+            keep[(at + k) >> 3] = (uint8_t)byte;
         }
+        for (int k = 0; k < len; k += 4)
+            for (int t = 0; t < 4; t++) {
+                l1[t] += fabs((double)d[k + t]);
+                l1_kept[t] += fabs((double)dk[k + t]);
+            }
     }
     *nonzero = nz;
     *kept = kp;
-    *before = l1;
-    *after = l1_kept;
+    *before = (l1[0] + l1[1]) + (l1[2] + l1[3]);
+    *after = (l1_kept[0] + l1_kept[1]) + (l1_kept[2] + l1_kept[3]);
+}
+
+/* Whether input - base is nonzero anywhere (stops at the first such entry). */
+int any_nonzero_delta(const void *base, int32_t base_bf16, const void *input, int32_t in_bf16, int64_t n) {
+    for (int64_t e = 0; e < n; e++)
+        if (widen1(input, in_bf16, e) - widen1(base, base_bf16, e) != 0.0f) return 1;
+    return 0;
 }

@@ -52,6 +52,8 @@ class MergeKernel:
         self._mask.restype = None
         self._mask.argtypes = [_ptr, _i32, _ptr, _i32, _i64, _ptr, ctypes.c_uint32, _ptr, ctypes.POINTER(_i64),
                                ctypes.POINTER(_i64), ctypes.POINTER(_f64), ctypes.POINTER(_f64)]
+        self._any = lib.any_nonzero_delta
+        self._any.restype, self._any.argtypes = ctypes.c_int, [_ptr, _i32, _ptr, _i32, _i64]
 
     def takes_plan(self, plan: "MergePlan") -> bool:
         """Whether this merge's method and output dtype are the kernel's (each tensor is checked by `takes`)."""
@@ -134,25 +136,21 @@ class MergeKernel:
         # DARE decides per whole tensor: which task vectors are zero, which entries survive, the rescale factor.
         rescale = bool(shared.get("rescale", False))
         for i, ((array, tag), p) in enumerate(zip(stored, params)):
+            if not self._any(base[0].ctypes.data, _TAGS[base[1]], array.ctypes.data, _TAGS[tag], job.n):
+                job.whole_skip[i] = 1  # a zero task vector: skipped (and nothing drawn), as the numpy path does
+                continue
             density = p.get("density", 1.0)
-            keep = None
-            state = np.zeros(4, dtype=np.uint64)
-            below = 0
-            if density < 1:
-                keep = np.empty((job.n + 7) // 8, dtype=np.uint8)
-                keep_alive.append(keep)
-                s = np.random.PCG64(_stream_seed(plan.seed, name, i)).state["state"]
-                state[:] = [s["state"] >> 64, s["state"] & (2**64 - 1), s["inc"] >> 64, s["inc"] & (2**64 - 1)]
-                below = min(int(density * 2**32), 2**32 - 1)
+            if density >= 1:
+                continue
+            keep = np.empty((job.n + 7) // 8, dtype=np.uint8)
+            keep_alive.append(keep)
+            s = np.random.PCG64(_stream_seed(plan.seed, name, i)).state["state"]
+            state = np.array([s["state"] >> 64, s["state"] & (2**64 - 1), s["inc"] >> 64, s["inc"] & (2**64 - 1)],
+                             dtype=np.uint64)
             nonzero, kept, before, after = _i64(), _i64(), _f64(), _f64()
             self._mask(base[0].ctypes.data, _TAGS[base[1]], array.ctypes.data, _TAGS[tag], job.n, state.ctypes.data,
-                       below, None if keep is None else keep.ctypes.data, ctypes.byref(nonzero), ctypes.byref(kept),
-                       ctypes.byref(before), ctypes.byref(after))
-            if nonzero.value == 0:  # a zero task vector: skipped, as the numpy path does
-                job.whole_skip[i] = 1
-                continue
-            if keep is None:
-                continue
+                       min(int(density * 2**32), 2**32 - 1), keep.ctypes.data, ctypes.byref(nonzero),
+                       ctypes.byref(kept), ctypes.byref(before), ctypes.byref(after))
             job.keep[i] = keep.ctypes.data
             counts["nonzero"] = counts.get("nonzero", 0) + nonzero.value
             counts["kept"] = counts.get("kept", 0) + kept.value
@@ -169,5 +167,7 @@ def _st_name(tag: str) -> str:
 @lru_cache(maxsize=None)
 def merge_kernel() -> MergeKernel | None:
     """The kernel built for this machine, or None where it cannot be built (the numpy path runs)."""
-    lib = load_kernel(SOURCE)
+    # -fno-trapping-math lets the compiler vectorize the selects (agreement, masks); it changes no value, only
+    # what may happen to floating-point exception flags, which nothing here reads.
+    lib = load_kernel(SOURCE, ("-fno-trapping-math",))
     return None if lib is None else MergeKernel(lib)
