@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from llmfast.direct_write import DirectFile, open_for_writing
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -298,7 +299,7 @@ class ShardedWriter:
         self.where = {t[0]: i for i, shard in enumerate(shards) for t in shard}
         self.expected = [t for shard in shards for t in shard]
         self._next = 0
-        self._fh: BinaryIO | None = None
+        self._fh: BinaryIO | DirectFile | None = None
         self._shard = -1
         self.total_bytes = sum(t[3] for t in self.expected)
 
@@ -341,7 +342,7 @@ class ShardedWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._fh = open(self.out_dir / self.files[shard], "wb")
+        self._fh = open_for_writing(self.out_dir / self.files[shard])  # past the page cache: see direct_write
         self._fh.write(len(raw).to_bytes(8, "little"))
         self._fh.write(raw)
         self._shard = shard

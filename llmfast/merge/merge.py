@@ -82,7 +82,8 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         def merge(n: str, got: Any) -> tuple[Any, dict[str, int], bool]:
             """(merged tensor, counts, whether it is already in its stored form)."""
             if native and kernel.takes(plan, got):  # one C pass over the stored bytes
-                return (*kernel.merge(plan, n, got, dtypes[n]), True)
+                merged, counts = kernel.merge(plan, n, got, dtypes[n])
+                return merged, {**counts, "native": 1}, True
             if blocked:  # the merge converts block by block
                 return merge_blocks(plan, n, got, dtypes[n]), {}, True
             return (*merge_counting(plan, n, prepare_inputs(plan, n, *got)), False)
@@ -102,7 +103,8 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         files = writer.finish()
         mio.copy_model_files(plan.reference, tmp, plan.out_dtype)
         metrics = {"method": plan.method.name, "tensors": len(layout), "output_bytes": writer.total_bytes,
-                   "shards": len(files), "threads": threads, "native": native, "seconds": round(time.perf_counter() - start, 2),
+                   "shards": len(files), "threads": threads,
+                   "native_tensors": stats.get("native", 0), "seconds": round(time.perf_counter() - start, 2),
                    "peak_rss_gib": round(peak_memory_gib(), 3)}
         if stats.get("nonzero"):
             metrics["kept_fraction"] = round(stats["kept"] / stats["nonzero"], 5)
