@@ -32,6 +32,7 @@ class DirectFile:
         self._view = memoryview(self._buffer)
         self._fill = 0
         self._direct = True
+        self._failed = False  # a write failed: close() only closes (the buffer's bytes are not all unwritten)
 
     def write(self, data: "bytes | bytearray | memoryview") -> int:
         mv = memoryview(data).cast("B")
@@ -47,15 +48,21 @@ class DirectFile:
         return size
 
     def _write_out(self, view: memoryview) -> None:
-        while len(view):
-            try:
-                done = os.write(self._fd, view)
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self._direct:
-                    raise
-                self._buffered()  # a filesystem that took the flag at open but refuses the writes
-                continue
-            view = view[done:]
+        try:
+            while len(view):
+                try:
+                    done = os.write(self._fd, view)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not self._direct:
+                        raise
+                    self._buffered()  # a filesystem that took the flag at open but refuses the writes
+                    continue
+                view = view[done:]
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            view.release()  # no slice of the staging buffer may outlive the call (it would block closing it)
 
     def _buffered(self) -> None:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
@@ -66,12 +73,13 @@ class DirectFile:
         if self._fd < 0:
             return
         try:
-            whole = self._fill - self._fill % ALIGN
-            self._write_out(self._view[:whole])
-            if whole < self._fill:  # the tail is not a whole block: written through the page cache
-                if self._direct:
-                    self._buffered()
-                self._write_out(self._view[whole: self._fill])
+            if not self._failed:  # after a failed write the file is incomplete anyway: keep that error
+                whole = self._fill - self._fill % ALIGN
+                self._write_out(self._view[:whole])
+                if whole < self._fill:  # the tail is not a whole block: written through the page cache
+                    if self._direct:
+                        self._buffered()
+                    self._write_out(self._view[whole: self._fill])
             self._fill = 0
         finally:
             os.close(self._fd)

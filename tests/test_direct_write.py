@@ -56,3 +56,31 @@ def test_an_existing_file_is_truncated(tmp_path: Path) -> None:
     with open_for_writing(path) as f:
         f.write(b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_a_failing_write_raises_its_own_error_and_writes_nothing_twice(tmp_path: Path) -> None:
+    """A file-size limit (what a full disk does to a write) in a child process: the OSError comes out, not a
+    BufferError from closing the staging buffer, and close() does not write the buffer again."""
+    import subprocess
+    import sys
+
+    script = f"""
+import errno, resource, signal
+from pathlib import Path
+from llmfast.direct_write import DirectFile, BUFFER
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (BUFFER + 8192, BUFFER + 8192))
+f = DirectFile(Path({str(tmp_path / 'big.bin')!r}))
+try:
+    try:
+        f.write(b"x" * (3 * BUFFER))
+    finally:
+        f.close()
+except OSError as e:
+    assert e.errno == errno.EFBIG, e
+    print("EFBIG")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "EFBIG", done.stderr[-2000:]
+    size = (tmp_path / "big.bin").stat().st_size
+    assert size <= BUFFER + 8192  # stopped at the limit; nothing written after the failure

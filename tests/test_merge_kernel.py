@@ -75,6 +75,9 @@ CASES = {
     "linear-sum": ("linear", [{"weight": 0.5}, {"weight": 0.5}], {"normalize": False}),
     "task_arithmetic": ("task_arithmetic", [{"weight": 0.7}, {"weight": 1.0}, {"weight": -0.4}], {"lambda": 0.9}),
     "task_arithmetic-normalized": ("task_arithmetic", [{"weight": 0.6}, {"weight": 0.3}], {"normalize": True}),
+    # Python >= 3.12 sums floats with compensation: 1 + 2^-24 + 2^-53 + 2^-53 rounds differently there
+    "task_arithmetic-tiny-weights": ("task_arithmetic", [{"weight": 1.0}, {"weight": 2.0**-24}, {"weight": 2.0**-53}],
+                                     {"normalize": True}),
     "dare_linear": ("dare_linear", [{"weight": 0.7, "density": 0.5}, {"weight": 0.5, "density": 1.0},
                                     {"weight": 1.0, "density": 0.3}], {}),
     "dare_ties": ("dare_ties", [{"weight": 0.7, "density": 0.6}, {"weight": 1.0, "density": 0.4},
@@ -184,3 +187,20 @@ def test_methods_and_dtypes_the_kernel_does_not_take_stay_on_numpy(models: dict[
     f16.write_text(yaml.safe_dump({"merge_method": "linear", "out_dtype": "float16",
                                    "models": [{"model": str(m["ft1"]), "parameters": {"weight": 1}}]}))
     assert not kernel.takes_plan(plan_merge(f16))
+
+
+def test_a_misaligned_float32_tensor_stays_on_numpy(models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    from llmfast.merge.plan import plan_merge
+
+    kernel = native_merge.merge_kernel()
+    assert kernel is not None
+    m = models["f32"]
+    cfg = tmp_path / "ta.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(m["base"]),
+                                   "models": [{"model": str(m["ft1"]), "parameters": {"weight": 1}}]}))
+    plan = plan_merge(cfg)
+    aligned = np.zeros(8, dtype=np.float32)
+    odd = np.frombuffer(bytearray(33), dtype=np.float32, count=8, offset=1)  # as a file may place a tensor
+    assert not odd.flags.aligned
+    assert kernel.takes(plan, ((aligned, "F32"), [(aligned, "F32")]))
+    assert not kernel.takes(plan, ((aligned, "F32"), [(odd, "F32")]))

@@ -43,6 +43,7 @@ typedef struct {
     float total;                      /* LINEAR: float32(sum of weights) */
     float lambda;                     /* TASK: float32(lambda) */
     int32_t apply_lambda;             /* TASK: lambda != 1 */
+    int32_t compensated;              /* TASK: Python's sum() is compensated (CPython >= 3.12) */
     void *out;
 } merge_job;
 
@@ -176,12 +177,17 @@ static void merge_task(const merge_job *j) {
     for (int64_t a = 0; a < j->n; a += step) {
         int64_t b = a + step < j->n ? a + step : j->n;
         int use[MAX_INPUTS], used = 0;
-        double total = 0.0; /* Python's sum(weights) over the inputs used, in order */
+        /* Python's sum(weights) over the inputs used, in order: plain, or with Neumaier's compensation as CPython
+         * does from 3.12 (Objects/bltinmodule.c), compensation added at the end when nonzero and finite. */
+        double total = 0.0, c = 0.0;
         for (int i = 0; i < j->inputs; i++) {
             if (j->whole_skip[i] || (j->block_skip && !any_delta(j, i, a, b))) continue;
             use[used++] = i;
-            total += j->weight64[i];
+            double x = j->weight64[i], t = total + x;
+            if (j->compensated) c += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
+            total = t;
         }
+        if (c != 0.0 && isfinite(c)) total += c;
         float divisor = (float)(fabs(total) >= 1e-8 ? total : 1.0);
         merge_task_range(j, a, b, use, used, divisor);
     }

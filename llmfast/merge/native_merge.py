@@ -11,6 +11,7 @@ pairwise; they round to different float32 factors about once in 10^8 tensors.
 from __future__ import annotations
 
 import ctypes
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,8 @@ class _Job(ctypes.Structure):
                 ("weight", _f32 * MAX_INPUTS), ("weigh", _i32 * MAX_INPUTS), ("weight64", _f64 * MAX_INPUTS),
                 ("keep", _ptr * MAX_INPUTS), ("scale", _f32 * MAX_INPUTS), ("rescale", _i32 * MAX_INPUTS),
                 ("whole_skip", _i32 * MAX_INPUTS), ("block_skip", _i32), ("consensus", _i32), ("normalize", _i32),
-                ("total", _f32), ("lambda_", _f32), ("apply_lambda", _i32), ("out", _ptr)]
+                ("total", _f32), ("lambda_", _f32), ("apply_lambda", _i32), ("compensated", _i32),
+                ("out", _ptr)]
 
 
 class MergeKernel:
@@ -71,7 +73,9 @@ class MergeKernel:
         """Whether this tensor's stored inputs are the kernel's: float32 or bfloat16, not changed by a `dtype` cast."""
         base, stored = mapped
         arrays = ([base] if plan.method.domain == "delta" else []) + list(stored)
-        if any(a is None or a[1] not in _TAGS or not a[0].flags.c_contiguous for a in arrays):
+        # Aligned too: a file written by another tool may place a float32 tensor at an odd offset.
+        if any(a is None or a[1] not in _TAGS or not (a[0].flags.c_contiguous and a[0].flags.aligned)
+               for a in arrays):
             return False
         cast = plan.config.dtype
         return cast is None or all(_st_name(a[1]) == cast.removeprefix("torch.") for a in arrays)
@@ -128,6 +132,7 @@ class MergeKernel:
         job.mode, job.base, job.base_bf16 = _TASK, base[0].ctypes.data, _TAGS[base[1]]
         job.consensus, job.normalize = bool(method.consensus), bool(shared["normalize"])
         job.lambda_, job.apply_lambda = shared["lambda"], shared["lambda"] != 1
+        job.compensated = sys.version_info >= (3, 12)  # the normalizing sum() is compensated from 3.12 on
         for i, p in enumerate(params):
             job.weight[i], job.weigh[i], job.weight64[i] = p["weight"], p["weight"] != 1, float(p["weight"])
         if method.sparsify is None:  # task arithmetic: merged block by block, as the numpy path does
@@ -168,6 +173,7 @@ def _st_name(tag: str) -> str:
 def merge_kernel() -> MergeKernel | None:
     """The kernel built for this machine, or None where it cannot be built (the numpy path runs)."""
     # -fno-trapping-math lets the compiler vectorize the selects (agreement, masks); it changes no value, only
-    # what may happen to floating-point exception flags, which nothing here reads.
-    lib = load_kernel(SOURCE, ("-fno-trapping-math",))
+    # what may happen to floating-point exception flags, which nothing here reads. -fno-strict-aliasing: bfloat16
+    # and float32 are converted through their bits.
+    lib = load_kernel(SOURCE, ("-fno-trapping-math", "-fno-strict-aliasing"))
     return None if lib is None else MergeKernel(lib)
