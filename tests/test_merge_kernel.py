@@ -137,7 +137,7 @@ def test_the_kernel_skips_zero_task_vectors_per_numpy_block() -> None:
 def test_dare_mask_replays_numpy_pcg64_stream() -> None:
     import ctypes
 
-    from llmfast.merge.methods.sparsify import drop_at_random
+    from llmfast.merge.methods.sparsify import drop_at_random, drop_stream
 
     kernel = native_merge.merge_kernel()
     assert kernel is not None
@@ -148,8 +148,7 @@ def test_dare_mask_replays_numpy_pcg64_stream() -> None:
     ft[:10] = base[:10]  # zero task-vector entries: not counted as nonzero
     expected = ft - base
     drop_at_random(expected, 0.3, 5, "w", 2)
-    seed = np.random.PCG64(__import__("llmfast.merge.methods.sparsify", fromlist=["_stream_seed"])
-                           ._stream_seed(5, "w", 2)).state["state"]
+    seed = drop_stream(5, "w", 2).state["state"]
     state = np.array([seed["state"] >> 64, seed["state"] & (2**64 - 1), seed["inc"] >> 64, seed["inc"] & (2**64 - 1)],
                      dtype=np.uint64)
     keep = np.empty((n + 7) // 8, dtype=np.uint8)

@@ -165,10 +165,10 @@ static void merge_task_range(const merge_job *j, int64_t a, int64_t b, const int
     }
 }
 
-/* Whether input i's task vector (before the drop) is nonzero anywhere in [a, b). */
-static int any_delta(const merge_job *j, int i, int64_t a, int64_t b) {
+/* Whether input - base is nonzero anywhere in entries [a, b) (stops at the first such entry). */
+static int nonzero_delta(const void *base, int base_bf16, const void *input, int in_bf16, int64_t a, int64_t b) {
     for (int64_t e = a; e < b; e++)
-        if (widen1(j->in[i], j->in_bf16[i], e) - widen1(j->base, j->base_bf16, e) != 0.0f) return 1;
+        if (widen1(input, in_bf16, e) - widen1(base, base_bf16, e) != 0.0f) return 1;
     return 0;
 }
 
@@ -181,7 +181,9 @@ static void merge_task(const merge_job *j) {
          * does from 3.12 (Objects/bltinmodule.c), compensation added at the end when nonzero and finite. */
         double total = 0.0, c = 0.0;
         for (int i = 0; i < j->inputs; i++) {
-            if (j->whole_skip[i] || (j->block_skip && !any_delta(j, i, a, b))) continue;
+            if (j->whole_skip[i] ||
+                (j->block_skip && !nonzero_delta(j->base, j->base_bf16, j->in[i], j->in_bf16[i], a, b)))
+                continue;
             use[used++] = i;
             double x = j->weight64[i], t = total + x;
             if (j->compensated) c += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
@@ -267,9 +269,7 @@ void dare_mask(const void *base, int32_t base_bf16, const void *input, int32_t i
     *after = (l1_kept[0] + l1_kept[1]) + (l1_kept[2] + l1_kept[3]);
 }
 
-/* Whether input - base is nonzero anywhere (stops at the first such entry). */
+/* Whether input - base is nonzero anywhere: a DARE input whose task vector is zero is skipped before any draw. */
 int any_nonzero_delta(const void *base, int32_t base_bf16, const void *input, int32_t in_bf16, int64_t n) {
-    for (int64_t e = 0; e < n; e++)
-        if (widen1(input, in_bf16, e) - widen1(base, base_bf16, e) != 0.0f) return 1;
-    return 0;
+    return nonzero_delta(base, base_bf16, input, in_bf16, 0, n);
 }

@@ -4,8 +4,8 @@ linear, task_arithmetic, dare_linear and dare_ties over float32 or bfloat16 tens
 entry once and writes the stored output, where the numpy path makes about ten passes (widen, subtract, weight, add,
 divide, round back). Same bits as the numpy path, which stays for everything else (other methods, adapters, float16
 and float64, a `dtype` cast that changes the inputs) and on machines without a C compiler. One exception, by
-float64 rounding: DARE's rescale factor is the ratio of two L1 norms that the kernel sums in order and numpy sums
-pairwise; they round to different float32 factors about once in 10^8 tensors.
+float64 rounding: DARE's rescale factor is the ratio of two L1 norms that the kernel sums in four fixed partial
+sums and numpy sums pairwise; they round to different float32 factors about once in 10^8 tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfast.errors import UserError
+from llmfast.merge.steps import stored_as
 from llmfast.native import load_kernel
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class MergeKernel:
                for a in arrays):
             return False
         cast = plan.config.dtype
-        return cast is None or all(_st_name(a[1]) == cast.removeprefix("torch.") for a in arrays)
+        return cast is None or all(stored_as(a[1], cast) for a in arrays)
 
     def merge(self, plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]],
               out_dtype: str) -> "tuple[np.ndarray, dict[str, int]]":
@@ -126,7 +127,8 @@ class MergeKernel:
               keep_alive: list[Any]) -> None:
         import numpy as np
 
-        from llmfast.merge.methods.sparsify import _stream_seed
+        from llmfast.merge.methods.sparsify import drop_stream, keep_below
+        from llmfast.merge.methods.task_arithmetic import rescales
 
         method = plan.method
         job.mode, job.base, job.base_bf16 = _TASK, base[0].ctypes.data, _TAGS[base[1]]
@@ -149,24 +151,18 @@ class MergeKernel:
                 continue
             keep = np.empty((job.n + 7) // 8, dtype=np.uint8)
             keep_alive.append(keep)
-            s = np.random.PCG64(_stream_seed(plan.seed, name, i)).state["state"]
+            s = drop_stream(plan.seed, name, i).state["state"]
             state = np.array([s["state"] >> 64, s["state"] & (2**64 - 1), s["inc"] >> 64, s["inc"] & (2**64 - 1)],
                              dtype=np.uint64)
             nonzero, kept, before, after = _i64(), _i64(), _f64(), _f64()
             self._mask(base[0].ctypes.data, _TAGS[base[1]], array.ctypes.data, _TAGS[tag], job.n, state.ctypes.data,
-                       min(int(density * 2**32), 2**32 - 1), keep.ctypes.data, ctypes.byref(nonzero),
+                       keep_below(density), keep.ctypes.data, ctypes.byref(nonzero),
                        ctypes.byref(kept), ctypes.byref(before), ctypes.byref(after))
             job.keep[i] = keep.ctypes.data
             counts["nonzero"] = counts.get("nonzero", 0) + nonzero.value
             counts["kept"] = counts.get("kept", 0) + kept.value
-            if rescale and before.value >= 1e-7 and after.value >= 1e-7:  # mergekit leaves near-empty ones alone
+            if rescale and rescales(before.value, after.value):
                 job.scale[i], job.rescale[i] = float(np.float32(before.value / after.value)), 1
-
-
-def _st_name(tag: str) -> str:
-    from llmfast.merge.io import st_dtype_name
-
-    return st_dtype_name(tag)
 
 
 @lru_cache(maxsize=None)

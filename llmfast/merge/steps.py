@@ -56,7 +56,7 @@ def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[An
 
     base = stored_values(*base_stored, block) if base_stored is not None else None
     cast = plan.config.dtype  # mergekit reads every input in `dtype` before merging
-    if cast is not None and base is not None and not _stored_as(base_stored[1], cast):
+    if cast is not None and base is not None and not stored_as(base_stored[1], cast):
         base = round_to(base, cast)
     if plan.method.domain == "raw":
         tensors = []
@@ -68,7 +68,7 @@ def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[An
                 tensors.append(round_to(t, cast) if cast is not None else t)
             else:
                 t = stored_values(*st, block)
-                tensors.append(round_to(t, cast) if cast is not None and not _stored_as(st[1], cast) else t)
+                tensors.append(round_to(t, cast) if cast is not None and not stored_as(st[1], cast) else t)
         return base, tensors
     assert base is not None
     work_base = float_work(base)
@@ -80,7 +80,7 @@ def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[An
             deltas.append(None if d is None else d.numpy())
             continue
         t = stored_values(*st, block)
-        if cast is not None and not _stored_as(st[1], cast):
+        if cast is not None and not stored_as(st[1], cast):
             t = round_to(t, cast)
         t = float_work(t)
         # Into `t` itself when it is a copy of ours (a widened or rounded read), else a fresh array.
@@ -91,7 +91,7 @@ def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[An
     return base, deltas
 
 
-def _stored_as(tag: str, dtype: str) -> bool:
+def stored_as(tag: str, dtype: str) -> bool:
     """Whether values stored with safetensors `tag` are already in `dtype` (so rounding to it changes nothing)."""
     from llmfast.merge.io import st_dtype_name
 

@@ -179,6 +179,10 @@ class SparseMLP:
         return out.view(x.shape)
 
     # --- one token ---------------------------------------------------------------------------------------
+    def native_taking(self, v: "torch.Tensor") -> Any:
+        """The C kernel where it takes the vector `v` (its gathers and crossover apply), else None (torch path)."""
+        return self.native if self.native is not None and self.native.takes(v) else None
+
     def teal_token(self, v: "torch.Tensor") -> "torch.Tensor":
         gu = threshold_sum(v, self.t_in, self.gate_up_t, self.dense_above, self.calls, self.native)
         h = self.act(gu[: self.inter]) * gu[self.inter :]
@@ -192,7 +196,7 @@ class SparseMLP:
         a = self.act(g)
         keep = g > 0 if self.mode == "relu" else a.abs() > self.t_gate
         idx = keep.nonzero().view(-1)
-        native = self.native if self.native is not None and self.native.takes(a) else None
+        native = self.native_taking(a)
         if idx.numel() > limit(self.dense_above, native) * self.inter:
             self.calls["dense"] += 1
             return (torch.where(keep, a, 0.0) * F.linear(v, self.up_w)) @ self.down_t
@@ -217,7 +221,7 @@ class SparseMLP:
 
         keep = self.predicted(x).view(-1)
         idx = keep.nonzero().view(-1)
-        native = self.native if self.native is not None and self.native.takes(v) else None
+        native = self.native_taking(v)
         if idx.numel() > limit(self.dense_above, native) * self.inter:
             self.calls["dense"] += 1
             h = self.act(F.linear(v, self.gate_w)) * F.linear(v, self.up_w)

@@ -77,7 +77,6 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     if any(_has_hooks(m) for m in mlps):
         raise ValueError("the model's MLPs carry hooks (thresholds put on by load_model?): load it with "
                          "llmfast.loading.from_pretrained, or use load_sparse_model")
-    limit = dense_above
     kw: list[dict[str, Any]] = [{} for _ in mlps]
     attention: dict[str, list[float]] = {}  # attn_in / o_in thresholds per layer (TEAL's attention sites)
     attns: list[Any] = []
@@ -122,9 +121,9 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
             for site, projections in (("attn_in", ("q_proj", "k_proj", "v_proj")), ("o_in", ("o_proj",))):
                 if site in attention:
                     runtimes.append(SparseProjections([getattr(attns[i], p) for p in projections],
-                                                      attention[site][i], dense_above=limit))
+                                                      attention[site][i], dense_above=dense_above))
         if sparse_mlps:
-            rt = SparseMLP(mlp, mode, dense_above=limit, **k)
+            rt = SparseMLP(mlp, mode, dense_above=dense_above, **k)
             mlp.forward = rt  # an instance attribute: nn.Module.__call__ runs it in place of the class's forward
             runtimes.append(rt)
     return runtimes

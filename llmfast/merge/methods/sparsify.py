@@ -231,14 +231,22 @@ def drop_at_random(values: "np.ndarray", density: float, seed: int, tensor_name:
 
     if density >= 1:
         return
-    bits = np.random.PCG64(_stream_seed(seed, tensor_name, index)).random_raw((values.size + 1) // 2)
-    keep = bits.view(np.uint32)[: values.size] < np.uint32(min(int(density * 2**32), 2**32 - 1))
+    bits = drop_stream(seed, tensor_name, index).random_raw((values.size + 1) // 2)
+    keep = bits.view(np.uint32)[: values.size] < np.uint32(keep_below(density))
     np.multiply(values, keep, out=values)
 
 
-def _stream_seed(seed: int, tensor_name: str, index: int) -> int:
+def drop_stream(seed: int, tensor_name: str, index: int) -> "np.random.PCG64":
+    """The PCG64 generator whose raw 32-bit halves decide DARE's drop of one input of one tensor."""
+    import numpy as np
+
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    return np.random.PCG64(int.from_bytes(digest[:8], "little"))
+
+
+def keep_below(density: float) -> int:
+    """An entry is kept when its 32 raw bits are below this."""
+    return min(int(density * 2**32), 2**32 - 1)
 
 
 def _first_crossing(lefts: "np.ndarray", rights: "np.ndarray") -> int:

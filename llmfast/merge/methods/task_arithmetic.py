@@ -101,7 +101,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             ctx.stats["kept"] = ctx.stats.get("kept", 0) + kept
         if before is not None:
             after = _l1(values)
-            if before >= 1e-7 and after >= 1e-7:  # mergekit leaves near-empty deltas unscaled
+            if rescales(before, after):
                 np.multiply(values, values.dtype.type(before / after), out=values)
 
     def coefficients(self, params: list[dict[str, Any]], shared: dict[str, Any],
@@ -112,6 +112,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
         total = sum(weights)
         norm = total if shared["normalize"] and abs(total) >= 1e-8 else 1.0
         return [w / norm * shared["lambda"] for w in weights]
+
+
+def rescales(before: float, after: float) -> bool:
+    """Whether a dropped task vector is scaled back to its L1 norm: mergekit leaves near-empty ones unscaled."""
+    return before >= 1e-7 and after >= 1e-7
 
 
 def _l1(values: "np.ndarray") -> float:
