@@ -62,6 +62,27 @@ def heldout_kl(student: Any, teacher: Any, rows: torch.Tensor, batch_size: int =
 
 
 @torch.no_grad()
+def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """The student's KL to the teacher and both models' perplexity on held-out windows, from one pass of each.
+
+    Perplexity here is exp(mean next-token loss) inside each window: every window starts without context, so it
+    is higher than `llmfast eval`'s strided perplexity of the same text; it is for comparing points of one run.
+    """
+    kl = nll_s = nll_t = 0.0
+    rows_seen = tokens = 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i: i + batch_size]
+        s_logits, t_logits = student(batch).logits, teacher(batch).logits
+        kl += kl_to_teacher(s_logits, t_logits).item() * len(batch)
+        target = batch[:, 1:].reshape(-1)
+        nll_s += F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
+        nll_t += F.cross_entropy(t_logits[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
+        rows_seen, tokens = rows_seen + len(batch), tokens + target.numel()
+    return {"heldout_kl": kl / max(rows_seen, 1), "heldout_ppl": math.exp(nll_s / max(tokens, 1)),
+            "teacher_heldout_ppl": math.exp(nll_t / max(tokens, 1))}
+
+
+@torch.no_grad()
 def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int) -> torch.Tensor:
     """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token."""
     if count == 0:
@@ -139,11 +160,14 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
 def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSettings, work: Path,
             resume: bool = False, before_step: Callable[[int], None] | None = None,
             extra_loss: Callable[[], torch.Tensor] | None = None,
-            log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling") -> dict[str, Any]:
+            log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling",
+            evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None) -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
     `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term
-    (an L1 pressure on activations); `log_extra()` adds fields to each log line. Returns the final metrics.
+    (an L1 pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out
+    measurements, run with the student in eval mode) is logged at step 0, every `eval_every` steps and at the
+    end: the curve of quality against training tokens. Returns the final metrics.
     """
     from tqdm.auto import tqdm
 
@@ -162,6 +186,18 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
         log_path.write_text("".join(k + "\n" for k in kept))
     loss_value = float("nan")
+
+    def measured() -> dict[str, Any]:
+        student.eval()
+        try:
+            return evaluate() if evaluate is not None else {}
+        finally:
+            student.train()
+
+    tokens_per_step = settings.batch_size * rows.shape[1]
+    if evaluate is not None and eval_every and start == 0:
+        with log_path.open("a") as f:
+            f.write(json.dumps({"step": 0, "tokens": 0, "lr": 0.0, **measured()}) + "\n")
     bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", file=sys.stderr)
     for step in range(start, settings.steps):
         if before_step is not None:
@@ -182,8 +218,10 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         done = step + 1
         bar.update(1)
         bar.set_postfix(kl=f"{loss_value:.4f}")
-        if done % settings.log_every == 0 or done == settings.steps:
-            line = {"step": done, "kl": loss_value, "lr": lr_at(settings, step), **(log_extra() if log_extra else {})}
+        evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)
+        if done % settings.log_every == 0 or done == settings.steps or evaluating:
+            line = {"step": done, "tokens": done * tokens_per_step, "kl": loss_value, "lr": lr_at(settings, step),
+                    **(log_extra() if log_extra else {}), **(measured() if evaluating else {})}
             with log_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if done % settings.save_every == 0 and done < settings.steps:

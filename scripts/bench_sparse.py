@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_sparse.py                      # builtin:smollm2-135m, writes runs/bench_sparse/
     .venv/bin/python scripts/bench_sparse.py --relufy-steps 50 --ppl-tokens 8192
+    .venv/bin/python scripts/bench_sparse.py --model runs/quickstart/merged --tasks --relufy-eval-every 10
 
 Variants: the dense base, TEAL at 40% and 50% on the MLP (`teal40`, `teal50`) and on the MLP and attention
 (`teal40-attn`, `teal50-attn`: the inputs of q/k/v and o_proj thresholded too), CATS at 50%, ReLU-fication
@@ -11,7 +12,11 @@ for these the predictors' held-out recall, precision and fraction predicted acti
 path, through its Python API) and then measured here: the MLP activation sparsity on held-out text (the
 first --heldout-tokens of eval/text/persuasion.txt, inside the evaluated span), the perplexity on the first
 --ppl-tokens of the same text (as `llmfast eval` computes it), and the wall time and peak memory of
-sparsify. Prints a table and writes results.json. Timings depend on the machine's load.
+sparsify. With --tasks, the three task accuracies of eval/tasks (first --task-limit rows each; give a fine-tuned
+--model, such as the quickstart chain's merge, for them to mean something). With --relufy-eval-every N, the
+ReLU-fication logs held-out KL, perplexity (inside 256-token windows) and MLP sparsity every N recovery steps:
+the curve of sparsity and quality against recovery tokens, printed as a second table. Prints a table and writes
+results.json. Timings depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
+TASKS = ("dates", "extract", "units")
 
 
 def write_recipe(out: Path, name: str, model: str, method: str, config: dict, args: argparse.Namespace) -> Path:
@@ -41,7 +47,7 @@ def write_recipe(out: Path, name: str, model: str, method: str, config: dict, ar
 def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> dict:
     import torch
 
-    from llmfast.evaluate import perplexity
+    from llmfast.evaluate import perplexity, task_accuracy
     from llmfast.models import load_model, load_tokenizer
     from llmfast.calibration import windows
     from llmfast.sparse.measure import measure_sparsity
@@ -54,7 +60,13 @@ def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> 
     t0 = time.perf_counter()
     with torch.inference_mode():
         ppl = perplexity(model, tok, text, args.context, args.stride, args.ppl_tokens)
-    return {"mlp_sparsity": heldout["down_in"]["mean"], "mlp_sparsity_per_layer": heldout["down_in"]["per_layer"],
+    tasks = {}
+    for name in TASKS if args.tasks else ():
+        with torch.inference_mode():
+            summary, _ = task_accuracy(model, tok, name, REPO / "eval" / "tasks" / name / "test.jsonl",
+                                       args.task_limit, 48, 16)
+        tasks[name] = summary["accuracy"]
+    return {**tasks, "mlp_sparsity": heldout["down_in"]["mean"], "mlp_sparsity_per_layer": heldout["down_in"]["per_layer"],
             "mlp_input_sparsity": heldout["mlp_in"]["mean"],
             **{f"{site}_sparsity": heldout[site]["mean"] for site in ("attn_in", "o_in") if site in heldout},
             "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
@@ -77,6 +89,10 @@ def main() -> int:
     ap.add_argument("--relufy-lr", type=float, default=5e-5)
     ap.add_argument("--dejavu-rank", type=int, default=64)
     ap.add_argument("--dejavu-steps", type=int, default=300)
+    ap.add_argument("--relufy-eval-every", type=int, default=None,
+                    help="held-out KL, perplexity and sparsity every N recovery steps (the curve)")
+    ap.add_argument("--tasks", action="store_true", help="measure the three task accuracies too")
+    ap.add_argument("--task-limit", type=int, default=100)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
 
@@ -87,7 +103,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_model(args.model)
-    relufy = {"batch_size": args.relufy_batch, "lr": args.relufy_lr, "log_every": 1}
+    relufy = {"batch_size": args.relufy_batch, "lr": args.relufy_lr, "log_every": 1,
+              **({"eval_every": args.relufy_eval_every} if args.relufy_eval_every else {})}
     dejavu = {"rank": args.dejavu_rank, "steps": args.dejavu_steps}
     relu = f"relu{args.relufy_steps}"
     attn = {"sites": ["mlp", "attention"]}
@@ -116,8 +133,14 @@ def main() -> int:
                 row["predictors"] = {k: {s: v[s] for s in ("mean", "min", "max")}
                                      for k, v in metrics["predictors"].items()}
             row.update(measure(out / name, args, metrics["heldout_sparsity"]))
+            log = out / name / "train_log.jsonl"
+            if log.is_file():
+                curve = [json.loads(line) for line in log.read_text().splitlines()]
+                row["curve"] = [{k: e[k] for k in ("step", "tokens", "heldout_kl", "heldout_ppl", "teacher_heldout_ppl",
+                                                   "heldout_sparsity")} for e in curve if "heldout_ppl" in e]
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "mlp_sparsity_per_layer"}), file=sys.stderr)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("mlp_sparsity_per_layer", "curve")}),
+              file=sys.stderr)
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -125,7 +148,8 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     base_ppl = next((r["ppl"] for r in rows if r["variant"] == "base"), None)
     print(f"{'variant':<14} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'qkv-in sp.':>10} {'o-in sp.':>8} {'ppl':>8} "
-          f"{'vs base':>8} {'sparsify s':>10} {'recall':>7} {'precision':>9} {'active':>7}")
+          f"{'vs base':>8} {'sparsify s':>10} {'recall':>7} {'precision':>9} {'active':>7}"
+          + "".join(f" {t:>7}" for t in TASKS if args.tasks))
     for r in rows:
         rel = f"{r['ppl'] / base_ppl - 1:+.1%}" if base_ppl else ""
         pred = [f"{r['predictors'][k]['mean']:.1%}" for k in ("recall", "precision", "predicted_active")
@@ -133,7 +157,15 @@ def main() -> int:
         attn = [f"{r[k]:.1%}" if k in r else "" for k in ("attn_in_sparsity", "o_in_sparsity")]
         print(f"{r['variant']:<14} {r['mlp_sparsity']:>12.1%} {r['mlp_input_sparsity']:>13.1%} {attn[0]:>10} "
               f"{attn[1]:>8} {r['ppl']:>8.2f} "
-              f"{rel:>8} {r.get('sparsify_seconds', ''):>10} {pred[0]:>7} {pred[1]:>9} {pred[2]:>7}")
+              f"{rel:>8} {r.get('sparsify_seconds', ''):>10} {pred[0]:>7} {pred[1]:>9} {pred[2]:>7}"
+              + "".join(f" {r[t]:>7.0%}" for t in TASKS if args.tasks))
+    for r in rows:
+        if r.get("curve"):
+            print(f"\n{r['variant']}: held-out curve (perplexity inside {args.window}-token windows)")
+            print(f"{'step':>6} {'tokens':>8} {'MLP sparsity':>12} {'KL':>8} {'ppl':>9} {'source ppl':>10}")
+            for e in r["curve"]:
+                print(f"{e['step']:>6} {e['tokens']:>8} {e['heldout_sparsity']:>12.1%} {e['heldout_kl']:>8.4f} "
+                      f"{e['heldout_ppl']:>9.2f} {e['teacher_heldout_ppl']:>10.2f}")
     print(f"results: {out / 'results.json'}")
     return 0
 

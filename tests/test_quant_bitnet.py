@@ -175,10 +175,24 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
 
     ptq, qat = tmp_path / "ptq", tmp_path / "qat"
     assert main(["quantize", str(_recipe(tmp_path, tiny, ptq))]) == 0
-    assert main(["quantize", str(_recipe(tmp_path, tiny, qat, qat_steps=12, lr=1e-3, lambda_warmup=0.25))]) == 0
+    assert main(["quantize", str(_recipe(tmp_path, tiny, qat, qat_steps=12, lr=1e-3, lambda_warmup=0.25,
+                                         eval_every=4))]) == 0
     teacher = load_model(tiny)
     held = torch.randint(3, 900, (4, 64), generator=torch.Generator().manual_seed(0))
     assert heldout_kl(load_model(qat), teacher, held) < 0.8 * heldout_kl(load_model(ptq), teacher, held)
+    # held-out KL: on the first 512 tokens of the text (never trained on), of the saved model as llmfast loads it
+    from llmfast.models import load_tokenizer
+
+    ids = load_tokenizer(tiny)(TEXT.read_text(encoding="utf-8"), add_special_tokens=False,
+                               return_tensors="pt").input_ids[0]
+    held = ids[:512].reshape(4, 128)
+    metrics = json.loads((qat / "llmfast.json").read_text())["metrics"]
+    assert metrics["heldout_kl"] == pytest.approx(heldout_kl(load_model(qat), teacher, held), rel=1e-4)
+    # the curve: the fully ternary model at each point, from post-training rounding (step 0) to the artifact
+    curve = [e for e in map(json.loads, (qat / "train_log.jsonl").read_text().splitlines()) if "heldout_kl" in e]
+    assert [(e["step"], e["tokens"]) for e in curve] == [(s, s * 2 * 128) for s in (0, 4, 8, 12)]
+    assert curve[0]["heldout_kl"] == pytest.approx(heldout_kl(load_model(ptq), teacher, held), rel=1e-3)
+    assert curve[-1]["heldout_kl"] == pytest.approx(metrics["heldout_kl"], rel=1e-3)
     assert not (tmp_path / "qat.checkpoints").exists()  # removed once the artifact is complete
 
     killed = tmp_path / "killed"

@@ -154,7 +154,7 @@ def _kl(model, ref, windows):
 
 def test_relufied_model_is_zero_where_the_gate_is_not_positive_and_distillation_helps(tmp_path, tiny_dir, tiny):
     code, _, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy",
-                                                  "{steps: 30, batch_size: 2, lr: 3.0e-4, log_every: 1}")))
+                                                  "{steps: 30, batch_size: 2, lr: 3.0e-4, log_every: 1, eval_every: 10}")))
     assert code == 0, err
     art = tmp_path / "out"
     assert json.loads((art / "config.json").read_text())["hidden_act"] == "relu"
@@ -178,8 +178,21 @@ def test_relufied_model_is_zero_where_the_gate_is_not_positive_and_distillation_
     assert kl["relu_untrained"] == pytest.approx(before, rel=1e-3)
     assert kl["relu_trained"] == pytest.approx(after, rel=1e-3)
     log = [json.loads(l) for l in (art / "train_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == list(range(1, 31))
-    assert all(len(e["sparsity_per_layer"]) == 2 and 0.3 < e["sparsity_mean"] < 0.7 for e in log)
+    assert [e["step"] for e in log] == list(range(0, 31))
+    assert all(len(e["sparsity_per_layer"]) == 2 and 0.3 < e["sparsity_mean"] < 0.7 for e in log[1:])
+    # the curve: held-out points at 0, every 10 steps and the end, each against a number computed another way
+    curve = [e for e in log if "heldout_ppl" in e]
+    assert [(e["step"], e["tokens"]) for e in curve] == [(s, s * 2 * 256) for s in (0, 10, 20, 30)]
+    assert curve[0]["heldout_kl"] == pytest.approx(before, rel=1e-3)
+    assert curve[-1]["heldout_kl"] == pytest.approx(after, rel=1e-3)
+    with torch.no_grad():  # exp(mean next-token loss) inside each held-out window, by transformers' own loss
+        ppl = {name: math.exp(sum(m(w[None], labels=w[None]).loss.item() for w in windows) / len(windows))
+               for name, m in (("student", relu), ("teacher", dense))}
+    assert curve[-1]["heldout_ppl"] == pytest.approx(ppl["student"], rel=1e-4)
+    assert all(e["teacher_heldout_ppl"] == pytest.approx(ppl["teacher"], rel=1e-4) for e in curve)
+    assert curve[0]["heldout_ppl"] > curve[-1]["heldout_ppl"]
+    sparsity = json.loads((art / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]["down_in"]["mean"]
+    assert curve[-1]["heldout_sparsity"] == pytest.approx(sparsity, abs=1e-6)
 
 
 def test_l1_pressure_raises_sparsity(tmp_path, tiny_dir):

@@ -43,13 +43,14 @@ def skeleton(model_dir: Path) -> Any:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
-def _rows(recipe: Any, tokenizer: Any) -> Any:
-    from llmfast.calibration import after_eval_span, text_ids, windows
+def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(calibration/training windows from after the evaluated span, held-out windows from its start)."""
+    from llmfast.calibration import split_text, text_ids
 
     d = recipe.data
     ids = text_ids(tokenizer, d.text)
-    span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
-    return windows(span, d.window, "data.calibration_tokens")
+    _, rows, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens, d.window, str(d.text))
+    return rows, heldout
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -72,13 +73,13 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
                         "came from")
     spec.quantizer.check(skeleton(source), spec.config)
     tokenizer = load_tokenizer(source)
-    rows = _rows(recipe, tokenizer) if recipe.data is not None else None
+    rows, heldout = _rows(recipe, tokenizer) if recipe.data is not None else (None, None)
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     start = time.time()
     with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
-                                          dtype=recipe.dtype, work_dir=work, resume=resume)
+                                          heldout=heldout, dtype=recipe.dtype, work_dir=work, resume=resume)
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),

@@ -46,6 +46,7 @@ class RelufyConfig(SparseConfigBase):
     samples: NonNegativeInt = 0  # extra training windows the original model generates itself
     seed: int = 0  # order of the training windows, and the samples
     log_every: PositiveInt = 1
+    eval_every: PositiveInt | None = None  # held-out KL, perplexity and sparsity every N steps (and at 0 and the end)
     save_every: PositiveInt | None = None  # checkpoint every N steps for --resume (null: none)
 
 
@@ -100,7 +101,8 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
     """Distil `job.model` (the teacher) into `student` for `cfg.steps` steps; log to job.work_dir."""
     import torch
 
-    from llmfast.distill import DistillSettings, distill
+    from llmfast.distill import DistillSettings, distill, heldout_scores
+    from llmfast.sparse.measure import record_sparsity, summarize
 
     _check_same_config(job.work_dir, cfg, job.resume)
     settings = DistillSettings(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio,
@@ -116,9 +118,16 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         return {"l1": round(l1().item(), 6), "sparsity_mean": round(sum(sparsity) / len(sparsity), 5),
                 "sparsity_per_layer": sparsity}
 
+    def evaluate() -> dict[str, Any]:  # one point of the curve: quality and sparsity on the held-out windows
+        with record_sparsity(student, inputs=False) as tallies:
+            scores = heldout_scores(student, job.model, job.heldout.to(job.model.device))
+        return {**{k: round(v, 6) for k, v in scores.items()},
+                "heldout_sparsity": summarize(tallies)["down_in"]["mean"]}
+
     try:
         return distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
-                       extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None, log_extra=log_extra, desc="relufy")
+                       extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None, log_extra=log_extra, desc="relufy",
+                       evaluate=evaluate, eval_every=cfg.eval_every)
     finally:
         for h in handles:
             h.remove()

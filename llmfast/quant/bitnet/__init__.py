@@ -29,6 +29,7 @@ class BitNetConfig(QuantConfigBase):
     lambda_warmup: float = Field(0.5, ge=0, le=1)  # fraction of qat_steps over which strength goes 0 -> 1
     teacher_samples: int = Field(0, ge=0)  # rows the teacher writes itself, added to the text (data-free QAT)
     save_every: int = Field(50, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N QAT steps (the curve)
     seed: int = 0
 
 

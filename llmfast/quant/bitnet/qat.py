@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +41,13 @@ def prepare_student(model: Any) -> list[str]:
 
 
 def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, tokenizer: Any, rows: torch.Tensor | None,
-                    dtype: str = "float32", work_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids)."""
+                    heldout: torch.Tensor | None = None, dtype: str = "float32", work_dir: Path,
+                    resume: bool = False) -> dict[str, Any]:
+    """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids), `heldout`
+    windows never trained on (the start of the evaluated text), on which the KL to the teacher is measured."""
     from transformers import AutoModelForCausalLM
 
-    from llmfast.distill import DistillSettings, distill, heldout_kl, teacher_samples
+    from llmfast.distill import DistillSettings, distill, heldout_scores, teacher_samples
 
     if cfg.qat_steps and rows is None:
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
@@ -59,17 +62,31 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         converted = prepare_student(model)
         settings = DistillSettings(steps=cfg.qat_steps, lr=cfg.lr, batch_size=cfg.batch_size,
                                    save_every=cfg.save_every)
+
+        def evaluate() -> dict[str, Any]:  # the fully ternary model (strength 1) of this step, on held-out text
+            lam = _strength(model)
+            set_strength(model, 1.0)
+            try:
+                return {k: round(v, 6) for k, v in heldout_scores(model, teacher, heldout).items()}
+            finally:
+                set_strength(model, lam)
+
         metrics |= distill(model, teacher, data, settings, work_dir, resume=resume,
                            before_step=lambda step: set_strength(model, strength_at(cfg, step)),
-                           log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT")
+                           log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
+                           evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every)
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
             model.set_submodule(name, to_ternary(model.get_submodule(name)))
-        metrics["heldout_kl"] = heldout_kl(model, teacher, rows[: min(len(rows), 8)])
+        if heldout is not None:  # the final ternary model (rounded, strength 1)
+            metrics |= {k: round(v, 6) for k, v in heldout_scores(model, teacher, heldout).items()}
     else:
         replace_linears(model, to_ternary)
     metrics["weights_file_bytes"] = save_ternary(model, tokenizer, out_dir)
+    log = work_dir / "train_log.jsonl"
+    if cfg.qat_steps and log.is_file():  # the work directory goes once the artifact is complete; the log stays
+        shutil.copy2(log, out_dir / "train_log.jsonl")
     metrics["ternary_linear_bytes"] = sum(
         m.weight.numel() // 4 + m.weight_scale.numel() * m.weight_scale.element_size()
         for m in model.modules() if type(m).__name__ == "TernaryLinear")
