@@ -193,6 +193,22 @@ def test_relufied_model_is_zero_where_the_gate_is_not_positive_and_distillation_
     assert curve[0]["heldout_ppl"] > curve[-1]["heldout_ppl"]
     sparsity = json.loads((art / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]["down_in"]["mean"]
     assert curve[-1]["heldout_sparsity"] == pytest.approx(sparsity, abs=1e-6)
+    # bench run's report shows the same: how the variant was made, and its curve
+    from llmfast.bench.lineage import compression
+    from llmfast.bench.report import markdown
+
+    made = compression(art)
+    assert (made["stage"], made["method"], made["train_tokens"], made["mlp_sparsity"]) == (
+        "sparsify", "relufy", 30 * 2 * 256, sparsity)
+    assert [e["step"] for e in made["curve"]] == [0, 10, 20, 30]
+    text = markdown({"name": "t", "date": "d", "machine": "m", "comparisons": [], "variants": [
+        {"name": "relu", "engine": "vllm", "points": [], "quality": None, "compression": made}],
+        "workload": {"num_prompts": 1, "input_len": 8, "output_len": 8, "ignore_eos": True, "request_rate": "inf",
+                     "max_concurrency": [1], "percentiles": [50]}})
+    last = curve[-1]
+    assert f"| relu | sparsify relufy | {sparsity * 100:.1f}% | - | - | - | 15,360 |" in text
+    assert (f"| 30 | 15,360 | {last['heldout_sparsity'] * 100:.1f}% | {last['heldout_kl']:.4f} | "
+            f"{last['heldout_ppl']:.2f} | {last['teacher_heldout_ppl']:.2f} |") in text
 
 
 def test_l1_pressure_raises_sparsity(tmp_path, tiny_dir):

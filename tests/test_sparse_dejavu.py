@@ -132,6 +132,11 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
     assert report["recall"]["mean"] > cfg["target_recall"] - 0.1
     assert {"config.json", "model.safetensors", "predictors.safetensors", "tokenizer.json"} <= {
         f.name for f in art.iterdir()}
+    from llmfast.bench.lineage import compression  # what bench run's report shows of it
+
+    made = compression(art)
+    assert made["method"] == "dejavu" and made["mlp_sparsity"] == metrics["heldout_sparsity"]["down_in"]["mean"]
+    assert made["predictors"] == {k: report[k]["mean"] for k in ("recall", "precision", "predicted_active")}
 
 
 def _rewrite(art, **change):

@@ -64,3 +64,33 @@ def training_logs(chain: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
                 rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
                 logs[run.name] = [r for r in rows if "loss" in r]
     return logs
+
+
+def compression(model_dir: Path) -> dict[str, Any] | None:
+    """What the stage that made this variant measured, for a quantize or sparsify artifact (else None):
+    method, wall time and peak memory, held-out MLP sparsity, predictor quality, the held-out curve of a
+    training method (train_log.jsonl points with held-out scores)."""
+    from llmfast.artifacts import read_manifest
+
+    manifest = read_manifest(model_dir) if model_dir.is_dir() else None
+    if not manifest or manifest.get("stage") not in ("quantize", "sparsify"):
+        return None
+    m = manifest.get("metrics") or {}
+    spec = manifest.get("sparsity") or manifest.get("quantization") or {}
+    out: dict[str, Any] = {"stage": manifest["stage"], "method": spec.get("method"),
+                           "wall_seconds": m.get("wall_seconds"),
+                           "peak_memory_gib": m.get("peak_memory_gib", m.get("peak_rss_gib")),
+                           "train_tokens": m.get("train_tokens")}
+    held = m.get("heldout_sparsity") or {}
+    if "down_in" in held:
+        out["mlp_sparsity"] = held["down_in"]["mean"]
+        out["heldout_tokens"] = held["down_in"].get("tokens")
+    if "predictors" in m:
+        out["predictors"] = {k: m["predictors"][k]["mean"] for k in ("recall", "precision", "predicted_active")
+                             if k in m["predictors"]}
+    log = model_dir / "train_log.jsonl"
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        out["curve"] = [{k: r[k] for k in ("step", "tokens", "heldout_kl", "heldout_ppl", "teacher_heldout_ppl",
+                                           "heldout_sparsity") if k in r} for r in rows if "heldout_kl" in r]
+    return out

@@ -34,6 +34,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     quality_keys = _task_names(results)
     lines += _summary(results, quality_keys)
+    lines += _compression(results)
     lines += ["## Every load level", ""]
     head = ["variant", "engine", "conc.", "req/s", "out tok/s", "total tok/s", "TTFT p50 ms", "TPOT p50 ms",
             "E2EL p99 ms", "failed", "peak RSS GiB", "ppl", *[f"{k} acc" for k in quality_keys]]
@@ -123,6 +124,40 @@ def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
             _f(v.get("peak_rss_gib"), ".2f")]) + " |")
     return out + ["", "Linear weights: the bytes of the decoder layers' linear maps as stored (quantized parts "
                   "included); a variant quantized while loading (e.g. `nf4`) shows its full-precision files.", ""]
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def _compression(results: dict[str, Any]) -> list[str]:
+    """What made each compressed variant: held-out MLP sparsity, predictor quality, cost; training curves."""
+    rows = [v for v in results["variants"] if v.get("compression")]
+    if not rows:
+        return []
+    head = ["variant", "made by", "MLP sparsity (held-out)", "predictor recall", "precision", "predicted active",
+            "training tokens", "wall s", "peak memory GiB"]
+    out = ["## How each compressed variant was made", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in rows:
+        c, p = v["compression"], v["compression"].get("predictors") or {}
+        out.append("| " + " | ".join([
+            v["name"], f"{c['stage']} {c.get('method') or ''}".strip(), _pct(c.get("mlp_sparsity")),
+            _pct(p.get("recall")), _pct(p.get("precision")), _pct(p.get("predicted_active")),
+            "-" if c.get("train_tokens") is None else f"{c['train_tokens']:,}", _f(c.get("wall_seconds")),
+            _f(c.get("peak_memory_gib"), ".2f")]) + " |")
+    out += ["", "MLP sparsity: exact zeros entering the down projections on the held-out text (never calibrated or "
+            "trained on), mean over layers; predictor numbers (Deja Vu) likewise, with the predictors applied.", ""]
+    for v in rows:
+        curve = v["compression"].get("curve") or []
+        if not curve:
+            continue
+        out += [f"### Training curve of {v['name']} (held-out)", "",
+                "| step | tokens | MLP sparsity | KL to source | perplexity | source perplexity |", "|---|---|---|---|---|---|"]
+        out += [f"| {e['step']} | {e['tokens']:,} | {_pct(e.get('heldout_sparsity'))} | {_f(e.get('heldout_kl'), '.4f')} "
+                f"| {_f(e.get('heldout_ppl'), '.2f')} | {_f(e.get('teacher_heldout_ppl'), '.2f')} |" for e in curve]
+        out += ["", "Perplexity inside each held-out window (no context across windows): for comparing points of the "
+                "curve, not with the ppl column above.", ""]
+    return out
 
 
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
