@@ -60,6 +60,7 @@ def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> 
     t0 = time.perf_counter()
     with torch.inference_mode():
         ppl = perplexity(model, tok, text, args.context, args.stride, args.ppl_tokens)
+    ppl_seconds = round(time.perf_counter() - t0, 1)
     tasks = {}
     for name in TASKS if args.tasks else ():
         with torch.inference_mode():
@@ -70,7 +71,7 @@ def measure(model_dir: Path, args: argparse.Namespace, heldout: dict | None) -> 
             "mlp_input_sparsity": heldout["mlp_in"]["mean"],
             **{f"{site}_sparsity": heldout[site]["mean"] for site in ("attn_in", "o_in") if site in heldout},
             "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
-            "ppl_seconds": round(time.perf_counter() - t0, 1)}
+            "ppl_seconds": ppl_seconds}
 
 
 def main() -> int:

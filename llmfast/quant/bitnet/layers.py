@@ -9,6 +9,9 @@ arithmetic of transformers' `BitLinear`, so llmfast and transformers give the sa
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +20,16 @@ from llmfast.quant.bitnet import cpu_kernel
 
 ACT_MAX = 127  # int8, symmetric
 SCALE_FLOOR = 1e-5  # as transformers: a zero tensor or token must not divide by zero
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernel() -> Any:
+    """llmfast.quant.bitnet.triton_kernel, or None where Triton is not installed (CPU-only torch builds)."""
+    try:
+        from llmfast.quant.bitnet import triton_kernel
+    except ImportError:
+        return None
+    return triton_kernel
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +72,10 @@ class TernaryLinear(nn.Module):
     as float32 with unit scales). Those sums are exact, and so is the float32 matmul of the same small integers
     (below 2^24), and the kernel repeats torch's float operations in order, so every path gives bit-identical
     outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a sixteenth.
-    `TernaryLinear.fast = False` switches both off, `TernaryLinear.kernel = False` the C kernel only.
+    On a GPU with Triton, inputs of at most 16 tokens run one Triton launch over the 2-bit packed weights
+    (`triton_kernel.py`; float32 gives the same bits, bfloat16 keeps the integer sums exact where a bfloat16
+    matmul rounds them). `TernaryLinear.fast = False` switches all of these off, `TernaryLinear.kernel = False`
+    the C kernel only.
     """
 
     fast: bool = True
@@ -75,6 +91,7 @@ class TernaryLinear(nn.Module):
         self._dense: torch.Tensor | None = None  # the ternary values in the compute dtype, made once
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # oneDNN's int8 layout
         self._kernel_weights: cpu_kernel.PackedTernary | None = None  # the C kernel's layout of the weights
+        self._gpu_packed: torch.Tensor | None = None  # transformers' 2-bit packing, for the Triton kernel
         self._made_from: tuple[int, ...] | None = None  # the buffers' versions the caches were made of
 
     def _fresh(self) -> None:
@@ -82,7 +99,7 @@ class TernaryLinear(nn.Module):
         weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
         made_from = (id(weight), weight.data_ptr(), _version(weight), id(scale), _version(scale))
         if made_from != self._made_from:
-            self._dense = self._packed = self._kernel_weights = None
+            self._dense = self._packed = self._kernel_weights = self._gpu_packed = None
             self._made_from = made_from
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -103,6 +120,22 @@ class TernaryLinear(nn.Module):
             packed = self._kernel_weights = kernel.pack(weight, float(scale.float()))
         return kernel(x if x.is_contiguous() else x.contiguous(), packed)
 
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton decode kernel's output on a GPU (at most 16 tokens, no autograd), or None."""
+        weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
+        if not (x.is_cuda and weight.is_cuda and x.shape[-1] == self.in_features and self.out_features % 4 == 0
+                and x.numel() <= 16 * self.in_features and scale.numel() == 1
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        kernel = _triton_kernel()
+        if kernel is None:
+            return None
+        if self._gpu_packed is None:
+            from llmfast.quant.bitnet.pack import pack_ternary
+
+            self._gpu_packed = pack_ternary(weight)
+        return kernel.ternary_matmul(x, self._gpu_packed, scale.to(x.dtype))
+
     def _integer_product(self, codes: torch.Tensor) -> torch.Tensor:
         """codes @ W^T for integer-valued codes, exactly."""
         if self.fast and codes.device.type == "cpu" and codes.dtype == torch.float32 and _onednn_int8():
@@ -121,7 +154,7 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._fresh()
-        y = self._kernel_forward(x) if self.fast else None
+        y = (self._triton_forward(x) if x.is_cuda else self._kernel_forward(x)) if self.fast else None
         if y is None:
             codes, a_scale = quantize_activations(x)
             y = self._integer_product(codes)

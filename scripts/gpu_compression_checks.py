@@ -1,0 +1,281 @@
+"""The GPU half of compression, in one run on a lent H100/H200: correctness and speed of llmfast's Triton kernels.
+
+    python3 scripts/gpu_compression_checks.py                 # prints tables, writes $OUT/gpu_compression.json
+    python3 scripts/gpu_compression_checks.py --quick         # fewer configurations (about a minute)
+    TRITON_INTERPRET=1 python3 scripts/gpu_compression_checks.py --smoke   # every code path, tiny, on a CPU
+
+On the lent GPU (the device tool), whose image lacks pydantic: download the wheels as scripts/gpu_checks.sh
+says (into the ignored .whl/), then
+    run(command="pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && "
+                "PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_compression_checks.py", carry=[".whl"], timeout_s=480)
+
+1. The ternary (BitNet b1.58) decode kernel (`llmfast/quant/bitnet/triton_kernel.py`): checked against
+   `TernaryLinear` on the GPU (float32: the same bits; bfloat16: exact integer sums, within one rounding), then
+   timed against cuBLAS bfloat16 (`F.linear`) at Llama-8B shapes (in x out: 4096x4096, 4096x14336, 14336x4096)
+   at 1, 4 and 16 tokens, over a small grid of launch settings (the best is reported with its settings).
+   Goal (issue on quantization): >= 4x cuBLAS bfloat16 at one token on 4096x14336; the byte limit is 8x.
+2. The sparse decode kernel (`llmfast/sparse/triton_kernel.py`): checked against the zeroed dense product, then
+   one token through a Llama-8B MLP (4096 -> 14336, gate|up stacked) with TEAL thresholds at 50/70/90% of the
+   entries of the MLP input and of the down projection's input, against the dense MLP in cuBLAS bfloat16.
+   Goal (issue on sparsity): >= 2x dense at 90%.
+
+Timing: every call reads its weights from GPU memory, not from L2: each side rotates through enough copies of its
+weights (over 256 MiB in all) and the calls are captured in one CUDA graph (no Python launch costs in the time),
+replayed after a warm-up; the time per call is the median over --repeats replays. Both sides are timed the same
+way in the same run. Random weights: the speed of a matrix product does not depend on its values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROTATE_BYTES = 256 * 2**20
+SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, wall-clock timing: every code path but
+# the CUDA graph, so a typo does not cost a GPU session its minutes
+HIDDEN, INTER = 4096, 14336
+
+
+def per_call_us(make_calls: Callable[[int], Callable[[], None]], copies: int, repeats: int) -> float:
+    """Median microseconds per call: `make_calls(i)` is a call on weight copy i; all copies run in one graph."""
+    calls = [make_calls(i) for i in range(copies)]
+    if SMOKE:
+        import time
+
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        return (time.perf_counter() - t0) * 1e6 / copies
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compile, allocate, autotune caches
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / copies)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return 1 if SMOKE else max(4, -(-ROTATE_BYTES // nbytes))
+
+
+def check_ternary(dev: str) -> dict:
+    from llmfast.quant.bitnet.layers import TernaryLinear, quantize_activations, ternarize
+    from llmfast.quant.bitnet.pack import pack_ternary
+    from llmfast.quant.bitnet.triton_kernel import ternary_matmul
+
+    torch.manual_seed(0)
+    out = {}
+    for k, n in [(HIDDEN, HIDDEN), (HIDDEN, INTER), (300, 128)]:
+        vals, ws = ternarize(torch.randn(n, k, device=dev))
+        for dtype in (torch.float32, torch.bfloat16):
+            lin = TernaryLinear(k, n, dtype=dtype, device=dev)
+            lin.weight.copy_(vals)
+            lin.weight_scale.copy_(ws.to(dtype))
+            for m in (1, 5, 16):
+                x = (torch.randn(m, k, device=dev) * 3).to(dtype)
+                TernaryLinear.fast = False  # torch's own ops
+                ref = lin(x)
+                TernaryLinear.fast = True  # on a GPU: the Triton kernel inside the layer
+                through_layer = lin(x)
+                y = ternary_matmul(x, pack_ternary(vals), lin.weight_scale)
+                codes, a_scale = quantize_activations(x)
+                exact = ((codes.double() @ vals.double().T).float() / (lin.weight_scale * a_scale).float()).to(dtype)
+                out[f"{k}x{n} {str(dtype)[6:]} m={m}"] = {
+                    "same_as_layer": torch.equal(y, ref), "same_as_exact": torch.equal(y, exact),
+                    "layer_uses_kernel": torch.equal(through_layer, y),
+                    "max_rel_to_layer": ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()}
+    return out
+
+
+def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
+    from llmfast.quant.bitnet.layers import ternarize
+    from llmfast.quant.bitnet.pack import pack_ternary
+    from llmfast.quant.bitnet.triton_kernel import ternary_matmul
+
+    rows = []
+    configs = [(bn, bk, sk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
+               for nw in (4, 8)]
+    if quick:
+        configs = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 256, 4, 4), (64, 128, 1, 8), (16, 512, 8, 4)]
+    for k, n in [(HIDDEN, HIDDEN), (HIDDEN, INTER), (INTER, HIDDEN)]:
+        w_bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+        packed = [pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev))
+                  for _ in range(copies_for(n * k // 4))]
+        scale = ternarize(w_bf16[0].float())[1].to(torch.bfloat16)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            dense = per_call_us(lambda i: (lambda: F.linear(x, w_bf16[i])), len(w_bf16), repeats)
+            best = None
+            for bn, bk, sk, nw in configs:
+                if sk > 1 and (k // sk) < bk:
+                    continue
+                try:
+                    t = per_call_us(lambda i: (lambda: ternary_matmul(x, packed[i], scale, block_n=bn, block_k=bk,
+                                                                      split_k=sk, num_warps=nw)),
+                                    len(packed), repeats)
+                except Exception as e:  # a launch setting this GPU or Triton refuses (shared memory, registers)
+                    print(f"  skipped {k}x{n} m={m} {(bn, bk, sk, nw)}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw})
+            gbs = (n * k // 4) / (best[0] * 1e-6) / 1e9
+            rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2),
+                         "ternary_us": round(best[0], 2), "speedup": round(dense / best[0], 2),
+                         "ternary_GBps": round(gbs), "cublas_GBps": round(n * k * 2 / (dense * 1e-6) / 1e9),
+                         "config": best[1]})
+            print(f"ternary {k}x{n} m={m}: cuBLAS bf16 {dense:.1f} us, ours {best[0]:.1f} us -> "
+                  f"{dense / best[0]:.2f}x {best[1]}", flush=True)
+        del w_bf16, packed
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check_sparse(dev: str) -> dict:
+    from llmfast.sparse.triton_kernel import threshold_matvec
+
+    torch.manual_seed(0)
+    out = {}
+    for k, n, t in [(HIDDEN, 2 * INTER, 0.7), (INTER, HIDDEN, 0.1), (300, 130, 1.0)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            v = torch.randn(k, device=dev).to(dtype)
+            wt = torch.randn(k, n, device=dev).to(dtype)
+            keep = v.abs() > t
+            ref = torch.where(keep, v, torch.zeros((), dtype=dtype, device=dev)).double() @ wt.double()
+            bound = (v.double().abs() * keep)[None, :] @ wt.double().abs()
+            y = threshold_matvec(v, t, wt)
+            out[f"{k}x{n} {str(dtype)[6:]}"] = {"err_over_sum_abs": ((y.double() - ref).abs() / bound.squeeze(0)
+                                                                     .clamp(min=1e-30)).max().item()}
+    return out
+
+
+def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
+    from llmfast.sparse.triton_kernel import teal_mlp_token, threshold_matvec
+
+    hidden, inter = HIDDEN, INTER
+    nbytes = 3 * hidden * inter * 2
+    copies = copies_for(nbytes)
+    gate_up = [torch.randn(2 * inter, hidden, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
+    down = [torch.randn(hidden, inter, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
+    gate_up_t = [w.T.contiguous() for w in gate_up]
+    down_t = [w.T.contiguous() for w in down]
+    x = torch.randn(hidden, device=dev, dtype=torch.bfloat16)
+
+    def dense_mlp(i: int) -> Callable[[], None]:
+        def call() -> None:
+            gu = F.linear(x, gate_up[i])
+            F.linear(F.silu(gu[:inter]) * gu[inter:], down[i])
+        return call
+
+    dense = per_call_us(dense_mlp, copies, repeats)
+    gu = F.linear(x, gate_up[0])
+    act = F.silu(gu[:inter]) * gu[inter:]
+    configs = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (32, 64, 128) for sk in (1, 4) for nw in (4, 8)]
+    if quick:
+        configs = [(64, 64, 1, 4), (128, 64, 1, 4), (32, 64, 4, 4)]
+    rows = []
+    for sparsity in (0.5, 0.7, 0.9):
+        t_in = torch.quantile(x.float().abs(), sparsity).item()
+        t_down = torch.quantile(act.float().abs(), sparsity).item()
+        best = None
+        for bn, bk, sk, nw in configs:
+            launch = {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw}
+            try:
+                t = per_call_us(lambda i: (lambda: teal_mlp_token(x, t_in, gate_up_t[i], t_down, down_t[i], **launch)),
+                                copies, repeats)
+            except Exception as e:
+                print(f"  skipped {launch}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            if best is None or t < best[0]:
+                best = (t, launch)
+        down_only = per_call_us(lambda i: (lambda: threshold_matvec(act, t_down, down_t[i], **best[1])), copies,
+                                repeats)
+        down_dense = per_call_us(lambda i: (lambda: F.linear(act, down[i])), copies, repeats)
+        rows.append({"sparsity": sparsity, "dense_mlp_us": round(dense, 2), "sparse_mlp_us": round(best[0], 2),
+                     "speedup": round(dense / best[0], 2), "down_dense_us": round(down_dense, 2),
+                     "down_sparse_us": round(down_only, 2), "config": best[1]})
+        print(f"TEAL MLP {sparsity:.0%}: dense {dense:.1f} us, sparse {best[0]:.1f} us -> {dense / best[0]:.2f}x "
+              f"(down alone {down_dense:.1f} -> {down_only:.1f} us) {best[1]}", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few launch settings instead of the grid")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
+    ap.add_argument("--only", choices=["ternary", "sparse"], default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; run with TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    global SMOKE, HIDDEN, INTER
+    if args.smoke:
+        SMOKE, HIDDEN, INTER = True, 64, 224
+        args.quick, args.repeats = True, 1
+    elif not torch.cuda.is_available():
+        print("no CUDA device: this script is for a GPU machine (the kernels are tested on a CPU under "
+              "TRITON_INTERPRET=1 by tests/test_triton_kernels.py)", file=sys.stderr)
+        return 2
+    import triton
+
+    dev = "cpu" if SMOKE else "cuda"
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "gpu": "smoke run on the CPU" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "command": " ".join(sys.argv), "repeats": args.repeats}
+    print(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}", flush=True)
+    if args.only in (None, "ternary"):
+        result["ternary_checks"] = check_ternary(dev)
+        bad = {k: v for k, v in result["ternary_checks"].items()
+               if not ((v["same_as_layer"] if "float32" in k else v["same_as_exact"])
+                       and (SMOKE or v["layer_uses_kernel"]))}
+        print(f"ternary kernel against TernaryLinear on the GPU: {len(result['ternary_checks']) - len(bad)} of "
+              f"{len(result['ternary_checks'])} as expected {bad or ''}", flush=True)
+        result["ternary"] = time_ternary(dev, args.quick, args.repeats)
+    if args.only in (None, "sparse"):
+        result["sparse_checks"] = check_sparse(dev)
+        print(f"sparse kernel, largest error over sum |terms|: "
+              f"{max(v['err_over_sum_abs'] for v in result['sparse_checks'].values()):.2e}", flush=True)
+        result["sparse"] = time_sparse(dev, args.quick, args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_compression.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| kernel | shape | tokens/sparsity | cuBLAS bf16 us | ours us | speed-up | settings |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result.get("ternary", []):
+        print(f"| ternary | {r['in']}x{r['out']} | {r['tokens']} | {r['cublas_bf16_us']} | {r['ternary_us']} | "
+              f"{r['speedup']}x | {r['config']} |")
+    for r in result.get("sparse", []):
+        print(f"| TEAL MLP | {HIDDEN}->{INTER} | {r['sparsity']:.0%} | {r['dense_mlp_us']} | {r['sparse_mlp_us']} | "
+              f"{r['speedup']}x | {r['config']} |")
+    print(f"results: {out / 'gpu_compression.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The GPU kernels (Triton) run here under Triton's interpreter (`TRITON_INTERPRET=1`, numpy on the CPU): the same
+kernel source a GPU compiles, checked against torch computed another way. Each check runs in a child process so
+the interpreter setting (read when a kernel is defined) touches nothing else in the suite. Their speed is a GPU
+matter: scripts/gpu_compression_checks.py."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+pytest.importorskip("triton")  # a dev dependency: `make install` brings it
+
+
+def interpret(code: str) -> dict:
+    """Run `code` (which prints one JSON line last) in a child process with the interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_bfloat16():
+    got = interpret("""
+        import json, torch
+        from llmfast.quant.bitnet.layers import TernaryLinear, quantize_activations, ternarize
+        from llmfast.quant.bitnet.pack import pack_ternary
+        from llmfast.quant.bitnet.triton_kernel import ternary_matmul
+
+        torch.manual_seed(0)
+        report = []
+        # (out, in, tokens, bias, block_k): inputs not a multiple of the block, 1 to 16 tokens, 4 outputs per byte
+        for out, k, m, bias, block_k in [(64, 96, 1, False, 64), (128, 300, 3, True, 64), (32, 520, 16, True, 128),
+                                         (16, 40, 7, False, 32)]:
+            vals, ws = ternarize(torch.randn(out, k))
+            for dtype in (torch.float32, torch.bfloat16):
+                lin = TernaryLinear(k, out, bias=bias, dtype=dtype)
+                lin.weight.copy_(vals)
+                lin.weight_scale.copy_(ws.to(dtype))
+                if bias:
+                    lin.bias.copy_(torch.randn(out).to(dtype))
+                x = (torch.randn(2, m, k) * 3).to(dtype)[:1]
+                x[0, 0, :5] = 0.0  # a few exact zeros, and one all-zero token when m > 1
+                if m > 1:
+                    x[0, 1] = 0.0
+                TernaryLinear.fast = False  # torch's own ops
+                ref = lin(x)
+                y = ternary_matmul(x, pack_ternary(vals), lin.weight_scale, lin.bias, block_k=block_k)
+                codes, a_scale = quantize_activations(x)  # in x's dtype, as the layer does
+                exact = (codes.double() @ vals.double().T).float() / (lin.weight_scale * a_scale).float()
+                exact = exact.to(dtype)
+                if bias:
+                    exact = exact + lin.bias
+                report.append({"dtype": str(dtype), "shape": [out, k, m], "same_as_layer": torch.equal(y, ref),
+                               "same_as_exact": torch.equal(y, exact), "finite": bool(torch.isfinite(y).all()),
+                               "max_rel_to_layer": ((y.float() - ref.float()).abs().max()
+                                                    / ref.float().abs().max()).item(),
+                               "out_shape": list(y.shape)})
+        split = ternary_matmul(x.float(), pack_ternary(vals), ws, None, block_k=32, split_k=3)
+        whole = ternary_matmul(x.float(), pack_ternary(vals), ws, None, block_k=32)
+        errors = []
+        for bad in [lambda: ternary_matmul(torch.randn(17, 40), pack_ternary(vals), ws),
+                    lambda: ternary_matmul(torch.randn(2, 41), pack_ternary(vals), ws)]:
+            try:
+                bad()
+            except ValueError as e:
+                errors.append(str(e))
+        print(json.dumps({"cases": report, "split_rel": ((split - whole).abs().max() / whole.abs().max()).item(),
+                          "errors": errors}))
+    """)
+    for case in got["cases"]:
+        assert case["finite"] and case["out_shape"][-1] == case["shape"][0], case
+        if case["dtype"] == "torch.float32":  # integer sums below 2^24 are exact in float32 too: the same bits
+            assert case["same_as_layer"], case
+        else:  # torch's bfloat16 matmul rounds the integer sums; the kernel keeps them exact, then rounds once
+            assert case["same_as_exact"], case
+            assert case["max_rel_to_layer"] <= 2 ** -7, case
+    assert got["split_rel"] < 1e-6  # the split sums, added in another order
+    assert "at most 16" in got["errors"][0] and "do not fit an input of 41" in got["errors"][1]
+
+
+def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
+    got = interpret("""
+        import json, torch
+        from llmfast.sparse.triton_kernel import teal_mlp_token, threshold_matvec
+
+        torch.manual_seed(0)
+        cases = []
+        for k, n, t, split, dtype in [(100, 70, 0.5, 1, torch.float32), (300, 130, 1.0, 3, torch.float32),
+                                      (64, 64, 0.0, 1, torch.float32), (200, 96, 0.7, 1, torch.bfloat16)]:
+            v = torch.randn(k).to(dtype)
+            v[::4] = 0.0  # exact zeros: dropped even at t = 0 (a ReLU-fied activation)
+            wt = torch.randn(k, n).to(dtype)
+            keep = v.abs() > t
+            poisoned = wt.clone()
+            poisoned[~keep] = float("nan")  # a dropped row that were read would turn the sums into NaN
+            y = threshold_matvec(v, t, poisoned, block_k=32, block_n=32, split_k=split)
+            terms = v.double()[:, None] * wt.double()
+            ref = (torch.where(keep, v, torch.zeros((), dtype=dtype)).double() @ wt.double())
+            bound = (terms.abs() * keep.double()[:, None]).sum(0)  # |sum| <= sum |terms|: the error scale
+            cases.append({"dtype": str(dtype), "kept": keep.float().mean().item(), "finite": bool(torch.isfinite(y).all()),
+                          "err": ((y.double() - ref).abs() / bound.clamp(min=1e-30)).max().item(),
+                          "dtype_out": str(y.dtype)})
+        # TEAL's MLP for one token: thresholds on the MLP input and on the down projection's input
+        hidden, inter = 48, 80
+        g, u, d = (torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter) / 8)
+        x = torch.randn(hidden)
+        y = teal_mlp_token(x, 0.6, torch.cat([g, u]).T.contiguous(), 0.3, d.T.contiguous(), block_k=16, block_n=32)
+        xs = torch.where(x.abs() > 0.6, x, 0.0).double()
+        act = torch.nn.functional.silu(g.double() @ xs) * (u.double() @ xs)
+        ref = d.double() @ torch.where(act.abs() > 0.3, act, 0.0)
+        print(json.dumps({"cases": cases, "mlp_err": ((y.double() - ref).abs().max() / ref.abs().max()).item()}))
+    """)
+    for case in got["cases"]:
+        assert case["finite"] and case["dtype_out"] == case["dtype"], case
+        assert 0.2 < case["kept"] < 0.8 or case["kept"] == pytest.approx(0.75, abs=0.05)
+        # float32 sums of up to 300 terms: within 300 eps of the sum of |terms|; bfloat16: one rounding of the output
+        assert case["err"] <= (300 * 2 ** -24 if case["dtype"] == "torch.float32" else 2 ** -8), case
+    assert got["mlp_err"] < 1e-5
