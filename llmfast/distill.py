@@ -182,8 +182,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         print(f"resuming from step {start} of {settings.steps}", file=sys.stderr)
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "train_log.jsonl"
-    if log_path.is_file():  # keep only lines of steps that the checkpoint covers
-        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
+    if log_path.is_file():  # keep only lines of steps that the checkpoint covers (none when starting afresh)
+        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start else []
         log_path.write_text("".join(k + "\n" for k in kept))
     loss_value = float("nan")
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROTATE_BYTES = 256 * 2**20
+DEADLINE = float("inf")  # --budget-s: launch-setting grids stop trying new settings past this time.monotonic()
 SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, wall-clock timing: every code path but
 # the CUDA graph, so a typo does not cost a GPU session its minutes
 HIDDEN, INTER = 4096, 14336
@@ -82,6 +83,12 @@ def per_call_us(make_calls: Callable[[int], Callable[[], None]], copies: int, re
     return statistics.median(times)
 
 
+def over_budget() -> bool:
+    import time
+
+    return time.monotonic() > DEADLINE
+
+
 def copies_for(nbytes: int) -> int:
     return 1 if SMOKE else max(4, -(-ROTATE_BYTES // nbytes))
 
@@ -116,15 +123,14 @@ def check_ternary(dev: str) -> dict:
 
 
 def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
-    from llmfast.quant.bitnet.layers import ternarize
-    from llmfast.quant.bitnet.pack import pack_ternary
     from llmfast.quant.bitnet.triton_kernel import ternary_matmul
+    from llmfast.quant.bitnet.pack import pack_ternary
+    from llmfast.quant.bitnet.layers import ternarize
 
     rows = []
-    configs = [(bn, bk, sk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4, 8)
-               for nw in (4, 8)]
+    configs = [(bn, bk, sk, 4) for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4)]
     if quick:
-        configs = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 256, 4, 4), (64, 128, 1, 8), (16, 512, 8, 4)]
+        configs = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 256, 4, 4), (64, 128, 1, 4), (16, 512, 2, 4)]
     for k, n in [(HIDDEN, HIDDEN), (HIDDEN, INTER), (INTER, HIDDEN)]:
         w_bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         packed = [pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev))
@@ -133,28 +139,37 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
         for m in (1, 4, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             dense = per_call_us(lambda i: (lambda: F.linear(x, w_bf16[i])), len(w_bf16), repeats)
-            best = None
+            ref = ternary_matmul(x, packed[0], scale).float()
+            best, tried = None, 0
             for bn, bk, sk, nw in configs:
-                if sk > 1 and (k // sk) < bk:
+                if (sk > 1 and (k // sk) < bk) or (best is not None and over_budget()):
                     continue
+                launch = {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw}
                 try:
-                    t = per_call_us(lambda i: (lambda: ternary_matmul(x, packed[i], scale, block_n=bn, block_k=bk,
-                                                                      split_k=sk, num_warps=nw)),
-                                    len(packed), repeats)
+                    y = ternary_matmul(x, packed[0], scale, **launch).float()
+                    if not torch.allclose(y, ref, rtol=0, atol=2 ** -6 * ref.abs().max().item()):
+                        print(f"  WRONG output with {launch}: max diff {(y - ref).abs().max().item():.3g}")
+                        continue
+                    t = per_call_us(lambda i: (lambda: ternary_matmul(x, packed[i], scale, **launch)), len(packed),
+                                    repeats)
                 except Exception as e:  # a launch setting this GPU or Triton refuses (shared memory, registers)
-                    print(f"  skipped {k}x{n} m={m} {(bn, bk, sk, nw)}: {type(e).__name__}: {str(e)[:120]}")
+                    print(f"  skipped {k}x{n} m={m} {launch}: {type(e).__name__}: {str(e)[:160]}")
                     continue
+                tried += 1
                 if best is None or t < best[0]:
-                    best = (t, {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw})
-            gbs = (n * k // 4) / (best[0] * 1e-6) / 1e9
+                    best = (t, launch)
+            if best is None:
+                rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2), "error": "no setting ran"})
+                continue
             rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2),
                          "ternary_us": round(best[0], 2), "speedup": round(dense / best[0], 2),
-                         "ternary_GBps": round(gbs), "cublas_GBps": round(n * k * 2 / (dense * 1e-6) / 1e9),
-                         "config": best[1]})
+                         "ternary_GBps": round((n * k // 4) / (best[0] * 1e-6) / 1e9),
+                         "cublas_GBps": round(n * k * 2 / (dense * 1e-6) / 1e9), "config": best[1],
+                         "settings_tried": tried})
             print(f"ternary {k}x{n} m={m}: cuBLAS bf16 {dense:.1f} us, ours {best[0]:.1f} us -> "
-                  f"{dense / best[0]:.2f}x {best[1]}", flush=True)
+                  f"{dense / best[0]:.2f}x {best[1]} ({tried} settings)", flush=True)
         del w_bf16, packed
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache() if dev == "cuda" else None
     return rows
 
 
@@ -180,8 +195,7 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
     from llmfast.sparse.triton_kernel import teal_mlp_token, threshold_matvec
 
     hidden, inter = HIDDEN, INTER
-    nbytes = 3 * hidden * inter * 2
-    copies = copies_for(nbytes)
+    copies = copies_for(3 * hidden * inter * 2)
     gate_up = [torch.randn(2 * inter, hidden, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
     down = [torch.randn(hidden, inter, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
     gate_up_t = [w.T.contiguous() for w in gate_up]
@@ -195,34 +209,52 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
         return call
 
     dense = per_call_us(dense_mlp, copies, repeats)
-    gu = F.linear(x, gate_up[0])
-    act = F.silu(gu[:inter]) * gu[inter:]
-    configs = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (32, 64, 128) for sk in (1, 4) for nw in (4, 8)]
+    configs = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (32, 64, 128) for sk in (1, 4) for nw in (4,)]
     if quick:
         configs = [(64, 64, 1, 4), (128, 64, 1, 4), (32, 64, 4, 4)]
     rows = []
     for sparsity in (0.5, 0.7, 0.9):
+        # Thresholds as TEAL calibrates them: the input's at its quantile, the down projection's on the activation
+        # that the thresholded input gives (a sparse input shrinks the activation: calibrating on the dense one
+        # would drop far more than the target there).
         t_in = torch.quantile(x.float().abs(), sparsity).item()
+        xs = torch.where(x.abs() > t_in, x, torch.zeros((), dtype=x.dtype, device=dev))
+        gu = F.linear(xs, gate_up[0])
+        act = F.silu(gu[:inter]) * gu[inter:]
         t_down = torch.quantile(act.float().abs(), sparsity).item()
+        kept = {"input": (x.abs() > t_in).float().mean().item(), "down_input": (act.abs() > t_down).float().mean().item()}
+        # every setting must give what the default one gives (check_sparse checked the kernel against torch)
+        ref = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0]).float()
         best = None
         for bn, bk, sk, nw in configs:
+            if best is not None and over_budget():
+                break
             launch = {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw}
             try:
+                y = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0], **launch).float()
+                if not torch.allclose(y, ref, rtol=0, atol=2 ** -5 * ref.abs().max().item()):
+                    print(f"  WRONG output with {launch}: max diff {(y - ref).abs().max().item():.3g}")
+                    continue
                 t = per_call_us(lambda i: (lambda: teal_mlp_token(x, t_in, gate_up_t[i], t_down, down_t[i], **launch)),
                                 copies, repeats)
             except Exception as e:
-                print(f"  skipped {launch}: {type(e).__name__}: {str(e)[:120]}")
+                print(f"  skipped {launch}: {type(e).__name__}: {str(e)[:160]}")
                 continue
             if best is None or t < best[0]:
                 best = (t, launch)
+        if best is None:
+            rows.append({"sparsity": sparsity, "dense_mlp_us": round(dense, 2), "error": "no setting ran"})
+            continue
         down_only = per_call_us(lambda i: (lambda: threshold_matvec(act, t_down, down_t[i], **best[1])), copies,
                                 repeats)
         down_dense = per_call_us(lambda i: (lambda: F.linear(act, down[i])), copies, repeats)
-        rows.append({"sparsity": sparsity, "dense_mlp_us": round(dense, 2), "sparse_mlp_us": round(best[0], 2),
+        rows.append({"sparsity": sparsity, "kept": {k: round(v, 4) for k, v in kept.items()},
+                     "dense_mlp_us": round(dense, 2), "sparse_mlp_us": round(best[0], 2),
                      "speedup": round(dense / best[0], 2), "down_dense_us": round(down_dense, 2),
                      "down_sparse_us": round(down_only, 2), "config": best[1]})
-        print(f"TEAL MLP {sparsity:.0%}: dense {dense:.1f} us, sparse {best[0]:.1f} us -> {dense / best[0]:.2f}x "
-              f"(down alone {down_dense:.1f} -> {down_only:.1f} us) {best[1]}", flush=True)
+        print(f"TEAL MLP {sparsity:.0%} (kept {kept['input']:.1%} / {kept['down_input']:.1%}): dense {dense:.1f} us, "
+              f"sparse {best[0]:.1f} us -> {dense / best[0]:.2f}x (down alone {down_dense:.1f} -> {down_only:.1f} us) "
+              f"{best[1]}", flush=True)
     return rows
 
 
@@ -230,6 +262,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few launch settings instead of the grid")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=300,
+                    help="stop trying new launch settings after this many seconds (the best so far is kept)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     ap.add_argument("--only", choices=["ternary", "sparse"], default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; run with TRITON_INTERPRET=1")
@@ -244,33 +278,54 @@ def main() -> int:
         return 2
     import triton
 
+    global DEADLINE
+    import time
+
+    DEADLINE = time.monotonic() + args.budget_s
     dev = "cpu" if SMOKE else "cuda"
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "gpu": "smoke run on the CPU" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "repeats": args.repeats}
     print(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}", flush=True)
-    if args.only in (None, "ternary"):
-        result["ternary_checks"] = check_ternary(dev)
-        bad = {k: v for k, v in result["ternary_checks"].items()
-               if not ((v["same_as_layer"] if "float32" in k else v["same_as_exact"])
-                       and (SMOKE or v["layer_uses_kernel"]))}
-        print(f"ternary kernel against TernaryLinear on the GPU: {len(result['ternary_checks']) - len(bad)} of "
-              f"{len(result['ternary_checks'])} as expected {bad or ''}", flush=True)
-        result["ternary"] = time_ternary(dev, args.quick, args.repeats)
-    if args.only in (None, "sparse"):
-        result["sparse_checks"] = check_sparse(dev)
-        print(f"sparse kernel, largest error over sum |terms|: "
-              f"{max(v['err_over_sum_abs'] for v in result['sparse_checks'].values()):.2e}", flush=True)
-        result["sparse"] = time_sparse(dev, args.quick, args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_compression.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def save() -> None:  # after every section: a session that runs out of time keeps what it measured
+        (out / "gpu_compression.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    sections = []
+    if args.only in (None, "ternary"):
+        sections += [("ternary_checks", check_ternary), ("ternary", lambda d: time_ternary(d, args.quick, args.repeats))]
+    if args.only in (None, "sparse"):
+        sections += [("sparse_checks", check_sparse), ("sparse", lambda d: time_sparse(d, args.quick, args.repeats))]
+    for name, run in sections:
+        try:
+            result[name] = run(dev)
+        except Exception as e:  # report it and go on: the other kernel's numbers are still worth having
+            import traceback
+
+            traceback.print_exc()
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+        if name == "ternary_checks" and "error" not in result[name]:
+            bad = {k: v for k, v in result[name].items()
+                   if not ((v["same_as_layer"] if "float32" in k else v["same_as_exact"])
+                           and (SMOKE or v["layer_uses_kernel"]))}
+            print(f"ternary kernel against TernaryLinear: {len(result[name]) - len(bad)} of {len(result[name])} as "
+                  f"expected {bad or ''}", flush=True)
+        if name == "sparse_checks" and "error" not in result[name]:
+            print(f"sparse kernel, largest error over sum |terms|: "
+                  f"{max(v['err_over_sum_abs'] for v in result[name].values()):.2e}", flush=True)
     print(f"\n| kernel | shape | tokens/sparsity | cuBLAS bf16 us | ours us | speed-up | settings |")
     print("|---|---|---|---|---|---|---|")
-    for r in result.get("ternary", []):
+    for r in result.get("ternary", []) if isinstance(result.get("ternary"), list) else []:
+        if "error" in r:
+            continue
         print(f"| ternary | {r['in']}x{r['out']} | {r['tokens']} | {r['cublas_bf16_us']} | {r['ternary_us']} | "
               f"{r['speedup']}x | {r['config']} |")
-    for r in result.get("sparse", []):
+    for r in result.get("sparse", []) if isinstance(result.get("sparse"), list) else []:
+        if "error" in r:
+            continue
         print(f"| TEAL MLP | {HIDDEN}->{INTER} | {r['sparsity']:.0%} | {r['dense_mlp_us']} | {r['sparse_mlp_us']} | "
               f"{r['speedup']}x | {r['config']} |")
     print(f"results: {out / 'gpu_compression.json'}")

@@ -196,7 +196,7 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     assert not (tmp_path / "qat.checkpoints").exists()  # removed once the artifact is complete
 
     killed = tmp_path / "killed"
-    recipe = _recipe(tmp_path, tiny, killed, qat_steps=12, lr=1e-3, lambda_warmup=0.25)
+    recipe = _recipe(tmp_path, tiny, killed, qat_steps=12, lr=1e-3, lambda_warmup=0.25, eval_every=4)
     cmd = [sys.executable, "-m", "llmfast.cli", "quantize", str(recipe)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = tmp_path / "killed.checkpoints" / "checkpoints"
@@ -211,6 +211,8 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     assert main(["quantize", str(recipe), "--resume"]) == 0
     a, b = _student_weights(qat), _student_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "heldout_kl" in e] == [0, 4, 8, 12]  # each point of the curve once
     assert not list(tmp_path.glob(".killed.tmp-*"))
 
 

@@ -44,13 +44,15 @@ def skeleton(model_dir: Path) -> Any:
 
 
 def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any]:
-    """(calibration/training windows from after the evaluated span, held-out windows from its start)."""
-    from llmfast.calibration import split_text, text_ids
+    """(calibration/training windows from after the evaluated span, held-out windows from its start, or None
+    when data.heldout_tokens makes no full window: only a method that trains measures on them)."""
+    from llmfast.calibration import after_eval_span, text_ids, windows
 
     d = recipe.data
     ids = text_ids(tokenizer, d.text)
-    _, rows, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens, d.window, str(d.text))
-    return rows, heldout
+    span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
+    heldout = windows(ids[: d.heldout_tokens], d.window, "data.heldout_tokens") if d.heldout_tokens >= d.window else None
+    return windows(span, d.window, "data.calibration_tokens"), heldout
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:

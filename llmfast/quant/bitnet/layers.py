@@ -72,9 +72,9 @@ class TernaryLinear(nn.Module):
     as float32 with unit scales). Those sums are exact, and so is the float32 matmul of the same small integers
     (below 2^24), and the kernel repeats torch's float operations in order, so every path gives bit-identical
     outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a sixteenth.
-    On a GPU with Triton, inputs of at most 16 tokens run one Triton launch over the 2-bit packed weights
-    (`triton_kernel.py`; float32 gives the same bits, bfloat16 keeps the integer sums exact where a bfloat16
-    matmul rounds them). `TernaryLinear.fast = False` switches all of these off, `TernaryLinear.kernel = False`
+    On a GPU with Triton, inputs of at most 16 tokens (of the weight scale's dtype) run one Triton launch over
+    the 2-bit packed weights (`triton_kernel.py`; float32 meant to give the same bits, as it does under Triton's
+    interpreter; bfloat16 keeps the integer sums exact where a bfloat16 matmul rounds them). `TernaryLinear.fast = False` switches all of these off, `TernaryLinear.kernel = False`
     the C kernel only.
     """
 
@@ -124,7 +124,7 @@ class TernaryLinear(nn.Module):
         """The Triton decode kernel's output on a GPU (at most 16 tokens, no autograd), or None."""
         weight, scale = self._buffers["weight"], self._buffers["weight_scale"]
         if not (x.is_cuda and weight.is_cuda and x.shape[-1] == self.in_features and self.out_features % 4 == 0
-                and x.numel() <= 16 * self.in_features and scale.numel() == 1
+                and x.numel() <= 16 * self.in_features and scale.numel() == 1 and scale.dtype == x.dtype
                 and not (x.requires_grad and torch.is_grad_enabled())):
             return None
         kernel = _triton_kernel()
@@ -134,7 +134,7 @@ class TernaryLinear(nn.Module):
             from llmfast.quant.bitnet.pack import pack_ternary
 
             self._gpu_packed = pack_ternary(weight)
-        return kernel.ternary_matmul(x, self._gpu_packed, scale.to(x.dtype))
+        return kernel.ternary_matmul(x, self._gpu_packed, scale)
 
     def _integer_product(self, codes: torch.Tensor) -> torch.Tensor:
         """codes @ W^T for integer-valued codes, exactly."""

@@ -4,7 +4,8 @@ One launch does what `TernaryLinear` does in several: per-token absmax int8 quan
 integer product with the weights as transformers stores them (four 2-bit values per byte along the output
 dimension, `pack.py`), and the scaling back, `y = (codes @ W^T) / (input_scale * weight_scale)`. A decode step
 is bound by the bytes it reads, and these weights are an eighth of bfloat16's: that is the whole point of
-1.58 bits. Each program reads the input rows (a few KB, from L2 after the first) to find their absmax, then
+1.58 bits. Each program reads the input rows (2 bytes x in per token in bfloat16, from L2 after the first
+program: cheap at one token, a real cost at 16 tokens with many programs) to find their absmax, then
 streams its block of packed weight rows once, unpacking the four output rows a byte holds in registers and
 summing int8 x int8 products in int32 (`tl.dot`, exact). With `split_k` > 1 the input dimension is split
 across programs too (for matrices with few output rows, such as a down projection), which add their scaled
@@ -12,9 +13,11 @@ partial outputs into a float32 buffer atomically (the order of those float addit
 
 The arithmetic follows `quantize_activations` in the input's dtype (each product rounded to it, as torch does
 for bfloat16 tensors), so the int8 codes are the ones `TernaryLinear` computes; the integer sums are exact,
-where a bfloat16 matmul rounds them. Float32 inputs give the same bits as `TernaryLinear` (tested under
-Triton's interpreter on a CPU, `TRITON_INTERPRET=1`); speed is measured on a GPU by
-`scripts/gpu_compression_checks.py`. Importing this module needs the `triton` package (CUDA builds of torch
+where a bfloat16 matmul rounds them. The divisions are IEEE (`div_rn`; Triton's `/` is approximate on GPUs) and
+the product x * scale is rounded before round() (the launch turns FMA fusion off), so float32 inputs give the
+same bits as `TernaryLinear`: tested under Triton's interpreter on a CPU (`TRITON_INTERPRET=1`), and checked on
+a GPU by `scripts/gpu_compression_checks.py`, which also measures the speed (not yet run: no GPU was lent when
+this was written). Importing this module needs the `triton` package (CUDA builds of torch
 bring it); callers import it only when they run on a GPU.
 """
 
@@ -37,7 +40,7 @@ SCALE_FLOOR = 1e-5
 @triton.jit
 def _write(acc: Any, denom: Any, b_ptr: Any, y_ptr: Any, rn: Any, col_ok: Any, out_ok: Any, base: Any, pid_k: Any,
            HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, dtype: tl.constexpr):
-    y = acc.to(tl.float32) / denom[:, None]
+    y = tl.math.div_rn(acc.to(tl.float32), denom[:, None])  # IEEE division, as torch's (`/` is approximate)
     if LOW_PRECISION and SPLIT_K == 1:  # split partial sums are rounded once, after they are added
         y = round_to(y, dtype)
     if HAS_BIAS:
@@ -48,7 +51,7 @@ def _write(acc: Any, denom: Any, b_ptr: Any, y_ptr: Any, rn: Any, col_ok: Any, o
     else:
         tl.atomic_add(base, y, mask=out_ok)
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for 1 to 16 tokens
 def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N4, K, floor, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -68,7 +71,7 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N4, K, floor, stride_xm,
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
     # scale = ACT_MAX / amax.clamp(min=SCALE_FLOOR) as torch computes it: reciprocal, then times 127 (int / tensor
     # is reciprocal() * int in torch), each rounded to the input's dtype
-    inv = round_to(1.0 / tl.maximum(amax, floor), dtype)
+    inv = round_to(tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.maximum(amax, floor)), dtype)
     scale = round_to(inv * 127.0, dtype)
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -85,7 +88,7 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N4, K, floor, stride_xm,
             prod = round_to(prod, dtype)
         codes = tl.minimum(tl.maximum(round_half_even(prod), -128.0), 127.0).to(tl.int8)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + ks[None, :], mask=(rn[:, None] < N4) & k_ok[None, :],
-                         other=0)
+                         other=0x55)  # 0x55: four zero weights
         acc0 += tl.dot(codes, tl.trans(((packed & 3).to(tl.int8) - 1)))
         acc1 += tl.dot(codes, tl.trans((((packed >> 2) & 3).to(tl.int8) - 1)))
         acc2 += tl.dot(codes, tl.trans((((packed >> 4) & 3).to(tl.int8) - 1)))
@@ -128,6 +131,7 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Te
     floor = float(torch.tensor(SCALE_FLOOR, dtype=x.dtype))  # clamp(min=1e-5) in the input's dtype
     ternary_gemv[grid](rows, packed, weight_scale, bias if bias is not None else weight_scale, y, m, n4, k, floor,
                  rows.stride(0), packed.stride(0), y.stride(0), HAS_BIAS=bias is not None, LOW_PRECISION=low,
-                 SPLIT_K=split_k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+                 SPLIT_K=split_k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                 enable_fp_fusion=False)  # x * scale must be rounded before round(), not fused into an FMA
     return y.to(x.dtype).reshape(*x.shape[:-1], 4 * n4)
 
