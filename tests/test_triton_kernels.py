@@ -131,3 +131,21 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
         # float32 sums of up to 300 terms: within 300 eps of the sum of |terms|; bfloat16: one rounding of the output
         assert case["err"] <= (300 * 2 ** -24 if case["dtype"] == "torch.float32" else 2 ** -8), case
     assert got["mlp_err"] < 1e-5
+
+
+def test_the_gpu_check_script_runs_every_path_in_its_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_compression_checks.py is for a lent GPU's few minutes: its --smoke mode (tiny shapes, the
+    interpreter, wall-clock timing) runs every code path but the CUDA graph here, so it cannot rot unseen."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "scripts/gpu_compression_checks.py", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_compression.json").read_text())
+    checks = result["ternary_checks"]
+    assert all(v["same_as_layer"] for k, v in checks.items() if "float32" in k)
+    assert all(v["same_as_exact"] for k, v in checks.items() if "bfloat16" in k)
+    assert max(v["err_over_sum_abs"] for v in result["sparse_checks"].values()) < 2 ** -8
+    assert len(result["ternary"]) == 9 and all("speedup" in r for r in result["ternary"])
+    assert [r["sparsity"] for r in result["sparse"]] == [0.5, 0.7, 0.9]
+    assert all(abs(r["kept"]["input"] - (1 - r["sparsity"])) < 0.05 for r in result["sparse"])
+    assert "WRONG" not in out.stdout
