@@ -89,7 +89,7 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
         out["predictors"] = {k: m["predictors"][k]["mean"] for k in ("recall", "precision", "predicted_active")
                              if k in m["predictors"]}
     log = model_dir / "train_log.jsonl"
-    if log.is_file():
+    if log.is_file() and m.get("train_tokens"):  # its own training (a Deja Vu artifact links its source's files)
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["curve"] = [{k: r[k] for k in ("step", "tokens", "heldout_kl", "heldout_ppl", "teacher_heldout_ppl",
                                            "heldout_sparsity") if k in r} for r in rows if "heldout_kl" in r]
