@@ -50,15 +50,9 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
 
 
-@torch.no_grad()
 def heldout_kl(student: Any, teacher: Any, rows: torch.Tensor, batch_size: int = 4) -> float:
     """KL(teacher || student) on held-out windows, for logs and reports."""
-    total, n = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i: i + batch_size]
-        total += kl_to_teacher(student(batch).logits, teacher(batch).logits).item() * len(batch)
-        n += len(batch)
-    return total / max(n, 1)
+    return heldout_scores(student, teacher, rows, batch_size)["heldout_kl"]
 
 
 @torch.no_grad()

@@ -99,6 +99,7 @@ def main() -> int:
 
     import torch
 
+    from llmfast.bench.lineage import compression
     from llmfast.models import resolve_model
 
     out = Path(args.out)
@@ -134,11 +135,9 @@ def main() -> int:
                 row["predictors"] = {k: {s: v[s] for s in ("mean", "min", "max")}
                                      for k, v in metrics["predictors"].items()}
             row.update(measure(out / name, args, metrics["heldout_sparsity"]))
-            log = out / name / "train_log.jsonl"
-            if log.is_file():
-                curve = [json.loads(line) for line in log.read_text().splitlines()]
-                row["curve"] = [{k: e[k] for k in ("step", "tokens", "heldout_kl", "heldout_ppl", "teacher_heldout_ppl",
-                                                   "heldout_sparsity")} for e in curve if "heldout_ppl" in e]
+            curve = (compression(out / name) or {}).get("curve")  # what bench run's report shows of it
+            if curve:
+                row["curve"] = curve
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("mlp_sparsity_per_layer", "curve")}),
               file=sys.stderr)

@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +53,6 @@ def per_call_us(make_calls: Callable[[int], Callable[[], None]], copies: int, re
     """Median microseconds per call: `make_calls(i)` is a call on weight copy i; all copies run in one graph."""
     calls = [make_calls(i) for i in range(copies)]
     if SMOKE:
-        import time
-
         t0 = time.perf_counter()
         for call in calls:
             call()
@@ -84,8 +83,6 @@ def per_call_us(make_calls: Callable[[int], Callable[[], None]], copies: int, re
 
 
 def over_budget() -> bool:
-    import time
-
     return time.monotonic() > DEADLINE
 
 
@@ -279,8 +276,6 @@ def main() -> int:
     import triton
 
     global DEADLINE
-    import time
-
     DEADLINE = time.monotonic() + args.budget_s
     dev = "cpu" if SMOKE else "cuda"
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

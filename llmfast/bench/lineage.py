@@ -61,8 +61,7 @@ def training_logs(chain: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
             run = Path(p).parent if Path(p).name == "adapter" else Path(p)
             log = run / "train_log.jsonl"
             if log.is_file() and run.name not in logs:
-                rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-                logs[run.name] = [r for r in rows if "loss" in r]
+                logs[run.name] = [r for r in _jsonl(log) if "loss" in r]
     return logs
 
 
@@ -90,7 +89,11 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
                              if k in m["predictors"]}
     log = model_dir / "train_log.jsonl"
     if log.is_file() and m.get("train_tokens"):  # its own training (a Deja Vu artifact links its source's files)
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         out["curve"] = [{k: r[k] for k in ("step", "tokens", "heldout_kl", "heldout_ppl", "teacher_heldout_ppl",
-                                           "heldout_sparsity") if k in r} for r in rows if "heldout_kl" in r]
+                                           "heldout_sparsity") if k in r} for r in _jsonl(log) if "heldout_kl" in r]
     return out
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl that llmfast wrote (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -107,20 +107,20 @@ def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
         return []
     low = min(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
     high = max(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
-    head = ["variant", "engine", "made by", "ppl", *[f"{t} acc" for t in tasks], f"out tok/s c={low}",
-            *([f"out tok/s c={high}"] if high != low else []), f"TTFT p50 ms c={low}", f"TPOT p50 ms c={low}", "linear weights MiB",
-            "files MiB", "peak RSS GiB"]
+    levels = {"low": low, "high": high} if high != low else {"low": low}  # one speed column for a one-level sweep
+    head = ["variant", "engine", "made by", "ppl", *[f"{t} acc" for t in tasks],
+            *[f"out tok/s c={c}" for c in levels.values()], f"TTFT p50 ms c={low}",
+            f"TPOT p50 ms c={low}", "linear weights MiB", "files MiB", "peak RSS GiB"]
     out = ["## Variants", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in rows:
         q = v.get("quality") or {}
-        a, b = _point(v, "low"), _point(v, "high")
+        a = _point(v, "low")
         size = v.get("size") or {}
         accs = [(q.get("tasks") or {}).get(t, {}).get("accuracy") for t in tasks]
         out.append("| " + " | ".join([
             v["name"], v["engine"], _made_by(v), _f((q.get("perplexity") or {}).get("ppl"), ".2f"),
             *[_f(x * 100, ".0f") + "%" if x is not None else "-" for x in accs],
-            _f(a.get("output_throughput")), *([_f(b.get("output_throughput"))] if high != low else []),
-            _f(a.get("median_ttft_ms")),
+            *[_f(_point(v, lv).get("output_throughput")) for lv in levels], _f(a.get("median_ttft_ms")),
             _f(a.get("median_tpot_ms")), _mib(size.get("linear_weight_bytes")), _mib(size.get("file_bytes")),
             _f(v.get("peak_rss_gib"), ".2f")]) + " |")
     return out + ["", "Linear weights: the bytes of the decoder layers' linear maps as stored (quantized parts "

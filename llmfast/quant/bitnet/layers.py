@@ -74,8 +74,8 @@ class TernaryLinear(nn.Module):
     outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a sixteenth.
     On a GPU with Triton, inputs of at most 16 tokens (of the weight scale's dtype) run one Triton launch over
     the 2-bit packed weights (`triton_kernel.py`; float32 meant to give the same bits, as it does under Triton's
-    interpreter; bfloat16 keeps the integer sums exact where a bfloat16 matmul rounds them). `TernaryLinear.fast = False` switches all of these off, `TernaryLinear.kernel = False`
-    the C kernel only.
+    interpreter; bfloat16 keeps the integer sums exact where a bfloat16 matmul rounds them).
+    `TernaryLinear.fast = False` switches all of these off, `TernaryLinear.kernel = False` the C kernel only.
     """
 
     fast: bool = True
