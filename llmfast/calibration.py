@@ -60,3 +60,53 @@ def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, w
     calib = after_eval_span(ids, skip, calibration, source, "data.skip_tokens + data.calibration_tokens")
     return train, windows(calib, window, "data.calibration_tokens"), windows(ids[:heldout], window,
                                                                             "data.heldout_tokens")
+
+
+def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: int = 0) -> "torch.Tensor":
+    """Every conversation of the chat JSONL files (finetune's format), rendered through the model's chat template
+    exactly as `finetune` encodes it, in a seeded order, concatenated and cut into windows of `window` tokens.
+
+    A fine-tuned model's skill lives in how it continues its prompts: calibrating or distilling it on book text
+    alone keeps the language model and loses the skill (BENCHMARKS.md, the relufy and W4 rows of the merge).
+    """
+    import random
+
+    import torch
+
+    from llmfast.data.chat import load_examples
+
+    examples = []
+    for path in paths:
+        found, _ = load_examples(path, tokenizer, max_length=1 << 30)  # nothing is truncated
+        examples.extend(found)
+    random.Random(seed).shuffle(examples)
+    ids = torch.tensor([t for ex in examples for t in ex.input_ids], dtype=torch.long)
+    return windows(ids, window, "data.conversations (" + ", ".join(map(str, paths)) + ")")
+
+
+def mix_in(text_rows: "torch.Tensor", conversations: "torch.Tensor", count: int, seed: int = 0) -> "torch.Tensor":
+    """`text_rows` with `count` conversation windows (repeated in order when there are fewer), in a seeded shuffle
+    so that any prefix of the result (AutoRound's nsamples, a short run's first batches) holds both kinds."""
+    import torch
+
+    take = conversations[torch.arange(count) % len(conversations)]
+    rows = torch.cat([text_rows, take])
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+
+def with_conversations(text_rows: "torch.Tensor", data: Any, tokenizer: Any, *, add: bool
+                       ) -> tuple["torch.Tensor", dict[str, Any] | None]:
+    """The windows a method calibrates or trains on, with `data.conversations` making `data.conversations_share` of
+    them: in place of text windows (`add=False`: a calibration set keeps its size, `data.calibration_tokens`), or
+    on top of all of them (`add=True`: training rows, where the text is all the text after the evaluated span).
+    Returns the rows and what went in (for the artifact's manifest); no conversations: the text rows, None."""
+    if not data.conversations:
+        return text_rows, None
+    conv = conversation_windows(tokenizer, list(data.conversations), text_rows.shape[1])
+    share = data.conversations_share
+    n = len(text_rows)
+    count = round(share * n / (1 - share)) if add else min(max(1, round(share * n)), n - 1)
+    rows = mix_in(text_rows if add else text_rows[: n - count], conv, count)
+    info = {"paths": [str(p) for p in data.conversations], "share": share, "windows": count,
+            "available_windows": len(conv), "epochs": round(count / len(conv), 3)}
+    return rows, info

@@ -176,6 +176,10 @@ class BenchRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- sparsify
+def _one_or_list(value: Any) -> Any:
+    return [value] if isinstance(value, (str, Path)) else value
+
+
 class CalibrationText(StrictModel):
     """Which tokens of the text are held out and which a method calibrates or trains on (llmfast/calibration.py)."""
 
@@ -184,6 +188,11 @@ class CalibrationText(StrictModel):
     calibration_tokens: PositiveInt = 8192  # calibrated on (one batch), from the start of the text after the span
     heldout_tokens: PositiveInt = 4096  # sparsity and KL measured on the first tokens (inside the span)
     window: PositiveInt = 512  # tokens per row
+    # Chat JSONL files or `datasets` directories (finetune's format; a fine-tune's train split, never what eval
+    # scores), one or a list: rendered through the model's chat template, they make `conversations_share` of the
+    # calibration / training windows, the rest text (llmfast/calibration.py, with_conversations).
+    conversations: Annotated[list[ExistingPath], BeforeValidator(_one_or_list)] = []
+    conversations_share: float = Field(0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _heldout_inside_span(self) -> "CalibrationText":

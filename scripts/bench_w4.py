@@ -7,7 +7,8 @@
 For each model (--base, --merged) and each group size (--groups) and rounding (--sym), `llmfast quantize` runs in
 a child process (round to nearest, `iters: 0`), so the artifact's llmfast.json holds that process's wall time and
 peak RSS; a group size the shapes cannot take is refused by llmfast (its one-line error is recorded). --tuned
-adds AutoRound-tuned variants: MODEL:gGROUP[:asym]:KEY=VALUE,... with any w4 setting. Then every model and
+adds AutoRound-tuned variants: MODEL:gGROUP[:asym]:KEY=VALUE,... with any w4 setting, and conv=SHARE to calibrate
+on the --conversations files (data.conversations) as that share of the windows. Then every model and
 artifact is evaluated in this process: perplexity on the first --ppl-tokens of the book (context 1024, stride
 512: what `llmfast eval` computes with those settings) and, for the models named by --tasks-for, the three task
 accuracies of eval/tasks (first --task-limit rows each). Calibration text comes from tokens --skip-tokens on;
@@ -55,13 +56,17 @@ def parse_tuned(spec: str) -> tuple[str, str, dict[str, Any]]:
     for kv in (kv for part in rest if "=" in part for kv in part.split(",")):
         key, _, val = kv.partition("=")
         quant[key] = _value(val)
-    short = {"iters": "it", "nsamples": "n", "batch_size": "b", "lr": "lr", "optimized_rtn": "opt"}
+    short = {"iters": "it", "nsamples": "n", "batch_size": "b", "lr": "lr", "optimized_rtn": "opt", "conv": "conv"}
     tag = "-".join(f"{short.get(k, k)}{v}" for k, v in quant.items() if k not in ("group_size", "sym"))
     return model, f"{model}-g{quant['group_size']}-{'sym' if quant['sym'] else 'asym'}-{tag or 'rtn'}", quant
 
 
 def quantize(src: str, name: str, quant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """`llmfast quantize` in a child process; the artifact's metrics, or the refusal's one line."""
+    quant = dict(quant)
+    share = quant.pop("conv", None)  # data.conversations_share: the --conversations files mixed into calibration
+    if share is not None and not args.conversations:
+        raise SystemExit(f"{name}: conv=SHARE needs --conversations FILE...")
     out = args.work / name
     sidecar = args.work / f"{name}.bench.json"
     if args.reuse and (out / "llmfast.json").is_file():
@@ -73,6 +78,8 @@ def quantize(src: str, name: str, quant: dict[str, Any], args: argparse.Namespac
     recipe = {"model": src, "quantization": {"method": "w4", **quant}, "dtype": "float32", "output": str(out),
               "data": {"text": str(TEXT), "skip_tokens": args.skip_tokens,
                        "calibration_tokens": args.calibration_tokens, "window": args.window}}
+    if share is not None:
+        recipe["data"].update(conversations=[str(p) for p in args.conversations], conversations_share=share)
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / f"{name}.yaml"
     path.write_text(json.dumps(recipe, indent=1))
@@ -150,6 +157,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--reuse", action="store_true",
                     help="keep artifacts and measurements of an earlier run with the same settings")
+    ap.add_argument("--conversations", type=Path, nargs="*", default=[],
+                    help="chat JSONL mixed into calibration by a --tuned variant's conv=SHARE (e.g. the fine-tunes' "
+                         "train.jsonl; never eval/tasks, which the script scores)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "w4")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "w4.json")
     args = ap.parse_args()

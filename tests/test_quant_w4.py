@@ -239,3 +239,32 @@ def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, P
     assert 0 < moved < total
     with torch.no_grad():
         assert torch.isfinite(load_model(out)(torch.tensor([[1, 17, 42, 99]])).logits).all()
+
+
+def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """data.conversations replaces that share of the calibration windows with chat rows rendered through the
+    model's template: the manifest says how many, and the tuned rounding differs from the text-only tuning."""
+    from safetensors import safe_open
+
+    base, _ = quantized
+    chats = tmp_path / "train.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                                      {"role": "assistant", "content": str(2 * i)}]}) + "\n"
+                             for i in range(60)))
+    tuned = dict(iters=4, nsamples=8, batch_size=2, lr=0.05)
+    outs = {}
+    for name, extra in (("text", {}), ("chat", {"conversations": str(chats), "conversations_share": 0.5})):
+        out = tmp_path / f"w4-{name}"
+        path = _recipe(tmp_path, base, out, **tuned)
+        recipe = json.loads(path.read_text())
+        recipe["data"].update(extra)
+        path.write_text(json.dumps(recipe))
+        assert main(["quantize", str(path)]) == 0
+        outs[name] = out
+    metrics = json.loads((outs["chat"] / "llmfast.json").read_text())["metrics"]
+    assert metrics["calibration_windows"] == 8
+    assert metrics["conversations"]["windows"] == 4 and metrics["conversations"]["paths"] == [str(chats)]
+    assert "conversations" not in json.loads((outs["text"] / "llmfast.json").read_text())["metrics"]
+    with safe_open(str(outs["text"] / "model.safetensors"), "pt") as a, \
+            safe_open(str(outs["chat"] / "model.safetensors"), "pt") as b:
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.endswith(".qweight"))

@@ -211,6 +211,26 @@ def test_relufied_model_is_zero_where_the_gate_is_not_positive_and_distillation_
             f"{last['heldout_ppl']:.2f} | {last['teacher_heldout_ppl']:.2f} |") in text
 
 
+CHATS = [{"messages": [{"role": "user", "content": f"Convert the date 'March {d}, 1990' to ISO 8601."},
+                       {"role": "assistant", "content": f"1990-03-{d:02d}"}]} for d in range(1, 29)]
+
+
+def test_relufy_distils_on_conversations_in_the_share_asked_for(tmp_path, tiny_dir):
+    chats = tmp_path / "train.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    path = recipe(tmp_path, tiny_dir, "relufy", "{steps: 2, batch_size: 2, lr: 1.0e-4}")
+    code, _, err = run_cli("sparsify", str(path), "--set", f"data.conversations={chats}",
+                           "--set", "data.conversations_share=0.25")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "llmfast.json").read_text())["metrics"]
+    text_windows = (metrics["text"]["tokens"] - 4096) // 256  # all the text after the evaluated span
+    mixed = metrics["conversations"]
+    assert mixed["training"]["windows"] == round(0.25 * text_windows / 0.75)  # chats are a quarter of the rows
+    assert mixed["calibration"]["windows"] == 2  # a quarter of the 8 calibration windows, in place of text
+    assert mixed["training"]["available_windows"] == mixed["calibration"]["available_windows"] >= 2
+    assert mixed["training"]["paths"] == [str(chats)]
+
+
 def test_l1_pressure_raises_sparsity(tmp_path, tiny_dir):
     cfg = "{steps: 20, batch_size: 2, lr: 1.0e-3, l1: %s}"
     for l1, out in [(0.0, "plain"), (3.0, "l1")]:
@@ -294,13 +314,21 @@ def _gpt2_dir(tmp_path, tiny_dir):
     ("resume without checkpoint", "relufy", "{}", ["--resume"], "has no complete checkpoint"),
     ("no gated MLP", "teal", "{}", ["gpt2"], "GPT2LMHeadModel has no gated MLP"),
     ("existing output", "teal", "{}", ["exists"], "already exists: choose another path, or pass --overwrite"),
+    ("conversations missing", "teal", "{}", ["--set", "data.conversations=[nowhere.jsonl]"],
+     "data.conversations.0: not found: nowhere.jsonl"),
+    ("conversations share 1", "relufy", "{}", ["--set", "data.conversations_share=1"],
+     "data.conversations_share: Input should be less than 1"),
+    ("conversation without content", "dejavu", "{}", ["badchat"], "bad.jsonl:2: messages[0] lacks field 'content'"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_dir, what, method, config, extra, expected):
     model = _gpt2_dir(tmp_path, tiny_dir) if extra == ["gpt2"] else tiny_dir
     if extra == ["exists"]:
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
-    args = [a for a in extra if a not in ("gpt2", "exists")]
+    args = [a for a in extra if a not in ("gpt2", "exists", "badchat")]
+    if extra == ["badchat"]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(CHATS[0]) + '\n{"messages": [{"role": "user"}]}\n')
+        args = ["--set", f"data.conversations={tmp_path / 'bad.jsonl'}"]
     code, out, err = run_cli("sparsify", str(recipe(tmp_path, model, method, config)), *args)
     assert code == 2, (what, err)
     errors = [l for l in err.splitlines() if "error" in l]

@@ -43,16 +43,18 @@ def skeleton(model_dir: Path) -> Any:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
-def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any]:
-    """(calibration/training windows from after the evaluated span, held-out windows from its start, or None
-    when data.heldout_tokens makes no full window: only a method that trains measures on them)."""
-    from llmfast.calibration import after_eval_span, text_ids, windows
+def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(calibration/training windows from after the evaluated span, with data.conversations mixed in; held-out
+    windows from its start, or None when data.heldout_tokens makes no full window: only a method that trains
+    measures on them; what conversations went in, or None)."""
+    from llmfast.calibration import after_eval_span, text_ids, windows, with_conversations
 
     d = recipe.data
     ids = text_ids(tokenizer, d.text)
     span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
     heldout = windows(ids[: d.heldout_tokens], d.window, "data.heldout_tokens") if d.heldout_tokens >= d.window else None
-    return windows(span, d.window, "data.calibration_tokens"), heldout
+    rows, mixed = with_conversations(windows(span, d.window, "data.calibration_tokens"), d, tokenizer, add=False)
+    return rows, heldout, mixed
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -75,13 +77,15 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
                         "came from")
     spec.quantizer.check(skeleton(source), spec.config)
     tokenizer = load_tokenizer(source)
-    rows, heldout = _rows(recipe, tokenizer) if recipe.data is not None else (None, None)
+    rows, heldout, mixed = _rows(recipe, tokenizer) if recipe.data is not None else (None, None, None)
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     start = time.time()
     with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
                                           heldout=heldout, dtype=recipe.dtype, work_dir=work, resume=resume)
+        if mixed:
+            metrics["conversations"] = mixed
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),

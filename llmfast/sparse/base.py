@@ -43,8 +43,10 @@ class SparsifyJob:
     model: "PreTrainedModel"  # the original (dense) model, eval mode
     tokenizer: "PreTrainedTokenizerBase"
     dtype: str
-    train_ids: "torch.Tensor"  # 1-D token ids of the text after the evaluated span (calibration and training)
-    calibration: "torch.Tensor"  # (windows, window) ids: the first calibration tokens of train_ids
+    # (windows, window) ids a training method learns from: all the text after the evaluated span, plus
+    # data.conversations when given (None for methods that do not train)
+    train_rows: "torch.Tensor | None"
+    calibration: "torch.Tensor"  # (windows, window) ids: the text's first calibration tokens after the span (+ chats)
     heldout: "torch.Tensor"  # (windows, window) ids from the evaluated span, never calibrated or trained on
     window: int
     work_dir: Path  # survives a kill: checkpoints and the training log (removed when the artifact is complete)

@@ -75,9 +75,8 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
     import torch
 
     from llmfast.distill import teacher_samples
-    from llmfast.calibration import windows
 
-    rows = windows(job.train_ids, job.window, "training text")
+    rows = job.train_rows
     if cfg.samples:
         rows = torch.cat([rows, teacher_samples(job.model, job.tokenizer, cfg.samples, job.window, cfg.seed)])
     # Consecutive windows of one book are alike: a fixed shuffle mixes the text (and the samples) over the steps.

@@ -73,7 +73,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
     from llmfast.models import load_tokenizer, resolve_model, torch_dtype
     from llmfast.recipe import recipe_dict
-    from llmfast.calibration import split_text, text_ids
+    from llmfast.calibration import split_text, text_ids, windows, with_conversations
 
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
@@ -88,6 +88,12 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     ids = text_ids(tokenizer, d.text)
     train_ids, calibration, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens,
                                                  d.window, str(d.text))
+    calibration, mixed = with_conversations(calibration, d, tokenizer, add=False)
+    train_rows = None
+    if method.trains:  # all the text after the evaluated span, and conversations on top when given
+        train_rows, mixed_train = with_conversations(windows(train_ids, d.window, "training text"), d, tokenizer,
+                                                     add=True)
+        mixed = mixed and {"calibration": mixed, "training": mixed_train}
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,7 +101,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
         shutil.rmtree(work)
     job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,
-                           dtype=recipe.dtype, train_ids=train_ids, calibration=calibration, heldout=heldout,
+                           dtype=recipe.dtype, train_rows=train_rows, calibration=calibration, heldout=heldout,
                            window=d.window, work_dir=work, resume=resume)
     cfg = recipe.sparsify.config
     with atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
@@ -108,6 +114,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
             "text": {"path": str(d.text), "tokens": int(ids.numel()), "heldout": [0, int(heldout.numel())],
                      "calibration_from": d.skip_tokens},
         })
+        if mixed:
+            metrics["conversations"] = mixed
         write_manifest(tmp, stage="sparsify", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
                        base_model_path=str(model_path),
                        sparsity={"method": method.name, "config": cfg.model_dump(mode="json")})
