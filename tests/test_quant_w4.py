@@ -263,7 +263,8 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
         outs[name] = out
     metrics = json.loads((outs["chat"] / "llmfast.json").read_text())["metrics"]
     assert metrics["calibration_windows"] == 8
-    assert metrics["conversations"]["windows"] == 4 and metrics["conversations"]["paths"] == [str(chats)]
+    mixed = metrics["conversations"]["calibration"]
+    assert mixed["windows"] == 4 and mixed["paths"] == [str(chats)] and mixed["share"] == 0.5
     assert "conversations" not in json.loads((outs["text"] / "llmfast.json").read_text())["metrics"]
     with safe_open(str(outs["text"] / "model.safetensors"), "pt") as a, \
             safe_open(str(outs["chat"] / "model.safetensors"), "pt") as b:

@@ -195,18 +195,15 @@ def test_relufied_model_is_zero_where_the_gate_is_not_positive_and_distillation_
     assert curve[-1]["heldout_sparsity"] == pytest.approx(sparsity, abs=1e-6)
     # bench run's report shows the same: how the variant was made, and its curve
     from llmfast.bench.lineage import compression
-    from llmfast.bench.report import markdown
 
     made = compression(art)
     assert (made["stage"], made["method"], made["train_tokens"], made["mlp_sparsity"]) == (
         "sparsify", "relufy", 30 * 2 * 256, sparsity)
     assert [e["step"] for e in made["curve"]] == [0, 10, 20, 30]
-    text = markdown({"name": "t", "date": "d", "machine": "m", "comparisons": [], "variants": [
-        {"name": "relu", "engine": "vllm", "points": [], "quality": None, "compression": made}],
-        "workload": {"num_prompts": 1, "input_len": 8, "output_len": 8, "ignore_eos": True, "request_rate": "inf",
-                     "max_concurrency": [1], "percentiles": [50]}})
+    text = _report(made)
     last = curve[-1]
     assert f"| relu | sparsify relufy | {sparsity * 100:.1f}% | - | - | - | 15,360 |" in text
+    assert re.search(r"\| relu \| sparsify relufy \|.* \| text \|\n", text)
     assert (f"| 30 | 15,360 | {last['heldout_sparsity'] * 100:.1f}% | {last['heldout_kl']:.4f} | "
             f"{last['heldout_ppl']:.2f} | {last['teacher_heldout_ppl']:.2f} |") in text
 
@@ -229,6 +226,21 @@ def test_relufy_distils_on_conversations_in_the_share_asked_for(tmp_path, tiny_d
     assert mixed["calibration"]["windows"] == 2  # a quarter of the 8 calibration windows, in place of text
     assert mixed["training"]["available_windows"] == mixed["calibration"]["available_windows"] >= 2
     assert mixed["training"]["paths"] == [str(chats)]
+    from llmfast.bench.lineage import compression
+
+    made = compression(tmp_path / "out")
+    assert (made["data"], made["conversations_share"]) == (True, 0.25)
+    assert re.search(r"\| relu \| sparsify relufy \|.* \| text \+ 25% chats \|\n", _report(made))
+
+
+def _report(made):
+    """bench run's report of one variant made as `made` says (bench.lineage.compression)."""
+    from llmfast.bench.report import markdown
+
+    return markdown({"name": "t", "date": "d", "machine": "m", "comparisons": [], "variants": [
+        {"name": "relu", "engine": "vllm", "points": [], "quality": None, "compression": made}],
+        "workload": {"num_prompts": 1, "input_len": 8, "output_len": 8, "ignore_eos": True, "request_rate": "inf",
+                     "max_concurrency": [1], "percentiles": [50]}})
 
 
 def test_l1_pressure_raises_sparsity(tmp_path, tiny_dir):

@@ -79,7 +79,9 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
     out: dict[str, Any] = {"stage": manifest["stage"], "method": spec.get("method"),
                            "wall_seconds": m.get("wall_seconds"),
                            "peak_memory_gib": m.get("peak_memory_gib", m.get("peak_rss_gib")),
-                           "train_tokens": m.get("train_tokens")}
+                           "train_tokens": m.get("train_tokens"), "data": bool((manifest.get("recipe") or {}).get("data"))}
+    if m.get("conversations"):
+        out["conversations_share"] = m["conversations"]["calibration"]["share"]
     held = m.get("heldout_sparsity") or {}
     if "down_in" in held:
         out["mlp_sparsity"] = held["down_in"]["mean"]

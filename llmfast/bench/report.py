@@ -137,7 +137,7 @@ def _compression(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     head = ["variant", "made by", "MLP sparsity (held-out)", "predictor recall", "precision", "predicted active",
-            "training tokens", "wall s", "peak memory GiB"]
+            "training tokens", "wall s", "peak memory GiB", "data"]
     out = ["## How each compressed variant was made", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in rows:
         c, p = v["compression"], v["compression"].get("predictors") or {}
@@ -145,9 +145,12 @@ def _compression(results: dict[str, Any]) -> list[str]:
             v["name"], f"{c['stage']} {c.get('method') or ''}".strip(), _pct(c.get("mlp_sparsity")),
             _pct(p.get("recall")), _pct(p.get("precision")), _pct(p.get("predicted_active")),
             "-" if c.get("train_tokens") is None else f"{c['train_tokens']:,}", _f(c.get("wall_seconds")),
-            _f(c.get("peak_memory_gib"), ".2f")]) + " |")
+            _f(c.get("peak_memory_gib"), ".2f"),
+            "-" if not c.get("data") else (f"text + {c['conversations_share']:.0%} chats" if c.get(
+                "conversations_share") else "text")]) + " |")
     out += ["", "MLP sparsity: exact zeros entering the down projections on the held-out text (never calibrated or "
-            "trained on), mean over layers; predictor numbers (Deja Vu) likewise, with the predictors applied.", ""]
+            "trained on), mean over layers; predictor numbers (Deja Vu) likewise, with the predictors applied. Data: "
+            "what it calibrated or trained on (chats: `data.conversations`, that share of the windows).", ""]
     for v in rows:
         curve = v["compression"].get("curve") or []
         if not curve:

@@ -85,7 +85,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
                                           heldout=heldout, dtype=recipe.dtype, work_dir=work, resume=resume)
         if mixed:
-            metrics["conversations"] = mixed
+            metrics["conversations"] = {"calibration": mixed}  # as sparsify's (which adds "training")
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),

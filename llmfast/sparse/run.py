@@ -88,12 +88,14 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     ids = text_ids(tokenizer, d.text)
     train_ids, calibration, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens,
                                                  d.window, str(d.text))
-    calibration, mixed = with_conversations(calibration, d, tokenizer, add=False)
+    calibration, mixed_calibration = with_conversations(calibration, d, tokenizer, add=False)
+    mixed = mixed_calibration and {"calibration": mixed_calibration}
     train_rows = None
     if method.trains:  # all the text after the evaluated span, and conversations on top when given
         train_rows, mixed_train = with_conversations(windows(train_ids, d.window, "training text"), d, tokenizer,
                                                      add=True)
-        mixed = mixed and {"calibration": mixed, "training": mixed_train}
+        if mixed:
+            mixed["training"] = mixed_train
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
