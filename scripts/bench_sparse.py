@@ -15,7 +15,8 @@ first --heldout-tokens of eval/text/persuasion.txt, inside the evaluated span), 
 sparsify. With --tasks, the three task accuracies of eval/tasks (first --task-limit rows each; give a fine-tuned
 --model, such as the quickstart chain's merge, for them to mean something). With --relufy-eval-every N, the
 ReLU-fication logs held-out KL, perplexity (inside 256-token windows) and MLP sparsity every N recovery steps:
-the curve of sparsity and quality against recovery tokens, printed as a second table. Prints a table and writes
+the curve of sparsity and quality against recovery tokens, printed as a second table. With --conversations, every
+method calibrates (and relufy distils) on those chats too, as --conversations-share of the windows. Prints a table and writes
 results.json. Timings depend on the machine's load.
 """
 
@@ -39,6 +40,8 @@ def write_recipe(out: Path, name: str, model: str, method: str, config: dict, ar
     path = out / f"{name}.yaml"
     data = {"text": str(TEXT), "skip_tokens": args.skip_tokens, "calibration_tokens": args.calibration_tokens,
             "heldout_tokens": args.heldout_tokens, "window": args.window}
+    if args.conversations:
+        data.update(conversations=[str(p) for p in args.conversations], conversations_share=args.conversations_share)
     path.write_text(json.dumps({"model": model, "sparsify": {"method": method, "config": config}, "data": data,
                                 "dtype": "float32", "output": str(out / name)}))  # JSON is YAML
     return path
@@ -94,6 +97,10 @@ def main() -> int:
                     help="held-out KL, perplexity and sparsity every N recovery steps (the curve)")
     ap.add_argument("--tasks", action="store_true", help="measure the three task accuracies too")
     ap.add_argument("--task-limit", type=int, default=100)
+    ap.add_argument("--conversations", type=Path, nargs="*", default=[],
+                    help="chat JSONL (the fine-tunes' train.jsonl) that every method calibrates / relufy distils on "
+                         "as --conversations-share of the windows (data.conversations)")
+    ap.add_argument("--conversations-share", type=float, default=0.5)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
 
