@@ -62,6 +62,14 @@ def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, w
                                                                             "data.heldout_tokens")
 
 
+def used_data(stage: str, metrics: dict[str, Any]) -> bool:
+    """Whether the method that made an artifact fitted it to its `data:` windows, from its manifest metrics: every
+    sparsify method does; a quantizer when it trained (QAT) or tuned its rounding (w4 `iters`), not when it rounds
+    to nearest."""
+    return stage == "sparsify" or bool(metrics.get("train_tokens") or (metrics.get("calibration_windows")
+                                                                       and metrics.get("iters")))
+
+
 def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: int = 0) -> "torch.Tensor":
     """Every conversation of the chat JSONL files (finetune's format), rendered through the model's chat template
     exactly as `finetune` encodes it, in a seeded order, concatenated and cut into windows of `window` tokens.
@@ -77,36 +85,49 @@ def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: i
 
     examples = []
     for path in paths:
-        found, _ = load_examples(path, tokenizer, max_length=1 << 30)  # nothing is truncated
+        try:
+            found, _ = load_examples(path, tokenizer, max_length=1 << 30)  # nothing is truncated
+        except UserError as e:
+            message = str(e)
+            raise UserError(message if message.startswith(str(path)) else f"data.conversations ({path}): {message}"
+                            ) from None
         examples.extend(found)
     random.Random(seed).shuffle(examples)
     ids = torch.tensor([t for ex in examples for t in ex.input_ids], dtype=torch.long)
     return windows(ids, window, "data.conversations (" + ", ".join(map(str, paths)) + ")")
 
 
-def mix_in(text_rows: "torch.Tensor", conversations: "torch.Tensor", count: int, seed: int = 0) -> "torch.Tensor":
-    """`text_rows` with `count` conversation windows (repeated in order when there are fewer), in a seeded shuffle
-    so that any prefix of the result (AutoRound's nsamples, a short run's first batches) holds both kinds."""
+def interleave(text_rows: "torch.Tensor", conversations: "torch.Tensor", count: int) -> "torch.Tensor":
+    """`text_rows` (in their order) with `count` conversation windows (repeated in order when there are fewer)
+    spread evenly among them, so that any prefix (AutoRound's nsamples, a run's first steps) holds both kinds in
+    about the share of the whole."""
     import torch
 
     take = conversations[torch.arange(count) % len(conversations)]
-    rows = torch.cat([text_rows, take])
-    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
-
-
-def with_conversations(text_rows: "torch.Tensor", data: Any, tokenizer: Any, *, add: bool
-                       ) -> tuple["torch.Tensor", dict[str, Any] | None]:
-    """The windows a method calibrates or trains on, with `data.conversations` making `data.conversations_share` of
-    them: in place of text windows (`add=False`: a calibration set keeps its size, `data.calibration_tokens`), or
-    on top of all of them (`add=True`: training rows, where the text is all the text after the evaluated span).
-    Returns the rows and what went in (for the artifact's manifest); no conversations: the text rows, None."""
-    if not data.conversations:
-        return text_rows, None
-    conv = conversation_windows(tokenizer, list(data.conversations), text_rows.shape[1])
-    share = data.conversations_share
     n = len(text_rows)
-    count = round(share * n / (1 - share)) if add else min(max(1, round(share * n)), n - 1)
-    rows = mix_in(text_rows if add else text_rows[: n - count], conv, count)
+    position = torch.cat([(torch.arange(n) + 0.5) / n, (torch.arange(count) + 0.5) / count])
+    return torch.cat([text_rows, take])[torch.argsort(position, stable=True)]
+
+
+def with_conversations(text_rows: "torch.Tensor", data: Any, conversations: "torch.Tensor | None", *, add: bool
+                       ) -> tuple["torch.Tensor", dict[str, Any] | None]:
+    """The windows a method calibrates or trains on, with `conversations` (`conversation_windows` of
+    `data.conversations`; None: none given) making `data.conversations_share` of them: in place of text windows
+    (`add=False`: a calibration set keeps its size, `data.calibration_tokens`), or on top of all of them
+    (`add=True`: training rows, where the text is all the text after the evaluated span). Returns the rows and
+    what went in (for the artifact's manifest); without conversations the text rows and None."""
+    if conversations is None:
+        return text_rows, None
+    share, n = data.conversations_share, len(text_rows)
+    if add:
+        count = max(1, round(share * n / (1 - share)))
+    else:
+        if n < 2:
+            raise UserError(f"data.conversations: data.calibration_tokens make {n} window of data.window tokens; "
+                            "mixing in conversations needs at least 2: raise data.calibration_tokens")
+        count = min(max(1, round(share * n)), n - 1)
+    rows = interleave(text_rows if add else text_rows[: n - count], conversations, count)
     info = {"paths": [str(p) for p in data.conversations], "share": share, "windows": count,
-            "available_windows": len(conv), "epochs": round(count / len(conv), 3)}
+            "share_used": round(count / len(rows), 4), "available_windows": len(conversations),
+            "epochs": round(count / len(conversations), 3)}
     return rows, info

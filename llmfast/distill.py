@@ -114,21 +114,31 @@ def latest_checkpoint(work: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def rows_digest(rows: torch.Tensor) -> str:
+    """sha256 of the training windows: a resumed run must train on the same rows (text, chats, their mix)."""
+    import hashlib
+
+    data = rows.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+
+
 def save_checkpoint(work: Path, student: Any, optimizer: Any, step: int, settings: DistillSettings,
-                    keep: int = 2) -> None:
+                    keep: int = 2, rows: str | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(work / "checkpoints" / f"step-{step:06d}", overwrite=True) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(student).items()},
                   str(tmp / "student.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        atomic_write_json(tmp / "state.json", {"step": step, "settings": dataclasses.asdict(settings)})
+        atomic_write_json(tmp / "state.json", {"step": step, "settings": dataclasses.asdict(settings), "rows": rows})
     for old in sorted((work / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSettings) -> int:
-    """Load the latest checkpoint into student and optimizer; return its step (0 when there is none)."""
+def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSettings, rows: str | None = None) -> int:
+    """Load the latest checkpoint into student and optimizer; return its step (0 when there is none). `rows`: the
+    digest of this run's training windows, refused when the checkpoint's differs (one written before digests were
+    kept is accepted)."""
     from safetensors.torch import load_file
 
     from llmfast.finetune.checkpoint import safe_load
@@ -140,6 +150,9 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
     if state.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
         raise UserError(f"--resume: {ckpt} was written with other training settings: resume with the same "
                         "recipe, or start again with --overwrite")
+    if rows and state.get("rows") and state["rows"] != rows:
+        raise UserError(f"--resume: {ckpt} was trained on other windows (data.text, data.conversations or their "
+                        "token settings changed): resume with the same recipe, or start again with --overwrite")
     weights = load_file(str(ckpt / "student.safetensors"))
     params = _trainable(student)
     if set(weights) != set(params):
@@ -171,7 +184,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     student.train()
     params = list(_trainable(student).values())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    start = resume_from(work, student, optimizer, settings) if resume else 0
+    digest = rows_digest(rows)
+    start = resume_from(work, student, optimizer, settings, digest) if resume else 0
     if start:
         print(f"resuming from step {start} of {settings.steps}", file=sys.stderr)
     work.mkdir(parents=True, exist_ok=True)
@@ -219,8 +233,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             with log_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
         if done % settings.save_every == 0 and done < settings.steps:
-            save_checkpoint(work, student, optimizer, done, settings)
+            save_checkpoint(work, student, optimizer, done, settings, rows=digest)
     bar.close()
     student.eval()
     return {"steps": settings.steps, "final_kl": loss_value, "train_tokens": settings.steps * settings.batch_size
-            * rows.shape[1], "resumed_from": start}
+            * rows.shape[1], "train_windows": len(rows), "resumed_from": start}

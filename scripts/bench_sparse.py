@@ -41,7 +41,7 @@ def write_recipe(out: Path, name: str, model: str, method: str, config: dict, ar
     data = {"text": str(TEXT), "skip_tokens": args.skip_tokens, "calibration_tokens": args.calibration_tokens,
             "heldout_tokens": args.heldout_tokens, "window": args.window}
     if args.conversations:
-        data.update(conversations=[str(p) for p in args.conversations], conversations_share=args.conversations_share)
+        data.update(conversations=args.conversations, conversations_share=args.conversations_share or 0.5)
     path.write_text(json.dumps({"model": model, "sparsify": {"method": method, "config": config}, "data": data,
                                 "dtype": "float32", "output": str(out / name)}))  # JSON is YAML
     return path
@@ -97,12 +97,14 @@ def main() -> int:
                     help="held-out KL, perplexity and sparsity every N recovery steps (the curve)")
     ap.add_argument("--tasks", action="store_true", help="measure the three task accuracies too")
     ap.add_argument("--task-limit", type=int, default=100)
-    ap.add_argument("--conversations", type=Path, nargs="*", default=[],
+    ap.add_argument("--conversations", nargs="*", default=[],
                     help="chat JSONL (the fine-tunes' train.jsonl) that every method calibrates / relufy distils on "
                          "as --conversations-share of the windows (data.conversations)")
-    ap.add_argument("--conversations-share", type=float, default=0.5)
+    ap.add_argument("--conversations-share", type=float, default=None, help="default 0.5")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = ap.parse_args()
+    if args.conversations_share is not None and not args.conversations:
+        ap.error("--conversations-share needs --conversations FILE...")
 
     import torch
 

@@ -71,7 +71,9 @@ def quantize(src: str, name: str, quant: dict[str, Any], args: argparse.Namespac
     sidecar = args.work / f"{name}.bench.json"
     if args.reuse and (out / "llmfast.json").is_file():
         manifest = json.loads((out / "llmfast.json").read_text())
-        if manifest["quantization"]["config"].items() >= quant.items():
+        same_data = (manifest["recipe"].get("data") or {}).get("conversations", []) == (
+            [str(p) for p in args.conversations] if share is not None else [])
+        if manifest["quantization"]["config"].items() >= quant.items() and same_data:
             print(f"reusing {out}", file=sys.stderr)
             extra = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
             return {"path": str(out), **manifest["metrics"], **extra, "reused": True}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmfast.calibration import conversation_windows, with_conversations
+from llmfast.errors import UserError
 
 
 def _chats(path, n=40):
@@ -18,43 +19,59 @@ def _chats(path, n=40):
     return rows
 
 
-def _reference_stream(tok, rows):
+def _reference_windows(tok, rows, window):
     rows = list(rows)
     random.Random(0).shuffle(rows)  # the documented seeded order
-    return torch.tensor([t for r in rows for t in tok.apply_chat_template(r["messages"], tokenize=True,
-                                                                          return_dict=False)])
+    ids = torch.tensor([t for r in rows for t in tok.apply_chat_template(r["messages"], tokenize=True,
+                                                                         return_dict=False)])
+    return ids[: ids.numel() // window * window].reshape(-1, window)
 
 
-@pytest.mark.parametrize("add", [False, True])
-def test_conversations_make_the_share_asked_for(tmp_path, tiny, add):
+def _data(path, share):
+    return SimpleNamespace(conversations=[path], conversations_share=share)
+
+
+@pytest.mark.parametrize("add,share,count", [(False, 0.3, 3), (True, 0.3, 4), (False, 0.5, 5), (True, 0.5, 10)])
+def test_conversations_make_the_share_asked_for(tmp_path, tiny, add, share, count):
     _, tok = tiny
-    rows = _chats(tmp_path / "train.jsonl")
-    stream = _reference_stream(tok, rows)
-    window = 32
-    conv = stream[: stream.numel() // window * window].reshape(-1, window)
-    assert torch.equal(conversation_windows(tok, [tmp_path / "train.jsonl"], window), conv)
-    text = torch.arange(10 * window).reshape(10, window) + 50_000  # ids no conversation holds
-    data = SimpleNamespace(conversations=[tmp_path / "train.jsonl"], conversations_share=0.3)
-    mixed, info = with_conversations(text, data, tok, add=add)
+    path = tmp_path / "train.jsonl"
+    conv = _reference_windows(tok, _chats(path), 32)
+    assert torch.equal(conversation_windows(tok, [path], 32), conv)
+    text = torch.arange(10 * 32).reshape(10, 32) + 50_000  # ids no conversation holds
+    mixed, info = with_conversations(text, _data(path, share), conv, add=add)
     is_text = mixed[:, 0] >= 50_000
-    k = round(0.3 * 10 / 0.7) if add else 3  # on top of all ten text rows, or in place of three of them
-    assert (len(mixed), int((~is_text).sum())) == ((10 + k) if add else 10, k)
-    kept = sorted(mixed[is_text].tolist())
-    assert kept == (text if add else text[: 10 - k]).tolist()  # the first text windows, each once
-    taken = mixed[~is_text]
-    assert all(any(torch.equal(r, c) for c in conv[:k]) for r in taken)  # the first k conversation windows
-    assert info == {"paths": [str(tmp_path / "train.jsonl")], "share": 0.3, "windows": k,
-                    "available_windows": len(conv), "epochs": round(k / len(conv), 3)}
-    assert is_text.tolist() != sorted(is_text.tolist(), reverse=True)  # shuffled, not the text then the chats
+    # in place of text windows (calibration: 3 of 10 at 30%), or on top of all ten (training: 4 of 14 at 30%)
+    assert (len(mixed), int((~is_text).sum())) == ((10 + count) if add else 10, count)
+    assert mixed[is_text].tolist() == (text if add else text[: 10 - count]).tolist()  # the first, in order
+    assert mixed[~is_text].tolist() == conv[:count].tolist()  # the first conversation windows, each once
+    assert info == {"paths": [str(path)], "share": share, "windows": count, "share_used": round(count / len(mixed), 4),
+                    "available_windows": len(conv), "epochs": round(count / len(conv), 3)}
+    half = len(mixed) // 2  # spread evenly: each half holds about its share of conversations
+    assert abs(int((~is_text[:half]).sum()) - count / 2) <= 1
 
 
-def test_too_few_conversations_repeat_and_none_leaves_the_text(tmp_path, tiny):
+def test_few_conversations_repeat_one_window_is_refused_none_is_the_text(tmp_path, tiny):
     _, tok = tiny
     _chats(tmp_path / "few.jsonl", n=3)
+    conv = conversation_windows(tok, [tmp_path / "few.jsonl"], 16)
     text = torch.arange(40 * 16).reshape(40, 16) + 50_000
-    mixed, info = with_conversations(text, SimpleNamespace(conversations=[tmp_path / "few.jsonl"],
-                                                           conversations_share=0.5), tok, add=True)
-    assert info["windows"] == 40 and info["epochs"] == round(40 / info["available_windows"], 3) > 1
-    assert len(mixed) == 80
-    same, none = with_conversations(text, SimpleNamespace(conversations=[], conversations_share=0.5), tok, add=True)
+    mixed, info = with_conversations(text, _data(tmp_path / "few.jsonl", 0.5), conv, add=True)
+    assert info["windows"] == 40 and len(mixed) == 80 and info["epochs"] == round(40 / len(conv), 3) > 1
+    assert mixed[mixed[:, 0] < 50_000].tolist() == [conv[i % len(conv)].tolist() for i in range(40)]
+    with pytest.raises(UserError, match="data.calibration_tokens make 1 window of data.window tokens; mixing in"):
+        with_conversations(text[:1], _data(tmp_path / "few.jsonl", 0.5), conv, add=False)
+    small, _ = with_conversations(text[:3], _data(tmp_path / "few.jsonl", 0.01), conv, add=True)
+    assert len(small) == 4, "a share that rounds to no window still mixes one in"
+    same, none = with_conversations(text, _data(tmp_path / "few.jsonl", 0.5), None, add=True)
     assert same is text and none is None
+
+
+def test_a_model_without_a_chat_template_is_one_line_naming_the_key(tmp_path, tiny):
+    import copy
+
+    _, tok = tiny
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    _chats(tmp_path / "train.jsonl", n=3)
+    with pytest.raises(UserError, match=r"^data.conversations \(.*train.jsonl\): the tokenizer has no chat template"):
+        conversation_windows(plain, [tmp_path / "train.jsonl"], 16)

@@ -241,11 +241,24 @@ def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, P
         assert torch.isfinite(load_model(out)(torch.tensor([[1, 17, 42, 99]])).logits).all()
 
 
-def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """data.conversations replaces that share of the calibration windows with chat rows rendered through the
-    model's template: the manifest says how many, and the tuned rounding differs from the text-only tuning."""
+    model's template: AutoRound is given them, the manifest says how many, the tuned rounding differs."""
     from safetensors import safe_open
 
+    from llmfast.calibration import conversation_windows
+    from llmfast.models import load_tokenizer
+    from llmfast.quant import w4
+
+    given: dict[str, torch.Tensor] = {}
+    real = w4.W4.quantize
+
+    def spy(self, model_dir, cfg, out_dir, **job):  # records the rows, then the real AutoRound runs
+        given[out_dir.name.removeprefix(".").split(".")[0]] = job["rows"]
+        return real(self, model_dir, cfg, out_dir, **job)
+
+    monkeypatch.setattr(w4.W4, "quantize", spy)
     base, _ = quantized
     chats = tmp_path / "train.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
@@ -261,6 +274,10 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
         path.write_text(json.dumps(recipe))
         assert main(["quantize", str(path)]) == 0
         outs[name] = out
+    (text_rows,), (chat_rows,) = ([v for k, v in given.items() if name in k] for name in ("text", "chat"))
+    chats_in = conversation_windows(load_tokenizer(base), [chats], 128)[:4]
+    assert sorted(chat_rows.tolist()) == sorted(text_rows[:4].tolist() + chats_in.tolist())
+    assert chat_rows[:4].tolist() != text_rows[:4].tolist(), "interleaved: the first nsamples hold chats too"
     metrics = json.loads((outs["chat"] / "llmfast.json").read_text())["metrics"]
     assert metrics["calibration_windows"] == 8
     mixed = metrics["conversations"]["calibration"]

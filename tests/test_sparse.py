@@ -222,7 +222,10 @@ def test_relufy_distils_on_conversations_in_the_share_asked_for(tmp_path, tiny_d
     metrics = json.loads((tmp_path / "out" / "llmfast.json").read_text())["metrics"]
     text_windows = (metrics["text"]["tokens"] - 4096) // 256  # all the text after the evaluated span
     mixed = metrics["conversations"]
-    assert mixed["training"]["windows"] == round(0.25 * text_windows / 0.75)  # chats are a quarter of the rows
+    chat_windows = mixed["training"]["windows"]  # a quarter of the rows: a third as many as the text's
+    assert abs(chat_windows - text_windows / 3) <= 0.5 and mixed["training"]["share_used"] == pytest.approx(
+        0.25, abs=0.5 / text_windows)
+    assert metrics["train_windows"] == text_windows + chat_windows  # what relufy trained on
     assert mixed["calibration"]["windows"] == 2  # a quarter of the 8 calibration windows, in place of text
     assert mixed["training"]["available_windows"] == mixed["calibration"]["available_windows"] >= 2
     assert mixed["training"]["paths"] == [str(chats)]
@@ -267,6 +270,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
     assert not (tmp_path / "killed").exists(), "killed before the end: no artifact"
     code, _, err = run_cli("sparsify", str(path))
     assert code == 2 and "pass --resume to continue it" in err
+    chats = tmp_path / "train.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    code, _, err = run_cli("sparsify", str(path), "--resume", "--set", f"data.conversations={chats}")
+    assert code == 2 and "was trained on other windows" in err, err  # other rows than the checkpoint's
+    assert not (tmp_path / "killed").exists() and list(ckpts.glob("step-*/state.json"))
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err
     a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")

@@ -70,6 +70,7 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
     method, wall time and peak memory, held-out MLP sparsity, predictor quality, the held-out curve of a
     training method (train_log.jsonl points with held-out scores)."""
     from llmfast.artifacts import read_manifest
+    from llmfast.calibration import used_data
 
     manifest = read_manifest(model_dir) if model_dir.is_dir() else None
     if not manifest or manifest.get("stage") not in ("quantize", "sparsify"):
@@ -79,7 +80,7 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
     out: dict[str, Any] = {"stage": manifest["stage"], "method": spec.get("method"),
                            "wall_seconds": m.get("wall_seconds"),
                            "peak_memory_gib": m.get("peak_memory_gib", m.get("peak_rss_gib")),
-                           "train_tokens": m.get("train_tokens"), "data": bool((manifest.get("recipe") or {}).get("data"))}
+                           "train_tokens": m.get("train_tokens"), "data": used_data(manifest["stage"], m)}
     if m.get("conversations"):
         out["conversations_share"] = m["conversations"]["calibration"]["share"]
     held = m.get("heldout_sparsity") or {}

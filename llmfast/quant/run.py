@@ -47,19 +47,21 @@ def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any] | None]
     """(calibration/training windows from after the evaluated span, with data.conversations mixed in; held-out
     windows from its start, or None when data.heldout_tokens makes no full window: only a method that trains
     measures on them; what conversations went in, or None)."""
-    from llmfast.calibration import after_eval_span, text_ids, windows, with_conversations
+    from llmfast.calibration import after_eval_span, conversation_windows, text_ids, windows, with_conversations
 
     d = recipe.data
     ids = text_ids(tokenizer, d.text)
     span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
     heldout = windows(ids[: d.heldout_tokens], d.window, "data.heldout_tokens") if d.heldout_tokens >= d.window else None
-    rows, mixed = with_conversations(windows(span, d.window, "data.calibration_tokens"), d, tokenizer, add=False)
+    chats = conversation_windows(tokenizer, d.conversations, d.window) if d.conversations else None
+    rows, mixed = with_conversations(windows(span, d.window, "data.calibration_tokens"), d, chats, add=False)
     return rows, heldout, mixed
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
     from llmfast.artifacts import atomic_dir, check_output, write_manifest
+    from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
     from llmfast.models import load_tokenizer, resolve_model
 
@@ -84,7 +86,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
                                           heldout=heldout, dtype=recipe.dtype, work_dir=work, resume=resume)
-        if mixed:
+        if mixed and used_data("quantize", metrics):  # not for a method that ignored the rows (rounding to nearest)
             metrics["conversations"] = {"calibration": mixed}  # as sparsify's (which adds "training")
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)

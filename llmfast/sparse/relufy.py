@@ -14,8 +14,9 @@ plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts SiLU on
 The training loop is llmfast/distill.py's (shared with quantization-aware training): resumable from
 checkpoints (safetensors weights, optimizer state read back with torch.load(weights_only=True)) kept with
 train_log.jsonl in the job's work directory until the artifact is complete. Training windows are the text
-after the evaluated span, optionally plus samples the original model writes itself, in an order fixed by
-the seed.
+after the evaluated span, plus the fine-tune's conversations when `data.conversations` names them (a fine-tuned
+model distilled on book text alone keeps the language model and loses the skill), optionally plus samples the
+original model writes itself, in an order fixed by the seed; a resume on other windows is refused.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
     from llmfast.models import load_tokenizer, resolve_model, torch_dtype
     from llmfast.recipe import recipe_dict
-    from llmfast.calibration import split_text, text_ids, windows, with_conversations
+    from llmfast.calibration import conversation_windows, split_text, text_ids, windows, with_conversations
 
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
@@ -88,11 +88,12 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     ids = text_ids(tokenizer, d.text)
     train_ids, calibration, heldout = split_text(ids, d.skip_tokens, d.calibration_tokens, d.heldout_tokens,
                                                  d.window, str(d.text))
-    calibration, mixed_calibration = with_conversations(calibration, d, tokenizer, add=False)
+    chats = conversation_windows(tokenizer, d.conversations, d.window) if d.conversations else None
+    calibration, mixed_calibration = with_conversations(calibration, d, chats, add=False)
     mixed = mixed_calibration and {"calibration": mixed_calibration}
     train_rows = None
     if method.trains:  # all the text after the evaluated span, and conversations on top when given
-        train_rows, mixed_train = with_conversations(windows(train_ids, d.window, "training text"), d, tokenizer,
+        train_rows, mixed_train = with_conversations(windows(train_ids, d.window, "training text"), d, chats,
                                                      add=True)
         if mixed:
             mixed["training"] = mixed_train
