@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -149,3 +150,22 @@ def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:
     assert main(["run", str(path)]) == 0
     metrics = json.loads((out / "lora" / "metrics.json").read_text())
     assert metrics["steps"] == 6 and (out / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_stage_calibrates_on_an_earlier_stages_chats(tiny: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """data.conversations naming `${data}` files: the stage depends on the data stage, its paths are checked only
+    once that stage has written them, and the artifact records the chats it calibrated on."""
+    out = tmp_path / "run"
+    recipe = write(tmp_path / "c.yaml", {"output": str(out), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 40, "test": 4}},
+        "teal": {"type": "sparsify", "with": {
+            "model": str(tiny), "sparsify": {"method": "teal", "config": {"target": 0.5}},
+            "data": {"text": str(TEXT), "skip_tokens": 1024, "calibration_tokens": 1024, "heldout_tokens": 512,
+                     "window": 128, "conversations": ["${data}/dates/train.jsonl"]}}}}})
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    assert re.search(r"2\. run +teal +sparsify +new <- data\n", capsys.readouterr().out)
+    assert not out.exists()
+    assert main(["run", str(recipe)]) == 0
+    mixed = json.loads((out / "teal" / "llmfast.json").read_text())["metrics"]["conversations"]["calibration"]
+    assert mixed["paths"] == [str(out / "data" / "dates" / "train.jsonl")] and mixed["windows"] == 4
