@@ -14,7 +14,8 @@ says (into the ignored .whl/), then
    timed against cuBLAS bfloat16 (`F.linear`) at Llama-8B shapes (in x out: 4096x4096, 4096x14336, 14336x4096)
    at 1, 4 and 16 tokens, over a small grid of launch settings (the best is reported with its settings).
    Goal (issue on quantization): >= 4x cuBLAS bfloat16 at one token on 4096x14336; the byte limit is 8x.
-2. The sparse decode kernel (`llmfast/sparse/triton_kernel.py`): checked against the zeroed dense product, then
+2. The sparse decode kernel (`llmfast/sparse/triton_kernel.py`): checked against the zeroed dense product and,
+   inside the sparse runtime's MLP (which must pick it for CUDA weights), against that MLP's dense path; then
    one token through a Llama-8B MLP (4096 -> 14336, gate|up stacked) with TEAL thresholds at 50/70/90% of the
    entries of the MLP input and of the down projection's input, against the dense MLP in cuBLAS bfloat16.
    Goal (issue on sparsity): >= 2x dense at 90%.
@@ -185,6 +186,31 @@ def check_sparse(dev: str) -> dict:
             y = threshold_matvec(v, t, wt)
             out[f"{k}x{n} {str(dtype)[6:]}"] = {"err_over_sum_abs": ((y.double() - ref).abs() / bound.squeeze(0)
                                                                      .clamp(min=1e-30)).max().item()}
+    out["runtime"] = check_sparse_runtime(dev)
+    return out
+
+
+def check_sparse_runtime(dev: str) -> dict:
+    """The sparse runtime's MLP (`SparseMLP`, TEAL mode) on this device: the kernel native_for picks for its
+    weights (on CUDA it must be the Triton one) and one token's output against its own dense path."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from llmfast.sparse import triton_kernel
+    from llmfast.sparse.kernels import SparseMLP
+
+    cfg = LlamaConfig(hidden_size=HIDDEN // 8, intermediate_size=INTER // 8, num_attention_heads=4)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        rt = SparseMLP(LlamaMLP(cfg).to(device=dev, dtype=dtype), "teal", t_in=0.7, t_down=0.01)
+        picked = type(rt.native).__name__ if rt.native is not None else "torch path"
+        if SMOKE:  # on the CPU native_for picks the C kernel (or torch's path): put the Triton one in its place
+            rt.native = triton_kernel.gather_kernel(dev)
+        x = torch.randn(1, 1, cfg.hidden_size, device=dev).to(dtype)
+        with torch.no_grad():
+            y, ref = rt(x).double(), rt.dense(x).double()
+        out[str(dtype)[6:]] = {"picked": picked, "calls": dict(rt.calls),
+                               "err_over_max": ((y - ref).abs().max() / ref.abs().max()).item()}
     return out
 
 
@@ -310,7 +336,8 @@ def main() -> int:
                   f"expected {bad or ''}", flush=True)
         if name == "sparse_checks" and "error" not in result[name]:
             print(f"sparse kernel, largest error over sum |terms|: "
-                  f"{max(v['err_over_sum_abs'] for v in result[name].values()):.2e}", flush=True)
+                  f"{max(v['err_over_sum_abs'] for k, v in result[name].items() if k != 'runtime'):.2e}; "
+                  f"SparseMLP: {result[name]['runtime']}", flush=True)
     print(f"\n| kernel | shape | tokens/sparsity | cuBLAS bf16 us | ours us | speed-up | settings |")
     print("|---|---|---|---|---|---|---|")
     for r in result.get("ternary", []) if isinstance(result.get("ternary"), list) else []:

@@ -133,6 +133,61 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
     assert got["mlp_err"] < 1e-5
 
 
+def test_sparse_runtime_runs_its_one_token_products_through_the_triton_kernel():
+    """What SparseMLP and SparseProjections run on CUDA weights (kernels.native_for picks TritonGather there),
+    here on the interpreter: every mode's one-token output against its own dense path (the same zeros on dense
+    matmuls), with the kernel seen to run and the sparse path taken."""
+    got = interpret("""
+        import json, torch
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP
+        import llmfast.sparse.triton_kernel as tk
+        from llmfast.sparse.kernels import SparseMLP, SparseProjections
+
+        launches = []
+        real = tk.threshold_matvec
+        tk.threshold_matvec = lambda *a, **k: launches.append(1) or real(*a, **k)  # counts, then runs the kernel
+        torch.manual_seed(0)
+        report = []
+        for dtype in (torch.float32, torch.bfloat16):
+            for mode, act, kw in [("teal", "silu", {"t_in": 0.6, "t_down": 0.05}), ("cats", "silu", {"t_gate": 0.2}),
+                                  ("relu", "relu", {})]:
+                cfg = LlamaConfig(hidden_size=48, intermediate_size=200, hidden_act=act, num_attention_heads=4)
+                mlp = LlamaMLP(cfg).to(dtype)
+                rt = SparseMLP(mlp, mode, **kw)
+                rt.native = tk.gather_kernel("cpu")  # as native_for gives it for CUDA weights
+                x = torch.randn(1, 1, 48).to(dtype)
+                before = len(launches)
+                with torch.no_grad():
+                    y, ref = rt(x), rt.dense(x)
+                report.append({"mode": mode, "dtype": str(dtype), "launches": len(launches) - before,
+                               "calls": dict(rt.calls), "dtype_out": str(y.dtype),
+                               "err": ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()})
+        lins = [torch.nn.Linear(64, n, bias=False) for n in (64, 16, 16)]
+        proj = SparseProjections(lins, t=0.7)
+        proj.native = tk.gather_kernel("cpu")
+        x = torch.randn(1, 1, 64)
+        before = len(launches)
+        with torch.no_grad():
+            outs = [lin(x) for lin in lins]
+        xs = torch.where(x.abs() > 0.7, x, 0.0)
+        ref = [xs @ lin.weight.T for lin in lins]
+        proj_err = max((o - r).abs().max().item() for o, r in zip(outs, ref))
+        print(json.dumps({"mlp": report, "proj_err": proj_err, "proj_launches": len(launches) - before,
+                          "proj_calls": proj.calls}))
+    """)
+    for r in got["mlp"]:
+        products = 2 if r["mode"] == "teal" else 1  # teal: gate|up and down; cats, relu: down (up is dense)
+        assert r["launches"] == products, r
+        assert r["calls"] == {"sparse": products, "dense": 0, "prefill": 0}, r  # the kernel's dense_above is 1.0
+        assert r["dtype_out"] == r["dtype"]
+        # float32: sums of at most 200 terms in another order; bfloat16: the dense path rounds its intermediates
+        # (gate, up, their product) to bfloat16 where the kernel keeps float32 sums, a few roundings of 2^-8
+        assert r["err"] < (1e-5 if r["dtype"] == "torch.float32" else 2 ** -5), r
+    assert got["proj_launches"] == 1 and got["proj_calls"] == {"sparse": 1, "dense": 0, "prefill": 0}
+    assert got["proj_err"] < 1e-5
+
+
 def test_the_gpu_check_script_runs_every_path_in_its_cpu_smoke_mode(tmp_path):
     """scripts/gpu_compression_checks.py is for a lent GPU's few minutes: its --smoke mode (tiny shapes, the
     interpreter, wall-clock timing) runs every code path but the CUDA graph here, so it cannot rot unseen."""
@@ -144,7 +199,10 @@ def test_the_gpu_check_script_runs_every_path_in_its_cpu_smoke_mode(tmp_path):
     checks = result["ternary_checks"]
     assert all(v["same_as_layer"] for k, v in checks.items() if "float32" in k)
     assert all(v["same_as_exact"] for k, v in checks.items() if "bfloat16" in k)
+    runtime = result["sparse_checks"].pop("runtime")
     assert max(v["err_over_sum_abs"] for v in result["sparse_checks"].values()) < 2 ** -8
+    assert runtime["float32"]["err_over_max"] < 1e-5 and runtime["bfloat16"]["err_over_max"] < 2 ** -5
+    assert all(r["calls"] == {"sparse": 2, "dense": 0, "prefill": 0} for r in runtime.values())
     assert len(result["ternary"]) == 9 and all("speedup" in r for r in result["ternary"])
     assert [r["sparsity"] for r in result["sparse"]] == [0.5, 0.7, 0.9]
     assert all(abs(r["kept"]["input"] - (1 - r["sparsity"])) < 0.05 for r in result["sparse"])

@@ -26,6 +26,8 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 class GatherKernel:
+    dense_above = DENSE_ABOVE
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._threshold = lib.threshold_gemv
         self._threshold.restype = _i64

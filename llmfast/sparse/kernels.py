@@ -23,12 +23,13 @@ of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_g
 few are kept (ROWS_DENSE_ABOVE); above that they are computed dense and only W_down is gathered.
 
 In float32 on a CPU the gathers run in llmfast's C kernel instead (`cpu_kernel.py`, `gather_gemv.c`: threshold
-and gather in one call, the columns split over torch's threads); float64, other devices and machines without a
-C compiler take the torch path above.
+and gather in one call, the columns split over torch's threads); on CUDA in llmfast's Triton kernel
+(`triton_kernel.py`: no dropped row is loaded); float64 on a CPU, other devices, machines without a C compiler
+and CUDA without Triton take the torch path above.
 
 When more than one token is processed (prefill, batched decode), or a layer's kept fraction is above
 `dense_above` (a dense matrix-vector product beats a gather there: scripts/bench_sparse_decode.py measures
-the crossover; by default DENSE_ABOVE on the torch path and cpu_kernel.DENSE_ABOVE on the C kernel), the same
+the crossover; by default DENSE_ABOVE on the torch path, the kernel's own `dense_above` on the C and Triton kernels), the same
 zeros are applied and the dense matmuls run. Either way the result is the dense-with-zeros model's
 (llmfast/sparse/thresholds.py hooks) up to float summation order.
 """
@@ -83,11 +84,19 @@ def gather_sum(keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor", dens
 
 
 def native_for(wt: "torch.Tensor") -> Any:
-    """The C kernel for products with the weights `wt` (float32, on a CPU) where it is built here; else None.
-    Decided once per layout: each call then checks only its vector (`GatherKernel.takes`)."""
-    from llmfast.sparse import cpu_kernel
+    """The kernel for products with the weights `wt` where one runs them: the C kernel (float32 on a CPU, where it
+    is built here) or the Triton kernel (on CUDA, where Triton is installed); else None (the torch path).
+    Decided once per layout: each call then checks only its vector (`takes`)."""
+    if wt.device.type == "cuda":
+        try:
+            from llmfast.sparse import triton_kernel
+        except ImportError:  # torch without Triton: the torch path runs
+            return None
+        kernel = triton_kernel.gather_kernel("cuda")
+    else:
+        from llmfast.sparse import cpu_kernel
 
-    kernel = cpu_kernel.gather_kernel()
+        kernel = cpu_kernel.gather_kernel()
     return kernel if kernel is not None and kernel.holds(wt) else None
 
 
@@ -95,11 +104,7 @@ def limit(dense_above: float | None, native: Any) -> float:
     """The kept fraction above which the dense product runs: as given, else the default of the path taken."""
     if dense_above is not None:
         return dense_above
-    if native is not None:
-        from llmfast.sparse import cpu_kernel
-
-        return cpu_kernel.DENSE_ABOVE
-    return DENSE_ABOVE
+    return native.dense_above if native is not None else DENSE_ABOVE
 
 
 def threshold_sum(v: "torch.Tensor", t: float, wt: "torch.Tensor", dense_above: float | None,

@@ -63,7 +63,8 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     attention sites the forwards of q/k/v and o_proj; return the replacements (SparseMLP, SparseProjections).
 
     `dense_above`: the kept fraction above which a layer uses the dense product (default: the crossover of the
-    path that runs, kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the C kernel).
+    path that runs: kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the C kernel,
+    triton_kernel.DENSE_ABOVE for the Triton kernel on CUDA).
     """
     from llmfast.sparse.base import gated_mlps
     from llmfast.sparse.kernels import SparseMLP, SparseProjections
@@ -130,11 +131,12 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
 
 
 def load_sparse_model(path: str | os.PathLike[str], dtype: str = "float32",
-                      dense_above: float | None = None) -> "PreTrainedModel":
-    """A sparse artifact in eval mode with the sparse runtime installed (see `install_sparse_runtime`)."""
+                      dense_above: float | None = None, device: str = "cpu") -> "PreTrainedModel":
+    """A sparse artifact in eval mode with the sparse runtime installed (see `install_sparse_runtime`) on `device`:
+    on a CPU float32 runs the C kernel, on CUDA the Triton kernel (kernels.native_for)."""
     from llmfast.loading import from_pretrained
 
-    model = from_pretrained(path, dtype)
+    model = from_pretrained(path, dtype).to(device)  # before the runtime lays out its buffers: they stay there
     install_sparse_runtime(model, path, dense_above)
     model.eval()
     return model

@@ -10,8 +10,13 @@ with t = 0 it skips the exact zeros of a ReLU-fied MLP's activation (the down pr
 summed in float32 per program; `split_k` > 1 splits the input dimension across programs as well (for matrices
 with few columns), which add their partial sums atomically into a float32 buffer (their order varies).
 
+`TritonGather` gives the sparse runtime (`kernels.py`) this kernel behind the calls of the CPU kernel
+(`cpu_kernel.GatherKernel`): `SparseMLP` and `SparseProjections` on CUDA weights run their one-token products
+through it.
+
 Tested under Triton's interpreter on a CPU (`TRITON_INTERPRET=1`) against the dense product of the zeroed
-vector; speed is measured on a GPU by `scripts/gpu_compression_checks.py`. Importing this module needs the
+vector, and inside `SparseMLP` against its dense path; speed is measured on a GPU by
+`scripts/gpu_compression_checks.py`. Importing this module needs the
 `triton` package (CUDA builds of torch bring it); callers import it only when they run on a GPU.
 """
 
@@ -24,6 +29,13 @@ import triton
 import triton.language as tl
 
 from llmfast.triton_math import round_to
+
+# Kept fraction above which the runtime takes the dense product instead of this kernel. 1.0 (never): the kernel
+# loads no dropped row, so at any density it reads at most the dense product's bytes, and deciding would cost a
+# count of the kept entries, which makes the host wait for the GPU on every product. Not yet measured against
+# cuBLAS at low sparsity (scripts/gpu_compression_checks.py times 50/70/90%): lower it if that says so.
+DENSE_ABOVE = 1.0
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -72,3 +84,41 @@ def teal_mlp_token(x: torch.Tensor, t_in: float, wt_gate_up: torch.Tensor, t_dow
     inter = wt_down.shape[0]
     act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
     return threshold_matvec(act, t_down, wt_down, **launch)
+
+
+class TritonGather:
+    """The sparse runtime's one-token products (the calls of `cpu_kernel.GatherKernel`) on `threshold_matvec`, for
+    weights and vectors on `device_type`: "cuda", or "cpu" under Triton's interpreter (how the tests run it)."""
+
+    dense_above = DENSE_ABOVE
+
+    def __init__(self, device_type: str = "cuda") -> None:
+        self.device_type = device_type
+
+    def holds(self, wt: torch.Tensor) -> bool:
+        """Whether it runs products with these weights: a row-major (in, out) float matrix on its device."""
+        return (wt.device.type == self.device_type and wt.dim() == 2 and wt.is_contiguous()
+                and wt.dtype in FLOATS)
+
+    def takes(self, v: torch.Tensor) -> bool:
+        """Whether it takes this vector: one float vector on its device, no gradient wanted (inference only)."""
+        return (v.device.type == self.device_type and v.dim() == 1 and v.dtype in FLOATS
+                and not (v.requires_grad and torch.is_grad_enabled()))
+
+    def threshold(self, v: torch.Tensor, t: float, wt: torch.Tensor, max_kept: int) -> torch.Tensor | None:
+        """sum over j with |v[j]| > t of v[j] * wt[j]; None when more than `max_kept` are kept (counted only when
+        the limit can bind: the count waits for the GPU)."""
+        if max_kept < v.numel() and int((v.abs() > t).sum()) > max_kept:
+            return None
+        return threshold_matvec(v, t, wt)
+
+    def gather(self, idx: torch.Tensor, vals: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        """sum over k of vals[k] * wt[idx[k]]: the values scattered into a vector whose other entries are zero,
+        which the kernel skips (so are zero values: they add nothing)."""
+        dense = vals.new_zeros(wt.shape[0]).index_copy_(0, idx, vals)
+        return threshold_matvec(dense, 0.0, wt)
+
+
+def gather_kernel(device_type: str = "cuda") -> TritonGather:
+    """The kernel for the sparse runtime on `device_type`."""
+    return TritonGather(device_type)
