@@ -53,7 +53,7 @@ def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Pa
     manifest = json.loads((out / "llmfast.json").read_text())
     assert manifest["quantization"] == {"method": "w4", "config": {"group_size": 32, "sym": True, "iters": 0,
                                                                    "optimized_rtn": False, "nsamples": 32,
-                                                                   "lr": None, "batch_size": 8}}
+                                                                   "lr": None, "batch_size": 8, "seed": 42}}
     with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
         names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
         assert len(names) == 2 * 7  # every Linear of both layers; the head stays full precision
@@ -207,6 +207,7 @@ def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:
     got = autoround_settings(W4Config(nsamples=32, batch_size=8, iters=50), windows=16, window=256, cuda=False)
     assert (got["nsamples"], got["batch_size"], got["seqlen"], got["iters"]) == (16, 8, 256, 50)
     assert "lr" not in got and got["device_map"] == "cpu"  # AutoRound's own default lr (1/iters)
+    assert got["seed"] == 42  # AutoRound's own default, passed explicitly so the manifest's value is what ran
     got = autoround_settings(W4Config(nsamples=4, batch_size=8, lr=5e-3), windows=16, window=128, cuda=False)
     assert (got["nsamples"], got["batch_size"], got["lr"]) == (4, 4, 5e-3)
 
@@ -239,6 +240,13 @@ def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, P
     assert 0 < moved < total
     with torch.no_grad():
         assert torch.isfinite(load_model(out)(torch.tensor([[1, 17, 42, 99]])).logits).all()
+    # Another seed draws other windows for the steps (4 windows, 2 per step): another rounding, recorded.
+    other = tmp_path / "w4-tuned-seed"
+    assert main(["quantize", str(_recipe(tmp_path, base, other, iters=4, nsamples=4, batch_size=2, lr=0.05,
+                                         seed=7))]) == 0
+    assert json.loads((other / "llmfast.json").read_text())["quantization"]["config"]["seed"] == 7
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(other / "model.safetensors"), "pt") as b:
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.endswith(".qweight"))
 
 
 def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, Path], tmp_path: Path,
