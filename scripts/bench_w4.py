@@ -57,7 +57,8 @@ def parse_tuned(spec: str) -> tuple[str, str, dict[str, Any]]:
         key, _, val = kv.partition("=")
         quant[key] = _value(val)
     short = {"iters": "it", "nsamples": "n", "batch_size": "b", "lr": "lr", "optimized_rtn": "opt", "conv": "conv"}
-    tag = "-".join(f"{short.get(k, k)}{v}" for k, v in quant.items() if k not in ("group_size", "sym"))
+    tag = "-".join(short.get(k, k) if v is True else f"{short.get(k, k)}{v}"
+                   for k, v in quant.items() if k not in ("group_size", "sym"))
     return model, f"{model}-g{quant['group_size']}-{'sym' if quant['sym'] else 'asym'}-{tag or 'rtn'}", quant
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
+
 from llmfast.cli import main
 from llmfast.testing import build_tiny_llama
 
@@ -53,7 +55,8 @@ def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Pa
     manifest = json.loads((out / "llmfast.json").read_text())
     assert manifest["quantization"] == {"method": "w4", "config": {"group_size": 32, "sym": True, "iters": 0,
                                                                    "optimized_rtn": False, "nsamples": 32,
-                                                                   "lr": None, "batch_size": 8, "seed": 42}}
+                                                                   "lr": None, "batch_size": 8, "seed": 42,
+                                                                   "awq": False}}
     with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
         names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
         assert len(names) == 2 * 7  # every Linear of both layers; the head stays full precision
@@ -199,6 +202,54 @@ def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(tmp_path
             got = model.get_submodule(name).weight.detach()
             # Half a step, plus float16 scales' rounding (2^-11 relative) over at most 15 levels.
             assert ((got - w).abs() <= step * (0.5 + 16 * 2**-11)).all(), name
+    if not torch.cuda.is_available():  # vLLM's CPU backend takes only the symmetric packing: refused before a start
+        code, _, err = run_cli("serve", str(out), "--port", "0")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "vLLM cannot run on this CPU" in err and "engine hf" in err
+
+
+def test_awq_scales_fold_into_the_norms_and_keep_the_function(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """`awq: true` runs AutoRound's AWQ before the rounding: each RMSNorm's weight is divided by per-channel
+    factors that multiply the input columns of the projections it feeds, so the artifact (same format) holds
+    norm weights that differ from the source, and q/k/v/gate dequantized equal the source weights times those
+    factors within the rounding. The model still computes the source's function about as well as plain
+    rounding does."""
+    from safetensors import safe_open
+
+    from llmfast.models import load_model
+
+    base, rtn = quantized
+    out = tmp_path / "w4-awq"
+    assert main(["quantize", str(_recipe(tmp_path, base, out, awq=True))]) == 0
+    assert json.loads((out / "llmfast.json").read_text())["quantization"]["config"]["awq"] is True
+    scaled = 0
+    with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
+        for layer in range(2):
+            for norm, projs in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                ("post_attention_layernorm", ("mlp.gate_proj",))):
+                key = f"model.layers.{layer}.{norm}.weight"
+                factor = f.get_tensor(key) / q.get_tensor(key).float()
+                scaled += int(not torch.allclose(factor, torch.ones_like(factor)))
+                for proj in projs:
+                    name = f"model.layers.{layer}.{proj}"
+                    scales = q.get_tensor(f"{name}.scales")
+                    got = _unpack_gptq(q.get_tensor(f"{name}.qweight"), q.get_tensor(f"{name}.qzeros"), scales, 32)
+                    want = f.get_tensor(f"{name}.weight") * factor
+                    step = scales.float().abs().repeat_interleave(32, dim=0).t()  # AutoRound may store -scale
+                    # Symmetric levels stop at +7 steps, so a group's largest positive weight may move by one
+                    # step; float16 scales add 2^-11 relative over at most 8 levels.
+                    assert ((got - want).abs() <= step * (1 + 16 * 2**-11)).all(), name
+    assert scaled >= 1, "AWQ kept every factor at 1: it did not run"
+    ids = torch.randint(3, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
+
+    def kl_to_source(path: Path) -> float:
+        with torch.no_grad():
+            p, r = (torch.log_softmax(load_model(x)(ids).logits.float(), -1) for x in (base, path))
+        return float((p.exp() * (p - r)).sum(-1).mean())
+
+    # A fold that scaled the norms but not the weights (or the wrong columns) moves every channel by its factor
+    # (here up to ~15%), far more than int4 rounding does; AWQ's search includes the factors 1 (plain rounding).
+    assert kl_to_source(out) <= 1.5 * kl_to_source(rtn)
 
 
 def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:

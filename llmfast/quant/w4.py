@@ -41,6 +41,11 @@ class W4Config(QuantConfigBase):
     # AutoRound's seed: which windows each tuning step draws. Tuned results move by about a point of perplexity
     # from one configuration to the next on the built-in model (BENCHMARKS.md); several seeds tell noise from gain.
     seed: int = 42
+    # AWQ (Lin et al. 2024, arXiv:2306.00978) before the rounding: per input channel, scale a projection's
+    # weights up and divide the preceding norm's (or projection's) weights by the same factor, the factor found
+    # by a grid search on the calibration activations; the scales fold into full-precision weights, so the
+    # artifact keeps the same format. AutoRound's own implementation (its `awq` algorithm).
+    awq: bool = False
 
 
 def cpu_has_w4_kernel() -> bool:
@@ -84,7 +89,12 @@ class W4(Quantizer):
     def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:
         import torch
 
-        return ("vllm", "hf") if torch.cuda.is_available() or cpu_has_w4_kernel() else ("hf",)
+        assert isinstance(cfg, W4Config)
+        # vLLM's CPU path takes only the symmetric GPTQ packing (`sym: false` writes AWQ packing with zero points,
+        # which it refuses there); on CUDA Marlin runs both.
+        if torch.cuda.is_available() or (cpu_has_w4_kernel() and cfg.sym):
+            return ("vllm", "hf")
+        return ("hf",)
 
     def cpu_serve_dtype(self, cfg: QuantConfigBase) -> str | None:
         return "bfloat16"  # vLLM refuses float32 for this format ("not supported for quantization method inc")
@@ -154,6 +164,8 @@ def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool) -> 
                                 "device_map": 0 if cuda else "cpu"}
     if cfg.lr:
         settings["lr"] = cfg.lr
+    if cfg.awq:  # AWQ's scaling first, then the block quantizer (SignRound; with iters 0 AutoRound rounds instead)
+        settings["alg_configs"] = ["awq", "signround"]
     return settings
 
 

@@ -243,11 +243,28 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
 
     model_dir = resolve_model(model)
     _check_servable_sparsity(model_dir)
+    _check_servable_quantization(model_dir)
     adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
     return ServerSpec(model=model_dir, loras=adapters, **kwargs)
+
+
+def _check_servable_quantization(model_dir: Path) -> None:
+    """Refuse, on a CPU, a quantized artifact vLLM's CPU backend cannot run (bitsandbytes, BitNet, asymmetric or
+    AVX2-only int4: llmfast.quant says which), before a server starts and fails minutes later. On CUDA vLLM is the
+    judge."""
+    import torch
+
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization
+
+    spec = manifest_quantization(read_manifest(model_dir))
+    if spec is None or "vllm" in spec.engines() or torch.cuda.is_available():
+        return
+    raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on this CPU "
+                    f"({spec.as_arg()}): measure it with `llmfast bench run` (engine hf) or `llmfast eval`")
 
 
 def _check_servable_sparsity(model_dir: Path) -> None:
