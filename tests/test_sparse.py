@@ -255,6 +255,31 @@ def test_l1_pressure_raises_sparsity(tmp_path, tiny_dir):
     assert l1["mean"] > plain["mean"] + 0.05, (plain["mean"], l1["mean"])
 
 
+def test_cats_over_a_relufied_model_shifts_the_relu_threshold(tmp_path, tiny_dir):
+    """ProSparse's threshold shift (FATReLU) is CATS over a relufy artifact: the activation is relu(gate) kept only
+    above a calibrated per-layer threshold, so down_proj's input is zero exactly where gate <= t, and the
+    held-out sparsity rises from the ReLU model's ~50% (random gates) to the target."""
+    from safetensors.torch import load_file
+
+    from llmfast.models import load_model, load_tokenizer
+
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", "{steps: 0}", out="relu", name="relu")))[0] == 0
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relu", "cats", "{target: 0.8}", out="shift",
+                                                  name="shift")))
+    assert code == 0, err
+    art = tmp_path / "shift"
+    assert json.loads((art / "config.json").read_text())["hidden_act"] == "relu"
+    held = json.loads((art / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]["down_in"]["mean"]
+    relu = json.loads((tmp_path / "relu" / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]["down_in"]
+    assert relu["mean"] < 0.7 and 0.75 < held < 0.85, (relu["mean"], held)
+    t = load_file(str(art / "sparsity.safetensors"))["gate_act"]
+    assert (t > 0).all()  # a positive shift: every layer zeroes some positive gates too
+    acts = down_inputs(load_model(art), heldout_windows(load_tokenizer(art))[:2])
+    for i, (down, gate) in enumerate(zip(acts["down"], acts["gate"])):
+        assert torch.all(down[gate <= t[i]] == 0)
+        assert (down[gate > t[i]] != 0).float().mean() > 0.99
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
     cfg = "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}"
     assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
