@@ -242,10 +242,14 @@ def test_awq_scales_fold_into_the_norms_and_keep_the_function(quantized: tuple[P
     assert scaled >= 1, "AWQ kept every factor at 1: it did not run"
     ids = torch.randint(3, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
 
-    def kl_to_source(path: Path) -> float:
+    def logprobs(path: Path) -> torch.Tensor:
         with torch.no_grad():
-            p, r = (torch.log_softmax(load_model(x)(ids).logits.float(), -1) for x in (base, path))
-        return float((p.exp() * (p - r)).sum(-1).mean())
+            return torch.log_softmax(load_model(path)(ids).logits.float(), -1)
+
+    source = logprobs(base)
+
+    def kl_to_source(path: Path) -> float:
+        return float((source.exp() * (source - logprobs(path))).sum(-1).mean())
 
     # A fold that scaled the norms but not the weights (or the wrong columns) moves every channel by its factor
     # (here up to ~15%), far more than int4 rounding does; AWQ's search includes the factors 1 (plain rounding).

@@ -239,11 +239,13 @@ class VllmServer:
 
 def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> ServerSpec:
     """Resolve the model (builtin:, a directory, a GGUF, a hub id) and check every adapter, before any start."""
+    from llmfast.artifacts import read_manifest
     from llmfast.models import resolve_model
 
     model_dir = resolve_model(model)
-    _check_servable_sparsity(model_dir)
-    _check_servable_quantization(model_dir)
+    manifest = read_manifest(model_dir) or {}
+    _check_servable_sparsity(model_dir, manifest)
+    _check_servable_quantization(model_dir, manifest)
     adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
@@ -251,29 +253,27 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     return ServerSpec(model=model_dir, loras=adapters, **kwargs)
 
 
-def _check_servable_quantization(model_dir: Path) -> None:
+def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:
     """Refuse, on a CPU, a quantized artifact vLLM's CPU backend cannot run (bitsandbytes, BitNet, asymmetric or
     AVX2-only int4: llmfast.quant says which), before a server starts and fails minutes later. On CUDA vLLM is the
     judge."""
     import torch
 
-    from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization
 
-    spec = manifest_quantization(read_manifest(model_dir))
+    spec = manifest_quantization(manifest)
     if spec is None or "vllm" in spec.engines() or torch.cuda.is_available():
         return
     raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on this CPU "
                     f"({spec.as_arg()}): measure it with `llmfast bench run` (engine hf) or `llmfast eval`")
 
 
-def _check_servable_sparsity(model_dir: Path) -> None:
+def _check_servable_sparsity(model_dir: Path, manifest: dict[str, Any]) -> None:
     """Refuse a sparse artifact vLLM would serve as its dense weights (TEAL/CATS thresholds, Deja Vu predictors
     are applied by llmfast's transformers loader, which vLLM does not run)."""
-    from llmfast.artifacts import read_manifest
     from llmfast.bench.engines.base import VLLM_SPARSITY
 
-    method = ((read_manifest(model_dir) or {}).get("sparsity") or {}).get("method")
+    method = (manifest.get("sparsity") or {}).get("method")
     if method and method not in VLLM_SPARSITY:
         raise UserError(f"{model_dir} is a {method} artifact: its sparsity is applied by llmfast's transformers "
                         "runtime, which vLLM does not load, so vLLM would serve the dense weights. Measure it with "
