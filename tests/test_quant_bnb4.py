@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
+
 from llmfast.cli import main
+from llmfast.errors import UserError
 from llmfast.testing import build_tiny_llama
 
 pytest.importorskip("bitsandbytes")
@@ -236,3 +239,25 @@ def test_qlora_adapter_exported_then_quantized(saved: tuple[Path, Path], tmp_pat
     assert manifest["parents"] == [str(merged)] and manifest["quantization"]["method"] == "bnb4"
     assert json.loads((merged / "llmfast.json").read_text())["parents"] == [str(tmp_path / "run" / "adapter")]
     assert len(_linear4bit(load_model(out))) == 2 * 7
+
+
+def test_vllm_takes_bitsandbytes_on_cuda_only_and_bitnet_nowhere(saved: tuple[Path, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Which engines run a format follows the machine: vLLM serves bitsandbytes checkpoints on CUDA (its docs), has
+    no CPU kernels for them and no BitNet format at all; `llmfast serve` refuses what vLLM cannot run here, naming
+    the machine, before any server starts."""
+    from llmfast.quant import engines_for
+
+    _, out = saved
+    assert engines_for("nf4") == ("hf",) and engines_for("ternary") == ("hf",)
+    code, _, err = run_cli("serve", str(out), "--port", "0")
+    assert code == 2 and "vLLM cannot run on this CPU" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the machine's answer, not vLLM's or the model's
+    assert engines_for("nf4") == ("vllm", "hf") and engines_for("ternary") == ("hf",)
+    assert engines_for({"method": "w4", "sym": False}) == ("vllm", "hf")
+    from llmfast.serve.server import _check_servable_quantization
+
+    _check_servable_quantization(out, json.loads((out / "llmfast.json").read_text()))  # bitsandbytes: served
+    with pytest.raises(UserError, match="bitnet weights that vLLM cannot run on this GPU"):
+        _check_servable_quantization(tmp_path, {"quantization": {"method": "bitnet", "config": {}}})

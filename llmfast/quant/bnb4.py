@@ -131,8 +131,12 @@ class Bnb4(Quantizer):
         return save_4bit(model_dir, cfg, out_dir, **job)
 
     def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:
-        # vLLM's CPU backend has no bitsandbytes kernels; transformers runs them on CPUs and GPUs.
-        return ("hf",)
+        import torch
+
+        # vLLM's CPU backend has no bitsandbytes kernels; on CUDA vLLM loads pre-quantized bitsandbytes checkpoints,
+        # reading `quantization_config` from config.json (its docs, "BitsAndBytes"; not run on this project's
+        # machines: none has both a GPU and vLLM). transformers runs them on CPUs and GPUs.
+        return ("vllm", "hf") if torch.cuda.is_available() else ("hf",)
 
     def dequantize_for_merge(self, model: Any, dtype: str) -> None:
         """Replace every Linear4bit with a plain Linear holding its dequantized weight, in `dtype`."""

@@ -254,17 +254,18 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
 
 
 def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:
-    """Refuse, on a CPU, a quantized artifact vLLM's CPU backend cannot run (bitsandbytes, BitNet, asymmetric or
-    AVX2-only int4: llmfast.quant says which), before a server starts and fails minutes later. On CUDA vLLM is the
-    judge."""
+    """Refuse a quantized artifact vLLM cannot run on this machine, before a server starts and fails minutes later:
+    each method's `engines()` says where (BitNet nowhere; bitsandbytes on CUDA only; int4 on CUDA, and on CPUs only
+    symmetric and with AVX512)."""
     import torch
 
     from llmfast.quant import manifest_quantization
 
     spec = manifest_quantization(manifest)
-    if spec is None or "vllm" in spec.engines() or torch.cuda.is_available():
+    if spec is None or "vllm" in spec.engines():
         return
-    raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on this CPU "
+    where = "this GPU" if torch.cuda.is_available() else "this CPU"
+    raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on {where} "
                     f"({spec.as_arg()}): measure it with `llmfast bench run` (engine hf) or `llmfast eval`")
 
 
