@@ -62,7 +62,9 @@ class Quantizer:
         raise UserError(f"quantization method {self.name} cannot load models")
 
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
-        """Write the quantized model into `out_dir` (a temporary directory); return metrics."""
+        """Write the quantized model into `out_dir` (a temporary directory); return metrics. `kwargs` (llmfast/quant/
+        run.py): tokenizer, dtype, rows (calibration windows), train_rows (all the training text's windows),
+        heldout (windows from the evaluated span, to measure on), work_dir (checkpoints), resume."""
         raise UserError(f"quantization method {self.name} cannot quantize a model into an artifact yet")
 
     def engines(self, cfg: QuantConfigBase) -> tuple[str, ...]:

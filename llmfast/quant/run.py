@@ -43,10 +43,12 @@ def skeleton(model_dir: Path) -> Any:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
-def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any] | None]:
-    """(calibration/training windows from after the evaluated span, with data.conversations mixed in; held-out
-    windows from its start, or None when data.heldout_tokens makes no full window: only a method that trains
-    measures on them; what conversations went in, or None)."""
+def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
+    """The windows a method may use: `rows`, calibration windows from after the evaluated span with
+    data.conversations mixed in; `train_rows`, all the text after that span with the conversations on top (for a
+    method that trains through the whole model); `heldout`, windows from the span's start, or None when
+    data.heldout_tokens makes no full window (only a method that trains measures on them); and what
+    conversations went into each (`mixed`, `mixed_train`: None without conversations)."""
     from llmfast.calibration import after_eval_span, conversation_windows, text_ids, windows, with_conversations
 
     d = recipe.data
@@ -55,7 +57,9 @@ def _rows(recipe: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any] | None]
     heldout = windows(ids[: d.heldout_tokens], d.window, "data.heldout_tokens") if d.heldout_tokens >= d.window else None
     chats = conversation_windows(tokenizer, d.conversations, d.window) if d.conversations else None
     rows, mixed = with_conversations(windows(span, d.window, "data.calibration_tokens"), d, chats, add=False)
-    return rows, heldout, mixed
+    train_rows, mixed_train = with_conversations(windows(ids[d.skip_tokens:], d.window, "training text"), d, chats,
+                                                 add=True)
+    return {"rows": rows, "train_rows": train_rows, "heldout": heldout, "mixed": mixed, "mixed_train": mixed_train}
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -79,15 +83,19 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
                         "came from")
     spec.quantizer.check(skeleton(source), spec.config)
     tokenizer = load_tokenizer(source)
-    rows, heldout, mixed = _rows(recipe, tokenizer) if recipe.data is not None else (None, None, None)
+    data = _rows(recipe, tokenizer) if recipe.data is not None else dict.fromkeys(
+        ("rows", "train_rows", "heldout", "mixed", "mixed_train"))
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     start = time.time()
     with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
-        metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=rows,
-                                          heldout=heldout, dtype=recipe.dtype, work_dir=work, resume=resume)
-        if mixed and used_data("quantize", metrics):  # not for a method that ignored the rows (rounding to nearest)
-            metrics["conversations"] = {"calibration": mixed}  # as sparsify's (which adds "training")
+        metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=data["rows"],
+                                          train_rows=data["train_rows"], heldout=data["heldout"], dtype=recipe.dtype,
+                                          work_dir=work, resume=resume)
+        if data["mixed"] and used_data("quantize", metrics):  # not for a method that ignored the rows (RTN)
+            metrics["conversations"] = {"calibration": data["mixed"]}  # as sparsify's
+            if metrics.get("scale_train_tokens"):  # w4's scale tuning trained on the training rows
+                metrics["conversations"]["training"] = data["mixed_train"]
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),

@@ -52,8 +52,8 @@ class W4Config(QuantConfigBase):
     awq: bool = False
     # EfficientQAT's end-to-end phase (Chen et al. 2024, llmfast/quant/scale_tuning.py) after AutoRound: the integer
     # levels stay, and every group's scale trains through the whole model towards the full-precision model's
-    # next-token distribution on all the calibration windows (data.calibration_tokens), `batch_size` windows a
-    # step. 0: off. A step is the whole model forward and backward, plus the full-precision model's forward.
+    # next-token distribution on all the text after the evaluated span (and data.conversations on top), `batch_size`
+    # windows a step. 0: off. A step is the whole model forward and backward, plus the full-precision one's forward.
     scale_steps: int = Field(0, ge=0)
     scale_lr: float = Field(1e-3, gt=0)  # a factor on each scale trains: this is a relative step (Adam)
     scale_eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N steps (the curve)
@@ -131,9 +131,10 @@ class W4(Quantizer):
 
 def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, rows: Any,
                 dtype: str = "float32", work_dir: Path | None = None, resume: bool = False, heldout: Any = None,
-                **_: Any) -> dict[str, Any]:
-    """AutoRound into `out_dir`, then (`scale_steps`) the scales tuned end to end. With scale tuning, AutoRound's
-    artifact is kept in `work_dir` until the end, so `--resume` after a kill goes straight to the scale tuning."""
+                train_rows: Any = None, **_: Any) -> dict[str, Any]:
+    """AutoRound into `out_dir` (calibrated on `rows`), then (`scale_steps`) the scales tuned end to end on
+    `train_rows` in a fixed shuffled order. With scale tuning, AutoRound's artifact is kept in `work_dir` until the
+    end, so `--resume` after a kill goes straight to the scale tuning."""
     if cfg.scale_steps:
         if work_dir is None:
             raise ValueError("w4: scale tuning needs a work directory for its checkpoints")
@@ -144,8 +145,14 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
                 shutil.copy2(f, out_dir / f.name)
         from llmfast.quant.scale_tuning import tune_scales
 
+        import torch
+
+        # Whole-model training wants more than AutoRound's windows (the e2e phase of EfficientQAT trains on more
+        # data than its block phase): all the text after the evaluated span and the conversations, shuffled once.
+        train = rows if train_rows is None else train_rows
+        train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))]
         start = time.perf_counter()
-        metrics |= tune_scales(out_dir, model_dir, rows, group_size=cfg.group_size, steps=cfg.scale_steps,
+        metrics |= tune_scales(out_dir, model_dir, train, group_size=cfg.group_size, steps=cfg.scale_steps,
                                lr=cfg.scale_lr, batch_size=cfg.batch_size, work_dir=work_dir / "scales",
                                resume=resume, heldout=heldout, eval_every=cfg.scale_eval_every, dtype=dtype)
         metrics["scale_tuning_seconds"] = round(time.perf_counter() - start, 2)

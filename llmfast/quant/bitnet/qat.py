@@ -42,7 +42,7 @@ def prepare_student(model: Any) -> list[str]:
 
 def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, tokenizer: Any, rows: torch.Tensor | None,
                     heldout: torch.Tensor | None = None, dtype: str = "float32", work_dir: Path,
-                    resume: bool = False) -> dict[str, Any]:
+                    resume: bool = False, **_: Any) -> dict[str, Any]:
     """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids), `heldout`
     windows never trained on (the start of the evaluated text), on which the KL to the teacher is measured."""
     from transformers import AutoModelForCausalLM
