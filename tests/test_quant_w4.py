@@ -57,7 +57,7 @@ def test_packed_weights_are_the_originals_rounded_to_nearest(quantized: tuple[Pa
                                                                    "optimized_rtn": False, "nsamples": 32,
                                                                    "lr": None, "batch_size": 8, "seed": 42,
                                                                    "awq": False, "scale_steps": 0,
-                                                                   "scale_lr": 0.001,
+                                                                   "scale_lr": 0.003,
                                                                    "scale_eval_every": None}}
     with safe_open(str(base / "model.safetensors"), "pt") as f, safe_open(str(out / "model.safetensors"), "pt") as q:
         names = sorted(k[: -len(".qweight")] for k in q.keys() if k.endswith(".qweight"))

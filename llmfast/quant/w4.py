@@ -55,7 +55,7 @@ class W4Config(QuantConfigBase):
     # next-token distribution on all the text after the evaluated span (and data.conversations on top), `batch_size`
     # windows a step. 0: off. A step is the whole model forward and backward, plus the full-precision one's forward.
     scale_steps: int = Field(0, ge=0)
-    scale_lr: float = Field(1e-3, gt=0)  # a factor on each scale trains: this is a relative step (Adam)
+    scale_lr: float = Field(3e-3, gt=0)  # a factor on each scale trains: a relative step (Adam); 1e-2 diverged
     scale_eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N steps (the curve)
 
 
