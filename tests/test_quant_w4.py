@@ -309,7 +309,8 @@ def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, P
 def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """data.conversations replaces that share of the calibration windows with chat rows rendered through the
-    model's template: AutoRound is given them, the manifest says how many, the tuned rounding differs."""
+    model's template: AutoRound is given them, the manifest says how many (and, with scale tuning, how many it
+    trained on), the tuned rounding differs."""
     from safetensors import safe_open
 
     from llmfast.calibration import conversation_windows
@@ -333,7 +334,7 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
     outs = {}
     for name, extra in (("text", {}), ("chat", {"conversations": str(chats), "conversations_share": 0.5})):
         out = tmp_path / f"w4-{name}"
-        path = _recipe(tmp_path, base, out, **tuned)
+        path = _recipe(tmp_path, base, out, **tuned, **({"scale_steps": 1} if extra else {}))
         recipe = json.loads(path.read_text())
         recipe["data"].update(extra)
         path.write_text(json.dumps(recipe))
@@ -347,6 +348,9 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
     assert metrics["calibration_windows"] == 8
     mixed = metrics["conversations"]["calibration"]
     assert mixed["windows"] == 4 and mixed["paths"] == [str(chats)] and mixed["share"] == 0.5
+    # the scale tuning's rows: every text window after the evaluated span, as many chat windows on top (share 0.5)
+    trained = metrics["conversations"]["training"]
+    assert trained["windows"] == metrics["scale_train_windows"] // 2 and trained["share_used"] == 0.5
     assert "conversations" not in json.loads((outs["text"] / "llmfast.json").read_text())["metrics"]
     with safe_open(str(outs["text"] / "model.safetensors"), "pt") as a, \
             safe_open(str(outs["chat"] / "model.safetensors"), "pt") as b:
