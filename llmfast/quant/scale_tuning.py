@@ -6,8 +6,9 @@ of every block's error adds up through the model, and a block's mean squared err
 residual channels that the next norm rescales anyway (BENCHMARKS.md, "W4 with AWQ"). Here the integer levels stay
 as AutoRound rounded them and only the scales (one per output row and group of `group_size` inputs) train,
 through the whole model at once, towards the full-precision model's next-token distribution (logit KL,
-llmfast.distill) on the calibration windows. The artifact keeps its format and size: the same qweight and
-qzeros, new scales, so vLLM and transformers load it as before.
+llmfast.distill) on the training windows w4 gives it (all the text after the evaluated span and the
+conversations). The artifact keeps its format and size: the same qweight and qzeros, new scales, so vLLM and
+transformers load it as before.
 """
 
 from __future__ import annotations
