@@ -34,6 +34,22 @@ output: {d / 'relu'}
     return d / "relu"
 
 
+@pytest.fixture(scope="module")
+def shifted_dir(tmp_path_factory, tiny_dir):
+    """The same swap with relufy's `target`: relu(gate) cut at a calibrated threshold per layer (config.json)."""
+    d = tmp_path_factory.mktemp("shift")
+    (d / "r.yaml").write_text(f"""
+model: {tiny_dir}
+sparsify: {{method: relufy, config: {{steps: 0, target: 0.8}}}}
+data: {{text: {TEXT}, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}}
+dtype: float32
+output: {d / 'shift'}
+""")
+    code, _, err = run_cli("sparsify", str(d / "r.yaml"))
+    assert code == 0, err
+    return d / "shift"
+
+
 def test_relufy_names_our_architecture_and_transformers_loads_it_alone(relu_dir):
     from llmfast.serve.vllm_plugin import ARCHITECTURE
 
@@ -115,23 +131,18 @@ def _logprobs_of(model, prompt, tokens):
     return [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
 
 
-@pytest.mark.slow
-def test_llmfast_serve_decodes_a_relu_llama_as_transformers_does(relu_dir, tiny_dir, tmp_path):
-    """The real vLLM server (plugin loaded in its API process and in the engine core it spawns) on the ReLU
-    artifact: greedy tokens and their log-probabilities equal transformers' ReLU model's, and differ from the
-    same weights read with SiLU (so the ReLU is really applied)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _served_matches(model_dir, reference, other, tmp_path):
+    """Serve `model_dir` with `llmfast serve`'s vLLM server; greedy tokens and their log-probabilities must equal
+    `reference`'s (a transformers model) up to the first near-tie, and differ from `other`'s reading of them."""
+    from transformers import AutoTokenizer
 
     from llmfast.serve.server import VllmServer, prepare_spec
 
-    tok = AutoTokenizer.from_pretrained(relu_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(TEXT.read_text(encoding="utf-8")[:4000], add_special_tokens=False).input_ids
     prompts = [ids[i : i + 12] for i in range(0, 600, 150)]
-    relu = AutoModelForCausalLM.from_pretrained(relu_dir, dtype=torch.float32).eval()
-    silu = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     log = tmp_path / "server.log"
-    spec = prepare_spec(str(relu_dir), port=0, served_name="relu", dtype="float32")
+    spec = prepare_spec(str(model_dir), port=0, served_name="relu", dtype="float32")
     with VllmServer(spec, log_path=log) as server:
         served = []
         for p in prompts:
@@ -142,15 +153,44 @@ def test_llmfast_serve_decodes_a_relu_llama_as_transformers_does(relu_dir, tiny_
                 lp = json.loads(r.read())["choices"][0]["logprobs"]
             served.append(([int(t.removeprefix("token_id:")) for t in lp["tokens"]], lp["token_logprobs"]))
     assert "Resolved architecture: LlmfastReluLlamaForCausalLM" in log.read_text()
-    compared, silu_gap = 0, 0.0
+    compared, other_gap = 0, 0.0
     for p, (tokens, logprobs) in zip(prompts, served):
-        want, want_lp, gaps = _hf_greedy(relu, p, len(tokens))
+        want, want_lp, gaps = _hf_greedy(reference, p, len(tokens))
         # Equal up to the first near-tie (two best within TOL), where rounding may pick either and the rest follows
         # that pick; the best log-probability itself is the same up to TOL at the tie too.
         n = next((i for i, g in enumerate(gaps) if g < TOL), len(gaps))
         assert tokens[:n] == want[:n], (p, tokens, want, gaps)
         assert logprobs[: n + 1] == pytest.approx(want_lp[: n + 1], abs=TOL)
         compared += n
-        silu_gap = max([silu_gap, *(abs(a - b) for a, b in zip(_logprobs_of(silu, p, tokens[:n]), logprobs))])
+        other_gap = max([other_gap, *(abs(a - b) for a, b in zip(_logprobs_of(other, p, tokens[:n]), logprobs))])
     assert compared >= 16  # the check is not vacuous
-    assert silu_gap > 20 * TOL, silu_gap  # a SiLU reading of the same weights would have been caught
+    assert other_gap > 20 * TOL, other_gap  # the other reading of the same weights would have been caught
+
+
+@pytest.mark.slow
+def test_llmfast_serve_decodes_a_relu_llama_as_transformers_does(relu_dir, tiny_dir, tmp_path):
+    """The real vLLM server (plugin loaded in its API process and in the engine core it spawns) on the ReLU
+    artifact: greedy tokens and their log-probabilities equal transformers' ReLU model's, and differ from the
+    same weights read with SiLU (so the ReLU is really applied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    relu = AutoModelForCausalLM.from_pretrained(relu_dir, dtype=torch.float32).eval()
+    silu = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    _served_matches(relu_dir, relu, silu, tmp_path)
+
+
+@pytest.mark.slow
+def test_llmfast_serve_applies_a_shifted_relu_cut(shifted_dir, tmp_path):
+    """relufy's `target` cut (llmfast_relu_thresholds in config.json) through vLLM: our plugin's FATReLU at each
+    layer's threshold gives what llmfast's own loader gives, and not what the unshifted ReLU (transformers alone)
+    gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import load_model
+
+    assert json.loads((shifted_dir / "config.json").read_text())["llmfast_relu_thresholds"]
+    cut = load_model(str(shifted_dir), dtype="float32").eval()
+    unshifted = AutoModelForCausalLM.from_pretrained(shifted_dir, dtype=torch.float32).eval()
+    _served_matches(shifted_dir, cut, unshifted, tmp_path)

@@ -382,3 +382,60 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_dir, what, 
         ["out"] if extra == ["exists"] else []), "nothing written"
     if extra == ["exists"]:
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_relufy_learns_a_shifted_cut(tmp_path, tiny_dir, tiny):
+    """relufy's `target`: training through a cut of relu(gate) that ramps up to the target, then a cut calibrated
+    on the calibration windows saved in config.json. Each training batch is cut at its own quantile, the held-out
+    curve sees the cut of the moment, the artifact's held-out sparsity lands on the target, down_proj's input is
+    zero exactly where gate <= t, and plain transformers ignores the key (plain ReLU). Whether training through
+    the cut beats cutting afterwards is a question for a real model (BENCHMARKS.md): the tiny random model's
+    outputs are too flat to tell (KL to the original 0.006 either way)."""
+    from llmfast.models import load_model
+    from llmfast.sparse.relufy import THRESHOLDS_KEY
+
+    config = "{steps: 30, batch_size: 2, lr: 3.0e-4, eval_every: 10, target: 0.8, shift_warmup: 0.5}"
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", config)))[0] == 0
+    art = tmp_path / "out"
+    metrics = json.loads((art / "llmfast.json").read_text())["metrics"]
+    cut = json.loads((art / "config.json").read_text())[THRESHOLDS_KEY]
+    assert metrics["thresholds"]["gate_act"] == pytest.approx(cut, rel=1e-6) and len(cut) == 2 and min(cut) > 0
+    held = metrics["heldout_sparsity"]["down_in"]["mean"]
+    assert 0.75 < held < 0.85, held
+    log = [json.loads(l) for l in (art / "train_log.jsonl").read_text().splitlines()]
+    # the cut's share ramps linearly over the first 15 steps, then stays; each batch is cut to its share
+    assert [e["shift_target"] for e in log[1:]] == pytest.approx([0.8 * min(1, s / 15) for s in range(1, 31)], abs=1e-5)
+    assert all(e["sparsity_mean"] >= e["shift_target"] - 0.01 for e in log[1:])
+    assert all(abs(e["sparsity_mean"] - 0.8) < 0.01 for e in log[16:])  # above the ReLU sparsity: the quantile itself
+    curve = {e["step"]: e["heldout_sparsity"] for e in log if "heldout_sparsity" in e}
+    assert curve.keys() == {0, 10, 20, 30} and 0.3 < curve[0] < 0.6  # no cut before the first step
+    assert curve[10] < curve[20] - 0.1 and abs(curve[30] - held) < 0.03  # the cut of step 10 is 0.8 x 10/15
+    dense, tok = tiny
+    windows = heldout_windows(tok)
+    model = load_model(art)  # llmfast's loader puts the cut on
+    assert _kl(model, dense, windows) == pytest.approx(metrics["heldout_kl"]["relu_trained"], rel=1e-3)
+    acts = down_inputs(model, windows[:2])
+    for i, (down, gate) in enumerate(zip(acts["down"], acts["gate"])):
+        assert torch.all(down[gate <= cut[i]] == 0)
+        assert (down[gate > cut[i]] != 0).float().mean() > 0.99
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(art).eval()  # transformers alone: the key does nothing
+    zeros = torch.cat([d.reshape(-1) for d in down_inputs(plain, windows[:2])["down"]]).eq(0).float().mean()
+    assert 0.3 < zeros < 0.7, zeros
+
+
+def test_a_wrong_relu_cut_in_config_is_one_line(tmp_path, tiny_dir):
+    import shutil
+
+    from llmfast.errors import UserError
+    from llmfast.models import load_model
+
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", "{steps: 0, target: 0.7}")))[0] == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "out", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["llmfast_relu_thresholds"] = [0.1, 0.2, 0.3]  # three layers' worth for a two-layer model
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"bad/config.json: llmfast_relu_thresholds must be 2 non-negative numbers"):
+        load_model(bad)

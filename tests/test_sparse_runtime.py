@@ -19,7 +19,8 @@ import pytest
 from llmfast.artifacts import write_manifest
 from llmfast.errors import UserError
 
-METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "dejavu", "dejavu-lookahead")
+METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "relufy-shift", "dejavu",
+           "dejavu-lookahead")
 TEAL_SITES = {"teal": ["mlp"], "teal-attention": ["mlp", "attention"], "teal-attention-only": ["attention"]}
 TEXT = "The quick brown fox jumps over the lazy dog while the committee argues about the budget."
 
@@ -46,11 +47,17 @@ def make_artifact(src, out, method):
         link_or_copy_model(src, out)
         save_predictors(preds, out / PREDICTORS_FILE)
         method = "dejavu"
-    elif method == "relufy":
+    elif method.startswith("relufy"):
         model = load_model(src)
         relu_swap(model)
+        if method == "relufy-shift":  # relufy's `target`: relu(gate) cut at a calibrated threshold per layer
+            from llmfast.sparse.relufy import THRESHOLDS_KEY, calibrated_cut
+
+            ids = load_tokenizer(src)(TEXT * 8, return_tensors="pt").input_ids[:, :128]
+            setattr(model.config, THRESHOLDS_KEY, calibrated_cut(model, ids, 0.7))
         model.save_pretrained(out, safe_serialization=True)
         load_tokenizer(src).save_pretrained(out)
+        method = "relufy"
     else:
         model, tok = load_model(src), load_tokenizer(src)
         ids = tok(TEXT * 8, return_tensors="pt").input_ids[:, :128]
@@ -271,3 +278,23 @@ def test_gathered_rows_of_gate_and_up_give_the_same_numbers(artifacts, method, m
     ids = prompt_ids(artifacts[method])
     for step, (a, b) in enumerate(zip(prefill_and_decode(sparse, ids), prefill_and_decode(hooked, ids))):
         assert close(a, b), (method, step)
+
+
+def test_a_shifted_relu_cut_is_applied_by_both_loaders(artifacts):
+    """relufy's `target` cut (config.json) is on in the hook model and in the runtime: the same weights without
+    the cut give other logits, and the runtime cuts each layer at the artifact's threshold."""
+    from llmfast.sparse.kernels import SparseMLP
+    from llmfast.sparse.relufy import THRESHOLDS_KEY
+    from llmfast.sparse.runtime import sparse_forwards
+
+    import json
+
+    cut = json.loads((artifacts["relufy-shift"] / "config.json").read_text())[THRESHOLDS_KEY]
+    assert len(cut) == 2 and all(t > 0 for t in cut)
+    (shifted, runtime), (plain, _) = pair(artifacts["relufy-shift"]), pair(artifacts["relufy"])
+    ids = prompt_ids(artifacts["relufy"])
+    with torch.no_grad():
+        gap = (shifted(ids).logits - plain(ids).logits).abs().max().item()
+    assert gap > 1e-3, gap
+    mlps = [rt for rt in sparse_forwards(runtime, "mlp") if isinstance(rt, SparseMLP)]
+    assert [(rt.mode, rt.t_gate) for rt in mlps] == [("cats", pytest.approx(t)) for t in cut]

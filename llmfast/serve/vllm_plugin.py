@@ -31,6 +31,7 @@ from pathlib import Path
 
 ARCHITECTURE = "LlmfastReluLlamaForCausalLM"  # what a relufy artifact's config.json names
 MODEL_CLASS = f"llmfast.serve.vllm_relu_llama:{ARCHITECTURE}"
+RELU_THRESHOLDS_KEY = "llmfast_relu_thresholds"  # config.json: relufy's shifted cut of relu(gate), one per layer
 
 
 def register() -> None:

@@ -4,7 +4,9 @@ Only vLLM imports this module (it is registered by its import path), which is wh
 level here: the classes subclass vLLM's. Everything but the MLP activation is vLLM's own Llama (attention,
 weight loading, LoRA, tensor and pipeline parallelism); the MLP computes `down(relu(gate(x)) * up(x))` with
 vLLM's FATReLU-and-mul at threshold 0 (x kept where x > 0, else 0: ReLU exactly), which has a CUDA kernel and
-a plain torch path on CPUs. Its gate and up stay one merged matmul, as in vLLM's SiLU Llama.
+a plain torch path on CPUs. Its gate and up stay one merged matmul, as in vLLM's SiLU Llama. A relufy
+artifact made with `target` holds a shifted cut per layer in config.json (`llmfast_relu_thresholds`): layer i's
+FATReLU then runs at that threshold (gate kept where gate > t_i, as llmfast's own loader cuts it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import FatreluAndMul
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
 
-from llmfast.serve.vllm_plugin import ARCHITECTURE
+from llmfast.serve.vllm_plugin import ARCHITECTURE, RELU_THRESHOLDS_KEY
 
 
 class ReluLlamaDecoderLayer(LlamaDecoderLayer):
@@ -33,7 +36,8 @@ class ReluLlamaDecoderLayer(LlamaDecoderLayer):
         as_silu = copy.copy(config)
         as_silu.hidden_act = "silu"
         super().__init__(vllm_config, prefix, config=as_silu, **kwargs)
-        self.mlp.act_fn = FatreluAndMul(threshold=0.0)
+        cut = getattr(config, RELU_THRESHOLDS_KEY, None)  # relufy's shifted cut, one per layer (None: plain ReLU)
+        self.mlp.act_fn = FatreluAndMul(threshold=float(cut[extract_layer_index(prefix)]) if cut else 0.0)
 
 
 class LlmfastReluLlamaForCausalLM(LlamaForCausalLM):

@@ -17,6 +17,16 @@ train_log.jsonl in the job's work directory until the artifact is complete. Trai
 after the evaluated span, plus the fine-tune's conversations when `data.conversations` names them (a fine-tuned
 model distilled on book text alone keeps the language model and loses the skill), optionally plus samples the
 original model writes itself, in an order fixed by the seed; a resume on other windows is refused.
+
+With `target`, ReLU's cut is shifted up during training (FATReLU, ProSparse's last stage, here learned with
+rather than applied afterwards): each layer keeps relu(gate(x)) only above a threshold set, at every step, to
+the quantile of that step's activations that zeroes the fraction asked for, which ramps linearly from 0 to
+`target` over the first `shift_warmup` of the steps (below the layer's own ReLU sparsity the threshold is 0).
+The model trains through the cut, so it learns to live without the entries it removes. At the end the
+thresholds are calibrated once on the calibration windows, as CATS calibrates its own (one pass, each layer on
+what it sees with the earlier layers' cuts in place), and saved in config.json as `llmfast_relu_thresholds`
+(one per layer): llmfast's loader and sparse runtime apply them, and so does our vLLM plugin (vLLM's FATReLU);
+plain transformers ignores the key and runs the unshifted ReLU.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
+from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY
 from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps
 
 if TYPE_CHECKING:
@@ -49,6 +60,11 @@ class RelufyConfig(SparseConfigBase):
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None  # held-out KL, perplexity and sparsity every N steps (and at 0 and the end)
     save_every: PositiveInt | None = None  # checkpoint every N steps for --resume (null: none)
+    target: float | None = Field(None, gt=0, lt=1)  # shifted ReLU cut for this MLP sparsity per layer (null: plain ReLU)
+    shift_warmup: float = Field(0.5, ge=0, le=1)  # fraction of the steps over which the cut's sparsity ramps to target
+
+
+THRESHOLDS_KEY = RELU_THRESHOLDS_KEY  # config.json: per-layer cut of relu(gate), read by our vLLM plugin too
 
 
 def relu_swap(model: "PreTrainedModel") -> None:
@@ -70,6 +86,59 @@ def _activation_taps(model: "PreTrainedModel") -> tuple[list, list]:
         return hook
 
     return store, [m.down_proj.register_forward_pre_hook(keep(i)) for i, m in enumerate(gated_mlps(model))]
+
+
+class ShiftedCut:
+    """During training: each layer's relu(gate(x)) kept only above a threshold that zeroes `fraction` of this
+    forward's entries (a quantile, never below 0); in eval mode the last thresholds stay fixed."""
+
+    def __init__(self, model: "PreTrainedModel") -> None:
+        import torch
+
+        mlps = gated_mlps(model)
+        self.fraction = 0.0
+        self.thresholds = torch.zeros(len(mlps))
+        self.handles = [m.act_fn.register_forward_hook(self._hook(i, m)) for i, m in enumerate(mlps)]
+
+    def _hook(self, i: int, mlp: Any) -> Any:
+        import torch
+
+        def hook(mod: Any, args: tuple, out: "torch.Tensor") -> "torch.Tensor":
+            if mlp.training and self.fraction > 0:
+                flat = out.detach().reshape(-1)
+                k = max(1, min(flat.numel(), round(self.fraction * flat.numel())))
+                self.thresholds[i] = flat.float().kthvalue(k).values.clamp_min(0)
+            t = self.thresholds[i].to(dtype=out.dtype, device=out.device)
+            # where() keeps the entries above the cut (and their gradient) as they are
+            return torch.where(out > t, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def shift_schedule(cfg: RelufyConfig, step: int) -> float:
+    """The sparsity the cut asks for at `step`: linear from 0 to `target` over `shift_warmup` of the steps."""
+    ramp = round(cfg.shift_warmup * cfg.steps)
+    return float(cfg.target or 0.0) * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
+
+
+def calibrated_cut(model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> list[float]:
+    """Per-layer thresholds of relu(gate) that zero `target` of each layer's activation on the calibration windows
+    (CATS's calibration: one pass, each layer calibrated with the earlier layers' cuts in place)."""
+    from llmfast.sparse.cats import Cats
+
+    return [float(t) for t in Cats().calibrate(model, calibration, target, ("gate_act",))["gate_act"]]
+
+
+def install_cut(model: "PreTrainedModel", thresholds: list[float]) -> list[Any]:
+    """The fixed cut on a loaded model (hooks on each MLP's activation, as CATS's); returns the handles."""
+    import torch
+
+    from llmfast.sparse.thresholds import install_thresholds
+
+    return install_thresholds(model, {"gate_act": torch.tensor(thresholds, dtype=torch.float32)})
 
 
 def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
@@ -109,14 +178,22 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
                                weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                save_every=cfg.save_every or cfg.steps + 1, log_every=cfg.log_every)
     store, handles = _activation_taps(student)
+    cut = ShiftedCut(student) if cfg.target else None
 
     def l1() -> "torch.Tensor":
         return torch.stack([a.abs().float().mean() for a in store]).mean()
 
     def log_extra() -> dict[str, Any]:
         sparsity = [round(float((a == 0).float().mean()), 5) for a in store]
-        return {"l1": round(l1().item(), 6), "sparsity_mean": round(sum(sparsity) / len(sparsity), 5),
-                "sparsity_per_layer": sparsity}
+        extra = {"l1": round(l1().item(), 6), "sparsity_mean": round(sum(sparsity) / len(sparsity), 5),
+                 "sparsity_per_layer": sparsity}
+        if cut is not None:
+            extra.update(shift_target=round(cut.fraction, 5), shift_mean=round(float(cut.thresholds.mean()), 6))
+        return extra
+
+    def before_step(step: int) -> None:
+        if cut is not None:
+            cut.fraction = shift_schedule(cfg, step)
 
     def evaluate() -> dict[str, Any]:  # one point of the curve: quality and sparsity on the held-out windows
         with record_sparsity(student, inputs=False) as tallies:
@@ -126,11 +203,13 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
 
     try:
         return distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
-                       extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None, log_extra=log_extra, desc="relufy",
-                       evaluate=evaluate, eval_every=cfg.eval_every)
+                       before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
+                       log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every)
     finally:
         for h in handles:
             h.remove()
+        if cut is not None:
+            cut.remove()
 
 
 @SPARSIFIERS.register("relufy")
@@ -156,6 +235,11 @@ class Relufy(Sparsifier):
         metrics: dict[str, Any] = {"steps": 0, "train_tokens": 0}
         if cfg.steps:
             metrics = train(job, cfg, student)
+        if cfg.target:
+            thresholds = calibrated_cut(student, job.calibration, cfg.target)
+            setattr(student.config, THRESHOLDS_KEY, thresholds)  # saved in config.json with the model
+            install_cut(student, thresholds)
+            metrics["thresholds"] = {"gate_act": [round(t, 8) for t in thresholds]}
         metrics["heldout_kl"] = {"relu_untrained": round(kl_swap_only, 6),
                                  "relu_trained": round(heldout_kl(student, job.model, heldout), 6)}
         metrics["heldout_sparsity"] = measure_sparsity(student, job.heldout)
@@ -166,3 +250,22 @@ class Relufy(Sparsifier):
         if log.is_file():
             shutil.copy2(log, out_dir / "train_log.jsonl")
         return metrics
+
+    def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
+        thresholds = relu_thresholds(model.config, artifact, len(gated_mlps(model, where=str(artifact))))
+        if thresholds is not None:
+            install_cut(model, thresholds)
+
+
+def relu_thresholds(config: Any, artifact: Path | str, layers: int) -> list[float] | None:
+    """The shifted cut a relufy artifact's config.json holds (None: plain ReLU); the wrong length or a negative
+    value is a one-line error naming the file."""
+    values = getattr(config, THRESHOLDS_KEY, None)
+    if values is None:
+        return None
+    where = Path(artifact) / "config.json"
+    if not isinstance(values, list) or len(values) != layers or not all(
+            isinstance(v, (int, float)) and v >= 0 for v in values):
+        raise UserError(f"{where}: {THRESHOLDS_KEY} must be {layers} non-negative numbers, one per layer: rebuild "
+                        "the artifact with `llmfast sparsify`")
+    return [float(v) for v in values]
