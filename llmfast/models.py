@@ -238,9 +238,12 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
         model = spec.quantizer.load(Path(path), spec.config, dtype, **kwargs)
     else:
         model = from_pretrained(path, dtype, **kwargs)
-    # A `llmfast sparsify` artifact: its method puts what the weights do not hold (thresholds) back on the MLPs.
+    # A `llmfast sparsify` artifact: its method puts what the weights do not hold (thresholds) back on the MLPs,
+    # after a shifted ReLU cut in config.json (relufy's target; on any artifact made over such a model).
     from llmfast.sparse.base import apply_artifact_sparsity
+    from llmfast.sparse.relu_cut import apply_config_cut
 
+    apply_config_cut(model, path)
     apply_artifact_sparsity(model, path)
     if adapter is not None:
         from peft import PeftModel

@@ -392,7 +392,7 @@ def test_relufy_learns_a_shifted_cut(tmp_path, tiny_dir, tiny):
     the cut beats cutting afterwards is a question for a real model (BENCHMARKS.md): the tiny random model's
     outputs are too flat to tell (KL to the original 0.006 either way)."""
     from llmfast.models import load_model
-    from llmfast.sparse.relufy import THRESHOLDS_KEY
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
 
     config = "{steps: 30, batch_size: 2, lr: 3.0e-4, eval_every: 10, target: 0.8, shift_warmup: 0.5}"
     assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", config)))[0] == 0
@@ -423,6 +423,13 @@ def test_relufy_learns_a_shifted_cut(tmp_path, tiny_dir, tiny):
     plain = AutoModelForCausalLM.from_pretrained(art).eval()  # transformers alone: the key does nothing
     zeros = torch.cat([d.reshape(-1) for d in down_inputs(plain, windows[:2])["down"]]).eq(0).float().mean()
     assert 0.3 < zeros < 0.7, zeros
+    # what is made over it keeps the cut: Deja Vu learns the neurons active above it; relufy again starts plain
+    assert run_cli("sparsify", str(recipe(tmp_path, art, "dejavu", FAST["dejavu"], out="dv", name="dv")))[0] == 0
+    true = json.loads((tmp_path / "dv" / "llmfast.json").read_text())["metrics"]["predictors"]["true_sparsity"]
+    assert abs(true["mean"] - held) < 0.03, (true, held)
+    assert json.loads((tmp_path / "dv" / "config.json").read_text())[THRESHOLDS_KEY] == cut
+    assert run_cli("sparsify", str(recipe(tmp_path, art, "relufy", "{steps: 0}", out="again", name="again")))[0] == 0
+    assert THRESHOLDS_KEY not in json.loads((tmp_path / "again" / "config.json").read_text())
 
 
 def test_a_wrong_relu_cut_in_config_is_one_line(tmp_path, tiny_dir):

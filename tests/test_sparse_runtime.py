@@ -20,7 +20,8 @@ from llmfast.artifacts import write_manifest
 from llmfast.errors import UserError
 
 METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "relufy-shift", "dejavu",
-           "dejavu-lookahead")
+           "dejavu-lookahead", "cats-over-shift", "dejavu-over-shift")
+OVER_SHIFT = ("cats-over-shift", "dejavu-over-shift")  # made over relufy-shift: its cut stays on under the method
 TEAL_SITES = {"teal": ["mlp"], "teal-attention": ["mlp", "attention"], "teal-attention-only": ["attention"]}
 TEXT = "The quick brown fox jumps over the lazy dog while the committee argues about the budget."
 
@@ -51,7 +52,7 @@ def make_artifact(src, out, method):
         model = load_model(src)
         relu_swap(model)
         if method == "relufy-shift":  # relufy's `target`: relu(gate) cut at a calibrated threshold per layer
-            from llmfast.sparse.relufy import THRESHOLDS_KEY, calibrated_cut
+            from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut
 
             ids = load_tokenizer(src)(TEXT * 8, return_tensors="pt").input_ids[:, :128]
             setattr(model.config, THRESHOLDS_KEY, calibrated_cut(model, ids, 0.7))
@@ -61,7 +62,7 @@ def make_artifact(src, out, method):
     else:
         model, tok = load_model(src), load_tokenizer(src)
         ids = tok(TEXT * 8, return_tensors="pt").input_ids[:, :128]
-        sparsifier = Teal() if method.startswith("teal") else Cats()
+        sparsifier = Teal() if method.startswith("teal") else Cats()  # calibrated over the source's cut, if any
         # plain teal as artifacts made before `sites` existed record it: no sites, read as MLP-only
         config = {"sites": TEAL_SITES[method]} if method.startswith("teal-") else {}
         thresholds = sparsifier.calibrate(model, ids, 0.5, sparsifier.sites_for(sparsifier.Config(**config)))
@@ -77,7 +78,11 @@ def make_artifact(src, out, method):
 @pytest.fixture(scope="module")
 def artifacts(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse-rt")
-    return {m: make_artifact(tiny_dir, root / m, m) for m in METHODS}
+    made = {}
+    for m in METHODS:  # in order: relufy-shift exists before the artifacts made over it
+        made[m] = make_artifact(root / "relufy-shift" if m in OVER_SHIFT else tiny_dir, root / m,
+                                m.removesuffix("-over-shift"))
+    return made
 
 
 def pair(art, dtype=torch.float64, dense_above=None):
@@ -268,7 +273,7 @@ def test_bag_sum_is_the_weighted_sum_of_the_kept_rows_in_any_number_of_bags():
             assert got.shape == (40,) and close(got, want), (idx.numel(), bags)
 
 
-@pytest.mark.parametrize("method", ["cats", "relufy", "dejavu"])
+@pytest.mark.parametrize("method", ["cats", "relufy", "dejavu", "relufy-shift", *OVER_SHIFT])
 def test_gathered_rows_of_gate_and_up_give_the_same_numbers(artifacts, method, monkeypatch):
     """Above ROWS_DENSE_ABOVE the rows of up (and gate) are computed dense, below it gathered: both paths agree."""
     import llmfast.sparse.kernels as kernels
@@ -280,21 +285,31 @@ def test_gathered_rows_of_gate_and_up_give_the_same_numbers(artifacts, method, m
         assert close(a, b), (method, step)
 
 
-def test_a_shifted_relu_cut_is_applied_by_both_loaders(artifacts):
-    """relufy's `target` cut (config.json) is on in the hook model and in the runtime: the same weights without
-    the cut give other logits, and the runtime cuts each layer at the artifact's threshold."""
-    from llmfast.sparse.kernels import SparseMLP
-    from llmfast.sparse.relufy import THRESHOLDS_KEY
-    from llmfast.sparse.runtime import sparse_forwards
-
+@pytest.mark.parametrize("method", ["relufy-shift", *OVER_SHIFT])
+def test_a_shifted_relu_cut_is_applied_by_both_loaders(artifacts, method, tmp_path):
+    """relufy's `target` cut (config.json) is on in the hook model and in the runtime, for the relufy artifact and
+    for those made over it: the same artifact without the cut gives other logits, and the runtime cuts each
+    layer at the source's threshold."""
     import json
+    import shutil
+
+    from llmfast.sparse.kernels import SparseMLP
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
+    from llmfast.sparse.runtime import sparse_forwards
 
     cut = json.loads((artifacts["relufy-shift"] / "config.json").read_text())[THRESHOLDS_KEY]
     assert len(cut) == 2 and all(t > 0 for t in cut)
-    (shifted, runtime), (plain, _) = pair(artifacts["relufy-shift"]), pair(artifacts["relufy"])
-    ids = prompt_ids(artifacts["relufy"])
+    assert json.loads((artifacts[method] / "config.json").read_text())[THRESHOLDS_KEY] == cut
+    shifted, runtime = pair(artifacts[method])
+    plain = tmp_path / "unshifted"  # the same artifact, its config.json without the cut
+    shutil.copytree(artifacts[method], plain)
+    config = json.loads((plain / "config.json").read_text())
+    del config[THRESHOLDS_KEY]
+    (plain / "config.json").write_text(json.dumps(config))
+    unshifted, _ = pair(plain)
+    ids = prompt_ids(artifacts[method])
     with torch.no_grad():
-        gap = (shifted(ids).logits - plain(ids).logits).abs().max().item()
+        gap = (shifted(ids).logits - unshifted(ids).logits).abs().max().item()
     assert gap > 1e-3, gap
     mlps = [rt for rt in sparse_forwards(runtime, "mlp") if isinstance(rt, SparseMLP)]
-    assert [(rt.mode, rt.t_gate) for rt in mlps] == [("cats", pytest.approx(t)) for t in cut]
+    assert [rt.relu_cut for rt in mlps] == pytest.approx(cut)

@@ -142,7 +142,7 @@ class SparseMLP:
 
     def __init__(self, mlp: Any, mode: str, *, t_in: float = 0.0, t_down: float = 0.0, t_gate: float = 0.0,
                  dense_above: float | None = None, predictor: Any = None, layer: int = 0,
-                 shared: dict[str, Any] | None = None) -> None:
+                 shared: dict[str, Any] | None = None, relu_cut: float | None = None) -> None:
         import torch
 
         if mode not in MODES:
@@ -150,6 +150,11 @@ class SparseMLP:
         if any(getattr(mlp, p).bias is not None for p in ("gate_proj", "up_proj", "down_proj")):
             raise ValueError("the sparse MLP supports bias-free projections only (mlp_bias: false)")
         self.mode, self.act = mode, mlp.act_fn
+        self.relu_cut = relu_cut
+        if relu_cut is not None:  # a shifted ReLU (relu_cut.py): relu(gate) kept above the cut, in every mode
+            from llmfast.sparse.relu_cut import fatrelu
+
+            self.act = fatrelu(relu_cut)
         self.t_in, self.t_down, self.t_gate = float(t_in), float(t_down), float(t_gate)
         self.dense_above = dense_above
         # dejavu: the predictor, this MLP's layer, and a dict all layers share for the look-ahead input
@@ -199,7 +204,7 @@ class SparseMLP:
 
         g = F.linear(v, self.gate_w)
         a = self.act(g)
-        keep = g > 0 if self.mode == "relu" else a.abs() > self.t_gate
+        keep = a > 0 if self.mode == "relu" else a.abs() > self.t_gate
         idx = keep.nonzero().view(-1)
         native = self.native_taking(a)
         if idx.numel() > limit(self.dense_above, native) * self.inter:

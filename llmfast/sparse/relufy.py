@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
-from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY
 from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps
+from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
 
 if TYPE_CHECKING:
     import torch
@@ -62,9 +62,6 @@ class RelufyConfig(SparseConfigBase):
     save_every: PositiveInt | None = None  # checkpoint every N steps for --resume (null: none)
     target: float | None = Field(None, gt=0, lt=1)  # shifted ReLU cut for this MLP sparsity per layer (null: plain ReLU)
     shift_warmup: float = Field(0.5, ge=0, le=1)  # fraction of the steps over which the cut's sparsity ramps to target
-
-
-THRESHOLDS_KEY = RELU_THRESHOLDS_KEY  # config.json: per-layer cut of relu(gate), read by our vLLM plugin too
 
 
 def relu_swap(model: "PreTrainedModel") -> None:
@@ -122,23 +119,6 @@ def shift_schedule(cfg: RelufyConfig, step: int) -> float:
     """The sparsity the cut asks for at `step`: linear from 0 to `target` over `shift_warmup` of the steps."""
     ramp = round(cfg.shift_warmup * cfg.steps)
     return float(cfg.target or 0.0) * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
-
-
-def calibrated_cut(model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> list[float]:
-    """Per-layer thresholds of relu(gate) that zero `target` of each layer's activation on the calibration windows
-    (CATS's calibration: one pass, each layer calibrated with the earlier layers' cuts in place)."""
-    from llmfast.sparse.cats import Cats
-
-    return [float(t) for t in Cats().calibrate(model, calibration, target, ("gate_act",))["gate_act"]]
-
-
-def install_cut(model: "PreTrainedModel", thresholds: list[float]) -> list[Any]:
-    """The fixed cut on a loaded model (hooks on each MLP's activation, as CATS's); returns the handles."""
-    import torch
-
-    from llmfast.sparse.thresholds import install_thresholds
-
-    return install_thresholds(model, {"gate_act": torch.tensor(thresholds, dtype=torch.float32)})
 
 
 def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
@@ -230,6 +210,8 @@ class Relufy(Sparsifier):
         student = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch_dtype(job.dtype))
         student.to(job.model.device).eval()
         relu_swap(student)
+        if hasattr(student.config, THRESHOLDS_KEY):  # a relufy source's cut: this run makes its own, or none
+            delattr(student.config, THRESHOLDS_KEY)
         heldout = job.heldout.to(job.model.device)
         kl_swap_only = heldout_kl(student, job.model, heldout)
         metrics: dict[str, Any] = {"steps": 0, "train_tokens": 0}
@@ -251,21 +233,5 @@ class Relufy(Sparsifier):
             shutil.copy2(log, out_dir / "train_log.jsonl")
         return metrics
 
-    def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
-        thresholds = relu_thresholds(model.config, artifact, len(gated_mlps(model, where=str(artifact))))
-        if thresholds is not None:
-            install_cut(model, thresholds)
+    # apply: nothing beyond the weights; a cut in config.json is put on by models.load_model (relu_cut.py)
 
-
-def relu_thresholds(config: Any, artifact: Path | str, layers: int) -> list[float] | None:
-    """The shifted cut a relufy artifact's config.json holds (None: plain ReLU); the wrong length or a negative
-    value is a one-line error naming the file."""
-    values = getattr(config, THRESHOLDS_KEY, None)
-    if values is None:
-        return None
-    where = Path(artifact) / "config.json"
-    if not isinstance(values, list) or len(values) != layers or not all(
-            isinstance(v, (int, float)) and v >= 0 for v in values):
-        raise UserError(f"{where}: {THRESHOLDS_KEY} must be {layers} non-negative numbers, one per layer: rebuild "
-                        "the artifact with `llmfast sparsify`")
-    return [float(v) for v in values]

@@ -73,6 +73,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
     from llmfast.models import load_tokenizer, resolve_model, torch_dtype
     from llmfast.recipe import recipe_dict
+    from llmfast.sparse.relu_cut import apply_config_cut
     from llmfast.calibration import conversation_windows, split_text, text_ids, windows, with_conversations
 
     t0 = time.perf_counter()
@@ -101,6 +102,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(recipe.dtype)).to(device).eval()
+    apply_config_cut(model, model_path)  # a shifted ReLU source is what the method reads, cut included
     if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
         shutil.rmtree(work)
     job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,

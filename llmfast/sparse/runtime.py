@@ -11,8 +11,10 @@ Which mode a layer runs follows the artifact's `sparsity.method`:
     teal    thresholds of the MLP input and of down_proj's input (sparsity.safetensors); with the
             `attention` sites also of the input of q/k/v and of o_proj (kernels.SparseProjections)
     cats    a threshold of the gate activation (sparsity.safetensors)
-    relufy  the exact zeros of relu(gate) (the model's config says hidden_act: relu), or of relu(gate) cut at
-            a per-layer threshold when its config.json holds one (relufy's `target`): run as CATS's cut
+    relufy  the exact zeros of relu(gate) (the model's config says hidden_act: relu)
+
+A ReLU model whose config.json holds a shifted cut (relufy's `target`, relu_cut.py), and any artifact made over
+it, runs every method with the activation relu(gate) kept above that cut (`relu_cut`).
     dejavu  the neurons the artifact's predictors call active (predictors.safetensors)
 """
 
@@ -117,14 +119,11 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
         raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
                         f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
     mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
-    if method == "relufy":
-        from llmfast.sparse.relufy import relu_thresholds
+    from llmfast.sparse.relu_cut import relu_thresholds
 
-        cut = relu_thresholds(model.config, artifact, len(mlps))
-        if cut is not None:  # relu(gate) kept above t: CATS's mode on a ReLU activation
-            mode = "cats"
-            for i, t in enumerate(cut):
-                kw[i]["t_gate"] = t
+    cut = relu_thresholds(model.config, artifact, len(mlps))  # a shifted ReLU (relufy's target), any method over it
+    for i, t in enumerate(cut or []):
+        kw[i]["relu_cut"] = t
     runtimes: list[Any] = []
     for i, (mlp, k) in enumerate(zip(mlps, kw)):
         if attention:
