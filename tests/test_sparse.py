@@ -348,6 +348,9 @@ def _gpt2_dir(tmp_path, tiny_dir):
 @pytest.mark.parametrize("what,method,config,extra,expected", [
     ("target above 1", "teal", "{target: 1.5}", [], "sparsify.config.target: Input should be less than 1"),
     ("target 0", "cats", "{target: 0}", [], "sparsify.config.target: Input should be greater than 0"),
+    ("relufy cut target 1", "relufy", "{steps: 0, target: 1}", [], "sparsify.config.target: Input should be less than 1"),
+    ("shift warm-up above 1", "relufy", "{target: 0.8, shift_warmup: 2}", [],
+     "sparsify.config.shift_warmup: Input should be less than or equal to 1"),
     ("unknown key", "teal", "{targett: 0.5}", [], "unknown key 'sparsify.config.targett' (did you mean 'target'?)"),
     ("unknown site", "teal", "{sites: [mlp, attn]}", [], "sparsify.config.sites.1: Input should be 'mlp' or 'attention'"),
     ("no sites", "teal", "{sites: []}", [], "sparsify.config.sites: List should have at least 1 item"),
