@@ -18,36 +18,31 @@ TEXT = REPO / "eval" / "text" / "persuasion.txt"
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def relu_dir(tmp_path_factory, tiny_dir):
-    """The tiny Llama ReLU-fied by `llmfast sparsify` (the swap alone: ReLU is what is tested, not training)."""
-    d = tmp_path_factory.mktemp("relu")
+def _relufied(tmp_path_factory, tiny_dir, name, config):
+    """The tiny Llama ReLU-fied by `llmfast sparsify` with relufy settings `config` (a YAML mapping)."""
+    d = tmp_path_factory.mktemp(name)
     (d / "r.yaml").write_text(f"""
 model: {tiny_dir}
-sparsify: {{method: relufy, config: {{steps: 0}}}}
+sparsify: {{method: relufy, config: {config}}}
 data: {{text: {TEXT}, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}}
 dtype: float32
-output: {d / 'relu'}
+output: {d / name}
 """)
     code, _, err = run_cli("sparsify", str(d / "r.yaml"))
     assert code == 0, err
-    return d / "relu"
+    return d / name
+
+
+@pytest.fixture(scope="module")
+def relu_dir(tmp_path_factory, tiny_dir):
+    """The swap alone: ReLU is what is tested, not training."""
+    return _relufied(tmp_path_factory, tiny_dir, "relu", "{steps: 0}")
 
 
 @pytest.fixture(scope="module")
 def shifted_dir(tmp_path_factory, tiny_dir):
     """The same swap with relufy's `target`: relu(gate) cut at a calibrated threshold per layer (config.json)."""
-    d = tmp_path_factory.mktemp("shift")
-    (d / "r.yaml").write_text(f"""
-model: {tiny_dir}
-sparsify: {{method: relufy, config: {{steps: 0, target: 0.8}}}}
-data: {{text: {TEXT}, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, window: 256}}
-dtype: float32
-output: {d / 'shift'}
-""")
-    code, _, err = run_cli("sparsify", str(d / "r.yaml"))
-    assert code == 0, err
-    return d / "shift"
+    return _relufied(tmp_path_factory, tiny_dir, "shift", "{steps: 0, target: 0.8}")
 
 
 def test_relufy_names_our_architecture_and_transformers_loads_it_alone(relu_dir):

@@ -56,7 +56,7 @@ def apply_config_cut(model: "PreTrainedModel", artifact: Path | str) -> list[Any
     if getattr(config, THRESHOLDS_KEY, None) is None:
         return []
     cut = relu_thresholds(config, artifact, len(gated_mlps(model, where=str(artifact))))
-    return install_cut(model, cut) if cut else []
+    return install_cut(model, cut) if cut is not None else []
 
 
 def calibrated_cut(model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> list[float]:

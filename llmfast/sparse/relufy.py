@@ -98,16 +98,13 @@ class ShiftedCut:
         self.handles = [m.act_fn.register_forward_hook(self._hook(i, m)) for i, m in enumerate(mlps)]
 
     def _hook(self, i: int, mlp: Any) -> Any:
-        import torch
+        from llmfast.sparse.thresholds import magnitude_quantile, zero_small
 
         def hook(mod: Any, args: tuple, out: "torch.Tensor") -> "torch.Tensor":
-            if mlp.training and self.fraction > 0:
-                flat = out.detach().reshape(-1)
-                k = max(1, min(flat.numel(), round(self.fraction * flat.numel())))
-                self.thresholds[i] = flat.float().kthvalue(k).values.clamp_min(0)
-            t = self.thresholds[i].to(dtype=out.dtype, device=out.device)
-            # where() keeps the entries above the cut (and their gradient) as they are
-            return torch.where(out > t, out, torch.zeros((), dtype=out.dtype, device=out.device))
+            if mlp.training and self.fraction > 0:  # out = relu(gate) >= 0, so its |value| quantile is >= 0
+                self.thresholds[i] = magnitude_quantile(out, self.fraction)
+            # kept entries (and their gradient) pass as they are
+            return zero_small(out, self.thresholds[i])
         return hook
 
     def remove(self) -> None:
@@ -234,4 +231,3 @@ class Relufy(Sparsifier):
         return metrics
 
     # apply: nothing beyond the weights; a cut in config.json is put on by models.load_model (relu_cut.py)
-

@@ -12,10 +12,10 @@ Which mode a layer runs follows the artifact's `sparsity.method`:
             `attention` sites also of the input of q/k/v and of o_proj (kernels.SparseProjections)
     cats    a threshold of the gate activation (sparsity.safetensors)
     relufy  the exact zeros of relu(gate) (the model's config says hidden_act: relu)
+    dejavu  the neurons the artifact's predictors call active (predictors.safetensors)
 
 A ReLU model whose config.json holds a shifted cut (relufy's `target`, relu_cut.py), and any artifact made over
 it, runs every method with the activation relu(gate) kept above that cut (`relu_cut`).
-    dejavu  the neurons the artifact's predictors call active (predictors.safetensors)
 """
 
 from __future__ import annotations

@@ -44,11 +44,19 @@ def attention_blocks(model: "PreTrainedModel", where: str = "") -> list[Any]:
                         "TEAL's attention sites support Llama-style attention only (use sites: [mlp])")
 
 
-def _zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+def zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
     import torch
 
     # where() rather than a multiply by a mask: kept entries stay bit-for-bit, so threshold 0 changes nothing.
     return torch.where(x.abs() > t.to(device=x.device, dtype=x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def magnitude_quantile(x: "torch.Tensor", target: float) -> "torch.Tensor":
+    """The threshold that zeroes `target` of `x`'s entries: the k-th smallest |value| (k = target x n, at least
+    one), so zeroing entries <= it zeroes k of n (fewer only where values tie). A float32 scalar on x's device."""
+    flat = x.detach().abs().reshape(-1).float()
+    k = max(1, min(flat.numel(), round(target * flat.numel())))
+    return flat.kthvalue(k).values
 
 
 def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: float | None) -> "torch.Tensor":
@@ -56,10 +64,7 @@ def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: f
     import torch
 
     if target is not None and torch.isnan(thresholds[i]):
-        flat = x.detach().abs().reshape(-1).float()
-        k = max(1, min(flat.numel(), round(target * flat.numel())))
-        # The k-th smallest |value|: zeroing entries <= it zeroes k of n (fewer only where values tie).
-        thresholds[i] = flat.kthvalue(k).values.to(thresholds.device)
+        thresholds[i] = magnitude_quantile(x, target).to(thresholds.device)
     return thresholds[i]
 
 
@@ -89,14 +94,14 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
             continue
         for i, mlp in enumerate(mlps):
             if site == "mlp_in":
-                hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
+                hook = (lambda mod, args, v=vec, i=i: (zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
                                                        *args[1:]))
                 handles.append(mlp.register_forward_pre_hook(hook))
             elif site == "down_in":
-                hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),))
+                hook = (lambda mod, args, v=vec, i=i: (zero_small(args[0], _calibrated(args[0], v, i, calibrate)),))
                 handles.append(mlp.down_proj.register_forward_pre_hook(hook))
             else:
-                hook = lambda mod, args, out, v=vec, i=i: _zero_small(out, _calibrated(out, v, i, calibrate))  # noqa: E731
+                hook = lambda mod, args, out, v=vec, i=i: zero_small(out, _calibrated(out, v, i, calibrate))  # noqa: E731
                 handles.append(mlp.act_fn.register_forward_hook(hook))
     return handles
 
@@ -104,7 +109,7 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
 def _attention_hooks(attns: list[Any], site: str, vec: "torch.Tensor", calibrate: float | None) -> list[Any]:
     handles = []
     for i, attn in enumerate(attns):
-        hook = (lambda mod, args, v=vec, i=i: (_zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
+        hook = (lambda mod, args, v=vec, i=i: (zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
                                                *args[1:]))
         for proj in (QKV if site == "attn_in" else ("o_proj",)):
             handles.append(getattr(attn, proj).register_forward_pre_hook(hook))
