@@ -6,6 +6,9 @@ token-level KL divergence KL(teacher || student) of the next-token distributions
 windows of text. Data can include samples the teacher generates itself, as in data-free QAT (LLM-QAT, Liu et
 al. 2023, arXiv:2305.17888), so no outside data set is needed.
 
+Batches go to the student's device (a GPU when the model is there); `distill(autocast=torch.bfloat16)` runs the
+forward passes in bfloat16 mixed precision (float32 weights and optimizer state), as GPU training usually does.
+
 Resumable: every `save_every` steps the trainable weights (safetensors), the optimizer state (tensors only,
 read back with `weights_only=True`) and `state.json` go to `WORK/checkpoints/step-NNNNNN/`; batches are a
 function of the step, so a resumed run ends with the same weights as an uninterrupted one.
@@ -64,8 +67,9 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
     """
     kl = nll_s = nll_t = 0.0
     rows_seen = tokens = 0
+    device = _device(student)
     for i in range(0, len(rows), batch_size):
-        batch = rows[i: i + batch_size]
+        batch = rows[i: i + batch_size].to(device)
         s_logits, t_logits = student(batch).logits, teacher(batch).logits
         kl += kl_to_teacher(s_logits, t_logits).item() * len(batch)
         target = batch[:, 1:].reshape(-1)
@@ -77,17 +81,27 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int) -> torch.Tensor:
-    """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token."""
+def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int, chunk: int = 1024
+                    ) -> torch.Tensor:
+    """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token, on the
+    teacher's device, `chunk` rows per generate call (its KV cache grows with the rows); returned on the CPU."""
     if count == 0:
         return torch.empty(0, length, dtype=torch.long)
+    from tqdm.auto import tqdm
+
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prompt = torch.full((count, 1), start, dtype=torch.long)
-    with torch.random.fork_rng():  # generate() samples with the global generator: seed it without side effects
+    device = _device(teacher)
+    out = []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # generate() samples with the global generator: seed it quietly
         torch.manual_seed(seed)
-        out = teacher.generate(prompt, do_sample=True, top_k=50, max_new_tokens=length - 1,
-                               min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)
-    return out[:, :length]
+        for first in tqdm(range(0, count, chunk), desc="teacher samples", unit="batch", file=sys.stderr,
+                          disable=count <= chunk):
+            prompt = torch.full((min(chunk, count - first), 1), start, dtype=torch.long, device=device)
+            rows = teacher.generate(prompt, do_sample=True, top_k=50, max_new_tokens=length - 1,
+                                    min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)
+            out.append(rows[:, :length].cpu())
+    return torch.cat(out)
 
 
 def lr_at(settings: DistillSettings, step: int) -> float:
@@ -103,6 +117,10 @@ def batch_at(rows: torch.Tensor, settings: DistillSettings, step: int) -> torch.
     """The rows of step `step`: a deterministic walk through the data, so resuming repeats nothing."""
     idx = (torch.arange(settings.batch_size) + step * settings.batch_size) % len(rows)
     return rows[idx]
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -168,14 +186,19 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             resume: bool = False, before_step: Callable[[int], None] | None = None,
             extra_loss: Callable[[], torch.Tensor] | None = None,
             log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling",
-            evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None) -> dict[str, Any]:
+            evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None,
+            autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
     `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term
     (an L1 pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out
     measurements, run with the student in eval mode) is logged at step 0, every `eval_every` steps and at the
-    end: the curve of quality against training tokens. Returns the final metrics.
+    end: the curve of quality against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward
+    passes in that precision; weights, gradients, optimizer state and the loss stay float32. Returns the final
+    metrics.
     """
+    import contextlib
+
     from tqdm.auto import tqdm
 
     teacher.eval()
@@ -202,6 +225,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         finally:
             student.train()
 
+    device = _device(student)
+    mixed = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     tokens_per_step = settings.batch_size * rows.shape[1]
     if evaluate is not None and eval_every and start == 0:
         with log_path.open("a") as f:
@@ -212,10 +237,12 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             before_step(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(settings, step)
-        batch = batch_at(rows, settings, step)
-        with torch.no_grad():
+        batch = batch_at(rows, settings, step).to(device)
+        with torch.no_grad(), mixed():
             target = teacher(batch).logits
-        loss = kl_to_teacher(student(batch).logits, target, settings.temperature)
+        with mixed():
+            logits = student(batch).logits
+        loss = kl_to_teacher(logits, target, settings.temperature)
         total = loss + extra_loss() if extra_loss is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -51,7 +51,7 @@ def perplexity(
     with torch.inference_mode():
         for begin in tqdm(starts, desc="perplexity", unit="window", leave=False):
             end = min(begin + context, len(ids))
-            window = ids[begin:end].unsqueeze(0)
+            window = ids[begin:end].unsqueeze(0).to(model.device)
             logits = model(window).logits[0, :-1].float()
             targets = window[0, 1:]
             nll = F.cross_entropy(logits, targets, reduction="none")

@@ -5,14 +5,12 @@ Importing this module needs the `triton` package; only GPU code paths (and tests
 
 from __future__ import annotations
 
-from typing import Any
-
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def round_to(v: Any, dtype: tl.constexpr) -> Any:
+def round_to(v, dtype: tl.constexpr):  # no typing annotations: Triton's compiler resolves them
     """float32 `v` rounded to the nearest value of `dtype` (ties to even), kept as float32. Spelled out in bits for
     bfloat16 because Triton's interpreter truncates there, where a GPU rounds to nearest."""
     if dtype == tl.bfloat16:
@@ -26,6 +24,6 @@ def round_to(v: Any, dtype: tl.constexpr) -> Any:
 
 
 @triton.jit
-def round_half_even(v: Any) -> Any:
+def round_half_even(v):
     """torch.round of float32 `v` for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, and takes them back."""
     return (v + 12582912.0) - 12582912.0

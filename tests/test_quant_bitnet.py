@@ -216,8 +216,29 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     assert not list(tmp_path.glob(".killed.tmp-*"))
 
 
+def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> None:
+    """Data-free QAT's rows, generated a chunk at a time (the KV cache of thousands of rows would not fit a GPU at
+    once): the first chunk is what a call for those rows alone gives, the whole is reproducible, and the caller's
+    random state is left as it was."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.distill import teacher_samples
+    from llmfast.models import load_tokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny).eval(), load_tokenizer(tiny)
+    state = torch.random.get_rng_state()
+    rows = teacher_samples(model, tok, 5, 7, seed=3, chunk=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert rows.shape == (5, 7) and rows.dtype == torch.long and rows.device.type == "cpu"
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert (rows[:, 0] == start).all()
+    assert torch.equal(rows, teacher_samples(model, tok, 5, 7, seed=3, chunk=2))
+    assert torch.equal(rows[:2], teacher_samples(model, tok, 2, 7, seed=3))
+    assert not torch.equal(rows[2:4], rows[:2])  # later chunks go on with the stream, not from the seed again
+
+
 @pytest.mark.parametrize("case", ["already quantized", "unknown method", "output exists", "qat without text",
-                                  "rows not divisible by 4"])
+                                  "rows not divisible by 4", "cuda without a GPU"])
 def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -237,6 +258,10 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
     if case == "qat without text":
         data["quantization"]["qat_steps"] = 2
         del data["data"]
+    if case == "cuda without a GPU":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU")
+        data["quantization"] |= {"qat_steps": 2, "device": "cuda"}
     recipe.write_text(json.dumps(data))
     capsys.readouterr()
     assert main(["quantize", str(recipe)]) == 2
@@ -244,7 +269,7 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
     assert len(err) == 1 and err[0].startswith("llmfast: error:")
     expected = {"already quantized": "already quantized (bitnet)", "unknown method": "did you mean 'bitnet'",
                 "output exists": "already exists", "qat without text": "data:",
-                "rows not divisible by 4": "multiple of 4"}[case]
+                "rows not divisible by 4": "multiple of 4", "cuda without a GPU": "device is cuda"}[case]
     assert expected in err[0]
     if case == "output exists":
         assert (out / "mine.txt").read_text() == "keep me"

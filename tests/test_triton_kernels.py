@@ -25,6 +25,25 @@ def interpret(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_jit_functions_carry_no_annotations_the_compiler_cannot_resolve():
+    """Triton's compiler (not its interpreter) resolves a @triton.jit function's annotations as globals and refuses
+    `typing.Any` (it cost a lent GPU's first run): only `tl.constexpr` (or none) is allowed."""
+    import ast
+
+    files = [REPO / "llmfast" / "triton_math.py", REPO / "llmfast" / "quant" / "bitnet" / "triton_kernel.py",
+             REPO / "llmfast" / "sparse" / "triton_kernel.py"]
+    checked = 0
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                checked += 1
+                notes = [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation] + (
+                    [node.returns] if node.returns else [])
+                bad = [ast.unparse(n) for n in notes if ast.unparse(n) != "tl.constexpr"]
+                assert not bad, f"{path.name}:{node.lineno} {node.name}: {bad}"
+    assert checked >= 5
+
+
 def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_bfloat16():
     got = interpret("""
         import json, torch

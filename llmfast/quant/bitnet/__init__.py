@@ -12,7 +12,7 @@ loads by itself; llmfast runs it with `TernaryLinear` (same arithmetic). vLLM ha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -30,6 +30,8 @@ class BitNetConfig(QuantConfigBase):
     teacher_samples: int = Field(0, ge=0)  # rows the teacher writes itself, added to the text (data-free QAT)
     save_every: int = Field(50, gt=0)
     eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N QAT steps (the curve)
+    # where QAT runs: auto = a CUDA GPU when torch sees one (forward passes in bfloat16 autocast there), else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
 
@@ -54,8 +56,11 @@ class BitNet(Quantizer):
 
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         from llmfast.quant.bitnet.convert import check_shapes
+        from llmfast.quant.bitnet.qat import qat_device
 
         check_shapes(skeleton)
+        assert isinstance(cfg, BitNetConfig)
+        qat_device(cfg)
 
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:
         from llmfast.quant.bitnet.qat import quantize_bitnet

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from llmfast.quant.bitnet import BitNetConfig
 
 
+def qat_device(cfg: "BitNetConfig") -> torch.device:
+    """The device QAT trains on: `cuda` needs a GPU that torch sees; `auto` takes one when there is one."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("bitnet: quantization.device is cuda but torch sees no CUDA GPU here: set it to auto or cpu")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def strength_at(cfg: "BitNetConfig", step: int) -> float:
     """Quantization strength lambda for a step: a linear ramp 0 -> 1 over the warm-up, then 1."""
     warm = int(cfg.lambda_warmup * cfg.qat_steps)
@@ -56,7 +63,13 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     metrics: dict[str, Any] = {"qat_steps": cfg.qat_steps}
     if cfg.qat_steps:
-        teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        device = qat_device(cfg)
+        # On a GPU the forward passes run in bfloat16 autocast (weights and optimizer state stay in `dtype`).
+        autocast = torch.bfloat16 if device.type == "cuda" and torch_dtype == torch.float32 else None
+        metrics |= {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "autocast": str(autocast).removeprefix("torch.") if autocast else None}
+        model.to(device)
+        teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
         samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
         data = torch.cat([rows, samples]) if len(samples) else rows
         converted = prepare_student(model)
@@ -74,13 +87,18 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         metrics |= distill(model, teacher, data, settings, work_dir, resume=resume,
                            before_step=lambda step: set_strength(model, strength_at(cfg, step)),
                            log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
-                           evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every)
+                           evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
+                           autocast=autocast)
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
             model.set_submodule(name, to_ternary(model.get_submodule(name)))
         if heldout is not None:  # the final ternary model (rounded, strength 1)
             metrics |= {k: round(v, 6) for k, v in heldout_scores(model, teacher, heldout).items()}
+        if device.type == "cuda":
+            metrics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        model.to("cpu")
+        del teacher
     else:
         replace_linears(model, to_ternary)
     metrics["weights_file_bytes"] = save_ternary(model, tokenizer, out_dir)

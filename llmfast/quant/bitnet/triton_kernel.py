@@ -23,7 +23,6 @@ bring it); callers import it only when they run on a GPU.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import triton
@@ -38,7 +37,7 @@ SCALE_FLOOR = 1e-5
 
 
 @triton.jit
-def _write(acc: Any, denom: Any, b_ptr: Any, y_ptr: Any, rn: Any, col_ok: Any, out_ok: Any, base: Any, pid_k: Any,
+def _write(acc, denom, b_ptr, y_ptr, rn, col_ok, out_ok, base, pid_k,  # untyped: Triton resolves annotations
            HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, dtype: tl.constexpr):
     y = tl.math.div_rn(acc.to(tl.float32), denom[:, None])  # IEEE division, as torch's (`/` is approximate)
     if LOW_PRECISION and SPLIT_K == 1:  # split partial sums are rounded once, after they are added
