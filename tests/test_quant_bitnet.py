@@ -276,3 +276,32 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Path, tmp_path: Path) -> None:
+    """scripts/gpu_bitnet_qat.py is for a lent GPU's minutes: its --smoke mode runs every step on the CPU (probe,
+    one `llmfast quantize` per rate, scoring through both loaders, the export without embeddings), and --rebuild
+    puts the exported shards and the base's embeddings back together into the very model the run wrote."""
+    from llmfast.models import load_model
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.run([sys.executable, "scripts/gpu_bitnet_qat.py", "--model", str(tiny), "--smoke", "--lrs", "1e-3",
+                          "--out", str(out), "--work", str(work)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "gpu_qat.json").read_text())
+    (only,) = result["runs"]
+    assert only["rc"] == 0 and only["metrics"]["train_tokens"] == 4 * 2 * 64 and only["metrics"]["device"] == "cpu"
+    ppl = only["ppl"]
+    assert abs(ppl["llmfast"] - ppl["transformers"]) <= 1e-3 * ppl["llmfast"]  # two loaders, one model
+    assert only["x_base"] == round(ppl["llmfast"] / result["base_ppl"], 3)
+    assert (out / "train_log-0.jsonl").is_file()
+    rebuild = subprocess.run([sys.executable, "scripts/gpu_bitnet_qat.py", "--rebuild", str(out), "--to",
+                              str(tmp_path / "rebuilt"), "--base", str(tiny)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    assert rebuild.returncode == 0, rebuild.stderr[-3000:]
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        want = load_model(work / "ternary-0")(ids).logits
+        got = load_model(tmp_path / "rebuilt")(ids).logits
+    assert torch.equal(got, want)
