@@ -139,6 +139,33 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
     assert made["predictors"] == {k: report[k]["mean"] for k in ("recall", "precision", "predicted_active")}
 
 
+def test_threshold_share_sets_thresholds_on_tokens_kept_out_of_training(tmp_path, relu_dir):
+    """With threshold_share the last windows of the calibration text only set the thresholds: recall >= target
+    holds on them (recomputed here), the predictor is trained on the rest alone (trained on those first windows
+    by hand with the same seed, it is the saved one), and the manifest says how many tokens set the threshold."""
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse import predictor_training as pt
+    from llmfast.sparse.dejavu import DejavuConfig, load_predictors
+
+    config = "{rank: 8, steps: 40, target_recall: 0.9, threshold_share: 0.25}"
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, relu_dir, config)))
+    assert code == 0, err
+    art = tmp_path / "out"
+    metrics = json.loads((art / "llmfast.json").read_text())["metrics"]
+    assert metrics["threshold_tokens"] == 512 and metrics["calibration_tokens"] == 2048
+    preds = load_predictors(art)
+    calib, _ = split(load_tokenizer(art))
+    seen = capture(load_model(relu_dir), calib, batch=len(calib))
+    cfg = DejavuConfig(rank=8, steps=40, target_recall=0.9, threshold_share=0.25)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for i, p in enumerate(preds):
+        active = seen["down"][i] != 0
+        hit = (p.active(seen["x"][i][1536:]) & active[1536:]).sum().item()
+        assert hit >= 0.9 * active[1536:].sum().item() - 2
+        again = pt.train_layer(pt.LayerData(seen["x"][i][:1536], active[:1536], 0.0), cfg, generator)
+        assert torch.allclose(again.B, p.B, atol=1e-5) and torch.allclose(again.bias, p.bias, atol=1e-5)
+
+
 def _rewrite(art, **change):
     from llmfast.sparse.predictors import load_predictors, save_predictors
 
@@ -213,6 +240,7 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("relu", "{active_fraction: 0.3, target_recall: 0.9}", "set target_recall or active_fraction, not both"),
     ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
     ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
+    ("relu", "{threshold_share: 1}", "sparsify.config.threshold_share: Input should be less than 1"),
 ])
 def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
                                                                      expected):

@@ -40,6 +40,10 @@ class DejavuConfig(SparseConfigBase):
     # Calibration recall of active neurons each layer's threshold keeps (null: 0.95, unless active_fraction is set).
     target_recall: float | None = Field(None, gt=0, le=1)
     active_fraction: float | None = Field(None, gt=0, lt=1)  # instead: this fraction predicted active per layer
+    # Share of the calibration tokens (the last windows) kept out of training and used only to set each layer's
+    # threshold, so `target_recall` is met on tokens the predictor has not fitted (0: the training tokens set it,
+    # where a fitted predictor looks better than it is on new text).
+    threshold_share: float = Field(0.0, ge=0, lt=1)
     steps: PositiveInt = 300  # AdamW steps per layer
     batch_tokens: PositiveInt = 1024  # calibration tokens per step
     lr: float = Field(3e-3, gt=0)
@@ -95,9 +99,11 @@ class Dejavu(Sparsifier):
         generator = torch.Generator().manual_seed(cfg.seed)
         predictors, calibration = [], []
         for data in tqdm(layers, desc="dejavu predictors", unit="layer", leave=False):
-            p = pt.train_layer(data, cfg, generator)
-            p.threshold = pt.pick_threshold(p.logits(data.x), data.active, cfg.target_recall, cfg.active_fraction)
-            recall, frac = pt.calibration_recall(p, data)
+            fit, held = pt.split_tokens(data, cfg.threshold_share)
+            p = pt.train_layer(fit, cfg, generator)
+            p.threshold = pt.pick_threshold(p.logits(held.x), held.active, cfg.target_recall, cfg.active_fraction)
+            recall, frac = pt.calibration_recall(p, held)
+            threshold_tokens = held.x.shape[0]
             predictors.append(p)
             calibration.append({"recall": recall, "predicted_active": frac,
                                 "true_sparsity": 1 - float(data.active.float().mean())})
@@ -107,6 +113,7 @@ class Dejavu(Sparsifier):
         save_predictors(predictors, out_dir / PREDICTORS_FILE)
         metrics = pt.heldout_metrics(job.model, predictors, cuts, job.heldout)
         metrics.update({"calibration": pt.per_layer_report(calibration), "calibration_tokens": job.calibration.numel(),
+                        "threshold_tokens": threshold_tokens,
                         "labels": "nonzero" if label_sparsity is None else f"|h| above the {label_sparsity} quantile",
                         "label_thresholds": cuts})
         return metrics

@@ -11,6 +11,9 @@
 - Threshold: the largest value at which the recall of active neurons on the calibration tokens still
   reaches `target_recall` (or, with `active_fraction`, the value leaving that fraction predicted active),
   computed from the stored predictor's own logits, so calibration recall >= target holds by construction.
+  With `threshold_share` the last share of the calibration tokens is kept out of training and sets the
+  threshold alone: a predictor is more confident on tokens it was fitted to, so a threshold set there keeps
+  less than `target_recall` on new text (the real model: 95% on calibration, 90.5% held out).
 - Held-out metrics per layer, with the predictors applied (so each layer sees the errors of the ones
   before): recall of active neurons and of activation mass, precision, fraction predicted active, the
   true activation sparsity, the sparsity left after zeroing, and the KL of the dense model to it.
@@ -116,6 +119,17 @@ def pick_threshold(logits: "torch.Tensor", active: "torch.Tensor", target_recall
     lowest_kept = pos.kthvalue(missed + 1).values.float()
     # Just below it, so `logits > threshold` keeps every positive >= lowest_kept: at least n - missed of them.
     return torch.nextafter(lowest_kept, torch.tensor(float("-inf")))
+
+
+def split_tokens(data: LayerData, share: float) -> tuple[LayerData, LayerData]:
+    """(tokens to train on, tokens that set the threshold): the last `share` of the tokens (whole windows, as
+    they are stored in order) held back; both are all the tokens when `share` is 0."""
+    if not share:
+        return data, data
+    n = data.x.shape[0]
+    held = min(n - 1, max(1, round(share * n)))
+    return (dataclasses.replace(data, x=data.x[: n - held], active=data.active[: n - held]),
+            dataclasses.replace(data, x=data.x[n - held:], active=data.active[n - held:]))
 
 
 def calibration_recall(p: Predictor, data: LayerData) -> tuple[float, float]:
