@@ -92,7 +92,8 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = _device(teacher)
     out = []
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # manual_seed seeds every CUDA device: fork them all (none where CUDA was never started)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):  # generate() samples with the global generator: seed it quietly
         torch.manual_seed(seed)
         for first in tqdm(range(0, count, chunk), desc="teacher samples", unit="batch", file=sys.stderr,
@@ -178,7 +179,8 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
-    optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt"))
+    # on the CPU first (a GPU run may be resumed where there is none); load_state_dict moves it to each parameter
+    optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt", map_location="cpu"))
     return int(state["step"])
 
 

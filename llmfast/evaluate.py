@@ -53,7 +53,7 @@ def perplexity(
             end = min(begin + context, len(ids))
             window = ids[begin:end].unsqueeze(0).to(model.device)
             logits = model(window).logits[0, :-1].float()
-            targets = window[0, 1:]
+            targets = window[0, 1:].to(logits.device)
             nll = F.cross_entropy(logits, targets, reduction="none")
             # Score only tokens after the previous window's end, so each is counted once.
             new = end - max(prev_end, begin + 1)

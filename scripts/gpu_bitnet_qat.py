@@ -94,7 +94,7 @@ def perplexities(path: Path, tokenizer, device: str, max_tokens: int) -> dict[st
     text = TEXT.read_text()
     out = {}
     loaders = {"llmfast": lambda: load_model(path)}
-    if (path / "llmfast.json").is_file():
+    if "quantization_config" in json.loads((path / "config.json").read_text()):  # the ternary artifact, not the base
         loaders["transformers"] = lambda: AutoModelForCausalLM.from_pretrained(path).eval()
     for name, load in loaders.items():
         model = load().to(device)
@@ -190,7 +190,7 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
             return 2
-        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 passes (held-out scores, eval)
+        torch.backends.cuda.matmul.allow_tf32 = True  # this process's float32 passes (the perplexities below)
     from llmfast.models import load_tokenizer, resolve_model
 
     out = Path(args.out)

@@ -98,6 +98,7 @@ class Dejavu(Sparsifier):
         layers = pt.collect(job.model, job.calibration, cfg.lookahead, label_sparsity)
         generator = torch.Generator().manual_seed(cfg.seed)
         predictors, calibration = [], []
+        threshold_tokens = job.calibration.numel()
         for data in tqdm(layers, desc="dejavu predictors", unit="layer", leave=False):
             fit, held = pt.split_tokens(data, cfg.threshold_share)
             p = pt.train_layer(fit, cfg, generator)

@@ -122,11 +122,12 @@ def pick_threshold(logits: "torch.Tensor", active: "torch.Tensor", target_recall
 
 
 def split_tokens(data: LayerData, share: float) -> tuple[LayerData, LayerData]:
-    """(tokens to train on, tokens that set the threshold): the last `share` of the tokens (whole windows, as
-    they are stored in order) held back; both are all the tokens when `share` is 0."""
-    if not share:
-        return data, data
+    """(tokens to train on, tokens that set the threshold): the last `share` of the tokens (stored window after
+    window, so these are the last windows, the first of them possibly in part) held back; both are all the tokens
+    when `share` is 0 or there is a single token."""
     n = data.x.shape[0]
+    if not share or n < 2:
+        return data, data
     held = min(n - 1, max(1, round(share * n)))
     return (dataclasses.replace(data, x=data.x[: n - held], active=data.active[: n - held]),
             dataclasses.replace(data, x=data.x[n - held:], active=data.active[n - held:]))

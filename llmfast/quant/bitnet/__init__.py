@@ -60,7 +60,8 @@ class BitNet(Quantizer):
 
         check_shapes(skeleton)
         assert isinstance(cfg, BitNetConfig)
-        qat_device(cfg)
+        if cfg.qat_steps:  # only training uses the device
+            qat_device(cfg)
 
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:
         from llmfast.quant.bitnet.qat import quantize_bitnet
