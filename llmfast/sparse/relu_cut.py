@@ -56,7 +56,8 @@ def apply_config_cut(model: "PreTrainedModel", artifact: Path | str) -> list[Any
     if getattr(config, THRESHOLDS_KEY, None) is None:
         return []
     cut = relu_thresholds(config, artifact, len(gated_mlps(model, where=str(artifact))))
-    return install_cut(model, cut) if cut is not None else []
+    assert cut is not None  # the key is there: relu_thresholds returns its values or raises
+    return install_cut(model, cut)
 
 
 def calibrated_cut(model: "PreTrainedModel", calibration: "torch.Tensor", target: float) -> list[float]:
