@@ -121,21 +121,36 @@ def check_ternary(dev: str) -> dict:
     return out
 
 
+def tile_grid(tiles: list[tuple[int, int]], iters: tuple[int, ...], k: int) -> list[dict]:
+    """Launch settings: each (outputs, inputs) tile with the input split so that a program walks `iters` tiles;
+    8 warps for large tiles."""
+    out = []
+    for bn, bk in tiles:
+        for it in iters:
+            split = max(1, -(-k // (bk * it)))
+            if it > 1 and split == 1 and out and out[-1]["block_n"] == bn and out[-1]["block_k"] == bk \
+                    and out[-1]["split_k"] == 1:
+                continue  # the same launch as the previous one
+            out.append({"block_n": bn, "block_k": bk, "split_k": split, "num_warps": 8 if bn * bk >= 8192 else 4})
+    return out
+
+
 def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
-    from llmfast.quant.bitnet.triton_kernel import ternary_matmul
+    from llmfast.quant.bitnet.triton_kernel import default_launch, ternary_matmul
     from llmfast.quant.bitnet.pack import pack_ternary
     from llmfast.quant.bitnet.layers import ternarize
 
     rows = []
-    # The H200's first run (--quick, 5 settings) was latency-bound (32-256 programs; 84-300 GB/s): the grid now
-    # reaches far more programs (split-K to 16, narrow and wide output blocks, 8 warps).
-    configs = [(bn, bk, sk, nw) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for sk in (1, 4, 16)
-               for nw in (4, 8)]
-    if quick:
-        configs = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 256, 4, 4), (16, 256, 16, 4), (64, 128, 8, 4),
-                   (16, 512, 2, 4), (128, 256, 16, 8)]
+    # 2026-12-04's first H200 run (few programs each walking the whole input) was latency-bound: the kernel now
+    # splits the input (llmfast/triton_split.py); the grid is tiles of packed rows x inputs and tiles per program.
+    tiles = [(8, 512), (16, 256), (16, 512), (32, 256), (32, 512), (64, 128), (64, 256)]
+    iters = (1, 2, 4)
+    fma_tiles, fma_iters = [(16, 256), (32, 128)], (1, 4)
+    if quick or SMOKE:
+        tiles, iters = [(8, 512), (16, 256), (32, 128)], (1, 4)
+        fma_tiles, fma_iters = [(16, 256)], (1,)
     for k, n in [(HIDDEN, HIDDEN), (HIDDEN, INTER), (INTER, HIDDEN)]:
-        ranked: list[tuple[float, tuple]] = []  # one token's times: more tokens try that grid's three best
+        ranked: list[tuple[float, dict]] = []  # one token's times: more tokens try that grid's three best
         w_bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         packed = [pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev))
                   for _ in range(copies_for(n * k // 4))]
@@ -143,17 +158,23 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
         for m in (1, 4, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             dense = per_call_us(lambda i: (lambda: F.linear(x, w_bf16[i])), len(w_bf16), repeats)
-            ref = ternary_matmul(x, packed[0], scale).float()
+            ref = ternary_matmul(x, packed[0], scale, split_k=1, product="fma")
+            if m == 1:  # dp4a over words of four bytes, and float multiply-adds over bytes
+                grid = [dict(default_launch(m, n // 4, k), num_warps=4)] + [
+                    dict(c, product="dp4a") for c in tile_grid(tiles, iters, k)] + [
+                    dict(c, product="fma") for c in tile_grid(fma_tiles, fma_iters, k)]
+            else:  # the GEMV's best tiles, with tl.dot and with float multiply-adds (m x tile products in registers)
+                best3 = [c for _, c in sorted(ranked, key=lambda r: r[0])[:3]]
+                grid = [dict(default_launch(m, n // 4, k), num_warps=4)] + [dict(c, product="dot") for c in best3] + [
+                    dict(c, product="fma") for c in best3 if c["block_n"] * c["block_k"] * m <= 16384]
             best, tried = None, 0
-            grid = configs if m == 1 or not ranked else [c for _, c in sorted(ranked)[:3]]
-            for bn, bk, sk, nw in grid:
-                if (sk > 1 and (k // sk) < bk) or (best is not None and over_budget()):
-                    continue
-                launch = {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw}
+            for launch in grid:
+                if best is not None and over_budget():
+                    break
                 try:
-                    y = ternary_matmul(x, packed[0], scale, **launch).float()
-                    if not torch.allclose(y, ref, rtol=0, atol=2 ** -6 * ref.abs().max().item()):
-                        print(f"  WRONG output with {launch}: max diff {(y - ref).abs().max().item():.3g}")
+                    y = ternary_matmul(x, packed[0], scale, **launch)
+                    if not torch.equal(y, ref):  # exact integer sums: every setting gives the same bits
+                        print(f"  WRONG output with {launch}: max diff {(y.float() - ref.float()).abs().max().item():.3g}")
                         continue
                     t = per_call_us(lambda i: (lambda: ternary_matmul(x, packed[i], scale, **launch)), len(packed),
                                     repeats)
@@ -162,19 +183,26 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
                     continue
                 tried += 1
                 if m == 1:
-                    ranked.append((t, (bn, bk, sk, nw)))
+                    ranked.append((t, launch))
                 if best is None or t < best[0]:
                     best = (t, launch)
             if best is None:
                 rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2), "error": "no setting ran"})
                 continue
+            # the split's counters and partial sums across many launches: every one must give the same bits
+            repeats_same = sum(torch.equal(ternary_matmul(x, packed[i % len(packed)], scale, **best[1]),
+                                           ternary_matmul(x, packed[i % len(packed)], scale, split_k=1,
+                                                          product="fma"))
+                               for i in range(20 if SMOKE else 200))
             rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2),
                          "ternary_us": round(best[0], 2), "speedup": round(dense / best[0], 2),
                          "ternary_GBps": round((n * k // 4) / (best[0] * 1e-6) / 1e9),
                          "cublas_GBps": round(n * k * 2 / (dense * 1e-6) / 1e9), "config": best[1],
-                         "settings_tried": tried})
+                         "settings_tried": tried, "default_us": round(ranked[0][0], 2) if m == 1 and ranked else None,
+                         "repeats_same": repeats_same, "repeats": 20 if SMOKE else 200})
             print(f"ternary {k}x{n} m={m}: cuBLAS bf16 {dense:.1f} us, ours {best[0]:.1f} us -> "
-                  f"{dense / best[0]:.2f}x {best[1]} ({tried} settings)", flush=True)
+                  f"{dense / best[0]:.2f}x {best[1]} ({tried} settings; {repeats_same} of {rows[-1]['repeats']} "
+                  f"repeats exact)", flush=True)
         del w_bf16, packed
         torch.cuda.empty_cache() if dev == "cuda" else None
     return rows
@@ -224,7 +252,7 @@ def check_sparse_runtime(dev: str) -> dict:
 
 
 def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
-    from llmfast.sparse.triton_kernel import teal_mlp_token, threshold_matvec
+    from llmfast.sparse.triton_kernel import default_launch, teal_mlp_token, threshold_matvec
 
     hidden, inter = HIDDEN, INTER
     copies = copies_for(3 * hidden * inter * 2)
@@ -242,12 +270,12 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
 
     dense = per_call_us(dense_mlp, copies, repeats)
     # wide output blocks make each kept input row one long contiguous read; split-K gives the GPU enough programs
-    configs = [(bn, bk, sk, nw) for bn in (32, 64, 128, 256) for bk in (16, 32, 64, 128) for sk in (1, 4, 16)
-               for nw in (4, 8)]
-    if quick:
-        configs = [(64, 64, 1, 4), (128, 64, 1, 4), (32, 64, 4, 4), (128, 32, 16, 4), (256, 16, 16, 8)]
+    tiles = [(128, 32), (128, 64), (256, 16), (256, 32), (256, 64), (512, 16), (512, 32)]
+    iters = (1, 2, 4)
+    if quick or SMOKE:
+        tiles, iters = [(256, 64), (128, 32)] if not SMOKE else [(32, 16), (64, 32)], (1, 2)
     rows = []
-    ranked: list[tuple[float, tuple]] = []  # 90%'s times (measured first): the other levels try its three best
+    ranked: dict[str, list] = {"up": [], "down": []}  # 90%'s times (measured first): other levels try the best 3
     for sparsity in (0.9, 0.7, 0.5):
         # Thresholds as TEAL calibrates them: the input's at its quantile, the down projection's on the activation
         # that the thresholded input gives (a sparse input shrinks the activation: calibrating on the dense one
@@ -258,40 +286,46 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
         act = F.silu(gu[:inter]) * gu[inter:]
         t_down = torch.quantile(act.float().abs(), sparsity).item()
         kept = {"input": (x.abs() > t_in).float().mean().item(), "down_input": (act.abs() > t_down).float().mean().item()}
-        # every setting must give what the default one gives (check_sparse checked the kernel against torch)
-        ref = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0]).float()
-        best = None
-        for bn, bk, sk, nw in (configs if not ranked else [c for _, c in sorted(ranked)[:3]]):
-            if best is not None and over_budget():
-                break
-            launch = {"block_n": bn, "block_k": bk, "split_k": sk, "num_warps": nw}
-            try:
-                y = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0], **launch).float()
-                if not torch.allclose(y, ref, rtol=0, atol=2 ** -5 * ref.abs().max().item()):
-                    print(f"  WRONG output with {launch}: max diff {(y - ref).abs().max().item():.3g}")
+        best: dict[str, tuple] = {}
+        for part, k, n, v, t, mats, gated in [("up", hidden, inter, x, t_in, gate_up_t, True),
+                                                ("down", inter, hidden, act, t_down, down_t, False)]:
+            ref = threshold_matvec(v, t, mats[0], gated=gated, split_k=1, block_n=64, block_k=64).float()
+            grid = ([default_launch(k, n)] + tile_grid(tiles, iters, k) if not ranked[part]
+                    else [c for _, c in sorted(ranked[part], key=lambda r: r[0])[:3]])
+            for launch in grid:
+                if part in best and over_budget():
+                    break
+                try:
+                    y = threshold_matvec(v, t, mats[0], gated=gated, **launch).float()
+                    if not torch.allclose(y, ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item()):
+                        print(f"  WRONG {part} output with {launch}: max diff {(y - ref).abs().max().item():.3g}")
+                        continue
+                    us = per_call_us(lambda i: (lambda: threshold_matvec(v, t, mats[i], gated=gated, **launch)),
+                                     copies, repeats)
+                except Exception as e:
+                    print(f"  skipped {part} {launch}: {type(e).__name__}: {str(e)[:160]}")
                     continue
-                t = per_call_us(lambda i: (lambda: teal_mlp_token(x, t_in, gate_up_t[i], t_down, down_t[i], **launch)),
-                                copies, repeats)
-            except Exception as e:
-                print(f"  skipped {launch}: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            if sparsity == 0.9:
-                ranked.append((t, (bn, bk, sk, nw)))
-            if best is None or t < best[0]:
-                best = (t, launch)
-        if best is None:
+                if sparsity == 0.9:
+                    ranked[part].append((us, launch))
+                if part not in best or us < best[part][0]:
+                    best[part] = (us, launch)
+        if len(best) < 2:
             rows.append({"sparsity": sparsity, "dense_mlp_us": round(dense, 2), "error": "no setting ran"})
             continue
-        down_only = per_call_us(lambda i: (lambda: threshold_matvec(act, t_down, down_t[i], **best[1])), copies,
-                                repeats)
+        ref = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0]).float()
+        y = teal_mlp_token(x, t_in, gate_up_t[0], t_down, down_t[0], best["up"][1], best["down"][1]).float()
+        mlp = per_call_us(lambda i: (lambda: teal_mlp_token(x, t_in, gate_up_t[i], t_down, down_t[i], best["up"][1],
+                                                            best["down"][1])), copies, repeats)
         down_dense = per_call_us(lambda i: (lambda: F.linear(act, down[i])), copies, repeats)
         rows.append({"sparsity": sparsity, "kept": {k: round(v, 4) for k, v in kept.items()},
-                     "dense_mlp_us": round(dense, 2), "sparse_mlp_us": round(best[0], 2),
-                     "speedup": round(dense / best[0], 2), "down_dense_us": round(down_dense, 2),
-                     "down_sparse_us": round(down_only, 2), "config": best[1]})
+                     "dense_mlp_us": round(dense, 2), "sparse_mlp_us": round(mlp, 2),
+                     "speedup": round(dense / mlp, 2), "gate_up_us": round(best["up"][0], 2),
+                     "down_dense_us": round(down_dense, 2), "down_sparse_us": round(best["down"][0], 2),
+                     "config_up": best["up"][1], "config_down": best["down"][1],
+                     "mlp_rel_err_vs_default": ((y - ref).abs().max() / ref.abs().max()).item()})
         print(f"TEAL MLP {sparsity:.0%} (kept {kept['input']:.1%} / {kept['down_input']:.1%}): dense {dense:.1f} us, "
-              f"sparse {best[0]:.1f} us -> {dense / best[0]:.2f}x (down alone {down_dense:.1f} -> {down_only:.1f} us) "
-              f"{best[1]}", flush=True)
+              f"sparse {mlp:.1f} us -> {dense / mlp:.2f}x (gate|up {best['up'][0]:.1f} us; down {down_dense:.1f} -> "
+              f"{best['down'][0]:.1f} us) {best['up'][1]} {best['down'][1]}", flush=True)
     rows.sort(key=lambda r: r["sparsity"])
     return rows
 
@@ -300,8 +334,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few launch settings instead of the grid")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=300,
-                    help="stop trying new launch settings after this many seconds (the best so far is kept)")
+    ap.add_argument("--budget-s", type=float, default=150,
+                    help="per timed section: stop trying new launch settings after this many seconds (the best so "
+                         "far is kept)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     ap.add_argument("--only", choices=["ternary", "sparse"], default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; run with TRITON_INTERPRET=1")
@@ -335,6 +370,7 @@ def main() -> int:
     if args.only in (None, "sparse"):
         sections += [("sparse_checks", check_sparse), ("sparse", lambda d: time_sparse(d, args.quick, args.repeats))]
     for name, run in sections:
+        DEADLINE = time.monotonic() + args.budget_s  # each section its own budget for new launch settings
         try:
             result[name] = run(dev)
         except Exception as e:  # report it and go on: the other kernel's numbers are still worth having
@@ -364,7 +400,7 @@ def main() -> int:
         if "error" in r:
             continue
         print(f"| TEAL MLP | {HIDDEN}->{INTER} | {r['sparsity']:.0%} | {r['dense_mlp_us']} | {r['sparse_mlp_us']} | "
-              f"{r['speedup']}x | {r['config']} |")
+              f"{r['speedup']}x | {r['config_up']} {r['config_down']} |")
     print(f"results: {out / 'gpu_compression.json'}")
     return 0
 

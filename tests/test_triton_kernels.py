@@ -30,7 +30,7 @@ def test_jit_functions_carry_no_annotations_the_compiler_cannot_resolve():
     `typing.Any` (it cost a lent GPU's first run): only `tl.constexpr` (or none) is allowed."""
     import ast
 
-    files = [REPO / "llmfast" / "triton_math.py", REPO / "llmfast" / "quant" / "bitnet" / "triton_kernel.py",
+    files = [REPO / "llmfast" / "triton_math.py", REPO / "llmfast" / "triton_split.py", REPO / "llmfast" / "quant" / "bitnet" / "triton_kernel.py",
              REPO / "llmfast" / "sparse" / "triton_kernel.py"]
     checked = 0
     for path in files:
@@ -49,6 +49,7 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
         import json, torch
         from llmfast.quant.bitnet.layers import TernaryLinear, quantize_activations, ternarize
         from llmfast.quant.bitnet.pack import pack_ternary
+        from llmfast import triton_split
         from llmfast.quant.bitnet.triton_kernel import ternary_matmul
 
         torch.manual_seed(0)
@@ -82,7 +83,17 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
                                "out_shape": list(y.shape)})
         bias = torch.randn(vals.shape[0])
         split = ternary_matmul(x.float(), pack_ternary(vals), ws, bias, block_k=32, split_k=3)
-        whole = ternary_matmul(x.float(), pack_ternary(vals), ws, bias, block_k=32)
+        whole = ternary_matmul(x.float(), pack_ternary(vals), ws, bias, block_k=32, split_k=1)
+        # every launch setting, either product (GEMV or tl.dot), split or not: exact sums, so the same bits
+        settings = [dict(block_n=bn, block_k=bk, split_k=sk, product=d) for bn in (4, 16) for bk in (32, 64)
+                    for sk in (1, 2, 5) for d in ("fma", "dot", "dp4a")]
+        same_everywhere = True
+        for xb in (x.to(torch.bfloat16), x[0, 2:3].to(torch.bfloat16)):  # 7 tokens; one token (dp4a's words)
+            same_everywhere &= all(
+                torch.equal(ternary_matmul(xb, pack_ternary(vals), ws.bfloat16(), **kw),
+                            ternary_matmul(xb, pack_ternary(vals), ws.bfloat16(), split_k=1, product="fma"))
+                for kw in settings)
+        counters_zero = all(int(c.abs().sum()) == 0 for c in triton_split._COUNTERS.values())
         half = TernaryLinear(vals.shape[1], vals.shape[0], dtype=torch.float16)  # float16: rounded like bfloat16
         half.weight.copy_(vals)
         half.weight_scale.copy_(ws.half())
@@ -97,8 +108,9 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
                 bad()
             except ValueError as e:
                 errors.append(str(e))
-        print(json.dumps({"cases": report, "split_rel": ((split - whole).abs().max() / whole.abs().max()).item(),
-                          "errors": errors, "same16": same16}))
+        print(json.dumps({"cases": report, "split_same": torch.equal(split, whole), "errors": errors,
+                          "same16": same16, "same_everywhere": same_everywhere, "counters_zero": counters_zero,
+                          "counters_used": len(triton_split._COUNTERS)}))
     """)
     for case in got["cases"]:
         assert case["finite"] and case["out_shape"][-1] == case["shape"][0], case
@@ -107,7 +119,8 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
         else:  # torch's bfloat16 matmul rounds the integer sums; the kernel keeps them exact, then rounds once
             assert case["same_as_exact"], case
             assert case["max_rel_to_layer"] <= 2 ** -7, case
-    assert got["split_rel"] < 1e-6  # the split sums (bias added once), added in another order
+    assert got["split_same"] and got["same_everywhere"]  # exact integer sums: no setting changes a bit
+    assert got["counters_zero"] and got["counters_used"] == 1  # every split launch left its counters at zero
     assert got["same16"]
     assert "at most 16" in got["errors"][0] and "do not fit an input of 41" in got["errors"][1]
 
@@ -115,6 +128,7 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
 def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
     got = interpret("""
         import json, torch
+        from llmfast import triton_split
         from llmfast.sparse.triton_kernel import teal_mlp_token, threshold_matvec
 
         torch.manual_seed(0)
@@ -138,18 +152,35 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
         hidden, inter = 48, 80
         g, u, d = (torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter) / 8)
         x = torch.randn(hidden)
-        y = teal_mlp_token(x, 0.6, torch.cat([g, u]).T.contiguous(), 0.3, d.T.contiguous(), block_k=16, block_n=32)
+        wt_gu = torch.cat([g, u]).T.contiguous()
         xs = torch.where(x.abs() > 0.6, x, 0.0).double()
         act = torch.nn.functional.silu(g.double() @ xs) * (u.double() @ xs)
         ref = d.double() @ torch.where(act.abs() > 0.3, act, 0.0)
-        print(json.dumps({"cases": cases, "mlp_err": ((y.double() - ref).abs().max() / ref.abs().max()).item()}))
+        mlp_err = []
+        for launch in [dict(block_k=16, block_n=32, split_k=1), dict(block_k=16, block_n=32, split_k=3), {}]:
+            y = teal_mlp_token(x, 0.6, wt_gu, 0.3, d.T.contiguous(), up_launch=launch, down_launch=launch)
+            mlp_err.append(((y.double() - ref).abs().max() / ref.abs().max()).item())
+        # the gated epilogue in bfloat16: silu(gate) * up rounded as torch rounds it on bfloat16 tensors
+        xb, wb = x.bfloat16(), wt_gu.bfloat16()
+        keep = xb.abs() > 0.6
+        gu = torch.where(keep, xb, torch.zeros((), dtype=torch.bfloat16)) @ wb
+        want = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
+        got = threshold_matvec(xb, 0.6, wb, gated=True, block_k=16, block_n=32, split_k=2)
+        gated_ulps = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)).max().item()
+        print(json.dumps({"cases": cases, "mlp_err": max(mlp_err), "gated_dtype": str(got.dtype),
+                          "gated_rel": gated_ulps, "counters_zero": all(int(c.abs().sum()) == 0
+                                                                    for c in triton_split._COUNTERS.values())}))
     """)
     for case in got["cases"]:
         assert case["finite"] and case["dtype_out"] == case["dtype"], case
         assert 0.2 < case["kept"] < 0.8
         # float32 sums of up to 300 terms: within 300 eps of the sum of |terms|; bfloat16: one rounding of the output
         assert case["err"] <= (300 * 2 ** -24 if case["dtype"] == "torch.float32" else 2 ** -8), case
-    assert got["mlp_err"] < 1e-5
+    assert got["mlp_err"] < 1e-5  # float32 through both launches, split or not
+    # bfloat16: torch rounds the gate|up sums (a bf16 matmul) where the kernel keeps float32 sums, then both round
+    # silu and the product: a few roundings of 2^-8 relative
+    assert got["gated_dtype"] == "torch.bfloat16" and got["gated_rel"] < 2 ** -5
+    assert got["counters_zero"]
 
 
 def test_sparse_runtime_runs_its_one_token_products_through_the_triton_kernel():

@@ -194,8 +194,15 @@ class SparseMLP:
         return self.native if self.native is not None and self.native.takes(v) else None
 
     def teal_token(self, v: "torch.Tensor") -> "torch.Tensor":
-        gu = threshold_sum(v, self.t_in, self.gate_up_t, self.dense_above, self.calls, self.native)
-        h = self.act(gu[: self.inter]) * gu[self.inter :]
+        native = self.native_taking(v)
+        silu = type(self.act).__name__ in ("SiLU", "SiLUActivation")  # torch's and transformers' modules
+        if native is not None and hasattr(native, "gated_silu") and silu and (
+                self.dense_above is None or self.dense_above >= 1.0):  # the Triton kernel: silu(gate) * up fused
+            h = native.gated_silu(v, self.t_in, self.gate_up_t)
+            self.calls["sparse"] += 1
+        else:
+            gu = threshold_sum(v, self.t_in, self.gate_up_t, self.dense_above, self.calls, self.native)
+            h = self.act(gu[: self.inter]) * gu[self.inter :]
         return threshold_sum(h, self.t_down, self.down_t, self.dense_above, self.calls, self.native)
 
     def gated_token(self, v: "torch.Tensor") -> "torch.Tensor":

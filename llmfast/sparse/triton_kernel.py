@@ -7,8 +7,10 @@ and a row whose entry is dropped is never loaded (its lanes are masked off, so t
 transaction for it). No list of kept indices is built: that would need `nonzero`, whose size the host must wait
 for. With TEAL's thresholds (Liu et al. 2024) at 50% a token reads half of the matrix's bytes, at 90% a tenth;
 with t = 0 it skips the exact zeros of a ReLU-fied MLP's activation (the down projection's input). Products are
-summed in float32 per program; `split_k` > 1 splits the input dimension across programs as well (for matrices
-with few columns), which add their partial sums atomically into a float32 buffer (their order varies).
+summed in float32. The grid is blocks of output columns times `split_k` slices of the input: the H200's first run,
+with few programs each walking the whole input, was latency-bound (0.5x cuBLAS); the slices' partial sums are
+added in a fixed order in the same launch (`llmfast/triton_split.py`). With `gated=True` the matrix is a gated
+MLP's gate|up and the epilogue computes silu(gate) * up, so TEAL's MLP is two launches (`teal_mlp_token`).
 
 `TritonGather` gives the sparse runtime (`kernels.py`) this kernel behind the calls of the CPU kernel
 (`cpu_kernel.GatherKernel`): `SparseMLP` and `SparseProjections` on CUDA weights run their one-token products
@@ -22,12 +24,11 @@ vector, and inside `SparseMLP` against its dense path; speed is measured on a GP
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
+from llmfast import triton_split
 from llmfast.triton_math import round_to
 
 # Kept fraction above which the runtime takes the dense product instead of this kernel. 1.0 (never): the kernel
@@ -39,51 +40,96 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _threshold_matvec(v_ptr, wt_ptr, y_ptr, K, N, t, stride_wk, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+def _kept_rows(v_ptr, wt_ptr, ks, rn, K, t, stride_wk, col_ok):
+    """The weights of the kept entries among inputs `ks` (dropped rows masked off: never loaded) times those entries."""
+    v = tl.load(v_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    keep = (tl.abs(v) > t) & (ks < K)
+    w = tl.load(wt_ptr + ks[:, None] * stride_wk + rn[None, :], mask=keep[:, None] & col_ok[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32) * tl.where(keep, v, 0.0)[:, None], axis=0)
+
+
+@triton.jit
+def _finish(acc, up, y_ptr, rn, col_ok, GATED: tl.constexpr):
+    dtype = y_ptr.dtype.element_ty
+    if GATED:  # silu(gate) * up as torch computes it on tensors of y's dtype: each result rounded to it
+        gate = round_to(acc, dtype)
+        act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
+        acc = act * round_to(up, dtype)
+    tl.store(y_ptr + rn, round_to(acc, dtype).to(dtype), mask=col_ok)
+
+
+@triton.jit
+def _threshold_matvec(v_ptr, wt_ptr, y_ptr, part_ptr, count_ptr, K, N, t, stride_wk, GATED: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     for k0 in range(pid_k * span, tl.minimum(K, (pid_k + 1) * span), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(v_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-        keep = (tl.abs(v) > t) & (ks < K)
-        w = tl.load(wt_ptr + ks[:, None] * stride_wk + rn[None, :], mask=keep[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * tl.where(keep, v, 0.0)[:, None], axis=0)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + rn, round_to(acc, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=col_ok)
+        acc += _kept_rows(v_ptr, wt_ptr, ks, rn, K, t, stride_wk, col_ok)
+        if GATED:  # the up projection's columns follow the gate's N: the same kept rows, a second read each
+            up += _kept_rows(v_ptr, wt_ptr + N, ks, rn, K, t, stride_wk, col_ok)
+    if SPLIT_K > 1:  # store this slice's sums; the last slice of this block adds all of them and writes
+        width = 2 * N if GATED else N
+        mine = part_ptr + pid_k * width
+        tl.store(mine + rn, acc, mask=col_ok)
+        if GATED:
+            tl.store(mine + N + rn, up, mask=col_ok)
+        if triton_split.arrive(count_ptr, pid_n) == SPLIT_K - 1:
+            acc = triton_split.total(part_ptr, rn, col_ok, width, SPLIT_K)
+            if GATED:
+                up = triton_split.total(part_ptr, N + rn, col_ok, width, SPLIT_K)
+            _finish(acc, up, y_ptr, rn, col_ok, GATED)
+            triton_split.release(count_ptr, pid_n)
     else:
-        tl.atomic_add(y_ptr + rn, acc, mask=col_ok)
+        _finish(acc, up, y_ptr, rn, col_ok, GATED)
 
 
-def threshold_matvec(v: torch.Tensor, t: float, wt: torch.Tensor, *, block_n: int = 64, block_k: int = 64,
-                     split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
+def default_launch(k: int, n: int) -> dict:
+    """Launch settings for a (k, n) W^T: 256 outputs (a contiguous 512-byte read per kept row in bfloat16) by 64
+    inputs per block, the input split until the grid has about 2,048 programs."""
+    block_n, block_k = 256, 64
+    blocks = -(-n // block_n)
+    return {"block_n": block_n, "block_k": block_k, "split_k": max(1, min(-(-2048 // blocks), -(-k // block_k)))}
+
+
+def threshold_matvec(v: torch.Tensor, t: float, wt: torch.Tensor, *, gated: bool = False, block_n: int | None = None,
+                     block_k: int | None = None, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """`where(|v| > t, v, 0) @ wt` for one token `v` (in,) and `wt` (in, out), in v's dtype; rows of `wt` whose
-    entry of v is dropped are not read."""
-    if v.dim() != 1 or wt.dim() != 2 or wt.shape[0] != v.shape[0] or wt.stride(1) != 1:
-        raise ValueError(f"threshold_matvec: a vector of {tuple(v.shape)} and a row-major (in, out) matrix are needed, "
-                         f"got {tuple(wt.shape)} with strides {wt.stride()}")
-    k, n = wt.shape
+    entry of v is dropped are not read. `gated`: wt is gate|up stacked, (in, 2 x inter), and the result is
+    silu(gate) * up, (inter,), rounded as torch rounds it. Launch settings left None come from `default_launch`."""
+    if v.dim() != 1 or wt.dim() != 2 or wt.shape[0] != v.shape[0] or wt.stride(1) != 1 or (gated and wt.shape[1] % 2):
+        raise ValueError(f"threshold_matvec: a vector of {tuple(v.shape)} and a row-major (in, out) matrix are needed"
+                         f"{' (out even: gate|up)' if gated else ''}, got {tuple(wt.shape)} with strides {wt.stride()}")
+    k, width = wt.shape
+    n = width // 2 if gated else width
+    auto = default_launch(k, n)
+    block_n = block_n or auto["block_n"]
+    block_k = block_k or auto["block_k"]
+    split_k = max(1, min(split_k or auto["split_k"], -(-k // block_k)))  # no slice without inputs
     v = v.contiguous()
-    y = (torch.zeros if split_k > 1 else torch.empty)(n, dtype=torch.float32 if split_k > 1 else v.dtype,
-                                                       device=v.device)
-    grid = (-(-n // block_n), split_k)
-    _threshold_matvec[grid](v, wt, y, k, n, float(t), wt.stride(0), SPLIT_K=split_k, BLOCK_N=block_n,
-                            BLOCK_K=block_k, num_warps=num_warps)
-    return y.to(v.dtype)
+    y = torch.empty(n, dtype=v.dtype, device=v.device)
+    blocks = -(-n // block_n)
+    if split_k > 1:
+        part, count = triton_split.workspace(split_k, 1, width, v.device), triton_split.counters(v.device, blocks)
+    else:
+        part = count = y  # not read
+    _threshold_matvec[(blocks, split_k)](v, wt, y, part, count, k, n, float(t), wt.stride(0), GATED=gated,
+                                         SPLIT_K=split_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return y
 
 
 def teal_mlp_token(x: torch.Tensor, t_in: float, wt_gate_up: torch.Tensor, t_down: float, wt_down: torch.Tensor,
-                   **launch: Any) -> torch.Tensor:
+                   up_launch: dict | None = None, down_launch: dict | None = None) -> torch.Tensor:
     """One token through a gated SiLU MLP with TEAL's thresholds on its input and on the down projection's input:
-    gate|up stacked as one (hidden, 2 x intermediate) W^T, down as (intermediate, hidden)."""
-    gate_up = threshold_matvec(x, t_in, wt_gate_up, **launch)
-    inter = wt_down.shape[0]
-    act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
-    return threshold_matvec(act, t_down, wt_down, **launch)
+    gate|up stacked as one (hidden, 2 x intermediate) W^T, down as (intermediate, hidden). Two launches: gate|up
+    with silu(gate) * up in its epilogue, then down."""
+    act = threshold_matvec(x, t_in, wt_gate_up, gated=True, **(up_launch or {}))
+    return threshold_matvec(act, t_down, wt_down, **(down_launch or {}))
 
 
 class TritonGather:
@@ -111,6 +157,10 @@ class TritonGather:
         if max_kept < v.numel() and int((v.abs() > t).sum()) > max_kept:
             return None
         return threshold_matvec(v, t, wt)
+
+    def gated_silu(self, v: torch.Tensor, t: float, wt_gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the thresholded `v` through gate|up stacked as one (in, 2 x inter) W^T: one launch."""
+        return threshold_matvec(v, t, wt_gate_up, gated=True)
 
     def gather(self, idx: torch.Tensor, vals: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
         """sum over k of vals[k] * wt[idx[k]]: the values scattered into a vector whose other entries are zero,
