@@ -267,6 +267,6 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Te
         rows, weights, weight_scale, bias if bias is not None else weight_scale, y, part, count, m, n4, k, floor,
         rows.stride(0), stride_w, y.stride(0), HAS_BIAS=bias is not None, LOW_PRECISION=low,
         SPLIT_K=split_k, PRODUCT=product, ASM=x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        AMAX_K=min(triton.next_power_of_2(k), max(64, 16384 // block_m)), num_warps=num_warps,
+        AMAX_K=min(triton.next_power_of_2(k), max(64, 8192 // block_m)), num_warps=num_warps,
         enable_fp_fusion=False)  # x * scale must be rounded before round(), not fused into an FMA
     return y.reshape(*x.shape[:-1], 4 * n4)
