@@ -449,3 +449,51 @@ def test_a_wrong_relu_cut_in_config_is_one_line(tmp_path, tiny_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"bad/config.json: llmfast_relu_thresholds must be 2 non-negative numbers"):
         load_model(bad)
+
+
+def test_the_cut_quantile_by_topk_is_kthvalue():
+    """On CUDA magnitude_quantile selects through topk (kthvalue there is one thread block per row, slow on a training
+    batch's 10^7 activations): the same value as kthvalue, ties and both ends included (checked here on the CPU)."""
+    from llmfast.sparse.thresholds import kth_smallest_by_topk
+
+    torch.manual_seed(0)
+    for n in (1, 2, 3, 10, 1001):
+        for x in (torch.rand(n), torch.relu(torch.randn(n)), torch.randint(0, 3, (n,)).float()):
+            for k in sorted({1, max(1, n // 2), max(1, round(0.85 * n)), n}):
+                assert torch.equal(kth_smallest_by_topk(x, k), x.kthvalue(k).values), (n, k)
+
+
+def test_gpu_relufy_script_smoke(tmp_path):
+    """scripts/gpu_relufy.py is for a lent GPU's minutes: its --smoke mode runs every step on the CPU (the text after
+    the evaluated span, the probe of a step through the cut, one `llmfast sparsify` per rate at once, `llmfast eval`'s
+    perplexity of the base and each artifact) and reports what a GPU run would."""
+    from transformers import AutoTokenizer
+
+    from llmfast.testing import build_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.run([sys.executable, "scripts/gpu_relufy.py", "--model", str(tiny), "--smoke", "--lrs", "1e-3",
+                          "--out", str(out), "--work", str(work)], capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "gpu_relufy.json").read_text())
+    (only,) = result["runs"]
+    assert only["rc"] == 0 and only["train_tokens"] == 4 * 2 * 64 and only["device"] == "cpu"
+    assert only["autocast"] is None and only["gpu"] is None  # a CPU run: no autocast
+    assert 0.75 < only["heldout_sparsity"] < 0.95, only["heldout_sparsity"]  # the cut's target, 0.85
+    assert only["x_base"] == round(only["ppl"] / result["base_ppl"], 3) and result["base_ppl"] > 1
+    assert [p["step"] for p in only["curve"]] == [0, 2, 4]
+    assert only["heldout_kl"]["relu_trained"] > 0 and len(only["thresholds"]) == 2
+    manifest = json.loads((out / "run-0" / "llmfast.json").read_text())
+    assert manifest["sparsity"]["config"]["target"] == 0.85 and manifest["sparsity"]["config"]["samples"] == 4
+    steps = [json.loads(l)["step"] for l in (out / "run-0" / "train_log.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 4
+    # nothing of the evaluated span is read: the text trained, calibrated and held out on starts at token 16,384
+    book = TEXT.read_text(encoding="utf-8")
+    start = result["data"]["start_char"]
+    assert (work / "book-after-eval-span.txt").read_text(encoding="utf-8") == book[start:]
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert abs(len(tok(book[:start], add_special_tokens=False).input_ids) - 16384) <= 1
+    assert f"text: {work / 'book-after-eval-span.txt'}" in only["recipe"] and "skip_tokens: 256" in only["recipe"]
+    assert "| 0.001 | 4 | 512 |" in run.stdout

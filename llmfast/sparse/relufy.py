@@ -13,10 +13,13 @@ is (model_type llama). Its config.json names the architecture LlmfastReluLlamaFo
 plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts SiLU only), so vLLM serves it too.
 The training loop is llmfast/distill.py's (shared with quantization-aware training): resumable from
 checkpoints (safetensors weights, optimizer state read back with torch.load(weights_only=True)) kept with
-train_log.jsonl in the job's work directory until the artifact is complete. Training windows are the text
-after the evaluated span, plus the fine-tune's conversations when `data.conversations` names them (a fine-tuned
-model distilled on book text alone keeps the language model and loses the skill), optionally plus samples the
-original model writes itself, in an order fixed by the seed; a resume on other windows is refused.
+train_log.jsonl in the job's work directory until the artifact is complete. On a GPU (where `llmfast sparsify`
+puts the model when torch sees one) the forward passes run in bfloat16 autocast, weights and AdamW state in float32,
+as bitnet QAT does; on a CPU training is as it always was (scripts/gpu_relufy.py: relufy at a lent GPU's budget).
+Training windows are the text after the evaluated span, plus the fine-tune's conversations when
+`data.conversations` names them (a fine-tuned model distilled on book text alone keeps the language model and loses
+the skill), optionally plus samples the original model writes itself, in an order fixed by the seed; a resume on
+other windows is refused.
 
 With `target`, ReLU's cut is shifted up during training (FATReLU, ProSparse's last stage, here learned with
 rather than applied afterwards): each layer keeps relu(gate(x)) only above a threshold set, at every step, to
@@ -94,7 +97,8 @@ class ShiftedCut:
 
         mlps = gated_mlps(model)
         self.fraction = 0.0
-        self.thresholds = torch.zeros(len(mlps))
+        # on the model's device: each step writes them there and reads them back with no copy or sync (a GPU run)
+        self.thresholds = torch.zeros(len(mlps), device=next(model.parameters()).device)
         self.handles = [m.act_fn.register_forward_hook(self._hook(i, m)) for i, m in enumerate(mlps)]
 
     def _hook(self, i: int, mlp: Any) -> Any:
@@ -129,6 +133,15 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
     # Consecutive windows of one book are alike: a fixed shuffle mixes the text (and the samples) over the steps.
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
     return rows[order].to(job.model.device)
+
+
+def training_autocast(model: "PreTrainedModel") -> "torch.dtype | None":
+    """bfloat16 autocast of the forward passes when training a float32 model on a GPU (as bitnet QAT does): weights,
+    gradients and AdamW state stay float32; on the CPU nothing changes (None)."""
+    import torch
+
+    p = next(model.parameters())
+    return torch.bfloat16 if p.device.type == "cuda" and p.dtype == torch.float32 else None
 
 
 def _check_same_config(work: Path, cfg: RelufyConfig, resume: bool) -> None:
@@ -178,10 +191,15 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         return {**{k: round(v, 6) for k, v in scores.items()},
                 "heldout_sparsity": summarize(tallies)["down_in"]["mean"]}
 
+    autocast = training_autocast(student)
     try:
-        return distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
-                       before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
-                       log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every)
+        metrics = distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
+                          before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
+                          log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every,
+                          autocast=autocast)
+        if autocast is not None:  # a CPU run's metrics stay as they were
+            metrics |= {"gpu": torch.cuda.get_device_name(next(student.parameters()).device), "autocast": "bfloat16"}
+        return metrics
     finally:
         for h in handles:
             h.remove()

@@ -56,7 +56,17 @@ def magnitude_quantile(x: "torch.Tensor", target: float) -> "torch.Tensor":
     one), so zeroing entries <= it zeroes k of n (fewer only where values tie). A float32 scalar on x's device."""
     flat = x.detach().abs().reshape(-1).float()
     k = max(1, min(flat.numel(), round(target * flat.numel())))
-    return flat.kthvalue(k).values
+    # the same value either way: CUDA's kthvalue selects with one thread block per row, slow on the one long row of
+    # a training batch's activations (10^7 entries, relufy's shifted cut at every step); topk spreads it over the GPU
+    return kth_smallest_by_topk(flat, k) if flat.is_cuda else flat.kthvalue(k).values
+
+
+def kth_smallest_by_topk(flat: "torch.Tensor", k: int) -> "torch.Tensor":
+    """kthvalue(k).values of a 1-D tensor through topk: the k-th smallest is the (n - k + 1)-th largest, so the
+    shorter of the two selections is taken."""
+    m = min(k, flat.numel() - k + 1)
+    top = flat.topk(m, largest=m != k, sorted=False).values
+    return top.max() if m == k else top.min()
 
 
 def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: float | None) -> "torch.Tensor":
