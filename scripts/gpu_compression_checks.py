@@ -45,7 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROTATE_BYTES = 256 * 2**20
-DEADLINE = float("inf")  # --budget-s: launch-setting grids stop trying new settings past this time.monotonic()
+DEADLINE = float("inf")  # launch-setting grids stop trying new settings past this time.monotonic()
+BUDGET_S = float("inf")  # --budget-s: seconds of new settings per ternary shape and per sparse matrix
 SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, wall-clock timing: every code path but
 # the CUDA graph, so a typo does not cost a GPU session its minutes
 HIDDEN, INTER = 4096, 14336
@@ -149,20 +150,25 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
     if quick or SMOKE:
         tiles, iters = [(8, 512), (16, 256), (32, 128)], (1, 4)
         fma_tiles, fma_iters = [(16, 256)], (1,)
-    for k, n in [(HIDDEN, HIDDEN), (HIDDEN, INTER), (INTER, HIDDEN)]:
+    global DEADLINE
+    for k, n in [(HIDDEN, INTER), (HIDDEN, HIDDEN), (INTER, HIDDEN)]:  # the goal's shape first
+        DEADLINE = time.monotonic() + BUDGET_S  # each shape its own budget for new launch settings
         ranked: list[tuple[float, dict]] = []  # one token's times: more tokens try that grid's three best
         w_bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
         packed = [pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=dev))
                   for _ in range(copies_for(n * k // 4))]
         scale = ternarize(w_bf16[0].float())[1].to(torch.bfloat16)
+        timed: list[dict] = []  # every setting timed on this shape, for the record
         for m in (1, 4, 16):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             dense = per_call_us(lambda i: (lambda: F.linear(x, w_bf16[i])), len(w_bf16), repeats)
-            ref = ternary_matmul(x, packed[0], scale, split_k=1, product="fma")
-            if m == 1:  # dp4a over words of four bytes, and float multiply-adds over bytes
-                grid = [dict(default_launch(m, n // 4, k), num_warps=4)] + [
-                    dict(c, product="dp4a") for c in tile_grid(tiles, iters, k)] + [
-                    dict(c, product="fma") for c in tile_grid(fma_tiles, fma_iters, k)]
+            ref = ternary_matmul(x, packed[0], scale, split_k=1, product="fma", prequant=False)
+            if m == 1:  # dp4a over words of four bytes (tokens quantized in a first launch or in every program),
+                # then float multiply-adds over bytes
+                base = dict(default_launch(m, n // 4, k), num_warps=4)
+                grid = [dict(base, prequant=False), dict(base, prequant=True)] + [
+                    dict(c, product="dp4a", prequant=q) for q in (True, False) for c in tile_grid(tiles, iters, k)] + [
+                    dict(c, product="fma", prequant=False) for c in tile_grid(fma_tiles, fma_iters, k)]
             else:  # the GEMV's best tiles, with tl.dot and with float multiply-adds (m x tile products in registers)
                 best3 = [c for _, c in sorted(ranked, key=lambda r: r[0])[:3]]
                 grid = [dict(default_launch(m, n // 4, k), num_warps=4)] + [dict(c, product="dot") for c in best3] + [
@@ -182,6 +188,7 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
                     print(f"  skipped {k}x{n} m={m} {launch}: {type(e).__name__}: {str(e)[:160]}")
                     continue
                 tried += 1
+                timed.append({"tokens": m, "us": round(t, 2), **launch})
                 if m == 1:
                     ranked.append((t, launch))
                 if best is None or t < best[0]:
@@ -192,14 +199,15 @@ def time_ternary(dev: str, quick: bool, repeats: int) -> list[dict]:
             # the split's counters and partial sums across many launches: every one must give the same bits
             repeats_same = sum(torch.equal(ternary_matmul(x, packed[i % len(packed)], scale, **best[1]),
                                            ternary_matmul(x, packed[i % len(packed)], scale, split_k=1,
-                                                          product="fma"))
+                                                          product="fma", prequant=False))
                                for i in range(20 if SMOKE else 200))
             rows.append({"in": k, "out": n, "tokens": m, "cublas_bf16_us": round(dense, 2),
                          "ternary_us": round(best[0], 2), "speedup": round(dense / best[0], 2),
                          "ternary_GBps": round((n * k // 4) / (best[0] * 1e-6) / 1e9),
                          "cublas_GBps": round(n * k * 2 / (dense * 1e-6) / 1e9), "config": best[1],
                          "settings_tried": tried, "default_us": round(ranked[0][0], 2) if m == 1 and ranked else None,
-                         "repeats_same": repeats_same, "repeats": 20 if SMOKE else 200})
+                         "repeats_same": repeats_same, "repeats": 20 if SMOKE else 200,
+                         "tried": [t for t in timed if t["tokens"] == m]})
             print(f"ternary {k}x{n} m={m}: cuBLAS bf16 {dense:.1f} us, ours {best[0]:.1f} us -> "
                   f"{dense / best[0]:.2f}x {best[1]} ({tried} settings; {repeats_same} of {rows[-1]['repeats']} "
                   f"repeats exact)", flush=True)
@@ -220,9 +228,10 @@ def check_sparse(dev: str) -> dict:
             keep = v.abs() > t
             ref = torch.where(keep, v, torch.zeros((), dtype=dtype, device=dev)).double() @ wt.double()
             bound = (v.double().abs() * keep)[None, :] @ wt.double().abs()
-            y = threshold_matvec(v, t, wt)
-            out[f"{k}x{n} {str(dtype)[6:]}"] = {"err_over_sum_abs": ((y.double() - ref).abs() / bound.squeeze(0)
-                                                                     .clamp(min=1e-30)).max().item()}
+            for compact in (False, True):
+                y = threshold_matvec(v, t, wt, compact=compact)
+                out[f"{k}x{n} {str(dtype)[6:]}{' listed' if compact else ''}"] = {
+                    "err_over_sum_abs": ((y.double() - ref).abs() / bound.squeeze(0).clamp(min=1e-30)).max().item()}
     out["runtime"] = check_sparse_runtime(dev)
     return out
 
@@ -254,6 +263,7 @@ def check_sparse_runtime(dev: str) -> dict:
 def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
     from llmfast.sparse.triton_kernel import default_launch, teal_mlp_token, threshold_matvec
 
+    global DEADLINE
     hidden, inter = HIDDEN, INTER
     copies = copies_for(3 * hidden * inter * 2)
     gate_up = [torch.randn(2 * inter, hidden, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
@@ -287,10 +297,16 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
         t_down = torch.quantile(act.float().abs(), sparsity).item()
         kept = {"input": (x.abs() > t_in).float().mean().item(), "down_input": (act.abs() > t_down).float().mean().item()}
         best: dict[str, tuple] = {}
+        tried: dict[str, list] = {"up": [], "down": []}
         for part, k, n, v, t, mats, gated in [("up", hidden, inter, x, t_in, gate_up_t, True),
                                                 ("down", inter, hidden, act, t_down, down_t, False)]:
-            ref = threshold_matvec(v, t, mats[0], gated=gated, split_k=1, block_n=64, block_k=64).float()
-            grid = ([default_launch(k, n)] + tile_grid(tiles, iters, k) if not ranked[part]
+            DEADLINE = time.monotonic() + BUDGET_S  # each matrix its own budget
+            ref = threshold_matvec(v, t, mats[0], gated=gated, split_k=1, block_n=64, block_k=64,
+                                   compact=False).float()
+            # the list of kept rows first (the masked walk's time followed all rows on the H200), then the masked walk
+            grid = ([dict(default_launch(k, n), compact=True), dict(default_launch(k, n), compact=False)]
+                    + [dict(c, compact=True) for c in tile_grid(tiles, iters, k)]
+                    + [dict(c, compact=False) for c in tile_grid(tiles[:3], iters[:1], k)] if not ranked[part]
                     else [c for _, c in sorted(ranked[part], key=lambda r: r[0])[:3]])
             for launch in grid:
                 if part in best and over_budget():
@@ -305,6 +321,7 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
                 except Exception as e:
                     print(f"  skipped {part} {launch}: {type(e).__name__}: {str(e)[:160]}")
                     continue
+                tried[part].append({"us": round(us, 2), **launch})
                 if sparsity == 0.9:
                     ranked[part].append((us, launch))
                 if part not in best or us < best[part][0]:
@@ -322,7 +339,7 @@ def time_sparse(dev: str, quick: bool, repeats: int) -> list[dict]:
                      "speedup": round(dense / mlp, 2), "gate_up_us": round(best["up"][0], 2),
                      "down_dense_us": round(down_dense, 2), "down_sparse_us": round(best["down"][0], 2),
                      "config_up": best["up"][1], "config_down": best["down"][1],
-                     "mlp_rel_err_vs_default": ((y - ref).abs().max() / ref.abs().max()).item()})
+                     "mlp_rel_err_vs_default": ((y - ref).abs().max() / ref.abs().max()).item(), "tried": tried})
         print(f"TEAL MLP {sparsity:.0%} (kept {kept['input']:.1%} / {kept['down_input']:.1%}): dense {dense:.1f} us, "
               f"sparse {mlp:.1f} us -> {dense / mlp:.2f}x (gate|up {best['up'][0]:.1f} us; down {down_dense:.1f} -> "
               f"{best['down'][0]:.1f} us) {best['up'][1]} {best['down'][1]}", flush=True)
@@ -334,9 +351,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few launch settings instead of the grid")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=150,
-                    help="per timed section: stop trying new launch settings after this many seconds (the best so "
-                         "far is kept)")
+    ap.add_argument("--budget-s", type=float, default=60,
+                    help="per ternary shape and per sparse matrix: stop trying new launch settings after this many "
+                         "seconds (the best so far is kept)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     ap.add_argument("--only", choices=["ternary", "sparse"], default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; run with TRITON_INTERPRET=1")
@@ -351,8 +368,8 @@ def main() -> int:
         return 2
     import triton
 
-    global DEADLINE
-    DEADLINE = time.monotonic() + args.budget_s
+    global BUDGET_S
+    BUDGET_S = args.budget_s
     dev = "cpu" if SMOKE else "cuda"
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "gpu": "smoke run on the CPU" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -370,7 +387,6 @@ def main() -> int:
     if args.only in (None, "sparse"):
         sections += [("sparse_checks", check_sparse), ("sparse", lambda d: time_sparse(d, args.quick, args.repeats))]
     for name, run in sections:
-        DEADLINE = time.monotonic() + args.budget_s  # each section its own budget for new launch settings
         try:
             result[name] = run(dev)
         except Exception as e:  # report it and go on: the other kernel's numbers are still worth having

@@ -71,6 +71,8 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
                 TernaryLinear.fast = False  # torch's own ops
                 ref = lin(x)
                 y = ternary_matmul(x, pack_ternary(vals), lin.weight_scale, lin.bias, block_k=block_k)
+                # the tokens quantized once in a first launch: the same codes and scales, so the same bits
+                pre = ternary_matmul(x, pack_ternary(vals), lin.weight_scale, lin.bias, block_k=block_k, prequant=True)
                 codes, a_scale = quantize_activations(x)  # in x's dtype, as the layer does
                 exact = (codes.double() @ vals.double().T).float() / (lin.weight_scale * a_scale).float()
                 exact = exact.to(dtype)
@@ -80,13 +82,13 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
                                "same_as_exact": torch.equal(y, exact), "finite": bool(torch.isfinite(y).all()),
                                "max_rel_to_layer": ((y.float() - ref.float()).abs().max()
                                                     / ref.float().abs().max()).item(),
-                               "out_shape": list(y.shape)})
+                               "out_shape": list(y.shape), "prequant_same": torch.equal(pre, y)})
         bias = torch.randn(vals.shape[0])
         split = ternary_matmul(x.float(), pack_ternary(vals), ws, bias, block_k=32, split_k=3)
         whole = ternary_matmul(x.float(), pack_ternary(vals), ws, bias, block_k=32, split_k=1)
         # every launch setting, either product (GEMV or tl.dot), split or not: exact sums, so the same bits
-        settings = [dict(block_n=bn, block_k=bk, split_k=sk, product=d) for bn in (4, 16) for bk in (32, 64)
-                    for sk in (1, 2, 5) for d in ("fma", "dot", "dp4a")]
+        settings = [dict(block_n=bn, block_k=bk, split_k=sk, product=d, prequant=q) for bn in (4, 16)
+                    for bk in (32, 64) for sk in (1, 2, 5) for d in ("fma", "dot", "dp4a") for q in (False, True)]
         same_everywhere = True
         for xb in (x.to(torch.bfloat16), x[0, 2:3].to(torch.bfloat16)):  # 7 tokens; one token (dp4a's words)
             same_everywhere &= all(
@@ -113,7 +115,7 @@ def test_ternary_kernel_gives_ternary_linears_bits_in_float32_and_exact_sums_in_
                           "counters_used": len(triton_split._COUNTERS)}))
     """)
     for case in got["cases"]:
-        assert case["finite"] and case["out_shape"][-1] == case["shape"][0], case
+        assert case["finite"] and case["out_shape"][-1] == case["shape"][0] and case["prequant_same"], case
         if case["dtype"] == "torch.float32":  # integer sums below 2^24 are exact in float32 too: the same bits
             assert case["same_as_layer"], case
         else:  # torch's bfloat16 matmul rounds the integer sums; the kernel keeps them exact, then rounds once
@@ -142,12 +144,14 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
             poisoned = wt.clone()
             poisoned[~keep] = float("nan")  # a dropped row that were read would turn the sums into NaN
             y = threshold_matvec(v, t, poisoned, block_k=32, block_n=32, split_k=split)
+            listed = threshold_matvec(v, t, poisoned, block_k=32, block_n=32, split_k=split, compact=True)
             terms = v.double()[:, None] * wt.double()
             ref = (torch.where(keep, v, torch.zeros((), dtype=dtype)).double() @ wt.double())
             bound = (terms.abs() * keep.double()[:, None]).sum(0)  # |sum| <= sum |terms|: the error scale
             cases.append({"dtype": str(dtype), "kept": keep.float().mean().item(), "finite": bool(torch.isfinite(y).all()),
                           "err": ((y.double() - ref).abs() / bound.clamp(min=1e-30)).max().item(),
-                          "dtype_out": str(y.dtype)})
+                          "dtype_out": str(y.dtype), "listed_finite": bool(torch.isfinite(listed).all()),
+                          "listed_err": ((listed.double() - ref).abs() / bound.clamp(min=1e-30)).max().item()})
         # TEAL's MLP for one token: thresholds on the MLP input and on the down projection's input
         hidden, inter = 48, 80
         g, u, d = (torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter) / 8)
@@ -157,7 +161,8 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
         act = torch.nn.functional.silu(g.double() @ xs) * (u.double() @ xs)
         ref = d.double() @ torch.where(act.abs() > 0.3, act, 0.0)
         mlp_err = []
-        for launch in [dict(block_k=16, block_n=32, split_k=1), dict(block_k=16, block_n=32, split_k=3), {}]:
+        for launch in [dict(block_k=16, block_n=32, split_k=1), dict(block_k=16, block_n=32, split_k=3), {},
+                       dict(block_k=16, block_n=32, split_k=3, compact=True), dict(compact=True)]:
             y = teal_mlp_token(x, 0.6, wt_gu, 0.3, d.T.contiguous(), up_launch=launch, down_launch=launch)
             mlp_err.append(((y.double() - ref).abs().max() / ref.abs().max()).item())
         # the gated epilogue in bfloat16: silu(gate) * up rounded as torch rounds it on bfloat16 tensors
@@ -167,8 +172,15 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
         want = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
         got = threshold_matvec(xb, 0.6, wb, gated=True, block_k=16, block_n=32, split_k=2)
         gated_ulps = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)).max().item()
+        # the listed walk: the same kept rows, float32 sums grouped otherwise, then the same roundings
+        listed = threshold_matvec(xb, 0.6, wb, gated=True, block_k=16, block_n=32, split_k=2, compact=True)
+        listed_rel = ((listed.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)).max().item()
+        # nothing kept: zeros, through both walks
+        empty = [threshold_matvec(x, 1e9, wt_gu[:, :inter].contiguous(), compact=c).abs().max().item()
+                 for c in (False, True)]
         print(json.dumps({"cases": cases, "mlp_err": max(mlp_err), "gated_dtype": str(got.dtype),
-                          "gated_rel": gated_ulps, "counters_zero": all(int(c.abs().sum()) == 0
+                          "gated_rel": gated_ulps, "listed_rel": listed_rel, "empty": empty,
+                          "counters_zero": all(int(c.abs().sum()) == 0
                                                                     for c in triton_split._COUNTERS.values())}))
     """)
     for case in got["cases"]:
@@ -176,11 +188,15 @@ def test_threshold_matvec_reads_only_kept_rows_and_matches_the_zeroed_product():
         assert 0.2 < case["kept"] < 0.8
         # float32 sums of up to 300 terms: within 300 eps of the sum of |terms|; bfloat16: one rounding of the output
         assert case["err"] <= (300 * 2 ** -24 if case["dtype"] == "torch.float32" else 2 ** -8), case
+        # the listed walk (compact=True) reads the kept rows only too (the poisoned rows would give NaN)
+        assert case["listed_finite"] and case["listed_err"] <= (300 * 2 ** -24 if case["dtype"] == "torch.float32"
+                                                                  else 2 ** -8), case
     assert got["mlp_err"] < 1e-5  # float32 through both launches, split or not
     # bfloat16: torch rounds the gate|up sums (a bf16 matmul) where the kernel keeps float32 sums, then both round
     # silu and the product: a few roundings of 2^-8 relative
     assert got["gated_dtype"] == "torch.bfloat16" and got["gated_rel"] < 2 ** -5
     assert got["counters_zero"]
+    assert got["listed_rel"] < 2 ** -5 and got["empty"] == [0.0, 0.0]
 
 
 def test_sparse_runtime_runs_its_one_token_products_through_the_triton_kernel():

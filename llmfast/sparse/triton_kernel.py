@@ -32,10 +32,14 @@ from llmfast import triton_split
 from llmfast.triton_math import round_to
 
 # Kept fraction above which the runtime takes the dense product instead of this kernel. 1.0 (never): the kernel
-# loads no dropped row, so at any density it reads at most the dense product's bytes, and deciding would cost a
-# count of the kept entries, which makes the host wait for the GPU on every product. Not yet measured against
-# cuBLAS at low sparsity (scripts/gpu_compression_checks.py times 50/70/90%): lower it if that says so.
+# loads no dropped row, and deciding would cost a count of the kept entries, which makes the host wait for the GPU
+# on every product. Measured on an H200 (BENCHMARKS.md): slower than cuBLAS at every level (0.57x at 50%, 0.68x at
+# 90%), so no threshold would help; the kernel has to get faster (COMPACT below is the next try).
 DENSE_ABOVE = 1.0
+# Walk a list of the kept rows (`compact=True`) rather than every row with the dropped ones masked off. False until
+# a GPU says otherwise: the H200's second run (masked rows, 0.57-0.68x cuBLAS at 50-90%) took time in proportion to
+# all rows, not the kept ones; the list makes the arithmetic follow the kept rows, for one more (small) launch.
+COMPACT = False
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -59,20 +63,58 @@ def _finish(acc, up, y_ptr, rn, col_ok, GATED: tl.constexpr):
 
 
 @triton.jit
-def _threshold_matvec(v_ptr, wt_ptr, y_ptr, part_ptr, count_ptr, K, N, t, stride_wk, GATED: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _listed_rows(idx_ptr, val_ptr, js, n_kept, wt_ptr, rn, stride_wk, col_ok):
+    """The weights of the listed kept rows `js` < n_kept (their indices and values from `_compact`) times those values."""
+    ok = js < n_kept
+    rows = tl.load(idx_ptr + js, mask=ok, other=0)
+    vals = tl.load(val_ptr + js, mask=ok, other=0.0)
+    w = tl.load(wt_ptr + rows[:, None] * stride_wk + rn[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32) * vals[:, None], axis=0)
+
+
+@triton.jit
+def _compact(v_ptr, t, idx_ptr, val_ptr, kept_ptr, K, BLOCK: tl.constexpr):
+    """The kept entries of v (|v| > t) in input order: their indices, their values (float32) and how many, in one
+    program (a prefix sum per block of the input, blocks in order: the same list every run)."""
+    base = tl.program_id(0) * 0  # an int32 scalar carried through the loop
+    for k0 in range(0, K, BLOCK):
+        ks = k0 + tl.arange(0, BLOCK)
+        v = tl.load(v_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        keep = (tl.abs(v) > t) & (ks < K)
+        slot = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + slot, ks, mask=keep)
+        tl.store(val_ptr + slot, v, mask=keep)
+        base += tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(kept_ptr, base)
+
+
+@triton.jit
+def _threshold_matvec(v_ptr, wt_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, val_ptr, kept_ptr, K, N, t, stride_wk,
+                      GATED: tl.constexpr, COMPACT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """COMPACT: walk the list of kept rows `_compact` wrote (the work follows the kept rows) instead of every input
+    with the dropped rows masked off (the loads follow the kept rows, the arithmetic every row)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * span, tl.minimum(K, (pid_k + 1) * span), BLOCK_K):
+    if COMPACT:
+        length = tl.load(kept_ptr)
+    else:
+        length = K
+    span = tl.cdiv(tl.cdiv(length, SPLIT_K), BLOCK_K) * BLOCK_K
+    for k0 in range(pid_k * span, tl.minimum(length, (pid_k + 1) * span), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        acc += _kept_rows(v_ptr, wt_ptr, ks, rn, K, t, stride_wk, col_ok)
-        if GATED:  # the up projection's columns follow the gate's N: the same kept rows, a second read each
-            up += _kept_rows(v_ptr, wt_ptr + N, ks, rn, K, t, stride_wk, col_ok)
+        if COMPACT:
+            acc += _listed_rows(idx_ptr, val_ptr, ks, length, wt_ptr, rn, stride_wk, col_ok)
+            if GATED:
+                up += _listed_rows(idx_ptr, val_ptr, ks, length, wt_ptr + N, rn, stride_wk, col_ok)
+        else:
+            acc += _kept_rows(v_ptr, wt_ptr, ks, rn, K, t, stride_wk, col_ok)
+            if GATED:  # the up projection's columns follow the gate's N: the same kept rows, a second read each
+                up += _kept_rows(v_ptr, wt_ptr + N, ks, rn, K, t, stride_wk, col_ok)
     if SPLIT_K > 1:  # store this slice's sums; the last slice of this block adds all of them and writes
         width = 2 * N if GATED else N
         mine = part_ptr + pid_k * width
@@ -97,11 +139,13 @@ def default_launch(k: int, n: int) -> dict:
     return {"block_n": block_n, "block_k": block_k, "split_k": max(1, min(-(-2048 // blocks), -(-k // block_k)))}
 
 
-def threshold_matvec(v: torch.Tensor, t: float, wt: torch.Tensor, *, gated: bool = False, block_n: int | None = None,
-                     block_k: int | None = None, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+def threshold_matvec(v: torch.Tensor, t: float, wt: torch.Tensor, *, gated: bool = False, compact: bool | None = None,
+                     block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+                     num_warps: int = 4) -> torch.Tensor:
     """`where(|v| > t, v, 0) @ wt` for one token `v` (in,) and `wt` (in, out), in v's dtype; rows of `wt` whose
     entry of v is dropped are not read. `gated`: wt is gate|up stacked, (in, 2 x inter), and the result is
-    silu(gate) * up, (inter,), rounded as torch rounds it. Launch settings left None come from `default_launch`."""
+    silu(gate) * up, (inter,), rounded as torch rounds it. `compact`: list the kept entries first (a second, small
+    launch) and walk only them (default COMPACT). Launch settings left None come from `default_launch`."""
     if v.dim() != 1 or wt.dim() != 2 or wt.shape[0] != v.shape[0] or wt.stride(1) != 1 or (gated and wt.shape[1] % 2):
         raise ValueError(f"threshold_matvec: a vector of {tuple(v.shape)} and a row-major (in, out) matrix are needed"
                          f"{' (out even: gate|up)' if gated else ''}, got {tuple(wt.shape)} with strides {wt.stride()}")
@@ -118,8 +162,17 @@ def threshold_matvec(v: torch.Tensor, t: float, wt: torch.Tensor, *, gated: bool
         part, count = triton_split.workspace(split_k, 1, width, v.device), triton_split.counters(v.device, blocks)
     else:
         part = count = y  # not read
-    _threshold_matvec[(blocks, split_k)](v, wt, y, part, count, k, n, float(t), wt.stride(0), GATED=gated,
-                                         SPLIT_K=split_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    compact = COMPACT if compact is None else compact
+    if compact:
+        idx = torch.empty(k, dtype=torch.int32, device=v.device)
+        vals = torch.empty(k, dtype=torch.float32, device=v.device)
+        kept = torch.empty(1, dtype=torch.int32, device=v.device)
+        _compact[(1,)](v, float(t), idx, vals, kept, k, BLOCK=min(triton.next_power_of_2(k), 16384), num_warps=8)
+    else:
+        idx = vals = kept = y  # not read
+    _threshold_matvec[(blocks, split_k)](v, wt, y, part, count, idx, vals, kept, k, n, float(t), wt.stride(0),
+                                         GATED=gated, COMPACT=compact, SPLIT_K=split_k, BLOCK_N=block_n,
+                                         BLOCK_K=block_k, num_warps=num_warps)
     return y
 
 

@@ -87,14 +87,46 @@ def _field_sum(codes, packed, shift: tl.constexpr, PRODUCT: tl.constexpr):
         return tl.sum(codes[:, None, :] * field.to(tl.float32)[None, :, :], axis=2)
 
 
+@triton.jit
+def _scale(x_ptr, rm, row_ok, K, floor, stride_xm, dtype: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_K: tl.constexpr):
+    """Each token's activation scale, ACT_MAX / amax.clamp(min=SCALE_FLOOR), as torch computes it: the reciprocal,
+    then times 127 (int / tensor is reciprocal() * int in torch), each rounded to the input's dtype."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, AMAX_K):
+        ks = k0 + tl.arange(0, AMAX_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
+                    other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    inv = round_to(tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.maximum(amax, floor)), dtype)
+    return round_to(inv * 127.0, dtype)
+
+
+@triton.jit
+def quantize_rows(x_ptr, codes_ptr, scales_ptr, M, K, floor, stride_xm, stride_cm, LOW_PRECISION: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """One token per program: its int8 codes and its scale (float32), for `ternary_gemv`'s PREQUANT mode."""
+    rm = tl.program_id(0) + tl.arange(0, 1)
+    row_ok = rm < M
+    dtype = x_ptr.dtype.element_ty
+    scale = _scale(x_ptr, rm, row_ok, K, floor, stride_xm, dtype, 1, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        ks = k0 + tl.arange(0, BLOCK)
+        c = _codes(x_ptr, rm, ks, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
+        tl.store(codes_ptr + rm[:, None] * stride_cm + ks[None, :], c.to(tl.int8),
+                 mask=row_ok[:, None] & (ks[None, :] < K))
+    tl.store(scales_ptr + rm, scale, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every token count up to BLOCK_M
-def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N4, K, floor, stride_xm, stride_wn,
-                 stride_ym, HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PRODUCT: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr):
+def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, codes_ptr, scales_ptr, M, N4, K, floor,
+                 stride_xm, stride_wn, stride_ym, stride_cm, HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr,
+                 SPLIT_K: tl.constexpr, PRODUCT: tl.constexpr, ASM: tl.constexpr, PREQUANT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr):
     """PRODUCT 0: multiply-and-sum in float32 over byte tiles (any token count); 1: `tl.dot` on int8 (16 tokens
     or more in a tile); 2: `dp4a` over int32 words of four packed bytes (one token; w_ptr is the int32 view, its
-    row stride in words). All three sums are exact integers."""
+    row stride in words). All three sums are exact integers. PREQUANT: the codes and scales come from `quantize_rows`
+    (codes_ptr int8, or its int32 view for dp4a; stride_cm in its elements) instead of each program's own absmax
+    pass over the whole input."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -116,17 +148,10 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N4,
     else:
         tile = tl.load(w_ptr + rn[:, None] * stride_wn + (start + rk)[None, :],
                        mask=col_ok[:, None] & ((start + rk) < end)[None, :], other=0x55)  # 0x55: fields of 1
-    # Each token's absmax over the whole input (every slice needs the same scale).
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, AMAX_K):
-        ks = k0 + tl.arange(0, AMAX_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
-                    other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    # scale = ACT_MAX / amax.clamp(min=SCALE_FLOOR) as torch computes it: reciprocal, then times 127 (int / tensor
-    # is reciprocal() * int in torch), each rounded to the input's dtype
-    inv = round_to(tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.maximum(amax, floor)), dtype)
-    scale = round_to(inv * 127.0, dtype)
+    if PREQUANT:
+        scale = tl.load(scales_ptr + rm, mask=row_ok, other=1.0)
+    else:  # each token's absmax over the whole input (every slice needs the same scale)
+        scale = _scale(x_ptr, rm, row_ok, K, floor, stride_xm, dtype, BLOCK_M, AMAX_K)
     code_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PRODUCT == 2:
         w0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
@@ -138,11 +163,17 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N4,
             nk = k0 + BLOCK_K + 4 * rw
             tile = tl.load(w_ptr + rn[:, None] * stride_wn + (nk // 4)[None, :], mask=col_ok[:, None] & (nk < end)[None, :],
                            other=0x55555555)
-            cw = tl.zeros((BLOCK_M, WORDS), dtype=tl.int32)  # four int8 codes per word, input k0 + 4w + b in byte b
-            for b in tl.static_range(4):
-                c = _codes(x_ptr, rm, k0 + 4 * rw + b, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
-                code_sum += tl.sum(c, axis=1)
-                cw = cw | ((c.to(tl.int32) & 0xFF) << (8 * b))
+            if PREQUANT:  # the words as quantize_rows stored them; their sum by dp4a with four ones
+                cw = tl.load(codes_ptr + rm[:, None] * stride_cm + (k0 // 4 + rw)[None, :],
+                             mask=row_ok[:, None] & ((k0 + 4 * rw) < K)[None, :], other=0)
+                code_sum += tl.sum(_dp4a(tl.full((BLOCK_M, WORDS), 0x01010101, tl.int32), cw,
+                                         tl.zeros((BLOCK_M, WORDS), tl.int32), ASM), axis=1).to(tl.float32)
+            else:
+                cw = tl.zeros((BLOCK_M, WORDS), dtype=tl.int32)  # four int8 codes a word: input k0 + 4w + b in byte b
+                for b in tl.static_range(4):
+                    c = _codes(x_ptr, rm, k0 + 4 * rw + b, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
+                    code_sum += tl.sum(c, axis=1)
+                    cw = cw | ((c.to(tl.int32) & 0xFF) << (8 * b))
             cw = tl.broadcast_to(cw, (BLOCK_N, WORDS))  # one token
             w0 = _dp4a(words & 0x03030303, cw, w0, ASM)
             w1 = _dp4a((words >> 2) & 0x03030303, cw, w1, ASM)
@@ -162,7 +193,11 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N4,
             nk = k0 + BLOCK_K + rk
             tile = tl.load(w_ptr + rn[:, None] * stride_wn + nk[None, :], mask=col_ok[:, None] & (nk < end)[None, :],
                            other=0x55)
-            codes = _codes(x_ptr, rm, k0 + rk, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
+            if PREQUANT:
+                codes = tl.load(codes_ptr + rm[:, None] * stride_cm + (k0 + rk)[None, :],
+                                mask=row_ok[:, None] & ((k0 + rk) < K)[None, :], other=0).to(tl.float32)
+            else:
+                codes = _codes(x_ptr, rm, k0 + rk, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
             code_sum += tl.sum(codes, axis=1)
             acc0 += _field_sum(codes, packed, 0, PRODUCT)
             acc1 += _field_sum(codes, packed, 2, PRODUCT)
@@ -211,25 +246,31 @@ def _finish(acc0, acc1, acc2, acc3, scale, ws_ptr, b_ptr, y_ptr, rm, rn, col_ok,
 
 
 PRODUCTS = {"fma": 0, "dot": 1, "dp4a": 2}
+# Quantize the tokens in a first small launch rather than in every program. False until a GPU says otherwise: on the
+# H200's second run every program read the whole input for its absmax (8 KiB a program at 4096 inputs: as many bytes
+# from L2 as the weights' own at a 2,048-program grid), which this removes for one more launch.
+PREQUANT = False
 
 
 def default_launch(m: int, n4: int, k: int) -> dict:
-    """Launch settings for `m` tokens on (4 * n4) x k weights: blocks of 16 packed rows (64 outputs) by 256 inputs,
-    the input split until the grid has about 1,024 programs (several per SM on an H100/H200); one token by `dp4a`,
-    more by float multiply-adds, 16 by `tl.dot`."""
-    block_n, block_k = 16, 256 if m == 1 else 128
+    """Launch settings for `m` tokens on (4 * n4) x k weights, from the H200's second run (BENCHMARKS.md): one token
+    by `dp4a` in blocks of 8 packed rows (32 outputs) by 512 inputs, the input split until the grid has about 2,048
+    programs (the best of 26 settings at 4096 x 4096: 9.9 us, 1.33x cuBLAS); more tokens by `tl.dot` (float
+    multiply-adds materialize tokens x tile products: 16x slower at 4 tokens) in blocks of 16 by 512."""
+    block_n, block_k, programs = (8, 512, 2048) if m == 1 else (16, 512, 1024)
     blocks = -(-n4 // block_n)
-    split = max(1, min(-(-1024 // blocks), -(-k // block_k)))
+    split = max(1, min(-(-programs // blocks), -(-k // block_k)))
     return {"block_n": block_n, "block_k": block_k, "split_k": split,
-            "product": "dp4a" if m == 1 and k % 4 == 0 else "dot" if m > 8 else "fma"}
+            "product": ("dp4a" if k % 4 == 0 else "fma") if m == 1 else "dot"}
 
 
 def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                    *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                   product: str | None = None, num_warps: int = 4) -> torch.Tensor:
+                   product: str | None = None, prequant: bool | None = None, num_warps: int = 4) -> torch.Tensor:
     """`TernaryLinear`'s output for `x` (..., in) of at most MAX_ROWS tokens, from transformers-packed weights
     (out/4, in) uint8 and the per-tensor `weight_scale`, in one Triton launch. Launch settings left None come
-    from `default_launch`; `product` is "fma", "dot" or "dp4a" (one token, inputs a multiple of 4)."""
+    from `default_launch`; `product` is "fma", "dot" or "dp4a" (one token, inputs a multiple of 4); `prequant`
+    quantizes the tokens once in a first launch (`quantize_rows`) instead of in every program (default PREQUANT)."""
     k = x.shape[-1]
     n4 = packed.shape[0]
     if packed.dtype != torch.uint8 or packed.shape[1] != k or weight_scale.numel() != 1:
@@ -263,10 +304,23 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Te
     else:
         part = count = y  # not read
     floor = float(torch.tensor(SCALE_FLOOR, dtype=x.dtype))  # clamp(min=1e-5) in the input's dtype
+    prequant = PREQUANT if prequant is None else prequant
+    if prequant:
+        codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+        scales = torch.empty(m, dtype=torch.float32, device=x.device)
+        quantize_rows[(m,)](rows, codes, scales, m, k, floor, rows.stride(0), codes.stride(0), LOW_PRECISION=low,
+                            BLOCK=min(triton.next_power_of_2(k), 4096), num_warps=8, enable_fp_fusion=False)
+        if product == 2:
+            codes = codes.view(torch.int32)  # k % 4 == 0 on this path
+        stride_c = codes.stride(0)
+    else:
+        codes = scales = y  # not read
+        stride_c = 0
     ternary_gemv[(blocks, split_k)](
-        rows, weights, weight_scale, bias if bias is not None else weight_scale, y, part, count, m, n4, k, floor,
-        rows.stride(0), stride_w, y.stride(0), HAS_BIAS=bias is not None, LOW_PRECISION=low,
-        SPLIT_K=split_k, PRODUCT=product, ASM=x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        rows, weights, weight_scale, bias if bias is not None else weight_scale, y, part, count, codes, scales, m, n4,
+        k, floor, rows.stride(0), stride_w, y.stride(0), stride_c, HAS_BIAS=bias is not None, LOW_PRECISION=low,
+        SPLIT_K=split_k, PRODUCT=product, ASM=x.is_cuda, PREQUANT=prequant, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k,
         AMAX_K=min(triton.next_power_of_2(k), max(64, 8192 // block_m)), num_warps=num_warps,
         enable_fp_fusion=False)  # x * scale must be rounded before round(), not fused into an FMA
     return y.reshape(*x.shape[:-1], 4 * n4)
