@@ -78,6 +78,26 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
+def _code_words(x_ptr, codes_ptr, rm, rw, k0, row_ok, K, stride_xm, stride_cm, scale, PREQUANT: tl.constexpr,
+                ASM: tl.constexpr, LOW_PRECISION: tl.constexpr, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
+                WORDS: tl.constexpr):
+    """The tokens' codes of inputs k0 + 4w + b as int32 words (code b in byte b) and their sum (float32)."""
+    if PREQUANT:  # the words as quantize_rows stored them; their sum by dp4a with four ones
+        cw = tl.load(codes_ptr + rm[:, None] * stride_cm + (k0 // 4 + rw)[None, :],
+                     mask=row_ok[:, None] & ((k0 + 4 * rw) < K)[None, :], other=0)
+        total = tl.sum(_dp4a(tl.full((BLOCK_M, WORDS), 0x01010101, tl.int32), cw,
+                             tl.zeros((BLOCK_M, WORDS), tl.int32), ASM), axis=1).to(tl.float32)
+    else:
+        cw = tl.zeros((BLOCK_M, WORDS), dtype=tl.int32)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for b in tl.static_range(4):
+            c = _codes(x_ptr, rm, k0 + 4 * rw + b, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
+            total += tl.sum(c, axis=1)
+            cw = cw | ((c.to(tl.int32) & 0xFF) << (8 * b))
+    return cw, total
+
+
+@triton.jit
 def _field_sum(codes, packed, shift: tl.constexpr, PRODUCT: tl.constexpr):
     """sum over k of codes[m, k] * field[n, k] for the 2-bit field at `shift` of each byte (w + 1, in {0, 1, 2})."""
     field = (packed >> shift) & 3
@@ -163,17 +183,9 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, codes_
             nk = k0 + BLOCK_K + 4 * rw
             tile = tl.load(w_ptr + rn[:, None] * stride_wn + (nk // 4)[None, :], mask=col_ok[:, None] & (nk < end)[None, :],
                            other=0x55555555)
-            if PREQUANT:  # the words as quantize_rows stored them; their sum by dp4a with four ones
-                cw = tl.load(codes_ptr + rm[:, None] * stride_cm + (k0 // 4 + rw)[None, :],
-                             mask=row_ok[:, None] & ((k0 + 4 * rw) < K)[None, :], other=0)
-                code_sum += tl.sum(_dp4a(tl.full((BLOCK_M, WORDS), 0x01010101, tl.int32), cw,
-                                         tl.zeros((BLOCK_M, WORDS), tl.int32), ASM), axis=1).to(tl.float32)
-            else:
-                cw = tl.zeros((BLOCK_M, WORDS), dtype=tl.int32)  # four int8 codes a word: input k0 + 4w + b in byte b
-                for b in tl.static_range(4):
-                    c = _codes(x_ptr, rm, k0 + 4 * rw + b, row_ok, K, stride_xm, scale, LOW_PRECISION, dtype)
-                    code_sum += tl.sum(c, axis=1)
-                    cw = cw | ((c.to(tl.int32) & 0xFF) << (8 * b))
+            cw, cs = _code_words(x_ptr, codes_ptr, rm, rw, k0, row_ok, K, stride_xm, stride_cm, scale, PREQUANT, ASM,
+                                 LOW_PRECISION, dtype, BLOCK_M, WORDS)
+            code_sum += cs
             cw = tl.broadcast_to(cw, (BLOCK_N, WORDS))  # one token
             w0 = _dp4a(words & 0x03030303, cw, w0, ASM)
             w1 = _dp4a((words >> 2) & 0x03030303, cw, w1, ASM)
@@ -208,8 +220,18 @@ def ternary_gemv(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, codes_
     acc1 -= code_sum[:, None]
     acc2 -= code_sum[:, None]
     acc3 -= code_sum[:, None]
+    _epilogue(acc0, acc1, acc2, acc3, scale, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, rm, rn, row_ok, col_ok, pid_n,
+              pid_k, M, N4, stride_ym, HAS_BIAS, LOW_PRECISION, SPLIT_K, dtype)
+
+
+@triton.jit
+def _epilogue(acc0, acc1, acc2, acc3, scale, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, rm, rn, row_ok, col_ok, pid_n,
+              pid_k, M, N4, stride_ym, HAS_BIAS: tl.constexpr, LOW_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+              dtype: tl.constexpr):
+    """The four output blocks written, or with SPLIT_K > 1 this slice's sums stored and the block's last slice adding
+    all of them and writing."""
     out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K > 1:  # store this slice's sums; the last slice of this block adds all of them and writes
+    if SPLIT_K > 1:
         n_all = 4 * N4
         part = rm[:, None] * n_all + rn[None, :]
         split_stride = M * n_all
