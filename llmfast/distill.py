@@ -184,6 +184,12 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
     return int(state["step"])
 
 
+def gpu_autocast(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """`distill`'s `autocast` for a `dtype` model on `device`: bfloat16 for a float32 model on a GPU (weights,
+    gradients, AdamW state and the KL stay float32), none elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None
+
+
 def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSettings, work: Path,
             resume: bool = False, before_step: Callable[[int], None] | None = None,
             extra_loss: Callable[[], torch.Tensor] | None = None,

@@ -34,8 +34,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,33 +42,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from gpu_runs import distill_step_seconds, run_at_once  # noqa: E402  (scripts/, beside this file)
 TEXT = ROOT / "eval" / "text" / "persuasion.txt"
 SKIP = 16384  # the span `llmfast eval` scores; training uses only what follows
 SHARD = 15 * 2**20
 
 
-def probe_step_seconds(model_dir: Path, batch: int, window: int, device: str, steps: int = 8) -> float:
+def probe_step_seconds(model_dir: Path, batch: int, window: int, device: str) -> float:
     """Median seconds of one distillation step (student forward/backward, teacher forward, AdamW) after warm-up."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
-    from llmfast.distill import DistillSettings, distill
     from llmfast.quant.bitnet.qat import prepare_student
 
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     prepare_student(student)
-    rows = torch.randint(0, student.config.vocab_size, (batch * steps, window))
-    marks: list[float] = []
-    with tempfile.TemporaryDirectory() as work:
-        distill(student, teacher, rows, DistillSettings(steps=steps, batch_size=batch, save_every=10**9), Path(work),
-                before_step=lambda step: marks.append(time.perf_counter()),
-                autocast=torch.bfloat16 if device == "cuda" else None)
+    seconds = distill_step_seconds(student, teacher, batch, window, device)
     del student, teacher
     if device == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(b - a for a, b in zip(marks[3:], marks[4:]))  # the loss's .item() syncs every step
+    return seconds
 
 
 def recipe_text(model_dir: Path, out: Path, *, steps: int, lr: float, args: argparse.Namespace, text_tokens: int) -> str:
@@ -220,31 +211,18 @@ def main() -> int:
     print(f"one step alone {step_s * 1000:.0f} ms ({args.batch_size}x{args.window} tokens): {steps} steps "
           f"= {tokens:,} tokens per run, {len(lrs)} runs at once", flush=True)
     save()
-    env = dict(os.environ, TQDM_MININTERVAL="20", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    procs = []
+    jobs = []
     for i, lr in enumerate(lrs):
         recipe = work / f"qat-{i}.yaml"
         recipe.write_text(recipe_text(model_dir, work / f"ternary-{i}", steps=steps, lr=lr, args=args,
                                       text_tokens=text_tokens))
-        log = open(work / f"qat-{i}.log", "w")
-        procs.append((lr, recipe, log, time.time(), subprocess.Popen(
-            [sys.executable, "-c", "import sys; from llmfast.cli import main; sys.exit(main())", "quantize",
-             str(recipe)], stdout=log, stderr=subprocess.STDOUT, env=env)))
-    runs = []
-    for i, (lr, recipe, log, start, proc) in enumerate(procs):
-        rc = proc.wait()
-        log.close()
-        run = {"lr": lr, "rc": rc, "wall_s": round(time.time() - start, 1), "recipe": recipe.read_text()}
-        if rc != 0:
-            run["log_tail"] = (work / f"qat-{i}.log").read_text()[-3000:]
-            print(run["log_tail"], file=sys.stderr)
-        else:
+        jobs.append((lr, recipe, work / f"qat-{i}.log"))
+    runs = run_at_once("quantize", jobs)
+    for i, run in enumerate(runs):
+        if run["rc"] == 0:
             artifact = work / f"ternary-{i}"
-            manifest = json.loads((artifact / "llmfast.json").read_text())
-            run["metrics"] = manifest.get("metrics", {})
+            run["metrics"] = json.loads((artifact / "llmfast.json").read_text()).get("metrics", {})
             shutil.copy2(artifact / "train_log.jsonl", out / f"train_log-{i}.jsonl")
-        runs.append(run)
     result["runs"] = runs
     save()
     base = perplexities(model_dir, tokenizer, args.device, args.eval_tokens)["llmfast"]

@@ -35,8 +35,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from gpu_runs import distill_step_seconds, run_at_once  # noqa: E402  (scripts/, beside this file)
 TEXT = ROOT / "eval" / "text" / "persuasion.txt"
 SKIP = 16384  # the span `llmfast eval` scores: nothing here reads it but the perplexity
 
@@ -65,25 +64,18 @@ def probe_step_seconds(model_dir: Path, batch: int, window: int, device: str, ta
                        steps: int = 8) -> tuple[float, float]:
     """Median seconds of one relufy training step (ReLU student through the cut at `target`, forward/backward,
     teacher forward, AdamW) after warm-up, and the peak GPU GiB (0 on the CPU)."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
-    from llmfast.distill import DistillSettings, distill
-    from llmfast.sparse.relufy import ShiftedCut, relu_swap, training_autocast
+    from llmfast.sparse.relufy import ShiftedCut, relu_swap
 
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     relu_swap(student)
     cut = ShiftedCut(student)
     cut.fraction = target  # the cut at full strength: a quantile per layer and step, as in most of a real run
-    rows = torch.randint(0, student.config.vocab_size, (batch * steps, window))
-    marks: list[float] = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as work:
-        distill(student, teacher, rows, DistillSettings(steps=steps, batch_size=batch, save_every=10**9), Path(work),
-                before_step=lambda step: marks.append(time.perf_counter()), autocast=training_autocast(student))
+    seconds = distill_step_seconds(student, teacher, batch, window, device, steps)
     cut.remove()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     del student, teacher, cut  # the cut's hooks hold the student's MLPs
@@ -92,7 +84,7 @@ def probe_step_seconds(model_dir: Path, batch: int, window: int, device: str, ta
 
         gc.collect()
         torch.cuda.empty_cache()  # the runs below get the GPU
-    return statistics.median(b - a for a, b in zip(marks[3:], marks[4:])), peak  # the loss's .item() syncs each step
+    return seconds, peak
 
 
 def recipe_text(model_dir: Path, text: Path, out: Path, *, steps: int, lr: float, args: argparse.Namespace) -> str:
@@ -196,25 +188,14 @@ def main() -> int:
     print(f"one step alone {step_s * 1000:.0f} ms ({args.batch_size}x{args.window} tokens, cut at {args.target}): "
           f"{steps} steps = {tokens:,} tokens per run, {len(lrs)} runs at once", flush=True)
     save()
-    env = dict(os.environ, TQDM_MININTERVAL="20", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    procs = []
+    jobs = []
     for i, lr in enumerate(lrs):
         recipe = work / f"relufy-{i}.yaml"
         recipe.write_text(recipe_text(model_dir, text, work / f"relufy-{i}", steps=steps, lr=lr, args=args))
-        log = open(work / f"relufy-{i}.log", "w")
-        procs.append((lr, recipe, log, time.time(), subprocess.Popen(
-            [sys.executable, "-c", "import sys; from llmfast.cli import main; sys.exit(main())", "sparsify",
-             str(recipe)], stdout=log, stderr=subprocess.STDOUT, env=env)))
-    runs = []
-    for i, (lr, recipe, log, start, proc) in enumerate(procs):
-        rc = proc.wait()
-        log.close()
-        run = {"lr": lr, "rc": rc, "wall_s": round(time.time() - start, 1), "recipe": recipe.read_text()}
-        if rc != 0:
-            run["log_tail"] = (work / f"relufy-{i}.log").read_text()[-3000:]
-            print(run["log_tail"], file=sys.stderr)
-        else:
+        jobs.append((lr, recipe, work / f"relufy-{i}.log"))
+    runs = run_at_once("sparsify", jobs)
+    for i, run in enumerate(runs):
+        if run["rc"] == 0:
             artifact = work / f"relufy-{i}"
             dest = out / f"run-{i}"
             dest.mkdir(exist_ok=True)
@@ -231,7 +212,6 @@ def main() -> int:
             if device == "cuda" and m.get("device") != "cuda":
                 print(f"run {i} trained on {m.get('device')}, not on the GPU", file=sys.stderr)
                 run["rc"] = 3
-        runs.append(run)
     result["runs"] = runs
     save()
     base = perplexity_of(model_dir, tokenizer, device, args.eval_tokens)

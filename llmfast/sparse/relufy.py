@@ -135,15 +135,6 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
     return rows[order].to(job.model.device)
 
 
-def training_autocast(model: "PreTrainedModel") -> "torch.dtype | None":
-    """bfloat16 autocast of the forward passes when training a float32 model on a GPU (as bitnet QAT does): weights,
-    gradients and AdamW state stay float32; on the CPU nothing changes (None)."""
-    import torch
-
-    p = next(model.parameters())
-    return torch.bfloat16 if p.device.type == "cuda" and p.dtype == torch.float32 else None
-
-
 def _check_same_config(work: Path, cfg: RelufyConfig, resume: bool) -> None:
     """distill.py checks its own settings on resume; the keys it does not see (l1, samples, seed) are checked here."""
     from llmfast.artifacts import atomic_write_json
@@ -160,7 +151,7 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
     """Distil `job.model` (the teacher) into `student` for `cfg.steps` steps; log to job.work_dir."""
     import torch
 
-    from llmfast.distill import DistillSettings, distill, heldout_scores
+    from llmfast.distill import DistillSettings, distill, gpu_autocast, heldout_scores
     from llmfast.sparse.measure import record_sparsity, summarize
 
     _check_same_config(job.work_dir, cfg, job.resume)
@@ -191,14 +182,15 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         return {**{k: round(v, 6) for k, v in scores.items()},
                 "heldout_sparsity": summarize(tallies)["down_in"]["mean"]}
 
-    autocast = training_autocast(student)
+    first = next(student.parameters())
+    autocast = gpu_autocast(first.device, first.dtype)
     try:
         metrics = distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
                           before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
                           log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every,
                           autocast=autocast)
         if autocast is not None:  # a CPU run's metrics stay as they were
-            metrics |= {"gpu": torch.cuda.get_device_name(next(student.parameters()).device), "autocast": "bfloat16"}
+            metrics |= {"gpu": torch.cuda.get_device_name(first.device), "autocast": "bfloat16"}
         return metrics
     finally:
         for h in handles:

@@ -54,7 +54,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     windows never trained on (the start of the evaluated text), on which the KL to the teacher is measured."""
     from transformers import AutoModelForCausalLM
 
-    from llmfast.distill import DistillSettings, distill, heldout_scores, teacher_samples
+    from llmfast.distill import DistillSettings, distill, gpu_autocast, heldout_scores, teacher_samples
 
     if cfg.qat_steps and rows is None:
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
@@ -64,8 +64,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     metrics: dict[str, Any] = {"qat_steps": cfg.qat_steps}
     if cfg.qat_steps:
         device = qat_device(cfg)
-        # On a GPU the forward passes run in bfloat16 autocast (weights and optimizer state stay in `dtype`).
-        autocast = torch.bfloat16 if device.type == "cuda" and torch_dtype == torch.float32 else None
+        autocast = gpu_autocast(device, torch_dtype)  # on a GPU: bfloat16 forward passes
         metrics |= {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "autocast": str(autocast).removeprefix("torch.") if autocast else None}
         model.to(device)
