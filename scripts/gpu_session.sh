@@ -14,10 +14,11 @@
 #   run(command="bash scripts/gpu_session.sh train 700 4.5e-3 100 2e-3", carry=[".gpu_b"], timeout_s=585)
 # `kernels`: installs the wheels into /tmp/site, keeps the first half of the GGUF, runs
 #   scripts/gpu_compression_checks.py (ternary and sparse Triton kernels: checks and timings, about 3.5 minutes).
-# `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT]`: joins and checks the GGUF,
+# `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT RELUFY_TEACHER]`: joins and checks the GGUF,
 #   converts it once, then 1.58-bit QAT (scripts/gpu_bitnet_qat.py, fixed steps; 400 steps took 217 s with the
 #   conversion) and ReLU-fication (scripts/gpu_relufy.py, steps from its probe; 130 s of training took 200 s),
-#   one after the other (two at once share the GPU no faster). Everything it writes is also packed into
+#   one after the other (two at once share the GPU no faster). Relufy distils on RELUFY_TEACHER teacher samples
+#   (default 2048: 512 repeated each sample 31 times in 11M tokens, and its curve was flat after 8M). Everything it writes is also packed into
 #   $OUT/results.tgz: the device tool returns at most 8 files.
 set -u
 export PYTHONPATH=/tmp/site:$PWD
@@ -31,6 +32,7 @@ kernels)
   ;;
 train)
   QAT_STEPS=${2:-700}; QAT_LR=${3:-4.5e-3}; RELUFY_S=${4:-100}; RELUFY_LR=${5:-2e-3}; QAT_T=${6:-300}; REL_T=${7:-220}
+  REL_TEACHER=${8:-2048}
   G=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
   cat /tmp/part-a .gpu_b/part > $G || exit 1
   [ "$(sha256sum $G | cut -c1-64)" = b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 ] \
@@ -42,7 +44,7 @@ train)
     --teacher-samples 512 --out "$OUT/qat" > "$OUT/qat.log" 2>&1
   echo "qat rc $? at $(( $(date +%s) - T0 )) s"; tail -4 "$OUT/qat.log"
   timeout "$REL_T" python3 scripts/gpu_relufy.py --model "$D" --seconds "$RELUFY_S" --lrs "$RELUFY_LR" \
-    --out "$OUT/relufy" > "$OUT/relufy.log" 2>&1
+    --teacher-samples "$REL_TEACHER" --out "$OUT/relufy" > "$OUT/relufy.log" 2>&1
   echo "relufy rc $? at $(( $(date +%s) - T0 )) s"; tail -6 "$OUT/relufy.log"
   tar czf /tmp/results.tgz -C "$OUT" qat relufy && mv /tmp/results.tgz "$OUT/results.tgz"
   ;;
