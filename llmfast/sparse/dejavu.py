@@ -32,7 +32,9 @@ __all__ = ["Dejavu", "DejavuConfig", "PREDICTORS_FILE", "Predictor", "load_predi
 
 
 class DejavuConfig(SparseConfigBase):
-    rank: PositiveInt = 64  # width of the low-rank bottleneck: A is hidden x rank, B rank x intermediate
+    # Width of the low-rank bottleneck: A is hidden x rank, B rank x intermediate. 128 on the relufied built-in
+    # model (1536 neurons): held-out recall at 30% predicted active 97.1% against 94.4% at 64 (5 layers probed).
+    rank: PositiveInt = 128
     lookahead: bool = False  # feed layer i's predictor the MLP input of layer i-1 (layer 0: its own)
     # Only for sources whose activations are never exactly 0 (SiLU): the fraction of each layer's |activation|
     # entries labelled inactive (null: 0.5). A ReLU source's active neurons are its nonzero ones; refused there.
