@@ -179,3 +179,33 @@ def test_fewer_openmp_threads_than_asked_still_fill_the_output(tmp_path: Path) -
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("width,n", [(2, 576), (1, 1536), (2, 37), (1, 5)])
+def test_rows_product_dots_only_the_kept_rows(kernel: cpu_kernel.GatherKernel, width: int, n: int) -> None:
+    """w[idx[k], r] . v against float64 within the bound of any summation order of n products, (n + 1) u sum |terms|,
+    and the same bits for every thread count (each output is one thread's)."""
+    g = torch.Generator().manual_seed(width * 1000 + n)
+    rows = 300
+    w = torch.randn(rows, width, n, generator=g) if width > 1 else torch.randn(rows, n, generator=g)
+    v = torch.randn(n, generator=g)
+    idx = torch.tensor([299, 0, 17, 17, 150, 3, *range(20, 120, 7)])  # unsorted, repeated
+    w3 = w.view(rows, width, n).double()[idx]
+    exact, bound = w3 @ v.double(), (n + 1) * U * (w3.abs() @ v.double().abs())
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(kernel.rows(idx, w, v))
+    finally:
+        torch.set_num_threads(before)
+    got = results[0]
+    assert got.dtype == torch.float32 and got.shape == (idx.numel(), width)
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert all(torch.equal(got, r) for r in results[1:])
+    assert kernel.rows(idx[:0], w, v).shape == (0, width)
+    with pytest.raises(ValueError, match="float32 vector of"):
+        kernel.rows(idx, w, torch.randn(n + 1))
+    with pytest.raises(ValueError, match="contiguous float32 CPU weights"):
+        kernel.rows(idx, w.double(), v)

@@ -1,5 +1,6 @@
 """The sparse runtime's CPU kernel (`gather_gemv.c`), called through ctypes: for one token, the product of a
-stacked W^T with a sparse vector, reading only the kept rows, the columns split over torch's threads.
+stacked W^T with a sparse vector, reading only the kept rows, the columns split over torch's threads; and the
+kept rows of W times a dense vector (`rows`: Deja Vu's gate and up, ReLU's up), the rows split over the threads.
 
 It replaces the torch path of `kernels.py` (threshold, nonzero, index_select and embedding_bag: a dozen small
 operations per product, which ate the gain at the built-in model's shapes) for float32 on a CPU; float64 and
@@ -35,6 +36,9 @@ class GatherKernel:
         self._gather = lib.gather_gemv
         self._gather.restype = ctypes.c_int
         self._gather.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64]
+        self._dot = lib.gather_dot
+        self._dot.restype = None
+        self._dot.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64]
 
     @staticmethod
     def holds(wt: torch.Tensor) -> bool:
@@ -69,6 +73,23 @@ class GatherKernel:
         if self._gather(idx.data_ptr(), vals.data_ptr(), idx.numel(), wt.data_ptr(), wt.shape[1], y.data_ptr(),
                         torch.get_num_threads()):
             raise MemoryError("sparse kernel: out of memory for the threads' partial sums")
+        return y
+
+
+    def rows(self, idx: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(kept, width): w[idx[k], r] . v for r < width, with w (rows, width, in) float32 contiguous (or (rows, in):
+        width 1), reading only the kept rows; idx int64 in [0, rows), v float32 of `in` entries."""
+        if w.dim() not in (2, 3) or not (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()):
+            raise ValueError(f"sparse kernel: rows takes contiguous float32 CPU weights of 2 or 3 dimensions, not "
+                             f"{w.dtype} {tuple(w.shape)}")
+        if idx.dtype != torch.int64 or idx.dim() != 1 or v.dtype != torch.float32 or v.numel() != w.shape[-1]:
+            raise ValueError(f"sparse kernel: rows takes int64 indices ({idx.dtype}) and a float32 vector of "
+                             f"{w.shape[-1]} entries ({v.dtype}, {v.numel()})")
+        width = w.shape[1] if w.dim() == 3 else 1
+        idx, v = idx.contiguous(), v.contiguous()
+        y = torch.empty(idx.numel(), width, dtype=torch.float32)
+        self._dot(idx.data_ptr(), idx.numel(), w.data_ptr(), width, w.shape[-1], v.data_ptr(), y.data_ptr(),
+                  torch.get_num_threads())
         return y
 
 

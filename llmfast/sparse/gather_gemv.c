@@ -3,9 +3,11 @@
  * With W^T stored row-major (wt[j, :] is column j of W), y = W v for a sparse v is the sum of the rows of W^T for
  * the kept entries, each scaled by its entry: contiguous reads of exactly the bytes needed. `threshold_gemv`
  * keeps the entries with |v| > t (TEAL's thresholds) and does it in one call; `gather_gemv` takes the kept
- * indices and values (CATS, ReLU, Deja Vu). The kept rows are split over the threads of torch's OpenMP pool
- * (the library is loaded after torch, so it binds to torch's libgomp: one pool, no oversubscription), because
- * one core cannot draw the memory bandwidth two can, and the rows a thread will read next are prefetched.
+ * indices and values (CATS, ReLU, Deja Vu). `gather_dot` is the other side: the kept rows of W itself dotted with a
+ * dense x (Deja Vu's gate and up rows, ReLU's up rows), each kept row one contiguous read. The kept rows are split
+ * over the threads of torch's OpenMP pool (the library is loaded after torch, so it binds to torch's libgomp: one
+ * pool, no oversubscription), because one core cannot draw the memory bandwidth two can, and the rows a thread
+ * will read next are prefetched.
  * Results equal the dense product of the zeroed vector up to float32 summation order (each thread sums its
  * kept rows in index order, then the threads' sums are added).
  *
@@ -92,4 +94,39 @@ int64_t threshold_gemv(const float *x, int64_t in, float t, const float *wt, int
 int gather_gemv(const int64_t *idx, const float *vals, int64_t kept, const float *wt, int64_t out, float *y,
                 int64_t threads) {
     return gather_rows(idx, vals, kept, wt, out, y, threads);
+}
+
+/* The dot product of n floats in 16 lanes (the compiler vectorizes them), the lanes then added pairwise in a fixed
+ * order: the same bits whatever the thread that computes it. */
+static float dot16(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    for (int s = 8; s > 0; s >>= 1)
+        for (int l = 0; l < s; l++) acc[l] += acc[l + s];
+    return acc[0] + tail;
+}
+
+/* y[k * width + r] = w[idx[k], r, :] . x for r < width, with w laid out (rows, width, in): the kept rows of `width`
+ * interleaved matrices (Deja Vu's gate and up, width 2; ReLU's up, width 1), each kept index one contiguous block
+ * of width * in floats. The kept indices are split over `threads` threads, each writing its own outputs (nothing
+ * to add up between threads), the next blocks prefetched. */
+void gather_dot(const int64_t *idx, int64_t kept, const float *w, int64_t width, int64_t in, const float *x,
+                float *y, int64_t threads) {
+    if (threads < 1) threads = 1;
+    if (threads > kept) threads = kept > 0 ? kept : 1;
+    const int64_t block = width * in;
+#pragma omp parallel for schedule(static) num_threads((int)threads) if (threads > 1)
+    for (int64_t k = 0; k < kept; k++) {
+        if (k + 2 < kept) {
+            const char *next = (const char *)(w + idx[k + 2] * block);
+            for (int64_t byte = 0; byte < block * (int64_t)sizeof(float); byte += 64)
+                __builtin_prefetch(next + byte, 0, 3);
+        }
+        const float *restrict rows = w + idx[k] * block;
+        for (int64_t r = 0; r < width; r++) y[k * width + r] = dot16(rows + r * in, x, in);
+    }
 }
