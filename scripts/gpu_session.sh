@@ -14,12 +14,12 @@
 #   run(command="bash scripts/gpu_session.sh train 700 4.5e-3 100 2e-3", carry=[".gpu_b"], timeout_s=585)
 # `kernels`: installs the wheels into /tmp/site, keeps the first half of the GGUF, runs
 #   scripts/gpu_compression_checks.py (ternary and sparse Triton kernels: checks and timings, about 3.5 minutes).
-# `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT RELUFY_TEACHER]`: joins and checks the GGUF,
-#   converts it once, then 1.58-bit QAT (scripts/gpu_bitnet_qat.py, fixed steps; 400 steps took 217 s with the
-#   conversion) and ReLU-fication (scripts/gpu_relufy.py, steps from its probe; 130 s of training took 200 s),
+# `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT RELUFY_TEACHER]`: joins and checks
+#   the GGUF, converts it once, then 1.58-bit QAT (scripts/gpu_bitnet_qat.py, fixed steps; 400 steps took 217 s
+#   with the conversion) and ReLU-fication (scripts/gpu_relufy.py, steps from its probe; 130 s of training took 200 s),
 #   one after the other (two at once share the GPU no faster). Relufy distils on RELUFY_TEACHER teacher samples
-#   (default 2048: 512 repeated each sample 31 times in 11M tokens, and its curve was flat after 8M). Everything it writes is also packed into
-#   $OUT/results.tgz: the device tool returns at most 8 files.
+#   (default 2048: 512 repeated each sample 31 times in 11M tokens, and its curve was flat after 8M). Everything
+#   it writes is also packed into $OUT/results.tgz: the device tool returns at most 8 files.
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 case "${1:-}" in

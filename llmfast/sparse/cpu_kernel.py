@@ -41,9 +41,10 @@ class GatherKernel:
         self._dot.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64]
 
     @staticmethod
-    def holds(wt: torch.Tensor) -> bool:
-        """Whether it runs products with these weights: float32, on a CPU, contiguous (checked once per layout)."""
-        return wt.dtype == torch.float32 and wt.device.type == "cpu" and wt.is_contiguous() and wt.dim() == 2
+    def holds(wt: torch.Tensor, dims: tuple[int, ...] = (2,)) -> bool:
+        """Whether it runs products with these weights: float32, on a CPU, contiguous, of `dims` dimensions (checked
+        once per layout)."""
+        return wt.dtype == torch.float32 and wt.device.type == "cpu" and wt.is_contiguous() and wt.dim() in dims
 
     @staticmethod
     def takes(v: torch.Tensor) -> bool:
@@ -75,11 +76,10 @@ class GatherKernel:
             raise MemoryError("sparse kernel: out of memory for the threads' partial sums")
         return y
 
-
     def rows(self, idx: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(kept, width): w[idx[k], r] . v for r < width, with w (rows, width, in) float32 contiguous (or (rows, in):
         width 1), reading only the kept rows; idx int64 in [0, rows), v float32 of `in` entries."""
-        if w.dim() not in (2, 3) or not (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()):
+        if not self.holds(w, dims=(2, 3)):
             raise ValueError(f"sparse kernel: rows takes contiguous float32 CPU weights of 2 or 3 dimensions, not "
                              f"{w.dtype} {tuple(w.shape)}")
         if idx.dtype != torch.int64 or idx.dim() != 1 or v.dtype != torch.float32 or v.numel() != w.shape[-1]:

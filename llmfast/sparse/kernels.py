@@ -248,16 +248,22 @@ class SparseMLP:
         native = self.native_taking(v)
         if idx.numel() > limit(self.dense_above, native) * self.inter:
             self.calls["dense"] += 1
-            gu = F.linear(v, self.gate_up_flat).view(self.inter, 2)
+            gu = self.gate_up_dense(v)
             return torch.where(keep, self.act(gu[:, 0]) * gu[:, 1], 0.0) @ self.down_t
         self.calls["sparse"] += 1
         if hasattr(native, "rows"):
             gu = native.rows(idx, self.gate_up_rows, v)  # (kept, 2): gate and up of the kept neurons
         elif idx.numel() > ROWS_DENSE_ABOVE * self.inter:
-            gu = F.linear(v, self.gate_up_flat).view(self.inter, 2).index_select(0, idx)
+            gu = self.gate_up_dense(v).index_select(0, idx)
         else:
             gu = self.gate_up_rows.index_select(0, idx) @ v
         return weighted_rows(idx, self.act(gu[:, 0]) * gu[:, 1], self.down_t, native)
+
+    def gate_up_dense(self, x: "torch.Tensor") -> "torch.Tensor":
+        """dejavu: (..., inter, 2) gate and up of every neuron, one matmul over the contiguous interleaved rows."""
+        import torch.nn.functional as F
+
+        return F.linear(x, self.gate_up_flat).unflatten(-1, (self.inter, 2))
 
     # --- many tokens: dense matmuls, the same zeros ---------------------------------------------------------
     def dense(self, x: "torch.Tensor") -> "torch.Tensor":
@@ -271,7 +277,7 @@ class SparseMLP:
             return torch.where(h.abs() > self.t_down, h, zero) @ self.down_t
         if self.mode == "dejavu":
             keep = self.predicted(x)
-            gu = F.linear(x, self.gate_up_flat).unflatten(-1, (self.inter, 2))
+            gu = self.gate_up_dense(x)
             return torch.where(keep, self.act(gu[..., 0]) * gu[..., 1], zero) @ self.down_t
         a = self.act(F.linear(x, self.gate_w))
         if self.mode == "cats":
