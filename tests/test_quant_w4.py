@@ -265,8 +265,10 @@ def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:
     assert (got["nsamples"], got["batch_size"], got["seqlen"], got["iters"]) == (16, 8, 256, 50)
     assert "lr" not in got and got["device_map"] == "cpu"  # AutoRound's own default lr (1/iters)
     assert got["seed"] == 42  # AutoRound's own default, passed explicitly so the manifest's value is what ran
-    got = autoround_settings(W4Config(nsamples=4, batch_size=8, lr=5e-3), windows=16, window=128, cuda=False)
-    assert (got["nsamples"], got["batch_size"], got["lr"]) == (4, 4, 5e-3)
+    assert got["amp"] is False  # float32 stays float32 on a CPU with AVX512-BF16 too (the tests above pin the levels)
+    got = autoround_settings(W4Config(nsamples=4, batch_size=8, lr=5e-3), windows=16, window=128, cuda=False,
+                             dtype="bfloat16")
+    assert (got["nsamples"], got["batch_size"], got["lr"], got["amp"]) == (4, 4, 5e-3, True)
 
 
 def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, Path], tmp_path: Path) -> None:

@@ -201,7 +201,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
         raise UserError("w4: calibration text is needed: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available())
+    settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available(), dtype)
     samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
     rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)
     scratch = out_dir / ".autoround"
@@ -223,14 +223,19 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     return metrics
 
 
-def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool) -> dict[str, Any]:
+def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool, dtype: str = "float32"
+                       ) -> dict[str, Any]:
     """AutoRound's keyword arguments for `cfg` with `windows` calibration rows of `window` tokens available: at
-    most `nsamples` rows, and batches no larger than that (AutoRound clamps too; the metrics then say what ran)."""
+    most `nsamples` rows, and batches no larger than that (AutoRound clamps too; the metrics then say what ran).
+
+    A float32 recipe turns AutoRound's mixed precision off: with it on, AutoRound casts the model to bfloat16 on
+    any CPU that has AVX512-BF16 (and not elsewhere), so the same recipe rounded bfloat16 copies of the weights
+    on one machine and the float32 weights on another."""
     n = min(cfg.nsamples, windows)
     settings: dict[str, Any] = {"scheme": "W4A16", "bits": 4, "group_size": cfg.group_size, "sym": cfg.sym,
                                 "iters": cfg.iters, "nsamples": n, "seqlen": window,
                                 "batch_size": min(cfg.batch_size, n), "disable_opt_rtn": not cfg.optimized_rtn,
-                                "seed": cfg.seed,
+                                "seed": cfg.seed, "amp": dtype != "float32",
                                 "device_map": 0 if cuda else "cpu"}
     if cfg.lr:
         settings["lr"] = cfg.lr
