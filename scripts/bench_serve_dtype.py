@@ -68,7 +68,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", required=True, help="the float32 model (e.g. the merge the W4 artifact came from)")
     ap.add_argument("--w4", required=True, help="a `llmfast quantize` w4 artifact")
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"], help="dtypes the W4 artifact is served in")
+    ap.add_argument("--base-dtypes", nargs="+", default=["float32"],
+                    help="dtypes the --fp32 model is served in; ratios are against the first (e.g. float32 bfloat16 "
+                         "on a CPU with AVX512-BF16, where llmfast serves bfloat16 by default)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompts-per-concurrency", type=int, default=2, help="prompts = this x concurrency, at least 8")
@@ -83,7 +86,7 @@ def main() -> int:
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.serve.server import VllmServer, prepare_spec
 
-    configs = [("fp32", a.fp32, "float32")] + [(f"w4 {d}", a.w4, d) for d in a.dtypes]
+    configs = [(f"fp32 {d}", a.fp32, d) for d in a.base_dtypes] + [(f"w4 {d}", a.w4, d) for d in a.dtypes]
     tok = load_tokenizer(resolve_model(a.fp32))
     ids = tok(TEXT.read_text(encoding="utf-8"))["input_ids"][: a.ppl_tokens]
     rows: dict[str, dict] = {label: {"model": str(m), "dtype": d, "rounds": []} for label, m, d in configs}
@@ -100,7 +103,7 @@ def main() -> int:
                                                                      "median_ttft_ms", "completed", "failed")}
                                           for c, p in point.items()})
             print(f"round {r + 1}/{a.rounds}: {label} done", file=sys.stderr, flush=True)
-    base = rows["fp32"]
+    base = rows[configs[0][0]]
     for row in rows.values():
         row["tok_s"] = {str(c): statistics.median(x[str(c)]["output_throughput"] for x in row["rounds"])
                         for c in a.concurrency}
