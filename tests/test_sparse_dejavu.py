@@ -167,6 +167,71 @@ def test_threshold_share_sets_thresholds_on_tokens_kept_out_of_training(tmp_path
         assert torch.allclose(again.B, p.B, atol=1e-5) and torch.allclose(again.bias, p.bias, atol=1e-5)
 
 
+def test_active_budget_shares_one_fraction_over_the_layers(tmp_path, relu_dir):
+    """`active_budget` sets every layer's threshold from the curves of all layers: on the threshold tokens the layers
+    together predict at most the budget active, the thresholds are those shared_thresholds picks from the saved
+    predictors' own logits there, and the manifest records the rule."""
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse import predictor_training as pt
+    from llmfast.sparse.dejavu import load_predictors
+
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, relu_dir, "{rank: 8, steps: 40, active_budget: 0.4}")))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "llmfast.json").read_text())
+    config = manifest["sparsity"]["config"]
+    assert config["active_budget"] == 0.4 and config["target_recall"] is None and config["active_fraction"] is None
+    assert manifest["metrics"]["calibration"]["predicted_active"]["mean"] <= 0.4 + 1e-4
+    preds = load_predictors(tmp_path / "out")
+    calib, _ = split(load_tokenizer(tmp_path / "out"))
+    seen = capture(load_model(relu_dir), calib, batch=len(calib))
+    held = slice(1536, None)  # threshold_share 0.25 of the 2048 calibration tokens
+    curves = [pt.recall_curve(p.logits(seen["x"][i][held]), seen["down"][i][held] != 0) for i, p in enumerate(preds)]
+    for p, want in zip(preds, pt.shared_thresholds(curves, 0.4)):
+        assert p.threshold.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+
+
+def _layer(generator, n, width, spread):
+    """Logits and labels of a synthetic layer: an entry is active with probability sigmoid(spread * (logit - 1))."""
+    logits = torch.randn(n, width, generator=generator)
+    active = torch.rand(n, width, generator=generator) < torch.sigmoid(spread * (logits - 1))
+    return logits, active
+
+
+def test_recall_curve_matches_counting_the_kept_entries():
+    from llmfast.sparse.predictor_training import recall_curve
+
+    g = torch.Generator().manual_seed(0)
+    logits, active = _layer(g, 64, 48, 2.0)
+    recall, threshold = recall_curve(logits, active, points=40)
+    assert recall.shape == threshold.shape == (41,) and threshold.dtype == torch.float32
+    for j in range(41):
+        kept = logits > threshold[j]
+        assert kept.sum().item() == round(j * logits.numel() / 40)
+        assert recall[j].item() == pytest.approx((kept & active).sum().item() / active.sum().item(), abs=1e-12)
+
+
+def test_shared_thresholds_spend_the_budget_where_recall_still_climbs():
+    """Two layers, one easy (labels follow the logits closely) and one hard: the shared thresholds keep at most the
+    budget on average, give the hard layer more than the easy one, and reach at least the mean recall of the same
+    fraction in every layer and within one grid step of the best split found by trying every pair of points."""
+    from llmfast.sparse.predictor_training import recall_curve, shared_thresholds
+
+    g = torch.Generator().manual_seed(1)
+    layers = [_layer(g, 200, 64, 8.0), _layer(g, 200, 64, 1.0)]
+    points, budget = 50, 0.3
+    curves = [recall_curve(lo, act, points=points) for lo, act in layers]
+    thresholds = shared_thresholds(curves, budget)
+    kept = [float((lo > t).float().mean()) for (lo, _), t in zip(layers, thresholds)]
+    recall = [float(((lo > t) & act).sum() / act.sum()) for (lo, act), t in zip(layers, thresholds)]
+    assert sum(kept) / 2 <= budget + 1e-9 and kept[1] > kept[0]
+    j = round(budget * points)
+    same_fraction = float(curves[0][0][j] + curves[1][0][j]) / 2
+    best = max(float(curves[0][0][a] + curves[1][0][b]) / 2 for a in range(points + 1) for b in range(points + 1)
+               if a + b <= 2 * j)
+    step = max(float((c[0][1:] - c[0][:-1]).max()) for c in curves)
+    assert sum(recall) / 2 >= same_fraction and sum(recall) / 2 >= best - step / 2
+
+
 def _rewrite(art, **change):
     from llmfast.sparse.predictors import load_predictors, save_predictors
 
@@ -238,7 +303,9 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("teal", "{}", "is already a teal threshold artifact"),
     ("dejavu", "{}", "is already a dejavu artifact"),
     ("relu", "{label_sparsity: 0.5}", "has ReLU MLPs, whose active neurons are the nonzero activations"),
-    ("relu", "{active_fraction: 0.3, target_recall: 0.9}", "set target_recall or active_fraction, not both"),
+    ("relu", "{active_fraction: 0.3, target_recall: 0.9}",
+     "set one of target_recall, active_fraction and active_budget, not target_recall and active_fraction"),
+    ("relu", "{active_budget: 0}", "sparsify.config.active_budget: Input should be greater than 0"),
     ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
     ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
     ("relu", "{threshold_share: 1}", "sparsify.config.threshold_share: Input should be less than 1"),

@@ -121,6 +121,47 @@ def pick_threshold(logits: "torch.Tensor", active: "torch.Tensor", target_recall
     return torch.nextafter(lowest_kept, torch.tensor(float("-inf")))
 
 
+def recall_curve(logits: "torch.Tensor", active: "torch.Tensor", points: int = 2000) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(recall of active neurons: float64, threshold: float32), each of length points + 1, at predicted-active
+    fractions 0, 1/points, ..., 1 of these entries: `logits > threshold[j]` keeps the j/points share of the largest
+    logits (more only where logits tie)."""
+    import torch
+
+    flat = logits.reshape(-1).float()  # float32 like the runtime's comparison, so the step below is one float32 ulp
+    values, order = flat.sort(descending=True)
+    hits = active.reshape(-1)[order].cumsum(0)
+    kept = (torch.arange(points + 1, dtype=torch.float64) * flat.numel() / points).round().long()
+    last = (kept - 1).clamp_min(0)  # the smallest kept logit's position
+    recall = torch.where(kept > 0, hits[last].double() / max(1, int(hits[-1])), torch.zeros((), dtype=torch.float64))
+    threshold = torch.where(kept > 0, torch.nextafter(values[last], torch.tensor(float("-inf"))),
+                            values[0])  # 0 kept: the largest logit, above which `>` keeps nothing
+    return recall, threshold
+
+
+def shared_thresholds(curves: list[tuple["torch.Tensor", "torch.Tensor"]], budget: float) -> list["torch.Tensor"]:
+    """One threshold per layer such that the layers predict on average at most `budget` of their entries active
+    with the highest mean recall the curves allow: each layer takes the point of its curve maximizing
+    recall - lam * fraction (where its recall gains less than lam per unit of fraction it stops), and lam is
+    found by bisection so the mean fraction meets the budget. Layers whose neurons are harder to predict get
+    more of the budget than a per-layer rule would give them."""
+    import torch
+
+    points = curves[0][0].numel() - 1
+    fraction = torch.linspace(0, 1, points + 1, dtype=torch.float64)
+
+    def choose(lam: float) -> list[int]:
+        return [int((recall - lam * fraction).argmax()) for recall, _ in curves]  # ties: the smaller fraction
+
+    lo, hi = 0.0, float(points + 1)  # at hi no point gains enough: every layer keeps nothing
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(choose(mid)) / (len(curves) * points) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return [thr[j] for j, (_, thr) in zip(choose(hi), curves)]
+
+
 def split_tokens(data: LayerData, share: float) -> tuple[LayerData, LayerData]:
     """(tokens to train on, tokens that set the threshold): the last `share` of the tokens (stored window after
     window, so these are the last windows, the first of them possibly in part) held back; both are all the tokens
