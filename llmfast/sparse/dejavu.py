@@ -42,8 +42,8 @@ class DejavuConfig(SparseConfigBase):
     # Calibration recall of active neurons each layer's threshold keeps (null: 0.95, unless active_fraction is set).
     target_recall: float | None = Field(None, gt=0, le=1)
     active_fraction: float | None = Field(None, gt=0, lt=1)  # instead: this fraction predicted active per layer
-    # Instead: this fraction predicted active on average over the layers, shared out so the mean recall is highest
-    # (a layer whose recall still climbs gets more than one that has saturated).
+    # Instead: this fraction predicted active on average over the layers, shared out for the highest geometric mean
+    # of their recalls (a layer whose recall still climbs gets more than one that has saturated).
     active_budget: float | None = Field(None, gt=0, lt=1)
     # Share of the calibration tokens (the last windows) kept out of training and used only to set each layer's
     # threshold, so `target_recall` is met on tokens the predictor has not fitted (0: the training tokens set it,
