@@ -6,7 +6,8 @@ runs it in, against the float32 model it was quantized from, on the same machine
 
 vLLM runs the int4 format only in bfloat16 or float16 (`llmfast.quant.w4` picks bfloat16); on a CPU without
 AVX512-BF16 bfloat16 arithmetic is emulated, so float16 may be the faster of the two there. Each server
-(fp32 in float32; the W4 artifact in each --dtypes) is started --rounds times, in alternating order, and measured
+(the fp32 model in each --base-dtypes, float32 by default, ratios against the first; the W4 artifact in each
+--dtypes) is started --rounds times, in alternating order, and measured
 by `llmfast bench serve` (random prompts, ignore_eos) at each --concurrency after one warm-up batch; the
 speed is the median over rounds. Quality: perplexity of the book's first --ppl-tokens in windows of --window
 tokens from the server's own prompt log-probabilities (vLLM's `prompt_logprobs`), so what is scored is what
@@ -81,6 +82,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_dtype.json"))
     a = ap.parse_args()
+    if len(set(a.base_dtypes)) < len(a.base_dtypes) or len(set(a.dtypes)) < len(a.dtypes):
+        ap.error("--base-dtypes and --dtypes: name each dtype once")
 
     sys.path.insert(0, str(REPO))
     from llmfast.models import load_tokenizer, resolve_model

@@ -269,6 +269,7 @@ def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:
     got = autoround_settings(W4Config(nsamples=4, batch_size=8, lr=5e-3), windows=16, window=128, cuda=False,
                              dtype="bfloat16")
     assert (got["nsamples"], got["batch_size"], got["lr"], got["amp"]) == (4, 4, 5e-3, True)
+    assert autoround_settings(W4Config(), windows=16, window=128, cuda=True)["amp"] is True  # AutoRound's default there
 
 
 def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, Path], tmp_path: Path) -> None:

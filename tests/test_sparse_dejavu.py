@@ -212,27 +212,40 @@ def test_recall_curve_matches_counting_the_kept_entries():
 
 def test_shared_thresholds_spend_the_budget_where_recall_still_climbs():
     """Two layers, one easy (labels follow the logits closely) and one hard: the shared thresholds keep at most the
-    budget on average, give the hard layer more than the easy one, and reach at least the geometric mean recall of
-    the same fraction in every layer and within one grid step of the best split found by trying every pair."""
-    import math
-
+    budget on average, give the hard layer more than the easy one, and their split of what they keep is the best one
+    (highest product of recalls) among all splits of that much, found by trying every pair of grid points."""
     from llmfast.sparse.predictor_training import recall_curve, shared_thresholds
 
     g = torch.Generator().manual_seed(1)
     layers = [_layer(g, 200, 64, 8.0), _layer(g, 200, 64, 1.0)]
-    points, budget = 50, 0.3
+    points, budget, entries = 50, 0.3, 200 * 64
     curves = [recall_curve(lo, act, points=points) for lo, act in layers]
     thresholds = shared_thresholds(curves, budget)
-    kept = [float((lo > t).float().mean()) for (lo, _), t in zip(layers, thresholds)]
-    recall = [float(((lo > t) & act).sum() / act.sum()) for (lo, act), t in zip(layers, thresholds)]
-    assert sum(kept) / 2 <= budget + 1e-9 and kept[1] > kept[0]
+    kept = [int((lo > t).sum()) for (lo, _), t in zip(layers, thresholds)]  # counted, so no float rounding
+    assert all(k * points % entries == 0 for k in kept)  # each a grid point: j * entries / points entries
+    ja, jb = (k * points // entries for k in kept)
+    assert ja + jb <= round(2 * budget * points) and jb > ja
+    recall = [int(((lo > t) & act).sum()) / int(act.sum()) for (lo, act), t in zip(layers, thresholds)]
+    assert recall == pytest.approx([float(curves[0][0][ja]), float(curves[1][0][jb])], abs=1e-12)
     logs = [c[0].log() for c in curves]
-    j = round(budget * points)
-    same_fraction = float(logs[0][j] + logs[1][j])
-    best = max(float(logs[0][a] + logs[1][b]) for a in range(points + 1) for b in range(points + 1) if a + b <= 2 * j)
-    step = max(float((c[1:] - c[:-1])[1:].max()) for c in logs)  # the largest gain of one grid step past the first
-    got = math.log(recall[0]) + math.log(recall[1])
-    assert got >= same_fraction - 1e-12 and got >= best - step
+    best = max(float(logs[0][a] + logs[1][b]) for a in range(points + 1) for b in range(points + 1)
+               if a + b <= ja + jb)
+    assert float(logs[0][ja] + logs[1][jb]) == pytest.approx(best, abs=1e-12)
+
+
+def test_shared_thresholds_keep_nothing_of_a_layer_with_no_active_neuron_and_refuse_an_unreachable_budget():
+    from llmfast.errors import UserError
+    from llmfast.sparse.predictor_training import recall_curve, shared_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    logits, active = _layer(g, 100, 32, 4.0)
+    quiet = torch.randn(100, 32, generator=g)
+    curves = [recall_curve(logits, active, points=100), recall_curve(quiet, torch.zeros_like(active), points=100)]
+    easy, none = shared_thresholds(curves, 0.2)
+    assert int((quiet > none).sum()) == 0 and 0 < float((logits > easy).float().mean()) <= 0.4 + 1e-6
+    with pytest.raises(UserError, match=r"active_budget: 0.001 is less than the layers keep when each predicts just "
+                                        r"one active neuron \(0.005 on average here\): give a larger budget"):
+        shared_thresholds(curves, 0.001)  # the first layer's first grid point alone is 1% of its entries
 
 
 def test_shared_thresholds_starve_no_layer():
@@ -324,6 +337,8 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("relu", "{active_fraction: 0.3, target_recall: 0.9}",
      "set one of target_recall, active_fraction and active_budget, not target_recall and active_fraction"),
     ("relu", "{active_budget: 0}", "sparsify.config.active_budget: Input should be greater than 0"),
+    ("relu", "{rank: 4, steps: 5, active_budget: 0.0001}",  # below one grid point (1/2000) in every layer
+     "sparsify.config.active_budget: 0.0001 is less than the layers keep when each predicts just one active neuron"),
     ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
     ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
     ("relu", "{threshold_share: 1}", "sparsify.config.threshold_share: Input should be less than 1"),

@@ -228,14 +228,15 @@ def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool, dty
     """AutoRound's keyword arguments for `cfg` with `windows` calibration rows of `window` tokens available: at
     most `nsamples` rows, and batches no larger than that (AutoRound clamps too; the metrics then say what ran).
 
-    A float32 recipe turns AutoRound's mixed precision off: with it on, AutoRound casts the model to bfloat16 on
-    any CPU that has AVX512-BF16 (and not elsewhere), so the same recipe rounded bfloat16 copies of the weights
-    on one machine and the float32 weights on another."""
+    On a CPU a float32 recipe turns AutoRound's mixed precision off: with it on, AutoRound casts the model to
+    bfloat16 on CPUs that have AVX512-BF16 (and not on others), so the same recipe rounded bfloat16 copies of the
+    weights on one machine and the float32 weights on another. On CUDA it stays on (bfloat16, AutoRound's own
+    default there)."""
     n = min(cfg.nsamples, windows)
     settings: dict[str, Any] = {"scheme": "W4A16", "bits": 4, "group_size": cfg.group_size, "sym": cfg.sym,
                                 "iters": cfg.iters, "nsamples": n, "seqlen": window,
                                 "batch_size": min(cfg.batch_size, n), "disable_opt_rtn": not cfg.optimized_rtn,
-                                "seed": cfg.seed, "amp": dtype != "float32",
+                                "seed": cfg.seed, "amp": cuda or dtype != "float32",
                                 "device_map": 0 if cuda else "cpu"}
     if cfg.lr:
         settings["lr"] = cfg.lr

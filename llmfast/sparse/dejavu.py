@@ -39,11 +39,11 @@ class DejavuConfig(SparseConfigBase):
     # Only for sources whose activations are never exactly 0 (SiLU): the fraction of each layer's |activation|
     # entries labelled inactive (null: 0.5). A ReLU source's active neurons are its nonzero ones; refused there.
     label_sparsity: float | None = Field(None, gt=0, lt=1)
-    # Calibration recall of active neurons each layer's threshold keeps (null: 0.95, unless active_fraction is set).
+    # Calibration recall of active neurons each layer's threshold keeps (null: 0.95, unless another rule is set).
     target_recall: float | None = Field(None, gt=0, le=1)
     active_fraction: float | None = Field(None, gt=0, lt=1)  # instead: this fraction predicted active per layer
-    # Instead: this fraction predicted active on average over the layers, shared out for the highest geometric mean
-    # of their recalls (a layer whose recall still climbs gets more than one that has saturated).
+    # Instead: at most this fraction predicted active on average over the layers (less where every layer's recall
+    # saturates first), shared out for the highest geometric mean of their recalls.
     active_budget: float | None = Field(None, gt=0, lt=1)
     # Share of the calibration tokens (the last windows) kept out of training and used only to set each layer's
     # threshold, so `target_recall` is met on tokens the predictor has not fitted (0: the training tokens set it,
@@ -112,6 +112,7 @@ class Dejavu(Sparsifier):
                 p.threshold = pt.pick_threshold(logits, held.active, cfg.target_recall, cfg.active_fraction)
             else:  # thresholds once every layer's curve is known
                 curves.append(pt.recall_curve(logits, held.active))
+            del logits  # (held tokens x intermediate): not kept while the next layer trains
             predictors.append(p)
             helds.append(held)
         if curves:

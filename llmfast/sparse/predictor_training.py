@@ -11,6 +11,8 @@
 - Threshold: the largest value at which the recall of active neurons on the calibration tokens still
   reaches `target_recall` (or, with `active_fraction`, the value leaving that fraction predicted active),
   computed from the stored predictor's own logits, so calibration recall >= target holds by construction.
+  With `active_budget` the thresholds are set together once every layer is trained: each layer's recall
+  against the fraction it keeps (`recall_curve`), then one price on fraction for all (`shared_thresholds`).
   With `threshold_share` the last share of the calibration tokens is kept out of training and sets the
   threshold alone: a predictor is more confident on tokens it was fitted to, so a threshold set there keeps
   less than `target_recall` on new text (the real model: 95% on calibration, 90.5% held out).
@@ -25,6 +27,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from llmfast.errors import UserError
 from llmfast.sparse.base import gated_mlps
 from llmfast.sparse.predictors import Predictor, install_predictors
 
@@ -161,6 +164,9 @@ def shared_thresholds(curves: list[tuple["torch.Tensor", "torch.Tensor"]], budge
     lo, hi = 0.0, 1.0
     while mean_fraction(hi) > budget and hi < 1e15:  # at a large enough price each layer keeps its first active one
         lo, hi = hi, 2 * hi
+    if mean_fraction(hi) > budget:
+        raise UserError(f"sparsify.config.active_budget: {budget} is less than the layers keep when each predicts "
+                        f"just one active neuron ({mean_fraction(hi):.4g} on average here): give a larger budget")
     for _ in range(60):
         mid = (lo + hi) / 2
         if mean_fraction(mid) > budget:
