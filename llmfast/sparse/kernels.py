@@ -39,7 +39,7 @@ zeros are applied and the dense matmuls run. Either way the result is the dense-
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -223,13 +223,19 @@ class SparseMLP:
             self.calls["dense"] += 1
             return (torch.where(keep, a, 0.0) * F.linear(v, self.up_w)) @ self.down_t
         self.calls["sparse"] += 1
-        if hasattr(native, "rows"):  # the C kernel (the Triton one gathers only W_down's rows)
-            u = native.rows(idx, self.up_w, v).view(-1)
-        elif idx.numel() > ROWS_DENSE_ABOVE * self.inter:
-            u = F.linear(v, self.up_w).index_select(0, idx)
-        else:
-            u = self.up_w.index_select(0, idx) @ v
+        u = self.kept_rows(idx, self.up_w, v, native, lambda: F.linear(v, self.up_w))
         return weighted_rows(idx, a.index_select(0, idx) * u, self.down_t, native)
+
+    def kept_rows(self, idx: "torch.Tensor", rows: "torch.Tensor", v: "torch.Tensor", native: Any,
+                  dense: Callable[[], "torch.Tensor"]) -> "torch.Tensor":
+        """rows[idx] @ v for the kept neurons `idx` of `rows` ((inter, hidden): W_up; (inter, 2, hidden): Deja Vu's
+        interleaved gate and up), shaped (kept,) or (kept, 2): in place by the C kernel, else gathered with
+        index_select, or, when many are kept, `dense()` (the product for every neuron) indexed."""
+        if hasattr(native, "rows"):  # the C kernel (the Triton one gathers only W_down's rows)
+            return native.rows(idx, rows, v).view(idx.numel(), *rows.shape[1:-1])
+        if idx.numel() > ROWS_DENSE_ABOVE * self.inter:
+            return dense().index_select(0, idx)
+        return rows.index_select(0, idx) @ v
 
     def predicted(self, x: "torch.Tensor") -> "torch.Tensor":
         """The predictor's active mask for MLP input `x`, fed as install_predictors feeds it (same shapes, so the
@@ -251,12 +257,7 @@ class SparseMLP:
             gu = self.gate_up_dense(v)
             return torch.where(keep, self.act(gu[:, 0]) * gu[:, 1], 0.0) @ self.down_t
         self.calls["sparse"] += 1
-        if hasattr(native, "rows"):
-            gu = native.rows(idx, self.gate_up_rows, v)  # (kept, 2): gate and up of the kept neurons
-        elif idx.numel() > ROWS_DENSE_ABOVE * self.inter:
-            gu = self.gate_up_dense(v).index_select(0, idx)
-        else:
-            gu = self.gate_up_rows.index_select(0, idx) @ v
+        gu = self.kept_rows(idx, self.gate_up_rows, v, native, lambda: self.gate_up_dense(v))  # (kept, 2): gate, up
         return weighted_rows(idx, self.act(gu[:, 0]) * gu[:, 1], self.down_t, native)
 
     def gate_up_dense(self, x: "torch.Tensor") -> "torch.Tensor":
