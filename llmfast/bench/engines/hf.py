@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 
 def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: int = 8,
            ignore_eos: bool = True) -> tuple[list["RequestResult"], float]:
-    """Greedy `generate` in static batches of `batch_size`, in request order, timing every decode step."""
+    """Greedy `generate` in static batches of `batch_size`, in request order, timing every decode step.
+
+    A batch's requests are sent when it starts (when the previous batch has finished, as a load generator limited
+    to `batch_size` requests in flight sends the next one): TTFT and E2EL count from there, as for vLLM's rows."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -45,6 +48,7 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         n_new = max(r.output_len for r in batch)
         clock = StepClock()
+        sent = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n_new,
                                  min_new_tokens=n_new if ignore_eos else 0, do_sample=False, pad_token_id=pad,
@@ -56,11 +60,11 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
                 n = toks.index(eos) + 1
             times = clock.times[:n]
             res = RequestResult(success=n > 0, prompt_len=len(r.prompt_ids or []) or r.prompt_len,
-                                output_tokens=n, start_time=t0)
+                                output_tokens=n, start_time=sent)
             if n:
-                res.ttft = times[0] - t0
+                res.ttft = times[0] - sent
                 res.itl = [b - a for a, b in zip(times, times[1:])]
-                res.latency = times[-1] - t0
+                res.latency = times[-1] - sent
                 res.generated_text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             else:
                 res.error = "no tokens generated"
