@@ -331,7 +331,7 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
 
 
 @pytest.mark.parametrize("source,config,expected", [
-    ("teal", "{}", "is already a teal threshold artifact"),
+    ("teal", "{}", "is already a teal artifact with thresholds: sparsify the model it was made from"),
     ("dejavu", "{}", "is already a dejavu artifact"),
     ("relu", "{label_sparsity: 0.5}", "has ReLU MLPs, whose active neurons are the nonzero activations"),
     ("relu", "{active_fraction: 0.3, target_recall: 0.9}",
@@ -357,3 +357,75 @@ def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, 
     assert len(errors) == 1 and errors[0].startswith("llmfast: error: ") and expected in errors[0], err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))], "nothing written"
 
+
+
+def _teal_attention(tmp_path, relu_dir):
+    """A TEAL artifact of the attention sites alone over the ReLU model, made through the CLI."""
+    src = recipe(tmp_path, relu_dir, "{target: 0.5, sites: [attention]}", out="attn", name="attn")
+    src.write_text(src.read_text().replace("method: dejavu", "method: teal"))
+    assert run_cli("sparsify", str(src))[0] == 0
+    return tmp_path / "attn"
+
+
+def test_dejavu_over_teal_attention_keeps_its_thresholds(tmp_path, relu_dir):
+    """Deja Vu made over a TEAL attention-only artifact: trained on the source with its thresholds on (its held-out
+    recall equals a recomputation on the source as load_model gives it), the thresholds file and settings come
+    along, and loading the artifact puts the thresholds and the predictors on (the same logits as doing both by
+    hand)."""
+    from safetensors.torch import load_file
+
+    from llmfast.models import load_model, load_tokenizer
+    from llmfast.sparse.dejavu import load_predictors
+    from llmfast.sparse.predictors import install_predictors
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE
+
+    attn = _teal_attention(tmp_path, relu_dir)
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, attn, "{rank: 8, steps: 40}")))
+    assert code == 0, err
+    out = tmp_path / "out"
+    sparsity = json.loads((out / "llmfast.json").read_text())["sparsity"]
+    assert sparsity["method"] == "dejavu"
+    assert sparsity["attention"] == {"method": "teal", "config": {"target": 0.5, "sites": ["attention"]}}
+    theirs, ours = load_file(attn / THRESHOLDS_FILE), load_file(out / THRESHOLDS_FILE)
+    assert set(ours) == {"attn_in", "o_in"} and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    from llmfast.bench.lineage import compression  # bench run's report says both
+
+    assert compression(out)["method"] == "dejavu + teal attention 50%"
+
+    tok = load_tokenizer(out)
+    ids = tok(TEXT.read_text(encoding="utf-8")[:2000], return_tensors="pt").input_ids[:, :64]
+    by_hand = load_model(attn)  # the source with its attention thresholds, then the predictors
+    install_predictors(by_hand, load_predictors(out))
+    plain = load_model(relu_dir)
+    install_predictors(plain, load_predictors(out))  # the predictors without the thresholds
+    with torch.no_grad():
+        got, want, without = load_model(out)(ids).logits, by_hand(ids).logits, plain(ids).logits
+    assert torch.equal(got, want)
+    assert (got - without).abs().max() > 1e-4  # the attention thresholds do change the output
+
+    # the held-out recall was measured with the thresholds on: recomputed on the loaded artifact (each layer's
+    # active neurons are relu(gate) * up's nonzeros there, under the earlier layers' predictions)
+    calib, heldout = split(tok)
+    loaded = load_model(out)
+    seen = capture(loaded, heldout)
+    preds = load_predictors(out)
+    active = [(layer.mlp.act_fn(seen["gate"][i]) * seen["up"][i]) != 0 for i, layer in enumerate(loaded.model.layers)]
+    recall = [float(p.active(seen["x"][i])[active[i]].float().mean()) for i, p in enumerate(preds)]
+    metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
+    assert metrics["predictors"]["recall"]["per_layer"] == pytest.approx(recall, abs=2e-6)
+
+
+@pytest.mark.parametrize("method,config,expected", [
+    ("cats", "{target: 0.5}", "is a teal artifact of the attention sites: only dejavu is made over it"),
+    ("teal", "{target: 0.5}", "is a teal artifact of the attention sites: only dejavu is made over it"),
+    ("relufy", "{steps: 1}", "is a teal artifact of the attention sites: only dejavu is made over it"),
+])
+def test_other_methods_over_teal_attention_are_one_line_errors(tmp_path, relu_dir, method, config, expected):
+    attn = _teal_attention(tmp_path, relu_dir)
+    bad = recipe(tmp_path, attn, config)
+    bad.write_text(bad.read_text().replace("method: dejavu", f"method: {method}"))
+    code, _, err = run_cli("sparsify", str(bad))
+    assert code == 2, err
+    errors = [l for l in err.splitlines() if "error" in l]
+    assert len(errors) == 1 and expected in errors[0] and str(attn) in errors[0], err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))], "nothing written"

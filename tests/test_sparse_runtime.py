@@ -20,8 +20,12 @@ from llmfast.artifacts import write_manifest
 from llmfast.errors import UserError
 
 METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "relufy-shift", "dejavu",
-           "dejavu-lookahead", "cats-over-shift", "dejavu-over-shift")
+           "dejavu-lookahead", "cats-over-shift", "dejavu-over-shift", "teal-attention-only-over-relu",
+           "dejavu-over-attention")
 OVER_SHIFT = ("cats-over-shift", "dejavu-over-shift")  # made over relufy-shift: its cut stays on under the method
+# made over another artifact here (the fixture builds them in METHODS' order)
+SOURCES = {**{m: "relufy-shift" for m in OVER_SHIFT}, "teal-attention-only-over-relu": "relufy",
+           "dejavu-over-attention": "teal-attention-only-over-relu"}
 TEAL_SITES = {"teal": ["mlp"], "teal-attention": ["mlp", "attention"], "teal-attention-only": ["attention"]}
 TEXT = "The quick brown fox jumps over the lazy dog while the committee argues about the budget."
 
@@ -47,7 +51,12 @@ def make_artifact(src, out, method):
                  for _ in range(2)]
         link_or_copy_model(src, out)
         save_predictors(preds, out / PREDICTORS_FILE)
-        method = "dejavu"
+        from llmfast.sparse.stacked import source_attention
+
+        attention = source_attention(src, str(src), "dejavu")  # over TEAL's attention sites: kept (stacked.py)
+        write_manifest(out, stage="sparsify", parents=[str(src)],
+                       sparsity={"method": "dejavu", "config": {}, **({"attention": attention} if attention else {})})
+        return out
     elif method.startswith("relufy"):
         model = load_model(src)
         relu_swap(model)
@@ -79,9 +88,8 @@ def make_artifact(src, out, method):
 def artifacts(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse-rt")
     made = {}
-    for m in METHODS:  # in order: relufy-shift exists before the artifacts made over it
-        made[m] = make_artifact(root / "relufy-shift" if m in OVER_SHIFT else tiny_dir, root / m,
-                                m.removesuffix("-over-shift"))
+    for m in METHODS:  # in order: each source exists before the artifacts made over it
+        made[m] = make_artifact(root / SOURCES[m] if m in SOURCES else tiny_dir, root / m, m.split("-over-")[0])
     return made
 
 
@@ -132,12 +140,12 @@ def test_runtime_matches_the_hook_model_on_prefill_and_cached_decode(artifacts, 
     for step, (a, b) in enumerate(zip(got, want)):
         assert close(a, b), (method, step, (a - b).abs().max().item())
     mlp, attention = runtime_calls(sparse, "mlp"), runtime_calls(sparse, "attention")
-    if method != "teal-attention-only":
+    if method != "teal-attention-only":  # over a ReLU model, attention-only TEAL's MLPs skip their exact zeros
         assert mlp["prefill"] == 2  # the prompt, in both layers, ran the dense path with the same zeros
         assert mlp["sparse"] > 0  # decode steps gathered (at ~50% kept, below the crossover)
     else:
-        assert mlp == {}  # MLP sites not chosen: the MLPs keep their own forward
-    if method.startswith("teal-attention"):
+        assert mlp == {}  # MLP sites not chosen: the SiLU MLPs keep their own forward
+    if method.startswith("teal-attention") or method == "dejavu-over-attention":
         assert attention["prefill"] == 4  # q/k/v (one product) and o_proj, in both layers
         assert attention["sparse"] > 0
         assert sum(attention.values()) == 2 * 2 * 7  # one product per site, layer and forward: q, k, v share it

@@ -77,7 +77,11 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
         return None
     m = manifest.get("metrics") or {}
     spec = manifest.get("sparsity") or manifest.get("quantization") or {}
-    out: dict[str, Any] = {"stage": manifest["stage"], "method": spec.get("method"),
+    method = spec.get("method")
+    under = spec.get("attention")  # TEAL's attention thresholds kept under Deja Vu (sparse/stacked.py)
+    if method and under:
+        method += f" + teal attention {((under.get('config') or {}).get('target') or 0.5):.0%}"
+    out: dict[str, Any] = {"stage": manifest["stage"], "method": method,
                            "wall_seconds": m.get("wall_seconds"),
                            "peak_memory_gib": m.get("peak_memory_gib", m.get("peak_rss_gib")),
                            "train_tokens": m.get("train_tokens"), "data": used_data(manifest["stage"], m)}

@@ -8,7 +8,8 @@ does to run the prediction ahead of the layer) and predicts the set of active ne
 inactive need not be computed (a row of gate/up, a column of down).
 
 The artifact is the source model's files (hard-linked: the weights are unchanged) plus
-`predictors.safetensors` (format: llmfast/sparse/predictors.py, read with `load_predictors`). Loading it
+`predictors.safetensors` (format: llmfast/sparse/predictors.py, read with `load_predictors`); made over a TEAL
+artifact of the attention sites, also that artifact's thresholds, kept on (stacked.py). Loading it
 (`apply`) sets `mlp.llmfast_predictor` on every gated MLP and zeroes the activation entries predicted
 inactive, so outputs and perplexity include every misprediction; the matmuls stay dense here (the
 sparse runtime skips the work). How predictors are trained and measured: predictor_training.py.
@@ -136,4 +137,8 @@ class Dejavu(Sparsifier):
         return metrics
 
     def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
+        from llmfast.artifacts import read_manifest
+        from llmfast.sparse.stacked import apply_inherited
+
         install_predictors(model, load_predictors(artifact), where=artifact / PREDICTORS_FILE)
+        apply_inherited(model, artifact, (read_manifest(artifact) or {}).get("sparsity") or {})  # a TEAL source's

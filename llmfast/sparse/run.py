@@ -70,19 +70,17 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     """Write the sparsified artifact at recipe.output; return its metrics."""
     import torch
 
-    from llmfast.artifacts import atomic_dir, read_manifest, write_manifest
+    from llmfast.artifacts import atomic_dir, write_manifest
     from llmfast.models import load_tokenizer, resolve_model, torch_dtype
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
+    from llmfast.sparse.stacked import apply_inherited, source_attention
     from llmfast.calibration import conversation_windows, split_text, text_ids, windows, with_conversations
 
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
     model_path = resolve_model(recipe.model)
-    source = (read_manifest(model_path) or {}).get("sparsity")
-    if source and (model_path / "sparsity.safetensors").exists():  # hooks on hooks would lose the first ones
-        raise UserError(f"{recipe.model} is already a {source.get('method')} threshold artifact: sparsify the "
-                        "model it was made from")
+    attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
     _check_architecture(model_path, recipe.model)
     tokenizer = load_tokenizer(model_path)
     d = recipe.data
@@ -103,6 +101,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(recipe.dtype)).to(device).eval()
     apply_config_cut(model, model_path)  # a shifted ReLU source is what the method reads, cut included
+    if attention:  # and so are a TEAL source's attention thresholds (stacked.py)
+        apply_inherited(model, model_path, {"attention": attention})
     if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
         shutil.rmtree(work)
     job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,
@@ -123,7 +123,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
             metrics["conversations"] = mixed
         write_manifest(tmp, stage="sparsify", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
                        base_model_path=str(model_path),
-                       sparsity={"method": method.name, "config": cfg.model_dump(mode="json")})
+                       sparsity={"method": method.name, "config": cfg.model_dump(mode="json"),
+                                 **({"attention": attention} if attention else {})})
     shutil.rmtree(work, ignore_errors=True)
     return metrics
 

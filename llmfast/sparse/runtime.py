@@ -9,10 +9,12 @@ summation order (tests/test_sparse_runtime.py checks logits on prefill and on ca
 Which mode a layer runs follows the artifact's `sparsity.method`:
 
     teal    thresholds of the MLP input and of down_proj's input (sparsity.safetensors); with the
-            `attention` sites also of the input of q/k/v and of o_proj (kernels.SparseProjections)
+            `attention` sites also of the input of q/k/v and of o_proj (kernels.SparseProjections); with the
+            attention sites alone over a ReLU model, its MLPs as relufy's
     cats    a threshold of the gate activation (sparsity.safetensors)
     relufy  the exact zeros of relu(gate) (the model's config says hidden_act: relu)
-    dejavu  the neurons the artifact's predictors call active (predictors.safetensors)
+    dejavu  the neurons the artifact's predictors call active (predictors.safetensors), and the attention
+            thresholds of the TEAL artifact it was made over, if it was (`sparsity.attention`, stacked.py)
 
 A ReLU model whose config.json holds a shifted cut (relufy's `target`, relu_cut.py), and any artifact made over
 it, runs every method with the activation relu(gate) kept above that cut (`relu_cut`).
@@ -59,6 +61,29 @@ def _threshold_sites(artifact: Path, method: str) -> tuple[str, ...]:
     return sparsifier.sites_for(sparsifier.Config.model_validate(config))  # type: ignore[attr-defined]
 
 
+def _per_layer(artifact: Path, site: str, vector: Any, layers: int) -> list[float]:
+    values = [float(t) for t in vector]
+    if len(values) != layers:
+        raise UserError(f"{artifact}: {site} thresholds for {len(values)} layers, the model has {layers} gated MLPs: "
+                        "the thresholds belong to another model")
+    return values
+
+
+def _attention_thresholds(artifact: Path, method: str, layers: int) -> dict[str, list[float]]:
+    """{attn_in / o_in: per-layer thresholds} the artifact applies to attention: TEAL's own attention sites, or
+    those a Deja Vu artifact keeps from its TEAL source (stacked.py); empty for none."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.sparse.stacked import inherited_thresholds
+    from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
+
+    if method == "teal":
+        sites = tuple(s for s in _threshold_sites(artifact, method) if s in ATTENTION_SITES)
+        tensors = load_thresholds(artifact, method, sites) if sites else {}
+    else:
+        tensors = inherited_thresholds(artifact, ((read_manifest(artifact) or {}).get("sparsity")) or {})
+    return {site: _per_layer(artifact, site, v, layers) for site, v in tensors.items()}
+
+
 def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike[str],
                            dense_above: float | None = None) -> list[Any]:
     """Replace each gated MLP's forward of `model` (loaded without the artifact's hooks, e.g. by
@@ -82,29 +107,22 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
         raise ValueError("the model's MLPs carry hooks (thresholds put on by load_model?): load it with "
                          "llmfast.loading.from_pretrained, or use load_sparse_model")
     kw: list[dict[str, Any]] = [{} for _ in mlps]
-    attention: dict[str, list[float]] = {}  # attn_in / o_in thresholds per layer (TEAL's attention sites)
-    attns: list[Any] = []
+    # attn_in / o_in thresholds per layer: TEAL's attention sites, or a TEAL source's under Deja Vu (stacked.py)
+    attention = _attention_thresholds(artifact, method, len(mlps))
     sparse_mlps = True
     if method in ("teal", "cats"):
-        from llmfast.sparse.thresholds import ATTENTION_SITES, attention_blocks, load_thresholds
+        from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
 
         sites = _threshold_sites(artifact, method)
-        sparse_mlps = any(s not in ATTENTION_SITES for s in sites)  # teal with sites: [attention] leaves MLPs dense
-        for site, vector in load_thresholds(artifact, method, sites).items():
-            values = [float(t) for t in vector]
-            if len(values) != len(mlps):
-                raise UserError(f"{artifact}: {site} thresholds for {len(values)} layers, the model has {len(mlps)} "
-                                "gated MLPs: the thresholds belong to another model")
-            if site in ATTENTION_SITES:
-                attention[site] = values
-                continue
+        mlp_sites = [s for s in sites if s not in ATTENTION_SITES]
+        for site, vector in load_thresholds(artifact, method, tuple(mlp_sites)).items():
+            values = _per_layer(artifact, site, vector, len(mlps))
             key = {"mlp_in": "t_in", "down_in": "t_down", "gate_act": "t_gate"}[site]
             for i, t in enumerate(values):
                 kw[i][key] = t
-        attns = attention_blocks(model, where=str(artifact)) if attention else []
-        if any(_attention_has_hooks(a) for a in attns):
-            raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
-                             "it with llmfast.loading.from_pretrained, or use load_sparse_model")
+        if not mlp_sites:  # teal with sites: [attention]: a ReLU model's MLPs skip their exact zeros, others are dense
+            sparse_mlps = getattr(model.config, "hidden_act", None) == "relu"
+            method = "relufy"
     elif method == "dejavu":
         from llmfast.sparse.predictors import check_predictors, load_predictors
 
@@ -118,6 +136,14 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     elif getattr(model.config, "hidden_act", None) != "relu":
         raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
                         f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
+    attns: list[Any] = []
+    if attention:
+        from llmfast.sparse.thresholds import attention_blocks
+
+        attns = attention_blocks(model, where=str(artifact))
+        if any(_attention_has_hooks(a) for a in attns):
+            raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
+                             "it with llmfast.loading.from_pretrained, or use load_sparse_model")
     mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
     from llmfast.sparse.relu_cut import relu_thresholds
 
