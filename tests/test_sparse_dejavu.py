@@ -413,15 +413,43 @@ def test_dejavu_over_teal_attention_keeps_its_thresholds(tmp_path, relu_dir):
     recall = [float(p.active(seen["x"][i])[active[i]].float().mean()) for i, p in enumerate(preds)]
     metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
     assert metrics["predictors"]["recall"]["per_layer"] == pytest.approx(recall, abs=2e-6)
+    # and so were the zeros entering q/k/v and o_proj, reported beside the MLP's
+    zeros = {"attn_in": [], "o_in": []}
+    hooks = [getattr(layer.self_attn, proj).register_forward_pre_hook(
+        lambda mod, a, site=site: zeros[site].append((a[0] == 0).float().mean().item()))
+        for layer in loaded.model.layers for site, proj in (("attn_in", "q_proj"), ("o_in", "o_proj"))]
+    with torch.no_grad():
+        for s in range(0, len(heldout), 4):
+            loaded(heldout[s:s + 4])
+    for h in hooks:
+        h.remove()
+    for site, seen_zeros in zeros.items():  # batches of equal size: the mean of the per-batch fractions
+        layers = len(loaded.model.layers)
+        want = [sum(seen_zeros[i::layers]) / len(seen_zeros[i::layers]) for i in range(layers)]
+        assert metrics["heldout_sparsity"][site]["per_layer"] == pytest.approx(want, abs=2e-6)
 
 
-@pytest.mark.parametrize("method,config,expected", [
-    ("cats", "{target: 0.5}", "is a teal artifact of the attention sites: only dejavu is made over it"),
-    ("teal", "{target: 0.5}", "is a teal artifact of the attention sites: only dejavu is made over it"),
-    ("relufy", "{steps: 1}", "is a teal artifact of the attention sites: only dejavu is made over it"),
+ONLY_DEJAVU = "is a teal artifact of the attention sites: only dejavu is made over it (keeping its thresholds); "
+DROPS = "is a dejavu artifact: {} over it would drop its predictors; sparsify the model it was made from (Deja Vu goes last"
+
+
+@pytest.mark.parametrize("source,method,config,expected", [
+    ("attention", "cats", "{target: 0.5}", ONLY_DEJAVU + "for cats with them: not available"),
+    ("attention", "teal", "{target: 0.5}", ONLY_DEJAVU + "for teal with them: one TEAL artifact with sites: [mlp, "),
+    ("attention", "relufy", "{steps: 1}", ONLY_DEJAVU + "for relufy with them: relufy first, then TEAL with sites"),
+    ("dejavu", "teal", "{target: 0.5, sites: [attention]}", DROPS.format("teal")),
+    ("dejavu", "relufy", "{steps: 1}", DROPS.format("relufy")),
+    ("dejavu-over-attention", "cats", "{target: 0.5}", DROPS.format("cats")),
+    ("dejavu-over-attention", "dejavu", "{}", "is already a dejavu artifact with thresholds: sparsify the model"),
 ])
-def test_other_methods_over_teal_attention_are_one_line_errors(tmp_path, relu_dir, method, config, expected):
-    attn = _teal_attention(tmp_path, relu_dir)
+def test_other_methods_over_teal_attention_or_dejavu_are_one_line_errors(tmp_path, relu_dir, small, source, method,
+                                                                          config, expected):
+    """Only Deja Vu is made over TEAL's attention sites, and nothing over Deja Vu (its predictors would be dropped
+    without a word: link_or_copy_model takes their file along, nothing would load it)."""
+    attn = small if source == "dejavu" else _teal_attention(tmp_path, relu_dir)
+    if source == "dejavu-over-attention":
+        assert run_cli("sparsify", str(recipe(tmp_path, attn, "{rank: 4, steps: 5}", out="dv", name="dv")))[0] == 0
+        attn = tmp_path / "dv"
     bad = recipe(tmp_path, attn, config)
     bad.write_text(bad.read_text().replace("method: dejavu", f"method: {method}"))
     code, _, err = run_cli("sparsify", str(bad))

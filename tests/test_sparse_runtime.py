@@ -20,9 +20,10 @@ from llmfast.artifacts import write_manifest
 from llmfast.errors import UserError
 
 METHODS = ("teal", "teal-attention", "teal-attention-only", "cats", "relufy", "relufy-shift", "dejavu",
-           "dejavu-lookahead", "cats-over-shift", "dejavu-over-shift", "teal-attention-only-over-relu",
-           "dejavu-over-attention")
-OVER_SHIFT = ("cats-over-shift", "dejavu-over-shift")  # made over relufy-shift: its cut stays on under the method
+           "dejavu-lookahead", "cats-over-shift", "dejavu-over-shift", "teal-attention-only-over-shift",
+           "teal-attention-only-over-relu", "dejavu-over-attention")
+# made over relufy-shift: its cut stays on under the method
+OVER_SHIFT = ("cats-over-shift", "dejavu-over-shift", "teal-attention-only-over-shift")
 # made over another artifact here (the fixture builds them in METHODS' order)
 SOURCES = {**{m: "relufy-shift" for m in OVER_SHIFT}, "teal-attention-only-over-relu": "relufy",
            "dejavu-over-attention": "teal-attention-only-over-relu"}
@@ -145,7 +146,7 @@ def test_runtime_matches_the_hook_model_on_prefill_and_cached_decode(artifacts, 
         assert mlp["sparse"] > 0  # decode steps gathered (at ~50% kept, below the crossover)
     else:
         assert mlp == {}  # MLP sites not chosen: the SiLU MLPs keep their own forward
-    if method.startswith("teal-attention") or method == "dejavu-over-attention":
+    if method.startswith("teal-attention") or method == "dejavu-over-attention":  # attention thresholded too
         assert attention["prefill"] == 4  # q/k/v (one product) and o_proj, in both layers
         assert attention["sparse"] > 0
         assert sum(attention.values()) == 2 * 2 * 7  # one product per site, layer and forward: q, k, v share it
@@ -321,3 +322,24 @@ def test_a_shifted_relu_cut_is_applied_by_both_loaders(artifacts, method, tmp_pa
     assert gap > 1e-3, gap
     mlps = [rt for rt in sparse_forwards(runtime, "mlp") if isinstance(rt, SparseMLP)]
     assert [rt.relu_cut for rt in mlps] == pytest.approx(cut)
+
+
+def test_attention_thresholds_under_another_method_than_dejavu_are_refused_by_both_loaders(artifacts, tmp_path):
+    """`sparsity.attention` belongs to Deja Vu artifacts (the one method made over TEAL's attention sites): on another
+    method's artifact neither loader would apply it alike, so both refuse it in one line naming the file."""
+    import json
+    import shutil
+
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_model
+    from llmfast.sparse.runtime import install_sparse_runtime
+
+    art = tmp_path / "cats-with-attention"
+    shutil.copytree(artifacts["cats"], art)
+    manifest = json.loads((art / "llmfast.json").read_text())
+    manifest["sparsity"]["attention"] = {"method": "teal", "config": {"sites": ["attention"]}}
+    (art / "llmfast.json").write_text(json.dumps(manifest))
+    for load in (lambda: load_model(art), lambda: install_sparse_runtime(from_pretrained(art, "float32"), art)):
+        with pytest.raises(UserError, match="sparsity.attention is for dejavu artifacts") as e:
+            load()
+        assert str(art / "llmfast.json") in str(e.value) and "\n" not in str(e.value)

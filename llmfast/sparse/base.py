@@ -69,6 +69,10 @@ class Sparsifier:
         """Put what the artifact holds beyond the weights back on a freshly loaded model (default: nothing)."""
 
 
+# The methods whose artifact may be made over a TEAL artifact of the attention sites alone, keeping its thresholds
+# (`sparsity.attention` in llmfast.json; llmfast/sparse/stacked.py).
+OVER_ATTENTION = ("dejavu",)
+
 # Holds the classes; callers instantiate the one they look up.
 SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsification method")
 
@@ -101,4 +105,7 @@ def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path) -> None:
     import llmfast.sparse  # noqa: F401  (registers the methods)
 
     method = SPARSIFIERS.get(spec.get("method"), where=f"{Path(path) / 'llmfast.json'}: sparsity.method")()
+    if spec.get("attention") and method.name not in OVER_ATTENTION:  # the runtime refuses it too (stacked.py)
+        raise UserError(f"{Path(path) / 'llmfast.json'}: sparsity.attention is for {', '.join(OVER_ATTENTION)} "
+                        f"artifacts (this one: {method.name}): rebuild it with `llmfast sparsify`")
     method.apply(model, method.Config.model_validate(spec.get("config") or {}), Path(path))

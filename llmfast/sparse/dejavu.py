@@ -99,7 +99,8 @@ class Dejavu(Sparsifier):
 
         from llmfast.sparse import predictor_training as pt
         from llmfast.sparse.predictors import save_predictors
-        from llmfast.sparse.thresholds import link_or_copy_model
+        from llmfast.sparse.stacked import heldout_attention_sparsity
+        from llmfast.sparse.thresholds import THRESHOLDS_FILE, link_or_copy_model
 
         label_sparsity = _check_source(job, cfg)
         layers = pt.collect(job.model, job.calibration, cfg.lookahead, label_sparsity)
@@ -130,6 +131,8 @@ class Dejavu(Sparsifier):
         link_or_copy_model(job.model_path, out_dir)
         save_predictors(predictors, out_dir / PREDICTORS_FILE)
         metrics = pt.heldout_metrics(job.model, predictors, cuts, job.heldout)
+        if (job.model_path / THRESHOLDS_FILE).exists():  # over TEAL's attention sites (stacked.py): their zeros too
+            metrics["heldout_sparsity"].update(heldout_attention_sparsity(job.model, predictors, job.heldout))
         metrics.update({"calibration": pt.per_layer_report(calibration), "calibration_tokens": job.calibration.numel(),
                         "threshold_tokens": threshold_tokens,
                         "labels": "nonzero" if label_sparsity is None else f"|h| above the {label_sparsity} quantile",

@@ -102,7 +102,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(recipe.dtype)).to(device).eval()
     apply_config_cut(model, model_path)  # a shifted ReLU source is what the method reads, cut included
     if attention:  # and so are a TEAL source's attention thresholds (stacked.py)
-        apply_inherited(model, model_path, {"attention": attention})
+        apply_inherited(model, model_path, {"method": method.name, "attention": attention})
     if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
         shutil.rmtree(work)
     job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,

@@ -109,6 +109,14 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     kw: list[dict[str, Any]] = [{} for _ in mlps]
     # attn_in / o_in thresholds per layer: TEAL's attention sites, or a TEAL source's under Deja Vu (stacked.py)
     attention = _attention_thresholds(artifact, method, len(mlps))
+    attns: list[Any] = []
+    if attention:  # checked before anything on the model changes
+        from llmfast.sparse.thresholds import attention_blocks
+
+        attns = attention_blocks(model, where=str(artifact))
+        if any(_attention_has_hooks(a) for a in attns):
+            raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
+                             "it with llmfast.loading.from_pretrained, or use load_sparse_model")
     sparse_mlps = True
     if method in ("teal", "cats"):
         from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
@@ -136,14 +144,6 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     elif getattr(model.config, "hidden_act", None) != "relu":
         raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
                         f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
-    attns: list[Any] = []
-    if attention:
-        from llmfast.sparse.thresholds import attention_blocks
-
-        attns = attention_blocks(model, where=str(artifact))
-        if any(_attention_has_hooks(a) for a in attns):
-            raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
-                             "it with llmfast.loading.from_pretrained, or use load_sparse_model")
     mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
     from llmfast.sparse.relu_cut import relu_thresholds
 

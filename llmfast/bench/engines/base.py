@@ -2,8 +2,9 @@
 
 A variant is one model as a user benchmarks it (a base model, with a LoRA adapter, quantized); each engine
 says why it cannot run one (`can_run` returns the reason) instead of the runner knowing every engine's
-limits. Engines that generate in this process (`OfflineEngine`) take every request at time 0 and report the
-per-request timings `bench.metrics` summarises; the vLLM server engine is driven by the load generator.
+limits. Engines that generate in this process (`OfflineEngine`) are given every request at time 0 and report
+the per-request timings `bench.metrics` summarises (from time 0 for vLLM's engine, which schedules them all; from
+its batch's start for transformers' static batches); the vLLM server engine is driven by the load generator.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Engine(ABC):
 
 
 class OfflineEngine(Engine):
-    """Generates in this process: all requests at time 0, per-request timings back."""
+    """Generates in this process: all requests given at time 0, per-request timings back."""
 
     @abstractmethod
     def generate(self, variant: Variant, requests: list["Request"], *, dtype: str, batch_size: int,

@@ -42,13 +42,13 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
+        sent = time.perf_counter()  # tokenizing counts, as in a served request
         ids = [r.prompt_ids or tokenizer.encode(r.prompt, add_special_tokens=False) for r in batch]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding for generation
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         n_new = max(r.output_len for r in batch)
         clock = StepClock()
-        sent = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n_new,
                                  min_new_tokens=n_new if ignore_eos else 0, do_sample=False, pad_token_id=pad,
