@@ -92,7 +92,28 @@ def test_chain_runs_reuses_and_reruns_only_what_changed(tiny: Path, tmp_path: Pa
     lines = {line.split()[2]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert lines == {"data": "reuse", "lora": "reuse", "eval-merged": "reuse", "ternary": "run",
                      "eval-ternary": "run"}
+    # Killed as the changed stage starts: its earlier output (written whole by quantize) is still there, complete,
+    # and not reused: the next run makes it again and swaps it in.
+    import llmfast.chain.run as chain_run
+
+    old_weights = (out / "ternary" / "model.safetensors").read_bytes()
+    real_run_stage = chain_run.run_stage
+
+    def killed(out_dir, stage, resume, run_verb):
+        if stage.name == "ternary":
+            raise KeyboardInterrupt
+        return real_run_stage(out_dir, stage, resume, run_verb)
+
+    chain_run.run_stage = killed
+    try:
+        assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 130
+    finally:
+        chain_run.run_stage = real_run_stage
+    assert (out / "ternary" / "model.safetensors").read_bytes() == old_weights
+    assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2", "--dry-run"]) == 0
+    assert "run     ternary" in capsys.readouterr().out
     assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 0
+    assert (out / "ternary" / "model.safetensors").read_bytes() != old_weights  # 2 QAT steps moved the weights
     assert (out / "lora" / "merged" / "model.safetensors").stat().st_mtime_ns == \
         stamps[out / "lora" / "merged" / "model.safetensors"]
     assert results(out)["eval-merged"] == first["eval-merged"]

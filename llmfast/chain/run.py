@@ -82,9 +82,13 @@ def _recorded_owner(path: Path) -> str | None:
 
 
 def _clear(out: Path, stage: Stage) -> None:
-    """Remove a stage's earlier output (the run directory owns it) before it runs from scratch."""
+    """Remove what a stage's earlier settings left (the run directory owns it) before it runs from scratch: its
+    checkpoints, and its output unless the verb replaces that only once the new one is complete."""
     target = out / stage.name
-    for path in (target, target.with_name(target.name + ".checkpoints")):
+    stale = [target.with_name(target.name + ".checkpoints")]
+    if not STAGES.get(stage.type).replaces_whole:
+        stale.append(target)
+    for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

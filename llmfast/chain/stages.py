@@ -22,6 +22,9 @@ class StageType:
 
     argv: Callable[[dict[str, Any], Path, Path, bool], list[str]]
     resumable: Callable[[Path], bool] = lambda out: False  # whether a killed run left something to resume
+    # The verb writes its output whole beside the old one and swaps it in only when complete (--overwrite): a
+    # changed stage's earlier output stays until then, so a run killed meanwhile leaves the last complete one.
+    replaces_whole: bool = False
 
 
 STAGES: Registry[StageType] = Registry("stage type")
@@ -63,10 +66,10 @@ def _merge_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: b
 STAGES.add("tasks", StageType(_tasks_argv))
 STAGES.add("finetune", StageType(_recipe_verb(["finetune"], lambda out: out, [], True),
                                  resumable=lambda out: any(out.glob("checkpoints/step-*/state.json"))))
-STAGES.add("merge", StageType(_merge_argv))
+STAGES.add("merge", StageType(_merge_argv, replaces_whole=True))
 STAGES.add("quantize", StageType(_recipe_verb(["quantize"], lambda out: out, ["--overwrite"], True),
-                                 resumable=_checkpoints_beside))
+                                 resumable=_checkpoints_beside, replaces_whole=True))
 STAGES.add("sparsify", StageType(_recipe_verb(["sparsify"], lambda out: out, ["--overwrite"], True),
-                                 resumable=_checkpoints_beside))
+                                 resumable=_checkpoints_beside, replaces_whole=True))
 STAGES.add("eval", StageType(_recipe_verb(["eval"], lambda out: out / "results.json", [], False)))
 STAGES.add("bench", StageType(_recipe_verb(["bench", "run"], lambda out: out, [], False)))
