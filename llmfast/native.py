@@ -59,8 +59,9 @@ def _build(cc: list[str], flags: tuple[str, ...], source: Path, target: Path) ->
         fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([*cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                  timeout=300)
+            # the absolute path: a source may include itself once per type (`#include __FILE__`)
+            done = subprocess.run([*cc, *flags, str(source.resolve()), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=300)
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
                 _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")

@@ -4,6 +4,7 @@
     python scripts/bench_sparse_decode.py --decode-only --artifact runs/sparse/relufy --artifact runs/sparse/dejavu
     python scripts/bench_sparse_decode.py --no-8b --rounds 3 --new-tokens 16 --json runs/bench/sparse_decode.json
     python scripts/bench_sparse_decode.py --decode-only --targets 0.4,0.5 --teal-sites mlp --teal-sites mlp,attention
+    python scripts/bench_sparse_decode.py --decode-only --dtype bfloat16 --targets 0.5 --teal-sites mlp,attention
 
 Four tables, every row the median of alternating rounds (the sides swap order each round):
 
@@ -21,7 +22,8 @@ Four tables, every row the median of alternating rounds (the sides swap order ea
 3. attention: one attention block's projections for one token (TEAL's attention sites), q/k/v and o_proj as
    four dense products against SparseProjections (q|k|v stacked, one gather; o_proj alone) with the
    thresholds at the target quantile of this input, at the built-in model's shapes and Llama-8B's.
-4. decode: the built-in model (SmolLM2-135M, float32), transformers `generate`, greedy, batch 1, N new tokens:
+4. decode: the built-in model (SmolLM2-135M, float32 or --dtype bfloat16, dense and sparse alike), transformers
+   `generate`, greedy, batch 1, N new tokens:
    the dense model against TEAL artifacts at each target and each --teal-sites choice (`mlp`, `mlp,attention`,
    `attention`) loaded with the sparse runtime (built in-process from thresholds calibrated as `llmfast
    sparsify` does, or the --artifact(s) given), all in this process, each on the C kernel and on the torch
@@ -196,21 +198,21 @@ def teal_artifact(src: Path, out: Path, target: float, calibration: torch.Tensor
 
 
 def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
-                 new_tokens: int, teal_sites: list[list[str]]) -> list[dict[str, Any]]:
+                 new_tokens: int, teal_sites: list[list[str]], dtype: str = "float32") -> list[dict[str, Any]]:
     from llmfast.calibration import text_ids
     from llmfast.loading import from_pretrained
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.sparse.runtime import artifact_method, load_sparse_model, sparse_forwards
 
     src = resolve_model("builtin:smollm2-135m")
-    dense = from_pretrained(src, "float32").eval()
+    dense = from_pretrained(src, dtype).eval()
     tok = load_tokenizer(src)
     ids = text_ids(tok, Path(__file__).resolve().parent.parent / "eval" / "text" / "persuasion.txt")
     prompt = ids[:32].view(1, -1)
     sparse: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-sparse-") as tmp:
         for artifact in artifacts or []:
-            sparse[f"{artifact_method(artifact)} {Path(artifact).name}"] = load_sparse_model(artifact)
+            sparse[f"{artifact_method(artifact)} {Path(artifact).name}"] = load_sparse_model(artifact, dtype)
         if not artifacts:
             calibration = ids[16384 : 16384 + 2048].view(4, 512)  # after the span llmfast eval scores, as sparsify
             with torch.inference_mode():
@@ -218,7 +220,7 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
                     for t in targets:
                         name = f"teal{round(t * 100)}-{'+'.join(sites)}"
                         art = teal_artifact(src, Path(tmp) / name, t, calibration, dense, sites)
-                        sparse[f"teal {t:.0%} {'+'.join(sites)}"] = load_sparse_model(art)
+                        sparse[f"teal {t:.0%} {'+'.join(sites)}"] = load_sparse_model(art, dtype)
 
     kernels = {id(rt): rt.native for m in sparse.values() for rt in sparse_forwards(m)}
     counts: dict[tuple[int, bool], dict[str, int]] = {}  # each runtime object's path counts, per path
@@ -245,7 +247,8 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
     rows = []
     for name, m in sparse.items():
         torch_path = med[f"{name} (torch path)"]
-        row = {"case": f"smollm2-135m decode, {name}, {new_tokens} tokens", "dense tok/s": round(med["dense"], 1),
+        row = {"case": f"smollm2-135m {dtype} decode, {name}, {new_tokens} tokens",
+               "dense tok/s": round(med["dense"], 1),
                "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
                "torch path tok/s": round(torch_path, 1), "speed-up torch path": round(torch_path / med["dense"], 2)}
         for native, path in ((True, "kernel"), (False, "torch")):
@@ -281,6 +284,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-8b", action="store_true", help="skip the Llama-8B shapes (2.8 GB of random weights)")
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="of the decode table's models, dense and sparse alike (the C kernel runs both)")
     p.add_argument("--json", default="runs/bench/sparse_decode.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # one setting for the dense and the sparse side alike
@@ -299,7 +304,7 @@ def main() -> None:
                       "mlp": bench_mlp(shapes, targets, args.rounds, args.seconds),
                       "attention": bench_attention(attention_shapes, targets, args.rounds, args.seconds)}
     if not args.no_decode:
-        tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens, teal_sites)
+        tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens, teal_sites, args.dtype)
     for name, rows in tables.items():
         print_table(name, rows)
     out = Path(args.json)

@@ -83,8 +83,10 @@ def test_the_kernel_shares_torch_openmp_runtime(kernel: cpu_kernel.GatherKernel)
     assert "torch" in before and added == "]"  # torch's pool only, nothing added by the kernel
 
 
-def test_kernel_takes_float32_cpu_inference_only(kernel: cpu_kernel.GatherKernel) -> None:
+def test_kernel_takes_float32_and_bfloat16_cpu_inference_only(kernel: cpu_kernel.GatherKernel) -> None:
     assert kernel.holds(torch.zeros(4, 3)) and not kernel.holds(torch.zeros(4, 3, dtype=torch.float64))
+    assert kernel.holds(torch.zeros(4, 3, dtype=torch.bfloat16)) and not kernel.holds(torch.zeros(4, 3).half())
+    assert kernel.takes(torch.zeros(4, dtype=torch.bfloat16)) and not kernel.takes(torch.zeros(4).half())
     assert not kernel.holds(torch.zeros(3, 4).t())  # not contiguous: W^T must be laid out row by row
     assert kernel.takes(torch.zeros(4)) and not kernel.takes(torch.zeros(4, dtype=torch.float64))
     assert not kernel.takes(torch.zeros(8)[::2])
@@ -149,7 +151,7 @@ def test_kernel_refuses_vectors_that_do_not_match_the_weights(kernel: cpu_kernel
         kernel.threshold(torch.randn(5), 0.1, wt, 6)
     with pytest.raises(ValueError, match="one length"):
         kernel.gather(torch.tensor([0, 1]), torch.randn(3), wt)
-    with pytest.raises(ValueError, match="int64 and float32"):
+    with pytest.raises(ValueError, match="int64 and float32 or bfloat16"):
         kernel.gather(torch.tensor([0, 1], dtype=torch.int32), torch.randn(2), wt)
 
 
@@ -205,7 +207,68 @@ def test_rows_product_dots_only_the_kept_rows(kernel: cpu_kernel.GatherKernel, w
     assert bool(((got.double() - exact).abs() <= bound).all())
     assert all(torch.equal(got, r) for r in results[1:])
     assert kernel.rows(idx[:0], w, v).shape == (0, width)
-    with pytest.raises(ValueError, match="float32 vector of"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 vector of"):
         kernel.rows(idx, w, torch.randn(n + 1))
-    with pytest.raises(ValueError, match="contiguous float32 CPU weights"):
+    with pytest.raises(ValueError, match="contiguous float32 or bfloat16 CPU weights"):
         kernel.rows(idx, w.double(), v)
+
+
+B = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
+
+
+@pytest.mark.parametrize("n,out", [(576, 3072), (1536, 576), (37, 19)])
+def test_bfloat16_products_are_the_float32_sums_of_the_bfloat16_terms_rounded_once(kernel: cpu_kernel.GatherKernel,
+                                                                                n: int, out: int) -> None:
+    """bfloat16 weights and vectors: each product of two bfloat16 values is exact in float32 (8 x 8 significant
+    bits), so against the float64 sum of the same terms the result is off by float32 summation, (k + threads + 1) u
+    sum |terms|, plus one rounding to bfloat16, B |exact| (B = 2^-8 bounds both rounding modes' half-ulp and
+    torch's round-to-nearest-even)."""
+    g = torch.Generator().manual_seed(n + out)
+    wt = torch.randn(n, out, generator=g).bfloat16()
+    v = torch.randn(n, generator=g).bfloat16()
+    t = float(v.float().abs().quantile(0.5))
+    keep = (v.float().abs() > t).nonzero().flatten()
+    w64, v64 = wt.double()[keep], v.double()[keep]
+    exact, terms = v64 @ w64, v64.abs() @ w64.abs()
+    bound = (keep.numel() + 3) * U * terms + B * exact.abs() + 1e-30
+    got = kernel.threshold(v, t, wt, max_kept=n)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (out,)
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    gathered = kernel.gather(keep, v[keep], wt)
+    assert gathered.dtype == torch.bfloat16 and bool(((gathered.double() - exact).abs() <= bound).all())
+    # rows: the kept rows of W itself (W^T's columns here) dotted with a dense bfloat16 vector
+    w = wt.t().contiguous()  # (out, n)
+    x = torch.randn(n, generator=g).bfloat16()
+    idx = torch.arange(0, out, 3)
+    exact_rows = w.double()[idx] @ x.double()
+    bound_rows = (n + 1) * U * (w.double()[idx].abs() @ x.double().abs()) + B * exact_rows.abs() + 1e-30
+    rows = kernel.rows(idx, w, x)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (idx.numel(), 1)
+    assert bool(((rows[:, 0].double() - exact_rows).abs() <= bound_rows).all())
+
+
+@pytest.mark.parametrize("method", ["teal-attention", "cats", "relufy", "dejavu"])
+def test_bfloat16_sparse_model_takes_the_kernel(kernel: cpu_kernel.GatherKernel, tmp_path: Path, tiny_dir: Path,
+                                                method: str) -> None:
+    """A bfloat16 model's sparse runtime runs every product through the kernel (none left to torch's gathers), and
+    its logits stay within bfloat16 rounding of the float32 runtime's."""
+    from test_sparse_runtime import make_artifact, prompt_ids
+
+    from llmfast.loading import from_pretrained
+    from llmfast.sparse.runtime import install_sparse_runtime, runtime_calls, sparse_forwards
+
+    art = make_artifact(tiny_dir, tmp_path / method, method)
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        models[dtype] = from_pretrained(art, dtype).eval()
+        install_sparse_runtime(models[dtype], art)
+    assert all(rt.native is kernel for rt in sparse_forwards(models["bfloat16"]))
+    ids = prompt_ids(art)
+    with torch.no_grad():
+        want = models["float32"](ids[:, :1]).logits  # one token: the gathers run
+        got = models["bfloat16"](ids[:, :1]).logits.float()
+    calls = runtime_calls(models["bfloat16"])
+    assert calls["sparse"] > 0 and calls.get("dense", 0) == 0
+    # 2 layers of bfloat16 weights and activations (relative rounding 2^-8 each step, a few dozen steps): the logits
+    # move by a few percent of their scale, far less than the logits' own spread
+    assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max())

@@ -3,8 +3,10 @@ stacked W^T with a sparse vector, reading only the kept rows, the columns split 
 kept rows of W times a dense vector (`rows`: Deja Vu's gate and up, ReLU's up), the rows split over the threads.
 
 It replaces the torch path of `kernels.py` (threshold, nonzero, index_select and embedding_bag: a dozen small
-operations per product, which ate the gain at the built-in model's shapes) for float32 on a CPU; float64 and
-machines without a C compiler keep the torch path. Same numbers up to float32 summation order.
+operations per product, which ate the gain at the built-in model's shapes) for float32 and bfloat16 on a CPU
+(bfloat16: read as such, half the bytes, multiplied and summed in float32, the result rounded to bfloat16 once);
+float64, float16 and machines without a C compiler keep the torch path. Same numbers as the dense product of the
+zeroed vector up to float32 summation order (and, for bfloat16, the one rounding of the result).
 """
 
 from __future__ import annotations
@@ -26,71 +28,77 @@ DENSE_ABOVE = 0.9
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
+DTYPES = {torch.float32: "", torch.bfloat16: "_bf16"}  # the weight/vector types it runs, and their C suffixes
+
+
 class GatherKernel:
     dense_above = DENSE_ABOVE
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._threshold = lib.threshold_gemv
-        self._threshold.restype = _i64
-        self._threshold.argtypes = [_ptr, _i64, ctypes.c_float, _ptr, _i64, _ptr, _i64, _i64]
-        self._gather = lib.gather_gemv
-        self._gather.restype = ctypes.c_int
-        self._gather.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64]
-        self._dot = lib.gather_dot
-        self._dot.restype = None
-        self._dot.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64]
+        self._threshold, self._gather, self._dot = {}, {}, {}
+        for dtype, suffix in DTYPES.items():
+            f = self._threshold[dtype] = getattr(lib, "threshold_gemv" + suffix)
+            f.restype, f.argtypes = _i64, [_ptr, _i64, ctypes.c_float, _ptr, _i64, _ptr, _i64, _i64]
+            f = self._gather[dtype] = getattr(lib, "gather_gemv" + suffix)
+            f.restype, f.argtypes = ctypes.c_int, [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64]
+            f = self._dot[dtype] = getattr(lib, "gather_dot" + suffix)
+            f.restype, f.argtypes = None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64]
 
     @staticmethod
     def holds(wt: torch.Tensor, dims: tuple[int, ...] = (2,)) -> bool:
-        """Whether it runs products with these weights: float32, on a CPU, contiguous, of `dims` dimensions (checked
-        once per layout)."""
-        return wt.dtype == torch.float32 and wt.device.type == "cpu" and wt.is_contiguous() and wt.dim() in dims
+        """Whether it runs products with these weights: float32 or bfloat16, on a CPU, contiguous, of `dims`
+        dimensions (checked once per layout)."""
+        return wt.dtype in DTYPES and wt.device.type == "cpu" and wt.is_contiguous() and wt.dim() in dims
 
     @staticmethod
     def takes(v: torch.Tensor) -> bool:
-        """Whether it takes this vector: float32 on a CPU, contiguous, no gradient wanted (inference only)."""
-        return (v.dtype == torch.float32 and v.device.type == "cpu" and v.is_contiguous()
+        """Whether it takes this vector: float32 or bfloat16 on a CPU, contiguous, no gradient wanted (inference
+        only). A vector of the other type than the weights is converted to theirs."""
+        return (v.dtype in DTYPES and v.device.type == "cpu" and v.is_contiguous()
                 and not (v.requires_grad and torch.is_grad_enabled()))
 
     def threshold(self, v: torch.Tensor, t: float, wt: torch.Tensor, max_kept: int) -> torch.Tensor | None:
-        """sum over j with |v[j]| > t of v[j] * wt[j]; None (nothing computed) when more than `max_kept` are kept."""
+        """sum over j with |v[j]| > t of v[j] * wt[j], in wt's type; None (nothing computed) when more than
+        `max_kept` are kept."""
         n, out = wt.shape
         if v.numel() != n:
             raise ValueError(f"sparse kernel: the vector has {v.numel()} entries, the weights {n} rows")
+        v = v.to(wt.dtype).contiguous()
         y = torch.empty(out, dtype=torch.float32)
-        kept = self._threshold(v.data_ptr(), n, t, wt.data_ptr(), out, y.data_ptr(), max_kept,
-                               torch.get_num_threads())
+        kept = self._threshold[wt.dtype](v.data_ptr(), n, t, wt.data_ptr(), out, y.data_ptr(), max_kept,
+                                         torch.get_num_threads())
         if kept < -n - 1:
             raise MemoryError("sparse kernel: out of memory for the kept indices or partial sums")
-        return None if kept < 0 else y
+        return None if kept < 0 else y.to(wt.dtype)
 
     def gather(self, idx: torch.Tensor, vals: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-        """sum over k of vals[k] * wt[idx[k]] (idx int64 in [0, rows of wt), vals float32, both 1-d)."""
-        if idx.dtype != torch.int64 or vals.dtype != torch.float32 or idx.numel() != vals.numel():
+        """sum over k of vals[k] * wt[idx[k]] in wt's type (idx int64 in [0, rows of wt), vals float32 or bfloat16,
+        both 1-d)."""
+        if idx.dtype != torch.int64 or vals.dtype not in DTYPES or idx.numel() != vals.numel():
             raise ValueError(f"sparse kernel: indices ({idx.dtype}, {idx.numel()}) and values ({vals.dtype}, "
-                             f"{vals.numel()}) must be int64 and float32 of one length")
+                             f"{vals.numel()}) must be int64 and float32 or bfloat16 of one length")
         y = torch.empty(wt.shape[1], dtype=torch.float32)
-        idx, vals = idx.contiguous(), vals.contiguous()
-        if self._gather(idx.data_ptr(), vals.data_ptr(), idx.numel(), wt.data_ptr(), wt.shape[1], y.data_ptr(),
-                        torch.get_num_threads()):
+        idx, vals = idx.contiguous(), vals.to(wt.dtype).contiguous()
+        if self._gather[wt.dtype](idx.data_ptr(), vals.data_ptr(), idx.numel(), wt.data_ptr(), wt.shape[1],
+                                  y.data_ptr(), torch.get_num_threads()):
             raise MemoryError("sparse kernel: out of memory for the threads' partial sums")
-        return y
+        return y.to(wt.dtype)
 
     def rows(self, idx: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(kept, width): w[idx[k], r] . v for r < width, with w (rows, width, in) float32 contiguous (or (rows, in):
-        width 1), reading only the kept rows; idx int64 in [0, rows), v float32 of `in` entries."""
+        """(kept, width) in w's type: w[idx[k], r] . v for r < width, with w (rows, width, in) float32 or bfloat16
+        contiguous (or (rows, in): width 1), reading only the kept rows; idx int64 in [0, rows), v of `in` entries."""
         if not self.holds(w, dims=(2, 3)):
-            raise ValueError(f"sparse kernel: rows takes contiguous float32 CPU weights of 2 or 3 dimensions, not "
-                             f"{w.dtype} {tuple(w.shape)}")
-        if idx.dtype != torch.int64 or idx.dim() != 1 or v.dtype != torch.float32 or v.numel() != w.shape[-1]:
-            raise ValueError(f"sparse kernel: rows takes int64 indices ({idx.dtype}) and a float32 vector of "
-                             f"{w.shape[-1]} entries ({v.dtype}, {v.numel()})")
+            raise ValueError(f"sparse kernel: rows takes contiguous float32 or bfloat16 CPU weights of 2 or 3 "
+                             f"dimensions, not {w.dtype} {tuple(w.shape)}")
+        if idx.dtype != torch.int64 or idx.dim() != 1 or v.dtype not in DTYPES or v.numel() != w.shape[-1]:
+            raise ValueError(f"sparse kernel: rows takes int64 indices ({idx.dtype}) and a float32 or bfloat16 vector "
+                             f"of {w.shape[-1]} entries ({v.dtype}, {v.numel()})")
         width = w.shape[1] if w.dim() == 3 else 1
-        idx, v = idx.contiguous(), v.contiguous()
+        idx, v = idx.contiguous(), v.to(w.dtype).contiguous()
         y = torch.empty(idx.numel(), width, dtype=torch.float32)
-        self._dot(idx.data_ptr(), idx.numel(), w.data_ptr(), width, w.shape[-1], v.data_ptr(), y.data_ptr(),
-                  torch.get_num_threads())
-        return y
+        self._dot[w.dtype](idx.data_ptr(), idx.numel(), w.data_ptr(), width, w.shape[-1], v.data_ptr(), y.data_ptr(),
+                           torch.get_num_threads())
+        return y.to(w.dtype)
 
 
 def _openmp_runtimes() -> set[str]:

@@ -11,8 +11,13 @@
  * Results equal the dense product of the zeroed vector up to float32 summation order (each thread sums its
  * kept rows in index order, then the threads' sums are added).
  *
+ * Every function exists twice: for float32 weights and vectors, and (suffix _bf16) for bfloat16 ones, read as
+ * bfloat16 (half the bytes) and widened to float32 exactly (a bfloat16 is the top half of a float32), products and
+ * sums in float32, results in float32. This file includes itself once per type (T, LOAD, NAME below).
+ *
  * Compiled at first use with the machine's C compiler (-march=native -fopenmp) by llmfast/native.py.
  */
+#ifndef GATHER_GEMV_BODY
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -21,11 +26,32 @@
 
 #define PREFETCH_AHEAD 4 /* rows: the kept rows are not adjacent, so the hardware prefetcher starts each anew */
 
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#define GATHER_GEMV_BODY
+#define T float
+#define LOAD(p, i) ((p)[i])
+#define NAME(f) f
+#include __FILE__
+#undef T
+#undef LOAD
+#undef NAME
+#define T uint16_t
+#define LOAD(p, i) bf16_to_float((p)[i])
+#define NAME(f) f##_bf16
+#include __FILE__
+#else
+
 /* y[0:out] = sum_k vals[k] * wt[idx[k], 0:out]. The kept rows are split over `threads` threads (whole rows are
  * the longest contiguous reads), each summing into its own part of `parts`, then the parts are added column-wise.
  * Returns 0, or -1 when out of memory. */
-static int gather_rows(const int64_t *idx, const float *vals, int64_t kept, const float *wt, int64_t out, float *y,
-                       int64_t threads) {
+static int NAME(gather_rows)(const int64_t *idx, const float *vals, int64_t kept, const T *wt, int64_t out,
+                             float *y, int64_t threads) {
     if (threads < 1) threads = 1;
     if (threads > kept) threads = kept > 0 ? kept : 1;
     float *parts = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(out * threads)) : y;
@@ -40,12 +66,12 @@ static int gather_rows(const int64_t *idx, const float *vals, int64_t kept, cons
         for (int64_t k = a; k < b; k++) {
             if (k + PREFETCH_AHEAD < b) {
                 const char *next = (const char *)(wt + idx[k + PREFETCH_AHEAD] * out);
-                for (int64_t byte = 0; byte < out * (int64_t)sizeof(float); byte += 64)
+                for (int64_t byte = 0; byte < out * (int64_t)sizeof(T); byte += 64)
                     __builtin_prefetch(next + byte, 0, 3);
             }
-            const float *restrict w = wt + idx[k] * out;
+            const T *restrict w = wt + idx[k] * out;
             const float v = vals[k];
-            for (int64_t o = 0; o < out; o++) part[o] += v * w[o];
+            for (int64_t o = 0; o < out; o++) part[o] += v * LOAD(w, o);
         }
         if (n > 1) {
 #pragma omp barrier
@@ -64,8 +90,8 @@ static int gather_rows(const int64_t *idx, const float *vals, int64_t kept, cons
 
 /* y = sum over j with |x[j]| > t of x[j] * wt[j, :]. Returns the kept count; when it is above `max_kept`, computes
  * nothing and returns -(kept + 1) (the caller runs its dense product). -1 - in - 1 when out of memory. */
-int64_t threshold_gemv(const float *x, int64_t in, float t, const float *wt, int64_t out, float *y, int64_t max_kept,
-                       int64_t threads) {
+int64_t NAME(threshold_gemv)(const T *x, int64_t in, float t, const T *wt, int64_t out, float *y, int64_t max_kept,
+                             int64_t threads) {
     int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
     float *vals = (float *)malloc(sizeof(float) * (size_t)(in > 0 ? in : 1));
     if (!idx || !vals) {
@@ -74,37 +100,44 @@ int64_t threshold_gemv(const float *x, int64_t in, float t, const float *wt, int
         return -in - 2;
     }
     int64_t kept = 0;
-    for (int64_t j = 0; j < in; j++)
-        if (fabsf(x[j]) > t) {
+    for (int64_t j = 0; j < in; j++) {
+        const float xj = LOAD(x, j);
+        if (fabsf(xj) > t) {
             idx[kept] = j;
-            vals[kept++] = x[j];
+            vals[kept++] = xj;
         }
+    }
     if (kept > max_kept) {
         free(idx);
         free(vals);
         return -kept - 1;
     }
-    int failed = gather_rows(idx, vals, kept, wt, out, y, threads);
+    int failed = NAME(gather_rows)(idx, vals, kept, wt, out, y, threads);
     free(idx);
     free(vals);
     return failed ? -in - 2 : kept;
 }
 
 /* y = sum_k vals[k] * wt[idx[k], :]. Returns 0, or -1 when out of memory. */
-int gather_gemv(const int64_t *idx, const float *vals, int64_t kept, const float *wt, int64_t out, float *y,
-                int64_t threads) {
-    return gather_rows(idx, vals, kept, wt, out, y, threads);
+int NAME(gather_gemv)(const int64_t *idx, const T *vals, int64_t kept, const T *wt, int64_t out, float *y,
+                      int64_t threads) {
+    float *wide = (float *)malloc(sizeof(float) * (size_t)(kept > 0 ? kept : 1));
+    if (!wide) return -1;
+    for (int64_t k = 0; k < kept; k++) wide[k] = LOAD(vals, k);
+    int failed = NAME(gather_rows)(idx, wide, kept, wt, out, y, threads);
+    free(wide);
+    return failed;
 }
 
 /* The dot product of n floats in 16 lanes (the compiler vectorizes them), the lanes then added pairwise in a fixed
  * order: the same bits whatever the thread that computes it. */
-static float dot16(const float *restrict a, const float *restrict b, int64_t n) {
+static float NAME(dot16)(const T *restrict a, const T *restrict b, int64_t n) {
     float acc[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+        for (int l = 0; l < 16; l++) acc[l] += LOAD(a, i + l) * LOAD(b, i + l);
     float tail = 0.0f;
-    for (; i < n; i++) tail += a[i] * b[i];
+    for (; i < n; i++) tail += LOAD(a, i) * LOAD(b, i);
     for (int s = 8; s > 0; s >>= 1)
         for (int l = 0; l < s; l++) acc[l] += acc[l + s];
     return acc[0] + tail;
@@ -114,8 +147,8 @@ static float dot16(const float *restrict a, const float *restrict b, int64_t n) 
  * interleaved matrices (Deja Vu's gate and up, width 2; ReLU's up, width 1), each kept index one contiguous block
  * of width * in floats. The kept indices are split over `threads` threads, each writing its own outputs (nothing
  * to add up between threads), the next blocks prefetched. */
-void gather_dot(const int64_t *idx, int64_t kept, const float *w, int64_t width, int64_t in, const float *x,
-                float *y, int64_t threads) {
+void NAME(gather_dot)(const int64_t *idx, int64_t kept, const T *w, int64_t width, int64_t in, const T *x,
+                      float *y, int64_t threads) {
     if (threads < 1) threads = 1;
     if (threads > kept) threads = kept > 0 ? kept : 1;
     const int64_t block = width * in;
@@ -123,10 +156,11 @@ void gather_dot(const int64_t *idx, int64_t kept, const float *w, int64_t width,
     for (int64_t k = 0; k < kept; k++) {
         if (k + 2 < kept) {
             const char *next = (const char *)(w + idx[k + 2] * block);
-            for (int64_t byte = 0; byte < block * (int64_t)sizeof(float); byte += 64)
+            for (int64_t byte = 0; byte < block * (int64_t)sizeof(T); byte += 64)
                 __builtin_prefetch(next + byte, 0, 3);
         }
-        const float *restrict rows = w + idx[k] * block;
-        for (int64_t r = 0; r < width; r++) y[k * width + r] = dot16(rows + r * in, x, in);
+        const T *restrict rows = w + idx[k] * block;
+        for (int64_t r = 0; r < width; r++) y[k * width + r] = NAME(dot16)(rows + r * in, x, in);
     }
 }
+#endif /* GATHER_GEMV_BODY */
