@@ -68,7 +68,8 @@ def results(out: Path) -> dict:
 
 
 def test_chain_runs_reuses_and_reruns_only_what_changed(tiny: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     recipe = write(tmp_path / "chain.yaml", chain(tiny, out))
     assert main(["run", str(recipe), "--dry-run"]) == 0
@@ -104,11 +105,9 @@ def test_chain_runs_reuses_and_reruns_only_what_changed(tiny: Path, tmp_path: Pa
             raise KeyboardInterrupt
         return real_run_stage(out_dir, stage, resume, run_verb)
 
-    chain_run.run_stage = killed
-    try:
-        assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 130
-    finally:
-        chain_run.run_stage = real_run_stage
+    monkeypatch.setattr(chain_run, "run_stage", killed)
+    assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 130
+    monkeypatch.setattr(chain_run, "run_stage", real_run_stage)
     assert (out / "ternary" / "model.safetensors").read_bytes() == old_weights
     assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2", "--dry-run"]) == 0
     assert "run     ternary" in capsys.readouterr().out

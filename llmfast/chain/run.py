@@ -4,7 +4,8 @@ State lives in the run directory: `llmfast-run.json` names the recipe that owns 
 recipe's directory is refused), `.state/NAME.json` records a finished stage's key and `.state/NAME.started`
 the key of a stage that began. A stage whose recorded key matches is reused; one that was killed resumes
 where its verb can (a fine-tune or a training quantize/sparsify from its checkpoint) and otherwise runs again;
-one whose key changed, or that `--from` names or follows, has its old output removed and runs again.
+one whose key changed, or that `--from` names or follows, runs again: its old checkpoints are removed first, and
+its old output too unless the verb replaces that whole once the new one is complete (merge, quantize, sparsify).
 """
 
 from __future__ import annotations

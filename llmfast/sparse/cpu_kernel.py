@@ -53,7 +53,7 @@ class GatherKernel:
     @staticmethod
     def takes(v: torch.Tensor) -> bool:
         """Whether it takes this vector: float32 or bfloat16 on a CPU, contiguous, no gradient wanted (inference
-        only). A vector of the other type than the weights is converted to theirs."""
+        only). Each product then wants the vector in its weights' type (as torch's products do)."""
         return (v.dtype in DTYPES and v.device.type == "cpu" and v.is_contiguous()
                 and not (v.requires_grad and torch.is_grad_enabled()))
 
@@ -63,7 +63,10 @@ class GatherKernel:
         n, out = wt.shape
         if v.numel() != n:
             raise ValueError(f"sparse kernel: the vector has {v.numel()} entries, the weights {n} rows")
-        v = v.to(wt.dtype).contiguous()
+        _same_type(v, wt)
+        # |v| is compared with t in v's type, as torch compares a tensor with a Python number (and the hook model
+        # rounds its threshold tensor): a bfloat16 entry equal to bfloat16(t) is dropped even when it exceeds t
+        t = float(torch.tensor(t, dtype=wt.dtype))
         y = torch.empty(out, dtype=torch.float32)
         kept = self._threshold[wt.dtype](v.data_ptr(), n, t, wt.data_ptr(), out, y.data_ptr(), max_kept,
                                          torch.get_num_threads())
@@ -77,8 +80,9 @@ class GatherKernel:
         if idx.dtype != torch.int64 or vals.dtype not in DTYPES or idx.numel() != vals.numel():
             raise ValueError(f"sparse kernel: indices ({idx.dtype}, {idx.numel()}) and values ({vals.dtype}, "
                              f"{vals.numel()}) must be int64 and float32 or bfloat16 of one length")
+        _same_type(vals, wt)
         y = torch.empty(wt.shape[1], dtype=torch.float32)
-        idx, vals = idx.contiguous(), vals.to(wt.dtype).contiguous()
+        idx, vals = idx.contiguous(), vals.contiguous()
         if self._gather[wt.dtype](idx.data_ptr(), vals.data_ptr(), idx.numel(), wt.data_ptr(), wt.shape[1],
                                   y.data_ptr(), torch.get_num_threads()):
             raise MemoryError("sparse kernel: out of memory for the threads' partial sums")
@@ -93,12 +97,18 @@ class GatherKernel:
         if idx.dtype != torch.int64 or idx.dim() != 1 or v.dtype not in DTYPES or v.numel() != w.shape[-1]:
             raise ValueError(f"sparse kernel: rows takes int64 indices ({idx.dtype}) and a float32 or bfloat16 vector "
                              f"of {w.shape[-1]} entries ({v.dtype}, {v.numel()})")
+        _same_type(v, w)
         width = w.shape[1] if w.dim() == 3 else 1
-        idx, v = idx.contiguous(), v.to(w.dtype).contiguous()
+        idx, v = idx.contiguous(), v.contiguous()
         y = torch.empty(idx.numel(), width, dtype=torch.float32)
         self._dot[w.dtype](idx.data_ptr(), idx.numel(), w.data_ptr(), width, w.shape[-1], v.data_ptr(), y.data_ptr(),
                            torch.get_num_threads())
         return y.to(w.dtype)
+
+
+def _same_type(v: torch.Tensor, w: torch.Tensor) -> None:
+    if v.dtype != w.dtype:
+        raise ValueError(f"sparse kernel: a {v.dtype} vector with {w.dtype} weights: give both one type")
 
 
 def _openmp_runtimes() -> set[str]:

@@ -33,15 +33,20 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* The file includes itself by the path it was compiled from (llmfast/native.py gives the absolute one; a path
+ * holding a quote or a backslash would not compile, and the runtime would keep its torch path). */
 #define GATHER_GEMV_BODY
 #define T float
+#define WIDENED 0 /* T is float: values pass through as they are */
 #define LOAD(p, i) ((p)[i])
 #define NAME(f) f
 #include __FILE__
 #undef T
+#undef WIDENED
 #undef LOAD
 #undef NAME
 #define T uint16_t
+#define WIDENED 1
 #define LOAD(p, i) bf16_to_float((p)[i])
 #define NAME(f) f##_bf16
 #include __FILE__
@@ -121,12 +126,16 @@ int64_t NAME(threshold_gemv)(const T *x, int64_t in, float t, const T *wt, int64
 /* y = sum_k vals[k] * wt[idx[k], :]. Returns 0, or -1 when out of memory. */
 int NAME(gather_gemv)(const int64_t *idx, const T *vals, int64_t kept, const T *wt, int64_t out, float *y,
                       int64_t threads) {
+#if WIDENED
     float *wide = (float *)malloc(sizeof(float) * (size_t)(kept > 0 ? kept : 1));
     if (!wide) return -1;
     for (int64_t k = 0; k < kept; k++) wide[k] = LOAD(vals, k);
     int failed = NAME(gather_rows)(idx, wide, kept, wt, out, y, threads);
     free(wide);
     return failed;
+#else
+    return NAME(gather_rows)(idx, vals, kept, wt, out, y, threads);
+#endif
 }
 
 /* The dot product of n floats in 16 lanes (the compiler vectorizes them), the lanes then added pairwise in a fixed

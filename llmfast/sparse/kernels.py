@@ -23,11 +23,11 @@ of these buffers, so memory does not grow. Rows of W_up (cats, relu), and of W_g
 `index_select` and one matrix-vector product when few are kept (ROWS_DENSE_ABOVE); above that they are
 computed dense and only W_down is gathered.
 
-In float32 on a CPU the gathers run in llmfast's C kernel instead (`cpu_kernel.py`, `gather_gemv.c`: threshold
-and gather in one call, the columns split over torch's threads; the kept rows of W_up or W_gate|W_up dotted
-with x in place, no copy, up to the kernel's own crossover); on CUDA in llmfast's Triton kernel
-(`triton_kernel.py`: no dropped row is loaded); float64 on a CPU, other devices, machines without a C compiler
-and CUDA without Triton take the torch path above.
+In float32 or bfloat16 on a CPU the gathers run in llmfast's C kernel instead (`cpu_kernel.py`, `gather_gemv.c`:
+threshold and gather in one call, the columns split over torch's threads; the kept rows of W_up or W_gate|W_up
+dotted with x in place, no copy, up to the kernel's own crossover); on CUDA in llmfast's Triton kernel
+(`triton_kernel.py`: no dropped row is loaded); float64 and float16 on a CPU, other devices, machines without a
+C compiler and CUDA without Triton take the torch path above.
 
 When more than one token is processed (prefill, batched decode), or a layer's kept fraction is above
 `dense_above` (a dense matrix-vector product beats a gather there: scripts/bench_sparse_decode.py measures
@@ -86,8 +86,9 @@ def gather_sum(keep: "torch.Tensor", v: "torch.Tensor", wt: "torch.Tensor", dens
 
 
 def native_for(wt: "torch.Tensor") -> Any:
-    """The kernel for products with the weights `wt` where one runs them: the C kernel (float32 on a CPU, where it
-    is built here) or the Triton kernel (on CUDA, where Triton is installed); else None (the torch path).
+    """The kernel for products with the weights `wt` where one runs them: the C kernel (float32 or bfloat16 on a
+    CPU, where it is built here) or the Triton kernel (on CUDA, where Triton is installed); else None (the torch
+    path).
     Decided once per layout: each call then checks only its vector (`takes`)."""
     if wt.device.type == "cuda":
         try:
@@ -178,7 +179,7 @@ class SparseMLP:
                 self.gate_up_flat = self.gate_up_rows.view(2 * self.inter, -1)
             else:
                 self.gate_w, self.up_w = wg.contiguous(), wu.contiguous()  # rows of W_up are gathered as they are
-            self.native = native_for(self.down_t)  # the C kernel, where it runs these float32 CPU weights
+            self.native = native_for(self.down_t)  # the C kernel, where it runs these CPU weights
             # The modules keep working (and memory stays one copy): their weights become views of our buffers.
             for name, w in (("gate_proj", self.gate_w), ("up_proj", self.up_w), ("down_proj", self.down_t.t())):
                 getattr(mlp, name).weight = torch.nn.Parameter(w, requires_grad=False)

@@ -167,7 +167,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
 def load_sparse_model(path: str | os.PathLike[str], dtype: str = "float32",
                       dense_above: float | None = None, device: str = "cpu") -> "PreTrainedModel":
     """A sparse artifact in eval mode with the sparse runtime installed (see `install_sparse_runtime`) on `device`:
-    on a CPU float32 runs the C kernel, on CUDA the Triton kernel (kernels.native_for)."""
+    on a CPU float32 and bfloat16 run the C kernel, on CUDA the Triton kernel (kernels.native_for)."""
     from llmfast.loading import from_pretrained
 
     model = from_pretrained(path, dtype).to(device)  # before the runtime lays out its buffers: they stay there
