@@ -80,7 +80,9 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
     method = spec.get("method")
     under = spec.get("attention")  # TEAL's attention thresholds kept under Deja Vu (sparse/stacked.py)
     if method and under:
-        method += f" + teal attention {((under.get('config') or {}).get('target') or 0.5):.0%}"
+        from llmfast.sparse.teal import TealConfig  # its settings, defaults filled in
+
+        method += f" + teal attention {TealConfig.model_validate(under.get('config') or {}).target:.0%}"
     out: dict[str, Any] = {"stage": manifest["stage"], "method": method,
                            "wall_seconds": m.get("wall_seconds"),
                            "peak_memory_gib": m.get("peak_memory_gib", m.get("peak_rss_gib")),

@@ -64,9 +64,7 @@ class GatherKernel:
         if v.numel() != n:
             raise ValueError(f"sparse kernel: the vector has {v.numel()} entries, the weights {n} rows")
         _same_type(v, wt)
-        # |v| is compared with t in v's type, as torch compares a tensor with a Python number (and the hook model
-        # rounds its threshold tensor): a bfloat16 entry equal to bfloat16(t) is dropped even when it exceeds t
-        t = float(torch.tensor(t, dtype=wt.dtype))
+        t = _in_type(t, wt.dtype)
         y = torch.empty(out, dtype=torch.float32)
         kept = self._threshold[wt.dtype](v.data_ptr(), n, t, wt.data_ptr(), out, y.data_ptr(), max_kept,
                                          torch.get_num_threads())
@@ -104,6 +102,13 @@ class GatherKernel:
         self._dot[w.dtype](idx.data_ptr(), idx.numel(), w.data_ptr(), width, w.shape[-1], v.data_ptr(), y.data_ptr(),
                            torch.get_num_threads())
         return y.to(w.dtype)
+
+
+@lru_cache(maxsize=4096)  # a model's thresholds, looked up on every one-token product: rounded once each
+def _in_type(t: float, dtype: torch.dtype) -> float:
+    """t as |v| is compared with it, in v's type, as torch compares a tensor with a Python number (and the hook
+    model rounds its threshold tensor): a bfloat16 entry equal to bfloat16(t) is dropped even where it exceeds t."""
+    return float(torch.tensor(t, dtype=dtype))
 
 
 def _same_type(v: torch.Tensor, w: torch.Tensor) -> None:
