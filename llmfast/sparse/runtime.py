@@ -36,9 +36,7 @@ RUNTIME_METHODS = ("teal", "cats", "relufy", "dejavu")  # sparsity methods the r
 
 def artifact_method(artifact: str | os.PathLike[str]) -> str | None:
     """The sparsity method an artifact's llmfast.json records (None for a plain model directory)."""
-    from llmfast.artifacts import read_manifest
-
-    return (((read_manifest(artifact) or {}).get("sparsity")) or {}).get("method")
+    return _sparsity(Path(artifact)).get("method")
 
 
 def _has_hooks(mlp: Any) -> bool:
@@ -50,14 +48,20 @@ def _attention_has_hooks(attn: Any) -> bool:
     return any(getattr(attn, p)._forward_pre_hooks for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
-def _threshold_sites(artifact: Path, method: str) -> tuple[str, ...]:
-    """The sites a teal/cats artifact thresholds, from the settings its llmfast.json records."""
+def _sparsity(artifact: Path) -> dict[str, Any]:
+    """The `sparsity` section of an artifact's llmfast.json (empty for a plain model directory)."""
     from llmfast.artifacts import read_manifest
+
+    return ((read_manifest(artifact) or {}).get("sparsity")) or {}
+
+
+def _threshold_sites(sparsity: dict[str, Any], method: str) -> tuple[str, ...]:
+    """The sites a teal/cats artifact thresholds, from the settings its manifest's `sparsity` records."""
     import llmfast.sparse  # noqa: F401  (registers the methods)
     from llmfast.sparse.base import SPARSIFIERS
 
     sparsifier = SPARSIFIERS.get(method)()
-    config = (((read_manifest(artifact) or {}).get("sparsity")) or {}).get("config") or {}
+    config = sparsity.get("config") or {}
     return sparsifier.sites_for(sparsifier.Config.model_validate(config))  # type: ignore[attr-defined]
 
 
@@ -69,18 +73,18 @@ def _per_layer(artifact: Path, site: str, vector: Any, layers: int) -> list[floa
     return values
 
 
-def _attention_thresholds(artifact: Path, method: str, layers: int) -> dict[str, list[float]]:
+def _attention_thresholds(artifact: Path, sparsity: dict[str, Any], layers: int) -> dict[str, list[float]]:
     """{attn_in / o_in: per-layer thresholds} the artifact applies to attention: TEAL's own attention sites, or
     those a Deja Vu artifact keeps from its TEAL source (stacked.py); empty for none."""
-    from llmfast.artifacts import read_manifest
     from llmfast.sparse.stacked import inherited_thresholds
     from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
 
+    method = sparsity.get("method")
     if method == "teal":
-        sites = tuple(s for s in _threshold_sites(artifact, method) if s in ATTENTION_SITES)
+        sites = tuple(s for s in _threshold_sites(sparsity, method) if s in ATTENTION_SITES)
         tensors = load_thresholds(artifact, method, sites) if sites else {}
     else:
-        tensors = inherited_thresholds(artifact, ((read_manifest(artifact) or {}).get("sparsity")) or {})
+        tensors = inherited_thresholds(artifact, sparsity)
     return {site: _per_layer(artifact, site, v, layers) for site, v in tensors.items()}
 
 
@@ -98,7 +102,8 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     from llmfast.sparse.kernels import SparseMLP, SparseProjections
 
     artifact = Path(artifact)
-    method = artifact_method(artifact)
+    sparsity = _sparsity(artifact)  # read once: the method, its settings, a Deja Vu artifact's attention source
+    method = sparsity.get("method")
     if method not in RUNTIME_METHODS:
         raise UserError(f"{artifact}: the sparse runtime runs {', '.join(RUNTIME_METHODS)} artifacts (this one: "
                         f"{method or 'not a llmfast sparsify artifact'})")
@@ -108,7 +113,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
                          "llmfast.loading.from_pretrained, or use load_sparse_model")
     kw: list[dict[str, Any]] = [{} for _ in mlps]
     # attn_in / o_in thresholds per layer: TEAL's attention sites, or a TEAL source's under Deja Vu (stacked.py)
-    attention = _attention_thresholds(artifact, method, len(mlps))
+    attention = _attention_thresholds(artifact, sparsity, len(mlps))
     attns: list[Any] = []
     if attention:  # checked before anything on the model changes
         from llmfast.sparse.thresholds import attention_blocks
@@ -118,10 +123,11 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
             raise ValueError("the model's attention projections carry hooks (thresholds put on by load_model?): load "
                              "it with llmfast.loading.from_pretrained, or use load_sparse_model")
     sparse_mlps = True
+    mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
     if method in ("teal", "cats"):
         from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
 
-        sites = _threshold_sites(artifact, method)
+        sites = _threshold_sites(sparsity, method)
         mlp_sites = [s for s in sites if s not in ATTENTION_SITES]
         for site, vector in load_thresholds(artifact, method, tuple(mlp_sites)).items():
             values = _per_layer(artifact, site, vector, len(mlps))
@@ -130,7 +136,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
                 kw[i][key] = t
         if not mlp_sites:  # teal with sites: [attention]: a ReLU model's MLPs skip their exact zeros, others are dense
             sparse_mlps = getattr(model.config, "hidden_act", None) == "relu"
-            method = "relufy"
+            mode = "relu"
     elif method == "dejavu":
         from llmfast.sparse.predictors import check_predictors, load_predictors
 
@@ -144,7 +150,6 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     elif getattr(model.config, "hidden_act", None) != "relu":
         raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
                         f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
-    mode = {"teal": "teal", "cats": "cats", "relufy": "relu", "dejavu": "dejavu"}[method]
     from llmfast.sparse.relu_cut import relu_thresholds
 
     cut = relu_thresholds(model.config, artifact, len(mlps))  # a shifted ReLU (relufy's target), any method over it
