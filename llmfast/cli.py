@@ -155,7 +155,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     from llmfast.bench.runner import run_bench
 
     recipe = load_recipe(args.recipe, BenchRecipe, args.overrides)
-    report = run_bench(recipe)
+    report = run_bench(recipe, overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
 
@@ -232,7 +232,7 @@ def _add_models(sub: Any) -> None:
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity and task accuracy of a model",
                        description="Evaluate a model: perplexity on held-out text, exact-match accuracy on "
-                       "task test sets. Writes a results JSON (see README) and prints a table.")
+                       "task test sets. Writes a results JSON (see docs/eval.md) and prints a table.")
     p.add_argument("recipe", help="eval recipe YAML, e.g. recipes/eval_smollm2.yaml")
     p.add_argument("--model", help="model to evaluate (overrides the recipe's 'model')")
     p.add_argument("--output", help="results JSON path (overrides the recipe's 'output')")
@@ -317,6 +317,8 @@ def _add_bench(sub: Any) -> None:
                          "vLLM where it can be, else by transformers (labelled), against the transformers baseline "
                          "on the same prompts; writes report.md, PNG plots and results.json.")
     b.add_argument("recipe", help="bench recipe YAML, e.g. recipes/bench_smollm2.yaml")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (once the new report is complete; never a variant's model)")
     _add_set(b)
     b.set_defaults(func=cmd_bench_run)
 
@@ -373,7 +375,7 @@ def _add_run(sub: Any) -> None:
                        "settings and parents are unchanged; a killed run continues where it stopped.")
     p.add_argument("recipe", help="chain recipe YAML, e.g. recipes/quickstart.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused, why) and stop")
-    p.add_argument("--from", dest="start", metavar="STAGE", help="run STAGE and everything after it again")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run STAGE and every stage that depends on it again")
     _add_set(p)
     p.set_defaults(func=cmd_run)
 

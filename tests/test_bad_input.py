@@ -95,6 +95,9 @@ RECIPES = {
     "bn-bad-config": _bench(model="{W}/models/bad-config"),
     "bn-truncated": _bench(model="{W}/models/truncated"),
     "bn-out-file": _bench(out="{W}/a-file.txt"),
+    "bn-out-exists": _bench(out="{W}/existing"),
+    "bn-out-is-model": _bench(out="{W}/models/tiny"),
+    "bn-out-holds-model": _bench(out="{W}/models"),
 }
 
 CASES = [
@@ -232,6 +235,12 @@ CASES = [
          subprocess=True),
     Case("bench-offline-output-dir", ("bench", "offline", "{W}/models/tiny", "--engine", "hf", "--num-prompts", "1",
                                       "--output", "{W}/existing"), "existing", owner="serve/bench", subprocess=True),
+    Case("bench-offline-output-exists", ("bench", "offline", "{W}/models/tiny", "--engine", "hf", "--num-prompts", "1",
+                                         "--output", "{W}/user.json"), "already exists", owner="serve/bench",
+         subprocess=True),
+    Case("bench-serve-result-file-exists", ("bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts",
+                                            "1", "--save-result", "--result-dir", "{W}", "--result-filename",
+                                            "user.json"), "already exists", owner="serve/bench", subprocess=True),
     Case("bench-serve-not-a-url", ("bench", "serve", "--base-url", "not a url", "--num-prompts", "1"), "not a url",
          owner="serve/bench", subprocess=True),
     Case("bench-serve-result-dir-file", ("bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1",
@@ -247,6 +256,12 @@ CASES = [
          subprocess=True),
     Case("bench-run-out-is-file", ("bench", "run", "{W}/recipes/bn-out-file.yaml"), "a-file.txt",
          owner="serve/bench", subprocess=True),
+    Case("bench-run-out-exists", ("bench", "run", "{W}/recipes/bn-out-exists.yaml"), "already exists",
+         owner="serve/bench", subprocess=True),
+    Case("bench-run-out-is-model", ("bench", "run", "{W}/recipes/bn-out-is-model.yaml", "--overwrite"),
+         "is (or holds) the input", owner="serve/bench", subprocess=True),
+    Case("bench-run-out-holds-model", ("bench", "run", "{W}/recipes/bn-out-holds-model.yaml", "--overwrite"),
+         "is (or holds) the input", owner="serve/bench", subprocess=True),
     Case("bench-run-missing-recipe", ("bench", "run", "{W}/recipes/nope.yaml"), "not found", owner="serve/bench",
          subprocess=True),
 ]

@@ -189,3 +189,20 @@ def test_a_stage_calibrates_on_an_earlier_stages_chats(tiny: Path, tmp_path: Pat
     assert main(["run", str(recipe)]) == 0
     mixed = json.loads((out / "teal" / "llmfast.json").read_text())["metrics"]["conversations"]["calibration"]
     assert mixed["paths"] == [str(out / "data" / "dates" / "train.jsonl")] and mixed["windows"] == 4
+
+
+@pytest.mark.parametrize("name", __import__("llmfast.chain.stages", fromlist=["STAGES"]).STAGES.names())
+def test_every_stage_type_calls_its_verb_with_flags_the_verb_takes(name: str, tmp_path: Path) -> None:
+    """Each registered stage type's command line parses with the CLI's own parser into that verb, resumed or
+    not; one that replaces its output whole asks the verb to (--overwrite), as the run directory owns it."""
+    from llmfast.chain.stages import STAGES
+    from llmfast.cli import parse_args
+
+    stage = STAGES.get(name)
+    for resume in (False, True):
+        argv = stage.argv({"model": "m"}, tmp_path / "out", tmp_path / "recipe.yaml", resume)
+        args = parse_args(argv)
+        assert callable(getattr(args, "func", None)) and args.verb == argv[0], argv
+        assert getattr(args, "resume", False) == (resume and name in ("finetune", "quantize", "sparsify")), argv
+        if stage.replaces_whole:
+            assert args.overwrite is True, argv

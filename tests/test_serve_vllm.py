@@ -265,6 +265,10 @@ output: {out}
     for png in ("throughput.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "llmfast.json").read_text())["stage"] == "bench"
+    # Run again: the report is not replaced without --overwrite (refused before anything is measured).
+    code, _, err = run_cli("bench", "run", str(recipe))
+    assert code == 2 and "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "report.md").read_text() == report
 
 
 def test_bench_run_bad_recipes(tmp_path, tiny_dir):

@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric-percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the result JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log on stderr (default: a log file, "
                    "named on failure)")
 
@@ -56,6 +57,8 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     metric_names = parse_metric_names(args.percentile_metrics)
     if args.output and (Path(args.output).is_dir() or Path(args.output).parent.is_file()):
         raise UserError(f"--output {args.output}: needs a file path in a folder")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"--output {args.output} already exists: choose another path, or pass --overwrite to replace it")
     engine = ENGINES.get(OFFLINE_ENGINES[args.engine], "--engine")
     variant = resolve_variant("lora", args.model, args.lora, args.quantization)
     reason = engine.can_run(variant)

@@ -130,6 +130,18 @@ def result_path(result_dir: str | None, result_filename: str | None, result: dic
     return Path(result_dir or ".") / name
 
 
+def _check_result_files(result_dir: str | None, result_filename: str, rates: list[float], concs: list[int]) -> None:
+    """Before the run: a result file of that name that exists would be replaced after minutes of load."""
+    sweep = len(rates) * len(concs) > 1
+    for rate in rates:
+        for conc in concs:
+            path = result_path(result_dir, result_filename,
+                               {"request_rate": rate if rate != math.inf else "inf", "max_concurrency": conc}, sweep)
+            if path.exists():
+                raise UserError(f"--result-filename: {path} already exists: choose another name, or pass --overwrite "
+                                "to replace it")
+
+
 def _check_result_dir(result_dir: str | None) -> None:
     """Before the run: a result folder that is a file, or that cannot be written, would lose the results."""
     import os
@@ -223,6 +235,8 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     extra_body, extra_headers, metadata = _sampling(args), headers_from(args), metadata_from(args)
     if args.save_result:
         _check_result_dir(args.result_dir)
+        if args.result_filename and not args.overwrite:  # a named file is known now; default names carry the time
+            _check_result_files(args.result_dir, args.result_filename, rates, concs)
     chat = args.backend == "openai-chat"
     endpoint = args.endpoint or ("/v1/chat/completions" if chat else "/v1/completions")
     if chat != endpoint.rstrip("/").endswith("chat/completions"):

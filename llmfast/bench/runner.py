@@ -202,9 +202,10 @@ def _comparisons(v: Measured, base: Measured) -> list[dict[str, Any]]:
             for pv, ph in zip(v.points, base.points) if ph.get("output_throughput")]
 
 
-def run_bench(recipe: "BenchRecipe") -> Path:
-    """Measure every variant; write report.md, throughput.png, latency.png and results.json; return report.md."""
-    from llmfast.artifacts import atomic_dir, atomic_write_json, write_manifest
+def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
+    """Measure every variant; write report.md, the plots and results.json into the recipe's output (an existing one
+    only with `overwrite`, never a variant's model or adapter, checked before anything runs); return report.md."""
+    from llmfast.artifacts import atomic_dir, atomic_write_json, check_output, write_manifest
     from llmfast.bench.engines import ENGINES
     from llmfast.bench.report import markdown, plots
     from llmfast.bench.workload import random_requests
@@ -213,9 +214,11 @@ def run_bench(recipe: "BenchRecipe") -> Path:
     from llmfast.serve.machine import detect
 
     planned = plan(recipe)
+    inputs = [p for v, _, _ in planned for p in (v.model_dir, v.lora.path if v.lora else None)]
+    check_output(recipe.output, overwrite, inputs)  # before minutes of measuring, not after
     w = recipe.workload
     machine = detect()
-    with atomic_dir(recipe.output, overwrite=True) as tmp:
+    with atomic_dir(recipe.output, overwrite=overwrite, inputs=inputs) as tmp:
         requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
                                    0.0, w.seed)
         measured = [Measured(v, engine.family, v.name) for v, engine, _ in planned]

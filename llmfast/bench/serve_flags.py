@@ -143,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-detailed", action="store_true", help="also keep per-request lists in the JSON")
     g.add_argument("--result-dir", help="folder for result files (default: the current one)")
     g.add_argument("--result-filename", help="file name (a sweep adds -rRATE-cCONC before .json)")
+    g.add_argument("--overwrite", action="store_true", help="replace result files of that name (default: refused "
+                   "before the run; llmfast's own flag, not vLLM's)")
     for flag in REFUSED:
         p.add_argument(flag, nargs="*", action=_Refuse, help=argparse.SUPPRESS)
 

@@ -1,7 +1,7 @@
 """A chain recipe as a plan: stages, their parents, the order they run in, and the key of each result.
 
 A chain recipe names stages; each has a `type` (a verb: tasks, finetune, merge, quantize, sparsify, eval,
-bench, report) and `with:`, that verb's own recipe (or config) without its output. A string `${NAME}` inside
+bench) and `with:`, that verb's own recipe (or config) without its output. A string `${NAME}` inside
 `with:` stands for stage NAME's output directory, which makes NAME a parent. A stage's key is a hash of its
 type, its `with:` section and its parents' keys: a result is reused while its key is unchanged, and a changed
 setting changes the keys of that stage and of everything downstream, and nothing else.

@@ -5,7 +5,7 @@ recipe's directory is refused), `.state/NAME.json` records a finished stage's ke
 the key of a stage that began. A stage whose recorded key matches is reused; one that was killed resumes
 where its verb can (a fine-tune or a training quantize/sparsify from its checkpoint) and otherwise runs again;
 one whose key changed, or that `--from` names or follows, runs again: its old checkpoints are removed first, and
-its old output too unless the verb replaces that whole once the new one is complete (merge, quantize, sparsify).
+its old output too unless the verb replaces that whole once the new one is complete (merge, quantize, sparsify, bench).
 """
 
 from __future__ import annotations

@@ -72,4 +72,5 @@ STAGES.add("quantize", StageType(_recipe_verb(["quantize"], lambda out: out, ["-
 STAGES.add("sparsify", StageType(_recipe_verb(["sparsify"], lambda out: out, ["--overwrite"], True),
                                  resumable=_checkpoints_beside, replaces_whole=True))
 STAGES.add("eval", StageType(_recipe_verb(["eval"], lambda out: out / "results.json", [], False)))
-STAGES.add("bench", StageType(_recipe_verb(["bench", "run"], lambda out: out, [], False)))
+STAGES.add("bench", StageType(_recipe_verb(["bench", "run"], lambda out: out, ["--overwrite"], False),
+                              replaces_whole=True))
