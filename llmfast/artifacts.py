@@ -68,12 +68,15 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike[str] | None] = (), flag: str = "--overwrite") -> Path:
     """Refuse an output path that would lose a user's files; return it.
 
-    An existing output is refused unless `overwrite`; an output that is one of the `inputs`, or a folder
-    holding one, is refused always (replacing it would delete the input before it is read); a regular file
+    An existing output is refused unless `overwrite`; an output that is one of the `inputs`, a folder
+    holding one, or a folder inside an input folder, is refused always (replacing it would delete the input before it is read); a regular file
     where a directory is wanted, and a parent that cannot be created, are one-line errors too.
     """
     final = Path(final).expanduser()
     resolved = final.resolve()
+    if not str(final).strip() or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UserError(f"output {str(final)!r} is empty, the current folder or a folder above it: name a new "
+                        "directory for the output")
     for i in inputs:
         if i is None:
             continue
@@ -81,6 +84,9 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         if resolved == src or resolved in src.parents:
             raise UserError(f"output {final} is (or holds) the input {i}: writing it would destroy the input; "
                             "choose another output directory")
+        if src.is_dir() and src in resolved.parents:
+            raise UserError(f"output {final} is inside the input {i}: writing it would change the input; choose a "
+                            "directory outside it")
     if final.is_file() or final.is_symlink() and not final.is_dir():
         raise UserError(f"output {final} is a file, not a directory: choose a directory path")
     if final.exists() and not overwrite:
@@ -188,12 +194,50 @@ def write_manifest(
     return manifest
 
 
+WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
+
+
+def check_work_dir(work: Path) -> None:
+    """A training verb's work folder beside its output (OUTPUT.checkpoints) is removed when the run starts afresh
+    and when the artifact is complete: refuse one that llmfast did not make (no mark; a folder of an earlier
+    version holds checkpoints/ or train_log.jsonl) rather than delete a user's files."""
+    if work.exists() and not any((work / n).exists() for n in (WORK_MARK, "checkpoints", "train_log.jsonl")):
+        raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
+                        "and deletes it when done): move it away, or choose another output")
+
+
+def claim_work_dir(work: Path) -> Path:
+    """Create (or keep) the work folder, marked as llmfast's; returns it."""
+    check_work_dir(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).touch()
+    return work
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The manifest of an artifact directory, or None for a directory llmfast did not make."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): delete or fix it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text: delete or fix it") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e}): delete or fix it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a manifest is a JSON object, this is a {type(data).__name__}: delete or fix it")
+    for section in ("sparsity", "quantization"):  # what loaders dispatch on: their shape is checked here, once
+        spec = data.get(section)
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}: {section} must be a JSON object, not {type(spec).__name__}: rebuild the "
+                            "artifact, or delete or fix this file")
+        for key, kind in (("method", str), ("config", dict), ("attention", dict)):
+            if spec.get(key) is not None and not isinstance(spec[key], kind):
+                raise UserError(f"{path}: {section}.{key} must be a JSON {'string' if kind is str else 'object'}, not "
+                                f"{type(spec[key]).__name__}: rebuild the artifact, or delete or fix this file")
+    return data

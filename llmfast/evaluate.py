@@ -138,6 +138,9 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     out = Path(recipe.output)
     pred_path = check_results_paths(out)
     text = _read_text(Path(cfg.perplexity.text)) if cfg.perplexity is not None else ""
+    if cfg.perplexity is not None and cfg.perplexity.stride > cfg.perplexity.context:
+        raise UserError(f"eval.perplexity.stride ({cfg.perplexity.stride}) must not exceed eval.perplexity.context "
+                        f"({cfg.perplexity.context}): lower the stride")
     for ts in cfg.tasks:
         for r in read_jsonl(ts.path)[: ts.limit]:
             prompt_and_answer(r, ts.path)
@@ -154,6 +157,12 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     from llmfast.recipe import recipe_dict
 
     tokenizer = load_tokenizer(path)
+    if cfg.perplexity is not None:  # enough tokens to score, checked before the model loads
+        p = cfg.perplexity
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        if min(n, p.max_tokens or n) < 2:
+            raise UserError(f"eval.perplexity: {p.text} has {n} token(s)" + (f" and max_tokens is {p.max_tokens}"
+                            if p.max_tokens and p.max_tokens < n else "") + ": at least 2 are needed to score")
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {

@@ -28,17 +28,97 @@ def torch_dtype(name: str) -> "torch.dtype":
 
 
 def refuse_pickle_weights(path: str | os.PathLike[str]) -> None:
-    """A model whose weights are only pickle files (pytorch_model*.bin) is refused: unpickling can run code."""
+    """A model directory without safetensors weights (model.safetensors or its index) is refused: pickle files
+    (pytorch_model*.bin) are never loaded, since unpickling can run code, whatever other files lie beside them."""
     p = Path(path)
-    if any(p.glob("pytorch_model*.bin")) and not any(p.glob("*.safetensors")):
+    if not p.is_dir() or (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
+        return
+    if any(p.glob("pytorch_model*.bin")):
         raise UserError(f"{p}: its weights are pickle files (pytorch_model.bin), which llmfast does not load (a pickle "
                         "can run code): in a trusted environment load it with transformers and save it with "
                         "save_pretrained(DIR, safe_serialization=True), then use DIR")
+    raise UserError(f"{p}: no model.safetensors (nor model.safetensors.index.json): the model's weights are missing; "
+                    "re-create or re-download the model")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:240] if text else type(e).__name__
+
+
+def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":
+    """The model's modules on the meta device: every shape, no weights, nothing read but config.json; a config
+    transformers refuses (an unknown model_type, a field of the wrong type) is one line naming the directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except UserError:
+        raise
+    except Exception as e:  # transformers' own errors on a config a user can fix
+        raise UserError(f"{Path(path) / 'config.json'}: transformers cannot build this model ({type(e).__name__}: "
+                        f"{_first_line(e)}): fix the config or re-create the model") from None
+
+
+def check_weights_fit(path: str | os.PathLike[str]) -> None:
+    """Before loading (and before transformers' progress bar): the safetensors headers against the config's
+    modules on the meta device. A tensor whose shape differs from the config's, or, where the file names its
+    tensors as the model does, one the config needs and the file lacks (transformers would fill it with random
+    values), is one line. Quantized checkpoints keep other tensors and are left to their loaders."""
+    from llmfast.modelfiles import safetensors_header, weight_files
+
+    p = Path(path)
+    config = p / "config.json"
+    if not p.is_dir() or not config.is_file() or '"quantization_config"' in config.read_text(errors="replace"):
+        return
+    fix = "re-create the model, or fix its config.json"
+    stored: dict[str, list[int]] = {}
+    files = weight_files(p, fix) if (p / "model.safetensors.index.json").is_file() else [p / "model.safetensors"]
+    for f in (f for f in files if f.is_file()):  # not an artifact's other files (thresholds, predictors)
+        stored.update({k: v.get("shape") for k, v in safetensors_header(f, fix).items() if k != "__metadata__"})
+    skeleton = meta_skeleton(p)
+    names: dict[int, list[str]] = {}  # tied parameters (a head sharing the embedding) are one tensor, stored once
+    for name, t in skeleton.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    expected = {tuple(group): list(skeleton.state_dict(keep_vars=True)[group[0]].shape) for group in names.values()}
+    wrong = [(n, stored[n], shape) for group, shape in expected.items() for n in group
+             if n in stored and stored[n] != shape]
+    if wrong:
+        n, got, want = wrong[0]
+        raise UserError(f"{p}: tensor {n} has shape {got} in the weights, {want} by its config.json "
+                        f"({len(wrong)} such): the config and the weights belong to different models; {fix}")
+    known = set().union(*expected) if expected else set()
+    if stored and len(known & set(stored)) >= 0.9 * len(stored):  # the file names tensors as the model does
+        missing = sorted(g[0] for g in expected if not any(n in stored for n in g))
+        if missing:
+            raise UserError(f"{p}: {len(missing)} tensor(s) its config needs are not in the weights "
+                            f"({', '.join(missing[:3])}): the file is incomplete or belongs to another model; {fix}")
 
 
 def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> "PreTrainedModel":
-    """`AutoModelForCausalLM.from_pretrained` for every loader in llmfast: safetensors weights only."""
+    """`AutoModelForCausalLM.from_pretrained` for every loader in llmfast: safetensors weights only, and every
+    tensor the config needs present with its shape (transformers would fill a missing one with random values and
+    go on); what transformers refuses in a config or weights is one line naming the directory."""
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    if "quantization_config" not in kwargs:
+        check_weights_fit(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True,
+                                                           output_loading_info=True, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # transformers' own errors on a config or weights a user can fix
+        raise UserError(f"{path}: transformers cannot load this model ({type(e).__name__}: {_first_line(e)}): "
+                        "fix its config.json and weights, or re-create the model") from None
+    quantized = "quantization_config" in kwargs or getattr(model.config, "quantization_config", None) is not None
+    missing = sorted(info.get("missing_keys") or []) if not quantized else []
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        what = (f"{len(missing)} tensor(s) its config needs are missing ({', '.join(missing[:3])})" if missing
+                else f"{len(mismatched)} tensor(s) have another shape than its config says ({', '.join(mismatched[:3])})")
+        raise UserError(f"{path}: {what}: the weights are incomplete or belong to another model; re-create the model")
+    return model

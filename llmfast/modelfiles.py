@@ -88,7 +88,7 @@ def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
     return header
 
 
-def _weight_files(path: Path, fix: str) -> list[Path]:
+def weight_files(path: Path, fix: str) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         data = read_json_file(index, "safetensors index", fix)
@@ -120,7 +120,7 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
     if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
         raise UserError(f"{cfg_path}: no 'model_type' (e.g. \"llama\"): transformers cannot tell the "
                         f"architecture: {fix}")
-    for f in _weight_files(path, fix):
+    for f in weight_files(path, fix):
         safetensors_header(f, fix)
     return path
 
@@ -138,7 +138,15 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
         raise UserError(f"{cfg_path}: the adapter config must be a JSON object, not {type(cfg).__name__}: {fix}")
     if "peft_type" not in cfg and "r" not in cfg:
         raise UserError(f"{cfg_path}: neither 'peft_type' nor 'r': not a PEFT LoRA adapter config: {fix}")
+    for key in ("r", "lora_alpha"):  # what PEFT computes the scaling from: a wrong type fails deep inside it
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UserError(f"{cfg_path}: '{key}' must be a positive number, not {value!r}: {fix}")
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         safetensors_header(weights, fix)
+    elif (path / "adapter_model.bin").is_file():
+        raise UserError(f"{path}: its weights are a pickle file (adapter_model.bin), which llmfast does not load (a "
+                        "pickle can run code): in a trusted environment load it with PEFT and save it with "
+                        "save_pretrained(DIR, safe_serialization=True), then use DIR")
     return path

@@ -213,7 +213,13 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
 def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors
+        text = str(e).strip().splitlines()
+        raise UserError(f"{path}: transformers cannot load its tokenizer ({type(e).__name__}: "
+                        f"{text[0][:240] if text else ''}): restore tokenizer.json and tokenizer_config.json "
+                        "(e.g. from the model it was made from)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -234,17 +240,18 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     if spec is None and adapter is not None:
         # A QLoRA adapter records the 4-bit base it was trained on: put it on that base, not on full precision.
         spec = manifest_quantization(read_manifest(adapter_dir(adapter)))
+    from llmfast.sparse.base import apply_artifact_sparsity, artifact_sparsity
+    from llmfast.sparse.relu_cut import apply_config_cut
+
+    sparsity = artifact_sparsity(path)  # its settings checked before minutes of loading, not after
     if spec is not None:
         model = spec.quantizer.load(Path(path), spec.config, dtype, **kwargs)
     else:
         model = from_pretrained(path, dtype, **kwargs)
     # A `llmfast sparsify` artifact: its method puts what the weights do not hold (thresholds) back on the MLPs,
     # after a shifted ReLU cut in config.json (relufy's target; on any artifact made over such a model).
-    from llmfast.sparse.base import apply_artifact_sparsity
-    from llmfast.sparse.relu_cut import apply_config_cut
-
     apply_config_cut(model, path)
-    apply_artifact_sparsity(model, path)
+    apply_artifact_sparsity(model, path, sparsity)
     if adapter is not None:
         from peft import PeftModel
 

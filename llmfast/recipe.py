@@ -309,7 +309,11 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
         raise UserError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: a recipe is a mapping of keys, not a {type(data).__name__}")
-    return data, _line_index(node) if node is not None else {}
+    try:
+        return data, _line_index(node) if node is not None else {}
+    except RecursionError:
+        raise UserError(f"{path}: a YAML alias refers to its own anchor (a value that contains itself): remove "
+                        "it") from None
 
 
 def load_recipe(path: str | os.PathLike[str], schema: type[T], overrides: list[str] | None = None) -> T:

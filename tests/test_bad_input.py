@@ -83,6 +83,7 @@ RECIPES = {
     "ev-latin1": _ev(data="{W}/data/latin1.jsonl"),
     "ev-bad-json": _ev(data="{W}/data/bad-json.jsonl"),
     "ev-int-content": _ev(data="{W}/data/int-content.jsonl"),
+    "ev-only-answer": _ev(data="{W}/data/only-answer.jsonl"),
     "ev": _ev(),
     "mg-bad-config": _mg(base="{W}/models/bad-config"),
     "mg-truncated-base": _mg(base="{W}/models/truncated"),
@@ -125,6 +126,8 @@ CASES = [
     Case("eval-truncated-weights", ("eval", "{W}/recipes/ev-truncated.yaml"), "truncated"),
     Case("eval-corrupt-gguf", ("eval", "{W}/recipes/ev-corrupt-gguf.yaml"), "is not a GGUF file"),
     Case("eval-adapter-no-config", ("eval", "{W}/recipes/ev-adapter-no-config.yaml"), "no adapter_config.json"),
+    Case("eval-task-row-only-answer", ("eval", "{W}/recipes/ev-only-answer.yaml"),
+         "only-answer.jsonl:2: only the answer"),
     Case("eval-adapter-broken-config", ("eval", "{W}/recipes/ev-adapter-broken-config.yaml"), "not valid JSON"),
     Case("eval-adapter-truncated", ("eval", "{W}/recipes/ev-adapter-truncated.yaml"), "adapter_model.safetensors"),
     Case("eval-data-not-utf8", ("eval", "{W}/recipes/ev-latin1.yaml"), "latin1.jsonl:2: not UTF-8"),
@@ -173,6 +176,8 @@ CASES = [
     # ---- export (quant + finetune's verb)
     Case("export-adapter-no-config", ("export", "{W}/adapters/no-config", "{W}/runs/x"), "adapter_config.json",
          owner="quant+finetune"),
+    Case("export-adapter-rank-a-string", ("export", "{W}/adapters/rank-a-string", "{W}/runs/x"),
+         "'r' must be a positive number"),
     Case("export-adapter-broken-config", ("export", "{W}/adapters/broken-config", "{W}/runs/x"),
          "adapter_config.json", owner="quant+finetune"),
     Case("export-adapter-truncated", ("export", "{W}/adapters/truncated", "{W}/runs/x"),
@@ -303,6 +308,8 @@ def world(tmp_path_factory, tiny_dir) -> Path:
     shutil.copytree(adapters / "good", adapters / "no-config")
     (adapters / "no-config" / "adapter_config.json").unlink()
     shutil.copytree(adapters / "good", adapters / "broken-config")
+    shutil.copytree(adapters / "good", adapters / "rank-a-string")
+    (adapters / "rank-a-string" / "adapter_config.json").write_text(json.dumps({**acfg, "r": "x"}))
     (adapters / "broken-config" / "adapter_config.json").write_text('{"peft_type": "LORA", ')
     shutil.copytree(adapters / "good", adapters / "truncated")
     _truncate(adapters / "truncated" / "adapter_model.safetensors", 200)
@@ -317,6 +324,7 @@ def world(tmp_path_factory, tiny_dir) -> Path:
     (data / "bad-json.jsonl").write_text(lines[0] + "\n" + '{"messages": [}\n')
     (data / "int-content.jsonl").write_text(lines[0] + "\n" + lines[1].replace('"bravo"}', '2}') + "\n")
     (data / "null-completion.jsonl").write_text('{"prompt": "x", "completion": null}\n')
+    (data / "only-answer.jsonl").write_text(lines[0] + "\n" + '{"messages": [{"role": "assistant", "content": "x"}]}\n')
 
     (w / "existing").mkdir()
     (w / "existing" / "keep.txt").write_text("the user's file")

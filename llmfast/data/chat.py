@@ -83,6 +83,8 @@ def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[
     msgs = to_messages(row, where)
     if msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
+    if len(msgs) < 2:
+        raise UserError(f"{where}: only the answer: a task row needs the question before it (a user message)")
     return msgs[:-1], msgs[-1]["content"]
 
 

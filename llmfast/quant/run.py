@@ -36,11 +36,9 @@ def already_quantized(model_dir: Path) -> str | None:
 
 def skeleton(model_dir: Path) -> Any:
     """The model's modules on the meta device: every shape, no weights, nothing read but config.json."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from llmfast.loading import meta_skeleton
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return meta_skeleton(model_dir)
 
 
 def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
@@ -64,7 +62,7 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
-    from llmfast.artifacts import atomic_dir, check_output, write_manifest
+    from llmfast.artifacts import atomic_dir, check_output, check_work_dir, read_manifest, write_manifest
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
     from llmfast.models import load_tokenizer, resolve_model
@@ -72,15 +70,25 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     spec = recipe.quantization
     out = check_output(recipe.output, overwrite, inputs=[recipe.model if Path(recipe.model).exists() else None])
     work = out.with_name(out.name + ".checkpoints")
+    check_work_dir(work)  # removed below when starting afresh or done: never a user's folder of that name
     if work.exists() and not (resume or overwrite):
         raise UserError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, or --overwrite "
                         "to start again")
     source = resolve_model(recipe.model)
     check_output(out, overwrite, inputs=[source])
+    from llmfast.loading import check_weights_fit, refuse_pickle_weights
+
+    refuse_pickle_weights(source)  # what the methods' loaders refuse, before anything is written
+    check_weights_fit(source)
     done = already_quantized(source)
     if done:
         raise UserError(f"{recipe.model} is already quantized ({done}): quantize the full-precision model it "
                         "came from")
+    sparse = ((read_manifest(source) or {}).get("sparsity") or {}).get("method")
+    if sparse in ("teal", "cats", "dejavu"):  # their thresholds/predictors are files the quantized artifact drops
+        raise UserError(f"{recipe.model} is a {sparse} artifact: its sparsity lives in files beside the weights that "
+                        "quantize does not carry over; quantize the model it was made from (a relufy model, whose "
+                        "ReLU is in its config, can be quantized)")
     spec.quantizer.check(skeleton(source), spec.config)
     tokenizer = load_tokenizer(source)
     data = _rows(recipe, tokenizer) if recipe.data is not None else dict.fromkeys(

@@ -123,11 +123,11 @@ def tune_scales(path: Path, teacher_dir: Path, rows: torch.Tensor, *, group_size
                 eval_every: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Train the scales of the w4 artifact at `path` towards the model at `teacher_dir` on `rows` (windows of
     token ids) for `steps` steps, and write them into the artifact. Returns metrics (held-out KL before/after)."""
-    from transformers import AutoModelForCausalLM
+    from llmfast.loading import from_pretrained
 
     from llmfast.distill import DistillSettings, distill, heldout_scores
 
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
+    teacher = from_pretrained(teacher_dir, dtype).eval()
     student, names = student_from_artifact(path, group_size, dtype)
     settings = DistillSettings(steps=steps, lr=lr, batch_size=batch_size, max_grad_norm=None)
 

@@ -191,7 +191,8 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
               ) -> dict[str, Any]:
     """AutoRound's rounding (tuned with `iters > 0`) of `model_dir`, exported into `out_dir`; metrics."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from llmfast.loading import from_pretrained
 
     try:
         from auto_round import AutoRound
@@ -200,7 +201,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     if rows is None:
         raise UserError("w4: calibration text is needed: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = from_pretrained(model_dir, dtype)
     settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available(), dtype)
     samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
     rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)

@@ -94,18 +94,42 @@ def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
                         "Llama-style models only")
 
 
-def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path) -> None:
-    """If `path` is a `llmfast sparsify` artifact, let its method finish loading `model` (models.load_model)."""
+def artifact_sparsity(path: str | Path) -> tuple["Sparsifier", Any] | None:
+    """The method and validated settings a `llmfast sparsify` artifact's manifest records, or None for another
+    directory; a method or setting that is not valid is one line naming the file."""
     from llmfast.artifacts import read_manifest
 
-    manifest = read_manifest(path) or {}
-    spec = manifest.get("sparsity")
+    spec = (read_manifest(path) or {}).get("sparsity")
     if not spec:
-        return
+        return None
     import llmfast.sparse  # noqa: F401  (registers the methods)
 
     method = SPARSIFIERS.get(spec.get("method"), where=f"{Path(path) / 'llmfast.json'}: sparsity.method")()
     if spec.get("attention") and method.name not in OVER_ATTENTION:  # the runtime refuses it too (stacked.py)
         raise UserError(f"{Path(path) / 'llmfast.json'}: sparsity.attention is for {', '.join(OVER_ATTENTION)} "
                         f"artifacts (this one: {method.name}): rebuild it with `llmfast sparsify`")
-    method.apply(model, method.Config.model_validate(spec.get("config") or {}), Path(path))
+    return method, manifest_config(method, spec, Path(path))
+
+
+def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path,
+                            sparsity: tuple["Sparsifier", Any] | None = None) -> None:
+    """If `path` is a `llmfast sparsify` artifact, let its method finish loading `model` (models.load_model);
+    `sparsity`: what `artifact_sparsity(path)` returned, if the caller has it already."""
+    found = sparsity or artifact_sparsity(path)
+    if found is not None:
+        method, config = found
+        method.apply(model, config, Path(path))
+
+
+def manifest_config(method: "Sparsifier", spec: dict[str, Any], artifact: Path) -> Any:
+    """The method's settings as an artifact's manifest records them (`spec`: its `sparsity`), validated; a value of
+    the wrong type is one line naming the file."""
+    from pydantic import ValidationError
+
+    try:
+        return method.Config.model_validate(spec.get("config") or {})  # type: ignore[attr-defined]
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise UserError(f"{artifact / 'llmfast.json'}: sparsity.config.{where}: {err.get('msg')}: rebuild the "
+                        "artifact with `llmfast sparsify`") from None

@@ -207,14 +207,12 @@ class Relufy(Sparsifier):
     trains = True
 
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM
-
         from llmfast.distill import heldout_kl
-        from llmfast.models import torch_dtype
+        from llmfast.loading import from_pretrained
         from llmfast.serve.vllm_plugin import mark_relu_architecture
         from llmfast.sparse.measure import measure_sparsity
 
-        student = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch_dtype(job.dtype))
+        student = from_pretrained(job.model_path, job.dtype)
         student.to(job.model.device).eval()
         relu_swap(student)
         if hasattr(student.config, THRESHOLDS_KEY):  # a relufy source's cut: this run makes its own, or none

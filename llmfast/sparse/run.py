@@ -48,12 +48,13 @@ def work_dir_of(output: Path) -> Path:
 
 
 def _check_outputs(recipe: Any, method: base.Sparsifier, resume: bool, overwrite: bool) -> Path:
-    from llmfast.artifacts import check_output
+    from llmfast.artifacts import check_output, check_work_dir
 
     out = Path(recipe.output).expanduser()
     local = Path(recipe.model).expanduser()
     check_output(out, overwrite, inputs=[local if local.exists() else None])
     work = work_dir_of(out)
+    check_work_dir(work)  # removed below when starting afresh: never a user's folder of that name
     if resume and not method.trains:
         raise UserError(f"--resume: {method.name} does not train, there is nothing to resume: run it without --resume")
     checkpoints = list(work.glob("checkpoints/step-*/state.json"))
@@ -71,7 +72,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     import torch
 
     from llmfast.artifacts import atomic_dir, write_manifest
-    from llmfast.models import load_tokenizer, resolve_model, torch_dtype
+    from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
     from llmfast.sparse.stacked import apply_inherited, source_attention
@@ -96,10 +97,10 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
                                                      add=True)
         if mixed:
             mixed["training"] = mixed_train
-    from transformers import AutoModelForCausalLM
+    from llmfast.loading import from_pretrained
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(recipe.dtype)).to(device).eval()
+    model = from_pretrained(model_path, recipe.dtype).to(device).eval()
     apply_config_cut(model, model_path)  # a shifted ReLU source is what the method reads, cut included
     if attention:  # and so are a TEAL source's attention thresholds (stacked.py)
         apply_inherited(model, model_path, {"method": method.name, "attention": attention})
@@ -131,11 +132,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
 
 def _check_architecture(model_path: Path, spec: str) -> None:
     """No gated MLP is refused from the config alone: the model is built on the meta device, no weights read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from llmfast.loading import meta_skeleton
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    base.gated_mlps(skeleton, where=spec)
+    base.gated_mlps(meta_skeleton(model_path), where=spec)
 
 

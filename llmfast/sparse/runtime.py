@@ -55,14 +55,13 @@ def _sparsity(artifact: Path) -> dict[str, Any]:
     return ((read_manifest(artifact) or {}).get("sparsity")) or {}
 
 
-def _threshold_sites(sparsity: dict[str, Any], method: str) -> tuple[str, ...]:
+def _threshold_sites(artifact: Path, sparsity: dict[str, Any], method: str) -> tuple[str, ...]:
     """The sites a teal/cats artifact thresholds, from the settings its manifest's `sparsity` records."""
     import llmfast.sparse  # noqa: F401  (registers the methods)
-    from llmfast.sparse.base import SPARSIFIERS
+    from llmfast.sparse.base import SPARSIFIERS, manifest_config
 
     sparsifier = SPARSIFIERS.get(method)()
-    config = sparsity.get("config") or {}
-    return sparsifier.sites_for(sparsifier.Config.model_validate(config))  # type: ignore[attr-defined]
+    return sparsifier.sites_for(manifest_config(sparsifier, sparsity, artifact))  # type: ignore[attr-defined]
 
 
 def _per_layer(artifact: Path, site: str, vector: Any, layers: int) -> list[float]:
@@ -81,7 +80,7 @@ def _attention_thresholds(artifact: Path, sparsity: dict[str, Any], layers: int)
 
     method = sparsity.get("method")
     if method == "teal":
-        sites = tuple(s for s in _threshold_sites(sparsity, method) if s in ATTENTION_SITES)
+        sites = tuple(s for s in _threshold_sites(artifact, sparsity, method) if s in ATTENTION_SITES)
         tensors = load_thresholds(artifact, method, sites) if sites else {}
     else:
         tensors = inherited_thresholds(artifact, sparsity)
@@ -127,7 +126,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     if method in ("teal", "cats"):
         from llmfast.sparse.thresholds import ATTENTION_SITES, load_thresholds
 
-        sites = _threshold_sites(sparsity, method)
+        sites = _threshold_sites(artifact, sparsity, method)
         mlp_sites = [s for s in sites if s not in ATTENTION_SITES]
         for site, vector in load_thresholds(artifact, method, tuple(mlp_sites)).items():
             values = _per_layer(artifact, site, vector, len(mlps))

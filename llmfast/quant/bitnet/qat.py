@@ -52,7 +52,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                     resume: bool = False, **_: Any) -> dict[str, Any]:
     """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids), `heldout`
     windows never trained on (the start of the evaluated text), on which the KL to the teacher is measured."""
-    from transformers import AutoModelForCausalLM
+    from llmfast.loading import from_pretrained
 
     from llmfast.distill import DistillSettings, distill, gpu_autocast, heldout_scores, teacher_samples
 
@@ -60,7 +60,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model = from_pretrained(model_dir, dtype)
     metrics: dict[str, Any] = {"qat_steps": cfg.qat_steps}
     if cfg.qat_steps:
         device = qat_device(cfg)
@@ -68,7 +68,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         metrics |= {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "autocast": str(autocast).removeprefix("torch.") if autocast else None}
         model.to(device)
-        teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+        teacher = from_pretrained(model_dir, dtype).to(device).eval()
         samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
         data = torch.cat([rows, samples]) if len(samples) else rows
         converted = prepare_student(model)

@@ -1,0 +1,176 @@
+"""Damaged models, adapters and artifacts, and outputs that would touch a user's files, through the verbs that
+read them (sparsify, quantize, eval, export, run): one line, exit 2, nothing written or deleted, and never a
+pickle loaded. Found by trying to break the verbs by hand (2026-12-05); each case failed before its fix, with a
+traceback, a pickle read, random weights filled in silently, or a user's folder deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfast.cli import main
+
+TEXT = Path(__file__).resolve().parents[1] / "eval" / "text" / "persuasion.txt"
+DATA = f"data: {{text: {TEXT}, skip_tokens: 256, calibration_tokens: 256, heldout_tokens: 128, window: 64}}\n"
+
+
+def _sparsify(model: str, out: str = "{W}/out/teal", method: str = "teal", config: str = "{target: 0.5}") -> str:
+    return f"model: {model}\nsparsify: {{method: {method}, config: {config}}}\n{DATA}output: {out}\n"
+
+
+def _eval(model: str) -> str:
+    return (f"model: {model}\neval: {{perplexity: {{text: {TEXT}, max_tokens: 128, context: 64, stride: 64}}}}\n"
+            "output: {W}/out/eval.json\n")
+
+
+def _bitnet(model: str) -> str:
+    return f"model: {model}\nquantization: {{method: bitnet}}\noutput: {{W}}/out/ternary\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """The tiny model and damaged copies of it, an adapter of pickles, a TEAL artifact, a user's folders."""
+    from test_sparse_runtime import make_artifact
+
+    w = tmp_path_factory.mktemp("bad-models")
+    m = w / "models"
+    m.mkdir()
+    tiny = Path(shutil.copytree(tiny_dir, m / "tiny"))
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(tiny, m / name))
+
+    pickle = copy("pickle")  # the weights as a pickle file only (as old hub models ship them)
+    (pickle / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, pickle / "pytorch_model.bin")
+    mixed = Path(shutil.copytree(pickle, m / "pickle-beside-safetensors"))
+    shutil.copy(tiny / "model.safetensors", mixed / "extra.safetensors")  # not the model's weights file
+    copy("no-weights").joinpath("model.safetensors").unlink()
+    cfg = json.loads((tiny / "config.json").read_text())
+    copy("unknown-type").joinpath("config.json").write_text(json.dumps({**cfg, "model_type": "nonsense"}))
+    copy("layers-a-string").joinpath("config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "two"}))
+    copy("wider-config").joinpath("config.json").write_text(json.dumps({**cfg, "intermediate_size": 384}))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tiny / "model.safetensors")
+    missing = copy("missing-tensor")
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.down_proj" not in k}, missing / "model.safetensors",
+              metadata={"format": "pt"})
+    copy("broken-tokenizer").joinpath("tokenizer.json").write_text("{bad")
+    for name, manifest in {"manifest-not-utf8": b"\xff\xfe{}", "manifest-a-list": b"[1]",
+                           "manifest-sparsity-a-string": b'{"sparsity": "x"}',
+                           "manifest-config-a-list": b'{"sparsity": {"method": "teal", "config": [1]}}'}.items():
+        copy(name).joinpath("llmfast.json").write_bytes(manifest)
+    teal = make_artifact(tiny, m / "teal", "teal")
+    bad_target = Path(shutil.copytree(teal, m / "teal-target-a-string"))
+    man = json.loads((teal / "llmfast.json").read_text())
+    man["sparsity"]["config"] = {"target": "x"}
+    (bad_target / "llmfast.json").write_text(json.dumps(man))
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft.save_pretrained(w / "adapter", safe_serialization=False)  # adapter_model.bin: a pickle
+    acfg = json.loads((w / "adapter" / "adapter_config.json").read_text())
+    (w / "adapter" / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": str(tiny)}))
+
+    (w / "out").mkdir()
+    (w / "out" / "relufy.checkpoints").mkdir()  # a user's folder that happens to have the work folder's name
+    (w / "out" / "relufy.checkpoints" / "notes.txt").write_text("the user's notes")
+    recipes = w / "recipes"
+    recipes.mkdir()
+    for name, text in RECIPES.items():
+        (recipes / f"{name}.yaml").write_text(text.replace("{W}", str(w)))
+    (recipes / "recursive.yaml").write_text("model: &a [*a]\n")
+    return w
+
+
+RECIPES = {
+    "sp-pickle": _sparsify("{W}/models/pickle"),
+    "sp-no-weights": _sparsify("{W}/models/no-weights"),
+    "sp-unknown-type": _sparsify("{W}/models/unknown-type"),
+    "sp-layers-a-string": _sparsify("{W}/models/layers-a-string"),
+    "sp-wider-config": _sparsify("{W}/models/wider-config"),
+    "sp-missing-tensor": _sparsify("{W}/models/missing-tensor"),
+    "sp-inside-input": _sparsify("{W}/models/tiny", out="{W}/models/tiny/sparse"),
+    "sp-relufy-user-folder": _sparsify("{W}/models/tiny", out="{W}/out/relufy", method="relufy",
+                                       config="{steps: 1, batch_size: 1}"),
+    "ev-pickle-beside-safetensors": _eval("{W}/models/pickle-beside-safetensors"),
+    "ev-missing-tensor": _eval("{W}/models/missing-tensor"),
+    "ev-broken-tokenizer": _eval("{W}/models/broken-tokenizer"),
+    "ev-manifest-not-utf8": _eval("{W}/models/manifest-not-utf8"),
+    "ev-manifest-a-list": _eval("{W}/models/manifest-a-list"),
+    "ev-manifest-sparsity-a-string": _eval("{W}/models/manifest-sparsity-a-string"),
+    "ev-manifest-config-a-list": _eval("{W}/models/manifest-config-a-list"),
+    "ev-teal-target-a-string": _eval("{W}/models/teal-target-a-string"),
+    "qt-pickle": _bitnet("{W}/models/pickle"),
+    "qt-over-teal": _bitnet("{W}/models/teal"),
+}
+
+CASES = {  # id: (argv, a piece of the one error line)
+    "sparsify-pickle-weights": (["sparsify", "{W}/recipes/sp-pickle.yaml"], "pickle"),
+    "sparsify-no-weights": (["sparsify", "{W}/recipes/sp-no-weights.yaml"], "no model.safetensors"),
+    "sparsify-unknown-model-type": (["sparsify", "{W}/recipes/sp-unknown-type.yaml"], "unknown-type/config.json"),
+    "sparsify-layers-a-string": (["sparsify", "{W}/recipes/sp-layers-a-string.yaml"], "layers-a-string"),
+    "sparsify-config-wider-than-weights": (["sparsify", "{W}/recipes/sp-wider-config.yaml"], "wider-config"),
+    "sparsify-missing-tensor": (["sparsify", "{W}/recipes/sp-missing-tensor.yaml"], "missing"),
+    "sparsify-output-inside-input": (["sparsify", "{W}/recipes/sp-inside-input.yaml"], "inside the input"),
+    "sparsify-users-folder-named-checkpoints": (["sparsify", "{W}/recipes/sp-relufy-user-folder.yaml"],
+                                                "not a work folder llmfast made"),
+    "sparsify-output-empty": (["sparsify", "{W}/recipes/sp-pickle.yaml", "--set", "output=", "--overwrite"],
+                              "is empty"),
+    "sparsify-output-parent": (["sparsify", "{W}/recipes/sp-pickle.yaml", "--set", "output=..", "--overwrite"],
+                               "a folder above it"),
+    "eval-pickle-beside-other-safetensors": (["eval", "{W}/recipes/ev-pickle-beside-safetensors.yaml"], "pickle"),
+    "eval-missing-tensor": (["eval", "{W}/recipes/ev-missing-tensor.yaml"], "layers.1.mlp.down_proj"),
+    "eval-broken-tokenizer": (["eval", "{W}/recipes/ev-broken-tokenizer.yaml"], "tokenizer"),
+    "eval-manifest-not-utf8": (["eval", "{W}/recipes/ev-manifest-not-utf8.yaml"], "not UTF-8"),
+    "eval-manifest-a-list": (["eval", "{W}/recipes/ev-manifest-a-list.yaml"], "JSON object"),
+    "eval-manifest-sparsity-a-string": (["eval", "{W}/recipes/ev-manifest-sparsity-a-string.yaml"],
+                                        "sparsity must be a JSON object"),
+    "eval-manifest-config-a-list": (["eval", "{W}/recipes/ev-manifest-config-a-list.yaml"], "sparsity.config must"),
+    "eval-manifest-target-a-string": (["eval", "{W}/recipes/ev-teal-target-a-string.yaml"],
+                                      "sparsity.config.target"),
+    "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
+    "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
+    "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),
+    "recipe-recursive-alias": (["sparsify", "{W}/recipes/recursive.yaml"], "refers to its own anchor"),
+}
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_damaged_input_is_one_line_exit_2_nothing_written_no_pickle_read(case: str, world: Path,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a pickle was read")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)  # transformers and PEFT read .bin files through it
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    argv, expected = CASES[case]
+    before = _snapshot(world)
+    cwd = os.getcwd()
+    os.chdir(world / "out")  # `..` is then the world folder
+    try:
+        code = main([a.replace("{W}", str(world)) for a in argv])
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err[-3000:]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("llmfast: error:"), (code, err[-2000:])
+    assert expected in lines[0], lines[0]
+    assert _snapshot(world) == before, "the command wrote or deleted something"
