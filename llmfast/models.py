@@ -236,7 +236,18 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization, parse_quantization
 
-    spec = parse_quantization(quantization) if quantization else manifest_quantization(read_manifest(path))
+    own = manifest_quantization(read_manifest(path))
+    spec = parse_quantization(quantization) if quantization else own
+    if quantization and spec is not None:  # a recipe's quantization on top of a model: only on a plain one
+        from llmfast.quant import already_quantized
+
+        done = own.method if own is not None else already_quantized(Path(path))
+        if done:
+            raise UserError(f"{path} is already quantized ({done}): drop `quantization` from the recipe (an "
+                            "artifact's own format is read from its files)")
+        if not spec.quantizer.quantizes_on_load:
+            raise UserError(f"quantization {spec.method} is not applied while loading: make the artifact with "
+                            f"`llmfast quantize` (method {spec.method}), then evaluate it without `quantization`")
     if spec is None and adapter is not None:
         # A QLoRA adapter records the 4-bit base it was trained on: put it on that base, not on full precision.
         spec = manifest_quantization(read_manifest(adapter_dir(adapter)))

@@ -23,8 +23,8 @@ def _sparsify(model: str, out: str = "{W}/out/teal", method: str = "teal", confi
     return f"model: {model}\nsparsify: {{method: {method}, config: {config}}}\n{DATA}output: {out}\n"
 
 
-def _eval(model: str) -> str:
-    return (f"model: {model}\neval: {{perplexity: {{text: {TEXT}, max_tokens: 128, context: 64, stride: 64}}}}\n"
+def _eval(model: str, quantization: str = "") -> str:
+    return (f"model: {model}\n{quantization}eval: {{perplexity: {{text: {TEXT}, max_tokens: 128, context: 64, stride: 64}}}}\n"
             "output: {W}/out/eval.json\n")
 
 
@@ -62,6 +62,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     save_file({k: v for k, v in tensors.items() if "layers.1.mlp.down_proj" not in k}, missing / "model.safetensors",
               metadata={"format": "pt"})
     copy("broken-tokenizer").joinpath("tokenizer.json").write_text("{bad")
+    quantized = {**cfg, "quantization_config": {"quant_method": "bitnet"}}
+    copy("quantized").joinpath("config.json").write_text(json.dumps(quantized))
     for name, manifest in {"manifest-not-utf8": b"\xff\xfe{}", "manifest-a-list": b"[1]",
                            "manifest-sparsity-a-string": b'{"sparsity": "x"}',
                            "manifest-config-a-list": b'{"sparsity": {"method": "teal", "config": [1]}}'}.items():
@@ -109,6 +111,8 @@ RECIPES = {
     "ev-manifest-sparsity-a-string": _eval("{W}/models/manifest-sparsity-a-string"),
     "ev-manifest-config-a-list": _eval("{W}/models/manifest-config-a-list"),
     "ev-teal-target-a-string": _eval("{W}/models/teal-target-a-string"),
+    "ev-nf4-on-quantized": _eval("{W}/models/quantized", "quantization: nf4\n"),
+    "ev-w4-on-plain": _eval("{W}/models/tiny", "quantization: {method: w4, group_size: 32}\n"),
     "qt-pickle": _bitnet("{W}/models/pickle"),
     "qt-over-teal": _bitnet("{W}/models/teal"),
 }
@@ -137,6 +141,10 @@ CASES = {  # id: (argv, a piece of the one error line)
     "eval-manifest-config-a-list": (["eval", "{W}/recipes/ev-manifest-config-a-list.yaml"], "sparsity.config must"),
     "eval-manifest-target-a-string": (["eval", "{W}/recipes/ev-teal-target-a-string.yaml"],
                                       "sparsity.config.target"),
+    "eval-quantization-on-a-quantized-model": (["eval", "{W}/recipes/ev-nf4-on-quantized.yaml"],
+                                               "already quantized (bitnet)"),
+    "eval-quantization-not-applied-on-load": (["eval", "{W}/recipes/ev-w4-on-plain.yaml"],
+                                              "not applied while loading"),
     "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
     "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),

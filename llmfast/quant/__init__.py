@@ -3,6 +3,8 @@
 Light to import: each method imports torch and its library inside functions.
 """
 
+from pathlib import Path
+
 from llmfast.quant import bitnet, bnb4, w4  # noqa: F401  (registers the methods)
 from llmfast.quant.base import (
     DEFAULT_METHOD,
@@ -17,7 +19,23 @@ from llmfast.quant.base import (
 )
 
 __all__ = ["DEFAULT_METHOD", "QUANTIZERS", "QuantConfigBase", "Quantizer", "QuantSpec", "coerce_quantization",
-           "engines_for", "manifest_quantization", "parse_quantization", "is_quantized_format"]
+           "engines_for", "manifest_quantization", "parse_quantization", "is_quantized_format", "already_quantized"]
+
+
+def already_quantized(model_dir: Path) -> str | None:
+    """The method a model directory is already quantized with (from llmfast.json or config.json), or None."""
+    import json
+
+    from llmfast.artifacts import read_manifest
+
+    spec = manifest_quantization(read_manifest(model_dir))
+    if spec is not None:
+        return spec.method
+    try:
+        qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
 
 
 def is_quantized_format(word: str) -> bool:

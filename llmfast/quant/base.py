@@ -48,6 +48,9 @@ class Quantizer:
     paper: ClassVar[str] = ""
     # Bare words a recipe may write instead of a mapping, with the settings each stands for.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Whether `load` quantizes a full-precision model as it loads (a recipe's `quantization:` on a plain model);
+    # otherwise it reads only artifacts `llmfast quantize` made in its format.
+    quantizes_on_load: ClassVar[bool] = False
 
     def parse(self, raw: dict[str, Any]) -> QuantConfigBase:
         """Validate this method's settings (pydantic errors are turned into one line by `parse_quantization`)."""

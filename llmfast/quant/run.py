@@ -9,7 +9,6 @@ until the artifact is complete; `--resume` continues from them.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -17,21 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from llmfast.errors import UserError
-
-
-def already_quantized(model_dir: Path) -> str | None:
-    """The method an input model is already quantized with (from llmfast.json or config.json), or None."""
-    from llmfast.artifacts import read_manifest
-    from llmfast.quant import manifest_quantization
-
-    spec = manifest_quantization(read_manifest(model_dir))
-    if spec is not None:
-        return spec.method
-    try:
-        qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        return None
-    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
 
 
 def skeleton(model_dir: Path) -> Any:
@@ -63,6 +47,7 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
     from llmfast.artifacts import atomic_dir, check_output, check_work_dir, read_manifest, write_manifest
+    from llmfast.quant import already_quantized
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
     from llmfast.models import load_tokenizer, resolve_model
