@@ -70,6 +70,13 @@ class EvalConfig(StrictModel):
     max_new_tokens: PositiveInt = 48
     dtype: DType = "float32"
 
+    @model_validator(mode="after")
+    def _names_differ(self) -> "EvalConfig":  # results are keyed by task name: a repeat would hide one
+        names = [t.name for t in self.tasks]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"task names must differ ({', '.join(dup)} repeated)")
+        return self
+
 
 class EvalRecipe(StrictModel):
     model: str
@@ -290,6 +297,8 @@ def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder: give the recipe's YAML file")
     if not path.is_file():
         raise UserError(f"recipe {path} not found")
     raw = path.read_bytes()

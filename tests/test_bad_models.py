@@ -90,6 +90,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     for name, text in RECIPES.items():
         (recipes / f"{name}.yaml").write_text(text.replace("{W}", str(w)))
     (recipes / "recursive.yaml").write_text("model: &a [*a]\n")
+    (w / "task.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                  '"content": "b"}]}\n')
+    (recipes / "twice.yaml").write_text(f"model: {tiny}\neval:\n  tasks:\n    - {{name: t, path: {w}/task.jsonl}}\n"
+                                        f"    - {{name: t, path: {w}/task.jsonl}}\noutput: {w}/out/r.json\n")
     return w
 
 
@@ -148,6 +152,8 @@ CASES = {  # id: (argv, a piece of the one error line)
     "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
     "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),
+    "eval-task-names-repeated": (["eval", "{W}/recipes/twice.yaml"], "task names must differ (t repeated)"),
+    "recipe-is-a-folder": (["eval", "{W}/recipes"], "is a folder"),
     "recipe-recursive-alias": (["sparsify", "{W}/recipes/recursive.yaml"], "refers to its own anchor"),
 }
 
