@@ -206,12 +206,16 @@ def check_work_dir(work: Path) -> None:
                         "and deletes it when done): move it away, or choose another output")
 
 
-def claim_work_dir(work: Path) -> Path:
-    """Create (or keep) the work folder, marked as llmfast's; returns it."""
-    check_work_dir(work)
+def mark_work_dir(work: Path) -> Path:
+    """Create (or keep) the work folder, marked as llmfast's (the verb checked it with `check_work_dir`)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / WORK_MARK).touch()
     return work
+
+
+def holds_work(work: Path) -> bool:
+    """Whether an earlier run left anything in the work folder besides the mark."""
+    return work.is_dir() and any(p.name != WORK_MARK for p in work.iterdir())
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

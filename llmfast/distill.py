@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.artifacts import atomic_dir, atomic_write_json, claim_work_dir
+from llmfast.artifacts import atomic_dir, atomic_write_json, mark_work_dir
 from llmfast.errors import UserError
 
 
@@ -219,7 +219,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     start = resume_from(work, student, optimizer, settings, digest) if resume else 0
     if start:
         print(f"resuming from step {start} of {settings.steps}", file=sys.stderr)
-    claim_work_dir(work)  # marked as llmfast's: the verb removes it when the artifact is complete
+    mark_work_dir(work)  # llmfast's: the verb removes it when the artifact is complete
     log_path = work / "train_log.jsonl"
     if log_path.is_file():  # keep only lines of steps that the checkpoint covers (none when starting afresh)
         kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start else []

@@ -242,10 +242,10 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
         from llmfast.quant import already_quantized
 
         done = own.method if own is not None else already_quantized(Path(path))
-        if done:
+        if done and done not in (spec.method, *spec.quantizer.config_names):  # the same format checks its settings
             raise UserError(f"{path} is already quantized ({done}): drop `quantization` from the recipe (an "
                             "artifact's own format is read from its files)")
-        if not spec.quantizer.quantizes_on_load:
+        if not done and not spec.quantizer.quantizes_on_load:
             raise UserError(f"quantization {spec.method} is not applied while loading: make the artifact with "
                             f"`llmfast quantize` (method {spec.method}), then evaluate it without `quantization`")
     if spec is None and adapter is not None:

@@ -144,7 +144,7 @@ CASES = [
     Case("eval-out-readonly", ("eval", "{W}/recipes/ev.yaml", "--output", "{W}/readonly/r.json"), "no permission"),
     Case("eval-missing-recipe", ("eval", "{W}/recipes/nope.yaml"), "not found"),
     Case("eval-recipe-not-utf8", ("eval", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),
-    Case("eval-recipe-is-a-dir", ("eval", "{W}/recipes"), "not found"),
+    Case("eval-recipe-is-a-dir", ("eval", "{W}/recipes"), "is a folder"),
     Case("eval-bad-set", ("eval", "{W}/recipes/ev.yaml", "--set", "eval.batch_size=zero"), "eval.batch_size"),
     Case("eval-bad-flag", ("eval", "{W}/recipes/ev.yaml", "--frobnicate"), "unrecognized arguments"),
     # ---- finetune

@@ -51,6 +51,8 @@ class Quantizer:
     # Whether `load` quantizes a full-precision model as it loads (a recipe's `quantization:` on a plain model);
     # otherwise it reads only artifacts `llmfast quantize` made in its format.
     quantizes_on_load: ClassVar[bool] = False
+    # The `quant_method` names transformers' config.json gives checkpoints in this format (one made elsewhere).
+    config_names: ClassVar[tuple[str, ...]] = ()
 
     def parse(self, raw: dict[str, Any]) -> QuantConfigBase:
         """Validate this method's settings (pydantic errors are turned into one line by `parse_quantization`)."""

@@ -95,6 +95,7 @@ def _torch_dtype(dtype: str) -> Any:
 class Bnb4(Quantizer):
     name = "bnb4"
     quantizes_on_load = True  # bitsandbytes quantizes a full-precision model as transformers loads it
+    config_names = ("bitsandbytes",)
     Config = Bnb4Config
     paper = "QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)"
     shorthands = {"nf4": {"type": "nf4"}, "fp4": {"type": "fp4"}}

@@ -46,7 +46,8 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
-    from llmfast.artifacts import atomic_dir, check_output, check_work_dir, read_manifest, write_manifest
+    from llmfast.artifacts import (atomic_dir, check_output, check_work_dir, holds_work, mark_work_dir, read_manifest,
+                                   write_manifest)
     from llmfast.quant import already_quantized
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
@@ -56,7 +57,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     out = check_output(recipe.output, overwrite, inputs=[recipe.model if Path(recipe.model).exists() else None])
     work = out.with_name(out.name + ".checkpoints")
     check_work_dir(work)  # removed below when starting afresh or done: never a user's folder of that name
-    if work.exists() and not (resume or overwrite):
+    if holds_work(work) and not (resume or overwrite):
         raise UserError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, or --overwrite "
                         "to start again")
     source = resolve_model(recipe.model)
@@ -80,6 +81,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
         ("rows", "train_rows", "heldout", "mixed", "mixed_train"))
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
+    mark_work_dir(work)  # before a method writes into it: what a kill leaves there is known to be llmfast's
     start = time.time()
     with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=data["rows"],
