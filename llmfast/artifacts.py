@@ -213,6 +213,19 @@ def mark_work_dir(work: Path) -> Path:
     return work
 
 
+@contextlib.contextmanager
+def marked_work_dir(work: Path) -> Iterator[Path]:
+    """The verb's work folder, marked for the run; if the run fails before anything but the mark is in it (a
+    setting the method refuses), it is removed again, so a refused run leaves nothing."""
+    mark_work_dir(work)
+    try:
+        yield work
+    except BaseException:
+        if not holds_work(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def holds_work(work: Path) -> bool:
     """Whether an earlier run left anything in the work folder besides the mark."""
     return work.is_dir() and any(p.name != WORK_MARK for p in work.iterdir())

@@ -46,7 +46,7 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
-    from llmfast.artifacts import (atomic_dir, check_output, check_work_dir, holds_work, mark_work_dir, read_manifest,
+    from llmfast.artifacts import (atomic_dir, check_output, check_work_dir, holds_work, marked_work_dir, read_manifest,
                                    write_manifest)
     from llmfast.quant import already_quantized
     from llmfast.calibration import used_data
@@ -81,9 +81,9 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
         ("rows", "train_rows", "heldout", "mixed", "mixed_train"))
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
-    mark_work_dir(work)  # before a method writes into it: what a kill leaves there is known to be llmfast's
     start = time.time()
-    with atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
+    # the work folder marked before a method writes into it: what a kill leaves there is known to be llmfast's
+    with marked_work_dir(work), atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=data["rows"],
                                           train_rows=data["train_rows"], heldout=data["heldout"], dtype=recipe.dtype,
                                           work_dir=work, resume=resume)

@@ -71,7 +71,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     """Write the sparsified artifact at recipe.output; return its metrics."""
     import torch
 
-    from llmfast.artifacts import atomic_dir, mark_work_dir, write_manifest
+    from llmfast.artifacts import atomic_dir, marked_work_dir, write_manifest
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
@@ -106,12 +106,12 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
         apply_inherited(model, model_path, {"method": method.name, "attention": attention})
     if not resume and work.exists():  # checked above: --overwrite, or only a log without checkpoints
         shutil.rmtree(work)
-    mark_work_dir(work)  # before the method writes into it: what a kill leaves there is known to be llmfast's
     job = base.SparsifyJob(model_spec=recipe.model, model_path=model_path, model=model, tokenizer=tokenizer,
                            dtype=recipe.dtype, train_rows=train_rows, calibration=calibration, heldout=heldout,
                            window=d.window, work_dir=work, resume=resume)
     cfg = recipe.sparsify.config
-    with atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
+    # the work folder marked before the method writes into it: what a kill leaves there is known to be llmfast's
+    with marked_work_dir(work), atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
         metrics = method.sparsify(job, cfg, tmp)
         metrics.update({
             "method": method.name, "wall_seconds": round(time.perf_counter() - t0, 1),
