@@ -69,8 +69,9 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
     """Refuse an output path that would lose a user's files; return it.
 
     An existing output is refused unless `overwrite`; an output that is one of the `inputs`, a folder
-    holding one, or a folder inside an input folder, is refused always (replacing it would delete the input before it is read); a regular file
-    where a directory is wanted, and a parent that cannot be created, are one-line errors too.
+    holding one, or a folder inside an input folder, is refused always (replacing it would delete or change the
+    input); so are an empty output, the current folder and those above it; a regular file where a directory is
+    wanted, and a parent that cannot be created, are one-line errors too.
     """
     final = Path(final).expanduser()
     resolved = final.resolve()

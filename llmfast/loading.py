@@ -41,7 +41,8 @@ def refuse_pickle_weights(path: str | os.PathLike[str]) -> None:
                     "re-create or re-download the model")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (for one-line errors wrapping a library's own)."""
     text = str(e).strip().splitlines()
     return text[0][:240] if text else type(e).__name__
 
@@ -59,7 +60,7 @@ def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":
         raise
     except Exception as e:  # transformers' own errors on a config a user can fix
         raise UserError(f"{Path(path) / 'config.json'}: transformers cannot build this model ({type(e).__name__}: "
-                        f"{_first_line(e)}): fix the config or re-create the model") from None
+                        f"{first_line(e)}): fix the config or re-create the model") from None
 
 
 def check_weights_fit(path: str | os.PathLike[str]) -> None:
@@ -79,10 +80,11 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
     for f in (f for f in files if f.is_file()):  # not an artifact's other files (thresholds, predictors)
         stored.update({k: v.get("shape") for k, v in safetensors_header(f, fix).items() if k != "__metadata__"})
     skeleton = meta_skeleton(p)
+    tensors = skeleton.state_dict(keep_vars=True)
     names: dict[int, list[str]] = {}  # tied parameters (a head sharing the embedding) are one tensor, stored once
-    for name, t in skeleton.state_dict(keep_vars=True).items():
+    for name, t in tensors.items():
         names.setdefault(id(t), []).append(name)
-    expected = {tuple(group): list(skeleton.state_dict(keep_vars=True)[group[0]].shape) for group in names.values()}
+    expected = {tuple(group): list(tensors[group[0]].shape) for group in names.values()}
     wrong = [(n, stored[n], shape) for group, shape in expected.items() for n in group
              if n in stored and stored[n] != shape]
     if wrong:
@@ -112,13 +114,14 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
     except UserError:
         raise
     except Exception as e:  # transformers' own errors on a config or weights a user can fix
-        raise UserError(f"{path}: transformers cannot load this model ({type(e).__name__}: {_first_line(e)}): "
+        raise UserError(f"{path}: transformers cannot load this model ({type(e).__name__}: {first_line(e)}): "
                         "fix its config.json and weights, or re-create the model") from None
     quantized = "quantization_config" in kwargs or getattr(model.config, "quantization_config", None) is not None
     missing = sorted(info.get("missing_keys") or []) if not quantized else []
     mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
     if missing or mismatched:
         what = (f"{len(missing)} tensor(s) its config needs are missing ({', '.join(missing[:3])})" if missing
-                else f"{len(mismatched)} tensor(s) have another shape than its config says ({', '.join(mismatched[:3])})")
+                else f"{len(mismatched)} tensor(s) have another shape than its config says "
+                     f"({', '.join(mismatched[:3])})")
         raise UserError(f"{path}: {what}: the weights are incomplete or belong to another model; re-create the model")
     return model

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from llmfast.artifacts import atomic_dir, write_manifest
 from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
-from llmfast.loading import from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
+from llmfast.loading import first_line, from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
 from llmfast.modelfiles import check_adapter_dir, check_model_dir
 
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
@@ -216,9 +216,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors
-        text = str(e).strip().splitlines()
         raise UserError(f"{path}: transformers cannot load its tokenizer ({type(e).__name__}: "
-                        f"{text[0][:240] if text else ''}): restore tokenizer.json and tokenizer_config.json "
+                        f"{first_line(e)}): restore tokenizer.json and tokenizer_config.json "
                         "(e.g. from the model it was made from)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
