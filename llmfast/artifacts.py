@@ -249,7 +249,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise UserError(f"{path}: a manifest is a JSON object, this is a {type(data).__name__}: delete or fix it")
     for section in ("sparsity", "quantization"):  # what loaders dispatch on: their shape is checked here, once
         spec = data.get(section)
-        if spec is None:
+        if spec is None or (section == "quantization" and isinstance(spec, bool)):  # bool: older versions' form
             continue
         if not isinstance(spec, dict):
             raise UserError(f"{path}: {section} must be a JSON object, not {type(spec).__name__}: rebuild the "

@@ -148,6 +148,10 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         check_adapter_dir(adapter_dir(recipe.adapter))
     t0 = time.perf_counter()
     path = resolve_model(recipe.model)
+    if cfg.perplexity is not None:
+        from llmfast.loading import check_positions
+
+        check_positions(path, cfg.perplexity.context, "eval.perplexity.context")
 
     import torch
 

@@ -47,6 +47,28 @@ def first_line(e: BaseException) -> str:
     return text[0][:240] if text else type(e).__name__
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None:
+    """Refuse a window or context of `length` tokens beyond the positions the model's config.json declares:
+    a learned position table fails on them mid-run with an index error, rotary ones give numbers the model was
+    never trained for. A config that declares none (or cannot be read: its loader says so) is not checked."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for name in POSITION_KEYS if isinstance(cfg, dict) else ():
+        limit = cfg.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if length > limit:
+                raise UserError(f"{key} is {length} tokens, beyond the {limit} positions of {path} (config.json "
+                                f"{name}): set {key} to at most {limit}")
+            return
+
+
 def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":
     """The model's modules on the meta device: every shape, no weights, nothing read but config.json; a config
     transformers refuses (an unknown model_type, a field of the wrong type) is one line naming the directory."""

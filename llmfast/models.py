@@ -235,7 +235,7 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization, parse_quantization
 
-    own = manifest_quantization(read_manifest(path))
+    own = manifest_quantization(read_manifest(path), path)
     spec = parse_quantization(quantization) if quantization else own
     if quantization and spec is not None:  # a recipe's quantization on top of a model: only on a plain one
         from llmfast.quant import already_quantized
@@ -249,11 +249,17 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
                             f"`llmfast quantize` (method {spec.method}), then evaluate it without `quantization`")
     if spec is None and adapter is not None:
         # A QLoRA adapter records the 4-bit base it was trained on: put it on that base, not on full precision.
-        spec = manifest_quantization(read_manifest(adapter_dir(adapter)))
+        spec = manifest_quantization(read_manifest(adapter_dir(adapter)), adapter_dir(adapter))
     from llmfast.sparse.base import apply_artifact_sparsity, artifact_sparsity
     from llmfast.sparse.relu_cut import apply_config_cut
 
     sparsity = artifact_sparsity(path)  # its settings checked before minutes of loading, not after
+    if sparsity is not None and spec is None:  # and its files (thresholds, predictors) against the model's shapes:
+        from llmfast.loading import meta_skeleton  # put on the modules on the meta device first, where a misfit
+
+        skeleton = meta_skeleton(path)  # is one line before the weights (and their progress bar) load
+        apply_config_cut(skeleton, path)
+        apply_artifact_sparsity(skeleton, path, sparsity)
     if spec is not None:
         model = spec.quantizer.load(Path(path), spec.config, dtype, **kwargs)
     else:

@@ -66,13 +66,19 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     copy("quantized").joinpath("config.json").write_text(json.dumps(quantized))
     for name, manifest in {"manifest-not-utf8": b"\xff\xfe{}", "manifest-a-list": b"[1]",
                            "manifest-sparsity-a-string": b'{"sparsity": "x"}',
-                           "manifest-config-a-list": b'{"sparsity": {"method": "teal", "config": [1]}}'}.items():
+                           "manifest-config-a-list": b'{"sparsity": {"method": "teal", "config": [1]}}',
+                           "manifest-quantization-unknown": b'{"quantization": {"method": "nf5"}}'}.items():
         copy(name).joinpath("llmfast.json").write_bytes(manifest)
     teal = make_artifact(tiny, m / "teal", "teal")
     bad_target = Path(shutil.copytree(teal, m / "teal-target-a-string"))
     man = json.loads((teal / "llmfast.json").read_text())
     man["sparsity"]["config"] = {"target": "x"}
     (bad_target / "llmfast.json").write_text(json.dumps(man))
+    thresholds = load_file(teal / "sparsity.safetensors")
+    wrong_shape = Path(shutil.copytree(teal, m / "teal-thresholds-wrong-shape"))
+    save_file({k: torch.cat([v, v]) for k, v in thresholds.items()}, wrong_shape / "sparsity.safetensors")
+    damaged = Path(shutil.copytree(teal, m / "teal-thresholds-damaged"))
+    (damaged / "sparsity.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -117,6 +123,12 @@ RECIPES = {
     "ev-teal-target-a-string": _eval("{W}/models/teal-target-a-string"),
     "ev-nf4-on-quantized": _eval("{W}/models/quantized", "quantization: nf4\n"),
     "ev-w4-on-plain": _eval("{W}/models/tiny", "quantization: {method: w4, group_size: 32}\n"),
+    "ev-manifest-quantization-unknown": _eval("{W}/models/manifest-quantization-unknown"),
+    "ev-teal-thresholds-wrong-shape": _eval("{W}/models/teal-thresholds-wrong-shape"),
+    "ev-teal-thresholds-damaged": _eval("{W}/models/teal-thresholds-damaged"),
+    "qt-w4": f"model: {{W}}/models/tiny\nquantization: {{method: w4, group_size: 32}}\n{DATA}output: {{W}}/out/w4\n",
+    "bench-long": ("variants: [{name: a, model: {W}/models/tiny}]\nworkload: {input_len: 2040, output_len: 16}\n"
+                   "output: {W}/out/bench\n"),
     "qt-pickle": _bitnet("{W}/models/pickle"),
     "qt-over-teal": _bitnet("{W}/models/teal"),
 }
@@ -149,6 +161,21 @@ CASES = {  # id: (argv, a piece of the one error line)
                                                "already quantized (bitnet)"),
     "eval-quantization-not-applied-on-load": (["eval", "{W}/recipes/ev-w4-on-plain.yaml"],
                                               "not applied while loading"),
+    "eval-manifest-quantization-unknown": (["eval", "{W}/recipes/ev-manifest-quantization-unknown.yaml"],
+                                           "manifest-quantization-unknown/llmfast.json: quantization"),
+    "eval-thresholds-of-another-model": (["eval", "{W}/recipes/ev-teal-thresholds-wrong-shape.yaml"],
+                                         "teal-thresholds-wrong-shape/sparsity.safetensors: mlp_in thresholds have"),
+    "eval-thresholds-damaged": (["eval", "{W}/recipes/ev-teal-thresholds-damaged.yaml"],
+                                "teal-thresholds-damaged/sparsity.safetensors: corrupt safetensors header"),
+    "eval-context-beyond-positions": (["eval", "{W}/recipes/ev-missing-tensor.yaml", "--set",
+                                       "eval.perplexity.context=4096"], "beyond the 2048 positions"),
+    "sparsify-window-beyond-positions": (["sparsify", "{W}/recipes/sp-missing-tensor.yaml", "--set",
+                                          "data.window=4096", "--set", "model={W}/models/tiny"],
+                                         "data.window is 4096 tokens, beyond the 2048 positions"),
+    "quantize-window-beyond-positions": (["quantize", "{W}/recipes/qt-w4.yaml", "--set", "data.window=4096"],
+                                         "data.window is 4096 tokens"),
+    "bench-workload-beyond-positions": (["bench", "run", "{W}/recipes/bench-long.yaml"],
+                                        "workload.input_len + workload.output_len is 2056 tokens"),
     "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
     "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),

@@ -160,6 +160,28 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
     assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, path])
 
 
+@pytest.mark.parametrize("empty_output", [False, True])
+def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    if empty_output:
+        out.mkdir()
+    recipe = chain(tiny, out)
+    recipe["stages"]["data"]["with"]["tasks"] = ["datez"]
+    path = write(tmp_path / "bad.yaml", recipe)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "datez" in err[-1]
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # no run folder (or an empty one, as it was)
+    # and the output is not claimed: another recipe may take it
+    other = chain(tiny, out)
+    other["stages"] = {"data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}}}
+    assert main(["run", str(write(tmp_path / "other.yaml", other))]) == 0
+    assert (out / "data" / "dates" / "train.jsonl").is_file()
+
+
 def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     recipe = chain(tiny, out)

@@ -88,10 +88,14 @@ def test_recipes_validate_quantization_in_two_steps(tmp_path):
     assert FinetuneRecipe.model_validate(json.loads(r.model_dump_json())).quantization == r.quantization
 
 
-def test_manifests_old_and_new():
+def test_manifests_old_and_new(tmp_path):
+    from llmfast.artifacts import read_manifest
+
     new = {"quantization": {"method": "bnb4", "config": {"bits": 4, "type": "fp4", "double_quant": False}}}
     old = {"quantization": True, "recipe": {"quantization": {"bits": 4, "type": "fp4", "double_quant": False}}}
     assert manifest_quantization(new) == manifest_quantization(old) == parse_quantization(new["quantization"])
+    (tmp_path / "llmfast.json").write_text(json.dumps(old))  # what older versions wrote is still read from disk
+    assert manifest_quantization(read_manifest(tmp_path), tmp_path) == parse_quantization(new["quantization"])
     assert manifest_quantization({"quantization": False}) is None and manifest_quantization(None) is None
     assert manifest_quantization({"quantization": None}) is None
 

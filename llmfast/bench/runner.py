@@ -79,10 +79,16 @@ def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfi
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"variants: names must differ ({', '.join(dup)} repeated)")
+    from llmfast.loading import check_positions
+
+    w = recipe.workload
     out = []
     for cfg in recipe.variants:
         try:
             v = resolve_variant(cfg.name, cfg.model, str(cfg.lora) if cfg.lora else None, cfg.quantization)
+            check_positions(v.model_dir, w.input_len + w.output_len, "workload.input_len + workload.output_len")
+            if recipe.quality is not None and recipe.quality.perplexity is not None:
+                check_positions(v.model_dir, recipe.quality.perplexity.context, "quality.perplexity.context")
         except UserError as e:
             raise UserError(f"variant '{cfg.name}': {e}") from None
         out.append((v, choose_engine(v, cfg.engine), cfg))

@@ -148,8 +148,39 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
     if dry_run:
         print(format_plan(stages, decisions))
         return out
+    existed = out.exists()
+    fresh = not existed or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / OWNER, {"recipe": str(recipe_path.resolve())})
+    try:
+        _run_stages(out, stages, decisions, run_verb)
+    except BaseException:
+        if fresh:
+            _drop_if_only_bookkeeping(out, keep_folder=existed)
+        raise
+    return out
+
+
+def _drop_if_only_bookkeeping(out: Path, keep_folder: bool) -> None:
+    """A new run folder whose first stage failed before writing anything holds only the chain's own files: remove
+    them (and the folder unless it was there, empty, before), so a failed run leaves nothing on disk and the
+    output stays free for another recipe."""
+    own = {OWNER, ".state", ".recipes"}
+    if not {p.name for p in out.iterdir()} <= own or any((out / ".state").glob("*.json")):
+        return
+    if not keep_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in own:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _run_stages(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, str]],
+                run_verb: Callable[[list[str]], int]) -> None:
     for i, stage in enumerate(stages, 1):
         action, why = decisions[stage.name]
         print(f"[{i}/{len(stages)}] {stage.name} ({stage.type}): {action} ({why})", file=sys.stderr, flush=True)
@@ -161,7 +192,6 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
         began = time.time()
         run_stage(out, stage, action == "resume", run_verb)
         atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "seconds": round(time.time() - began, 1)})
-    return out
 
 
 def stage_seconds(out: Path) -> dict[str, Any]:

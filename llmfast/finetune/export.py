@@ -74,7 +74,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     manifest = read_manifest(adapter_dir) or {}
     base = base_of(adapter_dir, manifest)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
-    quant = manifest_quantization(manifest)
+    quant = manifest_quantization(manifest, adapter_dir)
 
     if quant is not None:
         import torch

@@ -28,7 +28,7 @@ def already_quantized(model_dir: Path) -> str | None:
 
     from llmfast.artifacts import read_manifest
 
-    spec = manifest_quantization(read_manifest(model_dir))
+    spec = manifest_quantization(read_manifest(model_dir), model_dir)
     if spec is not None:
         return spec.method
     try:

@@ -198,9 +198,10 @@ def engines_for(quant: Any) -> tuple[str, ...]:
     return ("vllm", "hf") if spec is None else spec.engines()
 
 
-def manifest_quantization(manifest: dict[str, Any] | None) -> QuantSpec | None:
+def manifest_quantization(manifest: dict[str, Any] | None, folder: str | Path | None = None) -> QuantSpec | None:
     """The quantization an artifact's llmfast.json records, also in the form older versions wrote
-    (`quantization: true` beside the recipe's `quantization: {type: ..., double_quant: ...}`)."""
+    (`quantization: true` beside the recipe's `quantization: {type: ..., double_quant: ...}`); `folder`, the
+    artifact's, is named in errors."""
     if not manifest:
         return None
     q = manifest.get("quantization")
@@ -208,4 +209,5 @@ def manifest_quantization(manifest: dict[str, Any] | None) -> QuantSpec | None:
         q = (manifest.get("recipe") or {}).get("quantization") or {}
     if not q:
         return None
-    return parse_quantization(q, where="llmfast.json: quantization")
+    where = Path(folder) / "llmfast.json" if folder is not None else "llmfast.json"
+    return parse_quantization(q, where=f"{where}: quantization")

@@ -62,10 +62,12 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
                         "to start again")
     source = resolve_model(recipe.model)
     check_output(out, overwrite, inputs=[source])
-    from llmfast.loading import check_weights_fit, refuse_pickle_weights
+    from llmfast.loading import check_positions, check_weights_fit, refuse_pickle_weights
 
     refuse_pickle_weights(source)  # what the methods' loaders refuse, before anything is written
     check_weights_fit(source)
+    if recipe.data is not None:
+        check_positions(source, recipe.data.window, "data.window")
     done = already_quantized(source)
     if done:
         raise UserError(f"{recipe.model} is already quantized ({done}): quantize the full-precision model it "

@@ -103,7 +103,7 @@ def _format_dtype(model_dir: Path) -> str | None:
     from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization
 
-    spec = manifest_quantization(read_manifest(model_dir))
+    spec = manifest_quantization(read_manifest(model_dir), model_dir)
     return spec.quantizer.cpu_serve_dtype(spec.config) if spec is not None else None
 
 
@@ -261,7 +261,7 @@ def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> N
 
     from llmfast.quant import manifest_quantization
 
-    spec = manifest_quantization(manifest)
+    spec = manifest_quantization(manifest, model_dir)
     if spec is None or "vllm" in spec.engines():
         return
     where = "this GPU" if torch.cuda.is_available() else "this CPU"

@@ -72,6 +72,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     import torch
 
     from llmfast.artifacts import atomic_dir, marked_work_dir, write_manifest
+    from llmfast.loading import check_positions
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
@@ -83,6 +84,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     model_path = resolve_model(recipe.model)
     attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
     _check_architecture(model_path, recipe.model)
+    check_positions(model_path, recipe.data.window, "data.window")
     tokenizer = load_tokenizer(model_path)
     d = recipe.data
     ids = text_ids(tokenizer, d.text)

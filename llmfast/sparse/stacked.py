@@ -100,4 +100,5 @@ def apply_inherited(model: "PreTrainedModel", artifact: Path, spec: dict[str, An
     """Hook the inherited attention thresholds (if any) into `model`; returns the handles."""
     thresholds = inherited_thresholds(artifact, spec)
     device = next(model.parameters()).device
-    return install_thresholds(model, {s: t.to(device) for s, t in thresholds.items()}) if thresholds else []
+    return install_thresholds(model, {s: t.to(device) for s, t in thresholds.items()},
+                              where=str(Path(artifact) / THRESHOLDS_FILE)) if thresholds else []

@@ -79,9 +79,9 @@ def _calibrated(x: "torch.Tensor", thresholds: "torch.Tensor", i: int, target: f
 
 
 def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Tensor"],
-                       calibrate: float | None = None) -> list[Any]:
+                       calibrate: float | None = None, where: str = "") -> list[Any]:
     """Hook `thresholds` ({site: vector over layers}) into the model's gated MLPs and attention projections;
-    return the hook handles.
+    return the hook handles. `where`, the thresholds' file, is named in errors.
 
     With `calibrate` (a target fraction), NaN entries are filled from the first batch that reaches them.
     `attn_in` is one threshold per layer hooked on each of q_proj, k_proj and v_proj: they read the same
@@ -97,8 +97,9 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
         if site not in SITES:
             raise UserError(f"unknown threshold site '{site}' (known: {', '.join(SITES)})")
         if vec.shape != (len(mlps),):
-            raise UserError(f"{site} thresholds have shape {tuple(vec.shape)}, the model has {len(mlps)} gated MLPs: "
-                            "the thresholds belong to another model")
+            raise UserError(f"{where + ': ' if where else ''}{site} thresholds have shape {tuple(vec.shape)}, the "
+                            f"model has {len(mlps)} gated MLPs: the thresholds belong to another model; rebuild them "
+                            "with `llmfast sparsify`")
         if site in ATTENTION_SITES:
             handles += _attention_hooks(attns, site, vec, calibrate)
             continue
@@ -210,7 +211,8 @@ class ThresholdSparsifier(Sparsifier):
 
     def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
         tensors = load_thresholds(artifact, self.name, self.sites_for(cfg))
-        install_thresholds(model, {s: t.to(model.device) for s, t in tensors.items()})
+        install_thresholds(model, {s: t.to(model.device) for s, t in tensors.items()},
+                           where=str(Path(artifact) / THRESHOLDS_FILE))
 
 
 def load_thresholds(artifact: Path, method: str, sites: tuple[str, ...]) -> dict[str, "torch.Tensor"]:
@@ -222,8 +224,18 @@ def load_thresholds(artifact: Path, method: str, sites: tuple[str, ...]) -> dict
     if not path.is_file():
         raise UserError(f"{artifact}: a {method} artifact without {THRESHOLDS_FILE}: rebuild it with "
                         "`llmfast sparsify`")
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        from llmfast.loading import first_line
+
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(e)}): rebuild it with "
+                        "`llmfast sparsify`") from None
     missing = [s for s in sites if s not in tensors]
     if missing:
         raise UserError(f"{path}: no thresholds for {', '.join(missing)}: rebuild it with `llmfast sparsify`")
+    for s in sites:
+        if tensors[s].dim() != 1 or not tensors[s].is_floating_point():
+            raise UserError(f"{path}: {s} thresholds are a {tensors[s].dtype} tensor of shape "
+                            f"{tuple(tensors[s].shape)}, not one float per layer: rebuild it with `llmfast sparsify`")
     return {s: tensors[s] for s in sites}

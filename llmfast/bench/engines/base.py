@@ -64,7 +64,7 @@ def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) 
     model_dir = resolve_model(model)
     adapter = check_lora(name, lora, base=model_dir) if lora else None
     manifest = read_manifest(model_dir)
-    quant = parse_quantization(quantization) if quantization else manifest_quantization(manifest)
+    quant = parse_quantization(quantization) if quantization else manifest_quantization(manifest, model_dir)
     sparsity = ((manifest or {}).get("sparsity") or {}).get("method")
     return Variant(name=name, model_dir=model_dir, lora=adapter, quantization=quant, sparsity=sparsity)
 
