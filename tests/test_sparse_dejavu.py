@@ -309,11 +309,17 @@ def test_save_load_round_trip(tmp_path):
     ("one layer", "1 predictors for a model with 2 gated MLPs"),
     ("missing key", "missing 1.bias: rebuild it"),
 ])
-def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change, expected):
+def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change, expected, monkeypatch):
     from safetensors.torch import load_file, save_file
 
+    import llmfast.models
     from llmfast.errors import UserError
     from llmfast.models import load_model
+
+    def weights_loaded(*args, **kwargs):  # the misfit is found on the meta device, before the weights load
+        raise AssertionError("the weights were loaded before the predictors were checked")
+
+    monkeypatch.setattr(llmfast.models, "from_pretrained", weights_loaded)
     from llmfast.sparse.predictors import FORMAT
 
     art = shutil.copytree(small, tmp_path / "out")
