@@ -31,13 +31,14 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from llmfast.modelfiles import describe_model_dir
-    from llmfast.models import BUILTINS, builtin_gguf_path, cache_dir, resolve_model
+    from llmfast.models import BUILTINS, builtin_gguf_path, cache_dir, refuse_pickle_weights, resolve_model
 
     if args.prepare:
         for name in args.prepare:
             # A bare built-in name is a shorthand; anything else (builtin:NAME, a .gguf, a directory, a hub id)
             # resolves as everywhere else.
             path = resolve_model(f"builtin:{name}" if name in BUILTINS else name)
+            refuse_pickle_weights(path)  # prepared means loadable: every other verb refuses pickle-only weights
             info = describe_model_dir(path)
             print(f"{name}: {path} ({info['architecture']}, {info['layers']} layers, {info['dtype']})")
         return 0

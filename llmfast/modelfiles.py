@@ -40,8 +40,12 @@ def describe_model_dir(path: Path) -> dict[str, Any]:
     cfg = read_json_file(Path(path) / "config.json", "model config", f"re-create the model in {path}")
     if not isinstance(cfg, dict):
         raise UserError(f"{Path(path) / 'config.json'}: the model config is not a JSON object: re-create the model")
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise UserError(f"{Path(path) / 'config.json'}: architectures must be a list of class names (e.g. "
+                        f"[\"LlamaForCausalLM\"]), not {archs!r}: fix the config or re-create the model")
     return {
-        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "architecture": (archs or ["?"])[0],
         "layers": cfg.get("num_hidden_layers"),
         "hidden": cfg.get("hidden_size"),
         "vocab": cfg.get("vocab_size"),
@@ -140,13 +144,20 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
         raise UserError(f"{cfg_path}: neither 'peft_type' nor 'r': not a PEFT LoRA adapter config: {fix}")
     for key in ("r", "lora_alpha"):  # what PEFT computes the scaling from: a wrong type fails deep inside it
         value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise UserError(f"{cfg_path}: '{key}' must be a positive number, not {value!r}: {fix}")
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
-        safetensors_header(weights, fix)
+        names = set(safetensors_header(weights, fix)) - {"__metadata__"}
+        for name in sorted(names):  # a LoRA matrix without its partner: PEFT would keep the partner's random init
+            for one, other in (("lora_A", "lora_B"), ("lora_B", "lora_A"), ("lora_embedding_A", "lora_embedding_B"),
+                               ("lora_embedding_B", "lora_embedding_A")):
+                if f".{one}." in name and name.replace(f".{one}.", f".{other}.") not in names:
+                    raise UserError(f"{weights}: {name} has no {other} beside it: the file is incomplete; {fix}")
     elif (path / "adapter_model.bin").is_file():
         raise UserError(f"{path}: its weights are a pickle file (adapter_model.bin), which llmfast does not load (a "
                         "pickle can run code): in a trusted environment load it with PEFT and save it with "
                         "save_pretrained(DIR, safe_serialization=True), then use DIR")
+    else:  # PEFT would look for it on the hub instead, and fail there with a traceback
+        raise UserError(f"{path}: no adapter_model.safetensors: the adapter's weights are missing; {fix}")
     return path

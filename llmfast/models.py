@@ -269,11 +269,31 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     apply_config_cut(model, path)
     apply_artifact_sparsity(model, path, sparsity)
     if adapter is not None:
-        from peft import PeftModel
-
-        a = check_adapter_dir(adapter_dir(adapter))
-        model = PeftModel.from_pretrained(model, str(a))
+        model = attach_adapter(model, check_adapter_dir(adapter_dir(adapter)), Path(path))
     model.eval()
+    return model
+
+
+def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
+    """A checked adapter directory on `model` (PEFT): what PEFT raises is one line naming the adapter, and every
+    LoRA tensor the adapter's config puts on the model must be in its weights file (PEFT would keep a missing one
+    at its random initial value, with a warning)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from llmfast.modelfiles import safetensors_header
+
+    fix = f"use it with the base model it was trained on ({base} is this one), or re-create it"
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:  # noqa: BLE001 - PEFT's and torch's own error types: size mismatch, no matching module
+        m = re.search(r"size mismatch for ([\w.]+)", str(e))
+        why = f"{m.group(1)} has another shape" if m else f"{type(e).__name__}: {first_line(e)}"
+        raise UserError(f"{adapter} does not fit the model: {why}; {fix}") from None
+    stored = set(safetensors_header(adapter / "adapter_model.safetensors", fix)) - {"__metadata__"}
+    missing = sorted(set(get_peft_model_state_dict(model)) - stored)
+    if missing:
+        raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(missing)} LoRA tensor(s) its config needs are "
+                        f"missing ({', '.join(missing[:2])}): the file is incomplete; re-create the adapter")
     return model
 
 

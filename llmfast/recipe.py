@@ -42,6 +42,8 @@ def _must_exist(kind: str) -> Any:
 
 
 ExistingFile = Annotated[Path, _must_exist("file")]
+# Where a verb writes: `~` is the user's home, as in a shell (every file of the run goes there, not to a `./~`).
+OutputPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
 DType = Literal["float32", "bfloat16", "float16"]
 # A quantization method and its settings, checked in two steps by llmfast/quant: the method (`method:`, a
@@ -83,7 +85,7 @@ class EvalRecipe(StrictModel):
     adapter: ExistingPath | None = None  # a LoRA adapter applied on top of the model (unmerged)
     quantization: Quantization = None  # load the model quantized (llmfast/quant)
     eval: EvalConfig
-    output: Path = Path("runs/eval/results.json")
+    output: OutputPath = Path("runs/eval/results.json")
 
 
 # ---------------------------------------------------------------- finetune
@@ -99,9 +101,9 @@ class DataConfig(StrictModel):
 
 class LoraConfig(StrictModel):
     r: PositiveInt = 16
-    alpha: float = 32
+    alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     rslora: bool = False
     dora: bool = False
 
@@ -124,7 +126,7 @@ class TrainConfig(StrictModel):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
     optimizer: Annotated[str, AfterValidator(_known_optimizer)] = "auto"  # finetune/optimizers.py
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)
@@ -143,7 +145,7 @@ class FinetuneRecipe(StrictModel):
     lora: LoraConfig = LoraConfig()
     quantization: Quantization = None  # QLoRA: train on a quantized base
     train: TrainConfig = TrainConfig()
-    output: Path
+    output: OutputPath
     export_merged: bool = False  # also write OUTPUT/merged, the full model with the adapter merged in
 
 
@@ -153,11 +155,11 @@ class WorkloadConfig(StrictModel):
     input_len: PositiveInt = 128  # random-token prompts of this many tokens
     output_len: PositiveInt = 64
     ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work
-    max_concurrency: list[PositiveInt] = [1, 8, 64]  # a sweep; the transformers engine uses it as batch size
+    max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)  # a sweep; the transformers engine uses it as batch size
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: float | Literal["inf"] = "inf"
-    percentiles: list[float] = [50, 90, 99]
-    seed: int = 0
+    percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]
+    seed: NonNegativeInt = 0
     # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a
     # fresh server's first requests are slower; as `vllm bench serve --num-warmups`).
     warmup_batches: NonNegativeInt = 1
@@ -179,7 +181,7 @@ class BenchRecipe(StrictModel):
     baseline: Literal["first", "all", "none"] = "first"  # transformers on the same prompts as vLLM variants
     quality: EvalConfig | None = None  # `llmfast eval` settings run on every variant
     server_timeout: PositiveInt = 600
-    output: Path = Path("runs/bench/report")
+    output: OutputPath = Path("runs/bench/report")
 
 
 # ---------------------------------------------------------------- sparsify
@@ -219,7 +221,7 @@ class SparsifyRecipe(StrictModel):
     sparsify: SparsifyMethod
     data: CalibrationText
     dtype: DType = "float32"
-    output: Path
+    output: OutputPath
 
 
 # ---------------------------------------------------------------- quantize
@@ -228,7 +230,7 @@ class QuantizeRecipe(StrictModel):
     quantization: Quantization  # method and settings, checked by the method's own schema (llmfast/quant)
     data: CalibrationText | None = None  # calibration / training text, for methods that calibrate or train
     dtype: DType = "float32"
-    output: Path
+    output: OutputPath
 
     @model_validator(mode="after")
     def _has_method(self) -> "QuantizeRecipe":

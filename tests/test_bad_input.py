@@ -67,6 +67,8 @@ RECIPES = {
     "ft-null-completion": _ft(data="{W}/data/null-completion.jsonl"),
     "ft-missing-data": _ft(data="{W}/data/missing.jsonl"),
     "ft-existing-out": _ft(out="{W}/existing"),
+    "ft-user-run": _ft(out="{W}/user-run"),
+    "ft-user-recipe": _ft(out="{W}/user-recipe"),
     "ft-out-file": _ft(out="{W}/a-file.txt"),
     "ft-out-under-file": _ft(out="{W}/a-file.txt/run"),
     "ft-out-is-data": _ft(out="{W}/data/good.jsonl"),
@@ -168,7 +170,17 @@ CASES = [
     Case("finetune-out-unicode-file", ("finetune", "{W}/recipes/ft-out-unicode-file.yaml"), "is a file"),
     Case("finetune-out-readonly", ("finetune", "{W}/recipes/ft-out-readonly.yaml"), "no permission"),
     Case("finetune-resume-foreign-folder", ("finetune", "{W}/recipes/ft-existing-out.yaml", "--resume"),
-         "holds files a run does not write"),
+         "keep.txt, which a run of llmfast does not write"),
+    # a user's folder whose entries only have the names of a run's files: looked into, not deleted
+    Case("finetune-resume-users-checkpoints-folder", ("finetune", "{W}/recipes/ft-user-run.yaml", "--resume"),
+         "checkpoint-500, which a run of llmfast does not write"),
+    Case("finetune-resume-users-recipe-json", ("finetune", "{W}/recipes/ft-user-recipe.yaml", "--resume"),
+         "recipe.json, which a run of llmfast does not write"),
+    Case("finetune-alpha-zero", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.alpha=0"), "lora.alpha"),
+    Case("finetune-no-target-modules", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.target_modules=[]"),
+         "lora.target_modules"),
+    Case("finetune-negative-grad-norm", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.max_grad_norm=-1"),
+         "train.max_grad_norm"),
     Case("finetune-bad-set", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.lr=-1"), "train.lr"),
     Case("finetune-unknown-key", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.rank=4"), "lora.rank"),
     Case("finetune-no-recipe", ("finetune",), "finetune: the following arguments are required: recipe"),
@@ -235,6 +247,11 @@ CASES = [
     Case("bench-offline-custom-not-utf8", ("bench", "offline", "{W}/models/tiny", "--engine", "hf",
                                            "--dataset-name", "custom", "--dataset-path", "{W}/data/latin1.jsonl"),
          "latin1.jsonl", owner="serve/bench", subprocess=True),
+    Case("bench-offline-batch-size-negative", ("bench", "offline", "{W}/models/tiny", "--engine", "hf",
+                                               "--batch-size", "-1"), "--batch-size -1: must be at least 1",
+         owner="serve/bench", subprocess=True),
+    Case("bench-offline-seed-negative", ("bench", "offline", "{W}/models/tiny", "--engine", "hf", "--seed", "-1"),
+         "--seed -1: must be 0 or more", owner="serve/bench", subprocess=True),
     Case("bench-offline-num-prompts-zero", ("bench", "offline", "{W}/models/tiny", "--engine", "hf",
                                             "--num-prompts", "0"), "num-prompts", owner="serve/bench",
          subprocess=True),
@@ -328,6 +345,10 @@ def world(tmp_path_factory, tiny_dir) -> Path:
 
     (w / "existing").mkdir()
     (w / "existing" / "keep.txt").write_text("the user's file")
+    (w / "user-run" / "checkpoints" / "checkpoint-500").mkdir(parents=True)  # another trainer's folders
+    (w / "user-run" / "checkpoints" / "checkpoint-500" / "notes.txt").write_text("the user's notes")
+    (w / "user-recipe").mkdir()
+    (w / "user-recipe" / "recipe.json").write_text('{"mine": true}\n')
     (w / "a-file.txt").write_text("a user's file")
     (w / UNI / "fïle.txt").write_text("a user's file")
     (w / "user.json").write_text('{"mine": true}\n')

@@ -87,6 +87,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     peft.save_pretrained(w / "adapter", safe_serialization=False)  # adapter_model.bin: a pickle
     acfg = json.loads((w / "adapter" / "adapter_config.json").read_text())
     (w / "adapter" / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": str(tiny)}))
+    _damaged_adapters(w, peft, str(tiny))
+    models_cfg = json.loads((tiny / "config.json").read_text())
+    copy("tiny-copy")
+    copy("tokenizer-model-a-string").joinpath("tokenizer.json").write_text('{"model": "bpe", "added_tokens": []}')
+    copy("layers-a-string-2").joinpath("config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "two"}))
+    copy("architectures-a-number").joinpath("config.json").write_text(json.dumps({**models_cfg, "architectures": 5}))
 
     (w / "out").mkdir()
     (w / "out" / "relufy.checkpoints").mkdir()  # a user's folder that happens to have the work folder's name
@@ -103,7 +109,44 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     return w
 
 
+def _damaged_adapters(w: Path, peft: object, base: str) -> None:
+    """Safetensors adapters of the tiny model: one without its lora_A tensors, one whose lora_alpha is null, one
+    without a weights file, one whose A and B disagree on the rank."""
+    from safetensors.torch import load_file, save_file
+
+    good = w / "adapters" / "good"
+    peft.save_pretrained(good)  # type: ignore[attr-defined]
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    (good / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+    tensors = load_file(good / "adapter_model.safetensors")
+    for name in ("no-lora-a", "alpha-null", "no-weights", "ranks-differ"):
+        shutil.copytree(good, w / "adapters" / name)
+    save_file({k: v for k, v in tensors.items() if "lora_A" not in k}, w / "adapters/no-lora-a/adapter_model.safetensors")
+    (w / "adapters/alpha-null/adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": None,
+                                                                          "base_model_name_or_path": base}))
+    (w / "adapters/no-weights/adapter_model.safetensors").unlink()
+    save_file({k: (v[:2] if "lora_A" in k else v) for k, v in tensors.items()},
+              w / "adapters/ranks-differ/adapter_model.safetensors")
+
+
+def _merge(model: str, weight: str = "1.0", base: str = "{W}/models/tiny") -> str:
+    return (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {model}\n"
+            f"    parameters: {{weight: {weight}}}\ndtype: float32\n")
+
+
+def _chain(stages: str) -> str:
+    return f"output: {{W}}/out/chain\nstages:\n{stages}"
+
+
 RECIPES = {
+    "mg-weight-overflows": _merge("{W}/models/tiny-copy", weight="1.0e+39"),
+    "mg-ranks-differ": _merge("{W}/adapters/ranks-differ"),
+    "mg-tokenizer-model-a-string": _merge("{W}/models/tokenizer-model-a-string"),
+    "mg-layers-a-string": _merge("{W}/models/layers-a-string-2", base="{W}/models/layers-a-string"),
+    "ch-no-stages": "output: {W}/out/chain\nstages: {}\n",
+    "ch-tasks-unknown-key": _chain("  data: {type: tasks, with: {tasks: [dates], trian: 10}}\n"),
+    "ch-checkpoints-name": _chain("  data: {type: tasks, with: {tasks: [dates]}}\n"
+                                  "  data.checkpoints: {type: tasks, with: {tasks: [dates]}}\n"),
     "sp-pickle": _sparsify("{W}/models/pickle"),
     "sp-no-weights": _sparsify("{W}/models/no-weights"),
     "sp-unknown-type": _sparsify("{W}/models/unknown-type"),
@@ -176,6 +219,34 @@ CASES = {  # id: (argv, a piece of the one error line)
                                          "data.window is 4096 tokens"),
     "bench-workload-beyond-positions": (["bench", "run", "{W}/recipes/bench-long.yaml"],
                                         "workload.input_len + workload.output_len is 2056 tokens"),
+    "export-adapter-missing-lora-a": (["export", "{W}/adapters/no-lora-a", "{W}/out/merged"],
+                                      "has no lora_A beside it: the file is incomplete"),
+    "export-adapter-alpha-null": (["export", "{W}/adapters/alpha-null", "{W}/out/merged"],
+                                  "'lora_alpha' must be a positive number, not None"),
+    "export-adapter-no-weights": (["export", "{W}/adapters/no-weights", "{W}/out/merged"],
+                                  "no adapter_model.safetensors"),
+    "merge-weight-overflows-float32": (["merge", "{W}/recipes/mg-weight-overflows.yaml", "{W}/out/merged"],
+                                       "must be a finite number"),
+    "merge-adapter-ranks-differ": (["merge", "{W}/recipes/mg-ranks-differ.yaml", "{W}/out/merged"],
+                                   "of one rank"),
+    "merge-tokenizer-model-a-string": (["merge", "{W}/recipes/mg-tokenizer-model-a-string.yaml", "{W}/out/merged"],
+                                       "tokenizer.json: not a tokenizers file"),
+    "merge-layers-a-string": (["merge", "{W}/recipes/mg-layers-a-string.yaml", "{W}/out/merged"],
+                              "num_hidden_layers is 'two'"),
+    "models-prepare-pickle-only": (["models", "--prepare", "{W}/models/pickle"], "pickle"),
+    "models-prepare-architectures-a-number": (["models", "--prepare", "{W}/models/architectures-a-number"],
+                                              "architectures must be a list"),
+    "run-no-stages": (["run", "{W}/recipes/ch-no-stages.yaml"], "stages"),
+    "run-tasks-stage-unknown-key": (["run", "{W}/recipes/ch-tasks-unknown-key.yaml"],
+                                    "stage data (tasks): with.trian: not a setting of a tasks stage"),
+    "run-stage-named-like-a-work-folder": (["run", "{W}/recipes/ch-checkpoints-name.yaml"],
+                                           "stage name 'data.checkpoints' is taken"),
+    "bench-percentile-above-100": (["bench", "run", "{W}/recipes/bench-long.yaml", "--set",
+                                    "workload.percentiles=[150]"], "workload.percentiles"),
+    "bench-negative-seed": (["bench", "run", "{W}/recipes/bench-long.yaml", "--set", "workload.seed=-1"],
+                            "workload.seed"),
+    "bench-no-concurrency": (["bench", "run", "{W}/recipes/bench-long.yaml", "--set",
+                              "workload.max_concurrency=[]"], "workload.max_concurrency"),
     "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
     "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),

@@ -83,5 +83,5 @@ def test_adapter_of_another_base_is_one_line(tmp_path, peft_adapter):
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(other)}))
     code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
     last = err.strip().splitlines()[-1]
-    assert code == 2 and "does not fit the base" in last and "has another shape" in last, err
+    assert code == 2 and "does not fit the model" in last and "has another shape" in last, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ DDP and FSDP over two CPU processes, QLoRA with a dequantized export, and bad in
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,71 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, tiny_dir, data):
+    """A run SIGKILLed after a checkpoint: (its recipe, its folder), for tampering with copies of it."""
+    d = tmp_path_factory.mktemp("killed")
+    path = recipe(d, tiny_dir, data, extra="")
+    text = path.read_text().replace("steps: 8,", "steps: 60, save_every: 10, keep_checkpoints: 1,")
+    path.write_text(text)
+    proc = subprocess.Popen(_cmd("finetune", str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_a_checkpoint(proc, d / "run" / "checkpoints")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (d / "run" / "adapter").exists() and list((d / "run" / "checkpoints").glob("step-*/state.json"))
+    return path, d / "run"
+
+
+def _tamper(ckpt, case):
+    from safetensors.torch import save_file
+
+    if case == "adapter-lacks-lora-A":
+        tensors = load_file(ckpt / "adapter.safetensors")
+        save_file({k: v for k, v in tensors.items() if "lora_A" not in k}, ckpt / "adapter.safetensors")
+    elif case == "adapter-deleted":
+        (ckpt / "adapter.safetensors").unlink()
+    elif case == "step-beyond-the-run":
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "step": 999}))
+    elif case == "optimizer-of-another-shape":
+        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        first = optim["state"][0]
+        first["exp_avg"] = torch.zeros(first["exp_avg"].shape[0] + 1, *first["exp_avg"].shape[1:])
+        torch.save(optim, ckpt / "optimizer.pt")
+    elif case == "scheduler-a-tensor":
+        torch.save(torch.zeros(2), ckpt / "scheduler.pt")
+    elif case == "rng-not-bytes":
+        torch.save(torch.zeros(3), ckpt / "rng.pt")
+    elif case == "log-line-not-json":
+        with open(ckpt.parent.parent / "train_log.jsonl", "a") as f:
+            f.write("not json\n")
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("adapter-lacks-lora-A", "adapter.safetensors: does not fit this run's adapter (missing"),
+    ("adapter-deleted", "adapter.safetensors: cannot be read"),
+    ("step-beyond-the-run", "step 999 of 60 is not a step of the run"),
+    ("optimizer-of-another-shape", "optimizer.pt: its exp_avg state has shape"),
+    ("scheduler-a-tensor", "scheduler.pt: holds a Tensor of torch.float32, not the state llmfast writes"),
+    ("rng-not-bytes", "rng.pt: holds a Tensor of torch.float32"),
+    ("log-line-not-json", "is not JSON: delete that line"),
+])
+def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case, expected, killed_run, tmp_path):
+    """A checkpoint edited by hand: refused before anything is trained or rewritten (was: random LoRA values
+    resumed in silence, NaN in metrics.json, or a traceback after the log was cut back)."""
+    path, run = killed_run
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    path = tmp_path / "r.yaml"
+    path.write_text(killed_run[0].read_text().replace(str(run), str(out)))
+    _tamper(sorted(out.glob("checkpoints/step-*"))[-1], case)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("llmfast: error: ") and expected in lines[-1], err[-2000:]
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
     (tmp_path / "run").mkdir()
@@ -150,7 +216,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_pat
     path = recipe(tmp_path, tiny_dir, data)
     run = tmp_path / "run"
     (run / "checkpoints" / ".step-000002.tmp-1-x").mkdir(parents=True)  # a checkpoint the kill cut short
-    (run / "recipe.json").write_text("{}")
+    (run / "recipe.json").write_text(json.dumps({"model": "m", "data": {}, "lora": {}, "train": {}, "output": "o"}))
     (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     code, _, err = run_cli("finetune", str(path), "--resume")
     assert code == 0 and "starting from step 0" in err
@@ -228,20 +294,18 @@ def test_fsdp_with_accumulation_clipping_and_checkpointing(tmp_path, tiny_dir, d
     assert _max_diff(fsdp, single) < tol * max(1.0, moved)
 
 
-def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_dir, data):
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, killed_run):
     """optimizer.pt holding a pickled object whose unpickling creates a file: refused, and the file never made."""
-    from safetensors.torch import save_file
 
     class Payload:
         def __reduce__(self):
             return (open, (str(tmp_path / "marker"), "w"))
 
-    path = recipe(tmp_path, tiny_dir, data)
-    ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
-    ckpt.mkdir(parents=True)
-    save_file({}, ckpt / "adapter.safetensors")
+    out = Path(shutil.copytree(killed_run[1], tmp_path / "run"))
+    path = tmp_path / "r.yaml"
+    path.write_text(killed_run[0].read_text().replace(str(killed_run[1]), str(out)))
+    ckpt = sorted(out.glob("checkpoints/step-*"))[-1]
     torch.save({"state": {0: Payload()}, "param_groups": []}, ckpt / "optimizer.pt")
-    (ckpt / "state.json").write_text(json.dumps({"step": 4, "total_steps": 8, "fsdp": False, "processes": 1}))
     code, _, err = run_cli("finetune", str(path), "--resume")
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("llmfast: error: ") and "optimizer.pt: refused" in last, err

@@ -194,3 +194,20 @@ def test_models_prepare_takes_a_directory_a_gguf_and_a_hub_id(tiny_dir, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli("models", "--prepare", "HuggingFaceTB/SmolLM2-135M-Instruct")
     assert code == 2 and "could not fetch 'HuggingFaceTB/SmolLM2-135M-Instruct'" in err
+
+
+def test_an_adapter_without_a_whole_module_is_refused_not_filled_at_random(tmp_path, tiny_dir):
+    """PEFT keeps a LoRA module missing from the weights at its random initial value, with only a warning."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import attach_adapter
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(f).items() if "layers.1." not in k}, f)
+    with pytest.raises(UserError, match=r"2 LoRA tensor\(s\) its config needs are missing \(base_model\.model\.model"
+                                        r"\.layers\.1\.self_attn\.q_proj\.lora_A\.weight"):
+        attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "a", tiny_dir)

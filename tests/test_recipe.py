@@ -132,3 +132,17 @@ def test_quantize_and_sparsify_recipes_in_repo_validate(monkeypatch):
     for path in sparse:
         r, method = load_sparsify_recipe(path, stand_in(path))
         assert r.output.parts[0] == "runs" and method.name == r.sparsify.method, path
+
+
+def test_a_recipe_output_under_home_is_expanded_as_in_a_shell(tmp_path):
+    """`~/x` was a literal `./~/x` for the files a verb wrote itself, while libraries expanded it: a run split in two."""
+    recipe = EvalRecipe.model_validate({"model": "m", "eval": {}, "output": "~/llmfast-results.json"})
+    assert recipe.output == Path.home() / "llmfast-results.json"
+
+
+def test_held_out_rows_always_leave_one_to_train_on():
+    from llmfast.finetune.trainer import split_eval
+
+    rows = [object(), object()]
+    train, held = split_eval(rows, 0.75, seed=0)  # round(2 x 0.75) = 2 would hold out both (a division by zero)
+    assert len(train) == 1 and len(held) == 1 and set(map(id, train + held)) == set(map(id, rows))

@@ -55,6 +55,8 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
 
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1 (or left out: all prompts, up to 64)")
     if args.output and (Path(args.output).is_dir() or Path(args.output).parent.is_file()):
         raise UserError(f"--output {args.output}: needs a file path in a folder")
     if args.output and Path(args.output).exists() and not args.overwrite:

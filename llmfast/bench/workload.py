@@ -148,6 +148,10 @@ def build_requests(tokenizer: Any, *, dataset_name: str = "random", dataset_path
     """The requests of a benchmark from vLLM's dataset flags (their names without dashes)."""
     if num_prompts < 1:
         raise UserError("--num-prompts must be at least 1")
+    if seed < 0:  # numpy's generators refuse it with a traceback
+        raise UserError(f"--seed {seed}: must be 0 or more")
+    if dataset_name == "custom" and custom_output_len < 1:
+        raise UserError(f"--custom-output-len {custom_output_len}: must be at least 1")
     if dataset_name == "random":
         return random_requests(tokenizer, num_prompts, input_len, output_len, range_ratio, seed, prefix_len)
     if dataset_name not in DATASETS:

@@ -35,7 +35,7 @@ class StageConfig(StrictModel):
 
 class ChainRecipe(StrictModel):
     output: Path  # the run directory: one folder per stage, the report at the top
-    stages: dict[str, StageConfig]
+    stages: dict[str, StageConfig] = Field(min_length=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,9 @@ def order(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[str]:
     for name, stage in stages.items():
         if not re.match(NAME, name):
             raise UserError(f"{where}: stage name '{name}' must be letters, digits, '.', '_' or '-'")
+        if name.endswith(".checkpoints") or name == "llmfast-run.json":
+            # a stage's work folder is STAGE.checkpoints beside it; the others are the run folder's own
+            raise UserError(f"{where}: stage name '{name}' is taken by the run folder's own files: rename the stage")
         if stage.type not in known_types:
             raise UserError(f"{where}: stages.{name}.type: unknown stage type '{stage.type}'"
                             f"{did_you_mean(stage.type, known_types)}; choose from {', '.join(known_types)}")

@@ -58,7 +58,8 @@ def decide(out: Path, stages: list[Stage], forced: set[str]) -> dict[str, tuple[
         elif done_key is not None and done_key != stage.key:
             decisions[stage.name] = ("run", "settings changed")
         else:
-            decisions[stage.name] = ("run", "interrupted before a checkpoint" if done_key is None else "output missing")
+            decisions[stage.name] = ("run", "did not finish, no checkpoint to resume" if done_key is None
+                                     else "output missing")
         rerun.add(stage.name)
     return decisions
 
@@ -144,6 +145,11 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
         raise UserError(f"--from {start}: no such stage{did_you_mean(start, list(recipe.stages))}; the stages are "
                         f"{', '.join(s.name for s in stages)}")
     _claim(out, recipe_path)
+    for stage in stages:  # what a stage type can check of its section, before anything runs
+        try:
+            STAGES.get(stage.type).check(stage.section)
+        except UserError as e:
+            raise UserError(f"stage {stage.name} ({stage.type}): {e}") from None
     decisions = decide(out, stages, downstream(stages, start) if start else set())
     if dry_run:
         print(format_plan(stages, decisions))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
+from llmfast.errors import UserError
 from llmfast.registry import Registry
 
 
@@ -25,6 +26,8 @@ class StageType:
     # The verb writes its output whole beside the old one and swaps it in only when complete (--overwrite): a
     # changed stage's earlier output stays until then, so a run killed meanwhile leaves the last complete one.
     replaces_whole: bool = False
+    # Checks the `with:` section before any stage runs (a one-line UserError); the verb checks the rest itself.
+    check: Callable[[dict[str, Any]], None] = lambda section: None
 
 
 STAGES: Registry[StageType] = Registry("stage type")
@@ -49,6 +52,18 @@ def _checkpoints_beside(out: Path) -> bool:
     return any(out.with_name(out.name + ".checkpoints").glob("checkpoints/step-*/state.json"))
 
 
+TASKS_KEYS = ("tasks", "train", "test", "seed")
+
+
+def _check_tasks(section: dict[str, Any]) -> None:
+    unknown = sorted(set(section) - set(TASKS_KEYS))
+    if unknown:
+        raise UserError(f"with.{unknown[0]}: not a setting of a tasks stage (they are {', '.join(TASKS_KEYS)})")
+    names = section.get("tasks", ["all"])
+    if not (isinstance(names, str) or (isinstance(names, list) and names and all(isinstance(n, str) for n in names))):
+        raise UserError(f"with.tasks: a task name or a list of them, not {names!r}")
+
+
 def _tasks_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:
     names = section.get("tasks", ["all"])
     argv = ["tasks", *([names] if isinstance(names, str) else names), "--out", str(out), "--overwrite"]
@@ -63,7 +78,7 @@ def _merge_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: b
     return ["merge", str(recipe_file), str(out), "--overwrite", "--no-progress"]
 
 
-STAGES.add("tasks", StageType(_tasks_argv))
+STAGES.add("tasks", StageType(_tasks_argv, check=_check_tasks))
 STAGES.add("finetune", StageType(_recipe_verb(["finetune"], lambda out: out, [], True),
                                  resumable=lambda out: any(out.glob("checkpoints/step-*/state.json"))))
 STAGES.add("merge", StageType(_merge_argv, replaces_whole=True))

@@ -193,7 +193,8 @@ def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test:
         raise UserError(f"--train and --test must be at least 1 (got {n_train} and {n_test})")
     for name in tasks:
         if name not in TASKS:
-            raise UserError(f"unknown task '{name}': choose from {', '.join(TASKS)} or 'all'")
+            also = " ('all' alone, not with other names)" if name == "all" else ""
+            raise UserError(f"unknown task '{name}'{also}: choose from {', '.join(TASKS)} or 'all'")
     out = Path(out_dir)
     check_output(out, overwrite=True)  # a file, a parent that is a file, no permission: one line
     plan = []

@@ -22,6 +22,45 @@ from llmfast.errors import UserError
 from llmfast.finetune import fsdp as sharding
 
 
+# What a run writes into its output before the first checkpoint is complete.
+RUN_FILES = {"recipe.json", "train_log.jsonl", "checkpoints"}
+
+
+def foreign_run_files(out: Path) -> str | None:
+    """What in `out` a run killed before its first checkpoint would not have left (named for the error), or None:
+    only then may `--resume` remove what is there and start again. Checked inside, not by name alone: a user's
+    `checkpoints/` folder or `recipe.json` of the same name is not llmfast's."""
+    if not out.is_dir():
+        return None
+    for p in sorted(out.iterdir()):
+        if p.name not in RUN_FILES or p.is_symlink():
+            return str(p)
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists():
+        if not ckpt_dir.is_dir():
+            return str(ckpt_dir)
+        for p in ckpt_dir.iterdir():  # only checkpoints being written (.step-N.tmp-*) or without their state.json
+            if not p.name.startswith(("step-", ".step-")) or p.is_symlink():
+                return str(p)
+    recipe = out / "recipe.json"
+    if recipe.exists():
+        try:
+            data = json.loads(recipe.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return str(recipe)
+        if not isinstance(data, dict) or not {"model", "data", "lora", "train", "output"} <= set(data):
+            return str(recipe)
+    log = out / "train_log.jsonl"
+    if log.exists():
+        try:
+            rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return str(log)
+        if not all(isinstance(r, dict) and "step" in r for r in rows):
+            return str(log)
+    return None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
     return found[-1] if found else None
@@ -38,6 +77,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: bool, world: int) -> None:
     """The run being resumed must split its steps as the checkpointed one did."""
+    if not 0 <= state["step"] <= state["total_steps"]:
+        raise UserError(f"{ckpt / 'state.json'}: step {state['step']} of {state['total_steps']} is not a step of the "
+                        "run: not a checkpoint state llmfast wrote; delete that checkpoint folder")
     if state["total_steps"] != total_steps:
         raise UserError(f"--resume: the recipe now gives {total_steps} steps, the run had {state['total_steps']}: "
                         "resume with the same recipe")
@@ -49,9 +91,12 @@ def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: b
                         "resume with as many")
 
 
+FIX = "delete that checkpoint folder, or start the run again without --resume"
+
+
 def safe_load(path: Path, map_location: Any = None) -> Any:
     """torch.load that unpickles only tensors and plain containers: nothing in the file can run code."""
-    fix = "delete that checkpoint folder, or start the run again without --resume"
+    fix = FIX
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -64,11 +109,28 @@ def safe_load(path: Path, map_location: Any = None) -> Any:
 
 
 def load_adapter(model: Any, ckpt: Path) -> None:
-    """Into the whole model, before sharding splits the weights (copied onto the model's device)."""
-    from peft import set_peft_model_state_dict
+    """Into the whole model, before sharding splits the weights (copied onto the model's device). Every LoRA
+    tensor the model has must be in the file with its shape: one left out would keep its fresh initial values."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors", device="cpu"))
+    path = ckpt / "adapter.safetensors"
+    try:
+        saved = load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: safetensors' own error types
+        from llmfast.loading import first_line
+
+        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); {FIX}") from None
+    wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    if got != wanted:
+        odd = [f"missing {k}" for k in sorted(set(wanted) - set(got))] + [
+            f"unexpected {k}" for k in sorted(set(got) - set(wanted))] + [
+            f"{k} is {list(got[k])}, the run's is {list(wanted[k])}" for k in sorted(set(got) & set(wanted))
+            if got[k] != wanted[k]]
+        raise UserError(f"{path}: does not fit this run's adapter ({'; '.join(odd[:2])}): resume with the recipe "
+                        f"that wrote it, or {FIX}")
+    set_peft_model_state_dict(model, saved)
 
 
 def load_training_state(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, fsdp: bool,
@@ -78,14 +140,38 @@ def load_training_state(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, 
     sched = safe_load(ckpt / "scheduler.pt")
     rng = safe_load(ckpt / "rng.pt")
     scale = safe_load(ckpt / "scaler.pt") if scaler is not None and (ckpt / "scaler.pt").is_file() else None
-    if fsdp:
-        sharding.load_optimizer_state(model, optimizer, optim)
-    else:
-        optimizer.load_state_dict(optim)
+    for name, value, ok in (("optimizer.pt", optim, isinstance(optim, dict)),
+                            ("scheduler.pt", sched, isinstance(sched, dict)),
+                            ("rng.pt", rng, isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8)):
+        if not ok:
+            raise UserError(f"{ckpt / name}: holds a {type(value).__name__}"
+                            f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
+                            f"llmfast writes there; {FIX}")
+    try:
+        if fsdp:
+            sharding.load_optimizer_state(model, optimizer, optim)
+        else:
+            optimizer.load_state_dict(optim)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        from llmfast.loading import first_line
+
+        raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this run's optimizer ({first_line(e)}); {FIX}") from None
+    _check_optimizer_shapes(optimizer, ckpt / "optimizer.pt")
     scheduler.load_state_dict(sched)
     torch.set_rng_state(rng)
     if scale is not None:  # absent in checkpoints of older versions: the default loss scale
         scaler.load_state_dict(scale)
+
+
+def _check_optimizer_shapes(optimizer: Any, path: Path) -> None:
+    """Per-parameter state (Adam's moments) must have its parameter's shape: torch only finds out at the first step,
+    after the log was already cut back to the checkpoint."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise UserError(f"{path}: its {key} state has shape {list(value.shape)} for a parameter of shape "
+                                    f"{list(p.shape)}: it belongs to another run; {FIX}")
 
 
 def drop_stale(out: Path, start_step: int) -> None:
@@ -94,7 +180,15 @@ def drop_stale(out: Path, start_step: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     log_path = out / "train_log.jsonl"
     if log_path.is_file():
-        kept = [l for l in log_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
+        rows = []
+        for n, line in enumerate(log_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise UserError(f"{log_path}: line {n} is not JSON: delete that line (or the file) and resume "
+                                "again") from None
+            rows.append((line, row.get("step", 0) if isinstance(row, dict) else 0))
+        kept = [l for l, step in rows if isinstance(step, (int, float)) and step <= start_step]
         atomic_write_text(log_path, "".join(l + "\n" for l in kept))
 
 

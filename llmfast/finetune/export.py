@@ -12,7 +12,6 @@ directories, and the output (an existing one only with `overwrite`; never the ad
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +45,12 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any]) -> Path:
     return check_model_dir(Path(base))
 
 
-def _attach(model: Any, adapter_dir: Path, base: Path) -> Any:
-    """The adapter on the model; weights of other shapes (another base) are one line, not a traceback."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter_dir)
-    except RuntimeError as e:
-        m = re.search(r"size mismatch for ([\w.]+)", str(e))
-        if m is None:
-            raise
-        raise UserError(f"{adapter_dir} does not fit the base {base}: {m.group(1)} has another shape; export it "
-                        "with the base model it was trained on") from None
-
-
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     from transformers import AutoTokenizer
 
     from llmfast.loading import from_pretrained
-    from llmfast.models import check_adapter_dir
+    from llmfast.models import attach_adapter, check_adapter_dir
     from llmfast.quant import manifest_quantization
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -75,6 +60,17 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     base = base_of(adapter_dir, manifest)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
     quant = manifest_quantization(manifest, adapter_dir)
+    # Adapters shared by plain PEFT carry no tokenizer: then the base's is the one they were trained with. Loaded
+    # before the merge, so a broken one is found before minutes of work.
+    has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
+    tokenizer_dir = adapter_dir if has_tokenizer else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # noqa: BLE001 - missing or corrupt tokenizer files: transformers' own errors
+        from llmfast.loading import first_line
+
+        raise UserError(f"{tokenizer_dir}: transformers cannot load its tokenizer ({type(e).__name__}: "
+                        f"{first_line(e)}): restore its tokenizer files") from None
 
     if quant is not None:
         import torch
@@ -84,10 +80,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         quant.quantizer.dequantize_for_merge(model, dtype)
     else:
         model = from_pretrained(base, dtype)
-    merged = _attach(model, adapter_dir, base).merge_and_unload().to("cpu")
-    # Adapters shared by plain PEFT carry no tokenizer: then the base's is the one they were trained with.
-    has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base)
+    merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base]) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

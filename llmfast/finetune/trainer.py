@@ -61,7 +61,7 @@ def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[lis
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
+    n_eval = min(max(1, round(len(examples) * fraction)), len(examples) - 1)  # at least one row left to train on
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
@@ -135,13 +135,14 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
         if (out / "adapter").exists() or (out / "metrics.json").exists():
             raise UserError(f"--resume: {out} holds a finished run (adapter/, metrics.json): there is nothing to "
                             "resume; choose another output")
-        if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
-            raise UserError(f"--resume: {out} has no checkpoint and holds files a run does not write: choose "
-                            "another output")
+        foreign = ckpts.foreign_run_files(out)
+        if foreign:
+            raise UserError(f"--resume: {out} has no checkpoint and holds {foreign}, which a run of llmfast does not "
+                            "write: choose another output")
         # Killed before its first checkpoint (or before its folder existed): nothing to keep, so it starts again.
         check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
         if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
-            for name in RUN_FILES:
+            for name in ckpts.RUN_FILES:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -152,10 +153,6 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
         check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
     return out, resume
-
-
-# What a run writes into its output before the first checkpoint is complete.
-RUN_FILES = {"recipe.json", "train_log.jsonl", "checkpoints"}
 
 
 def _accelerator() -> Any:
@@ -368,7 +365,7 @@ def _metrics(run: Run, loop: dict[str, Any], eval_loss: float | None, wall: floa
         "train_tokens": loop["tokens_seen"],
         "peak_memory_gib": round(peak_memory_gib(device.type), 3),
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-        "final_train_loss": round(loop["last_loss"], 6),
+        "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
         "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
         "wall_seconds": round(wall, 1),
         "steps": run.total_steps,

@@ -86,8 +86,16 @@ class LoraAdapter:
             b = p.get("lora_embedding_B" if emb else "lora_B")
             if a is None or b is None:
                 raise UserError(f"{path}: module {module} has only one of its LoRA A/B matrices")
+            if len(a[1]) != 2 or len(b[1]) != 2 or a[1][0] != b[1][1]:
+                raise UserError(f"{path}: module {module}'s LoRA matrices have shapes A {list(a[1])} and B "
+                                f"{list(b[1])}: expected (rank, in) and (out, rank) of one rank; re-create the adapter")
             r = a[1][0]
-            alpha = float(_pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
+            patterns = cfg.get("alpha_pattern") or {}
+            alpha = _pattern(patterns if isinstance(patterns, dict) else {}, module, cfg.get("lora_alpha", r))
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise UserError(f"{path / 'adapter_config.json'}: the LoRA alpha of {module} is {alpha!r}, not a "
+                                "positive number: fix lora_alpha / alpha_pattern, or re-create the adapter")
+            alpha = float(alpha)
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             modules[f"{module}.weight"] = LoraModule(f"{module}.weight", a[0], b[0], scale, r, emb)
         return cls(path=path, config=cfg, file=file, modules=dict(sorted(modules.items())))

@@ -94,7 +94,11 @@ def plan_merge(config_path: str | Path, overrides: list[str] | None = None, seed
     ref_tensors = mio.tensor_index(reference)
     for src in inputs:
         _check_input(src, reference, ref_tensors, cfg, where)
-    num_layers = int(describe_model_dir(reference)["layers"] or 0)
+    layers = describe_model_dir(reference)["layers"]  # for the layer gradients of mergekit's settings
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        raise UserError(f"{Path(reference) / 'config.json'}: num_hidden_layers is {layers!r}, not a number of layers: "
+                        "fix the config or re-create the model")
+    num_layers = layers or 0
     tensors = [(n, shape, dt) for n, (shape, dt, _f) in mio.ordered(ref_tensors).items()]
     names = [n for n, _s, _d in tensors]
     per_input = [resolve_per_input(method, cfg, where, src.parameters, src.index, src.who(), names, num_layers)
@@ -227,10 +231,16 @@ def _tokenizer_vocab(path: Path) -> str | None:
     f = path / "tokenizer.json"
     if not f.is_file():
         return None
-    tok = read_json_file(f, "tokenizer", f"re-create the tokenizer files in {path}")
-    vocab = (tok.get("model") or {}).get("vocab") if isinstance(tok, dict) else None
-    added = sorted((a.get("id"), a.get("content")) for a in (tok.get("added_tokens") or [] if isinstance(tok, dict)
-                                                              else []))
+    fix = f"re-create the tokenizer files in {path}"
+    tok = read_json_file(f, "tokenizer", fix)
+    model = tok.get("model") if isinstance(tok, dict) else None
+    added_tokens = tok.get("added_tokens") if isinstance(tok, dict) else None
+    if not isinstance(model, (dict, type(None))) or not isinstance(added_tokens, (list, type(None))) or any(
+            not isinstance(a, dict) for a in added_tokens or []):
+        raise UserError(f"{f}: not a tokenizers file (its 'model' must be an object and 'added_tokens' a list of "
+                        f"objects): {fix}")
+    vocab = (model or {}).get("vocab")
+    added = sorted((json.dumps(a.get("id")), json.dumps(a.get("content"))) for a in added_tokens or [])
     return hashlib.sha256(json.dumps([vocab, added], sort_keys=True).encode()).hexdigest()
 
 

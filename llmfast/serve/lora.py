@@ -57,13 +57,21 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     cfg_path = p / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"LoRA '{name}': {p} is not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    from llmfast.modelfiles import check_adapter_dir
+
+    try:  # the config (a JSON object, r and lora_alpha) and the weights file: one line each
+        check_adapter_dir(p)
+    except UserError as e:
+        raise UserError(f"LoRA '{name}': {e}") from None
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"LoRA '{name}': {cfg_path} is a {cfg.get('peft_type')} adapter; vLLM serves LoRA only")
-    ranks = [int(cfg.get("r", 0)), *[int(r) for r in (cfg.get("rank_pattern") or {}).values()]]
+    patterns = cfg.get("rank_pattern") or {}
+    raw = [cfg.get("r", 0), *(patterns.values() if isinstance(patterns, dict) else [patterns])]
+    if any(isinstance(r, bool) or not isinstance(r, int) for r in raw):
+        raise UserError(f"LoRA '{name}': {cfg_path}: r and rank_pattern's values must be whole numbers (got "
+                        f"{', '.join(repr(r) for r in raw)}): re-create the adapter")
+    ranks = [int(r) for r in raw]
     if max(ranks) > VLLM_LORA_RANKS[-1] or min(ranks) < 1:
         raise UserError(f"LoRA '{name}': rank {max(ranks)} in {cfg_path} is not supported by vLLM "
                         f"(ranks 1 to {VLLM_LORA_RANKS[-1]}): retrain with a smaller r or merge it with `llmfast export`")

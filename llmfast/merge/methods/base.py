@@ -18,6 +18,7 @@ imports torch (its import alone took longer than merging the built-in model's te
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 
 from llmfast.registry import Registry
@@ -67,12 +68,15 @@ class Param:
             number = float(value)  # mergekit accepts '1e-3' written as a string
         except (TypeError, ValueError):
             raise ValueError(f"parameter '{self.name}' must be a number (got {value!r})") from None
-        if number != number:
-            raise ValueError(f"parameter '{self.name}' must be a number (got NaN)")
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # it would fill the model with inf and NaN
+            raise ValueError(f"parameter '{self.name}' must be a finite number (got {value!r})")
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
             raise ValueError(f"parameter '{self.name}' must be between {_fmt(self.low)} and {_fmt(self.high)} "
                              f"(got {value!r})")
         return number
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the tensors are merged in float32
 
 
 def _fmt(bound: float | None) -> str:
