@@ -155,7 +155,8 @@ class WorkloadConfig(StrictModel):
     input_len: PositiveInt = 128  # random-token prompts of this many tokens
     output_len: PositiveInt = 64
     ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work
-    max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)  # a sweep; the transformers engine uses it as batch size
+    # a sweep; the transformers engine uses it as batch size
+    max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: float | Literal["inf"] = "inf"
     percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]

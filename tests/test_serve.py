@@ -124,6 +124,9 @@ def _adapter(tmp_path, **cfg):
     d = tmp_path / "adapter"
     d.mkdir(exist_ok=True)
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, **cfg}))
+    from safetensors.torch import save_file
+
+    save_file({}, d / "adapter_model.safetensors")  # the weights file (its tensors are not read here)
     return d
 
 

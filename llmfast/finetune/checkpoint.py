@@ -155,7 +155,8 @@ def load_training_state(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, 
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         from llmfast.loading import first_line
 
-        raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this run's optimizer ({first_line(e)}); {FIX}") from None
+        raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this run's optimizer ({first_line(e)}); "
+                        f"{FIX}") from None
     _check_optimizer_shapes(optimizer, ckpt / "optimizer.pt")
     scheduler.load_state_dict(sched)
     torch.set_rng_state(rng)

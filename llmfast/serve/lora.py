@@ -57,13 +57,13 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     cfg_path = p / "adapter_config.json"
     if not cfg_path.is_file():
         raise UserError(f"LoRA '{name}': {p} is not a PEFT adapter directory (no adapter_config.json)")
-    from llmfast.modelfiles import check_adapter_dir
-
-    try:  # the config (a JSON object, r and lora_alpha) and the weights file: one line each
-        check_adapter_dir(p)
-    except UserError as e:
-        raise UserError(f"LoRA '{name}': {e}") from None
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"LoRA '{name}': {cfg_path}: the adapter config must be a JSON object, not "
+                        f"{type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"LoRA '{name}': {cfg_path} is a {cfg.get('peft_type')} adapter; vLLM serves LoRA only")
     patterns = cfg.get("rank_pattern") or {}
@@ -78,6 +78,12 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     if cfg.get("use_dora"):
         raise UserError(f"LoRA '{name}': {cfg_path} is a DoRA adapter, which vLLM cannot serve: "
                         "merge it with `llmfast export` and serve the merged model")
+    from llmfast.modelfiles import check_adapter_dir
+
+    try:  # lora_alpha and the weights file (present, complete, A and B in pairs): one line each
+        check_adapter_dir(p)
+    except UserError as e:
+        raise UserError(f"LoRA '{name}': {e}") from None
     if base is not None:
         want = cfg.get("base_model_name_or_path")
         if want and Path(want).is_dir() and Path(want).resolve() != base.resolve():
