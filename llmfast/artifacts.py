@@ -198,27 +198,59 @@ def write_manifest(
 WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
 
 
-def check_work_dir(work: Path) -> None:
+def check_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool = False) -> None:
     """A training verb's work folder beside its output (OUTPUT.checkpoints) is removed when the run starts afresh
-    and when the artifact is complete: refuse one that llmfast did not make (no mark; a folder of an earlier
-    version holds checkpoints/ or train_log.jsonl) rather than delete a user's files."""
-    if work.exists() and not any((work / n).exists() for n in (WORK_MARK, "checkpoints", "train_log.jsonl")):
+    and when the artifact is complete: refuse one that llmfast did not mark as its own rather than delete a user's
+    files (an empty folder holds none). With `resume`, the run the mark records (`run`: the source model, the
+    method and its settings) must be this one: checkpoints of another model or other settings are not continued."""
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise UserError(f"{work} is not a folder llmfast made (a link or a file): move it away, or choose another "
+                        "output")
+    if not work.exists() or not any(work.iterdir()):
+        return
+    mark = work / WORK_MARK
+    if not mark.is_file():
         raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
-                        "and deletes it when done): move it away, or choose another output")
+                        "and deletes it when done): move it away, or choose another output (a run of an older "
+                        f"llmfast: add an empty file {WORK_MARK} to it to resume)")
+    if not resume or run is None:
+        return
+    try:
+        recorded = json.loads(mark.read_text(encoding="utf-8") or "{}").get("run")
+    except (ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return  # marked by an earlier version, which did not record the run
+    recorded = {**recorded, "resume": None}  # how it was started is not part of what it computes
+    for key, value in {**run, "resume": None}.items():
+        if recorded.get(key) != value:
+            raise UserError(f"--resume: {work} holds a run of other {key} ({_short(recorded.get(key))}, now "
+                            f"{_short(value)}): resume with the same recipe, or start again with --overwrite")
 
 
-def mark_work_dir(work: Path) -> Path:
-    """Create (or keep) the work folder, marked as llmfast's (the verb checked it with `check_work_dir`)."""
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def mark_work_dir(work: Path, run: dict[str, Any] | None = None) -> Path:
+    """Create (or keep) the work folder, marked as llmfast's (the verb checked it with `check_work_dir`); `run`
+    (the source model, method and settings) is recorded in the mark so that `--resume` can check it."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARK).touch()
+    mark = work / WORK_MARK
+    if run is not None:
+        atomic_write_json(mark, {"run": run})
+    elif not mark.exists():
+        mark.touch()
     return work
 
 
 @contextlib.contextmanager
-def marked_work_dir(work: Path) -> Iterator[Path]:
+def marked_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool = False) -> Iterator[Path]:
     """The verb's work folder, marked for the run; if the run fails before anything but the mark is in it (a
-    setting the method refuses), it is removed again, so a refused run leaves nothing."""
-    mark_work_dir(work)
+    setting the method refuses), it is removed again, so a refused run leaves nothing. A resumed run keeps the
+    mark of the run it continues."""
+    mark_work_dir(work, None if resume and (work / WORK_MARK).is_file() else run)
     try:
         yield work
     except BaseException:

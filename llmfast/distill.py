@@ -160,28 +160,65 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
     kept is accepted)."""
     from safetensors.torch import load_file
 
-    from llmfast.finetune.checkpoint import safe_load
+    from llmfast.finetune.checkpoint import restore_optimizer, safe_load
+    from llmfast.loading import first_line
+    from llmfast.modelfiles import read_json_file
 
     ckpt = latest_checkpoint(work)
     if ckpt is None:
         return 0
-    state = json.loads((ckpt / "state.json").read_text())
+    fix = "delete that checkpoint folder (an earlier one is used), or start again with --overwrite"
+    state = read_json_file(ckpt / "state.json", "checkpoint state", fix)
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= settings.steps:
+        raise UserError(f"{ckpt / 'state.json'}: step {step!r} is not a step of this run (0 to {settings.steps}): "
+                        f"not a checkpoint state llmfast wrote; {fix}")
     if state.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
         raise UserError(f"--resume: {ckpt} was written with other training settings: resume with the same "
                         "recipe, or start again with --overwrite")
     if rows and state.get("rows") and state["rows"] != rows:
         raise UserError(f"--resume: {ckpt} was trained on other windows (data.text, data.conversations or their "
                         "token settings changed): resume with the same recipe, or start again with --overwrite")
-    weights = load_file(str(ckpt / "student.safetensors"))
+    try:
+        weights = load_file(str(ckpt / "student.safetensors"))
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: safetensors' own error types
+        raise UserError(f"{ckpt / 'student.safetensors'}: cannot be read ({type(e).__name__}: {first_line(e)}); "
+                        f"{fix}") from None
     params = _trainable(student)
     if set(weights) != set(params):
         raise UserError(f"--resume: {ckpt} holds other weights than this model trains: start again with --overwrite")
+    odd = [n for n, p in params.items() if tuple(weights[n].shape) != tuple(p.shape)]  # copy_ would broadcast
+    if odd:
+        raise UserError(f"{ckpt / 'student.safetensors'}: {odd[0]} has shape {list(weights[odd[0]].shape)}, the model's "
+                        f"is {list(params[odd[0]].shape)}: it belongs to another model; {fix}")
+    # on the CPU first (a GPU run may be resumed where there is none); load_state_dict moves it to each parameter
+    restore_optimizer(optimizer, safe_load(ckpt / "optimizer.pt", map_location="cpu", fix=fix), ckpt / "optimizer.pt",
+                      fix)
+    _kept_log(work / "train_log.jsonl", step)  # read (not yet rewritten) before anything changes
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
-    # on the CPU first (a GPU run may be resumed where there is none); load_state_dict moves it to each parameter
-    optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt", map_location="cpu"))
-    return int(state["step"])
+    return step
+
+
+def _kept_log(path: Path, start: int) -> list[str]:
+    """The log lines of steps up to `start` (those a resumed run keeps); a line that is not a JSON object with a
+    numeric step is one line naming it."""
+    if not path.is_file():
+        return []
+    kept = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise UserError(f"{path}: line {n} is not a log line llmfast wrote (a JSON object with a step): delete "
+                            "that line and resume again")
+        if step <= start:
+            kept.append(line)
+    return kept
 
 
 def gpu_autocast(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -222,7 +259,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     mark_work_dir(work)  # llmfast's: the verb removes it when the artifact is complete
     log_path = work / "train_log.jsonl"
     if log_path.is_file():  # keep only lines of steps that the checkpoint covers (none when starting afresh)
-        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start else []
+        kept = _kept_log(log_path, start) if start else []
         log_path.write_text("".join(k + "\n" for k in kept))
     loss_value = float("nan")
 

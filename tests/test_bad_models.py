@@ -97,6 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     (w / "out").mkdir()
     (w / "out" / "relufy.checkpoints").mkdir()  # a user's folder that happens to have the work folder's name
     (w / "out" / "relufy.checkpoints" / "notes.txt").write_text("the user's notes")
+    (w / "out" / "relufy.checkpoints" / "train_log.jsonl").write_text("{}\n")  # a name llmfast's folders have too
     recipes = w / "recipes"
     recipes.mkdir()
     for name, text in RECIPES.items():

@@ -174,6 +174,10 @@ def test_serve_refuses_adapters_vllm_cannot_load(tmp_path, tiny_dir, cfg, msg):
 def test_serve_and_bench_bad_input(tmp_path, tiny_dir):
     code, _, err = run_cli("serve", str(tmp_path))
     assert code == 2 and "not a Hugging Face model" in err
+    for flags, expected in ((["--port", "70000"], "--port 70000: a port is 0 to 65535"),
+                            (["--log", str(tmp_path)], "needs a file path in a folder")):
+        code, _, err = run_cli("serve", str(tiny_dir), *flags)  # were OverflowError / IsADirectoryError
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("serve", str(tiny_dir), "--lora", f"x={tmp_path}")
     assert code == 2 and "not a PEFT adapter directory" in err
     code, _, err = run_cli("bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2")

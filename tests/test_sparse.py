@@ -298,7 +298,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
     chats = tmp_path / "train.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
     code, _, err = run_cli("sparsify", str(path), "--resume", "--set", f"data.conversations={chats}")
-    assert code == 2 and "was trained on other windows" in err, err  # other rows than the checkpoint's
+    assert code == 2 and "holds a run of other data" in err, err  # other rows than the checkpoint's
     assert not (tmp_path / "killed").exists() and list(ckpts.glob("step-*/state.json"))
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err
@@ -497,3 +497,83 @@ def test_gpu_relufy_script_smoke(tmp_path):
     assert abs(len(tok(book[:start], add_special_tokens=False).input_ids) - 16384) <= 1
     assert f"text: {work / 'book-after-eval-span.txt'}" in only["recipe"] and "skip_tokens: 256" in only["recipe"]
     assert "| 0.001 | 4 | 512 |" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def killed_relufy(tmp_path_factory, tiny_dir):
+    """A relufy run SIGKILLed after a checkpoint: its folder (recipe r.yaml, output out, OUTPUT.checkpoints)."""
+    d = tmp_path_factory.mktemp("killed-relufy")
+    path = recipe(d, tiny_dir, "relufy", "{steps: 200, batch_size: 2, lr: 3.0e-4, save_every: 5}")
+    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "sparsify", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = d / "out.checkpoints" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (d / "out").exists() and list(ckpts.glob("step-*/state.json"))
+    return d
+
+
+def _tamper_distill(work, case, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = sorted(work.glob("checkpoints/step-*"))[-1]
+    if case == "a-tensor-that-would-broadcast":
+        weights = load_file(ckpt / "student.safetensors")
+        weights["model.layers.0.mlp.gate_proj.weight"] = torch.tensor(0.5)
+        save_file(weights, ckpt / "student.safetensors")
+    elif case in ("step-negative", "step-beyond-the-run", "state-not-json"):
+        state = json.loads((ckpt / "state.json").read_text())
+        text = {"step-negative": json.dumps({**state, "step": -20}), "state-not-json": "{not json",
+                "step-beyond-the-run": json.dumps({**state, "step": 999})}[case]
+        (ckpt / "state.json").write_text(text)
+    elif case == "student-deleted":
+        (ckpt / "student.safetensors").unlink()
+    elif case == "optimizer-empty":
+        torch.save({}, ckpt / "optimizer.pt")
+    elif case == "log-line-without-step":
+        with open(work / "train_log.jsonl", "a") as f:
+            f.write('{"nostep": 1}\n')
+    elif case == "another-model":
+        from llmfast.testing import build_tiny_llama
+
+        return ["--set", f"model={build_tiny_llama(tmp_path / 'tiny2', seed=1)}"]
+    elif case == "other-settings-without-relufy-json":
+        (work / "relufy.json").unlink()
+        return ["--set", "sparsify.config.l1=0.5"]
+    elif case == "no-steps":
+        return ["--set", "sparsify.config.steps=0"]
+    return []
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("a-tensor-that-would-broadcast", "model.layers.0.mlp.gate_proj.weight has shape [], the model's is [256, 128]"),
+    ("step-negative", "step -20 is not a step of this run (0 to 200)"),
+    ("step-beyond-the-run", "step 999 is not a step of this run"),
+    ("state-not-json", "state.json"),
+    ("student-deleted", "student.safetensors: cannot be read"),
+    ("optimizer-empty", "optimizer.pt: does not fit this run's optimizer"),
+    ("log-line-without-step", "is not a log line llmfast wrote"),
+    ("another-model", "holds a run of other model"),
+    ("other-settings-without-relufy-json", "holds a run of other settings"),
+    ("no-steps", "holds a run of other settings"),
+])
+def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case, expected, killed_relufy, tmp_path):
+    """Found by hand (2026-12-05): these resumed a broadcast tensor, ran steps -20..200 with a negative learning
+    rate, wrote a barely trained model with NaN, continued another model's or other settings' checkpoints, or
+    discarded the run (steps: 0); others were tracebacks after the log was rewritten."""
+    import shutil
+
+    d = Path(shutil.copytree(killed_relufy, tmp_path / "w"))
+    path = d / "r.yaml"
+    path.write_text(path.read_text().replace(str(killed_relufy), str(d)))
+    extra = _tamper_distill(d / "out.checkpoints", case, tmp_path)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    code, _, err = run_cli("sparsify", str(path), "--resume", *extra)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("llmfast: error: ") and expected in lines[-1], err[-2000:]
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before

@@ -13,7 +13,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -94,9 +94,8 @@ def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: b
 FIX = "delete that checkpoint folder, or start the run again without --resume"
 
 
-def safe_load(path: Path, map_location: Any = None) -> Any:
+def safe_load(path: Path, map_location: Any = None, fix: str = FIX) -> Any:
     """torch.load that unpickles only tensors and plain containers: nothing in the file can run code."""
-    fix = FIX
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -140,39 +139,40 @@ def load_training_state(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, 
     sched = safe_load(ckpt / "scheduler.pt")
     rng = safe_load(ckpt / "rng.pt")
     scale = safe_load(ckpt / "scaler.pt") if scaler is not None and (ckpt / "scaler.pt").is_file() else None
-    for name, value, ok in (("optimizer.pt", optim, isinstance(optim, dict)),
-                            ("scheduler.pt", sched, isinstance(sched, dict)),
+    for name, value, ok in (("scheduler.pt", sched, isinstance(sched, dict)),
                             ("rng.pt", rng, isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8)):
         if not ok:
             raise UserError(f"{ckpt / name}: holds a {type(value).__name__}"
                             f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
                             f"llmfast writes there; {FIX}")
-    try:
-        if fsdp:
-            sharding.load_optimizer_state(model, optimizer, optim)
-        else:
-            optimizer.load_state_dict(optim)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        from llmfast.loading import first_line
-
-        raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this run's optimizer ({first_line(e)}); "
-                        f"{FIX}") from None
-    _check_optimizer_shapes(optimizer, ckpt / "optimizer.pt")
+    restore_optimizer(optimizer, optim, ckpt / "optimizer.pt", FIX,
+                      load=(lambda o, s: sharding.load_optimizer_state(model, o, s)) if fsdp else None)
     scheduler.load_state_dict(sched)
     torch.set_rng_state(rng)
     if scale is not None:  # absent in checkpoints of older versions: the default loss scale
         scaler.load_state_dict(scale)
 
 
-def _check_optimizer_shapes(optimizer: Any, path: Path) -> None:
-    """Per-parameter state (Adam's moments) must have its parameter's shape: torch only finds out at the first step,
-    after the log was already cut back to the checkpoint."""
+def restore_optimizer(optimizer: Any, state: Any, path: Path, fix: str,
+                      load: Callable[[Any, Any], None] | None = None) -> None:
+    """`state` (read from `path` with `safe_load`) into `optimizer`, checked: a dict torch accepts, and per-parameter
+    state (Adam's moments) of each parameter's shape, which torch would only find out at the first step, after the
+    log was already cut back to the checkpoint. `load(optimizer, state)` replaces `optimizer.load_state_dict`."""
+    from llmfast.loading import first_line
+
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not the optimizer state llmfast writes there; {fix}")
+    try:
+        load(optimizer, state) if load is not None else optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: does not fit this run's optimizer ({type(e).__name__}: {first_line(e)}); "
+                        f"{fix}") from None
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
                     raise UserError(f"{path}: its {key} state has shape {list(value.shape)} for a parameter of shape "
-                                    f"{list(p.shape)}: it belongs to another run; {FIX}")
+                                    f"{list(p.shape)}: it belongs to another run; {fix}")
 
 
 def drop_stale(out: Path, start_step: int) -> None:

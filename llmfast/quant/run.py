@@ -62,6 +62,10 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
                         "to start again")
     source = resolve_model(recipe.model)
     check_output(out, overwrite, inputs=[source])
+    run = {"verb": "quantize", "model": str(Path(source).resolve()), "method": spec.method,
+           "settings": spec.config.model_dump(mode="json"),
+           "data": recipe.data.model_dump(mode="json") if recipe.data is not None else None, "dtype": recipe.dtype}
+    check_work_dir(work, run, resume)  # checkpoints of another model or settings are not continued
     from llmfast.loading import check_positions, check_weights_fit, refuse_pickle_weights
 
     refuse_pickle_weights(source)  # what the methods' loaders refuse, before anything is written
@@ -85,7 +89,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
         shutil.rmtree(work)
     start = time.time()
     # the work folder marked before a method writes into it: what a kill leaves there is known to be llmfast's
-    with marked_work_dir(work), atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
+    with marked_work_dir(work, run, resume), atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=data["rows"],
                                           train_rows=data["train_rows"], heldout=data["heldout"], dtype=recipe.dtype,
                                           work_dir=work, resume=resume)

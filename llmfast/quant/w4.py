@@ -176,7 +176,13 @@ def _rounded_once(model_dir: Path, cfg: W4Config, where: Path, *, resume: bool, 
 
     rounding = cfg.model_dump(mode="json", exclude={"scale_steps", "scale_lr", "scale_eval_every"})
     if resume and (where / _SETTINGS).is_file():
-        kept = json.loads((where / _SETTINGS).read_text())
+        from llmfast.modelfiles import check_model_dir, read_json_file
+
+        fix = f"delete {where} (it is rounded again), or start again with --overwrite"
+        kept = read_json_file(where / _SETTINGS, "w4 settings", fix)
+        if not isinstance(kept, dict) or not isinstance(kept.get("settings"), dict) or "metrics" not in kept:
+            raise UserError(f"{where / _SETTINGS}: not the settings file llmfast writes there; {fix}")
+        check_model_dir(where)  # its config and every safetensors file complete
         if kept["settings"] != rounding:
             raise UserError(f"--resume: {where} was rounded with other w4 settings: resume with the same recipe, "
                             "or start again with --overwrite")

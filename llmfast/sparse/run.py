@@ -71,7 +71,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     """Write the sparsified artifact at recipe.output; return its metrics."""
     import torch
 
-    from llmfast.artifacts import atomic_dir, marked_work_dir, write_manifest
+    from llmfast.artifacts import atomic_dir, check_work_dir, marked_work_dir, write_manifest
     from llmfast.loading import check_positions
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
@@ -82,6 +82,10 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
     model_path = resolve_model(recipe.model)
+    run = {"verb": "sparsify", "model": str(Path(model_path).resolve()), "method": method.name,
+           "settings": recipe.sparsify.config.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
+           "dtype": recipe.dtype}
+    check_work_dir(work, run, resume)  # checkpoints of another model or settings are not continued
     attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
     _check_architecture(model_path, recipe.model)
     check_positions(model_path, recipe.data.window, "data.window")
@@ -113,7 +117,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
                            window=d.window, work_dir=work, resume=resume)
     cfg = recipe.sparsify.config
     # the work folder marked before the method writes into it: what a kill leaves there is known to be llmfast's
-    with marked_work_dir(work), atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
+    with marked_work_dir(work, run, resume), atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
         metrics = method.sparsify(job, cfg, tmp)
         metrics.update({
             "method": method.name, "wall_seconds": round(time.perf_counter() - t0, 1),
