@@ -223,9 +223,14 @@ def check_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool =
         return  # marked by an earlier version, which did not record the run
     recorded = {**recorded, "resume": None}  # how it was started is not part of what it computes
     for key, value in {**run, "resume": None}.items():
-        if recorded.get(key) != value:
-            raise UserError(f"--resume: {work} holds a run of other {key} ({_short(recorded.get(key))}, now "
-                            f"{_short(value)}): resume with the same recipe, or start again with --overwrite")
+        was = recorded.get(key)
+        if was != value:
+            where = key
+            if isinstance(was, dict) and isinstance(value, dict):  # name the setting, not the whole section
+                inner = sorted(k for k in {*was, *value} if was.get(k) != value.get(k))[0]
+                where, was, value = f"{key}.{inner}", was.get(inner), value.get(inner)
+            raise UserError(f"--resume: {work} holds a run with {where} {_short(was)}, this one has {_short(value)}: "
+                            "resume with the same recipe, or start again with --overwrite")
 
 
 def _short(value: Any) -> str:

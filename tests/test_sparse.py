@@ -298,7 +298,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
     chats = tmp_path / "train.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
     code, _, err = run_cli("sparsify", str(path), "--resume", "--set", f"data.conversations={chats}")
-    assert code == 2 and "holds a run of other data" in err, err  # other rows than the checkpoint's
+    assert code == 2 and "holds a run with data.conversations [], this one has [" in err, err  # other rows than the checkpoint's
     assert not (tmp_path / "killed").exists() and list(ckpts.glob("step-*/state.json"))
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err
@@ -557,9 +557,9 @@ def _tamper_distill(work, case, tmp_path):
     ("student-deleted", "student.safetensors: cannot be read"),
     ("optimizer-empty", "optimizer.pt: does not fit this run's optimizer"),
     ("log-line-without-step", "is not a log line llmfast wrote"),
-    ("another-model", "holds a run of other model"),
-    ("other-settings-without-relufy-json", "holds a run of other settings"),
-    ("no-steps", "holds a run of other settings"),
+    ("another-model", "holds a run with model "),
+    ("other-settings-without-relufy-json", "holds a run with settings.l1 0.0, this one has 0.5"),
+    ("no-steps", "holds a run with settings.steps 200, this one has 0"),
 ])
 def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case, expected, killed_relufy, tmp_path):
     """Found by hand (2026-12-05): these resumed a broadcast tensor, ran steps -20..200 with a negative learning
