@@ -221,8 +221,7 @@ def check_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool =
         recorded = None
     if not isinstance(recorded, dict):
         return  # marked by an earlier version, which did not record the run
-    recorded = {**recorded, "resume": None}  # how it was started is not part of what it computes
-    for key, value in {**run, "resume": None}.items():
+    for key, value in run.items():
         was = recorded.get(key)
         if was != value:
             where = key

@@ -254,10 +254,12 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     from llmfast.sparse.relu_cut import apply_config_cut
 
     sparsity = artifact_sparsity(path)  # its settings checked before minutes of loading, not after
-    if sparsity is not None and spec is None:  # and its files (thresholds, predictors) against the model's shapes:
-        from llmfast.loading import meta_skeleton  # put on the modules on the meta device first, where a misfit
+    if sparsity is not None and spec is None:
+        # its files (thresholds, predictors) put on the modules on the meta device first: a misfit is one line
+        # before the weights, and their progress bar, load
+        from llmfast.loading import meta_skeleton
 
-        skeleton = meta_skeleton(path)  # is one line before the weights (and their progress bar) load
+        skeleton = meta_skeleton(path)
         apply_config_cut(skeleton, path)
         apply_artifact_sparsity(skeleton, path, sparsity)
     if spec is not None:
