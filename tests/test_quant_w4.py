@@ -454,6 +454,19 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a run with settings.seed 42, this one has 7" in err, err
     assert not out.exists()
+    from safetensors.torch import load_file, save_file
+
+    rounded = tmp_path / "killed.checkpoints" / "autoround" / "model.safetensors"
+    kept = rounded.read_bytes()
+    tensors = load_file(rounded)
+    key = sorted(k for k in tensors if k.endswith(".scales"))[0]
+    for tampered in ({**tensors, key: tensors[key].reshape(-1, 1)}, {k: v for k, v in tensors.items() if k != key}):
+        save_file(tampered, rounded, metadata={"format": "pt"})  # a scales tensor reshaped, then deleted
+        assert main(["quantize", str(recipe), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("llmfast: error: ") and "autoround" in err[-1] and "Traceback" not in "".join(err)
+    rounded.write_bytes(kept)
+    assert not out.exists()
 
     def no_rounding(*args: object, **kwargs: object) -> None:
         raise AssertionError("AutoRound ran again")

@@ -170,8 +170,6 @@ _SETTINGS = "w4-settings.json"  # beside AutoRound's artifact in the work direct
 def _rounded_once(model_dir: Path, cfg: W4Config, where: Path, *, resume: bool, **job: Any) -> dict[str, Any]:
     """AutoRound's artifact in `where` (complete or absent: atomic_dir), reused by `--resume` when the same
     settings made it; its metrics."""
-    import json
-
     from llmfast.artifacts import atomic_dir, atomic_write_json
 
     rounding = cfg.model_dump(mode="json", exclude={"scale_steps", "scale_lr", "scale_eval_every"})
@@ -186,12 +184,32 @@ def _rounded_once(model_dir: Path, cfg: W4Config, where: Path, *, resume: bool, 
         if kept["settings"] != rounding:
             raise UserError(f"--resume: {where} was rounded with other w4 settings: resume with the same recipe, "
                             "or start again with --overwrite")
+        _check_rounded_layers(where, cfg.group_size, fix)
         print(f"resuming: AutoRound's rounding from {where}", file=sys.stderr)
         return kept["metrics"]
     with atomic_dir(where, overwrite=True) as tmp:
         metrics = autoround(model_dir, cfg, tmp, **job)
         atomic_write_json(tmp / _SETTINGS, {"settings": rounding, "metrics": metrics})
     return metrics
+
+
+def _check_rounded_layers(where: Path, group_size: int, fix: str) -> None:
+    """Every quantized layer of the rounding kept for a resume readable, its scales one per group and output: the
+    scale tuning would otherwise fail on it with a traceback."""
+    from llmfast.loading import first_line
+    from llmfast.quant.scale_tuning import quantized_layers
+
+    try:
+        layers = quantized_layers(where)
+    except Exception as e:  # noqa: BLE001 - a tensor missing from the files: safetensors' own error types
+        raise UserError(f"{where}: its quantized layers cannot be read ({type(e).__name__}: {first_line(e)}); "
+                        f"{fix}") from None
+    for name, layer in layers.items():
+        out_features, in_features = layer["levels"].shape
+        want = (in_features // group_size, out_features)
+        if tuple(layer["scales"].shape) != want:
+            raise UserError(f"{where}: {name}.scales has shape {list(layer['scales'].shape)}, its groups and outputs "
+                            f"make {list(want)}; {fix}")
 
 
 def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, rows: Any, dtype: str = "float32"
