@@ -198,11 +198,10 @@ def write_manifest(
 WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
 
 
-def check_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool = False) -> None:
+def check_work_dir(work: Path) -> None:
     """A training verb's work folder beside its output (OUTPUT.checkpoints) is removed when the run starts afresh
     and when the artifact is complete: refuse one that llmfast did not mark as its own rather than delete a user's
-    files (an empty folder holds none). With `resume`, the run the mark records (`run`: the source model, the
-    method and its settings) must be this one: checkpoints of another model or other settings are not continued."""
+    files (an empty folder holds none)."""
     if work.is_symlink() or (work.exists() and not work.is_dir()):
         raise UserError(f"{work} is not a folder llmfast made (a link or a file): move it away, or choose another "
                         "output")
@@ -213,11 +212,15 @@ def check_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool =
         raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
                         "and deletes it when done): move it away, or choose another output (a run of an older "
                         f"llmfast: add an empty file {WORK_MARK} to it to resume)")
-    if not resume or run is None:
-        return
+
+
+def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
+    """`--resume` continues only the run the work folder's mark records (`run`: the source model, the method, its
+    settings...), so checkpoints of another model or other settings are refused, naming what differs. A folder
+    `check_work_dir` accepted; a mark of an earlier version records no run and is not compared."""
     try:
-        recorded = json.loads(mark.read_text(encoding="utf-8") or "{}").get("run")
-    except (ValueError, AttributeError):
+        recorded = json.loads((work / WORK_MARK).read_text(encoding="utf-8") or "{}").get("run")
+    except (OSError, ValueError, AttributeError):
         recorded = None
     if not isinstance(recorded, dict):
         return  # marked by an earlier version, which did not record the run

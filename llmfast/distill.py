@@ -189,36 +189,15 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
         raise UserError(f"--resume: {ckpt} holds other weights than this model trains: start again with --overwrite")
     odd = [n for n, p in params.items() if tuple(weights[n].shape) != tuple(p.shape)]  # copy_ would broadcast
     if odd:
-        raise UserError(f"{ckpt / 'student.safetensors'}: {odd[0]} has shape {list(weights[odd[0]].shape)}, the model's "
-                        f"is {list(params[odd[0]].shape)}: it belongs to another model; {fix}")
+        raise UserError(f"{ckpt / 'student.safetensors'}: {odd[0]} has shape {list(weights[odd[0]].shape)}, the "
+                        f"model's is {list(params[odd[0]].shape)}: it belongs to another model; {fix}")
     # on the CPU first (a GPU run may be resumed where there is none); load_state_dict moves it to each parameter
     restore_optimizer(optimizer, safe_load(ckpt / "optimizer.pt", map_location="cpu", fix=fix), ckpt / "optimizer.pt",
                       fix)
-    _kept_log(work / "train_log.jsonl", step)  # read (not yet rewritten) before anything changes
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
     return step
-
-
-def _kept_log(path: Path, start: int) -> list[str]:
-    """The log lines of steps up to `start` (those a resumed run keeps); a line that is not a JSON object with a
-    numeric step is one line naming it."""
-    if not path.is_file():
-        return []
-    kept = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        step = row.get("step") if isinstance(row, dict) else None
-        if isinstance(step, bool) or not isinstance(step, (int, float)):
-            raise UserError(f"{path}: line {n} is not a log line llmfast wrote (a JSON object with a step): delete "
-                            "that line and resume again")
-        if step <= start:
-            kept.append(line)
-    return kept
 
 
 def gpu_autocast(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -246,6 +225,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
 
     from tqdm.auto import tqdm
 
+    from llmfast.finetune.checkpoint import kept_log_lines  # the log lines a resumed run keeps, shared with finetune
+
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -254,12 +235,12 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     digest = rows_digest(rows)
     start = resume_from(work, student, optimizer, settings, digest) if resume else 0
+    log_path = work / "train_log.jsonl"
+    kept = kept_log_lines(log_path, start) if start else []  # the checkpoint's steps, read before any write
     if start:
         print(f"resuming from step {start} of {settings.steps}", file=sys.stderr)
     mark_work_dir(work)  # llmfast's: the verb removes it when the artifact is complete
-    log_path = work / "train_log.jsonl"
-    if log_path.is_file():  # keep only lines of steps that the checkpoint covers (none when starting afresh)
-        kept = _kept_log(log_path, start) if start else []
+    if log_path.is_file():
         log_path.write_text("".join(k + "\n" for k in kept))
     loss_value = float("nan")
 

@@ -280,18 +280,23 @@ def test_cats_over_a_relufied_model_shifts_the_relu_threshold(tmp_path, tiny_dir
         assert (down[gate > t[i]] != 0).float().mean() > 0.99
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
-    cfg = "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}"
-    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
-    path = recipe(tmp_path, tiny_dir, "relufy", cfg, out="killed", name="killed")
+def _kill_after_a_checkpoint(path, ckpts):
+    """`llmfast sparsify path` in a process of its own, SIGKILLed once a checkpoint is in `ckpts`; returns `ckpts`."""
     proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "sparsify", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed.checkpoints" / "checkpoints"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return ckpts
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
+    cfg = "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}"
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
+    path = recipe(tmp_path, tiny_dir, "relufy", cfg, out="killed", name="killed")
+    ckpts = _kill_after_a_checkpoint(path, tmp_path / "killed.checkpoints" / "checkpoints")
     assert not (tmp_path / "killed").exists(), "killed before the end: no artifact"
     code, _, err = run_cli("sparsify", str(path))
     assert code == 2 and "pass --resume to continue it" in err
@@ -504,14 +509,7 @@ def killed_relufy(tmp_path_factory, tiny_dir):
     """A relufy run SIGKILLed after a checkpoint: its folder (recipe r.yaml, output out, OUTPUT.checkpoints)."""
     d = tmp_path_factory.mktemp("killed-relufy")
     path = recipe(d, tiny_dir, "relufy", "{steps: 200, batch_size: 2, lr: 3.0e-4, save_every: 5}")
-    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "sparsify", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = d / "out.checkpoints" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*/state.json")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ckpts = _kill_after_a_checkpoint(path, d / "out.checkpoints" / "checkpoints")
     assert not (d / "out").exists() and list(ckpts.glob("step-*/state.json"))
     return d
 

@@ -177,20 +177,33 @@ def restore_optimizer(optimizer: Any, state: Any, path: Path, fix: str,
 
 def drop_stale(out: Path, start_step: int) -> None:
     """Process 0 on resume: remove checkpoints whose write a kill cut short, and log lines of steps to rerun."""
+    log_path = out / "train_log.jsonl"
+    kept = kept_log_lines(log_path, start_step)  # read (a bad line refused) before anything is removed
     for stale in (out / "checkpoints").glob(".step-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    log_path = out / "train_log.jsonl"
     if log_path.is_file():
-        rows = []
-        for n, line in enumerate(log_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise UserError(f"{log_path}: line {n} is not JSON: delete that line (or the file) and resume "
-                                "again") from None
-            rows.append((line, row.get("step", 0) if isinstance(row, dict) else 0))
-        kept = [l for l, step in rows if isinstance(step, (int, float)) and step <= start_step]
         atomic_write_text(log_path, "".join(l + "\n" for l in kept))
+
+
+def kept_log_lines(path: Path, start: int) -> list[str]:
+    """The lines of a training log (`finetune`'s, or a distilling method's) that a run resumed at step `start`
+    keeps: those of steps up to it. A line that is not JSON, or not an object with a numeric step, is one line
+    naming it."""
+    if not path.is_file():
+        return []
+    kept = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}: line {n} is not JSON: delete that line (or the file) and resume again") from None
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise UserError(f"{path}: line {n} is not a log line llmfast wrote (a JSON object with a step): delete "
+                            "that line and resume again")
+        if step <= start:
+            kept.append(line)
+    return kept
 
 
 def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int,

@@ -46,8 +46,8 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
-    from llmfast.artifacts import (atomic_dir, check_output, check_work_dir, holds_work, marked_work_dir, read_manifest,
-                                   write_manifest)
+    from llmfast.artifacts import (atomic_dir, check_output, check_resumed_run, check_work_dir, holds_work,
+                                   marked_work_dir, read_manifest, write_manifest)
     from llmfast.quant import already_quantized
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
@@ -65,7 +65,8 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     run = {"verb": "quantize", "model": str(Path(source).resolve()), "method": spec.method,
            "settings": spec.config.model_dump(mode="json"),
            "data": recipe.data.model_dump(mode="json") if recipe.data is not None else None, "dtype": recipe.dtype}
-    check_work_dir(work, run, resume)  # checkpoints of another model or settings are not continued
+    if resume:  # checkpoints of another model or settings are not continued
+        check_resumed_run(work, run)
     from llmfast.loading import check_positions, check_weights_fit, refuse_pickle_weights
 
     refuse_pickle_weights(source)  # what the methods' loaders refuse, before anything is written

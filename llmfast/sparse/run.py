@@ -71,7 +71,7 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     """Write the sparsified artifact at recipe.output; return its metrics."""
     import torch
 
-    from llmfast.artifacts import atomic_dir, check_work_dir, marked_work_dir, write_manifest
+    from llmfast.artifacts import atomic_dir, check_resumed_run, marked_work_dir, write_manifest
     from llmfast.loading import check_positions
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
@@ -85,7 +85,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     run = {"verb": "sparsify", "model": str(Path(model_path).resolve()), "method": method.name,
            "settings": recipe.sparsify.config.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
            "dtype": recipe.dtype}
-    check_work_dir(work, run, resume)  # checkpoints of another model or settings are not continued
+    if resume:  # checkpoints of another model or settings are not continued
+        check_resumed_run(work, run)
     attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
     _check_architecture(model_path, recipe.model)
     check_positions(model_path, recipe.data.window, "data.window")
