@@ -33,6 +33,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# An output's name leaves room for its siblings' longer names within a file system's 255 bytes: the temporary
+# `.NAME.tmp-PID-XXXXXXXX` (22 more) of a `NAME.checkpoints` work folder (12 more).
+MAX_OUTPUT_NAME = 200
+
+
 def _temp_prefix(name: str, kind: str) -> str:
     # The owner's PID is in the name, so a later run can tell a dead process's leftovers from a live writer's.
     return f".{name}.{kind}-{os.getpid()}-"
@@ -88,6 +93,10 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         if src.is_dir() and src in resolved.parents:
             raise UserError(f"output {final} is inside the input {i}: writing it would change the input; choose a "
                             "directory outside it")
+    if len(final.name.encode()) > MAX_OUTPUT_NAME:
+        raise UserError(f"output {final}: its name is {len(final.name.encode())} bytes, and llmfast writes beside it "
+                        f"under longer ones (.NAME.tmp-…, NAME.checkpoints) that must fit the file system's 255: "
+                        f"choose a name of at most {MAX_OUTPUT_NAME} bytes")
     if final.is_file() or final.is_symlink() and not final.is_dir():
         raise UserError(f"output {final} is a file, not a directory: choose a directory path")
     if final.exists() and not overwrite:

@@ -100,10 +100,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llmfast.serve.server import VllmServer, prepare_spec
+    from llmfast.serve.server import VllmServer, check_host, prepare_spec
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
+    check_host(args.host)
     if args.log and (Path(args.log).is_dir() or Path(args.log).parent.is_file()):
         raise UserError(f"--log {args.log}: needs a file path in a folder")
     spec = prepare_spec(args.model, args.lora, served_name=args.served_model_name, host=args.host, port=args.port,

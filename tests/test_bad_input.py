@@ -225,6 +225,8 @@ CASES = [
     Case("merge-config-not-yaml", ("merge", "{W}/data/latin1.jsonl", "{W}/runs/m"), "latin1.jsonl", owner="merge"),
     Case("merge-out-exists", ("merge", "{W}/recipes/mg.yaml", "{W}/existing"), "already exists", owner="merge"),
     Case("merge-out-is-base", ("merge", "{W}/recipes/mg.yaml", "{W}/models/tiny"), "", owner="merge"),
+    Case("merge-out-name-too-long", ("merge", "{W}/recipes/mg.yaml", "{W}/runs/" + "m" * 240), "240 bytes",
+         owner="merge"),  # failed on the temporary sibling's longer name
     Case("merge-out-is-file", ("merge", "{W}/recipes/mg.yaml", "{W}/a-file.txt"), "is a file", owner="merge"),
     Case("merge-out-under-file", ("merge", "{W}/recipes/mg.yaml", "{W}/a-file.txt/m"), "is a file", owner="merge"),
     Case("merge-out-readonly", ("merge", "{W}/recipes/mg.yaml", "{W}/readonly/m"), "permission", owner="merge"),

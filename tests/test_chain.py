@@ -100,10 +100,10 @@ def test_chain_runs_reuses_and_reruns_only_what_changed(tiny: Path, tmp_path: Pa
     old_weights = (out / "ternary" / "model.safetensors").read_bytes()
     real_run_stage = chain_run.run_stage
 
-    def killed(out_dir, stage, resume, run_verb):
+    def killed(out_dir, stage, *args):
         if stage.name == "ternary":
             raise KeyboardInterrupt
-        return real_run_stage(out_dir, stage, resume, run_verb)
+        return real_run_stage(out_dir, stage, *args)
 
     monkeypatch.setattr(chain_run, "run_stage", killed)
     assert main(["run", str(recipe), "--set", "stages.ternary.with.quantization.qat_steps=2"]) == 130
@@ -180,6 +180,19 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     other["stages"] = {"data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}}}
     assert main(["run", str(write(tmp_path / "other.yaml", other))]) == 0
     assert (out / "data" / "dates" / "train.jsonl").is_file()
+
+
+def test_a_stage_file_an_earlier_stage_did_not_write_is_named_in_the_chain_recipe(
+        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = chain(tiny, tmp_path / "run")
+    recipe["stages"] = {k: recipe["stages"][k] for k in ("data", "lora")}
+    recipe["stages"]["lora"]["with"]["data"]["train"] = "${data}/dates/missing.jsonl"
+    path = write(tmp_path / "chain.yaml", recipe)
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llmfast: error: stage lora (finetune): ") and "missing.jsonl" in err, err
+    assert f"{path} (stages.lora): data.train" in err and ".recipes" not in err, err  # was: the generated .recipes/lora.yaml
 
 
 def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:

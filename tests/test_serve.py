@@ -161,7 +161,7 @@ def test_serve_passes_everything_after_double_dash_to_vllm():
 
 
 @pytest.mark.parametrize("cfg,msg", [
-    ({"r": 1024}, "rank 1024 .* not supported by vLLM"),
+    ({"r": 1024}, "rank 1024, above vLLM's 512 .*retrain with a smaller r"),
     ({"use_dora": True}, "DoRA adapter, which vLLM cannot serve"),
     ({"peft_type": "IA3"}, "IA3 adapter; vLLM serves LoRA only"),
 ])
@@ -171,11 +171,29 @@ def test_serve_refuses_adapters_vllm_cannot_load(tmp_path, tiny_dir, cfg, msg):
     assert __import__("re").search(msg, err), err
 
 
+def test_an_adapter_vllm_cannot_serve_runs_on_the_transformers_engine(tmp_path, tiny_dir):
+    """vLLM's rank limit refuses the vllm engine only: transformers runs the adapter (it was refused for both)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=520, lora_alpha=16, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "big")
+    common = ("bench", "offline", str(tiny_dir), "--lora", str(tmp_path / "big"), "--num-prompts", "2",
+              "--random-input-len", "8", "--random-output-len", "4")
+    code, _, err = run_cli(*common, "--engine", "vllm")
+    assert code == 2 and "--engine vllm: LoRA 'lora' has rank 520, above vLLM's 512: use --engine hf" in err, err
+    code, out, err = run_cli(*common, "--engine", "hf", "--output", str(tmp_path / "res.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "res.json").read_text())["completed"] == 2
+
+
 def test_serve_and_bench_bad_input(tmp_path, tiny_dir):
     code, _, err = run_cli("serve", str(tmp_path))
     assert code == 2 and "not a Hugging Face model" in err
     for flags, expected in ((["--port", "70000"], "--port 70000: a port is 0 to 65535"),
-                            (["--log", str(tmp_path)], "needs a file path in a folder")):
+                            (["--log", str(tmp_path)], "needs a file path in a folder"),
+                            (["--host", "bad host!"], "--host 'bad host!': ")):  # printed "starting vLLM" first
         code, _, err = run_cli("serve", str(tiny_dir), *flags)  # were OverflowError / IsADirectoryError
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli("serve", str(tiny_dir), "--lora", f"x={tmp_path}")

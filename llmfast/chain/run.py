@@ -11,6 +11,7 @@ its old output too unless the verb replaces that whole once the new one is compl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -98,12 +99,14 @@ def _clear(out: Path, stage: Stage) -> None:
     _state(out, stage, "json").unlink(missing_ok=True)
 
 
-def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[str]], int]) -> None:
+def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[str]], int],
+              recipe_path: Path | None = None) -> None:
     """Run one stage through `run_verb` (the CLI's own dispatch, handed in so the chain does not import it)."""
     paths = {name: out / name for name in stage.parents}
     section = substitute(stage.section, paths)
     flags = substitute(list(stage.flags), paths)
-    argv = STAGES.get(stage.type).argv(section, out / stage.name, out / ".recipes" / f"{stage.name}.yaml", resume)
+    generated = out / ".recipes" / f"{stage.name}.yaml"
+    argv = STAGES.get(stage.type).argv(section, out / stage.name, generated, resume)
     if stage.launch:  # a launcher (torchrun) starts the verb's processes itself
         import subprocess
 
@@ -118,8 +121,11 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
         return
     try:
         code = run_verb([*argv, *flags])
-    except UserError as e:
-        raise UserError(f"stage {stage.name} ({stage.type}): {e}") from None
+    except UserError as e:  # the user wrote the chain recipe, not the stage's generated one
+        # (a line number in the generated file would point nowhere in it)
+        where = f"{recipe_path} (stages.{stage.name})" if recipe_path else str(generated)
+        said = re.sub(re.escape(str(generated)) + r"(:\d+)?", lambda _: where, str(e))
+        raise UserError(f"stage {stage.name} ({stage.type}): {said}") from None
     if code:
         raise UserError(f"stage {stage.name} ({stage.type}) failed with exit code {code}: see its output above")
 
@@ -159,7 +165,7 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / OWNER, {"recipe": str(recipe_path.resolve())})
     try:
-        _run_stages(out, stages, decisions, run_verb)
+        _run_stages(out, stages, decisions, run_verb, recipe_path)
     except BaseException:
         if fresh:
             _drop_if_only_bookkeeping(out, keep_folder=existed)
@@ -186,7 +192,7 @@ def _drop_if_only_bookkeeping(out: Path, keep_folder: bool) -> None:
 
 
 def _run_stages(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, str]],
-                run_verb: Callable[[list[str]], int]) -> None:
+                run_verb: Callable[[list[str]], int], recipe_path: Path) -> None:
     for i, stage in enumerate(stages, 1):
         action, why = decisions[stage.name]
         print(f"[{i}/{len(stages)}] {stage.name} ({stage.type}): {action} ({why})", file=sys.stderr, flush=True)
@@ -196,7 +202,7 @@ def _run_stages(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, 
             _clear(out, stage)
         atomic_write_json(_state(out, stage, "started"), {"key": stage.key})
         began = time.time()
-        run_stage(out, stage, action == "resume", run_verb)
+        run_stage(out, stage, action == "resume", run_verb, recipe_path)
         atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "seconds": round(time.time() - began, 1)})
 
 

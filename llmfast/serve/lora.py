@@ -18,11 +18,13 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.Max
 
 @dataclass(frozen=True)
 class ServedLora:
-    """An adapter checked for vLLM: served under `name` from `path`; `rank` is its largest rank."""
+    """A checked adapter, served under `name` from `path`; `rank` is its largest rank. `vllm_refusal` says why
+    vLLM cannot serve it (a rank above its buckets, DoRA) when it was checked for transformers only."""
 
     name: str
     path: Path
     rank: int
+    vllm_refusal: str | None = None
 
 
 def parse_lora(spec: str) -> tuple[str, str]:
@@ -49,8 +51,10 @@ def _architecture(model_dir: Path) -> tuple[object, ...]:
     return (d["architecture"], d["hidden"], d["layers"], d["vocab"])
 
 
-def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None) -> ServedLora:
-    """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA."""
+def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None,
+               for_vllm: bool = True) -> ServedLora:
+    """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA. With
+    `for_vllm` False (transformers runs it) what only vLLM refuses is recorded in `vllm_refusal` instead."""
     from llmfast.models import adapter_dir
 
     p = adapter_dir(path)
@@ -72,12 +76,16 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
         raise UserError(f"LoRA '{name}': {cfg_path}: r and rank_pattern's values must be whole numbers (got "
                         f"{', '.join(repr(r) for r in raw)}): re-create the adapter")
     ranks = [int(r) for r in raw]
-    if max(ranks) > VLLM_LORA_RANKS[-1] or min(ranks) < 1:
-        raise UserError(f"LoRA '{name}': rank {max(ranks)} in {cfg_path} is not supported by vLLM "
-                        f"(ranks 1 to {VLLM_LORA_RANKS[-1]}): retrain with a smaller r or merge it with `llmfast export`")
-    if cfg.get("use_dora"):
-        raise UserError(f"LoRA '{name}': {cfg_path} is a DoRA adapter, which vLLM cannot serve: "
-                        "merge it with `llmfast export` and serve the merged model")
+    if min(ranks) < 1:
+        raise UserError(f"LoRA '{name}': rank {min(ranks)} in {cfg_path}: ranks are at least 1; re-create the adapter")
+    refusal = None
+    if max(ranks) > VLLM_LORA_RANKS[-1]:
+        refusal = f"LoRA '{name}' has rank {max(ranks)}, above vLLM's {VLLM_LORA_RANKS[-1]}"
+    elif cfg.get("use_dora"):
+        refusal = f"LoRA '{name}' is a DoRA adapter, which vLLM cannot serve"
+    if refusal and for_vllm:
+        raise UserError(f"{refusal} ({cfg_path}): merge it with `llmfast export` and serve the merged model"
+                        + (", or retrain with a smaller r" if "rank" in refusal else ""))
     from llmfast.modelfiles import check_adapter_dir
 
     try:  # lora_alpha and the weights file (present, complete, A and B in pairs): one line each
@@ -90,7 +98,7 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
             a, b = _architecture(Path(want)), _architecture(base)
             if a != b:
                 raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
-    return ServedLora(name=name, path=p, rank=max(ranks))
+    return ServedLora(name=name, path=p, rank=max(ranks), vllm_refusal=refusal)
 
 
 def max_lora_rank(adapters: list[ServedLora]) -> int:

@@ -39,6 +39,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_host(host: str) -> None:
+    """Refuse a --host that names no address, before anything starts (binding would fail after the start line)."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"--host {host!r}: {why}: give an address of this machine (127.0.0.1, or 0.0.0.0 for "
+                        "every interface)") from None
+
+
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on: its /health would pass for ours."""
     with socket.socket() as s:

@@ -62,7 +62,8 @@ def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) 
     from llmfast.artifacts import read_manifest
 
     model_dir = resolve_model(model)
-    adapter = check_lora(name, lora, base=model_dir) if lora else None
+    # what vLLM alone cannot serve is left to the engines' can_run: transformers runs any LoRA
+    adapter = check_lora(name, lora, base=model_dir, for_vllm=False) if lora else None
     manifest = read_manifest(model_dir)
     quant = parse_quantization(quantization) if quantization else manifest_quantization(manifest, model_dir)
     sparsity = ((manifest or {}).get("sparsity") or {}).get("method")
@@ -100,6 +101,8 @@ class Engine(ABC):
         if self.family not in variant.families:
             return (f"{variant.format_word} weights cannot run on the {self.family} engine here "
                     f"(it runs on: {', '.join(variant.families)})")
+        if self.family == "vllm" and variant.lora is not None and variant.lora.vllm_refusal:
+            return variant.lora.vllm_refusal
         return None
 
 
