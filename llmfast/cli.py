@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from llmfast import __version__
 from llmfast.errors import UserError
+from llmfast.process_exit import end_process_group, exit_process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -435,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -50,6 +50,12 @@ def _torchrun(*args):
     return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli", *args]
 
 
+def _workers_said(stderr: str) -> list[str]:
+    """What a failed torchrun's workers said (its own traceback and the progress bars left out)."""
+    keys = ("terminate", "error", "Error", "Fatal", "Abort")
+    return [l for l in stderr.splitlines() if any(k in l for k in keys) and "torch/distributed" not in l][:20]
+
+
 def _like_a_torchrun_worker(*args):
     """The CLI in this process with the intra-op threads of a torchrun worker (OMP_NUM_THREADS, 1 unless set).
 
@@ -234,7 +240,7 @@ def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tin
     ddp = recipe(tmp_path, tiny_dir, data, out="ddp")
     p = subprocess.run(_torchrun("finetune", str(ddp), "--set", "train.steps=4"), capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, _workers_said(p.stderr)
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["processes"] == 2
     assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-5
 
@@ -264,7 +270,7 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     assert code == 2 and "written with FSDP over several processes: resume it the same way" in err
     p = subprocess.run(_torchrun("finetune", str(path), "--resume", *args), capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 0, [l for l in p.stderr.splitlines() if "error" in l]
+    assert p.returncode == 0, _workers_said(p.stderr)
     assert p.stdout.count("adapter: ") == 1, "one summary, from process 0"
     metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["fsdp"] is True and metrics["resumed_from_step"] > 0
@@ -287,7 +293,7 @@ def test_fsdp_with_accumulation_clipping_and_checkpointing(tmp_path, tiny_dir, d
     p = subprocess.run(_torchrun("finetune", str(recipe(tmp_path, tiny_dir, data, out="fsdp")), *args,
                                  "--set", "train.grad_accum=2", "--set", "train.fsdp=true"),
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, _workers_said(p.stderr)
     single, fsdp = _adapter(tmp_path / "single"), _adapter(tmp_path / "fsdp")
     moved = max(v.abs().max().item() for k, v in single.items() if "lora_B" in k)  # B starts at zero
     assert moved > 1e-3, "the adapter trained"
