@@ -170,9 +170,15 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         except UserError as e:
             raise UserError(f"the cached conversion of {gguf.name} is damaged ({e}): delete {out} and run again")
     import torch
+    from gguf import GGUFReader
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:  # its header and tensor table (~2 s for the built-in model), before the progress bar and the conversion
+        GGUFReader(gguf)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError, ... on junk
+        raise UserError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {first_line(e)}); truncated or "
+                        "corrupt? re-download it") from None
     steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step", leave=False)
     try:
         steps.set_postfix_str("tokenizer")

@@ -3,6 +3,7 @@ DDP and FSDP over two CPU processes, QLoRA with a dequantized export, and bad in
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -319,6 +320,12 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, killed_run):
     assert not (tmp_path / "marker").exists(), "the payload ran"
     assert "weights_only" not in err, "no advice to load it unsafely"
     assert not (tmp_path / "run" / "adapter").exists()
+    with open(ckpt / "optimizer.pt", "wb") as f:  # a raw pickle, not torch.save's zip: one line, no torch warning
+        pickle.dump({"state": {0: Payload()}, "param_groups": []}, f)
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 2 and "optimizer.pt: refused" in err.strip().splitlines()[-1], err
+    assert "pickle protocol" not in err and "Warning" not in err, err
+    assert not (tmp_path / "marker").exists(), "the payload ran"
     (ckpt / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")  # a truncated file is one line too
     code, _, err = run_cli("finetune", str(path), "--resume")
     assert code == 2 and "optimizer.pt: cannot be read as a checkpoint file" in err.strip().splitlines()[-1], err

@@ -183,6 +183,10 @@ def test_corrupt_gguf_is_refused_before_conversion(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(UserError, match=r"bad\.gguf is not a GGUF file"):
         resolve_model(str(bad))
+    bad.write_bytes(b"GGUF" + b"junk" * 16)  # the right magic: refused before the converter's progress bar
+    code, _, err = run_cli("models", "--prepare", str(bad))
+    assert code == 2 and err.startswith("llmfast: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "bad.gguf is not a readable GGUF file (ValueError" in err, err
 
 
 def test_models_prepare_takes_a_directory_a_gguf_and_a_hub_id(tiny_dir, tmp_path, monkeypatch):

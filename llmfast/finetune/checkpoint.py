@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,7 +98,9 @@ FIX = "delete that checkpoint folder, or start the run again without --resume"
 def safe_load(path: Path, map_location: Any = None, fix: str = FIX) -> Any:
     """torch.load that unpickles only tensors and plain containers: nothing in the file can run code."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle (not torch.save's) drew torch's two-line protocol warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's own message suggests loading unsafely; for a file from elsewhere that is the wrong advice.
         raise UserError(f"{path}: refused: it holds pickled objects other than tensors and plain containers, "
