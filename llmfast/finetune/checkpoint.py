@@ -13,6 +13,7 @@ import json
 import pickle
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,21 +111,50 @@ def safe_load(path: Path, map_location: Any = None, fix: str = FIX) -> Any:
                         f"corrupt?); {fix}") from None
 
 
-def load_adapter(model: Any, ckpt: Path) -> None:
-    """Into the whole model, before sharding splits the weights (copied onto the model's device). Every LoRA
-    tensor the model has must be in the file with its shape: one left out would keep its fresh initial values."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+@dataclass
+class SavedTraining:
+    """A checkpoint's files, read and checked before the model loads (its progress bar would come before the error
+    line of a damaged file); `load_adapter` and `load_training_state` then check them against the model."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: Any
+    scheduler: dict[str, Any]
+    rng: torch.Tensor
+    scaler: Any = None
+
+
+def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scaler: bool) -> SavedTraining:
+    """The adapter, optimizer, scheduler, RNG and loss-scaler states of `ckpt`, all read safely (`safe_load`)."""
     from safetensors.torch import load_file
 
     path = ckpt / "adapter.safetensors"
     try:
-        saved = load_file(path, device="cpu")
+        adapter = load_file(path, device="cpu")
     except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: safetensors' own error types
         from llmfast.loading import first_line
 
         raise UserError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); {FIX}") from None
+    optim = safe_load(ckpt / "optimizer.pt", map_location=None if fsdp else device)
+    sched = safe_load(ckpt / "scheduler.pt")
+    rng = safe_load(ckpt / "rng.pt")
+    scale = safe_load(ckpt / "scaler.pt") if with_scaler and (ckpt / "scaler.pt").is_file() else None
+    for name, value, ok in (("scheduler.pt", sched, isinstance(sched, dict)),
+                            ("rng.pt", rng, isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8)):
+        if not ok:
+            raise UserError(f"{ckpt / name}: holds a {type(value).__name__}"
+                            f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
+                            f"llmfast writes there; {FIX}")
+    return SavedTraining(adapter, optim, sched, rng, scale)
+
+
+def load_adapter(model: Any, ckpt: Path, saved: SavedTraining) -> None:
+    """Into the whole model, before sharding splits the weights (copied onto the model's device). Every LoRA
+    tensor the model has must be in the file with its shape: one left out would keep its fresh initial values."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = ckpt / "adapter.safetensors"
     wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    got = {k: tuple(v.shape) for k, v in saved.items()}
+    got = {k: tuple(v.shape) for k, v in saved.adapter.items()}
     if got != wanted:
         odd = [f"missing {k}" for k in sorted(set(wanted) - set(got))] + [
             f"unexpected {k}" for k in sorted(set(got) - set(wanted))] + [
@@ -132,28 +162,18 @@ def load_adapter(model: Any, ckpt: Path) -> None:
             if got[k] != wanted[k]]
         raise UserError(f"{path}: does not fit this run's adapter ({'; '.join(odd[:2])}): resume with the recipe "
                         f"that wrote it, or {FIX}")
-    set_peft_model_state_dict(model, saved)
+    set_peft_model_state_dict(model, saved.adapter)
 
 
-def load_training_state(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, fsdp: bool,
-                        device: torch.device) -> None:
-    """Optimizer, scheduler, RNG and loss-scaler states, all read safely (`safe_load`)."""
-    optim = safe_load(ckpt / "optimizer.pt", map_location=None if fsdp else device)
-    sched = safe_load(ckpt / "scheduler.pt")
-    rng = safe_load(ckpt / "rng.pt")
-    scale = safe_load(ckpt / "scaler.pt") if scaler is not None and (ckpt / "scaler.pt").is_file() else None
-    for name, value, ok in (("scheduler.pt", sched, isinstance(sched, dict)),
-                            ("rng.pt", rng, isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8)):
-        if not ok:
-            raise UserError(f"{ckpt / name}: holds a {type(value).__name__}"
-                            f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
-                            f"llmfast writes there; {FIX}")
-    restore_optimizer(optimizer, optim, ckpt / "optimizer.pt", FIX,
+def load_training_state(saved: SavedTraining, ckpt: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                        fsdp: bool) -> None:
+    """The optimizer (checked against the run's parameters), scheduler, RNG and loss-scaler states."""
+    restore_optimizer(optimizer, saved.optimizer, ckpt / "optimizer.pt", FIX,
                       load=(lambda o, s: sharding.load_optimizer_state(model, o, s)) if fsdp else None)
-    scheduler.load_state_dict(sched)
-    torch.set_rng_state(rng)
-    if scale is not None:  # absent in checkpoints of older versions: the default loss scale
-        scaler.load_state_dict(scale)
+    scheduler.load_state_dict(saved.scheduler)
+    torch.set_rng_state(saved.rng)
+    if saved.scaler is not None and scaler is not None:  # absent in older versions' checkpoints: the default scale
+        scaler.load_state_dict(saved.scaler)
 
 
 def restore_optimizer(optimizer: Any, state: Any, path: Path, fix: str,

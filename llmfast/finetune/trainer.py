@@ -92,6 +92,7 @@ class Run:
     trainable: int
     total_params: int
     ckpt: Path | None = None
+    saved: Any = None  # the checkpoint's states (checkpoint.SavedTraining) until _prepare_training restores them
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
@@ -200,11 +201,6 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
         sharding.check_recipe(recipe.quantization is not None, dtype, tc.optimizer)
-    model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
-    trainable, total_params = trainable_parameters(model)
-    # Checked also with one process, so a recipe is refused before it is launched on several.
-    layers = sharding.check_model(model) if tc.fsdp else []
-
     pack_length = dc.pack_length or dc.max_length
     rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
     eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
@@ -212,16 +208,23 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * math.ceil(len(rows) / tc.batch_size) / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
         _note(acc, "llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
-    run = Run(recipe, out, acc, world > 1 and tc.fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows,
-              total_steps, trainable, total_params)
-    if resume:
-        run.ckpt = ckpts.latest_checkpoint(out)
-        assert run.ckpt is not None
-        state = ckpts.read_state(run.ckpt)
-        ckpts.check_resumable(run.ckpt, state, total_steps, run.fsdp, world)
-        run.start_step = state["step"]
-        ckpts.load_adapter(model, run.ckpt)
-    return run
+    fsdp = world > 1 and tc.fsdp
+    ckpt, step, saved = None, 0, None
+    if resume:  # the checkpoint's files before the model loads: a damaged one is then the only line printed
+        ckpt = ckpts.latest_checkpoint(out)
+        assert ckpt is not None
+        state = ckpts.read_state(ckpt)
+        ckpts.check_resumable(ckpt, state, total_steps, fsdp, world)
+        step = state["step"]
+        saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
+    model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
+    trainable, total_params = trainable_parameters(model)
+    # Checked also with one process, so a recipe is refused before it is launched on several.
+    layers = sharding.check_model(model) if tc.fsdp else []
+    if saved is not None:
+        ckpts.load_adapter(model, ckpt, saved)
+    return Run(recipe, out, acc, fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows, total_steps,
+               trainable, total_params, ckpt=ckpt, saved=saved, start_step=step)
 
 
 def _prepare_training(run: Run) -> None:
@@ -241,8 +244,9 @@ def _prepare_training(run: Run) -> None:
     # down, skipping a step whose gradients overflowed, as torch.amp does; bfloat16 and float32 need none.
     run.scaler = torch.amp.GradScaler(acc.device.type) if run.dtype == "float16" else None
     if run.ckpt is not None:
-        ckpts.load_training_state(run.ckpt, run.model, run.optimizer, run.scheduler, run.scaler, run.fsdp,
-                                  acc.device)
+        ckpts.load_training_state(run.saved, run.ckpt, run.model, run.optimizer, run.scheduler, run.scaler,
+                                  run.fsdp)
+        run.saved = None
         if acc.is_main_process:
             ckpts.drop_stale(run.out, run.start_step)
         _note(acc, f"llmfast: resuming {run.out} from step {run.start_step} of {run.total_steps}")
