@@ -172,7 +172,7 @@ def load_training_state(saved: SavedTraining, ckpt: Path, model: Any, optimizer:
                       load=(lambda o, s: sharding.load_optimizer_state(model, o, s)) if fsdp else None)
     scheduler.load_state_dict(saved.scheduler)
     torch.set_rng_state(saved.rng)
-    if saved.scaler is not None and scaler is not None:  # absent in older versions' checkpoints: the default scale
+    if saved.scaler is not None:  # read for float16 runs (which have a scaler); absent in older checkpoints
         scaler.load_state_dict(saved.scaler)
 
 

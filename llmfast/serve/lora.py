@@ -78,14 +78,14 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     ranks = [int(r) for r in raw]
     if min(ranks) < 1:
         raise UserError(f"LoRA '{name}': rank {min(ranks)} in {cfg_path}: ranks are at least 1; re-create the adapter")
-    refusal = None
+    refusal, fix = None, "merge it with `llmfast export` and serve the merged model"
     if max(ranks) > VLLM_LORA_RANKS[-1]:
         refusal = f"LoRA '{name}' has rank {max(ranks)}, above vLLM's {VLLM_LORA_RANKS[-1]}"
+        fix += ", or retrain with a smaller r"
     elif cfg.get("use_dora"):
         refusal = f"LoRA '{name}' is a DoRA adapter, which vLLM cannot serve"
     if refusal and for_vllm:
-        raise UserError(f"{refusal} ({cfg_path}): merge it with `llmfast export` and serve the merged model"
-                        + (", or retrain with a smaller r" if "rank" in refusal else ""))
+        raise UserError(f"{refusal} ({cfg_path}): {fix}")
     from llmfast.modelfiles import check_adapter_dir
 
     try:  # lora_alpha and the weights file (present, complete, A and B in pairs): one line each
