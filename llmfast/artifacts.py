@@ -182,6 +182,12 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def lineage_ref(spec: str) -> str:
+    """A model reference as manifests record it: a local path absolute, anything else (builtin:NAME) as given."""
+    path = Path(str(spec)).expanduser()
+    return os.path.abspath(path) if path.exists() else str(spec)  # `..` folded, links kept
+
+
 def write_manifest(
     directory: str | os.PathLike[str],
     stage: str,
@@ -190,10 +196,11 @@ def write_manifest(
     metrics: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write `llmfast.json` into an artifact directory (usually the temporary one inside `atomic_dir`)."""
+    """Write `llmfast.json` into an artifact directory (usually the temporary one inside `atomic_dir`). A parent
+    that is a local path is recorded absolute, so the lineage is found from any folder (builtin:NAME stays)."""
     manifest = {
         "stage": stage,
-        "parents": list(parents or []),
+        "parents": [lineage_ref(p) for p in parents or []],
         "recipe": recipe or {},
         "metrics": metrics or {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

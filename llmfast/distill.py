@@ -154,6 +154,59 @@ def save_checkpoint(work: Path, student: Any, optimizer: Any, step: int, setting
         shutil.rmtree(old, ignore_errors=True)
 
 
+_FIX = "delete that checkpoint folder (an earlier one is used), or start again with --overwrite"
+
+
+def _checked_step(ckpt: Path, settings: DistillSettings, rows: str | None) -> int:
+    """The step of `ckpt`'s state.json, checked against this run's settings and (when given) its windows' digest."""
+    from llmfast.modelfiles import read_json_file
+
+    state = read_json_file(ckpt / "state.json", "checkpoint state", _FIX)
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= settings.steps:
+        raise UserError(f"{ckpt / 'state.json'}: step {step!r} is not a step of this run (0 to {settings.steps}): "
+                        f"not a checkpoint state llmfast wrote; {_FIX}")
+    if state.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
+        raise UserError(f"--resume: {ckpt} was written with other training settings: resume with the same "
+                        "recipe, or start again with --overwrite")
+    if rows and state.get("rows") and state["rows"] != rows:
+        raise UserError(f"--resume: {ckpt} was trained on other windows (data.text, data.conversations or their "
+                        "token settings changed): resume with the same recipe, or start again with --overwrite")
+    return step
+
+
+def check_checkpoint(work: Path, settings: DistillSettings, source: Path | None = None) -> None:
+    """What a resume can check without the models, run before they load (transformers' progress bar would
+    otherwise print before the one error line): the latest checkpoint's state and settings, its weights file whole
+    (and, given the `source` model's folder, the shape of each tensor the source also has), its optimizer state's
+    form, and the log lines it keeps. `resume_from` checks their fit to the model."""
+    from safetensors import safe_open
+
+    from llmfast.finetune.checkpoint import check_optimizer_form, kept_log_lines, safe_load
+    from llmfast.loading import first_line
+    from llmfast.modelfiles import stored_shapes
+
+    ckpt = latest_checkpoint(work)
+    if ckpt is None:
+        return
+    step = _checked_step(ckpt, settings, None)
+    student = ckpt / "student.safetensors"
+    try:  # the header and the file's length: a truncated file is found here without reading the tensors
+        with safe_open(str(student), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: safetensors' own error types
+        raise UserError(f"{student}: cannot be read ({type(e).__name__}: {first_line(e)}); {_FIX}") from None
+    if source is not None:  # the student's weights are the source's (a tensor of another shape would broadcast)
+        model = stored_shapes(source, f"re-create the model in {source}")
+        odd = [n for n, shape in shapes.items() if n in model and shape != model[n]]
+        if odd:
+            raise UserError(f"{student}: {odd[0]} has shape {shapes[odd[0]]}, the model's is {model[odd[0]]}: it "
+                            f"belongs to another model; {_FIX}")
+    optimizer = ckpt / "optimizer.pt"
+    check_optimizer_form(safe_load(optimizer, map_location="cpu", fix=_FIX), optimizer, _FIX)
+    kept_log_lines(work / "train_log.jsonl", step)
+
+
 def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSettings, rows: str | None = None) -> int:
     """Load the latest checkpoint into student and optimizer; return its step (0 when there is none). `rows`: the
     digest of this run's training windows, refused when the checkpoint's differs (one written before digests were
@@ -162,38 +215,26 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
 
     from llmfast.finetune.checkpoint import restore_optimizer, safe_load
     from llmfast.loading import first_line
-    from llmfast.modelfiles import read_json_file
 
     ckpt = latest_checkpoint(work)
     if ckpt is None:
         return 0
-    fix = "delete that checkpoint folder (an earlier one is used), or start again with --overwrite"
-    state = read_json_file(ckpt / "state.json", "checkpoint state", fix)
-    step = state.get("step") if isinstance(state, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= settings.steps:
-        raise UserError(f"{ckpt / 'state.json'}: step {step!r} is not a step of this run (0 to {settings.steps}): "
-                        f"not a checkpoint state llmfast wrote; {fix}")
-    if state.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
-        raise UserError(f"--resume: {ckpt} was written with other training settings: resume with the same "
-                        "recipe, or start again with --overwrite")
-    if rows and state.get("rows") and state["rows"] != rows:
-        raise UserError(f"--resume: {ckpt} was trained on other windows (data.text, data.conversations or their "
-                        "token settings changed): resume with the same recipe, or start again with --overwrite")
+    step = _checked_step(ckpt, settings, rows)
     try:
         weights = load_file(str(ckpt / "student.safetensors"))
     except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors: safetensors' own error types
         raise UserError(f"{ckpt / 'student.safetensors'}: cannot be read ({type(e).__name__}: {first_line(e)}); "
-                        f"{fix}") from None
+                        f"{_FIX}") from None
     params = _trainable(student)
     if set(weights) != set(params):
         raise UserError(f"--resume: {ckpt} holds other weights than this model trains: start again with --overwrite")
     odd = [n for n, p in params.items() if tuple(weights[n].shape) != tuple(p.shape)]  # copy_ would broadcast
     if odd:
         raise UserError(f"{ckpt / 'student.safetensors'}: {odd[0]} has shape {list(weights[odd[0]].shape)}, the "
-                        f"model's is {list(params[odd[0]].shape)}: it belongs to another model; {fix}")
+                        f"model's is {list(params[odd[0]].shape)}: it belongs to another model; {_FIX}")
     # on the CPU first (a GPU run may be resumed where there is none); load_state_dict moves it to each parameter
-    restore_optimizer(optimizer, safe_load(ckpt / "optimizer.pt", map_location="cpu", fix=fix), ckpt / "optimizer.pt",
-                      fix)
+    restore_optimizer(optimizer, safe_load(ckpt / "optimizer.pt", map_location="cpu", fix=_FIX),
+                      ckpt / "optimizer.pt", _FIX)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])

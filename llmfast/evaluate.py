@@ -157,7 +157,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
 
     from llmfast import __version__
     from llmfast.artifacts import atomic_write_json, atomic_write_text
-    from llmfast.models import load_model, load_tokenizer
+    from llmfast.models import effective_quantization, load_model, load_tokenizer
     from llmfast.recipe import recipe_dict
 
     tokenizer = load_tokenizer(path)
@@ -168,12 +168,13 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
             raise UserError(f"eval.perplexity: {p.text} has {n} token(s)" + (f" and max_tokens is {p.max_tokens}"
                             if p.max_tokens and p.max_tokens < n else "") + ": at least 2 are needed to score")
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
+    quantization = effective_quantization(path, recipe.adapter, recipe.quantization)
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {
         "model": recipe.model,
         "model_path": str(path),
         "adapter": str(recipe.adapter) if recipe.adapter else None,
-        "quantization": recipe.quantization.manifest() if recipe.quantization else None,
+        "quantization": quantization.manifest() if quantization is not None else None,  # as it ran
         "dtype": cfg.dtype,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "device": "cpu", "torch": torch.__version__},

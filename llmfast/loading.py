@@ -90,17 +90,14 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
     modules on the meta device. A tensor whose shape differs from the config's, or, where the file names its
     tensors as the model does, one the config needs and the file lacks (transformers would fill it with random
     values), is one line. Quantized checkpoints keep other tensors and are left to their loaders."""
-    from llmfast.modelfiles import safetensors_header, weight_files
+    from llmfast.modelfiles import stored_shapes
 
     p = Path(path)
     config = p / "config.json"
     if not p.is_dir() or not config.is_file() or '"quantization_config"' in config.read_text(errors="replace"):
         return
     fix = "re-create the model, or fix its config.json"
-    stored: dict[str, list[int]] = {}
-    files = weight_files(p, fix) if (p / "model.safetensors.index.json").is_file() else [p / "model.safetensors"]
-    for f in (f for f in files if f.is_file()):  # not an artifact's other files (thresholds, predictors)
-        stored.update({k: v.get("shape") for k, v in safetensors_header(f, fix).items() if k != "__metadata__"})
+    stored = stored_shapes(p, fix)
     skeleton = meta_skeleton(p)
     tensors = skeleton.state_dict(keep_vars=True)
     names: dict[int, list[str]] = {}  # tied parameters (a head sharing the embedding) are one tensor, stored once

@@ -92,6 +92,14 @@ def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
     return header
 
 
+def stored_shapes(path: Path, fix: str) -> dict[str, list[int]]:
+    """name -> shape of the model weights in the folder `path`, from the safetensors headers of model.safetensors or
+    of the files its index names (not an artifact's other files: thresholds, predictors)."""
+    files = weight_files(path, fix) if (path / "model.safetensors.index.json").is_file() else [path / "model.safetensors"]
+    return {k: v.get("shape") for f in files if f.is_file() for k, v in safetensors_header(f, fix).items()
+            if k != "__metadata__"}
+
+
 def weight_files(path: Path, fix: str) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():

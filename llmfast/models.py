@@ -106,9 +106,12 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_model_dir(path):
-            return check_model_dir(path)
+            # absolute: artifacts record it (lineage, an adapter's base), and must be found from any folder
+            return check_model_dir(Path(os.path.abspath(path)))  # `..` folded, links kept
         if (path / "adapter_config.json").is_file():
-            raise UserError(f"{path} is a LoRA adapter, not a full model: pass its base model and the adapter")
+            raise UserError(f"{path} is a LoRA adapter, not a full model: pass its base model with the adapter "
+                            "beside it (`adapter:` in an eval recipe, `lora:` in a bench variant, `--lora` for serve "
+                            "and bench offline), or make it a model with `llmfast export`")
         raise UserError(f"{path} is a directory but not a Hugging Face model (no config.json)")
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -230,6 +233,26 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
+def adapter_base_quantization(adapter: str | os.PathLike[str]) -> Any:
+    """The 4-bit base a QLoRA adapter records it was trained on (it is put on that base, not on full precision),
+    or None."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization
+
+    return manifest_quantization(read_manifest(adapter_dir(adapter)), adapter_dir(adapter))
+
+
+def effective_quantization(path: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
+                           quantization: Any = None) -> Any:
+    """The quantization `load_model` runs a model with (a QuantSpec, or None): the one given, else the one the
+    model's own llmfast.json records, else the one its adapter's records. Results record this, not the setting."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.quant import manifest_quantization, parse_quantization
+
+    spec = parse_quantization(quantization) if quantization else manifest_quantization(read_manifest(path), path)
+    return spec if spec is not None or adapter is None else adapter_base_quantization(adapter)
+
+
 def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: str | os.PathLike[str] | None = None,
                quantization: Any = None, **kwargs: Any) -> "PreTrainedModel":
     """A transformers model in eval mode: optionally quantized and with a PEFT adapter on top.
@@ -238,24 +261,17 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     a mapping); without it, the quantization the model's own llmfast.json records, else the one the adapter's
     records (a QLoRA adapter's 4-bit base), if any.
     """
-    from llmfast.artifacts import read_manifest
-    from llmfast.quant import manifest_quantization, parse_quantization
-
-    own = manifest_quantization(read_manifest(path), path)
-    spec = parse_quantization(quantization) if quantization else own
+    spec = effective_quantization(path, adapter, quantization)
     if quantization and spec is not None:  # a recipe's quantization on top of a model: only on a plain one
         from llmfast.quant import already_quantized
 
-        done = own.method if own is not None else already_quantized(Path(path))
+        done = already_quantized(Path(path))  # the artifact's llmfast.json, else its config.json
         if done and done not in (spec.method, *spec.quantizer.config_names):  # the same format checks its settings
-            raise UserError(f"{path} is already quantized ({done}): drop `quantization` from the recipe (an "
-                            "artifact's own format is read from its files)")
+            raise UserError(f"{path} is already quantized ({done}): drop `quantization` (an artifact's own format "
+                            "is read from its files)")
         if not done and not spec.quantizer.quantizes_on_load:
             raise UserError(f"quantization {spec.method} is not applied while loading: make the artifact with "
                             f"`llmfast quantize` (method {spec.method}), then evaluate it without `quantization`")
-    if spec is None and adapter is not None:
-        # A QLoRA adapter records the 4-bit base it was trained on: put it on that base, not on full precision.
-        spec = manifest_quantization(read_manifest(adapter_dir(adapter)), adapter_dir(adapter))
     from llmfast.sparse.base import apply_artifact_sparsity, artifact_sparsity
     from llmfast.sparse.relu_cut import apply_config_cut
 
@@ -294,6 +310,12 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as e:  # noqa: BLE001 - PEFT's and torch's own error types: size mismatch, no matching module
+        from llmfast.quant import already_quantized
+
+        done = already_quantized(base)
+        if done and "is not supported" in str(e):  # PEFT has no LoRA layer for this format's linears (ternary)
+            raise UserError(f"{adapter}: LoRA does not apply to {base}'s {done} layers: apply the adapter to the "
+                            "full-precision model, or export it (`llmfast export`) and quantize the merge") from None
         m = re.search(r"size mismatch for ([\w.]+)", str(e))
         why = f"{m.group(1)} has another shape" if m else f"{type(e).__name__}: {first_line(e)}"
         raise UserError(f"{adapter} does not fit the model: {why}; {fix}") from None

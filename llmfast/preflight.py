@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 
 def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
-    """The output, a local model directory and every JSONL row's shape, as the trainer will find them."""
+    """The output, a local model directory (one LoRA can train on) and every JSONL row's shape, as the trainer will
+    find them."""
     from llmfast.models import resolve_model
+    from llmfast.sources import check_source
 
     out = Path(recipe.output)
     dc = recipe.data
@@ -28,7 +30,8 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
             raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
         check_output(out, overwrite=out.is_dir(), inputs=[dc.train, dc.eval])
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
-        resolve_model(recipe.model)
+        # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
+        check_source(resolve_model(recipe.model), recipe.model, "finetune")
     for path in (dc.train, dc.eval):
         if path is not None and Path(path).is_file():
             check_rows(path)

@@ -60,3 +60,24 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+def relu_cut_copy(model: Path, out: Path, text: Path) -> tuple["torch.Tensor", list[float]]:
+    """A copy of `model` at `out` made a ReLU model with a shifted cut in its config.json, calibrated to zero 80% of
+    the activation on the text past its first 20,000 tokens (as relufy's `target` writes it); returns the text's
+    token ids and the cut."""
+    import json
+    import shutil
+
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_tokenizer
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut
+
+    shutil.copytree(model, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    ids = load_tokenizer(out)(text.read_text(encoding="utf-8"), add_special_tokens=False,
+                              return_tensors="pt").input_ids[0]
+    cut = calibrated_cut(from_pretrained(out, "float32"), ids[20000:20512].reshape(4, 128), 0.8)
+    (out / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu", THRESHOLDS_KEY: cut}))
+    return ids, cut

@@ -174,6 +174,14 @@ RECIPES = {
     "bench-long": ("variants: [{name: a, model: {W}/models/tiny}]\nworkload: {input_len: 2040, output_len: 16}\n"
                    "output: {W}/out/bench\n"),
     "qt-pickle": _bitnet("{W}/models/pickle"),
+    "mg-quantized": _merge("{W}/models/quantized"),
+    "mg-teal-base": _merge("{W}/models/tiny-copy", base="{W}/models/teal"),
+    "sp-quantized": _sparsify("{W}/models/quantized", method="relufy", config="{steps: 1, batch_size: 1}",
+                              out="{W}/out/relufied"),
+    "ft-quantized": ("model: {W}/models/quantized\ndata: {train: {W}/task.jsonl}\nlora: {r: 4}\n"
+                     "train: {steps: 1}\noutput: {W}/out/ft\n"),
+    "ft-teal": ("model: {W}/models/teal\ndata: {train: {W}/task.jsonl}\nlora: {r: 4}\ntrain: {steps: 1}\n"
+                "output: {W}/out/ft\n"),
     "qt-over-teal": _bitnet("{W}/models/teal"),
 }
 
@@ -250,6 +258,23 @@ CASES = {  # id: (argv, a piece of the one error line)
                               "workload.max_concurrency=[]"], "workload.max_concurrency"),
     "quantize-pickle-weights": (["quantize", "{W}/recipes/qt-pickle.yaml"], "pickle"),
     "quantize-over-teal": (["quantize", "{W}/recipes/qt-over-teal.yaml"], "teal artifact"),
+    # found by hand (2026-12-05): merge averaged packed codes as numbers and dropped thresholds, relufy over a w4
+    # model wrote NaN, LoRA on w4/bitnet was a PEFT traceback, finetune on a TEAL artifact trained without them
+    "merge-a-quantized-model": (["merge", "{W}/recipes/mg-quantized.yaml", "{W}/out/merged"],
+                                "is already quantized (bitnet): merge the full-precision models"),
+    "merge-over-a-teal-base": (["merge", "{W}/recipes/mg-teal-base.yaml", "{W}/out/merged"],
+                               "is a teal artifact: its sparsity lives in files beside the weights that merge"),
+    "sparsify-a-quantized-model": (["sparsify", "{W}/recipes/sp-quantized.yaml"],
+                                   "is already quantized (bitnet): sparsify the full-precision model"),
+    "finetune-a-quantized-model": (["finetune", "{W}/recipes/ft-quantized.yaml"],
+                                   "is already quantized (bitnet): LoRA trains on a full-precision model"),
+    "finetune-a-teal-artifact": (["finetune", "{W}/recipes/ft-teal.yaml"],
+                                 "is a teal artifact: its sparsity lives in files beside the weights that finetune"),
+    # found by hand (2026-12-05): each started afresh, where sparsify refuses
+    "quantize-resume-a-method-that-does-not-train": (["quantize", "{W}/recipes/qt-w4.yaml", "--resume"],
+                                                     "this w4 run does not train"),
+    "quantize-resume-without-an-earlier-run": (["quantize", "{W}/recipes/qt-w4.yaml", "--resume", "--set",
+                                                "quantization.scale_steps=2"], "holds nothing of an earlier run"),
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),
     "eval-task-names-repeated": (["eval", "{W}/recipes/twice.yaml"], "task names must differ (t repeated)"),
     "recipe-is-a-folder": (["eval", "{W}/recipes"], "is a folder"),

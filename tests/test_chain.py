@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,58 @@ def test_every_stage_type_calls_its_verb_with_flags_the_verb_takes(name: str, tm
         assert getattr(args, "resume", False) == (resume and name in ("finetune", "quantize", "sparsify")), argv
         if stage.replaces_whole:
             assert args.overwrite is True, argv
+
+
+def test_quantize_and_sparsify_stages_resume_from_their_checkpoints(tmp_path):
+    """A killed stage resumes when its verb left a checkpoint: relufy's and bitnet's in OUTPUT.checkpoints/checkpoints,
+    w4's scale tuning's in OUTPUT.checkpoints/scales/checkpoints, or w4's finished rounding (the stage was rerun from
+    the start, AutoRound again)."""
+    from llmfast.chain.stages import STAGES
+
+    out = tmp_path / "q"
+    for kind in ("quantize", "sparsify"):
+        assert not STAGES.get(kind).resumable(out)
+    for where in ("checkpoints", "scales/checkpoints"):
+        state = tmp_path / "q.checkpoints" / where / "step-000050" / "state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text("{}")
+        assert STAGES.get("quantize").resumable(out) and STAGES.get("sparsify").resumable(out)
+        shutil.rmtree(tmp_path / "q.checkpoints")
+    (tmp_path / "q.checkpoints" / "autoround").mkdir(parents=True)  # a rounding cut short: nothing to take
+    assert not STAGES.get("quantize").resumable(out)
+    (tmp_path / "q.checkpoints" / "autoround" / "w4-settings.json").write_text("{}")  # written last: finished
+    assert STAGES.get("quantize").resumable(out)
+
+
+def test_a_stage_that_will_refuse_its_parents_artifact_is_refused_when_planned(tiny: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str]
+                                                                                ) -> None:
+    """Found by hand (2026-12-05): a quantize stage over a TEAL stage's artifact was planned, and refused only once
+    the TEAL stage had run (on the shipped chains, after an hour of relufy). The verbs' rules (llmfast/sources.py)
+    are known from the stage types: one line, nothing run or written. A relufy parent, or NF4 under LoRA, plans."""
+    out = tmp_path / "run"
+    data = {"text": str(TEXT), "skip_tokens": 1024, "calibration_tokens": 1024, "heldout_tokens": 512, "window": 128}
+    stages = {
+        "teal": {"type": "sparsify", "with": {"model": str(tiny), "sparsify": {"method": "teal"}, "data": data}},
+        "q": {"type": "quantize", "with": {"model": "${teal}", "quantization": "nf4"}},
+    }
+    recipe = write(tmp_path / "c.yaml", {"output": str(out), "stages": stages})
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"llmfast: error: {recipe}: stages.q: ${{teal}} is a teal artifact: its sparsity lives in files "
+                   "beside the weights that quantize does not carry over; quantize the model it was made from (a "
+                   "relufy model, whose ReLU is in its config, can be quantized)"], err
+    w4 = {"type": "quantize", "with": {"model": str(tiny), "quantization": {"method": "w4", "group_size": 32}}}
+    merge = {"type": "merge", "with": {"merge_method": "linear", "models": [
+        {"model": "${w4}", "parameters": {"weight": 1.0}}, {"model": str(tiny), "parameters": {"weight": 1.0}}]}}
+    write(recipe, {"output": str(out), "stages": {"w4": w4, "m": merge}})
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "stages.m: ${w4} is already quantized (w4): merge the full-precision models" in capsys.readouterr().err
+    nf4 = {"type": "quantize", "with": {"model": str(tiny), "quantization": "nf4"}}
+    relufy = {"type": "sparsify", "with": {"model": str(tiny), "sparsify": {"method": "relufy"}, "data": data}}
+    lora = {"type": "finetune", "with": {"model": "${nf4}", "data": {"train": "x.jsonl"}}}
+    over_relu = {"type": "quantize", "with": {"model": "${relufy}", "quantization": "nf4"}}
+    write(recipe, {"output": str(out), "stages": {"nf4": nf4, "lora": lora, "relufy": relufy, "qr": over_relu}})
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    assert not out.exists()

@@ -184,6 +184,8 @@ def _tamper(ckpt, case):
     elif case == "log-line-not-json":
         with open(ckpt.parent.parent / "train_log.jsonl", "a") as f:
             f.write("not json\n")
+    elif case == "optimizer-empty":
+        torch.save({}, ckpt / "optimizer.pt")
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -194,6 +196,7 @@ def _tamper(ckpt, case):
     ("scheduler-a-tensor", "scheduler.pt: holds a Tensor of torch.float32, not the state llmfast writes"),
     ("rng-not-bytes", "rng.pt: holds a Tensor of torch.float32"),
     ("log-line-not-json", "is not JSON: delete that line"),
+    ("optimizer-empty", "optimizer.pt: does not fit this run's optimizer (not a torch optimizer state"),
 ])
 def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case, expected, killed_run, tmp_path):
     """A checkpoint edited by hand: refused before anything is trained or rewritten (was: random LoRA values
@@ -208,6 +211,8 @@ def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case,
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("llmfast: error: ") and expected in lines[-1], err[-2000:]
     assert "Traceback" not in err
+    if case not in ("adapter-lacks-lora-A", "optimizer-of-another-shape"):  # their fit to the model needs the model
+        assert len(lines) == 1, err  # checked before the model loads: its progress bar does not come first
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -401,6 +406,16 @@ def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
         m.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         torch.testing.assert_close(via(ids).logits, ref, rtol=0, atol=0)
+    # and the results of eval and bench offline say so (they said quantization: null)
+    from llmfast.models import effective_quantization
+
+    assert effective_quantization(tiny_dir, run / "adapter").manifest()["config"]["type"] == "nf4"
+    assert effective_quantization(tiny_dir) is None and effective_quantization(run / "merged") is None
+    from llmfast.bench.engines.base import Variant, quantization_ran
+    from llmfast.serve.lora import ServedLora
+
+    served = Variant("q", tiny_dir, lora=ServedLora("q", run / "adapter", 8))
+    assert quantization_ran(served, "hf") == "nf4" and quantization_ran(served, "vllm") is None  # vLLM: fp base
 
 
 def test_export_refuses_4bit(tmp_path):
@@ -536,3 +551,65 @@ def test_every_optimizer_trains_and_resumes_from_a_safe_checkpoint(name, tmp_pat
     step(opt, w)
     step(resumed, resumed_w)
     assert torch.equal(w, resumed_w)
+
+
+def test_a_relufied_base_trains_with_its_shifted_cut(tmp_path, tiny_dir):
+    """Found by hand (2026-12-05): finetune loaded a relufy model's weights without the cut its config.json holds
+    (53% zeros entering down_proj where every other verb runs it at 81%), so the adapter trained on another model.
+    A cut above every activation: nothing enters down_proj as finetune loads the base."""
+    from types import SimpleNamespace
+
+    from llmfast.finetune.lora import load_base
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
+
+    base = Path(shutil.copytree(tiny_dir, tmp_path / "relu"))
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu", THRESHOLDS_KEY: [1e9, 1e9]}))
+    model = load_base(str(base), SimpleNamespace(quantization=None), "float32", "cpu")
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(torch.arange(3, 19).reshape(2, 8))
+    assert len(seen) == 2 and all(bool((x == 0).all()) for x in seen)
+    plain = json.loads((base / "config.json").read_text())
+    del plain[THRESHOLDS_KEY]
+    (base / "config.json").write_text(json.dumps(plain))
+    seen.clear()
+    model = load_base(str(base), SimpleNamespace(quantization=None), "float32", "cpu")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(torch.arange(3, 19).reshape(2, 8))
+    assert all(0 < float((x == 0).float().mean()) < 1 for x in seen)  # plain ReLU: some zeros, not all
+
+
+def test_an_adapter_of_a_model_given_by_a_relative_path_exports_from_any_folder(tmp_path, tiny_dir, data,
+                                                                               monkeypatch):
+    """Found by hand (2026-12-05): the adapter recorded its base as typed ('m'), so `export` from another folder
+    said "its base model 'm' is not a local directory"; lineage (`parents`) was relative too."""
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = recipe(tmp_path, "m", data, extra="").read_text().replace(f"output: {tmp_path / 'run'}", "output: run")
+    (tmp_path / "rel.yaml").write_text(path.replace("steps: 8", "steps: 1"))
+    code, _, err = run_cli("finetune", "rel.yaml")
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "m")
+    assert json.loads((adapter / "llmfast.json").read_text())["parents"] == [str(tmp_path / "m")]
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run_cli("export", "../run/adapter", "merged")
+    assert code == 0, err
+    assert json.loads((tmp_path / "elsewhere" / "merged" / "llmfast.json").read_text())["parents"] == [
+        str(tmp_path / "run" / "adapter")]
+    # the project moved (the recorded absolute base is gone): found from the project's folder by the recipe's path
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("m", "run"):
+        shutil.move(tmp_path / name, moved / name)
+    monkeypatch.chdir(moved)
+    code, _, err = run_cli("export", "run/adapter", "merged")
+    assert code == 0, err
+    (moved / "mg.yaml").write_text("merge_method: task_arithmetic\nbase_model: m\nmodels:\n  - model: run/adapter\n"
+                                   "    parameters: {weight: 1.0}\ndtype: float32\n")
+    code, _, err = run_cli("merge", "mg.yaml", "merged-again", "--no-progress")
+    assert code == 0, err

@@ -11,6 +11,7 @@ import pytest
 
 from llmfast.errors import UserError
 from llmfast.quant import QUANTIZERS, QuantSpec, engines_for, manifest_quantization, parse_quantization
+from llmfast.quant.base import Quantizer
 from llmfast.recipe import EvalRecipe, FinetuneRecipe, load_recipe
 
 KNOWN_ENGINES = {"vllm", "hf"}
@@ -42,6 +43,8 @@ def test_every_quantizer_conforms(name):
             assert "cannot" in str(e)  # a method that does not support it says so in one line
             continue
         assert isinstance(kwargs, dict)
+    # `dequantizes` says whether dequantize_for_merge is its own (export checks it before loading a base)
+    assert q.dequantizes == (cls.dequantize_for_merge is not Quantizer.dequantize_for_merge)
 
 
 def test_bnb4_forms_and_errors():

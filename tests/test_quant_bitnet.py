@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import relu_cut_copy
 from llmfast.cli import main
 from llmfast.quant.bitnet.layers import BitLinear, TernaryLinear, quantize_activations, ternarize
 from llmfast.quant.bitnet.pack import pack_ternary, unpack_ternary
@@ -169,7 +170,8 @@ def _student_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, tmp_path: Path) -> None:
+def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from llmfast.distill import heldout_kl
     from llmfast.models import load_model
 
@@ -208,6 +210,14 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     assert not killed.exists()
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # checkpoints are not silently discarded
+    state = sorted(ckpt.glob("step-*/state.json"))[-1]
+    kept = state.read_text()
+    state.write_text(json.dumps({**json.loads(kept), "step": -3}))  # edited by hand: one line, before the models load
+    capsys.readouterr()
+    assert main(["quantize", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step -3 is not a step of this run (0 to 12)" in err, err
+    state.write_text(kept)
     assert main(["quantize", str(recipe), "--resume"]) == 0
     a, b = _student_weights(qat), _student_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -305,3 +315,57 @@ def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Pat
         want = load_model(work / "ternary-0")(ids).logits
         got = load_model(tmp_path / "rebuilt")(ids).logits
     assert torch.equal(got, want)
+
+
+def test_an_adapter_on_a_ternary_model_is_refused_for_what_it_is(tiny: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by hand (2026-12-05): eval of a ternary artifact with a LoRA adapter said the adapter 'does not fit the
+    model ... use it with the base model it was trained on' (PEFT has no LoRA layer for ternary linears); LoRA on it
+    in finetune was a PEFT traceback."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ternary = tmp_path / "ternary"
+    assert main(["quantize", str(_recipe(tmp_path, tiny, ternary))]) == 0
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(json.dumps({"model": str(ternary), "adapter": str(tmp_path / "adapter"), "output": str(
+        tmp_path / "r.json"), "eval": {"perplexity": {"text": str(TEXT), "max_tokens": 128, "context": 64, "stride": 64}}}))
+    capsys.readouterr()
+    assert main(["eval", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"LoRA does not apply to {ternary}'s bitnet layers: apply the adapter to the "
+                            "full-precision model, or export it (`llmfast export`) and quantize the merge"), err
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, '
+                                          '{"role": "assistant", "content": "b"}]}\n')
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(json.dumps({"model": str(ternary), "data": {"train": str(tmp_path / "chats.jsonl")},
+                              "lora": {"r": 2}, "train": {"steps": 1}, "output": str(tmp_path / "run")}))
+    assert main(["finetune", str(ft)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is already quantized (bitnet): LoRA trains on a full-precision model" in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_qat_of_a_relufied_source_distils_from_it_with_its_cut(tiny: Path, tmp_path: Path) -> None:
+    """Found by hand (2026-12-05): QAT loaded a relufy source without the shifted ReLU cut its config.json holds,
+    so the student learnt a teacher other than the model eval runs (and the artifact, which keeps the cut). The
+    teacher perplexity QAT records is the cut model's, as `load_model` runs it, and not the plain ReLU one's."""
+    from llmfast.distill import heldout_scores
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_model
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
+
+    source = tmp_path / "relu-cut"
+    ids, cut = relu_cut_copy(tiny, source, TEXT)
+    out = tmp_path / "ternary"
+    assert main(["quantize", str(_recipe(tmp_path, source, out, qat_steps=2))]) == 0
+    recorded = json.loads((out / "llmfast.json").read_text())["metrics"]["teacher_heldout_ppl"]
+    held = ids[:512].reshape(4, 128)
+    with torch.no_grad():
+        as_run = heldout_scores(load_model(source), load_model(source), held)["teacher_heldout_ppl"]
+        plain = heldout_scores(from_pretrained(source, "float32"), from_pretrained(source, "float32"), held)
+    assert recorded == pytest.approx(as_run, rel=1e-4)
+    assert abs(plain["teacher_heldout_ppl"] - as_run) > 1e-3 * as_run  # the cut changes the model: not vacuous
+    assert json.loads((out / "config.json").read_text())[THRESHOLDS_KEY] == cut

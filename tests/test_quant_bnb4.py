@@ -146,6 +146,8 @@ def test_eval_scores_the_artifact_like_the_model_quantized_while_loading(saved: 
         assert main(["eval", str(recipe)]) == 0
         res = json.loads((tmp_path / name).read_text())
         ppl[name] = res["perplexity"]["ppl"]
+        # what it ran with, recorded either way (an artifact's own format was recorded as null)
+        assert res["quantization"]["method"] == "bnb4" and res["quantization"]["config"]["type"] == "nf4", res
     assert ppl["artifact"] == pytest.approx(ppl["on-the-fly"], rel=1e-5)
 
 
@@ -218,15 +220,19 @@ def test_requantizing_a_dequantized_nf4_model_gives_back_its_codes(saved: tuple[
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
+def _write_chats(path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["alpha", "bravo", "charlie", "delta"] * 4]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_qlora_adapter_exported_then_quantized(saved: tuple[Path, Path], tmp_path: Path) -> None:
     """The documented path: `finetune` a QLoRA adapter with export_merged (the base dequantized, the adapter merged
     in float32), then `quantize` the merged model: accepted as full precision, lineage kept, loads in 4 bits."""
     from llmfast.models import load_model
 
     base, _ = saved
-    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
-            for w in ["alpha", "bravo", "charlie", "delta"] * 4]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_chats(tmp_path / "train.jsonl")
     recipe = tmp_path / "qlora.yaml"
     recipe.write_text(json.dumps({
         "model": str(base), "quantization": "nf4", "export_merged": True, "output": str(tmp_path / "run"),
@@ -239,6 +245,45 @@ def test_qlora_adapter_exported_then_quantized(saved: tuple[Path, Path], tmp_pat
     assert manifest["parents"] == [str(merged)] and manifest["quantization"]["method"] == "bnb4"
     assert json.loads((merged / "llmfast.json").read_text())["parents"] == [str(tmp_path / "run" / "adapter")]
     assert len(_linear4bit(load_model(out))) == 2 * 7
+
+
+def test_adapter_trained_on_a_saved_nf4_artifact_exports_onto_its_dequantized_weights(
+        saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by hand (2026-12-05): LoRA trained on an NF4 artifact itself (no `quantization:` in the recipe) then
+    `export` raised transformers' NotImplementedError while saving. Each merged weight is the artifact's decoded
+    4-bit weight plus the adapter's scaled B @ A, computed here from the files."""
+    from safetensors.torch import load_file
+
+    from llmfast.loading import from_pretrained
+
+    _, nf4 = saved
+    _write_chats(tmp_path / "train.jsonl")
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(nf4), "output": str(tmp_path / "run"),
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "eval_fraction": 0.25},
+        "lora": {"r": 4, "alpha": 8}, "train": {"steps": 2, "batch_size": 2, "lr": 0.05, "seed": 1}}))
+    # sharding its packed weights is refused as for QLoRA (it reached FSDP with a traceback)
+    assert main(["finetune", str(recipe), "--set", "train.fsdp=true", "--set", f"output={tmp_path / 'fsdp'}"]) == 2
+    assert "an NF4/FP4 artifact as the base is 4-bit too" in capsys.readouterr().err
+    assert not (tmp_path / "fsdp").exists()
+    assert main(["finetune", str(recipe)]) == 0
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run" / "adapter"), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert json.loads((out / "llmfast.json").read_text())["base_quantization"]["method"] == "bnb4"
+    decoded = _dequantized(from_pretrained(nf4, "float32"))
+    lora = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    assert len(decoded) == 2 * 7
+    for name, weight in decoded.items():
+        a = lora[f"base_model.model.{name}.lora_A.weight"]
+        b = lora[f"base_model.model.{name}.lora_B.weight"]
+        expected = weight + (8 / 4) * (b @ a)
+        # float32 sums of r=4 products: a few ulps of the weight's scale
+        torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=1e-6, atol=1e-6)
+    assert float((b @ a).abs().max()) > 1e-4  # the adapter trained: the check above is not of zeros
 
 
 def test_vllm_takes_bitsandbytes_on_cuda_only_and_bitnet_nowhere(saved: tuple[Path, Path], tmp_path: Path,
@@ -261,3 +306,26 @@ def test_vllm_takes_bitsandbytes_on_cuda_only_and_bitnet_nowhere(saved: tuple[Pa
     _check_servable_quantization(out, json.loads((out / "llmfast.json").read_text()))  # bitsandbytes: served
     with pytest.raises(UserError, match="bitnet weights that vLLM cannot run on this GPU"):
         _check_servable_quantization(tmp_path, {"quantization": {"method": "bitnet", "config": {}}})
+
+
+def test_a_relufied_llama_keeps_its_architecture_through_nf4_and_export(tmp_path: Path) -> None:
+    """Found by hand (2026-12-05): save_pretrained wrote LlamaForCausalLM into the NF4 artifact and the export of an
+    adapter on a ReLU-fied model, so vLLM's plugin would not take them and `merge` refused the export beside its
+    own relufy base ("only models of one architecture can be merged")."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.serve.vllm_plugin import ARCHITECTURE
+
+    base = build_tiny_llama(tmp_path / "relu")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu", "architectures": [ARCHITECTURE]}))
+    assert main(["quantize", str(_recipe(tmp_path, base, tmp_path / "nf4", type="nf4"))]) == 0
+    assert json.loads((tmp_path / "nf4" / "config.json").read_text())["architectures"] == [ARCHITECTURE]
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": str(base)}))
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["architectures"] == [ARCHITECTURE] and merged["hidden_act"] == "relu"

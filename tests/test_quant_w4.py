@@ -4,12 +4,13 @@ artifact, shapes the kernels cannot take are refused before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import relu_cut_copy, run_cli
 
 from llmfast.cli import main
 from llmfast.testing import build_tiny_llama
@@ -460,12 +461,20 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
     kept = rounded.read_bytes()
     tensors = load_file(rounded)
     key = sorted(k for k in tensors if k.endswith(".scales"))[0]
-    for tampered in ({**tensors, key: tensors[key].reshape(-1, 1)}, {k: v for k, v in tensors.items() if k != key}):
-        save_file(tampered, rounded, metadata={"format": "pt"})  # a scales tensor reshaped, then deleted
+    for tampered in ({**tensors, key: tensors[key].reshape(-1, 1)}, {k: v for k, v in tensors.items() if k != key},
+                     {k: v for k, v in tensors.items() if k != "model.norm.weight"}):
+        save_file(tampered, rounded, metadata={"format": "pt"})  # a scales tensor reshaped or deleted; the norm gone
         assert main(["quantize", str(recipe), "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("llmfast: error: ") and "autoround" in err[-1] and "Traceback" not in "".join(err)
+        assert len(err) == 1 and err[-1].startswith("llmfast: error: ") and "autoround" in err[-1], err
     rounded.write_bytes(kept)
+    junk = tmp_path / "killed.checkpoints" / "scales" / "checkpoints" / "step-000002"
+    junk.mkdir(parents=True)
+    (junk / "state.json").write_text("{not json")  # a scale-tuning checkpoint's state: refused before any model loads
+    assert main(["quantize", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step-000002/state.json" in err, err
+    shutil.rmtree(junk.parent.parent)
     assert not out.exists()
 
     def no_rounding(*args: object, **kwargs: object) -> None:
@@ -477,3 +486,29 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
         a, b = _tensors(whole, suffix), _tensors(out, suffix)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "killed.checkpoints").exists()
+
+
+def test_w4_of_a_relufied_source_rounds_and_tunes_against_it_with_its_cut(quantized: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """Found by hand (2026-12-05): AutoRound and the scale tuning loaded a relufy source without the shifted ReLU cut
+    its config.json holds, so they fitted a model other than the one eval runs (the artifact keeps the cut). The
+    scale tuning's teacher perplexity is the cut model's, as `load_model` runs it; AutoRound runs with it on."""
+    from llmfast.distill import heldout_scores
+    from llmfast.models import load_model
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
+
+    base, _ = quantized
+    source = tmp_path / "relu-cut"
+    ids, cut = relu_cut_copy(base, source, TEXT)
+    out = tmp_path / "w4"
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text(json.dumps({"model": str(source), "output": str(out), "quantization": {
+        "method": "w4", "group_size": 32, "iters": 2, "nsamples": 4, "batch_size": 2, "scale_steps": 2},
+        "data": {"text": str(TEXT), "skip_tokens": 16384, "calibration_tokens": 1024, "heldout_tokens": 512,
+                 "window": 128}}))
+    assert main(["quantize", str(recipe)]) == 0
+    recorded = json.loads((out / "llmfast.json").read_text())["metrics"]["before_scale_tuning"]["teacher_heldout_ppl"]
+    with torch.no_grad():
+        as_run = heldout_scores(load_model(source), load_model(source), ids[:512].reshape(4, 128))
+    assert recorded == pytest.approx(as_run["teacher_heldout_ppl"], rel=1e-4)
+    assert json.loads((out / "config.json").read_text())[THRESHOLDS_KEY] == cut

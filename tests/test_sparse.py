@@ -574,4 +574,5 @@ def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case,
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("llmfast: error: ") and expected in lines[-1], err[-2000:]
     assert "Traceback" not in err
+    assert len(lines) == 1, err  # checked before the models load: their progress bars do not come first
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before

@@ -253,6 +253,22 @@ def test_hf_sparse_engine_is_chosen_for_sparse_variants_and_says_why_not(artifac
     assert engine.can_run(Variant("p", artifacts["dejavu"], sparsity="dejavu")) is None
 
 
+def test_hf_sparse_engine_refuses_a_sparse_artifact_over_quantized_weights(artifacts, tmp_path):
+    """Found by hand (2026-12-05): earlier versions of sparsify made TEAL artifacts over w4, NF4 and ternary models
+    whose manifests did not record it; the sparse MLP then failed on their layers (AttributeError, shape or dtype
+    errors). Their config.json says so: refused as for a quantized variant."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from llmfast.bench.engines import ENGINES, Variant
+
+    old = Path(shutil.copytree(artifacts["teal"], tmp_path / "teal-over-w4"))
+    cfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "auto-round"}}))
+    assert "quantized" in ENGINES.get("hf-sparse").can_run(Variant("o", old, sparsity="teal"))
+
+
 def test_hf_sparse_engine_generates_what_hf_generates(artifacts):
     from llmfast.bench.engines import ENGINES, Variant
     from llmfast.bench.workload import Request

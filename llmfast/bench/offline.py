@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.artifacts import atomic_write_json
     from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.bench.engines.base import quantization_ran
     from llmfast.bench.logs import engine_output
     from llmfast.bench.metrics import compute_metrics, format_summary, parse_metric_names, parse_percentiles
     from llmfast.bench.workload import build_requests
@@ -96,7 +97,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         "model_id": args.model,
         "model_path": str(variant.model_dir),
         "lora": args.lora,
-        "quantization": variant.quantization_word,
+        "quantization": quantization_ran(variant, args.engine),
         "dtype": dtype,
         "num_prompts": len(requests),
         "batch_size": batch if args.engine != "vllm" else None,  # vLLM schedules its own batches

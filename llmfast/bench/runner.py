@@ -44,12 +44,13 @@ class Measured:
         return "failed" if not self.points or any(p["status"] == "failed" for p in self.points) else "ok"
 
     def to_json(self) -> dict[str, Any]:
+        from llmfast.bench.engines.base import quantization_ran
         from llmfast.bench.lineage import compression, lineage, model_size, training_logs
 
         v = self.variant
         chain = lineage(v.model_dir)
         return {"name": self.label, "model_dir": str(v.model_dir), "lora": str(v.lora.path) if v.lora else None,
-                "quantization": v.quantization_word, "sparsity": v.sparsity, "engine": self.engine,
+                "quantization": quantization_ran(v, self.engine), "sparsity": v.sparsity, "engine": self.engine,
                 "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
                 "quality": self.quality, "size": model_size(v.model_dir), "lineage": chain,
                 "training_logs": training_logs(chain), "compression": compression(Path(v.model_dir))}

@@ -109,11 +109,47 @@ def order(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[str]:
     return done
 
 
+def _made_with(stage: StageConfig) -> str | None:
+    """The method of a quantize or sparsify stage, as its `with:` names it (None when it does not parse: the
+    stage's own recipe check says why when it runs)."""
+    from llmfast.quant import parse_quantization
+
+    if stage.type == "sparsify":
+        section = stage.with_.get("sparsify")
+        return section.get("method") if isinstance(section, dict) else None
+    if stage.type == "quantize":
+        try:
+            spec = parse_quantization(stage.with_.get("quantization"))
+        except UserError:
+            return None
+        return spec.method if spec is not None else None
+    return None
+
+
+def check_sources(recipe: ChainRecipe, where: str) -> None:
+    """A stage whose source model is another stage's artifact of a kind its verb refuses (a TEAL artifact to
+    quantize, a quantized model to merge: llmfast/sources.py) is one line before anything runs, not once the
+    stages before it (an hour of relufy) are done."""
+    from llmfast.sources import planned_refusal
+
+    for name, stage in recipe.stages.items():
+        with_ = stage.with_
+        sources = [with_.get("model")] if stage.type != "merge" else [with_.get("base_model"), *(
+            m.get("model") for m in with_.get("models") or [] if isinstance(m, dict))]
+        for ref in sorted(references(sources)):
+            parent = recipe.stages[ref]
+            why = planned_refusal(stage.type, f"${{{ref}}}", parent.type, _made_with(parent))
+            if why:
+                raise UserError(f"{where}: stages.{name}: {why}")
+
+
 def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]:
     """The stages in running order, each with its key."""
     keys: dict[str, str] = {}
     planned = []
-    for name in order(recipe, where, known_types):
+    ordered = order(recipe, where, known_types)
+    check_sources(recipe, where)
+    for name in ordered:
         cfg = recipe.stages[name]
         parents = tuple(sorted(references(cfg.with_) | references(cfg.flags)))
         blob = json.dumps({"type": cfg.type, "with": cfg.with_, "flags": cfg.flags,

@@ -49,7 +49,11 @@ def _recipe_verb(verb: list[str], output: Callable[[Path], Path], flags: list[st
 
 
 def _checkpoints_beside(out: Path) -> bool:
-    return any(out.with_name(out.name + ".checkpoints").glob("checkpoints/step-*/state.json"))
+    """A checkpoint in the work folder beside `out`, or w4's finished AutoRound rounding (its settings file is
+    written last), which a resume takes instead of rounding again before its scale tuning (in scales/)."""
+    work = out.with_name(out.name + ".checkpoints")
+    return (any(work.glob("checkpoints/step-*/state.json")) or any(work.glob("scales/checkpoints/step-*/state.json"))
+            or (work / "autoround" / "w4-settings.json").is_file())
 
 
 TASKS_KEYS = ("tasks", "train", "test", "seed")

@@ -135,6 +135,7 @@ def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scale
 
         raise UserError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); {FIX}") from None
     optim = safe_load(ckpt / "optimizer.pt", map_location=None if fsdp else device)
+    check_optimizer_form(optim, ckpt / "optimizer.pt", FIX)  # its fit to the parameters once the model is loaded
     sched = safe_load(ckpt / "scheduler.pt")
     rng = safe_load(ckpt / "rng.pt")
     scale = safe_load(ckpt / "scaler.pt") if with_scaler and (ckpt / "scaler.pt").is_file() else None
@@ -176,6 +177,18 @@ def load_training_state(saved: SavedTraining, ckpt: Path, model: Any, optimizer:
         scaler.load_state_dict(saved.scaler)
 
 
+def check_optimizer_form(state: Any, path: Path, fix: str) -> None:
+    """`state` (read from `path`) has the form of a torch optimizer's state (a `state` dict, a list of
+    `param_groups` each listing its `params`): checked without the optimizer, so before a resume loads the model."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not the optimizer state llmfast writes there; {fix}")
+    groups = state.get("param_groups")
+    if not (isinstance(state.get("state"), dict) and isinstance(groups, list) and groups
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise UserError(f"{path}: does not fit this run's optimizer (not a torch optimizer state: a state dict and "
+                        f"a list of param_groups); {fix}")
+
+
 def restore_optimizer(optimizer: Any, state: Any, path: Path, fix: str,
                       load: Callable[[Any, Any], None] | None = None) -> None:
     """`state` (read from `path` with `safe_load`) into `optimizer`, checked: a dict torch accepts, and per-parameter
@@ -183,8 +196,7 @@ def restore_optimizer(optimizer: Any, state: Any, path: Path, fix: str,
     log was already cut back to the checkpoint. `load(optimizer, state)` replaces `optimizer.load_state_dict`."""
     from llmfast.loading import first_line
 
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: holds a {type(state).__name__}, not the optimizer state llmfast writes there; {fix}")
+    check_optimizer_form(state, path, fix)
     try:
         load(optimizer, state) if load is not None else optimizer.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -40,8 +40,12 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any]) -> Path:
 
     cfg = read_json_file(adapter_dir / "adapter_config.json", "adapter config", "re-create the adapter")
     base = manifest.get("base_model_path") or (cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None)
+    typed = (manifest.get("recipe") or {}).get("model")
+    if (not base or not Path(base).is_dir()) and isinstance(typed, str) and Path(typed).expanduser().is_dir():
+        base = str(Path(typed).expanduser())  # recorded absolute, and moved since: the recipe's path from here
     if not base or not Path(base).is_dir():
-        raise UserError(f"{adapter_dir}: its base model {base!r} is not a local directory")
+        raise UserError(f"{adapter_dir}: its base model {base!r} is not a local directory: put it back there, or "
+                        "run from the folder its recipe's model path is relative to")
     return check_model_dir(Path(base))
 
 
@@ -52,6 +56,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     from llmfast.loading import from_pretrained
     from llmfast.models import attach_adapter, check_adapter_dir
     from llmfast.quant import manifest_quantization
+    from llmfast.serve.vllm_plugin import mark_relu_architecture
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     _check_dtype(dtype)
@@ -60,6 +65,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     base = base_of(adapter_dir, manifest)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
     quant = manifest_quantization(manifest, adapter_dir)
+    # an adapter trained on a saved 4-bit artifact: its own format loads it (then dequantized like a QLoRA base)
+    own = manifest_quantization(read_manifest(base), base) if quant is None else None
+    if own is not None and not own.quantizer.dequantizes:
+        raise UserError(f"{adapter_dir}: its base {base} is quantized ({own.method}), which export cannot dequantize "
+                        "to merge into: train the adapter on the full-precision model it came from")
     # Adapters shared by plain PEFT carry no tokenizer: then the base's is the one they were trained with. Loaded
     # before the merge, so a broken one is found before minutes of work.
     has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
@@ -79,11 +89,15 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         model = from_pretrained(base, dtype, **quant.quantizer.training_load_kwargs(quant.config, dtype, device))
         quant.quantizer.dequantize_for_merge(model, dtype)
     else:
-        model = from_pretrained(base, dtype)
+        model = from_pretrained(base, dtype)  # a saved 4-bit artifact loads in its own format from its config
+        if own is not None:
+            own.quantizer.dequantize_for_merge(model, dtype)
+            quant = own
     merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base]) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        mark_relu_architecture(tmp)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)
         write_manifest(tmp, stage="export", parents=[str(adapter_dir)], recipe={"dtype": dtype},
                        metrics=manifest.get("metrics", {}),
                        base_quantization=quant.manifest() if quant is not None else None)

@@ -27,7 +27,8 @@ def check_recipe(quantized: bool, dtype: str, optimizer: str) -> None:
     """Refuse what sharding does not support; `dtype` is the picked compute dtype."""
     if quantized:
         raise UserError("train.fsdp with QLoRA is not supported (sharding 4-bit weights needs bitsandbytes' "
-                        "quant_storage handling): remove 'quantization', or run QLoRA with DDP (train.fsdp: false)")
+                        "quant_storage handling; an NF4/FP4 artifact as the base is 4-bit too): train on a "
+                        "full-precision model without 'quantization', or run QLoRA with DDP (train.fsdp: false)")
     if dtype == "float16":
         raise UserError("train.fsdp with float16 is not supported (loss scaling over sharded gradients): set "
                         "train.dtype to bfloat16 or float32 (auto picks float16 on GPUs without bfloat16), or "

@@ -32,13 +32,18 @@ def pick_compute_dtype(requested: str) -> str:
 
 
 def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str) -> Any:
-    """The frozen base: in `dtype` on `device`, or quantized by the recipe's method (QLoRA) as it loads."""
+    """The frozen base: in `dtype` on `device`, or quantized by the recipe's method (QLoRA) as it loads; a relufy
+    model's shifted ReLU cut (in its config.json) on, so the adapter trains on the model as every verb runs it."""
     from llmfast.loading import from_pretrained
+    from llmfast.sparse.relu_cut import apply_config_cut
 
     q = recipe.quantization
     if q is None:
-        return from_pretrained(model_path, dtype).to(device)
-    return from_pretrained(model_path, dtype, **q.quantizer.training_load_kwargs(q.config, dtype, device))
+        model = from_pretrained(model_path, dtype).to(device)
+    else:
+        model = from_pretrained(model_path, dtype, **q.quantizer.training_load_kwargs(q.config, dtype, device))
+    apply_config_cut(model, model_path)
+    return model
 
 
 def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:

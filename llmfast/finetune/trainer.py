@@ -200,7 +200,11 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     train_ex, eval_ex = _examples(recipe, tokenizer, acc)
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
-        sharding.check_recipe(recipe.quantization is not None, dtype, tc.optimizer)
+        from llmfast.quant import already_quantized
+
+        # a saved NF4 artifact is 4-bit too: FSDP would shard its packed weights
+        sharding.check_recipe(recipe.quantization is not None or bool(already_quantized(Path(model_path))), dtype,
+                              tc.optimizer)
     pack_length = dc.pack_length or dc.max_length
     rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
     eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
@@ -217,6 +221,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, world)
         step = state["step"]
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
+        ckpts.kept_log_lines(out / "train_log.jsonl", step)  # a line llmfast did not write, refused here too
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
     trainable, total_params = trainable_parameters(model)
     # Checked also with one process, so a recipe is refused before it is launched on several.

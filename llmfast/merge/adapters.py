@@ -165,10 +165,13 @@ def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, whe
             return
         raise UserError(f"{where}: adapter {adapter.path} was trained on {trained_on}, not on base_model "
                         f"{base_spec}: task vectors must share the base")
-    from llmfast.artifacts import read_manifest
+    from llmfast.artifacts import lineage_ref, read_manifest
 
-    parents = (read_manifest(adapter.path) or {}).get("parents") or []
-    if base_spec in parents:
+    # recorded absolute; a project moved since is still matched by the model's name as its recipe gave it
+    manifest = read_manifest(adapter.path) or {}
+    parents = manifest.get("parents") or []
+    if base_spec in parents or lineage_ref(base_spec) in parents or base_spec == (manifest.get("recipe") or {}).get(
+            "model"):
         return
     raise UserError(f"{where}: adapter {adapter.path} was trained on {trained_on}, which is not base_model "
                     f"{base_spec} (and is not here to compare): task vectors must share the base")

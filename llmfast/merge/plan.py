@@ -117,6 +117,7 @@ def _resolve_source(spec: str, where: str) -> tuple[Literal["model", "adapter"],
     """(kind, path, base spec for `base+adapter` syntax) of one model reference, its files checked."""
     from llmfast.modelfiles import check_adapter_dir
     from llmfast.models import resolve_model
+    from llmfast.sources import check_source
 
     base_spec = None
     if "+" in spec and not Path(spec).exists():
@@ -128,7 +129,9 @@ def _resolve_source(spec: str, where: str) -> tuple[Literal["model", "adapter"],
             return "adapter", check_adapter_dir(p), base_spec
         if base_spec is not None:
             raise UserError(f"'{base_spec}+{spec}': the part after '+' must be a LoRA adapter directory")
-        return "model", resolve_model(spec), None
+        path = resolve_model(spec)
+        check_source(path, spec, "merge")  # no packed integer codes averaged as numbers, no thresholds dropped
+        return "model", path, None
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 

@@ -48,6 +48,8 @@ class Quantizer:
     paper: ClassVar[str] = ""
     # Bare words a recipe may write instead of a mapping, with the settings each stands for.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Whether `dequantize_for_merge` can turn a model loaded in this format into plain layers (to export adapters).
+    dequantizes: ClassVar[bool] = False
     # Whether `load` quantizes a full-precision model as it loads (a recipe's `quantization:` on a plain model);
     # otherwise it reads only artifacts `llmfast quantize` made in its format.
     quantizes_on_load: ClassVar[bool] = False
@@ -79,6 +81,15 @@ class Quantizer:
     def cpu_serve_dtype(self, cfg: QuantConfigBase) -> str | None:
         """The dtype vLLM must run this format in on a CPU, when it cannot use the machine's default."""
         return None
+
+    def trains(self, cfg: QuantConfigBase) -> bool:
+        """Whether this run trains (keeps checkpoints in the work folder that `--resume` continues)."""
+        return False
+
+    def check_resume(self, cfg: QuantConfigBase, work: Path, source: Path) -> None:
+        """What `--resume` can check in the work folder (against the `source` model's files) before any model loads
+        (default: nothing): a damaged checkpoint is then the one line printed, not a line after transformers'
+        progress bar."""
 
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         """Refuse, with one line, a model this method cannot quantize; `skeleton` is the model on the meta

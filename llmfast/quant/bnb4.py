@@ -95,6 +95,7 @@ def _torch_dtype(dtype: str) -> Any:
 class Bnb4(Quantizer):
     name = "bnb4"
     quantizes_on_load = True  # bitsandbytes quantizes a full-precision model as transformers loads it
+    dequantizes = True  # dequantize_for_merge: QLoRA bases and saved NF4/FP4 artifacts, for export
     config_names = ("bitsandbytes",)
     Config = Bnb4Config
     paper = "QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)"
@@ -163,6 +164,12 @@ class Bnb4(Quantizer):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # Loaded from a saved 4-bit checkpoint, the model remembers how its codes were read; save_pretrained would
+        # try to reverse that for the plain weights, and transformers cannot (NotImplementedError).
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if not any(
+                type(op).__name__.startswith("Bnb") for op in getattr(c, "operations", []))]
 
 
 def _describe(kind: str, double_quant: bool) -> str:
@@ -199,12 +206,14 @@ def save_4bit(model_dir: Path, cfg: Bnb4Config, out_dir: Path, *, tokenizer: Any
     """Quantize while loading (on the CPU, as for eval) and save the 4-bit checkpoint into `out_dir`."""
     from llmfast.bench.lineage import model_size
     from llmfast.loading import from_pretrained
+    from llmfast.serve.vllm_plugin import mark_relu_architecture
 
     qc = bnb_config(cfg, dtype, "saving a bitsandbytes 4-bit model", for_saving=True)
     model = from_pretrained(model_dir, dtype, quantization_config=qc, device_map={"": "cpu"})
     # No forward pass before saving: on AVX512-BF16 CPUs an eval forward repacks the weights for its kernel.
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    mark_relu_architecture(out_dir)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)
     size = model_size(out_dir)
     return {"type": cfg.type, "double_quant": cfg.double_quant, "weights_file_bytes": size["file_bytes"],
             "linear_weight_bytes": size["linear_weight_bytes"]}

@@ -47,8 +47,8 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
     from llmfast.artifacts import (atomic_dir, check_output, check_resumed_run, check_work_dir, holds_work,
-                                   marked_work_dir, read_manifest, write_manifest)
-    from llmfast.quant import already_quantized
+                                   marked_work_dir, write_manifest)
+    from llmfast.sources import check_source
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
     from llmfast.models import load_tokenizer, resolve_model
@@ -65,23 +65,21 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     run = {"verb": "quantize", "model": str(Path(source).resolve()), "method": spec.method,
            "settings": spec.config.model_dump(mode="json"),
            "data": recipe.data.model_dump(mode="json") if recipe.data is not None else None, "dtype": recipe.dtype}
-    if resume:  # checkpoints of another model or settings are not continued
+    if resume and not spec.quantizer.trains(spec.config):
+        raise UserError(f"--resume: this {spec.method} run does not train, so it keeps no checkpoints to continue: "
+                        "run it without --resume")
+    if resume and not holds_work(work):
+        raise UserError(f"--resume: {work} holds nothing of an earlier run to continue: run it without --resume")
+    if resume:  # checkpoints of another model or settings are not continued; a damaged one refused before loading
         check_resumed_run(work, run)
+        spec.quantizer.check_resume(spec.config, work, Path(source))
     from llmfast.loading import check_positions, check_weights_fit, refuse_pickle_weights
 
     refuse_pickle_weights(source)  # what the methods' loaders refuse, before anything is written
     check_weights_fit(source)
     if recipe.data is not None:
         check_positions(source, recipe.data.window, "data.window")
-    done = already_quantized(source)
-    if done:
-        raise UserError(f"{recipe.model} is already quantized ({done}): quantize the full-precision model it "
-                        "came from")
-    sparse = ((read_manifest(source) or {}).get("sparsity") or {}).get("method")
-    if sparse in ("teal", "cats", "dejavu"):  # their thresholds/predictors are files the quantized artifact drops
-        raise UserError(f"{recipe.model} is a {sparse} artifact: its sparsity lives in files beside the weights that "
-                        "quantize does not carry over; quantize the model it was made from (a relufy model, whose "
-                        "ReLU is in its config, can be quantized)")
+    check_source(source, recipe.model, "quantize")
     spec.quantizer.check(skeleton(source), spec.config)
     tokenizer = load_tokenizer(source)
     data = _rows(recipe, tokenizer) if recipe.data is not None else dict.fromkeys(

@@ -14,11 +14,14 @@ transformers load it as before.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from llmfast.distill import DistillSettings
 
 
 class GroupScaledLinear(nn.Module):
@@ -118,18 +121,27 @@ def write_scales(path: Path, model: Any, names: list[str]) -> int:
     return changed
 
 
+def scale_settings(steps: int, lr: float, batch_size: int) -> "DistillSettings":
+    from llmfast.distill import DistillSettings
+
+    return DistillSettings(steps=steps, lr=lr, batch_size=batch_size, max_grad_norm=None)
+
+
 def tune_scales(path: Path, teacher_dir: Path, rows: torch.Tensor, *, group_size: int, steps: int, lr: float,
                 batch_size: int, work_dir: Path, resume: bool = False, heldout: torch.Tensor | None = None,
                 eval_every: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Train the scales of the w4 artifact at `path` towards the model at `teacher_dir` on `rows` (windows of
     token ids) for `steps` steps, and write them into the artifact. Returns metrics (held-out KL before/after)."""
     from llmfast.loading import from_pretrained
+    from llmfast.sparse.relu_cut import apply_config_cut
 
-    from llmfast.distill import DistillSettings, distill, heldout_scores
+    from llmfast.distill import distill, heldout_scores
 
     teacher = from_pretrained(teacher_dir, dtype).eval()
+    apply_config_cut(teacher, teacher_dir)  # a relufy source's cut: the model eval runs
     student, names = student_from_artifact(path, group_size, dtype)
-    settings = DistillSettings(steps=steps, lr=lr, batch_size=batch_size, max_grad_norm=None)
+    apply_config_cut(student, path)  # the artifact keeps the source's cut in its config.json
+    settings = scale_settings(steps, lr, batch_size)
 
     def evaluate() -> dict[str, Any]:
         return {k: float(f"{v:.6g}") for k, v in heldout_scores(student, teacher, heldout).items()}

@@ -121,6 +121,18 @@ class W4(Quantizer):
         assert isinstance(cfg, W4Config)
         return load_dequantized(path, cfg.group_size, dtype)
 
+    def trains(self, cfg: QuantConfigBase) -> bool:
+        assert isinstance(cfg, W4Config)
+        return cfg.scale_steps > 0  # AutoRound's rounding is kept in the work folder for the scale tuning
+
+    def check_resume(self, cfg: QuantConfigBase, work: Path, source: Path) -> None:
+        from llmfast.distill import check_checkpoint
+        from llmfast.quant.scale_tuning import scale_settings
+
+        assert isinstance(cfg, W4Config)
+        # the scales' factors are not tensors of the source model: their shapes are checked once it is loaded
+        check_checkpoint(work / "scales", scale_settings(cfg.scale_steps, cfg.scale_lr, cfg.batch_size))
+
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         assert isinstance(cfg, W4Config)
         check_shapes(skeleton, cfg.group_size)
@@ -185,12 +197,30 @@ def _rounded_once(model_dir: Path, cfg: W4Config, where: Path, *, resume: bool, 
             raise UserError(f"--resume: {where} was rounded with other w4 settings: resume with the same recipe, "
                             "or start again with --overwrite")
         _check_rounded_layers(where, cfg.group_size, fix)
+        _check_rounding_covers(where, model_dir, fix)
         print(f"resuming: AutoRound's rounding from {where}", file=sys.stderr)
         return kept["metrics"]
     with atomic_dir(where, overwrite=True) as tmp:
         metrics = autoround(model_dir, cfg, tmp, **job)
         atomic_write_json(tmp / _SETTINGS, {"settings": rounding, "metrics": metrics})
     return metrics
+
+
+def _check_rounding_covers(where: Path, model_dir: Path, fix: str) -> None:
+    """Every weight of the source model is in the kept rounding, as itself or as a quantized layer: one missing would
+    otherwise be found only when the scale tuning loads the output's temporary copy, naming a folder that is gone.
+    Only what the model keeps counts: a file's stale buffers (rotary inv_freq) or a tied head's copy are not saved
+    again."""
+    from llmfast.loading import meta_skeleton
+    from llmfast.modelfiles import stored_shapes
+
+    kept = set(stored_shapes(where, fix))
+    model = set(meta_skeleton(Path(model_dir)).state_dict())
+    missing = [k for k in sorted(set(stored_shapes(Path(model_dir), fix)) & model) if k not in kept
+               and not (k.endswith(".weight") and k.removesuffix(".weight") + ".qweight" in kept)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{where}: the rounding lacks {missing[0]}{more} of the model it was made from; {fix}")
 
 
 def _check_rounded_layers(where: Path, group_size: int, fix: str) -> None:
@@ -218,6 +248,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     import torch
 
     from llmfast.loading import from_pretrained
+    from llmfast.sparse.relu_cut import apply_config_cut
 
     try:
         from auto_round import AutoRound
@@ -227,6 +258,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
         raise UserError("w4: calibration text is needed: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     model = from_pretrained(model_dir, dtype)
+    apply_config_cut(model, model_dir)  # a relufy source's cut: the model eval runs, which AutoRound fits
     settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available(), dtype)
     samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
     rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)

@@ -65,6 +65,11 @@ class Sparsifier:
         """Write the artifact's model files into `out_dir` (a temporary directory); return metrics."""
         raise NotImplementedError
 
+    def check_resume(self, cfg: Any, work: Path, source: Path) -> None:
+        """What `--resume` can check in the work folder (against the `source` model's files) before any model loads
+        (default: nothing): a damaged checkpoint is then the one line printed, not a line after transformers'
+        progress bar."""
+
     def apply(self, model: "PreTrainedModel", cfg: Any, artifact: Path) -> None:
         """Put what the artifact holds beyond the weights back on a freshly loaded model (default: nothing)."""
 

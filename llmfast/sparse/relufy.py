@@ -47,6 +47,7 @@ from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
 
 if TYPE_CHECKING:
     import torch
+    from llmfast.distill import DistillSettings
     from transformers import PreTrainedModel
 
 
@@ -147,17 +148,23 @@ def _check_same_config(work: Path, cfg: RelufyConfig, resume: bool) -> None:
     atomic_write_json(path, mine)
 
 
+def distill_settings(cfg: RelufyConfig) -> "DistillSettings":
+    from llmfast.distill import DistillSettings
+
+    return DistillSettings(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio,
+                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                           save_every=cfg.save_every or cfg.steps + 1, log_every=cfg.log_every)
+
+
 def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> dict[str, Any]:
     """Distil `job.model` (the teacher) into `student` for `cfg.steps` steps; log to job.work_dir."""
     import torch
 
-    from llmfast.distill import DistillSettings, distill, gpu_autocast, heldout_scores
+    from llmfast.distill import distill, gpu_autocast, heldout_scores
     from llmfast.sparse.measure import record_sparsity, summarize
 
     _check_same_config(job.work_dir, cfg, job.resume)
-    settings = DistillSettings(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio,
-                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                               save_every=cfg.save_every or cfg.steps + 1, log_every=cfg.log_every)
+    settings = distill_settings(cfg)
     store, handles = _activation_taps(student)
     cut = ShiftedCut(student) if cfg.target else None
 
@@ -205,6 +212,11 @@ class Relufy(Sparsifier):
     Config = RelufyConfig
     paper = "Mirzadeh et al. 2023, ReLU Strikes Back: Exploiting Activation Sparsity in Large Language Models"
     trains = True
+
+    def check_resume(self, cfg: Any, work: Path, source: Path) -> None:
+        from llmfast.distill import check_checkpoint
+
+        check_checkpoint(work, distill_settings(cfg), source)
 
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
         from llmfast.distill import heldout_kl

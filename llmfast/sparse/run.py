@@ -76,17 +76,21 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
+    from llmfast.sources import check_source
     from llmfast.sparse.stacked import apply_inherited, source_attention
     from llmfast.calibration import conversation_windows, split_text, text_ids, windows, with_conversations
 
     t0 = time.perf_counter()
     work = _check_outputs(recipe, method, resume, overwrite)
     model_path = resolve_model(recipe.model)
+    # its integer layers would be trained or measured as something else, and the artifact would drop the format
+    check_source(Path(model_path), recipe.model, "sparsify")
     run = {"verb": "sparsify", "model": str(Path(model_path).resolve()), "method": method.name,
            "settings": recipe.sparsify.config.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
            "dtype": recipe.dtype}
-    if resume:  # checkpoints of another model or settings are not continued
+    if resume:  # checkpoints of another model or settings are not continued; a damaged one refused before loading
         check_resumed_run(work, run)
+        method.check_resume(recipe.sparsify.config, work, Path(model_path))
     attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
     _check_architecture(model_path, recipe.model)
     check_positions(model_path, recipe.data.window, "data.window")

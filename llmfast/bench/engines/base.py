@@ -52,6 +52,17 @@ class Variant:
         return str(q.as_arg()) if hasattr(q, "as_arg") else str(q)
 
 
+def quantization_ran(variant: Variant, family: str) -> str | None:
+    """The quantization an engine family ran `variant` with, as reports write it: transformers puts a QLoRA adapter
+    on the 4-bit base it records (vLLM serves it on the full-precision base)."""
+    if family == "vllm" or variant.quantization is not None or variant.lora is None:
+        return variant.quantization_word
+    from llmfast.models import adapter_base_quantization
+
+    spec = adapter_base_quantization(variant.lora.path)
+    return str(spec.as_arg()) if spec is not None else None
+
+
 def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) -> Variant:
     """A checked Variant: the model resolved, the adapter checked, the quantization the artifact records when
     none is given."""

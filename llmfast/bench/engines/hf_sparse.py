@@ -32,7 +32,10 @@ class HfSparseEngine(OfflineEngine):
             return f"{runs}, not {variant.sparsity} artifacts"
         if variant.lora is not None:
             return "the sparse MLP reads the base weights and would skip the LoRA adapter"
-        if variant.quantization is not None:
+        from llmfast.quant import already_quantized
+
+        # the second: a sparse artifact made over a quantized model (earlier versions of sparsify took one)
+        if variant.quantization is not None or already_quantized(variant.model_dir):
             return "the sparse MLP reads float weights, not quantized ones"
         return super().can_run(variant)
 

@@ -63,6 +63,17 @@ class BitNet(Quantizer):
         if cfg.qat_steps:  # only training uses the device
             qat_device(cfg)
 
+    def trains(self, cfg: QuantConfigBase) -> bool:
+        assert isinstance(cfg, BitNetConfig)
+        return cfg.qat_steps > 0
+
+    def check_resume(self, cfg: QuantConfigBase, work: Path, source: Path) -> None:
+        from llmfast.distill import check_checkpoint
+        from llmfast.quant.bitnet.qat import qat_settings
+
+        assert isinstance(cfg, BitNetConfig)
+        check_checkpoint(work, qat_settings(cfg), source)
+
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:
         from llmfast.quant.bitnet.qat import quantize_bitnet
 

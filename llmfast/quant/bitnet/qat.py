@@ -13,6 +13,7 @@ from llmfast.quant.bitnet.convert import replace_linears, save_ternary, to_bitli
 from llmfast.quant.bitnet.layers import BitLinear
 
 if TYPE_CHECKING:
+    from llmfast.distill import DistillSettings
     from llmfast.quant.bitnet import BitNetConfig
 
 
@@ -35,6 +36,12 @@ def set_strength(model: torch.nn.Module, lam: float) -> None:
             m.lam = lam
 
 
+def qat_settings(cfg: "BitNetConfig") -> "DistillSettings":
+    from llmfast.distill import DistillSettings
+
+    return DistillSettings(steps=cfg.qat_steps, lr=cfg.lr, batch_size=cfg.batch_size, save_every=cfg.save_every)
+
+
 def prepare_student(model: Any) -> list[str]:
     """BitLinear in place of every Linear but the head; embeddings (tied to the head) stay frozen."""
     names = replace_linears(model, to_bitlinear)
@@ -53,14 +60,16 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     """Write the ternary model of `model_dir` into `out_dir`; `rows` are training windows (token ids), `heldout`
     windows never trained on (the start of the evaluated text), on which the KL to the teacher is measured."""
     from llmfast.loading import from_pretrained
+    from llmfast.sparse.relu_cut import apply_config_cut
 
-    from llmfast.distill import DistillSettings, distill, gpu_autocast, heldout_scores, teacher_samples
+    from llmfast.distill import distill, gpu_autocast, heldout_scores, teacher_samples
 
     if cfg.qat_steps and rows is None:
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     torch_dtype = getattr(torch, dtype)
     model = from_pretrained(model_dir, dtype)
+    apply_config_cut(model, model_dir)  # a relufy source's cut: the model eval runs, which QAT distils from
     metrics: dict[str, Any] = {"qat_steps": cfg.qat_steps}
     if cfg.qat_steps:
         device = qat_device(cfg)
@@ -69,11 +78,11 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                     "autocast": str(autocast).removeprefix("torch.") if autocast else None}
         model.to(device)
         teacher = from_pretrained(model_dir, dtype).to(device).eval()
+        apply_config_cut(teacher, model_dir)
         samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
         data = torch.cat([rows, samples]) if len(samples) else rows
         converted = prepare_student(model)
-        settings = DistillSettings(steps=cfg.qat_steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   save_every=cfg.save_every)
+        settings = qat_settings(cfg)
 
         def evaluate() -> dict[str, Any]:  # the fully ternary model (strength 1) of this step, on held-out text
             lam = _strength(model)
