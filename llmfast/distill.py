@@ -203,7 +203,7 @@ def check_checkpoint(work: Path, settings: DistillSettings, source: Path | None 
             raise UserError(f"{student}: {odd[0]} has shape {shapes[odd[0]]}, the model's is {model[odd[0]]}: it "
                             f"belongs to another model; {_FIX}")
     optimizer = ckpt / "optimizer.pt"
-    check_optimizer_form(safe_load(optimizer, map_location="cpu", fix=_FIX), optimizer, _FIX)
+    check_optimizer_form(safe_load(optimizer, map_location="cpu", fix=_FIX, mmap=True), optimizer, _FIX)
     kept_log_lines(work / "train_log.jsonl", step)
 
 

@@ -96,12 +96,17 @@ def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: b
 FIX = "delete that checkpoint folder, or start the run again without --resume"
 
 
-def safe_load(path: Path, map_location: Any = None, fix: str = FIX) -> Any:
-    """torch.load that unpickles only tensors and plain containers: nothing in the file can run code."""
+def safe_load(path: Path, map_location: Any = None, fix: str = FIX, mmap: bool = False) -> Any:
+    """torch.load that unpickles only tensors and plain containers: nothing in the file can run code. `mmap`: map
+    the tensors' bytes instead of reading them (for a check of the file's form: a full model's AdamW state is twice
+    its weights); only torch.save's zip format can be mapped, so another file is read as usual."""
+    import zipfile
+
     try:
         with warnings.catch_warnings():  # a raw pickle (not torch.save's) drew torch's two-line protocol warning
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError:
         # torch's own message suggests loading unsafely; for a file from elsewhere that is the wrong advice.
         raise UserError(f"{path}: refused: it holds pickled objects other than tensors and plain containers, "
@@ -146,6 +151,44 @@ def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scale
                             f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
                             f"llmfast writes there; {FIX}")
     return SavedTraining(adapter, optim, sched, rng, scale)
+
+
+def check_fit(saved: SavedTraining, ckpt: Path, rank: int, base: dict[str, list[int]] | None) -> None:
+    """What the model is not needed for, checked before it loads: each LoRA pair whole and of the recipe's rank,
+    each pair's shape that of its layer in `base` (the base model's stored weight shapes, where they are its
+    logical shapes: not a packed 4-bit artifact), and the optimizer's state for as many tensors as the adapter has,
+    its AdamW moments of the adapter's shapes. `load_adapter` and `load_training_state` then check the rest."""
+    path = ckpt / "adapter.safetensors"
+    shapes = {k: list(v.shape) for k, v in saved.adapter.items()}
+    for key, shape in sorted(shapes.items()):
+        half = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+        if half is None or len(shape) != 2:  # DoRA's magnitude vectors, embedding adapters: after the model loads
+            continue
+        twin = key.replace(f".{half}.", ".lora_B." if half == "lora_A" else ".lora_A.")
+        if twin not in shapes:
+            raise UserError(f"{path}: does not fit this run's adapter (missing {twin}): resume with the recipe that "
+                            f"wrote it, or {FIX}")
+        has = shape[0] if half == "lora_A" else shape[1]
+        if has != rank:
+            raise UserError(f"{path}: its LoRA rank is {has} ({key}), the recipe's lora.r is {rank}: resume with the "
+                            f"recipe that wrote it, or {FIX}")
+        layer = (base or {}).get(key.removeprefix("base_model.model.").replace(f".{half}.", "."))
+        axis = 1 if half == "lora_A" else 0  # A reads the layer's input, B writes its output
+        if layer is not None and len(layer) == 2 and shape[axis] != layer[axis]:
+            raise UserError(f"{path}: {key} is {shape}, which does not fit the model's layer of shape {layer} (its "
+                            f"{'input' if axis else 'output'} size): it belongs to another model; {FIX}")
+    optim = ckpt / "optimizer.pt"
+    params = sum(len(g["params"]) for g in saved.optimizer["param_groups"])
+    if params != len(shapes):
+        raise UserError(f"{optim}: holds the state of {params} parameters, the checkpoint's adapter has {len(shapes)} "
+                        f"tensors: it belongs to another run; {FIX}")
+    known = {tuple(v) for v in shapes.values()}
+    for state in saved.optimizer["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):  # torch's AdamW; bitsandbytes' 8-bit states are blockwise
+            value = state.get(key) if isinstance(state, dict) else None
+            if isinstance(value, torch.Tensor) and tuple(value.shape) not in known:
+                raise UserError(f"{optim}: its {key} state has shape {list(value.shape)}, which no tensor of the "
+                                f"checkpoint's adapter has: it belongs to another run; {FIX}")
 
 
 def load_adapter(model: Any, ckpt: Path, saved: SavedTraining) -> None:

@@ -221,6 +221,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, world)
         step = state["step"]
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
+        ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)))
         ckpts.kept_log_lines(out / "train_log.jsonl", step)  # a line llmfast did not write, refused here too
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
     trainable, total_params = trainable_parameters(model)
@@ -230,6 +231,16 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         ckpts.load_adapter(model, ckpt, saved)
     return Run(recipe, out, acc, fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows, total_steps,
                trainable, total_params, ckpt=ckpt, saved=saved, start_step=step)
+
+
+def _logical_shapes(model_path: Path) -> dict[str, list[int]] | None:
+    """The base model's weight shapes as stored, where they are the layers' shapes (not a saved 4-bit artifact)."""
+    from llmfast.modelfiles import stored_shapes
+    from llmfast.quant import already_quantized
+
+    if already_quantized(model_path):
+        return None
+    return stored_shapes(model_path, f"re-create the model in {model_path}")
 
 
 def _prepare_training(run: Run) -> None:
