@@ -626,3 +626,35 @@ def test_an_adapter_of_a_model_given_by_a_relative_path_exports_from_any_folder(
                                    "    parameters: {weight: 1.0}\ndtype: float32\n")
     code, _, err = run_cli("merge", "mg.yaml", "merged-again", "--no-progress")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("dora,optimizer", [(False, "adamw_torch"), (True, "adamw_torch"), (True, "adamw_8bit")])
+def test_the_pre_load_checkpoint_check_takes_what_the_trainer_saves(dora, optimizer, tiny_dir):
+    """`check_fit` runs before the model exists, on the adapter and optimizer files alone: the state of a real
+    step (DoRA's magnitude vectors, bitsandbytes' blockwise 8-bit moments) passes it, and the same files against
+    another rank or a model of other widths do not."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from llmfast.errors import UserError
+    from llmfast.finetune.checkpoint import SavedTraining, check_fit
+    from llmfast.finetune.optimizers import OPTIMIZERS
+    from llmfast.loading import from_pretrained
+    from llmfast.modelfiles import stored_shapes
+
+    model = get_peft_model(from_pretrained(str(tiny_dir), "float32"),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = OPTIMIZERS.get(optimizer)(params, 1e-3, 0.0, False)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    opt.step()
+    adapter = get_peft_model_state_dict(model)
+    assert len(adapter) == len(params) and any("magnitude" in k for k in adapter) == dora
+    saved = SavedTraining(adapter, opt.state_dict(), {}, torch.get_rng_state())
+    base = stored_shapes(tiny_dir, "")
+    check_fit(saved, Path("ckpt"), 8, base)
+    with pytest.raises(UserError, match=r"its LoRA rank is 8 .*, the recipe's lora.r is 16"):
+        check_fit(saved, Path("ckpt"), 16, base)
+    wider = {k: [v[0] * 2, v[1] * 2] if len(v) == 2 else v for k, v in base.items()}
+    with pytest.raises(UserError, match=r"does not fit the model's layer of shape \[\d+, \d+\] \(its (in|out)put"):
+        check_fit(saved, Path("ckpt"), 8, wider)
