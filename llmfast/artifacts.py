@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from llmfast import __version__
-from llmfast.errors import UserError
+from llmfast.errors import UserError, no_space
 
 MANIFEST = "llmfast.json"
 
@@ -144,8 +144,12 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        full = _filled(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise UserError(f"no space left on the device of {final.parent} while writing {final.name}: free some "
+                            f"space there (or write elsewhere) and run again; nothing of {final.name} was kept") from None
         raise
 
 
@@ -165,11 +169,44 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full, state = _filled(e, Path(tmp)), "left as it was" if path.exists() else "not written"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            raise UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space "
+                            f"there (or write elsewhere) and run again; {path.name} was {state}") from None
         raise
     return path
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` to the log `path` (train_log.jsonl). A full disk is one error naming the file, and the log is
+    cut back to what it held, so no half line is left for `--resume` to refuse."""
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if not no_space(e):
+            raise
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space "
+                        "there and run again (--resume continues from the last checkpoint)") from None
+
+
+def _filled(e: BaseException, tmp: Path) -> bool:
+    """Whether the write into `tmp` that raised `e` failed because its file system is full: the error says so, or
+    it is torch.save's opaque one ("unexpected pos ...", from a C++ stream) with under 1 MiB left there."""
+    if no_space(e):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmfast import __version__
-from llmfast.errors import UserError
+from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.process_exit import end_process_group, exit_process
 
 
@@ -168,8 +168,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from llmfast.artifacts import atomic_write_text
-    from llmfast.data.tasks import TASKS, plan_task_files
+    from llmfast.data.tasks import TASKS, plan_task_files, write_planned
 
     if not args.task:
         for t in TASKS.values():
@@ -178,9 +177,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     names = list(TASKS) if args.task == ["all"] else args.task
     # Every file is generated and checked before the first is written: one refusal writes nothing.
     plan = plan_task_files(names, args.out, args.train, args.test, args.seed, args.overwrite)
-    for path, text, changed in plan:
-        if changed:
-            atomic_write_text(path, text)
+    write_planned(plan)
     for name, (train, test) in zip(names, zip(plan[::2], plan[1::2])):
         same = "" if train[2] or test[2] else " (unchanged)"
         print(f"{name}: {train[0]} ({args.train} rows), {test[0]} ({args.test} rows){same}")
@@ -428,14 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"llmfast: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("llmfast: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a UserError, or a full disk met outside the atomic writes (a log line appended)
+        err = as_user_error(e)
+        if debug or err is None:
+            raise
+        print_error(err)
+        return 2
     finally:
         end_process_group()
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.artifacts import atomic_dir, atomic_write_json, mark_work_dir
+from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, mark_work_dir
 from llmfast.errors import UserError
 
 
@@ -296,8 +296,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     mixed = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     tokens_per_step = settings.batch_size * rows.shape[1]
     if evaluate is not None and eval_every and start == 0:
-        with log_path.open("a") as f:
-            f.write(json.dumps({"step": 0, "tokens": 0, "lr": 0.0, **measured()}) + "\n")
+        append_line(log_path, json.dumps({"step": 0, "tokens": 0, "lr": 0.0, **measured()}))
     bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", file=sys.stderr)
     for step in range(start, settings.steps):
         if before_step is not None:
@@ -324,8 +323,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         if done % settings.log_every == 0 or done == settings.steps or evaluating:
             line = {"step": done, "tokens": done * tokens_per_step, "kl": loss_value, "lr": lr_at(settings, step),
                     **(log_extra() if log_extra else {}), **(measured() if evaluating else {})}
-            with log_path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_line(log_path, json.dumps(line))
         if done % settings.save_every == 0 and done < settings.steps:
             save_checkpoint(work, student, optimizer, done, settings, rows=digest)
     bar.close()

@@ -1,8 +1,13 @@
 """The one exception type for mistakes a user can fix.
 
 The CLI prints its message as a single line on stderr and exits with code 2; anything else is a bug and
-keeps its traceback. Messages name the file, key or row at fault and say what to do.
+keeps its traceback. Messages name the file, key or row at fault and say what to do. A full disk is the other
+error a user fixes: `no_space` recognises it in the errors libraries raise.
 """
+
+import errno
+import os
+import sys
 
 
 class UserError(Exception):
@@ -11,3 +16,39 @@ class UserError(Exception):
     def __init__(self, message: str) -> None:
         # One line, always: a multi-line message from a library is folded so the contract holds.
         super().__init__(" ".join(str(message).split()))
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, is a write that found its file system full: an OSError of
+    ENOSPC or EDQUOT, or a library's error carrying that message (safetensors' Rust I/O error says "No space left on
+    device (os error 28)")."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def as_user_error(e: BaseException) -> UserError | None:
+    """`e` as the CLI's one-line error: a UserError as it is, a full disk (met outside the atomic writes, which name
+    their output) as one naming the folder; None for anything else (a bug: its traceback stays)."""
+    if isinstance(e, UserError):
+        return e
+    if not no_space(e):
+        return None
+    where = getattr(e, "filename", None)
+    return UserError(f"no space left on the device{f' of {os.path.dirname(where)}' if where else ''}: free some "
+                     "space there (or write elsewhere) and run again")
+
+
+def print_error(e: UserError) -> None:
+    """`llmfast: error: ...` on stderr, on a line of its own and the last: the progress bars an error left open are
+    closed first (an open bar is repainted over the line when it is collected at exit)."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+    print(f"llmfast: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ Rows are chat examples: {"task", "messages": [user, assistant]}; the assistant t
 from __future__ import annotations
 
 import calendar
+import contextlib
 import datetime as dt
 import json
 import random
@@ -217,7 +218,26 @@ def write_task(task: str, out_dir: str | Path, n_train: int, n_test: int, seed: 
                overwrite: bool = False) -> tuple[Path, Path]:
     """Write TASK/train.jsonl and TASK/test.jsonl under `out_dir` (see `plan_task_files` for what is refused)."""
     plan = plan_task_files([task], out_dir, n_train, n_test, seed, overwrite)
-    for path, text, changed in plan:
-        if changed:
-            atomic_write_text(path, text)
+    write_planned(plan)
     return plan[0][0], plan[1][0]
+
+
+def write_planned(plan: list[tuple[Path, str, bool]]) -> None:
+    """Write the changed files of `plan` (from `plan_task_files`). When one fails (a full disk), the files and
+    folders this call created are removed again, so what was there before is all that is left (a file replaced
+    under --overwrite stays replaced)."""
+    files: list[Path] = []
+    dirs: list[Path] = []
+    try:
+        for path, text, changed in plan:
+            if changed:
+                dirs += [d for d in path.parents if not d.exists()]
+                files += [] if path.exists() else [path]
+                atomic_write_text(path, text)
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise

@@ -1,0 +1,155 @@
+"""A full disk: every verb that writes ends with one error line naming the folder and exit 2, and leaves nothing it
+started (the temporary sibling removed, a log cut back to whole lines), instead of a traceback from safetensors,
+torch.save or os.sendfile. The disks are real: small tmpfs mounts (skipped where this user may not mount one)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """make(size) -> a folder on a fresh tmpfs of `size` (e.g. "1M"), unmounted after the test."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here: {p.stderr.strip()[:120]}")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _contents(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def _refused(code: int, err: str, disk: Path, name: str) -> None:
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith(f"llmfast: error: no space left on the device of {disk}") and f"writing {name}" in last, last
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("adapter")
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["alpha", "bravo", "charlie", "delta"] * 4]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "r.yaml").write_text(f"model: {tiny_dir}\ndata: {{train: {d / 'train.jsonl'}, max_length: 64}}\n"
+                              f"lora: {{r: 8, alpha: 16}}\ntrain: {{steps: 2, batch_size: 2, lr: 0.003}}\n"
+                              f"output: {d / 'run'}\n")
+    code, _, err = run_cli("finetune", str(d / "r.yaml"))
+    assert code == 0, err
+    return d / "run" / "adapter"
+
+
+def test_merge_export_sparsify_and_quantize_on_a_full_disk_leave_nothing(small_disk, tiny_dir, trained_adapter,
+                                                                          tmp_path):
+    """The tiny model is 1.7 MB: each output fails part way on a 1 MB disk (NF4's on 200 KB), through each writer
+    (merge's direct writes, safetensors' Rust writer in export and quantize, sparsify's copy of the weights)."""
+    from llmfast.testing import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other", seed=1)
+    (tmp_path / "merge.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_dir}\n"
+                                         f"    parameters: {{weight: 0.5}}\n  - model: {other}\n"
+                                         f"    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    text = Path(__file__).parent.parent / "eval" / "text" / "persuasion.txt"
+    (tmp_path / "teal.yaml").write_text(
+        f"model: {tiny_dir}\nsparsify: {{method: teal, config: {{target: 0.5}}}}\n"
+        f"data: {{text: {text}, skip_tokens: 2048, calibration_tokens: 1024, heldout_tokens: 512, window: 128}}\n")
+    (tmp_path / "nf4.yaml").write_text(f"model: {tiny_dir}\nquantization: {{method: bnb4, type: nf4}}\n")
+    disk, small = small_disk("1M"), small_disk("200K")  # NF4 of the tiny model is about 0.5 MB
+    for name, args in [("m", ["merge", str(tmp_path / "merge.yaml"), str(disk / "m")]),
+                       ("exp", ["export", str(trained_adapter), str(disk / "exp")]),
+                       ("teal", ["sparsify", str(tmp_path / "teal.yaml"), "--set", f"output={disk / 'teal'}"]),
+                       ("q", ["quantize", str(tmp_path / "nf4.yaml"), "--set", f"output={small / 'q'}"])]:
+        code, _, err = run_cli(*args)
+        disk = small if name == "q" else disk
+        _refused(code, err, disk, name)
+        assert f"nothing of {name} was kept" in err and _contents(disk) == [], (name, _contents(disk))
+
+
+def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk, trained_adapter):
+    """A checkpoint that does not fit: refused by name, nothing of it left. A log line that does not
+    fit (the disk filled by another file): refused by name, and the log cut back to whole lines, so `--resume`
+    after freeing space reads it (it refuses a line that is not llmfast's)."""
+    recipe = trained_adapter.parent.parent / "r.yaml"
+    disk = small_disk("40K")
+    text = recipe.read_text().replace("steps: 2,", "steps: 4, save_every: 2,")
+    (disk.parent / "ckpt.yaml").write_text(text.replace(str(trained_adapter.parent), str(disk / "ft")))
+    code, _, err = run_cli("finetune", str(disk.parent / "ckpt.yaml"))
+    _refused(code, err, disk / "ft" / "checkpoints", "step-000002")
+    # the run's folder as a kill before its first checkpoint leaves it (which `--resume` starts again from)
+    assert _contents(disk) == ["ft", "ft/checkpoints", "ft/recipe.json", "ft/train_log.jsonl"]
+    shutil.rmtree(disk / "ft")
+
+    (disk / "filler").write_bytes(bytes(32768))  # 8 KB left: the recipe's copy, and one page of log lines
+    text = recipe.read_text().replace("steps: 2,", "steps: 80, log_every: 1,")
+    (disk.parent / "log.yaml").write_text(text.replace(str(trained_adapter.parent), str(disk / "ft")))
+    code, _, err = run_cli("finetune", str(disk.parent / "log.yaml"))
+    _refused(code, err, disk / "ft", "train_log.jsonl")
+    log = (disk / "ft" / "train_log.jsonl").read_text()
+    assert log.endswith("\n") and 10 < len(log.splitlines()) < 80
+    assert [json.loads(line)["step"] for line in log.splitlines()] == list(range(1, len(log.splitlines()) + 1))
+    (disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,size=4M", str(disk)], check=True)  # room for the adapter too
+    code, _, err = run_cli("finetune", str(disk.parent / "log.yaml"), "--resume")  # no checkpoint: starts again
+    assert code == 0, err[-2000:]
+    assert len((disk / "ft" / "train_log.jsonl").read_text().splitlines()) == 80
+
+
+def test_tasks_on_a_full_disk_remove_the_files_and_folders_they_made(small_disk):
+    """dates' two files fit, extract's train file does not: all three taken back, with the folders made for them."""
+    disk = small_disk("1M")
+    code, _, err = run_cli("tasks", "dates", "extract", "--train", "4000", "--out", str(disk / "t"))
+    _refused(code, err, disk / "t" / "extract", "train.jsonl")
+    assert "train.jsonl was not written" in err and _contents(disk) == []
+
+
+def test_torch_save_on_a_full_disk_is_recognised(small_disk):
+    """torch.save's own error on a full disk says nothing of it ("unexpected pos ..." from its C++ writer): inside
+    an atomic output it is told by the space left."""
+    import torch
+
+    from llmfast.artifacts import atomic_dir
+    from llmfast.errors import UserError
+
+    disk = small_disk("64K")
+    with pytest.raises(UserError, match=rf"no space left on the device of {disk} while writing out: .*nothing of "
+                                        r"out was kept"):
+        with atomic_dir(disk / "out") as tmp:
+            torch.save({"w": torch.zeros(100_000)}, tmp / "w.pt")
+    assert _contents(disk) == []
+
+
+def test_no_space_reads_the_errors_libraries_raise():
+    from llmfast.errors import no_space
+
+    assert no_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert no_space(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "full")
+        except OSError as inner:
+            raise RuntimeError("writing failed") from inner
+    except RuntimeError as outer:
+        assert no_space(outer)
+    assert not no_space(OSError(errno.EACCES, "Permission denied"))
+    assert not no_space(RuntimeError("unexpected pos 576 vs 534"))
