@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmfast.artifacts import atomic_dir, write_manifest
+from llmfast.artifacts import atomic_dir, check_output, write_manifest
 from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
 from llmfast.loading import first_line, from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
@@ -182,6 +182,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError, ... on junk
         raise UserError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {first_line(e)}); truncated or "
                         "corrupt? re-download it") from None
+    check_output(out, overwrite=True)  # a cache folder that cannot be written: refused before the conversion's ~20 s
     steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step", leave=False)
     try:
         steps.set_postfix_str("tokenizer")

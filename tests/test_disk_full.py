@@ -156,3 +156,17 @@ def test_no_space_reads_the_errors_libraries_raise():
         assert no_space(outer)
     assert not no_space(OSError(errno.EACCES, "Permission denied"))
     assert not no_space(RuntimeError("unexpected pos 576 vs 534"))
+
+
+def test_a_read_only_cache_is_refused_before_the_conversion(small_disk, monkeypatch):
+    """The built-in model's conversion (~20 s) into a cache that cannot be written: refused up front, naming it (it
+    failed at the save, after the conversion). A read-only mount: root ignores permission bits, not that."""
+    from llmfast.models import BUILTINS, builtin_gguf_path
+
+    ro = small_disk("64K")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    monkeypatch.setenv("LLMFAST_CACHE", str(ro / "cache"))
+    assert builtin_gguf_path(BUILTINS["smollm2-135m"]).is_file()
+    code, _, err = run_cli("models", "--prepare", "builtin:smollm2-135m")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"llmfast: error: output {ro / 'cache'}"), err
+    assert "converting" not in err, err  # refused before the converter's progress bar
