@@ -180,6 +180,24 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def check_space(final: str | os.PathLike[str], need: int) -> None:
+    """Refuse an output of about `need` bytes where its file system has less free, before the work that makes it
+    (a merge or export of a large model writes gigabytes after minutes of work). An --overwrite'n output counts in
+    full: the old one is removed only once the new one is complete."""
+    final = Path(final)
+    probe = final.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(f"{final}: needs about {_size(need)} and the device of {probe} has {_size(free)} free: free "
+                        "some space there (or write elsewhere) and run again")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def append_line(path: Path, line: str) -> None:
     """Append `line` to the log `path` (train_log.jsonl). A full disk is one error naming the file, and the log is
     cut back to what it held, so no half line is left for `--resume` to refuse."""

@@ -62,28 +62,37 @@ def trained_adapter(tmp_path_factory, tiny_dir):
     return d / "run" / "adapter"
 
 
-def test_merge_export_sparsify_and_quantize_on_a_full_disk_leave_nothing(small_disk, tiny_dir, trained_adapter,
-                                                                          tmp_path):
-    """The tiny model is 1.7 MB: each output fails part way on a 1 MB disk (NF4's on 200 KB), through each writer
-    (merge's direct writes, safetensors' Rust writer in export and quantize, sparsify's copy of the weights)."""
+def test_merge_and_export_are_refused_before_their_work_where_the_disk_is_too_small(small_disk, tiny_dir,
+                                                                                      trained_adapter, tmp_path):
+    """The tiny model's weights are 1.6 MiB: on a 1 MiB disk both verbs know it before they merge a tensor."""
     from llmfast.testing import build_tiny_llama
 
     other = build_tiny_llama(tmp_path / "other", seed=1)
     (tmp_path / "merge.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_dir}\n"
                                          f"    parameters: {{weight: 0.5}}\n  - model: {other}\n"
                                          f"    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    disk = small_disk("1M")
+    for name, args in [("m", ["merge", str(tmp_path / "merge.yaml"), str(disk / "m")]),
+                       ("exp", ["export", str(trained_adapter), str(disk / "exp")])]:
+        code, _, err = run_cli(*args)
+        assert code == 2 and err.strip().splitlines()[-1] == (
+            f"llmfast: error: {disk / name}: needs about 1.6 MiB and the device of {disk} has 1.0 MiB free: free "
+            "some space there (or write elsewhere) and run again"), err[-2000:]
+        assert "merge (linear)" not in err and _contents(disk) == []
+
+
+def test_sparsify_and_quantize_on_a_full_disk_leave_nothing(small_disk, tiny_dir, tmp_path):
+    """Outputs that fail part way: sparsify's copy of the weights (os.sendfile across file systems) on a 1 MiB
+    disk, NF4's safetensors write (its Rust I/O error) on 200 KiB."""
     text = Path(__file__).parent.parent / "eval" / "text" / "persuasion.txt"
     (tmp_path / "teal.yaml").write_text(
         f"model: {tiny_dir}\nsparsify: {{method: teal, config: {{target: 0.5}}}}\n"
         f"data: {{text: {text}, skip_tokens: 2048, calibration_tokens: 1024, heldout_tokens: 512, window: 128}}\n")
     (tmp_path / "nf4.yaml").write_text(f"model: {tiny_dir}\nquantization: {{method: bnb4, type: nf4}}\n")
-    disk, small = small_disk("1M"), small_disk("200K")  # NF4 of the tiny model is about 0.5 MB
-    for name, args in [("m", ["merge", str(tmp_path / "merge.yaml"), str(disk / "m")]),
-                       ("exp", ["export", str(trained_adapter), str(disk / "exp")]),
-                       ("teal", ["sparsify", str(tmp_path / "teal.yaml"), "--set", f"output={disk / 'teal'}"]),
-                       ("q", ["quantize", str(tmp_path / "nf4.yaml"), "--set", f"output={small / 'q'}"])]:
-        code, _, err = run_cli(*args)
-        disk = small if name == "q" else disk
+    for name, recipe, size in [("teal", "sparsify", "1M"), ("q", "quantize", "200K")]:
+        disk = small_disk(size)
+        yaml = tmp_path / ("teal.yaml" if name == "teal" else "nf4.yaml")
+        code, _, err = run_cli(recipe, str(yaml), "--set", f"output={disk / name}")
         _refused(code, err, disk, name)
         assert f"nothing of {name} was kept" in err and _contents(disk) == [], (name, _contents(disk))
 

@@ -12,10 +12,11 @@ directories, and the output (an existing one only with `overwrite`; never the ad
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from llmfast.artifacts import atomic_dir, check_output, read_manifest, write_manifest
+from llmfast.artifacts import atomic_dir, check_output, check_space, read_manifest, write_manifest
 from llmfast.errors import UserError
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
@@ -82,6 +83,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         raise UserError(f"{tokenizer_dir}: transformers cannot load its tokenizer ({type(e).__name__}: "
                         f"{first_line(e)}): restore its tokenizer files") from None
 
+    if quant is None and own is None:  # the merged weights are the base's, in `dtype`
+        from llmfast.modelfiles import stored_shapes
+
+        shapes = stored_shapes(base, f"re-create the model in {base}")
+        check_space(out_dir, sum(math.prod(s) for s in shapes.values()) * (4 if dtype == "float32" else 2))
     if quant is not None:
         import torch
 

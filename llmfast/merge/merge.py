@@ -61,7 +61,7 @@ def _one_torch_thread(needed: bool) -> Iterator[None]:
 
 def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: bool, threads: int,
                      overwrite: bool) -> dict[str, Any]:
-    from llmfast.artifacts import atomic_dir
+    from llmfast.artifacts import atomic_dir, check_space
     from llmfast.merge import io as mio
     from llmfast.merge.pipeline import ordered_map
 
@@ -72,6 +72,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
     stats: dict[str, Any] = {}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths()) as tmp:
         writer = mio.ShardedWriter(tmp, layout, max_bytes)
+        check_space(out_dir, writer.total_bytes)  # before the first tensor is merged
         bar = progress_bar(len(layout), f"merge ({plan.method.name})", progress)
         items = [(n, mio.numel(shape)) for n, shape, _dt in layout]
         dtypes = {n: dt for n, _shape, dt in layout}
