@@ -188,8 +188,9 @@ def check_space(final: str | os.PathLike[str], need: int) -> None:
     probe = final.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if need > free:
+    usage = shutil.disk_usage(probe)
+    free = usage.free
+    if usage.total and need > free:  # some FUSE mounts report no sizes at all (total 0): nothing to check there
         raise UserError(f"{final}: needs about {_size(need)} and the device of {probe} has {_size(free)} free: free "
                         "some space there (or write elsewhere) and run again")
 
