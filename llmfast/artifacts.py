@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from llmfast import __version__
-from llmfast.errors import UserError, no_space
+from llmfast.errors import UserError, error_filenames, no_space
 
 MANIFEST = "llmfast.json"
 
@@ -149,7 +149,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise UserError(f"no space left on the device of {final.parent} while writing {final.name}: free some "
-                            f"space there (or write elsewhere) and run again; nothing of {final.name} was kept") from None
+                            f"space there (or write elsewhere) and run again; nothing of {final.name} was kept") from e
         raise
 
 
@@ -175,7 +175,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             os.unlink(tmp)
         if full:
             raise UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space "
-                            f"there (or write elsewhere) and run again; {path.name} was {state}") from None
+                            f"there (or write elsewhere) and run again; {path.name} was {state}") from e
         raise
     return path
 
@@ -216,16 +216,26 @@ def append_line(path: Path, line: str) -> None:
 
 
 def _filled(e: BaseException, tmp: Path) -> bool:
-    """Whether the write into `tmp` that raised `e` failed because its file system is full: the error says so, or
-    it is torch.save's opaque one ("unexpected pos ...", from a C++ stream) with under 1 MiB left there."""
-    if no_space(e):
-        return True
-    if not isinstance(e, RuntimeError):
+    """Whether the write into `tmp` that raised `e` failed because that file system is full: an ENOSPC naming a file
+    in `tmp` (or naming none, with the file system out of space), or torch.save's opaque writer error ("unexpected
+    pos ...": its C++ stream says nothing of the disk) with the file system out of space. A UserError keeps its own
+    message; an ENOSPC elsewhere (a cache under /tmp) is left to the CLI, which names its folder."""
+    if isinstance(e, UserError):
         return False
+    if no_space(e):
+        named = [f for f in error_filenames(e) if f]
+        inside = [Path(os.path.abspath(f)).is_relative_to(os.path.abspath(tmp)) for f in named]
+        return any(inside) if named else _out_of_space(tmp)
+    torch_writer = ("unexpected pos", "PytorchStreamWriter", "inline_container", "file write failed")
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in torch_writer) and _out_of_space(tmp)
+
+
+def _out_of_space(tmp: Path) -> bool:
     try:
-        return shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free < 1 << 20
+        usage = shutil.disk_usage(tmp if tmp.exists() else tmp.parent)
     except OSError:
         return False
+    return usage.total > 0 and usage.free < 1 << 20  # some FUSE mounts report no sizes (total 0)
 
 
 def _umask() -> int:

@@ -18,31 +18,43 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling, outermost first."""
+    found: list[BaseException] = []
+    while e is not None and all(e is not f for f in found):
+        found.append(e)
+        e = e.__cause__ or e.__context__
+    return found
+
+
 def no_space(e: BaseException | None) -> bool:
     """Whether `e`, or an exception it was raised from, is a write that found its file system full: an OSError of
     ENOSPC or EDQUOT, or a library's error carrying that message (safetensors' Rust I/O error says "No space left on
     device (os error 28)")."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if any(m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
+        if any(m in str(x) for m in ("No space left on device", "Disk quota exceeded")):
             return True
-        e = e.__cause__ or e.__context__
     return False
+
+
+def error_filenames(e: BaseException | None) -> list[str]:
+    """The file names the OSErrors in `e`'s chain carry (`filename`, and `filename2` of a copy's target)."""
+    return [str(f) for x in _chain(e) if isinstance(x, OSError) for f in (x.filename, x.filename2) if f]
 
 
 def as_user_error(e: BaseException) -> UserError | None:
     """`e` as the CLI's one-line error: a UserError as it is, a full disk (met outside the atomic writes, which name
-    their output) as one naming the folder; None for anything else (a bug: its traceback stays)."""
+    their output) as one naming the folder of the file it was writing; None for anything else (a bug: its traceback
+    stays)."""
     if isinstance(e, UserError):
         return e
     if not no_space(e):
         return None
-    where = getattr(e, "filename", None)
-    return UserError(f"no space left on the device{f' of {os.path.dirname(where)}' if where else ''}: free some "
-                     "space there (or write elsewhere) and run again")
+    named = error_filenames(e)
+    where = f" of {os.path.dirname(os.path.abspath(named[-1]))}" if named else ""
+    return UserError(f"no space left on the device{where}: free some space there (or write elsewhere) and run again")
 
 
 def print_error(e: UserError) -> None:

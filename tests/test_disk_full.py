@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     """A checkpoint that does not fit: refused by name, nothing of it left. A log line that does not
     fit (the disk filled by another file): refused by name, and the log cut back to whole lines, so `--resume`
     after freeing space reads it (it refuses a line that is not llmfast's)."""
+    if os.sysconf("SC_PAGE_SIZE") != 4096:
+        pytest.skip("the sizes below count 4 KiB pages")
     recipe = trained_adapter.parent.parent / "r.yaml"
     disk = small_disk("40K")
     text = recipe.read_text().replace("steps: 2,", "steps: 4, save_every: 2,")
@@ -136,10 +139,10 @@ def test_tasks_on_a_full_disk_remove_the_files_and_folders_they_made(small_disk)
 
 def test_torch_save_on_a_full_disk_is_recognised(small_disk):
     """torch.save's own error on a full disk says nothing of it ("unexpected pos ..." from its C++ writer): inside
-    an atomic output it is told by the space left."""
+    an atomic output it is told by its message and the space left. Other errors on a full disk keep theirs."""
     import torch
 
-    from llmfast.artifacts import atomic_dir
+    from llmfast.artifacts import append_line, atomic_dir
     from llmfast.errors import UserError
 
     disk = small_disk("64K")
@@ -148,6 +151,14 @@ def test_torch_save_on_a_full_disk_is_recognised(small_disk):
         with atomic_dir(disk / "out") as tmp:
             torch.save({"w": torch.zeros(100_000)}, tmp / "w.pt")
     assert _contents(disk) == []
+    (disk / "filler").write_bytes(bytes(60 * 1024))  # the disk full again: other errors keep their own
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with atomic_dir(disk / "out"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(UserError, match=r"while writing log.jsonl: .*--resume continues"):
+        with atomic_dir(disk / "out"):  # a log line inside an atomic output (distill's): the log's message stays
+            append_line(disk / "log.jsonl", "x" * 10_000)
+    assert _contents(disk) == ["filler", "log.jsonl"] and (disk / "log.jsonl").read_bytes() == b""
 
 
 def test_no_space_reads_the_errors_libraries_raise():
@@ -179,3 +190,19 @@ def test_a_read_only_cache_is_refused_before_the_conversion(small_disk, monkeypa
     code, _, err = run_cli("models", "--prepare", "builtin:smollm2-135m")
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"llmfast: error: output {ro / 'cache'}"), err
     assert "converting" not in err, err  # refused before the converter's progress bar
+
+
+def test_a_full_disk_outside_an_output_names_the_folder_it_was_writing(tmp_path, monkeypatch):
+    from llmfast.errors import UserError, as_user_error
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "cache.bin")  # a bare name: the working folder
+        except OSError as inner:
+            raise RuntimeError("could not write the cache") from inner
+    except RuntimeError as outer:
+        err = as_user_error(outer)
+    assert isinstance(err, UserError) and str(err) == (
+        f"no space left on the device of {tmp_path}: free some space there (or write elsewhere) and run again")
+    assert as_user_error(RuntimeError("a bug")) is None

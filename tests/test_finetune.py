@@ -656,5 +656,31 @@ def test_the_pre_load_checkpoint_check_takes_what_the_trainer_saves(dora, optimi
     with pytest.raises(UserError, match=r"its LoRA rank is 8 .*, the recipe's lora.r is 16"):
         check_fit(saved, Path("ckpt"), 16, base)
     wider = {k: [v[0] * 2, v[1] * 2] if len(v) == 2 else v for k, v in base.items()}
-    with pytest.raises(UserError, match=r"does not fit the model's layer of shape \[\d+, \d+\] \(its (in|out)put"):
+    with pytest.raises(UserError, match=r"and its lora_B map \d+ inputs to \d+ outputs, which does not fit the "
+                                         r"model's layer of shape \[\d+, \d+\]"):
         check_fit(saved, Path("ckpt"), 8, wider)
+    check_fit(saved, Path("ckpt"), 8, {k: v[::-1] for k, v in base.items()})  # GPT-2's Conv1D: stored (in, out)
+
+
+def test_the_pre_load_checkpoint_check_takes_gpt2_conv1d_layers(tmp_path):
+    """GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's: a pair of the right
+    sizes passes against the stored shapes whichever way they are laid out."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmfast.finetune.checkpoint import SavedTraining, check_fit
+    from llmfast.modelfiles import stored_shapes
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(
+        tmp_path / "gpt2")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                           LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    base = stored_shapes(tmp_path / "gpt2", "")
+    assert base["transformer.h.0.attn.c_attn.weight"] == [32, 96]  # (in, out)
+    check_fit(SavedTraining(get_peft_model_state_dict(model), opt.state_dict(), {}, torch.get_rng_state()),
+              Path("ckpt"), 4, base)

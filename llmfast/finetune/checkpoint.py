@@ -172,11 +172,13 @@ def check_fit(saved: SavedTraining, ckpt: Path, rank: int, base: dict[str, list[
         if has != rank:
             raise UserError(f"{path}: its LoRA rank is {has} ({key}), the recipe's lora.r is {rank}: resume with the "
                             f"recipe that wrote it, or {FIX}")
-        layer = (base or {}).get(key.removeprefix("base_model.model.").replace(f".{half}.", "."))
-        axis = 1 if half == "lora_A" else 0  # A reads the layer's input, B writes its output
-        if layer is not None and len(layer) == 2 and shape[axis] != layer[axis]:
-            raise UserError(f"{path}: {key} is {shape}, which does not fit the model's layer of shape {layer} (its "
-                            f"{'input' if axis else 'output'} size): it belongs to another model; {FIX}")
+        if half == "lora_B":  # each pair once, from its A
+            continue
+        layer = (base or {}).get(key.removeprefix("base_model.model.").replace(".lora_A.", "."))
+        size = [shapes[twin][0], shape[1]]  # B's output by A's input; GPT-2's Conv1D stores its weight (in, out)
+        if layer is not None and len(layer) == 2 and layer not in (size, size[::-1]):
+            raise UserError(f"{path}: {key} and its lora_B map {size[1]} inputs to {size[0]} outputs, which does not "
+                            f"fit the model's layer of shape {layer}: it belongs to another model; {FIX}")
     optim = ckpt / "optimizer.pt"
     params = sum(len(g["params"]) for g in saved.optimizer["param_groups"])
     if params != len(shapes):
