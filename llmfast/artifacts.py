@@ -148,8 +148,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
         full = _filled(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise UserError(f"no space left on the device of {final.parent} while writing {final.name}: free some "
-                            f"space there (or write elsewhere) and run again; nothing of {final.name} was kept") from e
+            raise _disk_full(final, f"(or write elsewhere) and run again; nothing of {final.name} was kept") from e
         raise
 
 
@@ -174,8 +173,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if full:
-            raise UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space "
-                            f"there (or write elsewhere) and run again; {path.name} was {state}") from e
+            raise _disk_full(path, f"(or write elsewhere) and run again; {path.name} was {state}") from e
         raise
     return path
 
@@ -185,14 +183,10 @@ def check_space(final: str | os.PathLike[str], need: int) -> None:
     (a merge or export of a large model writes gigabytes after minutes of work). An --overwrite'n output counts in
     full: the old one is removed only once the new one is complete."""
     final = Path(final)
-    probe = final.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    usage = shutil.disk_usage(probe)
-    free = usage.free
-    if usage.total and need > free:  # some FUSE mounts report no sizes at all (total 0): nothing to check there
-        raise UserError(f"{final}: needs about {_size(need)} and the device of {probe} has {_size(free)} free: free "
-                        "some space there (or write elsewhere) and run again")
+    known = _free_space(final.parent)
+    if known is not None and need > known[1]:
+        raise UserError(f"{final}: needs about {_size(need)} and the device of {known[0]} has {_size(known[1])} free: "
+                        "free some space there (or write elsewhere) and run again")
 
 
 def _size(n: int) -> str:
@@ -211,8 +205,7 @@ def append_line(path: Path, line: str) -> None:
             raise
         with contextlib.suppress(OSError):
             os.truncate(path, size)
-        raise UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space "
-                        "there and run again (--resume continues from the last checkpoint)") from None
+        raise _disk_full(path, "and run again (--resume continues from the last checkpoint)") from None
 
 
 def _filled(e: BaseException, tmp: Path) -> bool:
@@ -231,11 +224,26 @@ def _filled(e: BaseException, tmp: Path) -> bool:
 
 
 def _out_of_space(tmp: Path) -> bool:
+    known = _free_space(tmp)
+    return known is not None and known[1] < 1 << 20
+
+
+def _free_space(path: Path) -> tuple[Path, int] | None:
+    """(the nearest existing folder at or above `path`, the bytes free on its file system), or None where that is
+    not known (some FUSE mounts report no sizes at all: total 0)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        usage = shutil.disk_usage(tmp if tmp.exists() else tmp.parent)
+        usage = shutil.disk_usage(path)
     except OSError:
-        return False
-    return usage.total > 0 and usage.free < 1 << 20  # some FUSE mounts report no sizes (total 0)
+        return None
+    return (path, usage.free) if usage.total else None
+
+
+def _disk_full(path: Path, then: str) -> UserError:
+    """The one line for a write of `path` that found its disk full; `then`: what to do after freeing space."""
+    return UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space there "
+                     f"{then}")
 
 
 def _umask() -> int:

@@ -84,10 +84,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                         f"{first_line(e)}): restore its tokenizer files") from None
 
     if quant is None and own is None:  # the merged weights are the base's, in `dtype`
+        from llmfast.loading import torch_dtype
         from llmfast.modelfiles import stored_shapes
 
         shapes = stored_shapes(base, f"re-create the model in {base}")
-        check_space(out_dir, sum(math.prod(s) for s in shapes.values()) * (4 if dtype == "float32" else 2))
+        check_space(out_dir, sum(math.prod(s) for s in shapes.values()) * torch_dtype(dtype).itemsize)
     if quant is not None:
         import torch
 
