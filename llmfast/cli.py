@@ -101,6 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from llmfast.artifacts import check_writable_parent
     from llmfast.serve.server import VllmServer, check_host, prepare_spec
 
     if not 0 <= args.port <= 65535:
@@ -108,6 +109,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_host(args.host)
     if args.log and (Path(args.log).is_dir() or Path(args.log).parent.is_file()):
         raise UserError(f"--log {args.log}: needs a file path in a folder")
+    if args.log:  # before vLLM's minute of start-up, not after
+        log = Path(args.log)
+        check_writable_parent(log)
+        if log.exists() and not os.access(log, os.W_OK):
+            raise UserError(f"--log {log}: no permission to write it: make it writable or give another path")
     spec = prepare_spec(args.model, args.lora, served_name=args.served_model_name, host=args.host, port=args.port,
                         api_key=args.api_key, dtype=args.dtype, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size,

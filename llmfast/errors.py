@@ -1,8 +1,9 @@
 """The one exception type for mistakes a user can fix.
 
 The CLI prints its message as a single line on stderr and exits with code 2; anything else is a bug and
-keeps its traceback. Messages name the file, key or row at fault and say what to do. A full disk is the other
-error a user fixes: `no_space` recognises it in the errors libraries raise.
+keeps its traceback. Messages name the file, key or row at fault and say what to do. A full disk and a file this
+user may not read or write are the other errors a user fixes: `no_space` recognises the first in the errors
+libraries raise, and the CLI turns any of either that no check caught first into one line (`as_user_error`).
 """
 
 import errno
@@ -45,16 +46,31 @@ def error_filenames(e: BaseException | None) -> list[str]:
 
 
 def as_user_error(e: BaseException) -> UserError | None:
-    """`e` as the CLI's one-line error: a UserError as it is, a full disk (met outside the atomic writes, which name
-    their output) as one naming the folder of the file it was writing; None for anything else (a bug: its traceback
-    stays)."""
+    """`e` as the CLI's one-line error: a UserError as it is, a file this user may not use as one naming it, a full
+    disk (met outside the atomic writes, which name their output) as one naming the folder of the file it was
+    writing; None for anything else (a bug: its traceback stays)."""
     if isinstance(e, UserError):
         return e
+    denied = _denied(e)
+    if denied is not None:
+        return denied
     if not no_space(e):
         return None
     named = error_filenames(e)
     where = f" of {os.path.dirname(os.path.abspath(named[-1]))}" if named else ""
     return UserError(f"no space left on the device{where}: free some space there (or write elsewhere) and run again")
+
+
+def _denied(e: BaseException) -> UserError | None:
+    """A file this user may not read or write (EACCES, EPERM) or a read-only file system (EROFS), met where no
+    check came first, as one line naming the file; None if `e`'s chain holds no such error."""
+    for x in _chain(e):
+        named = [str(f) for f in (x.filename, x.filename2) if f] if isinstance(x, OSError) else []
+        # Only with a file named: an EPERM of a process call (a signal, setsid) is not the user's file.
+        if named and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return UserError(f"{' or '.join(named)}: {x.strerror or x}: give this user permission to use it (or "
+                             "use another path) and run again")
+    return None
 
 
 def print_error(e: UserError) -> None:

@@ -209,6 +209,8 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e}): make it readable for this user") from None
 
 
 def is_eval_results(path: Path) -> bool:

@@ -33,9 +33,14 @@ def _must_exist(kind: str) -> Any:
 
     def check(p: Path) -> Path:
         p = p.expanduser()
+        if kind == "file" and p.is_dir():
+            raise ValueError(f"{p} is a folder: give a file")
         if not (p.is_file() if kind == "file" else p.exists()):
             raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
                              "(paths are relative to the directory you run llmfast from)")
+        # Checked here so the error blames the recipe's line, not a traceback from deep inside the verb.
+        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            raise ValueError(f"{p}: no permission to read it: make it readable for this user (chmod) or give a copy")
         return p
 
     return AfterValidator(check)
@@ -304,7 +309,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
         raise UserError(f"recipe {path} is a folder: give the recipe's YAML file")
     if not path.is_file():
         raise UserError(f"recipe {path} not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read ({e.strerror or e}): make it readable for this user") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -14,8 +14,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"data file {path} not found")
     rows = []
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this user") from None
     # Bytes, decoded line by line: a file in another encoding is refused at the row where it shows.
-    with path.open("rb") as f:
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

@@ -373,6 +373,16 @@ def st_dtype_name(tag: str) -> str:
     return _ST_DTYPES[tag][0]
 
 
+def check_model_files(src: Path) -> None:
+    """The files `copy_model_files` (and an adapter output) take from `src` are readable: checked with the inputs,
+    so a file this user may not read stops the merge before its work, not after."""
+    for name in ("config.json", *COPY_FILES):
+        f = src / name
+        if f.is_file() and not os.access(f, os.R_OK):
+            raise UserError(f"{f}: no permission to read it (the output takes it from {src}): make it readable for "
+                            "this user")
+
+
 def copy_model_files(src: Path, dst: Path, out_dtype: str) -> None:
     """config.json (with the output dtype) and the tokenizer/generation files of `src`."""
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))

@@ -92,6 +92,7 @@ def plan_merge(config_path: str | Path, overrides: list[str] | None = None, seed
                       config_path)
     reference = base.path if base is not None else inputs[0].path
     ref_tensors = mio.tensor_index(reference)
+    mio.check_model_files(reference)
     for src in inputs:
         _check_input(src, reference, ref_tensors, cfg, where)
     layers = describe_model_dir(reference)["layers"]  # for the layer gradients of mergekit's settings

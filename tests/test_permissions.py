@@ -1,0 +1,138 @@
+"""Files this user may not read or write: every verb ends with one error line naming the file and exit 2, before
+its work where a check can see it (a recipe's paths, the files a merge copies, serve's log), and never with a
+traceback. The permissions are real: the CLI runs in a subprocess as this user, and as root with the capabilities
+that bypass file modes dropped (`setpriv`), since root reads a mode-000 file; skipped where neither is possible."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from llmfast.errors import as_user_error
+
+_DROP = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+         "-dac_override,-dac_read_search"]
+
+
+def _prefix(tmp_path: Path) -> list[str]:
+    """The command prefix under which file modes hold, checked on a mode-000 file; skips the test if none does."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes cannot be made to hold here")
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    p = subprocess.run([*_DROP, "cat", str(probe)], capture_output=True, text=True)
+    probe.unlink()
+    if p.returncode == 0 or "Permission denied" not in p.stderr:
+        pytest.skip(f"setpriv could not drop root's file-mode override here: {p.stderr.strip()[:120]}")
+    return _DROP
+
+
+def _cli(tmp_path: Path, hide: list[Path], *args: str) -> tuple[int, str]:
+    """Run `llmfast ARGS` with `hide` (files or folders) made mode 000 for the run (restored after); return the
+    exit code and stderr."""
+    prefix = _prefix(tmp_path)
+    modes = {p: p.stat().st_mode for p in hide}
+    for p in hide:
+        p.chmod(0)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "llmfast.cli", *args], capture_output=True, text=True,
+                              timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    return proc.returncode, proc.stderr
+
+
+def _last(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def finetune_recipe(tmp_path: Path, tiny_dir: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["alpha", "bravo"] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(f"model: {tiny_dir}\ndata:\n  train: {tmp_path / 'train.jsonl'}\n  max_length: 64\n"
+                      f"lora: {{r: 4, alpha: 8}}\ntrain: {{steps: 1, batch_size: 2}}\noutput: {tmp_path / 'out'}\n")
+    return recipe
+
+
+def test_unreadable_recipe_is_one_line(tmp_path, finetune_recipe):
+    code, err = _cli(tmp_path, [finetune_recipe], "finetune", str(finetune_recipe))
+    assert code == 2, err[-2000:]
+    assert _last(err) == (f"llmfast: error: recipe {finetune_recipe} cannot be read (Permission denied): make it "
+                          "readable for this user")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_data_file_is_blamed_on_the_recipe_line(tmp_path, finetune_recipe):
+    data = tmp_path / "train.jsonl"
+    code, err = _cli(tmp_path, [data], "finetune", str(finetune_recipe))
+    assert code == 2, err[-2000:]
+    assert _last(err).startswith(f"llmfast: error: {finetune_recipe}:3: data.train: {data}: no permission to read "
+                                 "it: make it readable"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_for_a_file_is_named_as_one(tmp_path, tiny_dir):
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  tasks: []\n  perplexity: {{text: {tmp_path}, max_tokens: 64}}\n")
+    code, _out, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2
+    assert _last(err) == (f"llmfast: error: {recipe}:4: eval.perplexity.text: {tmp_path} is a folder: give a file "
+                          f"(got '{tmp_path}')")
+
+
+def test_merge_refuses_an_unreadable_tokenizer_before_merging(tmp_path, tiny_dir):
+    """The tokenizer files are copied after the tensors are merged: found unreadable, the merge of an 8B model
+    would be lost minutes later. Checked with the inputs instead."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    shutil.copytree(tiny_dir, base)
+    shutil.copytree(tiny_dir, other)
+    config = tmp_path / "m.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    code, err = _cli(tmp_path, [base / "tokenizer.json"], "merge", str(config), str(tmp_path / "out"))
+    assert code == 2, err[-2000:]
+    assert _last(err) == (f"llmfast: error: {base / 'tokenizer.json'}: no permission to read it (the output takes it "
+                          f"from {base}): make it readable for this user")
+    assert "tensor/s" not in err  # no merge progress: refused before the work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "m.yaml", "other"]
+
+
+def test_serve_refuses_a_log_it_cannot_write_before_starting_vllm(tmp_path, tiny_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = _cli(tmp_path, [], "serve", str(tiny_dir), "--log", str(ro / "s.log"))
+    finally:
+        ro.chmod(0o755)
+    assert code == 2, err[-2000:]
+    assert _last(err) == f"llmfast: error: output {ro / 's.log'}: no permission to write in {ro}"
+    assert "starting vLLM" not in err
+
+
+def test_a_denied_file_met_anywhere_else_is_one_line_naming_it():
+    """The CLI's catch-all for what no check saw first; a process call's EPERM (no file named) stays a bug."""
+    e = PermissionError(errno.EACCES, "Permission denied", "/data/model/tokenizer.json")
+    assert str(as_user_error(e)) == ("/data/model/tokenizer.json: Permission denied: give this user permission to "
+                                     "use it (or use another path) and run again")
+    try:
+        raise RuntimeError("while copying") from OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x", None, "/b")
+    except RuntimeError as wrapped:
+        assert str(as_user_error(wrapped)).startswith("/mnt/ro/x or /b: Read-only file system: give this user")
+    assert as_user_error(PermissionError(errno.EPERM, "Operation not permitted")) is None
