@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except KeyboardInterrupt:
-        print("llmfast: interrupted", file=sys.stderr)
+        print_error("llmfast: interrupted")
         return 130
     except Exception as e:  # a UserError, or a full disk met outside the atomic writes (a log line appended)
         err = as_user_error(e)

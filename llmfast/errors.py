@@ -73,10 +73,11 @@ def _denied(e: BaseException) -> UserError | None:
     return None
 
 
-def print_error(e: UserError) -> None:
-    """`llmfast: error: ...` on stderr, on a line of its own and the last: the progress bars an error left open are
-    closed first (an open bar is repainted over the line when it is collected at exit)."""
+def print_error(e: UserError | str) -> None:
+    """`llmfast: error: ...` (or, given a str, that line as it is) on stderr, on a line of its own and the last: the
+    progress bars an error or a Ctrl-C left open are closed first (an open bar is repainted over the line when it is
+    collected at exit)."""
     std = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
         bar.close()
-    print(f"llmfast: error: {e}", file=sys.stderr)
+    print(e if isinstance(e, str) else f"llmfast: error: {e}", file=sys.stderr)

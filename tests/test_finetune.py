@@ -146,6 +146,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
 
 
+def test_ctrl_c_ends_with_its_own_line_after_the_progress_bar(tmp_path, tiny_dir, data):
+    """Ctrl-C mid-run: exit 130, `llmfast: interrupted` on the last line of its own (the open bar used to repaint
+    itself after it), no adapter, and the checkpoints kept for --resume."""
+    path = recipe(tmp_path, tiny_dir, data, out="run")
+    args = ["--set", "train.steps=100000", "--set", "train.save_every=10"]
+    proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_a_checkpoint(proc, tmp_path / "run" / "checkpoints")
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.replace("\r", "\n").rstrip("\n").splitlines()[-1] == "llmfast: interrupted"
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*/state.json"))
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_dir, data):
     """A run SIGKILLed after a checkpoint: (its recipe, its folder), for tampering with copies of it."""
