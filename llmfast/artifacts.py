@@ -105,11 +105,16 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
     return final
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (where an output not yet made will be)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_parent(path: Path) -> None:
     """The nearest existing folder above `path` is a folder we may write in; else one line naming it."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise UserError(f"output {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -178,15 +183,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-def check_space(final: str | os.PathLike[str], need: int) -> None:
-    """Refuse an output of about `need` bytes where its file system has less free, before the work that makes it
-    (a merge or export of a large model writes gigabytes after minutes of work). An --overwrite'n output counts in
-    full: the old one is removed only once the new one is complete."""
+def check_space(final: str | os.PathLike[str], need: int, at_least: bool = False) -> None:
+    """Refuse an output of about `need` bytes (`at_least`: of no fewer) where its file system has less free, before
+    the work that makes it (a merge or export of a large model writes gigabytes after minutes of work). An
+    --overwrite'n output counts in full: the old one is removed only once the new one is complete."""
     final = Path(final)
     known = _free_space(final.parent)
     if known is not None and need > known[1]:
-        raise UserError(f"{final}: needs about {_size(need)} and the device of {known[0]} has {_size(known[1])} free: "
-                        "free some space there (or write elsewhere) and run again")
+        raise UserError(f"{final}: needs {'at least' if at_least else 'about'} {_size(need)} and the device of "
+                        f"{known[0]} has {_size(known[1])} free: free some space there (or write elsewhere) and run "
+                        "again")
 
 
 def _size(n: int) -> str:
@@ -231,8 +237,7 @@ def _out_of_space(tmp: Path) -> bool:
 def _free_space(path: Path) -> tuple[Path, int] | None:
     """(the nearest existing folder at or above `path`, the bytes free on its file system), or None where that is
     not known (some FUSE mounts report no sizes at all: total 0)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
+    path = nearest_existing(path)
     try:
         usage = shutil.disk_usage(path)
     except OSError:

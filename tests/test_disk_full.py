@@ -82,20 +82,37 @@ def test_merge_and_export_are_refused_before_their_work_where_the_disk_is_too_sm
         assert "merge (linear)" not in err and _contents(disk) == []
 
 
-def test_sparsify_and_quantize_on_a_full_disk_leave_nothing(small_disk, tiny_dir, tmp_path):
-    """Outputs that fail part way: sparsify's copy of the weights (os.sendfile across file systems) on a 1 MiB
-    disk, NF4's safetensors write (its Rust I/O error) on 200 KiB."""
+def test_sparsify_and_quantize_are_refused_before_their_work_where_the_disk_is_too_small(small_disk, tiny_dir,
+                                                                                          tmp_path):
+    """What the output takes at the least is known from the shapes before the model loads: NF4 weights at 4 bits
+    (0.4 MiB of the tiny model), relufy's new weights in float32 (1.6 MiB) and TEAL's copy of the source's files
+    across file systems (1.7 MiB)."""
     text = Path(__file__).parent.parent / "eval" / "text" / "persuasion.txt"
-    (tmp_path / "teal.yaml").write_text(
-        f"model: {tiny_dir}\nsparsify: {{method: teal, config: {{target: 0.5}}}}\n"
-        f"data: {{text: {text}, skip_tokens: 2048, calibration_tokens: 1024, heldout_tokens: 512, window: 128}}\n")
+    data = f"data: {{text: {text}, skip_tokens: 2048, calibration_tokens: 1024, heldout_tokens: 512, window: 128}}\n"
+    (tmp_path / "teal.yaml").write_text(f"model: {tiny_dir}\nsparsify: {{method: teal, config: {{target: 0.5}}}}\n"
+                                        + data)
+    (tmp_path / "relufy.yaml").write_text(f"model: {tiny_dir}\nsparsify: {{method: relufy, config: {{steps: 2}}}}\n"
+                                          + data)
     (tmp_path / "nf4.yaml").write_text(f"model: {tiny_dir}\nquantization: {{method: bnb4, type: nf4}}\n")
-    for name, recipe, size in [("teal", "sparsify", "1M"), ("q", "quantize", "200K")]:
+    for verb, name, size, need in [("sparsify", "teal", "1M", "1.7"), ("sparsify", "relufy", "1M", "1.6"),
+                                   ("quantize", "nf4", "200K", "0.4")]:
         disk = small_disk(size)
-        yaml = tmp_path / ("teal.yaml" if name == "teal" else "nf4.yaml")
-        code, _, err = run_cli(recipe, str(yaml), "--set", f"output={disk / name}")
-        _refused(code, err, disk, name)
-        assert f"nothing of {name} was kept" in err and _contents(disk) == [], (name, _contents(disk))
+        code, _, err = run_cli(verb, str(tmp_path / f"{name}.yaml"), "--set", f"output={disk / name}")
+        assert code == 2 and err.strip().splitlines()[-1] == (
+            f"llmfast: error: {disk / name}: needs at least {need} MiB and the device of {disk} has "
+            f"{'1.0' if size == '1M' else '0.2'} MiB free: free some space there (or write elsewhere) and run "
+            "again"), err[-2000:]
+        assert "Loading weights" not in err and _contents(disk) == [], (name, _contents(disk))
+
+
+def test_quantize_on_a_disk_that_fills_while_it_writes_leaves_nothing(small_disk, tiny_dir, tmp_path):
+    """Room for the floor the check counts (0.4 MiB), not for the artifact (0.7 MiB): NF4's safetensors write
+    fails (its Rust I/O error), and the line names the output, whose temporary sibling is gone."""
+    (tmp_path / "nf4.yaml").write_text(f"model: {tiny_dir}\nquantization: {{method: bnb4, type: nf4}}\n")
+    disk = small_disk("600K")
+    code, _, err = run_cli("quantize", str(tmp_path / "nf4.yaml"), "--set", f"output={disk / 'q'}")
+    _refused(code, err, disk, "q")
+    assert "nothing of q was kept" in err and _contents(disk) == [], _contents(disk)
 
 
 def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk, trained_adapter):

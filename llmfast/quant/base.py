@@ -55,6 +55,9 @@ class Quantizer:
     quantizes_on_load: ClassVar[bool] = False
     # The `quant_method` names transformers' config.json gives checkpoints in this format (one made elsewhere).
     config_names: ClassVar[tuple[str, ...]] = ()
+    # Bits a quantized weight takes at the least in the artifact (its scales not counted): for the up-front check
+    # that the output fits its disk (`least_bytes`); None: no such check.
+    weight_bits: ClassVar[int | None] = None
 
     def parse(self, raw: dict[str, Any]) -> QuantConfigBase:
         """Validate this method's settings (pydantic errors are turned into one line by `parse_quantization`)."""
@@ -104,6 +107,17 @@ class Quantizer:
     def dequantize_for_merge(self, model: "PreTrainedModel", dtype: str) -> None:
         """Turn a model loaded in this format into plain 16/32-bit layers in place (for exporting adapters)."""
         raise UserError(f"quantization method {self.name} cannot dequantize a model for merging")
+
+
+def least_bytes(skeleton: Any, weight_bits: int) -> int:
+    """The fewest bytes an artifact of `skeleton` (the model on the meta device) can take: its linear layers'
+    weights at `weight_bits` each, everything else (embeddings, the head, norms) at 2 bytes (every method here
+    keeps those in 16 or 32 bits). A floor, so a disk is never refused for a wrong guess."""
+    import torch
+
+    head = skeleton.get_output_embeddings()
+    linear = {id(m.weight) for m in skeleton.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return sum(p.numel() * weight_bits // 8 if id(p) in linear else p.numel() * 2 for p in skeleton.parameters())
 
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")

@@ -97,6 +97,7 @@ class Bnb4(Quantizer):
     quantizes_on_load = True  # bitsandbytes quantizes a full-precision model as transformers loads it
     dequantizes = True  # dequantize_for_merge: QLoRA bases and saved NF4/FP4 artifacts, for export
     config_names = ("bitsandbytes",)
+    weight_bits = 4
     Config = Bnb4Config
     paper = "QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314)"
     shorthands = {"nf4": {"type": "nf4"}, "fp4": {"type": "fp4"}}

@@ -80,7 +80,13 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     if recipe.data is not None:
         check_positions(source, recipe.data.window, "data.window")
     check_source(source, recipe.model, "quantize")
-    spec.quantizer.check(skeleton(source), spec.config)
+    skel = skeleton(source)
+    spec.quantizer.check(skel, spec.config)
+    if spec.quantizer.weight_bits:  # before calibration and tuning (an hour on an 8B model), not after
+        from llmfast.artifacts import check_space
+        from llmfast.quant.base import least_bytes
+
+        check_space(out, least_bytes(skel, spec.quantizer.weight_bits), at_least=True)
     tokenizer = load_tokenizer(source)
     data = _rows(recipe, tokenizer) if recipe.data is not None else dict.fromkeys(
         ("rows", "train_rows", "heldout", "mixed", "mixed_train"))

@@ -94,6 +94,7 @@ def _fitting_group(model: Any) -> str:
 class W4(Quantizer):
     name = "w4"
     config_names = ("gptq", "awq", "auto-round")  # what AutoRound and vLLM write for these int4 formats
+    weight_bits = 4
     Config = W4Config
     paper = "Cheng et al. 2024, arXiv:2309.05516 (AutoRound)"
     shorthands = {"int4": {}, "w4a16": {}}

@@ -60,6 +60,9 @@ class Sparsifier:
     Config: ClassVar[type[SparseConfigBase]] = SparseConfigBase
     paper: ClassVar[str] = ""
     trains: ClassVar[bool] = False  # True: it writes checkpoints and honours --resume
+    # True: the artifact holds new weights (relufy's trained model); False: the source's files, hard-linked where
+    # the file system allows (copied across file systems), and the method's own small files.
+    rewrites_weights: ClassVar[bool] = False
 
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
         """Write the artifact's model files into `out_dir` (a temporary directory); return metrics."""

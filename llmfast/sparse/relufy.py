@@ -212,6 +212,7 @@ class Relufy(Sparsifier):
     Config = RelufyConfig
     paper = "Mirzadeh et al. 2023, ReLU Strikes Back: Exploiting Activation Sparsity in Large Language Models"
     trains = True
+    rewrites_weights = True
 
     def check_resume(self, cfg: Any, work: Path, source: Path) -> None:
         from llmfast.distill import check_checkpoint

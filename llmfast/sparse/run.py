@@ -92,7 +92,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
         check_resumed_run(work, run)
         method.check_resume(recipe.sparsify.config, work, Path(model_path))
     attention = source_attention(model_path, recipe.model, method.name)  # a TEAL attention-only source's settings
-    _check_architecture(model_path, recipe.model)
+    _check_space(method, model_path, Path(recipe.output).expanduser(), recipe.dtype,
+                 _check_architecture(model_path, recipe.model))
     check_positions(model_path, recipe.data.window, "data.window")
     tokenizer = load_tokenizer(model_path)
     d = recipe.data
@@ -142,10 +143,29 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
     return metrics
 
 
-def _check_architecture(model_path: Path, spec: str) -> None:
-    """No gated MLP is refused from the config alone: the model is built on the meta device, no weights read."""
+def _check_architecture(model_path: Path, spec: str) -> Any:
+    """No gated MLP is refused from the config alone: the model is built on the meta device, no weights read;
+    returns that skeleton."""
     from llmfast.loading import meta_skeleton
 
-    base.gated_mlps(meta_skeleton(model_path), where=spec)
+    skeleton = meta_skeleton(model_path)
+    base.gated_mlps(skeleton, where=spec)
+    return skeleton
+
+
+def _check_space(method: base.Sparsifier, model_path: Path, out: Path, dtype: str, skeleton: Any) -> None:
+    """The fewest bytes the artifact takes, against its disk's free space, before the model loads (relufy's
+    training takes hours on a large model): its weights in `dtype` for a method that rewrites them; the source's
+    files where they must be copied (another file system: no hard links); nothing to check otherwise."""
+    from llmfast.artifacts import check_space, nearest_existing
+    from llmfast.loading import torch_dtype
+
+    if method.rewrites_weights:
+        need = sum(p.numel() for p in skeleton.parameters()) * torch_dtype(dtype).itemsize
+    else:
+        if nearest_existing(out.parent).stat().st_dev == Path(model_path).stat().st_dev:
+            return
+        need = sum(f.stat().st_size for f in Path(model_path).iterdir() if f.is_file() and f.name != "llmfast.json")
+    check_space(out, need, at_least=True)
 
 

@@ -38,6 +38,7 @@ class BitNetConfig(QuantConfigBase):
 @QUANTIZERS.register("bitnet")
 class BitNet(Quantizer):
     name = "bitnet"
+    weight_bits = 2
     Config = BitNetConfig
     paper = "Ma et al. 2024, arXiv:2402.17764"
     shorthands = {"ternary": {}}
