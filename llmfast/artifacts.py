@@ -239,10 +239,12 @@ def _free_space(path: Path) -> tuple[Path, int] | None:
     not known (some FUSE mounts report no sizes at all: total 0)."""
     path = nearest_existing(path)
     try:
-        usage = shutil.disk_usage(path)
+        st = os.statvfs(path)
     except OSError:
         return None
-    return (path, usage.free) if usage.total else None
+    # root may write into the blocks the file system reserves for it (ext4: 5%); others may not
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return (path, free) if st.f_blocks else None
 
 
 def _disk_full(path: Path, then: str) -> UserError:

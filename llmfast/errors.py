@@ -51,11 +51,8 @@ def as_user_error(e: BaseException) -> UserError | None:
     writing; None for anything else (a bug: its traceback stays)."""
     if isinstance(e, UserError):
         return e
-    denied = _denied(e)
-    if denied is not None:
-        return denied
     if not no_space(e):
-        return None
+        return _denied(e)
     named = error_filenames(e)
     where = f" of {os.path.dirname(os.path.abspath(named[-1]))}" if named else ""
     return UserError(f"no space left on the device{where}: free some space there (or write elsewhere) and run again")
@@ -64,12 +61,16 @@ def as_user_error(e: BaseException) -> UserError | None:
 def _denied(e: BaseException) -> UserError | None:
     """A file this user may not read or write (EACCES, EPERM) or a read-only file system (EROFS), met where no
     check came first, as one line naming the file; None if `e`'s chain holds no such error."""
-    for x in _chain(e):
+    x: BaseException | None = e
+    # `e` and what it was raised *from*, not what it was raised while handling: an error met while handling a
+    # denied file (a fallback that failed otherwise, a bug in an except block) is not a permission problem.
+    while x is not None:
         named = [str(f) for f in (x.filename, x.filename2) if f] if isinstance(x, OSError) else []
         # Only with a file named: an EPERM of a process call (a signal, setsid) is not the user's file.
         if named and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return UserError(f"{' or '.join(named)}: {x.strerror or x}: give this user permission to use it (or "
                              "use another path) and run again")
+        x = x.__cause__
     return None
 
 

@@ -39,7 +39,8 @@ def _must_exist(kind: str) -> Any:
             raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
                              "(paths are relative to the directory you run llmfast from)")
         # Checked here so the error blames the recipe's line, not a traceback from deep inside the verb.
-        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        # a folder's files are opened by name, which needs only its X bit
+        if not os.access(p, os.X_OK if p.is_dir() else os.R_OK):
             raise ValueError(f"{p}: no permission to read it: make it readable for this user (chmod) or give a copy")
         return p
 

@@ -105,6 +105,36 @@ def test_sparsify_and_quantize_are_refused_before_their_work_where_the_disk_is_t
         assert "Loading weights" not in err and _contents(disk) == [], (name, _contents(disk))
 
 
+def test_the_quantize_floor_is_under_what_each_method_writes(tmp_path, tiny_dir):
+    """The up-front check counts a floor; were it above a real artifact, a disk that holds the output would be
+    refused. Against the files written: NF4 and ternary of the tiny Llama (float32), NF4 of a GPT-2 in bfloat16
+    (whose Conv1D layers bnb4 quantizes as it does Linear ones)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmfast.quant.base import least_bytes
+    from llmfast.quant.run import skeleton
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=1024)).save_pretrained(gpt2)
+    for f in tiny_dir.glob("tokenizer*"):
+        (gpt2 / f.name).write_bytes(f.read_bytes())
+    text = Path(__file__).parent.parent / "eval" / "text" / "persuasion.txt"
+    for name, model, quant, dtype, bits in [
+            ("nf4", tiny_dir, "{method: bnb4, type: nf4}", "float32", 4),
+            ("ternary", tiny_dir, "{method: bitnet, qat_steps: 0}", "float32", 2),
+            ("gpt2-nf4", gpt2, "{method: bnb4, type: nf4}", "bfloat16", 4)]:
+        data = (f"data: {{text: {text}, skip_tokens: 1024, heldout_tokens: 256, calibration_tokens: 512, "
+                f"window: 128}}\n"
+                if "bitnet" in quant else "")
+        (tmp_path / f"{name}.yaml").write_text(f"model: {model}\nquantization: {quant}\n{data}dtype: {dtype}\n"
+                                               f"output: {tmp_path / name}\n")
+        code, _, err = run_cli("quantize", str(tmp_path / f"{name}.yaml"))
+        assert code == 0, err[-2000:]
+        written = sum(f.stat().st_size for f in (tmp_path / name).iterdir())
+        floor = least_bytes(skeleton(model), bits)
+        assert 0.4 * written < floor <= written, (name, floor, written)
+
+
 def test_quantize_on_a_disk_that_fills_while_it_writes_leaves_nothing(small_disk, tiny_dir, tmp_path):
     """Room for the floor the check counts (0.4 MiB), not for the artifact (0.7 MiB): NF4's safetensors write
     fails (its Rust I/O error), and the line names the output, whose temporary sibling is gone."""

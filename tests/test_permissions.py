@@ -136,3 +136,32 @@ def test_a_denied_file_met_anywhere_else_is_one_line_naming_it():
     except RuntimeError as wrapped:
         assert str(as_user_error(wrapped)).startswith("/mnt/ro/x or /b: Read-only file system: give this user")
     assert as_user_error(PermissionError(errno.EPERM, "Operation not permitted")) is None
+    try:  # a bug met while handling a denied file keeps its traceback (raised *during*, not *from*, the denial)
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/models/m/cache.bin")
+        except PermissionError:
+            raise KeyError("model.layers.0")
+    except KeyError as bug:
+        assert as_user_error(bug) is None
+    try:  # a full disk met in a fallback after a refused hard link is a full disk
+        try:
+            raise PermissionError(errno.EPERM, "Operation not permitted", "/models/m/w.safetensors", None, "/o/w")
+        except PermissionError:
+            raise OSError(errno.ENOSPC, "No space left on device", "/o/w")
+    except OSError as full:
+        assert str(as_user_error(full)).startswith("no space left on the device of /o:")
+
+
+def test_serve_takes_an_existing_writable_log_in_a_folder_it_cannot_write(tmp_path):
+    """vLLM opens an existing log as it is: only the file must be writable (its folder need not be, as /dev for
+    /dev/null). The model that does not exist is what is refused, after the log passed."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "s.log").write_text("")
+    (ro / "s.log").chmod(0o666)
+    ro.chmod(0o555)
+    try:
+        code, err = _cli(tmp_path, [], "serve", str(tmp_path / "no-such-model"), "--log", str(ro / "s.log"))
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and "no-such-model" in _last(err) and "--log" not in _last(err), err[-2000:]

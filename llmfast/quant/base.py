@@ -111,12 +111,13 @@ class Quantizer:
 
 def least_bytes(skeleton: Any, weight_bits: int) -> int:
     """The fewest bytes an artifact of `skeleton` (the model on the meta device) can take: its linear layers'
-    weights at `weight_bits` each, everything else (embeddings, the head, norms) at 2 bytes (every method here
+    weights (nn.Linear and Conv1D) at `weight_bits` each, everything else (embeddings, the head, norms) at 2 bytes (every method here
     keeps those in 16 or 32 bits). A floor, so a disk is never refused for a wrong guess."""
     import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, which bnb4 and w4 quantize too
 
     head = skeleton.get_output_embeddings()
-    linear = {id(m.weight) for m in skeleton.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    linear = {id(m.weight) for m in skeleton.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head}
     return sum(p.numel() * weight_bits // 8 if id(p) in linear else p.numel() * 2 for p in skeleton.parameters())
 
 
