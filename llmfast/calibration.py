@@ -28,7 +28,8 @@ def text_ids(tokenizer: Any, path: str | Path) -> "torch.Tensor":
     except UnicodeDecodeError as e:
         raise UserError(f"calibration text {path}: not UTF-8 (byte {e.start}): give a UTF-8 text file") from None
     except OSError as e:
-        raise UserError(f"calibration text {path} cannot be read ({e.strerror or e}): give a readable text file") from None
+        raise UserError(f"calibration text {path} cannot be read ({e.strerror or e}): give a readable text "
+                        "file") from None
     if not text.strip():
         raise UserError(f"calibration text {path} is empty: give a text with content")
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

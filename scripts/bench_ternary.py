@@ -2,6 +2,7 @@
 
     python scripts/bench_ternary.py                    # layers at the built-in model's and Llama-8B's shapes
     python scripts/bench_ternary.py --decode           # also whole-model decode, batch 1, built-in model
+    python scripts/bench_ternary.py --decode --decode-dtypes float32,bfloat16   # decode in each dtype
     python scripts/bench_ternary.py --rows 1,2,4,8,16  # where the C kernel stops paying against oneDNN
     python scripts/bench_ternary.py --threads 2 --rounds 5 --json runs/bench/ternary.json
 
@@ -10,8 +11,9 @@ its default on a CPU (the fused C kernel, `ternary_gemv.c`), its oneDNN int8 GEM
 it runs for prefill), and its float path (`fast = False`: the arithmetic of transformers' BitLinear, whose
 weights it unpacks once instead of every call). The MLP row is gate, up and down of one decoder layer with the
 SiLU gating between them. Decode rows: `generate` at batch 1 with greedy decoding and a fixed number of new
-tokens, the float32 model against its post-training ternary version (weights do not matter for speed), with and
-without the kernel, all through transformers in this process.
+tokens, the model in float32 or bfloat16 against its post-training ternary version in the same dtype (weights do
+not matter for speed), with and without the kernel and with transformers' arithmetic, all through transformers in
+this process.
 """
 
 from __future__ import annotations
@@ -106,40 +108,46 @@ def bench_mlp(rounds: int, seconds: float) -> dict[str, Any]:
     return _row("smollm2 MLP (gate, up, down)", _medians(sides, rounds, seconds))
 
 
-def bench_decode(rounds: int, new_tokens: int) -> dict[str, Any]:
+def bench_decode(rounds: int, new_tokens: int, dtype: str = "float32") -> dict[str, Any]:
+    """`generate` at batch 1 of the built-in model in `dtype` against its post-training ternary version in the same
+    dtype: with the C kernel (TernaryLinear's default), without it (oneDNN for every step), and with transformers'
+    BitLinear arithmetic (`fast = False`: what a bfloat16 ternary model ran before the kernel took bfloat16)."""
     from transformers import AutoModelForCausalLM
 
     from llmfast.models import resolve_model
     from llmfast.quant.bitnet.convert import replace_linears, to_ternary
 
     path = resolve_model("builtin:smollm2-135m")
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     ternary = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     replace_linears(ternary, to_ternary)
+    ternary.to(getattr(torch, dtype))
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    base = "fp32" if dtype == "float32" else dtype
 
-    def decode(model: Any, kernel: bool) -> float:
-        TernaryLinear.kernel = kernel
+    def decode(model: Any, kernel: bool, fast: bool) -> float:
+        TernaryLinear.kernel, TernaryLinear.fast = kernel, fast
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return new_tokens / (time.perf_counter() - t)
 
-    runs = {"fp32": (fp32, False), "ternary kernel": (ternary, True), "ternary onednn": (ternary, False)}
+    runs = {base: (dense, True, True), "ternary kernel": (ternary, True, True),
+            "ternary onednn": (ternary, False, True), "ternary float": (ternary, True, False)}
     got: dict[str, list[float]] = {s: [] for s in runs}
     try:
         with torch.no_grad():
-            for s, (model, kernel) in runs.items():
-                decode(model, kernel)  # warm-up
+            for s, run in runs.items():
+                decode(*run)  # warm-up
             for r in range(rounds):
                 for s in (list(runs) if r % 2 == 0 else list(reversed(runs))):
                     got[s].append(decode(*runs[s]))
     finally:
-        TernaryLinear.kernel = True
+        TernaryLinear.kernel, TernaryLinear.fast = True, True
     med = {s: statistics.median(v) for s, v in got.items()}
-    row: dict[str, Any] = {"case": f"built-in model decode, batch 1, {new_tokens} tokens",
+    row: dict[str, Any] = {"case": f"built-in model decode, batch 1, {new_tokens} tokens, {dtype}",
                            **{f"{s} tok/s": round(v, 1) for s, v in med.items()}}
-    for s in ("ternary kernel", "ternary onednn"):
-        row[f"x {s.removeprefix('ternary ')}"] = round(med[s] / med["fp32"], 2)
+    for s in ("ternary kernel", "ternary onednn", "ternary float"):
+        row[f"x {s.removeprefix('ternary ')}"] = round(med[s] / med[base], 2)
     return row
 
 
@@ -159,6 +167,7 @@ def main() -> None:
     p.add_argument("--rows", default="", help="comma-separated row counts: kernel against oneDNN")
     p.add_argument("--decode", action="store_true", help="also time whole-model decode at batch 1")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--decode-dtypes", default="float32", help="comma-separated: float32, bfloat16 (one row each)")
     p.add_argument("--json", default="runs/bench/ternary.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,7 +177,7 @@ def main() -> None:
     print(f"ternary kernel: {kernel.path} path; {args.threads} torch threads\n")
     tables = [bench_layers(args.rounds, args.seconds, args.batch) + [bench_mlp(args.rounds, args.seconds)]]
     if args.decode:
-        tables.append([bench_decode(args.rounds, args.new_tokens)])
+        tables.append([bench_decode(args.rounds, args.new_tokens, d) for d in args.decode_dtypes.split(",")])
     if args.rows:
         tables.append(bench_rows(args.rounds, args.seconds, [int(c) for c in args.rows.split(",")]))
     for table in tables:

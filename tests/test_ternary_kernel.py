@@ -59,6 +59,53 @@ def test_kernel_is_bit_identical_to_the_torch_arithmetic(kernel: cpu_kernel.Tern
     assert torch.equal(got, _reference(x, values, scale))
 
 
+def _exact_bf16(x: torch.Tensor, values: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """bfloat16 the kernels' way: torch's codes of the bfloat16 x, their integer sums exactly (float64), divided in
+    float32 by the scales' bfloat16 product, rounded once to bfloat16 (what the Triton kernel's test pins too)."""
+    codes, a_scale = quantize_activations(x)
+    return ((codes.double() @ values.double().T).float() / (weight_scale * a_scale).float()).bfloat16()
+
+
+@pytest.mark.parametrize("k,n,rows", [(64, 20, 1), (576, 1536, 1), (1536, 576, 2), (7, 5, 3), (130, 70, 8),
+                                      (3, 129, 4)])
+def test_bfloat16_rows_give_torch_codes_summed_exactly_and_rounded_once(kernel: cpu_kernel.TernaryKernel, k: int,
+                                                                        n: int, rows: int) -> None:
+    g = torch.Generator().manual_seed(k * n + rows)
+    values, scale = ternarize(torch.randn(n, k, generator=g))
+    ws = scale.bfloat16()
+    x = torch.randn(rows, k, generator=g) * 3
+    x[0, : k // 2] *= 1e4
+    if rows > 2:
+        x[1] = 0.0  # the scale floor (1e-5 rounded to bfloat16)
+        x[2] *= 1e-9
+    x = x.bfloat16()
+    got = kernel(x, kernel.pack(values, float(ws.float())))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert torch.equal(got, _exact_bf16(x, values, ws))
+
+
+def test_a_bfloat16_layer_gives_the_same_bits_at_decode_and_prefill_and_near_transformers_rounding() -> None:
+    """Decode rows (the C kernel) and prefill rows (oneDNN on the codes) give the exact-sum bits; transformers'
+    arithmetic (`fast = False`) rounds the sums to bfloat16 (8 bits) and divides in bfloat16: within two roundings
+    of 2^-8 of it."""
+    layer, reference = _layer(576, 1536, 9, bias=True), _layer(576, 1536, 9, bias=True)
+    layer.to(torch.bfloat16)
+    reference.to(torch.bfloat16)
+    reference.fast = False
+    x = (torch.randn(1, cpu_kernel.MAX_ROWS + 3, 576, generator=torch.Generator().manual_seed(9)) * 2).bfloat16()
+    exact = _exact_bf16(x, layer.weight, layer.weight_scale) + layer.bias
+    decode = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+    assert layer._kernel_weights is not None and decode.dtype == torch.bfloat16
+    layer._kernel_weights = None
+    prefill = layer(x)
+    assert layer._kernel_weights is None  # more rows than MAX_ROWS: not the kernel
+    assert torch.equal(decode, exact) and torch.equal(prefill, exact)
+    rounded = reference(x)
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded, exact)
+    plain = exact - layer.bias  # the bias adds a third rounding to both
+    assert ((rounded - layer.bias).float() - plain.float()).abs().max() <= 2 ** -6 * plain.float().abs().max()
+
+
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_kernel_splits_rows_over_threads_with_the_same_result(threads: int) -> None:
     kernel = cpu_kernel.ternary_kernel()
@@ -169,13 +216,15 @@ def test_native_off_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not (tmp_path / "kernels").exists()
 
 
-def test_a_ternary_model_decodes_the_same_with_and_without_the_kernel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_ternary_model_decodes_the_same_with_and_without_the_kernel(tmp_path: Path, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM
 
     from llmfast.quant.bitnet.convert import replace_linears, to_ternary
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "tiny"), dtype=torch.float32).eval()
     replace_linears(model, to_ternary)
+    model.to(dtype)
     prompt = torch.tensor([[1, 17, 42, 99, 5, 8, 13, 21, 34, 55]])  # more rows than MAX_ROWS: prefill on oneDNN
     runs = {}
     try:
@@ -207,6 +256,10 @@ def test_a_row_with_nan_or_infinity_gives_nan_and_leaves_the_other_rows_alone(
     assert got[0].isnan().all() and got[2].isnan().all()  # torch's codes are NaN there: so is every output
     assert torch.equal(got[1], _reference(x[1:2], values, scale)[0])
     assert _reference(x, values, scale)[[0, 2]].isnan().all()  # the reference agrees on those rows
+    xb, ws = x.bfloat16(), scale.bfloat16()
+    got = kernel(xb, kernel.pack(values, float(ws.float())))
+    assert got[0].isnan().all() and got[2].isnan().all()
+    assert torch.equal(got[1], _exact_bf16(xb[1:2], values, ws)[0])
 
 
 def test_kernel_refuses_an_input_of_the_wrong_width_or_dtype() -> None:
@@ -217,6 +270,8 @@ def test_kernel_refuses_an_input_of_the_wrong_width_or_dtype() -> None:
         kernel(torch.zeros(1, 15), packed)
     with pytest.raises(ValueError, match="float64"):
         kernel(torch.zeros(1, 16, dtype=torch.float64), packed)
+    with pytest.raises(ValueError, match="float16"):
+        kernel(torch.zeros(1, 16, dtype=torch.float16), packed)
 
 
 def test_ternary_linear_with_a_wrong_width_raises_as_the_torch_path_does() -> None:

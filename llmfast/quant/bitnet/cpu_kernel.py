@@ -36,7 +36,8 @@ class PackedTernary:
 
 
 class TernaryKernel:
-    """`pack` a layer's int8 weights once, then call with float32 x (rows x in) for TernaryLinear's output."""
+    """`pack` a layer's int8 weights once, then call with float32 or bfloat16 x (rows x in) for TernaryLinear's
+    output."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.ternary_path.restype = ctypes.c_char_p
@@ -45,9 +46,10 @@ class TernaryKernel:
         self._bytes.restype, self._bytes.argtypes = _i64, [_i64, _i64]
         self._pack = lib.ternary_pack
         self._pack.restype, self._pack.argtypes = None, [_ptr, _i64, _i64, _ptr]
-        self._fn = lib.ternary_linear
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_ptr, _i64, _i64, _ptr, _i64, ctypes.c_float, _ptr, _i64]
+        self._fns = {torch.float32: lib.ternary_linear, torch.bfloat16: lib.ternary_linear_bf16}
+        for fn in self._fns.values():
+            fn.restype = ctypes.c_int
+            fn.argtypes = [_ptr, _i64, _i64, _ptr, _i64, ctypes.c_float, _ptr, _i64]
 
     def pack(self, weight: torch.Tensor, weight_scale: float) -> PackedTernary:
         if weight.dtype != torch.int8 or weight.dim() != 2:
@@ -61,16 +63,18 @@ class TernaryKernel:
         return PackedTernary(packed, float(weight_scale), out, k, weight.numel() >= THREADED_WEIGHTS)
 
     def __call__(self, x: torch.Tensor, w: PackedTernary, threads: int | None = None) -> torch.Tensor:
-        """x: contiguous float32 (..., in_features) -> float32 (..., out_features). `threads`: the default is
-        torch's thread count for large layers and 1 for small ones (starting threads costs more than they save)."""
-        if x.shape[-1:] != (w.in_features,) or x.dtype != torch.float32 or not x.is_contiguous():
-            raise ValueError(f"ternary kernel: x must be contiguous float32 (..., {w.in_features}), "
+        """x: contiguous float32 or bfloat16 (..., in_features) -> the same dtype (..., out_features) (bfloat16:
+        `w`'s scale must be a bfloat16 value). `threads`: the default is torch's thread count for large layers and 1
+        for small ones (starting threads costs more than they save)."""
+        fn = self._fns.get(x.dtype)
+        if x.shape[-1:] != (w.in_features,) or fn is None or not x.is_contiguous():
+            raise ValueError(f"ternary kernel: x must be contiguous float32 or bfloat16 (..., {w.in_features}), "
                              f"got {x.dtype} {tuple(x.shape)}")
         if threads is None:
             threads = torch.get_num_threads() if w.threads else 1
-        y = torch.empty(x.shape[:-1] + (w.out_features,), dtype=torch.float32)
-        if self._fn(x.data_ptr(), x.numel() // w.in_features, w.in_features, w.packed.data_ptr(), w.out_features,
-                    w.weight_scale, y.data_ptr(), threads):
+        y = torch.empty(x.shape[:-1] + (w.out_features,), dtype=x.dtype)
+        if fn(x.data_ptr(), x.numel() // w.in_features, w.in_features, w.packed.data_ptr(), w.out_features,
+              w.weight_scale, y.data_ptr(), threads):
             raise MemoryError("ternary kernel: out of memory for the activation codes")
         return y
 

@@ -66,12 +66,15 @@ class BitLinear(nn.Linear):
 class TernaryLinear(nn.Module):
     """Inference with ternary weights stored as int8 and transformers' BitLinear arithmetic.
 
-    On a CPU, float32 inputs of at most `cpu_kernel.MAX_ROWS` rows (decode steps) run through one fused C call
-    (`ternary_gemv.c`: quantize, byte dot products, scale); more rows run the integer product in oneDNN's int8
-    GEMM (`onednn::qlinear_pointwise`: uint8 codes (zero point 128) times int8 weights, summed in int32, returned
-    as float32 with unit scales). Those sums are exact, and so is the float32 matmul of the same small integers
-    (below 2^24), and the kernel repeats torch's float operations in order, so every path gives bit-identical
-    outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a sixteenth.
+    On a CPU, float32 and bfloat16 inputs of at most `cpu_kernel.MAX_ROWS` rows (decode steps) run through one
+    fused C call (`ternary_gemv.c`: quantize, byte dot products, scale); more rows run the integer product in
+    oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: uint8 codes (zero point 128) times int8 weights, summed in
+    int32, returned as float32 with unit scales). Those sums are exact, and so is the float32 matmul of the same
+    small integers (below 2^24), and the kernel repeats torch's float operations in order, so every path gives
+    bit-identical outputs. oneDNN reads a quarter of float32's weight bytes, the kernel (2 bits a weight) a
+    sixteenth. In bfloat16 (and float16) the codes are torch's, the integer sums are kept exact on every fast CPU
+    path (the C kernel, oneDNN) where transformers' bfloat16 matmul rounds them, and the output is rounded once:
+    the same bits on each, and those of the Triton kernel; `fast = False` keeps transformers' rounded arithmetic.
     On a GPU with Triton, inputs of at most 16 tokens (of the weight scale's dtype) run one Triton launch over
     the 2-bit packed weights (`triton_kernel.py`; float32 meant to give the same bits, as it does under Triton's
     interpreter; bfloat16 keeps the integer sums exact where a bfloat16 matmul rounds them).
@@ -105,11 +108,12 @@ class TernaryLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused C kernel's output, or None where it does not apply or cannot be built here."""
         k, weight, scale = self.in_features, self._buffers["weight"], self._buffers["weight_scale"]
-        # The torch path's output is float32 exactly when x is and the (single) weight scale is not float64.
-        if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu" and weight.device.type == "cpu"
-                and x.shape[-1:] == (k,) and 0 < k <= cpu_kernel.MAX_INPUTS
-                and x.numel() <= cpu_kernel.MAX_ROWS * k
-                and scale.numel() == 1 and scale.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        # The torch path's output is float32 exactly when x is and the (single) weight scale is not float64, and
+        # bfloat16 when both are.
+        scales = (torch.float32, torch.bfloat16, torch.float16) if x.dtype == torch.float32 else (torch.bfloat16,)
+        if not (self.kernel and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+                and weight.device.type == "cpu" and x.shape[-1:] == (k,) and 0 < k <= cpu_kernel.MAX_INPUTS
+                and x.numel() <= cpu_kernel.MAX_ROWS * k and scale.numel() == 1 and scale.dtype in scales
                 and not (x.requires_grad and torch.is_grad_enabled())):
             return None
         kernel = cpu_kernel.ternary_kernel()
@@ -152,13 +156,22 @@ class TernaryLinear(nn.Module):
             self._dense = self.weight.to(codes.dtype)
         return F.linear(codes, self._dense)
 
+    def _exact_sums(self, x: torch.Tensor) -> bool:
+        """16-bit x on a CPU with oneDNN's int8 GEMM: the product of the codes is taken exactly there (as the C and
+        Triton kernels take it) instead of in a 16-bit matmul, which rounds the sums to 8 or 11 bits."""
+        return (self.fast and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+                and self._buffers["weight_scale"].dtype == x.dtype and _onednn_int8())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._fresh()
         y = (self._triton_forward(x) if x.is_cuda else self._kernel_forward(x)) if self.fast else None
         if y is None:
             codes, a_scale = quantize_activations(x)
-            y = self._integer_product(codes)
-            y = y / (self.weight_scale * a_scale)
+            if self._exact_sums(x):  # the kernels' arithmetic: the integer sums exact, the result rounded once
+                y = (self._integer_product(codes.float()) / (self.weight_scale * a_scale).float()).to(x.dtype)
+            else:
+                y = self._integer_product(codes)
+                y = y / (self.weight_scale * a_scale)
         bias = self._buffers["bias"]  # not self.bias: Module.__getattr__ costs a microsecond per decode call
         if bias is not None:
             y = y + bias

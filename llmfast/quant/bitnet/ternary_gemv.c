@@ -5,7 +5,9 @@
  * operations are the ones torch performs in `TernaryLinear.forward`, in the same order and rounding (the file is
  * compiled without fast-math or FMA contraction), and the integer sums are exact, so the outputs are
  * bit-identical to the torch path. One fused call replaces the dozen torch operations around a GEMM, which cost
- * more than the GEMM itself at small shapes.
+ * more than the GEMM itself at small shapes. bfloat16 rows (`ternary_linear_bf16`) are quantized as torch does on
+ * bfloat16 tensors, each operation rounded to bfloat16; their integer sums stay exact (where a bfloat16 matmul
+ * rounds them) and the output is rounded once, as the Triton kernel does on a GPU.
  *
  * Weights are stored at 2 bits (w + 1 in {0, 1, 2}), a sixteenth of float32's bytes, so a model's layers stay in
  * cache. `ternary_pack` lays them out once in blocks of 64 output rows x 4 inputs = 64 bytes: byte 4 * k + i
@@ -64,6 +66,54 @@ void ternary_pack(const int8_t *w, int64_t out, int64_t in, uint8_t *packed) {
                     chunk[GROUP * k + i] = byte;
                 }
         }
+}
+
+/* bfloat16 <-> float32 as torch converts them: widening is exact; narrowing rounds to nearest even, a NaN stays a
+ * (quiet) NaN. */
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* The codes of a bfloat16 row as torch computes them on bfloat16 tensors: every operation (the floor's clamp, the
+ * reciprocal, the product by 127, x * scale) rounded to bfloat16, then rint, as quantize_row does for float32. */
+static float quantize_row_bf16(const uint16_t *x, int8_t *c, int64_t n, int64_t padded, int32_t *sum) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t j = 0; j < n; j++) {
+        float a = fabsf(bf16_to_float(x[j]));
+        finite &= a <= 3.40282347e38f;
+        amax = a > amax ? a : amax;
+    }
+    if (!finite) {
+        memset(c, 0, (size_t)padded);
+        *sum = 0;
+        return NAN;
+    }
+    float floor = round_bf16(SCALE_FLOOR);
+    if (amax < floor) amax = floor;
+    float scale = round_bf16(round_bf16(1.0f / amax) * ACT_MAX);
+    int32_t s = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float q = rintf(round_bf16(bf16_to_float(x[j]) * scale));
+        q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+        c[j] = (int8_t)q;
+        s += c[j];
+    }
+    for (int64_t j = n; j < padded; j++) c[j] = 0;
+    *sum = s;
+    return scale;
 }
 
 /* Codes of one row of x, zero-padded to `padded`; returns the scale and the sum of the codes. A row holding a NaN
@@ -175,7 +225,9 @@ typedef struct {
     const uint8_t *packed;
     float weight_scale;
     int64_t rows, groups, out, block_begin, block_end;
-    float *y; /* rows x out */
+    void *y;  /* rows x out, float32 or (bf16) bfloat16 */
+    int bf16; /* bfloat16: the scales' product rounded to bfloat16 (torch's product of two bfloat16 tensors),
+               * the exact sum divided in float32, the result rounded once: the Triton kernel's arithmetic */
 } job_t;
 
 static void *run(void *arg) {
@@ -184,20 +236,24 @@ static void *run(void *arg) {
     for (int64_t r = 0; r < t->rows; r++) {
         const int8_t *c = t->codes + r * t->groups * GROUP;
         float denom = t->weight_scale * t->scale[r];
-        float *y = t->y + r * t->out;
+        if (t->bf16) denom = round_bf16(denom);
+        float *y = (float *)t->y + r * t->out;
+        uint16_t *y16 = (uint16_t *)t->y + r * t->out;
         for (int64_t b = t->block_begin; b < t->block_end; b++) {
             block_sums(c, t->packed + b * t->groups * CHUNK, t->groups, sums);
             int64_t first = b * BLOCK_ROWS, last = first + BLOCK_ROWS < t->out ? first + BLOCK_ROWS : t->out;
-            for (int64_t o = first; o < last; o++) y[o] = (float)(sums[o - first] - t->code_sum[r]) / denom;
+            if (t->bf16)
+                for (int64_t o = first; o < last; o++)
+                    y16[o] = float_to_bf16((float)(sums[o - first] - t->code_sum[r]) / denom);
+            else
+                for (int64_t o = first; o < last; o++) y[o] = (float)(sums[o - first] - t->code_sum[r]) / denom;
         }
     }
     return 0;
 }
 
-/* x: rows x in float32; packed: `ternary_pack` of the out x in weights; y: rows x out float32. Splits the
- * output blocks over `threads` threads (the caller decides when that pays). Returns 0, or -1 when out of memory. */
-int ternary_linear(const float *x, int64_t rows, int64_t in, const uint8_t *packed, int64_t out, float weight_scale,
-                   float *y, int64_t threads) {
+static int linear(const void *x, int bf16, int64_t rows, int64_t in, const uint8_t *packed, int64_t out,
+                  float weight_scale, void *y, int64_t threads) {
     int64_t padded = round_up(in, GROUP), blocks = round_up(out, BLOCK_ROWS) / BLOCK_ROWS;
     if (rows <= 0 || out <= 0) return 0;
     /* codes, then per row: scale (float) and sum of codes (int32); padded divides by 4, so both are aligned */
@@ -206,7 +262,8 @@ int ternary_linear(const float *x, int64_t rows, int64_t in, const uint8_t *pack
     float *scale = (float *)(codes + rows * padded);
     int32_t *code_sum = (int32_t *)(scale + rows);
     for (int64_t r = 0; r < rows; r++)
-        scale[r] = quantize_row(x + r * in, codes + r * padded, in, padded, &code_sum[r]);
+        scale[r] = bf16 ? quantize_row_bf16((const uint16_t *)x + r * in, codes + r * padded, in, padded, &code_sum[r])
+                        : quantize_row((const float *)x + r * in, codes + r * padded, in, padded, &code_sum[r]);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = blocks;
@@ -215,7 +272,7 @@ int ternary_linear(const float *x, int64_t rows, int64_t in, const uint8_t *pack
     int64_t per = (blocks + threads - 1) / threads;
     for (int64_t k = 0; k < threads; k++) {
         int64_t begin = k * per < blocks ? k * per : blocks, end = begin + per < blocks ? begin + per : blocks;
-        job_t j = {codes, scale, code_sum, packed, weight_scale, rows, padded / GROUP, out, begin, end, y};
+        job_t j = {codes, scale, code_sum, packed, weight_scale, rows, padded / GROUP, out, begin, end, y, bf16};
         jobs[k] = j;
     }
     int64_t started = 1;
@@ -226,4 +283,17 @@ int ternary_linear(const float *x, int64_t rows, int64_t in, const uint8_t *pack
     for (int64_t k = 1; k < started; k++) pthread_join(ids[k], 0);
     free(codes);
     return 0;
+}
+
+/* x: rows x in float32; packed: `ternary_pack` of the out x in weights; y: rows x out float32. Splits the
+ * output blocks over `threads` threads (the caller decides when that pays). Returns 0, or -1 when out of memory. */
+int ternary_linear(const float *x, int64_t rows, int64_t in, const uint8_t *packed, int64_t out, float weight_scale,
+                   float *y, int64_t threads) {
+    return linear(x, 0, rows, in, packed, out, weight_scale, y, threads);
+}
+
+/* The same for bfloat16 x and y (raw 16-bit words); `weight_scale` is the layer's bfloat16 scale, widened. */
+int ternary_linear_bf16(const uint16_t *x, int64_t rows, int64_t in, const uint8_t *packed, int64_t out,
+                        float weight_scale, uint16_t *y, int64_t threads) {
+    return linear(x, 1, rows, in, packed, out, weight_scale, y, threads);
 }
