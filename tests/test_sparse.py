@@ -340,6 +340,29 @@ def test_every_registered_method_conforms(tmp_path, tiny_dir):
         load_model(tmp_path / name)
 
 
+def test_a_relufied_gemma_loads_with_relu(tmp_path, tiny_dir, tiny):
+    """Gemma's MLPs take their activation from `hidden_activation`, not `hidden_act`: the artifact sets both, so
+    plain transformers (and relufy's consumers: Deja Vu, the sparse runtime) load the ReLU model that was trained,
+    not a GELU one with ReLU's weights (which Deja Vu then measured at 6% sparsity instead of 51%)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from llmfast.models import load_model
+
+    gemma = tmp_path / "gemma2"
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64)).save_pretrained(gemma)
+    for f in tiny_dir.glob("tokenizer*"):
+        (gemma / f.name).write_bytes(f.read_bytes())
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, gemma, "relufy", "{steps: 0}")))
+    assert code == 0, err[-2000:]
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["hidden_act"] == cfg["hidden_activation"] == "relu"
+    for model in (AutoModelForCausalLM.from_pretrained(tmp_path / "out"), load_model(tmp_path / "out")):
+        assert all(isinstance(layer.mlp.act_fn, torch.nn.ReLU) for layer in model.model.layers)
+    acts = down_inputs(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), heldout_windows(tiny[1])[:1])
+    assert all(0.3 < (d == 0).float().mean() < 0.7 for d in acts["down"])  # exact zeros where the gate is <= 0
+
+
 def _gpt2_dir(tmp_path, tiny_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 

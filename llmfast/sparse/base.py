@@ -95,6 +95,18 @@ def modules_with(model: "PreTrainedModel", attrs: tuple[str, ...], where: str, m
     return found
 
 
+# The config keys that name the MLP's activation: Gemma's MLPs read `hidden_activation`, the others `hidden_act`.
+ACTIVATION_KEYS = ("hidden_activation", "hidden_act")
+
+
+def mlp_activation(config: Any) -> str | None:
+    """The activation the model's MLPs are built with, from its config (the first of ACTIVATION_KEYS it sets)."""
+    for key in ACTIVATION_KEYS:
+        if getattr(config, key, None):
+            return getattr(config, key)
+    return None
+
+
 def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
     """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error."""
     return modules_with(model, ("gate_proj", "up_proj", "down_proj", "act_fn"), where,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from llmfast.errors import UserError
 from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY
-from llmfast.sparse.base import gated_mlps
+from llmfast.sparse.base import gated_mlps, mlp_activation
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +31,8 @@ def relu_thresholds(config: Any, artifact: Path | str, layers: int) -> list[floa
     if values is None:
         return None
     where = Path(artifact) / "config.json"
-    if getattr(config, "hidden_act", None) != "relu":
-        raise UserError(f"{where}: {THRESHOLDS_KEY} on a model whose hidden_act is {config.hidden_act!r}: the cut is "
+    if mlp_activation(config) != "relu":
+        raise UserError(f"{where}: {THRESHOLDS_KEY} on a model whose activation is {mlp_activation(config)!r}: the cut is "
                         "of a ReLU activation; remove the key or rebuild the artifact with `llmfast sparsify`")
     if not isinstance(values, list) or len(values) != layers or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):

@@ -8,8 +8,8 @@ training every weight of the ReLU model to match the original model's next-token
 original's logits to the student's) on the text after the evaluated span. Optionally an L1 penalty on the
 MLP activation, as in ProSparse (Song et al. 2024, arXiv:2402.13516), pushes more of it to zero.
 
-The artifact is a plain Hugging Face Llama directory with `hidden_act: relu`: transformers loads it as it
-is (model_type llama). Its config.json names the architecture LlmfastReluLlamaForCausalLM, which our vLLM
+The artifact is a plain Hugging Face Llama directory with `hidden_act: relu` (Gemma's `hidden_activation` too):
+transformers loads it as it is (model_type llama). Its config.json names the architecture LlmfastReluLlamaForCausalLM, which our vLLM
 plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts SiLU only), so vLLM serves it too.
 The training loop is llmfast/distill.py's (shared with quantization-aware training): resumable from
 checkpoints (safetensors weights, optimizer state read back with torch.load(weights_only=True)) kept with
@@ -75,6 +75,8 @@ def relu_swap(model: "PreTrainedModel") -> None:
     for mlp in gated_mlps(model):
         mlp.act_fn = torch.nn.ReLU()
     model.config.hidden_act = "relu"
+    if getattr(model.config, "hidden_activation", None):  # Gemma builds its MLPs from this key, not hidden_act
+        model.config.hidden_activation = "relu"
 
 
 def _activation_taps(model: "PreTrainedModel") -> tuple[list, list]:

@@ -97,7 +97,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     path that runs: kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the C kernel,
     triton_kernel.DENSE_ABOVE for the Triton kernel on CUDA).
     """
-    from llmfast.sparse.base import gated_mlps
+    from llmfast.sparse.base import gated_mlps, mlp_activation
     from llmfast.sparse.kernels import SparseMLP, SparseProjections
 
     artifact = Path(artifact)
@@ -134,7 +134,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
             for i, t in enumerate(values):
                 kw[i][key] = t
         if not mlp_sites:  # teal with sites: [attention]: a ReLU model's MLPs skip their exact zeros, others are dense
-            sparse_mlps = getattr(model.config, "hidden_act", None) == "relu"
+            sparse_mlps = mlp_activation(model.config) == "relu"
             mode = "relu"
     elif method == "dejavu":
         from llmfast.sparse.predictors import check_predictors, load_predictors
@@ -146,9 +146,9 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
         for i, (mlp, p) in enumerate(zip(mlps, predictors)):
             mlp.llmfast_predictor = kw[i]["predictor"] = p.to(device)  # where install_predictors puts it too
             kw[i].update(layer=i, shared=shared)
-    elif getattr(model.config, "hidden_act", None) != "relu":
-        raise UserError(f"{artifact}: a relufy artifact whose config.json says hidden_act "
-                        f"{getattr(model.config, 'hidden_act', None)!r}, not relu: rebuild it with `llmfast sparsify`")
+    elif mlp_activation(model.config) != "relu":
+        raise UserError(f"{artifact}: a relufy artifact whose config.json gives its MLPs the activation "
+                        f"{mlp_activation(model.config)!r}, not relu: rebuild it with `llmfast sparsify`")
     from llmfast.sparse.relu_cut import relu_thresholds
 
     cut = relu_thresholds(model.config, artifact, len(mlps))  # a shifted ReLU (relufy's target), any method over it
