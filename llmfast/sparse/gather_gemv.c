@@ -6,10 +6,12 @@
  * indices and values (CATS, ReLU, Deja Vu). `gather_dot` is the other side: the kept rows of W itself dotted with a
  * dense x (Deja Vu's gate and up rows, ReLU's up rows), each kept row one contiguous read. The kept rows are split
  * over the threads of torch's OpenMP pool (the library is loaded after torch, so it binds to torch's libgomp: one
- * pool, no oversubscription), because one core cannot draw the memory bandwidth two can, and the rows a thread
- * will read next are prefetched.
- * Results equal the dense product of the zeroed vector up to float32 summation order (each thread sums its
- * kept rows in index order, then the threads' sums are added).
+ * pool, no oversubscription), because one core cannot draw the memory bandwidth two can. Each thread takes its
+ * rows four at a time (four streams in flight, its partial sums read and written once per four rows) and
+ * prefetches the first bytes of the next four (the hardware prefetcher follows a row once it has started; whole
+ * rows prefetched cost more instructions than they saved: 14.4 against 10.6 ms of kernel a token on an Intel Xeon).
+ * Results equal the dense product of the zeroed vector up to float32 summation order (each thread adds its kept
+ * rows in index order, four at a time, then the threads' sums are added).
  *
  * Every function exists twice: for float32 weights and vectors, and (suffix _bf16) for bfloat16 ones, read as
  * bfloat16 (half the bytes) and widened to float32 exactly (a bfloat16 is the top half of a float32), products and
@@ -25,6 +27,7 @@
 #include <string.h>
 
 #define PREFETCH_AHEAD 4 /* rows: the kept rows are not adjacent, so the hardware prefetcher starts each anew */
+#define PREFETCH_HEAD 512 /* bytes of each such row prefetched: enough to start the stream */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -68,12 +71,22 @@ static int NAME(gather_rows)(const int64_t *idx, const float *vals, int64_t kept
         /* OpenMP may give fewer threads than asked (nested regions, OMP_THREAD_LIMIT): one sums straight into y */
         float *restrict part = n == 1 ? y : parts + id * out;
         for (int64_t o = 0; o < out; o++) part[o] = 0.0f;
-        for (int64_t k = a; k < b; k++) {
-            if (k + PREFETCH_AHEAD < b) {
-                const char *next = (const char *)(wt + idx[k + PREFETCH_AHEAD] * out);
-                for (int64_t byte = 0; byte < out * (int64_t)sizeof(T); byte += 64)
+        int64_t k = a;
+        /* Four rows a pass: four streams of the weights in flight, and the partial sums read and written once for
+         * four rows instead of once for each (they were half the memory operations). */
+        for (; k + 4 <= b; k += 4) {
+            for (int64_t r = k + PREFETCH_AHEAD; r < k + PREFETCH_AHEAD + 4 && r < b; r++) {
+                const char *next = (const char *)(wt + idx[r] * out);
+                for (int64_t byte = 0; byte < PREFETCH_HEAD && byte < out * (int64_t)sizeof(T); byte += 64)
                     __builtin_prefetch(next + byte, 0, 3);
             }
+            const T *restrict w0 = wt + idx[k] * out, *restrict w1 = wt + idx[k + 1] * out,
+                    *restrict w2 = wt + idx[k + 2] * out, *restrict w3 = wt + idx[k + 3] * out;
+            const float v0 = vals[k], v1 = vals[k + 1], v2 = vals[k + 2], v3 = vals[k + 3];
+            for (int64_t o = 0; o < out; o++)
+                part[o] += v0 * LOAD(w0, o) + v1 * LOAD(w1, o) + v2 * LOAD(w2, o) + v3 * LOAD(w3, o);
+        }
+        for (; k < b; k++) {
             const T *restrict w = wt + idx[k] * out;
             const float v = vals[k];
             for (int64_t o = 0; o < out; o++) part[o] += v * LOAD(w, o);
