@@ -361,6 +361,37 @@ def test_a_relufied_gemma_loads_with_relu(tmp_path, tiny_dir, tiny):
         assert all(isinstance(layer.mlp.act_fn, torch.nn.ReLU) for layer in model.model.layers)
     acts = down_inputs(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), heldout_windows(tiny[1])[:1])
     assert all(0.3 < (d == 0).float().mean() < 0.7 for d in acts["down"])  # exact zeros where the gate is <= 0
+    # vLLM's Gemma2 has no ReLU MLP (our plugin serves ReLU Llamas): serve refuses it, bench runs it on transformers
+    from llmfast.bench.engines.base import Variant
+
+    code, _, err = run_cli("serve", str(tmp_path / "out"))
+    assert code == 2 and "is a ReLU-fied gemma2: vLLM's gemma2 has no ReLU MLP" in err.strip().splitlines()[-1], err
+    assert "vllm" not in Variant(name="g", model_dir=tmp_path / "out", sparsity="relufy").families
+
+
+def test_relu_is_read_from_the_built_mlps_whatever_key_the_architecture_reads(tmp_path):
+    """A multimodal Gemma3 builds its MLPs from text_config.hidden_activation: relufy's swap sets that too, so the
+    saved model reloads with ReLU; and a Gemma (v1), whose MLPs read hidden_act, is ReLU with hidden_act: relu
+    whatever its unused hidden_activation says. `relu_mlps` answers from the modules, not from one config key."""
+    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, GemmaConfig
+    from transformers import GemmaForCausalLM
+
+    from llmfast.sparse.base import gated_mlps, relu_mlps
+    from llmfast.sparse.relufy import relu_swap
+
+    cfg = Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4)
+    gemma3 = Gemma3ForConditionalGeneration(cfg)
+    assert len(gated_mlps(gemma3)) == 2 and not relu_mlps(gemma3)
+    relu_swap(gemma3)
+    gemma3.save_pretrained(tmp_path / "g3")
+    assert relu_mlps(AutoModelForCausalLM.from_pretrained(tmp_path / "g3"))
+    gemma1 = GemmaForCausalLM(GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                          hidden_act="relu", hidden_activation="gelu_pytorch_tanh"))
+    assert relu_mlps(gemma1)
 
 
 def _gpt2_dir(tmp_path, tiny_dir):

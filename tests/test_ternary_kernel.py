@@ -106,6 +106,27 @@ def test_a_bfloat16_layer_gives_the_same_bits_at_decode_and_prefill_and_near_tra
     assert ((rounded - layer.bias).float() - plain.float()).abs().max() <= 2 ** -6 * plain.float().abs().max()
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_16_bit_prefill_without_onednn_and_rows_with_infinity_match_the_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                                                onednn: bool) -> None:
+    """Prefill of bfloat16 rows takes exact sums with or without oneDNN's int8 GEMM (a float32 matmul of the codes
+    where torch has none), so it gives the kernel's bits; a row holding an infinity (scale 0, NaN codes, which
+    oneDNN's uint8 cast turns into numbers) gives NaN on every path."""
+    from llmfast.quant.bitnet import layers
+
+    if not onednn:
+        monkeypatch.setattr(layers, "_onednn_int8", lambda: False)
+    layer = _layer(96, 70, 11, bias=True).to(torch.bfloat16)
+    x = (torch.randn(1, cpu_kernel.MAX_ROWS + 4, 96, generator=torch.Generator().manual_seed(11)) * 3).bfloat16()
+    x[0, 2, 5], x[0, 9, 0] = float("inf"), float("-inf")
+    prefill = layer(x)
+    decode = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+    assert prefill[0, [2, 9]].isnan().all() and decode[0, [2, 9]].isnan().all()
+    keep = [i for i in range(x.shape[1]) if i not in (2, 9)]
+    assert torch.equal(prefill[:, keep], decode[:, keep])
+    assert torch.equal(prefill[:, keep], _exact_bf16(x[:, keep], layer.weight, layer.weight_scale) + layer.bias)
+
+
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_kernel_splits_rows_over_threads_with_the_same_result(threads: int) -> None:
     kernel = cpu_kernel.ternary_kernel()

@@ -95,16 +95,18 @@ def modules_with(model: "PreTrainedModel", attrs: tuple[str, ...], where: str, m
     return found
 
 
-# The config keys that name the MLP's activation: Gemma's MLPs read `hidden_activation`, the others `hidden_act`.
-ACTIVATION_KEYS = ("hidden_activation", "hidden_act")
+def relu_mlps(model: "PreTrainedModel") -> bool:
+    """Whether every gated MLP of `model` computes ReLU, read from the built modules: the config key that names
+    the activation differs by architecture (Llama's `hidden_act`, Gemma2's `hidden_activation`, a multimodal
+    Gemma3's under `text_config`)."""
+    import torch
+
+    return all(isinstance(m.act_fn, torch.nn.ReLU) for m in gated_mlps(model))
 
 
-def mlp_activation(config: Any) -> str | None:
-    """The activation the model's MLPs are built with, from its config (the first of ACTIVATION_KEYS it sets)."""
-    for key in ACTIVATION_KEYS:
-        if getattr(config, key, None):
-            return getattr(config, key)
-    return None
+def mlp_activation_name(model: "PreTrainedModel") -> str:
+    """The class of the first gated MLP's activation, for messages."""
+    return type(gated_mlps(model)[0].act_fn).__name__
 
 
 def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveInt, model_validator
 
 from llmfast.errors import UserError
-from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob
+from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, relu_mlps
 from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
 
 if TYPE_CHECKING:
@@ -67,19 +67,11 @@ class DejavuConfig(SparseConfigBase):
         return self
 
 
-def is_relu(model: "PreTrainedModel") -> bool:
-    import torch
-
-    from llmfast.sparse.base import gated_mlps
-
-    return all(isinstance(m.act_fn, torch.nn.ReLU) for m in gated_mlps(model))
-
-
 def _check_source(job: SparsifyJob, cfg: DejavuConfig) -> float | None:
     """The label sparsity to use (None: nonzero = active), after refusing sources that cannot be used."""
     if (job.model_path / PREDICTORS_FILE).exists():  # predictors on predictors would drop the first ones
         raise UserError(f"{job.model_spec} is already a dejavu artifact: sparsify the model it was made from")
-    if is_relu(job.model):
+    if relu_mlps(job.model):
         if cfg.label_sparsity is not None:
             raise UserError(f"sparsify.config.label_sparsity: {job.model_spec} has ReLU MLPs, whose active neurons are "
                             "the nonzero activations: remove the key")

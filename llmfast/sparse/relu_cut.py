@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from llmfast.errors import UserError
 from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY
-from llmfast.sparse.base import gated_mlps, mlp_activation
+from llmfast.sparse.base import gated_mlps, mlp_activation_name, relu_mlps
 
 if TYPE_CHECKING:
     import torch
@@ -24,16 +24,17 @@ if TYPE_CHECKING:
 THRESHOLDS_KEY = RELU_THRESHOLDS_KEY  # the key in config.json (defined beside the plugin, which reads it too)
 
 
-def relu_thresholds(config: Any, artifact: Path | str, layers: int) -> list[float] | None:
+def relu_thresholds(model: "PreTrainedModel", artifact: Path | str) -> list[float] | None:
     """The cut a model's config holds (None: none); the wrong length, a negative value or a non-ReLU model is a
     one-line error naming the file."""
-    values = getattr(config, THRESHOLDS_KEY, None)
+    values = getattr(model.config, THRESHOLDS_KEY, None)
     if values is None:
         return None
     where = Path(artifact) / "config.json"
-    if mlp_activation(config) != "relu":
-        raise UserError(f"{where}: {THRESHOLDS_KEY} on a model whose activation is {mlp_activation(config)!r}: the cut is "
-                        "of a ReLU activation; remove the key or rebuild the artifact with `llmfast sparsify`")
+    layers = len(gated_mlps(model, where=str(artifact)))
+    if not relu_mlps(model):
+        raise UserError(f"{where}: {THRESHOLDS_KEY} on a model whose MLPs compute {mlp_activation_name(model)}: the "
+                        "cut is of a ReLU activation; remove the key or rebuild the artifact with `llmfast sparsify`")
     if not isinstance(values, list) or len(values) != layers or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
         raise UserError(f"{where}: {THRESHOLDS_KEY} must be {layers} non-negative numbers, one per layer: rebuild "
@@ -55,7 +56,7 @@ def apply_config_cut(model: "PreTrainedModel", artifact: Path | str) -> list[Any
     config = getattr(model, "config", None)
     if getattr(config, THRESHOLDS_KEY, None) is None:
         return []
-    cut = relu_thresholds(config, artifact, len(gated_mlps(model, where=str(artifact))))
+    cut = relu_thresholds(model, artifact)
     assert cut is not None  # the key is there: relu_thresholds returns its values or raises
     return install_cut(model, cut)
 

@@ -74,9 +74,12 @@ def relu_swap(model: "PreTrainedModel") -> None:
 
     for mlp in gated_mlps(model):
         mlp.act_fn = torch.nn.ReLU()
-    model.config.hidden_act = "relu"
-    if getattr(model.config, "hidden_activation", None):  # Gemma builds its MLPs from this key, not hidden_act
-        model.config.hidden_activation = "relu"
+    # The key a reloaded model builds its MLPs from: hidden_act (Llama and most), hidden_activation (Gemma2/3), on
+    # the text model's config for a multimodal one (Gemma3's text_config).
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.hidden_act = "relu"
+        if getattr(config, "hidden_activation", None):
+            config.hidden_activation = "relu"
 
 
 def _activation_taps(model: "PreTrainedModel") -> tuple[list, list]:

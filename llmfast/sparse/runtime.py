@@ -97,7 +97,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     path that runs: kernels.DENSE_ABOVE for torch's gathers, cpu_kernel.DENSE_ABOVE for the C kernel,
     triton_kernel.DENSE_ABOVE for the Triton kernel on CUDA).
     """
-    from llmfast.sparse.base import gated_mlps, mlp_activation
+    from llmfast.sparse.base import gated_mlps, mlp_activation_name, relu_mlps
     from llmfast.sparse.kernels import SparseMLP, SparseProjections
 
     artifact = Path(artifact)
@@ -134,7 +134,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
             for i, t in enumerate(values):
                 kw[i][key] = t
         if not mlp_sites:  # teal with sites: [attention]: a ReLU model's MLPs skip their exact zeros, others are dense
-            sparse_mlps = mlp_activation(model.config) == "relu"
+            sparse_mlps = relu_mlps(model)
             mode = "relu"
     elif method == "dejavu":
         from llmfast.sparse.predictors import check_predictors, load_predictors
@@ -146,12 +146,12 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
         for i, (mlp, p) in enumerate(zip(mlps, predictors)):
             mlp.llmfast_predictor = kw[i]["predictor"] = p.to(device)  # where install_predictors puts it too
             kw[i].update(layer=i, shared=shared)
-    elif mlp_activation(model.config) != "relu":
-        raise UserError(f"{artifact}: a relufy artifact whose config.json gives its MLPs the activation "
-                        f"{mlp_activation(model.config)!r}, not relu: rebuild it with `llmfast sparsify`")
+    elif not relu_mlps(model):
+        raise UserError(f"{artifact}: a relufy artifact whose MLPs load with {mlp_activation_name(model)}, not ReLU "
+                        "(its config.json names another activation): rebuild it with `llmfast sparsify`")
     from llmfast.sparse.relu_cut import relu_thresholds
 
-    cut = relu_thresholds(model.config, artifact, len(mlps))  # a shifted ReLU (relufy's target), any method over it
+    cut = relu_thresholds(model, artifact)  # a shifted ReLU (relufy's target), any method over it
     for i, t in enumerate(cut or []):
         kw[i]["relu_cut"] = t
     runtimes: list[Any] = []

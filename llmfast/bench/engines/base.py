@@ -36,7 +36,7 @@ class Variant:
     @property
     def families(self) -> tuple[str, ...]:
         """Engine families that can run this variant here, preferred first."""
-        return engine_families(self.quantization, self.sparsity)
+        return engine_families(self.quantization, self.sparsity, vllm_runs_sparse(self.model_dir, self.sparsity))
 
     @property
     def format_word(self) -> str | None:
@@ -86,17 +86,35 @@ def resolve_variant(name: str, model: str, lora: str | None, quantization: Any) 
 VLLM_SPARSITY = frozenset({"relufy"})
 
 
-def engine_families(quantization: Any, sparsity: str | None = None) -> tuple[str, ...]:
+def vllm_runs_sparse(model_dir: Path, sparsity: str | None) -> bool:
+    """Whether vLLM serves this sparse artifact as it is: a relufy artifact whose config.json names our plugin's
+    ReLU Llama. A relufied Qwen2 or Gemma keeps its own architecture, whose vLLM class refuses a ReLU MLP."""
+    import json
+
+    from llmfast.serve.vllm_plugin import ARCHITECTURE
+
+    if sparsity not in VLLM_SPARSITY:
+        return False
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ARCHITECTURE in (cfg.get("architectures") or [])
+
+
+def engine_families(quantization: Any, sparsity: str | None = None, vllm_sparse: bool | None = None
+                    ) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
     quantization method decides (llmfast.quant). Other sparse artifacts run on transformers only: vLLM would
-    serve their dense weights (TEAL/CATS thresholds are applied by llmfast's loader). Artifacts the sparse
-    runtime runs get "hf-sparse" (transformers + llmfast's sparse MLP) just before "hf", which stays available
-    for the dense-with-zeros comparison."""
+    serve their dense weights (TEAL/CATS thresholds are applied by llmfast's loader); so do relufy artifacts that
+    vLLM cannot load (`vllm_sparse` False: see `vllm_runs_sparse`; None: by the method alone). Artifacts the
+    sparse runtime runs get "hf-sparse" (transformers + llmfast's sparse MLP) just before "hf", which stays
+    available for the dense-with-zeros comparison."""
     from llmfast.quant import engines_for
     from llmfast.sparse.runtime import RUNTIME_METHODS
 
     families = tuple(engines_for(quantization))
-    if sparsity and sparsity not in VLLM_SPARSITY:
+    if sparsity and (sparsity not in VLLM_SPARSITY or vllm_sparse is False):
         families = tuple(f for f in families if f == "hf")
     if sparsity in RUNTIME_METHODS and quantization is None:
         families = tuple(g for f in families for g in (("hf-sparse", f) if f == "hf" else (f,)))

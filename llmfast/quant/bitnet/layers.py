@@ -157,10 +157,11 @@ class TernaryLinear(nn.Module):
         return F.linear(codes, self._dense)
 
     def _exact_sums(self, x: torch.Tensor) -> bool:
-        """16-bit x on a CPU with oneDNN's int8 GEMM: the product of the codes is taken exactly there (as the C and
-        Triton kernels take it) instead of in a 16-bit matmul, which rounds the sums to 8 or 11 bits."""
+        """16-bit x on a CPU: the product of the codes is taken exactly (oneDNN's int8 GEMM, or a float32 matmul of
+        the small integers where torch has no oneDNN), as the C and Triton kernels take it, instead of in a 16-bit
+        matmul, which rounds the sums to 8 or 11 bits."""
         return (self.fast and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-                and self._buffers["weight_scale"].dtype == x.dtype and _onednn_int8())
+                and self._buffers["weight_scale"].dtype == x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._fresh()
@@ -172,6 +173,8 @@ class TernaryLinear(nn.Module):
             else:
                 y = self._integer_product(codes)
                 y = y / (self.weight_scale * a_scale)
+            if self.fast:  # a row with an infinity has scale 0 and NaN codes, which oneDNN's uint8 cast turns into
+                y = y.masked_fill(a_scale == 0, float("nan"))  # numbers: NaN, as the kernels and transformers give
         bias = self._buffers["bias"]  # not self.bias: Module.__getattr__ costs a microsecond per decode call
         if bias is not None:
             y = y + bias
