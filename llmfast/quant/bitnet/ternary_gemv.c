@@ -237,16 +237,17 @@ static void *run(void *arg) {
         const int8_t *c = t->codes + r * t->groups * GROUP;
         float denom = t->weight_scale * t->scale[r];
         if (t->bf16) denom = round_bf16(denom);
-        float *y = (float *)t->y + r * t->out;
-        uint16_t *y16 = (uint16_t *)t->y + r * t->out;
         for (int64_t b = t->block_begin; b < t->block_end; b++) {
             block_sums(c, t->packed + b * t->groups * CHUNK, t->groups, sums);
             int64_t first = b * BLOCK_ROWS, last = first + BLOCK_ROWS < t->out ? first + BLOCK_ROWS : t->out;
-            if (t->bf16)
+            if (t->bf16) {
+                uint16_t *y = (uint16_t *)t->y + r * t->out;
                 for (int64_t o = first; o < last; o++)
-                    y16[o] = float_to_bf16((float)(sums[o - first] - t->code_sum[r]) / denom);
-            else
+                    y[o] = float_to_bf16((float)(sums[o - first] - t->code_sum[r]) / denom);
+            } else {
+                float *y = (float *)t->y + r * t->out;
                 for (int64_t o = first; o < last; o++) y[o] = (float)(sums[o - first] - t->code_sum[r]) / denom;
+            }
         }
     }
     return 0;
