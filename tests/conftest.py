@@ -49,6 +49,32 @@ def tiny(tiny_dir: Path):
     return load_model(tiny_dir), load_tokenizer(tiny_dir)
 
 
+# As root, file modes do not hold (root reads a mode-000 file): commands run under this prefix lose the capabilities
+# that bypass them, so permission errors are real.
+DROP_FILE_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                      "-dac_override,-dac_read_search"]
+
+
+def file_modes_prefix(tmp_path: Path) -> list[str]:
+    """The command prefix under which file modes hold for a subprocess ([] for a user other than root), checked on
+    a mode-000 file; skips the test where none does (root without setpriv, or a container that refuses it)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes cannot be made to hold here")
+    probe = tmp_path / "mode-probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    p = subprocess.run([*DROP_FILE_OVERRIDE, "cat", str(probe)], capture_output=True, text=True)
+    probe.unlink()
+    if p.returncode == 0 or "Permission denied" not in p.stderr:
+        pytest.skip(f"setpriv could not drop root's file-mode override here: {p.stderr.strip()[:120]}")
+    return DROP_FILE_OVERRIDE
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
     import contextlib

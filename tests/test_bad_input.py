@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import file_modes_prefix
 from llmfast.cli import main
 
 UNI = "ünï ©ødé"  # a folder name with spaces and non-ASCII letters
@@ -375,11 +376,12 @@ def _snapshot(root: Path) -> dict[str, tuple]:
     return found
 
 
-def _run(case: Case, w: Path, capsys) -> tuple[int, str, str]:
+def _run(case: Case, w: Path, capsys, prefix: list[str] | None = None) -> tuple[int, str, str]:
+    """`prefix` (file_modes_prefix) runs the case in a subprocess under it."""
     args = [a.replace("{W}", str(w)) for a in case.args]
-    if case.subprocess:
-        p = subprocess.run([sys.executable, "-m", "llmfast.cli", *args], capture_output=True, text=True,
-                           timeout=120, cwd=w, env={**os.environ, "LLMFAST_DEBUG": ""})
+    if case.subprocess or prefix:
+        p = subprocess.run([*(prefix or []), sys.executable, "-m", "llmfast.cli", *args], capture_output=True,
+                           text=True, timeout=120, cwd=w, env={**os.environ, "LLMFAST_DEBUG": ""})
         return p.returncode, p.stdout, p.stderr
     cwd = os.getcwd()
     os.chdir(w)  # whatever a verb writes by a relative default lands where the snapshot sees it
@@ -401,11 +403,12 @@ def _params() -> list:
 
 
 @pytest.mark.parametrize("case", _params())
-def test_bad_input_is_one_line_exit_2_nothing_written(case: Case, world: Path, capsys):
-    if "readonly" in " ".join(case.args) and os.access(world / "readonly", os.W_OK):
-        pytest.skip("permissions are not enforced for this user (root): the under-a-file cases cover this")
+def test_bad_input_is_one_line_exit_2_nothing_written(case: Case, world: Path, capsys, tmp_path):
+    prefix = None
+    if "readonly" in " ".join(case.args) and os.access(world / "readonly", os.W_OK):  # root: drop its override
+        prefix = file_modes_prefix(tmp_path)
     before = _snapshot(world)
-    code, out, err = _run(case, world, capsys)
+    code, out, err = _run(case, world, capsys, prefix)
     lines = err.strip().splitlines()
     assert "Traceback" not in err, err[-3000:]
     assert code == 2, (code, err[-2000:])

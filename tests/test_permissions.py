@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,33 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import file_modes_prefix, run_cli
 from llmfast.errors import as_user_error
-
-_DROP = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
-         "-dac_override,-dac_read_search"]
-
-
-def _prefix(tmp_path: Path) -> list[str]:
-    """The command prefix under which file modes hold, checked on a mode-000 file; skips the test if none does."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: file modes cannot be made to hold here")
-    probe = tmp_path / "probe"
-    probe.write_text("x")
-    probe.chmod(0)
-    p = subprocess.run([*_DROP, "cat", str(probe)], capture_output=True, text=True)
-    probe.unlink()
-    if p.returncode == 0 or "Permission denied" not in p.stderr:
-        pytest.skip(f"setpriv could not drop root's file-mode override here: {p.stderr.strip()[:120]}")
-    return _DROP
 
 
 def _cli(tmp_path: Path, hide: list[Path], *args: str) -> tuple[int, str]:
     """Run `llmfast ARGS` with `hide` (files or folders) made mode 000 for the run (restored after); return the
     exit code and stderr."""
-    prefix = _prefix(tmp_path)
+    prefix = file_modes_prefix(tmp_path)
     modes = {p: p.stat().st_mode for p in hide}
     for p in hide:
         p.chmod(0)
