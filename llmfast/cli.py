@@ -107,13 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     check_host(args.host)
-    if args.log and (Path(args.log).is_dir() or Path(args.log).parent.is_file()):
-        raise UserError(f"--log {args.log}: needs a file path in a folder")
     log = Path(args.log) if args.log else None
-    if log and log.exists() and not os.access(log, os.W_OK):  # before vLLM's minute of start-up, not after
-        raise UserError(f"--log {log}: no permission to write it: make it writable or give another path")
-    if log and not log.exists():  # an existing log is opened as it is: its folder need not be writable
-        check_writable_parent(log)
+    if log:  # checked before vLLM's minute of start-up, not after
+        if log.is_dir() or log.parent.is_file():
+            raise UserError(f"--log {args.log}: needs a file path in a folder")
+        if log.exists() and not os.access(log, os.W_OK):
+            raise UserError(f"--log {log}: no permission to write it: make it writable or give another path")
+        if not log.exists():  # an existing log is opened as it is: its folder need not be writable
+            check_writable_parent(log)
     spec = prepare_spec(args.model, args.lora, served_name=args.served_model_name, host=args.host, port=args.port,
                         api_key=args.api_key, dtype=args.dtype, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size,

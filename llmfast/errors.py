@@ -19,12 +19,12 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
-def _chain(e: BaseException | None) -> list[BaseException]:
-    """`e` and the exceptions it was raised from or while handling, outermost first."""
+def _chain(e: BaseException | None, handling: bool = True) -> list[BaseException]:
+    """`e` and the exceptions it was raised from (and, with `handling`, while handling), outermost first."""
     found: list[BaseException] = []
     while e is not None and all(e is not f for f in found):
         found.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (e.__context__ if handling else None)
     return found
 
 
@@ -61,16 +61,14 @@ def as_user_error(e: BaseException) -> UserError | None:
 def _denied(e: BaseException) -> UserError | None:
     """A file this user may not read or write (EACCES, EPERM) or a read-only file system (EROFS), met where no
     check came first, as one line naming the file; None if `e`'s chain holds no such error."""
-    x: BaseException | None = e
     # `e` and what it was raised *from*, not what it was raised while handling: an error met while handling a
     # denied file (a fallback that failed otherwise, a bug in an except block) is not a permission problem.
-    while x is not None:
+    for x in _chain(e, handling=False):
         named = [str(f) for f in (x.filename, x.filename2) if f] if isinstance(x, OSError) else []
         # Only with a file named: an EPERM of a process call (a signal, setsid) is not the user's file.
         if named and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return UserError(f"{' or '.join(named)}: {x.strerror or x}: give this user permission to use it (or "
                              "use another path) and run again")
-        x = x.__cause__
     return None
 
 

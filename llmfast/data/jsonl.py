@@ -17,7 +17,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     try:
         f = path.open("rb")
     except OSError as e:
-        raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this user") from None
+        raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this "
+                        "user") from None
     # Bytes, decoded line by line: a file in another encoding is refused at the row where it shows.
     with f:
         for lineno, raw in enumerate(f, 1):

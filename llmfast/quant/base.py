@@ -111,8 +111,8 @@ class Quantizer:
 
 def least_bytes(skeleton: Any, weight_bits: int) -> int:
     """The fewest bytes an artifact of `skeleton` (the model on the meta device) can take: its linear layers'
-    weights (nn.Linear and Conv1D) at `weight_bits` each, everything else (embeddings, the head, norms) at 2 bytes (every method here
-    keeps those in 16 or 32 bits). A floor, so a disk is never refused for a wrong guess."""
+    weights (nn.Linear and Conv1D) at `weight_bits` each, everything else (embeddings, the head, norms) at 2 bytes
+    (every method here keeps those in 16 or 32 bits). A floor, so a disk is never refused for a wrong guess."""
     import torch
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, which bnb4 and w4 quantize too
 

@@ -11,7 +11,6 @@ multi-node; see README).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import signal
@@ -280,21 +279,15 @@ def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> N
                     f"({spec.as_arg()}): measure it with `llmfast bench run` (engine hf) or `llmfast eval`")
 
 
-def _config_model_type(model_dir: Path) -> str:
-    try:
-        return str(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type"))
-    except (OSError, ValueError, AttributeError):
-        return "model"
-
-
 def _check_servable_sparsity(model_dir: Path, manifest: dict[str, Any]) -> None:
     """Refuse a sparse artifact vLLM would serve as its dense weights (TEAL/CATS thresholds, Deja Vu predictors
     are applied by llmfast's transformers loader, which vLLM does not run)."""
     from llmfast.bench.engines.base import VLLM_SPARSITY, vllm_runs_sparse
+    from llmfast.modelfiles import describe_model_dir
 
     method = (manifest.get("sparsity") or {}).get("method")
     if method in VLLM_SPARSITY and not vllm_runs_sparse(model_dir, method):
-        model_type = _config_model_type(model_dir)
+        model_type = describe_model_dir(model_dir)["config"]["model_type"]  # resolve_model checked it is there
         raise UserError(f"{model_dir} is a ReLU-fied {model_type}: vLLM's {model_type} has no ReLU MLP (llmfast's vLLM "
                         "plugin serves ReLU-fied Llamas only). Measure it with `llmfast bench run` (engine hf) or "
                         "`llmfast eval`")

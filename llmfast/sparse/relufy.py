@@ -9,17 +9,17 @@ original's logits to the student's) on the text after the evaluated span. Option
 MLP activation, as in ProSparse (Song et al. 2024, arXiv:2402.13516), pushes more of it to zero.
 
 The artifact is a plain Hugging Face Llama directory with `hidden_act: relu` (Gemma's `hidden_activation` too):
-transformers loads it as it is (model_type llama). Its config.json names the architecture LlmfastReluLlamaForCausalLM, which our vLLM
-plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts SiLU only), so vLLM serves it too.
-The training loop is llmfast/distill.py's (shared with quantization-aware training): resumable from
-checkpoints (safetensors weights, optimizer state read back with torch.load(weights_only=True)) kept with
-train_log.jsonl in the job's work directory until the artifact is complete. On a GPU (where `llmfast sparsify`
-puts the model when torch sees one) the forward passes run in bfloat16 autocast, weights and AdamW state in float32,
-as bitnet QAT does; on a CPU training is as it always was (scripts/gpu_relufy.py: relufy at a lent GPU's budget).
-Training windows are the text after the evaluated span, plus the fine-tune's conversations when
-`data.conversations` names them (a fine-tuned model distilled on book text alone keeps the language model and loses
-the skill), optionally plus samples the original model writes itself, in an order fixed by the seed; a resume on
-other windows is refused.
+transformers loads it as it is (model_type llama). Its config.json names the architecture
+LlmfastReluLlamaForCausalLM, which our vLLM plugin registers (llmfast/serve/vllm_plugin.py; vLLM's own Llama accepts
+SiLU only), so vLLM serves it too. The training loop is llmfast/distill.py's (shared with quantization-aware
+training): resumable from checkpoints (safetensors weights, optimizer state read back with
+torch.load(weights_only=True)) kept with train_log.jsonl in the job's work directory until the artifact is complete.
+On a GPU (where `llmfast sparsify` puts the model when torch sees one) the forward passes run in bfloat16 autocast,
+weights and AdamW state in float32, as bitnet QAT does; on a CPU training is as it always was
+(scripts/gpu_relufy.py: relufy at a lent GPU's budget). Training windows are the text after the evaluated span, plus
+the fine-tune's conversations when `data.conversations` names them (a fine-tuned model distilled on book text alone
+keeps the language model and loses the skill), optionally plus samples the original model writes itself, in an order
+fixed by the seed; a resume on other windows is refused.
 
 With `target`, ReLU's cut is shifted up during training (FATReLU, ProSparse's last stage, here learned with
 rather than applied afterwards): each layer keeps relu(gate(x)) only above a threshold set, at every step, to

@@ -159,13 +159,14 @@ def _check_space(method: base.Sparsifier, model_path: Path, out: Path, dtype: st
     files where they must be copied (another file system: no hard links); nothing to check otherwise."""
     from llmfast.artifacts import check_space, nearest_existing
     from llmfast.loading import torch_dtype
+    from llmfast.sparse.thresholds import source_files
 
     if method.rewrites_weights:
         need = sum(p.numel() for p in skeleton.parameters()) * torch_dtype(dtype).itemsize
     else:
         if nearest_existing(out.parent).stat().st_dev == Path(model_path).stat().st_dev:
             return
-        need = sum(f.stat().st_size for f in Path(model_path).iterdir() if f.is_file() and f.name != "llmfast.json")
+        need = sum(f.stat().st_size for f in source_files(Path(model_path)))
     check_space(out, need, at_least=True)
 
 

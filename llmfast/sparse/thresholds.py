@@ -148,14 +148,16 @@ def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
             h.remove()
 
 
-def link_or_copy_model(src: Path, dst: Path) -> None:
-    """The model directory's files into `dst`, hard-linked where the filesystem allows (weights are unchanged).
+def source_files(src: Path) -> list[Path]:
+    """The files of the model directory `src` that a threshold artifact takes: all but its llmfast.json (the
+    artifact writes its own)."""
+    return [f for f in sorted(src.iterdir()) if f.name != "llmfast.json" and f.is_file()]
 
-    The source's llmfast.json is left out: the artifact writes its own.
-    """
-    for f in sorted(src.iterdir()):
-        if f.name == "llmfast.json" or not f.is_file():
-            continue
+
+def link_or_copy_model(src: Path, dst: Path) -> None:
+    """The model directory's files (`source_files`) into `dst`, hard-linked where the filesystem allows (weights
+    are unchanged)."""
+    for f in source_files(src):
         try:
             os.link(f, dst / f.name)
         except OSError:

@@ -89,17 +89,16 @@ VLLM_SPARSITY = frozenset({"relufy"})
 def vllm_runs_sparse(model_dir: Path, sparsity: str | None) -> bool:
     """Whether vLLM serves this sparse artifact as it is: a relufy artifact whose config.json names our plugin's
     ReLU Llama. A relufied Qwen2 or Gemma keeps its own architecture, whose vLLM class refuses a ReLU MLP."""
-    import json
-
+    from llmfast.errors import UserError
+    from llmfast.modelfiles import describe_model_dir
     from llmfast.serve.vllm_plugin import ARCHITECTURE
 
     if sparsity not in VLLM_SPARSITY:
         return False
     try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return ARCHITECTURE in (describe_model_dir(Path(model_dir))["config"].get("architectures") or [])
+    except UserError:  # an unreadable config: the loaders name it
         return False
-    return isinstance(cfg, dict) and ARCHITECTURE in (cfg.get("architectures") or [])
 
 
 def engine_families(quantization: Any, sparsity: str | None = None, vllm_sparse: bool | None = None

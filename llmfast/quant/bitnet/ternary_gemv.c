@@ -86,43 +86,23 @@ static inline uint16_t float_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
-/* The codes of a bfloat16 row as torch computes them on bfloat16 tensors: every operation (the floor's clamp, the
- * reciprocal, the product by 127, x * scale) rounded to bfloat16, then rint, as quantize_row does for float32. */
-static float quantize_row_bf16(const uint16_t *x, int8_t *c, int64_t n, int64_t padded, int32_t *sum) {
-    float amax = 0.0f;
-    int finite = 1;
-    for (int64_t j = 0; j < n; j++) {
-        float a = fabsf(bf16_to_float(x[j]));
-        finite &= a <= 3.40282347e38f;
-        amax = a > amax ? a : amax;
-    }
-    if (!finite) {
-        memset(c, 0, (size_t)padded);
-        *sum = 0;
-        return NAN;
-    }
-    float floor = round_bf16(SCALE_FLOOR);
-    if (amax < floor) amax = floor;
-    float scale = round_bf16(round_bf16(1.0f / amax) * ACT_MAX);
-    int32_t s = 0;
-    for (int64_t j = 0; j < n; j++) {
-        float q = rintf(round_bf16(bf16_to_float(x[j]) * scale));
-        q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-        c[j] = (int8_t)q;
-        s += c[j];
-    }
-    for (int64_t j = n; j < padded; j++) c[j] = 0;
-    *sum = s;
-    return scale;
+/* x[j] of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) row, as a float; and `f` rounded to the row's dtype, as torch
+ * rounds each operation on tensors of that dtype (nothing to do for float32). */
+static inline float load_x(const void *x, int64_t j, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)x)[j]) : ((const float *)x)[j];
 }
 
+static inline float in_dtype(float f, int bf16) { return bf16 ? round_bf16(f) : f; }
+
 /* Codes of one row of x, zero-padded to `padded`; returns the scale and the sum of the codes. A row holding a NaN
- * or an infinity gives scale NaN and so an all-NaN output row, as torch's path does (its codes are NaN there). */
-static float quantize_row(const float *x, int8_t *c, int64_t n, int64_t padded, int32_t *sum) {
+ * or an infinity gives scale NaN and so an all-NaN output row, as torch's path does (its codes are NaN there).
+ * A bfloat16 row's operations (the floor's clamp, the reciprocal, the product by 127, x * scale) are each rounded
+ * to bfloat16, as torch computes them on bfloat16 tensors. */
+static float quantize_row(const void *x, int bf16, int8_t *c, int64_t n, int64_t padded, int32_t *sum) {
     float amax = 0.0f;
     int finite = 1;
     for (int64_t j = 0; j < n; j++) {
-        float a = fabsf(x[j]);
+        float a = fabsf(load_x(x, j, bf16));
         finite &= a <= 3.40282347e38f; /* false for NaN and infinity */
         amax = a > amax ? a : amax;
     }
@@ -131,11 +111,13 @@ static float quantize_row(const float *x, int8_t *c, int64_t n, int64_t padded, 
         *sum = 0;
         return NAN;
     }
-    if (amax < SCALE_FLOOR) amax = SCALE_FLOOR;
-    float scale = (1.0f / amax) * ACT_MAX; /* torch: ACT_MAX / t is t.reciprocal() * ACT_MAX */
+    float floor = in_dtype(SCALE_FLOOR, bf16);
+    if (amax < floor) amax = floor;
+    /* torch: ACT_MAX / t is t.reciprocal() * ACT_MAX */
+    float scale = in_dtype(in_dtype(1.0f / amax, bf16) * ACT_MAX, bf16);
     int32_t s = 0;
     for (int64_t j = 0; j < n; j++) {
-        float q = rintf(x[j] * scale);
+        float q = rintf(in_dtype(load_x(x, j, bf16) * scale, bf16));
         q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
         c[j] = (int8_t)q;
         s += c[j];
@@ -236,7 +218,7 @@ static void *run(void *arg) {
     for (int64_t r = 0; r < t->rows; r++) {
         const int8_t *c = t->codes + r * t->groups * GROUP;
         float denom = t->weight_scale * t->scale[r];
-        if (t->bf16) denom = round_bf16(denom);
+        denom = in_dtype(denom, t->bf16);
         for (int64_t b = t->block_begin; b < t->block_end; b++) {
             block_sums(c, t->packed + b * t->groups * CHUNK, t->groups, sums);
             int64_t first = b * BLOCK_ROWS, last = first + BLOCK_ROWS < t->out ? first + BLOCK_ROWS : t->out;
@@ -263,8 +245,8 @@ static int linear(const void *x, int bf16, int64_t rows, int64_t in, const uint8
     float *scale = (float *)(codes + rows * padded);
     int32_t *code_sum = (int32_t *)(scale + rows);
     for (int64_t r = 0; r < rows; r++)
-        scale[r] = bf16 ? quantize_row_bf16((const uint16_t *)x + r * in, codes + r * padded, in, padded, &code_sum[r])
-                        : quantize_row((const float *)x + r * in, codes + r * padded, in, padded, &code_sum[r]);
+        scale[r] = quantize_row((const char *)x + r * in * (bf16 ? 2 : 4), bf16, codes + r * padded, in, padded,
+                                &code_sum[r]);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = blocks;
