@@ -9,7 +9,8 @@
  * pool, no oversubscription), because one core cannot draw the memory bandwidth two can. Each thread takes its
  * rows four at a time (four streams in flight, its partial sums read and written once per four rows) and
  * prefetches the first bytes of the next four (the hardware prefetcher follows a row once it has started; whole
- * rows prefetched cost more instructions than they saved: 14.4 against 10.6 ms of kernel a token on an Intel Xeon).
+ * rows prefetched cost more instructions than they saved: 14.4 against 10.6 ms of kernel a token on an Intel Xeon);
+ * gather_dot takes its kept blocks the same way.
  * Results equal the dense product of the zeroed vector up to float32 summation order (each thread adds its kept
  * rows in index order, four at a time, then the threads' sums are added).
  *
@@ -165,24 +166,63 @@ static float NAME(dot16)(const T *restrict a, const T *restrict b, int64_t n) {
     return acc[0] + tail;
 }
 
+/* out[q] = a_q . b for four vectors a_q at once, each summed exactly as dot16 sums it (same lanes, same order: the
+ * same bits): four streams of weights in flight, b's lanes loaded once for the four. */
+static void NAME(dot16x4)(const T *restrict a0, const T *restrict a1, const T *restrict a2, const T *restrict a3,
+                          const T *restrict b, int64_t n, float *out) {
+    float acc[4][16] = {{0}};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) {
+            const float bl = LOAD(b, i + l);
+            acc[0][l] += LOAD(a0, i + l) * bl;
+            acc[1][l] += LOAD(a1, i + l) * bl;
+            acc[2][l] += LOAD(a2, i + l) * bl;
+            acc[3][l] += LOAD(a3, i + l) * bl;
+        }
+    const T *a[4] = {a0, a1, a2, a3};
+    for (int q = 0; q < 4; q++) {
+        float tail = 0.0f;
+        for (int64_t j = i; j < n; j++) tail += LOAD(a[q], j) * LOAD(b, j);
+        for (int s = 8; s > 0; s >>= 1)
+            for (int l = 0; l < s; l++) acc[q][l] += acc[q][l + s];
+        out[q] = acc[q][0] + tail;
+    }
+}
+
 /* y[k * width + r] = w[idx[k], r, :] . x for r < width, with w laid out (rows, width, in): the kept rows of `width`
  * interleaved matrices (Deja Vu's gate and up, width 2; ReLU's up, width 1), each kept index one contiguous block
- * of width * in floats. The kept indices are split over `threads` threads, each writing its own outputs (nothing
- * to add up between threads), the next blocks prefetched. */
+ * of width * in values. The kept indices are split over `threads` threads, each writing its own outputs (nothing
+ * to add up between threads), four blocks at a time with the heads of the next four prefetched, as gather_rows
+ * reads its rows (whole blocks prefetched two ahead, one at a time: 4.2 against 3.1 ms for the 30 layers of the
+ * built-in model's gate|up at 30% kept, caches flushed, on an Intel Xeon). */
 void NAME(gather_dot)(const int64_t *idx, int64_t kept, const T *w, int64_t width, int64_t in, const T *x,
                       float *y, int64_t threads) {
     if (threads < 1) threads = 1;
     if (threads > kept) threads = kept > 0 ? kept : 1;
     const int64_t block = width * in;
-#pragma omp parallel for schedule(static) num_threads((int)threads) if (threads > 1)
-    for (int64_t k = 0; k < kept; k++) {
-        if (k + 2 < kept) {
-            const char *next = (const char *)(w + idx[k + 2] * block);
-            for (int64_t byte = 0; byte < block * (int64_t)sizeof(T); byte += 64)
-                __builtin_prefetch(next + byte, 0, 3);
+#pragma omp parallel num_threads((int)threads) if (threads > 1)
+    {
+        int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t per = (kept + n - 1) / n, a = id * per < kept ? id * per : kept, b = a + per < kept ? a + per : kept;
+        int64_t k = a;
+        for (; k + 4 <= b; k += 4) {
+            for (int64_t r = k + PREFETCH_AHEAD; r < k + PREFETCH_AHEAD + 4 && r < b; r++) {
+                const char *next = (const char *)(w + idx[r] * block);
+                for (int64_t byte = 0; byte < PREFETCH_HEAD && byte < block * (int64_t)sizeof(T); byte += 64)
+                    __builtin_prefetch(next + byte, 0, 3);
+            }
+            for (int64_t r = 0; r < width; r++) {
+                float out[4];
+                NAME(dot16x4)(w + idx[k] * block + r * in, w + idx[k + 1] * block + r * in,
+                              w + idx[k + 2] * block + r * in, w + idx[k + 3] * block + r * in, x, in, out);
+                for (int q = 0; q < 4; q++) y[(k + q) * width + r] = out[q];
+            }
         }
-        const T *restrict rows = w + idx[k] * block;
-        for (int64_t r = 0; r < width; r++) y[k * width + r] = NAME(dot16)(rows + r * in, x, in);
+        for (; k < b; k++) {
+            const T *restrict rows = w + idx[k] * block;
+            for (int64_t r = 0; r < width; r++) y[k * width + r] = NAME(dot16)(rows + r * in, x, in);
+        }
     }
 }
 #endif /* GATHER_GEMV_BODY */
