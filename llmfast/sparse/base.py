@@ -110,10 +110,14 @@ def mlp_activation_name(model: "PreTrainedModel") -> str:
 
 
 def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
-    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error."""
+    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error.
+    Fused gate|up MLPs (Phi-3, GLM) are split into that form first, in place (fused.py: the same function)."""
+    from llmfast.sparse.fused import split_fused_mlps
+
+    split_fused_mlps(model)
     return modules_with(model, ("gate_proj", "up_proj", "down_proj", "act_fn"), where,
-                        "gated MLP (gate_proj/up_proj/down_proj with act_fn): activation sparsity supports "
-                        "Llama-style models only")
+                        "gated MLP (gate_proj/up_proj/down_proj with act_fn, or Phi-3/GLM's fused gate_up_proj): "
+                        "activation sparsity supports those models only")
 
 
 def artifact_sparsity(path: str | Path) -> tuple["Sparsifier", Any] | None:

@@ -228,6 +228,7 @@ class Relufy(Sparsifier):
         from llmfast.distill import heldout_kl
         from llmfast.loading import from_pretrained
         from llmfast.serve.vllm_plugin import mark_relu_architecture
+        from llmfast.sparse.fused import fused_state_dict
         from llmfast.sparse.measure import measure_sparsity
 
         student = from_pretrained(job.model_path, job.dtype)
@@ -248,7 +249,8 @@ class Relufy(Sparsifier):
         metrics["heldout_kl"] = {"relu_untrained": round(kl_swap_only, 6),
                                  "relu_trained": round(heldout_kl(student, job.model, heldout), 6)}
         metrics["heldout_sparsity"] = measure_sparsity(student, job.heldout)
-        student.save_pretrained(out_dir, safe_serialization=True)
+        # a fused gate|up MLP (Phi-3) split for training is saved fused again: the architecture's own checkpoint
+        student.save_pretrained(out_dir, safe_serialization=True, state_dict=fused_state_dict(student))
         mark_relu_architecture(out_dir)  # vLLM serves it through our plugin; transformers reads model_type
         job.tokenizer.save_pretrained(out_dir)
         log = job.work_dir / "train_log.jsonl"

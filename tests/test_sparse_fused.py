@@ -1,0 +1,146 @@
+"""Fused gate|up MLPs (Phi-3, GLM-4: llmfast/sparse/fused.py) through every sparsity method: the split model is the
+same function (float64 against the untouched model), the state dict round-trips to the architecture's own keys,
+a relufied Phi-3 is a Phi-3 checkpoint that plain transformers loads with ReLU and the same logits, a killed relufy
+resumes to the uninterrupted run's weights, the sparse runtime decodes as the hooks do, and a fused MLP of a class
+not known to compute gate-then-up is refused."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_sparse import _kill_after_a_checkpoint, recipe
+from conftest import run_cli
+
+
+def _tiny(kind: str, out, tokenizer_dir):
+    from transformers import Glm4Config, Glm4ForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, pad_token_id=0)
+    model = (Phi3ForCausalLM(Phi3Config(**shape)) if kind == "phi3"
+             else Glm4ForCausalLM(Glm4Config(**shape, head_dim=64)))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory, tiny_dir):
+    return _tiny("phi3", tmp_path_factory.mktemp("phi3") / "phi3", tiny_dir)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "glm4"])
+def test_split_is_the_same_function_and_saves_as_the_architecture(kind, tmp_path, tiny_dir):
+    """In float64 the split MLP (gate and up multiplied apart) equals the fused one to ~1e-15 of the logits; a
+    swapped gate/up or a misplaced activation would be off by O(1). The fused state dict has the original keys and
+    the original tensors bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.sparse.base import gated_mlps
+    from llmfast.sparse.fused import fused_state_dict, split_fused_mlps
+
+    model = AutoModelForCausalLM.from_pretrained(_tiny(kind, tmp_path / kind, tiny_dir)).double().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert len(gated_mlps(model)) == 2 and split_fused_mlps(model) == 0  # split once, by gated_mlps
+    mlp = model.model.layers[0].mlp
+    assert not hasattr(mlp, "gate_up_proj") and mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (256, 128)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).abs().max() <= 1e-12 * before.abs().max()
+    saved = fused_state_dict(model)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original)
+
+
+def test_every_method_on_phi3(tmp_path, phi3_dir):
+    """TEAL, CATS, relufy and Deja Vu over relufy sparsify a Phi-3 (refused before: its MLP is fused); relufy writes
+    a Phi-3 checkpoint (gate_up_proj, hidden_act relu) that transformers alone loads with the logits of
+    llmfast's own load; TEAL's attention sites stay refused in one line (Phi-3's qkv_proj is fused too)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import load_model
+
+    fast = {"teal": "{target: 0.5}", "cats": "{target: 0.5}", "relufy": "{steps: 2, batch_size: 2, lr: 1.0e-4}"}
+    for method, cfg in fast.items():
+        code, _, err = run_cli("sparsify", str(recipe(tmp_path, phi3_dir, method, cfg, out=method, name=method)))
+        assert code == 0, err[-2000:]
+        held = json.loads((tmp_path / method / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]
+        assert 0.4 < held["down_in"]["mean"] < 0.6, (method, held)
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relufy", "dejavu",
+                                                  "{rank: 8, steps: 20, active_fraction: 0.5}", out="dv", name="dv")))
+    assert code == 0, err[-2000:]
+    relufied = tmp_path / "relufy"
+    keys = set(load_file(relufied / "model.safetensors"))
+    assert "model.layers.0.mlp.gate_up_proj.weight" in keys and not any("gate_proj" in k for k in keys)
+    cfg = json.loads((relufied / "config.json").read_text())
+    assert cfg["hidden_act"] == "relu" and cfg["architectures"] == ["Phi3ForCausalLM"]
+    plain = AutoModelForCausalLM.from_pretrained(relufied).eval()
+    assert isinstance(plain.model.layers[0].mlp.activation_fn, torch.nn.ReLU)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = plain(ids).logits, load_model(relufied).eval()(ids).logits
+    # the same float32 function with gate and up multiplied apart: summation order only (K = 128 terms)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "teal", "{target: 0.5, sites: [attention]}",
+                                                  out="attn", name="attn")))
+    assert code == 2 and "has no attention with separate q_proj/k_proj/v_proj/o_proj" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "attn").exists()
+
+
+def test_a_killed_phi3_relufy_resumes_to_the_uninterrupted_weights(tmp_path, phi3_dir):
+    """The checkpoints hold the split halves (gate_proj, up_proj); --resume loads them into the split student and the
+    artifact is the fused checkpoint of an uninterrupted run."""
+    cfg = "{steps: 30, batch_size: 2, lr: 3.0e-4, save_every: 5}"
+    assert run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
+    path = recipe(tmp_path, phi3_dir, "relufy", cfg, out="killed", name="killed")
+    ckpts = _kill_after_a_checkpoint(path, tmp_path / "killed.checkpoints" / "checkpoints")
+    assert not (tmp_path / "killed").exists()
+    held = load_file(sorted(ckpts.glob("step-*"))[-1] / "student.safetensors")
+    assert "model.layers.0.mlp.gate_proj.weight" in held
+    code, _, err = run_cli("sparsify", str(path), "--resume")
+    assert code == 0, err[-2000:]
+    a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert json.loads((tmp_path / "killed" / "llmfast.json").read_text())["metrics"]["resumed_from"] > 0
+
+
+def test_the_sparse_runtime_decodes_a_phi3_as_the_hooks_do(tmp_path, phi3_dir):
+    """TEAL's thresholds on a Phi-3 through the sparse runtime (the C kernel, or torch's gathers) give the greedy
+    tokens of the hooked model (the same zeros, summed in another order)."""
+    from llmfast.models import load_model
+    from llmfast.sparse.runtime import load_sparse_model, runtime_calls
+
+    assert run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "teal", "{target: 0.4}", out="teal")))[0] == 0
+    hooked, sparse = load_model(tmp_path / "teal").eval(), load_sparse_model(tmp_path / "teal")
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(hooked.generate(ids, **kw), sparse.generate(ids, **kw))
+    assert runtime_calls(sparse, "mlp")["sparse"] > 0
+
+
+def test_a_fused_mlp_of_an_unknown_class_is_refused():
+    """A module with gate_up_proj whose class is not known to compute down(up * act(gate)) (its halves could be in
+    the other order) is not split: the model has no gated MLP, one line."""
+    from llmfast.errors import UserError
+    from llmfast.sparse.base import gated_mlps
+
+    class OtherFusedMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = torch.nn.Linear(8, 32, bias=False), torch.nn.Linear(16, 8, bias=False)
+            self.activation_fn = torch.nn.SiLU()
+
+    model = torch.nn.Sequential(OtherFusedMLP())
+    model.config = SimpleNamespace(architectures=["OtherForCausalLM"])
+    with pytest.raises(UserError, match="OtherForCausalLM has no gated MLP"):
+        gated_mlps(model)
+    assert hasattr(model[0], "gate_up_proj")
