@@ -1,8 +1,8 @@
 """Fused gate|up MLPs (Phi-3, GLM-4: llmfast/sparse/fused.py) through every sparsity method: the split model is the
 same function (float64 against the untouched model), the state dict round-trips to the architecture's own keys,
 a relufied Phi-3 is a Phi-3 checkpoint that plain transformers loads with ReLU and the same logits, a killed relufy
-resumes to the uninterrupted run's weights, the sparse runtime decodes as the hooks do, and a fused MLP of a class
-not known to compute gate-then-up is refused."""
+resumes to the uninterrupted run's weights, TEAL's attention sites take Phi-3's fused qkv_proj, the sparse runtime
+decodes as the hooks do, and a fused MLP of a class not known to compute gate-then-up is refused."""
 
 import json
 import shutil
@@ -63,7 +63,7 @@ def test_split_is_the_same_function_and_saves_as_the_architecture(kind, tmp_path
 def test_every_method_on_phi3(tmp_path, phi3_dir):
     """TEAL, CATS, relufy and Deja Vu over relufy sparsify a Phi-3 (refused before: its MLP is fused); relufy writes
     a Phi-3 checkpoint (gate_up_proj, hidden_act relu) that transformers alone loads with the logits of
-    llmfast's own load; TEAL's attention sites stay refused in one line (Phi-3's qkv_proj is fused too)."""
+    llmfast's own load."""
     from transformers import AutoModelForCausalLM
 
     from llmfast.models import load_model
@@ -89,10 +89,6 @@ def test_every_method_on_phi3(tmp_path, phi3_dir):
         a, b = plain(ids).logits, load_model(relufied).eval()(ids).logits
     # the same float32 function with gate and up multiplied apart: summation order only (K = 128 terms)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
-    code, _, err = run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "teal", "{target: 0.5, sites: [attention]}",
-                                                  out="attn", name="attn")))
-    assert code == 2 and "has no attention with separate q_proj/k_proj/v_proj/o_proj" in err.strip().splitlines()[-1]
-    assert not (tmp_path / "attn").exists()
 
 
 def test_a_killed_phi3_relufy_resumes_to_the_uninterrupted_weights(tmp_path, phi3_dir):
@@ -113,18 +109,23 @@ def test_a_killed_phi3_relufy_resumes_to_the_uninterrupted_weights(tmp_path, phi
 
 
 def test_the_sparse_runtime_decodes_a_phi3_as_the_hooks_do(tmp_path, phi3_dir):
-    """TEAL's thresholds on a Phi-3 through the sparse runtime (the C kernel, or torch's gathers) give the greedy
-    tokens of the hooked model (the same zeros, summed in another order)."""
+    """TEAL's thresholds on a Phi-3's MLPs and attention (its fused qkv_proj hooked and gathered as one projection)
+    through the sparse runtime (the C kernel, or torch's gathers) give the greedy tokens of the hooked model (the
+    same zeros, summed in another order)."""
     from llmfast.models import load_model
     from llmfast.sparse.runtime import load_sparse_model, runtime_calls
 
-    assert run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "teal", "{target: 0.4}", out="teal")))[0] == 0
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "teal", "{target: 0.4, sites: [mlp, attention]}",
+                                                  out="teal")))
+    assert code == 0, err[-2000:]
+    held = json.loads((tmp_path / "teal" / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]
+    assert 0.3 < held["attn_in"]["mean"] < 0.5 and 0.3 < held["o_in"]["mean"] < 0.5, held
     hooked, sparse = load_model(tmp_path / "teal").eval(), load_sparse_model(tmp_path / "teal")
     ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(hooked.generate(ids, **kw), sparse.generate(ids, **kw))
-    assert runtime_calls(sparse, "mlp")["sparse"] > 0
+    assert runtime_calls(sparse, "mlp")["sparse"] > 0 and runtime_calls(sparse, "attention")["sparse"] > 0
 
 
 def test_a_fused_mlp_of_an_unknown_class_is_refused():

@@ -45,7 +45,9 @@ def _has_hooks(mlp: Any) -> bool:
 
 
 def _attention_has_hooks(attn: Any) -> bool:
-    return any(getattr(attn, p)._forward_pre_hooks for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    from llmfast.sparse.thresholds import input_projections
+
+    return any(getattr(attn, p)._forward_pre_hooks for p in (*input_projections(attn), "o_proj"))
 
 
 def _sparsity(artifact: Path) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     attention = _attention_thresholds(artifact, sparsity, len(mlps))
     attns: list[Any] = []
     if attention:  # checked before anything on the model changes
-        from llmfast.sparse.thresholds import attention_blocks
+        from llmfast.sparse.thresholds import attention_blocks, input_projections
 
         attns = attention_blocks(model, where=str(artifact))
         if any(_attention_has_hooks(a) for a in attns):
@@ -157,7 +159,7 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     runtimes: list[Any] = []
     for i, (mlp, k) in enumerate(zip(mlps, kw)):
         if attention:
-            for site, projections in (("attn_in", ("q_proj", "k_proj", "v_proj")), ("o_in", ("o_proj",))):
+            for site, projections in (("attn_in", input_projections(attns[i])), ("o_in", ("o_proj",))):
                 if site in attention:
                     runtimes.append(SparseProjections([getattr(attns[i], p) for p in projections],
                                                       attention[site][i], dense_above=dense_above))

@@ -35,13 +35,23 @@ THRESHOLDS_FILE = "sparsity.safetensors"
 SITES = ("mlp_in", "down_in", "gate_act", "attn_in", "o_in")
 ATTENTION_SITES = ("attn_in", "o_in")
 QKV = ("q_proj", "k_proj", "v_proj")
+FUSED_QKV = ("qkv_proj",)  # Phi-3's one projection of attention's input: q, k and v stacked
+
+
+def input_projections(attn: Any) -> tuple[str, ...]:
+    """The projections of an attention block that read its input (the `attn_in` site): q/k/v, or a fused qkv_proj."""
+    return QKV if all(hasattr(attn, p) for p in QKV) else FUSED_QKV
 
 
 def attention_blocks(model: "PreTrainedModel", where: str = "") -> list[Any]:
-    """The attention modules with separate q/k/v/o projections (Llama style), in layer order; none is a
-    one-line error (a fused qkv_proj, as in Phi-3, has no input of its own per projection to hook)."""
-    return modules_with(model, (*QKV, "o_proj"), where, "attention with separate q_proj/k_proj/v_proj/o_proj: "
-                        "TEAL's attention sites support Llama-style attention only (use sites: [mlp])")
+    """The attention modules with q/k/v projections (separate, Llama style, or one fused qkv_proj, Phi-3 style) and
+    o_proj, in layer order; none is a one-line error."""
+    found = [m for m in model.modules() if hasattr(m, "o_proj") and any(
+        all(hasattr(m, p) for p in names) for names in (QKV, FUSED_QKV))]
+    # none found: modules_with finds none either and raises the one line naming the architecture
+    return found or modules_with(model, (*QKV, "o_proj"), where, "attention with q_proj/k_proj/v_proj (or a fused "
+                                 "qkv_proj) and o_proj: TEAL's attention sites support Llama- and Phi-3-style "
+                                 "attention only (use sites: [mlp])")
 
 
 def zero_small(x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
@@ -84,8 +94,8 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
     return the hook handles. `where`, the thresholds' file, is named in errors.
 
     With `calibrate` (a target fraction), NaN entries are filled from the first batch that reaches them.
-    `attn_in` is one threshold per layer hooked on each of q_proj, k_proj and v_proj: they read the same
-    tensor, so q_proj's hook (the first to run) calibrates it and all three zero the same entries.
+    `attn_in` is one threshold per layer hooked on each of q_proj, k_proj and v_proj (or a fused qkv_proj): they
+    read the same tensor, so q_proj's hook (the first to run) calibrates it and all three zero the same entries.
     """
     mlps = gated_mlps(model)
     attns = attention_blocks(model) if any(s in ATTENTION_SITES for s in thresholds) else []
@@ -122,7 +132,7 @@ def _attention_hooks(attns: list[Any], site: str, vec: "torch.Tensor", calibrate
     for i, attn in enumerate(attns):
         hook = (lambda mod, args, v=vec, i=i: (zero_small(args[0], _calibrated(args[0], v, i, calibrate)),
                                                *args[1:]))
-        for proj in (QKV if site == "attn_in" else ("o_proj",)):
+        for proj in (input_projections(attn) if site == "attn_in" else ("o_proj",)):
             handles.append(getattr(attn, proj).register_forward_pre_hook(hook))
     return handles
 
@@ -130,7 +140,7 @@ def _attention_hooks(attns: list[Any], site: str, vec: "torch.Tensor", calibrate
 @contextlib.contextmanager
 def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
                               eps: float = 0.0) -> Iterator[dict[str, list[Any]]]:
-    """Zeros entering q_proj (`attn_in`: k_proj and v_proj read the same tensor) and o_proj (`o_in`) while the
+    """Zeros entering q_proj or qkv_proj (`attn_in`: k_proj and v_proj read the same tensor) and o_proj (`o_in`) while the
     block runs, for the attention sites among `sites`; yields {site: [ZeroTally per layer]}, as
     measure.record_sparsity does for the MLP. Register after the threshold hooks."""
     from llmfast.sparse.measure import ZeroTally
@@ -138,7 +148,7 @@ def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
     wanted = [s for s in sites if s in ATTENTION_SITES]
     attns = attention_blocks(model) if wanted else []
     tallies = {s: [ZeroTally() for _ in attns] for s in wanted}
-    handles = [getattr(attn, "q_proj" if s == "attn_in" else "o_proj").register_forward_pre_hook(
+    handles = [getattr(attn, input_projections(attn)[0] if s == "attn_in" else "o_proj").register_forward_pre_hook(
                    lambda mod, args, t=tallies[s][i]: t.add(args[0], eps))
                for s in wanted for i, attn in enumerate(attns)]
     try:
