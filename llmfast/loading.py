@@ -125,6 +125,11 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(path)
+    generation = Path(path) / "generation_config.json"
+    if generation.is_file() and not os.access(generation, os.R_OK):  # transformers goes on with its defaults
+        raise UserError(f"{generation}: no permission to read it (transformers would go on with default generation "
+                        "settings, and an artifact made from this model would keep those): make it readable for this "
+                        "user")
     if "quantization_config" not in kwargs:
         check_weights_fit(path)
     try:

@@ -145,3 +145,18 @@ def test_serve_takes_an_existing_writable_log_in_a_folder_it_cannot_write(tmp_pa
     finally:
         ro.chmod(0o755)
     assert code == 2 and "no-such-model" in _last(err) and "--log" not in _last(err), err[-2000:]
+
+
+def test_quantize_refuses_an_unreadable_generation_config(tmp_path, tiny_dir):
+    """transformers loads a model whose generation_config.json it may not read with default generation settings,
+    silently, and the artifact kept those (found by hand, s41): refused before the model loads."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(f"model: {model}\nquantization: {{method: bnb4, type: nf4}}\noutput: {tmp_path / 'out'}\n")
+    hidden = model / "generation_config.json"
+    code, err = _cli(tmp_path, [hidden], "quantize", str(recipe))
+    assert code == 2, err[-2000:]
+    assert _last(err).startswith(f"llmfast: error: {hidden}: no permission to read it (transformers would go on with "
+                                 "default generation settings"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "q.yaml"]
