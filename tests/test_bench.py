@@ -340,6 +340,30 @@ def test_report_has_one_row_per_variant_a_pareto_front_and_its_plots(tmp_path):
     paths = {p.name for p in plots(results, tmp_path)}
     assert paths == {"throughput.png", "latency.png", "frontier.png", "accuracy.png", "loss.png"}
     assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
+    assert all(f"]({p})" in text for p in paths)
+
+
+def test_a_variant_named_baseline_is_a_variant_and_only_written_plots_are_linked(tmp_path):
+    """The runner's transformers rows are told apart by their label's suffix, not by "baseline" anywhere in a name
+    (a variant the user named `baseline` vanished from the summary and the plots); without quality the report
+    links no frontier or accuracy plot, as none is written."""
+    from llmfast.bench.report import BASELINE_SUFFIX, markdown, plot_names, plots
+
+    workload = {"num_prompts": 4, "input_len": 8, "output_len": 8, "ignore_eos": True, "request_rate": "inf",
+                "max_concurrency": [1, 16], "percentiles": [50, 90]}
+    results = {"name": "t", "date": "d", "machine": "m", "comparisons": [], "workload": workload,
+               "variants": [_result("baseline", "hf", 20.0, 30.0, 200.0, 100 * 2**20),
+                            _result("fp32-baseline", "vllm", 20.0, 31.0, 210.0, 100 * 2**20),
+                            _result(f"fp32-baseline{BASELINE_SUFFIX}", "hf", 20.0, 29.0, 190.0, 100 * 2**20)]}
+    summary = markdown(results).split("## Variants")[1].split("## Every load level")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "fp32-baseline"]
+    for v in results["variants"]:
+        v["quality"] = None
+    names = {p.name for p in plots(results, tmp_path)}
+    assert names == set(plot_names(results)) == {"throughput.png", "latency.png"}
+    text = markdown(results, sorted(names))
+    assert "(throughput.png)" in text and "frontier.png" not in text and "accuracy.png" not in text
 
 
 def test_model_size_counts_linear_tensors_from_headers(tmp_path):

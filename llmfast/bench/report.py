@@ -15,8 +15,18 @@ def _conc(pt: dict[str, Any]) -> str:
     return f"{pt['max_concurrency']} (batch {b})" if b and b != pt["max_concurrency"] else str(pt["max_concurrency"])
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """Speed, memory and quality of every variant at every load level, then vLLM against transformers."""
+# The runner's label for its transformers-baseline rows: a variant's own name cannot hold a space or a parenthesis
+# (the bench recipe's pattern), so a variant the user names "baseline" stays a variant.
+BASELINE_SUFFIX = " (transformers baseline)"
+
+
+def is_baseline(v: dict[str, Any]) -> bool:
+    return v["name"].endswith(BASELINE_SUFFIX)
+
+
+def markdown(results: dict[str, Any], images: list[str] | None = None) -> str:
+    """Speed, memory and quality of every variant at every load level, then vLLM against transformers; linking the
+    plots named in `images` (what `plots` wrote; default: every plot the results call for)."""
     w = results["workload"]
     hf_batch = f"batch size {w['hf_batch_size']}" if w.get("hf_batch_size") else "with the concurrency as batch size"
     lines = [
@@ -63,11 +73,27 @@ def markdown(results: dict[str, Any]) -> str:
     notes = [n for v in results["variants"] for n in v.get("notes", [])]
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
-    lines += ["", "![quality against speed and size](frontier.png)", "", "![accuracy per task](accuracy.png)", "",
-              "![throughput](throughput.png)", "", "![latency](latency.png)", ""]
-    if any(v.get("training_logs") for v in results["variants"]):
-        lines += ["![fine-tuning loss](loss.png)", ""]
+    captions = {"frontier.png": "quality against speed and size", "accuracy.png": "accuracy per task",
+                "throughput.png": "throughput", "latency.png": "latency", "loss.png": "fine-tuning loss"}
+    wanted = images if images is not None else plot_names(results)
+    lines.append("")
+    for name, caption in captions.items():
+        if name in wanted:
+            lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def plot_names(results: dict[str, Any]) -> list[str]:
+    """The plots `plots` writes for these results: frontier.png only with perplexities, accuracy.png only with task
+    accuracies, loss.png only with the training logs of a variant's adapters."""
+    names = ["throughput.png", "latency.png"]
+    if _frontier_rows(results):
+        names.append("frontier.png")
+    if _task_names(results) and _accuracy_rows(results):
+        names.append("accuracy.png")
+    if any(v.get("training_logs") for v in results["variants"]):
+        names.append("loss.png")
+    return names
 
 
 def _task_names(results: dict[str, Any]) -> list[str]:
@@ -102,7 +128,7 @@ def _mib(n: Any) -> str:
 
 def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
     """One row per variant: quality, speed at the lowest and highest concurrency, size, where it came from."""
-    rows = [v for v in results["variants"] if "baseline" not in v["name"]]
+    rows = [v for v in results["variants"] if not is_baseline(v)]
     if not rows:
         return []
     low = min(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
@@ -215,9 +241,16 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
+def _frontier_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in results["variants"] if not is_baseline(v) and (v.get("quality") or {}).get("perplexity")]
+
+
+def _accuracy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in results["variants"] if not is_baseline(v) and v.get("quality")]
+
+
 def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
-    rows = [v for v in results["variants"] if "baseline" not in v["name"]
-            and (v.get("quality") or {}).get("perplexity")]
+    rows = _frontier_rows(results)
     if not rows:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -247,7 +280,7 @@ def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Pat
 
 def _accuracy_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Path]:
     tasks = _task_names(results)
-    rows = [v for v in results["variants"] if "baseline" not in v["name"] and v.get("quality")]
+    rows = _accuracy_rows(results)
     if not tasks or not rows:
         return []
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows) * len(tasks) / 2), 4.5))

@@ -214,7 +214,7 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     only with `overwrite`, never a variant's model or adapter, checked before anything runs); return report.md."""
     from llmfast.artifacts import atomic_dir, atomic_write_json, check_output, write_manifest
     from llmfast.bench.engines import ENGINES
-    from llmfast.bench.report import markdown, plots
+    from llmfast.bench.report import BASELINE_SUFFIX, markdown, plots
     from llmfast.bench.workload import random_requests
     from llmfast.models import load_tokenizer
     from llmfast.recipe import recipe_dict
@@ -253,7 +253,7 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
             if m in baseline_for:
                 base = Measured(m.variant, "hf", f"{m.label}-baseline")
                 _measure_hf(recipe, base, requests, tmp)
-                base.label = f"{m.label} (transformers baseline)"
+                base.label = f"{m.label}{BASELINE_SUFFIX}"
                 rows.append(base)
                 comparisons += _comparisons(m, base)
         results = {
@@ -267,8 +267,8 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
             "comparisons": comparisons,
         }
         atomic_write_json(tmp / "results.json", results)
-        (tmp / "report.md").write_text(markdown(results), encoding="utf-8")
-        plots(results, tmp)
+        images = [p.name for p in plots(results, tmp)]
+        (tmp / "report.md").write_text(markdown(results, images), encoding="utf-8")
         write_manifest(tmp, stage="bench", parents=[str(v.model_dir) for v, _, _ in planned],
                        recipe=recipe_dict(recipe), metrics={"comparisons": comparisons})
     return Path(recipe.output) / "report.md"
