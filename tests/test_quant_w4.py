@@ -116,6 +116,14 @@ def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "288 inputs" in err[0] and "use group_size 32" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".w4.tmp-*"))
+    # no group size fits (200 inputs): another method, not a group size the schema refuses ("none" was offered)
+    odd = build_tiny_llama(tmp_path / "odd", intermediate_size=200)
+    capsys.readouterr()
+    assert main(["quantize", str(_recipe(tmp_path, odd, out, group_size=32))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("no group size fits this model (w4 needs every layer's input size a "
+                                             "multiple of 32): quantize it with bnb4 (NF4/FP4) or bitnet instead")
+    assert not out.exists()
 
 
 _VLLM_LOGPROBS = """

@@ -77,17 +77,20 @@ def check_shapes(model: Any, group_size: int) -> None:
             n = m.in_features
             if n % group_size or n % KERNEL_MULTIPLE:
                 raise UserError(f"w4: layer {name} has {n} inputs, which group_size {group_size} (and vLLM's CPU "
-                                f"kernel, multiples of {KERNEL_MULTIPLE}) cannot split evenly: use group_size "
-                                f"{_fitting_group(model)}")
+                                f"kernel, multiples of {KERNEL_MULTIPLE}) cannot split evenly: {_fitting_group(model)}")
 
 
 def _fitting_group(model: Any) -> str:
+    """What to do instead: the largest group size every layer takes, or another method where none does."""
     import torch
 
     sizes = [m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
              and not n.endswith("lm_head")]
     fits = [g for g in (128, 64, 32) if all(s % g == 0 and s % KERNEL_MULTIPLE == 0 for s in sizes)]
-    return str(fits[0]) if fits else "none: this model's shapes do not fit the kernels"
+    if fits:
+        return f"use group_size {fits[0]}"
+    return (f"no group size fits this model (w4 needs every layer's input size a multiple of {KERNEL_MULTIPLE}): "
+            "quantize it with bnb4 (NF4/FP4) or bitnet instead")
 
 
 @QUANTIZERS.register("w4")
