@@ -85,7 +85,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(recipe.output)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary for a run over several processes
         return 0
-    print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {metrics['final_train_loss']:.4f}"
+    loss = metrics["final_train_loss"]  # None where no step was logged
+    print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {'-' if loss is None else f'{loss:.4f}'}"
           f"  eval loss: {metrics['final_eval_loss']}  tokens/s: {metrics['train_tokens_per_s']}"
           f"  peak memory: {metrics['peak_memory_gib']:.2f} GiB ({metrics['memory_kind']})")
     return 0

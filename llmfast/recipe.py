@@ -25,7 +25,8 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # an infinite or NaN number is refused (a learning rate of .inf passed `gt=0` and trained a NaN adapter)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 def _must_exist(kind: str) -> Any:
@@ -164,7 +165,7 @@ class WorkloadConfig(StrictModel):
     # a sweep; the transformers engine uses it as batch size
     max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
-    request_rate: float | Literal["inf"] = "inf"
+    request_rate: Annotated[float, Field(allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too
     percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]
     seed: NonNegativeInt = 0
     # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a

@@ -484,6 +484,19 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_dir, data, what, row
     assert not (tmp_path / "run").exists(), "no partial output directory"
 
 
+def test_a_diverging_run_stops_in_one_line_without_an_adapter(tmp_path, tiny_dir, data):
+    """A learning rate that sends the loss to NaN stopped with a traceback after saving an all-NaN adapter that export
+    and eval then took (found by hand, s42); an infinite one passed the schema's `gt=0`."""
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", "train.lr=.inf")
+    assert code == 2 and "train.lr" in err.strip().splitlines()[-1] and "finite" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", "train.lr=1e30")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("llmfast: error: finetune: the training loss became nan at step ") and "lower train.lr" in last
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_qlora_without_bitsandbytes_is_one_line(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data, extra="quantization: {type: nf4}")
     code = ("import sys; sys.modules['bitsandbytes'] = None; from llmfast.cli import main; "

@@ -37,7 +37,7 @@ DEFAULT_METHOD = "bnb4"
 class QuantConfigBase(BaseModel):
     """A method's settings; unknown keys are errors (as in recipes)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True, allow_inf_nan=False)
 
 
 class Quantizer:

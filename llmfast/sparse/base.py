@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class SparseConfigBase(BaseModel):
     """A method's settings; unknown keys are errors (as in recipes)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 @dataclasses.dataclass
