@@ -145,6 +145,25 @@ def test_eval_replaces_only_results_it_wrote(tiny_dir, tmp_path):
     assert (tmp_path / "other.predictions.jsonl").read_text() == "keep\n" and not (tmp_path / "other.json").exists()
 
 
+def test_tasks_on_a_tokenizer_without_a_chat_template_are_refused_before_loading(tiny_dir, tmp_path):
+    """It ended in transformers' traceback after the model loaded and the perplexity ran (found by hand, s42)."""
+    import shutil
+
+    model = tmp_path / "nochat"
+    shutil.copytree(tiny_dir, model)
+    (model / "chat_template.jinja").unlink()
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recipe = _tiny_eval_recipe(tmp_path, model)
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"llmfast: error: {model}: its tokenizer has no chat template, which "
+                                            "eval.tasks needs (each task row is a chat): use an instruct model, add a "
+                                            "chat_template, or leave out eval.tasks")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.predictions.jsonl").exists()
+
+
 def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, tmp_path):
     recipe = _tiny_eval_recipe(tmp_path, tiny_dir)
     (tmp_path / "f").write_text("x")
