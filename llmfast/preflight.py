@@ -28,7 +28,7 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     if not resume:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
-        check_output(out, overwrite=out.is_dir(), inputs=[dc.train, dc.eval])
+        check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
         check_source(resolve_model(recipe.model), recipe.model, "finetune")

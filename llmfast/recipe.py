@@ -155,6 +155,12 @@ class FinetuneRecipe(StrictModel):
     output: OutputPath
     export_merged: bool = False  # also write OUTPUT/merged, the full model with the adapter merged in
 
+    def inputs(self) -> list[str | os.PathLike[str] | None]:
+        """What the output must not be, hold or sit inside (artifacts.check_output): the data files, and the model
+        when it is a local folder."""
+        model = self.model if Path(self.model).expanduser().is_dir() else None
+        return [self.data.train, self.data.eval, model]
+
 
 # ---------------------------------------------------------------- bench
 class WorkloadConfig(StrictModel):

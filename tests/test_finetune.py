@@ -497,6 +497,18 @@ def test_a_diverging_run_stops_in_one_line_without_an_adapter(tmp_path, tiny_dir
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_an_output_inside_the_model_folder_is_refused(tmp_path, tiny_dir, data):
+    """As export, merge, quantize and sparsify refuse it: the model folder is an input (it was written into)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    path = recipe(tmp_path, model, data)
+    code, _, err = run_cli("finetune", str(path), "--set", f"output={model / 'run'}")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"llmfast: error: output {model / 'run'} is inside the input {model}: writing it would change the input; "
+        "choose a directory outside it"), err
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
+
+
 def test_qlora_without_bitsandbytes_is_one_line(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data, extra="quantization: {type: nf4}")
     code = ("import sys; sys.modules['bitsandbytes'] = None; from llmfast.cli import main; "

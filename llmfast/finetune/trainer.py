@@ -141,7 +141,7 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
             raise UserError(f"--resume: {out} has no checkpoint and holds {foreign}, which a run of llmfast does not "
                             "write: choose another output")
         # Killed before its first checkpoint (or before its folder existed): nothing to keep, so it starts again.
-        check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
+        check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
         if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
             for name in ckpts.RUN_FILES:
                 path = out / name
@@ -152,7 +152,7 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
-        check_output(out, overwrite=out.is_dir(), inputs=[recipe.data.train, recipe.data.eval])
+        check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     return out, resume
 
 
