@@ -421,6 +421,17 @@ def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
 
 
 def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+    """Train the recipe's adapter into recipe.output (the run folder); return the metrics. One run at a time per
+    output (output_lock.py: two would interleave their checkpoints and logs), taken by the first process."""
+    from llmfast.output_lock import output_lock
+
+    check_output(recipe.output, overwrite=True, inputs=recipe.inputs())  # a path to lock beside (existence: below)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(recipe.output) if main else contextlib.nullcontext():
+        return _run_finetune(recipe, resume)
+
+
+def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:
     run = _setup(recipe, resume)
     _prepare_training(run)
     t_start = time.perf_counter()

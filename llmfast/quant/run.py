@@ -45,7 +45,17 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics."""
+    """Quantize `recipe.model` into `recipe.output`; return the artifact's path and metrics. One run at a time per
+    output (output_lock.py: a second would share the work folder)."""
+    from llmfast.artifacts import check_output
+    from llmfast.output_lock import output_lock
+
+    out = check_output(recipe.output, overwrite)  # a path no lock can be taken beside is refused as such first
+    with output_lock(out):
+        return _run_quantize(recipe, resume, overwrite)
+
+
+def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]]:
     from llmfast.artifacts import (atomic_dir, check_output, check_resumed_run, check_work_dir, holds_work,
                                    marked_work_dir, write_manifest)
     from llmfast.sources import check_source

@@ -68,7 +68,17 @@ def _check_outputs(recipe: Any, method: base.Sparsifier, resume: bool, overwrite
 
 def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, overwrite: bool = False
                  ) -> dict[str, Any]:
-    """Write the sparsified artifact at recipe.output; return its metrics."""
+    """Write the sparsified artifact at recipe.output; return its metrics. One run at a time per output
+    (output_lock.py: a second would share, or delete, the first's work folder)."""
+    from llmfast.artifacts import check_output
+    from llmfast.output_lock import output_lock
+
+    out = check_output(Path(recipe.output).expanduser(), overwrite)  # refused as such before a lock is taken
+    with output_lock(out):
+        return _run_sparsify(recipe, method, resume, overwrite)
+
+
+def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite: bool) -> dict[str, Any]:
     import torch
 
     from llmfast.artifacts import atomic_dir, check_resumed_run, marked_work_dir, write_manifest

@@ -1,0 +1,92 @@
+"""One llmfast run per output (llmfast/output_lock.py): a second finetune, sparsify or quantize into an output
+another live process is making is one line naming it, and changes nothing; a SIGKILLed holder never blocks the
+next run; the lock file, and folders made for it, go with the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from llmfast.errors import UserError
+from llmfast.output_lock import lock_path, output_lock
+
+HOLD = "import sys, time\nfrom llmfast.output_lock import output_lock\nwith output_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True)\n    time.sleep(300)\n"
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    """Another process holding `out`'s lock (as a running llmfast verb does) until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_holder_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    proc = _holder(out)
+    try:
+        with pytest.raises(UserError, match=rf"output {out} is being written by another llmfast run \(pid "
+                                            rf"{proc.pid}\): wait for it to end, or choose another output"):
+            with output_lock(out):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert lock_path(out).exists()  # SIGKILL: the file stays, its lock went with the process
+    with output_lock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+    assert not lock_path(out).exists() and (tmp_path / "a" / "b").is_dir()  # the killed holder made them
+    fresh = tmp_path / "new" / "deeper" / "out"
+    with output_lock(fresh):
+        assert fresh.parent.is_dir()
+    assert not (tmp_path / "new").exists(), "folders made for the lock go when the run leaves nothing in them"
+
+
+def test_finetune_into_an_output_being_written_is_refused(tmp_path, tiny_dir):
+    rows = [{"prompt": f"Repeat: {w}", "completion": w} for w in ["alpha", "bravo"] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(f"model: {tiny_dir}\ndata: {{train: {tmp_path / 'train.jsonl'}, max_length: 64}}\n"
+                      f"lora: {{r: 4, alpha: 8}}\ntrain: {{steps: 1, batch_size: 2}}\noutput: {tmp_path / 'out'}\n")
+    proc = _holder(tmp_path / "out")
+    try:
+        for extra in ([], ["--resume"]):
+            code, _, err = run_cli("finetune", str(recipe), *extra)
+            assert code == 2 and err.strip().splitlines()[-1] == (
+                f"llmfast: error: output {tmp_path / 'out'} is being written by another llmfast run (pid {proc.pid}): "
+                "wait for it to end, or choose another output"), err
+        assert not (tmp_path / "out").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0 and (tmp_path / "out" / "adapter").is_dir() and not lock_path(tmp_path / "out").exists(), err
+
+
+def test_sparsify_and_quantize_leave_a_running_work_folder_alone(tmp_path, tiny_dir):
+    """A second run used to delete the first's OUTPUT.checkpoints when it started afresh."""
+    text = REPO / "eval" / "text" / "persuasion.txt"
+    work = tmp_path / "out.checkpoints"
+    work.mkdir()
+    (work / "train_log.jsonl").write_text('{"step": 1}\n')
+    sparsify = tmp_path / "s.yaml"
+    sparsify.write_text(f"model: {tiny_dir}\nsparsify: {{method: teal, config: {{target: 0.5}}}}\n"
+                        f"data: {{text: {text}, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, "
+                        f"window: 256}}\noutput: {tmp_path / 'out'}\n")
+    quantize = tmp_path / "q.yaml"
+    quantize.write_text(f"model: {tiny_dir}\nquantization: {{method: bnb4, type: nf4}}\noutput: {tmp_path / 'out'}\n")
+    proc = _holder(tmp_path / "out")
+    try:
+        for verb, recipe in (("sparsify", sparsify), ("quantize", quantize)):
+            code, _, err = run_cli(verb, str(recipe), "--overwrite")
+            assert code == 2 and "is being written by another llmfast run" in err.strip().splitlines()[-1], err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (work / "train_log.jsonl").read_text() == '{"step": 1}\n' and not (tmp_path / "out").exists()
