@@ -98,9 +98,7 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
     spec = str(spec).strip()
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise UserError(f"unknown built-in model '{name}': `llmfast models` lists them ({', '.join(BUILTINS)})")
-        model = BUILTINS[name]
+        model = _builtin(name)
         folder = name if dtype == "float32" else f"{name}-{dtype}"
         return convert_gguf(builtin_gguf_path(model), cache_dir() / "models" / "builtin" / folder, dtype=dtype)
     path = Path(spec).expanduser()
@@ -128,12 +126,35 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
         return convert_gguf(path, cache_dir() / "models" / "gguf" / f"{path.stem}-{key}", dtype=dtype)
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    if _is_hub_id(spec):
         return _download_from_hub(spec)
-    raise UserError(
-        f"model '{spec}' not found: give builtin:NAME (see `llmfast models`), a model directory, "
-        "a .gguf file or a Hugging Face hub id"
-    )
+    raise _not_found(spec)
+
+
+def _builtin(name: str) -> Any:
+    if name not in BUILTINS:
+        raise UserError(f"unknown built-in model '{name}': `llmfast models` lists them ({', '.join(BUILTINS)})")
+    return BUILTINS[name]
+
+
+def _is_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/"))
+
+
+def _not_found(spec: str) -> UserError:
+    return UserError(f"model '{spec}' not found: give builtin:NAME (see `llmfast models`), a model directory, "
+                     "a .gguf file or a Hugging Face hub id")
+
+
+def check_model_spec(spec: str) -> None:
+    """What `resolve_model` refuses at once about a model that is not there (an unknown built-in, a path that does
+    not exist), found without converting or downloading anything: a chain checks every stage's models so before
+    its first stage runs. What is wrong with a file that exists is the verb's to say when it loads it."""
+    spec = str(spec).strip()
+    if spec.startswith("builtin:"):
+        _builtin(spec.split(":", 1)[1])
+    elif not Path(spec).expanduser().exists() and not _is_hub_id(spec):
+        raise _not_found(spec)
 
 
 def _check_gguf_magic(path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import model_validator
@@ -360,19 +360,30 @@ def load_recipe_with_lines(
     return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed}), lines
 
 
-def validate(
-    data: dict[str, Any],
-    schema: type[T],
-    source: str,
-    lines: dict[tuple[Any, ...], int] | None = None,
-    overridden: set[tuple[str, ...]] | None = None,
-) -> T:
+def validate(data: dict[str, Any], schema: type[T], source: str, lines: dict[tuple[Any, ...], int] | None = None,
+             overridden: set[tuple[str, ...]] | None = None) -> T:
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        # A misspelled key also shows up as a missing one; the misspelling is the useful report.
-        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        raise UserError(_describe(first, schema, data, source, lines or {}, overridden or set())) from None
+        raise UserError(_first(e.errors(), schema, data, source, lines or {}, overridden or set())) from None
+
+
+def check_known(data: dict[str, Any], schema: type[BaseModel], source: str, ignore: Callable[[Any], bool]) -> None:
+    """`validate` without a result, passing over the pydantic errors `ignore(error)` picks: a chain's check of a
+    stage whose paths lie under a parent stage's output, which is not there yet."""
+    try:
+        schema.model_validate(data)
+    except ValidationError as e:
+        errors = [err for err in e.errors() if not ignore(err)]
+        if errors:
+            raise UserError(_first(errors, schema, data, source, {}, set())) from None
+
+
+def _first(errors: list[Any], schema: type[BaseModel], data: Any, source: str, lines: dict[tuple[Any, ...], int],
+           overridden: set) -> str:
+    # A misspelled key also shows up as a missing one; the misspelling is the useful report.
+    return _describe(min(errors, key=lambda err: err["type"] != "extra_forbidden"), schema, data, source, lines,
+                     overridden)
 
 
 def _describe(

@@ -136,13 +136,34 @@ def test_a_chain_killed_anywhere_ends_as_an_uninterrupted_one(tiny: Path, tmp_pa
     assert not [p for p in killed.rglob(".*.tmp-*")]
 
 
-@pytest.mark.parametrize("case", ["cycle", "unknown parent", "unknown type", "owned by another recipe"])
+LATE = {  # found before the first stage runs, not when the stage's turn comes (found by hand, s42)
+    "a misspelled key in the last stage": "stage eval-ternary (eval): with: unknown key 'eval.perplexty' (did you "
+                                          "mean 'perplexity'?)",
+    "a missing text": "stage eval-merged (eval): with: eval.perplexity.text: file not found: /nonexistent/t.txt",
+    "a model not there": "stage lora (finetune): with.model: model 'tinyy' not found",
+    "a quantization setting": "stage ternary (quantize): with: quantization: unknown key 'qat_stepz'",
+}
+
+
+@pytest.mark.parametrize("case", ["cycle", "unknown parent", "unknown type", "owned by another recipe", *LATE])
 def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     recipe = chain(tiny, out)
     expected = {"cycle": "cycle: ", "unknown parent": "not a stage", "unknown type": "unknown stage type 'finetun'",
-                "owned by another recipe": "belongs to the chain recipe"}[case]
+                "owned by another recipe": "belongs to the chain recipe", **LATE}[case]
+    stages = recipe["stages"]
+    if case == "a misspelled key in the last stage":
+        stages["eval-ternary"]["with"]["eval"] = dict(stages["eval-ternary"]["with"]["eval"])
+        stages["eval-ternary"]["with"]["eval"]["perplexty"] = stages["eval-ternary"]["with"]["eval"].pop("perplexity")
+    if case == "a missing text":
+        stages["eval-merged"]["with"]["eval"] = {**stages["eval-merged"]["with"]["eval"],
+                                                 "perplexity": {"text": "/nonexistent/t.txt"}}
+    if case == "a model not there":
+        stages["lora"]["with"]["model"] = "tinyy"
+    if case == "a quantization setting":
+        stages["ternary"]["with"]["quantization"]["qat_stepz"] = stages["ternary"]["with"]["quantization"].pop(
+            "qat_steps")
     if case == "cycle":
         recipe["stages"]["data"]["with"]["seed"] = "${eval-ternary}"
     if case == "unknown parent":
@@ -155,10 +176,11 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
     before = sorted(p for p in tmp_path.rglob("*"))
     path = write(tmp_path / "bad.yaml", recipe)
     capsys.readouterr()
-    assert main(["run", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("llmfast: error:") and expected in err[0]
-    assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, path])
+    for dry in ([], ["--dry-run"]):  # --dry-run tells what would fail, too
+        assert main(["run", str(path), *dry]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("llmfast: error:") and expected in err[0], err
+        assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, path])
 
 
 @pytest.mark.parametrize("empty_output", [False, True])

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
+from llmfast.chain.checks import CHECKS
 from llmfast.errors import UserError
 from llmfast.registry import Registry
 
@@ -26,7 +27,7 @@ class StageType:
     # The verb writes its output whole beside the old one and swaps it in only when complete (--overwrite): a
     # changed stage's earlier output stays until then, so a run killed meanwhile leaves the last complete one.
     replaces_whole: bool = False
-    # Checks the `with:` section before any stage runs (a one-line UserError); the verb checks the rest itself.
+    # Checks the `with:` section before any stage runs (a one-line UserError; checks.py); the verb checks the rest.
     check: Callable[[dict[str, Any]], None] = lambda section: None
 
 
@@ -84,12 +85,14 @@ def _merge_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: b
 
 STAGES.add("tasks", StageType(_tasks_argv, check=_check_tasks))
 STAGES.add("finetune", StageType(_recipe_verb(["finetune"], lambda out: out, [], True),
-                                 resumable=lambda out: any(out.glob("checkpoints/step-*/state.json"))))
-STAGES.add("merge", StageType(_merge_argv, replaces_whole=True))
+                                 resumable=lambda out: any(out.glob("checkpoints/step-*/state.json")),
+                                 check=CHECKS["finetune"]))
+STAGES.add("merge", StageType(_merge_argv, replaces_whole=True, check=CHECKS["merge"]))
 STAGES.add("quantize", StageType(_recipe_verb(["quantize"], lambda out: out, ["--overwrite"], True),
-                                 resumable=_checkpoints_beside, replaces_whole=True))
+                                 resumable=_checkpoints_beside, replaces_whole=True, check=CHECKS["quantize"]))
 STAGES.add("sparsify", StageType(_recipe_verb(["sparsify"], lambda out: out, ["--overwrite"], True),
-                                 resumable=_checkpoints_beside, replaces_whole=True))
-STAGES.add("eval", StageType(_recipe_verb(["eval"], lambda out: out / "results.json", [], False)))
+                                 resumable=_checkpoints_beside, replaces_whole=True, check=CHECKS["sparsify"]))
+STAGES.add("eval", StageType(_recipe_verb(["eval"], lambda out: out / "results.json", [], False),
+                             check=CHECKS["eval"]))
 STAGES.add("bench", StageType(_recipe_verb(["bench", "run"], lambda out: out, ["--overwrite"], False),
-                              replaces_whole=True))
+                              replaces_whole=True, check=CHECKS["bench"]))

@@ -37,10 +37,14 @@ def load_sparsify_recipe(path: str | os.PathLike[str], overrides: list[str] | No
     key = ("sparsify", "method")
     where = f"{path} (--set sparsify.method)" if key in overridden else f"{path}:{lines.get(key, 1)}"
     method = base.SPARSIFIERS.get(generic.sparsify.method, where=f"{where}: sparsify.method")()
+    return validate(data, method_schema(method), str(path), lines, overridden), method
+
+
+def method_schema(method: base.Sparsifier) -> type[SparsifyRecipe]:
+    """The recipe schema with `sparsify.config` checked by the method's own settings."""
     spec = create_model(f"Sparsify_{method.name}", __base__=StrictModel, method=(str, ...),
                         config=(method.Config, method.Config()))
-    schema = create_model(f"SparsifyRecipe_{method.name}", __base__=SparsifyRecipe, sparsify=(spec, ...))
-    return validate(data, schema, str(path), lines, overridden), method
+    return create_model(f"SparsifyRecipe_{method.name}", __base__=SparsifyRecipe, sparsify=(spec, ...))
 
 
 def work_dir_of(output: Path) -> Path:
