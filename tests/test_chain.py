@@ -319,3 +319,34 @@ def test_a_stage_that_will_refuse_its_parents_artifact_is_refused_when_planned(t
     write(recipe, {"output": str(out), "stages": {"nf4": nf4, "lora": lora, "relufy": relufy, "qr": over_relu}})
     assert main(["run", str(recipe), "--dry-run"]) == 0
     assert not out.exists()
+
+
+def test_a_changed_input_file_runs_its_stage_again(tiny: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage's key holds the size and time of the files its `with:` names (a text, a model folder's files): a
+    result made from other files is not reused (it was: stale perplexities under "reuse"); untouched, it is."""
+    model, text = tmp_path / "model", tmp_path / "text.txt"
+    shutil.copytree(tiny, model)
+    text.write_text(TEXT.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    ev = {"model": str(model), "eval": {"perplexity": {"text": str(text), "max_tokens": 128, "context": 64,
+                                                       "stride": 64}}}
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": {
+        "ev": {"type": "eval", "with": ev}, "again": {"type": "eval", "with": {**ev, "model": str(tiny)}}}})
+
+    def plan() -> dict[str, str]:
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--dry-run"]) == 0
+        rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        return {r[2]: f"{r[1]} {r[3].split('  ', 1)[-1].strip()}" for r in rows}
+
+    assert main(["run", str(recipe)]) == 0
+    first = json.loads((tmp_path / "run" / "ev" / "results.json").read_text())["perplexity"]["ppl"]
+    assert all(v.startswith("reuse") for v in plan().values())
+    text.write_text(TEXT.read_text(encoding="utf-8")[20000:40000], encoding="utf-8")
+    assert plan() == {"ev": "run an input file changed", "again": "run an input file changed"}
+    assert main(["run", str(recipe)]) == 0
+    assert json.loads((tmp_path / "run" / "ev" / "results.json").read_text())["perplexity"]["ppl"] != first
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    decided = plan()
+    assert decided["ev"].startswith("run") and decided["again"].startswith("reuse"), decided

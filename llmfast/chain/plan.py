@@ -3,8 +3,10 @@
 A chain recipe names stages; each has a `type` (a verb: tasks, finetune, merge, quantize, sparsify, eval,
 bench) and `with:`, that verb's own recipe (or config) without its output. A string `${NAME}` inside
 `with:` stands for stage NAME's output directory, which makes NAME a parent. A stage's key is a hash of its
-type, its `with:` section and its parents' keys: a result is reused while its key is unchanged, and a changed
-setting changes the keys of that stage and of everything downstream, and nothing else.
+type, its `with:` section, the size and modification time of every file that section names outright (a model
+folder's files, a data file, a text: `input_files`) and its parents' keys: a result is reused while its key is
+unchanged, and a changed setting or input file changes the keys of that stage and of everything downstream, and
+nothing else.
 """
 
 from __future__ import annotations
@@ -47,6 +49,37 @@ class Stage:
     launch: tuple[str, ...]
     parents: tuple[str, ...]
     key: str
+    settings: str = ""  # the key without the input files' sizes and times: tells a changed setting from a changed file
+
+
+MAX_FILES = 10_000  # files of one folder fingerprinted; a larger folder counts by its first ones in sorted order
+
+
+def input_files(value: Any) -> dict[str, Any]:
+    """{path: [size, mtime_ns]} of every existing file a `with:` value names outright, each file of a named folder
+    (hidden ones left out) by its path under it; `${NAME}` paths are a parent's, keyed by the parent's key."""
+    found: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for v in value.values():
+            found.update(input_files(v))
+    elif isinstance(value, list):
+        for v in value:
+            found.update(input_files(v))
+    elif isinstance(value, str) and value and not REF.search(value) and "\0" not in value:
+        path = Path(value).expanduser()
+        try:
+            if path.is_file():
+                st = path.stat()
+                found[value] = [st.st_size, st.st_mtime_ns]
+            elif path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file()
+                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                for f in files[:MAX_FILES]:
+                    st = f.stat()
+                    found[f"{value}/{f.relative_to(path)}"] = [st.st_size, st.st_mtime_ns]
+        except OSError:  # unreadable or vanishing: the verb says what is wrong with it when it runs
+            pass
+    return found
 
 
 def references(value: Any) -> set[str]:
@@ -152,11 +185,15 @@ def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]
     for name in ordered:
         cfg = recipe.stages[name]
         parents = tuple(sorted(references(cfg.with_) | references(cfg.flags)))
-        blob = json.dumps({"type": cfg.type, "with": cfg.with_, "flags": cfg.flags,
-                           "parents": {p: keys[p] for p in parents}}, sort_keys=True, default=str)
-        keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), tuple(cfg.launch), parents, keys[name]))
+        settings = {"type": cfg.type, "with": cfg.with_, "flags": cfg.flags, "parents": {p: keys[p] for p in parents}}
+        keys[name] = _digest({**settings, "files": input_files([cfg.with_, cfg.flags])})
+        planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), tuple(cfg.launch), parents, keys[name],
+                             _digest(settings)))
     return planned
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def downstream(stages: list[Stage], start: str) -> set[str]:

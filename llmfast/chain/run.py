@@ -30,9 +30,9 @@ def _state(out: Path, stage: Stage, suffix: str) -> Path:
     return out / ".state" / f"{stage.name}.{suffix}"
 
 
-def _recorded_key(path: Path) -> str | None:
+def _recorded_key(path: Path, field: str = "key") -> str | None:
     try:
-        return json.loads(path.read_text()).get("key")
+        return json.loads(path.read_text()).get(field)
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -57,7 +57,8 @@ def decide(out: Path, stages: list[Stage], forced: set[str]) -> dict[str, tuple[
             decisions[stage.name] = ("reuse", f"done, key {stage.key}")
             continue
         elif done_key is not None and done_key != stage.key:
-            decisions[stage.name] = ("run", "settings changed")
+            same = _recorded_key(_state(out, stage, "json"), "settings") == stage.settings
+            decisions[stage.name] = ("run", "an input file changed" if same else "settings changed")
         else:
             decisions[stage.name] = ("run", "did not finish, no checkpoint to resume" if done_key is None
                                      else "output missing")
@@ -203,7 +204,8 @@ def _run_stages(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, 
         atomic_write_json(_state(out, stage, "started"), {"key": stage.key})
         began = time.time()
         run_stage(out, stage, action == "resume", run_verb, recipe_path)
-        atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "seconds": round(time.time() - began, 1)})
+        atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "settings": stage.settings,
+                                                       "seconds": round(time.time() - began, 1)})
 
 
 def stage_seconds(out: Path) -> dict[str, Any]:
