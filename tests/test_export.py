@@ -85,3 +85,33 @@ def test_adapter_of_another_base_is_one_line(tmp_path, peft_adapter):
     last = err.strip().splitlines()[-1]
     assert code == 2 and "does not fit the model" in last and "has another shape" in last, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_merge_that_is_not_finite_is_refused(tmp_path, tiny_dir, peft_adapter):
+    """float16 turned a base weight beyond its range into inf, and a diverged adapter merged as NaN: both exported
+    with exit 0 into a model whose perplexity was NaN (found by hand, s42)."""
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_dir, big)
+    weights = load_file(big / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6
+    save_file(weights, big / "model.safetensors", metadata={"format": "pt"})
+    on_big = tmp_path / "on-big"
+    shutil.copytree(peft_adapter, on_big)
+    cfg = json.loads((on_big / "adapter_config.json").read_text())
+    (on_big / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(big)}))
+    code, _, err = run_cli("export", str(on_big), str(tmp_path / "fp16"), "--dtype", "float16")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "llmfast: error: model.layers.0.mlp.down_proj.weight is not finite once merged in float16: export in bfloat16 "
+        "or float32 (--dtype): a weight is beyond float16's range (+-65504)"), err
+    assert run_cli("export", str(on_big), str(tmp_path / "bf16"), "--dtype", "bfloat16")[0] == 0
+    nan = tmp_path / "nan"
+    shutil.copytree(peft_adapter, nan)
+    lora = load_file(nan / "adapter_model.safetensors")
+    key = next(k for k in lora if "lora_B" in k)
+    lora[key][0, 0] = float("nan")
+    save_file(lora, nan / "adapter_model.safetensors")
+    code, _, err = run_cli("export", str(nan), str(tmp_path / "out"))
+    assert code == 2 and "is not finite once merged in float32: the base model or the adapter holds inf or NaN" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "big", "nan", "on-big"]

@@ -152,3 +152,25 @@ def test_error_inside_a_merge_worker_is_one_line_and_leaves_nothing(family, tmp_
     cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1.0}), (family["ft2"], {"weight": -1.0})], None)
     line = _refused(cfg, tmp_path / "out", "--threads", "2", needles=("sum to 0", "normalize: false"))
     assert "tensor " in line
+
+
+def test_a_merge_beyond_float16_is_one_line_and_leaves_nothing(family, tmp_path):
+    """out_dtype float16 turned a merged value beyond +-65504 into inf with only numpy's overflow warning, exit 0,
+    and the model's perplexity was NaN (found by hand, s42)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(family["ft1"], big)
+    weights = load_file(big / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6
+    save_file(weights, big / "model.safetensors", metadata={"format": "pt"})
+    cfg = _config(tmp_path, "linear", [(big, {"weight": 1.0}), (family["ft2"], {"weight": 1.0})], None,
+                  out_dtype="float16")
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")
+    assert code == 2 and "RuntimeWarning" not in err, err
+    assert err.strip().splitlines()[-1] == ("llmfast: error: model.layers.0.mlp.down_proj.weight: holds 500000, beyond "
+                                            "float16's range (+-65504): write it in bfloat16 or float32 (out_dtype, "
+                                            "--dtype)"), err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

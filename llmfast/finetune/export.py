@@ -50,6 +50,19 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any]) -> Path:
     return check_model_dir(Path(base))
 
 
+def _check_finite(model: Any, dtype: str) -> None:
+    """Every merged weight finite: a base weight beyond float16's range loads as inf, and an adapter trained to NaN
+    merges as NaN; either way the exported model's outputs would be NaN."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            fix = ("export in bfloat16 or float32 (--dtype): a weight is beyond float16's range (+-65504)"
+                   if dtype == "float16" else "the base model or the adapter holds inf or NaN: retrain the adapter "
+                   "(a lower learning rate) or check the base model")
+            raise UserError(f"{name} is not finite once merged in {dtype}: {fix}")
+
+
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     from transformers import AutoTokenizer
@@ -101,6 +114,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             own.quantizer.dequantize_for_merge(model, dtype)
             quant = own
     merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
+    _check_finite(merged, dtype)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base]) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -249,13 +249,23 @@ def round_to(values: "np.ndarray", dtype: str) -> "np.ndarray":
     return rounded if rounded.dtype in (np.float32, np.float64) else rounded.astype(np.float32)
 
 
-def stored_bytes(values: "np.ndarray", dtype: str) -> "np.ndarray":
-    """`values` as a C-contiguous array of `dtype` (a torch dtype name), as safetensors stores it."""
+def stored_bytes(values: "np.ndarray", dtype: str, name: str = "") -> "np.ndarray":
+    """`values` as a C-contiguous array of `dtype` (a torch dtype name), as safetensors stores it; a finite value
+    float16 cannot hold (beyond +-65504: it would become inf, and the model NaN) is a one-line error naming `name`."""
     import numpy as np
 
     if dtype == "bfloat16":
         return float32_to_bf16_bits(values)
-    return np.ascontiguousarray(values, dtype=np.dtype(dtype))
+    if dtype != "float16":
+        return np.ascontiguousarray(values, dtype=np.dtype(dtype))
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(values, dtype=np.float16)
+    if not np.isfinite(out).all():
+        beyond = np.isfinite(values) & ~np.isfinite(out)
+        if beyond.any():
+            raise UserError(f"{name or 'a tensor'}: holds {float(np.abs(values[beyond]).max()):.6g}, beyond float16's "
+                            "range (+-65504): write it in bfloat16 or float32 (out_dtype, --dtype)")
+    return out
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -315,7 +325,7 @@ class ShardedWriter:
                 raise RuntimeError(f"tensor {name} is stored as {tensor.dtype}, planned {dtype}")
             data = np.ascontiguousarray(tensor)
         elif isinstance(tensor, np.ndarray):
-            data = stored_bytes(tensor, dtype)
+            data = stored_bytes(tensor, dtype, name)
         else:  # a torch tensor (adapter outputs, scripts)
             import torch
 

@@ -120,7 +120,7 @@ def merge_blocks(plan: MergePlan, name: str, mapped: tuple[Any, list[Any]], out_
     for start in range(0, n, BLOCK):
         block = slice(start, min(start + BLOCK, n))
         base, inputs = prepare_inputs(plan, name, base_stored, stored, block)
-        out[block] = stored_bytes(merge_tensor(plan, name, base, inputs), out_dtype)
+        out[block] = stored_bytes(merge_tensor(plan, name, base, inputs), out_dtype, name)
     return out.reshape(shape)
 
 
