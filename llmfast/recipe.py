@@ -19,14 +19,17 @@ from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
+from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization
+from llmfast.strict import no_bool_numbers
 
 T = TypeVar("T", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    # an infinite or NaN number is refused (a learning rate of .inf passed `gt=0` and trained a NaN adapter)
+    # no inf or NaN (a learning rate of .inf passed `gt=0` and trained a NaN adapter), no true for a number (strict.py)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    _no_bool_numbers = model_validator(mode="before")(classmethod(no_bool_numbers))
 
 
 def _must_exist(kind: str) -> Any:
@@ -254,50 +257,6 @@ class QuantizeRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- loading
-def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
-    out = []
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip() or any(not part for part in key.split(".")):
-            raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set eval.batch_size=8")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip().split("."), value))
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> None:
-    for keys, value in overrides:
-        node: Any = data
-        for i, key in enumerate(keys[:-1]):
-            node = _child(node, key, keys[: i + 1], create=True)
-        last = keys[-1]
-        if isinstance(node, list):
-            node[_index(node, last, keys)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
-
-
-def _index(node: list[Any], key: str, keys: list[str]) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise UserError(f"--set {'.'.join(keys)}: '{key}' is not an index of a list of {len(node)} items")
-    return int(key)
-
-
-def _child(node: Any, key: str, keys: list[str], create: bool) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, key, keys)]
-    if not isinstance(node, dict):
-        raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
-    if key not in node or node[key] is None:
-        node[key] = {}
-    return node[key]
-
-
 def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
     """Map every key path in a composed YAML document to its 1-based line."""
     lines: dict[tuple[Any, ...], int] = {prefix: node.start_mark.line + 1}

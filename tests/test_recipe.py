@@ -88,6 +88,25 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
     assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
 
 
+def test_a_yaml_boolean_is_not_a_number_and_a_comment_is_not_dropped(tmp_path):
+    """pydantic took `true` as 1 (`--set eval.batch_size=true` ran batches of one, `--set
+    quantization.iters=true` one step of tuning), and `--set 'output=x #1'` wrote to `x` (found by hand, s42)."""
+    from llmfast.quant import parse_quantization
+
+    path = _write(tmp_path, GOOD)
+    for key in ("eval.batch_size", "eval.perplexity.context"):
+        with pytest.raises(UserError, match=rf"\(--set {key}\): {key}: Input should be a valid integer.*got 'true'"):
+            load_recipe(path, EvalRecipe, [f"{key}=true"])
+    with pytest.raises(UserError, match="Input should be a valid integer.*got 'true'"):
+        parse_quantization({"method": "w4", "iters": True})
+    with pytest.raises(UserError, match=r"--set 'output=x #1': ' #' starts a comment in YAML, so the value would be "
+                                        r"'x': quote it, e.g. --set 'output=\"x #1\"'"):
+        load_recipe(path, EvalRecipe, ["output=x #1"])
+    assert load_recipe(path, EvalRecipe, ['output="x #1"']).output == Path("x #1")
+    assert load_recipe(path, EvalRecipe, ["output=2024"]).output == Path("2024")  # a folder named by a number
+    assert load_recipe(path, EvalRecipe, ["eval.batch_size=8"]).eval.batch_size == 8
+
+
 def test_recipes_in_repo_validate(tmp_path):
     """Every shipped recipe validates, run from the repo root as the README does (the training sets that
     `llmfast tasks` writes are stood in for by a test set)."""

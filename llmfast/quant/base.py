@@ -22,10 +22,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
 from llmfast.errors import UserError
 from llmfast.registry import Registry, did_you_mean
+from llmfast.strict import no_bool_numbers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -38,6 +39,7 @@ class QuantConfigBase(BaseModel):
     """A method's settings; unknown keys are errors (as in recipes)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True, allow_inf_nan=False)
+    _no_bool_numbers = model_validator(mode="before")(classmethod(no_bool_numbers))  # strict.py
 
 
 class Quantizer:

@@ -18,10 +18,11 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from llmfast.errors import UserError
 from llmfast.registry import Registry
+from llmfast.strict import no_bool_numbers
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,7 @@ class SparseConfigBase(BaseModel):
     """A method's settings; unknown keys are errors (as in recipes)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    _no_bool_numbers = model_validator(mode="before")(classmethod(no_bool_numbers))  # strict.py
 
 
 @dataclasses.dataclass

@@ -19,7 +19,8 @@ from pydantic import create_model
 
 from llmfast.errors import UserError
 from llmfast.memory import peak_memory_gib
-from llmfast.recipe import SparsifyRecipe, StrictModel, apply_overrides, parse_overrides, read_yaml, validate
+from llmfast.overrides import apply_overrides, parse_overrides
+from llmfast.recipe import SparsifyRecipe, StrictModel, read_yaml, validate
 from llmfast.sparse import base
 
 

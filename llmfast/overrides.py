@@ -1,0 +1,58 @@
+"""`--set KEY=VALUE`: every verb's overrides of its recipe. The value is parsed as YAML (`--set lr=2e-4` is a number,
+`--set 'eval.tasks=[]'` a list); a dotted key walks mappings and list indices, creating mappings where missing."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from llmfast.errors import UserError
+
+
+def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
+    out = []
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.split(".")):
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set eval.batch_size=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if re.search(r"(^|\s)#", raw) and "#" not in yaml.safe_dump(value):  # YAML took the rest for a comment
+            raise UserError(f"--set {pair!r}: ' #' starts a comment in YAML, so the value would be {value!r}: quote "
+                            f"it, e.g. --set '{key.strip()}=\"{raw.strip()}\"'")
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> None:
+    for keys, value in overrides:
+        node: Any = data
+        for i, key in enumerate(keys[:-1]):
+            node = _child(node, key, keys[: i + 1], create=True)
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(node, last, keys)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+
+
+def _index(node: list[Any], key: str, keys: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise UserError(f"--set {'.'.join(keys)}: '{key}' is not an index of a list of {len(node)} items")
+    return int(key)
+
+
+def _child(node: Any, key: str, keys: list[str], create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, keys)]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
