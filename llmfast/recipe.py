@@ -223,8 +223,10 @@ class CalibrationText(StrictModel):
     @model_validator(mode="after")
     def _heldout_inside_span(self) -> "CalibrationText":
         if self.heldout_tokens > self.skip_tokens:
-            raise ValueError(f"heldout_tokens ({self.heldout_tokens}) must not exceed skip_tokens "
-                             f"({self.skip_tokens}): the held-out text would overlap the calibration text")
+            given = "" if "heldout_tokens" in self.model_fields_set else ", its default"
+            raise ValueError(f"heldout_tokens ({self.heldout_tokens}{given}) must not exceed skip_tokens "
+                             f"({self.skip_tokens}): the held-out text would overlap the calibration text; set "
+                             "heldout_tokens")
         return self
 
 

@@ -165,3 +165,17 @@ def test_held_out_rows_always_leave_one_to_train_on():
     rows = [object(), object()]
     train, held = split_eval(rows, 0.75, seed=0)  # round(2 x 0.75) = 2 would hold out both (a division by zero)
     assert len(train) == 1 and len(held) == 1 and set(map(id, train + held)) == set(map(id, rows))
+
+
+def test_a_default_that_conflicts_is_named_as_the_default():
+    """`skip_tokens: 1024` alone was refused as if the user had written heldout_tokens 4096 (found by hand, s42)."""
+    from pydantic import ValidationError
+
+    from llmfast.recipe import CalibrationText
+
+    with pytest.raises(ValidationError, match=r"heldout_tokens \(4096, its default\) must not exceed skip_tokens "
+                                              r"\(1024\).*set heldout_tokens"):
+        CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 1024})
+    with pytest.raises(ValidationError, match=r"heldout_tokens \(2048\) must not exceed skip_tokens \(1024\)"):
+        CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 1024, "heldout_tokens": 2048})
+    assert CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 1024, "heldout_tokens": 512})
