@@ -1,6 +1,6 @@
-"""Fused gate|up MLPs (Phi-3, GLM-4: llmfast/sparse/fused.py) through every sparsity method: the split model is the
-same function (float64 against the untouched model), the state dict round-trips to the architecture's own keys,
-a relufied Phi-3 is a Phi-3 checkpoint that plain transformers loads with ReLU and the same logits, a killed relufy
+"""Fused gate|up MLPs (Phi-3, GLM-4: llmfast/sparse/fused.py) through every sparsity method: they are found as they
+are and only the sparse runtime splits them, into the same function (float64 against the untouched model); a
+quantize and a LoRA over a Phi-3 with relufy's cut keep its layout; a relufied Phi-3 is a Phi-3 checkpoint that plain transformers loads with ReLU and the same logits, a killed relufy
 resumes to the uninterrupted run's weights, TEAL's attention sites take Phi-3's fused qkv_proj, the sparse runtime
 decodes as the hooks do, and a fused MLP of a class not known to compute gate-then-up is refused."""
 
@@ -25,7 +25,7 @@ def _tiny(kind: str, out, tokenizer_dir):
     model = (Phi3ForCausalLM(Phi3Config(**shape)) if kind == "phi3"
              else Glm4ForCausalLM(Glm4Config(**shape, head_dim=64)))
     model.save_pretrained(out)
-    for f in tokenizer_dir.glob("tokenizer*"):
+    for f in [*tokenizer_dir.glob("tokenizer*"), tokenizer_dir / "chat_template.jinja"]:
         shutil.copy(f, out / f.name)
     return out
 
@@ -36,28 +36,53 @@ def phi3_dir(tmp_path_factory, tiny_dir):
 
 
 @pytest.mark.parametrize("kind", ["phi3", "glm4"])
-def test_split_is_the_same_function_and_saves_as_the_architecture(kind, tmp_path, tiny_dir):
-    """In float64 the split MLP (gate and up multiplied apart) equals the fused one to ~1e-15 of the logits; a
-    swapped gate/up or a misplaced activation would be off by O(1). The fused state dict has the original keys and
-    the original tensors bit for bit."""
+def test_split_is_the_same_function_and_only_the_runtime_splits(kind, tmp_path, tiny_dir):
+    """gated_mlps finds the fused MLPs as they are (nothing that may be saved is changed: a quantize or a LoRA over a
+    model with a relufy cut saved gate_proj/up_proj keys the architecture does not load); split, in float64, the MLP
+    (gate and up multiplied apart) equals the fused one to ~1e-15 of the logits, where a swapped gate/up or a
+    misplaced activation would be off by O(1)."""
     from transformers import AutoModelForCausalLM
 
-    from llmfast.sparse.base import gated_mlps
-    from llmfast.sparse.fused import fused_state_dict, split_fused_mlps
+    from llmfast.sparse.base import activation, gated_mlps
+    from llmfast.sparse.fused import split_fused_mlps
 
     model = AutoModelForCausalLM.from_pretrained(_tiny(kind, tmp_path / kind, tiny_dir)).double().eval()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = set(model.state_dict())
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(ids).logits
-    assert len(gated_mlps(model)) == 2 and split_fused_mlps(model) == 0  # split once, by gated_mlps
+    mlps = gated_mlps(model)
+    assert len(mlps) == 2 and activation(mlps[0]) is mlps[0].activation_fn and set(model.state_dict()) == original
+    assert split_fused_mlps(model) == 2 and split_fused_mlps(model) == 0
     mlp = model.model.layers[0].mlp
     assert not hasattr(mlp, "gate_up_proj") and mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (256, 128)
     with torch.no_grad():
         after = model(ids).logits
     assert (after - before).abs().max() <= 1e-12 * before.abs().max()
-    saved = fused_state_dict(model)
-    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original)
+
+
+def test_a_phi3_with_a_relu_cut_quantizes_and_trains_in_its_own_layout(tmp_path, phi3_dir):
+    """relufy's shifted cut goes on every model loaded from its artifact: a bitnet quantize and a LoRA over it keep
+    Phi-3's fused gate_up_proj (the review of s42 found them saving split gate_proj/up_proj keys)."""
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "relufy", "{steps: 0, target: 0.8}", out="cut")))
+    assert code == 0, err[-2000:]
+    quant = tmp_path / "q.yaml"
+    quant.write_text(f"model: {tmp_path / 'cut'}\nquantization: {{method: bitnet, qat_steps: 0}}\n"
+                     f"output: {tmp_path / 'ternary'}\n")
+    code, _, err = run_cli("quantize", str(quant))
+    assert code == 0, err[-2000:]
+    keys = set(load_file(tmp_path / "ternary" / "model.safetensors"))
+    assert any("mlp.gate_up_proj" in k for k in keys) and not any("gate_proj" in k.replace("gate_up", "") for k in keys)
+    rows = [{"prompt": f"Repeat: {w}", "completion": w} for w in ["alpha", "bravo"] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(f"model: {tmp_path / 'cut'}\ndata: {{train: {tmp_path / 'train.jsonl'}, max_length: 64}}\n"
+                  f"lora: {{r: 4, alpha: 8, target_modules: all-linear}}\ntrain: {{steps: 1, batch_size: 2}}\n"
+                  f"output: {tmp_path / 'lora'}\n")
+    code, _, err = run_cli("finetune", str(ft))
+    assert code == 0, err[-2000:]
+    lora = set(load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
+    assert any("gate_up_proj.lora_A" in k for k in lora) and not any(".gate_proj." in k for k in lora)
 
 
 def test_every_method_on_phi3(tmp_path, phi3_dir):
@@ -92,15 +117,14 @@ def test_every_method_on_phi3(tmp_path, phi3_dir):
 
 
 def test_a_killed_phi3_relufy_resumes_to_the_uninterrupted_weights(tmp_path, phi3_dir):
-    """The checkpoints hold the split halves (gate_proj, up_proj); --resume loads them into the split student and the
-    artifact is the fused checkpoint of an uninterrupted run."""
+    """The checkpoints hold Phi-3's own gate_up_proj; --resume continues them to the uninterrupted run's weights."""
     cfg = "{steps: 30, batch_size: 2, lr: 3.0e-4, save_every: 5}"
     assert run_cli("sparsify", str(recipe(tmp_path, phi3_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
     path = recipe(tmp_path, phi3_dir, "relufy", cfg, out="killed", name="killed")
     ckpts = _kill_after_a_checkpoint(path, tmp_path / "killed.checkpoints" / "checkpoints")
     assert not (tmp_path / "killed").exists()
     held = load_file(sorted(ckpts.glob("step-*"))[-1] / "student.safetensors")
-    assert "model.layers.0.mlp.gate_proj.weight" in held
+    assert "model.layers.0.mlp.gate_up_proj.weight" in held
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err[-2000:]
     a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")

@@ -103,23 +103,36 @@ def relu_mlps(model: "PreTrainedModel") -> bool:
     Gemma3's under `text_config`)."""
     import torch
 
-    return all(isinstance(m.act_fn, torch.nn.ReLU) for m in gated_mlps(model))
+    return all(isinstance(activation(m), torch.nn.ReLU) for m in gated_mlps(model))
 
 
 def mlp_activation_name(model: "PreTrainedModel") -> str:
     """The class of the first gated MLP's activation, for messages."""
-    return type(gated_mlps(model)[0].act_fn).__name__
+    return type(activation(gated_mlps(model)[0])).__name__
+
+
+LLAMA_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
 def gated_mlps(model: "PreTrainedModel", where: str = "") -> list[Any]:
-    """The gated MLPs (`down(act(gate(x)) * up(x))`, Llama style), in layer order; none is a one-line error.
-    Fused gate|up MLPs (Phi-3, GLM) are split into that form first, in place (fused.py: the same function)."""
-    from llmfast.sparse.fused import split_fused_mlps
+    """The gated MLPs (`down(act(gate(x)) * up(x))`), in layer order, as they are: Llama style, or with gate and up
+    fused in one `gate_up_proj` (Phi-3, GLM: fused.py). Hooks on an MLP's input, its activation (`activation`) and
+    down_proj's input work on both; what reads gate and up apart (the sparse runtime) splits them first
+    (`fused.split_fused_mlps`). None is a one-line error."""
+    from llmfast.sparse.fused import is_fused_mlp
 
-    split_fused_mlps(model)
-    return modules_with(model, ("gate_proj", "up_proj", "down_proj", "act_fn"), where,
-                        "gated MLP (gate_proj/up_proj/down_proj with act_fn, or Phi-3/GLM's fused gate_up_proj): "
-                        "activation sparsity supports those models only")
+    found = [m for m in model.modules() if all(hasattr(m, a) for a in LLAMA_MLP) or is_fused_mlp(m)]
+    return found or modules_with(model, LLAMA_MLP, where, "gated MLP (gate_proj/up_proj/down_proj with act_fn, or "
+                                 "Phi-3/GLM's fused gate_up_proj): activation sparsity supports those models only")
+
+
+def activation(mlp: Any) -> Any:
+    """A gated MLP's activation module (act_fn; a fused MLP's activation_fn)."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
+
+
+def set_activation(mlp: Any, module: Any) -> None:
+    setattr(mlp, "act_fn" if hasattr(mlp, "act_fn") else "activation_fn", module)
 
 
 def artifact_sparsity(path: str | Path) -> tuple["Sparsifier", Any] | None:

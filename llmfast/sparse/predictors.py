@@ -107,7 +107,7 @@ def check_predictors(predictors: list[Predictor], model: Any, where: Path | str)
         raise UserError(f"{where}: {len(predictors)} predictors for a model with {len(mlps)} gated MLPs: the "
                         "predictors belong to another model")
     for i, (p, mlp) in enumerate(zip(predictors, mlps)):
-        hidden, inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        hidden, inter = mlp.down_proj.out_features, mlp.down_proj.in_features  # either MLP form has down_proj
         if p.A.shape[0] != hidden or p.B.shape[1] != inter:
             raise UserError(f"{where}: layer {i}'s predictor maps {p.A.shape[0]} -> {p.B.shape[1]}, the model's MLP "
                             f"is {hidden} -> {inter}: the predictors belong to another model")

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
-from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps
+from llmfast.sparse.base import (SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, activation, gated_mlps,
+                                 set_activation)
 from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def relu_swap(model: "PreTrainedModel") -> None:
     import torch
 
     for mlp in gated_mlps(model):
-        mlp.act_fn = torch.nn.ReLU()
+        set_activation(mlp, torch.nn.ReLU())
     # The key a reloaded model builds its MLPs from: hidden_act (Llama and most), hidden_activation (Gemma2/3), on
     # the text model's config for a multimodal one (Gemma3's text_config).
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -105,7 +106,7 @@ class ShiftedCut:
         self.fraction = 0.0
         # on the model's device: each step writes them there and reads them back with no copy or sync (a GPU run)
         self.thresholds = torch.zeros(len(mlps), device=next(model.parameters()).device)
-        self.handles = [m.act_fn.register_forward_hook(self._hook(i, m)) for i, m in enumerate(mlps)]
+        self.handles = [activation(m).register_forward_hook(self._hook(i, m)) for i, m in enumerate(mlps)]
 
     def _hook(self, i: int, mlp: Any) -> Any:
         from llmfast.sparse.thresholds import magnitude_quantile, zero_small
@@ -228,7 +229,6 @@ class Relufy(Sparsifier):
         from llmfast.distill import heldout_kl
         from llmfast.loading import from_pretrained
         from llmfast.serve.vllm_plugin import mark_relu_architecture
-        from llmfast.sparse.fused import fused_state_dict
         from llmfast.sparse.measure import measure_sparsity
 
         student = from_pretrained(job.model_path, job.dtype)
@@ -249,8 +249,7 @@ class Relufy(Sparsifier):
         metrics["heldout_kl"] = {"relu_untrained": round(kl_swap_only, 6),
                                  "relu_trained": round(heldout_kl(student, job.model, heldout), 6)}
         metrics["heldout_sparsity"] = measure_sparsity(student, job.heldout)
-        # a fused gate|up MLP (Phi-3) split for training is saved fused again: the architecture's own checkpoint
-        student.save_pretrained(out_dir, safe_serialization=True, state_dict=fused_state_dict(student))
+        student.save_pretrained(out_dir, safe_serialization=True)
         mark_relu_architecture(out_dir)  # vLLM serves it through our plugin; transformers reads model_type
         job.tokenizer.save_pretrained(out_dir)
         log = job.work_dir / "train_log.jsonl"

@@ -40,8 +40,10 @@ def artifact_method(artifact: str | os.PathLike[str]) -> str | None:
 
 
 def _has_hooks(mlp: Any) -> bool:
+    from llmfast.sparse.base import activation
+
     return bool(mlp._forward_pre_hooks or mlp._forward_hooks or mlp.down_proj._forward_pre_hooks
-                or mlp.act_fn._forward_hooks)
+                or activation(mlp)._forward_hooks)
 
 
 def _attention_has_hooks(attn: Any) -> bool:
@@ -108,6 +110,9 @@ def install_sparse_runtime(model: "PreTrainedModel", artifact: str | os.PathLike
     if method not in RUNTIME_METHODS:
         raise UserError(f"{artifact}: the sparse runtime runs {', '.join(RUNTIME_METHODS)} artifacts (this one: "
                         f"{method or 'not a llmfast sparsify artifact'})")
+    from llmfast.sparse.fused import split_fused_mlps
+
+    split_fused_mlps(model)  # SparseMLP reads gate's and up's rows apart (a model split so is never saved)
     mlps = gated_mlps(model, where=str(artifact))
     if any(_has_hooks(m) for m in mlps):
         raise ValueError("the model's MLPs carry hooks (thresholds put on by load_model?): load it with "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from llmfast.errors import UserError
-from llmfast.sparse.base import Sparsifier, SparsifyJob, gated_mlps, modules_with
+from llmfast.sparse.base import Sparsifier, SparsifyJob, activation, gated_mlps, modules_with
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +123,7 @@ def install_thresholds(model: "PreTrainedModel", thresholds: dict[str, "torch.Te
                 handles.append(mlp.down_proj.register_forward_pre_hook(hook))
             else:
                 hook = lambda mod, args, out, v=vec, i=i: zero_small(out, _calibrated(out, v, i, calibrate))  # noqa: E731
-                handles.append(mlp.act_fn.register_forward_hook(hook))
+                handles.append(activation(mlp).register_forward_hook(hook))
     return handles
 
 
