@@ -162,8 +162,8 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
 
     tokenizer = load_tokenizer(path)
     if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
-        raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a chat): "
-                        "use an instruct model, add a chat_template, or leave out eval.tasks")
+        raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
+                        "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
     if cfg.perplexity is not None:  # enough tokens to score, checked before the model loads
         p = cfg.perplexity
         n = len(tokenizer(text, add_special_tokens=False).input_ids)

@@ -4,8 +4,9 @@ The verbs that train write into their run or work folder for minutes or hours (f
 quantize's OUTPUT.checkpoints) and check the output only when they start, so two runs started with the same
 output both passed the check: their checkpoints and logs interleaved, a fresh start deleted the other run's work
 folder, and the last to finish replaced the first's result. `output_lock` is held for the whole run: an `flock`
-on the sibling file `.NAME.lock` (the kernel releases it however the process ends, SIGKILL included, so a killed
-run never blocks its `--resume`); a second run is refused in one line naming the holder's PID.
+on the sibling file `.NAME.lock` of the output's real path (the kernel releases it however the process ends, SIGKILL
+included, so a killed run never blocks its `--resume`); a second run is refused in one line naming the holder's PID.
+`llmfast run` holds one for its run folder too (its stages' verbs lock their own outputs inside it).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def output_lock(final: str | os.PathLike[str]) -> Iterator[None]:
     folders made for it that stay empty, are removed on the way out."""
     final = Path(final).expanduser()
     made = _created_parents(final)
-    path = lock_path(final)
+    # beside the folder itself, however it is named: a path through a link, or a relative one, locks the same file
+    real = final.resolve() if final.is_symlink() else final.parent.resolve() / final.name
+    path = lock_path(real)
     fd = _take(path, final)
     try:
         with contextlib.suppress(OSError):  # the holder's PID, for the message of a run refused (a full disk: none)

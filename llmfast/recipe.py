@@ -174,7 +174,7 @@ class WorkloadConfig(StrictModel):
     # a sweep; the transformers engine uses it as batch size
     max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
-    request_rate: Annotated[float, Field(allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too
+    request_rate: Annotated[float, Field(gt=0, allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too, not NaN
     percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]
     seed: NonNegativeInt = 0
     # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a

@@ -1,7 +1,8 @@
 """What every recipe schema adds to pydantic's lax parsing: a YAML boolean is not a number.
 
 pydantic accepts `true` for an int or float field (it becomes 1), so `--set data.window=true` calibrated on windows
-of one token and `--set quantization.iters=true` ran one step, both without a word. The schemas' bases (recipe.py's
+of one token and `--set quantization.iters=true` ran one step, both without a word (entries of a list of numbers
+too: `max_concurrency: [true]`). The schemas' bases (recipe.py's
 StrictModel, the sparsity and quantization methods' settings) run `no_bool_numbers` before validating, which hands
 such a value on as the text `true`/`false`: the field then refuses it in its own words, blamed on the key and line.
 A whole number given for a path (`--set output=2024`) is taken as that folder's name.
@@ -27,21 +28,41 @@ def _kinds(annotation: Any) -> set[type]:
     return {annotation} if isinstance(annotation, type) else set()
 
 
+def _items(annotation: Any) -> Any:
+    """The element annotation of a list field (list[int], Annotated[list[...], ...], Optional), else None."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _items(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        found = [i for i in (_items(a) for a in typing.get_args(annotation)) if i is not None]
+        return found[0] if found else None
+    return typing.get_args(annotation)[0] if origin is list and typing.get_args(annotation) else None
+
+
+def _fixed(value: Any, annotation: Any) -> Any:
+    """`value` as the field should see it: a boolean for a number as text, a whole number for a path as text."""
+    kinds = _kinds(annotation)
+    if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+        return str(value).lower()
+    if type(value) is int and Path in kinds and not kinds & {int, float}:
+        return str(value)
+    items = _items(annotation)
+    if isinstance(value, list) and items is not None:
+        return [_fixed(v, items) for v in value]
+    return value
+
+
 def no_bool_numbers(cls: Any, data: Any) -> Any:
-    """A model's before-validator (see the module's docstring)."""
+    """A model's before-validator (see the module's docstring); list fields' entries too."""
     if not isinstance(data, dict):
         return data
     fixed = None
     for name, field in cls.model_fields.items():
         key = field.alias or name
-        value = data.get(key)
-        if value is None:
+        if data.get(key) is None:
             continue
-        kinds = _kinds(field.annotation)
-        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+        value = _fixed(data[key], field.annotation)
+        if value != data[key] or type(value) is not type(data[key]):  # a new list equal to the old one: unchanged
             fixed = fixed if fixed is not None else dict(data)
-            fixed[key] = str(value).lower()
-        elif type(value) is int and Path in kinds and not kinds & {int, float}:
-            fixed = fixed if fixed is not None else dict(data)
-            fixed[key] = str(value)
+            fixed[key] = value
     return data if fixed is None else fixed

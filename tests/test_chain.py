@@ -137,11 +137,12 @@ def test_a_chain_killed_anywhere_ends_as_an_uninterrupted_one(tiny: Path, tmp_pa
 
 
 LATE = {  # found before the first stage runs, not when the stage's turn comes (found by hand, s42)
-    "a misspelled key in the last stage": "stage eval-ternary (eval): with: unknown key 'eval.perplexty' (did you "
-                                          "mean 'perplexity'?)",
-    "a missing text": "stage eval-merged (eval): with: eval.perplexity.text: file not found: /nonexistent/t.txt",
-    "a model not there": "stage lora (finetune): with.model: model 'tinyy' not found",
-    "a quantization setting": "stage ternary (quantize): with: quantization: unknown key 'qat_stepz'",
+    "a misspelled key in the last stage": ("eval-ternary (eval)", "with: unknown key 'eval.perplexty' (did you mean "
+                                                                  "'perplexity'?)"),
+    "a misspelled key holding a stage": ("ternary (quantize)", "with: unknown key 'modle' (did you mean 'model'?)"),
+    "a missing text": ("eval-merged (eval)", "with: eval.perplexity.text: file not found: /nonexistent/t.txt"),
+    "a model not there": ("lora (finetune)", "with.model: model 'tinyy' not found"),
+    "a quantization setting": ("ternary (quantize)", "with: quantization: unknown key 'qat_stepz'"),
 }
 
 
@@ -150,9 +151,13 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     recipe = chain(tiny, out)
+    path = tmp_path / "bad.yaml"
+    late = {k: f"stage {stage} of {path}: {said}" for k, (stage, said) in LATE.items()}
     expected = {"cycle": "cycle: ", "unknown parent": "not a stage", "unknown type": "unknown stage type 'finetun'",
-                "owned by another recipe": "belongs to the chain recipe", **LATE}[case]
+                "owned by another recipe": "belongs to the chain recipe", **late}[case]
     stages = recipe["stages"]
+    if case == "a misspelled key holding a stage":
+        stages["ternary"]["with"]["modle"] = stages["ternary"]["with"].pop("model")
     if case == "a misspelled key in the last stage":
         stages["eval-ternary"]["with"]["eval"] = dict(stages["eval-ternary"]["with"]["eval"])
         stages["eval-ternary"]["with"]["eval"]["perplexty"] = stages["eval-ternary"]["with"]["eval"].pop("perplexity")
@@ -174,7 +179,7 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
         out.mkdir()
         (out / "llmfast-run.json").write_text(json.dumps({"recipe": "/somewhere/else.yaml"}))
     before = sorted(p for p in tmp_path.rglob("*"))
-    path = write(tmp_path / "bad.yaml", recipe)
+    write(path, recipe)
     capsys.readouterr()
     for dry in ([], ["--dry-run"]):  # --dry-run tells what would fail, too
         assert main(["run", str(path), *dry]) == 2
@@ -196,7 +201,7 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "datez" in err[-1]
+    assert err[-1].startswith("llmfast: error: stage data (tasks) of ") and "datez" in err[-1]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no run folder (or an empty one, as it was)
     # and the output is not claimed: another recipe may take it
     other = chain(tiny, out)
@@ -350,3 +355,56 @@ def test_a_changed_input_file_runs_its_stage_again(tiny: Path, tmp_path: Path,
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     decided = plan()
     assert decided["ev"].startswith("run") and decided["again"].startswith("reuse"), decided
+
+
+def test_settings_given_as_flags_are_checked_with_the_section(tiny: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage may give a setting as `flags: [--set, KEY=VALUE]` (the verb applies it to its recipe): the check before
+    the first stage applies it too, so the stage is not refused as missing it (the review of s42 found it was)."""
+    stage = {"type": "quantize", "with": {"quantization": {"method": "bnb4"}}, "flags": ["--set", f"model={tiny}"]}
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": {"q": stage}})
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    stage["flags"] = ["--set", "quantization.typo=1", "--set", f"model={tiny}"]
+    write(recipe, {"output": str(tmp_path / "run"), "stages": {"q": stage}})
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "unknown key 'typo'" in capsys.readouterr().err
+
+
+def test_one_run_of_a_chain_at_a_time(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `llmfast run` of a running chain cleared the running stage's folder before the stage's verb refused
+    it: the run folder's lock refuses it first, and --dry-run still answers."""
+    out = tmp_path / "run"
+    recipe = write(tmp_path / "c.yaml", {"output": str(out), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}}}})
+    hold = ("import sys, time\nfrom llmfast.output_lock import output_lock\nwith output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--dry-run"]) == 0
+        assert main(["run", str(recipe)]) == 2
+        assert f"output {out} is being written by another llmfast run (pid {proc.pid})" in capsys.readouterr().err
+        assert not (out / "data").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["run", str(recipe)]) == 0 and (out / "data" / "dates").is_dir()
+
+
+def test_the_run_folder_is_not_an_input_file(tmp_path: Path) -> None:
+    """A path into the chain's own run folder (an earlier stage's files named outright) changes as stages run: it is
+    not fingerprinted, or its stage would run again every time."""
+    from llmfast.chain.plan import input_files
+
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    (run / "a" / "w.bin").write_bytes(b"x")
+    (tmp_path / "t.txt").write_text("text")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / ".hidden").write_text("h")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    found = input_files({"a": str(run / "a"), "b": [str(tmp_path / "t.txt"), str(tmp_path / "m")]}, run.resolve())
+    assert sorted(found) == [str(tmp_path / "m") + "/config.json", str(tmp_path / "t.txt")]

@@ -493,7 +493,8 @@ def test_a_diverging_run_stops_in_one_line_without_an_adapter(tmp_path, tiny_dir
     code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", "train.lr=1e30")
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err[-3000:]
-    assert last.startswith("llmfast: error: finetune: the training loss became nan at step ") and "lower train.lr" in last
+    assert last.startswith("llmfast: error: finetune: the training loss became nan at step ")
+    assert "lower train.lr" in last and "no adapter was saved" in last
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 

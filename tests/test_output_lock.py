@@ -90,3 +90,21 @@ def test_sparsify_and_quantize_leave_a_running_work_folder_alone(tmp_path, tiny_
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert (work / "train_log.jsonl").read_text() == '{"step": 1}\n' and not (tmp_path / "out").exists()
+
+
+def test_the_lock_is_the_folders_whatever_path_names_it(tmp_path, monkeypatch):
+    """Through a link, or relative from another folder, an output is the same output (the review of s42: a run given
+    `link` and another given `real` took two different locks)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    proc = _holder(real)
+    try:
+        monkeypatch.chdir(tmp_path)
+        for name in ("link", "real", "./real"):
+            with pytest.raises(UserError, match="is being written by another llmfast run"):
+                with output_lock(name):
+                    pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

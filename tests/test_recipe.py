@@ -179,3 +179,16 @@ def test_a_default_that_conflicts_is_named_as_the_default():
     with pytest.raises(ValidationError, match=r"heldout_tokens \(2048\) must not exceed skip_tokens \(1024\)"):
         CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 1024, "heldout_tokens": 2048})
     assert CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 1024, "heldout_tokens": 512})
+
+
+def test_a_yaml_boolean_in_a_list_of_numbers_is_refused():
+    from pydantic import ValidationError
+
+    from llmfast.recipe import WorkloadConfig
+
+    with pytest.raises(ValidationError, match="max_concurrency.0"):
+        WorkloadConfig.model_validate({"max_concurrency": [True, 2]})
+    with pytest.raises(ValidationError, match="greater than 0"):
+        WorkloadConfig.model_validate({"request_rate": float("nan")})
+    ok = WorkloadConfig.model_validate({"max_concurrency": [1, 2], "request_rate": float("inf")})
+    assert ok.max_concurrency == [1, 2]

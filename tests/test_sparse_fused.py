@@ -1,8 +1,9 @@
 """Fused gate|up MLPs (Phi-3, GLM-4: llmfast/sparse/fused.py) through every sparsity method: they are found as they
 are and only the sparse runtime splits them, into the same function (float64 against the untouched model); a
-quantize and a LoRA over a Phi-3 with relufy's cut keep its layout; a relufied Phi-3 is a Phi-3 checkpoint that plain transformers loads with ReLU and the same logits, a killed relufy
-resumes to the uninterrupted run's weights, TEAL's attention sites take Phi-3's fused qkv_proj, the sparse runtime
-decodes as the hooks do, and a fused MLP of a class not known to compute gate-then-up is refused."""
+quantize and a LoRA over a Phi-3 with relufy's cut keep its layout; a relufied Phi-3 is a Phi-3 checkpoint that
+plain transformers loads with ReLU and the same logits, a killed relufy resumes to the uninterrupted run's weights,
+TEAL's attention sites take Phi-3's fused qkv_proj, the sparse runtime decodes as the hooks do, and a fused MLP of
+a class not known to compute gate-then-up is refused."""
 
 import json
 import shutil

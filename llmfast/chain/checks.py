@@ -17,8 +17,25 @@ PENDING = "${"  # a value holding a reference to a stage's output, which may not
 
 
 def _pending(err: Any) -> bool:
-    """A pydantic error about a value that names a parent stage's output (its file is made by that stage)."""
-    return PENDING in str(err.get("input"))
+    """A pydantic error about a value that names a parent stage's output (its file is made by that stage); never an
+    unknown or missing key, whatever its value."""
+    value = err.get("input")
+    return err["type"] not in ("extra_forbidden", "missing") and isinstance(value, str) and PENDING in value
+
+
+def with_flags(section: dict[str, Any], flags: list[str]) -> dict[str, Any]:
+    """`section` with the stage's `--set KEY=VALUE` flags applied, as the verb will apply them to its recipe."""
+    from llmfast.overrides import apply_overrides, parse_overrides
+
+    pairs = [f[len("--set="):] for f in flags if f.startswith("--set=")]
+    pairs += [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--set"]
+    if not pairs:
+        return section
+    import copy
+
+    data = copy.deepcopy(section)
+    apply_overrides(data, parse_overrides(pairs))
+    return data
 
 
 def _known(value: Any) -> bool:

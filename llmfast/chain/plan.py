@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -52,33 +53,44 @@ class Stage:
     settings: str = ""  # the key without the input files' sizes and times: tells a changed setting from a changed file
 
 
-MAX_FILES = 10_000  # files of one folder fingerprinted; a larger folder counts by its first ones in sorted order
+MAX_FILES = 10_000  # files of one folder fingerprinted: beyond them, the folder's later files are not looked at
 
 
-def input_files(value: Any) -> dict[str, Any]:
+def input_files(value: Any, skip: Path | None = None) -> dict[str, Any]:
     """{path: [size, mtime_ns]} of every existing file a `with:` value names outright, each file of a named folder
-    (hidden ones left out) by its path under it; `${NAME}` paths are a parent's, keyed by the parent's key."""
+    (hidden ones and hidden folders left out, at most MAX_FILES) by its path under it. `${NAME}` paths are a
+    parent's, keyed by the parent's key; so is anything under `skip` (the chain's own run folder)."""
     found: dict[str, Any] = {}
     if isinstance(value, dict):
         for v in value.values():
-            found.update(input_files(v))
+            found.update(input_files(v, skip))
     elif isinstance(value, list):
         for v in value:
-            found.update(input_files(v))
+            found.update(input_files(v, skip))
     elif isinstance(value, str) and value and not REF.search(value) and "\0" not in value:
         path = Path(value).expanduser()
         try:
+            if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+                return found
             if path.is_file():
                 st = path.stat()
                 found[value] = [st.st_size, st.st_mtime_ns]
             elif path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file()
-                               and not any(part.startswith(".") for part in p.relative_to(path).parts))
-                for f in files[:MAX_FILES]:
-                    st = f.stat()
-                    found[f"{value}/{f.relative_to(path)}"] = [st.st_size, st.st_mtime_ns]
+                found.update(_folder_files(value, path))
         except OSError:  # unreadable or vanishing: the verb says what is wrong with it when it runs
             pass
+    return found
+
+
+def _folder_files(value: str, path: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            if len(found) >= MAX_FILES:
+                return found
+            st = os.stat(os.path.join(root, name))
+            found[f"{value}/{Path(root, name).relative_to(path)}"] = [st.st_size, st.st_mtime_ns]
     return found
 
 
@@ -181,12 +193,14 @@ def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]
     keys: dict[str, str] = {}
     planned = []
     ordered = order(recipe, where, known_types)
+    run_dir = Path(recipe.output).expanduser().resolve()
     check_sources(recipe, where)
     for name in ordered:
         cfg = recipe.stages[name]
         parents = tuple(sorted(references(cfg.with_) | references(cfg.flags)))
         settings = {"type": cfg.type, "with": cfg.with_, "flags": cfg.flags, "parents": {p: keys[p] for p in parents}}
-        keys[name] = _digest({**settings, "files": input_files([cfg.with_, cfg.flags])})
+        files = input_files([cfg.with_, cfg.flags], run_dir)
+        keys[name] = _digest({**settings, "files": files} if files else settings)  # no file: the key it always had
         planned.append(Stage(name, cfg.type, cfg.with_, tuple(cfg.flags), tuple(cfg.launch), parents, keys[name],
                              _digest(settings)))
     return planned

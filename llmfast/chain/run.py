@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmfast.artifacts import atomic_write_json
+from llmfast.chain.checks import with_flags
 from llmfast.chain.plan import ChainRecipe, Stage, downstream, plan, substitute
 from llmfast.chain.stages import STAGES
 from llmfast.errors import UserError
+from llmfast.output_lock import output_lock
 
 OWNER = "llmfast-run.json"
 
@@ -57,8 +59,9 @@ def decide(out: Path, stages: list[Stage], forced: set[str]) -> dict[str, tuple[
             decisions[stage.name] = ("reuse", f"done, key {stage.key}")
             continue
         elif done_key is not None and done_key != stage.key:
-            same = _recorded_key(_state(out, stage, "json"), "settings") == stage.settings
-            decisions[stage.name] = ("run", "an input file changed" if same else "settings changed")
+            settings = _recorded_key(_state(out, stage, "json"), "settings")
+            decisions[stage.name] = ("run", "an input file changed" if settings == stage.settings else
+                                     "settings changed" if settings else "keyed anew: its input files count now")
         else:
             decisions[stage.name] = ("run", "did not finish, no checkpoint to resume" if done_key is None
                                      else "output missing")
@@ -152,15 +155,22 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
         raise UserError(f"--from {start}: no such stage{did_you_mean(start, list(recipe.stages))}; the stages are "
                         f"{', '.join(s.name for s in stages)}")
     _claim(out, recipe_path)
-    for stage in stages:  # what a stage type can check of its section, before anything runs
+    for stage in stages:  # what a stage type can check of its section, before anything runs (checks.py)
         try:
-            STAGES.get(stage.type).check(stage.section)
+            STAGES.get(stage.type).check(with_flags(stage.section, list(stage.flags)))
         except UserError as e:
-            raise UserError(f"stage {stage.name} ({stage.type}): {e}") from None
+            raise UserError(f"stage {stage.name} ({stage.type}) of {recipe_path}: {e}") from None
     decisions = decide(out, stages, downstream(stages, start) if start else set())
     if dry_run:
         print(format_plan(stages, decisions))
         return out
+    # one run of a chain at a time: a second would clear a running stage's folder before its verb refused it
+    with output_lock(out):
+        return _run_locked(out, stages, decisions, run_verb, recipe_path)
+
+
+def _run_locked(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, str]],
+                run_verb: Callable[[list[str]], int], recipe_path: Path) -> Path:
     existed = out.exists()
     fresh = not existed or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)

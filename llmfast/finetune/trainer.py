@@ -351,8 +351,8 @@ def _train(run: Run) -> dict[str, Any]:
         if not math.isfinite(step_loss):  # diverged (the same on every process: the loss is reduced over them)
             bar.close()
             raise UserError(f"finetune: the training loss became {step_loss} at step {step + 1} (train.lr "
-                            f"{tc.lr}): lower train.lr, or look for broken rows in the data; nothing was saved as "
-                            f"an adapter ({run.out / 'train_log.jsonl'} has the losses; rerun with --overwrite)")
+                            f"{tc.lr}): lower train.lr, or look for broken rows in the data; no adapter was saved "
+                            f"(start again into another output, or remove {run.out})")
         train_seconds += time.perf_counter() - t0
         tokens_seen += tokens
         window_loss += step_loss

@@ -140,8 +140,8 @@ def _attention_hooks(attns: list[Any], site: str, vec: "torch.Tensor", calibrate
 @contextlib.contextmanager
 def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
                               eps: float = 0.0) -> Iterator[dict[str, list[Any]]]:
-    """Zeros entering q_proj or qkv_proj (`attn_in`: k_proj and v_proj read the same tensor) and o_proj (`o_in`) while the
-    block runs, for the attention sites among `sites`; yields {site: [ZeroTally per layer]}, as
+    """Zeros entering q_proj or qkv_proj (`attn_in`: k_proj and v_proj read the same tensor) and o_proj (`o_in`) while
+    the block runs, for the attention sites among `sites`; yields {site: [ZeroTally per layer]}, as
     measure.record_sparsity does for the MLP. Register after the threshold hooks."""
     from llmfast.sparse.measure import ZeroTally
 
