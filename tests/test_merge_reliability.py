@@ -174,3 +174,19 @@ def test_a_merge_beyond_float16_is_one_line_and_leaves_nothing(family, tmp_path)
                                             "float16's range (+-65504): write it in bfloat16 or float32 (out_dtype, "
                                             "--dtype)"), err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_an_adapter_of_a_bfloat16_base_merges_onto_a_copy_of_it(tmp_path):
+    """The same-base check hashed the norms through torch's .numpy(), which has no bfloat16: a traceback for the
+    usual dtype of real checkpoints (found by hand, s42)."""
+    import shutil
+
+    from llmfast.testing import build_tiny_llama
+    from tests.test_merge import _make_adapter
+
+    base = build_tiny_llama(tmp_path / "bf16", dtype="bfloat16")
+    adapter = _make_adapter(base, tmp_path / "ad", 1)
+    shutil.copytree(base, tmp_path / "copy")
+    cfg = _config(tmp_path, "task_arithmetic", [(adapter, {"weight": 1.0})], tmp_path / "copy")
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")
+    assert code == 0 and "Traceback" not in err, err[-3000:]

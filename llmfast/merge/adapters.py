@@ -144,8 +144,8 @@ def _fingerprint(model_dir: Path) -> str:
     h = hashlib.sha256()
     for name, (shape, tag, _f) in sorted(reader.index.items()):
         h.update(f"{name}:{shape}:{tag};".encode())
-        if len(shape) == 1:
-            h.update(reader.get(name).numpy().tobytes())
+        if len(shape) == 1:  # the stored bytes as they are (bfloat16 has no numpy type: torch's .numpy() refused it)
+            h.update(reader.stored_array(name)[0].tobytes())
     return h.hexdigest()
 
 

@@ -168,10 +168,11 @@ def link_or_copy_model(src: Path, dst: Path) -> None:
     """The model directory's files (`source_files`) into `dst`, hard-linked where the filesystem allows (weights
     are unchanged)."""
     for f in source_files(src):
+        real = f.resolve()  # a hub snapshot's files are links into its blobs: link(2) would copy the link, dangling
         try:
-            os.link(f, dst / f.name)
+            os.link(real, dst / f.name)
         except OSError:
-            shutil.copy2(f, dst / f.name)
+            shutil.copy2(real, dst / f.name)
 
 
 class ThresholdSparsifier(Sparsifier):
