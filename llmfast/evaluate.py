@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import check_writable_parent
-from llmfast.data.chat import prompt_and_answer
+from llmfast.data.chat import prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
 from llmfast.data.tasks import check
 from llmfast.errors import UserError
@@ -164,6 +164,9 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
         raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
                         "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
+    for ts in cfg.tasks:  # a template that refuses a row, found before the model loads
+        for r in read_jsonl(ts.path)[: ts.limit]:
+            render_chat(tokenizer, prompt_and_answer(r, ts.path)[0], True, f"{ts.path}:{r.get('_row', '?')}")
     if cfg.perplexity is not None:  # enough tokens to score, checked before the model loads
         p = cfg.perplexity
         n = len(tokenizer(text, add_special_tokens=False).input_ids)

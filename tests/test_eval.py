@@ -179,3 +179,33 @@ def test_eval_rerun_after_a_kill_between_predictions_and_results(tiny_dir, tmp_p
     out.unlink()
     code, _, err = run_cli("eval", str(recipe), "--output", str(out))
     assert code == 0 and out.is_file(), err
+
+
+def test_a_chat_template_that_refuses_a_row_is_one_line_naming_it(tiny_dir, tmp_path):
+    """Gemma's and Mistral's templates raise on a system turn: a jinja traceback in finetune and eval (found by hand,
+    s42); now the row, before any model loads."""
+    import shutil
+
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                                               "{% endfor %}" + template)
+    rows = tmp_path / "sys.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "yo"}]}) + "\n")
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {model}\neval:\n  tasks:\n    - {{name: dates, path: {rows}}}\n  max_new_tokens: 4\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"llmfast: error: {rows}:2: the model's chat template refuses this row (System role not supported): change "
+        "the row (e.g. fold a system turn into the first user turn) or the template"), err[-2000:]
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(f"model: {model}\ndata: {{train: {rows}, max_length: 64}}\nlora: {{r: 4}}\n"
+                  f"train: {{steps: 1, batch_size: 2}}\noutput: {tmp_path / 'run'}\n")
+    code, _, err = run_cli("finetune", str(ft))
+    assert code == 2 and f"{rows}:2: the model's chat template refuses this row" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()

@@ -88,12 +88,25 @@ def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[
     return msgs[:-1], msgs[-1]["content"]
 
 
-def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0) -> Encoded:
+def render_chat(tokenizer: "PreTrainedTokenizerBase", msgs: list[dict[str, str]], gen: bool, where: str) -> str:
+    """The chat template applied to `msgs`; a template that refuses them (Gemma's and Mistral's raise on a system
+    turn, or on roles that do not alternate) is one line naming the row `where`."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+    except TemplateError as e:
+        raise UserError(f"{where}: the model's chat template refuses this row ({e}): change the row (e.g. fold a "
+                        "system turn into the first user turn) or the template") from None
+
+
+def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
+                    where: str = "") -> Encoded:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template: use an instruct model or add a chat_template")
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+        return render_chat(tokenizer, msgs, gen, where or f"row {row}")
 
     ids: list[int] = []
     labels: list[int] = []
@@ -131,7 +144,7 @@ def load_examples(
     examples, warnings, truncated, dropped = [], [], [], []
     for r in rows:
         where = f"{path}:{r['_row']}" if path.is_file() else f"{path} row {r['_row']}"
-        ex = encode_messages(tokenizer, to_messages(r, where), r["_row"])
+        ex = encode_messages(tokenizer, to_messages(r, where), r["_row"], where)
         if len(ex) > max_length:
             if too_long == "error":
                 raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
