@@ -48,8 +48,9 @@ def _default_corpus() -> list[str]:
 
 
 def llama_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1,
-                 intermediate_size: int = 256, vocab_size: int = 1024, head_dim: int = 64, **extra: Any) -> Any:
-    """The Llama config of these models (tied embeddings, 2048 positions); `extra` goes to LlamaConfig as is."""
+                 intermediate_size: int = 256, vocab_size: int = 1024, head_dim: int = 64, tie_word_embeddings: bool = True,
+                 **extra: Any) -> Any:
+    """The Llama config of these models (tied embeddings unless told, 2048 positions); `extra` goes to LlamaConfig."""
     from transformers import LlamaConfig
 
     if hidden_size != num_heads * head_dim:
@@ -57,7 +58,7 @@ def llama_config(hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True, **extra,
+        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings, **extra,
     )
 
 
@@ -73,6 +74,7 @@ def build_tiny_llama(
     dtype: str = "float32",
     head_dim: int = 64,
     model_vocab_size: int | None = None,
+    tie_word_embeddings: bool = True,
 ) -> Path:
     """Write a random-weight Llama with a real tokenizer to `out_dir` (a normal Hugging Face directory).
 
@@ -85,7 +87,7 @@ def build_tiny_llama(
     tokenizer = train_tokenizer(_default_corpus(), vocab_size=vocab_size)
     config = llama_config(
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-        vocab_size=max(len(tokenizer), model_vocab_size or 0), head_dim=head_dim,
+        vocab_size=max(len(tokenizer), model_vocab_size or 0), head_dim=head_dim, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -464,8 +464,10 @@ BAD = [
     ("fsdp with float16", None, ["train.fsdp=true", "train.dtype=float16"], "train.fsdp with float16 is not"),
     ("fsdp with 8-bit AdamW", None, ["train.fsdp=true", "train.optimizer=adamw_8bit"],
      "train.optimizer adamw_8bit does not work on sharded weights"),
-    ("fsdp with LoRA on lm_head", None, ["train.fsdp=true", "lora.target_modules=[q_proj, lm_head]"],
-     "lm_head.lora_A.default.weight is trainable outside them"),
+    ("LoRA on a tied lm_head", None, ["lora.target_modules=[q_proj, lm_head]"],
+     "lora.target_modules: lm_head shares its weight with the input embeddings in this model (tie_word_embeddings)"),
+    ("LoRA on tied embeddings", None, ["lora.target_modules=[embed_tokens]"],
+     "embed_tokens shares its weight with the output head"),
 ]
 
 
@@ -726,3 +728,16 @@ def test_the_pre_load_checkpoint_check_takes_gpt2_conv1d_layers(tmp_path):
     assert base["transformer.h.0.attn.c_attn.weight"] == [32, 96]  # (in, out)
     check_fit(SavedTraining(get_peft_model_state_dict(model), opt.state_dict(), {}, torch.get_rng_state()),
               Path("ckpt"), 4, base)
+
+
+def test_fsdp_refuses_lora_outside_the_decoder_layers(tmp_path, data):
+    """On a model whose head is its own weight (untied), LoRA on lm_head passes the tied check and meets FSDP's:
+    it shards the decoder layers only."""
+    from llmfast.testing import build_tiny_llama
+
+    untied = build_tiny_llama(tmp_path / "untied", tie_word_embeddings=False)
+    path = recipe(tmp_path, untied, data)
+    code, _, err = run_cli("finetune", str(path), "--set", "train.fsdp=true", "--set",
+                           "lora.target_modules=[q_proj, lm_head]")
+    assert code == 2 and "lm_head.lora_A.default.weight is trainable outside them" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -56,6 +56,7 @@ def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:
         # Non-reentrant: works with frozen inputs, so no input-embedding grad hook is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    _refuse_tied_targets(model, lc.target_modules)
     config = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
         use_rslora=lc.rslora, use_dora=lc.dora, bias="none", task_type="CAUSAL_LM",
@@ -69,6 +70,21 @@ def attach_lora(model: Any, recipe: "FinetuneRecipe") -> Any:
                             f"its linear layers are: {', '.join(names)} (or use all-linear)") from None
         raise
     return peft_model
+
+
+def _refuse_tied_targets(model: Any, targets: Any) -> None:
+    """A LoRA on lm_head or embed_tokens where the two share one weight (tie_word_embeddings: SmolLM2, Llama 3.2,
+    Gemma) changes both once merged, so the exported model is not the one trained; refused before training."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or inp.weight is not out.weight or isinstance(targets, str):
+        return
+    names = {n: m for n, m in model.named_modules() if m is inp or m is out}
+    tied = sorted({n.rsplit(".", 1)[-1] for n in names} & set(targets))
+    if tied:
+        raise UserError(f"lora.target_modules: {tied[0]} shares its weight with the "
+                        f"{'input embeddings' if tied[0] != 'embed_tokens' else 'output head'} in this model "
+                        "(tie_word_embeddings): a LoRA on it would change both once merged, so the exported model "
+                        "would not be the one trained; leave it out of the targets")
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
