@@ -317,6 +317,12 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         optimizer.step()
         loss_value = loss.item()
         done = step + 1
+        if not math.isfinite(loss_value):  # diverged: every later step, and the artifact, would be NaN
+            bar.close()
+            half = next(student.parameters()).dtype == torch.float16
+            raise UserError(f"{desc}: the distillation loss became {loss_value} at step {done}: "
+                            + ("float16 weights lack the range this training needs: use dtype bfloat16 or float32"
+                               if half else "lower the learning rate") + "; nothing was written")
         bar.update(1)
         bar.set_postfix(kl=f"{loss_value:.4f}")
         evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)

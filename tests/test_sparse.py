@@ -3,6 +3,7 @@ nothing, ReLU-fication zeroes exactly the non-positive gates and distillation br
 SIGKILL + --resume equals an uninterrupted run, every registered method passes the same checks, bad input."""
 
 import json
+import shutil
 import math
 import re
 import signal
@@ -630,3 +631,38 @@ def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case,
     assert "Traceback" not in err
     assert len(lines) == 1, err  # checked before the models load: their progress bars do not come first
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_folder_of_links_sparsifies_into_real_files(tmp_path, tiny_dir):
+    """A hub snapshot's files are links into its blobs: TEAL's artifact hard-linked the links themselves (link(2)
+    does not follow them), relative ones dangling in the artifact (found by hand, s42)."""
+    from llmfast.models import load_model
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, blobs / f"blob-{f.name}")
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob-{f.name}")
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, snapshot, "teal", "{target: 0.5}", out="teal")))
+    assert code == 0, err[-2000:]
+    files = list((tmp_path / "teal").iterdir())
+    assert files and not any(f.is_symlink() for f in files)
+    load_model(tmp_path / "teal")
+
+
+def test_a_diverging_distillation_writes_nothing(tmp_path, tiny_dir):
+    """relufy and bitnet QAT in float16 on a CPU went NaN from the second step and wrote all-NaN models with exit 0
+    (found by hand, s42): the shared distillation loop stops at the first non-finite loss."""
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", "{steps: 4, batch_size: 2}")),
+                           "--set", "dtype=float16")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "relufy: the distillation loss became nan at step" in last, err[-2000:]
+    assert "use dtype bfloat16 or float32" in last and not (tmp_path / "out").exists()
+    quant = tmp_path / "q.yaml"
+    quant.write_text(f"model: {tiny_dir}\nquantization: {{method: bitnet, qat_steps: 4, batch_size: 2}}\n"
+                     f"data: {{text: {TEXT}, skip_tokens: 4096, calibration_tokens: 2048, heldout_tokens: 2048, "
+                     f"window: 256}}\ndtype: float16\noutput: {tmp_path / 'ternary'}\n")
+    code, _, err = run_cli("quantize", str(quant))
+    assert code == 2 and "the distillation loss became nan" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "ternary").exists()

@@ -7,7 +7,6 @@ a class not known to compute gate-then-up is refused."""
 
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,20 +171,3 @@ def test_a_fused_mlp_of_an_unknown_class_is_refused():
         gated_mlps(model)
     assert hasattr(model[0], "gate_up_proj")
 
-
-def test_a_model_folder_of_links_sparsifies_into_real_files(tmp_path, tiny_dir):
-    """A hub snapshot's files are links into its blobs: TEAL's artifact hard-linked the links themselves (link(2)
-    does not follow them), relative ones dangling in the artifact (found by hand, s42)."""
-    from llmfast.models import load_model
-
-    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
-    blobs.mkdir()
-    snapshot.mkdir(parents=True)
-    for f in tiny_dir.iterdir():
-        shutil.copy(f, blobs / f"blob-{f.name}")
-        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob-{f.name}")
-    code, _, err = run_cli("sparsify", str(recipe(tmp_path, snapshot, "teal", "{target: 0.5}", out="teal")))
-    assert code == 0, err[-2000:]
-    files = list((tmp_path / "teal").iterdir())
-    assert files and not any(f.is_symlink() for f in files)
-    load_model(tmp_path / "teal")
