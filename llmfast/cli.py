@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the verbs, so `--help` and bad
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -25,9 +26,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{verb + ': ' if verb else ''}{message} (see {self.prog} --help)")
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set eval.batch_size=8 (repeatable)")
+                   help=f"override a recipe key, e.g. --set {example} (repeatable)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -62,10 +63,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmfast.recipe import EvalRecipe, load_recipe
 
     overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model={args.model}")
+    if args.model:  # as text, whatever YAML would make of it (a folder named 1.5, an output named 2024-01-03)
+        overrides.append(f"model={json.dumps(args.model)}")
     if args.output:
-        overrides.append(f"output={args.output}")
+        overrides.append(f"output={json.dumps(args.output)}")
     recipe = load_recipe(args.recipe, EvalRecipe, overrides)
     results = run_eval(recipe)
     print(format_table(results))
@@ -85,8 +86,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(recipe.output)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary for a run over several processes
         return 0
-    loss = metrics["final_train_loss"]  # None where no step was logged
-    print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {'-' if loss is None else f'{loss:.4f}'}"
+    print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {metrics['final_train_loss']}"
           f"  eval loss: {metrics['final_eval_loss']}  tokens/s: {metrics['train_tokens_per_s']}"
           f"  peak memory: {metrics['peak_memory_gib']:.2f} GiB ({metrics['memory_kind']})")
     return 0
@@ -248,7 +248,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("recipe", help="eval recipe YAML, e.g. recipes/eval_smollm2.yaml")
     p.add_argument("--model", help="model to evaluate (overrides the recipe's 'model')")
     p.add_argument("--output", help="results JSON path (overrides the recipe's 'output')")
-    _add_set(p)
+    _add_set(p, "eval.batch_size=8")
     p.set_defaults(func=cmd_eval)
 
 
@@ -260,7 +260,7 @@ def _add_finetune(sub: Any) -> None:
                        "finetune RECIPE` (CPUs or GPUs), or under `accelerate launch --multi_gpu` on GPUs.")
     p.add_argument("recipe", help="finetune recipe YAML, e.g. recipes/lora_smollm2_dates.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
-    _add_set(p)
+    _add_set(p, "train.lr=1e-4")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -331,7 +331,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("recipe", help="bench recipe YAML, e.g. recipes/bench_smollm2.yaml")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder (once the new report is complete; never a variant's model)")
-    _add_set(b)
+    _add_set(b, "workload.num_prompts=16")
     b.set_defaults(func=cmd_bench_run)
 
 
@@ -356,7 +356,7 @@ def _add_artifact_verb(sub: Any, name: str, help: str, description: str, example
     p.add_argument("recipe", help=f"{name} recipe YAML, e.g. {example}")
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and stale checkpoints)")
-    _add_set(p)
+    _add_set(p, {"quantize": "quantization.group_size=128"}.get(name, "sparsify.config.target=0.5"))
     p.set_defaults(func=func)
 
 
@@ -388,7 +388,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("recipe", help="chain recipe YAML, e.g. recipes/quickstart.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused, why) and stop")
     p.add_argument("--from", dest="start", metavar="STAGE", help="run STAGE and every stage that depends on it again")
-    _add_set(p)
+    _add_set(p, "stages.NAME.with.train.steps=8")
     p.set_defaults(func=cmd_run)
 
 

@@ -143,6 +143,7 @@ LATE = {  # found before the first stage runs, not when the stage's turn comes (
     "a missing text": ("eval-merged (eval)", "with: eval.perplexity.text: file not found: /nonexistent/t.txt"),
     "a model not there": ("lora (finetune)", "with.model: model 'tinyy' not found"),
     "a quantization setting": ("ternary (quantize)", "with: quantization: unknown key 'qat_stepz'"),
+    "a flag the chain sets": ("eval-merged (eval)", "flags: --output is the chain's to set"),
 }
 
 
@@ -164,6 +165,8 @@ def test_bad_chains_are_one_line_and_write_nothing(case: str, tiny: Path, tmp_pa
     if case == "a missing text":
         stages["eval-merged"]["with"]["eval"] = {**stages["eval-merged"]["with"]["eval"],
                                                  "perplexity": {"text": "/nonexistent/t.txt"}}
+    if case == "a flag the chain sets":
+        stages["eval-merged"]["flags"] = ["--output", str(tmp_path / "elsewhere.json")]
     if case == "a model not there":
         stages["lora"]["with"]["model"] = "tinyy"
     if case == "a quantization setting":

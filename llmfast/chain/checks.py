@@ -23,10 +23,20 @@ def _pending(err: Any) -> bool:
     return err["type"] not in ("extra_forbidden", "missing") and isinstance(value, str) and PENDING in value
 
 
+# What the chain decides for every stage: a flag that set it sent an eval's results outside the run folder (the stage
+# then ran again on every `llmfast run`) or swapped the model `with:` names.
+OWNED_FLAGS = ("--output", "--out", "--model", "--resume", "--overwrite")
+
+
 def with_flags(section: dict[str, Any], flags: list[str]) -> dict[str, Any]:
-    """`section` with the stage's `--set KEY=VALUE` flags applied, as the verb will apply them to its recipe."""
+    """`section` with the stage's `--set KEY=VALUE` flags applied, as the verb will apply them to its recipe; a flag
+    the chain sets itself is a one-line error."""
     from llmfast.overrides import apply_overrides, parse_overrides
 
+    for f in flags:
+        if f.split("=", 1)[0] in OWNED_FLAGS:
+            raise UserError(f"flags: {f.split('=', 1)[0]} is the chain's to set (a stage writes RUN/NAME, its model is "
+                            "`with: model`, resuming and replacing follow the plan): leave it out")
     pairs = [f[len("--set="):] for f in flags if f.startswith("--set=")]
     pairs += [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--set"]
     if not pairs:
