@@ -403,3 +403,9 @@ def test_a_sparse_artifact_runs_on_transformers_and_says_why_not_vllm(tmp_path, 
     assert "teal weights cannot run on the vllm engine" in ENGINES.get("vllm").can_run(v)
     plain = resolve_variant("plain", str(tiny_dir), None, None)
     assert plain.families[0] == "vllm" and choose_engine(plain, "auto").family == "vllm"
+    # MLP biases: the sparse MLP refused them mid-run (a traceback, 0 tok/s); refused up front, auto takes hf
+    cfg = _json.loads((art / "config.json").read_text())
+    (art / "config.json").write_text(_json.dumps({**cfg, "mlp_bias": True}))
+    biased = resolve_variant("teal", str(art), None, None)
+    assert "this model has mlp_bias" in ENGINES.get("hf-sparse").can_run(biased)
+    assert choose_engine(biased, "auto").family == "hf"

@@ -159,7 +159,7 @@ def _pct(x: Any) -> str:
 
 def _compression(results: dict[str, Any]) -> list[str]:
     """What made each compressed variant: held-out MLP sparsity, predictor quality, cost; training curves."""
-    rows = [v for v in results["variants"] if v.get("compression")]
+    rows = [v for v in results["variants"] if v.get("compression") and not is_baseline(v)]
     if not rows:
         return []
     head = ["variant", "made by", "MLP sparsity (held-out)", "predictor recall", "precision", "predicted active",

@@ -37,6 +37,10 @@ class HfSparseEngine(OfflineEngine):
         # the second: a sparse artifact made over a quantized model (earlier versions of sparsify took one)
         if variant.quantization is not None or already_quantized(variant.model_dir):
             return "the sparse MLP reads float weights, not quantized ones"
+        from llmfast.modelfiles import describe_model_dir
+
+        if describe_model_dir(variant.model_dir)["config"].get("mlp_bias"):  # SparseMLP refused it mid-run: a traceback, 0 tok/s
+            return "the sparse MLP takes bias-free MLP projections, and this model has mlp_bias"
         return super().can_run(variant)
 
     def generate(self, variant: Variant, requests: list["Request"], *, dtype: str, batch_size: int,
