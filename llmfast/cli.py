@@ -415,12 +415,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse a command line. For `serve`, everything after the first `--` goes to vLLM untouched (argparse
     alone refuses a `--` that follows options, as in `serve MODEL --port 8001 -- --max-num-seqs 128`)."""
     argv = list(argv)
-    if argv[:1] == ["serve"] and "--" in argv:
-        cut = argv.index("--")
-        args = build_parser().parse_args(argv[:cut])
+    cut = argv.index("--") if "serve" in argv and "--" in argv else len(argv)
+    head = [a for a in argv[:cut] if a != "--debug"]  # --debug after the verb too: it belongs to the top parser
+    args = build_parser().parse_args((["--debug"] if len(head) < cut else []) + head)
+    if cut < len(argv):
         args.vllm_args = argv[cut + 1 :]
-        return args
-    return build_parser().parse_args(argv)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

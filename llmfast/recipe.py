@@ -166,13 +166,20 @@ class FinetuneRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- bench
+def _each_once(values: list[Any]) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{values}: give each value once (two points would write the same logs)")
+    return values
+
+
 class WorkloadConfig(StrictModel):
     num_prompts: PositiveInt = 64
     input_len: PositiveInt = 128  # random-token prompts of this many tokens
     output_len: PositiveInt = 64
     ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work
     # a sweep; the transformers engine uses it as batch size
-    max_concurrency: list[PositiveInt] = Field([1, 8, 64], min_length=1)
+    # each once (a point's logs are named by it)
+    max_concurrency: Annotated[list[PositiveInt], AfterValidator(_each_once)] = Field([1, 8, 64], min_length=1)
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: Annotated[float, Field(gt=0, allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too, not NaN
     percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]

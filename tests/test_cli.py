@@ -40,6 +40,27 @@ def test_debug_shows_traceback(tmp_path):
     assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr
 
 
+def test_debug_after_the_verb_is_the_same_flag():
+    """`llmfast finetune R --debug` was an unrecognized argument, shown as a traceback (found by hand, s42); what
+    follows serve's `--` stays vLLM's."""
+    from llmfast.cli import parse_args
+
+    assert parse_args(["eval", "r.yaml", "--debug"]).debug and not parse_args(["eval", "r.yaml"]).debug
+    args = parse_args(["serve", "m", "--debug", "--", "--max-num-seqs", "8", "--debug"])
+    assert args.debug and args.vllm_args == ["--max-num-seqs", "8", "--debug"]
+
+
+def test_bench_serve_sweeps_take_each_value_once_and_no_nan(tmp_path):
+    """A repeated value's results replaced the first's; `--request-rate nan` ran; `--burstiness 0` was refused on the
+    requests' progress bar (found by hand, s42): all before the first request."""
+    base = ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]
+    for flags, said in ((["--max-concurrency", "1,1"], "--max-concurrency '1,1': 1 is given twice"),
+                        (["--request-rate", "nan"], "--request-rate 'nan': values must be positive"),
+                        (["--burstiness", "0"], "--burstiness 0.0: must be positive")):
+        code, _, err = run_cli(*base, *flags)
+        assert code == 2 and said in err.strip().splitlines()[-1], err
+
+
 def test_no_verb_prints_help():
     p = _llmfast()
     assert p.returncode == 2 and "VERB" in p.stdout

@@ -190,5 +190,7 @@ def test_a_yaml_boolean_in_a_list_of_numbers_is_refused():
         WorkloadConfig.model_validate({"max_concurrency": [True, 2]})
     with pytest.raises(ValidationError, match="greater than 0"):
         WorkloadConfig.model_validate({"request_rate": float("nan")})
+    with pytest.raises(ValidationError, match=r"\[1, 1\]: give each value once"):
+        WorkloadConfig.model_validate({"max_concurrency": [1, 1]})
     ok = WorkloadConfig.model_validate({"max_concurrency": [1, 2], "request_rate": float("inf")})
     assert ok.max_concurrency == [1, 2]

@@ -36,8 +36,10 @@ def _parse_list(text: str | None, name: str, kind: type) -> list[Any]:
             value = math.inf if kind is float and item.lower() == "inf" else kind(item)
         except ValueError:
             raise UserError(f"--{name} {text!r}: {item!r} is not a {'number' if kind is float else 'whole number'}") from None
-        if value <= 0:
+        if not value > 0:  # NaN too
             raise UserError(f"--{name} {text!r}: values must be positive")
+        if value in out:  # the two points' result files would replace each other
+            raise UserError(f"--{name} {text!r}: {item} is given twice: give each value once")
         out.append(value)
     return out
 
@@ -228,6 +230,8 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     _check_choices(args)
     rates = _parse_list(args.request_rate, "request-rate", float)
     concs = _parse_list(args.max_concurrency, "max-concurrency", int)
+    if not args.burstiness > 0:  # before the first request, not on its progress bar
+        raise UserError(f"--burstiness {args.burstiness}: must be positive (1 is a Poisson process)")
     ramp_up = _ramp_up(args)
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
