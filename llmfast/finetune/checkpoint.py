@@ -313,3 +313,30 @@ def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler
         for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+# Settings a resumed run may change: how often it saves, logs and evaluates, how many checkpoints it keeps, and how
+# the output folder (the same folder: it holds the run) is spelled.
+RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "keep_checkpoints"), ("train", "log_every"),
+                     ("train", "eval_every"), ("output",)}
+
+
+def _flat(value: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, (*prefix, str(key))).items()}
+    return {prefix: value}
+
+
+def check_same_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    """--resume continues the run its folder holds: a recipe that differs from its `recipe.json` (another model, other
+    data, another learning rate) would make a mixed adapter whose records disagree; one line naming the key."""
+    path = out / "recipe.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a run of a version that kept none, or a damaged one: the checkpoint's own checks follow
+    was, now = _flat(saved), _flat(recipe)
+    for key in sorted(set(was) | set(now)):
+        if key not in RESUME_MAY_CHANGE and was.get(key) != now.get(key):
+            raise UserError(f"--resume: {'.'.join(key)} is {now.get(key)!r}, the run in {out} was started with "
+                            f"{was.get(key)!r} ({path}): resume with the same recipe, or train into another output")

@@ -149,6 +149,8 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"llmfast: {out} has no complete checkpoint yet: starting from step 0", file=sys.stderr, flush=True)
         return out, False
+    if resume:
+        ckpts.check_same_recipe(out, recipe_dict(recipe))
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
