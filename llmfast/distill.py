@@ -175,6 +175,14 @@ def _checked_step(ckpt: Path, settings: DistillSettings, rows: str | None) -> in
     return step
 
 
+def _diverged(bar: Any, desc: str, loss: float, step: int, dtype: torch.dtype) -> UserError:
+    """The error of a run whose loss went NaN or inf (its progress bar closed first, so the line is the last)."""
+    bar.close()
+    fix = ("float16 weights lack the range this training needs: use dtype bfloat16 or float32"
+           if dtype == torch.float16 else "lower the learning rate")
+    return UserError(f"{desc}: the distillation loss became {loss} at step {step}: {fix}; nothing was written")
+
+
 def check_checkpoint(work: Path, settings: DistillSettings, source: Path | None = None) -> None:
     """What a resume can check without the models, run before they load (transformers' progress bar would
     otherwise print before the one error line): the latest checkpoint's state and settings, its weights file whole
@@ -318,11 +326,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         loss_value = loss.item()
         done = step + 1
         if not math.isfinite(loss_value):  # diverged: every later step, and the artifact, would be NaN
-            bar.close()
-            half = next(student.parameters()).dtype == torch.float16
-            raise UserError(f"{desc}: the distillation loss became {loss_value} at step {done}: "
-                            + ("float16 weights lack the range this training needs: use dtype bfloat16 or float32"
-                               if half else "lower the learning rate") + "; nothing was written")
+            raise _diverged(bar, desc, loss_value, done, next(student.parameters()).dtype)
         bar.update(1)
         bar.set_postfix(kl=f"{loss_value:.4f}")
         evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)

@@ -204,7 +204,7 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llmfast: error: stage data (tasks) of ") and "datez" in err[-1]
+    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "datez" in err[-1]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no run folder (or an empty one, as it was)
     # and the output is not claimed: another recipe may take it
     other = chain(tiny, out)
@@ -322,7 +322,8 @@ def test_a_stage_that_will_refuse_its_parents_artifact_is_refused_when_planned(t
     assert "stages.m: ${w4} is already quantized (w4): merge the full-precision models" in capsys.readouterr().err
     nf4 = {"type": "quantize", "with": {"model": str(tiny), "quantization": "nf4"}}
     relufy = {"type": "sparsify", "with": {"model": str(tiny), "sparsify": {"method": "relufy"}, "data": data}}
-    lora = {"type": "finetune", "with": {"model": "${nf4}", "data": {"train": "x.jsonl"}}}
+    (tmp_path / "x.jsonl").write_text("")  # the stage's own check wants its data file there (s42)
+    lora = {"type": "finetune", "with": {"model": "${nf4}", "data": {"train": str(tmp_path / "x.jsonl")}}}
     over_relu = {"type": "quantize", "with": {"model": "${relufy}", "quantization": "nf4"}}
     write(recipe, {"output": str(out), "stages": {"nf4": nf4, "lora": lora, "relufy": relufy, "qr": over_relu}})
     assert main(["run", str(recipe), "--dry-run"]) == 0
