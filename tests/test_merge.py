@@ -362,6 +362,10 @@ def test_adapter_svd_rerank_reports_error(family, adapters, tmp_path):
     assert code == 0, err
     m = json.loads((tmp_path / "r2" / "llmfast.json").read_text())["metrics"]
     assert 0.05 < m["svd_relative_frobenius_error"] < 1 and "SVD relative Frobenius error" in out
+    # above every layer's full rank only zeros are added (--adapter-rank 100000 wrote 1.6 GB for a 1.7 MB model, s42)
+    code, out, err = run_cli("merge", str(cfg), str(tmp_path / "huge"), "--no-progress", "--adapter-rank", "1000")
+    assert code == 2 and "--adapter-rank 1000: the adapters' largest layer has full rank 128" in err, err
+    assert not (tmp_path / "huge").exists()
     # TIES cannot be concatenated, but can be re-ranked.
     cfg = _config(tmp_path, "ties", [(adapters["a1"], {"weight": 1.0, "density": 0.5}),
                                      (adapters["a2"], {"weight": 1.0, "density": 0.5})], family["base"])

@@ -35,6 +35,10 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
     coeffs = _coefficients(plan, targets) if concat else {}
     rank = sum(max(m.rank for m in s.adapter.modules.values()) for s in adapters) if concat else int(adapter_rank)
     shapes = {n: shape for n, shape, _ in plan.tensors}
+    full = max(min(shapes[n]) for n in targets)  # beyond a layer's min(in, out), an SVD has only zeros to add
+    if not concat and rank > full:
+        raise UserError(f"--adapter-rank {rank}: the adapters' largest layer has full rank {full}, so a higher rank "
+                        f"only pads the adapter with zeros: give --adapter-rank {full} or less")
     layout = []
     for n in targets:
         out_f, in_f = shapes[n]
