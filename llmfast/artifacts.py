@@ -123,13 +123,18 @@ def check_writable_parent(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
-               inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Path]:
+               inputs: Iterable[str | os.PathLike[str] | None] = (), guard: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; rename it to `final` if the block succeeds, delete it if not.
 
-    An existing `final` is refused unless `overwrite` (then replaced only once the new one is complete).
+    An existing `final` is refused unless `overwrite` (then replaced only once the new one is complete); with `guard`
+    (a user's output), a folder that is not an llmfast output (no llmfast.json) is refused even then.
     Leftover temporary siblings of dead processes are removed first.
     """
     final = check_output(final, overwrite, inputs)
+    if overwrite and guard and final.is_dir() and not final.is_symlink() and any(final.iterdir()) \
+            and not (final / MANIFEST).is_file():  # a slip (`output: runs`) would delete a folder of other work
+        raise UserError(f"output {final} holds files llmfast did not write (no {MANIFEST}): --overwrite replaces only "
+                        "an llmfast output; choose another output, or remove it yourself")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         reap_stale_temps(final)

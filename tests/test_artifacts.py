@@ -98,3 +98,29 @@ def test_atomic_write_json_is_readable(tmp_path):
     path = atomic_write_json(tmp_path / "sub" / "r.json", {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert _siblings(path) == ["r.json"]
+
+
+def test_overwrite_replaces_only_an_llmfast_output(tmp_path):
+    """`--overwrite` deleted whatever folder was named, a user's folder of other work included (`output: runs` for
+    `runs/w4`; found by hand, s42): a user's output (`guard`) is replaced only when llmfast made it."""
+    from llmfast.artifacts import MANIFEST, atomic_dir
+    from llmfast.errors import UserError
+
+    runs = tmp_path / "runs"
+    (runs / "other").mkdir(parents=True)
+    (runs / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=rf"output {runs} holds files llmfast did not write \(no llmfast.json\): "
+                                        "--overwrite replaces only an llmfast output"):
+        with atomic_dir(runs, overwrite=True, guard=True) as tmp:
+            (tmp / "w").write_text("new")
+    assert (runs / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / MANIFEST).write_text("{}")
+    with atomic_dir(made, overwrite=True, guard=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert sorted(p.name for p in made.iterdir()) == ["w"]
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty", overwrite=True, guard=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert (tmp_path / "empty" / "w").exists()

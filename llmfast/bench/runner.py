@@ -225,7 +225,7 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     check_output(recipe.output, overwrite, inputs)  # before minutes of measuring, not after
     w = recipe.workload
     machine = detect()
-    with atomic_dir(recipe.output, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_dir(recipe.output, overwrite=overwrite, inputs=inputs, guard=True) as tmp:
         requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
                                    0.0, w.seed)
         measured = [Measured(v, engine.family, v.name) for v, engine, _ in planned]

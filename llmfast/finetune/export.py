@@ -115,7 +115,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             quant = own
     merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
     _check_finite(merged, dtype)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base]) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base], guard=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         mark_relu_architecture(tmp)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)

@@ -47,7 +47,7 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
                    (f"{key}.lora_B.weight", (out_f, rank), plan.out_dtype)]
     errors = _SvdErrors()
     base_reader = mio.TensorReader(plan.base.path)
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths()) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths(), guard=True) as tmp:
         writer = mio.ShardedWriter(tmp, layout, 2**62, prefix="adapter_model")
         bar = progress_bar(len(targets), f"merge adapters ({plan.method.name}, rank {adapter_rank})", progress)
         try:

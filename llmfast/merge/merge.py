@@ -70,7 +70,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
     layout = [(n, shape, plan.out_dtype if tag in ("F32", "BF16", "F16", "F64") else mio.st_dtype_name(tag))
               for n, shape, tag in plan.tensors]
     stats: dict[str, Any] = {}
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths()) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths(), guard=True) as tmp:
         writer = mio.ShardedWriter(tmp, layout, max_bytes)
         check_space(out_dir, writer.total_bytes)  # before the first tensor is merged
         bar = progress_bar(len(layout), f"merge ({plan.method.name})", progress)

@@ -104,7 +104,7 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
         shutil.rmtree(work)
     start = time.time()
     # the work folder marked before a method writes into it: what a kill leaves there is known to be llmfast's
-    with marked_work_dir(work, run, resume), atomic_dir(out, overwrite=overwrite, inputs=[source]) as tmp:
+    with marked_work_dir(work, run, resume), atomic_dir(out, overwrite=overwrite, inputs=[source], guard=True) as tmp:
         metrics = spec.quantizer.quantize(source, spec.config, tmp, tokenizer=tokenizer, rows=data["rows"],
                                           train_rows=data["train_rows"], heldout=data["heldout"], dtype=recipe.dtype,
                                           work_dir=work, resume=resume)

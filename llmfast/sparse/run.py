@@ -138,7 +138,8 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
                            window=d.window, work_dir=work, resume=resume)
     cfg = recipe.sparsify.config
     # the work folder marked before the method writes into it: what a kill leaves there is known to be llmfast's
-    with marked_work_dir(work, run, resume), atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path]) as tmp:
+    with marked_work_dir(work, run, resume), atomic_dir(recipe.output, overwrite=overwrite, inputs=[model_path],
+                                                        guard=True) as tmp:
         metrics = method.sparsify(job, cfg, tmp)
         metrics.update({
             "method": method.name, "wall_seconds": round(time.perf_counter() - t0, 1),
