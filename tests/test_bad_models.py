@@ -247,7 +247,7 @@ CASES = {  # id: (argv, a piece of the one error line)
                                               "architectures must be a list"),
     "run-no-stages": (["run", "{W}/recipes/ch-no-stages.yaml"], "stages"),
     "run-tasks-stage-unknown-key": (["run", "{W}/recipes/ch-tasks-unknown-key.yaml"],
-                                    "stage data (tasks): with.trian: not a setting of a tasks stage"),
+                                    "ch-tasks-unknown-key.yaml: with.trian: not a setting of a tasks stage"),
     "run-stage-named-like-a-work-folder": (["run", "{W}/recipes/ch-checkpoints-name.yaml"],
                                            "stage name 'data.checkpoints' is taken"),
     "bench-percentile-above-100": (["bench", "run", "{W}/recipes/bench-long.yaml", "--set",

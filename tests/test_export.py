@@ -53,9 +53,13 @@ def test_existing_output_needs_overwrite(tmp_path, peft_adapter):
     code, _, err = run_cli("export", str(peft_adapter), str(out))
     assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
     assert (out / "notes.txt").read_text() == "mine"
-    code, _, err = run_cli("export", str(peft_adapter), str(out), "--overwrite")
+    code, _, err = run_cli("export", str(peft_adapter), str(out), "--overwrite")  # not llmfast's: kept (s42)
+    assert code == 2 and "holds files llmfast did not write" in err and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert run_cli("export", str(peft_adapter), str(out), "--overwrite")[0] == 0  # an empty folder
+    code, _, err = run_cli("export", str(peft_adapter), str(out), "--overwrite")  # an export: replaced
     assert code == 0, err
-    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").is_file() and (out / "llmfast.json").is_file()
 
 
 @pytest.mark.parametrize("target", ["adapter", "folder holding the adapter", "base"])

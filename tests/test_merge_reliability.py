@@ -48,8 +48,13 @@ def test_existing_output_is_refused_unless_overwrite(family, tmp_path):
     cfg = _ties(tmp_path, family)
     _refused(cfg, out, needles=("already exists", "--overwrite"))
     assert (out / "notes.txt").read_text() == "mine"
+    _refused(cfg, out, "--overwrite", needles=("holds files llmfast did not write",))  # not llmfast's: kept (s42)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    _merge(cfg, out, "--overwrite")  # an empty folder
+    (out / "model.safetensors").write_bytes(b"")  # a merge's output: --overwrite replaces it
     _merge(cfg, out, "--overwrite")
-    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").stat().st_size > 0
 
 
 def test_an_input_is_never_the_output(family, tmp_path):
