@@ -56,6 +56,16 @@ static inline float bf16_to_float(uint16_t h) {
 #include __FILE__
 #else
 
+/* The first PREFETCH_HEAD bytes of the four rows after the four at k (rows of `len` values of `w`, the kept ones
+ * named by idx, none at or past `end`): the hardware prefetcher then follows each row once it has started. */
+static inline void NAME(prefetch_next)(const int64_t *idx, int64_t k, int64_t end, const T *w, int64_t len) {
+    for (int64_t r = k + PREFETCH_AHEAD; r < k + PREFETCH_AHEAD + 4 && r < end; r++) {
+        const char *next = (const char *)(w + idx[r] * len);
+        for (int64_t byte = 0; byte < PREFETCH_HEAD && byte < len * (int64_t)sizeof(T); byte += 64)
+            __builtin_prefetch(next + byte, 0, 3);
+    }
+}
+
 /* y[0:out] = sum_k vals[k] * wt[idx[k], 0:out]. The kept rows are split over `threads` threads (whole rows are
  * the longest contiguous reads), each summing into its own part of `parts`, then the parts are added column-wise.
  * Returns 0, or -1 when out of memory. */
@@ -76,11 +86,7 @@ static int NAME(gather_rows)(const int64_t *idx, const float *vals, int64_t kept
         /* Four rows a pass: four streams of the weights in flight, and the partial sums read and written once for
          * four rows instead of once for each (they were half the memory operations). */
         for (; k + 4 <= b; k += 4) {
-            for (int64_t r = k + PREFETCH_AHEAD; r < k + PREFETCH_AHEAD + 4 && r < b; r++) {
-                const char *next = (const char *)(wt + idx[r] * out);
-                for (int64_t byte = 0; byte < PREFETCH_HEAD && byte < out * (int64_t)sizeof(T); byte += 64)
-                    __builtin_prefetch(next + byte, 0, 3);
-            }
+            NAME(prefetch_next)(idx, k, b, wt, out);
             const T *restrict w0 = wt + idx[k] * out, *restrict w1 = wt + idx[k + 1] * out,
                     *restrict w2 = wt + idx[k + 2] * out, *restrict w3 = wt + idx[k + 3] * out;
             const float v0 = vals[k], v1 = vals[k + 1], v2 = vals[k + 2], v3 = vals[k + 3];
@@ -207,11 +213,7 @@ void NAME(gather_dot)(const int64_t *idx, int64_t kept, const T *w, int64_t widt
         int64_t per = (kept + n - 1) / n, a = id * per < kept ? id * per : kept, b = a + per < kept ? a + per : kept;
         int64_t k = a;
         for (; k + 4 <= b; k += 4) {
-            for (int64_t r = k + PREFETCH_AHEAD; r < k + PREFETCH_AHEAD + 4 && r < b; r++) {
-                const char *next = (const char *)(w + idx[r] * block);
-                for (int64_t byte = 0; byte < PREFETCH_HEAD && byte < block * (int64_t)sizeof(T); byte += 64)
-                    __builtin_prefetch(next + byte, 0, 3);
-            }
+            NAME(prefetch_next)(idx, k, b, w, block);
             for (int64_t r = 0; r < width; r++) {
                 float out[4];
                 NAME(dot16x4)(w + idx[k] * block + r * in, w + idx[k + 1] * block + r * in,
