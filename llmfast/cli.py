@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmfast import __version__
+from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.process_exit import end_process_group, exit_process
 
@@ -291,10 +292,10 @@ def _add_serve(sub: Any) -> None:
                    help="require this bearer key (default: $LLMFAST_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: its directory name)")
     p.add_argument("--dtype", help="override the machine's choice (float32, bfloat16, float16, auto)")
-    p.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to vLLM")
-    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="passed to vLLM")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health (default 600)")
+    p.add_argument("--max-model-len", type=positive(int), help="longest sequence (default: the model's)")
+    p.add_argument("--tensor-parallel-size", type=positive(int), default=1, help="passed to vLLM")
+    p.add_argument("--pipeline-parallel-size", type=positive(int), default=1, help="passed to vLLM")
+    p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds to wait for /health (default 600)")
     p.add_argument("--log", help="write the server's output here (default: a temporary file, removed after a clean "
                    "stop and named in any error)")
     p.add_argument("--verbose", action="store_true", help="echo vLLM's own output on stderr")
@@ -412,8 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse a command line. For `serve`, everything after the first `--` goes to vLLM untouched (argparse
-    alone refuses a `--` that follows options, as in `serve MODEL --port 8001 -- --max-num-seqs 128`)."""
+    """Parse a command line; for `serve`, what follows `--` goes to vLLM untouched (argparse alone refuses it)."""
     argv = list(argv)
     cut = argv.index("--") if "serve" in argv and "--" in argv else len(argv)
     head = [a for a in argv[:cut] if a != "--debug"]  # --debug after the verb too: it belongs to the top parser

@@ -114,3 +114,15 @@ def test_recipe_data_model_and_output_errors_answer_before_torch_is_imported(tmp
     (tmp_path / "e.yaml").write_text(f"model: {tmp_path / 'model'}\neval:\n  tasks: [{{name: t, path: "
                                      f"{tmp_path / 'bad.jsonl'}}}]\noutput: {tmp_path / 'res.json'}\n")
     assert "bad.jsonl:1: field 'completion'" in _errs_without_torch("eval", str(tmp_path / "e.yaml"))
+
+
+def test_serve_numbers_are_checked_before_vllm_starts(tiny_dir):
+    """`--max-model-len 0` and `--tensor-parallel-size 0` were dropped, a negative max-model-len passed to vLLM, a
+    negative --timeout accepted, and a max-model-len beyond the model's positions refused by vLLM after its start-up
+    (found by hand, s42): each one line, before anything starts."""
+    for flags, said in ((["--max-model-len", "0"], "argument --max-model-len: '0': give a positive number"),
+                        (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: '0': give a positive"),
+                        (["--timeout", "-5"], "argument --timeout: '-5': give a positive number"),
+                        (["--max-model-len", "999999"], "--max-model-len is 999999 tokens, beyond the 2048 positions")):
+        code, _, err = run_cli("serve", str(tiny_dir), *flags)
+        assert code == 2 and said in err.strip().splitlines()[-1] and "starting vLLM" not in err, err

@@ -253,6 +253,10 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     from llmfast.models import resolve_model
 
     model_dir = resolve_model(model)
+    if kwargs.get("max_model_len"):  # beyond the model's positions vLLM refuses it only after its start-up
+        from llmfast.loading import check_positions
+
+        check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)
