@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import check_writable_parent
-from llmfast.data.chat import prompt_and_answer, render_chat
+from llmfast.data.chat import check_ids_fit, prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
 from llmfast.data.tasks import check
 from llmfast.errors import UserError
@@ -161,18 +161,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     from llmfast.recipe import recipe_dict
 
     tokenizer = load_tokenizer(path)
-    if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
-        raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
-                        "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
-    for ts in cfg.tasks:  # a template that refuses a row, found before the model loads
-        for r in read_jsonl(ts.path)[: ts.limit]:
-            render_chat(tokenizer, prompt_and_answer(r, ts.path)[0], True, f"{ts.path}:{r.get('_row', '?')}")
-    if cfg.perplexity is not None:  # enough tokens to score, checked before the model loads
-        p = cfg.perplexity
-        n = len(tokenizer(text, add_special_tokens=False).input_ids)
-        if min(n, p.max_tokens or n) < 2:
-            raise UserError(f"eval.perplexity: {p.text} has {n} token(s)" + (f" and max_tokens is {p.max_tokens}"
-                            if p.max_tokens and p.max_tokens < n else "") + ": at least 2 are needed to score")
+    _check_tokens(cfg, tokenizer, path, text)
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     quantization = effective_quantization(path, recipe.adapter, recipe.quantization)
     load_s = time.perf_counter() - t0
@@ -207,6 +196,30 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     atomic_write_json(out, results)
     return results
+
+
+def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
+    """What the tokenizer can tell before the model loads: a chat template for the tasks (one that refuses no row),
+    no token the model has no embedding row for, and enough tokens of text to score."""
+    from llmfast.modelfiles import describe_model_dir
+
+    if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
+        raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
+                        "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
+    vocab = describe_model_dir(path)["vocab"]
+    for ts in cfg.tasks:
+        for r in read_jsonl(ts.path)[: ts.limit]:
+            where = f"{ts.path}:{r.get('_row', '?')}"
+            prompt = render_chat(tokenizer, prompt_and_answer(r, ts.path)[0], True, where)
+            check_ids_fit(tokenizer(prompt, add_special_tokens=False).input_ids, vocab, where)
+    if cfg.perplexity is not None:
+        p = cfg.perplexity
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        check_ids_fit(ids[: p.max_tokens] if p.max_tokens else ids, vocab, str(p.text))
+        if min(len(ids), p.max_tokens or len(ids)) < 2:
+            raise UserError(f"eval.perplexity: {p.text} has {len(ids)} token(s)" + (
+                f" and max_tokens is {p.max_tokens}" if p.max_tokens and p.max_tokens < len(ids) else "")
+                + ": at least 2 are needed to score")
 
 
 def _read_text(path: Path) -> str:

@@ -209,3 +209,31 @@ def test_a_chat_template_that_refuses_a_row_is_one_line_naming_it(tiny_dir, tmp_
     code, _, err = run_cli("finetune", str(ft))
     assert code == 2 and f"{rows}:2: the model's chat template refuses this row" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_a_tokenizer_with_tokens_the_model_has_no_rows_for_is_one_line(tiny_dir, tmp_path):
+    """A special token added to the tokenizer without resizing the model: an IndexError from inside the embedding in
+    finetune and eval (found by hand, s42); now the row, before the model loads."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "addtok"
+    shutil.copytree(tiny_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(model)
+    rows = tmp_path / "tool.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "<|tool|> hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {model}\neval:\n  tasks:\n    - {{name: dates, path: {rows}}}\n  max_new_tokens: 4\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"llmfast: error: {rows}:1: token id 1024 is beyond the model's 1024 embedding rows"), err[-2000:]
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(f"model: {model}\ndata: {{train: {rows}, max_length: 64}}\nlora: {{r: 4}}\n"
+                  f"train: {{steps: 1, batch_size: 1}}\noutput: {tmp_path / 'run'}\n")
+    code, _, err = run_cli("finetune", str(ft))
+    assert code == 2 and f"{rows}:1: token id 1024 is beyond" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()

@@ -100,6 +100,15 @@ def render_chat(tokenizer: "PreTrainedTokenizerBase", msgs: list[dict[str, str]]
                         "system turn into the first user turn) or the template") from None
 
 
+def check_ids_fit(ids: list[int], vocab: int | None, where: str) -> None:
+    """A token id the model has no embedding row for (a tokenizer given tokens the model was not resized for) is one
+    line naming where it came from, not an IndexError from inside the embedding."""
+    if vocab and ids and max(ids) >= vocab:
+        raise UserError(f"{where}: token id {max(ids)} is beyond the model's {vocab} embedding rows (config.json "
+                        "vocab_size): its tokenizer has tokens the model has no rows for; resize the model's "
+                        "embeddings, or use the model's own tokenizer")
+
+
 def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
                     where: str = "") -> Encoded:
     if not getattr(tokenizer, "chat_template", None):
@@ -132,6 +141,7 @@ def load_examples(
     tokenizer: "PreTrainedTokenizerBase",
     max_length: int,
     too_long: Literal["truncate", "error"] = "truncate",
+    vocab: int | None = None,
 ) -> tuple[list[Encoded], list[str]]:
     """Read and encode a JSONL or a local `datasets` directory; returns examples and warnings.
 
@@ -145,6 +155,7 @@ def load_examples(
     for r in rows:
         where = f"{path}:{r['_row']}" if path.is_file() else f"{path} row {r['_row']}"
         ex = encode_messages(tokenizer, to_messages(r, where), r["_row"], where)
+        check_ids_fit(ex.input_ids, vocab, where)
         if len(ex) > max_length:
             if too_long == "error":
                 raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "

@@ -174,11 +174,11 @@ def _accelerator() -> Any:
     return acc
 
 
-def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any) -> tuple[list[Encoded], list[Encoded]]:
+def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None) -> tuple[list[Encoded], ...]:
     dc = recipe.data
-    train_ex, warnings = load_examples(dc.train, tokenizer, dc.max_length, dc.too_long)
+    train_ex, warnings = load_examples(dc.train, tokenizer, dc.max_length, dc.too_long, vocab)
     if dc.eval is not None:
-        eval_ex, more = load_examples(dc.eval, tokenizer, dc.max_length, dc.too_long)
+        eval_ex, more = load_examples(dc.eval, tokenizer, dc.max_length, dc.too_long, vocab)
         warnings += more
     else:
         train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
@@ -189,6 +189,7 @@ def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any) -> tuple[list[En
 
 def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     """Launch, model, data and the resume checks: everything that can be wrong, before any output exists."""
+    from llmfast.modelfiles import describe_model_dir
     from llmfast.models import load_tokenizer, resolve_model
 
     tc, dc = recipe.train, recipe.data
@@ -199,7 +200,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(model_path)
-    train_ex, eval_ex = _examples(recipe, tokenizer, acc)
+    train_ex, eval_ex = _examples(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"])
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
         from llmfast.quant import already_quantized
