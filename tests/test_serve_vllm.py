@@ -107,6 +107,15 @@ def test_bench_serve_sweep_against_the_server(server, tmp_path):
         assert r["mean_tpot_ms"] > 0 and r["mean_e2el_ms"] >= r["mean_ttft_ms"]
 
 
+def test_bench_serve_refuses_requests_longer_than_the_server_takes(server, tmp_path):
+    """The server says its max_model_len in /v1/models: requests beyond it failed one by one with HTTP 400 after the
+    run started (found by hand, s42); refused before the first."""
+    code, _, err = run_cli("bench", "serve", "--base-url", server.base_url, "--model", "repeat", "--api-key", KEY,
+                           "--num-prompts", "2", "--random-input-len", "3000", "--random-output-len", "4")
+    assert code == 2 and "beyond the 2048 the server takes for 'repeat' (its max_model_len)" in err, err[-2000:]
+    assert "requests:" not in err  # no progress bar: nothing was sent
+
+
 def test_api_key_is_required(server):
     code, _, err = run_cli("bench", "serve", "--base-url", server.base_url, "--num-prompts", "2", "--api-key", "")
     assert code == 2 and "HTTP 401" in err and "--api-key" in err

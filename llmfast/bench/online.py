@@ -175,6 +175,19 @@ def _ramp_up(args: argparse.Namespace) -> "RampUp | None":
     return RampUp(args.ramp_up_strategy, float(args.ramp_up_start_rps), float(args.ramp_up_end_rps))
 
 
+def _check_lengths(requests: list[Any], models: list[dict[str, Any]], sent: str) -> None:
+    """Requests longer than the server takes for `sent` (its /v1/models max_model_len) fail one by one with HTTP 400
+    after the run starts: refused before the first one."""
+    by_id = {m.get("id"): m for m in models}
+    entry = by_id.get(sent, {})
+    limit = entry.get("max_model_len") or by_id.get(entry.get("parent"), {}).get("max_model_len")  # a LoRA: its base
+    longest = max((r.prompt_len + r.output_len for r in requests), default=0)
+    if isinstance(limit, int) and longest > limit:
+        raise UserError(f"the longest request is {longest} tokens (prompt and output), beyond the {limit} the server "
+                        f"takes for {sent!r} (its max_model_len): shorten the requests, or serve with a larger "
+                        "--max-model-len")
+
+
 def _wait_for_models(base_url: str, api_key: str | None, wait: float) -> list[dict[str, Any]]:
     from llmfast.serve.endpoint import served_models
 
@@ -266,6 +279,7 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
         range_ratio=args.random_range_ratio, prefix_len=args.random_prefix_len,
         custom_output_len=out_len or args.custom_output_len, sharegpt_output_len=out_len or args.sharegpt_output_len,
         seed=args.seed, shuffle=not args.disable_shuffle)
+    _check_lengths(requests, models, sent)
     sweep = len(rates) * len(concs) > 1
     results = []
     for rate in rates:
