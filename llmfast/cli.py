@@ -183,7 +183,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         for t in TASKS.values():
             print(f"{t.name:<10} {t.description}")
         return 0
-    names = list(TASKS) if args.task == ["all"] else args.task
+    names = list(TASKS) if args.task == ["all"] else list(dict.fromkeys(args.task))  # each once, in the order given
     # Every file is generated and checked before the first is written: one refusal writes nothing.
     plan = plan_task_files(names, args.out, args.train, args.test, args.seed, args.overwrite)
     write_planned(plan)

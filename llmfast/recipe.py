@@ -129,7 +129,7 @@ def _known_optimizer(name: str) -> str:
 
 
 class TrainConfig(StrictModel):
-    steps: PositiveInt | None = None  # optimizer steps; null: `epochs` passes over the data
+    steps: PositiveInt | None = None  # optimizer steps, over `epochs` when both are given (`--set train.steps=N`)
     epochs: float = Field(1.0, gt=0)
     batch_size: PositiveInt = 8  # rows (packed bins, or examples without packing) per micro-batch
     grad_accum: PositiveInt = 1

@@ -126,3 +126,9 @@ def test_serve_numbers_are_checked_before_vllm_starts(tiny_dir):
                         (["--max-model-len", "999999"], "--max-model-len is 999999 tokens, beyond the 2048 positions")):
         code, _, err = run_cli("serve", str(tiny_dir), *flags)
         assert code == 2 and said in err.strip().splitlines()[-1] and "starting vLLM" not in err, err
+
+
+def test_a_task_named_twice_is_made_once(tmp_path):
+    code, out, err = run_cli("tasks", "dates", "dates", "--out", str(tmp_path / "t"), "--train", "4", "--test", "2")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1 and sorted(p.name for p in (tmp_path / "t").iterdir()) == ["dates"]
