@@ -2,9 +2,9 @@
 
 pydantic accepts `true` for an int or float field (it becomes 1), so `--set data.window=true` calibrated on windows
 of one token and `--set quantization.iters=true` ran one step, both without a word (entries of a list of numbers
-too: `max_concurrency: [true]`). The schemas' bases (recipe.py's
-StrictModel, the sparsity and quantization methods' settings) run `no_bool_numbers` before validating, which hands
-such a value on as the text `true`/`false`: the field then refuses it in its own words, blamed on the key and line.
+too: `max_concurrency: [true]`). The schemas' bases (recipe.py's StrictModel, the sparsity and quantization
+methods' settings) run `no_bool_numbers` before validating, which hands such a value on as the text `true`/`false`:
+the field then refuses it in its own words, blamed on the key and line.
 A whole number given for a path (`--set output=2024`) is taken as that folder's name.
 """
 

@@ -428,7 +428,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
     output (output_lock.py: two would interleave their checkpoints and logs), taken by the first process."""
     from llmfast.output_lock import output_lock
 
-    check_output(recipe.output, overwrite=True, inputs=recipe.inputs())  # a path to lock beside (existence: below)
+    check_output(recipe.output, overwrite=True, inputs=recipe.inputs())  # a bad path refused before its lock
     main = int(os.environ.get("RANK", "0")) == 0
     with output_lock(recipe.output) if main else contextlib.nullcontext():
         return _run_finetune(recipe, resume)

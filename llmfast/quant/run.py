@@ -50,7 +50,7 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
     from llmfast.artifacts import check_output
     from llmfast.output_lock import output_lock
 
-    out = check_output(recipe.output, overwrite)  # a path no lock can be taken beside is refused as such first
+    out = check_output(recipe.output, overwrite)  # a bad path refused as such before a lock is taken for it
     with output_lock(out):
         return _run_quantize(recipe, resume, overwrite)
 
