@@ -326,9 +326,16 @@ def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
         recorded = None
     if not isinstance(recorded, dict):
         return  # marked by an earlier version, which did not record the run
+    # the source's weights (modelfiles.weights_fingerprint) decide, not its path: a moved project resumes, and
+    # other weights saved at the same path are refused
+    same_weights = isinstance(recorded.get("weights"), str) and recorded.get("weights") == run.get("weights")
     for key, value in run.items():
         was = recorded.get(key)
-        if was != value:
+        if key == "weights" and was is not None and was != value:
+            raise UserError(f"--resume: {work} holds a run on other weights than those of {run.get('model')} now "
+                            "(the model was re-made or re-saved since?): resume with the model it started from, or "
+                            "start again with --overwrite")
+        if was != value and not (key == "model" and same_weights) and not (key == "weights" and was is None):
             where = key
             if isinstance(was, dict) and isinstance(value, dict):  # name the setting, not the whole section
                 inner = sorted(k for k in {*was, *value} if was.get(k) != value.get(k))[0]
@@ -395,7 +402,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         if not isinstance(spec, dict):
             raise UserError(f"{path}: {section} must be a JSON object, not {type(spec).__name__}: rebuild the "
                             "artifact, or delete or fix this file")
-        for key, kind in (("method", str), ("config", dict), ("attention", dict)):
+        for key, kind in (("method", str), ("config", dict), ("attention", dict), ("weights", str)):
             if spec.get(key) is not None and not isinstance(spec[key], kind):
                 raise UserError(f"{path}: {section}.{key} must be a JSON {'string' if kind is str else 'object'}, not "
                                 f"{type(spec[key]).__name__}: rebuild the artifact, or delete or fix this file")

@@ -210,6 +210,8 @@ def _tamper(ckpt, case):
         tensors = load_file(ckpt / "adapter.safetensors")
         save_file({k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora_A" in k else torch.zeros(v.shape[0] + 8, 8)
                    for k, v in tensors.items()}, ckpt / "adapter.safetensors")
+    elif case == "base-re-saved-since":  # the model's path as the run's, its weights not (other weights saved there)
+        (ckpt.parent.parent / "base.json").write_text(json.dumps({"weights": "0" * 32}))
     elif case == "recipe-of-another-rank":
         recipe = ckpt.parent.parent.parent / "r.yaml"
         recipe.write_text(recipe.read_text().replace("r: 8,", "r: 4,"))
@@ -227,6 +229,7 @@ def _tamper(ckpt, case):
     ("optimizer-a-parameter-short", "optimizer.pt: holds the state of 27 parameters, the checkpoint's adapter has 28"),
     ("adapter-of-a-wider-model", "which does not fit the model's layer of shape"),
     ("recipe-of-another-rank", "--resume: lora.r is 4, the run in"),  # the recipe compared first (s42)
+    ("base-re-saved-since", "holds other weights than the run in"),
 ])
 def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case, expected, killed_run, tmp_path):
     """A checkpoint edited by hand: refused before anything is trained or rewritten (was: random LoRA values

@@ -154,6 +154,35 @@ def test_sharded_model_with_a_missing_shard_is_refused(tiny_dir, tmp_path):
         resolve_model(str(d))
 
 
+def test_weights_fingerprint_follows_the_weights_not_the_folder_or_sharding(tiny_dir, tmp_path):
+    """What `--resume` and sparse artifacts compare (modelfiles.weights_fingerprint): a copy and a re-sharding keep
+    it; one changed element within a tensor's first bytes, another dtype, or a renamed tensor change it."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.modelfiles import weights_fingerprint
+    from safetensors.torch import load_file, save_file
+
+    fp = weights_fingerprint(tiny_dir)
+    assert weights_fingerprint(_copy_model(tiny_dir, tmp_path / "copy")) == fp
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert weights_fingerprint(tmp_path / "sharded") == fp
+    tensors = load_file(tiny_dir / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    for change in ("element", "dtype", "name"):
+        t = dict(tensors)
+        if change == "element":
+            t[name] = t[name].clone()
+            t[name][0, 3] += 1
+        elif change == "dtype":
+            t[name] = t[name].double()
+        else:
+            t[name + "_renamed"] = t.pop(name)
+        d = _copy_model(tiny_dir, tmp_path / change)
+        save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+        assert weights_fingerprint(d) != fp, change
+
+
 def test_check_model_dir_reads_no_tensors_and_imports_no_torch(tiny_dir):
     import subprocess
     import sys

@@ -599,6 +599,14 @@ def _tamper_distill(work, case, tmp_path):
         return ["--set", "sparsify.config.l1=0.5"]
     elif case == "no-steps":
         return ["--set", "sparsify.config.steps=0"]
+    elif case == "other-weights-at-the-path":  # the run's model re-saved with other weights in the same folder
+        from llmfast.testing import build_tiny_llama
+
+        model = build_tiny_llama(tmp_path / "resaved", seed=1)
+        mark = json.loads((work / ".llmfast-work").read_text())
+        mark["run"]["model"] = str(model.resolve())
+        (work / ".llmfast-work").write_text(json.dumps(mark))
+        return ["--set", f"model={model}"]
     return []
 
 
@@ -613,6 +621,7 @@ def _tamper_distill(work, case, tmp_path):
     ("another-model", "holds a run with model "),
     ("other-settings-without-relufy-json", "holds a run with settings.l1 0.0, this one has 0.5"),
     ("no-steps", "holds a run with settings.steps 200, this one has 0"),
+    ("other-weights-at-the-path", "holds a run on other weights than those of "),
 ])
 def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case, expected, killed_relufy, tmp_path):
     """Found by hand (2026-12-05): these resumed a broadcast tensor, ran steps -20..200 with a negative learning
@@ -631,6 +640,50 @@ def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case,
     assert "Traceback" not in err
     assert len(lines) == 1, err  # checked before the models load: their progress bars do not come first
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_resume_takes_the_same_weights_moved_to_another_folder(killed_relufy, tmp_path):
+    """`--resume` named the source by its path: a project moved since could not resume (s42's review). The run
+    records its source's weights (modelfiles.weights_fingerprint), which a copy keeps."""
+    from llmfast.modelfiles import weights_fingerprint
+
+    d = Path(shutil.copytree(killed_relufy, tmp_path / "w"))
+    path = d / "r.yaml"
+    recorded = json.loads((d / "out.checkpoints" / ".llmfast-work").read_text())["run"]
+    source = Path(recorded["model"])
+    moved = Path(shutil.copytree(source, tmp_path / "moved-model"))
+    assert weights_fingerprint(moved) == recorded["weights"] == weights_fingerprint(source)
+    path.write_text(path.read_text().replace(str(killed_relufy), str(d)).replace(str(source), str(moved)))
+    done = max(int(p.name.split("-")[1]) for p in (d / "out.checkpoints" / "checkpoints").glob("step-*"))
+    code, _, err = run_cli("sparsify", str(path), "--resume")
+    assert code == 0, err[-2000:]
+    steps = [json.loads(line)["step"] for line in (d / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 200 and steps.count(done) == 1  # continued after the checkpoint, not started again
+
+
+def test_an_artifact_whose_linked_weights_were_rewritten_in_place_is_refused(tmp_path, tiny_dir):
+    """TEAL hard-links its source's weight files: new weights copied over the source's (`cp`, which writes into
+    the existing file) changed the artifact's weights under its thresholds, silently (s42's review). The
+    artifact records its weights' fingerprint; a load that finds others is one line."""
+    from llmfast.models import load_model
+
+    source = Path(shutil.copytree(tiny_dir, tmp_path / "source"))
+    assert run_cli("sparsify", str(recipe(tmp_path, source, "teal", "{target: 0.5}", out="teal")))[0] == 0
+    art = tmp_path / "teal"
+    linked = (art / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
+    load_model(art)  # made and loaded as it was
+    weights = load_file(source / "model.safetensors")
+    weights = {k: v * 1.5 if k.endswith("down_proj.weight") else v for k, v in weights.items()}
+    save_file(weights, tmp_path / "new.safetensors", metadata={"format": "pt"})
+    shutil.copyfile(tmp_path / "new.safetensors", source / "model.safetensors")  # as cp does: into the same inode
+    if not linked:  # a file system without hard links copied the files: nothing changed under the artifact
+        load_model(art)
+        return
+    code, _, err = run_cli("eval", str(REPO / "recipes" / "eval_smollm2.yaml"), "--model", str(art), "--output",
+                           str(tmp_path / "e.json"))
+    lines = err.strip().splitlines()
+    assert code == 2 and "its weights are not those it was made with" in lines[-1] and len(lines) == 1, err[-1500:]
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_a_model_folder_of_links_sparsifies_into_real_files(tmp_path, tiny_dir):

@@ -25,7 +25,16 @@ from llmfast.finetune import fsdp as sharding
 
 
 # What a run writes into its output before the first checkpoint is complete.
-RUN_FILES = {"recipe.json", "train_log.jsonl", "checkpoints"}
+RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
+
+
+def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:
+    """What `--resume` compares a run against: its recipe (recipe.json) and its base model's weights (base.json:
+    the recipe names the model by its path, and other weights may be saved there since)."""
+    from llmfast.modelfiles import weights_fingerprint
+
+    atomic_write_json(out / "recipe.json", recipe)
+    atomic_write_json(out / "base.json", {"weights": weights_fingerprint(model_path)})
 
 
 def foreign_run_files(out: Path) -> str | None:
@@ -52,6 +61,13 @@ def foreign_run_files(out: Path) -> str | None:
             return str(recipe)
         if not isinstance(data, dict) or not {"model", "data", "lora", "train", "output"} <= set(data):
             return str(recipe)
+    base = out / "base.json"
+    if base.exists():
+        try:
+            if not isinstance(json.loads(base.read_text(encoding="utf-8")).get("weights"), str):
+                return str(base)
+        except (OSError, ValueError, AttributeError):
+            return str(base)
     log = out / "train_log.jsonl"
     if log.exists():
         try:
@@ -153,11 +169,23 @@ def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scale
     return SavedTraining(adapter, optim, sched, rng, scale)
 
 
-def check_fit(saved: SavedTraining, ckpt: Path, rank: int, base: dict[str, list[int]] | None) -> None:
-    """What the model is not needed for, checked before it loads: each LoRA pair whole and of the recipe's rank,
+def check_fit(saved: SavedTraining, ckpt: Path, rank: int, base: dict[str, list[int]] | None,
+              model_path: Path | None = None) -> None:
+    """What the model is not needed for, checked before it loads: the base's weights those the run started on
+    (`record_run`; a run of an earlier version recorded none), each LoRA pair whole and of the recipe's rank,
     each pair's shape that of its layer in `base` (the base model's stored weight shapes, where they are its
     logical shapes: not a packed 4-bit artifact), and the optimizer's state for as many tensors as the adapter has,
     its AdamW moments of the adapter's shapes. `load_adapter` and `load_training_state` then check the rest."""
+    from llmfast.modelfiles import weights_fingerprint
+
+    try:
+        recorded = json.loads((ckpt.parent.parent / "base.json").read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if model_path is not None and isinstance(recorded, str) and weights_fingerprint(model_path) != recorded:
+        raise UserError(f"--resume: {model_path} holds other weights than the run in {ckpt.parent.parent} started "
+                        "on (re-made or re-saved since?): resume with the model it started from, or train into "
+                        "another output")
     path = ckpt / "adapter.safetensors"
     shapes = {k: list(v.shape) for k, v in saved.adapter.items()}
     for key, shape in sorted(shapes.items()):

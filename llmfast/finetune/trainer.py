@@ -224,7 +224,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, world)
         step = state["step"]
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
-        ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)))
+        ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
         ckpts.kept_log_lines(out / "train_log.jsonl", step)  # a line llmfast did not write, refused here too
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
     trainable, total_params = trainable_parameters(model)
@@ -271,7 +271,7 @@ def _prepare_training(run: Run) -> None:
         _note(acc, f"llmfast: resuming {run.out} from step {run.start_step} of {run.total_steps}")
     elif acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.out / "recipe.json", recipe_dict(run.recipe))
+        ckpts.record_run(run.out, recipe_dict(run.recipe), run.model_path)
     acc.wait_for_everyone()
     loss_module = _LossModule(run.model, tc.loss_chunk_size)
     run.wrapped = loss_module if run.fsdp else acc.prepare(loss_module)  # sharded layers synchronise themselves

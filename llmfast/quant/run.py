@@ -61,6 +61,7 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
     from llmfast.sources import check_source
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
+    from llmfast.modelfiles import weights_fingerprint
     from llmfast.models import load_tokenizer, resolve_model
 
     spec = recipe.quantization
@@ -74,7 +75,8 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
     check_output(out, overwrite, inputs=[source])
     run = {"verb": "quantize", "model": str(Path(source).resolve()), "method": spec.method,
            "settings": spec.config.model_dump(mode="json"),
-           "data": recipe.data.model_dump(mode="json") if recipe.data is not None else None, "dtype": recipe.dtype}
+           "data": recipe.data.model_dump(mode="json") if recipe.data is not None else None, "dtype": recipe.dtype,
+           "weights": weights_fingerprint(source)}
     if resume and not spec.quantizer.trains(spec.config):
         raise UserError(f"--resume: this {spec.method} run does not train, so it keeps no checkpoints to continue: "
                         "run it without --resume")

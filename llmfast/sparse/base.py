@@ -138,9 +138,7 @@ def set_activation(mlp: Any, module: Any) -> None:
 def artifact_sparsity(path: str | Path) -> tuple["Sparsifier", Any] | None:
     """The method and validated settings a `llmfast sparsify` artifact's manifest records, or None for another
     directory; a method or setting that is not valid is one line naming the file."""
-    from llmfast.artifacts import read_manifest
-
-    spec = (read_manifest(path) or {}).get("sparsity")
+    spec = sparsity_section(path)
     if not spec:
         return None
     import llmfast.sparse  # noqa: F401  (registers the methods)
@@ -150,6 +148,24 @@ def artifact_sparsity(path: str | Path) -> tuple["Sparsifier", Any] | None:
         raise UserError(f"{Path(path) / 'llmfast.json'}: sparsity.attention is for {', '.join(OVER_ATTENTION)} "
                         f"artifacts (this one: {method.name}): rebuild it with `llmfast sparsify`")
     return method, manifest_config(method, spec, Path(path))
+
+
+def sparsity_section(path: str | Path) -> dict[str, Any]:
+    """The `sparsity` section of a directory's llmfast.json (empty for a model llmfast did not sparsify), once its
+    weights are checked to be those the thresholds and predictors were made for: a threshold or Deja Vu artifact
+    hard-links its source's weight files, so new weights written into the source's files (`cp` over them, which
+    writes into the existing file; safetensors' own save makes a new file) change the artifact's too. Artifacts of earlier versions record no
+    fingerprint and are not checked."""
+    from llmfast.artifacts import read_manifest
+    from llmfast.modelfiles import weights_fingerprint
+
+    spec = (read_manifest(path) or {}).get("sparsity") or {}
+    recorded = spec.get("weights") if isinstance(spec, dict) else None
+    if isinstance(recorded, str) and weights_fingerprint(path) != recorded:
+        raise UserError(f"{path}: its weights are not those it was made with (their files are often hard links to "
+                        "the source model's: were other weights copied over the source's?): its sparsity no longer "
+                        "fits them; make it again with `llmfast sparsify`")
+    return spec
 
 
 def apply_artifact_sparsity(model: "PreTrainedModel", path: str | Path,

@@ -88,6 +88,7 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
 
     from llmfast.artifacts import atomic_dir, check_resumed_run, marked_work_dir, write_manifest
     from llmfast.loading import check_positions
+    from llmfast.modelfiles import weights_fingerprint
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
@@ -102,7 +103,7 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
     check_source(Path(model_path), recipe.model, "sparsify")
     run = {"verb": "sparsify", "model": str(Path(model_path).resolve()), "method": method.name,
            "settings": recipe.sparsify.config.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json"),
-           "dtype": recipe.dtype}
+           "dtype": recipe.dtype, "weights": weights_fingerprint(model_path)}
     if resume:  # checkpoints of another model or settings are not continued; a damaged one refused before loading
         check_resumed_run(work, run)
         method.check_resume(recipe.sparsify.config, work, Path(model_path))
@@ -154,7 +155,9 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
         write_manifest(tmp, stage="sparsify", parents=[recipe.model], recipe=recipe_dict(recipe), metrics=metrics,
                        base_model_path=str(model_path),
                        sparsity={"method": method.name, "config": cfg.model_dump(mode="json"),
-                                 **({"attention": attention} if attention else {})})
+                                 **({"attention": attention} if attention else {}),
+                                 # thresholds and predictors fit these weights, often hard links to the source's
+                                 "weights": weights_fingerprint(tmp)})
     shutil.rmtree(work, ignore_errors=True)
     return metrics
 

@@ -54,9 +54,9 @@ def _attention_has_hooks(attn: Any) -> bool:
 
 def _sparsity(artifact: Path) -> dict[str, Any]:
     """The `sparsity` section of an artifact's llmfast.json (empty for a plain model directory)."""
-    from llmfast.artifacts import read_manifest
+    from llmfast.sparse.base import sparsity_section
 
-    return ((read_manifest(artifact) or {}).get("sparsity")) or {}
+    return sparsity_section(artifact)
 
 
 def _threshold_sites(artifact: Path, sparsity: dict[str, Any], method: str) -> tuple[str, ...]:

@@ -42,10 +42,10 @@ def source_attention(model_path: Path, spec: str, method: str) -> dict[str, Any]
     """What an artifact made by `method` over `model_path` (as the recipe names it: `spec`) records as
     `sparsity.attention`: the source's TEAL settings, or None for a source without thresholds. A source the
     method cannot be made over is a one-line error."""
-    from llmfast.artifacts import read_manifest
+    from llmfast.sparse.base import sparsity_section
     from llmfast.sparse.predictors import PREDICTORS_FILE
 
-    source = (read_manifest(model_path) or {}).get("sparsity") or {}
+    source = sparsity_section(model_path)
     if (model_path / PREDICTORS_FILE).exists() and method != "dejavu":  # (dejavu refuses it in its own words)
         raise UserError(f"{spec} is a dejavu artifact: {method} over it would drop its predictors; sparsify the model "
                         f"it was made from (Deja Vu goes last: over TEAL's attention sites, make the TEAL artifact "
