@@ -97,26 +97,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llmfast.finetune.export import export_merged
     from llmfast.models import adapter_dir
 
-    out = export_merged(adapter_dir(args.adapter), args.output, args.dtype, overwrite=args.overwrite)
+    out = export_merged(adapter_dir(args.adapter), args.output, args.dtype, overwrite=args.overwrite, base=args.base)
     print(f"merged model: {out}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llmfast.artifacts import check_writable_parent
-    from llmfast.serve.server import VllmServer, check_host, prepare_spec
+    from llmfast.serve.server import VllmServer, check_host, check_log, prepare_spec
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     check_host(args.host)
-    log = Path(args.log) if args.log else None
-    if log:  # checked before vLLM's minute of start-up, not after
-        if log.is_dir() or log.parent.is_file():
-            raise UserError(f"--log {args.log}: needs a file path in a folder")
-        if log.exists() and not os.access(log, os.W_OK):
-            raise UserError(f"--log {log}: no permission to write it: make it writable or give another path")
-        if not log.exists():  # an existing log is opened as it is: its folder need not be writable
-            check_writable_parent(log)
+    check_log(args.log)
     spec = prepare_spec(args.model, args.lora, served_name=args.served_model_name, host=args.host, port=args.port,
                         api_key=args.api_key, dtype=args.dtype, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size,
@@ -272,6 +264,8 @@ def _add_export(sub: Any) -> None:
     p.add_argument("adapter", help="adapter directory (or a finetune output directory)")
     p.add_argument("output", help="directory for the merged model")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--base", help="the base model the adapter was trained on (builtin:NAME, a model directory, a "
+                   ".gguf or a hub id), where the one it records is not here; default: the recorded one")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (never the adapter or its base)")
     p.set_defaults(func=cmd_export)

@@ -126,7 +126,7 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
         return convert_gguf(path, cache_dir() / "models" / "gguf" / f"{path.stem}-{key}", dtype=dtype)
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
-    if _is_hub_id(spec):
+    if is_hub_id(spec):
         return _download_from_hub(spec)
     raise _not_found(spec)
 
@@ -137,7 +137,8 @@ def _builtin(name: str) -> Any:
     return BUILTINS[name]
 
 
-def _is_hub_id(spec: str) -> bool:
+def is_hub_id(spec: str) -> bool:
+    """`spec` has the form of a Hugging Face hub id (ORG/NAME) and is not a relative or absolute path."""
     return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/"))
 
 
@@ -153,7 +154,7 @@ def check_model_spec(spec: str) -> None:
     spec = str(spec).strip()
     if spec.startswith("builtin:"):
         _builtin(spec.split(":", 1)[1])
-    elif not Path(spec).expanduser().exists() and not _is_hub_id(spec):
+    elif not Path(spec).expanduser().exists() and not is_hub_id(spec):
         raise _not_found(spec)
 
 

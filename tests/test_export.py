@@ -77,6 +77,37 @@ def test_an_input_is_never_the_output(tmp_path, tiny_dir, peft_adapter, target):
     assert (_snapshot(adapter), _snapshot(base)) == before
 
 
+def test_an_adapter_naming_a_hub_base_exports_with_base(tmp_path, tiny_dir, peft_adapter, monkeypatch):
+    """A plain PEFT adapter names its base by hub id: export refused it as "not a local directory" with no way
+    to give a local copy (s42's review). Offline, the fetch fails in one line that says --base; --base takes a
+    local copy, and refuses other weights where the recorded base is here to compare."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = tmp_path / "ad"
+    shutil.copytree(peft_adapter, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "someorg/tiny"}))
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "its base model someorg/tiny: could not fetch 'someorg/tiny'" in last, err
+    assert "--base" in last and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert run_cli("export", str(adapter), str(tmp_path / "out"), "--base", str(tiny_dir))[0] == 0
+    assert run_cli("export", str(peft_adapter), str(tmp_path / "ref"))[0] == 0  # its recorded base: tiny_dir
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        got, ref = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(ids).logits for d in ("out", "ref"))
+    assert torch.equal(got, ref)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: v * 2 for k, v in load_file(other / "model.safetensors").items()}
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("export", str(peft_adapter), str(tmp_path / "o2"), "--base", str(other))
+    assert code == 2 and f"was trained on {tiny_dir}, whose weights differ" in err and not (tmp_path / "o2").exists()
+
+
 def test_adapter_of_another_base_is_one_line(tmp_path, peft_adapter):
     from llmfast.testing import build_tiny_llama
 

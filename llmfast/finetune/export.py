@@ -34,20 +34,48 @@ def _check_dtype(dtype: str) -> None:
         raise UserError(f"export dtype '{dtype}' unknown: use one of {', '.join(MERGE_DTYPES)}")
 
 
-def base_of(adapter_dir: Path, manifest: dict[str, Any]) -> Path:
-    """The local base model directory an adapter was trained on (its manifest, else its adapter_config.json)."""
+def base_of(adapter_dir: Path, manifest: dict[str, Any], given: str | None = None) -> Path:
+    """The local base model directory an adapter was trained on: `given` (export's --base: builtin:NAME, a
+    directory, a .gguf or a hub id), else the one its manifest or adapter_config.json records. A recorded folder
+    that is gone is looked for where the recipe's path points from here; a recorded built-in is converted again
+    and a hub id fetched (plain PEFT adapters name their base so)."""
     from llmfast.modelfiles import read_json_file
-    from llmfast.models import check_model_dir
+    from llmfast.models import check_model_dir, is_hub_id, resolve_model
 
     cfg = read_json_file(adapter_dir / "adapter_config.json", "adapter config", "re-create the adapter")
-    base = manifest.get("base_model_path") or (cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None)
+    recorded = manifest.get("base_model_path") or (cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None)
     typed = (manifest.get("recipe") or {}).get("model")
-    if (not base or not Path(base).is_dir()) and isinstance(typed, str) and Path(typed).expanduser().is_dir():
-        base = str(Path(typed).expanduser())  # recorded absolute, and moved since: the recipe's path from here
-    if not base or not Path(base).is_dir():
-        raise UserError(f"{adapter_dir}: its base model {base!r} is not a local directory: put it back there, or "
-                        "run from the folder its recipe's model path is relative to")
-    return check_model_dir(Path(base))
+    specs = [s for s in (recorded, typed) if isinstance(s, str) and s.strip()]
+    if given is not None:
+        base = resolve_model(given)
+        _check_given_base(adapter_dir, specs, base, given)
+        return base
+    for spec in specs:  # recorded absolute; moved since: the recipe's path from here
+        if Path(spec).expanduser().is_dir():
+            return check_model_dir(Path(spec).expanduser())
+    for spec in specs:
+        if spec.startswith("builtin:") or is_hub_id(spec) or (spec.lower().endswith(".gguf") and Path(spec).is_file()):
+            try:
+                return resolve_model(spec)
+            except UserError as e:
+                raise UserError(f"{adapter_dir}: its base model {spec}: {e}; or give the base it was trained on "
+                                "with --base") from None
+    raise UserError(f"{adapter_dir}: its base model {recorded!r} is not a local directory: put it back there, give "
+                    "it with --base, or run from the folder its recipe's model path is relative to")
+
+
+def _check_given_base(adapter_dir: Path, specs: list[str], base: Path, given: str) -> None:
+    """--base names a model whose weights differ from the recorded base's, where that one is here to compare: the
+    export would merge the adapter into a model it was not trained on."""
+    from llmfast.modelfiles import weights_fingerprint
+
+    for spec in specs:
+        recorded = Path(spec).expanduser()
+        if recorded.is_dir() and (recorded / "config.json").is_file():
+            if recorded.resolve() != base.resolve() and weights_fingerprint(recorded) != weights_fingerprint(base):
+                raise UserError(f"--base {given}: {adapter_dir} was trained on {recorded}, whose weights differ: give "
+                                "that model, or leave --base out")
+            return
 
 
 def _check_finite(model: Any, dtype: str) -> None:
@@ -64,7 +92,9 @@ def _check_finite(model: Any, dtype: str) -> None:
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, base: str | None = None) -> Path:
+    """`adapter_dir` merged into its base model (`base`, else the one it records), written to `out_dir` in
+    `dtype`."""
     from transformers import AutoTokenizer
 
     from llmfast.loading import from_pretrained
@@ -76,7 +106,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     _check_dtype(dtype)
     check_adapter_dir(adapter_dir)
     manifest = read_manifest(adapter_dir) or {}
-    base = base_of(adapter_dir, manifest)
+    base = base_of(adapter_dir, manifest, base)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
     quant = manifest_quantization(manifest, adapter_dir)
     # an adapter trained on a saved 4-bit artifact: its own format loads it (then dequantized like a QLoRA base)

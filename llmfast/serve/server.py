@@ -49,6 +49,21 @@ def check_host(host: str) -> None:
                         "every interface)") from None
 
 
+def check_log(log: str | None) -> None:
+    """A --log path vLLM's output can be written to, checked before its minute of start-up, not after."""
+    from llmfast.artifacts import check_writable_parent
+
+    path = Path(log) if log else None
+    if path is None:
+        return
+    if path.is_dir() or path.parent.is_file():
+        raise UserError(f"--log {log}: needs a file path in a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"--log {path}: no permission to write it: make it writable or give another path")
+    if not path.exists():  # an existing log is opened as it is: its folder need not be writable
+        check_writable_parent(path)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on: its /health would pass for ours."""
     with socket.socket() as s:
