@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -28,9 +28,14 @@ def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
     return out
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> None:
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]],
+                    expand: dict[str, Callable[[Any], Any]] | None = None) -> None:
+    """Set each dotted key of `overrides` in `data`. `expand`: top-level keys whose one-word form stands for a
+    mapping (`quantization: nf4`), turned into that mapping when a key inside it is set."""
     for keys, value in overrides:
         node: Any = data
+        if len(keys) > 1 and expand and keys[0] in expand and isinstance(data.get(keys[0]), str):
+            data[keys[0]] = expand[keys[0]](data[keys[0]])
         for i, key in enumerate(keys[:-1]):
             node = _child(node, key, keys[: i + 1], create=True)
         last = keys[-1]

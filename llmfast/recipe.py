@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from llmfast.errors import UserError
 from llmfast.overrides import apply_overrides, parse_overrides
-from llmfast.quant import QuantSpec, coerce_quantization
+from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
 from llmfast.strict import no_bool_numbers
 
 T = TypeVar("T", bound=BaseModel)
@@ -324,7 +324,7 @@ def load_recipe_with_lines(
     path = Path(path)
     data, lines = read_yaml(path)
     parsed = parse_overrides(overrides)
-    apply_overrides(data, parsed)
+    apply_overrides(data, parsed, {"quantization": quantization_mapping})
     return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed}), lines
 
 

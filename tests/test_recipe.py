@@ -88,6 +88,25 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
     assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
 
 
+def test_set_changes_one_setting_of_a_one_word_quantization(tmp_path):
+    """`quantization: nf4` with `--set quantization.double_quant=false` was "'quantization' is not a mapping"
+    (s42's review): the word is its mapping ({method: bnb4, type: nf4}) once a key inside it is set."""
+    from llmfast.recipe import QuantizeRecipe
+
+    path = tmp_path / "q.yaml"
+    path.write_text("model: builtin:smollm2-135m-instruct\nquantization: nf4\noutput: out\n")
+    r = load_recipe(path, QuantizeRecipe, ["quantization.double_quant=false"])
+    assert (r.quantization.method, r.quantization.config.type, r.quantization.config.double_quant) == (
+        "bnb4", "nf4", False)
+    assert load_recipe(path, QuantizeRecipe, ["quantization.type=fp4"]).quantization.config.type == "fp4"
+    assert load_recipe(path, QuantizeRecipe, []).quantization.config.double_quant is True  # the word's default
+    with pytest.raises(UserError, match="unknown key 'bogus' for quantization method bnb4"):
+        load_recipe(path, QuantizeRecipe, ["quantization.bogus=1"])
+    path.write_text("model: m\nquantization: nf5\noutput: out\n")  # not a word: refused as before, not expanded
+    with pytest.raises(UserError, match="--set quantization.type: 'quantization' is not a mapping"):
+        load_recipe(path, QuantizeRecipe, ["quantization.type=fp4"])
+
+
 def test_a_yaml_boolean_is_not_a_number_and_a_comment_is_not_dropped(tmp_path):
     """pydantic took `true` as 1 (`--set eval.batch_size=true` ran batches of one, `--set
     quantization.iters=true` one step of tuning), and `--set 'output=x #1'` wrote to `x` (found by hand, s42)."""

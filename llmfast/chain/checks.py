@@ -44,7 +44,9 @@ def with_flags(section: dict[str, Any], flags: list[str]) -> dict[str, Any]:
     import copy
 
     data = copy.deepcopy(section)
-    apply_overrides(data, parse_overrides(pairs))
+    from llmfast.quant import quantization_mapping
+
+    apply_overrides(data, parse_overrides(pairs), {"quantization": quantization_mapping})
     return data
 
 

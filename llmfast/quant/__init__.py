@@ -16,10 +16,12 @@ from llmfast.quant.base import (
     engines_for,
     manifest_quantization,
     parse_quantization,
+    quantization_mapping,
 )
 
 __all__ = ["DEFAULT_METHOD", "QUANTIZERS", "QuantConfigBase", "Quantizer", "QuantSpec", "coerce_quantization",
-           "engines_for", "manifest_quantization", "parse_quantization", "is_quantized_format", "already_quantized"]
+           "engines_for", "manifest_quantization", "parse_quantization", "quantization_mapping", "is_quantized_format",
+           "already_quantized"]
 
 
 def already_quantized(model_dir: Path) -> str | None:

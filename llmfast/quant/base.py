@@ -164,6 +164,13 @@ def _words() -> dict[str, tuple[str, dict[str, Any]]]:
     return words
 
 
+def quantization_mapping(word: Any) -> Any:
+    """A recipe's one-word `quantization: WORD` as the mapping it stands for (`nf4`: {method: bnb4, type: nf4}),
+    so that `--set quantization.KEY=...` changes one setting of it; any other value as it is."""
+    found = _words().get(word.strip()) if isinstance(word, str) else None
+    return {"method": found[0], **found[1]} if found else word
+
+
 def _spec(method: str, raw: dict[str, Any]) -> QuantSpec:
     q = QUANTIZERS.get(method)
     try:
