@@ -265,6 +265,12 @@ def test_cats_over_a_relufied_model_shifts_the_relu_threshold(tmp_path, tiny_dir
     from llmfast.models import load_model, load_tokenizer
 
     assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", "{steps: 0}", out="relu", name="relu")))[0] == 0
+    # a target below the ReLU model's own ~50% zeros: thresholds of 0, an artifact that zeroed nothing more (s42)
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relu", "cats", "{target: 0.3}", out="low",
+                                                  name="low")))
+    lines = err.strip().splitlines()
+    assert code == 2 and "gate_act is already at least 30% zeros in every layer" in lines[-1], err[-1500:]
+    assert "choose a higher target" in lines[-1] and not (tmp_path / "low").exists()
     code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relu", "cats", "{target: 0.8}", out="shift",
                                                   name="shift")))
     assert code == 0, err

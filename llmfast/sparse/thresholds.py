@@ -209,6 +209,11 @@ class ThresholdSparsifier(Sparsifier):
 
         sites = self.sites_for(cfg)
         thresholds = self.calibrate(job.model, job.calibration, cfg.target, sites)
+        idle = [s for s, v in thresholds.items() if bool((v <= 0).all())]
+        if idle:  # a ReLU-fied source: its exact zeros already reach the target, and a threshold of 0 adds none
+            raise UserError(f"{job.model_spec}: its {', '.join(idle)} is already at least {cfg.target:.0%} zeros in "
+                            f"every layer (a ReLU-fied model?), so {self.name}'s thresholds would be 0 and zero nothing "
+                            "more: choose a higher target, or sparsify the model it was made from")
         link_or_copy_model(job.model_path, out_dir)
         save_file({s: v.contiguous() for s, v in thresholds.items()}, out_dir / THRESHOLDS_FILE)
         handles = install_thresholds(job.model, thresholds)
