@@ -33,6 +33,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]
     """Set each dotted key of `overrides` in `data`. `expand`: top-level keys whose one-word form stands for a
     mapping (`quantization: nf4`), turned into that mapping when a key inside it is set."""
     for keys, value in overrides:
+        keys = _regroup(data, keys)
         node: Any = data
         if len(keys) > 1 and expand and keys[0] in expand and isinstance(data.get(keys[0]), str):
             data[keys[0]] = expand[keys[0]](data[keys[0]])
@@ -45,6 +46,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]
             node[last] = value
         else:
             raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+
+
+def _regroup(data: Any, keys: list[str]) -> list[str]:
+    """A key with dots in it (a chain stage named `base.v1`): where a run of parts joined by dots names a key of the
+    mapping, the longest such run is one key (`stages.base.v1.with.x`)."""
+    out: list[str] = []
+    node, i = data, 0
+    while i < len(keys):
+        part, i = keys[i], i + 1
+        if isinstance(node, dict):  # the longest first: `base.v1` over a stage named `base`
+            for j in range(len(keys), i - 1, -1):
+                if ".".join(keys[i - 1: j]) in node:
+                    part, i = ".".join(keys[i - 1: j]), j
+                    break
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            node = None
+    return out
 
 
 def _index(node: list[Any], key: str, keys: list[str]) -> int:

@@ -425,6 +425,18 @@ def test_refuses_vocabulary_mismatch_unless_base_policy(family, tmp_path):
     _merge(cfg, tmp_path / "ok")
 
 
+def test_null_and_empty_parameters_and_a_base_tokenizer_without_base_are_refused(family, tmp_path):
+    """`weight: null` was "weight.bool: Input should be a valid boolean", `density: []` fell through to density 1,
+    and `tokenizer_source: base` without a base_model merged with some other tokenizer (s42's review)."""
+    cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": None, "density": 0.5})], family["base"])
+    _assert_refused(cfg, tmp_path / "out", "models.0.parameters: 'weight' is null: give it a value")
+    cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1.0})], family["base"], parameters={"density": []})
+    _assert_refused(cfg, tmp_path / "out", "parameters: 'density' is an empty list")
+    cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1}), (family["ft2"], {"weight": 1})], None,
+                  tokenizer_source="base")
+    _assert_refused(cfg, tmp_path / "out", "tokenizer_source: base takes the base model's tokenizer", "no base_model")
+
+
 def test_same_vocabulary_written_differently_is_accepted(family, tmp_path):
     # The files differ byte for byte (indented, keys reordered) but name the same tokens: the check parses them.
     other = tmp_path / "reformatted"

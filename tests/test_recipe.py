@@ -88,6 +88,18 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
     assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
 
 
+def test_set_reaches_a_key_with_dots_in_it():
+    """A chain stage named `base.v1`: `--set stages.base.v1.with.x=2` made a stage `base` holding `v1` ("unknown
+    key 'stages.base.v1'", s42's review). The longest run of parts naming a key is that key."""
+    from llmfast.overrides import apply_overrides, parse_overrides
+
+    data = {"stages": {"base.v1": {"with": {"x": 1}}, "base": {"x": 1}}, "rows": [{"a.b": 1}]}
+    apply_overrides(data, parse_overrides(["stages.base.v1.with.x=2", "stages.base.x=3", "rows.0.a.b=5",
+                                           "rows.0.c=6", "new.key=7"]))
+    assert data == {"stages": {"base.v1": {"with": {"x": 2}}, "base": {"x": 3}}, "rows": [{"a.b": 5, "c": 6}],
+                    "new": {"key": 7}}
+
+
 def test_set_changes_one_setting_of_a_one_word_quantization(tmp_path):
     """`quantization: nf4` with `--set quantization.double_quant=false` was "'quantization' is not a mapping"
     (s42's review): the word is its mapping ({method: bnb4, type: nf4}) once a key inside it is set."""

@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmfast.errors import UserError
 from llmfast.merge.methods.base import MergeMethod, Param
@@ -47,9 +47,21 @@ class ConditionalParameter(StrictModel):
 ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter]]
 
 
+def _no_empty_settings(params: Any) -> Any:
+    """A parameter written `null` or `[]` is refused by name: pydantic's union reports the first of its members
+    (`weight.bool: Input should be a valid boolean`), and an empty list fell through to the default (density 1)."""
+    for key, value in (params or {}).items() if isinstance(params, dict) else ():
+        if value is None or value == []:
+            raise ValueError(f"'{key}' is {'null' if value is None else 'an empty list'}: give it a value (a list "
+                             "spreads values over the layers), or leave the key out")
+    return params
+
+
 class InputModel(StrictModel):
     model: str
     parameters: dict[str, ParameterSetting] | None = None
+
+    _settings = field_validator("parameters", mode="before")(_no_empty_settings)
 
 
 DTypeName = Literal["float32", "bfloat16", "float16", "torch.float32", "torch.bfloat16", "torch.float16"]
@@ -70,6 +82,15 @@ class MergeConfig(StrictModel):
     modules: Any = None
     tokenizer: Any = None
     chat_template: Any = None
+
+    _settings = field_validator("parameters", mode="before")(_no_empty_settings)
+
+    @model_validator(mode="after")
+    def _tokenizer_of_a_base(self) -> "MergeConfig":
+        if self.tokenizer_source == "base" and not self.base_model:
+            raise ValueError("tokenizer_source: base takes the base model's tokenizer, and this merge has no "
+                             "base_model: name one, or leave tokenizer_source out")
+        return self
 
     @field_validator("slices", "modules", "tokenizer", "chat_template")
     @classmethod
