@@ -97,7 +97,10 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         raise UserError(f"output {final}: its name is {len(final.name.encode())} bytes, and llmfast writes beside it "
                         f"under longer ones (.NAME.tmp-…, NAME.checkpoints) that must fit the file system's 255: "
                         f"choose a name of at most {MAX_OUTPUT_NAME} bytes")
-    if final.is_file() or final.is_symlink() and not final.is_dir():
+    if final.is_symlink() and not final.exists():
+        raise UserError(f"output {final} is a symbolic link to {os.readlink(final)}, which does not exist: remove the "
+                        "link, or choose another path")
+    if final.is_file():
         raise UserError(f"output {final} is a file, not a directory: choose a directory path")
     if final.exists() and not overwrite:
         raise UserError(f"output {final} already exists: choose another path, or pass {flag} to replace it")

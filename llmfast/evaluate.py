@@ -9,6 +9,7 @@ the task's exact check (llmfast.data.tasks).
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -253,6 +254,9 @@ def check_results_paths(out: Path) -> Path:
     for p in (out, pred):
         if p.is_dir():
             raise UserError(f"output {p} is a directory: give a file path for the results, e.g. {p}/results.json")
+        if p.is_symlink():  # the results replace the link itself, not what it points to
+            raise UserError(f"output {p} is a symbolic link (to {os.readlink(p)}): give the path of the file "
+                            "itself, or another path")
     check_writable_parent(out)
     if out.exists() and not (out.is_file() and is_eval_results(out)):
         raise UserError(f"output {out} exists and is not a results file written by llmfast eval: it is left as it "

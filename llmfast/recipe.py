@@ -54,6 +54,16 @@ def _must_exist(kind: str) -> Any:
 ExistingFile = Annotated[Path, _must_exist("file")]
 # Where a verb writes: `~` is the user's home, as in a shell (every file of the run goes there, not to a `./~`).
 OutputPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
+
+
+def _a_file(value: Any) -> Any:
+    # Path() drops a trailing slash: `--output results/` wrote a file named `results`
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise ValueError(f"{value} names a folder: give a file path for the results, e.g. {value}results.json")
+    return value
+
+
+ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
 ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
 DType = Literal["float32", "bfloat16", "float16"]
 # A quantization method and its settings, checked in two steps by llmfast/quant: the method (`method:`, a
@@ -95,7 +105,7 @@ class EvalRecipe(StrictModel):
     adapter: ExistingPath | None = None  # a LoRA adapter applied on top of the model (unmerged)
     quantization: Quantization = None  # load the model quantized (llmfast/quant)
     eval: EvalConfig
-    output: OutputPath = Path("runs/eval/results.json")
+    output: ResultsPath = Path("runs/eval/results.json")
 
 
 # ---------------------------------------------------------------- finetune

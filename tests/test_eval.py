@@ -167,9 +167,14 @@ def test_tasks_on_a_tokenizer_without_a_chat_template_are_refused_before_loading
 def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, tmp_path):
     recipe = _tiny_eval_recipe(tmp_path, tiny_dir)
     (tmp_path / "f").write_text("x")
-    for out, expected in ((tmp_path, "is a directory: give a file path"), (tmp_path / "f" / "r.json", "is a file")):
+    for out, expected in ((tmp_path, "is a directory: give a file path"), (tmp_path / "f" / "r.json", "is a file"),
+                          (f"{tmp_path / 'new'}/", "names a folder: give a file path for the results")):
         code, _, err = run_cli("eval", str(recipe), "--output", str(out))
-        assert code == 2 and expected in err and len(err.splitlines()) == 1
+        assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()  # `new/` wrote a file named `new` (s42's review)
+    (tmp_path / "link.json").symlink_to(tmp_path / "nowhere.json")  # the results replaced the link itself
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "link.json"))
+    assert code == 2 and "is a symbolic link (to " in err and (tmp_path / "link.json").is_symlink(), err
 
 
 def test_eval_rerun_after_a_kill_between_predictions_and_results(tiny_dir, tmp_path):

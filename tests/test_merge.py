@@ -425,6 +425,15 @@ def test_refuses_vocabulary_mismatch_unless_base_policy(family, tmp_path):
     _merge(cfg, tmp_path / "ok")
 
 
+def test_an_output_that_is_a_dangling_link_is_named_so(family, tmp_path):
+    """It was "is a file, not a directory" (s42's review); the link is kept."""
+    cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1})], None)
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "out"), "--overwrite")
+    assert code == 2 and f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in err, err
+    assert (tmp_path / "out").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_null_and_empty_parameters_and_a_base_tokenizer_without_base_are_refused(family, tmp_path):
     """`weight: null` was "weight.bool: Input should be a valid boolean", `density: []` fell through to density 1,
     and `tokenizer_source: base` without a base_model merged with some other tokenizer (s42's review)."""
