@@ -692,6 +692,19 @@ def test_an_artifact_whose_linked_weights_were_rewritten_in_place_is_refused(tmp
     assert not (tmp_path / "e.json").exists()
 
 
+def test_a_threshold_artifact_takes_the_models_files_not_other_formats_or_logs(tmp_path, tiny_dir):
+    """TEAL took every file of its source (s42's review): a pickle beside the safetensors, a GGUF of the same
+    model (gigabytes on another file system), the source's training log and hidden files."""
+    source = Path(shutil.copytree(tiny_dir, tmp_path / "source"))
+    for name in ("pytorch_model.bin", "model.gguf", "train_log.jsonl", ".gitattributes", "README.md"):
+        (source / name).write_text("x")
+    assert run_cli("sparsify", str(recipe(tmp_path, source, "teal", "{target: 0.5}", out="teal")))[0] == 0
+    taken = {f.name for f in (tmp_path / "teal").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "sparsity.safetensors",
+            "llmfast.json"} <= taken
+    assert not taken & {"pytorch_model.bin", "model.gguf", "train_log.jsonl", ".gitattributes"}, taken
+
+
 def test_a_model_folder_of_links_sparsifies_into_real_files(tmp_path, tiny_dir):
     """A hub snapshot's files are links into its blobs: TEAL's artifact hard-linked the links themselves (link(2)
     does not follow them), relative ones dangling in the artifact (found by hand, s42)."""

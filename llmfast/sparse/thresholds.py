@@ -158,10 +158,17 @@ def record_attention_sparsity(model: "PreTrainedModel", sites: tuple[str, ...],
             h.remove()
 
 
+# Not taken from a source: its manifest and training log (the artifact writes its own), other formats' weights
+# (pickles llmfast never loads, GGUF, TensorFlow/Flax: gigabytes on another file system) and hidden files.
+_NOT_TAKEN = {"llmfast.json", "train_log.jsonl"}
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
 def source_files(src: Path) -> list[Path]:
-    """The files of the model directory `src` that a threshold artifact takes: all but its llmfast.json (the
-    artifact writes its own)."""
-    return [f for f in sorted(src.iterdir()) if f.name != "llmfast.json" and f.is_file()]
+    """The files of the model directory `src` that a threshold or Deja Vu artifact takes: its config, weights,
+    tokenizer and the rest of the model's own files, not those named above."""
+    return [f for f in sorted(src.iterdir()) if f.is_file() and f.name not in _NOT_TAKEN
+            and not f.name.startswith(".") and not f.name.lower().endswith(_OTHER_WEIGHTS)]
 
 
 def link_or_copy_model(src: Path, dst: Path) -> None:
