@@ -95,9 +95,16 @@ def safetensors_header(path: Path, fix: str) -> dict[str, Any]:
 def stored_shapes(path: Path, fix: str) -> dict[str, list[int]]:
     """name -> shape of the model weights in the folder `path`, from the safetensors headers of model.safetensors or
     of the files its index names (not an artifact's other files: thresholds, predictors)."""
-    files = weight_files(path, fix) if (path / "model.safetensors.index.json").is_file() else [path / "model.safetensors"]
-    return {k: v.get("shape") for f in files if f.is_file() for k, v in safetensors_header(f, fix).items()
+    return {k: v.get("shape") for f in model_weight_files(path, fix) for k, v in safetensors_header(f, fix).items()
             if k != "__metadata__"}
+
+
+def model_weight_files(path: Path, fix: str) -> list[Path]:
+    """The files transformers loads the weights from: model.safetensors, or those its index names (not an
+    artifact's other safetensors files: thresholds, predictors)."""
+    if (path / "model.safetensors.index.json").is_file():
+        return weight_files(path, fix)
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
 
 
 def weight_files(path: Path, fix: str) -> list[Path]:
@@ -174,15 +181,16 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
 
 def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str:
     """A digest of a model folder's safetensors weights that tells other weights apart without reading them all:
-    every tensor's name, dtype and shape, and its first `sample` stored bytes (a norm whole). A copy or a move of
-    the folder keeps it, however the weights are sharded; a re-trained or re-saved model of the same shapes
-    changes it. One small read a tensor: milliseconds for the built-in model."""
+    every tensor's name, dtype and shape, and its first `sample` stored bytes (a norm whole), over the files
+    transformers loads (`model_weight_files`). A copy or a move of the folder keeps it, however the weights are
+    sharded; a re-trained or re-saved model of the same shapes changes it. One small read a tensor: milliseconds
+    for the built-in model."""
     import hashlib
 
     path = Path(path)
     fix = f"re-create the model in {path}"
     found: dict[str, bytes] = {}
-    for f in weight_files(path, fix):
+    for f in model_weight_files(path, fix):
         header = safetensors_header(f, fix)
         try:
             with f.open("rb") as fh:

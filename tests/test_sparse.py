@@ -59,7 +59,9 @@ def test_thresholds_reach_the_target_on_heldout_text(tmp_path, tiny_dir, method,
     art = tmp_path / "out"
     manifest = json.loads((art / "llmfast.json").read_text())
     want = {"target": target, **({"sites": ["mlp"]} if method == "teal" else {})}  # teal's default: MLP sites only
-    assert manifest["sparsity"] == {"method": method, "config": want}
+    from llmfast.modelfiles import weights_fingerprint
+
+    assert manifest["sparsity"] == {"method": method, "config": want, "weights": weights_fingerprint(art)}
     assert manifest["stage"] == "sparsify" and manifest["parents"] == [str(tiny_dir)]
     assert not (tmp_path / "out.checkpoints").exists()
 
@@ -98,7 +100,8 @@ def test_teal_attention_sites_reach_the_target_on_heldout_text(tmp_path, tiny_di
     art = tmp_path / "out"
     manifest = json.loads((art / "llmfast.json").read_text())
     chosen = ["mlp", "attention"] if "mlp" in sites else ["attention"]
-    assert manifest["sparsity"] == {"method": "teal", "config": {"target": target, "sites": chosen}}
+    assert {k: v for k, v in manifest["sparsity"].items() if k != "weights"} == {
+        "method": "teal", "config": {"target": target, "sites": chosen}}
     held = manifest["metrics"]["heldout_sparsity"]
     expected_sites = {"attn_in", "o_in"} | ({"mlp_in", "down_in"} if "mlp" in chosen else set())
     assert set(load_file(art / "sparsity.safetensors")) == expected_sites
