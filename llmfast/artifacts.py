@@ -300,6 +300,16 @@ def write_manifest(
     return manifest
 
 
+def step_folders(folder: Path) -> list[Path]:
+    """The `step-N` folders of a checkpoints folder in step order: as numbers, so step-1000000 comes after
+    step-999999 (as text it came first, and each new checkpoint was pruned as the oldest once written)."""
+    def step(p: Path) -> int:
+        tail = p.name[len("step-"):]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted(folder.glob("step-*"), key=lambda p: (step(p), p.name))
+
+
 WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, mark_work_dir
+from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, mark_work_dir, step_folders
 from llmfast.errors import UserError
 
 
@@ -129,7 +129,7 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(work: Path) -> Path | None:
-    found = sorted(p for p in (work / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    found = [p for p in step_folders(work / "checkpoints") if (p / "state.json").is_file()]
     return found[-1] if found else None
 
 
@@ -150,7 +150,7 @@ def save_checkpoint(work: Path, student: Any, optimizer: Any, step: int, setting
                   str(tmp / "student.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         atomic_write_json(tmp / "state.json", {"step": step, "settings": dataclasses.asdict(settings), "rows": rows})
-    for old in sorted((work / "checkpoints").glob("step-*"))[:-keep]:
+    for old in step_folders(work / "checkpoints")[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

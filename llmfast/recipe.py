@@ -276,12 +276,20 @@ class QuantizeRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- loading
+class _Repeated(Exception):
+    def __init__(self, path: tuple[Any, ...], first: int, again: int) -> None:
+        self.path, self.first, self.again = path, first, again
+
+
 def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
     """Map every key path in a composed YAML document to its 1-based line."""
     lines: dict[tuple[Any, ...], int] = {prefix: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = prefix + (key_node.value,)
+            if isinstance(key_node.value, str) and key_node.value != "<<" and path in lines:
+                # YAML keeps the last silently: a stage block copied under the same name dropped the first
+                raise _Repeated(path, lines[path], key_node.start_mark.line + 1)
             lines.update(_line_index(value_node, path))
             lines[path] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
@@ -317,6 +325,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
         raise UserError(f"{path}:1: a recipe is a mapping of keys, not a {type(data).__name__}")
     try:
         return data, _line_index(node) if node is not None else {}
+    except _Repeated as r:
+        raise UserError(f"{path}:{r.again}: key '{'.'.join(str(k) for k in r.path)}' is given twice (first at line "
+                        f"{r.first}): YAML would keep only the last; remove or rename one") from None
     except RecursionError:
         raise UserError(f"{path}: a YAML alias refers to its own anchor (a value that contains itself): remove "
                         "it") from None

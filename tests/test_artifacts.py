@@ -124,3 +124,23 @@ def test_overwrite_replaces_only_an_llmfast_output(tmp_path):
     with atomic_dir(tmp_path / "empty", overwrite=True, guard=True) as tmp:
         (tmp / "w").write_text("new")
     assert (tmp_path / "empty" / "w").exists()
+
+
+def test_checkpoints_past_a_million_steps_keep_their_order(tmp_path):
+    """`step-1000000` sorted before `step-999999` as text: each new checkpoint was pruned as the oldest once
+    written, and `--resume` went back to step 999,999 (s43's review). Steps are compared as numbers."""
+    import torch
+
+    from llmfast import distill
+    from llmfast.finetune import checkpoint
+
+    work = tmp_path / "w"
+    student = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(student.parameters())
+    settings = distill.DistillSettings(steps=2_000_000)
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        distill.save_checkpoint(work, student, optimizer, step, settings, keep=2)
+    names = [p.name for p in (work / "checkpoints").iterdir()]
+    assert sorted(names) == ["step-1000000", "step-1000001"], names
+    assert distill.latest_checkpoint(work).name == "step-1000001"
+    assert checkpoint.latest_checkpoint(work).name == "step-1000001"  # finetune's, same folder layout

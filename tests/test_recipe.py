@@ -88,6 +88,22 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
     assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML keeps the last of a repeated key without a word: a copied chain stage under the same name dropped the
+    first stage, `weight: 0.5, weight: 2.0` merged with 2.0 (s43's review). Merge keys (`<<`) still work."""
+    from llmfast.recipe import read_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("output: a\nstages:\n  ft: {type: finetune}\n  ev: {type: eval}\n  ft: {type: eval}\n")
+    with pytest.raises(UserError, match=r"r\.yaml:5: key 'stages\.ft' is given twice \(first at line 3\)"):
+        read_yaml(path)
+    path.write_text("models:\n  - model: m\n    parameters: {weight: 0.5, weight: 2.0}\n")
+    with pytest.raises(UserError, match=r"r\.yaml:3: key 'models\.0\.parameters\.weight' is given twice"):
+        read_yaml(path)
+    path.write_text("base: &b {lr: 1}\ntrain:\n  <<: *b\n  steps: 2\nother:\n  <<: *b\n")
+    assert read_yaml(path)[0] == {"base": {"lr": 1}, "train": {"lr": 1, "steps": 2}, "other": {"lr": 1}}
+
+
 def test_set_reaches_a_key_with_dots_in_it():
     """A chain stage named `base.v1`: `--set stages.base.v1.with.x=2` made a stage `base` holding `v1` ("unknown
     key 'stages.base.v1'", s42's review). The longest run of parts naming a key is that key."""

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text
+from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, step_folders
 from llmfast.errors import UserError
 from llmfast.finetune import fsdp as sharding
 
@@ -80,7 +80,7 @@ def foreign_run_files(out: Path) -> str | None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    found = [p for p in step_folders(out / "checkpoints") if (p / "state.json").is_file()]
     return found[-1] if found else None
 
 
@@ -338,7 +338,7 @@ def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
             atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total, "fsdp": fsdp,
                                                    "processes": world})
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+        for old in step_folders(out / "checkpoints")[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
 
