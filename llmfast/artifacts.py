@@ -138,6 +138,14 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
             and not (final / MANIFEST).is_file():  # a slip (`output: runs`) would delete a folder of other work
         raise UserError(f"output {final} holds files llmfast did not write (no {MANIFEST}): --overwrite replaces only "
                         "an llmfast output; choose another output, or remove it yourself")
+    if overwrite and guard and final.is_symlink():
+        raise UserError(f"output {final} is a symbolic link (to {os.readlink(final)}): --overwrite would replace the "
+                        "link with a new folder and leave what it points to as it is; give that folder itself, or "
+                        "another path")
+    if overwrite and final.is_dir() and not final.is_symlink() and not os.access(final, os.W_OK | os.X_OK):
+        # moving it aside (to replace it once the new one is complete) needs write permission on the folder itself
+        raise UserError(f"output {final} is read-only, so --overwrite cannot replace it: make it writable (chmod u+w "
+                        f"{final}), or choose another path")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         reap_stale_temps(final)

@@ -207,12 +207,19 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
     if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
         raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
                         "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
-    vocab = describe_model_dir(path)["vocab"]
+    from llmfast.loading import positions
+
+    vocab, limit = describe_model_dir(path)["vocab"], positions(path)
     for ts in cfg.tasks:
         for r in read_jsonl(ts.path)[: ts.limit]:
             where = f"{ts.path}:{r.get('_row', '?')}"
             prompt = render_chat(tokenizer, prompt_and_answer(r, ts.path)[0], True, where)
-            check_ids_fit(tokenizer(prompt, add_special_tokens=False).input_ids, vocab, where)
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            check_ids_fit(ids, vocab, where)
+            if limit is not None and len(ids) + cfg.max_new_tokens > limit[0]:  # an IndexError mid-generation
+                raise UserError(f"{where}: its prompt of {len(ids)} tokens and eval.max_new_tokens "
+                                f"({cfg.max_new_tokens}) go beyond the {limit[0]} positions of {path}: shorten the "
+                                "row or lower eval.max_new_tokens")
     if cfg.perplexity is not None:
         p = cfg.perplexity
         ids = tokenizer(text, add_special_tokens=False).input_ids

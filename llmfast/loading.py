@@ -50,23 +50,30 @@ def first_line(e: BaseException) -> str:
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
-def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None:
-    """Refuse a window or context of `length` tokens beyond the positions the model's config.json declares:
-    a learned position table fails on them mid-run with an index error, rotary ones give numbers the model was
-    never trained for. A config that declares none (or cannot be read: its loader says so) is not checked."""
+def positions(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """The positions the model's config.json declares, and the key that says so; None for a config that declares
+    none (or cannot be read: its loader says so)."""
     import json
 
     try:
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return None
     for name in POSITION_KEYS if isinstance(cfg, dict) else ():
         limit = cfg.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            if length > limit:
-                raise UserError(f"{key} is {length} tokens, beyond the {limit} positions of {path} (config.json "
-                                f"{name}): set {key} to at most {limit}")
-            return
+            return limit, name
+    return None
+
+
+def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None:
+    """Refuse a window or context of `length` tokens beyond the positions the model's config.json declares:
+    a learned position table fails on them mid-run with an index error, rotary ones give numbers the model was
+    never trained for."""
+    found = positions(path)
+    if found is not None and length > found[0]:
+        raise UserError(f"{key} is {length} tokens, beyond the {found[0]} positions of {path} (config.json "
+                        f"{found[1]}): set {key} to at most {found[0]}")
 
 
 def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     """The output, a local model directory (one LoRA can train on) and every JSONL row's shape, as the trainer will
     find them."""
+    from llmfast.loading import check_positions
     from llmfast.models import resolve_model
     from llmfast.sources import check_source
 
@@ -32,6 +33,10 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
         check_source(resolve_model(recipe.model), recipe.model, "finetune")
+        # a learned position table fails on a longer row mid-run (IndexError); rotary ones train past their range
+        packed = dc.packing and dc.pack_length is not None
+        check_positions(resolve_model(recipe.model), dc.pack_length if packed else dc.max_length,
+                        "data.pack_length" if packed else "data.max_length")
     for path in (dc.train, dc.eval):
         if path is not None and Path(path).is_file():
             check_rows(path)

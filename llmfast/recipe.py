@@ -75,7 +75,7 @@ Quantization = Annotated[QuantSpec | None, BeforeValidator(coerce_quantization)]
 class PerplexityConfig(StrictModel):
     text: ExistingFile
     max_tokens: PositiveInt | None = 16384  # null: the whole text
-    context: PositiveInt = 1024
+    context: Annotated[int, Field(ge=2)] = 1024  # one token to predict from, one to score
     stride: PositiveInt = 512
 
 

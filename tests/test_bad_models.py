@@ -107,6 +107,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
                                   '"content": "b"}]}\n')
     (recipes / "twice.yaml").write_text(f"model: {tiny}\neval:\n  tasks:\n    - {{name: t, path: {w}/task.jsonl}}\n"
                                         f"    - {{name: t, path: {w}/task.jsonl}}\noutput: {w}/out/r.json\n")
+    (w / "task-a-list.jsonl").write_text('{"task": ["dates"], "messages": [{"role": "user", "content": "a"}, '
+                                         '{"role": "assistant", "content": "b"}]}\n')
+    for name, path in (("tasks", w / "task.jsonl"), ("task-a-list", w / "task-a-list.jsonl")):
+        (recipes / f"ev-{name}.yaml").write_text(f"model: {tiny}\neval:\n  tasks:\n    - {{name: t, path: {path}}}\n"
+                                                f"output: {w}/out/r.json\n")
     return w
 
 
@@ -278,6 +283,19 @@ CASES = {  # id: (argv, a piece of the one error line)
     "export-pickle-adapter": (["export", "{W}/adapter", "{W}/out/merged"], "adapter_model.bin"),
     "eval-task-names-repeated": (["eval", "{W}/recipes/twice.yaml"], "task names must differ (t repeated)"),
     "recipe-is-a-folder": (["eval", "{W}/recipes"], "is a folder"),
+    # found by hand (s43): an IndexError on learned positions (GPT-2), silently past them on rotary ones; a
+    # TypeError after generation; a ZeroDivisionError after the model ran every window
+    "finetune-rows-beyond-positions": (["finetune", "{W}/recipes/ft-teal.yaml", "--set", "model={W}/models/tiny",
+                                        "--set", "data.max_length=4096"],
+                                       "data.max_length is 4096 tokens, beyond the 2048 positions"),
+    "eval-task-prompt-and-answer-beyond-positions": (["eval", "{W}/recipes/ev-tasks.yaml", "--set",
+                                                      "eval.max_new_tokens=2048"],
+                                                     "and eval.max_new_tokens (2048) go beyond the 2048 positions"),
+    "eval-task-field-a-list": (["eval", "{W}/recipes/ev-task-a-list.yaml"],
+                               "task-a-list.jsonl:1: field 'task' must be a task name (a string), not list"),
+    "eval-context-of-one-token": (["eval", "{W}/recipes/ev-missing-tensor.yaml", "--set", "eval.perplexity.context=1",
+                                   "--set", "eval.perplexity.stride=1"], "eval.perplexity.context: Input should be "
+                                                                          "greater than or equal to 2"),
     "recipe-recursive-alias": (["sparsify", "{W}/recipes/recursive.yaml"], "refers to its own anchor"),
 }
 

@@ -160,3 +160,33 @@ def test_quantize_refuses_an_unreadable_generation_config(tmp_path, tiny_dir):
     assert _last(err).startswith(f"llmfast: error: {hidden}: no permission to read it (transformers would go on with "
                                  "default generation settings"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "q.yaml"]
+
+
+def test_overwrite_of_a_read_only_output_or_a_link_is_refused_before_the_work(tmp_path, tiny_dir):
+    """`--overwrite` moves the old output aside once the new one is complete, which needs write permission on the
+    old folder itself: a read-only one failed after all the work and left an empty `.OUT.old-*` (s43's review).
+    A link as the output was replaced by a folder, its target left as it was."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    shutil.copytree(tiny_dir, base)
+    shutil.copytree(tiny_dir, other)
+    config = tmp_path / "m.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    out = tmp_path / "out"
+    assert run_cli("merge", str(config), str(out))[0] == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    prefix = file_modes_prefix(tmp_path)
+    out.chmod(0o555)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "llmfast.cli", "merge", str(config), str(out),
+                               "--overwrite"], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 2 and _last(proc.stderr) == (
+        f"llmfast: error: output {out} is read-only, so --overwrite cannot replace it: make it writable (chmod u+w "
+        f"{out}), or choose another path")
+    assert "tensor/s" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "latest").symlink_to(out)
+    code, _, err = run_cli("merge", str(config), str(tmp_path / "latest"), "--overwrite")
+    assert code == 2 and "is a symbolic link (to " in err and (tmp_path / "latest").is_symlink(), err

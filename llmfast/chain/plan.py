@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from llmfast.artifacts import MAX_OUTPUT_NAME
 from llmfast.errors import UserError
 from llmfast.recipe import StrictModel
 from llmfast.registry import did_you_mean
@@ -122,6 +123,9 @@ def order(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[str]:
     for name, stage in stages.items():
         if not re.match(NAME, name):
             raise UserError(f"{where}: stage name '{name}' must be letters, digits, '.', '_' or '-'")
+        if len(name.encode()) > MAX_OUTPUT_NAME:  # its folder and .state/NAME.* files must fit 255 bytes
+            raise UserError(f"{where}: stage name '{name[:40]}...' is {len(name.encode())} bytes: at most "
+                            f"{MAX_OUTPUT_NAME}")
         if name.endswith(".checkpoints") or name == "llmfast-run.json":
             # a stage's work folder is STAGE.checkpoints beside it; the others are the run folder's own
             raise UserError(f"{where}: stage name '{name}' is taken by the run folder's own files: rename the stage")

@@ -80,6 +80,8 @@ def _must_be_text(value: Any, where: str) -> None:
 def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
     """For evaluation: the conversation up to the last turn, and that turn (the assistant's) as the answer."""
     where = f"{path}:{row.get('_row', '?')}"
+    if not isinstance(row.get("task", ""), str):  # it picks the checker by name: a list or object was a TypeError
+        raise UserError(f"{where}: field 'task' must be a task name (a string), not {type(row['task']).__name__}")
     msgs = to_messages(row, where)
     if msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
