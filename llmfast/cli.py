@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 from llmfast import __version__
 from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
-from llmfast.process_exit import end_process_group, exit_process
+from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, raise_interrupt,
+                                  restore_signals, stop_on_signals)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, systemd, kill) stops vLLM like Ctrl-C does, instead of orphaning it; and Ctrl-C works
     # even when started as a shell's background job, which inherits SIGINT ignored.
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.start()
@@ -138,10 +139,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -420,6 +417,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("LLMFAST_DEBUG"))
+    previous = stop_on_signals()
     try:
         args = parse_args(argv)
         if not getattr(args, "func", None):
@@ -427,9 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except KeyboardInterrupt:
-        print_error("llmfast: interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        print_error(interrupted_line(e))
+        return interrupted_code(e)
     except Exception as e:  # a UserError, or a full disk met outside the atomic writes (a log line appended)
         err = as_user_error(e)
         if debug or err is None:
@@ -437,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(err)
         return 2
     finally:
+        restore_signals(previous)
         end_process_group()
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def end_process_group() -> None:
@@ -27,3 +28,43 @@ def exit_process(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`timeout`, Slurm, docker stop) or SIGHUP (a closed terminal) met as Ctrl-C is: every verb's cleanup
+    runs (no half artifact, no temporary sibling left), then one line and exit 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise `Stopped` where they would end the process silently (their default; one ignored,
+    as under nohup, stays ignored); returns the handlers replaced, for `restore_signals`."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, raise_interrupt)
+        except ValueError:  # not the main thread (main() called from another): left as they are
+            pass
+    return previous
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def interrupted_line(e: KeyboardInterrupt) -> str:
+    sig = getattr(e, "signum", signal.SIGINT)
+    return "llmfast: interrupted" if sig == signal.SIGINT else f"llmfast: stopped by {signal.Signals(sig).name}"
+
+
+def interrupted_code(e: KeyboardInterrupt) -> int:
+    return 128 + int(getattr(e, "signum", signal.SIGINT))

@@ -146,20 +146,26 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
 
 
-def test_ctrl_c_ends_with_its_own_line_after_the_progress_bar(tmp_path, tiny_dir, data):
+@pytest.mark.parametrize("sig,line", [(signal.SIGINT, "llmfast: interrupted"),
+                                      (signal.SIGTERM, "llmfast: stopped by SIGTERM"),
+                                      (signal.SIGHUP, "llmfast: stopped by SIGHUP")])
+def test_ctrl_c_ends_with_its_own_line_after_the_progress_bar(tmp_path, tiny_dir, data, sig, line):
     """Ctrl-C mid-run: exit 130, `llmfast: interrupted` on the last line of its own (the open bar used to repaint
-    itself after it), no adapter, and the checkpoints kept for --resume."""
+    itself after it), no adapter, and the checkpoints kept for --resume. SIGTERM (`timeout`, Slurm, docker stop)
+    and SIGHUP (a closed terminal) ended the process silently, a checkpoint being written left half (s43): they
+    are met as Ctrl-C is, exit 128 + the signal."""
     path = recipe(tmp_path, tiny_dir, data, out="run")
     args = ["--set", "train.steps=100000", "--set", "train.save_every=10"]
     proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     _wait_for_a_checkpoint(proc, tmp_path / "run" / "checkpoints")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert err.replace("\r", "\n").rstrip("\n").splitlines()[-1] == "llmfast: interrupted"
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+    assert err.replace("\r", "\n").rstrip("\n").splitlines()[-1] == line
     assert not (tmp_path / "run" / "adapter").exists()
     assert list((tmp_path / "run" / "checkpoints").glob("step-*/state.json"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # no checkpoint left half-written
 
 
 @pytest.fixture(scope="module")
