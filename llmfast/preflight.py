@@ -28,6 +28,12 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     dc = recipe.data
     if not resume:
         if out.is_dir() and any(out.iterdir()):
+            # what a run stopped before its first checkpoint leaves (finetune/checkpoint.py's RUN_FILES; read
+            # here without torch)
+            early = {p.name for p in out.iterdir()} <= {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
+            if early and not list(out.glob("checkpoints/step-*/state.json")):
+                raise UserError(f"{out} holds a run stopped before its first checkpoint: pass --resume to start it "
+                                "again there, or choose another output")
             raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job

@@ -285,6 +285,8 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_pat
     (run / "checkpoints" / ".step-000002.tmp-1-x").mkdir(parents=True)  # a checkpoint the kill cut short
     (run / "recipe.json").write_text(json.dumps({"model": "m", "data": {}, "lora": {}, "train": {}, "output": "o"}))
     (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    code, _, err = run_cli("finetune", str(path))  # was "already exists: pass --resume to continue that run" (s43)
+    assert code == 2 and "holds a run stopped before its first checkpoint: pass --resume to start it again" in err
     code, _, err = run_cli("finetune", str(path), "--resume")
     assert code == 0 and "starting from step 0" in err
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
