@@ -204,7 +204,11 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError, ... on junk
         raise UserError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {first_line(e)}); truncated or "
                         "corrupt? re-download it") from None
-    check_output(out, overwrite=True)  # a cache folder that cannot be written: refused before the conversion's ~20 s
+    try:  # a cache folder that cannot be written: refused before the conversion's ~20 s, named as the cache
+        check_output(out, overwrite=True)
+    except UserError as e:
+        raise UserError(f"llmfast's cache {cache_dir()} cannot hold the converted model ({e}): point $LLMFAST_CACHE "
+                        "at a folder you can write") from None
     steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step", leave=False)
     try:
         steps.set_postfix_str("tokenizer")

@@ -9,6 +9,7 @@ float), validates, and turns the first problem into a one-line `UserError` such 
 
 from __future__ import annotations
 
+import datetime as _dt
 import difflib
 import os
 from pathlib import Path
@@ -39,6 +40,8 @@ def _must_exist(kind: str) -> Any:
         p = p.expanduser()
         if kind == "file" and p.is_dir():
             raise ValueError(f"{p} is a folder: give a file")
+        if kind == "file" and p.exists() and not p.is_file():
+            raise ValueError(f"{p} is not a regular file (a pipe or a device): give a file")
         if not (p.is_file() if kind == "file" else p.exists()):
             raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
                              "(paths are relative to the directory you run llmfast from)")
@@ -382,8 +385,12 @@ def _describe(
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     # An override wins over the file for blame.
     str_loc = tuple(str(p) for p in loc)
+    # a section checked whole (quantization's settings) names the key in its message: an override of that key
+    inside = [k for k in overridden if str_loc and k[: len(str_loc)] == str_loc and k[-1] in str(err.get("msg"))]
     if any(str_loc[: len(k)] == k for k in overridden):
         where = f"{source} (--set {dotted})"
+    elif inside:
+        where = f"{source} (--set {'.'.join(inside[0])})"
     else:
         line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source
@@ -398,6 +405,10 @@ def _describe(
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind in ("string_type", "path_type") and isinstance(got, (bool, int, float, _dt.date)):
+        # YAML read `1.5`, `2024-01-03` or `yes` as a number, a date or a boolean: a folder of that name is quoted
+        shown += (": quote it in the YAML if it is a name (YAML reads yes/no/on/off/true/false as a boolean)"
+                  if isinstance(got, bool) else f": quote it in the YAML if it is a name ('{got}')")
     return f"{where}: {dotted}: {msg}{shown}"
 
 

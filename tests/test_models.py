@@ -244,3 +244,13 @@ def test_an_adapter_without_a_whole_module_is_refused_not_filled_at_random(tmp_p
     with pytest.raises(UserError, match=r"2 LoRA tensor\(s\) its config needs are missing \(base_model\.model\.model"
                                         r"\.layers\.1\.self_attn\.q_proj\.lora_A\.weight"):
         attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "a", tiny_dir)
+
+
+def test_a_cache_that_cannot_hold_a_conversion_is_named_as_the_cache(tmp_path, monkeypatch):
+    """`$LLMFAST_CACHE` at a file said "output .../models/builtin/...: ... is a file", though no output was named
+    (s43's review)."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(UserError, match=rf"llmfast's cache {tmp_path / 'afile'} cannot hold the converted model .*"
+                                        r"point \$LLMFAST_CACHE at a folder you can write"):
+        resolve_model("builtin:smollm2-135m")

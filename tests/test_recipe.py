@@ -104,6 +104,24 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
     assert read_yaml(path)[0] == {"base": {"lr": 1}, "train": {"lr": 1, "steps": 2}, "other": {"lr": 1}}
 
 
+def test_blame_and_hints_for_set_inside_a_section_and_unquoted_names(tmp_path):
+    """A --set inside quantization's settings was blamed on the recipe's line, and `model: 1.5` / `output:
+    2024-01-03` (YAML's number and date) gave no hint to quote them (s43's review)."""
+    from llmfast.recipe import QuantizeRecipe
+
+    path = tmp_path / "q.yaml"
+    path.write_text("model: m\nquantization: {method: w4, group_size: 32}\noutput: o\n")
+    with pytest.raises(UserError, match=r"q\.yaml \(--set quantization\.group_size\): quantization: group_size"):
+        load_recipe(path, QuantizeRecipe, ["quantization.group_size=1"])
+    path.write_text("model: 1.5\nquantization: nf4\noutput: o\n")
+    with pytest.raises(UserError, match=r"q\.yaml:1: model: .*\(got 1\.5\): quote it in the YAML if it is a name "
+                                        r"\('1\.5'\)"):
+        load_recipe(path, QuantizeRecipe)
+    path.write_text("model: m\nquantization: nf4\noutput: 2024-01-03\n")
+    with pytest.raises(UserError, match=r"q\.yaml:3: output: .*quote it in the YAML if it is a name \('2024-01-03'\)"):
+        load_recipe(path, QuantizeRecipe)
+
+
 def test_set_reaches_a_key_with_dots_in_it():
     """A chain stage named `base.v1`: `--set stages.base.v1.with.x=2` made a stage `base` holding `v1` ("unknown
     key 'stages.base.v1'", s42's review). The longest run of parts naming a key is that key."""
@@ -241,3 +259,14 @@ def test_a_yaml_boolean_in_a_list_of_numbers_is_refused():
         WorkloadConfig.model_validate({"max_concurrency": [1, 1]})
     ok = WorkloadConfig.model_validate({"max_concurrency": [1, 2], "request_rate": float("inf")})
     assert ok.max_concurrency == [1, 2]
+
+
+def test_a_pipe_given_as_a_file_is_named_so(tmp_path):
+    """A FIFO as the perplexity text was "file not found" though it is there (s43's review)."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.txt")
+    path = tmp_path / "e.yaml"
+    path.write_text(f"model: m\neval: {{perplexity: {{text: {tmp_path / 'fifo.txt'}}}}}\n")
+    with pytest.raises(UserError, match=r"e\.yaml:2: eval\.perplexity\.text: .*fifo\.txt is not a regular file"):
+        load_recipe(path, EvalRecipe)

@@ -114,7 +114,9 @@ def check_ids_fit(ids: list[int], vocab: int | None, where: str) -> None:
 def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
                     where: str = "") -> Encoded:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template: use an instruct model or add a chat_template")
+        named = getattr(tokenizer, "name_or_path", "") or "the model"  # its folder, where it was loaded from one
+        raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model "
+                        "or add a chat_template")
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
         return render_chat(tokenizer, msgs, gen, where or f"row {row}")
