@@ -150,6 +150,9 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     fix = f"re-create or re-download the adapter in {path}"
     cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file() and (path / "recipe.json").is_file() and (path / "train_log.jsonl").exists():
+        raise UserError(f"{path} is a finetune run that has no adapter yet (stopped before its end?): `llmfast finetune "
+                        "RECIPE --resume` finishes it")
     if not cfg_path.is_file():
         raise UserError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
     cfg = read_json_file(cfg_path, "adapter config", fix)

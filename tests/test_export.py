@@ -150,3 +150,13 @@ def test_a_merge_that_is_not_finite_is_refused(tmp_path, tiny_dir, peft_adapter)
     code, _, err = run_cli("export", str(nan), str(tmp_path / "out"))
     assert code == 2 and "is not finite once merged in float32: the base model or the adapter holds inf or NaN" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "big", "nan", "on-big"]
+
+
+def test_a_run_without_its_adapter_yet_says_resume_finishes_it(tmp_path):
+    """A finetune stopped before its end was "not a PEFT adapter directory" to export (s43's review)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text("{}")
+    (run / "train_log.jsonl").write_text("")
+    code, _, err = run_cli("export", str(run), str(tmp_path / "out"))
+    assert code == 2 and "is a finetune run that has no adapter yet" in err and "--resume` finishes it" in err, err

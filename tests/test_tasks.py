@@ -122,6 +122,12 @@ def test_tasks_cli_refuses_counts_below_one_and_writes_nothing(tmp_path, flags):
     assert not (tmp_path / "t").exists()
 
 
+def test_tasks_cli_refuses_more_rows_than_it_can_hold(tmp_path):
+    """`--train 1000000000000` grew in memory without end (s43's review)."""
+    code, out, err = run_cli("tasks", "dates", "--out", str(tmp_path / "t"), "--train", str(10**12))
+    assert code == 2 and "rows a task: at most 1,000,000" in err and not (tmp_path / "t").exists(), err
+
+
 def test_tasks_cli_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("mine")
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):

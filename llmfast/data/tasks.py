@@ -163,7 +163,7 @@ def generate(task: str, n: int, seed: int, exclude: set[str] | None = None) -> l
         rows.append({"task": task, "messages": [{"role": "user", "content": prompt},
                                                 {"role": "assistant", "content": answer}]})
     if len(rows) < n:
-        raise ValueError(f"task {task} could only make {len(rows)} distinct examples, not {n}")
+        raise UserError(f"task {task} could only make {len(rows)} distinct examples, not {n}: ask for fewer rows")
     return rows
 
 
@@ -182,6 +182,9 @@ def write_jsonl(path: str | Path, rows: list[Row]) -> Path:
     return atomic_write_text(path, jsonl_text(rows))
 
 
+MAX_ROWS = 1_000_000
+
+
 def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
                     overwrite: bool = False) -> list[tuple[Path, str, bool]]:
     """(path, content, changed) of every file `tasks` would write under `out_dir`, checked before any is written.
@@ -192,6 +195,8 @@ def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test:
     """
     if n_train < 1 or n_test < 1:
         raise UserError(f"--train and --test must be at least 1 (got {n_train} and {n_test})")
+    if n_train + n_test > MAX_ROWS:  # made in memory: 10**12 grew without end
+        raise UserError(f"--train and --test make {n_train + n_test} rows a task: at most {MAX_ROWS:,}")
     for name in tasks:
         if name not in TASKS:
             also = " ('all' alone, not with other names)" if name == "all" else ""
