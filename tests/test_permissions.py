@@ -76,15 +76,21 @@ def test_a_folder_given_for_a_file_is_named_as_one(tmp_path, tiny_dir):
                           f"(got '{tmp_path}')")
 
 
-def test_merge_refuses_an_unreadable_tokenizer_before_merging(tmp_path, tiny_dir):
-    """The tokenizer files are copied after the tensors are merged: found unreadable, the merge of an 8B model
-    would be lost minutes later. Checked with the inputs instead."""
+def _merge_of_two_copies(tmp_path: Path, tiny_dir: Path) -> tuple[Path, Path]:
+    """Two copies of the tiny model (base, other) and a linear merge config of them: (base, config)."""
     base, other = tmp_path / "base", tmp_path / "other"
     shutil.copytree(tiny_dir, base)
     shutil.copytree(tiny_dir, other)
     config = tmp_path / "m.yaml"
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
                       f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    return base, config
+
+
+def test_merge_refuses_an_unreadable_tokenizer_before_merging(tmp_path, tiny_dir):
+    """The tokenizer files are copied after the tensors are merged: found unreadable, the merge of an 8B model
+    would be lost minutes later. Checked with the inputs instead."""
+    base, config = _merge_of_two_copies(tmp_path, tiny_dir)
     code, err = _cli(tmp_path, [base / "tokenizer.json"], "merge", str(config), str(tmp_path / "out"))
     assert code == 2, err[-2000:]
     assert _last(err) == (f"llmfast: error: {base / 'tokenizer.json'}: no permission to read it (the output takes it "
@@ -166,12 +172,7 @@ def test_overwrite_of_a_read_only_output_or_a_link_is_refused_before_the_work(tm
     """`--overwrite` moves the old output aside once the new one is complete, which needs write permission on the
     old folder itself: a read-only one failed after all the work and left an empty `.OUT.old-*` (s43's review).
     A link as the output was replaced by a folder, its target left as it was."""
-    base, other = tmp_path / "base", tmp_path / "other"
-    shutil.copytree(tiny_dir, base)
-    shutil.copytree(tiny_dir, other)
-    config = tmp_path / "m.yaml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
-                      f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    base, config = _merge_of_two_copies(tmp_path, tiny_dir)
     out = tmp_path / "out"
     assert run_cli("merge", str(config), str(out))[0] == 0
     before = sorted(p.name for p in tmp_path.iterdir())
