@@ -158,10 +158,10 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     code, _, err = run_cli("finetune", str(disk.parent / "ckpt.yaml"))
     _refused(code, err, disk / "ft" / "checkpoints", "step-000002")
     # the run's folder as a kill before its first checkpoint leaves it (which `--resume` starts again from)
-    assert _contents(disk) == ["ft", "ft/checkpoints", "ft/recipe.json", "ft/train_log.jsonl"]
+    assert _contents(disk) == ["ft", "ft/base.json", "ft/checkpoints", "ft/recipe.json", "ft/train_log.jsonl"]
     shutil.rmtree(disk / "ft")
 
-    (disk / "filler").write_bytes(bytes(32768))  # 8 KB left: the recipe's copy, and one page of log lines
+    (disk / "filler").write_bytes(bytes(28672))  # 12 KB left: the recipe's copy, base.json, one page of log lines
     text = recipe.read_text().replace("steps: 2,", "steps: 80, log_every: 1,")
     (disk.parent / "log.yaml").write_text(text.replace(str(trained_adapter.parent), str(disk / "ft")))
     code, _, err = run_cli("finetune", str(disk.parent / "log.yaml"))
@@ -235,7 +235,8 @@ def test_a_read_only_cache_is_refused_before_the_conversion(small_disk, monkeypa
     monkeypatch.setenv("LLMFAST_CACHE", str(ro / "cache"))
     assert builtin_gguf_path(BUILTINS["smollm2-135m"]).is_file()
     code, _, err = run_cli("models", "--prepare", "builtin:smollm2-135m")
-    assert code == 2 and err.strip().splitlines()[-1].startswith(f"llmfast: error: output {ro / 'cache'}"), err
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"llmfast: error: llmfast's cache {ro / 'cache'} cannot hold the converted model (output {ro / 'cache'}"), err
     assert "converting" not in err, err  # refused before the converter's progress bar
 
 
