@@ -216,10 +216,13 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
             prompt = render_chat(tokenizer, prompt_and_answer(r, ts.path)[0], True, where)
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             check_ids_fit(ids, vocab, where)
-            if limit is not None and len(ids) + cfg.max_new_tokens > limit[0]:  # an IndexError mid-generation
-                raise UserError(f"{where}: its prompt of {len(ids)} tokens and eval.max_new_tokens "
-                                f"({cfg.max_new_tokens}) go beyond the {limit[0]} positions of {path}: shorten the "
-                                "row or lower eval.max_new_tokens")
+            # a learned position table fails mid-generation past its end (IndexError); a rotary model generates on
+            # (and usually stops at its end-of-turn token long before max_new_tokens), so only its prompt must fit
+            longest = len(ids) + (0 if limit is None or limit.rotary else cfg.max_new_tokens)
+            if limit is not None and longest > limit.limit:
+                said = "" if limit.rotary else f" and eval.max_new_tokens ({cfg.max_new_tokens})"
+                raise UserError(f"{where}: its prompt of {len(ids)} tokens{said} go beyond the {limit.limit} positions "
+                                f"of {path}: shorten the row{'' if limit.rotary else ' or lower eval.max_new_tokens'}")
     if cfg.perplexity is not None:
         p = cfg.perplexity
         ids = tokenizer(text, add_special_tokens=False).input_ids

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmfast.errors import UserError
 
@@ -50,19 +50,37 @@ def first_line(e: BaseException) -> str:
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
-def positions(path: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """The positions the model's config.json declares, and the key that says so; None for a config that declares
-    none (or cannot be read: its loader says so)."""
+class Positions(NamedTuple):
+    limit: int  # the declared positions, times a rope scaling factor (a linear-scaled Llama keeps the original)
+    key: str  # the config.json key that declares them
+    rotary: bool  # False: a learned table, which fails past its end with an IndexError
+    scaled: bool
+
+
+def positions(path: str | os.PathLike[str]) -> Positions | None:
+    """The positions the model's config.json declares; None for a config that declares none (or cannot be read:
+    its loader says so)."""
     import json
 
     try:
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    for name in POSITION_KEYS if isinstance(cfg, dict) else ():
+    if not isinstance(cfg, dict):
+        return None
+    rotary = any("rope" in k or "rotary" in k for k in cfg)
+    scaling = [s for s in (cfg.get("rope_scaling"), cfg.get("rope_parameters")) if isinstance(s, dict)]
+    factor = max([float(s["factor"]) for s in scaling if isinstance(s.get("factor"), (int, float))] + [1.0])
+    for name in POSITION_KEYS:
         limit = cfg.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            return limit, name
+            # Llama 3.1 and YaRN configs declare the extended length already, the original beside the factor
+            found = [o for o in (cfg.get("original_max_position_embeddings"),
+                                 *(s.get("original_max_position_embeddings") for s in scaling))
+                     if isinstance(o, int) and not isinstance(o, bool) and o > 0]
+            base = found[0] if found else limit
+            scaled = max(limit, int(base * factor))
+            return Positions(scaled, name, rotary, scaled != limit)
     return None
 
 
@@ -71,9 +89,10 @@ def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None
     a learned position table fails on them mid-run with an index error, rotary ones give numbers the model was
     never trained for."""
     found = positions(path)
-    if found is not None and length > found[0]:
-        raise UserError(f"{key} is {length} tokens, beyond the {found[0]} positions of {path} (config.json "
-                        f"{found[1]}): set {key} to at most {found[0]}")
+    if found is not None and length > found.limit:
+        raise UserError(f"{key} is {length} tokens, beyond the {found.limit} positions of {path} (config.json "
+                        f"{found.key}{', with its rope scaling' if found.scaled else ''}): set {key} to at most "
+                        f"{found.limit}")
 
 
 def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":

@@ -152,7 +152,7 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file() and (path / "recipe.json").is_file() and (path / "train_log.jsonl").exists():
         raise UserError(f"{path} is a finetune run that has no adapter yet (stopped before its end?): `llmfast finetune "
-                        "RECIPE --resume` finishes it")
+                        "RECIPE --resume` continues it (from its last checkpoint, or from the start without one)")
     if not cfg_path.is_file():
         raise UserError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
     cfg = read_json_file(cfg_path, "adapter config", fix)
@@ -181,13 +181,12 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-
 def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str:
     """A digest of a model folder's safetensors weights that tells other weights apart without reading them all:
     every tensor's name, dtype and shape, and its first `sample` stored bytes (a norm whole), over the files
-    transformers loads (`model_weight_files`). A copy or a move of the folder keeps it, however the weights are
-    sharded; a re-trained or re-saved model of the same shapes changes it. One small read a tensor: milliseconds
-    for the built-in model."""
+    transformers loads (`model_weight_files`), and config.json (but for the keys that say how it was written). A
+    copy or a move of the folder keeps it, however the weights are sharded; a re-trained or re-saved model of the
+    same shapes changes it. One small read a tensor: milliseconds for the built-in model."""
     import hashlib
 
     path = Path(path)
@@ -210,4 +209,23 @@ def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str
     h = hashlib.sha256()
     for name in sorted(found):
         h.update(name.encode() + b"\0" + found[name] + b"\0")
+    h.update(_config_digest(path / "config.json"))  # the same weights under another activation or rope are another model
     return h.hexdigest()[:32]
+
+
+# Keys of config.json that name how a file was written, not the model: left out of the fingerprint.
+_WRITTEN_BY = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+
+
+def _config_digest(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError:  # none, or unreadable: the loader names it
+        return b""
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        return raw
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k not in _WRITTEN_BY}
+    return json.dumps(cfg, sort_keys=True).encode()

@@ -29,15 +29,18 @@ def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]],
-                    expand: dict[str, Callable[[Any], Any]] | None = None) -> None:
-    """Set each dotted key of `overrides` in `data`. `expand`: top-level keys whose one-word form stands for a
-    mapping (`quantization: nf4`), turned into that mapping when a key inside it is set."""
+                    expand: dict[str, Callable[[Any], Any]] | None = None) -> set[tuple[str, ...]]:
+    """Set each dotted key of `overrides` in `data`; returns the key paths set (a key with dots in it as one part,
+    for blaming errors on the `--set`). `expand`: keys whose one-word form stands for a mapping (`quantization:
+    nf4`, at any depth: a chain stage's too), turned into that mapping when a key inside it is set."""
+    done = set()
     for keys, value in overrides:
         keys = _regroup(data, keys)
+        done.add(tuple(keys))
         node: Any = data
-        if len(keys) > 1 and expand and keys[0] in expand and isinstance(data.get(keys[0]), str):
-            data[keys[0]] = expand[keys[0]](data[keys[0]])
         for i, key in enumerate(keys[:-1]):
+            if expand and key in expand and isinstance(node, dict) and isinstance(node.get(key), str):
+                node[key] = expand[key](node[key])
             node = _child(node, key, keys[: i + 1], create=True)
         last = keys[-1]
         if isinstance(node, list):
@@ -46,6 +49,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]
             node[last] = value
         else:
             raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a mapping")
+    return done
 
 
 def _regroup(data: Any, keys: list[str]) -> list[str]:

@@ -39,7 +39,8 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
         check_source(resolve_model(recipe.model), recipe.model, "finetune")
-        # a learned position table fails on a longer row mid-run (IndexError); rotary ones train past their range
+        # a learned position table fails on a longer row mid-run (IndexError); rotary ones would train past the
+        # positions they were trained on: refused as every verb's windows are
         packed = dc.packing and dc.pack_length is not None
         check_positions(resolve_model(recipe.model), dc.pack_length if packed else dc.max_length,
                         "data.pack_length" if packed else "data.max_length")

@@ -348,8 +348,8 @@ def load_recipe_with_lines(
     path = Path(path)
     data, lines = read_yaml(path)
     parsed = parse_overrides(overrides)
-    apply_overrides(data, parsed, {"quantization": quantization_mapping})
-    return validate(data, schema, str(path), lines, {tuple(k) for k, _ in parsed}), lines
+    overridden = apply_overrides(data, parsed, {"quantization": quantization_mapping})
+    return validate(data, schema, str(path), lines, overridden), lines
 
 
 def validate(data: dict[str, Any], schema: type[T], source: str, lines: dict[tuple[Any, ...], int] | None = None,
@@ -386,7 +386,9 @@ def _describe(
     # An override wins over the file for blame.
     str_loc = tuple(str(p) for p in loc)
     # a section checked whole (quantization's settings) names the key in its message: an override of that key
-    inside = [k for k in overridden if str_loc and k[: len(str_loc)] == str_loc and k[-1] in str(err.get("msg"))]
+    msg_text = str(err.get("msg"))
+    inside = [k for k in overridden if str_loc and k[: len(str_loc)] == str_loc and (
+        msg_text.removeprefix("Value error, ").startswith(f"{k[-1]}:") or f"'{k[-1]}'" in msg_text)]
     if any(str_loc[: len(k)] == k for k in overridden):
         where = f"{source} (--set {dotted})"
     elif inside:
@@ -407,8 +409,10 @@ def _describe(
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
     if kind in ("string_type", "path_type") and isinstance(got, (bool, int, float, _dt.date)):
         # YAML read `1.5`, `2024-01-03` or `yes` as a number, a date or a boolean: a folder of that name is quoted
-        shown += (": quote it in the YAML if it is a name (YAML reads yes/no/on/off/true/false as a boolean)"
-                  if isinstance(got, bool) else f": quote it in the YAML if it is a name ('{got}')")
+        text = "yes" if got is True else "no" if got is False else str(got)
+        shown += (f": quote it if it is a name, e.g. --set '{dotted}=\"{text}\"'" if "(--set " in where else
+                  f": quote it in the YAML if it is a name ('{text}'; YAML reads yes/no/on/off as booleans)"
+                  if isinstance(got, bool) else f": quote it in the YAML if it is a name ('{text}')")
     return f"{where}: {dotted}: {msg}{shown}"
 
 

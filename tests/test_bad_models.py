@@ -93,6 +93,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     copy("tokenizer-model-a-string").joinpath("tokenizer.json").write_text('{"model": "bpe", "added_tokens": []}')
     copy("layers-a-string-2").joinpath("config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "two"}))
     copy("architectures-a-number").joinpath("config.json").write_text(json.dumps({**models_cfg, "architectures": 5}))
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # learned positions: 64 of them
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=1, n_head=2)).save_pretrained(
+        m / "gpt2-64")
+    tok.save_pretrained(m / "gpt2-64")
 
     (w / "out").mkdir()
     (w / "out" / "relufy.checkpoints").mkdir()  # a user's folder that happens to have the work folder's name
@@ -285,12 +291,12 @@ CASES = {  # id: (argv, a piece of the one error line)
     "recipe-is-a-folder": (["eval", "{W}/recipes"], "is a folder"),
     # found by hand (s43): an IndexError on learned positions (GPT-2), silently past them on rotary ones; a
     # TypeError after generation; a ZeroDivisionError after the model ran every window
-    "finetune-rows-beyond-positions": (["finetune", "{W}/recipes/ft-teal.yaml", "--set", "model={W}/models/tiny",
-                                        "--set", "data.max_length=4096"],
-                                       "data.max_length is 4096 tokens, beyond the 2048 positions"),
+    "finetune-rows-beyond-positions": (["finetune", "{W}/recipes/ft-teal.yaml", "--set", "model={W}/models/gpt2-64",
+                                        "--set", "data.max_length=128"],
+                                       "data.max_length is 128 tokens, beyond the 64 positions"),
     "eval-task-prompt-and-answer-beyond-positions": (["eval", "{W}/recipes/ev-tasks.yaml", "--set",
-                                                      "eval.max_new_tokens=2048"],
-                                                     "and eval.max_new_tokens (2048) go beyond the 2048 positions"),
+                                                      "model={W}/models/gpt2-64", "--set", "eval.max_new_tokens=64"],
+                                                     "and eval.max_new_tokens (64) go beyond the 64 positions"),
     "eval-task-field-a-list": (["eval", "{W}/recipes/ev-task-a-list.yaml"],
                                "task-a-list.jsonl:1: field 'task' must be a task name (a string), not list"),
     "eval-context-of-one-token": (["eval", "{W}/recipes/ev-missing-tensor.yaml", "--set", "eval.perplexity.context=1",

@@ -242,6 +242,35 @@ def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:
     assert metrics["steps"] == 6 and (out / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_sigterm_to_the_chain_reaches_a_stages_launcher(tiny: Path, tmp_path: Path) -> None:
+    """subprocess.run SIGKILLed the launcher 0.25 s after the chain was stopped: torchrun could not stop its
+    workers, which trained on, orphaned (s43's diff review). The signal is passed on and the launcher waited for."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    recipe = chain(tiny, out)
+    stages = {k: recipe["stages"][k] for k in ("data", "lora")}
+    launcher = tmp_path / "launcher.py"  # stands for torchrun: logs the signal it is sent, then stops
+    log = tmp_path / "launcher.log"
+    launcher.write_text(f"import signal, sys, time\nopen({str(log)!r}, 'a').write('start\\n')\n"
+                        f"def stop(sig, frame):\n    open({str(log)!r}, 'a').write(f'{{sig}}\\n')\n    sys.exit(3)\n"
+                        "signal.signal(signal.SIGTERM, stop)\ntime.sleep(120)\n")
+    stages["lora"]["launch"] = [sys.executable, str(launcher)]
+    path = write(tmp_path / "launched.yaml", {"output": str(out), "stages": stages})
+    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "run", str(path)], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "start" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert log.read_text().split() == ["start", str(int(signal.SIGTERM))]
+    assert err.strip().splitlines()[-1] == "llmfast: stopped by SIGTERM"
+
+
 def test_a_stage_calibrates_on_an_earlier_stages_chats(tiny: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """data.conversations naming `${data}` files: the stage depends on the data stage, its paths are checked only

@@ -106,6 +106,11 @@ def test_an_adapter_naming_a_hub_base_exports_with_base(tmp_path, tiny_dir, peft
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     code, _, err = run_cli("export", str(peft_adapter), str(tmp_path / "o2"), "--base", str(other))
     assert code == 2 and f"was trained on {tiny_dir}, whose weights differ" in err and not (tmp_path / "o2").exists()
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    shutil.copy(tiny_dir / "tokenizer.json", tmp_path / "bf16")
+    shutil.copy(tiny_dir / "tokenizer_config.json", tmp_path / "bf16")
+    code, _, err = run_cli("export", str(peft_adapter), str(tmp_path / "o3"), "--base", str(tmp_path / "bf16"))
+    assert code == 0, err[-1500:]  # the same base in bfloat16 (its bf16 release) is the same base
 
 
 def test_adapter_of_another_base_is_one_line(tmp_path, peft_adapter):
@@ -152,11 +157,11 @@ def test_a_merge_that_is_not_finite_is_refused(tmp_path, tiny_dir, peft_adapter)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "big", "nan", "on-big"]
 
 
-def test_a_run_without_its_adapter_yet_says_resume_finishes_it(tmp_path):
+def test_a_run_without_its_adapter_yet_says_resume_continues_it(tmp_path):
     """A finetune stopped before its end was "not a PEFT adapter directory" to export (s43's review)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.json").write_text("{}")
     (run / "train_log.jsonl").write_text("")
     code, _, err = run_cli("export", str(run), str(tmp_path / "out"))
-    assert code == 2 and "is a finetune run that has no adapter yet" in err and "--resume` finishes it" in err, err
+    assert code == 2 and "is a finetune run that has no adapter yet" in err and "--resume` continues it" in err, err

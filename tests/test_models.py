@@ -156,7 +156,8 @@ def test_sharded_model_with_a_missing_shard_is_refused(tiny_dir, tmp_path):
 
 def test_weights_fingerprint_follows_the_weights_not_the_folder_or_sharding(tiny_dir, tmp_path):
     """What `--resume` and sparse artifacts compare (modelfiles.weights_fingerprint): a copy and a re-sharding keep
-    it; one changed element within a tensor's first bytes, another dtype, or a renamed tensor change it."""
+    it; one changed element within a tensor's first bytes, another dtype, a renamed tensor or another activation in
+    config.json change it."""
     from transformers import AutoModelForCausalLM
 
     from llmfast.modelfiles import weights_fingerprint
@@ -167,6 +168,12 @@ def test_weights_fingerprint_follows_the_weights_not_the_folder_or_sharding(tiny
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     assert weights_fingerprint(tmp_path / "sharded") == fp
+    relu = _copy_model(tiny_dir, tmp_path / "relu")  # the same weights under another activation: another model
+    cfg = json.loads((relu / "config.json").read_text())
+    (relu / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    assert weights_fingerprint(relu) != fp
+    (relu / "config.json").write_text(json.dumps({**cfg, "transformers_version": "0.0.1"}, indent=4))
+    assert weights_fingerprint(relu) == fp  # how the file was written is not the model
     tensors = load_file(tiny_dir / "model.safetensors")
     name = "model.layers.1.mlp.up_proj.weight"
     for change in ("element", "dtype", "name"):
@@ -254,3 +261,29 @@ def test_a_cache_that_cannot_hold_a_conversion_is_named_as_the_cache(tmp_path, m
     with pytest.raises(UserError, match=rf"llmfast's cache {tmp_path / 'afile'} cannot hold the converted model .*"
                                         r"point \$LLMFAST_CACHE at a folder you can write"):
         resolve_model("builtin:smollm2-135m")
+
+
+def test_positions_count_rope_scaling_and_tell_learned_tables(tmp_path):
+    """A linear-scaled Llama keeps its original max_position_embeddings: finetune and eval refused it where it
+    works (s43's review). GPT-2's learned table is the case that fails past its end (IndexError)."""
+    import json
+
+    from llmfast.loading import check_positions, positions
+
+    def config(name: str, **cfg: object) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        return tmp_path / name
+
+    plain = config("plain", max_position_embeddings=64, rope_theta=10000.0)
+    linear = config("linear", max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    llama3 = config("llama3", max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                           "original_max_position_embeddings": 8192})
+    gpt2 = config("gpt2", n_positions=64)
+    assert positions(plain) == (64, "max_position_embeddings", True, False)
+    assert positions(linear) == (512, "max_position_embeddings", True, True)
+    assert positions(llama3).limit == 131072 and positions(gpt2) == (64, "n_positions", False, False)
+    check_positions(linear, 512, "data.max_length")
+    with pytest.raises(UserError, match=r"data.max_length is 513 tokens, beyond the 512 positions of .*linear "
+                                        r"\(config.json max_position_embeddings, with its rope scaling\)"):
+        check_positions(linear, 513, "data.max_length")

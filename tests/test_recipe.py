@@ -113,6 +113,9 @@ def test_blame_and_hints_for_set_inside_a_section_and_unquoted_names(tmp_path):
     path.write_text("model: m\nquantization: {method: w4, group_size: 32}\noutput: o\n")
     with pytest.raises(UserError, match=r"q\.yaml \(--set quantization\.group_size\): quantization: group_size"):
         load_recipe(path, QuantizeRecipe, ["quantization.group_size=1"])
+    path.write_text("model: m\nquantization: {method: w4, group_size: 0}\noutput: o\n")  # the file's, not the --set's
+    with pytest.raises(UserError, match=r"q\.yaml:2: quantization: group_size"):
+        load_recipe(path, QuantizeRecipe, ["quantization.method=w4"])
     path.write_text("model: 1.5\nquantization: nf4\noutput: o\n")
     with pytest.raises(UserError, match=r"q\.yaml:1: model: .*\(got 1\.5\): quote it in the YAML if it is a name "
                                         r"\('1\.5'\)"):
@@ -132,6 +135,20 @@ def test_set_reaches_a_key_with_dots_in_it():
                                            "rows.0.c=6", "new.key=7"]))
     assert data == {"stages": {"base.v1": {"with": {"x": 2}}, "base": {"x": 3}}, "rows": [{"a.b": 5, "c": 6}],
                     "new": {"key": 7}}
+
+
+def test_a_chain_stage_named_with_dots_takes_set_and_its_one_word_quantization_expands(tmp_path):
+    """The chain's --set on a stage `base.v1` was blamed on a line of the file, and `--set
+    stages.q.with.quantization.group_size` on `quantization: int4` was "not a mapping" (s43's diff review)."""
+    from llmfast.chain.plan import ChainRecipe
+
+    path = tmp_path / "c.yaml"
+    path.write_text("output: run\nstages:\n  base.v1: {type: eval, with: {model: m}}\n"
+                    "  q: {type: quantize, with: {model: m, quantization: int4}}\n")
+    with pytest.raises(UserError, match=r"c\.yaml \(--set stages\.base\.v1\.typo\): unknown key"):
+        load_recipe(path, ChainRecipe, ["stages.base.v1.typo=1"])
+    r = load_recipe(path, ChainRecipe, ["stages.q.with.quantization.group_size=32"])
+    assert r.stages["q"].with_["quantization"] == {"method": "w4", "group_size": 32}
 
 
 def test_set_changes_one_setting_of_a_one_word_quantization(tmp_path):

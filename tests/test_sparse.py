@@ -274,6 +274,12 @@ def test_cats_over_a_relufied_model_shifts_the_relu_threshold(tmp_path, tiny_dir
     lines = err.strip().splitlines()
     assert code == 2 and "gate_act is already at least 30% zeros in every layer" in lines[-1], err[-1500:]
     assert "choose a higher target" in lines[-1] and not (tmp_path / "low").exists()
+    # TEAL's MLP sites there: down_in idle, mlp_in (the MLP's input) thresholded all the same, so it is made
+    code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relu", "teal", "{target: 0.3}", out="teal",
+                                                  name="teal")))
+    assert code == 0, err[-1500:]
+    t = load_file(str(tmp_path / "teal" / "sparsity.safetensors"))
+    assert (t["down_in"] == 0).all() and (t["mlp_in"] > 0).all()
     code, _, err = run_cli("sparsify", str(recipe(tmp_path, tmp_path / "relu", "cats", "{target: 0.8}", out="shift",
                                                   name="shift")))
     assert code == 0, err

@@ -115,10 +115,23 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
         import subprocess
 
         try:
-            code = subprocess.run([*stage.launch, "-m", "llmfast.cli", *argv, *flags]).returncode
+            proc = subprocess.Popen([*stage.launch, "-m", "llmfast.cli", *argv, *flags])
         except FileNotFoundError:
             raise UserError(f"stage {stage.name}: launcher '{stage.launch[0]}' not found: install it or give its "
                             "full path in `launch:`") from None
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt as e:  # passed on (subprocess.run would SIGKILL the launcher after 0.25 s, and
+            # torchrun's workers would train on, orphaned); a launcher that has not stopped in 30 s is killed
+            import signal
+
+            proc.send_signal(getattr(e, "signum", signal.SIGINT))
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
         if code:
             raise UserError(f"stage {stage.name} ({stage.type}) under {' '.join(stage.launch)} failed with exit "
                             f"code {code}: see its output above")

@@ -53,8 +53,11 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any], given: str | None = Non
     for spec in specs:  # recorded absolute; moved since: the recipe's path from here
         if Path(spec).expanduser().is_dir():
             return check_model_dir(Path(spec).expanduser())
+    # a hub id only as plain PEFT records one (a recipe's `models/tiny` has the same form: never fetched)
+    hub = None if manifest.get("base_model_path") or not isinstance(cfg, dict) else cfg.get("base_model_name_or_path")
     for spec in specs:
-        if spec.startswith("builtin:") or is_hub_id(spec) or (spec.lower().endswith(".gguf") and Path(spec).is_file()):
+        if spec.startswith("builtin:") or (spec == hub and is_hub_id(spec)) or (
+                spec.lower().endswith(".gguf") and Path(spec).is_file()):
             try:
                 return resolve_model(spec)
             except UserError as e:
@@ -66,16 +69,33 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any], given: str | None = Non
 
 def _check_given_base(adapter_dir: Path, specs: list[str], base: Path, given: str) -> None:
     """--base names a model whose weights differ from the recorded base's, where that one is here to compare: the
-    export would merge the adapter into a model it was not trained on."""
-    from llmfast.modelfiles import weights_fingerprint
-
+    export would merge the adapter into a model it was not trained on. The same model in another dtype (its
+    bfloat16 release) is the same base."""
     for spec in specs:
         recorded = Path(spec).expanduser()
         if recorded.is_dir() and (recorded / "config.json").is_file():
-            if recorded.resolve() != base.resolve() and weights_fingerprint(recorded) != weights_fingerprint(base):
+            if recorded.resolve() != base.resolve() and _values(recorded) != _values(base):
                 raise UserError(f"--base {given}: {adapter_dir} was trained on {recorded}, whose weights differ: give "
                                 "that model, or leave --base out")
             return
+
+
+def _values(model_dir: Path) -> dict[str, tuple[list[int], bytes]]:
+    """Each weight's shape and its first 64 values rounded to bfloat16: equal for a model and its bfloat16 copy."""
+    import torch
+    from safetensors import safe_open
+
+    from llmfast.modelfiles import model_weight_files
+
+    found = {}
+    for f in model_weight_files(model_dir, f"re-create the model in {model_dir}"):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                part = st.get_slice(name)
+                shape = list(part.get_shape())
+                head = (st.get_tensor(name) if not shape else part[:64] if len(shape) == 1 else part[:1]).flatten()[:64]
+                found[name] = (shape, head.to(torch.bfloat16).float().numpy().tobytes())
+    return found
 
 
 def _check_finite(model: Any, dtype: str) -> None:

@@ -154,8 +154,8 @@ def sparsity_section(path: str | Path) -> dict[str, Any]:
     """The `sparsity` section of a directory's llmfast.json (empty for a model llmfast did not sparsify), once its
     weights are checked to be those the thresholds and predictors were made for: a threshold or Deja Vu artifact
     hard-links its source's weight files, so new weights written into the source's files (`cp` over them, which
-    writes into the existing file; safetensors' own save makes a new file) change the artifact's too. Artifacts of earlier versions record no
-    fingerprint and are not checked."""
+    writes into the existing file; safetensors' own save makes a new file) change the artifact's too. Artifacts of
+    earlier versions record no fingerprint and are not checked."""
     from llmfast.artifacts import read_manifest
     from llmfast.modelfiles import weights_fingerprint
 

@@ -31,9 +31,7 @@ def load_sparsify_recipe(path: str | os.PathLike[str], overrides: list[str] | No
 
     path = Path(path)
     data, lines = read_yaml(path)
-    parsed = parse_overrides(overrides)
-    apply_overrides(data, parsed)
-    overridden = {tuple(k) for k, _ in parsed}
+    overridden = apply_overrides(data, parse_overrides(overrides))
     generic = validate(data, SparsifyRecipe, str(path), lines, overridden)
     key = ("sparsify", "method")
     where = f"{path} (--set sparsify.method)" if key in overridden else f"{path}:{lines.get(key, 1)}"

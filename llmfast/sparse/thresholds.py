@@ -217,7 +217,9 @@ class ThresholdSparsifier(Sparsifier):
         sites = self.sites_for(cfg)
         thresholds = self.calibrate(job.model, job.calibration, cfg.target, sites)
         idle = [s for s, v in thresholds.items() if bool((v <= 0).all())]
-        if idle:  # a ReLU-fied source: its exact zeros already reach the target, and a threshold of 0 adds none
+        # a ReLU-fied source's exact zeros already reach the target where a threshold of 0 adds none: refused when
+        # that is every site (TEAL's mlp_in still thresholds a ReLU model's MLP input while its down_in is idle)
+        if idle and len(idle) == len(thresholds):
             raise UserError(f"{job.model_spec}: its {', '.join(idle)} is already at least {cfg.target:.0%} zeros in "
                             f"every layer (a ReLU-fied model?), so {self.name}'s thresholds would be 0 and zero nothing "
                             "more: choose a higher target, or sparsify the model it was made from")
