@@ -165,3 +165,21 @@ def test_a_run_without_its_adapter_yet_says_resume_continues_it(tmp_path):
     (run / "train_log.jsonl").write_text("")
     code, _, err = run_cli("export", str(run), str(tmp_path / "out"))
     assert code == 2 and "is a finetune run that has no adapter yet" in err and "--resume` continues it" in err, err
+
+
+def test_a_recipes_relative_model_path_is_never_fetched_from_the_hub(tmp_path, peft_adapter, monkeypatch):
+    """`models/tiny` has a hub id's form: after a project moved, export tried to download it (and could merge into
+    a hub model of that name). Only a plain PEFT adapter's recorded base is fetched (s43's diff review)."""
+    import llmfast.models
+
+    def no_fetch(repo_id):
+        raise AssertionError(f"fetched {repo_id} from the hub")
+
+    monkeypatch.setattr(llmfast.models, "_download_from_hub", no_fetch)
+    adapter = tmp_path / "ad"
+    shutil.copytree(peft_adapter, adapter)
+    (adapter / "llmfast.json").write_text(json.dumps({"stage": "finetune", "base_model_path": "/gone/models/tiny",
+                                                      "recipe": {"model": "models/tiny"}}))
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
+    assert code == 2 and "its base model '/gone/models/tiny' is not a local directory" in err, err
+    assert "--base" in err and "run from the folder its recipe's model path is relative to" in err
