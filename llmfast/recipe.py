@@ -23,6 +23,7 @@ from llmfast.errors import UserError
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
 from llmfast.strict import no_bool_numbers
+from llmfast.yaml_lines import RepeatedKey, line_index
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -279,28 +280,6 @@ class QuantizeRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- loading
-class _Repeated(Exception):
-    def __init__(self, path: tuple[Any, ...], first: int, again: int) -> None:
-        self.path, self.first, self.again = path, first, again
-
-
-def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
-    """Map every key path in a composed YAML document to its 1-based line."""
-    lines: dict[tuple[Any, ...], int] = {prefix: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = prefix + (key_node.value,)
-            if isinstance(key_node.value, str) and key_node.value != "<<" and path in lines:
-                # YAML keeps the last silently: a stage block copied under the same name dropped the first
-                raise _Repeated(path, lines[path], key_node.start_mark.line + 1)
-            lines.update(_line_index(value_node, path))
-            lines[path] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.update(_line_index(item, prefix + (i,)))
-    return lines
-
-
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: give the recipe's YAML file")
@@ -327,8 +306,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: a recipe is a mapping of keys, not a {type(data).__name__}")
     try:
-        return data, _line_index(node) if node is not None else {}
-    except _Repeated as r:
+        return data, line_index(node) if node is not None else {}
+    except RepeatedKey as r:
         raise UserError(f"{path}:{r.again}: key '{'.'.join(str(k) for k in r.path)}' is given twice (first at line "
                         f"{r.first}): YAML would keep only the last; remove or rename one") from None
     except RecursionError:
