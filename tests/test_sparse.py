@@ -522,6 +522,13 @@ def test_a_wrong_relu_cut_in_config_is_one_line(tmp_path, tiny_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["llmfast_relu_thresholds"] = [0.1, 0.2, 0.3]  # three layers' worth for a two-layer model
     (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"bad: its weights are not those it was made with"):  # config.json counts
+        load_model(bad)
+    from llmfast.modelfiles import weights_fingerprint
+
+    manifest = json.loads((bad / "llmfast.json").read_text())  # as if written so: the cut's own check
+    manifest["sparsity"]["weights"] = weights_fingerprint(bad)
+    (bad / "llmfast.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"bad/config.json: llmfast_relu_thresholds must be 2 non-negative numbers"):
         load_model(bad)
 
