@@ -402,13 +402,18 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the sub-schema at `loc`, for did-you-mean hints."""
+    import typing
+
     current: Any = schema
+    keyed = False  # the part after a mapping field (a chain's stages) is one of its keys, not a field
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         field = current.model_fields.get(part) if isinstance(current, type) else None
         if field is None:
             return []
+        keyed = dict in {typing.get_origin(a) for a in (field.annotation, *typing.get_args(field.annotation))}
         current = _model_in(field.annotation)
         if current is None:
             return []

@@ -145,8 +145,9 @@ def test_a_chain_stage_named_with_dots_takes_set_and_its_one_word_quantization_e
     path = tmp_path / "c.yaml"
     path.write_text("output: run\nstages:\n  base.v1: {type: eval, with: {model: m}}\n"
                     "  q: {type: quantize, with: {model: m, quantization: int4}}\n")
-    with pytest.raises(UserError, match=r"c\.yaml \(--set stages\.base\.v1\.typo\): unknown key"):
-        load_recipe(path, ChainRecipe, ["stages.base.v1.typo=1"])
+    with pytest.raises(UserError, match=r"c\.yaml \(--set stages\.base\.v1\.tpye\): unknown key "
+                                        r"'stages\.base\.v1\.tpye' \(did you mean 'type'\?\)"):  # was "(known keys: )"
+        load_recipe(path, ChainRecipe, ["stages.base.v1.tpye=1"])
     r = load_recipe(path, ChainRecipe, ["stages.q.with.quantization.group_size=32"])
     assert r.stages["q"].with_["quantization"] == {"method": "w4", "group_size": 32}
 
