@@ -318,6 +318,12 @@ def step_folders(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*"), key=lambda p: (step(p), p.name))
 
 
+def latest_step(folder: Path) -> Path | None:
+    """The last complete `step-N` folder (its state.json written last) of a checkpoints folder, or None."""
+    found = [p for p in step_folders(folder) if (p / "state.json").is_file()]
+    return found[-1] if found else None
+
+
 WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
 
 
@@ -352,11 +358,13 @@ def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
     same_weights = isinstance(recorded.get("weights"), str) and recorded.get("weights") == run.get("weights")
     for key, value in run.items():
         was = recorded.get(key)
-        if key == "weights" and was is not None and was != value:
-            raise UserError(f"--resume: {work} holds a run on other weights than those of {run.get('model')} now "
-                            "(the model was re-made or re-saved since?): resume with the model it started from, or "
-                            "start again with --overwrite")
-        if was != value and not (key == "model" and same_weights) and not (key == "weights" and was is None):
+        if key == "weights":  # a mark of an earlier version recorded none
+            if was is not None and was != value:
+                raise UserError(f"--resume: {work} holds a run on other weights than those of {run.get('model')} now "
+                                "(the model was re-made or re-saved since?): resume with the model it started from, "
+                                "or start again with --overwrite")
+            continue
+        if was != value and not (key == "model" and same_weights):
             where = key
             if isinstance(was, dict) and isinstance(value, dict):  # name the setting, not the whole section
                 inner = sorted(k for k in {*was, *value} if was.get(k) != value.get(k))[0]

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, mark_work_dir, step_folders
+from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, latest_step, mark_work_dir, step_folders
 from llmfast.errors import UserError
 
 
@@ -129,8 +129,7 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(work: Path) -> Path | None:
-    found = [p for p in step_folders(work / "checkpoints") if (p / "state.json").is_file()]
-    return found[-1] if found else None
+    return latest_step(work / "checkpoints")
 
 
 def rows_digest(rows: torch.Tensor) -> str:

@@ -28,21 +28,23 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     dc = recipe.data
     if not resume:
         if out.is_dir() and any(out.iterdir()):
-            # what a run stopped before its first checkpoint leaves (finetune/checkpoint.py's RUN_FILES; read
-            # here without torch)
-            early = {p.name for p in out.iterdir()} <= {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
-            if early and not list(out.glob("checkpoints/step-*/state.json")):
+            from llmfast.artifacts import latest_step
+            from llmfast.finetune.run_files import foreign_run_files
+
+            # only what a run stopped before its first checkpoint leaves: what `--resume` starts again from
+            if foreign_run_files(out) is None and latest_step(out / "checkpoints") is None:
                 raise UserError(f"{out} holds a run stopped before its first checkpoint: pass --resume to start it "
                                 "again there, or choose another output")
             raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
+        model_path = resolve_model(recipe.model)
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
-        check_source(resolve_model(recipe.model), recipe.model, "finetune")
+        check_source(model_path, recipe.model, "finetune")
         # a learned position table fails on a longer row mid-run (IndexError); rotary ones would train past the
         # positions they were trained on: refused as every verb's windows are
         packed = dc.packing and dc.pack_length is not None
-        check_positions(resolve_model(recipe.model), dc.pack_length if packed else dc.max_length,
+        check_positions(model_path, dc.pack_length if packed else dc.max_length,
                         "data.pack_length" if packed else "data.max_length")
     for path in (dc.train, dc.eval):
         if path is not None and Path(path).is_file():

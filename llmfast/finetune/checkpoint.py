@@ -19,13 +19,11 @@ from typing import Any, Callable
 
 import torch
 
-from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, step_folders
+from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, latest_step, step_folders
 from llmfast.errors import UserError
 from llmfast.finetune import fsdp as sharding
-
-
-# What a run writes into its output before the first checkpoint is complete.
-RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
+# torch-free, so that preflight.py reads them too; re-exported: the trainer names them ckpts.*
+from llmfast.finetune.run_files import RUN_FILES, foreign_run_files  # noqa: F401
 
 
 def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:
@@ -37,51 +35,8 @@ def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:
     atomic_write_json(out / "base.json", {"weights": weights_fingerprint(model_path)})
 
 
-def foreign_run_files(out: Path) -> str | None:
-    """What in `out` a run killed before its first checkpoint would not have left (named for the error), or None:
-    only then may `--resume` remove what is there and start again. Checked inside, not by name alone: a user's
-    `checkpoints/` folder or `recipe.json` of the same name is not llmfast's."""
-    if not out.is_dir():
-        return None
-    for p in sorted(out.iterdir()):
-        if p.name not in RUN_FILES or p.is_symlink():
-            return str(p)
-    ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists():
-        if not ckpt_dir.is_dir():
-            return str(ckpt_dir)
-        for p in ckpt_dir.iterdir():  # only checkpoints being written (.step-N.tmp-*) or without their state.json
-            if not p.name.startswith(("step-", ".step-")) or p.is_symlink():
-                return str(p)
-    recipe = out / "recipe.json"
-    if recipe.exists():
-        try:
-            data = json.loads(recipe.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return str(recipe)
-        if not isinstance(data, dict) or not {"model", "data", "lora", "train", "output"} <= set(data):
-            return str(recipe)
-    base = out / "base.json"
-    if base.exists():
-        try:
-            if not isinstance(json.loads(base.read_text(encoding="utf-8")).get("weights"), str):
-                return str(base)
-        except (OSError, ValueError, AttributeError):
-            return str(base)
-    log = out / "train_log.jsonl"
-    if log.exists():
-        try:
-            rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, ValueError):
-            return str(log)
-        if not all(isinstance(r, dict) and "step" in r for r in rows):
-            return str(log)
-    return None
-
-
 def latest_checkpoint(out: Path) -> Path | None:
-    found = [p for p in step_folders(out / "checkpoints") if (p / "state.json").is_file()]
-    return found[-1] if found else None
+    return latest_step(out / "checkpoints")
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

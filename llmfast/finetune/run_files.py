@@ -1,0 +1,53 @@
+"""What a fine-tuning run writes into its output before its first checkpoint is complete, and whether a folder holds
+only that: read without torch, by preflight.py before anything heavy is imported and by the trainer's `--resume`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+# What a run writes into its output before the first checkpoint is complete.
+RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
+
+
+def foreign_run_files(out: Path) -> str | None:
+    """What in `out` a run killed before its first checkpoint would not have left (named for the error), or None:
+    only then may `--resume` remove what is there and start again. Checked inside, not by name alone: a user's
+    `checkpoints/` folder or `recipe.json` of the same name is not llmfast's."""
+    if not out.is_dir():
+        return None
+    for p in sorted(out.iterdir()):
+        if p.name not in RUN_FILES or p.is_symlink():
+            return str(p)
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists():
+        if not ckpt_dir.is_dir():
+            return str(ckpt_dir)
+        for p in ckpt_dir.iterdir():  # only checkpoints being written (.step-N.tmp-*) or without their state.json
+            if not p.name.startswith(("step-", ".step-")) or p.is_symlink():
+                return str(p)
+    recipe = out / "recipe.json"
+    if recipe.exists():
+        try:
+            data = json.loads(recipe.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return str(recipe)
+        if not isinstance(data, dict) or not {"model", "data", "lora", "train", "output"} <= set(data):
+            return str(recipe)
+    base = out / "base.json"
+    if base.exists():
+        try:
+            if not isinstance(json.loads(base.read_text(encoding="utf-8")).get("weights"), str):
+                return str(base)
+        except (OSError, ValueError, AttributeError):
+            return str(base)
+    log = out / "train_log.jsonl"
+    if log.exists():
+        try:
+            rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return str(log)
+        if not all(isinstance(r, dict) and "step" in r for r in rows):
+            return str(log)
+    return None
