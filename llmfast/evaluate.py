@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from llmfast.artifacts import check_writable_parent
 from llmfast.data.chat import check_ids_fit, prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
-from llmfast.data.tasks import check
+from llmfast.data.tasks import TASKS, check
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -145,6 +145,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     for ts in cfg.tasks:
         for r in read_jsonl(ts.path)[: ts.limit]:
             prompt_and_answer(r, ts.path)
+            _check_row_task(r, ts.name, ts.path)
     if recipe.adapter is not None:
         check_adapter_dir(adapter_dir(recipe.adapter))
     t0 = time.perf_counter()
@@ -197,6 +198,18 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     atomic_write_json(out, results)
     return results
+
+
+def _check_row_task(row: dict[str, Any], name: str, path: Path) -> None:
+    """A row's `task` picks its checker. In a set named after a built-in task, a row naming another task (or a typo
+    of one) would be scored by another check (exact match for JSON answers) and counted in this set's accuracy:
+    most likely the wrong file was given. A set of another name may mix built-in tasks' rows on purpose."""
+    task = row.get("task", name)
+    if name in TASKS and task != name:
+        kind = f"task {task}'s check" if task in TASKS else "exact match"
+        raise UserError(f"{path}:{row.get('_row', '?')}: the row's task is {task!r} in eval.tasks' set {name!r}: it "
+                        f"would be scored by {kind}, not {name}'s: give the set's own file, fix the row's task, "
+                        "or give the set another name to mix tasks")
 
 
 def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:

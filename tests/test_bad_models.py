@@ -118,6 +118,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     for name, path in (("tasks", w / "task.jsonl"), ("task-a-list", w / "task-a-list.jsonl")):
         (recipes / f"ev-{name}.yaml").write_text(f"model: {tiny}\neval:\n  tasks:\n    - {{name: t, path: {path}}}\n"
                                                 f"output: {w}/out/r.json\n")
+    (w / "extract.jsonl").write_text('{"task": "extract", "messages": [{"role": "user", "content": "a"}, '
+                                     '{"role": "assistant", "content": "{}"}]}\n')
+    (recipes / "ev-dates-set-of-extract-rows.yaml").write_text(
+        f"model: {tiny}\neval:\n  tasks:\n    - {{name: dates, path: {w}/extract.jsonl}}\noutput: {w}/out/r.json\n")
     return w
 
 
@@ -302,6 +306,11 @@ CASES = {  # id: (argv, a piece of the one error line)
     "eval-context-of-one-token": (["eval", "{W}/recipes/ev-missing-tensor.yaml", "--set", "eval.perplexity.context=1",
                                    "--set", "eval.perplexity.stride=1"], "eval.perplexity.context: Input should be "
                                                                           "greater than or equal to 2"),
+    # s43's review: the rows' own task picked the checker, so a dates set given extract's file was scored by
+    # JSON match under the name dates
+    "eval-built-in-set-of-another-tasks-rows": (["eval", "{W}/recipes/ev-dates-set-of-extract-rows.yaml"],
+                                                "extract.jsonl:1: the row's task is 'extract' in eval.tasks' set "
+                                                "'dates': it would be scored by task extract's check, not dates'"),
     "recipe-recursive-alias": (["sparsify", "{W}/recipes/recursive.yaml"], "refers to its own anchor"),
 }
 

@@ -287,3 +287,19 @@ def test_positions_count_rope_scaling_and_tell_learned_tables(tmp_path):
     with pytest.raises(UserError, match=r"data.max_length is 513 tokens, beyond the 512 positions of .*linear "
                                         r"\(config.json max_position_embeddings, with its rope scaling\)"):
         check_positions(linear, 513, "data.max_length")
+
+
+def test_a_relative_cache_is_refused(tmp_path, monkeypatch, capsys):
+    """A relative `$LLMFAST_CACHE` was one cache per working folder: the built-in model converted again in each, and
+    output locks kept there blind to each other across folders (s43's review)."""
+    from llmfast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMFAST_CACHE", "cache")
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "$LLMFAST_CACHE is the relative path 'cache': give an absolute one" in err
+    assert f"LLMFAST_CACHE={tmp_path / 'cache'}" in err and not (tmp_path / "cache").exists()
+    monkeypatch.setenv("LLMFAST_CACHE", "~/x")
+    from llmfast.cache import cache_dir
+    assert cache_dir() == Path.home() / "x"
