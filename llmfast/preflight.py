@@ -14,13 +14,23 @@ from llmfast.data.chat import check_rows
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
-    from llmfast.recipe import FinetuneRecipe
+    from llmfast.recipe import DataConfig, FinetuneRecipe
+
+
+def check_rows_fit(model_path: Path, data: "DataConfig") -> None:
+    """A learned position table fails on a longer row mid-run (IndexError); rotary ones would train past the
+    positions they were trained on: refused as every verb's windows are. Here for a local model folder, by the
+    trainer for the models it resolves itself (built-in, GGUF, hub)."""
+    from llmfast.loading import check_positions
+
+    packed = data.packing and data.pack_length is not None
+    check_positions(model_path, data.pack_length if packed else data.max_length,
+                    "data.pack_length" if packed else "data.max_length")
 
 
 def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     """The output, a local model directory (one LoRA can train on) and every JSONL row's shape, as the trainer will
     find them."""
-    from llmfast.loading import check_positions
     from llmfast.models import resolve_model
     from llmfast.sources import check_source
 
@@ -41,11 +51,7 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
         model_path = resolve_model(recipe.model)
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
         check_source(model_path, recipe.model, "finetune")
-        # a learned position table fails on a longer row mid-run (IndexError); rotary ones would train past the
-        # positions they were trained on: refused as every verb's windows are
-        packed = dc.packing and dc.pack_length is not None
-        check_positions(model_path, dc.pack_length if packed else dc.max_length,
-                        "data.pack_length" if packed else "data.max_length")
+        check_rows_fit(model_path, dc)
     for path in (dc.train, dc.eval):
         if path is not None and Path(path).is_file():
             check_rows(path)

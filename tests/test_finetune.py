@@ -769,3 +769,15 @@ def test_fsdp_refuses_lora_outside_the_decoder_layers(tmp_path, data):
                            "lora.target_modules=[q_proj, lm_head]")
     assert code == 2 and "lm_head.lora_A.default.weight is trainable outside them" in err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_rows_beyond_a_resolved_models_positions_are_refused(tmp_path, data, builtin_dir):
+    """The positions check ran for local model folders only; the built-in model (8,192 positions), GGUF files and
+    hub ids are resolved by the trainer, which now checks them before anything is written (s43's review)."""
+    path = recipe(tmp_path, "builtin:smollm2-135m", data, extra="")
+    code, _, err = run_cli("finetune", str(path), "--set", "data.max_length=9000")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and f"data.max_length is 9000 tokens, beyond the 8192 positions of {builtin_dir}" in last, last
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli("finetune", str(path), "--set", "data.pack_length=8193", "--set", "data.packing=true")
+    assert code == 2 and "data.pack_length is 8193 tokens, beyond the 8192 positions" in err.strip().splitlines()[-1]

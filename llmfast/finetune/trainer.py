@@ -29,12 +29,12 @@ from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_
 from llmfast.data.chat import Encoded, load_examples
 from llmfast.data.packing import Batch, collate, pack
 from llmfast.errors import UserError
-from llmfast.finetune import checkpoint as ckpts
-from llmfast.finetune import fsdp as sharding
+from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.optimizers import make_optimizer
 from llmfast.memory import peak_memory_gib
+from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
 
 __all__ = ["run_finetune", "train_step", "evaluate", "make_optimizer", "micro_batches", "split_eval"]
@@ -195,10 +195,10 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     tc, dc = recipe.train, recipe.data
     out, resume = _check_output(recipe, resume)
     acc = _accelerator()
-    world = acc.num_processes
     torch.manual_seed(tc.seed)
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
+    check_rows_fit(model_path, dc)  # preflight checked a local folder's; the models resolved here are checked here
     tokenizer = load_tokenizer(model_path)
     train_ex, eval_ex = _examples(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"])
     dtype = pick_compute_dtype(tc.dtype)
@@ -211,17 +211,17 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     pack_length = dc.pack_length or dc.max_length
     rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
     eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
-    micro_per_step = tc.grad_accum * world
+    micro_per_step = tc.grad_accum * acc.num_processes
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * math.ceil(len(rows) / tc.batch_size) / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
         _note(acc, "llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
-    fsdp = world > 1 and tc.fsdp
+    fsdp = acc.num_processes > 1 and tc.fsdp
     ckpt, step, saved = None, 0, None
     if resume:  # the checkpoint's files before the model loads: a damaged one is then the only line printed
         ckpt = ckpts.latest_checkpoint(out)
         assert ckpt is not None
         state = ckpts.read_state(ckpt)
-        ckpts.check_resumable(ckpt, state, total_steps, fsdp, world)
+        ckpts.check_resumable(ckpt, state, total_steps, fsdp, acc.num_processes)
         step = state["step"]
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
         ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
