@@ -407,7 +407,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     argv = list(argv)
     cut = argv.index("--") if "serve" in argv and "--" in argv else len(argv)
     head = [a for a in argv[:cut] if a != "--debug"]  # --debug after the verb too: it belongs to the top parser
-    args = build_parser().parse_args((["--debug"] if len(head) < cut else []) + head)
+    try:
+        args = build_parser().parse_args((["--debug"] if len(head) < cut else []) + head)
+    except UserError as e:  # argparse takes a file named "-x.yaml" for an option
+        if dashed := next((a for a in head if a.startswith("-") and Path(a).is_file()), None):
+            raise UserError(f"{e}; {dashed} is a file: write ./{dashed} or put -- before it") from None
+        raise
     if cut < len(argv):
         args.vllm_args = argv[cut + 1 :]
     return args

@@ -75,6 +75,21 @@ def test_usage_errors_do_not_repeat_llmfast():
     assert code == 2 and err.startswith("llmfast: error: bench: argument KIND: invalid choice: 'nope'")
 
 
+def test_a_recipe_named_like_an_option_gets_a_hint(tmp_path, monkeypatch):
+    """argparse took a recipe file "-x.yaml" for an option: "the following arguments are required: recipe", no
+    word on why (s43's review)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.yaml").write_text("model: m\n")
+    code, _, err = run_cli("eval", "-x.yaml")
+    assert code == 2 and err.strip().splitlines() == [
+        "llmfast: error: eval: the following arguments are required: recipe (see llmfast eval --help); -x.yaml is a "
+        "file: write ./-x.yaml or put -- before it"]
+    code, _, err = run_cli("eval", "--frobnicate")  # an option that is no file: as before
+    assert code == 2 and "is a file" not in err and "required: recipe" in err
+    code, _, err = run_cli("eval", "./-x.yaml")  # the hint's way reads the recipe
+    assert code == 2 and "-x.yaml" in err and "required: recipe" not in err
+
+
 def test_finetune_help_names_torchrun_for_several_processes():
     p = _llmfast("finetune", "--help")
     text = " ".join(p.stdout.split())
