@@ -144,3 +144,16 @@ def test_checkpoints_past_a_million_steps_keep_their_order(tmp_path):
     assert sorted(names) == ["step-1000000", "step-1000001"], names
     assert distill.latest_checkpoint(work).name == "step-1000001"
     assert checkpoint.latest_checkpoint(work).name == "step-1000001"  # finetune's, same folder layout
+
+
+def test_an_output_that_appears_while_writing_is_left_as_it_is(tmp_path):
+    """Another process (or the user) making the output folder during a run: its files stay, ours are dropped
+    (s44's mutation audit: without the check it was moved aside and deleted)."""
+    final = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"output {final} appeared while writing it: left as it is"):
+        with atomic_dir(final) as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            final.mkdir()
+            (final / "user.txt").write_text("mine")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in final.iterdir()] == ["user.txt"]
+    assert (final / "user.txt").read_text() == "mine"

@@ -76,3 +76,18 @@ def test_a_model_without_a_chat_template_is_one_line_naming_the_key(tmp_path, ti
     with pytest.raises(UserError, match=r"^data.conversations \(.*train.jsonl\): .+: its tokenizer has no chat "
                                         r"template, which chat rows need"):  # the model's folder named (s43)
         conversation_windows(plain, [tmp_path / "train.jsonl"], 16)
+
+
+def test_calibration_comes_after_the_evaluated_span_and_heldout_from_inside_it():
+    """What sparsify and quantize fit on must not be what `llmfast eval` scores: the calibration windows are the
+    tokens right after `skip`, the held-out windows the first ones (s44's mutation audit: calibrating on ids[:n]
+    passed every test)."""
+    from llmfast.calibration import split_text
+
+    ids = torch.arange(1000)
+    train, calib, heldout = split_text(ids, skip=300, calibration=200, heldout=100, window=64, source="t.txt")
+    assert train.tolist() == list(range(300, 1000))
+    assert calib.shape == (3, 64) and calib.flatten().tolist() == list(range(300, 492))  # full windows only
+    assert heldout.shape == (1, 64) and heldout.flatten().tolist() == list(range(64))
+    with pytest.raises(UserError, match=r"t.txt has 1000 tokens with this tokenizer; .* needs 1001 \(300 skipped"):
+        split_text(ids, skip=300, calibration=701, heldout=100, window=64, source="t.txt")

@@ -445,3 +445,23 @@ def test_the_run_folder_is_not_an_input_file(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text("{}")
     found = input_files({"a": str(run / "a"), "b": [str(tmp_path / "t.txt"), str(tmp_path / "m")]}, run.resolve())
     assert sorted(found) == [str(tmp_path / "m") + "/config.json", str(tmp_path / "t.txt")]
+
+
+def test_a_stage_key_holds_its_parents_keys(tiny: Path, tmp_path: Path) -> None:
+    """A parent's new settings change every descendant's key, not only the parent's: the run's "rerun" set lasts
+    one run, so a chain stopped after the parent re-ran would otherwise reuse the child's stale result next time
+    (s44's mutation audit)."""
+    from llmfast.chain.plan import ChainRecipe, plan
+    from llmfast.chain.stages import STAGES
+
+    def keys(target: float) -> dict[str, str]:
+        recipe = ChainRecipe.model_validate({"output": str(tmp_path / "run"), "stages": {
+            "sp": {"type": "sparsify", "with": {"model": str(tiny), "sparsify": {"method": "teal",
+                                                                               "config": {"target": target}},
+                                               "data": {"text": str(TEXT)}}},
+            "ev": {"type": "eval", "with": {"model": "${sp}", "eval": {"perplexity": {"text": str(TEXT)}}}},
+            "other": {"type": "eval", "with": {"model": str(tiny), "eval": {"perplexity": {"text": str(TEXT)}}}}}})
+        return {s.name: s.key for s in plan(recipe, "c.yaml", STAGES.names())}
+
+    before, after = keys(0.4), keys(0.5)
+    assert before["sp"] != after["sp"] and before["ev"] != after["ev"] and before["other"] == after["other"]

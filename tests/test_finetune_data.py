@@ -242,3 +242,11 @@ def test_fused_loss_never_holds_the_whole_batch_of_logits():
     assert plain.peak >= 2 * all_logits  # logits, log-softmax, gradients: several full copies
     # one chunk of float32 logits, plus hidden-sized gradients and small per-row vectors
     assert fused.peak < chunk * vocab * 4 + 4 * hidden.numel() * 4 + 8 * n * 4
+
+
+def test_packing_fills_a_bin_exactly_and_first_fit_decreasing():
+    """An example that fills the room left exactly goes into that bin (s44's mutation audit: `<` for `<=` passed)."""
+    exs = [Encoded([1] * n, [1] * n, i) for i, n in enumerate([4, 6, 3, 7, 10])]
+    bins = pack(exs, 10)
+    assert [[e.row for e in b] for b in bins] == [[4], [3, 2], [1, 0]]  # 10 | 7+3 | 6+4, longest first
+    assert all(sum(map(len, b)) <= 10 for b in bins)

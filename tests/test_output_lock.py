@@ -105,3 +105,44 @@ def test_the_lock_is_the_folders_whatever_path_names_it(tmp_path, monkeypatch):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_lock_file_replaced_before_it_was_locked_is_taken_anew_and_a_refusal_closes_its_file(tmp_path,
+                                                                                               monkeypatch):
+    """Between our open and our flock the holder may leave (removing its file) and a third run make it anew: a lock
+    on the removed file guards nothing, so the file now at the path is the one locked. And a refused attempt keeps
+    no descriptor open (`llmfast run` goes on in the same process). (s44's mutation audit: neither was held.)"""
+    import fcntl
+
+    out = tmp_path / "out"
+    real = fcntl.flock
+    raced: list[int] = []
+
+    def racing(fd: int, op: int) -> None:
+        if not raced:
+            raced.append(os.fstat(fd).st_ino)
+            lock_path(out).unlink()
+            lock_path(out).write_text("")  # another inode at the same path
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    with output_lock(out):
+        assert raced and os.stat(lock_path(out)).st_ino != raced[0]
+        fd = os.open(lock_path(out), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the file at the path is locked (flock is per open file)
+                real(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    monkeypatch.setattr(fcntl, "flock", real)
+    proc = _holder(out)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(UserError, match="is being written by another llmfast run"):
+                with output_lock(out):
+                    pass
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

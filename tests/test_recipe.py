@@ -288,3 +288,22 @@ def test_a_pipe_given_as_a_file_is_named_so(tmp_path):
     path.write_text(f"model: m\neval: {{perplexity: {{text: {tmp_path / 'fifo.txt'}}}}}\n")
     with pytest.raises(UserError, match=r"e\.yaml:2: eval\.perplexity\.text: .*fifo\.txt is not a regular file"):
         load_recipe(path, EvalRecipe)
+
+
+def test_set_index_bounds_a_null_section_and_empty_key_parts():
+    """Three edges of --set no test held (s44's mutation audit): the last index of a list and the one past it, a
+    section written with nothing after it (`lora:` is null in YAML), and a key with an empty part."""
+    from llmfast.overrides import apply_overrides, parse_overrides
+
+    data = {"x": [0, 1]}
+    apply_overrides(data, parse_overrides(["x.1=5"]))
+    assert data == {"x": [0, 5]}
+    for key in ("x.2=5", "x.-1=5"):
+        with pytest.raises(UserError, match=r"is not an index of a list of 2 items"):
+            apply_overrides({"x": [0, 1]}, parse_overrides([key]))
+    data = {"lora": None}
+    apply_overrides(data, parse_overrides(["lora.r=4"]))
+    assert data == {"lora": {"r": 4}}
+    for pair in ("a..b=1", ".a=1", "a.=1", "=1", "a"):
+        with pytest.raises(UserError, match="expected KEY=VALUE with a dotted key"):
+            parse_overrides([pair])

@@ -463,3 +463,24 @@ def test_other_methods_over_teal_attention_or_dejavu_are_one_line_errors(tmp_pat
     errors = [l for l in err.splitlines() if "error" in l]
     assert len(errors) == 1 and expected in errors[0] and str(attn) in errors[0], err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))], "nothing written"
+
+
+def test_pick_threshold_keeps_the_fraction_asked_for_and_the_recall_asked_for():
+    """`active_fraction` 0.5, the only value the tests used, is where keeping the largest and the smallest half
+    coincide (s44's mutation audit); and the recall rule keeps at least the share of positives asked for."""
+    import torch
+
+    from llmfast.sparse.predictor_training import pick_threshold
+
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(0))
+    for fraction in (0.0, 0.1, 0.3, 0.8, 1.0):
+        t = pick_threshold(logits, torch.zeros_like(logits, dtype=torch.bool), 0.99, fraction)
+        kept = logits > t
+        assert kept.sum().item() == round(fraction * logits.numel())
+        if 0 < fraction < 1:  # the largest logits: none left out is above one kept
+            assert logits[~kept].max() < logits[kept].min()
+    active = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) > 1.0
+    for recall in (0.9, 0.95, 0.99):
+        t = pick_threshold(logits, active, recall, None)
+        got = (logits[active] > t).float().mean().item()
+        assert recall <= got < recall + 2 / active.sum().item()  # the lowest threshold that reaches it
