@@ -48,6 +48,15 @@ def test_metrics_follow_vllm_definitions():
     assert m["error_counts"] == {"ClientConnectorError: refused": 1}
 
 
+def test_metric_spread_is_numpys_and_an_slo_met_exactly_is_good():
+    """vLLM reports np.std (ddof 0) and counts a request at its SLO as good (s44's mutation audit: neither held)."""
+    rs = [_req(0.25, [0.5], 2), _req(0.125, [0.25], 2), _req(0.5, [1.0], 2)]
+    m = compute_metrics(rs, duration=1.0, metrics=["ttft", "tpot"], goodput={"ttft": 250, "tpot": 500})
+    assert m["std_ttft_ms"] == pytest.approx(np.std([250.0, 125.0, 500.0]))
+    assert m["std_tpot_ms"] == pytest.approx(np.std([500.0, 250.0, 1000.0]))
+    assert m["request_goodput"] == pytest.approx(2.0)  # 250 ms and 500 ms exactly on their SLOs count
+
+
 def test_metric_keys_are_vllms():
     m = compute_metrics([_req(0.1, [0.02], 2)], 1.0)
     assert VLLM_KEYS <= m.keys()

@@ -754,3 +754,23 @@ def test_a_diverging_distillation_writes_nothing(tmp_path, tiny_dir):
     code, _, err = run_cli("quantize", str(quant))
     assert code == 2 and "the distillation loss became nan" in err.strip().splitlines()[-1], err[-2000:]
     assert not (tmp_path / "ternary").exists()
+
+
+def test_zero_tally_counts_sparsity_and_its_spread_over_tokens():
+    """The manifest's per-layer `token_std` had no test (s44's mutation audit): checked against numpy's population
+    standard deviation of each token's zero fraction, over two calls of different shapes."""
+    import numpy as np
+    import torch
+
+    from llmfast.sparse.measure import ZeroTally
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, 64, generator=g) * (torch.rand(2, 5, 1, generator=g) > 0.5)  # whole tokens zero, or none
+    b = torch.randn(7, 64, generator=g).clamp(min=0)  # about half of each token zero
+    tally = ZeroTally()
+    tally.add(a, 0.0)
+    tally.add(b, 0.0)
+    fractions = np.concatenate([(a == 0).float().mean(-1).flatten().numpy(), (b == 0).float().mean(-1).numpy()])
+    got = tally.summary()
+    assert got["tokens"] == 17 and got["sparsity"] == pytest.approx(fractions.mean(), abs=1e-12)
+    assert got["token_std"] == pytest.approx(fractions.std(), rel=1e-9) and got["token_std"] > 0.3
