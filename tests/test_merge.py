@@ -38,13 +38,13 @@ def family(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def _make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets=("q_proj", "v_proj", "up_proj"),
-                  alpha: float = 8.0) -> Path:
+                  alpha: float = 8.0, **lora) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **lora))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero; a trained adapter has not
@@ -216,6 +216,80 @@ def test_dare_seeded_kept_fraction_and_rescale(family, tmp_path):
     assert abs(manifest["metrics"]["kept_fraction"] - 0.3) < 0.01
 
 
+def test_dare_drops_each_model_at_independent_positions(family, tmp_path):
+    """Each input's drop has its own stream: two models at density 0.5 both keep an entry ~1/4 of the time (one
+    stream for every input would keep the same positions: 1/2). The masks are read back from the output, each entry
+    being the nearest of base, base + d1, base + d2 and base + d1 + d2."""
+    cfg = _config(tmp_path, "dare_linear", [(family["ft1"], {"weight": 1.0, "density": 0.5}),
+                                            (family["ft2"], {"weight": 1.0, "density": 0.5})], family["base"],
+                  parameters={"rescale": False})
+    got = _merge(cfg, tmp_path / "out", "--seed", "3")
+    base, a, b = _sd(family["base"]), _sd(family["ft1"]), _sd(family["ft2"])
+    m1, m2 = [], []
+    for k in (k for k in base if "layers" in k and base[k].dim() == 2):
+        d1, d2 = a[k] - base[k], b[k] - base[k]
+        candidates = torch.stack([base[k], d1 + base[k], d2 + base[k], (d1 + d2) + base[k]])
+        gap, which = (candidates - got[k]).abs().min(0)
+        assert float(gap.max()) < 1e-6, k
+        m1.append((which % 2 == 1).flatten())
+        m2.append((which >= 2).flatten())
+    k1, k2 = torch.cat(m1), torch.cat(m2)
+    n = k1.numel()
+    sigma = (0.25 * 0.75 / n) ** 0.5  # binomial spread of the "both kept" fraction around 1/4
+    assert n > 100_000 and abs(k1.float().mean() - 0.5) < 10 * (0.25 / n) ** 0.5
+    assert abs(k2.float().mean() - 0.5) < 10 * (0.25 / n) ** 0.5
+    assert abs((k1 & k2).float().mean() - 0.25) < 6 * sigma, (k1 & k2).float().mean()
+
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_normalize_divides_by_every_models_weight_where_one_left_a_tensor_alone(family, tmp_path, monkeypatch,
+                                                                                native):
+    """task_arithmetic with normalize: a model that did not change a tensor still counts in its divisor, as
+    mergekit divides by every model's weight (s44: its weight was left out there, so attention took 0.7/0.7 of
+    ft1's change where mergekit takes 0.7/1.9), on the C kernel's path and on numpy's."""
+    from llmfast.merge import merge as merge_module
+
+    if not native:
+        monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
+    mlp_only = _perturb(family["base"], tmp_path / "mlp-only", 3, only="mlp")
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 0.7}), (mlp_only, {"weight": 1.2})],
+                  family["base"], parameters={"normalize": True})
+    got, base, a, b = _merge(cfg, tmp_path / "out"), _sd(family["base"]), _sd(family["ft1"]), _sd(mlp_only)
+    assert any("mlp" not in k and not torch.equal(a[k], base[k]) for k in base)  # tensors only ft1 changed
+    for k in base:
+        want = base[k] + (0.7 * (a[k] - base[k]) + 1.2 * (b[k] - base[k])) / 1.9
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dare_tensor_that_loses_every_entry_stays_the_base(family, tmp_path, monkeypatch, native):
+    """A tensor whose task vector DARE drops entirely has L1 norm 0 after the drop: it is not rescaled (0 / 0) and
+    merges to the base, finite, on the C kernel's path and on numpy's."""
+    import numpy as np
+
+    from llmfast.merge import merge as merge_module
+    from llmfast.merge.methods.sparsify import drop_at_random
+
+    if not native:
+        monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
+    base, a = _sd(family["base"]), _sd(family["ft1"])
+    norms = [k for k in base if "layernorm" in k and not torch.equal(a[k], base[k])]  # 128 entries each
+
+    def emptied(seed: int, k: str) -> bool:
+        ones = np.ones(base[k].numel(), dtype=np.float32)
+        drop_at_random(ones, 0.02, seed, k, 0)
+        return not ones.any()
+
+    seed, k = next((s, k) for s in range(2000) for k in norms if emptied(s, k))
+    cfg = _config(tmp_path, "dare_linear", [(family["ft1"], {"weight": 1.0, "density": 0.02})], family["base"])
+    got = _merge(cfg, tmp_path / "out", "--seed", str(seed))
+    assert all(bool(torch.isfinite(v).all()) for v in got.values())
+    assert torch.equal(got[k], base[k]), k
+    other = "model.layers.0.mlp.up_proj.weight"  # the rest is still dropped and rescaled (~1/density)
+    ratio = (got[other] - base[other])[got[other] != base[other]] / (a[other] - base[other])[got[other] != base[other]]
+    assert 30 < float(ratio.mean()) < 70
+
+
 def test_dare_ties_runs_and_elects_signs(family, tmp_path):
     cfg = _config(tmp_path, "dare_ties", [(family["ft1"], {"weight": 1.0, "density": 0.5}),
                                           (family["ft2"], {"weight": 1.0, "density": 0.5})], family["base"],
@@ -377,6 +451,69 @@ def test_adapter_svd_rerank_reports_error(family, adapters, tmp_path):
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family["base"]), tmp_path / "t16")
+
+
+def test_adapter_svd_rerank_writes_the_merged_delta_and_its_true_error(family, adapters, tmp_path):
+    """The written B @ A (scaled by the written alpha / r) is the merged delta at rank 4 + 8, and at rank 2 the
+    reported errors are ||B @ A - delta||_F / ||delta||_F measured on the written tensors (overall and worst)."""
+    weighted = [(adapters["a1"], 0.7), (adapters["a2"], -1.2)]
+    cfg = _config(tmp_path, "task_arithmetic", [(ad, {"weight": w}) for ad, w in weighted], family["base"])
+    base = _sd(family["base"])
+    touched = {k for k in base for ad, _ in weighted if _adapter_delta(ad, k) is not None}
+    for rank in (12, 2):
+        out = tmp_path / f"r{rank}"
+        code, _, err = run_cli("merge", str(cfg), str(out), "--no-progress", "--adapter-rank", str(rank))
+        assert code == 0, err
+        assert {k for k in base if _adapter_delta(out, k) is not None} == touched
+        tail = total = worst = 0.0
+        for k in sorted(touched):
+            ref = _weighted_delta(weighted, k, base[k]).double()
+            got = _adapter_delta(out, k).double()
+            if rank == 12:
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+            e, t = float((got - ref).pow(2).sum()), float(ref.pow(2).sum())
+            tail, total, worst = tail + e, total + t, max(worst, (e / t) ** 0.5)
+        m = json.loads((out / "llmfast.json").read_text())["metrics"]
+        assert m["svd_relative_frobenius_error"] == pytest.approx((tail / total) ** 0.5, abs=1e-5)
+        assert m["svd_worst_module_error"] == pytest.approx(worst, abs=1e-5)
+        assert rank == 12 or 0.05 < worst < 1
+
+
+@pytest.mark.parametrize("lora", [{"use_rslora": True},
+                                  {"alpha_pattern": {"v_proj": 32.0}, "rank_pattern": {"q_proj": 2}}],
+                         ids=["rslora", "patterns"])
+def test_rslora_and_pattern_adapters_merge_like_peft(family, tmp_path, lora):
+    """rsLoRA scales by alpha / sqrt(r); alpha_pattern and rank_pattern give some modules their own alpha and rank."""
+    ad = _make_adapter(family["base"], tmp_path / "ad", 5, **lora)
+    written = json.loads((ad / "adapter_config.json").read_text())
+    assert all(written[key] == value for key, value in lora.items())
+    cfg = _config(tmp_path, "task_arithmetic", [(ad, {"weight": 1.0})], family["base"])
+    got = _merge(cfg, tmp_path / "out")
+    ref, base = _peft_merged(family["base"], ad), _sd(family["base"])
+    for k in got:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    for module in ("q_proj", "v_proj", "up_proj"):
+        k = f"model.layers.0.{'mlp' if module == 'up_proj' else 'self_attn'}.{module}.weight"
+        assert (got[k] - base[k]).abs().max() > 1e-3, k  # each module really changed
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_adapter_concat_applies_lambda_and_normalize(family, adapters, tmp_path, normalize):
+    """The concatenated adapter's B @ A is lambda * sum(w_i * delta_i) (/ sum(w_i) under normalize, as mergekit
+    divides): the same config merged into the full model, minus the base, in every module, those only one adapter
+    touches included (s44: the full-model merge left an untouched adapter's weight out of its divisor)."""
+    weighted = [(adapters["a1"], 0.7), (adapters["a2"], 1.2)]
+    cfg = _config(tmp_path, "task_arithmetic", [(ad, {"weight": w}) for ad, w in weighted], family["base"],
+                  parameters={"lambda": 0.5, "normalize": normalize})
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0, err
+    full, base = _merge(cfg, tmp_path / "full"), _sd(family["base"])
+    scale = 0.5 / (1.9 if normalize else 1.0)
+    for k in base:
+        got = _adapter_delta(tmp_path / "ad", k)
+        got = torch.zeros_like(base[k]) if got is None else got
+        torch.testing.assert_close(got, full[k] - base[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got, scale * _weighted_delta(weighted, k, base[k]), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- checks before any work

@@ -195,3 +195,17 @@ def test_an_adapter_of_a_bfloat16_base_merges_onto_a_copy_of_it(tmp_path):
     cfg = _config(tmp_path, "task_arithmetic", [(adapter, {"weight": 1.0})], tmp_path / "copy")
     code, _, err = run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")
     assert code == 0 and "Traceback" not in err, err[-3000:]
+
+
+def test_linear_concat_without_normalize_needs_weights_summing_to_1(family, adapters, tmp_path):
+    """Weights 0.5 + 0.7 (the base's 0) without normalize scale the base by 1.2 too: no adapter can express it, so it
+    is refused; 0.3 + 0.7 is written."""
+    def cfg(w1: float) -> Path:
+        return _config(tmp_path, "linear", [(adapters["a1"], {"weight": w1}), (adapters["a2"], {"weight": 0.7})],
+                       family["base"], parameters={"normalize": False, "weight": 0.0})
+
+    _refused(cfg(0.5), tmp_path / "out", "--adapter-rank", "concat",
+             needles=("linear with normalize: false and weights not summing to 1 scales the base too",
+                      "a LoRA adapter cannot express"))
+    code, _, err = run_cli("merge", str(cfg(0.3)), str(tmp_path / "ok"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0 and (tmp_path / "ok" / "adapter_model.safetensors").is_file(), err

@@ -173,24 +173,25 @@ static int nonzero_delta(const void *base, int base_bf16, const void *input, int
 }
 
 static void merge_task(const merge_job *j) {
+    /* Python's sum(weights) over every input, in order: plain, or with Neumaier's compensation as CPython does from
+     * 3.12 (Objects/bltinmodule.c), compensation added at the end when nonzero and finite. A zero task vector's
+     * weight counts too (mergekit divides by every model's weight): the divisor is the tensor's, not the block's. */
+    double total = 0.0, c = 0.0;
+    for (int i = 0; i < j->inputs; i++) {
+        double x = j->weight64[i], t = total + x;
+        if (j->compensated) c += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
+        total = t;
+    }
+    if (c != 0.0 && isfinite(c)) total += c;
+    const float divisor = (float)(fabs(total) >= 1e-8 ? total : 1.0);
     int64_t step = j->block_skip ? BLOCK : (j->n > 0 ? j->n : 1);
     for (int64_t a = 0; a < j->n; a += step) {
         int64_t b = a + step < j->n ? a + step : j->n;
         int use[MAX_INPUTS], used = 0;
-        /* Python's sum(weights) over the inputs used, in order: plain, or with Neumaier's compensation as CPython
-         * does from 3.12 (Objects/bltinmodule.c), compensation added at the end when nonzero and finite. */
-        double total = 0.0, c = 0.0;
-        for (int i = 0; i < j->inputs; i++) {
-            if (j->whole_skip[i] ||
-                (j->block_skip && !nonzero_delta(j->base, j->base_bf16, j->in[i], j->in_bf16[i], a, b)))
-                continue;
-            use[used++] = i;
-            double x = j->weight64[i], t = total + x;
-            if (j->compensated) c += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
-            total = t;
-        }
-        if (c != 0.0 && isfinite(c)) total += c;
-        float divisor = (float)(fabs(total) >= 1e-8 ? total : 1.0);
+        for (int i = 0; i < j->inputs; i++)
+            if (!j->whole_skip[i] &&
+                !(j->block_skip && !nonzero_delta(j->base, j->base_bf16, j->in[i], j->in_bf16[i], a, b)))
+                use[used++] = i;
         merge_task_range(j, a, b, use, used, divisor);
     }
 }

@@ -73,8 +73,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.consensus:
             divisor = _elect_signs(mixed, weighted, weights)
         if shared["normalize"]:
-            if divisor is None:
-                total = sum(weights)
+            if divisor is None:  # every model's weight, a zero task vector's too: mergekit divides by them all
+                total = sum(p["weight"] for p in params)
                 divisor = total if abs(total) >= 1e-8 else 1.0
             np.divide(mixed, divisor, out=mixed)
         if shared["lambda"] != 1:
