@@ -409,3 +409,113 @@ def test_a_sparse_artifact_runs_on_transformers_and_says_why_not_vllm(tmp_path, 
     biased = resolve_variant("teal", str(art), None, None)
     assert "this model has mlp_bias" in ENGINES.get("hf-sparse").can_run(biased)
     assert choose_engine(biased, "auto").family == "hf"
+
+
+def test_a_request_started_after_a_long_quiet_is_not_a_stall():
+    """The stall clock counts from max(a request's start, the last token): a request sent long after the server's
+    last token (slow arrivals, a queue just freed) is not cancelled at once as stalled; one that has waited the
+    whole limit with no token is (s44's mutation audit)."""
+    import asyncio
+
+    from llmfast.bench.loadgen import Progress
+
+    async def go():
+        progress = Progress(stall_timeout=5.0)
+        progress.last = time.perf_counter() - 100  # no token from the server for 100 s
+
+        async def request(started, seconds):
+            progress.inflight[asyncio.current_task()] = started
+            try:
+                await asyncio.sleep(seconds)
+                return "done"
+            finally:
+                progress.inflight.pop(asyncio.current_task(), None)
+
+        watchdog = asyncio.ensure_future(progress.watch())
+        try:
+            fresh = asyncio.ensure_future(request(time.perf_counter(), 1.5))
+            waited = asyncio.ensure_future(request(time.perf_counter() - 100, 60))
+            got = await asyncio.gather(fresh, waited, return_exceptions=True)
+        finally:
+            watchdog.cancel()
+        return got, progress.stalled == {waited}
+
+    (fresh, waited), stalled = asyncio.run(go())
+    assert fresh == "done" and isinstance(waited, asyncio.CancelledError) and stalled
+
+
+@pytest.mark.parametrize("hf_batch_size,expected", [(3, [3]), (None, [2, 6])])
+def test_the_transformers_engine_runs_the_workloads_batch_size(hf_batch_size, expected, tiny_dir, tiny, tmp_path,
+                                                               monkeypatch):
+    """`workload.hf_batch_size` fixes the transformers batch size for every concurrency of the sweep (run once,
+    shown at each); without it each concurrency is the batch size (s44's mutation audit)."""
+    import concurrent.futures
+
+    import llmfast.bench.runner as runner
+    from llmfast.recipe import BenchRecipe
+
+    class InProcess(concurrent.futures.ThreadPoolExecutor):  # the engine's own process, here a thread: seen below
+        def __init__(self, max_workers=None, mp_context=None):
+            super().__init__(max_workers)
+
+    batches = []
+    real = runner.hf_point
+
+    def hf_point(variant, requests, batch_size, *args):
+        batches.append(batch_size)
+        return real(variant, requests, batch_size, *args)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(runner, "hf_point", hf_point)
+    recipe = BenchRecipe.model_validate({"variants": [{"name": "plain", "model": str(tiny_dir)}], "workload": {
+        "num_prompts": 3, "input_len": 6, "output_len": 4, "max_concurrency": [2, 6], "hf_batch_size": hf_batch_size,
+        "percentiles": [50]}})
+    m = runner.Measured(Variant("plain", tiny_dir), "hf", "plain")
+    reqs = random_requests(tiny[1], 3, input_len=6, output_len=4, seed=0)
+    runner._measure_hf(recipe, m, reqs, tmp_path)
+    assert batches == expected
+    assert [(p["max_concurrency"], p["batch_size"], p["status"]) for p in m.points] == [
+        (2, hf_batch_size or 2, "ok"), (6, hf_batch_size or 6, "ok")]
+
+
+def test_lineage_is_breadth_first(tmp_path):
+    """A merge of two models, each made from another: its lineage lists the merge, its parents, then theirs (newest
+    first, level by level), and `depth` cuts the oldest (s44's mutation audit: depth first lost a parent)."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.bench.lineage import lineage
+
+    made = {"merged": ("merge", ["ft-a", "ft-b"]), "ft-a": ("finetune", ["base-a"]), "ft-b": ("finetune", ["base-b"]),
+            "base-a": ("quantize", []), "base-b": ("sparsify", [])}
+    for name in made:
+        (tmp_path / name).mkdir()
+    for name, (stage, parents) in made.items():
+        write_manifest(tmp_path / name, stage=stage, parents=[str(tmp_path / p) for p in parents])
+    order = ["merged", "ft-a", "ft-b", "base-a", "base-b"]
+    expected = [{"stage": made[n][0], "path": str(tmp_path / n), "parents": [str(tmp_path / p) for p in made[n][1]]}
+                for n in order]
+    assert lineage(tmp_path / "merged", depth=5) == expected
+    assert lineage(tmp_path / "merged") == expected[:4]
+
+
+def test_which_artifacts_were_fitted_to_data(tmp_path):
+    """A quantizer used its data when it trained (train_tokens), trained its scales (scale_train_tokens) or tuned its
+    rounding over calibration windows (w4 iters > 0), not when it rounded to nearest (iters 0) however many windows it
+    was given; every sparsify method does. The report's compression row says so (s44's mutation audit)."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.bench.lineage import compression
+    from llmfast.calibration import used_data
+
+    assert used_data("quantize", {"calibration_windows": 8, "iters": 0}) is False
+    assert used_data("quantize", {"calibration_windows": 8, "iters": 5}) is True
+    assert used_data("quantize", {"calibration_windows": 0, "iters": 5}) is False
+    assert used_data("quantize", {"iters": 5}) is False
+    assert used_data("quantize", {}) is False
+    assert used_data("quantize", {"train_tokens": 1024}) is True
+    assert used_data("quantize", {"scale_train_tokens": 512, "calibration_windows": 8, "iters": 0}) is True
+    assert used_data("sparsify", {}) is True
+    write_manifest(tmp_path, stage="quantize", quantization={"method": "w4"},
+                   metrics={"calibration_windows": 8, "iters": 0})
+    assert compression(tmp_path)["data"] is False
+    write_manifest(tmp_path, stage="quantize", quantization={"method": "w4"},
+                   metrics={"calibration_windows": 8, "iters": 200})
+    assert compression(tmp_path)["data"] is True

@@ -465,3 +465,78 @@ def test_a_stage_key_holds_its_parents_keys(tiny: Path, tmp_path: Path) -> None:
 
     before, after = keys(0.4), keys(0.5)
     assert before["sp"] != after["sp"] and before["ev"] != after["ev"] and before["other"] == after["other"]
+
+
+def test_a_stage_key_holds_its_flags(tiny: Path, tmp_path: Path) -> None:
+    """A setting given as `flags: [--set, KEY=VALUE]` is part of the stage's key like its `with:`: a changed flag runs
+    the stage and what follows it again, and nothing else (s44's mutation audit: a key without the flags reused a
+    result made with other settings)."""
+    from llmfast.chain.plan import ChainRecipe, plan
+    from llmfast.chain.stages import STAGES
+
+    def keys(qat_steps: int, max_tokens: int) -> dict[str, str]:
+        ppl = {"eval": {"perplexity": {"text": str(TEXT)}}}
+        recipe = ChainRecipe.model_validate({"output": str(tmp_path / "run"), "stages": {
+            "q": {"type": "quantize", "with": {"model": str(tiny), "quantization": {"method": "bitnet"}},
+                  "flags": ["--set", f"quantization.qat_steps={qat_steps}"]},
+            "ev": {"type": "eval", "with": {"model": "${q}", **ppl}},
+            "other": {"type": "eval", "with": {"model": str(tiny), **ppl},
+                      "flags": ["--set", f"eval.perplexity.max_tokens={max_tokens}"]}}})
+        return {s.name: s.key for s in plan(recipe, "c.yaml", STAGES.names())}
+
+    base = keys(2, 128)
+    assert keys(2, 128) == base  # the same flags: the same keys
+    changed = keys(4, 128)
+    assert changed["q"] != base["q"] and changed["ev"] != base["ev"] and changed["other"] == base["other"]
+    other = keys(2, 256)
+    assert other["other"] != base["other"] and other["q"] == base["q"] and other["ev"] == base["ev"]
+
+
+def test_a_parent_referred_to_only_in_flags_runs_first(tiny: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`${NAME}` in a stage's flags makes NAME a parent as one in `with:` does: listed after its child, the parent
+    is still planned (and run) before it (s44's mutation audit)."""
+    stages = {
+        "b": {"type": "eval", "with": {"eval": {"perplexity": {"text": str(TEXT)}}}, "flags": ["--set", "model=${a}"]},
+        "a": {"type": "quantize", "with": {"model": str(tiny), "quantization": "nf4"}},
+    }
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": stages})
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1.", "run", "a"), ("2.", "run", "b")], rows
+    assert rows[1][-2:] == ["<-", "a"], rows  # b's parent, from its flags
+
+
+def test_a_missing_parent_output_runs_it_and_its_children_again(tiny: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A finished stage whose output folder is gone runs again, and so does every stage that reads it, though their
+    keys are unchanged; `--from` a stage runs it and its descendants, and reuses an unrelated stage (s44's mutation
+    audit: a recorded key alone was taken as done, and a child of a stage that runs again was reused)."""
+    out = tmp_path / "run"
+    recipe = write(tmp_path / "c.yaml", {"output": str(out), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}},
+        "ev": {"type": "eval", "with": {"model": str(tiny), "eval": {
+            "tasks": [{"name": "dates", "path": "${data}/dates/test.jsonl", "limit": 2}], "batch_size": 2,
+            "max_new_tokens": 4}}},
+        "other": {"type": "tasks", "with": {"tasks": ["dates"], "train": 2, "test": 2, "seed": 1}},
+    }})
+
+    def plan(*extra: str) -> dict[str, str]:
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--dry-run", *extra]) == 0
+        rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        return {r[2]: f"{r[1]} {r[3].split('  ', 1)[-1].strip()}" for r in rows}
+
+    assert main(["run", str(recipe)]) == 0
+    assert (out / "ev" / "results.json").is_file()
+    decided = plan()
+    assert all(v.startswith("reuse") for v in decided.values()), decided
+    assert plan("--from", "data") == {"data": "run --from", "ev": "run --from <- data",
+                                      "other": decided["other"]}
+    shutil.rmtree(out / "data")
+    assert plan() == {"data": "run output missing", "ev": "run a parent runs again <- data",
+                      "other": decided["other"]}
+    assert main(["run", str(recipe)]) == 0
+    assert (out / "data" / "dates" / "test.jsonl").is_file()
+    assert all(v.startswith("reuse") for v in plan().values())

@@ -242,3 +242,49 @@ def test_a_tokenizer_with_tokens_the_model_has_no_rows_for_is_one_line(tiny_dir,
     code, _, err = run_cli("finetune", str(ft))
     assert code == 2 and f"{rows}:1: token id 1024 is beyond" in err.strip().splitlines()[-1], err[-2000:]
     assert not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("context,stride", [(16, 6), (10, 1)])
+def test_overlapping_windows_score_each_token_in_the_first_window_that_holds_it(tiny, context, stride):
+    """Each token j >= 1 scored once, with the left context of the first window (windows start every `stride`
+    tokens, `context` long) that holds both it and a token before it. The reference: one forward per token, on
+    that window's tokens up to it, its NLL read off the last position."""
+    import torch.nn.functional as F
+
+    model, tok = tiny
+    n = 151
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0][:n]
+    assert len(ids) == n
+    nlls = []
+    with torch.inference_mode():
+        for j in range(1, n):
+            begin = next(b for b in range(0, n, stride) if b < j < b + context)
+            logits = model(ids[begin : j].unsqueeze(0)).logits[0, -1].float()
+            nlls.append(F.cross_entropy(logits[None], ids[j : j + 1]).item())
+    got = perplexity(model, tok, TEXT, context=context, stride=stride, max_tokens=n)
+    assert got["tokens"] == n - 1 == len(nlls)
+    ref = sum(nlls) / len(nlls)
+    assert math.isclose(got["nll"], ref, rel_tol=1e-5), (got["nll"], ref)
+    assert math.isclose(got["ppl"], math.exp(ref), rel_tol=1e-5)
+
+
+def test_eval_leaves_a_users_jsonl_at_the_predictions_path_alone(tiny_dir, tmp_path):
+    """A JSONL of the user's own (valid JSON, but not eval's records) where the predictions would go: refused before
+    the model loads, the file as it was, no results written."""
+    recipe = _tiny_eval_recipe(tmp_path, tiny_dir)
+    mine = tmp_path / "other.predictions.jsonl"
+    text = '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'
+    mine.write_text(text)
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "other.json"))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"llmfast: error: {mine} exists and is not the predictions of an earlier llmfast eval: it is left as it is; "
+        "choose another --output"), err[-2000:]
+    assert mine.read_text() == text and not (tmp_path / "other.json").exists()
+    # a record with one of eval's keys too many or too few is not one of its records either
+    for row in ({"task": "dates", "row": 1, "prompt": "p", "answer": "a", "prediction": "a"},
+                {"task": "dates", "row": 1, "prompt": "p", "answer": "a", "prediction": "a", "correct": True,
+                 "mine": 1}):
+        mine.write_text(json.dumps(row) + "\n")
+        code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "other.json"))
+        assert code == 2 and "is not the predictions of an earlier llmfast eval" in err, err[-2000:]
+        assert json.loads(mine.read_text()) == row and not (tmp_path / "other.json").exists()

@@ -2,6 +2,7 @@
 DDP and FSDP over two CPU processes, QLoRA with a dequantized export, and bad input."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -781,3 +782,123 @@ def test_rows_beyond_a_resolved_models_positions_are_refused(tmp_path, data, bui
     assert not (tmp_path / "run").exists()
     code, _, err = run_cli("finetune", str(path), "--set", "data.pack_length=8193", "--set", "data.packing=true")
     assert code == 2 and "data.pack_length is 8193 tokens, beyond the 8192 positions" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2), (1, 4)])
+def test_a_step_over_micro_batches_of_unequal_answers_takes_the_gradient_of_the_whole_batch(
+        tmp_path, tiny_dir, batch_size, grad_accum):
+    """A step's gradient is that of (sum of its token losses) / (its target tokens), however its rows are split into
+    micro-batches: each micro-batch averaged on its own would weigh a one-word answer as much as a long one. The
+    reference: plain transformers forwards of each example alone, cross-entropy summed by hand, torch.autograd."""
+    import torch.nn.functional as F
+
+    from llmfast.data.chat import IGNORE
+    from llmfast.finetune.trainer import _prepare_training, _setup, train_step
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    # answers of 1, 5, 20 and 60 words: however the 4 rows pair up, two micro-batches of two differ in targets
+    rows = [{"prompt": f"Say {n} words.", "completion": " ".join(["word"] * n)} for n in (1, 5, 20, 60)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+model: {tiny_dir}
+data: {{train: {train}, max_length: 128, eval_fraction: 0, packing: false}}
+lora: {{r: 4, alpha: 8, dropout: 0}}
+train: {{steps: 1, batch_size: {batch_size}, grad_accum: {grad_accum}, lr: 0.001, seed: 3, dtype: float32}}
+output: {tmp_path / 'run'}
+""")
+    run = _setup(load_recipe(path, FinetuneRecipe), False)
+    _prepare_training(run)
+    model = run.model
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero, which leaves A without a gradient: give it one
+        for n, p in params.items():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    assert len(run.rows) == 4 and run.micro_per_step * batch_size == 4, "the one step sees every row"
+    examples = [e for row in run.rows for e in row]
+    counts = [e.target_tokens for e in examples]
+    assert max(counts) > 10 * min(counts)
+
+    device = run.acc.device
+    total, targets = torch.zeros((), device=device), 0
+    for e in examples:
+        ids = torch.tensor([e.input_ids], device=device)
+        labels = torch.tensor(e.labels[1:], device=device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        keep = labels != IGNORE
+        total = total + F.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        targets += int(keep.sum())
+    ref_loss = total / targets
+    ref = dict(zip(params, torch.autograd.grad(ref_loss, list(params.values()))))
+
+    got = {}
+    for n, p in params.items():
+        p.register_post_accumulate_grad_hook(lambda q, n=n: got.__setitem__(n, q.grad.detach().clone()))
+    loss, _ = train_step(run, 0)
+    assert math.isclose(loss, ref_loss.item(), rel_tol=1e-5)
+    assert got.keys() == ref.keys()
+    scale = max(g.abs().max().item() for g in ref.values())
+    assert scale > 0
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_save_checkpoint_keeps_the_newest_keep_checkpoints(tmp_path, tiny_dir, keep):
+    """train.keep_checkpoints: after each save, the `keep` highest steps remain (numerically: step 10 is newer than
+    step 9), the rest removed; each kept one complete and naming its own step."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    from llmfast.finetune.checkpoint import save_checkpoint
+    from llmfast.loading import from_pretrained
+
+    model = get_peft_model(from_pretrained(str(tiny_dir), "float32"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc = Accelerator(cpu=True)
+    out = tmp_path / "run"
+    for step in range(7, 13):  # crosses step 9 -> 10
+        save_checkpoint(acc, model, opt, sched, None, out, step, 20, keep, False, 1)
+        names = sorted(p.name for p in (out / "checkpoints").iterdir())
+        newest = list(range(max(7, step - keep + 1), step + 1))
+        assert names == [f"step-{s:06d}" for s in newest], (step, names)
+        for s in newest:
+            assert json.loads((out / "checkpoints" / f"step-{s:06d}" / "state.json").read_text())["step"] == s
+
+
+def test_resume_after_the_data_grew_is_refused_and_changes_nothing(tmp_path, tiny_dir):
+    """The step count of a recipe without train.steps follows from its data: rows appended to the data file after a
+    kill give another count (the recipe text, which --resume compares, is the same). Resuming would cut a schedule
+    and an epoch shuffle of another length at the checkpoint's step: refused in one line, nothing touched."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in TINY_TRAIN))  # 32 rows
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+model: {tiny_dir}
+data: {{train: {train}, max_length: 64, eval_fraction: 0, packing: false}}
+lora: {{r: 8, alpha: 16}}
+train: {{epochs: 4, batch_size: 2, lr: 0.003, seed: 1, save_every: 5, keep_checkpoints: 1}}
+output: {tmp_path / 'run'}
+""")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd("finetune", str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_a_checkpoint(proc, run / "checkpoints")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(run.glob("checkpoints/step-*/state.json"))
+    assert saved and not (run / "adapter").exists(), "killed after a checkpoint, before the end"
+    # 32 rows, one per micro-batch of 2, over 4 epochs: 64 steps
+    assert json.loads(saved[-1].read_text())["total_steps"] == 4 * 32 // 2
+    with open(train, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in TINY_TRAIN[:8]))  # 40 rows: 80 steps
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("llmfast: error: --resume: the recipe now gives 80 steps, the run had 64: "
+                                            "resume with the same recipe"), err[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

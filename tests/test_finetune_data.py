@@ -1,5 +1,7 @@
 """Completion-only labels, packing and the chunked loss, each against a reference computed another way."""
 
+import re
+
 import pytest
 import torch
 
@@ -250,3 +252,36 @@ def test_packing_fills_a_bin_exactly_and_first_fit_decreasing():
     bins = pack(exs, 10)
     assert [[e.row for e in b] for b in bins] == [[4], [3, 2], [1, 0]]  # 10 | 7+3 | 6+4, longest first
     assert all(sum(map(len, b)) <= 10 for b in bins)
+
+
+def test_read_jsonl_names_file_lines_past_blank_lines(tmp_path):
+    """A row's `_row` and an error's line are the file's own line numbers, counting blank lines, not the count of
+    rows read before it."""
+    import json
+
+    from llmfast.data.jsonl import read_jsonl
+
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n\n" + '{"prompt": \n')
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bad))}:3: not valid JSON"):
+        read_jsonl(bad)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(good + "\n\n" + json.dumps({"prompt": "c", "completion": "d"}) + "\n   \n" + good + "\n")
+    rows = read_jsonl(ok)
+    assert [(r["_row"], r["prompt"]) for r in rows] == [(1, "a"), (3, "c"), (5, "a")]
+
+
+def test_load_examples_names_a_row_past_a_blank_line_by_its_file_line(tiny, tmp_path):
+    """The row load_examples names (a dropped example, here) is the file's line of that row."""
+    import json
+
+    _, tok = tiny
+    path = tmp_path / "d.jsonl"
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}]}
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "yo"}]}
+    path.write_text(json.dumps(short) + "\n\n" + json.dumps(long) + "\n")
+    examples, warnings = load_examples(path, tok, max_length=32)
+    assert [e.row for e in examples] == [1]
+    assert warnings == [f"{path}: 1 example(s) dropped: the prompt alone fills max_length 32, no answer left to "
+                        "learn (rows 3)"]

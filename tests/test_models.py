@@ -303,3 +303,92 @@ def test_a_relative_cache_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMFAST_CACHE", "~/x")
     from llmfast.cache import cache_dir
     assert cache_dir() == Path.home() / "x"
+
+
+def test_gguf_cache_folder_follows_the_file_and_the_dtype(tmp_path, monkeypatch):
+    """resolve_model's cache entry for a GGUF file is keyed on the file (its size and mtime: a re-downloaded or
+    edited file is converted afresh) and on the dtype (a bfloat16 conversion is not the float32 one); a built-in's
+    entry is one folder a dtype. The converter is replaced by one recording its output folder: nothing converts."""
+    import llmfast.models as models
+
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    fake_builtin = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake_builtin.parent.mkdir()
+    fake_builtin.write_bytes(b"GGUF" + b"\0" * 60)
+    monkeypatch.setattr(models, "builtin_gguf_path", lambda model: fake_builtin)
+    calls = []
+
+    def record(gguf, out, dtype="float32"):
+        calls.append((Path(gguf), Path(out), dtype))
+        return Path(out)
+
+    monkeypatch.setattr(models, "convert_gguf", record)
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\1" * 100)
+    os.utime(gguf, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    f32 = resolve_model(str(gguf), dtype="float32")
+    bf16 = resolve_model(str(gguf), dtype="bfloat16")
+    assert resolve_model(str(gguf), dtype="float32") == f32  # the same file and dtype: the same entry
+    gguf.write_bytes(b"GGUF" + b"\2" * 200)  # another file under the same name: other bytes, size and mtime
+    os.utime(gguf, ns=(1_100_000_000_000_000_000, 1_100_000_000_000_000_000))
+    again = resolve_model(str(gguf), dtype="float32")
+    assert len({f32, bf16, again}) == 3, (f32, bf16, again)
+    assert resolve_model(str(gguf), dtype="float32") == again
+    for folder in (f32, bf16, again):
+        assert folder.parent == tmp_path / "cache" / "models" / "gguf" and folder.name.startswith("m-")
+    assert [(g, d) for g, _, d in calls] == [(gguf, "float32"), (gguf, "bfloat16"), (gguf, "float32"),
+                                             (gguf, "float32"), (gguf, "float32")]
+
+    calls.clear()
+    b32 = resolve_model("builtin:smollm2-135m", dtype="float32")
+    b16 = resolve_model("builtin:smollm2-135m", dtype="bfloat16")
+    assert b32 != b16 and {b32.parent, b16.parent} == {tmp_path / "cache" / "models" / "builtin"}
+    assert resolve_model("builtin:smollm2-135m", dtype="bfloat16") == b16
+    assert resolve_model(str(fake_builtin), dtype="bfloat16") == b16  # the built-in's own file shares its entry
+    assert [(g, d) for g, _, d in calls] == [(fake_builtin, "float32"), (fake_builtin, "bfloat16"),
+                                             (fake_builtin, "bfloat16"), (fake_builtin, "bfloat16")]
+    assert b32 not in {f32, bf16, again} and b16 not in {f32, bf16, again}
+
+
+def test_weights_fingerprint_tells_a_transposed_shape_apart(tiny_dir, tmp_path):
+    """The same bytes under the same tensor name, dtype and config.json, held as [a, b] in one folder and [b, a] in
+    the other, are other weights: the shape is part of each tensor's digest."""
+    from safetensors.torch import load_file, save_file
+
+    from llmfast.modelfiles import weights_fingerprint
+
+    tensors = load_file(tiny_dir / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    a, b = tensors[name].shape
+    assert a != b
+    folders = {}
+    for label, shape in (("ab", (a, b)), ("ba", (b, a))):
+        t = dict(tensors)
+        t[name] = tensors[name].contiguous().reshape(shape).clone()
+        d = _copy_model(tiny_dir, tmp_path / label)
+        save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+        folders[label] = d
+    # the stored bytes of the tensor are the same in both files; only its shape differs
+    raw = {}
+    for label, d in folders.items():
+        with safe_open(d / "model.safetensors", "pt") as f:
+            raw[label] = (f.get_tensor(name).numpy().tobytes(), tuple(f.get_slice(name).get_shape()))
+    assert raw["ab"][0] == raw["ba"][0] and raw["ab"][1] == (a, b) and raw["ba"][1] == (b, a)
+    assert (folders["ab"] / "config.json").read_bytes() == (folders["ba"] / "config.json").read_bytes()
+    assert weights_fingerprint(folders["ab"]) == weights_fingerprint(tiny_dir)
+    assert weights_fingerprint(folders["ab"]) != weights_fingerprint(folders["ba"])
+
+
+def test_line_index_puts_a_section_key_on_its_own_line():
+    """A key whose value is a block mapping is on the key's line, not its first child's."""
+    import yaml
+
+    from llmfast.yaml_lines import line_index
+
+    lines = line_index(yaml.compose("a: 1\nlora:\n  r: 4\n"))
+    assert lines[("a",)] == 1
+    assert lines[("lora",)] == 2
+    assert lines[("lora", "r")] == 3
+    lines = line_index(yaml.compose("x:\n\n  - 1\n  - y: 2\n"))
+    assert lines[("x",)] == 1 and lines[("x", 1, "y")] == 4

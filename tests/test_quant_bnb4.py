@@ -329,3 +329,18 @@ def test_a_relufied_llama_keeps_its_architecture_through_nf4_and_export(tmp_path
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged["architectures"] == [ARCHITECTURE] and merged["hidden_act"] == "relu"
+
+
+def test_a_saved_nf4_checkpoint_refuses_the_other_double_quant_setting(saved: tuple[Path, Path]) -> None:
+    """The saved checkpoint's double quant is compared too, not only its 4-bit type: asking for NF4 without double
+    quant on a checkpoint saved with it is refused, not silently loaded as saved."""
+    from llmfast.models import load_model
+
+    _, nf4 = saved
+    qc = json.loads((nf4 / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"] is True
+    with pytest.raises(UserError, match=r"saved in nf4 with double quant, not nf4 without double quant: drop the "
+                                        r"quantization setting"):
+        load_model(nf4, quantization={"method": "bnb4", "type": "nf4", "double_quant": False})
+    assert len(_linear4bit(load_model(nf4, quantization={"method": "bnb4", "type": "nf4",
+                                                          "double_quant": True}))) > 0

@@ -774,3 +774,35 @@ def test_zero_tally_counts_sparsity_and_its_spread_over_tokens():
     got = tally.summary()
     assert got["tokens"] == 17 and got["sparsity"] == pytest.approx(fractions.mean(), abs=1e-12)
     assert got["token_std"] == pytest.approx(fractions.std(), rel=1e-9) and got["token_std"] > 0.3
+
+
+def test_resume_after_the_text_was_edited_in_place_is_refused(tmp_path, tiny_dir):
+    """The same recipe and path, other words in the text: the checkpoint was trained on other windows, and
+    continuing would mix the two silently (s44's mutation audit: the windows' digest check had no test)."""
+    text = tmp_path / "t.txt"
+    words = TEXT.read_text(encoding="utf-8")
+    text.write_text(words, encoding="utf-8")
+    path = recipe(tmp_path, tiny_dir, "relufy", "{steps: 200, batch_size: 2, lr: 3.0e-4, save_every: 5}", text=text)
+    ckpts = _kill_after_a_checkpoint(path, tmp_path / "out.checkpoints" / "checkpoints")
+    text.write_text(words[len(words) // 2:] + words[: len(words) // 2], encoding="utf-8")
+    before = {p: p.read_bytes() for p in ckpts.parent.rglob("*") if p.is_file()}
+    code, _, err = run_cli("sparsify", str(path), "--resume")
+    assert code == 2 and "was trained on other windows (data.text, data.conversations or their token settings " \
+                          "changed)" in err.strip().splitlines()[-1], err[-1500:]
+    assert {p: p.read_bytes() for p in ckpts.parent.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_distillation_batches_walk_the_rows_once_per_pass():
+    """Step s takes rows s*b .. s*b+b-1 (wrapping): every row once per pass, none twice (s44's mutation audit:
+    `step` for `step * batch_size` overlapped consecutive batches and no test noticed)."""
+    from types import SimpleNamespace
+
+    from llmfast.distill import batch_at
+
+    rows = torch.arange(40)[:, None]
+    settings = SimpleNamespace(batch_size=4)
+    seen = torch.cat([batch_at(rows, settings, s) for s in range(10)]).flatten().tolist()
+    assert seen == list(range(40))
+    assert batch_at(rows, settings, 10).flatten().tolist() == [0, 1, 2, 3]
+    assert batch_at(rows, SimpleNamespace(batch_size=3), 13).flatten().tolist() == [39, 0, 1]
