@@ -183,3 +183,18 @@ def test_a_recipes_relative_model_path_is_never_fetched_from_the_hub(tmp_path, p
     code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
     assert code == 2 and "its base model '/gone/models/tiny' is not a local directory" in err, err
     assert "--base" in err and "run from the folder its recipe's model path is relative to" in err
+
+
+def test_an_adapter_that_ships_its_own_tokenizer_exports_with_it(tmp_path, tiny_dir, peft_adapter):
+    """An adapter saved with its tokenizer (llmfast's own, or one with a chat template of its fine-tune) is exported
+    with that tokenizer, not the base's (s44's mutation audit: the base's could replace it unnoticed)."""
+    from transformers import AutoTokenizer
+
+    adapter = shutil.copytree(peft_adapter, tmp_path / "adapter")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    tok.save_pretrained(adapter)
+    assert AutoTokenizer.from_pretrained(tiny_dir).chat_template != tok.chat_template
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "merged"))
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tok.chat_template

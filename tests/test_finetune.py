@@ -902,3 +902,36 @@ output: {tmp_path / 'run'}
     assert err.strip().splitlines()[-1] == ("llmfast: error: --resume: the recipe now gives 80 steps, the run had 64: "
                                             "resume with the same recipe"), err[-2000:]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("rslora,dora", [(False, False), (True, False), (False, True)])
+def test_lora_options_reach_the_adapter(tmp_path, tiny_dir, data, rslora, dora):
+    """`lora.rslora` scales by alpha / sqrt(r) and `lora.dora` adds magnitude vectors (s44's mutation audit: both
+    could be dropped on the way to PEFT without a test failing)."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.finetune.lora import attach_lora
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    path = recipe(tmp_path, tiny_dir, data, extra=f"lora: {{r: 4, alpha: 8, rslora: {str(rslora).lower()}, "
+                                                   f"dora: {str(dora).lower()}}}")
+    text = path.read_text()
+    path.write_text(text.replace("lora: {r: 8, alpha: 16}\n", ""))
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), load_recipe(path, FinetuneRecipe))
+    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert layers and {m.scaling["default"] for m in layers} == {8 / math.sqrt(4) if rslora else 8 / 4}
+    magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert bool(magnitudes) == dora
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_every_optimizer_takes_the_recipes_weight_decay_and_lr(weight_decay):
+    """A dropped weight_decay falls back to the optimizer's own default (torch's AdamW: 0.01, not the recipe's 0)."""
+    from llmfast.finetune.optimizers import OPTIMIZERS, make_optimizer
+
+    for name in OPTIMIZERS.names():
+        opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], name, 3e-4, weight_decay, cuda=False)
+        group = opt.param_groups[0]
+        assert (group["weight_decay"], group["lr"]) == (weight_decay, 3e-4), name

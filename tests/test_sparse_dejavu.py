@@ -338,6 +338,8 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
 
 @pytest.mark.parametrize("source,config,expected", [
     ("teal", "{}", "is already a teal artifact with thresholds: sparsify the model it was made from"),
+    # over attention and MLP thresholds (only attention-only ones stack): its MLP thresholds would be dropped
+    ("teal-both", "{}", "is already a teal artifact with thresholds: sparsify the model it was made from"),
     ("dejavu", "{}", "is already a dejavu artifact"),
     ("relu", "{label_sparsity: 0.5}", "has ReLU MLPs, whose active neurons are the nonzero activations"),
     ("relu", "{active_fraction: 0.3, target_recall: 0.9}",
@@ -352,8 +354,9 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
 def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
                                                                      expected):
     model = small if source == "dejavu" else relu_dir
-    if source == "teal":
-        src = recipe(tmp_path, relu_dir, "{target: 0.5}", out="src", name="src")
+    if source.startswith("teal"):
+        sites = "{target: 0.5, sites: [mlp, attention]}" if source == "teal-both" else "{target: 0.5}"
+        src = recipe(tmp_path, relu_dir, sites, out="src", name="src")
         src.write_text(src.read_text().replace("method: dejavu", "method: teal"))
         assert run_cli("sparsify", str(src))[0] == 0
         model = tmp_path / "src"
@@ -484,3 +487,26 @@ def test_pick_threshold_keeps_the_fraction_asked_for_and_the_recall_asked_for():
         t = pick_threshold(logits, active, recall, None)
         got = (logits[active] > t).float().mean().item()
         assert recall <= got < recall + 2 / active.sum().item()  # the lowest threshold that reaches it
+
+
+def test_a_predictor_is_trained_on_normalised_inputs_and_stores_the_scale_folded_in():
+    """Training sees x / rms(x); the stored A takes that scale back, so the saved predictor gives the trained logits
+    on the raw inputs the runtime feeds it (s44's mutation audit: A stored unscaled passed, since the threshold is
+    picked on the stored predictor's own logits). x and 4x (an exact power of two) train the same bits, so their
+    predictors agree on their own inputs; and labels a linear rule sets are learned."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmfast.sparse.predictor_training import LayerData, train_layer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g) * 3.0
+    rule = torch.randn(32, 4, generator=g) @ torch.randn(4, 48, generator=g)  # within the predictor's rank
+    active = x @ rule > 0
+    cfg = SimpleNamespace(rank=8, lr=0.01, weight_decay=0.0, steps=200, batch_tokens=256, pos_weight=1.0,
+                          lookahead=False)
+    one = train_layer(LayerData(x, active, 0.0), cfg, torch.Generator().manual_seed(1))
+    four = train_layer(LayerData(4 * x, active, 0.0), cfg, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(four.logits(4 * x), one.logits(x), rtol=1e-5, atol=1e-4)
+    assert ((one.logits(x) > 0) == active).float().mean() > 0.9
