@@ -147,3 +147,34 @@ def test_a_task_named_twice_is_made_once(tmp_path):
     code, out, err = run_cli("tasks", "dates", "dates", "--out", str(tmp_path / "t"), "--train", "4", "--test", "2")
     assert code == 0, err
     assert len(out.strip().splitlines()) == 1 and sorted(p.name for p in (tmp_path / "t").iterdir()) == ["dates"]
+
+
+def test_stop_on_signals_takes_only_default_handlers_and_restores_them():
+    """SIGTERM and SIGHUP at their default (which would end the process without cleanup) raise instead; one ignored,
+    as nohup leaves SIGHUP, stays ignored, and one a host program handles stays its; restore puts back what was
+    replaced and nothing else (s44: the nohup case had no test)."""
+    import signal
+
+    from llmfast.process_exit import raise_interrupt, restore_signals, stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        previous = stop_on_signals()
+        assert previous == {signal.SIGTERM: signal.SIG_DFL}
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupt and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        restore_signals(previous)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+        def host(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, host)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        previous = stop_on_signals()
+        assert previous == {signal.SIGHUP: signal.SIG_DFL} and signal.getsignal(signal.SIGTERM) is host
+        restore_signals(previous)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
