@@ -119,3 +119,20 @@ def test_every_method_module_registers_and_lists_in_help():
         assert name in " ".join(out.getvalue().split())
 
 
+
+
+def test_the_kept_statistic_counts_no_more_than_the_nonzero_entries():
+    """TIES trims to `density` of the entries, but a task vector with fewer nonzero entries keeps only those: the
+    manifest's kept fraction counts them (s44's mutation audit: max(1, density * size) passed every test)."""
+    import numpy as np
+
+    from llmfast.merge.methods.base import TensorContext
+
+    base = np.zeros(1000, dtype=np.float32)
+    sparse_delta = np.zeros(1000, dtype=np.float32)
+    sparse_delta[::10] = np.arange(1, 101, dtype=np.float32)  # 100 nonzero entries
+    dense_delta = np.arange(1, 1001, dtype=np.float32)
+    stats: dict = {}
+    METHODS.get("ties").merge(base, [sparse_delta, dense_delta], [{"weight": 1.0, "density": 0.5}] * 2,
+                              {"normalize": True, "lambda": 1.0, "rescale": False}, TensorContext("t", 0, stats))
+    assert stats == {"nonzero": 1100, "kept": 100 + 500}
