@@ -32,18 +32,16 @@ typedef struct {
     int32_t in_bf16[MAX_INPUTS];      /* each input stored as bfloat16 (else float32) */
     float weight[MAX_INPUTS];         /* float32(weight) */
     int32_t weigh[MAX_INPUTS];        /* TASK: weight != 1 (numpy skips multiplying by 1) */
-    double weight64[MAX_INPUTS];      /* TASK: the weights as Python floats, for the normalizing sum */
     const uint8_t *keep[MAX_INPUTS];  /* TASK with DARE: one bit per entry (from dare_mask), or NULL: no drop */
     float scale[MAX_INPUTS];          /* TASK with DARE: rescale factor */
     int32_t rescale[MAX_INPUTS];      /* TASK with DARE: apply `scale` */
     int32_t whole_skip[MAX_INPUTS];   /* TASK: input skipped for the whole tensor (a zero task vector) */
     int32_t block_skip;               /* TASK: also skip inputs whose task vector is zero in a block (numpy's blocks) */
     int32_t consensus;                /* TASK: TIES's sign election by total mass */
-    int32_t normalize;                /* divide by the weights' sum (LINEAR: by `total`) */
-    float total;                      /* LINEAR: float32(sum of weights) */
+    int32_t normalize;                /* divide by `total` (TASK with consensus: by the agreeing weights) */
+    float total;                      /* float32(sum of every input's weight), 1 where it is ~0 for TASK */
     float lambda;                     /* TASK: float32(lambda) */
     int32_t apply_lambda;             /* TASK: lambda != 1 */
-    int32_t compensated;              /* TASK: Python's sum() is compensated (CPython >= 3.12) */
     void *out;
 } merge_job;
 
@@ -116,7 +114,7 @@ static void task_chunk(const merge_job *j, int i, int64_t at, int len, const flo
         for (int k = 0; k < len; k++) d[k] = d[k] * j->weight[i];
 }
 
-static void merge_task_range(const merge_job *j, int64_t a, int64_t b, const int *use, int used, float divisor) {
+static void merge_task_range(const merge_job *j, int64_t a, int64_t b, const int *use, int used) {
     float base[CH], mixed[CH], d[MAX_INPUTS][CH];
     for (int64_t at = a; at < b; at += CH) {
         int len = b - at < CH ? (int)(b - at) : CH;
@@ -131,7 +129,7 @@ static void merge_task_range(const merge_job *j, int64_t a, int64_t b, const int
             for (int u = 1; u < used; u++)
                 for (int k = 0; k < len; k++) mixed[k] = mixed[k] + d[u][k];
             if (j->normalize)
-                for (int k = 0; k < len; k++) mixed[k] = mixed[k] / divisor;
+                for (int k = 0; k < len; k++) mixed[k] = mixed[k] / j->total;
         } else {
             /* TIES's election by total mass; agreement as 0/1 floats, not branches (random signs mispredict). */
             float majority[CH], mass[CH];
@@ -173,17 +171,6 @@ static int nonzero_delta(const void *base, int base_bf16, const void *input, int
 }
 
 static void merge_task(const merge_job *j) {
-    /* Python's sum(weights) over every input, in order: plain, or with Neumaier's compensation as CPython does from
-     * 3.12 (Objects/bltinmodule.c), compensation added at the end when nonzero and finite. A zero task vector's
-     * weight counts too (mergekit divides by every model's weight): the divisor is the tensor's, not the block's. */
-    double total = 0.0, c = 0.0;
-    for (int i = 0; i < j->inputs; i++) {
-        double x = j->weight64[i], t = total + x;
-        if (j->compensated) c += fabs(total) >= fabs(x) ? (total - t) + x : (x - t) + total;
-        total = t;
-    }
-    if (c != 0.0 && isfinite(c)) total += c;
-    const float divisor = (float)(fabs(total) >= 1e-8 ? total : 1.0);
     int64_t step = j->block_skip ? BLOCK : (j->n > 0 ? j->n : 1);
     for (int64_t a = 0; a < j->n; a += step) {
         int64_t b = a + step < j->n ? a + step : j->n;
@@ -192,7 +179,7 @@ static void merge_task(const merge_job *j) {
             if (!j->whole_skip[i] &&
                 !(j->block_skip && !nonzero_delta(j->base, j->base_bf16, j->in[i], j->in_bf16[i], a, b)))
                 use[used++] = i;
-        merge_task_range(j, a, b, use, used, divisor);
+        merge_task_range(j, a, b, use, used);
     }
 }
 

@@ -11,7 +11,6 @@ sums and numpy sums pairwise; they round to different float32 factors about once
 from __future__ import annotations
 
 import ctypes
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,10 +36,10 @@ _i32, _i64, _f32, _f64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, c
 class _Job(ctypes.Structure):
     _fields_ = [("n", _i64), ("mode", _i32), ("inputs", _i32), ("out_bf16", _i32), ("base_bf16", _i32),
                 ("base", _ptr), ("inp", _ptr * MAX_INPUTS), ("in_bf16", _i32 * MAX_INPUTS),
-                ("weight", _f32 * MAX_INPUTS), ("weigh", _i32 * MAX_INPUTS), ("weight64", _f64 * MAX_INPUTS),
+                ("weight", _f32 * MAX_INPUTS), ("weigh", _i32 * MAX_INPUTS),
                 ("keep", _ptr * MAX_INPUTS), ("scale", _f32 * MAX_INPUTS), ("rescale", _i32 * MAX_INPUTS),
                 ("whole_skip", _i32 * MAX_INPUTS), ("block_skip", _i32), ("consensus", _i32), ("normalize", _i32),
-                ("total", _f32), ("lambda_", _f32), ("apply_lambda", _i32), ("compensated", _i32),
+                ("total", _f32), ("lambda_", _f32), ("apply_lambda", _i32),
                 ("out", _ptr)]
 
 
@@ -128,15 +127,16 @@ class MergeKernel:
         import numpy as np
 
         from llmfast.merge.methods.sparsify import drop_stream, keep_below
-        from llmfast.merge.methods.task_arithmetic import rescales
+        from llmfast.merge.methods.task_arithmetic import normalize_divisor, rescales
 
         method = plan.method
         job.mode, job.base, job.base_bf16 = _TASK, base[0].ctypes.data, _TAGS[base[1]]
         job.consensus, job.normalize = bool(method.consensus), bool(shared["normalize"])
         job.lambda_, job.apply_lambda = shared["lambda"], shared["lambda"] != 1
-        job.compensated = sys.version_info >= (3, 12)  # the normalizing sum() is compensated from 3.12 on
+        # the numpy path's divisor, computed by the same function (a zero task vector's weight counts)
+        job.total = normalize_divisor(params)
         for i, p in enumerate(params):
-            job.weight[i], job.weigh[i], job.weight64[i] = p["weight"], p["weight"] != 1, float(p["weight"])
+            job.weight[i], job.weigh[i] = p["weight"], p["weight"] != 1
         if method.sparsify is None:  # task arithmetic: merged block by block, as the numpy path does
             job.block_skip = 1
             return

@@ -73,9 +73,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.consensus:
             divisor = _elect_signs(mixed, weighted, weights)
         if shared["normalize"]:
-            if divisor is None:  # every model's weight, a zero task vector's too: mergekit divides by them all
-                total = sum(p["weight"] for p in params)
-                divisor = total if abs(total) >= 1e-8 else 1.0
+            if divisor is None:
+                divisor = normalize_divisor(params)
             np.divide(mixed, divisor, out=mixed)
         if shared["lambda"] != 1:
             np.multiply(mixed, shared["lambda"], out=mixed)
@@ -108,10 +107,15 @@ class GeneralizedTaskArithmetic(MergeMethod):
                      is_base: list[bool]) -> list[float] | None:
         if self.sparsify is not None or self.consensus:
             return None
-        weights = [float(p["weight"]) for p in params]
-        total = sum(weights)
-        norm = total if shared["normalize"] and abs(total) >= 1e-8 else 1.0
-        return [w / norm * shared["lambda"] for w in weights]
+        norm = normalize_divisor(params) if shared["normalize"] else 1.0
+        return [float(p["weight"]) / norm * shared["lambda"] for p in params]
+
+
+def normalize_divisor(params: list[dict[str, Any]]) -> float:
+    """What `normalize` divides by without a sign election: every model's weight, a zero task vector's too (mergekit
+    divides by them all), or 1 where they sum to ~0."""
+    total = sum(p["weight"] for p in params)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def rescales(before: float, after: float) -> bool:
