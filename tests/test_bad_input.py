@@ -34,8 +34,10 @@ class Case:
     subprocess: bool = False
 
 
-def _ft(model: str = "{W}/models/tiny", data: str = "{W}/data/good.jsonl", out: str = "{W}/runs/ft") -> str:
-    return (f"model: {model}\ndata: {{train: {data}, max_length: 64}}\nlora: {{r: 4}}\n"
+def _ft(model: str = "{W}/models/tiny", data: str = "{W}/data/good.jsonl", out: str = "{W}/runs/ft",
+        eval: str | None = None) -> str:
+    held_out = f", eval: {eval}" if eval else ""
+    return (f"model: {model}\ndata: {{train: {data}{held_out}, max_length: 64}}\nlora: {{r: 4}}\n"
             f"train: {{steps: 1, batch_size: 2}}\noutput: {out}\n")
 
 
@@ -73,6 +75,7 @@ RECIPES = {
     "ft-out-file": _ft(out="{W}/a-file.txt"),
     "ft-out-under-file": _ft(out="{W}/a-file.txt/run"),
     "ft-out-is-data": _ft(out="{W}/data/good.jsonl"),
+    "ft-out-is-eval-data": _ft(eval="{W}/data/eval.jsonl", out="{W}/data/eval.jsonl"),
     "ft-out-holds-data": _ft(out="{W}/data"),
     "ft-out-unicode-file": _ft(out=f"{{W}}/{UNI}/fïle.txt"),
     "ft-out-readonly": _ft(out="{W}/readonly/run"),
@@ -167,6 +170,8 @@ CASES = [
     Case("finetune-out-is-file", ("finetune", "{W}/recipes/ft-out-file.yaml"), "is a file"),
     Case("finetune-out-under-file", ("finetune", "{W}/recipes/ft-out-under-file.yaml"), "is a file"),
     Case("finetune-out-is-the-data", ("finetune", "{W}/recipes/ft-out-is-data.yaml"), "is (or holds) the input"),
+    Case("finetune-out-is-the-eval-data", ("finetune", "{W}/recipes/ft-out-is-eval-data.yaml"),
+         "data/eval.jsonl: writing it would destroy the input"),
     Case("finetune-out-holds-the-data", ("finetune", "{W}/recipes/ft-out-holds-data.yaml"), "already exists"),
     Case("finetune-out-unicode-file", ("finetune", "{W}/recipes/ft-out-unicode-file.yaml"), "is a file"),
     Case("finetune-out-readonly", ("finetune", "{W}/recipes/ft-out-readonly.yaml"), "no permission"),
@@ -338,6 +343,7 @@ def world(tmp_path_factory, tiny_dir) -> Path:
             for w in ["alpha", "bravo", "charlie", "delta"]]
     lines = [json.dumps(r) for r in good]
     (data / "good.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "eval.jsonl").write_text(lines[0] + "\n")
     latin1 = (lines[0] + "\n" + '{"prompt": "café", "completion": "b"}\n').encode("latin-1")
     (data / "latin1.jsonl").write_bytes(latin1)
     (w / UNI / "dätä.jsonl").write_bytes(latin1)
