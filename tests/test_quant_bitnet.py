@@ -369,3 +369,42 @@ def test_qat_of_a_relufied_source_distils_from_it_with_its_cut(tiny: Path, tmp_p
     assert recorded == pytest.approx(as_run, rel=1e-4)
     assert abs(plain["teacher_heldout_ppl"] - as_run) > 1e-3 * as_run  # the cut changes the model: not vacuous
     assert json.loads((out / "config.json").read_text())[THRESHOLDS_KEY] == cut
+
+
+def test_biased_layers_keep_their_bias_through_ternarizing_saving_and_loading(tmp_path: Path) -> None:
+    """Qwen2-style q/k/v biases (here Llama's attention_bias and mlp_bias): post-training ternarization keeps each
+    bias as it was, the artifact stores it, and llmfast and transformers load it back (the tiny models have none)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from llmfast.quant.bitnet.convert import load_ternary, replace_linears, save_ternary, to_ternary
+    from llmfast.testing import llama_config
+
+    torch.manual_seed(5)
+    full = LlamaForCausalLM(llama_config(num_layers=1, vocab_size=64, attention_bias=True, mlp_bias=True)).eval()
+    for name, m in full.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.5)  # zeros at init: a dropped bias would not show
+    biases = {n: m.bias.detach().clone() for n, m in full.named_modules()
+              if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    weights = {n: full.get_submodule(n).weight.detach().clone() for n in biases}
+    assert len(biases) == 7  # q, k, v, o, gate, up, down
+    ternary = LlamaForCausalLM(full.config).eval()
+    ternary.load_state_dict(full.state_dict())
+    replace_linears(ternary, to_ternary)
+    for name, bias in biases.items():
+        layer = ternary.get_submodule(name)
+        assert isinstance(layer, TernaryLinear)
+        assert torch.equal(layer.bias, bias), name
+        values, scale = ternarize(weights[name])
+        assert torch.equal(layer.weight, values) and torch.equal(layer.weight_scale, scale)
+    out = tmp_path / "biased"
+    save_ternary(ternary, None, out)
+    loaded = load_ternary(out)
+    for name, bias in biases.items():
+        assert torch.equal(loaded.get_submodule(name).bias, bias), name
+    ids = torch.tensor([[1, 17, 42, 9, 7, 30, 12, 5]])
+    expected = _logits(ternary, ids)
+    assert torch.equal(_logits(loaded, ids), expected)
+    # transformers' own BitLinear (its unpacking, its bias add) on the same files
+    theirs = _logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids)
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
