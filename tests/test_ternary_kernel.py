@@ -283,6 +283,18 @@ def test_a_row_with_nan_or_infinity_gives_nan_and_leaves_the_other_rows_alone(
     assert torch.equal(got[1], _exact_bf16(xb[1:2], values, ws)[0])
 
 
+def test_the_largest_finite_float32_is_a_number_not_an_infinity(kernel: cpu_kernel.TernaryKernel) -> None:
+    """A row whose absmax is float32's largest finite value quantizes as torch does (its code 127), not as the NaN
+    row of an infinity."""
+    values, scale = ternarize(torch.randn(20, 12, generator=torch.Generator().manual_seed(6)))
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(7))
+    big = torch.finfo(torch.float32).max
+    x[0, 3], x[2, 5] = big, -big
+    want = _reference(x, values, scale)
+    assert not want.isnan().any()
+    assert torch.equal(kernel(x, kernel.pack(values, float(scale))), want)
+
+
 def test_kernel_refuses_an_input_of_the_wrong_width_or_dtype() -> None:
     kernel = cpu_kernel.ternary_kernel()
     assert kernel is not None
