@@ -166,6 +166,10 @@ def test_ternary_linear_takes_the_kernel_for_decode_rows_only() -> None:
     assert torch.equal(layer(decode), reference(decode))
     assert layer._kernel_weights is not None  # the kernel ran
     layer._kernel_weights = None
+    most = torch.randn(2, cpu_kernel.MAX_ROWS // 2, 96)  # exactly MAX_ROWS rows, over two sequences: still decode
+    assert torch.equal(layer(most), reference(most))
+    assert layer._kernel_weights is not None
+    layer._kernel_weights = None
     prefill = torch.randn(1, cpu_kernel.MAX_ROWS + 1, 96)
     assert torch.equal(layer(prefill), reference(prefill))
     assert layer._kernel_weights is None  # more rows than MAX_ROWS: oneDNN's GEMM, not the kernel
