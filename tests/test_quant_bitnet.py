@@ -70,6 +70,31 @@ def test_bitlinear_strength_zero_is_the_dense_layer_and_one_is_ternary() -> None
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
+def test_strength_ramps_linearly_from_zero_at_the_first_step_to_one_at_the_end_of_the_warmup() -> None:
+    from llmfast.quant.bitnet import BitNetConfig
+    from llmfast.quant.bitnet.qat import strength_at
+
+    ramp = BitNetConfig(qat_steps=8, lambda_warmup=0.5)  # 4 warm-up steps
+    assert [strength_at(ramp, s) for s in range(8)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    assert [strength_at(BitNetConfig(qat_steps=10, lambda_warmup=0.35), s) for s in (0, 2, 3)] == [0.0, 2 / 3, 1.0]
+    assert [strength_at(BitNetConfig(qat_steps=5, lambda_warmup=0.0), s) for s in range(5)] == [1.0] * 5
+
+
+def test_qat_student_trains_its_linears_and_never_the_embeddings_or_an_untied_head() -> None:
+    from transformers import LlamaForCausalLM
+
+    from llmfast.quant.bitnet.qat import prepare_student
+    from llmfast.testing import llama_config
+
+    model = LlamaForCausalLM(llama_config(num_layers=1, vocab_size=64, tie_word_embeddings=False))
+    names = prepare_student(model)
+    assert len(names) == 7 and all(isinstance(model.get_submodule(n), BitLinear) for n in names)
+    assert not model.lm_head.weight.requires_grad and not model.get_input_embeddings().weight.requires_grad
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"{n}.weight" for n in names} <= trained
+    assert not any(n.startswith(("lm_head", "model.embed_tokens")) for n in trained)
+
+
 def test_bitlinear_gradient_is_straight_through() -> None:
     torch.manual_seed(1)
     layer = BitLinear(16, 8, bias=False)
@@ -145,6 +170,13 @@ def test_quantize_writes_an_artifact_llmfast_and_transformers_load_alike(tiny: P
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitnet"
     assert (out / "model.safetensors").stat().st_size < 0.5 * (tiny / "model.safetensors").stat().st_size
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # packed 2-bit weights and their scales
+        ternary_bytes = sum(f.get_tensor(k).nbytes + f.get_tensor(k.removesuffix("_scale")).nbytes
+                            for k in f.keys() if k.endswith(".weight_scale"))
+    assert manifest["metrics"]["ternary_linear_bytes"] == ternary_bytes > 0
+    assert manifest["metrics"]["weights_file_bytes"] == (out / "model.safetensors").stat().st_size
     ours = load_model(out)
     assert any(isinstance(m, TernaryLinear) for m in ours.modules())
     ids = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
