@@ -258,6 +258,24 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     assert not list(tmp_path.glob(".killed.tmp-*"))
 
 
+def test_heldout_tokens_of_exactly_one_window_are_measured_on(tiny: Path, tmp_path: Path) -> None:
+    """data.heldout_tokens equal to the window makes one held-out window, not none: QAT measures the KL on it."""
+    from llmfast.distill import heldout_kl
+    from llmfast.models import load_model, load_tokenizer
+
+    out = tmp_path / "qat"
+    recipe = _recipe(tmp_path, tiny, out, qat_steps=1)
+    data = json.loads(recipe.read_text())
+    data["data"]["heldout_tokens"] = data["data"]["window"]
+    recipe.write_text(json.dumps(data))
+    assert main(["quantize", str(recipe)]) == 0
+    metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
+    ids = load_tokenizer(tiny)(TEXT.read_text(encoding="utf-8"), add_special_tokens=False,
+                               return_tensors="pt").input_ids[0]
+    held = ids[:128].reshape(1, 128)
+    assert metrics["heldout_kl"] == pytest.approx(heldout_kl(load_model(out), load_model(tiny), held), rel=1e-4)
+
+
 def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> None:
     """Data-free QAT's rows, generated a chunk at a time (the KV cache of thousands of rows would not fit a GPU at
     once): the first chunk is what a call for those rows alone gives, the whole is reproducible, and the caller's
