@@ -126,6 +126,23 @@ def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path
     assert not out.exists()
 
 
+def test_a_refused_group_size_names_the_largest_that_every_layer_takes() -> None:
+    """down_proj with 192 inputs: 128 does not split it, 64 and 32 do; the advice is the largest, 64 (fewer scales
+    for the same kernel), checked on the model's skeleton before anything loads."""
+    from transformers import LlamaForCausalLM
+
+    from llmfast.errors import UserError
+    from llmfast.quant.w4 import check_shapes
+    from llmfast.testing import llama_config
+
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(llama_config(intermediate_size=192))
+    check_shapes(skeleton, 64)
+    check_shapes(skeleton, 32)
+    with pytest.raises(UserError, match=r"down_proj has 192 inputs, which group_size 128 .*: use group_size 64$"):
+        check_shapes(skeleton, 128)
+
+
 _VLLM_LOGPROBS = """
 import json, os, sys
 def run():
