@@ -230,6 +230,14 @@ def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(tmp_path
             got = model.get_submodule(name).weight.detach()
             # Half a step, plus float16 scales' rounding (2^-11 relative) over at most 15 levels.
             assert ((got - w).abs() <= step * (0.5 + 16 * 2**-11)).all(), name
+    # The scale tuning reads the same packing into levels and scales: with its factors at 1, the same weights.
+    from llmfast.quant.scale_tuning import GroupScaledLinear, quantized_layers
+
+    layers = quantized_layers(out)
+    assert sorted(layers) == names
+    for name in names:
+        tuned = GroupScaledLinear(layers[name]["levels"], layers[name]["scales"], 32)
+        assert torch.equal(tuned.weight_from_scales(torch.float32), model.get_submodule(name).weight), name
     if not torch.cuda.is_available():  # vLLM's CPU backend takes only the symmetric packing: refused before a start
         code, _, err = run_cli("serve", str(out), "--port", "0")
         assert code == 2 and len(err.strip().splitlines()) == 1, err
