@@ -344,3 +344,50 @@ def test_a_saved_nf4_checkpoint_refuses_the_other_double_quant_setting(saved: tu
         load_model(nf4, quantization={"method": "bnb4", "type": "nf4", "double_quant": False})
     assert len(_linear4bit(load_model(nf4, quantization={"method": "bnb4", "type": "nf4",
                                                           "double_quant": True}))) > 0
+
+
+def test_dequantizing_for_merge_keeps_each_layer_bias_and_refuses_weights_an_eval_forward_repacked(
+        tmp_path: Path) -> None:
+    """Qwen2-style q/k/v biases (here Llama's attention_bias and mlp_bias) stay in full precision under
+    bitsandbytes: the plain Linear that replaces a 4-bit layer holds the bias as it was and the weight bitsandbytes
+    decodes. On AVX512-BF16 CPUs an eval forward repacks the 4-bit weights for its kernel, after which decoding them
+    would give other numbers: refused in one line (elsewhere the weights stay as they were and decode the same)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from llmfast.quant.bnb4 import Bnb4, Bnb4Config, bnb_config
+    from llmfast.testing import llama_config
+
+    torch.manual_seed(4)
+    full = LlamaForCausalLM(llama_config(num_layers=1, vocab_size=64, attention_bias=True, mlp_bias=True))
+    biases = {}
+    for name, m in full.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias)  # zeros at init: a lost bias would not show
+            biases[name] = m.bias.detach().clone()
+    assert len(biases) == 7
+    full.save_pretrained(tmp_path / "biased")
+    cfg = Bnb4Config(double_quant=False)
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "biased", dtype=torch.float32, device_map={"": "cpu"},
+                                                    quantization_config=bnb_config(cfg, "float32", "test")).eval()
+
+    model = load()
+    decoded = _dequantized(model)
+    assert decoded.keys() == biases.keys()
+    Bnb4().dequantize_for_merge(model, "float32")
+    for name, bias in biases.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32, name
+        assert torch.equal(layer.bias, bias) and torch.equal(layer.weight, decoded[name]), name
+    ran = load()
+    with torch.no_grad():
+        ran(torch.tensor([[1, 5, 9, 3]]))
+    repacked = any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _linear4bit(ran).values())
+    if repacked:
+        with pytest.raises(UserError, match="has run in eval mode on this CPU; load it afresh"):
+            Bnb4().dequantize_for_merge(ran, "float32")
+    else:
+        Bnb4().dequantize_for_merge(ran, "float32")
+        assert all(torch.equal(ran.get_submodule(n).weight, w) for n, w in decoded.items())
