@@ -457,6 +457,8 @@ def test_scale_tuning_moves_only_the_scales_towards_the_full_model(quantized: tu
     curve = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in curve if "heldout_kl" in e] == [0, 4, 8]
     assert not (tmp_path / "w4-scales.checkpoints").exists()
+    # the rounding's files and the curve: nothing of the work folder (its settings file) comes with them
+    assert {p.name for p in out.iterdir()} == {p.name for p in rtn.iterdir()} | {"train_log.jsonl"}
 
 
 def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple[Path, Path], tmp_path: Path,
