@@ -324,6 +324,17 @@ def test_ternary_linear_with_a_float64_scale_keeps_the_torch_path() -> None:
     assert y.dtype == torch.float64 and layer._kernel_weights is None
 
 
+def test_ternary_linear_with_16_bit_x_and_a_float32_scale_keeps_the_torch_arithmetic() -> None:
+    """A float32 layer given bfloat16 rows: transformers' arithmetic, whose division by the float32 scale promotes
+    the output to float32; the kernels' exact sums rounded to bfloat16 are for bfloat16 layers only."""
+    layer, reference = _layer(64, 16, 11), _layer(64, 16, 11)
+    reference.fast = False
+    for rows in (1, cpu_kernel.MAX_ROWS + 4):  # decode and prefill
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        y = layer(x)
+        assert y.dtype == torch.float32 and torch.equal(y, reference(x))
+
+
 def test_ternary_linear_follows_a_replaced_buffer_and_runs_in_inference_mode() -> None:
     layer, other = _layer(64, 16, 8), _layer(64, 16, 9)
     x = torch.randn(1, 64)
