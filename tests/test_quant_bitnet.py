@@ -276,6 +276,15 @@ def test_heldout_tokens_of_exactly_one_window_are_measured_on(tiny: Path, tmp_pa
     assert metrics["heldout_kl"] == pytest.approx(heldout_kl(load_model(out), load_model(tiny), held), rel=1e-4)
 
 
+def test_qat_trains_on_the_teacher_samples_beside_the_text(tiny: Path, tmp_path: Path) -> None:
+    """teacher_samples: rows the teacher writes are added to the text's windows (2048 calibration tokens in
+    windows of 128: 16), and QAT trains on all of them."""
+    out = tmp_path / "qat"
+    assert main(["quantize", str(_recipe(tmp_path, tiny, out, qat_steps=1, teacher_samples=3))]) == 0
+    metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
+    assert metrics["teacher_samples"] == 3 and metrics["train_windows"] == 2048 // 128 + 3
+
+
 def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> None:
     """Data-free QAT's rows, generated a chunk at a time (the KV cache of thousands of rows would not fit a GPU at
     once): the first chunk is what a call for those rows alone gives, the whole is reproducible, and the caller's
