@@ -285,6 +285,25 @@ def test_qat_trains_on_the_teacher_samples_beside_the_text(tiny: Path, tmp_path:
     assert metrics["teacher_samples"] == 3 and metrics["train_windows"] == 2048 // 128 + 3
 
 
+def test_overwrite_starts_afresh_over_an_earlier_runs_checkpoints(tiny: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier run's checkpoints beside the output: refused without a flag (they are not silently dropped), and
+    `--overwrite` is the flag that starts again; the run completes and their folder is gone."""
+    from llmfast.artifacts import mark_work_dir
+
+    out = tmp_path / "ternary"
+    work = mark_work_dir(tmp_path / "ternary.checkpoints", {"verb": "quantize"})
+    (work / "checkpoints" / "step-000003").mkdir(parents=True)
+    (work / "checkpoints" / "step-000003" / "state.json").write_text('{"step": 3}')
+    recipe = _recipe(tmp_path, tiny, out)
+    capsys.readouterr()
+    assert main(["quantize", str(recipe)]) == 2
+    assert "pass --resume to continue it, or --overwrite" in capsys.readouterr().err
+    assert not out.exists() and (work / "checkpoints").is_dir()
+    assert main(["quantize", str(recipe), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not work.exists()
+
+
 def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> None:
     """Data-free QAT's rows, generated a chunk at a time (the KV cache of thousands of rows would not fit a GPU at
     once): the first chunk is what a call for those rows alone gives, the whole is reproducible, and the caller's
