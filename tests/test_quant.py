@@ -62,6 +62,10 @@ def test_bnb4_forms_and_errors():
         parse_quantization({"double_qant": True})
     with pytest.raises(UserError, match=r"type: Input should be 'nf4' or 'fp4' \(got 'int8'\)"):
         parse_quantization({"type": "int8"})
+    # a misspelt key and a bad value: the unknown key is the one line, whichever pydantic lists first
+    for raw in ({"type": "int8", "double_qant": True}, {"double_qant": True, "type": "int8"}):
+        with pytest.raises(UserError, match=r"unknown key 'double_qant' .*did you mean 'double_quant'"):
+            parse_quantization(raw)
     assert engines_for(None) == ("vllm", "hf") and engines_for("nf4") == ("hf",) and engines_for(nf4) == ("hf",)
 
 
