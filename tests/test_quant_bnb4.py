@@ -391,3 +391,22 @@ def test_dequantizing_for_merge_keeps_each_layer_bias_and_refuses_weights_an_eva
     else:
         Bnb4().dequantize_for_merge(ran, "float32")
         assert all(torch.equal(ran.get_submodule(n).weight, w) for n, w in decoded.items())
+
+
+def test_a_checkpoints_4bit_settings_read_with_transformers_defaults_for_what_it_leaves_out(tmp_path: Path) -> None:
+    """A quantization_config that leaves out the 4-bit type or double quant means what transformers fills in for it
+    (BitsAndBytesConfig's defaults); an 8-bit bitsandbytes checkpoint or another format is not a saved 4-bit one."""
+    from transformers import BitsAndBytesConfig
+
+    from llmfast.quant.bnb4 import saved_4bit
+
+    defaults = BitsAndBytesConfig.from_dict({"load_in_4bit": True})
+    for qc, want in (({"quant_method": "bitsandbytes", "load_in_4bit": True},
+                      (defaults.bnb_4bit_quant_type, defaults.bnb_4bit_use_double_quant)),
+                     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                       "bnb_4bit_use_double_quant": True}, ("nf4", True)),
+                     ({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, None),
+                     ({"quant_method": "gptq", "bits": 4}, None)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+        assert saved_4bit(tmp_path) == want, qc
+    assert saved_4bit(tmp_path / "missing") is None
