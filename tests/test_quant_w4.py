@@ -542,8 +542,12 @@ def test_w4_of_a_relufied_source_rounds_and_tunes_against_it_with_its_cut(quanti
         "data": {"text": str(TEXT), "skip_tokens": 16384, "calibration_tokens": 1024, "heldout_tokens": 512,
                  "window": 128}}))
     assert main(["quantize", str(recipe)]) == 0
-    recorded = json.loads((out / "llmfast.json").read_text())["metrics"]["before_scale_tuning"]["teacher_heldout_ppl"]
+    metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
+    recorded = metrics["before_scale_tuning"]["teacher_heldout_ppl"]
     with torch.no_grad():
         as_run = heldout_scores(load_model(source), load_model(source), ids[:512].reshape(4, 128))
+        artifact = heldout_scores(load_model(out), load_model(source), ids[:512].reshape(4, 128))
     assert recorded == pytest.approx(as_run["teacher_heldout_ppl"], rel=1e-4)
+    # the student trained and measured with the cut too: the KL recorded is the artifact's, as load_model runs it
+    assert metrics["after_scale_tuning"]["heldout_kl"] == pytest.approx(artifact["heldout_kl"], rel=1e-4)
     assert json.loads((out / "config.json").read_text())[THRESHOLDS_KEY] == cut
