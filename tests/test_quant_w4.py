@@ -417,6 +417,18 @@ def test_group_scaled_linear_is_the_dequantized_linear_and_trains_its_scales(qua
     assert layer.factor.grad.shape == layers[name]["scales"].shape and (layer.factor.grad != 0).all()
 
 
+def test_group_scaled_linear_refuses_scales_that_are_not_one_per_group_and_output() -> None:
+    """Scales (groups x outputs) of another shape are refused, also one that would broadcast (a row per output,
+    the same for every group) into a wrong weight without an error."""
+    from llmfast.quant.scale_tuning import GroupScaledLinear
+
+    levels = torch.randint(-7, 8, (8, 64), dtype=torch.int8)
+    GroupScaledLinear(levels, torch.rand(2, 8), 32)
+    for scales, group in ((torch.rand(1, 8), 32), (torch.rand(8, 2), 32), (torch.rand(2, 8), 24)):
+        with pytest.raises(ValueError, match="do not fit groups of"):
+            GroupScaledLinear(levels, scales, group)
+
+
 def _tensors(path: Path, suffix: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
