@@ -502,6 +502,16 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a run with settings.seed 42, this one has 7" in err, err
     assert not out.exists()
+    from llmfast.artifacts import WORK_MARK
+
+    mark = tmp_path / "killed.checkpoints" / WORK_MARK
+    recorded = mark.read_bytes()
+    mark.write_text("")  # an older llmfast's mark records no run: the rounding's own settings are what is compared
+    assert main(["quantize", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was rounded with other w4 settings" in err, err
+    assert not out.exists()
+    mark.write_bytes(recorded)
     from safetensors.torch import load_file, save_file
 
     rounded = tmp_path / "killed.checkpoints" / "autoround" / "model.safetensors"
