@@ -455,6 +455,10 @@ def test_scale_tuning_moves_only_the_scales_towards_the_full_model(quantized: tu
     assert all(b[k].dtype == a[k].dtype for k in a) and all(not torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((out / "llmfast.json").read_text())["metrics"]
     assert metrics["scales_tuned"] == len(a) and metrics["scale_steps"] == 8
+    # the factors' range, from the files: each stored scale over the rounding's, up to float16 (2^-11 relative)
+    ratios = torch.cat([(b[k].float() / a[k].float()).flatten() for k in a])
+    low, high = metrics["scale_factor_range"]
+    assert low == pytest.approx(ratios.min().item(), abs=1e-3) and high == pytest.approx(ratios.max().item(), abs=1e-3)
     ids = load_tokenizer(base)(TEXT.read_text(encoding="utf-8"), add_special_tokens=False,
                                return_tensors="pt").input_ids[0]
     # trained on all the text after the evaluated span (data.skip_tokens' default), not only AutoRound's windows
