@@ -335,6 +335,24 @@ def test_ternary_linear_with_16_bit_x_and_a_float32_scale_keeps_the_torch_arithm
         assert y.dtype == torch.float32 and torch.equal(y, reference(x))
 
 
+def test_ternary_linear_keeps_autograd_for_rows_that_require_grad() -> None:
+    """The C kernel has no backward: a decode-sized input that requires grad takes the torch path, whose gradient
+    (through the per-row scale; the rounded codes pass none) is transformers' arithmetic's."""
+    for rows in (1, cpu_kernel.MAX_ROWS + 3):
+        layer, reference = _layer(64, 16, 12), _layer(64, 16, 12)
+        reference.fast = False
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+        y = layer(x)
+        assert y.requires_grad and layer._kernel_weights is None
+        y.square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        y2 = reference(x2)
+        y2.square().sum().backward()
+        assert torch.equal(y.detach(), y2.detach())
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=0)
+        assert x.grad.abs().max() > 0
+
+
 def test_ternary_linear_follows_a_replaced_buffer_and_runs_in_inference_mode() -> None:
     layer, other = _layer(64, 16, 8), _layer(64, 16, 9)
     x = torch.randn(1, 64)
