@@ -410,3 +410,23 @@ def test_a_checkpoints_4bit_settings_read_with_transformers_defaults_for_what_it
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
         assert saved_4bit(tmp_path) == want, qc
     assert saved_4bit(tmp_path / "missing") is None
+
+
+def test_a_bfloat16_base_quantized_while_loading_computes_in_bfloat16(saved: tuple[Path, Path]) -> None:
+    """The compute dtype is the run's dtype: a bfloat16 QLoRA base multiplies its decoded 4-bit weights in bfloat16
+    (what training does: the weight decoded, then a plain matmul), not in float32 cast back."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    from llmfast.models import load_model
+
+    base, _ = saved
+    model = load_model(base, "bfloat16", quantization="nf4")
+    layers = _linear4bit(model)
+    assert len(layers) == 2 * 7 and {m.compute_dtype for m in layers.values()} == {torch.bfloat16}
+    layer = layers["model.layers.0.mlp.down_proj"]
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    layer.train()  # eval mode may take a fused kernel on AVX512-BF16 CPUs
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, weight))
