@@ -352,7 +352,6 @@ def test_dequantizing_for_merge_keeps_each_layer_bias_and_refuses_weights_an_eva
     bitsandbytes: the plain Linear that replaces a 4-bit layer holds the bias as it was and the weight bitsandbytes
     decodes. On AVX512-BF16 CPUs an eval forward repacks the 4-bit weights for its kernel, after which decoding them
     would give other numbers: refused in one line (elsewhere the weights stay as they were and decode the same)."""
-    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from llmfast.quant.bnb4 import Bnb4, Bnb4Config, bnb_config
