@@ -3,6 +3,9 @@ command line and defaults, adapter checks and bad input (one line, exit code 2, 
 
 import json
 import math
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +60,20 @@ def test_metric_spread_is_numpys_and_an_slo_met_exactly_is_good():
     assert m["request_goodput"] == pytest.approx(2.0)  # 250 ms and 500 ms exactly on their SLOs count
 
 
+def test_a_fractional_percentile_has_its_own_key_and_an_error_is_counted_by_its_last_line():
+    """p99.9 is written as vLLM writes it (p99.9_ttft_ms), not folded into p99; a multi-line error (a traceback) is
+    counted under its last line, the exception; a negative SLO is refused (s45's mutation audit: none held)."""
+    rs = [_req(t, [], 1) for t in (0.1, 0.2, 0.3, 0.4)]
+    rs.append(RequestResult(error="Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad"))
+    m = compute_metrics(rs, 1.0, percentiles=[99, 99.9], metrics=["ttft"])
+    ttfts = [100.0, 200.0, 300.0, 400.0]
+    assert m["p99_ttft_ms"] == pytest.approx(np.percentile(ttfts, 99))
+    assert m["p99.9_ttft_ms"] == pytest.approx(np.percentile(ttfts, 99.9)) != m["p99_ttft_ms"]
+    assert m["error_counts"] == {"ValueError: bad": 1}
+    with pytest.raises(UserError, match="an SLO cannot be negative"):
+        parse_goodput(["ttft:-1"])
+
+
 def test_metric_keys_are_vllms():
     m = compute_metrics([_req(0.1, [0.02], 2)], 1.0)
     assert VLLM_KEYS <= m.keys()
@@ -78,6 +95,7 @@ def test_arrivals_poisson_seeded_and_infinite():
     assert arrival_times(5, math.inf) == [0.0] * 5
     a = arrival_times(4000, request_rate=8.0, seed=3)
     assert a == arrival_times(4000, request_rate=8.0, seed=3)
+    assert a[0] == 0.0  # the first request goes at once, as vLLM sends it
     gaps = np.diff(a)
     assert np.mean(gaps) == pytest.approx(1 / 8, rel=0.05)
     assert np.std(gaps) == pytest.approx(1 / 8, rel=0.08)  # exponential: std equals mean
@@ -104,6 +122,10 @@ def test_jsonl_prompts_and_their_errors(tmp_path, tiny):
     good.write_text('{"prompt": "hello there"}\n{"prompt": "bye", "output_len": 3}\n')
     reqs = jsonl_requests(good, tok, output_len=9)
     assert [r.output_len for r in reqs] == [9, 3]
+    from llmfast.bench.workload import build_requests
+
+    first = build_requests(tok, dataset_name="custom", dataset_path=str(good), num_prompts=1, custom_output_len=9)
+    assert [(r.prompt, r.output_len) for r in first] == [("hello there", 9)]  # --num-prompts takes the first rows
     cases = {'{"prompt": "a"}\n{"text": "b"}\n': "p.jsonl:2: needs a non-empty string field 'prompt'",
              '{"prompt": "a", "output_len": 0}\n': "p.jsonl:1: 'output_len' must be a positive integer",
              '{"prompt": "a"}\nnot json\n': "p.jsonl:2"}
@@ -157,6 +179,60 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     (tmp_path / "small").mkdir()
     assert max_lora_rank([check_lora("b", _adapter(tmp_path / "small", r=1))]) == 1
     assert max_lora_rank([ad, check_lora("b", _adapter(tmp_path / "small", r=1))]) == 32
+    # every adapter gets a slot: --max-loras 1 would make vLLM batch one adapter at a time (s45's mutation audit)
+    two = ServerSpec(model=tiny_dir, loras=[ad, check_lora("b", _adapter(tmp_path / "small", r=1))])
+    argv, _ = server_command(two, m)
+    assert " ".join(argv).endswith(f"--max-loras 2 --lora-modules a={ad.path} b={tmp_path / 'small' / 'adapter'}")
+
+
+def test_adapter_names(tmp_path):
+    """NAME=PATH as given; a bare path is named after its folder, a fine-tune's adapter/ after its run folder."""
+    from llmfast.serve.lora import parse_lora
+
+    assert parse_lora("x=/runs/lora-dates/adapter") == ("x", "/runs/lora-dates/adapter")
+    assert parse_lora("/runs/lora-dates/adapter/") == ("lora-dates", "/runs/lora-dates/adapter/")
+    assert parse_lora("/adapters/dates") == ("dates", "/adapters/dates")
+    with pytest.raises(UserError, match="expected NAME=PATH"):
+        parse_lora("x=")
+
+
+def test_stopping_a_server_ends_its_whole_process_group(tmp_path, tiny_dir):
+    """`stop()` ends every process of the server's group, also one that outlives the leader's SIGINT and SIGTERM
+    (an engine process left behind holds its memory and its port). The group stands in for vLLM's: a leader that
+    exits on SIGINT and a child that ignores SIGINT and SIGTERM (vLLM's own processes exit on them, so they
+    cannot show it)."""
+    import subprocess
+    import sys
+
+    from llmfast.serve.server import VllmServer
+
+    child = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)")
+    leader = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              "stdout=subprocess.PIPE); p.stdout.readline(); print(p.pid, flush=True); time.sleep(300)")
+    srv = VllmServer(ServerSpec(model=tiny_dir, port=0), log_path=tmp_path / "log")
+    srv.proc = subprocess.Popen([sys.executable, "-c", leader], stdout=subprocess.PIPE, start_new_session=True)
+    pid = int(srv.proc.stdout.readline())
+    try:
+        srv.stop(grace=10)
+        assert srv.proc.poll() is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.1)
+        assert not _running(pid), "the child outlived stop()"
+    finally:
+        srv.proc.stdout.close()
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid):
+    """Alive and not a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_serve_passes_everything_after_double_dash_to_vllm():
@@ -245,6 +321,36 @@ def test_hf_engine_times_every_token(tiny):
         alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                                do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True) == results[3].generated_text
+
+
+def test_hf_engine_ends_a_request_at_its_eos_and_counts_it(tiny):
+    """Without --ignore-eos a request ends at its tokenizer's EOS, which counts as an output token (vLLM's
+    completion_tokens counts it too), and only that request ends: the tiny model repeats one token per prompt, so with
+    that token as EOS the first request has 1 output token and the other, in the same batch, all 6 (s45's mutation
+    audit: an EOS left out of the count made the first one a failed request with 0)."""
+    import copy
+
+    import torch
+
+    from llmfast.bench.engines.hf import run_hf
+
+    model, tok = tiny
+    reqs = random_requests(tok, 2, input_len=8, output_len=6, seed=0)
+    greedy = []
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy.append(out[0, ids.shape[1]:].tolist())
+    stop = greedy[0][0]
+    assert stop not in greedy[1] and tok.eos_token_id not in greedy[0] + greedy[1]  # what the case needs
+    eos_tok = copy.deepcopy(tok)
+    eos_tok.eos_token = tok.convert_ids_to_tokens(stop)
+    assert eos_tok.eos_token_id == stop and eos_tok.pad_token_id == tok.pad_token_id
+    results, _ = run_hf(model, eos_tok, reqs, batch_size=2, ignore_eos=False)
+    assert all(r.success for r in results) and [r.output_tokens for r in results] == [1, 6]
+    assert [len(r.itl) for r in results] == [0, 5] and results[0].latency == results[0].ttft
 
 
 def test_serve_refuses_a_sparse_artifact_vllm_would_serve_dense(tmp_path, tiny_dir):
