@@ -43,8 +43,9 @@ def test_every_engine_conforms(name, tiny_dir, tiny):
 
 
 class _Fake(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible server in a thread: /health, /v1/models naming `model`, and streamed completions
-    of `tokens` tokens; with `stall`, one token and then nothing (until the test ends)."""
+    """An OpenAI-compatible server in a thread: /health, /v1/models naming `model` (with `max_model_len` when set),
+    and streamed completions of `tokens` tokens, `per_chunk` to a chunk, with the usage (prompt_tokens 5) last; with
+    `stall`, one token and then nothing (until the test ends); with `empty`, the usage and no token."""
 
     def log_message(self, *a):
         pass
@@ -62,7 +63,8 @@ class _Fake(http.server.BaseHTTPRequestHandler):
         if self.path == "/health":
             self._json({})
         elif self.path == "/v1/models":
-            self._json({"data": [{"id": m, "root": str(srv.root)} for m in srv.models]})
+            extra = {"max_model_len": srv.max_model_len} if srv.max_model_len else {}
+            self._json({"data": [{"id": m, "root": str(srv.root), **extra} for m in srv.models]})
         else:
             self.send_error(404)
 
@@ -76,15 +78,16 @@ class _Fake(http.server.BaseHTTPRequestHandler):
         chat = self.path.endswith("chat/completions")
         n = 1 if srv.stall else body.get("max_tokens") or body.get("max_completion_tokens")
         with srv.lock if srv.gap else contextlib.nullcontext():  # with a gap: one request at a time, slowly
-            for _ in range(n):
+            for sent in range(0, 0 if srv.empty else n, srv.per_chunk):
                 time.sleep(srv.gap)
-                choice = {"delta": {"content": "a"}} if chat else {"text": "a"}
+                text = "a" * min(srv.per_chunk, n - sent)
+                choice = {"delta": {"content": text}} if chat else {"text": text}
                 self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                 self.wfile.flush()
         if srv.stall:
             srv.release.wait(60)
             return
-        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}}
+        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 0 if srv.empty else n}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
 
@@ -92,11 +95,12 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 def fake_server(tiny_dir):
     servers = []
 
-    def start(models=("m",), stall=False, gap=0.0):
+    def start(models=("m",), stall=False, gap=0.0, per_chunk=1, empty=False, max_model_len=None):
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
         srv.daemon_threads = True
         srv.models, srv.root, srv.stall, srv.seen, srv.release = list(models), tiny_dir, stall, [], threading.Event()
-        srv.gap, srv.lock = gap, threading.Lock()
+        srv.gap, srv.lock, srv.per_chunk, srv.empty, srv.max_model_len = gap, threading.Lock(), per_chunk, empty, \
+            max_model_len
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}"
@@ -175,6 +179,7 @@ def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["status"] == "failed" and r["failed"] == 2
     assert r["error_counts"] == {"no token from the server for 1 s (--stall-timeout)": 2}
+    assert r["failure_cause"] == "no token from the server for 1 s (--stall-timeout)"  # it answers /health
 
 
 def test_a_queue_is_not_a_stall(fake_server, tmp_path):
@@ -209,6 +214,45 @@ def test_bench_serve_sends_what_vllm_flags_ask(fake_server, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["completed"] == 4 and r["total_output_tokens"] == 12 and r["backend"] == "openai-chat"
     assert r["model_id"] == "base" and r["run"] == "x" and VLLM_KEYS <= r.keys()
+
+
+def test_token_counts_are_the_servers(fake_server, tmp_path):
+    """Input and output token counts are the server's (its usage: prompt_tokens 5, not the 8 tokens of our prompt
+    before a template; 5 completion tokens streamed two to a chunk, not 3 chunks), and TPOT divides by them; a
+    stream that ends without a token fails its request, with that cause (the server is healthy: it is not said to
+    have stopped). s45's mutation audit: none of these held."""
+    import numpy as np
+
+    srv, url = fake_server(per_chunk=2)
+    common = ("bench", "serve", "--base-url", url, "--num-prompts", "3", "--random-input-len", "8",
+              "--random-output-len", "5", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path))
+    code, out, err = run_cli(*common, "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-detailed",
+                             "--result-filename", "r.json")
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["completed"], r["total_input_tokens"], r["total_output_tokens"]) == (3, 15, 15)
+    assert r["input_lens"] == r["output_lens"] == [5, 5, 5] and [len(i) for i in r["itls"]] == [2, 2, 2]
+    tpots = [(e2el - ttft) / (5 - 1) for e2el, ttft in zip(r["latencies"], r["ttfts"])]
+    assert r["mean_tpot_ms"] == pytest.approx(1000 * np.mean(tpots), rel=1e-9)
+    srv, url = fake_server(empty=True)
+    code, out, err = run_cli(*common[:3], url, *common[4:], "--result-filename", "empty.json")
+    assert code == 1, err
+    r = json.loads((tmp_path / "empty.json").read_text())
+    assert (r["status"], r["completed"], r["failed"]) == ("failed", 0, 3)
+    assert r["failure_cause"] == "the stream ended without a token"
+
+
+def test_requests_are_checked_against_the_servers_max_model_len(fake_server, tmp_path):
+    """The longest request (prompt and output: 8 + 4 tokens) may fill the server's max_model_len exactly, not one
+    token more (s45's mutation audit: the boundary was not tested outside vLLM's own, slow test)."""
+    common = ("--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4", "--disable-tqdm")
+    _, url = fake_server(max_model_len=12)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, *common)
+    assert code == 0 and "Successful requests:" in out, err
+    srv, url = fake_server(max_model_len=11)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, *common)
+    assert code == 2 and "the longest request is 12 tokens (prompt and output), beyond the 11" in err, err
+    assert srv.seen == []  # refused before the first request
 
 
 # vLLM command lines (as users paste them) and what llmfast answers: None runs (parses), else the error.
@@ -310,6 +354,32 @@ def test_prefix_and_sharegpt_prompts(tmp_path, tiny):
         build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=3)
 
 
+def test_sharegpt_keeps_vllms_length_bounds(tmp_path, tiny):
+    """vLLM's ShareGPT filter: a prompt and a reply of 4 tokens or more (the reply's bound only when its length is
+    the output length), a prompt of at most 1024 tokens, at most 2048 together; each bound is kept exactly and the
+    pair one token past it is skipped (s45's mutation audit: no test was at a bound)."""
+    from llmfast.bench.workload import build_requests
+
+    _, tok = tiny
+
+    def text(n, seed):  # a text of exactly n tokens
+        got = random_requests(tok, 1, input_len=n, output_len=1, seed=seed)[0]
+        assert got.prompt_len == n
+        return got.prompt
+
+    pairs = {"kept 4+4": (4, 4), "prompt 3": (3, 10), "reply 3": (10, 3), "kept 1024+1024": (1024, 1024),
+             "prompt 1025": (1025, 4), "2049 in all": (1000, 1049), "kept 1000+1048": (1000, 1048)}
+    conv = [{"conversations": [{"from": "human", "value": text(a, 2 * i)}, {"from": "gpt", "value": text(b, 2 * i + 1)}]}
+            for i, (a, b) in enumerate(pairs.values())]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(conv))
+    got = build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=10, shuffle=False)
+    assert [(r.prompt_len, r.output_len) for r in got] == [(4, 4), (1024, 1024), (1000, 1048)]
+    fixed = build_requests(tok, dataset_name="sharegpt", dataset_path=str(path), num_prompts=10, shuffle=False,
+                           sharegpt_output_len=2)  # a fixed output length: the reply's own length does not count
+    assert [r.prompt_len for r in fixed] == [4, 10, 1024, 1000, 1000]
+
+
 def _result(name, engine, ppl, tok1, tok16, linear, logs=None):
     pts = [{"max_concurrency": c, "output_throughput": t, "request_throughput": 1.0, "total_token_throughput": t,
             "median_ttft_ms": 10.0, "median_tpot_ms": 5.0, "p99_e2el_ms": 99.0, "p50_e2el_ms": 50.0,
@@ -341,6 +411,32 @@ def test_report_has_one_row_per_variant_a_pareto_front_and_its_plots(tmp_path):
     assert paths == {"throughput.png", "latency.png", "frontier.png", "accuracy.png", "loss.png"}
     assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
     assert all(f"]({p})" in text for p in paths)
+
+
+def test_each_load_level_row_and_comparison_shows_its_own_numbers(tmp_path):
+    """The "every load level" table puts each number under its own header (TTFT and TPOT medians, E2EL p99 and not
+    p90, failures), and the comparison's ratio is vLLM's throughput over transformers' at the same concurrency, with
+    the transformers batch it ran (s45's mutation audit: swapped columns and an inverted ratio passed the fast tests)."""
+    from llmfast.bench.report import markdown
+    from llmfast.bench.runner import Measured, _comparisons
+
+    v = _result("int4", "vllm", 21.0, 40.0, 180.0, 25 * 2**20)
+    v["points"][0].update(request_throughput=2.5, total_token_throughput=77.0, median_ttft_ms=12.0, median_tpot_ms=3.0,
+                          failed=1)
+    vllm = Measured(Variant("int4", tmp_path), "vllm", "int4", points=v["points"])
+    hf = Measured(Variant("int4", tmp_path), "hf", "int4 (transformers baseline)",
+                  points=[{"max_concurrency": 1, "output_throughput": 16.0, "batch_size": 1},
+                          {"max_concurrency": 16, "output_throughput": 60.0, "batch_size": 4}])
+    comparisons = _comparisons(vllm, hf)
+    assert [(c["max_concurrency"], c["hf_batch_size"], c["ratio"]) for c in comparisons] == [(1, 1, 2.5), (16, 4, 3.0)]
+    results = {"name": "t", "date": "d", "machine": "m", "comparisons": comparisons, "variants": [v],
+               "workload": {"num_prompts": 4, "input_len": 8, "output_len": 8, "ignore_eos": True,
+                            "request_rate": "inf", "max_concurrency": [1, 16], "percentiles": [50, 90, 99]}}
+    text = markdown(results, [])
+    levels = text.split("## Every load level")[1].split("## vLLM against transformers")[0]
+    assert "| int4 | vllm | 1 | 2.50 | 40.0 | 77.0 | 12.0 | 3.0 | 99.0 | 1 | 1.00 | 21.000 | 50% |" in levels
+    assert "|  |  | 16 | 1.00 | 180.0 | 180.0 | 10.0 | 5.0 | 99.0 | 0 |  |  |  |" in levels
+    assert "| int4 | 16 | 180.0 | 4 | 60.0 | **3.00x** |" in text.split("## vLLM against transformers")[1]
 
 
 def test_a_variant_named_baseline_is_a_variant_and_only_written_plots_are_linked(tmp_path):
