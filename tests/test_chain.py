@@ -307,6 +307,28 @@ def test_every_stage_type_calls_its_verb_with_flags_the_verb_takes(name: str, tm
             assert args.overwrite is True, argv
 
 
+def test_a_tasks_stage_passes_every_setting_to_its_verb(tmp_path: Path) -> None:
+    """A tasks stage's train, test and seed reach `llmfast tasks` (s45's mutation audit: a dropped seed passed)."""
+    from llmfast.chain.stages import STAGES
+    from llmfast.cli import parse_args
+
+    section = {"tasks": ["dates", "repeat"], "train": 24, "test": 4, "seed": 3}
+    args = parse_args(STAGES.get("tasks").argv(section, tmp_path / "out", tmp_path / "r.yaml", False))
+    assert (args.verb, args.train, args.test, args.seed) == ("tasks", 24, 4, 3)
+
+
+def test_a_stage_named_like_a_work_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stage A's work folder is A.checkpoints beside its output: a stage of that name would share it (s45's mutation
+    audit: the check was untested)."""
+    stages = {"a": {"type": "tasks", "with": {"tasks": ["dates"]}},
+              "a.checkpoints": {"type": "tasks", "with": {"tasks": ["dates"]}}}
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": stages})
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "stage name 'a.checkpoints' is taken by the run folder's own files" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantize_and_sparsify_stages_resume_from_their_checkpoints(tmp_path):
     """A killed stage resumes when its verb left a checkpoint: relufy's and bitnet's in OUTPUT.checkpoints/checkpoints,
     w4's scale tuning's in OUTPUT.checkpoints/scales/checkpoints, or w4's finished rounding (the stage was rerun from
@@ -402,6 +424,14 @@ def test_settings_given_as_flags_are_checked_with_the_section(tiny: Path, tmp_pa
     recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": {"q": stage}})
     assert main(["run", str(recipe), "--dry-run"]) == 0
     stage["flags"] = ["--set", "quantization.typo=1", "--set", f"model={tiny}"]
+    write(recipe, {"output": str(tmp_path / "run"), "stages": {"q": stage}})
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "unknown key 'typo'" in capsys.readouterr().err
+    stage["flags"] = [f"--set=model={tiny}"]  # the one-word form is a setting too (s45's mutation audit)
+    write(recipe, {"output": str(tmp_path / "run"), "stages": {"q": stage}})
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    stage["flags"] = ["--set=quantization.typo=1", f"--set=model={tiny}"]
     write(recipe, {"output": str(tmp_path / "run"), "stages": {"q": stage}})
     capsys.readouterr()
     assert main(["run", str(recipe), "--dry-run"]) == 2
