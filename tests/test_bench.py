@@ -255,6 +255,36 @@ def test_requests_are_checked_against_the_servers_max_model_len(fake_server, tmp
     assert srv.seen == []  # refused before the first request
 
 
+def test_a_sweep_writes_one_result_per_point_and_stall_timeout_0_never_fails(fake_server, tmp_path):
+    """Every --request-rate times every --max-concurrency has its own result file, named -rRATE-cCONC, holding that
+    point; --stall-timeout 0 turns the stall clock off (it failed every request at once). s45's mutation audit: both
+    were tested only against vLLM, or not at all."""
+    _, url = fake_server(gap=0.02)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                             "--random-output-len", "3", "--request-rate", "50,inf", "--max-concurrency", "1,2",
+                             "--stall-timeout", "0", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
+                             "--result-filename", "r.json")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-r50.0-c1.json", "r-r50.0-c2.json", "r-rinf-c1.json",
+                                                           "r-rinf-c2.json"]
+    for rate in (50.0, "inf"):
+        for conc in (1, 2):
+            r = json.loads((tmp_path / f"r-r{rate}-c{conc}.json").read_text())
+            assert (r["request_rate"], r["max_concurrency"], r["completed"], r["failed"]) == (rate, conc, 2, 0)
+
+
+def test_bench_offline_runs_the_batch_size_asked_for(tiny_dir, tmp_path):
+    """--batch-size reaches the transformers engine and the result (s45's mutation audit: ignored, it ran all prompts
+    as one batch and said so)."""
+    out = tmp_path / "r.json"
+    code, _, err = run_cli("bench", "offline", str(tiny_dir), "--engine", "hf", "--num-prompts", "3",
+                           "--random-input-len", "6", "--random-output-len", "2", "--ignore-eos", "--batch-size", "2",
+                           "--output", str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert (r["batch_size"], r["completed"], r["total_output_tokens"]) == (2, 3, 6)
+
+
 # vLLM command lines (as users paste them) and what llmfast answers: None runs (parses), else the error.
 VLLM_LINES = {
     "--backend vllm --model m --dataset-name random --random-input-len 32 --random-output-len 8 --num-prompts 4": None,
@@ -290,6 +320,7 @@ def test_vllm_command_lines_parse_or_name_the_flag(line):
     (["--dataset-name", "hf"], "--dataset-name hf does not apply to llmfast bench serve: datasets are read from"),
     (["--dataset-name", "burstgpt"], "--dataset-name burstgpt does not apply"),
     (["--backend", "openai-chat"], None),
+    (["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "8", "--ramp-up-end-rps", "2"], "0 <= start <= end"),
 ])
 def test_vllm_choices_that_do_not_apply(argv, msg):
     code, _, err = run_cli("bench", "serve", "--port", "9", "--num-prompts", "2", *argv)
@@ -422,8 +453,9 @@ def test_each_load_level_row_and_comparison_shows_its_own_numbers(tmp_path):
 
     v = _result("int4", "vllm", 21.0, 40.0, 180.0, 25 * 2**20)
     v["points"][0].update(request_throughput=2.5, total_token_throughput=77.0, median_ttft_ms=12.0, median_tpot_ms=3.0,
-                          failed=1)
+                          failed=1, status="failed")
     vllm = Measured(Variant("int4", tmp_path), "vllm", "int4", points=v["points"])
+    assert vllm.status == "failed"  # one failed load level fails the variant
     hf = Measured(Variant("int4", tmp_path), "hf", "int4 (transformers baseline)",
                   points=[{"max_concurrency": 1, "output_throughput": 16.0, "batch_size": 1},
                           {"max_concurrency": 16, "output_throughput": 60.0, "batch_size": 4}])
