@@ -494,6 +494,48 @@ def test_a_variant_named_baseline_is_a_variant_and_only_written_plots_are_linked
     assert "(throughput.png)" in text and "frontier.png" not in text and "accuracy.png" not in text
 
 
+def test_a_one_level_report_names_the_adapter_that_made_a_variant(tmp_path):
+    """"made by" names a fine-tune's adapter by its run folder (every adapter is called adapter/), and a sweep of one
+    concurrency has one speed column, not the same one twice (s45's mutation audit)."""
+    from llmfast.bench.report import markdown
+
+    v = _result("merged", "vllm", 20.0, 30.0, 200.0, 100 * 2**20)
+    v["points"] = v["points"][:1]
+    v["lineage"] = [{"stage": "merge", "path": "/r/merged", "parents": ["/r/lora-dates/adapter", "/r/base"]}]
+    results = {"name": "t", "date": "d", "machine": "m", "comparisons": [], "variants": [v],
+               "workload": {"num_prompts": 4, "input_len": 8, "output_len": 8, "ignore_eos": True,
+                            "request_rate": "inf", "max_concurrency": [1], "percentiles": [50]}}
+    summary = markdown(results, []).split("## Variants")[1].split("## Every load level")[0]
+    head, _, row = [line for line in summary.splitlines() if line.startswith("|")]
+    assert head.count("out tok/s c=1") == 1 and "c=16" not in head
+    assert "| merged | vllm | merge of lora-dates/adapter, base | 20.00 | 50% | 30.0 | 10.0 | 5.0 |" in row
+
+
+def test_training_curves_come_from_the_runs_that_trained(tmp_path):
+    """A fine-tune's train_log.jsonl gives the loss curve from its loss records only (not its evaluations'); an
+    artifact's own held-out curve is shown only when it trained (train_tokens): a Deja Vu artifact links its relufy
+    source's train_log.jsonl, which is not its curve (s45's mutation audit: neither was tested)."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.bench.lineage import compression, lineage, training_logs
+
+    run = tmp_path / "lora-dates"
+    (run / "adapter").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "eval_loss": 1.5}\n'
+                                         '{"step": 2, "loss": 1.0}\n')
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    write_manifest(merged, stage="merge", parents=[str(run / "adapter")])
+    logs = training_logs(lineage(merged))
+    assert logs == {"lora-dates": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]}
+    art = tmp_path / "dejavu"
+    art.mkdir()
+    (art / "train_log.jsonl").write_text('{"step": 0, "tokens": 0, "heldout_kl": 0.5, "heldout_ppl": 9.0}\n')
+    write_manifest(art, stage="sparsify", sparsity={"method": "dejavu"}, metrics={})
+    assert compression(art)["method"] == "dejavu" and "curve" not in compression(art)
+    write_manifest(art, stage="sparsify", sparsity={"method": "relufy"}, metrics={"train_tokens": 512})
+    assert compression(art)["curve"] == [{"step": 0, "tokens": 0, "heldout_kl": 0.5, "heldout_ppl": 9.0}]
+
+
 def test_model_size_counts_linear_tensors_from_headers(tmp_path):
     import json as _json
 
