@@ -329,6 +329,19 @@ def test_a_stage_named_like_a_work_folder_is_refused(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
+def test_from_a_stage_that_is_not_there_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--from` a misspelled stage is one line naming the stages, before anything is written; it was ignored, and
+    the chain ran as if no stage were named (s45's mutation audit: the check was untested)."""
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"]}}}})
+    for dry in (["--dry-run"], []):
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--from", "dat", *dry]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--from dat: no such stage" in err[0] and "the stages are data" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantize_and_sparsify_stages_resume_from_their_checkpoints(tmp_path):
     """A killed stage resumes when its verb left a checkpoint: relufy's and bitnet's in OUTPUT.checkpoints/checkpoints,
     w4's scale tuning's in OUTPUT.checkpoints/scales/checkpoints, or w4's finished rounding (the stage was rerun from

@@ -149,6 +149,10 @@ def test_machine_defaults_on_this_kind_of_cpu():
     # on CUDA vLLM's own defaults: no CPU binding or KV-space variables, dtype auto
     gpu = Machine(cuda=True, cores=[0, 1], cpu_flags=frozenset({"avx2"}), available_gib=100.0)
     assert vllm_defaults(gpu) == ({}, ["--dtype", "auto"])
+    from llmfast.serve.machine import default_dtype
+
+    # an engine in this process (transformers) takes vLLM's "auto" as bfloat16 (s45's mutation audit)
+    assert (default_dtype(gpu), default_dtype(avx2), default_dtype(amx)) == ("bfloat16", "float32", "bfloat16")
 
 
 def _adapter(tmp_path, **cfg):
