@@ -230,6 +230,45 @@ def test_stopping_a_server_ends_its_whole_process_group(tmp_path, tiny_dir):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_failed_start_is_told_in_the_servers_last_words_and_keeps_its_log(tmp_path, tiny_dir):
+    """The error of a failed start is the log's last exception with the detail lines under it (not an earlier one
+    the server survived), else its last ERROR lines; a server that never gets ready is stopped, and its temporary
+    log kept for the error to name (a clean exit removes it). s45's mutation audit: none was tested without vLLM.
+    The process that never answers stands in for a vLLM start-up that hangs."""
+    import subprocess
+    import sys
+
+    from llmfast.serve.server import VllmServer
+
+    log = tmp_path / "vllm.log"
+    srv = VllmServer(ServerSpec(model=tiny_dir, port=0), log_path=log)
+    log.write_text("INFO 12-06 starting\nWARNING a retry\nValueError: first, survived\nINFO 12-06 loading\n"
+                   "(EngineCore_DP0 pid=42) pydantic_core._pydantic_core.ValidationError: 1 validation error\n"
+                   "  max_model_len\n    Value error, too long [type=value_error]\n"
+                   "    For further information visit https://errors.pydantic.dev/2.11/v/value_error\n"
+                   "INFO 12-06 shutting down\n")
+    assert srv.error_summary() == ("(EngineCore_DP0 pid=42) pydantic_core._pydantic_core.ValidationError: 1 validation "
+                                   "error | max_model_len | Value error, too long [type=value_error]")
+    log.write_text("ValueError: first\nRuntimeError: Engine core initialization failed\nINFO 12-06 shutting down\n")
+    assert srv.error_summary() == "RuntimeError: Engine core initialization failed"  # detail lines are indented
+    log.write_text("INFO a\nx ERROR one\nINFO b\ny ERROR two\nz ERROR three\nw ERROR four\nINFO c\n")
+    assert srv.error_summary() == "y ERROR two | z ERROR three | w ERROR four"
+
+    temp = VllmServer(ServerSpec(model=tiny_dir, port=0))  # a temporary log, as `llmfast serve` makes without --log
+    temp.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    try:
+        with pytest.raises(UserError, match="did not serve .* within 1 s"):
+            temp.wait_ready(timeout=1)
+        assert temp.proc.poll() is not None  # stopped, not left running
+    finally:
+        if temp.proc.poll() is None:
+            temp.proc.kill()
+    temp.__exit__(UserError, None, None)  # leaving `with VllmServer(...)` by that error
+    assert temp.log_path.exists()
+    temp.__exit__(None, None, None)  # a clean exit
+    assert not temp.log_path.exists()
+
+
 def _running(pid):
     """Alive and not a zombie waiting for its reaper."""
     try:
