@@ -471,6 +471,24 @@ def test_each_load_level_row_and_comparison_shows_its_own_numbers(tmp_path):
     assert "| int4 | 16 | 180.0 | 4 | 60.0 | **3.00x** |" in text.split("## vLLM against transformers")[1]
 
 
+def test_a_variant_whose_server_never_started_does_not_sink_the_report(tmp_path):
+    """A vLLM variant whose server failed to start has no points (bench run notes why and goes on): the report and
+    every plot are still written for the variants that ran; the latency plot indexed its last point, an IndexError
+    after every other variant had been measured, and the whole output was lost (found by s45's mutation audit)."""
+    from llmfast.bench.report import markdown, plot_names, plots
+
+    dead = {**_result("repeat", "vllm", 20.0, 30.0, 200.0, 100 * 2**20), "points": [],  # its quality was measured
+            "notes": ["repeat: server failed to start: boom"]}
+    results = {"name": "t", "date": "d", "machine": "m", "comparisons": [],
+               "variants": [_result("base", "vllm", 20.0, 30.0, 200.0, 100 * 2**20), dead],
+               "workload": {"num_prompts": 4, "input_len": 8, "output_len": 8, "ignore_eos": True,
+                            "request_rate": "inf", "max_concurrency": [1, 16], "percentiles": [50, 90]}}
+    names = sorted(p.name for p in plots(results, tmp_path))
+    assert names == sorted(plot_names(results)) and all((tmp_path / n).stat().st_size > 1000 for n in names)
+    text = markdown(results, names)
+    assert "- repeat: server failed to start: boom" in text and "| repeat | vllm | quantize of merged | 20.00 | 50% | - | - | - |" in text
+
+
 def test_a_variant_named_baseline_is_a_variant_and_only_written_plots_are_linked(tmp_path):
     """The runner's transformers rows are told apart by their label's suffix, not by "baseline" anywhere in a name
     (a variant the user named `baseline` vanished from the summary and the plots); without quality the report

@@ -212,11 +212,12 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     pcts = results["workload"]["percentiles"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = [f"{v['name']}\n({v['engine']}, c={v['points'][-1]['max_concurrency']})" for v in results["variants"]]
+    measured = [v for v in results["variants"] if v["points"]]  # a server that never started has none: see its notes
+    names = [f"{v['name']}\n({v['engine']}, c={v['points'][-1]['max_concurrency']})" for v in measured]
     width = 0.8 / max(1, len(pcts))
     for j, p in enumerate(pcts):
         word = str(int(p)) if int(p) == p else str(p)
-        ys = [v["points"][-1].get(f"p{word}_e2el_ms", 0) / 1000 for v in results["variants"]]
+        ys = [v["points"][-1].get(f"p{word}_e2el_ms", 0) / 1000 for v in measured]
         ax.bar([i + j * width for i in range(len(names))], ys, width, label=f"p{word}")
     ax.set_xticks([i + width * (len(pcts) - 1) / 2 for i in range(len(names))], names, fontsize=8)
     ax.set_ylabel("end-to-end latency (s)")
