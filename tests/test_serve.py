@@ -278,6 +278,42 @@ def _running(pid):
         return False
 
 
+def test_an_adapter_trained_on_another_architecture_is_refused(tmp_path, tiny_dir):
+    """An adapter whose recorded base is a model of another shape is refused before vLLM spends its minute (one of the
+    same architecture in another folder is served); s45's mutation audit: the check was untested."""
+    import shutil
+
+    from llmfast.testing import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "wider", hidden_size=256, num_heads=4)
+    copy = shutil.copytree(tiny_dir, tmp_path / "copy")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match=f"LoRA 'x' was trained on {other} .*, not on the served model {tiny_dir}"):
+        check_lora("x", _adapter(tmp_path / "a", base_model_name_or_path=str(other)), base=tiny_dir)
+    assert check_lora("y", _adapter(tmp_path / "b", base_model_name_or_path=str(copy)), base=tiny_dir).rank == 8
+
+
+def test_a_qlora_variant_records_the_4bit_base_transformers_ran(tmp_path, tiny_dir):
+    """transformers puts a QLoRA adapter on the 4-bit base its manifest records, and the result says so; vLLM serves
+    it on the full-precision base (s45's mutation audit: the recorded quantization was untested)."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.bench.engines import Variant
+    from llmfast.bench.engines.base import quantization_ran
+    from llmfast.quant import parse_quantization
+    from llmfast.serve.lora import ServedLora
+
+    qlora, plain = tmp_path / "qlora", tmp_path / "plain"
+    for d in (qlora, plain):
+        d.mkdir()
+    write_manifest(qlora, stage="finetune", quantization=parse_quantization("nf4").manifest())
+    write_manifest(plain, stage="finetune")
+    v = Variant("q", tiny_dir, lora=ServedLora("q", qlora, 8))
+    assert (quantization_ran(v, "hf"), quantization_ran(v, "vllm")) == ("nf4", None)
+    assert quantization_ran(Variant("p", tiny_dir, lora=ServedLora("p", plain, 8)), "hf") is None
+    assert quantization_ran(Variant("f", tiny_dir, quantization="fp4"), "hf") == "fp4"
+
+
 def test_serve_passes_everything_after_double_dash_to_vllm():
     from llmfast.cli import parse_args
 
