@@ -314,6 +314,28 @@ def test_a_qlora_variant_records_the_4bit_base_transformers_ran(tmp_path, tiny_d
     assert quantization_ran(Variant("f", tiny_dir, quantization="fp4"), "hf") == "fp4"
 
 
+def test_only_a_relu_llama_is_marked_for_the_vllm_plugin(tmp_path, tiny_dir):
+    """export and quantize mark every model they write: a SiLU Llama, or a ReLU model of another family, keeps its
+    architecture (marked, vLLM would serve a SiLU Llama with ReLU MLPs); a ReLU Llama gets the plugin's, model_type
+    staying llama (s45's mutation audit: only the positive case was tested)."""
+    import shutil
+
+    from llmfast.serve.vllm_plugin import ARCHITECTURE, mark_relu_architecture
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_act"] == "silu"
+    cases = {"silu-llama": {}, "relu-qwen2": {"model_type": "qwen2", "hidden_act": "relu"},
+             "relu-llama": {"hidden_act": "relu"}}
+    for name, change in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(tiny_dir / "config.json", d / "config.json")
+        (d / "config.json").write_text(json.dumps({**cfg, **change}))
+        assert mark_relu_architecture(d) == (name == "relu-llama")
+        got = json.loads((d / "config.json").read_text())
+        assert got == ({**cfg, **change, "architectures": [ARCHITECTURE]} if name == "relu-llama" else {**cfg, **change})
+
+
 def test_serve_passes_everything_after_double_dash_to_vllm():
     from llmfast.cli import parse_args
 
