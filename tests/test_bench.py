@@ -169,6 +169,29 @@ def test_bench_serve_bad_urls_servers_and_result_dirs(tmp_path):
     assert a_file.read_text() == "x"
 
 
+def test_bench_serve_refuses_a_result_folder_it_cannot_write(tmp_path):
+    """A --result-dir under a folder this user cannot write is one line before any request (the results of minutes of
+    load were lost at the end); run as this user, and as root without its file-mode override (s45's mutation audit:
+    untested)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, file_modes_prefix
+
+    prefix = file_modes_prefix(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "llmfast.cli", "bench", "serve", "--port", "9",
+                               "--num-prompts", "2", "--save-result", "--result-dir", str(locked / "sub")],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"llmfast: error: --result-dir {locked / 'sub'}: {locked} is not writable"
+
+
 def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
     """A server that stops sending tokens fails the requests after --stall-timeout, not the request timeout."""
     _, url = fake_server(stall=True)
