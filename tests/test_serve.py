@@ -269,6 +269,50 @@ def test_a_failed_start_is_told_in_the_servers_last_words_and_keeps_its_log(tmp_
     assert not temp.log_path.exists()
 
 
+def test_serve_takes_an_ipv6_host(tmp_path, tiny_dir):
+    """--host :: or ::1 (vLLM binds IPv6 for them): the port is found and checked on IPv6, a port in use there is
+    refused, and the URL of the readiness check brackets the address. Found by s45's audit: --port 0 was a
+    traceback (socket.gaierror in free_port), a fixed port "port N on :: is Address family for hostname not
+    supported", and http://::1:PORT no URL."""
+    import http.server
+    import socket
+    import threading
+
+    from llmfast.serve.endpoint import healthy
+    from llmfast.serve.server import VllmServer, check_port_free, free_port
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 here")
+    check_port_free("::", free_port("::"))
+    srv = VllmServer(ServerSpec(model=tiny_dir, host="::1", port=0), log_path=tmp_path / "log")
+    assert srv.spec.port > 0 and srv.base_url == f"http://[::1]:{srv.spec.port}"
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    class V6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    httpd = V6(("::1", srv.spec.port), Health)  # stands in for vLLM's server on that address
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert healthy(srv.base_url)
+        with pytest.raises(UserError, match=f"port {srv.spec.port} on ::1 is in use"):
+            check_port_free("::1", srv.spec.port)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def _running(pid):
     """Alive and not a zombie waiting for its reaper."""
     try:

@@ -33,8 +33,23 @@ from llmfast.serve.machine import Machine, detect, vllm_defaults
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 
 
+def _is_ipv6(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def _socket_for(host: str) -> socket.socket:
+    """A TCP socket of the family vLLM's server binds `host` with: IPv6 for an IPv6 address ('::', '::1'), else IPv4
+    (vllm/entrypoints/launchers/launcher.py, create_server_socket)."""
+    return socket.socket(socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET, socket.SOCK_STREAM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with _socket_for(host) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -66,7 +81,7 @@ def check_log(log: str | None) -> None:
 
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on: its /health would pass for ours."""
-    with socket.socket() as s:
+    with _socket_for(host) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
         try:
             s.bind((host, port))
@@ -154,7 +169,7 @@ class VllmServer:
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.spec.host in ("0.0.0.0", "::", "") else self.spec.host
-        return f"http://{host}:{self.spec.port}"
+        return f"http://[{host}]:{self.spec.port}" if _is_ipv6(host) else f"http://{host}:{self.spec.port}"
 
     def start(self) -> "VllmServer":
         try:
