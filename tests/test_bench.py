@@ -689,6 +689,30 @@ def test_the_transformers_engine_runs_the_workloads_batch_size(hf_batch_size, ex
         (2, hf_batch_size or 2, "ok"), (6, hf_batch_size or 6, "ok")]
 
 
+def test_a_variant_with_another_tokenizer_gets_the_prompts_in_its_own_tokens(tmp_path, tiny_dir, tiny):
+    """bench run builds its prompts once, with its first variant's tokenizer; a transformers variant of another model
+    gets their text in its own tokens, as vLLM's server tokenizes the text it is sent. It got the first tokenizer's ids:
+    past its vocabulary an IndexError (a failed point), within it another text (found by s45's audit)."""
+    from llmfast.bench import runner
+    from llmfast.models import load_tokenizer
+    from llmfast.recipe import BenchRecipe
+    from llmfast.testing import build_tiny_llama
+
+    first = build_tiny_llama(tmp_path / "vocab2048", vocab_size=2048)
+    reqs = random_requests(load_tokenizer(first), 3, input_len=8, output_len=2, seed=0)
+    assert max(max(r.prompt_ids) for r in reqs) >= 1024  # beyond the tiny model's vocabulary
+    recipe = BenchRecipe.model_validate({
+        "variants": [{"name": "first", "model": str(first)}, {"name": "tiny", "model": str(tiny_dir), "engine": "hf"}],
+        "workload": {"num_prompts": 3, "input_len": 8, "output_len": 2, "max_concurrency": [3], "percentiles": [50],
+                     "ignore_eos": True}})
+    m = runner.Measured(Variant("tiny", tiny_dir), "hf", "tiny")
+    runner._measure_hf(recipe, m, reqs, tmp_path)  # in a process of its own, as bench run runs it
+    (point,) = m.points
+    assert point["status"] == "ok" and point["completed"] == 3, point.get("failure_cause")
+    own = [tiny[1].encode(r.prompt, add_special_tokens=False) for r in reqs]
+    assert point["total_input_tokens"] == sum(map(len, own)) and point["total_output_tokens"] == 6
+
+
 def test_lineage_is_breadth_first(tmp_path):
     """A merge of two models, each made from another: its lineage lists the merge, its parents, then theirs (newest
     first, level by level), and `depth` cuts the oldest (s44's mutation audit: depth first lost a parent)."""
