@@ -192,6 +192,24 @@ def test_bench_serve_refuses_a_result_folder_it_cannot_write(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"llmfast: error: --result-dir {locked / 'sub'}: {locked} is not writable"
 
 
+def test_bench_serve_refuses_a_model_the_server_does_not_serve_and_a_mismatched_endpoint(fake_server):
+    """A --model, --served-model-name or LoRA module the server does not list, and an --endpoint that does not fit the
+    backend, are one line before the first request (every request failed with HTTP 404, or a chat body went to the
+    completions route). s45's mutation audit: neither check was tested."""
+    srv, url = fake_server(models=("m", "l1"))
+    cases = {("--model", "nope"): f"model 'nope' is not served by {url}: it serves m, l1",
+             ("--served-model-name", "nope"): f"model 'nope' is not served by {url}: it serves m, l1",
+             ("--lora-modules", "l1", "l9"): f"model 'l9' is not served by {url}: it serves m, l1",
+             ("--backend", "openai-chat", "--endpoint", "/v1/completions"):
+                 "--endpoint /v1/completions does not fit --backend openai-chat",
+             ("--endpoint", "/v1/chat/completions"): "--endpoint /v1/chat/completions does not fit --backend openai"}
+    for argv, msg in cases.items():
+        code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                                 "--random-output-len", "2", *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (argv, err)
+    assert srv.seen == []
+
+
 def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
     """A server that stops sending tokens fails the requests after --stall-timeout, not the request timeout."""
     _, url = fake_server(stall=True)

@@ -114,6 +114,8 @@ def test_random_prompts_have_exact_token_counts(tiny):
     ranged = random_requests(tok, 50, 40, 8, range_ratio=0.5, seed=2)
     assert min(r.prompt_len for r in ranged) >= 20 and max(r.prompt_len for r in ranged) <= 60
     assert len({r.prompt_len for r in ranged}) > 5
+    with pytest.raises(UserError, match=r"--random-range-ratio 1.0: must be in \[0, 1\)"):  # as vLLM (s45's audit)
+        random_requests(tok, 2, 40, 8, range_ratio=1.0)
 
 
 def test_jsonl_prompts_and_their_errors(tmp_path, tiny):
