@@ -283,6 +283,21 @@ def test_token_counts_are_the_servers(fake_server, tmp_path):
     assert r["failure_cause"] == "the stream ended without a token"
 
 
+def test_metadata_cannot_replace_what_the_run_measured(fake_server, tmp_path):
+    """--metadata adds keys to the result and may replace its setup (label, as vLLM lets it), not what the run measured:
+    `status=ok` made a failed run's result say ok and exit 0, `duration=long` replaced the duration (found by s45's
+    audit; vLLM merges its measured results over the metadata)."""
+    _, url = fake_server(empty=True)
+    code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                             "--random-output-len", "2", "--disable-tqdm", "--metadata", "status=ok", "duration=long",
+                             "completed=2", "label=mine", "run=x", "--save-result", "--result-dir", str(tmp_path),
+                             "--result-filename", "r.json")
+    assert code == 1, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["status"], r["completed"], r["failed"]) == ("failed", 0, 2) and isinstance(r["duration"], float)
+    assert (r["label"], r["run"]) == ("mine", "x")
+
+
 def test_requests_are_checked_against_the_servers_max_model_len(fake_server, tmp_path):
     """The longest request (prompt and output: 8 + 4 tokens) may fill the server's max_model_len exactly, not one
     token more (s45's mutation audit: the boundary was not tested outside vLLM's own, slow test)."""

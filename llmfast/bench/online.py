@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from llmfast.bench.workload import Request
 
 
+# Result keys --metadata may replace: the setup vLLM writes before its metadata (vllm/benchmarks/serve.py).
+METADATA_REPLACES = ("date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts")
+
+
 def _parse_list(text: str | None, name: str, kind: type) -> list[Any]:
     if text is None:
         return [None]
@@ -294,7 +298,8 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
                 goodput=slos, label=args.label, model_id=model_id, tokenizer_id=tokenizer_id,
                 save_detailed=args.save_detailed, disable_tqdm=args.disable_tqdm,
                 desc=f"rate {rate} conc {conc}" if sweep else "requests")
-            result.update(metadata)
+            # --metadata may replace the run's setup, as in vLLM, never what it measured (vLLM merges those last)
+            result.update({k: v for k, v in metadata.items() if k in METADATA_REPLACES or k not in result})
             print(format_summary(result))
             if result["status"] == "failed":
                 print(f"FAILED: {result['failure_cause']}")
