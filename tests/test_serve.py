@@ -116,6 +116,8 @@ def test_random_prompts_have_exact_token_counts(tiny):
     assert len({r.prompt_len for r in ranged}) > 5
     with pytest.raises(UserError, match=r"--random-range-ratio 1.0: must be in \[0, 1\)"):  # as vLLM (s45's audit)
         random_requests(tok, 2, 40, 8, range_ratio=1.0)
+    with pytest.raises(UserError, match="--random-prefix-len -1: must be 0 or more"):  # was a numpy traceback
+        random_requests(tok, 2, 40, 8, prefix_len=-1)
 
 
 def test_jsonl_prompts_and_their_errors(tmp_path, tiny):
