@@ -44,7 +44,8 @@ def test_every_engine_conforms(name, tiny_dir, tiny):
 
 class _Fake(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible server in a thread: /health, /v1/models naming `model` (with `max_model_len` when set),
-    and streamed completions of `tokens` tokens, `per_chunk` to a chunk, with the usage (prompt_tokens 5) last; with
+    and streamed completions of `tokens` tokens, `per_chunk` to a chunk, with the usage (prompt_tokens 5) last when
+    the request asks for it (stream_options.include_usage, as vLLM); with
     `stall`, one token and then nothing (until the test ends); with `empty`, the usage and no token."""
 
     def log_message(self, *a):
@@ -88,7 +89,9 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             srv.release.wait(60)
             return
         usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 0 if srv.empty else n}}
-        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
 
 
 @pytest.fixture
@@ -377,6 +380,7 @@ def test_vllm_command_lines_parse_or_name_the_flag(line):
     (["--dataset-name", "burstgpt"], "--dataset-name burstgpt does not apply"),
     (["--backend", "openai-chat"], None),
     (["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "8", "--ramp-up-end-rps", "2"], "0 <= start <= end"),
+    (["--request-timeout", "0"], "--request-timeout positive"),
 ])
 def test_vllm_choices_that_do_not_apply(argv, msg):
     code, _, err = run_cli("bench", "serve", "--port", "9", "--num-prompts", "2", *argv)
