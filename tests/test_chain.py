@@ -487,6 +487,27 @@ def test_settings_given_as_flags_are_checked_with_the_section(tiny: Path, tmp_pa
     assert "unknown key 'typo'" in capsys.readouterr().err
 
 
+def test_a_flag_swapping_the_model_and_a_bench_variant_not_there_are_refused_when_planned(
+        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage's `flags: [--model, X]` would swap the model its `with:` names (the chain's to set), and a bench stage's
+    variant naming a model that is not there would fail only when its turn came: both are one line before anything
+    runs (s45's mutation audit: neither was tested)."""
+    cases = {
+        "flag": ({"type": "eval", "with": {"model": str(tiny), "eval": {"perplexity": {"text": str(TEXT)}}},
+                  "flags": ["--model", str(tiny)]}, "stage s (eval) of {path}: flags: --model is the chain's to set"),
+        "variant": ({"type": "bench", "with": {"variants": [{"name": "a", "model": str(tiny)},
+                                                            {"name": "b", "model": "tinyy"}]}},
+                    "stage s (bench) of {path}: with.variants.1.model: model 'tinyy' not found"),
+    }
+    for name, (stage, said) in cases.items():
+        path = write(tmp_path / f"{name}.yaml", {"output": str(tmp_path / "run"), "stages": {"s": stage}})
+        capsys.readouterr()
+        assert main(["run", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said.format(path=path) in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_run_of_a_chain_at_a_time(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A second `llmfast run` of a running chain cleared the running stage's folder before the stage's verb refused
     it: the run folder's lock refuses it first, and --dry-run still answers."""
