@@ -342,6 +342,20 @@ def test_an_adapter_trained_on_another_architecture_is_refused(tmp_path, tiny_di
     assert check_lora("y", _adapter(tmp_path / "b", base_model_name_or_path=str(copy)), base=tiny_dir).rank == 8
 
 
+def test_two_adapters_of_one_name_are_refused(tmp_path, tiny_dir):
+    """Requests name an adapter: two of one name (given so, or two runs' adapter/ folders of one run name) are one
+    line before vLLM starts (s45's mutation audit: untested)."""
+    from llmfast.serve.server import prepare_spec
+
+    for d in ("one", "two"):
+        (tmp_path / d / "dates").mkdir(parents=True)
+    a, b = _adapter(tmp_path / "one" / "dates"), _adapter(tmp_path / "two" / "dates")
+    for loras in ([f"x={a}", f"x={b}"], [str(a), str(b)]):
+        with pytest.raises(UserError, match="--lora names must differ"):
+            prepare_spec(str(tiny_dir), loras)
+    assert [x.name for x in prepare_spec(str(tiny_dir), [f"x={a}", str(b)]).loras] == ["x", "dates"]
+
+
 def test_a_qlora_variant_records_the_4bit_base_transformers_ran(tmp_path, tiny_dir):
     """transformers puts a QLoRA adapter on the 4-bit base its manifest records, and the result says so; vLLM serves
     it on the full-precision base (s45's mutation audit: the recorded quantization was untested)."""
