@@ -419,6 +419,19 @@ def test_serve_refuses_adapters_vllm_cannot_load(tmp_path, tiny_dir, cfg, msg):
     assert __import__("re").search(msg, err), err
 
 
+@pytest.mark.parametrize("cfg,msg", [
+    ({"r": 0}, "rank 0 in .*adapter_config.json: ranks are at least 1"),
+    ({"r": 8.0}, "r and rank_pattern's values must be whole numbers \\(got 8.0\\)"),
+    ({"r": True}, "must be whole numbers \\(got True\\)"),
+    ({"r": 8, "rank_pattern": {"q_proj": 0}}, "rank 0 in"),
+])
+def test_adapter_ranks_are_whole_positive_numbers(tmp_path, cfg, msg):
+    """A rank that is not a whole number of at least 1 (r or a rank_pattern value) is one line before vLLM starts
+    (s45's mutation audit: untested)."""
+    with pytest.raises(UserError, match=msg):
+        check_lora("x", _adapter(tmp_path, **cfg))
+
+
 def test_an_adapter_vllm_cannot_serve_runs_on_the_transformers_engine(tmp_path, tiny_dir):
     """vLLM's rank limit refuses the vllm engine only: transformers runs the adapter (it was refused for both)."""
     from peft import LoraConfig, get_peft_model
