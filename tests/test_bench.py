@@ -750,6 +750,29 @@ def test_a_variant_with_another_tokenizer_gets_the_prompts_in_its_own_tokens(tmp
     assert point["total_input_tokens"] == sum(map(len, own)) and point["total_output_tokens"] == 6
 
 
+def test_a_transformers_run_that_fails_is_a_failed_point_with_its_cause(tmp_path, tiny_dir, tiny):
+    """The engine's process failing (here: weights cut short after the plan checked them) is a failed point: every
+    prompt failed, the cause and its log named in the point and the variant's notes, and the sweep goes on (s45's
+    mutation audit: the failure point was untested)."""
+    import shutil
+
+    from llmfast.bench import runner
+    from llmfast.recipe import BenchRecipe
+
+    broken = Path(shutil.copytree(tiny_dir, tmp_path / "broken"))
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    recipe = BenchRecipe.model_validate({"variants": [{"name": "b", "model": str(tiny_dir)}], "workload": {
+        "num_prompts": 3, "input_len": 6, "output_len": 2, "max_concurrency": [1, 3], "percentiles": [50]}})
+    m = runner.Measured(Variant("b", broken), "hf", "b")
+    runner._measure_hf(recipe, m, random_requests(tiny[1], 3, input_len=6, output_len=2, seed=0), tmp_path)
+    assert [(p["max_concurrency"], p["status"], p["failed"], p["completed"]) for p in m.points] == [
+        (1, "failed", 3, 0), (3, "failed", 3, 0)] and m.status == "failed"
+    causes = [p["failure_cause"] for p in m.points]
+    assert all(c.startswith("transformers engine failed: ") and f"(log: {tmp_path / 'hf-b-c'}" in c for c in causes)
+    assert m.notes == [f"b c={p['max_concurrency']}: {p['failure_cause']}" for p in m.points]
+
+
 def test_lineage_is_breadth_first(tmp_path):
     """A merge of two models, each made from another: its lineage lists the merge, its parents, then theirs (newest
     first, level by level), and `depth` cuts the oldest (s44's mutation audit: depth first lost a parent)."""
