@@ -43,7 +43,8 @@ def test_every_engine_conforms(name, tiny_dir, tiny):
 
 
 class _Fake(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible server in a thread: /health, /v1/models naming `model` (with `max_model_len` when set),
+    """An OpenAI-compatible server in a thread: /health, /v1/models naming `model` (with `max_model_len` when set)
+    and `loras` (each with its parent and its adapter folder as root),
     and streamed completions of `tokens` tokens, `per_chunk` to a chunk, with the usage (prompt_tokens 5) last when
     the request asks for it (stream_options.include_usage, as vLLM); with
     `stall`, one token and then nothing (until the test ends); with `empty`, the usage and no token."""
@@ -65,7 +66,8 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             self._json({})
         elif self.path == "/v1/models":
             extra = {"max_model_len": srv.max_model_len} if srv.max_model_len else {}
-            self._json({"data": [{"id": m, "root": str(srv.root), **extra} for m in srv.models]})
+            self._json({"data": [{"id": m, "root": str(srv.root), **extra} for m in srv.models] + [
+                {"id": name, "root": str(root), "parent": parent} for name, (parent, root) in srv.loras.items()]})
         else:
             self.send_error(404)
 
@@ -98,12 +100,13 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 def fake_server(tiny_dir):
     servers = []
 
-    def start(models=("m",), stall=False, gap=0.0, per_chunk=1, empty=False, max_model_len=None):
+    def start(models=("m",), stall=False, gap=0.0, per_chunk=1, empty=False, max_model_len=None, loras=None):
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
         srv.daemon_threads = True
         srv.models, srv.root, srv.stall, srv.seen, srv.release = list(models), tiny_dir, stall, [], threading.Event()
         srv.gap, srv.lock, srv.per_chunk, srv.empty, srv.max_model_len = gap, threading.Lock(), per_chunk, empty, \
             max_model_len
+        srv.loras = loras or {}  # name -> (parent, root), as vLLM lists a LoRA adapter
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}"
@@ -299,6 +302,22 @@ def test_metadata_cannot_replace_what_the_run_measured(fake_server, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert (r["status"], r["completed"], r["failed"]) == ("failed", 0, 2) and isinstance(r["duration"], float)
     assert (r["label"], r["run"]) == ("mine", "x")
+
+
+def test_a_lora_model_is_benchmarked_with_its_base_models_tokenizer(fake_server, tmp_path):
+    """vLLM lists a LoRA adapter with its own folder as root and its base model as parent: the prompts are built with
+    the parent's tokenizer, as an adapter folder need not hold one (s45's mutation audit: untested)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    srv, url = fake_server(loras={"l1": ("m", adapter)})
+    code, out, err = run_cli("bench", "serve", "--base-url", url, "--model", "l1", "--num-prompts", "2",
+                             "--random-input-len", "8", "--random-output-len", "2", "--disable-tqdm", "--save-result",
+                             "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["completed"], r["tokenizer_id"], r["model_id"]) == (2, str(srv.root), "l1")
+    assert [b["model"] for _, _, b in srv.seen] == ["l1", "l1"]
 
 
 def test_requests_are_checked_against_the_servers_max_model_len(fake_server, tmp_path):
