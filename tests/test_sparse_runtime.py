@@ -359,3 +359,121 @@ def test_attention_thresholds_under_another_method_than_dejavu_are_refused_by_bo
         with pytest.raises(UserError, match="sparsity.attention is for dejavu artifacts") as e:
             load()
         assert str(art / "llmfast.json") in str(e.value) and "\n" not in str(e.value)
+
+
+SHAPE = "{site} thresholds have shape (3,), the model has 2 gated MLPs: the thresholds belong to another model"
+LAYERS = "{site} thresholds for 3 layers, the model has 2 gated MLPs: the thresholds belong to another model"
+
+
+@pytest.mark.parametrize("case,site,hooks,runtime", [
+    ("file-missing", None, "a teal artifact without sparsity.safetensors", None),
+    ("not-safetensors", None, "sparsity.safetensors: not a readable safetensors file", None),
+    ("site-missing", "down_in", "sparsity.safetensors: no thresholds for down_in", None),
+    ("two-dimensional", "mlp_in", "mlp_in thresholds are a torch.float32 tensor of shape (2, 1), not one float", None),
+    ("integers", "o_in", "o_in thresholds are a torch.int64 tensor of shape (2,), not one float per layer", None),
+    ("a-deeper-model", "mlp_in", SHAPE, LAYERS),
+    ("a-deeper-model", "attn_in", SHAPE, LAYERS),
+], ids=["file-missing", "not-safetensors", "site-missing", "two-dimensional", "integers", "deeper-mlp", "deeper-attn"])
+def test_a_damaged_thresholds_file_is_one_line_from_both_loaders(artifacts, tmp_path, case, site, hooks, runtime):
+    """sparsity.safetensors missing, unreadable, without a site, of the wrong shape or type, or of a model with more
+    layers: load_model and the sparse runtime each refuse it in one line naming the artifact (s45's mutation audit:
+    none of these refusals had a test; thresholds of a deeper model were taken for the first layers unnoticed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmfast.loading import from_pretrained
+    from llmfast.models import load_model
+    from llmfast.sparse.runtime import install_sparse_runtime
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE
+
+    art = tmp_path / "teal-attention"
+    shutil.copytree(artifacts["teal-attention"], art)
+    path = art / THRESHOLDS_FILE
+    tensors = load_file(path)
+    assert set(tensors) == {"mlp_in", "down_in", "attn_in", "o_in"}
+    if case == "file-missing":
+        path.unlink()
+    elif case == "not-safetensors":
+        path.write_bytes(b"not a safetensors file")
+    else:
+        if case == "site-missing":
+            del tensors[site]
+        else:
+            tensors[site] = {"two-dimensional": tensors[site][:, None], "integers": torch.zeros(2, dtype=torch.int64),
+                             "a-deeper-model": torch.cat([tensors[site], tensors[site][:1]])}[case]
+        path.unlink()  # the artifact's file is a copy, but never write through a link
+        save_file(tensors, path)
+    for load, expected in ((lambda: load_model(art), hooks),
+                           (lambda: install_sparse_runtime(from_pretrained(art, "float32"), art), runtime or hooks)):
+        with pytest.raises(UserError) as e:
+            load()
+        message = str(e.value)
+        assert expected.format(site=site) in message and str(art) in message and "\n" not in message, message
+
+
+def test_lookahead_predictors_of_a_deeper_model_read_the_previous_layers_input(tmp_path, tiny_dir):
+    """With look-ahead, layer i's predictor reads layer i-1's MLP input (layer 0 its own), in both loaders. Three
+    layers: the third must read the second's input, not what the second was fed (the first's); two layers cannot
+    tell these apart (s45's mutation audit: passing on what was fed, in the hooks or in the runtime, passed the
+    suite, whose models have two layers)."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.models import load_model
+    from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, save_predictors
+    from llmfast.sparse.runtime import runtime_calls
+    from llmfast.sparse.thresholds import link_or_copy_model
+    from llmfast.testing import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "deep", num_layers=3)
+    art = tmp_path / "dejavu"
+    art.mkdir()
+    link_or_copy_model(src, art)
+    g = torch.Generator().manual_seed(1)
+    h, i, r = 128, 256, 16
+    save_predictors([Predictor(torch.randn(h, r, generator=g) / h**0.5, torch.randn(r, i, generator=g) / r**0.5,
+                               torch.zeros(i), torch.tensor(0.25), lookahead=True) for _ in range(3)],
+                    art / PREDICTORS_FILE)
+    write_manifest(art, stage="sparsify", parents=[str(src)], sparsity={"method": "dejavu", "config": {}})
+
+    hooked = load_model(art)
+    mlps = [l.mlp for l in hooked.model.layers]
+    seen: dict = {}
+    taps = [m.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(("x", i), a[0])) for i, m in
+            enumerate(mlps)]
+    taps += [m.down_proj.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(("down", i), a[0])) for i, m
+             in enumerate(mlps)]  # after the predictors' zeroing
+    ids = prompt_ids(art)
+    with torch.no_grad():
+        hooked(ids)
+        for i, mlp in enumerate(mlps):
+            x = seen[("x", i)]
+            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+            active = mlp.llmfast_predictor.active(seen[("x", max(i - 1, 0))])
+            assert 0.05 < active.float().mean() < 0.95, i  # the predictors keep some and drop some
+            assert torch.equal(seen[("down", i)], torch.where(active, h, torch.zeros(()))), i
+    for t in taps:
+        t.remove()
+    ref, sparse = pair(art)
+    for a, b in zip(prefill_and_decode(sparse, ids), prefill_and_decode(ref, ids)):
+        assert close(a, b)
+    assert runtime_calls(sparse, "mlp")["sparse"] > 0
+
+
+@pytest.mark.parametrize("biased", [("gate_proj", "up_proj", "down_proj"), ("down_proj",)])
+def test_the_sparse_mlp_refuses_biased_projections(biased):
+    """The sparse MLP's gathers have no bias term: an MLP with one (Llama's mlp_bias) is refused in every mode rather
+    than run without it (s45's mutation audit: dropping the check, or down_proj from it, passed every test; the
+    hf-sparse engine refuses such a model from its config before this)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from llmfast.sparse.kernels import MODES, SparseMLP
+
+    for mode in MODES:
+        mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, mlp_bias=True))
+        for p in {"gate_proj", "up_proj", "down_proj"} - set(biased):
+            getattr(mlp, p).bias = None
+        with pytest.raises(ValueError, match="the sparse MLP supports bias-free projections only"):
+            SparseMLP(mlp, mode)
+    plain = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2))
+    assert SparseMLP(plain, "relu").inter == 16
