@@ -71,6 +71,7 @@ def capture(model, windows, batch=4):
     ("relu", "{rank: 16, steps: 150, target_recall: 0.9}"),
     ("relu", "{rank: 16, steps: 150, lookahead: true}"),
     ("silu", "{rank: 16, steps: 150, label_sparsity: 0.7}"),
+    ("silu", "{rank: 16, steps: 150}"),  # label_sparsity's default: 0.5
 ])
 def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_path, relu_dir, tiny_dir, source,
                                                                           config):
@@ -87,6 +88,8 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
     assert [p.rank for p in preds] == [16, 16] and all(p.lookahead == cfg["lookahead"] for p in preds)
     cuts = metrics["label_thresholds"]
     assert (cuts == [0.0, 0.0]) == (source == "relu")
+    label = None if source == "relu" else cfg["label_sparsity"] or 0.5
+    assert metrics["labels"] == ("nonzero" if label is None else f"|h| above the {label} quantile")
     tok = load_tokenizer(art)
     calib, held = split(tok)
 
@@ -101,8 +104,15 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
         active = seen["down"][i].abs() > cuts[i]
         hit = (p.active(fed) & active[1536:]).sum().item()
         assert hit >= cfg["target_recall"] * active[1536:].sum().item() - 2
-        if source == "silu":  # the label quantile over all calibration tokens: 70% of entries inactive
-            assert (~active).float().mean().item() == pytest.approx(0.7, abs=1e-4)
+        # the manifest's calibration report: the labels' sparsity over every calibration token (s45's mutation
+        # audit: reporting the active fraction in its place passed)
+        assert metrics["calibration"]["true_sparsity"]["per_layer"][i] == pytest.approx(
+            1 - active.float().mean().item(), abs=1e-4)
+        if source == "silu":  # the label quantile over all calibration tokens: `label` of the entries inactive
+            assert (~active).float().mean().item() == pytest.approx(label, abs=1e-4)
+            # the cut is the k-th smallest |h| (s45's mutation audit: the (k+1)-th passed the line above)
+            mag, k = seen["down"][i].abs(), round(label * seen["down"][i].numel())
+            assert int((mag < cuts[i]).sum()) < k <= int((mag <= cuts[i]).sum()), i
 
     # Held-out, on the loaded artifact: down_proj's input is exactly act(gate) * up with the predicted-inactive
     # entries zeroed, the MLP output is down of that, and the reported metrics are these counts.
@@ -126,6 +136,10 @@ def test_recall_by_construction_and_heldout_metrics_match_a_recomputation(tmp_pa
             assert report[key]["per_layer"][i] == pytest.approx(value.item(), abs=2e-6), (i, key)
         zero = (seen["down"][i] == 0).float().mean().item()
         assert metrics["heldout_sparsity"]["down_in"]["per_layer"][i] == pytest.approx(zero, abs=2e-6)
+        zero = (seen["x"][i] == 0).float().mean().item()
+        assert metrics["heldout_sparsity"]["mlp_in"]["per_layer"][i] == pytest.approx(zero, abs=2e-6)
+    # counted on the pass with the predictors only (s45's mutation audit: counting the dense pass too passed)
+    assert metrics["heldout_sparsity"]["mlp_in"]["tokens"] == metrics["heldout_sparsity"]["down_in"]["tokens"] == 2048
     assert report["recall"]["mean"] == pytest.approx(sum(report["recall"]["per_layer"]) / 2, abs=2e-6)
     assert 0 < metrics["heldout_kl"] < 1
     # The manifest's calibration recall is what the thresholds were set for; on held-out text it stays close.
@@ -306,8 +320,11 @@ def test_save_load_round_trip(tmp_path):
     ({"A": lambda p: p.A[:-1]}, "layer 0's predictor maps 127 -> 256, the model's MLP is 128 -> 256"),
     ({"B": lambda p: torch.zeros(p.rank, 300), "bias": lambda p: torch.zeros(300)}, "maps 128 -> 300"),
     ({"B": lambda p: p.B[:-1]}, "layer 0 has shapes A (128, 4), B (3, 256)"),
+    # one bias for every neuron would broadcast (s45's mutation audit: unchecked, it loaded)
+    ({"bias": lambda p: p.bias[:1]}, "layer 0 has shapes A (128, 4), B (4, 256), bias (1,), threshold ()"),
     ("one layer", "1 predictors for a model with 2 gated MLPs"),
     ("missing key", "missing 1.bias: rebuild it"),
+    ("other format", "not a llmfast-dejavu-1 file (metadata format 'llmfast-dejavu-0')"),  # s45's mutation audit
 ])
 def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change, expected, monkeypatch):
     from safetensors.torch import load_file, save_file
@@ -328,9 +345,9 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
         _rewrite(art, **change)
     else:
         tensors = load_file(path)
-        drop = "1." if change == "one layer" else "1.bias"
+        drop = {"one layer": "1.", "missing key": "1.bias"}.get(change, "none")
         save_file({k: v for k, v in tensors.items() if not k.startswith(drop)}, path,
-                  metadata={"format": FORMAT, "lookahead": "false"})
+                  metadata={"format": FORMAT if change != "other format" else "llmfast-dejavu-0", "lookahead": "false"})
     with pytest.raises(UserError) as e:
         load_model(art)
     assert str(path) in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
@@ -510,3 +527,50 @@ def test_a_predictor_is_trained_on_normalised_inputs_and_stores_the_scale_folded
     four = train_layer(LayerData(4 * x, active, 0.0), cfg, torch.Generator().manual_seed(1))
     torch.testing.assert_close(four.logits(4 * x), one.logits(x), rtol=1e-5, atol=1e-4)
     assert ((one.logits(x) > 0) == active).float().mean() > 0.9
+
+
+def test_split_tokens_holds_back_the_last_share_of_the_tokens():
+    """The threshold tokens are the last round(share x n) of them, at least one and at most n - 1, in order; share 0
+    or a single token: both are all of them (s45's mutation audit: truncating the share instead passed every test)."""
+    from llmfast.sparse import predictor_training as pt
+
+    n = 10
+    data = pt.LayerData(torch.arange(n * 3, dtype=torch.float32).view(n, 3), torch.arange(n * 4).view(n, 4) % 3 == 0, 0.5)
+    for share, held in ((0.26, 3), (0.35, 4), (0.5, 5), (0.01, 1), (0.99, 9)):
+        fit, thr = pt.split_tokens(data, share)
+        assert torch.equal(fit.x, data.x[: n - held]) and torch.equal(thr.x, data.x[n - held:]), share
+        assert torch.equal(fit.active, data.active[: n - held]) and torch.equal(thr.active, data.active[n - held:])
+        assert fit.label_threshold == thr.label_threshold == 0.5
+    for d, share in ((data, 0.0), (pt.LayerData(data.x[:1], data.active[:1], 0.5), 0.5)):
+        fit, thr = pt.split_tokens(d, share)
+        assert fit is d and thr is d
+
+
+def test_per_layer_report_gives_the_mean_min_and_max_over_layers():
+    """The manifest's predictor and calibration summaries (s45's mutation audit: a `max` that was the minimum passed
+    every test)."""
+    from llmfast.sparse.predictor_training import per_layer_report
+
+    rows = [{"recall": 0.9, "frac": 0.25}, {"recall": 0.97, "frac": 0.5}, {"recall": 0.8, "frac": 1 / 3}]
+    got = per_layer_report(rows)
+    assert got == {"recall": {"mean": 0.89, "min": 0.8, "max": 0.97, "per_layer": [0.9, 0.97, 0.8]},
+                   "frac": {"mean": round(13 / 36, 6), "min": 0.25, "max": 0.5, "per_layer": [0.25, 0.5, 0.333333]}}
+
+
+def test_a_predictors_bias_starts_at_each_neurons_log_odds_of_being_active():
+    """Before any step the bias is log(r / (1 - r)) of each neuron's own active rate r (clamped to [1e-4, 1 - 1e-4]:
+    a neuron never or always active gets a finite bias), so an untrained predictor already calls the often-active
+    neurons active (s45's mutation audit: one rate for all neurons passed every test)."""
+    from types import SimpleNamespace
+
+    from llmfast.sparse.predictor_training import LayerData, train_layer
+
+    g = torch.Generator().manual_seed(0)
+    rates = torch.tensor([0.0, 0.1, 0.5, 0.75, 1.0])
+    active = torch.rand(400, 5, generator=g) < rates  # rate 0 and 1 exactly; the others near theirs
+    cfg = SimpleNamespace(rank=2, lr=0.01, weight_decay=0.0, steps=0, batch_tokens=64, pos_weight=1.0, lookahead=False)
+    p = train_layer(LayerData(torch.randn(400, 8, generator=g), active, 0.0), cfg, g)
+    r = active.double().mean(0).clamp(1e-4, 1 - 1e-4)
+    # 1 - 1e-4 rounded to float32 is off by up to 2^-24, 6e-4 of 1e-4: that much in the log-odds at the clamp
+    torch.testing.assert_close(p.bias.double(), torch.log(r / (1 - r)), rtol=0, atol=1e-3)
+    assert p.bias[0] < -9 and p.bias[-1] > 9 and p.threshold == float("inf")
