@@ -286,3 +286,24 @@ def test_bfloat16_sparse_model_takes_the_kernel(kernel: cpu_kernel.GatherKernel,
     assert all(l.dtype == torch.bfloat16 and bool(l.isfinite().all()) for l in logits)
     calls = runtime_calls(model)
     assert calls["sparse"] > 0 and calls.get("dense", 0) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C kernel's path, the torch path
+def test_the_dense_product_runs_only_above_the_kept_fraction_given(kernel: cpu_kernel.GatherKernel,
+                                                                  dtype: torch.dtype) -> None:
+    """dense_above 0.5 of 100 inputs: 50 kept is the gather, 51 the dense product, on either path; both give the
+    product of the zeroed input (s45's mutation audit: the C path's limit one higher passed every test)."""
+    lin = torch.nn.Linear(100, 16, bias=False, dtype=dtype)
+    weight = lin.weight.detach().clone()
+    rt = kernels.SparseProjections([lin], t=0.5, dense_above=0.5)
+    assert (rt.native is kernel) == (dtype == torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for kept, path in ((50, "sparse"), (51, "dense"), (0, "sparse"), (100, "dense")):
+        x = torch.rand(100, generator=g, dtype=dtype) * 0.5  # |x| <= 0.5: dropped
+        x[torch.randperm(100, generator=g)[:kept]] = 1 + torch.rand(kept, generator=g, dtype=dtype)
+        before = dict(rt.calls)
+        with torch.no_grad():
+            got = lin(x.view(1, 1, 100))
+        assert {k: rt.calls[k] - before[k] for k in rt.calls} == {"sparse": 0, "dense": 0, "prefill": 0, path: 1}
+        want = torch.where(x > 0.5, x, 0.0).double() @ weight.double().t()
+        assert torch.allclose(got.view(-1).double(), want, rtol=0, atol=200 * U * float(want.abs().max() + 1)), kept
