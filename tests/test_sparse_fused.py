@@ -171,3 +171,31 @@ def test_a_fused_mlp_of_an_unknown_class_is_refused():
         gated_mlps(model)
     assert hasattr(model[0], "gate_up_proj")
 
+
+
+def test_a_known_fused_mlp_whose_gate_up_proj_is_not_a_plain_linear_is_refused():
+    """Phi-3's own MLP class is split only while its gate_up_proj is a plain torch.nn.Linear: a subclass (a quantized
+    layer's, whose weight is not the two halves as stored) is neither split nor taken for a gated MLP (s45's mutation
+    audit: an isinstance check in place of the exact type passed every test)."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    from llmfast.errors import UserError
+    from llmfast.sparse.base import gated_mlps
+    from llmfast.sparse.fused import split_fused_mlps
+
+    class QuantizedLinear(torch.nn.Linear):
+        pass
+
+    config = Phi3Config(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    plain, odd = Phi3MLP(config), Phi3MLP(config)
+    odd.gate_up_proj = QuantizedLinear(8, 32, bias=False)
+    for mlp, found in ((plain, True), (odd, False)):
+        model = torch.nn.Sequential(mlp)
+        model.config = SimpleNamespace(architectures=["Phi3ForCausalLM"])
+        if found:
+            assert gated_mlps(model) == [mlp] and split_fused_mlps(model) == 1 and hasattr(mlp, "gate_proj")
+        else:
+            with pytest.raises(UserError, match="Phi3ForCausalLM has no gated MLP"):
+                gated_mlps(model)
+            assert split_fused_mlps(model) == 0 and hasattr(mlp, "gate_up_proj") and not hasattr(mlp, "gate_proj")
