@@ -1094,3 +1094,19 @@ def test_a_model_without_a_gated_mlp_is_refused_before_its_weights_load(tmp_path
     with pytest.raises(UserError, match="GPT2LMHeadModel has no gated MLP"):
         run_sparsify(loaded, method)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "r.yaml"]
+
+
+def test_teacher_samples_are_count_windows_from_the_start_token_in_chunks(tiny):
+    """relufy's `samples`: exactly `count` windows of `length` tokens, each from the start token, in chunks of at
+    most `chunk` rows (the last one short), the same for the same seed (s45's mutation audit: a last chunk of a whole
+    `chunk` rows, 1024 by default for 2 samples asked, passed every test)."""
+    from llmfast.distill import teacher_samples
+
+    model, tok = tiny
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    got = teacher_samples(model, tok, 3, 8, seed=5, chunk=2)
+    assert got.shape == (3, 8) and got.dtype == torch.long and bool((got[:, 0] == start).all())
+    assert torch.equal(teacher_samples(model, tok, 3, 8, seed=5, chunk=2), got)
+    assert not torch.equal(teacher_samples(model, tok, 3, 8, seed=6, chunk=2), got)
+    assert teacher_samples(model, tok, 2, 8, seed=5).shape == (2, 8)  # fewer than one chunk of 1024
+    assert teacher_samples(model, tok, 0, 8, seed=5).shape == (0, 8)
