@@ -164,7 +164,8 @@ def test_greedy_generation_is_identical_in_float32(artifacts, method):
         assert sparse.generate(ids, **kw).tolist() == hooked.generate(ids, **kw).tolist()
 
 
-@pytest.mark.parametrize("method", ["teal", "teal-attention"])
+# cats, relufy and dejavu since s45's mutation audit: their one-token dense products without the zeros passed
+@pytest.mark.parametrize("method", ["teal", "teal-attention", "cats", "relufy", "dejavu"])
 def test_dense_fallback_above_the_crossover_gives_the_same_numbers(artifacts, method):
     from llmfast.sparse.runtime import runtime_calls
 
