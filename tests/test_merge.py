@@ -717,6 +717,128 @@ def test_merge_wide_parameter_with_filter(family, tmp_path):
     torch.testing.assert_close(got[k], a[k], rtol=0, atol=1e-6)
 
 
+def test_a_models_own_parameter_beats_the_top_level_one(family, tmp_path):
+    """mergekit's scopes: a model's own `weight` wins over the top-level `weight`, which fills in for a model
+    without one (and for tensors its own filters leave out)."""
+    own = {"weight": [{"filter": "mlp", "value": 0.25}]}  # no catch-all: other tensors fall through to the top level
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], own), (family["ft2"], None)], family["base"],
+                  parameters={"weight": 0.5})
+    got = _merge(cfg, tmp_path / "out")
+    base, a, b = _sd(family["base"]), _sd(family["ft1"]), _sd(family["ft2"])
+    for k, wa in (("model.layers.0.mlp.up_proj.weight", 0.25), ("model.layers.1.self_attn.q_proj.weight", 0.5)):
+        want = base[k] + wa * (a[k] - base[k]) + 0.5 * (b[k] - base[k])
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+    # the lineage names every model, and the base it subtracted (a task-vector method leaves it out of its inputs)
+    parents = json.loads((tmp_path / "out" / "llmfast.json").read_text())["parents"]
+    assert parents == [str(family["ft1"]), str(family["ft2"]), str(family["base"])]
+
+
+def test_out_dtype_beats_dtype_which_only_rounds_the_inputs(family, tmp_path):
+    """`dtype` is what every input is read in, `out_dtype` what is written: bfloat16 reads, float32 output."""
+    models = [(family["ft1"], {"weight": 0.7}), (family["ft2"], {"weight": -0.3})]
+    cfg = _config(tmp_path, "task_arithmetic", models, family["base"], dtype="bfloat16", out_dtype="float32")
+    got = _merge(cfg, tmp_path / "out")
+    a, b, base = _sd(family["ft1"]), _sd(family["ft2"]), _sd(family["base"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    for k in a:
+        x, y, z = (t[k].bfloat16().float() for t in (a, b, base))
+        assert got[k].dtype == torch.float32, k
+        torch.testing.assert_close(got[k], z + ((x - z) * 0.7 + (y - z) * -0.3), rtol=0, atol=1e-6)
+
+
+def test_a_different_head_count_of_the_same_shapes_is_refused(family, tmp_path):
+    """2 heads of 64 or 4 of 64 over the same tensors (head_dim is set): the safetensors shapes agree, the models
+    do not; only config.json tells."""
+    other = tmp_path / "heads"
+    shutil.copytree(family["ft1"], other)
+    c = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**c, "num_attention_heads": 4}))
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1}), (other, {"weight": 1})],
+                  family["base"])
+    _assert_refused(cfg, tmp_path / "out", "num_attention_heads=4", "models[1]")
+
+
+def test_an_embedding_adapter_merges_as_the_transposed_product(tiny_dir, family, tmp_path):
+    """PEFT's embedding LoRA stores A (r x vocab) and B (dim x r): its delta on the (vocab x dim) table is
+    scale * (B @ A).T, which is not the linear layers' (out, in) = (B rows, A columns) shape."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_embedding" in name:  # PEFT starts A at zero; a trained adapter has not
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "emb", save_embedding_layers=False)  # A and B only
+    cfg = _config(tmp_path, "task_arithmetic", [(tmp_path / "emb", {"weight": 0.5})], family["base"])
+    got = _merge(cfg, tmp_path / "out")
+    sd = load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    a = next(v for k, v in sd.items() if "lora_embedding_A" in k)
+    b = next(v for k, v in sd.items() if "lora_embedding_B" in k)
+    base = _sd(family["base"])
+    key = "model.embed_tokens.weight"
+    assert a.shape == (4, base[key].shape[0]) and b.shape == (base[key].shape[1], 4)
+    torch.testing.assert_close(got[key], base[key] + 0.5 * (8.0 / 4) * (b @ a).T, rtol=0, atol=1e-6)
+    for k in base:
+        if k != key:
+            assert torch.equal(got[k], base[k]), k
+
+
+def test_sharded_writer_fills_each_shard_up_to_its_size(tmp_path):
+    """A shard takes tensors while they fit in max_bytes (exactly full is full, not over); each file's data starts
+    8-byte aligned, and the index names each tensor's file and the tensor bytes in all, like save_pretrained."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_np
+
+    from llmfast.merge.io import ShardedWriter
+
+    tensors = {"a": np.arange(25, dtype=np.float32).reshape(5, 5), "b": np.ones(25, np.float32) * 2,
+               "c": np.full((3, 4), 3.0, np.float32), "d": np.arange(7, dtype=np.float32)}
+    layout = [(k, v.shape, "float32") for k, v in tensors.items()]
+    writer = ShardedWriter(tmp_path, layout, max_bytes=200, prefix="model")  # a+b = 200 bytes, c+d = 76
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.close()
+    files = writer.finish()
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a": files[0], "b": files[0], "c": files[1], "d": files[1]}
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    loaded: dict = {}
+    for f in files:
+        raw = (tmp_path / f).read_bytes()
+        assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0, f
+        loaded.update(load_np(tmp_path / f))
+    assert set(loaded) == set(tensors) and all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_the_output_dtype_follows_most_of_the_weights_not_most_of_the_tensors(tmp_path):
+    """Many small float32 norms beside a few large bfloat16 matrices: a bfloat16 model (its elements' dtype)."""
+    from llmfast.merge.io import model_dtype
+
+    index = {f"model.layers.{i}.input_layernorm.weight": ((64,), "F32", tmp_path) for i in range(5)}
+    index["model.embed_tokens.weight"] = ((1024, 64), "BF16", tmp_path)
+    assert model_dtype(tmp_path, index) == "bfloat16"
+    index["model.embed_tokens.weight"] = ((4, 64), "BF16", tmp_path)
+    assert model_dtype(tmp_path, index) == "float32"
+
+
+def test_the_output_config_names_the_written_dtype_under_both_keys(tiny_dir, tmp_path):
+    """A config.json of an older transformers names its dtype `torch_dtype`: both keys say the output's dtype."""
+    from llmfast.merge.io import copy_model_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    c = json.loads((tiny_dir / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**c, "torch_dtype": "float32"}))
+    copy_model_files(src, dst, "bfloat16")
+    out = json.loads((dst / "config.json").read_text())
+    assert out["dtype"] == out["torch_dtype"] == "bfloat16"
+    assert {k: v for k, v in out.items() if "dtype" not in k} == {k: v for k, v in c.items() if "dtype" not in k}
+
+
 def test_mergekit_plus_syntax_for_adapters(family, adapters, tmp_path):
     plain = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0})], family["base"])
     plus = _config(tmp_path, "task_arithmetic", [(f"{family['base']}+{adapters['a1']}", {"weight": 1.0})],
