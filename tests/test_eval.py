@@ -72,8 +72,86 @@ def test_task_accuracy_counts_what_the_checker_says(tiny, tmp_path):
     assert summary["correct"] == sum(check("custom", r["prediction"], r["answer"]) for r in records)
 
 
+def test_a_mixed_set_scores_each_row_by_its_own_tasks_check(tiny, tmp_path):
+    """A set of another name may mix built-in tasks' rows: each row is scored by its `task`'s check (JSON equality
+    for extract), not by the set's exact match. Each row's answer is the model's own prediction, so exact match
+    would call every row right; extract's check refuses a prediction that is not JSON."""
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": "Extract the name: Ana Silva, 30, Porto."}],
+               [{"role": "user", "content": "Convert 3 km to m."}]]
+    preds = generate_answers(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(preds[0])  # a random model's words, not JSON
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps({"task": t, "messages": [*p, {"role": "assistant", "content": a}]}) + "\n"
+                            for t, p, a in zip(["extract", "units"], prompts, preds)))
+    summary, records = task_accuracy(model, tok, "mix", path, max_new_tokens=6, batch_size=2)
+    assert [r["prediction"] for r in records] == preds
+    assert [r["correct"] for r in records] == [False, True] and summary["correct"] == 1
+
+
+def test_a_prompt_and_its_answer_beyond_a_learned_position_table_are_refused_before_loading(tiny_dir, tmp_path):
+    """A learned position table (GPT-2's n_positions) fails past its end mid-generation, so the prompt and
+    max_new_tokens must fit in it; nothing loads before the refusal (the folder has no weights to load)."""
+    import shutil
+
+    from llmfast.data.chat import render_chat
+    from llmfast.models import load_tokenizer
+
+    model = tmp_path / "learned"
+    model.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model / f.name)
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"prompt": "Say A", "completion": "A"}) + "\n")
+    tok = load_tokenizer(tiny_dir)
+    n = len(tok(render_chat(tok, [{"role": "user", "content": "Say A"}], True, ""), add_special_tokens=False).input_ids)
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {model}\neval:\n  tasks:\n    - {{name: custom, path: {rows}}}\n  max_new_tokens: 8\n")
+    for positions, fits in ((n + 8, True), (n + 7, False)):
+        (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": positions,
+                                                       "vocab_size": 1024}))
+        code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and not (tmp_path / "r.json").exists(), err[-2000:]
+        if fits:  # past the check: the loader finds no weights
+            assert "no model.safetensors" in last, last
+        else:
+            assert last == (f"llmfast: error: {rows}:1: its prompt of {n} tokens and eval.max_new_tokens (8) go beyond "
+                            f"the {positions} positions of {model}: shorten the row or lower eval.max_new_tokens")
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence(tiny_dir, tmp_path):
+    """Left-padded batches need a pad token: a tokenizer that names none gets its end-of-sequence token, and a batch
+    decodes as one prompt at a time does."""
+    import shutil
+
+    from llmfast.models import load_model, load_tokenizer
+
+    model = tmp_path / "nopad"
+    shutil.copytree(tiny_dir, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    stm = model / "special_tokens_map.json"
+    if stm.is_file():
+        stm.write_text(json.dumps({k: v for k, v in json.loads(stm.read_text()).items() if k != "pad_token"}))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model).pad_token is None  # the case: transformers gives it none
+    tok = load_tokenizer(model)
+    assert tok.pad_token == tok.eos_token and tok.pad_token_id == tok.eos_token_id
+    lm = load_model(tiny_dir)
+    prompts = [[{"role": "user", "content": c}] for c in ["Hi", "Convert 3 km to m, and say it twice."]]
+    assert (generate_answers(lm, tok, prompts, max_new_tokens=4, batch_size=2)
+            == generate_answers(lm, tok, prompts, max_new_tokens=4, batch_size=1))
+
+
 @pytest.mark.parametrize("line,expected", [
     ("{bad json", "t.jsonl:1: not valid JSON"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "t.jsonl:1: only the answer: a task row needs the "
+                                                             "question before it"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "t.jsonl:1: no assistant turn"),
     ('{"messages": []}', "t.jsonl:1: field 'messages' must be a non-empty list"),
     ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',

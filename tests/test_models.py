@@ -208,6 +208,10 @@ def test_damaged_adapter_directory_is_one_line(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text("[1, 2")
     with pytest.raises(UserError, match=r"adapter_config\.json: the adapter config is not valid JSON"):
         check_adapter_dir(tmp_path / "a")
+    for key in ("r", "lora_alpha"):  # PEFT's scale is alpha / r: a zero is no adapter, or a division by zero
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, key: 0}))
+        with pytest.raises(UserError, match=rf"adapter_config\.json: '{key}' must be a positive number, not 0"):
+            check_adapter_dir(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(UserError, match=r"adapter_model\.safetensors: not a safetensors file, or truncated"):
