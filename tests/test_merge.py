@@ -158,6 +158,22 @@ def test_linear_includes_base_model_like_mergekit(family, tmp_path):
         torch.testing.assert_close(got[k], (1.0 * a[k] + 3.0 * base[k]) / 4.0, rtol=0, atol=1e-6)
 
 
+def test_a_base_listed_among_the_models_is_one_input_or_none(family, tmp_path):
+    """The base_model named under `models:` too: linear averages it once, with its own weight (not added again);
+    a task-vector method drops it (its task vector is zero), so normalize divides by the other weights only."""
+    cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1.0}), (family["base"], {"weight": 3.0})],
+                  family["base"])
+    got = _merge(cfg, tmp_path / "lin")
+    a, base = _sd(family["ft1"]), _sd(family["base"])
+    for k in a:
+        torch.testing.assert_close(got[k], (1.0 * a[k] + 3.0 * base[k]) / 4.0, rtol=0, atol=1e-6)
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 0.5}), (family["base"], {"weight": 1.0})],
+                  family["base"], parameters={"normalize": True})
+    got = _merge(cfg, tmp_path / "ta")
+    for k in a:
+        torch.testing.assert_close(got[k], base[k] + 0.5 * (a[k] - base[k]) / 0.5, rtol=0, atol=1e-6)
+
+
 def test_task_arithmetic_scaling_and_negation(family, tmp_path):
     cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1.0}), (family["ft2"], {"weight": -0.5})],
                   family["base"], parameters={"lambda": 0.8})
@@ -837,6 +853,79 @@ def test_the_output_config_names_the_written_dtype_under_both_keys(tiny_dir, tmp
     out = json.loads((dst / "config.json").read_text())
     assert out["dtype"] == out["torch_dtype"] == "bfloat16"
     assert {k: v for k, v in out.items() if "dtype" not in k} == {k: v for k, v in c.items() if "dtype" not in k}
+
+
+def test_a_gradient_interpolates_between_its_entries_over_the_layers():
+    """mergekit's gradient: layer i of L sits at t = i / (L - 1) along the list, read by linear interpolation
+    (numpy.interp here); a tensor outside the layers takes the first entry."""
+    import numpy as np
+
+    from llmfast.merge.config import evaluate_setting, layer_position
+
+    for grad in ([0.0, 1.0], [0.2, 1.0, -0.4], [1.0, 0.0, 0.5, 2.0]):
+        for layers in (2, 3, 5, 8):
+            for i in range(layers):
+                name = f"model.layers.{i}.mlp.up_proj.weight"
+                t = layer_position(name, layers)
+                assert t == i / (layers - 1)
+                want = np.interp(t * (len(grad) - 1), np.arange(len(grad)), grad)
+                assert abs(evaluate_setting(grad, name, t) - want) < 1e-12, (grad, layers, i)
+        assert evaluate_setting(grad, "model.norm.weight", layer_position("model.norm.weight", 8)) == grad[0]
+
+
+def test_a_merge_wide_parameter_under_a_model_is_refused(family, tmp_path):
+    """normalize applies to the whole merge: under one model it would be read nowhere (mergekit ignores it)."""
+    cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1, "density": 0.5, "normalize": False}),
+                                     (family["ft2"], {"weight": 1, "density": 0.5})], family["base"])
+    _assert_refused(cfg, tmp_path / "out", "'normalize' applies to the whole merge", "top-level 'parameters'")
+
+
+def test_added_tokens_of_another_meaning_are_another_vocabulary(family, tmp_path):
+    """Two tokenizers whose added tokens differ (the same id, another text) give one embedding row two meanings."""
+    other = tmp_path / "added"
+    shutil.copytree(family["ft1"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["added_tokens"][-1]["content"] = "<|tool|>"
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = _config(tmp_path, "task_arithmetic", [(other, {"weight": 1})], family["base"])
+    _assert_refused(cfg, tmp_path / "out", "different tokenizer vocabulary")
+
+
+def test_the_merged_model_keeps_the_chat_template_and_tokenizer(family, adapters, tmp_path):
+    """The merge's output is a model the verbs take as is: eval's tasks need its chat template (in
+    chat_template.jinja since transformers 4.43), so a merged model and a merged adapter keep the reference's."""
+    from llmfast.models import load_tokenizer
+
+    want = load_tokenizer(family["base"])
+    assert want.chat_template and (family["base"] / "chat_template.jinja").is_file()
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1.0})], family["base"])
+    _merge(cfg, tmp_path / "out")
+    cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0})], family["base"])
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0, err
+    for out in (tmp_path / "out", tmp_path / "ad"):
+        got = load_tokenizer(out)
+        assert got.chat_template == want.chat_template, out
+        assert got.get_vocab() == want.get_vocab() and got.eos_token == want.eos_token, out
+
+
+def test_a_header_whose_shape_does_not_fit_its_bytes_is_named(family, tmp_path):
+    """A safetensors header whose shape and byte range disagree (129 floats in 512 bytes): named in the file that
+    has it, not blamed on the other models as a shape mismatch."""
+    import struct
+
+    bad = tmp_path / "bad-base"
+    shutil.copytree(family["base"], bad)
+    raw = (bad / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header["model.norm.weight"]["shape"] == [128]
+    header["model.norm.weight"]["shape"] = [129]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1})], bad)
+    _assert_refused(cfg, tmp_path / "out", "bad-base/model.safetensors", "model.norm.weight", "does not fit its 512 bytes")
 
 
 def test_mergekit_plus_syntax_for_adapters(family, adapters, tmp_path):
