@@ -72,6 +72,16 @@ def test_task_accuracy_counts_what_the_checker_says(tiny, tmp_path):
     assert summary["correct"] == sum(check("custom", r["prediction"], r["answer"]) for r in records)
 
 
+def test_a_perplexity_text_that_is_not_utf8_is_named_by_its_line(tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"first line\nsecond line\nthird \xff line\n")
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  perplexity: {{text: {text}}}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {text}:3: not UTF-8 text: save the file as "
+                                                           "UTF-8"), err[-2000:]
+
+
 def test_a_mixed_set_scores_each_row_by_its_own_tasks_check(tiny, tmp_path):
     """A set of another name may mix built-in tasks' rows: each row is scored by its `task`'s check (JSON equality
     for extract), not by the set's exact match. Each row's answer is the model's own prediction, so exact match

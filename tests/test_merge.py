@@ -800,6 +800,10 @@ def test_an_embedding_adapter_merges_as_the_transposed_product(tiny_dir, family,
     for k in base:
         if k != key:
             assert torch.equal(got[k], base[k]), k
+    # as a merged adapter it would need lora_embedding_A/B in PEFT's layout: refused, not written as a linear's
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 2 and "adapters on embeddings cannot be written as a merged adapter" in err, err
+    assert not (tmp_path / "ad").exists()
 
 
 def test_sharded_writer_fills_each_shard_up_to_its_size(tmp_path):
@@ -853,6 +857,66 @@ def test_the_output_config_names_the_written_dtype_under_both_keys(tiny_dir, tmp
     out = json.loads((dst / "config.json").read_text())
     assert out["dtype"] == out["torch_dtype"] == "bfloat16"
     assert {k: v for k, v in out.items() if "dtype" not in k} == {k: v for k, v in c.items() if "dtype" not in k}
+
+
+def test_linear_of_adapters_averages_the_base_plus_each_delta(family, adapters, tmp_path):
+    """linear works on whole weights: an adapter input is base + its delta, and the base joins as one more input."""
+    cfg = _config(tmp_path, "linear", [(adapters["a1"], {"weight": 2.0}), (adapters["a2"], {"weight": 1.0})],
+                  family["base"], parameters={"weight": 1.0})
+    got = _merge(cfg, tmp_path / "out")
+    base = _sd(family["base"])
+    for k in base:
+        want = base[k] + _weighted_delta([(adapters["a1"], 2.0), (adapters["a2"], 1.0)], k, base[k]) / 4.0
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+
+
+def test_peak_memory_is_the_kernels_high_water_mark_in_gib():
+    """ru_maxrss is in KiB on Linux: the figure every verb reports is /proc's VmHWM (kB) over 2**20."""
+    import numpy as np
+
+    from llmfast.memory import peak_memory_gib
+
+    def hwm() -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1])
+
+    np.ones(64 * 2**20 // 8)  # 64 MiB touched: the mark is this process's, whatever ran before
+    before = hwm()
+    got = peak_memory_gib()
+    after = hwm()
+    # above: the mark can only have grown; below, with room for a larger image this process was exec'd from (its
+    # mark carries over into ru_maxrss): a figure in MiB would be 1024 times this
+    assert before / 2**20 <= got <= 2 * after / 2**20
+
+
+def test_tensors_in_flight_are_bounded_by_elements_as_well_as_count(monkeypatch):
+    """Two tensors that together pass MAX_ELEMENTS_IN_FLIGHT are never read at once (the largest merge one at a
+    time), and smaller ones are read ahead while they fit. Each merge waits a while for the next tensor's read: for
+    a it must not come (a and b do not fit together), for b it must (b and c do); d fits only once b is handed out."""
+    import threading
+
+    from llmfast.merge import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_ELEMENTS_IN_FLIGHT", 100)
+    items = [("a", 60), ("b", 60), ("c", 30), ("d", 30)]
+    reads: list[str] = []
+    read_done = {name: threading.Event() for name, _ in items}
+
+    def read(name: str) -> str:
+        reads.append(name)
+        read_done[name].set()
+        return name
+
+    def merge(name: str, value: str) -> str:
+        if name == "a":
+            read_done["b"].wait(2.0)  # runs out: b is not read while a is in flight
+        elif name == "b":
+            read_done["c"].wait(60.0)  # ends at c's read, at once
+        return value.upper()
+
+    seen = [(name, out, list(reads)) for name, out in pipeline.ordered_map(items, read, merge, workers=3)]
+    assert [s[:2] for s in seen] == [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")]
+    assert seen[0][2] == ["a"] and seen[1][2] == ["a", "b", "c"]
 
 
 def test_a_gradient_interpolates_between_its_entries_over_the_layers():

@@ -69,6 +69,38 @@ def test_local_hf_directory_resolves_to_itself(tiny_dir):
     assert resolve_model(str(tiny_dir)) == tiny_dir
 
 
+def test_a_relative_model_path_resolves_absolute_with_its_links_kept(tiny_dir, tmp_path, monkeypatch):
+    """Artifacts record the resolved path (lineage, an adapter's base) and must find it from any folder: a relative
+    path comes back absolute, `..` folded, and a link stays the link the user named (not its target)."""
+    _copy_model(tiny_dir, tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert resolve_model("../real") == tmp_path / "real"
+    assert resolve_model("../link/../link") == tmp_path / "link"
+
+
+def test_a_sharded_model_loads_as_its_single_file_does(tiny_dir, tmp_path):
+    """A model saved in shards has model.safetensors.index.json and no model.safetensors: llmfast loads it (the index
+    is safetensors, not a pickle), to the same weights and logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import load_model
+
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    _copy_model(tiny_dir, tmp_path / "sharded-full")
+    for f in (tmp_path / "sharded").iterdir():
+        if f.name.startswith("model"):
+            f.replace(tmp_path / "sharded-full" / f.name)
+    (tmp_path / "sharded-full" / "model.safetensors").unlink(missing_ok=True)
+    d = tmp_path / "sharded-full"
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("model-*.safetensors"))) > 1
+    one, many = load_model(tiny_dir), load_model(d)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        assert torch.equal(one(ids).logits, many(ids).logits)
+
+
 @pytest.mark.parametrize(
     "make,expected",
     [
