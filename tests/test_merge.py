@@ -441,6 +441,32 @@ def test_adapter_concat_is_exact_and_loads_in_peft(family, adapters, tmp_path):
         torch.testing.assert_close(merged[k], full[k], rtol=0, atol=1e-5)
 
 
+def test_a_merged_adapter_names_exactly_the_modules_it_holds(family, adapters, tmp_path):
+    """An input trained on some layers only (PEFT's layers_to_transform): the merged adapter's config lists the
+    modules its weights hold, not the first input's layer filter, which had PEFT drop the other inputs' layers from
+    the merge without a word; nor every layer's module of those names, which llmfast's loader refuses (missing)."""
+    from llmfast.models import load_model
+
+    first = _make_adapter(family["base"], tmp_path / "layer0", 3, layers_to_transform=[0])
+    cfg = _config(tmp_path, "task_arithmetic", [(first, {"weight": 1.0}), (adapters["a2"], {"weight": 1.0})],
+                  family["base"])
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0, err
+    full = _merge(cfg, tmp_path / "full")
+    merged = _peft_merged(family["base"], tmp_path / "ad")
+    assert any(not torch.equal(full[k], v) for k, v in _sd(family["base"]).items() if ".layers.1." in k)
+    for k in full:
+        torch.testing.assert_close(merged[k], full[k], rtol=0, atol=1e-5)
+    cfg = _config(tmp_path, "task_arithmetic", [(first, {"weight": 1.0})], family["base"])
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "one"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0, err
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        got = load_model(family["base"], adapter=tmp_path / "one")(ids).logits
+        want = load_model(family["base"], adapter=first)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_adapter_svd_rerank_reports_error(family, adapters, tmp_path):
     cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0}), (adapters["a2"], {"weight": 1.0})],
                   family["base"])

@@ -61,7 +61,7 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
             bar.close()
             writer.close()
         writer.finish()
-        cfg = adapter_config_for(adapters[0].adapter, plan.base.path, rank, targets)
+        cfg = adapter_config_for(adapters[0].adapter, plan.base.path, rank, targets, list(shapes))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         for name in mio.COPY_FILES:
             src_file = plan.base.path / name

@@ -208,11 +208,19 @@ def svd_rerank(delta: "torch.Tensor", rank: int) -> "tuple[torch.Tensor, torch.T
     return a.contiguous(), b.contiguous(), float(energy[r:].sum()), float(energy.sum())
 
 
-def adapter_config_for(first: LoraAdapter, base_dir: Path, rank: int, targets: list[str]) -> dict[str, Any]:
-    """The merged adapter's config: rank `rank`, alpha = rank (scale 1; the scales live in B)."""
+def adapter_config_for(first: LoraAdapter, base_dir: Path, rank: int, targets: list[str],
+                       names: list[str]) -> dict[str, Any]:
+    """The merged adapter's config: rank `rank`, alpha = rank (scale 1; the scales live in B), on exactly the modules
+    `targets` (weight names) of the base's tensors `names`: their short names where those name these modules and no
+    others, else their full names; the first input's layer and module filters are dropped (they are its own)."""
     cfg = dict(first.config)
     short = sorted({t.rsplit(".", 2)[-2] for t in targets})
+    named = {n for n in names if n.endswith(".weight") and n.rsplit(".", 2)[-2] in short}
+    modules = short if named == set(targets) else sorted(t.removesuffix(".weight") for t in targets)
     cfg.update({"r": rank, "lora_alpha": float(rank), "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-                "target_modules": short, "base_model_name_or_path": str(base_dir), "lora_dropout": 0.0,
+                "target_modules": modules, "base_model_name_or_path": str(base_dir), "lora_dropout": 0.0,
                 "inference_mode": True})
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        if key in cfg:
+            cfg[key] = None
     return cfg
