@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from llmfast.errors import UserError
 from tests.conftest import REPO, run_cli
 
 
@@ -441,14 +442,15 @@ def test_adapter_concat_is_exact_and_loads_in_peft(family, adapters, tmp_path):
         torch.testing.assert_close(merged[k], full[k], rtol=0, atol=1e-5)
 
 
-def test_a_merged_adapter_names_exactly_the_modules_it_holds(family, adapters, tmp_path):
+def test_a_merged_adapter_names_exactly_the_modules_it_holds(family, tmp_path):
     """An input trained on some layers only (PEFT's layers_to_transform): the merged adapter's config lists the
     modules its weights hold, not the first input's layer filter, which had PEFT drop the other inputs' layers from
     the merge without a word; nor every layer's module of those names, which llmfast's loader refuses (missing)."""
     from llmfast.models import load_model
 
     first = _make_adapter(family["base"], tmp_path / "layer0", 3, layers_to_transform=[0])
-    cfg = _config(tmp_path, "task_arithmetic", [(first, {"weight": 1.0}), (adapters["a2"], {"weight": 1.0})],
+    second = _make_adapter(family["base"], tmp_path / "layer1", 4, layers_to_transform=[1])
+    cfg = _config(tmp_path, "task_arithmetic", [(first, {"weight": 1.0}), (second, {"weight": 1.0})],
                   family["base"])
     code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
     assert code == 0, err
@@ -1016,6 +1018,42 @@ def test_a_header_whose_shape_does_not_fit_its_bytes_is_named(family, tmp_path):
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1})], bad)
     _assert_refused(cfg, tmp_path / "out", "bad-base/model.safetensors", "model.norm.weight", "does not fit its 512 bytes")
+
+
+def test_an_adapter_of_a_moved_project_matches_its_base_by_the_recipes_name(family, adapters, tmp_path,
+                                                                              monkeypatch):
+    """An adapter records its base absolute; the project moved since, that path is gone, and the base is found by the
+    name the adapter's recipe gave it (its lineage). Without that record the base cannot be checked: refused."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.merge.plan import plan_merge
+
+    (tmp_path / "models").mkdir()
+    shutil.copytree(family["base"], tmp_path / "models" / "base")
+    moved = Path(shutil.copytree(adapters["a1"], tmp_path / "moved"))
+    gone = "/gone/project/models/base"
+    acfg = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": gone}))
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "models/base",
+                                   "models": [{"model": str(moved), "parameters": {"weight": 1.0}}]}))
+    with pytest.raises(UserError, match="which is not base_model models/base \\(and is not here to compare\\)"):
+        plan_merge(cfg)
+    write_manifest(moved, stage="finetune", parents=[gone], recipe={"model": "models/base"}, base_model_path=gone)
+    assert [s.kind for s in plan_merge(cfg).inputs] == ["adapter"]
+
+
+def test_a_model_folder_with_a_plus_in_its_name_is_a_model_not_model_plus_lora(family, adapters, tmp_path):
+    """mergekit's MODEL+LORA is read only where no such path exists; and its model must be base_model."""
+    from llmfast.merge.plan import plan_merge
+
+    plus = Path(shutil.copytree(family["ft1"], tmp_path / "ft+1"))
+    plan = plan_merge(_config(tmp_path, "task_arithmetic", [(plus, {"weight": 1.0})], family["base"]))
+    assert [(s.kind, s.path) for s in plan.inputs] == [("model", plus)]
+    cfg = _config(tmp_path, "task_arithmetic", [(f"{family['ft1']}+{adapters['a1']}", {"weight": 1.0})],
+                  family["base"])
+    with pytest.raises(UserError, match=r"applies the adapter to .*ft1, which is not base_model"):
+        plan_merge(cfg)
 
 
 def test_mergekit_plus_syntax_for_adapters(family, adapters, tmp_path):
