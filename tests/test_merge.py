@@ -541,6 +541,21 @@ def test_rslora_and_pattern_adapters_merge_like_peft(family, tmp_path, lora):
         assert (got[k] - base[k]).abs().max() > 1e-3, k  # each module really changed
 
 
+def test_an_adapter_config_without_lora_alpha_scales_by_peft_default(family, adapters, tmp_path):
+    """A config that leaves lora_alpha out is read by PEFT with its default (LoraConfig's 8), not with alpha = r:
+    the merge applies the delta PEFT applies."""
+    bare = Path(shutil.copytree(adapters["a1"], tmp_path / "bare"))
+    acfg = json.loads((bare / "adapter_config.json").read_text())
+    assert acfg["r"] == 4
+    del acfg["lora_alpha"]
+    (bare / "adapter_config.json").write_text(json.dumps(acfg))
+    got = _merge(_config(tmp_path, "task_arithmetic", [(bare, {"weight": 1.0})], family["base"]), tmp_path / "out")
+    want = _peft_merged(family["base"], bare)
+    assert any(not torch.equal(want[k], v) for k, v in _sd(family["base"]).items())
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_adapter_concat_applies_lambda_and_normalize(family, adapters, tmp_path, normalize):
     """The concatenated adapter's B @ A is lambda * sum(w_i * delta_i) (/ sum(w_i) under normalize, as mergekit

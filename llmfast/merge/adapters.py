@@ -91,7 +91,8 @@ class LoraAdapter:
                                 f"{list(b[1])}: expected (rank, in) and (out, rank) of one rank; re-create the adapter")
             r = a[1][0]
             patterns = cfg.get("alpha_pattern") or {}
-            alpha = _pattern(patterns if isinstance(patterns, dict) else {}, module, cfg.get("lora_alpha", r))
+            # no lora_alpha: PEFT's LoraConfig default (8), which PEFT applies (not alpha = r)
+            alpha = _pattern(patterns if isinstance(patterns, dict) else {}, module, cfg.get("lora_alpha", 8))
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
                 raise UserError(f"{path / 'adapter_config.json'}: the LoRA alpha of {module} is {alpha!r}, not a "
                                 "positive number: fix lora_alpha / alpha_pattern, or re-create the adapter")
