@@ -524,8 +524,9 @@ def test_adapter_svd_rerank_writes_the_merged_delta_and_its_true_error(family, a
 
 
 @pytest.mark.parametrize("lora", [{"use_rslora": True},
-                                  {"alpha_pattern": {"v_proj": 32.0}, "rank_pattern": {"q_proj": 2}}],
-                         ids=["rslora", "patterns"])
+                                  {"alpha_pattern": {"v_proj": 32.0}, "rank_pattern": {"q_proj": 2}},
+                                  {"alpha_pattern": {"q_proj|up_proj": 32.0}}],  # PEFT reads a key as a regex
+                         ids=["rslora", "patterns", "alternation"])
 def test_rslora_and_pattern_adapters_merge_like_peft(family, tmp_path, lora):
     """rsLoRA scales by alpha / sqrt(r); alpha_pattern and rank_pattern give some modules their own alpha and rank."""
     ad = _make_adapter(family["base"], tmp_path / "ad", 5, **lora)

@@ -132,7 +132,7 @@ class LoraAdapter:
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     # PEFT matches pattern keys as a regex against the end of the module name.
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if re.match(rf"(.*\.)?({key})$", module):  # grouped: a key `a|b` is either, at the end
             return value
     return default
 
