@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,9 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
         for name in sorted(names):  # a LoRA matrix without its partner: PEFT would keep the partner's random init
             for one, other in (("lora_A", "lora_B"), ("lora_B", "lora_A"), ("lora_embedding_A", "lora_embedding_B"),
                                ("lora_embedding_B", "lora_embedding_A")):
-                if f".{one}." in name and name.replace(f".{one}.", f".{other}.") not in names:
+                # PEFT names a linear's matrices `...lora_A.weight`, an embedding's `...lora_embedding_A` (no suffix)
+                partner = re.sub(rf"\.{one}(?=\.|$)", f".{other}", name)
+                if partner != name and partner not in names:
                     raise UserError(f"{weights}: {name} has no {other} beside it: the file is incomplete; {fix}")
     elif (path / "adapter_model.bin").is_file():
         raise UserError(f"{path}: its weights are a pickle file (adapter_model.bin), which llmfast does not load (a "

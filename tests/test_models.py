@@ -245,6 +245,15 @@ def test_damaged_adapter_directory_is_one_line(tmp_path):
         with pytest.raises(UserError, match=rf"adapter_config\.json: '{key}' must be a positive number, not 0"):
             check_adapter_dir(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    from safetensors.torch import save_file
+
+    for key, partner in (("lora_embedding_A", "lora_embedding_B"), ("lora_B.weight", "lora_A.weight")):
+        # an embedding's LoRA (PEFT names its matrices without .weight) or a linear's, without its partner
+        module = "embed_tokens" if "embedding" in key else "layers.0.self_attn.q_proj"
+        save_file({f"base_model.model.model.{module}.{key}": torch.zeros(8, 16)},
+                  tmp_path / "a" / "adapter_model.safetensors")
+        with pytest.raises(UserError, match=rf"{module}\.{key} has no {partner.split('.')[0]} beside it"):
+            check_adapter_dir(tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(UserError, match=r"adapter_model\.safetensors: not a safetensors file, or truncated"):
         check_adapter_dir(tmp_path / "a")
