@@ -104,6 +104,7 @@ def test_checkers():
     assert not json_match('{"name": "Ana Silva", "age": 30, "city": "Porto"}', ref)
     assert not json_match("not json", ref)
     assert check("extract", ref, ref) and check("unknown-task", " x ", "x")
+    assert check("unknown-task", "x", " x\n") and exact_match("3500", "3500\n")  # a set's answers, as written
 
 
 def test_tasks_cli_writes_files(tmp_path):
