@@ -263,6 +263,10 @@ def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, t
     (tmp_path / "link.json").symlink_to(tmp_path / "nowhere.json")  # the results replaced the link itself
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "link.json"))
     assert code == 2 and "is a symbolic link (to " in err and (tmp_path / "link.json").is_symlink(), err
+    (tmp_path / "r.predictions.jsonl").symlink_to(tmp_path / "mine.jsonl")  # the predictions beside it: the same
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and f"output {tmp_path / 'r.predictions.jsonl'} is a symbolic link (to " in err, err
+    assert (tmp_path / "r.predictions.jsonl").is_symlink() and not (tmp_path / "r.json").exists()
 
 
 def test_eval_rerun_after_a_kill_between_predictions_and_results(tiny_dir, tmp_path):

@@ -307,3 +307,18 @@ def test_set_index_bounds_a_null_section_and_empty_key_parts():
     for pair in ("a..b=1", ".a=1", "a.=1", "=1", "a"):
         with pytest.raises(UserError, match="expected KEY=VALUE with a dotted key"):
             parse_overrides([pair])
+
+
+def test_a_positive_flag_refuses_zero_negatives_nan_and_inf():
+    """argtypes.positive: what serve's --max-model-len, --tensor-parallel-size and --timeout take."""
+    import argparse
+
+    from llmfast.argtypes import positive
+
+    assert positive(int)("3") == 3 and positive(float)("0.5") == 0.5
+    for kind, text in ((int, "0"), (int, "-2"), (float, "0"), (float, "-0.1"), (float, "nan"), (float, "inf"),
+                       (float, "-inf")):
+        with pytest.raises(argparse.ArgumentTypeError, match="give a positive number"):
+            positive(kind)(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="'2.5' is not a whole number"):
+        positive(int)("2.5")
