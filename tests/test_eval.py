@@ -70,6 +70,8 @@ def test_task_accuracy_counts_what_the_checker_says(tiny, tmp_path):
     summary, records = task_accuracy(model, tok, "custom", path, max_new_tokens=4, batch_size=2)
     assert summary["n"] == 2 and [r["row"] for r in records] == [1, 2]
     assert summary["correct"] == sum(check("custom", r["prediction"], r["answer"]) for r in records)
+    summary, records = task_accuracy(model, tok, "custom", path, limit=1, max_new_tokens=4, batch_size=2)
+    assert summary["n"] == 1 and [r["row"] for r in records] == [1]  # eval.tasks' `limit`: the first rows
 
 
 def test_a_perplexity_text_that_is_not_utf8_is_named_by_its_line(tiny_dir, tmp_path):

@@ -1071,7 +1071,8 @@ def test_a_header_whose_shape_does_not_fit_its_bytes_is_named(family, tmp_path):
     text += b" " * (-len(text) % 8)
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1})], bad)
-    _assert_refused(cfg, tmp_path / "out", "bad-base/model.safetensors", "model.norm.weight", "does not fit its 512 bytes")
+    _assert_refused(cfg, tmp_path / "out", "bad-base/model.safetensors", "model.norm.weight",
+                    "does not fit its 512 bytes")
 
 
 def test_an_adapter_of_a_moved_project_matches_its_base_by_the_recipes_name(family, adapters, tmp_path,

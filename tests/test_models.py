@@ -80,6 +80,35 @@ def test_a_relative_model_path_resolves_absolute_with_its_links_kept(tiny_dir, t
     assert resolve_model("../link/../link") == tmp_path / "link"
 
 
+def test_a_finetune_run_folder_stands_for_the_adapter_in_it(tiny_dir, tmp_path):
+    """`llmfast finetune` writes its adapter to RUN/adapter: RUN is taken for it wherever an adapter is given."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.models import adapter_dir, load_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "run" / "adapter")
+    run = tmp_path / "run"
+    assert adapter_dir(run) == run / "adapter" and adapter_dir(run / "adapter") == run / "adapter"
+    shutil.copytree(run / "adapter", tmp_path / "both")
+    shutil.copytree(run / "adapter", tmp_path / "both" / "adapter")
+    assert adapter_dir(tmp_path / "both") == tmp_path / "both"  # an adapter folder is its own adapter
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        got = load_model(tiny_dir, adapter=run)(ids).logits
+        assert torch.equal(got, load_model(tiny_dir, adapter=run / "adapter")(ids).logits)
+        assert not torch.equal(got, load_model(tiny_dir)(ids).logits)
+
+
 def test_a_sharded_model_loads_as_its_single_file_does(tiny_dir, tmp_path):
     """A model saved in shards has model.safetensors.index.json and no model.safetensors: llmfast loads it (the index
     is safetensors, not a pickle), to the same weights and logits."""
