@@ -1017,6 +1017,13 @@ def test_a_gradient_interpolates_between_its_entries_over_the_layers():
                 want = np.interp(t * (len(grad) - 1), np.arange(len(grad)), grad)
                 assert abs(evaluate_setting(grad, name, t) - want) < 1e-12, (grad, layers, i)
         assert evaluate_setting(grad, "model.norm.weight", layer_position("model.norm.weight", 8)) == grad[0]
+    # filters: the first whose filter is in the name wins; `*` (and no filter) match every tensor
+    from llmfast.merge.config import ConditionalParameter
+
+    conds = [ConditionalParameter(filter="mlp", value=0.1), ConditionalParameter(filter="*", value=[0.0, 1.0])]
+    assert evaluate_setting(conds, "model.layers.1.mlp.up_proj.weight", 1.0) == 0.1
+    assert evaluate_setting(conds, "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.5
+    assert evaluate_setting(conds[:1], "model.norm.weight", 0.0) is None  # falls through to the next scope
 
 
 def test_a_merge_wide_parameter_under_a_model_is_refused(family, tmp_path):
@@ -1049,6 +1056,8 @@ def test_the_merged_model_keeps_the_chat_template_and_tokenizer(family, adapters
     cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0})], family["base"])
     code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
     assert code == 0, err
+    assert (tmp_path / "out" / "generation_config.json").read_bytes() == (
+        family["base"] / "generation_config.json").read_bytes()  # its eos and pad ids: generation stops where it did
     for out in (tmp_path / "out", tmp_path / "ad"):
         got = load_tokenizer(out)
         assert got.chat_template == want.chat_template, out
