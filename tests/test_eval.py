@@ -84,6 +84,20 @@ def test_a_perplexity_text_that_is_not_utf8_is_named_by_its_line(tiny_dir, tmp_p
                                                            "UTF-8"), err[-2000:]
 
 
+def test_a_perplexity_text_of_one_token_is_refused_before_loading(tiny_dir, tmp_path):
+    from llmfast.models import load_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("the")
+    assert len(load_tokenizer(tiny_dir)("the", add_special_tokens=False).input_ids) == 1
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  perplexity: {{text: {text}}}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: eval.perplexity: {text} has 1 token(s): "
+                                                           "at least 2 are needed to score"), err[-2000:]
+    assert "Loading weights" not in err  # found from the tokenizer, before the model loads
+
+
 def test_a_mixed_set_scores_each_row_by_its_own_tasks_check(tiny, tmp_path):
     """A set of another name may mix built-in tasks' rows: each row is scored by its `task`'s check (JSON equality
     for extract), not by the set's exact match. Each row's answer is the model's own prediction, so exact match

@@ -80,6 +80,23 @@ def test_a_relative_model_path_resolves_absolute_with_its_links_kept(tiny_dir, t
     assert resolve_model("../link/../link") == tmp_path / "link"
 
 
+def test_a_model_spec_is_checked_without_converting_or_downloading(tmp_path, monkeypatch):
+    """What a chain checks of every stage's model before its first stage: an unknown built-in, a path that is not
+    there; a known built-in and a hub id pass without converting or fetching anything."""
+    import llmfast.models as models
+    from llmfast.models import check_model_spec
+
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: pytest.fail("converted"))
+    monkeypatch.setattr(models, "_download_from_hub", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(UserError, match=r"unknown built-in model 'nope': `llmfast models` lists them"):
+        check_model_spec("builtin:nope")
+    with pytest.raises(UserError, match=r"model '\./missing' not found"):
+        check_model_spec("./missing")
+    check_model_spec("builtin:smollm2-135m")
+    check_model_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
+    check_model_spec(str(tmp_path))
+
+
 def test_a_finetune_run_folder_stands_for_the_adapter_in_it(tiny_dir, tmp_path):
     """`llmfast finetune` writes its adapter to RUN/adapter: RUN is taken for it wherever an adapter is given."""
     import shutil
