@@ -86,6 +86,10 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
     path = _write(tmp_path, GOOD)
     r = load_recipe(path, EvalRecipe, ["eval.perplexity=null", "eval.max_new_tokens=8"])
     assert r.eval.perplexity is None and r.eval.max_new_tokens == 8
+    from llmfast.overrides import parse_overrides
+
+    # what YAML cannot parse is the text as written (a name with a bracket), not an error
+    assert parse_overrides(["output=[v2", "a.b=", "n=0x10"]) == [(["output"], "[v2"), (["a", "b"], ""), (["n"], 16)]
 
 
 def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
@@ -277,6 +281,20 @@ def test_a_yaml_boolean_in_a_list_of_numbers_is_refused():
         WorkloadConfig.model_validate({"max_concurrency": [1, 1]})
     ok = WorkloadConfig.model_validate({"max_concurrency": [1, 2], "request_rate": float("inf")})
     assert ok.max_concurrency == [1, 2]
+
+
+def test_a_yaml_boolean_in_an_optional_list_of_numbers_is_refused():
+    """The before-validator looks through `| None` to the list's entries, as through Annotated."""
+    from pydantic import ValidationError
+
+    from llmfast.recipe import StrictModel
+
+    class Settings(StrictModel):
+        sizes: list[int] | None = None
+
+    with pytest.raises(ValidationError, match="sizes.0"):
+        Settings.model_validate({"sizes": [True, 2]})
+    assert Settings.model_validate({"sizes": [1, 2]}).sizes == [1, 2] and Settings().sizes is None
 
 
 def test_a_pipe_given_as_a_file_is_named_so(tmp_path):
