@@ -1107,6 +1107,24 @@ def test_an_adapter_of_a_moved_project_matches_its_base_by_the_recipes_name(fami
     assert [s.kind for s in plan_merge(cfg).inputs] == ["adapter"]
 
 
+def test_a_relufy_model_merges_and_a_teal_artifact_is_refused(family, tmp_path):
+    """relufy keeps its sparsity (the ReLU and its cut) in config.json, which the merge carries; TEAL keeps its
+    thresholds in files beside the weights, which a merge would drop: refused, naming the way round."""
+    from llmfast.artifacts import write_manifest
+    from llmfast.merge.plan import plan_merge
+
+    for method in ("relufy", "teal"):
+        art = Path(shutil.copytree(family["ft1"], tmp_path / method))
+        write_manifest(art, stage="sparsify", parents=[str(family["base"])], sparsity={"method": method})
+        cfg = _config(tmp_path, "task_arithmetic", [(art, {"weight": 1.0})], family["base"])
+        if method == "relufy":
+            assert [s.path for s in plan_merge(cfg).inputs] == [art]
+        else:
+            with pytest.raises(UserError, match="is a teal artifact: its sparsity lives in files beside the weights "
+                                                "that merge does not carry over; merge the models they were made"):
+                plan_merge(cfg)
+
+
 def test_a_model_folder_with_a_plus_in_its_name_is_a_model_not_model_plus_lora(family, adapters, tmp_path):
     """mergekit's MODEL+LORA is read only where no such path exists; and its model must be base_model."""
     from llmfast.merge.plan import plan_merge
