@@ -98,6 +98,23 @@ def test_a_perplexity_text_of_one_token_is_refused_before_loading(tiny_dir, tmp_
     assert "Loading weights" not in err  # found from the tokenizer, before the model loads
 
 
+def test_eval_runs_the_model_in_the_recipes_dtype(tiny_dir, tmp_path):
+    """eval.dtype: bfloat16 scores the bfloat16 model (the figure perplexity() gives on it), not float32's."""
+    from llmfast.models import load_model, load_tokenizer
+
+    recipe = tmp_path / "ev.yaml"
+    text = REPO / "eval" / "text" / "persuasion.txt"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  dtype: bfloat16\n  perplexity: {{text: {text}, max_tokens: 256, "
+                      "context: 64, stride: 64}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 0, err[-2000:]
+    got = json.loads((tmp_path / "r.json").read_text())["perplexity"]["nll"]
+    tok, full = load_tokenizer(tiny_dir), text.read_text()
+    bf16 = perplexity(load_model(tiny_dir, "bfloat16"), tok, full, 64, 64, 256)["nll"]
+    f32 = perplexity(load_model(tiny_dir, "float32"), tok, full, 64, 64, 256)["nll"]
+    assert abs(got - bf16) < abs(bf16 - f32) / 10, (got, bf16, f32)
+
+
 def test_a_mixed_set_scores_each_row_by_its_own_tasks_check(tiny, tmp_path):
     """A set of another name may mix built-in tasks' rows: each row is scored by its `task`'s check (JSON equality
     for extract), not by the set's exact match. Each row's answer is the model's own prediction, so exact match
