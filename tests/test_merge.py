@@ -1237,3 +1237,16 @@ def test_malloc_keeps_freed_blocks_in_a_merge_process():
 
     code = "from llmfast.memory import keep_freed_memory_for_reuse as k; import sys; sys.exit(0 if k() else 1)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_shard_sizes_read_as_written_and_mergekits_5b_as_five_billion_bytes():
+    """K/M/G/T are powers of 1024; a bare B is mergekit's billion (its default out_shard_size is '5B'): read as
+    5 bytes it wrote one shard per tensor."""
+    from llmfast.merge.io import parse_size
+
+    assert parse_size("5B") == parse_size("5 b") == 5 * 10**9 and parse_size("1.5B") == 1_500_000_000
+    assert parse_size("5G") == parse_size("5GB") == parse_size("5GiB") == 5 * 2**30
+    assert parse_size("300K") == 300 * 2**10 and parse_size("500M") == 500 * 2**20 and parse_size("123") == 123
+    for bad in ("5IB", "B", "lots"):
+        with pytest.raises(UserError, match=f"--out-shard-size '{bad}' not understood"):
+            parse_size(bad)

@@ -276,10 +276,13 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(text).upper())
+    """K, M, G, T are powers of 1024 (a trailing B or iB allowed); a bare B is a billion bytes, as mergekit reads its
+    own default '5B' (not 5 bytes: a shard per tensor)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])I?B?|(B)?)\s*", str(text).upper())
     if not m:
         raise UserError(f"--out-shard-size '{text}' not understood: write a positive size, e.g. 500M or 5G")
-    size = int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)])
+    unit = 10**9 if m.group(3) else {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    size = int(float(m.group(1)) * unit)
     if size <= 0:
         raise UserError(f"--out-shard-size '{text}': the shard size must be positive, e.g. 500M or 5G")
     return size
