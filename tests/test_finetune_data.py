@@ -173,6 +173,35 @@ def test_too_long_examples_truncate_with_warning_or_refuse(tiny, tmp_path):
         load_examples(tmp_path / "d.jsonl", tok, 40, too_long="error")
 
 
+def test_an_example_of_exactly_max_length_tokens_is_kept_whole_without_a_warning(tiny, tmp_path):
+    _, tok = tiny
+    (tmp_path / "d.jsonl").write_text('{"prompt": "short", "completion": "' + "word " * 50 + '"}\n')
+    (whole,), _ = load_examples(tmp_path / "d.jsonl", tok, 1000)
+    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, len(whole))
+    assert exs == [whole] and warnings == []
+    assert load_examples(tmp_path / "d.jsonl", tok, len(whole), too_long="error")[0] == [whole]
+    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, len(whole) - 1)
+    assert len(exs[0]) == len(whole) - 1 and "truncated" in warnings[0]
+
+
+def test_a_chat_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_refused(tiny):
+    """Completion-only labels cut the rendered conversation at the rendered prompt: a template that renders the
+    generation prompt as something the conversation does not start with would label the wrong tokens."""
+    import copy
+
+    _, tok = tiny
+    odd = copy.deepcopy(tok)
+    odd.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}ASSISTANT>{% endif %}")
+    with pytest.raises(UserError, match="does not render conversations as prefixes of each other"):
+        encode_messages(odd, CHAT)
+    plain = copy.deepcopy(tok)
+    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    ex = encode_messages(plain, CHAT)
+    assert plain.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE]) == "3000\n"
+
+
 def test_jsonl_that_is_not_utf8_names_the_file_and_row(tiny, tmp_path):
     _, tok = tiny
     rows = ['{"prompt": "a", "completion": "b"}', '{"prompt": "caf\u00e9", "completion": "b"}']
