@@ -15,7 +15,7 @@ import datetime as _dt
 import math
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +170,9 @@ def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], o
     from llmfast.serve.machine import default_dtype
 
     w = recipe.workload
-    requests = _in_own_tokens(m.variant, requests)
+    # the prompts' text, which the engine encodes with the variant's own tokenizer as vLLM's server does: the ids were
+    # made by the first variant's tokenizer and mean other text to another model, or none (an IndexError)
+    requests = [replace(r, prompt_ids=None) for r in requests]
     done: dict[int, dict[str, Any]] = {}  # batch size -> point: a fixed batch size runs once
     for conc in w.max_concurrency:
         batch = w.hf_batch_size or conc
@@ -188,22 +190,6 @@ def _measure_hf(recipe: "BenchRecipe", m: Measured, requests: list["Request"], o
                 m.notes.append(f"{m.label} c={conc}: {done[batch]['failure_cause']}")
         m.points.append({**done[batch], "max_concurrency": conc})
     m.peak_rss_gib = round(max(p.get("peak_rss_gib") or 0.0 for p in m.points), 3)
-
-
-def _in_own_tokens(variant: "Variant", requests: list["Request"]) -> list["Request"]:
-    """The prompts' text in the variant's own tokens, as vLLM's server tokenizes the text it is sent: they were built
-    with the first variant's tokenizer, whose ids mean other text to another model, or none (an IndexError). The
-    same tokenizer gives the same ids (random prompts are texts that encode back to them)."""
-    import dataclasses
-
-    from llmfast.models import load_tokenizer
-
-    tokenizer = load_tokenizer(variant.model_dir)
-    out = []
-    for r in requests:
-        ids = tokenizer.encode(r.prompt, add_special_tokens=False)
-        out.append(dataclasses.replace(r, prompt_ids=ids, prompt_len=len(ids)))
-    return out
 
 
 def _quality(recipe: "BenchRecipe", m: Measured, cfg: "VariantConfig", out: Path) -> dict[str, Any] | None:

@@ -54,13 +54,12 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
                                  min_new_tokens=n_new if ignore_eos else 0, do_sample=False, pad_token_id=pad,
                                  stopping_criteria=StoppingCriteriaList([clock]))
         new = out[:, width:].tolist()
-        for r, toks in zip(batch, new):
+        for r, prompt, toks in zip(batch, ids, new):
             n = min(r.output_len, len(toks))
             if not ignore_eos and eos is not None and eos in toks[:n]:
                 n = toks.index(eos) + 1
             times = clock.times[:n]
-            res = RequestResult(success=n > 0, prompt_len=len(r.prompt_ids or []) or r.prompt_len,
-                                output_tokens=n, start_time=sent)
+            res = RequestResult(success=n > 0, prompt_len=len(prompt), output_tokens=n, start_time=sent)
             if n:
                 res.ttft = times[0] - sent
                 res.itl = [b - a for a, b in zip(times, times[1:])]
