@@ -35,8 +35,8 @@ class Case:
 
 
 def _ft(model: str = "{W}/models/tiny", data: str = "{W}/data/good.jsonl", out: str = "{W}/runs/ft",
-        eval: str | None = None) -> str:
-    held_out = f", eval: {eval}" if eval else ""
+        eval_data: str | None = None) -> str:
+    held_out = f", eval: {eval_data}" if eval_data else ""
     return (f"model: {model}\ndata: {{train: {data}{held_out}, max_length: 64}}\nlora: {{r: 4}}\n"
             f"train: {{steps: 1, batch_size: 2}}\noutput: {out}\n")
 
@@ -75,7 +75,7 @@ RECIPES = {
     "ft-out-file": _ft(out="{W}/a-file.txt"),
     "ft-out-under-file": _ft(out="{W}/a-file.txt/run"),
     "ft-out-is-data": _ft(out="{W}/data/good.jsonl"),
-    "ft-out-is-eval-data": _ft(eval="{W}/data/eval.jsonl", out="{W}/data/eval.jsonl"),
+    "ft-out-is-eval-data": _ft(eval_data="{W}/data/eval.jsonl", out="{W}/data/eval.jsonl"),
     "ft-out-holds-data": _ft(out="{W}/data"),
     "ft-out-unicode-file": _ft(out=f"{{W}}/{UNI}/fïle.txt"),
     "ft-out-readonly": _ft(out="{W}/readonly/run"),
