@@ -365,6 +365,24 @@ def test_a_stage_named_like_a_work_folder_is_refused(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
+def test_a_stage_name_of_the_longest_length_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage name of MAX_OUTPUT_NAME bytes runs (its folder and .state files fit 255 bytes); one byte more is refused
+    before anything is written (s45's audit: the bound itself was untested)."""
+    from llmfast.artifacts import MAX_OUTPUT_NAME
+
+    for extra, code in ((1, 2), (0, 0)):
+        name = "s" * (MAX_OUTPUT_NAME + extra)
+        recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": {
+            name: {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}}}})
+        capsys.readouterr()
+        assert main(["run", str(recipe)]) == code
+        if code:
+            assert f"is {MAX_OUTPUT_NAME + 1} bytes: at most {MAX_OUTPUT_NAME}" in capsys.readouterr().err
+            assert not (tmp_path / "run").exists()
+    assert len((tmp_path / "run" / name / "dates" / "test.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "run" / ".state" / f"{name}.json").is_file()
+
+
 def test_from_a_stage_that_is_not_there_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--from` a misspelled stage is one line naming the stages, before anything is written; it was ignored, and
     the chain ran as if no stage were named (s45's mutation audit: the check was untested)."""

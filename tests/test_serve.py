@@ -317,6 +317,38 @@ def test_serve_takes_an_ipv6_host(tmp_path, tiny_dir):
         httpd.server_close()
 
 
+def test_a_model_list_with_entries_that_are_not_objects_is_read_for_its_objects():
+    """An OpenAI-compatible server listing a bare string or null among its models: the entries that are objects are
+    the models (s45's audit: without the filter, waiting for a server was an AttributeError on `str.get`)."""
+    import http.server
+    import threading
+
+    from llmfast.serve.endpoint import served_models, wait_ready
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": ["m", None, 3, {"id": "m"}]} if self.path == "/v1/models" else {}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert served_models(url) == [{"id": "m"}]
+        wait_ready(url, "m", alive=lambda: True, timeout=10)  # returns: the object names it
+        with pytest.raises(TimeoutError, match="did not serve 'other'"):
+            wait_ready(url, "other", alive=lambda: True, timeout=1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def _running(pid):
     """Alive and not a zombie waiting for its reaper."""
     try:
