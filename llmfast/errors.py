@@ -1,13 +1,15 @@
 """The one exception type for mistakes a user can fix.
 
 The CLI prints its message as a single line on stderr and exits with code 2; anything else is a bug and
-keeps its traceback. Messages name the file, key or row at fault and say what to do. A full disk and a file this
-user may not read or write are the other errors a user fixes: `no_space` recognises the first in the errors
-libraries raise, and the CLI turns any of either that no check caught first into one line (`as_user_error`).
+keeps its traceback. Messages name the file, key or row at fault and say what to do. A full disk, a file this
+user may not read or write and memory too small for what was asked are the other errors a user fixes: `no_space`
+and `out_of_memory` recognise the first and the last in the errors libraries raise, and the CLI turns any of them
+that no check caught first into one line (`as_user_error`).
 """
 
 import errno
 import os
+import re
 import sys
 
 
@@ -40,17 +42,41 @@ def no_space(e: BaseException | None) -> bool:
     return False
 
 
+def out_of_memory(e: BaseException | None) -> str | None:
+    """How much a failed allocation in `e`'s chain asked for (' of SIZE', or '' where the error does not say), or None
+    if the chain holds none: Python's MemoryError (numpy's 'Unable to allocate'), torch's CPU allocator ("can't
+    allocate memory: you tried to allocate N bytes", a RuntimeError) and torch.OutOfMemoryError (CUDA)."""
+    for x in _chain(e):
+        text = str(x)
+        if isinstance(x, MemoryError) or type(x).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+            if found := re.search(r"allocate (\d+) bytes", text):
+                size, unit = float(found.group(1)), "B"
+                for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+                    if size < 1024 or unit == "PiB":
+                        break
+                    size /= 1024
+                return f" of {size:.1f} {unit}"
+            found = re.search(r"allocate ([\d.]+ ?[KMGTPE]?i?B)", text, re.IGNORECASE)
+            return f" of {found.group(1)}" if found else ""
+    return None
+
+
 def error_filenames(e: BaseException | None) -> list[str]:
     """The file names the OSErrors in `e`'s chain carry (`filename`, and `filename2` of a copy's target)."""
     return [str(f) for x in _chain(e) if isinstance(x, OSError) for f in (x.filename, x.filename2) if f]
 
 
 def as_user_error(e: BaseException) -> UserError | None:
-    """`e` as the CLI's one-line error: a UserError as it is, a file this user may not use as one naming it, a full
-    disk (met outside the atomic writes, which name their output) as one naming the folder of the file it was
-    writing; None for anything else (a bug: its traceback stays)."""
+    """`e` as the CLI's one-line error: a UserError as it is, a failed allocation as one saying how much it asked for,
+    a file this user may not use as one naming it, a full disk (met outside the atomic writes, which name their
+    output) as one naming the folder of the file it was writing; None for anything else (a bug: its traceback
+    stays)."""
     if isinstance(e, UserError):
         return e
+    if (asked := out_of_memory(e)) is not None:
+        where = "GPU memory" if any(type(x).__name__ == "OutOfMemoryError" for x in _chain(e)) else "memory"
+        return UserError(f"out of {where}: an allocation{asked} failed: lower the sizes asked for (batch size, "
+                         "lengths, ranks, tokens) or free memory, and run again")
     if not no_space(e):
         return _denied(e)
     named = error_filenames(e)

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from llmfast.errors import UserError
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
-from llmfast.strict import no_bool_numbers
+from llmfast.strict import Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index
 
 T = TypeVar("T", bound=BaseModel)
@@ -155,7 +155,7 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None  # null: only at the end
     save_every: PositiveInt | None = None  # null: only the final adapter
@@ -197,7 +197,7 @@ class WorkloadConfig(StrictModel):
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: Annotated[float, Field(gt=0, allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too, not NaN
     percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt = 0  # numpy's generators take any
     # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a
     # fresh server's first requests are slower; as `vllm bench serve --num-warmups`).
     warmup_batches: NonNegativeInt = 1

@@ -13,7 +13,14 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+# A seed every library the kit seeds takes: numpy's legacy seeding (transformers' set_seed, which AutoRound calls)
+# takes 0 to 2**32 - 1, and torch.manual_seed overflows beyond 2**64 (both were tracebacks, from a recipe's seed).
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 def _kinds(annotation: Any) -> set[type]:

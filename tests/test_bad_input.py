@@ -188,6 +188,8 @@ CASES = [
     Case("finetune-negative-grad-norm", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.max_grad_norm=-1"),
          "train.max_grad_norm"),
     Case("finetune-bad-set", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.lr=-1"), "train.lr"),
+    Case("finetune-seed-beyond-torch", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.seed=100000000000000000000"),
+         "train.seed: Input should be less than or equal to 4294967295"),
     Case("finetune-unknown-key", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.rank=4"), "lora.rank"),
     Case("finetune-no-recipe", ("finetune",), "finetune: the following arguments are required: recipe"),
     Case("finetune-recipe-not-utf8", ("finetune", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),

@@ -59,3 +59,42 @@ def test_peak_rss_sums_the_whole_process_tree(tmp_path):
             p.kill()
         child.kill()
         child.wait()
+
+
+def test_a_failed_allocation_is_one_line_saying_how_much_it_asked_for():
+    """Real allocations beyond any machine's address space (whatever the kernel's overcommit setting): numpy's
+    MemoryError, torch's CPU allocator RuntimeError and Python's bare MemoryError each become the CLI's one line, with
+    the size in binary units where the error gives it (s46: they were tracebacks)."""
+    import numpy as np
+    import torch
+
+    from llmfast.errors import as_user_error
+
+    said = []
+    for allocate in (lambda: np.empty(2**50), lambda: torch.empty(2**50), lambda: bytearray(2**50)):
+        try:
+            allocate()
+        except Exception as e:  # noqa: BLE001 - each library's own kind
+            said.append(str(as_user_error(e)))
+    # numpy words its size itself; torch's bytes are 2**52 = 4 PiB; a bare MemoryError says nothing of a size
+    assert said == [f"out of memory: an allocation{size} failed: lower the sizes asked for (batch size, lengths, "
+                    "ranks, tokens) or free memory, and run again" for size in (" of 8.00 PiB", " of 4.0 PiB", "")]
+    assert as_user_error(RuntimeError("expected scalar type Float")) is None  # any other error stays a bug
+
+
+def test_a_lora_rank_beyond_memory_is_refused_in_one_line_and_writes_nothing(tmp_path, tiny_dir):
+    import json
+
+    from conftest import run_cli
+
+    rows = [{"messages": [{"role": "user", "content": "Repeat: a"}, {"role": "assistant", "content": "a"}]}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ft.yaml").write_text(f"model: {tiny_dir}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n"
+                                      f"lora: {{r: 1000000000000}}\ntrain: {{steps: 1}}\noutput: {tmp_path / 'run'}\n")
+    code, _, err = run_cli("finetune", str(tmp_path / "ft.yaml"))
+    assert code == 2 and "Traceback" not in err
+    # r x hidden (128) float32 entries: 465.7 TiB
+    assert err.strip().splitlines()[-1] == ("llmfast: error: out of memory: an allocation of 465.7 TiB failed: lower "
+                                            "the sizes asked for (batch size, lengths, ranks, tokens) or free memory, "
+                                            "and run again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.yaml", "train.jsonl"]

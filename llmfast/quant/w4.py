@@ -28,6 +28,7 @@ from pydantic import Field
 from llmfast.errors import UserError
 from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
 from llmfast.quant.w4_format import load_dequantized
+from llmfast.strict import Seed
 
 KERNEL_MULTIPLE = 32  # vLLM's CPU W4A16 GEMM takes input sizes that are multiples of 32
 
@@ -44,7 +45,7 @@ class W4Config(QuantConfigBase):
     batch_size: int = Field(8, gt=0)
     # AutoRound's seed: which windows each tuning step draws. Tuned results move by about a point of perplexity
     # from one configuration to the next on the built-in model (BENCHMARKS.md); several seeds tell noise from gain.
-    seed: int = 42
+    seed: Seed = 42
     # AWQ (Lin et al. 2024, arXiv:2306.00978) before the rounding: per input channel, scale a projection's
     # weights up and divide the preceding norm's (or projection's) weights by the same factor, the factor found
     # by a grid search on the calibration activations; the scales fold into full-precision weights, so the

@@ -25,6 +25,7 @@ from pydantic import Field, PositiveInt, model_validator
 from llmfast.errors import UserError
 from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, relu_mlps
 from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
+from llmfast.strict import Seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,7 +56,7 @@ class DejavuConfig(SparseConfigBase):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     pos_weight: float = Field(1.0, gt=0)  # weight of the active class in the cross-entropy
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_threshold_rule(self) -> "DejavuConfig":

@@ -45,6 +45,7 @@ from llmfast.errors import UserError
 from llmfast.sparse.base import (SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, activation, gated_mlps,
                                  set_activation)
 from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
+from llmfast.strict import Seed
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,7 @@ class RelufyConfig(SparseConfigBase):
     max_grad_norm: float | None = Field(1.0, gt=0)
     l1: float = Field(0.0, ge=0)  # ProSparse-style L1 pressure on the MLP activation (0: off)
     samples: NonNegativeInt = 0  # extra training windows the original model generates itself
-    seed: int = 0  # order of the training windows, and the samples
+    seed: Seed = 0  # order of the training windows, and the samples
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None  # held-out KL, perplexity and sparsity every N steps (and at 0 and the end)
     save_every: PositiveInt | None = None  # checkpoint every N steps for --resume (null: none)

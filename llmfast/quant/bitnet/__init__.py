@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.strict import Seed
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ class BitNetConfig(QuantConfigBase):
     eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N QAT steps (the curve)
     # where QAT runs: auto = a CUDA GPU when torch sees one (forward passes in bfloat16 autocast there), else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
 
 
 @QUANTIZERS.register("bitnet")
