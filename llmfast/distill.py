@@ -174,12 +174,38 @@ def _checked_step(ckpt: Path, settings: DistillSettings, rows: str | None) -> in
     return step
 
 
-def _diverged(bar: Any, desc: str, loss: float, step: int, dtype: torch.dtype) -> UserError:
-    """The error of a run whose loss went NaN or inf (its progress bar closed first, so the line is the last)."""
+def optimizer_step(optimizer: Any) -> bool:
+    """`optimizer.step()`; False where the step itself overflowed float32: Adam moves a weight by up to ten times the
+    learning rate on its first step, so a rate near float32's largest value fails there (a RuntimeError), before any
+    NaN shows. The caller reports it as the divergence it is."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        return False
+    return True
+
+
+def _check_step(stepped: bool, loss: float, where: str, student: Any, bar: Any, desc: str) -> None:
+    """A UserError where a step diverged: its loss went NaN or inf, or its update overflowed (`stepped` False); every
+    later step, and the artifact, would be NaN. The progress bar is closed first, so the line is the last."""
+    if stepped and math.isfinite(loss):
+        return
     bar.close()
     fix = ("float16 weights lack the range this training needs: use dtype bfloat16 or float32"
-           if dtype == torch.float16 else "lower the learning rate")
-    return UserError(f"{desc}: the distillation loss became {loss} at step {step}: {fix}; nothing was written")
+           if next(student.parameters()).dtype == torch.float16 else "lower the learning rate")
+    cause = f"the distillation loss became {loss}" if stepped else "the update overflowed float32"
+    raise UserError(f"{desc}: {cause} {where}: {fix}; nothing was written")
+
+
+def _check_last_update(student: Any, batch: torch.Tensor, target: torch.Tensor, settings: DistillSettings,
+                       mixed: Callable[[], Any], bar: Any, desc: str) -> None:
+    """The last step's update checked as each other step's is, by the loss it gives on its batch: a rate that sent
+    the weights to inf or NaN on that step wrote them (an all-NaN relufy model, and exit 0)."""
+    with torch.no_grad(), mixed():
+        after = kl_to_teacher(student(batch).logits, target, settings.temperature).item()
+    _check_step(True, after, f"after the last step ({settings.steps})", student, bar, desc)
 
 
 def check_checkpoint(work: Path, settings: DistillSettings, source: Path | None = None) -> None:
@@ -321,11 +347,9 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         total.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
         loss_value = loss.item()
         done = step + 1
-        if not math.isfinite(loss_value):  # diverged: every later step, and the artifact, would be NaN
-            raise _diverged(bar, desc, loss_value, done, next(student.parameters()).dtype)
+        _check_step(optimizer_step(optimizer), loss_value, f"at step {done}", student, bar, desc)
         bar.update(1)
         bar.set_postfix(kl=f"{loss_value:.4f}")
         evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)
@@ -335,6 +359,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             append_line(log_path, json.dumps(line))
         if done % settings.save_every == 0 and done < settings.steps:
             save_checkpoint(work, student, optimizer, done, settings, rows=digest)
+    if start < settings.steps:
+        _check_last_update(student, batch, target, settings, mixed, bar, desc)
     bar.close()
     student.eval()
     return {"steps": settings.steps, "final_kl": loss_value, "train_tokens": settings.steps * settings.batch_size

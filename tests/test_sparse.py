@@ -756,6 +756,19 @@ def test_a_diverging_distillation_writes_nothing(tmp_path, tiny_dir):
     assert not (tmp_path / "ternary").exists()
 
 
+def test_a_rate_that_breaks_the_last_update_or_overflows_it_writes_nothing(tmp_path, tiny_dir):
+    """Each step's loss was checked before its update, so a rate that sent the weights to NaN on the last step wrote
+    an all-NaN relufy model with exit 0 (s46); a rate near float32's largest value overflowed Adam's first update
+    (ten times the rate), a traceback. (A huge first update leaves the tiny model finite, its norms rescaling what it
+    scaled; the second makes it NaN, for any rate from 1e20 to 1e36.)"""
+    for lr, said in (("1.0e+30", "relufy: the distillation loss became nan after the last step (2): lower the "
+                                 "learning rate; nothing was written"),
+                     ("1.0e+38", "relufy: the update overflowed float32 at step 1: lower the learning rate")):
+        code, _, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", f"{{steps: 2, lr: {lr}}}")))
+        assert code == 2 and "Traceback" not in err and said in err.strip().splitlines()[-1], err[-2000:]
+        assert not (tmp_path / "out").exists()
+
+
 def test_zero_tally_counts_sparsity_and_its_spread_over_tokens():
     """The manifest's per-layer `token_std` had no test (s44's mutation audit): checked against numpy's population
     standard deviation of each token's zero fraction, over two calls of different shapes."""

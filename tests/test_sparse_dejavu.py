@@ -367,6 +367,12 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("relu", "{rank: 0}", "sparsify.config.rank: Input should be greater than 0"),
     ("relu", "{target_recall: 1.5}", "sparsify.config.target_recall: Input should be less than or equal to 1"),
     ("relu", "{threshold_share: 1}", "sparsify.config.threshold_share: Input should be less than 1"),
+    # s46: a diverged training wrote NaN predictors (recall 0, exit 0) or, near float32's largest rate, a traceback
+    ("relu", "{rank: 4, steps: 1, lr: 1.0e+30}", "layer 0's predictor diverged (its loss became nan after its last "
+                                                 "step (1)): lower sparsify.config.lr (or pos_weight)"),
+    ("relu", "{rank: 4, steps: 2, lr: 1.0e+38}", "layer 0's predictor diverged (its update overflowed float32 at "
+                                                 "step 1)"),
+    ("relu", "{rank: 4, steps: 2, pos_weight: 1.0e+300}", "layer 0's predictor diverged (its loss became nan at step 1)"),
 ])
 def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
                                                                      expected):

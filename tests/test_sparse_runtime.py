@@ -254,6 +254,16 @@ def test_hf_sparse_engine_is_chosen_for_sparse_variants_and_says_why_not(artifac
     assert engine.can_run(Variant("p", artifacts["dejavu"], sparsity="dejavu")) is None
 
 
+def test_bench_offline_names_the_engine_that_runs_a_sparse_artifact(artifacts, capsys):
+    """`bench offline ARTIFACT --engine vllm` suggested `--engine hf` whatever the variant; a sparse artifact's own
+    engine is hf-sparse, the first its refusal lists (s46's docs review)."""
+    from llmfast.cli import main
+
+    assert main(["bench", "offline", str(artifacts["teal"]), "--engine", "vllm", "--num-prompts", "1"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(it runs on: hf-sparse, hf): use --engine hf-sparse" in line, line
+
+
 def test_hf_sparse_engine_refuses_a_sparse_artifact_over_quantized_weights(artifacts, tmp_path):
     """Found by hand (2026-12-05): earlier versions of sparsify made TEAL artifacts over w4, NF4 and ternary models
     whose manifests did not record it; the sparse MLP then failed on their layers (AttributeError, shape or dtype

@@ -65,8 +65,9 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     engine = ENGINES.get(OFFLINE_ENGINES[args.engine], "--engine")
     variant = resolve_variant("lora", args.model, args.lora, args.quantization)
     reason = engine.can_run(variant)
-    if reason:
-        raise UserError(f"--engine {args.engine}: {reason}: use --engine hf")
+    if reason:  # the engine words are the families' names: suggest the preferred one that runs it
+        other = next((f for f in variant.families if f != engine.family), "hf")
+        raise UserError(f"--engine {args.engine}: {reason}: use --engine {other}")
     tokenizer = load_tokenizer(variant.model_dir)
     requests = build_requests(tokenizer, dataset_name=args.dataset_name, dataset_path=args.dataset_path,
                               num_prompts=args.num_prompts, input_len=args.random_input_len,

@@ -99,9 +99,9 @@ class Dejavu(Sparsifier):
         layers = pt.collect(job.model, job.calibration, cfg.lookahead, label_sparsity)
         generator = torch.Generator().manual_seed(cfg.seed)
         predictors, helds, curves = [], [], []
-        for data in tqdm(layers, desc="dejavu predictors", unit="layer", leave=False):
+        for i, data in enumerate(tqdm(layers, desc="dejavu predictors", unit="layer", leave=False)):
             fit, held = pt.split_tokens(data, cfg.threshold_share)
-            p = pt.train_layer(fit, cfg, generator)
+            p = pt.train_layer(fit, cfg, generator, layer=i)
             logits = p.logits(held.x)
             if cfg.active_budget is None:
                 p.threshold = pt.pick_threshold(logits, held.active, cfg.target_recall, cfg.active_fraction)

@@ -77,10 +77,13 @@ def collect(model: "PreTrainedModel", windows: "torch.Tensor", lookahead: bool,
     return [LayerData(f, a, c) for f, a, c in zip(fed, labels, cuts)]
 
 
-def train_layer(data: LayerData, cfg: Any, generator: "torch.Generator") -> Predictor:
-    """A predictor fitted to one layer's labels (threshold not yet set: +inf)."""
+def train_layer(data: LayerData, cfg: Any, generator: "torch.Generator", layer: int = 0) -> Predictor:
+    """A predictor fitted to one layer's labels (threshold not yet set: +inf); a training that diverges (a loss that
+    is not finite, or an update beyond float32) is a UserError naming the `layer`."""
     import torch
     import torch.nn.functional as F
+
+    from llmfast.distill import optimizer_step
 
     x, y = data.x, data.active
     n, hidden = x.shape
@@ -91,14 +94,27 @@ def train_layer(data: LayerData, cfg: Any, generator: "torch.Generator") -> Pred
     bias = torch.log(rate / (1 - rate)).requires_grad_()
     opt = torch.optim.AdamW([a, b, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
     pos_weight = torch.tensor(cfg.pos_weight)
+
+    def loss_on(rows: "torch.Tensor") -> "torch.Tensor":
+        logits = (x[rows] / scale) @ a @ b + bias
+        return F.binary_cross_entropy_with_logits(logits, y[rows].float(), pos_weight=pos_weight)
+
+    def diverged(cause: str) -> UserError:  # NaN predictors predict nothing: they were written, recall 0, exit 0
+        return UserError(f"dejavu: layer {layer}'s predictor diverged ({cause}): lower sparsify.config.lr (or "
+                         "pos_weight); nothing was written")
+
     with torch.enable_grad():
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             rows = torch.randint(n, (min(cfg.batch_tokens, n),), generator=generator)
-            logits = (x[rows] / scale) @ a @ b + bias
-            loss = F.binary_cross_entropy_with_logits(logits, y[rows].float(), pos_weight=pos_weight)
+            loss = loss_on(rows)
+            if not math.isfinite(loss.item()):  # the update before it diverged
+                raise diverged(f"its loss became {loss.item()} at step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if not optimizer_step(opt):
+                raise diverged(f"its update overflowed float32 at step {step + 1}")
+        if cfg.steps and not math.isfinite(last := loss_on(rows).item()):  # the last update, checked the same way
+            raise diverged(f"its loss became {last} after its last step ({cfg.steps})")
     return Predictor((a.detach() / scale).contiguous(), b.detach().contiguous(), bias.detach().contiguous(),
                      torch.tensor(float("inf")), cfg.lookahead)
 
