@@ -80,6 +80,10 @@ def test_a_failed_allocation_is_one_line_saying_how_much_it_asked_for():
     assert said == [f"out of memory: an allocation{size} failed: lower the sizes asked for (batch size, lengths, "
                     "ranks, tokens) or free memory, and run again" for size in (" of 8.00 PiB", " of 4.0 PiB", "")]
     assert as_user_error(RuntimeError("expected scalar type Float")) is None  # any other error stays a bug
+    # CUDA's (no GPU here: the class torch raises there, with the first words of its message)
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 3.12 GiB is free.")
+    assert str(as_user_error(cuda)).startswith("out of GPU memory: an allocation of 20.00 GiB failed: ")
 
 
 def test_a_lora_rank_beyond_memory_is_refused_in_one_line_and_writes_nothing(tmp_path, tiny_dir):
