@@ -190,14 +190,16 @@ def test_task_arithmetic_scaling_and_negation(family, tmp_path):
     torch.testing.assert_close(neg[k], 2 * base[k] - a[k], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("normalize", [True, False, None])
 def test_ties_matches_reference(family, tmp_path, normalize):
+    """None: normalize left out, which is true for ties (mergekit's default)."""
+    shared = {"int8_mask": True} if normalize is None else {"normalize": normalize, "int8_mask": True}
     cfg = _config(tmp_path, "ties", [(family["ft1"], {"weight": 1.0, "density": 0.3}),
                                      (family["ft2"], {"weight": 0.6, "density": 0.7})],
-                  family["base"], parameters={"normalize": normalize, "int8_mask": True})
+                  family["base"], parameters=shared)
     got = _merge(cfg, tmp_path / "out")
     ref = _ref_ties(_sd(family["base"]), [_sd(family["ft1"]), _sd(family["ft2"])], [1.0, 0.6], [0.3, 0.7],
-                    normalize=normalize)
+                    normalize=normalize is not False)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
 
@@ -277,6 +279,48 @@ def test_normalize_divides_by_every_models_weight_where_one_left_a_tensor_alone(
     for k in base:
         want = base[k] + (0.7 * (a[k] - base[k]) + 1.2 * (b[k] - base[k])) / 1.9
         torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize("native", [True, False])
+def test_normalize_divides_by_a_negative_weight_sum_and_by_1_for_a_zero_one(family, tmp_path, monkeypatch, native):
+    """mergekit's divisor is the sum of the weights, 1 where it is ~0: weights 1 and -1 give base + d1 - d2 (not a
+    division by 0); a lone -0.5 divides by -0.5 (its sign kept), giving the model itself."""
+    from llmfast.merge import merge as merge_module
+
+    if not native:
+        monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
+    base, a, b = _sd(family["base"]), _sd(family["ft1"]), _sd(family["ft2"])
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": 1.0}), (family["ft2"], {"weight": -1.0})],
+                  family["base"], parameters={"normalize": True})
+    got = _merge(cfg, tmp_path / "zero")
+    for k in base:
+        torch.testing.assert_close(got[k], base[k] + ((a[k] - base[k]) - (b[k] - base[k])), rtol=0, atol=1e-6)
+    cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], {"weight": -0.5})], family["base"],
+                  parameters={"normalize": True})
+    got = _merge(cfg, tmp_path / "negative")
+    for k in base:
+        torch.testing.assert_close(got[k], a[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,native", [("ties", False), ("dare_ties", True), ("dare_ties", False)])
+def test_sign_election_of_task_vectors_that_cancel_keeps_the_positive_one(family, tmp_path, monkeypatch, method,
+                                                                          native):
+    """Task vectors +base and -base (models 2 * base and 0, exact in float32) sum to exactly 0 everywhere: mergekit's
+    election counts a 0 sum as +, so the positive one is kept and the merge is base + |base| (without an election it
+    would be the base; electing - would give base - |base|). dare_ties at density 1 runs in the C kernel too."""
+    from llmfast.merge import merge as merge_module
+
+    if not native:
+        monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
+    base = _sd(family["base"])
+    models = []
+    for tag, scale in (("up", 2.0), ("zero", 0.0)):
+        d = shutil.copytree(family["base"], tmp_path / tag)
+        save_file({k: v * scale for k, v in base.items()}, d / "model.safetensors", metadata={"format": "pt"})
+        models.append((d, {"weight": 1.0, "density": 1.0}))
+    got = _merge(_config(tmp_path, method, models, family["base"]), tmp_path / "out")
+    for k, v in base.items():
+        assert torch.equal(got[k], v + v.abs()), k
+
 
 @pytest.mark.parametrize("native", [True, False])
 def test_dare_tensor_that_loses_every_entry_stays_the_base(family, tmp_path, monkeypatch, native):
@@ -442,6 +486,36 @@ def test_adapter_concat_is_exact_and_loads_in_peft(family, adapters, tmp_path):
         torch.testing.assert_close(merged[k], full[k], rtol=0, atol=1e-5)
 
 
+def test_adapter_concat_pads_a_smaller_rank_of_rank_pattern(family, adapters, tmp_path):
+    """An adapter whose q_proj has rank 2 (rank_pattern) and its other modules rank 4: concatenated beside a rank-8
+    adapter, its q_proj factors are padded with zeros to 4, and the written adapter is the full merge's delta."""
+    pattern = _make_adapter(family["base"], tmp_path / "pattern", 5, rank_pattern={"q_proj": 2})
+    cfg = _config(tmp_path, "task_arithmetic", [(pattern, {"weight": 0.7}), (adapters["a2"], {"weight": 1.2})],
+                  family["base"])
+    code, out, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "concat")
+    assert code == 0, err
+    assert "rank: 12 (concatenated, exact)" in out
+    full, base = _merge(cfg, tmp_path / "full"), _sd(family["base"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert _adapter_delta(pattern, q) is not None and torch.linalg.matrix_rank(_adapter_delta(pattern, q)) == 2
+    for k in base:
+        got = _adapter_delta(tmp_path / "ad", k)
+        torch.testing.assert_close(torch.zeros_like(base[k]) if got is None else got, full[k] - base[k],
+                                   rtol=0, atol=1e-6)
+
+
+def test_adapter_output_refuses_a_full_model_among_the_adapters(family, adapters, tmp_path):
+    """--adapter-rank writes adapters' task vectors only: a full model beside them would be left out of the adapter,
+    so the config is refused in one line and nothing is written."""
+    cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1.0}), (family["ft1"], {"weight": 1.0})],
+                  family["base"])
+    for rank in ("concat", "4"):
+        code, _, err = run_cli("merge", str(cfg), str(tmp_path / "x"), "--no-progress", "--adapter-rank", rank)
+        line = err.strip()
+        assert code == 2 and "--adapter-rank needs every model in the config to be a LoRA adapter" in line, err
+        assert "\n" not in line and not (tmp_path / "x").exists()
+
+
 def test_a_merged_adapter_names_exactly_the_modules_it_holds(family, tmp_path):
     """An input trained on some layers only (PEFT's layers_to_transform): the merged adapter's config lists the
     modules its weights hold, not the first input's layer filter, which had PEFT drop the other inputs' layers from
@@ -484,6 +558,10 @@ def test_adapter_svd_rerank_reports_error(family, adapters, tmp_path):
     code, out, err = run_cli("merge", str(cfg), str(tmp_path / "huge"), "--no-progress", "--adapter-rank", "1000")
     assert code == 2 and "--adapter-rank 1000: the adapters' largest layer has full rank 128" in err, err
     assert not (tmp_path / "huge").exists()
+    code, out, err = run_cli("merge", str(cfg), str(tmp_path / "full"), "--no-progress", "--adapter-rank", "128")
+    assert code == 0, err  # the full rank itself is accepted
+    m = json.loads((tmp_path / "full" / "llmfast.json").read_text())["metrics"]
+    assert m["rank"] == 128 and m["svd_relative_frobenius_error"] < 1e-5
     # TIES cannot be concatenated, but can be re-ranked.
     cfg = _config(tmp_path, "ties", [(adapters["a1"], {"weight": 1.0, "density": 0.5}),
                                      (adapters["a2"], {"weight": 1.0, "density": 0.5})], family["base"])
@@ -806,6 +884,17 @@ def test_out_dtype_beats_dtype_which_only_rounds_the_inputs(family, tmp_path):
         torch.testing.assert_close(got[k], z + ((x - z) * 0.7 + (y - z) * -0.3), rtol=0, atol=1e-6)
 
 
+def test_float16_inputs_are_written_in_out_dtype(family, tmp_path):
+    """A float16 model's tensors take `out_dtype` like float32 and bfloat16 ones do (they are floating point)."""
+    half = shutil.copytree(family["ft1"], tmp_path / "half")
+    a = _sd(family["ft1"])
+    save_file({k: v.half() for k, v in a.items()}, half / "model.safetensors", metadata={"format": "pt"})
+    got = _merge(_config(tmp_path, "linear", [(half, {"weight": 1.0})], None, out_dtype="float32"), tmp_path / "out")
+    for k, v in a.items():
+        assert got[k].dtype == torch.float32, k
+        assert torch.equal(got[k], v.half().float()), k
+
+
 def test_a_different_head_count_of_the_same_shapes_is_refused(family, tmp_path):
     """2 heads of 64 or 4 of 64 over the same tensors (head_dim is set): the safetensors shapes agree, the models
     do not; only config.json tells."""
@@ -942,6 +1031,15 @@ def test_tensors_in_flight_are_bounded_by_elements_as_well_as_count(monkeypatch)
     seen = [(name, out, list(reads)) for name, out in pipeline.ordered_map(items, read, merge, workers=3)]
     assert [s[:2] for s in seen] == [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")]
     assert seen[0][2] == ["a"] and seen[1][2] == ["a", "b", "c"]
+
+
+def test_a_tensor_larger_than_the_element_bound_is_merged_alone():
+    """A tensor past MAX_ELEMENTS_IN_FLIGHT on its own (a large model's embedding) still goes, alone, in its place."""
+    from llmfast.merge import pipeline
+
+    items = [("a", 10), ("big", 3 * pipeline.MAX_ELEMENTS_IN_FLIGHT), ("c", 10)]
+    got = list(pipeline.ordered_map(items, lambda n: n, lambda n, v: v.upper(), workers=2))
+    assert got == [("a", "A"), ("big", "BIG"), ("c", "C")]
 
 
 def test_a_gradient_interpolates_between_its_entries_over_the_layers():
@@ -1151,6 +1249,25 @@ def test_only_float32_merges_replay_mergekits_tie_order(family, tmp_path):
     bf16 = plan_merge(_config(tmp_path, "ties", models, family["base"], dtype="bfloat16"))
     name = next(n for n, shape, _tag in f32.tensors if len(shape) == 2)
     assert f32.computes_like_mergekit(name) and not bf16.computes_like_mergekit(name)
+
+
+def test_a_bfloat16_ties_merge_keeps_the_first_tied_entries_by_position(family, tmp_path):
+    """With dtype bfloat16 (where mergekit's tied sets differ from ours anyway) the trim keeps, of the entries tied at
+    its threshold, the first ones by position (docs/merge.md), not the ones mergekit's sort would keep in float32."""
+    base = _sd(family["base"])
+    k = "model.layers.0.self_attn.q_proj.weight"
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randint(-1, 2, base[k].shape, generator=g).float()  # magnitudes 0 and 1: ties everywhere
+    zero_base, ft = shutil.copytree(family["base"], tmp_path / "base"), shutil.copytree(family["base"], tmp_path / "ft")
+    save_file({**base, k: torch.zeros_like(base[k])}, zero_base / "model.safetensors", metadata={"format": "pt"})
+    save_file({**base, k: delta}, ft / "model.safetensors", metadata={"format": "pt"})
+    got = _merge(_config(tmp_path, "ties", [(ft, {"weight": 1.0, "density": 0.3})], zero_base, dtype="bfloat16"),
+                 tmp_path / "out")
+    keep = max(1, int(0.3 * delta.numel()))
+    first = torch.zeros(delta.numel(), dtype=torch.bool)
+    first[delta.flatten().nonzero().flatten()[:keep]] = True
+    assert int((delta != 0).sum()) > 2 * keep
+    assert torch.equal(got[k].float(), delta * first.reshape(delta.shape))
 
 
 def test_bfloat16_conversions_match_torch_bit_for_bit():

@@ -136,3 +136,28 @@ def test_the_kept_statistic_counts_no_more_than_the_nonzero_entries():
     METHODS.get("ties").merge(base, [sparse_delta, dense_delta], [{"weight": 1.0, "density": 0.5}] * 2,
                               {"normalize": True, "lambda": 1.0, "rescale": False}, TensorContext("t", 0, stats))
     assert stats == {"nonzero": 1100, "kept": 100 + 500}
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.param("density") is not None])
+def test_density_0_keeps_the_base_and_1_is_in_range(name, family, tmp_path):  # noqa: F811
+    """density is a fraction with both ends included: at 0 every task vector is dropped, so the merge is the base
+    (not one entry kept per tensor); at 1 nothing is: magnitude_prune is then task arithmetic."""
+    base = _sd(family["base"])
+    got = _merge(_method_config(tmp_path, name, family, "d0", per_input={"weight": 1.0, "density": 0.0}),
+                 tmp_path / "d0")
+    for k, v in base.items():
+        assert torch.equal(got[k], v), k
+    if name == "magnitude_prune":
+        got = _merge(_method_config(tmp_path, name, family, "d1", per_input={"weight": 0.5, "density": 1.0}),
+                     tmp_path / "d1")
+        a, b = _sd(family["ft1"]), _sd(family["ft2"])
+        for k, v in base.items():
+            torch.testing.assert_close(got[k], v + 0.5 * (a[k] - v) + 0.5 * (b[k] - v), rtol=0, atol=1e-6)
+
+
+def test_a_weight_past_float32_or_written_as_true_is_refused(family, tmp_path):  # noqa: F811
+    """1e39 is inf in float32 (the merged model would be inf and NaN); `true` is not a number, though Python's
+    float(True) is 1.0."""
+    for bad, needle in ((1e39, "must be a finite number"), (True, "must be a number")):
+        cfg = _method_config(tmp_path, "task_arithmetic", family, f"bad-{bad}", per_input={"weight": bad})
+        _refused(cfg, tmp_path / "out", "'weight'", needle)
