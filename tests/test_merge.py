@@ -218,7 +218,9 @@ def test_dare_seeded_kept_fraction_and_rescale(family, tmp_path):
     cfg = _config(tmp_path, "dare_linear", [(family["ft1"], {"weight": 1.0, "density": 0.3})], family["base"])
     one = _merge(cfg, tmp_path / "s0a", "--seed", "7")
     again = _merge(cfg, tmp_path / "s0b", "--seed", "7")
-    other = _merge(cfg, tmp_path / "s1", "--seed", "8")
+    code, stdout, stderr = run_cli("merge", str(cfg), str(tmp_path / "s1"), "--no-progress", "--seed", "8")
+    assert code == 0, stderr
+    other = _load(tmp_path / "s1")
     k = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(one[k], again[k])
     assert not torch.equal(one[k], other[k])
@@ -233,6 +235,8 @@ def test_dare_seeded_kept_fraction_and_rescale(family, tmp_path):
     assert abs(ratio.mean().item() - 1 / 0.3) < 0.15
     manifest = json.loads((tmp_path / "s0a" / "llmfast.json").read_text())
     assert abs(manifest["metrics"]["kept_fraction"] - 0.3) < 0.01
+    kept = json.loads((tmp_path / "s1" / "llmfast.json").read_text())["metrics"]["kept_fraction"]
+    assert f"kept fraction: {kept:.4f}" in stdout  # the summary line says it too
 
 
 def test_dare_drops_each_model_at_independent_positions(family, tmp_path):
@@ -1040,6 +1044,15 @@ def test_a_tensor_larger_than_the_element_bound_is_merged_alone():
     items = [("a", 10), ("big", 3 * pipeline.MAX_ELEMENTS_IN_FLIGHT), ("c", 10)]
     got = list(pipeline.ordered_map(items, lambda n: n, lambda n, v: v.upper(), workers=2))
     assert got == [("a", "A"), ("big", "BIG"), ("c", "C")]
+
+
+def test_default_threads_are_the_cores_available_at_most_4():
+    """docs/merge.md: --threads defaults to the cores this process may use, at most 4."""
+    import os
+
+    from llmfast.merge.steps import default_threads
+
+    assert default_threads() == min(4, len(os.sched_getaffinity(0)))
 
 
 def test_a_gradient_interpolates_between_its_entries_over_the_layers():

@@ -152,8 +152,14 @@ def test_sigkill_mid_write_leaves_nothing_after_the_next_run(tiny_dir, tmp_path)
     assert manifest["metrics"]["tensors"] > 0 and (out / "model.safetensors").is_file()
 
 
-def test_error_inside_a_merge_worker_is_one_line_and_leaves_nothing(family, tmp_path):
-    """A value only found wrong while merging (weights summing to 0 under normalize) stops every thread."""
+@pytest.mark.parametrize("native", [True, False])
+def test_error_inside_a_merge_worker_is_one_line_and_leaves_nothing(family, tmp_path, monkeypatch, native):
+    """A value only found wrong while merging (weights summing to 0 under normalize) stops every thread, in the C
+    kernel's path and in numpy's."""
+    from llmfast.merge import merge as merge_module
+
+    if not native:
+        monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
     cfg = _config(tmp_path, "linear", [(family["ft1"], {"weight": 1.0}), (family["ft2"], {"weight": -1.0})], None)
     line = _refused(cfg, tmp_path / "out", "--threads", "2", needles=("sum to 0", "normalize: false"))
     assert "tensor " in line
