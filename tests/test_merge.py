@@ -639,6 +639,23 @@ def test_an_adapter_config_without_lora_alpha_scales_by_peft_default(family, ada
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
 
 
+def test_adapter_svd_rerank_of_a_linear_merge_averaging_the_base_in(family, adapters, tmp_path):
+    """linear with a base_model averages the base in as one more input (weight 1 here): re-ranked to 4 + 8 the written
+    adapter is the full merge's delta, (0.3 d1 + 0.7 d2) / 2. (The SVD path read that input from no file: a
+    traceback, AttributeError 'NoneType' object has no attribute 'stored_array'.)"""
+    cfg = _config(tmp_path, "linear", [(adapters["a1"], {"weight": 0.3}), (adapters["a2"], {"weight": 0.7})],
+                  family["base"], parameters={"weight": 1.0})
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "ad"), "--no-progress", "--adapter-rank", "12")
+    assert code == 0, err
+    full, base = _merge(cfg, tmp_path / "full"), _sd(family["base"])
+    weighted = [(adapters["a1"], 0.15), (adapters["a2"], 0.35)]
+    for k in base:
+        got = _adapter_delta(tmp_path / "ad", k)
+        got = torch.zeros_like(base[k]) if got is None else got
+        torch.testing.assert_close(got, full[k] - base[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, _weighted_delta(weighted, k, base[k]), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_adapter_concat_applies_lambda_and_normalize(family, adapters, tmp_path, normalize):
     """The concatenated adapter's B @ A is lambda * sum(w_i * delta_i) (/ sum(w_i) under normalize, as mergekit

@@ -142,7 +142,8 @@ def _svd(plan: MergePlan, n: str, rank: int, base_reader: Any, errors: _SvdError
 
     import torch
 
-    base, deltas = read_inputs(plan, n, base_reader, [None] * len(plan.inputs))
+    # linear averages a base_model that is not among the models in as one more input: it is read from the base
+    base, deltas = read_inputs(plan, n, base_reader, [base_reader if s.is_base else None for s in plan.inputs])
     merged = merge_tensor(plan, n, base, deltas)
     delta = torch.from_numpy(merged - base.astype(merged.dtype))
     del merged
