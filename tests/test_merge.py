@@ -1076,6 +1076,8 @@ def test_default_threads_are_the_cores_available_at_most_4():
 
     from llmfast.merge.steps import default_threads
 
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("the cores a process may use are Linux's sched_getaffinity")
     assert default_threads() == min(4, len(os.sched_getaffinity(0)))
 
 
