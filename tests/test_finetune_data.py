@@ -314,3 +314,20 @@ def test_load_examples_names_a_row_past_a_blank_line_by_its_file_line(tiny, tmp_
     assert [e.row for e in examples] == [1]
     assert warnings == [f"{path}: 1 example(s) dropped: the prompt alone fills max_length 32, no answer left to "
                         "learn (rows 3)"]
+
+
+def test_collate_restarts_positions_per_example_and_pads_with_ignored_labels():
+    """The layout written out by hand: each packed example's positions start at 0 (a model with learned position
+    embeddings reads them as they are; s46's mutation audit: positions from 1 passed on RoPE's relative angles), the
+    padding is one more run of positions with IGNORE labels, and only labelled next tokens are predicted from."""
+    a = Encoded([11, 12, 13], [IGNORE, 12, 13], 0)
+    b = Encoded([21, 22], [IGNORE, 22], 1)
+    c = Encoded([31], [IGNORE], 2)
+    batch = collate([[a, b], [c]], pad_id=0)
+    assert batch.input_ids == [[11, 12, 13, 21, 22], [31, 0, 0, 0, 0]]
+    assert batch.position_ids == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch.labels == [[IGNORE, 12, 13, IGNORE, 22], [IGNORE] * 5]
+    assert (batch.real_tokens, batch.target_tokens) == (6, 3)
+    # predicted from positions 0, 1 and 3 of row 0 (next tokens 12, 13, 22), as flat indices into (2, 4)
+    assert label_positions(batch.labels) == [0, 1, 3]
+    assert batch.tensors()["label_positions"].tolist() == [0, 1, 3]
