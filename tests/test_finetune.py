@@ -937,3 +937,144 @@ def test_every_optimizer_takes_the_recipes_weight_decay_and_lr(weight_decay):
         opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], name, 3e-4, weight_decay, cuda=False)
         group = opt.param_groups[0]
         assert (group["weight_decay"], group["lr"]) == (weight_decay, 3e-4), name
+
+
+def test_the_lr_follows_cosine_with_warmup_and_a_log_line_averages_its_window(tmp_path, tiny_dir, data):
+    """The lr each log line records (after its step: the next step's) is transformers' cosine schedule with
+    round(warmup_ratio * steps) linear warm-up steps, written out by hand; with log_every 3 a line's loss is the
+    mean of its own steps' losses and the last step is logged too (s46's mutation audit: a dropped warm-up, a
+    scheduler never stepped, a window never reset and a last partial window left out all passed)."""
+    args = ["--set", "train.warmup_ratio=0.25", "--set", "train.lr=0.003"]  # steps 8: 2 warm-up steps
+    assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="every")), *args)[0] == 0
+    every = [json.loads(l) for l in (tmp_path / "every" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in every] == list(range(1, 9))
+
+    def lr(t):
+        return 0.003 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 6)))
+
+    for e in every:
+        assert math.isclose(e["lr"], lr(e["step"]), rel_tol=1e-9, abs_tol=1e-15), e
+    assert every[0]["lr"] == 0.0015 and every[-1]["lr"] < 1e-12  # half way up; the end of the cosine
+
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="windows")), *args,
+                           "--set", "train.log_every=3")
+    assert code == 0, err
+    windows = [json.loads(l) for l in (tmp_path / "windows" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in windows] == [3, 6, 8]
+    for e, (lo, hi) in zip(windows, [(0, 3), (3, 6), (6, 8)]):
+        mean = sum(x["loss"] for x in every[lo:hi]) / (hi - lo)  # the same run, step for step
+        assert abs(e["loss"] - mean) < 2e-6, (e, mean)  # each logged loss rounded to 1e-6
+    assert json.loads((tmp_path / "windows" / "metrics.json").read_text())["final_train_loss"] == windows[-1]["loss"]
+
+
+def _prepared(tmp_path, tiny_dir, rows, data="", train="", dtype="float32"):
+    """A run as `run_finetune` sets it up (model, rows, optimizer), to drive its steps by hand."""
+    from llmfast.finetune.trainer import _prepare_training, _setup
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    path = tmp_path / "r.yaml"
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text(f"""
+model: {tiny_dir}
+data: {{train: {tmp_path / 'train.jsonl'}, max_length: 64, packing: false{data}}}
+lora: {{r: 4, alpha: 8}}
+train: {{lr: 0.001, seed: 3, dtype: {dtype}{train}}}
+output: {tmp_path / 'run'}
+""")
+    run = _setup(load_recipe(path, FinetuneRecipe), False)
+    _prepare_training(run)
+    return run
+
+
+def test_the_steps_of_a_run_of_epochs_take_every_row_once_an_epoch_in_a_new_order(tmp_path, tiny_dir):
+    """7 rows in micro-batches of 2 over 2 epochs: 4 steps an epoch, the last of one row (s46's mutation audit: a
+    step count from the whole micro-batches only, which ends an epoch's run before its last micro-batch, and one
+    shuffle for every epoch both passed)."""
+    rows = [{"prompt": f"Name {w}.", "completion": w} for w in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu")]
+    run = _prepared(tmp_path, tiny_dir, rows, data=", eval_fraction: 0", train=", epochs: 2, batch_size: 2")
+    assert len(run.rows) == 7 and run.total_steps == 8
+    row_of = {tuple(row[0].input_ids): row[0].row for row in run.rows}
+
+    def rows_in(batch):  # each row's example: its ids up to where the padding's positions restart at 0
+        return [row_of[tuple(ids[: (pos[1:].index(0) + 1) if 0 in pos[1:] else len(pos)])]
+                for ids, pos in zip(batch.input_ids, batch.position_ids)]
+
+    epochs = [[r for i in range(e * 4, e * 4 + 4) for r in rows_in(run.micro(i))] for e in range(2)]
+    assert [len(rows_in(run.micro(i))) for i in range(8)] == [2, 2, 2, 1] * 2
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(row_of.values()) and len(row_of) == 7, epochs
+    assert epochs[0] != epochs[1], "each epoch reshuffled"
+
+
+def test_split_eval_holds_out_at_least_one_row_and_leaves_one_to_train_on():
+    """eval_fraction's default 0.02 of 10 rows rounds to none: one is held out still (else final_eval_loss is null
+    for a small data set; s46's mutation audit); never all of them."""
+    from llmfast.finetune.trainer import split_eval
+
+    rows = list(range(10))
+    for fraction, held in ((0.02, 1), (0.25, 2), (0.5, 5), (0.99, 9)):
+        train, ev = split_eval(rows, fraction, seed=4)
+        assert len(ev) == held and sorted(train + ev) == rows and train == sorted(train), (fraction, ev)
+    assert split_eval(rows, 0.0, 4) == (rows, [])
+    assert split_eval(rows, 0.25, 4) == split_eval(rows, 0.25, 4) != split_eval(rows, 0.25, 5)
+
+
+@pytest.mark.parametrize("dtype,max_grad_norm", [("float32", 0.01), ("float32", None), ("float16", 0.01)])
+def test_a_step_clips_the_whole_gradient_to_max_grad_norm(tmp_path, tiny_dir, dtype, max_grad_norm):
+    """What the optimizer steps with: the step's gradient scaled by max_grad_norm / its global norm (torch's
+    clip_grad_norm_, eps 1e-6, written out by hand), or as it is with null; in float16 the norm of the unscaled
+    gradient, not of the loss-scaled one (s46's mutation audit: a dropped clip passed, the FSDP comparison clipping
+    on both sides, and so did clipping before the unscale: Adam hardly minds a gradient 65536 times too small)."""
+    rows = [{"prompt": f"Say {n} words.", "completion": " ".join(["word"] * n)} for n in (1, 5, 9, 13)]
+    extra = f", steps: 1, batch_size: 2, grad_accum: 2, max_grad_norm: {'null' if max_grad_norm is None else 0.01}"
+    run = _prepared(tmp_path, tiny_dir, rows, data=", eval_fraction: 0", train=extra, dtype=dtype)
+    from llmfast.finetune.trainer import train_step
+
+    params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero, which leaves A without a gradient: give it one
+        for n, p in params.items():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    accumulated, stepped = {}, {}
+    for n, p in params.items():
+        p.register_post_accumulate_grad_hook(lambda q, n=n: accumulated.__setitem__(n, q.grad.detach().clone()))
+    run.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: stepped.update({n: p.grad.detach().clone() for n, p in params.items()}))
+    loss_scale = run.scaler.get_scale() if run.scaler is not None else 1.0
+    assert (loss_scale == 2.0**16) == (dtype == "float16")
+    train_step(run, 0)
+    assert stepped.keys() == accumulated.keys() == params.keys(), "a step (float16: no overflow skipped it)"
+    accumulated = {n: g / loss_scale for n, g in accumulated.items()}  # a power of two: exact
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in accumulated.values()))
+    assert norm > 10 * 0.01, "a gradient the clip acts on"
+    scale = 1.0 if max_grad_norm is None else max_grad_norm / (norm + 1e-6)
+    for n in params:
+        torch.testing.assert_close(stepped[n], accumulated[n] * scale, rtol=1e-5, atol=1e-7 * scale, msg=n)
+
+
+def test_evaluate_is_the_mean_loss_per_labelled_token_of_the_held_out_rows(tmp_path, tiny_dir):
+    """Summed cross-entropy of every held-out row's answer tokens over their number, not over the rows' real tokens
+    (prompts included) (s46's mutation audit); the reference: transformers forwards of each row alone."""
+    import torch.nn.functional as F
+
+    from llmfast.data.chat import IGNORE
+    from llmfast.finetune.trainer import evaluate
+
+    rows = [{"prompt": f"Say {n} words, please.", "completion": " ".join(["word"] * n)} for n in range(1, 9)]
+    run = _prepared(tmp_path, tiny_dir, rows, data=", eval_fraction: 0.5", train=", steps: 1, batch_size: 3")
+    held = [e for row in run.eval_rows for e in row]
+    assert len(held) == 4 and len({len(e) for e in held}) > 1, "a padded batch"
+    with torch.no_grad():
+        lora_b = [p for n, p in run.model.named_parameters() if "lora_B" in n]
+        for p in lora_b:
+            p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))  # the adapter counts in the loss
+        total, count = 0.0, 0
+        for e in held:
+            logits = run.model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(e.labels[1:])
+            keep = labels != IGNORE
+            total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert count < sum(len(e) for e in held) / 2, "prompts outweigh answers"
+    assert math.isclose(evaluate(run), total / count, rel_tol=1e-5)
+    assert run.wrapped.training, "training mode again after the evaluation"
