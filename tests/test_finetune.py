@@ -221,6 +221,10 @@ def _tamper(ckpt, case):
                    for k, v in tensors.items()}, ckpt / "adapter.safetensors")
     elif case == "base-re-saved-since":  # the model's path as the run's, its weights not (other weights saved there)
         (ckpt.parent.parent / "base.json").write_text(json.dumps({"weights": "0" * 32}))
+    elif case == "state-without-total-steps":
+        (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    elif case == "rng-deleted":
+        (ckpt / "rng.pt").unlink()
     elif case == "recipe-of-another-rank":
         recipe = ckpt.parent.parent.parent / "r.yaml"
         recipe.write_text(recipe.read_text().replace("r: 8,", "r: 4,"))
@@ -239,6 +243,8 @@ def _tamper(ckpt, case):
     ("adapter-of-a-wider-model", "which does not fit the model's layer of shape"),
     ("recipe-of-another-rank", "--resume: lora.r is 4, the run in"),  # the recipe compared first (s42)
     ("base-re-saved-since", "holds other weights than the run in"),
+    ("state-without-total-steps", "state.json: not a checkpoint state llmfast wrote: delete that checkpoint folder"),
+    ("rng-deleted", "rng.pt: cannot be read as a checkpoint file (FileNotFoundError"),  # s46: both were tracebacks
 ])
 def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case, expected, killed_run, tmp_path):
     """A checkpoint edited by hand: refused before anything is trained or rewritten (was: random LoRA values
@@ -1078,3 +1084,80 @@ def test_evaluate_is_the_mean_loss_per_labelled_token_of_the_held_out_rows(tmp_p
     assert count < sum(len(e) for e in held) / 2, "prompts outweigh answers"
     assert math.isclose(evaluate(run), total / count, rel_tol=1e-5)
     assert run.wrapped.training, "training mode again after the evaluation"
+
+
+def test_a_checkpoint_gives_back_the_optimizer_schedule_rng_and_its_process_count(tmp_path, tiny_dir):
+    """save_checkpoint, then what --resume reads and restores: the optimizer's moments, the schedule's position, the
+    RNG state (lora.dropout draws from it: a resumed run would mask other activations) and the number of processes
+    the run had, which check_resumable compares (s46's mutation audit: a dropped RNG restore, and state.json
+    without `processes`, passed every test)."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    from llmfast.errors import UserError
+    from llmfast.finetune.checkpoint import (check_resumable, load_training_state, read_state, read_training_state,
+                                             save_checkpoint)
+    from llmfast.loading import from_pretrained
+
+    def fresh():
+        torch.manual_seed(0)
+        model = get_peft_model(from_pretrained(str(tiny_dir), "float32"),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.1))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return model, opt, get_cosine_schedule_with_warmup(opt, 2, 10)
+
+    model, opt, sched = fresh()
+    for _ in range(3):
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+    save_checkpoint(Accelerator(cpu=True), model, opt, sched, None, tmp_path / "run", 3, 10, 1, False, 2)
+    rng = torch.get_rng_state()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    state = read_state(ckpt)
+    check_resumable(ckpt, state, 10, False, 2)
+    with pytest.raises(UserError, match="was written by 2 processes, this run has 1: resume with as many"):
+        check_resumable(ckpt, state, 10, False, 1)
+
+    model2, opt2, sched2 = fresh()
+    torch.rand(5)  # the RNG moved on since
+    assert not torch.equal(torch.get_rng_state(), rng)
+    saved = read_training_state(ckpt, False, torch.device("cpu"), False)
+    load_training_state(saved, ckpt, model2, opt2, sched2, None, False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sched2.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
+    for p, q in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+
+
+def test_check_resumable_names_how_the_checkpoint_was_sharded():
+    from llmfast.errors import UserError
+    from llmfast.finetune.checkpoint import check_resumable
+
+    ckpt = Path("run/checkpoints/step-000004")
+    with pytest.raises(UserError, match="step-000004 was written with FSDP over several processes: resume it the same"):
+        check_resumable(ckpt, {"step": 4, "total_steps": 8, "fsdp": True, "processes": 2}, 8, False, 2)
+    with pytest.raises(UserError, match="step-000004 was written without FSDP over several processes: resume it"):
+        check_resumable(ckpt, {"step": 4, "total_steps": 8, "fsdp": False, "processes": 2}, 8, True, 2)
+    check_resumable(ckpt, {"step": 4, "total_steps": 8}, 8, False, 1)  # an older state.json: one process, no FSDP
+
+
+def test_resume_takes_other_saving_logging_and_eval_settings_and_nothing_else(tmp_path):
+    """The keys docs/finetune.md says a resumed run may change pass check_same_recipe; any other is refused by name
+    (s46's mutation audit: log_every left out of the allowed ones passed)."""
+    from llmfast.errors import UserError
+    from llmfast.finetune.checkpoint import check_same_recipe
+
+    was = {"model": "m", "data": {"train": "t.jsonl"}, "lora": {"r": 8}, "output": "/x/run",
+           "train": {"lr": 0.001, "save_every": 10, "keep_checkpoints": 2, "log_every": 1, "eval_every": None}}
+    (tmp_path / "recipe.json").write_text(json.dumps(was))
+    now = json.loads(json.dumps(was))
+    now["train"].update(save_every=5, keep_checkpoints=4, log_every=3, eval_every=7)
+    now["output"] = "/x/./run"
+    check_same_recipe(tmp_path, now)
+    for key, value in (("lr", 0.002), ("seed", 1)):
+        other = json.loads(json.dumps(now))
+        other["train"][key] = value
+        with pytest.raises(UserError, match=rf"--resume: train\.{key} is {value!r}, the run in .* was started with"):
+            check_same_recipe(tmp_path, other)
