@@ -1161,3 +1161,39 @@ def test_resume_takes_other_saving_logging_and_eval_settings_and_nothing_else(tm
         other["train"][key] = value
         with pytest.raises(UserError, match=rf"--resume: train\.{key} is {value!r}, the run in .* was started with"):
             check_same_recipe(tmp_path, other)
+
+
+def test_foreign_run_files_takes_only_what_a_run_killed_before_its_first_checkpoint_leaves(tmp_path):
+    """What --resume may delete to start again: llmfast's own files, looked into; anything else is named (s46's
+    mutation audit: a symlinked recipe.json and a log of rows without a step were taken, and a step- folder without
+    its state.json refused, without a test failing)."""
+    from llmfast.finetune.run_files import foreign_run_files
+
+    def run(name):
+        out = tmp_path / name
+        (out / "checkpoints" / ".step-000002.tmp-1-x").mkdir(parents=True)
+        (out / "checkpoints" / "step-000001").mkdir()  # renamed into place, its state.json not there
+        (out / "recipe.json").write_text(json.dumps({"model": "m", "data": {}, "lora": {}, "train": {}, "output": "o"}))
+        (out / "base.json").write_text(json.dumps({"weights": "ab" * 16}))
+        (out / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n')
+        return out
+
+    assert foreign_run_files(run("ok")) is None
+    assert foreign_run_files(tmp_path / "absent") is None
+    out = run("symlink")
+    (tmp_path / "mine.json").write_text((out / "recipe.json").read_text())
+    (out / "recipe.json").unlink()
+    (out / "recipe.json").symlink_to(tmp_path / "mine.json")
+    assert foreign_run_files(out) == str(out / "recipe.json")
+    out = run("log")
+    (out / "train_log.jsonl").write_text('{"epoch": 1, "loss": 2.0}\n')
+    assert foreign_run_files(out) == str(out / "train_log.jsonl")
+    out = run("ckpt")
+    (out / "checkpoints" / "checkpoint-500").mkdir()
+    assert foreign_run_files(out) == str(out / "checkpoints" / "checkpoint-500")
+    out = run("base")
+    (out / "base.json").write_text(json.dumps({"weights": 3}))
+    assert foreign_run_files(out) == str(out / "base.json")
+    out = run("recipe")
+    (out / "recipe.json").write_text(json.dumps({"model": "m"}))
+    assert foreign_run_files(out) == str(out / "recipe.json")
