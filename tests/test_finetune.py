@@ -924,7 +924,7 @@ def test_lora_options_reach_the_adapter(tmp_path, tiny_dir, data, rslora, dora):
     from llmfast.recipe import FinetuneRecipe, load_recipe
 
     path = recipe(tmp_path, tiny_dir, data, extra=f"lora: {{r: 4, alpha: 8, rslora: {str(rslora).lower()}, "
-                                                   f"dora: {str(dora).lower()}}}")
+                                                   f"dora: {str(dora).lower()}, dropout: 0.25}}")
     text = path.read_text()
     path.write_text(text.replace("lora: {r: 8, alpha: 16}\n", ""))
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), load_recipe(path, FinetuneRecipe))
@@ -932,6 +932,21 @@ def test_lora_options_reach_the_adapter(tmp_path, tiny_dir, data, rslora, dora):
     assert layers and {m.scaling["default"] for m in layers} == {8 / math.sqrt(4) if rslora else 8 / 4}
     magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
     assert bool(magnitudes) == dora
+    # lora.dropout (s46's mutation audit: dropped, PEFT's default 0.0 trained without it)
+    assert {m.lora_dropout["default"].p for m in layers} == {0.25}
+
+
+def test_auto_picks_float32_and_torchs_adamw_on_a_cpu_and_paged_8bit_adamw_on_a_gpu():
+    """docs/finetune.md's `auto`s (s46's mutation audit: bfloat16 on a CPU, or torch's AdamW on a GPU, passed)."""
+    from llmfast.finetune.lora import pick_compute_dtype
+    from llmfast.finetune.optimizers import resolve_optimizer
+
+    if not torch.cuda.is_available():
+        assert pick_compute_dtype("auto") == "float32"
+    assert pick_compute_dtype("float16") == "float16" and pick_compute_dtype("bfloat16") == "bfloat16"
+    assert resolve_optimizer("auto", cuda=False) == "adamw_torch"
+    assert resolve_optimizer("auto", cuda=True) == "paged_adamw_8bit"
+    assert resolve_optimizer("adamw_8bit", cuda=False) == "adamw_8bit"
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
