@@ -198,3 +198,32 @@ def test_an_adapter_that_ships_its_own_tokenizer_exports_with_it(tmp_path, tiny_
     code, _, err = run_cli("export", str(adapter), str(tmp_path / "merged"))
     assert code == 0, err
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tok.chat_template
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_export_writes_the_merge_in_the_dtype_asked_for(tmp_path, tiny_dir, peft_adapter, dtype):
+    """--dtype bfloat16/float16: every weight written in it, each the float32 merge W + delta but for the roundings
+    of W, of delta and of their sum to it (unit roundoff u each: |error| <= 2u (|W| + |delta|)), and the dtype recorded
+    in llmfast.json (s46's mutation audit: a bfloat16 export written in float32 passed)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run_cli("export", str(peft_adapter), str(tmp_path / "out"), "--dtype", dtype)
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {getattr(torch, dtype)}
+    base = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict().items()}
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), peft_adapter).merge_and_unload()
+    ref = {k: v for k, v in ref.state_dict().items() if k in got}
+    assert ref.keys() == got.keys()
+    u = 2.0 ** (-8 if dtype == "bfloat16" else -11)  # 7 or 10 stored mantissa bits
+    merged = 0
+    for k, v in got.items():
+        delta = ref[k] - base[k]
+        bound = 2 * u * (base[k].abs() + delta.abs()) + 2.0**-24  # + float16's subnormal spacing
+        assert bool(((v.float() - ref[k]).abs() <= bound).all()), k
+        merged += bool(delta.abs().max() > 1e-3)
+    assert merged == 4, "q_proj and v_proj of both layers changed by the adapter"
+    manifest = json.loads((tmp_path / "out" / "llmfast.json").read_text())
+    assert manifest["stage"] == "export" and manifest["recipe"] == {"dtype": dtype}
