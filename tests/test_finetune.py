@@ -145,6 +145,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61)), "each step logged once"
     assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
+    # docs/finetune.md: the checkpoints are removed when the run ends (s46's mutation audit: kept, no test failed)
+    assert not (tmp_path / "killed" / "checkpoints").exists() and not (tmp_path / "ref" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("sig,line", [(signal.SIGINT, "llmfast: interrupted"),
@@ -260,6 +262,29 @@ def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case,
     assert code == 2 and lines[-1].startswith("llmfast: error: ") and expected in lines[-1], err[-2000:]
     assert "Traceback" not in err
     assert len(lines) == 1, err  # checked before the model loads: its progress bar does not come first
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_over_optimizer_moments_of_another_parameter_is_one_line_and_changes_nothing(killed_run, tmp_path):
+    """The moments of lora_A and lora_B swapped: every shape one the adapter has, so only the check against the loaded
+    parameters finds them (s46's mutation audit: dropping it passed; torch would take them, and its first step fail
+    after the log was cut back)."""
+    path, run = killed_run
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    path = tmp_path / "r.yaml"
+    path.write_text(killed_run[0].read_text().replace(str(run), str(out)))
+    ckpt = sorted(out.glob("checkpoints/step-*"))[-1]
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    a, b = optim["state"][0], optim["state"][1]
+    assert a["exp_avg"].shape != b["exp_avg"].shape, "an A and a B of one layer"
+    optim["state"][0], optim["state"][1] = b, a
+    torch.save(optim, ckpt / "optimizer.pt")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert last.startswith(f"llmfast: error: {ckpt / 'optimizer.pt'}: its exp_avg state has shape "
+                           f"{list(b['exp_avg'].shape)} for a parameter of shape {list(a['exp_avg'].shape)}"), last
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
