@@ -530,6 +530,9 @@ BAD = [
      "lora.target_modules: lm_head shares its weight with the input embeddings in this model (tie_word_embeddings)"),
     ("LoRA on tied embeddings", None, ["lora.target_modules=[embed_tokens]"],
      "embed_tokens shares its weight with the output head"),
+    # was trained in a row longer than pack_length, past the positions preflight checked (s46's mutation audit)
+    ("an example longer than pack_length", None, ["data.packing=true", "data.pack_length=16"],
+     "tokens, more than data.pack_length 16 (a packed row's length): raise data.pack_length to data.max_length"),
 ]
 
 

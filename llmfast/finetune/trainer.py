@@ -209,8 +209,8 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         sharding.check_recipe(recipe.quantization is not None or bool(already_quantized(Path(model_path))), dtype,
                               tc.optimizer)
     pack_length = dc.pack_length or dc.max_length
-    rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
-    eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
+    rows = pack(train_ex, pack_length, dc.train) if dc.packing else [[e] for e in train_ex]
+    eval_rows = pack(eval_ex, pack_length, dc.eval or dc.train) if dc.packing else [[e] for e in eval_ex]
     micro_per_step = tc.grad_accum * acc.num_processes
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * math.ceil(len(rows) / tc.batch_size) / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
