@@ -509,10 +509,11 @@ def test_qlora_trains_and_export_dequantizes(tmp_path, tiny_dir, data):
     assert quantization_ran(served, "hf") == "nf4" and quantization_ran(served, "vllm") is None  # vLLM: fp base
 
 
-def test_export_refuses_4bit(tmp_path):
+@pytest.mark.parametrize("dtype", ["nf4", "int4", "4bit"])  # s46: 4bit was only "unknown", not why
+def test_export_refuses_4bit(tmp_path, dtype):
     (tmp_path / "ad").mkdir()
-    code, _, err = run_cli("export", str(tmp_path / "ad"), str(tmp_path / "out"), "--dtype", "nf4")
-    assert code == 2 and "merging into nf4 weights is refused" in err and "rounded away" in err
+    code, _, err = run_cli("export", str(tmp_path / "ad"), str(tmp_path / "out"), "--dtype", dtype)
+    assert code == 2 and f"merging into {dtype} weights is refused" in err and "rounded away" in err
     assert not (tmp_path / "out").exists()
 
 
