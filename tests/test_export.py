@@ -180,6 +180,9 @@ def test_a_recipes_relative_model_path_is_never_fetched_from_the_hub(tmp_path, p
     shutil.copytree(peft_adapter, adapter)
     (adapter / "llmfast.json").write_text(json.dumps({"stage": "finetune", "base_model_path": "/gone/models/tiny",
                                                       "recipe": {"model": "models/tiny"}}))
+    # as an earlier llmfast wrote it, the base as typed in adapter_config.json too: still not a hub id (s46)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "models/tiny"}))
     code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"))
     assert code == 2 and "its base model '/gone/models/tiny' is not a local directory" in err, err
     assert "--base" in err and "run from the folder its recipe's model path is relative to" in err

@@ -223,6 +223,9 @@ def _tamper(ckpt, case):
                    for k, v in tensors.items()}, ckpt / "adapter.safetensors")
     elif case == "base-re-saved-since":  # the model's path as the run's, its weights not (other weights saved there)
         (ckpt.parent.parent / "base.json").write_text(json.dumps({"weights": "0" * 32}))
+    elif case == "step-negative":
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "step": -10}))
     elif case == "state-without-total-steps":
         (ckpt / "state.json").write_text(json.dumps({"step": 10}))
     elif case == "rng-deleted":
@@ -236,6 +239,7 @@ def _tamper(ckpt, case):
     ("adapter-lacks-lora-A", "adapter.safetensors: does not fit this run's adapter (missing"),
     ("adapter-deleted", "adapter.safetensors: cannot be read"),
     ("step-beyond-the-run", "step 999 of 60 is not a step of the run"),
+    ("step-negative", "step -10 of 60 is not a step of the run"),  # s46: trained 10 more steps, in silence
     ("optimizer-of-another-shape", "optimizer.pt: its exp_avg state has shape"),
     ("scheduler-a-tensor", "scheduler.pt: holds a Tensor of torch.float32, not the state llmfast writes"),
     ("rng-not-bytes", "rng.pt: holds a Tensor of torch.float32"),
@@ -307,6 +311,9 @@ def test_resume_with_another_recipe_is_refused(killed_run, tmp_path, tiny_dir):
 
 def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
+    (tmp_path / "empty").mkdir()  # an empty folder is a new output (docs/finetune.md; s46's mutation audit)
+    code, _, err = run_cli("finetune", str(path), "--set", f"output={tmp_path / 'empty'}", "--set", "train.steps=1")
+    assert code == 0 and (tmp_path / "empty" / "adapter").is_dir(), err[-2000:]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("x")
     code, _, err = run_cli("finetune", str(path))
