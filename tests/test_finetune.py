@@ -125,7 +125,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 also resumes its loss scale
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, data, dtype):
     args = ["--set", "train.steps=60", "--set", "train.save_every=10", "--set", "train.keep_checkpoints=1",
-            "--set", f"train.dtype={dtype}"]
+            "--set", f"train.dtype={dtype}", "--set", "train.log_every=3"]  # a log line across each checkpoint
     assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="ref")), *args)[0] == 0
     path = recipe(tmp_path, tiny_dir, data, out="killed")
     proc = subprocess.Popen(_cmd("finetune", str(path), *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,9 +142,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert code == 0, err
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["steps"] == 60 and metrics["resumed_from_step"] % 10 == 0 and metrics["resumed_from_step"] > 0
-    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61)), "each step logged once"
+    log, ref = ([json.loads(l) for l in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+                for d in ("killed", "ref"))
+    assert [e["step"] for e in log] == list(range(3, 61, 3)), "each line logged once"
     assert _max_diff(_adapter(tmp_path / "killed"), _adapter(tmp_path / "ref")) < 1e-5
+    # the line after the checkpoint averages its 3 steps, as the uninterrupted run's does (s46: only those after it)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(log, ref)) < 1e-4, (log, ref)
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["final_train_loss"] == log[-1]["loss"]
     # docs/finetune.md: the checkpoints are removed when the run ends (s46's mutation audit: kept, no test failed)
     assert not (tmp_path / "killed" / "checkpoints").exists() and not (tmp_path / "ref" / "checkpoints").exists()
 
@@ -226,6 +230,9 @@ def _tamper(ckpt, case):
     elif case == "step-negative":
         state = json.loads((ckpt / "state.json").read_text())
         (ckpt / "state.json").write_text(json.dumps({**state, "step": -10}))
+    elif case == "state-window-not-a-pair":
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, "window": [1.5]}))
     elif case == "state-without-total-steps":
         (ckpt / "state.json").write_text(json.dumps({"step": 10}))
     elif case == "rng-deleted":
@@ -250,6 +257,7 @@ def _tamper(ckpt, case):
     ("recipe-of-another-rank", "--resume: lora.r is 4, the run in"),  # the recipe compared first (s42)
     ("base-re-saved-since", "holds other weights than the run in"),
     ("state-without-total-steps", "state.json: not a checkpoint state llmfast wrote: delete that checkpoint folder"),
+    ("state-window-not-a-pair", "state.json: not a checkpoint state llmfast wrote: delete that checkpoint folder"),
     ("rng-deleted", "rng.pt: cannot be read as a checkpoint file (FileNotFoundError"),  # s46: both were tracebacks
 ])
 def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case, expected, killed_run, tmp_path):

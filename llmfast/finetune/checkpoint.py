@@ -10,6 +10,7 @@ refused instead of running their code.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 import warnings
@@ -43,9 +44,16 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     from llmfast.modelfiles import read_json_file
 
     state = read_json_file(ckpt / "state.json", "checkpoint state", "delete that checkpoint folder")
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "total_steps" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "total_steps" not in state or not (
+            _is_window(state.get("window", [0.0, 0]))):  # an older checkpoint has none: its log line restarted
         raise UserError(f"{ckpt / 'state.json'}: not a checkpoint state llmfast wrote: delete that checkpoint folder")
     return state
+
+
+def _is_window(value: Any) -> bool:
+    """state.json's `window`: [loss sum, steps] of the steps since the log's last line, which its next one averages."""
+    return (isinstance(value, list) and len(value) == 2 and type(value[1]) is int and value[1] >= 0
+            and type(value[0]) in (int, float) and math.isfinite(value[0]))
 
 
 def check_resumable(ckpt: Path, state: dict[str, Any], total_steps: int, fsdp: bool, world: int) -> None:
@@ -270,7 +278,9 @@ def kept_log_lines(path: Path, start: int) -> list[str]:
 
 
 def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any, out: Path, step: int,
-                    total: int, keep: int, fsdp: bool, world: int) -> None:
+                    total: int, keep: int, fsdp: bool, world: int, window: tuple[float, int] = (0.0, 0)) -> None:
+    """`window`: the loss sum and number of the steps since the log's last line, which a resumed run's next line
+    averages with its own steps (it would otherwise average only those)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -292,7 +302,7 @@ def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).
             atomic_write_json(tmp / "state.json", {"step": step, "total_steps": total, "fsdp": fsdp,
-                                                   "processes": world})
+                                                   "processes": world, "window": [window[0], window[1]]})
         for old in step_folders(out / "checkpoints")[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()

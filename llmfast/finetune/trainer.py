@@ -98,6 +98,7 @@ class Run:
     scaler: Any = None
     wrapped: Any = None
     start_step: int = 0
+    window: tuple[float, int] = (0.0, 0)  # the log's loss sum and steps since its last line, at start_step
     epoch_cache: dict[int, list[Batch]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -216,13 +217,13 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
         _note(acc, "llmfast: warning: fewer rows than one optimizer step needs; steps repeat the data")
     fsdp = acc.num_processes > 1 and tc.fsdp
-    ckpt, step, saved = None, 0, None
+    ckpt, step, saved, window = None, 0, None, (0.0, 0)
     if resume:  # the checkpoint's files before the model loads: a damaged one is then the only line printed
         ckpt = ckpts.latest_checkpoint(out)
         assert ckpt is not None
         state = ckpts.read_state(ckpt)
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, acc.num_processes)
-        step = state["step"]
+        step, window = state["step"], tuple(state.get("window", window))  # none in an older checkpoint
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
         ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
         ckpts.kept_log_lines(out / "train_log.jsonl", step)  # a line llmfast did not write, refused here too
@@ -233,7 +234,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     if saved is not None:
         ckpts.load_adapter(model, ckpt, saved)
     return Run(recipe, out, acc, fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows, total_steps,
-               trainable, total_params, ckpt=ckpt, saved=saved, start_step=step)
+               trainable, total_params, ckpt=ckpt, saved=saved, start_step=step, window=window)
 
 
 def _logical_shapes(model_path: Path) -> dict[str, list[int]] | None:
@@ -341,10 +342,9 @@ def _train(run: Run) -> dict[str, Any]:
     """The loop: steps, the log every `log_every`, evaluations and checkpoints; returns the loop's figures."""
     import json
 
-    tc, acc = run.recipe.train, run.acc
-    log_path = run.out / "train_log.jsonl"
+    tc, acc, log_path = run.recipe.train, run.acc, run.out / "train_log.jsonl"
     train_seconds, tokens_seen, last_loss = 0.0, 0, float("nan")
-    window_loss, window_steps = 0.0, 0
+    window_loss, window_steps = run.window  # a resumed run's first line averages the steps before the kill too
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="finetune", unit="step",
                disable=not acc.is_main_process)
     run.wrapped.train()
@@ -358,8 +358,7 @@ def _train(run: Run) -> dict[str, Any]:
                             f"(start again into another output, or remove {run.out})")
         train_seconds += time.perf_counter() - t0
         tokens_seen += tokens
-        window_loss += step_loss
-        window_steps += 1
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
         mem = peak_memory_gib(acc.device.type)
         bar.update(1)
@@ -380,7 +379,8 @@ def _train(run: Run) -> dict[str, Any]:
             window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != run.total_steps:
             ckpts.save_checkpoint(acc, run.model, run.optimizer, run.scheduler, run.scaler, run.out, done,
-                                  run.total_steps, tc.keep_checkpoints, run.fsdp, run.world)
+                                  run.total_steps, tc.keep_checkpoints, run.fsdp, run.world,
+                                  (window_loss, window_steps))
     bar.close()
     return {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "last_loss": last_loss}
 
