@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, latest_step, mark_work_dir, step_folders
 from llmfast.errors import UserError
+from llmfast.finetune.optimizers import optimizer_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,19 +173,6 @@ def _checked_step(ckpt: Path, settings: DistillSettings, rows: str | None) -> in
         raise UserError(f"--resume: {ckpt} was trained on other windows (data.text, data.conversations or their "
                         "token settings changed): resume with the same recipe, or start again with --overwrite")
     return step
-
-
-def optimizer_step(optimizer: Any) -> bool:
-    """`optimizer.step()`; False where the step itself overflowed float32: Adam moves a weight by up to ten times the
-    learning rate on its first step, so a rate near float32's largest value fails there (a RuntimeError), before any
-    NaN shows. The caller reports it as the divergence it is."""
-    try:
-        optimizer.step()
-    except RuntimeError as e:
-        if "without overflow" not in str(e):
-            raise
-        return False
-    return True
 
 
 def _check_step(stepped: bool, loss: float, where: str, student: Any, bar: Any, desc: str) -> None:

@@ -581,6 +581,22 @@ def test_a_diverging_run_stops_in_one_line_without_an_adapter(tmp_path, tiny_dir
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("lr, steps, said", [
+    # each step's loss is taken before its update: a rate that broke the last one saved that adapter, with a NaN
+    # held-out loss in metrics.json (written NaN, not JSON) and exit 0 (s46)
+    ("1e30", 1, "the held-out loss became nan after the last step"),
+    ("3e38", 2, "the update overflowed float32 at step 1"),  # Adam's first update is ten times the rate: a traceback
+])
+def test_a_run_that_diverges_on_its_last_update_or_overflows_it_saves_nothing(tmp_path, tiny_dir, data, lr, steps,
+                                                                                said):
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", f"train.lr={lr}", "--set",
+                           f"train.steps={steps}")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith(f"llmfast: error: finetune: {said} (train.lr {float(lr)}): lower train.lr"), last
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_an_output_inside_the_model_folder_is_refused(tmp_path, tiny_dir, data):
     """As export, merge, quantize and sparsify refuse it: the model folder is an input (it was written into)."""
     model = tmp_path / "model"

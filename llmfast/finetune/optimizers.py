@@ -54,3 +54,16 @@ def optimizer_names() -> list[str]:
 
 def make_optimizer(params: list[Any], name: str, lr: float, weight_decay: float, cuda: bool) -> Any:
     return OPTIMIZERS.get(resolve_optimizer(name, cuda), where="train.optimizer")(params, lr, weight_decay, cuda)
+
+
+def optimizer_step(optimizer: Any) -> bool:
+    """`optimizer.step()`; False where the step itself overflowed float32: Adam moves a weight by up to ten times the
+    learning rate on its first step, so a rate near float32's largest value fails there (a RuntimeError), before any
+    NaN shows. The caller reports it as the divergence it is."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        return False
+    return True

@@ -32,7 +32,8 @@ from llmfast.errors import UserError
 from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
-from llmfast.finetune.optimizers import make_optimizer
+from llmfast.finetune.metrics import run_metrics
+from llmfast.finetune.optimizers import make_optimizer, optimizer_step
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
@@ -304,8 +305,8 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
-    else:
-        run.optimizer.step()
+    elif not optimizer_step(run.optimizer):  # a rate near float32's largest value: Adam's update overflows
+        raise _diverged(run, f"the update overflowed float32 at step {step + 1}")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return acc.reduce(step_loss, reduction="sum").item() / step_targets, sum(b.real_tokens for b in batch_list)
@@ -353,9 +354,7 @@ def _train(run: Run) -> dict[str, Any]:
         step_loss, tokens = train_step(run, step)
         if not math.isfinite(step_loss):  # diverged (the same on every process: the loss is reduced over them)
             bar.close()
-            raise UserError(f"finetune: the training loss became {step_loss} at step {step + 1} (train.lr "
-                            f"{tc.lr}): lower train.lr, or look for broken rows in the data; no adapter was saved "
-                            f"(start again into another output, or remove {run.out})")
+            raise _diverged(run, f"the training loss became {step_loss} at step {step + 1}")
         train_seconds += time.perf_counter() - t0
         tokens_seen += tokens
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -385,26 +384,9 @@ def _train(run: Run) -> dict[str, Any]:
     return {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "last_loss": last_loss}
 
 
-def _metrics(run: Run, loop: dict[str, Any], eval_loss: float | None, wall: float, resume: bool) -> dict[str, Any]:
-    secs, device = loop["train_seconds"], run.acc.device
-    return {
-        "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
-        "train_tokens": loop["tokens_seen"],
-        "peak_memory_gib": round(peak_memory_gib(device.type), 3),
-        "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-        "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
-        "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
-        "wall_seconds": round(wall, 1),
-        "steps": run.total_steps,
-        "resumed_from_step": run.start_step if resume else None,
-        "trainable_params": run.trainable,
-        "total_params": run.total_params,
-        "processes": run.world,
-        "fsdp": run.fsdp,
-        "param_bytes_per_process": sharding.local_param_bytes(run.model),
-        "device": device.type,
-        "dtype": run.dtype,
-    }
+def _diverged(run: Run, what: str) -> UserError:
+    return UserError(f"finetune: {what} (train.lr {run.recipe.train.lr}): lower train.lr, or look for broken rows in "
+                     f"the data; no adapter was saved (start again into another output, or remove {run.out})")
 
 
 def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
@@ -440,7 +422,9 @@ def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     loop = _train(run)
     eval_loss = evaluate(run)
-    metrics = _metrics(run, loop, eval_loss, time.perf_counter() - t_start, resume)
+    if eval_loss is not None and not math.isfinite(eval_loss):  # the last update, which no training loss checked
+        raise _diverged(run, f"the held-out loss became {eval_loss} after the last step")
+    metrics = run_metrics(run, loop, eval_loss, time.perf_counter() - t_start, resume)
     _save_adapter(run, metrics)
     if recipe.export_merged and run.acc.is_main_process:
         from llmfast.finetune.export import export_merged

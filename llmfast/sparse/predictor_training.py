@@ -83,7 +83,7 @@ def train_layer(data: LayerData, cfg: Any, generator: "torch.Generator", layer: 
     import torch
     import torch.nn.functional as F
 
-    from llmfast.distill import optimizer_step
+    from llmfast.finetune.optimizers import optimizer_step
 
     x, y = data.x, data.active
     n, hidden = x.shape

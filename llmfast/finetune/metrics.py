@@ -1,0 +1,32 @@
+"""The figures a fine-tuning run records in metrics.json (and its adapter's llmfast.json)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llmfast.finetune import fsdp as sharding
+from llmfast.memory import peak_memory_gib
+
+
+def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: float, resume: bool) -> dict[str, Any]:
+    """`run` is trainer.Run; `loop` what its loop measured; `eval_loss` the final held-out loss (None: no eval set)."""
+    secs, device = loop["train_seconds"], run.acc.device
+    return {
+        "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
+        "train_tokens": loop["tokens_seen"],
+        "peak_memory_gib": round(peak_memory_gib(device.type), 3),
+        "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
+        "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
+        "wall_seconds": round(wall, 1),
+        "steps": run.total_steps,
+        "resumed_from_step": run.start_step if resume else None,
+        "trainable_params": run.trainable,
+        "total_params": run.total_params,
+        "processes": run.world,
+        "fsdp": run.fsdp,
+        "param_bytes_per_process": sharding.local_param_bytes(run.model),
+        "device": device.type,
+        "dtype": run.dtype,
+    }
