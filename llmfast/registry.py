@@ -66,7 +66,10 @@ class Registry(Generic[T]):
         return iter(sorted(self._items.items()))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        try:
+            return name in self._items
+        except TypeError:  # a list or mapping where a recipe wants a name (`method: [w4]`): not one of ours
+            return False
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,5 +1,6 @@
 """Malformed recipes: each gives one line naming the file (and line or --set) and the key, exit code 2."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,18 @@ def test_a_positive_flag_refuses_zero_negatives_nan_and_inf():
             positive(kind)(text)
     with pytest.raises(argparse.ArgumentTypeError, match="'2.5' is not a whole number"):
         positive(int)("2.5")
+
+
+def test_a_list_or_mapping_given_as_a_method_name_is_one_line(tmp_path):
+    """`quantization: {method: [w4]}` (a name written as a YAML list) was a TypeError traceback from the registry's
+    `in` (unhashable 'list'); it is the unknown-method line naming the recipe's line (s46's mutation audit)."""
+    from llmfast.quant import QUANTIZERS
+    from llmfast.recipe import QuantizeRecipe
+
+    path = tmp_path / "q.yaml"
+    for written, shown in (("[w4]", "['w4']"), ("{a: 1}", "{'a': 1}")):
+        path.write_text(f"model: m\nquantization: {{method: {written}}}\noutput: o\n")
+        with pytest.raises(UserError, match=rf"q\.yaml:2: quantization: unknown quantization method "
+                                            rf"'{re.escape(shown)}'; choose from bitnet, bnb4, w4"):
+            load_recipe(path, QuantizeRecipe)
+    assert ["w4"] not in QUANTIZERS and "w4" in QUANTIZERS
