@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +159,120 @@ def test_an_output_that_appears_while_writing_is_left_as_it_is(tmp_path):
             (final / "user.txt").write_text("mine")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in final.iterdir()] == ["user.txt"]
     assert (final / "user.txt").read_text() == "mine"
+
+
+def test_an_output_that_is_the_current_folder_or_above_it_is_refused(tmp_path, monkeypatch):
+    """`output: ..` would be replaced whole by --overwrite (s46's mutation audit: only `.` was tested)."""
+    from llmfast.artifacts import check_output
+
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for given in (".", "..", str(tmp_path)):
+        with pytest.raises(UserError, match=rf"output '{re.escape(given)}' is empty, the current folder or a folder "
+                                            "above it: name a new directory"):
+            check_output(given, overwrite=True)
+    assert check_output("new") == Path("new")
+
+
+def test_an_output_name_may_take_200_bytes_and_no_more(tmp_path):
+    """Counted in bytes (é is two), as the file system counts its 255 (s46's mutation audit: no edge was tested)."""
+    from llmfast.artifacts import MAX_OUTPUT_NAME, check_output
+
+    assert MAX_OUTPUT_NAME == 200
+    assert check_output(tmp_path / ("é" * 100)) == tmp_path / ("é" * 100)
+    with pytest.raises(UserError, match=rf"its name is 201 bytes, .*choose a name of at most 200 bytes"):
+        check_output(tmp_path / ("é" * 100 + "x"))
+
+
+def test_a_link_to_nothing_is_refused_as_an_output(tmp_path):
+    """A dangling link does not `exist`, so without its own check the new artifact replaced the link silently."""
+    from llmfast.artifacts import check_output
+
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match=rf"output {tmp_path / 'out'} is a symbolic link to {tmp_path / 'gone'}, "
+                                        "which does not exist: remove the link"):
+        check_output(tmp_path / "out")
+    assert (tmp_path / "out").is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_artifacts_and_written_files_get_the_umasks_modes(tmp_path):
+    """mkdtemp and mkstemp make private (0700/0600) entries: an artifact must be an ordinary folder another user of
+    a shared machine can read (s46's mutation audit: the chmods were untested)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "w").write_text("w")
+        written = atomic_write_json(tmp_path / "r.json", {"a": 1})
+        os.umask(0o027)
+        group = atomic_write_json(tmp_path / "g.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644 and stat.S_IMODE(group.stat().st_mode) == 0o640
+
+
+def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from llmfast.artifacts import atomic_write_text
+
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "half \ud800 written")  # a lone surrogate cannot be encoded: fails mid-write
+    assert path.read_text() == "old" and _siblings(path) == ["r.json"]
+
+
+def test_a_work_folder_that_is_a_link_or_a_file_is_refused(tmp_path):
+    """Starting afresh removes OUTPUT.checkpoints: a link there (to a user's folder) or a file is not llmfast's."""
+    from llmfast.artifacts import check_work_dir
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "out.checkpoints").symlink_to(tmp_path / "mine")
+    (tmp_path / "file.checkpoints").write_text("x")
+    for work in (tmp_path / "out.checkpoints", tmp_path / "file.checkpoints"):
+        with pytest.raises(UserError, match=rf"{work} is not a folder llmfast made \(a link or a file\): move it away"):
+            check_work_dir(work)
+    check_work_dir(tmp_path / "none.checkpoints")  # not there yet: fine
+
+
+def test_a_failed_run_removes_a_work_folder_holding_only_its_mark_and_keeps_checkpoints(tmp_path):
+    """A refused setting leaves nothing beside the output; an interrupted run keeps its checkpoints for --resume."""
+    from llmfast.artifacts import WORK_MARK, marked_work_dir
+
+    work = tmp_path / "out.checkpoints"
+    with pytest.raises(ValueError):
+        with marked_work_dir(work, {"method": "x"}):
+            assert (work / WORK_MARK).is_file()
+            raise ValueError("refused")
+    assert not work.exists()
+    with pytest.raises(KeyboardInterrupt):
+        with marked_work_dir(work, {"method": "x"}):
+            (work / "step-1").mkdir()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in work.iterdir()) == [WORK_MARK, "step-1"]
+    assert json.loads((work / WORK_MARK).read_text()) == {"run": {"method": "x"}}
+
+
+def test_a_manifest_that_is_not_an_object_is_one_line_and_older_forms_still_read(tmp_path):
+    """A list in llmfast.json was an AttributeError traceback without the check; `quantization: true`, what older
+    versions wrote, is still read (s46's mutation audit)."""
+    (tmp_path / "llmfast.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"llmfast\.json: a manifest is a JSON object, this is a list: delete or fix"):
+        read_manifest(tmp_path)
+    (tmp_path / "llmfast.json").write_text('{"stage": "quantize", "quantization": true}')
+    assert read_manifest(tmp_path)["quantization"] is True
+    (tmp_path / "llmfast.json").write_text('{"stage": "quantize", "quantization": "w4"}')
+    with pytest.raises(UserError, match=r"quantization must be a JSON object, not str: rebuild the artifact"):
+        read_manifest(tmp_path)
+
+
+def test_a_local_parent_is_recorded_absolute_and_a_builtin_as_given(tmp_path, monkeypatch):
+    """Lineage written from a relative path is found from any folder (`merge` compares an adapter's recorded parent
+    with the base it is given)."""
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    write_manifest(tmp_path / "art", stage="export", parents=["base", "./base/../base", "builtin:smollm2-135m"])
+    assert read_manifest(tmp_path / "art")["parents"] == [str(tmp_path / "base")] * 2 + ["builtin:smollm2-135m"]
