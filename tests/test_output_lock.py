@@ -159,3 +159,15 @@ def test_a_lock_file_replaced_before_it_was_locked_is_taken_anew_and_a_refusal_c
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_cache_that_cannot_hold_locks_leaves_runs_unlocked(tmp_path, monkeypatch):
+    """Where the cache cannot be written (here `$LLMFAST_CACHE` is a file), a run goes on unlocked, as before
+    locks existed, rather than failing (s46's mutation audit: untested)."""
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "afile"))
+    ran = []
+    with output_lock(tmp_path / "out"):
+        with output_lock(tmp_path / "out"):  # unlocked: a second holder is not refused either
+            ran.append(1)
+    assert ran == [1] and (tmp_path / "afile").read_text() == "not a folder"

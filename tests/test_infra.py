@@ -1,0 +1,42 @@
+"""The llmfast cache's location and the C-kernel build cache (llmfast/cache.py, llmfast/native.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmfast import native
+from llmfast.cache import cache_dir
+
+
+def test_an_empty_cache_variable_is_the_default_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LLMFAST_CACHE= llmfast ...` (set, empty) is the shell's way to unset it: the default cache, not a refusal of
+    a relative path '' (s46's mutation audit)."""
+    monkeypatch.setenv("LLMFAST_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "llmfast"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_a_kernel_is_cached_per_cpu_source_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home folder shared by machines of different CPUs must not load a library built with another's -march=native:
+    the cached file's name changes with the CPU's flags, the source and the extra flags, and is reused otherwise
+    (s46's mutation audit: a key without the CPU's flags passed every test)."""
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMFAST_NATIVE", raising=False)
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    load = native.load_kernel.__wrapped__  # past the per-process lru_cache: each call looks in the cache folder
+    built = lambda: sorted(p.name for p in (tmp_path / "cache" / "kernels").glob("answer-*.so"))  # noqa: E731
+
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : fpu sse2 avx2")
+    assert load(source).answer() == 42
+    first = built()
+    assert len(first) == 1
+    assert load(source).answer() == 42 and built() == first  # the same CPU, source and flags: reused
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : fpu sse2 avx2 avx512f")
+    assert load(source).answer() == 42 and len(built()) == 2
+    assert load(source, ("-O1",)).answer() == 42 and len(built()) == 3
+    source.write_text("int answer(void) { return 43; }\n")
+    assert load(source).answer() == 43 and len(built()) == 4
