@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 VERBS = ["models", "eval", "tasks"]
 
@@ -178,3 +178,56 @@ def test_stop_on_signals_takes_only_default_handlers_and_restores_them():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only a user's mistake is one line: an error that is no UserError (a bug) propagates with its traceback, never
+    `llmfast: error: None` and exit 2 (s46's mutation audit)."""
+    from llmfast import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["models"])
+
+
+def test_double_dash_ends_the_options_of_any_verb(tmp_path, monkeypatch):
+    """The hint for a recipe named like an option says `put -- before it`: for verbs other than serve (whose `--`
+    starts vLLM's flags) that must read the recipe (s46's mutation audit)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.yaml").write_text("model: m\n")
+    code, _, err = run_cli("eval", "--", "-x.yaml")
+    assert code == 2 and err.strip().splitlines() == [
+        "llmfast: error: -x.yaml:1: required key 'eval' is missing"], err
+
+
+def test_eval_output_and_model_flags_are_taken_as_text(tmp_path):
+    """`--output 2024-01-03` or `--model 1.5` would be YAML's date and number, refused as no path (they are quoted
+    into the overrides; s46's mutation audit): the run goes on to the model, which is not there."""
+    recipe = tmp_path / "e.yaml"
+    dates = REPO / "eval" / "tasks" / "dates" / "test.jsonl"
+    recipe.write_text(f"model: m\neval: {{tasks: [{{name: d, path: {dates}}}]}}\n")
+    for flag, value in (("--output", "2024-01-03"), ("--model", "1.5")):
+        code, _, err = run_cli("eval", str(recipe), flag, value, *(["--model", "1.5"] if flag == "--output" else []))
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "quote it" not in last and "1.5" in last, err
+
+
+def test_finetune_takes_an_existing_empty_output_folder(tmp_path):
+    """docs/finetune.md: the output `must not exist or be empty`; an empty folder (made ahead for a job's logs) is
+    taken, one holding files is refused (s46's mutation audit)."""
+    from llmfast.errors import UserError
+    from llmfast.preflight import check_finetune_inputs
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "out").mkdir()
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(f"model: builtin:smollm2-135m\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n"
+                      f"output: {tmp_path / 'out'}\n")
+    check_finetune_inputs(load_recipe(recipe, FinetuneRecipe), resume=False)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"{tmp_path / 'out'} already exists: pass --resume"):
+        check_finetune_inputs(load_recipe(recipe, FinetuneRecipe), resume=False)
