@@ -356,3 +356,53 @@ def test_a_list_or_mapping_given_as_a_method_name_is_one_line(tmp_path):
                                             rf"'{re.escape(shown)}'; choose from bitnet, bnb4, w4"):
             load_recipe(path, QuantizeRecipe)
     assert ["w4"] not in QUANTIZERS and "w4" in QUANTIZERS
+
+
+def test_the_defaults_docs_finetune_md_lists_are_the_schemas():
+    """docs/finetune.md's recipe table names each default (`lr` 2e-4, `keep_checkpoints` 2, ...): a default changed in
+    one and not the other passed every test (s46's mutation audit)."""
+    from llmfast.recipe import DataConfig, EvalConfig, EvalRecipe, LoraConfig, PerplexityConfig, TrainConfig
+
+    rows = {m[0]: m[1] for m in re.findall(r"^\| `(\w+)`\s*\| (.*)\|$", (REPO / "docs" / "finetune.md").read_text(),
+                                           re.M)}
+    checked = 0
+    for section, schema in (("data", DataConfig), ("lora", LoraConfig), ("train", TrainConfig)):
+        for key, text in re.findall(r"`(\w+)` (true|false|[0-9][0-9.e-]*|`[\w-]+`)", rows[section]):
+            documented = {"true": True, "false": False}.get(text, text.strip("`"))
+            default = schema.model_fields[key].default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                documented = float(documented)
+            assert default == documented, (section, key, default, text)
+            checked += 1
+    assert checked == 17, checked
+    # docs/eval.md: `{text, max_tokens 16384, context 1024, stride 512}`; 16, 48, `float32`; runs/eval/results.json
+    p = PerplexityConfig.model_fields
+    assert (p["max_tokens"].default, p["context"].default, p["stride"].default) == (16384, 1024, 512)
+    e = EvalConfig.model_fields
+    assert (e["batch_size"].default, e["max_new_tokens"].default, e["dtype"].default) == (16, 48, "float32")
+    assert EvalRecipe.model_fields["output"].default == Path("runs/eval/results.json")
+
+
+def test_edges_of_calibration_spans_and_the_held_out_fraction():
+    """heldout_tokens equal to skip_tokens fills the evaluated span exactly (no overlap: taken); eval_fraction 1 would
+    hold out every row (refused); s46's mutation audit found neither edge tested."""
+    from pydantic import ValidationError
+
+    from llmfast.recipe import CalibrationText, DataConfig
+
+    text = CalibrationText.model_validate({"text": str(TEXT), "skip_tokens": 2048, "heldout_tokens": 2048})
+    assert text.heldout_tokens == text.skip_tokens == 2048
+    with pytest.raises(ValidationError, match="eval_fraction\n  Input should be less than 1"):
+        DataConfig.model_validate({"train": str(DATES), "eval_fraction": 1})
+    assert DataConfig.model_validate({"train": str(DATES), "eval_fraction": 0}).eval_fraction == 0
+
+
+def test_an_alias_that_contains_itself_is_one_line(tmp_path):
+    """A YAML anchor referred to inside its own value is a structure without end: one line, not a RecursionError
+    traceback from the line index."""
+    from llmfast.recipe import read_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\nloop: &a [1, *a]\n")
+    with pytest.raises(UserError, match=r"r\.yaml: a YAML alias refers to its own anchor .*: remove it"):
+        read_yaml(path)
