@@ -100,8 +100,9 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
     if final.is_symlink() and not final.exists():
         raise UserError(f"output {final} is a symbolic link to {os.readlink(final)}, which does not exist: remove the "
                         "link, or choose another path")
-    if final.is_file():
-        raise UserError(f"output {final} is a file, not a directory: choose a directory path")
+    if final.exists() and not final.is_dir():  # a pipe or a device too: --overwrite would move it aside and delete it
+        what = "a file" if final.is_file() else "a pipe, a socket or a device"
+        raise UserError(f"output {final} is {what}, not a directory: choose a directory path")
     if final.exists() and not overwrite:
         raise UserError(f"output {final} already exists: choose another path, or pass {flag} to replace it")
     check_writable_parent(final)

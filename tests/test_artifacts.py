@@ -276,3 +276,24 @@ def test_a_local_parent_is_recorded_absolute_and_a_builtin_as_given(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     write_manifest(tmp_path / "art", stage="export", parents=["base", "./base/../base", "builtin:smollm2-135m"])
     assert read_manifest(tmp_path / "art")["parents"] == [str(tmp_path / "base")] * 2 + ["builtin:smollm2-135m"]
+
+
+def test_a_pipe_or_device_at_the_output_is_refused_even_with_overwrite(tmp_path):
+    """A FIFO (or a device: `output: /dev/null`) passed the check for a regular file, and --overwrite moved it aside
+    and deleted it to put the artifact there (as root, /dev/null itself; s46's mutation audit)."""
+    import os
+    import stat
+
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=rf"output {fifo} is a pipe, a socket or a device, not a directory: "
+                                            "choose a directory path"):
+            with atomic_dir(fifo, overwrite=overwrite, guard=True) as tmp:
+                (tmp / "w").write_text("new")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and _siblings(fifo) == ["out"]
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=rf"output {tmp_path / 'file'} is a file, not a directory"):
+        with atomic_dir(tmp_path / "file", overwrite=True):
+            pass
+    assert (tmp_path / "file").read_text() == "mine"
