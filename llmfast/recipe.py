@@ -373,7 +373,8 @@ def _describe(
     elif inside:
         where = f"{source} (--set {'.'.join(inside[0])})"
     else:
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        # a key YAML read as a number (`5: 3`) is the text "5" in the line index
+        line = next((lines[k[:n]] for n in range(len(loc), -1, -1) for k in (loc, str_loc) if k[:n] in lines), None)
         where = f"{source}:{line}" if line else source
     kind = err["type"]
     if kind == "extra_forbidden":

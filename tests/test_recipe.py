@@ -406,3 +406,15 @@ def test_an_alias_that_contains_itself_is_one_line(tmp_path):
     path.write_text("model: m\nloop: &a [1, *a]\n")
     with pytest.raises(UserError, match=r"r\.yaml: a YAML alias refers to its own anchor .*: remove it"):
         read_yaml(path)
+
+
+def test_a_key_yaml_reads_as_a_number_is_blamed_on_its_own_line(tmp_path):
+    """`5: 3` is the number 5 to pydantic and the text "5" in the line index: the error named line 1 (or the line of
+    its section) instead of the key's own (s46's mutation audit)."""
+    path = tmp_path / "e.yaml"
+    path.write_text("model: x\neval: {}\n5: 3\n")
+    with pytest.raises(UserError, match=r"e\.yaml:3: 5: Keys should be strings \(got 5\)"):
+        load_recipe(path, EvalRecipe)
+    path.write_text("model: x\neval:\n  batch_size: 4\n  7: 3\n")
+    with pytest.raises(UserError, match=r"e\.yaml:4: eval\.7: Keys should be strings \(got 7\)"):
+        load_recipe(path, EvalRecipe)
