@@ -162,7 +162,12 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
                 raise UserError(f"output {final} appeared while writing it: left as it is")
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "old"), dir=final.parent))
             os.replace(final, old / final.name)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:  # a signal between the two renames: the old one back, never neither
+                os.replace(old / final.name, final)
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

@@ -297,3 +297,27 @@ def test_a_pipe_or_device_at_the_output_is_refused_even_with_overwrite(tmp_path)
         with atomic_dir(tmp_path / "file", overwrite=True):
             pass
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_signal_between_the_two_renames_of_an_overwrite_keeps_the_old_artifact(tmp_path, monkeypatch):
+    """--overwrite moves the old artifact aside, then renames the new one into place: a Ctrl-C (or SIGTERM) between
+    the two left neither, the old one in a `.old-` sibling a later run deletes (s46's mutation audit). The rename
+    of the new one is interrupted here; the old artifact is back, whole, and nothing is left beside it."""
+    import os
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".model.tmp-"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            monkeypatch.setattr(os, "replace", interrupted)
+    monkeypatch.undo()
+    assert [p.name for p in final.iterdir()] == ["old.txt"] and _siblings(final) == ["model"]
