@@ -283,7 +283,7 @@ class QuantizeRecipe(StrictModel):
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: give the recipe's YAML file")
-    if not path.is_file():
+    if not path.exists():  # a pipe is read as a file is (`llmfast eval <(envsubst < r.yaml)`)
         raise UserError(f"recipe {path} not found")
     try:
         raw = path.read_bytes()

@@ -418,3 +418,23 @@ def test_a_key_yaml_reads_as_a_number_is_blamed_on_its_own_line(tmp_path):
     path.write_text("model: x\neval:\n  batch_size: 4\n  7: 3\n")
     with pytest.raises(UserError, match=r"e\.yaml:4: eval\.7: Keys should be strings \(got 7\)"):
         load_recipe(path, EvalRecipe)
+
+
+def test_a_recipe_read_from_a_pipe(tmp_path):
+    """`llmfast eval <(envsubst < recipe.yaml)` gives a pipe (/dev/fd/N): it was "recipe /dev/fd/63 not found" though
+    it is there and reads as a file does (s46's mutation audit)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "recipe.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(GOOD.replace("OUT", str(tmp_path / "r.json"))),
+                              daemon=True)  # blocked forever where nothing reads the pipe
+    writer.start()
+    try:
+        recipe = load_recipe(fifo, EvalRecipe)
+    finally:
+        writer.join(timeout=10)
+    assert recipe.eval.batch_size == 4 and recipe.output == tmp_path / "r.json"
+    with pytest.raises(UserError, match=rf"recipe {tmp_path / 'nope.yaml'} not found"):
+        load_recipe(tmp_path / "nope.yaml", EvalRecipe)
