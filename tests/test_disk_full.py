@@ -254,3 +254,21 @@ def test_a_full_disk_outside_an_output_names_the_folder_it_was_writing(tmp_path,
     assert isinstance(err, UserError) and str(err) == (
         f"no space left on the device of {tmp_path}: free some space there (or write elsewhere) and run again")
     assert as_user_error(RuntimeError("a bug")) is None
+
+
+def test_safetensors_on_a_full_disk_is_told_by_the_space_left(small_disk):
+    """safetensors' error on a full disk names no file ("Error while serializing: ... os error 28"): inside an atomic
+    output it is that output's full disk when its file system has no space left (s46's mutation audit: without
+    that fallback the line named no folder and no output)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmfast.artifacts import atomic_dir
+    from llmfast.errors import UserError
+
+    disk = small_disk("64K")
+    with pytest.raises(UserError, match=rf"no space left on the device of {disk} while writing out: free some space "
+                                        r"there \(or write elsewhere\) and run again; nothing of out was kept"):
+        with atomic_dir(disk / "out") as tmp:
+            save_file({"w": torch.zeros(100_000)}, tmp / "model.safetensors")
+    assert _contents(disk) == []
