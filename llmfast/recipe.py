@@ -397,8 +397,10 @@ def _describe(
 
 
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # pydantic inserts the member type name ('PerplexityConfig', 'function-after[...]') into union paths.
-    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+    # pydantic inserts the member type name ('PerplexityConfig', 'function-after[...]', 'constrained-float': a
+    # number with bounds) into union paths.
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p
+                                                                or p.startswith("constrained-"))))
 
 
 def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -438,3 +438,18 @@ def test_a_recipe_read_from_a_pipe(tmp_path):
     assert recipe.eval.batch_size == 4 and recipe.output == tmp_path / "r.json"
     with pytest.raises(UserError, match=rf"recipe {tmp_path / 'nope.yaml'} not found"):
         load_recipe(tmp_path / "nope.yaml", EvalRecipe)
+
+
+def test_a_bounded_number_in_a_union_is_named_by_its_key_alone(tmp_path):
+    """`request_rate: -1` (a number with bounds, or "inf") was blamed on `workload.request_rate.constrained-float`,
+    a key that does not exist: pydantic's tag for the union's member (s46's mutation audit)."""
+    from llmfast.recipe import BenchRecipe
+
+    path = tmp_path / "b.yaml"
+    path.write_text("variants: [{name: a, model: m}]\nworkload:\n  request_rate: -1\n")
+    with pytest.raises(UserError, match=r"^[^ ]*b\.yaml:3: workload\.request_rate: Input should be greater than 0 "
+                                        r"\(got -1\)$"):
+        load_recipe(path, BenchRecipe)
+    with pytest.raises(UserError, match=r"b\.yaml \(--set workload\.request_rate\): workload\.request_rate: Input "
+                                        "should be greater than 0"):
+        load_recipe(path, BenchRecipe, ["workload.request_rate=0"])
