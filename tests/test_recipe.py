@@ -453,3 +453,11 @@ def test_a_bounded_number_in_a_union_is_named_by_its_key_alone(tmp_path):
     with pytest.raises(UserError, match=r"b\.yaml \(--set workload\.request_rate\): workload\.request_rate: Input "
                                         "should be greater than 0"):
         load_recipe(path, BenchRecipe, ["workload.request_rate=0"])
+
+
+def test_an_unknown_key_unlike_any_lists_the_known_ones(tmp_path):
+    """No close match, no did-you-mean: the section's keys are listed instead (s46's mutation audit: untested)."""
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(UserError, match=r"\(--set eval\.zzz\): unknown key 'eval\.zzz' \(known keys: perplexity, "
+                                        r"tasks, batch_size, max_new_tokens, dtype\)$"):
+        load_recipe(path, EvalRecipe, ["eval.zzz=1"])
