@@ -79,7 +79,11 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
     wanted, and a parent that cannot be created, are one-line errors too.
     """
     final = Path(final).expanduser()
-    resolved = final.resolve()
+    try:
+        resolved = final.resolve()
+    except (RuntimeError, OSError):  # a link that leads back to itself (Python 3.11 raises RuntimeError)
+        raise UserError(f"output {final} goes through a symbolic link that loops back to itself: remove or fix the "
+                        "link, or choose another path") from None
     if not str(final).strip() or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise UserError(f"output {str(final)!r} is empty, the current folder or a folder above it: name a new "
                         "directory for the output")

@@ -321,3 +321,16 @@ def test_a_signal_between_the_two_renames_of_an_overwrite_keeps_the_old_artifact
             monkeypatch.setattr(os, "replace", interrupted)
     monkeypatch.undo()
     assert [p.name for p in final.iterdir()] == ["old.txt"] and _siblings(final) == ["model"]
+
+
+def test_an_output_through_a_link_that_loops_is_one_line(tmp_path):
+    """A link that points to itself on the output's path: Path.resolve raised RuntimeError ("Symlink loop"), a
+    traceback from every verb that writes an artifact (s46's mutation audit)."""
+    from llmfast.artifacts import check_output
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for out in (tmp_path / "loop", tmp_path / "loop" / "run"):
+        with pytest.raises(UserError, match=rf"output {out} goes through a symbolic link that loops back to itself: "
+                                            "remove or fix the link, or choose another path"):
+            check_output(out, overwrite=True)
+    assert (tmp_path / "loop").is_symlink()
