@@ -334,3 +334,30 @@ def test_an_output_through_a_link_that_loops_is_one_line(tmp_path):
                                             "remove or fix the link, or choose another path"):
             check_output(out, overwrite=True)
     assert (tmp_path / "loop").is_symlink()
+
+
+def test_resume_compares_the_marked_run_and_passes_over_what_older_marks_lack(tmp_path):
+    """check_resumed_run: other settings or other weights are refused naming what differs; the same weights at
+    another path continue; a mark of an earlier version (no weights recorded, or no run object) is not compared
+    (s46's mutation audit: those two edges were untested)."""
+    from llmfast.artifacts import WORK_MARK, check_resumed_run
+
+    work = tmp_path / "out.checkpoints"
+    work.mkdir()
+    run = {"verb": "sparsify", "model": "/models/a", "settings": {"x": 1, "y": 2}, "weights": "w1"}
+
+    def marked(recorded):
+        (work / WORK_MARK).write_text(json.dumps({"run": recorded}))
+
+    marked({"verb": "sparsify", "model": "/models/a", "settings": {"x": 1, "y": 2}})  # no weights: older version
+    check_resumed_run(work, run)
+    marked(["not", "an", "object"])
+    check_resumed_run(work, run)
+    marked({**run, "model": "/moved/a"})  # the same weights elsewhere
+    check_resumed_run(work, run)
+    marked({**run, "weights": "w0"})
+    with pytest.raises(UserError, match=r"holds a run on other weights than those of /models/a now"):
+        check_resumed_run(work, run)
+    marked({**run, "settings": {"x": 1, "y": 3}})
+    with pytest.raises(UserError, match=r"holds a run with settings\.y 3, this one has 2: resume with the same recipe"):
+        check_resumed_run(work, run)
