@@ -368,8 +368,9 @@ def _describe(
     msg_text = str(err.get("msg"))
     inside = [k for k in overridden if str_loc and k[: len(str_loc)] == str_loc and (
         msg_text.removeprefix("Value error, ").startswith(f"{k[-1]}:") or f"'{k[-1]}'" in msg_text)]
-    if any(str_loc[: len(k)] == k for k in overridden):
-        where = f"{source} (--set {dotted})"
+    # the --set as written: `--set 'eval.perplexity={...}'` for an error in eval.perplexity.text
+    if hit := max((k for k in overridden if str_loc[: len(k)] == k), key=len, default=None):
+        where = f"{source} (--set {'.'.join(hit)})"
     elif inside:
         where = f"{source} (--set {'.'.join(inside[0])})"
     else:

@@ -461,3 +461,12 @@ def test_an_unknown_key_unlike_any_lists_the_known_ones(tmp_path):
     with pytest.raises(UserError, match=r"\(--set eval\.zzz\): unknown key 'eval\.zzz' \(known keys: perplexity, "
                                         r"tasks, batch_size, max_new_tokens, dtype\)$"):
         load_recipe(path, EvalRecipe, ["eval.zzz=1"])
+
+
+def test_an_error_inside_a_section_set_whole_is_blamed_on_that_set(tmp_path):
+    """`--set 'eval.perplexity={text: ...}'` replaces the section: an error in a key inside it is the --set's, not
+    the recipe file's line (s46's mutation audit: only exact keys were tested)."""
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(UserError, match=r"recipe\.yaml \(--set eval\.perplexity\): eval\.perplexity\.text: file not "
+                                        "found: no/such.txt"):
+        load_recipe(path, EvalRecipe, ["eval.perplexity={text: no/such.txt}"])
