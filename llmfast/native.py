@@ -42,7 +42,11 @@ def _cpu_flags() -> str:
 
 def _compiler() -> list[str] | None:
     """The compiler's command line: `$CC` may carry words (`ccache gcc`, `gcc -m64`)."""
-    words = shlex.split(os.environ.get("CC") or "cc")
+    try:
+        words = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError as e:  # an unbalanced quote: no command to run, as with no compiler
+        _say(f"$CC {os.environ.get('CC')!r} is not a command line ({e})")
+        return None
     path = shutil.which(words[0]) if words else None
     return None if path is None else [path, *words[1:]]
 

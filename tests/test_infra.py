@@ -64,3 +64,18 @@ def test_a_tensor_missing_from_weights_named_without_the_models_prefix_is_refuse
     with pytest.raises(UserError, match=rf"{copy}: 1 tensor\(s\) its config needs are missing "
                                         r"\(model\.layers\.0\.mlp\.up_proj\.weight\): the weights are incomplete"):
         from_pretrained(copy, "float32")
+
+
+def test_a_cc_that_is_no_command_line_keeps_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`CC='gcc "'` (an unbalanced quote) was a ValueError traceback from shlex in the middle of a merge or a
+    sparsify run; like a missing compiler, it is said on stderr and the torch path runs (s46's mutation audit)."""
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMFAST_NATIVE", raising=False)
+    monkeypatch.setenv("CC", 'gcc "')
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    assert native.load_kernel.__wrapped__(source) is None
+    err = capsys.readouterr().err
+    assert "llmfast: $CC 'gcc \"' is not a command line (No closing quotation)" in err
+    assert "answer runs on its slower torch path" in err and not (tmp_path / "cache").exists()
