@@ -420,7 +420,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("LLMFAST_DEBUG"))
+    own = argv[: argv.index("--")] if "serve" in argv and "--" in argv else argv  # after serve's --: vLLM's
+    debug = "--debug" in own or bool(os.environ.get("LLMFAST_DEBUG"))
     previous = stop_on_signals()
     try:
         args = parse_args(argv)

@@ -231,3 +231,11 @@ def test_finetune_takes_an_existing_empty_output_folder(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=f"{tmp_path / 'out'} already exists: pass --resume"):
         check_finetune_inputs(load_recipe(recipe, FinetuneRecipe), resume=False)
+
+
+def test_debug_after_serves_double_dash_is_vllms_not_llmfasts(tmp_path, monkeypatch):
+    """parse_args leaves what follows serve's `--` to vLLM, but main() read `--debug` anywhere in the line: a
+    refused serve printed a traceback instead of its one line (s46's mutation audit)."""
+    monkeypatch.delenv("LLMFAST_DEBUG", raising=False)
+    code, _, err = run_cli("serve", str(tmp_path / "nope"), "--", "--debug")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmfast: error: ") and "nope" in err, err
