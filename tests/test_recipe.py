@@ -470,3 +470,14 @@ def test_an_error_inside_a_section_set_whole_is_blamed_on_that_set(tmp_path):
     with pytest.raises(UserError, match=r"recipe\.yaml \(--set eval\.perplexity\): eval\.perplexity\.text: file not "
                                         "found: no/such.txt"):
         load_recipe(path, EvalRecipe, ["eval.perplexity={text: no/such.txt}"])
+
+
+def test_a_union_members_tag_is_not_part_of_the_key(tmp_path):
+    """`target_modules` is `all-linear` or a list: pydantic's error path holds the member (`literal['all-linear']`),
+    which the message leaves out (s46's mutation audit: no test reached that tag)."""
+    from llmfast.recipe import FinetuneRecipe
+
+    path = tmp_path / "f.yaml"
+    path.write_text(f"model: m\ndata: {{train: {DATES}}}\nlora:\n  target_modules: 5\noutput: o\n")
+    with pytest.raises(UserError, match=r"f\.yaml:4: lora\.target_modules: Input should be 'all-linear' \(got 5\)$"):
+        load_recipe(path, FinetuneRecipe)
