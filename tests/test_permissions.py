@@ -191,3 +191,27 @@ def test_overwrite_of_a_read_only_output_or_a_link_is_refused_before_the_work(tm
     (tmp_path / "latest").symlink_to(out)
     code, _, err = run_cli("merge", str(config), str(tmp_path / "latest"), "--overwrite")
     assert code == 2 and "is a symbolic link (to " in err and (tmp_path / "latest").is_symlink(), err
+
+
+def test_a_data_folder_is_readable_by_its_x_bit(tmp_path, finetune_recipe):
+    """A folder's files are opened by name, which needs its x bit, not its r bit: one without x is refused at the
+    recipe's key, one with x and no r passes that check (s46's mutation audit: only files were tested)."""
+    prefix = file_modes_prefix(tmp_path)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}")
+    said = f"data.train: {folder}: no permission to read it"
+
+    def run(mode: int) -> str:
+        folder.chmod(mode)
+        try:
+            return subprocess.run([*prefix, sys.executable, "-m", "llmfast.cli", "finetune", str(finetune_recipe),
+                                   "--set", f"data.train={folder}"], capture_output=True, text=True, timeout=300,
+                                  cwd=Path(__file__).resolve().parent.parent).stderr
+        finally:
+            folder.chmod(0o755)
+
+    assert _last(run(0o600)) == f"llmfast: error: {finetune_recipe} (--set data.train): {said}: make it readable " \
+                                f"for this user (chmod) or give a copy (got '{folder}')"
+    assert said not in run(0o300)
+    assert not (tmp_path / "out").exists()
