@@ -383,6 +383,24 @@ def test_a_stage_name_of_the_longest_length_runs(tmp_path: Path, capsys: pytest.
     assert (tmp_path / "run" / ".state" / f"{name}.json").is_file()
 
 
+def test_paths_through_a_symbolic_link_loop_are_one_line(tmp_path: Path, tiny: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An output, or a stage's input file, through a link that loops back to itself: Python 3.11's resolve() raises
+    RuntimeError, which was the chain's traceback (s46's audit of artifacts.py found it there first)."""
+    (tmp_path / "lk").symlink_to("lk")
+    looped = {"output": str(tmp_path / "lk" / "run"),
+              "stages": {"data": {"type": "tasks", "with": {"tasks": ["dates"]}}}}
+    text = {"output": str(tmp_path / "run"), "stages": {"ev": {"type": "eval", "with": {
+        "model": str(tiny), "eval": {"perplexity": {"text": str(tmp_path / "lk" / "t.txt")}}}}}}
+    for recipe, said in ((looped, "goes through a symbolic link that loops back to itself"),
+                         (text, "eval.perplexity.text: file not found")):
+        capsys.readouterr()
+        assert main(["run", str(write(tmp_path / "c.yaml", recipe)), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "lk"]
+
+
 def test_from_a_stage_that_is_not_there_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--from` a misspelled stage is one line naming the stages, before anything is written; it was ignored, and
     the chain ran as if no stage were named (s45's mutation audit: the check was untested)."""

@@ -78,8 +78,8 @@ def input_files(value: Any, skip: Path | None = None) -> dict[str, Any]:
                 found[value] = [st.st_size, st.st_mtime_ns]
             elif path.is_dir():
                 found.update(_folder_files(value, path))
-        except OSError:  # unreadable or vanishing: the verb says what is wrong with it when it runs
-            pass
+        except (OSError, RuntimeError):  # unreadable, vanishing or a link loop (Python 3.11's RuntimeError): the
+            pass  # verb says what is wrong with it when it runs
     return found
 
 
@@ -197,7 +197,11 @@ def plan(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[Stage]
     keys: dict[str, str] = {}
     planned = []
     ordered = order(recipe, where, known_types)
-    run_dir = Path(recipe.output).expanduser().resolve()
+    try:
+        run_dir = Path(recipe.output).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link that leads back to itself (Python 3.11 raises RuntimeError)
+        raise UserError(f"{where}: output {recipe.output} goes through a symbolic link that loops back to itself: "
+                        "remove or fix the link, or choose another output") from None
     check_sources(recipe, where)
     for name in ordered:
         cfg = recipe.stages[name]
