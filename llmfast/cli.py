@@ -6,7 +6,6 @@ Heavy imports (torch, transformers) happen inside the verbs, so `--help` and bad
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -62,14 +61,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from llmfast.evaluate import format_table, run_eval
+    from llmfast.overrides import blamed_on_flags, flag_overrides
     from llmfast.recipe import EvalRecipe, load_recipe
 
-    overrides = list(args.overrides)
-    if args.model:  # as text, whatever YAML would make of it (a folder named 1.5, an output named 2024-01-03)
-        overrides.append(f"model={json.dumps(args.model)}")
-    if args.output:
-        overrides.append(f"output={json.dumps(args.output)}")
-    recipe = load_recipe(args.recipe, EvalRecipe, overrides)
+    flags = {"model": args.model, "output": args.output}
+    try:
+        recipe = load_recipe(args.recipe, EvalRecipe, flag_overrides(args.overrides, flags))
+    except UserError as e:
+        raise blamed_on_flags(e, flags) from None
     results = run_eval(recipe)
     print(format_table(results))
     print(f"results: {recipe.output}")

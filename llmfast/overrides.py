@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
 
@@ -88,3 +89,18 @@ def _child(node: Any, key: str, keys: list[str], create: bool) -> Any:
     if key not in node or node[key] is None:
         node[key] = {}
     return node[key]
+
+
+def flag_overrides(overrides: list[str], flags: dict[str, str | None]) -> list[str]:
+    """`overrides` (--set KEY=VALUE), then each flag given (`--output X` as output=X), its value as text whatever YAML
+    would make of it (a folder named 1.5, an output named 2024-01-03)."""
+    return [*overrides, *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v)]
+
+
+def blamed_on_flags(e: UserError, flags: dict[str, str | None]) -> UserError:
+    """`e` blaming the flag the user typed (`(--output)`), not the --set it became (`(--set output)`)."""
+    said = str(e)
+    for key, value in flags.items():
+        if value:
+            said = said.replace(f"(--set {key})", f"(--{key})")
+    return UserError(said)

@@ -38,14 +38,9 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
     dc = recipe.data
     if not resume:
         if out.is_dir() and any(out.iterdir()):
-            from llmfast.artifacts import latest_step
-            from llmfast.finetune.run_files import foreign_run_files
+            from llmfast.finetune.run_files import taken_output
 
-            # only what a run stopped before its first checkpoint leaves: what `--resume` starts again from
-            if foreign_run_files(out) is None and latest_step(out / "checkpoints") is None:
-                raise UserError(f"{out} holds a run stopped before its first checkpoint: pass --resume to start it "
-                                "again there, or choose another output")
-            raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
+            raise UserError(taken_output(out))
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     if Path(recipe.model).expanduser().is_dir():  # builtin/GGUF/hub models may need a conversion: the trainer's job
         model_path = resolve_model(recipe.model)

@@ -123,11 +123,19 @@ class DataConfig(StrictModel):
     pack_length: PositiveInt | None = None  # tokens per packed row; null: max_length
 
 
+def _some_modules(value: Any) -> Any:
+    if value == []:  # the union's first member would say only "Input should be 'all-linear'"
+        raise ValueError("an empty list targets no module: give all-linear or a list of module names, e.g. [q_proj, "
+                         "v_proj]")
+    return value
+
+
 class LoraConfig(StrictModel):
     r: PositiveInt = 16
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
+    target_modules: Annotated[Literal["all-linear"] | Annotated[list[str], Field(min_length=1)],
+                              BeforeValidator(_some_modules)] = "all-linear"
     rslora: bool = False
     dora: bool = False
 

@@ -184,7 +184,7 @@ CASES = [
          "recipe.json, which a run of llmfast does not write"),
     Case("finetune-alpha-zero", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.alpha=0"), "lora.alpha"),
     Case("finetune-no-target-modules", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.target_modules=[]"),
-         "lora.target_modules"),
+         "lora.target_modules: an empty list targets no module"),
     Case("finetune-negative-grad-norm", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.max_grad_norm=-1"),
          "train.max_grad_norm"),
     Case("finetune-bad-set", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.lr=-1"), "train.lr"),

@@ -215,6 +215,23 @@ def test_eval_output_and_model_flags_are_taken_as_text(tmp_path):
         assert code == 2 and "quote it" not in last and "1.5" in last, err
 
 
+def test_an_error_in_evals_output_flag_names_the_flag(tmp_path):
+    """`eval --output DIR/` said `(--set output)`, a --set the user never wrote (s46's docs review); a --set output
+    still names its --set."""
+    recipe = tmp_path / "e.yaml"
+    recipe.write_text(f"model: m\neval: {{tasks: [{{name: d, path: {REPO / 'eval' / 'tasks' / 'dates' / 'test.jsonl'}}}]}}\n")
+    for args, said in ((["--output", f"{tmp_path}/"], "e.yaml (--output): output:"),
+                       (["--set", f"output={tmp_path}/"], "e.yaml (--set output): output:")):
+        code, _, err = run_cli("eval", str(recipe), *args)
+        assert code == 2 and said in err.strip().splitlines()[-1] and "names a folder" in err, err
+
+
+def test_python_dash_m_llmfast_is_the_command():
+    p = subprocess.run([sys.executable, "-m", "llmfast", "eval", "/nonexistent/r.yaml"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert p.returncode == 2 and p.stderr.strip() == "llmfast: error: recipe /nonexistent/r.yaml not found", p.stderr
+
+
 def test_finetune_takes_an_existing_empty_output_folder(tmp_path):
     """docs/finetune.md: the output `must not exist or be empty`; an empty folder (made ahead for a job's logs) is
     taken, one holding files is refused (s46's mutation audit)."""

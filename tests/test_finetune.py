@@ -315,6 +315,10 @@ def test_resume_with_another_recipe_is_refused(killed_run, tmp_path, tiny_dir):
         code, _, err = run_cli("finetune", str(path), "--resume", "--set", override)
         assert code == 2 and f"llmfast: error: --resume: {key}" in err.strip().splitlines()[-1], err[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, _, err = run_cli("finetune", str(path))  # without --resume: told to pass it (the one folder it fits)
+    assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {out} already exists: pass --resume to "
+                                                         "continue that run, or choose another output"), err[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):
@@ -324,8 +328,9 @@ def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data)
     assert code == 0 and (tmp_path / "empty" / "adapter").is_dir(), err[-2000:]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("x")
-    code, _, err = run_cli("finetune", str(path))
-    assert code == 2 and "already exists: pass --resume" in err
+    code, _, err = run_cli("finetune", str(path))  # a user's folder: --resume would refuse it too (s46's docs review)
+    assert code == 2 and f"{tmp_path / 'run'} already exists and holds {tmp_path / 'run' / 'x'}, which a run of " \
+        "llmfast does not write: choose another output" in err, err
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, tiny_dir, data):
@@ -342,6 +347,9 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_pat
     assert [e["step"] for e in log] == sorted({e["step"] for e in log}) and log[0]["loss"] != 9.0
     code, _, err = run_cli("finetune", str(path), "--resume")  # now finished: nothing to resume
     assert code == 2 and "holds a finished run" in err
+    code, _, err = run_cli("finetune", str(path))  # nor to continue: it said "pass --resume" (s46's docs review)
+    assert code == 2 and f"{run} holds a finished run (adapter/, metrics.json): choose another output, or remove it " \
+        "to train again" in err, err
 
 
 def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tiny_dir, data):

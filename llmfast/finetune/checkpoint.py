@@ -24,7 +24,7 @@ from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, 
 from llmfast.errors import UserError
 from llmfast.finetune import fsdp as sharding
 # torch-free, so that preflight.py reads them too; re-exported: the trainer names them ckpts.*
-from llmfast.finetune.run_files import RUN_FILES, foreign_run_files  # noqa: F401
+from llmfast.finetune.run_files import RUN_FILES, foreign_run_files, taken_output  # noqa: F401
 
 
 def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:

@@ -51,3 +51,20 @@ def foreign_run_files(out: Path) -> str | None:
         if not all(isinstance(r, dict) and "step" in r for r in rows):
             return str(log)
     return None
+
+
+def taken_output(out: Path) -> str:
+    """Why a non-empty `out` is refused without `--resume`, and what to do: a finished run is not resumed, a run with
+    a checkpoint is, one stopped before its first starts again, and a folder of the user's files is not llmfast's."""
+    from llmfast.artifacts import latest_step
+
+    if (out / "adapter").exists() or (out / "metrics.json").exists():
+        return (f"{out} holds a finished run (adapter/, metrics.json): choose another output, or remove it to train "
+                "again")
+    if latest_step(out / "checkpoints") is not None:
+        return f"{out} already exists: pass --resume to continue that run, or choose another output"
+    foreign = foreign_run_files(out)
+    if foreign is None:
+        return (f"{out} holds a run stopped before its first checkpoint: pass --resume to start it again there, or "
+                "choose another output")
+    return f"{out} already exists and holds {foreign}, which a run of llmfast does not write: choose another output"

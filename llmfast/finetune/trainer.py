@@ -154,7 +154,7 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
     if resume:
         ckpts.check_same_recipe(out, recipe_dict(recipe))
     if not resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another output")
+        raise UserError(ckpts.taken_output(out))
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
     return out, resume
