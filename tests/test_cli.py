@@ -246,7 +246,8 @@ def test_finetune_takes_an_existing_empty_output_folder(tmp_path):
                       f"output: {tmp_path / 'out'}\n")
     check_finetune_inputs(load_recipe(recipe, FinetuneRecipe), resume=False)
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=f"{tmp_path / 'out'} already exists: pass --resume"):
+    with pytest.raises(UserError, match=f"{tmp_path / 'out'} already exists and holds {tmp_path / 'out'}/notes.txt, "
+                                        "which a run of llmfast does not write: choose another output"):
         check_finetune_inputs(load_recipe(recipe, FinetuneRecipe), resume=False)
 
 
