@@ -373,6 +373,8 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("relu", "{rank: 4, steps: 2, lr: 1.0e+38}", "layer 0's predictor diverged (its update overflowed float32 at "
                                                  "step 1)"),
     ("relu", "{rank: 4, steps: 2, pos_weight: 1.0e+300}", "layer 0's predictor diverged (its loss became nan at step 1)"),
+    # s46: a rank past what the MLP's shapes allow was a traceback from torch's size arithmetic (2^63 - 1)
+    ("relu", "{rank: 9223372036854775807, steps: 1}", "sparsify.config.rank: 9223372036854775807 is more than the"),
 ])
 def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
                                                                      expected):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveInt, model_validator
 
 from llmfast.errors import UserError
-from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, relu_mlps
+from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps, relu_mlps
 from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
 from llmfast.strict import Seed
 
@@ -72,6 +72,12 @@ def _check_source(job: SparsifyJob, cfg: DejavuConfig) -> float | None:
     """The label sparsity to use (None: nonzero = active), after refusing sources that cannot be used."""
     if (job.model_path / PREDICTORS_FILE).exists():  # predictors on predictors would drop the first ones
         raise UserError(f"{job.model_spec} is already a dejavu artifact: sparsify the model it was made from")
+    mlp = gated_mlps(job.model)[0]
+    full = min(mlp.down_proj.in_features, mlp.down_proj.out_features)  # (x @ A) @ B has no higher rank than this
+    if cfg.rank > full:  # a huge one was a traceback from torch's size arithmetic, or minutes of wasted training
+        raise UserError(f"sparsify.config.rank: {cfg.rank} is more than the {full} a predictor of this model's MLPs "
+                        f"(hidden {mlp.down_proj.out_features}, intermediate {mlp.down_proj.in_features}) can use: "
+                        f"set it to at most {full}")
     if relu_mlps(job.model):
         if cfg.label_sparsity is not None:
             raise UserError(f"sparsify.config.label_sparsity: {job.model_spec} has ReLU MLPs, whose active neurons are "
