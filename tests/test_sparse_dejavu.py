@@ -514,6 +514,20 @@ def test_pick_threshold_keeps_the_fraction_asked_for_and_the_recall_asked_for():
         assert recall <= got < recall + 2 / active.sum().item()  # the lowest threshold that reaches it
 
 
+def test_a_target_recall_too_small_to_leave_float_rounding_still_keeps_one_active_neuron():
+    """1 - 1e-300 is 1.0 in floats: every positive was allowed below the threshold and kthvalue was asked for one
+    past the last (s46: a traceback); the rule keeps at least one, which meets any recall above 0."""
+    import torch
+
+    from llmfast.sparse.predictor_training import pick_threshold
+
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    active = logits > 0.5
+    t = pick_threshold(logits, active, 1e-300, None)
+    assert (logits[active] > t).sum().item() == 1
+    assert t < logits[active].max()
+
+
 def test_a_predictor_is_trained_on_normalised_inputs_and_stores_the_scale_folded_in():
     """Training sees x / rms(x); the stored A takes that scale back, so the saved predictor gives the trained logits
     on the raw inputs the runtime feeds it (s44's mutation audit: A stored unscaled passed, since the threshold is

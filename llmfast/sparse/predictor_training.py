@@ -134,7 +134,9 @@ def pick_threshold(logits: "torch.Tensor", active: "torch.Tensor", target_recall
     pos = logits[active]
     if pos.numel() == 0:
         return logits.max().float()  # nothing is active: predict nothing
-    missed = math.floor((1 - target_recall) * pos.numel() + 1e-9)  # positives allowed below the threshold
+    # positives allowed below the threshold; at least one kept (1 - a recall below 1e-16 is 1.0 in floats: all of
+    # them were allowed, and kthvalue was asked for one past the last, a traceback)
+    missed = min(math.floor((1 - target_recall) * pos.numel() + 1e-9), pos.numel() - 1)
     lowest_kept = pos.kthvalue(missed + 1).values.float()
     # Just below it, so `logits > threshold` keeps every positive >= lowest_kept: at least n - missed of them.
     return torch.nextafter(lowest_kept, torch.tensor(float("-inf")))
