@@ -262,6 +262,15 @@ def resume_from(work: Path, student: Any, optimizer: Any, settings: DistillSetti
     return step
 
 
+def check_batch(batch_size: int, windows: int, desc: str, key: str = "batch_size") -> None:
+    """Refuse a batch of more windows than there are (`key`: the recipe's name for it): each step would hold some
+    twice, and a huge one overflowed torch's index arithmetic (a traceback) or ran out of memory after the models
+    loaded."""
+    if batch_size > windows:
+        raise UserError(f"{desc}: {key} is {batch_size}, more than the {windows} training windows there are (a step "
+                        f"would repeat windows): set {key} to at most {windows}, or give more text")
+
+
 def gpu_autocast(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     """`distill`'s `autocast` for a `dtype` model on `device`: bfloat16 for a float32 model on a GPU (weights,
     gradients, AdamW state and the KL stay float32), none elsewhere."""
@@ -273,15 +282,15 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             extra_loss: Callable[[], torch.Tensor] | None = None,
             log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling",
             evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None,
-            autocast: torch.dtype | None = None) -> dict[str, Any]:
+            autocast: torch.dtype | None = None, batch_key: str = "batch_size") -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
     `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term
     (an L1 pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out
     measurements, run with the student in eval mode) is logged at step 0, every `eval_every` steps and at the
     end: the curve of quality against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward
-    passes in that precision; weights, gradients, optimizer state and the loss stay float32. Returns the final
-    metrics.
+    passes in that precision; weights, gradients, optimizer state and the loss stay float32. `batch_key`: the
+    recipe's key for `settings.batch_size`, named when it is more than the rows. Returns the final metrics.
     """
     import contextlib
 
@@ -289,6 +298,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
 
     from llmfast.finetune.checkpoint import kept_log_lines  # the log lines a resumed run keeps, shared with finetune
 
+    check_batch(settings.batch_size, len(rows), desc, batch_key)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

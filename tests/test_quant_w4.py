@@ -107,6 +107,22 @@ def test_transformers_loads_the_artifact(quantized: tuple[Path, Path]) -> None:
     assert (theirs - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
+def test_a_scale_tuning_batch_beyond_the_windows_is_refused_before_the_rounding(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """s46: batch_size 2^63-1 overflowed torch's index arithmetic in the scale tuning (a traceback), after AutoRound
+    had rounded the model; now one line before AutoRound runs, nothing written."""
+    import llmfast.quant.w4 as w4
+
+    base = build_tiny_llama(tmp_path / "base")
+    out = tmp_path / "w4"
+    monkeypatch.setattr(w4, "autoround", lambda *a, **k: pytest.fail("rounded before the batch was checked"))
+    capsys.readouterr()
+    assert main(["quantize", str(_recipe(tmp_path, base, out, scale_steps=2, batch_size=2**63 - 1))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "W4 scale tuning: quantization.batch_size is 9223372036854775807, more than the" in err[0]
+    assert not out.exists() and not (tmp_path / "w4.checkpoints").exists() and not list(tmp_path.glob(".w4.tmp-*"))
+
+
 def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     base = build_tiny_llama(tmp_path / "base", intermediate_size=288)  # down_proj has 288 inputs: 288 % 64 = 32

@@ -156,6 +156,11 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
     if cfg.scale_steps:
         if work_dir is None:
             raise ValueError("w4: scale tuning needs a work directory for its checkpoints")
+        from llmfast.distill import check_batch
+
+        train = rows if train_rows is None else train_rows
+        # before AutoRound's rounding (an hour on a large model), not after it
+        check_batch(cfg.batch_size, len(train), "W4 scale tuning", "quantization.batch_size")
         metrics = _rounded_once(model_dir, cfg, work_dir / "autoround", tokenizer=tokenizer, rows=rows, dtype=dtype,
                                 resume=resume)
         for f in (work_dir / "autoround").iterdir():
@@ -167,7 +172,6 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
 
         # Whole-model training wants more than AutoRound's windows (the e2e phase of EfficientQAT trains on more
         # data than its block phase): all the text after the evaluated span and the conversations, shuffled once.
-        train = rows if train_rows is None else train_rows
         train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))]
         start = time.perf_counter()
         metrics |= tune_scales(out_dir, model_dir, train, group_size=cfg.group_size, steps=cfg.scale_steps,

@@ -202,7 +202,7 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         metrics = distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
                           before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
                           log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every,
-                          autocast=autocast)
+                          autocast=autocast, batch_key="sparsify.config.batch_size")
         if autocast is not None:  # a CPU run's metrics stay as they were
             metrics |= {"gpu": torch.cuda.get_device_name(first.device), "autocast": "bfloat16"}
         return metrics
@@ -227,11 +227,13 @@ class Relufy(Sparsifier):
         check_checkpoint(work, distill_settings(cfg), source)
 
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
-        from llmfast.distill import heldout_kl
+        from llmfast.distill import check_batch, heldout_kl
         from llmfast.loading import from_pretrained
         from llmfast.serve.vllm_plugin import mark_relu_architecture
         from llmfast.sparse.measure import measure_sparsity
 
+        if cfg.steps:  # before the student loads or the work folder holds anything (a refused run leaves nothing)
+            check_batch(cfg.batch_size, len(job.train_rows) + cfg.samples, "relufy", "sparsify.config.batch_size")
         student = from_pretrained(job.model_path, job.dtype)
         student.to(job.model.device).eval()
         relu_swap(student)

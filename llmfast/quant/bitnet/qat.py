@@ -67,6 +67,10 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     if cfg.qat_steps and rows is None:
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
+    if cfg.qat_steps:  # before any model loads: the text's windows and the samples the teacher will write
+        from llmfast.distill import check_batch
+
+        check_batch(cfg.batch_size, len(rows) + cfg.teacher_samples, "BitNet QAT", "quantization.batch_size")
     torch_dtype = getattr(torch, dtype)
     model = from_pretrained(model_dir, dtype)
     apply_config_cut(model, model_dir)  # a relufy source's cut: the model eval runs, which QAT distils from
@@ -96,7 +100,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                            before_step=lambda step: set_strength(model, strength_at(cfg, step)),
                            log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
                            evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
-                           autocast=autocast)
+                           autocast=autocast, batch_key="quantization.batch_size")
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
