@@ -82,12 +82,14 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int, chunk: int = 1024
-                    ) -> torch.Tensor:
+def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int, chunk: int = 1024,
+                    key: str = "samples") -> torch.Tensor:
     """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token, on the
-    teacher's device, `chunk` rows per generate call (its KV cache grows with the rows); returned on the CPU."""
+    teacher's device, `chunk` rows per generate call (its KV cache grows with the rows); returned on the CPU.
+    `key`: the recipe key of `count`, named when the windows leave no token to write."""
     if count == 0:
         return torch.empty(0, length, dtype=torch.long)
+    check_samples(count, length, key)
     from tqdm.auto import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -104,6 +106,14 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
                                     min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)
             out.append(rows[:, :length].cpu())
     return torch.cat(out)
+
+
+def check_samples(count: int, length: int, key: str = "samples") -> None:
+    """Refuse samples of `length` < 2 tokens: the start token and nothing written (generate refused max_new_tokens 0
+    with a traceback). Callers check before loading models; `teacher_samples` checks again."""
+    if count and length < 2:
+        raise UserError(f"{key}: a sample is a window the model writes after its start token, and data.window is "
+                        f"{length}: set data.window to at least 2, or {key} to 0")
 
 
 def lr_at(settings: DistillSettings, step: int) -> float:

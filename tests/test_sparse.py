@@ -442,9 +442,11 @@ def _gpt2_dir(tmp_path, tiny_dir):
     ("conversations share 1", "relufy", "{}", ["--set", "data.conversations_share=1"],
      "data.conversations_share: Input should be less than 1"),
     ("conversation without content", "dejavu", "{}", ["badchat"], "bad.jsonl:2: messages[0] lacks field 'content'"),
-    # s46: a traceback (torch's index arithmetic overflowed)
+    # s46: both were tracebacks (torch's index arithmetic overflowed; generate refused max_new_tokens 0)
     ("batch beyond the windows", "relufy", "{steps: 2, batch_size: 9223372036854775807}", [],
      "relufy: sparsify.config.batch_size is 9223372036854775807, more than the"),
+    ("samples of one token", "relufy", "{steps: 1, samples: 1}", ["--set", "data.window=1"],
+     "sparsify.config.samples: a sample is a window the model writes after its start token, and data.window is 1"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tiny_dir, what, method, config, extra, expected):
     model = _gpt2_dir(tmp_path, tiny_dir) if extra == ["gpt2"] else tiny_dir

@@ -137,7 +137,8 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
 
     rows = job.train_rows
     if cfg.samples:
-        rows = torch.cat([rows, teacher_samples(job.model, job.tokenizer, cfg.samples, job.window, cfg.seed)])
+        rows = torch.cat([rows, teacher_samples(job.model, job.tokenizer, cfg.samples, job.window, cfg.seed,
+                                                   key="sparsify.config.samples")])
     # Consecutive windows of one book are alike: a fixed shuffle mixes the text (and the samples) over the steps.
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
     return rows[order].to(job.model.device)
@@ -227,12 +228,13 @@ class Relufy(Sparsifier):
         check_checkpoint(work, distill_settings(cfg), source)
 
     def sparsify(self, job: SparsifyJob, cfg: Any, out_dir: Path) -> dict[str, Any]:
-        from llmfast.distill import check_batch, heldout_kl
+        from llmfast.distill import check_batch, check_samples, heldout_kl
         from llmfast.loading import from_pretrained
         from llmfast.serve.vllm_plugin import mark_relu_architecture
         from llmfast.sparse.measure import measure_sparsity
 
         if cfg.steps:  # before the student loads or the work folder holds anything (a refused run leaves nothing)
+            check_samples(cfg.samples, job.window, "sparsify.config.samples")
             check_batch(cfg.batch_size, len(job.train_rows) + cfg.samples, "relufy", "sparsify.config.batch_size")
         student = from_pretrained(job.model_path, job.dtype)
         student.to(job.model.device).eval()

@@ -68,8 +68,9 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         raise UserError("bitnet: qat_steps > 0 trains on text: give the recipe a `data:` section (e.g. "
                         "data: {text: eval/text/persuasion.txt})")
     if cfg.qat_steps:  # before any model loads: the text's windows and the samples the teacher will write
-        from llmfast.distill import check_batch
+        from llmfast.distill import check_batch, check_samples
 
+        check_samples(cfg.teacher_samples, rows.shape[1], "quantization.teacher_samples")
         check_batch(cfg.batch_size, len(rows) + cfg.teacher_samples, "BitNet QAT", "quantization.batch_size")
     torch_dtype = getattr(torch, dtype)
     model = from_pretrained(model_dir, dtype)
@@ -83,7 +84,8 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         model.to(device)
         teacher = from_pretrained(model_dir, dtype).to(device).eval()
         apply_config_cut(teacher, model_dir)
-        samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
+        samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed,
+                                  key="quantization.teacher_samples")
         data = torch.cat([rows, samples]) if len(samples) else rows
         converted = prepare_student(model)
         settings = qat_settings(cfg)
