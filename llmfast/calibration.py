@@ -112,6 +112,19 @@ def interleave(text_rows: "torch.Tensor", conversations: "torch.Tensor", count: 
     return torch.cat([text_rows, take])[torch.argsort(position, stable=True)]
 
 
+def _check_fits(count: int, n: int, window: int, share: float) -> None:
+    """Refuse a share so near 1 that the training rows' token ids alone outgrow this machine's memory (0.9999999999999999
+    asked for 10^19 windows: an OverflowError traceback; one slightly lower, an allocation of terabytes)."""
+    import os
+
+    need = (count + n) * window * 8  # int64 token ids
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise UserError(f"data.conversations_share: {share} asks for {count} conversation windows beside the {n} "
+                        f"text windows ({need / 2**30:.3g} GiB of token ids, more than this machine's "
+                        f"{total / 2**30:.3g} GiB of memory): lower data.conversations_share")
+
+
 def with_conversations(text_rows: "torch.Tensor", data: Any, conversations: "torch.Tensor | None", *, add: bool
                        ) -> tuple["torch.Tensor", dict[str, Any] | None]:
     """The windows a method calibrates or trains on, with `conversations` (`conversation_windows` of
@@ -124,6 +137,7 @@ def with_conversations(text_rows: "torch.Tensor", data: Any, conversations: "tor
     share, n = data.conversations_share, len(text_rows)
     if add:
         count = max(1, round(share * n / (1 - share)))
+        _check_fits(count, n, text_rows.shape[1], share)
     else:
         if n < 2:
             raise UserError(f"data.conversations: data.calibration_tokens make {n} window of data.window tokens; "

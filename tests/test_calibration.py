@@ -91,3 +91,18 @@ def test_calibration_comes_after_the_evaluated_span_and_heldout_from_inside_it()
     assert heldout.shape == (1, 64) and heldout.flatten().tolist() == list(range(64))
     with pytest.raises(UserError, match=r"t.txt has 1000 tokens with this tokenizer; .* needs 1001 \(300 skipped"):
         split_text(ids, skip=300, calibration=701, heldout=100, window=64, source="t.txt")
+
+
+def test_a_share_whose_training_rows_outgrow_memory_is_one_line_naming_the_key():
+    """s46: conversations_share 0.9999999999999999 on top of the training text asked for 10^19 windows (an
+    OverflowError traceback in relufy and w4 scale tuning); the largest share below 1 now refuses in one line, and
+    a calibration set (in place of text windows) keeps working at any share."""
+    text = torch.arange(40 * 16).reshape(40, 16) + 50_000
+    conv = torch.arange(3 * 16).reshape(3, 16)
+    with pytest.raises(UserError, match=r"data.conversations_share: 0.9999999999999999 asks for \d+ conversation "
+                                        r"windows beside the 40 text windows \(.* GiB of token ids, more than"):
+        with_conversations(text, SimpleNamespace(conversations=["c.jsonl"], conversations_share=0.9999999999999999),
+                           conv, add=True)
+    mixed, info = with_conversations(text, SimpleNamespace(conversations=["c.jsonl"],
+                                                           conversations_share=0.9999999999999999), conv, add=False)
+    assert len(mixed) == 40 and info["windows"] == 39
