@@ -65,6 +65,8 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
 
     Perplexity here is exp(mean next-token loss) inside each window: every window starts without context, so it
     is higher than `llmfast eval`'s strided perplexity of the same text; it is for comparing points of one run.
+    Windows of one token hold no next token: the perplexities are then left out (they read 1.0, a perfect score of
+    nothing), the KL, measured at every position, stays.
     """
     kl = nll_s = nll_t = 0.0
     rows_seen = tokens = 0
@@ -77,8 +79,10 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
         nll_s += F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
         nll_t += F.cross_entropy(t_logits[:, :-1].flatten(0, 1).float(), target, reduction="sum").item()
         rows_seen, tokens = rows_seen + len(batch), tokens + target.numel()
-    return {"heldout_kl": kl / max(rows_seen, 1), "heldout_ppl": math.exp(nll_s / max(tokens, 1)),
-            "teacher_heldout_ppl": math.exp(nll_t / max(tokens, 1))}
+    if not tokens:
+        return {"heldout_kl": kl / max(rows_seen, 1)}
+    return {"heldout_kl": kl / max(rows_seen, 1), "heldout_ppl": math.exp(nll_s / tokens),
+            "teacher_heldout_ppl": math.exp(nll_t / tokens)}
 
 
 @torch.no_grad()

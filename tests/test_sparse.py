@@ -826,6 +826,20 @@ def test_distillation_batches_walk_the_rows_once_per_pass():
     assert batch_at(rows, SimpleNamespace(batch_size=3), 13).flatten().tolist() == [39, 0, 1]
 
 
+def test_heldout_windows_of_one_token_report_no_perplexity(tiny):
+    """s46: windows of one token hold no next token, and their perplexity read 1.0 (exp of 0 over 0 tokens) in QAT's
+    and relufy's metrics and curves; it is left out now, the KL (every position) kept. Two tokens score one each."""
+    from llmfast.distill import heldout_scores
+
+    model, _ = tiny
+    ids = torch.arange(6)[:, None] + 10
+    one = heldout_scores(model, model, ids)
+    assert set(one) == {"heldout_kl"} and abs(one["heldout_kl"]) < 1e-6
+    two = heldout_scores(model, model, ids.reshape(3, 2))
+    assert set(two) == {"heldout_kl", "heldout_ppl", "teacher_heldout_ppl"}
+    assert two["heldout_ppl"] == pytest.approx(two["teacher_heldout_ppl"]) and two["heldout_ppl"] > 1
+
+
 def test_distillation_loss_is_the_teachers_kl_to_the_student_per_token():
     """KL(teacher || student) averaged over tokens, times T^2, against a float64 recomputation (s45's mutation audit:
     the reversed KL(student || teacher) passed every test: the teacher's distribution must weight the log ratio)."""
