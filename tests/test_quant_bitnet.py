@@ -328,7 +328,7 @@ def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> Non
 
 @pytest.mark.parametrize("case", ["already quantized", "unknown method", "output exists", "qat without text",
                                   "rows not divisible by 4", "cuda without a GPU", "batch beyond the windows",
-                                  "samples of one token"])
+                                  "samples of one token", "a curve with no held-out window"])
 def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -357,6 +357,9 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
     if case == "samples of one token":  # s46: generate refused max_new_tokens 0 (a traceback)
         data["quantization"] |= {"qat_steps": 1, "teacher_samples": 1}
         data["data"]["window"] = 1
+    if case == "a curve with no held-out window":  # s46: the curve asked for was silently not measured
+        data["quantization"] |= {"qat_steps": 2, "eval_every": 1}
+        data["data"]["heldout_tokens"] = 127
     recipe.write_text(json.dumps(data))
     capsys.readouterr()
     assert main(["quantize", str(recipe)]) == 2
@@ -366,7 +369,9 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
                 "output exists": "already exists", "qat without text": "data:",
                 "rows not divisible by 4": "multiple of 4", "cuda without a GPU": "device is cuda",
                 "batch beyond the windows": "quantization.batch_size is 9223372036854775807, more than the 16",
-                "samples of one token": "quantization.teacher_samples: a sample is a window the model writes"}[case]
+                "samples of one token": "quantization.teacher_samples: a sample is a window the model writes",
+                "a curve with no held-out window": "quantization.eval_every: data.heldout_tokens make no full window "
+                                                   "of data.window (128) tokens"}[case]
     assert expected in err[0]
     if case == "output exists":
         assert (out / "mine.txt").read_text() == "keep me"

@@ -107,7 +107,7 @@ def test_transformers_loads_the_artifact(quantized: tuple[Path, Path]) -> None:
     assert (theirs - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
-def test_a_scale_tuning_batch_beyond_the_windows_is_refused_before_the_rounding(
+def test_scale_tuning_settings_the_data_cannot_serve_are_refused_before_the_rounding(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """s46: batch_size 2^63-1 overflowed torch's index arithmetic in the scale tuning (a traceback), after AutoRound
     had rounded the model; now one line before AutoRound runs, nothing written."""
@@ -121,6 +121,17 @@ def test_a_scale_tuning_batch_beyond_the_windows_is_refused_before_the_rounding(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "W4 scale tuning: quantization.batch_size is 9223372036854775807, more than the" in err[0]
     assert not out.exists() and not (tmp_path / "w4.checkpoints").exists() and not list(tmp_path.glob(".w4.tmp-*"))
+    # s46: a held-out curve asked for where data.heldout_tokens make no window was silently not measured
+    recipe = _recipe(tmp_path, base, out, scale_steps=2, scale_eval_every=1)
+    data = json.loads(recipe.read_text())
+    data["data"]["heldout_tokens"] = 127
+    recipe.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["quantize", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantization.scale_eval_every: data.heldout_tokens make no full window of data.window " \
+                             "(128) tokens" in err[0]
+    assert not out.exists() and not (tmp_path / "w4.checkpoints").exists()
 
 
 def test_group_size_the_shapes_cannot_take_is_refused_before_work(tmp_path: Path,

@@ -123,6 +123,12 @@ def least_bytes(skeleton: Any, weight_bits: int) -> int:
     return sum(p.numel() * weight_bits // 8 if id(p) in linear else p.numel() * 2 for p in skeleton.parameters())
 
 
+def no_heldout_window(key: str, window: int) -> str:
+    """The message for a held-out curve asked for (`key`) where data.heldout_tokens make no window to measure on."""
+    return (f"{key}: data.heldout_tokens make no full window of data.window ({window}) tokens to measure the held-out "
+            f"curve on: raise data.heldout_tokens to at least {window}, or remove {key}")
+
+
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")
 
 

@@ -161,6 +161,10 @@ def quantize_w4(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any
         train = rows if train_rows is None else train_rows
         # before AutoRound's rounding (an hour on a large model), not after it
         check_batch(cfg.batch_size, len(train), "W4 scale tuning", "quantization.batch_size")
+        if cfg.scale_eval_every and heldout is None:  # the curve asked for would silently not be measured
+            from llmfast.quant.base import no_heldout_window
+
+            raise UserError(no_heldout_window("quantization.scale_eval_every", train.shape[1]))
         metrics = _rounded_once(model_dir, cfg, work_dir / "autoround", tokenizer=tokenizer, rows=rows, dtype=dtype,
                                 resume=resume)
         for f in (work_dir / "autoround").iterdir():

@@ -72,6 +72,10 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
 
         check_samples(cfg.teacher_samples, rows.shape[1], "quantization.teacher_samples")
         check_batch(cfg.batch_size, len(rows) + cfg.teacher_samples, "BitNet QAT", "quantization.batch_size")
+        if cfg.eval_every and heldout is None:  # the curve asked for would silently not be measured
+            from llmfast.quant.base import no_heldout_window
+
+            raise UserError(no_heldout_window("quantization.eval_every", rows.shape[1]))
     torch_dtype = getattr(torch, dtype)
     model = from_pretrained(model_dir, dtype)
     apply_config_cut(model, model_dir)  # a relufy source's cut: the model eval runs, which QAT distils from
