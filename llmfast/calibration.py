@@ -113,8 +113,8 @@ def interleave(text_rows: "torch.Tensor", conversations: "torch.Tensor", count: 
 
 
 def _check_fits(count: int, n: int, window: int, share: float) -> None:
-    """Refuse a share so near 1 that the training rows' token ids alone outgrow this machine's memory (0.9999999999999999
-    asked for 10^19 windows: an OverflowError traceback; one slightly lower, an allocation of terabytes)."""
+    """Refuse a share so near 1 that the training rows' token ids alone outgrow this machine's memory
+    (0.9999999999999999 asked for 10^19 windows: an OverflowError traceback; one slightly lower, terabytes)."""
     import os
 
     need = (count + n) * window * 8  # int64 token ids

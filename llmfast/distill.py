@@ -299,13 +299,12 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             autocast: torch.dtype | None = None, batch_key: str = "batch_size") -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
-    `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term
-    (an L1 pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out
-    measurements, run with the student in eval mode) is logged at step 0, every `eval_every` steps and at the
-    end: the curve of quality against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward
-    passes in that precision; weights, gradients, optimizer state and the loss stay float32. `batch_key`: the
-    recipe's key for `settings.batch_size`, named when it is more than the rows. Returns the final metrics.
-    """
+    `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term (an L1
+    pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out measurements, run
+    with the student in eval mode) is logged at step 0, every `eval_every` steps and at the end: the curve of quality
+    against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward passes in that precision; weights,
+    gradients, optimizer state and the loss stay float32. `batch_key`: the recipe's key for `settings.batch_size`,
+    named when it is more than the rows. Returns the final metrics."""
     import contextlib
 
     from tqdm.auto import tqdm
