@@ -163,3 +163,12 @@ def test_bitsandbytes_hub_kernel_warning_is_hidden(tmp_path, tiny_dir):
     assert line not in p.stderr
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["quantization"] == parse_quantization("nf4").manifest()
+
+
+@pytest.mark.parametrize("method,key", [("w4", "lr"), ("w4", "scale_lr"), ("bitnet", "lr")])
+def test_a_learning_rate_float32_rounds_to_nothing_is_refused(method, key):
+    """s46: 1e-300 (and any rate below float32's smallest normal number) made every update round to nothing: the
+    run wrote the untrained model with exit 0. The smallest normal rate is taken."""
+    with pytest.raises(UserError, match=f"quantization: {key}: must be at least 1.18e-38 .float32's smallest normal"):
+        parse_quantization({"method": method, key: 1e-300})
+    assert getattr(parse_quantization({"method": method, key: 1.1754943508222875e-38}).config, key) > 0

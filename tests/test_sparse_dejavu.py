@@ -375,6 +375,8 @@ def test_predictors_that_do_not_fit_are_one_line_errors(tmp_path, small, change,
     ("relu", "{rank: 4, steps: 2, pos_weight: 1.0e+300}", "layer 0's predictor diverged (its loss became nan at step 1)"),
     # s46: a rank past what the MLP's shapes allow was a traceback from torch's size arithmetic (2^63 - 1)
     ("relu", "{rank: 9223372036854775807, steps: 1}", "sparsify.config.rank: 9223372036854775807 is more than the"),
+    # s46: a rate float32 rounds to nothing trained nothing and wrote the untrained predictors with exit 0
+    ("relu", "{lr: 1.0e-300}", "sparsify.config.lr: must be at least 1.18e-38 (float32's smallest normal number"),
 ])
 def test_bad_sources_and_settings_are_one_line_exit_2_nothing_written(tmp_path, relu_dir, small, source, config,
                                                                      expected):

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llmfast.errors import UserError
-from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.quant.base import QUANTIZERS, LearningRate, QuantConfigBase, Quantizer
 from llmfast.quant.w4_format import load_dequantized
 from llmfast.strict import Seed
 
@@ -39,7 +39,7 @@ class W4Config(QuantConfigBase):
     iters: int = Field(0, ge=0)  # 0: no tuning (rounding only); AutoRound's default tuning is 200 per block
     optimized_rtn: bool = False  # with iters 0: AutoRound's searched scales instead of plain round-to-nearest
     nsamples: int = Field(32, gt=0)  # calibration windows used (from the recipe's data:)
-    lr: float | None = Field(None, gt=0)  # AutoRound's default: 1/iters
+    lr: LearningRate | None = None  # AutoRound's default: 1/iters
     # Windows per tuning step (AutoRound's default 8). A step's cost is batch_size x window tokens through one
     # block forward and backward, so on a CPU this, iters and the window set the tuning time.
     batch_size: int = Field(8, gt=0)
@@ -56,7 +56,7 @@ class W4Config(QuantConfigBase):
     # next-token distribution on all the text after the evaluated span (and data.conversations on top), `batch_size`
     # windows a step. 0: off. A step is the whole model forward and backward, plus the full-precision one's forward.
     scale_steps: int = Field(0, ge=0)
-    scale_lr: float = Field(3e-3, gt=0)  # a factor on each scale trains: a relative step (Adam); 1e-2 diverged
+    scale_lr: LearningRate = 3e-3  # a factor on each scale trains: a relative step (Adam); 1e-2 diverged
     scale_eval_every: int | None = Field(None, gt=0)  # held-out KL and perplexity every N steps (the curve)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveInt, model_validator
 
 from llmfast.errors import UserError
+from llmfast.quant.base import LearningRate  # at least what float32 applies
 from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps, relu_mlps
 from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
 from llmfast.strict import Seed
@@ -53,7 +54,7 @@ class DejavuConfig(SparseConfigBase):
     threshold_share: float = Field(0.25, ge=0, lt=1)
     steps: PositiveInt = 300  # AdamW steps per layer
     batch_tokens: PositiveInt = 1024  # calibration tokens per step
-    lr: float = Field(3e-3, gt=0)
+    lr: LearningRate = 3e-3
     weight_decay: float = Field(0.0, ge=0)
     pos_weight: float = Field(1.0, gt=0)  # weight of the active class in the cross-entropy
     seed: Seed = 0

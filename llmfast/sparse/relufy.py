@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
+from llmfast.quant.base import LearningRate  # at least what float32 applies
 from llmfast.sparse.base import (SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, activation, gated_mlps,
                                  set_activation)
 from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 class RelufyConfig(SparseConfigBase):
     steps: NonNegativeInt = 100  # recovery steps (0: the swap alone); tokens = steps x batch_size x data.window
     batch_size: PositiveInt = 4  # windows per step
-    lr: float = Field(1e-3, gt=0)  # 1e-4 -> 1.2e-3 took the 85%-cut merge from x2.63 to x1.76 perplexity (BENCHMARKS)
+    lr: LearningRate = 1e-3  # 1e-4 -> 1.2e-3 took the 85%-cut merge from x2.63 to x1.76 perplexity (BENCHMARKS)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)  # linear warmup over this fraction of steps, then cosine to 0
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.quant.base import QUANTIZERS, LearningRate, QuantConfigBase, Quantizer
 from llmfast.strict import Seed
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 class BitNetConfig(QuantConfigBase):
     qat_steps: int = Field(0, ge=0)  # 0: post-training ternarization only (fast, and poor for small models)
-    lr: float = Field(2e-4, gt=0)
+    lr: LearningRate = 2e-4
     batch_size: int = Field(4, gt=0)
     lambda_warmup: float = Field(0.5, ge=0, le=1)  # fraction of qat_steps over which strength goes 0 -> 1
     teacher_samples: int = Field(0, ge=0)  # rows the teacher writes itself, added to the text (data-free QAT)
