@@ -447,6 +447,8 @@ def _gpt2_dir(tmp_path, tiny_dir):
      "relufy: sparsify.config.batch_size is 9223372036854775807, more than the"),
     # s46: a rate float32 rounds to nothing wrote the untrained ReLU model with exit 0
     ("rate below float32", "relufy", "{steps: 2, lr: 1.0e-40}", [], "sparsify.config.lr: must be at least 1.18e-38"),
+    ("clip norm below float32", "relufy", "{steps: 2, max_grad_norm: 1.0e-300}", [],  # every gradient clipped to 0
+     "sparsify.config.max_grad_norm: must be at least 1.18e-38 (float32's smallest normal number: clipping to a"),
     ("samples of one token", "relufy", "{steps: 1, samples: 1}", ["--set", "data.window=1"],
      "sparsify.config.samples: a sample is a window the model writes after its start token, and data.window is 1"),
 ])

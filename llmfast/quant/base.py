@@ -43,7 +43,15 @@ def _applicable_rate(lr: float) -> float:
     return lr
 
 
+def _applicable_norm(norm: float) -> float:
+    if not norm >= LR_MIN:  # torch's clip coefficient max_norm / (norm + 1e-6) is a float32 0: no gradient is left
+        raise ValueError(f"must be at least {LR_MIN:.3g} (float32's smallest normal number: clipping to a smaller "
+                         "norm rounds every gradient to 0 and no weight changes)")
+    return norm
+
+
 LearningRate = Annotated[float, AfterValidator(_applicable_rate)]
+ClipNorm = Annotated[float, AfterValidator(_applicable_norm)]
 
 # The method a `quantization:` mapping without `method:` means: the one recipes had before there were others.
 DEFAULT_METHOD = "bnb4"

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
-from llmfast.quant.base import LearningRate  # at least what float32 applies
+from llmfast.quant.base import ClipNorm, LearningRate  # at least what float32 applies
 from llmfast.sparse.base import (SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, activation, gated_mlps,
                                  set_activation)
 from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
@@ -60,7 +60,7 @@ class RelufyConfig(SparseConfigBase):
     lr: LearningRate = 1e-3  # 1e-4 -> 1.2e-3 took the 85%-cut merge from x2.63 to x1.76 perplexity (BENCHMARKS)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)  # linear warmup over this fraction of steps, then cosine to 0
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: ClipNorm | None = 1.0
     l1: float = Field(0.0, ge=0)  # ProSparse-style L1 pressure on the MLP activation (0: off)
     samples: NonNegativeInt = 0  # extra training windows the original model generates itself
     seed: Seed = 0  # order of the training windows, and the samples
