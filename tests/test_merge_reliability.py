@@ -215,3 +215,27 @@ def test_linear_concat_without_normalize_needs_weights_summing_to_1(family, adap
                       "a LoRA adapter cannot express"))
     code, _, err = run_cli("merge", str(cfg(0.3)), str(tmp_path / "ok"), "--no-progress", "--adapter-rank", "concat")
     assert code == 0 and (tmp_path / "ok" / "adapter_model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("case", ["ties-weight", "task-lambda-bf16", "linear-native", "linear-numpy", "concat"])
+def test_a_merge_overflowing_float32_is_one_line_and_leaves_nothing(family, adapters, tmp_path, monkeypatch, case):
+    """Weights or lambda near float32's max (each accepted alone) overflowed the sum: numpy's RuntimeWarning, then a
+    model of inf and NaN written with exit 0 (fuzz pass 10, F2)."""
+    from llmfast.merge import merge as merge_module
+
+    big = {"weight": 3e38}
+    if case == "ties-weight":
+        cfg = _config(tmp_path, "ties", [(family["ft1"], {**big, "density": 0.5}), (family["ft2"], big)],
+                      family["base"], parameters={"normalize": False, "lambda": 3e38})
+    elif case == "task-lambda-bf16":
+        cfg = _config(tmp_path, "task_arithmetic", [(family["ft1"], big), (family["ft2"], big)],
+                      family["base"], parameters={"lambda": 3e38}, out_dtype="bfloat16")
+    elif case == "concat":
+        cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], big), (adapters["a2"], big)], family["base"])
+    else:
+        if case == "linear-numpy":
+            monkeypatch.setattr(merge_module, "merge_kernel", lambda: None)
+        cfg = _config(tmp_path, "linear", [(family["ft1"], big), (family["ft2"], big)], None,
+                      parameters={"normalize": False})
+    extra = ("--adapter-rank", "concat") if case == "concat" else ()
+    _refused(cfg, tmp_path / "out", *extra, needles=("holds inf or NaN once merged", "lower the parameters"))

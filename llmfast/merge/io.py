@@ -268,6 +268,22 @@ def stored_bytes(values: "np.ndarray", dtype: str, name: str = "") -> "np.ndarra
     return out
 
 
+def refuse_non_finite(name: str, data: "np.ndarray", dtype: str) -> None:
+    """A float tensor about to be written (in its stored form: bfloat16 as bits) that holds inf or NaN is a one-line
+    error: weights or lambda near float32's limit overflow the sum, and the model would compute NaN."""
+    import numpy as np
+
+    if dtype == "bfloat16":  # an all-ones exponent is inf or NaN
+        bad = bool(((data.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    elif dtype in ("float32", "float16", "float64"):
+        bad = not bool(np.isfinite(data).all())
+    else:
+        return
+    if bad:
+        raise UserError(f"{name}: holds inf or NaN once merged: a weight, lambda or input value is too large for "
+                        "float32 (+-3.4e38) or an input holds inf/NaN; lower the parameters (or check the inputs)")
+
+
 def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -332,7 +348,9 @@ class ShardedWriter:
         else:  # a torch tensor (adapter outputs, scripts)
             import torch
 
-            data = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1)
+            data = (data.view(torch.int16) if dtype == "bfloat16" else data).numpy()
+        refuse_non_finite(name, data, dtype)
         if tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {shape}")
         shard = self.where[name]

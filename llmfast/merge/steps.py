@@ -132,8 +132,11 @@ def merge_tensor(plan: MergePlan, name: str, base: Any, inputs: list[Any], stats
         return float_work(base)
     params = [table[name] for table in plan.per_input]
     ctx = TensorContext(name=name, seed=plan.seed, stats=stats, exact_ties=plan.computes_like_mergekit(name))
+    import numpy as np
+
     try:
-        return plan.method.merge(base, inputs, params, plan.shared_for(name), ctx)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by name where it is written
+            return plan.method.merge(base, inputs, params, plan.shared_for(name), ctx)
     except ValueError as e:
         raise UserError(f"{plan.config_path}: tensor {name}: {e}") from None
 
