@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,11 @@ def perplexity(
             if end == len(ids):
                 break
     mean = total_nll / scored
+    # NaN (or a perplexity past float64, exp(709)) is no result and not JSON: the model computes inf/NaN
+    if not mean < math.log(sys.float_info.max):
+        raise UserError(f"perplexity: the model's mean loss is {mean} nats per token (its logits are inf or NaN): its "
+                        "weights or adapter overflow in this dtype; evaluate it in float32 (eval.dtype) or check the "
+                        "model and adapter for inf/NaN; nothing was written")
     return {"tokens": scored, "nll": mean, "ppl": math.exp(mean), "context": context, "stride": stride}
 
 

@@ -413,3 +413,28 @@ def test_eval_leaves_a_users_jsonl_at_the_predictions_path_alone(tiny_dir, tmp_p
         code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "other.json"))
         assert code == 2 and "is not the predictions of an earlier llmfast eval" in err, err[-2000:]
         assert json.loads(mine.read_text()) == row and not (tmp_path / "other.json").exists()
+
+
+def test_a_model_computing_nan_is_refused_and_nothing_is_written(tiny_dir, tmp_path):
+    """An adapter whose weights overflow (a merge with weights near float32's max) made every logit NaN: eval wrote
+    `"ppl": NaN` (not JSON) and exit 0 (fuzz pass 10, F2); a perplexity past float64 was an OverflowError."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmfast.errors import UserError
+    from llmfast.models import load_model, load_tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][:] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="mean loss is nan nats per token"):
+        perplexity(load_model(broken, "float32"), load_tokenizer(broken), TEXT, 64, 64, 128)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {broken}\neval:\n  perplexity: {{text: {REPO / 'eval/text/persuasion.txt'}, "
+                      "max_tokens: 128, context: 64, stride: 64}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1].startswith("llmfast: error: perplexity: the model's mean loss")
+    assert not list(tmp_path.glob("r.*"))
