@@ -20,6 +20,7 @@ from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
+from llmfast.finetune.bounds import check_lora_scale, float32_normal
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
 from llmfast.strict import Seed, no_bool_numbers
@@ -138,6 +139,7 @@ class LoraConfig(StrictModel):
                               BeforeValidator(_some_modules)] = "all-linear"
     rslora: bool = False
     dora: bool = False
+    _scale = model_validator(mode="after")(check_lora_scale)  # alpha/r within float32's normal range
 
 
 def _known_optimizer(name: str) -> str:
@@ -155,10 +157,10 @@ class TrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0)
     batch_size: PositiveInt = 8  # rows (packed bins, or examples without packing) per micro-batch
     grad_accum: PositiveInt = 1
-    lr: float = Field(2e-4, gt=0)
+    lr: Annotated[float, AfterValidator(float32_normal)] = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
+    max_grad_norm: Annotated[float, AfterValidator(float32_normal)] | None = Field(1.0, gt=0)  # null: no clipping
     optimizer: Annotated[str, AfterValidator(_known_optimizer)] = "auto"  # finetune/optimizers.py
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)

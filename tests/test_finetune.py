@@ -1282,3 +1282,27 @@ def test_foreign_run_files_takes_only_what_a_run_killed_before_its_first_checkpo
     out = run("recipe")
     (out / "recipe.json").write_text(json.dumps({"model": "m"}))
     assert foreign_run_files(out) == str(out / "recipe.json")
+
+
+@pytest.mark.parametrize("lora, train, needle", [
+    ({"alpha": 1e-300}, {}, "lora: alpha: the adapter's scale lora.alpha / lora.r = 1e-300 / 16 = 6.25e-302 is outside"),
+    ({"alpha": 1e-38, "r": 1000}, {}, "lora.alpha / lora.r = 1e-38 / 1000"),
+    ({"alpha": 1e300, "rslora": True}, {}, "lora.alpha / sqrt(lora.r) = 1e+300 / sqrt(16) = 2.5e+299 is outside"),
+    ({}, {"lr": 1e-40}, "train.lr: 1e-40 is below float32's smallest normal number"),
+    ({}, {"max_grad_norm": 1e-300}, "train.max_grad_norm: 1e-300 is below float32's smallest normal number"),
+])
+def test_values_that_round_away_in_float32_are_refused_by_key(tmp_path, lora, train, needle):
+    """lora.alpha 1e-300 (a scale alpha/r of 0 in float32: no gradient reaches B), train.lr 1e-40 and
+    train.max_grad_norm 1e-300 (clipped gradients of 0) trained nothing and saved the base's adapter with exit 0;
+    alpha 1e300 was a NaN blamed on train.lr (fuzz pass 10, F2)."""
+    from llmfast.errors import UserError
+    from llmfast.recipe import FinetuneRecipe, validate
+
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    data = {"model": "x", "data": {"train": str(tmp_path / "t.jsonl")}, "lora": lora, "train": train,
+            "output": str(tmp_path / "out")}
+    with pytest.raises(UserError) as e:
+        validate(data, FinetuneRecipe, "r.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    for ok_lora, ok_train in (({"alpha": 1e-30}, {}), ({"alpha": 1e30}, {"lr": 1e-30, "max_grad_norm": 1e-30})):
+        validate({**data, "lora": ok_lora, "train": ok_train}, FinetuneRecipe, "r.yaml")  # extreme, but float32 holds
