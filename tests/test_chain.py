@@ -238,13 +238,14 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     if empty_output:
         out.mkdir()
     recipe = chain(tiny, out)
-    recipe["stages"]["data"]["with"]["tasks"] = ["datez"]
+    # a flag only the verb's parser refuses, when the stage runs (an unknown task name is refused before any runs)
+    recipe["stages"]["data"]["flags"] = ["--bogus"]
     path = write(tmp_path / "bad.yaml", recipe)
     before = sorted(p for p in tmp_path.rglob("*"))
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "datez" in err[-1]
+    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "--bogus" in err[-1]
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no run folder (or an empty one, as it was)
     # and the output is not claimed: another recipe may take it
     other = chain(tiny, out)
@@ -676,3 +677,27 @@ def test_a_missing_parent_output_runs_it_and_its_children_again(tiny: Path, tmp_
     assert main(["run", str(recipe)]) == 0
     assert (out / "data" / "dates" / "test.jsonl").is_file()
     assert all(v.startswith("reuse") for v in plan().values())
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"tasks": ["datez"]}, "with: unknown task 'datez'"),
+    ({"tasks": ["all", "dates"]}, "'all' alone"),
+    ({"train": 0}, "with: train and test must be at least 1 (got 0 and 200)"),
+    ({"test": 10**12}, "rows a task: at most 1,000,000"),
+    ({"train": "abc"}, "with.train: a whole number, not 'abc'"),
+    ({"seed": 1.5}, "with.seed: a whole number, not 1.5"),
+    ({"test": True}, "with.test: a whole number, not True"),
+])
+def test_a_tasks_stage_the_verb_would_refuse_is_refused_before_any_stage_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: dict, needle: str) -> None:
+    """An unknown task name, a size of 0 or a seed of 1.5 in a later tasks stage passed --dry-run and was refused only
+    when its turn came, after every stage before it had run (fuzz pass 10, F2)."""
+    stages = {"first": {"type": "tasks", "with": {"tasks": ["dates"], "train": 2, "test": 2}},
+              "later": {"type": "tasks", "with": {"tasks": ["units"], **bad}}}
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": stages})
+    for flags in (["--dry-run"], []):
+        capsys.readouterr()
+        assert main(["run", str(recipe), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("llmfast: error: stage later (tasks) of ") and needle in err and "\n" not in err, err
+        assert not (tmp_path / "run" / "first").exists()

@@ -67,6 +67,17 @@ def _check_tasks(section: dict[str, Any]) -> None:
     names = section.get("tasks", ["all"])
     if not (isinstance(names, str) or (isinstance(names, list) and names and all(isinstance(n, str) for n in names))):
         raise UserError(f"with.tasks: a task name or a list of them, not {names!r}")
+    # what the tasks verb refuses, refused before the first stage runs (as --dry-run): not after hours of others
+    for key in ("train", "test", "seed"):
+        if key in section and (isinstance(section[key], bool) or not isinstance(section[key], int)):
+            raise UserError(f"with.{key}: a whole number, not {section[key]!r}")
+    from llmfast.data.tasks import check_request
+
+    names = [names] if isinstance(names, str) else names
+    try:
+        check_request([] if names == ["all"] else names, section.get("train", 2000), section.get("test", 200))
+    except UserError as e:
+        raise UserError(f"with: {str(e).replace('--train', 'train').replace('--test', 'test')}") from None
 
 
 def _tasks_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:

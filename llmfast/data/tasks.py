@@ -185,14 +185,8 @@ def write_jsonl(path: str | Path, rows: list[Row]) -> Path:
 MAX_ROWS = 1_000_000
 
 
-def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
-                    overwrite: bool = False) -> list[tuple[Path, str, bool]]:
-    """(path, content, changed) of every file `tasks` would write under `out_dir`, checked before any is written.
-
-    A file that already holds exactly the content asked for is left in place (changed=False), so re-running
-    the same command is harmless; a file with other content (another seed or size, or the user's own data)
-    is refused unless `overwrite`.
-    """
+def check_request(tasks: list[str], n_train: int, n_test: int) -> None:
+    """The task names and sizes `plan_task_files` takes (a chain checks its tasks stages with it before any runs)."""
     if n_train < 1 or n_test < 1:
         raise UserError(f"--train and --test must be at least 1 (got {n_train} and {n_test})")
     if n_train + n_test > MAX_ROWS:  # made in memory: 10**12 grew without end
@@ -201,6 +195,17 @@ def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test:
         if name not in TASKS:
             also = " ('all' alone, not with other names)" if name == "all" else ""
             raise UserError(f"unknown task '{name}'{also}: choose from {', '.join(TASKS)} or 'all'")
+
+
+def plan_task_files(tasks: list[str], out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
+                    overwrite: bool = False) -> list[tuple[Path, str, bool]]:
+    """(path, content, changed) of every file `tasks` would write under `out_dir`, checked before any is written.
+
+    A file that already holds exactly the content asked for is left in place (changed=False), so re-running
+    the same command is harmless; a file with other content (another seed or size, or the user's own data)
+    is refused unless `overwrite`.
+    """
+    check_request(tasks, n_train, n_test)
     out = Path(out_dir)
     check_output(out, overwrite=True)  # a file, a parent that is a file, no permission: one line
     plan = []
