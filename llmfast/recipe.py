@@ -197,7 +197,7 @@ def _each_once(values: list[Any]) -> list[Any]:
 
 
 class WorkloadConfig(StrictModel):
-    num_prompts: PositiveInt = 64
+    num_prompts: Annotated[int, Field(ge=1, le=1_000_000)] = 64  # made in memory first (bench/workload.py)
     input_len: PositiveInt = 128  # random-token prompts of this many tokens
     output_len: PositiveInt = 64
     ignore_eos: bool = True  # every request generates output_len tokens, so variants do equal work

@@ -833,3 +833,31 @@ def test_which_artifacts_were_fitted_to_data(tmp_path):
     write_manifest(tmp_path, stage="quantize", quantization={"method": "w4"},
                    metrics={"calibration_windows": 8, "iters": 200})
     assert compression(tmp_path)["data"] is True
+
+
+def test_bench_serve_refuses_lengths_of_0_and_too_many_prompts(fake_server, tmp_path):
+    """--output-len 0 and --input-len 0 were taken as 'not given' (the defaults, 128 output tokens, ran with exit 0);
+    --sharegpt-output-len 0 became the replies' lengths; --num-prompts 2**63 was numpy's traceback (fuzz pass 10, F2)."""
+    srv, url = fake_server()
+    share = tmp_path / "sg.json"
+    share.write_text(json.dumps([{"conversations": [{"value": "hello there my friend how are you"},
+                                                    {"value": "I am fine thank you very much"}]}]))
+    cases = {("--output-len", "0"): "--output-len/--random-output-len (0)",
+             ("--input-len", "0"): "--input-len/--random-input-len (0)",
+             ("--num-prompts", str(2**63 - 1)): f"--num-prompts {2**63 - 1}: at most 1,000,000 random prompts",
+             ("--dataset-name", "sharegpt", "--dataset-path", str(share), "--sharegpt-output-len", "0"):
+                 "--sharegpt-output-len 0: must be at least 1"}
+    for argv, msg in cases.items():
+        code, out, err = run_cli("bench", "serve", "--base-url", url, "--random-input-len", "8",
+                                 "--random-output-len", "2", "--num-prompts", "2", *argv, "--save-result",
+                                 "--result-dir", str(tmp_path / "r"))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (argv, err)
+    assert srv.seen == [] and not (tmp_path / "r").exists()
+
+
+def test_a_bench_recipe_of_more_prompts_than_are_made_is_refused_by_key(tmp_path):
+    from llmfast.errors import UserError
+    from llmfast.recipe import BenchRecipe, validate
+
+    with pytest.raises(UserError, match="workload.num_prompts: Input should be less than or equal to 1000000"):
+        validate({"variants": [{"name": "a", "model": "m"}], "workload": {"num_prompts": 2**63}}, BenchRecipe, "b.yaml")

@@ -277,11 +277,16 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     tok_source = args.tokenizer or (model_id if Path(model_id).is_dir() else None)
     tokenizer, tokenizer_id = _tokenizer_for(tok_source, models, sent)
     out_len = args.output_len
+
+    def given(value: Any, default: Any) -> Any:  # `--output-len 0` is refused by name, not replaced by a default
+        return default if value is None else value
+
     requests = build_requests(
         tokenizer, dataset_name=args.dataset_name, dataset_path=args.dataset_path, num_prompts=args.num_prompts,
-        input_len=args.input_len or args.random_input_len, output_len=out_len or args.random_output_len,
+        input_len=given(args.input_len, args.random_input_len), output_len=given(out_len, args.random_output_len),
         range_ratio=args.random_range_ratio, prefix_len=args.random_prefix_len,
-        custom_output_len=out_len or args.custom_output_len, sharegpt_output_len=out_len or args.sharegpt_output_len,
+        custom_output_len=given(out_len, args.custom_output_len),
+        sharegpt_output_len=given(out_len, args.sharegpt_output_len),
         seed=args.seed, shuffle=not args.disable_shuffle)
     _check_lengths(requests, models, sent)
     sweep = len(rates) * len(concs) > 1

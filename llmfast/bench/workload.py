@@ -18,6 +18,7 @@ import numpy as np
 from llmfast.errors import UserError
 
 DATASETS = ("random", "custom", "sharegpt")
+MAX_PROMPTS = 1_000_000
 
 
 @dataclass
@@ -51,7 +52,10 @@ def random_requests(tokenizer: Any, num: int, input_len: int, output_len: int, r
                     seed: int = 0, prefix_len: int = 0) -> list[Request]:
     """`num` prompts of about `input_len` random tokens (after `prefix_len` shared ones) and output lengths."""
     if input_len < 1 or output_len < 1 or num < 1:
-        raise UserError("--random-input-len, --random-output-len and --num-prompts must be at least 1")
+        raise UserError(f"--input-len/--random-input-len ({input_len}), --output-len/--random-output-len ({output_len}) "
+                        f"and --num-prompts ({num}) must be at least 1")
+    if num > MAX_PROMPTS:  # all made in memory first: 2**63 was numpy's traceback, 10**9 an endless build
+        raise UserError(f"--num-prompts {num}: at most {MAX_PROMPTS:,} random prompts")
     if prefix_len < 0:
         raise UserError(f"--random-prefix-len {prefix_len}: must be 0 or more")
     if not 0 <= range_ratio < 1:
@@ -152,6 +156,9 @@ def build_requests(tokenizer: Any, *, dataset_name: str = "random", dataset_path
         raise UserError(f"--seed {seed}: must be 0 or more")
     if dataset_name == "custom" and custom_output_len < 1:
         raise UserError(f"--custom-output-len {custom_output_len}: must be at least 1")
+    if dataset_name == "sharegpt" and sharegpt_output_len is not None and sharegpt_output_len < 1:
+        raise UserError(f"--sharegpt-output-len {sharegpt_output_len}: must be at least 1 (leave it out for the "
+                        "replies' lengths)")
     if dataset_name == "random":
         return random_requests(tokenizer, num_prompts, input_len, output_len, range_ratio, seed, prefix_len)
     if dataset_name not in DATASETS:
