@@ -861,3 +861,12 @@ def test_a_bench_recipe_of_more_prompts_than_are_made_is_refused_by_key(tmp_path
 
     with pytest.raises(UserError, match="workload.num_prompts: Input should be less than or equal to 1000000"):
         validate({"variants": [{"name": "a", "model": "m"}], "workload": {"num_prompts": 2**63}}, BenchRecipe, "b.yaml")
+
+
+def test_bench_serve_refuses_a_negative_ready_check_timeout(fake_server):
+    """--ready-check-timeout-sec -1 was taken as 0 (fuzz pass 10, F2)."""
+    srv, url = fake_server()
+    code, _, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                           "--random-output-len", "2", "--ready-check-timeout-sec", "-1")
+    assert code == 2 and "--ready-check-timeout-sec must be 0 or more" in err and len(err.strip().splitlines()) == 1
+    assert srv.seen == []

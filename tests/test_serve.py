@@ -573,3 +573,12 @@ def test_serve_refuses_a_sparse_artifact_vllm_would_serve_dense(tmp_path, tiny_d
     code, _, err = run_cli("serve", str(tmp_path / "teal"), "--port", "0")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "teal artifact" in err and "dense weights" in err and "hf-sparse" in err
+
+
+def test_a_nan_slo_is_refused():
+    """--goodput ttft:nan passed the `< 0` check: no request can meet a NaN SLO, so the goodput was 0 with exit 0
+    (fuzz pass 10, F2)."""
+    for value in ("nan", "-nan", "-0.5"):
+        with pytest.raises(UserError, match="an SLO cannot be negative or NaN"):
+            parse_goodput([f"ttft:{value}"])
+    assert parse_goodput(["ttft:0", "e2el:inf"]) == {"ttft": 0.0, "e2el": float("inf")}

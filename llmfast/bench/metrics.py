@@ -67,8 +67,8 @@ def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
                 slos[name] = float(value)
             except ValueError:
                 raise UserError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
-            if slos[name] < 0:
-                raise UserError(f"--goodput {item!r}: an SLO cannot be negative")
+            if not slos[name] >= 0:  # NaN too: no request would meet it, a goodput of 0 from a typo
+                raise UserError(f"--goodput {item!r}: an SLO cannot be negative or NaN: give milliseconds, 0 or more")
     return slos
 
 

@@ -232,8 +232,9 @@ def _check_choices(args: argparse.Namespace) -> None:
     if args.tokenizer_mode not in ("auto", "hf"):
         raise UserError(f"--tokenizer-mode {args.tokenizer_mode} does not apply to llmfast bench serve: "
                         "prompts are built with the model's transformers tokenizer (auto or hf)")
-    if args.num_warmups < 0 or args.stall_timeout < 0 or args.request_timeout <= 0:
-        raise UserError("--num-warmups and --stall-timeout must be 0 or more, --request-timeout positive")
+    if args.num_warmups < 0 or args.stall_timeout < 0 or args.request_timeout <= 0 or args.ready_check_timeout_sec < 0:
+        raise UserError("--num-warmups, --stall-timeout and --ready-check-timeout-sec must be 0 or more, "
+                        "--request-timeout positive")
 
 
 def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
