@@ -206,7 +206,8 @@ class WorkloadConfig(StrictModel):
     max_concurrency: Annotated[list[PositiveInt], AfterValidator(_each_once)] = Field([1, 8, 64], min_length=1)
     hf_batch_size: PositiveInt | None = None  # a fixed transformers batch size instead of each concurrency
     request_rate: Annotated[float, Field(gt=0, allow_inf_nan=True)] | Literal["inf"] = "inf"  # .inf too, not NaN
-    percentiles: list[Annotated[float, Field(gt=0, le=100)]] = [50, 90, 99]
+    # one at least: [] drew an empty latency plot (matplotlib's warning), as `bench serve` refuses ''
+    percentiles: list[Annotated[float, Field(gt=0, le=100)]] = Field([50, 90, 99], min_length=1)
     seed: NonNegativeInt = 0  # numpy's generators take any
     # vLLM only: before each load level, this many batches of `concurrency` requests that are not counted (a
     # fresh server's first requests are slower; as `vllm bench serve --num-warmups`).

@@ -870,3 +870,13 @@ def test_bench_serve_refuses_a_negative_ready_check_timeout(fake_server):
                            "--random-output-len", "2", "--ready-check-timeout-sec", "-1")
     assert code == 2 and "--ready-check-timeout-sec must be 0 or more" in err and len(err.strip().splitlines()) == 1
     assert srv.seen == []
+
+
+def test_a_bench_recipe_without_percentiles_is_refused_by_key():
+    """workload.percentiles: [] ran, with matplotlib's 'No artists with labels' warning and an empty latency plot
+    (fuzz pass 10, F2); `bench serve --metric-percentiles ''` was already refused."""
+    from llmfast.errors import UserError
+    from llmfast.recipe import BenchRecipe, validate
+
+    with pytest.raises(UserError, match="workload.percentiles: List should have at least 1 item"):
+        validate({"variants": [{"name": "a", "model": "m"}], "workload": {"percentiles": []}}, BenchRecipe, "b.yaml")
