@@ -582,3 +582,17 @@ def test_a_nan_slo_is_refused():
         with pytest.raises(UserError, match="an SLO cannot be negative or NaN"):
             parse_goodput([f"ttft:{value}"])
     assert parse_goodput(["ttft:0", "e2el:inf"]) == {"ttft": 0.0, "e2el": float("inf")}
+
+
+def test_serve_refuses_a_dtype_vllm_does_not_take_and_an_empty_name_before_starting(tiny_dir):
+    """--dtype int8 went to vLLM, which refused it only after its start-up; --dtype '' and --served-model-name ''
+    fell through to the defaults (fuzz pass 10, F2)."""
+    from llmfast.serve.server import prepare_spec
+
+    for kwargs, msg in (({"dtype": "int8"}, "--dtype 'int8': vLLM takes auto, float32"),
+                        ({"dtype": ""}, "--dtype '': vLLM takes"),
+                        ({"served_name": ""}, "--served-model-name is empty"),
+                        ({"served_name": "  "}, "--served-model-name is empty")):
+        with pytest.raises(UserError, match=msg):
+            prepare_spec(str(tiny_dir), **kwargs)
+    assert prepare_spec(str(tiny_dir), dtype="half", served_name="x").name == "x"
