@@ -162,6 +162,8 @@ def test_bench_serve_bad_urls_servers_and_result_dirs(tmp_path):
     a_file.write_text("x")
     cases = {("--base-url", "not a url"): "--base-url 'not a url': expected a URL such as http://127.0.0.1:8000",
              ("--base-url", "http://127.0.0.1:notaport"): "the port is not a number",
+             # named the --base-url the user never gave, and called 70000 not a number (fuzz pass 10, F2)
+             ("--port", "70000"): "--host/--port 'http://127.0.0.1:70000': the port is not a number from 0 to 65535",
              ("--base-url", f"http://127.0.0.1:{port}"): "did not answer in HTTP",
              ("--save-result", "--result-dir", str(a_file)): "is a file, not a folder",
              ("--save-result", "--result-dir", str(a_file / "sub")): "is a file, not a folder"}

@@ -264,7 +264,8 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     if chat != endpoint.rstrip("/").endswith("chat/completions"):
         raise UserError(f"--endpoint {endpoint} does not fit --backend {args.backend}: "
                         "openai-chat uses /v1/chat/completions, openai and vllm /v1/completions")
-    base_url = check_base_url(args.base_url or f"http://{args.host}:{args.port}")
+    base_url = check_base_url(args.base_url or f"http://{args.host}:{args.port}",
+                              "--base-url" if args.base_url else "--host/--port")
     models = _wait_for_models(base_url, args.api_key, args.ready_check_timeout_sec)
     model_id = args.model or (models[0]["id"] if models else None)
     if not model_id:

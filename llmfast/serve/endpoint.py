@@ -24,7 +24,7 @@ def check_base_url(url: str, flag: str = "--base-url") -> str:
     try:
         parsed.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError:
-        raise UserError(f"{flag} {url!r}: the port is not a number") from None
+        raise UserError(f"{flag} {url!r}: the port is not a number from 0 to 65535") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(f"{flag} {url!r}: expected a URL such as http://127.0.0.1:8000")
     return url.strip().rstrip("/")
