@@ -239,3 +239,12 @@ def test_a_merge_overflowing_float32_is_one_line_and_leaves_nothing(family, adap
                       parameters={"normalize": False})
     extra = ("--adapter-rank", "concat") if case == "concat" else ()
     _refused(cfg, tmp_path / "out", *extra, needles=("holds inf or NaN once merged", "lower the parameters"))
+
+
+def test_an_adapter_output_beyond_float16_names_float16s_range(family, adapters, tmp_path):
+    """--adapter-rank with out_dtype float16: torch's cast turned factors beyond +-65504 into inf silently (exit 0,
+    fuzz pass 10, F2); the error names float16's range as a full-model merge does, not float32's."""
+    cfg = _config(tmp_path, "task_arithmetic", [(adapters["a1"], {"weight": 1e9}), (adapters["a2"], {"weight": 1.0})],
+                  family["base"], out_dtype="float16")
+    for rank in ("concat", "4"):
+        _refused(cfg, tmp_path / "out", "--adapter-rank", rank, needles=("beyond float16's range (+-65504)",))

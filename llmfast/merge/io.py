@@ -349,6 +349,8 @@ class ShardedWriter:
             import torch
 
             data = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1)
+            if dtype == "float16" and not bool(data.isfinite().all()) and bool(tensor.isfinite().all()):
+                stored_bytes(tensor.float().numpy(), dtype, name)  # float16's range error, naming the value
             data = (data.view(torch.int16) if dtype == "bfloat16" else data).numpy()
         refuse_non_finite(name, data, dtype)
         if tuple(tensor.shape) != tuple(shape):
