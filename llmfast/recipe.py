@@ -20,10 +20,10 @@ from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from llmfast.errors import UserError
-from llmfast.finetune.bounds import check_lora_scale, float32_normal
+from llmfast.finetune.bounds import check_lora_scale, some_modules
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
-from llmfast.strict import Seed, no_bool_numbers
+from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index
 
 T = TypeVar("T", bound=BaseModel)
@@ -124,19 +124,12 @@ class DataConfig(StrictModel):
     pack_length: PositiveInt | None = None  # tokens per packed row; null: max_length
 
 
-def _some_modules(value: Any) -> Any:
-    if value == []:  # the union's first member would say only "Input should be 'all-linear'"
-        raise ValueError("an empty list targets no module: give all-linear or a list of module names, e.g. [q_proj, "
-                         "v_proj]")
-    return value
-
-
 class LoraConfig(StrictModel):
     r: PositiveInt = 16
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Annotated[Literal["all-linear"] | Annotated[list[str], Field(min_length=1)],
-                              BeforeValidator(_some_modules)] = "all-linear"
+                              BeforeValidator(some_modules)] = "all-linear"
     rslora: bool = False
     dora: bool = False
     _scale = model_validator(mode="after")(check_lora_scale)  # alpha/r within float32's normal range
@@ -157,10 +150,10 @@ class TrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0)
     batch_size: PositiveInt = 8  # rows (packed bins, or examples without packing) per micro-batch
     grad_accum: PositiveInt = 1
-    lr: Annotated[float, AfterValidator(float32_normal)] = Field(2e-4, gt=0)
+    lr: LearningRate = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: Annotated[float, AfterValidator(float32_normal)] | None = Field(1.0, gt=0)  # null: no clipping
+    max_grad_norm: ClipNorm | None = Field(1.0, gt=0)  # null: no clipping
     optimizer: Annotated[str, AfterValidator(_known_optimizer)] = "auto"  # finetune/optimizers.py
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)

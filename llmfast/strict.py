@@ -15,12 +15,32 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 # A seed every library the kit seeds takes: numpy's legacy seeding (transformers' set_seed, which AutoRound calls)
 # takes 0 to 2**32 - 1, and torch.manual_seed overflows beyond 2**64 (both were tracebacks, from a recipe's seed).
 SEED_MAX = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+# The training here runs in float32: below its smallest normal number a learning rate (AdamW, AutoRound's signed
+# steps) or a clip norm (torch's coefficient max_norm / (norm + 1e-6)) rounds every update to nothing, and 1e-300
+# wrote the untrained model with exit 0; past its largest, inf.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _applicable(what: str) -> Any:
+    def check(value: float) -> float:
+        if not value >= FLOAT32_TINY:
+            raise ValueError(f"must be at least {FLOAT32_TINY:.3g} (float32's smallest normal number: {what} rounds "
+                             "every update to nothing and no weight changes)")
+        return value
+
+    return AfterValidator(check)
+
+
+LearningRate = Annotated[float, _applicable("a smaller rate")]
+ClipNorm = Annotated[float, _applicable("clipping to a smaller norm")]
 
 
 def _kinds(annotation: Any) -> set[type]:

@@ -1288,8 +1288,9 @@ def test_foreign_run_files_takes_only_what_a_run_killed_before_its_first_checkpo
     ({"alpha": 1e-300}, {}, "lora: alpha: the adapter's scale lora.alpha / lora.r = 1e-300 / 16 = 6.25e-302 is outside"),
     ({"alpha": 1e-38, "r": 1000}, {}, "lora.alpha / lora.r = 1e-38 / 1000"),
     ({"alpha": 1e300, "rslora": True}, {}, "lora.alpha / sqrt(lora.r) = 1e+300 / sqrt(16) = 2.5e+299 is outside"),
-    ({}, {"lr": 1e-40}, "train.lr: 1e-40 is below float32's smallest normal number"),
-    ({}, {"max_grad_norm": 1e-300}, "train.max_grad_norm: 1e-300 is below float32's smallest normal number"),
+    ({}, {"lr": 1e-40}, "train.lr: must be at least 1.18e-38 (float32's smallest normal number: a smaller rate"),
+    ({}, {"max_grad_norm": 1e-300}, "train.max_grad_norm: must be at least 1.18e-38 (float32's smallest normal "
+                                    "number: clipping to a smaller norm"),
 ])
 def test_values_that_round_away_in_float32_are_refused_by_key(tmp_path, lora, train, needle):
     """lora.alpha 1e-300 (a scale alpha/r of 0 in float32: no gradient reaches B), train.lr 1e-40 and

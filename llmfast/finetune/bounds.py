@@ -1,22 +1,12 @@
-"""Recipe validators for finetune values that float32 cannot carry: below its smallest normal number a learning
-rate, clip norm or adapter scale rounds away (the run trains nothing and reports success); past its largest, NaN."""
+"""Recipe validators of a LoRA section: an adapter scale float32 cannot carry (below its smallest normal number it
+rounds away: the run trains nothing and reports success; past its largest, NaN), and an empty module list."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def float32_normal(value: float) -> float:
-    """A recipe validator: a learning rate or clip norm below float32's smallest normal rounds to 0 (or to a few bits)
-    in float32 training: the run would change nothing and report success (fuzz pass 10)."""
-    if 0 < value < FLOAT32_TINY:
-        raise ValueError(f"{value!r} is below float32's smallest normal number ({FLOAT32_TINY:.4g}): it rounds away in "
-                         "float32 training, so nothing would train; give a larger value")
-    return value
+from llmfast.strict import FLOAT32_MAX, FLOAT32_TINY
 
 
 def check_lora_scale(lc: Any) -> Any:
@@ -30,3 +20,12 @@ def check_lora_scale(lc: Any) -> Any:
                          f" = {scale:.4g} is outside float32's normal range ({FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g}): "
                          "it would round to 0 (nothing trains) or overflow (NaN); give an alpha near r (e.g. 2 * r)")
     return lc
+
+
+def some_modules(value: Any) -> Any:
+    """A before-validator of `target_modules`: the union's first member would say only "Input should be
+    'all-linear'" of an empty list."""
+    if value == []:
+        raise ValueError("an empty list targets no module: give all-linear or a list of module names, e.g. [q_proj, "
+                         "v_proj]")
+    return value

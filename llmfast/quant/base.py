@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
 from llmfast.errors import UserError
 from llmfast.registry import Registry, did_you_mean
@@ -30,28 +30,6 @@ from llmfast.strict import no_bool_numbers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-# The smallest learning rate the training here (AdamW, AutoRound's signed steps, in float32) can apply: float32's
-# smallest normal number; below it every update rounds to nothing, and 1e-300 wrote the untrained model with exit 0.
-LR_MIN = 1.1754943508222875e-38
-
-
-def _applicable_rate(lr: float) -> float:
-    if not lr >= LR_MIN:
-        raise ValueError(f"must be at least {LR_MIN:.3g} (float32's smallest normal number: at a smaller rate every "
-                         "update rounds to nothing and no weight changes)")
-    return lr
-
-
-def _applicable_norm(norm: float) -> float:
-    if not norm >= LR_MIN:  # torch's clip coefficient max_norm / (norm + 1e-6) is a float32 0: no gradient is left
-        raise ValueError(f"must be at least {LR_MIN:.3g} (float32's smallest normal number: clipping to a smaller "
-                         "norm rounds every gradient to 0 and no weight changes)")
-    return norm
-
-
-LearningRate = Annotated[float, AfterValidator(_applicable_rate)]
-ClipNorm = Annotated[float, AfterValidator(_applicable_norm)]
 
 # The method a `quantization:` mapping without `method:` means: the one recipes had before there were others.
 DEFAULT_METHOD = "bnb4"

@@ -26,9 +26,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llmfast.errors import UserError
-from llmfast.quant.base import QUANTIZERS, LearningRate, QuantConfigBase, Quantizer
+from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
 from llmfast.quant.w4_format import load_dequantized
-from llmfast.strict import Seed
+from llmfast.strict import LearningRate, Seed
 
 KERNEL_MULTIPLE = 32  # vLLM's CPU W4A16 GEMM takes input sizes that are multiples of 32
 

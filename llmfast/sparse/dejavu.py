@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PositiveInt, model_validator
 
 from llmfast.errors import UserError
-from llmfast.quant.base import LearningRate  # at least what float32 applies
 from llmfast.sparse.base import SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, gated_mlps, relu_mlps
 from llmfast.sparse.predictors import PREDICTORS_FILE, Predictor, install_predictors, load_predictors
-from llmfast.strict import Seed
+from llmfast.strict import LearningRate, Seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

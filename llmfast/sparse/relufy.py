@@ -42,11 +42,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from llmfast.errors import UserError
-from llmfast.quant.base import ClipNorm, LearningRate  # at least what float32 applies
 from llmfast.sparse.base import (SPARSIFIERS, Sparsifier, SparseConfigBase, SparsifyJob, activation, gated_mlps,
                                  set_activation)
 from llmfast.sparse.relu_cut import THRESHOLDS_KEY, calibrated_cut, install_cut
-from llmfast.strict import Seed
+from llmfast.strict import ClipNorm, LearningRate, Seed  # float32 floors; numpy's seeds
 
 if TYPE_CHECKING:
     import torch

@@ -22,6 +22,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 
 from llmfast.registry import Registry
+from llmfast.strict import FLOAT32_MAX  # the tensors are merged in float32
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,9 +75,6 @@ class Param:
             raise ValueError(f"parameter '{self.name}' must be between {_fmt(self.low)} and {_fmt(self.high)} "
                              f"(got {value!r})")
         return number
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # the tensors are merged in float32
 
 
 def _fmt(bound: float | None) -> str:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from llmfast.quant.base import QUANTIZERS, LearningRate, QuantConfigBase, Quantizer
-from llmfast.strict import Seed
+from llmfast.quant.base import QUANTIZERS, QuantConfigBase, Quantizer
+from llmfast.strict import LearningRate, Seed
 
 if TYPE_CHECKING:
     import torch
