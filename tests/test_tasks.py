@@ -34,6 +34,17 @@ def test_train_and_test_are_disjoint_and_distinct():
         assert len(tr) == 500 and len(te) == 100 and not tr & te
 
 
+def test_no_seed_tests_on_another_seeds_training_stream():
+    """`--seed 1`'s test set was drawn from seed 0's training stream: 199 of its 200 prompts were in seed 0's training
+    set (s46's fuzzing). Seeds now draw from streams 2s and 2s + 1; seed 0's two sets are what they always were."""
+    for name in TASKS:
+        train0, test0 = split(name, 2000, 200, seed=0)
+        assert test0 == generate(name, 200, seed=0)  # the committed eval sets' stream, unchanged
+        _, test1 = split(name, 10, 200, seed=1)
+        shared = {r["messages"][0]["content"] for r in train0} & {r["messages"][0]["content"] for r in test1}
+        assert len(shared) < 20, (name, len(shared))  # chance only: the units task's space is the smallest
+
+
 # -- independent checks: parse the prompt a different way and recompute the answer --------------------
 _FORMATS = ["%B %d, %Y", "%d %B %Y", "%b %d, %Y", "%d %b %Y", "%A, %B %d, %Y"]
 

@@ -168,9 +168,11 @@ def generate(task: str, n: int, seed: int, exclude: set[str] | None = None) -> l
 
 
 def split(task: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """Disjoint train and test sets: no test prompt appears in train."""
-    test = generate(task, n_test, seed=seed)
-    train = generate(task, n_train, seed=seed + 1, exclude={r["messages"][0]["content"] for r in test})
+    """Disjoint train and test sets: no test prompt appears in train. Seed s draws its test set from stream 2s and its
+    training set from 2s + 1 (seed 0: streams 0 and 1, as ever), so no seed's test set is another seed's training
+    stream: with s and s + 1, `--seed 1`'s test set was 199 of 200 prompts of seed 0's training set."""
+    test = generate(task, n_test, seed=2 * seed)
+    train = generate(task, n_train, seed=2 * seed + 1, exclude={r["messages"][0]["content"] for r in test})
     return train, test
 
 
