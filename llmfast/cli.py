@@ -215,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return stage_args.func(stage_args)
 
     recipe = load_recipe(args.recipe, ChainRecipe, args.overrides)
-    out = run_chain(recipe, Path(args.recipe), run_verb, dry_run=args.dry_run, start=args.start)
+    out = run_chain(recipe, Path(args.recipe), run_verb, dry_run=args.dry_run, start=args.start, parse_verb=parse_args)
     if not args.dry_run:
         print(f"run: {out}")
     return 0

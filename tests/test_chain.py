@@ -238,14 +238,14 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     if empty_output:
         out.mkdir()
     recipe = chain(tiny, out)
-    # a flag only the verb's parser refuses, when the stage runs (an unknown task name is refused before any runs)
-    recipe["stages"]["data"]["flags"] = ["--bogus"]
+    # a value only the verb refuses, when the stage runs (an unknown task name or flag is refused before any runs)
+    recipe["stages"]["data"]["flags"] = ["--train", "0"]
     path = write(tmp_path / "bad.yaml", recipe)
     before = sorted(p for p in tmp_path.rglob("*"))
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "--bogus" in err[-1]
+    assert err[-1].startswith("llmfast: error: stage data (tasks): ") and "--train and --test must be" in err[-1], err
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no run folder (or an empty one, as it was)
     # and the output is not claimed: another recipe may take it
     other = chain(tiny, out)
@@ -400,6 +400,27 @@ def test_paths_through_a_symbolic_link_loop_are_one_line(tmp_path: Path, tiny: P
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "lk"]
+
+
+def test_a_stages_flags_are_parsed_before_any_stage_runs(tmp_path: Path, tiny: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelled flag passed --dry-run and failed only when its stage's turn came, after the stages before it
+    (s46's fuzzing); the verb's own parser now reads every stage's command line first."""
+    stages = {"data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}},
+              "ev": {"type": "eval", "with": {"model": str(tiny), "eval": {"tasks": [
+                  {"name": "dates", "path": "${data}/dates/test.jsonl", "limit": 2}], "max_new_tokens": 2}},
+                     "flags": ["--bogus"]}}
+    recipe = write(tmp_path / "c.yaml", {"output": str(tmp_path / "run"), "stages": stages})
+    for dry in (["--dry-run"], []):
+        capsys.readouterr()
+        assert main(["run", str(recipe), *dry]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"llmfast: error: stage ev (eval) of {recipe}: ") \
+            and "unrecognized arguments: --bogus" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+    stages["ev"]["flags"] = ["--set", "eval.batch_size=2"]  # a flag the verb takes still runs
+    write(recipe, {"output": str(tmp_path / "run"), "stages": stages})
+    assert main(["run", str(recipe)]) == 0 and (tmp_path / "run" / "ev" / "results.json").is_file()
 
 
 def test_from_a_stage_that_is_not_there_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -158,8 +159,9 @@ def format_plan(stages: list[Stage], decisions: dict[str, tuple[str, str]]) -> s
 
 
 def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[str]], int], dry_run: bool = False,
-              start: str | None = None) -> Path:
-    """Run (or, with dry_run, only show) the chain; return the run directory."""
+              start: str | None = None, parse_verb: Callable[[list[str]], Any] | None = None) -> Path:
+    """Run (or, with dry_run, only show) the chain; return the run directory. `parse_verb` (the CLI's parser, handed
+    in as `run_verb` is) checks each stage's command line, its `flags:` included, before any stage runs."""
     stages = plan(recipe, str(recipe_path), STAGES.names())
     out = Path(recipe.output).expanduser()
     if start is not None and start not in recipe.stages:
@@ -171,6 +173,10 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
     for stage in stages:  # what a stage type can check of its section, before anything runs (checks.py)
         try:
             STAGES.get(stage.type).check(with_flags(stage.section, list(stage.flags)))
+            if parse_verb is not None and stage.flags:  # a misspelled flag failed only when its stage's turn came
+                with tempfile.TemporaryDirectory() as tmp:  # the verb's recipe file, written only to be named
+                    parse_verb([*STAGES.get(stage.type).argv(stage.section, out / stage.name, Path(tmp) / "r.yaml",
+                                                             False), *stage.flags])
         except UserError as e:
             raise UserError(f"stage {stage.name} ({stage.type}) of {recipe_path}: {e}") from None
     decisions = decide(out, stages, downstream(stages, start) if start else set())
