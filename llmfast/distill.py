@@ -86,14 +86,13 @@ def heldout_scores(student: Any, teacher: Any, rows: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int, chunk: int = 1024,
-                    key: str = "samples") -> torch.Tensor:
+def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed: int, chunk: int = 1024
+                    ) -> torch.Tensor:
     """`count` rows of `length` tokens the teacher writes itself, sampled from its beginning-of-text token, on the
     teacher's device, `chunk` rows per generate call (its KV cache grows with the rows); returned on the CPU.
-    `key`: the recipe key of `count`, named when the windows leave no token to write."""
+    Callers refuse windows of fewer than 2 tokens first (`check_samples`), before any model loads."""
     if count == 0:
         return torch.empty(0, length, dtype=torch.long)
-    check_samples(count, length, key)
     from tqdm.auto import tqdm
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -114,7 +113,7 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
 
 def check_samples(count: int, length: int, key: str = "samples") -> None:
     """Refuse samples of `length` < 2 tokens: the start token and nothing written (generate refused max_new_tokens 0
-    with a traceback). Callers check before loading models; `teacher_samples` checks again."""
+    with a traceback). Callers check before loading models."""
     if count and length < 2:
         raise UserError(f"{key}: a sample is a window the model writes after its start token, and data.window is "
                         f"{length}: set data.window to at least 2, or {key} to 0")
@@ -296,22 +295,21 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             extra_loss: Callable[[], torch.Tensor] | None = None,
             log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling",
             evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None,
-            autocast: torch.dtype | None = None, batch_key: str = "batch_size") -> dict[str, Any]:
+            autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
     `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term (an L1
     pressure on activations); `log_extra()` adds fields to each log line. `evaluate()` (held-out measurements, run
     with the student in eval mode) is logged at step 0, every `eval_every` steps and at the end: the curve of quality
     against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward passes in that precision; weights,
-    gradients, optimizer state and the loss stay float32. `batch_key`: the recipe's key for `settings.batch_size`,
-    named when it is more than the rows. Returns the final metrics."""
+    gradients, optimizer state and the loss stay float32. Callers refuse a batch of more windows than `rows`
+    (`check_batch`) before any model loads. Returns the final metrics."""
     import contextlib
 
     from tqdm.auto import tqdm
 
     from llmfast.finetune.checkpoint import kept_log_lines  # the log lines a resumed run keeps, shared with finetune
 
-    check_batch(settings.batch_size, len(rows), desc, batch_key)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -137,8 +137,7 @@ def _training_rows(job: SparsifyJob, cfg: RelufyConfig) -> "torch.Tensor":
 
     rows = job.train_rows
     if cfg.samples:
-        rows = torch.cat([rows, teacher_samples(job.model, job.tokenizer, cfg.samples, job.window, cfg.seed,
-                                                   key="sparsify.config.samples")])
+        rows = torch.cat([rows, teacher_samples(job.model, job.tokenizer, cfg.samples, job.window, cfg.seed)])
     # Consecutive windows of one book are alike: a fixed shuffle mixes the text (and the samples) over the steps.
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
     return rows[order].to(job.model.device)
@@ -203,7 +202,7 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         metrics = distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
                           before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
                           log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every,
-                          autocast=autocast, batch_key="sparsify.config.batch_size")
+                          autocast=autocast)
         if autocast is not None:  # a CPU run's metrics stay as they were
             metrics |= {"gpu": torch.cuda.get_device_name(first.device), "autocast": "bfloat16"}
         return metrics

@@ -88,8 +88,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         model.to(device)
         teacher = from_pretrained(model_dir, dtype).to(device).eval()
         apply_config_cut(teacher, model_dir)
-        samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed,
-                                  key="quantization.teacher_samples")
+        samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
         data = torch.cat([rows, samples]) if len(samples) else rows
         converted = prepare_student(model)
         settings = qat_settings(cfg)
@@ -106,7 +105,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                            before_step=lambda step: set_strength(model, strength_at(cfg, step)),
                            log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
                            evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
-                           autocast=autocast, batch_key="quantization.batch_size")
+                           autocast=autocast)
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
