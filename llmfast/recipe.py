@@ -215,6 +215,8 @@ class VariantConfig(StrictModel):
     engine: Literal["auto", "vllm", "hf", "hf-sparse"] = "auto"  # auto: vLLM unless it cannot load the variant here
     # (hf-sparse: transformers with llmfast's sparse MLP, which auto picks for threshold and Deja Vu artifacts;
     # ReLU-fied ones go to vLLM through llmfast's plugin)
+    tensor_parallel_size: PositiveInt = 1  # vLLM only: one server split over this many x pipeline_parallel_size
+    pipeline_parallel_size: PositiveInt = 1  # workers (devices; on a CPU, groups of cores: serve/parallel.py)
 
 
 class BenchRecipe(StrictModel):

@@ -138,7 +138,11 @@ def test_serve_numbers_are_checked_before_vllm_starts(tiny_dir):
     for flags, said in ((["--max-model-len", "0"], "argument --max-model-len: '0': give a positive number"),
                         (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: '0': give a positive"),
                         (["--timeout", "-5"], "argument --timeout: '-5': give a positive number"),
-                        (["--max-model-len", "999999"], "--max-model-len is 999999 tokens, beyond the 2048 positions")):
+                        (["--max-model-len", "999999"], "--max-model-len is 999999 tokens, beyond the 2048 positions"),
+                        # vLLM refused these after a start-up of tens of seconds (s47): the tiny model has 2 heads
+                        # and 2 layers, this machine 2 cores or more
+                        (["--tensor-parallel-size", "3"], "tiny-llama/config.json has 2 attention heads"),
+                        (["--pipeline-parallel-size", "3"], "--pipeline-parallel-size 3: ")):
         code, _, err = run_cli("serve", str(tiny_dir), *flags)
         assert code == 2 and said in err.strip().splitlines()[-1] and "starting vLLM" not in err, err
 

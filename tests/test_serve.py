@@ -150,6 +150,15 @@ def test_machine_defaults_on_this_kind_of_cpu():
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2,5" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert flags == ["--dtype", "bfloat16"]
     assert core_ranges([3]) == "3" and core_ranges([0, 2, 4, 5]) == "0,2,4-5"
+    # several workers (tensor x pipeline parallel): a core list each, and the KV space shared, since vllm-cpu takes
+    # one list per worker and each worker allocates VLLM_CPU_KVCACHE_SPACE for itself (s47: `serve
+    # --pipeline-parallel-size 2` failed at start-up on a CPU, one list for two workers)
+    env, _ = vllm_defaults(avx2, world=2)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    five = Machine(cuda=False, cores=[0, 1, 2, 3, 6], cpu_flags=frozenset(), available_gib=40.0)
+    assert vllm_defaults(five, world=2)[0]["VLLM_CPU_OMP_THREADS_BIND"] == "0-2|3,6"
+    assert vllm_defaults(five, world=5)[0]["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_defaults(avx2, world=3)[0]  # the user binds them (refused else)
     # on CUDA vLLM's own defaults: no CPU binding or KV-space variables, dtype auto
     gpu = Machine(cuda=True, cores=[0, 1], cpu_flags=frozenset({"avx2"}), available_gib=100.0)
     assert vllm_defaults(gpu) == ({}, ["--dtype", "auto"])
@@ -183,7 +192,8 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     assert "--enable-lora --max-lora-rank 32 --max-loras 1 --lora-modules a=" in joined
     assert "--tensor-parallel-size 2" in joined and argv[-2:] == ["--max-num-seqs", "32"]
     assert "s3cret" not in joined and env["VLLM_API_KEY"] == "s3cret"
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # a quarter of 8 GiB, shared by the two tensor-parallel workers
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     (tmp_path / "small").mkdir()
     assert max_lora_rank([check_lora("b", _adapter(tmp_path / "small", r=1))]) == 1
     assert max_lora_rank([ad, check_lora("b", _adapter(tmp_path / "small", r=1))]) == 32
@@ -191,6 +201,29 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     two = ServerSpec(model=tiny_dir, loras=[ad, check_lora("b", _adapter(tmp_path / "small", r=1))])
     argv, _ = server_command(two, m)
     assert " ".join(argv).endswith(f"--max-loras 2 --lora-modules a={ad.path} b={tmp_path / 'small' / 'adapter'}")
+
+
+def test_parallel_sizes_the_model_or_the_machine_cannot_take(tiny_dir, monkeypatch):
+    """Tensor parallelism splits the heads, pipeline parallelism the layers, and on a CPU each worker takes cores of
+    its own: other sizes are one line naming the setting, before vLLM spends its start-up refusing them."""
+    from llmfast.serve.parallel import check_parallel, rank_cores
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert rank_cores([4, 5, 6, 7, 8], 3) == [[4, 5], [6, 7], [8]] and rank_cores([1], 1) == [[1]]
+    keys = ("tp", "pp")
+    check_parallel(tiny_dir, 2, 1, 2, keys)  # 2 heads, 2 layers, 2 cores
+    check_parallel(tiny_dir, 1, 2, 2, keys)
+    check_parallel(tiny_dir, 2, 2, None, keys)  # on CUDA the workers may be on other nodes (Ray)
+    for args, said in (((3, 1, 8), "tp 3: " + str(tiny_dir / "config.json") + " has 2 attention heads, which "),
+                       ((1, 3, 8), "pp 3: " + str(tiny_dir / "config.json") + " has 2 layers, and each pipeline stage"
+                                   " needs one: use at most 2"),
+                       ((2, 2, 2), "tp 2 x pp 2 is 4 vLLM workers, each bound to CPU cores of its own, but this "
+                                   "process may use 2: use at most 2 workers")):
+        with pytest.raises(UserError) as e:
+            check_parallel(tiny_dir, *args, keys)
+        assert str(e.value).startswith(said), e.value
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|0|1|1")  # bound by the user: their choice
+    check_parallel(tiny_dir, 2, 2, 2, keys)
 
 
 def test_adapter_names(tmp_path):

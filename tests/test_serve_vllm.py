@@ -233,6 +233,7 @@ variants:
   - {{name: base, model: {tiny_dir}}}
   - {{name: repeat, model: {tiny_dir}, lora: {adapter}}}
   - {{name: base-nf4, model: {tiny_dir}, quantization: nf4}}
+  - {{name: base-tp2, model: {tiny_dir}, tensor_parallel_size: 2}}
 workload: {{num_prompts: 6, input_len: 16, output_len: 4, max_concurrency: [2, 6], hf_batch_size: 3,
             percentiles: [50, 99]}}
 quality:
@@ -245,8 +246,11 @@ output: {out}
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     by_name = {v["name"]: v for v in res["variants"]}
-    assert set(by_name) == {"base", "repeat", "base-nf4", "base (transformers baseline)"}
-    assert [by_name[n]["engine"] for n in ("base", "repeat", "base-nf4")] == ["vllm", "vllm", "hf"]
+    assert set(by_name) == {"base", "repeat", "base-nf4", "base-tp2", "base (transformers baseline)"}
+    assert [by_name[n]["engine"] for n in ("base", "repeat", "base-nf4", "base-tp2")] == ["vllm", "vllm", "hf", "vllm"]
+    # base-tp2 is a server of its own, split over two workers (on this CPU a core each)
+    assert [by_name[n]["tensor_parallel_size"] for n in ("base", "base-tp2")] == [1, 2]
+    assert "'tensor_parallel_size': 2" in (out / "server-base-tp2.log").read_text()  # vLLM's non-default args
     for v in res["variants"]:
         assert [p["max_concurrency"] for p in v["points"]] == [2, 6]
         for p in v["points"]:
@@ -268,7 +272,7 @@ output: {out}
     assert all(c["ratio"] == pytest.approx(c["vllm_output_throughput"] / c["hf_output_throughput"])
                for c in res["comparisons"])
     report = (out / "report.md").read_text()
-    for needle in ("| base | vllm |", "| repeat | vllm |", "| base-nf4 | hf |", "transformers baseline", "batch size 3",
+    for needle in ("| base | vllm |", "| repeat | vllm |", "| base-nf4 | hf |", "| base-tp2 | vllm tp2 |", "transformers baseline", "batch size 3",
                    "vLLM against transformers on the same prompts"):
         assert needle in report
     for png in ("throughput.png", "latency.png"):
@@ -287,6 +291,10 @@ def test_bench_run_bad_recipes(tmp_path, tiny_dir):
         f"variants: [{{name: a, model: {tmp_path}/nope}}]": "variant 'a': model",
         f"variants: [{{name: a, model: {tiny_dir}, quantization: nf4, engine: vllm}}]": "use engine: hf or auto",
         f"variants: [{{name: a, model: {tiny_dir}, lora: {tmp_path}/missing}}]": "lora: not found",
+        f"variants: [{{name: a, model: {tiny_dir}, quantization: nf4, tensor_parallel_size: 2}}]":
+            "variant 'a': tensor_parallel_size split a vLLM server, but this variant runs on hf (one device)",
+        f"variants: [{{name: a, model: {tiny_dir}, pipeline_parallel_size: 3}}]":
+            "variant 'a': pipeline_parallel_size 3: ",
     }
     for body, msg in cases.items():
         recipe = tmp_path / "bad.yaml"

@@ -56,7 +56,7 @@ def markdown(results: dict[str, Any], images: list[str] | None = None) -> str:
         for i, pt in enumerate(v["points"]):
             first = i == 0
             lines.append("| " + " | ".join([
-                v["name"] if first else "", v["engine"] if first else "", _conc(pt),
+                v["name"] if first else "", engine_label(v) if first else "", _conc(pt),
                 _f(pt["request_throughput"], ".2f"), _f(pt["output_throughput"]), _f(pt["total_token_throughput"]),
                 _f(pt.get("median_ttft_ms")), _f(pt.get("median_tpot_ms")), _f(pt.get("p99_e2el_ms")),
                 str(pt["failed"]), _f(v.get("peak_rss_gib"), ".2f") if first else "",
@@ -144,13 +144,20 @@ def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
         size = v.get("size") or {}
         accs = [(q.get("tasks") or {}).get(t, {}).get("accuracy") for t in tasks]
         out.append("| " + " | ".join([
-            v["name"], v["engine"], _made_by(v), _f((q.get("perplexity") or {}).get("ppl"), ".2f"),
+            v["name"], engine_label(v), _made_by(v), _f((q.get("perplexity") or {}).get("ppl"), ".2f"),
             *[_f(x * 100, ".0f") + "%" if x is not None else "-" for x in accs],
             *[_f(_point(v, lv).get("output_throughput")) for lv in levels], _f(a.get("median_ttft_ms")),
             _f(a.get("median_tpot_ms")), _mib(size.get("linear_weight_bytes")), _mib(size.get("file_bytes")),
             _f(v.get("peak_rss_gib"), ".2f")]) + " |")
     return out + ["", "Linear weights: the bytes of the decoder layers' linear maps as stored (quantized parts "
                   "included); a variant quantized while loading (e.g. `nf4`) shows its full-precision files.", ""]
+
+
+def engine_label(v: dict[str, Any]) -> str:
+    """The engine as the report shows it: `vllm tp2 pp2` for a server split over workers."""
+    sizes = [f"{k}{v.get(key, 1)}" for k, key in (("tp", "tensor_parallel_size"), ("pp", "pipeline_parallel_size"))
+             if v.get(key, 1) > 1]
+    return " ".join([v["engine"], *sizes])
 
 
 def _pct(x: Any) -> str:
@@ -201,7 +208,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in results["variants"]:
         xs = [p["max_concurrency"] for p in v["points"]]
-        ax.plot(xs, [p["output_throughput"] for p in v["points"]], marker="o", label=f"{v['name']} ({v['engine']})")
+        ax.plot(xs, [p["output_throughput"] for p in v["points"]], marker="o", label=f"{v['name']} ({engine_label(v)})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("max concurrency (transformers: batch size)")
     ax.set_ylabel("output tokens/s")
@@ -213,7 +220,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     pcts = results["workload"]["percentiles"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     measured = [v for v in results["variants"] if v["points"]]  # a server that never started has none: see its notes
-    names = [f"{v['name']}\n({v['engine']}, c={v['points'][-1]['max_concurrency']})" for v in measured]
+    names = [f"{v['name']}\n({engine_label(v)}, c={v['points'][-1]['max_concurrency']})" for v in measured]
     width = 0.8 / max(1, len(pcts))
     for j, p in enumerate(pcts):
         word = str(int(p)) if int(p) == p else str(p)
@@ -266,7 +273,7 @@ def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Pat
                 continue
             pts.append((x if xkey == "speed" else -x, ppl))
             ax.scatter([x], [ppl])
-            ax.annotate(f"{v['name']} ({v['engine']})", (x, ppl), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(f"{v['name']} ({engine_label(v)})", (x, ppl), fontsize=8, xytext=(4, 4), textcoords="offset points")
         front = _pareto(pts)
         if len(front) > 1:
             ax.plot([abs(x) for x, _ in front], [y for _, y in front], "k--", alpha=0.5, label="Pareto front")

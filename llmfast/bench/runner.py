@@ -34,6 +34,7 @@ class Measured:
     variant: "Variant"
     engine: str  # the engine family the report shows: vllm or hf
     label: str
+    parallel: tuple[int, int] = (1, 1)  # vLLM's tensor and pipeline parallel sizes: one server's workers
     points: list[dict[str, Any]] = field(default_factory=list)
     peak_rss_gib: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -51,7 +52,7 @@ class Measured:
         chain = lineage(v.model_dir)
         return {"name": self.label, "model_dir": str(v.model_dir), "lora": str(v.lora.path) if v.lora else None,
                 "quantization": quantization_ran(v, self.engine), "sparsity": v.sparsity, "engine": self.engine,
-                "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
+                "tensor_parallel_size": self.parallel[0], "pipeline_parallel_size": self.parallel[1], "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
                 "quality": self.quality, "size": model_size(v.model_dir), "lineage": chain,
                 "training_logs": training_logs(chain), "compression": compression(Path(v.model_dir))}
 
@@ -92,8 +93,29 @@ def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfi
                 check_positions(v.model_dir, recipe.quality.perplexity.context, "quality.perplexity.context")
         except UserError as e:
             raise UserError(f"variant '{cfg.name}': {e}") from None
-        out.append((v, choose_engine(v, cfg.engine), cfg))
+        engine = choose_engine(v, cfg.engine)
+        _check_parallel(cfg, v, engine)
+        out.append((v, engine, cfg))
     return out
+
+
+def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine") -> None:
+    """Parallel sizes split a vLLM server over workers; a transformers engine runs on one device, and vLLM takes
+    only sizes the model and this machine allow (serve/parallel.py)."""
+    from llmfast.serve.machine import detect
+    from llmfast.serve.parallel import check_parallel
+
+    keys = ("tensor_parallel_size", "pipeline_parallel_size")
+    given = [k for k in keys if getattr(cfg, k) > 1]
+    if given and engine.family != "vllm":
+        raise UserError(f"variant '{cfg.name}': {' and '.join(given)} split a vLLM server, but this variant runs on "
+                        f"{engine.name} (one device): remove {' and '.join(given)}, or measure it on vLLM")
+    machine = detect()
+    try:
+        check_parallel(v.model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                       None if machine.cuda else len(machine.cores), keys)
+    except UserError as e:
+        raise UserError(f"variant '{cfg.name}': {e}") from None
 
 
 def _rate(w: "WorkloadConfig") -> float:
@@ -110,7 +132,7 @@ def _measure_vllm(recipe: "BenchRecipe", group: list[Measured], requests: list["
     names = ", ".join(m.label for m in group)
     print(f"bench: starting vLLM for {group[0].variant.model_dir} ({names})", file=sys.stderr)
     served = ENGINES.get("vllm").server([m.variant for m in group], out / f"server-{group[0].label}.log",  # type: ignore[attr-defined]
-                                        timeout=recipe.server_timeout)
+                                        timeout=recipe.server_timeout, parallel=group[0].parallel)
     try:
         served.start()
     except UserError as e:
@@ -231,16 +253,17 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     with atomic_dir(recipe.output, overwrite=overwrite, inputs=inputs, guard=True) as tmp:
         requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
                                    0.0, w.seed)
-        measured = [Measured(v, engine.family, v.name) for v, engine, _ in planned]
+        measured = [Measured(v, engine.family, v.name, (cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
+                    for v, engine, cfg in planned]
         for m in measured:  # the report says plainly which variants vLLM could not serve, and why
             reason = ENGINES.get("vllm").can_run(m.variant) if m.engine != "vllm" else None
             if reason:
                 how = getattr(ENGINES.get(m.engine), "label", "transformers")  # hf-sparse: with llmfast's sparse MLP
                 m.notes.append(f"{m.label}: not served by vLLM here ({reason}); measured with {how}")
-        groups: dict[tuple[str, bool], list[Measured]] = {}
-        for m in measured:
+        groups: dict[tuple[str, bool, tuple[int, int]], list[Measured]] = {}
+        for m in measured:  # one server per model, its LoRA variants and its parallel sizes
             if m.engine == "vllm":
-                groups.setdefault((str(m.variant.model_dir), m.variant.lora is not None), []).append(m)
+                groups.setdefault((str(m.variant.model_dir), m.variant.lora is not None, m.parallel), []).append(m)
         for group in groups.values():
             _measure_vllm(recipe, group, requests, tmp)
         for m in measured:

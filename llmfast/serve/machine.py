@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmfast.serve.parallel import rank_cores
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -71,24 +73,27 @@ def core_ranges(cores: list[int]) -> str:
     return ",".join(parts)
 
 
-def vllm_defaults(machine: Machine) -> tuple[dict[str, str], list[str]]:
-    """Environment variables and server/engine flags that suit this machine.
+def vllm_defaults(machine: Machine, world: int = 1) -> tuple[dict[str, str], list[str]]:
+    """Environment variables and server/engine flags that suit this machine, for `world` workers (tensor x
+    pipeline parallel size; each gets cores of its own and a share of the KV space, serve/parallel.py).
 
     The caller's own environment and flags win: these are only defaults.
     """
     if machine.cuda:
         return {}, ["--dtype", "auto"]
-    # KV cache: a quarter of the free memory, between 1 and 16 GiB; the weights of the models we serve on a CPU
-    # are small next to it, and the rest stays for the frontend and the OS.
-    kv_gib = int(min(16, max(1, machine.available_gib // 4)))
+    # KV cache: a quarter of the free memory, shared by the workers (each allocates its own), between 1 and 16 GiB
+    # each; the weights of the models we serve on a CPU are small next to it, and the rest stays for the frontend
+    # and the OS.
+    kv_gib = int(min(16, max(1, machine.available_gib // 4 // world)))
     env = {
-        "VLLM_CPU_OMP_THREADS_BIND": core_ranges(machine.cores),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
         # vllm-cpu 0.32 saves an AOT-compiled model but fails to load it ("'function' object has no attribute
         # 'finalize_loading'") and compiles again at every start; its older inductor cache loads: 141 s -> 70 s.
         "VLLM_USE_AOT_COMPILE": "0",
     }
+    if world <= len(machine.cores):  # more workers than cores: the user binds them (serve/parallel.py refuses else)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(core_ranges(c) for c in rank_cores(machine.cores, world))
     return env, ["--dtype", "bfloat16" if machine.fast_bf16 else "float32"]
 
 

