@@ -312,17 +312,18 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
     return acc.reduce(step_loss, reduction="sum").item() / step_targets, sum(b.real_tokens for b in batch_list)
 
 
-def evaluate(run: Run) -> float | None:
-    """Mean loss per target token over the held-out rows, summed over processes."""
-    if not run.eval_rows:
-        return None
+def evaluate(run: Run, batches: list[Batch] | None = None) -> float | None:
+    """Mean loss per target token over the held-out rows (or `batches`), summed over processes."""
     acc, bs, pad_id = run.acc, run.recipe.train.batch_size, run.tokenizer.pad_token_id
+    if batches is None:
+        if not run.eval_rows:
+            return None
+        batches = [collate(run.eval_rows[s : s + bs], pad_id) for s in range(0, len(run.eval_rows), bs)]
     rank, world = acc.process_index, run.world
     # The unwrapped module: a DDP forward would sync buffers, a collective that processes with no
     # eval batch of their own would never join.
     inner = acc.unwrap_model(run.wrapped)
     inner.eval()
-    batches = [collate(run.eval_rows[s : s + bs], pad_id) for s in range(0, len(run.eval_rows), bs)]
     total = torch.zeros(2, device=acc.device)
     # Under FSDP every process runs as many forwards as the others (each gathers the layers' weights with
     # them): one without a batch of its own runs the first batch again and counts nothing.
@@ -337,6 +338,13 @@ def evaluate(run: Run) -> float | None:
     total = acc.reduce(total, reduction="sum")
     inner.train()
     return (total[0] / total[1]).item()
+
+
+def _last_step_loss(run: Run) -> float:
+    last = run.total_steps - 1
+    loss = evaluate(run, [run.micro(last * run.micro_per_step + j) for j in range(run.micro_per_step)])
+    assert loss is not None
+    return loss
 
 
 def _train(run: Run) -> dict[str, Any]:
@@ -422,8 +430,12 @@ def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     loop = _train(run)
     eval_loss = evaluate(run)
-    if eval_loss is not None and not math.isfinite(eval_loss):  # the last update, which no training loss checked
+    # The last update, which no training loss checked: by the held-out loss, or without held-out rows by the loss
+    # of the last step's own batches (a rate that broke it saved a NaN-making adapter with exit 0, s46).
+    if eval_loss is not None and not math.isfinite(eval_loss):
         raise _diverged(run, f"the held-out loss became {eval_loss} after the last step")
+    if eval_loss is None and not math.isfinite(again := _last_step_loss(run)):
+        raise _diverged(run, f"the training loss became {again} after the last step (on its own batches)")
     metrics = run_metrics(run, loop, eval_loss, time.perf_counter() - t_start, resume)
     _save_adapter(run, metrics)
     if recipe.export_merged and run.acc.is_main_process:
