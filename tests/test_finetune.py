@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -400,6 +401,33 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     assert _max_diff(_adapter(tmp_path / "fsdp"), _adapter(tmp_path / "single")) < 1e-5
     # held-out loss: one eval batch, so process 1 runs it too (FSDP gathers with every process) and counts none
     assert abs(metrics["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
+
+
+def test_ddp_with_dropout_resumes_as_if_never_stopped(tmp_path, tiny_dir, data):
+    """lora.dropout draws from each process's own RNG, and processes with batches of other shapes draw different
+    amounts: a checkpoint kept process 0's state only, so a resumed process 1 masked other activations than the
+    run that was never stopped (s47). Unpacked rows of several lengths make the shapes differ."""
+    args = ["--set", "train.steps=24", "--set", "train.save_every=4", "--set", "train.keep_checkpoints=1",
+            "--set", "lora.dropout=0.3", "--set", "data.packing=false"]
+    whole = recipe(tmp_path, tiny_dir, data, out="whole")
+    p = subprocess.run(_torchrun("finetune", str(whole), *args), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, _workers_said(p.stderr)
+    path = recipe(tmp_path, tiny_dir, data, out="ddp")
+    proc = subprocess.Popen(_torchrun("finetune", str(path), *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "ddp" / "checkpoints"
+    _wait_for_a_checkpoint(proc, ckpts)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in [psutil.Process(proc.pid), *workers]:
+        w.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (tmp_path / "ddp" / "adapter").exists(), "killed before the end"
+    p = subprocess.run(_torchrun("finetune", str(path), "--resume", *args), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, [l for l in p.stderr.splitlines() if "llmfast: error" in l]
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["resumed_from_step"] > 0
+    assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "whole")) < 1e-6
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-3)])
@@ -1216,6 +1244,35 @@ def test_a_checkpoint_gives_back_the_optimizer_schedule_rng_and_its_process_coun
     for p, q in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
         assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+
+
+def test_each_process_resumes_its_own_rng_state():
+    """rng.pt holds a row per process (and the GPU's states on a GPU): process r takes row r; an older rng.pt, one
+    state, goes to every process; another form is one line. The rows are copies: a row view (at an offset into the
+    stacked tensor) given to torch.set_rng_state crashed the process with SIGSEGV (s47)."""
+    from llmfast.errors import UserError
+    from llmfast.finetune.rng import check_states, restore_states
+
+    torch.manual_seed(1)
+    first = torch.get_rng_state()
+    torch.manual_seed(2)
+    second = torch.get_rng_state()
+    states = check_states({"cpu": torch.stack([first, second])}, Path("rng.pt"), 2, "fix")
+    restore_states(states, 1, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), second)
+    restore_states(states, 0, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), first)
+    old = check_states(second, Path("rng.pt"), 2, "fix")
+    restore_states(old, 0, torch.device("cpu"))
+    a = torch.rand(3)
+    restore_states(old, 1, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), a)
+    for bad, said in (({"cpu": torch.stack([first, second])}, "holds a dict of cpu, not the 3 processes' RNG"),
+                      ({"cpu": first[None].repeat(3, 1), "numpy": first}, "holds a dict of cpu, numpy, not the 3"),
+                      (torch.zeros(3), "holds a Tensor of torch.float32, not the 3 processes' RNG states"),
+                      ([first], "holds a list, not")):
+        with pytest.raises(UserError, match=f"^rng.pt: {re.escape(said)}.*; fix$"):
+            check_states(bad, Path("rng.pt"), 3, "fix")
 
 
 def test_check_resumable_names_how_the_checkpoint_was_sharded():

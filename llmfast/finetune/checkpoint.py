@@ -23,6 +23,7 @@ import torch
 from llmfast.artifacts import atomic_dir, atomic_write_json, atomic_write_text, latest_step, step_folders
 from llmfast.errors import UserError
 from llmfast.finetune import fsdp as sharding
+from llmfast.finetune.rng import check_states, gather_states, restore_states
 # torch-free, so that preflight.py reads them too; re-exported: the trainer names them ckpts.*
 from llmfast.finetune.run_files import RUN_FILES, foreign_run_files, taken_output  # noqa: F401
 
@@ -103,11 +104,12 @@ class SavedTraining:
     adapter: dict[str, torch.Tensor]
     optimizer: Any
     scheduler: dict[str, Any]
-    rng: torch.Tensor
+    rng: dict[str, torch.Tensor]  # finetune/rng.py: a row per process
     scaler: Any = None
 
 
-def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scaler: bool) -> SavedTraining:
+def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scaler: bool,
+                        processes: int = 1) -> SavedTraining:
     """The adapter, optimizer, scheduler, RNG and loss-scaler states of `ckpt`, all read safely (`safe_load`)."""
     from safetensors.torch import load_file
 
@@ -118,17 +120,17 @@ def read_training_state(ckpt: Path, fsdp: bool, device: torch.device, with_scale
         from llmfast.loading import first_line
 
         raise UserError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); {FIX}") from None
-    optim = safe_load(ckpt / "optimizer.pt", map_location=None if fsdp else device)
+    # torchrun on a CPU gives the device as cpu:0, which torch.load cannot map to (every DDP resume on a CPU failed
+    # with "truncated or corrupt?", s47)
+    optim = safe_load(ckpt / "optimizer.pt", map_location=None if fsdp else "cpu" if device.type == "cpu" else device)
     check_optimizer_form(optim, ckpt / "optimizer.pt", FIX)  # its fit to the parameters once the model is loaded
     sched = safe_load(ckpt / "scheduler.pt")
-    rng = safe_load(ckpt / "rng.pt")
+    rng = check_states(safe_load(ckpt / "rng.pt"), ckpt / "rng.pt", processes, FIX)
     scale = safe_load(ckpt / "scaler.pt") if with_scaler and (ckpt / "scaler.pt").is_file() else None
-    for name, value, ok in (("scheduler.pt", sched, isinstance(sched, dict)),
-                            ("rng.pt", rng, isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8)):
-        if not ok:
-            raise UserError(f"{ckpt / name}: holds a {type(value).__name__}"
-                            f"{' of ' + str(value.dtype) if isinstance(value, torch.Tensor) else ''}, not the state "
-                            f"llmfast writes there; {FIX}")
+    if not isinstance(sched, dict):
+        raise UserError(f"{ckpt / 'scheduler.pt'}: holds a {type(sched).__name__}"
+                        f"{' of ' + str(sched.dtype) if isinstance(sched, torch.Tensor) else ''}, not the state "
+                        f"llmfast writes there; {FIX}")
     return SavedTraining(adapter, optim, sched, rng, scale)
 
 
@@ -203,12 +205,12 @@ def load_adapter(model: Any, ckpt: Path, saved: SavedTraining) -> None:
 
 
 def load_training_state(saved: SavedTraining, ckpt: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
-                        fsdp: bool) -> None:
-    """The optimizer (checked against the run's parameters), scheduler, RNG and loss-scaler states."""
+                        fsdp: bool, rank: int = 0, device: torch.device = torch.device("cpu")) -> None:
+    """The optimizer (checked against the run's parameters), scheduler, this process's RNG and loss-scaler states."""
     restore_optimizer(optimizer, saved.optimizer, ckpt / "optimizer.pt", FIX,
                       load=(lambda o, s: sharding.load_optimizer_state(model, o, s)) if fsdp else None)
     scheduler.load_state_dict(saved.scheduler)
-    torch.set_rng_state(saved.rng)
+    restore_states(saved.rng, rank, device)
     if saved.scaler is not None:  # read for float16 runs (which have a scaler); absent in older checkpoints
         scaler.load_state_dict(saved.scaler)
 
@@ -292,12 +294,13 @@ def save_checkpoint(acc: Any, model: Any, optimizer: Any, scheduler: Any, scaler
         optim = sharding.optimizer_state(model, optimizer)
     elif acc.is_main_process:
         adapter, optim = get_peft_model_state_dict(model), optimizer.state_dict()
+    rng = gather_states(acc)  # a collective too
     if acc.is_main_process:
         with atomic_dir(out / "checkpoints" / f"step-{step:06d}", overwrite=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(torch.get_rng_state(), tmp / "rng.pt")
+            torch.save(rng, tmp / "rng.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             # state.json last: a checkpoint counts only once it is there (and the rename made it visible).

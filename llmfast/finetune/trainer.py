@@ -225,7 +225,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         state = ckpts.read_state(ckpt)
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, acc.num_processes)
         step, window = state["step"], tuple(state.get("window", window))  # none in an older checkpoint
-        saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16")
+        saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16", acc.num_processes)
         ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
         ckpts.kept_log_lines(out / "train_log.jsonl", step)  # a line llmfast did not write, refused here too
     model = attach_lora(load_base(str(model_path), recipe, dtype, acc.device.type), recipe)
@@ -266,7 +266,7 @@ def _prepare_training(run: Run) -> None:
     run.scaler = torch.amp.GradScaler(acc.device.type) if run.dtype == "float16" else None
     if run.ckpt is not None:
         ckpts.load_training_state(run.saved, run.ckpt, run.model, run.optimizer, run.scheduler, run.scaler,
-                                  run.fsdp)
+                                  run.fsdp, acc.process_index, acc.device)
         run.saved = None
         if acc.is_main_process:
             ckpts.drop_stale(run.out, run.start_step)
