@@ -52,7 +52,8 @@ class Measured:
         chain = lineage(v.model_dir)
         return {"name": self.label, "model_dir": str(v.model_dir), "lora": str(v.lora.path) if v.lora else None,
                 "quantization": quantization_ran(v, self.engine), "sparsity": v.sparsity, "engine": self.engine,
-                "tensor_parallel_size": self.parallel[0], "pipeline_parallel_size": self.parallel[1], "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
+                "tensor_parallel_size": self.parallel[0], "pipeline_parallel_size": self.parallel[1],
+                "points": self.points, "peak_rss_gib": self.peak_rss_gib, "status": self.status, "notes": self.notes,
                 "quality": self.quality, "size": model_size(v.model_dir), "lineage": chain,
                 "training_logs": training_logs(chain), "compression": compression(Path(v.model_dir))}
 
