@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 from llmfast import __version__
 from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
-from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, raise_interrupt,
-                                  restore_signals, stop_on_signals)
+from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, quiet_worker,
+                                  raise_interrupt, restore_signals, stop_on_signals)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -431,10 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except KeyboardInterrupt as e:
-        print_error(interrupted_line(e))
+        if not quiet_worker(e, False):  # a launch's workers stop together: process 0 says it
+            print_error(interrupted_line(e))
         return interrupted_code(e)
     except Exception as e:  # a UserError, or a full disk met outside the atomic writes (a log line appended)
         err = as_user_error(e)
+        if not debug and quiet_worker(e, err is not None):
+            return 1 if err is None else 2
         if debug or err is None:
             raise
         print_error(err)

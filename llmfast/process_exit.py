@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any, NoReturn
 
 
@@ -68,3 +69,46 @@ def interrupted_line(e: KeyboardInterrupt) -> str:
 
 def interrupted_code(e: KeyboardInterrupt) -> int:
     return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
+# How long a worker other than process 0 waits, after an error, for the launcher to stop it: process 0 meets the same
+# input within moments, says it and fails, and the launcher then stops the others.
+PEER_GRACE_S = 10.0
+
+
+def launch_rank() -> int | None:
+    """This process's rank among the workers of a launch of several (torchrun, accelerate launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return int(os.environ.get("RANK", "0"))
+
+
+def _peer_ended(e: BaseException) -> bool:
+    """A collective that failed because another worker of the launch ended (gloo: the connection closed)."""
+    while e is not None:
+        if any(m in str(e) for m in ("Connection closed by peer", "Connection reset by peer")):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def quiet_worker(e: BaseException, user_error: bool) -> bool:
+    """Whether this worker of a launch leaves `e` unsaid. Every worker meets the same input and the same stop:
+    process 0 says it once; another one repeated the line, or, stopped by the launcher once process 0 had failed,
+    added a misleading 'stopped by SIGTERM'. A collective cut short by another worker's end (its own line, or a
+    kill the launcher reports) is no error of this one: it printed gloo's traceback (s47). A worker other than 0
+    with an error of its own says it if the launcher has not stopped it within PEER_GRACE_S."""
+    rank = launch_rank()
+    if rank is None:
+        return False
+    if isinstance(e, KeyboardInterrupt):  # process 0's line, even where the stop cut a collective short
+        return rank != 0
+    if _peer_ended(e):
+        return True
+    if rank == 0 or not user_error:
+        return False  # a bug keeps its traceback
+    try:
+        time.sleep(PEER_GRACE_S)
+    except KeyboardInterrupt:  # the launcher stopped this worker: process 0 said it
+        return True
+    return False

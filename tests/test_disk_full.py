@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,14 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     _refused(code, err, disk / "ft" / "checkpoints", "step-000002")
     # the run's folder as a kill before its first checkpoint leaves it (which `--resume` starts again from)
     assert _contents(disk) == ["ft", "ft/base.json", "ft/checkpoints", "ft/recipe.json", "ft/train_log.jsonl"]
+    shutil.rmtree(disk / "ft")
+    # under torchrun, process 0's line alone: process 1, waiting for it at a barrier, added gloo's 'Connection closed
+    # by peer' traceback (s47)
+    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli",
+                        "finetune", str(disk.parent / "ckpt.yaml")], capture_output=True, text=True, timeout=300)
+    said = [line for line in p.stderr.splitlines() if line.startswith(("llmfast:", "[rank"))]
+    assert p.returncode != 0 and len(said) == 1, said[:8]
+    assert said[0].startswith(f"llmfast: error: no space left on the device of {disk / 'ft' / 'checkpoints'}"), said
     shutil.rmtree(disk / "ft")
 
     (disk / "filler").write_bytes(bytes(28672))  # 12 KB left: the recipe's copy, base.json, one page of log lines

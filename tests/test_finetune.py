@@ -401,6 +401,12 @@ def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_di
     assert _max_diff(_adapter(tmp_path / "fsdp"), _adapter(tmp_path / "single")) < 1e-5
     # held-out loss: one eval batch, so process 1 runs it too (FSDP gathers with every process) and counts none
     assert abs(metrics["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
+    # resumed once more, a finished run is one line from the launch: each process said it, or process 0, stopped by
+    # torchrun once process 1 had failed, added a misleading 'llmfast: stopped by SIGTERM' (s47)
+    p = subprocess.run(_torchrun("finetune", str(path), "--resume", *args), capture_output=True, text=True,
+                       timeout=300)
+    said = [line for line in p.stderr.splitlines() if line.startswith(("llmfast:", "[rank"))]
+    assert p.returncode != 0 and len(said) == 1 and "holds a finished run" in said[0], said[:8]
 
 
 def test_ddp_with_dropout_resumes_as_if_never_stopped(tmp_path, tiny_dir, data):
