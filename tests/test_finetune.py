@@ -143,6 +143,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert code == 0, err
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["steps"] == 60 and metrics["resumed_from_step"] % 10 == 0 and metrics["resumed_from_step"] > 0
+    # every step's tokens, those before the checkpoint too (s47: only the resumed steps')
+    assert metrics["train_tokens"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())["train_tokens"]
     log, ref = ([json.loads(l) for l in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
                 for d in ("killed", "ref"))
     assert [e["step"] for e in log] == list(range(3, 61, 3)), "each line logged once"
@@ -344,6 +346,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_pat
     assert code == 2 and "holds a run stopped before its first checkpoint: pass --resume to start it again" in err
     code, _, err = run_cli("finetune", str(path), "--resume")
     assert code == 0 and "starting from step 0" in err
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] is None  # it started afresh (s47: 0)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == sorted({e["step"] for e in log}) and log[0]["loss"] != 9.0
     code, _, err = run_cli("finetune", str(path), "--resume")  # now finished: nothing to resume

@@ -12,16 +12,19 @@ from llmfast.memory import peak_memory_gib
 def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: float, resume: bool) -> dict[str, Any]:
     """`run` is trainer.Run; `loop` what its loop measured; `eval_loss` the final held-out loss (None: no eval set)."""
     secs, device = loop["train_seconds"], run.acc.device
+    # A resumed run trained on the steps before its checkpoint too: its adapter's record counts them (the stream of
+    # micro-batches is the same every time), while its speed is this invocation's.
+    before = sum(run.micro(i).real_tokens for i in range(run.start_step * run.micro_per_step))
     return {
         "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
-        "train_tokens": loop["tokens_seen"],
+        "train_tokens": before + loop["tokens_seen"],
         "peak_memory_gib": round(peak_memory_gib(device.type), 3),
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
         "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
         "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
         "wall_seconds": round(wall, 1),
         "steps": run.total_steps,
-        "resumed_from_step": run.start_step if resume else None,
+        "resumed_from_step": run.start_step if resume and run.start_step else None,  # None: it started afresh
         "trainable_params": run.trainable,
         "total_params": run.total_params,
         "processes": run.world,
