@@ -282,8 +282,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--served-model-name", help="the model's name in the API (default: its directory name)")
     p.add_argument("--dtype", help="override the machine's choice (float32, bfloat16, float16, auto)")
     p.add_argument("--max-model-len", type=positive(int), help="longest sequence (default: the model's)")
-    p.add_argument("--tensor-parallel-size", type=positive(int), default=1,
-                   help="vLLM workers splitting the attention heads (on a CPU, each on cores of its own)")
+    p.add_argument("--tensor-parallel-size", type=positive(int), default=1, help="vLLM workers splitting the heads")
     p.add_argument("--pipeline-parallel-size", type=positive(int), default=1, help="vLLM workers splitting the layers")
     p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds to wait for /health (default 600)")
     p.add_argument("--log", help="write the server's output here (default: a temporary file, removed after a clean "

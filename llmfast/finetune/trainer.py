@@ -131,8 +131,9 @@ def _note(acc: Any, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
-    """The output, and whether there is a checkpoint to resume from."""
+def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool, bool]:
+    """The output, whether there is a checkpoint to resume from, and whether a run killed before its first one
+    is to start again (its files are removed by `_start_afresh` once every process has checked them)."""
     out = Path(recipe.output)
     if resume and ckpts.latest_checkpoint(out) is None:
         if (out / "adapter").exists() or (out / "metrics.json").exists():
@@ -144,20 +145,25 @@ def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool]:
                             "write: choose another output")
         # Killed before its first checkpoint (or before its folder existed): nothing to keep, so it starts again.
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
-        if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
-            for name in ckpts.RUN_FILES:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"llmfast: {out} has no complete checkpoint yet: starting from step 0", file=sys.stderr, flush=True)
-        return out, False
+        return out, False, True
     if resume:
         ckpts.check_same_recipe(out, recipe_dict(recipe))
     if not resume and out.is_dir() and any(out.iterdir()):
         raise UserError(ckpts.taken_output(out))
     if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
         check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
-    return out, resume
+    return out, resume, False
+
+
+def _start_afresh(acc: Any, out: Path) -> None:
+    """Process 0 removes the files of a run killed before its first checkpoint, after every process has looked at
+    them in `_check_output` (removed before, another process could read one half gone)."""
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        for name in ckpts.RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"llmfast: {out} has no complete checkpoint yet: starting from step 0", file=sys.stderr, flush=True)
 
 
 def _accelerator() -> Any:
@@ -195,8 +201,10 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     from llmfast.models import load_tokenizer, resolve_model
 
     tc, dc = recipe.train, recipe.data
-    out, resume = _check_output(recipe, resume)
+    out, resume, afresh = _check_output(recipe, resume)
     acc = _accelerator()
+    if afresh:
+        _start_afresh(acc, out)
     torch.manual_seed(tc.seed)
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
@@ -340,13 +348,6 @@ def evaluate(run: Run, batches: list[Batch] | None = None) -> float | None:
     return (total[0] / total[1]).item()
 
 
-def _last_step_loss(run: Run) -> float:
-    last = run.total_steps - 1
-    loss = evaluate(run, [run.micro(last * run.micro_per_step + j) for j in range(run.micro_per_step)])
-    assert loss is not None
-    return loss
-
-
 def _train(run: Run) -> dict[str, Any]:
     """The loop: steps, the log every `log_every`, evaluations and checkpoints; returns the loop's figures."""
     import json
@@ -430,12 +431,15 @@ def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     loop = _train(run)
     eval_loss = evaluate(run)
-    # The last update, which no training loss checked: by the held-out loss, or without held-out rows by the loss
-    # of the last step's own batches (a rate that broke it saved a NaN-making adapter with exit 0, s46).
+    # The last update, which no training loss checked (a rate that broke it saved a NaN-making adapter, exit 0, s46):
+    # by the held-out loss, or without held-out rows by the loss of the last step's own batches.
     if eval_loss is not None and not math.isfinite(eval_loss):
         raise _diverged(run, f"the held-out loss became {eval_loss} after the last step")
-    if eval_loss is None and not math.isfinite(again := _last_step_loss(run)):
-        raise _diverged(run, f"the training loss became {again} after the last step (on its own batches)")
+    if eval_loss is None:
+        again = evaluate(run, [run.micro(run.micro_per_step * (run.total_steps - 1) + j)
+                               for j in range(run.micro_per_step)])
+        if again is not None and not math.isfinite(again):
+            raise _diverged(run, f"the training loss became {again} after the last step (on its own batches)")
     metrics = run_metrics(run, loop, eval_loss, time.perf_counter() - t_start, resume)
     _save_adapter(run, metrics)
     if recipe.export_merged and run.acc.is_main_process:
