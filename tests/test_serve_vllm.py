@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from test_serve import VLLM_KEYS
+from test_serve import VLLM_KEYS, _adapter
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -295,6 +295,9 @@ def test_bench_run_bad_recipes(tmp_path, tiny_dir):
             "variant 'a': tensor_parallel_size split a vLLM server, but this variant runs on hf (one device)",
         f"variants: [{{name: a, model: {tiny_dir}, pipeline_parallel_size: 3}}]":
             "variant 'a': pipeline_parallel_size 3: ",
+        # the first request killed such a server on a CPU (s47): served uncompiled, a later stage has no input buffer
+        f"variants: [{{name: a, model: {tiny_dir}, lora: {_adapter(tmp_path)}, pipeline_parallel_size: 2}}]":
+            "variant 'a': pipeline_parallel_size 2 with lora: vLLM on a CPU then runs the model uncompiled",
     }
     for body, msg in cases.items():
         recipe = tmp_path / "bad.yaml"

@@ -114,7 +114,7 @@ def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine") -> Non
     machine = detect()
     try:
         check_parallel(v.model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                       None if machine.cuda else len(machine.cores), keys)
+                       None if machine.cuda else len(machine.cores), keys, eager="lora" if v.lora else None)
     except UserError as e:
         raise UserError(f"variant '{cfg.name}': {e}") from None
 

@@ -297,8 +297,9 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
 
         check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
     machine = detect()
+    eager = "--lora" if loras else "--enforce-eager" if "--enforce-eager" in (kwargs.get("extra_args") or []) else None
     check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1),
-                   None if machine.cuda else len(machine.cores))
+                   None if machine.cuda else len(machine.cores), eager=eager)
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)
