@@ -335,6 +335,26 @@ def test_a_failed_start_is_told_in_the_servers_last_words_and_keeps_its_log(tmp_
                                    "error | max_model_len | Value error, too long [type=value_error]")
     log.write_text("ValueError: first\nRuntimeError: Engine core initialization failed\nINFO 12-06 shutting down\n")
     assert srv.error_summary() == "RuntimeError: Engine core initialization failed"  # detail lines are indented
+    # vLLM's last words point to an error a worker logged (with several workers, or one): that error, with the
+    # lines logged under it, or the statement a bare one came from; not a warning's source line further down (s47:
+    # "RuntimeError: Engine core initialization failed. See root cause above. | warnings.warn('resource_tracker")
+    w = "(Worker_TP1 pid=7) ERROR 12-06 15:00:49 [multiproc_executor.py:953] "
+    log.write_text(f"{w}Traceback (most recent call last):\n{w}    raise ValueError(\n{w}ValueError: no kernel. Reasons: \n"
+                   f"{w} A cannot: Unsupported\n{w} B cannot: Input size (48) not supported\n"
+                   "(Worker_TP0 pid=6) ERROR 12-06 15:00:49 [multiproc_executor.py:953] ValueError: no kernel.\n"
+                   "(EngineCore pid=5) ERROR 12-06 [core.py:1] Exception: WorkerProc failed. See stack trace for root cause.\n"
+                   "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s)\n"
+                   "/usr/lib/resource_tracker.py:254: UserWarning: resource_tracker: leaked shared_memory\n"
+                   "  warnings.warn('resource_tracker: There appear to be %d '\n")
+    assert srv.error_summary() == ("(Worker_TP1 pid=7) ValueError: no kernel. Reasons: | A cannot: Unsupported | "
+                                   "B cannot: Input size (48) not supported")
+    log.write_text(f"{w}    assert self.total_num_kv_heads % tp_size == 0\n{w}           ^^^^^^^^^^^\n{w}AssertionError\n"
+                   "(APIServer pid=4) ERROR 12-06 14:50:47 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError:"
+                   " EngineCore encountered an issue. See stack trace (above) for the root cause.\n")
+    assert srv.error_summary() == "(Worker_TP1 pid=7) AssertionError | assert self.total_num_kv_heads % tp_size == 0"
+    log.write_text("RuntimeError: Engine core initialization failed. See root cause above.\n"
+                   "/x.py:1: UserWarning: leaked\n  warnings.warn('leaked')\n")
+    assert srv.error_summary() == "RuntimeError: Engine core initialization failed. See root cause above."
     log.write_text("INFO a\nx ERROR one\nINFO b\ny ERROR two\nz ERROR three\nw ERROR four\nINFO c\n")
     assert srv.error_summary() == "y ERROR two | z ERROR three | w ERROR four"
 

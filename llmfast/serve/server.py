@@ -11,6 +11,7 @@ bound to cores of their own (serve/parallel.py; vLLM's Ray backend does multi-no
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import signal
@@ -32,6 +33,8 @@ from llmfast.serve.parallel import check_parallel
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
+# A traceback line a vLLM process logged: "(Worker_TP1 pid=7) ERROR 12-06 15:00:49 [multiproc_executor.py:953] ..."
+_LOGGED = re.compile(r"^(\(\w+ pid=\d+\) )ERROR \S+ \S+ \[[^\]]*\] ?(.*)")
 
 
 def _is_ipv6(host: str) -> bool:
@@ -148,6 +151,26 @@ def _format_dtype(model_dir: Path) -> str | None:
     return spec.quantizer.cpu_serve_dtype(spec.config) if spec is not None else None
 
 
+def _unlogged(line: str) -> str:
+    """A line a vLLM process logged without its logging prefix; another line as it is."""
+    m = _LOGGED.match(line)
+    return m[2] if m else line
+
+
+def _logged_cause(text: list[str]) -> list[str]:
+    """The first exception a vLLM process logged (a worker's, with several workers), with the lines it logged under
+    it (a kernel's reasons), or for a bare one ("AssertionError") the source line above it."""
+    logged = [(m.group(1), m.group(2)) for m in map(_LOGGED.match, text) if m]
+    for k, (proc, line) in enumerate(logged):
+        if _EXCEPTION_LINE.match(line) and "root cause" not in line:
+            under = itertools.takewhile(lambda pl: pl[0] == proc and pl[1].startswith(" "), logged[k + 1 : k + 4])
+            detail = [d.strip() for _, d in under]
+            if not detail and ":" not in line:  # the statement that raised it, above the ^^^ marks under it
+                detail = [d.strip() for _, d in logged[max(0, k - 3) : k] if d.strip(" ^")][-1:]
+            return [proc + line, *detail]
+    return []
+
+
 class VllmServer:
     """A vLLM server process: `start()`, `wait_ready()`, `stop()`; also a context manager doing all three."""
 
@@ -222,19 +245,24 @@ class VllmServer:
                             f"{self.error_summary()} (full log: {self.log_path}; raise --timeout for large models)")
 
     def error_summary(self) -> str:
-        """The server's own words: its last exception (with the detail lines pydantic puts under it), else its
-        last ERROR log lines, else its last lines."""
+        """The server's own words: its last exception (with the detail lines pydantic puts under it), or where that
+        says "see root cause above", the error a worker or the engine logged; else its last ERROR log lines, else
+        its last lines."""
         try:
             text = [t.rstrip() for t in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
         except OSError:
             return "(no log)"
         text = [t for t in text if t.strip()]
         exc = [i for i, t in enumerate(text) if _EXCEPTION_LINE.match(t)]
-        if exc:
+        last = next((t for t in reversed(text) if _EXCEPTION_LINE.match(_unlogged(t))), "")
+        # vLLM's "See root cause above": the error a worker or the engine logged before
+        chosen = _logged_cause(text) if "root cause" in last else []
+        if not chosen and exc:
             i = exc[-1]
-            detail = [t.strip() for t in text[i + 1 : i + 3] if t.startswith(" ") and "errors.pydantic.dev" not in t]
+            detail = [t.strip() for t in itertools.takewhile(lambda t: t.startswith(" "), text[i + 1 : i + 3])
+                      if "errors.pydantic.dev" not in t]  # contiguous: not a warning's source line further down
             chosen = [text[i], *detail]
-        else:
+        elif not chosen:
             chosen = [t for t in text if " ERROR " in t][-3:] or text[-3:]
         return " | ".join(c[:400] for c in chosen) if chosen else "(empty log)"
 
