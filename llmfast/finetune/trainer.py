@@ -34,6 +34,7 @@ from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, tr
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.metrics import run_metrics
 from llmfast.finetune.optimizers import make_optimizer, optimizer_step
+from llmfast.finetune.output import check_run_output, start_afresh
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
@@ -131,41 +132,6 @@ def _note(acc: Any, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _check_output(recipe: FinetuneRecipe, resume: bool) -> tuple[Path, bool, bool]:
-    """The output, whether there is a checkpoint to resume from, and whether a run killed before its first one
-    is to start again (its files are removed by `_start_afresh` once every process has checked them)."""
-    out = Path(recipe.output)
-    if resume and ckpts.latest_checkpoint(out) is None:
-        if (out / "adapter").exists() or (out / "metrics.json").exists():
-            raise UserError(f"--resume: {out} holds a finished run (adapter/, metrics.json): there is nothing to "
-                            "resume; choose another output")
-        foreign = ckpts.foreign_run_files(out)
-        if foreign:
-            raise UserError(f"--resume: {out} has no checkpoint and holds {foreign}, which a run of llmfast does not "
-                            "write: choose another output")
-        # Killed before its first checkpoint (or before its folder existed): nothing to keep, so it starts again.
-        check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
-        return out, False, True
-    if resume:
-        ckpts.check_same_recipe(out, recipe_dict(recipe))
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise UserError(ckpts.taken_output(out))
-    if not resume:  # a file, a parent that is a file, no permission, the data inside it: one line each
-        check_output(out, overwrite=out.is_dir(), inputs=recipe.inputs())
-    return out, resume, False
-
-
-def _start_afresh(acc: Any, out: Path) -> None:
-    """Process 0 removes the files of a run killed before its first checkpoint, after every process has looked at
-    them in `_check_output` (removed before, another process could read one half gone)."""
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        for name in ckpts.RUN_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        print(f"llmfast: {out} has no complete checkpoint yet: starting from step 0", file=sys.stderr, flush=True)
-
-
 def _accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -201,10 +167,10 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     from llmfast.models import load_tokenizer, resolve_model
 
     tc, dc = recipe.train, recipe.data
-    out, resume, afresh = _check_output(recipe, resume)
+    out, resume, afresh = check_run_output(recipe, resume)
     acc = _accelerator()
     if afresh:
-        _start_afresh(acc, out)
+        start_afresh(acc, out)
     torch.manual_seed(tc.seed)
     with acc.main_process_first():
         model_path = resolve_model(recipe.model)
