@@ -336,6 +336,19 @@ def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data)
         "llmfast does not write: choose another output" in err, err
 
 
+def test_every_evaluation_is_logged(tmp_path, tiny_dir, data):
+    """A line every log_every steps and at each eval_every step, the held-out loss on the latter (the last one is
+    metrics.json's final_eval_loss); each line's loss averages the steps since the line before."""
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", "train.steps=7",
+                           "--set", "train.eval_every=2", "--set", "train.log_every=3")
+    assert code == 0, err
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 3, 4, 6, 7]
+    assert [e["step"] for e in log if "eval_loss" in e] == [2, 4, 6]
+    assert all(math.isfinite(e["eval_loss"]) for e in log if "eval_loss" in e)
+    assert math.isfinite(json.loads((tmp_path / "run" / "metrics.json").read_text())["final_eval_loss"])
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
     run = tmp_path / "run"

@@ -340,7 +340,9 @@ def _train(run: Run) -> dict[str, Any]:
         fresh_eval = None
         if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
             fresh_eval = evaluate(run)
-        if done % tc.log_every == 0 or done == run.total_steps:
+        # an evaluation's step gets a line of its own: with eval_every 2 and log_every 3 steps 2 and 4 were
+        # evaluated and their losses thrown away (s47)
+        if done % tc.log_every == 0 or done == run.total_steps or fresh_eval is not None:
             last_loss = window_loss / window_steps
             if acc.is_main_process:
                 entry = {"step": done, "loss": round(last_loss, 6), "lr": run.scheduler.get_last_lr()[0],
