@@ -111,7 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names = [spec.name, *[a.name for a in spec.loras]]
         print(f"ready: {server.base_url}/v1  models: {', '.join(names)}  (Ctrl-C stops)", flush=True)
         code = server.proc.wait() if server.proc else 1
-        raise UserError(f"vLLM server exited (code {code}): {server.error_summary()} (log: {server.log_path})")
+        # vLLM's API server exits 0 also when its engine died under it (a worker killed): it stopped, not finished
+        raise UserError(f"vLLM server stopped while serving (exit code {code}): {server.error_summary()} "
+                        f"(log: {server.log_path})")
     except KeyboardInterrupt:
         print("stopping vLLM ...", file=sys.stderr)
         server.stop()
