@@ -240,17 +240,24 @@ quality:
   perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}
   tasks: [{{name: repeat, path: {task}}}]
   max_new_tokens: 4
+baseline: all
 output: {out}
 """)
     code, stdout, err = run_cli("bench", "run", str(recipe))
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     by_name = {v["name"]: v for v in res["variants"]}
-    assert set(by_name) == {"base", "repeat", "base-nf4", "base-tp2", "base (transformers baseline)"}
+    assert set(by_name) == {"base", "repeat", "base-nf4", "base-tp2", "base (transformers baseline)",
+                            "repeat (transformers baseline)", "base-tp2 (transformers baseline)"}
     assert [by_name[n]["engine"] for n in ("base", "repeat", "base-nf4", "base-tp2")] == ["vllm", "vllm", "hf", "vllm"]
     # base-tp2 is a server of its own, split over two workers (on this CPU a core each)
     assert [by_name[n]["tensor_parallel_size"] for n in ("base", "base-tp2")] == [1, 2]
     assert "'tensor_parallel_size': 2" in (out / "server-base-tp2.log").read_text()  # vLLM's non-default args
+    # the same weights: their quality and their transformers baseline are measured once (s47)
+    assert by_name["base-tp2"]["quality"] == by_name["base"]["quality"] and not (out / "quality-base-tp2.json").exists()
+    assert "base-tp2: quality measured once for the same weights, as base" in by_name["base-tp2"]["notes"]
+    tp2_base, base_base = by_name["base-tp2 (transformers baseline)"], by_name["base (transformers baseline)"]
+    assert tp2_base["points"] == base_base["points"] and "the same transformers run as" in tp2_base["notes"][0]
     for v in res["variants"]:
         assert [p["max_concurrency"] for p in v["points"]] == [2, 6]
         for p in v["points"]:
@@ -262,7 +269,8 @@ output: {out}
     # The adapter and the 4-bit weights change the model: their perplexities differ from the base's.
     ppl = {n: by_name[n]["quality"]["perplexity"]["ppl"] for n in ("base", "repeat", "base-nf4")}
     assert len({round(x, 4) for x in ppl.values()}) == 3
-    assert [c["max_concurrency"] for c in res["comparisons"]] == [2, 6]
+    assert [(c["variant"], c["max_concurrency"]) for c in res["comparisons"]] == [
+        (n, c) for n in ("base", "repeat", "base-tp2") for c in (2, 6)]
     # a fixed transformers batch size: one run per transformers variant, reused at every concurrency
     for n in ("base-nf4", "base (transformers baseline)"):
         first, second = by_name[n]["points"]

@@ -274,15 +274,29 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
         comparisons: list[dict[str, Any]] = []
         vllm_done = [m for m in measured if m.engine == "vllm" and m.points]
         baseline_for = {"first": vllm_done[:1], "all": vllm_done}.get(recipe.baseline, [])
+        # Variants of the same weights (one model at two parallel sizes, or on two engines) have the same quality and
+        # the same transformers baseline: each is measured once.
+        done: dict[tuple[str, ...], tuple[Measured, Measured | None]] = {}
         for m, (_, _, cfg) in zip(measured, planned):
-            m.quality = _quality(recipe, m, cfg, tmp)
+            lora = str(m.variant.lora.path) if m.variant.lora else ""
+            same = (str(m.variant.model_dir), lora, repr(cfg.quantization))
+            first, first_base = done.get(same, (None, None))
+            m.quality = first.quality if first is not None else _quality(recipe, m, cfg, tmp)
+            if first is not None and m.quality is not None:
+                m.notes.append(f"{m.label}: quality measured once for the same weights, as {first.label}")
             rows.append(m)
+            base = first_base
             if m in baseline_for:
-                base = Measured(m.variant, "hf", f"{m.label}-baseline")
-                _measure_hf(recipe, base, requests, tmp)
+                if base is None:
+                    base = Measured(m.variant, "hf", f"{m.label}-baseline")
+                    _measure_hf(recipe, base, requests, tmp)
+                else:
+                    base = replace(base, points=[dict(p) for p in base.points],
+                                   notes=[f"the same transformers run as {base.label}'s (the same weights)"])
                 base.label = f"{m.label}{BASELINE_SUFFIX}"
                 rows.append(base)
                 comparisons += _comparisons(m, base)
+            done.setdefault(same, (m, base))
         results = {
             "name": Path(recipe.output).name,
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
