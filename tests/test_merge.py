@@ -760,8 +760,11 @@ def test_same_vocabulary_written_differently_is_accepted(family, tmp_path):
     _merge(cfg, tmp_path / "ok")
 
 
-def test_refuses_adapter_on_another_base(family, tmp_path):
-    other_base = _perturb(family["base"], tmp_path / "other-base", 5, only="norm")
+@pytest.mark.parametrize("changed", ["norm", "proj"])
+def test_refuses_adapter_on_another_base(family, tmp_path, changed):
+    """`proj`: a base whose norms and shapes are its base's, as a LoRA export's are, was taken for the base, and its
+    adapter's delta merged onto weights it was not trained on."""
+    other_base = _perturb(family["base"], tmp_path / "other-base", 5, only=changed)
     ad = _make_adapter(other_base, tmp_path / "foreign", 3)
     cfg = _config(tmp_path, "task_arithmetic", [(ad, {"weight": 1})], family["base"])
     _assert_refused(cfg, tmp_path / "out", "trained on", "must share the base")

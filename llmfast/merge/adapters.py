@@ -14,7 +14,6 @@ approximation in Frobenius norm); the relative error ||delta - delta_R||_F / ||d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -137,21 +136,8 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _fingerprint(model_dir: Path) -> str:
-    """Names, shapes and the bytes of every 1-D tensor (norms): tells two bases apart without reading them all."""
-    from llmfast.merge.io import TensorReader
-
-    reader = TensorReader(model_dir)
-    h = hashlib.sha256()
-    for name, (shape, tag, _f) in sorted(reader.index.items()):
-        h.update(f"{name}:{shape}:{tag};".encode())
-        if len(shape) == 1:  # the stored bytes as they are (bfloat16 has no numpy type: torch's .numpy() refused it)
-            h.update(reader.stored_array(name)[0].tobytes())
-    return h.hexdigest()
-
-
 def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, where: str) -> None:
-    """The adapter was trained on `base_dir` (same path, same spec, or identical norms and shapes)."""
+    """The adapter was trained on `base_dir` (same path, same spec, or the same weights by their fingerprint)."""
     trained_on = adapter.base_spec()
     if not trained_on:
         raise UserError(f"{where}: {adapter.path} does not say which base model it was trained on "
@@ -162,7 +148,10 @@ def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, whe
     if trained_on == base_spec:
         return
     if (p / "config.json").is_file():
-        if _fingerprint(p) == _fingerprint(Path(base_dir)):
+        from llmfast.modelfiles import weights_fingerprint
+
+        # the first bytes of every tensor, not the norms alone: a LoRA export keeps its base's norms and shapes
+        if weights_fingerprint(p) == weights_fingerprint(base_dir):
             return
         raise UserError(f"{where}: adapter {adapter.path} was trained on {trained_on}, not on base_model "
                         f"{base_spec}: task vectors must share the base")
