@@ -704,6 +704,28 @@ def test_refuses_architecture_mismatch(family, tmp_path):
     _assert_refused(cfg, tmp_path / "out", "num_hidden_layers=3", "models[1]")
 
 
+def test_refuses_models_of_another_activation_or_relu_cut(family, tmp_path):
+    """A relufy model's cut (config.json, calibrated on its weights) was taken from the reference model alone: two
+    relufy models of other cuts, or one without a cut, merged under one of them without a word."""
+    def variant(src: Path, name: str, **keys) -> Path:
+        shutil.copytree(src, tmp_path / name)
+        c = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**c, **keys}))
+        return tmp_path / name
+
+    relu = {"architectures": ["LlmfastReluLlamaForCausalLM"], "hidden_act": "relu"}
+    cut = variant(family["ft1"], "cut", **relu, llmfast_relu_thresholds=[0.1, 0.2])
+    models = {"silu-relu": [family["ft1"], variant(family["ft2"], "act", hidden_act="relu")],
+              "other cut": [cut, variant(family["ft2"], "cut2", **relu, llmfast_relu_thresholds=[0.1, 0.3])],
+              "no cut": [variant(family["ft2"], "nocut", **relu), cut]}
+    for what, pair in models.items():
+        cfg = _config(tmp_path, "linear", [(m, {"weight": 1}) for m in pair], None)
+        _assert_refused(cfg, tmp_path / "out", "models[1]", "hidden_act=relu" if what == "silu-relu" else "ReLU cut")
+    same = variant(family["ft2"], "same", **relu, llmfast_relu_thresholds=[0.1, 0.2])
+    _merge(_config(tmp_path, "linear", [(cut, {"weight": 1}), (same, {"weight": 1})], None), tmp_path / "ok")
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["llmfast_relu_thresholds"] == [0.1, 0.2]
+
+
 def test_refuses_shape_mismatch(family, tmp_path):
     other = tmp_path / "odd"
     shutil.copytree(family["ft1"], other)

@@ -2,8 +2,8 @@
 
 `plan_merge` reads the config, then only small JSON files and safetensors headers, and refuses with one
 line: an unknown method or parameter, a parameter out of its range, a missing path, a broken config.json
-or a truncated/corrupt safetensors file of any input, a different architecture or tensor shape, a
-different vocabulary (unless `tokenizer_source: base`), an adapter trained on another base.
+or a truncated/corrupt safetensors file of any input, a different architecture, activation, relufy cut or
+tensor shape, a different vocabulary (unless `tokenizer_source: base`), an adapter trained on another base.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def _check_input(src: Source, reference: Path, ref_tensors: dict[str, Any], cfg:
 
 
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+              "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "hidden_act")
 
 
 def _check_architecture(ref: Path, other: Path, where: str) -> None:
@@ -226,6 +226,13 @@ def _check_architecture(ref: Path, other: Path, where: str) -> None:
         if a["config"].get(key) != b["config"].get(key):
             raise UserError(f"{where}: {other} has {key}={b['config'].get(key)} but {ref} has "
                             f"{key}={a['config'].get(key)}: merged models must share one architecture and shape")
+    from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY as CUT
+
+    # relufy's cut, calibrated on its model's weights: the merge would keep the reference's, or none, without a word
+    if a["config"].get(CUT) != b["config"].get(CUT):
+        raise UserError(f"{where}: {other} and {ref} differ in their ReLU cut ({CUT} in config.json, from relufy's "
+                        "`target`), and the merge would keep one of them for weights it was not set on: merge relufy "
+                        "models made without `target`, then cut the merge with relufy {steps: 0, target: T}")
 
 
 def _tokenizer_vocab(path: Path) -> str | None:
