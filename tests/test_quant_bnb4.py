@@ -306,6 +306,10 @@ def test_vllm_takes_bitsandbytes_on_cuda_only_and_bitnet_nowhere(saved: tuple[Pa
     _check_servable_quantization(out, json.loads((out / "llmfast.json").read_text()))  # bitsandbytes: served
     with pytest.raises(UserError, match="bitnet weights that vLLM cannot run on this GPU"):
         _check_servable_quantization(tmp_path, {"quantization": {"method": "bitnet", "config": {}}})
+    # a config no shorthand names is the method alone, not a line of JSON (s47)
+    with pytest.raises(UserError, match=r"holds bitnet weights that vLLM cannot run on this GPU: measure it with"):
+        _check_servable_quantization(tmp_path, {"quantization": {"method": "bitnet", "config": {"qat_steps": 2,
+                                                                                               "lr": 0.001}}})
 
 
 def test_a_relufied_llama_keeps_its_architecture_through_nf4_and_export(tmp_path: Path) -> None:

@@ -210,6 +210,11 @@ def test_vllm_serves_the_artifact_as_quantized(tmp_path: Path) -> None:
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "w4"
     assert main(["quantize", str(_recipe(tmp_path, base, out))]) == 0
+    if not torch.cuda.is_available():  # vLLM refused float32 for int4 on a CPU only after its start-up (s47)
+        code, _, err = run_cli("serve", str(out), "--dtype", "float32", "--port", "0")
+        assert code == 2 and err.strip().splitlines()[-1] == (
+            f"llmfast: error: --dtype float32: vLLM runs the quantized weights of {out} on a CPU in 16 bits only: use "
+            "--dtype bfloat16, or leave --dtype out"), err
     ids = list(range(5, 69))
     script = tmp_path / "vllm_logprobs.py"
     script.write_text(_VLLM_LOGPROBS)

@@ -331,6 +331,10 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)
+    needed = None if machine.cuda else _format_dtype(model_dir)
+    if needed and kwargs.get("dtype") in ("float32", "float"):  # vLLM: "not supported for quantization method inc"
+        raise UserError(f"--dtype {kwargs['dtype']}: vLLM runs the quantized weights of {model_dir} on a CPU in 16 "
+                        f"bits only: use --dtype {needed}, or leave --dtype out")
     adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
@@ -350,8 +354,10 @@ def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> N
     if spec is None or "vllm" in spec.engines():
         return
     where = "this GPU" if torch.cuda.is_available() else "this CPU"
-    raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on {where} "
-                    f"({spec.as_arg()}): measure it with `llmfast bench run` (engine hf) or `llmfast eval`")
+    word = spec.as_arg()  # a shorthand (nf4), else the config as JSON: too long for one line, the method says it
+    raise UserError(f"{model_dir} holds {spec.method} weights that vLLM cannot run on {where}"
+                    f"{f' ({word})' if len(word) <= 40 else ''}: measure it with `llmfast bench run` (engine hf) or "
+                    "`llmfast eval`")
 
 
 def _check_servable_sparsity(model_dir: Path, manifest: dict[str, Any]) -> None:
