@@ -252,3 +252,16 @@ def manifest_quantization(manifest: dict[str, Any] | None, folder: str | Path | 
         return None
     where = Path(folder) / "llmfast.json" if folder is not None else "llmfast.json"
     return parse_quantization(q, where=f"{where}: quantization")
+
+
+def refuse_conv1d(skeleton: Any, method: str) -> None:
+    """GPT-2-style models keep their projections in Conv1D layers (weights stored inputs by outputs): w4 and
+    bitnet write and read nn.Linear layers only (w4's artifact of one did not load back), so refuse up front."""
+    from transformers.pytorch_utils import Conv1D
+
+    if any(isinstance(m, Conv1D) for m in skeleton.modules()):
+        arch = type(skeleton).__name__
+        kind = getattr(getattr(skeleton, "config", None), "model_type", "?")
+        raise UserError(f"{method}: {arch} ({kind}) keeps its projections in GPT-2's Conv1D layers, which {method} "
+                        "does not quantize: it takes models of nn.Linear layers (Llama, Qwen2/3, Mistral, Gemma, "
+                        "Phi-3); use bnb4 (nf4/fp4) for this one")

@@ -139,7 +139,10 @@ class W4(Quantizer):
         check_checkpoint(work / "scales", scale_settings(cfg.scale_steps, cfg.scale_lr, cfg.batch_size))
 
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
+        from llmfast.quant.base import refuse_conv1d
+
         assert isinstance(cfg, W4Config)
+        refuse_conv1d(skeleton, "w4")
         check_shapes(skeleton, cfg.group_size)
 
     def quantize(self, model_dir: Path, cfg: QuantConfigBase, out_dir: Path, **job: Any) -> dict[str, Any]:

@@ -59,7 +59,9 @@ class BitNet(Quantizer):
     def check(self, skeleton: Any, cfg: QuantConfigBase) -> None:
         from llmfast.quant.bitnet.convert import check_shapes
         from llmfast.quant.bitnet.qat import qat_device
+        from llmfast.quant.base import refuse_conv1d
 
+        refuse_conv1d(skeleton, "bitnet")
         check_shapes(skeleton)
         assert isinstance(cfg, BitNetConfig)
         if cfg.qat_steps:  # only training uses the device
