@@ -230,3 +230,32 @@ def test_export_writes_the_merge_in_the_dtype_asked_for(tmp_path, tiny_dir, peft
     assert merged == 4, "q_proj and v_proj of both layers changed by the adapter"
     manifest = json.loads((tmp_path / "out" / "llmfast.json").read_text())
     assert manifest["stage"] == "export" and manifest["recipe"] == {"dtype": dtype}
+
+
+def test_a_gpt2_adapter_merges_to_what_export_writes(tmp_path, tiny_dir):
+    """GPT-2 keeps its projections in Conv1D layers (weights stored inputs by outputs), so PEFT's adapter is
+    fan_in_fan_out and its delta is (B @ A).T; merge refused such adapters outright (found by driving every verb on
+    other families, s47). Task arithmetic of one adapter at weight 1 is the adapter merged in: export's weights."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=64, n_layer=1, n_head=2)).save_pretrained(base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, base / f)
+    torch.manual_seed(0)
+    peft = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    assert run_cli("export", str(tmp_path / "adapter"), str(tmp_path / "exported"))[0] == 0
+    (tmp_path / "ta.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                      f"  - {{model: {tmp_path / 'adapter'}, parameters: {{weight: 1.0}}}}\n")
+    code, _, err = run_cli("merge", str(tmp_path / "ta.yaml"), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged, exported = (load_file(tmp_path / d / "model.safetensors") for d in ("merged", "exported"))
+    before = load_file(base / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(exported[key], before[key])  # the adapter changes it
+    for k, v in exported.items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6, msg=k)

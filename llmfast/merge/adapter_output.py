@@ -30,8 +30,9 @@ def run_adapter_merge(plan: MergePlan, out_dir: Path, adapter_rank: str, progres
         raise UserError("--adapter-rank needs every model in the config to be a LoRA adapter on base_model")
     concat = adapter_rank == "concat"
     targets = sorted({n for s in adapters for n in s.adapter.modules})
-    if any(m.embedding for s in adapters for m in s.adapter.modules.values()):
-        raise UserError("adapters on embeddings cannot be written as a merged adapter yet: merge into a full model")
+    if any(m.transposed for s in adapters for m in s.adapter.modules.values()):
+        raise UserError("adapters on embeddings cannot be written as a merged adapter yet, nor adapters of GPT-2's "
+                        "Conv1D layers (fan_in_fan_out): merge into a full model (leave out --adapter-rank)")
     coeffs = _coefficients(plan, targets) if concat else {}
     rank = sum(max(m.rank for m in s.adapter.modules.values()) for s in adapters) if concat else int(adapter_rank)
     shapes = {n: shape for n, shape, _ in plan.tensors}

@@ -36,7 +36,7 @@ class LoraModule:
     b_key: str
     scale: float
     rank: int
-    embedding: bool  # nn.Embedding: delta = (B @ A).T
+    transposed: bool  # delta = (B @ A).T: an nn.Embedding, or a fan_in_fan_out layer (GPT-2's Conv1D, (in, out))
 
 
 @dataclasses.dataclass
@@ -76,9 +76,8 @@ class LoraAdapter:
                 part = m.group("part") or m.group("part2")
                 parts.setdefault(module, {})[part] = (key, tuple(st.get_slice(key).get_shape()))
         modules = {}
+        # GPT-2's Conv1D stores its weight (in, out): PEFT's delta for it is (B @ A).T, as for an embedding
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-        if fan_in_fan_out:
-            raise UserError(f"{path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
         for module, p in parts.items():
             emb = "lora_embedding_A" in p
             a = p.get("lora_embedding_A" if emb else "lora_A")
@@ -97,7 +96,8 @@ class LoraAdapter:
                                 "positive number: fix lora_alpha / alpha_pattern, or re-create the adapter")
             alpha = float(alpha)
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            modules[f"{module}.weight"] = LoraModule(f"{module}.weight", a[0], b[0], scale, r, emb)
+            modules[f"{module}.weight"] = LoraModule(f"{module}.weight", a[0], b[0], scale, r,
+                                                     emb or fan_in_fan_out)
         return cls(path=path, config=cfg, file=file, modules=dict(sorted(modules.items())))
 
     def base_spec(self) -> str | None:
@@ -116,7 +116,8 @@ class LoraAdapter:
         with safe_open(self.file, framework="pt") as st:
             a = st.get_tensor(mod.a_key).float()
             b = st.get_tensor(mod.b_key).float()
-        if mod.embedding:  # PEFT's embedding LoRA: A (r x vocab), B (dim x r), delta (vocab x dim) = (B @ A).T
+        if mod.transposed:  # PEFT's embedding LoRA: A (r x vocab), B (dim x r), delta (vocab x dim) = (B @ A).T;
+            # a Conv1D's: A (r x in), B (out x r), delta (in x out) = (B @ A).T
             a, b = b.T.contiguous(), a.T.contiguous()
         return a, b, mod.scale
 
@@ -177,7 +178,7 @@ def check_adapter_shapes(adapter: LoraAdapter, ref_tensors: dict[str, Any], wher
                                 "it was trained on another architecture")
             a = tuple(st.get_slice(mod.a_key).get_shape())
             b = tuple(st.get_slice(mod.b_key).get_shape())
-            out_in = (b[0], a[1]) if not mod.embedding else (a[1], b[0])
+            out_in = (b[0], a[1]) if not mod.transposed else (a[1], b[0])
             if tuple(ref_tensors[name][0]) != out_in:
                 raise UserError(f"{where}: adapter {adapter.path} changes {name} as a {list(out_in)} matrix, but the "
                                 f"base's is {list(ref_tensors[name][0])}: it was trained on another base")
