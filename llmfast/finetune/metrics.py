@@ -14,7 +14,7 @@ def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: f
     secs, device = loop["train_seconds"], run.acc.device
     # A resumed run trained on the steps before its checkpoint too: its adapter's record counts them (the stream of
     # micro-batches is the same every time), while its speed is this invocation's.
-    before = sum(run.micro(i).real_tokens for i in range(run.start_step * run.micro_per_step))
+    before = sum(b.real_tokens for step in range(run.start_step) for b in run.step_batches(step))
     return {
         "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
         "train_tokens": before + loop["tokens_seen"],

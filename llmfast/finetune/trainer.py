@@ -115,6 +115,10 @@ class Run:
     def per_epoch(self) -> int:
         return math.ceil(len(self.rows) / self.recipe.train.batch_size)
 
+    def step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step `step`, every process's share."""
+        return [self.micro(step * self.micro_per_step + j) for j in range(self.micro_per_step)]
+
     def micro(self, index: int) -> Batch:
         """Micro-batch `index` of the run's stream (epochs reshuffled, one epoch's batches kept)."""
         tc = self.recipe.train
@@ -257,7 +261,7 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
     """One optimizer step over this process's share of the step's micro-batches: (mean loss, real tokens)."""
     acc, tc = run.acc, run.recipe.train
     rank, world = acc.process_index, run.world
-    batch_list = [run.micro(step * run.micro_per_step + j) for j in range(run.micro_per_step)]
+    batch_list = run.step_batches(step)
     step_targets = sum(b.target_tokens for b in batch_list)
     mine = batch_list[rank::world]
     step_loss = torch.zeros((), device=acc.device)
@@ -404,8 +408,7 @@ def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:
     if eval_loss is not None and not math.isfinite(eval_loss):
         raise _diverged(run, f"the held-out loss became {eval_loss} after the last step")
     if eval_loss is None:
-        again = evaluate(run, [run.micro(run.micro_per_step * (run.total_steps - 1) + j)
-                               for j in range(run.micro_per_step)])
+        again = evaluate(run, run.step_batches(run.total_steps - 1))
         if again is not None and not math.isfinite(again):
             raise _diverged(run, f"the training loss became {again} after the last step (on its own batches)")
     metrics = run_metrics(run, loop, eval_loss, time.perf_counter() - t_start, resume)
