@@ -83,8 +83,10 @@ def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfi
     if dup:
         raise UserError(f"variants: names must differ ({', '.join(dup)} repeated)")
     from llmfast.loading import check_positions
+    from llmfast.serve.machine import detect
 
-    w = recipe.workload
+    w, machine = recipe.workload, detect()
+    cores = None if machine.cuda else len(machine.cores)  # what parallel sizes a vLLM server may take here
     out = []
     for cfg in recipe.variants:
         try:
@@ -95,15 +97,14 @@ def plan(recipe: "BenchRecipe") -> list[tuple["Variant", "Engine", "VariantConfi
         except UserError as e:
             raise UserError(f"variant '{cfg.name}': {e}") from None
         engine = choose_engine(v, cfg.engine)
-        _check_parallel(cfg, v, engine)
+        _check_parallel(cfg, v, engine, cores)
         out.append((v, engine, cfg))
     return out
 
 
-def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine") -> None:
+def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine", cores: int | None) -> None:
     """Parallel sizes split a vLLM server over workers; a transformers engine runs on one device, and vLLM takes
-    only sizes the model and this machine allow (serve/parallel.py)."""
-    from llmfast.serve.machine import detect
+    only sizes the model and this machine (`cores`: None on CUDA) allow (serve/parallel.py)."""
     from llmfast.serve.parallel import check_parallel
 
     keys = ("tensor_parallel_size", "pipeline_parallel_size")
@@ -111,10 +112,9 @@ def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine") -> Non
     if given and engine.family != "vllm":
         raise UserError(f"variant '{cfg.name}': {' and '.join(given)} split a vLLM server, but this variant runs on "
                         f"{engine.name} (one device): remove {' and '.join(given)}, or measure it on vLLM")
-    machine = detect()
     try:
-        check_parallel(v.model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                       None if machine.cuda else len(machine.cores), keys, eager="lora" if v.lora else None)
+        check_parallel(v.model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cores, keys,
+                       eager="lora" if v.lora else None)
     except UserError as e:
         raise UserError(f"variant '{cfg.name}': {e}") from None
 
