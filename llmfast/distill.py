@@ -188,25 +188,26 @@ def _checked_step(ckpt: Path, settings: DistillSettings, rows: str | None) -> in
     return step
 
 
-def _check_step(stepped: bool, loss: float, where: str, student: Any, bar: Any, desc: str) -> None:
+def _check_step(stepped: bool, loss: float, where: str, student: Any, bar: Any, desc: str, lower: str) -> None:
     """A UserError where a step diverged: its loss went NaN or inf, or its update overflowed (`stepped` False); every
-    later step, and the artifact, would be NaN. The progress bar is closed first, so the line is the last."""
+    later step, and the artifact, would be NaN. The progress bar is closed first, so the line is the last. `lower`:
+    the recipe key of the learning rate, and its value, the usual fix."""
     if stepped and math.isfinite(loss):
         return
     bar.close()
     fix = ("float16 weights lack the range this training needs: use dtype bfloat16 or float32"
-           if next(student.parameters()).dtype == torch.float16 else "lower the learning rate")
+           if next(student.parameters()).dtype == torch.float16 else f"lower {lower}")
     cause = f"the distillation loss became {loss}" if stepped else "the update overflowed float32"
     raise UserError(f"{desc}: {cause} {where}: {fix}; nothing was written")
 
 
 def _check_last_update(student: Any, batch: torch.Tensor, target: torch.Tensor, settings: DistillSettings,
-                       mixed: Callable[[], Any], bar: Any, desc: str) -> None:
+                       mixed: Callable[[], Any], bar: Any, desc: str, lower: str) -> None:
     """The last step's update checked as each other step's is, by the loss it gives on its batch: a rate that sent
     the weights to inf or NaN on that step wrote them (an all-NaN relufy model, and exit 0)."""
     with torch.no_grad(), mixed():
         after = kl_to_teacher(student(batch).logits, target, settings.temperature).item()
-    _check_step(True, after, f"after the last step ({settings.steps})", student, bar, desc)
+    _check_step(True, after, f"after the last step ({settings.steps})", student, bar, desc, lower)
 
 
 def check_checkpoint(work: Path, settings: DistillSettings, source: Path | None = None) -> None:
@@ -295,7 +296,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             extra_loss: Callable[[], torch.Tensor] | None = None,
             log_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "distilling",
             evaluate: Callable[[], dict[str, Any]] | None = None, eval_every: int | None = None,
-            autocast: torch.dtype | None = None) -> dict[str, Any]:
+            autocast: torch.dtype | None = None, lr_key: str = "the learning rate") -> dict[str, Any]:
     """Train `student` towards `teacher` on `rows` (windows of token ids) for `settings.steps` steps.
 
     `before_step(step)` adjusts the student (a quantization-strength schedule); `extra_loss()` adds a term (an L1
@@ -303,7 +304,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     with the student in eval mode) is logged at step 0, every `eval_every` steps and at the end: the curve of quality
     against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward passes in that precision; weights,
     gradients, optimizer state and the loss stay float32. Callers refuse a batch of more windows than `rows`
-    (`check_batch`) before any model loads. Returns the final metrics."""
+    (`check_batch`) before any model loads. `lr_key`: the recipe key a divergence's message tells the user to lower.
+    Returns the final metrics."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -326,6 +328,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     if log_path.is_file():
         log_path.write_text("".join(k + "\n" for k in kept))
     loss_value = float("nan")
+    lower = f"{lr_key} ({settings.lr:g})"
 
     def measured() -> dict[str, Any]:
         student.eval()
@@ -358,7 +361,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         loss_value = loss.item()
         done = step + 1
-        _check_step(optimizer_step(optimizer), loss_value, f"at step {done}", student, bar, desc)
+        _check_step(optimizer_step(optimizer), loss_value, f"at step {done}", student, bar, desc, lower)
         bar.update(1)
         bar.set_postfix(kl=f"{loss_value:.4f}")
         evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)
@@ -369,7 +372,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         if done % settings.save_every == 0 and done < settings.steps:
             save_checkpoint(work, student, optimizer, done, settings, rows=digest)
     if start < settings.steps:
-        _check_last_update(student, batch, target, settings, mixed, bar, desc)
+        _check_last_update(student, batch, target, settings, mixed, bar, desc, lower)
     bar.close()
     student.eval()
     return {"steps": settings.steps, "final_kl": loss_value, "train_tokens": settings.steps * settings.batch_size

@@ -645,15 +645,19 @@ def test_a_diverging_run_stops_in_one_line_without_an_adapter(tmp_path, tiny_dir
     ("1e30", 1, 0.1, "the held-out loss became nan after the last step"),
     # without held-out rows nothing looked after the last update: an adapter that makes NaN, exit 0 (s47)
     ("1e30", 1, 0, "the training loss became nan after the last step (on its own batches)"),
-    ("3e38", 2, 0.1, "the update overflowed float32 at step 1"),  # Adam's first update is 10x the rate: a traceback
+    # Adam's first update is 10x the rate: a traceback; without clipping the message says it is off
+    ("3e38", 2, 0.1, "the update overflowed float32 at step 1"),
 ])
 def test_a_run_that_diverges_on_its_last_update_or_overflows_it_saves_nothing(tmp_path, tiny_dir, data, lr, steps,
                                                                                 held_out, said):
+    unclipped = lr == "3e38"
     code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data)), "--set", f"train.lr={lr}", "--set",
-                           f"train.steps={steps}", "--set", f"data.eval_fraction={held_out}")
+                           f"train.steps={steps}", "--set", f"data.eval_fraction={held_out}",
+                           *(["--set", "train.max_grad_norm=null"] if unclipped else []))
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert last.startswith(f"llmfast: error: finetune: {said} (train.lr {float(lr)}): lower train.lr"), last
+    assert ("or set train.max_grad_norm (clipping is off)" in last) == unclipped, last
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -504,3 +504,15 @@ def test_biased_layers_keep_their_bias_through_ternarizing_saving_and_loading(tm
     # transformers' own BitLinear (its unpacking, its bias add) on the same files
     theirs = _logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids)
     torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_diverging_qat_names_its_learning_rate_key(tiny: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A rate near float32's largest value overflows Adam's first update: one line that names the recipe key to
+    lower (it said "the learning rate", which of a recipe's several it did not say), and nothing written."""
+    out = tmp_path / "ternary"
+    assert main(["quantize", str(_recipe(tmp_path, tiny, out, qat_steps=2, lr=1e38))]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("BitNet QAT: the update overflowed float32 at step 1: lower quantization.lr (1e+38); "
+                         "nothing was written"), last
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ternary")) == []

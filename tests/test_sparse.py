@@ -770,9 +770,9 @@ def test_a_rate_that_breaks_the_last_update_or_overflows_it_writes_nothing(tmp_p
     an all-NaN relufy model with exit 0 (s46); a rate near float32's largest value overflowed Adam's first update
     (ten times the rate), a traceback. (A huge first update leaves the tiny model finite, its norms rescaling what it
     scaled; the second makes it NaN, for any rate from 1e20 to 1e36.)"""
-    for lr, said in (("1.0e+30", "relufy: the distillation loss became nan after the last step (2): lower the "
-                                 "learning rate; nothing was written"),
-                     ("1.0e+38", "relufy: the update overflowed float32 at step 1: lower the learning rate")):
+    for lr, said in (("1.0e+30", "relufy: the distillation loss became nan after the last step (2): lower "
+                                 "sparsify.config.lr (1e+30); nothing was written"),
+                     ("1.0e+38", "relufy: the update overflowed float32 at step 1: lower sparsify.config.lr (1e+38)")):
         code, _, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", f"{{steps: 2, lr: {lr}}}")))
         assert code == 2 and "Traceback" not in err and said in err.strip().splitlines()[-1], err[-2000:]
         assert not (tmp_path / "out").exists()

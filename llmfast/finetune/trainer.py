@@ -366,7 +366,13 @@ def _train(run: Run) -> dict[str, Any]:
 
 
 def _diverged(run: Run, what: str) -> UserError:
-    return UserError(f"finetune: {what} (train.lr {run.recipe.train.lr}): lower train.lr, or look for broken rows in "
+    """The usual cause first: float16's range where the run computes in it, then the rate, and clipping when off."""
+    tc = run.recipe.train
+    fixes = ["train.dtype bfloat16 or float32 (float16's range is small)"] if run.dtype == "float16" else []
+    fixes.append("lower train.lr")
+    if tc.max_grad_norm is None:
+        fixes.append("set train.max_grad_norm (clipping is off)")
+    return UserError(f"finetune: {what} (train.lr {tc.lr}): {', or '.join(fixes)}, or look for broken rows in "
                      f"the data; no adapter was saved (start again into another output, or remove {run.out})")
 
 

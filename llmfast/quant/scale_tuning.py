@@ -150,6 +150,7 @@ def tune_scales(path: Path, teacher_dir: Path, rows: torch.Tensor, *, group_size
     if heldout is not None:
         metrics["before_scale_tuning"] = evaluate()
     trained = distill(student, teacher, rows, settings, work_dir, resume=resume, desc="W4 scale tuning",
+                      lr_key="quantization.scale_lr",
                       evaluate=evaluate if heldout is not None else None, eval_every=eval_every)
     metrics |= {"scale_" + k: v for k, v in trained.items()}
     factors = torch.cat([student.get_submodule(n).factor.detach().flatten() for n in names])

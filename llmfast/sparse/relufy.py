@@ -202,7 +202,7 @@ def train(job: SparsifyJob, cfg: RelufyConfig, student: "PreTrainedModel") -> di
         metrics = distill(student, job.model, _training_rows(job, cfg), settings, job.work_dir, resume=job.resume,
                           before_step=before_step, extra_loss=(lambda: cfg.l1 * l1()) if cfg.l1 else None,
                           log_extra=log_extra, desc="relufy", evaluate=evaluate, eval_every=cfg.eval_every,
-                          autocast=autocast)
+                          autocast=autocast, lr_key="sparsify.config.lr")
         if autocast is not None:  # a CPU run's metrics stay as they were
             metrics |= {"gpu": torch.cuda.get_device_name(first.device), "autocast": "bfloat16"}
         return metrics

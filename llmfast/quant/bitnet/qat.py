@@ -105,7 +105,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                            before_step=lambda step: set_strength(model, strength_at(cfg, step)),
                            log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
                            evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
-                           autocast=autocast)
+                           autocast=autocast, lr_key="quantization.lr")
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
