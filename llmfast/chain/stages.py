@@ -75,9 +75,10 @@ def _check_tasks(section: dict[str, Any]) -> None:
 
     names = [names] if isinstance(names, str) else names
     try:
-        check_request([] if names == ["all"] else names, section.get("train", 2000), section.get("test", 200))
+        check_request([] if names == ["all"] else names, section.get("train", 2000), section.get("test", 200),
+                      keys=("train", "test"))
     except UserError as e:
-        raise UserError(f"with: {str(e).replace('--train', 'train').replace('--test', 'test')}") from None
+        raise UserError(f"with: {e}") from None
 
 
 def _tasks_argv(section: dict[str, Any], out: Path, recipe_file: Path, resume: bool) -> list[str]:

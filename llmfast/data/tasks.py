@@ -187,12 +187,15 @@ def write_jsonl(path: str | Path, rows: list[Row]) -> Path:
 MAX_ROWS = 1_000_000
 
 
-def check_request(tasks: list[str], n_train: int, n_test: int) -> None:
-    """The task names and sizes `plan_task_files` takes (a chain checks its tasks stages with it before any runs)."""
+def check_request(tasks: list[str], n_train: int, n_test: int, keys: tuple[str, str] = ("--train", "--test")
+                  ) -> None:
+    """The task names and sizes `plan_task_files` takes (a chain checks its tasks stages with it before any runs,
+    naming its own `keys` for the two sizes)."""
+    train, test = keys
     if n_train < 1 or n_test < 1:
-        raise UserError(f"--train and --test must be at least 1 (got {n_train} and {n_test})")
+        raise UserError(f"{train} and {test} must be at least 1 (got {n_train} and {n_test})")
     if n_train + n_test > MAX_ROWS:  # made in memory: 10**12 grew without end
-        raise UserError(f"--train and --test make {n_train + n_test} rows a task: at most {MAX_ROWS:,}")
+        raise UserError(f"{train} and {test} make {n_train + n_test} rows a task: at most {MAX_ROWS:,}")
     for name in tasks:
         if name not in TASKS:
             also = " ('all' alone, not with other names)" if name == "all" else ""
