@@ -7,6 +7,8 @@ was trained, against (b) the adapter merged in float32 into the dequantized base
 Variants (each made by llmfast's own verbs, then measured here):
   base-fp32      the built-in model, no adapter (context: what the adapter adds)
   merged-fp32    `llmfast export` of the adapter: NF4 base dequantized, adapter merged in float32
+  merge-fp32     `llmfast merge` (task_arithmetic, weight 1) of the adapter: its delta added to the float32 base
+                 itself, not to the NF4 base it was trained against (what merging task vectors does)
   a: nf4+adapter the base quantized to NF4 while loading, the adapter on top (`llmfast eval --adapter
                  --set quantization=nf4`), what `llmfast finetune` trained
   b: nf4         `llmfast quantize` of merged-fp32 with bnb4 NF4 (double quant), a transformers 4-bit checkpoint
@@ -76,6 +78,17 @@ def quantize(work: Path, merged: Path, name: str, quant: dict, data: dict | None
         recipe["data"] = data
     run_verb(["quantize", str(write_json(work / f"{name}.yaml", recipe)), "--overwrite"])
     return work / name
+
+
+def merge_onto_base(work: Path, adapter: Path, reuse: bool) -> Path:
+    """The adapter's task vector on the full-precision base, as `llmfast merge` builds it."""
+    out = work / "merge-fp32"
+    if reuse and (out / "llmfast.json").is_file():
+        return out
+    config = {"merge_method": "task_arithmetic", "base_model": BASE, "dtype": "float32",
+              "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
+    run_verb(["merge", str(write_json(work / "merge-fp32.yaml", config)), str(out), "--overwrite", "--no-progress"])
+    return out
 
 
 def measure(model, tok, args: argparse.Namespace) -> dict:
@@ -170,6 +183,8 @@ def main() -> int:
         src = Path(resolve_model(BASE))
         rows["base-fp32"] = {**measure(load_model(src), tok, args), **model_size(src)}
     rows["merged-fp32"] = {**measure(load_model(merged), tok, args), **model_size(merged)}
+    onto = merge_onto_base(args.work, adapter, args.reuse)
+    rows["merge-fp32"] = {**measure(load_model(onto), tok, args), **model_size(onto)}
     a = load_model(base, adapter=adapter, quantization=quant)
     rows["a: nf4+adapter"] = {**measure(a, tok, args),
                               "linear_weight_bytes": nf4_size["linear_weight_bytes"] + adapter_bytes,
