@@ -488,3 +488,89 @@ def test_the_sparse_mlp_refuses_biased_projections(biased):
             SparseMLP(mlp, mode)
     plain = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2))
     assert SparseMLP(plain, "relu").inter == 16
+
+
+def _peft_adapter(model_dir, out):
+    """A plain PEFT adapter on `model_dir` with random B on every projection, so the merge changes the MLPs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    peft.save_pretrained(out)
+    return out
+
+
+def _derived_relufy(art, source):
+    """`art`, made from the relufy artifact `source` by export, merge or quantize, records relufy's sparsity (the
+    source's settings, its own weights' fingerprint) and keeps the ReLU and its cut in config.json."""
+    import json
+
+    from llmfast.modelfiles import weights_fingerprint
+    from llmfast.sparse.relu_cut import THRESHOLDS_KEY
+
+    spec = json.loads((art / "llmfast.json").read_text()).get("sparsity")
+    assert spec == {"method": "relufy", "config": {}, "weights": weights_fingerprint(art)}, spec
+    cfg, src = (json.loads((d / "config.json").read_text()) for d in (art, source))
+    assert cfg["hidden_act"] == "relu" and cfg[THRESHOLDS_KEY] == src[THRESHOLDS_KEY]
+
+
+def test_an_export_of_a_lora_on_a_relufy_model_runs_on_the_sparse_runtime(artifacts, tmp_path):
+    """Found by hand (s48): `bench offline EXPORT --engine hf-sparse` said "not a sparse artifact" for the export of
+    an adapter on a relufy model with a cut, which every loader runs with the cut: its llmfast.json lacked the
+    sparsity. The runtime on the export equals the hook model (the cut on both)."""
+    from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.finetune.export import export_merged
+
+    src = artifacts["relufy-shift"]
+    out = export_merged(_peft_adapter(src, tmp_path / "adapter"), tmp_path / "export")
+    _derived_relufy(out, src)
+    assert ENGINES.get("hf-sparse").can_run(resolve_variant("e", str(out), None, None)) is None
+    hooked, sparse = pair(out)
+    ids = prompt_ids(out)
+    for a, b in zip(prefill_and_decode(sparse, ids, steps=2), prefill_and_decode(hooked, ids, steps=2)):
+        assert close(a, b)
+
+
+def test_a_merge_of_relufy_models_is_one_and_runs_as_its_source(artifacts, tmp_path):
+    """Found by hand (s48): a merge of relufy models with the same cut lacked the sparsity in its llmfast.json
+    (hf-sparse refused it). A linear merge of the model with itself is the model: the sparse runtime's numbers are
+    the source's."""
+    from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.cli import main
+
+    src = artifacts["relufy-shift"]
+    (tmp_path / "m.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {src}\n    parameters: {{weight: 0.5}}\n"
+                                     f"  - model: {src}\n    parameters: {{weight: 0.5}}\n")
+    assert main(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "merged")]) == 0
+    merged = tmp_path / "merged"
+    _derived_relufy(merged, src)
+    assert ENGINES.get("hf-sparse").can_run(resolve_variant("m", str(merged), None, None)) is None
+    ids = prompt_ids(src)
+    for a, b in zip(prefill_and_decode(pair(merged)[1], ids, steps=2), prefill_and_decode(pair(src)[1], ids, steps=2)):
+        assert close(a, b)
+
+
+def test_a_quantized_relufy_model_stays_one_and_hf_sparse_says_it_is_quantized(artifacts, tmp_path):
+    """Found by hand (s48): bnb4, w4 and bitnet of a relufy model lacked the sparsity, and hf-sparse refused them as
+    "not a sparse artifact". The sparse MLP reads float weights: the refusal says so now; the report's "made by" is
+    still the quantization."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.bench.lineage import compression
+    from llmfast.cli import main
+
+    src = artifacts["relufy-shift"]
+    (tmp_path / "q.yaml").write_text(json.dumps({"model": str(src), "output": str(tmp_path / "q"),
+                                                 "quantization": {"method": "bnb4"}}))
+    assert main(["quantize", str(tmp_path / "q.yaml")]) == 0
+    _derived_relufy(tmp_path / "q", src)
+    v = resolve_variant("q", str(tmp_path / "q"), None, None)
+    assert v.sparsity == "relufy" and "hf-sparse" not in v.families
+    why = ENGINES.get("hf-sparse").can_run(v)
+    assert why.startswith("the sparse MLP reads float weights, not quantized ones"), why
+    assert compression(tmp_path / "q")["method"] == "bnb4"

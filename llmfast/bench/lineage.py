@@ -76,7 +76,8 @@ def compression(model_dir: Path) -> dict[str, Any] | None:
     if not manifest or manifest.get("stage") not in ("quantize", "sparsify"):
         return None
     m = manifest.get("metrics") or {}
-    spec = manifest.get("sparsity") or manifest.get("quantization") or {}
+    # by the stage: a quantized relufy model records the relufy sparsity it keeps as well (sparse/derived.py)
+    spec = manifest.get("quantization" if manifest["stage"] == "quantize" else "sparsity") or {}
     method = spec.get("method")
     under = spec.get("attention")  # TEAL's attention thresholds kept under Deja Vu (sparse/stacked.py)
     if method and under:

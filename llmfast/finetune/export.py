@@ -121,6 +121,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     from llmfast.models import attach_adapter, check_adapter_dir
     from llmfast.quant import manifest_quantization
     from llmfast.serve.vllm_plugin import mark_relu_architecture
+    from llmfast.sparse.derived import carried_sparsity
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     _check_dtype(dtype)
@@ -171,5 +172,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         mark_relu_architecture(tmp)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)
         write_manifest(tmp, stage="export", parents=[str(adapter_dir)], recipe={"dtype": dtype},
                        metrics=manifest.get("metrics", {}),
-                       base_quantization=quant.manifest() if quant is not None else None)
+                       base_quantization=quant.manifest() if quant is not None else None,
+                       **carried_sparsity([base], tmp))  # a relufy base's ReLU (and cut) is the export's
     return out_dir

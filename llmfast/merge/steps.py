@@ -163,5 +163,10 @@ def write_merge_manifest(plan: MergePlan, tmp: Path, metrics: dict[str, Any], ki
     parents = [s.spec for s in plan.inputs if kind == "model" or s.kind == "adapter"]
     if kind == "model" and plan.config.base_model and not any(s.is_base for s in plan.inputs):
         parents.append(plan.config.base_model)
+    if kind == "model":  # relufy models (plan.py refuses differing activations or cuts): the merge is one too
+        from llmfast.sparse.derived import carried_sparsity
+
+        models = [s.path for s in plan.inputs if s.kind == "model"]
+        extra |= carried_sparsity([*models, *([plan.base.path] if plan.base is not None else [])], tmp)
     write_manifest(tmp, stage="merge", parents=parents, recipe=recipe_dict(plan.config), metrics=metrics,
                    output_kind=kind, seed=plan.seed, **extra)

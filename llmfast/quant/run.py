@@ -63,6 +63,7 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
     from llmfast.memory import peak_memory_gib
     from llmfast.modelfiles import weights_fingerprint
     from llmfast.models import load_tokenizer, resolve_model
+    from llmfast.sparse.derived import carried_sparsity
 
     spec = recipe.quantization
     out = check_output(recipe.output, overwrite, inputs=[recipe.model if Path(recipe.model).exists() else None])
@@ -117,7 +118,8 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
         metrics["wall_seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_gib"] = round(peak_memory_gib("cpu"), 3)
         write_manifest(tmp, stage="quantize", parents=[str(source)], recipe=recipe.model_dump(mode="json"),
-                       metrics=metrics, quantization=spec.manifest())
+                       metrics=metrics, quantization=spec.manifest(),
+                       **carried_sparsity([Path(source)], tmp))  # a relufy model's ReLU and cut are kept
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)
     print(f"quantized {recipe.model} with {spec.method} in {metrics['wall_seconds']} s", file=sys.stderr)

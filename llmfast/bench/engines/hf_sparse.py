@@ -36,7 +36,8 @@ class HfSparseEngine(OfflineEngine):
 
         # the second: a sparse artifact made over a quantized model (earlier versions of sparsify took one)
         if variant.quantization is not None or already_quantized(variant.model_dir):
-            return "the sparse MLP reads float weights, not quantized ones"
+            return ("the sparse MLP reads float weights, not quantized ones (the full-precision model it was "
+                    "quantized from runs on hf-sparse)")
         from llmfast.modelfiles import describe_model_dir
 
         if describe_model_dir(variant.model_dir)["config"].get("mlp_bias"):  # SparseMLP refused it mid-run: a traceback, 0 tok/s
