@@ -534,6 +534,19 @@ def test_an_export_of_a_lora_on_a_relufy_model_runs_on_the_sparse_runtime(artifa
         assert close(a, b)
 
 
+def test_export_refuses_a_base_whose_sparsity_lives_in_files(artifacts, tiny_dir, tmp_path):
+    """Found by hand (s48): `export ADAPTER OUT --base TEAL_ARTIFACT` (its weights are hard links to the model the
+    adapter was trained on, so --base took it) wrote the merge without the thresholds or predictors, exit 0."""
+    from llmfast.finetune.export import export_merged
+
+    adapter = _peft_adapter(tiny_dir, tmp_path / "adapter")
+    for method in ("teal", "cats", "dejavu"):
+        with pytest.raises(UserError, match=rf"{method} is a {method} artifact: .* which export does not carry over; "
+                                            r"export onto the model it was made from \(--base\), then sparsify"):
+            export_merged(adapter, tmp_path / "out", base=str(artifacts[method]))
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_merge_of_relufy_models_is_one_and_runs_as_its_source(artifacts, tmp_path):
     """Found by hand (s48): a merge of relufy models with the same cut lacked the sparsity in its llmfast.json
     (hf-sparse refused it). A linear merge of the model with itself is the model: the sparse runtime's numbers are

@@ -121,7 +121,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     from llmfast.models import attach_adapter, check_adapter_dir
     from llmfast.quant import manifest_quantization
     from llmfast.serve.vllm_plugin import mark_relu_architecture
-    from llmfast.sparse.derived import carried_sparsity
+    from llmfast.sparse.derived import carried_sparsity, refuse_sparse_files
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     _check_dtype(dtype)
@@ -129,6 +129,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     manifest = read_manifest(adapter_dir) or {}
     base = base_of(adapter_dir, manifest, base)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
+    # the thresholds or predictors fit the base's weights, not the merged ones (a TEAL artifact hard-links the
+    # weights of the model it was made from, so --base names it as that model's equal)
+    refuse_sparse_files(base, "export", "export onto the model it was made from (--base), then sparsify the export")
     quant = manifest_quantization(manifest, adapter_dir)
     # an adapter trained on a saved 4-bit artifact: its own format loads it (then dequantized like a QLoRA base)
     own = manifest_quantization(read_manifest(base), base) if quant is None else None

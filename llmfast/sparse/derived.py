@@ -6,13 +6,16 @@ and every loader puts the cut on, so the derived model's MLP activation is zero 
 below the cut, whatever its weights: it is a relufy artifact as much as its source, and its llmfast.json says so
 (the source's relufy settings and its own weights' fingerprint), so that what reads the manifest (the hf-sparse
 bench engine, serve's check, reports) takes it for one. TEAL, CATS and Deja Vu keep theirs in files fitted to the
-source's weights, which new weights would not fit: the verbs refuse those sources (sources.py).
+source's weights, which new weights would not fit: the verbs refuse those sources (sources.py; `refuse_sparse_files`
+for export's base).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable
+
+from llmfast.errors import UserError
 
 
 def carried_sparsity(sources: Iterable[Path], out: Path) -> dict[str, Any]:
@@ -30,3 +33,12 @@ def carried_sparsity(sources: Iterable[Path], out: Path) -> dict[str, Any]:
                                  "weights": weights_fingerprint(out)}}
     return {}
 
+
+def refuse_sparse_files(path: Path, verb: str, instead: str) -> None:
+    """One line when `path` is a TEAL, CATS or Deja Vu artifact, whose thresholds or predictors `verb` would drop."""
+    from llmfast.sources import sparse_files_method
+
+    method = sparse_files_method(path)
+    if method:
+        raise UserError(f"{path} is a {method} artifact: its sparsity lives in files beside the weights, fitted to "
+                        f"them, which {verb} does not carry over; {instead}")
