@@ -22,12 +22,13 @@ def carried_sparsity(sources: Iterable[Path], out: Path) -> dict[str, Any]:
     """`{"sparsity": ...}` for write_manifest of the model written at `out` from `sources` (the base an adapter is
     merged into, a merge's models, a quantized model): relufy's, from the first source that is a relufy artifact
     (made by sparsify or carried so), with the fingerprint of `out`'s own weights and config.json, which
-    `sparsity_section` checks; empty when no source is one."""
+    `sparsity_section` checks; empty when no source is one. The sources' fingerprints are not checked here, after
+    the work: what decides is `out`'s config.json, which holds the ReLU and the cut it runs with."""
+    from llmfast.artifacts import read_manifest
     from llmfast.modelfiles import weights_fingerprint
-    from llmfast.sparse.base import sparsity_section
 
     for source in sources:
-        spec = sparsity_section(source)
+        spec = (read_manifest(source) or {}).get("sparsity") or {}
         if spec.get("method") == "relufy":
             return {"sparsity": {"method": "relufy", "config": spec.get("config") or {},
                                  "weights": weights_fingerprint(out)}}
