@@ -882,3 +882,42 @@ def test_a_bench_recipe_without_percentiles_is_refused_by_key():
 
     with pytest.raises(UserError, match="workload.percentiles: List should have at least 1 item"):
         validate({"variants": [{"name": "a", "model": "m"}], "workload": {"percentiles": []}}, BenchRecipe, "b.yaml")
+
+
+def test_variants_of_the_same_weights_share_one_transformers_baseline(tmp_path, tiny_dir, tiny, monkeypatch):
+    """bench run measures the transformers baseline of some weights once, for the first variant of them that has one;
+    a later variant reuses that run. Before s48 only the first variant's baseline was remembered: after a variant of
+    the same weights without one (its server failed to start), each later variant ran transformers again."""
+    import concurrent.futures
+
+    import llmfast.bench.runner as runner
+    from llmfast.bench.report import BASELINE_SUFFIX
+    from llmfast.recipe import BenchRecipe
+
+    class InProcess(concurrent.futures.ThreadPoolExecutor):  # the engine's own process, here a thread: counted below
+        def __init__(self, max_workers=None, mp_context=None):
+            super().__init__(max_workers)
+
+    batches = []
+    real = runner.hf_point
+
+    def hf_point(variant, requests, batch_size, *args):
+        batches.append(batch_size)
+        return real(variant, requests, batch_size, *args)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(runner, "hf_point", hf_point)
+    names = ("failed", "tp2", "pp2")
+    recipe = BenchRecipe.model_validate({"variants": [{"name": n, "model": str(tiny_dir)} for n in names],
+                                         "baseline": "all", "workload": {"num_prompts": 2, "input_len": 6,
+                                         "output_len": 2, "max_concurrency": [2], "percentiles": [50]}})
+    served = {"max_concurrency": 2, "status": "ok", "output_throughput": 10.0}  # what a vLLM server measured
+    measured = [runner.Measured(Variant(n, tiny_dir), "vllm", n, points=[] if n == "failed" else [dict(served)])
+                for n in names]
+    reqs = random_requests(tiny[1], 2, input_len=6, output_len=2, seed=0)
+    rows, comparisons = runner._rows(recipe, measured, recipe.variants, measured[1:], reqs, tmp_path)
+    assert batches == [2]  # one transformers run
+    assert [r.label for r in rows] == ["failed", "tp2", f"tp2{BASELINE_SUFFIX}", "pp2", f"pp2{BASELINE_SUFFIX}"]
+    assert rows[4].points == rows[2].points and rows[4].notes == [
+        f"the same transformers run as tp2{BASELINE_SUFFIX}'s (the same weights)"]
+    assert [c["variant"] for c in comparisons] == ["tp2", "pp2"]

@@ -235,12 +235,48 @@ def _comparisons(v: Measured, base: Measured) -> list[dict[str, Any]]:
             for pv, ph in zip(v.points, base.points) if ph.get("output_throughput")]
 
 
+def _rows(recipe: "BenchRecipe", measured: list[Measured], cfgs: list["VariantConfig"], baseline_for: list[Measured],
+          requests: list["Request"], out: Path) -> tuple[list[Measured], list[dict[str, Any]]]:
+    """The report's rows (each variant, then its transformers baseline if it has one) and the comparisons.
+
+    Variants of the same weights (one model at two parallel sizes, or on two engines) have the same quality and the
+    same transformers baseline: each is measured once, by the first variant that needs it."""
+    from llmfast.bench.report import BASELINE_SUFFIX
+
+    rows: list[Measured] = []
+    comparisons: list[dict[str, Any]] = []
+    done: dict[tuple[str, ...], tuple[Measured, Measured | None]] = {}  # weights -> first variant, baseline run
+    for m, cfg in zip(measured, cfgs):
+        lora = str(m.variant.lora.path) if m.variant.lora else ""
+        same = (str(m.variant.model_dir), lora, repr(cfg.quantization))
+        first, first_base = done.get(same, (None, None))
+        m.quality = first.quality if first is not None else _quality(recipe, m, cfg, out)
+        if first is not None and m.quality is not None:
+            m.notes.append(f"{m.label}: quality measured once for the same weights, as {first.label}")
+        rows.append(m)
+        base = first_base
+        if m in baseline_for:
+            if base is None:
+                base = Measured(m.variant, "hf", f"{m.label}-baseline")
+                _measure_hf(recipe, base, requests, out)
+            else:
+                base = replace(base, points=[dict(p) for p in base.points],
+                               notes=[f"the same transformers run as {base.label}'s (the same weights)"])
+            base.label = f"{m.label}{BASELINE_SUFFIX}"
+            rows.append(base)
+            comparisons += _comparisons(m, base)
+        # the first baseline run of these weights, also when an earlier variant of them had none (a failed server, a
+        # transformers variant): a later one reuses it
+        done[same] = (first if first is not None else m, first_base if first_base is not None else base)
+    return rows, comparisons
+
+
 def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     """Measure every variant; write report.md, the plots and results.json into the recipe's output (an existing one
     only with `overwrite`, never a variant's model or adapter, checked before anything runs); return report.md."""
     from llmfast.artifacts import atomic_dir, atomic_write_json, check_output, write_manifest
     from llmfast.bench.engines import ENGINES
-    from llmfast.bench.report import BASELINE_SUFFIX, markdown, plots
+    from llmfast.bench.report import markdown, plots
     from llmfast.bench.workload import random_requests
     from llmfast.models import load_tokenizer
     from llmfast.recipe import recipe_dict
@@ -270,33 +306,9 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
         for m in measured:
             if m.engine != "vllm":  # hf, hf-sparse: transformers in a process of its own
                 _measure_hf(recipe, m, requests, tmp)
-        rows: list[Measured] = []
-        comparisons: list[dict[str, Any]] = []
         vllm_done = [m for m in measured if m.engine == "vllm" and m.points]
         baseline_for = {"first": vllm_done[:1], "all": vllm_done}.get(recipe.baseline, [])
-        # Variants of the same weights (one model at two parallel sizes, or on two engines) have the same quality and
-        # the same transformers baseline: each is measured once.
-        done: dict[tuple[str, ...], tuple[Measured, Measured | None]] = {}
-        for m, (_, _, cfg) in zip(measured, planned):
-            lora = str(m.variant.lora.path) if m.variant.lora else ""
-            same = (str(m.variant.model_dir), lora, repr(cfg.quantization))
-            first, first_base = done.get(same, (None, None))
-            m.quality = first.quality if first is not None else _quality(recipe, m, cfg, tmp)
-            if first is not None and m.quality is not None:
-                m.notes.append(f"{m.label}: quality measured once for the same weights, as {first.label}")
-            rows.append(m)
-            base = first_base
-            if m in baseline_for:
-                if base is None:
-                    base = Measured(m.variant, "hf", f"{m.label}-baseline")
-                    _measure_hf(recipe, base, requests, tmp)
-                else:
-                    base = replace(base, points=[dict(p) for p in base.points],
-                                   notes=[f"the same transformers run as {base.label}'s (the same weights)"])
-                base.label = f"{m.label}{BASELINE_SUFFIX}"
-                rows.append(base)
-                comparisons += _comparisons(m, base)
-            done.setdefault(same, (m, base))
+        rows, comparisons = _rows(recipe, measured, [cfg for _, _, cfg in planned], baseline_for, requests, tmp)
         results = {
             "name": Path(recipe.output).name,
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
