@@ -203,6 +203,21 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     assert " ".join(argv).endswith(f"--max-loras 2 --lora-modules a={ad.path} b={tmp_path / 'small' / 'adapter'}")
 
 
+def test_the_machine_is_detected_once_from_prepare_spec_to_the_command(tiny_dir, monkeypatch):
+    """prepare_spec detects the machine (and reads the model's quantized format) once for its checks and the command
+    line; server_command of a spec made directly finds them itself, to the same command (s48: each did both)."""
+    import dataclasses
+
+    import llmfast.serve.server as server
+
+    calls = []
+    monkeypatch.setattr(server, "detect", lambda: calls.append(1) or Machine(False, [0, 1], frozenset(), 8.0))
+    spec = server.prepare_spec(str(tiny_dir), port=9001)
+    argv, env = server_command(spec)
+    assert len(calls) == 1 and "--dtype float32" in " ".join(argv)
+    assert server_command(dataclasses.replace(spec, found=None)) == (argv, env) and len(calls) == 2
+
+
 def test_parallel_sizes_the_model_or_the_machine_cannot_take(tiny_dir, monkeypatch):
     """Tensor parallelism splits the heads, pipeline parallelism the layers, and on a CPU each worker takes cores of
     its own: other sizes are one line naming the setting, before vLLM spends its start-up refusing them."""

@@ -107,6 +107,9 @@ class ServerSpec:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
+    # the machine and the dtype the model's quantized format needs on its CPU, as prepare_spec found them once;
+    # None: server_command finds them (a spec made directly, as bench run's servers are)
+    found: tuple[Machine, str | None] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -115,11 +118,15 @@ class ServerSpec:
 
 def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's argv and the environment additions, machine defaults first, the user's last."""
-    machine = machine or detect()
+    if machine is None and spec.found is not None:
+        machine, needed = spec.found
+    else:
+        machine = machine or detect()
+        needed = None if machine.cuda or spec.dtype else _format_dtype(spec.model)
     env_defaults, flags = vllm_defaults(machine, spec.tensor_parallel_size * spec.pipeline_parallel_size)
     if spec.dtype:
         flags = ["--dtype", spec.dtype]
-    elif not machine.cuda and (needed := _format_dtype(spec.model)):
+    elif needed:
         flags = ["--dtype", needed]  # a quantized format vLLM runs only in that dtype on a CPU
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model),
             "--served-model-name", spec.name, "--host", spec.host, "--port", str(spec.port), *flags,
@@ -142,12 +149,13 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     return argv, env
 
 
-def _format_dtype(model_dir: Path) -> str | None:
-    """The dtype the model's quantization method needs vLLM to run it in on a CPU (llmfast.quant decides)."""
+def _format_dtype(model_dir: Path, manifest: dict[str, Any] | None = None) -> str | None:
+    """The dtype the model's quantization method needs vLLM to run it in on a CPU (llmfast.quant decides); `manifest`
+    the model's llmfast.json when it was read already."""
     from llmfast.artifacts import read_manifest
     from llmfast.quant import manifest_quantization
 
-    spec = manifest_quantization(read_manifest(model_dir), model_dir)
+    spec = manifest_quantization(manifest if manifest is not None else read_manifest(model_dir), model_dir)
     return spec.quantizer.cpu_serve_dtype(spec.config) if spec is not None else None
 
 
@@ -331,7 +339,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)
-    needed = None if machine.cuda else _format_dtype(model_dir)
+    needed = None if machine.cuda else _format_dtype(model_dir, manifest)
     if needed and kwargs.get("dtype") in ("float32", "float"):  # vLLM: "not supported for quantization method inc"
         raise UserError(f"--dtype {kwargs['dtype']}: vLLM runs the quantized weights of {model_dir} on a CPU in 16 "
                         f"bits only: use --dtype {needed}, or leave --dtype out")
@@ -339,7 +347,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
-    return ServerSpec(model=model_dir, loras=adapters, **kwargs)
+    return ServerSpec(model=model_dir, loras=adapters, found=(machine, needed), **kwargs)
 
 
 def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:
