@@ -402,6 +402,9 @@ def test_vllm_command_lines_parse_or_name_the_flag(line):
     (["--backend", "openai-chat"], None),
     (["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "8", "--ramp-up-end-rps", "2"], "0 <= start <= end"),
     (["--request-timeout", "0"], "--request-timeout positive"),
+    # s48: NaN passed the checks (a NaN stall timeout never fires), and an infinite request timeout failed every request
+    (["--request-timeout", "inf"], "--request-timeout positive and finite"),
+    (["--stall-timeout", "nan"], "--stall-timeout and --ready-check-timeout-sec must be 0 or more"),
 ])
 def test_vllm_choices_that_do_not_apply(argv, msg):
     code, _, err = run_cli("bench", "serve", "--port", "9", "--num-prompts", "2", *argv)

@@ -232,9 +232,12 @@ def _check_choices(args: argparse.Namespace) -> None:
     if args.tokenizer_mode not in ("auto", "hf"):
         raise UserError(f"--tokenizer-mode {args.tokenizer_mode} does not apply to llmfast bench serve: "
                         "prompts are built with the model's transformers tokenizer (auto or hf)")
-    if args.num_warmups < 0 or args.stall_timeout < 0 or args.request_timeout <= 0 or args.ready_check_timeout_sec < 0:
+    # written so that NaN fails (it passed every `< 0`); an infinite request timeout failed every request
+    # (OverflowError) and an infinite stall timeout is none, as 0
+    if not (args.num_warmups >= 0 and args.stall_timeout >= 0 and args.ready_check_timeout_sec >= 0
+            and 0 < args.request_timeout < math.inf):
         raise UserError("--num-warmups, --stall-timeout and --ready-check-timeout-sec must be 0 or more, "
-                        "--request-timeout positive")
+                        "--request-timeout positive and finite")
 
 
 def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
