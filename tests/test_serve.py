@@ -323,8 +323,11 @@ def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir
         assert refused(extra).startswith(f"the vLLM flags after --: {said}"), refused(extra)
     # what serve sets and waits on (or checks) is not replaced after --, at any size
     for extra, flag in ((["--port", "9000"], "--port"), (["-tp", "2"], "--tensor-parallel-size"),
-                        (["--served_model_name=x"], "--served-model-name"), (["--api-key", "k"], "--api-key")):
+                        (["--served_model_name=x"], "--served-model-name"), (["--api-key", "k"], "--api-key"),
+                        (["--model", "other"], "--model")):
         assert refused(extra, tensor_parallel_size=1).startswith(f"{flag} after --: `llmfast serve` sets it itself")
+    assert refused(["--uds", "/tmp/s"], tensor_parallel_size=1).startswith(
+        "--uds after --: `llmfast serve` waits for the server's HTTP API at --host:--port, where vLLM would not")
     for env, value in (("TORCH_COMPILE_DISABLE", "1"), ("VLLM_CPU_CI_ENV", "1")):
         monkeypatch.setenv(env, value)
         assert refused([]).startswith(f"--pipeline-parallel-size 2 with {env}=1 in the environment: ")

@@ -335,8 +335,12 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
         check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
     machine, extra, pipeline = detect(), kwargs.get("extra_args") or [], kwargs.get("pipeline_parallel_size", 1)
     if may_matter(extra) and (given := parse(extra)[1]):  # vLLM's parser: seconds, only for a flag that may matter
-        raise UserError(f"{given[0]} after --: `llmfast serve` sets it itself, and checks it or waits on it: give "
-                        f"{given[0]} before --")
+        flag = given[0]
+        if flag in ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc"):
+            raise UserError(f"{flag} after --: `llmfast serve` waits for the server's HTTP API at --host:--port, "
+                            f"where vLLM would not answer with {flag}: run vLLM's own server for it")
+        how = "give the model as serve's MODEL" if flag == "--model" else f"give {flag} before --"
+        raise UserError(f"{flag} after --: `llmfast serve` sets it itself, and checks it or waits on it: {how}")
     eager = "--lora" if loras else uncompiled(extra) if pipeline > 1 and not machine.cuda else None
     check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), pipeline,
                    None if machine.cuda else len(machine.cores), eager=eager)

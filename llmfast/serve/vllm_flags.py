@@ -18,9 +18,12 @@ from llmfast.errors import UserError
 # Flags that make vLLM run the model uncompiled on a CPU (its LoRA layers do too: platforms/cpu.py), or could.
 _COMPILING = ("--enforce-eager", "--no-enforce-eager", "--optimization-level", "--compilation-config",
               "--enable-lora", "--no-enable-lora", "--config")
-# What serve sets itself, and waits on or checks: after `--` they would replace it unchecked.
-OWNED = {"port": "--port", "host": "--host", "served_model_name": "--served-model-name", "api_key": "--api-key",
-         "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size"}
+# What serve sets itself, and waits on or checks: after `--` they would replace it unchecked (a later flag wins), or
+# serve where serve does not wait (a Unix socket, TLS, no API server): the start would time out.
+OWNED = {"model": "--model", "port": "--port", "host": "--host", "served_model_name": "--served-model-name",
+         "api_key": "--api-key", "tensor_parallel_size": "--tensor-parallel-size",
+         "pipeline_parallel_size": "--pipeline-parallel-size", "uds": "--uds", "ssl_certfile": "--ssl-certfile",
+         "ssl_keyfile": "--ssl-keyfile", "headless": "--headless", "grpc": "--grpc"}
 _SHORT = ("-O", "-c", "-t", "-p")  # -O0, -cc, -tp, -pp (and argparse's prefixes of them)
 
 
