@@ -230,10 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _vllm_cut(argv: list[str]) -> int:
+    """Where the `serve` verb's own arguments end: its `--` (what follows is vLLM's), else the end. Only the verb
+    `serve` takes one (`bench serve` is bench's: `"serve" in argv` took its `--` too and dropped what followed)."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    return argv.index("--") if verb == "serve" and "--" in argv else len(argv)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse a command line; for `serve`, what follows `--` goes to vLLM untouched (argparse alone refuses it)."""
     argv = list(argv)
-    cut = argv.index("--") if "serve" in argv and "--" in argv else len(argv)
+    cut = _vllm_cut(argv)
     head = [a for a in argv[:cut] if a != "--debug"]  # --debug after the verb too: it belongs to the top parser
     try:
         args = build_parser().parse_args((["--debug"] if len(head) < cut else []) + head)
@@ -248,7 +255,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    own = argv[: argv.index("--")] if "serve" in argv and "--" in argv else argv  # after serve's --: vLLM's
+    own = argv[: _vllm_cut(argv)]  # after serve's --: vLLM's
     debug = "--debug" in own or bool(os.environ.get("LLMFAST_DEBUG"))
     previous = stop_on_signals()
     try:

@@ -48,6 +48,15 @@ def test_debug_after_the_verb_is_the_same_flag():
     assert parse_args(["eval", "r.yaml", "--debug"]).debug and not parse_args(["eval", "r.yaml"]).debug
     args = parse_args(["serve", "m", "--debug", "--", "--max-num-seqs", "8", "--debug"])
     assert args.debug and args.vllm_args == ["--max-num-seqs", "8", "--debug"]
+    assert parse_args(["--debug", "serve", "m", "--", "-O3"]).vllm_args == ["-O3"]
+
+
+def test_only_the_serve_verb_passes_what_follows_dashes_to_vllm():
+    """`bench serve ... -- --request-rate abc` ran with the flags after `--` silently dropped (`"serve" in argv` took
+    bench's subcommand for the verb, s48): bench takes no pass-through, so it is argparse's usage error."""
+    code, _, err = run_cli("bench", "serve", "--port", "9", "--", "--request-rate", "abc")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "llmfast: error: unrecognized arguments: -- --request-rate abc"), err
 
 
 def test_bench_serve_sweeps_take_each_value_once_and_no_nan(tmp_path):
