@@ -260,6 +260,8 @@ CASES = [
     Case("bench-offline-batch-size-negative", ("bench", "offline", "{W}/models/tiny", "--engine", "hf",
                                                "--batch-size", "-1"), "--batch-size -1: must be at least 1",
          owner="serve/bench", subprocess=True),
+    Case("bench-offline-dtype-empty", ("bench", "offline", "{W}/models/tiny", "--engine", "hf", "--dtype", ""),
+         "argument --dtype: invalid choice: ''", owner="serve/bench"),  # it ran with the default (s48)
     Case("bench-offline-seed-negative", ("bench", "offline", "{W}/models/tiny", "--engine", "hf", "--seed", "-1"),
          "--seed -1: must be 0 or more", owner="serve/bench", subprocess=True),
     Case("bench-offline-num-prompts-zero", ("bench", "offline", "{W}/models/tiny", "--engine", "hf",

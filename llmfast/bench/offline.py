@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     p.add_argument("--batch-size", type=int, default=None, help="transformers batch size (default: all prompts, "
                    "up to 64)")
-    p.add_argument("--dtype", help="override the machine's choice")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="override the machine's choice")  # an empty one ran with the default
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
     p.add_argument("--metric-percentiles", default="50,90,99")
     p.add_argument("--seed", type=int, default=0)
