@@ -327,6 +327,9 @@ def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir
                         (["--served_model_name=x"], "--served-model-name"), (["--api-key", "k"], "--api-key"),
                         (["--model", "other"], "--model")):
         assert refused(extra, tensor_parallel_size=1).startswith(f"{flag} after --: `llmfast serve` sets it itself")
+    # vLLM would print its help and exit 0, which serve reported as a failed start (s48)
+    assert refused(["--max-num-seqs", "4", "--help"], tensor_parallel_size=1).startswith(
+        "--help after --: vLLM would print it and start no server; `vllm serve --help` lists vLLM's flags")
     assert refused(["--uds", "/tmp/s"], tensor_parallel_size=1).startswith(
         "--uds after --: `llmfast serve` waits for the server's HTTP API at --host:--port, where vLLM would not")
     for env, value in (("TORCH_COMPILE_DISABLE", "1"), ("VLLM_CPU_CI_ENV", "1")):

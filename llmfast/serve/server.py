@@ -334,6 +334,9 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
 
         check_positions(model_dir, kwargs["max_model_len"], "--max-model-len")
     machine, extra, pipeline = detect(), kwargs.get("extra_args") or [], kwargs.get("pipeline_parallel_size", 1)
+    if asked := next((a for a in extra if a in ("-h", "--help", "--version")), None):  # vLLM prints and exits 0
+        raise UserError(f"{asked} after --: vLLM would print it and start no server; `vllm serve --help` lists "
+                        "vLLM's flags")
     if may_matter(extra) and (given := parse(extra)[1]):  # vLLM's parser: seconds, only for a flag that may matter
         flag = given[0]
         if flag in ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc"):
