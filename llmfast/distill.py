@@ -304,8 +304,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     with the student in eval mode) is logged at step 0, every `eval_every` steps and at the end: the curve of quality
     against training tokens. `autocast` (torch.bfloat16 on a GPU) runs both forward passes in that precision; weights,
     gradients, optimizer state and the loss stay float32. Callers refuse a batch of more windows than `rows`
-    (`check_batch`) before any model loads. `lr_key`: the recipe key a divergence's message tells the user to lower.
-    Returns the final metrics."""
+    (`check_batch`) before any model loads. `lr_key`: the key a divergence's message says to lower. Returns metrics."""
     import contextlib
 
     from tqdm.auto import tqdm

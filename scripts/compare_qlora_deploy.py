@@ -9,6 +9,8 @@ Variants (each made by llmfast's own verbs, then measured here):
   merged-fp32    `llmfast export` of the adapter: NF4 base dequantized, adapter merged in float32
   merge-fp32     `llmfast merge` (task_arithmetic, weight 1) of the adapter: its delta added to the float32 base
                  itself, not to the NF4 base it was trained against (what merging task vectors does)
+  c: nf4         `llmfast quantize` of merge-fp32 with bnb4 NF4 (double quant): off the base's NF4 grid, so its
+                 rounding does not simply return the base's codes
   a: nf4+adapter the base quantized to NF4 while loading, the adapter on top (`llmfast eval --adapter
                  --set quantization=nf4`), what `llmfast finetune` trained
   b: nf4         `llmfast quantize` of merged-fp32 with bnb4 NF4 (double quant), a transformers 4-bit checkpoint
@@ -185,6 +187,10 @@ def main() -> int:
     rows["merged-fp32"] = {**measure(load_model(merged), tok, args), **model_size(merged)}
     onto = merge_onto_base(args.work, adapter, args.reuse)
     rows["merge-fp32"] = {**measure(load_model(onto), tok, args), **model_size(onto)}
+    c_nf4 = quantize(args.work, onto, "merge-nf4", {"method": "bnb4", "type": "nf4", "double_quant": True}, None,
+                     args.reuse)
+    rows["c: nf4"] = {**measure(load_model(c_nf4), tok, args), **model_size(c_nf4),
+                      "codes_changed": codes_changed(load_model(base, quantization=quant), load_model(c_nf4))}
     a = load_model(base, adapter=adapter, quantization=quant)
     rows["a: nf4+adapter"] = {**measure(a, tok, args),
                               "linear_weight_bytes": nf4_size["linear_weight_bytes"] + adapter_bytes,
@@ -201,7 +207,8 @@ def main() -> int:
     for name, r in rows.items():
         print(f"{name:<16}{r['ppl']:>9.2f}{r['dates_accuracy']:>8.0%}{r['linear_weight_bytes'] / 2**20:>12.1f}"
               f"{r['file_bytes'] / 2**20:>10.1f}")
-    print(f"b: nf4 differs from the base's NF4 codes in {changed:.2%} of the weights")
+    print(f"b: nf4 differs from the base's NF4 codes in {changed:.2%} of the weights, "
+          f"c: nf4 in {rows['c: nf4']['codes_changed']:.2%}")
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "adapter": str(adapter),
               "quantization": quant.manifest(), "args": {k: str(v) for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
