@@ -107,6 +107,23 @@ def test_transformers_loads_the_artifact(quantized: tuple[Path, Path]) -> None:
     assert (theirs - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
+def test_loading_holds_one_copy_of_the_weights_in_the_dtype_asked(quantized: tuple[Path, Path]) -> None:
+    """eval and bench's transformers engine load the artifact dequantized: in bfloat16 that is one bfloat16 copy of
+    the weights, plus one layer's float32 decoding at a time. It held three: a randomly initialized model the weights
+    were then copied into, and every weight decoded in float32 beside it."""
+    from test_memory_scale import model_bytes, torch_peak_bytes
+
+    from llmfast.quant.w4_format import load_dequantized
+
+    _, out = quantized
+    model, peak = torch_peak_bytes(lambda: load_dequantized(out, 32, "bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    # the loader that held three copies peaked at 3.4 times the model's bytes here, one copy at 2.2: on a two-layer
+    # model one layer's decoding (int32 nibbles, float32 products) is a large part of the whole
+    assert peak < 2.75 * model_bytes(model)
+
+
 def test_scale_tuning_settings_the_data_cannot_serve_are_refused_before_the_rounding(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """s46: batch_size 2^63-1 overflowed torch's index arithmetic in the scale tuning (a traceback), after AutoRound

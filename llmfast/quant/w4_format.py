@@ -74,8 +74,13 @@ def artifact_packing(path: Path) -> str:
 
 
 def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
-    """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values."""
+    """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values.
+
+    One copy of the weights: the modules are built with their parameters on the meta device (no random
+    initialization of a model that is overwritten, which held a second copy), and each weight is dequantized and
+    cast to `dtype` as it is read (float32 ones for a bfloat16 model were a third)."""
     import torch
+    from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,7 +88,8 @@ def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
 
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    with init_empty_weights(include_buffers=False):  # buffers real: the rotary frequencies are not in the files
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     state: dict[str, Any] = {}
     unpack = dequantize_awq if artifact_packing(path) == "awq" else dequantize_gptq
     for file in sorted(path.glob("*.safetensors")):
@@ -93,13 +99,16 @@ def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
                 if key.endswith(".qweight"):
                     name = key[: -len(".qweight")]
                     state[f"{name}.weight"] = unpack(f.get_tensor(key), f.get_tensor(f"{name}.qzeros"),
-                                                     f.get_tensor(f"{name}.scales"), group_size)
+                                                     f.get_tensor(f"{name}.scales"), group_size
+                                                     ).to(torch_dtype(dtype))
                 elif not key.endswith((".qzeros", ".scales", ".g_idx")):
-                    state[key] = f.get_tensor(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+                    t = f.get_tensor(key)
+                    state[key] = t.to(torch_dtype(dtype)) if t.is_floating_point() else t
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"{path}: its weights do not match its config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}): quantize the model again")
+    del state
     model.tie_weights()
     return model.to(torch_dtype(dtype)).eval()
