@@ -516,3 +516,26 @@ def test_a_diverging_qat_names_its_learning_rate_key(tiny: Path, tmp_path: Path,
     assert last.endswith("BitNet QAT: the update overflowed float32 at step 1: lower quantization.lr (1e+38); "
                          "nothing was written"), last
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ternary")) == []
+
+
+def test_loading_never_holds_the_full_precision_linears(tmp_path: Path) -> None:
+    """A ternary artifact loads into int8 layers: the loader never holds the model in full precision on the way
+    (it built a randomly initialized full-precision model, then swapped its Linears for int8 ones: twice the
+    loaded model's bytes in bfloat16), and gives the same model."""
+    from test_memory_scale import model_bytes, torch_peak_bytes
+    from transformers import LlamaForCausalLM
+
+    from llmfast.quant.bitnet.convert import load_ternary, replace_linears, save_ternary, to_ternary
+    from llmfast.testing import llama_config
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(llama_config(num_layers=4, vocab_size=64)).eval()
+    replace_linears(model, to_ternary)
+    save_ternary(model, None, tmp_path / "ternary")
+    loaded, peak = torch_peak_bytes(lambda: load_ternary(tmp_path / "ternary", "bfloat16"))
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert all(isinstance(loaded.get_submodule(n), TernaryLinear) for n, m in model.named_modules()
+               if isinstance(m, TernaryLinear))
+    ids = torch.tensor([[1, 17, 42, 9, 7, 30, 12, 5]])
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model.to(torch.bfloat16), ids), rtol=0, atol=0)
+    assert peak < 1.5 * model_bytes(loaded)

@@ -125,11 +125,16 @@ def load_ternary(path: str | Path, dtype: str = "float32") -> Any:
                         "'bitnet')")
     del config.quantization_config
     torch_dtype = getattr(torch, dtype)
-    # Built on the CPU, not the meta device: non-persistent buffers (rotary frequencies) must be real.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device, filled by the files below: a model built on the CPU held every Linear in full
+    # precision (randomly initialized) before they were swapped for int8 ones. Buffers stay real: non-persistent
+    # ones (rotary frequencies) are not in the files.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     skip = tuple(qc.get("modules_to_not_convert") or SKIP)
     replace_linears(model, lambda lin: TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                                     dtype=torch_dtype), skip)
+                                                     dtype=torch_dtype, device="meta"), skip)
     state = {}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         for key in f.keys():
