@@ -45,13 +45,40 @@ class DistillSettings:
     log_every: int = 10
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-                  ) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), scaled by T^2 so gradients keep their size across T."""
-    t = temperature
-    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
-    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+class _ChunkedKL(torch.autograd.Function):
+    """t^2 * mean over positions of KL(teacher || student) with its gradient computed in the forward pass, chunk by
+    chunk: autograd kept the float32 log-softmaxes of every position for the backward pass, three copies of the
+    logits at the peak; here the gradient (d/dz = t * (softmax(z_s / t) - softmax(z_t / t)) / N), in the logits'
+    dtype, is the one copy."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, t: float, step: int) -> torch.Tensor:
+        n = len(student)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        for i in range(0, n, step):
+            log_q = F.log_softmax(student[i: i + step].float() / t, dim=-1)
+            log_p = F.log_softmax(teacher[i: i + step].float() / t, dim=-1)
+            total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").double()
+            if grad is not None:
+                grad[i: i + step] = (log_q.exp_() - log_p.exp_()).mul_(t / n)
+        ctx.save_for_backward(grad)
+        return (total / max(n, 1) * t * t).float()
+
+    @staticmethod
+    def backward(ctx: Any, out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(out.to(grad.dtype)) if grad is not None else None), None, None, None  # backward runs once
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), scaled by T^2 so gradients keep their size across T, computed
+    `chunk` positions at a time (default: about 2**24 logits a chunk; the whole batch's float32 log-softmaxes were
+    three copies of its logits: at a 128K vocabulary and 4 windows of 512 tokens, 1 GiB each)."""
+    s, p = student_logits.flatten(0, -2), teacher_logits.detach().flatten(0, -2)
+    step = chunk or max(1, 2**24 // max(s.shape[-1], 1))
+    return _ChunkedKL.apply(s, p, temperature, step)
 
 
 def heldout_kl(student: Any, teacher: Any, rows: torch.Tensor, batch_size: int = 4) -> float:

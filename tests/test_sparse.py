@@ -859,6 +859,16 @@ def test_distillation_loss_is_the_teachers_kl_to_the_student_per_token():
         reverse = float((log_q.exp() * (log_q - log_p)).sum(-1).mean()) * t * t
         got = float(kl_to_teacher(student, teacher, t))
         assert got == pytest.approx(want, rel=1e-5) and abs(want - reverse) > 0.2 * want
+        # its gradient (computed in the forward pass, chunk by chunk) against autograd's of the float64 loss
+        ref = student.double().requires_grad_()
+        log_q = torch.log_softmax(ref / t, -1)
+        ((log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t * 3.0).backward()
+        for chunk in (None, 1, 4):  # in chunks of positions (4 + 2 here): the same mean, and the same gradient
+            mine = student.clone().requires_grad_()
+            loss = kl_to_teacher(mine, teacher, t, chunk=chunk)
+            (loss * 3.0).backward()  # the upstream gradient scales it
+            assert loss.item() == pytest.approx(want, rel=1e-5)
+            torch.testing.assert_close(mine.grad, ref.grad.float(), rtol=1e-4, atol=1e-6)
     assert float(kl_to_teacher(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
 
 
