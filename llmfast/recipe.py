@@ -370,10 +370,12 @@ def _describe(
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     # An override wins over the file for blame.
     str_loc = tuple(str(p) for p in loc)
-    # a section checked whole (quantization's settings) names the key in its message: an override of that key
+    # a section checked whole (quantization's settings) names the key in its message: an override of that key; or
+    # a key only a --set wrote (`--set train.lr=1` on an eval recipe), whose parent's line would blame the file
     msg_text = str(err.get("msg"))
     inside = [k for k in overridden if str_loc and k[: len(str_loc)] == str_loc and (
-        msg_text.removeprefix("Value error, ").startswith(f"{k[-1]}:") or f"'{k[-1]}'" in msg_text)]
+        msg_text.removeprefix("Value error, ").startswith(f"{k[-1]}:") or f"'{k[-1]}'" in msg_text
+        or not {loc, str_loc} & lines.keys())]
     # the --set as written: `--set 'eval.perplexity={...}'` for an error in eval.perplexity.text
     if hit := max((k for k in overridden if str_loc[: len(k)] == k), key=len, default=None):
         where = f"{source} (--set {'.'.join(hit)})"

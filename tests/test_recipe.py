@@ -57,6 +57,7 @@ MALFORMED = [
     ("top level is a list", "- model: x\n", [], [":1:", "a recipe is a mapping"]),
     ("empty recipe", "", [], ["the recipe is empty"]),
     ("unknown key via --set", GOOD, ["--set", "eval.bogus=1"], ["(--set eval.bogus)", "unknown key 'eval.bogus'"]),
+    ("unknown section via --set", GOOD, ["--set", "train.lr=1e-4"], ["(--set train.lr)", "unknown key 'train'"]),
     ("bad value via --set", GOOD, ["--set", "eval.max_new_tokens=lots"], ["(--set eval.max_new_tokens)", "valid integer"]),
     ("malformed --set", GOOD, ["--set", "eval.batch_size"], ["expected KEY=VALUE"]),
     ("--set index out of range", GOOD, ["--set", "eval.tasks.3.limit=1"], ["not an index of a list of 1 items"]),
