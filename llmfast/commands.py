@@ -28,6 +28,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             info = describe_model_dir(path)
             print(f"{name}: {path} ({info['architecture']}, {info['layers']} layers, {info['dtype']})")
         return 0
+    cache = cache_dir()  # a bad $LLMFAST_CACHE is its one line before the table's header, not after it
     print(f"{'name':<24} {'installed':<10} {'prepared':<9} description")
     for m in BUILTINS.values():
         try:
@@ -35,10 +36,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             installed = "yes"
         except UserError:
             installed = "no"
-        prepared = "yes" if (cache_dir() / "models" / "builtin" / m.name / "llmfast.json").is_file() else "no"
+        prepared = "yes" if (cache / "models" / "builtin" / m.name / "llmfast.json").is_file() else "no"
         print(f"{'builtin:' + m.name:<24} {installed:<10} {prepared:<9} {m.description}")
         print(f"{'':<45} source: {m.source}; license {m.license}")
-    print(f"\ncache: {cache_dir()} (set LLMFAST_CACHE to move it)")
+    print(f"\ncache: {cache} (set LLMFAST_CACHE to move it)")
     return 0
 
 

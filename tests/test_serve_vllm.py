@@ -119,6 +119,7 @@ def test_bench_serve_refuses_requests_longer_than_the_server_takes(server, tmp_p
 def test_api_key_is_required(server):
     code, _, err = run_cli("bench", "serve", "--base-url", server.base_url, "--num-prompts", "2", "--api-key", "")
     assert code == 2 and "HTTP 401" in err and "--api-key" in err
+    assert "start a server" not in err  # it is up (the hint said to start one, s48)
 
 
 def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):

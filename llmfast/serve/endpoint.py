@@ -37,6 +37,10 @@ def headers(api_key: str | None, extra: dict[str, str] | None = None) -> dict[st
     return h
 
 
+class Answered(UserError):
+    """A server answered with an HTTP error status: it is up, so hints to start one do not apply."""
+
+
 def get_json(url: str, api_key: str | None = None, timeout: float = 10.0) -> Any:
     """GET a JSON document; every failure is a UserError naming the URL and the cause."""
     req = urllib.request.Request(url, headers=headers(api_key))
@@ -45,7 +49,7 @@ def get_json(url: str, api_key: str | None = None, timeout: float = 10.0) -> Any
             body = r.read()
     except urllib.error.HTTPError as e:
         hint = " (give --api-key or set OPENAI_API_KEY)" if e.code == 401 else ""
-        raise UserError(f"{url} answered HTTP {e.code}{hint}") from None
+        raise Answered(f"{url} answered HTTP {e.code}{hint}") from None
     except urllib.error.URLError as e:
         raise UserError(f"cannot reach {url} ({e.reason})") from None
     except TimeoutError:
@@ -71,6 +75,8 @@ def served_models(base_url: str, api_key: str | None = None, timeout: float = 10
     """The entries of GET /v1/models; an unreachable or foreign endpoint is a one-line error."""
     try:
         doc = get_json(base_url.rstrip("/") + "/v1/models", api_key, timeout)
+    except Answered:  # a server that answered an HTTP error (401: it wants a key) is there: no hint to start one
+        raise
     except UserError as e:
         raise UserError(f"{e} (start a server with `llmfast serve MODEL` or check --base-url)") from None
     data = doc.get("data") if isinstance(doc, dict) else None
