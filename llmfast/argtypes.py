@@ -20,3 +20,17 @@ def positive(kind: type) -> Callable[[str], float]:
         return value
     convert.__name__ = kind.__name__  # argparse names the type in its messages
     return convert
+
+
+def finite(text: str) -> float:
+    """A float that is a number: NaN and inf were sent on (`--temperature nan` went out as JSON NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
+finite.__name__ = "float"  # argparse names the type in its messages

@@ -65,7 +65,10 @@ def test_bench_serve_sweeps_take_each_value_once_and_no_nan(tmp_path):
     base = ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]
     for flags, said in ((["--max-concurrency", "1,1"], "--max-concurrency '1,1': 1 is given twice"),
                         (["--request-rate", "nan"], "--request-rate 'nan': values must be positive"),
-                        (["--burstiness", "0"], "--burstiness 0.0: must be positive")):
+                        (["--burstiness", "0"], "--burstiness 0.0: must be positive"),
+                        # sent on as JSON NaN (s48)
+                        (["--temperature", "nan"], "argument --temperature: 'nan': give a finite number"),
+                        (["--top-p=-inf"], "argument --top-p: '-inf': give a finite number")):
         code, _, err = run_cli(*base, *flags)
         assert code == 2 and said in err.strip().splitlines()[-1], err
 

@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from llmfast.argtypes import finite
 from llmfast.errors import UserError
 
 _HUB = "datasets are read from local files only: download it and use --dataset-name custom or sharegpt"
@@ -127,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (sent with every request; default: the server's)")
     g.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     for name in ("temperature", "top-p", "min-p", "frequency-penalty", "presence-penalty", "repetition-penalty"):
-        g.add_argument(f"--{name}", type=float)
+        g.add_argument(f"--{name}", type=finite)
     g.add_argument("--top-k", type=int)
     g.add_argument("--logprobs", type=int, help="log-probabilities per token to return")
     g.add_argument("--extra-body", help="a JSON object merged into every request body")
