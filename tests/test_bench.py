@@ -716,17 +716,15 @@ def test_a_request_started_after_a_long_quiet_is_not_a_stall():
     assert fresh == "done" and isinstance(waited, asyncio.CancelledError) and stalled
 
 
-@pytest.mark.parametrize("hf_batch_size,expected", [(3, [3]), (None, [2, 6])])
-def test_the_transformers_engine_runs_the_workloads_batch_size(hf_batch_size, expected, tiny_dir, tiny, tmp_path,
-                                                               monkeypatch):
-    """`workload.hf_batch_size` fixes the transformers batch size for every concurrency of the sweep (run once,
-    shown at each); without it each concurrency is the batch size (s44's mutation audit)."""
+@pytest.fixture
+def hf_batches(monkeypatch):
+    """The batch sizes bench run's transformers engine runs, in order: its process (a pool of one) is a thread here,
+    so the real `hf_point` runs and is counted."""
     import concurrent.futures
 
     import llmfast.bench.runner as runner
-    from llmfast.recipe import BenchRecipe
 
-    class InProcess(concurrent.futures.ThreadPoolExecutor):  # the engine's own process, here a thread: seen below
+    class InProcess(concurrent.futures.ThreadPoolExecutor):
         def __init__(self, max_workers=None, mp_context=None):
             super().__init__(max_workers)
 
@@ -739,13 +737,24 @@ def test_the_transformers_engine_runs_the_workloads_batch_size(hf_batch_size, ex
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
     monkeypatch.setattr(runner, "hf_point", hf_point)
+    return batches
+
+
+@pytest.mark.parametrize("hf_batch_size,expected", [(3, [3]), (None, [2, 6])])
+def test_the_transformers_engine_runs_the_workloads_batch_size(hf_batch_size, expected, tiny_dir, tiny, tmp_path,
+                                                               hf_batches):
+    """`workload.hf_batch_size` fixes the transformers batch size for every concurrency of the sweep (run once,
+    shown at each); without it each concurrency is the batch size (s44's mutation audit)."""
+    import llmfast.bench.runner as runner
+    from llmfast.recipe import BenchRecipe
+
     recipe = BenchRecipe.model_validate({"variants": [{"name": "plain", "model": str(tiny_dir)}], "workload": {
         "num_prompts": 3, "input_len": 6, "output_len": 4, "max_concurrency": [2, 6], "hf_batch_size": hf_batch_size,
         "percentiles": [50]}})
     m = runner.Measured(Variant("plain", tiny_dir), "hf", "plain")
     reqs = random_requests(tiny[1], 3, input_len=6, output_len=4, seed=0)
     runner._measure_hf(recipe, m, reqs, tmp_path)
-    assert batches == expected
+    assert hf_batches == expected
     assert [(p["max_concurrency"], p["batch_size"], p["status"]) for p in m.points] == [
         (2, hf_batch_size or 2, "ok"), (6, hf_batch_size or 6, "ok")]
 
@@ -887,29 +896,14 @@ def test_a_bench_recipe_without_percentiles_is_refused_by_key():
         validate({"variants": [{"name": "a", "model": "m"}], "workload": {"percentiles": []}}, BenchRecipe, "b.yaml")
 
 
-def test_variants_of_the_same_weights_share_one_transformers_baseline(tmp_path, tiny_dir, tiny, monkeypatch):
+def test_variants_of_the_same_weights_share_one_transformers_baseline(tmp_path, tiny_dir, tiny, hf_batches):
     """bench run measures the transformers baseline of some weights once, for the first variant of them that has one;
     a later variant reuses that run. Before s48 only the first variant's baseline was remembered: after a variant of
     the same weights without one (its server failed to start), each later variant ran transformers again."""
-    import concurrent.futures
-
     import llmfast.bench.runner as runner
     from llmfast.bench.report import BASELINE_SUFFIX
     from llmfast.recipe import BenchRecipe
 
-    class InProcess(concurrent.futures.ThreadPoolExecutor):  # the engine's own process, here a thread: counted below
-        def __init__(self, max_workers=None, mp_context=None):
-            super().__init__(max_workers)
-
-    batches = []
-    real = runner.hf_point
-
-    def hf_point(variant, requests, batch_size, *args):
-        batches.append(batch_size)
-        return real(variant, requests, batch_size, *args)
-
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
-    monkeypatch.setattr(runner, "hf_point", hf_point)
     names = ("failed", "tp2", "pp2")
     recipe = BenchRecipe.model_validate({"variants": [{"name": n, "model": str(tiny_dir)} for n in names],
                                          "baseline": "all", "workload": {"num_prompts": 2, "input_len": 6,
@@ -919,7 +913,7 @@ def test_variants_of_the_same_weights_share_one_transformers_baseline(tmp_path, 
                 for n in names]
     reqs = random_requests(tiny[1], 2, input_len=6, output_len=2, seed=0)
     rows, comparisons = runner._rows(recipe, measured, recipe.variants, measured[1:], reqs, tmp_path)
-    assert batches == [2]  # one transformers run
+    assert hf_batches == [2]  # one transformers run
     assert [r.label for r in rows] == ["failed", "tp2", f"tp2{BASELINE_SUFFIX}", "pp2", f"pp2{BASELINE_SUFFIX}"]
     assert rows[4].points == rows[2].points and rows[4].notes == [
         f"the same transformers run as tp2{BASELINE_SUFFIX}'s (the same weights)"]
