@@ -30,7 +30,7 @@ from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 from llmfast.serve.parallel import check_parallel
-from llmfast.serve.vllm_flags import may_matter, parse, uncompiled
+from llmfast.serve.vllm_flags import UNWAITABLE, may_matter, parse, uncompiled
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -339,7 +339,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
                         "vLLM's flags")
     if may_matter(extra) and (given := parse(extra)[1]):  # vLLM's parser: seconds, only for a flag that may matter
         flag = given[0]
-        if flag in ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc"):
+        if flag in UNWAITABLE:
             raise UserError(f"{flag} after --: `llmfast serve` waits for the server's HTTP API at --host:--port, "
                             f"where vLLM would not answer with {flag}: run vLLM's own server for it")
         how = "give the model as serve's MODEL" if flag == "--model" else f"give {flag} before --"

@@ -24,6 +24,8 @@ OWNED = {"model": "--model", "port": "--port", "host": "--host", "served_model_n
          "api_key": "--api-key", "tensor_parallel_size": "--tensor-parallel-size",
          "pipeline_parallel_size": "--pipeline-parallel-size", "uds": "--uds", "ssl_certfile": "--ssl-certfile",
          "ssl_keyfile": "--ssl-keyfile", "headless": "--headless", "grpc": "--grpc"}
+# Those of OWNED that make vLLM answer elsewhere than the HTTP API serve waits on.
+UNWAITABLE = ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc")
 _SHORT = ("-O", "-c", "-t", "-p")  # -O0, -cc, -tp, -pp (and argparse's prefixes of them)
 
 
