@@ -145,11 +145,12 @@ def test_chunked_loss_gradients_match(tiny):
 @pytest.mark.parametrize("rows,expected", [
     (['{"messages": [{"role": "user", "content": "x"}]}'], "d.jsonl:1: no assistant turn"),
     (['{"prompt": "x"}'], "d.jsonl:1: missing field 'completion'"),
-    (['{"prompt": "x", "completion": "y"}', '{"text": "x"}'], "d.jsonl:2: missing field 'messages'"),
+    (['{"prompt": "x", "completion": "y"}', '{"question": "x"}'], "d.jsonl:2: missing field 'messages'"),
     (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}'], "d.jsonl:1: messages[0] lacks field 'content'"),
     ([], "d.jsonl: the data set is empty"),
-    (['{"prompt": "x", "completion": "y"}', '{"messages": [{"role": "user", "content": "x"}, '
-      '{"role": "assistant", "content": 5}]}'], "d.jsonl:2: messages[1].content must be a string, not int (5)"),
+    (['{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+      '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}]}'],
+     "d.jsonl:2: messages[1].content must be a string, not int (5)"),
     (['{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "y"}]}'],
      "d.jsonl:1: messages[0].content must be a string, not null"),
     (['{"prompt": "x", "completion": 2021}'], "d.jsonl:1: field 'completion' must be a string, not int"),

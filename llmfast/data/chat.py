@@ -8,12 +8,13 @@ Pieces are tokenized one by one and concatenated: the ids trained on are the ids
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from llmfast.data.jsonl import read_jsonl
+from llmfast.data.jsonl import read_rows
+from llmfast.data.jsonl import where as row_where
+from llmfast.data.shapes import SHAPES, ShapeCheck, must_be_text, to_chat
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,44 +38,22 @@ class Encoded:
 
 
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    """A chat row, or a prompt/completion row turned into one user and one assistant turn."""
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            for field in ("role", "content"):
-                if field not in m:
-                    raise UserError(f"{where}: messages[{i}] lacks field '{field}'")
-                _must_be_text(m[field], f"{where}: messages[{i}].{field}")
-            out.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" for m in out):
-            raise UserError(f"{where}: no assistant turn to learn from (a message with role 'assistant')")
-        return out
-    if "prompt" in row or "completion" in row:
-        for field in ("prompt", "completion"):
-            if field not in row:
-                raise UserError(f"{where}: missing field '{field}' (prompt/completion rows need both)")
-            _must_be_text(row[field], f"{where}: field '{field}'")
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-    raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
+    """A chat row of any shape (shapes.py) as {role, content} messages."""
+    return to_chat(row, where).messages
 
 
-def check_rows(path: str | Path) -> None:
-    """Read a JSONL data set and check every row's shape (no tokenizer needed): the first problem, named."""
-    path = Path(path)
-    for r in read_jsonl(path):
-        to_messages(r, f"{path}:{r['_row']}")
-
-
-def _must_be_text(value: Any, where: str) -> None:
-    # str(5) or str(None) would train on "5" / "None" silently; a wrong type is a mistake in the data.
-    if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        raise UserError(f"{where} must be a string, not {kind} ({json.dumps(value)[:40]}): quote it in the data")
+def check_rows(path: str | Path) -> str:
+    """Read a data file and check every row's shape (no tokenizer needed): the first problem, named; else the shape
+    (shapes.SHAPES' description) its rows have."""
+    check = ShapeCheck()
+    for r in read_rows(path):
+        where = row_where(path, r["_row"])
+        shape = check(r, where)
+        if shape == "text":
+            _text(r, where)
+        else:
+            to_chat(r, where, shape)
+    return SHAPES[check.shape or "messages"]
 
 
 def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
@@ -112,7 +91,9 @@ def check_ids_fit(ids: list[int], vocab: int | None, where: str) -> None:
 
 
 def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
-                    where: str = "") -> Encoded:
+                    where: str = "", learn_from: int = 0) -> Encoded:
+    """Token ids of the conversation with labels on its assistant turns from message `learn_from` on (the ones
+    before are context, as a TRL prompt's example answers)."""
     if not getattr(tokenizer, "chat_template", None):
         named = getattr(tokenizer, "name_or_path", "") or "the model"  # its folder, where it was loaded from one
         raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model "
@@ -125,7 +106,7 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     labels: list[int] = []
     done = ""
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < learn_from:
             continue
         prompt = render(messages[:i], gen=True)
         upto = render(messages[: i + 1], gen=False)
@@ -147,18 +128,24 @@ def load_examples(
     too_long: Literal["truncate", "error"] = "truncate",
     vocab: int | None = None,
 ) -> tuple[list[Encoded], list[str]]:
-    """Read and encode a JSONL or a local `datasets` directory; returns examples and warnings.
+    """Read and encode a data file or a local `datasets` directory, of any one row shape (shapes.py); returns
+    examples and warnings.
 
     With `too_long="truncate"` an example longer than `max_length` keeps its first `max_length` tokens; one
     whose prompt alone fills `max_length` (no answer token left to learn from) is dropped, with a warning
     naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
     """
     path = Path(path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
+    check = ShapeCheck()
     examples, warnings, truncated, dropped = [], [], [], []
     for r in rows:
-        where = f"{path}:{r['_row']}" if path.is_file() else f"{path} row {r['_row']}"
-        ex = encode_messages(tokenizer, to_messages(r, where), r["_row"], where)
+        where = row_where(path, r["_row"])
+        if check(r, where) == "text":
+            ex = encode_text(tokenizer, _text(r, where), r["_row"])
+        else:
+            chat = to_chat(r, where, check.shape)
+            ex = encode_messages(tokenizer, chat.messages, r["_row"], where, chat.learn_from)
         check_ids_fit(ex.input_ids, vocab, where)
         if len(ex) > max_length:
             if too_long == "error":
@@ -185,20 +172,19 @@ def _rows(numbers: list[int]) -> str:
     return f"rows {', '.join(map(str, numbers[:5]))}{', ...' if len(numbers) > 5 else ''}"
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.is_dir():
-        try:
-            from datasets import load_from_disk
+def _text(row: dict[str, Any], where: str) -> str:
+    must_be_text(row["text"], f"{where}: field 'text'")
+    if not row["text"]:
+        raise UserError(f"{where}: field 'text' is empty: drop the row")
+    return row["text"]
 
-            ds = load_from_disk(str(path))
-        except Exception as e:
-            raise UserError(f"{path}: not a dataset saved with datasets.save_to_disk ({type(e).__name__})") from None
-        if hasattr(ds, "keys"):  # a DatasetDict: take its train split
-            if "train" not in ds:
-                raise UserError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds.keys())})")
-            ds = ds["train"]
-        rows = [dict(r, _row=i) for i, r in enumerate(ds)]
-        if not rows:
-            raise UserError(f"{path}: the data set is empty")
-        return rows
-    return read_jsonl(path)
+
+def encode_text(tokenizer: "PreTrainedTokenizerBase", text: str, row: int = 0) -> Encoded:
+    """A plain text row, learned whole as TRL learns its language-modelling rows: the tokenizer's own special tokens
+    (a BOS where it adds one), the end-of-sequence token after it, a label on every token after the first (the first
+    has nothing before it to be predicted from)."""
+    ids = tokenizer(text).input_ids
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids[-1:] != [eos]:
+        ids.append(eos)
+    return Encoded(ids, [IGNORE, *ids[1:]], row)

@@ -1,4 +1,6 @@
-"""Reading JSONL data sets with errors that name the file, row and field."""
+"""Reading data sets (JSON Lines, a .json array, a `datasets.save_to_disk` folder) with errors that name the file,
+row and field. A row's `_row` is the line it starts on in the file (a folder's: its index), so every later error can
+point at it."""
 
 from __future__ import annotations
 
@@ -8,37 +10,143 @@ from typing import Any
 
 from llmfast.errors import UserError
 
+# Formats other tools export that are not JSON: read as JSON Lines they failed at row 1 ("not valid JSON" for a CSV,
+# "not UTF-8" for Parquet). Each converts in one line; a table's cells are read as text (CSV's "3000" would become the
+# number 3000, which a row refuses, and "NA" or "None" a null).
+_TEXT = "dtype=str, keep_default_na=False"
+_CONVERT = {".parquet": "pd.read_parquet({p})", ".csv": f"pd.read_csv({{p}}, {_TEXT})",
+            ".tsv": f"pd.read_csv({{p}}, sep='\\t', {_TEXT})", ".xlsx": f"pd.read_excel({{p}}, {_TEXT})",
+            ".arrow": "__import__('datasets').Dataset.from_file({p}).to_pandas()"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a data file (`read_jsonl`) or of a `datasets.save_to_disk` folder (its train split)."""
+    path = Path(path)
+    if not path.is_dir():
+        return read_jsonl(path)
+    try:
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a dataset saved with datasets.save_to_disk ({type(e).__name__})") from None
+    if hasattr(ds, "keys"):  # a DatasetDict: take its train split
+        if "train" not in ds:
+            raise UserError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds.keys())})")
+        ds = ds["train"]
+    rows = [dict(r, _row=i) for i, r in enumerate(ds)]
+    if not rows:
+        raise UserError(f"{path}: the data set is empty")
+    return rows
+
+
+def where(path: str | Path, row: int) -> str:
+    """How an error names a row: the file's line, or a `datasets` folder's row index."""
+    return f"{path} row {row}" if Path(path).is_dir() else f"{path}:{row}"
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """JSON Lines (one object a line), or, in a `.json` file that starts with `[`, one JSON array of objects (what
+    LLaMA-Factory and `json.dump` write; `datasets`' to_json writes JSON Lines even to a .json file)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} not found")
-    rows = []
+    _check_extension(path)
     try:
         f = path.open("rb")
     except OSError as e:
         raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this "
                         "user") from None
-    # Bytes, decoded line by line: a file in another encoding is refused at the row where it shows.
     with f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the row): "
-                                "save the file as UTF-8") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the row") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: each row must be a JSON object, not {type(row).__name__}")
-            row["_row"] = lineno
-            rows.append(row)
+        if path.suffix.lower() == ".json" and f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            f.seek(0)
+            rows = _json_array(path, f.read())
+        else:
+            f.seek(0)
+            rows = _json_lines(path, f)
     if not rows:
         raise UserError(f"{path}: the data set is empty")
     return rows
+
+
+def _check_extension(path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSED:
+        raise UserError(f"data file {path} is compressed ({suffix}): decompress it to .jsonl first")
+    if suffix in _CONVERT:
+        out = path.with_suffix(".jsonl")
+        load = _CONVERT[suffix].format(p=repr(str(path)))
+        raise UserError(f"data file {path}: {suffix[1:]} files are not read (JSON Lines, a .json array or a "
+                        f"datasets.save_to_disk folder are): convert it with python -c \"import pandas as pd; "
+                        f"{load}.to_json({str(out)!r}, orient='records', lines=True, force_ascii=False)\" and give "
+                        f"{out}")
+
+
+def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
+    rows = []
+    # Bytes, decoded line by line: a file in another encoding is refused at the row where it shows.
+    for lineno, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the row): "
+                            "save the file as UTF-8") from None
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the row") from None
+        rows.append(_object(row, path, lineno))
+    return rows
+
+
+def _json_array(path: Path, raw: bytes) -> list[dict[str, Any]]:
+    """The array's objects, each with `_row` the line its `{` is on (a pretty-printed file's rows span lines)."""
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
+    decoder = json.JSONDecoder()
+    rows: list[dict[str, Any]] = []
+    seen, line = 0, 1  # lines counted up to `seen`, so the whole count stays linear in the file
+
+    def line_at(pos: int) -> int:
+        nonlocal seen, line
+        line += text.count("\n", seen, pos)
+        seen = pos
+        return line
+
+    pos = _skip_space(text, text.index("[") + 1)
+    try:
+        while not (text.startswith("]", pos) and not rows):
+            row, end = decoder.raw_decode(text, pos)
+            rows.append(_object(row, path, line_at(pos)))
+            pos = _skip_space(text, end)
+            if text.startswith("]", pos):
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos = _skip_space(text, pos + 1)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): fix the array there") from None
+    if text[pos + 1:].strip():
+        raise UserError(f"{path}:{line_at(pos)}: text after the JSON array's closing ']': remove it")
+    return rows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _object(row: Any, path: Path, line: int) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise UserError(f"{path}:{line}: each row must be a JSON object, not {type(row).__name__}")
+    row["_row"] = line
+    return row

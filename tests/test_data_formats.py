@@ -1,0 +1,210 @@
+"""The row shapes other fine-tuning tools write (ShareGPT, Alpaca, TRL's), each against the same conversation written
+as `messages`; the .json array; and the one-line refusals (llmfast/data/shapes.py, jsonl.py)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from llmfast.data.chat import IGNORE, check_rows, load_examples
+from llmfast.errors import UserError
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Convert 3 km to m."},
+            {"role": "assistant", "content": "3000"}, {"role": "user", "content": "And 2 km?"},
+            {"role": "assistant", "content": "2000"}]
+FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _one(tok, path):
+    (ex,), _ = load_examples(path, tok, 256)
+    return ex
+
+
+def _learned(tok, ex):
+    return tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE])
+
+
+@pytest.mark.parametrize("shape,row", [
+    ("ShareGPT (conversations)", {"conversations": [{"from": FROM[m["role"]], "value": m["content"]} for m in MESSAGES],
+                                  "id": "x-1"}),
+    # LLaMA-Factory's row-level system prompt; user/assistant spelled as in its OpenAI-like files
+    ("ShareGPT (conversations)", {"system": "Be brief.", "conversations": [
+        {"from": "user", "value": "Convert 3 km to m."}, {"from": "assistant", "value": "3000"},
+        {"from": "human", "value": "And 2 km?"}, {"from": "gpt", "value": "2000"}]}),
+    ("Alpaca (instruction/output)", {"system": "Be brief.", "history": [["Convert 3 km to m.", "3000"]],
+                                     "instruction": "And 2 km?", "input": "", "output": "2000"}),
+])
+def test_each_chat_shape_labels_exactly_what_the_same_messages_row_labels(tiny, tmp_path, shape, row):
+    _, tok = tiny
+    reference = _one(tok, _write(tmp_path / "messages.jsonl", [{"messages": MESSAGES}]))
+    path = _write(tmp_path / "d.jsonl", [row])
+    ex = _one(tok, path)
+    assert (ex.input_ids, ex.labels) == (reference.input_ids, reference.labels)
+    assert _learned(tok, ex) == "3000<|im_end|>\n2000<|im_end|>\n"
+    assert check_rows(path) == shape
+
+
+def test_alpaca_joins_instruction_and_input_with_a_newline(tiny, tmp_path):
+    _, tok = tiny
+    ex = _one(tok, _write(tmp_path / "a.jsonl", [{"instruction": "Convert to m.", "input": "3 km", "output": "3000"}]))
+    same = [{"role": "user", "content": "Convert to m.\n3 km"}, {"role": "assistant", "content": "3000"}]
+    reference = _one(tok, _write(tmp_path / "m.jsonl", [{"messages": same}]))
+    assert (ex.input_ids, ex.labels) == (reference.input_ids, reference.labels)
+
+
+def test_trl_conversational_prompt_completion_learns_only_the_completion(tiny, tmp_path):
+    """The prompt's own assistant turn (a worked example) is context: the same conversation as `messages` would
+    learn it too."""
+    _, tok = tiny
+    path = _write(tmp_path / "c.jsonl", [{"prompt": MESSAGES[:4], "completion": MESSAGES[4:]}])
+    ex = _one(tok, path)
+    reference = _one(tok, _write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]))
+    assert ex.input_ids == reference.input_ids
+    assert _learned(tok, ex) == "2000<|im_end|>\n"
+    # exactly the reference's labels from the completion's turn on, none before it
+    start = next(i for i in range(len(ex.labels)) if ex.labels[i] != IGNORE)
+    assert ex.labels[start:] == reference.labels[start:] and set(reference.labels[:start]) != {IGNORE}
+    assert check_rows(path) == "prompt/completion (lists of messages)"
+
+
+def test_text_rows_are_learned_whole_without_the_chat_template(tiny, tmp_path):
+    import copy
+
+    _, tok = tiny
+    base = copy.deepcopy(tok)
+    base.chat_template = None  # a base model's tokenizer: chat rows are refused, text rows need no template
+    path = _write(tmp_path / "t.jsonl", [{"text": "The cat sat."}, {"text": "It rained<|im_end|>"}])
+    (a, b), _ = load_examples(path, base, 64)
+    ids = tok("The cat sat.").input_ids
+    assert a.input_ids == ids + [tok.eos_token_id] and a.labels == [IGNORE, *ids[1:], tok.eos_token_id]
+    assert b.input_ids[-1] == tok.eos_token_id and b.input_ids[-2] != tok.eos_token_id  # no second end token
+    assert check_rows(path) == "plain text (text)"
+    with pytest.raises(UserError, match="has no chat template"):
+        load_examples(_write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]), base, 64)
+
+
+def test_a_json_array_reads_as_jsonl_and_names_rows_by_their_line(tiny, tmp_path):
+    _, tok = tiny
+    rows = [{"instruction": "Convert 3 km to m.", "output": "3000"}, {"instruction": "And 2 km?", "output": "2000"}]
+    jsonl = load_examples(_write(tmp_path / "d.jsonl", rows), tok, 64)[0]
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows, indent=2))  # as LLaMA-Factory's files: a row is five lines
+    examples = load_examples(array, tok, 64)[0]
+    assert [e.input_ids for e in examples] == [e.input_ids for e in jsonl] and [e.row for e in examples] == [2, 6]
+    (tmp_path / "lines.json").write_text((tmp_path / "d.jsonl").read_text())  # datasets' to_json: JSON Lines
+    assert [e.row for e in load_examples(tmp_path / "lines.json", tok, 64)[0]] == [1, 2]
+    bad = [rows[0], {"instruction": "And 2 km?", "output": 2000}]
+    array.write_text(json.dumps(bad, indent=2))
+    with pytest.raises(UserError, match=r"d\.json:6: field 'output' must be a string, not int"):
+        check_rows(array)
+    for text, expected in (("[]", "the data set is empty"), ('[{"a": 1},\n 2]', r"d\.json:2: each row must be a JSON "
+                           "object, not int"), ('[{"a": 1}\n {"b": 2}]', r"d\.json:2: not valid JSON \(Expecting ','"),
+                           ('[{"a": 1},]', r"d\.json:1: not valid JSON"), ('[{"a": 1}]\n[]', r"d\.json:1: text after")):
+        array.write_text(text)
+        with pytest.raises(UserError, match=expected):
+            check_rows(array)
+
+
+def test_other_formats_are_refused_with_a_conversion_that_works(tmp_path):
+    """A CSV was 'not valid JSON' at row 1 and Parquet 'not UTF-8': now the line says how to convert, and does."""
+    csv = tmp_path / "d.csv"
+    csv.write_text('instruction,input,output\n"Convert 3 km to m.",,3000\n')
+    with pytest.raises(UserError) as e:
+        check_rows(csv)
+    message = str(e.value)
+    assert message.startswith(f"data file {csv}: csv files are not read") and "\n" not in message
+    command = message.split('python -c "')[1].split('"')[0]
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    assert check_rows(tmp_path / "d.jsonl") == "Alpaca (instruction/output)"
+    for name, expected in (("d.parquet", "pd.read_parquet("), ("d.jsonl.gz", "compressed (.gz)")):
+        (tmp_path / name).write_bytes(b"PAR1\x00\xff")
+        with pytest.raises(UserError, match=re.escape(expected)):
+            check_rows(tmp_path / name)
+
+
+SHAREGPT = '{"conversations": [{"from": "human", "value": "x"}, '
+MESSAGE_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}'
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([SHAREGPT + '{"from": "function_call", "value": "{}"}, {"from": "observation", "value": "1"}, '
+      '{"from": "gpt", "value": "y"}]}'], "d.jsonl:1: conversations[1].from is 'function_call', a tool turn llmfast "
+     "does not map"),
+    ([SHAREGPT + '{"from": "bard", "value": "y"}]}'], "conversations[1].from is 'bard', a speaker"),
+    ([SHAREGPT + '{"from": "human", "value": "y"}]}'], "d.jsonl:1: no assistant turn to learn from in "
+     "'conversations' (a turn from 'gpt')"),
+    ([SHAREGPT + '{"from": "gpt", "value": 7}]}'], "d.jsonl:1: conversations[1].value must be a string, not int"),
+    (['{"conversations": [{"role": "user", "content": "x"}]}'], "d.jsonl:1: conversations[0] lacks field 'from' "
+     "(role/content turns go under 'messages')"),
+    (['{"messages": [{"from": "human", "value": "x"}]}'], "messages[0] lacks field 'role' (from/value turns are "
+     "ShareGPT's: they go under 'conversations')"),
+    (['{"system": "s", "conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "y"}]}'],
+     "two system prompts"),
+    (['{"instruction": "x", "input": "y"}'], "d.jsonl:1: missing field 'output' (Alpaca rows need"),
+    (['{"instruction": "x", "output": null}'], "d.jsonl:1: field 'output' must be a string, not null"),
+    (['{"prompt": "x", "completion": null}'], "d.jsonl:1: field 'completion' must be a string, not null"),
+    (['{"instruction": "x", "input": 3, "output": "y"}'], "d.jsonl:1: field 'input' must be a string, not int"),
+    (['{"instruction": "x", "output": "y", "history": [["a"]]}'], "history[0] must be a [instruction, answer] pair"),
+    (['{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}'], "d.jsonl:1: field 'completion' is a "
+     "str, but the other is a list of messages"),
+    (['{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}'],
+     "d.jsonl:1: no assistant turn to learn from in 'completion'"),
+    (['{"text": 5}'], "d.jsonl:1: field 'text' must be a string, not int"),
+    (['{"text": ""}'], "d.jsonl:1: field 'text' is empty"),
+    (['{"prompt": "x", "chosen": "y", "rejected": "z"}'], "d.jsonl:1: a preference row (chosen/rejected"),
+    (['{"chosen": [{"role": "user", "content": "x"}], "rejected": []}'], "d.jsonl:1: a preference row"),
+    (['{"prompt": "x"}'], "d.jsonl:1: missing field 'completion' (prompt/completion rows need both)"),
+    (['{"question": "x", "answer": "y"}'], "d.jsonl:1: missing field 'messages' (or another row shape: "
+     "'conversations', 'instruction' and 'output', 'prompt' and 'completion', or 'text'); the row has fields "
+     "'answer', 'question'"),
+    ([MESSAGE_ROW, MESSAGE_ROW, SHAREGPT + '{"from": "gpt", "value": "y"}]}'], "d.jsonl:3: a ShareGPT (conversations)"
+     " row, but the rows before it are chat (messages): a data set holds one shape"),
+    (['{"prompt": "x", "completion": "y"}', '{"prompt": [{"role": "user", "content": "x"}], "completion": '
+      '[{"role": "assistant", "content": "y"}]}'], "d.jsonl:2: a prompt/completion (lists of messages) row, but "
+     "the rows before it are prompt/completion (strings)"),
+    (['{"text": "x"}', MESSAGE_ROW], "d.jsonl:2: a chat (messages) row, but the rows before it are plain text"),
+])
+def test_bad_rows_of_every_shape_are_one_line_naming_the_row(tiny, tmp_path, rows, expected):
+    _, tok = tiny
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(r + "\n" for r in rows))
+    for check in (lambda: check_rows(path), lambda: load_examples(path, tok, 64)):  # preflight and the trainer
+        with pytest.raises(UserError) as e:
+            check()
+        assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_datasets_folder_of_alpaca_rows_takes_a_missing_column_as_absent(tiny, tmp_path):
+    """`datasets` fills a column a row lacks with None: an Alpaca row without `input` (or `system`) beside rows with
+    one is a row without it, not a null to refuse; a folder mixing shapes names its row by index."""
+    from datasets import Dataset
+
+    _, tok = tiny
+    Dataset.from_list([{"instruction": "a", "input": "b", "output": "c", "system": None},
+                       {"instruction": "d", "input": None, "output": "e", "system": "s"}]).save_to_disk(tmp_path / "ds")
+    first, second = load_examples(tmp_path / "ds", tok, 64)[0]
+    assert tok.decode(first.input_ids).startswith("<|im_start|>user\na\nb<|im_end|>")
+    assert tok.decode(second.input_ids).startswith("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nd<|im_end|>")
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    Dataset.from_list([{"instruction": "a", "output": "c", "messages": None},
+                       {"instruction": None, "output": None, "messages": chat}]).save_to_disk(tmp_path / "mixed")
+    with pytest.raises(UserError, match=r"mixed row 1: a chat \(messages\) row, but the rows before it are Alpaca"):
+        load_examples(tmp_path / "mixed", tok, 64)
+
+
+def test_eval_takes_the_last_assistant_turn_of_any_chat_shape_as_the_answer(tmp_path):
+    from llmfast.data.chat import prompt_and_answer
+
+    sharegpt = {"_row": 1, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    alpaca = {"_row": 1, "instruction": "Q", "input": "x", "output": "A"}
+    assert prompt_and_answer(sharegpt, "t.jsonl") == ([{"role": "user", "content": "Q"}], "A")
+    assert prompt_and_answer(alpaca, "t.jsonl") == ([{"role": "user", "content": "Q\nx"}], "A")
+    with pytest.raises(UserError, match=r"t\.jsonl:1: missing field 'messages': a plain 'text' row has no question"):
+        prompt_and_answer({"_row": 1, "text": "x"}, "t.jsonl")
