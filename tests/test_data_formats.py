@@ -106,10 +106,14 @@ def test_a_json_array_reads_as_jsonl_and_names_rows_by_their_line(tiny, tmp_path
         check_rows(array)
     for text, expected in (("[]", "the data set is empty"), ('[{"a": 1},\n 2]', r"d\.json:2: each row must be a JSON "
                            "object, not int"), ('[{"a": 1}\n {"b": 2}]', r"d\.json:2: not valid JSON \(Expecting ','"),
-                           ('[{"a": 1},]', r"d\.json:1: not valid JSON"), ('[{"a": 1}]\n[]', r"d\.json:1: text after")):
-        array.write_text(text)
+                           ('[{"a": 1},]', r"d\.json:1: not valid JSON"), ('[{"a": 1}]\n[]', r"d\.json:1: text after"),
+                           ('{\n "train": []\n}', r"d\.json: one JSON object \(fields 'train'\), not rows: give a JSON "
+                            "array"), ('[\n{"a": 1},\n{"b": "caf\u00e9"}]', r"d\.json:3: not UTF-8")):
+        array.write_bytes(text.encode("latin-1" if "caf" in text else "utf-8"))
         with pytest.raises(UserError, match=expected):
             check_rows(array)
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())  # a UTF-8 byte-order mark is fine
+    assert check_rows(array) == "Alpaca (instruction/output)"
 
 
 def test_other_formats_are_refused_with_a_conversion_that_works(tmp_path):

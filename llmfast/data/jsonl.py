@@ -4,6 +4,7 @@ point at it."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this "
                         "user") from None
     with f:
-        if path.suffix.lower() == ".json" and f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            f.seek(0)
-            rows = _json_array(path, f.read())
-        else:
-            f.seek(0)
-            rows = _json_lines(path, f)
+        rows = _json_lines(path, f) if path.suffix.lower() != ".json" else _json_file(path, f.read())
     if not rows:
         raise UserError(f"{path}: the data set is empty")
     return rows
@@ -102,6 +98,25 @@ def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the row") from None
         rows.append(_object(row, path, lineno))
     return rows
+
+
+def _json_file(path: Path, raw: bytes) -> list[dict[str, Any]]:
+    """A .json file's rows: an array's, or JSON Lines'; a pretty-printed single object (a dict of splits, one row)
+    is said to be one, not 'not valid JSON' at its first line."""
+    first = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if first == b"[":
+        return _json_array(path, raw)
+    try:
+        return _json_lines(path, io.BytesIO(raw))
+    except UserError:
+        try:
+            whole = json.loads(raw.decode("utf-8-sig")) if first == b"{" else None
+        except ValueError:
+            whole = None
+        if isinstance(whole, dict):
+            raise UserError(f"{path}: one JSON object (fields {', '.join(map(repr, list(whole)[:5]))}), not rows: give "
+                            "a JSON array of row objects, or JSON Lines (one row a line)") from None
+        raise
 
 
 def _json_array(path: Path, raw: bytes) -> list[dict[str, Any]]:
