@@ -115,7 +115,7 @@ class EvalRecipe(StrictModel):
 
 # ---------------------------------------------------------------- finetune
 class DataConfig(StrictModel):
-    train: ExistingPath  # JSONL (chat `messages` or `prompt`/`completion` rows) or a datasets.save_to_disk dir
+    train: ExistingPath  # .jsonl/.json rows of one shape (docs/finetune.md) or a datasets.save_to_disk dir
     eval: ExistingPath | None = None  # held-out set; without it `eval_fraction` of train is held out
     eval_fraction: float = Field(0.02, ge=0, lt=1)
     max_length: PositiveInt = 512
