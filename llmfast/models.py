@@ -215,7 +215,9 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
         steps.set_postfix_str("weights")
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # read in the target dtype: transformers casts each tensor as it dequantizes it (the same rounding as
+        # casting the float32 model after), so a bfloat16 conversion never holds float32 weights beside its own
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype(dtype))
         steps.update()
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
@@ -224,8 +226,8 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         steps.set_postfix_str("rebuild")
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-        fresh.load_state_dict(loaded.state_dict(), assign=True)
-        fresh = fresh.to(torch_dtype(dtype))
+        fresh.load_state_dict(loaded.state_dict(), assign=True)  # the loaded tensors themselves, not copies
+        fresh = fresh.to(torch_dtype(dtype))  # no copy but of modules an architecture keeps in float32
         fresh.tie_weights()
         if loaded.generation_config is not None:
             fresh.generation_config = loaded.generation_config
