@@ -122,7 +122,8 @@ class Bnb4(Quantizer):
         assert isinstance(cfg, Bnb4Config)
         saved = saved_4bit(path)
         if saved is None:
-            return super().load(path, cfg, dtype, **kwargs)
+            with large_blocks_given_back():
+                return super().load(path, cfg, dtype, **kwargs)
         if saved != (cfg.type, cfg.double_quant):
             raise UserError(f"{path} is saved in {_describe(*saved)}, not {_describe(cfg.type, cfg.double_quant)}: "
                             "drop the quantization setting (the checkpoint says how it is quantized)")
