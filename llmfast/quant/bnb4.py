@@ -229,25 +229,25 @@ _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the most glibc's own raising of the thre
 
 @contextlib.contextmanager
 def large_blocks_given_back(threshold: int = 1 << 20) -> Any:
-    """While inside, glibc's malloc serves blocks of `threshold` bytes and more by mmap, so each is given back to
-    the system when freed.
+    """While inside, glibc's malloc serves blocks of `threshold` bytes and more by mmap: each is given back to the
+    system when freed.
 
     Quantizing while loading, bitsandbytes' CPU `quantize_4bit` (backends/default/ops.py, 0.50) makes float32
-    temporaries of each weight (a few times its bfloat16 bytes) and keeps small packed codes and scales. glibc
-    raises its mmap threshold to the size of any mmapped block freed (up to 32 MiB), after which those
-    temporaries come from the heap, the kept codes land between them, and the heap only grows: measured, 1.0 to
-    2.2 bfloat16 copies of the model (it varies with what ran before) where the 4-bit model needs 0.25. Afterwards
-    the threshold is set to the 32 MiB glibc's own raising ends at in a process that frees large blocks (glibc
-    has no call to read the old value). Elsewhere than glibc, nothing is changed."""
+    temporaries of each weight and keeps its small 4-bit codes and scales. glibc raises its mmap threshold to the
+    size of any mmapped block freed (up to 32 MiB); past that the temporaries came from the heap, the kept codes
+    landed between them and the heap only grew: 1.0 to 2.2 bfloat16 copies of the model (varying run to run) where
+    the 4-bit model needs 0.25. glibc cannot say what the threshold was: it is left at those 32 MiB. Elsewhere
+    than glibc, nothing is changed."""
     import ctypes
-    import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
         yield
         return
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    mallopt(_M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
