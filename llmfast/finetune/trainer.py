@@ -381,6 +381,9 @@ def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
     q = run.recipe.quantization
     lora_state = sharding.full_lora_state(run.model) if run.fsdp else None  # a collective: every process
     if run.acc.is_main_process:
+        for config in run.model.peft_config.values():  # PEFT writes a set as a list in the process's hash order
+            if isinstance(config.target_modules, set):
+                config.target_modules = sorted(config.target_modules)
         with atomic_dir(run.out / "adapter", overwrite=True) as tmp:
             run.model.save_pretrained(tmp, state_dict=lora_state)
             run.tokenizer.save_pretrained(tmp)
