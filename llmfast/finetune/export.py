@@ -160,7 +160,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = from_pretrained(base, dtype, **quant.quantizer.training_load_kwargs(quant.config, dtype, device))
+        model = quant.quantizer.load_for_training(base, quant.config, dtype, device)
         quant.quantizer.dequantize_for_merge(model, dtype)
     else:
         model = from_pretrained(base, dtype)  # a saved 4-bit artifact loads in its own format from its config

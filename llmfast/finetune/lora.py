@@ -41,7 +41,7 @@ def load_base(model_path: str, recipe: "FinetuneRecipe", dtype: str, device: str
     if q is None:
         model = from_pretrained(model_path, dtype).to(device)
     else:
-        model = from_pretrained(model_path, dtype, **q.quantizer.training_load_kwargs(q.config, dtype, device))
+        model = q.quantizer.load_for_training(model_path, q.config, dtype, device)
     apply_config_cut(model, model_path)
     return model
 

@@ -69,6 +69,12 @@ class Quantizer:
         """`from_pretrained` keyword arguments that load a base quantized for adapter training."""
         raise UserError(f"quantization method {self.name} cannot train adapters on a quantized base")
 
+    def load_for_training(self, path: Path, cfg: QuantConfigBase, dtype: str, device: str) -> Any:
+        """The base at `path`, quantized as it loads (`training_load_kwargs`), for adapter training or merging."""
+        from llmfast.loading import from_pretrained
+
+        return from_pretrained(path, dtype, **self.training_load_kwargs(cfg, dtype, device))
+
     def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
         """`from_pretrained` keyword arguments that load a model in this format for inference."""
         raise UserError(f"quantization method {self.name} cannot load models")

@@ -110,6 +110,10 @@ class Bnb4(Quantizer):
         return {"quantization_config": bnb_config(cfg, dtype, "QLoRA"),
                 "device_map": {"": device if device != "cuda" else torch.cuda.current_device()}}
 
+    def load_for_training(self, path: Path, cfg: QuantConfigBase, dtype: str, device: str) -> Any:
+        with large_blocks_given_back():  # QLoRA's load quantizes as it goes, as save_4bit's does
+            return super().load_for_training(path, cfg, dtype, device)
+
     def load_kwargs(self, cfg: QuantConfigBase, dtype: str) -> dict[str, Any]:
         assert isinstance(cfg, Bnb4Config)
         return {"quantization_config": bnb_config(cfg, dtype, "loading a bitsandbytes 4-bit model")}
