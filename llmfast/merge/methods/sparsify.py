@@ -120,9 +120,9 @@ def _top(mag: "np.ndarray", density: float, exact_ties: bool = True,
     return keep
 
 
-def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float) -> "np.ndarray | None":
+def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float, copy: bool = True) -> "np.ndarray | None":
     """Which entries equal to `threshold` std::sort(descending) puts in its first k positions (their indices),
-    or None past its depth limit.
+    or None past its depth limit. `copy=False`: `values` is the caller's to lose (the replay moves them).
 
     The values are moved as the sort moves them, but of the indices only those of the tied entries are
     followed (every other entry's side of k is settled by its value): a few searches per step, not a
@@ -130,8 +130,8 @@ def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float) -> "n
     """
     import numpy as np
 
-    vals = values.copy()
-    tied = np.flatnonzero(values == threshold)
+    tied = _positions(values, np.equal, threshold)
+    vals = values.copy() if copy else values
     pos = tied.copy()  # where each tied entry is now
     first, last = 0, vals.size
     depth = 2 * (int(vals.size).bit_length() - 1)
@@ -140,9 +140,12 @@ def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float) -> "n
             return None  # libstdc++ heapsorts this range: not replayed here
         depth -= 1
         cut, pivot, lefts, rights = _partition(vals[first:last])
-        inside = np.flatnonzero((pos >= first) & (pos < last))
-        if inside.size:
-            pos[inside] = first + _moved(pos[inside] - first, pivot, lefts, rights)
+        for at in range(0, pos.size, _CHUNK):  # a chunk at a time: `_moved` makes several arrays of its input's size
+            here = pos[at: at + _CHUNK]
+            inside = (here >= first) & (here < last)
+            if inside.any():
+                here[inside] = first + _moved(here[inside] - first, pivot, lefts, rights)
+        del lefts, rights  # a step's scans are the largest temporaries: not two steps' at once
         cut += first
         if cut == k:
             return tied[pos < k]
@@ -200,24 +203,62 @@ def _partition(vals: "np.ndarray") -> "tuple[int, int, np.ndarray, np.ndarray]":
     seg = vals[1:]
     # The crossing lies between G and G + E (G entries > p, E equal to p): the left stops that get swapped
     # are before it and the right ones after it, so each scan is taken over its side's window only.
-    above = int(np.count_nonzero(seg > p))
-    window = above + int(np.count_nonzero(seg == p)) + 1
-    lefts = np.flatnonzero(seg[:window] <= p)
+    above = _count(seg, np.greater, p)
+    window = above + _count(seg, np.equal, p) + 1
+    lefts = _positions(seg[:window], np.less_equal, p)
     start = max(above - 1, 0)
-    rights = np.flatnonzero(seg[start:] >= p)[::-1] + start
+    rights = _positions(seg[start:], np.greater_equal, p, start)[::-1]
     # lefts rise and rights fall, so the first i with lefts[i] >= rights[i] is found by bisection.
     pairs = _first_crossing(lefts, rights)
     if pairs == lefts.size or pairs == rights.size:  # a window ran out: scan the whole range (exact, slower)
-        lefts = np.flatnonzero(seg <= p)
-        rights = np.flatnonzero(seg >= p)[::-1]
+        del lefts, rights
+        lefts = _positions(seg, np.less_equal, p)
+        rights = _positions(seg, np.greater_equal, p)[::-1]
         pairs = _first_crossing(lefts, rights)
     cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
-    i, j = lefts[:pairs] + 1, rights[:pairs] + 1
     if pairs > 0:
         cut = min(cut, int(rights[pairs - 1]))
-        vi, vj = np.take(vals, i), np.take(vals, j)
-        vals[i], vals[j] = vj, vi
+    i, j = lefts[:pairs], rights[:pairs]
+    i += 1  # positions in `vals` (in place: the scans are not needed any more)
+    j += 1
+    # Every left stop swapped lies before every right one, so the swaps are disjoint and go a chunk at a time.
+    for at in range(0, pairs, _CHUNK):
+        ic, jc = i[at: at + _CHUNK], j[at: at + _CHUNK]
+        vi = vals[ic]
+        vals[ic] = vals[jc]
+        vals[jc] = vi
     return cut + 1, m, i, j
+
+
+_CHUNK = 1 << 16  # entries per step of the replay's scans and moves: their temporaries stay small
+_SCAN_WHOLE = 1 << 21  # ranges up to this size are scanned at once (chunks cost time; there they save little)
+
+
+def _count(values: "np.ndarray", op: "np.ufunc", p: float) -> int:
+    """How many entries have op(entry, p) true, without a mask of the whole array."""
+    import numpy as np
+
+    if values.size <= _SCAN_WHOLE:
+        return int(np.count_nonzero(op(values, p)))
+    return sum(int(np.count_nonzero(op(values[at: at + _CHUNK], p))) for at in range(0, values.size, _CHUNK))
+
+
+def _positions(values: "np.ndarray", op: "np.ufunc", p: float, offset: int = 0) -> "np.ndarray":
+    """np.flatnonzero(op(values, p)) + offset, rising; over `_SCAN_WHOLE` entries without a mask of the whole array
+    and in int32 where positions fit (half np.flatnonzero's memory). A replay's tied positions and its scans of
+    large ranges then share that width, so `_moved`'s searchsorted converts only its small input, not the scan."""
+    import numpy as np
+
+    if values.size <= _SCAN_WHOLE:  # one scan, as np.flatnonzero gives it (a small range's temporaries cost little)
+        found = np.flatnonzero(op(values, p))
+        return found + offset if offset else found
+    out = np.empty(_count(values, op, p), dtype=np.int32 if values.size + offset < 2**31 else np.int64)
+    filled = 0
+    for at in range(0, values.size, _CHUNK):
+        found = np.flatnonzero(op(values[at: at + _CHUNK], p))
+        np.add(found, at + offset, out=out[filled: filled + found.size], casting="unsafe")
+        filled += found.size
+    return out
 
 
 def drop_at_random(values: "np.ndarray", density: float, seed: int, tensor_name: str, index: int) -> None:
