@@ -273,13 +273,12 @@ def refuse_non_finite(name: str, data: "np.ndarray", dtype: str) -> None:
     error: weights or lambda near float32's limit overflow the sum, and the model would compute NaN."""
     import numpy as np
 
-    if dtype == "bfloat16":  # an all-ones exponent is inf or NaN
-        bad = bool(((data.view(np.uint16) & 0x7F80) == 0x7F80).any())
-    elif dtype in ("float32", "float16", "float64"):
-        bad = not bool(np.isfinite(data).all())
-    else:
+    if dtype not in ("bfloat16", "float32", "float16", "float64"):
         return
-    if bad:
+    flat, step = data.reshape(-1), 1 << 20  # a chunk at a time: a whole embedding's masks would be 1-3 B/entry
+    # bfloat16: an all-ones exponent is inf or NaN
+    if any(bool(((flat[at: at + step].view(np.uint16) & 0x7F80) == 0x7F80).any()) if dtype == "bfloat16"
+           else not bool(np.isfinite(flat[at: at + step]).all()) for at in range(0, flat.size, step)):
         raise UserError(f"{name}: holds inf or NaN once merged: a weight, lambda or input value is too large for "
                         "float32 (+-3.4e38) or an input holds inf/NaN; lower the parameters (or check the inputs)")
 
