@@ -1374,3 +1374,82 @@ def test_shard_sizes_read_as_written_and_mergekits_5b_as_five_billion_bytes():
     for bad in ("5IB", "B", "lots"):
         with pytest.raises(UserError, match=f"--out-shard-size '{bad}' not understood"):
             parse_size(bad)
+
+
+# ---------------------------------------------------------------- trimming block by block
+def _grid_family(tiny_dir: Path, root: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """A base and three fine-tunes whose task vectors are multiples of 2^-10 (magnitudes tie in bulk at any trim
+    threshold), with a share of unchanged entries, a -0.0 over the base's +0.0, and the third fine-tune leaving the
+    embedding as it was (a zero task vector there)."""
+    sd = {k: v.to(dtype) for k, v in load_file(tiny_dir / "model.safetensors").items()}
+    emb = next(k for k in sd if "embed" in k)
+    up = next(k for k in sd if "layers.0.mlp.up_proj" in k)
+    sd[up].view(-1)[3] = 0.0
+    out = {"base": shutil.copytree(tiny_dir, root / "base")}
+    save_file(sd, out["base"] / "model.safetensors", metadata={"format": "pt"})
+    for i in (1, 2, 3):
+        g = torch.Generator().manual_seed(40 + i)
+        ft = {}
+        for k, v in sd.items():
+            step = torch.randint(-3, 4, v.shape, generator=g).float() * 2.0**-10
+            step[torch.rand(v.shape, generator=g) < 0.3] = 0
+            ft[k] = v if (k == emb and i == 3) or "norm" in k else (v.float() + step).to(dtype)
+        ft[up].view(-1)[3] = -0.0
+        out[f"ft{i}"] = shutil.copytree(tiny_dir, root / f"ft{i}")
+        save_file(ft, out[f"ft{i}"] / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _ref_trim_ties(delta: torch.Tensor, density: float, by_position: bool) -> torch.Tensor:
+    """The trim by a plain sort: mergekit's first k of argsort (float32), or ties kept by position (bfloat16)."""
+    if density <= 0:
+        return delta * 0
+    flat = delta.flatten()
+    k = max(1, int(density * flat.numel()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    if by_position:  # the k largest with ties at the k-th broken by index: a stable sort of the magnitudes
+        keep[torch.sort(flat.abs(), descending=True, stable=True).indices[:k]] = True
+    else:
+        keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
+    return delta * keep.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
+def test_trimming_merges_block_by_block_give_the_whole_tensor_paths_bits(tiny_dir, tmp_path, monkeypatch, dtype,
+                                                                        method):
+    """The blockwise trim (radix-selected threshold, ties kept as before) against the whole-tensor path, bit for bit,
+    on tie-heavy task vectors split over many blocks, with densities 0.3, 0.5 and 0 and a zero task vector; and
+    against a plain sort-based reference (mergekit's argsort order in float32, by position in bfloat16)."""
+    from llmfast.merge import trim_blocks
+
+    fam = _grid_family(tiny_dir, tmp_path, getattr(torch, dtype))
+    models = [(fam["ft1"], {"weight": 1.0, "density": 0.3}), (fam["ft2"], {"weight": 0.6, "density": 0.5}),
+              (fam["ft3"], {"weight": 0.8, "density": 0.0 if method == "magnitude_prune" else 0.5})]
+    cfg = _config(tmp_path, method, models, fam["base"], parameters={"lambda": 1.25}, out_dtype="float32")
+    ran = []
+    original = trim_blocks.merge_trimmed
+    monkeypatch.setattr(trim_blocks, "merge_trimmed", lambda *a: ran.append(original(*a)) or ran[-1])
+    monkeypatch.setattr(trim_blocks, "BLOCK", 4096)  # the embedding is 32 blocks, a layer's weight 4
+    monkeypatch.setattr(trim_blocks, "WHOLE_BELOW", 1)  # these tensors are small: blockwise all the same
+    got = _merge(cfg, tmp_path / "blocks")
+    assert len(ran) == len(got) and all(r is not None for r in ran)
+    monkeypatch.setattr(trim_blocks, "takes", lambda plan: False)
+    whole = _merge(cfg, tmp_path / "whole")
+    base, fts = _sd(fam["base"]), [_sd(fam[f"ft{i}"]) for i in (1, 2, 3)]
+    for k in whole:
+        assert torch.equal(got[k].view(torch.int32), whole[k].view(torch.int32)), k
+        b = base[k].float()
+        ds = [_ref_trim_ties(ft[k].float() - b, p["density"], dtype == "bfloat16") * p["weight"]
+              for ft, (_m, p) in zip(fts, models) if not torch.equal(ft[k], base[k])]
+        if not ds:
+            continue
+        weights = torch.tensor([p["weight"] for ft, (_m, p) in zip(fts, models) if not torch.equal(ft[k], base[k])])
+        stacked = torch.stack(ds)
+        if method == "ties":  # the election by total mass; a zero never agrees
+            agree = torch.sign(stacked) == torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+            mass = (weights.reshape(-1, *[1] * b.dim()) * agree).sum(0)
+            ref = b + 1.25 * (stacked * agree).sum(0) / torch.where(mass == 0, 1.0, mass)
+        else:
+            ref = b + 1.25 * stacked.sum(0)
+        torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-6)

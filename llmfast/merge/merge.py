@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from llmfast.errors import UserError
 from llmfast.memory import peak_memory_gib
 from llmfast.merge.plan import MergePlan, plan_merge
+from llmfast.merge import trim_blocks
 from llmfast.merge.native_merge import merge_kernel
 from llmfast.merge.steps import (default_threads, map_inputs, merge_blocks, merge_counting, merges_by_blocks,
                                  open_readers, prepare_inputs, progress_bar, write_merge_manifest)
@@ -79,6 +80,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
         kernel = merge_kernel()
         native = kernel is not None and kernel.takes_plan(plan)
         blocked = merges_by_blocks(plan)
+        trimmed = trim_blocks.takes(plan)
 
         def merge(n: str, got: Any) -> tuple[Any, dict[str, int], bool]:
             """(merged tensor, counts, whether it is already in its stored form)."""
@@ -87,6 +89,8 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
                 return merged, {**counts, "native": 1}, True
             if blocked:  # the merge converts block by block
                 return merge_blocks(plan, n, got, dtypes[n]), {}, True
+            if trimmed and (done := trim_blocks.merge_trimmed(plan, n, got, dtypes[n])) is not None:
+                return (*done, True)  # trimmed block by block: not every task vector whole in memory
             return (*merge_counting(plan, n, prepare_inputs(plan, n, *got)), False)
 
         # Mapping is all the reading; conversions happen in the merging threads.

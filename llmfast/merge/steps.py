@@ -47,8 +47,10 @@ def map_inputs(plan: MergePlan, name: str, base_reader: Any, readers: list[Any])
 
 
 def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[Any],
-                   block: slice | None = None) -> tuple[Any, list[Any]]:
-    """`read_inputs` from mapped arrays, for the whole tensor or a `block` of its flattened entries."""
+                   block: slice | None = None, keep_zero: bool = False) -> tuple[Any, list[Any]]:
+    """`read_inputs` from mapped arrays, for the whole tensor or a `block` of its flattened entries.
+
+    `keep_zero`: a task vector that is zero here stays an array (the caller decides over the whole tensor)."""
     import numpy as np
 
     from llmfast.merge.io import round_to, stored_values
@@ -86,7 +88,7 @@ def prepare_inputs(plan: MergePlan, name: str, base_stored: Any, stored: list[An
         # Into `t` itself when it is a copy of ours (a widened or rounded read), else a fresh array.
         delta = np.subtract(t, work_base, out=t if t.flags.writeable and t.dtype == work_base.dtype else None)
         # A zero task vector (norms, embeddings of LoRA merges) skips the method's work.
-        deltas.append(delta if delta.any() else None)
+        deltas.append(delta if keep_zero or delta.any() else None)
         del t, delta
     return base, deltas
 

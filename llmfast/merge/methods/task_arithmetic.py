@@ -59,26 +59,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
                 np.multiply(delta, p["weight"], out=delta)
             weighted.append(delta)
             weights.append(p["weight"])
-        work = float_work(base)
-        if not weighted:
-            return work
-        if self.consensus:  # the election needs the weighted task vectors apart from their sum
-            mixed = np.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].copy()
-            rest = weighted[2:]
-        else:  # the sum may take the first task vector's memory
-            mixed, rest = weighted[0], weighted[1:]
-        for d in rest:
-            np.add(mixed, d, out=mixed)
-        divisor: Any = None
-        if self.consensus:
-            divisor = _elect_signs(mixed, weighted, weights)
-        if shared["normalize"]:
-            if divisor is None:
-                divisor = normalize_divisor(params)
-            np.divide(mixed, divisor, out=mixed)
-        if shared["lambda"] != 1:
-            np.multiply(mixed, shared["lambda"], out=mixed)
-        return np.add(mixed, work, out=mixed)
+        return combine(self.consensus, weighted, weights, float_work(base), params, shared)
 
     def _sparsify(self, delta: "np.ndarray", density: float, rescale: bool, ctx: TensorContext, i: int) -> None:
         """Trim or drop entries of `delta` in place; count kept/nonzero entries into ctx.stats."""
@@ -109,6 +90,34 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return None
         norm = normalize_divisor(params) if shared["normalize"] else 1.0
         return [float(p["weight"]) / norm * shared["lambda"] for p in params]
+
+
+def combine(consensus: bool, weighted: list["np.ndarray"], weights: list[float], work: "np.ndarray",
+            params: list[dict[str, Any]], shared: dict[str, Any]) -> "np.ndarray":
+    """The merge of the sparsified, weighted task vectors onto `work` (the base in float): add, elect signs
+    (`consensus`), normalize, scale by lambda. Element-wise: a block of the inputs gives that block of the result.
+    `weighted` may be changed in place."""
+    import numpy as np
+
+    if not weighted:
+        return work
+    if consensus:  # the election needs the weighted task vectors apart from their sum
+        mixed = np.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].copy()
+        rest = weighted[2:]
+    else:  # the sum may take the first task vector's memory
+        mixed, rest = weighted[0], weighted[1:]
+    for d in rest:
+        np.add(mixed, d, out=mixed)
+    divisor: Any = None
+    if consensus:
+        divisor = _elect_signs(mixed, weighted, weights)
+    if shared["normalize"]:
+        if divisor is None:
+            divisor = normalize_divisor(params)
+        np.divide(mixed, divisor, out=mixed)
+    if shared["lambda"] != 1:
+        np.multiply(mixed, shared["lambda"], out=mixed)
+    return np.add(mixed, work, out=mixed)
 
 
 def normalize_divisor(params: list[dict[str, Any]]) -> float:
