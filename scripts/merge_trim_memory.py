@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Working memory and wall time of a trimming merge (ties, magnitude_prune) on one large tensor, old code against new.
+
+The models are tiny Llamas whose embedding has the shape asked for (`--rows x --cols`, default 32768 x 4096, an
+8B-class vocabulary's width): everything else is a few MB, so the merge's peak is the embedding's working set.
+Each fine-tune is the base plus noise on the embedding: on a coarse grid (`--grid`, the default), so that many
+entries tie at the trim threshold and the float32 merge replays mergekit's sort (the costly case), or continuous.
+
+Each run is its own process (`llmfast merge --threads 1`, the code from `--code DIR`, one per version): its peak
+RSS over the RSS after the imports (VmHWM, reset before the merge), the merge's wall time, and, in one extra run
+per version under tracemalloc, the most bytes numpy held at once (deterministic). Rounds alternate the order of
+the versions; medians are printed per entry of the tensor and written as JSON.
+
+    git worktree add /tmp/llmfast-old OLD_COMMIT
+    python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --dtypes float32,bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RUN = """
+import re, sys, time
+import numpy, yaml, safetensors
+import llmfast.merge.merge, llmfast.merge.methods, llmfast.merge.io
+from llmfast.cli import main
+trace = sys.argv[3] == "trace"
+if trace:
+    import tracemalloc
+    tracemalloc.start()
+def kb(key): return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))
+open('/proc/self/clear_refs', 'w').write('5')
+before = kb('VmRSS')
+t0 = time.perf_counter()
+rc = main(['merge', sys.argv[1], sys.argv[2], '--no-progress', '--threads', sys.argv[4], '--overwrite'])
+wall = time.perf_counter() - t0
+traced = tracemalloc.get_traced_memory()[1] if trace else 0
+print('RESULT', rc, (kb('VmHWM') - before) * 1024, wall, traced)
+"""
+
+
+def make_models(work: Path, rows: int, cols: int, dtype: str, models: int, grid: bool) -> tuple[Path, list[Path]]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmfast.testing import build_tiny_llama
+
+    base = work / f"base-{dtype}-{rows}x{cols}"
+    if not (base / "model.safetensors").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        build_tiny_llama(base, hidden_size=cols, num_layers=1, intermediate_size=256, model_vocab_size=rows,
+                         head_dim=cols // 2, dtype=dtype)
+    sd = load_file(base / "model.safetensors")
+    emb = next(k for k in sd if "embed" in k)
+    assert tuple(sd[emb].shape) == (rows, cols), sd[emb].shape
+    fts = []
+    for i in range(models):
+        ft = work / f"ft{i}-{dtype}-{rows}x{cols}-{'grid' if grid else 'noise'}"
+        fts.append(ft)
+        if (ft / "model.safetensors").is_file():
+            continue
+        shutil.rmtree(ft, ignore_errors=True)
+        shutil.copytree(base, ft)
+        g = torch.Generator().manual_seed(100 + i)
+        w = sd[emb].float()
+        if grid:  # multiples of 2^-10: exact in float32 at these magnitudes, so magnitudes tie in bulk
+            noise = torch.randint(-8, 9, w.shape, generator=g).float() * 2.0**-10
+        else:
+            noise = torch.randn(w.shape, generator=g) * (0.05 * float(w.std()))
+        save_file({**sd, emb: (w + noise).to(sd[emb].dtype)}, ft / "model.safetensors", metadata={"format": "pt"})
+        del noise, w
+    return base, fts
+
+
+def models_135m(work: Path) -> tuple[Path, list[Path]]:
+    """The built-in model (float32) and the two rank-16 variants `compare_mergekit.py --shape 135m` merges."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from compare_mergekit import make_variant
+
+    from llmfast.models import resolve_model
+
+    base = resolve_model("builtin:smollm2-135m")
+    return base, [make_variant(base, work / "ft-a-135m", 1), make_variant(base, work / "ft-b-135m", 2)]
+
+
+def write_config(path: Path, method: str, base: Path, fts: list[Path], density: float, weights: list[float]) -> Path:
+    import yaml
+
+    cfg = {"merge_method": method, "base_model": str(base),
+           "models": [{"model": str(f), "parameters": {"weight": w, "density": density}} for f, w in zip(fts, weights)]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_once(code: Path, cfg: Path, out: Path, trace: bool, threads: int) -> dict:
+    env = {"PYTHONPATH": str(code), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())}
+    proc = subprocess.run([sys.executable, "-c", RUN, str(cfg), str(out), "trace" if trace else "plain", str(threads)],
+                          capture_output=True, text=True, env=env, cwd=code)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"run failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    _, rc, growth, wall, traced = line.split()
+    assert rc == "0", proc.stderr
+    return {"rss_growth": int(growth), "wall_s": float(wall), "traced_peak": int(traced)}
+
+
+def same_output(a: Path, b: Path) -> bool:
+    return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--code", action="append", required=True, help="NAME=DIR: a checkout of llmfast to measure")
+    ap.add_argument("--shape", choices=["one-tensor", "135m"], default="one-tensor",
+                    help="135m: the built-in model and compare_mergekit.py's two rank-16 variants (whole models)")
+    ap.add_argument("--threads", type=int, default=1, help="llmfast merge --threads")
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--models", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--methods", default="ties")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--noise", action="store_true", help="continuous noise instead of the tie-heavy grid")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/merge-trim-memory")
+    ap.add_argument("--out", default="runs/bench/merge_trim_memory.json")
+    args = ap.parse_args()
+    codes = {c.split("=", 1)[0]: Path(c.split("=", 1)[1]).resolve() for c in args.code}
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    n = args.rows * args.cols
+    results = []
+    for dtype in (args.dtypes.split(",") if args.shape == "one-tensor" else ["float32"]):
+        if args.shape == "135m":
+            base, fts = models_135m(work)
+            n = 49152 * 576  # the largest tensor: the embedding
+        else:
+            base, fts = make_models(work, args.rows, args.cols, dtype, args.models, not args.noise)
+        for method in args.methods.split(","):
+            # 135m: compare_mergekit.py's parameters (weights 1); else weights that are not 1 (a multiply each)
+            weights = [1.0] * len(fts) if args.shape == "135m" else [1.0, 0.6, 0.8, 0.5][: len(fts)]
+            cfg = write_config(work / f"{method}-{args.shape}-{dtype}.yaml", method, base, fts, args.density, weights)
+            runs: dict[str, list[dict]] = {name: [] for name in codes}
+            names = list(codes)
+            for r in range(args.rounds):
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    runs[name].append(run_once(codes[name], cfg, work / f"out-{name}", False, args.threads))
+            traced = {name: run_once(codes[name], cfg, work / f"out-{name}", True, args.threads)["traced_peak"]
+                      for name in codes}
+            identical = all(same_output(work / f"out-{names[0]}", work / f"out-{m}") for m in names[1:])
+            row = {"shape": args.shape, "dtype": dtype, "method": method, "entries": n, "models": len(fts),
+                   "density": args.density, "grid": not args.noise and args.shape == "one-tensor",
+                   "threads": args.threads, "identical_outputs": identical, "versions": {}}
+            for name in names:
+                row["versions"][name] = {
+                    "wall_s_median": statistics.median(x["wall_s"] for x in runs[name]),
+                    "rss_growth_median": statistics.median(x["rss_growth"] for x in runs[name]),
+                    "rss_bytes_per_entry": statistics.median(x["rss_growth"] for x in runs[name]) / n,
+                    "numpy_peak_bytes_per_entry": traced[name] / n, "runs": runs[name]}
+            results.append(row)
+            print_row(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": args.rows, "cols": args.cols, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def print_row(row: dict) -> None:
+    print(f"\n{row['shape']}: {row['method']} {row['dtype']}, {row['models']} models, {row['entries']:,} entries "
+          f"(largest tensor), --threads {row['threads']}, density "
+          f"{row['density']}, {'grid' if row['grid'] else 'noise'}; outputs identical: {row['identical_outputs']}")
+    print("| version | wall (median) | peak RSS growth | RSS bytes/entry | numpy peak bytes/entry |")
+    print("|---|---|---|---|---|")
+    for name, v in row["versions"].items():
+        print(f"| {name} | {v['wall_s_median']:.2f} s | {v['rss_growth_median'] / 2**30:.2f} GiB | "
+              f"{v['rss_bytes_per_entry']:.1f} | {v['numpy_peak_bytes_per_entry']:.1f} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
