@@ -11,8 +11,12 @@ RSS over the RSS after the imports (VmHWM, reset before the merge), the merge's 
 per version under tracemalloc, the most bytes numpy held at once (deterministic). Rounds alternate the order of
 the versions; medians are printed per entry of the tensor and written as JSON.
 
+`--shape 135m` / `--shape 1.7b` merge whole models instead, those of `compare_mergekit.py` (its parameters: weights
+1, density 0.5); the per-entry columns are then over the largest tensor (the embedding).
+
     git worktree add /tmp/llmfast-old OLD_COMMIT
     python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --dtypes float32,bfloat16
+    python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --shape 135m --threads 2 --rounds 5
 """
 
 from __future__ import annotations
@@ -81,15 +85,18 @@ def make_models(work: Path, rows: int, cols: int, dtype: str, models: int, grid:
     return base, fts
 
 
-def models_135m(work: Path) -> tuple[Path, list[Path]]:
-    """The built-in model (float32) and the two rank-16 variants `compare_mergekit.py --shape 135m` merges."""
+def compare_mergekit_models(work: Path, shape: str) -> tuple[Path, list[Path]]:
+    """The base and the two rank-16 variants `compare_mergekit.py --shape SHAPE` merges (1.7b: --delta-scale 0.01)."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from compare_mergekit import make_variant
+    from compare_mergekit import make_random_base, make_variant
 
     from llmfast.models import resolve_model
 
     base = resolve_model("builtin:smollm2-135m")
-    return base, [make_variant(base, work / "ft-a-135m", 1), make_variant(base, work / "ft-b-135m", 2)]
+    if shape == "1.7b":
+        base = make_random_base(work / "base-1.7b", base)
+    scale = 1e-3 if shape == "135m" else 1e-2
+    return base, [make_variant(base, work / f"ft-{t}-{shape}", i, scale=scale) for i, t in ((1, "a"), (2, "b"))]
 
 
 def write_config(path: Path, method: str, base: Path, fts: list[Path], density: float, weights: list[float]) -> Path:
@@ -120,8 +127,9 @@ def same_output(a: Path, b: Path) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", action="append", required=True, help="NAME=DIR: a checkout of llmfast to measure")
-    ap.add_argument("--shape", choices=["one-tensor", "135m"], default="one-tensor",
-                    help="135m: the built-in model and compare_mergekit.py's two rank-16 variants (whole models)")
+    ap.add_argument("--shape", choices=["one-tensor", "135m", "1.7b"], default="one-tensor",
+                    help="135m / 1.7b: compare_mergekit.py's models (the built-in model, or a random base of "
+                         "SmolLM2-1.7B's shape in bfloat16, with two rank-16 variants; 1.7b at --delta-scale 0.01)")
     ap.add_argument("--threads", type=int, default=1, help="llmfast merge --threads")
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--cols", type=int, default=4096)
@@ -139,15 +147,16 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     n = args.rows * args.cols
     results = []
-    for dtype in (args.dtypes.split(",") if args.shape == "one-tensor" else ["float32"]):
-        if args.shape == "135m":
-            base, fts = models_135m(work)
-            n = 49152 * 576  # the largest tensor: the embedding
+    whole = {"135m": "float32", "1.7b": "bfloat16"}
+    for dtype in (args.dtypes.split(",") if args.shape == "one-tensor" else [whole[args.shape]]):
+        if args.shape in whole:
+            base, fts = compare_mergekit_models(work, args.shape)
+            n = 49152 * (576 if args.shape == "135m" else 2048)  # the largest tensor: the embedding
         else:
             base, fts = make_models(work, args.rows, args.cols, dtype, args.models, not args.noise)
         for method in args.methods.split(","):
-            # 135m: compare_mergekit.py's parameters (weights 1); else weights that are not 1 (a multiply each)
-            weights = [1.0] * len(fts) if args.shape == "135m" else [1.0, 0.6, 0.8, 0.5][: len(fts)]
+            # 135m, 1.7b: compare_mergekit.py's parameters (weights 1); else weights that are not 1 (a multiply each)
+            weights = [1.0] * len(fts) if args.shape in whole else [1.0, 0.6, 0.8, 0.5][: len(fts)]
             cfg = write_config(work / f"{method}-{args.shape}-{dtype}.yaml", method, base, fts, args.density, weights)
             runs: dict[str, list[dict]] = {name: [] for name in codes}
             names = list(codes)
@@ -158,7 +167,7 @@ def main() -> int:
                       for name in codes}
             identical = all(same_output(work / f"out-{names[0]}", work / f"out-{m}") for m in names[1:])
             row = {"shape": args.shape, "dtype": dtype, "method": method, "entries": n, "models": len(fts),
-                   "density": args.density, "grid": not args.noise and args.shape == "one-tensor",
+                   "density": args.density, "grid": not args.noise and args.shape not in whole,
                    "threads": args.threads, "identical_outputs": identical, "versions": {}}
             for name in names:
                 row["versions"][name] = {
