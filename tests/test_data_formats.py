@@ -156,6 +156,8 @@ MESSAGE_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assista
     (['{"prompt": "x", "completion": null}'], "d.jsonl:1: field 'completion' must be a string, not null"),
     (['{"instruction": "x", "input": 3, "output": "y"}'], "d.jsonl:1: field 'input' must be a string, not int"),
     (['{"instruction": "x", "output": "y", "history": [["a"]]}'], "history[0] must be a [instruction, answer] pair"),
+    (['{"instruction": "x", "output": "y", "history": 5}'], "d.jsonl:1: field 'history' must be a list of "
+     "[instruction, answer] pairs, not int"),  # was a TypeError
     (['{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}'], "d.jsonl:1: field 'completion' is a "
      "str, but the other is a list of messages"),
     (['{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}'],

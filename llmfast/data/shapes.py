@@ -175,8 +175,12 @@ def _alpaca(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     if row.get("input") is not None:
         must_be_text(row["input"], f"{where}: field 'input'")
         question = "\n".join(part for part in (question, row["input"]) if part)
+    history = row.get("history") or []
+    if not isinstance(history, list):  # a number was a TypeError, a string or object iterated as pairs
+        raise UserError(f"{where}: field 'history' must be a list of [instruction, answer] pairs, not "
+                        f"{type(history).__name__}")
     turns = []
-    for i, pair in enumerate(row.get("history") or []):
+    for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise UserError(f"{where}: history[{i}] must be a [instruction, answer] pair of strings")
         for j, role in enumerate(("user", "assistant")):
