@@ -2,13 +2,14 @@
 as `messages`; the .json array; and the one-line refusals (llmfast/data/shapes.py, jsonl.py)."""
 
 import json
+import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from llmfast.data.chat import IGNORE, check_rows, load_examples
+from llmfast.data.jsonl import read_jsonl
 from llmfast.errors import UserError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Convert 3 km to m."},
@@ -124,9 +125,15 @@ def test_other_formats_are_refused_with_a_conversion_that_works(tmp_path):
         check_rows(csv)
     message = str(e.value)
     assert message.startswith(f"data file {csv}: csv files are not read") and "\n" not in message
-    command = message.split('python -c "')[1].split('"')[0]
-    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    # as printed, through a shell whose PATH has no python (s49's `python -c` needed one with pandas on PATH)
+    command = message.split(" convert it with ")[1].rsplit(" and give ", 1)[0]
+    subprocess.run(command, shell=True, check=True, capture_output=True, env={**os.environ, "PATH": "/nonexistent"})
     assert check_rows(tmp_path / "d.jsonl") == "Alpaca (instruction/output)"
+    # eval's task files and bench's prompt files (read_jsonl) are never folders: their errors do not offer one
+    with pytest.raises(UserError, match=re.escape("not read (JSON Lines or a .json array are): convert")):
+        read_jsonl(csv)
+    with pytest.raises(UserError, match=f"^data file {re.escape(str(tmp_path))} is a directory: give a JSON Lines"):
+        read_jsonl(tmp_path)  # was 'not found'
     for name, expected in (("d.parquet", "pd.read_parquet("), ("d.jsonl.gz", "compressed (.gz)")):
         (tmp_path / name).write_bytes(b"PAR1\x00\xff")
         with pytest.raises(UserError, match=re.escape(expected)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a data file (`read_jsonl`) or of a `datasets.save_to_disk` folder (its train split)."""
     path = Path(path)
     if not path.is_dir():
-        return read_jsonl(path)
+        return read_jsonl(path, folders=True)
     try:
         from datasets import load_from_disk
 
@@ -47,13 +49,16 @@ def where(path: str | Path, row: int) -> str:
     return f"{path} row {row}" if Path(path).is_dir() else f"{path}:{row}"
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, *, folders: bool = False) -> list[dict[str, Any]]:
     """JSON Lines (one object a line), or, in a `.json` file that starts with `[`, one JSON array of objects (what
-    LLaMA-Factory and `json.dump` write; `datasets`' to_json writes JSON Lines even to a .json file)."""
+    LLaMA-Factory and `json.dump` write; `datasets`' to_json writes JSON Lines even to a .json file). `folders`:
+    the caller reads `datasets` folders too (`read_rows`), as its errors then say."""
     path = Path(path)
+    if path.is_dir():  # eval's task files and bench's prompt files are files only
+        raise UserError(f"data file {path} is a directory: give a JSON Lines file or a .json array")
     if not path.is_file():
         raise UserError(f"data file {path} not found")
-    _check_extension(path)
+    _check_extension(path, folders)
     try:
         f = path.open("rb")
     except OSError as e:
@@ -66,15 +71,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_extension(path: Path) -> None:
+def _check_extension(path: Path, folders: bool) -> None:
     suffix = path.suffix.lower()
     if suffix in _COMPRESSED:
         raise UserError(f"data file {path} is compressed ({suffix}): decompress it to .jsonl first")
     if suffix in _CONVERT:
         out = path.with_suffix(".jsonl")
         load = _CONVERT[suffix].format(p=repr(str(path)))
-        raise UserError(f"data file {path}: {suffix[1:]} files are not read (JSON Lines, a .json array or a "
-                        f"datasets.save_to_disk folder are): convert it with python -c \"import pandas as pd; "
+        read = "JSON Lines, a .json array or a datasets.save_to_disk folder" if folders else \
+            "JSON Lines or a .json array"
+        # this interpreter: it has pandas (a `datasets` dependency), where a `python` on PATH may not
+        raise UserError(f"data file {path}: {suffix[1:]} files are not read ({read} are): convert it with "
+                        f"{shlex.quote(sys.executable)} -c \"import pandas as pd; "
                         f"{load}.to_json({str(out)!r}, orient='records', lines=True, force_ascii=False)\" and give "
                         f"{out}")
 
