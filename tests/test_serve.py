@@ -334,6 +334,12 @@ def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir
     two = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset(), available_gib=8.0)
     assert spec.data_parallel_size == 2 and server_command(spec, two)[1]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     assert prepare_spec(str(tiny_dir), extra_args=["--data-parallel-size", "4", "-dpl", "1"]).data_parallel_size == 1
+    # this node's engines as vLLM counts them: an external-LB rank runs one, --nnodes share them (s49 counted 4)
+    for extra, local in ((["-dp", "4", "-dpn", "1"], 1), (["-dp", "4", "--data-parallel-external-lb"], 1),
+                         (["-dp", "4", "--nnodes", "2", "--node-rank", "1"], 2)):
+        assert prepare_spec(str(tiny_dir), extra_args=extra).data_parallel_size == local, extra
+    assert refused(["-dp", "2", "-dpl", "0"], tensor_parallel_size=1) == (  # was read as -dp 2
+        "the vLLM flags after --: --data-parallel-size-local 0: give a positive number")
     cores = len(os.sched_getaffinity(0))
     assert refused(["--data_parallel_size", str(cores + 1)], tensor_parallel_size=1).startswith(
         f"--data-parallel-size (after --) {cores + 1} is {cores + 1} vLLM workers, each bound to CPU cores of its own")

@@ -82,14 +82,19 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def local_data_parallel(engine: argparse.Namespace | None) -> int:
     """How many data-parallel engines vLLM starts on this machine for the flags parsed into `engine` (None: no flag
-    that may matter was given, so one)."""
+    that may matter was given, so one), as vLLM's EngineArgs.create_engine_config counts them."""
     if engine is None:
         return 1
-    size = engine.data_parallel_size_local or engine.data_parallel_size
-    if not isinstance(size, int) or size < 1:
-        raise UserError(f"the vLLM flags after --: data parallel size {size!r} (--data-parallel-size): give a "
-                        "positive number")
-    return size
+    size, local = engine.data_parallel_size, engine.data_parallel_size_local
+    for flag, n in (("--data-parallel-size", size), ("--data-parallel-size-local", local)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise UserError(f"the vLLM flags after --: {flag} {n!r}: give a positive number")
+    if engine.data_parallel_rank is not None or engine.data_parallel_external_lb:
+        return 1  # external load balancing: this process is the one engine of its rank
+    if local is not None:
+        return local
+    nodes = getattr(engine, "nnodes", 1) or 1
+    return max(size // nodes, 1)  # the engines spread evenly over --nnodes (vLLM refuses an uneven split)
 
 
 def uncompiled(args: Sequence[str], environ: dict[str, str] | None = None,
