@@ -174,6 +174,7 @@ MESSAGE_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assista
     (['{"prompt": "x", "chosen": "y", "rejected": "z"}'], "d.jsonl:1: a preference row (chosen/rejected"),
     (['{"chosen": [{"role": "user", "content": "x"}], "rejected": []}'], "d.jsonl:1: a preference row"),
     (['{"prompt": "x"}'], "d.jsonl:1: missing field 'completion' (prompt/completion rows need both)"),
+    (['{"text": null, "messages": null}'], "or 'text'); the row has no fields and null 'messages', 'text'"),
     (['{"question": "x", "answer": "y"}'], "d.jsonl:1: missing field 'messages' (or another row shape: "
      "'conversations', 'instruction' and 'output', 'prompt' and 'completion', or 'text'); the row has fields "
      "'answer', 'question'"),

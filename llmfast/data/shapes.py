@@ -59,7 +59,7 @@ def row_shape(row: dict[str, Any], where: str) -> str:
     if "text" in has:
         return "text"
     raise UserError(f"{where}: missing field 'messages' (or another row shape: 'conversations', 'instruction' and "
-                    f"'output', 'prompt' and 'completion', or 'text'); the row has {_fields(has)}")
+                    f"'output', 'prompt' and 'completion', or 'text'); the row has {_fields(has)}{_nulls(row)}")
 
 
 class ShapeCheck:
@@ -108,6 +108,12 @@ def must_be_text(value: Any, where: str) -> None:
 
 def _fields(has: set[str]) -> str:
     return f"fields {', '.join(map(repr, sorted(has)[:8]))}" if has else "no fields"
+
+
+def _nulls(row: dict[str, Any]) -> str:
+    # a `datasets` folder's row whose one field is null read as having no fields at all
+    nulls = sorted(k for k, v in row.items() if v is None and not k.startswith("_"))
+    return f" and null {', '.join(map(repr, nulls[:8]))}" if nulls else ""
 
 
 def _turns(row: dict[str, Any], field: str, where: str, keys: tuple[str, str], learn: bool = True
