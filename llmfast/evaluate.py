@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from llmfast.artifacts import check_writable_parent
 from llmfast.data.chat import check_ids_fit, prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
+from llmfast.data.shapes import ShapeCheck
 from llmfast.data.tasks import TASKS, check
 from llmfast.errors import UserError
 
@@ -149,7 +150,9 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         raise UserError(f"eval.perplexity.stride ({cfg.perplexity.stride}) must not exceed eval.perplexity.context "
                         f"({cfg.perplexity.context}): lower the stride")
     for ts in cfg.tasks:
+        shapes = ShapeCheck()  # one row shape per file, as finetune's data
         for r in read_jsonl(ts.path)[: ts.limit]:
+            shapes(r, f"{ts.path}:{r['_row']}")
             prompt_and_answer(r, ts.path)
             _check_row_task(r, ts.name, ts.path)
     if recipe.adapter is not None:

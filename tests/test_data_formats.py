@@ -178,12 +178,12 @@ MESSAGE_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assista
     (['{"question": "x", "answer": "y"}'], "d.jsonl:1: missing field 'messages' (or another row shape: "
      "'conversations', 'instruction' and 'output', 'prompt' and 'completion', or 'text'); the row has fields "
      "'answer', 'question'"),
-    ([MESSAGE_ROW, MESSAGE_ROW, SHAREGPT + '{"from": "gpt", "value": "y"}]}'], "d.jsonl:3: a ShareGPT (conversations)"
-     " row, but the rows before it are chat (messages): a data set holds one shape"),
+    ([MESSAGE_ROW, MESSAGE_ROW, SHAREGPT + '{"from": "gpt", "value": "y"}]}'], "d.jsonl:3: a row of shape ShareGPT "
+     "(conversations), but the rows before it are chat (messages): a data set holds one shape"),
     (['{"prompt": "x", "completion": "y"}', '{"prompt": [{"role": "user", "content": "x"}], "completion": '
-      '[{"role": "assistant", "content": "y"}]}'], "d.jsonl:2: a prompt/completion (lists of messages) row, but "
+      '[{"role": "assistant", "content": "y"}]}'], "d.jsonl:2: a row of shape prompt/completion (lists of messages), but "
      "the rows before it are prompt/completion (strings)"),
-    (['{"text": "x"}', MESSAGE_ROW], "d.jsonl:2: a chat (messages) row, but the rows before it are plain text"),
+    (['{"text": "x"}', MESSAGE_ROW], "d.jsonl:2: a row of shape chat (messages), but the rows before it are plain text"),
 ])
 def test_bad_rows_of_every_shape_are_one_line_naming_the_row(tiny, tmp_path, rows, expected):
     _, tok = tiny
@@ -209,7 +209,7 @@ def test_a_datasets_folder_of_alpaca_rows_takes_a_missing_column_as_absent(tiny,
     chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     Dataset.from_list([{"instruction": "a", "output": "c", "messages": None},
                        {"instruction": None, "output": None, "messages": chat}]).save_to_disk(tmp_path / "mixed")
-    with pytest.raises(UserError, match=r"mixed row 1: a chat \(messages\) row, but the rows before it are Alpaca"):
+    with pytest.raises(UserError, match=r"mixed row 1: a row of shape chat \(messages\), but the rows before it are Alpaca"):
         load_examples(tmp_path / "mixed", tok, 64)
 
 

@@ -285,6 +285,20 @@ def test_tasks_on_a_tokenizer_without_a_chat_template_are_refused_before_loading
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.predictions.jsonl").exists()
 
 
+def test_a_task_file_mixing_row_shapes_is_refused_before_loading(tiny_dir, tmp_path):
+    """One shape per file, as finetune's data (docs/eval.md); eval took a messages row beside an Alpaca one (s49)."""
+    rows = [{"task": "dates", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            {"task": "dates", "instruction": "Q", "output": "A"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  tasks:\n    - {{name: dates, path: {tmp_path / 'mixed.jsonl'}}}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"llmfast: error: {tmp_path / 'mixed.jsonl'}:2: a row of shape Alpaca (instruction/output), but the rows before "
+        "it are chat (messages): a data set holds one shape: convert this row to theirs, or split the file"), err[-2000:]
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_eval_output_that_is_a_directory_or_under_a_file_is_one_line(tiny_dir, tmp_path):
     recipe = _tiny_eval_recipe(tmp_path, tiny_dir)
     (tmp_path / "f").write_text("x")

@@ -73,8 +73,9 @@ class ShapeCheck:
         if self.shape is None:
             self.shape = shape
         elif shape != self.shape:
-            raise UserError(f"{where}: a {SHAPES[shape]} row, but the rows before it are {SHAPES[self.shape]}: a data "
-                            "set holds one shape: convert this row to theirs, or split the file")
+            raise UserError(f"{where}: a row of shape {SHAPES[shape]}, but the rows before it are "
+                            f"{SHAPES[self.shape]}: a data set holds one shape: convert this row to theirs, or split "
+                            "the file")
         return shape
 
 
