@@ -472,3 +472,33 @@ def test_quantizing_while_loading_gives_the_weights_temporaries_back(tmp_path: P
     held = [int(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("held free")]
     # measured: 0.6 to 2.2 times the bfloat16 weights before, 0.12 after
     assert len(held) == 2 and max(held) < 0.25 * weights, (held, weights)
+
+
+def test_nested_large_blocks_given_back_keeps_the_low_threshold_until_the_outermost_exit():
+    """An inner exit reset glibc's threshold to 32 MiB while the outer block was still quantizing (s49's review):
+    a 4 MiB block after it came from the heap. glibc's own count of mmapped bytes (mallinfo2's hblkhd) tells."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc")
+    script = (
+        "import ctypes\nfrom llmfast.quant.bnb4 import large_blocks_given_back\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+        "fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n"
+        "libc.malloc.restype = ctypes.c_void_p; libc.malloc.argtypes = [ctypes.c_size_t]\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.free(libc.malloc(16 << 20))  # glibc raises its threshold to 16 MiB\n"
+        "def mapped():\n"
+        "    before = libc.mallinfo2().hblkhd; p = libc.malloc(4 << 20); after = libc.mallinfo2().hblkhd\n"
+        "    libc.free(p); return after - before >= 4 << 20\n"
+        "with large_blocks_given_back():\n"
+        "    with large_blocks_given_back():\n"
+        "        print('inner', mapped())\n"
+        "    print('outer', mapped())\n"
+        "print('after', mapped())\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # (a block freed into the heap's top would serve the next request whatever the threshold: no probe before)
+    assert p.stdout.split() == ["inner", "True", "outer", "True", "after", "False"], p.stdout

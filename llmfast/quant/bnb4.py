@@ -229,6 +229,7 @@ def save_4bit(model_dir: Path, cfg: Bnb4Config, out_dir: Path, *, tokenizer: Any
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the most glibc's own raising of the threshold reaches on 64-bit
+_inside = 0  # large_blocks_given_back's depth
 
 
 @contextlib.contextmanager
@@ -250,8 +251,13 @@ def large_blocks_given_back(threshold: int = 1 << 20) -> Any:
     except (OSError, AttributeError):
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    global _inside
+    if _inside == 0:  # nested: the outermost sets and resets it
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    _inside += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+        _inside -= 1
+        if _inside == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
