@@ -170,6 +170,9 @@ MESSAGE_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assista
     (['{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "user", "content": "y"}]}'],
      "d.jsonl:1: no assistant turn to learn from in 'completion'"),
     (['{"text": 5}'], "d.jsonl:1: field 'text' must be a string, not int"),
+    (['[', '  {"text": "x"}', ']'], "d.jsonl:1: a JSON array, but a .jsonl is read as JSON Lines (one object a line): "
+     "name the file .json"),  # was 'not valid JSON' with no hint
+    (['[{"text": "x"}]'], "d.jsonl:1: a JSON array, but a .jsonl is read as JSON Lines"),
     (['{"text": ""}'], "d.jsonl:1: field 'text' is empty"),
     (['{"prompt": "x", "chosen": "y", "rejected": "z"}'], "d.jsonl:1: a preference row (chosen/rejected"),
     (['{"chosen": [{"role": "user", "content": "x"}], "rejected": []}'], "d.jsonl:1: a preference row"),

@@ -100,6 +100,9 @@ def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
             line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
             continue
+        if not rows and line.lstrip().startswith("[") and path.suffix.lower() != ".json":
+            raise UserError(f"{path}:{lineno}: a JSON array, but a {path.suffix or 'file without .json'} is read as "
+                            "JSON Lines (one object a line): name the file .json, or write one row a line")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
