@@ -1380,11 +1380,13 @@ def test_shard_sizes_read_as_written_and_mergekits_5b_as_five_billion_bytes():
 def _grid_family(tiny_dir: Path, root: Path, dtype: torch.dtype) -> dict[str, Path]:
     """A base and three fine-tunes whose task vectors are multiples of 2^-10 (magnitudes tie in bulk at any trim
     threshold), with a share of unchanged entries, a -0.0 over the base's +0.0, and the third fine-tune leaving the
-    embedding as it was (a zero task vector there)."""
+    embedding as it was (a zero task vector there). An embedding entry is -0.0 in the base and a tiny negative in the
+    first two fine-tunes (trimmed to -0.0): the merged entry stays -0.0 only if the zero task vector is left out."""
     sd = {k: v.to(dtype) for k, v in load_file(tiny_dir / "model.safetensors").items()}
     emb = next(k for k in sd if "embed" in k)
     up = next(k for k in sd if "layers.0.mlp.up_proj" in k)
     sd[up].view(-1)[3] = 0.0
+    sd[emb].view(-1)[5] = -0.0
     out = {"base": shutil.copytree(tiny_dir, root / "base")}
     save_file(sd, out["base"] / "model.safetensors", metadata={"format": "pt"})
     for i in (1, 2, 3):
@@ -1395,6 +1397,8 @@ def _grid_family(tiny_dir: Path, root: Path, dtype: torch.dtype) -> dict[str, Pa
             step[torch.rand(v.shape, generator=g) < 0.3] = 0
             ft[k] = v if (k == emb and i == 3) or "norm" in k else (v.float() + step).to(dtype)
         ft[up].view(-1)[3] = -0.0
+        if i != 3:
+            ft[emb].view(-1)[5] = -(2.0**-30)
         out[f"ft{i}"] = shutil.copytree(tiny_dir, root / f"ft{i}")
         save_file(ft, out[f"ft{i}"] / "model.safetensors", metadata={"format": "pt"})
     return out
@@ -1430,13 +1434,16 @@ def test_trimming_merges_block_by_block_give_the_whole_tensor_paths_bits(tiny_di
     ran = []
     original = trim_blocks.merge_trimmed
     monkeypatch.setattr(trim_blocks, "merge_trimmed", lambda *a: ran.append(original(*a)) or ran[-1])
-    monkeypatch.setattr(trim_blocks, "BLOCK", 4096)  # the embedding is 32 blocks, a layer's weight 4
+    monkeypatch.setattr(trim_blocks, "BLOCK", 4000)  # the embedding is 33 blocks, a layer's weight 9: each ends short
     monkeypatch.setattr(trim_blocks, "WHOLE_BELOW", 1)  # these tensors are small: blockwise all the same
     got = _merge(cfg, tmp_path / "blocks")
     assert len(ran) == len(got) and all(r is not None for r in ran)
     monkeypatch.setattr(trim_blocks, "takes", lambda plan: False)
     whole = _merge(cfg, tmp_path / "whole")
     base, fts = _sd(fam["base"]), [_sd(fam[f"ft{i}"]) for i in (1, 2, 3)]
+    kept = [json.loads((tmp_path / out / "llmfast.json").read_text())["metrics"]["kept_fraction"]
+            for out in ("blocks", "whole")]
+    assert kept[0] == kept[1], kept
     for k in whole:
         assert torch.equal(got[k].view(torch.int32), whole[k].view(torch.int32)), k
         b = base[k].float()
