@@ -15,8 +15,8 @@ ones by position; or, where the merge replays mergekit's sort (float32, `exact_t
 found by `_replay_introsort_ties` on the task vector's magnitudes: 4 bytes per entry and the replay's index
 arrays, one task vector at a time, freed before the output is allocated. The element-wise steps are the
 whole-tensor path's, in its order (`combine`), so the output has its bits (tested). Tensors under `WHOLE_BELOW`
-entries, tensors holding NaN, merges that rescale, float64 and a tie replay past the sort's depth limit take the
-whole-tensor path.
+entries, a trimmed task vector holding NaN, merges that rescale, float64 and a tie replay past the sort's depth
+limit take the whole-tensor path.
 """
 
 from __future__ import annotations
