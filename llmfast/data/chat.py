@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from llmfast.data.jsonl import read_rows
 from llmfast.data.jsonl import where as row_where
-from llmfast.data.shapes import SHAPES, ShapeCheck, must_be_text, to_chat
+from llmfast.data.shapes import SHAPES, Chat, ShapeCheck, must_be_text, to_chat
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,15 +45,20 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 def check_rows(path: str | Path) -> str:
     """Read a data file and check every row's shape (no tokenizer needed): the first problem, named; else the shape
     (shapes.SHAPES' description) its rows have."""
+    shape = "messages"
+    for _row, _where, shape, _content in _read_rows(path):
+        pass
+    return SHAPES[shape]
+
+
+def _read_rows(path: str | Path) -> "Iterator[tuple[dict[str, Any], str, str, str | Chat]]":
+    """Each row of a data set (one shape in all, shapes.py) with where it is, its shape and what it holds: a `text`
+    row's text, another's conversation; the first problem is named."""
     check = ShapeCheck()
     for r in read_rows(path):
         where = row_where(path, r["_row"])
         shape = check(r, where)
-        if shape == "text":
-            _text(r, where)
-        else:
-            to_chat(r, where, shape)
-    return SHAPES[check.shape or "messages"]
+        yield r, where, shape, _text(r, where) if shape == "text" else to_chat(r, where, shape)
 
 
 def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:
@@ -136,16 +141,12 @@ def load_examples(
     naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
     """
     path = Path(path)
-    rows = read_rows(path)
-    check = ShapeCheck()
     examples, warnings, truncated, dropped = [], [], [], []
-    for r in rows:
-        where = row_where(path, r["_row"])
-        if check(r, where) == "text":
-            ex = encode_text(tokenizer, _text(r, where), r["_row"])
+    for r, where, _shape, content in _read_rows(path):
+        if isinstance(content, str):  # a `text` row
+            ex = encode_text(tokenizer, content, r["_row"])
         else:
-            chat = to_chat(r, where, check.shape)
-            ex = encode_messages(tokenizer, chat.messages, r["_row"], where, chat.learn_from)
+            ex = encode_messages(tokenizer, content.messages, r["_row"], where, content.learn_from)
         check_ids_fit(ex.input_ids, vocab, where)
         if len(ex) > max_length:
             if too_long == "error":
