@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from llmfast.merge.methods.sparsify import kept_count, trim_count
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -95,8 +97,7 @@ def merge_trimmed(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]],
         for t in trims:
             if t.nonzero and t.density < 1:  # what `_sparsify` counts
                 counts["nonzero"] = counts.get("nonzero", 0) + t.nonzero
-                counts["kept"] = counts.get("kept", 0) + (min(t.nonzero, max(1, int(t.density * n)))
-                                                          if t.density > 0 else 0)
+                counts["kept"] = counts.get("kept", 0) + kept_count(t.nonzero, t.density, n)
         return _merge_pass(plan, name, mapped, trims, params, shared, out_dtype, n).reshape(shape), counts
 
 
@@ -155,7 +156,7 @@ def _survey(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], trims: 
                 m = np.abs(d, out=mag[: d.size]).view(np.uint32)
                 t.hist += np.bincount(m >> 16, minlength=_BUCKETS)
     for t in trims:
-        k = max(1, int(t.density * n))
+        k = trim_count(t.density, n)
         if t.mode == "skip" or t.density >= 1:
             t.mode = t.mode or "all"
         elif t.density <= 0:
@@ -195,7 +196,7 @@ def _settle(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], i: int,
     bucket, above = _bucket_of(low, t.quota)
     t.bits |= bucket
     t.quota -= above  # the tied entries to keep
-    k = max(1, int(t.density * n))
+    k = trim_count(t.density, n)
     if t.quota == low[bucket]:
         t.mode = ">="
     elif not plan.computes_like_mergekit(name):

@@ -67,6 +67,16 @@ def trim(values: "np.ndarray", density: float, exact_ties: bool = True, nonzero:
         np.multiply(values, keep, out=values)  # x * 1 is x exactly; dropped entries become (signed) zeros
 
 
+def trim_count(density: float, n: int) -> int:
+    """k: how many of `n` entries the magnitude trim keeps (mergekit's int(density * n), at least one)."""
+    return max(1, int(density * n))
+
+
+def kept_count(nonzero: int, density: float, n: int) -> int:
+    """How many of a task vector's `nonzero` entries (of `n`) its magnitude trim keeps, as the manifest counts."""
+    return min(nonzero, trim_count(density, n)) if density > 0 else 0
+
+
 def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
     """Boolean mask of the first k = max(1, int(density * n)) entries of `torch.argsort(mag, descending=True)`.
 
@@ -77,7 +87,7 @@ def top_magnitudes(mag: "np.ndarray", density: float) -> "np.ndarray":
     keep = _top(mag, density)
     if keep is None:  # every nonzero entry is kept, and the zeros too when there are fewer than k of those
         keep = mag != 0
-        if np.count_nonzero(keep) < max(1, int(density * mag.size)):
+        if np.count_nonzero(keep) < trim_count(density, mag.size):
             keep = mag >= 0
     return keep
 
@@ -90,7 +100,7 @@ def _top(mag: "np.ndarray", density: float, exact_ties: bool = True,
     n = mag.size
     if density <= 0 or n == 0:
         return np.zeros(n, dtype=bool)
-    k = max(1, int(density * n))
+    k = trim_count(density, n)
     nonzero = int(np.count_nonzero(mag)) if nonzero is None else nonzero
     if nonzero <= k:  # no nonzero entry to trim (bfloat16 fine-tunes leave most entries unchanged)
         return None

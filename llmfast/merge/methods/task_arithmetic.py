@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from llmfast.merge.methods.base import MergeMethod, Param, TensorContext, float_work, register
-from llmfast.merge.methods.sparsify import drop_at_random, trim
+from llmfast.merge.methods.sparsify import drop_at_random, kept_count, trim
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,7 +72,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         before = _l1(values) if rescale else None
         if self.sparsify == "magnitude":
             trim(values, density, ctx.exact_ties, nonzero)
-            kept = min(nonzero, max(1, int(density * values.size))) if density > 0 else 0
+            kept = kept_count(nonzero, density, values.size)
         else:
             drop_at_random(values, density, ctx.seed, ctx.name, i)
             kept = int(np.count_nonzero(values))
