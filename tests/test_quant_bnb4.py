@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -435,27 +436,29 @@ def test_a_bfloat16_base_quantized_while_loading_computes_in_bfloat16(saved: tup
         assert torch.equal(layer(x), F.linear(x, weight))
 
 
+# glibc's own counts of its heap (mallinfo2), read in a fresh process's script
+_GLIBC = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                            reason="glibc's malloc")
+_MALLINFO = ("import ctypes\nclass Info(ctypes.Structure):\n"
+             "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks "
+             "uordblks fordblks keepcost'.split()]\n"
+             "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n")
+
+
+@_GLIBC
 def test_quantizing_while_loading_gives_the_weights_temporaries_back(tmp_path: Path) -> None:
     """bitsandbytes' CPU quantize_4bit makes float32 temporaries of each weight and keeps its small 4-bit codes: with
     glibc's raised mmap threshold the temporaries came from the heap between the kept codes, and the heap grew by
     1.0 to 2.2 bfloat16 copies of the model (BENCHMARKS, "cause not found"). glibc's own count, in a fresh process
     across `llmfast quantize`'s save, then across eval's load with `quantization: nf4`: the free bytes its heap
     holds (mallinfo2's fordblks), which it cannot give back while kept blocks lie above them."""
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's malloc")
     model = build_tiny_llama(tmp_path / "m", hidden_size=512, num_heads=4, head_dim=128, intermediate_size=2048,
                              num_layers=4, dtype="bfloat16")
     weights = (model / "model.safetensors").stat().st_size
     script = (
-        "import ctypes, sys, torch\nfrom pathlib import Path\n"
+        _MALLINFO + "import sys, torch\nfrom pathlib import Path\n"
         "from llmfast.models import load_tokenizer\n"
         "from llmfast.quant.bnb4 import Bnb4Config, save_4bit\n"
-        "class Info(ctypes.Structure):\n"
-        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
-        "fordblks keepcost'.split()]\n"
-        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n"
         "tok = load_tokenizer(sys.argv[1])\n"
         "torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # freed at once: glibc raises its mmap threshold\n"
         "before = libc.mallinfo2().fordblks\n"
@@ -474,19 +477,12 @@ def test_quantizing_while_loading_gives_the_weights_temporaries_back(tmp_path: P
     assert len(held) == 2 and max(held) < 0.25 * weights, (held, weights)
 
 
+@_GLIBC
 def test_nested_large_blocks_given_back_keeps_the_low_threshold_until_the_outermost_exit():
     """An inner exit reset glibc's threshold to 32 MiB while the outer block was still quantizing (s49's review):
     a 4 MiB block after it came from the heap. glibc's own count of mmapped bytes (mallinfo2's hblkhd) tells."""
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's malloc")
     script = (
-        "import ctypes\nfrom llmfast.quant.bnb4 import large_blocks_given_back\n"
-        "class Info(ctypes.Structure):\n"
-        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
-        "fordblks keepcost'.split()]\n"
-        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = Info\n"
+        _MALLINFO + "from llmfast.quant.bnb4 import large_blocks_given_back\n"
         "libc.malloc.restype = ctypes.c_void_p; libc.malloc.argtypes = [ctypes.c_size_t]\n"
         "libc.free.argtypes = [ctypes.c_void_p]\n"
         "libc.free(libc.malloc(16 << 20))  # glibc raises its threshold to 16 MiB\n"
