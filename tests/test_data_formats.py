@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from llmfast.data.chat import IGNORE, check_rows, load_examples
+from llmfast.data.chat import IGNORE, check_rows, load_examples, read_examples
 from llmfast.data.jsonl import read_jsonl
 from llmfast.errors import UserError
 
@@ -49,7 +49,7 @@ def test_each_chat_shape_labels_exactly_what_the_same_messages_row_labels(tiny, 
     ex = _one(tok, path)
     assert (ex.input_ids, ex.labels) == (reference.input_ids, reference.labels)
     assert _learned(tok, ex) == "3000<|im_end|>\n2000<|im_end|>\n"
-    assert check_rows(path) == shape
+    assert check_rows(path) == shape == read_examples(path, tok, 256).shape  # what finetune says it read
 
 
 def test_alpaca_joins_instruction_and_input_with_a_newline(tiny, tmp_path):

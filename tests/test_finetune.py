@@ -95,6 +95,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data, extra="export_merged: true")
     code, out, err = run_cli("finetune", str(path), "--set", "train.steps=30", "--set", "train.lr=0.01")
     assert code == 0, err
+    assert f"llmfast: data: 32 rows of chat (messages) from {data}, 3 of them held out\n" in err, err
     run = tmp_path / "run"
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 31))

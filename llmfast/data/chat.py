@@ -126,6 +126,13 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     return Encoded(ids, labels, row)
 
 
+@dataclass
+class Examples:
+    examples: list[Encoded]
+    warnings: list[str]
+    shape: str  # what its rows are: SHAPES' description
+
+
 def load_examples(
     path: str | Path,
     tokenizer: "PreTrainedTokenizerBase",
@@ -133,16 +140,28 @@ def load_examples(
     too_long: Literal["truncate", "error"] = "truncate",
     vocab: int | None = None,
 ) -> tuple[list[Encoded], list[str]]:
+    """`read_examples`' examples and warnings."""
+    got = read_examples(path, tokenizer, max_length, too_long, vocab)
+    return got.examples, got.warnings
+
+
+def read_examples(
+    path: str | Path,
+    tokenizer: "PreTrainedTokenizerBase",
+    max_length: int,
+    too_long: Literal["truncate", "error"] = "truncate",
+    vocab: int | None = None,
+) -> Examples:
     """Read and encode a data file or a local `datasets` directory, of any one row shape (shapes.py); returns
-    examples and warnings.
+    examples, warnings and the shape.
 
     With `too_long="truncate"` an example longer than `max_length` keeps its first `max_length` tokens; one
     whose prompt alone fills `max_length` (no answer token left to learn from) is dropped, with a warning
     naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
     """
     path = Path(path)
-    examples, warnings, truncated, dropped = [], [], [], []
-    for r, where, _shape, content in _read_rows(path):
+    examples, warnings, truncated, dropped, shape = [], [], [], [], "messages"
+    for r, where, shape, content in _read_rows(path):
         if isinstance(content, str):  # a `text` row
             ex = encode_text(tokenizer, content, r["_row"])
         else:
@@ -166,7 +185,7 @@ def load_examples(
                         f"no answer left to learn ({_rows(dropped)})")
     if not examples:
         raise UserError(f"{path}: every example's prompt fills max_length {max_length}: raise data.max_length")
-    return examples, warnings
+    return Examples(examples, warnings, SHAPES[shape])
 
 
 def _rows(numbers: list[int]) -> str:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, write_manifest
-from llmfast.data.chat import Encoded, load_examples
+from llmfast.data.chat import Encoded, read_examples
 from llmfast.data.packing import Batch, collate, pack
 from llmfast.errors import UserError
 from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
@@ -152,17 +152,22 @@ def _accelerator() -> Any:
     return acc
 
 
-def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None) -> tuple[list[Encoded], ...]:
+def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None) -> tuple[Any, ...]:
+    """Train and held-out examples, the warnings printed, and a line saying what was read (shown once all is checked:
+    a row shape read in a way the user did not mean is then seen before the steps go by)."""
     dc = recipe.data
-    train_ex, warnings = load_examples(dc.train, tokenizer, dc.max_length, dc.too_long, vocab)
+    train = read_examples(dc.train, tokenizer, dc.max_length, dc.too_long, vocab)
+    train_ex, warnings, said = train.examples, train.warnings, f"{len(train.examples)} rows of {train.shape}"
     if dc.eval is not None:
-        eval_ex, more = load_examples(dc.eval, tokenizer, dc.max_length, dc.too_long, vocab)
-        warnings += more
+        held = read_examples(dc.eval, tokenizer, dc.max_length, dc.too_long, vocab)
+        eval_ex, warnings = held.examples, warnings + held.warnings
+        said = (f"{said} from {dc.train}, {len(eval_ex)} held-out rows of {held.shape} from {dc.eval}")
     else:
         train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
+        said = f"{said} from {dc.train}, {len(eval_ex)} of them held out"
     for w in warnings:
         _note(acc, f"llmfast: warning: {w}")
-    return train_ex, eval_ex
+    return train_ex, eval_ex, f"llmfast: data: {said}"
 
 
 def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
@@ -180,7 +185,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         model_path = resolve_model(recipe.model)
     check_rows_fit(model_path, dc)  # preflight checked a local folder's; the models resolved here are checked here
     tokenizer = load_tokenizer(model_path)
-    train_ex, eval_ex = _examples(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"])
+    train_ex, eval_ex, said = _examples(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"])
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
         from llmfast.quant import already_quantized
@@ -212,6 +217,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     layers = sharding.check_model(model) if tc.fsdp else []
     if saved is not None:
         ckpts.load_adapter(model, ckpt, saved)
+    _note(acc, said)
     return Run(recipe, out, acc, fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows, total_steps,
                trainable, total_params, ckpt=ckpt, saved=saved, start_step=step, window=window)
 
