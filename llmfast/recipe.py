@@ -150,10 +150,10 @@ class TrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0)
     batch_size: PositiveInt = 8  # rows (packed bins, or examples without packing) per micro-batch
     grad_accum: PositiveInt = 1
-    lr: LearningRate = Field(2e-4, gt=0)
+    lr: LearningRate = 2e-4  # its own floor (strict.py), as relufy's, dejavu's and w4's rates
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: ClipNorm | None = Field(1.0, gt=0)  # null: no clipping
+    max_grad_norm: ClipNorm | None = 1.0  # null: no clipping
     optimizer: Annotated[str, AfterValidator(_known_optimizer)] = "auto"  # finetune/optimizers.py
     gradient_checkpointing: bool = False
     loss_chunk_size: PositiveInt = 1024  # positions per chunk of full-vocabulary logits (finetune/loss.py)

@@ -1378,6 +1378,7 @@ def test_foreign_run_files_takes_only_what_a_run_killed_before_its_first_checkpo
     ({"alpha": 1e-38, "r": 1000}, {}, "lora.alpha / lora.r = 1e-38 / 1000"),
     ({"alpha": 1e300, "rslora": True}, {}, "lora.alpha / sqrt(lora.r) = 1e+300 / sqrt(16) = 2.5e+299 is outside"),
     ({}, {"lr": 1e-40}, "train.lr: must be at least 1.18e-38 (float32's smallest normal number: a smaller rate"),
+    ({}, {"lr": 0}, "train.lr: must be at least 1.18e-38 (float32's"),  # said as relufy/dejavu/w4 say it (s50)
     ({}, {"max_grad_norm": 1e-300}, "train.max_grad_norm: must be at least 1.18e-38 (float32's smallest normal "
                                     "number: clipping to a smaller norm"),
 ])
