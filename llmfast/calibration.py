@@ -84,12 +84,12 @@ def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: i
 
     import torch
 
-    from llmfast.data.chat import load_examples
+    from llmfast.data.chat import read_examples
 
     examples = []
     for path in paths:
         try:
-            found, _ = load_examples(path, tokenizer, max_length=1 << 30)  # nothing is truncated
+            found = read_examples(path, tokenizer, max_length=1 << 30).examples  # nothing is truncated
         except UserError as e:
             message = str(e)
             raise UserError(message if message.startswith(str(path)) else f"data.conversations ({path}): {message}"

@@ -144,13 +144,13 @@ def baseline_main(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmfast.data.chat import load_examples
+    from llmfast.data.chat import read_examples
     from llmfast.models import load_tokenizer, resolve_model
 
     torch.manual_seed(0)
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
-    examples, _ = load_examples(args.data, tok, args.max_length)
+    examples = read_examples(args.data, tok, args.max_length).examples
     dev = torch.device("cuda" if args.cuda else "cpu")
     dtype = torch.bfloat16 if args.cuda else torch.float32
     kw: dict = {"dtype": dtype}

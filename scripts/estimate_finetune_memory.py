@@ -149,14 +149,14 @@ def make_examples(kind: str, n: int, max_length: int) -> list[Encoded]:
     """bench_finetune's data (`long` or `mix`), encoded with the tokenizer its random-weight models get."""
     import tempfile
 
-    from llmfast.data.chat import load_examples
+    from llmfast.data.chat import read_examples
     from llmfast.testing import _default_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(_default_corpus(), vocab_size=4096)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.jsonl"
         bench.make_data(path, n, kind=kind, max_length=max_length)
-        examples, _ = load_examples(path, tokenizer, max_length)
+        examples = read_examples(path, tokenizer, max_length).examples
     return examples
 
 

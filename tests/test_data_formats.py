@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from llmfast.data.chat import IGNORE, check_rows, load_examples, read_examples
+from llmfast.data.chat import IGNORE, check_rows, read_examples
 from llmfast.data.jsonl import read_jsonl
 from llmfast.errors import UserError
 
@@ -24,7 +24,7 @@ def _write(path, rows):
 
 
 def _one(tok, path):
-    (ex,), _ = load_examples(path, tok, 256)
+    (ex,) = read_examples(path, tok, 256).examples
     return ex
 
 
@@ -82,25 +82,25 @@ def test_text_rows_are_learned_whole_without_the_chat_template(tiny, tmp_path):
     base = copy.deepcopy(tok)
     base.chat_template = None  # a base model's tokenizer: chat rows are refused, text rows need no template
     path = _write(tmp_path / "t.jsonl", [{"text": "The cat sat."}, {"text": "It rained<|im_end|>"}])
-    (a, b), _ = load_examples(path, base, 64)
+    (a, b) = read_examples(path, base, 64).examples
     ids = tok("The cat sat.").input_ids
     assert a.input_ids == ids + [tok.eos_token_id] and a.labels == [IGNORE, *ids[1:], tok.eos_token_id]
     assert b.input_ids[-1] == tok.eos_token_id and b.input_ids[-2] != tok.eos_token_id  # no second end token
     assert check_rows(path) == "plain text (text)"
     with pytest.raises(UserError, match="has no chat template"):
-        load_examples(_write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]), base, 64)
+        read_examples(_write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]), base, 64)
 
 
 def test_a_json_array_reads_as_jsonl_and_names_rows_by_their_line(tiny, tmp_path):
     _, tok = tiny
     rows = [{"instruction": "Convert 3 km to m.", "output": "3000"}, {"instruction": "And 2 km?", "output": "2000"}]
-    jsonl = load_examples(_write(tmp_path / "d.jsonl", rows), tok, 64)[0]
+    jsonl = read_examples(_write(tmp_path / "d.jsonl", rows), tok, 64).examples
     array = tmp_path / "d.json"
     array.write_text(json.dumps(rows, indent=2))  # as LLaMA-Factory's files: a row is five lines
-    examples = load_examples(array, tok, 64)[0]
+    examples = read_examples(array, tok, 64).examples
     assert [e.input_ids for e in examples] == [e.input_ids for e in jsonl] and [e.row for e in examples] == [2, 6]
     (tmp_path / "lines.json").write_text((tmp_path / "d.jsonl").read_text())  # datasets' to_json: JSON Lines
-    assert [e.row for e in load_examples(tmp_path / "lines.json", tok, 64)[0]] == [1, 2]
+    assert [e.row for e in read_examples(tmp_path / "lines.json", tok, 64).examples] == [1, 2]
     bad = [rows[0], {"instruction": "And 2 km?", "output": 2000}]
     array.write_text(json.dumps(bad, indent=2))
     with pytest.raises(UserError, match=r"d\.json:6: field 'output' must be a string, not int"):
@@ -192,7 +192,7 @@ def test_bad_rows_of_every_shape_are_one_line_naming_the_row(tiny, tmp_path, row
     _, tok = tiny
     path = tmp_path / "d.jsonl"
     path.write_text("".join(r + "\n" for r in rows))
-    for check in (lambda: check_rows(path), lambda: load_examples(path, tok, 64)):  # preflight and the trainer
+    for check in (lambda: check_rows(path), lambda: read_examples(path, tok, 64)):  # preflight and the trainer
         with pytest.raises(UserError) as e:
             check()
         assert expected in str(e.value) and "\n" not in str(e.value)
@@ -206,14 +206,14 @@ def test_a_datasets_folder_of_alpaca_rows_takes_a_missing_column_as_absent(tiny,
     _, tok = tiny
     Dataset.from_list([{"instruction": "a", "input": "b", "output": "c", "system": None},
                        {"instruction": "d", "input": None, "output": "e", "system": "s"}]).save_to_disk(tmp_path / "ds")
-    first, second = load_examples(tmp_path / "ds", tok, 64)[0]
+    first, second = read_examples(tmp_path / "ds", tok, 64).examples
     assert tok.decode(first.input_ids).startswith("<|im_start|>user\na\nb<|im_end|>")
     assert tok.decode(second.input_ids).startswith("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nd<|im_end|>")
     chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     Dataset.from_list([{"instruction": "a", "output": "c", "messages": None},
                        {"instruction": None, "output": None, "messages": chat}]).save_to_disk(tmp_path / "mixed")
     with pytest.raises(UserError, match=r"mixed row 1: a row of shape chat \(messages\), but the rows before it are Alpaca"):
-        load_examples(tmp_path / "mixed", tok, 64)
+        read_examples(tmp_path / "mixed", tok, 64)
 
 
 def test_eval_takes_the_last_assistant_turn_of_any_chat_shape_as_the_answer(tmp_path):

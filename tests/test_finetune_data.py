@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from llmfast.data.chat import IGNORE, Encoded, encode_messages, load_examples
+from llmfast.data.chat import IGNORE, Encoded, encode_messages, read_examples
 from llmfast.data.packing import collate, label_positions, pack
 from llmfast.errors import UserError
 from llmfast.finetune.loss import causal_lm_loss, chunked_lm_loss
@@ -161,27 +161,30 @@ def test_bad_rows_are_named(tiny, tmp_path, rows, expected):
     _, tok = tiny
     (tmp_path / "d.jsonl").write_text("".join(r + "\n" for r in rows))
     with pytest.raises(UserError) as e:
-        load_examples(tmp_path / "d.jsonl", tok, 64)
+        read_examples(tmp_path / "d.jsonl", tok, 64)
     assert expected in str(e.value)
 
 
 def test_too_long_examples_truncate_with_warning_or_refuse(tiny, tmp_path):
     _, tok = tiny
     (tmp_path / "d.jsonl").write_text('{"prompt": "short", "completion": "' + "word " * 50 + '"}\n')
-    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, 40)
+    got = read_examples(tmp_path / "d.jsonl", tok, 40)
+    exs, warnings = got.examples, got.warnings
     assert len(exs[0]) == 40 and "truncated" in warnings[0] and "rows 1" in warnings[0]
     with pytest.raises(UserError, match=r"d.jsonl:1: example has \d+ tokens, more than max_length 40"):
-        load_examples(tmp_path / "d.jsonl", tok, 40, too_long="error")
+        read_examples(tmp_path / "d.jsonl", tok, 40, too_long="error")
 
 
 def test_an_example_of_exactly_max_length_tokens_is_kept_whole_without_a_warning(tiny, tmp_path):
     _, tok = tiny
     (tmp_path / "d.jsonl").write_text('{"prompt": "short", "completion": "' + "word " * 50 + '"}\n')
-    (whole,), _ = load_examples(tmp_path / "d.jsonl", tok, 1000)
-    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, len(whole))
+    (whole,) = read_examples(tmp_path / "d.jsonl", tok, 1000).examples
+    got = read_examples(tmp_path / "d.jsonl", tok, len(whole))
+    exs, warnings = got.examples, got.warnings
     assert exs == [whole] and warnings == []
-    assert load_examples(tmp_path / "d.jsonl", tok, len(whole), too_long="error")[0] == [whole]
-    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, len(whole) - 1)
+    assert read_examples(tmp_path / "d.jsonl", tok, len(whole), too_long="error").examples == [whole]
+    got = read_examples(tmp_path / "d.jsonl", tok, len(whole) - 1)
+    exs, warnings = got.examples, got.warnings
     assert len(exs[0]) == len(whole) - 1 and "truncated" in warnings[0]
 
 
@@ -208,9 +211,9 @@ def test_jsonl_that_is_not_utf8_names_the_file_and_row(tiny, tmp_path):
     rows = ['{"prompt": "a", "completion": "b"}', '{"prompt": "caf\u00e9", "completion": "b"}']
     (tmp_path / "d.jsonl").write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
     with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 text \(byte 16 of the row\): save the file as UTF-8"):
-        load_examples(tmp_path / "d.jsonl", tok, 64)
+        read_examples(tmp_path / "d.jsonl", tok, 64)
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rows[0].encode() + b"\n")
-    assert len(load_examples(tmp_path / "bom.jsonl", tok, 64)[0]) == 1  # a UTF-8 byte-order mark is fine
+    assert len(read_examples(tmp_path / "bom.jsonl", tok, 64).examples) == 1  # a UTF-8 byte-order mark is fine
 
 
 def test_truncate_drops_a_row_whose_prompt_fills_max_length_and_keeps_the_rest(tiny, tmp_path):
@@ -218,13 +221,14 @@ def test_truncate_drops_a_row_whose_prompt_fills_max_length_and_keeps_the_rest(t
     rows = ['{"prompt": "short", "completion": "yes"}', '{"prompt": "' + "word " * 80 + '", "completion": "no"}',
             '{"prompt": "short too", "completion": "' + "word " * 50 + '"}']
     (tmp_path / "d.jsonl").write_text("".join(r + "\n" for r in rows))
-    exs, warnings = load_examples(tmp_path / "d.jsonl", tok, 40)
+    got = read_examples(tmp_path / "d.jsonl", tok, 40)
+    exs, warnings = got.examples, got.warnings
     assert [e.row for e in exs] == [1, 3] and len(exs[1]) == 40 and exs[1].target_tokens > 0
     assert any("1 example(s) dropped" in w and "rows 2" in w for w in warnings)
     assert any("1 example(s) longer than max_length 40 were truncated (rows 3)" in w for w in warnings)
     (tmp_path / "all.jsonl").write_text(rows[1] + "\n")
     with pytest.raises(UserError, match=r"all\.jsonl: every example's prompt fills max_length 40"):
-        load_examples(tmp_path / "all.jsonl", tok, 40)
+        read_examples(tmp_path / "all.jsonl", tok, 40)
 
 
 def test_local_datasets_directory(tiny, tmp_path):
@@ -232,7 +236,7 @@ def test_local_datasets_directory(tiny, tmp_path):
 
     _, tok = tiny
     Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]).save_to_disk(tmp_path / "ds")
-    exs, _ = load_examples(tmp_path / "ds", tok, 64)
+    exs = read_examples(tmp_path / "ds", tok, 64).examples
     assert len(exs) == 2 and all(e.target_tokens > 0 for e in exs)
 
 
@@ -302,8 +306,8 @@ def test_read_jsonl_names_file_lines_past_blank_lines(tmp_path):
     assert [(r["_row"], r["prompt"]) for r in rows] == [(1, "a"), (3, "c"), (5, "a")]
 
 
-def test_load_examples_names_a_row_past_a_blank_line_by_its_file_line(tiny, tmp_path):
-    """The row load_examples names (a dropped example, here) is the file's line of that row."""
+def test_read_examples_names_a_row_past_a_blank_line_by_its_file_line(tiny, tmp_path):
+    """The row read_examples names (a dropped example, here) is the file's line of that row."""
     import json
 
     _, tok = tiny
@@ -311,7 +315,8 @@ def test_load_examples_names_a_row_past_a_blank_line_by_its_file_line(tiny, tmp_
     short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}]}
     long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "yo"}]}
     path.write_text(json.dumps(short) + "\n\n" + json.dumps(long) + "\n")
-    examples, warnings = load_examples(path, tok, max_length=32)
+    got = read_examples(path, tok, max_length=32)
+    examples, warnings = got.examples, got.warnings
     assert [e.row for e in examples] == [1]
     assert warnings == [f"{path}: 1 example(s) dropped: the prompt alone fills max_length 32, no answer left to "
                         "learn (rows 3)"]

@@ -133,18 +133,6 @@ class Examples:
     shape: str  # what its rows are: SHAPES' description
 
 
-def load_examples(
-    path: str | Path,
-    tokenizer: "PreTrainedTokenizerBase",
-    max_length: int,
-    too_long: Literal["truncate", "error"] = "truncate",
-    vocab: int | None = None,
-) -> tuple[list[Encoded], list[str]]:
-    """`read_examples`' examples and warnings."""
-    got = read_examples(path, tokenizer, max_length, too_long, vocab)
-    return got.examples, got.warnings
-
-
 def read_examples(
     path: str | Path,
     tokenizer: "PreTrainedTokenizerBase",
