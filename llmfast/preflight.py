@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from llmfast.artifacts import check_output
 from llmfast.data.chat import check_rows
 from llmfast.errors import UserError
+from llmfast.recipe_paths import paths_of
 
 if TYPE_CHECKING:
     from llmfast.recipe import DataConfig, FinetuneRecipe
@@ -47,6 +48,6 @@ def check_finetune_inputs(recipe: "FinetuneRecipe", resume: bool) -> None:
         # LoRA on a full-precision or bitsandbytes 4-bit model; not through a TEAL/CATS/Deja Vu artifact's files
         check_source(model_path, recipe.model, "finetune")
         check_rows_fit(model_path, dc)
-    for path in (dc.train, dc.eval):
-        if path is not None and Path(path).is_file():
+    for path in (*paths_of(dc.train), *paths_of(dc.eval)):
+        if Path(path).is_file():
             check_rows(path)

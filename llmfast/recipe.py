@@ -23,6 +23,7 @@ from llmfast.errors import UserError
 from llmfast.finetune.bounds import check_lora_scale, some_modules
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
+from llmfast.recipe_paths import ExistingFile, ExistingPath, OutputPath, Paths, ResultsPath, one_or_list, paths_of
 from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index
 
@@ -35,41 +36,6 @@ class StrictModel(BaseModel):
     _no_bool_numbers = model_validator(mode="before")(classmethod(no_bool_numbers))
 
 
-def _must_exist(kind: str) -> Any:
-    """A validator: the path exists (as a file, for kind 'file'), relative to the working directory."""
-
-    def check(p: Path) -> Path:
-        p = p.expanduser()
-        if kind == "file" and p.is_dir():
-            raise ValueError(f"{p} is a folder: give a file")
-        if kind == "file" and p.exists() and not p.is_file():
-            raise ValueError(f"{p} is not a regular file (a pipe or a device): give a file")
-        if not (p.is_file() if kind == "file" else p.exists()):
-            raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
-                             "(paths are relative to the directory you run llmfast from)")
-        # Checked here so the error blames the recipe's line, not a traceback from deep inside the verb.
-        # a folder's files are opened by name, which needs only its X bit
-        if not os.access(p, os.X_OK if p.is_dir() else os.R_OK):
-            raise ValueError(f"{p}: no permission to read it: make it readable for this user (chmod) or give a copy")
-        return p
-
-    return AfterValidator(check)
-
-
-ExistingFile = Annotated[Path, _must_exist("file")]
-# Where a verb writes: `~` is the user's home, as in a shell (every file of the run goes there, not to a `./~`).
-OutputPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
-
-
-def _a_file(value: Any) -> Any:
-    # Path() drops a trailing slash: `--output results/` wrote a file named `results`
-    if isinstance(value, str) and value.endswith(("/", os.sep)):
-        raise ValueError(f"{value} names a folder: give a file path for the results, e.g. {value}results.json")
-    return value
-
-
-ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
-ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
 DType = Literal["float32", "bfloat16", "float16"]
 # A quantization method and its settings, checked in two steps by llmfast/quant: the method (`method:`, a
 # method name or one of its shorthands), then its own schema. Written `null` or left out: none.
@@ -115,8 +81,9 @@ class EvalRecipe(StrictModel):
 
 # ---------------------------------------------------------------- finetune
 class DataConfig(StrictModel):
-    train: ExistingPath  # .jsonl/.json rows of one shape (docs/finetune.md) or a datasets.save_to_disk dir
-    eval: ExistingPath | None = None  # held-out set; without it `eval_fraction` of train is held out
+    # .jsonl/.json rows of one shape (docs/finetune.md) or a datasets.save_to_disk dir; or a list, read in turn
+    train: Paths
+    eval: Paths | None = None  # held-out rows; without them `eval_fraction` of train is held out
     eval_fraction: float = Field(0.02, ge=0, lt=1)
     max_length: PositiveInt = 512
     too_long: Literal["truncate", "error"] = "truncate"
@@ -179,7 +146,7 @@ class FinetuneRecipe(StrictModel):
         """What the output must not be, hold or sit inside (artifacts.check_output): the data files, and the model
         when it is a local folder."""
         model = self.model if Path(self.model).expanduser().is_dir() else None
-        return [self.data.train, self.data.eval, model]
+        return [*paths_of(self.data.train), *paths_of(self.data.eval), model]
 
 
 # ---------------------------------------------------------------- bench
@@ -229,10 +196,6 @@ class BenchRecipe(StrictModel):
 
 
 # ---------------------------------------------------------------- sparsify
-def _one_or_list(value: Any) -> Any:
-    return [value] if isinstance(value, (str, Path)) else value
-
-
 class CalibrationText(StrictModel):
     """Which tokens of the text are held out and which a method calibrates or trains on (llmfast/calibration.py)."""
 
@@ -244,7 +207,7 @@ class CalibrationText(StrictModel):
     # Chat JSONL files or `datasets` directories (finetune's format; a fine-tune's train split, never what eval
     # scores), one or a list: rendered through the model's chat template, they make `conversations_share` of the
     # calibration / training windows, the rest text (llmfast/calibration.py, with_conversations).
-    conversations: Annotated[list[ExistingPath], BeforeValidator(_one_or_list)] = []
+    conversations: Annotated[list[ExistingPath], BeforeValidator(one_or_list)] = []
     conversations_share: float = Field(0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -351,7 +314,7 @@ def check_known(data: dict[str, Any], schema: type[BaseModel], source: str, igno
     try:
         schema.model_validate(data)
     except ValidationError as e:
-        errors = [err for err in e.errors() if not ignore(err)]
+        errors = [err for err in _members_said(e.errors()) if not ignore(err)]
         if errors:
             raise UserError(_first(errors, schema, data, source, {}, set())) from None
 
@@ -359,8 +322,16 @@ def check_known(data: dict[str, Any], schema: type[BaseModel], source: str, igno
 def _first(errors: list[Any], schema: type[BaseModel], data: Any, source: str, lines: dict[tuple[Any, ...], int],
            overridden: set) -> str:
     # A misspelled key also shows up as a missing one; the misspelling is the useful report.
-    return _describe(min(errors, key=lambda err: err["type"] != "extra_forbidden"), schema, data, source, lines,
-                     overridden)
+    return _describe(min(_members_said(errors), key=lambda err: err["type"] != "extra_forbidden"), schema, data,
+                     source, lines, overridden)
+
+
+def _members_said(errors: list[Any]) -> list[Any]:
+    """Each member of a union (one path or a list of paths) reports: a value of the wrong kind for one member is left
+    out where another member says what is wrong inside the value (a list's missing file)."""
+    inside = [_strip_union_tags(tuple(e["loc"])) for e in errors if not e["type"].endswith("_type")]
+    return [e for e in errors if not (e["type"].endswith("_type") and any(
+        a[:len(at)] == at for at in [_strip_union_tags(tuple(e["loc"]))] for a in inside))]
 
 
 def _describe(

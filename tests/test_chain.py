@@ -254,17 +254,21 @@ def test_a_chain_whose_first_stage_fails_leaves_nothing(empty_output: bool, tiny
     assert (out / "data" / "dates" / "train.jsonl").is_file()
 
 
+@pytest.mark.parametrize("listed", [False, True])  # data.train as a list of files (s50): planned as one file is
 def test_a_stage_file_an_earlier_stage_did_not_write_is_named_in_the_chain_recipe(
-        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], listed: bool) -> None:
     recipe = chain(tiny, tmp_path / "run")
     recipe["stages"] = {k: recipe["stages"][k] for k in ("data", "lora")}
-    recipe["stages"]["lora"]["with"]["data"]["train"] = "${data}/dates/missing.jsonl"
+    missing = "${data}/dates/missing.jsonl"
+    recipe["stages"]["lora"]["with"]["data"]["train"] = ["${data}/dates/train.jsonl", missing] if listed else missing
     path = write(tmp_path / "chain.yaml", recipe)
+    assert main(["run", str(path), "--dry-run"]) == 0  # its files are the data stage's, not there yet
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("llmfast: error: stage lora (finetune): ") and "missing.jsonl" in err, err
-    assert f"{path} (stages.lora): data.train" in err and ".recipes" not in err, err  # was: the generated .recipes/lora.yaml
+    assert f"{path} (stages.lora): data.train{'.1' if listed else ''}: not found" in err, err
+    assert ".recipes" not in err, err  # was: the generated .recipes/lora.yaml
 
 
 def test_a_stage_runs_under_torchrun(tiny: Path, tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data, extra="export_merged: true")
     code, out, err = run_cli("finetune", str(path), "--set", "train.steps=30", "--set", "train.lr=0.01")
     assert code == 0, err
-    assert f"llmfast: data: 32 rows of chat (messages) from {data}, 3 of them held out\n" in err, err
+    assert f"llmfast: data: 32 rows of chat (messages) from {data}; 3 of them held out\n" in err, err
     run = tmp_path / "run"
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 31))
@@ -122,6 +122,43 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (a - c).abs().max() > 1e-2, "the adapter changed the model"
     assert json.loads((run / "merged" / "llmfast.json").read_text())["stage"] == "export"
+
+
+def _sharegpt(row):
+    return {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                              for m in row["messages"]]}
+
+
+def test_several_files_of_several_shapes_train_as_one_file_of_their_rows(tmp_path, tiny_dir):
+    """data.train / data.eval as lists (Axolotl's `datasets:`, LLaMA-Factory's `dataset: a,b`): read one after
+    another, each file of its own shape; the adapter is the bits of one file holding the same rows (s50)."""
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    held = [{"instruction": "Repeat: kilo", "output": "kilo"}, {"instruction": "Repeat: lima", "output": "lima"}]
+    a, b = write("a.jsonl", TINY_TRAIN[:20]), write("b.jsonl", [_sharegpt(r) for r in TINY_TRAIN[20:]])
+    one, c = write("one.jsonl", TINY_TRAIN), write("c.jsonl", held)
+    steps = ["--set", "train.steps=4"]
+    code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, f"[{a}, {b}]", out="two")),
+                           "--set", f"data.eval=[{c}]", *steps)
+    assert code == 0, err
+    assert (f"llmfast: data: 20 rows of chat (messages) from {a}, 12 rows of ShareGPT (conversations) from {b}; "
+            f"held out: 2 rows of Alpaca (instruction/output) from {c}\n") in err, err
+    assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, one, out="one")), "--set", f"data.eval={c}",
+                   *steps)[0] == 0
+    two, ref = _adapter(tmp_path / "two"), _adapter(tmp_path / "one")
+    assert all(torch.equal(two[k], ref[k]) for k in ref), "the same rows in the same order: the same bits"
+    # each file's rows are named by that file: a bad row of the second, before torch, and a row too long to pack
+    bad = write("bad.jsonl", [TINY_TRAIN[0], {"conversations": "hi"}])
+    long = write("long.jsonl", [TINY_TRAIN[1], {"prompt": "Repeat: " + "alpha " * 20, "completion": "alpha"}])
+    for override, said in ((f"data.train=[{a}, {bad}]", f"{bad}:2: "), (f"data.train=[{one}, {long}]", f"{long}:2: "),
+                           ("data.train=[]", "data.train"), (f"output={b}", str(b))):
+        code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, a, out="bad")), "--set", override,
+                               "--set", "data.pack_length=30", "--set", "data.max_length=64")
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("llmfast: error: ") and said in last, (override, err)
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 also resumes its loss scale

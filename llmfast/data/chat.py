@@ -28,6 +28,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     row: int
+    where: str = ""  # its row named as errors name it (FILE:LINE, DIR row N): data may come from several files
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -154,12 +155,13 @@ def read_examples(
             ex = encode_text(tokenizer, content, r["_row"])
         else:
             ex = encode_messages(tokenizer, content.messages, r["_row"], where, content.learn_from)
+        ex.where = where
         check_ids_fit(ex.input_ids, vocab, where)
         if len(ex) > max_length:
             if too_long == "error":
                 raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
                                 "raise max_length, shorten it, or set data.too_long: truncate")
-            ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length], ex.row)
+            ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length], ex.row, where)
             if ex.target_tokens == 0:
                 dropped.append(r["_row"])
                 continue

@@ -10,7 +10,6 @@ padding is one more "example" whose labels are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from llmfast.data.chat import IGNORE, Encoded
@@ -41,16 +40,15 @@ def label_positions(labels: Sequence[Sequence[int]]) -> list[int]:
     return [r * width + t for r, row in enumerate(labels) for t in range(width) if row[t + 1] != IGNORE]
 
 
-def pack(examples: Sequence[Encoded], pack_length: int, source: str | Path = "data") -> list[list[Encoded]]:
+def pack(examples: Sequence[Encoded], pack_length: int) -> list[list[Encoded]]:
     """First-fit-decreasing bins of at most `pack_length` tokens; deterministic for the same input. An example longer
-    than that (a `pack_length` below `max_length`) is refused, naming its row of `source`: alone in a bin, it would
-    train past the positions and the memory `pack_length` was checked and chosen for."""
+    than that (a `pack_length` below `max_length`) is refused, naming its row: alone in a bin, it would train past
+    the positions and the memory `pack_length` was checked and chosen for."""
     for e in examples:
         if len(e) > pack_length:
-            where = f"{source}:{e.row}" if Path(source).is_file() else f"{source} row {e.row}"
-            raise UserError(f"{where}: {len(e)} tokens, more than data.pack_length {pack_length} (a packed row's "
-                            "length): raise data.pack_length to data.max_length, or leave it out (it defaults to "
-                            "max_length)")
+            raise UserError(f"{e.where or f'row {e.row}'}: {len(e)} tokens, more than data.pack_length {pack_length} "
+                            "(a packed row's length): raise data.pack_length to data.max_length, or leave it out (it "
+                            "defaults to max_length)")
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
     bins: list[list[Encoded]] = []
     room: list[int] = []

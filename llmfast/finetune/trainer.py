@@ -38,6 +38,7 @@ from llmfast.finetune.output import check_run_output, start_afresh
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
+from llmfast.recipe_paths import paths_of
 
 __all__ = ["run_finetune", "train_step", "evaluate", "make_optimizer", "micro_batches", "split_eval"]
 
@@ -153,18 +154,23 @@ def _accelerator() -> Any:
 
 
 def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None) -> tuple[Any, ...]:
-    """Train and held-out examples, the warnings printed, and a line saying what was read (shown once all is checked:
-    a row shape read in a way the user did not mean is then seen before the steps go by)."""
+    """Train and held-out examples (each of data.train's / data.eval's files read in turn), the warnings printed,
+    and a line saying what was read (shown once all is checked: a row shape read in a way the user did not mean is
+    then seen before the steps go by)."""
     dc = recipe.data
-    train = read_examples(dc.train, tokenizer, dc.max_length, dc.too_long, vocab)
-    train_ex, warnings, said = train.examples, train.warnings, f"{len(train.examples)} rows of {train.shape}"
+
+    def read(value: Any) -> tuple[list[Encoded], list[str], str]:
+        got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab), p) for p in paths_of(value)]
+        return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
+                ", ".join(f"{len(g.examples)} rows of {g.shape} from {p}" for g, p in got))
+
+    train_ex, warnings, said = read(dc.train)
     if dc.eval is not None:
-        held = read_examples(dc.eval, tokenizer, dc.max_length, dc.too_long, vocab)
-        eval_ex, warnings = held.examples, warnings + held.warnings
-        said = (f"{said} from {dc.train}, {len(eval_ex)} held-out rows of {held.shape} from {dc.eval}")
+        eval_ex, more, held = read(dc.eval)
+        warnings, said = warnings + more, f"{said}; held out: {held}"
     else:
         train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
-        said = f"{said} from {dc.train}, {len(eval_ex)} of them held out"
+        said = f"{said}; {len(eval_ex)} of them held out"
     for w in warnings:
         _note(acc, f"llmfast: warning: {w}")
     return train_ex, eval_ex, f"llmfast: data: {said}"
@@ -194,8 +200,8 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         sharding.check_recipe(recipe.quantization is not None or bool(already_quantized(Path(model_path))), dtype,
                               tc.optimizer)
     pack_length = dc.pack_length or dc.max_length
-    rows = pack(train_ex, pack_length, dc.train) if dc.packing else [[e] for e in train_ex]
-    eval_rows = pack(eval_ex, pack_length, dc.eval or dc.train) if dc.packing else [[e] for e in eval_ex]
+    rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
+    eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
     micro_per_step = tc.grad_accum * acc.num_processes
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * math.ceil(len(rows) / tc.batch_size) / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:

@@ -1,0 +1,59 @@
+"""The path fields of recipes: inputs that must exist and be readable (a file, or a file or a folder), outputs with
+`~` expanded as a shell does, and results files that must not name a folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+
+def _must_exist(kind: str) -> Any:
+    """A validator: the path exists (as a file, for kind 'file'), relative to the working directory."""
+
+    def check(p: Path) -> Path:
+        p = p.expanduser()
+        if kind == "file" and p.is_dir():
+            raise ValueError(f"{p} is a folder: give a file")
+        if kind == "file" and p.exists() and not p.is_file():
+            raise ValueError(f"{p} is not a regular file (a pipe or a device): give a file")
+        if not (p.is_file() if kind == "file" else p.exists()):
+            raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
+                             "(paths are relative to the directory you run llmfast from)")
+        # Checked here so the error blames the recipe's line, not a traceback from deep inside the verb.
+        # a folder's files are opened by name, which needs only its X bit
+        if not os.access(p, os.X_OK if p.is_dir() else os.R_OK):
+            raise ValueError(f"{p}: no permission to read it: make it readable for this user (chmod) or give a copy")
+        return p
+
+    return AfterValidator(check)
+
+
+ExistingFile = Annotated[Path, _must_exist("file")]
+# Where a verb writes: `~` is the user's home, as in a shell (every file of the run goes there, not to a `./~`).
+OutputPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
+
+
+def _a_file(value: Any) -> Any:
+    # Path() drops a trailing slash: `--output results/` wrote a file named `results`
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise ValueError(f"{value} names a folder: give a file path for the results, e.g. {value}results.json")
+    return value
+
+
+ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
+ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
+# One file or folder of rows, or a list of them read in turn (finetune's data.train / data.eval)
+Paths = ExistingPath | Annotated[list[ExistingPath], Field(min_length=1)]
+
+
+def one_or_list(value: Any) -> Any:
+    """A before-validator: one path given where a list of them is taken."""
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+def paths_of(value: Path | list[Path] | None) -> list[Path]:
+    """The paths a `Paths` value names, in order."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
