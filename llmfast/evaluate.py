@@ -228,7 +228,8 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
 
     if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
         raise UserError(f"{path}: its tokenizer has no chat template, which eval.tasks needs (each task row is a "
-                        "chat): use an instruct model, add a chat_template, or leave out eval.tasks")
+                        "chat): use an instruct model, give it a template (docs/finetune.md, 'A base model'), or "
+                        "leave out eval.tasks")
     from llmfast.loading import positions
 
     vocab, limit = describe_model_dir(path)["vocab"], positions(path)

@@ -91,6 +91,30 @@ def test_text_rows_are_learned_whole_without_the_chat_template(tiny, tmp_path):
         read_examples(_write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]), base, 64)
 
 
+def test_the_docs_template_for_a_base_model_learns_each_answer_and_its_end_token(tiny_dir, tmp_path):
+    """docs/finetune.md's snippet, run as written on a copy of a model whose tokenizer has no template: chat rows then
+    train, learning each answer, the EOS token that ends it and the newline after it; the template is saved beside
+    the model, so every verb that loads it reads the same conversations (s50)."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "base"
+    shutil.copytree(tiny_dir, model)
+    (model / "chat_template.jinja").unlink()  # a base model's tokenizer: no template
+    with pytest.raises(UserError, match="give it a template .docs/finetune.md, 'A base model'."):
+        read_examples(_write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]), AutoTokenizer.from_pretrained(model), 64)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+    snippet = docs.split("### A base model")[1].split("```python\n")[1].split("```")[0]
+    exec(snippet.replace('"my-base-model"', repr(str(model))), {})
+    tok = AutoTokenizer.from_pretrained(model)
+    ex = _one(tok, _write(tmp_path / "m.jsonl", [{"messages": MESSAGES}]))
+    assert tok.decode(ex.input_ids) == ("### System:\nBe brief.\n### User:\nConvert 3 km to m.\n### Assistant:\n"
+                                        "3000<|im_end|>\n### User:\nAnd 2 km?\n### Assistant:\n2000<|im_end|>\n")
+    assert _learned(tok, ex) == "3000<|im_end|>\n2000<|im_end|>\n"  # the tiny model's EOS is <|im_end|>
+
+
 def test_a_json_array_reads_as_jsonl_and_names_rows_by_their_line(tiny, tmp_path):
     _, tok = tiny
     rows = [{"instruction": "Convert 3 km to m.", "output": "3000"}, {"instruction": "And 2 km?", "output": "2000"}]

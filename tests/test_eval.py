@@ -280,8 +280,8 @@ def test_tasks_on_a_tokenizer_without_a_chat_template_are_refused_before_loading
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (f"llmfast: error: {model}: its tokenizer has no chat template, which "
-                                            "eval.tasks needs (each task row is a chat): use an instruct model, add a "
-                                            "chat_template, or leave out eval.tasks")
+                                            "eval.tasks needs (each task row is a chat): use an instruct model, give "
+                                            "it a template (docs/finetune.md, 'A base model'), or leave out eval.tasks")
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.predictions.jsonl").exists()
 
 

@@ -102,8 +102,8 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     before are context, as a TRL prompt's example answers)."""
     if not getattr(tokenizer, "chat_template", None):
         named = getattr(tokenizer, "name_or_path", "") or "the model"  # its folder, where it was loaded from one
-        raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model "
-                        "or add a chat_template")
+        raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model, "
+                        "give it a template (docs/finetune.md, 'A base model'), or write the rows as `text`")
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
         return render_chat(tokenizer, msgs, gen, where or f"row {row}")
