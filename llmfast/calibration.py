@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmfast.data.text import read_text
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,15 +22,8 @@ EVAL_TOKENS = 16384  # the default perplexity span of `llmfast eval` (recipe.Per
 def text_ids(tokenizer: Any, path: str | Path) -> "torch.Tensor":
     """The whole text as 1-D token ids (no special tokens); a missing or undecodable file is one line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"calibration text {path} not found: give an existing UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"calibration text {path}: not UTF-8 (byte {e.start}): give a UTF-8 text file") from None
-    except OSError as e:
-        raise UserError(f"calibration text {path} cannot be read ({e.strerror or e}): give a readable text "
-                        "file") from None
+    # read as eval reads its perplexity text, so that the tokens skipped for it are the ones it scores
+    text = read_text(path, "calibration text")
     if not text.strip():
         raise UserError(f"calibration text {path} is empty: give a text with content")
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

@@ -23,6 +23,7 @@ from llmfast.data.chat import check_ids_fit, prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
 from llmfast.data.shapes import ShapeCheck
 from llmfast.data.tasks import TASKS, check
+from llmfast.data.text import read_text
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     # Everything a user can get wrong is found here, before torch is imported and the model loads.
     out = Path(recipe.output)
     pred_path = check_results_paths(out)
-    text = _read_text(Path(cfg.perplexity.text)) if cfg.perplexity is not None else ""
+    text = read_text(cfg.perplexity.text, "perplexity text") if cfg.perplexity is not None else ""
     if cfg.perplexity is not None and cfg.perplexity.stride > cfg.perplexity.context:
         raise UserError(f"eval.perplexity.stride ({cfg.perplexity.stride}) must not exceed eval.perplexity.context "
                         f"({cfg.perplexity.context}): lower the stride")
@@ -254,16 +255,6 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
             raise UserError(f"eval.perplexity: {p.text} has {len(ids)} token(s)" + (
                 f" and max_tokens is {p.max_tokens}" if p.max_tokens and p.max_tokens < len(ids) else "")
                 + ": at least 2 are needed to score")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror or e}): make it readable for this user") from None
 
 
 def is_eval_results(path: Path) -> bool:

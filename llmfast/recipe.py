@@ -19,13 +19,14 @@ import yaml
 from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
+from llmfast.data.text import decode
 from llmfast.errors import UserError
 from llmfast.finetune.bounds import check_lora_scale, some_modules
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
 from llmfast.recipe_paths import ExistingFile, ExistingPath, OutputPath, Paths, ResultsPath, one_or_list, paths_of
 from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
-from llmfast.yaml_lines import RepeatedKey, line_index
+from llmfast.yaml_lines import RepeatedKey, line_index, yaml_error
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -258,18 +259,12 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"recipe {path} cannot be read ({e.strerror or e}): make it readable for this user") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text: save the recipe as UTF-8") from None
+    text = decode(raw, path)  # a byte-order mark dropped; not UTF-8 text, a NUL byte: one line
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+        raise UserError(yaml_error(e, path, text)) from None
     if data is None:
         raise UserError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):

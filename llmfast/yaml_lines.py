@@ -1,9 +1,11 @@
-"""Where each key of a recipe sits: the 1-based line of every key path in a composed YAML document, for errors
-that name file:line; and the keys given twice at one level, which YAML would otherwise keep the last of without a
-word (a chain stage copied under the same name dropped the first)."""
+"""How a recipe's YAML syntax errors read (`yaml_error`); where each key of a recipe sits: the 1-based line of
+every key path in a composed YAML document, for errors that name file:line; and the keys given twice at one level,
+which YAML would otherwise keep the last of without a word (a chain stage copied under the same name dropped the
+first)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -32,3 +34,17 @@ def line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any,
         for i, item in enumerate(node.value):
             lines.update(line_index(item, prefix + (i,)))
     return lines
+
+
+def yaml_error(e: yaml.YAMLError, path: Path, text: str) -> str:
+    """A YAML syntax error as 'FILE:LINE: ...', with what to do where the usual cause is known."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML refuses: it names a position, not a line
+        line = text.count("\n", 0, e.position) + 1
+        return f"{path}:{line}: the character U+{e.character:04X}, a control character YAML does not allow: remove it"
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    if "'\\t'" in problem:  # PyYAML's "found character '\t' that cannot start any token"
+        col = f" (column {mark.column + 1})" if mark else ""
+        return f"{where}: a tab{col}: YAML indents and separates with spaces only: replace the tab with spaces"
+    return f"{where}: YAML syntax error: {problem}"

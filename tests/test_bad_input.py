@@ -66,6 +66,7 @@ RECIPES = {
     "ft-latin1": _ft(data="{W}/data/latin1.jsonl"),
     "ft-unicode-latin1": _ft(data=f"{{W}}/{UNI}/dätä.jsonl"),
     "ft-bad-json": _ft(data="{W}/data/bad-json.jsonl"),
+    "ft-surrogate": _ft(data="{W}/data/surrogate.jsonl"),
     "ft-int-content": _ft(data="{W}/data/int-content.jsonl"),
     "ft-null-completion": _ft(data="{W}/data/null-completion.jsonl"),
     "ft-missing-data": _ft(data="{W}/data/missing.jsonl"),
@@ -88,6 +89,7 @@ RECIPES = {
     "ev-adapter-truncated": _ev(adapter="{W}/adapters/truncated"),
     "ev-latin1": _ev(data="{W}/data/latin1.jsonl"),
     "ev-bad-json": _ev(data="{W}/data/bad-json.jsonl"),
+    "ev-surrogate": _ev(data="{W}/data/surrogate.jsonl"),
     "ev-int-content": _ev(data="{W}/data/int-content.jsonl"),
     "ev-only-answer": _ev(data="{W}/data/only-answer.jsonl"),
     "ev": _ev(),
@@ -138,6 +140,8 @@ CASES = [
     Case("eval-adapter-truncated", ("eval", "{W}/recipes/ev-adapter-truncated.yaml"), "adapter_model.safetensors"),
     Case("eval-data-not-utf8", ("eval", "{W}/recipes/ev-latin1.yaml"), "latin1.jsonl:2: not UTF-8"),
     Case("eval-data-bad-json", ("eval", "{W}/recipes/ev-bad-json.yaml"), "bad-json.jsonl:2: not valid JSON"),
+    Case("eval-data-lone-surrogate", ("eval", "{W}/recipes/ev-surrogate.yaml"),  # a TypeError in the tokenizer
+         "surrogate.jsonl:2: the escape \\ud800 is a lone UTF-16 surrogate"),
     Case("eval-data-int-content", ("eval", "{W}/recipes/ev-int-content.yaml"), "must be a string, not int"),
     Case("eval-out-users-json", ("eval", "{W}/recipes/ev.yaml", "--output", "{W}/user.json"), "not a results file"),
     Case("eval-out-is-recipe", ("eval", "{W}/recipes/ev.yaml", "--output", "{W}/recipes/ev.yaml"),
@@ -151,6 +155,8 @@ CASES = [
     Case("eval-missing-recipe", ("eval", "{W}/recipes/nope.yaml"), "not found"),
     Case("eval-recipe-not-utf8", ("eval", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),
     Case("eval-recipe-is-a-dir", ("eval", "{W}/recipes"), "is a folder"),
+    Case("eval-recipe-utf16", ("eval", "{W}/recipes/utf16.yaml"), "utf16.yaml:1: UTF-16 text (it starts with the "
+         "byte-order mark FF FE): save the file as UTF-8"),
     Case("eval-bad-set", ("eval", "{W}/recipes/ev.yaml", "--set", "eval.batch_size=zero"), "eval.batch_size"),
     Case("eval-bad-flag", ("eval", "{W}/recipes/ev.yaml", "--frobnicate"), "unrecognized arguments"),
     # ---- finetune
@@ -163,6 +169,8 @@ CASES = [
     Case("finetune-unicode-data-not-utf8", ("finetune", "{W}/recipes/ft-unicode-latin1.yaml"),
          "dätä.jsonl:2: not UTF-8"),
     Case("finetune-data-bad-json", ("finetune", "{W}/recipes/ft-bad-json.yaml"), "bad-json.jsonl:2: not valid JSON"),
+    Case("finetune-data-lone-surrogate", ("finetune", "{W}/recipes/ft-surrogate.yaml"),  # a TypeError in the tokenizer
+         "surrogate.jsonl:2: the escape \\ud800 is a lone UTF-16 surrogate"),
     Case("finetune-data-int-content", ("finetune", "{W}/recipes/ft-int-content.yaml"), "content must be a string"),
     Case("finetune-data-null", ("finetune", "{W}/recipes/ft-null-completion.yaml"), "must be a string, not null"),
     Case("finetune-data-missing", ("finetune", "{W}/recipes/ft-missing-data.yaml"), "not found"),
@@ -193,6 +201,7 @@ CASES = [
     Case("finetune-unknown-key", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.rank=4"), "lora.rank"),
     Case("finetune-no-recipe", ("finetune",), "finetune: the following arguments are required: recipe"),
     Case("finetune-recipe-not-utf8", ("finetune", "{W}/recipes/latin1.yaml"), "latin1.yaml:2: not UTF-8"),
+    Case("finetune-recipe-tab", ("finetune", "{W}/recipes/tab.yaml"), "tab.yaml:3: a tab (column 1): YAML indents"),
     # ---- export (quant + finetune's verb)
     Case("export-adapter-no-config", ("export", "{W}/adapters/no-config", "{W}/runs/x"), "adapter_config.json",
          owner="quant+finetune"),
@@ -352,6 +361,7 @@ def world(tmp_path_factory, tiny_dir) -> Path:
     (data / "latin1.jsonl").write_bytes(latin1)
     (w / UNI / "dätä.jsonl").write_bytes(latin1)
     (data / "bad-json.jsonl").write_text(lines[0] + "\n" + '{"messages": [}\n')
+    (data / "surrogate.jsonl").write_text(lines[0] + "\n" + lines[1].replace("bravo", "\\ud800") + "\n")
     (data / "int-content.jsonl").write_text(lines[0] + "\n" + lines[1].replace('"bravo"}', '2}') + "\n")
     (data / "null-completion.jsonl").write_text('{"prompt": "x", "completion": null}\n')
     (data / "only-answer.jsonl").write_text(lines[0] + "\n" + '{"messages": [{"role": "assistant", "content": "x"}]}\n')
@@ -372,6 +382,8 @@ def world(tmp_path_factory, tiny_dir) -> Path:
     for name, text in RECIPES.items():
         (recipes / f"{name}.yaml").write_text(text.replace("{W}", str(w)))
     (recipes / "latin1.yaml").write_bytes("# a recipe\nmodel: café\n".encode("latin-1"))
+    (recipes / "utf16.yaml").write_bytes(RECIPES["ev"].replace("{W}", str(w)).encode("utf-16"))  # Notepad's "Unicode"
+    (recipes / "tab.yaml").write_text(RECIPES["ft"].replace("{W}", str(w)).replace("data: ", "data:\n\t"))
     yield w
     os.chmod(w / "readonly", 0o755)
 

@@ -117,21 +117,25 @@ def sharegpt_requests(path: str | Path, tokenizer: Any, num: int, output_len: in
     """vLLM's ShareGPT sampling: the first human turn as the prompt, the reply's token count as the output
     length (or `output_len`), conversations shuffled by `seed`; pairs under 4 tokens, prompts over 1024
     tokens and pairs over 2048 are skipped, as vLLM does."""
+    from llmfast.data.text import check_characters, decode
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = decode(Path(path).read_bytes(), path)  # a byte-order mark dropped; not UTF-8 text: file:line
+        data = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--dataset-path {path}: not a readable ShareGPT JSON file ({type(e).__name__}: {e})") from None
     if not isinstance(data, list):
         raise UserError(f"--dataset-path {path}: a ShareGPT file is a JSON list of {{\"conversations\": [...]}}")
-    pairs = [(c["conversations"][0].get("value"), c["conversations"][1].get("value")) for c in data
+    pairs = [(i, c["conversations"][0].get("value"), c["conversations"][1].get("value")) for i, c in enumerate(data)
              if isinstance(c, dict) and isinstance(c.get("conversations"), list) and len(c["conversations"]) >= 2
              and all(isinstance(t, dict) for t in c["conversations"][:2])]
-    pairs = [(p, r) for p, r in pairs if isinstance(p, str) and isinstance(r, str)]
+    pairs = [(i, p, r) for i, p, r in pairs if isinstance(p, str) and isinstance(r, str)]
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(pairs))
         pairs = [pairs[int(i)] for i in order]
     requests = []
-    for prompt, reply in pairs:
+    for i, prompt, reply in pairs:
+        check_characters([prompt, reply], f"--dataset-path {path}: conversation {i}")
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         n_out = output_len or len(tokenizer.encode(reply, add_special_tokens=False))
         too_short = len(ids) < 4 or (output_len is None and n_out < 4)  # a fixed length is the user's choice

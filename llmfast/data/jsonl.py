@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmfast.data.text import check_bytes, check_characters, decode
 from llmfast.errors import UserError
 
 # Formats other tools export that are not JSON: read as JSON Lines they failed at row 1 ("not valid JSON" for a CSV,
@@ -89,13 +90,9 @@ def _check_extension(path: Path, folders: bool) -> None:
 
 def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
     rows = []
-    # Bytes, decoded line by line: a file in another encoding is refused at the row where it shows.
-    for lineno, raw in enumerate(f, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the row): "
-                            "save the file as UTF-8") from None
+    for lineno, raw in enumerate(_lines(f), 1):
+        check_bytes(raw, path, lineno, "row")  # a file in another encoding is refused at the row where it shows
+        line = raw.decode("utf-8")
         if lineno == 1:
             line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
@@ -107,8 +104,16 @@ def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the row") from None
+        check_characters(row, f"{path}:{lineno}", line)
         rows.append(_object(row, path, lineno))
     return rows
+
+
+def _lines(f: Any) -> Any:
+    """A binary file's lines as universal newlines count them: a lone CR (an old Mac editor's line end) ends a line
+    too (raw CR is no part of a JSON row: inside a string it must be escaped)."""
+    for raw in f:
+        yield from raw.splitlines() if b"\r" in raw else (raw,)
 
 
 def _json_file(path: Path, raw: bytes) -> list[dict[str, Any]]:
@@ -132,11 +137,8 @@ def _json_file(path: Path, raw: bytes) -> list[dict[str, Any]]:
 
 def _json_array(path: Path, raw: bytes) -> list[dict[str, Any]]:
     """The array's objects, each with `_row` the line its `{` is on (a pretty-printed file's rows span lines)."""
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
+    # lines as universal newlines count them (raw CR is no part of a JSON string: only whitespace between tokens)
+    text = decode(raw, path).replace("\r\n", "\n").replace("\r", "\n")
     decoder = json.JSONDecoder()
     rows: list[dict[str, Any]] = []
     seen, line = 0, 1  # lines counted up to `seen`, so the whole count stays linear in the file
@@ -151,6 +153,7 @@ def _json_array(path: Path, raw: bytes) -> list[dict[str, Any]]:
     try:
         while not (text.startswith("]", pos) and not rows):
             row, end = decoder.raw_decode(text, pos)
+            check_characters(row, f"{path}:{line_at(pos)}", text[pos:end])
             rows.append(_object(row, path, line_at(pos)))
             pos = _skip_space(text, end)
             if text.startswith("]", pos):

@@ -1,0 +1,149 @@
+"""Every input file as an editor on another machine saves it (llmfast/data/text.py): a UTF-8 byte-order mark, CR LF
+or lone CR line ends and no final newline read as the plain file does; Latin-1, UTF-16, a NUL byte and an escaped
+lone surrogate are one line naming the file, the line and the byte; emoji, CJK and right-to-left text train."""
+
+import json
+import re
+
+import pytest
+
+from llmfast.bench.workload import sharegpt_requests
+from llmfast.calibration import text_ids
+from llmfast.data.chat import IGNORE, load_examples
+from llmfast.data.jsonl import read_jsonl
+from llmfast.data.text import read_text
+from llmfast.errors import UserError
+from llmfast.recipe import FinetuneRecipe, load_recipe
+
+# Text from three scripts and an emoji, each a character that UTF-8 writes in several bytes.
+WORLD = "😀 日本語の文 שלום עולם مرحبا"
+CHAT = [{"role": "user", "content": f"Say {WORLD}"}, {"role": "assistant", "content": WORLD}]
+ROWS = [  # every row shape (llmfast/data/shapes.py)
+    {"messages": CHAT},
+    {"conversations": [{"from": "human", "value": f"Say {WORLD}"}, {"from": "gpt", "value": WORLD}]},
+    {"instruction": "Say", "input": WORLD, "output": WORLD},
+    {"prompt": f"Say {WORLD}", "completion": WORLD},
+    {"prompt": CHAT[:1], "completion": CHAT[1:]},
+    {"text": WORLD},
+]
+RECIPE = f"model: m\ndata:\n  train: {__file__}\noutput: out\n"  # a file that is there
+
+# (how an editor saved it: the file's bytes from its UTF-8 text)
+SAVED = {
+    "byte-order mark": lambda t: b"\xef\xbb\xbf" + t.encode(),
+    "CR LF": lambda t: t.replace("\n", "\r\n").encode(),
+    "lone CR": lambda t: t.replace("\n", "\r").encode(),
+    "no final newline": lambda t: t.rstrip("\n").encode(),
+    "all of them": lambda t: b"\xef\xbb\xbf" + t.rstrip("\n").replace("\n", "\r\n").encode(),
+}
+# (the file's bytes from its UTF-8 text, whose line 2 holds "Café"; the error: the file and line named, what to do)
+REFUSED = {
+    "Latin-1": (lambda t: t.encode().replace("é".encode(), b"\xe9"),
+                r":2: not UTF-8 text \(byte \d+ of the (row|line)\): save the file as UTF-8"),
+    "UTF-16": (lambda t: t.encode("utf-16"), r":1: UTF-16 text \(it starts with the byte-order mark FF FE\): save "),
+    "UTF-16 without a mark": (lambda t: t.encode("utf-16-le"), r":1: a NUL byte \(byte \d of the (row|line)\): a "
+                              "binary file, or UTF-16/UTF-32 text: save the file as UTF-8 text"),
+    "a NUL byte": (lambda t: t.replace("é", "\x00").encode(), r":2: a NUL byte \(byte \d+ of the (row|line)\)"),
+}
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _array(rows):
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n"
+
+
+READERS = {  # (file name, its text, what is read from it)
+    "JSON Lines": ("d.jsonl", _jsonl([ROWS[3], {"prompt": "Café", "completion": WORLD}, ROWS[3]]), read_jsonl),
+    ".json array": ("d.json", _array([{"prompt": "Café", "completion": WORLD}, ROWS[3]]), read_jsonl),
+    "recipe": ("r.yaml", RECIPE.replace("data:", "# Café\ndata:"),
+               lambda p: load_recipe(p, FinetuneRecipe).model_dump()),
+    "text": ("t.txt", f"{WORLD}\nCafé two\n\nthree\n", lambda p: read_text(p, "text")),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_file_reads_as_its_editor_saved_it_or_is_one_line_saying_so(tmp_path, reader):
+    name, text, read = READERS[reader]
+    plain = tmp_path / "plain" / name
+    plain.parent.mkdir()
+    plain.write_text(text)
+    expected = read(plain)
+    for how, save in SAVED.items():
+        path = tmp_path / how / name
+        path.parent.mkdir()
+        path.write_bytes(save(text))
+        if reader == "text":  # the text as given, less the final newline where there is none
+            assert read(path) == (expected.rstrip("\n") if "newline" in how or how == "all of them" else expected)
+        else:
+            assert read(path) == expected, how
+    for how, (save, error) in REFUSED.items():
+        path = tmp_path / how / name
+        path.parent.mkdir()
+        path.write_bytes(save(text))
+        with pytest.raises(UserError, match=re.escape(str(path)) + error):
+            read(path)
+
+
+def test_tab_indentation_and_control_characters_in_a_recipe_name_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    for text, expected in (("data:\n\ttrain: d.jsonl\n", r":2: a tab \(column 1\): YAML indents and separates with "
+                            "spaces only: replace the tab with spaces"),
+                           ("model: m\nout\x07put: o\n", r":2: the character U\+0007, a control character YAML does "
+                            "not allow: remove it")):
+        path.write_text(text)
+        with pytest.raises(UserError, match=re.escape(str(path)) + expected):
+            load_recipe(path, FinetuneRecipe)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_an_escaped_lone_surrogate_is_refused_at_its_row(tmp_path, name):
+    """json.loads takes "\\ud800" (it was a TypeError in the tokenizer, a traceback from finetune and eval); a pair,
+    an emoji as `json.dump` writes it by default, is one character."""
+    path = tmp_path / name
+    row = json.dumps({"prompt": "x", "completion": "😀"})  # ASCII: the emoji as the pair \ud83d\ude00
+    path.write_text(row + "\n")
+    assert read_jsonl(path)[0]["completion"] == "😀"
+    path.write_text(row + "\n" + row.replace("\\ude00", "") + "\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}:2: the escape \\ud83d is a lone UTF-16 surrogate, not a "
+                                                  "character: fix it")):
+        read_jsonl(path)
+
+
+def test_every_row_shape_trains_on_emoji_cjk_and_rtl_text_saved_any_way(tiny, tmp_path):
+    """The examples of a data file saved with a byte-order mark and CR LF, or with lone CRs (one row of 'Extra data'),
+    are those of the plain file, in every row shape; the text tokenizes to ids that decode to it, character for
+    character."""
+    _, tok = tiny
+    for i, row in enumerate(ROWS):
+        plain = tmp_path / f"{i}.jsonl"
+        plain.write_text(_jsonl([row, row]))
+        (a, b), _ = load_examples(plain, tok, 256)
+        for how in ("all of them", "lone CR"):
+            saved = tmp_path / f"{i}-{how}.jsonl"
+            saved.write_bytes(SAVED[how](_jsonl([row, row])))
+            assert [(e.input_ids, e.labels) for e in load_examples(saved, tok, 256)[0]] == \
+                [(a.input_ids, a.labels), (b.input_ids, b.labels)], (how, row)
+        assert WORLD in tok.decode(a.input_ids) and set(a.labels) != {IGNORE}, row
+
+
+def test_calibration_and_bench_files_saved_with_a_byte_order_mark(tiny, tmp_path):
+    """Calibration text: the mark was tokenized as text (and CR LF kept), so the tokens skipped for eval's span were
+    not the ones eval scores. A ShareGPT file: the mark was 'not a readable ShareGPT JSON file'."""
+    _, tok = tiny
+    text = f"{WORLD}\nThe second line.\n"
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "bom.txt").write_bytes(SAVED["all of them"](text))
+    assert text_ids(tok, tmp_path / "bom.txt").tolist() == text_ids(tok, tmp_path / "t.txt").tolist()[:-1]
+    data = [{"conversations": [{"from": "human", "value": f"Tell me about {WORLD}"},
+                               {"from": "gpt", "value": f"It is {WORLD}, said twice: {WORLD}"}]}]
+    path = tmp_path / "sg.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    (request,) = sharegpt_requests(path, tok, 1)
+    assert request.prompt == data[0]["conversations"][0]["value"]
+    path.write_bytes(json.dumps(data).replace("\\ude00", "", 1).encode())
+    with pytest.raises(UserError, match=re.escape(f"--dataset-path {path}: conversation 0: the escape \\ud83d is a "
+                                                  "lone UTF-16 surrogate")):
+        sharegpt_requests(path, tok, 1)
