@@ -142,17 +142,25 @@ def test_a_json_array_reads_as_jsonl_and_names_rows_by_their_line(tiny, tmp_path
 
 
 def test_other_formats_are_refused_with_a_conversion_that_works(tmp_path):
-    """A CSV was 'not valid JSON' at row 1 and Parquet 'not UTF-8': now the line says how to convert, and does."""
-    csv = tmp_path / "d.csv"
-    csv.write_text('instruction,input,output\n"Convert 3 km to m.",,3000\n')
-    with pytest.raises(UserError) as e:
-        check_rows(csv)
-    message = str(e.value)
-    assert message.startswith(f"data file {csv}: csv files are not read") and "\n" not in message
-    # as printed, through a shell whose PATH has no python (s49's `python -c` needed one with pandas on PATH)
-    command = message.split(" convert it with ")[1].rsplit(" and give ", 1)[0]
-    subprocess.run(command, shell=True, check=True, capture_output=True, env={**os.environ, "PATH": "/nonexistent"})
-    assert check_rows(tmp_path / "d.jsonl") == "Alpaca (instruction/output)"
+    """A CSV was 'not valid JSON' at row 1 and Parquet 'not UTF-8': now the line says how to convert, and does, pasted
+    into a POSIX shell as it is, whatever the folder's name holds (s49's was quoted for reading only)."""
+    folder = tmp_path / "it's \"q\" $HOME `id` two  spaces\ttab\nnewline ünï"
+    folder.mkdir()
+    for name, sep in (("d.csv", ","), ("d.tsv", "\t")):
+        table = folder / name
+        table.write_text(sep.join(["instruction", "input", "output"]) + "\n" + sep.join(["Convert 3 km to m.", "",
+                                                                                          "3000"]) + "\n")
+        with pytest.raises(UserError) as e:
+            check_rows(table)
+        message = str(e.value)
+        assert message.startswith(f"data file {' '.join(str(table).split())}: {name[2:]} files are not read")
+        # as printed, through a shell whose PATH has no python (s49's `python -c` needed one with pandas on PATH)
+        command = message.split(" convert it with ")[1].rsplit(" and give ", 1)[0]
+        subprocess.run(["/bin/sh", "-c", command], check=True, capture_output=True,
+                       env={**os.environ, "PATH": "/nonexistent"})
+        assert check_rows(folder / "d.jsonl") == "Alpaca (instruction/output)"
+        (folder / "d.jsonl").unlink()
+    csv = folder / "d.csv"
     # eval's task files and bench's prompt files (read_jsonl) are never folders: their errors do not offer one
     with pytest.raises(UserError, match=re.escape("not read (JSON Lines or a .json array are): convert")):
         read_jsonl(csv)

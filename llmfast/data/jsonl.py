@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -16,11 +17,11 @@ from llmfast.errors import UserError
 
 # Formats other tools export that are not JSON: read as JSON Lines they failed at row 1 ("not valid JSON" for a CSV,
 # "not UTF-8" for Parquet). Each converts in one line; a table's cells are read as text (CSV's "3000" would become the
-# number 3000, which a row refuses, and "NA" or "None" a null).
+# number 3000, which a row refuses, and "NA" or "None" a null). Double quotes only: the code goes in single quotes.
 _TEXT = "dtype=str, keep_default_na=False"
 _CONVERT = {".parquet": "pd.read_parquet({p})", ".csv": f"pd.read_csv({{p}}, {_TEXT})",
-            ".tsv": f"pd.read_csv({{p}}, sep='\\t', {_TEXT})", ".xlsx": f"pd.read_excel({{p}}, {_TEXT})",
-            ".arrow": "__import__('datasets').Dataset.from_file({p}).to_pandas()"}
+            ".tsv": f'pd.read_csv({{p}}, sep="\\t", {_TEXT})', ".xlsx": f"pd.read_excel({{p}}, {_TEXT})",
+            ".arrow": '__import__("datasets").Dataset.from_file({p}).to_pandas()'}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
@@ -78,14 +79,21 @@ def _check_extension(path: Path, folders: bool) -> None:
         raise UserError(f"data file {path} is compressed ({suffix}): decompress it to .jsonl first")
     if suffix in _CONVERT:
         out = path.with_suffix(".jsonl")
-        load = _CONVERT[suffix].format(p=repr(str(path)))
+        code = (f"import pandas as pd; {_CONVERT[suffix].format(p=_literal(path))}.to_json({_literal(out)}, "
+                'orient="records", lines=True, force_ascii=False)')
         read = "JSON Lines, a .json array or a datasets.save_to_disk folder" if folders else \
             "JSON Lines or a .json array"
-        # this interpreter: it has pandas (a `datasets` dependency), where a `python` on PATH may not
+        # this interpreter: it has pandas (a `datasets` dependency), where a `python` on PATH may not; quoted for a
+        # POSIX shell, so that it pastes as it is whatever the path holds (quotes, $, a backtick)
         raise UserError(f"data file {path}: {suffix[1:]} files are not read ({read} are): convert it with "
-                        f"{shlex.quote(sys.executable)} -c \"import pandas as pd; "
-                        f"{load}.to_json({str(out)!r}, orient='records', lines=True, force_ascii=False)\" and give "
-                        f"{out}")
+                        f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} and give {out}")
+
+
+def _literal(path: Path) -> str:
+    """`path` as a Python string literal in double quotes, every space but a lone one escaped: the error's line
+    folds runs of whitespace into one space, which would change the path the command converts."""
+    text = json.dumps(str(path), ensure_ascii=False)
+    return re.sub(r"(?<= ) |[^\S ]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
