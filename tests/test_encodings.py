@@ -10,7 +10,7 @@ import pytest
 from llmfast.bench.workload import sharegpt_requests
 from llmfast.calibration import text_ids
 from llmfast.data.chat import IGNORE, load_examples
-from llmfast.data.jsonl import read_jsonl
+from llmfast.data.jsonl import read_jsonl, read_rows
 from llmfast.data.text import read_text
 from llmfast.errors import UserError
 from llmfast.recipe import FinetuneRecipe, load_recipe
@@ -147,3 +147,15 @@ def test_calibration_and_bench_files_saved_with_a_byte_order_mark(tiny, tmp_path
     with pytest.raises(UserError, match=re.escape(f"--dataset-path {path}: conversation 0: the escape \\ud83d is a "
                                                   "lone UTF-16 surrogate")):
         sharegpt_requests(path, tok, 1)
+
+
+def test_a_datasets_folder_whose_name_holds_a_double_colon(tmp_path):
+    """fsspec reads 'a::b' as a chain of URLs: 'not a dataset saved with datasets.save_to_disk (ValueError)'
+    said the folder was something it is not."""
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "x", "completion": "y"}]).save_to_disk(str(tmp_path / "v1"))
+    path = (tmp_path / "v1").rename(tmp_path / "v1::final")  # as datasets cannot save it there either
+    with pytest.raises(UserError, match=re.escape(f"{path}: a folder name holding '::', which datasets reads as a "
+                                                  "chain of URLs: rename it")):
+        read_rows(path)

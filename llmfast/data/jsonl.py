@@ -30,6 +30,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_dir():
         return read_jsonl(path, folders=True)
+    if "::" in str(path):  # fsspec, under load_from_disk, reads it as a chain of URLs: 'FileNotFoundError'
+        raise UserError(f"{path}: a folder name holding '::', which datasets reads as a chain of URLs: rename it, "
+                        "or link it under a name without '::'")
     try:
         from datasets import load_from_disk
 
