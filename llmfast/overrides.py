@@ -25,8 +25,21 @@ def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
         if re.search(r"(^|\s)#", raw) and "#" not in yaml.safe_dump(value):  # YAML took the rest for a comment
             raise UserError(f"--set {pair!r}: ' #' starts a comment in YAML, so the value would be {value!r}: quote "
                             f"it, e.g. --set '{key.strip()}=\"{raw.strip()}\"'")
+        if isinstance(value, str) and re.search(r"[\r\n]", raw.strip()) and _folded(raw):
+            # YAML folds a plain or quoted value's line break into a space: a path holding one named another folder
+            raise UserError(f"--set {pair!r}: the value spans lines, which YAML folds into {value!r}: give it as a "
+                            f"YAML string with the escape \\n, e.g. --set '{key.strip()}=\"first\\nsecond\"'")
         out.append((key.strip().split("."), value))
     return out
+
+
+def _folded(raw: str) -> bool:
+    """Whether YAML reads `raw` as a plain or quoted scalar (whose line breaks it folds), not a block one (`|`, `>`)."""
+    try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # not YAML: the value is the text as given
+        return False
+    return isinstance(node, yaml.ScalarNode) and node.style in (None, '"', "'")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]],

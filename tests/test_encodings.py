@@ -159,3 +159,16 @@ def test_a_datasets_folder_whose_name_holds_a_double_colon(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{path}: a folder name holding '::', which datasets reads as a "
                                                   "chain of URLs: rename it")):
         read_rows(path)
+
+
+def test_a_set_value_holding_a_line_break():
+    """YAML folds a plain value's line break into a space: `--set output=$'a\\nb'` wrote to the folder 'a b'. A CR
+    LF pasted from Windows at the end is no line inside the value, and YAML's own multi-line forms keep theirs."""
+    from llmfast.overrides import parse_overrides
+
+    for raw, value in (("runs/x\r\n", "runs/x"), ('"a\\nb"', "a\nb"), ("|\n  a\n  b", "a\nb"), ("[1,\n 2]", [1, 2])):
+        assert parse_overrides([f"output={raw}"]) == [(["output"], value)]
+    for raw in ("a\nb", "a\r\nb", "a\rb", '"a\n b"'):
+        with pytest.raises(UserError, match=re.escape(f"--set {'output=' + raw!r}: the value spans lines, which YAML "
+                                                      "folds into 'a b': give it as a YAML string with the escape")):
+            parse_overrides([f"output={raw}"])
