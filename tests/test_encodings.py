@@ -172,3 +172,33 @@ def test_a_set_value_holding_a_line_break():
         with pytest.raises(UserError, match=re.escape(f"--set {'output=' + raw!r}: the value spans lines, which YAML "
                                                       "folds into 'a b': give it as a YAML string with the escape")):
             parse_overrides([f"output={raw}"])
+
+
+def test_finetune_and_eval_in_a_folder_named_with_shell_characters(tiny_dir, tmp_path):
+    """A model, recipes, data, text and outputs under a name holding a leading '-', '$', quotes, a backtick, '~' and
+    two scripts, every file saved with a byte-order mark and CR LF: finetune trains, and eval scores the text as
+    the plain file (the mark was tokenized: three more tokens, another perplexity)."""
+    import shutil
+
+    from llmfast.cli import main
+
+    w = tmp_path / "-w $HOME \"q\" 'é' `id` ~ 日本 שלום"
+    model = shutil.copytree(tiny_dir, w / "-model $x")
+    (w / "plain.txt").write_text(" ".join(["The cat sat on the mat."] * 40) + f"\n{WORLD}\n")
+    (w / "saved $t.txt").write_bytes(b"\xef\xbb\xbf" + SAVED["CR LF"]((w / "plain.txt").read_text()))
+    (w / "data `d`.jsonl").write_bytes(SAVED["all of them"](_jsonl(ROWS[:1] * 4)))
+    results = {}
+    for text in ("plain.txt", "saved $t.txt"):
+        out = w / f"-ev {text}.json"
+        (w / "ev.yaml").write_bytes(SAVED["all of them"](
+            f"model: {json.dumps(str(model))}\neval:\n  perplexity: {{text: {json.dumps(str(w / text))}, context: 64, "
+            f"stride: 64}}\noutput: {json.dumps(str(out))}\n"))
+        assert main(["eval", str(w / "ev.yaml")]) == 0
+        results[text] = json.loads(out.read_text())["perplexity"]
+    assert {k: results["saved $t.txt"][k] for k in ("ppl", "tokens")} == \
+        {k: results["plain.txt"][k] for k in ("ppl", "tokens")}
+    (w / "ft.yaml").write_bytes(SAVED["all of them"](
+        f"model: {json.dumps(str(model))}\ndata: {{train: {json.dumps(str(w / 'data `d`.jsonl'))}, max_length: 64}}\n"
+        f"lora: {{r: 4}}\ntrain: {{steps: 1, batch_size: 2}}\noutput: {json.dumps(str(w / '-ft $o'))}\n"))
+    assert main(["finetune", str(w / "ft.yaml")]) == 0
+    assert (w / "-ft $o" / "adapter" / "adapter_model.safetensors").is_file()
