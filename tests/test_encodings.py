@@ -36,6 +36,7 @@ SAVED = {
     "no final newline": lambda t: t.rstrip("\n").encode(),
     "all of them": lambda t: b"\xef\xbb\xbf" + t.rstrip("\n").replace("\n", "\r\n").encode(),
 }
+JOINED = lambda t: SAVED["byte-order mark"](t) * 2  # noqa: E731  two such files joined with `cat`
 # (the file's bytes from its UTF-8 text, whose line 2 holds "Café"; the error: the file and line named, what to do)
 REFUSED = {
     "Latin-1": (lambda t: t.encode().replace("é".encode(), b"\xe9"),
@@ -114,7 +115,7 @@ def test_an_escaped_lone_surrogate_is_refused_at_its_row(tmp_path, name):
 
 def test_every_row_shape_trains_on_emoji_cjk_and_rtl_text_saved_any_way(tiny, tmp_path):
     """The examples of a data file saved with a byte-order mark and CR LF, or with lone CRs (one row of 'Extra data'),
-    are those of the plain file, in every row shape; the text tokenizes to ids that decode to it, character for
+    or of two files with a mark joined, are those of the plain file, in every row shape; the text tokenizes to ids that decode to it, character for
     character."""
     _, tok = tiny
     for i, row in enumerate(ROWS):
@@ -126,6 +127,10 @@ def test_every_row_shape_trains_on_emoji_cjk_and_rtl_text_saved_any_way(tiny, tm
             saved.write_bytes(SAVED[how](_jsonl([row, row])))
             assert [(e.input_ids, e.labels) for e in load_examples(saved, tok, 256)[0]] == \
                 [(a.input_ids, a.labels), (b.input_ids, b.labels)], (how, row)
+        joined = tmp_path / f"{i}-joined.jsonl"
+        joined.write_bytes(JOINED(_jsonl([row])))  # the second mark was 'not valid JSON (Unexpected UTF-8 BOM ...)'
+        assert [(e.input_ids, e.labels) for e in load_examples(joined, tok, 256)[0]] == \
+            [(a.input_ids, a.labels), (b.input_ids, b.labels)], row
         assert WORLD in tok.decode(a.input_ids) and set(a.labels) != {IGNORE}, row
 
 

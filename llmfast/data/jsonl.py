@@ -103,9 +103,8 @@ def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
     rows = []
     for lineno, raw in enumerate(_lines(f), 1):
         check_bytes(raw, path, lineno, "row")  # a file in another encoding is refused at the row where it shows
-        line = raw.decode("utf-8")
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+        # a byte-order mark some editors write: at the file's start, or at a row's where such files were joined (cat)
+        line = raw.decode("utf-8").removeprefix("\ufeff")
         if not line.strip():
             continue
         if not rows and line.lstrip().startswith("[") and path.suffix.lower() != ".json":
