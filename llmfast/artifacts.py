@@ -97,6 +97,12 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         if src.is_dir() and src in resolved.parents:
             raise UserError(f"output {final} is inside the input {i}: writing it would change the input; choose a "
                             "directory outside it")
+    try:
+        str(final).encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8: the tokenizers library (Rust) cannot save there (a traceback)
+        shown = os.fsencode(final).decode("ascii", "backslashreplace")
+        raise UserError(f"output {shown}: its path holds bytes that are not UTF-8 text (transformers' tokenizer files "
+                        "cannot be saved under it): choose a name in UTF-8") from None
     if len(final.name.encode()) > MAX_OUTPUT_NAME:
         raise UserError(f"output {final}: its name is {len(final.name.encode())} bytes, and llmfast writes beside it "
                         f"under longer ones (.NAME.tmp-…, NAME.checkpoints) that must fit the file system's 255: "

@@ -27,7 +27,7 @@ def lock_path(final: str | os.PathLike[str]) -> Path:
     from llmfast.cache import cache_dir
 
     real = str(Path(final).expanduser().resolve())
-    return cache_dir() / "locks" / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.lock"
+    return cache_dir() / "locks" / f"{hashlib.sha256(os.fsencode(real)).hexdigest()[:32]}.lock"
 
 
 def _take(path: Path, final: Path) -> int | None:
@@ -71,7 +71,7 @@ def output_lock(final: str | os.PathLike[str]) -> Iterator[None]:
     try:
         with contextlib.suppress(OSError):  # the holder's PID and output, for a refused run's message and for people
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n{final.resolve()}\n".encode(), 0)
+            os.pwrite(fd, os.fsencode(f"{os.getpid()}\n{final.resolve()}\n"), 0)
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -185,6 +185,22 @@ def test_an_output_name_may_take_200_bytes_and_no_more(tmp_path):
         check_output(tmp_path / ("é" * 100 + "x"))
 
 
+def test_an_output_path_of_bytes_that_are_not_utf8_is_one_line_and_nothing_is_written(tmp_path):
+    """`export ADAPTER $'e\\xe9'` wrote the merged weights, then the tokenizers library could not save under that path:
+    a UnicodeEncodeError traceback; `tasks --out` one from the output's name length check (s50's encodings audit)."""
+    import os
+    import subprocess
+    import sys
+
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/t\xe9")
+    p = subprocess.run([sys.executable, "-m", "llmfast", "tasks", "dates", "--out", out], capture_output=True,
+                       text=True, errors="backslashreplace")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"llmfast: error: output {tmp_path}/t\\xe9: its path holds bytes that are not UTF-8 text (transformers' "
+        "tokenizer files cannot be saved under it): choose a name in UTF-8"), p.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_link_to_nothing_is_refused_as_an_output(tmp_path):
     """A dangling link does not `exist`, so without its own check the new artifact replaced the link silently."""
     from llmfast.artifacts import check_output

@@ -80,8 +80,8 @@ def test_a_perplexity_text_that_is_not_utf8_is_named_by_its_line(tiny_dir, tmp_p
     recipe = tmp_path / "ev.yaml"
     recipe.write_text(f"model: {tiny_dir}\neval:\n  perplexity: {{text: {text}}}\n")
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
-    assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {text}:3: not UTF-8 text: save the file as "
-                                                           "UTF-8"), err[-2000:]
+    assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {text}:3: not UTF-8 text (byte 7 of the "
+                                                           "line): save the file as UTF-8"), err[-2000:]
 
 
 def test_a_perplexity_text_of_one_token_is_refused_before_loading(tiny_dir, tmp_path):
