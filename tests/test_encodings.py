@@ -9,7 +9,7 @@ import pytest
 
 from llmfast.bench.workload import sharegpt_requests
 from llmfast.calibration import text_ids
-from llmfast.data.chat import IGNORE, load_examples
+from llmfast.data.chat import IGNORE, read_examples
 from llmfast.data.jsonl import read_jsonl, read_rows
 from llmfast.data.text import read_text
 from llmfast.errors import UserError
@@ -121,15 +121,15 @@ def test_every_row_shape_trains_on_emoji_cjk_and_rtl_text_saved_any_way(tiny, tm
     for i, row in enumerate(ROWS):
         plain = tmp_path / f"{i}.jsonl"
         plain.write_text(_jsonl([row, row]))
-        (a, b), _ = load_examples(plain, tok, 256)
+        (a, b) = read_examples(plain, tok, 256).examples
         for how in ("all of them", "lone CR"):
             saved = tmp_path / f"{i}-{how}.jsonl"
             saved.write_bytes(SAVED[how](_jsonl([row, row])))
-            assert [(e.input_ids, e.labels) for e in load_examples(saved, tok, 256)[0]] == \
+            assert [(e.input_ids, e.labels) for e in read_examples(saved, tok, 256).examples] == \
                 [(a.input_ids, a.labels), (b.input_ids, b.labels)], (how, row)
         joined = tmp_path / f"{i}-joined.jsonl"
         joined.write_bytes(JOINED(_jsonl([row])))  # the second mark was 'not valid JSON (Unexpected UTF-8 BOM ...)'
-        assert [(e.input_ids, e.labels) for e in load_examples(joined, tok, 256)[0]] == \
+        assert [(e.input_ids, e.labels) for e in read_examples(joined, tok, 256).examples] == \
             [(a.input_ids, a.labels), (b.input_ids, b.labels)], row
         assert WORLD in tok.decode(a.input_ids) and set(a.labels) != {IGNORE}, row
 
