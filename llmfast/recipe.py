@@ -322,11 +322,14 @@ def _first(errors: list[Any], schema: type[BaseModel], data: Any, source: str, l
 
 
 def _members_said(errors: list[Any]) -> list[Any]:
-    """Each member of a union (one path or a list of paths) reports: a value of the wrong kind for one member is left
-    out where another member says what is wrong inside the value (a list's missing file)."""
-    inside = [_strip_union_tags(tuple(e["loc"])) for e in errors if not e["type"].endswith("_type")]
-    return [e for e in errors if not (e["type"].endswith("_type") and any(
-        a[:len(at)] == at for at in [_strip_union_tags(tuple(e["loc"]))] for a in inside))]
+    """What a union's members (one path or a list of paths) report, less those of the wrong kind: an error is left out
+    where another lies inside the value (a list's entry: that member took the value's kind), and a wrong-kind error
+    where another member's check of the value says what is wrong with it (a path not found). A literal's mismatch
+    (`request_rate: [1]`: not 'inf') says no more than a wrong kind does."""
+    locs = [(_strip_union_tags(tuple(e["loc"])), e["type"]) for e in errors]
+    return [e for e, (at, kind) in zip(errors, locs) if not any(
+        a[:len(at)] == at and (len(a) > len(at) or kind.endswith("_type") and not other.endswith("_type")
+                               and other != "literal_error") for a, other in locs)]
 
 
 def _describe(

@@ -482,3 +482,25 @@ def test_a_union_members_tag_is_not_part_of_the_key(tmp_path):
     path.write_text(f"model: m\ndata: {{train: {DATES}}}\nlora:\n  target_modules: 5\noutput: o\n")
     with pytest.raises(UserError, match=r"f\.yaml:4: lora\.target_modules: Input should be 'all-linear' \(got 5\)$"):
         load_recipe(path, FinetuneRecipe)
+
+
+@pytest.mark.parametrize("schema, text, said", [
+    # a list's entry of the wrong kind is named, not the whole list blamed as no path (the path member's report)
+    ("FinetuneRecipe", f"data: {{train: [{DATES}, null]}}", r"f\.yaml:1: data\.train\.1: Input is not a valid path"),
+    ("FinetuneRecipe", f"data: {{train: [[{DATES}]]}}", r"f\.yaml:1: data\.train\.0: Input is not a valid path"),
+    ("FinetuneRecipe", f"data: {{train: {DATES}, eval: [{DATES}, nope]}}", r"f\.yaml:1: data\.eval\.1: not found"),
+    ("FinetuneRecipe", f"data: {{train: {DATES}}}\nlora: {{target_modules: [q_proj, 5]}}",
+     r"f\.yaml:2: lora\.target_modules\.1: Input should be a valid string \(got 5\)"),
+    # a literal's mismatch is no better a report than the number member's wrong kind (s50 said "should be 'inf'")
+    ("BenchRecipe", "workload: {request_rate: [1]}", r"f\.yaml:1: workload\.request_rate: Input should be a valid "
+                                                     r"number$"),
+])
+def test_a_unions_error_is_the_member_that_took_the_values_kind(tmp_path, schema, text, said):
+    """A union's members each report (pydantic): the one that says what is wrong inside the value is shown (s50)."""
+    from llmfast import recipe
+
+    path = tmp_path / "f.yaml"
+    rest = "model: m\noutput: o" if schema == "FinetuneRecipe" else "variants: [{name: a, model: m}]"
+    path.write_text(f"{text}\n{rest}\n")
+    with pytest.raises(UserError, match=said):
+        load_recipe(path, getattr(recipe, schema))
