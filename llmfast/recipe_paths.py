@@ -45,8 +45,19 @@ def _a_file(value: Any) -> Any:
 
 ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
 ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
+
+
+def _a_list_not_commas(value: Any) -> Any:
+    # LLaMA-Factory's `dataset: a,b` names two; here that is one file's name, not found: say how to write two
+    if isinstance(value, str) and "," in value and not Path(value).expanduser().exists():
+        listed = ", ".join(p.strip() for p in value.split(","))
+        raise ValueError(f"not found: {value}: several files are a YAML list, [{listed}] (in --set too)")
+    return value
+
+
 # One file or folder of rows, or a list of them read in turn (finetune's data.train / data.eval)
-Paths = ExistingPath | Annotated[list[ExistingPath], Field(min_length=1)]
+Paths = Annotated[ExistingPath | Annotated[list[ExistingPath], Field(min_length=1)],
+                  BeforeValidator(_a_list_not_commas)]
 
 
 def one_or_list(value: Any) -> Any:

@@ -504,3 +504,15 @@ def test_a_unions_error_is_the_member_that_took_the_values_kind(tmp_path, schema
     path.write_text(f"{text}\n{rest}\n")
     with pytest.raises(UserError, match=said):
         load_recipe(path, getattr(recipe, schema))
+
+
+def test_files_joined_by_a_comma_are_told_to_be_a_list(tmp_path):
+    """LLaMA-Factory's `dataset: a,b` (docs/finetune.md compares it): here one file's name, not found; the error says
+    how to write two (s50)."""
+    from llmfast.recipe import FinetuneRecipe
+
+    path = tmp_path / "f.yaml"
+    path.write_text(f"model: m\ndata: {{train: {DATES}}}\noutput: o\n")
+    with pytest.raises(UserError, match=r"\(--set data\.eval\): data\.eval: not found: a\.jsonl,b\.jsonl: several "
+                                        r"files are a YAML list, \[a\.jsonl, b\.jsonl\]"):
+        load_recipe(path, FinetuneRecipe, ["data.eval=a.jsonl,b.jsonl"])
