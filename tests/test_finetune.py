@@ -136,7 +136,7 @@ def test_several_files_of_several_shapes_train_as_one_file_of_their_rows(tmp_pat
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return tmp_path / name
 
-    held = [{"instruction": "Repeat: kilo", "output": "kilo"}, {"instruction": "Repeat: lima", "output": "lima"}]
+    held = [{"instruction": "Repeat: kilo", "output": "kilo"}]  # one row: "1 row", not "1 rows"
     a, b = write("a.jsonl", TINY_TRAIN[:20]), write("b.jsonl", [_sharegpt(r) for r in TINY_TRAIN[20:]])
     one, c = write("one.jsonl", TINY_TRAIN), write("c.jsonl", held)
     steps = ["--set", "train.steps=4"]
@@ -144,7 +144,7 @@ def test_several_files_of_several_shapes_train_as_one_file_of_their_rows(tmp_pat
                            "--set", f"data.eval=[{c}]", *steps)
     assert code == 0, err
     assert (f"llmfast: data: 20 rows of chat (messages) from {a}, 12 rows of ShareGPT (conversations) from {b}; "
-            f"held out: 2 rows of Alpaca (instruction/output) from {c}\n") in err, err
+            f"held out: 1 row of Alpaca (instruction/output) from {c}\n") in err, err
     assert run_cli("finetune", str(recipe(tmp_path, tiny_dir, one, out="one")), "--set", f"data.eval={c}",
                    *steps)[0] == 0
     two, ref = _adapter(tmp_path / "two"), _adapter(tmp_path / "one")

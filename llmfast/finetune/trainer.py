@@ -153,8 +153,9 @@ def _accelerator() -> Any:
     return acc
 
 
-def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None) -> tuple[Any, ...]:
-    """Train and held-out examples (each of data.train's / data.eval's files read in turn), the warnings printed,
+def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
+              vocab: int | None) -> tuple[list[Encoded], list[Encoded], str]:
+    """Train and held-out examples (each of data.train's / data.eval's files read in turn; their warnings printed)
     and a line saying what was read (shown once all is checked: a row shape read in a way the user did not mean is
     then seen before the steps go by)."""
     dc = recipe.data
@@ -162,7 +163,7 @@ def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | Non
     def read(value: Any) -> tuple[list[Encoded], list[str], str]:
         got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab), p) for p in paths_of(value)]
         return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
-                ", ".join(f"{len(g.examples)} rows of {g.shape} from {p}" for g, p in got))
+                ", ".join(f"{len(g.examples)} row{'s' * (len(g.examples) != 1)} of {g.shape} from {p}" for g, p in got))
 
     train_ex, warnings, said = read(dc.train)
     if dc.eval is not None:
