@@ -365,6 +365,10 @@ def _describe(
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind == "path_type":  # pydantic's "Input is not a valid path for <class 'pathlib.Path'>"
+        msg = "not a path: give a file or folder name"
+        shown = " (got null)" if got is None else " (got a list)" if isinstance(got, list) else " (got a mapping)" \
+            if isinstance(got, dict) else shown
     if kind in ("string_type", "path_type") and isinstance(got, (bool, int, float, _dt.date)):
         # YAML read `1.5`, `2024-01-03` or `yes` as a number, a date or a boolean: a folder of that name is quoted
         text = "yes" if got is True else "no" if got is False else str(got)

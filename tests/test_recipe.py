@@ -485,9 +485,12 @@ def test_a_union_members_tag_is_not_part_of_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("schema, text, said", [
-    # a list's entry of the wrong kind is named, not the whole list blamed as no path (the path member's report)
-    ("FinetuneRecipe", f"data: {{train: [{DATES}, null]}}", r"f\.yaml:1: data\.train\.1: Input is not a valid path"),
-    ("FinetuneRecipe", f"data: {{train: [[{DATES}]]}}", r"f\.yaml:1: data\.train\.0: Input is not a valid path"),
+    # a list's entry of the wrong kind is named, not the whole list blamed as no path (the path member's report),
+    # in words rather than pydantic's "Input is not a valid path for <class 'pathlib.Path'>"
+    ("FinetuneRecipe", f"data: {{train: [{DATES}, null]}}", r"f\.yaml:1: data\.train\.1: not a path: give a "
+                                                             r"file or folder name \(got null\)$"),
+    ("FinetuneRecipe", f"data: {{train: [[{DATES}]]}}", r"f\.yaml:1: data\.train\.0: not a path: give a file or "
+                                                          r"folder name \(got a list\)$"),
     ("FinetuneRecipe", f"data: {{train: {DATES}, eval: [{DATES}, nope]}}", r"f\.yaml:1: data\.eval\.1: not found"),
     ("FinetuneRecipe", f"data: {{train: {DATES}}}\nlora: {{target_modules: [q_proj, 5]}}",
      r"f\.yaml:2: lora\.target_modules\.1: Input should be a valid string \(got 5\)"),
