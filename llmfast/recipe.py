@@ -380,9 +380,12 @@ def _describe(
 
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic inserts the member type name ('PerplexityConfig', 'function-after[...]', 'constrained-float': a
-    # number with bounds) into union paths.
-    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p
+    # number with bounds, 'bool' of merge's scalars) into union paths.
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in _SCALAR_TAGS
                                                                 or p.startswith("constrained-"))))
+
+
+_SCALAR_TAGS = {"bool", "int", "float", "str"}
 
 
 def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -519,3 +519,18 @@ def test_files_joined_by_a_comma_are_told_to_be_a_list(tmp_path):
     with pytest.raises(UserError, match=r"\(--set data\.eval\): data\.eval: not found: a\.jsonl,b\.jsonl: several "
                                         r"files are a YAML list, \[a\.jsonl, b\.jsonl\]"):
         load_recipe(path, FinetuneRecipe, ["data.eval=a.jsonl,b.jsonl"])
+
+
+@pytest.mark.parametrize("weight, said", [
+    ("{filter: mlp}", r"m\.yaml:4: required key 'models\.0\.parameters\.weight\.value' is missing$"),
+    ("{value: [1, [2]]}", r"m\.yaml:4: models\.0\.parameters\.weight\.value\.1: "),
+])
+def test_a_merge_parameters_error_names_a_key_it_has(tmp_path, weight, said):
+    """pydantic tags a scalar union's members `bool`, `int`, ...: 'weight.bool: Input should be a valid boolean' named
+    a key no recipe has, for any wrong value (the member tags' strip missed them; s50's review)."""
+    from llmfast.merge.config import load_config
+
+    path = tmp_path / "m.yaml"
+    path.write_text(f"merge_method: linear\nmodels:\n  - model: a\n    parameters: {{weight: {weight}}}\n  - model: b\n")
+    with pytest.raises(UserError, match=said):
+        load_config(path)
