@@ -99,17 +99,22 @@ def compare_mergekit_models(work: Path, shape: str) -> tuple[Path, list[Path]]:
     return base, [make_variant(base, work / f"ft-{t}-{shape}", i, scale=scale) for i, t in ((1, "a"), (2, "b"))]
 
 
-def write_config(path: Path, method: str, base: Path, fts: list[Path], density: float, weights: list[float]) -> Path:
+def write_config(path: Path, method: str, base: Path, fts: list[Path], density: float, weights: list[float],
+                 rescale: bool | None = None) -> Path:
     import yaml
 
     cfg = {"merge_method": method, "base_model": str(base),
            "models": [{"model": str(f), "parameters": {"weight": w, "density": density}} for f, w in zip(fts, weights)]}
+    if rescale is not None:
+        cfg["parameters"] = {"rescale": rescale}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def run_once(code: Path, cfg: Path, out: Path, trace: bool, threads: int) -> dict:
+def run_once(code: Path, cfg: Path, out: Path, trace: bool, threads: int, native: bool = True) -> dict:
     env = {"PYTHONPATH": str(code), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())}
+    if not native:  # the numpy path, as on a machine without a C compiler
+        env["LLMFAST_NATIVE"] = "0"
     proc = subprocess.run([sys.executable, "-c", RUN, str(cfg), str(out), "trace" if trace else "plain", str(threads)],
                           capture_output=True, text=True, env=env, cwd=code)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
@@ -138,6 +143,10 @@ def main() -> int:
     ap.add_argument("--methods", default="ties")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--noise", action="store_true", help="continuous noise instead of the tie-heavy grid")
+    ap.add_argument("--rescale", choices=["default", "true", "false"], default="default",
+                    help="the merge's `rescale` parameter (default: the method's own)")
+    ap.add_argument("--no-native", action="store_true",
+                    help="LLMFAST_NATIVE=0: DARE on the numpy path (as without a C compiler, or float16 inputs)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/merge-trim-memory")
     ap.add_argument("--out", default="runs/bench/merge_trim_memory.json")
@@ -157,18 +166,22 @@ def main() -> int:
         for method in args.methods.split(","):
             # 135m, 1.7b: compare_mergekit.py's parameters (weights 1); else weights that are not 1 (a multiply each)
             weights = [1.0] * len(fts) if args.shape in whole else [1.0, 0.6, 0.8, 0.5][: len(fts)]
-            cfg = write_config(work / f"{method}-{args.shape}-{dtype}.yaml", method, base, fts, args.density, weights)
+            rescale = None if args.rescale == "default" else args.rescale == "true"
+            cfg = write_config(work / f"{method}-{args.shape}-{dtype}.yaml", method, base, fts, args.density, weights,
+                               rescale)
+            native = not args.no_native
             runs: dict[str, list[dict]] = {name: [] for name in codes}
             names = list(codes)
             for r in range(args.rounds):
                 for name in (names if r % 2 == 0 else names[::-1]):
-                    runs[name].append(run_once(codes[name], cfg, work / f"out-{name}", False, args.threads))
-            traced = {name: run_once(codes[name], cfg, work / f"out-{name}", True, args.threads)["traced_peak"]
+                    runs[name].append(run_once(codes[name], cfg, work / f"out-{name}", False, args.threads, native))
+            traced = {name: run_once(codes[name], cfg, work / f"out-{name}", True, args.threads, native)["traced_peak"]
                       for name in codes}
             identical = all(same_output(work / f"out-{names[0]}", work / f"out-{m}") for m in names[1:])
             row = {"shape": args.shape, "dtype": dtype, "method": method, "entries": n, "models": len(fts),
                    "density": args.density, "grid": not args.noise and args.shape not in whole,
-                   "threads": args.threads, "identical_outputs": identical, "versions": {}}
+                   "threads": args.threads, "rescale": args.rescale, "native": native,
+                   "identical_outputs": identical, "versions": {}}
             for name in names:
                 row["versions"][name] = {
                     "wall_s_median": statistics.median(x["wall_s"] for x in runs[name]),
@@ -187,7 +200,8 @@ def main() -> int:
 def print_row(row: dict) -> None:
     print(f"\n{row['shape']}: {row['method']} {row['dtype']}, {row['models']} models, {row['entries']:,} entries "
           f"(largest tensor), --threads {row['threads']}, density "
-          f"{row['density']}, {'grid' if row['grid'] else 'noise'}; outputs identical: {row['identical_outputs']}")
+          f"{row['density']}, {'grid' if row['grid'] else 'noise'}, rescale {row['rescale']}"
+          f"{'' if row['native'] else ', LLMFAST_NATIVE=0'}; outputs identical: {row['identical_outputs']}")
     print("| version | wall (median) | peak RSS growth | RSS bytes/entry | numpy peak bytes/entry |")
     print("|---|---|---|---|---|")
     for name, v in row["versions"].items():

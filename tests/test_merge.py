@@ -1460,3 +1460,38 @@ def test_trimming_merges_block_by_block_give_the_whole_tensor_paths_bits(tiny_di
         else:
             ref = b + 1.25 * stacked.sum(0)
         torch.testing.assert_close(got[k], ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "ties", "magnitude_prune"])
+def test_dare_and_rescaling_merges_block_by_block_give_the_whole_tensor_paths_bits(tiny_dir, tmp_path, monkeypatch,
+                                                                                  dtype, method):
+    """DARE's drop (numpy's path: the C kernel off) and `rescale: true` block by block against the whole-tensor path,
+    bit for bit: the drop's stream drawn a block at a time, each input's own (a zero task vector draws nothing), L1
+    norms summed over blocks that cut numpy's 8192-entry sum buffers, densities 0.3, 0.5 and 1 (or 0)."""
+    from llmfast.merge import merge as merge_mod
+    from llmfast.merge import trim_blocks
+
+    fam = _grid_family(tiny_dir, tmp_path, getattr(torch, dtype))
+    last = {"dare_linear": 1.0, "magnitude_prune": 0.0}.get(method, 0.5)
+    # ft3 first: its zero task vector on the embedding is skipped, and the others' streams keep their own index
+    models = [(fam["ft3"], {"weight": 0.8, "density": last}), (fam["ft1"], {"weight": 1.0, "density": 0.3}),
+              (fam["ft2"], {"weight": 0.6, "density": 0.5})]
+    rescale = method != "dare_linear"  # dare_linear's default (true) off: the drop alone
+    cfg = _config(tmp_path, method, models, fam["base"], parameters={"lambda": 1.25, "rescale": rescale},
+                  out_dtype="float32")
+    monkeypatch.setattr(merge_mod, "merge_kernel", lambda: None)  # as without a C compiler
+    ran = []
+    original = trim_blocks.merge_trimmed
+    monkeypatch.setattr(trim_blocks, "merge_trimmed", lambda *a: ran.append(original(*a)) or ran[-1])
+    monkeypatch.setattr(trim_blocks, "BLOCK", 4000)
+    monkeypatch.setattr(trim_blocks, "WHOLE_BELOW", 1)
+    got = _merge(cfg, tmp_path / "blocks")
+    assert len(ran) == len(got) and all(r is not None for r in ran)
+    monkeypatch.setattr(trim_blocks, "takes", lambda plan: False)
+    whole = _merge(cfg, tmp_path / "whole")
+    kept = [json.loads((tmp_path / out / "llmfast.json").read_text())["metrics"]["kept_fraction"]
+            for out in ("blocks", "whole")]
+    assert kept[0] == kept[1], kept
+    for k in whole:
+        assert torch.equal(got[k].view(torch.int32), whole[k].view(torch.int32)), k

@@ -161,3 +161,23 @@ def test_a_weight_past_float32_or_written_as_true_is_refused(family, tmp_path): 
     for bad, needle in ((1e39, "must be a finite number"), (True, "must be a number")):
         cfg = _method_config(tmp_path, "task_arithmetic", family, f"bad-{bad}", per_input={"weight": bad})
         _refused(cfg, tmp_path / "out", "'weight'", needle)
+
+
+def test_l1_summed_block_by_block_has_the_whole_sums_bits():
+    """The blockwise merges' L1 norm (for `rescale`) against `_l1` over the whole array, float64 bit for bit, with
+    blocks that cut numpy's 8192-entry sum buffers anywhere. Magnitudes spanning ~10^30: a sum grouped differently
+    (per block, then added) differs in its last bits on most of these arrays."""
+    import numpy as np
+
+    from llmfast.merge.methods.task_arithmetic import L1Sum, _l1
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(1, 8192 * 7))
+        x = (rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 10)).astype(np.float32)
+        total, at = L1Sum(), 0
+        while at < n:
+            step = int(rng.choice([1, 7, 4000, 8192, 8193, 20000]))
+            total.add(np.abs(x[at: at + step]))
+            at += step
+        assert total.value() == _l1(x), (trial, n)

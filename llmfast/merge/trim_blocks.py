@@ -47,20 +47,27 @@ class _Trim:
     between the two counting passes."""
 
     density: float
+    index: int = 0  # the input's place in the merge (DARE's stream is seeded by it)
     nonzero: int = 0
     mode: str = "all"
     bits: int = 0  # the threshold's float32 bit pattern
     quota: int = 0  # "first": tied entries still to keep
     chosen: Any = None
     hist: Any = None
+    kept: int = 0  # "drop": the nonzero entries DARE keeps
+    stream: Any = None  # "drop": the PCG64 generator, drawn from block by block as the whole path draws it at once
+    before: Any = None  # `rescale`: the L1 norms before and after the trim or drop (L1Sum), and the factor (float32)
+    after: Any = None
+    scale: Any = None
 
 
 def takes(plan: "MergePlan") -> bool:
-    """Whether this merge trims by magnitude over full models only (each tensor is checked by `merge_trimmed`)."""
+    """Whether this merge trims by magnitude or drops at random (DARE, where the C kernel does not take the tensor)
+    over full models only (each tensor is checked by `merge_trimmed`)."""
     from llmfast.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
 
     method = plan.method
-    return (isinstance(method, GeneralizedTaskArithmetic) and method.sparsify == "magnitude"
+    return (isinstance(method, GeneralizedTaskArithmetic) and method.sparsify in ("magnitude", "random")
             and plan.base is not None and all(s.kind == "model" for s in plan.inputs))
 
 
@@ -74,14 +81,14 @@ def merge_trimmed(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]],
 
     base_stored, stored = mapped
     shared = plan.shared_for(name)
-    if base_stored is None or any(st is None for st in stored) or shared.get("rescale", False):
+    if base_stored is None or any(st is None for st in stored):
         return None
     shape = base_stored[0].shape
     n = numel(shape)
     if n < WHOLE_BELOW:
         return None
     params = [table[name] for table in plan.per_input]
-    trims = [_Trim(float(p.get("density", 1.0))) for p in params]
+    trims = [_Trim(float(p.get("density", 1.0)), i) for i, p in enumerate(params)]
     with np.errstate(over="ignore", invalid="ignore"):
         for i, t in enumerate(trims):
             zero = _zero(plan, name, mapped, i, n)
@@ -93,16 +100,20 @@ def merge_trimmed(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]],
         for i, t in enumerate(trims):
             if t.mode == "pending" and not _settle(plan, name, mapped, i, t, n):
                 return None
+        if shared.get("rescale", False):
+            _rescale_factors(plan, name, mapped, trims, n)
         counts: dict[str, int] = {}
         for t in trims:
             if t.nonzero and t.density < 1:  # what `_sparsify` counts
                 counts["nonzero"] = counts.get("nonzero", 0) + t.nonzero
-                counts["kept"] = counts.get("kept", 0) + kept_count(t.nonzero, t.density, n)
+                kept = t.kept if t.mode == "drop" else kept_count(t.nonzero, t.density, n)
+                counts["kept"] = counts.get("kept", 0) + kept
         return _merge_pass(plan, name, mapped, trims, params, shared, out_dtype, n).reshape(shape), counts
 
 
 def _blocks(n: int) -> "list[slice]":
-    return [slice(s, min(s + BLOCK, n)) for s in range(0, n, BLOCK)]
+    step = BLOCK + (BLOCK & 1)  # even: a block's DARE draws are whole 64-bit outputs, two entries each
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 def _deltas(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], which: list[int],
@@ -135,30 +146,50 @@ def _zero(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], i: int, n
 
 
 def _survey(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], trims: list[_Trim], n: int) -> bool:
-    """Pass 1: each input's nonzero count and, for those that trim, the bucket of the k-th largest magnitude (the
-    high 16 bits of its pattern). False where the whole-tensor path must run (NaN in a trimmed task vector)."""
+    """Pass 1: each input's nonzero count; for those that trim, the bucket of the k-th largest magnitude (the high 16
+    bits of its pattern); for those that drop, the kept count; with `rescale`, the L1 norm before (and after a drop).
+    False where the whole-tensor path must run (NaN in a trimmed task vector)."""
     import numpy as np
+
+    from llmfast.merge.methods.task_arithmetic import L1Sum
 
     which = [i for i, t in enumerate(trims) if t.mode != "skip"]
     if not which:
         return True
+    random, rescale = plan.method.sparsify == "random", bool(plan.shared_for(name).get("rescale", False))
     for t in trims:
-        if 0 < t.density < 1 and t.mode != "skip":
-            t.hist = np.zeros(_BUCKETS, dtype=np.int64)
-    mag = np.empty(min(BLOCK, n), dtype=np.float32)
+        if t.density < 1 and t.mode != "skip":  # where `_sparsify` trims or drops
+            if random:
+                _restart(plan, name, t)
+            elif t.density > 0:
+                t.hist = np.zeros(_BUCKETS, dtype=np.int64)
+            if rescale:
+                t.before, t.after = L1Sum(), (L1Sum() if random else None)
+    mag = np.empty(min(BLOCK + 1, n), dtype=np.float32)
     for block in _blocks(n):
         got = _deltas(plan, name, mapped, which, block)
         if got is None:
             return False
         for t, d in zip([trims[i] for i in which], got[1]):
             t.nonzero += int(np.count_nonzero(d))
+            if t.hist is None and t.before is None and t.stream is None:
+                continue
+            m = np.abs(d, out=mag[: d.size])
+            if t.before is not None:
+                t.before.add(m)
             if t.hist is not None:
-                m = np.abs(d, out=mag[: d.size]).view(np.uint32)
-                t.hist += np.bincount(m >> 16, minlength=_BUCKETS)
+                t.hist += np.bincount(m.view(np.uint32) >> 16, minlength=_BUCKETS)
+            if t.stream is not None:
+                _drop(t, d)
+                t.kept += int(np.count_nonzero(d))
+                if t.after is not None:
+                    t.after.add(np.abs(d, out=m))
     for t in trims:
         k = trim_count(t.density, n)
         if t.mode == "skip" or t.density >= 1:
             t.mode = t.mode or "all"
+        elif random:
+            t.mode = "drop"
         elif t.density <= 0:
             t.mode = "none"
         elif t.hist[_NAN_BUCKETS:].any():
@@ -188,7 +219,7 @@ def _settle(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], i: int,
 
     high = t.bits >> 16
     low = np.zeros(_BUCKETS, dtype=np.int64)
-    mag = np.empty(min(BLOCK, n), dtype=np.float32)
+    mag = np.empty(min(BLOCK + 1, n), dtype=np.float32)
     for block in _blocks(n):
         _work, (d,) = _deltas(plan, name, mapped, [i], block)  # type: ignore[misc]
         m = np.abs(d, out=mag[: d.size]).view(np.uint32)
@@ -219,9 +250,38 @@ def _settle(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], i: int,
     return True
 
 
+def _rescale_factors(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], trims: list[_Trim], n: int) -> None:
+    """`rescale`: each trimmed or dropped task vector's factor, L1 before / after as `_sparsify` computes it; one
+    more pass sums the magnitude trims' kept entries (a drop's were summed in pass 1)."""
+    import numpy as np
+
+    from llmfast.merge.methods.task_arithmetic import L1Sum, rescales
+
+    again = [i for i, t in enumerate(trims) if t.mode in (">=", "first", "chosen")]
+    for i, t in enumerate(trims):
+        if t.mode == "all":
+            t.after = t.before  # nothing trimmed: the same sum (None where nothing is rescaled: density 1, skipped)
+        elif t.mode != "drop":
+            t.after = L1Sum()  # "none": 0, never rescaled; the others are summed below
+    quotas = [trims[i].quota for i in again]  # `_trim_block` spends "first"'s quota: restored for the merge pass
+    for block in _blocks(n) if again else []:
+        _work, deltas = _deltas(plan, name, mapped, again, block)  # type: ignore[misc]
+        for i, d in zip(again, deltas):
+            _trim_block(trims[i], d, block)
+            trims[i].after.add(np.abs(d, out=d))
+    for i, quota in zip(again, quotas):
+        trims[i].quota = quota
+    for t in trims:
+        if t.before is not None and t.after is not None:
+            before, after = t.before.value(), t.after.value()
+            if rescales(before, after):
+                t.scale = np.float32(before / after)  # `_sparsify`'s values.dtype.type(before / after)
+
+
 def _merge_pass(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], trims: list[_Trim],
                 params: list[dict[str, Any]], shared: dict[str, Any], out_dtype: str, n: int) -> "np.ndarray":
-    """Pass 3: trim, weigh and combine each block, as `GeneralizedTaskArithmetic.merge` does the whole tensor."""
+    """Pass 3: trim or drop, rescale, weigh and combine each block, as `GeneralizedTaskArithmetic.merge` does the
+    whole tensor."""
     import numpy as np
 
     from llmfast.merge.io import stored_bytes, stored_dtype
@@ -231,10 +291,15 @@ def _merge_pass(plan: "MergePlan", name: str, mapped: tuple[Any, list[Any]], tri
     active = [i for i, t in enumerate(trims) if t.mode != "skip"]  # a zero task vector is left out
     weights = [params[i]["weight"] for i in active]
     consensus = bool(plan.method.consensus)  # type: ignore[attr-defined]
+    for t in trims:
+        if t.mode == "drop":
+            _restart(plan, name, t)  # the same draws as in pass 1
     for block in _blocks(n):
         work, deltas = _deltas(plan, name, mapped, active, block)  # type: ignore[misc]
         for i, d in zip(active, deltas):
             _trim_block(trims[i], d, block)
+            if trims[i].scale is not None:
+                np.multiply(d, trims[i].scale, out=d)
             if params[i]["weight"] != 1:  # x * 1 is x exactly: skip the pass
                 np.multiply(d, params[i]["weight"], out=d)
         out[block] = stored_bytes(combine(consensus, deltas, weights, work, params, shared), out_dtype, name)
@@ -246,6 +311,9 @@ def _trim_block(t: _Trim, d: "np.ndarray", block: slice) -> None:
     import numpy as np
 
     if t.mode == "all":
+        return
+    if t.mode == "drop":
+        _drop(t, d)
         return
     if t.mode == "none":
         keep = np.zeros(d.size, dtype=bool)
@@ -260,3 +328,20 @@ def _trim_block(t: _Trim, d: "np.ndarray", block: slice) -> None:
             lo, hi = np.searchsorted(t.chosen, [block.start, block.stop])
             keep[t.chosen[lo:hi] - block.start] = True
     np.multiply(d, keep, out=d)  # x * 1 is x exactly; dropped entries become (signed) zeros
+
+
+def _restart(plan: "MergePlan", name: str, t: _Trim) -> None:
+    from llmfast.merge.methods.sparsify import drop_stream
+
+    t.stream = drop_stream(plan.seed, name, t.index)
+
+
+def _drop(t: _Trim, d: "np.ndarray") -> None:
+    """DARE's drop of the next block of a task vector, in place: `sparsify.drop_at_random` with its draws taken a
+    block at a time from the same stream (blocks have an even size, so each takes whole 64-bit outputs)."""
+    import numpy as np
+
+    from llmfast.merge.methods.sparsify import keep_below
+
+    bits = t.stream.random_raw((d.size + 1) // 2).view(np.uint32)[: d.size]
+    np.multiply(d, bits < np.uint32(keep_below(t.density)), out=d)
