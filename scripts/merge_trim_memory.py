@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Working memory and wall time of a trimming merge (ties, magnitude_prune) on one large tensor, old code against new.
+"""Working memory and wall time of a trimming or dropping merge (ties, magnitude_prune, dare_linear, dare_ties; `--rescale`;
+`--no-native` for DARE on numpy's path) on one large tensor, old code against new.
 
 The models are tiny Llamas whose embedding has the shape asked for (`--rows x --cols`, default 32768 x 4096, an
 8B-class vocabulary's width): everything else is a few MB, so the merge's peak is the embedding's working set.
@@ -17,6 +18,8 @@ the versions; medians are printed per entry of the tensor and written as JSON.
     git worktree add /tmp/llmfast-old OLD_COMMIT
     python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --dtypes float32,bfloat16
     python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --shape 135m --threads 2 --rounds 5
+    python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --methods dare_ties --no-native
+    python scripts/merge_trim_memory.py --code old=/tmp/llmfast-old --code new=. --methods ties --rescale true
 """
 
 from __future__ import annotations

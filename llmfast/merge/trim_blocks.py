@@ -1,22 +1,26 @@
-"""Trimming merges (ties, magnitude_prune) of full models block by block: the output and a few blocks in memory.
+"""Trimming and dropping merges (ties, magnitude_prune, dare_linear, dare_ties) of full models block by block: the
+output and a few blocks in memory.
 
 The whole-tensor path (`GeneralizedTaskArithmetic.merge`) holds every task vector of a tensor in float32 with its
 magnitudes, numpy's partition copy and masks: 20-32 bytes per entry of the largest tensor (an 8B Llama's
 embedding: 13 GiB). Here the task vectors are recomputed from the mapped inputs a block at a time, in passes:
 
 1. per input, count the nonzero entries and the high 16 bits of each magnitude's float32 bit pattern (a
-   nonnegative float orders as its bits): the bucket that holds the k-th largest magnitude;
+   nonnegative float orders as its bits): the bucket that holds the k-th largest magnitude; for DARE, the kept
+   entries; with `rescale`, the L1 norm (and a drop's after it);
 2. count the low 16 bits of the magnitudes in that bucket: the k-th largest exactly (the threshold), and how
-   many entries lie above it and at it;
-3. trim, weigh, elect signs and merge each block, written in the output's stored form.
+   many entries lie above it and at it; with `rescale`, one more pass for the L1 norm of what the trim keeps;
+3. trim or drop, rescale, weigh, elect signs and merge each block, written in the output's stored form.
 
 Entries tied at the threshold are kept as `sparsify._top` keeps them: all of them when they fit; else the first
 ones by position; or, where the merge replays mergekit's sort (float32, `exact_ties`), those the sort puts first,
 found by `_replay_introsort_ties` on the task vector's magnitudes: 4 bytes per entry and the replay's index
-arrays, one task vector at a time, freed before the output is allocated. The element-wise steps are the
-whole-tensor path's, in its order (`combine`), so the output has its bits (tested). Tensors under `WHOLE_BELOW`
-entries, a trimmed task vector holding NaN, merges that rescale, float64 and a tie replay past the sort's depth
-limit take the whole-tensor path.
+arrays, one task vector at a time, freed before the output is allocated. DARE draws its PCG64 stream a block at a
+time (the same draws as `drop_at_random`'s one call), and the L1 norms are summed as numpy groups the whole sum
+(`L1Sum`). The element-wise steps are the whole-tensor path's, in its order (`combine`), so the output has its
+bits (tested). Tensors under `WHOLE_BELOW` entries, a trimmed task vector holding NaN, float64 and a tie replay
+past the sort's depth limit take the whole-tensor path; DARE's float32 and bfloat16 tensors go to the C kernel
+(`native_merge`) first where it is built.
 """
 
 from __future__ import annotations
