@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Working memory and wall time of a trimming or dropping merge (ties, magnitude_prune, dare_linear, dare_ties; `--rescale`;
-`--no-native` for DARE on numpy's path) on one large tensor, old code against new.
+"""Working memory and wall time of a trimming or dropping merge (ties, magnitude_prune, dare_linear, dare_ties;
+`--rescale`; `--no-native` for DARE on numpy's path) on one large tensor, old code against new.
 
 The models are tiny Llamas whose embedding has the shape asked for (`--rows x --cols`, default 32768 x 4096, an
 8B-class vocabulary's width): everything else is a few MB, so the merge's peak is the embedding's working set.

@@ -139,7 +139,8 @@ def _l1(values: "np.ndarray") -> float:
     return float(np.abs(values).sum(dtype=np.float64))
 
 
-_SUM_CHUNK = 8192  # numpy's ufunc buffer (np.getbufsize()): a float32 sum in float64 is cast and summed this many at a time
+# numpy's ufunc buffer (np.getbufsize()): a float32 array summed in float64 is cast and summed this many at a time
+_SUM_CHUNK = 8192
 
 
 class L1Sum:
