@@ -1282,6 +1282,27 @@ def test_magnitude_mask_breaks_ties_like_a_full_sort(shape, grid, unchanged):
             assert int(got.sum()) == k
 
 
+def test_tie_replay_in_parts_breaks_ties_like_a_full_sort(monkeypatch):
+    """The replay's partition of large ranges, which scans and swaps its pairs a part at a time (made small here:
+    every range over 3000 entries, 700 pairs a part, 512-entry chunks), against torch.argsort on tie-heavy values."""
+    from llmfast.merge.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "_SCAN_WHOLE", 3000)
+    monkeypatch.setattr(sparsify, "_PART", 700)
+    monkeypatch.setattr(sparsify, "_CHUNK", 512)
+    g = torch.Generator().manual_seed(7)
+    for grid, unchanged in ((1, 0.0), (2, 0.3), (6, 0.0)):
+        delta = torch.randint(-grid, grid + 1, (300, 400), generator=g).float() * 1e-4
+        delta[torch.rand(delta.shape, generator=g) < unchanged] = 0
+        for density in (0.2, 0.5, 0.8):
+            k = max(1, int(density * delta.numel()))
+            ref = torch.zeros(delta.numel(), dtype=torch.bool)
+            ref[torch.argsort(delta.abs().flatten(), descending=True)[:k]] = True
+            got = sparsify.magnitude_mask(delta, density).flatten()
+            nonzero = delta.flatten() != 0
+            assert torch.equal(got & nonzero, ref & nonzero), (grid, unchanged, density)
+
+
 def test_trim_by_position_keeps_exactly_k_with_the_first_ties():
     """Where mergekit computes in bfloat16 (its tie sets differ from ours anyway) ties go by position."""
     import numpy as np

@@ -28,7 +28,7 @@ cannot be exact (NaNs; the sort's depth limit, which switches to heapsort) it so
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -136,7 +136,8 @@ def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float, copy:
 
     The values are moved as the sort moves them, but of the indices only those of the tied entries are
     followed (every other entry's side of k is settled by its value): a few searches per step, not a
-    permutation of every index.
+    permutation of every index. Beyond the values and the tied entries' indices a step holds at most
+    `_PART` swapped pairs' positions (see `_partition`).
     """
     import numpy as np
 
@@ -149,14 +150,10 @@ def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float, copy:
         if depth == 0:
             return None  # libstdc++ heapsorts this range: not replayed here
         depth -= 1
-        cut, pivot, lefts, rights = _partition(vals[first:last])
-        for at in range(0, pos.size, _CHUNK):  # a chunk at a time: `_moved` makes several arrays of its input's size
-            here = pos[at: at + _CHUNK]
-            inside = (here >= first) & (here < last)
-            if inside.any():
-                here[inside] = first + _moved(here[inside] - first, pivot, lefts, rights)
-        del lefts, rights  # a step's scans are the largest temporaries: not two steps' at once
-        cut += first
+        # A tied entry holds the threshold: it can be a left stop only if threshold <= p, a right one if >=.
+        cut = first + _partition(vals[first:last], lambda m: _follow_pivot(pos, first, m),
+                                 lambda lefts, rights, p: _follow(pos, first, lefts, rights,
+                                                                  threshold <= p, threshold >= p))
         if cut == k:
             return tied[pos < k]
         if cut < k:
@@ -172,13 +169,36 @@ def _replay_introsort_ties(values: "np.ndarray", k: int, threshold: float, copy:
     return tied[pos < k]
 
 
-def _moved(where: "np.ndarray", pivot: int, lefts: "np.ndarray", rights: "np.ndarray") -> "np.ndarray":
-    """Positions (within the range) after `_partition`'s swaps: the pivot's, then each left/right pair's."""
+def _follow_pivot(pos: "np.ndarray", first: int, pivot: int) -> None:
+    """The tied entries' positions `pos` after the pivot's swap (range position 0 with `pivot`), in place."""
+    for at in range(0, pos.size, _CHUNK):
+        here = pos[at: at + _CHUNK]
+        at_0, at_pivot = here == first, here == first + pivot
+        here[at_0], here[at_pivot] = first + pivot, first
+
+
+def _follow(pos: "np.ndarray", first: int, lefts: "np.ndarray", rights: "np.ndarray", left: bool,
+            right: bool) -> None:
+    """The tied entries' positions `pos` after the swaps of the pairs (lefts rising, rights falling: positions in
+    the range starting at `first`), in place. Only entries between the pairs' extremes are searched, on the sides
+    (`left`, `right`) where a tied entry can stop."""
+    if not lefts.size or not (left or right):
+        return
+    lo, hi, rlo, rhi = first + int(lefts[0]), first + int(lefts[-1]), first + int(rights[-1]), first + int(rights[0])
+    for at in range(0, pos.size, _CHUNK):  # a chunk at a time: `_moved` makes several arrays of its input's size
+        here = pos[at: at + _CHUNK]
+        if left and right:
+            hit = ((here >= lo) & (here <= hi)) | ((here >= rlo) & (here <= rhi))
+        else:
+            hit = (here >= lo) & (here <= hi) if left else (here >= rlo) & (here <= rhi)
+        if hit.any():
+            here[hit] = first + _moved(here[hit] - first, lefts, rights)
+
+
+def _moved(where: "np.ndarray", lefts: "np.ndarray", rights: "np.ndarray") -> "np.ndarray":
+    """Positions (within the range) after the swaps of each left/right pair."""
     import numpy as np
 
-    where = where.copy()
-    at_0, at_pivot = where == 0, where == pivot
-    where[at_0], where[at_pivot] = pivot, 0
     if lefts.size:
         t = np.minimum(np.searchsorted(lefts, where), lefts.size - 1)
         from_left = lefts[t] == where
@@ -189,18 +209,17 @@ def _moved(where: "np.ndarray", pivot: int, lefts: "np.ndarray", rights: "np.nda
     return where
 
 
-def _partition(vals: "np.ndarray") -> "tuple[int, int, np.ndarray, np.ndarray]":
+def _partition(vals: "np.ndarray", on_pivot: "Callable[[int], None]",
+               on_pairs: "Callable[[np.ndarray, np.ndarray, float], None]") -> int:
     """libstdc++'s __unguarded_partition_pivot on a whole (view of a) range for the comparator `a > b`, in place.
 
-    The median of (1, mid, last) is swapped to position 0 and is the pivot p. The scan from the left
-    stops at entries <= p, the one from the right at entries >= p, and the i-th left stop is swapped
-    with the i-th right stop while it lies left of it: so the whole step is two nonzero() passes and one
-    fancy-indexed swap. A left scan that runs past its last partner stops at the partner's old place.
-    Returns (the cut: the first position of the right part, where the pivot came from, the swapped left
-    positions rising, their partners falling).
+    The median of (1, mid, last) is swapped to position 0 and is the pivot p (`on_pivot` gets where it came
+    from). The scan from the left stops at entries <= p, the one from the right at entries >= p, and the i-th
+    left stop is swapped with the i-th right stop while it lies left of it: so the whole step is two nonzero()
+    passes and one fancy-indexed swap. A left scan that runs past its last partner stops at the partner's old
+    place. `on_pairs` gets the swapped positions (left rising, right falling) and p, in parts of at most `_PART`
+    pairs on ranges over `_SCAN_WHOLE`. Returns the cut: the first position of the right part.
     """
-    import numpy as np
-
     n = vals.size
     a, b, c = 1, n // 2, n - 1
     va, vb, vc = vals[a], vals[b], vals[c]
@@ -209,8 +228,13 @@ def _partition(vals: "np.ndarray") -> "tuple[int, int, np.ndarray, np.ndarray]":
     else:
         m = a if va > vc else (c if vb > vc else b)
     vals[0], vals[m] = vals[m], vals[0]
+    on_pivot(m)
     p = vals[0]
     seg = vals[1:]
+    if seg.size > _SCAN_WHOLE:
+        return _partition_in_parts(vals, p, on_pairs) + 1
+    import numpy as np
+
     # The crossing lies between G and G + E (G entries > p, E equal to p): the left stops that get swapped
     # are before it and the right ones after it, so each scan is taken over its side's window only.
     above = _count(seg, np.greater, p)
@@ -228,19 +252,83 @@ def _partition(vals: "np.ndarray") -> "tuple[int, int, np.ndarray, np.ndarray]":
     cut = int(lefts[pairs]) if pairs < lefts.size else n - 1
     if pairs > 0:
         cut = min(cut, int(rights[pairs - 1]))
-    i, j = lefts[:pairs], rights[:pairs]
-    i += 1  # positions in `vals` (in place: the scans are not needed any more)
-    j += 1
+    _swap(vals, lefts[:pairs], rights[:pairs], lambda i, j: on_pairs(i, j, p))
+    return cut + 1
+
+
+def _swap(vals: "np.ndarray", lefts: "np.ndarray", rights: "np.ndarray",
+          on_pairs: "Callable[[np.ndarray, np.ndarray], None]") -> None:
+    """Swap the pairs of positions of `vals[1:]` (made positions of `vals`, in place), after telling `on_pairs`."""
+    lefts += 1  # positions in `vals` (in place: the scans are not needed any more)
+    rights += 1
+    on_pairs(lefts, rights)
     # Every left stop swapped lies before every right one, so the swaps are disjoint and go a chunk at a time.
-    for at in range(0, pairs, _CHUNK):
-        ic, jc = i[at: at + _CHUNK], j[at: at + _CHUNK]
+    for at in range(0, lefts.size, _CHUNK):
+        ic, jc = lefts[at: at + _CHUNK], rights[at: at + _CHUNK]
         vi = vals[ic]
         vals[ic] = vals[jc]
         vals[jc] = vi
-    return cut + 1, m, i, j
+
+
+def _partition_in_parts(vals: "np.ndarray", p: float,
+                        on_pairs: "Callable[[np.ndarray, np.ndarray, float], None]") -> int:
+    """`_partition`'s scans and swaps over a large range `vals` (its pivot at 0) without every stop's
+    position at once: the stops are counted per chunk, the crossing found by bisection on those counts, and the
+    pairs then scanned and swapped `_PART` at a time. A part's left stops lie before every later part's and its right
+    stops after them, so each part's scans read values no earlier part has swapped. Returns the cut (in vals[1:])."""
+    import numpy as np
+
+    seg = vals[1:]
+    left_stops = _Stops(seg, np.less_equal, p, from_end=False)
+    right_stops = _Stops(seg, np.greater_equal, p, from_end=True)
+    lo, hi = 0, min(left_stops.total, right_stops.total)  # the first r with lefts[r] >= rights[r]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if left_stops.at(mid) >= right_stops.at(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    pairs = lo
+    cut = left_stops.at(pairs) if pairs < left_stops.total else seg.size
+    if pairs > 0:
+        cut = min(cut, right_stops.at(pairs - 1))
+    # Every part's bounds before any swap: a swap changes the values that `_Stops` rescans.
+    bounds = [(left_stops.at(r0), left_stops.at(min(r0 + _PART, pairs) - 1),
+               right_stops.at(min(r0 + _PART, pairs) - 1), right_stops.at(r0)) for r0 in range(0, pairs, _PART)]
+    for a, b, c, d in bounds:
+        lefts = _positions(seg[a: b + 1], np.less_equal, p, a)
+        rights = _positions(seg[c: d + 1], np.greater_equal, p, c)[::-1]
+        _swap(vals, lefts, rights, lambda i, j: on_pairs(i, j, p))
+    return cut
 
 
 _CHUNK = 1 << 16  # entries per step of the replay's scans and moves: their temporaries stay small
+# swapped pairs per part of a large range's partition: their positions take 16 MB, not 2-3 bytes per entry
+_PART = 1 << 21
+
+
+class _Stops:
+    """Where a scan of `seg` stops (the entries with op(entry, p)), from the start or from the end: counted per
+    `_CHUNK` at once, the r-th found by rescanning one chunk."""
+
+    def __init__(self, seg: "np.ndarray", op: "np.ufunc", p: float, from_end: bool) -> None:
+        import numpy as np
+
+        self.seg, self.op, self.p, self.from_end = seg, op, p, from_end
+        counts = np.array([np.count_nonzero(op(seg[at: at + _CHUNK], p)) for at in range(0, seg.size, _CHUNK)],
+                          dtype=np.int64)
+        self.before = np.concatenate(([0], np.cumsum(counts[::-1] if from_end else counts)))
+        self.total = int(self.before[-1])
+
+    def at(self, r: int) -> int:
+        """The position of the r-th stop (0-based; from the end: the r-th from the last)."""
+        import numpy as np
+
+        c = int(np.searchsorted(self.before, r, side="right")) - 1  # chunks (from that side) wholly before it
+        chunk = (self.before.size - 2 - c) if self.from_end else c
+        found = np.flatnonzero(self.op(self.seg[chunk * _CHUNK: (chunk + 1) * _CHUNK], self.p))
+        r -= int(self.before[c])
+        return chunk * _CHUNK + int(found[found.size - 1 - r] if self.from_end else found[r])
 _SCAN_WHOLE = 1 << 21  # ranges up to this size are scanned at once (chunks cost time; there they save little)
 
 
