@@ -1,9 +1,8 @@
 """Artifact directories: what a stage writes, with its lineage, and never half-written.
 
-An artifact is a directory that Hugging Face tools open as it is (a model or a PEFT adapter) plus
-`llmfast.json`, the manifest: which stage made it, from which parents, with which recipe, and its metrics.
-Every write goes to a temporary sibling that is renamed into place only when complete, so a crash or a
-Ctrl-C leaves either the old artifact or the new one, never a mix.
+An artifact is a directory that Hugging Face tools open as it is (a model or a PEFT adapter) plus `llmfast.json`, the
+manifest: which stage made it, from which parents, with which recipe, and its metrics. Every write goes to a temporary
+sibling renamed into place only when complete: a crash or a Ctrl-C leaves the old artifact or the new, never a mix.
 """
 
 from __future__ import annotations
@@ -73,10 +72,10 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike[str] | None] = (), flag: str = "--overwrite") -> Path:
     """Refuse an output path that would lose a user's files; return it.
 
-    An existing output is refused unless `overwrite`; an output that is one of the `inputs`, a folder
-    holding one, or a folder inside an input folder, is refused always (replacing it would delete or change the
-    input); so are an empty output, the current folder and those above it; a regular file where a directory is
-    wanted, and a parent that cannot be created, are one-line errors too.
+    An existing output is refused unless `overwrite`; an output that is one of the `inputs`, a folder holding one, or
+    a folder inside an input folder, is refused always (replacing it would delete or change the input); so are an
+    empty output, the current folder and those above it, and a path of bytes that are not UTF-8; a regular file where
+    a directory is wanted, and a parent that cannot be created, are one-line errors too.
     """
     final = Path(final).expanduser()
     try:
@@ -97,12 +96,9 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
         if src.is_dir() and src in resolved.parents:
             raise UserError(f"output {final} is inside the input {i}: writing it would change the input; choose a "
                             "directory outside it")
-    try:
-        str(final).encode()
-    except UnicodeEncodeError:  # bytes that are not UTF-8: the tokenizers library (Rust) cannot save there (a traceback)
-        shown = os.fsencode(final).decode("ascii", "backslashreplace")
-        raise UserError(f"output {shown}: its path holds bytes that are not UTF-8 text (transformers' tokenizer files "
-                        "cannot be saved under it): choose a name in UTF-8") from None
+    if any("\udc80" <= c <= "\udcff" for c in str(final)):  # undecodable bytes: tokenizers (Rust) cannot save there
+        raise UserError(f"output {os.fsencode(final).decode('ascii', 'backslashreplace')}: its path holds bytes that "
+                        "are not UTF-8 text, where a tokenizer cannot be saved: choose a name in UTF-8")
     if len(final.name.encode()) > MAX_OUTPUT_NAME:
         raise UserError(f"output {final}: its name is {len(final.name.encode())} bytes, and llmfast writes beside it "
                         f"under longer ones (.NAME.tmp-…, NAME.checkpoints) that must fit the file system's 255: "
