@@ -436,6 +436,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise UserError(f"{path}: cannot be read ({e.strerror or e}): delete or fix it") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a manifest is a JSON object, this is a {type(data).__name__}: delete or fix it")
+    from llmfast.modelfiles import older_relufy  # an older llmfast's export of a relufy model did not record it
+    data.update(older_relufy(directory, data))
     for section in ("sparsity", "quantization"):  # what loaders dispatch on: their shape is checked here, once
         spec = data.get(section)
         if spec is None or (section == "quantization" and isinstance(spec, bool)):  # bool: older versions' form

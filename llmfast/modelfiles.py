@@ -232,3 +232,35 @@ def _config_digest(path: Path) -> bytes:
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k not in _WRITTEN_BY}
     return json.dumps(cfg, sort_keys=True).encode()
+
+
+def older_relufy(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """`{"sparsity": ...}` for the manifest of an export, merge or quantize artifact that an llmfast before
+    2026-12-06 wrote from a relufy model without recording it (sparse/derived.py's `carried_sparsity` does now), so
+    that serve's check, the hf-sparse engine and reports take it for the relufy model it is, as they do a new one:
+    found when its config.json has a ReLU MLP and its sources' manifests (parents, an adapter's base) lead to a
+    relufy artifact; empty otherwise (another artifact, or sources moved away: then it reads as before)."""
+    if "sparsity" in manifest or manifest.get("stage") not in ("export", "merge", "quantize"):
+        return {}
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict) or "relu" not in (cfg.get("hidden_act"), cfg.get("hidden_activation")):
+        return {}
+    todo, seen = [manifest], set()
+    while todo and len(seen) < 16:  # a lineage of a few stages; a cycle of hand-edited parents ends here too
+        m = todo.pop(0)
+        spec = m.get("sparsity")
+        if isinstance(spec, dict) and spec.get("method") == "relufy":
+            return {"sparsity": {"method": "relufy", "config": spec.get("config") or {}}}  # no fingerprint: not checked
+        sources = [*(m.get("parents") or []), m.get("base_model_path")] if spec is None else []
+        for source in (s for s in sources if isinstance(s, str) and s not in seen):
+            seen.add(source)
+            try:
+                found = json.loads((Path(source) / "llmfast.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(found, dict):
+                todo.append(found)
+    return {}
