@@ -351,8 +351,8 @@ def check_work_dir(work: Path) -> None:
     mark = work / WORK_MARK
     if not mark.is_file():
         raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
-                        "and deletes it when done): move it away, or choose another output (a run of an older "
-                        f"llmfast: add an empty file {WORK_MARK} to it to resume)")
+                        "and deletes it when done): move it away, or choose another output (a run of an llmfast "
+                        "before 2026-12-05 recorded not which model it trained, so it is not resumed: delete it)")
 
 
 def check_resumed_run(work: Path, run: dict[str, Any]) -> None:

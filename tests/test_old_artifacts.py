@@ -122,9 +122,33 @@ def sparse_configs_without_new_settings(root: Path, tiny: Path) -> None:
     assert artifact_sparsity(dejavu)[1].active_budget is None and _variant(dejavu).sparsity == "dejavu"
 
 
+def unmarked_work_folder_is_not_resumed(root: Path, tiny: Path) -> None:
+    """2026-12-04: a killed relufy run's OUTPUT.checkpoints, with no .llmfast-work mark (so no record of the model it
+    trained): refused, and the line no longer says to mark it by hand, which resumed it from any model of the same
+    shapes (a mix of two models' training, exit 0)."""
+    from conftest import run_cli
+
+    work = root / "relu.checkpoints"
+    step = work / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"step": 2, "settings": {"steps": 400}, "rows": "bb26"}))
+    (work / "relufy.json").write_text(json.dumps({**RELUFY, "steps": 400}))
+    (work / "train_log.jsonl").write_text('{"step": 1}\n')
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    text = Path(__file__).resolve().parents[1] / "eval" / "text" / "persuasion.txt"
+    (root / "r.yaml").write_text(f"model: {tiny}\nsparsify: {{method: relufy, config: {{steps: 400, batch_size: 2}}}}\n"
+                                 f"data: {{text: {text}, skip_tokens: 256, calibration_tokens: 256, heldout_tokens: 128, window: 64}}\n"
+                                 f"output: {root / 'relu'}\n")
+    code, _, err = run_cli("sparsify", str(root / "r.yaml"), "--resume")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "before 2026-12-05" in err and "delete it" in err and ".llmfast-work" not in err, err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted([*before, Path("r.yaml")])
+
+
 @pytest.mark.parametrize("check", [relufy_export_runs_sparse, relufy_export_before_the_plugin_is_refused_by_serve,
                                    plain_export_stays_plain, qlora_adapter_true,
-                                   quantized_configs_without_new_settings, sparse_configs_without_new_settings],
+                                   quantized_configs_without_new_settings, sparse_configs_without_new_settings,
+                                   unmarked_work_folder_is_not_resumed],
                          ids=lambda f: f.__name__)
 def test_old_manifest_reads_as_a_new_one(check, tmp_path: Path, tiny_dir: Path) -> None:
     check(tmp_path, tiny_dir)
