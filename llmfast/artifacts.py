@@ -365,18 +365,17 @@ def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
         recorded = None
     if not isinstance(recorded, dict):
         return  # marked by an earlier version, which did not record the run
-    # the source's weights (modelfiles.weights_fingerprint) decide, not its path: a moved project resumes, and
-    # other weights saved at the same path are refused
-    same_weights = isinstance(recorded.get("weights"), str) and recorded.get("weights") == run.get("weights")
+    from llmfast.modelfiles import same_weights  # the source's weights decide, not its path: a moved project
+    same = same_weights(run.get("model", ""), recorded.get("weights"), run.get("weights"))  # resumes, a re-saved not
     for key, value in run.items():
         was = recorded.get(key)
         if key == "weights":  # a mark of an earlier version recorded none
-            if was is not None and was != value:
+            if was is not None and not same:
                 raise UserError(f"--resume: {work} holds a run on other weights than those of {run.get('model')} now "
                                 "(the model was re-made or re-saved since?): resume with the model it started from, "
                                 "or start again with --overwrite")
             continue
-        if was != value and not (key == "model" and same_weights):
+        if was != value and not (key == "model" and same):
             where = key
             if isinstance(was, dict) and isinstance(value, dict):  # name the setting, not the whole section
                 inner = sorted(k for k in {*was, *value} if was.get(k) != value.get(k))[0]

@@ -190,12 +190,30 @@ def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str
     transformers loads (`model_weight_files`), and config.json (but for the keys that say how it was written). A
     copy or a move of the folder keeps it, however the weights are sharded; a re-trained or re-saved model of the
     same shapes changes it. One small read a tensor: milliseconds for the built-in model."""
+    h = _tensors_digest(Path(path), model_weight_files, sample)
+    h.update(_config_digest(Path(path) / "config.json"))  # the same weights under another activation or rope differ
+    return h.hexdigest()[:32]
+
+
+def same_weights(path: str | os.PathLike[str], recorded: Any, current: str | None = None) -> bool:
+    """Whether the fingerprint a manifest, mark or base.json recorded is that of the weights at `path` now
+    (`current`: their `weights_fingerprint`, if known), also as llmfast wrote it from 2026-12-05 23:57 to 2026-12-06
+    01:05: over every safetensors file of the folder (thresholds too), then over the model's only, without
+    config.json. Those older fingerprints are of the same weights, and are not refused as other ones."""
+    if not isinstance(recorded, str):
+        return False
+    if recorded == (current or weights_fingerprint(path)):
+        return True
+    return any(recorded == _tensors_digest(Path(path), files, 4096).hexdigest()[:32]
+               for files in (weight_files, model_weight_files))
+
+
+def _tensors_digest(path: Path, files: Any, sample: int) -> Any:
     import hashlib
 
-    path = Path(path)
     fix = f"re-create the model in {path}"
     found: dict[str, bytes] = {}
-    for f in model_weight_files(path, fix):
+    for f in files(path, fix):
         header = safetensors_header(f, fix)
         try:
             with f.open("rb") as fh:
@@ -212,8 +230,7 @@ def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str
     h = hashlib.sha256()
     for name in sorted(found):
         h.update(name.encode() + b"\0" + found[name] + b"\0")
-    h.update(_config_digest(path / "config.json"))  # the same weights under another activation or rope are another model
-    return h.hexdigest()[:32]
+    return h
 
 
 # Keys of config.json that name how a file was written, not the model: left out of the fingerprint.

@@ -145,10 +145,73 @@ def unmarked_work_folder_is_not_resumed(root: Path, tiny: Path) -> None:
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted([*before, Path("r.yaml")])
 
 
+def _fingerprint_of_2026_12_05(path: Path, every_file: bool) -> str:
+    """weights_fingerprint as llmfast wrote it from 2026-12-05 23:57 (c76a7f5: over every safetensors file, thresholds
+    too) to 2026-12-06 01:05 (over model.safetensors only), neither with config.json."""
+    import hashlib
+    import struct
+
+    found: dict[str, bytes] = {}
+    for f in sorted(path.glob("*.safetensors")) if every_file else [path / "model.safetensors"]:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin, end = info["data_offsets"]
+                    fh.seek(8 + n + begin)
+                    found[name] = found.get(name, b"") + f"{info['dtype']}:{info['shape']}:".encode() + fh.read(
+                        min(4096, end - begin))
+    h = hashlib.sha256()
+    for name in sorted(found):
+        h.update(name.encode() + b"\0" + found[name] + b"\0")
+    return h.hexdigest()[:32]
+
+
+def fingerprints_of_2026_12_05(root: Path, tiny: Path) -> None:
+    """A sparse artifact, a quantize/sparsify run's mark and a finetune run's base.json of c76a7f5 record the weights'
+    fingerprint as it was then: the same weights, not refused as other ones ("its weights are not those it was made
+    with", "holds other weights than the run started on" before); other weights still are."""
+    from safetensors.torch import save_file
+    import torch
+
+    from llmfast.artifacts import WORK_MARK, check_resumed_run
+    from llmfast.errors import UserError
+    from llmfast.finetune.checkpoint import SavedTraining, check_fit
+    from llmfast.modelfiles import weights_fingerprint
+    from llmfast.sparse.base import artifact_sparsity
+
+    teal = _model(root, tiny, "teal", {"stage": "sparsify", "sparsity": {"method": "teal", "config": TEAL}})
+    save_file({"down_in": torch.ones(2)}, teal / "sparsity.safetensors")
+    for every_file in (True, False):
+        spec = {"method": "teal", "config": TEAL, "weights": _fingerprint_of_2026_12_05(teal, every_file)}
+        (teal / "llmfast.json").write_text(json.dumps({"stage": "sparsify", "sparsity": spec}))
+        assert artifact_sparsity(teal)[0].name == "teal"
+        work = root / f"out{every_file}.checkpoints"
+        work.mkdir()
+        run = {"verb": "sparsify", "model": str(tiny), "method": "relufy", "weights": weights_fingerprint(tiny)}
+        (work / WORK_MARK).write_text(json.dumps({"run": {**run, "weights": _fingerprint_of_2026_12_05(tiny, False)}}))
+        check_resumed_run(work, run)
+    (work / WORK_MARK).write_text(json.dumps({"run": {**run, "weights": _fingerprint_of_2026_12_05(teal, True)}}))
+    with pytest.raises(UserError, match="holds a run on other weights"):
+        check_resumed_run(work, run)
+    ckpt = root / "killed" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (root / "killed" / "base.json").write_text(json.dumps({"weights": _fingerprint_of_2026_12_05(tiny, True)}))
+    saved = SavedTraining(adapter={}, optimizer={"state": {}, "param_groups": []}, scheduler={}, rng={})
+    try:  # past the weights, the empty adapter and optimizer may be refused: not for other weights
+        check_fit(saved, ckpt, rank=4, base=None, model_path=tiny)
+    except UserError as e:
+        assert "holds other weights" not in str(e), e
+    (root / "killed" / "base.json").write_text(json.dumps({"weights": _fingerprint_of_2026_12_05(teal, True)}))
+    with pytest.raises(UserError, match="holds other weights than the run"):
+        check_fit(saved, ckpt, rank=4, base=None, model_path=tiny)
+
+
 @pytest.mark.parametrize("check", [relufy_export_runs_sparse, relufy_export_before_the_plugin_is_refused_by_serve,
                                    plain_export_stays_plain, qlora_adapter_true,
                                    quantized_configs_without_new_settings, sparse_configs_without_new_settings,
-                                   unmarked_work_folder_is_not_resumed],
+                                   unmarked_work_folder_is_not_resumed, fingerprints_of_2026_12_05],
                          ids=lambda f: f.__name__)
 def test_old_manifest_reads_as_a_new_one(check, tmp_path: Path, tiny_dir: Path) -> None:
     check(tmp_path, tiny_dir)

@@ -141,13 +141,13 @@ def check_fit(saved: SavedTraining, ckpt: Path, rank: int, base: dict[str, list[
     each pair's shape that of its layer in `base` (the base model's stored weight shapes, where they are its
     logical shapes: not a packed 4-bit artifact), and the optimizer's state for as many tensors as the adapter has,
     its AdamW moments of the adapter's shapes. `load_adapter` and `load_training_state` then check the rest."""
-    from llmfast.modelfiles import weights_fingerprint
+    from llmfast.modelfiles import same_weights
 
     try:
         recorded = json.loads((ckpt.parent.parent / "base.json").read_text(encoding="utf-8")).get("weights")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    if model_path is not None and isinstance(recorded, str) and weights_fingerprint(model_path) != recorded:
+    if model_path is not None and isinstance(recorded, str) and not same_weights(model_path, recorded):
         raise UserError(f"--resume: {model_path} holds other weights than the run in {ckpt.parent.parent} started "
                         "on (re-made or re-saved since?): resume with the model it started from, or train into "
                         "another output")

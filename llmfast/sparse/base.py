@@ -157,11 +157,11 @@ def sparsity_section(path: str | Path) -> dict[str, Any]:
     writes into the existing file; safetensors' own save makes a new file) change the artifact's too. Artifacts of
     earlier versions record no fingerprint and are not checked."""
     from llmfast.artifacts import read_manifest
-    from llmfast.modelfiles import weights_fingerprint
+    from llmfast.modelfiles import same_weights
 
     spec = (read_manifest(path) or {}).get("sparsity") or {}
     recorded = spec.get("weights") if isinstance(spec, dict) else None
-    if isinstance(recorded, str) and weights_fingerprint(path) != recorded:
+    if isinstance(recorded, str) and not same_weights(path, recorded):
         raise UserError(f"{path}: its weights are not those it was made with (their files are often hard links to "
                         "the source model's: were other weights copied over the source's?): its sparsity no longer "
                         "fits them; make it again with `llmfast sparsify`")
