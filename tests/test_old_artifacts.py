@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 RELUFY = {"steps": 2, "batch_size": 2, "lr": 2e-05, "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0,
-          "l1": 0.0, "samples": 0, "seed": 0, "log_every": 1, "save_every": None}  # 2026-11-30: no target, no cut
+          "l1": 0.0, "samples": 0, "seed": 0, "log_every": 1, "save_every": None}  # 2026-11-29: no target, no cut
 W4 = {"group_size": 32, "sym": True, "iters": 0, "optimized_rtn": False, "nsamples": 32,
       "lr": None}  # 2026-11-29: no seed, batch_size, awq, scale_steps
 BITNET = {"qat_steps": 2, "lr": 0.0002, "batch_size": 2, "lambda_warmup": 0.5, "teacher_samples": 0, "save_every": 1,
@@ -172,8 +172,8 @@ def fingerprints_of_2026_12_05(root: Path, tiny: Path) -> None:
     """A sparse artifact, a quantize/sparsify run's mark and a finetune run's base.json of c76a7f5 record the weights'
     fingerprint as it was then: the same weights, not refused as other ones ("its weights are not those it was made
     with", "holds other weights than the run started on" before); other weights still are."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from llmfast.artifacts import WORK_MARK, check_resumed_run
     from llmfast.errors import UserError
