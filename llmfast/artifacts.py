@@ -32,8 +32,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# An output's name leaves room for its siblings' longer names within a file system's 255 bytes: the temporary
-# `.NAME.tmp-PID-XXXXXXXX` (22 more) of a `NAME.checkpoints` work folder (12 more).
+# Room for an output's siblings in 255 bytes: the temporary `.NAME.tmp-PID-XXXXXXXX` (22 more) of `NAME.checkpoints` (12)
 MAX_OUTPUT_NAME = 200
 
 
