@@ -41,7 +41,7 @@ def yaml_error(e: yaml.YAMLError, path: Path, text: str) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     if isinstance(e, yaml.reader.ReaderError):  # a character YAML refuses: it names a position, not a line
-        line = text.count("\n", 0, e.position) + 1
+        line = len((text[: e.position] + ".").splitlines())  # lines as YAML ends them (CR too), as problem_mark's
         return f"{path}:{line}: the character U+{e.character:04X}, a control character YAML does not allow: remove it"
     where = f"{path}:{mark.line + 1}" if mark else str(path)
     if "'\\t'" in problem:  # PyYAML's "found character '\t' that cannot start any token"

@@ -81,11 +81,12 @@ def test_a_file_reads_as_its_editor_saved_it_or_is_one_line_saying_so(tmp_path, 
         else:
             assert read(path) == expected, how
     for how, (save, error) in REFUSED.items():
-        path = tmp_path / how / name
-        path.parent.mkdir()
-        path.write_bytes(save(text))
-        with pytest.raises(UserError, match=re.escape(str(path)) + error):
-            read(path)
+        for ends, called in (("\n", "LF"), ("\r", "CR")):  # lone CRs name the same line (counting LFs said 1)
+            path = tmp_path / f"{how} {called}" / name
+            path.parent.mkdir()
+            path.write_bytes(save(text.replace("\n", ends)))
+            with pytest.raises(UserError, match=re.escape(str(path)) + error):
+                read(path)
 
 
 def test_tab_indentation_and_control_characters_in_a_recipe_name_the_line(tmp_path):
@@ -93,7 +94,8 @@ def test_tab_indentation_and_control_characters_in_a_recipe_name_the_line(tmp_pa
     for text, expected in (("data:\n\ttrain: d.jsonl\n", r":2: a tab \(column 1\): YAML indents and separates with "
                             "spaces only: replace the tab with spaces"),
                            ("model: m\nout\x07put: o\n", r":2: the character U\+0007, a control character YAML does "
-                            "not allow: remove it")):
+                            "not allow: remove it"),
+                           ("model: m\rout\x07put: o\r", r":2: the character U\+0007")):  # lone CRs end lines too
         path.write_text(text)
         with pytest.raises(UserError, match=re.escape(str(path)) + expected):
             load_recipe(path, FinetuneRecipe)

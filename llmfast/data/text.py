@@ -12,7 +12,6 @@ from typing import Any
 
 from llmfast.errors import UserError
 
-NEWLINE = b"\n"
 # Byte-order marks of the encodings a file saved as "Unicode" comes in (UTF-32's first: it starts with UTF-16's).
 _WIDE = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
          (b"\xfe\xff", "UTF-16"))
@@ -41,13 +40,15 @@ def check_bytes(raw: bytes, path: str | Path, line: int = 1, unit: str = "line")
 
 
 def _at(raw: bytes, pos: int, path: str | Path, line: int) -> str:
-    """'FILE:LINE' of byte `pos` of `raw`, which starts at line `line`."""
-    return f"{path}:{line + raw.count(NEWLINE, 0, pos)}"
+    """'FILE:LINE' of byte `pos` of `raw`, which starts at line `line`; lines end as `read_text` ends them (LF, CR LF
+    or a lone CR: counting LF alone named line 1 for any line of a file saved with CRs)."""
+    return f"{path}:{line + len((raw[:pos] + b'.').splitlines()) - 1}"
 
 
 def _byte(raw: bytes, pos: int, unit: str) -> str:
     """Which byte of its line `pos` is, counted from 1 as an editor's columns are."""
-    return f"byte {pos - raw.rfind(NEWLINE, 0, pos)} of the {unit}"
+    start = max(raw.rfind(b"\n", 0, pos), raw.rfind(b"\r", 0, pos))  # -1 on the first line
+    return f"byte {pos - start} of the {unit}"
 
 
 def decode(raw: bytes, path: str | Path) -> str:
