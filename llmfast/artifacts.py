@@ -351,7 +351,7 @@ def check_work_dir(work: Path) -> None:
     if not mark.is_file():
         raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
                         "and deletes it when done): move it away, or choose another output (a run of an llmfast "
-                        "before 2026-12-05 recorded not which model it trained, so it is not resumed: delete it)")
+                        "before 2026-12-05 did not record the model it trained, so it is not resumed: delete it)")
 
 
 def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
