@@ -70,8 +70,9 @@ def relufy_export_before_the_plugin_is_refused_by_serve(root: Path, tiny: Path) 
     from llmfast.errors import UserError
     from llmfast.serve.server import prepare_spec
 
-    with pytest.raises(UserError, match="is a ReLU-fied Llama made by an older llmfast, before its vLLM plugin: .* Make "
-                                        "it again with `llmfast sparsify`"):
+    with pytest.raises(UserError, match="is a ReLU-fied Llama whose config.json names vLLM's own Llama, .*an llmfast "
+                                        "before its vLLM plugin, or a save_pretrained outside llmfast.* Make it again "
+                                        "with `llmfast sparsify`"):
         prepare_spec(str(_relufy_export(root, tiny, "LlamaForCausalLM")))
 
 

@@ -392,10 +392,11 @@ def _check_servable_sparsity(model_dir: Path, manifest: dict[str, Any]) -> None:
     method = (manifest.get("sparsity") or {}).get("method")
     if method in VLLM_SPARSITY and not vllm_runs_sparse(model_dir, method):
         model_type = describe_model_dir(model_dir)["config"]["model_type"]  # resolve_model checked it is there
-        if model_type == "llama":  # a relufy of an llmfast before its vLLM plugin (2026-11-30) names vLLM's Llama
-            raise UserError(f"{model_dir} is a ReLU-fied Llama made by an older llmfast, before its vLLM plugin: its "
-                            "config.json names vLLM's own Llama, which has no ReLU MLP. Make it again with `llmfast "
-                            "sparsify`, or measure it as it is with `llmfast bench run` (engine hf) or `llmfast eval`")
+        if model_type == "llama":  # not only an llmfast before its vLLM plugin (2026-11-30): any save_pretrained
+            raise UserError(f"{model_dir} is a ReLU-fied Llama whose config.json names vLLM's own Llama, which has no "
+                            "ReLU MLP (an llmfast before its vLLM plugin, or a save_pretrained outside llmfast, wrote "
+                            "it so). Make it again with `llmfast sparsify`, or measure it as it is with `llmfast bench "
+                            "run` (engine hf) or `llmfast eval`")
         raise UserError(f"{model_dir} is a ReLU-fied {model_type}: vLLM's {model_type} has no ReLU MLP (llmfast's vLLM "
                         "plugin serves ReLU-fied Llamas only). Measure it with `llmfast bench run` (engine hf) or "
                         "`llmfast eval`")
