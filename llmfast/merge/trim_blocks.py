@@ -18,9 +18,9 @@ found by `_replay_introsort_ties` on the task vector's magnitudes: 4 bytes per e
 indices and places) and a part of one partition step's positions, one task vector at a time, freed before the
 output is allocated. DARE draws its PCG64 stream a block at a time (the same draws as `drop_at_random`'s one
 call), and the L1 norms are summed as numpy groups the whole sum (`L1Sum`). The element-wise steps are the
-whole-tensor path's, in its order (`combine`), so the output has its bits (tested). Tensors under `WHOLE_BELOW` entries, a trimmed task vector holding NaN, float64 and a tie replay
-past the sort's depth limit take the whole-tensor path; DARE's float32 and bfloat16 tensors go to the C kernel
-(`native_merge`) first where it is built.
+whole-tensor path's, in its order (`combine`), so the output has its bits (tested). Tensors under `WHOLE_BELOW`
+entries, a trimmed task vector holding NaN, float64 and a tie replay past the sort's depth limit take the
+whole-tensor path; DARE's float32 and bfloat16 tensors go to the C kernel (`native_merge`) first where it is built.
 """
 
 from __future__ import annotations
