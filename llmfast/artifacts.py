@@ -97,7 +97,7 @@ def check_output(final: str | os.PathLike[str], overwrite: bool = False,
                             "directory outside it")
     if any("\udc80" <= c <= "\udcff" for c in str(final)):  # undecodable bytes: tokenizers (Rust) cannot save there
         raise UserError(f"output {os.fsencode(final).decode('ascii', 'backslashreplace')}: its path holds bytes that "
-                        "are not UTF-8 text, where a tokenizer cannot be saved: choose a name in UTF-8")
+                        "are not UTF-8 text (tokenizer files cannot be saved there): choose a name in UTF-8")
     if len(final.name.encode()) > MAX_OUTPUT_NAME:
         raise UserError(f"output {final}: its name is {len(final.name.encode())} bytes, and llmfast writes beside it "
                         f"under longer ones (.NAME.tmp-…, NAME.checkpoints) that must fit the file system's 255: "
@@ -364,8 +364,8 @@ def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
         recorded = None
     if not isinstance(recorded, dict):
         return  # marked by an earlier version, which did not record the run
-    from llmfast.modelfiles import same_weights  # the source's weights decide, not its path: a moved project
-    same = same_weights(run.get("model", ""), recorded.get("weights"), run.get("weights"))  # resumes, a re-saved not
+    from llmfast.modelfiles import same_weights  # the weights decide, not the path (a moved project resumes)
+    same = same_weights(run.get("model", ""), recorded.get("weights"), run.get("weights"))
     for key, value in run.items():
         was = recorded.get(key)
         if key == "weights":  # a mark of an earlier version recorded none

@@ -309,6 +309,7 @@ def check_known(data: dict[str, Any], schema: type[BaseModel], source: str, igno
     try:
         schema.model_validate(data)
     except ValidationError as e:
+        # a union's members first: a list member's pending `${...}` entries then leave nothing of the path member's
         errors = [err for err in _members_said(e.errors()) if not ignore(err)]
         if errors:
             raise UserError(_first(errors, schema, data, source, {}, set())) from None

@@ -196,8 +196,8 @@ def test_an_output_path_of_bytes_that_are_not_utf8_is_one_line_and_nothing_is_wr
     p = subprocess.run([sys.executable, "-m", "llmfast", "tasks", "dates", "--out", out], capture_output=True,
                        text=True, errors="backslashreplace")
     assert p.returncode == 2 and p.stderr.strip() == (
-        f"llmfast: error: output {tmp_path}/t\\xe9: its path holds bytes that are not UTF-8 text, where a tokenizer "
-        "cannot be saved: choose a name in UTF-8"), p.stderr
+        f"llmfast: error: output {tmp_path}/t\\xe9: its path holds bytes that are not UTF-8 text (tokenizer files "
+        "cannot be saved there): choose a name in UTF-8"), p.stderr
     assert os.listdir(tmp_path) == []
 
 
