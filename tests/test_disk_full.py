@@ -165,8 +165,10 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     # by peer' traceback (s47)
     p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "llmfast.cli",
                         "finetune", str(disk.parent / "ckpt.yaml")], capture_output=True, text=True, timeout=300)
-    said = [line for line in p.stderr.splitlines() if line.startswith(("llmfast:", "[rank"))]
+    said = [line for line in p.stderr.splitlines()
+            if line.startswith(("llmfast:", "[rank")) and not line.startswith("llmfast: data: ")]
     assert p.returncode != 0 and len(said) == 1, said[:8]
+    assert p.stderr.count("llmfast: data: ") == 1  # what it read, said by process 0 alone
     assert said[0].startswith(f"llmfast: error: no space left on the device of {disk / 'ft' / 'checkpoints'}"), said
     shutil.rmtree(disk / "ft")
 
