@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli
@@ -360,6 +361,10 @@ def test_resume_with_another_recipe_is_refused(killed_run, tmp_path, tiny_dir):
     assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {out} already exists: pass --resume to "
                                                          "continue that run, or choose another output"), err[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # its one data file written as a list of that file (data.train takes lists since s50) is the same data
+    listed = f"data.train=[{yaml.safe_load(path.read_text())['data']['train']}]"
+    code, _, err = run_cli("finetune", str(path), "--resume", "--set", listed)
+    assert code == 0 and (out / "adapter").is_dir(), err[-2000:]
 
 
 def test_resume_without_checkpoint_and_existing_output(tmp_path, tiny_dir, data):

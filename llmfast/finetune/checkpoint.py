@@ -332,6 +332,10 @@ def check_same_recipe(out: Path, recipe: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return  # a run of a version that kept none, or a damaged one: the checkpoint's own checks follow
     was, now = _flat(saved), _flat(recipe)
+    for flat in (was, now):  # one data file or a list of that one file: the same data
+        for key in (("data", "train"), ("data", "eval")):
+            if isinstance(flat.get(key), str):
+                flat[key] = [flat[key]]
     for key in sorted(set(was) | set(now)):
         if key not in RESUME_MAY_CHANGE and was.get(key) != now.get(key):
             raise UserError(f"--resume: {'.'.join(key)} is {now.get(key)!r}, the run in {out} was started with "
