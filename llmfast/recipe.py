@@ -328,9 +328,18 @@ def _members_said(errors: list[Any]) -> list[Any]:
     where another member's check of the value says what is wrong with it (a path not found). A literal's mismatch
     (`request_rate: [1]`: not 'inf') says no more than a wrong kind does."""
     locs = [(_strip_union_tags(tuple(e["loc"])), e["type"]) for e in errors]
-    return [e for e, (at, kind) in zip(errors, locs) if not any(
-        a[:len(at)] == at and (len(a) > len(at) or kind.endswith("_type") and not other.endswith("_type")
-                               and other != "literal_error") for a, other in locs)]
+
+    def outweighed(at: tuple[Any, ...], kind: str) -> bool:
+        for a, other in locs:
+            if a[:len(at)] != at:
+                continue
+            if len(a) > len(at):  # an error inside the value: its member took the value's kind
+                return True
+            if kind.endswith("_type") and not other.endswith("_type") and other != "literal_error":
+                return True  # a wrong kind, where another member said what is wrong with the value itself
+        return False
+
+    return [e for e, (at, kind) in zip(errors, locs) if not outweighed(at, kind)]
 
 
 def _describe(
@@ -366,6 +375,9 @@ def _describe(
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind == "too_short" and got == []:  # pydantic's "List should have at least 1 item after validation, not 0"
+        least = (err.get("ctx") or {}).get("min_length", 1)
+        msg = f"an empty list: give at least {least} {'entry' if least == 1 else 'entries'}"
     if kind == "path_type":  # pydantic's "Input is not a valid path for <class 'pathlib.Path'>"
         msg = "not a path: give a file or folder name"
         shown = " (got null)" if got is None else " (got a list)" if isinstance(got, list) else " (got a mapping)" \

@@ -193,6 +193,8 @@ CASES = [
     Case("finetune-alpha-zero", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.alpha=0"), "lora.alpha"),
     Case("finetune-no-target-modules", ("finetune", "{W}/recipes/ft.yaml", "--set", "lora.target_modules=[]"),
          "lora.target_modules: an empty list targets no module"),
+    Case("finetune-empty-data-list", ("finetune", "{W}/recipes/ft.yaml", "--set", "data.train=[]"),
+         "(--set data.train): data.train: an empty list: give at least 1 entry"),
     Case("finetune-negative-grad-norm", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.max_grad_norm=-1"),
          "train.max_grad_norm"),
     Case("finetune-bad-set", ("finetune", "{W}/recipes/ft.yaml", "--set", "train.lr=-1"), "train.lr"),

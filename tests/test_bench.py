@@ -892,7 +892,7 @@ def test_a_bench_recipe_without_percentiles_is_refused_by_key():
     from llmfast.errors import UserError
     from llmfast.recipe import BenchRecipe, validate
 
-    with pytest.raises(UserError, match="workload.percentiles: List should have at least 1 item"):
+    with pytest.raises(UserError, match="workload.percentiles: an empty list: give at least 1 entry"):
         validate({"variants": [{"name": "a", "model": "m"}], "workload": {"percentiles": []}}, BenchRecipe, "b.yaml")
 
 

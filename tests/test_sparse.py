@@ -428,7 +428,7 @@ def _gpt2_dir(tmp_path, tiny_dir):
      "sparsify.config.shift_warmup: Input should be less than or equal to 1"),
     ("unknown key", "teal", "{targett: 0.5}", [], "unknown key 'sparsify.config.targett' (did you mean 'target'?)"),
     ("unknown site", "teal", "{sites: [mlp, attn]}", [], "sparsify.config.sites.1: Input should be 'mlp' or 'attention'"),
-    ("no sites", "teal", "{sites: []}", [], "sparsify.config.sites: List should have at least 1 item"),
+    ("no sites", "teal", "{sites: []}", [], "sparsify.config.sites: an empty list: give at least 1 entry"),
     ("unknown method", "teel", "{}", [], "sparsify.method: unknown sparsification method 'teel' (did you mean 'teal'?)"),
     ("missing text", "teal", "{}", ["--set", "data.text=nowhere.txt"], "data.text: file not found: nowhere.txt"),
     ("held-out overlaps", "teal", "{}", ["--set", "data.heldout_tokens=5000"], "must not exceed skip_tokens"),

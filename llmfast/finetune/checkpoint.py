@@ -26,6 +26,7 @@ from llmfast.finetune import fsdp as sharding
 from llmfast.finetune.rng import check_states, gather_states, restore_states
 # torch-free, so that preflight.py reads them too; re-exported: the trainer names them ckpts.*
 from llmfast.finetune.run_files import RUN_FILES, foreign_run_files, taken_output  # noqa: F401
+from llmfast.recipe_paths import paths_of
 
 
 def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:
@@ -334,8 +335,8 @@ def check_same_recipe(out: Path, recipe: dict[str, Any]) -> None:
     was, now = _flat(saved), _flat(recipe)
     for flat in (was, now):  # one data file or a list of that one file: the same data
         for key in (("data", "train"), ("data", "eval")):
-            if isinstance(flat.get(key), str):
-                flat[key] = [flat[key]]
+            if key in flat:
+                flat[key] = [str(p) for p in paths_of(flat[key])]
     for key in sorted(set(was) | set(now)):
         if key not in RESUME_MAY_CHANGE and was.get(key) != now.get(key):
             raise UserError(f"--resume: {'.'.join(key)} is {now.get(key)!r}, the run in {out} was started with "
