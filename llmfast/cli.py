@@ -17,8 +17,8 @@ from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.commands import (cmd_bench_offline, cmd_bench_run, cmd_bench_serve, cmd_eval, cmd_export, cmd_finetune,
                               cmd_models, cmd_quantize, cmd_serve, cmd_sparsify, cmd_tasks)
-from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, quiet_worker,
-                                  restore_signals, stop_on_signals)
+from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, pipe_closed,
+                                  quiet_worker, restore_signals, stop_on_signals)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -264,12 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe met here, not at the console script's exit (a traceback, status 120)
+        return code
     except KeyboardInterrupt as e:
         if not quiet_worker(e, False):  # a launch's workers stop together: process 0 says it
             print_error(interrupted_line(e))
         return interrupted_code(e)
     except Exception as e:  # a UserError, or a full disk met outside the atomic writes (a log line appended)
+        # stdout's reader closed it (`| head -1`): the verb's cleanup ran on the way out
+        if isinstance(e, BrokenPipeError) and (code := pipe_closed()) is not None:
+            return code
         err = as_user_error(e)
         if not debug and quiet_worker(e, err is not None):
             return 1 if err is None else 2

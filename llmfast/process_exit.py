@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -24,11 +25,39 @@ def exit_process(code: int) -> NoReturn:
     and a worker thread left joinable aborts the finished process ('terminate called without an active exception':
     1 two-process run in 11 under load on these CPUs, ~1 in 200 with the group destroyed, 0 in 80 with this). Its
     outputs are written and closed by then."""
-    if "LOCAL_RANK" in os.environ:
-        sys.stdout.flush()
+    try:
+        sys.stdout.flush()  # the last of stdout, here rather than at finalization, where a closed pipe is unhandled
         sys.stderr.flush()
+    except BrokenPipeError:
+        code = pipe_closed() or PIPE_CLOSED
+    if "LOCAL_RANK" in os.environ:
         os._exit(code)
     sys.exit(code)
+
+
+PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: what a shell reports for a tool that SIGPIPE ended (`yes | head -1`)
+
+
+def pipe_closed() -> int | None:
+    """After a BrokenPipeError: if the reader of stdout (or stderr) went away (`llmfast ... | head -1`), the status to
+    end with quietly, as a Unix tool SIGPIPE ends does (Python's "Note on SIGPIPE"); None if neither is closed (a
+    socket's or a child's pipe broke: an error of its own). The closed streams are pointed at /dev/null, so nothing
+    written later (a progress bar closed at exit, the interpreter's last flush) raises again."""
+    closed = False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by an object with no descriptor (a test's capture)
+            continue
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        # POLLERR on a pipe's write end: its reader closed it. A file or terminal stays as it is, for any later line.
+        if any(events & select.POLLERR for _, events in poll.poll(0)):
+            os.dup2(devnull, fd)
+            closed = True
+    os.close(devnull)
+    return PIPE_CLOSED if closed else None
 
 
 class Stopped(KeyboardInterrupt):
