@@ -388,8 +388,8 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         loss_value = loss.item()
         done = step + 1
         _check_step(optimizer_step(optimizer), loss_value, f"at step {done}", student, bar, desc, lower)
+        bar.set_postfix(kl=f"{loss_value:.4f}", refresh=False)  # painted by update, within tqdm's mininterval
         bar.update(1)
-        bar.set_postfix(kl=f"{loss_value:.4f}")
         evaluating = evaluate is not None and eval_every and (done % eval_every == 0 or done == settings.steps)
         if done % settings.log_every == 0 or done == settings.steps or evaluating:
             line = {"step": done, "tokens": done * tokens_per_step, "kl": loss_value, "lr": lr_at(settings, step),

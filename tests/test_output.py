@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,29 @@ def test_a_closed_pipe_ends_quietly_with_sigpipes_status(tmp_path, entry, args, 
     finally:
         os.close(w)
     assert (p.returncode, p.stderr) == (141, "")
+
+
+def _finetune_recipe(tmp_path, tiny_dir, steps=8):
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["alpha", "bravo", "charlie", "delta"] * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {tiny_dir}\ndata: {{train: {tmp_path / 'train.jsonl'}, max_length: 32}}\n"
+                    f"lora: {{r: 4, alpha: 8}}\ntrain: {{steps: {steps}, batch_size: 2, log_every: 1}}\n"
+                    f"output: {tmp_path / 'run'}\n")
+    return path
+
+
+@pytest.mark.parametrize("env", [{}, {"TQDM_DISABLE": "1"}])
+def test_progress_bars_in_a_log_file_repaint_rarely(tmp_path, tiny_dir, env):
+    """stderr to a file (CI, nohup): the bar repainted at every step, twice (set_postfix refreshed past tqdm's
+    mininterval), and every 0.1 s, each repaint kept in the log; now once at the start and once at the end.
+    TQDM_DISABLE=1, tqdm's own switch, silences it (the finetune bar passed `disable` and so ignored it)."""
+    path = _finetune_recipe(tmp_path, tiny_dir)
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run([sys.executable, "-m", "llmfast", "finetune", str(path)], stdout=subprocess.PIPE,
+                           stderr=log, text=True, env={**os.environ, **env}, timeout=300)
+    err = (tmp_path / "log").read_text()
+    assert p.returncode == 0, err[-2000:]
+    assert p.stdout.startswith("adapter: ") and len(p.stdout.splitlines()) == 1  # the summary, alone on stdout
+    assert err.count("finetune:") <= (0 if env else 3), err

@@ -338,8 +338,9 @@ def _train(run: Run) -> dict[str, Any]:
     tc, acc, log_path = run.recipe.train, run.acc, run.out / "train_log.jsonl"
     train_seconds, tokens_seen, last_loss = 0.0, 0, float("nan")
     window_loss, window_steps = run.window  # a resumed run's first line averages the steps before the kill too
+    # `disable` only to silence the other processes: passed at all, it overrode tqdm's TQDM_DISABLE=1
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="finetune", unit="step",
-               disable=not acc.is_main_process)
+               **({} if acc.is_main_process else {"disable": True}))
     run.wrapped.train()
     for step in range(run.start_step, run.total_steps):
         t0 = time.perf_counter()
@@ -352,8 +353,11 @@ def _train(run: Run) -> dict[str, Any]:
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
         mem = peak_memory_gib(acc.device.type)
+        # The figures first, painted by update's own repaint: set_postfix's refresh painted every step a second time,
+        # past tqdm's mininterval (a log file's pacing)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}", mem=f"{mem:.2f}GiB",
+                        refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}", mem=f"{mem:.2f}GiB")
         fresh_eval = None
         if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
             fresh_eval = evaluate(run)
