@@ -66,6 +66,8 @@ def test_bench_serve_sweeps_take_each_value_once_and_no_nan(tmp_path):
     for flags, said in ((["--max-concurrency", "1,1"], "--max-concurrency '1,1': 1 is given twice"),
                         (["--request-rate", "nan"], "--request-rate 'nan': values must be positive"),
                         (["--burstiness", "0"], "--burstiness 0.0: must be positive"),
+                        # written as `"burstiness": Infinity`, not JSON (s51)
+                        (["--burstiness", "inf"], "--burstiness inf: must be positive and finite"),
                         # sent on as JSON NaN (s48)
                         (["--temperature", "nan"], "argument --temperature: 'nan': give a finite number"),
                         (["--top-p=-inf"], "argument --top-p: '-inf': give a finite number")):

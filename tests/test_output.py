@@ -58,3 +58,18 @@ def test_progress_bars_in_a_log_file_repaint_rarely(tmp_path, tiny_dir, env):
     assert p.returncode == 0, err[-2000:]
     assert p.stdout.startswith("adapter: ") and len(p.stdout.splitlines()) == 1  # the summary, alone on stdout
     assert err.count("finetune:") <= (0 if env else 3), err
+    _parse_every_json(tmp_path / "run")
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON (jq, JavaScript's JSON.parse refuse it)")
+
+
+def _parse_every_json(folder):
+    """Every JSON (and JSON Lines) file under `folder` parses with a strict parser: no NaN, Infinity."""
+    files = [*folder.rglob("*.json"), *folder.rglob("*.jsonl")]
+    assert files
+    for f in files:
+        for text in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            json.loads(text, parse_constant=_refuse_constant)
+

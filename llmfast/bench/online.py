@@ -251,8 +251,9 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     _check_choices(args)
     rates = _parse_list(args.request_rate, "request-rate", float)
     concs = _parse_list(args.max_concurrency, "max-concurrency", int)
-    if not args.burstiness > 0:  # before the first request, not on its progress bar
-        raise UserError(f"--burstiness {args.burstiness}: must be positive (1 is a Poisson process)")
+    # before the first request, not on its progress bar; inf drew NaN gaps and wrote `Infinity`, which is not JSON
+    if not 0 < args.burstiness < math.inf:
+        raise UserError(f"--burstiness {args.burstiness}: must be positive and finite (1 is a Poisson process)")
     ramp_up = _ramp_up(args)
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
