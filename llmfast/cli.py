@@ -7,6 +7,7 @@ transformers) happen inside the verbs, so `--help` and bad arguments answer at o
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,28 @@ from llmfast.process_exit import (end_process_group, exit_process, interrupted_c
                                   quiet_worker, restore_signals, stop_on_signals)
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's default in its --help, where it has one to say (not a switch's False, not an unset None) and its
+    text does not say it already: bench's vLLM flags and a few others had none (`--num-prompts NUM_PROMPTS`, no
+    word of its 1000)."""
+
+    @staticmethod
+    def _untold(action: argparse.Action) -> bool:
+        d = action.default
+        unset = d is None or d is False or d == [] or d is argparse.SUPPRESS
+        return bool(action.option_strings) and not unset and "default" not in (action.help or "")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if self._untold(action):
+            action = copy.copy(action)  # argparse formats no help line at all for an option without help text
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": _Help, **kwargs})
+
     # argparse's own usage errors also exit 2, but print a usage block; keep them to one line. main() already
     # prints "llmfast: error:", so only a sub-verb's name comes before the message ("finetune: ...").
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -1,5 +1,7 @@
 """The console script: help for every verb, one-line errors with exit code 2, --debug tracebacks."""
 
+import argparse
+import re
 import subprocess
 import sys
 
@@ -275,3 +277,68 @@ def test_debug_after_serves_double_dash_is_vllms_not_llmfasts(tmp_path, monkeypa
     monkeypatch.delenv("LLMFAST_DEBUG", raising=False)
     code, _, err = run_cli("serve", str(tmp_path / "nope"), "--", "--debug")
     assert code == 2 and err.count("\n") == 1 and err.startswith("llmfast: error: ") and "nope" in err, err
+
+
+def _doc_commands():
+    """Every `llmfast VERB ...` command in README.md and docs/*.md (fenced blocks, continued lines joined, and
+    inline code): (file, verb path, command)."""
+    import re
+
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+        code = [l for b in blocks for l in b.replace("\\\n", " ").splitlines()]
+        code += re.findall(r"`([^`\n]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for line in code:
+            for m in re.finditer(r"\bllmfast ((?:bench )?[a-z]+)(\s[^#]*)?", line):
+                found.append((doc.name, m.group(1), m.group(0)))
+    return found
+
+
+def test_the_docs_commands_use_flags_that_exist():
+    """A flag renamed or dropped leaves README/docs commands that fail with a usage error: each `--flag` of a
+    documented command (before serve's `--`, vLLM's) is one its verb takes."""
+    from llmfast.cli import build_parser
+
+    def verbs(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    top, wrong, seen = build_parser(), [], 0
+    for doc, verb, command in _doc_commands():
+        parser = top
+        try:
+            for w in verb.split():
+                parser = verbs(parser)[w]
+        except KeyError:
+            continue  # prose such as `llmfast does ...`
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", command.split(" -- ")[0]):
+            seen += 1
+            if flag not in parser._option_string_actions:
+                wrong.append(f"{doc}: {command.strip()[:80]}: {flag}")
+    assert seen > 30 and not wrong, wrong
+
+
+def test_every_option_with_a_default_says_it_in_help():
+    """`llmfast bench serve --help` listed `--num-prompts NUM_PROMPTS` with no word of its 1000 (and 30 more of bench,
+    serve and tasks without theirs): each option's help block names its default (switches and unset ones aside)."""
+    from llmfast.cli import build_parser
+
+    def walk(parser):
+        yield parser
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for p in a.choices.values():
+                    yield from walk(p)
+
+    untold, seen = [], 0
+    for parser in walk(build_parser()):
+        for a in parser._actions:
+            d = a.default
+            if not a.option_strings or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+                continue
+            seen += 1
+            block = " ".join(parser._get_formatter()._format_action(a).split())
+            if "default" not in block:
+                untold.append(f"{parser.prog} {a.option_strings[-1]}")
+    assert seen > 30 and not untold, untold
