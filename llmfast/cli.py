@@ -282,11 +282,13 @@ LOG_BAR_INTERVAL_S = 30
 def _pace_bars_in_logs() -> None:
     """tqdm repaints every 0.1 s; into a file each repaint stays, a `\\r`-joined line growing by ~100 bytes a step
     (10 KB for a 50-step fine-tune). Where stderr is not a terminal, bars repaint every LOG_BAR_INTERVAL_S instead:
-    tqdm's own TQDM_MININTERVAL, set before tqdm is imported and inherited by vLLM's and torchrun's processes; a
-    value the user set (or TQDM_DISABLE=1) wins. Only as the process's command: a caller's (a test's) own stderr
-    and environment are left alone."""
+    tqdm's own TQDM_MININTERVAL, and TQDM_MAXINTERVAL (tqdm's monitor thread repaints a bar idle that long: every
+    ~15 s with its 10), set before tqdm is imported and inherited by vLLM's and torchrun's processes; values the
+    user set (or TQDM_DISABLE=1) win. Only as the process's command: a caller's (a test's) own stderr and
+    environment are left alone."""
     if sys.stderr is sys.__stderr__ and not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_INTERVAL_S))
+        for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):
+            os.environ.setdefault(name, str(LOG_BAR_INTERVAL_S))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -129,8 +129,9 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):  # generate() samples with the global generator: seed it quietly
         torch.manual_seed(seed)
+        # `disable` only to switch it off (one batch): passed False, it overrode tqdm's TQDM_DISABLE=1
         for first in tqdm(range(0, count, chunk), desc="teacher samples", unit="batch", file=sys.stderr,
-                          disable=count <= chunk):
+                          **({"disable": True} if count <= chunk else {})):
             prompt = torch.full((min(chunk, count - first), 1), start, dtype=torch.long, device=device)
             rows = teacher.generate(prompt, do_sample=True, top_k=50, max_new_tokens=length - 1,
                                     min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)

@@ -82,7 +82,9 @@ def run_point(base_url: str, model: str, requests: list["Request"], *, request_r
     from llmfast.bench.metrics import compute_metrics
     from llmfast.serve.endpoint import healthy
 
-    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, disable=disable_tqdm, file=sys.stderr)
+    # `disable` only to switch it off: passed False, it overrode tqdm's TQDM_DISABLE=1
+    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, file=sys.stderr,
+               **({"disable": True} if disable_tqdm else {}))
     results, duration = asyncio.run(run_load(
         base_url, model, requests, request_rate=request_rate, max_concurrency=max_concurrency,
         burstiness=burstiness, ignore_eos=ignore_eos, api_key=api_key, seed=seed, request_timeout=request_timeout,

@@ -15,7 +15,9 @@ from llmfast.merge.plan import MergePlan
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False, file=sys.stderr)
+    # `disable` only to switch it off: passed False, it overrode tqdm's TQDM_DISABLE=1
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, file=sys.stderr,
+                **({} if enabled else {"disable": True}))
 
 
 def default_threads() -> int:
