@@ -18,8 +18,8 @@ from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.commands import (cmd_bench_offline, cmd_bench_run, cmd_bench_serve, cmd_eval, cmd_export, cmd_finetune,
                               cmd_models, cmd_quantize, cmd_serve, cmd_sparsify, cmd_tasks)
-from llmfast.process_exit import (end_process_group, exit_process, interrupted_code, interrupted_line, pipe_closed,
-                                  quiet_worker, restore_signals, stop_on_signals)
+from llmfast.process_exit import (PIPE_CLOSED, end_process_group, exit_process, interrupted_code, interrupted_line,
+                                  pipe_closed, quiet_worker, restore_signals, stop_on_signals)
 
 
 class _Help(argparse.HelpFormatter):
@@ -306,6 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = func(args)
         sys.stdout.flush()  # a closed pipe met here, not at the console script's exit (a traceback, status 120)
         return code
+    except SystemExit:  # --help, --version: what argparse printed is flushed here, where a closed pipe is handled
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return pipe_closed() or PIPE_CLOSED
+        raise
     except KeyboardInterrupt as e:
         if not quiet_worker(e, False):  # a launch's workers stop together: process 0 says it
             print_error(interrupted_line(e))
