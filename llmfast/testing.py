@@ -98,3 +98,108 @@ def build_tiny_llama(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Tokenizers shipped the way other families ship theirs, for checking that nothing assumes SmolLM2's: a BOS the
+# tokenizer adds AND a template that writes it, no pad token, an end-of-turn token that is not `eos_token`, a
+# template that raises. One vocabulary (every family's special tokens) so one tiny model serves them all.
+FAMILY_TOKENS = SPECIAL_TOKENS + ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                  "<|eot_id|>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (  # gemma-2-2b-it's
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+# family: (bos_token, eos_token, pad_token, the tokenizer adds BOS, template, generation_config's eos ids)
+FAMILIES: dict[str, tuple[str | None, str, str | None, bool, str, list[str]]] = {
+    # Meta-Llama-3-8B-Instruct as first released: eos_token <|end_of_text|>, turns end with <|eot_id|>
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>", None, True, LLAMA3_TEMPLATE, ["<|end_of_text|>", "<|eot_id|>"]),
+    "gemma": ("<bos>", "<eos>", "<pad>", True, GEMMA_TEMPLATE, ["<eos>", "<end_of_turn>"]),
+    "chatml": ("<|im_start|>", "<|im_end|>", "<|im_end|>", False, CHATML_TEMPLATE, ["<|im_end|>"]),
+}
+
+
+def family_tokenizer(family: str, bpe: Any = None) -> Any:
+    """A PreTrainedTokenizerFast shipped as `family` ships its own (FAMILIES), on `bpe` (a `tokenizers.Tokenizer` of
+    FAMILY_TOKENS' vocabulary; by default one trained on the tiny models' corpus)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if bpe is None:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=FAMILY_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(_default_corpus(), trainer=trainer)
+    bos, eos, pad, adds_bos, template, _ = FAMILIES[family]
+    tok = Tokenizer.from_str(bpe.to_str())  # a copy: the post-processor is this family's
+    # as Llama 3's and Gemma's tokenizer.json do: every encode with add_special_tokens (the default) starts with it
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))]) if adds_bos else None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    fast.chat_template = template
+    return fast
+
+
+def build_family_model(out_dir: str | Path, family: str, like: str | Path | None = None) -> Path:
+    """A tiny Llama with `family`'s tokenizer and its ids in config.json and generation_config.json; `like`: a model
+    this function made (for any family), whose weights, of the same vocabulary, are linked rather than made again."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer
+
+    out = Path(out_dir)
+    if like is None:
+        tokenizer = family_tokenizer(family)
+        build_tiny_llama(out, vocab_size=len(tokenizer))  # its own trained tokenizer is replaced below
+    else:
+        out.mkdir(parents=True)
+        os.link(Path(like) / "model.safetensors", out / "model.safetensors")
+        (out / "config.json").write_bytes((Path(like) / "config.json").read_bytes())
+        tokenizer = family_tokenizer(family, Tokenizer.from_file(str(Path(like) / "tokenizer.json")))
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (out / f).unlink(missing_ok=True)
+    tokenizer.save_pretrained(out)
+    bos, eos, pad, _, _, stops = FAMILIES[family]
+    ids = {k: tokenizer.convert_tokens_to_ids(t) if t else None for k, t in (("bos", bos), ("eos", eos), ("pad", pad))}
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    gen = {"bos_token_id": ids["bos"], "eos_token_id": [tokenizer.convert_tokens_to_ids(t) for t in stops]}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    return out
+
+
+def script_greedy(model_dir: str | Path, steps: dict[int, int]) -> None:
+    """Rewrite a tiny Llama's weights so that greedy decoding follows `steps` (token id -> next id) from the last
+    token alone, and picks id 0 after any other: a real model whose output, stops included, is known in advance.
+    Attention and MLP add nothing (zero output projections); each scripted token's embedding is a one-hot on a
+    dimension of its own, and an untied head maps that dimension to its next token."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = torch.zeros_like(model.model.embed_tokens.weight)
+        head = torch.zeros_like(emb)
+        for dim, (token, following) in enumerate(steps.items()):
+            emb[token, dim] = 1.0
+            head[following, dim] = 1.0
+        model.model.embed_tokens.weight = torch.nn.Parameter(emb)
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(model_dir, safe_serialization=True)

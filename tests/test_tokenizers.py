@@ -1,0 +1,71 @@
+"""Tokenizers shipped as other families ship theirs (llmfast.testing.FAMILIES), checked against what transformers itself
+does with them: Llama 3's (a BOS the tokenizer adds and the template writes, no pad token, turns that end with
+<|eot_id|> while eos_token is <|end_of_text|>, both in generation_config.json) and Gemma's (a template that raises)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmfast.data.chat import IGNORE, encode_messages, encode_text
+from llmfast.data.packing import collate
+from llmfast.errors import UserError
+from llmfast.models import load_tokenizer
+from llmfast.testing import build_family_model, script_greedy
+
+CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    llama3 = build_family_model(root / "llama3", "llama3")
+    return {"llama3": llama3, "gemma": build_family_model(root / "gemma", "gemma", like=llama3)}
+
+
+def _ids(encoded: object) -> list[int]:
+    return encoded["input_ids"] if not isinstance(encoded, list) else encoded  # a BatchEncoding in transformers 5
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_chat_rows_and_prompts_are_transformers_own(families: dict[str, Path], family: str) -> None:
+    """Training rows and eval prompts are the ids apply_chat_template gives (one BOS: the template's, not the
+    tokenizer's again), and the labels end each answer with the turn's end token, which is not eos_token."""
+    from transformers import AutoTokenizer
+
+    raw, tok = AutoTokenizer.from_pretrained(families[family]), load_tokenizer(families[family])
+    ex = encode_messages(tok, CHAT)
+    assert ex.input_ids == _ids(raw.apply_chat_template(CHAT))
+    assert ex.input_ids.count(tok.bos_token_id) == 1
+    end = "<|eot_id|>" if family == "llama3" else "<end_of_turn>"
+    learned = [t for t, label in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.labels) if label != IGNORE]
+    assert [t for t in learned if t.startswith("<")] == [end, end] and tok.eos_token != end
+    from llmfast.data.chat import render_chat
+
+    prompt = render_chat(tok, CHAT[:1], True, "row 1")
+    assert tok(prompt, add_special_tokens=False).input_ids == _ids(raw.apply_chat_template(CHAT[:1],
+                                                                                         add_generation_prompt=True))
+
+
+def test_pad_is_eos_keeps_the_stop_learned(families: dict[str, Path]) -> None:
+    """Llama 3 has no pad token: pad = eos. Padding is masked by position, not by id, so the EOS that ends a text row
+    (the same id as the padding after it) keeps its label."""
+    tok = load_tokenizer(families["llama3"])
+    assert tok.pad_token_id == tok.eos_token_id
+    text, chat = encode_text(tok, "Hello there."), encode_messages(tok, CHAT)
+    batch = collate([[text], [chat]], tok.pad_token_id)
+    row = batch.labels[0]
+    assert batch.input_ids[0][len(text) - 1] == tok.eos_token_id and row[len(text) - 1] == tok.eos_token_id
+    assert batch.input_ids[0][len(text):] and set(row[len(text):]) == {IGNORE}  # the padding, also eos's id
+
+
+def test_a_raising_template_names_the_row(families: dict[str, Path]) -> None:
+    tok = load_tokenizer(families["gemma"])
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                 {"role": "assistant", "content": "c"}]
+    with pytest.raises(UserError, match=r"^train.jsonl:3: the model's chat template refuses this row \(Conversation "
+                                        r"roles must alternate"):
+        encode_messages(tok, two_users, where="train.jsonl:3")
