@@ -248,9 +248,25 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
+def check_chat_template_file(path: str | os.PathLike[str]) -> None:
+    """A `chat_template.jinja` saved with a UTF-8 byte-order mark (an editor's) is refused: transformers, and vLLM
+    through it, keep the mark, so every prompt would start with U+FEFF's tokens, before even the template's BOS.
+    Refused rather than dropped so that both engines see the same template: vLLM reads the file itself."""
+    try:
+        with (Path(path) / "chat_template.jinja").open("rb") as f:
+            head = f.read(3)
+    except OSError:  # none (the template is in tokenizer_config.json, or there is none), or unreadable: loading says
+        return
+    if head == b"\xef\xbb\xbf":
+        raise UserError(f"{Path(path) / 'chat_template.jinja'} starts with a UTF-8 byte-order mark, which transformers "
+                        "and vLLM keep (every prompt would start with U+FEFF): save it without the mark (UTF-8 without "
+                        "BOM)")
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
+    check_chat_template_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors

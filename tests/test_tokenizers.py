@@ -69,3 +69,17 @@ def test_a_raising_template_names_the_row(families: dict[str, Path]) -> None:
     with pytest.raises(UserError, match=r"^train.jsonl:3: the model's chat template refuses this row \(Conversation "
                                         r"roles must alternate"):
         encode_messages(tok, two_users, where="train.jsonl:3")
+
+
+def test_a_byte_order_marked_template_is_refused_for_both_engines(families: dict[str, Path], tmp_path: Path) -> None:
+    """transformers keeps a chat_template.jinja's UTF-8 byte-order mark (every prompt would start with U+FEFF's
+    tokens, before the BOS): refused, by the transformers verbs and by serve before vLLM starts."""
+    from llmfast.serve.server import prepare_spec
+
+    model = tmp_path / "marked"
+    shutil.copytree(families["llama3"], model)
+    template = model / "chat_template.jinja"
+    template.write_bytes(b"\xef\xbb\xbf" + template.read_bytes())
+    for refuse in (load_tokenizer, prepare_spec):
+        with pytest.raises(UserError, match=r"chat_template.jinja starts with a UTF-8 byte-order mark.*save it "):
+            refuse(str(model))

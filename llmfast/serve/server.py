@@ -323,7 +323,7 @@ VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # vLL
 def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> ServerSpec:
     """Resolve the model (builtin:, a directory, a GGUF, a hub id) and check every adapter, before any start."""
     from llmfast.artifacts import read_manifest
-    from llmfast.models import resolve_model
+    from llmfast.models import check_chat_template_file, resolve_model
 
     # checked here: vLLM refuses them only after its start-up, and an empty value fell through to the default
     if kwargs.get("dtype") is not None and kwargs["dtype"] not in VLLM_DTYPES:
@@ -331,6 +331,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     if kwargs.get("served_name") is not None and not kwargs["served_name"].strip():
         raise UserError("--served-model-name is empty: give a name, or leave it out for the model's directory name")
     model_dir = resolve_model(model)
+    check_chat_template_file(model_dir)  # as the transformers verbs do: a marked template starts every chat prompt
     if kwargs.get("max_model_len"):  # beyond the model's positions vLLM refuses it only after its start-up
         from llmfast.loading import check_positions
 
