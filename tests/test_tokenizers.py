@@ -83,3 +83,36 @@ def test_a_byte_order_marked_template_is_refused_for_both_engines(families: dict
     for refuse in (load_tokenizer, prepare_spec):
         with pytest.raises(UserError, match=r"chat_template.jinja starts with a UTF-8 byte-order mark.*save it "):
             refuse(str(model))
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_generation_stops_at_generation_configs_end_of_turn(families: dict[str, Path], tmp_path: Path,
+                                                            family: str) -> None:
+    """A model scripted to answer "4", end its turn and go on: eval's answers and the transformers bench engine's
+    output counts stop where transformers' own `generate` stops (generation_config's end-of-turn id, not eos_token's,
+    and not the padding after it in a batch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfast.bench.engines.hf import run_hf
+    from llmfast.bench.workload import Request
+    from llmfast.evaluate import generate_answers
+    from llmfast.models import load_model
+
+    model = tmp_path / family
+    shutil.copytree(families[family], model, copy_function=shutil.copy)  # its own weights, not a link to the fixture's
+    raw = AutoTokenizer.from_pretrained(model)
+    prompt = _ids(raw.apply_chat_template(CHAT[:1], add_generation_prompt=True))
+    four, other = raw.encode("4", add_special_tokens=False)[0], raw.encode(" user", add_special_tokens=False)[0]
+    end = raw.convert_tokens_to_ids("<|eot_id|>" if family == "llama3" else "<end_of_turn>")
+    script_greedy(model, {prompt[-1]: four, four: end, end: other, other: other})
+    import torch
+
+    own = AutoModelForCausalLM.from_pretrained(model).generate(torch.tensor([prompt]), max_new_tokens=8,
+                                                               do_sample=False)[0, len(prompt):].tolist()
+    assert own == [four, end]
+    tok, lm = load_tokenizer(model), load_model(model)
+    assert generate_answers(lm, tok, [CHAT[:1]], max_new_tokens=8) == ["4"]
+    # batched with a request that runs to its length: the first is followed by padding (eos's id for Llama 3)
+    requests = [Request("", len(prompt), 8, prompt_ids=prompt), Request("", 2, 8, prompt_ids=[300, 301])]
+    results, _ = run_hf(lm, tok, requests, batch_size=2, ignore_eos=False)
+    assert [r.output_tokens for r in results] == [2, 8] and results[0].generated_text == "4"

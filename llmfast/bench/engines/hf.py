@@ -37,7 +37,10 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
+    # where `generate` stops a request: generation_config's ids (Llama 3 lists its end-of-turn token there beside
+    # eos_token's id), as vLLM stops; after the stop come pad tokens, which are not output
+    stops = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = {*(stops if isinstance(stops, list) else [stops]), tokenizer.eos_token_id} - {None}
     results: list[RequestResult] = []
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch_size):
@@ -56,8 +59,8 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
         new = out[:, width:].tolist()
         for r, prompt, toks in zip(batch, ids, new):
             n = min(r.output_len, len(toks))
-            if not ignore_eos and eos is not None and eos in toks[:n]:
-                n = toks.index(eos) + 1
+            if not ignore_eos:
+                n = next((i + 1 for i, t in enumerate(toks[:n]) if t in stops), n)
             times = clock.times[:n]
             res = RequestResult(success=n > 0, prompt_len=len(prompt), output_tokens=n, start_time=sent)
             if n:
