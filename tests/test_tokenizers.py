@@ -116,3 +116,7 @@ def test_generation_stops_at_generation_configs_end_of_turn(families: dict[str, 
     requests = [Request("", len(prompt), 8, prompt_ids=prompt), Request("", 2, 8, prompt_ids=[300, 301])]
     results, _ = run_hf(lm, tok, requests, batch_size=2, ignore_eos=False)
     assert [r.output_tokens for r in results] == [2, 8] and results[0].generated_text == "4"
+    # a text prompt (a run of several variants sends text) is encoded as vLLM encodes a completion: with the BOS
+    results, _ = run_hf(lm, tok, [Request("Hello there.", 0, 1)], batch_size=1)
+    assert results[0].prompt_len == len(raw("Hello there.").input_ids) == len(raw.encode("Hello there.",
+                                                                                         add_special_tokens=False)) + 1

@@ -46,7 +46,8 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         sent = time.perf_counter()  # tokenizing counts, as in a served request
-        ids = [r.prompt_ids or tokenizer.encode(r.prompt, add_special_tokens=False) for r in batch]
+        # a text prompt is encoded as vLLM encodes one (a completion): with the tokenizer's BOS, where it adds one
+        ids = [r.prompt_ids or tokenizer.encode(r.prompt) for r in batch]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding for generation
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
