@@ -19,14 +19,27 @@ if TYPE_CHECKING:
 EVAL_TOKENS = 16384  # the default perplexity span of `llmfast eval` (recipe.PerplexityConfig.max_tokens)
 
 
+def text_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """A text's token ids as eval scores and methods calibrate on them: after the BOS where the tokenizer's own call
+    adds one (Llama's, Gemma's: their models are trained with it, and transformers' perplexity recipe and lm-eval's
+    rolling windows start with it), and no EOS (a tokenizer set to add one would end the book with it)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a").input_ids[:1] == [bos] != tokenizer("a", add_special_tokens=False).input_ids[:1]:
+        return [bos, *ids]
+    return ids
+
+
 def text_ids(tokenizer: Any, path: str | Path) -> "torch.Tensor":
-    """The whole text as 1-D token ids (no special tokens); a missing or undecodable file is one line."""
+    """The whole text as 1-D token ids (`text_token_ids`); a missing or undecodable file is one line."""
+    import torch
+
     path = Path(path)
-    # read as eval reads its perplexity text, so that the tokens skipped for it are the ones it scores
+    # read and encoded as eval reads its perplexity text, so that the tokens skipped for it are the ones it scores
     text = read_text(path, "calibration text")
     if not text.strip():
         raise UserError(f"calibration text {path} is empty: give a text with content")
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return torch.tensor(text_token_ids(tokenizer, text), dtype=torch.long)
 
 
 def windows(ids: "torch.Tensor", window: int, what: str) -> "torch.Tensor":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import check_writable_parent
+from llmfast.calibration import text_token_ids
 from llmfast.data.chat import check_ids_fit, prompt_and_answer, render_chat
 from llmfast.data.jsonl import read_jsonl
 from llmfast.data.shapes import ShapeCheck
@@ -45,7 +46,7 @@ def perplexity(
 
     if stride > context:
         raise UserError(f"perplexity: stride ({stride}) must not exceed context ({context})")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = torch.tensor(text_token_ids(tokenizer, text), dtype=torch.long)  # with a BOS where the tokenizer adds one
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:
@@ -249,7 +250,7 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
                                 f"of {path}: shorten the row{'' if limit.rotary else ' or lower eval.max_new_tokens'}")
     if cfg.perplexity is not None:
         p = cfg.perplexity
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = text_token_ids(tokenizer, text)
         check_ids_fit(ids[: p.max_tokens] if p.max_tokens else ids, vocab, str(p.text))
         if min(len(ids), p.max_tokens or len(ids)) < 2:
             raise UserError(f"eval.perplexity: {p.text} has {len(ids)} token(s)" + (

@@ -120,3 +120,33 @@ def test_generation_stops_at_generation_configs_end_of_turn(families: dict[str, 
     results, _ = run_hf(lm, tok, [Request("Hello there.", 0, 1)], batch_size=1)
     assert results[0].prompt_len == len(raw("Hello there.").input_ids) == len(raw.encode("Hello there.",
                                                                                          add_special_tokens=False)) + 1
+
+
+def test_perplexity_and_calibration_start_with_the_bos_the_tokenizer_adds(families: dict[str, Path], tmp_path: Path
+                                                                         ) -> None:
+    """Eval's perplexity is the model's own loss on the tokenizer's own call (Llama 3's starts with its BOS, as
+    transformers' perplexity recipe has it), and calibration skips those same ids, the BOS counted."""
+    import math
+
+    import torch
+
+    from llmfast.calibration import text_ids
+    from llmfast.evaluate import perplexity
+    from llmfast.models import load_model
+
+    text = "It was a truth universally acknowledged, then as now, that a single man wanted a wife."
+    tok, model = load_tokenizer(families["llama3"]), load_model(families["llama3"])
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id
+    with torch.inference_mode():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    got = perplexity(model, tok, text, context=64, stride=64)
+    assert got["tokens"] == ids.shape[1] - 1 and got["ppl"] == pytest.approx(math.exp(loss), rel=1e-4)
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    assert text_ids(tok, tmp_path / "t.txt").tolist() == ids[0].tolist()
+    from tokenizers import Tokenizer
+
+    from llmfast.testing import family_tokenizer
+
+    chatml = family_tokenizer("chatml", Tokenizer.from_file(str(families["llama3"] / "tokenizer.json")))  # adds none
+    assert text_ids(chatml, tmp_path / "t.txt").tolist() == chatml(text).input_ids == ids[0, 1:].tolist()
