@@ -4,6 +4,8 @@ does with them: Llama 3's (a BOS the tokenizer adds and the template writes, no 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -150,3 +152,36 @@ def test_perplexity_and_calibration_start_with_the_bos_the_tokenizer_adds(famili
 
     chatml = family_tokenizer("chatml", Tokenizer.from_file(str(families["llama3"] / "tokenizer.json")))  # adds none
     assert text_ids(chatml, tmp_path / "t.txt").tolist() == chatml(text).input_ids == ids[0, 1:].tolist()
+
+
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                    "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")  # Mistral 7B v0.1's
+
+
+def test_a_sentencepiece_only_tokenizer_trains_on_apply_chat_templates_ids(families: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """A tokenizer.model alone (Llama 2's, Mistral's way): SentencePiece starts every encoded piece with a word
+    boundary, so the answer "4" after `[/INST]` was trained as "▁4", and each later `[INST]` had an extra "▁" before
+    it: the ids trained on are now apply_chat_template's, the labels still on the answers and their </s>."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from llmfast.testing import _default_corpus
+
+    model = tmp_path / "sp"
+    model.mkdir()
+    os.link(families["llama3"] / "model.safetensors", model / "model.safetensors")  # 1024 rows, for 1000 pieces
+    shutil.copy(families["llama3"] / "config.json", model)
+    lines = [line for text in _default_corpus() for line in text.splitlines() if line.strip()]
+    with (model / "tokenizer.model").open("wb") as f:
+        sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines[:4000]), model_writer=f, vocab_size=1000,
+                                                 model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                                 pad_id=-1, minloglevel=2)
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False, "chat_template": MISTRAL_TEMPLATE}))
+    raw, tok = AutoTokenizer.from_pretrained(model), load_tokenizer(model)
+    ex = encode_messages(tok, CHAT)
+    assert ex.input_ids == _ids(raw.apply_chat_template(CHAT))
+    learned = [t for t, label in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.labels) if label != IGNORE]
+    assert learned == ["4", "</s>", "6", "</s>"]

@@ -3,7 +3,8 @@
 Each assistant turn's span is found by rendering the conversation through the model's own chat template
 twice, up to the turn with the generation prompt and up to the end of the turn, so the labels cover
 exactly what the model would have to generate (answer and end-of-turn token) whatever the template.
-Pieces are tokenized one by one and concatenated: the ids trained on are the ids labelled.
+Each piece's ids are those that follow the ids before it in the whole text's encoding (`_continuation`):
+the ids trained on are the ids labelled, and those the model sees and generates at inference.
 """
 
 from __future__ import annotations
@@ -119,12 +120,26 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
         if not prompt.startswith(done) or not upto.startswith(prompt):
             raise UserError("the chat template does not render conversations as prefixes of each other; "
                             "completion-only labels need a template like ChatML")
-        for text, learn in ((prompt[len(done):], False), (upto[len(prompt):], True)):
-            piece = tokenizer(text, add_special_tokens=False).input_ids if text else []
+        for text, learn in ((prompt, False), (upto, True)):
+            piece = _continuation(tokenizer, text, done, ids)
             ids.extend(piece)
             labels.extend(piece if learn else [IGNORE] * len(piece))
-        done = upto
+            done = text
     return Encoded(ids, labels, row)
+
+
+def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, ids: list[int]) -> list[int]:
+    """The ids that follow `ids` (the encoding of `done`, a prefix of `text`): those of the whole `text` after `ids`,
+    as a prompt encoded whole and the tokens generated after it are, where the whole text's encoding starts with
+    `ids`; else (a token merging across the cut, as " 3" of a prompt ending in a space) the rest encoded alone, as a
+    prompt is encoded before the model answers it. Encoding each piece alone would start every piece of a
+    SentencePiece tokenizer (Llama 2's, Mistral's) with a word boundary: "▁4" trained for the "4" after `[/INST]`."""
+    if text == done:
+        return []
+    whole = tokenizer(text, add_special_tokens=False).input_ids
+    if whole[: len(ids)] == ids:
+        return whole[len(ids):]
+    return tokenizer(text[len(done):], add_special_tokens=False).input_ids
 
 
 @dataclass
