@@ -185,3 +185,19 @@ def test_a_sentencepiece_only_tokenizer_trains_on_apply_chat_templates_ids(famil
     assert ex.input_ids == _ids(raw.apply_chat_template(CHAT))
     learned = [t for t, label in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.labels) if label != IGNORE]
     assert learned == ["4", "</s>", "6", "</s>"]
+
+
+def test_bench_prompt_files_are_encoded_as_vllm_encodes_them(families: dict[str, Path], tmp_path: Path) -> None:
+    """Custom and ShareGPT prompts carry the BOS vLLM's server puts before a text prompt (and its datasets count):
+    without it a Llama was benchmarked on prompts it never sees served, and ShareGPT kept other conversations."""
+    from llmfast.bench.workload import jsonl_requests, sharegpt_requests
+
+    tok = load_tokenizer(families["llama3"])
+    prompt, reply = "Tell me about the navy, please.", "The navy is a fine profession for a gentleman."
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n", encoding="utf-8")
+    (tmp_path / "s.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": prompt},
+                                                                     {"from": "gpt", "value": reply}]}]))
+    (custom,) = jsonl_requests(tmp_path / "p.jsonl", tok, 8)
+    (shared,) = sharegpt_requests(tmp_path / "s.json", tok, 1)
+    assert custom.prompt_ids == shared.prompt_ids == tok(prompt).input_ids and custom.prompt_ids[0] == tok.bos_token_id
+    assert shared.prompt_len == len(shared.prompt_ids) and shared.output_len == len(tok(reply).input_ids)

@@ -107,7 +107,7 @@ def jsonl_requests(path: str | Path, tokenizer: Any, output_len: int, num: int |
         n_out = row.get("output_len", output_len)
         if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out < 1:
             raise UserError(f"{path}:{line}: 'output_len' must be a positive integer (got {n_out!r})")
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = tokenizer.encode(prompt)  # with a BOS where the tokenizer adds one, as vLLM's server encodes a prompt
         requests.append(Request(prompt=prompt, prompt_len=len(ids), output_len=n_out, prompt_ids=ids))
     return requests
 
@@ -136,8 +136,10 @@ def sharegpt_requests(path: str | Path, tokenizer: Any, num: int, output_len: in
     requests = []
     for i, prompt, reply in pairs:
         check_characters([prompt, reply], f"--dataset-path {path}: conversation {i}")
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        n_out = output_len or len(tokenizer.encode(reply, add_special_tokens=False))
+        # counted as vLLM's ShareGPT sampling counts (`tokenizer(text).input_ids`, a BOS where the tokenizer adds one,
+        # the reply's too), so that the same conversations are kept; the prompt as vLLM's server encodes it
+        ids = tokenizer.encode(prompt)
+        n_out = output_len or len(tokenizer.encode(reply))
         too_short = len(ids) < 4 or (output_len is None and n_out < 4)  # a fixed length is the user's choice
         if too_short or len(ids) > 1024 or len(ids) + n_out > 2048:
             continue
