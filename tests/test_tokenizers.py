@@ -188,9 +188,10 @@ def test_a_sentencepiece_only_tokenizer_trains_on_apply_chat_templates_ids(famil
 
 
 def test_bench_prompt_files_are_encoded_as_vllm_encodes_them(families: dict[str, Path], tmp_path: Path) -> None:
-    """Custom and ShareGPT prompts carry the BOS vLLM's server puts before a text prompt (and its datasets count):
-    without it a Llama was benchmarked on prompts it never sees served, and ShareGPT kept other conversations."""
-    from llmfast.bench.workload import jsonl_requests, sharegpt_requests
+    """Custom, ShareGPT and random prompts carry the BOS vLLM's server puts before a text prompt (and its datasets
+    count): without it a Llama was benchmarked on prompts it never sees served, and ShareGPT kept other
+    conversations."""
+    from llmfast.bench.workload import jsonl_requests, random_requests, sharegpt_requests
 
     tok = load_tokenizer(families["llama3"])
     prompt, reply = "Tell me about the navy, please.", "The navy is a fine profession for a gentleman."
@@ -201,3 +202,6 @@ def test_bench_prompt_files_are_encoded_as_vllm_encodes_them(families: dict[str,
     (shared,) = sharegpt_requests(tmp_path / "s.json", tok, 1)
     assert custom.prompt_ids == shared.prompt_ids == tok(prompt).input_ids and custom.prompt_ids[0] == tok.bos_token_id
     assert shared.prompt_len == len(shared.prompt_ids) and shared.output_len == len(tok(reply).input_ids)
+    # random prompts: the BOS counts towards --random-input-len, as in vLLM's random dataset
+    for r in random_requests(tok, 3, input_len=12, output_len=4, seed=0):
+        assert r.prompt_ids == tok(r.prompt).input_ids and r.prompt_len == len(r.prompt_ids) == 12

@@ -62,14 +62,17 @@ def random_requests(tokenizer: Any, num: int, input_len: int, output_len: int, r
         raise UserError(f"--random-range-ratio {range_ratio}: must be in [0, 1)")
     rng = np.random.default_rng(seed)
     allowed = _stable_tokens(tokenizer)
+    # as vLLM's random prompts: the tokenizer's special tokens (a BOS, for a Llama) count towards input_len, and go
+    # before the text as vLLM's server puts them before a text prompt
+    special = len(tokenizer.encode("a")) - len(tokenizer.encode("a", add_special_tokens=False))
     prefix = _exact_text(tokenizer, allowed, rng, prefix_len)[0] if prefix_len else ""
     ins, outs = _sizes(rng, num, input_len, range_ratio, 1), _sizes(rng, num, output_len, range_ratio, 1)
     requests = []
     for n_in, n_out in zip(ins, outs):
-        text, ids = _exact_text(tokenizer, allowed, rng, n_in)
-        if prefix:
-            text = prefix + text
-            ids = tokenizer.encode(text, add_special_tokens=False)
+        text, ids = _exact_text(tokenizer, allowed, rng, max(1, n_in - special))
+        text = prefix + text
+        if prefix or special:
+            ids = tokenizer.encode(text)
         requests.append(Request(prompt=text, prompt_len=len(ids), output_len=n_out, prompt_ids=ids))
     return requests
 
