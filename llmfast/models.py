@@ -273,8 +273,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
         raise UserError(f"{path}: transformers cannot load its tokenizer ({type(e).__name__}: "
                         f"{first_line(e)}): restore tokenizer.json and tokenizer_config.json "
                         "(e.g. from the model it was made from)") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # Llama's: padding is masked by position, never by id, so any token pads
+        # the EOS, as transformers' examples do; a tokenizer with none either (a bare tokenizer.json) pads with id 0
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
+            tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 

@@ -205,3 +205,15 @@ def test_bench_prompt_files_are_encoded_as_vllm_encodes_them(families: dict[str,
     # random prompts: the BOS counts towards --random-input-len, as in vLLM's random dataset
     for r in random_requests(tok, 3, input_len=12, output_len=4, seed=0):
         assert r.prompt_ids == tok(r.prompt).input_ids and r.prompt_len == len(r.prompt_ids) == 12
+
+
+def test_a_tokenizer_without_eos_or_pad_still_pads(families: dict[str, Path], tmp_path: Path) -> None:
+    """A bare tokenizer.json (no special tokens named): finetune's batches were a "Could not infer dtype of NoneType"
+    traceback mid-run, its output left as a stopped run; any id pads, since padding is masked by position."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_file=str(families["llama3"] / "tokenizer.json")).save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_token is None and tok.pad_token_id == 0
+    rows = [encode_text(tok, "Hello there."), encode_text(tok, "Hi.")]
+    assert collate([[r] for r in rows], tok.pad_token_id).tensors()["input_ids"][1, -1] == 0
