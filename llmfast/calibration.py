@@ -24,10 +24,9 @@ def text_token_ids(tokenizer: Any, text: str) -> list[int]:
     adds one (Llama's, Gemma's: their models are trained with it, and transformers' perplexity recipe and lm-eval's
     rolling windows start with it), and no EOS (a tokenizer set to add one would end the book with it)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a").input_ids[:1] == [bos] != tokenizer("a", add_special_tokens=False).input_ids[:1]:
-        return [bos, *ids]
-    return ids
+    bos, first = tokenizer.bos_token_id, tokenizer("a").input_ids[:1]
+    adds = bos is not None and first == [bos] != tokenizer("a", add_special_tokens=False).input_ids[:1]
+    return [bos, *ids] if adds else ids
 
 
 def text_ids(tokenizer: Any, path: str | Path) -> "torch.Tensor":

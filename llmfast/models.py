@@ -251,7 +251,8 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
 def check_chat_template_file(path: str | os.PathLike[str]) -> None:
     """A `chat_template.jinja` saved with a UTF-8 byte-order mark (an editor's) is refused: transformers, and vLLM
     through it, keep the mark, so every prompt would start with U+FEFF's tokens, before even the template's BOS.
-    Refused rather than dropped so that both engines see the same template: vLLM reads the file itself."""
+    Refused rather than dropped: vLLM's server loads the template itself (through transformers), so a mark dropped
+    here alone would leave the served model's prompts marked and the two engines apart."""
     try:
         with (Path(path) / "chat_template.jinja").open("rb") as f:
             head = f.read(3)

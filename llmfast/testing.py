@@ -144,8 +144,8 @@ def family_tokenizer(family: str, bpe: Any = None) -> Any:
     bos, eos, pad, adds_bos, template, _ = FAMILIES[family]
     tok = Tokenizer.from_str(bpe.to_str())  # a copy: the post-processor is this family's
     # as Llama 3's and Gemma's tokenizer.json do: every encode with add_special_tokens (the default) starts with it
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tok.token_to_id(bos))]) if adds_bos else None
+    tok.post_processor = None if not adds_bos else processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
     fast.chat_template = template
     return fast
