@@ -358,14 +358,25 @@ def test_autoround_settings_never_ask_for_more_windows_than_there_are() -> None:
 def test_tuning_moves_the_rounding_and_records_its_cost(quantized: tuple[Path, Path], tmp_path: Path) -> None:
     """`iters > 0` tunes (AutoRound's signed gradient descent on the calibration windows, `batch_size` per step):
     the artifact still loads, some weights round differently from round-to-nearest of the same group size, and the
-    manifest says how much calibration ran and what a block-iteration cost."""
+    manifest says how much calibration ran and what a block-iteration cost. AutoRound's log lines (how it was
+    called, where it saved its scratch copy) are not the user's to read."""
     from safetensors import safe_open
 
     from llmfast.models import load_model
 
     base, rtn = quantized
     out = tmp_path / "w4-tuned"
-    assert main(["quantize", str(_recipe(tmp_path, base, out, iters=4, nsamples=4, batch_size=2, lr=0.05))]) == 0
+    import logging
+
+    said: list[str] = []  # what AutoRound's own logger (its handler writes to stderr) is given to say
+    listener = logging.Handler()
+    listener.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("autoround").addHandler(listener)
+    try:
+        assert main(["quantize", str(_recipe(tmp_path, base, out, iters=4, nsamples=4, batch_size=2, lr=0.05))]) == 0
+    finally:
+        logging.getLogger("autoround").removeHandler(listener)
+    assert said == []
     manifest = json.loads((out / "llmfast.json").read_text())
     assert manifest["quantization"]["config"]["batch_size"] == 2
     metrics = manifest["metrics"]

@@ -17,11 +17,12 @@ The head and the embeddings stay in full precision. Input sizes must divide by t
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import Field
 
@@ -277,11 +278,12 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     apply_config_cut(model, model_dir)  # a relufy source's cut: the model eval runs, which AutoRound fits
     settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available(), dtype)
     samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
-    rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)
     scratch = out_dir / ".autoround"
-    start = time.perf_counter()
-    _, folders = rounder.quantize_and_save(str(scratch), format="auto_round")
-    seconds = time.perf_counter() - start
+    with _quiet_autoround():
+        rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)
+        start = time.perf_counter()
+        _, folders = rounder.quantize_and_save(str(scratch), format="auto_round")
+        seconds = time.perf_counter() - start
     folder = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)
     for f in folder.iterdir():  # AutoRound writes into a subfolder named after the model; the artifact is flat
         shutil.move(str(f), out_dir / f.name)
@@ -295,6 +297,21 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     if cfg.iters and blocks:  # what a tuning budget costs on this machine (the first block includes compiling)
         metrics["seconds_per_block_iter"] = round(seconds / (blocks * cfg.iters), 4)
     return metrics
+
+
+@contextlib.contextmanager
+def _quiet_autoround() -> Iterator[None]:
+    """AutoRound's log without its notes on how it was called and where it saved its scratch copy (a dozen coloured
+    lines, a temporary path among them); its errors and its progress bar stay."""
+    import logging
+
+    log = logging.getLogger("autoround")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool, dtype: str = "float32"
