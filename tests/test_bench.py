@@ -5,14 +5,17 @@ conformance, readiness, bad URLs and ports, a stalled stream, what vLLM's flags 
 import contextlib
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from llmfast.bench.engines import ENGINES, OfflineEngine, Variant
 from llmfast.bench.workload import random_requests
 from llmfast.errors import UserError
@@ -181,10 +184,7 @@ def test_bench_serve_refuses_a_result_folder_it_cannot_write(tmp_path):
     """A --result-dir under a folder this user cannot write is one line before any request (the results of minutes of
     load were lost at the end); run as this user, and as root without its file-mode override (s45's mutation audit:
     untested)."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, file_modes_prefix
+    from conftest import file_modes_prefix
 
     prefix = file_modes_prefix(tmp_path)
     locked = tmp_path / "locked"
@@ -241,6 +241,23 @@ def test_a_queue_is_not_a_stall(fake_server, tmp_path):
     assert code == 0, err
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["completed"] == 4 and r["failed"] == 0
+
+
+def test_bench_serve_saves_its_result_before_a_closed_pipe_ends_it(fake_server, tmp_path):
+    """`llmfast bench serve ... --save-result | head -1`: the summary's first line closes the pipe, which ends the
+    process (status 141); the result was saved after the summary was printed, so it was never written."""
+    _, url = fake_server()
+    r, w = os.pipe()
+    os.close(r)  # the reader has left before the first line
+    try:
+        p = subprocess.run([sys.executable, "-m", "llmfast", "bench", "serve", "--base-url", url, "--num-prompts", "2",
+                            "--random-input-len", "8", "--random-output-len", "2", "--disable-tqdm", "--save-result",
+                            "--result-dir", str(tmp_path), "--result-filename", "r.json"], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
+    assert json.loads((tmp_path / "r.json").read_text())["completed"] == 2
 
 
 def test_bench_serve_sends_what_vllm_flags_ask(fake_server, tmp_path):

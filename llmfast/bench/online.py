@@ -313,12 +313,13 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
                 desc=f"rate {rate} conc {conc}" if sweep else "requests")
             # --metadata may replace the run's setup, as in vLLM, never what it measured (vLLM merges those last)
             result.update({k: v for k, v in metadata.items() if k in METADATA_REPLACES or k not in result})
+            path = result_path(args.result_dir, args.result_filename, result, sweep) if args.save_result else None
+            if path is not None:  # saved before the summary is printed: `| head -1` then closes no result's file
+                atomic_write_json(path, result)
             print(format_summary(result))
             if result["status"] == "failed":
                 print(f"FAILED: {result['failure_cause']}")
-            if args.save_result:
-                path = result_path(args.result_dir, args.result_filename, result, sweep)
-                atomic_write_json(path, result)
+            if path is not None:
                 print(f"result: {path}")
             results.append(result)
     return results
