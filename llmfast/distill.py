@@ -134,7 +134,8 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
                           **({"disable": True} if count <= chunk else {})):
             prompt = torch.full((min(chunk, count - first), 1), start, dtype=torch.long, device=device)
             rows = teacher.generate(prompt, do_sample=True, top_k=50, max_new_tokens=length - 1,
-                                    min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or start)
+                                    min_new_tokens=length - 1,
+                                    pad_token_id=start if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
             out.append(rows[:, :length].cpu())
     return torch.cat(out)
 
