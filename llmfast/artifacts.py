@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -287,7 +288,20 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """`data` as JSON that strict parsers (jq, JavaScript) read: a NaN or infinite number is written as null
+    (json.dumps writes `NaN` and `Infinity`, which they refuse)."""
+    return atomic_write_text(path, json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def finite(data: Any) -> Any:
+    """`data` with every float that is not finite replaced by None, in lists and dicts at any depth."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
 
 
 def lineage_ref(spec: str) -> str:
@@ -333,90 +347,6 @@ def latest_step(folder: Path) -> Path | None:
     """The last complete `step-N` folder (its state.json written last) of a checkpoints folder, or None."""
     found = [p for p in step_folders(folder) if (p / "state.json").is_file()]
     return found[-1] if found else None
-
-
-WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, to remove when the artifact is done
-
-
-def check_work_dir(work: Path) -> None:
-    """A training verb's work folder beside its output (OUTPUT.checkpoints) is removed when the run starts afresh
-    and when the artifact is complete: refuse one that llmfast did not mark as its own rather than delete a user's
-    files (an empty folder holds none)."""
-    if work.is_symlink() or (work.exists() and not work.is_dir()):
-        raise UserError(f"{work} is not a folder llmfast made (a link or a file): move it away, or choose another "
-                        "output")
-    if not work.exists() or not any(work.iterdir()):
-        return
-    mark = work / WORK_MARK
-    if not mark.is_file():
-        raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
-                        "and deletes it when done): move it away, or choose another output (a run of an llmfast "
-                        "before 2026-12-05 did not record the model it trained, so it is not resumed: delete it)")
-
-
-def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
-    """`--resume` continues only the run the work folder's mark records (`run`: the source model, the method, its
-    settings...), so checkpoints of another model or other settings are refused, naming what differs. A folder
-    `check_work_dir` accepted; a mark of an earlier version records no run and is not compared."""
-    try:
-        recorded = json.loads((work / WORK_MARK).read_text(encoding="utf-8") or "{}").get("run")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        return  # marked by an earlier version, which did not record the run
-    from llmfast.modelfiles import same_weights  # the weights decide, not the path (a moved project resumes)
-    same = same_weights(run.get("model", ""), recorded.get("weights"), run.get("weights"))
-    for key, value in run.items():
-        was = recorded.get(key)
-        if key == "weights":  # a mark of an earlier version recorded none
-            if was is not None and not same:
-                raise UserError(f"--resume: {work} holds a run on other weights than those of {run.get('model')} now "
-                                "(the model was re-made or re-saved since?): resume with the model it started from, "
-                                "or start again with --overwrite")
-            continue
-        if was != value and not (key == "model" and same):
-            where = key
-            if isinstance(was, dict) and isinstance(value, dict):  # name the setting, not the whole section
-                inner = sorted(k for k in {*was, *value} if was.get(k) != value.get(k))[0]
-                where, was, value = f"{key}.{inner}", was.get(inner), value.get(inner)
-            raise UserError(f"--resume: {work} holds a run with {where} {_short(was)}, this one has {_short(value)}: "
-                            "resume with the same recipe, or start again with --overwrite")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def mark_work_dir(work: Path, run: dict[str, Any] | None = None) -> Path:
-    """Create (or keep) the work folder, marked as llmfast's (the verb checked it with `check_work_dir`); `run`
-    (the source model, method and settings) is recorded in the mark so that `--resume` can check it."""
-    work.mkdir(parents=True, exist_ok=True)
-    mark = work / WORK_MARK
-    if run is not None:
-        atomic_write_json(mark, {"run": run})
-    elif not mark.exists():
-        mark.touch()
-    return work
-
-
-@contextlib.contextmanager
-def marked_work_dir(work: Path, run: dict[str, Any] | None = None, resume: bool = False) -> Iterator[Path]:
-    """The verb's work folder, marked for the run; if the run fails before anything but the mark is in it (a
-    setting the method refuses), it is removed again, so a refused run leaves nothing. A resumed run keeps the
-    mark of the run it continues."""
-    mark_work_dir(work, None if resume and (work / WORK_MARK).is_file() else run)
-    try:
-        yield work
-    except BaseException:
-        if not holds_work(work):
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-def holds_work(work: Path) -> bool:
-    """Whether an earlier run left anything in the work folder besides the mark."""
-    return work.is_dir() and any(p.name != WORK_MARK for p in work.iterdir())
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, latest_step, mark_work_dir, step_folders
+from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, finite, latest_step, step_folders
+from llmfast.work_dir import mark_work_dir
 from llmfast.errors import UserError
 from llmfast.finetune.optimizers import optimizer_step
 
@@ -369,7 +370,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
     mixed = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     tokens_per_step = settings.batch_size * rows.shape[1]
     if evaluate is not None and eval_every and start == 0:
-        append_line(log_path, json.dumps({"step": 0, "tokens": 0, "lr": 0.0, **measured()}))
+        append_line(log_path, json.dumps(finite({"step": 0, "tokens": 0, "lr": 0.0, **measured()})))
     bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", file=sys.stderr)
     for step in range(start, settings.steps):
         if before_step is not None:
@@ -396,7 +397,7 @@ def distill(student: Any, teacher: Any, rows: torch.Tensor, settings: DistillSet
         if done % settings.log_every == 0 or done == settings.steps or evaluating:
             line = {"step": done, "tokens": done * tokens_per_step, "kl": loss_value, "lr": lr_at(settings, step),
                     **(log_extra() if log_extra else {}), **(measured() if evaluating else {})}
-            append_line(log_path, json.dumps(line))
+            append_line(log_path, json.dumps(finite(line)))
         if done % settings.save_every == 0 and done < settings.steps:
             save_checkpoint(work, student, optimizer, done, settings, rows=digest)
     if start < settings.steps:

@@ -243,7 +243,7 @@ def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 def test_a_work_folder_that_is_a_link_or_a_file_is_refused(tmp_path):
     """Starting afresh removes OUTPUT.checkpoints: a link there (to a user's folder) or a file is not llmfast's."""
-    from llmfast.artifacts import check_work_dir
+    from llmfast.work_dir import check_work_dir
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "out.checkpoints").symlink_to(tmp_path / "mine")
@@ -256,7 +256,7 @@ def test_a_work_folder_that_is_a_link_or_a_file_is_refused(tmp_path):
 
 def test_a_failed_run_removes_a_work_folder_holding_only_its_mark_and_keeps_checkpoints(tmp_path):
     """A refused setting leaves nothing beside the output; an interrupted run keeps its checkpoints for --resume."""
-    from llmfast.artifacts import WORK_MARK, marked_work_dir
+    from llmfast.work_dir import WORK_MARK, marked_work_dir
 
     work = tmp_path / "out.checkpoints"
     with pytest.raises(ValueError):
@@ -356,7 +356,7 @@ def test_resume_compares_the_marked_run_and_passes_over_what_older_marks_lack(tm
     """check_resumed_run: other settings or other weights are refused naming what differs; the same weights at
     another path continue; a mark of an earlier version (no weights recorded, or no run object) is not compared
     (s46's mutation audit: those two edges were untested)."""
-    from llmfast.artifacts import WORK_MARK, check_resumed_run
+    from llmfast.work_dir import WORK_MARK, check_resumed_run
 
     work = tmp_path / "out.checkpoints"
     work.mkdir()
@@ -377,3 +377,20 @@ def test_resume_compares_the_marked_run_and_passes_over_what_older_marks_lack(tm
     marked({**run, "settings": {"x": 1, "y": 3}})
     with pytest.raises(UserError, match=r"holds a run with settings\.y 3, this one has 2: resume with the same recipe"):
         check_resumed_run(work, run)
+
+
+def test_json_the_kit_writes_is_strict_json(tmp_path: Path) -> None:
+    """A perplexity of inf or a NaN rate became `Infinity` / `NaN` in results and manifests: Python reads them back,
+    jq and JavaScript refuse the whole file. Written as null, at any depth, other values untouched."""
+    import math
+
+    import numpy as np
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    data = {"ppl": math.inf, "rows": [1, -math.inf, {"rate": float("nan"), "ok": 2.5}], "np": np.float64("nan"),
+            "pair": (math.nan, "x"), "flag": True, "none": None}
+    assert strict(atomic_write_json(tmp_path / "r.json", data).read_text()) == {
+        "ppl": None, "rows": [1, None, {"rate": None, "ok": 2.5}], "np": None, "pair": [None, "x"], "flag": True,
+        "none": None}

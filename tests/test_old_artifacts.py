@@ -177,7 +177,7 @@ def fingerprints_of_2026_12_05(root: Path, tiny: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from llmfast.artifacts import WORK_MARK, check_resumed_run
+    from llmfast.work_dir import WORK_MARK, check_resumed_run
     from llmfast.errors import UserError
     from llmfast.finetune.checkpoint import SavedTraining, check_fit
     from llmfast.modelfiles import weights_fingerprint

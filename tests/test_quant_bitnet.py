@@ -290,7 +290,7 @@ def test_overwrite_starts_afresh_over_an_earlier_runs_checkpoints(tiny: Path, tm
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """An earlier run's checkpoints beside the output: refused without a flag (they are not silently dropped), and
     `--overwrite` is the flag that starts again; the run completes and their folder is gone."""
-    from llmfast.artifacts import mark_work_dir
+    from llmfast.work_dir import mark_work_dir
 
     out = tmp_path / "ternary"
     work = mark_work_dir(tmp_path / "ternary.checkpoints", {"verb": "quantize"})

@@ -566,7 +566,7 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a run with settings.seed 42, this one has 7" in err, err
     assert not out.exists()
-    from llmfast.artifacts import WORK_MARK
+    from llmfast.work_dir import WORK_MARK
 
     mark = tmp_path / "killed.checkpoints" / WORK_MARK
     recorded = mark.read_bytes()

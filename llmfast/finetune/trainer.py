@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, write_manifest
+from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, finite, write_manifest
 from llmfast.data.chat import Encoded, read_examples
 from llmfast.data.packing import Batch, collate, pack
 from llmfast.errors import UserError
@@ -372,7 +372,7 @@ def _train(run: Run) -> dict[str, Any]:
                     entry["eval_loss"] = round(fresh_eval, 6)
                 if run.scaler is not None:
                     entry["loss_scale"] = run.scaler.get_scale()
-                append_line(log_path, json.dumps(entry))
+                append_line(log_path, json.dumps(finite(entry)))
             window_loss, window_steps = 0.0, 0
         if tc.save_every and done % tc.save_every == 0 and done != run.total_steps:
             ckpts.save_checkpoint(acc, run.model, run.optimizer, run.scheduler, run.scaler, run.out, done,

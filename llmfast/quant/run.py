@@ -56,8 +56,8 @@ def run_quantize(recipe: Any, resume: bool = False, overwrite: bool = False) -> 
 
 
 def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]]:
-    from llmfast.artifacts import (atomic_dir, check_output, check_resumed_run, check_work_dir, holds_work,
-                                   marked_work_dir, write_manifest)
+    from llmfast.artifacts import atomic_dir, check_output, write_manifest
+    from llmfast.work_dir import check_resumed_run, check_work_dir, holds_work, marked_work_dir
     from llmfast.sources import check_source
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib

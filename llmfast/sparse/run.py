@@ -51,7 +51,8 @@ def work_dir_of(output: Path) -> Path:
 
 
 def _check_outputs(recipe: Any, method: base.Sparsifier, resume: bool, overwrite: bool) -> Path:
-    from llmfast.artifacts import check_output, check_work_dir
+    from llmfast.artifacts import check_output
+    from llmfast.work_dir import check_work_dir
 
     out = Path(recipe.output).expanduser()
     local = Path(recipe.model).expanduser()
@@ -84,7 +85,8 @@ def run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool = False, ove
 def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite: bool) -> dict[str, Any]:
     import torch
 
-    from llmfast.artifacts import atomic_dir, check_resumed_run, marked_work_dir, write_manifest
+    from llmfast.artifacts import atomic_dir, write_manifest
+    from llmfast.work_dir import check_resumed_run, marked_work_dir
     from llmfast.loading import check_positions
     from llmfast.modelfiles import weights_fingerprint
     from llmfast.models import load_tokenizer, resolve_model
