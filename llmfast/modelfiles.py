@@ -161,6 +161,7 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
         raise UserError(f"{cfg_path}: the adapter config must be a JSON object, not {type(cfg).__name__}: {fix}")
     if "peft_type" not in cfg and "r" not in cfg:
         raise UserError(f"{cfg_path}: neither 'peft_type' nor 'r': not a PEFT LoRA adapter config: {fix}")
+    _check_adapter_kind(cfg, cfg_path)
     for key in ("r", "lora_alpha"):  # what PEFT computes the scaling from: a wrong type fails deep inside it
         value = cfg.get(key)
         if key in cfg and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -168,11 +169,13 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         names = set(safetensors_header(weights, fix)) - {"__metadata__"}
+        _check_adapter_tensors(cfg, names, weights)
         for name in sorted(names):  # a LoRA matrix without its partner: PEFT would keep the partner's random init
             for one, other in (("lora_A", "lora_B"), ("lora_B", "lora_A"), ("lora_embedding_A", "lora_embedding_B"),
                                ("lora_embedding_B", "lora_embedding_A")):
-                # PEFT names a linear's matrices `...lora_A.weight`, an embedding's `...lora_embedding_A` (no suffix)
-                partner = re.sub(rf"\.{one}(?=\.|$)", f".{other}", name)
+                # PEFT names a linear's matrices `...lora_A.weight`, an embedding's `...lora_embedding_A` (no suffix);
+                # `...lora_B.bias` (lora_bias) has no lora_A partner
+                partner = re.sub(rf"\.{one}(?=(\.[^.]+)?\.weight$|$)", f".{other}", name)
                 if partner != name and partner not in names:
                     raise UserError(f"{weights}: {name} has no {other} beside it: the file is incomplete; {fix}")
     elif (path / "adapter_model.bin").is_file():
@@ -182,6 +185,37 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     else:  # PEFT would look for it on the hub instead, and fail there with a traceback
         raise UserError(f"{path}: no adapter_model.safetensors: the adapter's weights are missing; {fix}")
     return path
+
+
+# PEFT types that prepend learned virtual tokens instead of changing weights: nothing to merge, and a causal-LM
+# score or export without those tokens would be the base model's
+_PROMPT_TYPES = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT")
+
+
+def _check_adapter_kind(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """Adapters other tools save that PEFT would load onto a causal LM as something else: virtual-token types, and
+    adapters trained for another task's head (PEFT drops the head it cannot find, and runs the rest)."""
+    peft_type = cfg.get("peft_type")
+    if isinstance(peft_type, str) and peft_type.upper() in _PROMPT_TYPES:
+        raise UserError(f"{cfg_path}: peft_type {peft_type} adds learned virtual tokens to each prompt instead of "
+                        "changing weights, which llmfast does not run: use a LoRA adapter (or merge it into the "
+                        "model's weights with PEFT yourself)")
+    task = cfg.get("task_type")
+    if task is not None and str(task).upper() != "CAUSAL_LM":
+        raise UserError(f"{cfg_path}: task_type {task}: the adapter was trained for another task than causal "
+                        "language modelling (PEFT would drop that task's head and run the rest): use an adapter "
+                        "trained with task_type CAUSAL_LM")
+
+
+def _check_adapter_tensors(cfg: dict[str, Any], names: set[str], weights: Path) -> None:
+    """Tensors that only a config option makes PEFT load: with the option off in the config PEFT skips them with a
+    warning and runs another adapter than the one trained (DoRA's magnitudes, LoRA-B biases)."""
+    for suffix, key in (("lora_magnitude_vector", "use_dora"), ("lora_B.bias", "lora_bias")):
+        found = sorted(n for n in names if re.search(rf"\.{re.escape(suffix)}(\.|$)", n))
+        if found and not cfg.get(key):
+            raise UserError(f"{weights}: holds {found[0]} ({len(found)} such) but adapter_config.json has no "
+                            f"'{key}: true', so PEFT would skip them: set {key} to true in "
+                            f"{weights.parent / 'adapter_config.json'} if the adapter was trained so, or re-create it")
 
 
 def weights_fingerprint(path: str | os.PathLike[str], sample: int = 4096) -> str:

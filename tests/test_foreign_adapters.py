@@ -1,0 +1,125 @@
+"""Adapters made by other tools (PEFT directly, TRL, Unsloth, Axolotl, LLaMA-Factory), with the options our finetune
+never writes, through every verb that takes one: export and merge give what PEFT's own merge_and_unload gives, and
+eval/bench (transformers) what PEFT's model gives, or the verb refuses in one line before anything is written.
+Serve's checks refuse first what vLLM would refuse only after its start-up (no vLLM starts here)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llmfast.errors import UserError
+from tests.conftest import run_cli
+
+IDS = torch.tensor([[1, 5, 9, 30, 200, 7, 3, 11]])
+
+
+def _make(base: Path, out: Path, kind: str = "lora", seed: int = 0, **options) -> Path:
+    """A PEFT adapter as another tool saves it, every trainable tensor moved off its initial value."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = {"lora": peft.LoraConfig, "prompt": peft.PromptTuningConfig}[kind](**options)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def _peft(base: Path, adapter: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PEFT's own answer: the adapted model's logits and its merge_and_unload's weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
+    with torch.no_grad():
+        logits = model.eval()(IDS).logits
+    return logits, model.merge_and_unload().state_dict()
+
+
+def _logits(model_dir: Path, adapter: Path | None = None) -> torch.Tensor:
+    from llmfast.models import load_model
+
+    with torch.no_grad():
+        return load_model(model_dir, "float32", adapter=adapter)(IDS).logits
+
+
+def _merge_config(tmp: Path, base: Path, adapter: Path) -> Path:
+    cfg = tmp / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                                   "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}))
+    return cfg
+
+
+LORA = {"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM"}
+
+
+@pytest.mark.parametrize("options", [
+    {"target_modules": r".*\.(q|up)_proj"},  # a regex string
+    {"target_modules": "all-linear", "exclude_modules": ["v_proj", "down_proj"]},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "v_proj"], "task_type": None},
+], ids=["regex", "exclude", "layers", "no-task-type"])
+def test_foreign_options_export_merge_and_run_as_peft_does(tiny_dir, tmp_path, options):
+    ad = _make(tiny_dir, tmp_path / "ad", **{**LORA, **options})
+    live, merged = _peft(tiny_dir, ad)
+    assert run_cli("export", str(ad), str(tmp_path / "exp"))[0] == 0
+    code, _, err = run_cli("merge", str(_merge_config(tmp_path, tiny_dir, ad)), str(tmp_path / "mrg"), "--no-progress")
+    assert code == 0, err
+    for out in (tmp_path / "exp", tmp_path / "mrg"):
+        got = load_file(out / "model.safetensors")
+        for k, v in got.items():
+            torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(tiny_dir, ad), live, rtol=0, atol=1e-6)  # eval's and bench hf's model
+
+
+def test_lora_bias_runs_unmerged_as_peft_runs_it(tiny_dir, tmp_path):
+    """lora_bias saves `lora_B.bias`, which has no lora_A partner: it was refused everywhere as an incomplete file."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ad = _make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj"], lora_bias=True)
+    with torch.no_grad():
+        live = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(ad)).eval()(IDS).logits
+    torch.testing.assert_close(_logits(tiny_dir, ad), live, rtol=0, atol=1e-6)
+
+
+def _retype(ad: Path, **changes) -> Path:
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return ad
+
+
+# (how the adapter is made, the verb, what the one line says); each ran, or ran wrong, before
+REFUSED = {
+    "seq-cls": (lambda b, d: _make(b, d, **{**LORA, "task_type": "SEQ_CLS"}, target_modules=["q_proj"]),
+                "export", "task_type SEQ_CLS: the adapter was trained for another task"),
+    "prompt-tuning": (lambda b, d: _make(b, d, "prompt", num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                      "export", "peft_type PROMPT_TUNING adds learned virtual tokens"),
+    "dora-weights-no-flag": (lambda b, d: _retype(_make(b, d, **LORA, target_modules=["q_proj"], use_dora=True),
+                                                  use_dora=False),
+                             "export", "lora_magnitude_vector .* no 'use_dora: true', so PEFT would skip them"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_foreign_adapters_refused_in_one_line(tiny_dir, tmp_path, case):
+    make, verb, message = REFUSED[case]
+    ad = make(tiny_dir, tmp_path / "ad")
+    out = tmp_path / "out"
+    args = ("export", str(ad), str(out)) if verb == "export" else \
+        ("merge", str(_merge_config(tmp_path, tiny_dir, ad)), str(out), "--no-progress")
+    code, _, err = run_cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err) and str(ad) in err, err
+    assert not out.exists()
