@@ -106,9 +106,18 @@ REFUSED = {
                 "export", "task_type SEQ_CLS: the adapter was trained for another task"),
     "prompt-tuning": (lambda b, d: _make(b, d, "prompt", num_virtual_tokens=4, task_type="CAUSAL_LM"),
                       "export", "peft_type PROMPT_TUNING adds learned virtual tokens"),
+    "layer-replication": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"],
+                                             layer_replication=[[0, 2], [1, 2]]),
+                          "export", "layer_replication \\[\\[0, 2\\], \\[1, 2\\]\\]: the adapter stacks copies"),
+    "tied-embedding-lora": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj", "embed_tokens"]),
+                            "export", "LoRA on model.embed_tokens .* ties its input embedding and output head"),
+    "tied-head-lora": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj", "lm_head"]),
+                       "export", "LoRA on lm_head .* ties its input embedding and output head"),
     "dora-weights-no-flag": (lambda b, d: _retype(_make(b, d, **LORA, target_modules=["q_proj"], use_dora=True),
                                                   use_dora=False),
                              "export", "lora_magnitude_vector .* no 'use_dora: true', so PEFT would skip them"),
+    "lora-bias-without-bias": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], lora_bias=True),
+                               "export", "lora_bias: .* which has none, so PEFT cannot merge it"),
 }
 
 

@@ -98,6 +98,52 @@ def _values(model_dir: Path) -> dict[str, tuple[list[int], bytes]]:
     return found
 
 
+def _check_unmergeable_options(adapter_dir: Path) -> None:
+    """Options with which a merged model is not the adapter PEFT runs: refused before anything loads."""
+    from llmfast.modelfiles import read_json_file
+
+    cfg = read_json_file(adapter_dir / "adapter_config.json", "adapter config", "re-create the adapter")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if cfg.get("layer_replication"):  # copies of layers sharing one base weight, each copy its own LoRA
+        raise UserError(f"{cfg_path}: layer_replication {cfg['layer_replication']}: the adapter stacks copies of "
+                        "layers that share their base weights, so it cannot be merged into one weight a layer: use "
+                        "it unmerged (eval, bench --engine hf)")
+    if cfg.get("alora_invocation_tokens"):
+        raise UserError(f"{cfg_path}: alora_invocation_tokens: an activated LoRA applies only after its invocation "
+                        "tokens, which a merged model cannot: use it unmerged (eval, bench --engine hf)")
+
+
+def _check_merge_fits(adapter_dir: Path, base: Path) -> None:
+    """On the base's modules (meta device, before loading): LoRA on the embedding or the head of a model that ties
+    them (PEFT applies it to that one module, merged it changes the matrix both share), and LoRA-B biases on layers
+    without a bias (PEFT refuses to merge them)."""
+    from llmfast.loading import meta_skeleton
+    from llmfast.modelfiles import safetensors_header
+
+    model = meta_skeleton(base)
+    stored = [k.removeprefix("base_model.model.") for k in safetensors_header(
+        adapter_dir / "adapter_model.safetensors", "re-create the adapter") if k != "__metadata__"]
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and out is not None and inp.weight is out.weight:
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in (names.get(id(inp)), names.get(id(out))):
+            hit = [k for k in stored if module and k.startswith(f"{module}.lora_")]
+            if hit:
+                raise UserError(f"{adapter_dir}: LoRA on {module} ({hit[0]}) of a model that ties its input "
+                                "embedding and output head: merged, it would change both; use it unmerged (eval, "
+                                "bench --engine hf), or retrain it without that module in target_modules")
+    for k in stored:
+        if k.endswith(".lora_B.bias"):
+            try:
+                layer = model.get_submodule(k.removesuffix(".lora_B.bias"))
+            except AttributeError:  # not this base's module: attach_adapter names the misfit
+                continue
+            if getattr(layer, "bias", None) is None:
+                raise UserError(f"{adapter_dir}: lora_bias: {k} is a bias for {base}'s layer "
+                                f"{k.removesuffix('.lora_B.bias')}, which has none, so PEFT cannot merge it; nothing "
+                                "was written: use the adapter unmerged (eval, bench --engine hf)")
+
+
 def _check_finite(model: Any, dtype: str) -> None:
     """Every merged weight finite: a base weight beyond float16's range loads as inf, and an adapter trained to NaN
     merges as NaN; either way the exported model's outputs would be NaN."""
@@ -126,9 +172,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     _check_dtype(dtype)
     check_adapter_dir(adapter_dir)
+    _check_unmergeable_options(adapter_dir)
     manifest = read_manifest(adapter_dir) or {}
     base = base_of(adapter_dir, manifest, base)
     check_output(out_dir, overwrite, inputs=[adapter_dir, base])
+    _check_merge_fits(adapter_dir, base)
     # the thresholds or predictors fit the base's weights, not the merged ones (a TEAL artifact hard-links the
     # weights of the model it was made from, so --base names it as that model's equal)
     refuse_sparse_files(base, "export", "export onto the model it was made from (--base), then sparsify the export")
