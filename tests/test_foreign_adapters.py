@@ -83,6 +83,22 @@ def test_foreign_options_export_merge_and_run_as_peft_does(tiny_dir, tmp_path, o
     torch.testing.assert_close(_logits(tiny_dir, ad), live, rtol=0, atol=1e-6)  # eval's and bench hf's model
 
 
+def test_fan_in_fan_out_on_linear_layers_merges_untransposed(tiny_dir, tmp_path):
+    """PEFT ignores fan_in_fan_out on a torch Linear (it warns and sets it false): merge read the config's flag and
+    merged q_proj and o_proj (square here) transposed, 0.83 off in logits, exit 0."""
+    ad = _make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj", "o_proj"])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    _, merged = _peft(tiny_dir, ad)
+    code, _, err = run_cli("merge", str(_merge_config(tmp_path, tiny_dir, ad)), str(tmp_path / "mrg"), "--no-progress")
+    assert code == 0, err
+    got = load_file(tmp_path / "mrg" / "model.safetensors")
+    assert not torch.equal(got["model.layers.0.self_attn.o_proj.weight"],
+                           load_file(tiny_dir / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"])
+    for k, v in got.items():
+        torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-6)
+
+
 def test_lora_bias_runs_unmerged_as_peft_runs_it(tiny_dir, tmp_path):
     """lora_bias saves `lora_B.bias`, which has no lora_A partner: it was refused everywhere as an incomplete file."""
     from peft import PeftModel
@@ -118,6 +134,8 @@ REFUSED = {
                              "export", "lora_magnitude_vector .* no 'use_dora: true', so PEFT would skip them"),
     "lora-bias-without-bias": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], lora_bias=True),
                                "export", "lora_bias: .* which has none, so PEFT cannot merge it"),
+    "pissa": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], init_lora_weights="pissa"),
+              "merge", "init_lora_weights 'pissa' changes the base weights when PEFT loads the adapter"),
 }
 
 

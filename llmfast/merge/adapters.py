@@ -37,6 +37,7 @@ class LoraModule:
     scale: float
     rank: int
     transposed: bool  # delta = (B @ A).T: an nn.Embedding, or a fan_in_fan_out layer (GPT-2's Conv1D, (in, out))
+    embedding: bool = False
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class LoraAdapter:
         if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
             raise UserError(f"{path}: the adapter trains biases; export it with `llmfast export` and merge the "
                             "full model instead")
+        _refuse_base_changing_options(path, cfg)
         file = path / "adapter_model.safetensors"
         if not file.is_file():
             raise UserError(f"{path}: no adapter_model.safetensors (only safetensors adapters are read)")
@@ -71,7 +73,8 @@ class LoraAdapter:
             for key in st.keys():
                 m = _KEY.match(key)
                 if not m:
-                    raise UserError(f"{path}: unexpected tensor {key} in the adapter (not a LoRA A/B matrix)")
+                    raise UserError(f"{path}: unexpected tensor {key} in the adapter ({_what(key)}); export it "
+                                    "with `llmfast export` and merge the full model instead")
                 module = m.group("module") or m.group("module2")
                 part = m.group("part") or m.group("part2")
                 parts.setdefault(module, {})[part] = (key, tuple(st.get_slice(key).get_shape()))
@@ -97,7 +100,7 @@ class LoraAdapter:
             alpha = float(alpha)
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             modules[f"{module}.weight"] = LoraModule(f"{module}.weight", a[0], b[0], scale, r,
-                                                     emb or fan_in_fan_out)
+                                                     emb or fan_in_fan_out, emb)
         return cls(path=path, config=cfg, file=file, modules=dict(sorted(modules.items())))
 
     def base_spec(self) -> str | None:
@@ -129,6 +132,34 @@ class LoraAdapter:
         return (b @ a).mul_(scale)
 
 
+def _refuse_base_changing_options(path: Path, cfg: dict[str, Any]) -> None:
+    """Options with which PEFT's model is not the base plus scale * B @ A, refused before a task vector is built."""
+    init = cfg.get("init_lora_weights")
+    # PiSSA, OLoRA, CorDA and LoftQ take their start from the base weights on loading too: PEFT subtracts that
+    # start from the base, so B @ A alone is not what the adapter changed
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise UserError(f"{path / 'adapter_config.json'}: init_lora_weights {init!r} changes the base weights when "
+                        "PEFT loads the adapter, so its B @ A is not its task vector: export it with `llmfast export` "
+                        "and merge the full model, or convert it to a plain LoRA with PEFT's "
+                        "path_initial_model_for_weight_conversion")
+    for key, why in (("layer_replication", "the adapter stacks copies of layers the base model has once"),
+                     ("alora_invocation_tokens", "an activated LoRA changes only the tokens after its invocation"),
+                     ("use_qalora", "QALoRA's A reads pooled groups of inputs")):
+        if cfg.get(key):
+            raise UserError(f"{path / 'adapter_config.json'}: {key}: {why}, so B @ A is not its task vector: "
+                            "it cannot be merged; use it unmerged (eval, bench --engine hf)")
+
+
+def _what(key: str) -> str:
+    """What an adapter tensor other than a LoRA matrix is, by PEFT's names for them."""
+    for part, what in (("base_layer", "a whole embedding or head PEFT saved beside its LoRA"),
+                       ("trainable_tokens", "trainable token rows (trainable_token_indices)"),
+                       ("lora_magnitude_vector", "a DoRA magnitude"), ("lora_B.bias", "a LoRA bias (lora_bias)")):
+        if part in key:
+            return what
+    return "not a LoRA A/B matrix"
+
+
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
     # PEFT matches pattern keys as a regex against the end of the module name.
     for key, value in patterns.items():
@@ -139,6 +170,7 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, where: str) -> None:
     """The adapter was trained on `base_dir` (same path, same spec, or the same weights by their fingerprint)."""
+    _fit_layout(adapter, base_dir)
     trained_on = adapter.base_spec()
     if not trained_on:
         raise UserError(f"{where}: {adapter.path} does not say which base model it was trained on "
@@ -166,6 +198,21 @@ def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, whe
         return
     raise UserError(f"{where}: adapter {adapter.path} was trained on {trained_on}, which is not base_model "
                     f"{base_spec} (and is not here to compare): task vectors must share the base")
+
+
+def _fit_layout(adapter: LoraAdapter, base_dir: Path) -> None:
+    """Each module's delta transposed as PEFT applies it to this base: by the layer's type, not by the config's
+    fan_in_fan_out (PEFT sets it false for a torch Linear and true for a Conv1D, with a warning; a square Llama
+    projection read the config's way was merged transposed)."""
+    from llmfast.loading import meta_skeleton
+
+    skeleton = meta_skeleton(base_dir)
+    for mod in adapter.modules.values():
+        try:
+            layer = skeleton.get_submodule(mod.base_name.removesuffix(".weight"))
+        except AttributeError:  # not in this base: check_adapter_shapes names it
+            continue
+        mod.transposed = mod.embedding or type(layer).__name__ == "Conv1D"
 
 
 def check_adapter_shapes(adapter: LoraAdapter, ref_tensors: dict[str, Any], where: str) -> None:
