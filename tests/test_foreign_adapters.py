@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,35 @@ def test_foreign_adapters_refused_in_one_line(tiny_dir, tmp_path, case):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err) and str(ad) in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save \\['lm_head'\\], which vLLM cannot serve"),
+    ({"bias": "all"}, "bias 'all', which vLLM cannot serve"),
+    ({"lora_bias": True}, "lora_bias, which vLLM cannot serve"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights 'olora', which vLLM cannot serve"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices, which vLLM cannot serve"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication, .*: run it on transformers"),
+], ids=["modules-to-save", "bias", "lora-bias", "olora", "trainable-tokens", "layer-replication"])
+def test_serve_refuses_what_vllm_refuses_after_starting(tiny_dir, tmp_path, options, message):
+    """vLLM's own check (PEFTHelper) refuses these once the server has started: serve's check says so first, and
+    bench's transformers engine still takes them."""
+    from llmfast.serve.lora import check_lora
+
+    ad = _make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj"], **options)
+    with pytest.raises(UserError, match=message):
+        check_lora("x", ad, base=tiny_dir)
+    assert check_lora("x", ad, base=tiny_dir, for_vllm=False).vllm_refusal
+
+
+def test_serve_refuses_tensors_vllm_cannot_read(tiny_dir, tmp_path):
+    """A tensor other than a LoRA matrix (trainable token rows here, with the config key gone) stops vLLM's load of
+    the adapter after its start-up."""
+    from llmfast.serve.lora import check_lora
+
+    ad = _make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    _retype(ad, trainable_token_indices=None)
+    with pytest.raises(UserError, match="holds .*trainable_tokens_delta .* which vLLM cannot load"):
+        check_lora("x", ad, base=tiny_dir)
+    shutil.rmtree(ad)
+    check_lora("x", _make(tiny_dir, ad, **LORA, target_modules=["q_proj", "embed_tokens"]), base=tiny_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +85,26 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
         fix += ", or retrain with a smaller r"
     elif cfg.get("use_dora"):
         refusal = f"LoRA '{name}' is a DoRA adapter, which vLLM cannot serve"
+    elif (found := _vllm_refuses(cfg)) is not None:
+        refusal = f"LoRA '{name}' has {found[0]}, which vLLM cannot serve"
+        fix = fix if found[1] else "run it on transformers (eval, bench --engine hf)"
     if refusal and for_vllm:
         raise UserError(f"{refusal} ({cfg_path}): {fix}")
-    from llmfast.modelfiles import check_adapter_dir
+    from llmfast.modelfiles import check_adapter_dir, safetensors_header
 
     try:  # lora_alpha and the weights file (present, complete, A and B in pairs): one line each
         check_adapter_dir(p)
     except UserError as e:
         raise UserError(f"LoRA '{name}': {e}") from None
+    if refusal is None:  # vLLM reads LoRA matrices (and skips saved base embeddings); another tensor stops its load
+        other = sorted(k for k in safetensors_header(p / "adapter_model.safetensors", "") if k != "__metadata__"
+                       and not re.search(r"\.(lora_[AB]\.weight|lora_embedding_[AB]|(embed_tokens|lm_head)"
+                                         r"\.base_layer\.weight)$", k))
+        if other:
+            refusal = f"LoRA '{name}' holds {other[0]} ({len(other)} tensors other than LoRA matrices)"
+            if for_vllm:
+                raise UserError(f"{refusal}, which vLLM cannot load ({p}): merge it with `llmfast export` and "
+                                "serve the merged model")
     if base is not None:
         want = cfg.get("base_model_name_or_path")
         if want and Path(want).is_dir() and Path(want).resolve() != base.resolve():
@@ -99,6 +112,29 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
             if a != b:
                 raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
     return ServedLora(name=name, path=p, rank=max(ranks), vllm_refusal=refusal)
+
+
+def _vllm_refuses(cfg: dict) -> tuple[str, bool] | None:
+    """What vLLM's own adapter check (vllm/lora/peft_helper.py) refuses once the server has started, and whether a
+    merged model keeps it (export can merge it); None when it passes."""
+    saved = cfg.get("modules_to_save") or []
+    saved = [m for m in (saved if isinstance(saved, list) else [saved]) if m not in ("classifier", "score")]
+    init = cfg.get("init_lora_weights", True)
+    for bad, what, exportable in (
+            (saved, f"modules_to_save {saved}", True),
+            (cfg.get("bias", "none") not in ("none", None), f"bias {cfg.get('bias')!r}", True),
+            (cfg.get("lora_bias"), "lora_bias", True),
+            # these take their start from the base weights when PEFT loads them; vLLM serves plain LoRA only
+            (isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"),
+             f"init_lora_weights {init!r}", True),
+            (cfg.get("trainable_token_indices"), "trainable_token_indices", True),
+            (cfg.get("use_qalora"), "use_qalora", True),
+            (cfg.get("use_bdlora"), "use_bdlora", True),
+            (cfg.get("layer_replication"), "layer_replication", False),
+            (cfg.get("alora_invocation_tokens"), "alora_invocation_tokens", False)):
+        if bad:
+            return what, exportable
+    return None
 
 
 def max_lora_rank(adapters: list[ServedLora]) -> int:
