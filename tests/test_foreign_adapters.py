@@ -26,6 +26,7 @@ def _make(base: Path, out: Path, kind: str = "lora", seed: int = 0, **options) -
     import peft
     from transformers import AutoModelForCausalLM
 
+    save = options.pop("save_embedding_layers", "auto")
     torch.manual_seed(seed)
     config = {"lora": peft.LoraConfig, "prompt": peft.PromptTuningConfig}[kind](**options)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
@@ -33,7 +34,7 @@ def _make(base: Path, out: Path, kind: str = "lora", seed: int = 0, **options) -
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out)
+    model.save_pretrained(out, save_embedding_layers=save)
     return out
 
 
@@ -135,6 +136,9 @@ REFUSED = {
                              "export", "lora_magnitude_vector .* no 'use_dora: true', so PEFT would skip them"),
     "lora-bias-without-bias": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], lora_bias=True),
                                "export", "lora_bias: .* which has none, so PEFT cannot merge it"),
+    "merge-tied-embedding-lora": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj", "embed_tokens"],
+                                                     save_embedding_layers=False),
+                                  "merge", "LoRA on model.embed_tokens of a base that ties its input embedding"),
     "pissa": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], init_lora_weights="pissa"),
               "merge", "init_lora_weights 'pissa' changes the base weights when PEFT loads the adapter"),
 }

@@ -960,26 +960,33 @@ def test_a_different_head_count_of_the_same_shapes_is_refused(family, tmp_path):
     _assert_refused(cfg, tmp_path / "out", "num_attention_heads=4", "models[1]")
 
 
-def test_an_embedding_adapter_merges_as_the_transposed_product(tiny_dir, family, tmp_path):
+def test_an_embedding_adapter_merges_as_the_transposed_product(tiny_dir, tmp_path):
     """PEFT's embedding LoRA stores A (r x vocab) and B (dim x r): its delta on the (vocab x dim) table is
-    scale * (B @ A).T, which is not the linear layers' (out, in) = (B rows, A columns) shape."""
+    scale * (B @ A).T, which is not the linear layers' (out, in) = (B rows, A columns) shape. (On a base that ties
+    its head to the embedding it is refused: tests/test_foreign_adapters.py.)"""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    untied = Path(shutil.copytree(tiny_dir, tmp_path / "untied"))  # its own head, a copy of the embedding
+    weights = load_file(untied / "model.safetensors")
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()}, untied / "model.safetensors",
+              metadata={"format": "pt"})
+    (untied / "config.json").write_text(json.dumps({**json.loads((untied / "config.json").read_text()),
+                                                    "tie_word_embeddings": False}))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(untied, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, target_modules=["embed_tokens"]))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_embedding" in name:  # PEFT starts A at zero; a trained adapter has not
                 p.normal_(0, 0.05)
     peft_model.save_pretrained(tmp_path / "emb", save_embedding_layers=False)  # A and B only
-    cfg = _config(tmp_path, "task_arithmetic", [(tmp_path / "emb", {"weight": 0.5})], family["base"])
+    cfg = _config(tmp_path, "task_arithmetic", [(tmp_path / "emb", {"weight": 0.5})], untied)
     got = _merge(cfg, tmp_path / "out")
     sd = load_file(tmp_path / "emb" / "adapter_model.safetensors")
     a = next(v for k, v in sd.items() if "lora_embedding_A" in k)
     b = next(v for k, v in sd.items() if "lora_embedding_B" in k)
-    base = _sd(family["base"])
+    base = _sd(untied)
     key = "model.embed_tokens.weight"
     assert a.shape == (4, base[key].shape[0]) and b.shape == (base[key].shape[1], 4)
     torch.testing.assert_close(got[key], base[key] + 0.5 * (8.0 / 4) * (b @ a).T, rtol=0, atol=1e-6)
