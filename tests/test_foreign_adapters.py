@@ -187,3 +187,39 @@ def test_serve_refuses_tensors_vllm_cannot_read(tiny_dir, tmp_path):
         check_lora("x", ad, base=tiny_dir)
     shutil.rmtree(ad)
     check_lora("x", _make(tiny_dir, ad, **LORA, target_modules=["q_proj", "embed_tokens"]), base=tiny_dir)
+
+
+def test_adapter_on_a_prequantized_4bit_base_exports_onto_its_dequantized_weights(tiny_dir, tmp_path):
+    """An adapter trained on a bitsandbytes 4-bit model that only its config.json says is quantized (Unsloth's
+    `*-bnb-4bit` bases; no llmfast.json): export merged into the 4-bit weights and transformers failed to save them
+    (NotImplementedError, a traceback). Now each weight is the base's dequantized weight plus scale * B @ A."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    q4 = tmp_path / "bnb-4bit"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    model.save_pretrained(q4)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(q4)
+    ad = _make(q4, tmp_path / "ad", **LORA, target_modules=["q_proj"])
+    code, _, err = run_cli("export", str(ad), str(tmp_path / "exp"))
+    assert code == 0, err
+    got, lora = load_file(tmp_path / "exp" / "model.safetensors"), load_file(ad / "adapter_model.safetensors")
+    for name in ("q_proj", "k_proj"):
+        layer = getattr(model.model.layers[1].self_attn, name)
+        want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        key = f"base_model.model.model.layers.1.self_attn.{name}"
+        if name == "q_proj":
+            want += 8 / 4 * lora[f"{key}.lora_B.weight"] @ lora[f"{key}.lora_A.weight"]
+        torch.testing.assert_close(got[f"model.layers.1.self_attn.{name}.weight"], want, rtol=0, atol=1e-6)
+
+
+def test_adapter_on_a_base_quantized_in_another_format_is_refused(tiny_dir, tmp_path):
+    """A base whose config.json names a format export cannot dequantize (GPTQ here) is one line naming --base."""
+    base = Path(shutil.copytree(tiny_dir, tmp_path / "gptq"))
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    ad = _retype(_make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj"]), base_model_name_or_path=str(base))
+    code, _, err = run_cli("export", str(ad), str(tmp_path / "exp"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"its base {base} is quantized (gptq)" in err and "--base" in err and not (tmp_path / "exp").exists()

@@ -144,6 +144,24 @@ def _check_merge_fits(adapter_dir: Path, base: Path) -> None:
                                 "was written: use the adapter unmerged (eval, bench --engine hf)")
 
 
+def _config_quantization(adapter_dir: Path, base: Path) -> Any:
+    """The format of a quantized base that only its config.json names (a pre-quantized hub model such as Unsloth's
+    `*-bnb-4bit`, which adapters are trained on): a bitsandbytes 4-bit one is dequantized like a QLoRA base (merged
+    into the 4-bit weights, transformers could not save it: a traceback); another format is refused."""
+    from llmfast.quant import already_quantized, parse_quantization
+    from llmfast.quant.bnb4 import saved_4bit
+
+    saved = saved_4bit(base)
+    if saved is not None:
+        return parse_quantization({"method": "bnb4", "type": saved[0], "double_quant": saved[1]},
+                                  where=f"{base / 'config.json'}: quantization_config")
+    found = already_quantized(base)
+    if found:
+        raise UserError(f"{adapter_dir}: its base {base} is quantized ({found}), which export cannot dequantize to "
+                        "merge into: give the full-precision model it was made from with --base")
+    return None
+
+
 def _check_finite(model: Any, dtype: str) -> None:
     """Every merged weight finite: a base weight beyond float16's range loads as inf, and an adapter trained to NaN
     merges as NaN; either way the exported model's outputs would be NaN."""
@@ -182,7 +200,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     refuse_sparse_files(base, "export", "export onto the model it was made from (--base), then sparsify the export")
     quant = manifest_quantization(manifest, adapter_dir)
     # an adapter trained on a saved 4-bit artifact: its own format loads it (then dequantized like a QLoRA base)
-    own = manifest_quantization(read_manifest(base), base) if quant is None else None
+    own = (manifest_quantization(read_manifest(base), base) or _config_quantization(adapter_dir, base)
+           if quant is None else None)
     if own is not None and not own.quantizer.dequantizes:
         raise UserError(f"{adapter_dir}: its base {base} is quantized ({own.method}), which export cannot dequantize "
                         "to merge into: train the adapter on the full-precision model it came from")
