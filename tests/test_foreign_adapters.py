@@ -223,3 +223,15 @@ def test_adapter_on_a_base_quantized_in_another_format_is_refused(tiny_dir, tmp_
     code, _, err = run_cli("export", str(ad), str(tmp_path / "exp"))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"its base {base} is quantized (gptq)" in err and "--base" in err and not (tmp_path / "exp").exists()
+
+
+def test_merge_of_an_adapter_naming_a_hub_base_says_how_to_name_a_local_copy(tiny_dir, tmp_path):
+    """Adapters from the hub record their base as a hub id, which merge cannot compare with a local base_model: the
+    refusal says how to name the local copy (it said only that task vectors must share the base)."""
+    ad = _retype(_make(tiny_dir, tmp_path / "ad", **LORA, target_modules=["q_proj"]),
+                 base_model_name_or_path="someorg/tiny-llama")
+    cfg = _merge_config(tmp_path, tiny_dir, ad)
+    code, _, err = run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")
+    assert code == 2 and "set base_model_name_or_path in" in err and str(ad / "adapter_config.json") in err, err
+    _retype(ad, base_model_name_or_path=str(tiny_dir))
+    assert run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")[0] == 0

@@ -197,7 +197,9 @@ def check_adapter_base(adapter: LoraAdapter, base_dir: Path, base_spec: str, whe
             "model"):
         return
     raise UserError(f"{where}: adapter {adapter.path} was trained on {trained_on}, which is not base_model "
-                    f"{base_spec} (and is not here to compare): task vectors must share the base")
+                    f"{base_spec} (and is not here to compare): task vectors must share the base; if base_model is a "
+                    f"copy of {trained_on}, set base_model_name_or_path in {adapter.path / 'adapter_config.json'} "
+                    "to its path")
 
 
 def _fit_layout(adapter: LoraAdapter, base_dir: Path) -> None:
