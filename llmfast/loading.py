@@ -175,3 +175,34 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
                      f"({', '.join(mismatched[:3])})")
         raise UserError(f"{path}: {what}: the weights are incomplete or belong to another model; re-create the model")
     return model
+
+
+def resize_for_adapter(model: "PreTrainedModel", adapter: Path) -> None:
+    """Grow the embedding (and an untied head) to the rows an adapter saved them with: tools that add tokens
+    (Axolotl, Unsloth, LLaMA-Factory) resize the base, train, and save the whole modules (modules_to_save, or PEFT's
+    saved embedding layers), which PEFT then cannot load onto the base's smaller ones. A head the adapter did not
+    save while the embedding grew was trained with rows nobody kept: refused."""
+    from llmfast.modelfiles import safetensors_header
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    stored = safetensors_header(adapter / "adapter_model.safetensors", "re-create the adapter")
+
+    def saved_rows(module: Any) -> int | None:
+        name = names.get(id(module))
+        rows = [info["shape"][0] for key, info in stored.items() if key != "__metadata__" and name and
+                key.removeprefix("base_model.model.") in (f"{name}.weight", f"{name}.base_layer.weight")]
+        return rows[0] if rows else None
+
+    vocab = inp.weight.shape[0]
+    rows = saved_rows(inp)
+    if rows is None or rows <= vocab:
+        return
+    tied = out is not None and out.weight is inp.weight
+    if out is not None and not tied and saved_rows(out) != rows:
+        raise UserError(f"{adapter}: the adapter saved {names.get(id(inp))} with {rows} rows (tokens added to the "
+                        f"base's {vocab}) but not {names.get(id(out))} with as many, so the head's new rows are not "
+                        "in it: re-create it with the head in modules_to_save")
+    model.resize_token_embeddings(rows, mean_resizing=False)  # the adapter's saved modules fill every row

@@ -235,3 +235,49 @@ def test_merge_of_an_adapter_naming_a_hub_base_says_how_to_name_a_local_copy(tin
     assert code == 2 and "set base_model_name_or_path in" in err and str(ad / "adapter_config.json") in err, err
     _retype(ad, base_model_name_or_path=str(tiny_dir))
     assert run_cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress")[0] == 0
+
+
+def _added_tokens_adapter(base: Path, out: Path, modules: list[str], save: str | bool = "auto") -> torch.Tensor:
+    """As Axolotl and Unsloth do when tokens are added: resize the base, train LoRA plus the whole resized modules,
+    save the tokenizer beside the adapter. Returns the trained model's logits on ids that use the new tokens."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<tool>", "</tool>"])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model, peft.LoraConfig(**LORA, target_modules=["q_proj"], modules_to_save=modules))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+        logits = model.eval()(torch.cat([IDS, torch.tensor([[len(tokenizer) - 1]])], dim=1)).logits
+    model.save_pretrained(out, save_embedding_layers=save)  # "auto": PEFT saves the resized embedding and head too
+    tokenizer.save_pretrained(out)
+    return logits
+
+
+def test_adapter_with_added_tokens_exports_onto_the_resized_base(tiny_dir, tmp_path):
+    """The saved embedding has more rows than the base's: PEFT refused it ("does not fit the model ... use it with
+    the base model it was trained on", which it was). Export now grows the base to the saved rows first."""
+    live = _added_tokens_adapter(tiny_dir, tmp_path / "ad", ["embed_tokens"])  # tied: the head is the same matrix
+    code, _, err = run_cli("export", str(tmp_path / "ad"), str(tmp_path / "exp"))
+    assert code == 0, err
+    with torch.no_grad():
+        ids = torch.cat([IDS, torch.tensor([[live.shape[-1] - 1]])], dim=1)
+        from llmfast.models import load_model
+
+        torch.testing.assert_close(load_model(tmp_path / "exp", "float32")(ids).logits, live, rtol=0, atol=1e-5)
+    # an untied head whose new rows the adapter did not save (PEFT's embedding layers not saved): never kept
+    untied = Path(shutil.copytree(tiny_dir, tmp_path / "untied"))
+    weights = load_file(untied / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()}, untied / "model.safetensors")
+    (untied / "config.json").write_text(json.dumps({**json.loads((untied / "config.json").read_text()),
+                                                    "tie_word_embeddings": False}))
+    _added_tokens_adapter(untied, tmp_path / "ad2", ["embed_tokens"], save=False)
+    code, _, err = run_cli("export", str(tmp_path / "ad2"), str(tmp_path / "exp2"))
+    assert code == 2 and "but not lm_head with as many" in err and not (tmp_path / "exp2").exists(), err

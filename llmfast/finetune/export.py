@@ -181,7 +181,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     `dtype`."""
     from transformers import AutoTokenizer
 
-    from llmfast.loading import from_pretrained
+    from llmfast.loading import from_pretrained, resize_for_adapter
     from llmfast.models import attach_adapter, check_adapter_dir
     from llmfast.quant import manifest_quantization
     from llmfast.serve.vllm_plugin import mark_relu_architecture
@@ -234,6 +234,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         if own is not None:
             own.quantizer.dequantize_for_merge(model, dtype)
             quant = own
+    resize_for_adapter(model, adapter_dir)
     merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
     _check_finite(merged, dtype)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base], guard=True) as tmp:
