@@ -281,3 +281,19 @@ def test_adapter_with_added_tokens_exports_onto_the_resized_base(tiny_dir, tmp_p
     _added_tokens_adapter(untied, tmp_path / "ad2", ["embed_tokens"], save=False)
     code, _, err = run_cli("export", str(tmp_path / "ad2"), str(tmp_path / "exp2"))
     assert code == 2 and "but not lm_head with as many" in err and not (tmp_path / "exp2").exists(), err
+
+
+def test_serve_refuses_an_embedding_lora_trained_with_added_tokens(tiny_dir, tmp_path):
+    """PEFT saves the resized embedding beside an embedding LoRA; vLLM skips it and then fails on the LoRA's
+    vocabulary (1026 against the served 1024) after its start-up."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.serve.lora import check_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 2, mean_resizing=False)
+    peft.get_peft_model(model, peft.LoraConfig(**LORA, target_modules=["embed_tokens"])).save_pretrained(tmp_path / "a")
+    with pytest.raises(UserError, match="saved .*embed_tokens.base_layer.weight with 1026 rows, not the served model's "
+                                        "1024 \\(tokens added in training\\)"):
+        check_lora("x", tmp_path / "a", base=tiny_dir)

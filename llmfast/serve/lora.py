@@ -90,21 +90,16 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
         fix = fix if found[1] else "run it on transformers (eval, bench --engine hf)"
     if refusal and for_vllm:
         raise UserError(f"{refusal} ({cfg_path}): {fix}")
-    from llmfast.modelfiles import check_adapter_dir, safetensors_header
+    from llmfast.modelfiles import check_adapter_dir
 
     try:  # lora_alpha and the weights file (present, complete, A and B in pairs): one line each
         check_adapter_dir(p)
     except UserError as e:
         raise UserError(f"LoRA '{name}': {e}") from None
-    if refusal is None:  # vLLM reads LoRA matrices (and skips saved base embeddings); another tensor stops its load
-        other = sorted(k for k in safetensors_header(p / "adapter_model.safetensors", "") if k != "__metadata__"
-                       and not re.search(r"\.(lora_[AB]\.weight|lora_embedding_[AB]|(embed_tokens|lm_head)"
-                                         r"\.base_layer\.weight)$", k))
-        if other:
-            refusal = f"LoRA '{name}' holds {other[0]} ({len(other)} tensors other than LoRA matrices)"
-            if for_vllm:
-                raise UserError(f"{refusal}, which vLLM cannot load ({p}): merge it with `llmfast export` and "
-                                "serve the merged model")
+    if refusal is None:
+        refusal = _unreadable_tensors(name, p, base)
+        if refusal and for_vllm:
+            raise UserError(f"{refusal} ({p}): merge it with `llmfast export` and serve the merged model")
     if base is not None:
         want = cfg.get("base_model_name_or_path")
         if want and Path(want).is_dir() and Path(want).resolve() != base.resolve():
@@ -112,6 +107,25 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
             if a != b:
                 raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
     return ServedLora(name=name, path=p, rank=max(ranks), vllm_refusal=refusal)
+
+
+def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
+    """vLLM reads LoRA matrices and skips the embedding and head PEFT saves beside an embedding LoRA; another tensor
+    stops its load, as does a saved embedding of more rows than the served model's (tokens added in training)."""
+    from llmfast.modelfiles import describe_model_dir, safetensors_header
+
+    header = {k: v for k, v in safetensors_header(p / "adapter_model.safetensors", "").items() if k != "__metadata__"}
+    other = sorted(k for k in header if not re.search(
+        r"\.(lora_[AB]\.weight|lora_embedding_[AB]|(embed_tokens|lm_head)\.base_layer\.weight)$", k))
+    if other:
+        return f"LoRA '{name}' holds {other[0]} ({len(other)} tensors other than LoRA matrices), which vLLM cannot load"
+    vocab = describe_model_dir(base)["vocab"] if base is not None and (base / "config.json").is_file() else None
+    grown = sorted(k for k, v in header.items() if k.endswith(".base_layer.weight") and vocab is not None
+                   and v.get("shape", [vocab])[0] != vocab)
+    if grown:
+        return (f"LoRA '{name}' saved {grown[0]} with {header[grown[0]]['shape'][0]} rows, not the served model's "
+                f"{vocab} (tokens added in training), which vLLM cannot load")
+    return None
 
 
 def _vllm_refuses(cfg: dict) -> tuple[str, bool] | None:
