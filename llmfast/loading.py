@@ -103,7 +103,8 @@ def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+            # never the folder's own code (modelfiles.refuse_model_code): transformers would ask on the terminal
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
     except UserError:
         raise
     except Exception as e:  # transformers' own errors on a config a user can fix
@@ -160,7 +161,7 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
         check_weights_fit(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True,
-                                                           output_loading_info=True, **kwargs)
+                                                           output_loading_info=True, trust_remote_code=False, **kwargs)
     except UserError:
         raise
     except Exception as e:  # transformers' own errors on a config or weights a user can fix

@@ -3,7 +3,8 @@
 A broken config.json or a truncated download otherwise surfaces deep inside transformers, PEFT or vLLM
 as a traceback, often after minutes of work. These checks read only the config files and the first
 bytes of each safetensors file (an 8-byte header length, then a JSON header naming every tensor's byte
-range), so they take milliseconds whatever the model's size, and import neither torch nor transformers.
+range), so they take milliseconds whatever the model's size, and import neither torch nor transformers (but
+for a folder that names its own code, `refuse_model_code`).
 """
 
 from __future__ import annotations
@@ -140,9 +141,38 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
     if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
         raise UserError(f"{cfg_path}: no 'model_type' (e.g. \"llama\"): transformers cannot tell the "
                         f"architecture: {fix}")
+    refuse_model_code(path, cfg)
     for f in weight_files(path, fix):
         safetensors_header(f, fix)
     return path
+
+
+def refuse_model_code(path: Path, cfg: dict[str, Any]) -> None:
+    """A Hub model that ships its own Python code (`auto_map` in config.json or tokenizer_config.json, what
+    `trust_remote_code=True` would import) for a class transformers does not have: transformers would ask on the
+    terminal whether to run it, and run it on a 'y'. llmfast never runs a model's own code, so it is one line here,
+    before anything loads. An `auto_map` beside a model_type (or tokenizer class) transformers knows is left alone:
+    transformers then loads its own class and imports nothing from the folder."""
+    found = []
+    if isinstance(cfg.get("auto_map"), dict):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+            found.append(f"config.json (model_type {cfg.get('model_type')!r})")
+    try:
+        tok = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or broken: the tokenizer's loader names it
+        tok = None
+    if isinstance(tok, dict) and tok.get("auto_map"):
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        name = tok.get("tokenizer_class")
+        if not isinstance(name, str) or not any(tokenizer_class_from_name(n) for n in (name, name.removesuffix("Fast"))):
+            found.append(f"tokenizer_config.json (tokenizer_class {name!r})")
+    if found:
+        raise UserError(f"{path}: its {' and '.join(found)} names the model's own Python code (auto_map, for "
+                        "trust_remote_code), and llmfast does not run a model's own code: use a copy of the model "
+                        "saved with classes transformers has (its own model_type and tokenizer_class)")
 
 
 def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
