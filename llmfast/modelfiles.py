@@ -103,10 +103,11 @@ def stored_shapes(path: Path, fix: str) -> dict[str, list[int]]:
 
 def model_weight_files(path: Path, fix: str) -> list[Path]:
     """The files transformers loads the weights from: model.safetensors, or those its index names (not an
-    artifact's other safetensors files: thresholds, predictors)."""
-    if (path / "model.safetensors.index.json").is_file():
-        return weight_files(path, fix)
-    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    artifact's other safetensors files: thresholds, predictors). model.safetensors wins over an index beside it, as
+    in transformers (a folder re-saved with another shard size may keep both)."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return weight_files(path, fix) if (path / "model.safetensors.index.json").is_file() else []
 
 
 def weight_files(path: Path, fix: str) -> list[Path]:
@@ -142,7 +143,7 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
         raise UserError(f"{cfg_path}: no 'model_type' (e.g. \"llama\"): transformers cannot tell the "
                         f"architecture: {fix}")
     refuse_model_code(path, cfg)
-    for f in weight_files(path, fix):
+    for f in dict.fromkeys([*model_weight_files(path, fix), *weight_files(path, fix)]):
         safetensors_header(f, fix)
     return path
 

@@ -165,3 +165,14 @@ def test_code_beside_a_model_type_transformers_has_loads_its_own_class(w: Path) 
     assert not (w / "RAN").exists()
 
 
+def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(w: Path) -> None:
+    """Fixed: merge (and the fingerprint and the header checks) read the shards the index names while transformers,
+    and so eval, loads model.safetensors: the merge was of other weights than those measured."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run_cli(*_recipe(w, "merge", w / "m" / "both"))
+    assert code == 0, err
+    merged = load_file(w / "out" / "merge-both" / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(w / "m" / "both").state_dict()
+    assert all(torch.allclose(merged[k], loaded[k]) for k in merged)

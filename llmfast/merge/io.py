@@ -49,15 +49,15 @@ def weight_files(model_dir: Path) -> list[Path]:
     from llmfast.modelfiles import read_json_file
 
     index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if single.is_file():  # before an index beside it, as transformers loads them (and eval measures)
+        return [single]
     if index.is_file():
         data = read_json_file(index, "safetensors index", f"re-create the model in {model_dir}")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index}: no 'weight_map' of tensor names to files: re-create the model in {model_dir}")
         return [model_dir / f for f in dict.fromkeys(weight_map.values())]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
     if any(model_dir.glob("*.bin")):
         raise UserError(f"{model_dir} has only PyTorch .bin weights: merging reads safetensors lazily; "
                         "re-save the model with save_pretrained(safe_serialization=True)")
