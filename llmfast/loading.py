@@ -121,9 +121,12 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
 
     p = Path(path)
     config = p / "config.json"
-    if not p.is_dir() or not config.is_file() or '"quantization_config"' in config.read_text(errors="replace"):
+    if not p.is_dir() or not config.is_file():
         return
     fix = "re-create the model, or fix its config.json"
+    if '"quantization_config"' in config.read_text(errors="replace"):
+        check_bnb_state(p, fix)
+        return
     stored = stored_shapes(p, fix)
     skeleton = meta_skeleton(p)
     tensors = skeleton.state_dict(keep_vars=True)
@@ -143,6 +146,27 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
         if missing:
             raise UserError(f"{p}: {len(missing)} tensor(s) its config needs are not in the weights "
                             f"({', '.join(missing[:3])}): the file is incomplete or belongs to another model; {fix}")
+
+
+def check_bnb_state(path: Path, fix: str) -> None:
+    """A config.json whose quantization_config says bitsandbytes over weights that hold none of its quantization state
+    (a config copied from a quantized model, or one edited by hand): transformers loads them without a word, and the
+    first forward pass fails inside bitsandbytes. Other methods' loaders refuse such weights themselves."""
+    import json
+
+    from llmfast.modelfiles import stored_shapes
+
+    try:
+        qc = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return  # the config's own check names it
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes":
+        return
+    # 8-bit layers store `.SCB`, 4-bit ones `.weight.absmax` and `.weight.quant_state.bitsandbytes__*`
+    if not any(n.endswith((".SCB", ".absmax")) or ".quant_state." in n for n in stored_shapes(path, fix)):
+        raise UserError(f"{path}: config.json's quantization_config says bitsandbytes, but the weights hold no "
+                        "bitsandbytes quantization state (they are full precision): remove quantization_config "
+                        "from config.json to use them as they are, or re-create the quantized model")
 
 
 def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> "PreTrainedModel":

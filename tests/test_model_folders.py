@@ -176,3 +176,9 @@ def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(w: Pa
     merged = load_file(w / "out" / "merge-both" / "model.safetensors")
     loaded = AutoModelForCausalLM.from_pretrained(w / "m" / "both").state_dict()
     assert all(torch.allclose(merged[k], loaded[k]) for k in merged)
+
+
+def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
+    """Fixed: transformers loaded them, and the first forward pass failed inside bitsandbytes (a traceback)."""
+    code, _, err = run_cli(*_recipe(w, "eval", w / "m" / "bnb-config-full-weights"))
+    _one_line(code, err, "bnb-config-full-weights", "no bitsandbytes quantization state")
