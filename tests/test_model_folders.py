@@ -182,3 +182,30 @@ def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
     """Fixed: transformers loaded them, and the first forward pass failed inside bitsandbytes (a traceback)."""
     code, _, err = run_cli(*_recipe(w, "eval", w / "m" / "bnb-config-full-weights"))
     _one_line(code, err, "bnb-config-full-weights", "no bitsandbytes quantization state")
+
+
+@pytest.mark.parametrize(("folder", "needle"), [
+    ("shard-missing", "missing file(s) (model-"), ("index-not-json", "not valid JSON"),
+    ("bin-shards", "pickle files (pytorch_model.bin)")])
+def test_broken_shards_and_pickles_are_one_line(w: Path, folder: str, needle: str) -> None:
+    code, _, err = run_cli(*_recipe(w, "eval", w / "m" / folder))
+    _one_line(code, err, needle)
+    assert not (w / "RAN").exists()
+
+
+@pytest.mark.parametrize("folder", ["sharded", "bin-beside", "hub-link"])
+def test_folders_that_load_load_as_transformers_does(w: Path, folder: str) -> None:
+    """Sharded, a pickle beside model.safetensors (never unpickled), a hub snapshot of links given as a link: the
+    weights transformers loads; a TEAL artifact of them holds no links and no pickle."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.loading import from_pretrained
+
+    ids = torch.tensor([[1, 5, 9, 200]])
+    ours = from_pretrained(w / "m" / folder, "float32")(ids).logits
+    assert torch.equal(ours, AutoModelForCausalLM.from_pretrained(w / "m" / "tiny")(ids).logits)
+    code, _, err = run_cli(*_recipe(w, "sparsify", w / "m" / folder))
+    out = w / "out" / f"sparsify-{folder}"
+    assert code == 0, err
+    assert not any(f.is_symlink() or f.suffix == ".bin" for f in out.iterdir())
+    assert not (w / "RAN").exists()
