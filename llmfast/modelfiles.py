@@ -143,6 +143,11 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
         raise UserError(f"{cfg_path}: no 'model_type' (e.g. \"llama\"): transformers cannot tell the "
                         f"architecture: {fix}")
     refuse_model_code(path, cfg)
+    generation = path / "generation_config.json"
+    if generation.is_file() and os.access(generation, os.R_OK):  # an unreadable one: loading.from_pretrained names it
+        # transformers goes on with defaults (another end-of-turn token, other sampling) after a log line
+        if not isinstance(read_json_file(generation, "generation config", f"fix or delete it ({fix})"), dict):
+            raise UserError(f"{generation}: the generation config is not a JSON object: fix or delete it ({fix})")
     for f in dict.fromkeys([*model_weight_files(path, fix), *weight_files(path, fix)]):
         safetensors_header(f, fix)
     return path

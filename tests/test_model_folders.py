@@ -80,6 +80,13 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
                                                          "auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}}))
     _set(copy("bnb-config-full-weights"), quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
                                                                "bnb_4bit_quant_type": "nf4"})
+    copy("generation-not-json").joinpath("generation_config.json").write_text("{broken")
+    embed = tensors["model.embed_tokens.weight"]
+    for name, head in (("tied-head-stored", embed.clone()), ("tied-head-differs", embed * 2)):
+        save_file({**tensors, "lm_head.weight": head}, copy(name) / "model.safetensors", metadata={"format": "pt"})
+    _set(copy("torch-dtype-key"), torch_dtype="float32", dtype=None)
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, copy("bfloat16-weights") / "model.safetensors",
+              metadata={"format": "pt"})  # config.json still says float32
     hub = m / "hub" / "models--x--tiny"  # the hub cache: snapshots/<hash>/ files are links into blobs/
     (hub / "blobs").mkdir(parents=True)
     snap = hub / "snapshots" / "abc123"
@@ -182,6 +189,28 @@ def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
     """Fixed: transformers loaded them, and the first forward pass failed inside bitsandbytes (a traceback)."""
     code, _, err = run_cli(*_recipe(w, "eval", w / "m" / "bnb-config-full-weights"))
     _one_line(code, err, "bnb-config-full-weights", "no bitsandbytes quantization state")
+
+
+@pytest.mark.parametrize(("folder", "needle"), [
+    ("generation-not-json", "generation_config.json: the generation config is not valid JSON")])
+def test_configs_transformers_would_load_otherwise_are_one_line(w: Path, folder: str, needle: str) -> None:
+    """Fixed: a broken generation_config.json was replaced by transformers' defaults after a log line (other end-of-turn
+    tokens in eval's generations, and copied broken into merges)."""
+    code, _, err = run_cli(*_recipe(w, "eval", w / "m" / folder))
+    _one_line(code, err, folder, needle)
+
+
+@pytest.mark.parametrize("folder", ["tied-head-stored", "torch-dtype-key", "bfloat16-weights"])
+def test_config_variants_load_as_transformers_loads_them(w: Path, folder: str) -> None:
+    """A tied head stored beside its embeddings (equal), the torch_dtype key of transformers 4, bfloat16 weights under
+    a float32 config: the model transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.loading import from_pretrained
+
+    ids = torch.tensor([[1, 5, 9, 200]])
+    ours = from_pretrained(w / "m" / folder, "float32")
+    assert torch.equal(ours(ids).logits, AutoModelForCausalLM.from_pretrained(w / "m" / folder)(ids).logits)
 
 
 @pytest.mark.parametrize(("folder", "needle"), [
