@@ -140,12 +140,36 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
         n, got, want = wrong[0]
         raise UserError(f"{p}: tensor {n} has shape {got} in the weights, {want} by its config.json "
                         f"({len(wrong)} such): the config and the weights belong to different models; {fix}")
+    check_tied_copies(p, [[n for n in g if n in stored] for g in expected], fix)
     known = set().union(*expected) if expected else set()
     if stored and len(known & set(stored)) >= 0.9 * len(stored):  # the file names tensors as the model does
         missing = sorted(g[0] for g in expected if not any(n in stored for n in g))
         if missing:
             raise UserError(f"{p}: {len(missing)} tensor(s) its config needs are not in the weights "
                             f"({', '.join(missing[:3])}): the file is incomplete or belongs to another model; {fix}")
+
+
+def check_tied_copies(path: Path, groups: list[list[str]], fix: str) -> None:
+    """Tensors the config ties (tie_word_embeddings: lm_head and the embeddings) stored more than once must hold the
+    same values: transformers then unties them with a warning and runs the stored head, vLLM ties them and runs the
+    embeddings as the head, so eval and serve would measure two models."""
+    from safetensors import safe_open
+
+    from llmfast.modelfiles import model_weight_files
+
+    groups = [g for g in groups if len(g) > 1]
+    if not groups:
+        return
+    found: dict[str, Any] = {}
+    for f in model_weight_files(path, fix):
+        with safe_open(str(f), framework="pt") as st:
+            found.update({n: st.get_tensor(n) for g in groups for n in g if n in st.keys()})
+    for group in groups:
+        if not all(found[group[0]].equal(found[n]) for n in group[1:]):
+            raise UserError(f"{path}: its config.json ties {' and '.join(group)} (tie_word_embeddings), but the weights "
+                            "store them with different values (transformers would run them untied, vLLM tied): set "
+                            "tie_word_embeddings to false in config.json if the stored head is meant, or drop it from "
+                            "the weights")
 
 
 def check_bnb_state(path: Path, fix: str) -> None:

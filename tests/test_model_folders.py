@@ -192,10 +192,12 @@ def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
 
 
 @pytest.mark.parametrize(("folder", "needle"), [
-    ("generation-not-json", "generation_config.json: the generation config is not valid JSON")])
+    ("generation-not-json", "generation_config.json: the generation config is not valid JSON"),
+    ("tied-head-differs", "store them with different values")])
 def test_configs_transformers_would_load_otherwise_are_one_line(w: Path, folder: str, needle: str) -> None:
     """Fixed: a broken generation_config.json was replaced by transformers' defaults after a log line (other end-of-turn
-    tokens in eval's generations, and copied broken into merges)."""
+    tokens in eval's generations, and copied broken into merges); a tied head stored with other values than the
+    embeddings ran untied in transformers (tied in vLLM)."""
     code, _, err = run_cli(*_recipe(w, "eval", w / "m" / folder))
     _one_line(code, err, folder, needle)
 
