@@ -124,6 +124,7 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
     if not p.is_dir() or not config.is_file():
         return
     fix = "re-create the model, or fix its config.json"
+    refuse_other_heads(p)
     if '"quantization_config"' in config.read_text(errors="replace"):
         check_bnb_state(p, fix)
         return
@@ -147,6 +148,27 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
         if missing:
             raise UserError(f"{p}: {len(missing)} tensor(s) its config needs are not in the weights "
                             f"({', '.join(missing[:3])}): the file is incomplete or belongs to another model; {fix}")
+
+
+# Classes whose checkpoints hold no language-model head (a classifier's `score`, or none at all): transformers loads
+# them as a causal LM without a word, the embeddings standing in for the head when the config ties them.
+_NOT_LM_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
+                 "ForMaskedLM", "ForRewardModel")
+
+
+def refuse_other_heads(path: Path) -> None:
+    """A classifier or reward model, or a bare `...Model` without a head, given where a causal LM is meant."""
+    import json
+
+    try:
+        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return  # the config's own check names it
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    if arch.endswith(_NOT_LM_HEADS) or (arch.endswith("Model") and not arch.endswith("LMHeadModel")):
+        raise UserError(f"{path}: config.json's architectures is {arch}, which has no language-model head "
+                        "(transformers would load it as a causal LM all the same, with a stand-in head): use the "
+                        "model's causal-LM checkpoint (a ...ForCausalLM)")
 
 
 def check_tied_copies(path: Path, groups: list[list[str]], fix: str) -> None:

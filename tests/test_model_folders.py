@@ -80,6 +80,7 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
                                                          "auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}}))
     _set(copy("bnb-config-full-weights"), quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
                                                                "bnb_4bit_quant_type": "nf4"})
+    _set(copy("classifier"), architectures=["LlamaForSequenceClassification"], num_labels=1)
     copy("generation-not-json").joinpath("generation_config.json").write_text("{broken")
     embed = tensors["model.embed_tokens.weight"]
     for name, head in (("tied-head-stored", embed.clone()), ("tied-head-differs", embed * 2)):
@@ -193,11 +194,13 @@ def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
 
 @pytest.mark.parametrize(("folder", "needle"), [
     ("generation-not-json", "generation_config.json: the generation config is not valid JSON"),
-    ("tied-head-differs", "store them with different values")])
+    ("tied-head-differs", "store them with different values"),
+    ("classifier", "LlamaForSequenceClassification, which has no language-model head")])
 def test_configs_transformers_would_load_otherwise_are_one_line(w: Path, folder: str, needle: str) -> None:
     """Fixed: a broken generation_config.json was replaced by transformers' defaults after a log line (other end-of-turn
     tokens in eval's generations, and copied broken into merges); a tied head stored with other values than the
-    embeddings ran untied in transformers (tied in vLLM)."""
+    embeddings ran untied in transformers (tied in vLLM); a classifier (or reward model) was measured as a causal
+    LM with the embeddings standing in for its head."""
     code, _, err = run_cli(*_recipe(w, "eval", w / "m" / folder))
     _one_line(code, err, folder, needle)
 
