@@ -186,6 +186,20 @@ def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(w: Pa
     assert all(torch.allclose(merged[k], loaded[k]) for k in merged)
 
 
+def test_a_tied_head_stored_beside_the_embeddings_merges_as_the_tied_model(w: Path) -> None:
+    """Fixed: merge refused it beside a model that stores the embeddings only ('has lm_head.weight, which ... lacks'),
+    though transformers ties the two; now the stored copy is dropped, one of other values refused."""
+    from safetensors.torch import load_file
+
+    code, _, err = run_cli(*_recipe(w, "merge", w / "m" / "tied-head-stored"))
+    assert code == 0, err
+    merged = load_file(w / "out" / "merge-tied-head-stored" / "model.safetensors")
+    assert "lm_head.weight" not in merged and torch.equal(merged["model.norm.weight"],
+                                                          load_file(w / "m" / "tiny" / "model.safetensors")["model.norm.weight"])
+    code, _, err = run_cli(*_recipe(w, "merge", w / "m" / "tied-head-differs"))
+    _one_line(code, err, "tied-head-differs", "store them with different values")
+
+
 def test_bnb_config_over_full_precision_weights_is_one_line(w: Path) -> None:
     """Fixed: transformers loaded them, and the first forward pass failed inside bitsandbytes (a traceback)."""
     code, _, err = run_cli(*_recipe(w, "eval", w / "m" / "bnb-config-full-weights"))

@@ -97,7 +97,30 @@ def _locations(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str, Path, i
     for f in weight_files(model_dir):
         for name, (shape, tag, a, b) in _entries(f).items():
             out[name] = (shape, tag, f, a, b)
+    _drop_tied_head(model_dir, out)
     return out
+
+
+def _drop_tied_head(model_dir: Path, where: dict[str, tuple[tuple[int, ...], str, Path, int, int]]) -> None:
+    """A tied head (tie_word_embeddings) that the files store too, as some tools save it: dropped, as transformers ties
+    them, so the model merges with one that stores the embeddings only; other values are refused (vLLM ties them)."""
+    head = where.get("lm_head.weight")
+    embed = [n for n, w in where.items() if n.endswith(("embed_tokens.weight", ".wte.weight")) and head
+             and w[:2] == head[:2]]
+    try:
+        tied = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings") is True
+    except (OSError, ValueError, AttributeError):
+        tied = False  # the config's own check names it
+    if not tied or not embed or head is None:
+        return
+    (*_, f1, a1, b1), (*_, f2, a2, _b2) = where[embed[0]], head
+    with f1.open("rb") as x, f2.open("rb") as y:
+        x.seek(a1), y.seek(a2)
+        if any(x.read(min(1 << 24, b1 - a)) != y.read(min(1 << 24, b1 - a)) for a in range(a1, b1, 1 << 24)):
+            raise UserError(f"{model_dir}: its config.json ties lm_head.weight to {embed[0]} (tie_word_embeddings), but "
+                            "the weights store them with different values: set tie_word_embeddings to false if the "
+                            "stored head is meant, or drop it from the weights")
+    del where["lm_head.weight"]
 
 
 def model_dtype(model_dir: Path, index: dict[str, tuple[tuple[int, ...], str, Path]]) -> str:
