@@ -198,6 +198,7 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     if "peft_type" not in cfg and "r" not in cfg:
         raise UserError(f"{cfg_path}: neither 'peft_type' nor 'r': not a PEFT LoRA adapter config: {fix}")
     _check_adapter_kind(cfg, cfg_path)
+    refuse_model_code(path, {})  # a tokenizer saved with the adapter may name its own code (export loads it)
     for key in ("r", "lora_alpha"):  # what PEFT computes the scaling from: a wrong type fails deep inside it
         value = cfg.get(key)
         if key in cfg and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):

@@ -269,7 +269,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
 
     check_chat_template_file(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors
         raise UserError(f"{path}: transformers cannot load its tokenizer ({type(e).__name__}: "
                         f"{first_line(e)}): restore tokenizer.json and tokenizer_config.json "

@@ -40,6 +40,7 @@ def _set(folder: Path, **keys: object) -> None:
 @pytest.fixture(scope="module")
 def w(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     from safetensors.torch import load_file, save_file
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     w = tmp_path_factory.mktemp("folders")
@@ -78,6 +79,11 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     tok = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**tok, "tokenizer_class": "XTokenizer",
                                                          "auto_map": {"AutoTokenizer": ["tokenization_x.XTok", None]}}))
+    adapter = m / "adapter-code"  # an adapter saved with such a tokenizer (export loads the adapter's own)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(adapter)
+    for f in ("tokenizer.json", "tokenizer_config.json", "tokenization_x.py"):
+        shutil.copy(d / f, adapter / f)
     _set(copy("bnb-config-full-weights"), quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
                                                                "bnb_4bit_quant_type": "nf4"})
     _set(copy("classifier"), architectures=["LlamaForSequenceClassification"], num_labels=1)
@@ -143,6 +149,22 @@ def test_a_models_own_code_is_refused_by_every_verb(w: Path, folder: str, verb: 
     assert not (w / "RAN").exists()
     _one_line(code, err, str(model), "does not run a model's own code")
     out = _out(w, verb, model)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("verb", ["export", "eval"])
+def test_an_adapters_own_tokenizer_code_is_refused(w: Path, verb: str) -> None:
+    """An adapter saved with a tokenizer that names its own code: `echo y | llmfast export AD OUT` ran its .py."""
+    adapter, out = w / "m" / "adapter-code", w / "out" / f"adapter-code-{verb}"
+    if verb == "export":
+        code, _, err = run_cli("export", str(adapter), str(out))
+    else:
+        recipe = w / "adapter-eval.yaml"
+        recipe.write_text(f"model: {w / 'm' / 'tiny'}\nadapter: {adapter}\neval: {{perplexity: {{text: {TEXT}, "
+                          f"max_tokens: 128, context: 64, stride: 64}}}}\noutput: {out}.json\n")
+        code, _, err = run_cli("eval", str(recipe))
+    assert not (w / "RAN").exists()
+    _one_line(code, err, str(adapter), "does not run a model's own code")
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 

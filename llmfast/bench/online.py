@@ -59,7 +59,7 @@ def _tokenizer_for(source: str | None, models: list[dict[str, Any]], model: str)
         source = entry.get("root") or model
     if not Path(source).is_dir():
         raise UserError(f"cannot load a tokenizer for '{model}' from {source!r}: give --tokenizer DIR")
-    return AutoTokenizer.from_pretrained(source), str(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False), str(source)
 
 
 def run_point(base_url: str, model: str, requests: list["Request"], *, request_rate: float = math.inf,

@@ -210,7 +210,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
     tokenizer_dir = adapter_dir if has_tokenizer else base
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing or corrupt tokenizer files: transformers' own errors
         from llmfast.loading import first_line
 
