@@ -341,7 +341,11 @@ def load_model(path: str | os.PathLike[str], dtype: str = "float32", adapter: st
     apply_config_cut(model, path)
     apply_artifact_sparsity(model, path, sparsity)
     if adapter is not None:
-        model = attach_adapter(model, check_adapter_dir(adapter_dir(adapter)), Path(path))
+        from llmfast.loading import resize_for_adapter
+
+        found = check_adapter_dir(adapter_dir(adapter))
+        resize_for_adapter(model, found)  # tokens added in training (Axolotl, Unsloth): as export grows the base
+        model = attach_adapter(model, found, Path(path))
     model.eval()
     return model
 

@@ -270,6 +270,9 @@ def test_adapter_with_added_tokens_exports_onto_the_resized_base(tiny_dir, tmp_p
         from llmfast.models import load_model
 
         torch.testing.assert_close(load_model(tmp_path / "exp", "float32")(ids).logits, live, rtol=0, atol=1e-5)
+        # eval and bench's transformers engine (the base with the adapter on it) grow the base the same way
+        with_adapter = load_model(tiny_dir, "float32", adapter=tmp_path / "ad")(ids).logits
+        torch.testing.assert_close(with_adapter, live, rtol=0, atol=1e-5)
     # an untied head whose new rows the adapter did not save (PEFT's embedding layers not saved): never kept
     untied = Path(shutil.copytree(tiny_dir, tmp_path / "untied"))
     weights = load_file(untied / "model.safetensors")
