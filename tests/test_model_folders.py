@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
+from llmfast.errors import UserError
+
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 CODE = "import pathlib\npathlib.Path({mark!r}).write_text('ran')\n"
 
@@ -87,6 +89,7 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     _set(copy("bnb-config-full-weights"), quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
                                                                "bnb_4bit_quant_type": "nf4"})
     _set(copy("classifier"), architectures=["LlamaForSequenceClassification"], num_labels=1)
+    _set(copy("no-architectures"), architectures=None)
     copy("generation-not-json").joinpath("generation_config.json").write_text("{broken")
     embed = tensors["model.embed_tokens.weight"]
     for name, head in (("tied-head-stored", embed.clone()), ("tied-head-differs", embed * 2)):
@@ -166,6 +169,21 @@ def test_an_adapters_own_tokenizer_code_is_refused(w: Path, verb: str) -> None:
     assert not (w / "RAN").exists()
     _one_line(code, err, str(adapter), "does not run a model's own code")
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_no_architectures_is_served_by_transformers_not_by_vllm(w: Path) -> None:
+    """vLLM picks its class from `architectures` alone and without one runs LlamaModel (no head), where transformers
+    loads LlamaForCausalLM: serve refused nothing (another model served), bench would run it on vLLM too."""
+    from llmfast.bench.engines import ENGINES, Variant
+    from llmfast.serve.server import prepare_spec
+
+    folder = w / "m" / "no-architectures"
+    with pytest.raises(UserError, match="names no `architectures`, from which vLLM picks the model's class"):
+        prepare_spec(str(folder))
+    variant = Variant("v", folder)
+    assert "names no `architectures`" in ENGINES.get("vllm").can_run(variant)
+    assert ENGINES.get("hf").can_run(variant) is None and ENGINES.get("vllm").can_run(Variant("t", w / "m" / "tiny")) \
+        is None
 
 
 def test_a_yes_at_the_terminal_runs_no_code(w: Path) -> None:

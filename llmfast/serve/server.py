@@ -323,6 +323,7 @@ VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # vLL
 def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> ServerSpec:
     """Resolve the model (builtin:, a directory, a GGUF, a hub id) and check every adapter, before any start."""
     from llmfast.artifacts import read_manifest
+    from llmfast.bench.engines.base import vllm_architecture_refusal
     from llmfast.models import check_chat_template_file, resolve_model
 
     # checked here: vLLM refuses them only after its start-up, and an empty value fell through to the default
@@ -352,6 +353,8 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     data = local_data_parallel(engine)
     check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), pipeline,
                    None if machine.cuda else len(machine.cores), eager=eager, data=data)
+    if why := vllm_architecture_refusal(model_dir):
+        raise UserError(f"{model_dir}: {why}")
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)
     _check_servable_quantization(model_dir, manifest)

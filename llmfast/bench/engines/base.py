@@ -101,6 +101,23 @@ def vllm_runs_sparse(model_dir: Path, sparsity: str | None) -> bool:
         return False
 
 
+def vllm_architecture_refusal(model_dir: Path) -> str | None:
+    """Why vLLM would run another model than transformers does, or None: vLLM picks its class from config.json's
+    `architectures` alone, and without one takes the bare model (LlamaModel: no head) where transformers loads the
+    model_type's causal LM."""
+    from llmfast.errors import UserError
+    from llmfast.modelfiles import describe_model_dir
+
+    try:
+        named = describe_model_dir(Path(model_dir))["config"].get("architectures")
+    except UserError:  # an unreadable config: the loaders name it
+        return None
+    if named:
+        return None
+    return ("its config.json names no `architectures`, from which vLLM picks the model's class (it would run the "
+            "bare model, without its head): add the class, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+
+
 def engine_families(quantization: Any, sparsity: str | None = None, vllm_sparse: bool | None = None
                     ) -> tuple[str, ...]:
     """Engine families ("vllm", "hf") that can run a model with this quantization, preferred first; the
@@ -131,6 +148,8 @@ class Engine(ABC):
                     f"(it runs on: {', '.join(variant.families)})")
         if self.family == "vllm" and variant.lora is not None and variant.lora.vllm_refusal:
             return variant.lora.vllm_refusal
+        if self.family == "vllm" and (why := vllm_architecture_refusal(variant.model_dir)):
+            return why
         return None
 
 
