@@ -18,8 +18,8 @@ from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.commands import (cmd_bench_offline, cmd_bench_run, cmd_bench_serve, cmd_eval, cmd_export, cmd_finetune,
                               cmd_models, cmd_quantize, cmd_serve, cmd_sparsify, cmd_tasks)
-from llmfast.process_exit import (PIPE_CLOSED, end_process_group, exit_process, interrupted_code, interrupted_line,
-                                  pipe_closed, quiet_worker, restore_signals, stop_on_signals)
+from llmfast.process_exit import (PIPE_CLOSED, end_process_group, exit_process, flush, interrupted_code,
+                                  interrupted_line, pipe_closed, quiet_worker, restore_signals, stop_on_signals)
 
 
 class _Help(argparse.HelpFormatter):
@@ -286,7 +286,7 @@ def _pace_bars_in_logs() -> None:
     ~15 s with its 10), set before tqdm is imported and inherited by vLLM's and torchrun's processes; values the
     user set (or TQDM_DISABLE=1) win. Only as the process's command: a caller's (a test's) own stderr and
     environment are left alone."""
-    if sys.stderr is sys.__stderr__ and not sys.stderr.isatty():
+    if sys.stderr is sys.__stderr__ and sys.stderr is not None and not sys.stderr.isatty():  # None: `2>&-`
         for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):
             os.environ.setdefault(name, str(LOG_BAR_INTERVAL_S))
 
@@ -304,11 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
         code = func(args)
-        sys.stdout.flush()  # a closed pipe met here, not at the console script's exit (a traceback, status 120)
+        flush(sys.stdout)  # a closed pipe met here, not at the console script's exit (a traceback, status 120)
         return code
     except SystemExit:  # --help, --version: what argparse printed is flushed here, where a closed pipe is handled
         try:
-            sys.stdout.flush()
+            flush(sys.stdout)
         except BrokenPipeError:
             return pipe_closed() or PIPE_CLOSED
         raise

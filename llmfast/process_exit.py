@@ -25,14 +25,20 @@ def exit_process(code: int) -> NoReturn:
     and a worker thread left joinable aborts the finished process ('terminate called without an active exception':
     1 two-process run in 11 under load on these CPUs, ~1 in 200 with the group destroyed, 0 in 80 with this). Its
     outputs are written and closed by then."""
-    try:
-        sys.stdout.flush()  # the last of stdout, here rather than at finalization, where a closed pipe is unhandled
-        sys.stderr.flush()
+    try:  # the last of stdout, here rather than at finalization, where a closed pipe is unhandled
+        flush(sys.stdout, sys.stderr)
     except BrokenPipeError:
         code = pipe_closed() or PIPE_CLOSED
     if "LOCAL_RANK" in os.environ:
         os._exit(code)
     sys.exit(code)
+
+
+def flush(*streams: Any) -> None:
+    """Flush each stream; one closed before the process started (`>&-`, `2>&-`) is None in Python, and skipped."""
+    for stream in streams:
+        if stream is not None:
+            stream.flush()
 
 
 PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: what a shell reports for a tool that SIGPIPE ended (`yes | head -1`)

@@ -89,3 +89,18 @@ def test_no_progress_bar_overrides_tqdm_disable():
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "tqdm":
                 given += [f"{f.name}:{node.lineno}" for k in node.keywords if k.arg == "disable"]
     assert not given, given
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_stream_closed_at_the_start_is_no_error(tmp_path, entry):
+    """`llmfast ... >&-` or `2>&-` (a service started with a stream closed): Python makes it None, and the flush added
+    for closed pipes, and the check whether stderr is a terminal, were an AttributeError (status 1) after the work."""
+    command = [sys.executable, *ENTRIES[entry], "tasks", "dates", "--train", "2", "--test", "2", "--out"]
+    for closed in (">&-", "2>&-"):
+        out = tmp_path / closed
+        p = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", *command, str(out)], text=True,
+                           capture_output=closed == ">&-", env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert p.returncode == 0 and (out / "dates" / "train.jsonl").is_file(), (closed, p.stderr)
+    p = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, *ENTRIES[entry], "--version"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert p.returncode == 0 and p.stderr.startswith("llmfast "), p.stderr  # argparse writes it to stderr then
