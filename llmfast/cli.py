@@ -18,7 +18,7 @@ from llmfast.argtypes import positive
 from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.commands import (cmd_bench_offline, cmd_bench_run, cmd_bench_serve, cmd_eval, cmd_export, cmd_finetune,
                               cmd_models, cmd_quantize, cmd_serve, cmd_sparsify, cmd_tasks)
-from llmfast.process_exit import (PIPE_CLOSED, end_process_group, exit_process, flush, interrupted_code,
+from llmfast.process_exit import (LOG_BARS, PIPE_CLOSED, end_process_group, exit_process, flush, interrupted_code,
                                   interrupted_line, pipe_closed, quiet_worker, restore_signals, stop_on_signals)
 
 
@@ -275,20 +275,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-# Seconds between progress-bar repaints when stderr is not a terminal (a CI log, nohup.out, `2> log`).
-LOG_BAR_INTERVAL_S = 30
-
-
 def _pace_bars_in_logs() -> None:
     """tqdm repaints every 0.1 s; into a file each repaint stays, a `\\r`-joined line growing by ~100 bytes a step
-    (10 KB for a 50-step fine-tune). Where stderr is not a terminal, bars repaint every LOG_BAR_INTERVAL_S instead:
-    tqdm's own TQDM_MININTERVAL, and TQDM_MAXINTERVAL (tqdm's monitor thread repaints a bar idle that long: every
-    ~15 s with its 10), set before tqdm is imported and inherited by vLLM's and torchrun's processes; values the
-    user set (or TQDM_DISABLE=1) win. Only as the process's command: a caller's (a test's) own stderr and
-    environment are left alone."""
+    (10 KB for a 50-step fine-tune). Where stderr is not a terminal, bars repaint as LOG_BARS says instead, set before
+    tqdm is imported and inherited by vLLM's and torchrun's processes; values the user set (or TQDM_DISABLE=1) win.
+    Only as the process's command: a caller's (a test's) own stderr and environment are left alone."""
     if sys.stderr is sys.__stderr__ and sys.stderr is not None and not sys.stderr.isatty():  # None: `2>&-`
-        for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):
-            os.environ.setdefault(name, str(LOG_BAR_INTERVAL_S))
+        for name, value in LOG_BARS.items():
+            os.environ.setdefault(name, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

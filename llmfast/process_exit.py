@@ -1,4 +1,5 @@
-"""How a `python -m llmfast.cli` process ends, launched alone or as one worker of torchrun (or accelerate)."""
+"""How a `python -m llmfast.cli` process paces its progress bars in a log file and ends, launched alone or as one
+worker of torchrun (or accelerate)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def flush(*streams: Any) -> None:
         if stream is not None:
             stream.flush()
 
+
+# tqdm's own settings for a bar written into a file (a CI log, nohup.out, vLLM's server log): a repaint every 30 s,
+# not every 0.1 s, and its monitor thread's repaint of an idle bar as rare (every ~15 s with its 10)
+LOG_BARS = {"TQDM_MININTERVAL": "30", "TQDM_MAXINTERVAL": "30"}
 
 PIPE_CLOSED = 128 + signal.SIGPIPE  # 141: what a shell reports for a tool that SIGPIPE ended (`yes | head -1`)
 

@@ -180,6 +180,8 @@ def _adapter(tmp_path, **cfg):
 
 def test_server_command(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setenv("TQDM_MAXINTERVAL", "5")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")  # the user's setting wins over ours
     ad = check_lora("a", _adapter(tmp_path, r=24))
     spec = ServerSpec(model=tiny_dir, loras=[ad], port=9001, api_key="s3cret", tensor_parallel_size=2,
@@ -194,6 +196,9 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     assert "s3cret" not in joined and env["VLLM_API_KEY"] == "s3cret"
     # a quarter of 8 GiB, shared by the two tensor-parallel workers
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # its output is a log file, whatever ours is: its bars paced as in a log (a repaint every 0.1 s went on from a
+    # terminal's `llmfast serve`), the user's setting first
+    assert env["TQDM_MININTERVAL"] == "30" and "TQDM_MAXINTERVAL" not in env
     (tmp_path / "small").mkdir()
     assert max_lora_rank([check_lora("b", _adapter(tmp_path / "small", r=1))]) == 1
     assert max_lora_rank([ad, check_lora("b", _adapter(tmp_path / "small", r=1))]) == 32

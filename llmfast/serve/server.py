@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llmfast.errors import UserError
+from llmfast.process_exit import LOG_BARS
 from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
@@ -145,8 +146,9 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
                  "--max-loras", str(len(spec.loras)), "--lora-modules",
                  *[f"{a.name}={a.path}" for a in spec.loras]]
     argv += spec.extra_args
-    # The user's environment wins over our defaults (someone who set VLLM_CPU_KVCACHE_SPACE meant it).
-    env = {k: v for k, v in env_defaults.items() if k not in os.environ}
+    # The user's environment wins over our defaults (someone who set VLLM_CPU_KVCACHE_SPACE meant it). The server's
+    # output goes to a log file even where ours goes to a terminal: its bars are paced as in any log.
+    env = {k: v for k, v in {**env_defaults, **LOG_BARS}.items() if k not in os.environ}
     if spec.api_key:
         env["VLLM_API_KEY"] = spec.api_key  # not on the command line, where `ps` would show it
     return argv, env
