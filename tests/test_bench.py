@@ -253,7 +253,9 @@ def test_bench_serve_saves_its_result_before_a_closed_pipe_ends_it(fake_server, 
         p = subprocess.run([sys.executable, "-m", "llmfast", "bench", "serve", "--base-url", url, "--num-prompts", "2",
                             "--random-input-len", "8", "--random-output-len", "2", "--disable-tqdm", "--save-result",
                             "--result-dir", str(tmp_path), "--result-filename", "r.json"], stdout=w,
-                           stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           stderr=subprocess.PIPE, text=True, timeout=300,
+                           # unbuffered, the summary's print meets the closed pipe (buffered, it waited for the exit)
+                           env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     finally:
         os.close(w)
     assert (p.returncode, p.stderr) == (141, "")
