@@ -288,3 +288,17 @@ def resize_for_adapter(model: "PreTrainedModel", adapter: Path) -> None:
                         f"base's {vocab}) but not {names.get(id(out))} with as many, so the head's new rows are not "
                         "in it: re-create it with the head in modules_to_save")
     model.resize_token_embeddings(rows, mean_resizing=False)  # the adapter's saved modules fill every row
+
+
+def save_tokenizer(tokenizer: Any, directory: str | os.PathLike[str]) -> None:
+    """Save a tokenizer as the model shipped it: a pad token load_tokenizer chose is not written. Saved, it is a
+    special token to whoever loads the artifact (transformers, vLLM): id 0's `!` of a tokenizer with neither pad nor
+    EOS would be dropped from every decoded answer, and a Llama's tokenizer config would differ from its base's."""
+    chosen = getattr(tokenizer, "llmfast_chosen_pad", None)
+    if chosen is not None:
+        tokenizer.pad_token = None
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        if chosen is not None:
+            tokenizer.pad_token = chosen

@@ -278,7 +278,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
         # the EOS, as transformers' examples do; a tokenizer with none either (a bare tokenizer.json) pads with id 0
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
             tokenizer.convert_ids_to_tokens(0)
+        tokenizer.llmfast_chosen_pad = tokenizer.pad_token  # ours: loading.save_tokenizer leaves it out
     return tokenizer
+
 
 
 def adapter_base_quantization(adapter: str | os.PathLike[str]) -> Any:

@@ -217,3 +217,16 @@ def test_a_tokenizer_without_eos_or_pad_still_pads(families: dict[str, Path], tm
     assert tok.eos_token is None and tok.pad_token_id == 0
     rows = [encode_text(tok, "Hello there."), encode_text(tok, "Hi.")]
     assert collate([[r] for r in rows], tok.pad_token_id).tensors()["input_ids"][1, -1] == 0
+    # The pad chosen here is not the model's: saved (an adapter, a quantized or relufied model), it became a special
+    # token to every later loader, and id 0's text was dropped from decoded answers (skip_special_tokens)
+    from transformers import AutoTokenizer
+
+    from llmfast.loading import save_tokenizer
+
+    save_tokenizer(tok, tmp_path / "saved")
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert again.pad_token is None and tok.pad_token_id == 0  # the loaded one still pads
+    assert again.all_special_ids == AutoTokenizer.from_pretrained(tmp_path).all_special_ids
+    llama = load_tokenizer(families["llama3"])  # pad = EOS: the saved config is the base's, which names no pad
+    save_tokenizer(llama, tmp_path / "llama")
+    assert AutoTokenizer.from_pretrained(tmp_path / "llama").pad_token is None and llama.pad_token == llama.eos_token

@@ -395,6 +395,8 @@ def _diverged(run: Run, what: str) -> UserError:
 
 def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
     """The final adapter (a PEFT directory with our manifest) and metrics.json; checkpoints are then dropped."""
+    from llmfast.loading import save_tokenizer
+
     q = run.recipe.quantization
     lora_state = sharding.full_lora_state(run.model) if run.fsdp else None  # a collective: every process
     if run.acc.is_main_process:
@@ -403,7 +405,7 @@ def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
                 config.target_modules = sorted(config.target_modules)
         with atomic_dir(run.out / "adapter", overwrite=True) as tmp:
             run.model.save_pretrained(tmp, state_dict=lora_state)
-            run.tokenizer.save_pretrained(tmp)
+            save_tokenizer(run.tokenizer, tmp)
             write_manifest(tmp, stage="finetune", parents=[run.recipe.model], recipe=recipe_dict(run.recipe),
                            metrics=metrics, base_model_path=str(run.model_path),
                            quantization=q.manifest() if q is not None else None)

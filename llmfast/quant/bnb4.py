@@ -212,7 +212,7 @@ def save_4bit(model_dir: Path, cfg: Bnb4Config, out_dir: Path, *, tokenizer: Any
               **_: Any) -> dict[str, Any]:
     """Quantize while loading (on the CPU, as for eval) and save the 4-bit checkpoint into `out_dir`."""
     from llmfast.bench.lineage import model_size
-    from llmfast.loading import from_pretrained
+    from llmfast.loading import from_pretrained, save_tokenizer
     from llmfast.serve.vllm_plugin import mark_relu_architecture
 
     qc = bnb_config(cfg, dtype, "saving a bitsandbytes 4-bit model", for_saving=True)
@@ -220,7 +220,7 @@ def save_4bit(model_dir: Path, cfg: Bnb4Config, out_dir: Path, *, tokenizer: Any
         model = from_pretrained(model_dir, dtype, quantization_config=qc, device_map={"": "cpu"})
     # No forward pass before saving: on AVX512-BF16 CPUs an eval forward repacks the weights for its kernel.
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     mark_relu_architecture(out_dir)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)
     size = model_size(out_dir)
     return {"type": cfg.type, "double_quant": cfg.double_quant, "weights_file_bytes": size["file_bytes"],

@@ -253,9 +253,11 @@ class Relufy(Sparsifier):
         metrics["heldout_kl"] = {"relu_untrained": round(kl_swap_only, 6),
                                  "relu_trained": round(heldout_kl(student, job.model, heldout), 6)}
         metrics["heldout_sparsity"] = measure_sparsity(student, job.heldout)
+        from llmfast.loading import save_tokenizer
+
         student.save_pretrained(out_dir, safe_serialization=True)
         mark_relu_architecture(out_dir)  # vLLM serves it through our plugin; transformers reads model_type
-        job.tokenizer.save_pretrained(out_dir)
+        save_tokenizer(job.tokenizer, out_dir)
         log = job.work_dir / "train_log.jsonl"
         if log.is_file():
             shutil.copy2(log, out_dir / "train_log.jsonl")

@@ -77,7 +77,9 @@ def save_ternary(model: Any, tokenizer: Any, out_dir: Path, skip: tuple[str, ...
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        from llmfast.loading import save_tokenizer
+
+        save_tokenizer(tokenizer, out_dir)
     return (out_dir / "model.safetensors").stat().st_size
 
 
