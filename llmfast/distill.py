@@ -123,7 +123,8 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
         return torch.empty(0, length, dtype=torch.long)
     from tqdm.auto import tqdm
 
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # a tokenizer with neither BOS nor EOS (a bare tokenizer.json): the pad load_tokenizer chose (id 0) starts them
+    start = next(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, 0) if i is not None)
     device = _device(teacher)
     out = []
     # manual_seed seeds every CUDA device: fork them all (none where CUDA was never started)

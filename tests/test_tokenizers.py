@@ -230,3 +230,11 @@ def test_a_tokenizer_without_eos_or_pad_still_pads(families: dict[str, Path], tm
     llama = load_tokenizer(families["llama3"])  # pad = EOS: the saved config is the base's, which names no pad
     save_tokenizer(llama, tmp_path / "llama")
     assert AutoTokenizer.from_pretrained(tmp_path / "llama").pad_token is None and llama.pad_token == llama.eos_token
+    # the teacher's own samples (relufy, bitnet's QAT) start from a BOS, else the EOS, else that pad: was a TypeError
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.distill import teacher_samples
+
+    teacher = AutoModelForCausalLM.from_pretrained(families["llama3"])
+    rows = teacher_samples(teacher, tok, count=2, length=5, seed=0)
+    assert rows.shape == (2, 5) and (rows[:, 0] == 0).all()
