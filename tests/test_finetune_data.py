@@ -347,3 +347,66 @@ def test_an_example_longer_than_pack_length_is_refused_naming_its_row(tmp_path):
                                                   "row's length): raise data.pack_length to data.max_length")):
         pack(exs, 16)  # named by its own file: data.train may list several
     assert [[e.row for e in b] for b in pack(exs, 30)] == [[9], [5, 3]]  # exactly pack_length fits
+
+
+def test_packing_is_first_fit_decreasing_on_many_examples():
+    """The bins a scan of every open bin gives (the first with room, else a new one), on lengths where the choice
+    matters; pack finds the first through a tree of free room, whose descent a wrong comparison or child would send
+    to a later bin."""
+    import random
+
+    rng = random.Random(0)
+    for size in (1, 2, 3, 5, 64, 700):
+        lengths = [rng.randint(1, 40) for _ in range(size)]
+        exs = [Encoded([1] * n, [1] * n, i) for i, n in enumerate(lengths)]
+        bins, room = [], []
+        for i in sorted(range(size), key=lambda i: (-lengths[i], i)):
+            b = next((b for b, free in enumerate(room) if lengths[i] <= free), len(bins))
+            if b == len(bins):
+                bins.append([])
+                room.append(40)
+            bins[b].append(i)
+            room[b] -= lengths[i]
+        assert [[e.row for e in b] for b in pack(exs, 40)] == bins, size
+
+
+def test_examples_hold_four_bytes_a_token_and_give_out_lists():
+    """A million rows of 200 tokens held as lists of Python ints were ~9 GB (36 bytes a token for the ids, 8 more for
+    the labels); int32 arrays hold 8 bytes a token in all."""
+    import tracemalloc
+
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    exs = [Encoded(list(range(1000 + i, 1500 + i)), [IGNORE] * 100 + list(range(1100 + i, 1500 + i)), i)
+           for i in range(200)]
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held / (200 * 500) < 10, held / (200 * 500)
+    e = exs[3]
+    assert e.input_ids == list(range(1003, 1503)) and e.labels[99:101] == [IGNORE, 1103]
+    assert len(e) == 500 and e.target_tokens == 400 and e.truncated(150).target_tokens == 50
+
+
+def test_rows_encoded_in_batches_are_each_row_encoded_alone_and_the_first_problem_is_named(tiny, tmp_path):
+    """read_examples tokenizes a batch of rows' texts in one call: each example is what encode_messages makes of its
+    row alone (rows past the first batch included), and a row refused before tokenizing (its shape, here) is named
+    after an earlier row's problem (too long), as when each row was encoded in turn."""
+    import json
+
+    _, tok = tiny
+    rows = [{"messages": [{"role": "user", "content": f"Say {i} " * (i % 7 + 1)}, {"role": "assistant", "content":
+             f"{i} ok."}, {"role": "user", "content": "and?"}, {"role": "assistant", "content": "more " * (i % 3)}]}
+            for i in range(300)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_examples(path, tok, 4096).examples
+    alone = [encode_messages(tok, r["messages"], i + 1, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    assert [(e.input_ids, e.labels, e.row) for e in got] == [(e.input_ids, e.labels, e.row) for e in alone]
+    assert [e.where for e in got[:2]] == [f"{path}:1", f"{path}:2"] and max(map(len, got)) < 200
+    rows[260] = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "yo"}]}
+    rows[270] = {"messages": [{"role": "user", "content": 3}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:261: example has \d+ tokens, more than max_length"):
+        read_examples(path, tok, 200, too_long="error")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:271: "):
+        read_examples(path, tok, 4096, too_long="error")

@@ -9,9 +9,10 @@ the ids trained on are the ids labelled, and those the model sees and generates 
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
 
 from llmfast.data.jsonl import read_rows
 from llmfast.data.jsonl import where as row_where
@@ -24,19 +25,41 @@ if TYPE_CHECKING:
 IGNORE = -100
 
 
-@dataclass
 class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    row: int
-    where: str = ""  # its row named as errors name it (FILE:LINE, DIR row N): data may come from several files
+    """An example's token ids and labels, held as int32 arrays (4 bytes a token; a list of Python ints holds ~36,
+    gigabytes for a million rows) and given out as lists."""
+
+    __slots__ = ("_ids", "_labels", "row", "where")
+
+    def __init__(self, input_ids: Iterable[int], labels: Iterable[int], row: int, where: str = "") -> None:
+        self._ids, self._labels = array("i", input_ids), array("i", labels)
+        self.row = row
+        self.where = where  # its row named as errors name it (FILE:LINE, DIR row N): data may come from several files
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self._ids.tolist()
+
+    @property
+    def labels(self) -> list[int]:
+        return self._labels.tolist()
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Encoded) and (self._ids, self._labels, self.row, self.where) == \
+            (other._ids, other._labels, other.row, other.where)
+
+    def __repr__(self) -> str:
+        return f"Encoded(input_ids={self.input_ids}, labels={self.labels}, row={self.row}, where={self.where!r})"
 
     @property
     def target_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self._labels) - self._labels.count(IGNORE)
+
+    def truncated(self, n: int) -> "Encoded":
+        return Encoded(self._ids[:n], self._labels[:n], self.row, self.where)
 
 
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -53,11 +76,16 @@ def check_rows(path: str | Path) -> str:
     return SHAPES[shape]
 
 
-def _read_rows(path: str | Path) -> "Iterator[tuple[dict[str, Any], str, str, str | Chat]]":
+def _read_rows(path: str | Path, rows: "list[dict[str, Any]] | None" = None
+               ) -> "Iterator[tuple[dict[str, Any], str, str, str | Chat]]":
     """Each row of a data set (one shape in all, shapes.py) with where it is, its shape and what it holds: a `text`
-    row's text, another's conversation; the first problem is named."""
+    row's text, another's conversation; the first problem is named. `rows`: the data set's, read already (the list is
+    emptied as it is walked, so a row read is not held twice)."""
     check = ShapeCheck()
-    for r in read_rows(path):
+    rows = read_rows(path) if rows is None else rows
+    rows.reverse()
+    while rows:
+        r = rows.pop()
         where = row_where(path, r["_row"])
         shape = check(r, where)
         yield r, where, shape, _text(r, where) if shape == "text" else to_chat(r, where, shape)
@@ -88,7 +116,7 @@ def render_chat(tokenizer: "PreTrainedTokenizerBase", msgs: list[dict[str, str]]
                         "system turn into the first user turn) or the template") from None
 
 
-def check_ids_fit(ids: list[int], vocab: int | None, where: str) -> None:
+def check_ids_fit(ids: "Sequence[int]", vocab: int | None, where: str) -> None:
     """A token id the model has no embedding row for (a tokenizer given tokens the model was not resized for) is one
     line naming where it came from, not an IndexError from inside the embedding."""
     if vocab and ids and max(ids) >= vocab:
@@ -101,6 +129,14 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
                     where: str = "", learn_from: int = 0) -> Encoded:
     """Token ids of the conversation with labels on its assistant turns from message `learn_from` on (the ones
     before are context, as a TRL prompt's example answers)."""
+    texts = _chat_texts(tokenizer, messages, row, where, learn_from)
+    return _assemble(tokenizer, texts, _encode_all(tokenizer, [t for t, _ in texts]), row)
+
+
+def _chat_texts(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int, where: str,
+                learn_from: int) -> list[tuple[str, bool]]:
+    """The renderings an example is encoded from, each with whether its new tokens are learned: for each assistant
+    turn, the conversation before it with the generation prompt (context), then up to the turn's end (learned)."""
     if not getattr(tokenizer, "chat_template", None):
         named = getattr(tokenizer, "name_or_path", "") or "the model"  # its folder, where it was loaded from one
         raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model, "
@@ -109,8 +145,7 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
         return render_chat(tokenizer, msgs, gen, where or f"row {row}")
 
-    ids: list[int] = []
-    labels: list[int] = []
+    texts: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < learn_from:
@@ -120,26 +155,92 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
         if not prompt.startswith(done) or not upto.startswith(prompt):
             raise UserError("the chat template does not render conversations as prefixes of each other; "
                             "completion-only labels need a template like ChatML")
-        for text, learn in ((prompt, False), (upto, True)):
-            piece = _continuation(tokenizer, text, done, ids)
-            ids.extend(piece)
-            labels.extend(piece if learn else [IGNORE] * len(piece))
-            done = text
+        texts += [(prompt, False), (upto, True)]
+        done = upto
+    return texts
+
+
+def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]], whole: dict[str, list[int]],
+              row: int) -> Encoded:
+    """The example from its renderings (`_chat_texts`) and their encodings (`whole`, by text)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for text, learn in texts:
+        piece = _continuation(tokenizer, text, done, ids, whole.get(text))
+        ids.extend(piece)
+        labels.extend(piece if learn else [IGNORE] * len(piece))
+        done = text
     return Encoded(ids, labels, row)
 
 
-def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, ids: list[int]) -> list[int]:
+def _encode_all(tokenizer: "PreTrainedTokenizerBase", texts: list[str], special: bool = False) -> dict[str, list[int]]:
+    """Each distinct text's ids, in one call: a fast tokenizer encodes a list on its threads, as it encodes each."""
+    distinct = list(dict.fromkeys(texts))
+    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=special).input_ids)) if distinct else {}
+
+
+def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, ids: list[int],
+                  whole: list[int] | None = None) -> list[int]:
     """The ids that follow `ids` (the encoding of `done`, a prefix of `text`): those of the whole `text` after `ids`,
-    as a prompt encoded whole and the tokens generated after it are, where the whole text's encoding starts with
-    `ids`; else (a token merging across the cut, as " 3" of a prompt ending in a space) the rest encoded alone, as a
-    prompt is encoded before the model answers it. Encoding each piece alone would start every piece of a
-    SentencePiece tokenizer (Llama 2's, Mistral's) with a word boundary: "▁4" trained for the "4" after `[/INST]`."""
+    as a prompt encoded whole and the tokens generated after it are, where the whole text's encoding (`whole`, else
+    encoded here) starts with `ids`; else (a token merging across the cut, as " 3" of a prompt ending in a space)
+    the rest encoded alone, as a prompt is encoded before the model answers it. Encoding each piece alone would start
+    every piece of a SentencePiece tokenizer (Llama 2's, Mistral's) with a word boundary: "▁4" trained for the "4"
+    after `[/INST]`."""
     if text == done:
         return []
-    whole = tokenizer(text, add_special_tokens=False).input_ids
+    if whole is None:
+        whole = tokenizer(text, add_special_tokens=False).input_ids
     if whole[: len(ids)] == ids:
         return whole[len(ids):]
     return tokenizer(text[len(done):], add_special_tokens=False).input_ids
+
+
+_BATCH = 256  # rows whose texts are tokenized in one call
+
+
+def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[str, Any], str, str, "str | Chat"]]
+             ) -> Iterator[tuple[dict[str, Any], str, str, Encoded]]:
+    """Each row (`_read_rows`) encoded, in order, a batch of rows tokenized at a time. A row that is refused before it
+    is tokenized (its shape, its template) is raised once the rows before it are given out: the first problem in
+    the file is the one named, as when each row was encoded in turn."""
+    batch: list[tuple[dict[str, Any], str, str, Any]] = []
+    while True:
+        try:
+            r, where, shape, content = next(items)
+            plan = content if isinstance(content, str) else \
+                _chat_texts(tokenizer, content.messages, r["_row"], where, content.learn_from)
+        except StopIteration:
+            break
+        except UserError:
+            yield from _encode_batch(tokenizer, batch)
+            raise
+        batch.append((r, where, shape, plan))
+        if len(batch) == _BATCH:
+            yield from _encode_batch(tokenizer, batch)
+            batch = []
+    yield from _encode_batch(tokenizer, batch)
+
+
+def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[str, Any], str, str, Any]]
+                  ) -> Iterator[tuple[dict[str, Any], str, str, Encoded]]:
+    texts = [plan for *_, plan in batch if isinstance(plan, str)]  # a data set's rows are all `text` rows, or none
+    if texts:
+        for (r, where, shape, _), ids in zip(batch, tokenizer(texts).input_ids):
+            yield r, where, shape, encode_text(tokenizer, "", r["_row"], ids)
+        return
+    whole = _encode_all(tokenizer, [t for *_, plan in batch for t, _ in plan])
+    for r, where, shape, plan in batch:
+        yield r, where, shape, _assemble(tokenizer, plan, whole, r["_row"])
+
+
+def _progress(total: int, path: Path, show: bool) -> Any:
+    """A bar of rows encoded, shown once encoding has taken 2 s (a small data set prints nothing); TQDM_DISABLE and
+    the CLI's repaint interval for a log file apply (tqdm's environment defaults)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"encoding {path.name}", unit="row", delay=2, **({} if show else {"disable": True}))
 
 
 @dataclass
@@ -155,6 +256,7 @@ def read_examples(
     max_length: int,
     too_long: Literal["truncate", "error"] = "truncate",
     vocab: int | None = None,
+    progress: bool = False,
 ) -> Examples:
     """Read and encode a data file or a local `datasets` directory, of any one row shape (shapes.py); returns
     examples, warnings and the shape.
@@ -162,26 +264,26 @@ def read_examples(
     With `too_long="truncate"` an example longer than `max_length` keeps its first `max_length` tokens; one
     whose prompt alone fills `max_length` (no answer token left to learn from) is dropped, with a warning
     naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
+    `progress`: a bar on stderr while its rows are encoded (minutes for a million rows).
     """
     path = Path(path)
     examples, warnings, truncated, dropped, shape = [], [], [], [], "messages"
-    for r, where, shape, content in _read_rows(path):
-        if isinstance(content, str):  # a `text` row
-            ex = encode_text(tokenizer, content, r["_row"])
-        else:
-            ex = encode_messages(tokenizer, content.messages, r["_row"], where, content.learn_from)
-        ex.where = where
-        check_ids_fit(ex.input_ids, vocab, where)
-        if len(ex) > max_length:
-            if too_long == "error":
-                raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
-                                "raise max_length, shorten it, or set data.too_long: truncate")
-            ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length], ex.row, where)
-            if ex.target_tokens == 0:
-                dropped.append(r["_row"])
-                continue
-            truncated.append(r["_row"])
-        examples.append(ex)
+    rows = read_rows(path)
+    with _progress(len(rows), path, progress) as bar:
+        for r, where, shape, ex in _encoded(tokenizer, _read_rows(path, rows)):
+            bar.update()
+            ex.where = where
+            check_ids_fit(ex._ids, vocab, where)
+            if len(ex) > max_length:
+                if too_long == "error":
+                    raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
+                                    "raise max_length, shorten it, or set data.too_long: truncate")
+                ex = ex.truncated(max_length)
+                if ex.target_tokens == 0:
+                    dropped.append(r["_row"])
+                    continue
+                truncated.append(r["_row"])
+            examples.append(ex)
     if truncated:
         warnings.append(f"{path}: {len(truncated)} example(s) longer than max_length {max_length} were truncated "
                         f"({_rows(truncated)})")
@@ -204,11 +306,12 @@ def _text(row: dict[str, Any], where: str) -> str:
     return row["text"]
 
 
-def encode_text(tokenizer: "PreTrainedTokenizerBase", text: str, row: int = 0) -> Encoded:
+def encode_text(tokenizer: "PreTrainedTokenizerBase", text: str, row: int = 0, ids: list[int] | None = None
+                ) -> Encoded:
     """A plain text row, learned whole as TRL learns its language-modelling rows: the tokenizer's own special tokens
     (a BOS where it adds one), the end-of-sequence token after it, a label on every token after the first (the first
-    has nothing before it to be predicted from)."""
-    ids = tokenizer(text).input_ids
+    has nothing before it to be predicted from). `ids`: the text's encoding, made already."""
+    ids = tokenizer(text).input_ids if ids is None else ids
     eos = tokenizer.eos_token_id
     if eos is not None and ids[-1:] != [eos]:
         ids.append(eos)
