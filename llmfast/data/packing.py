@@ -9,6 +9,7 @@ padding is one more "example" whose labels are ignored.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -70,6 +71,14 @@ def pack(examples: Sequence[Encoded], pack_length: int) -> list[list[Encoded]]:
             node //= 2
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
     return bins
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of `n` rows in epoch `epoch`, shuffled by (seed, epoch): the same on every process and after a
+    resume."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
 
 
 def collate(rows: Sequence[Sequence[Encoded]], pad_id: int) -> Batch:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, finite, write_manifest
 from llmfast.data.chat import Encoded, read_examples
-from llmfast.data.packing import Batch, collate, pack
+from llmfast.data.packing import Batch, collate, epoch_order, pack
 from llmfast.errors import UserError
 from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
@@ -71,8 +71,7 @@ def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[lis
 
 def micro_batches(rows: list[list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int) -> list[Batch]:
     """One epoch's micro-batches, shuffled by (seed, epoch): the same on every process and after a resume."""
-    order = list(range(len(rows)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
+    order = epoch_order(len(rows), seed, epoch)
     return [collate([rows[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
 
 
@@ -102,7 +101,7 @@ class Run:
     wrapped: Any = None
     start_step: int = 0
     window: tuple[float, int] = (0.0, 0)  # the log's loss sum and steps since its last line, at start_step
-    epoch_cache: dict[int, list[Batch]] = dataclasses.field(default_factory=dict)
+    epoch_cache: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # an epoch's row order
 
     @property
     def world(self) -> int:
@@ -121,14 +120,13 @@ class Run:
         return [self.micro(step * self.micro_per_step + j) for j in range(self.micro_per_step)]
 
     def micro(self, index: int) -> Batch:
-        """Micro-batch `index` of the run's stream (epochs reshuffled, one epoch's batches kept)."""
+        """Micro-batch `index` of the run's stream (epochs reshuffled, one epoch's order kept)."""
         tc = self.recipe.train
         epoch, pos = divmod(index, self.per_epoch)
-        if epoch not in self.epoch_cache:
-            self.epoch_cache.clear()
-            self.epoch_cache[epoch] = micro_batches(self.rows, tc.batch_size, tc.seed, epoch,
-                                                    self.tokenizer.pad_token_id)
-        return self.epoch_cache[epoch][pos]
+        if epoch not in self.epoch_cache:  # its order only: collating a whole epoch up front held every token again
+            self.epoch_cache = {epoch: epoch_order(len(self.rows), tc.seed, epoch)}
+        picked = self.epoch_cache[epoch][pos * tc.batch_size : (pos + 1) * tc.batch_size]  # micro_batches' `pos`
+        return collate([self.rows[i] for i in picked], self.tokenizer.pad_token_id)
 
 
 def _note(acc: Any, line: str) -> None:
@@ -161,7 +159,8 @@ def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
     dc = recipe.data
 
     def read(value: Any) -> tuple[list[Encoded], list[str], str]:
-        got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab), p) for p in paths_of(value)]
+        got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab, acc.is_main_process), p)
+               for p in paths_of(value)]
         return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
                 ", ".join(f"{len(g.examples)} row{'s' * (len(g.examples) != 1)} of {g.shape} from {p}" for g, p in got))
 
