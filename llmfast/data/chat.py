@@ -174,10 +174,10 @@ def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]
     return Encoded(ids, labels, row)
 
 
-def _encode_all(tokenizer: "PreTrainedTokenizerBase", texts: list[str], special: bool = False) -> dict[str, list[int]]:
+def _encode_all(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> dict[str, list[int]]:
     """Each distinct text's ids, in one call: a fast tokenizer encodes a list on its threads, as it encodes each."""
     distinct = list(dict.fromkeys(texts))
-    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=special).input_ids)) if distinct else {}
+    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=False).input_ids)) if distinct else {}
 
 
 def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, ids: list[int],
