@@ -361,6 +361,17 @@ def test_resume_with_another_recipe_is_refused(killed_run, tmp_path, tiny_dir):
     assert code == 2 and err.strip().splitlines()[-1] == (f"llmfast: error: {out} already exists: pass --resume to "
                                                          "continue that run, or choose another output"), err[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the data file edited in place since the kill, the recipe's text the same: the rest trained on other rows (s51)
+    train = Path(yaml.safe_load(path.read_text())["data"]["train"])
+    original = train.read_bytes()
+    try:
+        train.write_text(original.decode().replace('"alpha"}', '"zulu"}'))
+        code, _, err = run_cli("finetune", str(path), "--resume")
+        assert code == 2 and err.strip().splitlines()[-1].startswith(
+            "llmfast: error: --resume: the data encodes to other rows than the run in"), err[-2000:]
+    finally:
+        train.write_bytes(original)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # its one data file written as a list of that file (data.train takes lists since s50) is the same data
     listed = f"data.train=[{yaml.safe_load(path.read_text())['data']['train']}]"
     code, _, err = run_cli("finetune", str(path), "--resume", "--set", listed)

@@ -62,6 +62,21 @@ class Encoded:
         return Encoded(self._ids[:n], self._labels[:n], self.row, self.where)
 
 
+def rows_digest(*groups: Sequence[Sequence[Encoded]]) -> str:
+    """A digest of the examples' ids and labels, bin by bin (a run's training and held-out rows): what `--resume`
+    compares, since a data file edited in place (or read by another encoding) trains the rest on other rows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for group in groups:
+        for bin_ in group:
+            for e in bin_:
+                h.update(len(e).to_bytes(8, "little") + e._ids.tobytes() + e._labels.tobytes())
+            h.update(b"|")
+        h.update(b"#")
+    return h.hexdigest()
+
+
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """A chat row of any shape (shapes.py) as {role, content} messages."""
     return to_chat(row, where).messages

@@ -29,13 +29,27 @@ from llmfast.finetune.run_files import RUN_FILES, foreign_run_files, taken_outpu
 from llmfast.recipe_paths import paths_of
 
 
-def record_run(out: Path, recipe: dict[str, Any], model_path: Path) -> None:
-    """What `--resume` compares a run against: its recipe (recipe.json) and its base model's weights (base.json:
-    the recipe names the model by its path, and other weights may be saved there since)."""
+def record_run(out: Path, recipe: dict[str, Any], model_path: Path, rows: str) -> None:
+    """What `--resume` compares a run against: its recipe (recipe.json), its base model's weights and the rows it
+    trains on (base.json: the recipe names the model and the data by their paths, and other files may be saved
+    there since; `rows` is data.chat.rows_digest)."""
     from llmfast.modelfiles import weights_fingerprint
 
     atomic_write_json(out / "recipe.json", recipe)
-    atomic_write_json(out / "base.json", {"weights": weights_fingerprint(model_path)})
+    atomic_write_json(out / "base.json", {"weights": weights_fingerprint(model_path), "rows": rows})
+
+
+def check_same_rows(out: Path, rows: str) -> None:
+    """--resume trains on the rows the run started on: a data file edited (or encoded otherwise) since would finish
+    the run on other rows, silently. A run of an earlier version recorded none."""
+    try:
+        recorded = json.loads((out / "base.json").read_text(encoding="utf-8")).get("rows")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded != rows:
+        raise UserError(f"--resume: the data encodes to other rows than the run in {out} started on (a data file "
+                        "edited or replaced since, or another tokenizer): resume with the data it started on, or train "
+                        "into another output")
 
 
 def latest_checkpoint(out: Path) -> Path | None:

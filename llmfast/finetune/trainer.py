@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, finite, write_manifest
-from llmfast.data.chat import Encoded, read_examples
+from llmfast.data.chat import Encoded, read_examples, rows_digest
 from llmfast.data.packing import Batch, collate, epoch_order, pack
 from llmfast.errors import UserError
 from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
@@ -213,6 +213,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         assert ckpt is not None
         state = ckpts.read_state(ckpt)
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, acc.num_processes)
+        ckpts.check_same_rows(out, rows_digest(rows, eval_rows))  # the rows themselves, not only their count
         step, window = state["step"], tuple(state.get("window", window))  # none in an older checkpoint
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16", acc.num_processes)
         ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
@@ -263,7 +264,7 @@ def _prepare_training(run: Run) -> None:
         _note(acc, f"llmfast: resuming {run.out} from step {run.start_step} of {run.total_steps}")
     elif acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        ckpts.record_run(run.out, recipe_dict(run.recipe), run.model_path)
+        ckpts.record_run(run.out, recipe_dict(run.recipe), run.model_path, rows_digest(run.rows, run.eval_rows))
     acc.wait_for_everyone()
     loss_module = _LossModule(run.model, tc.loss_chunk_size)
     run.wrapped = loss_module if run.fsdp else acc.prepare(loss_module)  # sharded layers synchronise themselves
