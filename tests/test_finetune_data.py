@@ -410,3 +410,28 @@ def test_rows_encoded_in_batches_are_each_row_encoded_alone_and_the_first_proble
         read_examples(path, tok, 200, too_long="error")
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:271: "):
         read_examples(path, tok, 4096, too_long="error")
+
+
+def test_long_conversations_are_not_tokenized_all_at_once(tiny, tmp_path, monkeypatch):
+    """A chat row's texts are its prefixes (one pair a turn): a batch of 256 long conversations tokenized in one call
+    held every prefix's ids at once (6.5 GB for 256 rows of 50 turns). Batches stop at a character budget, and a row
+    over it is encoded text by text: the same examples, a small peak."""
+    import json
+    import tracemalloc
+
+    from llmfast.data import chat
+
+    _, tok = tiny
+    rows = [{"messages": [m for t in range(20) for m in ({"role": "user", "content": f"row {i} turn {t} " * 8},
+                                                          {"role": "assistant", "content": f"ok {t} " * 12})]}
+            for i in range(30)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(chat, "_BATCH_CHARS", 20_000, raising=False)  # each row's prefixes hold ~100k characters
+    tracemalloc.start()
+    got = read_examples(path, tok, 1 << 20).examples
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    alone = [encode_messages(tok, r["messages"], i + 1, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in alone]
+    assert peak < 8 << 20, peak  # all 30 rows' prefixes tokenized together: ~55 MB

@@ -213,6 +213,10 @@ def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, id
 
 
 _BATCH = 256  # rows whose texts are tokenized in one call
+# ... and at most about this many characters of them: a chat row's texts are its prefixes, one pair a turn, so a
+# long conversation's are quadratic in its length (256 rows of 50 turns held 6.5 GB of ids at once). A row over
+# it alone is encoded text by text, as each row was before batching.
+_BATCH_CHARS = 1 << 20
 
 
 def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[str, Any], str, str, "str | Chat"]]
@@ -221,6 +225,7 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
     is tokenized (its shape, its template) is raised once the rows before it are given out: the first problem in
     the file is the one named, as when each row was encoded in turn."""
     batch: list[tuple[dict[str, Any], str, str, Any]] = []
+    chars = 0
     while True:
         try:
             r, where, shape, content = next(items)
@@ -232,10 +237,15 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
             yield from _encode_batch(tokenizer, batch)
             raise
         batch.append((r, where, shape, plan))
-        if len(batch) == _BATCH:
+        chars += _chars(plan)
+        if len(batch) == _BATCH or chars >= _BATCH_CHARS:
             yield from _encode_batch(tokenizer, batch)
-            batch = []
+            batch, chars = [], 0
     yield from _encode_batch(tokenizer, batch)
+
+
+def _chars(plan: "str | list[tuple[str, bool]]") -> int:
+    return len(plan) if isinstance(plan, str) else sum(len(t) for t, _ in plan)
 
 
 def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[str, Any], str, str, Any]]
@@ -245,7 +255,7 @@ def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[s
         for (r, where, shape, _), ids in zip(batch, tokenizer(texts).input_ids):
             yield r, where, shape, encode_text(tokenizer, "", r["_row"], ids)
         return
-    whole = _encode_all(tokenizer, [t for *_, plan in batch for t, _ in plan])
+    whole = _encode_all(tokenizer, [t for *_, plan in batch if _chars(plan) <= _BATCH_CHARS for t, _ in plan])
     for r, where, shape, plan in batch:
         yield r, where, shape, _assemble(tokenizer, plan, whole, r["_row"])
 
