@@ -188,7 +188,7 @@ def test_an_example_of_exactly_max_length_tokens_is_kept_whole_without_a_warning
     assert len(exs[0]) == len(whole) - 1 and "truncated" in warnings[0]
 
 
-def test_a_chat_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_refused(tiny):
+def test_a_chat_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_refused(tiny, tmp_path):
     """Completion-only labels cut the rendered conversation at the rendered prompt: a template that renders the
     generation prompt as something the conversation does not start with would label the wrong tokens."""
     import copy
@@ -199,6 +199,11 @@ def test_a_chat_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_ref
                          "{% if add_generation_prompt %}ASSISTANT>{% endif %}")
     with pytest.raises(UserError, match="does not render conversations as prefixes of each other"):
         encode_messages(odd, CHAT)
+    import json
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")  # named, as every row's error is
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'd.jsonl'))}:1: the chat template does not"):
+        read_examples(tmp_path / "d.jsonl", odd, 4096)
     plain = copy.deepcopy(tok)
     plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                            "{% if add_generation_prompt %}assistant: {% endif %}")

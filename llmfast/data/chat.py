@@ -168,8 +168,8 @@ def _chat_texts(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, s
         prompt = render(messages[:i], gen=True)
         upto = render(messages[: i + 1], gen=False)
         if not prompt.startswith(done) or not upto.startswith(prompt):
-            raise UserError("the chat template does not render conversations as prefixes of each other; "
-                            "completion-only labels need a template like ChatML")
+            raise UserError(f"{where or f'row {row}'}: the chat template does not render conversations as prefixes "
+                            "of each other; completion-only labels need a template like ChatML")
         texts += [(prompt, False), (upto, True)]
         done = upto
     return texts
