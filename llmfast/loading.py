@@ -259,6 +259,16 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
     return model
 
 
+def tied_modules(model: "PreTrainedModel") -> list[str]:
+    """The names of the input embedding and the output head where they are one matrix (tie_word_embeddings): a LoRA
+    on either changes both once merged, while PEFT applies it to the one module it targets. Else []."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or inp.weight is not out.weight:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in (inp, out) if id(m) in names]
+
+
 def resize_for_adapter(model: "PreTrainedModel", adapter: Path) -> None:
     """Grow the embedding (and an untied head) to the rows an adapter saved them with: tools that add tokens
     (Axolotl, Unsloth, LLaMA-Factory) resize the base, train, and save the whole modules (modules_to_save, or PEFT's

@@ -282,7 +282,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-
 def adapter_base_quantization(adapter: str | os.PathLike[str]) -> Any:
     """The 4-bit base a QLoRA adapter records it was trained on (it is put on that base, not on full precision),
     or None."""

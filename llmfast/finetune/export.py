@@ -117,21 +117,18 @@ def _check_merge_fits(adapter_dir: Path, base: Path) -> None:
     """On the base's modules (meta device, before loading): LoRA on the embedding or the head of a model that ties
     them (PEFT applies it to that one module, merged it changes the matrix both share), and LoRA-B biases on layers
     without a bias (PEFT refuses to merge them)."""
-    from llmfast.loading import meta_skeleton
+    from llmfast.loading import meta_skeleton, tied_modules
     from llmfast.modelfiles import safetensors_header
 
     model = meta_skeleton(base)
     stored = [k.removeprefix("base_model.model.") for k in safetensors_header(
         adapter_dir / "adapter_model.safetensors", "re-create the adapter") if k != "__metadata__"]
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if inp is not None and out is not None and inp.weight is out.weight:
-        names = {id(m): n for n, m in model.named_modules()}
-        for module in (names.get(id(inp)), names.get(id(out))):
-            hit = [k for k in stored if module and k.startswith(f"{module}.lora_")]
-            if hit:
-                raise UserError(f"{adapter_dir}: LoRA on {module} ({hit[0]}) of a model that ties its input "
-                                "embedding and output head: merged, it would change both; use it unmerged (eval, "
-                                "bench --engine hf), or retrain it without that module in target_modules")
+    for module in tied_modules(model):
+        hit = [k for k in stored if k.startswith(f"{module}.lora_")]
+        if hit:
+            raise UserError(f"{adapter_dir}: LoRA on {module} ({hit[0]}) of a model that ties its input "
+                            "embedding and output head: merged, it would change both; use it unmerged (eval, "
+                            "bench --engine hf), or retrain it without that module in target_modules")
     for k in stored:
         if k.endswith(".lora_B.bias"):
             try:

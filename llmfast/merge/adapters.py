@@ -206,18 +206,14 @@ def _fit_layout(adapter: LoraAdapter, base_dir: Path) -> None:
     """Each module's delta transposed as PEFT applies it to this base: by the layer's type, not by the config's
     fan_in_fan_out (PEFT sets it false for a torch Linear and true for a Conv1D, with a warning; a square Llama
     projection read the config's way was merged transposed)."""
-    from llmfast.loading import meta_skeleton
+    from llmfast.loading import meta_skeleton, tied_modules
 
     skeleton = meta_skeleton(base_dir)
-    inp, out = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
-    if inp is not None and out is not None and inp.weight is out.weight:  # PEFT changes the one module it targets
-        names = {id(m): n for n, m in skeleton.named_modules()}
-        tied = [f"{names.get(id(m))}.weight" for m in (inp, out)]
-        hit = sorted(set(tied) & set(adapter.modules))
-        if hit:
-            raise UserError(f"{adapter.path}: LoRA on {hit[0].removesuffix('.weight')} of a base that ties its input "
-                            "embedding and output head: merged, it would change both; use it unmerged (eval, bench "
-                            "--engine hf), or retrain it without that module in target_modules")
+    hit = sorted({f"{n}.weight" for n in tied_modules(skeleton)} & set(adapter.modules))
+    if hit:
+        raise UserError(f"{adapter.path}: LoRA on {hit[0].removesuffix('.weight')} of a base that ties its input "
+                        "embedding and output head: merged, it would change both; use it unmerged (eval, bench "
+                        "--engine hf), or retrain it without that module in target_modules")
     for mod in adapter.modules.values():
         try:
             layer = skeleton.get_submodule(mod.base_name.removesuffix(".weight"))
