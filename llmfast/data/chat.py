@@ -4,7 +4,9 @@ Each assistant turn's span is found by rendering the conversation through the mo
 twice, up to the turn with the generation prompt and up to the end of the turn, so the labels cover
 exactly what the model would have to generate (answer and end-of-turn token) whatever the template.
 Each piece's ids are those that follow the ids before it in the whole text's encoding (`_continuation`):
-the ids trained on are the ids labelled, and those the model sees and generates at inference.
+the ids trained on are the ids labelled, and those the model sees and generates at inference. The texts' encodings
+are read off one encoding of the row's last text (prefixes.py) where the tokenizer allows, so a row costs time
+linear in its length, not in the sum of its prefixes'.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
 
 from llmfast.data.jsonl import read_rows
 from llmfast.data.jsonl import where as row_where
+from llmfast.data.prefixes import PrefixIds, backend_encodes, prefix_ids
 from llmfast.data.shapes import SHAPES, Chat, ShapeCheck, must_be_text, to_chat
 from llmfast.errors import UserError
 
@@ -145,7 +148,7 @@ def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     """Token ids of the conversation with labels on its assistant turns from message `learn_from` on (the ones
     before are context, as a TRL prompt's example answers)."""
     texts = _chat_texts(tokenizer, messages, row, where, learn_from)
-    return _assemble(tokenizer, texts, _encode_all(tokenizer, [t for t, _ in texts]), row)
+    return _assemble(tokenizer, texts, next(_encodings(tokenizer, [texts])), row)
 
 
 def _chat_texts(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int, where: str,
@@ -175,14 +178,18 @@ def _chat_texts(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, s
     return texts
 
 
-def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]], whole: dict[str, list[int]],
-              row: int) -> Encoded:
-    """The example from its renderings (`_chat_texts`) and their encodings (`whole`, by text)."""
+def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]],
+              whole: "PrefixIds | dict[str, list[int]]", row: int) -> Encoded:
+    """The example from its renderings (`_chat_texts`) and their encodings (`_encodings`: read off the last text's, or
+    by text)."""
     ids: list[int] = []
     labels: list[int] = []
     done = ""
-    for text, learn in texts:
-        piece = _continuation(tokenizer, text, done, ids, whole.get(text))
+    for k, (text, learn) in enumerate(texts):
+        if isinstance(whole, PrefixIds):
+            piece = _continuation(tokenizer, text, done, ids, prefixes=(whole, k))
+        else:
+            piece = _continuation(tokenizer, text, done, ids, whole.get(text))
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE] * len(piece))
         done = text
@@ -196,26 +203,33 @@ def _encode_all(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> dict[
 
 
 def _continuation(tokenizer: "PreTrainedTokenizerBase", text: str, done: str, ids: list[int],
-                  whole: list[int] | None = None) -> list[int]:
+                  whole: list[int] | None = None, prefixes: "tuple[PrefixIds, int] | None" = None) -> list[int]:
     """The ids that follow `ids` (the encoding of `done`, a prefix of `text`): those of the whole `text` after `ids`,
     as a prompt encoded whole and the tokens generated after it are, where the whole text's encoding (`whole`, else
     encoded here) starts with `ids`; else (a token merging across the cut, as " 3" of a prompt ending in a space)
     the rest encoded alone, as a prompt is encoded before the model answers it. Encoding each piece alone would start
     every piece of a SentencePiece tokenizer (Llama 2's, Mistral's) with a word boundary: "▁4" trained for the "4"
-    after `[/INST]`."""
+    after `[/INST]`. `prefixes`: the row's encodings and this text's number, read off its last text's (prefixes.py)
+    rather than `whole`: the same ids, in time linear in the row's length."""
     if text == done:
         return []
-    if whole is None:
-        whole = tokenizer(text, add_special_tokens=False).input_ids
-    if whole[: len(ids)] == ids:
-        return whole[len(ids):]
+    if prefixes is not None:
+        piece = prefixes[0].after(prefixes[1], ids)
+        if piece is not None:
+            return piece
+    else:
+        if whole is None:
+            whole = tokenizer(text, add_special_tokens=False).input_ids
+        if whole[: len(ids)] == ids:
+            return whole[len(ids):]
     return tokenizer(text[len(done):], add_special_tokens=False).input_ids
 
 
 _BATCH = 256  # rows whose texts are tokenized in one call
 # ... and at most about this many characters of them: a chat row's texts are its prefixes, one pair a turn, so a
-# long conversation's are quadratic in its length (256 rows of 50 turns held 6.5 GB of ids at once). A row over
-# it alone is encoded text by text, as each row was before batching.
+# long conversation's are quadratic in its length (256 rows of 50 turns held 6.5 GB of ids at once), where they are
+# encoded in full (not read off the last text's, `_encodings`). A row over it alone is encoded text by text, as each
+# row was before batching.
 _BATCH_CHARS = 1 << 20
 
 
@@ -226,6 +240,7 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
     the file is the one named, as when each row was encoded in turn."""
     batch: list[tuple[dict[str, Any], str, str, Any]] = []
     chars = 0
+    linear = backend_encodes(tokenizer)
     while True:
         try:
             r, where, shape, content = next(items)
@@ -237,15 +252,21 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
             yield from _encode_batch(tokenizer, batch)
             raise
         batch.append((r, where, shape, plan))
-        chars += _chars(plan)
+        chars += _chars(plan, linear)
         if len(batch) == _BATCH or chars >= _BATCH_CHARS:
             yield from _encode_batch(tokenizer, batch)
             batch, chars = [], 0
     yield from _encode_batch(tokenizer, batch)
 
 
-def _chars(plan: "str | list[tuple[str, bool]]") -> int:
-    return len(plan) if isinstance(plan, str) else sum(len(t) for t, _ in plan)
+def _chars(plan: "str | list[tuple[str, bool]]", linear: bool = False) -> int:
+    """The characters a row's encoding tokenizes: its text, its last text and windows about as long (`linear`), or all
+    its texts."""
+    if isinstance(plan, str):
+        return len(plan)
+    if linear:
+        return 2 * len(plan[-1][0]) if plan else 0
+    return sum(len(t) for t, _ in plan)
 
 
 def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[str, Any], str, str, Any]]
@@ -255,9 +276,32 @@ def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[s
         for (r, where, shape, _), ids in zip(batch, tokenizer(texts).input_ids):
             yield r, where, shape, encode_text(tokenizer, "", r["_row"], ids)
         return
-    whole = _encode_all(tokenizer, [t for *_, plan in batch if _chars(plan) <= _BATCH_CHARS for t, _ in plan])
-    for r, where, shape, plan in batch:
+    for (r, where, shape, plan), whole in zip(batch, _encodings(tokenizer, [plan for *_, plan in batch])):
         yield r, where, shape, _assemble(tokenizer, plan, whole, r["_row"])
+
+
+def _encodings(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str, bool]]]
+               ) -> "Iterator[PrefixIds | dict[str, list[int]]]":
+    """Each row's texts' encodings, in order: read off one encoding of its last text where the tokenizer allows
+    (prefixes.py), else each text's in full, rows tokenized together up to _BATCH_CHARS characters of their texts (a
+    row over it alone is encoded text by text, by `_continuation`)."""
+    texts = [[t for t, _ in plan] for plan in plans]
+    linear = prefix_ids(tokenizer, texts) if backend_encodes(tokenizer) else [None] * len(plans)
+    full = [k for k, got in enumerate(linear) if got is None]
+    start, group, whole = 0, set(), {}
+    for k, got in enumerate(linear):
+        if got is not None:
+            yield got
+            continue
+        if k not in group:  # k is full[start]: the next rows encoded in full, tokenized together, held a group at once
+            group, chars = set(), 0
+            while start < len(full) and chars < _BATCH_CHARS:
+                group.add(full[start])
+                chars += _chars(plans[full[start]])
+                start += 1
+            whole = _encode_all(tokenizer, [t for j in sorted(group) if _chars(plans[j]) <= _BATCH_CHARS
+                                            for t in texts[j]])
+        yield whole
 
 
 def _progress(total: int, path: Path, show: bool) -> Any:
