@@ -1,0 +1,86 @@
+"""Encoding many-turn chat rows: a row's texts are its prefixes (one pair a turn), read off one encoding of the last
+text and a window a turn (llmfast/data/prefixes.py), against every prefix tokenized in full (what chat.py did before,
+and still does where a tokenizer's encoding is not its backend's own), in the same run, on the same rows.
+
+    python scripts/bench_chat_turns.py --turns 10 50 200 --rows 20 --json chat_turns.json
+
+Rows are short realistic turns (a user question of 1-3 sentences, an answer of 1-6), a system prompt in a third of
+them. Per-row time is the median over `--rows` rows, each encoded once by each path, both including the chat
+template's rendering of every prefix (`render`, itself quadratic in the turns); the ids and labels of the two paths
+are compared row by row (the script stops if one differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+_WORDS = ("the a model data train token answer question river city number small large quickly explain because "
+          "however result value first second example python function list return error file line write read "
+          "people world time year 3 42 1,000 work day way thing").split()
+
+
+def conversation(turns: int, r: random.Random) -> list[dict[str, str]]:
+    def para(a: int, b: int) -> str:
+        return " ".join(" ".join(r.choice(_WORDS) for _ in range(r.randint(6, 14))).capitalize() + "."
+                        for _ in range(r.randint(a, b)))
+
+    msgs = [{"role": "system", "content": para(1, 2)}] if r.random() < 0.33 else []
+    for _ in range(turns):
+        msgs += [{"role": "user", "content": para(1, 3)}, {"role": "assistant", "content": para(1, 6)}]
+    return msgs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, nargs="+", default=[10, 50, 200])
+    ap.add_argument("--rows", type=int, default=20, help="rows of each length (their median time is reported)")
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--json", default="chat_turns.json")
+    args = ap.parse_args()
+    from llmfast.data.chat import _assemble, _chat_texts, _encode_all, encode_messages
+    from llmfast.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(args.model))
+    results = []
+    for turns in args.turns:
+        r = random.Random(turns)
+        old, new, render, tokens, chars = [], [], [], 0, 0
+        for row in range(args.rows):
+            msgs = conversation(turns, r)
+            t0 = time.perf_counter()
+            plan = _chat_texts(tok, msgs, row, "", 0)
+            t1 = time.perf_counter()
+            full = _assemble(tok, plan, _encode_all(tok, [t for t, _ in plan]), row)
+            t2 = time.perf_counter()
+            got = encode_messages(tok, msgs, row)
+            t3 = time.perf_counter()
+            if (got.input_ids, got.labels) != (full.input_ids, full.labels):
+                raise SystemExit(f"{turns} turns, row {row}: the two paths give other ids or labels")
+            render.append(t1 - t0)
+            old.append(t2 - t0)
+            new.append(t3 - t2)
+            tokens += len(got)
+            chars += len(plan[-1][0])
+        o, n = statistics.median(old), statistics.median(new)
+        results.append({"turns": turns, "rows": args.rows, "tokens_per_row": tokens / args.rows,
+                        "chars_per_row": chars / args.rows, "render_s": statistics.median(render),
+                        "every_prefix_s": o, "read_off_s": n, "speedup": o / n})
+        print(f"done {turns} turns", flush=True)
+    print(f"{'turns':>5} {'tokens/row':>10} {'render s/row':>12} {'every prefix s/row':>18} {'read off s/row':>14} "
+          f"{'speedup':>7}")
+    for g in results:
+        print(f"{g['turns']:>5} {g['tokens_per_row']:>10.0f} {g['render_s']:>12.4f} {g['every_prefix_s']:>18.4f} "
+              f"{g['read_off_s']:>14.4f} {g['speedup']:>7.1f}")
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs (other work on the machine slows both paths)")
+    Path(args.json).write_text(json.dumps({"model": args.model, "results": results, "load_average": load}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
