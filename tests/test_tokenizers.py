@@ -185,6 +185,7 @@ def test_a_sentencepiece_only_tokenizer_trains_on_apply_chat_templates_ids(famil
     assert ex.input_ids == _ids(raw.apply_chat_template(CHAT))
     learned = [t for t, label in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.labels) if label != IGNORE]
     assert learned == ["4", "</s>", "6", "</s>"]
+    _same_as_before(tok, _awkward_rows(6, seed=3, max_turns=12, system=False))  # read off one encoding (prefixes.py)
 
 
 def test_bench_prompt_files_are_encoded_as_vllm_encodes_them(families: dict[str, Path], tmp_path: Path) -> None:
@@ -256,7 +257,7 @@ def _awkward_rows(n: int, seed: int, max_turns: int = 60, system: bool = True) -
     for _ in range(n):
         turns = r.randint(1, max_turns)
         msgs = [{"role": "system", "content": "".join(r.choices(_PIECES, k=3))}] if system and r.random() < 0.3 else []
-        for t in range(turns):
+        for _ in range(turns):
             msgs += [{"role": "user", "content": "".join(r.choices(_PIECES, k=r.randint(0, 6)))},
                      {"role": "assistant", "content": "".join(r.choices(_PIECES, k=r.randint(0, 6)))}]
         rows.append((msgs, r.choice([0, 0, r.randint(0, len(msgs))])))
