@@ -248,3 +248,17 @@ def test_an_adapter_output_beyond_float16_names_float16s_range(family, adapters,
                   family["base"], out_dtype="float16")
     for rank in ("concat", "4"):
         _refused(cfg, tmp_path / "out", "--adapter-rank", rank, needles=("beyond float16's range (+-65504)",))
+
+
+@pytest.mark.parametrize("adapter_rank", [(), ("--adapter-rank", "concat")], ids=["model", "adapter"])
+def test_a_chat_template_with_a_byte_order_mark_is_refused_before_any_output(family, adapters, tmp_path, adapter_rank):
+    """The base's chat_template.jinja is copied into the output: one saved with a UTF-8 BOM was copied, and the next
+    verb (eval, serve) refused the merge's output. Now the merge refuses it with the inputs, as every verb does."""
+    import shutil
+
+    base = Path(shutil.copytree(family["base"], tmp_path / "base"))
+    (base / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf" + (base / "chat_template.jinja").read_bytes())
+    models = [(adapters["a1"], {"weight": 1.0})] if adapter_rank else [(family["ft1"], {"weight": 1.0})]
+    cfg = _config(tmp_path, "task_arithmetic", models, base)
+    _refused(cfg, tmp_path / "out", *adapter_rank,
+             needles=(f"{base / 'chat_template.jinja'} starts with a UTF-8 byte-order mark",))

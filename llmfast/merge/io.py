@@ -128,10 +128,7 @@ def model_dtype(model_dir: Path, index: dict[str, tuple[tuple[int, ...], str, Pa
     counts: dict[str, int] = {}
     for shape, tag, _ in index.values():
         if tag in ("F32", "BF16", "F16", "F64"):
-            n = 1
-            for s in shape:
-                n *= s
-            counts[tag] = counts.get(tag, 0) + n
+            counts[tag] = counts.get(tag, 0) + numel(shape)
     tag = max(counts, key=lambda k: counts[k]) if counts else "F32"
     name = _ST_DTYPES[tag][0]
     return name if name in ("float32", "bfloat16", "float16") else "float32"
@@ -429,13 +426,15 @@ def st_dtype_name(tag: str) -> str:
 
 
 def check_model_files(src: Path) -> None:
-    """The files `copy_model_files` (and an adapter output) take from `src` are readable: checked with the inputs,
-    so a file this user may not read stops the merge before its work, not after."""
-    for name in ("config.json", *COPY_FILES):
-        f = src / name
+    """The files `copy_model_files` (and an adapter output) take from `src` are readable, and its chat template has
+    no byte-order mark (the next verb would refuse the copy): checked with the inputs, before the merge's work."""
+    from llmfast.models import check_chat_template_file
+
+    for f in (src / name for name in ("config.json", *COPY_FILES)):
         if f.is_file() and not os.access(f, os.R_OK):
             raise UserError(f"{f}: no permission to read it (the output takes it from {src}): make it readable for "
                             "this user")
+    check_chat_template_file(src)
 
 
 def copy_model_files(src: Path, dst: Path, out_dtype: str) -> None:
