@@ -498,3 +498,34 @@ def test_nested_large_blocks_given_back_keeps_the_low_threshold_until_the_outerm
     assert p.returncode == 0, p.stderr[-2000:]
     # (a block freed into the heap's top would serve the next request whatever the threshold: no probe before)
     assert p.stdout.split() == ["inner", "True", "outer", "True", "after", "False"], p.stdout
+
+
+def test_finetune_refuses_a_bitsandbytes_8bit_checkpoint_in_one_line(saved: tuple[Path, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An 8-bit (LLM.int8) checkpoint's config also says quant_method bitsandbytes, the name bnb4 takes: finetune
+    trained on it as on a 4-bit one (FSDP's refusal said 4-bit), and export refused the adapter after the run. Now
+    finetune refuses it before anything is written; so does a config of older transformers without quant_method."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    base, _ = saved
+    q8 = tmp_path / "int8"
+    AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_8bit=True)) \
+        .save_pretrained(q8)
+    AutoTokenizer.from_pretrained(base).save_pretrained(q8)
+    assert json.loads((q8 / "config.json").read_text())["quantization_config"]["load_in_8bit"] is True
+    _write_chats(tmp_path / "train.jsonl")
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(json.dumps({"model": str(q8), "output": str(tmp_path / "run"),
+                                  "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32},
+                                  "lora": {"r": 4, "alpha": 8}, "train": {"steps": 1, "batch_size": 2}}))
+    cfg = json.loads((q8 / "config.json").read_text())
+    capsys.readouterr()  # transformers' progress bars
+    for quant in (cfg["quantization_config"], {"load_in_8bit": True}):  # as transformers writes it; an older config
+        (q8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+        for fsdp in ("false", "true"):
+            assert main(["finetune", str(recipe), "--set", f"train.fsdp={fsdp}"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"llmfast: error: {q8} is already quantized (bitsandbytes 8-bit): LoRA trains on a "
+                           "full-precision model or a bitsandbytes 4-bit one: fine-tune the full-precision model it "
+                           "came from (with quantization: nf4 for QLoRA)"), err
+            assert not (tmp_path / "run").exists()

@@ -37,7 +37,14 @@ def already_quantized(model_dir: Path) -> str | None:
         qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return None
-    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+    if not isinstance(qc, dict):
+        return None
+    # transformers writes quant_method bitsandbytes (older ones none) for its 8-bit LLM.int8 checkpoints too, which
+    # bnb4 (config name bitsandbytes) does not read: named apart, so that verbs taking bnb4 checkpoints refuse them
+    if qc.get("load_in_8bit") is True and qc.get("load_in_4bit") is not True and qc.get("quant_method") in (
+            "bitsandbytes", None):
+        return "bitsandbytes 8-bit"
+    return qc.get("quant_method")
 
 
 def is_quantized_format(word: str) -> bool:
