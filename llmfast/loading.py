@@ -120,13 +120,13 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
     from llmfast.modelfiles import stored_shapes
 
     p = Path(path)
-    config = p / "config.json"
-    if not p.is_dir() or not config.is_file():
+    if not p.is_dir() or not (p / "config.json").is_file():
         return
     fix = "re-create the model, or fix its config.json"
-    refuse_other_heads(p)
-    if '"quantization_config"' in config.read_text(errors="replace"):
-        check_bnb_state(p, fix)
+    cfg = _config_dict(p)  # read once for the checks here (meta_skeleton's transformers parses it on its own)
+    refuse_other_heads(p, cfg)
+    if "quantization_config" in cfg:
+        check_bnb_state(p, fix, cfg)
         return
     stored = stored_shapes(p, fix)
     skeleton = meta_skeleton(p)
@@ -156,14 +156,21 @@ _NOT_LM_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQues
                  "ForMaskedLM", "ForRewardModel")
 
 
-def refuse_other_heads(path: Path) -> None:
-    """A classifier or reward model, or a bare `...Model` without a head, given where a causal LM is meant."""
+def _config_dict(path: Path) -> dict[str, Any]:
+    """config.json as a dict; {} when it cannot be read or is not an object (the config's own check names it)."""
     import json
 
     try:
-        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return  # the config's own check names it
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def refuse_other_heads(path: Path, cfg: dict[str, Any] | None = None) -> None:
+    """A classifier or reward model, or a bare `...Model` without a head, given where a causal LM is meant; `cfg`:
+    its config.json when read already."""
+    archs = (_config_dict(path) if cfg is None else cfg).get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     if arch.endswith(_NOT_LM_HEADS) or (arch.endswith("Model") and not arch.endswith("LMHeadModel")):
         raise UserError(f"{path}: config.json's architectures is {arch}, which has no language-model head "
@@ -205,18 +212,14 @@ def _same_values(f1: Path, n1: str, f2: Path, n2: str, rows: int = 1024) -> bool
         return all(torch.equal(x[i:i + rows].float(), y[i:i + rows].float()) for i in range(0, x.get_shape()[0], rows))
 
 
-def check_bnb_state(path: Path, fix: str) -> None:
+def check_bnb_state(path: Path, fix: str, cfg: dict[str, Any] | None = None) -> None:
     """A config.json whose quantization_config says bitsandbytes over weights that hold none of its quantization state
     (a config copied from a quantized model, or one edited by hand): transformers loads them without a word, and the
-    first forward pass fails inside bitsandbytes. Other methods' loaders refuse such weights themselves."""
-    import json
-
+    first forward pass fails inside bitsandbytes. Other methods' loaders refuse such weights themselves. `cfg`: its
+    config.json when read already."""
     from llmfast.modelfiles import stored_shapes
 
-    try:
-        qc = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return  # the config's own check names it
+    qc = (_config_dict(path) if cfg is None else cfg).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes":
         return
     # 8-bit layers store `.SCB`, 4-bit ones `.weight.absmax` and `.weight.quant_state.bitsandbytes__*`
