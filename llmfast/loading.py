@@ -167,6 +167,20 @@ def _config_dict(path: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def ties_word_embeddings(path: Path) -> bool:
+    """Whether transformers ties the model's head to its input embedding: config.json's tie_word_embeddings, or
+    without that key its config class's default (Gemma's hub configs leave it out, and Gemma ties; Llama does not)."""
+    cfg = _config_dict(path)
+    if "tie_word_embeddings" in cfg:
+        return cfg["tie_word_embeddings"] is True
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(path, trust_remote_code=False), "tie_word_embeddings", False) is True
+    except Exception:  # noqa: BLE001 - a config transformers refuses: its own check names it
+        return False
+
+
 def refuse_other_heads(path: Path, cfg: dict[str, Any] | None = None) -> None:
     """A classifier or reward model, or a bare `...Model` without a head, given where a causal LM is meant; `cfg`:
     its config.json when read already."""

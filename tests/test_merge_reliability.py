@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cli
 from tests.test_merge import _config, _merge, _perturb, _wide_model, adapters, family  # noqa: F401  (fixtures)
@@ -262,3 +263,44 @@ def test_a_chat_template_with_a_byte_order_mark_is_refused_before_any_output(fam
     cfg = _config(tmp_path, "task_arithmetic", models, base)
     _refused(cfg, tmp_path / "out", *adapter_rank,
              needles=(f"{base / 'chat_template.jinja'} starts with a UTF-8 byte-order mark",))
+
+
+def _tiny_gemma(out: Path) -> Path:
+    """A tiny Gemma as the hub's configs have it: no tie_word_embeddings key (GemmaConfig ties by default)."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    GemmaForCausalLM(GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.pop("tie_word_embeddings") is True
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_a_gemma_config_that_ties_by_its_class_default_merges_as_an_explicit_tie(tmp_path):
+    """Without the tie_word_embeddings key (Gemma's hub configs), a head the files store beside the embeddings was
+    kept: the merge with a model storing the embeddings only was refused ('lacks lm_head.weight'), and a stored head
+    of other values was merged beside them (transformers then runs the embeddings as the head). Now both are as
+    with `tie_word_embeddings: true`: the equal copy dropped, the other refused. A LoRA on the embedding is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_foreign_adapters import _make
+
+    base = _tiny_gemma(tmp_path / "gemma")
+    ft = _perturb(base, tmp_path / "ft", 1)
+    tensors = load_file(base / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    save_file({**tensors, "lm_head.weight": embed.clone()}, base / "model.safetensors", metadata={"format": "pt"})
+    merged = _merge(_config(tmp_path, "linear", [(base, {"weight": 0.5}), (ft, {"weight": 0.5})], None),
+                    tmp_path / "out")
+    assert "lm_head.weight" not in merged
+    assert torch.equal(merged["model.embed_tokens.weight"], embed)
+    save_file({**tensors, "lm_head.weight": embed * 2}, base / "model.safetensors", metadata={"format": "pt"})
+    _refused(_config(tmp_path, "linear", [(base, {"weight": 0.5}), (ft, {"weight": 0.5})], None), tmp_path / "o2",
+             needles=("ties lm_head.weight to model.embed_tokens.weight", "store them with different values"))
+    ad = _make(ft, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+               save_embedding_layers=False)
+    _refused(_config(tmp_path, "task_arithmetic", [(ad, {"weight": 1.0})], ft), tmp_path / "o3",
+             needles=("LoRA on model.embed_tokens of a base that ties its input embedding",))

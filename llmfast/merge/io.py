@@ -107,11 +107,9 @@ def _drop_tied_head(model_dir: Path, where: dict[str, tuple[tuple[int, ...], str
     head = where.get("lm_head.weight")
     embed = [n for n, w in where.items() if n.endswith(("embed_tokens.weight", ".wte.weight")) and head
              and w[:2] == head[:2]]
-    try:
-        tied = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings") is True
-    except (OSError, ValueError, AttributeError):
-        tied = False  # the config's own check names it
-    if not tied or not embed or head is None:
+    from llmfast.loading import ties_word_embeddings
+
+    if not embed or head is None or not ties_word_embeddings(model_dir):  # Gemma's config ties without the key
         return
     (*_, f1, a1, b1), (*_, f2, a2, _b2) = where[embed[0]], head
     with f1.open("rb") as x, f2.open("rb") as y:
