@@ -141,6 +141,10 @@ REFUSED = {
                                   "merge", "LoRA on model.embed_tokens of a base that ties its input embedding"),
     "pissa": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj"], init_lora_weights="pissa"),
               "merge", "init_lora_weights 'pissa' changes the base weights when PEFT loads the adapter"),
+    # its blocks were read as whole matrices: refused as trained on another base, or as of two ranks
+    "bdlora": (lambda b, d: _make(b, d, **LORA, target_modules=["q_proj", "o_proj"], use_bdlora={
+        "target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["o_proj"], "nblocks": 2}),
+               "merge", "use_bdlora: BD-LoRA stores its block-diagonal A or B as their blocks"),
 }
 
 
@@ -300,3 +304,87 @@ def test_serve_refuses_an_embedding_lora_trained_with_added_tokens(tiny_dir, tmp
     with pytest.raises(UserError, match="saved .*embed_tokens.base_layer.weight with 1026 rows, not the served model's "
                                         "1024 \\(tokens added in training\\)"):
         check_lora("x", tmp_path / "a", base=tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(tiny_dir, tmp_path_factory) -> Path:
+    return _make(tiny_dir, tmp_path_factory.mktemp("plain") / "ad", **LORA, target_modules=["q_proj"])
+
+
+def _verbs(tiny_dir: Path) -> dict:
+    """Each verb's checks of an adapter folder before anything loads, as the verb runs them."""
+    from llmfast.finetune.export import _check_unmergeable_options
+    from llmfast.merge.adapters import LoraAdapter
+    from llmfast.modelfiles import check_adapter_dir
+    from llmfast.serve.lora import check_lora
+
+    return {"serve": lambda ad: check_lora("x", ad, base=tiny_dir),
+            "merge": lambda ad: LoraAdapter.open(check_adapter_dir(ad)),
+            "export": lambda ad: _check_unmergeable_options(check_adapter_dir(ad))}
+
+
+def _judged(verbs: dict, plain: Path, tmp: Path, example: dict) -> dict[str, str | None]:
+    """verb -> its one line for the plain adapter with `example` in its config (None: taken)."""
+    ad = Path(shutil.copytree(plain, tmp))
+    _retype(ad, **example)
+    said = {}
+    for verb, check in verbs.items():
+        try:
+            check(ad)
+            said[verb] = None
+        except UserError as e:
+            said[verb] = str(e)
+    shutil.rmtree(ad)
+    return said
+
+
+def test_every_adapter_option_is_judged_by_every_verb_as_the_table_says(tiny_dir, plain_adapter, tmp_path):
+    """llmfast/adapter_options.py is the one table of what serve, merge and export do with each PEFT option: each
+    option's example, put in a plain adapter's config, is refused by a verb with the table's line exactly where the
+    table says refused (or common: check_adapter_dir's), and taken where it says fine or handled."""
+    from llmfast import adapter_options as ao
+
+    verbs = _verbs(tiny_dir)
+    for option in ao.OPTIONS:
+        cfg = {**json.loads((plain_adapter / "adapter_config.json").read_text()), **option.example}
+        assert option.found(cfg), option.name
+        said = _judged(verbs, plain_adapter, tmp_path / "ad", option.example)
+        for verb in ao.VERBS:
+            verdict, line = option.verdict(verb), said[verb]
+            where = f"{option.name}, {verb}: {line}"
+            if verdict.kind in ("fine", "handled"):
+                assert line is None, where
+            elif verdict.kind == "common":
+                assert line is not None and verdict.text in line, where
+            else:
+                found = ao.refusal(cfg, verb)
+                assert found is not None and found.option is option, where
+                ad = tmp_path / "ad"
+                assert line is not None and line.startswith(found.message(
+                    verb, path=ad, cfg_path=ad / "adapter_config.json", name="x")), where
+
+
+def test_the_verbs_read_the_table_at_each_call(tiny_dir, plain_adapter, tmp_path, monkeypatch):
+    """With every refusal of the table turned to fine, no verb refuses those options (none keeps a list of its own),
+    and an option added to the table is refused by every verb it names."""
+    from llmfast import adapter_options as ao
+
+    probe = ao.AdapterOption("probe", "llmfast_probe", {"llmfast_probe": True}, lambda cfg: cfg.get("llmfast_probe"),
+                             serve=ao.refused("LoRA '{name}' has the probe"), merge=ao.refused("{path}: the probe"),
+                             export=ao.refused("{cfg_path}: the probe {value}"))
+    judged = [o for o in ao.OPTIONS if o.key != "peft_type" and any(
+        o.verdict(v).kind == "refused" for v in ao.VERBS) and all(o.verdict(v).kind != "common" for v in ao.VERBS)]
+    assert len(judged) >= 10
+    import dataclasses
+
+    taken = ao.fine("probe")
+    monkeypatch.setattr(ao, "OPTIONS", (probe, *(dataclasses.replace(o, serve=taken, merge=taken, export=taken)
+                                                 for o in ao.OPTIONS)))
+    verbs = _verbs(tiny_dir)
+    for option in judged:
+        assert _judged(verbs, plain_adapter, tmp_path / "ad", option.example) == dict.fromkeys(ao.VERBS), option.name
+    ad = tmp_path / "ad"
+    said = _judged(verbs, plain_adapter, ad, probe.example)
+    assert said["serve"].startswith(f"LoRA 'x' has the probe ({ad / 'adapter_config.json'}): run it on "
+                                    "transformers"), said
+    assert said["merge"] == f"{ad}: the probe" and said["export"] == f"{ad / 'adapter_config.json'}: the probe True"

@@ -102,15 +102,12 @@ def _check_unmergeable_options(adapter_dir: Path) -> None:
     """Options with which a merged model is not the adapter PEFT runs: refused before anything loads."""
     from llmfast.modelfiles import read_json_file
 
-    cfg = read_json_file(adapter_dir / "adapter_config.json", "adapter config", "re-create the adapter")
+    from llmfast.adapter_options import refusal
+
     cfg_path = adapter_dir / "adapter_config.json"
-    if cfg.get("layer_replication"):  # copies of layers sharing one base weight, each copy its own LoRA
-        raise UserError(f"{cfg_path}: layer_replication {cfg['layer_replication']}: the adapter stacks copies of "
-                        "layers that share their base weights, so it cannot be merged into one weight a layer: use "
-                        "it unmerged (eval, bench --engine hf)")
-    if cfg.get("alora_invocation_tokens"):
-        raise UserError(f"{cfg_path}: alora_invocation_tokens: an activated LoRA applies only after its invocation "
-                        "tokens, which a merged model cannot: use it unmerged (eval, bench --engine hf)")
+    found = refusal(read_json_file(cfg_path, "adapter config", "re-create the adapter"), "export")
+    if found is not None:  # layer_replication, aLoRA: what PEFT runs is not one weight a layer
+        raise UserError(found.message("export", path=adapter_dir, cfg_path=cfg_path))
 
 
 def _check_merge_fits(adapter_dir: Path, base: Path) -> None:

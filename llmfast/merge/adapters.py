@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmfast import adapter_options
 from llmfast.errors import UserError
 
 if TYPE_CHECKING:
@@ -53,18 +54,10 @@ class LoraAdapter:
 
         path = Path(path)
         cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise UserError(f"{path}: a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
-        if cfg.get("use_dora"):
-            raise UserError(f"{path}: a DoRA adapter: its magnitude vector is not a task vector B@A; "
-                            "export it with `llmfast export` and merge the full model instead")
-        if cfg.get("modules_to_save"):
-            raise UserError(f"{path}: the adapter also saves whole modules ({', '.join(cfg['modules_to_save'])}); "
-                            "export it with `llmfast export` and merge the full model instead")
-        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-            raise UserError(f"{path}: the adapter trains biases; export it with `llmfast export` and merge the "
-                            "full model instead")
-        _refuse_base_changing_options(path, cfg)
+        # other PEFT types, DoRA, saved modules, biases, and options whose B @ A is not the task vector
+        found = adapter_options.refusal(cfg, "merge")
+        if found is not None:
+            raise UserError(found.message("merge", path=path, cfg_path=path / "adapter_config.json"))
         file = path / "adapter_model.safetensors"
         if not file.is_file():
             raise UserError(f"{path}: no adapter_model.safetensors (only safetensors adapters are read)")
@@ -130,24 +123,6 @@ class LoraAdapter:
             return None
         a, b, scale = f
         return (b @ a).mul_(scale)
-
-
-def _refuse_base_changing_options(path: Path, cfg: dict[str, Any]) -> None:
-    """Options with which PEFT's model is not the base plus scale * B @ A, refused before a task vector is built."""
-    init = cfg.get("init_lora_weights")
-    # PiSSA, OLoRA, CorDA and LoftQ take their start from the base weights on loading too: PEFT subtracts that
-    # start from the base, so B @ A alone is not what the adapter changed
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
-        raise UserError(f"{path / 'adapter_config.json'}: init_lora_weights {init!r} changes the base weights when "
-                        "PEFT loads the adapter, so its B @ A is not its task vector: export it with `llmfast export` "
-                        "and merge the full model, or convert it to a plain LoRA with PEFT's "
-                        "path_initial_model_for_weight_conversion")
-    for key, why in (("layer_replication", "the adapter stacks copies of layers the base model has once"),
-                     ("alora_invocation_tokens", "an activated LoRA changes only the tokens after its invocation"),
-                     ("use_qalora", "QALoRA's A reads pooled groups of inputs")):
-        if cfg.get(key):
-            raise UserError(f"{path / 'adapter_config.json'}: {key}: {why}, so B @ A is not its task vector: "
-                            "it cannot be merged; use it unmerged (eval, bench --engine hf)")
 
 
 def _what(key: str) -> str:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmfast import adapter_options
 from llmfast.errors import UserError
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
@@ -69,8 +70,9 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     if not isinstance(cfg, dict):
         raise UserError(f"LoRA '{name}': {cfg_path}: the adapter config must be a JSON object, not "
                         f"{type(cfg).__name__}")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"LoRA '{name}': {cfg_path} is a {cfg.get('peft_type')} adapter; vLLM serves LoRA only")
+    found = adapter_options.refusal(cfg, "serve")  # the table's first option vLLM refuses
+    if found is not None and found.option.key == "peft_type":  # not a LoRA: no rank to check, for either engine
+        raise UserError(found.message("serve", name=name, cfg_path=cfg_path))
     patterns = cfg.get("rank_pattern") or {}
     raw = [cfg.get("r", 0), *(patterns.values() if isinstance(patterns, dict) else [patterns])]
     if any(isinstance(r, bool) or not isinstance(r, int) for r in raw):
@@ -83,11 +85,9 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     if max(ranks) > VLLM_LORA_RANKS[-1]:
         refusal = f"LoRA '{name}' has rank {max(ranks)}, above vLLM's {VLLM_LORA_RANKS[-1]}"
         fix += ", or retrain with a smaller r"
-    elif cfg.get("use_dora"):
-        refusal = f"LoRA '{name}' is a DoRA adapter, which vLLM cannot serve"
-    elif (found := _vllm_refuses(cfg)) is not None:
-        refusal = f"LoRA '{name}' has {found[0]}, which vLLM cannot serve"
-        fix = fix if found[1] else "run it on transformers (eval, bench --engine hf)"
+    elif found is not None:
+        refusal = found.message("serve", name=name, cfg_path=cfg_path)
+        fix = fix if found.exportable() else "run it on transformers (eval, bench --engine hf)"
     if refusal and for_vllm:
         raise UserError(f"{refusal} ({cfg_path}): {fix}")
     from llmfast.modelfiles import check_adapter_dir
@@ -125,29 +125,6 @@ def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
     if grown:
         return (f"LoRA '{name}' saved {grown[0]} with {header[grown[0]]['shape'][0]} rows, not the served model's "
                 f"{vocab} (tokens added in training), which vLLM cannot load")
-    return None
-
-
-def _vllm_refuses(cfg: dict) -> tuple[str, bool] | None:
-    """What vLLM's own adapter check (vllm/lora/peft_helper.py) refuses once the server has started, and whether a
-    merged model keeps it (export can merge it); None when it passes."""
-    saved = cfg.get("modules_to_save") or []
-    saved = [m for m in (saved if isinstance(saved, list) else [saved]) if m not in ("classifier", "score")]
-    init = cfg.get("init_lora_weights", True)
-    for bad, what, exportable in (
-            (saved, f"modules_to_save {saved}", True),
-            (cfg.get("bias", "none") not in ("none", None), f"bias {cfg.get('bias')!r}", True),
-            (cfg.get("lora_bias"), "lora_bias", True),
-            # these take their start from the base weights when PEFT loads them; vLLM serves plain LoRA only
-            (isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"),
-             f"init_lora_weights {init!r}", True),
-            (cfg.get("trainable_token_indices"), "trainable_token_indices", True),
-            (cfg.get("use_qalora"), "use_qalora", True),
-            (cfg.get("use_bdlora"), "use_bdlora", True),
-            (cfg.get("layer_replication"), "layer_replication", False),
-            (cfg.get("alora_invocation_tokens"), "alora_invocation_tokens", False)):
-        if bad:
-            return what, exportable
     return None
 
 
