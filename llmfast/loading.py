@@ -14,7 +14,7 @@ from llmfast.errors import UserError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -95,21 +95,38 @@ def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None
                         f"{found.limit}")
 
 
-def meta_skeleton(path: str | os.PathLike[str]) -> "PreTrainedModel":
-    """The model's modules on the meta device: every shape, no weights, nothing read but config.json; a config
-    transformers refuses (an unknown model_type, a field of the wrong type) is one line naming the directory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _cannot_build(path: str | os.PathLike[str], e: Exception) -> UserError:
+    return UserError(f"{Path(path) / 'config.json'}: transformers cannot build this model ({type(e).__name__}: "
+                     f"{first_line(e)}): fix the config or re-create the model")
 
-    try:
-        with torch.device("meta"):
-            # never the folder's own code (modelfiles.refuse_model_code): transformers would ask on the terminal
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
+
+def auto_config(path: str | os.PathLike[str]) -> "PreTrainedConfig":
+    """config.json as transformers reads it; a config it refuses (an unknown model_type, a field of the wrong type)
+    is one line naming the directory."""
+    from transformers import AutoConfig
+
+    try:  # never the folder's own code (modelfiles.refuse_model_code): transformers would ask on the terminal
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except UserError:
         raise
     except Exception as e:  # transformers' own errors on a config a user can fix
-        raise UserError(f"{Path(path) / 'config.json'}: transformers cannot build this model ({type(e).__name__}: "
-                        f"{first_line(e)}): fix the config or re-create the model") from None
+        raise _cannot_build(path, e) from None
+
+
+def meta_skeleton(path: str | os.PathLike[str], config: "PreTrainedConfig | None" = None) -> "PreTrainedModel":
+    """The model's modules on the meta device: every shape, no weights, nothing read but config.json (`config`:
+    its auto_config, when read already)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = auto_config(path) if config is None else config
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except UserError:
+        raise
+    except Exception as e:  # transformers' own errors on a config a user can fix
+        raise _cannot_build(path, e) from None
 
 
 def check_weights_fit(path: str | os.PathLike[str]) -> None:
@@ -123,13 +140,14 @@ def check_weights_fit(path: str | os.PathLike[str]) -> None:
     if not p.is_dir() or not (p / "config.json").is_file():
         return
     fix = "re-create the model, or fix its config.json"
-    cfg = _config_dict(p)  # read once for the checks here (meta_skeleton's transformers parses it on its own)
+    config = auto_config(p)  # config.json read once: as transformers reads it, for every check here
+    cfg = config.to_dict()
     refuse_other_heads(p, cfg)
     if "quantization_config" in cfg:
         check_bnb_state(p, fix, cfg)
         return
     stored = stored_shapes(p, fix)
-    skeleton = meta_skeleton(p)
+    skeleton = meta_skeleton(p, config)
     tensors = skeleton.state_dict(keep_vars=True)
     names: dict[int, list[str]] = {}  # tied parameters (a head sharing the embedding) are one tensor, stored once
     for name, t in tensors.items():

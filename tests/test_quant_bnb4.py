@@ -529,3 +529,22 @@ def test_finetune_refuses_a_bitsandbytes_8bit_checkpoint_in_one_line(saved: tupl
                            "full-precision model or a bitsandbytes 4-bit one: fine-tune the full-precision model it "
                            "came from (with quantization: nf4 for QLoRA)"), err
             assert not (tmp_path / "run").exists()
+
+
+def test_check_weights_fit_reads_config_json_once(saved: tuple[Path, Path]) -> None:
+    """Every load checks the weights against config.json first: it read the file three times (the head check, the
+    quantization test, then the bitsandbytes check or transformers' config), now once, for a 4-bit checkpoint and a
+    full-precision model alike. Counted with an audit hook on open()."""
+    from llmfast.loading import check_weights_fit
+
+    opened: list[str] = []
+    counting = [False]
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if counting[0] and event == "open" else None)
+    for model in saved:
+        opened.clear()
+        counting[0] = True
+        try:
+            check_weights_fit(model)
+        finally:
+            counting[0] = False
+        assert [f for f in opened if f.endswith("config.json")] == [str(model / "config.json")], opened
