@@ -68,8 +68,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
 
     start = time.perf_counter()
     base_reader, readers = open_readers(plan)
-    layout = [(n, shape, plan.out_dtype if tag in ("F32", "BF16", "F16", "F64") else mio.st_dtype_name(tag))
-              for n, shape, tag in plan.tensors]
+    layout = [(n, shape, out_dtype(plan, tag)) for n, shape, tag in plan.tensors]
     stats: dict[str, Any] = {}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=plan.input_paths(), guard=True) as tmp:
         writer = mio.ShardedWriter(tmp, layout, max_bytes)
@@ -84,7 +83,7 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
 
         def merge(n: str, got: Any) -> tuple[Any, dict[str, int], bool]:
             """(merged tensor, counts, whether it is already in its stored form)."""
-            if native and kernel.takes(plan, got):  # one C pass over the stored bytes
+            if native and dtypes[n] in ("float32", "bfloat16") and kernel.takes(plan, got):  # one C pass
                 merged, counts = kernel.merge(plan, n, got, dtypes[n])
                 return merged, {**counts, "native": 1}, True
             if blocked:  # the merge converts block by block
@@ -115,6 +114,19 @@ def _run_model_merge(plan: MergePlan, out_dir: Path, max_bytes: int, progress: b
             metrics["kept_fraction"] = round(stats["kept"] / stats["nonzero"], 5)
         write_merge_manifest(plan, tmp, metrics, "model")
     return metrics
+
+
+def out_dtype(plan: MergePlan, tag: str) -> str:
+    """The dtype a tensor stored as `tag` in the reference model is written in: `out_dtype` (or `dtype`) where the
+    config sets one; else its own stored float dtype, so a model that keeps its norms in float32 beside bfloat16
+    linears keeps them so (rounded to the model's majority dtype they would change). Integers stay as stored."""
+    from llmfast.merge import io as mio
+
+    if tag not in ("F32", "BF16", "F16", "F64"):
+        return mio.st_dtype_name(tag)
+    if plan.config.out_dtype or plan.config.dtype or tag == "F64":
+        return plan.out_dtype
+    return mio.st_dtype_name(tag)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
