@@ -101,6 +101,44 @@ def stored_shapes(path: Path, fix: str) -> dict[str, list[int]]:
             if k != "__metadata__"}
 
 
+# safetensors' floating-point tags: (torch's name, bytes per element)
+FLOAT_TAGS = {"F64": ("float64", 8), "F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
+
+
+def stored_floats(path: Path, fix: str) -> dict[str, int]:
+    """dtype name -> elements of the model weights (model_weight_files) stored in it, floating-point tensors only."""
+    counts: dict[str, int] = {}
+    for f in model_weight_files(path, fix):
+        for k, v in safetensors_header(f, fix).items():
+            if k != "__metadata__" and v.get("dtype") in FLOAT_TAGS:
+                name = FLOAT_TAGS[v["dtype"]][0]
+                counts[name] = counts.get(name, 0) + _elements(v.get("shape"))
+    return counts
+
+
+def _elements(shape: Any) -> int:
+    n = 1
+    for s in shape or []:
+        n *= int(s)
+    return n
+
+
+def widened_note(source: Path, out: Path, key: str) -> str | None:
+    """A note where `out` (made from `source` by a verb whose `key` names the dtype it writes) stores its
+    full-precision tensors in a wider dtype than most of the source's: a bfloat16 model quantized or ReLU-fied with
+    the default float32 doubles what it leaves unquantized (embeddings, head, norms) or all of it; else None."""
+    sizes = {name: size for name, size in FLOAT_TAGS.values()}
+    src, made = stored_floats(source, "re-create the model"), stored_floats(out, "re-create the output")
+    if not src or not made:
+        return None
+    was, now = max(src, key=lambda d: src[d]), max(made, key=lambda d: made[d])
+    if sizes[now] <= sizes[was]:
+        return None
+    mib = lambda d: round(made[now] * sizes[d] / 2**20, 1)  # noqa: E731
+    return (f"llmfast: note: {out} stores its full-precision tensors in {now} ({key}), {source}'s are {was}: "
+            f"{mib(now)} MiB where {was} would take {mib(was)} MiB; set {key}: {was} to keep them as stored")
+
+
 def model_weight_files(path: Path, fix: str) -> list[Path]:
     """The files transformers loads the weights from: model.safetensors, or those its index names (not an
     artifact's other safetensors files: thresholds, predictors). model.safetensors wins over an index beside it, as

@@ -61,7 +61,7 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
     from llmfast.sources import check_source
     from llmfast.calibration import used_data
     from llmfast.memory import peak_memory_gib
-    from llmfast.modelfiles import weights_fingerprint
+    from llmfast.modelfiles import weights_fingerprint, widened_note
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.sparse.derived import carried_sparsity
 
@@ -123,4 +123,6 @@ def _run_quantize(recipe: Any, resume: bool, overwrite: bool) -> tuple[Path, dic
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)
     print(f"quantized {recipe.model} with {spec.method} in {metrics['wall_seconds']} s", file=sys.stderr)
+    if (note := widened_note(Path(source), out, "dtype")) is not None:  # what stays unquantized, in `dtype`
+        print(note, file=sys.stderr)
     return out, metrics

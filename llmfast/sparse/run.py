@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
     from llmfast.models import load_tokenizer, resolve_model
     from llmfast.recipe import recipe_dict
     from llmfast.sparse.relu_cut import apply_config_cut
+    from llmfast.modelfiles import widened_note
     from llmfast.sources import check_source
     from llmfast.sparse.stacked import apply_inherited, source_attention
     from llmfast.calibration import conversation_windows, split_text, text_ids, windows, with_conversations
@@ -159,6 +161,8 @@ def _run_sparsify(recipe: Any, method: base.Sparsifier, resume: bool, overwrite:
                                  # thresholds and predictors fit these weights, often hard links to the source's
                                  "weights": weights_fingerprint(tmp)})
     shutil.rmtree(work, ignore_errors=True)
+    if (note := widened_note(Path(model_path), Path(recipe.output).expanduser(), "dtype")) is not None:
+        print(note, file=sys.stderr)  # relufy writes the model in `dtype`: a bfloat16 one doubles in float32
     return metrics
 
 
