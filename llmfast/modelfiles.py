@@ -124,9 +124,10 @@ def _elements(shape: Any) -> int:
 
 
 def widened_note(source: Path, out: Path, key: str) -> str | None:
-    """A note where `out` (made from `source` by a verb whose `key` names the dtype it writes) stores its
-    full-precision tensors in a wider dtype than most of the source's: a bfloat16 model quantized or ReLU-fied with
-    the default float32 doubles what it leaves unquantized (embeddings, head, norms) or all of it; else None."""
+    """A note where `out`, made from `source` by a verb whose `key` (a recipe key or a flag) names the dtype it
+    writes, stores its full-precision tensors in a wider dtype than most of the source's: a bfloat16 model quantized
+    or ReLU-fied with the default float32 doubles what it leaves unquantized (embeddings, head, norms) or all of it;
+    else None."""
     sizes = {name: size for name, size in FLOAT_TAGS.values()}
     src, made = stored_floats(source, "re-create the model"), stored_floats(out, "re-create the output")
     if not src or not made:
@@ -135,8 +136,9 @@ def widened_note(source: Path, out: Path, key: str) -> str | None:
     if sizes[now] <= sizes[was]:
         return None
     mib = lambda d: round(made[now] * sizes[d] / 2**20, 1)  # noqa: E731
+    keep = f"{key} {was}" if key.startswith("--") else f"set {key}: {was}"  # a flag, or a recipe key
     return (f"llmfast: note: {out} stores its full-precision tensors in {now} ({key}), {source}'s are {was}: "
-            f"{mib(now)} MiB where {was} would take {mib(was)} MiB; set {key}: {was} to keep them as stored")
+            f"{mib(now)} MiB where {was} would take {mib(was)} MiB; {keep} keeps them as stored")
 
 
 def model_weight_files(path: Path, fix: str) -> list[Path]:

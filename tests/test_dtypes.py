@@ -138,9 +138,10 @@ def test_quantize_notes_a_float32_artifact_of_a_bfloat16_model(models, tmp_path)
         assert floats == ({"F32"} if dtype == "float32" else {"BF16", "F32"})  # bnb's own absmax stays float32
     embed = 1024 * 128 + 2 * 2 * 128 + 128  # the embedding, four norms of 128 and the final one
     assert notes == {"bfloat16": [], "float32": [
-        f"llmfast: note: {tmp_path / 'float32'} stores its full-precision tensors in float32 (dtype), {models['bf16']}'s "
-        f"are bfloat16: {round(embed * 4 / 2**20, 1)} MiB where bfloat16 would take {round(embed * 2 / 2**20, 1)} MiB; "
-        "set dtype: bfloat16 to keep them as stored"]}
+        f"llmfast: note: {tmp_path / 'float32'} stores its full-precision tensors in float32 (dtype), "
+        f"{models['bf16']}'s are bfloat16: {round(embed * 4 / 2**20, 1)} MiB where bfloat16 would take "
+        f"{round(embed * 2 / 2**20, 1)} MiB; "
+        "set dtype: bfloat16 keeps them as stored"]}
 
 
 def test_relufy_notes_a_float32_copy_of_a_bfloat16_model(models, tmp_path):
