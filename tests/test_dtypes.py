@@ -125,7 +125,8 @@ def test_ties_of_bfloat16_models_against_float64(models, tmp_path):
 
 def test_quantize_notes_a_float32_artifact_of_a_bfloat16_model(models, tmp_path):
     """dtype float32 (the default) on a bfloat16 model writes what stays unquantized in float32, twice its stored
-    size: said on stderr with the sizes and the setting that keeps them; dtype bfloat16 keeps them, and no note."""
+    size: said on stderr with the sizes and the setting that keeps them; dtype bfloat16 keeps them, and no note.
+    The 4-bit codes are the same either way (bfloat16 weights widen to float32 exactly)."""
     notes = {}
     for dtype in ("float32", "bfloat16"):
         recipe = tmp_path / f"{dtype}.yaml"
@@ -136,6 +137,9 @@ def test_quantize_notes_a_float32_artifact_of_a_bfloat16_model(models, tmp_path)
         notes[dtype] = [line for line in err.splitlines() if line.startswith("llmfast: note:")]
         floats = {t for t in _tags(tmp_path / dtype).values() if t in ("F32", "BF16")}
         assert floats == ({"F32"} if dtype == "float32" else {"BF16", "F32"})  # bnb's own absmax stays float32
+    codes = [load_file(tmp_path / d / "model.safetensors") for d in ("float32", "bfloat16")]
+    packed = [k for k, v in codes[0].items() if k.endswith("proj.weight")]
+    assert len(packed) == 14 and all(torch.equal(codes[0][k], codes[1][k]) for k in packed)  # the same NF4 codes
     embed = 1024 * 128 + 2 * 2 * 128 + 128  # the embedding, four norms of 128 and the final one
     assert notes == {"bfloat16": [], "float32": [
         f"llmfast: note: {tmp_path / 'float32'} stores its full-precision tensors in float32 (dtype), "
