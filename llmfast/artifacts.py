@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -163,6 +164,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False,
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary directory
         yield tmp
+        _share_files(tmp)
         if final.exists():
             if not overwrite:  # appeared while we worked: never replace what we did not check
                 raise UserError(f"output {final} appeared while writing it: left as it is")
@@ -279,6 +281,18 @@ def _disk_full(path: Path, then: str) -> UserError:
     """The one line for a write of `path` that found its disk full; `then`: what to do after freeing space."""
     return UserError(f"no space left on the device of {path.parent} while writing {path.name}: free some space there "
                      f"{then}")
+
+
+def _share_files(folder: Path) -> None:
+    """Give the folder's files the umask's modes: safetensors 0.8 writes its files 0600 (mkstemp and a rename), so
+    model.safetensors of a saved model was private on a shared machine while the files beside it were not."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & mode != mode:
+                os.chmod(p, stat.S_IMODE(st.st_mode) | mode)
 
 
 def _umask() -> int:

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from llmfast.adapter_options import PROMPT_TYPES as _PROMPT_TYPES  # PEFT types that add virtual tokens
 from llmfast.errors import UserError
 
 # A safetensors header is a few hundred bytes per tensor; 100 MB is the library's own limit.
@@ -262,11 +263,6 @@ def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     else:  # PEFT would look for it on the hub instead, and fail there with a traceback
         raise UserError(f"{path}: no adapter_model.safetensors: the adapter's weights are missing; {fix}")
     return path
-
-
-# PEFT types that prepend learned virtual tokens instead of changing weights: nothing to merge, and a causal-LM
-# score or export without those tokens would be the base model's
-_PROMPT_TYPES = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT")
 
 
 def _check_adapter_kind(cfg: dict[str, Any], cfg_path: Path) -> None:

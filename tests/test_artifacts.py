@@ -218,16 +218,24 @@ def test_artifacts_and_written_files_get_the_umasks_modes(tmp_path):
     import os
     import stat
 
+    import torch
+    from safetensors.torch import save_file
+
     old = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "model") as tmp:
             (tmp / "w").write_text("w")
+            save_file({"x": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors 0.8 writes it 0600
+            (tmp / "sub").mkdir()
+            save_file({"x": torch.zeros(2)}, tmp / "sub" / "adapter.safetensors")
         written = atomic_write_json(tmp_path / "r.json", {"a": 1})
         os.umask(0o027)
         group = atomic_write_json(tmp_path / "g.json", {"a": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    for f in ("w", "model.safetensors", "sub/adapter.safetensors"):  # readable by the others, as the umask says
+        assert stat.S_IMODE((tmp_path / "model" / f).stat().st_mode) == 0o644, f
     assert stat.S_IMODE(written.stat().st_mode) == 0o644 and stat.S_IMODE(group.stat().st_mode) == 0o640
 
 

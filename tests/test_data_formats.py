@@ -257,3 +257,21 @@ def test_eval_takes_the_last_assistant_turn_of_any_chat_shape_as_the_answer(tmp_
     assert prompt_and_answer(alpaca, "t.jsonl") == ([{"role": "user", "content": "Q\nx"}], "A")
     with pytest.raises(UserError, match=r"t\.jsonl:1: missing field 'messages': a plain 'text' row has no question"):
         prompt_and_answer({"_row": 1, "text": "x"}, "t.jsonl")
+
+
+def test_the_shape_check_holds_a_row_at_a_time(tmp_path):
+    """Preflight's check of every row's shape reads a JSON Lines file a row at a time: it held every row of the file
+    (GBs for a million rows) before the trainer read them again. A bad row is still named, after the rows before it."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    row = json.dumps({"messages": MESSAGES[1:3]}) + "\n"
+    path.write_text(row * 20_000)  # held as rows: ~30 MB
+    tracemalloc.start()
+    assert check_rows(path) == "chat (messages)"
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    path.write_text(row * 5 + '{"messages": 3}\n' + row)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:6: "):
+        check_rows(path)

@@ -259,3 +259,25 @@ def test_a_gpt2_adapter_merges_to_what_export_writes(tmp_path, tiny_dir):
     assert not torch.equal(exported[key], before[key])  # the adapter changes it
     for k, v in exported.items():
         torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_export_of_a_bfloat16_base_notes_its_float32_output(tmp_path, tiny_dir):
+    """export writes float32 by default (the whole delta, rounded once): for a bfloat16 base that is twice its size,
+    said in one note naming the flag that keeps bfloat16; with --dtype bfloat16 no note."""
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_foreign_adapters import _make
+
+    base = tmp_path / "bf16"
+    shutil.copytree(tiny_dir, base)
+    sd = load_file(base / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    ad = _make(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    code, _, err = run_cli("export", str(ad), str(tmp_path / "f32"))
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("llmfast: note:")]
+    assert len(notes) == 1 and "stores its full-precision tensors in float32 (--dtype)" in notes[0], err
+    assert notes[0].endswith("--dtype bfloat16 keeps them as stored")
+    code, _, err = run_cli("export", str(ad), str(tmp_path / "bf"), "--dtype", "bfloat16")
+    assert code == 0 and "llmfast: note:" not in err, err

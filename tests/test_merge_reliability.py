@@ -304,3 +304,23 @@ def test_a_gemma_config_that_ties_by_its_class_default_merges_as_an_explicit_tie
                save_embedding_layers=False)
     _refused(_config(tmp_path, "task_arithmetic", [(ad, {"weight": 1.0})], ft), tmp_path / "o3",
              needles=("LoRA on model.embed_tokens of a base that ties its input embedding",))
+
+
+def test_a_gemma_without_the_tie_key_merges_with_its_saved_copy_that_has_it(tmp_path):
+    """The architecture check compares the tie as transformers reads it: a hub Gemma config without
+    tie_word_embeddings (its class ties) and the same model saved by transformers (which writes the key) are one
+    architecture. It was refused: 'has tie_word_embeddings=True but ... has tie_word_embeddings=None'."""
+    from safetensors.torch import load_file
+
+    a = _tiny_gemma(tmp_path / "a")
+    b = _perturb(a, tmp_path / "b", 1)
+    cfg = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    merged = _merge(_config(tmp_path, "linear", [(a, {"weight": 0.5}), (b, {"weight": 0.5})], None), tmp_path / "out")
+    want = (load_file(a / "model.safetensors")["model.embed_tokens.weight"]
+            + load_file(b / "model.safetensors")["model.embed_tokens.weight"]) / 2
+    assert torch.allclose(merged["model.embed_tokens.weight"], want, atol=1e-6)
+    b_llama = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**b_llama, "tie_word_embeddings": False}))  # an untied copy: refused
+    _refused(_config(tmp_path, "linear", [(a, {"weight": 0.5}), (b, {"weight": 0.5})], None), tmp_path / "o2",
+             needles=("tie_word_embeddings=False", "tie_word_embeddings=True"))

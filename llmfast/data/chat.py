@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
 
-from llmfast.data.jsonl import read_rows
+from llmfast.data.jsonl import iter_rows, read_rows
 from llmfast.data.jsonl import where as row_where
 from llmfast.data.prefixes import PrefixIds, backend_encodes, prefix_ids
 from llmfast.data.shapes import SHAPES, Chat, ShapeCheck, must_be_text, to_chat
@@ -87,26 +87,31 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def check_rows(path: str | Path) -> str:
     """Read a data file and check every row's shape (no tokenizer needed): the first problem, named; else the shape
-    (shapes.SHAPES' description) its rows have."""
+    (shapes.SHAPES' description) its rows have. A row at a time: a JSON Lines file is never held whole."""
     shape = "messages"
-    for _row, _where, shape, _content in _read_rows(path):
+    for _row, _where, shape, _content in _read_rows(path, iter_rows(path)):
         pass
     return SHAPES[shape]
 
 
-def _read_rows(path: str | Path, rows: "list[dict[str, Any]] | None" = None
+def _read_rows(path: str | Path, rows: "list[dict[str, Any]] | Iterator[dict[str, Any]] | None" = None
                ) -> "Iterator[tuple[dict[str, Any], str, str, str | Chat]]":
     """Each row of a data set (one shape in all, shapes.py) with where it is, its shape and what it holds: a `text`
-    row's text, another's conversation; the first problem is named. `rows`: the data set's, read already (the list is
-    emptied as it is walked, so a row read is not held twice)."""
+    row's text, another's conversation; the first problem is named. `rows`: the data set's, read already (a list is
+    emptied as it is walked, so a row read is not held twice), or read as they are walked (`iter_rows`)."""
     check = ShapeCheck()
     rows = read_rows(path) if rows is None else rows
-    rows.reverse()
-    while rows:
-        r = rows.pop()
+    for r in _emptied(rows) if isinstance(rows, list) else rows:
         where = row_where(path, r["_row"])
         shape = check(r, where)
         yield r, where, shape, _text(r, where) if shape == "text" else to_chat(r, where, shape)
+
+
+def _emptied(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows in order, each dropped from the list as it is given out."""
+    rows.reverse()
+    while rows:
+        yield rows.pop()
 
 
 def prompt_and_answer(row: dict[str, Any], path: str | Path) -> tuple[list[dict[str, str]], str]:

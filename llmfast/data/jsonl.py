@@ -10,7 +10,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmfast.data.text import check_bytes, check_characters, decode
 from llmfast.errors import UserError
@@ -49,15 +49,30 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """`read_rows`' rows one at a time: a JSON Lines file is parsed a line at a time, so a pass over its rows
+    (preflight's shape check) holds one row, not the file's; a problem is named when its row is reached."""
+    if Path(path).is_dir():
+        yield from read_rows(path)
+    else:
+        yield from iter_jsonl(path, folders=True)
+
+
 def where(path: str | Path, row: int) -> str:
     """How an error names a row: the file's line, or a `datasets` folder's row index."""
     return f"{path} row {row}" if Path(path).is_dir() else f"{path}:{row}"
 
 
 def read_jsonl(path: str | Path, *, folders: bool = False) -> list[dict[str, Any]]:
+    """`iter_jsonl`'s rows, all read."""
+    return list(iter_jsonl(path, folders=folders))
+
+
+def iter_jsonl(path: str | Path, *, folders: bool = False) -> Iterator[dict[str, Any]]:
     """JSON Lines (one object a line), or, in a `.json` file that starts with `[`, one JSON array of objects (what
     LLaMA-Factory and `json.dump` write; `datasets`' to_json writes JSON Lines even to a .json file). `folders`:
-    the caller reads `datasets` folders too (`read_rows`), as its errors then say."""
+    the caller reads `datasets` folders too (`read_rows`), as its errors then say. One row at a time (a .json file
+    is parsed whole first)."""
     path = Path(path)
     if path.is_dir():  # eval's task files and bench's prompt files are files only
         raise UserError(f"data file {path} is a directory: give a JSON Lines file or a .json array")
@@ -69,11 +84,13 @@ def read_jsonl(path: str | Path, *, folders: bool = False) -> list[dict[str, Any
     except OSError as e:
         raise UserError(f"data file {path} cannot be read ({e.strerror or e}): make it readable for this "
                         "user") from None
+    empty = True
     with f:
-        rows = _json_lines(path, f) if path.suffix.lower() != ".json" else _json_file(path, f.read())
-    if not rows:
+        for row in _json_lines(path, f) if path.suffix.lower() != ".json" else _json_file(path, f.read()):
+            empty = False
+            yield row
+    if empty:
         raise UserError(f"{path}: the data set is empty")
-    return rows
 
 
 def _check_extension(path: Path, folders: bool) -> None:
@@ -99,15 +116,15 @@ def _literal(path: Path) -> str:
     return re.sub(r"(?<= ) |[^\S ]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
-    rows = []
+def _json_lines(path: Path, f: Any) -> Iterator[dict[str, Any]]:
+    first = True
     for lineno, raw in enumerate(_lines(f), 1):
         check_bytes(raw, path, lineno, "row")  # a file in another encoding is refused at the row where it shows
         # a byte-order mark some editors write: at the file's start, or at a row's where such files were joined (cat)
         line = raw.decode("utf-8").removeprefix("\ufeff")
         if not line.strip():
             continue
-        if not rows and line.lstrip().startswith("[") and path.suffix.lower() != ".json":
+        if first and line.lstrip().startswith("[") and path.suffix.lower() != ".json":
             raise UserError(f"{path}:{lineno}: a JSON array, but a {path.suffix or 'file without .json'} is read as "
                             "JSON Lines (one object a line): name the file .json, or write one row a line")
         try:
@@ -115,8 +132,8 @@ def _json_lines(path: Path, f: Any) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the row") from None
         check_characters(row, f"{path}:{lineno}", line)
-        rows.append(_object(row, path, lineno))
-    return rows
+        first = False
+        yield _object(row, path, lineno)
 
 
 def _lines(f: Any) -> Any:
@@ -133,7 +150,7 @@ def _json_file(path: Path, raw: bytes) -> list[dict[str, Any]]:
     if first == b"[":
         return _json_array(path, raw)
     try:
-        return _json_lines(path, io.BytesIO(raw))
+        return list(_json_lines(path, io.BytesIO(raw)))
     except UserError:
         try:
             whole = json.loads(raw.decode("utf-8-sig")) if first == b"{" else None

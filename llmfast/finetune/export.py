@@ -13,6 +13,7 @@ directories, and the output (an existing one only with `overwrite`; never the ad
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -239,4 +240,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                        metrics=manifest.get("metrics", {}),
                        base_quantization=quant.manifest() if quant is not None else None,
                        **carried_sparsity([base], tmp))  # a relufy base's ReLU (and cut) is the export's
+    from llmfast.modelfiles import widened_note
+
+    if (note := widened_note(base, out_dir, "--dtype")) is not None:  # a bfloat16 base exported in float32
+        print(note, file=sys.stderr)
     return out_dir

@@ -223,9 +223,14 @@ def _check_architecture(ref: Path, other: Path, where: str) -> None:
         raise UserError(f"{where}: {other} is a {b['architecture']}, but {ref} is a {a['architecture']}: only "
                         "models of one architecture can be merged")
     for key in _ARCH_KEYS:
-        if a["config"].get(key) != b["config"].get(key):
-            raise UserError(f"{where}: {other} has {key}={b['config'].get(key)} but {ref} has "
-                            f"{key}={a['config'].get(key)}: merged models must share one architecture and shape")
+        mine, theirs = a["config"].get(key), b["config"].get(key)
+        if key == "tie_word_embeddings" and mine != theirs:  # a key left out means the class default (Gemma ties)
+            from llmfast.loading import ties_word_embeddings
+
+            mine, theirs = ties_word_embeddings(ref), ties_word_embeddings(other)
+        if mine != theirs:
+            raise UserError(f"{where}: {other} has {key}={theirs} but {ref} has {key}={mine}: merged models must "
+                            "share one architecture and shape")
     from llmfast.serve.vllm_plugin import RELU_THRESHOLDS_KEY as CUT
 
     # relufy's cut, calibrated on its model's weights: the merge would keep the reference's, or none, without a word
