@@ -40,13 +40,16 @@ def perplexity(
     context: int = 1024,
     stride: int = 512,
     max_tokens: int | None = None,
+    ids: list[int] | None = None,
 ) -> dict[str, Any]:
+    """Perplexity of `text` in windows of `context` tokens, `stride` apart, each token scored once; `ids`: the
+    text's `text_token_ids` where the caller has them already (a book takes seconds to tokenize)."""
     import torch
     import torch.nn.functional as F
 
     if stride > context:
         raise UserError(f"perplexity: stride ({stride}) must not exceed context ({context})")
-    ids = torch.tensor(text_token_ids(tokenizer, text), dtype=torch.long)  # with a BOS where the tokenizer adds one
+    ids = torch.tensor(text_token_ids(tokenizer, text) if ids is None else ids, dtype=torch.long)  # BOS where added
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:
@@ -174,7 +177,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     from llmfast.recipe import recipe_dict
 
     tokenizer = load_tokenizer(path)
-    _check_tokens(cfg, tokenizer, path, text)
+    text_ids = _check_tokens(cfg, tokenizer, path, text)
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     quantization = effective_quantization(path, recipe.adapter, recipe.quantization)
     load_s = time.perf_counter() - t0
@@ -196,7 +199,7 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         p = cfg.perplexity
         t1 = time.perf_counter()
         results["perplexity"] = {"text": str(p.text),
-                                 **perplexity(model, tokenizer, text, p.context, p.stride, p.max_tokens),
+                                 **perplexity(model, tokenizer, text, p.context, p.stride, p.max_tokens, text_ids),
                                  "seconds": round(time.perf_counter() - t1, 2)}
     predictions: list[dict[str, Any]] = []
     for ts in cfg.tasks:
@@ -223,9 +226,9 @@ def _check_row_task(row: dict[str, Any], name: str, path: Path) -> None:
                         "or give the set another name to mix tasks")
 
 
-def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
+def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> list[int] | None:
     """What the tokenizer can tell before the model loads: a chat template for the tasks (one that refuses no row),
-    no token the model has no embedding row for, and enough tokens of text to score."""
+    no token the model has no embedding row for, and enough tokens of text to score; returns the text's ids."""
     from llmfast.modelfiles import describe_model_dir
 
     if cfg.tasks and not getattr(tokenizer, "chat_template", None):  # the tasks' prompts are chats
@@ -256,6 +259,8 @@ def _check_tokens(cfg: Any, tokenizer: Any, path: Path, text: str) -> None:
             raise UserError(f"eval.perplexity: {p.text} has {len(ids)} token(s)" + (
                 f" and max_tokens is {p.max_tokens}" if p.max_tokens and p.max_tokens < len(ids) else "")
                 + ": at least 2 are needed to score")
+        return ids
+    return None
 
 
 def is_eval_results(path: Path) -> bool:

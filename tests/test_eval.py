@@ -98,16 +98,22 @@ def test_a_perplexity_text_of_one_token_is_refused_before_loading(tiny_dir, tmp_
     assert "Loading weights" not in err  # found from the tokenizer, before the model loads
 
 
-def test_eval_runs_the_model_in_the_recipes_dtype(tiny_dir, tmp_path):
-    """eval.dtype: bfloat16 scores the bfloat16 model (the figure perplexity() gives on it), not float32's."""
+def test_eval_runs_the_model_in_the_recipes_dtype(tiny_dir, tmp_path, monkeypatch):
+    """eval.dtype: bfloat16 scores the bfloat16 model (the figure perplexity() gives on it), not float32's. The book
+    is tokenized once (the check before the model loads hands its ids to the scoring)."""
+    import llmfast.evaluate
     from llmfast.models import load_model, load_tokenizer
 
+    calls = []
+    real = llmfast.evaluate.text_token_ids
+    monkeypatch.setattr(llmfast.evaluate, "text_token_ids", lambda tok, t: calls.append(len(t)) or real(tok, t))
     recipe = tmp_path / "ev.yaml"
     text = REPO / "eval" / "text" / "persuasion.txt"
     recipe.write_text(f"model: {tiny_dir}\neval:\n  dtype: bfloat16\n  perplexity: {{text: {text}, max_tokens: 256, "
                       "context: 64, stride: 64}\n")
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
     assert code == 0, err[-2000:]
+    assert calls == [len(text.read_text())]
     got = json.loads((tmp_path / "r.json").read_text())["perplexity"]["nll"]
     tok, full = load_tokenizer(tiny_dir), text.read_text()
     bf16 = perplexity(load_model(tiny_dir, "bfloat16"), tok, full, 64, 64, 256)["nll"]
