@@ -306,7 +306,7 @@ PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '
                   "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")  # no special token to cut at
 
 
-@pytest.mark.parametrize("family", ["llama3", "gemma", "chatml", "smollm2", "plain"])
+@pytest.mark.parametrize("family", ["llama3", "gemma", "chatml", "smollm2", "plain", "opening"])
 def test_chat_rows_read_off_one_encoding_are_every_prefix_encoded(families: dict[str, Path], builtin_dir: Path,
                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    family: str) -> None:
@@ -314,7 +314,8 @@ def test_chat_rows_read_off_one_encoding_are_every_prefix_encoded(families: dict
     a window a turn (prefixes.py), not each prefix tokenized in full (O(turns^2) characters: 3.4 s for one 200-turn
     row). The same ids and labels as before, row by row and a data file at a time, for awkward rows (cuts next to
     spaces, newlines, digits, combining marks, special tokens' text; empty answers; `learn_from`); a template with
-    no special token to cut at (plain) encodes every prefix in full, a group of rows at a time."""
+    no special token to cut at (plain), or one only opening the row (opening: the windows would be the prefixes
+    again, a batch's held at once), encodes every prefix in full, a group of rows at a time."""
     import re
 
     from tokenizers import Tokenizer
@@ -323,9 +324,11 @@ def test_chat_rows_read_off_one_encoding_are_every_prefix_encoded(families: dict
     from llmfast.data.prefixes import prefix_ids
     from llmfast.testing import family_tokenizer
 
-    if family in ("chatml", "plain"):
+    if family in ("chatml", "plain", "opening"):
         tok = family_tokenizer("chatml", Tokenizer.from_file(str(families["llama3"] / "tokenizer.json")))
-        tok.chat_template = PLAIN_TEMPLATE if family == "plain" else tok.chat_template
+        # opening: its one special token opens the row, so a text's window would be the text again (quadratic)
+        tok.chat_template = {"plain": PLAIN_TEMPLATE, "opening": "<|im_start|>" + PLAIN_TEMPLATE}.get(
+            family, tok.chat_template)
     else:
         tok = load_tokenizer(builtin_dir if family == "smollm2" else families[family])
     rows = _awkward_rows(10, seed=len(family), max_turns=20, system=family != "gemma")
@@ -342,7 +345,7 @@ def test_chat_rows_read_off_one_encoding_are_every_prefix_encoded(families: dict
     msgs = [m for t in range(60) for m in ({"role": "user", "content": f"q{t} "}, {"role": "assistant", "content":
                                                                                      f"a{t}\n"})]
     (whole,) = prefix_ids(tok, [[t for t, _ in chat._chat_texts(tok, msgs, 0, "", 0)]])
-    if family == "plain":
+    if family in ("plain", "opening"):  # none to cut at, or too few: every prefix in full, grouped by characters
         assert whole is None
     else:
         assert whole is not None and sum(len(w) for _, w in whole.parts) < 2 * len(whole.base)

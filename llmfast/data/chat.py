@@ -265,12 +265,12 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
 
 
 def _chars(plan: "str | list[tuple[str, bool]]", linear: bool = False) -> int:
-    """The characters a row's encoding tokenizes: its text, its last text and windows about as long (`linear`), or all
-    its texts."""
+    """The characters a row's encoding tokenizes: its text, its last text and windows at most twice as long
+    (`linear`: prefixes.prefix_ids encodes a row with more in full, by `_encodings`' groups), or all its texts."""
     if isinstance(plan, str):
         return len(plan)
     if linear:
-        return 2 * len(plan[-1][0]) if plan else 0
+        return 3 * len(plan[-1][0]) if plan else 0
     return sum(len(t) for t, _ in plan)
 
 

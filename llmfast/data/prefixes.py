@@ -81,7 +81,8 @@ def _anchors(tokenizer: "PreTrainedTokenizerBase") -> dict[int, str]:
 
 def prefix_ids(tokenizer: "PreTrainedTokenizerBase", rows: Sequence[Sequence[str]]) -> list[PrefixIds | None]:
     """Each row's texts (each a prefix of the next) as `PrefixIds`, two tokenizer calls for all rows; None for a row
-    to encode text by text (no anchor token in it, or its last window disagrees). `backend_encodes` must hold."""
+    to encode text by text (no anchor token in it, windows more than twice its last text's length, or its last
+    window disagrees). `backend_encodes` must hold."""
     anchors = _anchors(tokenizer)
     last = [texts[-1] if texts else "" for texts in rows]
     whole = tokenizer(last, add_special_tokens=False, return_offsets_mapping=True) if rows else None
@@ -98,9 +99,14 @@ def prefix_ids(tokenizer: "PreTrainedTokenizerBase", rows: Sequence[Sequence[str
         cuts = []
         for t in texts:
             n = bisect_right(ends, len(t)) - 1
-            j, s = (found[n][1], found[n][2]) if n >= 0 else (0, 0)
-            cuts.append((j, s))
-            windows[t[s:]] = []
+            cuts.append((found[n][1], found[n][2]) if n >= 0 else (0, 0))
+        if sum(len(t) - s for t, (_, s) in zip(texts, cuts)) > 2 * len(text):
+            # anchors too sparse (a template whose only special token opens the row): the windows are the prefixes
+            # again, quadratic in the row's length, and a batch's are tokenized at once; the full path encodes them,
+            # rows grouped by chat._BATCH_CHARS, which counts a row read off one encoding as 3 * len(text)
+            plans.append(None)
+            continue
+        windows.update((t[s:], []) for t, (_, s) in zip(texts, cuts))
         plans.append((ids, cuts))
     if windows:
         windows = dict(zip(windows, tokenizer(list(windows), add_special_tokens=False).input_ids))
