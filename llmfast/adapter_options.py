@@ -81,7 +81,8 @@ def _key(key: str) -> Callable[[dict[str, Any]], Any]:
 def _peft_type(prompt: bool) -> Callable[[dict[str, Any]], Any]:
     def found(cfg: dict[str, Any]) -> Any:
         kind = cfg.get("peft_type", "LORA")
-        return kind if kind != "LORA" and (str(kind).upper() in PROMPT_TYPES) == prompt else None
+        # `or repr`: a peft_type null or "" is no LoRA either (a falsy value would read as not set)
+        return (kind or repr(kind)) if kind != "LORA" and (str(kind).upper() in PROMPT_TYPES) == prompt else None
     return found
 
 
@@ -227,6 +228,7 @@ OPTIONS: tuple[AdapterOption, ...] = (
 class Refusal:
     option: AdapterOption
     value: Any
+    cfg: dict[str, Any]  # the whole config: another option it sets may be one export refuses
 
     def message(self, verb: str, **where: Any) -> str:
         """The verb's one line, `where` naming the adapter (path, cfg_path, name)."""
@@ -235,8 +237,9 @@ class Refusal:
         return self.option.verdict(verb).text.format(value=value, listed=listed, **where)
 
     def exportable(self) -> bool:
-        """Whether `llmfast export` merges an adapter with this option (serve's way round for vLLM's refusal)."""
-        return self.option.export.kind not in ("refused", "common")
+        """Whether `llmfast export` merges this adapter (serve's way round for vLLM's refusal): export takes this
+        option, and refuses no other the config sets (modules_to_save with layer_replication, say)."""
+        return self.option.export.kind not in ("refused", "common") and refusal(self.cfg, "export") is None
 
 
 def refusal(cfg: dict[str, Any], verb: str) -> Refusal | None:
@@ -247,5 +250,5 @@ def refusal(cfg: dict[str, Any], verb: str) -> Refusal | None:
         if option.verdict(verb).kind == "refused":
             value = option.found(cfg)
             if value:
-                return Refusal(option, value)
+                return Refusal(option, value, cfg)
     return None

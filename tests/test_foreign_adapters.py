@@ -388,3 +388,18 @@ def test_the_verbs_read_the_table_at_each_call(tiny_dir, plain_adapter, tmp_path
     assert said["serve"].startswith(f"LoRA 'x' has the probe ({ad / 'adapter_config.json'}): run it on "
                                     "transformers"), said
     assert said["merge"] == f"{ad}: the probe" and said["export"] == f"{ad / 'adapter_config.json'}: the probe True"
+
+
+def test_serve_names_export_only_where_export_takes_every_option_set(tiny_dir, plain_adapter, tmp_path):
+    """serve's way round for an option vLLM refuses is `llmfast export` only where export takes the whole config: with
+    modules_to_save (export merges it) and layer_replication (export refuses it) it sent the user to export, which
+    refused; and a peft_type null (read as not set) is no LoRA, for serve and merge as before the table."""
+    ad = tmp_path / "ad"
+    said = _judged(_verbs(tiny_dir), plain_adapter, ad, {"modules_to_save": ["lm_head"],
+                                                         "layer_replication": [[0, 2], [1, 2]]})
+    assert said["serve"] == (f"LoRA 'x' has modules_to_save ['lm_head'], which vLLM cannot serve "
+                             f"({ad / 'adapter_config.json'}): run it on transformers (eval, bench --engine hf)")
+    assert said["export"].startswith(f"{ad / 'adapter_config.json'}: layer_replication [[0, 2], [1, 2]]")
+    said = _judged(_verbs(tiny_dir), plain_adapter, ad, {"peft_type": None})
+    assert said["serve"] == f"LoRA 'x': {ad / 'adapter_config.json'} is a None adapter; vLLM serves LoRA only"
+    assert said["merge"] == f"{ad}: a None adapter; only LoRA adapters can be merged"
