@@ -108,7 +108,8 @@ def compute_metrics(
         good = 0
         for r in ok:
             seen = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2el": r.latency}
-            good += all(seen[k] * 1000 <= slo for k, slo in goodput.items())
+            # seconds against the SLO over 1000, as vLLM compares them: ms against the SLO differed in the last bit
+            good += all(seen[k] <= slo / 1000 for k, slo in goodput.items())
         out["request_goodput"] = good / duration if duration > 0 else 0.0
     for name in metrics:
         v = np.asarray(values[name] or [0.0]) * 1000  # vLLM reports 0 for an empty set, not NaN

@@ -105,10 +105,16 @@ def _task_names(results: dict[str, Any]) -> list[str]:
     return names
 
 
-def _point(v: dict[str, Any], concurrency: str) -> dict[str, Any]:
-    """The point at concurrency 1 ("low") or at the highest concurrency ("high"); {} when there is none."""
-    pts = sorted(v.get("points") or [], key=lambda p: p["max_concurrency"])
-    return (pts[0] if concurrency == "low" else pts[-1]) if pts else {}
+def _point(v: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """The variant's point at this concurrency; {} when it has none (its server stopped before it): the variant's own
+    lowest or highest point stood under the column of another concurrency."""
+    return next((p for p in v.get("points") or [] if p["max_concurrency"] == concurrency), {})
+
+
+def _levels(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """The lowest and highest concurrency measured among these rows (1, 1 when none was)."""
+    levels = [p["max_concurrency"] for v in rows for p in v.get("points") or []]
+    return (min(levels), max(levels)) if levels else (1, 1)
 
 
 def _made_by(v: dict[str, Any]) -> str:
@@ -131,8 +137,7 @@ def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
     rows = [v for v in results["variants"] if not is_baseline(v)]
     if not rows:
         return []
-    low = min(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
-    high = max(p["max_concurrency"] for v in rows for p in v["points"]) if any(v["points"] for v in rows) else 1
+    low, high = _levels(rows)
     levels = {"low": low, "high": high} if high != low else {"low": low}  # one speed column for a one-level sweep
     head = ["variant", "engine", "made by", "ppl", *[f"{t} acc" for t in tasks],
             *[f"out tok/s c={c}" for c in levels.values()], f"TTFT p50 ms c={low}",
@@ -140,13 +145,13 @@ def _summary(results: dict[str, Any], tasks: list[str]) -> list[str]:
     out = ["## Variants", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in rows:
         q = v.get("quality") or {}
-        a = _point(v, "low")
+        a = _point(v, low)
         size = v.get("size") or {}
         accs = [(q.get("tasks") or {}).get(t, {}).get("accuracy") for t in tasks]
         out.append("| " + " | ".join([
             v["name"], engine_label(v), _made_by(v), _f((q.get("perplexity") or {}).get("ppl"), ".2f"),
             *[_f(x * 100, ".0f") + "%" if x is not None else "-" for x in accs],
-            *[_f(_point(v, lv).get("output_throughput")) for lv in levels], _f(a.get("median_ttft_ms")),
+            *[_f(_point(v, c).get("output_throughput")) for c in levels.values()], _f(a.get("median_ttft_ms")),
             _f(a.get("median_tpot_ms")), _mib(size.get("linear_weight_bytes")), _mib(size.get("file_bytes")),
             _f(v.get("peak_rss_gib"), ".2f")]) + " |")
     return out + ["", "Linear weights: the bytes of the decoder layers' linear maps as stored (quantized parts "
@@ -261,13 +266,14 @@ def _frontier_plot(results: dict[str, Any], out_dir: Path, plt: Any) -> list[Pat
     rows = _frontier_rows(results)
     if not rows:
         return []
+    low = _levels([v for v in results["variants"] if not is_baseline(v)])[0]  # the summary table's
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, xkey, xlabel in ((axes[0], "speed", "output tokens/s at the lowest concurrency (higher is better)"),
+    for ax, xkey, xlabel in ((axes[0], "speed", f"output tokens/s at concurrency {low} (higher is better)"),
                              (axes[1], "size", "linear weights, MiB (lower is better)")):
         pts = []
         for v in rows:
             ppl = v["quality"]["perplexity"]["ppl"]
-            x = (_point(v, "low").get("output_throughput") if xkey == "speed"
+            x = (_point(v, low).get("output_throughput") if xkey == "speed"
                  else (v.get("size") or {}).get("linear_weight_bytes", 0) / 2**20)
             if not x:
                 continue
