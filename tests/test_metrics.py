@@ -30,7 +30,7 @@ def recorded() -> list[RequestResult]:
         ttft = float(rng.uniform(0.01, 0.2))
         itl = [float(g) for g in rng.uniform(0.001, 0.02, size=n - 1)]
         r = RequestResult(success=i % 11 != 5, prompt_len=int(rng.integers(3, 50)), output_tokens=n, ttft=ttft,
-                          itl=itl, latency=ttft + sum(itl), start_time=float(i) * 0.01)
+                          itl=itl, latency=ttft + sum(itl), start_time=float(rng.uniform(100.0, 102.5)))
         if not r.success:
             r.error, r.output_tokens, r.itl = "HTTP 500: boom", 0, []
         out.append(r)
@@ -41,7 +41,7 @@ def recorded() -> list[RequestResult]:
 
 
 def test_serving_metrics_equal_vllms_calculate_metrics(recorded):
-    """Counts, throughputs, goodput and every mean/median/std/percentile are vLLM's for the same recorded requests
+    """Counts, throughputs, goodput, the peaks and every mean/median/std/percentile are vLLM's for the same requests
     (to float64 rounding: vLLM scales after averaging, llmfast before; 1e-12 relative is thousands of ulps). Goodput
     is a count and must be equal: an SLO met exactly at its boundary was judged in milliseconds (seconds * 1000)
     where vLLM divides the SLO by 1000, and differed in the last bit."""
@@ -58,6 +58,8 @@ def test_serving_metrics_equal_vllms_calculate_metrics(recorded):
         assert (ours["completed"], ours["failed"], ours["total_input_tokens"], ours["total_output_tokens"]) == (
             theirs.completed, theirs.failed, theirs.total_input, theirs.total_output)
         assert ours["request_goodput"] * duration == pytest.approx(theirs.request_goodput * duration, abs=1e-9), slos
+        assert (ours["max_output_tokens_per_s"], ours["max_concurrent_requests"]) == (
+            theirs.max_output_tokens_per_s, theirs.max_concurrent_requests)
         for key in ("request_throughput", "output_throughput", "total_token_throughput"):
             assert ours[key] == pytest.approx(getattr(theirs, key), rel=1e-12), key
         for name in ("ttft", "tpot", "itl", "e2el"):
@@ -135,3 +137,19 @@ def test_the_summarys_speed_columns_hold_the_points_they_name():
                                                         "TPOT p50 ms c=1")] for r in rows}
     assert got == {"full": ["30.0", "200.0", "10.0", "1.0"], "died": ["31.0", "-", "10.0", "1.0"],
                    "late": ["-", "210.0", "-", "-"]}
+
+
+def test_peak_tokens_and_concurrency_count_whole_seconds_from_the_first_send():
+    """vLLM's peaks by hand: tokens land at start + TTFT + the ITLs so far, in the second (from the first send) they
+    fall in; a request is in flight in every second from its send's to its last token's, both counted."""
+    from llmfast.bench.metrics import peak_rates
+
+    a = RequestResult(success=True, output_tokens=4, start_time=10.0, ttft=0.5, itl=[0.2, 0.2, 0.2], latency=1.1)
+    b = RequestResult(success=True, output_tokens=2, start_time=10.9, ttft=0.3, itl=[1.0], latency=1.3)
+    c = RequestResult(success=True, output_tokens=1, start_time=12.5, ttft=0.1, latency=0.1)
+    # tokens: a at 0.5, 0.7, 0.9, 1.1 s; b at 1.2, 2.2; c at 2.6 -> seconds 0: 3, 1: 2, 2: 2
+    # in flight: a in seconds 0-1, b 0-2, c 2 -> 0: 2, 1: 2, 2: 2
+    assert peak_rates([a, b, c]) == (3.0, 2)
+    assert peak_rates([]) == (0.0, 0)
+    m = compute_metrics([a, b, c, RequestResult(error="boom")], 3.0)
+    assert (m["max_output_tokens_per_s"], m["max_concurrent_requests"]) == (3.0, 2)

@@ -2,12 +2,14 @@
 
 Per successful request: TTFT is the time to the first streamed token; TPOT is (E2EL - TTFT) / (output tokens
 - 1), so it excludes the first token and is defined only for outputs longer than one token; ITL are the gaps
-between streamed chunks; E2EL is send-to-last-token. Throughputs divide by the benchmark's wall duration.
+between streamed chunks; E2EL is send-to-last-token. Throughputs divide by the benchmark's wall duration; the
+peaks are the busiest whole second's streamed tokens and requests in flight.
 A request is "good" when every SLO given to --goodput holds (a one-token output counts as TPOT 0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +78,26 @@ def _word(p: float) -> str:
     return str(int(p)) if int(p) == p else str(p)
 
 
+def peak_rates(ok: list[RequestResult]) -> tuple[float, int]:
+    """vLLM's "peak output token throughput" and "peak concurrent requests": streamed tokens (one per chunk, at
+    TTFT and after each ITL) and requests in flight, counted in whole seconds from the first send; the busiest
+    second of each. (0.0, 0) without a successful request."""
+    if not ok:
+        return 0.0, 0
+    first = min(r.start_time for r in ok)
+    seconds = int(math.ceil(max(r.start_time + r.latency for r in ok) - first)) + 1
+    tokens, active = [0] * seconds, [0] * seconds
+    for r in ok:
+        t = r.start_time + r.ttft
+        for gap in [0.0, *r.itl]:
+            t += gap
+            if 0 <= int(t - first) < seconds:
+                tokens[int(t - first)] += 1
+        for second in range(int(r.start_time - first), int(r.start_time + r.latency - first) + 1):
+            active[second] += 1
+    return float(max(tokens)), max(active)
+
+
 def compute_metrics(
     results: list[RequestResult],
     duration: float,
@@ -104,6 +126,7 @@ def compute_metrics(
         "output_throughput": total_out / duration if duration > 0 else 0.0,
         "total_token_throughput": (total_in + total_out) / duration if duration > 0 else 0.0,
     }
+    out["max_output_tokens_per_s"], out["max_concurrent_requests"] = peak_rates(ok)
     if goodput:
         good = 0
         for r in ok:
@@ -146,6 +169,9 @@ def format_summary(result: dict[str, Any], title: str = "Serving Benchmark Resul
         row("Request goodput (req/s):", result["request_goodput"], ".2f")
     row("Output token throughput (tok/s):", result["output_throughput"], ".2f")
     row("Total token throughput (tok/s):", result["total_token_throughput"], ".2f")
+    if result.get("max_output_tokens_per_s") is not None:  # absent from results written before llmfast had them
+        row("Peak output token throughput (tok/s):", result["max_output_tokens_per_s"], ".2f")
+        row("Peak concurrent requests:", result["max_concurrent_requests"])
     for name in METRICS:
         if f"mean_{name}_ms" not in result:
             continue
