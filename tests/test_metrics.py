@@ -48,9 +48,9 @@ def test_serving_metrics_equal_vllms_calculate_metrics(recorded):
     serve = pytest.importorskip("vllm.benchmarks.serve")
     from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
 
-    theirs_in = [RequestFuncOutput(generated_text="", success=r.success, latency=r.latency, output_tokens=r.output_tokens,
-                                   ttft=r.ttft, itl=list(r.itl), prompt_len=r.prompt_len, error=r.error,
-                                   start_time=r.start_time) for r in recorded]
+    theirs_in = [RequestFuncOutput(success=r.success, latency=r.latency, output_tokens=r.output_tokens, ttft=r.ttft,
+                                   itl=list(r.itl), prompt_len=r.prompt_len, error=r.error, start_time=r.start_time)
+                 for r in recorded]
     duration = 3.7
     for slos in GOODPUTS:
         ours = compute_metrics(recorded, duration, PERCENTILES, ["ttft", "tpot", "itl", "e2el"], slos)
