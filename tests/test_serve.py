@@ -691,12 +691,17 @@ def test_serve_and_bench_bad_input(tmp_path, tiny_dir):
     assert code == 2 and "--engine hf" in err
 
 
-def test_hf_engine_times_every_token(tiny):
+def test_hf_engine_times_every_token(tiny, monkeypatch):
     from llmfast.bench.engines.hf import run_hf
 
     model, tok = tiny
     reqs = random_requests(tok, 5, input_len=12, output_len=6, seed=0)
+    calls, real = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append((time.perf_counter(), kw)) or real(**kw))
     results, duration = run_hf(model, tok, reqs, batch_size=2)
+    # one untimed warm-up of the first batch's shape (as vLLM's engines are warmed up), before the first request
+    assert [(kw["input_ids"].shape[0], kw["max_new_tokens"]) for _, kw in calls] == [(2, 2), (2, 6), (2, 6), (1, 6)]
+    assert calls[0][0] < results[0].start_time
     assert [r.output_tokens for r in results] == [6] * 5 and all(r.success for r in results)
     for r in results:
         assert len(r.itl) == 5 and r.latency == pytest.approx(r.ttft + sum(r.itl))

@@ -41,16 +41,25 @@ def run_hf(model: Any, tokenizer: Any, requests: list["Request"], batch_size: in
     # eos_token's id), as vLLM stops; after the stop come pad tokens, which are not output
     stops = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops = {*(stops if isinstance(stops, list) else [stops]), tokenizer.eos_token_id} - {None}
+    def inputs(batch: list["Request"]) -> tuple[list[list[int]], int, torch.Tensor, torch.Tensor]:
+        # a text prompt is encoded as vLLM encodes one (a completion): with the tokenizer's BOS, where it adds one
+        ids = [r.prompt_ids or tokenizer.encode(r.prompt) for r in batch]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding for generation
+        return ids, width, input_ids, torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+
+    if requests:  # untimed, as vLLM's engines are warmed up: the first batch's shapes (prefill and two decode
+        # steps), so one-off costs (kernel selection, first allocations) are not the first measured batch's
+        _, _, input_ids, mask = inputs(requests[:batch_size])
+        with torch.inference_mode():
+            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False, pad_token_id=pad)
     results: list[RequestResult] = []
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         sent = time.perf_counter()  # tokenizing counts, as in a served request
-        # a text prompt is encoded as vLLM encodes one (a completion): with the tokenizer's BOS, where it adds one
-        ids = [r.prompt_ids or tokenizer.encode(r.prompt) for r in batch]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding for generation
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        ids, width, input_ids, mask = inputs(batch)
         n_new = max(r.output_len for r in batch)
         clock = StepClock()
         with torch.inference_mode():
