@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -1256,12 +1257,15 @@ def test_a_step_clips_the_whole_gradient_to_max_grad_norm(tmp_path, tiny_dir, dt
         torch.testing.assert_close(stepped[n], accumulated[n] * scale, rtol=1e-5, atol=1e-7 * scale, msg=n)
 
 
-def test_evaluate_is_the_mean_loss_per_labelled_token_of_the_held_out_rows(tmp_path, tiny_dir):
+def test_evaluate_is_the_mean_loss_per_labelled_token_of_the_held_out_rows(tmp_path, tiny_dir, monkeypatch):
     """Summed cross-entropy of every held-out row's answer tokens over their number, not over the rows' real tokens
-    (prompts included) (s46's mutation audit); the reference: transformers forwards of each row alone."""
+    (prompts included) (s46's mutation audit); the reference: transformers forwards of each row alone. Each batch
+    is collated as its turn comes (s52: all of them up front held the held-out rows' tokens again)."""
     import torch.nn.functional as F
 
     from llmfast.data.chat import IGNORE
+    from llmfast.data.packing import collate
+    from llmfast.finetune import trainer
     from llmfast.finetune.trainer import evaluate
 
     rows = [{"prompt": f"Say {n} words, please.", "completion": " ".join(["word"] * n)} for n in range(1, 9)]
@@ -1280,7 +1284,13 @@ def test_evaluate_is_the_mean_loss_per_labelled_token_of_the_held_out_rows(tmp_p
             total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
             count += int(keep.sum())
     assert count < sum(len(e) for e in held) / 2, "prompts outweigh answers"
+    collated = []
+    monkeypatch.setattr(trainer, "collate", lambda rows, pad: collated.append(len(rows)) or collate(rows, pad))
+    seen = []  # how many batches were collated when each forward ran: one more each (not all of them up front)
+    hook = run.acc.unwrap_model(run.wrapped).register_forward_pre_hook(lambda *_: seen.append(len(collated)))
     assert math.isclose(evaluate(run), total / count, rel_tol=1e-5)
+    hook.remove()
+    assert seen == [1, 2] and collated == [3, 1], (seen, collated)
     assert run.wrapped.training, "training mode again after the evaluation"
 
 
@@ -1424,6 +1434,25 @@ def test_foreign_run_files_takes_only_what_a_run_killed_before_its_first_checkpo
     out = run("recipe")
     (out / "recipe.json").write_text(json.dumps({"model": "m"}))
     assert foreign_run_files(out) == str(out / "recipe.json")
+    # its saved examples (finetune/encoded_cache.py), and what a kill mid-write leaves of them or of recipe.json
+    out = run("encoded")
+    (out / "encoded").mkdir()
+    for name in ("meta.json", "ids.npy"):
+        (out / "encoded" / name).write_text("")
+    (out / ".encoded.tmp-1234-abcd").mkdir()
+    (out / ".recipe.json.tmp-1234-abcd").write_text("")
+    assert foreign_run_files(out) is None
+    (out / "encoded" / "mine.txt").write_text("")
+    assert foreign_run_files(out) == str(out / "encoded")
+    out = run("encoded-file")
+    (out / "encoded").write_text("")
+    assert foreign_run_files(out) == str(out / "encoded")
+    out = run("encoded-link")
+    (out / "encoded").symlink_to(tmp_path)
+    assert foreign_run_files(out) == str(out / "encoded")
+    out = run("other-temp")
+    (out / ".notes.txt.tmp-1-x").write_text("")
+    assert foreign_run_files(out) == str(out / ".notes.txt.tmp-1-x")
 
 
 @pytest.mark.parametrize("lora, train, needle", [
@@ -1450,3 +1479,156 @@ def test_values_that_round_away_in_float32_are_refused_by_key(tmp_path, lora, tr
     assert needle in str(e.value) and "\n" not in str(e.value)
     for ok_lora, ok_train in (({"alpha": 1e-30}, {}), ({"alpha": 1e30}, {"lr": 1e-30, "max_grad_norm": 1e-30})):
         validate({**data, "lora": ok_lora, "train": ok_train}, FinetuneRecipe, "r.yaml")  # extreme, but float32 holds
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_dir, data):
+    """A run stopped in this process (Ctrl-C right after its checkpoint of step 10 of 20) and the adapter of the same
+    run uninterrupted: (recipe, run folder, the uninterrupted adapter's bytes). Its model is a copy of the tiny one,
+    whose tokenizer a test may change (and put back)."""
+    from llmfast.finetune import checkpoint
+
+    d = tmp_path_factory.mktemp("stopped")
+    model = Path(shutil.copytree(tiny_dir, d / "model"))
+    path = recipe(d, model, data, extra="")
+    path.write_text(path.read_text().replace("steps: 8,", "steps: 20, save_every: 10, keep_checkpoints: 1,"))
+    assert run_cli("finetune", str(path), "--set", f"output={d / 'ref'}")[0] == 0
+    save = checkpoint.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "save_checkpoint", save_then_stop)
+        code, _, err = run_cli("finetune", str(path))
+    assert code == 130 and not (d / "run" / "adapter").exists() and list((d / "run").glob("checkpoints/step-*")), err
+    return path, d / "run", (d / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def _copy_of(stopped_run, tmp_path):
+    path, run, _ = stopped_run
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    copy = tmp_path / "r.yaml"
+    copy.write_text(path.read_text().replace(str(run), str(out)))
+    return copy, out
+
+
+def test_resume_reads_the_rows_it_saved_and_trains_as_if_never_stopped(stopped_run, tmp_path, monkeypatch):
+    """The examples encoded on the first start are saved in the run (never pickled), and a resume with the same data
+    files, tokenizer and settings reads them instead of encoding the data again (minutes for a million rows): the
+    adapter is the bytes of the uninterrupted run's, as is that of a resume that encodes again (no saved copy)."""
+    from llmfast.finetune import data_setup
+
+    path, out = _copy_of(stopped_run, tmp_path)
+    assert sorted(p.name for p in (out / "encoded").iterdir()) == ["examples.npy", "ids.npy", "labels.npy",
+                                                                   "meta.json"]
+    for name in ("ids.npy", "labels.npy", "examples.npy"):
+        assert np.load(out / "encoded" / name, allow_pickle=False).dtype.kind == "i"
+    shutil.copytree(out, tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / "encoded")  # a run of an earlier version: the data is encoded again
+    with monkeypatch.context() as mp:
+        mp.setattr(data_setup, "read_examples", lambda *a, **k: pytest.fail("the data was encoded again"))
+        code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 0, err
+    assert (f"llmfast: data: 32 rows of chat (messages) from {yaml.safe_load(path.read_text())['data']['train']}; "
+            f"3 of them held out (as encoded when the run started: {out / 'encoded'})\n") in err, err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == stopped_run[2]
+    code, _, err = run_cli("finetune", str(path), "--resume", "--set", f"output={tmp_path / 'again'}")
+    assert code == 0 and "as encoded when the run started" not in err, err
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes() == stopped_run[2]
+
+
+def test_resume_with_another_tokenizer_encodes_again_and_is_refused(stopped_run, tmp_path):
+    """The tokenizer's files are part of what the saved rows were encoded from: a chat template changed since the
+    stop gives other rows, refused as when nothing was saved (read from the saved copy, the run went on with the old
+    template's rows: the data and the recipe are the same). Nothing in the run changes."""
+    from llmfast.models import load_tokenizer
+
+    path, out = _copy_of(stopped_run, tmp_path)
+    model = Path(yaml.safe_load(path.read_text())["model"])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    try:
+        tok = load_tokenizer(model)
+        tok.chat_template = "{{ 'Chat: ' }}" + tok.chat_template
+        tok.save_pretrained(model)
+        code, _, err = run_cli("finetune", str(path), "--resume")
+    finally:
+        for p in model.iterdir():
+            p.unlink()
+        for p, b in files.items():
+            p.write_bytes(b)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "llmfast: error: --resume: the data encodes to other rows than the run in"), err[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("case,said", [
+    ("truncated", "ids.npy: not a .npy array llmfast wrote (ValueError"),
+    ("a pickle", "examples.npy: not a .npy array llmfast wrote (ValueError"),
+    ("meta not JSON", "meta.json: JSONDecodeError"), ("ids edited", "holds other rows than the run started on")])
+def test_a_damaged_saved_copy_of_the_rows_is_said_in_a_line_and_the_data_encoded_again(stopped_run, tmp_path, case,
+                                                                                     said):
+    """The saved rows are llmfast's own copy of what the data files give: damaged (cut short, replaced by a pickle,
+    edited by hand so that they are other rows than base.json records), the data is encoded again, as with no copy,
+    and the run goes on as if never stopped. One line says so (a resume is then slow); nothing is unpickled."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "marker"), "w"))
+
+    path, out = _copy_of(stopped_run, tmp_path)
+    saved = out / "encoded"
+    if case == "truncated":
+        (saved / "ids.npy").write_bytes((saved / "ids.npy").read_bytes()[:-4])
+    elif case == "a pickle":
+        (saved / "examples.npy").write_bytes(pickle.dumps(Payload()))
+    elif case == "meta not JSON":
+        (saved / "meta.json").write_text("{")
+    else:
+        ids = np.load(saved / "ids.npy")
+        ids[-1] = (ids[-1] + 1) % 1000
+        np.save(saved / "ids.npy", ids)
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 0 and "Traceback" not in err, err
+    notes = [l for l in err.splitlines() if l.startswith("llmfast: note: ")]
+    assert len(notes) == 1 and said in notes[0] and notes[0].endswith(": encoding the data again"), err
+    assert not (tmp_path / "marker").exists(), "the payload ran"
+    assert "allow_pickle" not in err, "no advice to load it unsafely"
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == stopped_run[2]
+
+
+def test_the_saved_rows_read_back_as_encoded_from_several_files(tmp_path, tiny):
+    """Every example's ids, labels, row and place (FILE:LINE, a `datasets` folder's `row N`), from files of several
+    shapes, with the held-out split, the warnings and the line saying what was read; a key of other inputs finds
+    nothing."""
+    import datasets
+
+    from llmfast.finetune import encoded_cache
+    from llmfast.finetune.data_setup import encode_data
+    from llmfast.recipe import FinetuneRecipe
+
+    _, tok = tiny
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in TINY_TRAIN[:6]))
+    datasets.Dataset.from_list([{"text": f"Row {i}: " + "word " * (3 + 40 * (i == 2))} for i in range(4)]).save_to_disk(
+        str(tmp_path / "ds"))
+    rec = FinetuneRecipe.model_validate({"model": "m", "output": str(tmp_path / "run"), "data": {
+        "train": [str(chat), str(tmp_path / "ds")], "max_length": 32, "eval_fraction": 0.3}})
+
+    class Acc:
+        is_main_process = False
+
+    got = encode_data(rec, tok, Acc(), None)
+    assert got.warnings and got.eval and {e.where.split(":")[0].split(" row ")[0] for e in got.train} == {
+        str(chat), str(tmp_path / "ds")}
+    key = encoded_cache.input_key(rec, Path(tok.name_or_path), 1024)
+    encoded_cache.save(tmp_path, key, got.train, got.eval, got.said, got.warnings)
+    back = encoded_cache.load(tmp_path, json.loads(json.dumps(key)))
+    assert back is not None and (back.train, back.eval, back.said, back.warnings) == (
+        got.train, got.eval, got.said, got.warnings)
+    assert encoded_cache.load(tmp_path, {**key, "settings": {**key["settings"], "max_length": 64}}) is None
+    with open(chat, "a") as f:
+        f.write(json.dumps(TINY_TRAIN[7]) + "\n")
+    assert encoded_cache.input_key(rec, Path(tok.name_or_path), 1024)["train"] != key["train"]

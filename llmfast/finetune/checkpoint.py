@@ -42,14 +42,20 @@ def record_run(out: Path, recipe: dict[str, Any], model_path: Path, rows: str) -
 def check_same_rows(out: Path, rows: str) -> None:
     """--resume trains on the rows the run started on: a data file edited (or encoded otherwise) since would finish
     the run on other rows, silently. A run of an earlier version recorded none."""
-    try:
-        recorded = json.loads((out / "base.json").read_text(encoding="utf-8")).get("rows")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if isinstance(recorded, str) and recorded != rows:
+    recorded = recorded_rows(out)
+    if recorded is not None and recorded != rows:
         raise UserError(f"--resume: the data encodes to other rows than the run in {out} started on (a data file "
                         "edited or replaced since, or another tokenizer): resume with the data it started on, or train "
                         "into another output")
+
+
+def recorded_rows(out: Path) -> str | None:
+    """The rows digest base.json records (`record_run`), or None (a run of an earlier version recorded none)."""
+    try:
+        recorded = json.loads((out / "base.json").read_text(encoding="utf-8")).get("rows")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 
-# What a run writes into its output before the first checkpoint is complete.
-RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints"}
+# What a run writes into its output before the first checkpoint is complete (`encoded`: finetune/encoded_cache.py).
+ENCODED = "encoded"
+ENCODED_FILES = {"meta.json", "ids.npy", "labels.npy", "examples.npy"}
+RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints", ENCODED}
 
 
 def foreign_run_files(out: Path) -> str | None:
@@ -18,8 +20,11 @@ def foreign_run_files(out: Path) -> str | None:
     if not out.is_dir():
         return None
     for p in sorted(out.iterdir()):
-        if p.name not in RUN_FILES or p.is_symlink():
+        if p.is_symlink() or p.name not in RUN_FILES and not _left_by_a_write(p.name):
             return str(p)
+    encoded = out / ENCODED
+    if encoded.exists() and not (encoded.is_dir() and {p.name for p in encoded.iterdir()} <= ENCODED_FILES):
+        return str(encoded)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists():
         if not ckpt_dir.is_dir():
@@ -51,6 +56,12 @@ def foreign_run_files(out: Path) -> str | None:
         if not all(isinstance(r, dict) and "step" in r for r in rows):
             return str(log)
     return None
+
+
+def _left_by_a_write(name: str) -> bool:
+    """A temporary sibling of one of RUN_FILES (artifacts.atomic_dir's, atomic_write_text's `.NAME.tmp-PID-...`) that
+    a kill mid-write left: removed by the next write of that file, once its process is gone."""
+    return any(name.startswith((f".{f}.tmp-", f".{f}.old-")) for f in RUN_FILES)
 
 
 def taken_output(out: Path) -> str:

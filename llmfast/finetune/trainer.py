@@ -15,21 +15,20 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_output, finite, write_manifest
-from llmfast.data.chat import Encoded, read_examples, rows_digest
-from llmfast.data.packing import Batch, collate, epoch_order, pack
+from llmfast.data.chat import Encoded
+from llmfast.data.packing import Batch, collate, epoch_order
 from llmfast.errors import UserError
 from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
+from llmfast.finetune.data_setup import RunData, note as _note, run_data, save_run_data, split_eval
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.metrics import run_metrics
@@ -38,7 +37,6 @@ from llmfast.finetune.output import check_run_output, start_afresh
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
-from llmfast.recipe_paths import paths_of
 
 __all__ = ["run_finetune", "train_step", "evaluate", "make_optimizer", "micro_batches", "split_eval"]
 
@@ -57,16 +55,6 @@ class _LossModule(torch.nn.Module):
                  "label_positions": label_positions}
         total, _ = causal_lm_loss(self.model, batch, self.chunk_size)
         return total
-
-
-def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(len(examples) * fraction)), len(examples) - 1)  # at least one row left to train on
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 def micro_batches(rows: list[list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int) -> list[Batch]:
@@ -102,6 +90,7 @@ class Run:
     start_step: int = 0
     window: tuple[float, int] = (0.0, 0)  # the log's loss sum and steps since its last line, at start_step
     epoch_cache: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # an epoch's row order
+    data: RunData | None = None  # the rows' digest, and their examples until saved into the run folder
 
     @property
     def world(self) -> int:
@@ -129,12 +118,6 @@ class Run:
         return collate([self.rows[i] for i in picked], self.tokenizer.pad_token_id)
 
 
-def _note(acc: Any, line: str) -> None:
-    # Warnings and progress notices go to stderr, once per run; stdout carries only the summary.
-    if acc.is_main_process:
-        print(line, file=sys.stderr, flush=True)
-
-
 def _accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -149,31 +132,6 @@ def _accelerator() -> Any:
         raise UserError(f"launched with accelerate mixed precision {acc.mixed_precision}: llmfast picks the dtype "
                         "itself; launch without it and set train.dtype")
     return acc
-
-
-def _examples(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
-              vocab: int | None) -> tuple[list[Encoded], list[Encoded], str]:
-    """Train and held-out examples (each of data.train's / data.eval's files read in turn; their warnings printed)
-    and a line saying what was read (shown once all is checked: a row shape read in a way the user did not mean is
-    then seen before the steps go by)."""
-    dc = recipe.data
-
-    def read(value: Any) -> tuple[list[Encoded], list[str], str]:
-        got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab, acc.is_main_process), p)
-               for p in paths_of(value)]
-        return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
-                ", ".join(f"{len(g.examples)} row{'s' * (len(g.examples) != 1)} of {g.shape} from {p}" for g, p in got))
-
-    train_ex, warnings, said = read(dc.train)
-    if dc.eval is not None:
-        eval_ex, more, held = read(dc.eval)
-        warnings, said = warnings + more, f"{said}; held out: {held}"
-    else:
-        train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
-        said = f"{said}; {len(eval_ex)} of them held out"
-    for w in warnings:
-        _note(acc, f"llmfast: warning: {w}")
-    return train_ex, eval_ex, f"llmfast: data: {said}"
 
 
 def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
@@ -191,7 +149,8 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         model_path = resolve_model(recipe.model)
     check_rows_fit(model_path, dc)  # preflight checked a local folder's; the models resolved here are checked here
     tokenizer = load_tokenizer(model_path)
-    train_ex, eval_ex, said = _examples(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"])
+    data = run_data(recipe, tokenizer, acc, describe_model_dir(model_path)["vocab"], Path(model_path), out, resume)
+    rows, eval_rows = data.rows, data.eval_rows
     dtype = pick_compute_dtype(tc.dtype)
     if tc.fsdp:
         from llmfast.quant import already_quantized
@@ -199,9 +158,6 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         # a saved NF4 artifact is 4-bit too: FSDP would shard its packed weights
         sharding.check_recipe(recipe.quantization is not None or bool(already_quantized(Path(model_path))), dtype,
                               tc.optimizer)
-    pack_length = dc.pack_length or dc.max_length
-    rows = pack(train_ex, pack_length) if dc.packing else [[e] for e in train_ex]
-    eval_rows = pack(eval_ex, pack_length) if dc.packing else [[e] for e in eval_ex]
     micro_per_step = tc.grad_accum * acc.num_processes
     total_steps = tc.steps or max(1, math.ceil(tc.epochs * math.ceil(len(rows) / tc.batch_size) / micro_per_step))
     if tc.batch_size * micro_per_step > len(rows) * max(1, tc.epochs) and tc.steps is None:
@@ -213,7 +169,7 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
         assert ckpt is not None
         state = ckpts.read_state(ckpt)
         ckpts.check_resumable(ckpt, state, total_steps, fsdp, acc.num_processes)
-        ckpts.check_same_rows(out, rows_digest(rows, eval_rows))  # the rows themselves, not only their count
+        ckpts.check_same_rows(out, data.digest)  # the rows themselves, not only their count
         step, window = state["step"], tuple(state.get("window", window))  # none in an older checkpoint
         saved = ckpts.read_training_state(ckpt, fsdp, acc.device, dtype == "float16", acc.num_processes)
         ckpts.check_fit(saved, ckpt, recipe.lora.r, _logical_shapes(Path(model_path)), Path(model_path))
@@ -224,9 +180,9 @@ def _setup(recipe: FinetuneRecipe, resume: bool) -> Run:
     layers = sharding.check_model(model) if tc.fsdp else []
     if saved is not None:
         ckpts.load_adapter(model, ckpt, saved)
-    _note(acc, said)
+    _note(acc, data.said)
     return Run(recipe, out, acc, fsdp, model_path, tokenizer, model, layers, dtype, rows, eval_rows, total_steps,
-               trainable, total_params, ckpt=ckpt, saved=saved, start_step=step, window=window)
+               trainable, total_params, ckpt=ckpt, saved=saved, start_step=step, window=window, data=data)
 
 
 def _logical_shapes(model_path: Path) -> dict[str, list[int]] | None:
@@ -255,6 +211,8 @@ def _prepare_training(run: Run) -> None:
     # float16 (GPUs without bfloat16) cannot hold small gradients: scale the loss up and the gradients back
     # down, skipping a step whose gradients overflowed, as torch.amp does; bfloat16 and float32 need none.
     run.scaler = torch.amp.GradScaler(acc.device.type) if run.dtype == "float16" else None
+    assert run.data is not None
+    save_run_data(acc, run.out, run.data)  # before base.json: a run whose base.json is there has its examples saved
     if run.ckpt is not None:
         ckpts.load_training_state(run.saved, run.ckpt, run.model, run.optimizer, run.scheduler, run.scaler,
                                   run.fsdp, acc.process_index, acc.device)
@@ -264,7 +222,7 @@ def _prepare_training(run: Run) -> None:
         _note(acc, f"llmfast: resuming {run.out} from step {run.start_step} of {run.total_steps}")
     elif acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        ckpts.record_run(run.out, recipe_dict(run.recipe), run.model_path, rows_digest(run.rows, run.eval_rows))
+        ckpts.record_run(run.out, recipe_dict(run.recipe), run.model_path, run.data.digest)
     acc.wait_for_everyone()
     loss_module = _LossModule(run.model, tc.loss_chunk_size)
     run.wrapped = loss_module if run.fsdp else acc.prepare(loss_module)  # sharded layers synchronise themselves
@@ -303,32 +261,39 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
     return acc.reduce(step_loss, reduction="sum").item() / step_targets, sum(b.real_tokens for b in batch_list)
 
 
-def evaluate(run: Run, batches: list[Batch] | None = None) -> float | None:
+def evaluate(run: Run, batches: Sequence[Batch] | None = None) -> float | None:
     """Mean loss per target token over the held-out rows (or `batches`), summed over processes."""
-    acc, bs, pad_id = run.acc, run.recipe.train.batch_size, run.tokenizer.pad_token_id
-    if batches is None:
-        if not run.eval_rows:
-            return None
-        batches = [collate(run.eval_rows[s : s + bs], pad_id) for s in range(0, len(run.eval_rows), bs)]
+    acc = run.acc
+    if batches is None and not run.eval_rows:
+        return None
     rank, world = acc.process_index, run.world
     # The unwrapped module: a DDP forward would sync buffers, a collective that processes with no
     # eval batch of their own would never join.
     inner = acc.unwrap_model(run.wrapped)
     inner.eval()
     total = torch.zeros(2, device=acc.device)
-    # Under FSDP every process runs as many forwards as the others (each gathers the layers' weights with
-    # them): one without a batch of its own runs the first batch again and counts nothing.
-    n = len(batches)
-    rounds = -(-n // world) * world if run.fsdp else n
     with torch.no_grad():
-        for i in range(rank, rounds, world):
-            loss_sum = inner(**batches[i if i < n else 0].tensors(acc.device)).detach().float()
-            if i < n:
+        for batch, counted in _eval_batches(run, batches):
+            loss_sum = inner(**batch.tensors(acc.device)).detach().float()
+            if counted:
                 total[0] += loss_sum
-                total[1] += batches[i].target_tokens
+                total[1] += batch.target_tokens
     total = acc.reduce(total, reduction="sum")
     inner.train()
     return (total[0] / total[1]).item()
+
+
+def _eval_batches(run: Run, batches: Sequence[Batch] | None) -> Iterator[tuple[Batch, bool]]:
+    """This process's share of the held-out batches (or of `batches`), each collated as its turn comes (all of them
+    collated up front held every held-out token again, on every process), with whether it counts. Under FSDP every
+    process runs as many forwards as the others (each gathers the layers' weights with them): one without a batch
+    of its own runs the first batch again and counts nothing."""
+    bs, pad_id, rank, world = run.recipe.train.batch_size, run.tokenizer.pad_token_id, run.acc.process_index, run.world
+    n = len(batches) if batches is not None else -(-len(run.eval_rows) // bs)
+    rounds = -(-n // world) * world if run.fsdp else n
+    for i in range(rank, rounds, world):
+        j = i if i < n else 0
+        yield (batches[j] if batches is not None else collate(run.eval_rows[j * bs : (j + 1) * bs], pad_id)), i < n
 
 
 def _train(run: Run) -> dict[str, Any]:

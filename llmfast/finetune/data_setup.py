@@ -1,0 +1,115 @@
+"""A fine-tuning run's rows: its data files read and encoded (or, on `--resume`, the examples it saved when it started,
+finetune/encoded_cache.py), the held-out ones split off, packed, and their digest, which base.json records."""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmfast.data.chat import Encoded, read_examples, rows_digest
+from llmfast.data.packing import pack
+from llmfast.finetune import encoded_cache
+from llmfast.finetune.checkpoint import recorded_rows
+from llmfast.finetune.run_files import ENCODED
+from llmfast.recipe import FinetuneRecipe
+from llmfast.recipe_paths import paths_of
+
+
+def note(acc: Any, line: str) -> None:
+    # Warnings and progress notices go to stderr, once per run; stdout carries only the summary.
+    if acc.is_main_process:
+        print(line, file=sys.stderr, flush=True)
+
+
+def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(examples) * fraction)), len(examples) - 1)  # at least one row left to train on
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def encode_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
+                vocab: int | None) -> encoded_cache.Cached:
+    """Train and held-out examples (each of data.train's / data.eval's files read in turn), their warnings, and a line
+    saying what was read (shown once all is checked: a row shape read in a way the user did not mean is then seen
+    before the steps go by)."""
+    dc = recipe.data
+
+    def read(value: Any) -> tuple[list[Encoded], list[str], str]:
+        got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab, acc.is_main_process), p)
+               for p in paths_of(value)]
+        return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
+                ", ".join(f"{len(g.examples)} row{'s' * (len(g.examples) != 1)} of {g.shape} from {p}" for g, p in got))
+
+    train_ex, warnings, said = read(dc.train)
+    if dc.eval is not None:
+        eval_ex, more, held = read(dc.eval)
+        warnings, said = warnings + more, f"{said}; held out: {held}"
+    else:
+        train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
+        said = f"{said}; {len(eval_ex)} of them held out"
+    return encoded_cache.Cached(train_ex, eval_ex, f"llmfast: data: {said}", warnings)
+
+
+@dataclass
+class RunData:
+    rows: list[list[Encoded]]  # packed bins (or one example each)
+    eval_rows: list[list[Encoded]]
+    digest: str  # data.chat.rows_digest of both
+    said: str
+    key: dict[str, Any]  # encoded_cache.input_key
+    unsaved: encoded_cache.Cached | None  # encoded here, to be saved into the run folder (`save_run_data`)
+
+
+def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None, model_path: Path, out: Path,
+             resume: bool) -> RunData:
+    """The run's rows. Resumed, from OUTPUT/encoded when the data files, the tokenizer and the settings are those it
+    was saved from and its rows are those base.json records; else (or when it is damaged: said in a line, not an
+    error, since encoding again gives the rows it should have held) encoded from the data, as on a first start.
+    Every process of a torchrun reads the saved examples itself; on a first start every process encodes (nothing
+    may be written before the run is checked, so there is nowhere yet to hand the examples over)."""
+    key = encoded_cache.input_key(recipe, model_path, vocab)  # before the files are read: a miss if they change
+    got: encoded_cache.Cached | None = None
+    if resume:
+        try:
+            got = encoded_cache.load(out, key)
+        except encoded_cache.Damaged as e:
+            note(acc, f"llmfast: note: the saved encoded rows are damaged ({e}): encoding the data again")
+    if got is not None:
+        rows, eval_rows, digest = _packed(recipe, got)
+        if digest != recorded_rows(out):  # edited by hand, or its bytes rotted: what base.json records is the truth
+            note(acc, f"llmfast: note: {out / ENCODED} holds other rows than the run started on "
+                      f"({out / 'base.json'}): encoding the data again")
+            got = None
+    unsaved = None
+    if got is None:
+        got = unsaved = encode_data(recipe, tokenizer, acc, vocab)
+        rows, eval_rows, digest = _packed(recipe, got)
+    for w in got.warnings:
+        note(acc, f"llmfast: warning: {w}")
+    # said with the rest once all is checked: a resume refused is one line
+    said = got.said if unsaved is not None else f"{got.said} (as encoded when the run started: {out / ENCODED})"
+    return RunData(rows, eval_rows, digest, said, key, unsaved)
+
+def _packed(recipe: FinetuneRecipe, got: encoded_cache.Cached) -> tuple[list[list[Encoded]], list[list[Encoded]], str]:
+    dc = recipe.data
+    pack_length = dc.pack_length or dc.max_length
+    rows = pack(got.train, pack_length) if dc.packing else [[e] for e in got.train]
+    eval_rows = pack(got.eval, pack_length) if dc.packing else [[e] for e in got.eval]
+    return rows, eval_rows, rows_digest(rows, eval_rows)
+
+
+def save_run_data(acc: Any, out: Path, data: RunData) -> None:
+    """Process 0 saves the examples it encoded into OUTPUT/encoded, once the run is checked (every process first:
+    one still reading the old folder would see it replaced)."""
+    acc.wait_for_everyone()
+    if acc.is_main_process and data.unsaved is not None:
+        encoded_cache.save(out, data.key, data.unsaved.train, data.unsaved.eval, data.unsaved.said,
+                           data.unsaved.warnings)
+    data.unsaved = None
