@@ -83,7 +83,8 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
             note(acc, f"llmfast: note: the saved encoded rows are damaged ({e}): encoding the data again")
     if got is not None:
         rows, eval_rows, digest = _packed(recipe, got)
-        if digest != recorded_rows(out):  # edited by hand, or its bytes rotted: what base.json records is the truth
+        recorded = recorded_rows(out)  # none: a base.json of an earlier version (and no copy), or edited
+        if recorded is not None and digest != recorded:  # edited by hand, or rotted: base.json's rows are the run's
             note(acc, f"llmfast: note: {out / ENCODED} holds other rows than the run started on "
                       f"({out / 'base.json'}): encoding the data again")
             got = None
