@@ -108,6 +108,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     for key in ["train_tokens_per_s", "peak_memory_gib", "final_train_loss", "final_eval_loss", "wall_seconds"]:
         assert metrics[key] is not None, key
     assert metrics["steps"] == 30 and not (run / "checkpoints").exists()
+    assert not (run / "encoded").exists()  # the rows a resume reads: dropped with the checkpoints
     manifest = json.loads((run / "adapter" / "llmfast.json").read_text())
     assert manifest["stage"] == "finetune" and manifest["parents"] == [str(tiny_dir)]
 

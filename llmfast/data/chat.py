@@ -50,6 +50,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def buffers(self) -> tuple[array, array]:
+        """The int32 arrays themselves (ids, labels): what a writer of many examples copies without lists."""
+        return self._ids, self._labels
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Encoded) and (self._ids, self._labels, self.row, self.where) == \
             (other._ids, other._labels, other.row, other.where)

@@ -83,11 +83,6 @@ def _sources(key: dict[str, Any]) -> list[str]:
     return [p for p, _ in key["train"]] + [p for p, _ in key["eval"]]
 
 
-def _buffers(e: Encoded) -> tuple[array, array]:
-    # Encoded's own int32 arrays, written as they are (its public input_ids are lists: 9x the memory, and slow)
-    return e._ids, e._labels
-
-
 def _write_npy(f: BinaryIO, total: int, chunks: Iterator[bytes]) -> None:
     """An int32 .npy of `total` values, written from `chunks` without holding them all."""
     np.lib.format.write_array_header_1_0(f, {"descr": "<i4", "fortran_order": False, "shape": (total,)})
@@ -108,7 +103,7 @@ def save(out: Path, key: dict[str, Any], train: Sequence[Encoded], held: Sequenc
     with atomic_dir(out / CACHE, overwrite=True) as tmp:
         for name, which in (("ids.npy", 0), ("labels.npy", 1)):
             with (tmp / name).open("wb") as f:
-                _write_npy(f, total, (_buffers(e)[which].tobytes() for e in examples))
+                _write_npy(f, total, (e.buffers()[which].tobytes() for e in examples))
         np.save(tmp / "examples.npy", table, allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 

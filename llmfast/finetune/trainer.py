@@ -34,6 +34,7 @@ from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.metrics import run_metrics
 from llmfast.finetune.optimizers import make_optimizer, optimizer_step
 from llmfast.finetune.output import check_run_output, start_afresh
+from llmfast.finetune.run_files import ENCODED
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
@@ -266,7 +267,6 @@ def evaluate(run: Run, batches: Sequence[Batch] | None = None) -> float | None:
     acc = run.acc
     if batches is None and not run.eval_rows:
         return None
-    rank, world = acc.process_index, run.world
     # The unwrapped module: a DDP forward would sync buffers, a collective that processes with no
     # eval batch of their own would never join.
     inner = acc.unwrap_model(run.wrapped)
@@ -376,6 +376,7 @@ def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
                            quantization=q.manifest() if q is not None else None)
         atomic_write_json(run.out / "metrics.json", metrics)
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run.out / ENCODED, ignore_errors=True)  # the rows --resume reads: a finished run has no use
     run.acc.wait_for_everyone()
 
 
