@@ -7,7 +7,9 @@ feature flags, so a home directory shared by different machines never loads code
 compiler, a failed build, or `LLMFAST_NATIVE=0`: `load_kernel` returns None once, says why on stderr (unless
 the variable asked for it) and callers keep their torch path. Floating point is compiled strictly (no fast-math,
 no FMA contraction), so a kernel can promise the same bits as torch. Built and tested with gcc on Linux x86-64;
-elsewhere a build that fails (Apple's clang has no `-fopenmp`) only keeps the torch path.
+elsewhere a build that fails (Apple's clang has no `-fopenmp`) only keeps the torch path. `$CC` may carry flags:
+`CC="cc -mno-avx512f"` builds, and caches apart, what an AVX2-only CPU would build (gcc's explicit -mno-... win over
+-march=native whatever their order), which is how the kernels' tests are run for CPUs this one is not.
 """
 
 from __future__ import annotations
