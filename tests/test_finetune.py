@@ -434,7 +434,8 @@ def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tin
     p = subprocess.run(_torchrun("finetune", str(ddp), "--set", "train.steps=4"), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, _workers_said(p.stderr)
-    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["processes"] == 2
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["processes"] == 2 and ddp["memory_kind"] == "process peak RSS (process 0)"  # not the sum of both
     assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-5
 
 

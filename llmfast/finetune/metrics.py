@@ -19,7 +19,9 @@ def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: f
         "train_tokens_per_s": round(loop["tokens_seen"] / secs, 1) if secs else None,
         "train_tokens": before + loop["tokens_seen"],
         "peak_memory_gib": round(peak_memory_gib(device.type), 3),
-        "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        # process 0's own: under torchrun each process has its peak (and its device), the others' are not gathered
+        "memory_kind": ("cuda max allocated" if device.type == "cuda" else "process peak RSS")
+        + (" (process 0)" if run.world > 1 else ""),
         "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
         "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
         "wall_seconds": round(wall, 1),
