@@ -159,7 +159,9 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     code, _, err = run_cli("finetune", str(disk.parent / "ckpt.yaml"))
     _refused(code, err, disk / "ft" / "checkpoints", "step-000002")
     # the run's folder as a kill before its first checkpoint leaves it (which `--resume` starts again from)
-    assert _contents(disk) == ["ft", "ft/base.json", "ft/checkpoints", "ft/recipe.json", "ft/train_log.jsonl"]
+    assert _contents(disk) == ["ft", "ft/base.json", "ft/checkpoints", "ft/encoded", "ft/encoded/examples.npy",
+                               "ft/encoded/ids.npy", "ft/encoded/labels.npy", "ft/encoded/meta.json", "ft/recipe.json",
+                               "ft/train_log.jsonl"]
     shutil.rmtree(disk / "ft")
     # under torchrun, process 0's line alone: process 1, waiting for it at a barrier, added gloo's 'Connection closed
     # by peer' traceback (s47)
@@ -172,7 +174,8 @@ def test_finetune_on_a_full_disk_stops_at_its_checkpoint_or_log_line(small_disk,
     assert said[0].startswith(f"llmfast: error: no space left on the device of {disk / 'ft' / 'checkpoints'}"), said
     shutil.rmtree(disk / "ft")
 
-    (disk / "filler").write_bytes(bytes(28672))  # 12 KB left: the recipe's copy, base.json, one page of log lines
+    # 28 KB left: the recipe's copy, base.json, the encoded rows' four files (a page each), one page of log lines
+    (disk / "filler").write_bytes(bytes(12288))
     text = recipe.read_text().replace("steps: 2,", "steps: 80, log_every: 1,")
     (disk.parent / "log.yaml").write_text(text.replace(str(trained_adapter.parent), str(disk / "ft")))
     code, _, err = run_cli("finetune", str(disk.parent / "log.yaml"))
