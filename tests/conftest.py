@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 if not os.environ.get("LLMFAST_TEST_REUSE_CACHE"):
     os.environ["LLMFAST_CACHE"] = tempfile.mkdtemp(prefix="llmfast-test-cache-")
+# torch.compile's kernel cache too (transformers' BitNet layers compile): a cache shared with runs under another
+# ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA (which its key does not hold) aborted the whole session (SIGABRT, s52).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmfast-test-inductor-"))
 # Nothing in the tests may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
