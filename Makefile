@@ -4,6 +4,9 @@ VENV   ?= .venv
 EXTRAS ?= cpu,dev
 STAMP  := $(VENV)/.llmfast-installed
 PYTEST_ARGS ?=
+# The suite keeps about one core busy on average (small models, subprocess start-ups, vLLM start-ups), so two
+# workers fill a two-core machine; a file's tests stay on one worker, which keeps their module fixtures shared.
+TEST_WORKERS ?= 2
 
 .PHONY: demo eval-base test install clean
 .DEFAULT_GOAL := demo
@@ -24,7 +27,7 @@ eval-base: $(STAMP)
 	$(VENV)/bin/llmfast eval recipes/eval_smollm2.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

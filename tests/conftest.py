@@ -14,7 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-if not os.environ.get("LLMFAST_TEST_REUSE_CACHE"):
+# Under pytest-xdist (`make test` runs two workers) the workers inherit the cache the controlling process made here,
+# so the built-in model is converted once for the session (in `pytest_configure`, before the workers start).
+if not os.environ.get("LLMFAST_TEST_REUSE_CACHE") and not os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["LLMFAST_CACHE"] = tempfile.mkdtemp(prefix="llmfast-test-cache-")
 # torch.compile's kernel cache too (transformers' BitNet layers compile): a cache shared with runs under another
 # ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA (which its key does not hold) aborted the whole session (SIGABRT, s52).
@@ -22,6 +24,15 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmfas
 # Nothing in the tests may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With workers (`-n 2`), the controlling process converts the built-in model before it starts them: two
+    workers converting into one cache at once would each replace the other's folder."""
+    if getattr(config, "workerinput", None) is None and getattr(config.option, "numprocesses", None):
+        from llmfast.models import resolve_model
+
+        resolve_model("builtin:smollm2-135m")
 
 
 @pytest.fixture(scope="session")
