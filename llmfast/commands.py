@@ -73,7 +73,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     print(f"adapter: {out / 'adapter'}  steps: {metrics['steps']}  final loss: {metrics['final_train_loss']}"
           f"  eval loss: {metrics['final_eval_loss']}  tokens/s: {metrics['train_tokens_per_s']}"
-          f"  peak memory: {metrics['peak_memory_gib']:.2f} GiB ({metrics['memory_kind']})")
+          f"  peak memory: {metrics['peak_memory_gib']:.2f} GiB ({metrics['memory_kind']})"
+          + (f", {reserved:.2f} GiB reserved" if (reserved := metrics.get("peak_memory_reserved_gib")) else ""))
     return 0
 
 

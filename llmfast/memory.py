@@ -21,6 +21,16 @@ def peak_memory_gib(device: str = "cpu") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def peak_reserved_gib(device: str = "cpu") -> float | None:
+    """Peak GPU memory held by torch's caching allocator on CUDA (what Unsloth and `nvidia-smi`-style figures show:
+    allocated plus the allocator's cache), in GiB; None elsewhere (a process's RSS has no such split)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30
+
+
 class PeakRss:
     """`with PeakRss(pid) as m: ...; m.peak_gib` — the largest summed RSS of pid and its descendants seen."""
 

@@ -105,7 +105,8 @@ output: {work / 'ours'}
         sys.exit(f"llmfast finetune failed:\n{p.stderr[-3000:]}")
     m = json.loads((work / "ours" / "metrics.json").read_text())
     return {"tokens_per_s": m["train_tokens_per_s"], "tokens": m["train_tokens"], "peak_mem_gib": m["peak_memory_gib"],
-            "memory_kind": m["memory_kind"], "steps": m["steps"], "mean_loss": m["final_train_loss"],
+            "memory_kind": m["memory_kind"], "peak_reserved_gib": m.get("peak_memory_reserved_gib"), "steps": m["steps"],
+            "mean_loss": m["final_train_loss"],
             "process_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -180,10 +181,12 @@ def baseline_main(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0  # loss.item() each step has synchronized CUDA already
     if args.cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda max allocated"
+        reserved = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+        reserved = None
     print(json.dumps({"tokens_per_s": round(tokens / wall, 1), "tokens": tokens, "steps": len(losses),
-                      "peak_mem_gib": round(peak, 3), "memory_kind": kind,
+                      "peak_mem_gib": round(peak, 3), "memory_kind": kind, "peak_reserved_gib": reserved,
                       "mean_loss": round(sum(losses) / len(losses), 4)}))
 
 

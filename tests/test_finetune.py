@@ -107,6 +107,8 @@ def test_finetune_learns_and_writes_outputs(tmp_path, tiny_dir, data):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ["train_tokens_per_s", "peak_memory_gib", "final_train_loss", "final_eval_loss", "wall_seconds"]:
         assert metrics[key] is not None, key
+    # a CPU's peak is the process's RSS, which has no reserved/allocated split (the CUDA figure: untested here)
+    assert metrics["memory_kind"] == "process peak RSS" and metrics["peak_memory_reserved_gib"] is None
     assert metrics["steps"] == 30 and not (run / "checkpoints").exists()
     assert not (run / "encoded").exists()  # the rows a resume reads: dropped with the checkpoints
     manifest = json.loads((run / "adapter" / "llmfast.json").read_text())

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from llmfast.finetune import fsdp as sharding
-from llmfast.memory import peak_memory_gib
+from llmfast.memory import peak_memory_gib, peak_reserved_gib
 
 
 def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: float, resume: bool) -> dict[str, Any]:
@@ -22,6 +22,8 @@ def run_metrics(run: Any, loop: dict[str, Any], eval_loss: float | None, wall: f
         # process 0's own: under torchrun each process has its peak (and its device), the others' are not gathered
         "memory_kind": ("cuda max allocated" if device.type == "cuda" else "process peak RSS")
         + (" (process 0)" if run.world > 1 else ""),
+        # CUDA only: the caching allocator's peak, the figure other fine-tuning kits print beside (or instead of) ours
+        "peak_memory_reserved_gib": (None if (r := peak_reserved_gib(device.type)) is None else round(r, 3)),
         "final_train_loss": round(loop["last_loss"], 6) if math.isfinite(loop["last_loss"]) else None,
         "final_eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
         "wall_seconds": round(wall, 1),
