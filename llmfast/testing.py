@@ -36,11 +36,15 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Any:
 
 def _default_corpus() -> list[str]:
     from llmfast.data.tasks import TASKS, generate
+    from llmfast.data.text import shipped_file
+    from llmfast.errors import UserError
 
-    corpus = []
-    text = Path(__file__).resolve().parent.parent / "eval" / "text" / "persuasion.txt"
-    if text.is_file():
-        corpus.append(text.read_text(encoding="utf-8")[:200_000])
+    book = "eval/text/persuasion.txt"
+    text = shipped_file(book)
+    if text is None:  # without it the tokenizer, and so every tiny model, silently differed from the checkout's
+        raise UserError(f"{book} is missing from llmfast's package data: reinstall llmfast "
+                        "(pip install --force-reinstall --no-deps llmfast)")
+    corpus = [text.read_text(encoding="utf-8")[:200_000]]
     for name in TASKS:
         for row in generate(name, 300, seed=99):
             corpus.extend(m["content"] for m in row["messages"])

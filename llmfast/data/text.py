@@ -1,13 +1,15 @@
 """Decoding the text files a user gives (recipes, data, task and prompt files, calibration and evaluation text) the
 way an editor on any machine may have saved them: a UTF-8 byte-order mark (Windows Notepad's) is dropped, as Python's
 `utf-8-sig` does; anything that is not UTF-8 text (Latin-1, UTF-16, a binary file) is one line naming the file, the
-line and the byte, and saying to save the file as UTF-8."""
+line and the byte, and saying to save the file as UTF-8. Also where llmfast's own copies of the checkout's eval/ files
+are, in a checkout or installed (`shipped_file`)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmfast.errors import UserError
@@ -85,3 +87,24 @@ def check_characters(value: Any, where: str, raw: str | None = None) -> None:
         escape = f"\\u{ord(e.object[e.start]):04x}"
         raise UserError(f"{where}: the escape {escape} is a lone UTF-16 surrogate, not a character: fix it (an emoji "
                         "is a pair of them, e.g. \\ud83d\\ude00) or remove it") from None
+
+
+def shipped_file(name: str | Path) -> Path | None:
+    """llmfast's own copy of `name`, a relative path under eval/ as a checkout names it (eval/text/persuasion.txt):
+    in an installed llmfast, package data read through the package (pyproject's llmfast.eval); in a checkout (on
+    PYTHONPATH, or an editable install), the checkout's file. None for any other path or a file not shipped."""
+    parts = PurePosixPath(Path(name).as_posix()).parts
+    if len(parts) < 2 or parts[0] != "eval" or ".." in parts:
+        return None
+    package = Path(str(importlib.resources.files("llmfast")))  # a folder: llmfast is never imported from a zip
+    for path in (package.joinpath(*parts), package.parent.joinpath(*parts)):
+        if path.is_file():
+            return path
+    return None
+
+
+def shipped_hint(path: str | Path) -> str:
+    """What to do about a recipe's relative `path` that is not found from the working directory but that llmfast
+    ships (an installed llmfast, run outside the checkout, with a recipe copied from recipes/): '' otherwise."""
+    ours = None if Path(path).is_absolute() else shipped_file(path)
+    return f"; llmfast ships this file as {ours}: give that path, or copy it here" if ours else ""
