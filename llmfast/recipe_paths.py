@@ -20,8 +20,10 @@ def _must_exist(kind: str) -> Any:
         if kind == "file" and p.exists() and not p.is_file():
             raise ValueError(f"{p} is not a regular file (a pipe or a device): give a file")
         if not (p.is_file() if kind == "file" else p.exists()):
+            from llmfast.data.text import shipped_hint  # eval/... of a recipe copied from recipes/, run elsewhere
+
             raise ValueError(f"{kind + ' ' if kind else ''}not found: {p} "
-                             "(paths are relative to the directory you run llmfast from)")
+                             f"(paths are relative to the directory you run llmfast from){shipped_hint(p)}")
         # Checked here so the error blames the recipe's line, not a traceback from deep inside the verb.
         # a folder's files are opened by name, which needs only its X bit
         if not os.access(p, os.X_OK if p.is_dir() else os.R_OK):

@@ -139,3 +139,20 @@ def test_a_checkout_reads_its_own_eval_folder_from_any_folder(tmp_path, monkeypa
     assert shipped_file("eval/text/persuasion.txt").resolve() == REPO / "eval" / "text" / "persuasion.txt"
     assert shipped_hint(REPO / "eval" / "text" / "persuasion.txt") == ""  # an absolute path is the user's own
     assert shipped_hint("eval/text/missing.txt") == ""
+
+
+def test_a_copied_recipe_run_elsewhere_is_told_where_the_shipped_file_is(tmp_path, monkeypatch):
+    """recipes/ names eval/... relative to the working directory: run from another folder, the refusal names
+    llmfast's own copy (a checkout's here; an installed llmfast's package data, shown by the probe above)."""
+    from llmfast.errors import UserError
+    from llmfast.recipe import EvalRecipe, load_recipe
+
+    shutil.copy2(REPO / "recipes" / "eval_smollm2.yaml", tmp_path / "eval.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_recipe("eval.yaml", EvalRecipe)
+    book = REPO / "eval" / "text" / "persuasion.txt"
+    assert str(e.value) == (
+        "eval.yaml:9: eval.perplexity.text: file not found: eval/text/persuasion.txt (paths are relative to the "
+        f"directory you run llmfast from); llmfast ships this file as {book}: give that path, or copy it here "
+        "(got 'eval/text/persuasion.txt')")
