@@ -97,7 +97,7 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     except UserError as e:
         raise UserError(f"LoRA '{name}': {e}") from None
     if refusal is None:
-        refusal = _unreadable_tensors(name, p, base)
+        refusal = _unreadable_tensors(name, p, base) or _other_tokenizer(name, p, base)
         if refusal and for_vllm:
             raise UserError(f"{refusal} ({p}): merge it with `llmfast export` and serve the merged model")
     if base is not None:
@@ -125,6 +125,50 @@ def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
     if grown:
         return (f"LoRA '{name}' saved {grown[0]} with {header[grown[0]]['shape'][0]} rows, not the served model's "
                 f"{vocab} (tokens added in training), which vLLM cannot load")
+    return None
+
+
+def _chat_template(folder: Path) -> object:
+    """The chat template a tokenizer folder holds as transformers reads it (chat_template.jinja first, else
+    tokenizer_config.json's `chat_template`), None where it has none or it cannot be read."""
+    from llmfast.modelfiles import read_json_file
+
+    jinja = folder / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        if (folder / "tokenizer_config.json").is_file():
+            cfg = read_json_file(folder / "tokenizer_config.json", "tokenizer config", "restore it")
+            return cfg.get("chat_template") if isinstance(cfg, dict) else None
+    except (OSError, UnicodeDecodeError, UserError):
+        return None
+    return None
+
+
+def _added_tokens(folder: Path) -> dict[str, int]:
+    """tokenizer.json's added tokens (special and not), by content; {} where it has none or cannot be read."""
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
+        return {t["content"]: t["id"] for t in added}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError, KeyError):
+        return {}
+
+
+def _other_tokenizer(name: str, p: Path, base: Path | None) -> str | None:
+    """vLLM renders and tokenizes every adapter's requests with the served model's tokenizer and chat template, not
+    the adapter's: an adapter saved with another template (a tool's `chat_template:` setting) or with tokens added
+    in training would be served chats in a format it was not trained on, its new tokens split into pieces. An
+    export keeps the adapter's tokenizer (finetune/export.py), so the merged model serves right."""
+    if base is None:
+        return None
+    mine = _chat_template(p)
+    if mine and mine != _chat_template(base):
+        return (f"LoRA '{name}' was trained with another chat template than the served model {base} has, and vLLM "
+                "formats every adapter's chats with the served model's")
+    new = sorted(set(_added_tokens(p).items()) - set(_added_tokens(base).items()))
+    if new and (base / "tokenizer.json").is_file():
+        return (f"LoRA '{name}' has tokens the served model's tokenizer lacks ({new[0][0]!r}, id {new[0][1]}; "
+                f"{len(new)} in all), and vLLM tokenizes every adapter's requests with the served model's")
     return None
 
 

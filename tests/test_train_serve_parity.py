@@ -1,0 +1,161 @@
+"""What a served model sees is what it was trained on: the token ids vLLM's OpenAI server builds for a
+/v1/chat/completions request (vLLM's own renderer and tokenizer, run offline: no server start) equal the ids finetune
+trained on up to the reply, for the built-in SmolLM2 and for tokenizers shipped as Llama 3's, Gemma's and ChatML's;
+vLLM, eval and bench stop where the fine-tune taught the reply to end; adapters vLLM would serve with another template
+or vocabulary than theirs are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmfast.data.chat import IGNORE, encode_messages
+from llmfast.errors import UserError
+from llmfast.models import load_tokenizer
+from llmfast.testing import build_family_model
+
+CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+        {"role": "user", "content": " And 3+3? "}, {"role": "assistant", "content": "6"}]
+SYSTEM = [{"role": "system", "content": "Answer with digits."}, *CHAT]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity")
+    llama3 = build_family_model(root / "llama3", "llama3")
+    return {"smollm2": builtin_dir, "llama3": llama3, "gemma": build_family_model(root / "gemma", "gemma", like=llama3),
+            "chatml": build_family_model(root / "chatml", "chatml", like=llama3)}
+
+
+def _adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on `base` saved as finetune saves its adapter/ (PEFT's files, the tokenizer finetune loaded),
+    its B matrices nonzero so that the export differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.loading import save_tokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    model.save_pretrained(out)
+    save_tokenizer(load_tokenizer(base), out)
+    return out
+
+
+class Vllm:
+    """vLLM's own request path for a model folder, offline: its ModelConfig, the renderer (tokenizer and chat
+    template) its OpenAI server builds, and the stop ids its engine gives a request."""
+
+    def __init__(self, model: Path) -> None:
+        from vllm.config import ModelConfig, VllmConfig
+        from vllm.renderers.registry import renderer_from_config
+
+        self.config = ModelConfig(model=str(model), max_model_len=512)
+        self.renderer = renderer_from_config(VllmConfig(model_config=self.config))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(model="m", messages=messages)
+        _, (prompt,) = self.renderer.render_chat([request.messages], request.build_chat_params(None, "auto"),
+                                                 request.build_tok_params(self.config))
+        return list(prompt["prompt_token_ids"])
+
+    def stops(self) -> set[int]:
+        """The ids a chat request stops at (vllm/v1/engine/input_processor.py: the tokenizer's EOS and the model's
+        generation config's eos_token_id)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=8)
+        params.update_from_generation_config(self.config.try_get_generation_config(), self.renderer.get_eos_token_id())
+        return set(params.all_stop_token_ids)
+
+
+def _reply_start(labels: list[int]) -> int:
+    """Where the last learned span (the last reply) starts: the ids before it are what the model saw."""
+    return max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+
+
+def _learned_end(tok: Any, ex: Any) -> int:
+    """The special token the fine-tune taught the model to end its last reply with."""
+    special = set(tok.added_tokens_decoder)
+    return next(t for t, label in zip(ex.input_ids[_reply_start(ex.labels):], ex.labels[_reply_start(ex.labels):])
+                if label != IGNORE and t in special)
+
+
+@pytest.fixture(scope="module")
+def artifacts(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Per tiny family: its adapter and that adapter exported (merged), as a served artifact."""
+    from llmfast.finetune.export import export_merged
+
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for family in ("llama3", "gemma", "chatml"):
+        adapter = _adapter(models[family], root / family / "adapter")
+        out[family] = adapter, export_merged(adapter, root / family / "merged")
+    return out
+
+
+@pytest.mark.parametrize("family", ["smollm2", "llama3", "gemma", "chatml"])
+def test_a_chat_request_is_served_as_it_was_trained(models: dict[str, Path], artifacts: dict[str, tuple[Path, Path]],
+                                                    family: str) -> None:
+    """The ids vLLM's server builds for the conversation before the last reply (with the generation prompt) are those
+    finetune trained on before that reply, for the base (what `--lora` serves an adapter with) and for the exported
+    artifact: the same template (SmolLM2's default system prompt where a row has none), one BOS (Llama 3's and
+    Gemma's templates write it and their tokenizers add one: vLLM's chat requests add none), and the stop the reply
+    was taught to end with is one vLLM stops at."""
+    base = models[family]
+    tok = load_tokenizer(base)  # finetune's: the base model's tokenizer
+    served = [base] + ([artifacts[family][1]] if family in artifacts else [])
+    for model in served:
+        vllm = Vllm(model)
+        for chat in ([CHAT] if family == "gemma" else [CHAT, SYSTEM]):  # Gemma's template refuses a system turn
+            ex = encode_messages(tok, chat)
+            start = _reply_start(ex.labels)
+            assert vllm.chat_ids(chat[:-1]) == ex.input_ids[:start], (model, chat[0])
+            if family in ("llama3", "gemma"):  # ChatML's (SmolLM2's) "BOS" is <|im_start|>, which opens every turn
+                assert vllm.chat_ids(chat[:-1]).count(tok.bos_token_id) == 1
+            assert _learned_end(tok, ex) in vllm.stops()
+
+
+def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
+        models: dict[str, Path], artifacts: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """vLLM renders and tokenizes an adapter's requests with the served model's tokenizer: an adapter saved with
+    another chat template (Axolotl's `chat_template: chatml` on a Llama 3) would be served chats it was not trained
+    on, so `--lora` refuses it in one line, and its export (which keeps the adapter's tokenizer) serves right. Tokens
+    added in training are refused likewise; finetune's own adapter (the base's tokenizer) is served."""
+    from llmfast.finetune.export import export_merged
+    from llmfast.serve.lora import check_lora
+    from llmfast.testing import CHATML_TEMPLATE
+
+    base, (adapter, _) = models["llama3"], artifacts["llama3"]
+    assert check_lora("ok", adapter, base=base).name == "ok"
+    chatml = tmp_path / "chatml"
+    shutil.copytree(adapter, chatml)
+    (chatml / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        check_lora("chatml", chatml, base=base)
+    assert str(e.value) == (f"LoRA 'chatml' was trained with another chat template than the served model {base} has, "
+                            "and vLLM formats every adapter's chats with the served model's "
+                            f"({chatml}): merge it with `llmfast export` and serve the merged model")
+    trained = encode_messages(load_tokenizer(chatml), CHAT)
+    prompt = trained.input_ids[:_reply_start(trained.labels)]
+    assert Vllm(base).chat_ids(CHAT[:-1]) != prompt  # what --lora would have served it
+    assert Vllm(export_merged(chatml, tmp_path / "merged")).chat_ids(CHAT[:-1]) == prompt
+    grown = tmp_path / "grown"
+    shutil.copytree(adapter, grown)
+    tok = load_tokenizer(grown)
+    tok.add_tokens(["<|tool|>"])
+    tok.save_pretrained(grown)
+    new = tok.convert_tokens_to_ids("<|tool|>")
+    with pytest.raises(UserError, match=rf"^LoRA 'grown' has tokens the served model's tokenizer lacks \('<\|tool\|>', "
+                                         rf"id {new}; 1 in all\), and vLLM tokenizes every adapter's requests with"):
+        check_lora("grown", grown, base=base)
