@@ -16,6 +16,7 @@ import pytest
 from llmfast.data.chat import IGNORE, encode_messages
 from llmfast.errors import UserError
 from llmfast.models import load_tokenizer
+from llmfast.serve.stops import stop_ids, turn_end, unstopped_note
 from llmfast.testing import build_family_model
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
@@ -124,6 +125,9 @@ def test_a_chat_request_is_served_as_it_was_trained(models: dict[str, Path], art
             if family in ("llama3", "gemma"):  # ChatML's (SmolLM2's) "BOS" is <|im_start|>, which opens every turn
                 assert vllm.chat_ids(chat[:-1]).count(tok.bos_token_id) == 1
             assert _learned_end(tok, ex) in vllm.stops()
+        # serve's reading of those stops (serve/stops.py) is vLLM's, and finds nothing to note
+        assert stop_ids(model, load_tokenizer(model)) == vllm.stops()
+        assert turn_end(load_tokenizer(model)) == _learned_end(tok, ex) and unstopped_note(model, tok) is None
 
 
 def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
@@ -159,3 +163,34 @@ def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
     with pytest.raises(UserError, match=rf"^LoRA 'grown' has tokens the served model's tokenizer lacks \('<\|tool\|>', "
                                          rf"id {new}; 1 in all\), and vLLM tokenizes every adapter's requests with"):
         check_lora("grown", grown, base=base)
+
+
+def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A base model shipped with a ChatML template whose eos_token and generation_config are <|endoftext|> (Qwen2.5's
+    base models): a fine-tune teaches replies to end with <|im_end|>, which vLLM does not stop at, so every served
+    reply runs on (writing the next user turn) to max_tokens. serve says so in one note line, naming the fix."""
+    from transformers import AutoTokenizer
+
+    from llmfast.serve.server import prepare_spec
+
+    model = tmp_path / "qwen-base"
+    shutil.copytree(models["chatml"], model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    tok.save_pretrained(model)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((model / name).read_text(encoding="utf-8"))
+        (model / name).write_text(json.dumps({**cfg, "eos_token_id": eos}), encoding="utf-8")
+    ex = encode_messages(load_tokenizer(model), CHAT)
+    end = _learned_end(tok, ex)
+    assert tok.convert_ids_to_tokens(end) == "<|im_end|>" and Vllm(model).stops() == {eos}  # vLLM's own reading
+    capsys.readouterr()
+    prepare_spec(str(model))
+    assert capsys.readouterr().err == (
+        f"llmfast: note: {model}'s chat template ends a reply with <|im_end|> (id {end}), which vLLM does not stop "
+        f"at (only at {eos}: the tokenizer's eos_token and generation_config.json's eos_token_id): a reply fine-tuned "
+        f"on that template runs on to max_tokens; add {end} to eos_token_id in {model / 'generation_config.json'}\n")
+    prepare_spec(str(models["chatml"]))
+    assert capsys.readouterr().err == ""

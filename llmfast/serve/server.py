@@ -365,10 +365,24 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
         raise UserError(f"--dtype {kwargs['dtype']}: vLLM runs the quantized weights of {model_dir} on a CPU in 16 "
                         f"bits only: use --dtype {needed}, or leave --dtype out")
     adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
+    if note := _unstopped(model_dir):
+        print(note, file=sys.stderr)
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
     return ServerSpec(model=model_dir, loras=adapters, found=(machine, needed), data_parallel_size=data, **kwargs)
+
+
+def _unstopped(model_dir: Path) -> str | None:
+    """serve/stops.py's note: chat replies (the model's own, and every adapter's) would not stop at their end of turn.
+    A tokenizer transformers cannot load is left to vLLM's own error."""
+    from llmfast.models import load_tokenizer
+    from llmfast.serve.stops import unstopped_note
+
+    try:
+        return unstopped_note(model_dir, load_tokenizer(model_dir))
+    except UserError:
+        return None
 
 
 def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:

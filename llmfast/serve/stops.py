@@ -1,0 +1,62 @@
+"""Where a served chat reply stops: the token a model's chat template ends the assistant's turn with, which finetune
+teaches every reply to end with (llmfast.data.chat labels it), against the ids vLLM stops a request at.
+
+A template whose turns end with a token that is neither the tokenizer's EOS nor in generation_config.json's
+eos_token_id (a base model's ChatML template, as Qwen2.5's base models ship: turns end with <|im_end|>, eos_token and
+generation_config are <|endoftext|>) trains replies that end there, and vLLM (and transformers' generate) go on
+past it, writing the next user turn themselves, until max_tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmfast.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def turn_end(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """The first added token finetune learns after a reply (its end of turn), or None: no chat template, a template
+    that refuses a plain user/assistant exchange, or one that ends the turn with text alone."""
+    from llmfast.data.chat import IGNORE, encode_messages
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        ex = encode_messages(tokenizer, _PROBE)
+    except UserError:
+        return None
+    added = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    return next((t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE and t in added), None)
+
+
+def stop_ids(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> set[int]:
+    """The ids vLLM stops a request at (vllm/v1/engine/input_processor.py): the tokenizer's EOS and the model's
+    generation config's eos_token_id, read from generation_config.json, else from config.json as transformers'
+    GenerationConfig.from_model_config does."""
+    from llmfast.modelfiles import read_json_file
+
+    found = {tokenizer.eos_token_id} - {None}
+    gen = model_dir / "generation_config.json"
+    cfg = read_json_file(gen if gen.is_file() else model_dir / "config.json", "model config", "restore it")
+    eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    found |= {eos} if isinstance(eos, int) else {i for i in eos or [] if isinstance(i, int)}
+    return found
+
+
+def unstopped_note(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> str | None:
+    """A note where the template's end of turn is not an id vLLM stops at; else None."""
+    end = turn_end(tokenizer)
+    stops = stop_ids(model_dir, tokenizer)
+    if end is None or end in stops:
+        return None
+    name = tokenizer.convert_ids_to_tokens(end)
+    return (f"llmfast: note: {model_dir}'s chat template ends a reply with {name} (id {end}), which vLLM does not "
+            f"stop at (only at {', '.join(map(str, sorted(stops)))}: the tokenizer's eos_token and "
+            f"generation_config.json's eos_token_id): a reply fine-tuned on that template runs on to max_tokens; add "
+            f"{end} to eos_token_id in {model_dir / 'generation_config.json'}")
