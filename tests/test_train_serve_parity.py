@@ -194,3 +194,26 @@ def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[s
         f"on that template runs on to max_tokens; add {end} to eos_token_id in {model / 'generation_config.json'}\n")
     prepare_spec(str(models["chatml"]))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("family", ["smollm2", "llama3"])
+def test_eval_prompts_a_task_row_as_its_fine_tune_trained_on_it(models: dict[str, Path], builtin: Any,
+                                                                family: str) -> None:
+    """A task row (llmfast/data/tasks.py: the rows `llmfast tasks` writes to train on and eval scores) reaches the
+    model in eval as the ids finetune trained on before its answer, and as vLLM serves them: read off the model's
+    own embedding input while eval generates (one BOS for Llama 3)."""
+    from llmfast.data.chat import prompt_and_answer
+    from llmfast.data.tasks import generate
+    from llmfast.evaluate import generate_answers
+    from llmfast.models import load_model
+
+    row = {**generate("dates", 1, seed=5)[0], "_row": 1}
+    model, tok = builtin if family == "smollm2" else (load_model(models[family]), load_tokenizer(models[family]))
+    seen: list[list[int]] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0][0].tolist()))
+    try:
+        generate_answers(model, tok, [prompt_and_answer(row, "test.jsonl")[0]], max_new_tokens=1)
+    finally:
+        hook.remove()
+    ex = encode_messages(tok, row["messages"])
+    assert seen[0] == ex.input_ids[:_reply_start(ex.labels)] == Vllm(models[family]).chat_ids(row["messages"][:1])
