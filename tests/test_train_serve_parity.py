@@ -194,6 +194,13 @@ def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[s
         f"on that template runs on to max_tokens; add {end} to eos_token_id in {model / 'generation_config.json'}\n")
     prepare_spec(str(models["chatml"]))
     assert capsys.readouterr().err == ""
+    # what export can write into the merged artifact (serve/stops.add_turn_end_stop): vLLM and eval then stop there
+    from llmfast.models import load_model
+    from llmfast.serve.stops import add_turn_end_stop
+
+    assert add_turn_end_stop(model, load_tokenizer(model)) == end and add_turn_end_stop(model, tok) is None
+    assert Vllm(model).stops() == {eos, end} and load_model(model).generation_config.eos_token_id == [eos, end]
+    assert unstopped_note(model, tok) is None
 
 
 @pytest.mark.parametrize("family", ["smollm2", "llama3"])

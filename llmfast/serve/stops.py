@@ -60,3 +60,23 @@ def unstopped_note(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> str
             f"stop at (only at {', '.join(map(str, sorted(stops)))}: the tokenizer's eos_token and "
             f"generation_config.json's eos_token_id): a reply fine-tuned on that template runs on to max_tokens; add "
             f"{end} to eos_token_id in {model_dir / 'generation_config.json'}")
+
+
+def add_turn_end_stop(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """For an artifact being written (export's merged model): add the template's end of turn to its
+    generation_config.json's eos_token_id where vLLM would not stop there, so the replies it was fine-tuned to end
+    stop, in vLLM and in transformers' generate (eval). Returns the id added, or None."""
+    import json
+
+    from llmfast.modelfiles import read_json_file
+
+    end = turn_end(tokenizer)
+    if end is None or end in stop_ids(model_dir, tokenizer):
+        return None
+    path = model_dir / "generation_config.json"
+    cfg = read_json_file(path if path.is_file() else model_dir / "config.json", "model config", "restore it")
+    old = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    ids = [old] if isinstance(old, int) else [i for i in old or [] if isinstance(i, int)]
+    gen = read_json_file(path, "generation config", "restore it") if path.is_file() else {}
+    path.write_text(json.dumps({**gen, "eos_token_id": [*ids, end]}, indent=2) + "\n", encoding="utf-8")
+    return end
