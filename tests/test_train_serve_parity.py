@@ -142,6 +142,14 @@ def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
 
     base, (adapter, _) = models["llama3"], artifacts["llama3"]
     assert check_lora("ok", adapter, base=base).name == "ok"
+    named = tmp_path / "named"  # the base's template as transformers 4 saved named ones: its default is the same
+    shutil.copytree(base, named)
+    template = (named / "chat_template.jinja").read_text(encoding="utf-8")
+    (named / "chat_template.jinja").unlink()
+    cfg = json.loads((named / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["chat_template"] = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": template}]
+    (named / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    assert check_lora("ok", adapter, base=named).name == "ok"
     chatml = tmp_path / "chatml"
     shutil.copytree(adapter, chatml)
     (chatml / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")

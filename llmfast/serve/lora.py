@@ -129,8 +129,9 @@ def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
 
 
 def _chat_template(folder: Path) -> object:
-    """The chat template a tokenizer folder holds as transformers reads it (chat_template.jinja first, else
-    tokenizer_config.json's `chat_template`), None where it has none or it cannot be read."""
+    """The chat template a tokenizer folder renders chats with, as transformers reads it (chat_template.jinja first,
+    else tokenizer_config.json's `chat_template`, its `default` where it names several), None where it has none or
+    it cannot be read."""
     from llmfast.modelfiles import read_json_file
 
     jinja = folder / "chat_template.jinja"
@@ -139,7 +140,11 @@ def _chat_template(folder: Path) -> object:
             return jinja.read_text(encoding="utf-8")
         if (folder / "tokenizer_config.json").is_file():
             cfg = read_json_file(folder / "tokenizer_config.json", "tokenizer config", "restore it")
-            return cfg.get("chat_template") if isinstance(cfg, dict) else None
+            found = cfg.get("chat_template") if isinstance(cfg, dict) else None
+            if isinstance(found, list):  # named templates (transformers 4's way): the default is the one rendered
+                found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"),
+                             None)
+            return found
     except (OSError, UnicodeDecodeError, UserError):
         return None
     return None
