@@ -91,6 +91,9 @@ def generate_answers(
     import torch
 
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # where vLLM stops a request: generation_config's ids and the tokenizer's EOS (a Llama 3 fixed by its eos_token)
+    stops = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops = sorted({*(stops if isinstance(stops, list) else [stops]), tokenizer.eos_token_id} - {None})
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     outputs: list[str] = [""] * len(texts)
     side = tokenizer.padding_side
@@ -102,7 +105,8 @@ def generate_answers(
             batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.inference_mode():
                 out = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stops or None,
                 )
             new = out[:, batch.input_ids.shape[1] :]
             for i, seq in zip(idx, new):

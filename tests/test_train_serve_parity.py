@@ -232,3 +232,29 @@ def test_eval_prompts_a_task_row_as_its_fine_tune_trained_on_it(models: dict[str
         hook.remove()
     ex = encode_messages(tok, row["messages"])
     assert seen[0] == ex.input_ids[:_reply_start(ex.labels)] == Vllm(models[family]).chat_ids(row["messages"][:1])
+
+
+def test_eval_stops_where_vllm_stops(tmp_path: Path):
+    """A Llama 3 fixed the common way (tokenizer eos_token <|eot_id|>, generation_config still <|end_of_text|>):
+    vLLM stops at both, so eval's transformers generation must too, or its answers run on past the reply."""
+    from transformers import AutoTokenizer
+
+    from llmfast.evaluate import generate_answers
+    from llmfast.models import load_model
+    from llmfast.testing import script_greedy
+
+    m = build_family_model(tmp_path / "l3", "llama3")
+    tok = AutoTokenizer.from_pretrained(m)
+    tok.eos_token = "<|eot_id|>"
+    tok.save_pretrained(m)
+    gen = json.loads((m / "generation_config.json").read_text())
+    gen["eos_token_id"] = tok.convert_tokens_to_ids("<|end_of_text|>")
+    (m / "generation_config.json").write_text(json.dumps(gen))
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True)
+    prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
+    four, other = tok.encode("4", add_special_tokens=False)[0], tok.encode(" user", add_special_tokens=False)[0]
+    end = tok.convert_tokens_to_ids("<|eot_id|>")
+    script_greedy(m, {prompt[-1]: four, four: end, end: other, other: other})  # "4", then the turn's end
+    assert end in stop_ids(m, load_tokenizer(m))  # vLLM's stops, as SamplingParams builds them
+    assert generate_answers(load_model(m), load_tokenizer(m), [chat], max_new_tokens=6) == ["4"]
