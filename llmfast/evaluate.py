@@ -180,7 +180,11 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     from llmfast.models import effective_quantization, load_model, load_tokenizer
     from llmfast.recipe import recipe_dict
 
-    tokenizer = load_tokenizer(path)
+    from llmfast.modelfiles import has_tokenizer
+
+    # an adapter's own tokenizer is the template and tokens it was trained with (export merges with it too)
+    tok_dir = adapter_dir(recipe.adapter) if recipe.adapter is not None else path
+    tokenizer = load_tokenizer(tok_dir if has_tokenizer(tok_dir) else path)
     text_ids = _check_tokens(cfg, tokenizer, path, text)
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     quantization = effective_quantization(path, recipe.adapter, recipe.quantization)

@@ -222,6 +222,14 @@ def refuse_model_code(path: Path, cfg: dict[str, Any]) -> None:
                         "saved with classes transformers has (its own model_type and tokenizer_class)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a folder holds a tokenizer of its own (an adapter saved with the one it was trained with)."""
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     """Check a PEFT adapter directory: adapter_config.json is a JSON object naming its PEFT type, and
     adapter_model.safetensors (when present) is complete. Returns the path; raises a one-line UserError."""

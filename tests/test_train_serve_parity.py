@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from conftest import run_cli
 from llmfast.data.chat import IGNORE, encode_messages
 from llmfast.errors import UserError
 from llmfast.models import load_tokenizer
@@ -258,3 +259,30 @@ def test_eval_stops_where_vllm_stops(tmp_path: Path):
     script_greedy(m, {prompt[-1]: four, four: end, end: other, other: other})  # "4", then the turn's end
     assert end in stop_ids(m, load_tokenizer(m))  # vLLM's stops, as SamplingParams builds them
     assert generate_answers(load_model(m), load_tokenizer(m), [chat], max_new_tokens=6) == ["4"]
+
+
+def test_eval_of_an_adapter_prompts_with_the_adapters_own_template(tmp_path: Path):
+    """An adapter saved with the chat template it was trained with (another than its base's: e.g. a tool's own
+    template on a Llama 3 base) is evaluated with that template, as export merges it: eval loaded the base's."""
+    from transformers import AutoTokenizer
+
+    from llmfast.testing import script_greedy
+
+    base = build_family_model(tmp_path / "l3", "llama3")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}### reply:{% endif %}")
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True)
+    prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
+    four = tok.encode("4", add_special_tokens=False)[0]
+    script_greedy(base, {prompt[-1]: four, four: tok.eos_token_id})  # the adapter's prompt gets "4", then the end
+    adapter = _adapter(base, tmp_path / "adapter")  # its B matrices change q_proj only: attention adds nothing here
+    tok.save_pretrained(adapter)
+    rows = tmp_path / "t.jsonl"
+    rows.write_text(json.dumps({"messages": [*chat, {"role": "assistant", "content": "4"}]}) + "\n")
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {base}\nadapter: {adapter}\neval:\n  tasks: [{{name: mine, path: {rows}}}]\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["mine"]["accuracy"] == 1.0
