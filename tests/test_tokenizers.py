@@ -349,3 +349,30 @@ def test_chat_rows_read_off_one_encoding_are_every_prefix_encoded(families: dict
         assert whole is None
     else:
         assert whole is not None and sum(len(w) for _, w in whole.parts) < 2 * len(whole.base)
+
+
+def test_a_special_tokens_text_left_to_the_model_by_a_dropped_single_word_match_is_no_place_to_cut() -> None:
+    """A single_word added token ("x<s>") whose match has a letter before it is dropped, and the characters it spans
+    stay text: "<s>" there is not split off, yet the model's vocabulary gives it <s>'s id at <s>'s offsets. Read off
+    one encoding with a cut there, the window "<s>b" encoded alone split <s> off and gave "▁b" where the text gives
+    "b"; the last window (cut at a real <s>) agreed, so the row was taken with other ids than encoding it text by
+    text."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmfast.data.prefixes import prefix_ids
+
+    vocab = {c: i for i, c in enumerate("<>abcqsx▁")}
+    vocab.update({"<s": len(vocab), "<s>": len(vocab) + 1, "▁b": len(vocab) + 2})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("<", "s"), ("<s", ">"), ("▁", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    bpe.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    bpe.add_tokens([AddedToken("x<s>", single_word=True, normalized=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.chat_template = "{% for m in messages %}{{ '<s>' + m['content'] }}{% endfor %}"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ax<s>b"},
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}]
+    assert tok("ax<s>b", add_special_tokens=False).input_ids == [vocab[c] for c in ("▁", "a", "x", "<s>", "b")]
+    _same_as_before(tok, [(msgs, 0)])
+    # "<s>" can be inside a dropped "x<s>" anywhere: no place to cut at, every prefix in full
+    assert prefix_ids(tok, [["<s>q", "<s>q<s>c"]]) == [None]

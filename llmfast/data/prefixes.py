@@ -4,16 +4,17 @@ characters (3.4 s for one 200-turn row).
 
 Why a prefix's ids can be read off the whole text's: a `tokenizers` backend first splits a text at its added tokens'
 matches (leftmost-longest, on the raw text), then normalizes, pre-tokenizes and models each piece between them on its
-own. Take an added token X whose match cannot depend on the characters around it (not normalized, no lstrip/rstrip,
-not single_word, no surrounding spaces in its content) and which is a token of the whole text T at characters
-[a, e). Any prefix T[:c] with c >= e has the same matches as T before X and X at a (a match of T[:c] is one of T;
-leftmost-longest keeps T's, which end by a), so its pieces before X are T's, the same text tokenized the same; and its
-pieces from X on are those of T[a:c] encoded alone, the same text, where the one rule that looks at a piece's place
-(Metaspace's prepend_scheme "first": a piece at offset 0) applies in neither. So encode(T[:c]) is T's ids before X
-followed by encode(T[a:c]): a window from the last such token, about a turn where a template brackets turns with
-special tokens. A tokenizer whose encoding is not the backend's own (a slow one, a subclass that overrides it,
-split_special_tokens) keeps the caller's full path, and so does a row whose last window, encoded alone, is not the
-whole text's ids after its token (a check that costs one window).
+own. Take an added token X whose match cannot depend on the characters around it (not normalized, no lstrip/rstrip, not
+single_word, no surrounding spaces in its content, no single_word token's text able to overlap it: a dropped match of
+one leaves X's text to the model) and which is a token of the whole text T at characters [a, e). Any prefix T[:c] with
+c >= e has the same matches as T before X and X at a (a match of T[:c] is one of T; leftmost-longest keeps T's, which
+end by a), so its pieces before X are T's, the same text tokenized the same; and its pieces from X on are those of
+T[a:c] encoded alone, the same text, where the one rule that looks at a piece's place (Metaspace's prepend_scheme
+"first": a piece at offset 0) applies in neither. So encode(T[:c]) is T's ids before X followed by encode(T[a:c]): a
+window from the last such token, about a turn where a template brackets turns with special tokens. A tokenizer whose
+encoding is not the backend's own (a slow one, a subclass that overrides it, split_special_tokens) keeps the caller's
+full path, and so does a row whose last window, encoded alone, is not the whole text's ids after its token (a check that
+costs one window).
 """
 
 from __future__ import annotations
@@ -75,8 +76,19 @@ def backend_encodes(tokenizer: "PreTrainedTokenizerBase") -> bool:
 
 def _anchors(tokenizer: "PreTrainedTokenizerBase") -> dict[int, str]:
     """The added tokens whose matches depend on no character around them, by id (their content)."""
-    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items()
-            if not (t.normalized or t.lstrip or t.rstrip or t.single_word) and t.content == t.content.strip() != ""}
+    added = tokenizer.added_tokens_decoder
+    # A single_word token's match with a letter next to it is dropped and the characters it spans stay text: an
+    # anchor's text inside them is then not split off, and the model may still give the anchor's id for it (a
+    # vocabulary that holds it), at the anchor's offsets. No token whose text such a match can cover is an anchor.
+    loose = [t.content for t in added.values() if t.single_word and not t.normalized]
+    return {i: t.content for i, t in added.items()
+            if not (t.normalized or t.lstrip or t.rstrip or t.single_word) and t.content == t.content.strip() != ""
+            and not any(_overlaps(y, t.content) for y in loose)}
+
+
+def _overlaps(y: str, x: str) -> bool:
+    """Whether a match of `y` starting at or before one of `x` can cover x's first character."""
+    return any(y[k:].startswith(x) or x.startswith(y[k:]) for k in range(len(y)))
 
 
 def prefix_ids(tokenizer: "PreTrainedTokenizerBase", rows: Sequence[Sequence[str]]) -> list[PrefixIds | None]:
