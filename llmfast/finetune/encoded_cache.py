@@ -151,13 +151,15 @@ def _array(path: Path, dtype: str, mapped: bool = False) -> np.ndarray:
 
 
 def _read(d: Path, meta: dict[str, Any], sources: list[str]) -> Cached:
-    # mapped, not read: a chunk's ids at a time are copied into the examples
+    # mapped, not read: a chunk's ids at a time are copied into the examples; and a header that claims more than the
+    # file holds is refused by the mapping (read, a damaged shape allocated it first: terabytes, a MemoryError)
     ids, labels = _array(d / "ids.npy", "<i4", True), _array(d / "labels.npy", "<i4", True)
-    table = _array(d / "examples.npy", "<i8")
+    table = _array(d / "examples.npy", "<i8", True)
     n_train, n_eval = meta["train"], meta["eval"]
     if ids.ndim != 1 or labels.shape != ids.shape:
         raise Damaged(f"{d}: ids of shape {list(ids.shape)} and labels of {list(labels.shape)}, not of one length")
-    if not (type(n_train) is int and type(n_eval) is int and table.shape == (n_train + n_eval, 3)):
+    if not (type(n_train) is int and type(n_eval) is int and min(n_train, n_eval) >= 0
+            and table.shape == (n_train + n_eval, 3)):
         raise Damaged(f"{d / 'examples.npy'}: of shape {list(table.shape)}, not [{n_train} + {n_eval}, 3]")
     lengths, rows, src = table[:, 0], table[:, 1], table[:, 2]
     if (lengths < 0).any() or int(lengths.sum()) != len(ids) or (src < 0).any() or (src >= len(sources)).any():
