@@ -48,3 +48,44 @@ def test_counts_of_train_and_held_out_rows_that_are_not_both_whole_numbers_are_d
     meta_path.write_text(json.dumps({**meta, "train": -1, "eval": 4}))
     with pytest.raises(encoded_cache.Damaged, match=r"examples\.npy: of shape \[3, 3\], not \[-1 \+ 4, 3\]"):
         encoded_cache.load(tmp_path, key)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A folder on a fresh 64 KiB tmpfs, unmounted after the test (skipped where none can be mounted)."""
+    import subprocess
+
+    d = tmp_path / "disk"
+    d.mkdir()
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64K", "tmpfs", str(d)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here: a small file system cannot be made")
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {p.stderr.strip()[:120]}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_rows_that_do_not_fit_on_the_disk_are_a_note_and_the_run_goes_on(small_disk: Path, capsys) -> None:
+    """The saved rows are only what spares a resume encoding the data again, and the biggest thing a run writes before
+    its first checkpoint (8 bytes a token: gigabytes for a large data set, where a LoRA checkpoint is megabytes): on a
+    disk without room for them the run trained no step ("no space left ... nothing of encoded was kept"). Now one note
+    says so, nothing of them is left, and the run goes on (a resume encodes the data again)."""
+    from llmfast.finetune.data_setup import RunData, save_run_data
+
+    class Acc:  # one process
+        is_main_process = True
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+    examples = [Encoded(range(50_000), range(50_000), i, f"{small_disk}/d.jsonl:{i}") for i in range(1, 3)]
+    key = {"format": encoded_cache.FORMAT, "train": [[f"{small_disk}/d.jsonl", "0" * 64]], "eval": [],
+           "tokenizer": "1" * 64, "settings": {}}
+    data = RunData([[e] for e in examples], [], "digest", "said", key, encoded_cache.Cached(examples, [], "said", []))
+    out = small_disk / "run"
+    save_run_data(Acc(), out, data)
+    assert data.unsaved is None and sorted(p.name for p in small_disk.rglob("*")) == ["run"]
+    assert capsys.readouterr().err == (f"llmfast: note: no room on the disk for the encoded rows ({out / 'encoded'}, "
+                                       "0.8 MiB): training goes on without them; a --resume encodes the data again\n")

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmfast.data.chat import Encoded, read_examples, rows_digest
 from llmfast.data.packing import pack
+from llmfast.errors import UserError, no_space
 from llmfast.finetune import encoded_cache
 from llmfast.finetune.checkpoint import recorded_rows
 from llmfast.finetune.run_files import ENCODED
@@ -108,9 +109,18 @@ def _packed(recipe: FinetuneRecipe, got: encoded_cache.Cached) -> tuple[list[lis
 
 def save_run_data(acc: Any, out: Path, data: RunData) -> None:
     """Process 0 saves the examples it encoded into OUTPUT/encoded, once the run is checked (every process first:
-    one still reading the old folder would see it replaced)."""
+    one still reading the old folder would see it replaced). A disk without room for them is a note: they only spare
+    a resume the encoding, and they are the most a run writes before its first checkpoint (8 bytes a token, where a
+    LoRA checkpoint is megabytes), so the run goes on without them."""
     acc.wait_for_everyone()
     if acc.is_main_process and data.unsaved is not None:
-        encoded_cache.save(out, data.key, data.unsaved.train, data.unsaved.eval, data.unsaved.said,
-                           data.unsaved.warnings)
+        got = data.unsaved
+        try:
+            encoded_cache.save(out, data.key, got.train, got.eval, got.said, got.warnings)
+        except (UserError, OSError) as e:  # a full disk: atomic_dir kept nothing of the folder
+            if not no_space(e):
+                raise
+            size = 8 * sum(len(x) for x in (*got.train, *got.eval)) / 2**20
+            note(acc, f"llmfast: note: no room on the disk for the encoded rows ({out / ENCODED}, {size:.1f} MiB): "
+                      "training goes on without them; a --resume encodes the data again")
     data.unsaved = None
