@@ -89,3 +89,39 @@ def test_rows_that_do_not_fit_on_the_disk_are_a_note_and_the_run_goes_on(small_d
     assert data.unsaved is None and sorted(p.name for p in small_disk.rglob("*")) == ["run"]
     assert capsys.readouterr().err == (f"llmfast: note: no room on the disk for the encoded rows ({out / 'encoded'}, "
                                        "0.8 MiB): training goes on without them; a --resume encodes the data again\n")
+
+
+class _Acc:  # one process
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_an_encoded_folder_of_the_users_own_in_a_resumed_run_is_neither_read_nor_replaced(builtin_dir: Path,
+                                                                                       tmp_path: Path,
+                                                                                       capsys) -> None:
+    """`encoded` is a plain word: a folder of that name in the output of a run started before llmfast kept its rows
+    there, holding the user's own files, was taken for a damaged copy on `--resume` and replaced (the files gone).
+    Now it is left as it is, said in one note, and the rows are encoded from the data and not saved."""
+    from llmfast.finetune.data_setup import run_data, save_run_data
+    from llmfast.models import load_tokenizer
+    from llmfast.recipe import FinetuneRecipe
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ("alpha", "bravo", "charlie")))
+    out = tmp_path / "run"
+    (out / "encoded").mkdir(parents=True)
+    (out / "encoded" / "notes.txt").write_text("mine")
+    recipe = FinetuneRecipe.model_validate({"model": str(builtin_dir), "output": str(out),
+                                            "data": {"train": str(data), "eval_fraction": 0}})
+    got = run_data(recipe, load_tokenizer(builtin_dir), _Acc(), None, builtin_dir, out, resume=True)
+    assert got.unsaved is None and len(got.rows) == 1 and got.said.endswith(f"3 rows of chat (messages) from {data}; "
+                                                                             "0 of them held out")
+    save_run_data(_Acc(), out, got)
+    assert [p.name for p in (out / "encoded").iterdir()] == ["notes.txt"]
+    assert (out / "encoded" / "notes.txt").read_text() == "mine"
+    assert capsys.readouterr().err == (f"llmfast: note: {out / 'encoded'} holds files llmfast does not write there: "
+                                       "left as it is, so the data is encoded again and its rows not saved\n")

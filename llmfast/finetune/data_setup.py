@@ -77,7 +77,11 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
     may be written before the run is checked, so there is nowhere yet to hand the examples over)."""
     key = encoded_cache.input_key(recipe, model_path, vocab)  # before the files are read: a miss if they change
     got: encoded_cache.Cached | None = None
-    if resume:
+    theirs = encoded_cache.foreign(out)  # none on a first start: the output is new or empty
+    if theirs is not None:
+        note(acc, f"llmfast: note: {theirs} holds files llmfast does not write there: left as it is, so the data is "
+                  "encoded again and its rows not saved")
+    elif resume:
         try:
             got = encoded_cache.load(out, key)
         except encoded_cache.Damaged as e:
@@ -97,7 +101,7 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
         note(acc, f"llmfast: warning: {w}")
     # said with the rest once all is checked: a resume refused is one line
     said = got.said if unsaved is not None else f"{got.said} (as encoded when the run started: {out / ENCODED})"
-    return RunData(rows, eval_rows, digest, said, key, unsaved)
+    return RunData(rows, eval_rows, digest, said, key, unsaved if theirs is None else None)
 
 def _packed(recipe: FinetuneRecipe, got: encoded_cache.Cached) -> tuple[list[list[Encoded]], list[list[Encoded]], str]:
     dc = recipe.data
