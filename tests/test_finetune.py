@@ -323,6 +323,22 @@ def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case,
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_resumed_run_keeps_a_users_own_encoded_folder_when_it_completes(killed_run, tmp_path):
+    """A run folder whose `encoded/` holds the user's own files (a run started before llmfast kept its rows there):
+    the resume neither reads nor replaces it, and the finished run does not drop it with its checkpoints."""
+    path, run = killed_run
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    path = tmp_path / "r.yaml"
+    path.write_text(killed_run[0].read_text().replace(str(run), str(out)))
+    shutil.rmtree(out / "encoded", ignore_errors=True)
+    (out / "encoded").mkdir()
+    (out / "encoded" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("finetune", str(path), "--resume")
+    assert code == 0, err[-2000:]
+    assert (out / "adapter").is_dir() and not (out / "checkpoints").exists()
+    assert [p.name for p in (out / "encoded").iterdir()] == ["notes.txt"]
+
+
 def test_resume_over_optimizer_moments_of_another_parameter_is_one_line_and_changes_nothing(killed_run, tmp_path):
     """The moments of lora_A and lora_B swapped: every shape one the adapter has, so only the check against the loaded
     parameters finds them (s46's mutation audit: dropping it passed; torch would take them, and its first step fail
