@@ -355,7 +355,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     data = local_data_parallel(engine)
     check_parallel(model_dir, kwargs.get("tensor_parallel_size", 1), pipeline,
                    None if machine.cuda else len(machine.cores), eager=eager, data=data)
-    if why := vllm_architecture_refusal(model_dir):
+    if why := vllm_architecture_refusal(model_dir, extra):
         raise UserError(f"{model_dir}: {why}")
     manifest = read_manifest(model_dir) or {}
     _check_servable_sparsity(model_dir, manifest)

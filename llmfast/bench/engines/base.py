@@ -101,21 +101,27 @@ def vllm_runs_sparse(model_dir: Path, sparsity: str | None) -> bool:
         return False
 
 
-def vllm_architecture_refusal(model_dir: Path) -> str | None:
-    """Why vLLM would run another model than transformers does, or None: vLLM picks its class from config.json's
+def vllm_architecture_refusal(model_dir: Path, extra_args: list[str] | None = None) -> str | None:
+    """Why vLLM would not run the model transformers does, or None: vLLM picks its class from config.json's
     `architectures` alone, and without one takes the bare model (LlamaModel: no head) where transformers loads the
-    model_type's causal LM."""
+    model_type's causal LM; a name it has no class for fails only deep in its start (serve/vllm_archs.py).
+    `extra_args`: the vLLM flags given after `--` (some choose the class themselves)."""
     from llmfast.errors import UserError
     from llmfast.modelfiles import describe_model_dir
+    from llmfast.serve.vllm_archs import unserved_architecture
 
     try:
-        named = describe_model_dir(Path(model_dir))["config"].get("architectures")
+        config = describe_model_dir(Path(model_dir))["config"]
     except UserError:  # an unreadable config: the loaders name it
         return None
-    if named:
-        return None
-    return ("its config.json names no `architectures`, from which vLLM picks the model's class (it would run the "
-            "bare model, without its head): add the class, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    if not config.get("architectures"):
+        return ("its config.json names no `architectures`, from which vLLM picks the model's class (it would run "
+                "the bare model, without its head): add the class, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    if arch := unserved_architecture(config, extra_args):
+        return (f"its config.json names the architecture {arch}, for which this vLLM has no model class: run it on "
+                "transformers (`bench run` measures it there, `bench offline --engine hf`), or use a vLLM that has "
+                "that class")
+    return None
 
 
 def engine_families(quantization: Any, sparsity: str | None = None, vllm_sparse: bool | None = None
