@@ -131,7 +131,8 @@ def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["NoSuchForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run_cli("serve", str(bad), "--port", "0", "--timeout", "400")
+    # --model-impl (it chooses the class) leaves the name to vLLM: serve refuses an unknown one before the start
+    code, _, err = run_cli("serve", str(bad), "--port", "0", "--timeout", "400", "--", "--model-impl", "vllm")
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("starting vLLM")  # our start line, then one error line
