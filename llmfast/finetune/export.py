@@ -170,25 +170,36 @@ def _check_finite(model: Any, dtype: str) -> None:
             raise UserError(f"{name} is not finite once merged in {dtype}: {fix}")
 
 
+def _check_arguments(adapter_dir: Path, out_dir: Path, dtype: str, overwrite: bool,
+                     base: str | None) -> tuple[dict[str, Any], Path]:
+    """(the adapter's manifest, its base's directory), with every argument checked from its files alone: a missing
+    adapter, an existing output or an unknown dtype is one line before torch and transformers are imported (~5 s)."""
+    from llmfast.models import check_adapter_dir
+
+    _check_dtype(dtype)
+    check_adapter_dir(adapter_dir)
+    check_output(out_dir, overwrite, inputs=[adapter_dir])  # before the base is looked for (or fetched)
+    _check_unmergeable_options(adapter_dir)
+    manifest = read_manifest(adapter_dir) or {}
+    found = base_of(adapter_dir, manifest, base)
+    check_output(out_dir, overwrite, inputs=[adapter_dir, found])
+    return manifest, found
+
+
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   overwrite: bool = False, base: str | None = None) -> Path:
     """`adapter_dir` merged into its base model (`base`, else the one it records), written to `out_dir` in
     `dtype`."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    manifest, base = _check_arguments(adapter_dir, out_dir, dtype, overwrite, base)
     from transformers import AutoTokenizer
 
     from llmfast.loading import from_pretrained, resize_for_adapter
-    from llmfast.models import attach_adapter, check_adapter_dir
+    from llmfast.models import attach_adapter
     from llmfast.quant import manifest_quantization
     from llmfast.serve.vllm_plugin import mark_relu_architecture
     from llmfast.sparse.derived import carried_sparsity, refuse_sparse_files
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    _check_dtype(dtype)
-    check_adapter_dir(adapter_dir)
-    _check_unmergeable_options(adapter_dir)
-    manifest = read_manifest(adapter_dir) or {}
-    base = base_of(adapter_dir, manifest, base)
-    check_output(out_dir, overwrite, inputs=[adapter_dir, base])
     _check_merge_fits(adapter_dir, base)
     # the thresholds or predictors fit the base's weights, not the merged ones (a TEAL artifact hard-links the
     # weights of the model it was made from, so --base names it as that model's equal)
