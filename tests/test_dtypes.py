@@ -71,8 +71,8 @@ def _merge(tmp: Path, models: dict[str, Path], method: str, **params) -> Path:
 def _bound(ref: np.ndarray, scale: np.ndarray, tag: str) -> np.ndarray:
     """|merged - ref| allowed: the output's one rounding (half a step of its dtype at ref) plus float32 arithmetic
     on terms of magnitude `scale` (a few float32 roundings, each at most 2^-24 relative)."""
-    mantissa = {"BF16": 8, "F32": 24}[tag]
-    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 2.0 ** -126))) - (mantissa - 1))
+    mantissa, least = {"BF16": (8, -126), "F16": (11, -14), "F32": (24, -126)}[tag]  # bits; smallest normal's exponent
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 2.0 ** least))) - (mantissa - 1))
     return step / 2 + 4 * 2.0 ** -24 * scale
 
 
@@ -181,3 +181,49 @@ def test_perplexity_in_bfloat16_is_transformers_forward(models):
         nll = F.cross_entropy(ref(ids).logits[0, :-1].float(), ids[0, 1:], reduction="none").double().mean().item()
     assert got["tokens"] == ids.shape[1] - 1
     assert got["nll"] == pytest.approx(nll, rel=1e-6)  # float32 vs float64 sums of the same float32 losses
+
+
+@pytest.mark.parametrize("model, kind", [("mixed", "lora"), ("mixed", "qlora"), ("bf16", "lora")])
+def test_export_in_bfloat16_keeps_float32_norms_and_rounds_each_merge_once(models, tmp_path, model, kind):
+    """`export --dtype bfloat16` of the mixed model: as merge without a dtype, each tensor keeps the dtype the base
+    stores it in (the float32 norms bit for bit: rounded, they changed the model; s53), the bfloat16 ones stay
+    bfloat16, bit for bit where the adapter does not reach. Each merged weight is the base's (a QLoRA base's: its NF4
+    decoding by bitsandbytes in float32) plus s B @ A in float64, rounded to bfloat16 once (s53: a QLoRA base was
+    dequantized in bfloat16, then rounded again with the delta added). The bfloat16 model, loaded in bfloat16 (nothing
+    wider to keep), merges to the same single rounding."""
+    import bitsandbytes as bnb
+
+    from tests.test_foreign_adapters import _make
+
+    adapter = _make(models[model], tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    if kind == "qlora":
+        (adapter / "llmfast.json").write_text(json.dumps({
+            "stage": "finetune", "base_model_path": str(models[model]),
+            "quantization": {"method": "bnb4", "type": "nf4", "double_quant": True}}))
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"), "--dtype", "bfloat16")
+    assert code == 0 and "llmfast: note:" not in err, err
+    base, tags = load_file(models[model] / "model.safetensors"), _tags(tmp_path / "out")
+    assert tags == {k: "F32" if "norm" in k and model == "mixed" else "BF16" for k in base}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    lora = {k.removeprefix("base_model.model."): v.double() for k, v in
+            load_file(adapter / "adapter_model.safetensors").items()}
+    merged = 0
+    for k, v in base.items():
+        layer = k.removesuffix(".weight")
+        quantized = kind == "qlora" and k.endswith("proj.weight")  # bitsandbytes' 4-bit layers: every Linear
+        if f"{layer}.lora_A.weight" not in lora and not quantized:
+            assert torch.equal(got[k], v), k
+            continue
+        w = v.double()
+        if quantized:  # bitsandbytes quantizes a weight from its float32 values
+            packed, state = bnb.functional.quantize_4bit(v.float(), blocksize=64, quant_type="nf4",
+                                                         compress_statistics=True)
+            w = bnb.functional.dequantize_4bit(packed, state).double()
+        ref, scale = w.numpy(), np.abs(w.numpy())
+        if f"{layer}.lora_A.weight" in lora:
+            b, a = (lora[f"{layer}.lora_{x}.weight"] for x in "BA")
+            ref, scale = ref + 2 * (b @ a).numpy(), scale + 2 * (b.abs() @ a.abs()).numpy()
+            merged += 1
+        assert (np.abs(got[k].double().numpy() - ref) <= _bound(ref, scale, "BF16")).all(), k
+    assert merged == 4

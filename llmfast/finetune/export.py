@@ -1,9 +1,10 @@
 """Export: a full model with a LoRA adapter merged into its weights.
 
 For an adapter trained on a quantized base (QLoRA), the base is loaded quantized exactly as it was trained
-against, dequantized to 16/32-bit by its quantization method, and the adapter merged into that: the merged
-model reproduces the trained model, not the adapter applied to the original weights. Merging into 4-bit
-weights is refused: the LoRA delta is far smaller than one 4-bit quantization step, so rounding would throw
+against (in the training's dtype), dequantized by its quantization method, and the adapter merged into that: the
+merged model reproduces the trained model, not the adapter applied to the original weights. The merge is in
+float32 wherever the base is not already in the output dtype, so each weight is rounded to it once. Merging into
+4-bit weights is refused: the LoRA delta is far smaller than one 4-bit quantization step, so rounding would throw
 most of it away.
 
 Everything that can be wrong is checked before a model is loaded: the dtype, the adapter and base
@@ -170,6 +171,81 @@ def _check_finite(model: Any, dtype: str) -> None:
             raise UserError(f"{name} is not finite once merged in {dtype}: {fix}")
 
 
+def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, trained_in: str) -> Any:
+    """The adapter merged into its base in float32 (where the base is wider than `dtype`), on the CPU, each weight
+    then rounded to `dtype` once (as `_round_once` keeps or rounds it). A QLoRA base (`qlora`, the adapter's recorded
+    quantization) is quantized as it loads, in the dtype it was trained in (`trained_in`), a saved 4-bit one (`saved`,
+    its format) loads in it; either is dequantized to float32 layers for the merge."""
+    import torch
+
+    from llmfast.loading import from_pretrained, resize_for_adapter
+    from llmfast.models import attach_adapter
+
+    if qlora is not None:
+        # its NF4 codes, scales and what is not quantized are the trained model's only when loaded in the training's
+        # dtype: quantized from float32 rather than bfloat16 weights, 89% of SmolLM2-135M's decoded weights differ
+        model = qlora.quantizer.load_for_training(base, qlora.config, trained_in,
+                                                  "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        model = from_pretrained(base, "float32" if saved is not None else _work_dtype(base, dtype))
+    if qlora is not None or saved is not None:  # decoded as bitsandbytes decodes it for training, then widened
+        (qlora or saved).quantizer.dequantize_for_merge(model, "float32")
+        for p in model.parameters():  # a LoRA on a layer left unquantized (an untied head) merges in float32 too
+            p.data = p.data.float()  # (transformers refuses `.to` on a model that was loaded quantized)
+    resize_for_adapter(model, adapter_dir)
+    merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
+    _round_once(merged, dtype, _kept_float32(base, dtype))
+    return merged
+
+
+def _trained_in(manifest: dict[str, Any]) -> str:
+    """The dtype a QLoRA adapter was trained in (its base quantized from weights in it), as finetune records it;
+    float32, the stored weights widened exactly, where the manifest does not say."""
+    found = (manifest.get("metrics") or {}).get("dtype")
+    return found if found in MERGE_DTYPES else "float32"
+
+
+def _work_dtype(base: Path, dtype: str) -> str:
+    """The dtype a full-precision base loads and the adapter merges in: `dtype` only where the base stores every
+    floating-point tensor in it (nothing is rounded as it loads; PEFT adds its float32 delta in float32 and rounds the
+    sum once), else float32 (into which 16-bit weights widen exactly): loaded in a narrower dtype, each weight would
+    be rounded once as it loads and again once merged. The model is then in float32 in memory until rounded."""
+    from llmfast.modelfiles import stored_floats
+
+    if dtype == "float32":
+        return dtype
+    return dtype if set(stored_floats(base, f"re-create the model in {base}")) <= {dtype} else "float32"
+
+
+def _kept_float32(base: Path, dtype: str) -> set[str]:
+    """Tensors a 16-bit export keeps in float32: those the base stores in float32 beside mostly 16-bit weights
+    (norms, as many bfloat16 checkpoints keep them), as `merge` keeps each tensor's stored dtype; rounded, they
+    would change the model its author saved. A float32 base's are all rounded to `dtype`."""
+    from llmfast.modelfiles import model_weight_files, safetensors_header, stored_floats
+
+    fix = f"re-create the model in {base}"
+    counts = stored_floats(base, fix)
+    if dtype == "float32" or not counts or max(counts, key=lambda d: counts[d]) == "float32":
+        return set()
+    return {k for f in model_weight_files(base, fix) for k, v in safetensors_header(f, fix).items()
+            if k != "__metadata__" and v.get("dtype") == "F32"}
+
+
+def _round_once(model: Any, dtype: str, keep: set[str]) -> None:
+    """Every floating-point weight of the merged `model` in `dtype` (those in `keep` in float32), rounded from the
+    float32 merge once; a tied head is its embedding, rounded with it."""
+    import torch
+
+    from llmfast.loading import torch_dtype
+
+    target = torch_dtype(dtype)
+    for name, p in model.named_parameters():
+        want = torch.float32 if name in keep else target
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+    model.config.dtype = target  # what config.json says the model is: its weights' dtype, not the load's
+
+
 def _check_arguments(adapter_dir: Path, out_dir: Path, dtype: str, overwrite: bool,
                      base: str | None) -> tuple[dict[str, Any], Path]:
     """(the adapter's manifest, its base's directory), with every argument checked from its files alone: a missing
@@ -194,8 +270,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     manifest, base = _check_arguments(adapter_dir, out_dir, dtype, overwrite, base)
     from transformers import AutoTokenizer
 
-    from llmfast.loading import from_pretrained, resize_for_adapter
-    from llmfast.models import attach_adapter
     from llmfast.quant import manifest_quantization
     from llmfast.serve.vllm_plugin import mark_relu_architecture
     from llmfast.sparse.derived import carried_sparsity, refuse_sparse_files
@@ -229,19 +303,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
 
         shapes = stored_shapes(base, f"re-create the model in {base}")
         check_space(out_dir, sum(math.prod(s) for s in shapes.values()) * torch_dtype(dtype).itemsize)
-    if quant is not None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = quant.quantizer.load_for_training(base, quant.config, dtype, device)
-        quant.quantizer.dequantize_for_merge(model, dtype)
-    else:
-        model = from_pretrained(base, dtype)  # a saved 4-bit artifact loads in its own format from its config
-        if own is not None:
-            own.quantizer.dequantize_for_merge(model, dtype)
-            quant = own
-    resize_for_adapter(model, adapter_dir)
-    merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
+    merged = _merge(base, adapter_dir, dtype, quant, own, _trained_in(manifest))
+    quant = quant or own
     _check_finite(merged, dtype)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base], guard=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
