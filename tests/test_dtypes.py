@@ -227,3 +227,24 @@ def test_export_in_bfloat16_keeps_float32_norms_and_rounds_each_merge_once(model
             merged += 1
         assert (np.abs(got[k].double().numpy() - ref) <= _bound(ref, scale, "BF16")).all(), k
     assert merged == 4
+
+
+def test_export_in_bfloat16_of_a_bfloat16_base_rounds_an_embedding_lora_once(tmp_path):
+    """A bfloat16 base exported in bfloat16 loads in bfloat16, but the layers its adapter changes merge in float32:
+    PEFT rounds a LoRA embedding's delta to the weight's dtype before adding it (s53: 28% of the embedding's entries
+    were a step off PEFT's float32 merge rounded once). Every weight here, a saved head (modules_to_save) too, is that
+    float32 merge rounded once, bit for bit."""
+    from llmfast.testing import build_tiny_llama
+    from tests.test_foreign_adapters import _make, _peft
+
+    base = _copy(build_tiny_llama(tmp_path / "untied", tie_word_embeddings=False), tmp_path / "bf16",
+                 lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()})
+    adapter = _make(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+                    modules_to_save=["lm_head"])
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "out"), "--dtype", "bfloat16")
+    assert code == 0, err
+    got, ref = load_file(tmp_path / "out" / "model.safetensors"), _peft(base, adapter)[1]
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    assert [k for k, v in got.items() if not torch.equal(v, ref[k].to(torch.bfloat16))] == []
+    stored = load_file(base / "model.safetensors")
+    assert not torch.equal(got["model.embed_tokens.weight"], stored["model.embed_tokens.weight"])  # it merged

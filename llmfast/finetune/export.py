@@ -172,10 +172,10 @@ def _check_finite(model: Any, dtype: str) -> None:
 
 
 def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, trained_in: str) -> Any:
-    """The adapter merged into its base in float32 (where the base is wider than `dtype`), on the CPU, each weight
-    then rounded to `dtype` once (as `_round_once` keeps or rounds it). A QLoRA base (`qlora`, the adapter's recorded
-    quantization) is quantized as it loads, in the dtype it was trained in (`trained_in`), a saved 4-bit one (`saved`,
-    its format) loads in it; either is dequantized to float32 layers for the merge."""
+    """The adapter merged into its base in float32 (the layers it changes; all of them where the base is wider than
+    `dtype`), on the CPU, each weight then rounded to `dtype` once (as `_round_once` keeps or rounds it). A QLoRA
+    base (`qlora`, the adapter's recorded quantization) is quantized as it loads, in the dtype it was trained in
+    (`trained_in`), a saved 4-bit one (`saved`, its format) loads in it; either is dequantized to float32 layers."""
     import torch
 
     from llmfast.loading import from_pretrained, resize_for_adapter
@@ -193,9 +193,36 @@ def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, tr
         for p in model.parameters():  # a LoRA on a layer left unquantized (an untied head) merges in float32 too
             p.data = p.data.float()  # (transformers refuses `.to` on a model that was loaded quantized)
     resize_for_adapter(model, adapter_dir)
+    _widen_changed(model, adapter_dir)
     merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
     _round_once(merged, dtype, _kept_float32(base, dtype))
     return merged
+
+
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
+                  "token_adapter", "modules_to_save")
+
+
+def _widen_changed(model: Any, adapter_dir: Path) -> None:
+    """The layers the adapter changes in float32 (a base loaded in a 16-bit --dtype keeps the rest in it), so each
+    merges in float32 and is rounded once: PEFT adds a LoRA embedding's delta rounded to the weight's dtype (28% of
+    a bfloat16 embedding's entries were then off the once-rounded sum). A layer is named by its adapter keys
+    (`...q_proj.lora_A.weight`, `...embed_tokens.token_adapter...`, a saved module's `lm_head.weight`)."""
+    from llmfast.modelfiles import safetensors_header
+
+    layers = set()
+    for key in safetensors_header(adapter_dir / "adapter_model.safetensors", "re-create the adapter"):
+        parts = key.removeprefix("base_model.model.").split(".")
+        cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
+        layers.add(".".join(parts[:cut]))
+    for name in sorted(layers - {""}):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:  # not this base's: attach_adapter names the misfit
+            continue
+        for p in layer.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
 
 
 def _trained_in(manifest: dict[str, Any]) -> str:
@@ -206,10 +233,10 @@ def _trained_in(manifest: dict[str, Any]) -> str:
 
 
 def _work_dtype(base: Path, dtype: str) -> str:
-    """The dtype a full-precision base loads and the adapter merges in: `dtype` only where the base stores every
-    floating-point tensor in it (nothing is rounded as it loads; PEFT adds its float32 delta in float32 and rounds the
-    sum once), else float32 (into which 16-bit weights widen exactly): loaded in a narrower dtype, each weight would
-    be rounded once as it loads and again once merged. The model is then in float32 in memory until rounded."""
+    """The dtype a full-precision base loads in: `dtype` only where the base stores every floating-point tensor in it
+    (nothing is rounded as it loads; `_widen_changed` merges the adapter's layers in float32), else float32 (into
+    which 16-bit weights widen exactly): loaded in a narrower dtype, each weight would be rounded once as it loads and
+    again once merged. The model is then in float32 in memory until rounded."""
     from llmfast.modelfiles import stored_floats
 
     if dtype == "float32":
