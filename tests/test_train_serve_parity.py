@@ -195,6 +195,13 @@ def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[s
     ex = encode_messages(load_tokenizer(model), CHAT)
     end = _learned_end(tok, ex)
     assert tok.convert_ids_to_tokens(end) == "<|im_end|>" and Vllm(model).stops() == {eos}  # vLLM's own reading
+    # export writes the stop into a merged artifact of that base (the base is left as it is)
+    from llmfast.finetune.export import export_merged
+
+    merged = export_merged(_adapter(model, tmp_path / "adapter"), tmp_path / "merged")
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+    assert Vllm(merged).stops() == {eos, end}
+    assert f"eos_token_id gains {end} (<|im_end|>), the chat template's end of a reply" in capsys.readouterr().err
     capsys.readouterr()
     prepare_spec(str(model))
     assert capsys.readouterr().err == (

@@ -22,7 +22,6 @@ from llmfast.artifacts import atomic_dir, check_output, check_space, read_manife
 from llmfast.errors import UserError
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _check_dtype(dtype: str) -> None:
@@ -297,7 +296,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     manifest, base = _check_arguments(adapter_dir, out_dir, dtype, overwrite, base)
     from transformers import AutoTokenizer
 
+    from llmfast.modelfiles import has_tokenizer
     from llmfast.quant import manifest_quantization
+    from llmfast.serve.stops import add_turn_end_stop
     from llmfast.serve.vllm_plugin import mark_relu_architecture
     from llmfast.sparse.derived import carried_sparsity, refuse_sparse_files
 
@@ -314,8 +315,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                         "to merge into: train the adapter on the full-precision model it came from")
     # Adapters shared by plain PEFT carry no tokenizer: then the base's is the one they were trained with. Loaded
     # before the merge, so a broken one is found before minutes of work.
-    has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
-    tokenizer_dir = adapter_dir if has_tokenizer else base
+    tokenizer_dir = adapter_dir if has_tokenizer(adapter_dir) else base
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - missing or corrupt tokenizer files: transformers' own errors
@@ -336,6 +336,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     with atomic_dir(out_dir, overwrite=overwrite, inputs=[adapter_dir, base], guard=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        stop = add_turn_end_stop(tmp, tokenizer)  # replies end where the fine-tune taught them to (vLLM, eval)
         mark_relu_architecture(tmp)  # a ReLU-fied Llama stays one (save_pretrained writes LlamaForCausalLM)
         write_manifest(tmp, stage="export", parents=[str(adapter_dir)], recipe={"dtype": dtype},
                        metrics=manifest.get("metrics", {}),
@@ -345,4 +346,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
 
     if (note := widened_note(base, out_dir, "--dtype")) is not None:  # a bfloat16 base exported in float32
         print(note, file=sys.stderr)
+    if stop is not None:
+        print(f"llmfast: note: {out_dir / 'generation_config.json'}: eos_token_id gains {stop} "
+              f"({tokenizer.convert_ids_to_tokens(stop)}), the chat template's end of a reply, which vLLM and "
+              "transformers would not stop at otherwise", file=sys.stderr)
     return out_dir
