@@ -3,7 +3,9 @@
 A kernel is one C file shipped inside the package. It is compiled with the machine's C compiler (`$CC`, else
 `cc`) for this very CPU (`-march=native`), into the llmfast cache (`$LLMFAST_CACHE/kernels`, default
 `~/.cache/llmfast/kernels`), under a name that hashes the source, the flags, the compiler's version and the CPU's
-feature flags, so a home directory shared by different machines never loads code built for another CPU. No
+feature flags, so a home directory shared by different machines never loads code built for another CPU, and ends
+with the hash of the library's own bytes, checked before it is loaded: dlopen maps a truncated file (a copy cut
+short, a crash before the disk caught up) without a word and the process died of SIGBUS at the first call. No
 compiler, a failed build, or `LLMFAST_NATIVE=0`: `load_kernel` returns None once, says why on stderr (unless
 the variable asked for it) and callers keep their torch path. Floating point is compiled strictly (no fast-math,
 no FMA contraction), so a kernel can promise the same bits as torch. Built and tested with gcc on Linux x86-64;
@@ -14,6 +16,7 @@ elsewhere a build that fails (Apple's clang has no `-fopenmp`) only keeps the to
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -57,30 +60,58 @@ def _say(message: str) -> None:
     print(f"llmfast: {message}", file=sys.stderr, flush=True)
 
 
-def _build(cc: list[str], flags: tuple[str, ...], source: Path, target: Path) -> bool:
-    """Compile `source` into `target`; says why and returns False when it cannot."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: two processes building at once both end with a whole file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
-        os.close(fd)
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _verified(directory: Path, prefix: str) -> Path | None:
+    """A library built earlier under `prefix` whose bytes are those it was built with (its name ends with their
+    hash); one that is not (cut short, spoiled) is removed, best effort, and built again by the caller."""
+    for path in sorted(directory.glob(f"{prefix}-*.so")):
         try:
-            # the absolute path: a source may include itself once per type (`#include __FILE__`)
-            done = subprocess.run([*cc, *flags, str(source.resolve()), "-o", tmp, "-lm"], capture_output=True,
-                                  text=True, timeout=300)
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
-                return False
-            os.chmod(tmp, 0o755)  # mkstemp made it 0600; a shared cache must be loadable by its other users
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            whole = _digest(path.read_bytes()) == path.stem[len(prefix) + 1:]
+        except OSError:  # unreadable here (another user's file in a shared cache): neither used nor removed
+            continue
+        if whole:
+            return path
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return None
+
+
+def _build(cc: list[str], flags: tuple[str, ...], source: Path, directory: Path, prefix: str) -> Path | None:
+    """Compile `source` into `directory`, named `prefix`-HASH.so; says why and returns None when it cannot."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: two processes building at once both end with a whole file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        _say(f"cannot write llmfast's kernel cache {directory} ({e.strerror or e}): set LLMFAST_CACHE to a folder "
+             f"you may write; {source.stem} runs on its slower torch path")
+        return None
+    try:
+        # the absolute path: a source may include itself once per type (`#include __FILE__`)
+        done = subprocess.run([*cc, *flags, str(source.resolve()), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
+            return None
+        data = Path(tmp).read_bytes()
+        if not data.startswith(b"\x7fELF"):  # `CC=true` exits 0 and writes nothing
+            _say(f"building {source.name} with {cc[0]} wrote no library: {source.stem} runs on its slower torch path")
+            return None
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600; a shared cache must be loadable by its other users
+        target = directory / f"{prefix}-{_digest(data)}.so"
+        os.replace(tmp, target)
+        return target
     except (OSError, subprocess.SubprocessError) as e:
         _say(f"building {source.name} failed ({e}): {source.stem} runs on its slower torch path")
-        return False
-    return True
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @lru_cache(maxsize=None)
@@ -107,18 +138,13 @@ def load_kernel(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL 
     flags = (*FLAGS, *extra_flags)
     key = hashlib.sha256(b"\0".join([text, " ".join([*cc[1:], *flags]).encode(), version.encode(),
                                       _cpu_flags().encode()]))
-    target = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    cached = target.exists()
-    if not cached and not _build(cc, flags, source, target):
+    directory = cache_dir() / "kernels"
+    prefix = f"{source.stem}-{key.hexdigest()[:16]}"
+    target = _verified(directory, prefix) or _build(cc, flags, source, directory, prefix)
+    if target is None:
         return None
     try:
         return ctypes.CDLL(str(target))
-    except OSError as e:
-        # A cached file that does not load (truncated by a full disk, copied from elsewhere) is built again once.
-        if cached and _build(cc, flags, source, target):
-            try:
-                return ctypes.CDLL(str(target))
-            except OSError as again:
-                e = again
+    except OSError as e:  # whole bytes that do not load (a cache on a noexec mount): building again would not help
         _say(f"loading {target} failed ({e}): {source.stem} runs on its slower torch path")
         return None
