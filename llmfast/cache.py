@@ -9,13 +9,17 @@ from llmfast.errors import UserError
 
 
 def cache_dir() -> Path:
-    """`$LLMFAST_CACHE`, else `~/.cache/llmfast`.
+    """`$LLMFAST_CACHE`, else `~/.cache/llmfast` (a one-line error where there is no home folder).
 
     A relative `$LLMFAST_CACHE` is refused: it would be another cache in each working folder, so models were
     converted again and, worse, the output locks kept there would not see each other across folders."""
     given = os.environ.get("LLMFAST_CACHE")
     if not given:
-        return Path.home() / ".cache" / "llmfast"
+        try:
+            return Path.home() / ".cache" / "llmfast"
+        except RuntimeError:  # HOME unset and this uid not in /etc/passwd (a container run as an arbitrary user)
+            raise UserError(f"no home folder to keep llmfast's cache in ($HOME is unset and uid {os.getuid()} has no "
+                            "entry in the user database): set LLMFAST_CACHE (or HOME) to an absolute folder") from None
     path = Path(given).expanduser()
     if not path.is_absolute():
         raise UserError(f"$LLMFAST_CACHE is the relative path {given!r}: give an absolute one (e.g. "
