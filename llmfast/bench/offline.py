@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmfast.errors import UserError
+from llmfast.process_exit import flush
 
 OFFLINE_ENGINES = {"vllm": "vllm-offline", "hf": "hf", "hf-sparse": "hf-sparse"}  # --engine word -> registered engine
 
@@ -116,5 +117,5 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     if args.output:
         atomic_write_json(args.output, result)
         print(f"result: {args.output}")
-    sys.stdout.flush()
+    flush(sys.stdout)  # None where stdout was closed (`>&-`): the results file is written, the run succeeded
     return result
