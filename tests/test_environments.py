@@ -1,0 +1,73 @@
+"""The user's machine is not CI's: a kernel cache cut short, no home folder, stdout closed (s53's environment audit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfast.cache import cache_dir
+from llmfast.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@pytest.mark.parametrize("size", [0, 4096])
+def test_a_cached_kernel_cut_short_is_built_again(tmp_path: Path, size: int) -> None:
+    """A library in the kernel cache cut short past its ELF header (a copied home folder, a crash before the disk
+    caught up) was loaded as it was: dlopen maps pages beyond the file's end and the process died of SIGBUS (exit
+    135, no message) in every verb that uses a kernel. Its bytes are checked against the hash in its name first."""
+    source = tmp_path / "plus_one.c"
+    source.write_text("static int table[1024] = {1};\nint plus_one(int x) { return x + table[0]; }\n")
+    run = [sys.executable, "-c", "import sys; from pathlib import Path; from llmfast.native import load_kernel; "
+           "print(load_kernel(Path(sys.argv[1])).plus_one(41))", str(source)]
+    env = {**os.environ, "LLMFAST_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    env.pop("LLMFAST_NATIVE", None)
+    first = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert (first.returncode, first.stdout, first.stderr) == (0, "42\n", "")
+    (built,) = (tmp_path / "cache" / "kernels").iterdir()
+    whole = built.read_bytes()
+    assert len(whole) > 3 * 4096  # past one page: a cut at 4096 leaves mapped segments beyond the end
+    os.truncate(built, size)
+    again = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "42\n", "")
+    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir()] == [built.name]
+    assert built.read_bytes() == whole  # built again, under the same name (its bytes' hash)
+
+
+def test_no_home_folder_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME unset for a uid the user database does not know (`docker run -u 1234`, `env -i`): Path.home() raised
+    RuntimeError, a traceback from every verb (each locks its output in the cache)."""
+    import pwd
+
+    def unknown(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("LLMFAST_CACHE", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    with pytest.raises(UserError, match=r"^no home folder to keep llmfast's cache in \(\$HOME is unset and uid \d+ "
+                                        r"has no entry in the user database\): set LLMFAST_CACHE \(or HOME\)"):
+        cache_dir()
+    monkeypatch.setenv("LLMFAST_CACHE", "/somewhere/cache")
+    assert cache_dir() == Path("/somewhere/cache")
+
+
+def test_bench_offline_with_stdout_closed_succeeds(tiny_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmfast bench offline ... >&-` (stdout closed: sys.stdout is None) wrote its results, then failed with an
+    AttributeError traceback (exit 1) flushing stdout."""
+    from llmfast.cli import main
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "stdout", None)
+    code = main(["bench", "offline", str(tiny_dir), "--engine", "hf", "--num-prompts", "1", "--random-input-len", "4",
+                 "--random-output-len", "2", "--ignore-eos", "--batch-size", "1", "--output", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["completed"] == 1
