@@ -57,7 +57,13 @@ def _compiler() -> list[str] | None:
 
 
 def _say(message: str) -> None:
-    print(f"llmfast: {message}", file=sys.stderr, flush=True)
+    """The note on a line of its own: a kernel is first built mid-run (eval's first forward), where a progress bar
+    is open on stderr and a plain print was appended to the bar's line."""
+    std = sys.modules.get("tqdm.std")
+    if std is not None and getattr(std.tqdm, "_instances", None):
+        std.tqdm.write(f"llmfast: {message}", file=sys.stderr)  # clears the bars, writes, repaints them
+    else:
+        print(f"llmfast: {message}", file=sys.stderr, flush=True)
 
 
 def _digest(data: bytes) -> str:
@@ -95,7 +101,9 @@ def _build(cc: list[str], flags: tuple[str, ...], source: Path, directory: Path,
         done = subprocess.run([*cc, *flags, str(source.resolve()), "-o", tmp, "-lm"], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            # the line that says what failed ("Assembler messages:" came first where the assembler met a full TMPDIR)
+            first = next((line for line in lines if "error" in line.lower()), lines[0])
             _say(f"building {source.name} failed ({first}): {source.stem} runs on its slower torch path")
             return None
         data = Path(tmp).read_bytes()

@@ -71,3 +71,46 @@ def test_bench_offline_with_stdout_closed_succeeds(tiny_dir: Path, tmp_path: Pat
                  "--random-output-len", "2", "--ignore-eos", "--batch-size", "1", "--output", str(out)])
     assert code == 0
     assert json.loads(out.read_text())["completed"] == 1
+
+
+def test_a_failed_build_names_the_compilers_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """gcc with a full TMPDIR: the assembler's first line is 'Assembler messages:', its error the next; the note
+    named only the first."""
+    from llmfast import native
+
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1; exit 0; }\n"
+                  "echo '/tmp/x/ccAB.s: Assembler messages:' >&2\n"
+                  "echo '/tmp/x/ccAB.s: Fatal error: cannot write 4 bytes: No space left on device' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    source = tmp_path / "k.c"
+    source.write_text("int k(void) { return 1; }\n")
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMFAST_NATIVE", raising=False)
+    assert native.load_kernel.__wrapped__(source) is None  # type: ignore[attr-defined]
+    assert capsys.readouterr().err == ("llmfast: building k.c failed (/tmp/x/ccAB.s: Fatal error: cannot write 4 bytes: "
+                                       "No space left on device): k runs on its slower torch path\n")
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
+def test_a_kernel_note_under_an_open_progress_bar_is_a_line_of_its_own(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A kernel is built at eval's first forward, under its open bar: the note was appended to the bar's line
+    ('dates:   0%|          | 0/4 [00:00<?, ?ex/s]llmfast: no C compiler ...')."""
+    import re
+
+    from tqdm import tqdm
+
+    from llmfast import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.delenv("LLMFAST_NATIVE", raising=False)
+    with tqdm(total=4, desc="dates", file=sys.stderr) as bar:
+        bar.update()
+        assert native.load_kernel.__wrapped__(tmp_path / "k.c") is None  # type: ignore[attr-defined]
+    err = capsys.readouterr().err
+    assert re.search(r"(^|[\r\n])llmfast: no C compiler \(set CC or install cc\): k runs on its slower torch path\n",
+                     err), err
