@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +272,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors
+        if isinstance(e, UnicodeEncodeError) and "surrogates" in str(e):  # the path, not the files
+            raise UserError(f"{path}: the tokenizers library cannot open a path that is not ASCII while Python runs "
+                            f"with the {sys.getfilesystemencoding()} file-name encoding (an ASCII locale with "
+                            "PYTHONUTF8=0): run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8), or move the model to an ASCII "
+                            "path") from None
         raise UserError(f"{path}: transformers cannot load its tokenizer ({type(e).__name__}: "
                         f"{first_line(e)}): restore tokenizer.json and tokenizer_config.json "
                         "(e.g. from the model it was made from)") from None

@@ -114,3 +114,18 @@ def test_a_kernel_note_under_an_open_progress_bar_is_a_line_of_its_own(tmp_path:
     err = capsys.readouterr().err
     assert re.search(r"(^|[\r\n])llmfast: no C compiler \(set CC or install cc\): k runs on its slower torch path\n",
                      err), err
+
+
+def test_a_non_ascii_model_path_under_an_ascii_locale_says_what_to_do(tiny_dir: Path, tmp_path: Path) -> None:
+    """LC_ALL=C with PYTHONUTF8=0 (file names decoded as ASCII, surrogate-escaped): the Rust tokenizers library
+    cannot be handed such a path, and the error said to restore the tokenizer's files, which were fine."""
+    model = tmp_path / "modèle"
+    shutil.copytree(tiny_dir, model)
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", "import sys; from llmfast.models import load_tokenizer\n"
+                        "try: load_tokenizer(sys.argv[1])\nexcept Exception as e: print(e)", str(model)],
+                       env=env, capture_output=True, text=True, errors="replace")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.endswith("the tokenizers library cannot open a path that is not ASCII while Python runs with the "
+                             "ascii file-name encoding (an ASCII locale with PYTHONUTF8=0): run with PYTHONUTF8=1 (or "
+                             "LC_ALL=C.UTF-8), or move the model to an ASCII path\n"), p.stdout
