@@ -175,7 +175,15 @@ def _download_from_hub(repo_id: str) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
+        # Hugging Face's own cache (HF_HUB_CACHE / HF_HOME, as transformers and vLLM use it): a model the user already
+        # has is neither fetched again nor, offline, refused; llmfast's older hub/ folder is still read offline.
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception:
+            older = cache_dir() / "hub"
+            if not (older / f"models--{repo_id.replace('/', '--')}").is_dir():
+                raise
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=older, local_files_only=True))
     except Exception as e:  # offline, unknown repo, gated: all one line for the user
         raise UserError(
             f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}): "

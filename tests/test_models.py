@@ -565,3 +565,23 @@ def test_a_bfloat16_conversion_never_holds_the_float32_weights(tmp_path):
         got = f.get_tensor("model.layers.3.mlp.down_proj.weight")
     t = next(t for t in GGUFReader(gguf).tensors if t.name == "blk.3.ffn_down.weight")
     assert torch.equal(got, torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.bfloat16))
+
+
+def test_a_hub_id_in_hugging_faces_own_cache_resolves_offline(tiny_dir, tmp_path):
+    """A model the user already has in Hugging Face's cache (HF_HUB_CACHE) is used as it is, offline: llmfast
+    looked only in its own hub/ folder, so it said it could not fetch it (and online fetched it again)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "models--someorg--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "llmfast", "models", "--prepare", "someorg/tiny"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"someorg/tiny: {snap} (LlamaForCausalLM, 2 layers"), p.stdout
