@@ -9,12 +9,16 @@ from llmfast.errors import UserError
 
 
 def cache_dir() -> Path:
-    """`$LLMFAST_CACHE`, else `~/.cache/llmfast` (a one-line error where there is no home folder).
+    """`$LLMFAST_CACHE`, else `$XDG_CACHE_HOME/llmfast` (an absolute one, as the XDG spec says), else
+    `~/.cache/llmfast` (a one-line error where there is no home folder).
 
     A relative `$LLMFAST_CACHE` is refused: it would be another cache in each working folder, so models were
     converted again and, worse, the output locks kept there would not see each other across folders."""
     given = os.environ.get("LLMFAST_CACHE")
     if not given:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        if os.path.isabs(xdg):  # a user who moved their caches off a small home folder: ours goes there too
+            return Path(xdg) / "llmfast"
         try:
             return Path.home() / ".cache" / "llmfast"
         except RuntimeError:  # HOME unset and this uid not in /etc/passwd (a container run as an arbitrary user)

@@ -15,7 +15,20 @@ def test_an_empty_cache_variable_is_the_default_cache(monkeypatch: pytest.Monkey
     """`LLMFAST_CACHE= llmfast ...` (set, empty) is the shell's way to unset it: the default cache, not a refusal of
     a relative path '' (s46's mutation audit)."""
     monkeypatch.setenv("LLMFAST_CACHE", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_dir() == Path.home() / ".cache" / "llmfast"
+
+
+def test_the_default_cache_follows_xdg_cache_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A user who moved their caches (XDG_CACHE_HOME) off a small home folder: llmfast's goes there too; a relative
+    value is ignored, as the XDG spec says; LLMFAST_CACHE still wins."""
+    monkeypatch.delenv("LLMFAST_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "llmfast"
+    monkeypatch.setenv("XDG_CACHE_HOME", "rel/cache")
+    assert cache_dir() == Path.home() / ".cache" / "llmfast"
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
