@@ -222,12 +222,14 @@ def refuse_model_code(path: Path, cfg: dict[str, Any]) -> None:
                         "saved with classes transformers has (its own model_type and tokenizer_class)")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# a tokenizer's vocabulary, in the files transformers builds one from (fast, SentencePiece, GPT-2's, WordPiece's)
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def has_tokenizer(directory: Path) -> bool:
-    """Whether a folder holds a tokenizer of its own (an adapter saved with the one it was trained with)."""
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+    """Whether a folder holds a tokenizer of its own (an adapter saved with the one it was trained with): a
+    vocabulary, not a tokenizer_config.json alone (some adapters carry only that one), which no tokenizer loads from."""
+    return any((directory / name).is_file() for name in VOCABULARY_FILES)
 
 
 def check_adapter_dir(path: str | os.PathLike[str]) -> Path:

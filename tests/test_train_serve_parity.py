@@ -242,6 +242,27 @@ def test_eval_prompts_a_task_row_as_its_fine_tune_trained_on_it(models: dict[str
     assert seen[0] == ex.input_ids[:_reply_start(ex.labels)] == Vllm(models[family]).chat_ids(row["messages"][:1])
 
 
+QWEN3_TEMPLATE = (  # Qwen3's, its reasoning and tool parts left out: the last reply opens with an empty think block
+    "{%- for message in messages %}{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content }}{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_reply_opened_with_added_tokens_ends_at_its_turn_end(models: dict[str, Path]) -> None:
+    """Qwen3's template opens the reply it trains on with `<think>\\n\\n</think>` (added tokens, learned): the reply
+    ends at <|im_end|>, which vLLM stops at, so nothing is noted; <think> is no stop (added as one, every reply
+    would end before its first word)."""
+    tok = load_tokenizer(models["chatml"])
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3_TEMPLATE
+    ex = encode_messages(tok, CHAT[:2])  # one exchange: Qwen3's thinks only after the last user turn
+    assert tok.convert_ids_to_tokens(ex.input_ids[_reply_start(ex.labels)]) == "<think>"
+    assert turn_end(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    assert unstopped_note(models["chatml"], tok) is None
+
+
 def test_eval_stops_where_vllm_stops(tmp_path: Path):
     """A Llama 3 fixed the common way (tokenizer eos_token <|eot_id|>, generation_config still <|end_of_text|>):
     vLLM stops at both, so eval's transformers generation must too, or its answers run on past the reply."""
@@ -293,3 +314,9 @@ def test_eval_of_an_adapter_prompts_with_the_adapters_own_template(tmp_path: Pat
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["mine"]["accuracy"] == 1.0
+    # an adapter with a tokenizer_config.json and no vocabulary: no tokenizer loads from it, so the base's is used
+    for f in ("tokenizer.json", "chat_template.jinja", "special_tokens_map.json"):
+        (adapter / f).unlink(missing_ok=True)
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r2.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "r2.json").read_text())["tasks"]["mine"]["accuracy"] == 0.0  # the base's template

@@ -21,8 +21,10 @@ _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "H
 
 
 def turn_end(tokenizer: "PreTrainedTokenizerBase") -> int | None:
-    """The first added token finetune learns after a reply (its end of turn), or None: no chat template, a template
-    that refuses a plain user/assistant exchange, or one that ends the turn with text alone."""
+    """The first added token finetune learns after a reply's text (its end of turn), or None: no chat template, a
+    template that refuses a plain user/assistant exchange, or one that ends the turn with text alone. After the text:
+    a template may open the reply with added tokens of its own (Qwen3's `<think>\n\n</think>\n\n`), which are
+    learned too but are not where the reply ends."""
     from llmfast.data.chat import IGNORE, encode_messages
 
     if not getattr(tokenizer, "chat_template", None):
@@ -31,8 +33,13 @@ def turn_end(tokenizer: "PreTrainedTokenizerBase") -> int | None:
         ex = encode_messages(tokenizer, _PROBE)
     except UserError:
         return None
+    learned = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    reply = _PROBE[-1]["content"]
+    end = next((k for k in range(1, len(learned) + 1) if reply in tokenizer.decode(learned[:k])), None)
+    if end is None:  # a template that does not write the reply's text as given
+        return None
     added = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
-    return next((t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE and t in added), None)
+    return next((t for t in learned[end:] if t in added), None)
 
 
 def stop_ids(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> set[int]:
