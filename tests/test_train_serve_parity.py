@@ -159,6 +159,12 @@ def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
     assert str(e.value) == (f"LoRA 'chatml' was trained with another chat template than the served model {base} has, "
                             "and vLLM formats every adapter's chats with the served model's "
                             f"({chatml}): merge it with `llmfast export` and serve the merged model")
+    # vLLM given its own --chat-template renders every chat with that one, not the base's: the choice is the user's
+    from llmfast.serve.server import prepare_spec
+
+    spec = prepare_spec(str(base), loras=[f"chatml={chatml}"],
+                        extra_args=["--chat_template=" + str(chatml / "chat_template.jinja")])
+    assert [a.name for a in spec.loras] == ["chatml"]
     trained = encode_messages(load_tokenizer(chatml), CHAT)
     prompt = trained.input_ids[:_reply_start(trained.labels)]
     assert Vllm(base).chat_ids(CHAT[:-1]) != prompt  # what --lora would have served it

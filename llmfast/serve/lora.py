@@ -54,9 +54,10 @@ def _architecture(model_dir: Path) -> tuple[object, ...]:
 
 
 def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None,
-               for_vllm: bool = True) -> ServedLora:
+               for_vllm: bool = True, template_given: bool = False) -> ServedLora:
     """Check an adapter before vLLM loads it: a PEFT LoRA directory, a rank vLLM serves, no DoRA. With
-    `for_vllm` False (transformers runs it) what only vLLM refuses is recorded in `vllm_refusal` instead."""
+    `for_vllm` False (transformers runs it) what only vLLM refuses is recorded in `vllm_refusal` instead.
+    `template_given`: vLLM is given its own --chat-template, which it renders every chat with (the base's is not)."""
     from llmfast.models import adapter_dir
 
     p = adapter_dir(path)
@@ -97,7 +98,7 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     except UserError as e:
         raise UserError(f"LoRA '{name}': {e}") from None
     if refusal is None:
-        refusal = _unreadable_tensors(name, p, base) or _other_tokenizer(name, p, base)
+        refusal = _unreadable_tensors(name, p, base) or _other_tokenizer(name, p, base, template_given)
         if refusal and for_vllm:
             raise UserError(f"{refusal} ({p}): merge it with `llmfast export` and serve the merged model")
     if base is not None:
@@ -159,14 +160,15 @@ def _added_tokens(folder: Path) -> dict[str, int]:
         return {}
 
 
-def _other_tokenizer(name: str, p: Path, base: Path | None) -> str | None:
+def _other_tokenizer(name: str, p: Path, base: Path | None, template_given: bool = False) -> str | None:
     """vLLM renders and tokenizes every adapter's requests with the served model's tokenizer and chat template, not
     the adapter's: an adapter saved with another template (a tool's `chat_template:` setting) or with tokens added
     in training would be served chats in a format it was not trained on, its new tokens split into pieces. An
-    export keeps the adapter's tokenizer (finetune/export.py), so the merged model serves right."""
+    export keeps the adapter's tokenizer (finetune/export.py), so the merged model serves right. With vLLM's own
+    --chat-template given, which template the adapter gets is the user's choice: only the tokens are compared."""
     if base is None:
         return None
-    mine = _chat_template(p)
+    mine = None if template_given else _chat_template(p)
     if mine and mine != _chat_template(base):
         return (f"LoRA '{name}' was trained with another chat template than the served model {base} has, and vLLM "
                 "formats every adapter's chats with the served model's")

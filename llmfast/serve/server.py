@@ -364,7 +364,8 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     if needed and kwargs.get("dtype") in ("float32", "float"):  # vLLM: "not supported for quantization method inc"
         raise UserError(f"--dtype {kwargs['dtype']}: vLLM runs the quantized weights of {model_dir} on a CPU in 16 "
                         f"bits only: use --dtype {needed}, or leave --dtype out")
-    adapters = [check_lora(*parse_lora(s), base=model_dir) for s in (loras or [])]
+    template = any(a.split("=")[0].replace("_", "-") == "--chat-template" for a in extra)  # vLLM's, for every chat
+    adapters = [check_lora(*parse_lora(s), base=model_dir, template_given=template) for s in (loras or [])]
     if note := _unstopped(model_dir):
         print(note, file=sys.stderr)
     names = [a.name for a in adapters]
