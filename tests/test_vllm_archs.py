@@ -81,7 +81,7 @@ def test_biogpt_is_a_transformers_class_vllm_lacks() -> None:
     assert "BioGptForCausalLM" not in vllm_architectures() and hasattr(transformers, "BioGptForCausalLM")
 
 
-def test_plugins_vllm_loads_decide(fresh, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_plugins_vllm_loads_decide(fresh, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, foo_dir: Path) -> None:
     """VLLM_PLUGINS naming other plugins leaves ours out (vLLM refuses our ReLU Llama then); another installed plugin
     may register any name, so nothing is refused."""
     from llmfast.serve.vllm_archs import unserved_architecture, vllm_architectures
@@ -89,6 +89,15 @@ def test_plugins_vllm_loads_decide(fresh, monkeypatch: pytest.MonkeyPatch, tmp_p
 
     monkeypatch.setenv("VLLM_PLUGINS", "someone_else")
     assert unserved_architecture({"architectures": [ARCHITECTURE]}) == ARCHITECTURE
+    relu = tmp_path / "relu"  # serve's line says what loads our plugin, not to use another vLLM
+    shutil.copytree(foo_dir, relu)
+    cfg = json.loads((relu / "config.json").read_text())
+    (relu / "config.json").write_text(json.dumps({**cfg, "architectures": [ARCHITECTURE]}))
+    code, _, err = run_cli("serve", str(relu), "--port", "0")
+    assert code == 2 and err.strip() == (
+        f"llmfast: error: {relu}: its config.json names llmfast's ReLU Llama ({ARCHITECTURE}), which vLLM serves "
+        "through llmfast's plugin, and vLLM would not load that plugin: install llmfast (`pip install -e .` in its "
+        "checkout registers it), and leave VLLM_PLUGINS unset or list llmfast_relu_llama in it")
     monkeypatch.delenv("VLLM_PLUGINS")
     vllm_architectures.cache_clear()
     info = tmp_path / "other_plugin-1.0.dist-info"  # a real installed distribution's metadata, on sys.path

@@ -109,6 +109,7 @@ def vllm_architecture_refusal(model_dir: Path, extra_args: list[str] | None = No
     from llmfast.errors import UserError
     from llmfast.modelfiles import describe_model_dir
     from llmfast.serve.vllm_archs import unserved_architecture
+    from llmfast.serve.vllm_plugin import ARCHITECTURE
 
     try:
         config = describe_model_dir(Path(model_dir))["config"]
@@ -117,7 +118,12 @@ def vllm_architecture_refusal(model_dir: Path, extra_args: list[str] | None = No
     if not config.get("architectures"):
         return ("its config.json names no `architectures`, from which vLLM picks the model's class (it would run "
                 "the bare model, without its head): add the class, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
-    if arch := unserved_architecture(config, extra_args):
+    arch = unserved_architecture(config, extra_args)
+    if arch == ARCHITECTURE:  # ours: vLLM has it through our plugin, which it would not load
+        return (f"its config.json names llmfast's ReLU Llama ({arch}), which vLLM serves through llmfast's plugin, "
+                "and vLLM would not load that plugin: install llmfast (`pip install -e .` in its checkout registers "
+                "it), and leave VLLM_PLUGINS unset or list llmfast_relu_llama in it")
+    if arch:
         return (f"its config.json names the architecture {arch}, for which this vLLM has no model class: run it on "
                 "transformers (`bench run` measures it there, `bench offline --engine hf`), or use a vLLM that has "
                 "that class")
