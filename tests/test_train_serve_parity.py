@@ -172,6 +172,9 @@ def test_an_adapter_with_its_own_template_or_tokens_is_refused_for_lora_serving(
     grown = tmp_path / "grown"
     shutil.copytree(adapter, grown)
     tok = load_tokenizer(grown)
+    tok.add_special_tokens({"pad_token": "[PAD]"})  # a pad token added to train with: no request holds it
+    tok.save_pretrained(grown)
+    assert check_lora("grown", grown, base=base).name == "grown"
     tok.add_tokens(["<|tool|>"])
     tok.save_pretrained(grown)
     new = tok.convert_tokens_to_ids("<|tool|>")

@@ -160,6 +160,19 @@ def _added_tokens(folder: Path) -> dict[str, int]:
         return {}
 
 
+def _pad_token(folder: Path) -> str | None:
+    """The pad token a tokenizer folder names (tokenizer_config.json, else special_tokens_map.json), or None."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            pad = json.loads((folder / name).read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str):
+            return pad
+    return None
+
+
 def _other_tokenizer(name: str, p: Path, base: Path | None, template_given: bool = False) -> str | None:
     """vLLM renders and tokenizes every adapter's requests with the served model's tokenizer and chat template, not
     the adapter's: an adapter saved with another template (a tool's `chat_template:` setting) or with tokens added
@@ -172,7 +185,10 @@ def _other_tokenizer(name: str, p: Path, base: Path | None, template_given: bool
     if mine and mine != _chat_template(base):
         return (f"LoRA '{name}' was trained with another chat template than the served model {base} has, and vLLM "
                 "formats every adapter's chats with the served model's")
-    new = sorted(set(_added_tokens(p).items()) - set(_added_tokens(base).items()))
+    # a pad token added for training (a common script's `add_special_tokens({"pad_token": "[PAD]"})`) is in no
+    # request: vLLM pads nothing, and no reply ends on it
+    new = sorted((t, i) for t, i in set(_added_tokens(p).items()) - set(_added_tokens(base).items())
+                 if t != _pad_token(p))
     if new and (base / "tokenizer.json").is_file():
         return (f"LoRA '{name}' has tokens the served model's tokenizer lacks ({new[0][0]!r}, id {new[0][1]}; "
                 f"{len(new)} in all), and vLLM tokenizes every adapter's requests with the served model's")
