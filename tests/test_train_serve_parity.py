@@ -272,6 +272,15 @@ def test_a_reply_opened_with_added_tokens_ends_at_its_turn_end(models: dict[str,
     assert unstopped_note(models["chatml"], tok) is None
 
 
+def test_a_model_with_no_stop_at_all_is_noted_readably(models: dict[str, Path], tmp_path: Path) -> None:
+    """No eos_token and no eos_token_id anywhere: vLLM stops at nothing, and the note says so."""
+    tok = load_tokenizer(models["chatml"])
+    tok.eos_token = None
+    (tmp_path / "generation_config.json").write_text("{}", encoding="utf-8")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert f"(id {end}), which vLLM does not stop at (only at no id: the tokenizer's" in unstopped_note(tmp_path, tok)
+
+
 def test_eval_stops_where_vllm_stops(tmp_path: Path):
     """A Llama 3 fixed the common way (tokenizer eos_token <|eot_id|>, generation_config still <|end_of_text|>):
     vLLM stops at both, so eval's transformers generation must too, or its answers run on past the reply."""

@@ -64,7 +64,7 @@ def unstopped_note(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> str
         return None
     name = tokenizer.convert_ids_to_tokens(end)
     return (f"llmfast: note: {model_dir}'s chat template ends a reply with {name} (id {end}), which vLLM does not "
-            f"stop at (only at {', '.join(map(str, sorted(stops)))}: the tokenizer's eos_token and "
+            f"stop at (only at {', '.join(map(str, sorted(stops))) or 'no id'}: the tokenizer's eos_token and "
             f"generation_config.json's eos_token_id): a reply fine-tuned on that template runs on to max_tokens; add "
             f"{end} to eos_token_id in {model_dir / 'generation_config.json'}")
 
