@@ -191,6 +191,7 @@ def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[s
     from transformers import AutoTokenizer
 
     from llmfast.serve.server import prepare_spec
+    from llmfast.testing import CHATML_TEMPLATE
 
     model = tmp_path / "qwen-base"
     shutil.copytree(models["chatml"], model)
@@ -219,6 +220,11 @@ def test_a_template_whose_turn_end_vllm_does_not_stop_at_is_noted(models: dict[s
         f"on that template runs on to max_tokens; add {end} to eos_token_id in {model / 'generation_config.json'}\n")
     prepare_spec(str(models["chatml"]))
     assert capsys.readouterr().err == ""
+    # vLLM's own --chat-template is the one it renders chats with: its turn end is the one judged
+    given = tmp_path / "given.jinja"
+    given.write_text(CHATML_TEMPLATE.replace("<|im_end|>", "<|endoftext|>"), encoding="utf-8")
+    prepare_spec(str(models["chatml"]), extra_args=["--chat-template", str(given)])
+    assert "'s chat template ends a reply with <|endoftext|>" in capsys.readouterr().err
     # what export can write into the merged artifact (serve/stops.add_turn_end_stop): vLLM and eval then stop there
     from llmfast.models import load_model
     from llmfast.serve.stops import add_turn_end_stop

@@ -31,6 +31,7 @@ from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 from llmfast.serve.parallel import check_parallel
+from llmfast.serve.stops import given_template, served_note
 from llmfast.serve.vllm_flags import UNWAITABLE, local_data_parallel, may_matter, parse, uncompiled
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
@@ -364,26 +365,14 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
     if needed and kwargs.get("dtype") in ("float32", "float"):  # vLLM: "not supported for quantization method inc"
         raise UserError(f"--dtype {kwargs['dtype']}: vLLM runs the quantized weights of {model_dir} on a CPU in 16 "
                         f"bits only: use --dtype {needed}, or leave --dtype out")
-    template = any(a.split("=")[0].replace("_", "-") == "--chat-template" for a in extra)  # vLLM's, for every chat
-    adapters = [check_lora(*parse_lora(s), base=model_dir, template_given=template) for s in (loras or [])]
-    if note := _unstopped(model_dir):
+    template = given_template(extra)  # vLLM's own, for every chat: not the folder's
+    adapters = [check_lora(*parse_lora(s), base=model_dir, template_given=template is not None) for s in (loras or [])]
+    if note := served_note(model_dir, template):
         print(note, file=sys.stderr)
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--lora names must differ: {', '.join(names)}")
     return ServerSpec(model=model_dir, loras=adapters, found=(machine, needed), data_parallel_size=data, **kwargs)
-
-
-def _unstopped(model_dir: Path) -> str | None:
-    """serve/stops.py's note: chat replies (the model's own, and every adapter's) would not stop at their end of turn.
-    A tokenizer transformers cannot load is left to vLLM's own error."""
-    from llmfast.models import load_tokenizer
-    from llmfast.serve.stops import unstopped_note
-
-    try:
-        return unstopped_note(model_dir, load_tokenizer(model_dir))
-    except UserError:
-        return None
 
 
 def _check_servable_quantization(model_dir: Path, manifest: dict[str, Any]) -> None:

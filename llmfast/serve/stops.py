@@ -87,3 +87,32 @@ def add_turn_end_stop(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> 
     gen = read_json_file(path, "generation config", "restore it") if path.is_file() else {}
     path.write_text(json.dumps({**gen, "eos_token_id": [*ids, end]}, indent=2) + "\n", encoding="utf-8")
     return end
+
+
+def given_template(extra: list[str]) -> str | None:
+    """The chat template given to vLLM after -- (`--chat-template`: a file, read, or the template itself, as vLLM
+    takes it), or None."""
+    for i, arg in enumerate(extra):
+        flag, eq, value = arg.partition("=")
+        if flag.replace("_", "-") == "--chat-template":
+            value = value if eq else (extra[i + 1] if i + 1 < len(extra) else "")
+            try:
+                return Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+            except (OSError, UnicodeDecodeError):  # a template too long for a file name; an unreadable file: vLLM's
+                return value
+    return None
+
+
+def served_note(model_dir: Path, template: str | None = None) -> str | None:
+    """`unstopped_note` for `llmfast serve`: chat replies (the model's own, and every adapter's) would not stop at
+    their end of turn, under the folder's chat template or `template` (vLLM's --chat-template). A tokenizer
+    transformers cannot load is left to vLLM's own error."""
+    from llmfast.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        if template is not None:
+            tokenizer.chat_template = template
+        return unstopped_note(model_dir, tokenizer)
+    except UserError:
+        return None
