@@ -344,3 +344,16 @@ def test_eval_of_an_adapter_prompts_with_the_adapters_own_template(tmp_path: Pat
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r2.json"))
     assert code == 0, err
     assert json.loads((tmp_path / "r2.json").read_text())["tasks"]["mine"]["accuracy"] == 0.0  # the base's template
+
+
+def test_the_turn_end_note_costs_no_transformers_import_where_the_template_writes_the_eos(builtin_dir: Path):
+    """SmolLM2's template ends each turn with its EOS token written out: the note is known from the files, so
+    `serve` does not import transformers (~4 s here) before vLLM starts; a template that does not is checked in full
+    (the Qwen2.5-base case above)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from llmfast.serve.stops import served_note; "
+            "print(served_note(Path(sys.argv[1])), 'transformers' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(builtin_dir)], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "None False\n", p.stderr[-2000:]

@@ -103,16 +103,36 @@ def given_template(extra: list[str]) -> str | None:
     return None
 
 
+def _eos_written_in_template(model_dir: Path, template: str | None) -> bool:
+    """The common case, read from the files alone: the template writes the tokenizer's EOS token itself (SmolLM2's
+    and Llama 3 Instruct's end every turn with it), so its replies stop where vLLM stops. Skips the note's ~4 s of
+    importing transformers and rendering before vLLM starts; anything else takes the full check."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        jinja = model_dir / "chat_template.jinja"
+        text = template if template is not None else (
+            jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template"))
+    except (OSError, ValueError):
+        return False
+    eos = cfg.get("eos_token") if isinstance(cfg, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return isinstance(eos, str) and bool(eos) and isinstance(text, str) and eos in text
+
+
 def served_note(model_dir: Path, template: str | None = None) -> str | None:
     """`unstopped_note` for `llmfast serve`: chat replies (the model's own, and every adapter's) would not stop at
     their end of turn, under the folder's chat template or `template` (vLLM's --chat-template). A tokenizer
     transformers cannot load is left to vLLM's own error."""
     from llmfast.models import load_tokenizer
 
+    if _eos_written_in_template(model_dir, template):
+        return None
     try:
         tokenizer = load_tokenizer(model_dir)
         if template is not None:
             tokenizer.chat_template = template
         return unstopped_note(model_dir, tokenizer)
-    except UserError:
+    except Exception:  # noqa: BLE001 - an advisory note never stops a serve: an odd template is vLLM's to judge
         return None
