@@ -287,6 +287,29 @@ def test_a_qlora_export_is_its_nf4_base_plus_the_delta_rounded_once(tmp_path, ti
     assert checked == 4  # q_proj and v_proj of both layers
 
 
+def test_a_qlora_merge_holds_one_layer_in_float32_at_a_time(tiny_dir, peft_adapter):
+    """A QLoRA export decodes its NF4 base in float32 one layer at a time, rounding each to --dtype before the next
+    (s53: the whole model was decoded to float32 first, twice the memory of the bfloat16 model it writes). After
+    each LoRA layer's merge, the float32 weights held (bytes of storage; LoRA's own A and B aside) are that layer's
+    plus a 4-byte stand-in for each changed layer still in 4 bits; the merged model is all bfloat16."""
+    from llmfast.finetune.export import _merge
+    from llmfast.quant import manifest_quantization
+
+    quant = manifest_quantization({"quantization": {"method": "bnb4", "type": "nf4", "double_quant": True}})
+    held = []
+
+    def count(model):
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for name, p in
+                    model.named_parameters() if p.dtype == torch.float32 and ".lora_" not in name}
+        held.append(sum(storages.values()))
+
+    merged = _merge(tiny_dir, peft_adapter, "bfloat16", quant, None, "float32", on_layer=count)
+    attn = merged.model.layers[0].self_attn
+    q, v = (layer.weight.numel() * 4 for layer in (attn.q_proj, attn.v_proj))
+    assert held == [q + 3 * 4, v + 2 * 4, q + 4, v]  # layer 0's q_proj, v_proj, then layer 1's
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
 def test_a_gpt2_adapter_merges_to_what_export_writes(tmp_path, tiny_dir):
     """GPT-2 keeps its projections in Conv1D layers (weights stored inputs by outputs), so PEFT's adapter is
     fan_in_fan_out and its delta is (B @ A).T; merge refused such adapters outright (found by driving every verb on

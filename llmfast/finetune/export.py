@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,16 +171,21 @@ def _check_finite(model: Any, dtype: str) -> None:
             raise UserError(f"{name} is not finite once merged in {dtype}: {fix}")
 
 
-def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, trained_in: str) -> Any:
+def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, trained_in: str,
+           on_layer: Callable[[Any], None] | None = None) -> Any:
     """The adapter merged into its base in float32 (the layers it changes; all of them where the base is wider than
     `dtype`), on the CPU, each weight then rounded to `dtype` once (as `_round_once` keeps or rounds it). A QLoRA
     base (`qlora`, the adapter's recorded quantization) is quantized as it loads, in the dtype it was trained in
-    (`trained_in`), a saved 4-bit one (`saved`, its format) loads in it; either is dequantized to float32 layers."""
+    (`trained_in`), a saved 4-bit one (`saved`, its format) loads in it; either is dequantized one layer at a time,
+    each decoded in float32 and rounded before the next, a changed one once merged: the model is held in `dtype`
+    plus one float32 layer, not whole in float32 (a 7B: 14 GB in bfloat16, not 28). `on_layer(model)` is called
+    after each layer's merge, before it is rounded (a test counts the float32 bytes then held)."""
     import torch
 
     from llmfast.loading import from_pretrained, resize_for_adapter
     from llmfast.models import attach_adapter
 
+    keep, changed = _kept_float32(base, dtype), _changed_layers(adapter_dir)
     if qlora is not None:
         # its NF4 codes, scales and what is not quantized are the trained model's only when loaded in the training's
         # dtype: quantized from float32 rather than bfloat16 weights, 89% of SmolLM2-135M's decoded weights differ
@@ -187,34 +193,85 @@ def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, tr
                                                   "cuda" if torch.cuda.is_available() else "cpu")
     else:
         model = from_pretrained(base, "float32" if saved is not None else _work_dtype(base, dtype))
-    if qlora is not None or saved is not None:  # decoded as bitsandbytes decodes it for training, then widened
-        (qlora or saved).quantizer.dequantize_for_merge(model, "float32")
-        for p in model.parameters():  # a LoRA on a layer left unquantized (an untied head) merges in float32 too
-            p.data = p.data.float()  # (transformers refuses `.to` on a model that was loaded quantized)
-    resize_for_adapter(model, adapter_dir)
-    _widen_changed(model, adapter_dir)
-    merged = attach_adapter(model, adapter_dir, base).merge_and_unload().to("cpu")
-    _round_once(merged, dtype, _kept_float32(base, dtype))
+    if qlora is not None or saved is not None:  # decoded as bitsandbytes decodes it for training, in float32
+        want = _kept_in(dtype, keep)
+        # a layer LoRA merges into stays in 4 bits until its merge (a saved module is loaded into: decoded now)
+        deferred = _changed_layers(adapter_dir, only="lora_A")
+        (qlora or saved).quantizer.dequantize_for_merge(model, "float32", store=want, defer=deferred)
+        resize_for_adapter(model, adapter_dir)
+        for name, p in model.named_parameters():  # what was not quantized: rounded from the training's dtype
+            if p.is_floating_point() and not any(name.startswith(f"{layer}.") for layer in changed):
+                p.data = p.data.to(want(name))
+    else:
+        resize_for_adapter(model, adapter_dir)
+    _widen_changed(model, changed)
+    merged = _merge_each(attach_adapter(model, adapter_dir, base), dtype, keep, on_layer).to("cpu")
+    _round_once(merged, dtype, keep)
     return merged
+
+
+def _kept_in(dtype: str, keep: set[str]) -> Callable[[str], Any]:
+    """The torch dtype a parameter (by its name in the exported model) is written in: float32 if `keep`s it."""
+    import torch
+
+    from llmfast.loading import torch_dtype
+
+    target = torch_dtype(dtype)
+    return lambda name: torch.float32 if name in keep else target
+
+
+def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any], None] | None) -> Any:
+    """PEFT's `model` merged and unloaded, each LoRA layer merged by PEFT on its own (its deferred 4-bit weight
+    decoded first) and rounded to `dtype` before the next; what else PEFT merges (saved modules, trainable tokens)
+    its own merge_and_unload merges, skipping the layers merged here."""
+    import warnings
+
+    from peft.tuners.lora import LoraLayer
+
+    from llmfast.quant.bnb4 import decode_deferred
+
+    want = _kept_in(dtype, keep)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            decode_deferred(layer)
+            module.merge()
+            if on_layer is not None:
+                on_layer(model)
+            prefix = name.removeprefix("base_model.model.")
+            for part, p in layer.named_parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(want(f"{prefix}.{part}"))
+    for module in model.modules():  # one the adapter's config leaves without a LoRA layer: as it is stored
+        decode_deferred(module)
+    with warnings.catch_warnings():  # PEFT's "All adapters are already merged": those merged above
+        warnings.filterwarnings("ignore", message="All adapters are already merged")
+        return model.merge_and_unload()
 
 
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
                   "token_adapter", "modules_to_save")
 
 
-def _widen_changed(model: Any, adapter_dir: Path) -> None:
-    """The layers the adapter changes in float32 (a base loaded in a 16-bit --dtype keeps the rest in it), so each
-    merges in float32 and is rounded once: PEFT adds a LoRA embedding's delta rounded to the weight's dtype (28% of
-    a bfloat16 embedding's entries were then off the once-rounded sum). A layer is named by its adapter keys
-    (`...q_proj.lora_A.weight`, `...embed_tokens.token_adapter...`, a saved module's `lm_head.weight`)."""
+def _changed_layers(adapter_dir: Path, only: str | None = None) -> set[str]:
+    """The layers the adapter changes, named by its keys (`...q_proj.lora_A.weight`,
+    `...embed_tokens.token_adapter...`, a saved module's `lm_head.weight`); those with an `only` part (`lora_A`)."""
     from llmfast.modelfiles import safetensors_header
 
     layers = set()
     for key in safetensors_header(adapter_dir / "adapter_model.safetensors", "re-create the adapter"):
         parts = key.removeprefix("base_model.model.").split(".")
         cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
-        layers.add(".".join(parts[:cut]))
-    for name in sorted(layers - {""}):
+        if only is None or only in parts:
+            layers.add(".".join(parts[:cut]))
+    return layers - {""}
+
+
+def _widen_changed(model: Any, layers: set[str]) -> None:
+    """The layers the adapter changes in float32 (a base loaded in a 16-bit --dtype keeps the rest in it), so each
+    merges in float32 and is rounded once: PEFT adds a LoRA embedding's delta rounded to the weight's dtype (28% of
+    a bfloat16 embedding's entries were then off the once-rounded sum)."""
+    for name in sorted(layers):
         try:
             layer = model.get_submodule(name)
         except AttributeError:  # not this base's: attach_adapter names the misfit

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,24 +149,36 @@ class Bnb4(Quantizer):
         # machines: none has both a GPU and vLLM). transformers runs them on CPUs and GPUs.
         return ("vllm", "hf") if torch.cuda.is_available() else ("hf",)
 
-    def dequantize_for_merge(self, model: Any, dtype: str) -> None:
-        """Replace every Linear4bit with a plain Linear holding its dequantized weight, in `dtype`."""
+    def dequantize_for_merge(self, model: Any, dtype: str, store: Callable[[str], Any] | None = None,
+                             defer: Collection[str] = ()) -> None:
+        """Replace every Linear4bit with a plain Linear holding its weight decoded in `dtype`, kept in `store(name)`
+        (a torch dtype, for each parameter's name; `dtype` without it), one layer at a time: export rounds each
+        decoded float32 layer to its output dtype before the next, so the model is never whole in float32. A layer
+        named in `defer` keeps its 4-bit codes behind a weight that takes no memory, until `decode_deferred`."""
         import bitsandbytes as bnb
         import torch
 
         td = _torch_dtype(dtype)
-        for module in list(model.modules()):
+        keep = store or (lambda name: td)
+        for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, bnb.nn.Linear4bit):
                     state = child.weight.quant_state
                     if getattr(state, "packing_format_for_cpu", False):  # repacked by an eval forward on AVX512-BF16
                         raise UserError("dequantize: the 4-bit model has run in eval mode on this CPU; load it afresh")
-                    w = bnb.functional.dequantize_4bit(child.weight.data, state).to(td)
+                    full = f"{name}.{child_name}" if name else child_name
                     lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                          device=w.device, dtype=td)
-                    lin.weight.data.copy_(w)
+                                          device="meta")
+                    if full in defer:  # a stride-0 float32 view: its shape and dtype for PEFT, no memory
+                        lin.weight = torch.nn.Parameter(torch.zeros((), dtype=td, device=child.weight.device).expand(
+                            child.out_features, child.in_features), requires_grad=False)
+                        lin.llmfast_4bit = (child.weight.data, state, td)  # what decode_deferred decodes
+                    else:
+                        w = bnb.functional.dequantize_4bit(child.weight.data, state).to(td)
+                        lin.weight = torch.nn.Parameter(w.to(keep(f"{full}.weight")), requires_grad=False)
                     if child.bias is not None:
-                        lin.bias.data.copy_(child.bias.data.to(td))
+                        lin.bias = torch.nn.Parameter(child.bias.data.to(td).to(
+                            td if full in defer else keep(f"{full}.bias")), requires_grad=False)
                     setattr(module, child_name, lin)
         model.is_quantized = False
         model.hf_quantizer = None
@@ -177,6 +190,19 @@ class Bnb4(Quantizer):
         if conversions:
             model._weight_conversions = [c for c in conversions if not any(
                 type(op).__name__.startswith("Bnb") for op in getattr(c, "operations", []))]
+
+
+def decode_deferred(layer: Any) -> None:
+    """The weight of a Linear that `dequantize_for_merge` deferred (`defer`), decoded from its 4-bit codes in the
+    dtype asked for then (a no-op for any other layer)."""
+    import bitsandbytes as bnb
+    import torch
+
+    found = getattr(layer, "llmfast_4bit", None)
+    if found is not None:
+        codes, state, td = found
+        layer.weight = torch.nn.Parameter(bnb.functional.dequantize_4bit(codes, state).to(td), requires_grad=False)
+        del layer.llmfast_4bit
 
 
 def _describe(kind: str, double_quant: bool) -> str:
