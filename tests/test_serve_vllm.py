@@ -40,11 +40,35 @@ output: {d / 'run'}
     return d / "run" / "adapter"
 
 
+def _random_lora(out, tiny_dir, **cfg):
+    """A PEFT LoRA on the tiny Llama (tied head) with every LoRA matrix random, so each visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llmfast.models import load_model
+
+    model = get_peft_model(load_model(tiny_dir), LoraConfig(r=8, lora_alpha=16, **cfg))
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
-def server(tiny_dir, adapter, tmp_path_factory):
+def emb_adapter(tmp_path_factory, tiny_dir):
+    """An embedding LoRA (PEFT's lora_embedding_A/B) on a base whose head is tied to its embeddings."""
+    return _random_lora(tmp_path_factory.mktemp("emb-lora") / "emb", tiny_dir,
+                        target_modules=["embed_tokens", "q_proj"])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, adapter, emb_adapter, tmp_path_factory):
     from llmfast.serve.server import VllmServer, prepare_spec
 
-    spec = prepare_spec(str(tiny_dir), [f"repeat={adapter}"], port=0, api_key=KEY, served_name="tiny")
+    spec = prepare_spec(str(tiny_dir), [f"repeat={adapter}", f"emb={emb_adapter}"], port=0, api_key=KEY,
+                        served_name="tiny")
     with VllmServer(spec, log_path=tmp_path_factory.mktemp("vllm") / "server.log") as s:
         yield s
 
@@ -65,7 +89,7 @@ def test_lora_served_by_vllm_matches_peft(server, tiny, adapter):
     model, tok = tiny
     models = json.loads(urllib.request.urlopen(urllib.request.Request(
         server.base_url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})).read())["data"]
-    assert {m["id"] for m in models} == {"tiny", "repeat"}
+    assert {m["id"] for m in models} == {"tiny", "repeat", "emb"}
     def greedy(m, prompt):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
@@ -85,6 +109,66 @@ def test_lora_served_by_vllm_matches_peft(server, tiny, adapter):
     assert lora_vllm == lora_hf  # the adapter means in vLLM what it means in peft
     assert base_vllm == base_hf
     assert lora_vllm != base_vllm  # and it is applied: the answers change
+
+
+def _top_logprobs(server, model, ids):
+    """vLLM's top-5 logprobs of the token after `ids`, by token id."""
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 5,
+                       "return_tokens_as_token_ids": True}).encode()
+    req = urllib.request.Request(server.base_url + "/v1/completions", body,
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        top = json.loads(r.read())["choices"][0]["logprobs"]["top_logprobs"][0]
+    return {int(k.removeprefix("token_id:")): v for k, v in top.items()}
+
+
+def test_embedding_lora_on_a_tied_base_matches_peft(server, tiny_dir, emb_adapter):
+    """PEFT adds an embedding LoRA's delta to the input embedding only (the tied head stays the base's) and vLLM does
+    the same: top-5 logprobs agree. vLLM runs in bfloat16 here (float32 on a CPU without AVX512-BF16): 8 significant
+    bits per rounding moved them by at most 0.007 nats (s53), 0.05 is a wide margin, far below the 0.5 the embedding
+    delta moves them."""
+    import torch
+    from peft import PeftModel
+
+    from llmfast.models import load_model
+
+    peft_model = PeftModel.from_pretrained(load_model(tiny_dir), str(emb_adapter)).eval()
+    assert isinstance(peft_model.base_model.model.lm_head, torch.nn.Linear)  # no LoRA on the head: input side only
+    emb = peft_model.base_model.model.model.embed_tokens
+
+    def logprobs(ids):
+        with torch.inference_mode():
+            return torch.log_softmax(peft_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+    worst, moved = 0.0, 0.0
+    for ids in ([670, 635, 841, 277, 303], [12, 400, 7, 981, 55, 3], [1, 2, 3, 4]):
+        served, want = _top_logprobs(server, "emb", ids), logprobs(ids)
+        saved = emb.lora_embedding_B["default"].data.clone()
+        emb.lora_embedding_B["default"].data.zero_()  # what a server that skipped the embedding LoRA would give
+        without = logprobs(ids)
+        emb.lora_embedding_B["default"].data = saved
+        worst = max(worst, *(abs(v - want[t].item()) for t, v in served.items()))
+        moved = max(moved, *(abs(v - without[t].item()) for t, v in served.items()))
+    assert worst < 0.05, worst
+    assert moved > 0.5, moved
+
+
+def test_lora_on_the_head_is_refused_for_vllm(tmp_path, tiny_dir):
+    """vLLM (0.32, CPU) gave the base model's requests a lm_head LoRA's delta (s53: 2.1 nats off, the head adapter's
+    answers): refused in one line, for a LoRA on lm_head and for an embedding LoRA whose tied head PEFT gives a LoRA
+    of its own (ensure_weight_tying)."""
+    from llmfast.errors import UserError
+    from llmfast.serve.lora import check_lora
+
+    for name, cfg in {"head": {"target_modules": ["lm_head", "q_proj"]},
+                      "tied": {"target_modules": ["embed_tokens"], "ensure_weight_tying": True}}.items():
+        ad = _random_lora(tmp_path / name, tiny_dir, **cfg)
+        with pytest.raises(UserError) as e:
+            check_lora(name, ad, tiny_dir)
+        assert str(e.value) == (f"LoRA '{name}' has a LoRA on lm_head (base_model.model.lm_head.lora_A.weight), which "
+                                f"vLLM then applies to the base model's requests too ({ad}): run it on transformers "
+                                "(eval, bench --engine hf)")
+        assert check_lora(name, ad, tiny_dir, for_vllm=False).vllm_refusal.startswith(f"LoRA '{name}' has a LoRA on")
 
 
 def test_bench_serve_sweep_against_the_server(server, tmp_path):

@@ -98,6 +98,10 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
     except UserError as e:
         raise UserError(f"LoRA '{name}': {e}") from None
     if refusal is None:
+        refusal = _head_lora(name, p)
+        if refusal and for_vllm:  # not export: it refuses a head LoRA on a tied base (the embedding would change)
+            raise UserError(f"{refusal} ({p}): run it on transformers (eval, bench --engine hf)")
+    if refusal is None:
         refusal = _unreadable_tensors(name, p, base) or _other_tokenizer(name, p, base, template_given)
         if refusal and for_vllm:
             raise UserError(f"{refusal} ({p}): merge it with `llmfast export` and serve the merged model")
@@ -108,6 +112,22 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
             if a != b:
                 raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
     return ServedLora(name=name, path=p, rank=max(ranks), vllm_refusal=refusal)
+
+
+def _head_lora(name: str, p: Path) -> str | None:
+    """vLLM (0.32, CPU) loads a LoRA on lm_head and applies it to the adapter's own requests, but the served model's
+    requests then get that head's delta as well (found s53, tied tiny Llama: top logprobs 2.1 nats off PEFT's, the
+    head adapter's instead). PEFT saves one for `target_modules` naming lm_head and for an embedding LoRA with
+    `ensure_weight_tying` (the tied head's LoRA). An embedding LoRA alone is served right: PEFT and vLLM both add
+    its delta to the input embedding only, the tied head staying the base's."""
+    from llmfast.modelfiles import safetensors_header
+
+    head = sorted(k for k in safetensors_header(p / "adapter_model.safetensors", "")
+                  if re.search(r"(^|\.)lm_head\.(lora_[AB]\.weight|lora_embedding_[AB])$", k))
+    if head:
+        return (f"LoRA '{name}' has a LoRA on lm_head ({head[0]}), which vLLM then applies to the base model's "
+                "requests too")
+    return None
 
 
 def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
