@@ -116,10 +116,11 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
 
 def _head_lora(name: str, p: Path) -> str | None:
     """vLLM (0.32, CPU) loads a LoRA on lm_head and applies it to the adapter's own requests, but the served model's
-    requests then get that head's delta as well (found s53, tied tiny Llama: top logprobs 2.1 nats off PEFT's, the
-    head adapter's instead). PEFT saves one for `target_modules` naming lm_head and for an embedding LoRA with
-    `ensure_weight_tying` (the tied head's LoRA). An embedding LoRA alone is served right: PEFT and vLLM both add
-    its delta to the input embedding only, the tied head staying the base's."""
+    requests then get that head's delta as well (found s53 on the tiny Llama, tied and untied: the base's top
+    logprobs 2.1 and 1.4 nats off, the head adapter's instead; other adapters' requests were right). PEFT saves one
+    for `target_modules` naming lm_head and for an embedding LoRA with `ensure_weight_tying` (the tied head's LoRA).
+    An embedding LoRA alone is served right: PEFT and vLLM both add its delta to the input embedding only, the tied
+    head staying the base's."""
     from llmfast.modelfiles import safetensors_header
 
     head = sorted(k for k in safetensors_header(p / "adapter_model.safetensors", "")
