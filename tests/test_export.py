@@ -310,6 +310,30 @@ def test_a_qlora_merge_holds_one_layer_in_float32_at_a_time(tiny_dir, peft_adapt
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
 
 
+def test_a_bfloat16_merge_holds_one_layer_in_float32_at_a_time(tiny_dir, peft_adapter, tmp_path):
+    """A base stored in bfloat16, exported in bfloat16: each LoRA layer is widened to float32 for its merge and
+    rounded before the next (s53 widened every changed layer first: with `all-linear`, nearly the whole model)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.finetune.export import _merge
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, base / f)
+    held = []
+
+    def count(model):
+        held.append(sum(p.numel() * 4 for name, p in model.named_parameters()
+                        if p.dtype == torch.float32 and ".lora_" not in name))
+
+    merged = _merge(base, peft_adapter, "bfloat16", None, None, "float32", on_layer=count)
+    attn = merged.model.layers[0].self_attn
+    q, v = (layer.weight.numel() * 4 for layer in (attn.q_proj, attn.v_proj))
+    assert held == [q, v, q, v]  # layer 0's q_proj, v_proj, then layer 1's: one at a time
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
 def test_a_gpt2_adapter_merges_to_what_export_writes(tmp_path, tiny_dir):
     """GPT-2 keeps its projections in Conv1D layers (weights stored inputs by outputs), so PEFT's adapter is
     fan_in_fan_out and its delta is (B @ A).T; merge refused such adapters outright (found by driving every verb on

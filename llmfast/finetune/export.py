@@ -204,7 +204,8 @@ def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, tr
                 p.data = p.data.to(want(name))
     else:
         resize_for_adapter(model, adapter_dir)
-    _widen_changed(model, changed)
+    # a LoRA layer is widened as its turn comes (_merge_each): all at once would hold every one in float32
+    _widen_changed(model, changed - _changed_layers(adapter_dir, only="lora_A"))
     merged = _merge_each(attach_adapter(model, adapter_dir, base), dtype, keep, on_layer).to("cpu")
     _round_once(merged, dtype, keep)
     return merged
@@ -235,6 +236,9 @@ def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any]
         if isinstance(module, LoraLayer):
             layer = module.get_base_layer()
             decode_deferred(layer)
+            for p in layer.parameters():  # merged in float32, then rounded once (below)
+                if p.is_floating_point():
+                    p.data = p.data.float()
             module.merge()
             if on_layer is not None:
                 on_layer(model)
