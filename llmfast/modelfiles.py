@@ -232,6 +232,40 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in VOCABULARY_FILES)
 
 
+def chat_template_text(folder: Path) -> object:
+    """The chat template a tokenizer folder renders chats with, as transformers reads it (chat_template.jinja first,
+    else tokenizer_config.json's `chat_template`, its `default` where it names several), None where it has none or
+    it cannot be read."""
+    jinja = folder / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        if (folder / "tokenizer_config.json").is_file():
+            cfg = read_json_file(folder / "tokenizer_config.json", "tokenizer config", "restore it")
+            found = cfg.get("chat_template") if isinstance(cfg, dict) else None
+            if isinstance(found, list):  # named templates (transformers 4's way): the default is the one rendered
+                found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"),
+                             None)
+            return found
+    except (OSError, UnicodeDecodeError, UserError):
+        return None
+    return None
+
+
+def tokenizer_token(folder: Path, key: str) -> str | None:
+    """The special token a tokenizer folder names for `key` (`pad_token`, `eos_token`; tokenizer_config.json, else
+    special_tokens_map.json, as a string or an added-token object), or None."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            token = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            return token
+    return None
+
+
 def check_adapter_dir(path: str | os.PathLike[str]) -> Path:
     """Check a PEFT adapter directory: adapter_config.json is a JSON object naming its PEFT type, and
     adapter_model.safetensors (when present) is complete. Returns the path; raises a one-line UserError."""

@@ -321,16 +321,13 @@ def _kept_float32(base: Path, dtype: str) -> set[str]:
 def _round_once(model: Any, dtype: str, keep: set[str]) -> None:
     """Every floating-point weight of the merged `model` in `dtype` (those in `keep` in float32), rounded from the
     float32 merge once; a tied head is its embedding, rounded with it."""
-    import torch
-
     from llmfast.loading import torch_dtype
 
-    target = torch_dtype(dtype)
+    want = _kept_in(dtype, keep)
     for name, p in model.named_parameters():
-        want = torch.float32 if name in keep else target
-        if p.is_floating_point() and p.dtype != want:
-            p.data = p.data.to(want)
-    model.config.dtype = target  # what config.json says the model is: its weights' dtype, not the load's
+        if p.is_floating_point() and p.dtype != want(name):
+            p.data = p.data.to(want(name))
+    model.config.dtype = torch_dtype(dtype)  # what config.json says the model is: its weights' dtype, not the load's
 
 
 def _check_arguments(adapter_dir: Path, out_dir: Path, dtype: str, overwrite: bool,

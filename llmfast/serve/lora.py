@@ -150,28 +150,6 @@ def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
     return None
 
 
-def _chat_template(folder: Path) -> object:
-    """The chat template a tokenizer folder renders chats with, as transformers reads it (chat_template.jinja first,
-    else tokenizer_config.json's `chat_template`, its `default` where it names several), None where it has none or
-    it cannot be read."""
-    from llmfast.modelfiles import read_json_file
-
-    jinja = folder / "chat_template.jinja"
-    try:
-        if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
-        if (folder / "tokenizer_config.json").is_file():
-            cfg = read_json_file(folder / "tokenizer_config.json", "tokenizer config", "restore it")
-            found = cfg.get("chat_template") if isinstance(cfg, dict) else None
-            if isinstance(found, list):  # named templates (transformers 4's way): the default is the one rendered
-                found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"),
-                             None)
-            return found
-    except (OSError, UnicodeDecodeError, UserError):
-        return None
-    return None
-
-
 def _added_tokens(folder: Path) -> dict[str, int]:
     """tokenizer.json's added tokens (special and not), by content; {} where it has none or cannot be read."""
     try:
@@ -181,35 +159,24 @@ def _added_tokens(folder: Path) -> dict[str, int]:
         return {}
 
 
-def _pad_token(folder: Path) -> str | None:
-    """The pad token a tokenizer folder names (tokenizer_config.json, else special_tokens_map.json), or None."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        try:
-            pad = json.loads((folder / name).read_text(encoding="utf-8")).get("pad_token")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            continue
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        if isinstance(pad, str):
-            return pad
-    return None
-
-
 def _other_tokenizer(name: str, p: Path, base: Path | None, template_given: bool = False) -> str | None:
     """vLLM renders and tokenizes every adapter's requests with the served model's tokenizer and chat template, not
     the adapter's: an adapter saved with another template (a tool's `chat_template:` setting) or with tokens added
     in training would be served chats in a format it was not trained on, its new tokens split into pieces. An
     export keeps the adapter's tokenizer (finetune/export.py), so the merged model serves right. With vLLM's own
     --chat-template given, which template the adapter gets is the user's choice: only the tokens are compared."""
+    from llmfast.modelfiles import chat_template_text, tokenizer_token
+
     if base is None:
         return None
-    mine = None if template_given else _chat_template(p)
-    if mine and mine != _chat_template(base):
+    mine = None if template_given else chat_template_text(p)
+    if mine and mine != chat_template_text(base):
         return (f"LoRA '{name}' was trained with another chat template than the served model {base} has, and vLLM "
                 "formats every adapter's chats with the served model's")
     # a pad token added for training (a common script's `add_special_tokens({"pad_token": "[PAD]"})`) is in no
     # request: vLLM pads nothing, and no reply ends on it
     new = sorted((t, i) for t, i in set(_added_tokens(p).items()) - set(_added_tokens(base).items())
-                 if t != _pad_token(p))
+                 if t != tokenizer_token(p, "pad_token"))
     if new and (base / "tokenizer.json").is_file():
         return (f"LoRA '{name}' has tokens the served model's tokenizer lacks ({new[0][0]!r}, id {new[0][1]}; "
                 f"{len(new)} in all), and vLLM tokenizes every adapter's requests with the served model's")

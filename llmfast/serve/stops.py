@@ -46,14 +46,17 @@ def stop_ids(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> set[int]:
     """The ids vLLM stops a request at (vllm/v1/engine/input_processor.py): the tokenizer's EOS and the model's
     generation config's eos_token_id, read from generation_config.json, else from config.json as transformers'
     GenerationConfig.from_model_config does."""
+    return ({tokenizer.eos_token_id} - {None}) | set(_configured_eos(model_dir))
+
+
+def _configured_eos(model_dir: Path) -> list[int]:
+    """The model's eos_token_id as a list: generation_config.json's, else config.json's."""
     from llmfast.modelfiles import read_json_file
 
-    found = {tokenizer.eos_token_id} - {None}
     gen = model_dir / "generation_config.json"
     cfg = read_json_file(gen if gen.is_file() else model_dir / "config.json", "model config", "restore it")
     eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
-    found |= {eos} if isinstance(eos, int) else {i for i in eos or [] if isinstance(i, int)}
-    return found
+    return [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
 
 
 def unstopped_note(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> str | None:
@@ -81,11 +84,9 @@ def add_turn_end_stop(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> 
     if end is None or end in stop_ids(model_dir, tokenizer):
         return None
     path = model_dir / "generation_config.json"
-    cfg = read_json_file(path if path.is_file() else model_dir / "config.json", "model config", "restore it")
-    old = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
-    ids = [old] if isinstance(old, int) else [i for i in old or [] if isinstance(i, int)]
     gen = read_json_file(path, "generation config", "restore it") if path.is_file() else {}
-    path.write_text(json.dumps({**gen, "eos_token_id": [*ids, end]}, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({**gen, "eos_token_id": [*_configured_eos(model_dir), end]}, indent=2) + "\n",
+                    encoding="utf-8")
     return end
 
 
@@ -107,18 +108,11 @@ def _eos_written_in_template(model_dir: Path, template: str | None) -> bool:
     """The common case, read from the files alone: the template writes the tokenizer's EOS token itself (SmolLM2's
     and Llama 3 Instruct's end every turn with it), so its replies stop where vLLM stops. Skips the note's ~4 s of
     importing transformers and rendering before vLLM starts; anything else takes the full check."""
-    import json
+    from llmfast.modelfiles import chat_template_text, tokenizer_token
 
-    try:
-        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        jinja = model_dir / "chat_template.jinja"
-        text = template if template is not None else (
-            jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template"))
-    except (OSError, ValueError):
-        return False
-    eos = cfg.get("eos_token") if isinstance(cfg, dict) else None
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    return isinstance(eos, str) and bool(eos) and isinstance(text, str) and eos in text
+    text = template if template is not None else chat_template_text(model_dir)
+    eos = tokenizer_token(model_dir, "eos_token")
+    return bool(eos) and isinstance(text, str) and eos in text
 
 
 def served_note(model_dir: Path, template: str | None = None) -> str | None:
