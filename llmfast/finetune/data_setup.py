@@ -14,7 +14,7 @@ from llmfast.data.packing import pack
 from llmfast.errors import UserError, no_space
 from llmfast.finetune import encoded_cache
 from llmfast.finetune.checkpoint import recorded_rows
-from llmfast.finetune.run_files import ENCODED
+from llmfast.finetune.run_files import ENCODED, foreign_encoded
 from llmfast.recipe import FinetuneRecipe
 from llmfast.recipe_paths import paths_of
 
@@ -77,7 +77,7 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
     may be written before the run is checked, so there is nowhere yet to hand the examples over)."""
     key = encoded_cache.input_key(recipe, model_path, vocab)  # before the files are read: a miss if they change
     got: encoded_cache.Cached | None = None
-    theirs = encoded_cache.foreign(out)  # none on a first start: the output is new or empty
+    theirs = foreign_encoded(out)  # none on a first start: the output is new or empty
     if theirs is not None:
         note(acc, f"llmfast: note: {theirs} holds files llmfast does not write there: left as it is, so the data is "
                   "encoded again and its rows not saved")

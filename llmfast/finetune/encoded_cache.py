@@ -23,7 +23,7 @@ import numpy as np
 from llmfast.artifacts import atomic_dir
 from llmfast.data.chat import Encoded
 from llmfast.data.jsonl import where as row_where
-from llmfast.finetune.run_files import ENCODED, ENCODED_FILES
+from llmfast.finetune.run_files import ENCODED
 from llmfast.recipe import FinetuneRecipe
 from llmfast.recipe_paths import paths_of
 
@@ -112,18 +112,6 @@ def _prefixes(sources: list[str]) -> list[str]:
     """data.jsonl.where's form (`FILE:ROW`, `DIR row ROW`) as a prefix each file's rows add their number to: asked
     once a file (it looks at the disk), not once a row."""
     return [row_where(p, 0)[:-1] for p in sources]
-
-
-def foreign(out: Path) -> Path | None:
-    """OUTPUT/encoded where it is not what `save` writes (a link, a file, a folder with other files: a user's own,
-    the name being a plain word), which is then neither read nor replaced nor dropped; None where it is absent or
-    llmfast's. run_files.foreign_run_files refuses the same in a run with no checkpoint yet."""
-    d = out / CACHE
-    if not d.exists() and not d.is_symlink():
-        return None
-    if d.is_dir() and not d.is_symlink() and {p.name for p in d.iterdir()} <= ENCODED_FILES:
-        return None
-    return d
 
 
 class Damaged(Exception):

@@ -13,6 +13,18 @@ ENCODED_FILES = {"meta.json", "ids.npy", "labels.npy", "examples.npy"}
 RUN_FILES = {"recipe.json", "base.json", "train_log.jsonl", "checkpoints", ENCODED}
 
 
+def foreign_encoded(out: Path) -> Path | None:
+    """OUTPUT/encoded where it is not what finetune writes there (a link, a file, a folder with other files: a user's
+    own, the name being a plain word), which is then neither read nor replaced nor dropped; None where it is absent
+    or llmfast's."""
+    d = out / ENCODED
+    if not d.exists() and not d.is_symlink():
+        return None
+    if d.is_dir() and not d.is_symlink() and {p.name for p in d.iterdir()} <= ENCODED_FILES:
+        return None
+    return d
+
+
 def foreign_run_files(out: Path) -> str | None:
     """What in `out` a run killed before its first checkpoint would not have left (named for the error), or None:
     only then may `--resume` remove what is there and start again. Checked inside, not by name alone: a user's
@@ -22,8 +34,7 @@ def foreign_run_files(out: Path) -> str | None:
     for p in sorted(out.iterdir()):
         if p.is_symlink() or p.name not in RUN_FILES and not _left_by_a_write(p.name):
             return str(p)
-    encoded = out / ENCODED
-    if encoded.exists() and not (encoded.is_dir() and {p.name for p in encoded.iterdir()} <= ENCODED_FILES):
+    if (encoded := foreign_encoded(out)) is not None:
         return str(encoded)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists():

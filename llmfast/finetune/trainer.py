@@ -27,14 +27,14 @@ from llmfast.artifacts import append_line, atomic_dir, atomic_write_json, check_
 from llmfast.data.chat import Encoded
 from llmfast.data.packing import Batch, collate, epoch_order
 from llmfast.errors import UserError
-from llmfast.finetune import checkpoint as ckpts, encoded_cache, fsdp as sharding
+from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
 from llmfast.finetune.data_setup import RunData, note as _note, run_data, save_run_data, split_eval
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
 from llmfast.finetune.metrics import run_metrics
 from llmfast.finetune.optimizers import make_optimizer, optimizer_step
 from llmfast.finetune.output import check_run_output, start_afresh
-from llmfast.finetune.run_files import ENCODED
+from llmfast.finetune.run_files import ENCODED, foreign_encoded
 from llmfast.memory import peak_memory_gib
 from llmfast.preflight import check_rows_fit
 from llmfast.recipe import FinetuneRecipe, recipe_dict
@@ -376,7 +376,7 @@ def _save_adapter(run: Run, metrics: dict[str, Any]) -> None:
                            quantization=q.manifest() if q is not None else None)
         atomic_write_json(run.out / "metrics.json", metrics)
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
-        if encoded_cache.foreign(run.out) is None:  # the rows --resume reads; a user's own folder of that name stays
+        if foreign_encoded(run.out) is None:  # the rows --resume reads; a user's own folder of that name stays
             shutil.rmtree(run.out / ENCODED, ignore_errors=True)
     run.acc.wait_for_everyone()
 
