@@ -177,10 +177,9 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
 
     from llmfast import __version__
     from llmfast.artifacts import atomic_write_json, atomic_write_text
+    from llmfast.modelfiles import has_tokenizer
     from llmfast.models import effective_quantization, load_model, load_tokenizer
     from llmfast.recipe import recipe_dict
-
-    from llmfast.modelfiles import has_tokenizer
 
     # an adapter's own tokenizer is the template and tokens it was trained with (export merges with it too)
     tok_dir = adapter_dir(recipe.adapter) if recipe.adapter is not None else path
