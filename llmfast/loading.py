@@ -95,7 +95,21 @@ def check_positions(path: str | os.PathLike[str], length: int, key: str) -> None
                         f"{found.limit}")
 
 
+def _missing_package(path: str | os.PathLike[str], e: ImportError) -> UserError:
+    """transformers' ImportError for a model: a package its config.json asks for (a quantization method's: hqq,
+    optimum, torchao...) is missing or too old here. Its message names the package and how to install it; the
+    files are not at fault."""
+    method = _config_dict(Path(path)).get("quantization_config")
+    method = method.get("quant_method") if isinstance(method, dict) else None
+    asks = f"config.json's quantization_config (quant_method {method!r})" if isinstance(method, str) else "the model"
+    name = f" ({e.name})" if isinstance(e, ModuleNotFoundError) and e.name else ""
+    return UserError(f"{path}: transformers cannot load it here: {asks} needs a package{name} this environment lacks "
+                     f"or has too old ({type(e).__name__}: {first_line(e)}): install what that names, then run again")
+
+
 def _cannot_build(path: str | os.PathLike[str], e: Exception) -> UserError:
+    if isinstance(e, ImportError):
+        return _missing_package(path, e)
     return UserError(f"{Path(path) / 'config.json'}: transformers cannot build this model ({type(e).__name__}: "
                      f"{first_line(e)}): fix the config or re-create the model")
 
@@ -280,6 +294,8 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
                                                            output_loading_info=True, trust_remote_code=False, **kwargs)
     except UserError:
         raise
+    except ImportError as e:  # a package the model needs, not its files
+        raise _missing_package(path, e) from None
     except Exception as e:  # transformers' own errors on a config or weights a user can fix
         raise UserError(f"{path}: transformers cannot load this model ({type(e).__name__}: {first_line(e)}): "
                         "fix its config.json and weights, or re-create the model") from None

@@ -458,3 +458,27 @@ def test_a_model_computing_nan_is_refused_and_nothing_is_written(tiny_dir, tmp_p
     code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
     assert code == 2 and err.strip().splitlines()[-1].startswith("llmfast: error: perplexity: the model's mean loss")
     assert not list(tmp_path.glob("r.*"))
+
+
+@pytest.mark.parametrize("method,package", [("hqq", "HQQ"), ("torchao", "(torchao)")])
+def test_a_model_needing_a_missing_package_says_to_install_it(tiny_dir, tmp_path, method, package):
+    """A config.json whose quantization_config names a method whose package is not installed: transformers raises
+    ImportError, which eval reported as "fix its config.json and weights" (the files are right)."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec(method) is not None:
+        pytest.skip(f"{method} is installed here")
+    model = tmp_path / method
+    shutil.copytree(tiny_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": method}}))
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {model}\neval:\n  perplexity: {{text: {REPO / 'eval/text/persuasion.txt'}, "
+                      "max_tokens: 64, context: 64, stride: 64}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"llmfast: error: {model}: transformers cannot load it here: config.json's "
+                                         f"quantization_config (quant_method '{method}') needs a package"), last
+    assert package in last and last.endswith("install what that names, then run again") and "fix" not in last
+    assert not list(tmp_path.glob("r.*"))
