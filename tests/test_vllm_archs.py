@@ -68,8 +68,10 @@ def test_the_check_accepts_what_vllm_serves_and_refuses_only_what_it_cannot() ->
     # vLLM serves a transformers class it lacks through its Transformers backend, and remote code through auto_map
     assert unserved_architecture({"architectures": ["BioGptForCausalLM"]}) is None
     assert unserved_architecture({"architectures": [FOO], "auto_map": {"AutoModelForCausalLM": "m.Foo"}}) is None
-    for flag in ("--hf-overrides={}", "--model_impl", "--model-class-overrides"):  # flags that choose the class
-        assert unserved_architecture({"architectures": [FOO]}, ["--max-num-seqs", "2", flag]) is None, flag
+    for flags in (['--hf-overrides={"architectures": ["LlamaForCausalLM"]}'], ["--model_impl", "transformers"],
+                  ["--model-class-overrides", '{"A": "b:C"}']):  # flags that choose the class (more spellings:
+        # tests/test_flags_after_dashdash.py)
+        assert unserved_architecture({"architectures": [FOO]}, ["--max-num-seqs", "2", *flags]) is None, flags
 
 
 def test_biogpt_is_a_transformers_class_vllm_lacks() -> None:

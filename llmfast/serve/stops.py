@@ -92,16 +92,18 @@ def add_turn_end_stop(model_dir: Path, tokenizer: "PreTrainedTokenizerBase") -> 
 
 def given_template(extra: list[str]) -> str | None:
     """The chat template given to vLLM after -- (`--chat-template`: a file, read, or the template itself, as vLLM
-    takes it), or None."""
-    for i, arg in enumerate(extra):
-        flag, eq, value = arg.partition("=")
-        if flag.replace("_", "-") == "--chat-template":
-            value = value if eq else (extra[i + 1] if i + 1 < len(extra) else "")
-            try:
-                return Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
-            except (OSError, UnicodeDecodeError):  # a template too long for a file name; an unreadable file: vLLM's
-                return value
-    return None
+    takes it), or None. Read by vLLM's own parser (serve/vllm_flags.py): `--chat_template`, `--chat-template=X` and
+    a --config file's `chat-template` too."""
+    from llmfast.serve.vllm_flags import given
+
+    engine = given(extra)
+    value = engine.chat_template if engine is not None else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    except (OSError, UnicodeDecodeError):  # a template too long for a file name; an unreadable file: vLLM's
+        return value
 
 
 def _eos_written_in_template(model_dir: Path, template: str | None) -> bool:

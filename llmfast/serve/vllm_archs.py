@@ -28,8 +28,6 @@ MERGED = "_VLLM_MODELS"  # registry.py's dict of every in-tree architecture
 SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "ChatModel", "LMHeadModel", "ForTextEncoding", "EmbeddingModel",
             "ForSequenceClassification", "ForTokenClassification", "ForAudioClassification", "ForImageClassification",
             "ForVideoClassification", "ClassificationModel", "ForRewardModeling", "RewardModel", "Model")
-# vLLM flags that change which class a model gets: with one given, the choice is left to vLLM
-CLASS_FLAGS = ("--hf-overrides", "--model-impl", "--model-class-overrides")
 
 
 def registry_source() -> Path | None:
@@ -138,11 +136,15 @@ def _in_transformers(arch: str) -> bool:
 
 
 def unserved_architecture(config: dict[str, Any], extra_args: list[str] | None = None) -> str | None:
-    """The architecture of `config` (a config.json) vLLM has no class for, or None when vLLM has one, or may."""
+    """The architecture of `config` (a config.json) vLLM has no class for, or None when vLLM has one, or may.
+    `extra_args`: vLLM's flags; one that chooses the class itself (vllm_flags.CLASS_FLAGS, as vLLM's parser reads
+    it) leaves the choice to vLLM."""
+    from llmfast.serve.vllm_flags import class_flag, given
+
     named = config.get("architectures")
     if not isinstance(named, list) or not named or not all(isinstance(a, str) for a in named):
         return None  # no names (the caller's own refusal) or a shape the loaders name
-    if any(a.split("=")[0].replace("_", "-") in CLASS_FLAGS for a in extra_args or []):
+    if class_flag(given(extra_args or [])):
         return None
     if any(k.startswith("AutoModel") for k in config.get("auto_map") or {}):  # remote code, for the backend
         return None

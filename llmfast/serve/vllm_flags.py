@@ -31,12 +31,18 @@ _COUNTED = ("--data-parallel-size", "--data-parallel-size-local")
 # Those of OWNED that make vLLM answer elsewhere than the HTTP API serve waits on.
 UNWAITABLE = ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc")
 _SHORT = ("-O", "-c", "-t", "-p", "-d")  # -O0, -cc, -tp, -pp, -dp, -dpl (and argparse's prefixes of them)
+# Flags that choose the class vLLM runs a model with (serve/vllm_archs.py): given a value other than vLLM's default,
+# the choice is left to vLLM.
+CLASS_FLAGS = {"hf_overrides": "--hf-overrides", "model_impl": "--model-impl",
+               "model_class_overrides": "--model-class-overrides"}
+# vLLM's template for every chat, in place of the model folder's (serve/stops.py, serve/lora.py judge the one used).
+TEMPLATE = "--chat-template"
 
 
 def may_matter(args: Sequence[str]) -> bool:
     """Whether a flag in `args` may be one this module looks for, as vLLM's parser would take it (a prefix of one
     too): without one, its parser is not worth its import."""
-    names = (*_COMPILING, *OWNED.values(), *_COUNTED)
+    names = (*_COMPILING, *OWNED.values(), *_COUNTED, *CLASS_FLAGS.values(), TEMPLATE)
     for arg in args:
         if arg.startswith("--") and len(arg) > 2:
             name = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
@@ -78,6 +84,21 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         if getattr(ns, dest) is unset:
             setattr(ns, dest, parser.get_default(dest))
     return ns, given  # not EngineArgs.from_cli_args(ns): it loads plugins and looks the default model up on the hub
+
+
+def given(args: Sequence[str]) -> argparse.Namespace | None:
+    """`args` as `parse` reads them where a flag in them may matter here, else None: vLLM's defaults, its parser
+    not imported."""
+    return parse(args)[0] if may_matter(args) else None
+
+
+def class_flag(engine: argparse.Namespace | None) -> str | None:
+    """The first of CLASS_FLAGS that `engine` (`given`'s namespace) sets to other than vLLM's default, or None."""
+    if engine is None:
+        return None
+    parser = _parser()
+    return next((flag for dest, flag in CLASS_FLAGS.items() if getattr(engine, dest) != parser.get_default(dest)),
+                None)
 
 
 def local_data_parallel(engine: argparse.Namespace | None) -> int:
