@@ -177,13 +177,10 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
 
     from llmfast import __version__
     from llmfast.artifacts import atomic_write_json, atomic_write_text
-    from llmfast.modelfiles import has_tokenizer
-    from llmfast.models import effective_quantization, load_model, load_tokenizer
+    from llmfast.models import effective_quantization, load_model
     from llmfast.recipe import recipe_dict
 
-    # an adapter's own tokenizer is the template and tokens it was trained with (export merges with it too)
-    tok_dir = adapter_dir(recipe.adapter) if recipe.adapter is not None else path
-    tokenizer = load_tokenizer(tok_dir if has_tokenizer(tok_dir) else path)
+    tokenizer = _eval_tokenizer(path, adapter_dir(recipe.adapter) if recipe.adapter is not None else None)
     text_ids = _check_tokens(cfg, tokenizer, path, text)
     model = load_model(path, dtype=cfg.dtype, adapter=recipe.adapter, quantization=recipe.quantization)
     quantization = effective_quantization(path, recipe.adapter, recipe.quantization)
@@ -219,6 +216,25 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     atomic_write_json(out, results)
     return results
+
+
+def _eval_tokenizer(path: Path, adapter: Path | None) -> "PreTrainedTokenizerBase":
+    """The tokenizer a model (and its adapter folder, if any) is prompted with. An adapter's own tokenizer is the
+    template and tokens it was trained with (export merges with it too). One saved with its chat template but no
+    vocabulary (tokenizer_config.json alone, or chat_template.jinja) gets the base's tokens and its own template:
+    the one it was trained with, as `serve --lora` judges it too (serve/lora.py refuses it where the base's differs,
+    since vLLM renders every adapter's chats with the served model's)."""
+    from llmfast.modelfiles import chat_template_text, has_tokenizer
+    from llmfast.models import check_chat_template_file, load_tokenizer
+
+    if adapter is not None and has_tokenizer(adapter):
+        return load_tokenizer(adapter)
+    tokenizer = load_tokenizer(path)
+    if adapter is not None:
+        check_chat_template_file(adapter)  # a byte-order mark, as load_tokenizer refuses one
+        if isinstance(own := chat_template_text(adapter), str):
+            tokenizer.chat_template = own
+    return tokenizer
 
 
 def _check_row_task(row: dict[str, Any], name: str, path: Path) -> None:

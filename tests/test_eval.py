@@ -482,3 +482,49 @@ def test_a_model_needing_a_missing_package_says_to_install_it(tiny_dir, tmp_path
                                          f"quantization_config (quant_method '{method}') needs a package"), last
     assert package in last and last.endswith("install what that names, then run again") and "fix" not in last
     assert not list(tmp_path.glob("r.*"))
+
+
+@pytest.mark.parametrize("saved_in", ["tokenizer_config.json", "chat_template.jinja"])
+def test_an_adapter_saved_with_its_template_but_no_vocabulary_is_prompted_with_that_template(tmp_path, saved_in):
+    """An adapter folder carrying the chat template it was trained with but no vocabulary file (tokenizer_config.json
+    alone, or chat_template.jinja): no tokenizer loads from it, and eval prompted with the base's template, while
+    `serve --lora` judges the adapter by that template (refused: vLLM would render its chats with the base's). eval
+    takes the base's tokens and the adapter's template."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfast.errors import UserError
+    from llmfast.modelfiles import has_tokenizer
+    from llmfast.serve.lora import check_lora
+    from llmfast.testing import build_family_model, script_greedy
+
+    base = build_family_model(tmp_path / "l3", "llama3")
+    tok = AutoTokenizer.from_pretrained(base)
+    template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}### reply:{% endif %}")
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    theirs = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    tok.chat_template = template
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt[-1] != theirs[-1]  # the base's prompt ends elsewhere: the scripted answer is the adapter's alone
+    four = tok.encode("4", add_special_tokens=False)[0]
+    script_greedy(base, {prompt[-1]: four, four: tok.eos_token_id})
+    adapter = tmp_path / "adapter"  # B = 0: the adapter leaves the scripted weights as they are
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    if saved_in == "tokenizer_config.json":
+        cfg = json.loads((base / "tokenizer_config.json").read_text())
+        (adapter / saved_in).write_text(json.dumps({**cfg, "chat_template": template}))
+    else:
+        (adapter / saved_in).write_text(template)
+    assert not has_tokenizer(adapter)
+    with pytest.raises(UserError, match="was trained with another chat template than the served model"):
+        check_lora("mine", adapter, base=base)
+    rows = tmp_path / "t.jsonl"
+    rows.write_text(json.dumps({"messages": [*chat, {"role": "assistant", "content": "4"}]}) + "\n")
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {base}\nadapter: {adapter}\neval:\n  tasks: [{{name: mine, path: {rows}}}]\n"
+                      "  max_new_tokens: 4\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "r.predictions.jsonl").read_text())["prediction"] == "4"
