@@ -357,3 +357,31 @@ def test_the_turn_end_note_costs_no_transformers_import_where_the_template_write
             "print(served_note(Path(sys.argv[1])), 'transformers' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code, str(builtin_dir)], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "None False\n", p.stderr[-2000:]
+
+
+def test_each_turn_of_a_conversation_qwen3_renders_otherwise_is_trained_as_served(models: dict[str, Path],
+                                                                                   tmp_path: Path) -> None:
+    """Qwen3's template drops every earlier reply's think block once a later user turn follows, so no one encoding
+    of a multi-turn row is what vLLM sends at each turn: each assistant turn is its own example, and the ids before
+    its reply are those vLLM's server builds for the conversation up to it (the template's <think> tokens added to
+    the tokenizer, as Qwen3's are)."""
+    from transformers import AutoTokenizer
+
+    from llmfast.data.chat import encode_conversation
+    from test_chat_turns import CHAT as THINKING, QWEN3_STYLE
+
+    model = tmp_path / "qwen3"
+    shutil.copytree(models["chatml"], model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3_STYLE
+    tok.save_pretrained(model)
+    vllm, tok = Vllm(model), load_tokenizer(model)
+    turns = [i for i, m in enumerate(THINKING) if m["role"] == "assistant"]
+    examples = encode_conversation(tok, THINKING)
+    assert len(examples) == len(turns) == 3
+    for ex, i in zip(examples, turns):
+        assert vllm.chat_ids(THINKING[:i]) == ex.input_ids[:_reply_start(ex.labels)], i
+    # the conversation rendered whole holds the first reply without the think block it was served and trained with
+    whole = tok(tok.apply_chat_template(THINKING, tokenize=False), add_special_tokens=False).input_ids
+    assert whole[: len(examples[0])] != examples[0].input_ids

@@ -32,12 +32,14 @@ class Encoded:
     """An example's token ids and labels, held as int32 arrays (4 bytes a token; a list of Python ints holds ~36,
     gigabytes for a million rows) and given out as lists."""
 
-    __slots__ = ("_ids", "_labels", "row", "where")
+    __slots__ = ("_ids", "_labels", "row", "where", "part")
 
-    def __init__(self, input_ids: Iterable[int], labels: Iterable[int], row: int, where: str = "") -> None:
+    def __init__(self, input_ids: Iterable[int], labels: Iterable[int], row: int, where: str = "", part: int = 0
+                 ) -> None:
         self._ids, self._labels = array("i", input_ids), array("i", labels)
         self.row = row
         self.where = where  # its row named as errors name it (FILE:LINE, DIR row N): data may come from several files
+        self.part = part  # its number among the examples its row was split into (`_chat_plans`); 0: the first or only
 
     @property
     def input_ids(self) -> list[int]:
@@ -66,7 +68,7 @@ class Encoded:
         return len(self._labels) - self._labels.count(IGNORE)
 
     def truncated(self, n: int) -> "Encoded":
-        return Encoded(self._ids[:n], self._labels[:n], self.row, self.where)
+        return Encoded(self._ids[:n], self._labels[:n], self.row, self.where, self.part)
 
 
 def rows_digest(*groups: Sequence[Sequence[Encoded]]) -> str:
@@ -155,41 +157,69 @@ def check_ids_fit(ids: "Sequence[int]", vocab: int | None, where: str) -> None:
 def encode_messages(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
                     where: str = "", learn_from: int = 0) -> Encoded:
     """Token ids of the conversation with labels on its assistant turns from message `learn_from` on (the ones
-    before are context, as a TRL prompt's example answers)."""
-    texts = _chat_texts(tokenizer, messages, row, where, learn_from)
-    return _assemble(tokenizer, texts, next(_encodings(tokenizer, [texts])), row)
+    before are context, as a TRL prompt's example answers). A conversation the template renders as more than one
+    example (`encode_conversation`) is refused."""
+    (example,) = _one(encode_conversation(tokenizer, messages, row, where, learn_from), where or f"row {row}")
+    return example
+
+
+def encode_conversation(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int = 0,
+                        where: str = "", learn_from: int = 0) -> list[Encoded]:
+    """The conversation's examples (`_chat_plans`): one, or one per assistant turn where the template renders the
+    earlier turns otherwise once later ones follow."""
+    plans = _chat_plans(tokenizer, messages, row, where, learn_from)
+    wholes = _encodings(tokenizer, plans)
+    return [_assemble(tokenizer, plan, next(wholes), row, part) for part, plan in enumerate(plans)]
+
+
+def _one(examples: list[Any], where: str) -> list[Any]:
+    if len(examples) != 1:
+        raise UserError(f"{where}: the chat template renders this conversation's earlier turns otherwise once later "
+                        f"turns follow (as Qwen3's drops their <think> blocks): it is {len(examples)} examples, one "
+                        "per assistant turn (encode_conversation), not one")
+    return examples
 
 
 def _chat_texts(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int, where: str,
                 learn_from: int) -> list[tuple[str, bool]]:
-    """The renderings an example is encoded from, each with whether its new tokens are learned: for each assistant
-    turn, the conversation before it with the generation prompt (context), then up to the turn's end (learned)."""
+    """The renderings a one-example conversation is encoded from (`_chat_plans`); refused where it is several."""
+    (plan,) = _one(_chat_plans(tokenizer, messages, row, where, learn_from), where or f"row {row}")
+    return plan
+
+
+def _chat_plans(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], row: int, where: str,
+                learn_from: int) -> list[list[tuple[str, bool]]]:
+    """The renderings each of the conversation's examples is encoded from, each with whether its new tokens are
+    learned: for each assistant turn, the conversation before it with the generation prompt (context), then up to
+    the turn's end (learned). One example where each rendering is a prefix of the next (ChatML's, Llama's). Where a
+    turn renders otherwise once later turns follow (Qwen3's drops every earlier reply's <think> block), one example
+    per learned turn, the conversation up to it as the template renders it then: what a served model is sent there
+    (the Qwen team's advice), in tokens quadratic in the turns (`read_examples` says how many)."""
     if not getattr(tokenizer, "chat_template", None):
         named = getattr(tokenizer, "name_or_path", "") or "the model"  # its folder, where it was loaded from one
         raise UserError(f"{named}: its tokenizer has no chat template, which chat rows need: use an instruct model, "
                         "give it a template (docs/finetune.md, 'A base model'), or write the rows as `text`")
-
-    def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return render_chat(tokenizer, msgs, gen, where or f"row {row}")
-
-    texts: list[tuple[str, bool]] = []
-    done = ""
+    named = where or f"row {row}"
+    pairs: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < learn_from:
             continue
-        prompt = render(messages[:i], gen=True)
-        upto = render(messages[: i + 1], gen=False)
-        if not prompt.startswith(done) or not upto.startswith(prompt):
-            raise UserError(f"{where or f'row {row}'}: the chat template does not render conversations as prefixes "
-                            "of each other; completion-only labels need a template like ChatML")
-        texts += [(prompt, False), (upto, True)]
-        done = upto
-    return texts
+        prompt = render_chat(tokenizer, messages[:i], True, named)
+        upto = render_chat(tokenizer, messages[: i + 1], False, named)
+        if not upto.startswith(prompt):  # no example of any shape tells the reply from its prompt
+            raise UserError(f"{named}: the chat template does not render conversations as prefixes of each other: "
+                            f"message {i} (the assistant's) is not rendered after the generation prompt the template "
+                            "writes for it, so its reply cannot be told apart; completion-only labels need a template "
+                            "like ChatML")
+        pairs.append((prompt, upto))
+    if all(prompt.startswith(before) for (prompt, _), (_, before) in zip(pairs[1:], pairs)):
+        return [[text for prompt, upto in pairs for text in ((prompt, False), (upto, True))]]
+    return [[(prompt, False), (upto, True)] for prompt, upto in pairs]
 
 
 def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]],
-              whole: "PrefixIds | dict[str, list[int]]", row: int) -> Encoded:
-    """The example from its renderings (`_chat_texts`) and their encodings (`_encodings`: read off the last text's, or
+              whole: "PrefixIds | dict[str, list[int]]", row: int, part: int = 0) -> Encoded:
+    """The example from its renderings (`_chat_plans`) and their encodings (`_encodings`: read off the last text's, or
     by text)."""
     ids: list[int] = []
     labels: list[int] = []
@@ -202,7 +232,7 @@ def _assemble(tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, bool]
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE] * len(piece))
         done = text
-    return Encoded(ids, labels, row)
+    return Encoded(ids, labels, row, part=part)
 
 
 def _encode_all(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> dict[str, list[int]]:
@@ -243,10 +273,11 @@ _BATCH_CHARS = 1 << 20
 
 
 def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[str, Any], str, str, "str | Chat"]]
-             ) -> Iterator[tuple[dict[str, Any], str, str, Encoded]]:
-    """Each row (`_read_rows`) encoded, in order, a batch of rows tokenized at a time. A row that is refused before it
-    is tokenized (its shape, its template) is raised once the rows before it are given out: the first problem in
-    the file is the one named, as when each row was encoded in turn."""
+             ) -> Iterator[tuple[dict[str, Any], str, str, list[Encoded]]]:
+    """Each row (`_read_rows`) encoded, in order, a batch of rows tokenized at a time: its examples (one, or one per
+    assistant turn: `_chat_plans`). A row that is refused before it is tokenized (its shape, its template) is raised
+    once the rows before it are given out: the first problem in the file is the one named, as when each row was
+    encoded in turn."""
     batch: list[tuple[dict[str, Any], str, str, Any]] = []
     chars = 0
     linear = backend_encodes(tokenizer)
@@ -254,14 +285,14 @@ def _encoded(tokenizer: "PreTrainedTokenizerBase", items: Iterator[tuple[dict[st
         try:
             r, where, shape, content = next(items)
             plan = content if isinstance(content, str) else \
-                _chat_texts(tokenizer, content.messages, r["_row"], where, content.learn_from)
+                _chat_plans(tokenizer, content.messages, r["_row"], where, content.learn_from)
         except StopIteration:
             break
         except UserError:
             yield from _encode_batch(tokenizer, batch)
             raise
         batch.append((r, where, shape, plan))
-        chars += _chars(plan, linear)
+        chars += _chars(plan) if isinstance(plan, str) else sum(_chars(p, linear) for p in plan)
         if len(batch) == _BATCH or chars >= _BATCH_CHARS:
             yield from _encode_batch(tokenizer, batch)
             batch, chars = [], 0
@@ -279,14 +310,16 @@ def _chars(plan: "str | list[tuple[str, bool]]", linear: bool = False) -> int:
 
 
 def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[str, Any], str, str, Any]]
-                  ) -> Iterator[tuple[dict[str, Any], str, str, Encoded]]:
+                  ) -> Iterator[tuple[dict[str, Any], str, str, list[Encoded]]]:
     texts = [plan for *_, plan in batch if isinstance(plan, str)]  # a data set's rows are all `text` rows, or none
     if texts:
         for (r, where, shape, _), ids in zip(batch, tokenizer(texts).input_ids):
-            yield r, where, shape, encode_text(tokenizer, "", r["_row"], ids)
+            yield r, where, shape, [encode_text(tokenizer, "", r["_row"], ids)]
         return
-    for (r, where, shape, plan), whole in zip(batch, _encodings(tokenizer, [plan for *_, plan in batch])):
-        yield r, where, shape, _assemble(tokenizer, plan, whole, r["_row"])
+    wholes = _encodings(tokenizer, [plan for *_, plans in batch for plan in plans])
+    for r, where, shape, plans in batch:
+        yield r, where, shape, [_assemble(tokenizer, plan, next(wholes), r["_row"], part)
+                                for part, plan in enumerate(plans)]
 
 
 def _encodings(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str, bool]]]
@@ -342,26 +375,33 @@ def read_examples(
     With `too_long="truncate"` an example longer than `max_length` keeps its first `max_length` tokens; one
     whose prompt alone fills `max_length` (no answer token left to learn from) is dropped, with a warning
     naming its row, rather than failing the whole data set. `"error"` refuses the first long example.
-    `progress`: a bar on stderr while its rows are encoded (minutes for a million rows).
+    `progress`: a bar on stderr while its rows are encoded (minutes for a million rows). A chat row the template
+    renders as one example per assistant turn (`_chat_plans`) gives them all, in order, and a line says what it costs.
     """
     path = Path(path)
     examples, warnings, truncated, dropped, shape = [], [], [], [], "messages"
+    split: list[tuple[int, list[int]]] = []  # the rows split by turn: each one's number and its examples' lengths
     rows = read_rows(path)
     with _progress(len(rows), path, progress) as bar:
-        for r, where, shape, ex in _encoded(tokenizer, _read_rows(path, rows)):
+        for r, where, shape, exs in _encoded(tokenizer, _read_rows(path, rows)):
             bar.update()
-            ex.where = where
-            check_ids_fit(ex._ids, vocab, where)
-            if len(ex) > max_length:
-                if too_long == "error":
-                    raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
-                                    "raise max_length, shorten it, or set data.too_long: truncate")
-                ex = ex.truncated(max_length)
-                if ex.target_tokens == 0:
-                    dropped.append(r["_row"])
-                    continue
-                truncated.append(r["_row"])
-            examples.append(ex)
+            if len(exs) > 1:
+                split.append((r["_row"], [len(ex) for ex in exs]))
+            for ex in exs:
+                ex.where = where
+                check_ids_fit(ex._ids, vocab, where)
+                if len(ex) > max_length:
+                    if too_long == "error":
+                        raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
+                                        "raise max_length, shorten it, or set data.too_long: truncate")
+                    ex = ex.truncated(max_length)
+                    if ex.target_tokens == 0:
+                        dropped.append(r["_row"])
+                        continue
+                    truncated.append(r["_row"])
+                examples.append(ex)
+    if split:
+        warnings.append(_split_note(path, split))
     if truncated:
         warnings.append(f"{path}: {len(truncated)} example(s) longer than max_length {max_length} were truncated "
                         f"({_rows(truncated)})")
@@ -374,7 +414,19 @@ def read_examples(
 
 
 def _rows(numbers: list[int]) -> str:
+    numbers = list(dict.fromkeys(numbers))  # a row split by turn is named once
     return f"rows {', '.join(map(str, numbers[:5]))}{', ...' if len(numbers) > 5 else ''}"
+
+
+def _split_note(path: Path, split: list[tuple[int, list[int]]]) -> str:
+    """What splitting rows by turn costs: their examples' tokens against their whole conversations' (the longest
+    example of each), quadratic in the turns."""
+    tokens, whole = sum(sum(lengths) for _, lengths in split), sum(max(lengths) for _, lengths in split)
+    return (f"{path}: {len(split)} multi-turn row(s) split into {sum(len(lengths) for _, lengths in split)} examples, "
+            "one per assistant turn, each the conversation up to it as the chat template renders it then (the "
+            "template renders earlier turns otherwise once later ones follow, as Qwen3's drops their <think> blocks): "
+            f"{tokens} tokens, {tokens / whole:.1f}x the {whole} of the whole conversations "
+            f"({_rows([row for row, _ in split])})")
 
 
 def _text(row: dict[str, Any], where: str) -> str:

@@ -1,5 +1,5 @@
-"""A chat row's texts (each a prefix of the next, `chat._chat_texts`) encoded from one encoding of the last text and
-a short window a text, in time linear in the row's length: encoding every prefix in full tokenized O(turns^2)
+"""A chat example's texts (each a prefix of the next, `chat._chat_plans`) encoded from one encoding of the last text
+and a short window a text, in time linear in the row's length: encoding every prefix in full tokenized O(turns^2)
 characters (3.4 s for one 200-turn row).
 
 Why a prefix's ids can be read off the whole text's: a `tokenizers` backend first splits a text at its added tokens'

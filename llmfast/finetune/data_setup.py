@@ -26,13 +26,35 @@ def note(acc: Any, line: str) -> None:
 
 
 def split_eval(examples: list[Encoded], fraction: float, seed: int) -> tuple[list[Encoded], list[Encoded]]:
-    if fraction <= 0 or len(examples) < 2:
+    """`fraction` of the rows held out. A row split into one example per assistant turn (data.chat._chat_plans) is
+    held out whole or not at all: its later examples hold its earlier answers as context."""
+    rows = row_groups(examples)
+    if fraction <= 0 or len(rows) < 2:
         return examples, []
-    order = list(range(len(examples)))
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(len(examples) * fraction)), len(examples) - 1)  # at least one row left to train on
-    held = set(order[:n_eval])
+    n_eval = min(max(1, round(len(rows) * fraction)), len(rows) - 1)  # at least one row left to train on
+    held = {i for k in order[:n_eval] for i in rows[k]}
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def row_groups(examples: list[Encoded]) -> list[list[int]]:
+    """The examples' indices, row by row: a row's examples after its first (`part` > 0) follow it."""
+    rows: list[list[int]] = []
+    for i, e in enumerate(examples):
+        last = examples[rows[-1][-1]] if rows else None
+        if getattr(e, "part", 0) and last is not None and (last.where, last.row) == (e.where, e.row):
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    return rows
+
+
+def _count(examples: list[Encoded], noun: bool = True) -> str:
+    """How many rows (`noun`: "N rows"), and how many examples where rows were split by turn."""
+    n = len(row_groups(examples))
+    said = f"{n} row{'s' * (n != 1)}" if noun else str(n)
+    return said + (f" ({len(examples)} examples)" if n != len(examples) else "")
 
 
 def encode_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
@@ -46,7 +68,7 @@ def encode_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
         got = [(read_examples(p, tokenizer, dc.max_length, dc.too_long, vocab, acc.is_main_process), p)
                for p in paths_of(value)]
         return ([e for g, _ in got for e in g.examples], [w for g, _ in got for w in g.warnings],
-                ", ".join(f"{len(g.examples)} row{'s' * (len(g.examples) != 1)} of {g.shape} from {p}" for g, p in got))
+                ", ".join(f"{_count(g.examples)} of {g.shape} from {p}" for g, p in got))
 
     train_ex, warnings, said = read(dc.train)
     if dc.eval is not None:
@@ -54,7 +76,7 @@ def encode_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
         warnings, said = warnings + more, f"{said}; held out: {held}"
     else:
         train_ex, eval_ex = split_eval(train_ex, dc.eval_fraction, recipe.train.seed)
-        said = f"{said}; {len(eval_ex)} of them held out"
+        said = f"{said}; {_count(eval_ex, noun=False)} of them held out"
     return encoded_cache.Cached(train_ex, eval_ex, f"llmfast: data: {said}", warnings)
 
 
