@@ -86,7 +86,7 @@ def test_each_reply_is_learned_after_the_conversation_the_template_renders_befor
     thoughts = ["Two and two.", "", "Four and four."]
     for ex, i, thought in zip(examples, turns, thoughts):
         prompt = _ids(qwen3.apply_chat_template(CHAT[:i], add_generation_prompt=True))
-        assert ex.input_ids == _ids(qwen3.apply_chat_template(CHAT[: i + 1])), i
+        assert ex.input_ids == _ids(qwen3.apply_chat_template(CHAT[: i + 1])) and ex.input_ids[: len(prompt)] == prompt
         assert ex.labels == [IGNORE] * len(prompt) + ex.input_ids[len(prompt):], i
         learned = qwen3.decode(ex.input_ids[len(prompt):])
         reply = re.sub(r"<think>.*</think>\s*", "", CHAT[i]["content"], flags=re.S)
