@@ -19,6 +19,7 @@ import importlib.metadata
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from llmfast.modelfiles import check_adapter_dir, check_model_dir
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -375,7 +378,9 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
 
     fix = f"use it with the base model it was trained on ({base} is this one), or re-create it"
     try:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():  # its missing keys are one line below, not PEFT's warning of every key first
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as e:  # noqa: BLE001 - PEFT's and torch's own error types: size mismatch, no matching module
         from llmfast.quant import already_quantized
 
@@ -387,10 +392,41 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
         why = f"{m.group(1)} has another shape" if m else f"{type(e).__name__}: {first_line(e)}"
         raise UserError(f"{adapter} does not fit the model: {why}; {fix}") from None
     stored = set(safetensors_header(adapter / "adapter_model.safetensors", fix)) - {"__metadata__"}
-    missing = sorted(set(get_peft_model_state_dict(model)) - stored)
+    unknown = unknown_adapter_tensors(stored, model.get_base_model(), peft=True)
+    if unknown:  # before the missing ones: renamed modules are both, and are not an incomplete file
+        raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no module of "
+                        f"{base} ({', '.join(unknown[:2])}): PEFT would skip them and run the adapter in part (or not "
+                        f"at all); it was trained on another model (more layers, other module names): {fix}")
+    # not PEFT's "auto" for saved embeddings: it asks the hub for a base the config names by its hub id
+    missing = sorted(set(get_peft_model_state_dict(model, save_embedding_layers=False)) - stored)
     if missing:
         raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(missing)} LoRA tensor(s) its config needs are "
                         f"missing ({', '.join(missing[:2])}): the file is incomplete; re-create the adapter")
     return model
 
+
+# PEFT's names below a module it changes: LoRA matrices, DoRA magnitude, the wrapped layer, trainable token rows,
+# a saved module's copies
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
+                  "token_adapter", "modules_to_save", "original_module")
+
+
+def unknown_adapter_tensors(keys: "Iterable[str]", model: "torch.nn.Module", peft: bool = False) -> list[str]:
+    """The tensors of an adapter's file (`keys`) that match no module of `model`, which PEFT (and vLLM) skip without
+    a word: an adapter of a deeper model of the family (its extra layers), or with renamed modules. With `peft`
+    (`model` is a PeftModel's base, the adapter on it), a LoRA matrix must be on a layer PEFT put LoRA on: one on a
+    module the config does not target is skipped as well."""
+    lora_layer: Any = None
+    if peft:  # not imported for serve's check (the base's modules on the meta device)
+        from peft.tuners.lora import LoraLayer as lora_layer
+
+    modules = dict(model.named_modules())
+    unknown = []
+    for key in keys:
+        parts = key.removeprefix("base_model.model.").split(".")
+        cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
+        layer = modules.get(".".join(parts[:cut]))
+        if layer is None or (peft and parts[cut].startswith("lora_") and not isinstance(layer, lora_layer)):
+            unknown.append(key)
+    return sorted(unknown)
 

@@ -111,6 +111,8 @@ def check_lora(name: str, path: str | os.PathLike[str], base: Path | None = None
             a, b = _architecture(Path(want)), _architecture(base)
             if a != b:
                 raise UserError(f"LoRA '{name}' was trained on {want} ({a}), not on the served model {base} ({b})")
+        if not cfg.get("layer_replication"):  # PEFT stacks layers the base lacks (attach_adapter checks those)
+            _refuse_unknown_modules(name, p, base)
     return ServedLora(name=name, path=p, rank=max(ranks), vllm_refusal=refusal)
 
 
@@ -129,6 +131,27 @@ def _head_lora(name: str, p: Path) -> str | None:
         return (f"LoRA '{name}' has a LoRA on lm_head ({head[0]}), which vLLM then applies to the base model's "
                 "requests too")
     return None
+
+
+def _refuse_unknown_modules(name: str, p: Path, base: Path) -> None:
+    """vLLM (0.32: LoRAModelManager.activate_adapter) puts on each of the model's modules the adapter's matrices for
+    it and skips the rest, as PEFT does: an adapter of a deeper model of the family (its extra layers) or with
+    renamed modules would be served in part, or not at all. Each tensor's module must be one of `base`'s."""
+    from llmfast.loading import meta_skeleton
+    from llmfast.modelfiles import safetensors_header
+    from llmfast.models import unknown_adapter_tensors
+
+    try:
+        skeleton = meta_skeleton(base)
+    except UserError:  # a config transformers cannot build: the server's own checks name it
+        return
+    keys = set(safetensors_header(p / "adapter_model.safetensors", "")) - {"__metadata__"}
+    unknown = unknown_adapter_tensors(keys, skeleton)
+    if unknown:
+        raise UserError(f"LoRA '{name}': {p / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no "
+                        f"module of the served model {base} ({', '.join(unknown[:2])}), which vLLM and PEFT skip, "
+                        "serving the adapter in part (or not at all); it was trained on another model (more layers, "
+                        "other module names): serve it with the base it was trained on, or re-create it")
 
 
 def _unreadable_tensors(name: str, p: Path, base: Path | None) -> str | None:
