@@ -67,9 +67,10 @@ def test_peft_skips_an_adapters_extra_layers_without_a_word(tiny_dir, deeper, tm
     from transformers import AutoModelForCausalLM
 
     ad = _adapter(deeper, tmp_path / "ad", str(deeper))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # any warning fails the load
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(ad))
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]  # PEFT's (missing keys) are UserWarnings
     assert sum(n.endswith("q_proj.lora_A") for n, _ in model.named_modules()) == 2
 
 
