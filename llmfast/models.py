@@ -32,7 +32,7 @@ from llmfast.modelfiles import check_adapter_dir, check_model_dir
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -373,6 +373,7 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
     LoRA tensor the adapter's config puts on the model must be in its weights file (PEFT would keep a missing one
     at its random initial value, with a warning)."""
     from peft import PeftModel, get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
 
     from llmfast.modelfiles import safetensors_header
 
@@ -392,7 +393,8 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
         why = f"{m.group(1)} has another shape" if m else f"{type(e).__name__}: {first_line(e)}"
         raise UserError(f"{adapter} does not fit the model: {why}; {fix}") from None
     stored = set(safetensors_header(adapter / "adapter_model.safetensors", fix)) - {"__metadata__"}
-    unknown = unknown_adapter_tensors(stored, model.get_base_model(), peft=True)
+    named = dict(model.get_base_model().named_modules())
+    unknown = unknown_adapter_tensors(stored, named, {n for n, m in named.items() if isinstance(m, LoraLayer)})
     if unknown:  # before the missing ones: renamed modules are both, and are not an incomplete file
         raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no module of "
                         f"{base} ({', '.join(unknown[:2])}): PEFT would skip them and run the adapter in part (or not "
@@ -411,22 +413,18 @@ _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "l
                   "token_adapter", "modules_to_save", "original_module")
 
 
-def unknown_adapter_tensors(keys: "Iterable[str]", model: "torch.nn.Module", peft: bool = False) -> list[str]:
-    """The tensors of an adapter's file (`keys`) that match no module of `model`, which PEFT (and vLLM) skip without
-    a word: an adapter of a deeper model of the family (its extra layers), or with renamed modules. With `peft`
-    (`model` is a PeftModel's base, the adapter on it), a LoRA matrix must be on a layer PEFT put LoRA on: one on a
-    module the config does not target is skipped as well."""
-    lora_layer: Any = None
-    if peft:  # not imported for serve's check (the base's modules on the meta device)
-        from peft.tuners.lora import LoraLayer as lora_layer
-
-    modules = dict(model.named_modules())
+def unknown_adapter_tensors(keys: "Iterable[str]", modules: "Collection[str]",
+                            lora_layers: "Collection[str] | None" = None) -> list[str]:
+    """The tensors of an adapter's file (`keys`) on none of a model's `modules` (their names), which PEFT (and vLLM)
+    skip without a word: an adapter of a deeper model of the family (its extra layers), or with renamed modules.
+    With `lora_layers` (the modules PEFT put LoRA on), a LoRA matrix must be on one of them: one on a module the
+    config does not target is skipped as well."""
     unknown = []
     for key in keys:
         parts = key.removeprefix("base_model.model.").split(".")
         cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
-        layer = modules.get(".".join(parts[:cut]))
-        if layer is None or (peft and parts[cut].startswith("lora_") and not isinstance(layer, lora_layer)):
+        module = ".".join(parts[:cut])
+        if module not in modules or (lora_layers is not None and parts[cut].startswith("lora_")
+                                     and module not in lora_layers):
             unknown.append(key)
     return sorted(unknown)
-

@@ -150,6 +150,9 @@ def test_serve_refuses_an_adapter_of_a_deeper_model_before_vllm_starts(tiny_dir,
     ren = _rename(ad, tmp_path / "ren", "model.layers.", "model.h.")
     with pytest.raises(UserError, match=r"6 of its tensors match no module of the served model .*model\.h\.0\."):
         check_lora("x", ren, base=deeper, for_vllm=for_vllm)
+    if not for_vllm:  # the tied head is in no stored weight's name, but is a module: transformers runs its LoRA
+        head = _adapter(tiny_dir, tmp_path / "head", str(tiny_dir), ["q_proj", "lm_head"])
+        assert "has a LoRA on lm_head" in check_lora("x", head, base=tiny_dir, for_vllm=False).vllm_refusal
 
 
 def test_resume_refuses_a_checkpoint_adapter_with_tensors_the_run_lacks(tiny_dir, tmp_path):

@@ -136,17 +136,22 @@ def _head_lora(name: str, p: Path) -> str | None:
 def _refuse_unknown_modules(name: str, p: Path, base: Path) -> None:
     """vLLM (0.32: LoRAModelManager.activate_adapter) puts on each of the model's modules the adapter's matrices for
     it and skips the rest, as PEFT does: an adapter of a deeper model of the family (its extra layers) or with
-    renamed modules would be served in part, or not at all. Each tensor's module must be one of `base`'s."""
+    renamed modules would be served in part, or not at all. Each tensor's module must be one of `base`'s: by the
+    names of its stored weights, then (for what those lack: a tied head) by its modules on the meta device, whose
+    first build imports transformers' model code (seconds, kept out of a served adapter that fits)."""
     from llmfast.loading import meta_skeleton
-    from llmfast.modelfiles import safetensors_header
+    from llmfast.modelfiles import safetensors_header, stored_shapes
     from llmfast.models import unknown_adapter_tensors
 
-    try:
-        skeleton = meta_skeleton(base)
-    except UserError:  # a config transformers cannot build: the server's own checks name it
-        return
     keys = set(safetensors_header(p / "adapter_model.safetensors", "")) - {"__metadata__"}
-    unknown = unknown_adapter_tensors(keys, skeleton)
+    stored = {".".join(parts[:i]) for parts in (n.split(".") for n in stored_shapes(base, "")) for i in
+              range(len(parts))}
+    unknown = unknown_adapter_tensors(keys, stored)
+    if unknown:
+        try:
+            unknown = unknown_adapter_tensors(unknown, {n for n, _ in meta_skeleton(base).named_modules()})
+        except UserError:  # a config transformers cannot build: the server's own checks name it
+            return
     if unknown:
         raise UserError(f"LoRA '{name}': {p / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no "
                         f"module of the served model {base} ({', '.join(unknown[:2])}), which vLLM and PEFT skip, "
