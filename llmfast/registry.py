@@ -9,18 +9,57 @@ command line:
     class Ties(MergeMethod): ...
 
 `get(name)` answers an unknown name with one `UserError` line that lists the known names and suggests
-the closest one; `names()` feeds `--help` texts and error messages. Registries hold light objects: a
-module that registers must not import torch at import time, so listing names stays instant.
+the closest one; `names()` feeds error messages and the `--help` texts that list names. Registries hold light
+objects: a module that registers must not import torch at import time, so listing names stays instant.
+
+A contributor's mistake in a registering module (a name taken twice, a missing method its registry's `check`
+asks for, a heavy library imported at module level) is one `UserError` line naming the module's file, raised
+as it registers: the CLI prints that line instead of a traceback from deep inside the first verb that uses it.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from llmfast.errors import UserError
 
 T = TypeVar("T")
+
+# Libraries whose import takes seconds (or starts threads): never imported at a registering module's top level.
+HEAVY = frozenset({"torch", "transformers", "peft", "vllm", "bitsandbytes", "accelerate", "triton", "datasets",
+                   "numpy"})
+_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the llmfast package
+
+
+def _origin(obj: Any) -> tuple[str, str]:
+    """The module and qualified name that define `obj` (a class or function), or its class (an instance)."""
+    owner = obj if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    return getattr(owner, "__module__", "?"), getattr(owner, "__qualname__", type(obj).__name__)
+
+
+def source_file(obj: Any) -> str:
+    """The file that defines `obj`, relative to the package's folder where it lies below it (for messages)."""
+    module = sys.modules.get(_origin(obj)[0])
+    file = getattr(module, "__file__", None)
+    if not file:
+        return _origin(obj)[0]
+    path = Path(file).resolve()
+    return str(path.relative_to(_ROOT)) if path.is_relative_to(_ROOT) else str(path)
+
+
+def heavy_import(obj: Any) -> str | None:
+    """A heavy library the module defining `obj` has imported at its top level so far (as a module, or a class or
+    function taken from one), as the line says it; None when it has none."""
+    module = sys.modules.get(_origin(obj)[0])
+    for name, value in vars(module).items() if module is not None else ():
+        source = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        if isinstance(source, str) and source.split(".")[0] in HEAVY:
+            return f"`{name}` ({source})"
+    return None
 
 
 def did_you_mean(name: str, known: list[str]) -> str:
@@ -32,8 +71,10 @@ def did_you_mean(name: str, known: list[str]) -> str:
 class Registry(Generic[T]):
     """Names to objects of one kind, filled by `@register(name)` in the modules that define them."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, check: Callable[[str, T], str | None] | None = None) -> None:
+        """`check(name, obj)`: what is wrong with an object registered here (a missing method), or None."""
         self.kind = kind
+        self._check = check
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -46,8 +87,19 @@ class Registry(Generic[T]):
         return add
 
     def add(self, name: str, obj: T) -> None:
-        if name in self._items and self._items[name] is not obj:
-            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        """Register `obj` as `name`; a mistake in the registering module is one UserError line naming its file."""
+        where = source_file(obj)
+        old = self._items.get(name)
+        # The same definition again (its module imported a second time, e.g. reloaded) replaces the first.
+        if old is not None and old is not obj and _origin(old) != _origin(obj):
+            first, second = sorted([(source_file(old), _origin(old)[1]), (where, _origin(obj)[1])])
+            raise UserError(f"{self.kind} '{name}' is registered twice, by {first[1]} in {first[0]} and by "
+                            f"{second[1]} in {second[0]}: give one of them another name")
+        if heavy := heavy_import(obj):
+            raise UserError(f"{where} imports {heavy} at import time: import it inside the functions that use it, "
+                            "so that listing names (`--help`, recipe errors) stays instant")
+        if self._check is not None and (problem := self._check(name, obj)):
+            raise UserError(f"{where}: {self.kind} '{name}' ({_origin(obj)[1]}): {problem}")
         self._items[name] = obj
 
     def get(self, name: str, where: str = "") -> T:

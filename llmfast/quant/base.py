@@ -135,7 +135,20 @@ def no_heldout_window(key: str, window: int) -> str:
             f"curve on: raise data.heldout_tokens to at least {window}, or remove {key}")
 
 
-QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")
+def _quantizer_problem(name: str, cls: type[Quantizer]) -> str | None:
+    """What keeps a registered method from working (Registry's check); a class without `name` gets the name it is
+    registered under."""
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+        return "register a Quantizer subclass (the class, not an instance)"
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, QuantConfigBase)):
+        return "its Config must subclass QuantConfigBase (it refuses unknown keys)"
+    if getattr(cls, "name", name) != name:
+        return f"its name is '{cls.name}': register it under that name, or set name = '{name}'"
+    cls.name = name
+    return None
+
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", check=_quantizer_problem)
 
 
 class QuantSpec(BaseModel):

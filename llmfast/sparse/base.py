@@ -83,8 +83,23 @@ class Sparsifier:
 # (`sparsity.attention` in llmfast.json; llmfast/sparse/stacked.py).
 OVER_ATTENTION = ("dejavu",)
 
+def _sparsifier_problem(name: str, cls: type[Sparsifier]) -> str | None:
+    """What keeps a registered method from working (Registry's check); a class without `name` gets the name it is
+    registered under."""
+    if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
+        return "register a Sparsifier subclass (the class, not an instance)"
+    if cls.sparsify is Sparsifier.sparsify:
+        return "it does not implement sparsify(self, job, cfg, out_dir)"
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, SparseConfigBase)):
+        return "its Config must subclass SparseConfigBase (it refuses unknown keys)"
+    if getattr(cls, "name", name) != name:
+        return f"its name is '{cls.name}': register it under that name, or set name = '{name}'"
+    cls.name = name
+    return None
+
+
 # Holds the classes; callers instantiate the one they look up.
-SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsification method")
+SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsification method", check=_sparsifier_problem)
 
 
 def modules_with(model: "PreTrainedModel", attrs: tuple[str, ...], where: str, missing: str) -> list[Any]:

@@ -149,9 +149,22 @@ def engine_families(quantization: Any, sparsity: str | None = None, vllm_sparse:
     return families
 
 
+FAMILIES = ("vllm", "hf", "hf-sparse")
+
+
 class Engine(ABC):
     name: str  # the registry name
     family: str  # "vllm", "hf" or "hf-sparse": what reports show; quantization methods name vllm and hf
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Engine":
+        # Python's own refusal of a class with a method left abstract is a traceback at the module's last line.
+        if missing := sorted(getattr(cls, "__abstractmethods__", ())):
+            from llmfast.errors import UserError
+            from llmfast.registry import source_file
+
+            raise UserError(f"{source_file(cls)}: bench engine {cls.__qualname__} does not implement "
+                            f"{', '.join(missing)} (see {source_file(Engine)})")
+        return super().__new__(cls)
 
     def can_run(self, variant: Variant) -> str | None:
         """None when this engine can run `variant` here, else the reason in a few words."""
@@ -174,4 +187,15 @@ class OfflineEngine(Engine):
         """Results in request order and the wall duration in seconds."""
 
 
-ENGINES: Registry[Engine] = Registry("bench engine")
+def _engine_problem(name: str, engine: Engine) -> str | None:
+    """What keeps a registered engine from working (Registry's check)."""
+    if not isinstance(engine, Engine):
+        return "register an instance of an Engine subclass: ENGINES.add(NAME, MyEngine())"
+    if getattr(engine, "name", None) != name:
+        return f"its name is {getattr(engine, 'name', None)!r}: set name = '{name}'"
+    if getattr(engine, "family", None) not in FAMILIES:
+        return f"its family must be one of {', '.join(FAMILIES)} (got {getattr(engine, 'family', None)!r})"
+    return None
+
+
+ENGINES: Registry[Engine] = Registry("bench engine", check=_engine_problem)

@@ -72,13 +72,15 @@ class Param:
         if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # it would fill the model with inf and NaN
             raise ValueError(f"parameter '{self.name}' must be a finite number (got {value!r})")
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
-            raise ValueError(f"parameter '{self.name}' must be between {_fmt(self.low)} and {_fmt(self.high)} "
-                             f"(got {value!r})")
+            raise ValueError(f"parameter '{self.name}' must be {_range(self.low, self.high)} (got {value!r})")
         return number
 
 
-def _fmt(bound: float | None) -> str:
-    return "-inf" if bound is None else f"{bound:g}"
+def _range(low: float | None, high: float | None) -> str:
+    """The allowed range in words (a parameter may declare one bound only)."""
+    if low is not None and high is not None:
+        return f"between {low:g} and {high:g}"
+    return f"at least {low:g}" if low is not None else f"at most {high:g}"
 
 
 @dataclasses.dataclass
@@ -138,8 +140,30 @@ class MergeMethod:
         return None
 
 
+def _method_problem(name: str, method: MergeMethod) -> str | None:
+    """What keeps a registered method from working (Registry's check): the line says what to write instead."""
+    cls = type(method)
+    if not isinstance(method, MergeMethod):
+        return "not a MergeMethod subclass"
+    if cls.merge is MergeMethod.merge:
+        return "it does not implement merge(self, base, inputs, params, shared, ctx)"
+    if cls.domain not in ("raw", "delta"):
+        return f"domain must be 'raw' or 'delta' (got {cls.domain!r})"
+    names = [getattr(p, "name", None) for p in cls.params]
+    if not all(isinstance(p, Param) for p in cls.params) or len(set(names)) < len(names):
+        return "params must be a tuple of Param(...) with different names"
+    for p in cls.params:
+        if p.kind not in (float, bool):
+            return f"parameter '{p.name}': kind must be float or bool (got {p.kind!r})"
+        try:
+            p.required or p.check(p.default)
+        except ValueError as e:
+            return f"its default does not pass its own declaration: {e}"
+    return None
+
+
 M = TypeVar("M", bound=type[MergeMethod])
-METHODS = Registry[MergeMethod]("merge_method")
+METHODS = Registry[MergeMethod]("merge_method", check=_method_problem)
 
 
 def register(name: str) -> Callable[[M], M]:
