@@ -13,9 +13,16 @@ from pathlib import Path
 
 from llmfast.errors import UserError
 
-# Methods whose artifact keeps its sparsity in files beside the weights (a relufy model keeps its ReLU, and its
-# cut, in config.json, so every verb carries it).
-SPARSE_FILE_METHODS = ("teal", "cats", "dejavu")
+
+def keeps_sparse_files(method: object) -> bool:
+    """Whether a sparsification method's artifact keeps its sparsity in files beside the weights: every registered
+    method that writes no new weights (TEAL, CATS, Deja Vu, and a new one the same moment it registers; a relufy
+    model keeps its ReLU, and its cut, in config.json, so every verb carries it)."""
+    import llmfast.sparse  # noqa: F401  (registers the methods; light: torch is imported inside their functions)
+    from llmfast.sparse.base import SPARSIFIERS
+
+    return isinstance(method, str) and method in SPARSIFIERS and not SPARSIFIERS.get(method).rewrites_weights
+
 
 # verb: what to do instead of giving it a quantized model
 QUANTIZED = {
@@ -41,7 +48,7 @@ def sparse_files_method(path: Path) -> str | None:
     from llmfast.artifacts import read_manifest
 
     method = ((read_manifest(path) or {}).get("sparsity") or {}).get("method")
-    return method if method in SPARSE_FILE_METHODS else None
+    return method if keeps_sparse_files(method) else None
 
 
 def _quantized_refusal(verb: str, spec: str, method: str) -> str | None:
@@ -78,6 +85,6 @@ def planned_refusal(verb: str, spec: str, made_by: str, method: str | None) -> s
     None: `llmfast run` says so before any stage runs, not after the stages before it."""
     if made_by == "quantize" and method:
         return _quantized_refusal(verb, spec, method)
-    if made_by == "sparsify" and method in SPARSE_FILE_METHODS:
+    if made_by == "sparsify" and keeps_sparse_files(method):
         return _sparse_refusal(verb, spec, method)
     return None
