@@ -90,8 +90,7 @@ class Registry(Generic[T]):
         """Register `obj` as `name`; a mistake in the registering module is one UserError line naming its file."""
         where = source_file(obj)
         old = self._items.get(name)
-        # The same definition again (its module imported a second time, e.g. reloaded) replaces the first.
-        if old is not None and old is not obj and _origin(old) != _origin(obj):
+        if old is not None and old is not obj:
             first, second = sorted([(source_file(old), _origin(old)[1]), (where, _origin(obj)[1])])
             raise UserError(f"{self.kind} '{name}' is registered twice, by {first[1]} in {first[0]} and by "
                             f"{second[1]} in {second[0]}: give one of them another name")

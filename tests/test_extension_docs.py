@@ -259,3 +259,20 @@ def test_a_one_sided_range_says_which_side():
         Param("x", high=1.0).check(2)
     with pytest.raises(ValueError, match=r"must be between 0 and 1 \(got 2\)"):
         Param("x", low=0.0, high=1.0).check(2)
+
+
+def test_two_objects_under_one_name_are_refused_even_when_one_function_made_both(monkeypatch):
+    """Optimizer factories are closures of one function (optimizers._bnb): two of them are still two objects."""
+    import types
+
+    from llmfast.errors import UserError
+    from llmfast.registry import Registry
+
+    plugin = types.ModuleType("a_plugin")  # a module of its own: this test file imports torch at its top
+    exec("def make():\n    def build():\n        return None\n    return build\n", plugin.__dict__)
+    monkeypatch.setitem(sys.modules, "a_plugin", plugin)
+    things = Registry("thing")
+    things.add("a", plugin.make())
+    things.add("a", things.get("a"))  # the same object again: nothing to refuse
+    with pytest.raises(UserError, match=r"thing 'a' is registered twice, by make.<locals>.build in a_plugin and by "):
+        things.add("a", plugin.make())
