@@ -94,7 +94,8 @@ class Registry(Generic[T]):
             first, second = sorted([(source_file(old), _origin(old)[1]), (where, _origin(obj)[1])])
             raise UserError(f"{self.kind} '{name}' is registered twice, by {first[1]} in {first[0]} and by "
                             f"{second[1]} in {second[0]}: give one of them another name")
-        if heavy := heavy_import(obj):
+        # Only the package's own modules: a user's script or notebook registering a method may import what it likes.
+        if source_file(obj).startswith("llmfast/") and (heavy := heavy_import(obj)):
             raise UserError(f"{where} imports {heavy} at import time: import it inside the functions that use it, "
                             "so that listing names (`--help`, recipe errors) stays instant")
         if self._check is not None and (problem := self._check(name, obj)):

@@ -276,3 +276,18 @@ def test_two_objects_under_one_name_are_refused_even_when_one_function_made_both
     things.add("a", things.get("a"))  # the same object again: nothing to refuse
     with pytest.raises(UserError, match=r"thing 'a' is registered twice, by make.<locals>.build in a_plugin and by "):
         things.add("a", plugin.make())
+
+
+def test_a_users_own_module_may_import_torch_when_it_registers(monkeypatch):
+    """The heavy-import rule keeps the package's `--help` instant; a user's script or notebook registering a method
+    has imported torch for its own reasons, and is not refused for it."""
+    import types
+
+    from llmfast.registry import Registry
+
+    script = types.ModuleType("users_script")
+    exec("import torch\ndef build():\n    return torch.zeros(1)\n", script.__dict__)
+    monkeypatch.setitem(sys.modules, "users_script", script)
+    things = Registry("thing")
+    things.add("mine", script.build)
+    assert things.get("mine") is script.build
