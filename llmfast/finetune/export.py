@@ -21,6 +21,8 @@ from typing import Any
 
 from llmfast.artifacts import atomic_dir, check_output, check_space, read_manifest, write_manifest
 from llmfast.errors import UserError
+from llmfast.finetune.stored_float32 import (StoredTensors, loading_dtype, rereadable, round_loaded,
+                                           rounded_into, widen)
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -160,11 +162,12 @@ def _config_quantization(adapter_dir: Path, base: Path) -> Any:
 
 def _check_finite(model: Any, dtype: str) -> None:
     """Every merged weight finite: a base weight beyond float16's range loads as inf, and an adapter trained to NaN
-    merges as NaN; either way the exported model's outputs would be NaN."""
+    merges as NaN; either way the exported model's outputs would be NaN. Checked a slice at a time: isfinite of a
+    whole embedding holds its absolute values and three masks (130 MB beside the built-in model's 270)."""
     import torch
 
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 22)):
             fix = ("export in bfloat16 or float32 (--dtype): a weight is beyond float16's range (+-65504)"
                    if dtype == "float16" else "the base model or the adapter holds inf or NaN: retrain the adapter "
                    "(a lower learning rate) or check the base model")
@@ -173,8 +176,10 @@ def _check_finite(model: Any, dtype: str) -> None:
 
 def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, trained_in: str,
            on_layer: Callable[[Any], None] | None = None) -> Any:
-    """The adapter merged into its base in float32 (the layers it changes; all of them where the base is wider than
-    `dtype`), on the CPU, each weight then rounded to `dtype` once (as `_round_once` keeps or rounds it). A QLoRA
+    """The adapter merged into its base in float32 (the layers it changes), on the CPU, each weight then rounded to
+    `dtype` once (as `_round_once` keeps or rounds it). A base stored wider than `dtype` or in mixed dtypes has each
+    weight read again from its file and rounded as it loads, a changed layer read again in float32 for its merge
+    (`_work_dtype`; whole in float32 where its tensors cannot be read by name). A QLoRA
     base (`qlora`, the adapter's recorded quantization) is quantized as it loads, in the dtype it was trained in
     (`trained_in`), a saved 4-bit one (`saved`, its format) loads in it; either is dequantized one layer at a time,
     each decoded in float32 and rounded before the next, a changed one once merged: the model is held in `dtype`
@@ -185,14 +190,19 @@ def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, tr
     from llmfast.loading import from_pretrained, resize_for_adapter
     from llmfast.models import attach_adapter
 
-    keep, changed = _kept_float32(base, dtype), _changed_layers(adapter_dir)
+    keep, changed, stored = _kept_float32(base, dtype), _changed_layers(adapter_dir), None
     if qlora is not None:
         # its NF4 codes, scales and what is not quantized are the trained model's only when loaded in the training's
         # dtype: quantized from float32 rather than bfloat16 weights, 89% of SmolLM2-135M's decoded weights differ
         model = qlora.quantizer.load_for_training(base, qlora.config, trained_in,
                                                   "cuda" if torch.cuda.is_available() else "cpu")
+    elif saved is not None:
+        model = from_pretrained(base, "float32")
     else:
-        model = from_pretrained(base, "float32" if saved is not None else _work_dtype(base, dtype))
+        work, stored = _work_dtype(base, dtype)
+        model = from_pretrained(base, work)
+        if stored is not None:
+            round_loaded(model, stored, _kept_in(dtype, keep))
     if qlora is not None or saved is not None:  # decoded as bitsandbytes decodes it for training, in float32
         want = _kept_in(dtype, keep)
         # a layer LoRA merges into stays in 4 bits until its merge (a saved module is loaded into: decoded now)
@@ -204,9 +214,11 @@ def _merge(base: Path, adapter_dir: Path, dtype: str, qlora: Any, saved: Any, tr
                 p.data = p.data.to(want(name))
     else:
         resize_for_adapter(model, adapter_dir)
-    # a LoRA layer is widened as its turn comes (_merge_each): all at once would hold every one in float32
-    _widen_changed(model, changed - _changed_layers(adapter_dir, only="lora_A"))
-    merged = _merge_each(attach_adapter(model, adapter_dir, base), dtype, keep, on_layer).to("cpu")
+    # a LoRA layer is widened as its turn comes (_merge_each): all at once would hold every one in float32; one
+    # whose base weight the adapter saves (PEFT's embedding layers) now, so that it loads into float32 unrounded
+    lora_only = _changed_layers(adapter_dir, only="lora_A") - _changed_layers(adapter_dir, only="base_layer")
+    _widen_changed(model, changed - lora_only, stored)
+    merged = _merge_each(attach_adapter(model, adapter_dir, base), dtype, keep, on_layer, stored).to("cpu")
     _round_once(merged, dtype, keep)
     return merged
 
@@ -221,10 +233,12 @@ def _kept_in(dtype: str, keep: set[str]) -> Callable[[str], Any]:
     return lambda name: torch.float32 if name in keep else target
 
 
-def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any], None] | None) -> Any:
+def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any], None] | None,
+                stored: StoredTensors | None) -> Any:
     """PEFT's `model` merged and unloaded, each LoRA layer merged by PEFT on its own (its deferred 4-bit weight
     decoded first) and rounded to `dtype` before the next; what else PEFT merges (saved modules, trainable tokens)
-    its own merge_and_unload merges, skipping the layers merged here."""
+    its own merge_and_unload merges, skipping the layers merged here. A base loaded rounded has each layer's
+    weights re-read as `stored` (`widen`)."""
     import warnings
 
     from peft.tuners.lora import LoraLayer
@@ -234,18 +248,16 @@ def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any]
     want = _kept_in(dtype, keep)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            layer = module.get_base_layer()
+            layer, prefix = module.get_base_layer(), name.removeprefix("base_model.model.")
             decode_deferred(layer)
-            for p in layer.parameters():  # merged in float32, then rounded once (below)
-                if p.is_floating_point():
-                    p.data = p.data.float()
+            narrow = {part: widen(p, f"{prefix}.{part}", stored)  # merged in float32, then rounded once (below)
+                      for part, p in layer.named_parameters() if p.is_floating_point()}
             module.merge()
             if on_layer is not None:
                 on_layer(model)
-            prefix = name.removeprefix("base_model.model.")
             for part, p in layer.named_parameters():
                 if p.is_floating_point():
-                    p.data = p.data.to(want(f"{prefix}.{part}"))
+                    p.data = rounded_into(p.data, want(f"{prefix}.{part}"), narrow.get(part))
     for module in model.modules():  # one the adapter's config leaves without a LoRA layer: as it is stored
         decode_deferred(module)
     with warnings.catch_warnings():  # PEFT's "All adapters are already merged": those merged above
@@ -271,18 +283,20 @@ def _changed_layers(adapter_dir: Path, only: str | None = None) -> set[str]:
     return layers - {""}
 
 
-def _widen_changed(model: Any, layers: set[str]) -> None:
+def _widen_changed(model: Any, layers: set[str], stored: StoredTensors | None) -> None:
     """The layers the adapter changes in float32 (a base loaded in a 16-bit --dtype keeps the rest in it), so each
     merges in float32 and is rounded once: PEFT adds a LoRA embedding's delta rounded to the weight's dtype (28% of
-    a bfloat16 embedding's entries were then off the once-rounded sum)."""
+    a bfloat16 embedding's entries were then off the once-rounded sum). Read again as `stored` where the load
+    rounded, by the name each weight is stored under (a tied head's is its embedding's)."""
+    stored_as = {id(p): name for name, p in model.named_parameters()}
     for name in sorted(layers):
         try:
             layer = model.get_submodule(name)
         except AttributeError:  # not this base's: attach_adapter names the misfit
             continue
-        for p in layer.parameters():
+        for part, p in layer.named_parameters():
             if p.is_floating_point():
-                p.data = p.data.float()
+                widen(p, stored_as.get(id(p), f"{name}.{part}"), stored)
 
 
 def _trained_in(manifest: dict[str, Any]) -> str:
@@ -292,16 +306,20 @@ def _trained_in(manifest: dict[str, Any]) -> str:
     return found if found in MERGE_DTYPES else "float32"
 
 
-def _work_dtype(base: Path, dtype: str) -> str:
-    """The dtype a full-precision base loads in: `dtype` only where the base stores every floating-point tensor in it
-    (nothing is rounded as it loads; `_widen_changed` merges the adapter's layers in float32), else float32 (into
-    which 16-bit weights widen exactly): loaded in a narrower dtype, each weight would be rounded once as it loads and
-    again once merged. The model is then in float32 in memory until rounded."""
+def _work_dtype(base: Path, dtype: str) -> tuple[str, StoredTensors | None]:
+    """The dtype a full-precision base loads in, and its stored tensors where each weight is to be read again by
+    name (`round_loaded`, `widen`). `dtype` where the base stores every floating-point tensor in it (nothing is
+    rounded as it loads; `_widen_changed` merges the adapter's layers in float32). A base stored in a wider or mixed
+    dtype loads in the one most of it is stored in, each weight then read again and rounded to `dtype` once
+    (stored_float32): loaded whole in float32 (s54), a float32 7B held 28 GB to write 14. Where its tensors cannot be
+    read again by name (`rereadable`), in float32, into which 16-bit weights widen exactly."""
     from llmfast.modelfiles import stored_floats
 
-    if dtype == "float32":
-        return dtype
-    return dtype if set(stored_floats(base, f"re-create the model in {base}")) <= {dtype} else "float32"
+    counts = stored_floats(base, f"re-create the model in {base}")
+    if dtype == "float32" or set(counts) <= {dtype}:
+        return dtype, None
+    stored = rereadable(base)
+    return (loading_dtype(counts), stored) if stored is not None else ("float32", None)
 
 
 def _kept_float32(base: Path, dtype: str) -> set[str]:
