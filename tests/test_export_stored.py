@@ -28,11 +28,20 @@ def _mixed(src, dst):
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
     from llmfast.testing import build_tiny_llama
 
     root = tmp_path_factory.mktemp("stored")
     untied = build_tiny_llama(root / "float32", tie_word_embeddings=False)
-    return {"float32": untied, "mixed": _mixed(untied, root / "mixed")}
+    sharded = shutil.copytree(untied, root / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
+    AutoModelForCausalLM.from_pretrained(untied).save_pretrained(sharded, max_shard_size="300KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    return {"float32": untied, "mixed": _mixed(untied, root / "mixed"), "sharded": sharded}
+
+
+def _stored(base):
+    return {k: v for f in sorted(base.glob("model*.safetensors")) for k, v in load_file(f).items()}
 
 
 def _export(adapter, out, monkeypatch=None):
@@ -47,18 +56,18 @@ def _same_file(a, b):
     return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["float32", "mixed"])
+@pytest.mark.parametrize("kind", ["float32", "mixed", "sharded"])
 def test_a_wider_or_mixed_base_exports_its_float32_merge_rounded_once(bases, tmp_path, kind, monkeypatch):
     """All-linear LoRA, a LoRA on the embedding and a saved head: every weight is PEFT's merge of the base loaded in
     float32, rounded to bfloat16 once; the float32 norms of the mostly-bfloat16 base stay as stored, bit for bit.
-    The same bytes as the base loaded whole in float32 (s54)."""
+    The same bytes as the base loaded whole in float32 (s54); a sharded base is read again shard by shard."""
     from tests.test_foreign_adapters import _make, _peft
 
     base = bases[kind]
     adapter = _make(base, tmp_path / "ad", r=4, lora_alpha=8, modules_to_save=["lm_head"], target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"])
     got = _export(adapter, tmp_path / "out")
-    ref, stored = _peft(base, adapter)[1], load_file(base / "model.safetensors")
+    ref, stored = _peft(base, adapter)[1], _stored(base)
     keep = {k for k, v in stored.items() if v.dtype == torch.float32} if kind == "mixed" else set()
     assert len(keep) == (5 if kind == "mixed" else 0)  # 2 layers x 2 norms, the final norm
     assert got.keys() == stored.keys()
@@ -84,7 +93,7 @@ def test_an_adapter_with_added_tokens_exports_the_same_bytes(tiny_dir, tmp_path,
     assert _same_file(tmp_path / "out", tmp_path / "whole")
 
 
-@pytest.mark.parametrize("kind", ["float32", "mixed"])
+@pytest.mark.parametrize("kind", ["float32", "mixed", "sharded"])
 def test_a_wider_base_merges_holding_one_layer_in_float32(bases, tmp_path, kind):
     """Exported in bfloat16, a base stored in float32 (or mostly bfloat16 with float32 norms) holds its weights in
     bfloat16 and one LoRA layer at a time in float32 beside its float32 norms (s54 loaded it whole in float32:
