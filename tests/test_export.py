@@ -219,6 +219,29 @@ def test_an_adapter_that_ships_its_own_tokenizer_exports_with_it(tmp_path, tiny_
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tok.chat_template
 
 
+@pytest.mark.parametrize("saved_in", ["tokenizer_config.json", "chat_template.jinja"])
+def test_an_adapter_with_its_template_but_no_vocabulary_exports_with_that_template(tmp_path, tiny_dir, peft_adapter,
+                                                                                    saved_in):
+    """An adapter folder with the chat template it was trained with but no vocabulary file gives the merged model
+    that template on the base's tokens, as eval prompts the adapter (serve --lora refuses it and says to export it:
+    with the base's template the merged model would be served with the wrong one)."""
+    from transformers import AutoTokenizer
+
+    adapter = shutil.copytree(peft_adapter, tmp_path / "adapter")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    if saved_in == "tokenizer_config.json":
+        cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+        (adapter / saved_in).write_text(json.dumps({**cfg, "chat_template": template}))
+    else:
+        (adapter / saved_in).write_text(template)
+    assert AutoTokenizer.from_pretrained(tiny_dir).chat_template != template
+    code, _, err = run_cli("export", str(adapter), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.chat_template == template
+    assert merged.get_vocab() == AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_export_writes_the_merge_in_the_dtype_asked_for(tmp_path, tiny_dir, peft_adapter, dtype):
     """--dtype bfloat16/float16: every weight written in it, each PEFT's float32 merge rounded to it once (the

@@ -364,6 +364,16 @@ def _check_arguments(adapter_dir: Path, out_dir: Path, dtype: str, overwrite: bo
     return manifest, found
 
 
+def _own_template(adapter_dir: Path) -> str | None:
+    """The chat template an adapter folder carries without a vocabulary (tokenizer_config.json alone, or
+    chat_template.jinja), or None; one saved with a byte-order mark is refused as the tokenizer's loader does."""
+    from llmfast.modelfiles import chat_template_text
+    from llmfast.models import check_chat_template_file
+
+    check_chat_template_file(adapter_dir)
+    return chat_template_text(adapter_dir)
+
+
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   overwrite: bool = False, base: str | None = None) -> Path:
     """`adapter_dir` merged into its base model (`base`, else the one it records), written to `out_dir` in
@@ -399,6 +409,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
 
         raise UserError(f"{tokenizer_dir}: transformers cannot load its tokenizer ({type(e).__name__}: "
                         f"{first_line(e)}): restore its tokenizer files") from None
+    if tokenizer_dir == base and isinstance(template := _own_template(adapter_dir), str):
+        tokenizer.chat_template = template  # the one it was trained with (eval prompts it so; serve --lora judges it)
 
     if quant is None and own is None:  # the merged weights are the base's, in `dtype`
         from llmfast.loading import torch_dtype
