@@ -80,3 +80,21 @@ def test_serve_judges_by_the_flags_vllm_reads(tmp_path: Path, tiny_dir: Path) ->
     with pytest.raises(UserError, match=f"names the architecture {FOO}, for which this vLLM has no model class"):
         prepare_spec(str(unknown))
     assert prepare_spec(str(unknown), extra_args=["--model-im", "transformers"]).model == unknown
+
+
+def test_a_config_file_vllm_cannot_read_is_one_line(tmp_path: Path) -> None:
+    """vLLM's parser fails with a traceback on an empty --config file, a list, a key not text or a YAML error, and logs
+    a line of its own before a missing file's: each is refused first, in one line naming the file."""
+    from llmfast.serve.vllm_flags import parse
+
+    config = tmp_path / "vllm.yaml"
+    for text, said in (("", " holds nothing"), ("- max-num-seqs\n", " holds a list"), ("1: 2\n", " holds the key 1"),
+                       ("max-num-seqs: [2\n", r": cannot read it as YAML \(expected ',' or ']'")):
+        config.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError, match=rf"^the vLLM flags after --: --config {config}{said}") as e:
+            parse(["--config", str(config)])
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=rf"^the vLLM flags after --: --config {tmp_path / 'no.yaml'}: cannot read it"):
+        parse(["--config", str(tmp_path / "no.yaml")])
+    config.write_text("max-num-seqs: 2\n", encoding="utf-8")
+    assert parse(["--config", str(config)])[0].max_num_seqs == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from pathlib import Path
 from typing import Sequence
 
 from llmfast.errors import UserError
@@ -71,6 +72,7 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"the vLLM flags after --: {detail}")
 
     parser.error = refuse  # type: ignore[method-assign]  # argparse's own would print the usage and exit
+    _check_config(args)
     unset = object()  # argparse fills in a default only where the namespace has none: what stays was not given
     namespace = argparse.Namespace(**dict.fromkeys(OWNED, unset))
     try:
@@ -84,6 +86,30 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         if getattr(ns, dest) is unset:
             setattr(ns, dest, parser.get_default(dest))
     return ns, given  # not EngineArgs.from_cli_args(ns): it loads plugins and looks the default model up on the hub
+
+
+def _check_config(args: Sequence[str]) -> None:
+    """A `--config FILE` (vLLM reads that spelling alone, and refuses two) that vLLM's parser would fail on with a
+    traceback (an empty file, a list, a YAML error, a key not text) or after a log line of its own (a file it cannot
+    open), refused in one line naming it first."""
+    if list(args).count("--config") != 1 or (i := list(args).index("--config")) == len(args) - 1:
+        return  # none, or vLLM's own one-line refusals
+    path = args[i + 1]
+    if path.split(".")[-1] not in ("yaml", "yml"):
+        raise UserError(f"the vLLM flags after --: --config {path}: vLLM reads a .yaml or .yml file only")
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)  # a YAML error's place; its str() is several lines
+        why = f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(e)  # type: ignore
+        raise UserError(f"the vLLM flags after --: --config {path}: cannot read it as YAML ({why})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        held = "nothing" if data is None else f"a {type(data).__name__}" if not isinstance(data, dict) else \
+            f"the key {next(k for k in data if not isinstance(k, str))!r}, not text"
+        raise UserError(f"the vLLM flags after --: --config {path} holds {held}: vLLM takes a mapping of its flags "
+                        "to their values (`max-num-seqs: 4`, one a line)")
 
 
 def given(args: Sequence[str]) -> argparse.Namespace | None:
