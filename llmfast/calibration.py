@@ -81,7 +81,9 @@ def used_data(stage: str, metrics: dict[str, Any]) -> bool:
 
 def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: int = 0) -> "torch.Tensor":
     """Every conversation of the chat JSONL files (finetune's format), rendered through the model's chat template
-    exactly as `finetune` encodes it, in a seeded order, concatenated and cut into windows of `window` tokens.
+    exactly as `finetune` encodes it, in a seeded order, concatenated and cut into windows of `window` tokens. A row
+    `finetune` splits into one example per assistant turn (Qwen3's template) is taken once, as its last example
+    renders the whole conversation: every example would repeat its earlier turns, quadratic in the turns.
 
     A fine-tuned model's skill lives in how it continues its prompts: calibrating or distilling it on book text
     alone keeps the language model and loses the skill (BENCHMARKS.md, the relufy and W4 rows of the merge).
@@ -100,7 +102,8 @@ def conversation_windows(tokenizer: Any, paths: list[Path], window: int, seed: i
             message = str(e)
             raise UserError(message if message.startswith(str(path)) else f"data.conversations ({path}): {message}"
                             ) from None
-        examples.extend(found)
+        # a row split by turn (data.chat._chat_plans) once: its last example, the whole conversation as rendered
+        examples.extend(e for e, after in zip(found, [*found[1:], None]) if not (after is not None and after.part))
     random.Random(seed).shuffle(examples)
     ids = torch.tensor([t for ex in examples for t in ex.input_ids], dtype=torch.long)
     return windows(ids, window, "data.conversations (" + ", ".join(map(str, paths)) + ")")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -152,6 +153,20 @@ def test_a_rows_examples_are_held_out_together(qwen3: Any, tmp_path: Path) -> No
         assert sorted(train + held, key=lambda e: (int(e.where.rsplit(":", 1)[1]), e.part)) == examples
     assert _count(examples) == "12 rows (24 examples)" and _count(examples[:1]) == "1 row"
     assert _count(examples[1:3], noun=False) == "1 (2 examples)"
+
+
+def test_calibration_takes_each_split_conversation_once(qwen3: Any, tmp_path: Path) -> None:
+    """quantize's and sparsify's data.conversations: a row split by turn is calibrated on once, as the template
+    renders the whole conversation (its last example), not on every turn's example, which repeats its earlier turns
+    (tokens quadratic in the turns, and windows of the same system prompt and first turns over and over)."""
+    from llmfast.calibration import conversation_windows
+
+    path = tmp_path / "d.jsonl"
+    single = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CHAT, single, CHAT[1:5])))
+    whole = [_ids(qwen3.apply_chat_template(m)) for m in (CHAT, single, CHAT[1:5])]
+    got = conversation_windows(qwen3, [path], 1).flatten().tolist()  # windows of one token: every id
+    assert any(got == [t for k in order for t in whole[k]] for order in itertools.permutations(range(3)))
 
 
 PIECES = ["", " ", "\n", "\n\n", "3", " 42", "é", "日本語", "Hello", " world", "x  y", "<|im_end|>", "<think>", "</think>",
