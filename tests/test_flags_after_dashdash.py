@@ -50,7 +50,9 @@ def test_the_flags_that_choose_the_class_in_every_spelling_vllm_takes(tmp_path: 
                   ["--model-class-overrides", json.dumps({FOO: "vllm.model_executor.models.llama:LlamaForCausalLM"})],
                   ["--config", str(config)]):
         assert unserved_architecture({"architectures": [FOO]}, extra) is None, extra  # left to vLLM
-    for extra in ([], ["--max-num-seqs", "2"], ["--model-impl", "auto"], ["--hf-overrides={}"]):  # vLLM's defaults
+    for extra in ([], ["--max-num-seqs", "2"], ["--model-impl", "auto"], ["--hf-overrides={}"],  # vLLM's defaults
+                  ["--hf-overrides", json.dumps({"max_position_embeddings": 4096})],  # not the class
+                  ["--hf-overrides.rope_scaling", json.dumps({"rope_type": "yarn", "factor": 2.0})]):
         assert unserved_architecture({"architectures": [FOO]}, extra) == FOO, extra
 
 

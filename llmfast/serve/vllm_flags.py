@@ -119,12 +119,15 @@ def given(args: Sequence[str]) -> argparse.Namespace | None:
 
 
 def class_flag(engine: argparse.Namespace | None) -> str | None:
-    """The first of CLASS_FLAGS that `engine` (`given`'s namespace) sets to other than vLLM's default, or None."""
+    """The first of CLASS_FLAGS that `engine` (`given`'s namespace) sets to other than vLLM's default, or None.
+    --hf-overrides (config.json's keys, as vLLM's parser gives them) chooses the class only with `architectures`:
+    its others (rope_scaling, max_position_embeddings) leave it to the file's names."""
     if engine is None:
         return None
     parser = _parser()
-    return next((flag for dest, flag in CLASS_FLAGS.items() if getattr(engine, dest) != parser.get_default(dest)),
-                None)
+    return next((flag for dest, flag in CLASS_FLAGS.items() if getattr(engine, dest) != parser.get_default(dest)
+                 and not (dest == "hf_overrides" and isinstance(engine.hf_overrides, dict)
+                          and "architectures" not in engine.hf_overrides)), None)
 
 
 def local_data_parallel(engine: argparse.Namespace | None) -> int:
