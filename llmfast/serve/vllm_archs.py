@@ -137,7 +137,7 @@ def _in_transformers(arch: str) -> bool:
 
 def unserved_architecture(config: dict[str, Any], extra_args: list[str] | None = None) -> str | None:
     """The architecture of `config` (a config.json) vLLM has no class for, or None when vLLM has one, or may.
-    `extra_args`: vLLM's flags; one that chooses the class itself (vllm_flags.CLASS_FLAGS, as vLLM's parser reads
+    `extra_args`: vLLM's flags; one that chooses the class itself (vllm_flags.class_flag, as vLLM's parser reads
     it) leaves the choice to vLLM."""
     from llmfast.serve.vllm_flags import class_flag, given
 

@@ -32,8 +32,8 @@ _COUNTED = ("--data-parallel-size", "--data-parallel-size-local")
 # Those of OWNED that make vLLM answer elsewhere than the HTTP API serve waits on.
 UNWAITABLE = ("--uds", "--ssl-certfile", "--ssl-keyfile", "--headless", "--grpc")
 _SHORT = ("-O", "-c", "-t", "-p", "-d")  # -O0, -cc, -tp, -pp, -dp, -dpl (and argparse's prefixes of them)
-# Flags that choose the class vLLM runs a model with (serve/vllm_archs.py): given a value other than vLLM's default,
-# the choice is left to vLLM.
+# Flags that choose the class vLLM runs a model with (serve/vllm_archs.py): given a value other than vLLM's default
+# (--hf-overrides: one with `architectures`), the choice is left to vLLM (`class_flag`).
 CLASS_FLAGS = {"hf_overrides": "--hf-overrides", "model_impl": "--model-impl",
                "model_class_overrides": "--model-class-overrides"}
 # vLLM's template for every chat, in place of the model folder's (serve/stops.py, serve/lora.py judge the one used).
