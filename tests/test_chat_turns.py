@@ -155,6 +155,20 @@ def test_a_rows_examples_are_held_out_together(qwen3: Any, tmp_path: Path) -> No
     assert _count(examples[1:3], noun=False) == "1 (2 examples)"
 
 
+def test_too_long_names_which_of_a_split_rows_examples(qwen3: Any, tmp_path: Path) -> None:
+    """data.too_long: error on a split row names which of its examples is too long (each repeats the turns before
+    it, so the row's first turns may fit where its last does not); a row of one example is named as before."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    lengths = [len(e) for e in encode_conversation(qwen3, CHAT)]
+    with pytest.raises(UserError, match=rf"^{path}:1: example 3 of its 3 \(one a reply\) has {lengths[2]} tokens, "
+                                        rf"more than max_length {lengths[1]}: "):
+        read_examples(path, qwen3, lengths[1], too_long="error")
+    path.write_text(json.dumps({"messages": CHAT[:3]}) + "\n")
+    with pytest.raises(UserError, match=rf"^{path}:1: example has {lengths[0]} tokens, more than max_length 4"):
+        read_examples(path, qwen3, 4, too_long="error")
+
+
 def test_calibration_takes_each_split_conversation_once(qwen3: Any, tmp_path: Path) -> None:
     """quantize's and sparsify's data.conversations: a row split by turn is calibrated on once, as the template
     renders the whole conversation (its last example), not on every turn's example, which repeats its earlier turns

@@ -392,7 +392,8 @@ def read_examples(
                 check_ids_fit(ex._ids, vocab, where)
                 if len(ex) > max_length:
                     if too_long == "error":
-                        raise UserError(f"{where}: example has {len(ex)} tokens, more than max_length {max_length}: "
+                        which = f"example {ex.part + 1} of its {len(exs)} (one a reply)" if len(exs) > 1 else "example"
+                        raise UserError(f"{where}: {which} has {len(ex)} tokens, more than max_length {max_length}: "
                                         "raise max_length, shorten it, or set data.too_long: truncate")
                     ex = ex.truncated(max_length)
                     if ex.target_tokens == 0:
