@@ -24,7 +24,8 @@ from llmfast.errors import UserError
 from llmfast.finetune.bounds import check_lora_scale, some_modules
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
-from llmfast.recipe_paths import ExistingFile, ExistingPath, OutputPath, Paths, ResultsPath, one_or_list, paths_of
+from llmfast.recipe_paths import (ExistingFile, ExistingPath, FileNamePart, OutputPath, Paths, ResultsPath, one_or_list,
+                                  paths_of)
 from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index, yaml_error
 
@@ -176,7 +177,7 @@ class WorkloadConfig(StrictModel):
 
 
 class VariantConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: FileNamePart
     model: str
     lora: ExistingPath | None = None
     quantization: Quantization = None
@@ -194,6 +195,15 @@ class BenchRecipe(StrictModel):
     quality: EvalConfig | None = None  # `llmfast eval` settings run on every variant
     server_timeout: PositiveInt = 600
     output: OutputPath = Path("runs/bench/report")
+
+    @model_validator(mode="after")
+    def _baseline_logs_apart(self) -> "BenchRecipe":  # variant X's baseline logs to hf-X-baseline-cN.log
+        names = {v.name for v in self.variants}
+        mixed = sorted(n for n in names if n.endswith("-baseline") and n[:-9] in names)
+        if mixed and self.baseline != "none":
+            raise ValueError(f"variant '{mixed[0]}' would log to the files of the transformers baseline of variant "
+                             f"'{mixed[0][:-9]}' (hf-{mixed[0]}-cN.log): rename it, or set baseline: none")
+        return self
 
 
 # ---------------------------------------------------------------- sparsify

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field
+
+from llmfast.artifacts import MAX_OUTPUT_NAME
 
 
 def _must_exist(kind: str) -> Any:
@@ -47,6 +50,22 @@ def _a_file(value: Any) -> Any:
 
 ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
 ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
+
+
+def _file_name_part(value: str) -> str:
+    # a bench variant's name is part of its log and quality file names in the output folder (hf-NAME-cN.log,
+    # quality-NAME.predictions.jsonl): no '/', '..', '', NUL or newline reaches a path, and the longest of them fits
+    # the file system's 255 bytes (a 250-byte name ran, then every point failed on its log: File name too long)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ValueError("it names files in the output folder: use letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    if len(value.encode()) > MAX_OUTPUT_NAME:
+        raise ValueError(f"{len(value.encode())} bytes, and it names files in the output folder: give a name of at "
+                         f"most {MAX_OUTPUT_NAME} bytes")
+    return value
+
+
+FileNamePart = Annotated[str, AfterValidator(_file_name_part)]
 
 
 def _a_list_not_commas(value: Any) -> Any:
