@@ -174,6 +174,7 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     fix = f"re-download or re-create the model in {path}"
+    _no_dangling_links(path, fix)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -192,6 +193,18 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
     for f in dict.fromkeys([*model_weight_files(path, fix), *weight_files(path, fix)]):
         safetensors_header(f, fix)
     return path
+
+
+def _no_dangling_links(path: Path, fix: str) -> None:
+    # a hub cache's snapshot is links into blobs/ (fine); one whose blob is gone read as 'no config.json' or 'No such
+    # file' for a file `ls` shows. Only the files a model is loaded from: a dead link to a README is no matter.
+    dead = sorted(p for p in path.iterdir() if p.is_symlink() and not p.exists()
+                  and (p.suffix in (".json", ".safetensors", ".jinja") or p.name in VOCABULARY_FILES)) \
+        if path.is_dir() else []
+    if dead:
+        more = f" ({len(dead) - 1} more such)" if len(dead) > 1 else ""
+        raise UserError(f"{dead[0]} is a symbolic link to {os.readlink(dead[0])}, which does not exist{more}: restore "
+                        f"what it points to, or {fix}")
 
 
 def refuse_model_code(path: Path, cfg: dict[str, Any]) -> None:

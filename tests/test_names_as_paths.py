@@ -74,3 +74,23 @@ def test_a_model_folder_of_links_loads_as_its_files(tmp_path, tiny_dir):
     with torch.no_grad():
         got, want = load_model(snap)(ids).logits, load_model(tiny_dir)(ids).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dead", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_dead_link_among_a_models_files_is_named_as_one(tmp_path, tiny_dir, dead):
+    """A snapshot whose blob is gone: the link and where it points, not 'no config.json' or 'No such file' for a
+    file `ls` shows; a dead link to a file nothing loads (a README) is no matter."""
+    from llmfast.modelfiles import check_model_dir
+
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in tiny_dir.iterdir():
+        os.symlink(f, model / f.name)
+    os.symlink(tmp_path / "gone" / "readme", model / "README.md")
+    assert check_model_dir(model) == model
+    (model / dead).unlink()
+    os.symlink(tmp_path / "gone" / dead, model / dead)
+    with pytest.raises(UserError) as e:
+        check_model_dir(model)
+    assert str(e.value).startswith(f"{model / dead} is a symbolic link to {tmp_path / 'gone' / dead}, which does "
+                                   "not exist: restore what it points to")
