@@ -94,3 +94,16 @@ def test_a_dead_link_among_a_models_files_is_named_as_one(tmp_path, tiny_dir, de
         check_model_dir(model)
     assert str(e.value).startswith(f"{model / dead} is a symbolic link to {tmp_path / 'gone' / dead}, which does "
                                    "not exist: restore what it points to")
+
+
+@pytest.mark.parametrize("name", ["t\n", "../t", "t/u", "", "t\x00"])
+def test_a_chain_stage_name_that_is_no_plain_file_name_is_refused(tmp_path, name):
+    """A stage's output is the folder OUT/NAME: 't\\n' passed re.match (`$` matches before a last newline) and
+    made a folder named with a newline."""
+    path = tmp_path / "chain.yaml"
+    path.write_text(f"output: {tmp_path / 'run'}\nstages:\n  {json.dumps(name)}: {{type: tasks, with: {{tasks: [dates], "
+                    "train: 5, test: 2}}\n", encoding="utf-8")
+    code, out, err = run_cli("run", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"stage name {name!r} must be letters, digits" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.yaml"]

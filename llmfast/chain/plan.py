@@ -121,8 +121,8 @@ def order(recipe: ChainRecipe, where: str, known_types: list[str]) -> list[str]:
     """Stage names in an order where every parent comes first; a cycle or an unknown name is one line."""
     stages = recipe.stages
     for name, stage in stages.items():
-        if not re.match(NAME, name):
-            raise UserError(f"{where}: stage name '{name}' must be letters, digits, '.', '_' or '-'")
+        if not re.fullmatch(NAME, name):  # re.match let 't\n' through (`$` matches before a last newline): a folder
+            raise UserError(f"{where}: stage name {name!r} must be letters, digits, '.', '_' or '-'")
         if len(name.encode()) > MAX_OUTPUT_NAME:  # its folder and .state/NAME.* files must fit 255 bytes
             raise UserError(f"{where}: stage name '{name[:40]}...' is {len(name.encode())} bytes: at most "
                             f"{MAX_OUTPUT_NAME}")
