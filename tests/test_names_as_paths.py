@@ -101,8 +101,8 @@ def test_a_chain_stage_name_that_is_no_plain_file_name_is_refused(tmp_path, name
     """A stage's output is the folder OUT/NAME: 't\\n' passed re.match (`$` matches before a last newline) and
     made a folder named with a newline."""
     path = tmp_path / "chain.yaml"
-    path.write_text(f"output: {tmp_path / 'run'}\nstages:\n  {json.dumps(name)}: {{type: tasks, with: {{tasks: [dates], "
-                    "train: 5, test: 2}}\n", encoding="utf-8")
+    stage = "{type: tasks, with: {tasks: [dates], train: 5, test: 2}}"
+    path.write_text(f"output: {tmp_path / 'run'}\nstages:\n  {json.dumps(name)}: {stage}\n", encoding="utf-8")
     code, out, err = run_cli("run", str(path))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"stage name {name!r} must be letters, digits" in err
