@@ -218,6 +218,23 @@ def test_bench_serve_refuses_a_model_the_server_does_not_serve_and_a_mismatched_
     assert srv.seen == []
 
 
+def test_bench_serve_refuses_a_label_or_date_that_would_name_a_file_elsewhere(fake_server, tmp_path):
+    """vLLM's default result name is LABEL-RATEqps-MODEL-DATE.json in --result-dir: a label (or --metadata date) with
+    '/' wrote it elsewhere (`--label ../../x`), one over 255 bytes failed after the whole run. One line, before the
+    first request, nothing written."""
+    srv, url = fake_server()
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    cases = {("--label", "../../x"): "--label '../../x': names the result file, so it may not hold '/'",
+             ("--metadata", "date=2026/12/07"): "--metadata date='2026/12/07': names the result file",
+             ("--label", "x" * 250): "would be 2"}
+    for argv, msg in cases.items():
+        code, _, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                               "--random-output-len", "2", "--save-result", "--result-dir", str(out_dir), *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (argv, err)
+    assert srv.seen == [] and list(out_dir.iterdir()) == [] and list(tmp_path.iterdir()) == [out_dir]
+
+
 def test_bench_serve_fails_a_stalled_stream(fake_server, tmp_path):
     """A server that stops sending tokens fails the requests after --stall-timeout, not the request timeout."""
     _, url = fake_server(stall=True)

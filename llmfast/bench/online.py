@@ -150,6 +150,26 @@ def _check_result_files(result_dir: str | None, result_filename: str, rates: lis
                                 "to replace it")
 
 
+def _check_default_names(args: argparse.Namespace, metadata: dict[str, Any], model_id: str, rates: list[float],
+                         concs: list[int]) -> None:
+    """Before the run: a result file named from --label or --metadata's label/date (vLLM's default name) must be one
+    file name in --result-dir: a '/' would write elsewhere, a name over 255 bytes would fail after the whole run."""
+    named = {"label": metadata.get("label", args.label or args.backend), "date": metadata.get("date", "0" * 15),
+             "model_id": metadata.get("model_id", model_id)}
+    for key in ("label", "date"):
+        if any(c in str(named[key]) for c in "/\0"):
+            flag = "--label " if key == "label" and "label" not in metadata else f"--metadata {key}="
+            raise UserError(f"{flag}{named[key]!r}: names the result file, so it may not hold '/' or NUL: give "
+                            "another, or name the file with --result-filename")
+    for rate in rates:
+        for conc in concs:
+            name = result_path(None, None, {**named, "request_rate": rate if rate != math.inf else "inf",
+                                            "max_concurrency": conc}, False).name
+            if len(name.encode()) > 255:
+                raise UserError(f"the result file name {name[:40]}... would be {len(name.encode())} bytes (a file name "
+                                "holds at most 255): give a shorter --label or --metadata, or --result-filename")
+
+
 def _check_result_dir(result_dir: str | None) -> None:
     """Before the run: a result folder that is a file, or that cannot be written, would lose the results."""
     import os
@@ -297,6 +317,8 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
         sharegpt_output_len=given(out_len, args.sharegpt_output_len),
         seed=args.seed, shuffle=not args.disable_shuffle)
     _check_lengths(requests, models, sent)
+    if args.save_result and not args.result_filename:
+        _check_default_names(args, metadata, model_id, rates, concs)
     sweep = len(rates) * len(concs) > 1
     results = []
     for rate in rates:
