@@ -1,6 +1,6 @@
 """Session-wide fixtures: one fresh model cache, one converted built-in model, one tiny model.
 
-The cache is new for every test session so the GGUF conversion really runs; set
+The cache is new for every test session so the GGUF conversion really runs (and removed when it ends); set
 LLMFAST_TEST_REUSE_CACHE=1 to use your normal cache instead while iterating.
 """
 
@@ -16,11 +16,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Under pytest-xdist (`make test` runs two workers) the workers inherit the cache the controlling process made here,
 # so the built-in model is converted once for the session (in `pytest_configure`, before the workers start).
+# The folders made here are this session's: the process that made them removes them when it ends (pytest_unconfigure);
+# one that came through the environment (the user's, or the controller's in a worker) is never removed.
+_MADE: list[str] = []
+_MADE_BY = os.getpid()
+
+
+def _session_folder(variable: str, prefix: str) -> None:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    _MADE.append(os.environ[variable])
+
+
 if not os.environ.get("LLMFAST_TEST_REUSE_CACHE") and not os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["LLMFAST_CACHE"] = tempfile.mkdtemp(prefix="llmfast-test-cache-")
+    _session_folder("LLMFAST_CACHE", "llmfast-test-cache-")
 # torch.compile's kernel cache too (transformers' BitNet layers compile): a cache shared with runs under another
 # ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA (which its key does not hold) aborted the whole session (SIGABRT, s52).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmfast-test-inductor-"))
+# Not os.environ.setdefault: its default was made, and left in /tmp, in every worker too.
+if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    _session_folder("TORCHINDUCTOR_CACHE_DIR", "llmfast-test-inductor-")
 # Nothing in the tests may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,6 +46,16 @@ def pytest_configure(config: pytest.Config) -> None:
         from llmfast.models import resolve_model
 
         resolve_model("builtin:smollm2-135m")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's own cache (~600 MB: the converted built-in model) and kernel cache go when it ends, in the
+    process that made them (a worker's copy of this module made none; a forked child never gets here)."""
+    import shutil
+
+    if os.getpid() == _MADE_BY:
+        for path in _MADE:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""What llmfast, and its own test sessions, leave on disk: nothing in $TMPDIR once they end, and a user's folders
+never removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = "LLMFAST_TEST_SESSION_PROBE"  # set only by the tests below, for the session they start
+
+
+def test_session_folders_probe():
+    """Run only inside a session started by the tests below: records the folders the session was given."""
+    if not os.environ.get(PROBE):
+        pytest.skip("only inside the sessions the tests of conftest's clean-up start")
+    Path(os.environ[PROBE]).write_text(json.dumps({v: os.environ.get(v) for v in
+                                                   ("LLMFAST_CACHE", "TORCHINDUCTOR_CACHE_DIR")}))
+
+
+def _session(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, str], Path]:
+    """Start a test session of the probe above with an empty $TMPDIR; return what it recorded and that $TMPDIR."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    record = tmp_path / "record.json"
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("LLMFAST_CACHE", "TORCHINDUCTOR_CACHE_DIR", "LLMFAST_TEST_REUSE_CACHE")
+            and not k.startswith(("PYTEST_", "XDIST_"))}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args,
+                        f"{Path(__file__).relative_to(REPO)}::test_session_folders_probe"],
+                       cwd=REPO, env={**base, "TMPDIR": str(tmp), PROBE: str(record), "PYTHONPATH": str(REPO),
+                                      **env}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(record.read_text()), tmp
+
+
+def test_a_session_removes_the_folders_it_made(tmp_path):
+    """The session's own model cache and torch.compile cache (each session made them in /tmp and left them: 12 GB
+    there after a day of runs) are gone when it ends."""
+    seen, tmp = _session(tmp_path)
+    for variable in ("LLMFAST_CACHE", "TORCHINDUCTOR_CACHE_DIR"):
+        assert Path(seen[variable]).parent == tmp, seen  # made for the session, in $TMPDIR
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_session_keeps_the_folders_it_was_given(tmp_path):
+    """A cache the user gave (LLMFAST_TEST_REUSE_CACHE=1 keeps $LLMFAST_CACHE) and a kernel cache they set stay."""
+    cache, inductor = tmp_path / "cache", tmp_path / "inductor"
+    for folder in (cache, inductor):
+        folder.mkdir()
+        (folder / "kept").write_text("x")
+    seen, tmp = _session(tmp_path, LLMFAST_TEST_REUSE_CACHE="1", LLMFAST_CACHE=str(cache),
+                         TORCHINDUCTOR_CACHE_DIR=str(inductor))
+    assert seen == {"LLMFAST_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    assert (cache / "kept").is_file() and (inductor / "kept").is_file() and list(tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_session_with_workers_removes_the_folders_it_made(tmp_path, builtin_dir):
+    """Under pytest-xdist (`make test`) the controller makes the session's folders and the workers use them: each
+    worker made a kernel cache of its own too (never used) and nothing removed any of them."""
+    from llmfast.cache import cache_dir
+
+    # the built-in model converted already (builtin_dir), in this session's cache: the controller converts nothing
+    seen, tmp = _session(tmp_path, "-n", "2", LLMFAST_TEST_REUSE_CACHE="1", LLMFAST_CACHE=str(cache_dir()))
+    assert Path(seen["TORCHINDUCTOR_CACHE_DIR"]).parent == tmp, seen
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("pytest-of-")] == []  # pytest's: it keeps 3
