@@ -18,7 +18,9 @@ WORK_MARK = ".llmfast-work"  # in OUTPUT.checkpoints: the folder is llmfast's, t
 def check_work_dir(work: Path) -> None:
     """A training verb's work folder beside its output (OUTPUT.checkpoints) is removed when the run starts afresh
     and when the artifact is complete: refuse one that llmfast did not mark as its own rather than delete a user's
-    files (an empty folder holds none)."""
+    files (an empty folder holds none). A mark that is not what llmfast writes (a JSON object), an empty one above
+    all (`touch`ed by hand; an llmfast before 2026-12-07 wrote them so), is not taken at its word either where the
+    folder holds more."""
     if work.is_symlink() or (work.exists() and not work.is_dir()):
         raise UserError(f"{work} is not a folder llmfast made (a link or a file): move it away, or choose another "
                         "output")
@@ -29,18 +31,29 @@ def check_work_dir(work: Path) -> None:
         raise UserError(f"{work} exists and is not a work folder llmfast made (it keeps a run's checkpoints there "
                         "and deletes it when done): move it away, or choose another output (a run of an llmfast "
                         "before 2026-12-05 did not record the model it trained, so it is not resumed: delete it)")
+    if holds_work(work) and _read_mark(mark) is None:
+        raise UserError(f"{work} holds files and its mark {WORK_MARK} is empty or not llmfast's (made by hand, or by "
+                        "an llmfast before 2026-12-07, which recorded no run), so llmfast will not delete the folder "
+                        "on its word: look inside, and delete it yourself if it holds only an earlier run's "
+                        "checkpoints, or choose another output")
+
+
+def _read_mark(mark: Path) -> dict[str, Any] | None:
+    """The mark's record (a JSON object, as llmfast writes it), or None for one it did not write whole."""
+    try:
+        data = json.loads(mark.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_resumed_run(work: Path, run: dict[str, Any]) -> None:
     """`--resume` continues only the run the work folder's mark records (`run`: the source model, the method, its
     settings...), so checkpoints of another model or other settings are refused, naming what differs. A folder
-    `check_work_dir` accepted; a mark of an earlier version records no run and is not compared."""
-    try:
-        recorded = json.loads((work / WORK_MARK).read_text(encoding="utf-8") or "{}").get("run")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    `check_work_dir` accepted; a mark that records no run (distill's) is not compared."""
+    recorded = (_read_mark(work / WORK_MARK) or {}).get("run")
     if not isinstance(recorded, dict):
-        return  # marked by an earlier version, which did not record the run
+        return  # marked by a verb that records no run (distill)
     from llmfast.modelfiles import same_weights  # the weights decide, not the path (a moved project resumes)
     same = same_weights(run.get("model", ""), recorded.get("weights"), run.get("weights"))
     for key, value in run.items():
@@ -70,10 +83,8 @@ def mark_work_dir(work: Path, run: dict[str, Any] | None = None) -> Path:
     (the source model, method and settings) is recorded in the mark so that `--resume` can check it."""
     work.mkdir(parents=True, exist_ok=True)
     mark = work / WORK_MARK
-    if run is not None:
+    if run is not None or not mark.exists():  # never empty: check_work_dir does not trust an empty mark
         atomic_write_json(mark, {"run": run})
-    elif not mark.exists():
-        mark.touch()
     return work
 
 

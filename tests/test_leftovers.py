@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = "LLMFAST_TEST_SESSION_PROBE"  # set only by the tests below, for the session they start
@@ -70,3 +71,47 @@ def test_a_session_with_workers_removes_the_folders_it_made(tmp_path, builtin_di
     seen, tmp = _session(tmp_path, "-n", "2", LLMFAST_TEST_REUSE_CACHE="1", LLMFAST_CACHE=str(cache_dir()))
     assert Path(seen["TORCHINDUCTOR_CACHE_DIR"]).parent == tmp, seen
     assert [p.name for p in tmp.iterdir() if not p.name.startswith("pytest-of-")] == []  # pytest's: it keeps 3
+
+
+@pytest.mark.parametrize("mark", ["", "{\"run\": {\"model\": \"/m", "[]"])
+def test_a_work_folder_whose_mark_is_empty_or_cut_short_is_not_deleted(tmp_path, mark):
+    """OUTPUT.checkpoints is removed on its mark's word: a mark `touch`ed by hand (or cut short) in a folder of a
+    user's files let quantize --overwrite delete them all."""
+    from llmfast.work_dir import WORK_MARK
+
+    base = build_tiny(tmp_path)
+    out = tmp_path / "q"
+    work = tmp_path / "q.checkpoints"
+    work.mkdir()
+    (work / WORK_MARK).write_text(mark)
+    (work / "notes.txt").write_text("mine")
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(json.dumps({"model": str(base), "output": str(out),
+                                  "quantization": {"method": "w4", "group_size": 32},
+                                  "data": {"text": str(REPO / "eval" / "text" / "persuasion.txt"),
+                                           "calibration_tokens": 1024, "window": 128}}))
+    code, _, err = run_cli("quantize", str(recipe), "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{work} holds files and its mark {WORK_MARK} is empty or not llmfast's" in err
+    assert (work / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_work_folder_marks_llmfast_writes_are_trusted(tmp_path):
+    """llmfast's own marks are never empty: one that records no run (distill's) is a JSON object too; a folder that
+    holds nothing but an empty mark holds nothing of a user's."""
+    from llmfast.work_dir import WORK_MARK, check_work_dir, mark_work_dir
+
+    work = mark_work_dir(tmp_path / "d.checkpoints")
+    assert json.loads((work / WORK_MARK).read_text()) == {"run": None}
+    (work / "step-1").mkdir()
+    check_work_dir(work)
+    bare = tmp_path / "bare.checkpoints"
+    bare.mkdir()
+    (bare / WORK_MARK).write_text("")
+    check_work_dir(bare)
+
+
+def build_tiny(tmp_path: Path) -> Path:
+    from llmfast.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path / "tiny")

@@ -570,7 +570,10 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
 
     mark = tmp_path / "killed.checkpoints" / WORK_MARK
     recorded = mark.read_bytes()
-    mark.write_text("")  # an older llmfast's mark records no run: the rounding's own settings are what is compared
+    mark.write_text("")  # an older llmfast's empty mark: not trusted (it might be a user's touch), nothing deleted
+    assert main(["quantize", str(other), "--resume"]) == 2
+    assert "is empty or not llmfast's" in capsys.readouterr().err
+    mark.write_text('{"run": null}')  # a mark that records no run: the rounding's own settings are what is compared
     assert main(["quantize", str(other), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was rounded with other w4 settings" in err, err
