@@ -3,10 +3,12 @@ never removed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,114 @@ def test_a_session_with_workers_removes_the_folders_it_made(tmp_path, builtin_di
     seen, tmp = _session(tmp_path, "-n", "2", LLMFAST_TEST_REUSE_CACHE="1", LLMFAST_CACHE=str(cache_dir()))
     assert Path(seen["TORCHINDUCTOR_CACHE_DIR"]).parent == tmp, seen
     assert [p.name for p in tmp.iterdir() if not p.name.startswith("pytest-of-")] == []  # pytest's: it keeps 3
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path (vLLM's socket paths below a scratch folder in it must fit in 107 bytes)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_scratch_folder_goes_once_no_process_holds_it(short_tmp, monkeypatch):
+    """An engine's $TMPDIR left by a killed run is removed by the next run, but only once the engine's own processes
+    (which hold its lock) are gone: an orphaned server keeps its sockets."""
+    import tempfile
+
+    from llmfast.scratch import make_scratch, reap_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    path, fd = make_scratch()
+    (path / "socket-like").write_text("")
+    engine = subprocess.Popen(["sleep", "60"], pass_fds=(fd,))
+    try:
+        os.close(fd)  # the run that made it is gone (SIGKILL: it removed nothing); its engine is not
+        assert reap_scratch() == [] and path.is_dir()
+    finally:
+        engine.kill()
+        engine.wait()
+    assert reap_scratch() == [path] and not path.exists()
+
+
+def test_an_in_process_engine_runs_in_a_scratch_tmpdir(short_tmp, monkeypatch):
+    """vLLM's offline engine (in this process) left its IPC sockets in $TMPDIR: in the block, this process and those
+    it starts have a $TMPDIR of their own, which goes when it ends; the real one is back."""
+    import tempfile
+
+    from llmfast.scratch import scratch_tmpdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    with scratch_tmpdir():
+        inside = Path(tempfile.gettempdir())
+        assert inside.parent == short_tmp and inside.name.startswith("llmfast-vllm-")
+        child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+                               capture_output=True, text=True).stdout.strip()
+        assert child == str(inside)
+        (inside / "3bddd59d-87fd-442e-9394-f65033bfa055").write_text("")  # a socket vLLM does not remove
+    assert tempfile.gettempdir() == os.environ["TMPDIR"] == str(short_tmp) and list(short_tmp.iterdir()) == []
+
+
+def test_no_scratch_folder_where_vllms_sockets_would_not_fit_below_it(tmp_path, monkeypatch):
+    """A socket's path holds 107 bytes: below a long $TMPDIR vLLM's start failed (ZMQError), so it is used as it is."""
+    import tempfile
+
+    from llmfast.scratch import make_scratch
+
+    long = tmp_path / ("x" * 50)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    assert make_scratch() is None and list(long.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_killed_serve_stops_vllm_and_its_temporary_files_go(tiny_dir, tmp_path):
+    """vLLM leaves its IPC sockets and vllm_dist_* file in $TMPDIR (800 and 90 of them in /tmp here): they go to a
+    folder of the server's own. `llmfast serve` killed with SIGKILL (no clean-up of its own) left the server serving,
+    orphaned; now it stops, and the next run removes that folder."""
+    import shutil
+    import tempfile
+    import uuid
+
+    tmp = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))  # short: vLLM's socket paths below it hold 107 bytes
+    name = f"kill-{uuid.uuid4().hex[:8]}"  # only the vLLM server started here has this in its command line
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "serve", str(tiny_dir), "--port", "0",
+                             "--served-model-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready: "), proc.stderr.read()[-2000:]
+        proc.kill()
+        proc.wait()
+        for _ in range(120):  # vLLM's shutdown takes a few seconds
+            if subprocess.run(["pgrep", "-f", name], capture_output=True).returncode == 1:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the vLLM server outlived its killed `llmfast serve`")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        found = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
+        for pid in found:  # only the server started here has that name
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+    left = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert len(left) == 2 and left[0].startswith("llmfast-vllm-") and left[1].startswith("vllm-server-"), left
+    p = subprocess.run([sys.executable, "-c", "from llmfast.scratch import reap_scratch; print(reap_scratch())"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and left[0] in p.stdout, p.stderr
+    # the server's log stays (it says why it stopped; a run that was killed could not tell whether it was needed)
+    assert sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")) == left[1:]
+    shutil.rmtree(tmp)
 
 
 @pytest.mark.parametrize("mark", ["", "{\"run\": {\"model\": \"/m", "[]"])

@@ -55,6 +55,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.models import load_tokenizer
     from llmfast.serve.machine import default_dtype
     from llmfast.memory import PeakRss
+    from llmfast.scratch import scratch_tmpdir
 
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
@@ -84,7 +85,9 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         os.close(fd)
         log = Path(name)
     try:
-        with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext():
+        # vLLM's IPC sockets go to a $TMPDIR of the run's own, which goes with it (vLLM leaves them in $TMPDIR)
+        with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext(), \
+                scratch_tmpdir() if engine.family == "vllm" else contextlib.nullcontext():
             results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,  # type: ignore[attr-defined]
                                                 ignore_eos=args.ignore_eos)
     except Exception as e:

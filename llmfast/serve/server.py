@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from llmfast.errors import UserError
 from llmfast.process_exit import LOG_BARS
+from llmfast.scratch import drop_scratch, engine_env, make_scratch, stop_with_parent
 from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
@@ -202,6 +203,7 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
+        self._scratch: tuple[Path, int] | None = None  # the server's own $TMPDIR, removed when it has stopped
         self._echo_thread: threading.Thread | None = None
 
     @property
@@ -218,10 +220,20 @@ class VllmServer:
         argv, env = server_command(self.spec)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
-        # A session of its own: Ctrl-C reaches only us, and we stop the server's whole process group in order.
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **env}, start_new_session=True)
-        log.close()
+        self._scratch = make_scratch()
+        scratch = (engine_env(self._scratch[0]), (self._scratch[1],)) if self._scratch else ({}, ())
+        try:
+            # A session of its own: Ctrl-C reaches only us, and we stop the server's whole process group in order.
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **scratch[0], **env}, start_new_session=True,
+                                         pass_fds=scratch[1], preexec_fn=stop_with_parent())
+        except BaseException:
+            if self._scratch is not None:
+                drop_scratch(*self._scratch)
+                self._scratch = None
+            raise
+        finally:
+            log.close()
         if self.echo is not None:
             self._echo_thread = threading.Thread(target=self._follow_log, daemon=True)
             self._echo_thread.start()
@@ -281,7 +293,16 @@ class VllmServer:
         return " | ".join(c[:400] for c in chosen) if chosen else "(empty log)"
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGINT to the process group (vLLM shuts its engine down), then SIGTERM, then SIGKILL."""
+        """SIGINT to the process group (vLLM shuts its engine down), then SIGTERM, then SIGKILL; then its $TMPDIR
+        goes."""
+        try:
+            self._stop(grace)
+        finally:
+            if self._scratch is not None:
+                drop_scratch(*self._scratch)
+                self._scratch = None
+
+    def _stop(self, grace: float) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
