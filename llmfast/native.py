@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import hashlib
 import os
 import shlex
@@ -25,11 +26,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
 from llmfast.cache import cache_dir
 
+_BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
 
 
@@ -89,6 +92,7 @@ def _build(cc: list[str], flags: tuple[str, ...], source: Path, directory: Path,
     """Compile `source` into `directory`, named `prefix`-HASH.so; says why and returns None when it cannot."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _reap_dead_builds(directory, source.stem)
         # Build beside the target and rename: two processes building at once both end with a whole file.
         fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
         os.close(fd)
@@ -99,7 +103,7 @@ def _build(cc: list[str], flags: tuple[str, ...], source: Path, directory: Path,
     try:
         # the absolute path: a source may include itself once per type (`#include __FILE__`)
         done = subprocess.run([*cc, *flags, str(source.resolve()), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=_BUILD_TIMEOUT_S)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["no message"]
             # the line that says what failed ("Assembler messages:" came first where the assembler met a full TMPDIR)
@@ -120,6 +124,16 @@ def _build(cc: list[str], flags: tuple[str, ...], source: Path, directory: Path,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _reap_dead_builds(directory: Path, stem: str) -> None:
+    """Remove the temporary files of builds that were killed (SIGKILL: their `finally` never ran), each left in the
+    cache for good: those older than a build may take (its timeout), so never one that another process is writing.
+    Built libraries of other keys stay: another CPU sharing this home folder, or another `$CC`, loads them."""
+    for path in directory.glob(f".{glob.escape(stem)}-*.so"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > 2 * _BUILD_TIMEOUT_S:
+                path.unlink()
 
 
 @lru_cache(maxsize=None)

@@ -225,3 +225,26 @@ def build_tiny(tmp_path: Path) -> Path:
     from llmfast.testing import build_tiny_llama
 
     return build_tiny_llama(tmp_path / "tiny")
+
+
+def test_a_killed_kernel_build_leaves_no_file_for_good(tmp_path, monkeypatch):
+    """A build killed mid-way (SIGKILL) left its temporary `.NAME-*.so` in the kernel cache for good: the next build
+    removes those older than a build may take, and never a build under way (or another key's library)."""
+    import shutil
+
+    from llmfast.native import load_kernel
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LLMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFAST_NATIVE", "1")
+    source = tmp_path / "one.c"
+    source.write_text("int one(void) { return 1; }\n")
+    kernels = tmp_path / "cache" / "kernels"
+    kernels.mkdir(parents=True)
+    dead, building, other = kernels / ".one-dead1234.so", kernels / ".one-live5678.so", kernels / "one-0123-4567.so"
+    for path in (dead, building, other):
+        path.write_bytes(b"\x7fELF")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    assert load_kernel(source).one() == 1
+    assert not dead.exists() and building.exists() and other.exists()
