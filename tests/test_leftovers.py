@@ -248,3 +248,24 @@ def test_a_killed_kernel_build_leaves_no_file_for_good(tmp_path, monkeypatch):
     os.utime(dead, (time.time() - 3600, time.time() - 3600))
     assert load_kernel(source).one() == 1
     assert not dead.exists() and building.exists() and other.exists()
+
+
+@pytest.mark.slow
+def test_a_chain_stage_under_torchrun_leaves_nothing_in_tmpdir(tiny_dir, tmp_path, short_tmp, monkeypatch):
+    """torchrun makes a torchelastic_* folder in $TMPDIR for its workers' logs and never removes it (150 in /tmp
+    here): a stage's launcher runs in a $TMPDIR of its own."""
+    import tempfile
+
+    from llmfast.cli import main
+    from test_chain import chain, write
+
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    out = tmp_path / "run"
+    recipe = chain(tiny_dir, out)
+    stages = {k: recipe["stages"][k] for k in ("data", "lora")}
+    stages["lora"]["launch"] = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    stages["lora"]["with"]["export_merged"] = False
+    assert main(["run", str(write(tmp_path / "ddp.yaml", {"output": str(out), "stages": stages}))]) == 0
+    assert (out / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert [p.name for p in short_tmp.iterdir() if not p.name.startswith("torchinductor_")] == []

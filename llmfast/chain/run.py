@@ -11,6 +11,7 @@ its old output too unless the verb replaces that whole once the new one is compl
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -104,6 +105,33 @@ def _clear(out: Path, stage: Stage) -> None:
     _state(out, stage, "json").unlink(missing_ok=True)
 
 
+def _launch(stage: Stage, argv: list[str], env: dict[str, str] | None, keep: tuple[int, ...]) -> None:
+    """Run the stage's verb under its launcher (`argv`: the verb's command line), in `env`, passing on `keep`."""
+    import subprocess
+
+    try:
+        proc = subprocess.Popen([*stage.launch, "-m", "llmfast.cli", *argv], env=env, pass_fds=keep)
+    except FileNotFoundError:
+        raise UserError(f"stage {stage.name}: launcher '{stage.launch[0]}' not found: install it or give its "
+                        "full path in `launch:`") from None
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as e:  # passed on (subprocess.run would SIGKILL the launcher after 0.25 s, and
+        # torchrun's workers would train on, orphaned); a launcher that has not stopped in 30 s is killed
+        import signal
+
+        proc.send_signal(getattr(e, "signum", signal.SIGINT))
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if code:
+        raise UserError(f"stage {stage.name} ({stage.type}) under {' '.join(stage.launch)} failed with exit "
+                        f"code {code}: see its output above")
+
+
 def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[str]], int],
               recipe_path: Path | None = None) -> None:
     """Run one stage through `run_verb` (the CLI's own dispatch, handed in so the chain does not import it)."""
@@ -113,29 +141,15 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
     generated = out / ".recipes" / f"{stage.name}.yaml"
     argv = STAGES.get(stage.type).argv(section, out / stage.name, generated, resume)
     if stage.launch:  # a launcher (torchrun) starts the verb's processes itself
-        import subprocess
+        from llmfast.scratch import drop_scratch, engine_env, make_scratch
 
+        made = make_scratch()  # torchrun leaves a torchelastic_* folder in $TMPDIR each run: the stage's own goes
         try:
-            proc = subprocess.Popen([*stage.launch, "-m", "llmfast.cli", *argv, *flags])
-        except FileNotFoundError:
-            raise UserError(f"stage {stage.name}: launcher '{stage.launch[0]}' not found: install it or give its "
-                            "full path in `launch:`") from None
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt as e:  # passed on (subprocess.run would SIGKILL the launcher after 0.25 s, and
-            # torchrun's workers would train on, orphaned); a launcher that has not stopped in 30 s is killed
-            import signal
-
-            proc.send_signal(getattr(e, "signum", signal.SIGINT))
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-        if code:
-            raise UserError(f"stage {stage.name} ({stage.type}) under {' '.join(stage.launch)} failed with exit "
-                            f"code {code}: see its output above")
+            _launch(stage, [*argv, *flags], {**os.environ, **engine_env(made[0])} if made else None,
+                    (made[1],) if made else ())
+        finally:
+            if made is not None:
+                drop_scratch(*made)
         return
     try:
         code = run_verb([*argv, *flags])
