@@ -291,7 +291,8 @@ def _share_files(folder: Path) -> None:
         for name in files:
             p = os.path.join(root, name)
             st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & mode != mode:
+            # a hard link (sparsify links the source model's weights) is the source's file too: its mode is theirs
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and stat.S_IMODE(st.st_mode) & mode != mode:
                 os.chmod(p, stat.S_IMODE(st.st_mode) | mode)
 
 

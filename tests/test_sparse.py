@@ -3,9 +3,9 @@ nothing, ReLU-fication zeroes exactly the non-positive gates and distillation br
 SIGKILL + --resume equals an uninterrupted run, every registered method passes the same checks, bad input."""
 
 import json
-import shutil
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +50,20 @@ def down_inputs(model, windows):
     for h in hooks:
         h.remove()
     return {k: [torch.cat(v) for v in per] for k, per in seen.items()}
+
+
+def test_sparsify_leaves_the_modes_of_the_model_it_links_alone(tmp_path, tiny_dir):
+    """teal/cats/dejavu hard-link the source model's files into the artifact; the artifact's files were then given
+    the umask's modes, which changed the SOURCE's (one inode): a private model (0600) became readable by all."""
+    import stat
+
+    model = shutil.copytree(tiny_dir, tmp_path / "private")
+    for f in model.iterdir():
+        f.chmod(0o600)
+    assert run_cli("sparsify", str(recipe(tmp_path, model, "teal", "{target: 0.5}")))[0] == 0
+    linked = [f for f in (tmp_path / "out").iterdir() if f.stat().st_nlink > 1]
+    assert linked, "the weights are hard-linked (else this test checks nothing)"
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in model.iterdir()} == {f.name: 0o600 for f in model.iterdir()}
 
 
 @pytest.mark.parametrize("method,target", [("teal", 0.4), ("teal", 0.5), ("cats", 0.5), ("cats", 0.7)])
