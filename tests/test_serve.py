@@ -191,7 +191,7 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(argv)
     assert "--host 127.0.0.1 --port 9001" in joined and "--dtype float32" in joined
-    assert "--enable-lora --max-lora-rank 32 --max-loras 1 --lora-modules a=" in joined
+    assert "--enable-lora --max-lora-rank 32 --max-loras 1 --lora-modules {" in joined
     assert "--tensor-parallel-size 2" in joined and argv[-2:] == ["--max-num-seqs", "32"]
     assert "s3cret" not in joined and env["VLLM_API_KEY"] == "s3cret"
     # a quarter of 8 GiB, shared by the two tensor-parallel workers
@@ -205,7 +205,21 @@ def test_server_command(tmp_path, tiny_dir, monkeypatch):
     # every adapter gets a slot: --max-loras 1 would make vLLM batch one adapter at a time (s45's mutation audit)
     two = ServerSpec(model=tiny_dir, loras=[ad, check_lora("b", _adapter(tmp_path / "small", r=1))])
     argv, _ = server_command(two, m)
-    assert " ".join(argv).endswith(f"--max-loras 2 --lora-modules a={ad.path} b={tmp_path / 'small' / 'adapter'}")
+    assert argv[-5:] == ["--max-loras", "2", "--lora-modules", json.dumps({"name": "a", "path": str(ad.path)}),
+                         json.dumps({"name": "b", "path": str(tmp_path / "small" / "adapter")})]
+
+
+def test_an_adapter_path_with_a_comma_reaches_vllm_whole(tmp_path, tiny_dir):
+    """vLLM's parser reads a --lora-modules entry holding a comma as JSON: `a=/x/run,2/adapter` failed its start
+    ("Invalid JSON format"). The entries go as JSON, read back by vLLM's own parser to the same names and paths."""
+    from llmfast.serve.vllm_flags import _parser
+
+    (tmp_path / "run,2").mkdir()
+    ad = check_lora("a,b", _adapter(tmp_path / "run,2", r=4))
+    m = Machine(cuda=False, cores=[0, 1], cpu_flags=frozenset(), available_gib=8.0)
+    argv, _ = server_command(ServerSpec(model=tiny_dir, loras=[ad]), m)
+    parsed = _parser().parse_args(argv[3:])
+    assert [(x.name, x.path) for x in parsed.lora_modules] == [("a,b", str(ad.path))] and "," in str(ad.path)
 
 
 def test_the_machine_is_detected_once_from_prepare_spec_to_the_command(tiny_dir, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import re
 import signal
@@ -146,7 +147,8 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     if spec.loras:
         argv += ["--enable-lora", "--max-lora-rank", str(max_lora_rank(spec.loras)),
                  "--max-loras", str(len(spec.loras)), "--lora-modules",
-                 *[f"{a.name}={a.path}" for a in spec.loras]]
+                 # JSON, not name=path: vLLM reads an entry holding a comma (in a path, a name) as JSON
+                 *[json.dumps({"name": a.name, "path": str(a.path)}) for a in spec.loras]]
     argv += spec.extra_args
     # The user's environment wins over our defaults (someone who set VLLM_CPU_KVCACHE_SPACE meant it). The server's
     # output goes to a log file even where ours goes to a terminal: its bars are paced as in any log.
