@@ -726,3 +726,22 @@ def test_a_tasks_stage_the_verb_would_refuse_is_refused_before_any_stage_runs(
         err = capsys.readouterr().err.strip()
         assert err.startswith("llmfast: error: stage later (tasks) of ") and needle in err and "\n" not in err, err
         assert not (tmp_path / "run" / "first").exists()
+
+
+def test_a_stage_folder_that_is_a_link_is_one_line_and_its_target_kept(tmp_path: Path) -> None:
+    """Clearing a stage's earlier output through a symbolic link (a user keeping it on another disk) raised
+    shutil.rmtree's OSError (a traceback); it is one line naming the link, and the target's files stay."""
+    from llmfast.chain.plan import Stage
+    from llmfast.chain.run import _clear
+    from llmfast.errors import UserError
+
+    elsewhere = tmp_path / "disk" / "ft"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("mine")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ft").symlink_to(elsewhere)
+    stage = Stage(name="ft", type="finetune", section={}, flags=(), launch=(), parents=(), key="k")
+    with pytest.raises(UserError, match=r"run/ft is a symbolic link, and stage 'ft' must clear"):
+        _clear(out, stage)
+    assert (elsewhere / "keep.txt").read_text() == "mine"

@@ -98,6 +98,10 @@ def _clear(out: Path, stage: Stage) -> None:
     if not STAGES.get(stage.type).replaces_whole:
         stale.append(target)
     for path in stale:
+        if path.is_symlink():  # the user's (a stage's output kept on another disk): its target is not the run's
+            raise UserError(f"{path} is a symbolic link, and stage '{stage.name}' must clear what its earlier settings "
+                            "left there: remove the link (and what it points to, if no longer needed), then run "
+                            "again")
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
