@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -107,8 +108,11 @@ def _inductor_default() -> str:
 
 def stop_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` for Popen: the child gets SIGTERM (vLLM's server then stops its engine) when the thread that
-    started it dies (Linux's PR_SET_PDEATHSIG; servers are started from the main thread); None where there is no
-    prctl. Looked up before the fork, so the child only calls it."""
+    started it dies (Linux's PR_SET_PDEATHSIG), which is the process's end only for the main thread; None in another
+    thread (a server started by a user's worker thread was stopped as that thread ended, mid-use), or where there is
+    no prctl. Looked up before the fork, so the child only calls it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux

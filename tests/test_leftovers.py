@@ -183,6 +183,41 @@ def test_a_killed_serve_stops_vllm_and_its_temporary_files_go(tiny_dir, tmp_path
     shutil.rmtree(tmp)
 
 
+def test_a_server_started_in_a_worker_thread_outlives_that_thread():
+    """PR_SET_PDEATHSIG fires when the THREAD that started the child ends: a server a user's worker thread started
+    (a notebook's or a web app's) was sent SIGTERM as that thread returned, mid-use. Set from the main thread only,
+    whose end is the process's: a child of a killed process still stops."""
+    import threading
+
+    from llmfast.scratch import stop_with_parent
+
+    started = {}
+    worker = threading.Thread(target=lambda: started.update(
+        proc=subprocess.Popen(["sleep", "60"], preexec_fn=stop_with_parent())))
+    worker.start()
+    worker.join()
+    try:
+        time.sleep(0.5)
+        assert started["proc"].poll() is None
+    finally:
+        started["proc"].kill()
+        started["proc"].wait()
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "from llmfast.scratch import stop_with_parent\n"
+                               "p = subprocess.Popen(['sleep', '60'], preexec_fn=stop_with_parent())\n"
+                               "print(p.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the child of a killed process outlived it")
+
+
 @pytest.mark.parametrize("mark", ["", "{\"run\": {\"model\": \"/m", "[]"])
 def test_a_work_folder_whose_mark_is_empty_or_cut_short_is_not_deleted(tmp_path, mark):
     """OUTPUT.checkpoints is removed on its mark's word: a mark `touch`ed by hand (or cut short) in a folder of a
