@@ -394,7 +394,9 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
         raise UserError(f"{adapter} does not fit the model: {why}; {fix}") from None
     stored = set(safetensors_header(adapter / "adapter_model.safetensors", fix)) - {"__metadata__"}
     named = dict(model.get_base_model().named_modules())
-    unknown = unknown_adapter_tensors(stored, named, {n for n, m in named.items() if isinstance(m, LoraLayer)})
+    # a saved module's children are in the file by their own names, in the model below PEFT's wrapper (its copies)
+    modules = set(named) | {_SAVED_COPY.sub("", n) for n in named}
+    unknown = unknown_adapter_tensors(stored, modules, {n for n, m in named.items() if isinstance(m, LoraLayer)})
     if unknown:  # before the missing ones: renamed modules are both, and are not an incomplete file
         raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no module of "
                         f"{base} ({', '.join(unknown[:2])}): PEFT would skip them and run the adapter in part (or not "
@@ -411,6 +413,8 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
 # a saved module's copies
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
                   "token_adapter", "modules_to_save", "original_module")
+
+_SAVED_COPY = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")  # modules_to_save's wrapper
 
 
 def unknown_adapter_tensors(keys: "Iterable[str]", modules: "Collection[str]",

@@ -177,3 +177,21 @@ def test_loading_an_adapter_asks_no_hub_for_its_recorded_base(tiny_dir, tmp_path
 
     load_model(tiny_dir, adapter=_adapter(tiny_dir, tmp_path / "ad", HUB_BASE))
     assert not [w for w in recwarn if "Could not find a config file" in str(w.message)]
+
+
+def test_a_saved_module_with_children_loads_and_one_of_a_deeper_model_is_refused(tiny_dir, deeper, tmp_path):
+    """modules_to_save on a block (an MLP): the file holds its children by their own names (mlp.down_proj.weight),
+    which in the loaded model are below PEFT's wrapper (mlp.modules_to_save.default.down_proj): a whole adapter was
+    refused as matching no module. It runs as PEFT runs it; a deeper model's saved block is still refused."""
+    from tests.test_foreign_adapters import IDS, _make, _peft
+
+    from llmfast.models import load_model
+
+    ad = _make(tiny_dir, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"],
+               modules_to_save=["model.layers.1.mlp"])
+    with torch.no_grad():
+        assert torch.equal(load_model(tiny_dir, adapter=ad)(IDS).logits, _peft(tiny_dir, ad)[0])
+    deep = _make(deeper, tmp_path / "deep", r=4, lora_alpha=8, target_modules=["q_proj"],
+                 modules_to_save=["model.layers.2.mlp"])
+    with pytest.raises(UserError, match=r"match no module .*layers\.2\."):
+        load_model(tiny_dir, adapter=deep)
