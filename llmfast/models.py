@@ -130,9 +130,17 @@ def resolve_model(spec: str, dtype: str = "float32") -> Path:
         return convert_gguf(path, cache_dir() / "models" / "gguf" / f"{path.stem}-{key}", dtype=dtype)
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
+    _no_dead_link(path)
     if is_hub_id(spec):
         return _download_from_hub(spec)
     raise _not_found(spec)
+
+
+def _no_dead_link(path: Path) -> None:
+    # a link `ls` shows whose model is gone (unmounted, moved) was 'not found', or, named ORG/NAME, a hub download
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: restore what it "
+                        "points to, or give another model")
 
 
 def _builtin(name: str) -> Any:
@@ -158,8 +166,10 @@ def check_model_spec(spec: str) -> None:
     spec = str(spec).strip()
     if spec.startswith("builtin:"):
         _builtin(spec.split(":", 1)[1])
-    elif not Path(spec).expanduser().exists() and not is_hub_id(spec):
-        raise _not_found(spec)
+    elif not Path(spec).expanduser().exists():
+        _no_dead_link(Path(spec).expanduser())
+        if not is_hub_id(spec):
+            raise _not_found(spec)
 
 
 def _check_gguf_magic(path: Path) -> None:

@@ -96,6 +96,22 @@ def test_a_dead_link_among_a_models_files_is_named_as_one(tmp_path, tiny_dir, de
                                    "not exist: restore what it points to")
 
 
+def test_a_model_folder_that_is_a_dead_link_is_named_as_one(tmp_path, tiny_dir, monkeypatch):
+    """A model folder that is a link to one that is gone (a disk not mounted): 'not found' for a folder `ls` shows,
+    and one named as ORG/NAME was looked up on the hub; a link to a folder loads as that folder."""
+    from llmfast.models import check_model_spec, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_dir, tmp_path / "models" / "live")
+    assert resolve_model("models/live") == tmp_path / "models" / "live"
+    os.symlink(tmp_path / "gone" / "llama", tmp_path / "models" / "llama")
+    for check in (resolve_model, check_model_spec):
+        with pytest.raises(UserError, match=rf"^models/llama is a symbolic link to {tmp_path / 'gone' / 'llama'}, "
+                                            "which does not exist: restore what it points to"):
+            check("models/llama")
+
+
 @pytest.mark.parametrize("name", ["t\n", "../t", "t/u", "", "t\x00"])
 def test_a_chain_stage_name_that_is_no_plain_file_name_is_refused(tmp_path, name):
     """A stage's output is the folder OUT/NAME: 't\\n' passed re.match (`$` matches before a last newline) and
