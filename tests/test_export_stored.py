@@ -115,3 +115,24 @@ def test_a_wider_base_merges_holding_one_layer_in_float32(bases, tmp_path, kind)
     norms = 5 * 128 * 4 if kind == "mixed" else 0
     assert held == [q + norms, v + norms, q + norms, v + norms]  # layer 0's q_proj, v_proj, then layer 1's
     assert {p.dtype for n, p in merged.named_parameters() if not n.endswith("norm.weight")} == {torch.bfloat16}
+
+
+def test_a_safetensors_without_the_pread_backend_exports_the_same_bytes(bases, tmp_path, monkeypatch):
+    """safe_open's `backend` is new in safetensors 0.8; pyproject allows 0.4.3, and 0.7.0's safe_open (its signature
+    stood in for here) raised TypeError on every 16-bit export of a float32 base. It reads the file mapped instead."""
+    import safetensors
+
+    from tests.test_foreign_adapters import _make
+
+    adapter = _make(bases["float32"], tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    _export(adapter, tmp_path / "pread")
+    real = safetensors.safe_open
+
+    def before_0_8(filename, framework, device="cpu", **backend):
+        if backend:
+            raise TypeError("safe_open.__new__() got an unexpected keyword argument 'backend'")
+        return real(filename, framework, device=device)
+
+    monkeypatch.setattr(safetensors, "safe_open", before_0_8)
+    _export(adapter, tmp_path / "mapped")
+    assert _same_file(tmp_path / "pread", tmp_path / "mapped")

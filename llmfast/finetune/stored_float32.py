@@ -42,7 +42,11 @@ class StoredTensors:
         from safetensors import safe_open
 
         path = self._where[name][0]
-        with safe_open(str(path), framework="pt", backend="pread") as st:  # not mapped: read into this tensor alone
+        try:  # not mapped: read into this tensor alone
+            opened = safe_open(str(path), framework="pt", backend="pread")
+        except TypeError:  # safetensors before 0.8 (pyproject allows 0.4.3) has no backend: mapped, this tensor's pages
+            opened = safe_open(str(path), framework="pt")
+        with opened as st:
             stored = st.get_tensor(name).to(torch.float32)
         if tuple(stored.shape) == tuple(loaded.shape):
             return stored
