@@ -10,6 +10,8 @@ how the bounds were found."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
+import subprocess
 import sys
 
 import pytest
@@ -64,3 +66,20 @@ def test_a_version_below_a_declared_minimum_is_named() -> None:
         f"PyYAML {installed} is installed, pyproject wants PyYAML>={above}",
         "no-such-llmfast-dep is not installed (pyproject wants no-such-llmfast-dep>=1)",
     ]
+
+
+def test_progress_bars_take_their_pace_from_the_environment() -> None:
+    """tqdm's floor (4.66, the first that reads TQDM_* settings from the environment): the CLI paces bars written into
+    a log through them (process_exit.LOG_BARS, inherited by vLLM's and torchrun's processes), and TQDM_DISABLE=1 is
+    how users switch bars off. tqdm 4.65 ignores them all, repainting into a log every 0.1 s."""
+    from llmfast.process_exit import LOG_BARS
+
+    code = ("import os; from tqdm import tqdm\n"
+            "with tqdm(total=1, file=open(os.devnull, 'w')) as b: print(b.mininterval, b.maxinterval)\n"
+            "os.environ['TQDM_DISABLE'] = '1'; import importlib, tqdm.std; importlib.reload(tqdm.std)\n"
+            "print(tqdm.std.tqdm(total=1).disable)")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **LOG_BARS}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [LOG_BARS["TQDM_MININTERVAL"] + ".0", LOG_BARS["TQDM_MAXINTERVAL"] + ".0", "True"], (
+        f"tqdm {md.version('tqdm')}: {p.stdout!r}")
