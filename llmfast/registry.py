@@ -62,6 +62,24 @@ def heavy_import(obj: Any) -> str | None:
     return None
 
 
+def class_problem(name: str, cls: Any, base: type, config_base: type,
+                  implements: tuple[tuple[str, str], ...] = ()) -> str | None:
+    """What keeps a class registered under `name` from working, for registries of classes with a settings schema
+    (quantizers, sparsifiers): a subclass of `base`, overriding each of `implements` ((attribute, its signature)),
+    whose Config subclasses `config_base`, and named `name`; a class without `name` gets it."""
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return f"register a {base.__name__} subclass (the class, not an instance)"
+    for attr, signature in implements:
+        if getattr(cls, attr) is getattr(base, attr):
+            return f"it does not implement {signature}"
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, config_base)):
+        return f"its Config must subclass {config_base.__name__} (it refuses unknown keys)"
+    if getattr(cls, "name", name) != name:
+        return f"its name is '{cls.name}': register it under that name, or set name = '{name}'"
+    cls.name = name
+    return None
+
+
 def did_you_mean(name: str, known: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest known name, or '' when none is close."""
     hint = difflib.get_close_matches(str(name), known, n=1)
@@ -95,7 +113,7 @@ class Registry(Generic[T]):
             raise UserError(f"{self.kind} '{name}' is registered twice, by {first[1]} in {first[0]} and by "
                             f"{second[1]} in {second[0]}: give one of them another name")
         # Only the package's own modules: a user's script or notebook registering a method may import what it likes.
-        if source_file(obj).startswith("llmfast/") and (heavy := heavy_import(obj)):
+        if where.startswith("llmfast/") and (heavy := heavy_import(obj)):
             raise UserError(f"{where} imports {heavy} at import time: import it inside the functions that use it, "
                             "so that listing names (`--help`, recipe errors) stays instant")
         if self._check is not None and (problem := self._check(name, obj)):

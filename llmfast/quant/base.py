@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
 from llmfast.errors import UserError
-from llmfast.registry import Registry, did_you_mean
+from llmfast.registry import Registry, class_problem, did_you_mean
 from llmfast.strict import no_bool_numbers
 
 if TYPE_CHECKING:
@@ -136,16 +136,8 @@ def no_heldout_window(key: str, window: int) -> str:
 
 
 def _quantizer_problem(name: str, cls: type[Quantizer]) -> str | None:
-    """What keeps a registered method from working (Registry's check); a class without `name` gets the name it is
-    registered under."""
-    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
-        return "register a Quantizer subclass (the class, not an instance)"
-    if not (isinstance(cls.Config, type) and issubclass(cls.Config, QuantConfigBase)):
-        return "its Config must subclass QuantConfigBase (it refuses unknown keys)"
-    if getattr(cls, "name", name) != name:
-        return f"its name is '{cls.name}': register it under that name, or set name = '{name}'"
-    cls.name = name
-    return None
+    """What keeps a registered method from working (Registry's check)."""
+    return class_problem(name, cls, Quantizer, QuantConfigBase)
 
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", check=_quantizer_problem)

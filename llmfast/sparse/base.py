@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from llmfast.errors import UserError
-from llmfast.registry import Registry
+from llmfast.registry import Registry, class_problem
 from llmfast.strict import no_bool_numbers
 
 if TYPE_CHECKING:
@@ -83,19 +83,11 @@ class Sparsifier:
 # (`sparsity.attention` in llmfast.json; llmfast/sparse/stacked.py).
 OVER_ATTENTION = ("dejavu",)
 
+
 def _sparsifier_problem(name: str, cls: type[Sparsifier]) -> str | None:
-    """What keeps a registered method from working (Registry's check); a class without `name` gets the name it is
-    registered under."""
-    if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
-        return "register a Sparsifier subclass (the class, not an instance)"
-    if cls.sparsify is Sparsifier.sparsify:
-        return "it does not implement sparsify(self, job, cfg, out_dir)"
-    if not (isinstance(cls.Config, type) and issubclass(cls.Config, SparseConfigBase)):
-        return "its Config must subclass SparseConfigBase (it refuses unknown keys)"
-    if getattr(cls, "name", name) != name:
-        return f"its name is '{cls.name}': register it under that name, or set name = '{name}'"
-    cls.name = name
-    return None
+    """What keeps a registered method from working (Registry's check)."""
+    return class_problem(name, cls, Sparsifier, SparseConfigBase,
+                         implements=(("sparsify", "sparsify(self, job, cfg, out_dir)"),))
 
 
 # Holds the classes; callers instantiate the one they look up.
