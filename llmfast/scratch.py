@@ -128,24 +128,36 @@ def stop_with_parent() -> Callable[[], None] | None:
 
 
 @contextlib.contextmanager
+def scratch_env() -> Iterator[tuple[dict[str, str], tuple[int, ...]]]:
+    """For processes started in the block: the environment additions that give them a scratch $TMPDIR, and the
+    descriptor of its lock to pass on (none where `make_scratch` makes none); the folder goes when the block ends."""
+    made = make_scratch()
+    if made is None:
+        yield {}, ()
+        return
+    try:
+        yield engine_env(made[0]), (made[1],)
+    finally:
+        drop_scratch(*made)
+
+
+@contextlib.contextmanager
 def scratch_tmpdir() -> Iterator[None]:
     """This process's $TMPDIR, and that of the processes it starts, a scratch folder for the block: an engine run
     in this process (vLLM's offline engine), whose folder goes when the block ends."""
-    made = make_scratch()
-    if made is None:
-        yield
-        return
-    path, fd = made
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-    os.environ.update(engine_env(path))  # the kernel cache's own place, from the real $TMPDIR
-    before, tempfile.tempdir = tempfile.tempdir, str(path)  # gettempdir() keeps what it found first
-    try:
-        yield
-    finally:
-        tempfile.tempdir = before
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        drop_scratch(path, fd)
+    with scratch_env() as (env, _):
+        if not env:
+            yield
+            return
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the kernel cache's own place, from the real $TMPDIR
+        before, tempfile.tempdir = tempfile.tempdir, env["TMPDIR"]  # gettempdir() keeps what it found first
+        try:
+            yield
+        finally:
+            tempfile.tempdir = before
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

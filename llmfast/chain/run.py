@@ -145,15 +145,11 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
     generated = out / ".recipes" / f"{stage.name}.yaml"
     argv = STAGES.get(stage.type).argv(section, out / stage.name, generated, resume)
     if stage.launch:  # a launcher (torchrun) starts the verb's processes itself
-        from llmfast.scratch import drop_scratch, engine_env, make_scratch
+        from llmfast.scratch import scratch_env
 
-        made = make_scratch()  # torchrun leaves a torchelastic_* folder in $TMPDIR each run: the stage's own goes
-        try:
-            _launch(stage, [*argv, *flags], {**os.environ, **engine_env(made[0])} if made else None,
-                    (made[1],) if made else ())
-        finally:
-            if made is not None:
-                drop_scratch(*made)
+        # torchrun leaves a torchelastic_* folder in $TMPDIR each run: the stage's own goes
+        with scratch_env() as (env, keep):
+            _launch(stage, [*argv, *flags], {**os.environ, **env} if env else None, keep)
         return
     try:
         code = run_verb([*argv, *flags])
