@@ -222,9 +222,9 @@ class VllmServer:
         argv, env = server_command(self.spec)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
-        self._scratch = make_scratch()
-        scratch = (engine_env(self._scratch[0]), (self._scratch[1],)) if self._scratch else ({}, ())
-        try:
+        try:  # closed however the start ends (a scratch folder that cannot be made too)
+            self._scratch = make_scratch()
+            scratch = (engine_env(self._scratch[0]), (self._scratch[1],)) if self._scratch else ({}, ())
             # A session of its own: Ctrl-C reaches only us, and we stop the server's whole process group in order.
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **scratch[0], **env}, start_new_session=True,
