@@ -430,7 +430,8 @@ _SAVED_COPY = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)"
 def unknown_adapter_tensors(keys: "Iterable[str]", modules: "Collection[str]",
                             lora_layers: "Collection[str] | None" = None) -> list[str]:
     """The tensors of an adapter's file (`keys`) on none of a model's `modules` (their names), which PEFT (and vLLM)
-    skip without a word: an adapter of a deeper model of the family (its extra layers), or with renamed modules.
+    skip, PEFT 0.22+ with a warning among many: an adapter of a deeper model of the family (its extra layers), or
+    with renamed modules.
     With `lora_layers` (the modules PEFT put LoRA on), a LoRA matrix must be on one of them: one on a module the
     config does not target is skipped as well."""
     unknown = []

@@ -59,10 +59,13 @@ FIRST = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
 
 
 def test_peft_skips_an_adapters_extra_layers_without_a_word(tiny_dir, deeper, tmp_path):
-    """The behaviour the checks stand in for (PEFT 0.21): the deeper model's adapter loads onto the shallower base
-    with no error and no warning, its layer 2 dropped."""
+    """The behaviour the checks stand in for: the deeper model's adapter loads onto the shallower base with no
+    error, its layer 2 dropped; PEFT 0.21 said nothing, 0.22 warns (one warning among a run's many, listing the
+    keys), and the model runs either way."""
     import warnings
 
+    import peft
+    from packaging.version import Version
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +73,11 @@ def test_peft_skips_an_adapters_extra_layers_without_a_word(tiny_dir, deeper, tm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(ad))
-    assert not [w for w in caught if issubclass(w.category, UserWarning)]  # PEFT's (missing keys) are UserWarnings
+    said = [str(w.message) for w in caught if "layers.2" in str(w.message)]
+    if Version(peft.__version__) < Version("0.22"):
+        assert not said
+    else:
+        assert len(said) == 1 and "unexpected adapter keys" in said[0], said
     assert sum(n.endswith("q_proj.lora_A") for n, _ in model.named_modules()) == 2
 
 
