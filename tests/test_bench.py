@@ -954,3 +954,62 @@ def test_variants_of_the_same_weights_share_one_transformers_baseline(tmp_path, 
     assert rows[4].points == rows[2].points and rows[4].notes == [
         f"the same transformers run as tp2{BASELINE_SUFFIX}'s (the same weights)"]
     assert [c["variant"] for c in comparisons] == ["tp2", "pp2"]
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive as uvicorn does it, made deterministic: a request that arrives on a connection idle
+    for `idle_close` seconds or more is the one that crossed the server's close of that connection, and gets no
+    answer (the connection closes). Answers are streamed completions of max_tokens 'a' tokens."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def handle(self):
+        idle_since = time.monotonic()
+        while True:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                return
+            if time.monotonic() - idle_since >= self.server.idle_close:
+                self.server.dropped += 1
+                return
+            if not self.parse_request():
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            events = [{"choices": [{"text": "a"}]}] * body["max_tokens"] + [
+                {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": body["max_tokens"]}}]
+            out = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            self.wfile.flush()
+            idle_since = time.monotonic()
+
+
+def test_load_generator_does_not_reuse_a_connection_the_server_may_be_closing():
+    """Two requests 3.5 s apart on one connection slot, to a server that closes connections idle for 3 s (vLLM's
+    uvicorn: 5 s): the second goes on a new connection and succeeds. With aiohttp's default keep-alive (15 s) it was
+    sent on the pooled connection and failed "Server disconnected" (a bench run's base-tp2 point did, in CI)."""
+    import asyncio
+
+    from llmfast.bench.loadgen import KEEPALIVE_S, run_load
+    from llmfast.bench.workload import Request
+
+    assert KEEPALIVE_S < 3.0
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    srv.daemon_threads, srv.idle_close, srv.dropped = True, 3.0, 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        reqs = [Request("hi", 1, 3), Request("hi", 1, 3)]
+        # burstiness 1e6: the gamma gap is 1/rate to within a millisecond
+        results, duration = asyncio.run(run_load(f"http://127.0.0.1:{srv.server_address[1]}", "m", reqs,
+                                                 request_rate=1 / 3.5, burstiness=1e6, max_concurrency=1))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [r.error for r in results] == ["", ""] and [r.output_tokens for r in results] == [3, 3]
+    assert duration >= 3.4 and srv.dropped == 0

@@ -43,6 +43,9 @@ class RampUp:
         return self.start_rps * (self.end_rps / self.start_rps) ** progress
 
 
+KEEPALIVE_S = 2.0  # below the keep-alive of the servers we measure (vLLM's uvicorn: 5 s)
+
+
 def arrival_times(n: int, request_rate: float, burstiness: float = 1.0, seed: int = 0,
                   ramp_up: RampUp | None = None) -> list[float]:
     """Send offsets in seconds: all at 0 for an infinite rate, else gamma-distributed gaps (Poisson at 1.0)
@@ -190,7 +193,11 @@ async def run_load(base_url: str, model: str, requests: list["Request"], *, requ
     names = model_names(model, lora_modules, lora_assignment, len(requests), seed)
     offsets = arrival_times(len(requests), request_rate, burstiness, seed, ramp_up)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, limit_per_host=max_concurrency or 0)
+    # A pooled connection is reused only within KEEPALIVE_S of its last answer: past the server's own keep-alive
+    # (uvicorn's, vLLM's: 5 s) the server closes it, and a request sent as that close crosses it fails with
+    # "Server disconnected" (aiohttp's default 15 s let a warm-up's idle connection hit that).
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, limit_per_host=max_concurrency or 0,
+                                     keepalive_timeout=KEEPALIVE_S)
     body = extra_body or {}
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         progress = Progress(stall_timeout)
