@@ -293,15 +293,20 @@ def test_sigterm_to_the_chain_reaches_a_stages_launcher(tiny: Path, tmp_path: Pa
     out = tmp_path / "run"
     recipe = chain(tiny, out)
     stages = {k: recipe["stages"][k] for k in ("data", "lora")}
-    launcher = tmp_path / "launcher.py"  # stands for torchrun: logs the signal it is sent, then stops
+    # stands for torchrun (a recipe's launcher is torchrun or accelerate, found on $PATH: chain/launchers.py): logs the
+    # signal it is sent, then stops
+    launcher = tmp_path / "bin" / "torchrun"
+    launcher.parent.mkdir()
     log = tmp_path / "launcher.log"
-    launcher.write_text(f"import signal, sys, time\nopen({str(log)!r}, 'a').write('start\\n')\n"
+    launcher.write_text(f"#!{sys.executable}\nimport signal, sys, time\nopen({str(log)!r}, 'a').write('start\\n')\n"
                         f"def stop(sig, frame):\n    open({str(log)!r}, 'a').write(f'{{sig}}\\n')\n    sys.exit(3)\n"
                         "signal.signal(signal.SIGTERM, stop)\ntime.sleep(120)\n")
-    stages["lora"]["launch"] = [sys.executable, str(launcher)]
+    launcher.chmod(0o755)
+    stages["lora"]["launch"] = ["torchrun"]
     path = write(tmp_path / "launched.yaml", {"output": str(out), "stages": stages})
     proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "run", str(path)], stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "PATH": f"{launcher.parent}:{os.environ.get('PATH', '')}"})
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and "start" in log.read_text()):
         time.sleep(0.05)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from llmfast.artifacts import atomic_write_json
 from llmfast.chain.checks import with_flags
+from llmfast.chain.launchers import check_launch
 from llmfast.chain.plan import ChainRecipe, Stage, downstream, plan, substitute
 from llmfast.chain.stages import STAGES
 from llmfast.errors import UserError
@@ -186,6 +187,7 @@ def run_chain(recipe: ChainRecipe, recipe_path: Path, run_verb: Callable[[list[s
     _claim(out, recipe_path)
     for stage in stages:  # what a stage type can check of its section, before anything runs (checks.py)
         try:
+            check_launch(stage.launch)  # a command line the recipe gives: only a launcher that starts llmfast
             STAGES.get(stage.type).check(with_flags(stage.section, list(stage.flags)))
             if parse_verb is not None and stage.flags:  # a misspelled flag failed only when its stage's turn came
                 with tempfile.TemporaryDirectory() as tmp:  # the verb's recipe file, written only to be named

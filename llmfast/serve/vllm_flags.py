@@ -38,12 +38,25 @@ CLASS_FLAGS = {"hf_overrides": "--hf-overrides", "model_impl": "--model-impl",
                "model_class_overrides": "--model-class-overrides"}
 # vLLM's template for every chat, in place of the model folder's (serve/stops.py, serve/lora.py judge the one used).
 TEMPLATE = "--chat-template"
+# A model folder's own Python code (auto_map): llmfast never runs it, whatever spelling or file asks (`llmfast bench
+# serve` refuses the flag too). Given as `-- --config FILE`, vLLM ran the folder's configuration_*.py.
+REMOTE_CODE = "--trust-remote-code"
+# What a `--config` file (data: one may come with a model or a tutorial) may not set, as each imports Python code by
+# name or path (a worker, scheduler, parser or connector class, middleware, a plugin file) or picks how weights are
+# deserialized: given on the command line after `--` they are the user's own choice.
+_CODE_FROM_FILE = {"tool_parser_plugin": "--tool-parser-plugin", "reasoning_parser_plugin": "--reasoning-parser-plugin",
+                   "io_processor_plugin": "--io-processor-plugin", "middleware": "--middleware",
+                   "logits_processors": "--logits-processors", "worker_cls": "--worker-cls",
+                   "worker_extension_cls": "--worker-extension-cls", "scheduler_cls": "--scheduler-cls",
+                   "kv_transfer_config": "--kv-transfer-config", "ec_transfer_config": "--ec-transfer-config",
+                   "weight_transfer_config": "--weight-transfer-config", "load_format": "--load-format",
+                   "model_loader_extra_config": "--model-loader-extra-config"}
 
 
 def may_matter(args: Sequence[str]) -> bool:
     """Whether a flag in `args` may be one this module looks for, as vLLM's parser would take it (a prefix of one
     too): without one, its parser is not worth its import."""
-    names = (*_COMPILING, *OWNED.values(), *_COUNTED, *CLASS_FLAGS.values(), TEMPLATE)
+    names = (*_COMPILING, *OWNED.values(), *_COUNTED, *CLASS_FLAGS.values(), TEMPLATE, REMOTE_CODE)
     for arg in args:
         if arg.startswith("--") and len(arg) > 2:
             name = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
@@ -81,6 +94,9 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"the vLLM flags after --: {' '.join(args)} starts no server") from None
     except (ValueError, AssertionError, OSError) as e:  # a --config file missing or wrong
         refuse(str(e))
+    if getattr(ns, "trust_remote_code", False):
+        refuse(f"{REMOTE_CODE} (or a --config file's trust-remote-code): llmfast never runs a model folder's own code")
+    _check_config_code(parser, args)
     given = [flag for dest, flag in OWNED.items() if getattr(ns, dest) is not unset]
     for dest in OWNED:
         if getattr(ns, dest) is unset:
@@ -110,6 +126,18 @@ def _check_config(args: Sequence[str]) -> None:
             f"the key {next(k for k in data if not isinstance(k, str))!r}, not text"
         raise UserError(f"the vLLM flags after --: --config {path} holds {held}: vLLM takes a mapping of its flags "
                         "to their values (`max-num-seqs: 4`, one a line)")
+
+
+def _check_config_code(parser: argparse.ArgumentParser, args: Sequence[str]) -> None:
+    """A `--config` file's own settings (read alone, by vLLM's parser: any spelling it takes) that load code."""
+    if "--config" not in args or (i := list(args).index("--config")) == len(args) - 1:
+        return
+    ns = parser.parse_args(["--config", args[i + 1]])
+    found = [flag for dest, flag in _CODE_FROM_FILE.items() if getattr(ns, dest, None) != parser.get_default(dest)]
+    if found:
+        raise UserError(f"the vLLM flags after --: --config {args[i + 1]} sets {found[0][2:]}, which loads code (or "
+                        "picks how weights are unpacked) and is not taken from a file: give it after -- yourself if "
+                        "you mean it")
 
 
 def given(args: Sequence[str]) -> argparse.Namespace | None:
