@@ -2,7 +2,8 @@
 2026-12-07 (model folders' own code and pickles are tests/test_model_folders.py's) found two ways in, both fixed:
 a chain recipe's `launch:` was any command line (`launch: [sh, -c, ...]` ran it), and a `--config` file given to
 `llmfast serve` after `--` could set vLLM's trust-remote-code (the folder's configuration_*.py ran) or a flag that
-imports a class or a plugin file by name."""
+imports a class or a plugin file by name. Also fixed: a `datasets` folder's image column made reading its rows fetch
+the URL it named."""
 
 from __future__ import annotations
 
@@ -144,3 +145,47 @@ def test_vllm_flags_given_on_the_command_line_or_harmless_in_a_file_pass(tmp_pat
     (tmp_path / "ok.yaml").write_text("max-num-seqs: 4\nload-format: auto\n")
     assert parse(["--config", str(tmp_path / "ok.yaml")])[0].max_num_seqs == 4
     assert parse(["--worker-extension-cls", "mine.Ext"])[0].worker_extension_cls == "mine.Ext"
+
+
+def test_a_datasets_folders_media_column_is_never_fetched_or_decoded(tmp_path: Path) -> None:
+    """Fixed: a `datasets` folder with an Image column (dataset_info.json says which) made every read of its rows
+    fetch the URL the column names (an HTTP request to wherever the folder's maker chose; a local path was opened)
+    and fail with a traceback. Rows are read as stored: the chat, and the column's own values, untouched."""
+    import http.server
+    import threading
+
+    import datasets
+
+    from llmfast.data.jsonl import read_rows
+
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/leak.png"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+                                  "img": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}})
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"messages": [chat], "img": [{"bytes": None, "path": url}]}, features=features) \
+        .save_to_disk(str(folder))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["features"]["img"] = {"_type": "Image"}  # the same Arrow type: datasets takes the file's word for it
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    try:
+        rows = read_rows(folder)
+    finally:
+        server.shutdown()
+    assert asked == []
+    assert rows == [{"messages": chat, "img": {"bytes": None, "path": url}, "_row": 0}]

@@ -43,7 +43,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if "train" not in ds:
             raise UserError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds.keys())})")
         ds = ds["train"]
-    rows = [dict(r, _row=i) for i, r in enumerate(ds)]
+    # the stored values, never decoded: an Image, Audio, Video or Pdf column decodes from a `path` the folder gives,
+    # which datasets fetches (a URL: a request to wherever the data set's maker chose) or reads (any local file), and
+    # whose failure was a traceback; a chat or text row is plain values, the same either way
+    stored = (row for batch in ds.with_format("arrow").iter(batch_size=1024) for row in batch.to_pylist())
+    rows = [dict(r, _row=i) for i, r in enumerate(stored)]
     if not rows:
         raise UserError(f"{path}: the data set is empty")
     return rows
