@@ -27,7 +27,7 @@ from llmfast.artifacts import atomic_dir, check_output, write_manifest
 from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
 from llmfast.loading import first_line, from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
-from llmfast.modelfiles import check_adapter_dir, check_model_dir
+from llmfast.modelfiles import check_adapter_dir, check_model_dir, refuse_model_code
 
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
 
@@ -221,6 +221,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:  # transformers reads the tokenizer's settings from the file's folder too: an auto_map there ran on a 'y'
+        refuse_model_code(gguf.parent, {})
+    except UserError as e:
+        raise UserError(f"{e}; or move {gguf.name} to a folder of its own") from None
     try:  # its header and tensor table (~2 s for the built-in model), before the progress bar and the conversion
         GGUFReader(gguf)
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError, ... on junk
@@ -234,14 +238,15 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     steps = tqdm(total=4, desc=f"converting {gguf.name}", unit="step", leave=False)
     try:
         steps.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         steps.update()
         steps.set_postfix_str("weights")
         # read in the target dtype: transformers casts each tensor as it dequantizes it (the same rounding as
         # casting the float32 model after), so a bfloat16 conversion never holds float32 weights beside its own
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype(dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype(dtype),
+                                                      trust_remote_code=False)
         steps.update()
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = dtype

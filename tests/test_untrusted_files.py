@@ -3,7 +3,7 @@
 a chain recipe's `launch:` was any command line (`launch: [sh, -c, ...]` ran it), and a `--config` file given to
 `llmfast serve` after `--` could set vLLM's trust-remote-code (the folder's configuration_*.py ran) or a flag that
 imports a class or a plugin file by name. Also fixed: a `datasets` folder's image column made reading its rows fetch
-the URL it named."""
+the URL it named, and a tokenizer_config.json beside a .gguf file ran its auto_map code on a 'y'."""
 
 from __future__ import annotations
 
@@ -189,3 +189,27 @@ def test_a_datasets_folders_media_column_is_never_fetched_or_decoded(tmp_path: P
         server.shutdown()
     assert asked == []
     assert rows == [{"messages": chat, "img": {"bytes": None, "path": url}, "_row": 0}]
+
+
+def test_a_gguf_beside_a_tokenizer_config_naming_code_runs_none(tiny_dir: Path, tmp_path: Path) -> None:
+    """Fixed: transformers reads a GGUF's tokenizer from its folder too, and a tokenizer_config.json there whose
+    auto_map names a .py (a Downloads folder, a repo of several formats) was run on a 'y' at its prompt:
+    `echo y | llmfast models --prepare FILE.gguf` imported it. Now one line, before anything is converted."""
+    import subprocess
+
+    from test_models import _write_llama_gguf
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    _write_llama_gguf(tiny_dir, folder / "m.gguf")
+    mark = tmp_path / "RAN"
+    (folder / "tokenization_x.py").write_text(CODE.format(mark=str(mark)))
+    auto_map = {"AutoTokenizer": ["tokenization_x.XTok", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XTokenizer", "auto_map": auto_map}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFAST_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "llmfast", "models", "--prepare", str(folder / "m.gguf")], input="y\n",
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert not mark.exists(), p.stderr[-1000:]
+    _one_line(p.returncode, p.stderr, "tokenizer_config.json (tokenizer_class 'XTokenizer') names the model's own Python "
+              "code", "move m.gguf to a folder of its own")
+    assert "[y/N]" not in p.stdout + p.stderr and not (tmp_path / "cache" / "models").exists()
