@@ -11,14 +11,33 @@ import threading
 def peak_memory_gib(device: str = "cpu") -> float:
     """Peak GPU memory allocated by torch on CUDA; elsewhere this process's peak resident memory, in GiB.
 
-    The process peak covers the whole process: when `llmfast run` chains stages in one process, a later stage's
-    figure includes the earlier stages' peak.
+    Both count from the process's start or the last `reset_peak_memory` (`llmfast run` calls it before each
+    stage it runs in its process, so a stage's figure is its own and not an earlier stage's peak).
     """
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:  # the kernel's high-water mark, which reset_peak_memory lowers (ru_maxrss may keep an earlier peak)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_gib`'s figures afresh: the process's high-water mark (Linux: /proc/self/clear_refs)
+    drops to its present RSS, and torch's CUDA peaks to what is allocated now."""
+    import sys
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or a kernel before 4.0: the figure stays the process's
+        pass
+    torch = sys.modules.get("torch")  # not imported: nothing of it to reset
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_reserved_gib(device: str = "cpu") -> float | None:

@@ -152,6 +152,9 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
         with scratch_env() as (env, keep):
             _launch(stage, [*argv, *flags], {**os.environ, **env} if env else None, keep)
         return
+    from llmfast.memory import reset_peak_memory
+
+    reset_peak_memory()  # the stage runs in this process: the peak memory its metrics report is its own
     try:
         code = run_verb([*argv, *flags])
     except UserError as e:  # the user wrote the chain recipe, not the stage's generated one

@@ -1,0 +1,43 @@
+"""Long sessions: what one chain stage, bench variant or served model takes is given back, and figures measured
+for one are its own, not an earlier one's."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmfast.cli import main
+from llmfast.testing import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("long") / "base")
+
+
+def _rss_gib() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 2**20
+
+
+def test_a_chain_stages_peak_memory_is_its_own_not_an_earlier_ones(tiny: Path, tmp_path: Path) -> None:
+    """Stages run in the chain's process: a merge stage after something held 1.5 GiB (an earlier stage, here a
+    mapping touched and dropped) reported the process's peak, 1.5 GiB above anything the merge of a tiny model
+    needs. Reference: the process's RSS as the chain starts, plus the merge's own few MiB."""
+    ballast = mmap.mmap(-1, 1536 * 2**20)
+    for i in range(0, len(ballast), mmap.PAGESIZE):  # touched: resident, the high-water mark goes up by 1.5 GiB
+        ballast[i] = 1
+    ballast.close()  # unmapped: RSS back down
+    start = _rss_gib()
+    merge = {"merge_method": "linear", "models": [{"model": str(tiny), "parameters": {"weight": 1.0}},
+                                                  {"model": str(tiny), "parameters": {"weight": 1.0}}]}
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(yaml.safe_dump({"output": str(tmp_path / "run"), "stages": {"m": {"type": "merge",
+                                                                                        "with": merge}}}))
+    assert main(["run", str(recipe)]) == 0
+    peak = json.loads((tmp_path / "run" / "m" / "llmfast.json").read_text())["metrics"]["peak_rss_gib"]
+    assert start - 0.05 <= peak < start + 0.5, (peak, start)
