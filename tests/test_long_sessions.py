@@ -41,3 +41,46 @@ def test_a_chain_stages_peak_memory_is_its_own_not_an_earlier_ones(tiny: Path, t
     assert main(["run", str(recipe)]) == 0
     peak = json.loads((tmp_path / "run" / "m" / "llmfast.json").read_text())["metrics"]["peak_rss_gib"]
     assert start - 0.05 <= peak < start + 0.5, (peak, start)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child of ours stays one until reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stopping_a_server_whose_leader_died_ends_the_engine_processes_it_left(tmp_path: Path, tiny: Path) -> None:
+    """A vLLM API server killed mid-run (the OOM killer, a crash) leaves its EngineCore and worker processes
+    running in its process group (seen with vLLM on this machine: EngineCore and Worker still there 15 s after the
+    leader's SIGKILL); `stop()` returned at once for a dead leader, so they held their memory and cores while bench
+    run measured the next variants. The group stands in for vLLM's (a real start takes a minute or two here): a
+    leader, killed, and its child."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmfast.serve.server import ServerSpec, VllmServer
+
+    leader = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(300)']); print(p.pid, flush=True); time.sleep(300)")
+    srv = VllmServer(ServerSpec(model=tiny, port=0), log_path=tmp_path / "log")
+    srv.proc = subprocess.Popen([sys.executable, "-c", leader], stdout=subprocess.PIPE, start_new_session=True)
+    engine = int(srv.proc.stdout.readline())  # type: ignore[union-attr]
+    try:
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(10)
+        assert _alive(engine)  # what the dead leader left
+        srv.stop()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(engine):
+            time.sleep(0.1)
+        assert not _alive(engine), "the engine process outlived stop()"
+        srv.stop()  # a second stop (a `with` block's after an explicit one) does nothing
+    finally:
+        srv.proc.stdout.close()  # type: ignore[union-attr]
+        if _alive(engine):
+            os.kill(engine, signal.SIGKILL)

@@ -207,6 +207,7 @@ class VllmServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._scratch: tuple[Path, int] | None = None  # the server's own $TMPDIR, removed when it has stopped
         self._echo_thread: threading.Thread | None = None
+        self._group_ended = False  # stop() has ended the process group
 
     @property
     def base_url(self) -> str:
@@ -229,6 +230,7 @@ class VllmServer:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **scratch[0], **env}, start_new_session=True,
                                          pass_fds=scratch[1], preexec_fn=stop_with_parent())
+            self._group_ended = False
         except BaseException:
             if self._scratch is not None:
                 drop_scratch(*self._scratch)
@@ -305,9 +307,11 @@ class VllmServer:
                 self._scratch = None
 
     def _stop(self, grace: float) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None or self._group_ended:  # once: the group's id may be another's after that
             return
         for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
@@ -317,11 +321,13 @@ class VllmServer:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # Engine processes left in the group after the leader exited.
+        # Engine processes left in the group after the leader exited, also where it had died before the stop (killed
+        # for memory, crashed): vLLM's EngineCore and workers outlive their API server, holding memory and cores.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self._group_ended = True
 
     def __enter__(self) -> "VllmServer":
         self.start()
