@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+from typing import Any
 
 
 def peak_memory_gib(device: str = "cpu") -> float:
@@ -97,6 +98,23 @@ class PeakRss:
         return self.peak_bytes / 2**30
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt's parameters, from glibc's malloc.h
+_kept = False  # keep_freed_memory_for_reuse is in force
+
+
+def _libc() -> Any:
+    """glibc's functions, or None where this is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and libc.mallopt and libc.malloc_trim else None
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory_for_reuse() -> bool:
     """Make glibc's malloc keep large freed blocks for reuse instead of returning them to the system.
 
@@ -104,19 +122,28 @@ def keep_freed_memory_for_reuse() -> bool:
     maps each block over 32 MB afresh and unmaps it on free, so every tensor faults in and zeroes new
     pages: at the 1.7B shape that was a third of a TIES merge's CPU time (37 s of system time), and ~0
     with this. One arena for all threads (a thread's own arena cannot hold blocks over 64 MB) and no
-    mmap or trim below 1-2 GB. The process keeps its peak heap until it exits, so only a process that
-    does this one job (the `merge` command) calls it. Returns False where it does not apply (not glibc).
+    mmap or trim below 1-2 GB. The process keeps its peak heap until `give_back_freed_memory` (`llmfast run`
+    calls it after each stage: the `merge` command's process goes on to other stages there). Returns False where
+    it does not apply (not glibc).
     """
-    import ctypes
-    import ctypes.util
+    global _kept
+    libc = _libc()
+    if libc is None:
+        return False
+    _kept = bool(libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+    return _kept
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 31))
+
+def give_back_freed_memory() -> None:
+    """Undo `keep_freed_memory_for_reuse` where it is in force: blocks over 32 MiB mapped and unmapped again, and
+    the heap trimmed above 64 MiB (where glibc's own thresholds settle after large frees), and what the heap kept
+    returned to the system now. The one arena stays (glibc fixes the arena limit when it first needs it)."""
+    global _kept
+    libc = _libc() if _kept else None
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    libc.malloc_trim(0)
+    _kept = False

@@ -152,7 +152,7 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
         with scratch_env() as (env, keep):
             _launch(stage, [*argv, *flags], {**os.environ, **env} if env else None, keep)
         return
-    from llmfast.memory import reset_peak_memory
+    from llmfast.memory import give_back_freed_memory, reset_peak_memory
 
     reset_peak_memory()  # the stage runs in this process: the peak memory its metrics report is its own
     try:
@@ -162,6 +162,8 @@ def run_stage(out: Path, stage: Stage, resume: bool, run_verb: Callable[[list[st
         where = f"{recipe_path} (stages.{stage.name})" if recipe_path else str(generated)
         said = re.sub(re.escape(str(generated)) + r"(:\d+)?", lambda _: where, str(e))
         raise UserError(f"stage {stage.name} ({stage.type}): {said}") from None
+    finally:  # a merge stage's malloc keeps its peak heap for reuse: not for the stages after it
+        give_back_freed_memory()
     if code:
         raise UserError(f"stage {stage.name} ({stage.type}) failed with exit code {code}: see its output above")
 
