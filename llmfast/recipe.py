@@ -19,6 +19,7 @@ import yaml
 from pydantic import model_validator
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
+from llmfast.bench.engine_names import run_engine_word
 from llmfast.data.text import decode
 from llmfast.errors import UserError
 from llmfast.finetune.bounds import check_lora_scale, some_modules
@@ -181,9 +182,9 @@ class VariantConfig(StrictModel):
     model: str
     lora: ExistingPath | None = None
     quantization: Quantization = None
-    engine: Literal["auto", "vllm", "hf", "hf-sparse"] = "auto"  # auto: vLLM unless it cannot load the variant here
-    # (hf-sparse: transformers with llmfast's sparse MLP, which auto picks for threshold and Deja Vu artifacts;
-    # ReLU-fied ones go to vLLM through llmfast's plugin)
+    # a registered engine (bench/engine_names.py), or auto: vLLM unless it cannot load the variant here; hf-sparse (the
+    # sparse MLP) for threshold and Deja Vu artifacts, ReLU-fied ones to vLLM through llmfast's plugin
+    engine: Annotated[str, AfterValidator(run_engine_word)] = "auto"
     tensor_parallel_size: PositiveInt = 1  # vLLM only: one server split over this many x pipeline_parallel_size
     pipeline_parallel_size: PositiveInt = 1  # workers (devices; on a CPU, groups of cores: serve/parallel.py)
 

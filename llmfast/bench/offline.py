@@ -11,16 +11,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from llmfast.bench.engine_names import offline_engine, offline_words
 from llmfast.errors import UserError
 from llmfast.process_exit import flush
-
-OFFLINE_ENGINES = {"vllm": "vllm-offline", "hf": "hf", "hf-sparse": "hf-sparse"}  # --engine word -> registered engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="builtin:NAME, a model directory, a .gguf or a hub id")
-    p.add_argument("--engine", choices=list(OFFLINE_ENGINES), default="vllm", help="vLLM's engine, transformers, or "
-                   "transformers with llmfast's sparse MLP (sparse artifacts)")
+    p.add_argument("--engine", default="vllm", metavar="ENGINE",
+                   help=f"one of {', '.join(offline_words())}: vLLM's engine, transformers, transformers with llmfast's "
+                   "sparse MLP (sparse artifacts), or an engine registered in llmfast/bench/engines (default: vllm)")
     p.add_argument("--lora", help="a LoRA adapter directory to apply")
     p.add_argument("--quantization", help="e.g. nf4 or fp4 (bitsandbytes 4-bit: transformers engine only)")
     p.add_argument("--dataset-name", default="random", choices=["random", "custom", "sharegpt"])
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.artifacts import atomic_write_json
-    from llmfast.bench.engines import ENGINES, resolve_variant
+    from llmfast.bench.engines import resolve_variant
     from llmfast.bench.engines.base import quantization_ran
     from llmfast.bench.logs import engine_output
     from llmfast.bench.metrics import compute_metrics, format_summary, parse_metric_names, parse_percentiles
@@ -57,6 +57,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.memory import PeakRss
     from llmfast.scratch import scratch_tmpdir
 
+    word, engine = offline_engine(args.engine)
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
     if args.batch_size is not None and args.batch_size < 1:
@@ -65,10 +66,9 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--output {args.output}: needs a file path in a folder")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"--output {args.output} already exists: choose another path, or pass --overwrite to replace it")
-    engine = ENGINES.get(OFFLINE_ENGINES[args.engine], "--engine")
     variant = resolve_variant("lora", args.model, args.lora, args.quantization)
     reason = engine.can_run(variant)
-    if reason:  # the engine words are the families' names: suggest the preferred one that runs it
+    if reason:  # the families' words name engines here too: suggest the preferred one that runs it
         other = next((f for f in variant.families if f != engine.family), "hf")
         raise UserError(f"--engine {args.engine}: {reason}: use --engine {other}")
     tokenizer = load_tokenizer(variant.model_dir)
@@ -88,7 +88,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         # vLLM's IPC sockets go to a $TMPDIR of the run's own, which goes with it (vLLM leaves them in $TMPDIR)
         with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext(), \
                 scratch_tmpdir() if engine.family == "vllm" else contextlib.nullcontext():
-            results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,  # type: ignore[attr-defined]
+            results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,
                                                 ignore_eos=args.ignore_eos)
     except Exception as e:
         if log is not None:
@@ -99,14 +99,14 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     summary = compute_metrics(results, duration, percentiles, metric_names)
     result: dict[str, Any] = {
         "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "engine": args.engine,
+        "engine": word,
         "model_id": args.model,
         "model_path": str(variant.model_dir),
         "lora": args.lora,
-        "quantization": quantization_ran(variant, args.engine),
+        "quantization": quantization_ran(variant, engine.family),
         "dtype": dtype,
         "num_prompts": len(requests),
-        "batch_size": batch if args.engine != "vllm" else None,  # vLLM schedules its own batches
+        "batch_size": batch if engine.family != "vllm" else None,  # vLLM schedules its own batches
         **summary,
         # vLLM's `bench throughput` names for the same quantities
         "elapsed_time": duration,
@@ -115,7 +115,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_gib": round(mem.peak_gib, 3),
         "status": "ok" if summary["failed"] == 0 else "failed",
     }
-    print(format_summary(result, f"Offline ({args.engine}) Benchmark Result"))
+    print(format_summary(result, f"Offline ({word}) Benchmark Result"))
     print(f"{'Peak RSS (GiB):':<44} {result['peak_rss_gib']:.2f}")
     if args.output:
         atomic_write_json(args.output, result)

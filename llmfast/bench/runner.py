@@ -32,7 +32,7 @@ class Measured:
     """A variant on its engine: one result per concurrency of the sweep, memory, quality, what went wrong."""
 
     variant: "Variant"
-    engine: str  # the engine family the report shows: vllm or hf
+    engine: str  # the registered engine's name, as the report shows it: vllm, hf, hf-sparse, ...
     label: str
     parallel: tuple[int, int] = (1, 1)  # vLLM's tensor and pipeline parallel sizes: one server's workers
     points: list[dict[str, Any]] = field(default_factory=list)
@@ -291,7 +291,7 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     with atomic_dir(recipe.output, overwrite=overwrite, inputs=inputs, guard=True) as tmp:
         requests = random_requests(load_tokenizer(planned[0][0].model_dir), w.num_prompts, w.input_len, w.output_len,
                                    0.0, w.seed)
-        measured = [Measured(v, engine.family, v.name, (cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
+        measured = [Measured(v, engine.name, v.name, (cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
                     for v, engine, cfg in planned]
         for m in measured:  # the report says plainly which variants vLLM could not serve, and why
             reason = ENGINES.get("vllm").can_run(m.variant) if m.engine != "vllm" else None
