@@ -44,6 +44,11 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{"formatter_class": _Help, **kwargs})
 
+    def format_help(self) -> str:
+        if callable(self.description):  # made when the help is shown, from a registry (not for every command line)
+            self.description = self.description()
+        return super().format_help()
+
     # argparse's own usage errors also exit 2, but print a usage block; keep them to one line. main() already
     # prints "llmfast: error:", so only a sub-verb's name comes before the message ("finetune: ...").
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -190,8 +195,8 @@ def _add_tasks(sub: Any) -> None:
     p.set_defaults(func=cmd_tasks)
 
 
-def _add_artifact_verb(sub: Any, name: str, help: str, description: str, example: str, resume_help: str,
-                       func: Callable[[argparse.Namespace], int]) -> None:
+def _add_artifact_verb(sub: Any, name: str, help: str, description: str | Callable[[], str], example: str,
+                       resume_help: str, func: Callable[[argparse.Namespace], int]) -> None:
     """A verb that writes one artifact from a recipe, resumable when its method trains (quantize, sparsify)."""
     p = sub.add_parser(name, help=help, description=description)
     p.add_argument("recipe", help=f"{name} recipe YAML, e.g. {example}")
@@ -201,15 +206,21 @@ def _add_artifact_verb(sub: Any, name: str, help: str, description: str, example
     p.set_defaults(func=func)
 
 
+def _sparsify_description() -> str:
+    from llmfast.sparse.base import SPARSIFIERS  # registers every method (pydantic: only when the help is shown)
+
+    methods = "; ".join(f"{name} ({cls.paper}{'; it trains: --resume continues it' if cls.trains else ''})"
+                        for name, cls in SPARSIFIERS.items())
+    return ("Write a model whose MLP activations are mostly zero, with a method registered in llmfast/sparse "
+            f"(the recipe's sparsify.method): {methods}. Writes OUTPUT atomically; `load_model` and `llmfast eval` "
+            "apply it. See docs/sparsify.md.")
+
+
 def _add_sparsify(sub: Any) -> None:
     _add_artifact_verb(
-        sub, "sparsify", "make a model's MLP activations sparse (TEAL, CATS, ReLU-fication, Deja Vu)",
-        "Write a model whose MLP activations are mostly zero: training-free thresholds (teal, cats) calibrated to a "
-        "target sparsity, ReLU-fication with recovery by distillation (relufy), or Deja Vu predictors of the active "
-        "neurons (dejavu). Writes OUTPUT atomically; "
-        "`load_model` and `llmfast eval` apply it. See docs/sparsify.md.",
-        "recipes/sparsify_teal_smollm2.yaml", "continue an interrupted relufy run from its last checkpoint",
-        cmd_sparsify)
+        sub, "sparsify", "make a model's MLP activations sparse (e.g. TEAL, Deja Vu)", _sparsify_description,
+        "recipes/sparsify_teal_smollm2.yaml", "continue an interrupted run of a method that trains from its last "
+        "checkpoint", cmd_sparsify)
 
 
 def _add_quantize(sub: Any) -> None:

@@ -1,4 +1,5 @@
-"""Bench engines are chosen by their registered names (`bench offline --engine`, a bench recipe's `engine:`)."""
+"""Bench engines are chosen by their registered names (`bench offline --engine`, a bench recipe's `engine:`), and the
+sparsifiers `sparsify --help` lists come from their registry."""
 
 from __future__ import annotations
 
@@ -68,3 +69,10 @@ def test_an_engine_registered_as_the_docs_say_is_chosen_by_its_name(tmp_path, ti
              "hf-serial, hf-sparse, vllm (got 'hf-seriel')")
     one_line(llmfast(root, "bench", "run", str(recipe), "--set", "variants.0.engine=vllm-offline"),
              "an engine in this process, for `llmfast bench offline` only")
+
+
+def test_sparsify_help_lists_a_method_registered_as_the_docs_say(tmp_path):
+    root = with_example("sparsify", tmp_path / "pkg")
+    text = " ".join(llmfast(root, "sparsify", "--help").stdout.split())
+    assert "teal_down (Liu et al. 2024, Training-Free Activation Sparsity" in text
+    assert "relufy (Mirzadeh et al. 2023" in text and "it trains: --resume continues it" in text
