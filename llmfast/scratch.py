@@ -9,6 +9,8 @@ once no process holds it.
 
 A server is a session of its own (Ctrl-C reaches only llmfast, which stops it in order), so a SIGKILLed `llmfast
 serve` left it serving on its port, orphaned, for good: it is told to stop when the process that started it dies.
+vLLM's offline engine starts its engine core itself (multiprocessing), where no `preexec_fn` can be given: the engine
+core puts itself and what it starts in a process group of its own, which goes when llmfast does (`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -125,6 +127,35 @@ def stop_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def die_with_parent(parent: int) -> None:
+    """Called first in an engine process started by `parent` (llmfast) without `stop_with_parent`: this process and
+    those it starts become a process group of their own, killed whole when `parent` is gone (SIGKILLed: nothing of
+    llmfast's ran). A thread watches, since vLLM's engine core only notes SIGTERM while it starts, and its workers and
+    compilers would outlive it. A group also keeps a terminal's Ctrl-C from llmfast's engine, which llmfast stops."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    own_group = os.getpgid(0) == os.getpid()  # never the group it came from: a shell's job, `| tee` in it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if own_group:
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="llmfast-parent-watch", daemon=True).start()
+
+
+def kill_engine_groups(pids: list[int]) -> None:
+    """SIGKILL these child processes, each with its process group where it made one (`die_with_parent`)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:  # not yet in a group of its own: still starting, so nothing of its own started yet either
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,17 @@
-"""Bench engines are chosen by their registered names (`bench offline --engine`, a bench recipe's `engine:`), and the
-sparsifiers `sparsify --help` lists come from their registry."""
+"""Bench engines are chosen by their registered names (`bench offline --engine`, a bench recipe's `engine:`), the
+sparsifiers `sparsify --help` lists come from their registry, and vLLM's offline engine stops with llmfast: on
+Ctrl-C while it starts, and when llmfast is SIGKILLed, in a $TMPDIR of its own however it is called."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +82,92 @@ def test_sparsify_help_lists_a_method_registered_as_the_docs_say(tmp_path):
     text = " ".join(llmfast(root, "sparsify", "--help").stdout.split())
     assert "teal_down (Liu et al. 2024, Training-Free Activation Sparsity" in text
     assert "relufy (Mirzadeh et al. 2023" in text and "it trains: --resume continues it" in text
+
+
+# ---------------------------------------------------------------- vLLM's engine starting (one start each, cut short)
+def _session(sid: int) -> list[tuple[int, int, str]]:
+    """(pid, process group, command) of every process in session `sid`."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,sid=,args="], capture_output=True, text=True).stdout
+    return [(int(f[0]), int(f[1]), " ".join(f[3:])) for f in (line.split() for line in out.splitlines())
+            if len(f) > 3 and int(f[2]) == sid]
+
+
+def _wait_for(what: str, sid: int, timeout: float = 300.0) -> int:
+    """The pid of the first process in session `sid` whose command holds `what` (vLLM's titles: VLLM::EngineCore)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := [pid for pid, _, cmd in _session(sid) if what in cmd]:
+            return found[0]
+        time.sleep(0.5)
+    pytest.fail(f"no {what} in {_session(sid)} after {timeout} s")
+
+
+def _gone(sid: int, timeout: float = 30.0) -> list[tuple[int, int, str]]:
+    deadline = time.monotonic() + timeout
+    while (left := _session(sid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _start(args: list[str], tmpdir: Path) -> subprocess.Popen:
+    """A session of its own (what it leaves is found by it), SIGINT handled as in a terminal's foreground job, and a
+    $TMPDIR of its own (short: vLLM's socket paths must fit below it)."""
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _tmpdir_of(pid: int) -> str:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v.decode()[7:] for v in env if v.startswith(b"TMPDIR="))
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_vllm_starts_ends_bench_offline(tiny_dir):
+    """vLLM waits for its engine core in a poll that lost the KeyboardInterrupt: Ctrl-C did nothing until the engine
+    was up (minutes for a large model). Now the engine's processes are killed, and llmfast says it was interrupted;
+    nothing is left: no process, no scratch folder, no log."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="llmfast-t", dir="/tmp"))
+    proc = _start([sys.executable, "-m", "llmfast", "bench", "offline", str(tiny_dir), "--engine", "vllm",
+                   "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "3"], tmpdir)
+    try:
+        core = _wait_for("VLLM::EngineCore", proc.pid)  # its title, set as it starts building the engine
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "llmfast: interrupted", err[-3000:]
+        assert out == ""
+        assert _gone(proc.pid) == [], "the engine's processes went with it"
+        assert not os.path.exists(f"/proc/{core}")
+        assert list(tmpdir.iterdir()) == [], "its scratch $TMPDIR and its log were removed"
+    finally:
+        for pid, _, _ in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run(["rm", "-rf", str(tmpdir)])
+
+
+@pytest.mark.slow
+def test_the_offline_engine_called_from_python_uses_a_scratch_tmpdir_and_dies_with_its_caller(tiny_dir):
+    """`ENGINES.get("vllm-offline").generate(...)` itself (a user's script, any verb) gives vLLM a scratch $TMPDIR,
+    which bench offline alone did; and SIGKILLed, the process that called it left vLLM's engine core and its worker
+    running, orphaned, for good."""
+    code = (f"from llmfast.bench.engines import ENGINES, resolve_variant\n"
+            f"from llmfast.bench.workload import Request\n"
+            f"v = resolve_variant('tiny', {str(tiny_dir)!r}, None, None)\n"
+            f"ENGINES.get('vllm-offline').generate(v, [Request('a b', 3, 4, [5, 6, 7])], dtype='float32', "
+            f"batch_size=1, ignore_eos=True)\n")
+    tmpdir = Path(tempfile.mkdtemp(prefix="llmfast-t", dir="/tmp"))
+    proc = _start([sys.executable, "-c", code], tmpdir)
+    try:
+        core = _wait_for("VLLM::EngineCore", proc.pid)
+        scratch = Path(_tmpdir_of(core))
+        assert scratch.parent == tmpdir and scratch.name.startswith("llmfast-vllm-")
+        _wait_for("VLLM::Worker", proc.pid)  # the engine core's own child: it must go too
+        proc.kill()
+        proc.wait()
+        assert _gone(proc.pid) == [], "vLLM's processes died with the process that started them"
+    finally:
+        for pid, _, _ in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", str(tmpdir)])

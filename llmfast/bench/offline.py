@@ -55,7 +55,6 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     from llmfast.models import load_tokenizer
     from llmfast.serve.machine import default_dtype
     from llmfast.memory import PeakRss
-    from llmfast.scratch import scratch_tmpdir
 
     word, engine = offline_engine(args.engine)
     percentiles = parse_percentiles(args.metric_percentiles)
@@ -85,11 +84,13 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         os.close(fd)
         log = Path(name)
     try:
-        # vLLM's IPC sockets go to a $TMPDIR of the run's own, which goes with it (vLLM leaves them in $TMPDIR)
-        with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext(), \
-                scratch_tmpdir() if engine.family == "vllm" else contextlib.nullcontext():
+        with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext():
             results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,
                                                 ignore_eos=args.ignore_eos)
+    except KeyboardInterrupt:  # Ctrl-C: the log of a run the user stopped tells nothing; it is not left in $TMPDIR
+        if log is not None:
+            log.unlink(missing_ok=True)
+        raise
     except Exception as e:
         if log is not None:
             raise UserError(f"vLLM's engine failed ({type(e).__name__}: {e}); its log: {log}") from e

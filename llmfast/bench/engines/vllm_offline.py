@@ -1,16 +1,105 @@
-"""vLLM's engine (`vllm.LLM`) in this process, stepped by us so every request's tokens are timed."""
+"""vLLM's engine (`vllm.LLM`) in this process, stepped by us so every request's tokens are timed.
+
+vLLM starts its engine core in a process of its own (multiprocessing), and left it behind: in a $TMPDIR it littered
+(the run gets a scratch one, llmfast/scratch.py), running on after a SIGKILLed llmfast (it now dies with it:
+`scratch.die_with_parent`), and deaf to Ctrl-C while it started (`_stopped_by_signals`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import multiprocessing
 import os
+import signal
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmfast.bench.engines.base import ENGINES, OfflineEngine, Variant
 
 if TYPE_CHECKING:
     from llmfast.bench.metrics import RequestResult
     from llmfast.bench.workload import Request
+
+_run_engine_core: Callable[..., Any] | None = None  # vLLM's, while `_engine_core_dies_with_us` stands in for it
+
+
+def _engine_core(parent: int, *args: Any, **kwargs: Any) -> Any:
+    """vLLM's engine core process, in a process group that goes when llmfast does (spawned: this module is imported
+    afresh there, and vLLM's function is its own again)."""
+    from llmfast.scratch import die_with_parent
+
+    die_with_parent(parent)
+    if _run_engine_core is not None:  # forked (VLLM_WORKER_MULTIPROC_METHOD=fork): the class still holds ours
+        return _run_engine_core(*args, **kwargs)
+    from vllm.v1.engine.core import EngineCoreProc
+
+    return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _engine_core_dies_with_us() -> Iterator[None]:
+    """vLLM starts its engine core with `EngineCoreProc.run_engine_core` as the process's target: ours runs first."""
+    global _run_engine_core
+    from vllm.v1.engine.core import EngineCoreProc
+
+    saved = EngineCoreProc.__dict__.get("run_engine_core")
+    if not isinstance(saved, staticmethod):  # another vLLM: its engine core is left as it starts it
+        yield
+        return
+    _run_engine_core = saved.__func__
+    EngineCoreProc.run_engine_core = staticmethod(functools.partial(_engine_core, os.getpid()))
+    try:
+        yield
+    finally:
+        EngineCoreProc.run_engine_core = saved
+        _run_engine_core = None
+
+
+def _in_engine_handshake(frame: Any) -> bool:
+    """Whether the main thread, interrupted at `frame`, waits for vLLM's engine core to start (`launch_core_engines`:
+    a block of vLLM's that catches KeyboardInterrupt and drops it)."""
+    while frame is not None and frame.f_code.co_name != "launch_core_engines":
+        frame = frame.f_back
+    return frame is not None
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C (or SIGTERM, SIGHUP, which llmfast meets as one) kills the engine's processes (those started in the
+    block), then interrupts as it would. While the engine starts, vLLM waits for its engine core inside a block that
+    drops a KeyboardInterrupt (zmq_socket_ctx in vllm/utils/network_utils.py) and then kept waiting for the engine:
+    Ctrl-C did nothing until the engine was up, minutes for a large model. There nothing is raised: with its engine
+    core killed, vLLM's wait fails, and its error is re-raised here as the interrupt. Handlers are only the main
+    thread's to change."""
+    from llmfast.process_exit import Stopped
+    from llmfast.scratch import kill_engine_groups
+
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    others = {p.pid for p in multiprocessing.active_children()}  # a caller's own (a pool): not ours to kill
+
+    def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        engines = [p.pid for p in multiprocessing.active_children() if p.pid and p.pid not in others]
+        kill_engine_groups(engines)
+        if not (engines and _in_engine_handshake(frame)):
+            previous[signum](signum, frame)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if callable(signal.getsignal(sig)):  # Python's or llmfast's; one ignored (nohup) or default is left
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except Exception as e:  # vLLM's own error for the engine core killed above
+        if caught:
+            raise (KeyboardInterrupt() if caught[0] == signal.SIGINT else Stopped(caught[0])) from e
+        raise
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
 
 
 class VllmOfflineEngine(OfflineEngine):
@@ -20,7 +109,15 @@ class VllmOfflineEngine(OfflineEngine):
     def generate(self, variant: Variant, requests: list["Request"], *, dtype: str, batch_size: int,
                  ignore_eos: bool, max_model_len: int | None = None,
                  engine_args: dict[str, Any] | None = None) -> tuple[list["RequestResult"], float]:
-        """Every request added at time 0; vLLM schedules its own batches (`batch_size` does not apply)."""
+        """Every request added at time 0; vLLM schedules its own batches (`batch_size` does not apply). vLLM's IPC
+        sockets go to a $TMPDIR of the run's own, which goes with it (vLLM leaves them in $TMPDIR)."""
+        from llmfast.scratch import scratch_tmpdir
+
+        with scratch_tmpdir(), _stopped_by_signals():
+            return self._generate(variant, requests, ignore_eos, dtype, max_model_len, engine_args)
+
+    def _generate(self, variant: Variant, requests: list["Request"], ignore_eos: bool, dtype: str,
+                  max_model_len: int | None, engine_args: dict[str, Any] | None) -> tuple[list["RequestResult"], float]:
         from llmfast.bench.logs import send_vllm_logs_to_stderr
         from llmfast.bench.metrics import RequestResult
         from llmfast.serve.lora import max_lora_rank
@@ -42,7 +139,8 @@ class VllmOfflineEngine(OfflineEngine):
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank([variant.lora]), max_loras=1)
             lora_req = LoRARequest(variant.lora.name, 1, str(variant.lora.path))
         kwargs.update(engine_args or {})
-        llm = LLM(**kwargs)
+        with _engine_core_dies_with_us():
+            llm = LLM(**kwargs)
         engine = llm.llm_engine
         # A warm-up request, so one-off compilation and allocation do not land on the first measured request.
         llm.generate([{"prompt_token_ids": requests[0].prompt_ids or [1]}],
