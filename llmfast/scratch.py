@@ -86,10 +86,17 @@ def reap_scratch() -> list[Path]:
 def engine_env(path: Path) -> dict[str, str]:
     """The environment additions that send an engine's temporary files to `path`; torch.compile's kernel cache,
     which is meant to outlive a run, stays where it was ($TORCHINDUCTOR_CACHE_DIR, else torch's default in the
-    real $TMPDIR)."""
+    real $TMPDIR). torch's precompiled header (150 MB, a g++ run of up to a minute at vLLM's start) goes to
+    $TMPDIR/torchinductor_USER whatever $TORCHINDUCTOR_CACHE_DIR says (_HEADER_DIR in torch/_inductor/codecache.py):
+    in `path` it was made again at every start and removed after, so `path` gets a link to the real folder (once
+    torch made it: a link to none would fail torch's makedirs)."""
     env = {"TMPDIR": str(path)}
+    default = _inductor_default()
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        env["TORCHINDUCTOR_CACHE_DIR"] = _inductor_default()
+        env["TORCHINDUCTOR_CACHE_DIR"] = default
+    if os.path.isdir(default):
+        with contextlib.suppress(OSError):  # no link: the header is made in `path`, as before
+            (path / Path(default).name).symlink_to(default, target_is_directory=True)
     return env
 
 

@@ -171,3 +171,26 @@ def test_the_offline_engine_called_from_python_uses_a_scratch_tmpdir_and_dies_wi
         for pid, _, _ in _session(proc.pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(tmpdir)])
+
+
+def test_a_scratch_tmpdir_keeps_torchs_precompiled_header(monkeypatch):
+    """torch writes its precompiled header (150 MB, g++ for up to a minute as vLLM starts) to
+    $TMPDIR/torchinductor_USER whatever TORCHINDUCTOR_CACHE_DIR says: under a scratch $TMPDIR every vLLM start made
+    it again, and dropped it. The engine's processes find the real folder there."""
+    from llmfast.scratch import _inductor_default, scratch_tmpdir
+
+    short = Path(tempfile.mkdtemp(prefix="llmfast-t", dir="/tmp"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        monkeypatch.setenv("TMPDIR", str(short))
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        real = Path(_inductor_default())
+        (real / "precompiled_headers").mkdir(parents=True)  # torch made it at an earlier start
+        code = "import os; from torch._inductor.codecache import _HEADER_DIR; print(os.path.realpath(_HEADER_DIR))"
+        with scratch_tmpdir():
+            assert Path(tempfile.gettempdir()).parent == short
+            got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert got.strip() == str(real / "precompiled_headers")
+        assert sorted(p.name for p in short.iterdir()) == [real.name], "the scratch folder went, the header stays"
+    finally:
+        subprocess.run(["rm", "-rf", str(short)])
