@@ -388,8 +388,18 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
 
     check_output(recipe.output, overwrite=True, inputs=recipe.inputs())  # a bad path refused before its lock
     main = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(recipe.output) if main else contextlib.nullcontext():
+    with output_lock(recipe.output) if main else contextlib.nullcontext(), _callers_rng():
         return _run_finetune(recipe, resume)
+
+
+def _callers_rng() -> contextlib.AbstractContextManager[Any]:
+    """The run seeds torch's global generators with train.seed (LoRA's initial weights and dropout draw from them);
+    a caller in the same process (a notebook, a script that seeded torch) has its own sequence back after the run,
+    or its error: it went on from train.seed's instead, the same after every run. A launch's workers (torchrun)
+    end with the run, and reading every GPU's generator there would start CUDA on all of them in each worker."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()))  # none without CUDA
 
 
 def _run_finetune(recipe: FinetuneRecipe, resume: bool) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""llmfast called from a user's own Python (a notebook, a script) rather than as the `llmfast` command: a call leaves
+the caller's process as it found it (generators, environment, signal handlers, threads, descriptors, loggers...),
+a mistake is a UserError to catch, and calling again gives what one call in a fresh process gives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+ROWS = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+        for w in ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"] * 3]
+
+
+def _finetune_recipe(tmp: Path, model: Path, data: Path, out: str):
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    path = tmp / f"{out}.yaml"
+    path.write_text(f"model: {model}\ndata: {{train: {data}, max_length: 48, eval_fraction: 0.2}}\n"
+                    f"lora: {{r: 4, alpha: 8, dropout: 0.1}}\ntrain: {{steps: 2, batch_size: 2, lr: 0.003, seed: 3}}\n"
+                    f"output: {tmp / out}\n")
+    return load_recipe(path, FinetuneRecipe, [])
+
+
+def _eval_recipe(tmp: Path, model: Path, tasks: Path, out: str):
+    from llmfast.recipe import EvalRecipe, load_recipe
+
+    path = tmp / f"{out}.yaml"
+    text = REPO / "eval" / "text" / "persuasion.txt"
+    path.write_text(f"model: {model}\neval:\n  perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}\n"
+                    f"  tasks: [{{name: dates, path: {tasks}}}]\n  max_new_tokens: 4\noutput: {tmp / out}.json\n")
+    return load_recipe(path, EvalRecipe, [])
+
+
+def _process_state() -> dict:
+    """What a library call could change in its caller's process and leave changed."""
+    loggers = ("", "transformers", "peft", "accelerate", "torch", "huggingface_hub", "llmfast")
+    mask = os.umask(0)
+    os.umask(mask)
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return {
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)},
+        "torch": (torch.get_num_threads(), torch.get_num_interop_threads(), torch.get_default_dtype(),
+                  torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                  torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision()),
+        "environ": dict(os.environ), "cwd": os.getcwd(), "umask": mask,
+        "loggers": {n: (logging.getLogger(n).level, len(logging.getLogger(n).handlers)) for n in loggers},
+        "warnings": list(warnings.filters), "streams": (sys.stdout, sys.stderr),
+        "threads": sorted(t.name for t in threading.enumerate()), "fds": fds,
+    }
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_finetune_and_eval_twice_in_one_process_leave_it_as_they_found_it(tmp_path, tiny_dir):
+    """The second call of each gives the first one's results and changes nothing of the process's state; the first
+    may import and start what a process keeps (tqdm's monitor thread, accelerate's atexit hooks)."""
+    from llmfast.data.tasks import generate
+    from llmfast.evaluate import run_eval
+    from llmfast.finetune.trainer import run_finetune
+    from llmfast.models import load_model
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    tasks = tmp_path / "dates.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in generate("dates", 4, seed=5)))
+    first = run_finetune(_finetune_recipe(tmp_path, tiny_dir, data, "ft1"))
+    evaluated = run_eval(_eval_recipe(tmp_path, tiny_dir, tasks, "ev1"))
+    load_model(tiny_dir, adapter=tmp_path / "ft1" / "adapter")
+    before = _process_state()
+    again = run_finetune(_finetune_recipe(tmp_path, tiny_dir, data, "ft2"))
+    evaluated_again = run_eval(_eval_recipe(tmp_path, tiny_dir, tasks, "ev2"))
+    load_model(tiny_dir, adapter=tmp_path / "ft2" / "adapter")
+    after = _process_state()
+    for key in before:
+        assert after[key] == before[key], key
+    assert (again["final_train_loss"], again["final_eval_loss"]) == (first["final_train_loss"], first["final_eval_loss"])
+    a, b = _adapter(tmp_path / "ft1"), _adapter(tmp_path / "ft2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert evaluated_again["perplexity"]["ppl"] == evaluated["perplexity"]["ppl"]
+    assert evaluated_again["tasks"]["dates"]["correct"] == evaluated["tasks"]["dates"]["correct"]
+
+
+@pytest.mark.parametrize("data_ok", [True, False], ids=["trained", "refused"])
+def test_finetune_gives_the_caller_its_own_torch_generator_back(tmp_path, tiny_dir, data_ok):
+    """The run seeds torch's global generator with train.seed (LoRA's initial weights, dropout): a notebook that
+    seeded torch went on, after the run or its error, from train.seed's sequence instead of its own, the same
+    after every run."""
+    from llmfast.errors import UserError
+    from llmfast.finetune.trainer import run_finetune
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS) if data_ok else '{"messages": [}\n')
+    recipe = _finetune_recipe(tmp_path, tiny_dir, data, "ft")
+    torch.manual_seed(1234)
+    torch.rand(5)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    torch.rand(5)
+    if data_ok:
+        run_finetune(recipe)
+    else:
+        with pytest.raises(UserError, match="not valid JSON"):
+            run_finetune(recipe)
+        assert not (tmp_path / "ft").exists()
+    assert torch.equal(torch.rand(5), expected)
+
