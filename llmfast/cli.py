@@ -290,15 +290,17 @@ def _pace_bars_in_logs() -> None:
     """tqdm repaints every 0.1 s; into a file each repaint stays, a `\\r`-joined line growing by ~100 bytes a step
     (10 KB for a 50-step fine-tune). Where stderr is not a terminal, bars repaint as LOG_BARS says instead, set before
     tqdm is imported and inherited by vLLM's and torchrun's processes; values the user set (or TQDM_DISABLE=1) win.
-    Only as the process's command: a caller's (a test's) own stderr and environment are left alone."""
+    Only as the process's command (`main()` reading sys.argv): a caller's (a script's, a test's) own stderr and
+    environment are left alone: set in a script run under nohup, they stayed in its os.environ after main([...])."""
     if sys.stderr is sys.__stderr__ and sys.stderr is not None and not sys.stderr.isatty():  # None: `2>&-`
         for name, value in LOG_BARS.items():
             os.environ.setdefault(name, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        _pace_bars_in_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
-    _pace_bars_in_logs()
     own = argv[: _vllm_cut(argv)]  # after serve's --: vLLM's
     debug = "--debug" in own or bool(os.environ.get("LLMFAST_DEBUG"))
     previous = stop_on_signals()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -123,3 +124,24 @@ def test_finetune_gives_the_caller_its_own_torch_generator_back(tmp_path, tiny_d
         assert not (tmp_path / "ft").exists()
     assert torch.equal(torch.rand(5), expected)
 
+
+def test_main_called_from_a_script_leaves_its_environment_alone(tmp_path):
+    """The command paces progress bars written into a log file through TQDM_* variables it sets for itself and its
+    children; a script whose stderr is a file (nohup, a batch job) calling main([...]) kept them in its os.environ,
+    and every tqdm it imported later took them up. As the process's command (main() reading sys.argv) it still sets
+    them."""
+    code = ("import os, sys\nfrom llmfast.cli import main\n"
+            "how, sys.argv = sys.argv[1], ['llmfast', 'tasks']\n"
+            "assert (main(['tasks']) if how == 'call' else main()) == 0\n"
+            "print(sorted(k for k in os.environ if k.startswith('TQDM_')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    said = {}
+    for how in ("call", "command"):
+        with open(tmp_path / f"{how}.log", "w") as log:
+            p = subprocess.run([sys.executable, "-c", code, how], stdout=subprocess.PIPE, stderr=log, text=True,
+                               env=env, timeout=120)
+        assert p.returncode == 0, (tmp_path / f"{how}.log").read_text()[-2000:]
+        said[how] = p.stdout.split("\n")[-2]
+    assert said["call"] == "[]"
+    assert said["command"] == "['TQDM_MAXINTERVAL', 'TQDM_MININTERVAL']"
