@@ -145,3 +145,35 @@ def test_main_called_from_a_script_leaves_its_environment_alone(tmp_path):
         said[how] = p.stdout.split("\n")[-2]
     assert said["call"] == "[]"
     assert said["command"] == "['TQDM_MAXINTERVAL', 'TQDM_MININTERVAL']"
+
+
+def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_path, tiny_dir, monkeypatch):
+    """AutoRound seeds Python's, numpy's and torch's global generators (transformers' set_seed) and sets
+    CUBLAS_WORKSPACE_CONFIG in os.environ: after a w4 run a notebook drew the recipe seed's numbers, not its own."""
+    pytest.importorskip("auto_round")
+    import random
+
+    import numpy as np
+
+    from llmfast.quant.run import run_quantize
+    from llmfast.recipe import QuantizeRecipe, load_recipe
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    path = tmp_path / "w4.yaml"
+    path.write_text(json.dumps({"model": str(tiny_dir), "output": str(tmp_path / "w4"),
+                                "quantization": {"method": "w4", "group_size": 32, "iters": 0},
+                                "data": {"text": str(REPO / "eval" / "text" / "persuasion.txt"),
+                                         "calibration_tokens": 512, "window": 128}}))
+    recipe = load_recipe(path, QuantizeRecipe, [])
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(77)
+    expected = draws()
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(77)
+    run_quantize(recipe)
+    assert draws() == expected
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ

@@ -279,7 +279,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     settings = autoround_settings(cfg, rows.shape[0], rows.shape[1], torch.cuda.is_available(), dtype)
     samples = [row.unsqueeze(0) for row in rows[: settings["nsamples"]]]
     scratch = out_dir / ".autoround"
-    with _quiet_autoround():
+    with _quiet_autoround(), _callers_state():
         rounder = AutoRound(model, tokenizer=tokenizer, dataset=samples, **settings)
         start = time.perf_counter()
         _, folders = rounder.quantize_and_save(str(scratch), format="auto_round")
@@ -312,6 +312,30 @@ def _quiet_autoround() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _callers_state() -> Iterator[None]:
+    """AutoRound seeds Python's, numpy's and torch's global generators with its own seed (transformers' set_seed) and
+    sets CUBLAS_WORKSPACE_CONFIG in os.environ: a caller in the same process (a notebook, a script) gets its own
+    back, where it went on from the recipe's seed's sequence after every w4 run."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy, cublas = random.getstate(), np.random.get_state(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # none without CUDA
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 def autoround_settings(cfg: W4Config, windows: int, window: int, cuda: bool, dtype: str = "float32"
