@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -177,3 +178,41 @@ def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_pa
     run_quantize(recipe)
     assert draws() == expected
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def _live_children() -> set[str]:
+    """The command lines of this process's children that are alive (not exited and waiting to be reaped)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if stat[1] == str(os.getpid()) and stat[0] != "Z":
+                found.add(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip())
+        except OSError:  # ended while looked at
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_bench_offline_with_vllm_called_in_process_stops_its_engine_and_keeps_the_environment(tiny_dir):
+    """vLLM's LLM stopped its engine only once collected, which its reference cycles put off: `bench offline` called
+    from a script (main([...])) or a notebook returned with vLLM's EngineCore process still running (its KV cache
+    held), the client's threads and sockets open, and os.environ holding what vLLM and the machine defaults set for
+    the engine's processes (LD_PRELOAD of torch's libgomp among them), passed on to whatever the caller ran next."""
+    pytest.importorskip("vllm")
+    from conftest import run_cli
+
+    environ, threads, children = dict(os.environ), {t.name for t in threading.enumerate()}, _live_children()
+    code, out, err = run_cli("bench", "offline", str(tiny_dir), "--num-prompts", "2", "--random-input-len", "8",
+                             "--random-output-len", "4")
+    assert code == 0, err[-3000:]
+    assert "Output token throughput" in out
+    left = [""]
+    for _ in range(30):  # a stopped engine's process takes a moment to exit (its command line is empty meanwhile)
+        left = [c for c in _live_children() - children if "resource_tracker" not in c]  # multiprocessing's own
+        if not left:
+            break
+        time.sleep(0.5)
+    assert left == []
+    assert {t.name for t in threading.enumerate()} - threads <= {"tqdm_monitor"}
+    assert {k: os.environ.get(k) for k in set(os.environ) | set(environ) if os.environ.get(k) != environ.get(k)} == {}

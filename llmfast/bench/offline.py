@@ -83,6 +83,7 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         fd, name = tempfile.mkstemp(prefix="vllm-offline-", suffix=".log")
         os.close(fd)
         log = Path(name)
+    environ = dict(os.environ)
     try:
         with PeakRss() as mem, engine_output(log) if engine.family == "vllm" else contextlib.nullcontext():
             results, duration = engine.generate(variant, requests, dtype=dtype, batch_size=batch,
@@ -95,6 +96,8 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         if log is not None:
             raise UserError(f"vLLM's engine failed ({type(e).__name__}: {e}); its log: {log}") from e
         raise
+    finally:
+        _restore_environ(environ)
     if log is not None:
         log.unlink(missing_ok=True)
     summary = compute_metrics(results, duration, percentiles, metric_names)
@@ -123,3 +126,14 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         print(f"result: {args.output}")
     flush(sys.stdout)  # None where stdout was closed (`>&-`): the results file is written, the run succeeded
     return result
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    """os.environ as it was before the engine ran: vLLM and its machine defaults set variables for the engine's
+    processes (LD_PRELOAD of torch's libgomp, VLLM_CPU_KVCACHE_SPACE...), which a caller's own process (a script's
+    main([...]), a notebook) kept, and passed on to everything it started later."""
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

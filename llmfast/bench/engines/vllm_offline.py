@@ -141,42 +141,48 @@ class VllmOfflineEngine(OfflineEngine):
         kwargs.update(engine_args or {})
         with _engine_core_dies_with_us():
             llm = LLM(**kwargs)
-        engine = llm.llm_engine
-        # A warm-up request, so one-off compilation and allocation do not land on the first measured request.
-        llm.generate([{"prompt_token_ids": requests[0].prompt_ids or [1]}],
-                     SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-        results = {str(i): RequestResult(prompt_len=r.prompt_len) for i, r in enumerate(requests)}
-        seen = dict.fromkeys(results, 0)
-        t0 = time.perf_counter()
-        last = dict.fromkeys(results, t0)
-        for i, r in enumerate(requests):
-            params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=ignore_eos,
-                                    output_kind=RequestOutputKind.CUMULATIVE)
-            prompt = {"prompt_token_ids": r.prompt_ids} if r.prompt_ids else r.prompt
-            engine.add_request(str(i), prompt, params, lora_request=lora_req)
-        for res in results.values():
-            res.start_time = t0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                now = time.perf_counter()
-                res, rid = results[out.request_id], out.request_id
-                n = len(out.outputs[0].token_ids)
-                if n > seen[rid]:
-                    if seen[rid] == 0:
-                        res.ttft = now - t0
-                    else:
-                        res.itl.append(now - last[rid])
-                    last[rid] = now
-                    seen[rid] = n
-                if out.finished:
-                    res.output_tokens = n
-                    res.generated_text = out.outputs[0].text
-                    res.latency = now - t0
-                    res.success = n > 0
-                    if not res.success:
-                        res.error = "no tokens generated"
-        duration = time.perf_counter() - t0
-        return [results[str(i)] for i in range(len(requests))], duration
+        try:
+            engine = llm.llm_engine
+            # A warm-up request, so one-off compilation and allocation do not land on the first measured request.
+            llm.generate([{"prompt_token_ids": requests[0].prompt_ids or [1]}],
+                         SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+            results = {str(i): RequestResult(prompt_len=r.prompt_len) for i, r in enumerate(requests)}
+            seen = dict.fromkeys(results, 0)
+            t0 = time.perf_counter()
+            last = dict.fromkeys(results, t0)
+            for i, r in enumerate(requests):
+                params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=ignore_eos,
+                                        output_kind=RequestOutputKind.CUMULATIVE)
+                prompt = {"prompt_token_ids": r.prompt_ids} if r.prompt_ids else r.prompt
+                engine.add_request(str(i), prompt, params, lora_request=lora_req)
+            for res in results.values():
+                res.start_time = t0
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    now = time.perf_counter()
+                    res, rid = results[out.request_id], out.request_id
+                    n = len(out.outputs[0].token_ids)
+                    if n > seen[rid]:
+                        if seen[rid] == 0:
+                            res.ttft = now - t0
+                        else:
+                            res.itl.append(now - last[rid])
+                        last[rid] = now
+                        seen[rid] = n
+                    if out.finished:
+                        res.output_tokens = n
+                        res.generated_text = out.outputs[0].text
+                        res.latency = now - t0
+                        res.success = n > 0
+                        if not res.success:
+                            res.error = "no tokens generated"
+            duration = time.perf_counter() - t0
+            return [results[str(i)] for i in range(len(requests))], duration
+        finally:
+            # vLLM stops its engine (the EngineCore process with its KV cache, the client's threads and sockets)
+            # only once the LLM is collected, which its reference cycles put off: called in a user's process (a
+            # notebook, a script's main([...])), the engine went on running after the call returned
+            llm.llm_engine.engine_core.shutdown()
 
 
 ENGINES.add("vllm-offline", VllmOfflineEngine())
