@@ -40,7 +40,8 @@ def _eval_recipe(tmp: Path, model: Path, tasks: Path, out: str):
 
     path = tmp / f"{out}.yaml"
     text = REPO / "eval" / "text" / "persuasion.txt"
-    path.write_text(f"model: {model}\neval:\n  perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}\n"
+    path.write_text(f"model: {model}\neval:\n"
+                    f"  perplexity: {{text: {text}, max_tokens: 256, context: 128, stride: 64}}\n"
                     f"  tasks: [{{name: dates, path: {tasks}}}]\n  max_new_tokens: 4\noutput: {tmp / out}.json\n")
     return load_recipe(path, EvalRecipe, [])
 
@@ -94,7 +95,8 @@ def test_finetune_and_eval_twice_in_one_process_leave_it_as_they_found_it(tmp_pa
     after = _process_state()
     for key in before:
         assert after[key] == before[key], key
-    assert (again["final_train_loss"], again["final_eval_loss"]) == (first["final_train_loss"], first["final_eval_loss"])
+    losses = ("final_train_loss", "final_eval_loss")
+    assert [again[k] for k in losses] == [first[k] for k in losses]
     a, b = _adapter(tmp_path / "ft1"), _adapter(tmp_path / "ft2")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert evaluated_again["perplexity"]["ppl"] == evaluated["perplexity"]["ppl"]
