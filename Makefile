@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.llmfast-installed
 PYTEST_ARGS ?=
 # The suite keeps about one core busy on average (small models, subprocess start-ups, vLLM start-ups), so two
 # workers fill a two-core machine; a file's tests stay on one worker, which keeps their module fixtures shared.
+# --no-loadscope-reorder: the files go out in the collection's order (longest first, tests/conftest.py), not in
+# xdist's (most tests first), which left the slow vLLM files to the end, run by one worker alone.
 TEST_WORKERS ?= 2
 
 .PHONY: demo eval-base test install clean
@@ -27,7 +29,8 @@ eval-base: $(STAMP)
 	$(VENV)/bin/llmfast eval recipes/eval_smollm2.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart 0 \
+		$(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -48,6 +48,26 @@ def pytest_configure(config: pytest.Config) -> None:
         resolve_model("builtin:smollm2-135m")
 
 
+# `make test` runs two workers with --dist loadfile: a file's tests stay on one worker, which takes the next file in
+# the collection's order when it has (almost) none left. xdist's own order (most tests first) handed out the files of
+# a few tests of a minute or more each (vLLM starts, killed and re-run subprocesses) late: test_serve_vllm.py (13
+# tests, ~7 min in CI) 36th of 63 files, test_serve_relu.py and test_kill_anywhere.py (~2.5 min each) 50th and 55th,
+# where one worker could be left running them while the other idled (s55). Longest first leaves the short files to
+# fill the end: these (their wall time measured alone, s55), then the rest with the most tests first (xdist's order).
+# The Makefile turns xdist's own reordering off. A rename here is caught by tests/test_suite_order.py.
+LONGEST_FIRST = ("test_serve_vllm.py", "test_finetune.py", "test_serve_relu.py", "test_kill_anywhere.py",
+                 "test_chain.py", "test_leftovers.py", "test_quant_bitnet.py", "test_quant_w4.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # stable: a file's own tests keep their order (and stay together)
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path.name], item.path.name))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session's own cache (~600 MB: the converted built-in model) and kernel cache go when it ends, in the
     process that made them (a worker's copy of this module made none; a forked child never gets here)."""
