@@ -206,6 +206,29 @@ def test_api_key_is_required(server):
     assert "start a server" not in err  # it is up (the hint said to start one, s48)
 
 
+def test_server_killed_mid_run_gives_a_failed_result(server, tmp_path):
+    """The module's server, killed (SIGKILL to its process group) while `bench serve` runs against it: the last test
+    that uses it, which spares a vLLM start of its own."""
+    def kill_soon():
+        time.sleep(3)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    t0 = time.monotonic()
+    code, out, err = run_cli("bench", "serve", "--base-url", server.base_url, "--model", "tiny", "--api-key", KEY,
+                             "--num-prompts", "400", "--random-input-len", "16", "--random-output-len", "64",
+                             "--ignore-eos", "--max-concurrency", "2", "--save-result", "--result-dir", str(tmp_path),
+                             "--result-filename", "dead.json", "--request-timeout", "120")
+    elapsed = time.monotonic() - t0
+    assert code == 1
+    r = json.loads((tmp_path / "dead.json").read_text())
+    assert r["status"] == "failed" and r["failed"] > 0 and r["completed"] < 400
+    assert "stopped answering during the run" in r["failure_cause"]
+    assert "FAILED:" in out
+    assert elapsed < 110  # every request ended on its own: nothing waited for the request timeout
+    assert not server.alive
+
+
 def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
     """A model whose architecture vLLM does not know: the start fails with vLLM's own words, on one line."""
     import shutil
@@ -225,31 +248,6 @@ def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
     log = lines[1].split("(full log: ")[1].split(")")[0]
     assert "NoSuchForCausalLM" in Path(log).read_text()  # a failed start keeps its log, and names it
     Path(log).unlink()
-
-
-def test_server_killed_mid_run_gives_a_failed_result(tiny_dir, tmp_path):
-    from llmfast.serve.server import VllmServer, prepare_spec
-
-    spec = prepare_spec(str(tiny_dir), port=0, served_name="doomed")
-    srv = VllmServer(spec, log_path=tmp_path / "doomed.log")
-    with srv:
-        def kill_soon():
-            time.sleep(3)
-            os.killpg(srv.proc.pid, signal.SIGKILL)
-
-        threading.Thread(target=kill_soon, daemon=True).start()
-        t0 = time.monotonic()
-        code, out, err = run_cli("bench", "serve", "--base-url", srv.base_url, "--num-prompts", "400",
-                                 "--random-input-len", "16", "--random-output-len", "64", "--ignore-eos",
-                                 "--max-concurrency", "2", "--save-result", "--result-dir", str(tmp_path),
-                                 "--result-filename", "dead.json", "--request-timeout", "120")
-        elapsed = time.monotonic() - t0
-    assert code == 1
-    r = json.loads((tmp_path / "dead.json").read_text())
-    assert r["status"] == "failed" and r["failed"] > 0 and r["completed"] < 400
-    assert "stopped answering during the run" in r["failure_cause"]
-    assert "FAILED:" in out
-    assert elapsed < 110  # every request ended on its own: nothing waited for the request timeout
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to a background job"])
