@@ -51,12 +51,14 @@ def pytest_configure(config: pytest.Config) -> None:
 # `make test` runs two workers with --dist loadfile: a file's tests stay on one worker, which takes the next file in
 # the collection's order when it has (almost) none left. xdist's own order (most tests first) handed out the files of
 # a few tests of a minute or more each (vLLM starts, killed and re-run subprocesses) late: test_serve_vllm.py (13
-# tests, ~7 min in CI) 36th of 63 files, test_serve_relu.py and test_kill_anywhere.py (~2.5 min each) 50th and 55th,
+# tests, the longest file: 20 min alone on the shared machine, about a third of that in CI) 36th of 63 files,
+# test_serve_relu.py, test_kill_anywhere.py (a third of it each) and test_triton_kernels.py 52nd, 55th and 56th,
 # where one worker could be left running them while the other idled (s55). Longest first leaves the short files to
-# fill the end: these (their wall time measured alone, s55), then the rest with the most tests first (xdist's order).
-# The Makefile turns xdist's own reordering off. A rename here is caught by tests/test_suite_order.py.
+# fill the end: these (from per-file runs and CI's slowest tests, s55), then the rest with the most tests first
+# (xdist's order). The Makefile turns xdist's own reordering off. tests/test_suite_order.py catches a rename here.
 LONGEST_FIRST = ("test_serve_vllm.py", "test_finetune.py", "test_serve_relu.py", "test_kill_anywhere.py",
-                 "test_chain.py", "test_leftovers.py", "test_quant_bitnet.py", "test_quant_w4.py")
+                 "test_chain.py", "test_leftovers.py", "test_quant_bitnet.py", "test_quant_w4.py",
+                 "test_triton_kernels.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
