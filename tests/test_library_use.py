@@ -195,26 +195,41 @@ def _live_children() -> set[str]:
     return found
 
 
+_OFFLINE_IN_PROCESS = """
+import json, os, sys, threading, time
+sys.path.insert(0, {tests!r})
+from test_library_use import _live_children
+from llmfast.cli import main
+
+environ, threads, children = dict(os.environ), {{t.name for t in threading.enumerate()}}, _live_children()
+code = main(["bench", "offline", {model!r}, "--num-prompts", "2", "--random-input-len", "8",
+             "--random-output-len", "4"])
+left = [""]
+for _ in range(30):  # a stopped engine's process takes a moment to exit (its command line is empty meanwhile)
+    left = sorted(c for c in _live_children() - children if "resource_tracker" not in c)  # multiprocessing's own
+    if not left:
+        break
+    time.sleep(0.5)
+print("RESULT " + json.dumps({{"code": code, "left": left,
+                              "threads": sorted({{t.name for t in threading.enumerate()}} - threads),
+                              "environ": sorted(k for k in set(os.environ) | set(environ)
+                                                if os.environ.get(k) != environ.get(k))}}))
+"""
+
+
 @pytest.mark.slow
 def test_bench_offline_with_vllm_called_in_process_stops_its_engine_and_keeps_the_environment(tiny_dir):
     """vLLM's LLM stopped its engine only once collected, which its reference cycles put off: `bench offline` called
     from a script (main([...])) or a notebook returned with vLLM's EngineCore process still running (its KV cache
     held), the client's threads and sockets open, and os.environ holding what vLLM and the machine defaults set for
-    the engine's processes (LD_PRELOAD of torch's libgomp among them), passed on to whatever the caller ran next."""
+    the engine's processes (LD_PRELOAD of torch's libgomp among them), passed on to whatever the caller ran next.
+    The script is a process of its own: vLLM imported into a test worker would stay there for the files after."""
     pytest.importorskip("vllm")
-    from conftest import run_cli
-
-    environ, threads, children = dict(os.environ), {t.name for t in threading.enumerate()}, _live_children()
-    code, out, err = run_cli("bench", "offline", str(tiny_dir), "--num-prompts", "2", "--random-input-len", "8",
-                             "--random-output-len", "4")
-    assert code == 0, err[-3000:]
-    assert "Output token throughput" in out
-    left = [""]
-    for _ in range(30):  # a stopped engine's process takes a moment to exit (its command line is empty meanwhile)
-        left = [c for c in _live_children() - children if "resource_tracker" not in c]  # multiprocessing's own
-        if not left:
-            break
-        time.sleep(0.5)
-    assert left == []
-    assert {t.name for t in threading.enumerate()} - threads <= {"tqdm_monitor"}
-    assert {k: os.environ.get(k) for k in set(os.environ) | set(environ) if os.environ.get(k) != environ.get(k)} == {}
+    script = _OFFLINE_IN_PROCESS.format(tests=str(REPO / "tests"), model=str(tiny_dir))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    assert "Output token throughput" in p.stdout
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["code"] == 0 and r["left"] == [] and set(r["threads"]) <= {"tqdm_monitor"}, r
+    assert r["environ"] == [], r
