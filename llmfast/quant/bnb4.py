@@ -8,7 +8,8 @@ On CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode through a
 computes in bfloat16 (`Linear4bit.support_avx512bf16_for_cpu`); elsewhere, and always while training, it
 dequantizes the weight and multiplies in the compute dtype. At import, that CPU backend also tries to
 fetch a kernel from the Hugging Face hub and logs a warning when it cannot: `quiet_bitsandbytes` hides
-that line (the slower built-in kernel is used, with the same results).
+that line, and the `kernels` package's offline note on the way (the slower built-in kernel is used, with
+the same results).
 
 `llmfast quantize` with this method writes what QLoRA users deploy: a transformers 4-bit checkpoint (the
 packed 4-bit weights, their block scales and `quantization_config` in config.json), made by loading the
@@ -33,21 +34,32 @@ from llmfast.registry import did_you_mean
 
 TYPES = ("nf4", "fp4")
 
-_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_HUB_KERNEL = "kernels-community/quantization-bitsandbytes"
+# (logger, a line of that kernel's fetch it logs): bitsandbytes' own warning where the fetch failed, and, offline,
+# the `kernels` package's note that it skipped the publisher check (transformers 5.25 requires `kernels`: it is
+# installed wherever transformers is, and the fetch gets that far)
+_HUB_KERNEL_LINES = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+                     ("kernels._internals.hf_hub", f"Skipping publisher trust check for '{_HUB_KERNEL}'"))
 
 
 class _DropHubKernelWarning(logging.Filter):
+    def __init__(self, line: str) -> None:
+        super().__init__()
+        self.line = line
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return _HUB_KERNEL_WARNING not in str(record.msg)
+        return self.line not in str(record.msg)
 
 
 def quiet_bitsandbytes() -> None:
-    """Hide bitsandbytes' warning about a hub kernel it could not fetch (logged once, when it is imported)."""
-    # The logger exists before bitsandbytes does; a filter set now applies when its CPU backend loads,
+    """Hide the warnings of bitsandbytes' fetch of a hub kernel it could not get (logged once, when it is
+    imported)."""
+    # The loggers exist before bitsandbytes does; a filter set now applies when its CPU backend loads,
     # whoever imports it (transformers and peft do too).
-    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropHubKernelWarning) for f in log.filters):
-        log.addFilter(_DropHubKernelWarning())
+    for name, line in _HUB_KERNEL_LINES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropHubKernelWarning) for f in log.filters):
+            log.addFilter(_DropHubKernelWarning(line))
 
 
 quiet_bitsandbytes()
