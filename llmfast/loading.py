@@ -289,6 +289,10 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
                         "user")
     if "quantization_config" not in kwargs:
         check_weights_fit(path)
+    # use_kernels: transformers 5.25 (not 5.19) kernelizes every model it loads unless told not to: on CUDA it swaps
+    # norms, activations and rotary layers for kernels fetched from the hub, again at each train()/eval(). llmfast
+    # runs offline and its results are checked against the torch layers, as every release up to 5.19 kept them.
+    kwargs = {"use_kernels": False, **kwargs}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True,
                                                            output_loading_info=True, trust_remote_code=False, **kwargs)
