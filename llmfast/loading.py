@@ -275,6 +275,27 @@ def check_bnb_state(path: Path, fix: str, cfg: dict[str, Any] | None = None) -> 
                         "from config.json to use them as they are, or re-create the quantized model")
 
 
+def sentencepiece_missing(path: Path) -> str | None:
+    """The refusal for a SentencePiece model alone (tokenizer.model, no tokenizer.json: Llama 2's, Mistral's way)
+    where the packages transformers reads it with are not installed (vllm brings them, llmfast does not), else None.
+    transformers warned in 5 lines, then refused with its last try's error ("`tiktoken` is required")."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # google (protobuf's namespace) missing, or a module set to None
+            return True
+
+    spm = path / "tokenizer.model"  # SentencePiece's protobuf starts with b"\n"; a tiktoken file there is text
+    if not spm.is_file() or spm.read_bytes()[:1] != b"\n" or (path / "tokenizer.json").exists():
+        return None
+    missing = [pkg for pkg, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if absent(module)]
+    return (f"{path}: its tokenizer is a SentencePiece model alone (tokenizer.model, no tokenizer.json): transformers "
+            f"reads it only with {' and '.join(missing)}: `pip install {' '.join(missing)}`") if missing else None
+
+
 def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> "PreTrainedModel":
     """`AutoModelForCausalLM.from_pretrained` for every loader in llmfast: safetensors weights only, and every
     tensor the config needs present with its shape (transformers would fill a missing one with random values and

@@ -27,6 +27,7 @@ from llmfast.artifacts import atomic_dir, check_output, write_manifest
 from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
 from llmfast.loading import first_line, from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
+from llmfast.loading import sentencepiece_missing
 from llmfast.modelfiles import check_adapter_dir, check_model_dir, refuse_model_code
 
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
@@ -295,6 +296,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     check_chat_template_file(path)
+    if (refusal := sentencepiece_missing(Path(path))) is not None:
+        raise UserError(refusal)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # missing or corrupt tokenizer files: transformers' own errors
