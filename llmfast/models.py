@@ -27,14 +27,13 @@ from llmfast.artifacts import atomic_dir, check_output, write_manifest
 from llmfast.cache import cache_dir  # noqa: F401 (re-exported)
 from llmfast.errors import UserError
 from llmfast.loading import first_line, from_pretrained, refuse_pickle_weights, torch_dtype  # noqa: F401 (re-exported)
+from llmfast.adapter_keys import SAVED_COPY, unknown_adapter_tensors  # noqa: F401 (re-exported)
 from llmfast.loading import sentencepiece_missing
 from llmfast.modelfiles import check_adapter_dir, check_model_dir, refuse_model_code
 
 __all__ = ["check_adapter_dir", "check_model_dir", "resolve_model"]  # the checks live in modelfiles.py
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable
-
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -413,7 +412,7 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
     stored = set(safetensors_header(adapter / "adapter_model.safetensors", fix)) - {"__metadata__"}
     named = dict(model.get_base_model().named_modules())
     # a saved module's children are in the file by their own names, in the model below PEFT's wrapper (its copies)
-    modules = set(named) | {_SAVED_COPY.sub("", n) for n in named}
+    modules = set(named) | {SAVED_COPY.sub("", n) for n in named}
     unknown = unknown_adapter_tensors(stored, modules, {n for n, m in named.items() if isinstance(m, LoraLayer)})
     if unknown:  # before the missing ones: renamed modules are both, and are not an incomplete file
         raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(unknown)} of its tensors match no module of "
@@ -425,29 +424,3 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
         raise UserError(f"{adapter / 'adapter_model.safetensors'}: {len(missing)} LoRA tensor(s) its config needs are "
                         f"missing ({', '.join(missing[:2])}): the file is incomplete; re-create the adapter")
     return model
-
-
-# PEFT's names below a module it changes: LoRA matrices, DoRA magnitude, the wrapped layer, trainable token rows,
-# a saved module's copies
-_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
-                  "token_adapter", "modules_to_save", "original_module")
-
-_SAVED_COPY = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")  # modules_to_save's wrapper
-
-
-def unknown_adapter_tensors(keys: "Iterable[str]", modules: "Collection[str]",
-                            lora_layers: "Collection[str] | None" = None) -> list[str]:
-    """The tensors of an adapter's file (`keys`) on none of a model's `modules` (their names), which PEFT (and vLLM)
-    skip, PEFT 0.22+ with a warning among many: an adapter of a deeper model of the family (its extra layers), or
-    with renamed modules.
-    With `lora_layers` (the modules PEFT put LoRA on), a LoRA matrix must be on one of them: one on a module the
-    config does not target is skipped as well."""
-    unknown = []
-    for key in keys:
-        parts = key.removeprefix("base_model.model.").split(".")
-        cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
-        module = ".".join(parts[:cut])
-        if module not in modules or (lora_layers is not None and parts[cut].startswith("lora_")
-                                     and module not in lora_layers):
-            unknown.append(key)
-    return sorted(unknown)

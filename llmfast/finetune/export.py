@@ -265,21 +265,17 @@ def _merge_each(model: Any, dtype: str, keep: set[str], on_layer: Callable[[Any]
         return model.merge_and_unload()
 
 
-_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
-                  "token_adapter", "modules_to_save")
-
-
 def _changed_layers(adapter_dir: Path, only: str | None = None) -> set[str]:
     """The layers the adapter changes, named by its keys (`...q_proj.lora_A.weight`,
     `...embed_tokens.token_adapter...`, a saved module's `lm_head.weight`); those with an `only` part (`lora_A`)."""
+    from llmfast.adapter_keys import adapter_module
     from llmfast.modelfiles import safetensors_header
 
     layers = set()
     for key in safetensors_header(adapter_dir / "adapter_model.safetensors", "re-create the adapter"):
-        parts = key.removeprefix("base_model.model.").split(".")
-        cut = next((i for i, part in enumerate(parts) if part in _ADAPTER_PARTS), len(parts) - 1)
-        if only is None or only in parts:
-            layers.add(".".join(parts[:cut]))
+        module, rest = adapter_module(key)
+        if only is None or only in rest:
+            layers.add(module)
     return layers - {""}
 
 
