@@ -24,6 +24,16 @@ def _rss_gib() -> float:
     return int(line.split()[1]) / 2**20
 
 
+def _merge_chain(tmp_path: Path, model: Path) -> None:
+    """`llmfast run` in this process of a one-stage chain (m: a linear merge of `model` with itself) into tmp/run."""
+    merge = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}},
+                                                  {"model": str(model), "parameters": {"weight": 1.0}}]}
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(yaml.safe_dump({"output": str(tmp_path / "run"), "stages": {"m": {"type": "merge",
+                                                                                        "with": merge}}}))
+    assert main(["run", str(recipe)]) == 0
+
+
 def test_a_chain_stages_peak_memory_is_its_own_not_an_earlier_ones(tiny: Path, tmp_path: Path) -> None:
     """Stages run in the chain's process: a merge stage after something held 1.5 GiB (an earlier stage, here a
     mapping touched and dropped) reported the process's peak, 1.5 GiB above anything the merge of a tiny model
@@ -33,12 +43,7 @@ def test_a_chain_stages_peak_memory_is_its_own_not_an_earlier_ones(tiny: Path, t
         ballast[i] = 1
     ballast.close()  # unmapped: RSS back down
     start = _rss_gib()
-    merge = {"merge_method": "linear", "models": [{"model": str(tiny), "parameters": {"weight": 1.0}},
-                                                  {"model": str(tiny), "parameters": {"weight": 1.0}}]}
-    recipe = tmp_path / "chain.yaml"
-    recipe.write_text(yaml.safe_dump({"output": str(tmp_path / "run"), "stages": {"m": {"type": "merge",
-                                                                                        "with": merge}}}))
-    assert main(["run", str(recipe)]) == 0
+    _merge_chain(tmp_path, tiny)
     peak = json.loads((tmp_path / "run" / "m" / "llmfast.json").read_text())["metrics"]["peak_rss_gib"]
     assert start - 0.05 <= peak < start + 0.5, (peak, start)
 
@@ -95,12 +100,7 @@ def test_the_heap_a_merge_stage_keeps_is_given_back_for_the_stages_after_it(tmp_
         pytest.skip("glibc's malloc only")
     # a tiny model with a real model's vocabulary: its embedding (78 MB) is over what makes merge keep its heap
     big = build_tiny_llama(tmp_path / "big", model_vocab_size=151_936)
-    merge = {"merge_method": "linear", "models": [{"model": str(big), "parameters": {"weight": 1.0}},
-                                                  {"model": str(big), "parameters": {"weight": 1.0}}]}
-    recipe = tmp_path / "chain.yaml"
-    recipe.write_text(yaml.safe_dump({"output": str(tmp_path / "run"), "stages": {"m": {"type": "merge",
-                                                                                        "with": merge}}}))
-    assert main(["run", str(recipe)]) == 0
+    _merge_chain(tmp_path, big)
     import ctypes
 
     libc = ctypes.CDLL(None)
