@@ -391,12 +391,17 @@ def attach_adapter(model: "PreTrainedModel", adapter: Path, base: Path) -> Any:
     at its random initial value, with a warning)."""
     from peft import PeftModel, get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
+    from torch.random import fork_rng
 
     from llmfast.modelfiles import safetensors_header
 
     fix = f"use it with the base model it was trained on ({base} is this one), or re-create it"
+    # PEFT draws every LoRA layer's initial weights from torch's global generators before the file replaces them: a
+    # script that seeded torch, then loaded (or exported, or evaluated) an adapter, went on from another sequence
+    gpus = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with warnings.catch_warnings():  # its missing keys are one line below, not PEFT's warning of every key first
+        with fork_rng(devices=gpus), warnings.catch_warnings():
+            # its missing keys are one line below, not PEFT's warning of every key first
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
             model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as e:  # noqa: BLE001 - PEFT's and torch's own error types: size mismatch, no matching module

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,14 +151,97 @@ def test_main_called_from_a_script_leaves_its_environment_alone(tmp_path):
     assert said["command"] == "['TQDM_MAXINTERVAL', 'TQDM_MININTERVAL']"
 
 
-def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_path, tiny_dir, monkeypatch):
-    """AutoRound seeds Python's, numpy's and torch's global generators (transformers' set_seed) and sets
-    CUBLAS_WORKSPACE_CONFIG in os.environ: after a w4 run a notebook drew the recipe seed's numbers, not its own."""
-    pytest.importorskip("auto_round")
+def _draws() -> tuple[float, float, float]:
     import random
 
     import numpy as np
 
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def _draws_after(call: Callable[[], object]) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """What a script that seeded Python's, numpy's and torch's generators draws next: without `call`, and after it."""
+    import random
+
+    import numpy as np
+
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(77)
+    expected = _draws()
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(77)
+    call()
+    return _draws(), expected
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_dir) -> Path:
+    from llmfast.finetune.trainer import run_finetune
+
+    tmp = tmp_path_factory.mktemp("adapter")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_finetune(_finetune_recipe(tmp, tiny_dir, data, "ft"))
+    return tmp / "ft"
+
+
+def _incomplete_adapter(tmp: Path, run: Path) -> Path:
+    """A copy of the run's adapter without its first module's pair of LoRA tensors (load_model refuses it after PEFT
+    made its layers)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = shutil.copytree(run / "adapter", tmp / "incomplete")
+    tensors = _adapter(run)
+    save_file(dict(sorted(tensors.items())[2:]), adapter / "adapter_model.safetensors")
+    return adapter
+
+
+@pytest.mark.parametrize("what", ["load_model", "load_model refused", "export_merged", "run_eval", "bitnet qat"])
+def test_adapters_and_qat_give_the_caller_its_generators_back(tmp_path, tiny_dir, adapter_run, what):
+    """PEFT draws each LoRA layer's initial weights from torch's global generator before the adapter's file replaces
+    them, and BitNet QAT made each BitLinear as an nn.Linear (initial weights drawn, then replaced): a script that
+    seeded torch and loaded, exported or evaluated an adapter, or trained a ternary model, drew other numbers next
+    than it would have without the call (the refused adapter too: PEFT had made its layers)."""
+    from llmfast.errors import UserError
+    from llmfast.evaluate import run_eval
+    from llmfast.finetune.export import export_merged
+    from llmfast.models import load_model
+    from llmfast.quant.run import run_quantize
+    from llmfast.recipe import EvalRecipe, QuantizeRecipe, load_recipe
+
+    def call() -> None:
+        if what == "load_model":
+            load_model(tiny_dir, adapter=adapter_run / "adapter")
+        elif what == "load_model refused":
+            with pytest.raises(UserError, match="missing"):
+                load_model(tiny_dir, adapter=_incomplete_adapter(tmp_path, adapter_run))
+        elif what == "export_merged":
+            assert export_merged(adapter_run / "adapter", tmp_path / "merged") == tmp_path / "merged"
+        elif what == "run_eval":
+            path = tmp_path / "eval.yaml"
+            text = REPO / "eval" / "text" / "persuasion.txt"
+            path.write_text(f"model: {tiny_dir}\nadapter: {adapter_run / 'adapter'}\noutput: {tmp_path / 'e.json'}\n"
+                            f"eval: {{perplexity: {{text: {text}, max_tokens: 128, context: 64, stride: 64}}}}\n")
+            assert run_eval(load_recipe(path, EvalRecipe, []))["perplexity"]["ppl"] > 1
+        else:
+            path = tmp_path / "qat.yaml"
+            path.write_text(json.dumps({"model": str(tiny_dir), "output": str(tmp_path / "qat"),
+                                        "quantization": {"method": "bitnet", "qat_steps": 1, "batch_size": 2},
+                                        "data": {"text": str(REPO / "eval" / "text" / "persuasion.txt"),
+                                                 "skip_tokens": 16384, "calibration_tokens": 512,
+                                                 "heldout_tokens": 256, "window": 128}}))
+            assert run_quantize(load_recipe(path, QuantizeRecipe, []))[1]["qat_steps"] == 1
+
+    got, expected = _draws_after(call)
+    assert got == expected
+
+
+def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_path, tiny_dir, monkeypatch):
+    """AutoRound seeds Python's, numpy's and torch's global generators (transformers' set_seed) and sets
+    CUBLAS_WORKSPACE_CONFIG in os.environ: after a w4 run a notebook drew the recipe seed's numbers, not its own."""
+    pytest.importorskip("auto_round")
     from llmfast.quant.run import run_quantize
     from llmfast.recipe import QuantizeRecipe, load_recipe
 
@@ -168,17 +252,8 @@ def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_pa
                                 "data": {"text": str(REPO / "eval" / "text" / "persuasion.txt"),
                                          "calibration_tokens": 512, "window": 128}}))
     recipe = load_recipe(path, QuantizeRecipe, [])
-
-    def draws() -> tuple[float, float, float]:
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-    for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(77)
-    expected = draws()
-    for seed in (random.seed, np.random.seed, torch.manual_seed):
-        seed(77)
-    run_quantize(recipe)
-    assert draws() == expected
+    got, expected = _draws_after(lambda: run_quantize(recipe))
+    assert got == expected
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 

@@ -90,8 +90,6 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         apply_config_cut(teacher, model_dir)
         samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
         data = torch.cat([rows, samples]) if len(samples) else rows
-        converted = prepare_student(model)
-        settings = qat_settings(cfg)
 
         def evaluate() -> dict[str, Any]:  # the fully ternary model (strength 1) of this step, on held-out text
             lam = _strength(model)
@@ -101,11 +99,16 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
             finally:
                 set_strength(model, lam)
 
-        metrics |= distill(model, teacher, data, settings, work_dir, resume=resume,
-                           before_step=lambda step: set_strength(model, strength_at(cfg, step)),
-                           log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
-                           evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
-                           autocast=autocast, lr_key="quantization.lr")
+        # Each BitLinear is made as an nn.Linear, whose initial weights (replaced at once) are drawn from torch's
+        # global generator, as any dropout in training would be: a script that seeded torch went on from another
+        # sequence after a QAT run
+        with torch.random.fork_rng(devices=[_index(device)] if device.type == "cuda" else []):
+            converted = prepare_student(model)
+            metrics |= distill(model, teacher, data, qat_settings(cfg), work_dir, resume=resume,
+                               before_step=lambda step: set_strength(model, strength_at(cfg, step)),
+                               log_extra=lambda: {"lambda": _strength(model)}, desc="BitNet QAT",
+                               evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
+                               autocast=autocast, lr_key="quantization.lr")
         set_strength(model, 1.0)
         metrics["teacher_samples"] = len(samples)
         for name in converted:  # the trained full-precision weights, rounded for the last time
@@ -130,3 +133,8 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
 
 def _strength(model: torch.nn.Module) -> float:
     return next((m.lam for m in model.modules() if isinstance(m, BitLinear)), 1.0)
+
+
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (`cuda` alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
