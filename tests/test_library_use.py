@@ -238,6 +238,49 @@ def test_adapters_and_qat_give_the_caller_its_generators_back(tmp_path, tiny_dir
     assert got == expected
 
 
+def test_merge_sparsify_and_quantize_twice_leave_the_process_as_they_found_it(tmp_path, tiny_dir, adapter_run):
+    """The other verbs a script calls (a merge of adapters, which sets torch's threads for its own; a TEAL
+    sparsification; a ternary rounding), each run twice: the second leaves the process's state as it found it, the
+    caller's generators included, and writes what the first wrote."""
+    from llmfast.merge.merge import run_merge
+    from llmfast.merge.plan import plan_merge
+    from llmfast.quant.run import run_quantize
+    from llmfast.recipe import QuantizeRecipe, load_recipe
+    from llmfast.sparse.run import load_sparsify_recipe, run_sparsify
+
+    text = REPO / "eval" / "text" / "persuasion.txt"
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(f"merge_method: ties\nbase_model: {tiny_dir}\nmodels:\n"
+                     + "".join(f"  - {{model: {adapter_run / 'adapter'}, parameters: {{weight: {w}, density: 0.5}}}}\n"
+                               for w in (1.0, 0.5)) + "dtype: float32\n")
+    teal = tmp_path / "teal.yaml"
+    quant = tmp_path / "bitnet.yaml"
+    quant.write_text(json.dumps({"model": str(tiny_dir), "quantization": {"method": "bitnet"}}))
+
+    def calls(n: int) -> None:
+        run_merge(plan_merge(merge), tmp_path / f"merged{n}", adapter_rank="4", progress=False)
+        teal.write_text(json.dumps({"model": str(tiny_dir), "output": str(tmp_path / f"teal{n}"),
+                                    "sparsify": {"method": "teal", "config": {"target": 0.5}},
+                                    "data": {"text": str(text), "skip_tokens": 4096, "calibration_tokens": 1024,
+                                             "heldout_tokens": 1024, "window": 256}}))
+        run_sparsify(*load_sparsify_recipe(teal))
+        run_quantize(load_recipe(quant, QuantizeRecipe, [f"output={tmp_path / f'ternary{n}'}"]))
+
+    calls(1)
+    before = _process_state()
+    got, expected = _draws_after(lambda: calls(2))
+    after = _process_state()
+    for key in before:
+        assert after[key] == before[key], key
+    assert got == expected
+    for name, file in (("merged", "adapter_model.safetensors"), ("ternary", "model.safetensors")):
+        first, second = load_file(tmp_path / f"{name}1" / file), load_file(tmp_path / f"{name}2" / file)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    thresholds = [json.loads((tmp_path / f"teal{n}" / "llmfast.json").read_text())["metrics"]["heldout_sparsity"]
+                  for n in (1, 2)]
+    assert thresholds[0] == thresholds[1]
+
+
 def test_w4_quantize_gives_the_caller_its_generators_and_environment_back(tmp_path, tiny_dir, monkeypatch):
     """AutoRound seeds Python's, numpy's and torch's global generators (transformers' set_seed) and sets
     CUBLAS_WORKSPACE_CONFIG in os.environ: after a w4 run a notebook drew the recipe seed's numbers, not its own."""
