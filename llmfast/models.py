@@ -184,25 +184,10 @@ def _check_gguf_magic(path: Path) -> None:
 
 
 def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    # Hugging Face's cache first, without the network; a fetch waits a bounded time (llmfast/offline.py).
+    from llmfast.offline import hub_model
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-    try:
-        # Hugging Face's own cache (HF_HUB_CACHE / HF_HOME, as transformers and vLLM use it): a model the user already
-        # has is neither fetched again nor, offline, refused; llmfast's older hub/ folder is still read offline.
-        try:
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except Exception:
-            older = cache_dir() / "hub"
-            if not (older / f"models--{repo_id.replace('/', '--')}").is_dir():
-                raise
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=older, local_files_only=True))
-    except Exception as e:  # offline, unknown repo, gated: all one line for the user
-        raise UserError(
-            f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}): "
-            "check the id and your connection, or pass a local model directory"
-        ) from None
-    return check_model_dir(path)
+    return check_model_dir(hub_model(repo_id, older=cache_dir() / "hub"))
 
 
 def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
