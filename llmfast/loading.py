@@ -114,12 +114,24 @@ def _cannot_build(path: str | os.PathLike[str], e: Exception) -> UserError:
                      f"{first_line(e)}): fix the config or re-create the model")
 
 
+def no_model_code(path: str | os.PathLike[str]) -> None:
+    """A folder whose config.json or tokenizer_config.json names its own Python code (auto_map) for a class
+    transformers lacks is one line (modelfiles.refuse_model_code), checked by every loader here whoever calls it (a
+    library user, a format's loader), not only by the CLI's check_model_dir: with trust_remote_code=False transformers
+    says 'contains custom code which must be executed', and a loader that left it out (the ternary and w4 formats')
+    asked on the terminal and imported the folder's .py on a 'y'."""
+    from llmfast.modelfiles import refuse_model_code
+
+    refuse_model_code(Path(path), _config_dict(Path(path)))
+
+
 def auto_config(path: str | os.PathLike[str]) -> "PreTrainedConfig":
     """config.json as transformers reads it; a config it refuses (an unknown model_type, a field of the wrong type)
     is one line naming the directory."""
     from transformers import AutoConfig
 
-    try:  # never the folder's own code (modelfiles.refuse_model_code): transformers would ask on the terminal
+    no_model_code(path)
+    try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except UserError:
         raise
@@ -303,6 +315,7 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str, **kwargs: Any) -> 
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(path)
+    no_model_code(path)
     generation = Path(path) / "generation_config.json"
     if generation.is_file() and not os.access(generation, os.R_OK):  # transformers goes on with its defaults
         raise UserError(f"{generation}: no permission to read it (transformers would go on with default generation "

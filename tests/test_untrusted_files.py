@@ -1,5 +1,6 @@
 """Files a user got from someone else are data: opening them with llmfast runs no code from them. An audit on
-2026-12-07 (model folders' own code and pickles are tests/test_model_folders.py's) found two ways in, both fixed:
+2026-12-07 (model folders' own code and pickles are tests/test_model_folders.py's, and through every loader
+tests/test_untrusted_loaders.py's) found two ways in, both fixed:
 a chain recipe's `launch:` was any command line (`launch: [sh, -c, ...]` ran it), and a `--config` file given to
 `llmfast serve` after `--` could set vLLM's trust-remote-code (the folder's configuration_*.py ran) or a flag that
 imports a class or a plugin file by name. Also fixed: a `datasets` folder's image column made reading its rows fetch

@@ -79,14 +79,13 @@ def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
     One copy of the weights: the modules are built with their parameters on the meta device (no random
     initialization of a model that is overwritten, which held a second copy), and each weight is dequantized and
     cast to `dtype` as it is read (float32 ones for a bfloat16 model were a third)."""
-    import torch
     from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from llmfast.loading import torch_dtype
+    from llmfast.loading import auto_config, torch_dtype
 
-    config = AutoConfig.from_pretrained(path)
+    config = auto_config(path)  # never the folder's own code (an auto_map): one line, not a prompt on the terminal
     del config.quantization_config
     with init_empty_weights(include_buffers=False):  # buffers real: the rotary frequencies are not in the files
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))

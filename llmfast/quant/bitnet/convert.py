@@ -116,10 +116,12 @@ def to_ternary(linear: nn.Linear) -> TernaryLinear:
 def load_ternary(path: str | Path, dtype: str = "float32") -> Any:
     """Load a BitNet checkpoint written by `save_ternary` into llmfast's `TernaryLinear` runtime, eval mode."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from llmfast.loading import auto_config
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = auto_config(path)  # never the folder's own code (an auto_map): one line, not a prompt on the terminal
     qc = getattr(config, "quantization_config", None) or {}
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "bitnet":

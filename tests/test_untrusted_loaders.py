@@ -1,0 +1,123 @@
+"""A model folder's own Python code (config.json's `auto_map` for a model_type transformers lacks) never runs, whoever
+loads the folder: an audit on 2026-12-07 after tests/test_untrusted_files.py found the loaders of llmfast's own
+formats (the ternary and w4 artifacts) read config.json with transformers' AutoConfig without trust_remote_code, so a
+library user's `load_model(DIR)` asked on the terminal and imported the folder's configuration_x.py on a 'y'. The CLI
+refused such a folder already (modelfiles.check_model_dir); now every loader in llmfast.loading does, in one line.
+Also here: such a folder served by vLLM, and a vLLM `--config` file given in another spelling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+
+TEXT = REPO / "eval" / "text" / "persuasion.txt"
+CODE = "import pathlib\npathlib.Path({mark!r}).write_text('ran')\n"
+AUTO_MAP = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+REFUSED = ("names the model's own Python code (auto_map, for trust_remote_code), and llmfast does not run a model's "
+           "own code: use a copy of the model saved with classes transformers has (its own model_type and "
+           "tokenizer_class)")
+
+
+def _with_code(source: Path, folder: Path, mark: Path, **config: object) -> Path:
+    """A copy of `source` whose config.json names Python files beside it that write `mark` when imported."""
+    shutil.copytree(source, folder)
+    for f in ("configuration_x.py", "modeling_x.py"):
+        (folder / f).write_text(CODE.format(mark=str(mark)))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": AUTO_MAP, **config}))
+    return folder
+
+
+def _quantize(tmp: Path, base: Path, name: str, quantization: dict[str, object]) -> Path:
+    out = tmp / name
+    recipe = tmp / f"{name}.yaml"
+    recipe.write_text(json.dumps({"model": str(base), "output": str(out), "quantization": quantization,
+                                  "data": {"text": str(TEXT), "skip_tokens": 16384, "calibration_tokens": 1024,
+                                           "heldout_tokens": 512, "window": 128}}))
+    code, _, err = run_cli("quantize", str(recipe))
+    assert code == 0, err[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, Path]:
+    """The tiny model quantized by llmfast (ternary; w4 where auto-round is installed), as it was written."""
+    tmp = tmp_path_factory.mktemp("loaders")
+    made = {"tiny": tiny_dir, "ternary": _quantize(tmp, tiny_dir, "ternary", {"method": "bitnet", "qat_steps": 0})}
+    if importlib.util.find_spec("auto_round") is None:
+        return made
+    made["w4"] = _quantize(tmp, tiny_dir, "w4", {"method": "w4", "group_size": 32})
+    return made
+
+
+# The library's loaders, run in a child process that answers transformers' prompt with 'y' (the way a user at the
+# terminal runs the code). Each prints what it returned, or its one-line refusal.
+_LOADERS = """
+import sys
+from pathlib import Path
+from llmfast.models import load_model
+from llmfast.quant.bitnet.convert import load_ternary
+from llmfast.quant.w4_format import load_dequantized
+path = Path(sys.argv[1])
+for name, load in (("load_model", lambda: load_model(path)), ("load_ternary", lambda: load_ternary(path)),
+                   ("load_dequantized", lambda: load_dequantized(path, 32, "float32"))):
+    try:
+        print(name, "loaded", type(load()).__name__)
+    except UserError as e:
+        print(name, "refused", e)
+"""
+
+
+def _load_with_yes(folder: Path, tmp_path: Path, mark: Path) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFAST_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", _LOADERS, str(folder)], input="y\ny\ny\n", capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=600)
+    assert not mark.exists(), f"the folder's code ran: {p.stderr[-1000:]}"
+    assert p.returncode == 0 and "[y/N]" not in p.stdout + p.stderr, p.stdout + p.stderr[-2000:]
+    return p.stdout.splitlines()
+
+
+@pytest.mark.parametrize("kind", ["ternary", "w4", "tiny"])
+def test_a_folder_naming_its_own_code_is_refused_by_every_loader(artifacts: dict[str, Path], tmp_path: Path,
+                                                                  kind: str) -> None:
+    """Fixed: `echo y | python -c 'load_model(DIR)'` on a ternary or w4 artifact whose config.json names a model_type
+    of its own and an auto_map imported DIR/configuration_x.py (llmfast's loaders of those formats called AutoConfig
+    without trust_remote_code=False); the plain model's loader said 'transformers cannot load this model
+    (ValueError: ... custom code ...)'. Now each loader is the one line the CLI gives, and nothing is imported."""
+    if kind not in artifacts:
+        pytest.skip("auto-round is not installed: no w4 artifact")
+    mark = tmp_path / "RAN"
+    folder = _with_code(artifacts[kind], tmp_path / f"{kind}-code", mark, model_type="xllama")
+    lines = _load_with_yes(folder, tmp_path, mark)
+    loaders = ("load_model", "load_ternary", "load_dequantized")
+    assert [ln.split(" ", 1)[0] for ln in lines] == list(loaders), lines
+    for line in lines:
+        assert line.split(" ", 2)[1:] == ["refused", f"{folder}: its config.json (model_type 'xllama') {REFUSED}"], line
+
+
+@pytest.mark.parametrize("kind", ["ternary", "w4"])
+def test_code_beside_a_model_type_transformers_has_loads_the_format(artifacts: dict[str, Path], tmp_path: Path,
+                                                                     kind: str) -> None:
+    """An auto_map beside model_type llama: transformers uses its own Llama classes and imports nothing from the
+    folder, so the artifact loads, with the logits of the artifact as written."""
+    import torch
+
+    from llmfast.models import load_model
+
+    if kind not in artifacts:
+        pytest.skip("auto-round is not installed: no w4 artifact")
+    mark = tmp_path / "RAN"
+    folder = _with_code(artifacts[kind], tmp_path / f"{kind}-code", mark)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    with torch.no_grad():
+        assert torch.equal(load_model(folder)(ids).logits, load_model(artifacts[kind])(ids).logits)
+    assert not mark.exists()
