@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
+from llmfast.errors import UserError
 
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 CODE = "import pathlib\npathlib.Path({mark!r}).write_text('ran')\n"
@@ -64,6 +65,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
 _LOADERS = """
 import sys
 from pathlib import Path
+from llmfast.errors import UserError
 from llmfast.models import load_model
 from llmfast.quant.bitnet.convert import load_ternary
 from llmfast.quant.w4_format import load_dequantized
@@ -120,4 +122,26 @@ def test_code_beside_a_model_type_transformers_has_loads_the_format(artifacts: d
     ids = torch.tensor([[1, 5, 9, 200]])
     with torch.no_grad():
         assert torch.equal(load_model(folder)(ids).logits, load_model(artifacts[kind])(ids).logits)
+    assert not mark.exists()
+
+
+def test_serve_refuses_a_class_only_the_folders_own_code_has_before_vllm_starts(tiny_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """Fixed: an architecture vLLM lacks, with an auto_map naming the folder's class for it, was left to vLLM (its
+    Transformers backend imports that class, but only under --trust-remote-code, which llmfast never passes): vLLM
+    started, and failed deep in its start ('Model architectures [...] are not supported'). Now one line naming the
+    folder and where it runs (transformers, which loads the Llama the model_type names), before vLLM starts; bench
+    chooses transformers for it."""
+    from llmfast.bench.engines import ENGINES, Variant
+    from llmfast.bench.runner import choose_engine
+    from llmfast.serve.server import prepare_spec
+
+    mark = tmp_path / "RAN"
+    folder = _with_code(tiny_dir, tmp_path / "code-arch", mark, architectures=["XForCausalLM"])
+    with pytest.raises(UserError) as e:
+        prepare_spec(str(folder))  # what `llmfast serve` checks before it starts vLLM
+    assert str(e.value).startswith(f"{folder}: its config.json names the architecture XForCausalLM, for which this "
+                                   "vLLM has no model class: run it on transformers"), e.value
+    assert "has no model class" in ENGINES.get("vllm").can_run(Variant("x", folder))
+    assert choose_engine(Variant("x", folder), "auto").name == "hf"
     assert not mark.exists()

@@ -9,9 +9,10 @@ Whatever cannot be read (vLLM absent, its source changed shape) is "unknown" too
 model to vLLM, as before.
 
 vLLM also serves a name it lacks through its Transformers backend (`model_impl` auto) when transformers has that
-class, or config.json's `auto_map` names remote code; and it maps a name's task suffix onto a known name
-(FooForSequenceClassification -> FooForCausalLM). `unserved_architecture` follows those rules, so it refuses only
-names vLLM would refuse too.
+class; and it maps a name's task suffix onto a known name (FooForSequenceClassification -> FooForCausalLM).
+`unserved_architecture` follows those rules, so it refuses only names vLLM would refuse too. The backend would also
+import the class config.json's `auto_map` names from the folder, but only under --trust-remote-code, which llmfast
+never passes (vllm_flags.REMOTE_CODE): such a name is refused before the start, where vLLM failed after it.
 """
 
 from __future__ import annotations
@@ -145,8 +146,6 @@ def unserved_architecture(config: dict[str, Any], extra_args: list[str] | None =
     if not isinstance(named, list) or not named or not all(isinstance(a, str) for a in named):
         return None  # no names (the caller's own refusal) or a shape the loaders name
     if class_flag(given(extra_args or [])):
-        return None
-    if any(k.startswith("AutoModel") for k in config.get("auto_map") or {}):  # remote code, for the backend
         return None
     known = vllm_architectures()
     if known is None or any(_known(a, known) for a in named) or _in_transformers(named[0]):
