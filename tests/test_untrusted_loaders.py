@@ -145,3 +145,40 @@ def test_serve_refuses_a_class_only_the_folders_own_code_has_before_vllm_starts(
     assert "has no model class" in ENGINES.get("vllm").can_run(Variant("x", folder))
     assert choose_engine(Variant("x", folder), "auto").name == "hf"
     assert not mark.exists()
+
+
+@pytest.mark.parametrize("spelling", ["--config={d}/a.yaml", "--config={d}/ok.yaml", "--config.max-num-seqs=4"])
+def test_a_vllm_config_file_in_a_spelling_vllm_does_not_read_is_refused(tmp_path: Path, spelling: str) -> None:
+    """Fixed: `-- --config=FILE` passed every check (they looked for the word `--config`), and vLLM's parser took it
+    as a value it never reads: the server started without the file's settings, and a vLLM that reads that spelling
+    would take a trust-remote-code in it unchecked. Now one line saying to write `--config FILE`."""
+    from llmfast.serve.vllm_flags import parse
+
+    (tmp_path / "a.yaml").write_text("trust-remote-code: true\n")
+    (tmp_path / "ok.yaml").write_text("max-num-seqs: 4\n")
+    flag = spelling.format(d=tmp_path)
+    with pytest.raises(UserError) as e:
+        parse([flag])
+    assert str(e.value) == (f"the vLLM flags after --: {flag}: vLLM reads a config file only given as `--config FILE` "
+                            "(two words), and would start without this one's settings: write it so")
+
+
+@pytest.mark.parametrize("flag", ["--conf", "--confi", "--con"])
+def test_abbreviations_of_config_are_refused_by_vllms_parser(tmp_path: Path, flag: str) -> None:
+    """argparse takes a flag's unique prefix, and vLLM's parser too; every prefix of --config is one of
+    --config-format's as well, so vLLM refuses it (one line here) and reads no file."""
+    from llmfast.serve.vllm_flags import parse
+
+    (tmp_path / "a.yaml").write_text("trust-remote-code: true\n")
+    with pytest.raises(UserError, match=f"ambiguous option: {flag} could match --config, .*--config-format"):
+        parse([flag, str(tmp_path / "a.yaml")])
+
+
+def test_serve_refuses_config_equals_before_vllm_starts(tiny_dir: Path, tmp_path: Path) -> None:
+    """`llmfast serve DIR -- --config=FILE`: refused by the checks serve makes before it starts vLLM."""
+    from llmfast.serve.server import prepare_spec
+
+    config = tmp_path / "vllm.yaml"
+    config.write_text("max-num-seqs: 4\n")
+    with pytest.raises(UserError, match="vLLM reads a config file only given as `--config FILE`"):
+        prepare_spec(str(tiny_dir), extra_args=[f"--config={config}"])

@@ -107,7 +107,12 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def _check_config(args: Sequence[str]) -> None:
     """A `--config FILE` (vLLM reads that spelling alone, and refuses two) that vLLM's parser would fail on with a
     traceback (an empty file, a list, a YAML error, a key not text) or after a log line of its own (a file it cannot
-    open), refused in one line naming it first."""
+    open), refused in one line naming it first; as are `--config=FILE` and `--config.KEY` (a file vLLM would not
+    read; argparse's abbreviations of --config are ambiguous with --config-format, and its parser refuses them)."""
+    other = next((a for a in args if a.startswith(("--config=", "--config."))), None)
+    if other is not None:  # vLLM 0.32 parses it into an unread value; a release that reads it would pass it unchecked
+        raise UserError(f"the vLLM flags after --: {other}: vLLM reads a config file only given as `--config FILE` "
+                        "(two words), and would start without this one's settings: write it so")
     if list(args).count("--config") != 1 or (i := list(args).index("--config")) == len(args) - 1:
         return  # none, or vLLM's own one-line refusals
     path = args[i + 1]
