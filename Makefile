@@ -1,8 +1,12 @@
 # The two commands of the README. Each creates or reuses .venv and installs what is missing;
-# a second run installs nothing (the stamp is newer than pyproject.toml and the setup script).
+# a second run installs nothing (the stamp is newer than pyproject.toml, the setup script and the constraints file).
 VENV   ?= .venv
 EXTRAS ?= cpu,dev
 STAMP  := $(VENV)/.llmfast-installed
+comma  := ,
+# The tested set of versions: where EXTRAS has the cpu extra, pip installs with `-c` this file, the exact versions
+# the suite last passed with (docs/environment.md). `make install CONSTRAINTS=` (empty) takes the newest releases.
+CONSTRAINTS ?= $(if $(filter cpu,$(subst $(comma), ,$(EXTRAS))),constraints/cpu.txt)
 PYTEST_ARGS ?=
 # The suite keeps about one core busy on average (small models, subprocess start-ups, vLLM start-ups), so two
 # workers fill a two-core machine; a file's tests stay on one worker, which keeps their module fixtures shared.
@@ -13,9 +17,15 @@ TEST_WORKERS ?= 2
 .PHONY: demo eval-base test install clean
 .DEFAULT_GOAL := demo
 
-$(STAMP): pyproject.toml scripts/setup_venv.sh
-	bash scripts/setup_venv.sh $(VENV) $(EXTRAS)
-	touch $@
+# The stamp holds the EXTRAS and CONSTRAINTS it was made with: other ones install again (the same, nothing).
+STAMP_SAYS := EXTRAS=$(EXTRAS) CONSTRAINTS=$(CONSTRAINTS)
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(STAMP_SAYS))
+.PHONY: $(STAMP)
+endif
+
+$(STAMP): pyproject.toml scripts/setup_venv.sh $(CONSTRAINTS)
+	bash scripts/setup_venv.sh $(VENV) $(EXTRAS) '$(CONSTRAINTS)'
+	echo '$(STAMP_SAYS)' > $@
 
 install: $(STAMP)
 
