@@ -52,7 +52,8 @@ fi
 "$VENV/bin/python" -c "import transformers, peft, accelerate, datasets, bitsandbytes, gguf; print('llmfast environment ready:', transformers.__version__)"
 {
   echo "constraints=$CONSTRAINTS"
-  [ -z "$CONSTRAINTS" ] || echo "sha256=$({ sha256sum "$CONSTRAINTS" 2>/dev/null || shasum -a 256 "$CONSTRAINTS"; } | cut -d' ' -f1)"
+  [ -z "$CONSTRAINTS" ] ||
+    echo "sha256=$({ sha256sum "$CONSTRAINTS" 2>/dev/null || shasum -a 256 "$CONSTRAINTS"; } | cut -d' ' -f1)"
   echo "extras=$EXTRAS"
 } >"$RECORD"
 echo "installed with ${CONSTRAINTS:-no constraints (the newest releases)}"
