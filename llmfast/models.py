@@ -280,6 +280,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     check_chat_template_file(path)
+    refuse_model_code(Path(path), {})  # a tokenizer_config auto_map: one line, not transformers' 'custom code' error
     if (refusal := sentencepiece_missing(Path(path))) is not None:
         raise UserError(refusal)
     try:

@@ -182,3 +182,25 @@ def test_serve_refuses_config_equals_before_vllm_starts(tiny_dir: Path, tmp_path
     config.write_text("max-num-seqs: 4\n")
     with pytest.raises(UserError, match="vLLM reads a config file only given as `--config FILE`"):
         prepare_spec(str(tiny_dir), extra_args=[f"--config={config}"])
+
+
+def test_a_tokenizer_naming_its_own_code_is_one_line_from_both_tokenizer_loaders(tiny_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A tokenizer_config.json whose auto_map names the folder's own tokenizer class: load_tokenizer said
+    transformers' 'custom code' error and then to restore tokenizer.json (wrong advice), and bench online's
+    --tokenizer DIR was a raw ValueError; both now give the refusal every model loader gives. Nothing ran either way."""
+    from llmfast.bench.online import _tokenizer_for
+    from llmfast.models import load_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_dir, folder)
+    mark = tmp_path / "ran"
+    (folder / "tokenization_x.py").write_text(CODE.format(mark=str(mark)))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**tok, "tokenizer_class": "XTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}))
+    for load in (lambda: load_tokenizer(folder), lambda: _tokenizer_for(str(folder), [], "m")):
+        with pytest.raises(UserError) as e:
+            load()
+        assert str(e.value) == f"{folder}: its tokenizer_config.json (tokenizer_class 'XTokenizer') {REFUSED}"
+    assert not mark.exists()

@@ -65,9 +65,10 @@ def test_the_check_accepts_what_vllm_serves_and_refuses_only_what_it_cannot() ->
     assert unserved_architecture({"architectures": [FOO, "LlamaForCausalLM"]}) is None  # vLLM takes any it knows
     # vLLM maps a task suffix onto a name it knows (LlamaForSequenceClassification: a LlamaForCausalLM converted)
     assert unserved_architecture({"architectures": ["Qwen2ForTokenClassification"]}) is None
-    # vLLM serves a transformers class it lacks through its Transformers backend, and remote code through auto_map
+    # vLLM serves a transformers class it lacks through its Transformers backend; an auto_map class only under
+    # --trust-remote-code, which llmfast never passes: refused like any unknown name
     assert unserved_architecture({"architectures": ["BioGptForCausalLM"]}) is None
-    assert unserved_architecture({"architectures": [FOO], "auto_map": {"AutoModelForCausalLM": "m.Foo"}}) is None
+    assert unserved_architecture({"architectures": [FOO], "auto_map": {"AutoModelForCausalLM": "m.Foo"}}) == FOO
     for flags in (['--hf-overrides={"architectures": ["LlamaForCausalLM"]}'], ["--model_impl", "transformers"],
                   ["--model-class-overrides", '{"A": "b:C"}']):  # flags that choose the class (more spellings:
         # tests/test_flags_after_dashdash.py)

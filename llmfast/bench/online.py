@@ -59,6 +59,9 @@ def _tokenizer_for(source: str | None, models: list[dict[str, Any]], model: str)
         source = entry.get("root") or model
     if not Path(source).is_dir():
         raise UserError(f"cannot load a tokenizer for '{model}' from {source!r}: give --tokenizer DIR")
+    from llmfast.modelfiles import refuse_model_code
+
+    refuse_model_code(Path(source), {})  # its own tokenizer code (auto_map): one line, never run
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False), str(source)
 
 
