@@ -19,7 +19,8 @@ from llmfast.errors import UserError, as_user_error, print_error
 from llmfast.commands import (cmd_bench_offline, cmd_bench_run, cmd_bench_serve, cmd_eval, cmd_export, cmd_finetune,
                               cmd_models, cmd_quantize, cmd_serve, cmd_sparsify, cmd_tasks)
 from llmfast.process_exit import (LOG_BARS, PIPE_CLOSED, end_process_group, exit_process, flush, interrupted_code,
-                                  interrupted_line, pipe_closed, quiet_worker, restore_signals, stop_on_signals)
+                                  interrupted_line, pipe_closed, process_group_started, quiet_worker, restore_signals,
+                                  stop_on_signals)
 
 
 class _Help(argparse.HelpFormatter):
@@ -304,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     own = argv[: _vllm_cut(argv)]  # after serve's --: vLLM's
     debug = "--debug" in own or bool(os.environ.get("LLMFAST_DEBUG"))
     previous = stop_on_signals()
+    callers_group = process_group_started()
     try:
         args = parse_args(argv)
         if not getattr(args, "func", None):
@@ -336,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         restore_signals(previous)
-        end_process_group()
+        end_process_group(callers=callers_group)
 
 
 if __name__ == "__main__":

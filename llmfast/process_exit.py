@@ -11,13 +11,19 @@ import time
 from typing import Any, NoReturn
 
 
-def end_process_group() -> None:
+def process_group_started() -> bool:
+    """Whether a torch.distributed process group is up (one a script calling `main([...])` set up itself)."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no process group
+    return bool(torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def end_process_group(callers: bool = False) -> None:
     """Destroy the process group of a launch (finetune over several processes) while Python is whole: left to
     interpreter finalization, gloo's worker threads can release tensors after the GIL is gone and abort the
-    process (SIGABRT; pytorch/pytorch#179291, #190489), failing a run that had finished."""
-    torch = sys.modules.get("torch")  # a command that never imported torch started no process group
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    process (SIGABRT; pytorch/pytorch#179291, #190489), failing a run that had finished. `callers`: the group was
+    up before the command ran (a script's own), and is the script's to end."""
+    if not callers and process_group_started():
+        sys.modules["torch"].distributed.destroy_process_group()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -151,6 +151,20 @@ def test_main_called_from_a_script_leaves_its_environment_alone(tmp_path):
     assert said["command"] == "['TQDM_MAXINTERVAL', 'TQDM_MININTERVAL']"
 
 
+def test_main_called_from_a_script_leaves_its_own_process_group_up(tmp_path):
+    """main() ends the torch.distributed group of a launch it ran (gloo aborts at finalization otherwise); it also
+    ended one a script had set up itself before calling main([...]), whose next collective then failed."""
+    code = ("import torch, torch.distributed as dist\nfrom llmfast.cli import main\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', rank=0, world_size=1)\n"
+            "assert main(['tasks']) == 0\n"
+            "t = torch.ones(1); dist.all_reduce(t); print(dist.is_initialized(), float(t))\n"
+            "dist.destroy_process_group()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[-2] == "True 1.0"
+
+
 def _draws() -> tuple[float, float, float]:
     import random
 

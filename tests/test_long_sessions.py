@@ -91,16 +91,24 @@ def test_stopping_a_server_whose_leader_died_ends_the_engine_processes_it_left(t
             os.kill(engine, signal.SIGKILL)
 
 
-def test_the_heap_a_merge_stage_keeps_is_given_back_for_the_stages_after_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["chain", "verb"])
+def test_the_heap_a_merge_stage_keeps_is_given_back_for_the_stages_after_it(tmp_path: Path, how: str) -> None:
     """`merge` makes glibc keep every freed block for reuse (no unmapping below 1 GiB, no trim below 2 GiB), which
-    is right for a process that only merges; a chain's merge stage left it so for the stages after it in the same
-    process: the merge's peak heap stayed resident (166 against 62 MiB after merging the built-in 135M model), and
-    so did whatever a later stage freed. Here: a 256 MiB block freed after the chain must leave RSS."""
+    is right while it merges; a chain's merge stage left it so for the stages after it in the same process: the
+    merge's peak heap stayed resident (166 against 62 MiB after merging the built-in 135M model), and so did whatever
+    a later stage freed. So did a script's own `main(["merge", ...])` for the rest of the script. Here: a 256 MiB
+    block freed after the chain (or the verb) must leave RSS."""
     if not __import__("llmfast.memory", fromlist=["_libc"])._libc():
         pytest.skip("glibc's malloc only")
     # a tiny model with a real model's vocabulary: its embedding (78 MB) is over what makes merge keep its heap
     big = build_tiny_llama(tmp_path / "big", model_vocab_size=151_936)
-    _merge_chain(tmp_path, big)
+    if how == "chain":
+        _merge_chain(tmp_path, big)
+    else:
+        config = tmp_path / "merge.yaml"
+        config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+            {"model": str(big), "parameters": {"weight": 1.0}}, {"model": str(big), "parameters": {"weight": 1.0}}]}))
+        assert main(["merge", str(config), str(tmp_path / "merged")]) == 0
     import ctypes
 
     libc = ctypes.CDLL(None)

@@ -149,7 +149,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_merge_cli(args: argparse.Namespace) -> int:
     from llmfast.artifacts import check_output
 
-    from llmfast.memory import keep_freed_memory_for_reuse
+    from llmfast.memory import give_back_freed_memory, keep_freed_memory_for_reuse
 
     check_arguments(args)
     plan = plan_merge(args.config, args.overrides, seed=args.seed)
@@ -158,9 +158,12 @@ def run_merge_cli(args: argparse.Namespace) -> int:
     if max(numel(shape) for _n, shape, _t in plan.tensors) * 4 > 32 * 2**20:
         # Tensors past glibc's 32 MB mmap threshold would each get fresh pages; this process only merges.
         keep_freed_memory_for_reuse()
-    check_output(args.output, args.overwrite, plan.input_paths())
-    metrics = run_merge(plan, args.output, shard_size=args.out_shard_size, adapter_rank=args.adapter_rank,
-                        progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
+    try:
+        check_output(args.output, args.overwrite, plan.input_paths())
+        metrics = run_merge(plan, args.output, shard_size=args.out_shard_size, adapter_rank=args.adapter_rank,
+                            progress=not args.no_progress, threads=args.threads, overwrite=args.overwrite)
+    finally:  # a script's main(["merge", ...]) goes on in this process: its heap is given back as glibc would
+        give_back_freed_memory()
     print(_summary(args.output, metrics))
     return 0
 
