@@ -11,6 +11,11 @@ A server is a session of its own (Ctrl-C reaches only llmfast, which stops it in
 serve` left it serving on its port, orphaned, for good: it is told to stop when the process that started it dies.
 vLLM's offline engine starts its engine core itself (multiprocessing), where no `preexec_fn` can be given: the engine
 core puts itself and what it starts in a process group of its own, which goes when llmfast does (`die_with_parent`).
+
+vLLM's engine also makes POSIX shared memory (/dev/shm/psm_*: the MessageQueues between its engine core and its
+workers), unlinked by the process that made it as it exits cleanly, else by multiprocessing's resource tracker; a
+killed engine's group takes its tracker with it, and the segments stayed for good (93 MB here after a day of tests).
+Whoever kills an engine reads first which segments its processes hold, and unlinks those after (`engine_segments`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 PREFIX = "llmfast-vllm-"
 LOCK = ".held"
@@ -155,14 +161,88 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="llmfast-parent-watch", daemon=True).start()
 
 
-def kill_engine_groups(pids: list[int]) -> None:
-    """SIGKILL these child processes, each with its process group where it made one (`die_with_parent`)."""
+def kill_engine_groups(pids: list[int]) -> list[str]:
+    """SIGKILL these child processes, each with its process group where it made one (`die_with_parent`), and unlink
+    the shared memory they held (`engine_segments`); return that."""
+    dropped: list[str] = []
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) == pid:
+                segments = engine_segments(group_members(pid))
                 os.killpg(pid, signal.SIGKILL)
             else:  # not yet in a group of its own: still starting, so nothing of its own started yet either
+                segments = engine_segments([pid])
                 os.kill(pid, signal.SIGKILL)
+            dropped += drop_segments(segments)
+    return dropped
+
+
+_SHM = "/dev/shm"  # where glibc's shm_open (Python's SharedMemory, sem_open) puts its segments on Linux
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of process group `pgid` now."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(_stat_fields(int(entry))[2]) == pgid:
+                    members.append(int(entry))
+    return members
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (which may hold spaces and parentheses): state first."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _started(pid: int) -> float:
+    """When process `pid` started, as a time.time(), to a clock tick (/proc/stat's boot time is a whole second)."""
+    ago = float(Path("/proc/uptime").read_text().split()[0]) - int(_stat_fields(pid)[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - ago
+
+
+def engine_segments(pids: Iterable[int]) -> dict[str, tuple[int, int]]:
+    """The shared-memory segments in /dev/shm that these processes (an engine's, still running) map or hold open,
+    that are this user's and were made after the first of them started: the engine's own, with their (device,
+    inode). Not a segment another process made and shares with them, nor another engine's, which these processes
+    do not hold. Read before a kill: a dead process holds nothing."""
+    pids = list(pids)
+    try:
+        since = min(_started(pid) for pid in pids) - 0.1  # file times lag the clock by up to a tick
+    except (OSError, ValueError):  # gone already, or no /proc
+        return {}
+    held: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as maps:
+                held.update(f[5] for f in (line.rstrip("\n").split(maxsplit=5) for line in maps) if len(f) == 6)
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    found = {}
+    for path in held:
+        if os.path.dirname(path) != _SHM:  # a file elsewhere; a segment already unlinked reads "NAME (deleted)"
+            continue
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_ctime >= since:
+                found[path] = (st.st_dev, st.st_ino)
+    return found
+
+
+def drop_segments(segments: dict[str, tuple[int, int]]) -> list[str]:
+    """Unlink these segments (from `engine_segments`) where they are still the same files; return those unlinked
+    here (not by their engine as it stopped). Their memory goes once the last process using them has."""
+    dropped = []
+    for path, ident in segments.items():
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+                dropped.append(path)
+    return dropped
 
 
 @contextlib.contextmanager

@@ -28,7 +28,8 @@ from typing import IO, Any
 
 from llmfast.errors import UserError
 from llmfast.process_exit import LOG_BARS
-from llmfast.scratch import drop_scratch, engine_env, make_scratch, stop_with_parent
+from llmfast.scratch import (drop_scratch, drop_segments, engine_env, engine_segments, group_members, make_scratch,
+                             stop_with_parent)
 from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
@@ -298,10 +299,12 @@ class VllmServer:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGINT to the process group (vLLM shuts its engine down), then SIGTERM, then SIGKILL; then its $TMPDIR
-        goes."""
+        goes, and the shared memory its processes held, read while they run, where the kill left it (scratch.py)."""
+        segments = engine_segments(group_members(self.proc.pid)) if self.proc and not self._group_ended else {}
         try:
             self._stop(grace)
         finally:
+            drop_segments(segments)
             if self._scratch is not None:
                 drop_scratch(*self._scratch)
                 self._scratch = None

