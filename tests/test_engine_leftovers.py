@@ -1,6 +1,6 @@
 """What a vLLM engine leaves once llmfast has stopped or killed it: none of the shared memory it made (/dev/shm/psm_*,
-its MessageQueues), while segments it did not make (the user's, another engine's) stay; and no descriptors in a
-caller's process that calls `bench offline` again and again."""
+its MessageQueues), while segments it did not make (the user's, another engine's) stay; no descriptors in a caller's
+process that calls `bench offline` again and again; and a server object that was never started leaves no file."""
 
 from __future__ import annotations
 
@@ -106,6 +106,33 @@ def test_stopping_a_server_unlinks_what_its_processes_made(tmp_path, tiny_dir, u
         for m in made:
             _segment(m).unlink(missing_ok=True)
         srv.proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_server_never_started_leaves_no_log_and_the_callers_spec_as_it_was(tmp_path, tiny_dir, monkeypatch):
+    """VllmServer made its temporary log file as it was created, so one never started (a spec refused later, a
+    library user's object) left an empty vllm-server-*.log in $TMPDIR; and `port=0` was replaced in the caller's
+    spec, so a second server made from that spec took the first one's port (in use: refused)."""
+    import socket
+    import tempfile
+
+    from llmfast.errors import UserError
+    from llmfast.serve.server import ServerSpec, VllmServer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = ServerSpec(model=tiny_dir, port=0)
+    first = VllmServer(spec)
+    assert spec.port == 0 and first.spec.port > 0 and first.spec is not spec
+    assert first.log_path.parent == tmp_path and first.log_path.name.startswith("vllm-server-")
+    assert list(tmp_path.iterdir()) == []  # not started: no log
+    second = VllmServer(spec)
+    assert second.spec.port > 0
+    with socket.socket() as busy:  # a start refused for its port leaves nothing either
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = VllmServer(ServerSpec(model=tiny_dir, port=busy.getsockname()[1]))
+        with pytest.raises(UserError, match="in use"):
+            taken.start()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _held_psm(pgid: int) -> set[str]:

