@@ -10,7 +10,6 @@ for the system's TCP timeout, about two minutes, fails at once so the test does 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -172,17 +171,6 @@ def test_every_verb_on_local_models_reaches_for_no_network(offline, tiny_dir, tm
         assert tries == [], (args, tries)
 
 
-def _resolves_through_offline() -> bool:
-    from llmfast import models
-
-    return "hub_model" in inspect.getsource(models._download_from_hub)
-
-
-needs_models_patch = pytest.mark.skipif(not _resolves_through_offline(), reason="llmfast/models.py's "
-                                        "_download_from_hub does not call llmfast.offline.hub_model yet")
-
-
-@needs_models_patch
 @pytest.mark.parametrize("hang", ["", "1"])
 def test_a_hub_id_in_hugging_faces_cache_is_used_without_asking_the_hub(offline, tiny_dir, tmp_path, hang):
     """A model the user has in Hugging Face's cache: huggingface_hub asked the hub for its newest commit first, with
@@ -204,7 +192,6 @@ def test_hub_model_uses_the_cached_copy_without_the_network(tiny_dir, tmp_path):
     assert not log.exists(), log.read_text()
 
 
-@needs_models_patch
 def test_a_hub_id_not_cached_fails_in_one_line_after_one_try(offline):
     """Network down: one line that says the hub could not be reached (it said LocalEntryNotFoundError, a name
     from inside huggingface_hub), after one request for the model (no retry loop)."""
@@ -216,7 +203,6 @@ def test_a_hub_id_not_cached_fails_in_one_line_after_one_try(offline):
     assert len([t for t in tries if t["kind"] == "dns"]) <= 2, tries  # the model, and huggingface_hub's agent list
 
 
-@needs_models_patch
 def test_a_hub_id_not_cached_on_a_network_that_drops_packets_waits_a_bounded_time(offline):
     """A network that drops packets: every connection attempt has a time limit, HF_HUB_ETAG_TIMEOUT's for the
     model (huggingface_hub's first request had none: the system's TCP timeout, about two minutes); the error
@@ -228,7 +214,6 @@ def test_a_hub_id_not_cached_on_a_network_that_drops_packets_waits_a_bounded_tim
     assert connects and all(t["timeout"] for t in connects), connects
 
 
-@needs_models_patch
 def test_hf_hub_offline_and_a_hub_id_not_cached_names_the_cache(offline, tmp_path):
     p, tries = offline("models", "--prepare", "someorg/not-cached", HF_HUB_OFFLINE="1")
     err = p.stderr.strip()
@@ -255,14 +240,6 @@ def test_vllm_env_turns_off_what_vllm_reaches_for_and_leaves_the_callers_environ
     assert vllm_env([], {"HF_HUB_OFFLINE": "0", "DO_NOT_TRACK": "0"}) == {"VLLM_NO_USAGE_STATS": "1"}
 
 
-def _server_takes_vllm_env() -> bool:
-    from llmfast.serve import server
-
-    return "vllm_env" in inspect.getsource(server.server_command)
-
-
-@pytest.mark.skipif(not _server_takes_vllm_env(), reason="llmfast/serve/server.py's server_command does not add "
-                    "llmfast.offline.vllm_env yet")
 def test_the_vllm_server_sends_no_usage_statistics_and_asks_no_hub(tiny_dir, monkeypatch):
     """vLLM's server on a GPU sends usage statistics to stats.vllm.ai; the model llmfast gives it is a local folder,
     so it has nothing to ask the hub either, unless a flag passed on to it names a hub id."""

@@ -460,6 +460,7 @@ def test_a_failed_start_is_told_in_the_servers_last_words_and_keeps_its_log(tmp_
 
     temp = VllmServer(ServerSpec(model=tiny_dir, port=0))  # a temporary log, as `llmfast serve` makes without --log
     temp.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    temp.log_path.write_text("")  # what start() makes
     try:
         with pytest.raises(UserError, match="did not serve .* within 1 s"):
             temp.wait_ready(timeout=1)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llmfast.errors import UserError
+from llmfast.offline import vllm_env
 from llmfast.process_exit import LOG_BARS
 from llmfast.scratch import (drop_scratch, drop_segments, engine_env, engine_segments, group_members, make_scratch,
                              stop_with_parent)
@@ -154,7 +155,7 @@ def server_command(spec: ServerSpec, machine: Machine | None = None) -> tuple[li
     argv += spec.extra_args
     # The user's environment wins over our defaults (someone who set VLLM_CPU_KVCACHE_SPACE meant it). The server's
     # output goes to a log file even where ours goes to a terminal: its bars are paced as in any log.
-    env = {k: v for k, v in {**env_defaults, **LOG_BARS}.items() if k not in os.environ}
+    env = {k: v for k, v in {**env_defaults, **LOG_BARS, **vllm_env(spec.extra_args)}.items() if k not in os.environ}
     if spec.api_key:
         env["VLLM_API_KEY"] = spec.api_key  # not on the command line, where `ps` would show it
     return argv, env

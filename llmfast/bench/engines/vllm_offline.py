@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import multiprocessing
 import os
 import signal
@@ -156,11 +157,12 @@ class VllmOfflineEngine(OfflineEngine):
         from llmfast.bench.logs import send_vllm_logs_to_stderr
         from llmfast.bench.metrics import RequestResult
         from llmfast.serve.lora import max_lora_rank
+        from llmfast.offline import vllm_env
         from llmfast.serve.machine import detect, vllm_defaults
 
         machine = detect()
         env, _ = vllm_defaults(machine)
-        for k, v in env.items():
+        for k, v in {**env, **vllm_env([json.dumps(engine_args or {})])}.items():  # usage stats, hub lookups off
             os.environ.setdefault(k, v)  # read by the engine process it spawns
         send_vllm_logs_to_stderr()
         from vllm import LLM, SamplingParams
