@@ -334,7 +334,10 @@ def write_manifest(
     **extra: Any,
 ) -> dict[str, Any]:
     """Write `llmfast.json` into an artifact directory (usually the temporary one inside `atomic_dir`). A parent
-    that is a local path is recorded absolute, so the lineage is found from any folder (builtin:NAME stays)."""
+    that is a local path is recorded absolute, so the lineage is found from any folder (builtin:NAME stays). The
+    provenance says what made it (llmfast's commit, the libraries, the machine: llmfast/provenance.py)."""
+    from llmfast.provenance import provenance
+
     manifest = {
         "stage": stage,
         "parents": [lineage_ref(p) for p in parents or []],
@@ -342,6 +345,7 @@ def write_manifest(
         "metrics": metrics or {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "llmfast_version": __version__,
+        "provenance": provenance(),
         **extra,
     }
     atomic_write_json(Path(directory) / MANIFEST, manifest)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -173,11 +172,10 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
 
         check_positions(path, cfg.perplexity.context, "eval.perplexity.context")
 
-    import torch
-
     from llmfast import __version__
     from llmfast.artifacts import atomic_write_json, atomic_write_text
     from llmfast.models import effective_quantization, load_model
+    from llmfast.provenance import provenance
     from llmfast.recipe import recipe_dict
 
     tokenizer = _eval_tokenizer(path, adapter_dir(recipe.adapter) if recipe.adapter is not None else None)
@@ -191,9 +189,8 @@ def run_eval(recipe: "EvalRecipe") -> dict[str, Any]:
         "adapter": str(recipe.adapter) if recipe.adapter else None,
         "quantization": quantization.manifest() if quantization is not None else None,  # as it ran
         "dtype": cfg.dtype,
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                    "device": "cpu", "torch": torch.__version__},
-        "llmfast_version": __version__,
+        "llmfast_version": __version__,  # is_eval_results knows the file by it, also one from before provenance
+        "provenance": provenance(),  # version and commit, libraries, CPU and threads (it ran on the CPU)
         "recipe": recipe_dict(recipe),
         "perplexity": None,
         "tasks": {},

@@ -233,7 +233,7 @@ def test_eval_cli_on_builtin_model(builtin_dir, tmp_path):
     )
     assert code == 0, err
     res = json.loads(out.read_text())
-    for key in ["model", "model_path", "dtype", "machine", "perplexity", "tasks", "seconds", "predictions", "recipe"]:
+    for key in ["model", "model_path", "dtype", "provenance", "perplexity", "tasks", "seconds", "predictions", "recipe"]:
         assert key in res, key
     assert res["model_path"] == str(builtin_dir)
     ppl = res["perplexity"]

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import test_bench
 import test_installed
-from conftest import REPO
+from conftest import REPO, run_cli
 from llmfast import __version__
 from llmfast.provenance import CPU_FLAGS, describe, git_commit, provenance
 
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
+fake_server = test_bench.fake_server  # the OpenAI-compatible server in a thread
 installed = test_installed.installed  # (the wheel built from this checkout, the folder it is unpacked into)
 HAS_GIT = shutil.which("git") is not None
 
@@ -159,3 +161,77 @@ def test_a_provenance_reads_no_library_it_was_not_told_of() -> None:
     assert "vllm" not in sys.modules
 
 
+def test_an_eval_record_says_what_produced_it(tiny_dir: Path, tmp_path: Path, far_zone: None) -> None:
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {tiny_dir}\neval:\n  perplexity: {{text: {TEXT}, max_tokens: 64, context: 32, "
+                      "stride: 32}\n")
+    code, _, err = run_cli("eval", str(recipe), "--output", str(tmp_path / "r.json"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    _check(r["provenance"], ("torch", "transformers"))
+    assert r["llmfast_version"] == __version__ and "machine" not in r  # the machine is in the provenance
+
+
+def test_a_bench_offline_record_is_dated_in_utc_and_says_what_produced_it(tiny_dir: Path, tmp_path: Path,
+                                                                         far_zone: None) -> None:
+    code, _, err = run_cli("bench", "offline", str(tiny_dir), "--engine", "hf", "--num-prompts", "2",
+                           "--random-input-len", "6", "--random-output-len", "2", "--output", str(tmp_path / "r.json"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    _near_now(_utc(r["date"]))
+    _check(r["provenance"], ("torch", "transformers"))
+
+
+def test_two_bench_serve_runs_named_alike_keep_both_results(fake_server, tmp_path: Path, far_zone: None) -> None:
+    """vLLM's default result name holds the time to the second: two runs in the same second (here: the same
+    --metadata date) wrote one file, the second run's. Each is kept now; the date is UTC, in vLLM's form."""
+    _, url = fake_server()
+
+    def run(output_len: int, *extra: str) -> tuple[str, str]:
+        code, out, err = run_cli("bench", "serve", "--base-url", url, "--num-prompts", "2", "--random-input-len", "8",
+                                 "--random-output-len", str(output_len), "--disable-tqdm", "--save-result",
+                                 "--result-dir", str(tmp_path), *extra)
+        assert code == 0, err
+        return out, err
+
+    run(2)
+    stamp = json.loads(next(tmp_path.iterdir()).read_text())["date"]
+    _near_now(dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=dt.timezone.utc))
+    run(2, "--metadata", "date=20260101-000000")
+    out, err = run(3, "--metadata", "date=20260101-000000")
+    first, second = (tmp_path / f"openai-infqps-m-20260101-000000{n}.json" for n in ("", "-2"))
+    assert f"result: {second}" in out and f"{first.name} exists (another run's result)" in err
+    assert [json.loads(p.read_text())["total_output_tokens"] for p in (first, second)] == [4, 6]  # neither lost
+    assert len(list(tmp_path.iterdir())) == 3  # no temporary file left
+    _check(json.loads(second.read_text())["provenance"])
+
+
+def test_a_bench_report_says_once_at_the_top_what_produced_it(tiny_dir: Path, tmp_path: Path, far_zone: None,
+                                                             hf_in_process: None) -> None:
+    from llmfast.bench.runner import run_bench
+    from llmfast.recipe import BenchRecipe
+
+    recipe = BenchRecipe.model_validate({"variants": [{"name": "plain", "model": str(tiny_dir), "engine": "hf"}],
+                                         "workload": {"num_prompts": 2, "input_len": 6, "output_len": 2,
+                                                      "max_concurrency": [1], "percentiles": [50]},
+                                         "output": str(tmp_path / "bench")})
+    report = run_bench(recipe).read_text()
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    _near_now(_utc(results["date"]))
+    _check(results["provenance"], ("torch", "transformers"))
+    line = f"Measured with {describe(results['provenance'])}."
+    assert report.splitlines()[2] == line and report.count("Measured with") == 1
+    assert results["provenance"]["machine"]["cpu"] in line and f"llmfast {__version__}" in line
+    _check(json.loads((tmp_path / "bench" / "llmfast.json").read_text())["provenance"], ("torch",))
+
+
+@pytest.fixture
+def hf_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench run's transformers process (a pool of one) as a thread: the same engine, without a second torch start."""
+    import concurrent.futures
+
+    class InProcess(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, mp_context=None):
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import os
 import sys
 import tempfile
@@ -101,8 +100,10 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     if log is not None:
         log.unlink(missing_ok=True)
     summary = compute_metrics(results, duration, percentiles, metric_names)
+    from llmfast.provenance import provenance, utc_now
+
     result: dict[str, Any] = {
-        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "date": utc_now(),  # ISO 8601 in UTC (no file is named after it)
         "engine": word,
         "model_id": args.model,
         "model_path": str(variant.model_dir),
@@ -118,6 +119,8 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_second": summary["total_token_throughput"],
         "peak_rss_gib": round(mem.peak_gib, 3),
         "status": "ok" if summary["failed"] == 0 else "failed",
+        # what ran it: the engine ran here, so vLLM's version is known from its import (an hf run never imports it)
+        "provenance": provenance(),
     }
     print(format_summary(result, f"Offline ({word}) Benchmark Result"))
     print(f"{'Peak RSS (GiB):':<44} {result['peak_rss_gib']:.2f}")

@@ -9,8 +9,8 @@ URL, the server, the result folder, a flag) is checked before the first request.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -83,6 +83,7 @@ def run_point(base_url: str, model: str, requests: list["Request"], *, request_r
 
     from llmfast.bench.loadgen import run_load
     from llmfast.bench.metrics import compute_metrics
+    from llmfast.provenance import utc_stamp
     from llmfast.serve.endpoint import healthy
 
     # `disable` only to switch it off: passed False, it overrode tqdm's TQDM_DISABLE=1
@@ -97,7 +98,7 @@ def run_point(base_url: str, model: str, requests: list["Request"], *, request_r
         request_id_prefix=request_id_prefix))
     bar.close()
     result: dict[str, Any] = {
-        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "date": utc_stamp(),  # vLLM's form, in UTC (its local time told two machines' runs apart by their zones)
         "backend": backend,
         "endpoint_type": backend,
         "label": label or backend,
@@ -139,6 +140,44 @@ def result_path(result_dir: str | None, result_filename: str | None, result: dic
         base = Path(str(result["model_id"])).name
         name = f"{result['label']}-{rate}qps{f'-concurrency{conc}' if conc else ''}-{base}-{result['date']}.json"
     return Path(result_dir or ".") / name
+
+
+def save_result(path: Path, result: dict[str, Any], replace: bool = False) -> Path:
+    """Write `result` at `path`, or where that is taken (by a run started in the same second under the same default
+    name, or a file that appeared during this run) and `replace` is off, at the first free PATH-2.json, PATH-3.json...;
+    return where. Taking the name and writing the file are one step, so two runs never write over each other."""
+    from llmfast.artifacts import atomic_write_json
+
+    if replace:
+        return atomic_write_json(path, result)
+    # a temporary sibling of the name reap_stale_temps removes if this process dies before it is linked
+    tmp = atomic_write_json(path.with_name(f".{path.name}.tmp-{os.getpid()}-result"), result)
+    try:
+        for n in range(1, 10_000):
+            candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                _link_new(tmp, candidate)
+            except FileExistsError:
+                continue
+            if n > 1:
+                print(f"bench: {path.name} exists (another run's result): this one is {candidate.name}",
+                      file=sys.stderr)
+            return candidate
+        raise UserError(f"{path}: 9999 results of that name are there already: give --result-dir another folder")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """`dst` made `src`'s content, failing with FileExistsError if `dst` exists: a hard link, or on a file system
+    without them an exclusive create (taken in that same step) then a rename over it."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FAT file systems)
+        os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(src, dst)
 
 
 def _check_result_files(result_dir: str | None, result_filename: str, rates: list[float], concs: list[int]) -> None:
@@ -267,10 +306,10 @@ def _check_choices(args: argparse.Namespace) -> None:
 
 def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Check every flag, the server and the result folder; run the sweep; print and save each point."""
-    from llmfast.artifacts import atomic_write_json
     from llmfast.bench.metrics import format_summary, parse_goodput, parse_metric_names, parse_percentiles
     from llmfast.bench.serve_flags import headers_from, metadata_from
     from llmfast.bench.workload import build_requests
+    from llmfast.provenance import provenance
     from llmfast.serve.endpoint import check_base_url
 
     _check_choices(args)
@@ -336,11 +375,13 @@ def bench_serve(args: argparse.Namespace) -> list[dict[str, Any]]:
                 goodput=slos, label=args.label, model_id=model_id, tokenizer_id=tokenizer_id,
                 save_detailed=args.save_detailed, disable_tqdm=args.disable_tqdm,
                 desc=f"rate {rate} conc {conc}" if sweep else "requests")
+            # the load generator's side: this process and machine (the server's vLLM may run on another)
+            result["provenance"] = provenance()
             # --metadata may replace the run's setup, as in vLLM, never what it measured (vLLM merges those last)
             result.update({k: v for k, v in metadata.items() if k in METADATA_REPLACES or k not in result})
             path = result_path(args.result_dir, args.result_filename, result, sweep) if args.save_result else None
             if path is not None:  # saved before the summary is printed: `| head -1` then closes no result's file
-                atomic_write_json(path, result)
+                path = save_result(path, result, replace=bool(args.overwrite and args.result_filename))
             print(format_summary(result))
             if result["status"] == "failed":
                 print(f"FAILED: {result['failure_cause']}")

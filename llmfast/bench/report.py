@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmfast.provenance import describe
+
 
 def _f(v: Any, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v, fmt)
@@ -32,6 +34,8 @@ def markdown(results: dict[str, Any], images: list[str] | None = None) -> str:
     lines = [
         f"# Bench report: {results['name']}",
         "",
+        # what made these numbers, once, so two reports (months, machines apart) are told apart at a glance
+        *([f"Measured with {describe(results['provenance'])}.", ""] if results.get("provenance") else []),
         f"{results['date']} on {results['machine']}. Workload: {w['num_prompts']} prompts of {w['input_len']} random "
         f"tokens, {w['output_len']} output tokens{' (ignore_eos)' if w['ignore_eos'] else ''}, request rate "
         f"{w['request_rate']}; concurrency {', '.join(map(str, w['max_concurrency']))}. vLLM variants are measured "

@@ -11,7 +11,6 @@ on the same prompts, so each report states vLLM's throughput against plain `gene
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import platform
 import sys
@@ -272,6 +271,16 @@ def _rows(recipe: "BenchRecipe", measured: list[Measured], cfgs: list["VariantCo
     return rows, comparisons
 
 
+def _libraries(measured: list[Measured]) -> list[str]:
+    """The libraries the variants ran on, in this process or in others (servers, spawned transformers runs)."""
+    used = ["torch", "transformers"]  # transformers: every quality run and baseline, and the hf engines
+    if any(m.engine == "vllm" for m in measured):
+        used.append("vllm")
+    if any(m.variant.lora for m in measured):
+        used.append("peft")
+    return used
+
+
 def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     """Measure every variant; write report.md, the plots and results.json into the recipe's output (an existing one
     only with `overwrite`, never a variant's model or adapter, checked before anything runs); return report.md."""
@@ -280,6 +289,7 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
     from llmfast.bench.report import markdown, plots
     from llmfast.bench.workload import random_requests
     from llmfast.models import load_tokenizer
+    from llmfast.provenance import provenance, utc_now
     from llmfast.recipe import recipe_dict
     from llmfast.serve.machine import detect
 
@@ -312,13 +322,15 @@ def run_bench(recipe: "BenchRecipe", overwrite: bool = False) -> Path:
         rows, comparisons = _rows(recipe, measured, [cfg for _, _, cfg in planned], baseline_for, requests, tmp)
         results = {
             "name": Path(recipe.output).name,
-            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "date": utc_now(),
             "machine": f"{platform.machine()}, {len(machine.cores)} cores, "
                        f"{'CUDA' if machine.cuda else 'CPU only'}{', fast bf16' if machine.fast_bf16 else ''}",
             "workload": w.model_dump(mode="json"),
             "recipe": recipe_dict(recipe),
             "variants": [m.to_json() for m in rows],
             "comparisons": comparisons,
+            # vLLM ran in its servers, transformers in processes of their own: their versions are read, not imported
+            "provenance": provenance(used=_libraries(measured)),
         }
         atomic_write_json(tmp / "results.json", results)
         images = [p.name for p in plots(results, tmp)]
