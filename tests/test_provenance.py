@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import test_bench
 import test_installed
 from conftest import REPO, run_cli
 from llmfast import __version__
+from llmfast.cli import main
 from llmfast.provenance import CPU_FLAGS, describe, git_commit, provenance
 
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
@@ -170,6 +172,41 @@ def test_an_eval_record_says_what_produced_it(tiny_dir: Path, tmp_path: Path, fa
     r = json.loads((tmp_path / "r.json").read_text())
     _check(r["provenance"], ("torch", "transformers"))
     assert r["llmfast_version"] == __version__ and "machine" not in r  # the machine is in the provenance
+
+
+def _jumping_clock() -> types.SimpleNamespace:
+    """A `time` module whose wall clock steps an hour back at every reading (as NTP or a user may set it)."""
+    real, steps = time.time, iter(range(1, 10**6))
+    return types.SimpleNamespace(**{k: getattr(time, k) for k in ("perf_counter", "monotonic", "sleep")},
+                                 time=lambda: real() - 3600 * next(steps))
+
+
+def test_a_quantize_manifest_says_what_produced_it_and_its_duration_ignores_the_clock(
+        tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, far_zone: None) -> None:
+    import llmfast.quant.run as run
+
+    monkeypatch.setattr(run, "time", _jumping_clock())
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(json.dumps({"model": str(tiny_dir), "output": str(tmp_path / "q"), "quantization": {
+        "method": "bitnet", "qat_steps": 0}, "data": {"text": str(TEXT), "skip_tokens": 512, "calibration_tokens": 256,
+                                                    "heldout_tokens": 128, "window": 64}}))
+    assert main(["quantize", str(recipe)]) == 0
+    m = json.loads((tmp_path / "q" / "llmfast.json").read_text())
+    _check(m["provenance"], ("torch", "transformers"))
+    _near_now(_utc(m["created"]))
+    assert 0 <= m["metrics"]["wall_seconds"] < 600, m["metrics"]  # the clock stepped back an hour mid-run
+
+
+def test_a_chain_stages_seconds_ignore_the_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmfast.chain.run as run
+
+    monkeypatch.setattr(run, "time", _jumping_clock())
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(json.dumps({"output": str(tmp_path / "run"), "stages": {
+        "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 4, "test": 2}}}}))
+    assert main(["run", str(recipe)]) == 0
+    seconds = json.loads((tmp_path / "run" / ".state" / "data.json").read_text())["seconds"]
+    assert 0 <= seconds < 600, seconds
 
 
 def test_a_bench_offline_record_is_dated_in_utc_and_says_what_produced_it(tiny_dir: Path, tmp_path: Path,

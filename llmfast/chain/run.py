@@ -252,10 +252,10 @@ def _run_stages(out: Path, stages: list[Stage], decisions: dict[str, tuple[str, 
         if action == "run":
             _clear(out, stage)
         atomic_write_json(_state(out, stage, "started"), {"key": stage.key})
-        began = time.time()
+        began = time.monotonic()  # a duration: the wall clock jumps when NTP or a user sets it
         run_stage(out, stage, action == "resume", run_verb, recipe_path)
         atomic_write_json(_state(out, stage, "json"), {"key": stage.key, "settings": stage.settings,
-                                                       "seconds": round(time.time() - began, 1)})
+                                                       "seconds": round(time.monotonic() - began, 1)})
 
 
 def stage_seconds(out: Path) -> dict[str, Any]:
