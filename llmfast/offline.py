@@ -38,7 +38,9 @@ def hub_wait() -> float:
 
 def cached_hub_model(repo_id: str, cache: Path | None = None) -> Path | None:
     """The copy of `repo_id` in Hugging Face's cache (`cache`: another hub-layout cache folder), found without the
-    network, or None: a snapshot of its main branch that holds a config.json."""
+    network, or None: a snapshot of its main branch that holds a config.json and its weights (every shard its index
+    names). A config and tokenizer alone are what an interrupted download, or a tool that read only those
+    (AutoConfig, AutoTokenizer, vLLM's lookups by id), leaves: fetched, as snapshot_download resumes it."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -46,7 +48,20 @@ def cached_hub_model(repo_id: str, cache: Path | None = None) -> Path | None:
                                       cache_dir=None if cache is None else str(cache)))
     except Exception:  # noqa: BLE001 - not cached, or an incomplete snapshot: either way not usable as it is
         return None
-    return path if (path / "config.json").is_file() else None
+    return path if (path / "config.json").is_file() and _has_weights(path) else None
+
+
+def _has_weights(path: Path) -> bool:
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return any(path.glob("*.safetensors"))
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a broken index: check_model_dir names it
+        return True
+    return bool(shards) and all((path / str(s)).is_file() for s in shards)
 
 
 def _offline() -> bool:
@@ -90,7 +105,7 @@ def hub_model(repo_id: str, older: Path | None = None) -> Path:
         from huggingface_hub import constants
 
         raise UserError(f"could not fetch '{repo_id}' from the Hugging Face hub: HF_HUB_OFFLINE is set and it is not "
-                        f"in Hugging Face's cache ({constants.HF_HUB_CACHE}): {how}")
+                        f"(with its weights) in Hugging Face's cache ({constants.HF_HUB_CACHE}): {how}")
     from huggingface_hub import HfApi, snapshot_download
 
     wait = hub_wait()

@@ -122,22 +122,37 @@ def cpu() -> dict[str, Any]:
             "cores": cores, "cores_total": os.cpu_count()}
 
 
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # the driver's folder per GPU, each with an `information` file
+
+
 def gpus() -> list[str]:
     """The GPUs' names: those this process's torch set up CUDA on, else those the NVIDIA driver lists (what a vLLM
-    server started from here used). Never initialises CUDA: a context here would take memory from that server."""
+    server started from here used), as many as CUDA_VISIBLE_DEVICES shows. Never initialises CUDA: a context here would take memory from that server."""
     torch = sys.modules.get("torch")
     try:
         if torch is not None and torch.cuda.is_initialized():
             return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - a broken CUDA setup leaves the record without GPU names, not unwritten
         pass
-    names = []
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+    listed: list[dict[str, str]] = []  # the driver's GPUs in PCI bus order, which CUDA_DEVICE_ORDER=PCI_BUS_ID numbers
+    for info in sorted(NVIDIA_GPUS.glob("*/information")):
         try:
             text = info.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
-        names += [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model:")]
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        listed.append({k: fields.get(k, "").strip() for k in ("Model", "GPU UUID")})
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [g["Model"] for g in listed]
+    names = []  # a run given some of the GPUs (CUDA_VISIBLE_DEVICES=3, or a UUID) used those alone
+    for token in (t.strip() for t in visible.split(",")):
+        if token.isdigit() and int(token) < len(listed):
+            names.append(listed[int(token)]["Model"])
+        elif token.startswith("GPU-"):
+            names += [g["Model"] for g in listed if g["GPU UUID"].startswith(token)]
+        else:  # CUDA stops at the first id it cannot use (an empty or -1 hides every GPU after it)
+            break
     return names
 
 

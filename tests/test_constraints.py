@@ -199,22 +199,24 @@ def _record() -> dict[str, str] | None:
 
 
 def test_this_venv_holds_the_pinned_versions() -> None:
-    """Where setup_venv.sh recorded an install with the pins (or recorded nothing: a venv made before the record, or
-    by hand, is held to the tested set too), every pinned package is installed at its pin. A venv installed with
-    `make install CONSTRAINTS=` is the newest releases on purpose: it skips, saying so."""
+    """Where setup_venv.sh recorded an install with the pins, every pinned package is installed at its pin. A venv
+    installed with `make install CONSTRAINTS=` is the newest releases on purpose, and one without the record (made
+    by hand, or before the record existed, or without vLLM, as on the lent GPU) claims nothing: both skip, saying
+    so (`make test` installs with the record)."""
     record = _record()
-    pins_file = PINS_FILE
-    if record is not None:
-        if not record.get("constraints"):
-            pytest.skip(f"{sys.prefix} was installed with CONSTRAINTS= (the newest releases, recorded in "
-                        ".llmfast-constraints): it does not claim the tested set")
-        pins_file = Path(record["constraints"])
-        pins_file = pins_file if pins_file.is_absolute() else REPO / pins_file
+    if record is None:
+        pytest.skip(f"{sys.prefix} has no .llmfast-constraints (not installed by scripts/setup_venv.sh): install with "
+                    "`make install` to check it against the tested set")
+    if not record.get("constraints"):
+        pytest.skip(f"{sys.prefix} was installed with CONSTRAINTS= (the newest releases, recorded in "
+                    ".llmfast-constraints): it does not claim the tested set")
+    pins_file = Path(record["constraints"])
+    pins_file = pins_file if pins_file.is_absolute() else REPO / pins_file
     pins = newest_releases.read_pins(pins_file)
     installed = _installed()
     differ = [f"{name} {installed.get(name, 'missing')} (pinned {pin})" for name, pin in sorted(pins.items())
               if installed.get(name) != pin]
-    moved = record is not None and record.get("sha256") != hashlib.sha256(pins_file.read_bytes()).hexdigest()
+    moved = record.get("sha256") != hashlib.sha256(pins_file.read_bytes()).hexdigest()
     assert not differ, (f"{sys.prefix} differs from {pins_file.name}" +
                         (" (which changed since this venv was installed)" if moved else "") + ": " +
                         ", ".join(differ) + ": reinstall with `make install` (or, on purpose, `make install "

@@ -88,6 +88,40 @@ def _reap(engine: subprocess.Popen) -> None:
     engine.stdout.close()  # type: ignore[union-attr]
 
 
+def _hold_a_segment(ready, stop) -> None:  # a caller's own child process: makes a segment and keeps it
+    seg = shared_memory.SharedMemory(create=True, size=4096)
+    ready.put(seg.name)
+    stop.wait(60)
+    seg.close()
+    seg.unlink()
+
+
+def test_in_process_bench_offline_takes_only_vllms_engine_cores_for_its_own():
+    """bench offline in a caller's process stops its engine and unlinks the shared memory the engine made; it took
+    every child started while it ran for the engine's, so a caller's own child started meanwhile from another thread
+    (a ProcessPoolExecutor's worker) had its segments unlinked under it and was waited for. vLLM names the
+    processes it creates for its engine cores; those alone are the engine's."""
+    import multiprocessing
+
+    from llmfast.bench.engines.vllm_offline import _engine_processes
+
+    ctx = multiprocessing.get_context("spawn")
+    others = {p.pid for p in multiprocessing.active_children()}
+    ready, stop = ctx.Queue(), ctx.Event()
+    users = ctx.Process(target=_hold_a_segment, args=(ready, stop))
+    engine = ctx.Process(target=time.sleep, args=(60,), name="EngineCore")  # as vLLM names it
+    users.start()
+    engine.start()
+    try:
+        ready.get(timeout=60)  # the caller's child is up, its segment made
+        assert [p.pid for p in _engine_processes(others)] == [engine.pid]
+    finally:
+        stop.set()
+        engine.kill()
+        users.join(30)
+        engine.join(30)
+
+
 def test_stopping_a_server_unlinks_what_its_processes_made(tmp_path, tiny_dir, users_segment):
     """`VllmServer.stop` ends with SIGKILL of the server's group (its leader killed for memory, or deaf to SIGINT),
     the resource tracker in it too: vLLM's psm_* segments stayed. A stand-in group here (a real start: the slow test

@@ -192,6 +192,23 @@ def test_hub_model_uses_the_cached_copy_without_the_network(tiny_dir, tmp_path):
     assert not log.exists(), log.read_text()
 
 
+def test_a_copy_without_its_weights_in_the_cache_is_not_taken_for_the_model(tiny_dir, tmp_path):
+    """What an interrupted download, or AutoConfig/AutoTokenizer by id, leaves in the cache (config and tokenizer
+    files): taken for the model, it was used as it was for good (online too: `check_model_dir` needs no weights, and
+    the load failed later); now it is fetched, or offline the one line saying it is not in the cache."""
+    snap = _hub_cache(tmp_path, tiny_dir)
+    (snap / "model.safetensors").unlink()
+    log = tmp_path / "network.jsonl"
+    code = "from llmfast.offline import cached_hub_model as c; print(c('someorg/tiny'))"
+    env = _users_env(tmp_path, log)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "None", p.stderr
+    code = "from llmfast.offline import hub_model; hub_model('someorg/tiny')"
+    p = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                       text=True)
+    assert "HF_HUB_OFFLINE is set and it is not (with its weights) in Hugging Face's cache" in p.stderr, p.stderr
+
+
 def test_a_hub_id_not_cached_fails_in_one_line_after_one_try(offline):
     """Network down: one line that says the hub could not be reached (it said LocalEntryNotFoundError, a name
     from inside huggingface_hub), after one request for the model (no retry loop)."""

@@ -272,3 +272,22 @@ def hf_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(max_workers)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
+
+
+def test_the_gpus_recorded_are_those_cuda_visible_devices_shows(tmp_path, monkeypatch):
+    """Without CUDA started here, the names come from the NVIDIA driver's folder (the format of
+    /proc/driver/nvidia/gpus/BUS/information); a run on GPU 1 of two (CUDA_VISIBLE_DEVICES=1, or its UUID) recorded
+    both."""
+    from llmfast import provenance
+
+    for bus, model, uuid in (("0000:1b:00.0", "NVIDIA H100 80GB HBM3", "GPU-aaaa1111"),
+                             ("0000:2c:00.0", "NVIDIA H200", "GPU-bbbb2222")):
+        (tmp_path / bus).mkdir()
+        (tmp_path / bus / "information").write_text(f"Model: \t\t {model}\nIRQ:  \t\t 42\nGPU UUID: \t {uuid}\n")
+    monkeypatch.setattr(provenance, "NVIDIA_GPUS", tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert provenance.gpus() == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+    for visible, seen in (("1", ["NVIDIA H200"]), ("GPU-bbbb", ["NVIDIA H200"]), ("1,0", ["NVIDIA H200",
+                          "NVIDIA H100 80GB HBM3"]), ("", []), ("-1", []), ("0,7,1", ["NVIDIA H100 80GB HBM3"])):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert provenance.gpus() == seen, visible

