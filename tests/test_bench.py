@@ -401,6 +401,29 @@ def test_bench_offline_runs_the_batch_size_asked_for(tiny_dir, tmp_path):
     assert (r["batch_size"], r["completed"], r["total_output_tokens"]) == (2, 3, 6)
 
 
+def test_bench_offline_keeps_a_result_another_run_wrote_at_its_output_meanwhile(tiny_dir, tmp_path, monkeypatch):
+    """--output was checked free before the run and written over at its end: a second run into the same path that
+    finished first lost its result. Now that one stays and this run's goes beside it, said on stderr and stdout."""
+    from llmfast.bench.engines import ENGINES
+    from llmfast.bench.engines.hf import HfEngine
+    from llmfast.cli import main
+
+    out = tmp_path / "r.json"
+
+    class FinishedSecond(HfEngine):  # another run into the same --output ends while this one generates
+        name = "hf-second"
+
+        def generate(self, *args, **kwargs):
+            out.write_text('{"the other run": true}\n')
+            return super().generate(*args, **kwargs)
+
+    monkeypatch.setitem(ENGINES._items, "hf-second", FinishedSecond())
+    assert main(["bench", "offline", str(tiny_dir), "--engine", "hf-second", "--num-prompts", "2",
+                 "--random-input-len", "6", "--random-output-len", "2", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"the other run": True}
+    assert json.loads((tmp_path / "r-2.json").read_text())["completed"] == 2
+
+
 # vLLM command lines (as users paste them) and what llmfast answers: None runs (parses), else the error.
 VLLM_LINES = {
     "--backend vllm --model m --dataset-name random --random-input-len 32 --random-output-len 8 --num-prompts 4": None,

@@ -45,7 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
-    from llmfast.artifacts import atomic_write_json
     from llmfast.bench.engines import resolve_variant
     from llmfast.bench.engines.base import quantization_ran
     from llmfast.bench.logs import engine_output
@@ -124,9 +123,10 @@ def bench_offline(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(format_summary(result, f"Offline ({word}) Benchmark Result"))
     print(f"{'Peak RSS (GiB):':<44} {result['peak_rss_gib']:.2f}")
-    if args.output:
-        atomic_write_json(args.output, result)
-        print(f"result: {args.output}")
+    if args.output:  # a file another run wrote there meanwhile is kept: this one goes beside it (OUTPUT-2.json)
+        from llmfast.bench.online import save_result
+
+        print(f"result: {save_result(Path(args.output), result, replace=args.overwrite)}")
     flush(sys.stdout)  # None where stdout was closed (`>&-`): the results file is written, the run succeeded
     return result
 
