@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmfast.data.chat import Encoded, read_examples, rows_digest
 from llmfast.data.packing import pack
 from llmfast.errors import UserError, no_space
@@ -80,6 +82,68 @@ def encode_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any,
     return encoded_cache.Cached(train_ex, eval_ex, f"llmfast: data: {said}", warnings)
 
 
+_SENT = 1 << 26  # values a broadcast carries at a time: 256 MiB of int32 ids on a GPU, whatever the data's size
+_CHUNK = 4096  # examples sent at a time
+
+
+def shared_encoding(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None,
+                    key: dict[str, Any]) -> encoded_cache.Cached:
+    """`encode_data` in process 0 only, the others receiving its examples (the same, in the same order): a launch
+    whose every process read and tokenized the data took N times the CPU time and memory at its start. Process 0's
+    failure is sent too, before it is raised: the others stop with it rather than wait for examples that never come
+    (torchrun stops them, but a launch of several nodes, or by hand, does not)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:  # one process
+        return encode_data(recipe, tokenizer, acc, vocab)
+    head: list[Any] = [None]
+    sources = encoded_cache.sources(key)
+    if acc.is_main_process:
+        try:
+            got = encode_data(recipe, tokenizer, acc, vocab)
+            examples = [*got.train, *got.eval]
+            table = encoded_cache.table(examples, sources)
+        except Exception:
+            dist.broadcast_object_list([{"failed": True}], src=0, device=acc.device)
+            raise
+        head = [{"failed": False, "train": len(got.train), "said": got.said, "warnings": got.warnings,
+                 "examples": len(examples)}]
+    dist.broadcast_object_list(head, src=0, device=acc.device)
+    if head[0]["failed"]:
+        raise UserError("process 0 stopped while encoding the data: its error says why")
+    if not acc.is_main_process:
+        examples, table = [], np.empty((head[0]["examples"], 4), "<i8")
+    _broadcast(table.reshape(-1), acc.device)
+    starts = np.concatenate(([0], np.cumsum(table[:, 0]))).tolist()
+    for c in range(0, len(table), _CHUNK):  # a chunk of examples at a time: their ids are held twice, not all
+        end = min(c + _CHUNK, len(table))
+        ids, labels = np.empty(starts[end] - starts[c], "<i4"), np.empty(starts[end] - starts[c], "<i4")
+        if acc.is_main_process:
+            for e, a in zip(examples[c:end], starts[c:end]):
+                a -= starts[c]
+                ids[a : a + len(e)], labels[a : a + len(e)] = e.buffers()
+        _broadcast(ids, acc.device)
+        _broadcast(labels, acc.device)
+        if not acc.is_main_process:
+            examples.extend(encoded_cache.from_arrays(table[c:end], ids, labels, sources))
+    n = head[0]["train"]
+    return got if acc.is_main_process else \
+        encoded_cache.Cached(examples[:n], examples[n:], head[0]["said"], head[0]["warnings"])
+
+
+def _broadcast(flat: np.ndarray, device: Any) -> None:
+    """Process 0's values of `flat` into every process's, a slice at a time (NCCL sends only GPU tensors)."""
+    import torch
+    import torch.distributed as dist
+
+    for a in range(0, len(flat), _SENT):
+        part = torch.from_numpy(flat[a : a + _SENT])  # a view: gloo on the CPU writes the received values in place
+        sent = part.to(device)
+        dist.broadcast(sent, src=0)
+        if sent.data_ptr() != part.data_ptr():
+            part.copy_(sent.cpu())
+
+
 @dataclass
 class RunData:
     rows: list[list[Encoded]]  # packed bins (or one example each)
@@ -95,8 +159,8 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
     """The run's rows. Resumed, from OUTPUT/encoded when the data files, the tokenizer and the settings are those it
     was saved from and its rows are those base.json records; else (or when it is damaged: said in a line, not an
     error, since encoding again gives the rows it should have held) encoded from the data, as on a first start.
-    Every process of a torchrun reads the saved examples itself; on a first start every process encodes (nothing
-    may be written before the run is checked, so there is nowhere yet to hand the examples over)."""
+    Every process of a torchrun reads the saved examples itself; else process 0 alone encodes and sends the others
+    its examples (`shared_encoding`: nothing may be written before the run is checked, so none go through a file)."""
     key = encoded_cache.input_key(recipe, model_path, vocab)  # before the files are read: a miss if they change
     got: encoded_cache.Cached | None = None
     theirs = foreign_encoded(out)  # none on a first start: the output is new or empty
@@ -117,7 +181,7 @@ def run_data(recipe: FinetuneRecipe, tokenizer: Any, acc: Any, vocab: int | None
             got = None
     unsaved = None
     if got is None:
-        got = unsaved = encode_data(recipe, tokenizer, acc, vocab)
+        got = unsaved = shared_encoding(recipe, tokenizer, acc, vocab, key)
         rows, eval_rows, digest = _packed(recipe, got)
     for w in got.warnings:
         note(acc, f"llmfast: warning: {w}")

@@ -79,7 +79,7 @@ def input_key(recipe: FinetuneRecipe, model_path: Path, vocab: int | None) -> di
                          "seed": recipe.train.seed, "vocab": vocab}}
 
 
-def _sources(key: dict[str, Any]) -> list[str]:
+def sources(key: dict[str, Any]) -> list[str]:
     return [p for p, _ in key["train"]] + [p for p, _ in key["eval"]]
 
 
@@ -94,18 +94,43 @@ def save(out: Path, key: dict[str, Any], train: Sequence[Encoded], held: Sequenc
          warnings: list[str]) -> None:
     """Write OUTPUT/encoded (replacing one there: its key was another)."""
     examples = [*train, *held]
-    prefixes = {p: i for i, p in enumerate(_prefixes(_sources(key)))}
-    # length, row, source (its data file, by the place errors name it by)
-    table = np.array([(len(e), e.row, prefixes[e.where[: -len(str(e.row))]]) for e in examples],
-                     dtype="<i8").reshape(-1, 3)
-    total = int(table[:, 0].sum())
+    index = table(examples, sources(key))[:, :3]  # FORMAT 1 keeps no part: a resume has its rows split already
+    total = int(index[:, 0].sum())
     meta = {"key": key, "train": len(train), "eval": len(held), "tokens": total, "said": said, "warnings": warnings}
     with atomic_dir(out / CACHE, overwrite=True) as tmp:
         for name, which in (("ids.npy", 0), ("labels.npy", 1)):
             with (tmp / name).open("wb") as f:
                 _write_npy(f, total, (e.buffers()[which].tobytes() for e in examples))
-        np.save(tmp / "examples.npy", table, allow_pickle=False)
+        np.save(tmp / "examples.npy", np.ascontiguousarray(index), allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def table(examples: Sequence[Encoded], sources: list[str]) -> np.ndarray:
+    """Each example's length, row, source (its data file, by the place errors name it by) and part."""
+    prefixes = {p: i for i, p in enumerate(_prefixes(sources))}
+    return np.array([(len(e), e.row, prefixes[e.where[: -len(str(e.row))]], e.part) for e in examples],
+                    dtype="<i8").reshape(-1, 4)
+
+
+def from_arrays(table: np.ndarray, ids: np.ndarray, labels: np.ndarray, sources: list[str]) -> list[Encoded]:
+    """Examples from their `table` (`save` keeps no parts) and their ids and labels one after another; a chunk's
+    ids at a time are copied, so mapped arrays are read once."""
+    prefixes = _prefixes(sources)
+    starts = np.concatenate(([0], np.cumsum(table[:, 0]))).tolist()
+    rows_of, src_of = table[:, 1].tolist(), table[:, 2].tolist()
+    parts = table[:, 3].tolist() if table.shape[1] > 3 else [0] * len(table)
+    examples: list[Encoded] = []
+    for c in range(0, len(table), _CHUNK):
+        end = min(c + _CHUNK, len(table))
+        a = starts[c]
+        chunk_ids, chunk_labels = array("i"), array("i")
+        chunk_ids.frombytes(ids[a : starts[end]].tobytes())
+        chunk_labels.frombytes(labels[a : starts[end]].tobytes())
+        for i in range(c, end):
+            s, e = starts[i] - a, starts[i + 1] - a
+            row = rows_of[i]
+            examples.append(Encoded(chunk_ids[s:e], chunk_labels[s:e], row, f"{prefixes[src_of[i]]}{row}", parts[i]))
+    return examples
 
 
 def _prefixes(sources: list[str]) -> list[str]:
@@ -133,7 +158,7 @@ def load(out: Path, key: dict[str, Any]) -> Cached | None:
     if meta["key"] != key:
         return None
     try:
-        return _read(d, meta, _sources(key))
+        return _read(d, meta, sources(key))
     except (KeyError, TypeError, ValueError) as e:  # meta.json's counts missing, or not numbers
         raise Damaged(f"{d / 'meta.json'}: {type(e).__name__}") from None
 
@@ -161,23 +186,10 @@ def _read(d: Path, meta: dict[str, Any], sources: list[str]) -> Cached:
     if not (type(n_train) is int and type(n_eval) is int and min(n_train, n_eval) >= 0
             and table.shape == (n_train + n_eval, 3)):
         raise Damaged(f"{d / 'examples.npy'}: of shape {list(table.shape)}, not [{n_train} + {n_eval}, 3]")
-    lengths, rows, src = table[:, 0], table[:, 1], table[:, 2]
+    lengths, src = table[:, 0], table[:, 2]
     if (lengths < 0).any() or int(lengths.sum()) != len(ids) or (src < 0).any() or (src >= len(sources)).any():
         raise Damaged(f"{d / 'examples.npy'}: the examples' lengths or files do not fit the ids")
-    prefixes = _prefixes(sources)
-    starts = np.concatenate(([0], np.cumsum(lengths))).tolist()
-    rows_of, src_of = rows.tolist(), src.tolist()
-    examples: list[Encoded] = []
-    for c in range(0, len(table), _CHUNK):
-        end = min(c + _CHUNK, len(table))
-        a = starts[c]
-        chunk_ids, chunk_labels = array("i"), array("i")
-        chunk_ids.frombytes(ids[a : starts[end]].tobytes())
-        chunk_labels.frombytes(labels[a : starts[end]].tobytes())
-        for i in range(c, end):
-            s, e = starts[i] - a, starts[i + 1] - a
-            row = rows_of[i]
-            examples.append(Encoded(chunk_ids[s:e], chunk_labels[s:e], row, f"{prefixes[src_of[i]]}{row}"))
+    examples = from_arrays(table, ids, labels, sources)
     said, warnings = meta["said"], meta["warnings"]
     if not (isinstance(said, str) and isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
         raise Damaged(f"{d / 'meta.json'}: its said and warnings are not text")
