@@ -1,17 +1,28 @@
 #!/bin/bash
-# The compression checks of a lent H100/H200 in two device calls (the 98 MB GGUF of the built-in model cannot
-# travel in one: a call carries 64 MiB). 2026-12-04's second session ran exactly this (BENCHMARKS.md).
+# The GPU checks of a lent H100/H200 in three device calls: the small CUDA checks (needs bitsandbytes, 43 MB), then
+# the compression kernels and training (the 98 MB GGUF of the built-in model cannot travel in one call: a call
+# carries 64 MiB, so it goes in two halves). 2026-12-04's second session ran `kernels` and `train` (BENCHMARKS.md).
+# The device's image (docs of the device tool): Python 3.12, torch, transformers, peft, accelerate, triton; no
+# pydantic, gguf, bitsandbytes, vllm: those three are carried as wheels.
 #
 # Here, once per checkout (ignored folders; wheels for the device's Python 3.12):
-#   printf '/.whl/\n/.gpu_a/\n/.gpu_b/\n' >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl pydantic==2.14.4 \
-#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gguf==0.19.0
+#   printf '/.whl/\n/.whl-bnb/\n/.gpu_a/\n/.gpu_b/\n' >> .git/info/exclude
+#   W="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64"
+#   $W -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gguf==0.19.0
+#   $W -d .whl-bnb bitsandbytes==0.50.2
 #   G=$(.venv/bin/python -c "from llmfast.models import BUILTINS, builtin_gguf_path as p; print(p(BUILTINS['smollm2-135m']))")
 #   mkdir -p .gpu_a .gpu_b; head -c 49181216 $G > .gpu_a/part; tail -c +49181217 $G > .gpu_b/part
-# Then, with the device tool (the second call within 30 s of the first's end: the machine is held 30 s idle):
+# Then, with the device tool, each call within 30 s of the previous one's end (the machine is held 30 s idle);
+# 15 minutes of device time in all, start-up included: `small` first, as it is the shortest and least likely to
+# have been run (drop it, not `train`, if the budget is short):
+#   run(command="bash scripts/gpu_session.sh small", carry=[".whl", ".whl-bnb"], timeout_s=200)
 #   run(command="bash scripts/gpu_session.sh kernels", carry=[".whl", ".gpu_a"], timeout_s=330)
 #   run(command="bash scripts/gpu_session.sh train 700 4.5e-3 100 2e-3", carry=[".gpu_b"], timeout_s=585)
+# `small`: installs the wheels into /tmp/site and runs scripts/gpu_small_checks.py (LoRA dropout kill+resume,
+#   the chunked KL and cross-entropy under bf16 autocast, per-stage CUDA peaks and peak_memory_reserved_gib, QLoRA
+#   export's merge on CUDA, loads without hub kernels, provenance's GPU names; a pass/fail table; about a minute
+#   plus the wheels' install, not yet timed on a GPU). Run `scripts/gpu_small_checks.py --device cpu` here first.
 # `kernels`: installs the wheels into /tmp/site, keeps the first half of the GGUF, runs
 #   scripts/gpu_compression_checks.py (ternary and sparse Triton kernels: checks and timings, about 3.5 minutes).
 # `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT RELUFY_TEACHER]`: joins and checks
@@ -22,10 +33,18 @@
 #   it writes is also packed into $OUT/results.tgz: the device tool returns at most 8 files.
 set -u
 export PYTHONPATH=/tmp/site:$PWD
+install() {  # the carried wheels, into /tmp/site (on PYTHONPATH)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"
+}
 case "${1:-}" in
+small)
+  install .whl/*.whl .whl-bnb/*.whl || exit 1
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  timeout 180 python3 scripts/gpu_small_checks.py --out "$OUT/small" 2>"$OUT/small.err" | tail -12
+  echo "small rc ${PIPESTATUS[0]}"; grep -m3 -B2 "Error" "$OUT/small.err"
+  ;;
 kernels)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
+  install .whl/*.whl || exit 1
   cp .gpu_a/part /tmp/part-a || exit 1
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 scripts/gpu_compression_checks.py --out "$OUT/kernels" 2>&1 | grep -v "^  skipped" | tail -45
@@ -49,7 +68,7 @@ train)
   tar czf /tmp/results.tgz -C "$OUT" qat relufy && mv /tmp/results.tgz "$OUT/results.tgz"
   ;;
 *)
-  echo "usage: bash scripts/gpu_session.sh kernels | train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR" >&2
+  echo "usage: bash scripts/gpu_session.sh small | kernels | train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR" >&2
   exit 2
   ;;
 esac
