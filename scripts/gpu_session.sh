@@ -8,21 +8,24 @@
 # Here, once per checkout (ignored folders; wheels for the device's Python 3.12):
 #   printf '/.whl/\n/.whl-bnb/\n/.gpu_a/\n/.gpu_b/\n' >> .git/info/exclude
 #   W="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64"
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_28_x86_64"
 #   $W -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gguf==0.19.0
-#   $W -d .whl-bnb bitsandbytes==0.50.2
+#   $W -d .whl-bnb bitsandbytes==0.50.2     # 41 MiB (2026-12-07): with .whl and the tree, ~51 of the 64 MiB
 #   G=$(.venv/bin/python -c "from llmfast.models import BUILTINS, builtin_gguf_path as p; print(p(BUILTINS['smollm2-135m']))")
 #   mkdir -p .gpu_a .gpu_b; head -c 49181216 $G > .gpu_a/part; tail -c +49181217 $G > .gpu_b/part
-# Then, with the device tool, each call within 30 s of the previous one's end (the machine is held 30 s idle);
-# 15 minutes of device time in all, start-up included: `small` first, as it is the shortest and least likely to
-# have been run (drop it, not `train`, if the budget is short):
-#   run(command="bash scripts/gpu_session.sh small", carry=[".whl", ".whl-bnb"], timeout_s=200)
+# Then, with the device tool, each call within 30 s of the previous one's end (the machine is held 30 s idle).
+# 15 minutes of device time in all, start-up included, and the three calls at their full timeouts need more: run
+# `small` first (never run on a GPU yet, the shortest), then `kernels`, then `train` with what `status` says is left
+# (shrink its QAT_TIMEOUT/RELUFY_TIMEOUT, or skip `kernels`: BENCHMARKS.md has its 2026-12-04 numbers):
+#   run(command="bash scripts/gpu_session.sh small", carry=[".whl", ".whl-bnb"], timeout_s=240)
 #   run(command="bash scripts/gpu_session.sh kernels", carry=[".whl", ".gpu_a"], timeout_s=330)
 #   run(command="bash scripts/gpu_session.sh train 700 4.5e-3 100 2e-3", carry=[".gpu_b"], timeout_s=585)
 # `small`: installs the wheels into /tmp/site and runs scripts/gpu_small_checks.py (LoRA dropout kill+resume,
 #   the chunked KL and cross-entropy under bf16 autocast, per-stage CUDA peaks and peak_memory_reserved_gib, QLoRA
 #   export's merge on CUDA, loads without hub kernels, provenance's GPU names; a pass/fail table; about a minute
-#   plus the wheels' install, not yet timed on a GPU). Run `scripts/gpu_small_checks.py --device cpu` here first.
+#   plus the wheels' install, not yet timed on a GPU; rc 1 when a check failed). Here, `--device cpu` runs it first
+#   (tests/test_gpu_scripts.py does).
 # `kernels`: installs the wheels into /tmp/site, keeps the first half of the GGUF, runs
 #   scripts/gpu_compression_checks.py (ternary and sparse Triton kernels: checks and timings, about 3.5 minutes).
 # `train QAT_STEPS QAT_LR RELUFY_SECONDS RELUFY_LR [QAT_TIMEOUT RELUFY_TIMEOUT RELUFY_TEACHER]`: joins and checks
@@ -40,8 +43,9 @@ case "${1:-}" in
 small)
   install .whl/*.whl .whl-bnb/*.whl || exit 1
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  timeout 180 python3 scripts/gpu_small_checks.py --out "$OUT/small" 2>"$OUT/small.err" | tail -12
-  echo "small rc ${PIPESTATUS[0]}"; grep -m3 -B2 "Error" "$OUT/small.err"
+  # the table is the last lines; a check's traceback stays in small.err, which comes back with the JSON
+  PYTHONUNBUFFERED=1 timeout 190 python3 scripts/gpu_small_checks.py --out "$OUT/small" 2>"$OUT/small.err" | tail -12
+  echo "small rc ${PIPESTATUS[0]}"; grep -m5 "Error" "$OUT/small.err"
   ;;
 kernels)
   install .whl/*.whl || exit 1
