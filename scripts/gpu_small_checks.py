@@ -120,11 +120,10 @@ def _bf16_logits(dev: str, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _compare(value: torch.Tensor, grad: torch.Tensor, ref_value: torch.Tensor, ref_grad: torch.Tensor,
-             dev: str) -> dict[str, Any]:
+             dev: str, cuda_tol: tuple[float, float]) -> dict[str, Any]:
     value_err = abs(value.item() - ref_value.item()) / max(abs(ref_value.item()), 1e-12)
     grad_err = ((grad.double().cpu() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-30)).item()
-    # bfloat16 holds 8 bits of mantissa: the gradient, kept in the logits' dtype, is within a few of its roundings
-    tol_value, tol_grad = (1e-4, 2e-2) if dev == "cuda" else (1e-6, 1e-5)
+    tol_value, tol_grad = cuda_tol if dev == "cuda" else (1e-6, 1e-5)
     return verdict(value_err <= tol_value and grad_err <= tol_grad, value=round(value.item(), 6),
                    value_rel_err=value_err, grad_rel_err=grad_err, logits_dtype=str(grad.dtype))
 
@@ -141,7 +140,9 @@ def check_kl(dev: str, work: Path) -> dict[str, Any]:
     ref = F.kl_div(F.log_softmax(flat_s / 2.0, -1), F.log_softmax(flat_t / 2.0, -1), log_target=True,
                    reduction="sum") / flat_s.shape[0] * 4.0
     ref.backward()
-    return _compare(loss, s.grad, ref, s64.grad, dev)
+    # the same bfloat16 logits on both sides, summed in float32/64: the value to float32; the gradient, kept in the
+    # logits' dtype (8 bits of mantissa), within a few of its roundings of the largest
+    return _compare(loss, s.grad, ref, s64.grad, dev, (1e-4, 1e-2))  # CPU bf16 autocast: 1.4e-6, 1.5e-3
 
 
 def check_ce(dev: str, work: Path) -> dict[str, Any]:
@@ -162,7 +163,9 @@ def check_ce(dev: str, work: Path) -> dict[str, Any]:
     logits = h64[:, :-1] @ model.lm_head.weight.detach().double().cpu().T
     ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).cpu(), reduction="sum")
     ref.backward()
-    out = _compare(total, hidden.grad, ref, h64.grad, dev)
+    # autocast runs the head (and the gradient's product with it) in bfloat16, the reference in float64: logits
+    # off by ~2^-8 of their size, the summed loss by less (errors of both signs), the gradient by a few roundings
+    out = _compare(total, hidden.grad, ref, h64.grad, dev, (5e-4, 5e-3))  # CPU bf16 autocast: 1.3e-5, 5.3e-5
     if count != int((labels[:, 1:] != -100).sum()):
         out.update(status="fail", count=count)
     return out
