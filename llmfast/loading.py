@@ -130,12 +130,14 @@ def auto_config(path: str | os.PathLike[str]) -> "PreTrainedConfig":
     is one line naming the directory."""
     from transformers import AutoConfig
 
-    no_model_code(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except UserError:
         raise
     except Exception as e:  # transformers' own errors on a config a user can fix
+        # without trust_remote_code transformers refuses a config that names its own code ('custom code'), importing
+        # nothing: our one line for it is read here, so a config that loads is read once (check_weights_fit)
+        no_model_code(path)
         raise _cannot_build(path, e) from None
 
 
