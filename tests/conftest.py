@@ -58,8 +58,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # (xdist's order). The Makefile turns xdist's own reordering off. tests/test_suite_order.py catches a rename here.
 LONGEST_FIRST = ("test_serve_vllm.py", "test_finetune.py", "test_serve_relu.py", "test_kill_anywhere.py",
                  "test_chain.py", "test_leftovers.py", "test_library_use.py", "test_offline.py",
-                 "test_python_api_docs.py", "test_engine_choice.py", "test_quant_bitnet.py", "test_quant_w4.py",
-                 "test_triton_kernels.py", "test_untrusted_files.py")
+                 "test_python_api_docs.py", "test_engine_leftovers.py", "test_engine_choice.py",
+                 "test_quant_bitnet.py", "test_quant_w4.py", "test_triton_kernels.py", "test_untrusted_files.py",
+                 "test_gpu_scripts.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
