@@ -72,6 +72,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path.name], item.path.name))
 
 
+# With --durations (CI passes it), the time each file took and on which worker: LONGEST_FIRST's order comes from this,
+# and a file that grew, or a worker left running alone at the end, shows here.
+_FILE_SECONDS: dict[str, list] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    node = getattr(report, "node", None)  # under xdist, in the controller: the worker that ran it
+    seconds = _FILE_SECONDS.setdefault(report.nodeid.split("::")[0], [0.0, ""])
+    seconds[0] += report.duration
+    seconds[1] = getattr(getattr(node, "gateway", None), "id", "") or seconds[1]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if config.option.durations is None or os.environ.get("PYTEST_XDIST_WORKER") or not _FILE_SECONDS:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "seconds per test file (setup + call + teardown), longest first")
+    per_worker: dict[str, float] = {}
+    for name, (seconds, worker) in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1][0]):
+        per_worker[worker] = per_worker.get(worker, 0.0) + seconds
+        tr.write_line(f"{seconds:8.1f}  {worker or '-':4}  {name}")
+    tr.write_line("  ".join(f"{w or 'all'}: {s:.1f} s" for w, s in sorted(per_worker.items())))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session's own cache (~600 MB: the converted built-in model) and kernel cache go when it ends, in the
     process that made them (a worker's copy of this module made none; a forked child never gets here)."""
