@@ -10,6 +10,7 @@ for a folder that names its own code, `refuse_model_code`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -21,6 +22,7 @@ from llmfast.errors import UserError
 
 # A safetensors header is a few hundred bytes per tensor; 100 MB is the library's own limit.
 _MAX_HEADER = 100_000_000
+INDEX = "model.safetensors.index.json"
 
 
 def read_json_file(path: Path, what: str, fix: str) -> Any:
@@ -113,15 +115,8 @@ def stored_floats(path: Path, fix: str) -> dict[str, int]:
         for k, v in safetensors_header(f, fix).items():
             if k != "__metadata__" and v.get("dtype") in FLOAT_TAGS:
                 name = FLOAT_TAGS[v["dtype"]][0]
-                counts[name] = counts.get(name, 0) + _elements(v.get("shape"))
+                counts[name] = counts.get(name, 0) + math.prod(int(n) for n in v.get("shape") or [])
     return counts
-
-
-def _elements(shape: Any) -> int:
-    n = 1
-    for s in shape or []:
-        n *= int(s)
-    return n
 
 
 def widened_note(source: Path, out: Path, key: str) -> str | None:
@@ -142,28 +137,33 @@ def widened_note(source: Path, out: Path, key: str) -> str | None:
             f"{mib(now)} MiB where {was} would take {mib(was)} MiB; {keep} keeps them as stored")
 
 
+class MissingShards(UserError):
+    """An index that names files not beside it: an interrupted download (`offline` fetches such a copy again)."""
+
+
 def model_weight_files(path: Path, fix: str) -> list[Path]:
     """The files transformers loads the weights from: model.safetensors, or those its index names (not an
-    artifact's other safetensors files: thresholds, predictors). model.safetensors wins over an index beside it, as
-    in transformers (a folder re-saved with another shard size may keep both)."""
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    return weight_files(path, fix) if (path / "model.safetensors.index.json").is_file() else []
+    artifact's other safetensors files: thresholds, predictors); [] for neither. model.safetensors wins over an index
+    beside it, as in transformers (a folder re-saved with another shard size may keep both)."""
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else _index_files(path, fix) if (path / INDEX).is_file() else []
 
 
 def weight_files(path: Path, fix: str) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        data = read_json_file(index, "safetensors index", fix)
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wmap, dict) or not wmap:
-            raise UserError(f"{index}: no 'weight_map' of tensor names to files: {fix}")
-        files = sorted({str(v) for v in wmap.values()})
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise UserError(f"{index}: names {len(missing)} missing file(s) ({', '.join(missing[:3])}): {fix}")
-        return [path / f for f in files]
-    return sorted(path.glob("*.safetensors"))
+    """Those an index names, else every safetensors file (thresholds too): fingerprints before 2026-12-06 01:05."""
+    return _index_files(path, fix) if (path / INDEX).is_file() else sorted(path.glob("*.safetensors"))
+
+
+def _index_files(path: Path, fix: str) -> list[Path]:
+    # sorted and each once, as transformers reads the shards; MissingShards where one is not there
+    data = read_json_file(path / INDEX, "safetensors index", fix)
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise UserError(f"{path / INDEX}: no 'weight_map' of tensor names to files: {fix}")
+    files = sorted({str(v) for v in wmap.values()})
+    if missing := [f for f in files if not (path / f).is_file()]:
+        raise MissingShards(f"{path / INDEX}: names {len(missing)} missing file(s) ({', '.join(missing[:3])}): {fix}")
+    return [path / f for f in files]
 
 
 def check_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -190,6 +190,7 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
         # transformers goes on with defaults (another end-of-turn token, other sampling) after a log line
         if not isinstance(read_json_file(generation, "generation config", f"fix or delete it ({fix})"), dict):
             raise UserError(f"{generation}: the generation config is not a JSON object: fix or delete it ({fix})")
+    # an index's shards too beside model.safetensors: vLLM reads the index, and refuses one that names missing files
     for f in dict.fromkeys([*model_weight_files(path, fix), *weight_files(path, fix)]):
         safetensors_header(f, fix)
     return path

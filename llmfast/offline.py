@@ -52,16 +52,14 @@ def cached_hub_model(repo_id: str, cache: Path | None = None) -> Path | None:
 
 
 def _has_weights(path: Path) -> bool:
-    import json
+    from llmfast.modelfiles import MissingShards, model_weight_files, weight_files
 
-    index = path / "model.safetensors.index.json"
-    if not index.is_file():
-        return any(path.glob("*.safetensors"))
-    try:
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a broken index: check_model_dir names it
+    try:  # the weights transformers loads (stray *.safetensors are none), and every shard an index names (vLLM's)
+        return bool(weight_files(path, "fetch it again")) and bool(model_weight_files(path, "fetch it again"))
+    except MissingShards:  # an interrupted download: fetched again
+        return False
+    except UserError:  # a broken index (an empty weight_map too) is the same fetched again: check_model_dir names it
         return True
-    return bool(shards) and all((path / str(s)).is_file() for s in shards)
 
 
 def _offline() -> bool:

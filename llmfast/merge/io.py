@@ -46,18 +46,11 @@ COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    from llmfast.modelfiles import read_json_file
+    """The files transformers loads (`model_weight_files`), or why a merge cannot read this folder."""
+    from llmfast.modelfiles import model_weight_files
 
-    index = model_dir / "model.safetensors.index.json"
-    single = model_dir / "model.safetensors"
-    if single.is_file():  # before an index beside it, as transformers loads them (and eval measures)
-        return [single]
-    if index.is_file():
-        data = read_json_file(index, "safetensors index", f"re-create the model in {model_dir}")
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{index}: no 'weight_map' of tensor names to files: re-create the model in {model_dir}")
-        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    if files := model_weight_files(model_dir, f"re-create the model in {model_dir}"):
+        return files
     if any(model_dir.glob("*.bin")):
         raise UserError(f"{model_dir} has only PyTorch .bin weights: merging reads safetensors lazily; "
                         "re-save the model with save_pretrained(safe_serialization=True)")
