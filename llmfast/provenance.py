@@ -1,9 +1,10 @@
 """What produced a record, in one shape for every file of numbers llmfast writes (eval and bench results, the
 artifacts' llmfast.json), so two records made months apart on two machines can be told apart.
 
-The llmfast version alone says little (it changes only at a release), so a checkout's commit goes with it; then the
-libraries that ran, the CPU features that pick the kernels, the cores and threads, the GPU. All of it is cheap:
-git's own files are read (no subprocess), and a library's version is recorded where it was imported (importing
+The llmfast version alone says little (it changes only at a release), so a checkout's commit goes with it, and whether
+its tracked files had uncommitted changes; then the libraries that ran, the CPU features that pick the kernels, the
+cores and threads, the GPU. All of it is cheap: git's own files name the commit, one bounded `git status` (once a
+process) says whether the checkout differs from it, and a library's version is recorded where it was imported (importing
 vLLM only to ask would take seconds) or where the caller names it as run by another process (a vLLM server).
 """
 
@@ -74,6 +75,32 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     return None
+
+
+def git_dirty(root: str | os.PathLike[str] | None = None) -> bool | None:
+    """Whether the checkout at `root` (default: this llmfast's) has uncommitted changes to its tracked files, staged
+    or not (untracked files change no number), by `git status`; None where `git_commit` is None, git is not
+    installed, refuses the folder (another user's, `safe.directory`) or takes over 5 s."""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    return _git_dirty(root.resolve()) if git_commit(root) is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _git_dirty(root: Path) -> bool | None:
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        return None
+    # the checkout at `root`, whatever GIT_DIR a hook or a caller set; GIT_OPTIONAL_LOCKS=0: status writes no index
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        done = subprocess.run([git, "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
+                              capture_output=True, timeout=5, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):  # a record without the flag, never a failed run
+        return None
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
 def _installed_version(module: str) -> str | None:
@@ -154,7 +181,9 @@ def provenance(used: Iterable[str] = (), threads: int | None = None) -> dict[str
     torch = sys.modules.get("torch")
     if threads is None and torch is not None:
         threads = torch.get_num_threads()
+    dirty = git_dirty()
     return {"created": utc_now(), "llmfast": __version__, "git_commit": git_commit(),
+            **({} if dirty is None else {"git_dirty": dirty}),
             "python": platform.python_version(), "libraries": library_versions(used),
             "machine": {**cpu(), "threads": threads, "gpus": gpus(), "os": platform.platform()}}
 
@@ -162,7 +191,8 @@ def provenance(used: Iterable[str] = (), threads: int | None = None) -> dict[str
 def describe(p: dict[str, Any]) -> str:
     """One line of a provenance for a report's reader: what ran, on what."""
     m = p.get("machine") or {}
-    commit = f" (commit {p['git_commit'][:12]})" if p.get("git_commit") else ""
+    changes = " with uncommitted changes" if p.get("git_dirty") else ""
+    commit = f" (commit {p['git_commit'][:12]}{changes})" if p.get("git_commit") else ""
     libs = "".join(f", {k} {v}" for k, v in (p.get("libraries") or {}).items())
     flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
     threads = f", {m['threads']} threads" if m.get("threads") else ""

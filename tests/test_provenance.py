@@ -71,7 +71,8 @@ def _check(p: dict, libraries: tuple[str, ...] = ()) -> None:
     """A provenance as every record carries it, describing this process and machine."""
     import torch
 
-    assert set(p) == {"created", "llmfast", "git_commit", "python", "libraries", "machine"}
+    dirty = {"git_dirty"} if p["git_commit"] else set()  # whether the checkout had uncommitted changes
+    assert set(p) == {"created", "llmfast", "git_commit", "python", "libraries", "machine"} | dirty
     _near_now(_utc(p["created"]))
     assert p["llmfast"] == __version__
     assert p["git_commit"] == (_git(REPO, "rev-parse", "HEAD") if HAS_GIT and (REPO / ".git").exists() else None)
