@@ -5,20 +5,21 @@ and still does where a tokenizer's encoding is not its backend's own), in the sa
     python scripts/bench_chat_turns.py --turns 10 50 200 --rows 20 --json chat_turns.json
 
 Rows are short realistic turns (a user question of 1-3 sentences, an answer of 1-6), a system prompt in a third of
-them. Per-row time is the median over `--rows` rows, each encoded once by each path, both including the chat
-template's rendering of every prefix (`render`, itself quadratic in the turns); the ids and labels of the two paths
-are compared row by row (the script stops if one differs).
+them. Per-row time is the median over `--rows` rows, each encoded once by each path (the paths' order swapped every
+other row, after one unrecorded warm-up row), both including the chat template's rendering of every prefix
+(`render`, itself quadratic in the turns), with each path's spread over the rows; the ids and labels of the two
+paths are compared row by row (the script stops if one differs). The JSON (bench_common: provenance, load average,
+never replaced without --force) is checked before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
 import time
-from pathlib import Path
+
+import bench_common
 
 _WORDS = ("the a model data train token answer question river city number small large quickly explain because "
           "however result value first second example python function list return error file line write read "
@@ -41,8 +42,10 @@ def main() -> None:
     ap.add_argument("--turns", type=int, nargs="+", default=[10, 50, 200])
     ap.add_argument("--rows", type=int, default=20, help="rows of each length (their median time is reported)")
     ap.add_argument("--model", default="builtin:smollm2-135m")
-    ap.add_argument("--json", default="chat_turns.json")
+    bench_common.add_output_args(ap, "chat_turns.json")
     args = ap.parse_args()
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     from llmfast.data.chat import _assemble, _chat_texts, _encode_all, encode_messages
     from llmfast.models import load_tokenizer, resolve_model
 
@@ -50,36 +53,55 @@ def main() -> None:
     results = []
     for turns in args.turns:
         r = random.Random(turns)
-        old, new, render, tokens, chars = [], [], [], 0, 0
-        for row in range(args.rows):
-            msgs = conversation(turns, r)
+        render, tokens, chars = [], 0, 0
+
+        def every_prefix(msgs: list[dict], row: int) -> tuple:
             t0 = time.perf_counter()
             plan = _chat_texts(tok, msgs, row, "", 0)
             t1 = time.perf_counter()
             full = _assemble(tok, plan, _encode_all(tok, [t for t, _ in plan]), row)
-            t2 = time.perf_counter()
+            render.append(t1 - t0)
+            return time.perf_counter() - t0, full, plan
+
+        def read_off(msgs: list[dict], row: int) -> tuple:
+            t0 = time.perf_counter()
             got = encode_messages(tok, msgs, row)
-            t3 = time.perf_counter()
+            return time.perf_counter() - t0, got, None
+
+        paths = {"every_prefix": every_prefix, "read_off": read_off}
+        warm = conversation(turns, r)
+        for f in paths.values():  # warm-up: the tokenizer's and the template's first calls are not timed
+            f(warm, -1)
+        render.clear()
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        taken: list[str] = []
+        for row in range(args.rows):
+            msgs, out = conversation(turns, r), {}
+            for k in bench_common.order(list(paths), row):
+                seconds, out[k], plan = paths[k](msgs, row)
+                times[k].append(seconds)
+                taken.append(k)
+                chars += len(plan[-1][0]) if plan else 0
+            got, full = out["read_off"], out["every_prefix"]
             if (got.input_ids, got.labels) != (full.input_ids, full.labels):
                 raise SystemExit(f"{turns} turns, row {row}: the two paths give other ids or labels")
-            render.append(t1 - t0)
-            old.append(t2 - t0)
-            new.append(t3 - t2)
             tokens += len(got)
-            chars += len(plan[-1][0])
-        o, n = statistics.median(old), statistics.median(new)
+        cmp = bench_common.compare(times["read_off"], times["every_prefix"])
         results.append({"turns": turns, "rows": args.rows, "tokens_per_row": tokens / args.rows,
                         "chars_per_row": chars / args.rows, "render_s": statistics.median(render),
-                        "every_prefix_s": o, "read_off_s": n, "speedup": o / n})
+                        "every_prefix_s": cmp["baseline"]["median"], "read_off_s": cmp["ours"]["median"],
+                        "speedup": 1 / cmp["ratio"], "ratio": cmp["ratio"], "noise": cmp["noise"],
+                        "every_prefix": cmp["baseline"], "read_off": cmp["ours"], "order": taken})
         print(f"done {turns} turns", flush=True)
     print(f"{'turns':>5} {'tokens/row':>10} {'render s/row':>12} {'every prefix s/row':>18} {'read off s/row':>14} "
-          f"{'speedup':>7}")
+          f"{'speedup':>7} {'spread':>6}")
     for g in results:
         print(f"{g['turns']:>5} {g['tokens_per_row']:>10.0f} {g['render_s']:>12.4f} {g['every_prefix_s']:>18.4f} "
-              f"{g['read_off_s']:>14.4f} {g['speedup']:>7.1f}")
-    load = os.getloadavg()[0]
-    print(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs (other work on the machine slows both paths)")
-    Path(args.json).write_text(json.dumps({"model": args.model, "results": results, "load_average": load}, indent=1))
+              f"{g['read_off_s']:>14.4f} {g['speedup']:>7.1f} {g['noise']:>6.0%}")
+    print("speedup: median every-prefix time over median read-off time; spread: the larger (max - min) / median of "
+          "the two paths over the rows (rows differ in content, so this is an upper bound on the noise)")
+    out = bench_common.write_json(args.json, {"model": args.model, "results": results}, args.force, state)
+    print(f"json: {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""The house's measuring rules in one place for the benchmark scripts under scripts/ (imported by them, not run).
+
+- rounds alternate the sides' order (llmfast.timing.alternate) after warm-up calls that are not recorded;
+- each side is summarised by its median over the rounds and its spread ((max - min) / median), and a comparison by
+  the ratio of the medians with the larger of the two spreads beside it, so a reader sees whether the ratio is
+  bigger than the noise;
+- the load average is read before measuring: a busy machine (another job, another benchmark) slows the sides
+  unevenly, so the script warns and the JSON says so;
+- the JSON carries its provenance (llmfast.provenance) and never replaces an existing file without --force, which
+  is checked before any measuring so a refused run wastes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python scripts/x.py` from anywhere
+
+from llmfast.provenance import provenance  # noqa: E402
+from llmfast.timing import alternate  # noqa: E402
+
+# A 1-minute load average above this is a machine with other runnable work: timings from it are not for BENCHMARKS.md
+# (a merge speed-up measured under load, 2.4-5.3x, was 1.4-2.0x when re-measured idle).
+BUSY_LOAD = 0.5
+
+
+def add_output_args(ap: argparse.ArgumentParser, default: str | None, flag: str = "--json") -> None:
+    """The JSON's path (`flag`) and --force, the explicit permission to replace a file already there."""
+    ap.add_argument(flag, default=default, help=f"where the JSON goes (default: {default})")
+    ap.add_argument("--force", action="store_true", help="replace the JSON file if it exists")
+
+
+def check_output(path: str | os.PathLike[str] | None, force: bool, flag: str = "--json") -> None:
+    """Exit 2 with one line, before anything is measured, when `path` exists and --force was not given."""
+    if path is not None and Path(path).exists() and not force:
+        print(f"error: {path} exists: give another {flag} or --force to replace it", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def machine_state(note: str = "") -> dict[str, Any]:
+    """The load average and CPUs now, with `busy` set (and a warning printed) when other work is running."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    busy = load[0] > BUSY_LOAD
+    if busy:
+        print(f"WARNING: load average {load[0]:.2f} on {os.cpu_count()} CPUs{note}: the machine is not idle, so these "
+              "timings are not for BENCHMARKS.md (measure again on an idle machine)", file=sys.stderr, flush=True)
+    return {"loadavg": load, "cpus": os.cpu_count(), "busy": busy}
+
+
+def order(sides: list[str], r: int) -> list[str]:
+    """The sides' order in round `r`, as llmfast.timing.alternate takes them: reversed every other round."""
+    return list(sides) if r % 2 == 0 else list(reversed(sides))
+
+
+def rounds(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tuple[dict[str, list[float]], list[str]]:
+    """Each side's `n` measurements and the order they were taken in: `warmup` unrecorded calls of each side first,
+    then llmfast.timing.alternate's rounds (order reversed every other round)."""
+    for f in sides.values():
+        for _ in range(warmup):
+            f()
+    got: dict[str, list[float]] = {s: [] for s in sides}
+    order: list[str] = []
+
+    def recorded(s: str) -> Callable[[], float]:
+        def call() -> float:
+            v = sides[s]()
+            got[s].append(v)
+            order.append(s)
+            return v
+        return call
+
+    alternate({s: recorded(s) for s in sides}, n)
+    return got, order
+
+
+def spread(values: Iterable[float]) -> dict[str, Any]:
+    """Median, min, max and the relative spread (max - min) / median of one side's measurements."""
+    v = list(values)
+    med = statistics.median(v)
+    return {"median": med, "min": min(v), "max": max(v), "spread": (max(v) - min(v)) / med if med else 0.0,
+            "n": len(v)}
+
+
+def compare(ours: Iterable[float], baseline: Iterable[float]) -> dict[str, Any]:
+    """Both sides' spreads and the ratio median(ours) / median(baseline); `noise` is the larger relative spread,
+    and `beyond_noise` says whether the ratio's distance from 1 is bigger than it."""
+    o, b = spread(ours), spread(baseline)
+    ratio = o["median"] / b["median"]
+    noise = max(o["spread"], b["spread"])
+    return {"ours": o, "baseline": b, "ratio": ratio, "noise": noise, "beyond_noise": abs(ratio - 1) > noise}
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any],
+               used: Iterable[str] = (), threads: int | None = None) -> Path:
+    """`record` with its provenance and the machine's state (before and after) written to `path`, through a
+    temporary file so a failed write leaves no half a JSON; refuses an existing file without `force`."""
+    check_output(path, force)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    full = {**record, "provenance": provenance(used, threads),
+            "machine_state": {"start": state, "end": machine_state(" at the end")}}
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(full, indent=1) + "\n")
+    tmp.replace(out)
+    return out
