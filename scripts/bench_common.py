@@ -87,13 +87,21 @@ def spread(values: Iterable[float]) -> dict[str, Any]:
             "n": len(v)}
 
 
+def medians(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tuple[dict[str, float], float]:
+    """Each side's median over `rounds` and the largest relative spread among the sides (the row's noise)."""
+    got, _ = rounds(sides, n, warmup)
+    stats = {s: spread(v) for s, v in got.items()}
+    return {s: v["median"] for s, v in stats.items()}, max(v["spread"] for v in stats.values())
+
+
 def compare(ours: Iterable[float], baseline: Iterable[float]) -> dict[str, Any]:
     """Both sides' spreads and the ratio median(ours) / median(baseline); `noise` is the larger relative spread,
     and `beyond_noise` says whether the ratio's distance from 1 is bigger than it."""
     o, b = spread(ours), spread(baseline)
-    ratio = o["median"] / b["median"]
+    ratio = o["median"] / b["median"] if b["median"] else None  # a baseline of 0 (no failures, say) has no ratio
     noise = max(o["spread"], b["spread"])
-    return {"ours": o, "baseline": b, "ratio": ratio, "noise": noise, "beyond_noise": abs(ratio - 1) > noise}
+    return {"ours": o, "baseline": b, "ratio": ratio, "noise": noise,
+            "beyond_noise": None if ratio is None else abs(ratio - 1) > noise}
 
 
 def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any],

@@ -6,7 +6,9 @@
     python scripts/bench_sparse_decode.py --decode-only --targets 0.4,0.5 --teal-sites mlp --teal-sites mlp,attention
     python scripts/bench_sparse_decode.py --decode-only --dtype bfloat16 --targets 0.5 --teal-sites mlp,attention
 
-Four tables, every row the median of alternating rounds (the sides swap order each round):
+Four tables, every row the median of alternating rounds (the sides swap order each round), warm-up calls excluded,
+with `spread %`: the largest (max - min) / median of the row's sides over the rounds (a speed-up closer to 1 than
+that is noise). The JSON (bench_common) carries provenance and the load average, and needs --force to replace a file.
 
 1. gather: one token through gate|up stacked (hidden -> 2 x intermediate), q|k|v stacked and o_proj (TEAL's
    attention sites), with a fraction of the input kept:
@@ -33,7 +35,6 @@ Four tables, every row the median of alternating rounds (the sides swap order ea
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -42,9 +43,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+import bench_common
 from llmfast.sparse import cpu_kernel
 from llmfast.sparse.kernels import SparseMLP, SparseProjections, bag_sum
-from llmfast.timing import alternate, timed
+from llmfast.timing import timed
 
 SHAPES = {"smollm2 576->1536": (576, 1536), "llama-8b 4096->14336": (4096, 14336)}
 ATTENTION_SHAPES = {"smollm2 576, q 576, k/v 192": (576, 576, 192), "llama-8b 4096, q 4096, k/v 1024": (4096, 4096, 1024)}
@@ -74,11 +76,13 @@ def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float
                                                                   seconds)
             if kernel is not None:  # what the runtime runs in float32 on a CPU: llmfast's C kernel
                 sides["kernel"] = lambda: timed(lambda: kernel.gather(idx, x.index_select(0, idx), wt), seconds)
-            med = {k: v * 1e6 for k, v in alternate(sides, rounds).items()}
+            med, noise = bench_common.medians(sides, rounds)
+            med = {k: v * 1e6 for k, v in med.items()}
             rows.append({"case": f"{label}, {kept:.0%} kept",
                          **{f"{k} us": round(v, 1) for k, v in med.items()},
                          "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2),
-                         **({"dense / kernel": round(med["dense"] / med["kernel"], 2)} if kernel else {})})
+                         **({"dense / kernel": round(med["dense"] / med["kernel"], 2)} if kernel else {}),
+                         "spread %": round(100 * noise, 1)})
     return rows
 
 
@@ -123,10 +127,11 @@ def _torch_path(rt: Any) -> Any:
     return other
 
 
-def _speed_row(case: str, med: dict[str, float]) -> dict[str, Any]:
+def _speed_row(case: str, measured: tuple[dict[str, float], float]) -> dict[str, Any]:
+    med, noise = measured
     return {"case": case, "dense us": round(med["dense"] * 1e6, 1), "sparse us": round(med["sparse"] * 1e6, 1),
             "sparse torch us": round(med["sparse torch"] * 1e6, 1), "speed-up": round(med["dense"] / med["sparse"], 2),
-            "speed-up torch": round(med["dense"] / med["sparse torch"], 2)}
+            "speed-up torch": round(med["dense"] / med["sparse torch"], 2), "spread %": round(100 * noise, 1)}
 
 
 def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: int,
@@ -144,7 +149,7 @@ def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: 
         for mode, target in cases:
             rt = sparse_mlp(dense, mode, target, x)
             on_torch = _torch_path(rt)
-            med = alternate({"dense": lambda: timed(dense_fwd, seconds),
+            med = bench_common.medians({"dense": lambda: timed(dense_fwd, seconds),
                              "sparse": lambda: timed(lambda: rt(x), seconds),
                              "sparse torch": lambda: timed(lambda: on_torch(x), seconds)}, rounds)
             rows.append(_speed_row(f"{label} MLP, {mode} {target:.0%}", med))
@@ -168,7 +173,7 @@ def bench_attention(shapes: dict[str, tuple[int, int, int]], targets: list[float
             qkv = SparseProjections(lins, quantile_abs(x, target))
             op = SparseProjections([o], quantile_abs(a, target))
             qkv_t, op_t = _torch_path(qkv), _torch_path(op)
-            med = alternate({"dense": lambda: timed(dense_fwd, seconds),
+            med = bench_common.medians({"dense": lambda: timed(dense_fwd, seconds),
                              "sparse": lambda: timed(lambda: ([qkv.part(j, x) for j in range(3)], op.part(0, a)),
                                                      seconds),
                              "sparse torch": lambda: timed(lambda: ([qkv_t.part(j, x) for j in range(3)],
@@ -243,12 +248,12 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
             side()  # warm-up
         for c in counts.values():
             c.update({k: 0 for k in c})
-        med = alternate(sides, rounds)
+        med, noise = bench_common.medians(sides, rounds)
     rows = []
     for name, m in sparse.items():
         torch_path = med[f"{name} (torch path)"]
         row = {"case": f"smollm2-135m {dtype} decode, {name}, {new_tokens} tokens",
-               "dense tok/s": round(med["dense"], 1),
+               "dense tok/s": round(med["dense"], 1), "spread %": round(100 * noise, 1),
                "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
                "torch path tok/s": round(torch_path, 1), "speed-up torch path": round(torch_path / med["dense"], 2)}
         for native, path in ((True, "kernel"), (False, "torch")):
@@ -286,8 +291,10 @@ def main() -> None:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="of the decode table's models, dense and sparse alike (the C kernel runs both)")
-    p.add_argument("--json", default="runs/bench/sparse_decode.json")
+    bench_common.add_output_args(p, "runs/bench/sparse_decode.json")
     args = p.parse_args()
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     torch.set_num_threads(args.threads)  # one setting for the dense and the sparse side alike
     targets = [float(t) for t in args.targets.split(",")]
     teal_sites = [[s.strip() for s in x.split(",") if s.strip()] for x in (args.teal_sites or ["mlp"])]
@@ -307,10 +314,9 @@ def main() -> None:
         tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens, teal_sites, args.dtype)
     for name, rows in tables.items():
         print_table(name, rows)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rounds": args.rounds,
-                               "wall_seconds": round(time.perf_counter() - t0, 1), **tables}, indent=2) + "\n")
+    record = {"threads": args.threads, "rounds": args.rounds, "wall_seconds": round(time.perf_counter() - t0, 1),
+              **tables}
+    out = bench_common.write_json(args.json, record, args.force, state)
     print(f"\njson: {out} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -13,24 +13,24 @@ weights it unpacks once instead of every call). The MLP row is gate, up and down
 SiLU gating between them. Decode rows: `generate` at batch 1 with greedy decoding and a fixed number of new
 tokens, the model in float32 or bfloat16 against its post-training ternary version in the same dtype (weights do
 not matter for speed), with and without the kernel and with transformers' arithmetic, all through transformers in
-this process.
+this process. Every cell is the median of alternating rounds (warm-up calls excluded); `spread %` is the largest
+(max - min) / median of the row's sides over the rounds, so a ratio closer to 1 than that is noise. The JSON
+(bench_common) carries provenance and the load average, and is not replaced without --force.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+import bench_common
 from llmfast.quant.bitnet import cpu_kernel
 from llmfast.quant.bitnet.layers import TernaryLinear, ternarize
-from llmfast.timing import alternate, timed
+from llmfast.timing import timed
 
 SHAPES = {"smollm2 gate/up 576->1536": (576, 1536), "smollm2 down 1536->576": (1536, 576),
           "llama-8b q/o 4096->4096": (4096, 4096), "llama-8b gate/up 4096->14336": (4096, 14336),
@@ -48,14 +48,18 @@ def ternary_layer(k: int, n: int, side: str) -> TernaryLinear:
     return layer
 
 
-def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -> dict[str, float]:
+def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -> tuple[dict[str, float], float]:
+    """Each side's median microseconds over alternating rounds, and the largest relative spread of the sides."""
     with torch.no_grad():
-        return {s: v * 1e6 for s, v in alternate({s: (lambda f=f: timed(f, seconds, warmup=5))
-                                                  for s, f in sides.items()}, rounds).items()}
+        med, noise = bench_common.medians({s: (lambda f=f: timed(f, seconds, warmup=5)) for s, f in sides.items()},
+                                          rounds)
+    return {s: v * 1e6 for s, v in med.items()}, noise
 
 
-def _row(case: str, med: dict[str, float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"case": case, **{f"{s} us": round(v, 1) for s, v in med.items()}}
+def _row(case: str, measured: tuple[dict[str, float], float]) -> dict[str, Any]:
+    med, noise = measured
+    row: dict[str, Any] = {"case": case, **{f"{s} us": round(v, 1) for s, v in med.items()},
+                           "spread %": round(100 * noise, 1)}
     for s in med:
         if s != "fp32":
             row[f"x {s.removeprefix('ternary ')}"] = round(med["fp32"] / med[s], 2)
@@ -85,11 +89,12 @@ def bench_rows(rounds: int, seconds: float, counts: list[int]) -> list[dict[str,
         before = cpu_kernel.MAX_ROWS
         cpu_kernel.MAX_ROWS = max(count, before)  # let the kernel take every row count here
         try:
-            med = _medians({s: (lambda m=m: m(x)) for s, m in layers.items()}, rounds, seconds)
+            med, noise = _medians({s: (lambda m=m: m(x)) for s, m in layers.items()}, rounds, seconds)
         finally:
             cpu_kernel.MAX_ROWS = before
         out.append({"case": f"smollm2 gate/up, {count} rows", **{f"{s} us": round(v, 1) for s, v in med.items()},
-                    "kernel / onednn": round(med["ternary onednn"] / med["ternary kernel"], 2)})
+                    "kernel / onednn": round(med["ternary onednn"] / med["ternary kernel"], 2),
+                    "spread %": round(100 * noise, 1)})
     return out
 
 
@@ -133,19 +138,14 @@ def bench_decode(rounds: int, new_tokens: int, dtype: str = "float32") -> dict[s
 
     runs = {base: (dense, True, True), "ternary kernel": (ternary, True, True),
             "ternary onednn": (ternary, False, True), "ternary float": (ternary, True, False)}
-    got: dict[str, list[float]] = {s: [] for s in runs}
     try:
         with torch.no_grad():
-            for s, run in runs.items():
-                decode(*run)  # warm-up
-            for r in range(rounds):
-                for s in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                    got[s].append(decode(*runs[s]))
+            med, noise = bench_common.medians({s: (lambda run=run: decode(*run)) for s, run in runs.items()},
+                                              rounds, warmup=1)
     finally:
         TernaryLinear.kernel, TernaryLinear.fast = True, True
-    med = {s: statistics.median(v) for s, v in got.items()}
     row: dict[str, Any] = {"case": f"built-in model decode, batch 1, {new_tokens} tokens, {dtype}",
-                           **{f"{s} tok/s": round(v, 1) for s, v in med.items()}}
+                           **{f"{s} tok/s": round(v, 1) for s, v in med.items()}, "spread %": round(100 * noise, 1)}
     for s in ("ternary kernel", "ternary onednn", "ternary float"):
         row[f"x {s.removeprefix('ternary ')}"] = round(med[s] / med[base], 2)
     return row
@@ -168,8 +168,10 @@ def main() -> None:
     p.add_argument("--decode", action="store_true", help="also time whole-model decode at batch 1")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--decode-dtypes", default="float32", help="comma-separated: float32, bfloat16 (one row each)")
-    p.add_argument("--json", default="runs/bench/ternary.json")
+    bench_common.add_output_args(p, "runs/bench/ternary.json")
     args = p.parse_args()
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     torch.set_num_threads(args.threads)
     kernel = cpu_kernel.ternary_kernel()
     if kernel is None:
@@ -183,10 +185,9 @@ def main() -> None:
     for table in tables:
         print_table(table)
         print()
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "kernel path": kernel.path,
-                               "rows": [r for t in tables for r in t]}, indent=2) + "\n")
+    record = {"threads": args.threads, "rounds": args.rounds, "kernel path": kernel.path,
+              "rows": [r for t in tables for r in t]}
+    out = bench_common.write_json(args.json, record, args.force, state)
     print(f"json: {out}")
 
 

