@@ -9,8 +9,11 @@ entries tie at the trim threshold and the float32 merge replays mergekit's sort 
 
 Each run is its own process (`llmfast merge --threads 1`, the code from `--code DIR`, one per version): its peak
 RSS over the RSS after the imports (VmHWM, reset before the merge), the merge's wall time, and, in one extra run
-per version under tracemalloc, the most bytes numpy held at once (deterministic). Rounds alternate the order of
-the versions; medians are printed per entry of the tensor and written as JSON.
+per version under tracemalloc, the most bytes numpy held at once (deterministic). After `--warmup` untimed runs of
+each version, rounds alternate the order of the versions; medians are printed per entry of the tensor, with each
+version's wall-time ratio to the first --code's (median over median) and the spread of the rounds beside it, and
+written as JSON (bench_common: provenance, each --code's commit, the load average; --force to replace the file,
+checked before anything runs). Every run has OMP_NUM_THREADS=1 and the same --threads.
 
 `--shape 135m` / `--shape 1.7b` merge whole models instead, those of `compare_mergekit.py` (its parameters: weights
 1, density 0.5); the per-entry columns are then over the largest tensor (the embedding).
@@ -25,12 +28,14 @@ the versions; medians are printed per entry of the tensor and written as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import bench_common
+from llmfast.provenance import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -151,9 +156,12 @@ def main() -> int:
     ap.add_argument("--no-native", action="store_true",
                     help="LLMFAST_NATIVE=0: DARE on the numpy path (as without a C compiler, or float16 inputs)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each version before the rounds")
     ap.add_argument("--workdir", default="/tmp/merge-trim-memory")
-    ap.add_argument("--out", default="runs/bench/merge_trim_memory.json")
+    bench_common.add_output_args(ap, "runs/bench/merge_trim_memory.json", "--out")
     args = ap.parse_args()
+    bench_common.check_output(args.out, args.force, "--out")
+    state = bench_common.machine_state()
     codes = {c.split("=", 1)[0]: Path(c.split("=", 1)[1]).resolve() for c in args.code}
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -175,9 +183,11 @@ def main() -> int:
             native = not args.no_native
             runs: dict[str, list[dict]] = {name: [] for name in codes}
             names = list(codes)
-            for r in range(args.rounds):
-                for name in (names if r % 2 == 0 else names[::-1]):
-                    runs[name].append(run_once(codes[name], cfg, work / f"out-{name}", False, args.threads, native))
+            for r in range(-args.warmup, args.rounds):  # r < 0: warm-up runs, not recorded
+                for name in bench_common.order(names, r):
+                    got = run_once(codes[name], cfg, work / f"out-{name}", False, args.threads, native)
+                    if r >= 0:
+                        runs[name].append({**got, "round": r, "order": bench_common.order(names, r).index(name)})
             traced = {name: run_once(codes[name], cfg, work / f"out-{name}", True, args.threads, native)["traced_peak"]
                       for name in codes}
             identical = all(same_output(work / f"out-{names[0]}", work / f"out-{m}") for m in names[1:])
@@ -186,17 +196,19 @@ def main() -> int:
                    "threads": args.threads, "rescale": args.rescale, "native": native,
                    "identical_outputs": identical, "versions": {}}
             for name in names:
+                wall = bench_common.compare([x["wall_s"] for x in runs[name]], [x["wall_s"] for x in runs[names[0]]])
                 row["versions"][name] = {
-                    "wall_s_median": statistics.median(x["wall_s"] for x in runs[name]),
+                    "wall_s_median": wall["ours"]["median"], "wall_s": wall["ours"],
+                    f"wall_ratio_vs_{names[0]}": wall["ratio"], "noise": wall["noise"],
                     "rss_growth_median": statistics.median(x["rss_growth"] for x in runs[name]),
                     "rss_bytes_per_entry": statistics.median(x["rss_growth"] for x in runs[name]) / n,
                     "numpy_peak_bytes_per_entry": traced[name] / n, "runs": runs[name]}
             results.append(row)
             print_row(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": args.rows, "cols": args.cols, "results": results}, indent=1) + "\n")
-    print(f"wrote {out}")
+    record = {"rows": args.rows, "cols": args.cols, "rounds": args.rounds, "warmup": args.warmup,
+              "code": {name: {"path": str(c), "git_commit": git_commit(c)} for name, c in codes.items()},
+              "results": results}
+    print(f"wrote {bench_common.write_json(args.out, record, args.force, state, threads=args.threads)}")
     return 0
 
 
@@ -205,11 +217,14 @@ def print_row(row: dict) -> None:
           f"(largest tensor), --threads {row['threads']}, density "
           f"{row['density']}, {'grid' if row['grid'] else 'noise'}, rescale {row['rescale']}"
           f"{'' if row['native'] else ', LLMFAST_NATIVE=0'}; outputs identical: {row['identical_outputs']}")
-    print("| version | wall (median) | peak RSS growth | RSS bytes/entry | numpy peak bytes/entry |")
-    print("|---|---|---|---|---|")
+    first = next(iter(row["versions"]))
+    print(f"| version | wall (median) | x {first} | spread | peak RSS growth | RSS bytes/entry | numpy peak bytes/entry |")
+    print("|---|---|---|---|---|---|---|")
     for name, v in row["versions"].items():
-        print(f"| {name} | {v['wall_s_median']:.2f} s | {v['rss_growth_median'] / 2**30:.2f} GiB | "
-              f"{v['rss_bytes_per_entry']:.1f} | {v['numpy_peak_bytes_per_entry']:.1f} |")
+        print(f"| {name} | {v['wall_s_median']:.2f} s | {v[f'wall_ratio_vs_{first}']:.2f} | {v['noise']:.0%} | "
+              f"{v['rss_growth_median'] / 2**30:.2f} GiB | {v['rss_bytes_per_entry']:.1f} | "
+              f"{v['numpy_peak_bytes_per_entry']:.1f} |")
+    print(f"x {first}: median wall over {first}'s; spread: the larger (max - min) / median of the two over the rounds")
 
 
 if __name__ == "__main__":
