@@ -11,23 +11,23 @@ AVX512-BF16 bfloat16 arithmetic is emulated, so float16 may be the faster of the
 by `llmfast bench serve` (random prompts, ignore_eos) at each --concurrency after one warm-up batch; the
 speed is the median over rounds. Quality: perplexity of the book's first --ppl-tokens in windows of --window
 tokens from the server's own prompt log-probabilities (vLLM's `prompt_logprobs`), so what is scored is what
-is served, in that dtype. Prints a table, writes JSON (--out).
+is served, in that dtype. Prints a table with the spread of the rounds ((max - min) / median, the largest of the
+row's concurrencies), writes JSON (--out; bench_common: provenance, the load average, --force to replace it, checked
+before any server starts).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
@@ -80,8 +80,10 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_dtype.json"))
+    bench_common.add_output_args(ap, "runs/bench/serve_dtype.json", "--out")
     a = ap.parse_args()
+    bench_common.check_output(a.out, a.force, "--out")
+    state = bench_common.machine_state()
     if len(set(a.base_dtypes)) < len(a.base_dtypes) or len(set(a.dtypes)) < len(a.dtypes):
         ap.error("--base-dtypes and --dtypes: name each dtype once")
 
@@ -108,34 +110,26 @@ def main() -> int:
             print(f"round {r + 1}/{a.rounds}: {label} done", file=sys.stderr, flush=True)
     base = rows[configs[0][0]]
     for row in rows.values():
-        row["tok_s"] = {str(c): statistics.median(x[str(c)]["output_throughput"] for x in row["rounds"])
-                        for c in a.concurrency}
-    print(f"\n| served | dtype | ppl | vs fp32 | " + " | ".join(f"tok/s c={c} | x fp32" for c in a.concurrency) + " |")
-    print("|---|---|---|---|" + "---|---|" * len(a.concurrency))
+        stats = {str(c): bench_common.spread(x[str(c)]["output_throughput"] for x in row["rounds"])
+                 for c in a.concurrency}
+        row["tok_s"] = {c: v["median"] for c, v in stats.items()}
+        row["tok_s_spread"] = stats
+    print("\n| served | dtype | ppl | vs fp32 | " + " | ".join(f"tok/s c={c} | x fp32" for c in a.concurrency)
+          + " | spread |")
+    print("|---|---|---|---|" + "---|---|" * len(a.concurrency) + "---|")
     for label, row in rows.items():
         cells = [label.split()[0], row["dtype"], f"{row['ppl']:.2f}",
                  "" if row is base else f"{row['ppl'] / base['ppl'] - 1:+.1%}"]
         for c in a.concurrency:
             v = row["tok_s"][str(c)]
             cells += [f"{v:.1f}", "" if row is base else f"{v / base['tok_s'][str(c)]:.2f}x"]
+        cells.append(f"{max(x['spread'] for x in row['tok_s_spread'].values()):.0%}")
         print("| " + " | ".join(cells) + " |")
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "cpu": _cpu(), "cores": os.cpu_count()},
-              "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
+    print("x fp32: median tok/s over the rounds against the first fp32 row's; spread: (max - min) / median of the "
+          "rounds, the largest over the concurrencies (a ratio closer to 1 than the two rows' spreads is noise)")
+    result = {"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    print(f"wrote {bench_common.write_json(a.out, result, a.force, state, used=('vllm',))}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return f"{name}; avx512f: {' avx512f' in flags}; avx512_bf16: {' avx512_bf16' in flags}"
 
 
 if __name__ == "__main__":
