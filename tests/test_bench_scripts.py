@@ -1,0 +1,92 @@
+"""The benchmark scripts' measuring rules (scripts/bench_common.py and the scripts that use it), asserted on what they
+record (order of the rounds, medians, ratios, spread, provenance, the refusal to replace a file), never on a time."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_common  # noqa: E402
+
+PY = [sys.executable]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _counter(values):
+    it = iter(values)
+    return lambda: next(it)
+
+
+def test_rounds_alternate_after_unrecorded_warmup():
+    """Warm-up values are not recorded; then each round's order is the previous one's reversed."""
+    got, order = bench_common.rounds({"ours": _counter([99, 1, 2, 3, 4]), "base": _counter([99, 5, 6, 7, 8])}, 4,
+                                     warmup=1)
+    assert got == {"ours": [1, 2, 3, 4], "base": [5, 6, 7, 8]}
+    assert order == ["ours", "base", "base", "ours", "ours", "base", "base", "ours"]
+    assert [bench_common.order(["a", "b"], r) for r in range(3)] == [["a", "b"], ["b", "a"], ["a", "b"]]
+
+
+def test_compare_is_median_over_median_with_spread():
+    """The ratio is median(ours) / median(baseline), not a mean or a min; the spread is (max - min) / median."""
+    c = bench_common.compare([1.0, 9.0, 2.0], [4.0, 4.0, 100.0])
+    assert c["ratio"] == pytest.approx(2.0 / 4.0)
+    assert c["ours"] == {"median": 2.0, "min": 1.0, "max": 9.0, "spread": pytest.approx(4.0), "n": 3}
+    assert c["noise"] == pytest.approx(24.0) and c["beyond_noise"] is False
+    tight = bench_common.compare([1.0, 1.01], [2.0, 2.02])
+    assert tight["beyond_noise"] is True
+    assert bench_common.compare([1.0], [0.0])["ratio"] is None
+    med, noise = bench_common.medians({"a": _counter([3, 1, 2]), "b": _counter([10, 10, 10])}, 3)
+    assert med == {"a": 2, "b": 10} and noise == pytest.approx(1.0)
+
+
+def test_write_json_provenance_and_no_silent_overwrite(tmp_path, capsys):
+    """The JSON carries provenance and the machine's load before and after; an existing file is refused (exit 2,
+    one line, file untouched) unless force is given, and no partial file is left behind."""
+    out = tmp_path / "sub" / "r.json"
+    state = bench_common.machine_state()
+    bench_common.write_json(out, {"x": 1}, False, state)
+    data = json.loads(out.read_text())
+    assert data["x"] == 1 and data["provenance"]["git_commit"] and data["provenance"]["machine"]["cores"]
+    assert set(data["machine_state"]) == {"start", "end"} and "busy" in data["machine_state"]["end"]
+    with pytest.raises(SystemExit) as e:
+        bench_common.write_json(out, {"x": 2}, False, state)
+    assert e.value.code == 2 and json.loads(out.read_text())["x"] == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {out} exists: give another --json or --force to replace it"
+    bench_common.write_json(out, {"x": 3}, True, state)
+    assert json.loads(out.read_text())["x"] == 3 and sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
+
+
+def test_busy_machine_warns(monkeypatch, capsys):
+    monkeypatch.setattr(bench_common.os, "getloadavg", lambda: (3.0, 2.0, 1.0))
+    assert bench_common.machine_state()["busy"] is True
+    assert "not idle" in capsys.readouterr().err
+    monkeypatch.setattr(bench_common.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert bench_common.machine_state()["busy"] is False
+    assert capsys.readouterr().err == ""
+
+
+def test_chat_turns_script_alternates_and_records(tmp_path):
+    """bench_chat_turns at its smallest: the paths alternate by row, the warm-up row is not among the samples, the
+    speedup is median over median, spread and provenance are recorded; a second run without --force refuses."""
+    out = tmp_path / "ct.json"
+    cmd = [*PY, "scripts/bench_chat_turns.py", "--turns", "1", "--rows", "3", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "spread" in p.stdout.splitlines()[1]
+    data = json.loads(out.read_text())
+    r = data["results"][0]
+    assert r["order"] == ["every_prefix", "read_off", "read_off", "every_prefix", "every_prefix", "read_off"]
+    assert r["every_prefix"]["n"] == r["read_off"]["n"] == 3
+    assert r["ratio"] == pytest.approx(r["read_off"]["median"] / r["every_prefix"]["median"])
+    assert r["speedup"] == pytest.approx(1 / r["ratio"]) and "spread" in r["read_off"] and "noise" in r
+    assert data["provenance"]["libraries"]["transformers"] and "loadavg" in data["machine_state"]["start"]
+    before = out.read_text()
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {out} exists: give another --json or --force to replace it"
+    assert out.read_text() == before
