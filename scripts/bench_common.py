@@ -58,13 +58,14 @@ def order(sides: list[str], r: int) -> list[str]:
     return list(sides) if r % 2 == 0 else list(reversed(sides))
 
 
-def rounds(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tuple[dict[str, list[float]], list[str]]:
-    """Each side's `n` measurements and the order they were taken in: `warmup` unrecorded calls of each side first,
-    then llmfast.timing.alternate's rounds (order reversed every other round)."""
+def rounds(sides: dict[str, Callable[[], Any]], n: int, warmup: int = 0) -> tuple[dict[str, list[Any]], list[str]]:
+    """Each side's `n` measurements (whatever a side returns: seconds, or a dict of phases) and the order they were
+    taken in: `warmup` unrecorded calls of each side first, then llmfast.timing.alternate's rounds (order reversed
+    every other round; alternate's own medians of them are not used)."""
     for f in sides.values():
         for _ in range(warmup):
             f()
-    got: dict[str, list[float]] = {s: [] for s in sides}
+    got: dict[str, list[Any]] = {s: [] for s in sides}
     order: list[str] = []
 
     def recorded(s: str) -> Callable[[], float]:
@@ -72,7 +73,7 @@ def rounds(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tu
             v = sides[s]()
             got[s].append(v)
             order.append(s)
-            return v
+            return 0.0  # alternate takes the median of what it is given: the measurements are kept here
         return call
 
     alternate({s: recorded(s) for s in sides}, n)

@@ -8,12 +8,17 @@ read (JSON Lines to rows), encode (rows to token ids and labels, the chat templa
 (first-fit-decreasing bins), split (the held-out rows). Bytes a token is what the encoded examples hold once read
 (tracemalloc, on the first 2,000 rows). The baseline is `datasets`' JSON loader and a batched map that renders and
 tokenizes each row once (TRL's SFT preprocessing; it labels every token, where llmfast labels the answers only);
-it runs offline, with its cache in the temporary folder.
+it runs offline, with its cache in the temporary folder (a fresh one every round, so no round reads another's).
+Both sides run once untimed on a small file first (imports, the tokenizer's and the template's first calls), then
+`--rounds` rounds in alternating order; the table shows each side's median total and the ratio of the medians with
+the larger spread ((max - min) / median) of the two beside it. The JSON (bench_common) carries provenance and the
+load average and is replaced only with --force (checked before anything runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -23,6 +28,8 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+import bench_common
 
 _WORDS = ("the a model data train token answer question river city number small large quickly explain because "
           "however result value first second example python function list return error file line write read "
@@ -116,36 +123,57 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--pack-length", type=int, default=2048)
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--json", default="data_scale.json")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first")
+    bench_common.add_output_args(ap, "data_scale.json")
     args = ap.parse_args()
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from llmfast.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(args.model))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        caches = (Path(tmp) / f"hf-cache-{i}" for i in itertools.count())  # datasets would reuse a cached map
         for shape in args.shape:
+            warm = Path(tmp) / f"warm-{shape}.jsonl"
+            write_rows(warm, 100, shape, seed=1)
+            ours(warm, tok, args.max_length, args.pack_length)  # warm-up: not timed
+            if not args.no_baseline:
+                baseline(warm, tok, shape, next(caches))
             for n in args.rows:
                 path = Path(tmp) / f"{shape}-{n}.jsonl"
                 write_rows(path, n, shape)
-                got = {"shape": shape, "rows": n, "ours": ours(path, tok, args.max_length, args.pack_length),
+                sides = {"ours": lambda: ours(path, tok, args.max_length, args.pack_length)}
+                if not args.no_baseline:
+                    sides["datasets"] = lambda: baseline(path, tok, shape, next(caches))
+                runs, order = bench_common.rounds(sides, args.rounds)
+                got = {"shape": shape, "rows": n, "order": order, "runs": runs,
+                       "ours": {**runs["ours"][0], "total_s": bench_common.spread(r["total_s"] for r in runs["ours"])},
                        "bytes_per_token": bytes_per_token(path, tok, args.max_length)}
                 if not args.no_baseline:
-                    got["datasets"] = baseline(path, tok, shape, Path(tmp) / "hf-cache")
+                    got["datasets"] = {**runs["datasets"][0],
+                                       "total_s": bench_common.spread(r["total_s"] for r in runs["datasets"])}
+                    got["compare"] = bench_common.compare([r["total_s"] for r in runs["ours"]],
+                                                          [r["total_s"] for r in runs["datasets"]])
                 results.append(got)
                 print(f"done {shape} {n}", file=sys.stderr, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     head = (f"{'shape':7} {'rows':>8} {'tokens':>10} {'read s':>7} {'encode s':>8} {'pack s':>7} {'split s':>7} "
-            f"{'B/token':>7} {'us/row':>7} {'datasets s':>10} {'ratio':>6}")
+            f"{'B/token':>7} {'us/row':>7} {'datasets s':>10} {'ratio':>6} {'spread':>6}")
     print(head)
     for g in results:
-        o, b = g["ours"], g.get("datasets")
+        o, b, c = g["ours"], g.get("datasets"), g.get("compare")
         print(f"{g['shape']:7} {g['rows']:>8} {o['tokens']:>10} {o['read_s']:>7.2f} {o['encode_s']:>8.2f} "
               f"{o['pack_s']:>7.2f} {o['split_s']:>7.3f} {g['bytes_per_token']:>7.1f} "
-              f"{1e6 * o['total_s'] / g['rows']:>7.0f} {b['total_s'] if b else float('nan'):>10.2f} "
-              f"{o['total_s'] / b['total_s'] if b else float('nan'):>6.2f}")
+              f"{1e6 * o['total_s']['median'] / g['rows']:>7.0f} "
+              f"{b['total_s']['median'] if b else float('nan'):>10.2f} {c['ratio'] if c else float('nan'):>6.2f} "
+              f"{c['noise'] if c else o['total_s']['spread']:>6.0%}")
+    print(f"phases: the first round's; totals and ratio (ours over datasets): medians of {args.rounds} alternating "
+          "rounds; spread: the larger (max - min) / median of the two")
     print(f"peak RSS of the whole run: {peak:.0f} MiB")
-    Path(args.json).write_text(json.dumps({"results": results, "peak_rss_mib": peak}, indent=1))
+    bench_common.write_json(args.json, {"results": results, "peak_rss_mib": peak, "rounds": args.rounds}, args.force,
+                            state)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ the same completion-only labels; each runs in its own process so peak RSS is its
 - baseline: a plain loop a user would write: shuffled examples, batches padded to the longest, 
             `model(input_ids, attention_mask, labels).loss`, torch AdamW
 
-Tokens/s counts real tokens (never padding) over the training loop's wall time.
+Tokens/s counts real tokens (never padding) over the training loop's wall time (both sides include their first
+step: llmfast's metrics.json does not time after a warm-up, so neither side does). `--rounds` rounds, the sides'
+order swapped every other round, each side with OMP_NUM_THREADS=--threads; the medians are compared and each side's
+spread over the rounds is printed beside the ratio. The JSON (bench_common) carries provenance and the load average
+and is replaced only with --force (checked before anything runs).
 The data is a realistic mix: short task examples (dates, units, extract) and longer passages of the
 eval book as "continue the text" completions (50-400 tokens).
 
@@ -39,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +95,13 @@ def make_data(path: Path, n: int, seed: int = 0, kind: str = "mix", max_length: 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _env(args: argparse.Namespace) -> dict:
+    """The same thread setting for both sides' processes."""
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+
 def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     recipe = work / "ours.yaml"
     recipe.write_text(f"""
 model: {args.model}
@@ -100,7 +112,8 @@ train: {{epochs: 1, batch_size: {args.batch_size}, lr: 2.0e-4, dtype: {"auto" if
 output: {work / 'ours'}
 """ + (f"quantization: {{type: {args.quantization}, double_quant: true}}\n" if args.quantization else ""))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "llmfast.cli", "finetune", str(recipe)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "llmfast.cli", "finetune", str(recipe)], capture_output=True, text=True,
+                       env=_env(args))
     if p.returncode != 0:
         sys.exit(f"llmfast finetune failed:\n{p.stderr[-3000:]}")
     m = json.loads((work / "ours" / "metrics.json").read_text())
@@ -196,7 +209,7 @@ def run_baseline(args: argparse.Namespace, data: Path) -> dict:
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
     cmd += ["--quantization", args.quantization] if args.quantization else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(args))
     if p.returncode != 0:
         sys.exit(f"baseline failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -210,7 +223,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--json", default="runs/bench/finetune_cpu.json")
+    bench_common.add_output_args(ap, "runs/bench/finetune_cpu.json")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of both sides")
     ap.add_argument("--shape", default="builtin", choices=["builtin", *SHAPES],
                     help="the built-in model, or random weights with these real shapes")
     ap.add_argument("--data", dest="data_kind", default="mix", choices=["mix", "long"])
@@ -225,8 +240,10 @@ def main() -> None:
     args.cuda = torch.cuda.is_available()
     if args.role == "baseline":
         return baseline_main(args)
-    from llmfast.artifacts import atomic_write_json
     from llmfast.models import resolve_model
+
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -235,19 +252,28 @@ def main() -> None:
         resolve_model(args.model)  # convert once, outside both timings
         data = work / "data.jsonl"
         make_data(data, args.examples, kind=args.data_kind, max_length=args.max_length)
-        baseline = run_baseline(args, data)
-        ours = run_ours(args, data, work)
-    assert ours["tokens"] == baseline["tokens"], "both must train on the same real tokens"
+        runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+        for r in range(args.rounds):
+            for side in bench_common.order(list(runs), r):
+                runs[side].append(run_baseline(args, data) if side == "baseline" else
+                                  run_ours(args, data, work / f"round{r}"))
+    assert all(x["tokens"] == runs["baseline"][0]["tokens"] for v in runs.values() for x in v), \
+        "both must train on the same real tokens"
+    speed, mem = (bench_common.compare([x[k] for x in runs["ours"]], [x[k] for x in runs["baseline"]])
+                  for k in ("tokens_per_s", "peak_mem_gib"))
+    # The table's figures: the first round's steps and loss (the same every round), the medians over the rounds.
+    baseline, ours = ({**runs[side][0], "tokens_per_s": speed[side]["median"], "peak_mem_gib": mem[side]["median"]}
+                      for side in ("baseline", "ours"))
     machine = torch.cuda.get_device_name() if args.cuda else f"{platform.machine()}, {os.cpu_count()} CPUs"
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": machine, "model": args.model, "shape": args.shape,
         "data": args.data_kind, "quantization": args.quantization, "gradient_checkpointing": args.gradient_checkpointing,
         "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
         "baseline": baseline, "ours": ours,
-        "tokens_per_s_ratio": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
-        "peak_mem_ratio": round(ours["peak_mem_gib"] / baseline["peak_mem_gib"], 2),
+        "tokens_per_s_ratio": round(speed["ratio"], 2), "peak_mem_ratio": round(mem["ratio"], 2),
+        "tokens_per_s": speed, "peak_mem_gib": mem, "threads": args.threads, "rounds": args.rounds, "runs": runs,
     }
-    atomic_write_json(args.json, result)
+    bench_common.write_json(args.json, result, args.force, state, threads=args.threads)
     mem = "peak GiB" + (" (CUDA)" if args.cuda else " (RSS)")
     print(f"{args.shape} {args.quantization or 'lora'} gc={args.gradient_checkpointing} on {machine}")
     print(f"{'':<22}{'tokens/s':>10}{mem:>18}{'steps':>7}{'mean loss':>12}")
@@ -255,7 +281,8 @@ def main() -> None:
         r = result[name]
         label = "plain HF + PEFT" if name == "baseline" else "llmfast"
         print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_mem_gib']:>18.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
-    print(f"ratio (ours/baseline): tokens/s {result['tokens_per_s_ratio']}x, peak memory {result['peak_mem_ratio']}x")
+    print(f"ratio (ours/baseline, medians of {args.rounds} alternating rounds): tokens/s {result['tokens_per_s_ratio']}x "
+          f"(spread {speed['noise']:.0%}), peak memory {result['peak_mem_ratio']}x (spread {mem['noise']:.0%})")
     print(f"results: {args.json}")
 
 

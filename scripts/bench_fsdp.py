@@ -5,7 +5,10 @@ Both run `llmfast finetune` under torchrun on the same data and steps; FSDP (`tr
 decoder layers over the processes, DDP keeps a whole copy in each. Reported per side: the parameter bytes a
 process holds while training (`param_bytes_per_process`), process 0's peak RSS (it includes loading the
 whole base, which both sides do before FSDP shards it), tokens/s (real tokens) and the final loss; and the
-largest difference between the two adapters, which should be rounding only.
+largest difference between the two adapters, which should be rounding only. `--rounds` runs of each side, the order
+swapped every other round, each process with OMP_NUM_THREADS=--threads (torchrun's own default, made explicit); the
+figures are medians over the rounds with each ratio's spread beside it. The JSON (bench_common) carries provenance
+and the load average and is replaced only with --force (checked before anything runs).
 
     llmfast tasks all --out data/tasks        # the training set the recipe points at
     python scripts/bench_fsdp.py              # 6 steps of 2 packed rows per process
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +36,8 @@ def run(side: str, out: Path, args: argparse.Namespace) -> dict:
            "--set", f"train.batch_size={args.batch_size}", "--set", "train.eval_every=null",
            "--set", "train.save_every=null", "--set", "export_merged=false", "--set", "data.eval=null",
            "--set", "data.eval_fraction=0", "--set", f"train.fsdp={'true' if side == 'fsdp' else 'false'}"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
     return json.loads((out / side / "metrics.json").read_text())
@@ -42,35 +48,42 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/lora_smollm2_dates.yaml")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=2, help="packed rows per micro-batch and process")
-    ap.add_argument("--json", default="runs/bench/fsdp_cpu.json")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process of both sides")
+    bench_common.add_output_args(ap, "runs/bench/fsdp_cpu.json")
     args = ap.parse_args()
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     if not (REPO / "data/tasks/dates/train.jsonl").is_file() and args.recipe.endswith("lora_smollm2_dates.yaml"):
         sys.exit("data/tasks/dates/train.jsonl is missing: run `llmfast tasks all --out data/tasks` first")
 
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        result = {side: run(side, out, args) for side in ("ddp", "fsdp")}
-        a, b = (load_file(out / s / "adapter" / "adapter_model.safetensors") for s in ("ddp", "fsdp"))
+        runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
+        for r in range(args.rounds):
+            for side in bench_common.order(list(runs), r):
+                runs[side].append(run(side, Path(tmp) / f"round{r}", args))
+        a, b = (load_file(Path(tmp) / "round0" / s / "adapter" / "adapter_model.safetensors") for s in ("ddp", "fsdp"))
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
 
-    ddp, fsdp = result["ddp"], result["fsdp"]
     rows = [("parameter MiB per process", "param_bytes_per_process", 2**-20),
             ("peak RSS GiB (process 0)", "peak_memory_gib", 1.0),
             ("tokens/s (both processes)", "train_tokens_per_s", 1.0),
             ("final train loss", "final_train_loss", 1.0)]
-    print(f"{'':28} {'DDP':>10} {'FSDP':>10} {'FSDP/DDP':>9}")
+    cmp = {key: bench_common.compare([x[key] for x in runs["fsdp"]], [x[key] for x in runs["ddp"]])
+           for _, key, _ in rows}
+    print(f"{'':28} {'DDP':>10} {'FSDP':>10} {'FSDP/DDP':>9} {'spread':>7}")
     for label, key, scale in rows:
-        x, y = ddp[key] * scale, fsdp[key] * scale
-        print(f"{label:28} {x:10.3f} {y:10.3f} {y / x:9.3f}")
+        c = cmp[key]
+        print(f"{label:28} {c['baseline']['median'] * scale:10.3f} {c['ours']['median'] * scale:10.3f} "
+              f"{c['ratio']:9.3f} {c['noise']:>7.1%}")
+    print(f"medians of {args.rounds} alternating rounds; spread: the larger (max - min) / median of the two sides")
     print(f"largest adapter difference: {diff:.2e}")
-    report = {"machine": platform.node(), "recipe": args.recipe, "steps": args.steps, "batch_size": args.batch_size,
-              "ddp": ddp, "fsdp": fsdp, "adapter_max_abs_diff": diff,
-              "ratios": {key: fsdp[key] / ddp[key] for _, key, _ in rows}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    report = {"recipe": args.recipe, "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
+              "threads": args.threads, "ddp": runs["ddp"][0], "fsdp": runs["fsdp"][0], "runs": runs,
+              "adapter_max_abs_diff": diff, "ratios": {key: c["ratio"] for key, c in cmp.items()}, "compare": cmp}
+    print(f"wrote {bench_common.write_json(args.json, report, args.force, state, threads=args.threads)}")
 
 
 if __name__ == "__main__":
