@@ -105,15 +105,17 @@ def compare(ours: Iterable[float], baseline: Iterable[float]) -> dict[str, Any]:
             "beyond_noise": None if ratio is None else abs(ratio - 1) > noise}
 
 
-def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any],
+def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any] | None,
                used: Iterable[str] = (), threads: int | None = None) -> Path:
-    """`record` with its provenance and the machine's state (before and after) written to `path`, through a
-    temporary file so a failed write leaves no half a JSON; refuses an existing file without `force`."""
+    """`record` with its provenance and the machine's state (before and after; none where `state` is None: a record
+    of no timings) written to `path`, through a temporary file so a failed write leaves no half a JSON; refuses an
+    existing file without `force`."""
     check_output(path, force)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    full = {**record, "provenance": provenance(used, threads),
-            "machine_state": {"start": state, "end": machine_state(" at the end")}}
+    full = {**record, "provenance": provenance(used, threads)}
+    if state is not None:
+        full["machine_state"] = {"start": state, "end": machine_state(" at the end")}
     tmp = out.with_name(out.name + ".partial")
     tmp.write_text(json.dumps(full, indent=1) + "\n")
     tmp.replace(out)

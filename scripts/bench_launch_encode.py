@@ -7,7 +7,8 @@ ended with the same rows.
 Rows are bench_data_scale's synthetic chat rows (~150-300 tokens each), the model the tiny Llama (SmolLM2's
 tokenizer), the launch torchrun with gloo on the CPU. Per rank: seconds in run_data, the CPU seconds it used,
 the RSS it added (psutil, before and after), the peak RSS of the process (ru_maxrss), and the rows digest base.json
-would record.
+would record. One launch: a measure of the ranks against each other (no baseline to alternate with); the JSON
+(--json; bench_common) carries provenance and the load average, and needs --force to replace a file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_common  # noqa: E402
 
 
 def worker(recipe_path: str, report: str) -> None:
@@ -58,11 +60,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=30000)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--json", help="write the results here too")
+    bench_common.add_output_args(ap, None)
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
+    bench_common.check_output(args.json, args.force)
+    state = bench_common.machine_state()
     from bench_data_scale import write_rows
 
     from llmfast.testing import build_tiny_llama
@@ -92,7 +96,7 @@ def main() -> None:
               "same_rows": same}
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        bench_common.write_json(args.json, result, args.force, state, threads=1)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
@@ -165,7 +166,9 @@ def main() -> int:
                          "train.jsonl; never eval/tasks, which the script scores)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "w4")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "w4.json")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args()
+    bench_common.check_output(args.out, args.force, "--out")
     if args.ppl_tokens > args.skip_tokens:
         raise SystemExit(f"--ppl-tokens must be at most --skip-tokens ({args.skip_tokens}): calibration starts there")
 
@@ -219,15 +222,11 @@ def main() -> int:
                  _cell(r.get("peak_rss_gib"), ".2f"), " / ".join(str(x[0]) for x in
                                                                   (r.get("load_before"), r.get("load_after")) if x)]
         print("| " + " | ".join(cells) + " |")
-    import torch
-
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "spans": spans,
               "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
               "wall_seconds": round(time.perf_counter() - t_start, 1), "variants": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    # Quality figures (the wall time is context only): provenance, no load check.
+    print(f"wrote {bench_common.write_json(args.out, result, args.force, None)}")
     return 0
 
 

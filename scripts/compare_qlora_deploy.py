@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import bench_common
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
@@ -144,11 +145,11 @@ def main() -> int:
                     "(with --adapter: its merged/ sibling)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "qlora_deploy")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "qlora_deploy.json")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args()
+    bench_common.check_output(args.out, args.force, "--out")
     if args.ppl_tokens > SKIP_TOKENS:
         raise SystemExit(f"--ppl-tokens must be at most {SKIP_TOKENS}: the w4 calibration text starts there")
-
-    import torch
 
     from llmfast.artifacts import read_manifest
     from llmfast.bench.lineage import model_size
@@ -211,11 +212,9 @@ def main() -> int:
           f"c: nf4 in {rows['c: nf4']['codes_changed']:.2%}")
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "adapter": str(adapter),
               "quantization": quant.manifest(), "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
               "wall_seconds": round(time.perf_counter() - t_start, 1), "variants": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    # Quality figures (the wall time is context only): provenance, no load check.
+    print(f"wrote {bench_common.write_json(args.out, result, args.force, None)}")
     return 0
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 import bench_finetune as bench  # noqa: E402  (the plain HF + PEFT side and the model shapes)
 
 from llmfast.allocations import AllocationCounter  # noqa: E402
@@ -242,8 +243,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--loss-chunk-size", type=int, help="llmfast's train.loss_chunk_size (default: the recipe default)")
     ap.add_argument("--calibrate", action="store_true", help="also estimate the H200-measured plain HF anchors")
-    ap.add_argument("--json", default="runs/bench/finetune_memory_estimate.json")
+    bench_common.add_output_args(ap, "runs/bench/finetune_memory_estimate.json")
     args = ap.parse_args()
+    bench_common.check_output(args.json, args.force)
     gc = not args.no_gradient_checkpointing
     _count_4bit_matmuls()
     examples = make_examples(args.data, args.examples or (args.batch_size if args.data == "long" else 64),
@@ -276,11 +278,11 @@ def main() -> None:
                                 "estimate_checkpointing_gib": on, "h200_measured_gib": measured,
                                 "h200_checkpointing": stated})
             print(f"{shape:<12}{quant or 'lora':<7}{off:>13.2f}{on:>11.2f}{measured:>7.1f}  {stated}")
-    from llmfast.artifacts import atomic_write_json
-
-    atomic_write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "kind": "estimate (meta device)",
-                                  "data": args.data, "examples": len(examples), "batch_size": args.batch_size,
-                                  "max_length": args.max_length, "rows": rows, "calibration": calibration})
+    # Counts, not timings: no load check; provenance says which torch/transformers/peft gave them.
+    bench_common.write_json(args.json, {"date": time.strftime("%Y-%m-%d"), "kind": "estimate (meta device)",
+                                        "data": args.data, "examples": len(examples), "batch_size": args.batch_size,
+                                        "max_length": args.max_length, "rows": rows, "calibration": calibration},
+                            args.force, None)
     print(f"results: {args.json}")
 
 
