@@ -60,6 +60,9 @@ def test_write_json_provenance_and_no_silent_overwrite(tmp_path, capsys):
     assert err[-1] == f"error: {out} exists: give another --json or --force to replace it"
     bench_common.write_json(out, {"x": 3}, True, state)
     assert json.loads(out.read_text())["x"] == 3 and sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
+    bench_common.write_json(out, {"x": 4}, True, None)  # counts, not timings: provenance without a load record
+    data = json.loads(out.read_text())
+    assert data["x"] == 4 and "provenance" in data and "machine_state" not in data
 
 
 def test_busy_machine_warns(monkeypatch, capsys):
@@ -90,3 +93,30 @@ def test_chat_turns_script_alternates_and_records(tmp_path):
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == f"error: {out} exists: give another --json or --force to replace it"
     assert out.read_text() == before
+
+
+# Each script's way to name an existing JSON, with the other arguments it requires (never used: it stops first).
+REFUSE = {"bench_chat_turns": ["--json"], "bench_data_scale": ["--json"], "bench_finetune": ["--json"],
+          "bench_fsdp": ["--json"], "bench_launch_encode": ["--json"], "bench_sparse_decode": ["--json"],
+          "bench_ternary": ["--json"], "bench_serve_dtype": ["--fp32", "x", "--w4", "y", "--out"],
+          "bench_w4": ["--out"], "compare_mergekit": ["--out"], "compare_qlora_deploy": ["--out"],
+          "compare_vllm_bench": ["--json"], "merge_trim_memory": ["--code", "a=.", "--out"],
+          "estimate_finetune_memory": ["--json"]}
+
+
+@pytest.mark.parametrize("script", sorted(REFUSE))
+def test_script_refuses_an_existing_json_before_measuring(script, tmp_path, monkeypatch, capsys):
+    """Every benchmark script stops at once (exit 2, one line naming the file and the flags) when its JSON exists and
+    --force is not given, and leaves the file as it was; run in this process (the scripts import torch, which the
+    suite has imported already), so the refusal costs no start-up."""
+    import runpy
+
+    out = tmp_path / "old.json"
+    out.write_text('{"kept": true}')
+    flag = REFUSE[script][-1]
+    monkeypatch.setattr(sys, "argv", [f"scripts/{script}.py", *REFUSE[script], str(out)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {out} exists: give another {flag} or --force to replace it"
+    assert out.read_text() == '{"kept": true}' and [p.name for p in tmp_path.iterdir()] == ["old.json"]
