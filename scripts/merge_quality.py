@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_common
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Parameters per method: weight 1 for each task vector; density 0.5 where the method trims or drops.
@@ -95,8 +97,10 @@ def main() -> int:
             cells.append(f"{100 * acc:>9.1f}% {rel:>9}")
         ppl = f"{s['perplexity']:.3f}" if s["perplexity"] else "-"
         print(f"{name:<22} " + " ".join(cells) + f" {ppl:>8}")
-    (out / "summary.json").write_text(json.dumps({"tasks": args.tasks, "limit": args.limit, "results": summary},
-                                                 indent=2) + "\n")
+    # The summary is this script's own, remade from its resumable steps in its own folder: replacing it is the
+    # point of a rerun (force=True). Quality, not timings: provenance, no load record.
+    bench_common.write_json(out / "summary.json", {"tasks": args.tasks, "limit": args.limit, "results": summary},
+                            True, None)
     print(f"\nsummary: {out / 'summary.json'}")
     return 0
 
