@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> int:
                                  max(8, a.prompts_per_concurrency * c), a, tmp) for c in a.concurrency}
                 if r == 0:  # the scores do not change between rounds (greedy, same server build)
                     rows[label]["ppl"] = served_perplexity(server.base_url, "model", ids, a.window)
+            shutil.rmtree(tmp)  # its results and server log: kept only where a step failed
             rows[label]["rounds"].append({str(c): {k: p[k] for k in ("output_throughput", "median_tpot_ms",
                                                                      "median_ttft_ms", "completed", "failed")}
                                           for c, p in point.items()})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def main() -> None:
             load_flags[load_flags.index("--max-concurrency") + 1] = str(a.load_concurrency)
             load = run([sys.executable, "-m", "llmfast.cli", "bench", "serve", *load_flags, "--result-dir", str(tmp),
                         "--result-filename", lp.name], lp)
+    shutil.rmtree(tmp)  # the runs' files and the server log, kept above only where a step failed
 
     summary = {}
     print(f"\n{'metric':<22} {'llmfast':>10} {'vllm':>10} {'ratio':>8} {'spread':>7}")
