@@ -259,10 +259,10 @@ def main() -> None:
                                   run_ours(args, data, work / f"round{r}"))
     assert all(x["tokens"] == runs["baseline"][0]["tokens"] for v in runs.values() for x in v), \
         "both must train on the same real tokens"
-    speed, mem = (bench_common.compare([x[k] for x in runs["ours"]], [x[k] for x in runs["baseline"]])
+    speed, peak = (bench_common.compare([x[k] for x in runs["ours"]], [x[k] for x in runs["baseline"]])
                   for k in ("tokens_per_s", "peak_mem_gib"))
     # The table's figures: the first round's steps and loss (the same every round), the medians over the rounds.
-    baseline, ours = ({**runs[side][0], "tokens_per_s": speed[side]["median"], "peak_mem_gib": mem[side]["median"]}
+    baseline, ours = ({**runs[side][0], "tokens_per_s": speed[side]["median"], "peak_mem_gib": peak[side]["median"]}
                       for side in ("baseline", "ours"))
     machine = torch.cuda.get_device_name() if args.cuda else f"{platform.machine()}, {os.cpu_count()} CPUs"
     result = {
@@ -270,8 +270,8 @@ def main() -> None:
         "data": args.data_kind, "quantization": args.quantization, "gradient_checkpointing": args.gradient_checkpointing,
         "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
         "baseline": baseline, "ours": ours,
-        "tokens_per_s_ratio": round(speed["ratio"], 2), "peak_mem_ratio": round(mem["ratio"], 2),
-        "tokens_per_s": speed, "peak_mem_gib": mem, "threads": args.threads, "rounds": args.rounds, "runs": runs,
+        "tokens_per_s_ratio": round(speed["ratio"], 2), "peak_mem_ratio": round(peak["ratio"], 2),
+        "tokens_per_s": speed, "peak_mem_gib": peak, "threads": args.threads, "rounds": args.rounds, "runs": runs,
     }
     bench_common.write_json(args.json, result, args.force, state, threads=args.threads)
     mem = "peak GiB" + (" (CUDA)" if args.cuda else " (RSS)")
@@ -282,7 +282,7 @@ def main() -> None:
         label = "plain HF + PEFT" if name == "baseline" else "llmfast"
         print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_mem_gib']:>18.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
     print(f"ratio (ours/baseline, medians of {args.rounds} alternating rounds): tokens/s {result['tokens_per_s_ratio']}x "
-          f"(spread {speed['noise']:.0%}), peak memory {result['peak_mem_ratio']}x (spread {mem['noise']:.0%})")
+          f"(spread {speed['noise']:.0%}), peak memory {result['peak_mem_ratio']}x (spread {peak['noise']:.0%})")
     print(f"results: {args.json}")
 
 
