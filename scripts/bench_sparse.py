@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_common
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 TASKS = ("dates", "extract", "units")
@@ -102,7 +104,11 @@ def main() -> int:
                          "as --conversations-share of the windows (data.conversations)")
     ap.add_argument("--conversations-share", type=float, default=None, help="default 0.5")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--force", action="store_true",
+                    help="run into an --out that has a results.json already (its artifacts are remade, it is replaced)")
     args = ap.parse_args()
+    # The variants' artifacts are remade with `sparsify --overwrite` and results.json replaced: only when asked.
+    bench_common.check_output(Path(args.out) / "results.json", args.force, "--out")
     if args.conversations_share is not None and not args.conversations:
         ap.error("--conversations-share needs --conversations FILE...")
 
@@ -154,7 +160,7 @@ def main() -> int:
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "command": " ".join(sys.argv), "settings": vars(args), "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    bench_common.write_json(out / "results.json", result, args.force, None)  # quality figures: provenance, no load
     base_ppl = next((r["ppl"] for r in rows if r["variant"] == "base"), None)
     print(f"{'variant':<14} {'MLP sparsity':>12} {'MLP-input sp.':>13} {'qkv-in sp.':>10} {'o-in sp.':>8} {'ppl':>8} "
           f"{'vs base':>8} {'sparsify s':>10} {'recall':>7} {'precision':>9} {'active':>7}"

@@ -97,7 +97,8 @@ REFUSE = {"bench_chat_turns": ["--json"], "bench_data_scale": ["--json"], "bench
           "bench_ternary": ["--json"], "bench_serve_dtype": ["--fp32", "x", "--w4", "y", "--out"],
           "bench_w4": ["--out"], "compare_mergekit": ["--out"], "compare_qlora_deploy": ["--out"],
           "compare_vllm_bench": ["--json"], "merge_trim_memory": ["--code", "a=.", "--out"],
-          "estimate_finetune_memory": ["--json"]}
+          "estimate_finetune_memory": ["--json"], "bench_sparse": ["--out"]}
+FOLDER_OUT = {"bench_sparse"}  # its --out is a folder, whose results.json is the record
 
 
 @pytest.mark.parametrize("script", sorted(REFUSE))
@@ -107,12 +108,13 @@ def test_script_refuses_an_existing_json_before_measuring(script, tmp_path, monk
     suite has imported already), so the refusal costs no start-up."""
     import runpy
 
-    out = tmp_path / "old.json"
+    out = tmp_path / ("results.json" if script in FOLDER_OUT else "old.json")
     out.write_text('{"kept": true}')
     flag = REFUSE[script][-1]
-    monkeypatch.setattr(sys, "argv", [f"scripts/{script}.py", *REFUSE[script], str(out)])
+    monkeypatch.setattr(sys, "argv", [f"scripts/{script}.py", *REFUSE[script],
+                                      str(tmp_path if script in FOLDER_OUT else out)])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {out} exists: give another {flag} or --force to replace it"
-    assert out.read_text() == '{"kept": true}' and [p.name for p in tmp_path.iterdir()] == ["old.json"]
+    assert out.read_text() == '{"kept": true}' and [p.name for p in tmp_path.iterdir()] == [out.name]
