@@ -608,7 +608,7 @@ def test_gpu_relufy_script_smoke(tmp_path):
 def killed_relufy(tmp_path_factory, tiny_dir):
     """A relufy run SIGKILLed after a checkpoint: its folder (recipe r.yaml, output out, OUTPUT.checkpoints)."""
     d = tmp_path_factory.mktemp("killed-relufy")
-    path = recipe(d, tiny_dir, "relufy", "{steps: 200, batch_size: 2, lr: 3.0e-4, save_every: 5}")
+    path = recipe(d, tiny_dir, "relufy", "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}")
     ckpts = _kill_after_a_checkpoint(path, d / "out.checkpoints" / "checkpoints")
     assert not (d / "out").exists() and list(ckpts.glob("step-*/state.json"))
     return d
@@ -657,7 +657,7 @@ def _tamper_distill(work, case, tmp_path):
 
 @pytest.mark.parametrize("case,expected", [
     ("a-tensor-that-would-broadcast", "model.layers.0.mlp.gate_proj.weight has shape [], the model's is [256, 128]"),
-    ("step-negative", "step -20 is not a step of this run (0 to 200)"),
+    ("step-negative", "step -20 is not a step of this run (0 to 40)"),
     ("step-beyond-the-run", "step 999 is not a step of this run"),
     ("state-not-json", "state.json"),
     ("student-deleted", "student.safetensors: cannot be read"),
@@ -665,7 +665,7 @@ def _tamper_distill(work, case, tmp_path):
     ("log-line-without-step", "is not a log line llmfast wrote"),
     ("another-model", "holds a run with model "),
     ("other-settings-without-relufy-json", "holds a run with settings.l1 0.0, this one has 0.5"),
-    ("no-steps", "holds a run with settings.steps 200, this one has 0"),
+    ("no-steps", "holds a run with settings.steps 40, this one has 0"),
     ("other-weights-at-the-path", "holds a run on other weights than those of "),
 ])
 def test_resume_of_a_tampered_or_other_run_is_one_line_and_changes_nothing(case, expected, killed_relufy, tmp_path):
@@ -703,7 +703,7 @@ def test_resume_takes_the_same_weights_moved_to_another_folder(killed_relufy, tm
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err[-2000:]
     steps = [json.loads(line)["step"] for line in (d / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 200 and steps.count(done) == 1  # continued after the checkpoint, not started again
+    assert steps[-1] == 40 and steps.count(done) == 1  # continued after the checkpoint, not started again
 
 
 def test_an_artifact_whose_linked_weights_were_rewritten_in_place_is_refused(tmp_path, tiny_dir):
