@@ -207,3 +207,84 @@ def script_greedy(model_dir: str | Path, steps: dict[int, int]) -> None:
         model.lm_head.weight = torch.nn.Parameter(head)
     model.config.tie_word_embeddings = False
     model.save_pretrained(model_dir, safe_serialization=True)
+
+
+# What a verb imports (about 4 s a process on 2 cores): run_forked's `preload` for jobs that run verbs.
+VERB_IMPORTS = ["torch", "transformers", "transformers.modeling_utils", "peft", "llmfast.cli", "llmfast.models"]
+
+# The interpreter of `run_forked`: imports `preload` once, then runs each job in a child forked from it, one after
+# another (a job sees what the jobs before it wrote to disk, and none of their process state), as `python -m MODULE
+# ARGS` or `python -c CODE` would; its stdin, stdout and stderr files of its own, the exit status recorded.
+_FORKER = r'''
+import importlib, json, os, runpy, sys
+
+with open(sys.argv[1]) as f:
+    spec = json.load(f)
+for name in spec["preload"]:
+    importlib.import_module(name)
+job, codes = None, []
+for each in spec["jobs"]:
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        job = each
+        break
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+if job is None:
+    with open(spec["codes"], "w") as f:
+        json.dump(codes, f)
+    sys.exit(0)
+del spec, codes, each
+for fd, path, mode in ((0, job["stdin"], os.O_RDONLY), (1, job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                       (2, job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+    opened = os.open(path, mode)
+    os.dup2(opened, fd)
+    os.close(opened)
+del f, fd, path, mode, opened
+os.environ.update(job["env"])
+if job.get("module"):
+    sys.argv = [job["module"], *job["argv"]]
+    sys.modules.pop(job["module"], None)  # as under -m: the module runs as __main__, not as the preloaded copy
+    runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *job["argv"]]
+    exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+'''
+
+
+def run_forked(jobs: list[dict[str, Any]], preload: list[str], folder: str | Path, env: dict[str, str] | None = None,
+               cwd: str | Path | None = None, timeout: float = 900) -> list[tuple[int, str, str]]:
+    """Run `jobs` one after another, each in a process of its own forked from one interpreter that imported
+    `preload` (say VERB_IMPORTS) once; (exit status, stdout, stderr) of each.
+    A job is {"module": "llmfast.cli", "argv": [...]} (`python -m`) or {"code": "..."} (`python -c`), with optional
+    "env" (set in its process only) and "stdin" (text). `folder` holds the jobs' files; `env` and `cwd` are the
+    interpreter's. For tests whose subject is what one command does in a process, not the start of a process."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, job in enumerate(jobs):
+        (folder / f"job{i}.in").write_text(job.get("stdin", ""), encoding="utf-8")
+        specs.append({"module": job.get("module"), "argv": list(job.get("argv", [])), "code": job.get("code"),
+                      "env": dict(job.get("env", {})), **{k: str(folder / f"job{i}.{k[3:]}")
+                                                          for k in ("stdin", "stdout", "stderr")}})
+    spec = folder / "jobs.json"
+    spec.write_text(json.dumps({"preload": preload, "jobs": specs, "codes": str(folder / "codes.json")}))
+    # a session of its own: past `timeout`, the job running then goes with the interpreter
+    p = subprocess.Popen([sys.executable, "-c", _FORKER, str(spec)], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+    if p.returncode != 0:
+        raise RuntimeError(f"run_forked's interpreter failed ({p.returncode}): {err[-3000:]}")
+    codes = json.loads((folder / "codes.json").read_text())
+    return [(code, Path(s["stdout"]).read_text(), Path(s["stderr"]).read_text()) for code, s in zip(codes, specs)]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from llmfast.testing import VERB_IMPORTS, run_forked
 
 NO_NETWORK = '''
 import ipaddress, json, os, socket, time, traceback
@@ -136,7 +137,7 @@ def test_the_harness_takes_the_network_away(offline):
     assert p.returncode == 2 and tries and {t["host"] for t in tries} == {"huggingface.co"}, (p.stderr, tries)
 
 
-def test_every_verb_on_local_models_reaches_for_no_network(offline, tiny_dir, tmp_path):
+def test_every_verb_on_local_models_reaches_for_no_network(tiny_dir, tmp_path):
     """Fine-tune, export, merge, quantize (int4, bitsandbytes), sparsify, eval and bench on local folders and the
     built-in model, with the user's environment: not one lookup or connection."""
     rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"Repeat: {w}"},
@@ -165,9 +166,14 @@ def test_every_verb_on_local_models_reaches_for_no_network(offline, tiny_dir, tm
             ("sparsify", "teal.yaml"), ("eval", "eval.yaml"),
             ("bench", "offline", str(tiny_dir), "--engine", "hf", "--num-prompts", "2",
              "--random-input-len", "8", "--random-output-len", "2", "--output", "bench.json")]
-    for args in runs:
-        p, tries = offline(*args)
-        assert p.returncode == 0, (args, p.stderr[-2000:])
+    # each verb a process of its own, forked from one that imported the libraries once (network down there too)
+    logs = [tmp_path / f"network-{i}.jsonl" for i in range(len(runs) + 1)]
+    done = run_forked([{"module": "llmfast.cli", "argv": args, "env": {"NET_LOG": str(log)}}
+                       for args, log in zip(runs, logs[1:])], VERB_IMPORTS, tmp_path / "jobs",
+                      env=_users_env(tmp_path, logs[0]), cwd=tmp_path)
+    for args, (code, _, err), log in zip([("imports",), *runs], [(0, "", ""), *done], logs):
+        assert code == 0, (args, err[-2000:])
+        tries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         assert tries == [], (args, tries)
 
 
