@@ -11,14 +11,13 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
 
 from llmfast.errors import UserError
+from llmfast.testing import run_forked
 
 TEXT = REPO / "eval" / "text" / "persuasion.txt"
 CODE = "import pathlib\npathlib.Path({mark!r}).write_text('ran')\n"
@@ -79,27 +78,34 @@ for name, load in (("load_model", lambda: load_model(path)), ("load_ternary", la
 """
 
 
-def _load_with_yes(folder: Path, tmp_path: Path, mark: Path) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFAST_CACHE": str(tmp_path / "cache")}
-    p = subprocess.run([sys.executable, "-c", _LOADERS, str(folder)], input="y\ny\ny\n", capture_output=True,
-                       text=True, cwd=tmp_path, env=env, timeout=600)
-    assert not mark.exists(), f"the folder's code ran: {p.stderr[-1000:]}"
-    assert p.returncode == 0 and "[y/N]" not in p.stdout + p.stderr, p.stdout + p.stderr[-2000:]
-    return p.stdout.splitlines()
+@pytest.fixture(scope="module")
+def loaded_with_yes(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """kind: (its copy naming its own code, the file that code writes, what _LOADERS printed) for each artifact, each
+    folder loaded in a process of its own (forked from one that imported the loaders' libraries once)."""
+    tmp = tmp_path_factory.mktemp("with-code")
+    kinds = {kind: (_with_code(made, tmp / f"{kind}-code", tmp / f"RAN-{kind}", model_type="xllama"),
+                    tmp / f"RAN-{kind}") for kind, made in artifacts.items()}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFAST_CACHE": str(tmp / "cache")}
+    done = run_forked([{"code": _LOADERS, "argv": [str(folder)], "stdin": "y\ny\ny\n"} for folder, _ in kinds.values()],
+                      ["torch", "transformers", "transformers.modeling_utils", "llmfast.models",
+                       "llmfast.quant.bitnet.convert", "llmfast.quant.w4_format"], tmp / "jobs", env=env, cwd=tmp,
+                      timeout=600)
+    return {kind: (folder, mark, ran) for (kind, (folder, mark)), ran in zip(kinds.items(), done)}
 
 
 @pytest.mark.parametrize("kind", ["ternary", "w4", "tiny"])
-def test_a_folder_naming_its_own_code_is_refused_by_every_loader(artifacts: dict[str, Path], tmp_path: Path,
+def test_a_folder_naming_its_own_code_is_refused_by_every_loader(loaded_with_yes: dict[str, tuple],
                                                                   kind: str) -> None:
     """Fixed: `echo y | python -c 'load_model(DIR)'` on a ternary or w4 artifact whose config.json names a model_type
     of its own and an auto_map imported DIR/configuration_x.py (llmfast's loaders of those formats called AutoConfig
     without trust_remote_code=False); the plain model's loader said 'transformers cannot load this model
     (ValueError: ... custom code ...)'. Now each loader is the one line the CLI gives, and nothing is imported."""
-    if kind not in artifacts:
+    if kind not in loaded_with_yes:
         pytest.skip("auto-round is not installed: no w4 artifact")
-    mark = tmp_path / "RAN"
-    folder = _with_code(artifacts[kind], tmp_path / f"{kind}-code", mark, model_type="xllama")
-    lines = _load_with_yes(folder, tmp_path, mark)
+    folder, mark, (code, out, err) = loaded_with_yes[kind]
+    assert not mark.exists(), f"the folder's code ran: {err[-1000:]}"
+    assert code == 0 and "[y/N]" not in out + err, out + err[-2000:]
+    lines = out.splitlines()
     loaders = ("load_model", "load_ternary", "load_dequantized")
     assert [ln.split(" ", 1)[0] for ln in lines] == list(loaders), lines
     for line in lines:
