@@ -1,8 +1,9 @@
 """docs/python_api.md as a script's author reads it, so the page and the code cannot drift apart.
 
-Every ```python block runs as written, each in a fresh interpreter, in the page's order, in one empty folder (a
-block uses what the blocks before it wrote, as the page says); every signature the page gives in backticks is the
-function's own. The vLLM block starts a real server (a minute or two): it runs last, in the same folder.
+Every ```python block runs as written, each in a process of its own (forked from one that only imported the
+libraries: no name or state of the blocks before it), in the page's order, in one empty folder (a block uses what the
+blocks before it wrote, as the page says); every signature the page gives in backticks is the function's own. The
+vLLM block starts a real server (a minute or two): it runs last, in the same folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from llmfast.testing import VERB_IMPORTS, run_forked
 
 PAGE = REPO / "docs" / "python_api.md"
 # what a script calls to do each thing the kit does: each must keep its signature (and so its section) on the page
@@ -41,9 +43,12 @@ def _starts_vllm(code: str) -> bool:
     return "VllmServer(" in code
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def _run(code: str, line: int, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=_env(),
                        timeout=timeout)
     assert p.returncode == 0, f"docs/python_api.md:{line}: the block failed\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p
@@ -53,8 +58,13 @@ def _run(code: str, line: int, cwd: Path, timeout: int) -> subprocess.CompletedP
 def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """The folder every block but vLLM's ran in, in order, and what each printed."""
     cwd = tmp_path_factory.mktemp("python-api")
-    printed = [_run(code, line, cwd, 600).stdout for line, code in blocks() if not _starts_vllm(code)]
-    return cwd, printed
+    run = [(line, code) for line, code in blocks() if not _starts_vllm(code)]
+    # each block in a process of its own, forked from one that imported the libraries once (~4 s a process)
+    done = run_forked([{"code": code} for _, code in run], VERB_IMPORTS, tmp_path_factory.mktemp("python-api-jobs"),
+                      env=_env(), cwd=cwd, timeout=1800)
+    for (line, _), (code, out, err) in zip(run, done):
+        assert code == 0, f"docs/python_api.md:{line}: the block failed\n{out[-2000:]}\n{err[-4000:]}"
+    return cwd, [out for _, out, _ in done]
 
 
 def test_every_block_runs_as_written_in_the_pages_order(folder):
