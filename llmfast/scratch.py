@@ -206,30 +206,49 @@ def engine_segments(pids: Iterable[int]) -> dict[str, tuple[int, int]]:
     """The shared-memory segments in /dev/shm that these processes (an engine's, still running) map or hold open,
     that are this user's and were made after the first of them started: the engine's own, with their (device,
     inode). Not a segment another process made and shares with them, nor another engine's, which these processes
-    do not hold. Read before a kill: a dead process holds nothing."""
+    do not hold. Read before a kill: a dead process holds nothing. Known by inode, not name: glibc's sem_open makes
+    a semaphore under a temporary name, maps it, then links it to its own (sem.mp-*, multiprocessing's), so its
+    maker's maps name "sem.XXXXXX (deleted)"; a worker's tqdm lock, held by it alone, stayed after every kill."""
     pids = list(pids)
     try:
         since = min(_started(pid) for pid in pids) - 0.1  # file times lag the clock by up to a tick
+        shm_dev = os.stat(_SHM).st_dev
     except (OSError, ValueError):  # gone already, or no /proc
         return {}
-    held: set[str] = set()
+    held: set[int] = set()
     for pid in pids:
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as maps:
-                held.update(f[5] for f in (line.rstrip("\n").split(maxsplit=5) for line in maps) if len(f) == 6)
+        held.update(_mapped_inodes(pid, shm_dev))
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
-                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(_SHM + "/"):
+                        st = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, whatever its name now
+                        if st.st_dev == shm_dev:
+                            held.add(st.st_ino)
     found = {}
-    for path in held:
-        if os.path.dirname(path) != _SHM:  # a file elsewhere; a segment already unlinked reads "NAME (deleted)"
-            continue
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_ctime >= since:
-                found[path] = (st.st_dev, st.st_ino)
+    with contextlib.suppress(OSError), os.scandir(_SHM) as entries:
+        for entry in entries:
+            if entry.inode() not in held:
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_ctime >= since:
+                    found[entry.path] = (st.st_dev, st.st_ino)
     return found
+
+
+def _mapped_inodes(pid: int, dev: int) -> set[int]:
+    """The inodes of the files on device `dev` (/dev/shm's) that process `pid` maps."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as maps:
+            for line in maps:
+                f = line.split(maxsplit=5)  # address, perms, offset, major:minor (hex), inode, path
+                if len(f) == 6 and f[5].startswith(_SHM + "/"):
+                    major, minor = (int(x, 16) for x in f[3].split(":"))
+                    if os.makedev(major, minor) == dev:
+                        inodes.add(int(f[4]))
+    return inodes
 
 
 def drop_segments(segments: dict[str, tuple[int, int]]) -> list[str]:

@@ -21,10 +21,11 @@ SHM = Path("/dev/shm")
 
 # A stand-in engine for the kill paths: a process group (a leader and a child of it, as vLLM's engine core and its
 # worker) where each makes a segment and holds it, and the leader also holds the caller's segment FIRST, made before
-# it started. What they made is printed; then they wait to be killed.
+# it started, and a spawn context's lock (sem.mp-*, as tqdm's in vLLM's worker). What they made is printed; then they
+# wait to be killed.
 _ENGINE = """
 import os, subprocess, sys, time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import get_context, resource_tracker, shared_memory
 os.setpgid(0, 0)
 register, resource_tracker.register = resource_tracker.register, lambda *a: None  # attached: not its to unlink
 held = shared_memory.SharedMemory(name=sys.argv[1])  # (vLLM attaches so too)
@@ -33,7 +34,8 @@ own = shared_memory.SharedMemory(create=True, size=4096)
 child = subprocess.Popen([sys.executable, "-c", "from multiprocessing import shared_memory; import time; "
                           "s = shared_memory.SharedMemory(create=True, size=4096); print(s.name, flush=True); "
                           "time.sleep(300)"], stdout=subprocess.PIPE, text=True)
-print(own.name, child.stdout.readline().strip(), flush=True)
+lock = get_context("spawn").Lock()  # glibc names it "sem.XXXXXX (deleted)" in this process's maps
+print(own.name, child.stdout.readline().strip(), "sem." + lock._semlock.name.lstrip("/"), flush=True)
 time.sleep(300)
 """
 
@@ -45,7 +47,7 @@ def _segment(name: str) -> Path:
 def _stand_in_engine(first: str) -> tuple[subprocess.Popen, list[str]]:
     engine = subprocess.Popen([sys.executable, "-c", _ENGINE, first], stdout=subprocess.PIPE, text=True)
     made = engine.stdout.readline().split()  # type: ignore[union-attr]
-    assert len(made) == 2 and all(_segment(m).exists() for m in made), made
+    assert len(made) == 3 and all(_segment(m).exists() for m in made), made
     return engine, made
 
 
@@ -61,8 +63,9 @@ def users_segment():
 
 def test_a_killed_engine_groups_segments_go_and_no_others(users_segment):
     """`kill_engine_groups` (Ctrl-C during `bench offline --engine vllm`) SIGKILLed the engine's group, taking its
-    resource tracker with it: what its processes made stayed in /dev/shm for good. Now those go; the segment the
-    engine held but did not make, and one another engine made meanwhile (not held by this one), stay."""
+    resource tracker with it: what its processes made stayed in /dev/shm for good. Now those go, a semaphore too
+    (its maker maps it under the temporary name sem_open gave it); the segment the engine held but did not make,
+    and one another engine made meanwhile (not held by this one), stay."""
     from llmfast.scratch import kill_engine_groups
 
     engine, made = _stand_in_engine(users_segment.name)
@@ -169,61 +172,88 @@ def test_a_server_never_started_leaves_no_log_and_the_callers_spec_as_it_was(tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def _held_psm(pgid: int) -> set[str]:
-    """The psm_* segments the processes of group `pgid` hold open (read here, not by llmfast's code)."""
-    held = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+def _shm_held(pids) -> dict[int, str]:
+    """{inode: name} of the /dev/shm files these processes map or hold open (read here, not by llmfast's code): by
+    inode, as a semaphore's maker maps it under sem_open's temporary name."""
+    inodes = set()
+    for pid in pids:
         try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2] != str(pgid):
-                continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/psm_"):
-                    held.add(target)
+            inodes.update(int(f[4]) for f in (line.split(maxsplit=5) for line in open(f"/proc/{pid}/maps"))
+                          if len(f) == 6 and f[5].startswith("/dev/shm/"))
+            inodes.update(os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")
+                          if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"))
         except OSError:
             pass
-    return held
+    return {e.inode(): e.name for e in os.scandir(SHM) if e.inode() in inodes}
+
+
+def _group(pgid: int) -> list[str]:
+    return [pid for pid in filter(str.isdigit, os.listdir("/proc"))
+            if _stat_pgid(pid) == str(pgid)]
+
+
+def _stat_pgid(pid: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]
+    except OSError:
+        return None
 
 
 @pytest.mark.slow
 def test_a_real_server_killed_under_llmfast_leaves_no_shared_memory(tmp_path, tiny_dir, users_segment):
     """A real vLLM server whose API process was SIGKILLed (as the OOM killer does) and which llmfast then stopped:
     its engine core's and worker's MessageQueue segments (psm_*) stayed in /dev/shm (93 MB of them after a day of
-    tests here); now they go, and the user's segment stays."""
+    tests here), and its worker's tqdm lock (sem.mp-*, the group's resource tracker killed with it); now they go,
+    and the user's segment stays."""
     pytest.importorskip("vllm")
     from llmfast.serve.server import ServerSpec, VllmServer
 
     srv = VllmServer(ServerSpec(model=tiny_dir, port=0), log_path=tmp_path / "log")
     with srv:
-        held = _held_psm(srv.proc.pid)  # type: ignore[union-attr]
-        assert held, "vLLM's engine holds no psm_* segment: nothing to check"
+        held = _shm_held(_group(srv.proc.pid)).values()  # type: ignore[union-attr]
+        assert {n[:4] for n in held} >= {"psm_", "sem."}, f"{held}: vLLM's engine holds none of these to check"
         os.kill(srv.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         srv.proc.wait(10)  # type: ignore[union-attr]
-    assert [p for p in held if Path(p).exists()] == []
+    assert [n for n in held if _segment(n).exists()] == []
     assert _segment(users_segment.name).exists()
 
 
 _OFFLINE_TWICE = """
-import json, os, sys
+import json, os, sys, threading
 from llmfast.cli import main
 
 def fds():
     return sorted(os.listdir("/proc/self/fd"))
 
+def ours():  # the processes this script started (vLLM's engine core and its worker), however deep
+    children, found, todo = {{}}, [], [str(os.getpid())]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            children.setdefault(open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[1], []).append(pid)
+        except OSError:
+            pass
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+held, done = {{}}, threading.Event()
+def watch():  # what the engine's processes map or hold in /dev/shm while they run, by inode (read as the test does)
+    while not done.wait(0.2):
+        held.update({shm_held}(ours()))
+{shm_src}
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 args = ["bench", "offline", {model!r}, "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4"]
-shm = set(os.listdir("/dev/shm"))
 codes = [main(args)]
 after_one = fds()  # what a first call opens for good (imports, vLLM's zmq context)
 codes.append(main(args))
-codes.append(main(args))
-held = set()  # what live processes hold: another engine's (a test run beside this one), not ours
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        held.update(os.path.basename(os.readlink(f"/proc/{{pid}}/fd/{{fd}}")) for fd in os.listdir(f"/proc/{{pid}}/fd"))
-    except OSError:
-        pass
-left = sorted(n for n in set(os.listdir("/dev/shm")) - shm - held if n.startswith("psm_"))
-print("RESULT " + json.dumps({{"codes": codes, "grown": sorted(set(fds()) - set(after_one)), "shm": left}}))
+done.set()
+watcher.join()
+left = sorted(e.name for e in os.scandir("/dev/shm") if held.get(e.inode()) == e.name)
+print("RESULT " + json.dumps({{"codes": codes, "grown": sorted(set(fds()) - set(after_one)), "shm": left,
+                              "held": sorted(set(held.values()))}}))
 """
 
 
@@ -231,15 +261,18 @@ print("RESULT " + json.dumps({{"codes": codes, "grown": sorted(set(fds()) - set(
 def test_bench_offline_called_in_process_again_and_again_leaves_no_descriptors_or_shared_memory():
     """A script calling main(["bench", "offline", ...]) 20 times: each call left two pipe descriptors open (the
     sentinel of vLLM's engine core process, never closed) and vLLM's psm_* segments in /dev/shm until the script
-    ended (its engine killed after a 5 s wait for a worker that never exits). Here the second and third calls add no
-    descriptor, and no psm_* segment is left while the script still runs."""
+    ended (its engine killed after a 5 s wait for a worker that never exits), and its worker's tqdm lock (sem.mp-*).
+    Here the second call adds no descriptor, and nothing the engine held in /dev/shm is left while the script runs."""
     pytest.importorskip("vllm")
+    import inspect
+
     from llmfast.testing import build_tiny_llama
 
     model = build_tiny_llama(Path(os.environ.get("TMPDIR", "/tmp")) / f"lf-twice-{os.getpid()}")
+    code = _OFFLINE_TWICE.format(model=str(model), shm_held=_shm_held.__name__,
+                                 shm_src=inspect.getsource(_shm_held).replace("SHM", '"/dev/shm"'))
     try:
-        p = subprocess.run([sys.executable, "-c", _OFFLINE_TWICE.format(model=str(model))], capture_output=True,
-                           text=True, timeout=900, cwd=REPO)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO)
     finally:
         import shutil
 
@@ -247,5 +280,6 @@ def test_bench_offline_called_in_process_again_and_again_leaves_no_descriptors_o
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
     r = json.loads(lines[-1][len("RESULT "):])
-    assert r["codes"] == [0, 0, 0] and r["grown"] == [] and r["shm"] == [], r
+    assert r["codes"] == [0, 0] and r["grown"] == [] and r["shm"] == [], r
+    assert {n[:4] for n in r["held"]} >= {"psm_", "sem."}, r  # what there was to leave
     assert "Traceback" not in p.stderr and "resource_tracker" not in p.stderr, p.stderr[-3000:]

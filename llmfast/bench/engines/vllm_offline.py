@@ -98,13 +98,15 @@ def _engine_processes(others: set[int]) -> list[Any]:
 
 def _untrack(segments: list[str]) -> None:
     """Tell this process's resource tracker that these segments, unlinked by us, are gone: vLLM's engine processes
-    share it and registered what they made (SharedMemory(create=True), psm_*), which it would unlink again as we
-    exit, with a warning for each."""
+    share it and registered what they made (SharedMemory(create=True), psm_*; a spawn context's locks, sem.mp-*: a
+    worker's tqdm lock), which it would unlink again as we exit, with a warning for each."""
     from multiprocessing import resource_tracker
 
     for name in map(os.path.basename, segments):
         if name.startswith("psm_"):
             resource_tracker.unregister("/" + name, "shared_memory")
+        elif name.startswith("sem.mp-"):  # sem_open's "/mp-*" is /dev/shm/sem.mp-*
+            resource_tracker.unregister("/" + name[len("sem."):], "semaphore")
 
 
 @contextlib.contextmanager
