@@ -240,7 +240,7 @@ def ours():  # the processes this script started (vLLM's engine core and its wor
 
 held, done = {{}}, threading.Event()
 def watch():  # what the engine's processes map or hold in /dev/shm while they run, by inode (read as the test does)
-    while not done.wait(0.2):
+    while not done.wait(0.5):
         held.update({shm_held}(ours()))
 {shm_src}
 watcher = threading.Thread(target=watch, daemon=True)
