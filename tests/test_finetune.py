@@ -183,6 +183,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, da
     assert (saved / "scaler.pt").is_file() == (dtype == "float16"), "the loss scale is part of a float16 checkpoint"
     # a checkpoint whose write was cut short is a hidden temporary directory, never a step-* one
     (ckpts / ".step-000099.tmp-half").mkdir(parents=True)
+    if dtype == "float16":  # the scale is read back: a copy whose checkpoint holds another one goes on with it
+        other = Path(shutil.copytree(tmp_path / "killed", tmp_path / "other-scale"))
+        scaler = other / "checkpoints" / saved.name / "scaler.pt"
+        state = torch.load(scaler, weights_only=True)
+        assert float(state["scale"]) == 2.0 ** 16  # GradScaler's first scale: in 21 steps it neither grew nor halved
+        torch.save({**state, "scale": 1024.0}, scaler)
+        code, _, err = run_cli("finetune", str(recipe(tmp_path, tiny_dir, data, out="other-scale")), "--resume", *args)
+        assert code == 0, err
+        resumed = [json.loads(l) for l in (other / "train_log.jsonl").read_text().splitlines()]
+        assert {e["loss_scale"] for e in resumed if e["step"] > int(saved.name.split("-")[1])} == {1024.0}, resumed
     code, out, err = run_cli("finetune", str(path), "--resume", *args)
     assert code == 0, err
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
