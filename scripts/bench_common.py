@@ -109,9 +109,16 @@ def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool
                used: Iterable[str] = (), threads: int | None = None) -> Path:
     """`record` with its provenance and the machine's state (before and after; none where `state` is None: a record
     of no timings) written to `path`, through a temporary file so a failed write leaves no half a JSON; refuses an
-    existing file without `force`."""
-    check_output(path, force)
+    existing file without `force`: one that appeared while measuring (another run on the same default path; the
+    start checked with check_output) keeps its contents, and the record goes beside it under the first free -2, -3
+    name, said on stderr, so the measurements are not lost."""
     out = Path(path)
+    if out.exists() and not force:
+        n = 2
+        while (taken := out.with_name(f"{out.stem}-{n}{out.suffix}")).exists():
+            n += 1
+        print(f"note: {out} appeared while measuring: this record goes to {taken}", file=sys.stderr)
+        out = taken
     out.parent.mkdir(parents=True, exist_ok=True)
     full = {**record, "provenance": provenance(used, threads)}
     if state is not None:

@@ -225,7 +225,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     bench_common.add_output_args(ap, "runs/bench/finetune_cpu.json")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of both sides")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+                    help="OMP_NUM_THREADS of both sides (default: yours if set, else the CPUs)")
     ap.add_argument("--shape", default="builtin", choices=["builtin", *SHAPES],
                     help="the built-in model, or random weights with these real shapes")
     ap.add_argument("--data", dest="data_kind", default="mix", choices=["mix", "long"])
@@ -281,7 +282,8 @@ def main() -> None:
         r = result[name]
         label = "plain HF + PEFT" if name == "baseline" else "llmfast"
         print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_mem_gib']:>18.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
-    print(f"ratio (ours/baseline, medians of {args.rounds} alternating rounds): tokens/s {result['tokens_per_s_ratio']}x "
+    print(f"ratio (ours/baseline, medians of {args.rounds} alternating rounds): "
+          f"tokens/s {result['tokens_per_s_ratio']}x "
           f"(spread {speed['noise']:.0%}), peak memory {result['peak_mem_ratio']}x (spread {peak['noise']:.0%})")
     print(f"results: {args.json}")
 

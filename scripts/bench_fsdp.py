@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=2, help="packed rows per micro-batch and process")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating which goes first")
-    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process of both sides")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1),
+                    help="OMP_NUM_THREADS of every process of both sides (default: yours if set, else torchrun's 1)")
     bench_common.add_output_args(ap, "runs/bench/fsdp_cpu.json")
     args = ap.parse_args()
     bench_common.check_output(args.json, args.force)

@@ -248,10 +248,13 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
             side()  # warm-up
         for c in counts.values():
             c.update({k: 0 for k in c})
-        med, noise = bench_common.medians(sides, rounds)
+        got, _ = bench_common.rounds(sides, rounds)
+    stats = {s: bench_common.spread(v) for s, v in got.items()}
+    med = {s: v["median"] for s, v in stats.items()}
     rows = []
     for name, m in sparse.items():
         torch_path = med[f"{name} (torch path)"]
+        noise = max(stats[s]["spread"] for s in ("dense", name, f"{name} (torch path)"))  # this row's sides
         row = {"case": f"smollm2-135m {dtype} decode, {name}, {new_tokens} tokens",
                "dense tok/s": round(med["dense"], 1), "spread %": round(100 * noise, 1),
                "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),

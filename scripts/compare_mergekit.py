@@ -22,8 +22,9 @@ and the rescale factor are compared instead, on a one-model merge where both are
 
 Prints a table and writes runs/bench/merge_vs_mergekit-SHAPE.json (bench_common: provenance, the load average with a
 warning when the machine is busy; an existing file is replaced only with --force, checked before anything runs).
-The "GB/s" column is the bytes read (every input once) plus written, per second; "x floor" is llmfast's time over the time one core takes
-to move those bytes at the copy bandwidth measured in the same run (the floor no merge can beat).
+The "GB/s" column is the bytes read (every input once) plus written, per second; "x floor" is llmfast's time over
+the time one core takes to move those bytes at the copy bandwidth measured in the same run (the floor no merge can
+beat).
 """
 
 from __future__ import annotations

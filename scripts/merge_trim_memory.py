@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 import bench_common
-from llmfast.provenance import git_commit
+from llmfast.provenance import git_commit, git_dirty
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -206,7 +206,8 @@ def main() -> int:
             results.append(row)
             print_row(row)
     record = {"rows": args.rows, "cols": args.cols, "rounds": args.rounds, "warmup": args.warmup,
-              "code": {name: {"path": str(c), "git_commit": git_commit(c)} for name, c in codes.items()},
+              "code": {name: {"path": str(c), "git_commit": git_commit(c), "git_dirty": git_dirty(c)}
+                       for name, c in codes.items()},
               "results": results}
     print(f"wrote {bench_common.write_json(args.out, record, args.force, state, threads=args.threads)}")
     return 0
@@ -218,7 +219,8 @@ def print_row(row: dict) -> None:
           f"{row['density']}, {'grid' if row['grid'] else 'noise'}, rescale {row['rescale']}"
           f"{'' if row['native'] else ', LLMFAST_NATIVE=0'}; outputs identical: {row['identical_outputs']}")
     first = next(iter(row["versions"]))
-    print(f"| version | wall (median) | x {first} | spread | peak RSS growth | RSS bytes/entry | numpy peak bytes/entry |")
+    print(f"| version | wall (median) | x {first} | spread | peak RSS growth | RSS bytes/entry "
+          "| numpy peak bytes/entry |")
     print("|---|---|---|---|---|---|---|")
     for name, v in row["versions"].items():
         print(f"| {name} | {v['wall_s_median']:.2f} s | {v[f'wall_ratio_vs_{first}']:.2f} | {v['noise']:.0%} | "

@@ -51,13 +51,20 @@ def test_write_json_provenance_and_no_silent_overwrite(tmp_path, capsys):
     state = bench_common.machine_state()
     bench_common.write_json(out, {"x": 1}, False, state)
     data = json.loads(out.read_text())
-    assert data["x"] == 1 and data["provenance"]["git_commit"] and data["provenance"]["machine"]["cores"]
+    # git_commit: outside a git checkout (a tarball) there is none, and the key says so
+    assert data["x"] == 1 and "git_commit" in data["provenance"] and data["provenance"]["machine"]["cores"]
     assert set(data["machine_state"]) == {"start", "end"} and "busy" in data["machine_state"]["end"]
-    with pytest.raises(SystemExit) as e:
-        bench_common.write_json(out, {"x": 2}, False, state)
-    assert e.value.code == 2 and json.loads(out.read_text())["x"] == 1
+    with pytest.raises(SystemExit) as e:  # before measuring: refused
+        bench_common.check_output(out, False)
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {out} exists: give another --json or --force to replace it"
+    # after measuring (the file appeared meanwhile): kept, and the record goes beside it
+    assert bench_common.write_json(out, {"x": 2}, False, state) == out.with_name("r-2.json")
+    assert json.loads(out.read_text())["x"] == 1 and json.loads(out.with_name("r-2.json").read_text())["x"] == 2
+    said = capsys.readouterr().err.strip().splitlines()  # then the load warning, on a busy machine
+    assert f"note: {out} appeared while measuring: this record goes to {out.with_name('r-2.json')}" in said
+    out.with_name("r-2.json").unlink()
     bench_common.write_json(out, {"x": 3}, True, state)
     assert json.loads(out.read_text())["x"] == 3 and sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
     bench_common.write_json(out, {"x": 4}, True, None)  # counts, not timings: provenance without a load record
