@@ -48,6 +48,12 @@ def said(bins):
 Path(f"{sys.argv[2]}.{acc.process_index}").write_text(json.dumps(
     {"calls": calls, "rows": said(data.rows), "eval": said(data.eval_rows), "digest": data.digest,
      "said": data.said}))
+# as finetune ends a launch: a gloo group left to the interpreter's exit can abort one process (std::terminate of a
+# thread still joinable; SIGABRT of process 1 once in a full run, s57)
+import torch.distributed as dist
+if dist.is_initialized():
+    acc.wait_for_everyone()
+    dist.destroy_process_group()
 '''
 
 
