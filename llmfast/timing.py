@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def timed(fn: Callable[[], Any], seconds: float, warmup: int = 3) -> float:
@@ -20,11 +22,19 @@ def timed(fn: Callable[[], Any], seconds: float, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
-def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median over rounds of each side's measurement, the order reversed every other round (so a machine that
-    slows down or warms up during a run weighs on every side alike)."""
-    got: dict[str, list[float]] = {s: [] for s in sides}
-    for r in range(rounds):
-        for s in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+def order(sides: Sequence[T], r: int) -> list[T]:
+    """The sides' order in round `r`: reversed every other round (so a machine that slows down or warms up during a
+    run weighs on every side alike)."""
+    return list(sides) if r % 2 == 0 else list(reversed(sides))
+
+
+def rounds(sides: dict[str, Callable[[], Any]], n: int) -> tuple[dict[str, list[Any]], list[str]]:
+    """Each side's measurements (what a call returns: seconds, or a dict of phases) over `n` rounds taken in `order`,
+    and the order they were taken in."""
+    got: dict[str, list[Any]] = {s: [] for s in sides}
+    taken: list[str] = []
+    for r in range(n):
+        for s in order(list(sides), r):
             got[s].append(sides[s]())
-    return {s: statistics.median(v) for s, v in got.items()}
+            taken.append(s)
+    return got, taken

@@ -1,6 +1,6 @@
 """The house's measuring rules in one place for the benchmark scripts under scripts/ (imported by them, not run).
 
-- rounds alternate the sides' order (llmfast.timing.alternate) after warm-up calls that are not recorded;
+- rounds alternate the sides' order (llmfast.timing.order) after warm-up calls that are not recorded;
 - each side is summarised by its median over the rounds and its spread ((max - min) / median), and a comparison by
   the ratio of the medians with the larger of the two spreads beside it, so a reader sees whether the ratio is
   bigger than the noise;
@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python scripts/x.py` from anywhere
 
 from llmfast.provenance import provenance  # noqa: E402
-from llmfast.timing import alternate  # noqa: E402
+from llmfast import timing  # noqa: E402
 
 # A 1-minute load average above this is a machine with other runnable work: timings from it are not for BENCHMARKS.md
 # (a merge speed-up measured under load, 2.4-5.3x, was 1.4-2.0x when re-measured idle).
 BUSY_LOAD = 0.5
+order = timing.order  # the sides' order in a round: reversed every other round
 
 
 def add_output_args(ap: argparse.ArgumentParser, default: str | None, flag: str = "--json") -> None:
@@ -53,31 +54,14 @@ def machine_state(note: str = "") -> dict[str, Any]:
     return {"loadavg": load, "cpus": os.cpu_count(), "busy": busy}
 
 
-def order(sides: list[str], r: int) -> list[str]:
-    """The sides' order in round `r`, as llmfast.timing.alternate takes them: reversed every other round."""
-    return list(sides) if r % 2 == 0 else list(reversed(sides))
-
-
 def rounds(sides: dict[str, Callable[[], Any]], n: int, warmup: int = 0) -> tuple[dict[str, list[Any]], list[str]]:
     """Each side's `n` measurements (whatever a side returns: seconds, or a dict of phases) and the order they were
-    taken in: `warmup` unrecorded calls of each side first, then llmfast.timing.alternate's rounds (order reversed
-    every other round; alternate's own medians of them are not used)."""
+    taken in: `warmup` unrecorded calls of each side first, then llmfast.timing.rounds (order reversed every other
+    round)."""
     for f in sides.values():
         for _ in range(warmup):
             f()
-    got: dict[str, list[Any]] = {s: [] for s in sides}
-    order: list[str] = []
-
-    def recorded(s: str) -> Callable[[], float]:
-        def call() -> float:
-            v = sides[s]()
-            got[s].append(v)
-            order.append(s)
-            return 0.0  # alternate takes the median of what it is given: the measurements are kept here
-        return call
-
-    alternate({s: recorded(s) for s in sides}, n)
-    return got, order
+    return timing.rounds(sides, n)
 
 
 def spread(values: Iterable[float]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def main() -> int:
     ids = tok(TEXT.read_text(encoding="utf-8"))["input_ids"][: a.ppl_tokens]
     rows: dict[str, dict] = {label: {"model": str(m), "dtype": d, "rounds": []} for label, m, d in configs}
     for r in range(a.rounds):
-        for label, model, dtype in configs if r % 2 == 0 else configs[::-1]:
+        for label, model, dtype in bench_common.order(configs, r):
             spec = prepare_spec(model, port=0, served_name="model", dtype=dtype)
             tmp = Path(tempfile.mkdtemp(prefix="bench-serve-dtype-"))
             with VllmServer(spec, log_path=tmp / "server.log") as server:

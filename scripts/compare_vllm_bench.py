@@ -83,7 +83,7 @@ def main() -> None:
             sides = [("llmfast", [sys.executable, "-m", "llmfast.cli", "bench", "serve"], ours),
                      ("vllm", [sys.executable, "-c", VLLM_DRIVER], theirs)]
             # Alternate who goes first, so a slow drift of the machine does not favour one side.
-            for side, cmd, path in sides if r % 2 == 0 else sides[::-1]:
+            for side, cmd, path in bench_common.order(sides, r):
                 runs[side].append(run([*cmd, *common, "--result-dir", str(tmp), "--result-filename", path.name], path))
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         load = None
