@@ -44,11 +44,14 @@ def _is_sha(text: str) -> bool:
     return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the checkout this llmfast package runs from, where it is one
+
+
 def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
     """The commit checked out at `root` (default: the checkout this llmfast package runs from), read from git's
     files; None outside a git checkout (llmfast installed from a wheel), on an unborn branch, or where git keeps
     its refs in a form read here (reftable)."""
-    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    root = CHECKOUT if root is None else Path(root)
     git = root / ".git"
     try:
         if git.is_file():  # a worktree or a submodule: "gitdir: PATH", relative to the checkout
@@ -81,7 +84,7 @@ def git_dirty(root: str | os.PathLike[str] | None = None) -> bool | None:
     """Whether the checkout at `root` (default: this llmfast's) has uncommitted changes to its tracked files, staged
     or not (untracked files change no number), by `git status`; None where `git_commit` is None, git is not
     installed, refuses the folder (another user's, `safe.directory`) or takes over 5 s."""
-    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    root = CHECKOUT if root is None else Path(root)
     return _git_dirty(root.resolve()) if git_commit(root) is not None else None
 
 
@@ -181,8 +184,9 @@ def provenance(used: Iterable[str] = (), threads: int | None = None) -> dict[str
     torch = sys.modules.get("torch")
     if threads is None and torch is not None:
         threads = torch.get_num_threads()
-    dirty = git_dirty()
-    return {"created": utc_now(), "llmfast": __version__, "git_commit": git_commit(),
+    commit = git_commit()
+    dirty = None if commit is None else _git_dirty(CHECKOUT)  # git_dirty, the commit read once
+    return {"created": utc_now(), "llmfast": __version__, "git_commit": commit,
             **({} if dirty is None else {"git_dirty": dirty}),
             "python": platform.python_version(), "libraries": library_versions(used),
             "machine": {**cpu(), "threads": threads, "gpus": gpus(), "os": platform.platform()}}
