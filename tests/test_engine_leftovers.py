@@ -225,15 +225,20 @@ from llmfast.cli import main
 def fds():
     return sorted(os.listdir("/proc/self/fd"))
 
-def ours():  # the processes this script started (vLLM's engine core and its worker), however deep
-    children, found, todo = {{}}, [], [str(os.getpid())]
+def processes():  # {{parent: [(pid, state)]}} of every process, from /proc/PID/stat
+    found = {{}}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            children.setdefault(open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[1], []).append(pid)
-        except OSError:
-            pass
+            state, parent = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended while looked at
+            continue
+        found.setdefault(parent, []).append((pid, state))
+    return found
+
+def ours():  # the processes this script started (vLLM's engine core and its worker), however deep
+    tree, found, todo = processes(), [], [str(os.getpid())]
     while todo:
-        kids = children.get(todo.pop(), [])
+        kids = [pid for pid, _ in tree.get(todo.pop(), [])]
         found += kids
         todo += kids
     return found
@@ -247,13 +252,12 @@ watcher = threading.Thread(target=watch, name="watch", daemon=True)
 watcher.start()
 def alive():  # this script's children that have not exited (a zombie waits to be reaped), by command line
     found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()
-            if stat[1] == str(os.getpid()) and stat[0] != "Z":
+    for pid, state in processes().get(str(os.getpid()), []):
+        if state != "Z":
+            try:
                 found.add(open(f"/proc/{{pid}}/cmdline").read().replace("\\0", " ").strip())
-        except OSError:  # ended while looked at
-            pass
+            except OSError:  # ended while looked at
+                pass
     return found
 
 environ, threads, children = dict(os.environ), {{t.name for t in threading.enumerate()}}, alive()
