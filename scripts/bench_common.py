@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -92,22 +91,13 @@ def compare(ours: Iterable[float], baseline: Iterable[float]) -> dict[str, Any]:
 def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any] | None,
                used: Iterable[str] = (), threads: int | None = None) -> Path:
     """`record` with its provenance and the machine's state (before and after; none where `state` is None: a record
-    of no timings) written to `path`, through a temporary file so a failed write leaves no half a JSON; refuses an
-    existing file without `force`: one that appeared while measuring (another run on the same default path; the
-    start checked with check_output) keeps its contents, and the record goes beside it under the first free -2, -3
-    name, said on stderr, so the measurements are not lost."""
-    out = Path(path)
-    if out.exists() and not force:
-        n = 2
-        while (taken := out.with_name(f"{out.stem}-{n}{out.suffix}")).exists():
-            n += 1
-        print(f"note: {out} appeared while measuring: this record goes to {taken}", file=sys.stderr)
-        out = taken
-    out.parent.mkdir(parents=True, exist_ok=True)
+    of no timings) written as llmfast's bench results are (llmfast.bench.online.save_result): in one step through a
+    temporary file, an existing file replaced only with `force`. One that appeared while measuring (another run on
+    the same default path; the start checked with check_output) keeps its contents, and the record goes beside it
+    under the first free -2, -3 name, said on stderr, so the measurements are not lost."""
+    from llmfast.bench.online import save_result
+
     full = {**record, "provenance": provenance(used, threads)}
     if state is not None:
         full["machine_state"] = {"start": state, "end": machine_state(" at the end")}
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(full, indent=1) + "\n")
-    tmp.replace(out)
-    return out
+    return save_result(Path(path), full, replace=force)

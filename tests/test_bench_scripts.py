@@ -63,7 +63,7 @@ def test_write_json_provenance_and_no_silent_overwrite(tmp_path, capsys):
     assert bench_common.write_json(out, {"x": 2}, False, state) == out.with_name("r-2.json")
     assert json.loads(out.read_text())["x"] == 1 and json.loads(out.with_name("r-2.json").read_text())["x"] == 2
     said = capsys.readouterr().err.strip().splitlines()  # then the load warning, on a busy machine
-    assert f"note: {out} appeared while measuring: this record goes to {out.with_name('r-2.json')}" in said
+    assert "bench: r.json exists (another run's result): this one is r-2.json" in said
     out.with_name("r-2.json").unlink()
     bench_common.write_json(out, {"x": 3}, True, state)
     assert json.loads(out.read_text())["x"] == 3 and sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
