@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from llmfast.errors import UserError
 
 # what llmfast takes from a hub repository: weights, configs, tokenizer, chat template (not other formats' weights)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_INDEX = "model.safetensors.index.json"
 # vLLM's own switches for its usage statistics (vllm/usage/usage_lib.py reads both)
 NO_USAGE_STATS = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 _HUB_ID_IN = re.compile(r"(?<![\w./-])[A-Za-z0-9][\w.-]*/[\w.-]+(?![\w./-])")
@@ -108,11 +109,36 @@ def hub_model(repo_id: str, older: Path | None = None) -> Path:
 
     wait = hub_wait()
     try:  # snapshot_download's own first request has no time limit: a network that drops packets held it ~2 min
-        HfApi().model_info(repo_id, timeout=wait)
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, etag_timeout=wait))
+        files = [s.rfilename for s in HfApi().model_info(repo_id, timeout=wait, files_metadata=False).siblings or []]
+        patterns = hub_patterns(files, lambda: _hub_index(repo_id, wait))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=wait))
     except Exception as e:  # offline, unknown repo, gated, a full disk: all one line for the user
         raise UserError(f"could not fetch '{repo_id}' from the Hugging Face hub: {_fetch_refusal(e, wait)}; "
                         f"or {how}") from None
+
+
+def hub_patterns(files: Sequence[str], read_index: Callable[[], Any]) -> list[str]:
+    """What to download of a repository holding `files`: HUB_PATTERNS, with the safetensors narrowed to the weights
+    transformers and vLLM load: the shards its index names (`read_index()` gives the index), else model.safetensors.
+    Mistral's repositories ship a consolidated.safetensors beside the shards, a second copy of the model (14.5 GB
+    for Mistral-7B-Instruct-v0.3). A repository with neither takes every *.safetensors, as before."""
+    rest = [p for p in HUB_PATTERNS if p != "*.safetensors"]
+    if _INDEX in files:
+        index = read_index()
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        if isinstance(shards, dict) and shards and all(isinstance(v, str) for v in shards.values()):
+            return rest + sorted(set(shards.values()))
+        return HUB_PATTERNS  # an index of another shape: everything, for check_model_dir to judge as it does today
+    return rest + ["model.safetensors"] if "model.safetensors" in files else HUB_PATTERNS
+
+
+def _hub_index(repo_id: str, wait: float) -> Any:
+    from huggingface_hub import hf_hub_download
+
+    from llmfast.modelfiles import read_json_file
+
+    path = Path(hf_hub_download(repo_id, _INDEX, etag_timeout=wait))
+    return read_json_file(path, "weight index", f"fetch '{repo_id}' again")
 
 
 def names_hub_ids(args: Sequence[str]) -> bool:

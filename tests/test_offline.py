@@ -10,6 +10,7 @@ for the system's TCP timeout, about two minutes, fails at once so the test does 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -279,3 +280,26 @@ def test_the_vllm_server_sends_no_usage_statistics_and_asks_no_hub(tiny_dir, mon
     assert "HF_HUB_OFFLINE" not in env and env["DO_NOT_TRACK"] == "1", env
     monkeypatch.setenv("DO_NOT_TRACK", "0")
     assert "DO_NOT_TRACK" not in server_command(ServerSpec(model=tiny_dir), m)[1]
+
+
+def test_a_hub_download_takes_the_weights_the_index_names_not_a_consolidated_copy():
+    """Mistral-7B-Instruct-v0.3 lists consolidated.safetensors (14.5 GB, the mistral-inference format) beside its
+    three shards: "*.safetensors" downloaded the model twice. Its real file list, and the index's shard names."""
+    from llmfast.offline import HUB_PATTERNS, hub_patterns
+
+    files = [".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+             "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+             "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json",
+             "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
+             "tokenizer_config.json"]
+    shards = {f"layer.{i}": f"model-0000{i % 3 + 1}-of-00003.safetensors" for i in range(9)}
+    got = hub_patterns(files, lambda: {"metadata": {}, "weight_map": shards})
+    taken = {f for f in files if any(fnmatch.fnmatch(f, p) for p in got)}
+    assert "consolidated.safetensors" not in taken
+    assert {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)} | {
+        "model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer.model"} <= taken
+    # one file: that file, and the index is not read; neither: every *.safetensors, as before
+    assert "model.safetensors" in hub_patterns(["config.json", "model.safetensors"], lambda: 1 / 0)
+    assert hub_patterns(["config.json", "weights.safetensors"], lambda: 1 / 0) == HUB_PATTERNS
+    # an index of another shape is left to check_model_dir, which names it, after a download of everything
+    assert hub_patterns(files, lambda: {"weight_map": []}) == HUB_PATTERNS
