@@ -1,8 +1,10 @@
-"""The weight files of a model folder, read in one place (modelfiles.model_weight_files) for the checks, the merge and
-the offline cache lookup: the files transformers loads, sorted, an index's missing shards named in one line."""
+"""The weight files of a model folder, read in one place (modelfiles.model_weight_files) for the checks, the merge,
+the offline cache lookup, the w4 artifact's readers and writer and the bench report's size: the files transformers
+loads, sorted, an index's missing shards named in one line."""
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +95,96 @@ def test_bin_only_folders_get_the_merges_own_line(tmp_path: Path) -> None:
     assert not _has_weights(d)
     with pytest.raises(UserError, match="only PyTorch .bin weights"):
         merge_io.weight_files(d)
+
+
+# A w4 artifact as AutoRound writes a large model's: shards and an index. Embeddings and the final norm in one shard,
+# each decoder layer in one of its own.
+W4_SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
+
+
+def _w4_tensors(tiny_dir: Path, scale: float) -> dict[str, Any]:
+    """The tiny model's tensors with its layers' linear maps GPTQ-packed as AutoRound does, every level 0 and every
+    zero point 1 (stored as 0): each dequantized weight is minus its group's scale, `scale` everywhere."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for name, t in load_file(str(tiny_dir / "model.safetensors")).items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            rows, cols, base = t.shape[0], t.shape[1], name.removesuffix(".weight")
+            out[f"{base}.qweight"] = torch.zeros(cols // 8, rows, dtype=torch.int32)
+            out[f"{base}.qzeros"] = torch.zeros(cols // 32, rows // 8, dtype=torch.int32)
+            out[f"{base}.scales"] = torch.full((cols // 32, rows), scale, dtype=torch.float16)
+        else:
+            out[name] = t
+    return out
+
+
+def _w4_artifact(tmp_path: Path, tiny_dir: Path) -> Path:
+    """The sharded artifact (scales 1), and beside it a backup made before a scale tuning (`model.untuned`, the same
+    tensors with scales 2, read last in name order) and a consolidated copy under other names (as Mistral's hub
+    repos ship one): neither is the model's weights."""
+    from safetensors.torch import save_file as save_torch
+
+    art = tmp_path / "w4"
+    art.mkdir()
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4,
+                                  "group_size": 32, "sym": True}
+    (art / "config.json").write_text(json.dumps(cfg))
+    tensors = _w4_tensors(tiny_dir, 1.0)
+    shard = {k: W4_SHARDS[int(k.split(".")[2]) + 1] if ".layers." in k else W4_SHARDS[0] for k in tensors}
+    for file in W4_SHARDS:
+        save_torch({k: v for k, v in tensors.items() if shard[k] == file}, str(art / file))
+    (art / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}))
+    save_torch(_w4_tensors(tiny_dir, 2.0), str(art / "model.untuned.safetensors"))
+    save_file({"layers.0.attention.wq.weight": np.zeros((8, 8), np.float32)}, str(art / "consolidated.safetensors"))
+    return art
+
+
+def test_a_w4_artifact_is_read_and_its_scales_written_in_its_own_files_not_a_stray_copy(tmp_path: Path,
+                                                                                        tiny_dir: Path) -> None:
+    """Fixed: every reader of a w4 artifact took each *.safetensors of its folder. The transformers engine refused it
+    for the consolidated copy's tensors ('do not match its config'), or loaded the backup's weights over the model's;
+    the scale tuning trained the backup's scales and wrote the tuned ones into both (twice the count, the user's
+    backup rewritten); the bench report's size counted all three files. Now the index's shards alone, each as it
+    is, and a shard without quantized layers is not rewritten."""
+    import torch
+
+    from llmfast.bench.lineage import model_size
+    from llmfast.quant.scale_tuning import quantized_layers, student_from_artifact, write_scales
+    from llmfast.quant.w4_format import load_dequantized
+
+    art = _w4_artifact(tmp_path, tiny_dir)
+    model = load_dequantized(art, 32, "float32")
+    layers = quantized_layers(art)
+    assert len(layers) == 2 * 7 and all(torch.equal(x["scales"], torch.ones_like(x["scales"])) for x in layers.values())
+    for name in layers:  # minus the shards' scale: level 0, zero point 1
+        assert torch.equal(model.get_submodule(name).weight, torch.full_like(model.get_submodule(name).weight, -1.0))
+    strays = {f: (art / f).read_bytes() for f in ("model.untuned.safetensors", "consolidated.safetensors")}
+    embeddings = (art / W4_SHARDS[0]).stat().st_ino
+    student, names = student_from_artifact(art, 32)
+    for name in names:
+        student.get_submodule(name).factor.data.fill_(3.0)
+    assert write_scales(art, student, names) == 2 * 7
+    assert {f: (art / f).read_bytes() == strays[f] for f in strays} == dict.fromkeys(strays, True)
+    assert (art / W4_SHARDS[0]).stat().st_ino == embeddings  # embeddings and norm only: left as they are
+    assert all(torch.equal(x["scales"], torch.full_like(x["scales"], 3.0)) for x in quantized_layers(art).values())
+    # the report's bytes: the shards (and a sparse artifact's thresholds), not the copies beside them
+    save_file({"mlp_in": np.zeros(2, np.float32)}, str(art / "sparsity.safetensors"))
+    counted = [*W4_SHARDS, "sparsity.safetensors"]
+    assert model_size(art)["file_bytes"] == sum((art / f).stat().st_size for f in counted)
+
+
+def test_a_w4_artifact_missing_a_shard_is_one_line_naming_it(tmp_path: Path, tiny_dir: Path) -> None:
+    """Fixed: the transformers engine said the weights 'do not match its config (missing ...): quantize the model
+    again', the scale tuning read the layers of the shards there were, the report's size came out smaller."""
+    from llmfast.bench.lineage import model_size
+    from llmfast.quant.scale_tuning import quantized_layers
+    from llmfast.quant.w4_format import load_dequantized
+
+    art = _w4_artifact(tmp_path, tiny_dir)
+    (art / W4_SHARDS[2]).unlink()
+    for read in (lambda: load_dequantized(art, 32, "float32"), lambda: quantized_layers(art), lambda: model_size(art)):
+        with pytest.raises(MissingShards, match=rf"index\.json: names 1 missing file\(s\) \({W4_SHARDS[2]}\)"):
+            read()

@@ -21,8 +21,16 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def model_size(model_dir: Path) -> dict[str, int]:
-    """Bytes of the weight files, and of the tensors that belong to decoder-layer linear maps."""
-    files = sorted(model_dir.glob("*.safetensors"))
+    """Bytes of the weight files, and of the tensors that belong to decoder-layer linear maps. The weight files are
+    those transformers loads (model.safetensors or its index's shards, `model_weight_files`) and a sparse artifact's
+    thresholds or predictors; not a stray copy beside them (a hub's consolidated file, a backup), which counted the
+    weights twice, and an index's missing shard is named, where the size came out smaller."""
+    from llmfast.modelfiles import model_weight_files
+    from llmfast.sparse.predictors import PREDICTORS_FILE
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE
+
+    files = model_weight_files(model_dir, "re-create the model")
+    files += [model_dir / n for n in (THRESHOLDS_FILE, PREDICTORS_FILE) if (model_dir / n).is_file()]
     linear = 0
     for f in files:
         for name, info in _header(f).items():

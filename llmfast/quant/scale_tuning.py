@@ -61,11 +61,11 @@ def quantized_layers(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every quantized Linear of the w4 artifact at `path`: {name: {"levels": (out, in) int8, "scales"}}."""
     from safetensors import safe_open
 
-    from llmfast.quant.w4_format import artifact_packing, awq_levels, gptq_levels
+    from llmfast.quant.w4_format import artifact_packing, artifact_weight_files, awq_levels, gptq_levels
 
     unpack = awq_levels if artifact_packing(path) == "awq" else gptq_levels
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for file in sorted(path.glob("*.safetensors")):
+    for file in artifact_weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if key.endswith(".qweight"):
@@ -100,11 +100,14 @@ def write_scales(path: Path, model: Any, names: list[str]) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from llmfast.quant.w4_format import artifact_weight_files
+
     changed = 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in artifact_weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        before = changed
         for name in names:
             key = f"{name}.scales"
             if key in tensors:
@@ -115,6 +118,8 @@ def write_scales(path: Path, model: Any, names: list[str]) -> int:
                     layer.scales.copy_(stored.float())
                     layer.factor.fill_(1.0)
                 changed += 1
+        if changed == before:  # a shard without quantized layers (the embeddings, the head) stays as it is
+            continue
         tmp = file.with_name(file.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, file)

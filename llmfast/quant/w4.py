@@ -262,6 +262,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
     """AutoRound's rounding (tuned with `iters > 0`) of `model_dir`, exported into `out_dir`; metrics."""
     import torch
 
+    from llmfast.bench.lineage import model_size
     from llmfast.loading import from_pretrained
     from llmfast.sparse.relu_cut import apply_config_cut
 
@@ -287,7 +288,7 @@ def autoround(model_dir: Path, cfg: W4Config, out_dir: Path, *, tokenizer: Any, 
         shutil.move(str(f), out_dir / f.name)
         (out_dir / f.name).chmod(0o644)
     shutil.rmtree(scratch, ignore_errors=True)
-    weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    weights = model_size(out_dir)["file_bytes"]  # the files transformers loads, as bnb4 and the bench count them
     metrics = {"group_size": cfg.group_size, "iters": cfg.iters, "calibration_windows": len(samples),
                "calibration_tokens": len(samples) * rows.shape[1], "batch_size": settings["batch_size"],
                "autoround_seconds": round(seconds, 2), "weights_file_bytes": weights}

@@ -73,6 +73,16 @@ def artifact_packing(path: Path) -> str:
     return "awq" if "awq" in str(cfg.get("packing_format", "")) else "gptq"
 
 
+def artifact_weight_files(path: Path) -> list[Path]:
+    """The files of the artifact at `path` that its weights are read from (here, and by the scale tuning, which
+    writes its scales back into them): those transformers loads, model.safetensors or its index's shards. Not a
+    stray *.safetensors beside them (a hub's consolidated copy, a backup), whose tensors were read over the model's
+    and rewritten; an index's missing shard is named, where it read as tensors missing from the model."""
+    from llmfast.modelfiles import model_weight_files
+
+    return model_weight_files(path, "quantize the model again")
+
+
 def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
     """The w4 artifact at `path` as a plain transformers model whose linear weights are the int4 values.
 
@@ -91,7 +101,7 @@ def load_dequantized(path: Path, group_size: int, dtype: str) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     state: dict[str, Any] = {}
     unpack = dequantize_awq if artifact_packing(path) == "awq" else dequantize_gptq
-    for file in sorted(path.glob("*.safetensors")):
+    for file in artifact_weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             keys = set(f.keys())
             for key in keys:
