@@ -63,30 +63,39 @@ def drop_scratch(path: Path, fd: int) -> None:
 
 
 def reap_scratch() -> list[Path]:
-    """Remove the scratch folders in $TMPDIR that no process holds any more; return them."""
+    """Remove this user's scratch folders in $TMPDIR that no process holds any more; return those that went (one
+    rmtree could not remove, say below a read-only parent, stays off the list). Another user's folder is theirs to
+    remove, even where this user could (root)."""
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        if path.is_symlink() or not path.is_dir():
+        try:
+            st = path.lstat()
+        except OSError:  # gone meanwhile
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # a link, a file, or another user's
             continue
         try:
             fd = os.open(path / LOCK, os.O_RDWR)
         except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - path.stat().st_mtime > _YOUNG_S:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(path)
+            if time.time() - st.st_mtime > _YOUNG_S:
+                removed += _removed(path)
             continue
-        except OSError:  # another user's (mkdtemp makes it private): theirs to remove
+        except OSError:  # a lock it cannot open (made unreadable): not taken for one no process holds
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held: its engine is running
             os.close(fd)
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        removed += _removed(path)
         os.close(fd)
-        removed.append(path)
     return removed
+
+
+def _removed(path: Path) -> list[Path]:
+    """[path] where rmtree removed it; [] where something in it, or the folder itself, stayed."""
+    shutil.rmtree(path, ignore_errors=True)
+    return [] if os.path.lexists(path) else [path]
 
 
 def engine_env(path: Path) -> dict[str, str]:

@@ -106,6 +106,58 @@ def test_a_scratch_folder_goes_once_no_process_holds_it(short_tmp, monkeypatch):
     assert reap_scratch() == [path] and not path.exists()
 
 
+def _stale_scratch(parent: Path, name: str, lock: bool = False) -> Path:
+    """A scratch folder as a killed run leaves it (a socket-like file, its lock file or none), older than a start."""
+    from llmfast.scratch import LOCK, PREFIX
+
+    path = parent / f"{PREFIX}{name}"
+    path.mkdir(mode=0o700)
+    (path / "socket-like").write_text("")
+    if lock:
+        (path / LOCK).write_text("")
+    os.utime(path, (time.time() - 2 * 3600,) * 2)
+    return path
+
+
+def test_another_users_scratch_folder_is_left_to_them(short_tmp, monkeypatch):
+    """Fixed: run as root, a run removed another user's stale scratch folders (theirs to remove), with or without
+    their lock file. Only this user's go."""
+    import tempfile
+
+    from llmfast.scratch import reap_scratch
+
+    if os.geteuid() != 0:
+        pytest.skip("only root can make a folder owned by another user")
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    mine = _stale_scratch(short_tmp, "mine")
+    theirs = [_stale_scratch(short_tmp, "theirs", lock=False), _stale_scratch(short_tmp, "theirs-locked", lock=True)]
+    for path in theirs:
+        os.chown(path, 4321, 4321)
+    assert reap_scratch() == [mine] and not mine.exists()
+    assert all(sorted(p.iterdir()) for p in theirs)  # their files too
+
+
+def test_a_scratch_folder_that_could_not_be_removed_is_not_listed(short_tmp, tmp_path):
+    """Fixed: a stale folder rmtree could not remove (here: a file in a read-only folder inside it) was listed as
+    removed."""
+    from conftest import file_modes_prefix
+
+    prefix = file_modes_prefix(tmp_path)  # root removes it anyway
+    gone, stuck = _stale_scratch(short_tmp, "gone"), _stale_scratch(short_tmp, "stuck")
+    (stuck / "read-only").mkdir()
+    (stuck / "read-only" / "file").write_text("")
+    (stuck / "read-only").chmod(0o555)
+    os.utime(stuck, (time.time() - 2 * 3600,) * 2)
+    try:
+        p = subprocess.run([*prefix, sys.executable, "-c", "from llmfast.scratch import reap_scratch; "
+                            "print(reap_scratch())"], env={**os.environ, "TMPDIR": str(short_tmp),
+                                                           "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    finally:
+        (stuck / "read-only").chmod(0o755)
+    assert (p.returncode, p.stdout) == (0, f"[PosixPath('{gone}')]\n"), p.stderr
+    assert sorted(f.name for f in stuck.rglob("*")) == ["file", "read-only"]
+
+
 def test_an_in_process_engine_runs_in_a_scratch_tmpdir(short_tmp, monkeypatch):
     """vLLM's offline engine (in this process) left its IPC sockets in $TMPDIR: in the block, this process and those
     it starts have a $TMPDIR of their own, which goes when it ends; the real one is back."""
