@@ -97,7 +97,7 @@ def main() -> None:
           f"{'speedup':>7} {'spread':>6}")
     for g in results:
         print(f"{g['turns']:>5} {g['tokens_per_row']:>10.0f} {g['render_s']:>12.4f} {g['every_prefix_s']:>18.4f} "
-              f"{g['read_off_s']:>14.4f} {g['speedup']:>7.1f} {g['noise']:>6.0%}")
+              f"{g['read_off_s']:>14.4f} {g['speedup']:>7.1f} {bench_common.pct(g['noise']):>6}")
     print("speedup: median every-prefix time over median read-off time; spread: the larger (max - min) / median of "
           "the two paths over the rows (rows differ in content, so this is an upper bound on the noise)")
     out = bench_common.write_json(args.json, {"model": args.model, "results": results}, args.force, state)

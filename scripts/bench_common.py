@@ -3,7 +3,8 @@
 - rounds alternate the sides' order (llmfast.timing.order) after warm-up calls that are not recorded;
 - each side is summarised by its median over the rounds and its spread ((max - min) / median), and a comparison by
   the ratio of the medians with the larger of the two spreads beside it, so a reader sees whether the ratio is
-  bigger than the noise;
+  bigger than the noise; one measurement (--rounds 1) has no spread to measure: it is unknown (None in the JSON,
+  "n/a" in a table, through `pct`), never 0, and a ratio beside an unknown spread is not called beyond the noise;
 - the load average is read before measuring: a busy machine (another job, another benchmark) slows the sides
   unevenly, so the script warns and the JSON says so;
 - the JSON carries its provenance (llmfast.provenance) and never replaces an existing file without --force, which
@@ -64,28 +65,57 @@ def rounds(sides: dict[str, Callable[[], Any]], n: int, warmup: int = 0) -> tupl
 
 
 def spread(values: Iterable[float]) -> dict[str, Any]:
-    """Median, min, max and the relative spread (max - min) / median of one side's measurements."""
+    """Median, min, max and the relative spread (max - min) / median of one side's measurements; the spread is None
+    (unknown) for a single measurement, which shows no noise however noisy the machine, and for a median of 0 with
+    values that differ (relative to nothing)."""
     v = list(values)
-    med = statistics.median(v)
-    return {"median": med, "min": min(v), "max": max(v), "spread": (max(v) - min(v)) / med if med else 0.0,
-            "n": len(v)}
+    med, lo, hi = statistics.median(v), min(v), max(v)
+    rel = None if len(v) < 2 or (med == 0 and hi != lo) else (hi - lo) / med if med else 0.0
+    return {"median": med, "min": lo, "max": hi, "spread": rel, "n": len(v)}
 
 
-def medians(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tuple[dict[str, float], float]:
-    """Each side's median over `rounds` and the largest relative spread among the sides (the row's noise)."""
+def largest(spreads: Iterable[float | None]) -> float | None:
+    """The largest of some sides' spreads, the noise of a row of them: None (unknown) when any side's is unknown."""
+    v = list(spreads)
+    return None if any(x is None for x in v) else max(v)
+
+
+def pct(x: float | None, decimals: int = 0) -> str:
+    """A spread for a printed table: a percentage, or "n/a" where it is unknown (one round)."""
+    return "n/a" if x is None else f"{x:.{decimals}%}"
+
+
+def percent(x: float | None) -> float | None:
+    """A spread as the tables' "spread %" cell (one decimal), None where it is unknown."""
+    return None if x is None else round(100 * x, 1)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """Rows as a markdown table, the columns every key in the order first seen; a row without a key has an empty
+    cell, an unknown value (None: a spread of one round) "n/a"."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join("n/a" if r.get(k, "") is None else str(r.get(k, "")) for k in keys) + " |")
+
+
+def medians(sides: dict[str, Callable[[], float]], n: int, warmup: int = 0) -> tuple[dict[str, float], float | None]:
+    """Each side's median over `rounds` and the largest relative spread among the sides (the row's noise; None when
+    n is 1)."""
     got, _ = rounds(sides, n, warmup)
     stats = {s: spread(v) for s, v in got.items()}
-    return {s: v["median"] for s, v in stats.items()}, max(v["spread"] for v in stats.values())
+    return {s: v["median"] for s, v in stats.items()}, largest(v["spread"] for v in stats.values())
 
 
 def compare(ours: Iterable[float], baseline: Iterable[float]) -> dict[str, Any]:
     """Both sides' spreads and the ratio median(ours) / median(baseline); `noise` is the larger relative spread,
-    and `beyond_noise` says whether the ratio's distance from 1 is bigger than it."""
+    and `beyond_noise` says whether the ratio's distance from 1 is bigger than it (None where either is unknown:
+    no ratio, or a side with one measurement)."""
     o, b = spread(ours), spread(baseline)
     ratio = o["median"] / b["median"] if b["median"] else None  # a baseline of 0 (no failures, say) has no ratio
-    noise = max(o["spread"], b["spread"])
+    noise = largest([o["spread"], b["spread"]])
     return {"ours": o, "baseline": b, "ratio": ratio, "noise": noise,
-            "beyond_noise": None if ratio is None else abs(ratio - 1) > noise}
+            "beyond_noise": None if ratio is None or noise is None else abs(ratio - 1) > noise}
 
 
 def write_json(path: str | os.PathLike[str], record: dict[str, Any], force: bool, state: dict[str, Any] | None,

@@ -168,7 +168,7 @@ def main() -> None:
               f"{o['pack_s']:>7.2f} {o['split_s']:>7.3f} {g['bytes_per_token']:>7.1f} "
               f"{1e6 * o['total_s']['median'] / g['rows']:>7.0f} "
               f"{b['total_s']['median'] if b else float('nan'):>10.2f} {c['ratio'] if c else float('nan'):>6.2f} "
-              f"{c['noise'] if c else o['total_s']['spread']:>6.0%}")
+              f"{bench_common.pct(c['noise'] if c else o['total_s']['spread']):>6}")
     print(f"phases: the first round's; totals and ratio (ours over datasets): medians of {args.rounds} alternating "
           "rounds; spread: the larger (max - min) / median of the two")
     print(f"peak RSS of the whole run: {peak:.0f} MiB")

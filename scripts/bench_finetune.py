@@ -284,7 +284,8 @@ def main() -> None:
         print(f"{label:<22}{r['tokens_per_s']:>10.1f}{r['peak_mem_gib']:>18.2f}{r['steps']:>7}{r['mean_loss']:>12.4f}")
     print(f"ratio (ours/baseline, medians of {args.rounds} alternating rounds): "
           f"tokens/s {result['tokens_per_s_ratio']}x "
-          f"(spread {speed['noise']:.0%}), peak memory {result['peak_mem_ratio']}x (spread {peak['noise']:.0%})")
+          f"(spread {bench_common.pct(speed['noise'])}), peak memory {result['peak_mem_ratio']}x "
+          f"(spread {bench_common.pct(peak['noise'])})")
     print(f"results: {args.json}")
 
 

@@ -78,7 +78,7 @@ def main() -> None:
     for label, key, scale in rows:
         c = cmp[key]
         print(f"{label:28} {c['baseline']['median'] * scale:10.3f} {c['ours']['median'] * scale:10.3f} "
-              f"{c['ratio']:9.3f} {c['noise']:>7.1%}")
+              f"{c['ratio']:9.3f} {bench_common.pct(c['noise'], 1):>7}")
     print(f"medians of {args.rounds} alternating rounds; spread: the larger (max - min) / median of the two sides")
     print(f"largest adapter difference: {diff:.2e}")
     report = {"recipe": args.recipe, "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,

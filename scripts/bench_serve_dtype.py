@@ -125,7 +125,7 @@ def main() -> int:
         for c in a.concurrency:
             v = row["tok_s"][str(c)]
             cells += [f"{v:.1f}", "" if row is base else f"{v / base['tok_s'][str(c)]:.2f}x"]
-        cells.append(f"{max(x['spread'] for x in row['tok_s_spread'].values()):.0%}")
+        cells.append(bench_common.pct(bench_common.largest(x['spread'] for x in row['tok_s_spread'].values())))
         print("| " + " | ".join(cells) + " |")
     print("x fp32: median tok/s over the rounds against the first fp32 row's; spread: (max - min) / median of the "
           "rounds, the largest over the concurrencies (a ratio closer to 1 than the two rows' spreads is noise)")

@@ -82,7 +82,7 @@ def bench_gather(shapes: dict[str, tuple[int, int]], rounds: int, seconds: float
                          **{f"{k} us": round(v, 1) for k, v in med.items()},
                          "dense / embedding_bag": round(med["dense"] / med["embedding_bag"], 2),
                          **({"dense / kernel": round(med["dense"] / med["kernel"], 2)} if kernel else {}),
-                         "spread %": round(100 * noise, 1)})
+                         "spread %": bench_common.percent(noise)})
     return rows
 
 
@@ -127,11 +127,11 @@ def _torch_path(rt: Any) -> Any:
     return other
 
 
-def _speed_row(case: str, measured: tuple[dict[str, float], float]) -> dict[str, Any]:
+def _speed_row(case: str, measured: tuple[dict[str, float], float | None]) -> dict[str, Any]:
     med, noise = measured
     return {"case": case, "dense us": round(med["dense"] * 1e6, 1), "sparse us": round(med["sparse"] * 1e6, 1),
             "sparse torch us": round(med["sparse torch"] * 1e6, 1), "speed-up": round(med["dense"] / med["sparse"], 2),
-            "speed-up torch": round(med["dense"] / med["sparse torch"], 2), "spread %": round(100 * noise, 1)}
+            "speed-up torch": round(med["dense"] / med["sparse torch"], 2), "spread %": bench_common.percent(noise)}
 
 
 def bench_mlp(shapes: dict[str, tuple[int, int]], targets: list[float], rounds: int,
@@ -254,9 +254,10 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
     rows = []
     for name, m in sparse.items():
         torch_path = med[f"{name} (torch path)"]
-        noise = max(stats[s]["spread"] for s in ("dense", name, f"{name} (torch path)"))  # this row's sides
+        # this row's sides
+        noise = bench_common.largest(stats[s]["spread"] for s in ("dense", name, f"{name} (torch path)"))
         row = {"case": f"smollm2-135m {dtype} decode, {name}, {new_tokens} tokens",
-               "dense tok/s": round(med["dense"], 1), "spread %": round(100 * noise, 1),
+               "dense tok/s": round(med["dense"], 1), "spread %": bench_common.percent(noise),
                "sparse tok/s": round(med[name], 1), "speed-up": round(med[name] / med["dense"], 2),
                "torch path tok/s": round(torch_path, 1), "speed-up torch path": round(torch_path / med["dense"], 2)}
         for native, path in ((True, "kernel"), (False, "torch")):
@@ -269,13 +270,6 @@ def bench_decode(targets: list[float], artifacts: list[str] | None, rounds: int,
                 row[f"{part} dense fallbacks, {path}"] = f"{calls['dense'] / max(1, gathers):.0%} of {gathers}"
         rows.append(row)
     return rows
-
-
-def print_table(title: str, rows: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    print(f"\n{title}\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
 def main() -> None:
@@ -316,7 +310,8 @@ def main() -> None:
     if not args.no_decode:
         tables["decode"] = bench_decode(targets, args.artifact, args.rounds, args.new_tokens, teal_sites, args.dtype)
     for name, rows in tables.items():
-        print_table(name, rows)
+        print(f"\n{name}")
+        bench_common.print_rows(rows)
     record = {"threads": args.threads, "rounds": args.rounds, "wall_seconds": round(time.perf_counter() - t0, 1),
               **tables}
     out = bench_common.write_json(args.json, record, args.force, state)

@@ -48,7 +48,7 @@ def ternary_layer(k: int, n: int, side: str) -> TernaryLinear:
     return layer
 
 
-def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -> tuple[dict[str, float], float]:
+def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -> tuple[dict[str, float], float | None]:
     """Each side's median microseconds over alternating rounds, and the largest relative spread of the sides."""
     with torch.no_grad():
         med, noise = bench_common.medians({s: (lambda f=f: timed(f, seconds, warmup=5)) for s, f in sides.items()},
@@ -56,10 +56,10 @@ def _medians(sides: dict[str, Callable[[], Any]], rounds: int, seconds: float) -
     return {s: v * 1e6 for s, v in med.items()}, noise
 
 
-def _row(case: str, measured: tuple[dict[str, float], float]) -> dict[str, Any]:
+def _row(case: str, measured: tuple[dict[str, float], float | None]) -> dict[str, Any]:
     med, noise = measured
     row: dict[str, Any] = {"case": case, **{f"{s} us": round(v, 1) for s, v in med.items()},
-                           "spread %": round(100 * noise, 1)}
+                           "spread %": bench_common.percent(noise)}
     for s in med:
         if s != "fp32":
             row[f"x {s.removeprefix('ternary ')}"] = round(med["fp32"] / med[s], 2)
@@ -94,7 +94,7 @@ def bench_rows(rounds: int, seconds: float, counts: list[int]) -> list[dict[str,
             cpu_kernel.MAX_ROWS = before
         out.append({"case": f"smollm2 gate/up, {count} rows", **{f"{s} us": round(v, 1) for s, v in med.items()},
                     "kernel / onednn": round(med["ternary onednn"] / med["ternary kernel"], 2),
-                    "spread %": round(100 * noise, 1)})
+                    "spread %": bench_common.percent(noise)})
     return out
 
 
@@ -145,17 +145,11 @@ def bench_decode(rounds: int, new_tokens: int, dtype: str = "float32") -> dict[s
     finally:
         TernaryLinear.kernel, TernaryLinear.fast = True, True
     row: dict[str, Any] = {"case": f"built-in model decode, batch 1, {new_tokens} tokens, {dtype}",
-                           **{f"{s} tok/s": round(v, 1) for s, v in med.items()}, "spread %": round(100 * noise, 1)}
+                           **{f"{s} tok/s": round(v, 1) for s, v in med.items()},
+                           "spread %": bench_common.percent(noise)}
     for s in ("ternary kernel", "ternary onednn", "ternary float"):
         row[f"x {s.removeprefix('ternary ')}"] = round(med[s] / med[base], 2)
     return row
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
 def main() -> None:
@@ -183,7 +177,7 @@ def main() -> None:
     if args.rows:
         tables.append(bench_rows(args.rounds, args.seconds, [int(c) for c in args.rows.split(",")]))
     for table in tables:
-        print_table(table)
+        bench_common.print_rows(table)
         print()
     record = {"threads": args.threads, "rounds": args.rounds, "kernel path": kernel.path,
               "rows": [r for t in tables for r in t]}

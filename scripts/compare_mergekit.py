@@ -303,7 +303,7 @@ def bench_method(method: str, base: Path, ft: list[Path], args: argparse.Namespa
         entry[tool] = {"median_seconds": secs, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs[tool]),
                        "gb_per_s": round(moved / secs / 1e9, 2), "seconds": timing[side]}
     entry["speedup"] = round(1 / timing["ratio"], 2)  # mergekit's median time over llmfast's
-    entry["noise"] = round(timing["noise"], 3)
+    entry["noise"] = None if timing["noise"] is None else round(timing["noise"], 3)  # None: one round, unknown
     entry["beyond_noise"] = timing["beyond_noise"]
     # The floor: every input read once and the output written once at one core's copy bandwidth.
     entry["bandwidth_floor_seconds"] = round(moved / args.bandwidth, 3)
@@ -392,7 +392,7 @@ def print_table(results: dict) -> None:
         diff = e["diff"].get("max_abs_diff", "names differ")
         diff_s = (f"{diff:.3g}" if isinstance(diff, float) else diff) + ("*" if method.startswith("dare") else "")
         print(f"{method:<16} {diff_s:>13} {e['llmfast']['median_seconds']:>10.2f} "
-              f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {e.get('noise', float('nan')):>6.0%} "
+              f"{e['mergekit']['median_seconds']:>11.2f} {e['speedup']:>7.2f}x {bench_common.pct(e.get('noise')):>6} "
               f"{e['llmfast']['gb_per_s']:>12.2f} "
               f"{e.get('llmfast_over_floor', float('nan')):>8.1f} "
               f"{e['llmfast']['peak_rss_gib']:>10.2f} G {e['mergekit']['peak_rss_gib']:>11.2f} G {e['rss_ratio']:>9.2f}")

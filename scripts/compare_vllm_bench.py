@@ -103,7 +103,7 @@ def main() -> None:
         summary[k] = bench_common.compare([x[k] for x in runs["llmfast"]], [x[k] for x in runs["vllm"]])
         ratio = summary[k]["ratio"]
         print(f"{k:<22} {summary[k]['ours']['median']:>10.2f} {summary[k]['baseline']['median']:>10.2f} "
-              f"{'-' if ratio is None else f'{ratio:.3f}':>8} {summary[k]['noise']:>7.1%}")
+              f"{'-' if ratio is None else f'{ratio:.3f}':>8} {bench_common.pct(summary[k]['noise'], 1):>7}")
     print("ratio: median over the rounds of llmfast's over vLLM's; spread: the larger (max - min) / median of the two")
     if load is not None:
         print(f"\nload: {load['completed']} completed, {load['failed']} failed of {a.load_prompts} at concurrency "

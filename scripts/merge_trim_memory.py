@@ -223,7 +223,8 @@ def print_row(row: dict) -> None:
           "| numpy peak bytes/entry |")
     print("|---|---|---|---|---|---|---|")
     for name, v in row["versions"].items():
-        print(f"| {name} | {v['wall_s_median']:.2f} s | {v[f'wall_ratio_vs_{first}']:.2f} | {v['noise']:.0%} | "
+        print(f"| {name} | {v['wall_s_median']:.2f} s | {v[f'wall_ratio_vs_{first}']:.2f} | "
+              f"{bench_common.pct(v['noise'])} | "
               f"{v['rss_growth_median'] / 2**30:.2f} GiB | {v['rss_bytes_per_entry']:.1f} | "
               f"{v['numpy_peak_bytes_per_entry']:.1f} |")
     print(f"x {first}: median wall over {first}'s; spread: the larger (max - min) / median of the two over the rounds")

@@ -44,6 +44,51 @@ def test_compare_is_median_over_median_with_spread():
     assert med == {"a": 2, "b": 10} and noise == pytest.approx(1.0)
 
 
+def test_one_round_has_an_unknown_spread_never_beyond_noise():
+    """One measurement shows no spread however noisy the machine: the spread and the noise are unknown (None in the
+    JSON, "n/a" printed), never 0, and a ratio beside them is not called beyond the noise, however far from 1."""
+    c = bench_common.compare([1.0], [3.0])
+    assert c["ratio"] == pytest.approx(1 / 3) and c["ours"]["spread"] is None and c["ours"]["n"] == 1
+    assert c["noise"] is None and c["beyond_noise"] is None
+    mixed = bench_common.compare([1.0, 1.01], [3.0])  # one side measured once: the row's noise is unknown
+    assert mixed["ours"]["spread"] == pytest.approx(0.01 / 1.005) and mixed["noise"] is None
+    assert mixed["beyond_noise"] is None
+    assert bench_common.spread([0.0, 0.0, 5.0])["spread"] is None  # values that differ around a median of 0
+    assert bench_common.spread([0.0, 0.0])["spread"] == 0.0  # no failures in every round: no spread at all
+    med, noise = bench_common.medians({"a": _counter([3]), "b": _counter([10])}, 1)
+    assert med == {"a": 3, "b": 10} and noise is None
+    assert bench_common.largest([0.1, None]) is None and bench_common.largest([0.1, 0.3]) == 0.3
+    assert (bench_common.pct(None), bench_common.pct(0.25), bench_common.pct(0.0123, 1)) == ("n/a", "25%", "1.2%")
+    assert bench_common.percent(None) is None and bench_common.percent(0.0123) == 1.2
+    assert json.loads(json.dumps(c))["noise"] is None
+
+
+def test_one_round_tables_print_n_a(capsys):
+    """The tables of the scripts that keep their own printing (compare_mergekit, merge_trim_memory, the markdown rows
+    of bench_ternary and bench_sparse_decode) print an unknown spread as n/a, and a measured one as a percentage."""
+    import compare_mergekit
+    import merge_trim_memory
+
+    side = {"median_seconds": 2.0, "peak_rss_gib": 1.0, "gb_per_s": 1.0}
+    method = {"diff": {"max_abs_diff": 0.0}, "llmfast": side, "mergekit": side, "speedup": 1.0, "rss_ratio": 1.0,
+              "llmfast_over_floor": 3.0}
+    compare_mergekit.print_table({"shape": "135m", "dtype": "float32", "threads": 2, "rounds": 1,
+                                  "loadavg_at_start": [0.1], "methods": {"linear": {**method, "noise": None},
+                                                                         "ties": {**method, "noise": 0.04}}})
+    version = {"wall_s_median": 1.0, "wall_ratio_vs_a": 1.0, "rss_growth_median": 0.0, "rss_bytes_per_entry": 0.0,
+               "numpy_peak_bytes_per_entry": 0.0}
+    merge_trim_memory.print_row({"shape": "135m", "method": "ties", "dtype": "float32", "models": 2, "entries": 10,
+                                 "threads": 2, "density": 0.5, "grid": True, "rescale": True, "native": True,
+                                 "identical_outputs": True, "versions": {"a": {**version, "noise": None},
+                                                                          "b": {**version, "noise": 0.5}}})
+    bench_common.print_rows([{"case": "x", "spread %": bench_common.percent(None)}, {"case": "y", "spread %": 1.5}])
+    lines = capsys.readouterr().out.splitlines()
+    assert [w for w in next(x for x in lines if x.startswith("linear")).split() if "%" in w or w == "n/a"] == ["n/a"]
+    assert "4%" in next(x for x in lines if x.startswith("ties")).split()
+    assert [x.split(" | ")[3] for x in lines if x.startswith(("| a |", "| b |"))] == ["n/a", "50%"]
+    assert lines[-2:] == ["| x | n/a |", "| y | 1.5 |"]
+
+
 def test_write_json_provenance_and_no_silent_overwrite(tmp_path, capsys):
     """The JSON carries provenance and the machine's load before and after; an existing file is refused (exit 2,
     one line, file untouched) unless force is given, and no partial file is left behind."""
