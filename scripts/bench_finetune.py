@@ -8,8 +8,9 @@ the same completion-only labels; each runs in its own process so peak RSS is its
 - baseline: a plain loop a user would write: shuffled examples, batches padded to the longest, 
             `model(input_ids, attention_mask, labels).loss`, torch AdamW
 
-Tokens/s counts real tokens (never padding) over the training loop's wall time (both sides include their first
-step: llmfast's metrics.json does not time after a warm-up, so neither side does). `--rounds` rounds, the sides'
+Tokens/s counts real tokens (never padding) over the training loop's wall time, both sides including their first
+step (the plain loop times every step, so llmfast's figure is metrics.json's `train_tokens_per_s_all_steps`, not
+its `train_tokens_per_s`, which leaves the first step out). `--rounds` rounds, the sides'
 order swapped every other round, each side with OMP_NUM_THREADS=--threads; the medians are compared and each side's
 spread over the rounds is printed beside the ratio. The JSON (bench_common) carries provenance and the load average
 and is replaced only with --force (checked before anything runs).
@@ -117,7 +118,7 @@ output: {work / 'ours'}
     if p.returncode != 0:
         sys.exit(f"llmfast finetune failed:\n{p.stderr[-3000:]}")
     m = json.loads((work / "ours" / "metrics.json").read_text())
-    return {"tokens_per_s": m["train_tokens_per_s"], "tokens": m["train_tokens"], "peak_mem_gib": m["peak_memory_gib"],
+    return {"tokens_per_s": m["train_tokens_per_s_all_steps"], "tokens": m["train_tokens"], "peak_mem_gib": m["peak_memory_gib"],
             "memory_kind": m["memory_kind"], "peak_reserved_gib": m.get("peak_memory_reserved_gib"), "steps": m["steps"],
             "mean_loss": m["final_train_loss"],
             "process_seconds": round(time.perf_counter() - t0, 1)}

@@ -4,7 +4,8 @@
 Both run `llmfast finetune` under torchrun on the same data and steps; FSDP (`train.fsdp: true`) shards the
 decoder layers over the processes, DDP keeps a whole copy in each. Reported per side: the parameter bytes a
 process holds while training (`param_bytes_per_process`), process 0's peak RSS (it includes loading the
-whole base, which both sides do before FSDP shards it), tokens/s (real tokens) and the final loss; and the
+whole base, which both sides do before FSDP shards it), tokens/s (real tokens; metrics.json's
+`train_tokens_per_s`, after each run's first step) and the final loss; and the
 largest difference between the two adapters, which should be rounding only. `--rounds` runs of each side, the order
 swapped every other round, each process with OMP_NUM_THREADS=--threads (torchrun's own default, made explicit); the
 figures are medians over the rounds with each ratio's spread beside it. The JSON (bench_common) carries provenance

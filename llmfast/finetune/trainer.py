@@ -31,7 +31,7 @@ from llmfast.finetune import checkpoint as ckpts, fsdp as sharding
 from llmfast.finetune.data_setup import RunData, note as _note, run_data, save_run_data, split_eval
 from llmfast.finetune.lora import attach_lora, load_base, pick_compute_dtype, trainable_parameters
 from llmfast.finetune.loss import causal_lm_loss
-from llmfast.finetune.metrics import run_metrics
+from llmfast.finetune.metrics import run_metrics, steady_tokens_per_s
 from llmfast.finetune.optimizers import make_optimizer, optimizer_step
 from llmfast.finetune.output import check_run_output, start_afresh
 from llmfast.finetune.run_files import ENCODED, foreign_encoded
@@ -302,6 +302,7 @@ def _train(run: Run) -> dict[str, Any]:
 
     tc, acc, log_path = run.recipe.train, run.acc, run.out / "train_log.jsonl"
     train_seconds, tokens_seen, last_loss = 0.0, 0, float("nan")
+    first = (0, 0.0)  # this invocation's first step's tokens and seconds: its warm-up, left out of the speed
     window_loss, window_steps = run.window  # a resumed run's first line averages the steps before the kill too
     # `disable` only to silence the other processes: passed at all, it overrode tqdm's TQDM_DISABLE=1
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="finetune", unit="step",
@@ -315,13 +316,15 @@ def _train(run: Run) -> dict[str, Any]:
             raise _diverged(run, f"the training loss became {step_loss} at step {step + 1}")
         train_seconds += time.perf_counter() - t0
         tokens_seen += tokens
+        if step == run.start_step:
+            first = (tokens_seen, train_seconds)
+        speed = steady_tokens_per_s(tokens_seen, train_seconds, *first) or 0.0
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
         mem = peak_memory_gib(acc.device.type)
         # The figures first, painted by update's own repaint: set_postfix's refresh painted every step a second time,
         # past tqdm's mininterval (a log file's pacing)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}", mem=f"{mem:.2f}GiB",
-                        refresh=False)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{speed:.0f}", mem=f"{mem:.2f}GiB", refresh=False)
         bar.update(1)
         fresh_eval = None
         if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
@@ -332,7 +335,7 @@ def _train(run: Run) -> dict[str, Any]:
             last_loss = window_loss / window_steps
             if acc.is_main_process:
                 entry = {"step": done, "loss": round(last_loss, 6), "lr": run.scheduler.get_last_lr()[0],
-                         "tokens_per_s": round(tokens_seen / train_seconds, 1), "peak_mem_gib": round(mem, 3)}
+                         "tokens_per_s": round(speed, 1), "peak_mem_gib": round(mem, 3)}
                 if fresh_eval is not None:
                     entry["eval_loss"] = round(fresh_eval, 6)
                 if run.scaler is not None:
@@ -344,7 +347,8 @@ def _train(run: Run) -> dict[str, Any]:
                                   run.total_steps, tc.keep_checkpoints, run.fsdp, run.world,
                                   (window_loss, window_steps))
     bar.close()
-    return {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "last_loss": last_loss}
+    return {"train_seconds": train_seconds, "tokens_seen": tokens_seen, "last_loss": last_loss,
+            "first_step_tokens": first[0], "first_step_seconds": first[1]}
 
 
 def _diverged(run: Run, what: str) -> UserError:
