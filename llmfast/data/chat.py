@@ -11,11 +11,11 @@ linear in its length, not in the sum of its prefixes'.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
+from llmfast.data.examples import IGNORE, Encoded
 from llmfast.data.jsonl import iter_rows, read_rows
 from llmfast.data.jsonl import where as row_where
 from llmfast.data.prefixes import PrefixIds, backend_encodes, prefix_ids
@@ -24,51 +24,6 @@ from llmfast.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-IGNORE = -100
-
-
-class Encoded:
-    """An example's token ids and labels, held as int32 arrays (4 bytes a token; a list of Python ints holds ~36,
-    gigabytes for a million rows) and given out as lists."""
-
-    __slots__ = ("_ids", "_labels", "row", "where", "part")
-
-    def __init__(self, input_ids: Iterable[int], labels: Iterable[int], row: int, where: str = "", part: int = 0
-                 ) -> None:
-        self._ids, self._labels = array("i", input_ids), array("i", labels)
-        self.row = row
-        self.where = where  # its row named as errors name it (FILE:LINE, DIR row N): data may come from several files
-        self.part = part  # its number among the examples its row was split into (`_chat_plans`); 0: the first or only
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self._ids.tolist()
-
-    @property
-    def labels(self) -> list[int]:
-        return self._labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def buffers(self) -> tuple[array, array]:
-        """The int32 arrays themselves (ids, labels): what a writer of many examples copies without lists."""
-        return self._ids, self._labels
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Encoded) and (self._ids, self._labels, self.row, self.where) == \
-            (other._ids, other._labels, other.row, other.where)
-
-    def __repr__(self) -> str:
-        return f"Encoded(input_ids={self.input_ids}, labels={self.labels}, row={self.row}, where={self.where!r})"
-
-    @property
-    def target_tokens(self) -> int:
-        return len(self._labels) - self._labels.count(IGNORE)
-
-    def truncated(self, n: int) -> "Encoded":
-        return Encoded(self._ids[:n], self._labels[:n], self.row, self.where, self.part)
 
 
 def rows_digest(*groups: Sequence[Sequence[Encoded]]) -> str:
