@@ -373,6 +373,32 @@ def test_every_form_of_an_uncompiled_vllm_is_refused_for_a_cpu_pipeline(tiny_dir
         monkeypatch.delenv(env)
 
 
+def test_serve_reads_the_vllm_flags_once(tmp_path, tiny_dir, monkeypatch):
+    """prepare_spec's checks (its own, the model class's in vllm_archs, the chat template's in stops) each ask for the
+    flags after --: vLLM's parser read them, and a --config file, three times a serve (counted in s58); once now, with
+    what each check found unchanged. Outside a serve each parse reads anew: a --config file edited between two
+    commands is read as it is then."""
+    from llmfast.serve import vllm_flags
+    from llmfast.serve.server import prepare_spec
+
+    reads = []
+    real = vllm_flags._parse
+    monkeypatch.setattr(vllm_flags, "_parse", lambda args: reads.append(tuple(args)) or real(args))
+    config = tmp_path / "v.yaml"
+    config.write_text("max-num-seqs: 3\n")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    extra = ["--config", str(config), "--model-impl", "transformers", "--chat-template", str(template), "-dp", "2"]
+    spec = prepare_spec(str(tiny_dir), extra_args=extra)
+    assert reads == [tuple(extra)] and spec.data_parallel_size == 2
+    with pytest.raises(UserError, match="--enable-lora"):  # the namespace read once still says what it holds
+        prepare_spec(str(tiny_dir), pipeline_parallel_size=2, extra_args=["--enable-lora", "--max-num-seqs", "4"])
+    assert len(reads) == 2
+    assert vllm_flags.parse(["--config", str(config)])[0].max_num_seqs == 3
+    config.write_text("max-num-seqs: 5\n")
+    assert vllm_flags.parse(["--config", str(config)])[0].max_num_seqs == 5 and len(reads) == 4
+
+
 def test_adapter_names(tmp_path):
     """NAME=PATH as given; a bare path is named after its folder, a fine-tune's adapter/ after its run folder."""
     from llmfast.serve.lora import parse_lora

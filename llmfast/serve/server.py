@@ -37,7 +37,7 @@ from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
 from llmfast.serve.parallel import check_parallel
 from llmfast.serve.stops import given_template, served_note
-from llmfast.serve.vllm_flags import UNWAITABLE, local_data_parallel, may_matter, parse, uncompiled
+from llmfast.serve.vllm_flags import UNWAITABLE, local_data_parallel, may_matter, parse, read_once, uncompiled
 
 # The last line of a Python traceback: "ValueError: ...", "pydantic_core._pydantic_core.ValidationError: ...".
 _EXCEPTION_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
@@ -357,6 +357,7 @@ class VllmServer:
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # vLLM's --dtype choices
 
 
+@read_once
 def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> ServerSpec:
     """Resolve the model (builtin:, a directory, a GGUF, a hub id) and check every adapter, before any start."""
     from llmfast.artifacts import read_manifest
@@ -379,8 +380,7 @@ def prepare_spec(model: str, loras: list[str] | None = None, **kwargs: Any) -> S
         raise UserError(f"{asked} after --: vLLM would print it and start no server; `vllm serve --help` lists "
                         "vLLM's flags")
     engine, given = parse(extra) if may_matter(extra) else (None, [])  # vLLM's parser: seconds, so only for a flag
-    if given:  # that may matter
-        flag = given[0]
+    if flag := next(iter(given), None):  # that may matter
         if flag in UNWAITABLE:
             raise UserError(f"{flag} after --: `llmfast serve` waits for the server's HTTP API at --host:--port, "
                             f"where vLLM would not answer with {flag}: run vLLM's own server for it")

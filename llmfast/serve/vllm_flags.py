@@ -9,13 +9,19 @@ about 15 s (vllm imports torch and transformers), so it runs only when a flag ma
 from __future__ import annotations
 
 import argparse
+import contextvars
+import copy
 import functools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from llmfast.errors import UserError
 
+F = TypeVar("F", bound=Callable)
+# `parse`'s readings within a `read_once` call, by the flags read; None outside one.
+_READ: contextvars.ContextVar[dict[tuple[str, ...], tuple[argparse.Namespace, list[str]]] | None] = \
+    contextvars.ContextVar("vllm_flags_read", default=None)
 # Flags that make vLLM run the model uncompiled on a CPU (its LoRA layers do too: platforms/cpu.py), or could.
 _COMPILING = ("--enforce-eager", "--no-enforce-eager", "--optimization-level", "--compilation-config",
               "--enable-lora", "--no-enable-lora", "--config")
@@ -75,9 +81,35 @@ def _parser() -> argparse.ArgumentParser:
     return make_arg_parser(FlexibleArgumentParser(prog="vllm"))
 
 
+def read_once(f: F) -> F:
+    """`f` with `parse` reading each list of flags once while it runs: serve's checks (its own, the model class's in
+    vllm_archs, the chat template's in stops) each ask for the flags, and parsed them three times (a --config file
+    read each time). Outside it each call reads anew: a --config file may change between two commands."""
+    @functools.wraps(f)
+    def once(*args: object, **kwargs: object) -> object:
+        token = _READ.set({})
+        try:
+            return f(*args, **kwargs)
+        finally:
+            _READ.reset(token)
+
+    return once  # type: ignore[return-value]
+
+
 def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """vLLM's server arguments from `args` (a Namespace), and the flags of OWNED among them; what vLLM refuses is
-    one line."""
+    """vLLM's server arguments from `args` (a Namespace, a copy each caller may change), and the flags of OWNED among
+    them; what vLLM refuses is one line. Read once within a `read_once` call."""
+    read, key = _READ.get(), tuple(args)
+    if read is None or key not in read:
+        got = _parse(key)
+        if read is None:
+            return got
+        read[key] = got
+    ns, given = read[key]
+    return copy.copy(ns), list(given)
+
+
+def _parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = _parser()
 
     def refuse(message: str) -> None:
