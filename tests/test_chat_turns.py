@@ -220,3 +220,38 @@ def test_prefix_rendering_templates_encode_the_bytes_they_did_before(builtin_dir
     assert hashlib.sha256(warnings.encode()).hexdigest() == \
         "7f134b37136f202420bb4376a7030f9490ffc8f107fe5c19282ce0008a01da0f"
     assert all(e.part == 0 for g in got for e in g.examples)
+
+
+def test_a_long_split_row_is_encoded_a_group_of_examples_at_a_time(qwen3: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row split by turn is an example a reply, each the conversation up to it (tokens quadratic in the turns):
+    their encodings were made in one tokenizer call and held at once (8 GB for one 800-turn row, s58); now rows a
+    group of about _BATCH_CHARS characters at a time, with the same ids and labels (the template's own ids for the
+    conversation ending at each reply). The template renders two texts a reply, each a text its example holds."""
+    from llmfast.data import chat
+
+    msgs = [CHAT[0]]
+    for k in range(12):
+        msgs += [{"role": "user", "content": f"Question {k}?"},
+                 {"role": "assistant", "content": f"<think>Step {k}.</think>Answer {k}" if k % 3 else f"Answer {k}"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    renders, calls = [], []
+    render, read_off = chat.render_chat, chat.prefix_ids
+    monkeypatch.setattr(chat, "render_chat", lambda tok, m, gen, where: renders.append(len(m)) or render(tok, m, gen,
+                                                                                                          where))
+    monkeypatch.setattr(chat, "prefix_ids", lambda tok, rows: calls.append([len(r[-1]) for r in rows]) or
+                        read_off(tok, rows))
+    monkeypatch.setattr(chat, "_BATCH_CHARS", 3 * 1000)  # a group: an example's last text counts thrice (_chars)
+    got = read_examples(path, qwen3, 4096).examples
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert renders == [n for i in turns for n in (i, i + 1)]  # two a reply: before it (and its prompt), and with it
+    assert len(calls) > 2 and [n for c in calls for n in c] == [len(qwen3.apply_chat_template(msgs[: i + 1],
+                                                                                                tokenize=False))
+                                                                 for i in turns]
+    assert all(3 * sum(c[:-1]) < 3000 for c in calls)  # a group closes once it reaches _BATCH_CHARS
+    assert len(got) == len(turns)
+    for ex, i in zip(got, turns):
+        prompt = _ids(qwen3.apply_chat_template(msgs[:i], add_generation_prompt=True))
+        assert ex.input_ids == _ids(qwen3.apply_chat_template(msgs[: i + 1]))
+        assert ex.labels == [IGNORE] * len(prompt) + ex.input_ids[len(prompt):], i

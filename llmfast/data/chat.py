@@ -279,26 +279,38 @@ def _encode_batch(tokenizer: "PreTrainedTokenizerBase", batch: list[tuple[dict[s
 
 def _encodings(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str, bool]]]
                ) -> "Iterator[PrefixIds | dict[str, list[int]]]":
-    """Each row's texts' encodings, in order: read off one encoding of its last text where the tokenizer allows
-    (prefixes.py), else each text's in full, rows tokenized together up to _BATCH_CHARS characters of their texts (a
-    row over it alone is encoded text by text, by `_continuation`)."""
-    texts = [[t for t, _ in plan] for plan in plans]
-    linear = prefix_ids(tokenizer, texts) if backend_encodes(tokenizer) else [None] * len(plans)
-    full = [k for k, got in enumerate(linear) if got is None]
-    start, group, whole = 0, set(), {}
-    for k, got in enumerate(linear):
-        if got is not None:
-            yield got
-            continue
-        if k not in group:  # k is full[start]: the next rows encoded in full, tokenized together, held a group at once
-            group, chars = set(), 0
-            while start < len(full) and chars < _BATCH_CHARS:
-                group.add(full[start])
-                chars += _chars(plans[full[start]])
-                start += 1
-            whole = _encode_all(tokenizer, [t for j in sorted(group) if _chars(plans[j]) <= _BATCH_CHARS
-                                            for t in texts[j]])
-        yield whole
+    """Each row's texts' encodings, in order, rows taken a group of about _BATCH_CHARS characters at a time (`_chars`)
+    so that their encodings are not all held at once: a row split by turn is hundreds of examples (tokenized together,
+    one 800-turn row held 8 GB). Each read off one encoding of its last text where the tokenizer allows (prefixes.py),
+    else each text's in full (`_full`)."""
+    linear = backend_encodes(tokenizer)
+    for group in _groups([_chars(plan, linear) for plan in plans]):
+        part = [plans[k] for k in group]
+        got = prefix_ids(tokenizer, [[t for t, _ in plan] for plan in part]) if linear else [None] * len(part)
+        full = _full(tokenizer, [plan for plan, ids in zip(part, got) if ids is None])
+        yield from (ids if ids is not None else next(full) for ids in got)
+
+
+def _full(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str, bool]]]) -> Iterator[dict[str, list[int]]]:
+    """Each row's texts' encodings in full, rows tokenized together up to _BATCH_CHARS characters of their texts, a
+    group held at once (a row over it alone is encoded text by text, by `_continuation`)."""
+    for group in _groups([_chars(plan) for plan in plans]):
+        whole = _encode_all(tokenizer, [t for k in group if _chars(plans[k]) <= _BATCH_CHARS for t, _ in plans[k]])
+        yield from (whole for _ in group)
+
+
+def _groups(sizes: list[int]) -> Iterator[list[int]]:
+    """The indices of `sizes` in order, in groups closed once their sizes reach _BATCH_CHARS."""
+    group: list[int] = []
+    chars = 0
+    for k, size in enumerate(sizes):
+        group.append(k)
+        chars += size
+        if chars >= _BATCH_CHARS:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
 
 
 def _progress(total: int, path: Path, show: bool) -> Any:
