@@ -15,6 +15,7 @@ would reach out anyway:
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
@@ -24,7 +25,6 @@ from llmfast.errors import UserError
 
 # what llmfast takes from a hub repository: weights, configs, tokenizer, chat template (not other formats' weights)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_INDEX = "model.safetensors.index.json"
 # vLLM's own switches for its usage statistics (vllm/usage/usage_lib.py reads both)
 NO_USAGE_STATS = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 _HUB_ID_IN = re.compile(r"(?<![\w./-])[A-Za-z0-9][\w.-]*/[\w.-]+(?![\w./-])")
@@ -112,6 +112,8 @@ def hub_model(repo_id: str, older: Path | None = None) -> Path:
         files = [s.rfilename for s in HfApi().model_info(repo_id, timeout=wait, files_metadata=False).siblings or []]
         patterns = hub_patterns(files, lambda: _hub_index(repo_id, wait))
         return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=wait))
+    except UserError:  # the repository's index is not what it should be: its own line, naming it
+        raise
     except Exception as e:  # offline, unknown repo, gated, a full disk: all one line for the user
         raise UserError(f"could not fetch '{repo_id}' from the Hugging Face hub: {_fetch_refusal(e, wait)}; "
                         f"or {how}") from None
@@ -119,25 +121,35 @@ def hub_model(repo_id: str, older: Path | None = None) -> Path:
 
 def hub_patterns(files: Sequence[str], read_index: Callable[[], Any]) -> list[str]:
     """What to download of a repository holding `files`: HUB_PATTERNS, with the safetensors narrowed to the weights
-    transformers and vLLM load: the shards its index names (`read_index()` gives the index), else model.safetensors.
-    Mistral's repositories ship a consolidated.safetensors beside the shards, a second copy of the model (14.5 GB
-    for Mistral-7B-Instruct-v0.3). A repository with neither takes every *.safetensors, as before."""
-    rest = [p for p in HUB_PATTERNS if p != "*.safetensors"]
-    if _INDEX in files:
+    transformers and vLLM load (the shards its index names, `read_index()` giving the index, else model.safetensors)
+    and llmfast's own beside them (a TEAL artifact's thresholds, a Deja Vu one's predictors). Mistral's repositories
+    ship a consolidated.safetensors beside the shards, a second copy of the model (14.5 GB for
+    Mistral-7B-Instruct-v0.3). A repository with neither takes every *.safetensors, as before."""
+    from llmfast.modelfiles import INDEX
+    from llmfast.sparse.predictors import PREDICTORS_FILE
+    from llmfast.sparse.thresholds import THRESHOLDS_FILE
+
+    if INDEX in files:
         index = read_index()
         shards = index.get("weight_map") if isinstance(index, dict) else None
-        if isinstance(shards, dict) and shards and all(isinstance(v, str) for v in shards.values()):
-            return rest + sorted(set(shards.values()))
-        return HUB_PATTERNS  # an index of another shape: everything, for check_model_dir to judge as it does today
-    return rest + ["model.safetensors"] if "model.safetensors" in files else HUB_PATTERNS
+        if not (isinstance(shards, dict) and shards and all(isinstance(v, str) for v in shards.values())):
+            return HUB_PATTERNS  # an index of another shape: everything, for check_model_dir to name what is wrong
+        weights = set(shards.values())
+    elif "model.safetensors" in files:
+        weights = {"model.safetensors"}
+    else:
+        return HUB_PATTERNS
+    own = {PREDICTORS_FILE, THRESHOLDS_FILE} & set(files)
+    # names, not patterns: a shard named w[1].safetensors is matched by its escaped name only
+    return [p for p in HUB_PATTERNS if p != "*.safetensors"] + [glob.escape(n) for n in sorted(weights | own)]
 
 
 def _hub_index(repo_id: str, wait: float) -> Any:
     from huggingface_hub import hf_hub_download
 
-    from llmfast.modelfiles import read_json_file
+    from llmfast.modelfiles import INDEX, read_json_file
 
-    path = Path(hf_hub_download(repo_id, _INDEX, etag_timeout=wait))
+    path = Path(hf_hub_download(repo_id, INDEX, etag_timeout=wait))
     return read_json_file(path, "weight index", f"fetch '{repo_id}' again")
 
 

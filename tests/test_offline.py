@@ -282,24 +282,71 @@ def test_the_vllm_server_sends_no_usage_statistics_and_asks_no_hub(tiny_dir, mon
     assert "DO_NOT_TRACK" not in server_command(ServerSpec(model=tiny_dir), m)[1]
 
 
+MISTRAL_FILES = [".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+                 "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                 "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json",
+                 "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
+                 "tokenizer_config.json"]
+MISTRAL_INDEX = {"metadata": {}, "weight_map": {f"layer.{i}": f"model-0000{i % 3 + 1}-of-00003.safetensors"
+                                                for i in range(9)}}
+
+
+def _taken(files, patterns):
+    return {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
+
+
 def test_a_hub_download_takes_the_weights_the_index_names_not_a_consolidated_copy():
     """Mistral-7B-Instruct-v0.3 lists consolidated.safetensors (14.5 GB, the mistral-inference format) beside its
     three shards: "*.safetensors" downloaded the model twice. Its real file list, and the index's shard names."""
     from llmfast.offline import HUB_PATTERNS, hub_patterns
 
-    files = [".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
-             "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-             "model-00003-of-00003.safetensors", "model.safetensors.index.json", "params.json",
-             "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
-             "tokenizer_config.json"]
-    shards = {f"layer.{i}": f"model-0000{i % 3 + 1}-of-00003.safetensors" for i in range(9)}
-    got = hub_patterns(files, lambda: {"metadata": {}, "weight_map": shards})
-    taken = {f for f in files if any(fnmatch.fnmatch(f, p) for p in got)}
+    taken = _taken(MISTRAL_FILES, hub_patterns(MISTRAL_FILES, lambda: MISTRAL_INDEX))
     assert "consolidated.safetensors" not in taken
     assert {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)} | {
         "model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer.model"} <= taken
     # one file: that file, and the index is not read; neither: every *.safetensors, as before
-    assert "model.safetensors" in hub_patterns(["config.json", "model.safetensors"], lambda: 1 / 0)
+    one = ["config.json", "model.safetensors", "consolidated.safetensors"]
+    assert _taken(one, hub_patterns(one, lambda: 1 / 0)) == {"config.json", "model.safetensors"}
     assert hub_patterns(["config.json", "weights.safetensors"], lambda: 1 / 0) == HUB_PATTERNS
     # an index of another shape is left to check_model_dir, which names it, after a download of everything
-    assert hub_patterns(files, lambda: {"weight_map": []}) == HUB_PATTERNS
+    assert hub_patterns(MISTRAL_FILES, lambda: {"weight_map": []}) == HUB_PATTERNS
+    # llmfast's own files beside the weights (a TEAL artifact's thresholds, a Deja Vu one's predictors) come too,
+    # and a shard's name is matched as a name, not as a pattern ("w[1]" as a pattern matches "w1", not itself)
+    mine = ["config.json", "w[1].safetensors", "model.safetensors.index.json", "sparsity.safetensors",
+            "predictors.safetensors", "consolidated.safetensors"]
+    assert _taken(mine, hub_patterns(mine, lambda: {"weight_map": {"a": "w[1].safetensors"}})) == set(mine) - {
+        "consolidated.safetensors"}
+
+
+def test_hub_model_downloads_what_hub_patterns_chooses(tmp_path, monkeypatch):
+    """hub_model's own download: the repository's file list and index go through hub_patterns, and a broken index
+    is its own line, not "the hub could not be reached". The hub is the one part replaced here (no network)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from llmfast.errors import UserError
+    from llmfast.offline import hub_model
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps(MISTRAL_INDEX))
+    asked = []
+
+    def snapshot(repo_id, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        asked.append(allow_patterns)
+        return str(tmp_path)
+
+    class Info:
+        siblings = [type("S", (), {"rfilename": f})() for f in MISTRAL_FILES]
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, **kw: str(tmp_path / name))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **kw: Info())
+    assert hub_model("mistralai/Mistral-7B-Instruct-v0.3") == tmp_path
+    assert "consolidated.safetensors" not in _taken(MISTRAL_FILES, asked[0])
+    index.write_text("{not json")
+    with pytest.raises(UserError, match=r"model.safetensors.index.json: the weight index is not valid JSON .*"
+                                        r"fetch 'mistralai/Mistral-7B-Instruct-v0.3' again"):
+        hub_model("mistralai/Mistral-7B-Instruct-v0.3")
