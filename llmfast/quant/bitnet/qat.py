@@ -62,6 +62,7 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
     from llmfast.loading import from_pretrained
     from llmfast.sparse.relu_cut import apply_config_cut
 
+    from llmfast.calibration import interleave
     from llmfast.distill import distill, gpu_autocast, heldout_scores, teacher_samples
 
     if cfg.qat_steps and rows is None:
@@ -89,7 +90,9 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
         teacher = from_pretrained(model_dir, dtype).to(device).eval()
         apply_config_cut(teacher, model_dir)
         samples = teacher_samples(teacher, tokenizer, cfg.teacher_samples, rows.shape[1], cfg.seed)
-        data = torch.cat([rows, samples]) if len(samples) else rows
+        # Spread among the text rows, which the steps walk in order: appended, a run of fewer steps than rows never
+        # reached them (the seed then changed nothing, and the manifest counted samples never trained on).
+        data = interleave(rows, samples, len(samples)) if len(samples) else rows
 
         def evaluate() -> dict[str, Any]:  # the fully ternary model (strength 1) of this step, on held-out text
             lam = _strength(model)
