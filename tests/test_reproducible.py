@@ -31,3 +31,29 @@ def test_bitnet_teacher_samples_are_trained_on_in_a_short_run(tmp_path, tiny_dir
     weights = [(d / "model.safetensors").read_bytes() for d in (a, again, b)]
     assert weights[0] == weights[1]  # the same seed: the same bytes
     assert weights[0] != weights[2], "quantization.seed 0 and 1 wrote the same model"
+
+
+def test_dates_task_is_the_same_under_any_locale(tmp_path):
+    """The same seed writes the same dates rows in a process whose LC_TIME is German: calendar's month names follow
+    the locale ('Mär 23, 2018'), so the generator spells its own. The locale is compiled into tmp_path (localedef)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef to compile a German locale with")
+    made = subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8", str(tmp_path / "de_DE.UTF-8")],
+                          capture_output=True, text=True)
+    if not (tmp_path / "de_DE.UTF-8").is_dir():
+        pytest.skip(f"localedef could not compile de_DE here: {made.stderr.strip()[:120]}")
+    script = ("import locale\nfrom llmfast.data.tasks import generate\nbefore = generate('dates', 200, 0)\n"
+              "locale.setlocale(locale.LC_ALL, 'de_DE.UTF-8')\n"
+              "assert locale.setlocale(locale.LC_TIME) == 'de_DE.UTF-8'\n"
+              "print(sum(a != b for a, b in zip(before, generate('dates', 200, 0))))\n")
+    env = {**os.environ, "LOCPATH": str(tmp_path), "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "0", f"{p.stdout.strip()} of 200 rows changed under a German LC_TIME"

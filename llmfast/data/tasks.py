@@ -12,7 +12,6 @@ Rows are chat examples: {"task", "messages": [user, assistant]}; the assistant t
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import datetime as dt
 import json
@@ -55,12 +54,17 @@ def json_match(prediction: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------- dates
+# English names spelled here: calendar's follow the process's LC_TIME, so a caller that had set a German locale
+# (locale.setlocale(locale.LC_ALL, "")) got 'Mär 23, 2018' from the same seed, not the committed test sets' rows.
+_MONTHS = ("", "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _DATE_STYLES = [
-    lambda d: f"{calendar.month_name[d.month]} {d.day}, {d.year}",
-    lambda d: f"{d.day} {calendar.month_name[d.month]} {d.year}",
-    lambda d: f"{calendar.month_abbr[d.month]} {d.day}, {d.year}",
-    lambda d: f"{d.day} {calendar.month_abbr[d.month]} {d.year}",
-    lambda d: f"{calendar.day_name[d.weekday()]}, {calendar.month_name[d.month]} {d.day}, {d.year}",
+    lambda d: f"{_MONTHS[d.month]} {d.day}, {d.year}",
+    lambda d: f"{d.day} {_MONTHS[d.month]} {d.year}",
+    lambda d: f"{_MONTHS[d.month][:3]} {d.day}, {d.year}",
+    lambda d: f"{d.day} {_MONTHS[d.month][:3]} {d.year}",
+    lambda d: f"{_DAYS[d.weekday()]}, {_MONTHS[d.month]} {d.day}, {d.year}",
 ]
 _DATE_PROMPTS = [
     "Convert the date '{date}' to ISO 8601 format (YYYY-MM-DD). Answer with the date only.",
