@@ -89,6 +89,23 @@ def test_stray_safetensors_without_index_are_not_the_models_weights(tmp_path: Pa
         check_model_dir(d)
 
 
+def test_a_sparse_artifact_takes_the_models_weights_and_sidecars_not_a_stray_copy(tmp_path: Path) -> None:
+    """TEAL and Deja Vu artifacts link (or, across file systems, copy) their source's files: a consolidated copy
+    beside the shards came along (14.5 GB for Mistral-7B on another disk) and counted in the space check. The
+    index's shards, a thresholds file a Deja Vu artifact builds on, config and tokenizer still come."""
+    from llmfast.sparse.thresholds import source_files
+
+    d = _folder(tmp_path, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+                ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "consolidated.safetensors",
+                 "sparsity.safetensors", "backup.safetensors"))
+    (d / "tokenizer.json").write_text("{}")
+    assert [f.name for f in source_files(d)] == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "sparsity.safetensors", "tokenizer.json"]
+    (d / "model.safetensors.index.json").unlink()  # neither model.safetensors nor an index: nothing says which
+    assert len([f for f in source_files(d) if f.suffix == ".safetensors"]) == 5
+
+
 def test_bin_only_folders_get_the_merges_own_line(tmp_path: Path) -> None:
     d = _folder(tmp_path)
     (d / "pytorch_model.bin").write_bytes(b"not read")

@@ -166,9 +166,20 @@ _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".
 
 def source_files(src: Path) -> list[Path]:
     """The files of the model directory `src` that a threshold or Deja Vu artifact takes: its config, weights,
-    tokenizer and the rest of the model's own files, not those named above."""
+    tokenizer and the rest of the model's own files, not those named above. Of its *.safetensors, the weights
+    transformers loads (model.safetensors, the index's shards) and an artifact's thresholds/predictors the new one
+    builds on: a stray copy beside them (a hub's consolidated.safetensors, a user's backup) is no part of the model."""
+    from llmfast.modelfiles import INDEX, model_weight_files, weight_files
+    from llmfast.sparse.predictors import PREDICTORS_FILE
+
+    fix = f"re-create the model in {src}"
+    weights = {f.name for f in model_weight_files(src, fix)}
+    if (src / INDEX).is_file():  # its shards too where model.safetensors is beside it: vLLM reads those
+        weights |= {f.name for f in weight_files(src, fix)}
+    taken = weights | {THRESHOLDS_FILE, PREDICTORS_FILE} if weights else None  # neither: every *.safetensors
     return [f for f in sorted(src.iterdir()) if f.is_file() and f.name not in _NOT_TAKEN
-            and not f.name.startswith(".") and not f.name.lower().endswith(_OTHER_WEIGHTS)]
+            and not f.name.startswith(".") and not f.name.lower().endswith(_OTHER_WEIGHTS)
+            and (taken is None or not f.name.endswith(".safetensors") or f.name in taken)]
 
 
 def link_or_copy_model(src: Path, dst: Path) -> None:
