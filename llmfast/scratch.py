@@ -16,6 +16,9 @@ vLLM's engine also makes POSIX shared memory (/dev/shm/psm_*: the MessageQueues 
 workers), unlinked by the process that made it as it exits cleanly, else by multiprocessing's resource tracker; a
 killed engine's group takes its tracker with it, and the segments stayed for good (93 MB here after a day of tests).
 Whoever kills an engine reads first which segments its processes hold, and unlinks those after (`engine_segments`).
+A server's are also noted in its scratch folder once it is ready (`note_segments`): a group SIGKILLed whole (the OOM
+killer, a user's `kill -9 -PGID`, llmfast itself killed) holds nothing to read any more (420 MB stayed in /dev/shm
+after each test run), and whoever removes the folder, its own stop or the next run's reap, unlinks those.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -35,6 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 PREFIX = "llmfast-vllm-"
 LOCK = ".held"
+SEGMENTS = "segments.json"  # the engine's shared memory (note_segments)
 _YOUNG_S = 3600.0  # a folder without its lock file is one being made, unless older than this
 # vLLM's IPC sockets are named by a UUID (36 characters) in $TMPDIR, and a socket's path holds at most 107 bytes
 _SOCKET_PATH_MAX = 107 - 1 - 36
@@ -56,10 +61,34 @@ def make_scratch() -> tuple[Path, int] | None:
 
 
 def drop_scratch(path: Path, fd: int) -> None:
-    """Release the lock and remove the folder (its processes have exited)."""
+    """Release the lock and remove the folder (its processes have exited), with the segments noted in it."""
     with contextlib.suppress(OSError):
         os.close(fd)
+    drop_segments(_noted_segments(path))
     shutil.rmtree(path, ignore_errors=True)
+
+
+def note_segments(scratch: tuple[Path, int] | None, pids: Iterable[int]) -> None:
+    """Note in the scratch folder the shared memory these processes (its engine's, running) made (`engine_segments`),
+    for whoever removes the folder after a kill that left no process to read them from. Replaced whole."""
+    if scratch is None:
+        return
+    new = scratch[0] / f"{SEGMENTS}.new"
+    new.write_text(json.dumps({p: list(ident) for p, ident in engine_segments(pids).items()}), encoding="utf-8")
+    os.replace(new, scratch[0] / SEGMENTS)
+
+
+def _noted_segments(path: Path) -> dict[str, tuple[int, int]]:
+    """What `note_segments` wrote in `path`: only names directly in /dev/shm with a (device, inode) pair each (a
+    segment is unlinked only where it is still that file); {} for none or anything else."""
+    try:
+        noted = json.loads((path / SEGMENTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(noted, dict):
+        return {}
+    return {k: (v[0], v[1]) for k, v in noted.items() if os.path.dirname(k) == _SHM and isinstance(v, list)
+            and len(v) == 2 and all(type(x) is int for x in v)}
 
 
 def reap_scratch() -> list[Path]:
@@ -93,7 +122,9 @@ def reap_scratch() -> list[Path]:
 
 
 def _removed(path: Path) -> list[Path]:
-    """[path] where rmtree removed it; [] where something in it, or the folder itself, stayed."""
+    """[path] where rmtree removed it; [] where something in it, or the folder itself, stayed. The segments noted
+    in it go first: its engine's processes are gone (none holds the lock)."""
+    drop_segments(_noted_segments(path))
     shutil.rmtree(path, ignore_errors=True)
     return [] if os.path.lexists(path) else [path]
 

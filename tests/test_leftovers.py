@@ -106,6 +106,58 @@ def test_a_scratch_folder_goes_once_no_process_holds_it(short_tmp, monkeypatch):
     assert reap_scratch() == [path] and not path.exists()
 
 
+def test_shared_memory_noted_in_a_scratch_folder_goes_with_it_after_a_kill_of_the_whole_group(short_tmp,
+                                                                                               monkeypatch):
+    """An engine group SIGKILLed whole (the OOM killer, `kill -9 -PGID`) holds nothing any more to read its shared
+    memory from: its segments (420 MB of vLLM's after each test run) stayed for good. Noted in its scratch folder
+    while it runs, they go when the folder does: at the next run's reap, or at its own stop. Another process's
+    segment, and a noted name that is now another file, stay."""
+    import tempfile
+    import uuid
+
+    from llmfast.scratch import SEGMENTS, drop_scratch, make_scratch, note_segments, reap_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    tag = uuid.uuid4().hex[:8]
+    # a segment as shm_open makes one (a file in /dev/shm), held open by the process that made it
+    make = "import sys, time; f = open(sys.argv[1], 'wb'); print(1, flush=True); time.sleep(60)"
+    ours, other = f"/dev/shm/lf-engine-{tag}", f"/dev/shm/lf-other-{tag}"
+    Path(other).write_bytes(b"")
+    engines = []
+    try:
+        for stop in (False, True):
+            made = make_scratch()
+            engine = subprocess.Popen([sys.executable, "-c", make, ours + str(stop)],
+                                      stdout=subprocess.PIPE, text=True)
+            engines.append(engine)
+            assert engine.stdout.readline() == "1\n"
+            note_segments(made, [engine.pid])
+            noted = json.loads((made[0] / SEGMENTS).read_text())
+            assert list(noted) == [ours + str(stop)], noted
+            engine.kill()
+            engine.wait()
+            if stop:  # its own stop: the folder and what is noted in it
+                drop_scratch(*made)
+            else:  # killed with its llmfast: nothing ran; the next run's reap
+                os.close(made[1])
+                assert reap_scratch() == [made[0]]
+            assert not Path(ours + str(stop)).exists() and Path(other).exists()
+        # a noted name that is another file now (same name, other inode) is not taken for the segment
+        made = make_scratch()
+        Path(ours).write_bytes(b"x")
+        st = os.stat(ours)
+        (made[0] / SEGMENTS).write_text(json.dumps({ours: [st.st_dev, st.st_ino + 1], "/etc/passwd": [0, 0]}))
+        drop_scratch(*made)
+        assert Path(ours).exists()
+    finally:
+        for e in engines:
+            e.kill()
+            e.wait()
+        for f in (ours, other, ours + "False", ours + "True"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+
+
 def _stale_scratch(parent: Path, name: str, lock: bool = False) -> Path:
     """A scratch folder as a killed run leaves it (a socket-like file, its lock file or none), older than a start."""
     from llmfast.scratch import LOCK, PREFIX

@@ -31,7 +31,7 @@ from llmfast.errors import UserError
 from llmfast.offline import vllm_env
 from llmfast.process_exit import LOG_BARS
 from llmfast.scratch import (drop_scratch, drop_segments, engine_env, engine_segments, group_members, make_scratch,
-                             stop_with_parent)
+                             note_segments, stop_with_parent)
 from llmfast.serve.endpoint import wait_ready
 from llmfast.serve.lora import ServedLora, check_lora, max_lora_rank, parse_lora
 from llmfast.serve.machine import Machine, detect, vllm_defaults
@@ -266,12 +266,12 @@ class VllmServer:
         """Return once our process is alive and the API serves the model; else a one-line error (and a stop)."""
 
         def why_dead() -> str:
-            code = self.proc.returncode if self.proc else None
-            return (f"vLLM server exited during start-up (exit code {code}): {self.error_summary()} "
-                    f"(full log: {self.log_path})")
+            return (f"vLLM server exited during start-up (exit code {self.proc and self.proc.returncode}): "
+                    f"{self.error_summary()} (full log: {self.log_path})")
 
         try:
             wait_ready(self.base_url, self.spec.name, lambda: self.alive, timeout, self.spec.api_key, why_dead)
+            note_segments(self._scratch, group_members(self.proc.pid))  # for a kill of the whole group (scratch.py)
         except TimeoutError:
             self.stop()
             raise UserError(f"vLLM server did not serve '{self.spec.name}' at {self.base_url} within {timeout:.0f} s: "
