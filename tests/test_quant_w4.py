@@ -125,12 +125,13 @@ def test_loading_holds_one_copy_of_the_weights_in_the_dtype_asked(quantized: tup
 
 
 def test_scale_tuning_settings_the_data_cannot_serve_are_refused_before_the_rounding(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        quantized: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """s46: batch_size 2^63-1 overflowed torch's index arithmetic in the scale tuning (a traceback), after AutoRound
     had rounded the model; now one line before AutoRound runs, nothing written."""
     import llmfast.quant.w4 as w4
 
-    base = build_tiny_llama(tmp_path / "base")
+    base, _ = quantized  # its source model: refused before anything is written
     out = tmp_path / "w4"
     monkeypatch.setattr(w4, "autoround", lambda *a, **k: pytest.fail("rounded before the batch was checked"))
     capsys.readouterr()
@@ -259,14 +260,15 @@ def test_vllm_serves_the_artifact_as_quantized(tmp_path: Path) -> None:
     assert to_int4 <= 0.03 * int4.abs().max().item()
 
 
-def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(tmp_path: Path) -> None:
+def test_asymmetric_artifact_loads_with_every_weight_within_half_a_step(quantized: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
     """`sym: false` makes AutoRound pack AWQ-style (along the outputs, nibbles interleaved, zero points as stored):
     llmfast's loader decodes it, and rounding to nearest moves no weight by more than half its group's step."""
     from safetensors import safe_open
 
     from llmfast.models import load_model
 
-    base = build_tiny_llama(tmp_path / "base")
+    base, _ = quantized  # its source model: nothing here writes into it
     out = tmp_path / "w4-asym"
     assert main(["quantize", str(_recipe(tmp_path, base, out, sym=False))]) == 0
     model = load_model(out)

@@ -66,18 +66,33 @@ def test_sparsify_leaves_the_modes_of_the_model_it_links_alone(tmp_path, tiny_di
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in model.iterdir()} == {f.name: 0o600 for f in model.iterdir()}
 
 
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, tiny_dir):
+    """`llmfast sparsify` of the tiny model with a training-free method, each (method, config) run once for the
+    module: its artifact's folder (a test that changes the artifact changes a copy)."""
+    made = {}
+
+    def make(method, config):
+        if (method, config) not in made:
+            d = tmp_path_factory.mktemp(method)
+            code, _, err = run_cli("sparsify", str(recipe(d, tiny_dir, method, config)))
+            assert code == 0, err
+            made[method, config] = d / "out"
+        return made[method, config]
+
+    return make
+
+
 @pytest.mark.parametrize("method,target", [("teal", 0.4), ("teal", 0.5), ("cats", 0.5), ("cats", 0.7)])
-def test_thresholds_reach_the_target_on_heldout_text(tmp_path, tiny_dir, method, target):
-    code, out, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, method, f"{{target: {target}}}")))
-    assert code == 0, err
-    art = tmp_path / "out"
+def test_thresholds_reach_the_target_on_heldout_text(calibrated, tiny_dir, method, target):
+    art = calibrated(method, f"{{target: {target}}}")
     manifest = json.loads((art / "llmfast.json").read_text())
     want = {"target": target, **({"sites": ["mlp"]} if method == "teal" else {})}  # teal's default: MLP sites only
     from llmfast.modelfiles import weights_fingerprint
 
     assert manifest["sparsity"] == {"method": method, "config": want, "weights": weights_fingerprint(art)}
     assert manifest["stage"] == "sparsify" and manifest["parents"] == [str(tiny_dir)]
-    assert not (tmp_path / "out.checkpoints").exists()
+    assert not (art.parent / "out.checkpoints").exists()
 
     from llmfast.models import load_model, load_tokenizer
 
@@ -105,13 +120,11 @@ def test_thresholds_reach_the_target_on_heldout_text(tmp_path, tiny_dir, method,
 
 
 @pytest.mark.parametrize("sites", ["[mlp, attention]", "[attention]"])
-def test_teal_attention_sites_reach_the_target_on_heldout_text(tmp_path, tiny_dir, sites):
+def test_teal_attention_sites_reach_the_target_on_heldout_text(calibrated, sites):
     """The inputs of q/k/v (one threshold per layer) and of o_proj are zeroed to the target on held-out text; what
     sparsify measured is what our own hooks count on the loaded artifact."""
     target = 0.5
-    code, out, err = run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "teal", f"{{target: {target}, sites: {sites}}}")))
-    assert code == 0, err
-    art = tmp_path / "out"
+    art = calibrated("teal", f"{{target: {target}, sites: {sites}}}")
     manifest = json.loads((art / "llmfast.json").read_text())
     chosen = ["mlp", "attention"] if "mlp" in sites else ["attention"]
     assert {k: v for k, v in manifest["sparsity"].items() if k != "weights"} == {
@@ -145,8 +158,8 @@ def test_teal_attention_sites_reach_the_target_on_heldout_text(tmp_path, tiny_di
 
 @pytest.mark.parametrize("method,config", [("teal", "{target: 0.5}"), ("cats", "{target: 0.5}"),
                                            ("teal", "{target: 0.5, sites: [mlp, attention]}")])
-def test_zero_thresholds_give_the_dense_model_exactly(tmp_path, tiny_dir, tiny, method, config):
-    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, method, config)))[0] == 0
+def test_zero_thresholds_give_the_dense_model_exactly(calibrated, tmp_path, tiny, method, config):
+    shutil.copytree(calibrated(method, config), tmp_path / "out")  # the thresholds are changed here: a copy
     path = tmp_path / "out" / "sparsity.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, path)
     from llmfast.models import load_model
@@ -310,6 +323,9 @@ def test_cats_over_a_relufied_model_shifts_the_relu_threshold(tmp_path, tiny_dir
         assert (down[gate > t[i]] != 0).float().mean() > 0.99
 
 
+KILLED = "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}"  # killed_relufy's run
+
+
 def _kill_after_a_checkpoint(path, ckpts):
     """`llmfast sparsify path` in a process of its own, SIGKILLed once a checkpoint is in `ckpts`; returns `ckpts`."""
     proc = subprocess.Popen([sys.executable, "-m", "llmfast.cli", "sparsify", str(path)],
@@ -322,28 +338,31 @@ def _kill_after_a_checkpoint(path, ckpts):
     return ckpts
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir):
-    cfg = "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}"
-    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", cfg, out="ref", name="ref")))[0] == 0
-    path = recipe(tmp_path, tiny_dir, "relufy", cfg, out="killed", name="killed")
-    ckpts = _kill_after_a_checkpoint(path, tmp_path / "killed.checkpoints" / "checkpoints")
-    assert not (tmp_path / "killed").exists(), "killed before the end: no artifact"
+def test_sigkill_then_resume_matches_an_uninterrupted_run(killed_relufy, tmp_path, tiny_dir):
+    """The module's run SIGKILLed after a checkpoint (killed_relufy, a copy of it here), resumed: the uninterrupted
+    run's weights."""
+    assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, "relufy", KILLED, out="ref", name="ref")))[0] == 0
+    d = Path(shutil.copytree(killed_relufy, tmp_path / "killed"))
+    path = d / "r.yaml"
+    path.write_text(path.read_text().replace(str(killed_relufy), str(d)))
+    ckpts = d / "out.checkpoints" / "checkpoints"
+    assert not (d / "out").exists(), "killed before the end: no artifact"
     code, _, err = run_cli("sparsify", str(path))
     assert code == 2 and "pass --resume to continue it" in err
     chats = tmp_path / "train.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
     code, _, err = run_cli("sparsify", str(path), "--resume", "--set", f"data.conversations={chats}")
     assert code == 2 and "holds a run with data.conversations [], this one has [" in err, err  # other rows than the checkpoint's
-    assert not (tmp_path / "killed").exists() and list(ckpts.glob("step-*/state.json"))
+    assert not (d / "out").exists() and list(ckpts.glob("step-*/state.json"))
     code, _, err = run_cli("sparsify", str(path), "--resume")
     assert code == 0, err
-    a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    a, b = load_file(d / "out" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    metrics = json.loads((tmp_path / "killed" / "llmfast.json").read_text())["metrics"]
+    metrics = json.loads((d / "out" / "llmfast.json").read_text())["metrics"]
     assert metrics["resumed_from"] > 0 and metrics["resumed_from"] % 5 == 0
-    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(l)["step"] for l in (d / "out" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41)), "each step logged once"
-    assert not (tmp_path / "killed.checkpoints").exists(), "checkpoints go once the artifact is complete"
+    assert not (d / "out.checkpoints").exists(), "checkpoints go once the artifact is complete"
 
 
 def test_every_registered_method_conforms(tmp_path, tiny_dir):
@@ -608,7 +627,7 @@ def test_gpu_relufy_script_smoke(tmp_path):
 def killed_relufy(tmp_path_factory, tiny_dir):
     """A relufy run SIGKILLed after a checkpoint: its folder (recipe r.yaml, output out, OUTPUT.checkpoints)."""
     d = tmp_path_factory.mktemp("killed-relufy")
-    path = recipe(d, tiny_dir, "relufy", "{steps: 40, batch_size: 2, lr: 3.0e-4, save_every: 5}")
+    path = recipe(d, tiny_dir, "relufy", KILLED)
     ckpts = _kill_after_a_checkpoint(path, d / "out.checkpoints" / "checkpoints")
     assert not (d / "out").exists() and list(ckpts.glob("step-*/state.json"))
     return d
