@@ -67,9 +67,9 @@ def test_sparsify_leaves_the_modes_of_the_model_it_links_alone(tmp_path, tiny_di
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, tiny_dir):
-    """`llmfast sparsify` of the tiny model with a training-free method, each (method, config) run once for the
-    module: its artifact's folder (a test that changes the artifact changes a copy)."""
+def sparsified(tmp_path_factory, tiny_dir):
+    """`llmfast sparsify` of the tiny model, each (method, config) run once for the module: its artifact's folder
+    (a test that changes the artifact changes a copy)."""
     made = {}
 
     def make(method, config):
@@ -84,8 +84,8 @@ def calibrated(tmp_path_factory, tiny_dir):
 
 
 @pytest.mark.parametrize("method,target", [("teal", 0.4), ("teal", 0.5), ("cats", 0.5), ("cats", 0.7)])
-def test_thresholds_reach_the_target_on_heldout_text(calibrated, tiny_dir, method, target):
-    art = calibrated(method, f"{{target: {target}}}")
+def test_thresholds_reach_the_target_on_heldout_text(sparsified, tiny_dir, method, target):
+    art = sparsified(method, f"{{target: {target}}}")
     manifest = json.loads((art / "llmfast.json").read_text())
     want = {"target": target, **({"sites": ["mlp"]} if method == "teal" else {})}  # teal's default: MLP sites only
     from llmfast.modelfiles import weights_fingerprint
@@ -120,11 +120,11 @@ def test_thresholds_reach_the_target_on_heldout_text(calibrated, tiny_dir, metho
 
 
 @pytest.mark.parametrize("sites", ["[mlp, attention]", "[attention]"])
-def test_teal_attention_sites_reach_the_target_on_heldout_text(calibrated, sites):
+def test_teal_attention_sites_reach_the_target_on_heldout_text(sparsified, sites):
     """The inputs of q/k/v (one threshold per layer) and of o_proj are zeroed to the target on held-out text; what
     sparsify measured is what our own hooks count on the loaded artifact."""
     target = 0.5
-    art = calibrated("teal", f"{{target: {target}, sites: {sites}}}")
+    art = sparsified("teal", f"{{target: {target}, sites: {sites}}}")
     manifest = json.loads((art / "llmfast.json").read_text())
     chosen = ["mlp", "attention"] if "mlp" in sites else ["attention"]
     assert {k: v for k, v in manifest["sparsity"].items() if k != "weights"} == {
@@ -158,8 +158,8 @@ def test_teal_attention_sites_reach_the_target_on_heldout_text(calibrated, sites
 
 @pytest.mark.parametrize("method,config", [("teal", "{target: 0.5}"), ("cats", "{target: 0.5}"),
                                            ("teal", "{target: 0.5, sites: [mlp, attention]}")])
-def test_zero_thresholds_give_the_dense_model_exactly(calibrated, tmp_path, tiny, method, config):
-    shutil.copytree(calibrated(method, config), tmp_path / "out")  # the thresholds are changed here: a copy
+def test_zero_thresholds_give_the_dense_model_exactly(sparsified, tmp_path, tiny, method, config):
+    shutil.copytree(sparsified(method, config), tmp_path / "out")  # the thresholds are changed here: a copy
     path = tmp_path / "out" / "sparsity.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, path)
     from llmfast.models import load_model
@@ -365,7 +365,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(killed_relufy, tmp_pat
     assert not (d / "out.checkpoints").exists(), "checkpoints go once the artifact is complete"
 
 
-def test_every_registered_method_conforms(tmp_path, tiny_dir):
+def test_every_registered_method_conforms(sparsified):
     import llmfast.sparse
     from llmfast.models import load_model
     from llmfast.sparse.base import SPARSIFIERS, SparseConfigBase
@@ -382,11 +382,11 @@ def test_every_registered_method_conforms(tmp_path, tiny_dir):
         assert issubclass(cls.Config, SparseConfigBase) and cls.Config.model_config["extra"] == "forbid"
         assert module.__file__ == str(Path(llmfast.sparse.__file__).parent / f"{name}.py")
         assert name in help_text
-        assert run_cli("sparsify", str(recipe(tmp_path, tiny_dir, name, FAST[name], out=name, name=name)))[0] == 0
-        manifest = json.loads((tmp_path / name / "llmfast.json").read_text())
+        art = sparsified(name, FAST[name])  # `llmfast sparsify` exited 0
+        manifest = json.loads((art / "llmfast.json").read_text())
         assert manifest["sparsity"]["method"] == name
         assert manifest["metrics"]["heldout_sparsity"]["down_in"]["mean"] > 0.2
-        load_model(tmp_path / name)
+        load_model(art)
 
 
 def test_a_relufied_gemma_loads_with_relu(tmp_path, tiny_dir, tiny):
