@@ -209,6 +209,13 @@ def test_api_key_is_required(server):
 def test_server_killed_mid_run_gives_a_failed_result(server, tmp_path):
     """The module's server, killed (SIGKILL to its process group) while `bench serve` runs against it: the last test
     that uses it, which spares a vLLM start of its own."""
+    from llmfast.scratch import SEGMENTS
+
+    # what the server's processes made in /dev/shm, noted in its scratch folder when it was ready: a group killed
+    # whole holds nothing to read it from any more, and its stop unlinks what was noted
+    noted = json.loads((server._scratch[0] / SEGMENTS).read_text())
+    assert noted and all(os.path.exists(p) for p in noted), noted
+
     def kill_soon():
         time.sleep(3)
         os.killpg(server.proc.pid, signal.SIGKILL)
@@ -227,6 +234,8 @@ def test_server_killed_mid_run_gives_a_failed_result(server, tmp_path):
     assert "FAILED:" in out
     assert elapsed < 110  # every request ended on its own: nothing waited for the request timeout
     assert not server.alive
+    server.stop()
+    assert not [p for p in noted if os.path.exists(p)]
 
 
 def test_failed_start_reports_the_servers_error(tmp_path, tiny_dir):
