@@ -4,7 +4,10 @@ with a complete output and that no temporary sibling (`.NAME.tmp-*`, `.NAME.old-
 The moments are fractions of an uninterrupted run of the same command (measured here only to place them, not
 asserted): early ones land in start-up, later ones in the writes. `finetune` is re-run with `--resume` when
 its output folder exists, `export` and `merge` with `--overwrite` (a kill after the rename leaves a complete
-output, which a plain re-run rightly refuses), `tasks` and `eval` unchanged.
+output, which a plain re-run rightly refuses), `tasks` and `eval` unchanged. The uninterrupted run and the killed
+ones are processes of their own (`python -m llmfast.cli`: a kill may land in the start-up too); the re-run is the
+same command run in this process (`main`: its exit code, stdout and stderr as the CLI's), which spares the
+interpreter's imports of a process for each of them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable
 
 import pytest
 
+from conftest import run_cli
 from llmfast.modelfiles import check_adapter_dir, check_model_dir
 
 pytestmark = pytest.mark.slow
@@ -64,8 +68,8 @@ def work(tmp_path_factory, tiny_dir) -> Path:
                                "keep_checkpoints: 1}\noutput: OUT\nexport_merged: false\n")
     (w / "eval.yaml").write_text(f"model: {tiny_dir}\neval:\n  tasks:\n    - {{name: t, path: {w / 'train.jsonl'}, "
                                  "limit: 4}\n  max_new_tokens: 4\n")
-    p = _run(_cli("finetune", str(w / "ft.yaml"), "--set", f"output={w / 'adapter-run'}"), w)
-    assert p.returncode == 0, p.stderr
+    code, _, err = run_cli("finetune", str(w / "ft.yaml"), "--set", f"output={w / 'adapter-run'}")
+    assert code == 0, err
     (w / "merge.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {tiny_dir}\nmodels:\n"
                                   f"  - model: {w / 'adapter-run' / 'adapter'}\n    parameters: {{weight: 1.0}}\n"
                                   "dtype: float32\n")
@@ -73,7 +77,7 @@ def work(tmp_path_factory, tiny_dir) -> Path:
 
 
 def _finetune(w: Path, out: Path) -> list[str]:
-    return _cli("finetune", str(w / "ft.yaml"), "--set", f"output={out}")
+    return ["finetune", str(w / "ft.yaml"), "--set", f"output={out}"]
 
 
 def _check_finetune(out: Path) -> None:
@@ -83,46 +87,48 @@ def _check_finetune(out: Path) -> None:
 
 VERBS: dict[str, tuple[Callable[[Path, Path], list[str]], Callable[[Path, Path], list[str]],
                        Callable[[Path], None]]] = {
-    # verb: (command, re-run command, check of the output)
-    "tasks": (lambda w, o: _cli("tasks", "all", "--out", str(o), "--train", "500", "--test", "50"),
-              lambda w, o: _cli("tasks", "all", "--out", str(o), "--train", "500", "--test", "50"),
+    # verb: (its arguments, the re-run's, the check of its output)
+    "tasks": (lambda w, o: ["tasks", "all", "--out", str(o), "--train", "500", "--test", "50"],
+              lambda w, o: ["tasks", "all", "--out", str(o), "--train", "500", "--test", "50"],
               lambda o: all(len((o / t / "train.jsonl").read_text().splitlines()) == 500
                             for t in ("dates", "units", "extract")) or pytest.fail("incomplete task files")),
     "finetune": (_finetune,
                  lambda w, o: _finetune(w, o) + (["--resume"] if o.exists() else []),
                  _check_finetune),
-    "export": (lambda w, o: _cli("export", str(w / "adapter-run" / "adapter"), str(o)),
-               lambda w, o: _cli("export", str(w / "adapter-run" / "adapter"), str(o), "--overwrite"),
+    "export": (lambda w, o: ["export", str(w / "adapter-run" / "adapter"), str(o)],
+               lambda w, o: ["export", str(w / "adapter-run" / "adapter"), str(o), "--overwrite"],
                check_model_dir),
-    "merge": (lambda w, o: _cli("merge", str(w / "merge.yaml"), str(o), "--no-progress"),
-              lambda w, o: _cli("merge", str(w / "merge.yaml"), str(o), "--no-progress", "--overwrite"),
+    "merge": (lambda w, o: ["merge", str(w / "merge.yaml"), str(o), "--no-progress"],
+              lambda w, o: ["merge", str(w / "merge.yaml"), str(o), "--no-progress", "--overwrite"],
               check_model_dir),
-    "eval": (lambda w, o: _cli("eval", str(w / "eval.yaml"), "--output", str(o / "res.json")),
-             lambda w, o: _cli("eval", str(w / "eval.yaml"), "--output", str(o / "res.json")),
+    "eval": (lambda w, o: ["eval", str(w / "eval.yaml"), "--output", str(o / "res.json")],
+             lambda w, o: ["eval", str(w / "eval.yaml"), "--output", str(o / "res.json")],
              lambda o: json.loads((o / "res.json").read_text())["tasks"]["t"]["n"] == 4
              or pytest.fail("incomplete results")),
 }
 
 
 @pytest.mark.parametrize("verb", list(VERBS))
-def test_sigkill_at_random_moments_then_rerun_succeeds_and_leaves_no_temporaries(work: Path, verb: str):
+def test_sigkill_at_random_moments_then_rerun_succeeds_and_leaves_no_temporaries(work: Path, verb: str,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
     command, rerun, check = VERBS[verb]
+    monkeypatch.chdir(work)  # where the processes run: the re-run in this one too
     t0 = time.perf_counter()
-    ref = _run(command(work, work / f"{verb}-ref"), work)
+    ref = _run(_cli(*command(work, work / f"{verb}-ref")), work)
     duration = time.perf_counter() - t0
     assert ref.returncode == 0, ref.stderr
     rng = random.Random(f"kill:{verb}")
     for k in range(MOMENTS):
         out = work / f"{verb}-{k}"
         moment = rng.uniform(0.3, 1.0) * duration  # seeded; where it lands depends on this machine's speed
-        _kill_after(command(work, out), moment, work)
+        _kill_after(_cli(*command(work, out)), moment, work)
         if verb == "finetune" and (out / "metrics.json").is_file():
             check(out)  # killed after the run was complete (metrics.json is its last file): nothing to resume
             continue
         again = rerun(work, out)
-        p = _run(again, work)
-        assert p.returncode == 0, f"re-run after a kill at {moment:.2f} s of {duration:.2f} s: {p.stderr[-2000:]}"
+        code, stdout, stderr = run_cli(*again)
+        assert code == 0, f"re-run after a kill at {moment:.2f} s of {duration:.2f} s: {stderr[-2000:]}"
         check(out)
         if "--resume" in again:  # from its last checkpoint, or from step 0 when killed before the first one
-            assert ("llmfast: resuming" in p.stderr or "starting from step 0" in p.stderr) and "resuming" not in p.stdout
+            assert ("llmfast: resuming" in stderr or "starting from step 0" in stderr) and "resuming" not in stdout
     assert _leftovers(work) == []
