@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -142,8 +143,9 @@ def test_ternary_fast_cpu_path_is_bit_identical(shape: tuple[int, ...], monkeypa
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("bitnet") / "base")
+def tiny(tiny_dir: Path) -> Path:
+    """The session's tiny model (build_tiny_llama's defaults): read here, never written."""
+    return tiny_dir
 
 
 def _recipe(tmp: Path, model: Path, out: Path, qat_steps: int = 0, **extra: object) -> Path:
@@ -155,16 +157,25 @@ def _recipe(tmp: Path, model: Path, out: Path, qat_steps: int = 0, **extra: obje
     return path
 
 
+@pytest.fixture(scope="module")
+def ptq(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The post-training ternary artifact of `tiny` (qat_steps 0), quantized once for the tests that read it."""
+    tmp = tmp_path_factory.mktemp("ptq")
+    out = tmp / "ternary"
+    assert main(["quantize", str(_recipe(tmp, tiny, out))]) == 0
+    return out
+
+
 def _logits(model: object, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits  # type: ignore[operator]
 
 
-def test_quantize_writes_an_artifact_llmfast_and_transformers_load_alike(tiny: Path, tmp_path: Path) -> None:
+def test_quantize_writes_an_artifact_llmfast_and_transformers_load_alike(tiny: Path, ptq: Path,
+                                                                        tmp_path: Path) -> None:
     from llmfast.models import load_model
 
-    out = tmp_path / "ternary"
-    assert main(["quantize", str(_recipe(tmp_path, tiny, out))]) == 0
+    out = ptq  # `llmfast quantize` exited 0 (the fixture asserts it)
     manifest = json.loads((out / "llmfast.json").read_text())
     assert manifest["quantization"]["method"] == "bitnet" and manifest["stage"] == "quantize"
     config = json.loads((out / "config.json").read_text())
@@ -202,13 +213,12 @@ def _student_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, tmp_path: Path,
+def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, ptq: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from llmfast.distill import heldout_kl
     from llmfast.models import load_model
 
-    ptq, qat = tmp_path / "ptq", tmp_path / "qat"
-    assert main(["quantize", str(_recipe(tmp_path, tiny, ptq))]) == 0
+    qat = tmp_path / "qat"
     assert main(["quantize", str(_recipe(tmp_path, tiny, qat, qat_steps=12, lr=1e-3, lambda_warmup=0.25,
                                          eval_every=4))]) == 0
     teacher = load_model(tiny)
@@ -240,8 +250,9 @@ def test_qat_beats_post_training_ternary_and_resumes_after_sigkill(tiny: Path, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not killed.exists()
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr  # checkpoints are not silently discarded
+    capsys.readouterr()
+    assert main(["quantize", str(recipe)]) == 2  # the same command again, in this process
+    assert "--resume" in capsys.readouterr().err  # checkpoints are not silently discarded
     state = sorted(ckpt.glob("step-*/state.json"))[-1]
     kept = state.read_text()
     state.write_text(json.dumps({**json.loads(kept), "step": -3}))  # edited by hand: one line, before the models load
@@ -329,13 +340,12 @@ def test_teacher_samples_in_chunks_continue_one_seeded_stream(tiny: Path) -> Non
 @pytest.mark.parametrize("case", ["already quantized", "unknown method", "output exists", "qat without text",
                                   "rows not divisible by 4", "cuda without a GPU", "batch beyond the windows",
                                   "samples of one token", "a curve with no held-out window"])
-def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
+def test_quantize_bad_input_is_one_line(case: str, tiny: Path, ptq: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     model = tiny
     if case == "already quantized":
-        assert main(["quantize", str(_recipe(tmp_path, tiny, tmp_path / "first"))]) == 0
-        model = tmp_path / "first"
+        model = ptq
     if case == "rows not divisible by 4":
         model = build_tiny_llama(tmp_path / "odd", intermediate_size=250)
     recipe = _recipe(tmp_path, model, out)
@@ -380,7 +390,8 @@ def test_quantize_bad_input_is_one_line(case: str, tiny: Path, tmp_path: Path,
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Path, tmp_path: Path) -> None:
+def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/gpu_bitnet_qat.py is for a lent GPU's minutes: its --smoke mode runs every step on the CPU (probe,
     one `llmfast quantize` per rate, scoring through both loaders, the export without embeddings), and --rebuild
     puts the exported shards and the base's embeddings back together into the very model the run wrote."""
@@ -398,10 +409,13 @@ def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Pat
     assert abs(ppl["llmfast"] - ppl["transformers"]) <= 1e-3 * ppl["llmfast"]  # two loaders, one model
     assert only["x_base"] == round(ppl["llmfast"] / result["base_ppl"], 3)
     assert (out / "train_log-0.jsonl").is_file()
-    rebuild = subprocess.run([sys.executable, "scripts/gpu_bitnet_qat.py", "--rebuild", str(out), "--to",
-                              str(tmp_path / "rebuilt"), "--base", str(tiny)], capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
-    assert rebuild.returncode == 0, rebuild.stderr[-3000:]
+    # --rebuild as its command line runs it (`python scripts/gpu_bitnet_qat.py --rebuild ...`), in this process
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as python puts a script's folder first
+    monkeypatch.setattr(sys, "argv", ["scripts/gpu_bitnet_qat.py", "--rebuild", str(out), "--to",
+                                      str(tmp_path / "rebuilt"), "--base", str(tiny)])
+    with pytest.raises(SystemExit) as rebuilt:
+        runpy.run_path(str(ROOT / "scripts" / "gpu_bitnet_qat.py"), run_name="__main__")
+    assert rebuilt.value.code == 0
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         want = load_model(work / "ternary-0")(ids).logits
@@ -409,7 +423,7 @@ def test_gpu_qat_script_smoke_and_its_rebuilt_artifact_is_the_artifact(tiny: Pat
     assert torch.equal(got, want)
 
 
-def test_an_adapter_on_a_ternary_model_is_refused_for_what_it_is(tiny: Path, tmp_path: Path,
+def test_an_adapter_on_a_ternary_model_is_refused_for_what_it_is(tiny: Path, ptq: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Found by hand (2026-12-05): eval of a ternary artifact with a LoRA adapter said the adapter 'does not fit the
     model ... use it with the base model it was trained on' (PEFT has no LoRA layer for ternary linears); LoRA on it
@@ -417,8 +431,7 @@ def test_an_adapter_on_a_ternary_model_is_refused_for_what_it_is(tiny: Path, tmp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    ternary = tmp_path / "ternary"
-    assert main(["quantize", str(_recipe(tmp_path, tiny, ternary))]) == 0
+    ternary = ptq
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=2, target_modules=["q_proj"]))
     peft.save_pretrained(tmp_path / "adapter")
     recipe = tmp_path / "eval.yaml"
