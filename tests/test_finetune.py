@@ -84,6 +84,24 @@ def _wait_for_a_checkpoint(proc, ckpts):
         time.sleep(0.02)
 
 
+def _stopped_after_its_first_checkpoint(*args):
+    """`llmfast finetune ARGS` in this process, stopped as Ctrl-C stops it right after its first checkpoint is
+    written: the run folder a kill there leaves, at a known step (a SIGKILL's lands where the process happened to be,
+    so its runs had to be long enough for it to land before the end). (exit code, stderr)."""
+    from llmfast.finetune import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_stop(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "save_checkpoint", save_then_stop)
+        code, _, err = run_cli("finetune", *args)
+    return code, err
+
+
 def _adapter(run):
     return load_file(Path(run) / "adapter" / "adapter_model.safetensors")
 
@@ -166,8 +184,9 @@ def test_several_files_of_several_shapes_train_as_one_file_of_their_rows(tmp_pat
         assert not (tmp_path / "bad").exists()
 
 
-# float16 also resumes its loss scale; its steps are ~5x slower on a CPU (no native float16 math), so fewer of them
-@pytest.mark.parametrize("dtype,steps,every", [("float32", 60, 10), ("float16", 21, 5)])
+# float16 also resumes its loss scale; its steps are ~5x slower on a CPU (no native float16 math), so fewer of them.
+# Two checkpoints' steps after the first leave the kill, made as soon as that one is seen, time to land before the end.
+@pytest.mark.parametrize("dtype,steps,every", [("float32", 30, 10), ("float16", 21, 5)])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, data, dtype, steps, every):
     args = ["--set", f"train.steps={steps}", "--set", f"train.save_every={every}", "--set", "train.keep_checkpoints=1",
             "--set", f"train.dtype={dtype}", "--set", "train.log_every=3"]  # a log line across each checkpoint
@@ -236,16 +255,15 @@ def test_ctrl_c_ends_with_its_own_line_after_the_progress_bar(tmp_path, tiny_dir
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_dir, data):
-    """A run SIGKILLed after a checkpoint: (its recipe, its folder), for tampering with copies of it."""
+    """A run stopped after its checkpoint of step 10 of 20: (its recipe, its folder), for tampering with copies of it.
+    (test_sigkill_then_resume_matches_an_uninterrupted_run SIGKILLs a run; here only the checkpoint matters.)"""
     d = tmp_path_factory.mktemp("killed")
     path = recipe(d, tiny_dir, data, extra="")
-    text = path.read_text().replace("steps: 8,", "steps: 60, save_every: 10, keep_checkpoints: 1,")
+    text = path.read_text().replace("steps: 8,", "steps: 20, save_every: 10, keep_checkpoints: 1,")
     path.write_text(text)
-    proc = subprocess.Popen(_cmd("finetune", str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_a_checkpoint(proc, d / "run" / "checkpoints")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (d / "run" / "adapter").exists() and list((d / "run" / "checkpoints").glob("step-*/state.json"))
+    code, err = _stopped_after_its_first_checkpoint(str(path))
+    assert code == 130 and not (d / "run" / "adapter").exists(), err
+    assert [p.parent.name for p in (d / "run" / "checkpoints").glob("step-*/state.json")] == ["step-000010"]
     return path, d / "run"
 
 
@@ -302,8 +320,8 @@ def _tamper(ckpt, case):
 @pytest.mark.parametrize("case,expected", [
     ("adapter-lacks-lora-A", "adapter.safetensors: does not fit this run's adapter (missing"),
     ("adapter-deleted", "adapter.safetensors: cannot be read"),
-    ("step-beyond-the-run", "step 999 of 60 is not a step of the run"),
-    ("step-negative", "step -10 of 60 is not a step of the run"),  # s46: trained 10 more steps, in silence
+    ("step-beyond-the-run", "step 999 of 20 is not a step of the run"),
+    ("step-negative", "step -10 of 20 is not a step of the run"),  # s46: trained 10 more steps, in silence
     ("optimizer-of-another-shape", "optimizer.pt: its exp_avg state has shape"),
     ("scheduler-a-tensor", "scheduler.pt: holds a Tensor of torch.float32, not the state llmfast writes"),
     ("rng-not-bytes", "rng.pt: holds a Tensor of torch.float32"),
@@ -1107,12 +1125,9 @@ train: {{epochs: 4, batch_size: 2, lr: 0.003, seed: 1, save_every: 5, keep_check
 output: {tmp_path / 'run'}
 """)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd("finetune", str(path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_a_checkpoint(proc, run / "checkpoints")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert _stopped_after_its_first_checkpoint(str(path))[0] == 130
     saved = sorted(run.glob("checkpoints/step-*/state.json"))
-    assert saved and not (run / "adapter").exists(), "killed after a checkpoint, before the end"
+    assert saved and not (run / "adapter").exists(), "stopped after a checkpoint, before the end"
     # 32 rows, one per micro-batch of 2, over 4 epochs: 64 steps
     assert json.loads(saved[-1].read_text())["total_steps"] == 4 * 32 // 2
     with open(train, "a") as f:
@@ -1517,22 +1532,12 @@ def stopped_run(tmp_path_factory, tiny_dir, data):
     """A run stopped in this process (Ctrl-C right after its checkpoint of step 10 of 20) and the adapter of the same
     run uninterrupted: (recipe, run folder, the uninterrupted adapter's bytes). Its model is a copy of the tiny one,
     whose tokenizer a test may change (and put back)."""
-    from llmfast.finetune import checkpoint
-
     d = tmp_path_factory.mktemp("stopped")
     model = Path(shutil.copytree(tiny_dir, d / "model"))
     path = recipe(d, model, data, extra="")
     path.write_text(path.read_text().replace("steps: 8,", "steps: 20, save_every: 10, keep_checkpoints: 1,"))
     assert run_cli("finetune", str(path), "--set", f"output={d / 'ref'}")[0] == 0
-    save = checkpoint.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "save_checkpoint", save_then_stop)
-        code, _, err = run_cli("finetune", str(path))
+    code, err = _stopped_after_its_first_checkpoint(str(path))
     assert code == 130 and not (d / "run" / "adapter").exists() and list((d / "run").glob("checkpoints/step-*")), err
     return path, d / "run", (d / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()
 
