@@ -489,7 +489,8 @@ def test_ddp_two_cpu_processes_equal_one_process_with_accumulation(tmp_path, tin
 def test_fsdp_two_cpu_processes_shard_and_resume_after_sigkill(tmp_path, tiny_dir, data):
     """FSDP over two gloo processes: the same adapter as one process with accumulation, half the layer weights
     per process, and a SIGKILL + --resume (sharded optimizer state through a whole checkpoint) changes nothing."""
-    args = ["--set", "train.steps=40", "--set", "train.save_every=5", "--set", "train.keep_checkpoints=1"]
+    # 15 steps after the first checkpoint, for the kill made as soon as it is seen to land before the end
+    args = ["--set", "train.steps=20", "--set", "train.save_every=5", "--set", "train.keep_checkpoints=1"]
     single = recipe(tmp_path, tiny_dir, data, out="single")
     assert _like_a_torchrun_worker("finetune", str(single), "--set", "train.grad_accum=2", *args)[0] == 0
     path = recipe(tmp_path, tiny_dir, data, out="fsdp")
@@ -533,7 +534,7 @@ def test_ddp_with_dropout_resumes_as_if_never_stopped(tmp_path, tiny_dir, data):
     """lora.dropout draws from each process's own RNG, and processes with batches of other shapes draw different
     amounts: a checkpoint kept process 0's state only, so a resumed process 1 masked other activations than the
     run that was never stopped (s47). Unpacked rows of several lengths make the shapes differ."""
-    args = ["--set", "train.steps=24", "--set", "train.save_every=4", "--set", "train.keep_checkpoints=1",
+    args = ["--set", "train.steps=16", "--set", "train.save_every=4", "--set", "train.keep_checkpoints=1",
             "--set", "lora.dropout=0.3", "--set", "data.packing=false"]
     whole = recipe(tmp_path, tiny_dir, data, out="whole")
     p = subprocess.run(_torchrun("finetune", str(whole), *args), capture_output=True, text=True, timeout=300)
