@@ -294,8 +294,9 @@ def _encodings(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str,
 def _full(tokenizer: "PreTrainedTokenizerBase", plans: list[list[tuple[str, bool]]]) -> Iterator[dict[str, list[int]]]:
     """Each row's texts' encodings in full, rows tokenized together up to _BATCH_CHARS characters of their texts, a
     group held at once (a row over it alone is encoded text by text, by `_continuation`)."""
-    for group in _groups([_chars(plan) for plan in plans]):
-        whole = _encode_all(tokenizer, [t for k in group if _chars(plans[k]) <= _BATCH_CHARS for t, _ in plans[k]])
+    sizes = [_chars(plan) for plan in plans]
+    for group in _groups(sizes):
+        whole = _encode_all(tokenizer, [t for k in group if sizes[k] <= _BATCH_CHARS for t, _ in plans[k]])
         yield from (whole for _ in group)
 
 
