@@ -14,7 +14,7 @@ import copy
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 from llmfast.errors import UserError
 
@@ -112,7 +112,7 @@ def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def _parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = _parser()
 
-    def refuse(message: str) -> None:
+    def refuse(message: str) -> NoReturn:  # argparse's `error` never returns: parsing stops here
         detail = "; ".join(t.strip() for t in message.splitlines() if t.strip() and "errors.pydantic.dev" not in t)
         raise UserError(f"the vLLM flags after --: {detail}")
 
