@@ -360,9 +360,10 @@ def _check_arguments(adapter_dir: Path, out_dir: Path, dtype: str, overwrite: bo
     return manifest, found
 
 
-def _own_template(adapter_dir: Path) -> str | None:
+def _own_template(adapter_dir: Path) -> object:
     """The chat template an adapter folder carries without a vocabulary (tokenizer_config.json alone, or
-    chat_template.jinja), or None; one saved with a byte-order mark is refused as the tokenizer's loader does."""
+    chat_template.jinja) as its file holds it (any JSON value: the caller checks for text), or None; one saved
+    with a byte-order mark is refused as the tokenizer's loader does."""
     from llmfast.modelfiles import chat_template_text
     from llmfast.models import check_chat_template_file
 
