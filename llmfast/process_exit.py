@@ -93,7 +93,7 @@ def raise_interrupt(signum: int, frame: Any) -> None:
 def stop_on_signals() -> dict[int, Any]:
     """SIGTERM and SIGHUP raise `Stopped` where they would end the process silently (their default; one ignored,
     as under nohup, stays ignored); returns the handlers replaced, for `restore_signals`."""
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             if signal.getsignal(sig) == signal.SIG_DFL:
