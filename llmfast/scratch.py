@@ -250,10 +250,14 @@ def engine_segments(pids: Iterable[int]) -> dict[str, tuple[int, int]]:
     a semaphore under a temporary name, maps it, then links it to its own (sem.mp-*, multiprocessing's), so its
     maker's maps name "sem.XXXXXX (deleted)"; a worker's tqdm lock, held by it alone, stayed after every kill."""
     pids = list(pids)
+    starts = []
+    for pid in pids:  # one that exited since it was listed (a short-lived child) holds nothing: the others still do
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            starts.append(_started(pid))
     try:
-        since = min(_started(pid) for pid in pids) - 0.1  # file times lag the clock by up to a tick
+        since = min(starts) - 0.1  # file times lag the clock by up to a tick
         shm_dev = os.stat(_SHM).st_dev
-    except (OSError, ValueError):  # gone already, or no /proc
+    except (OSError, ValueError):  # all gone already, or no /proc
         return {}
     held: set[int] = set()
     for pid in pids:

@@ -158,6 +158,31 @@ def test_shared_memory_noted_in_a_scratch_folder_goes_with_it_after_a_kill_of_th
                 os.unlink(f)
 
 
+def test_a_group_member_that_exited_does_not_hide_the_others_segments():
+    """Fixed: engine_segments read every listed process's start time in one try, so one that had exited since it
+    was listed (a short-lived child of the server at its ready) made it find nothing, and a group killed whole
+    later left its shared memory behind again."""
+    import uuid
+
+    from llmfast.scratch import engine_segments
+
+    seg = f"/dev/shm/lf-held-{uuid.uuid4().hex[:8]}"
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({seg!r}, 'wb'); print(1, flush=True); "
+                               "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        assert holder.stdout.readline() == "1\n"
+        st = os.stat(seg)
+        assert engine_segments([holder.pid, gone.pid]) == {seg: (st.st_dev, st.st_ino)}
+        assert engine_segments([gone.pid]) == {}
+    finally:
+        holder.kill()
+        holder.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(seg)
+
+
 def _stale_scratch(parent: Path, name: str, lock: bool = False) -> Path:
     """A scratch folder as a killed run leaves it (a socket-like file, its lock file or none), older than a start."""
     from llmfast.scratch import LOCK, PREFIX
