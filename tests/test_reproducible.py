@@ -27,7 +27,9 @@ def test_bitnet_teacher_samples_are_trained_on_in_a_short_run(tmp_path, tiny_dir
     quantization.seed (which draws them) changes the model. Appended, they were never trained on: seeds 0 and 1 gave
     the same bytes while the manifest counted 2 samples."""
     a, again, b = (_bitnet(tmp_path, tiny_dir, seed, name) for seed, name in [(0, "a"), (0, "again"), (1, "b")])
-    assert json.loads((a / "llmfast.json").read_text())["metrics"]["teacher_samples"] == 2
+    metrics = json.loads((a / "llmfast.json").read_text())["metrics"]
+    # 16 text windows and 2 samples interleaved: the 6 rows 3 steps of 2 walk hold the first sample only
+    assert (metrics["teacher_samples"], metrics["teacher_samples_trained"], metrics["train_windows"]) == (2, 1, 18)
     weights = [(d / "model.safetensors").read_bytes() for d in (a, again, b)]
     assert weights[0] == weights[1]  # the same seed: the same bytes
     assert weights[0] != weights[2], "quantization.seed 0 and 1 wrote the same model"

@@ -113,7 +113,11 @@ def quantize_bitnet(model_dir: Path, cfg: "BitNetConfig", out_dir: Path, *, toke
                                evaluate=evaluate if heldout is not None else None, eval_every=cfg.eval_every,
                                autocast=autocast, lr_key="quantization.lr")
         set_strength(model, 1.0)
-        metrics["teacher_samples"] = len(samples)
+        # made, and of them those inside the rows the steps reached (a walk in order, wrapping round)
+        is_sample = interleave(torch.zeros(len(rows)), torch.ones(len(samples)), len(samples)) if len(samples) \
+            else torch.zeros(len(rows))
+        metrics |= {"teacher_samples": len(samples),
+                    "teacher_samples_trained": int(is_sample[:cfg.qat_steps * cfg.batch_size].sum())}
         for name in converted:  # the trained full-precision weights, rounded for the last time
             model.set_submodule(name, to_ternary(model.get_submodule(name)))
         if heldout is not None:  # the final ternary model (rounded, strength 1)
