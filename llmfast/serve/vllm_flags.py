@@ -97,8 +97,9 @@ def read_once(f: F) -> F:
 
 
 def parse(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """vLLM's server arguments from `args` (a Namespace, a copy each caller may change), and the flags of OWNED among
-    them; what vLLM refuses is one line. Read once within a `read_once` call."""
+    """vLLM's server arguments from `args` (a Namespace, a shallow copy: a caller may set its attributes, but its
+    dict and config values are shared within a `read_once` call, not to be changed in place), and the flags of OWNED
+    among them; what vLLM refuses is one line. Read once within a `read_once` call."""
     read, key = _READ.get(), tuple(args)
     if read is None or key not in read:
         got = _parse(key)
