@@ -25,8 +25,8 @@ from llmfast.errors import UserError
 from llmfast.finetune.bounds import check_lora_scale, some_modules
 from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
-from llmfast.recipe_paths import (ExistingFile, ExistingPath, FileNamePart, OutputPath, Paths, ResultsPath, one_or_list,
-                                  paths_of)
+from llmfast.recipe_paths import (ExistingFile, ExistingPath, FileNamePart, ModelName, OutputPath, Paths, ResultsPath,
+                                  one_or_list, paths_of)
 from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index, yaml_error
 
@@ -75,7 +75,7 @@ class EvalConfig(StrictModel):
 
 
 class EvalRecipe(StrictModel):
-    model: str
+    model: ModelName
     adapter: ExistingPath | None = None  # a LoRA adapter applied on top of the model (unmerged)
     quantization: Quantization = None  # load the model quantized (llmfast/quant)
     eval: EvalConfig
@@ -137,7 +137,7 @@ class TrainConfig(StrictModel):
 
 
 class FinetuneRecipe(StrictModel):
-    model: str
+    model: ModelName
     data: DataConfig
     lora: LoraConfig = LoraConfig()
     quantization: Quantization = None  # QLoRA: train on a quantized base
@@ -179,7 +179,7 @@ class WorkloadConfig(StrictModel):
 
 class VariantConfig(StrictModel):
     name: FileNamePart
-    model: str
+    model: ModelName
     lora: ExistingPath | None = None
     quantization: Quantization = None
     # a registered engine (bench/engine_names.py), or auto: vLLM unless it cannot load the variant here; hf-sparse (the
@@ -238,7 +238,7 @@ class SparsifyMethod(StrictModel):
 
 
 class SparsifyRecipe(StrictModel):
-    model: str
+    model: ModelName
     sparsify: SparsifyMethod
     data: CalibrationText
     dtype: DType = "float32"
@@ -247,7 +247,7 @@ class SparsifyRecipe(StrictModel):
 
 # ---------------------------------------------------------------- quantize
 class QuantizeRecipe(StrictModel):
-    model: str  # a full-precision model: builtin:NAME, a directory (a merge, an export), a .gguf
+    model: ModelName  # a full-precision model: builtin:NAME, a directory (a merge, an export), a .gguf
     quantization: Quantization  # method and settings, checked by the method's own schema (llmfast/quant)
     data: CalibrationText | None = None  # calibration / training text, for methods that calibrate or train
     dtype: DType = "float32"

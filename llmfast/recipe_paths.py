@@ -13,6 +13,22 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from llmfast.artifacts import MAX_OUTPUT_NAME
 
 
+# What one name of a path may hold: Linux's NAME_MAX (255 bytes); a longer one was a traceback (File name too long)
+# from the first stat() of the path, deep in a verb. The whole path's limit (PATH_MAX) is the file system's to say.
+NAME_MAX = 255
+
+
+def _a_name(value: Any) -> Any:
+    """A before-validator of every path field: '' was read as Path('.'), the working folder (`data.train: ''` took
+    the folder as the data, `output: ''` wrote into it); a name longer than a file system takes was a traceback."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty name: give a file or folder name")
+    long = max((len(n.encode()) for n in Path(value).parts), default=0) if isinstance(value, (str, Path)) else 0
+    if long > NAME_MAX:
+        raise ValueError(f"a name in this path is {long} bytes: a file system takes at most {NAME_MAX} per name")
+    return value
+
+
 def _must_exist(kind: str) -> Any:
     """A validator: the path exists (as a file, for kind 'file'), relative to the working directory."""
 
@@ -36,9 +52,9 @@ def _must_exist(kind: str) -> Any:
     return AfterValidator(check)
 
 
-ExistingFile = Annotated[Path, _must_exist("file")]
+ExistingFile = Annotated[Path, BeforeValidator(_a_name), _must_exist("file")]
 # Where a verb writes: `~` is the user's home, as in a shell (every file of the run goes there, not to a `./~`).
-OutputPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
+OutputPath = Annotated[Path, BeforeValidator(_a_name), AfterValidator(lambda p: p.expanduser())]
 
 
 def _a_file(value: Any) -> Any:
@@ -48,8 +64,11 @@ def _a_file(value: Any) -> Any:
     return value
 
 
-ResultsPath = Annotated[Path, BeforeValidator(_a_file), AfterValidator(lambda p: p.expanduser())]
-ExistingPath = Annotated[Path, _must_exist("")]  # a file or a directory
+ResultsPath = Annotated[Path, BeforeValidator(_a_name), BeforeValidator(_a_file),
+                       AfterValidator(lambda p: p.expanduser())]
+ExistingPath = Annotated[Path, BeforeValidator(_a_name), _must_exist("")]  # a file or a directory
+# A model: builtin:NAME, a folder, a .gguf or a hub id, resolved later (models.py); '' was the working folder
+ModelName = Annotated[str, BeforeValidator(_a_name)]
 
 
 def _file_name_part(value: str) -> str:

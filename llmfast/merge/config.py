@@ -35,6 +35,7 @@ from pydantic import Field, field_validator, model_validator
 from llmfast.errors import UserError
 from llmfast.merge.methods.base import MergeMethod, Param
 from llmfast.recipe import StrictModel, load_recipe_with_lines
+from llmfast.recipe_paths import ModelName
 
 Scalar = Union[bool, int, float, str]
 
@@ -58,7 +59,7 @@ def _no_empty_settings(params: Any) -> Any:
 
 
 class InputModel(StrictModel):
-    model: str
+    model: ModelName  # '' was the working folder; a name past 255 bytes a traceback
     parameters: dict[str, ParameterSetting] | None = None
 
     _settings = field_validator("parameters", mode="before")(_no_empty_settings)
@@ -71,7 +72,7 @@ class MergeConfig(StrictModel):
     """mergekit's `MergeConfiguration`, restricted to `models:` merges (no slices, modules or tokenizer surgery)."""
 
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelName | None = None
     models: list[InputModel] = Field(min_length=1)
     parameters: dict[str, ParameterSetting] | None = None
     dtype: DTypeName | None = None

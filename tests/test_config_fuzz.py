@@ -1,0 +1,70 @@
+"""What the config fuzz of session 59 (helper f1) found: recipe values that were a traceback, or a refusal that named
+neither the key nor the working folder's real role. Each case must end with exit code 2, one `llmfast: error:` line
+naming the key, and the working folder as it was. Refusals only: no case reaches a model's weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT / "eval" / "text" / "persuasion.txt"
+TASK = ROOT / "eval" / "tasks" / "dates" / "test.jsonl"
+LONG = "x" * 300  # one name past the file system's 255 bytes: `File name too long` from the first stat()
+
+RECIPES = {
+    "eval": "model: {M}\neval: {{tasks: [{{name: t, path: " + str(TASK) + ", limit: 2}}], max_new_tokens: 2}}\n"
+            "output: out.json\n",
+    "finetune": "model: {M}\ndata: {{train: " + str(TASK) + ", max_length: 64}}\ntrain: {{steps: 1}}\noutput: out\n",
+    "quantize": "model: {M}\nquantization: {{method: w4}}\ndata: {{text: " + str(TEXT) + ", skip_tokens: 512, "
+                "heldout_tokens: 128, calibration_tokens: 256, window: 64}}\noutput: out\n",
+    "sparsify": "model: {M}\nsparsify: {{method: teal}}\ndata: {{text: " + str(TEXT) + ", skip_tokens: 512, "
+                "heldout_tokens: 128, calibration_tokens: 256, window: 64}}\noutput: out\n",
+    "merge": "merge_method: task_arithmetic\nbase_model: {M}\nmodels: [{{model: {M}, parameters: {{weight: 1.0}}}}]\n",
+    "run": "output: {OUT}\nstages:\n  data: {{type: tasks, with: {{tasks: [dates], train: 10, test: 5}}}}\n",
+    "bench": "variants: [{{name: v, model: {M}, engine: hf}}]\nworkload: {{num_prompts: 2, input_len: 8, output_len: 2, "
+             "max_concurrency: [2]}}\nbaseline: none\noutput: out\n",
+}
+
+CASES = [  # (verb, --set, what the line must hold)
+    # a name past 255 bytes: a traceback (OSError: File name too long) from the path's first stat()
+    ("eval", f"model={LONG}", "model: a name in this path is 300 bytes"),
+    ("eval", f"output={LONG}", "output: a name in this path is 300 bytes"),
+    ("eval", f"eval.tasks.0.path={LONG}", "eval.tasks.0.path: a name in this path is 300 bytes"),
+    ("finetune", f"data.train=sub/{LONG}", "data.train: a name in this path is 300 bytes"),
+    ("quantize", f"output={LONG}", "output: a name in this path is 300 bytes"),
+    ("sparsify", f"data.text={LONG}", "data.text: a name in this path is 300 bytes"),
+    ("bench", f"variants.0.lora={LONG}", "variants.0.lora: a name in this path is 300 bytes"),
+    # '' was Path('.'), the working folder: eval's output a traceback (has an empty name), finetune's data.train the
+    # folder read as data ("output out is inside the input ."), a model '' the working folder
+    ("eval", "output=", "output: an empty name"),
+    ("eval", "model=", "model: an empty name"),
+    ("finetune", "data.train=", "data.train: an empty name"),
+    ("finetune", "model=", "model: an empty name"),
+    ("quantize", "data.conversations=", "data.conversations.0: an empty name"),
+    ("sparsify", "output=", "output: an empty name"),
+    ("merge", f"base_model={LONG}", "base_model: a name in this path is 300 bytes"),
+    ("merge", "models.0.model=", "models.0.model: an empty name"),
+]
+
+
+def _run(verb: str, overrides: list[str], model: Path, where: Path, monkeypatch) -> tuple[int, str]:
+    recipe = where / "recipe.yaml"
+    recipe.write_text(RECIPES[verb].format(M=model, OUT=where / "run"))
+    monkeypatch.chdir(where)
+    before = sorted(where.rglob("*"))
+    argv = (["bench", "run"] if verb == "bench" else [verb]) + [str(recipe)] + (["out"] if verb == "merge" else [])
+    code, _, err = run_cli(*argv, *(a for o in overrides for a in ("--set", o)))
+    assert sorted(where.rglob("*")) == before, "a refusal left files behind"
+    return code, err
+
+
+@pytest.mark.parametrize("verb,override,expected", CASES, ids=[f"{c[0]}-{c[1][:24]}" for c in CASES])
+def test_adversarial_value_is_one_line_naming_the_key(verb, override, expected, tiny_dir, tmp_path, monkeypatch):
+    code, err = _run(verb, [override], tiny_dir, tmp_path, monkeypatch)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("llmfast: error:"), err
+    assert expected in err, err
