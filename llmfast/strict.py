@@ -39,7 +39,15 @@ def _applicable(what: str) -> Any:
     return AfterValidator(check)
 
 
-LearningRate = Annotated[float, _applicable("a smaller rate")]
+def _finite_in_float32(value: float) -> float:
+    # 1e300 passed as a rate: float32 made it inf, and the run stopped at its first step, after loading the model and
+    # writing its output folder, where this key's line says it before anything runs
+    if value > FLOAT32_MAX:
+        raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest number: a larger rate is inf)")
+    return value
+
+
+LearningRate = Annotated[float, _applicable("a smaller rate"), AfterValidator(_finite_in_float32)]
 ClipNorm = Annotated[float, _applicable("clipping to a smaller norm")]
 
 

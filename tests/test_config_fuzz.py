@@ -48,6 +48,9 @@ CASES = [  # (verb, --set, what the line must hold)
     ("sparsify", "output=", "output: an empty name"),
     ("merge", f"base_model={LONG}", "base_model: a name in this path is 300 bytes"),
     ("merge", "models.0.model=", "models.0.model: an empty name"),
+    # 1e300 became inf in float32: the run stopped at its first step, after writing its output folder
+    ("finetune", "train.lr=1.0e300", "train.lr: must be at most 3.403e+38"),
+    ("quantize", "quantization={method: w4, iters: 4, lr: 1.0e300}", "lr: must be at most 3.403e+38"),
 ]
 
 
