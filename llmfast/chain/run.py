@@ -80,6 +80,8 @@ def _claim(out: Path, recipe_path: Path) -> None:
         owner = _recorded_owner(owner_file)
         if owner != me:
             raise UserError(f"{out} belongs to the chain recipe {owner}: give this recipe another output")
+    elif out.exists() and not out.is_dir():  # listing it was a traceback (NotADirectoryError)
+        raise UserError(f"output {out} is a file: give a folder for the run (one folder per stage in it)")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"output {out} exists and was not made by `llmfast run`: choose another output")
 
