@@ -73,3 +73,10 @@ def test_adversarial_value_is_one_line_naming_the_key(verb, override, expected, 
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("llmfast: error:"), err
     assert expected in err, err
+
+
+def test_quantize_text_too_short_for_a_huge_skip_names_skip_tokens(tiny_dir, tmp_path, monkeypatch):
+    # said 'data.calibration_tokens needs 10...256 (10... skipped for the evaluation + 256)': the key set was not named
+    code, err = _run("quantize", ["data.skip_tokens=1000000000000"], tiny_dir, tmp_path, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "data.skip_tokens + data.calibration_tokens needs" in err, err

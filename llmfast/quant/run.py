@@ -35,7 +35,8 @@ def _rows(recipe: Any, tokenizer: Any) -> dict[str, Any]:
 
     d = recipe.data
     ids = text_ids(tokenizer, d.text)
-    span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text), "data.calibration_tokens")
+    span = after_eval_span(ids, d.skip_tokens, d.calibration_tokens, str(d.text),
+                           "data.skip_tokens + data.calibration_tokens")
     heldout = windows(ids[: d.heldout_tokens], d.window, "data.heldout_tokens") if d.heldout_tokens >= d.window else None
     chats = conversation_windows(tokenizer, d.conversations, d.window) if d.conversations else None
     rows, mixed = with_conversations(windows(span, d.window, "data.calibration_tokens"), d, chats, add=False)
