@@ -92,6 +92,10 @@ def _denied(e: BaseException) -> UserError | None:
     for x in _chain(e, handling=False):
         named = [str(f) for f in (x.filename, x.filename2) if f] if isinstance(x, OSError) else []
         # Only with a file named: an EPERM of a process call (a signal, setsid) is not the user's file.
+        if named and x.errno == errno.ENAMETOOLONG:  # a flag's or a positional's path (a recipe's are checked first)
+            shown = named[0] if len(named[0]) <= 80 else f"{named[0][:80]}..."
+            return UserError(f"{shown}: {x.strerror}: a file system takes at most 255 bytes per name and "
+                             "4096 per path: give a shorter one")
         if named and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return UserError(f"{' or '.join(named)}: {x.strerror or x}: give this user permission to use it (or "
                              "use another path) and run again")

@@ -80,3 +80,17 @@ def test_quantize_text_too_short_for_a_huge_skip_names_skip_tokens(tiny_dir, tmp
     code, err = _run("quantize", ["data.skip_tokens=1000000000000"], tiny_dir, tmp_path, monkeypatch)
     assert code == 2 and err.count("\n") == 1, err
     assert "data.skip_tokens + data.calibration_tokens needs" in err, err
+
+
+@pytest.mark.parametrize("argv", [["serve", LONG], ["serve", "{M}", "--log", LONG], ["serve", "{M}", "--lora", f"a={LONG}"],
+                                  ["export", LONG, "out"]],
+                         ids=["serve-model", "serve-log", "serve-lora", "export-adapter"])
+def test_a_name_too_long_for_the_file_system_in_a_flag_is_one_line(argv, tiny_dir, tmp_path, monkeypatch):
+    """A positional's or a flag's path past 255 bytes (no recipe schema checks those) was a traceback: File name too
+    long, from the first stat() of it; serve stops at its preflight here (the name is refused before vLLM starts)."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run_cli(*(a.format(M=tiny_dir) for a in argv))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmfast: error:"), err
+    assert "File name too long: a file system takes at most 255 bytes per name" in err, err
+    assert sorted(tmp_path.rglob("*")) == before
