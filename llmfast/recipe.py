@@ -95,7 +95,7 @@ class DataConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    r: PositiveInt = 16
+    r: Annotated[int, Field(ge=1, le=2**31 - 1)] = 16  # past it torch's sizes overflow: 1e30 was a traceback
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Annotated[Literal["all-linear"] | Annotated[list[str], Field(min_length=1)],

@@ -51,6 +51,9 @@ CASES = [  # (verb, --set, what the line must hold)
     # 1e300 became inf in float32: the run stopped at its first step, after writing its output folder
     ("finetune", "train.lr=1.0e300", "train.lr: must be at most 3.403e+38"),
     ("quantize", "quantization={method: w4, iters: 4, lr: 1.0e300}", "lr: must be at most 3.403e+38"),
+    # a rank past int64 overflowed torch's tensor sizes in peft: a traceback (TypeError), exit 1; 2**31 - 1 asks
+    # for 1 TiB, the out-of-memory line
+    ("finetune", "lora.r=1000000000000000000000000000000", "lora.r: Input should be less than or equal to 2147483647"),
     # a chain's output that is a file: a traceback (NotADirectoryError) from listing it
     ("run", "output=recipe.yaml", "output recipe.yaml is a file: give a folder"),
 ]
