@@ -54,6 +54,9 @@ CASES = [  # (verb, --set, what the line must hold)
     # a rank past int64 overflowed torch's tensor sizes in peft: a traceback (TypeError), exit 1; 2**31 - 1 asks
     # for 1 TiB, the out-of-memory line
     ("finetune", "lora.r=1000000000000000000000000000000", "lora.r: Input should be less than or equal to 2147483647"),
+    # 1e30 samples overflowed a C size in the sampling loop: a traceback (OverflowError), exit 1
+    ("quantize", "quantization={method: bitnet, qat_steps: 1, teacher_samples: 1000000000000000000000000000000}",
+     "quantization.teacher_samples: 1000000000000000000000000000000 samples: give at most 2147483647"),
     # a chain's output that is a file: a traceback (NotADirectoryError) from listing it
     ("run", "output=recipe.yaml", "output recipe.yaml is a file: give a folder"),
 ]
