@@ -778,12 +778,12 @@ def test_an_output_inside_the_model_folder_is_refused(tmp_path, tiny_dir, data):
     assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in tiny_dir.iterdir())
 
 
-def test_qlora_without_bitsandbytes_is_one_line(tmp_path, tiny_dir, data):
+def test_qlora_without_bitsandbytes_is_one_line(tmp_path, tiny_dir, data, monkeypatch):
     path = recipe(tmp_path, tiny_dir, data, extra="quantization: {type: nf4}")
-    code = ("import sys; sys.modules['bitsandbytes'] = None; from llmfast.cli import main; "
-            f"sys.exit(main(['finetune', {str(path)!r}]))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "QLoRA needs bitsandbytes" in p.stderr, p.stderr[-1000:]
+    # in this process (an interpreter start-up fewer): any `import bitsandbytes` from here on fails, as uninstalled
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    code, _, err = run_cli("finetune", str(path))
+    assert code == 2 and "QLoRA needs bitsandbytes" in err, err[-1000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -812,8 +812,9 @@ def test_adamw_8bit_on_cpu_tracks_torch_adamw():
 
 def test_finetune_with_8bit_adamw_learns(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
+    # 20 steps: the loss fell 0.88 here (0.94 in 30), the bar is 0.5
     code, _, err = run_cli("finetune", str(path), "--set", "train.optimizer=adamw_8bit", "--set", "lora.r=64",
-                           "--set", "train.steps=30", "--set", "train.lr=0.01")
+                           "--set", "train.steps=20", "--set", "train.lr=0.01")
     assert code == 0, err
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert sum(e["loss"] for e in log[-5:]) / 5 < sum(e["loss"] for e in log[:5]) / 5 - 0.5, "loss must fall"
@@ -821,7 +822,8 @@ def test_finetune_with_8bit_adamw_learns(tmp_path, tiny_dir, data):
 
 def test_float16_scales_the_loss_and_learns(tmp_path, tiny_dir, data):
     path = recipe(tmp_path, tiny_dir, data)
-    code, _, err = run_cli("finetune", str(path), "--set", "train.dtype=float16", "--set", "train.steps=30",
+    # 24 steps: the loss fell 0.79 here (0.81 in 30), the bar is 0.5
+    code, _, err = run_cli("finetune", str(path), "--set", "train.dtype=float16", "--set", "train.steps=24",
                            "--set", "train.lr=0.01")
     assert code == 0, err
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
