@@ -30,6 +30,15 @@ def _recipe(tmp: Path, model: Path, out: Path, **quant: object) -> Path:
     return path
 
 
+def _heldout(path: Path, tokens: int) -> Path:
+    """The recipe at `path` measuring its held-out KL on `tokens` tokens (the default 4096 are 32 windows, each scored
+    by the full model and the student over the whole vocabulary at every measurement: most of a scale tuning's time)."""
+    data = json.loads(path.read_text())
+    data["data"]["heldout_tokens"] = tokens
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """The GPTQ layout, decoded here independently of auto-round: 8 nibbles per int32 along the inputs
     (qweight: in/8 x out), zero points stored minus one (qzeros: groups x out/8), scales (groups x out)."""
@@ -433,7 +442,7 @@ def test_calibration_on_conversations_reaches_the_tuning(quantized: tuple[Path, 
     outs = {}
     for name, extra in (("text", {}), ("chat", {"conversations": str(chats), "conversations_share": 0.5})):
         out = tmp_path / f"w4-{name}"
-        path = _recipe(tmp_path, base, out, **tuned, **({"scale_steps": 1} if extra else {}))
+        path = _heldout(_recipe(tmp_path, base, out, **tuned, **({"scale_steps": 1} if extra else {})), 512)
         recipe = json.loads(path.read_text())
         recipe["data"].update(extra)
         path.write_text(json.dumps(recipe))
@@ -508,8 +517,8 @@ def test_scale_tuning_moves_only_the_scales_towards_the_full_model(quantized: tu
 
     base, rtn = quantized
     out = tmp_path / "w4-scales"
-    assert main(["quantize", str(_recipe(tmp_path, base, out, scale_steps=8, scale_lr=0.01, batch_size=2,
-                                         scale_eval_every=4))]) == 0
+    assert main(["quantize", str(_heldout(_recipe(tmp_path, base, out, scale_steps=8, scale_lr=0.01, batch_size=2,
+                                                  scale_eval_every=4), 1024))]) == 0
     for suffix in (".qweight", ".qzeros"):
         a, b = _tensors(rtn, suffix), _tensors(out, suffix)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -528,7 +537,7 @@ def test_scale_tuning_moves_only_the_scales_towards_the_full_model(quantized: tu
     assert metrics["scale_train_windows"] == (ids.numel() - 16384) // 128 > metrics["calibration_windows"]
     before, after = metrics["before_scale_tuning"]["heldout_kl"], metrics["after_scale_tuning"]["heldout_kl"]
     assert after < 0.9 * before
-    held = ids[:4096].reshape(32, 128)  # data.heldout_tokens' default: the start of the text eval scores
+    held = ids[:1024].reshape(8, 128)  # data.heldout_tokens: the start of the text eval scores
     teacher = load_model(base)
     assert heldout_kl(load_model(rtn), teacher, held) == pytest.approx(before, rel=1e-4)
     assert heldout_kl(load_model(out), teacher, held) == pytest.approx(after, rel=1e-4)
@@ -550,19 +559,19 @@ def test_resume_after_a_kill_in_scale_tuning_keeps_the_rounding(quantized: tuple
     base, _ = quantized
     settings = dict(iters=2, nsamples=4, batch_size=2, lr=0.05, scale_steps=4, scale_lr=0.01)
     whole = tmp_path / "whole"
-    assert main(["quantize", str(_recipe(tmp_path, base, whole, **settings))]) == 0
+    assert main(["quantize", str(_heldout(_recipe(tmp_path, base, whole, **settings), 512))]) == 0
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
     out = tmp_path / "killed"
-    recipe = _recipe(tmp_path, base, out, **settings)
+    recipe = _heldout(_recipe(tmp_path, base, out, **settings), 512)
     monkeypatch.setattr(scale_tuning, "tune_scales", interrupted)
     assert main(["quantize", str(recipe)]) == 130
     assert not out.exists() and (tmp_path / "killed.checkpoints" / "autoround" / "model.safetensors").is_file()
     monkeypatch.undo()
     (tmp_path / "other").mkdir()
-    other = _recipe(tmp_path / "other", base, out, **{**settings, "seed": 7})
+    other = _heldout(_recipe(tmp_path / "other", base, out, **{**settings, "seed": 7}), 512)
     capsys.readouterr()
     assert main(["quantize", str(other), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
