@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from llmfast.cli import main
-from llmfast.testing import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "eval" / "text" / "persuasion.txt"
@@ -47,8 +46,9 @@ def chain(model: Path, out: Path, qat_steps: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("chain") / "base")
+def tiny(tiny_dir: Path) -> Path:
+    """The session's tiny model (build_tiny_llama's defaults), read only: a test that changes a model copies it."""
+    return tiny_dir
 
 
 def write(path: Path, recipe: dict) -> Path:
@@ -128,9 +128,11 @@ def test_a_chain_killed_anywhere_ends_as_an_uninterrupted_one(tiny: Path, tmp_pa
     rng = random.Random(0)
     for _ in range(2):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(3, 25))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:  # killed at that moment, unless it finished before it (the rest of the wait was idle time)
+            proc.wait(timeout=rng.uniform(3, 25))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert main(["run", str(recipe)]) == 0
     assert results(killed) == results(whole)
     assert not [p for p in killed.rglob(".*.tmp-*")]
@@ -147,7 +149,8 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny: Path, tmp_path: 
 
     out = tmp_path / "run"
     finetune = {**chain(tiny, out)["stages"]["lora"]["with"], "export_merged": False}
-    finetune["train"] = {**finetune["train"], "steps": 40, "save_every": 2}
+    # 18 steps after the first checkpoint for the kill, made as soon as it is seen, to land before the end
+    finetune["train"] = {**finetune["train"], "steps": 20, "save_every": 2}
     recipe = write(tmp_path / "c.yaml", {"output": str(out), "stages": {
         "data": {"type": "tasks", "with": {"tasks": ["dates"], "train": 24, "test": 4}},
         "lora": {"type": "finetune", "with": finetune}}})
