@@ -342,6 +342,8 @@ def test_resume_over_a_tampered_checkpoint_is_one_line_and_changes_nothing(case,
     out = Path(shutil.copytree(run, tmp_path / "run"))
     path = tmp_path / "r.yaml"
     path.write_text(killed_run[0].read_text().replace(str(run), str(out)))
+    with open(out / "train_log.jsonl", "a") as f:  # what a kill after the checkpoint leaves: a step past it
+        f.write(json.dumps({"step": 11, "loss": 1.0}) + "\n")
     _tamper(sorted(out.glob("checkpoints/step-*"))[-1], case)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, _, err = run_cli("finetune", str(path), "--resume")
@@ -1135,6 +1137,8 @@ output: {tmp_path / 'run'}
     assert json.loads(saved[-1].read_text())["total_steps"] == 4 * 32 // 2
     with open(train, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in TINY_TRAIN[:8]))  # 40 rows: 80 steps
+    with open(run / "train_log.jsonl", "a") as f:  # what a kill after the checkpoint leaves: a step past it
+        f.write(json.dumps({"step": json.loads(saved[-1].read_text())["step"] + 1, "loss": 1.0}) + "\n")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     code, _, err = run_cli("finetune", str(path), "--resume")
     assert code == 2 and "Traceback" not in err, err[-2000:]
