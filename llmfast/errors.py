@@ -93,7 +93,10 @@ def _denied(e: BaseException) -> UserError | None:
         named = [str(f) for f in (x.filename, x.filename2) if f] if isinstance(x, OSError) else []
         # Only with a file named: an EPERM of a process call (a signal, setsid) is not the user's file.
         if named and x.errno == errno.ENAMETOOLONG:  # a flag's or a positional's path (a recipe's are checked first)
-            shown = named[0] if len(named[0]) <= 80 else f"{named[0][:80]}..."
+            # the path that is too long (a rename names two), its start and its end: the end may be a name llmfast
+            # derived from the user's (a temporary file beside an output)
+            path = max(named, key=lambda f: max((len(os.fsencode(n)) for n in f.split(os.sep)), default=0))
+            shown = path if len(path) <= 80 else f"{path[:40]}...{path[-37:]}"
             return UserError(f"{shown}: {x.strerror}: a file system takes at most 255 bytes per name and "
                              "4096 per path: give a shorter one")
         if named and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

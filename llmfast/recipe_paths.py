@@ -23,7 +23,10 @@ def _a_name(value: Any) -> Any:
     the folder as the data, `output: ''` wrote into it); a name longer than a file system takes was a traceback."""
     if isinstance(value, str) and not value.strip():
         raise ValueError("an empty name: give a file or folder name")
-    long = max((len(n.encode()) for n in Path(value).parts), default=0) if isinstance(value, (str, Path)) else 0
+    # os.fsencode: a name in another encoding (Latin-1 on disk) reaches Python with surrogates, which str.encode
+    # refuses; its bytes on disk are what the file system counts
+    parts = Path(value).parts if isinstance(value, (str, Path)) else ()
+    long = max((len(os.fsencode(n)) for n in parts), default=0)
     if long > NAME_MAX:
         raise ValueError(f"a name in this path is {long} bytes: a file system takes at most {NAME_MAX} per name")
     return value
@@ -64,8 +67,16 @@ def _a_file(value: Any) -> Any:
     return value
 
 
-ResultsPath = Annotated[Path, BeforeValidator(_a_name), BeforeValidator(_a_file),
-                       AfterValidator(lambda p: p.expanduser())]
+def _results_name(p: Path) -> Path:
+    # eval writes NAME's predictions beside it (STEM.predictions.jsonl), each through a temporary .NAME.tmp-PID-…:
+    # a name of 222-255 bytes passed the file system's limit, then failed on those after the whole run
+    if len(os.fsencode(p.name)) > MAX_OUTPUT_NAME:
+        raise ValueError(f"its name is {len(os.fsencode(p.name))} bytes, and files named after it are written beside "
+                         f"it (STEM.predictions.jsonl, .NAME.tmp-…): give a name of at most {MAX_OUTPUT_NAME} bytes")
+    return p.expanduser()
+
+
+ResultsPath = Annotated[Path, BeforeValidator(_a_name), BeforeValidator(_a_file), AfterValidator(_results_name)]
 ExistingPath = Annotated[Path, BeforeValidator(_a_name), _must_exist("")]  # a file or a directory
 # A model: builtin:NAME, a folder, a .gguf or a hub id, resolved later (models.py); '' was the working folder
 ModelName = Annotated[str, BeforeValidator(_a_name)]

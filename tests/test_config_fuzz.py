@@ -100,3 +100,40 @@ def test_a_name_too_long_for_the_file_system_in_a_flag_is_one_line(argv, tiny_di
     assert code == 2 and err.count("\n") == 1 and err.startswith("llmfast: error:"), err
     assert "File name too long: a file system takes at most 255 bytes per name" in err, err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_data_file_named_in_another_encoding_is_taken(tiny_dir, tmp_path):
+    """Review R2: the name-length check counted str.encode()'s bytes, which refuses the surrogates a Latin-1 name
+    on disk (caf\\xe9) reaches Python with: data.train of such a file was 'utf-8 codec can't encode' (it trained
+    before the check). Its bytes on disk (os.fsencode) are what is counted."""
+    import os
+
+    from llmfast.recipe import FinetuneRecipe, load_recipe
+
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jsonl"))
+    data.write_bytes(TASK.read_bytes())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPES["finetune"].format(M=tiny_dir))
+    assert load_recipe(recipe, FinetuneRecipe, [f"data.train={data}"]).data.train == data
+
+
+def test_an_eval_results_name_leaves_room_for_the_files_named_after_it(tiny_dir, tmp_path, monkeypatch):
+    """Review R2: a results name of 222-255 bytes passed the file system's limit, then eval's predictions file
+    (STEM.predictions.jsonl) or its temporary name beside it did not: File name too long after the whole run, or a
+    line blaming a name the user never gave. Refused on its key at 201 bytes (as an output folder's name)."""
+    code, err = _run("eval", [f"output={'r' * 196}.json"], tiny_dir, tmp_path, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "output: its name is 201 bytes, and files named after it are written beside it" in err, err
+
+
+def test_a_name_too_long_shows_the_path_that_is_too_long_with_its_end():
+    """Review R2: the line showed the first 80 characters of the error's first file: for a rename whose second name
+    is the long one, or a name llmfast derived from the user's (its end), not the part that was too long."""
+    import errno
+
+    from llmfast.errors import as_user_error
+
+    long = "/tmp/" + "d" * 100 + "/" + "n" * 300 + ".predictions.jsonl"
+    e = OSError(errno.ENAMETOOLONG, "File name too long", "/tmp/short", None, long)
+    line = str(as_user_error(e))
+    assert line.startswith(f"{long[:40]}...{long[-37:]}: File name too long"), line
