@@ -211,7 +211,7 @@ CASES = {  # id: (argv, a piece of the one error line)
     "sparsify-users-folder-named-checkpoints": (["sparsify", "{W}/recipes/sp-relufy-user-folder.yaml"],
                                                 "not a work folder llmfast made"),
     "sparsify-output-empty": (["sparsify", "{W}/recipes/sp-pickle.yaml", "--set", "output=", "--overwrite"],
-                              "is empty"),
+                              "output: an empty name"),  # the recipe's check, before the artifact's own
     "sparsify-output-parent": (["sparsify", "{W}/recipes/sp-pickle.yaml", "--set", "output=..", "--overwrite"],
                                "a folder above it"),
     "eval-pickle-beside-other-safetensors": (["eval", "{W}/recipes/ev-pickle-beside-safetensors.yaml"], "pickle"),

@@ -94,11 +94,11 @@ def test_a_lora_rank_beyond_memory_is_refused_in_one_line_and_writes_nothing(tmp
     rows = [{"messages": [{"role": "user", "content": "Repeat: a"}, {"role": "assistant", "content": "a"}]}] * 4
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ft.yaml").write_text(f"model: {tiny_dir}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n"
-                                      f"lora: {{r: 1000000000000}}\ntrain: {{steps: 1}}\noutput: {tmp_path / 'run'}\n")
+                                      f"lora: {{r: 2147483647}}\ntrain: {{steps: 1}}\noutput: {tmp_path / 'run'}\n")
     code, _, err = run_cli("finetune", str(tmp_path / "ft.yaml"))
     assert code == 2 and "Traceback" not in err
-    # r x hidden (128) float32 entries: 465.7 TiB
-    assert err.strip().splitlines()[-1] == ("llmfast: error: out of memory: an allocation of 465.7 TiB failed: lower "
+    # r x hidden (128) float32 entries: 1024 GiB (r is at most 2**31 - 1: larger ranks overflow torch's sizes)
+    assert err.strip().splitlines()[-1] == ("llmfast: error: out of memory: an allocation of 1024.0 GiB failed: lower "
                                             "the sizes asked for (batch size, lengths, ranks, tokens) or free memory, "
                                             "and run again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.yaml", "train.jsonl"]
