@@ -145,8 +145,10 @@ def teacher_samples(teacher: Any, tokenizer: Any, count: int, length: int, seed:
 def check_samples(count: int, length: int, key: str = "samples") -> None:
     """Refuse samples of `length` < 2 tokens: the start token and nothing written (generate refused max_new_tokens 0
     with a traceback). Callers check before loading models."""
-    if count > 2**31 - 1:  # 1e30 overflowed a C size in the sampling loop: a traceback (OverflowError)
-        raise UserError(f"{key}: {count} samples: give at most {2**31 - 1} (each is a window the model writes)")
+    from llmfast.strict import COUNT_MAX
+
+    if count > COUNT_MAX:  # 1e30 overflowed a C size in the sampling loop: a traceback (OverflowError)
+        raise UserError(f"{key}: {count} samples: give at most {COUNT_MAX} (each is a window the model writes)")
     if count and length < 2:
         raise UserError(f"{key}: a sample is a window the model writes after its start token, and data.window is "
                         f"{length}: set data.window to at least 2, or {key} to 0")

@@ -27,7 +27,7 @@ from llmfast.overrides import apply_overrides, parse_overrides
 from llmfast.quant import QuantSpec, coerce_quantization, quantization_mapping
 from llmfast.recipe_paths import (ExistingFile, ExistingPath, FileNamePart, ModelName, OutputPath, Paths, ResultsPath,
                                   one_or_list, paths_of)
-from llmfast.strict import ClipNorm, LearningRate, Seed, no_bool_numbers
+from llmfast.strict import COUNT_MAX, ClipNorm, LearningRate, Seed, no_bool_numbers
 from llmfast.yaml_lines import RepeatedKey, line_index, yaml_error
 
 T = TypeVar("T", bound=BaseModel)
@@ -95,7 +95,7 @@ class DataConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    r: Annotated[int, Field(ge=1, le=2**31 - 1)] = 16  # past it torch's sizes overflow: 1e30 was a traceback
+    r: Annotated[int, Field(ge=1, le=COUNT_MAX)] = 16  # past it torch's sizes overflow: 1e30 was a traceback
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Annotated[Literal["all-linear"] | Annotated[list[str], Field(min_length=1)],

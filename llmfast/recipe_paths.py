@@ -70,8 +70,9 @@ def _a_file(value: Any) -> Any:
 def _results_name(p: Path) -> Path:
     # eval writes NAME's predictions beside it (STEM.predictions.jsonl), each through a temporary .NAME.tmp-PID-…:
     # a name of 222-255 bytes passed the file system's limit, then failed on those after the whole run
-    if len(os.fsencode(p.name)) > MAX_OUTPUT_NAME:
-        raise ValueError(f"its name is {len(os.fsencode(p.name))} bytes, and files named after it are written beside "
+    size = len(os.fsencode(p.name))
+    if size > MAX_OUTPUT_NAME:
+        raise ValueError(f"its name is {size} bytes, and files named after it are written beside "
                          f"it (STEM.predictions.jsonl, .NAME.tmp-…): give a name of at most {MAX_OUTPUT_NAME} bytes")
     return p.expanduser()
 

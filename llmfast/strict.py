@@ -22,6 +22,10 @@ from pydantic import AfterValidator, Field
 SEED_MAX = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
+# The largest count (a LoRA rank, samples to write) that torch's sizes and C loops take: past it 1e30 overflowed
+# them (tracebacks), and at it the out-of-memory line already speaks.
+COUNT_MAX = 2**31 - 1
+
 # The training here runs in float32: below its smallest normal number a learning rate (AdamW, AutoRound's signed
 # steps) or a clip norm (torch's coefficient max_norm / (norm + 1e-6)) rounds every update to nothing, and 1e-300
 # wrote the untrained model with exit 0; past its largest, inf.
